@@ -1,0 +1,33 @@
+// apps/loom/cli.h: how a subcommand joins the `loom` binary.
+//
+// Each apps/loom/cmd_*.cpp registers itself with LOOM_REGISTER_COMMAND(name, adder); `adder`
+// receives the root CLI::App and adds its subcommand (use subcommand_path() for nested ones such
+// as `eval loss` and `eval humaneval-x`, so two files can share the `eval` parent). The callback
+// of a subcommand sets ctx.exit_code. loom::Error thrown from a callback is printed by main() as
+// "error: <message>" and the process exits with status 1.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+namespace loom::cli {
+
+struct Context {
+  int exit_code = 0;
+};
+
+using CommandAdder = void (*)(CLI::App& root, Context& ctx);
+
+struct CommandRegistration {
+  CommandRegistration(const char* name, CommandAdder adder);
+};
+
+// Returns the subcommand `name` of `parent`, creating it (with `description`) if missing.
+CLI::App* subcommand_path(CLI::App& parent, const std::string& name,
+                          const std::string& description);
+
+}  // namespace loom::cli
+
+#define LOOM_REGISTER_COMMAND(name, adder) \
+  static ::loom::cli::CommandRegistration loom_cli_registration_##name(#name, adder)

@@ -1,0 +1,63 @@
+#include "core/memory_pool.h"
+
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace loom {
+
+std::string_view mem_category_name(MemCategory c) {
+  switch (c) {
+    case MemCategory::weights: return "weights";
+    case MemCategory::grads: return "grads";
+    case MemCategory::optimizer: return "optimizer";
+    case MemCategory::activations: return "activations";
+    case MemCategory::workspace: return "workspace";
+    case MemCategory::comm: return "comm";
+  }
+  return "?";
+}
+
+namespace {
+void raise_peak(std::atomic<int64_t>& peak, int64_t value) {
+  int64_t p = peak.load();
+  while (value > p && !peak.compare_exchange_weak(p, value)) {
+  }
+}
+}  // namespace
+
+void* MemoryPool::allocate(size_t bytes, MemCategory cat) {
+  size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+  if (rounded == 0) rounded = kAlignment;
+  void* p = std::aligned_alloc(kAlignment, rounded);
+  LOOM_CHECK(p != nullptr, "out of memory allocating {} bytes for {} (current total {} bytes)",
+             bytes, mem_category_name(cat), total_current_.load());
+  Stat& s = stats_[size_t(cat)];
+  raise_peak(s.peak, s.current.fetch_add(int64_t(bytes)) + int64_t(bytes));
+  raise_peak(total_peak_, total_current_.fetch_add(int64_t(bytes)) + int64_t(bytes));
+  return p;
+}
+
+void MemoryPool::release(void* ptr, size_t bytes, MemCategory cat) {
+  if (!ptr) return;
+  std::free(ptr);
+  stats_[size_t(cat)].current.fetch_sub(int64_t(bytes));
+  total_current_.fetch_sub(int64_t(bytes));
+}
+
+void MemoryPool::reset_peaks() {
+  for (auto& s : stats_) s.peak.store(s.current.load());
+  total_peak_.store(total_current_.load());
+}
+
+std::string MemoryPool::peaks_json() const {
+  std::string out = "{";
+  for (size_t i = 0; i < kNumMemCategories; ++i) {
+    out += fmt::format("{}\"{}\": {}", i ? ", " : "", mem_category_name(MemCategory(i)),
+                       stats_[i].peak.load());
+  }
+  out += fmt::format(", \"total\": {}}}", total_peak_.load());
+  return out;
+}
+
+}  // namespace loom

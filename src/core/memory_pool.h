@@ -1,0 +1,56 @@
+// core/memory_pool.h: every allocation loom makes, tagged by category and counted.
+//
+// The pool records current and peak bytes per category. These numbers are what the planner
+// predicts and what the tests compare against, so every buffer that matters goes through a pool.
+// A pool is a value passed to whoever allocates (no global pool). Counters are atomic: kernels
+// may allocate workspace from OpenMP threads.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace loom {
+
+enum class MemCategory : uint8_t { weights, grads, optimizer, activations, workspace, comm };
+constexpr size_t kNumMemCategories = 6;
+std::string_view mem_category_name(MemCategory c);
+
+class MemoryPool {
+ public:
+  static constexpr size_t kAlignment = 64;
+
+  MemoryPool() = default;
+  MemoryPool(const MemoryPool&) = delete;
+  MemoryPool& operator=(const MemoryPool&) = delete;
+
+  // Returns kAlignment-aligned, uninitialised memory of `bytes` bytes (bytes may be 0: a valid
+  // unique pointer is still returned). Throws loom::Error naming the size and category when the
+  // system is out of memory.
+  void* allocate(size_t bytes, MemCategory cat);
+  // `bytes` and `cat` must be those given to allocate().
+  void release(void* ptr, size_t bytes, MemCategory cat);
+
+  int64_t current(MemCategory c) const { return stats_[size_t(c)].current.load(); }
+  int64_t peak(MemCategory c) const { return stats_[size_t(c)].peak.load(); }
+  int64_t current_total() const { return total_current_.load(); }
+  int64_t peak_total() const { return total_peak_.load(); }
+  // Sets every peak to its current value (start of a measured region).
+  void reset_peaks();
+  // {"weights": bytes, ...} for peaks, as a JSON object text.
+  std::string peaks_json() const;
+
+ private:
+  struct Stat {
+    std::atomic<int64_t> current{0};
+    std::atomic<int64_t> peak{0};
+  };
+  std::array<Stat, kNumMemCategories> stats_;
+  std::atomic<int64_t> total_current_{0};
+  std::atomic<int64_t> total_peak_{0};
+};
+
+}  // namespace loom
