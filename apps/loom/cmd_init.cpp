@@ -1,0 +1,35 @@
+// `loom init --model M.toml --out DIR [--seed S]`: a randomly initialised checkpoint.
+#include <cstdio>
+
+#include "checkpoint/checkpoint.h"
+#include "cli.h"
+#include "model/gpt.h"
+
+namespace {
+
+void add_init(CLI::App& root, loom::cli::Context& ctx) {
+  struct Opts {
+    std::string model, out;
+    uint64_t seed = 1;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* sub = root.add_subcommand("init", "write a randomly initialised checkpoint");
+  sub->add_option("--model", o->model, "model config (TOML)")->required();
+  sub->add_option("--out", o->out, "checkpoint directory to create")->required();
+  sub->add_option("--seed", o->seed, "initialisation seed");
+  sub->callback([o, &ctx] {
+    loom::model::ModelConfig cfg = loom::model::load_model_config(o->model);
+    loom::MemoryPool pool;
+    loom::model::Gpt model(cfg, pool, loom::model::Precision::f32);
+    model.init_weights(o->seed);
+    loom::checkpoint::save_checkpoint(o->out, cfg, model.layout(), model.weights(), {},
+                                      {{"step", 0}, {"seed", o->seed}});
+    std::printf("{\"checkpoint\": \"%s\", \"params\": %lld}\n", o->out.c_str(),
+                (long long)cfg.num_params());
+    ctx.exit_code = 0;
+  });
+}
+
+}  // namespace
+
+LOOM_REGISTER_COMMAND(init, add_init);

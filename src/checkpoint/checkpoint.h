@@ -1,0 +1,69 @@
+// checkpoint/checkpoint.h: checkpoint directories, written atomically and verified on load.
+//
+// A checkpoint is a directory holding
+//   model.safetensors      every parameter by its fixed name (f32)
+//   optimizer.safetensors  AdamW state: "m.<name>", "v.<name>" (f32), step in metadata
+//   config.toml            the ModelConfig
+//   trainer_state.json     step, data-loader position, run settings (whatever the trainer puts)
+//   checksums.json         SHA-256 and size of each file above (and any extra files)
+// It is written into "<dir>.tmp-<pid>", every file fsynced, then renamed over <dir> (the old
+// checkpoint is moved aside first and removed only after the rename), so a crash leaves either
+// the old or the new checkpoint, never a half-written one. Loading verifies checksums, names,
+// shapes and dtypes against the config and names the file and the problem on failure.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "checkpoint/safetensors.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace loom::checkpoint {
+
+struct OptimizerState {
+  const float* m = nullptr;  // (layout.total()) or null: no optimizer file
+  const float* v = nullptr;
+  int64_t step = 0;
+};
+
+// `write_extra(tmp_dir)` may add files (e.g. the tokenizer) before checksums are computed.
+void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
+                     const model::ParamLayout& layout, const float* weights,
+                     const OptimizerState& opt, const nlohmann::json& trainer_state,
+                     const std::function<void(const std::string&)>& write_extra = {});
+
+class CheckpointReader {
+ public:
+  // Opens `dir`, verifies every checksum and parses config.toml and trainer_state.json.
+  explicit CheckpointReader(const std::string& dir);
+  ~CheckpointReader();
+
+  const std::string& dir() const { return dir_; }
+  const model::ModelConfig& config() const { return cfg_; }
+  const nlohmann::json& trainer_state() const { return state_; }
+  bool has_optimizer() const;
+
+  // Throws loom::Error listing the differing keys unless the checkpoint's config equals `cfg`.
+  void expect_config(const model::ModelConfig& cfg) const;
+  // Parameters [begin, end) of the flat buffer (default: all) into weights + begin.
+  void load_weights(const model::ParamLayout& layout, float* weights, int64_t begin = 0,
+                    int64_t end = -1) const;
+  // Optimizer moments for [begin, end) into m, v (each end-begin floats); returns the step.
+  int64_t load_optimizer(const model::ParamLayout& layout, float* m, float* v, int64_t begin = 0,
+                         int64_t end = -1) const;
+
+ private:
+  std::string dir_;
+  model::ModelConfig cfg_;
+  nlohmann::json state_;
+  std::unique_ptr<SafetensorsFile> model_, optimizer_;
+};
+
+// Hex SHA-256 of a file's bytes.
+std::string sha256_file(const std::string& path);
+
+}  // namespace loom::checkpoint

@@ -1,0 +1,163 @@
+#include "checkpoint/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace loom::checkpoint {
+
+namespace {
+
+void write_all(int fd, const void* data, size_t n, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    LOOM_CHECK(w > 0, "writing '{}' failed: {}", path, std::strerror(errno));
+    p += w;
+    n -= size_t(w);
+  }
+}
+
+void read_exact(int fd, void* dst, size_t n, uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(dst);
+  while (n > 0) {
+    ssize_t r = ::pread(fd, p, n, off_t(offset));
+    if (r < 0 && errno == EINTR) continue;
+    LOOM_CHECK(r > 0, "reading '{}' at byte {} failed: {}", path, offset,
+               r == 0 ? "unexpected end of file (truncated?)" : std::strerror(errno));
+    p += r;
+    n -= size_t(r);
+    offset += uint64_t(r);
+  }
+}
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t bytes = uint64_t(shape_numel(t.shape)) * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8 != 0) h += ' ';  // keep the data section 8-byte aligned
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  LOOM_CHECK(fd >= 0, "cannot create '{}': {}", path, std::strerror(errno));
+  try {
+    uint64_t n = h.size();
+    unsigned char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = (unsigned char)(n >> (8 * i));
+    write_all(fd, len, 8, path);
+    write_all(fd, h.data(), h.size(), path);
+    for (const auto& t : tensors)
+      write_all(fd, t.data, size_t(shape_numel(t.shape)) * dtype_size(t.dtype), path);
+    LOOM_CHECK(::fsync(fd) == 0, "fsync of '{}' failed: {}", path, std::strerror(errno));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  LOOM_CHECK(fd_ >= 0, "cannot open '{}': {}", path, std::strerror(errno));
+  struct stat st;
+  LOOM_CHECK(::fstat(fd_, &st) == 0, "cannot stat '{}': {}", path, std::strerror(errno));
+  file_size_ = uint64_t(st.st_size);
+  try {
+    LOOM_CHECK(file_size_ >= 8, "'{}' is not a safetensors file: {} bytes, shorter than the "
+               "8-byte header length", path, file_size_);
+    unsigned char len[8];
+    read_exact(fd_, len, 8, 0, path);
+    uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= uint64_t(len[i]) << (8 * i);
+    LOOM_CHECK(n <= file_size_ - 8 && n <= (uint64_t(100) << 20),
+               "'{}': header length {} does not fit the file of {} bytes (truncated or not a "
+               "safetensors file)", path, n, file_size_);
+    std::string h(size_t(n), '\0');
+    read_exact(fd_, h.data(), size_t(n), 8, path);
+    data_start_ = 8 + n;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(h);
+    } catch (const nlohmann::json::exception& e) {
+      LOOM_FAIL("'{}': the safetensors header is not valid JSON ({})", path, e.what());
+    }
+    LOOM_CHECK(j.is_object(), "'{}': the safetensors header is not a JSON object", path);
+    const uint64_t data_size = file_size_ - data_start_;
+    for (auto& [name, v] : j.items()) {
+      if (name == "__metadata__") {
+        for (auto& [k, mv] : v.items())
+          if (mv.is_string()) metadata_[k] = mv.get<std::string>();
+        continue;
+      }
+      LOOM_CHECK(v.is_object() && v.contains("dtype") && v.contains("shape") &&
+                     v.contains("data_offsets"),
+                 "'{}': entry '{}' lacks dtype, shape or data_offsets", path, name);
+      TensorInfo info;
+      info.dtype = dtype_from_name(v["dtype"].get<std::string>());
+      for (auto& d : v["shape"]) info.shape.push_back(d.get<int64_t>());
+      info.begin = v["data_offsets"][0].get<uint64_t>();
+      info.end = v["data_offsets"][1].get<uint64_t>();
+      uint64_t expect = uint64_t(shape_numel(info.shape)) * dtype_size(info.dtype);
+      LOOM_CHECK(info.begin <= info.end && info.end <= data_size,
+                 "'{}': tensor '{}' spans bytes [{}, {}) but the data section has {} bytes "
+                 "(truncated file?)", path, name, info.begin, info.end, data_size);
+      LOOM_CHECK(info.end - info.begin == expect,
+                 "'{}': tensor '{}' has {} bytes but dtype {} and shape {} need {}", path, name,
+                 info.end - info.begin, dtype_name(info.dtype), shape_str(info.shape), expect);
+      tensors_[name] = info;
+    }
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  auto it = tensors_.find(name);
+  LOOM_CHECK(it != tensors_.end(), "'{}' has no tensor named '{}'", path_, name);
+  return it->second;
+}
+
+void SafetensorsFile::read(const std::string& name, DType dtype, const Shape& shape,
+                           void* dst) const {
+  const TensorInfo& i = info(name);
+  LOOM_CHECK(i.dtype == dtype && i.shape == shape,
+             "'{}': tensor '{}' is {} {} but this model expects {} {}", path_, name,
+             dtype_name(i.dtype), shape_str(i.shape), dtype_name(dtype), shape_str(shape));
+  read_exact(fd_, dst, size_t(i.end - i.begin), data_start_ + i.begin, path_);
+}
+
+void SafetensorsFile::read_range(const std::string& name, DType dtype, int64_t first,
+                                 int64_t count, void* dst) const {
+  const TensorInfo& i = info(name);
+  LOOM_CHECK(i.dtype == dtype, "'{}': tensor '{}' is {} but {} was requested", path_, name,
+             dtype_name(i.dtype), dtype_name(dtype));
+  int64_t n = shape_numel(i.shape);
+  LOOM_CHECK(first >= 0 && count >= 0 && first + count <= n,
+             "'{}': range [{}, {}) outside tensor '{}' of {} elements", path_, first,
+             first + count, name, n);
+  size_t es = dtype_size(dtype);
+  read_exact(fd_, dst, size_t(count) * es, data_start_ + i.begin + uint64_t(first) * es, path_);
+}
+
+}  // namespace loom::checkpoint

@@ -1,0 +1,95 @@
+// model/gpt.h: the decoder-only transformer (GPT-2 / PanGu-α / CodeGeeX) with explicit forward
+// and backward passes.
+//
+// Glossary: B batch, T sequence, N = B*T rows, C d_model, NH heads, NKV kv heads, HD head dim,
+// KV = NKV*HD, F d_ff, V vocab, L blocks.
+//
+// Structure: embedding (token + position) -> L pre-LN blocks -> final norm -> [top query layer]
+// -> tied LM head fused with cross-entropy. Each block saves exactly what its backward needs in a
+// stash, or less, by recompute mode:
+//   none:      everything (inputs of every matmul, norm statistics, attention output and lse).
+//   selective: drops what elementwise ops rebuild cheaply (norm outputs, activation outputs).
+//   full:      keeps only the block input; the block's forward runs again during backward.
+// All three give bit-identical gradients (recompute runs the identical deterministic kernels).
+//
+// Precision: f32, or bf16 (bf16 matmul inputs with f32 accumulation; master weights, grads,
+// norms, softmax and the loss in f32). Every buffer comes from the MemoryPool passed in:
+// weights/grads at construction, activations (stash) and workspace per step.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/memory_pool.h"
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace loom::model {
+
+enum class Precision { f32, bf16 };
+enum class Recompute { none, selective, full };
+const char* recompute_name(Recompute r);
+Recompute recompute_from_name(const std::string& s);  // throws naming the valid values
+
+struct LossSum {
+  double sum = 0;     // summed cross-entropy (nats) over counted tokens
+  int64_t count = 0;  // counted (non-ignored) target tokens
+};
+
+class Gpt {
+ public:
+  // Allocates weights (f32 master, plus a bf16 copy in bf16 mode) and grads from `pool`.
+  // Weights are uninitialised until init_weights() or a checkpoint load writes them.
+  Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision);
+  ~Gpt();
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamLayout& layout() const { return layout_; }
+  Precision precision() const { return precision_; }
+  float* weights() const { return weights_.data<float>(); }  // (layout().total())
+  float* grads() const { return grads_.data<float>(); }      // (layout().total())
+  void init_weights(uint64_t seed);
+  void zero_grads();
+  // Refreshes the bf16 copy from the f32 master weights (call after every weight update; no-op
+  // in f32 mode).
+  void sync_low_precision_weights();
+
+  // Recompute mode per block (size L); the query layer uses the last entry's mode.
+  void set_recompute(Recompute mode);
+  void set_recompute(const std::vector<Recompute>& per_layer);
+
+  // One micro-batch: tokens (B, T+1) int32, inputs [:, :T], targets [:, 1:] (targets < 0 are
+  // ignored). Runs forward and backward, ACCUMULATING into grads() the gradient of
+  // grad_scale * (summed loss). Returns the summed loss and token count. Throws loom::Error on
+  // T > max_seq or token ids outside [0, V) (before anything is modified).
+  LossSum forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale);
+  // Forward only (evaluation): the summed loss. Allocates no gradient-sized buffers.
+  LossSum forward_loss(const int32_t* tokens, int64_t B, int64_t T);
+  // Logits of the last position of each row: inputs (B, T) -> logits (B, V) f32.
+  void last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T);
+  // Full logits for every position (tests): inputs (B,T) -> logits (B,T,V).
+  void all_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T);
+
+  MemoryPool& pool() const { return pool_; }
+
+  struct Stash;  // per-block saved activations (defined in gpt.cpp)
+
+ private:
+  void check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_stride) const;
+  // Runs embedding -> blocks -> final norm -> query layer; returns the (N,C) head input.
+  Tensor forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash);
+  void backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t T);
+
+  ModelConfig cfg_;
+  ParamLayout layout_;
+  MemoryPool& pool_;
+  Precision precision_;
+  Tensor weights_, grads_, weights_lp_;
+  std::vector<Recompute> recompute_;
+  std::vector<std::unique_ptr<Stash>> stashes_;  // L blocks + query layer
+  Tensor final_in_, final_out_, final_mean_, final_rstd_;
+};
+
+}  // namespace loom::model

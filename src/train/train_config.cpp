@@ -1,0 +1,201 @@
+#include "train/train_config.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <toml++/toml.h>
+
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace loom::train {
+
+namespace {
+
+// The schema: section -> allowed keys. "" is the top level.
+const std::map<std::string, std::set<std::string>>& schema() {
+  static const std::map<std::string, std::set<std::string>> s = {
+      {"", {"model"}},
+      {"data", {"source", "path", "seed"}},
+      {"train", {"batch", "seq", "micro_batches", "steps", "seed", "precision", "recompute",
+                 "threads", "eval_every", "eval_batches"}},
+      {"optim", {"lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "clip",
+                 "warmup_steps", "decay_steps"}},
+      {"checkpoint", {"dir", "every"}},
+      {"log", {"dir", "every"}},
+  };
+  return s;
+}
+
+std::string join(const std::set<std::string>& s) {
+  std::string out;
+  for (auto& k : s) out += (out.empty() ? "" : ", ") + k;
+  return out;
+}
+
+void check_key(const std::string& section, const std::string& key, const std::string& where) {
+  auto it = schema().find(section);
+  if (it == schema().end()) {
+    std::set<std::string> sections;
+    for (auto& [k, v] : schema())
+      if (!k.empty()) sections.insert(k);
+    LOOM_FAIL("{}: unknown section [{}]; allowed sections: {}", where, section, join(sections));
+  }
+  if (!it->second.count(key))
+    LOOM_FAIL("{}: unknown key '{}{}{}'; allowed keys in {}: {}", where, section,
+              section.empty() ? "" : ".", key, section.empty() ? "the top level" : "[" + section + "]",
+              join(it->second));
+}
+
+// Parses an override value as TOML (so 3, 1e-3, true, "x" keep their types); a bare word that is
+// not valid TOML becomes a string.
+toml::table parse_override_value(const std::string& value) {
+  try {
+    return toml::parse("v = " + value);
+  } catch (const toml::parse_error&) {
+    toml::table t;
+    t.insert("v", value);
+    return t;
+  }
+}
+
+}  // namespace
+
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream f(path);
+  LOOM_CHECK(f.good(), "cannot open training config '{}': no such readable file", path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  toml::table tbl;
+  try {
+    tbl = toml::parse(ss.str(), path);
+  } catch (const toml::parse_error& e) {
+    LOOM_FAIL("{}: TOML syntax error at line {}: {}", path, e.source().begin.line,
+              std::string(e.description()));
+  }
+  // Strictness on the file itself.
+  for (auto& [k, v] : tbl) {
+    std::string key(k.str());
+    if (v.is_table()) {
+      for (auto& [k2, v2] : *v.as_table()) check_key(key, std::string(k2.str()), path);
+    } else {
+      check_key("", key, path);
+    }
+  }
+  // Overrides: section.key=value.
+  for (const std::string& o : overrides) {
+    auto eq = o.find('=');
+    LOOM_CHECK(eq != std::string::npos && eq > 0,
+               "--set '{}' must look like section.key=value (e.g. train.steps=10)", o);
+    std::string lhs = o.substr(0, eq), value = o.substr(eq + 1);
+    auto dot = lhs.find('.');
+    std::string section = dot == std::string::npos ? "" : lhs.substr(0, dot);
+    std::string key = dot == std::string::npos ? lhs : lhs.substr(dot + 1);
+    check_key(section, key, "--set " + o);
+    toml::table v = parse_override_value(value);
+    if (section.empty()) {
+      tbl.insert_or_assign(key, *v["v"].node());
+    } else {
+      if (!tbl[section].is_table()) tbl.insert_or_assign(section, toml::table{});
+      tbl[section].as_table()->insert_or_assign(key, *v["v"].node());
+    }
+  }
+
+  TrainConfig c;
+  c.source_path = path;
+  auto where = [&](const std::string& s, const std::string& k) {
+    return fmt::format("{}: {}{}{}", path, s, s.empty() ? "" : ".", k);
+  };
+  auto get_int = [&](const std::string& s, const std::string& k, int64_t& out, int64_t min) {
+    auto node = s.empty() ? tbl[k] : tbl[s][k];
+    if (!node) return;
+    LOOM_CHECK(node.is_integer(), "{} must be an integer", where(s, k));
+    out = *node.value<int64_t>();
+    LOOM_CHECK(out >= min, "{} = {} must be at least {}", where(s, k), out, min);
+  };
+  auto get_float = [&](const std::string& s, const std::string& k, float& out) {
+    auto node = tbl[s][k];
+    if (!node) return;
+    LOOM_CHECK(node.is_number(), "{} must be a number", where(s, k));
+    out = float(*node.value<double>());
+  };
+  auto get_str = [&](const std::string& s, const std::string& k, std::string& out) {
+    auto node = s.empty() ? tbl[k] : tbl[s][k];
+    if (!node) return;
+    LOOM_CHECK(node.is_string(), "{} must be a string", where(s, k));
+    out = *node.value<std::string>();
+  };
+
+  std::string model_path;
+  get_str("", "model", model_path);
+  LOOM_CHECK(!model_path.empty(), "{}: missing 'model = \"path/to/model.toml\"'", path);
+  // Relative model paths: next to the config first, else relative to the working directory.
+  fs::path beside = fs::path(path).parent_path() / model_path;
+  if (fs::path(model_path).is_relative() && !fs::exists(model_path) && fs::exists(beside))
+    model_path = beside.string();
+  LOOM_CHECK(fs::exists(model_path), "{}: model = '{}' does not exist", path, model_path);
+  c.model_path = model_path;
+  c.model = model::load_model_config(model_path);
+
+  get_str("data", "source", c.data_source);
+  LOOM_CHECK(c.data_source == "synthetic" || c.data_source == "shards",
+             "{} = '{}': choose \"synthetic\" or \"shards\"", where("data", "source"),
+             c.data_source);
+  get_str("data", "path", c.data_path);
+  if (c.data_source == "shards") {
+    LOOM_CHECK(!c.data_path.empty(), "{}: data.source = \"shards\" needs data.path", path);
+    LOOM_CHECK(fs::is_directory(c.data_path), "{}: data.path = '{}' is not a directory", path,
+               c.data_path);
+  }
+  int64_t seed = int64_t(c.data_seed);
+  get_int("data", "seed", seed, 0);
+  c.data_seed = uint64_t(seed);
+
+  get_int("train", "batch", c.batch, 1);
+  get_int("train", "seq", c.seq, 1);
+  get_int("train", "micro_batches", c.micro_batches, 1);
+  get_int("train", "steps", c.steps, 0);
+  seed = int64_t(c.seed);
+  get_int("train", "seed", seed, 0);
+  c.seed = uint64_t(seed);
+  std::string precision = "f32", recompute = "none";
+  get_str("train", "precision", precision);
+  LOOM_CHECK(precision == "f32" || precision == "bf16", "{} = '{}': choose \"f32\" or \"bf16\"",
+             where("train", "precision"), precision);
+  c.precision = precision == "bf16" ? model::Precision::bf16 : model::Precision::f32;
+  get_str("train", "recompute", recompute);
+  c.recompute = model::recompute_from_name(recompute);
+  get_int("train", "threads", c.threads, 0);
+  get_int("train", "eval_every", c.eval_every, 0);
+  get_int("train", "eval_batches", c.eval_batches, 1);
+  LOOM_CHECK(c.seq <= c.model.max_seq,
+             "{}: train.seq = {} exceeds the model's max_seq = {}; use train.seq <= {}", path,
+             c.seq, c.model.max_seq, c.model.max_seq);
+
+  get_float("optim", "lr", c.optim.lr);
+  get_float("optim", "min_lr", c.optim.min_lr);
+  get_float("optim", "beta1", c.optim.beta1);
+  get_float("optim", "beta2", c.optim.beta2);
+  get_float("optim", "eps", c.optim.eps);
+  get_float("optim", "weight_decay", c.optim.weight_decay);
+  get_float("optim", "clip", c.optim.clip);
+  get_int("optim", "warmup_steps", c.optim.warmup_steps, 0);
+  get_int("optim", "decay_steps", c.optim.decay_steps, 0);
+  LOOM_CHECK(c.optim.lr > 0 && c.optim.min_lr >= 0 && c.optim.min_lr <= c.optim.lr,
+             "{}: need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr (got lr={}, min_lr={})",
+             path, c.optim.lr, c.optim.min_lr);
+  LOOM_CHECK(c.optim.beta1 >= 0 && c.optim.beta1 < 1 && c.optim.beta2 >= 0 && c.optim.beta2 < 1,
+             "{}: optim.beta1 = {} and optim.beta2 = {} must be in [0, 1)", path, c.optim.beta1,
+             c.optim.beta2);
+
+  get_str("checkpoint", "dir", c.checkpoint_dir);
+  get_int("checkpoint", "every", c.checkpoint_every, 0);
+  get_str("log", "dir", c.log_dir);
+  get_int("log", "every", c.log_every, 1);
+  return c;
+}
+
+}  // namespace loom::train

@@ -1,0 +1,52 @@
+// train/train_config.h: the typed, strict training configuration (TOML).
+//
+//   model = "configs/models/tiny.toml"      # path, relative to the config file or the cwd
+//   [data]   source = "synthetic" | "shards", path = "data/corpus", seed = 1234
+//   [train]  batch, seq, micro_batches, steps, seed, precision = "f32"|"bf16",
+//            recompute = "none"|"selective"|"full", threads (0 = automatic), eval_every,
+//            eval_batches
+//   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
+//   [checkpoint] dir, every (0 = only at the end)
+//   [log]    dir, every
+// `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
+// allowed ones.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/gpt.h"
+#include "optim/optimizer.h"
+
+namespace loom::train {
+
+struct TrainConfig {
+  std::string source_path;  // the TOML file (for errors and relative paths)
+  model::ModelConfig model;
+  std::string model_path;
+  std::string data_source = "synthetic";
+  std::string data_path;
+  uint64_t data_seed = 1234;
+  int64_t batch = 8;
+  int64_t seq = 64;
+  int64_t micro_batches = 1;
+  int64_t steps = 100;
+  uint64_t seed = 1;
+  model::Precision precision = model::Precision::f32;
+  model::Recompute recompute = model::Recompute::none;
+  int64_t threads = 0;
+  int64_t eval_every = 0;
+  int64_t eval_batches = 4;
+  optim::AdamWConfig optim;
+  std::string checkpoint_dir = "runs/default/ckpt";
+  int64_t checkpoint_every = 0;
+  std::string log_dir = "runs/default";
+  int64_t log_every = 1;
+};
+
+// Loads `path`, applies `overrides` ("section.key=value" or "model=path"), validates.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides);
+
+}  // namespace loom::train

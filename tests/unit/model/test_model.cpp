@@ -1,0 +1,214 @@
+// Whole-model tests: gradients against float64 finite differences through the reference path,
+// recompute modes, the memory model against the pool, input validation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "model/gpt.h"
+#include "model/memory.h"
+#include "ref_model.h"
+
+using namespace loom;
+using namespace loom::model;
+
+namespace {
+
+ModelConfig small_config(bool query_layer, Activation act, int64_t n_kv_heads) {
+  ModelConfig c;
+  c.name = "gradcheck";
+  c.vocab = 37;
+  c.n_layers = 2;
+  c.d_model = 16;
+  c.n_heads = 4;
+  c.n_kv_heads = n_kv_heads;
+  c.d_ff = 24;
+  c.max_seq = 16;
+  c.activation = act;
+  c.query_layer = query_layer;
+  c.validate();
+  return c;
+}
+
+std::vector<int32_t> random_tokens(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+  std::vector<int32_t> t(size_t(B * (T + 1)));
+  for (size_t i = 0; i < t.size(); ++i) t[i] = int32_t(rng_u64(seed, 99, i) % uint64_t(V));
+  return t;
+}
+
+// Perturb the init so biases and norm weights are not at their special values (zeros, ones),
+// which would hide errors in their gradients.
+void perturb(Gpt& m, uint64_t seed) {
+  for (int64_t i = 0; i < m.layout().total(); ++i)
+    m.weights()[i] += 0.05f * rng_normal(seed, 5, uint64_t(i));
+  m.sync_low_precision_weights();
+}
+
+struct GradCase {
+  bool query_layer;
+  Activation act;
+  int64_t nkv;
+};
+
+class GradCheck : public ::testing::TestWithParam<GradCase> {};
+
+TEST_P(GradCheck, EveryParameterMatchesFiniteDifferences) {
+  const GradCase gc = GetParam();
+  ModelConfig cfg = small_config(gc.query_layer, gc.act, gc.nkv);
+  const int64_t B = 2, T = 7;
+  MemoryPool pool;
+  Gpt m(cfg, pool, Precision::f32);
+  m.init_weights(3);
+  perturb(m, 4);
+  auto tokens = random_tokens(B, T, cfg.vocab, 11);
+  m.zero_grads();
+  LossSum l = m.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+  ASSERT_EQ(l.count, B * T);
+
+  const ParamLayout& layout = m.layout();
+  std::vector<double> w(size_t(layout.total()));
+  for (int64_t i = 0; i < layout.total(); ++i) w[size_t(i)] = m.weights()[i];
+  const double ref_loss = reftest::reference_loss(cfg, layout, w, tokens, B, T);
+  // f32 forward vs f64 reference: a few ulps per op over ~20 ops in sequence.
+  EXPECT_NEAR(l.sum / double(l.count), ref_loss, 1e-5 * std::abs(ref_loss));
+
+  // Central differences in float64 for every parameter (h = 1e-5: truncation error O(h^2) ~ 1e-10
+  // times the third derivative, rounding error ~ 1e-16/1e-5 = 1e-11; both far below the f32
+  // gradient's own error).
+  const double h = 1e-5;
+  for (const ParamSpec& s : layout.specs()) {
+    double num = 0, den = 0;
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
+      double keep = w[size_t(i)];
+      w[size_t(i)] = keep + h;
+      double lp = reftest::reference_loss(cfg, layout, w, tokens, B, T);
+      w[size_t(i)] = keep - h;
+      double lm = reftest::reference_loss(cfg, layout, w, tokens, B, T);
+      w[size_t(i)] = keep;
+      double fd = (lp - lm) / (2 * h);
+      double g = m.grads()[i];
+      num += (g - fd) * (g - fd);
+      den += fd * fd;
+    }
+    if (s.name.size() > 11 && s.name.substr(s.name.size() - 11) == "attn.k.bias") {
+      // The key bias adds q.b_k to every score of a query row, which softmax cancels: its true
+      // gradient is exactly 0 (the finite differences agree). Ours must be rounding noise.
+      EXPECT_LT(std::sqrt(num), 1e-6) << s.name << " should have a zero gradient";
+      EXPECT_LT(std::sqrt(den), 1e-8) << s.name << ": finite differences should vanish";
+      continue;
+    }
+    // Relative L2 error per tensor. f32 backward accumulates rounding of ~1e-7 relative per
+    // op through ~40 ops; 1e-4 leaves margin while catching any wrong term (those give O(1)).
+    double rel = std::sqrt(num / std::max(den, 1e-30));
+    EXPECT_LT(rel, 1e-4) << s.name << " relative L2 error " << rel << " (|fd| = " << std::sqrt(den)
+                         << ")";
+    EXPECT_GT(den, 0.0) << s.name << " has an all-zero gradient: the check would be vacuous";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Model, GradCheck,
+                         ::testing::Values(GradCase{true, Activation::fast_gelu, 2},
+                                           GradCase{false, Activation::gelu, 4},
+                                           GradCase{true, Activation::gelu, 1}));
+
+TEST(Recompute, ModesGiveIdenticalGradientsAndFallingActivationPeaks) {
+  ModelConfig cfg = small_config(true, Activation::fast_gelu, 2);
+  cfg.d_model = 32;
+  cfg.d_ff = 64;
+  cfg.max_seq = 32;
+  cfg.n_layers = 3;
+  const int64_t B = 2, T = 32;
+  auto tokens = random_tokens(B, T, cfg.vocab, 12);
+  for (Precision p : {Precision::f32, Precision::bf16}) {
+    std::vector<float> first;
+    int64_t prev_peak = INT64_MAX;
+    for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full}) {
+      MemoryPool pool;
+      Gpt m(cfg, pool, p);
+      m.init_weights(7);
+      m.set_recompute(r);
+      m.zero_grads();
+      int64_t base = pool.current(MemCategory::activations);
+      pool.reset_peaks();
+      m.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+      int64_t peak = pool.peak(MemCategory::activations) - base;
+      EXPECT_EQ(pool.current(MemCategory::activations), base) << "activations leaked";
+      std::vector<float> g(m.grads(), m.grads() + m.layout().total());
+      if (first.empty())
+        first = g;
+      else
+        EXPECT_EQ(g, first) << "recompute " << recompute_name(r) << " changed the gradients";
+      EXPECT_LT(peak, prev_peak) << "recompute " << recompute_name(r) << " did not lower the peak";
+      prev_peak = peak;
+      MemoryEstimate est = estimate_training_memory(cfg, B, T, p, r);
+      EXPECT_EQ(peak, est.activations)
+          << "memory model off for recompute " << recompute_name(r)
+          << (p == Precision::bf16 ? " bf16" : " f32");
+      EXPECT_EQ(pool.current(MemCategory::weights), est.weights);
+      EXPECT_EQ(pool.current(MemCategory::grads), est.grads);
+    }
+  }
+}
+
+TEST(Model, Bf16LossCloseToF32) {
+  ModelConfig cfg = small_config(true, Activation::gelu, 2);
+  const int64_t B = 2, T = 16;
+  auto tokens = random_tokens(B, T, cfg.vocab, 13);
+  MemoryPool pool;
+  Gpt a(cfg, pool, Precision::f32), b(cfg, pool, Precision::bf16);
+  a.init_weights(1);
+  b.init_weights(1);
+  LossSum la = a.forward_loss(tokens.data(), B, T);
+  LossSum lb = b.forward_loss(tokens.data(), B, T);
+  // bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) on matmul inputs only; the loss,
+  // an average of ~log(V) = 3.6 nats, moves by far less than 1%.
+  EXPECT_NEAR(lb.sum / double(lb.count), la.sum / double(la.count), 0.01 * la.sum / double(la.count));
+}
+
+TEST(Model, ForwardLossEqualsForwardBackwardLoss) {
+  ModelConfig cfg = small_config(true, Activation::gelu, 2);
+  const int64_t B = 3, T = 9;
+  auto tokens = random_tokens(B, T, cfg.vocab, 14);
+  MemoryPool pool;
+  Gpt m(cfg, pool, Precision::f32);
+  m.init_weights(1);
+  LossSum a = m.forward_loss(tokens.data(), B, T);
+  LossSum b = m.forward_backward(tokens.data(), B, T, 1.0f);
+  EXPECT_EQ(a.sum, b.sum);
+  EXPECT_EQ(a.count, b.count);
+}
+
+TEST(Model, RejectsBadTokensAndLengthsBeforeTouchingAnything) {
+  ModelConfig cfg = small_config(false, Activation::gelu, 4);
+  MemoryPool pool;
+  Gpt m(cfg, pool, Precision::f32);
+  m.init_weights(1);
+  auto tokens = random_tokens(1, 8, cfg.vocab, 15);
+  tokens[3] = int32_t(cfg.vocab);  // one past the vocabulary
+  try {
+    m.forward_backward(tokens.data(), 1, 8, 1.f);
+    FAIL() << "no error for a token id >= vocab";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 37"), std::string::npos) << e.what();
+  }
+  for (int64_t i = 0; i < m.layout().total(); ++i) ASSERT_EQ(m.grads()[i], 0.f);
+  std::vector<int32_t> longer(size_t(cfg.max_seq + 2), 1);
+  EXPECT_THROW(m.forward_loss(longer.data(), 1, cfg.max_seq + 1), Error);
+}
+
+TEST(Config, StrictAndActionable) {
+  EXPECT_THROW(model_config_from_toml("vocab=10\nn_layers=1\nd_model=8\nn_heads=2\nd_ff=8\n"
+                                      "max_seq=4\nbogus=1\n", "x.toml"), Error);
+  try {
+    model_config_from_toml("vocab=10\nn_layers=1\nd_model=8\nn_heads=4\nn_kv_heads=3\nd_ff=8\n"
+                           "max_seq=4\n", "x.toml");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("choose one of 1, 2, 4"), std::string::npos) << e.what();
+  }
+  ModelConfig c = small_config(true, Activation::fast_gelu, 2);
+  ModelConfig back = model_config_from_toml(c.to_toml(), "roundtrip");
+  EXPECT_EQ(back.to_toml(), c.to_toml());
+}
+
+}  // namespace
