@@ -10,7 +10,8 @@
 
 namespace loom {
 
-enum class DType : uint8_t { f32, bf16, i32, i64, u8, i8 };
+// f64 exists for reading reference files (tests); training buffers never use it.
+enum class DType : uint8_t { f32, bf16, i32, i64, u8, i8, f64 };
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
@@ -20,6 +21,7 @@ constexpr size_t dtype_size(DType t) {
     case DType::i64: return 8;
     case DType::u8: return 1;
     case DType::i8: return 1;
+    case DType::f64: return 8;
   }
   return 0;
 }

@@ -1,0 +1,179 @@
+// kernels/cpu/matmul.cpp: oneDNN matmul with a primitive cache.
+//
+// Glossary: M, N, K as in matmul.h; "key" = (M, N, K, trans_a, trans_b, accumulate, dtype).
+//
+// Why a cache: building a oneDNN primitive descriptor and primitive (kernel selection, JIT code
+// generation) costs far more than a small product, and a train step issues the same few shapes
+// thousands of times. The cache maps key -> primitive; it is process-wide because the signatures
+// in matmul.h take no context, but it holds no state that affects results: a cached primitive
+// computes exactly what a freshly created one would.
+//
+// Transposes: oneDNN's matmul takes arbitrary strides in its memory descriptors, so A^T stored as
+// (K,M) row-major is the (M,K) matrix with strides {1, M}. oneDNN picks kernels for both layouts
+// without copying the caller's buffers (it may pack blocks internally into its scratchpad).
+//
+// Accumulate: oneDNN 2.6 matmul has no beta; C += A@B is the "sum" post-op (dst = 1.0*dst + A@B),
+// which reads the destination in the same pass.
+#include "kernels/cpu/matmul.h"
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "core/error.h"
+
+namespace loom::kernels {
+
+namespace {
+
+using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool, bool>;
+
+struct MatmulCache {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::mutex mutex;
+  std::map<Key, dnnl::matmul> primitives;
+};
+
+// Process-wide cache; see the file comment for why this is not "global mutable state" in the
+// sense that matters (it never changes a result).
+MatmulCache& cache() {
+  static MatmulCache c;
+  return c;
+}
+
+dnnl::memory::desc matrix_desc(int64_t rows, int64_t cols, bool stored_transposed,
+                               dnnl::memory::data_type dt) {
+  // The logical matrix is (rows, cols). Stored row-major as (rows, cols): strides {cols, 1}.
+  // Stored as its transpose (cols, rows) row-major: strides {1, rows}.
+  dnnl::memory::dims dims = {rows, cols};
+  dnnl::memory::dims strides = stored_transposed ? dnnl::memory::dims{1, rows}
+                                                 : dnnl::memory::dims{cols, 1};
+  return dnnl::memory::desc(dims, dt, strides);
+}
+
+dnnl::matmul get_primitive(const Key& key) {
+  MatmulCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.primitives.find(key);
+  if (it != c.primitives.end()) return it->second;
+  auto [M, N, K, trans_a, trans_b, accumulate, is_bf16] = key;
+  auto in_dt = is_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+  auto a_md = matrix_desc(M, K, trans_a, in_dt);  // op(A) (M,K)
+  auto b_md = matrix_desc(K, N, trans_b, in_dt);  // op(B) (K,N)
+  auto c_md = matrix_desc(M, N, false, dnnl::memory::data_type::f32);  // C (M,N)
+  dnnl::primitive_attr attr;
+  if (accumulate) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
+  try {
+    dnnl::matmul::desc desc(a_md, b_md, c_md);
+    dnnl::matmul::primitive_desc pd(desc, attr, c.engine);
+    dnnl::matmul prim(pd);
+    c.primitives.emplace(key, prim);
+    return prim;
+  } catch (const dnnl::error& e) {
+    LOOM_FAIL("oneDNN could not create a {} matmul M={} N={} K={} trans_a={} trans_b={} "
+              "accumulate={}: {} (status {})",
+              is_bf16 ? "bf16" : "f32", M, N, K, trans_a, trans_b, accumulate, e.what(),
+              int(e.status));
+  }
+}
+
+template <typename T>
+void matmul_impl(const T* A, const T* B, float* C, int64_t M, int64_t N, int64_t K, bool trans_a,
+                 bool trans_b, bool accumulate, bool is_bf16) {
+  LOOM_CHECK(M >= 0 && N >= 0 && K >= 0, "matmul sizes must be non-negative, got M={} N={} K={}",
+             M, N, K);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    // An empty sum: oneDNN rejects zero-sized reductions, and the answer is known.
+    if (!accumulate) std::fill(C, C + M * N, 0.0f);
+    return;
+  }
+  LOOM_CHECK(A != nullptr && B != nullptr && C != nullptr,
+             "matmul given a null pointer (A={}, B={}, C={}) for M={} N={} K={}",
+             static_cast<const void*>(A), static_cast<const void*>(B), static_cast<void*>(C), M,
+             N, K);
+  Key key{M, N, K, trans_a, trans_b, accumulate, is_bf16};
+  dnnl::matmul prim = get_primitive(key);
+  MatmulCache& c = cache();
+  auto in_dt = is_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+  try {
+    // dnnl::memory wraps the caller's pointers; no copy is made.
+    dnnl::memory a_mem(matrix_desc(M, K, trans_a, in_dt), c.engine, const_cast<T*>(A));
+    dnnl::memory b_mem(matrix_desc(K, N, trans_b, in_dt), c.engine, const_cast<T*>(B));
+    dnnl::memory c_mem(matrix_desc(M, N, false, dnnl::memory::data_type::f32), c.engine, C);
+    dnnl::stream stream(c.engine);
+    prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    LOOM_FAIL("oneDNN {} matmul M={} N={} K={} trans_a={} trans_b={} accumulate={} failed: {} "
+              "(status {})",
+              is_bf16 ? "bf16" : "f32", M, N, K, trans_a, trans_b, accumulate, e.what(),
+              int(e.status));
+  }
+}
+
+}  // namespace
+
+void matmul_f32(const float* A, const float* B, float* C, int64_t M, int64_t N, int64_t K,
+                bool trans_a, bool trans_b, bool accumulate) {
+  matmul_impl(A, B, C, M, N, K, trans_a, trans_b, accumulate, false);
+}
+
+void matmul_bf16(const bf16* A, const bf16* B, float* C, int64_t M, int64_t N, int64_t K,
+                 bool trans_a, bool trans_b, bool accumulate) {
+  static_assert(sizeof(bf16) == 2, "bf16 must be 2 bytes to be passed to oneDNN");
+  matmul_impl(A, B, C, M, N, K, trans_a, trans_b, accumulate, true);
+}
+
+int64_t matmul_primitive_cache_size() {
+  MatmulCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return int64_t(c.primitives.size());
+}
+
+double measure_matmul_peak_gflops(bool bf16) {
+  constexpr int64_t kN = 2048;
+  constexpr double kSeconds = 0.3;
+  const size_t n2 = size_t(kN * kN);
+  // Inputs are small deterministic values; their content does not change the timing.
+  std::vector<float> c(n2);
+  std::vector<float> af(bf16 ? 0 : n2), bf(bf16 ? 0 : n2);
+  std::vector<loom::bf16> ah(bf16 ? n2 : 0), bh(bf16 ? n2 : 0);
+  for (size_t i = 0; i < n2; ++i) {
+    float va = float(int64_t(i % 7) - 3) * 0.01f, vb = float(int64_t(i % 5) - 2) * 0.01f;
+    if (bf16) {
+      ah[i] = f32_to_bf16(va);
+      bh[i] = f32_to_bf16(vb);
+    } else {
+      af[i] = va;
+      bf[i] = vb;
+    }
+  }
+  auto once = [&] {
+    if (bf16) matmul_bf16(ah.data(), bh.data(), c.data(), kN, kN, kN, false, false, false);
+    else matmul_f32(af.data(), bf.data(), c.data(), kN, kN, kN, false, false, false);
+  };
+  once();  // creates the primitive and warms caches / page tables
+  once();
+  using clock = std::chrono::steady_clock;
+  auto start = clock::now();
+  int64_t reps = 0;
+  double elapsed = 0.0;
+  do {
+    once();
+    ++reps;
+    elapsed = std::chrono::duration<double>(clock::now() - start).count();
+  } while (elapsed < kSeconds);
+  return 2.0 * double(kN) * double(kN) * double(kN) * double(reps) / elapsed * 1e-9;
+}
+
+}  // namespace loom::kernels

@@ -1,0 +1,41 @@
+// kernels/cpu/matmul.h: dense matrix products through oneDNN (f32, and bf16 with f32 accumulation).
+//
+// Glossary: M, N, K the product's dimensions: C (M,N) = op(A) (M,K) @ op(B) (K,N).
+//
+// Contract
+// - Row-major, densely packed (leading dimension = row length of the stored matrix).
+// - op(A) = A stored (M,K), or A^T with A stored (K,M) when trans_a.
+//   op(B) = B stored (K,N), or B^T with B stored (N,K) when trans_b.
+//   Transposes are expressed as memory-descriptor strides: nothing is copied.
+// - accumulate: C += op(A) @ op(B) (oneDNN post-op sum with scale 1); otherwise C is overwritten.
+// - Pointers are the caller's, wrapped without copies; A, B must not alias C.
+// - Sizes must be >= 0 (loom::Error otherwise). K == 0 gives C = 0 (or leaves C when accumulate).
+// - Deterministic: one primitive per (M, N, K, trans_a, trans_b, accumulate, dtype) is created on
+//   first use and cached for the life of the process; for a fixed thread count the same inputs
+//   give bit-identical outputs. The cache is guarded by a mutex, so any thread may call, but do
+//   not call from inside an OpenMP parallel region (oneDNN parallelises internally).
+// - oneDNN failures throw loom::Error with the oneDNN status and the shape.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace loom::kernels {
+
+void matmul_f32(const float* A, const float* B, float* C, int64_t M, int64_t N, int64_t K,
+                bool trans_a, bool trans_b, bool accumulate);
+
+// bf16 inputs, f32 accumulation and f32 output.
+void matmul_bf16(const bf16* A, const bf16* B, float* C, int64_t M, int64_t N, int64_t K,
+                 bool trans_a, bool trans_b, bool accumulate);
+
+// Measured peak of matmul_f32 / matmul_bf16 on this machine in GFLOP/s (2*M*N*K flops per
+// product): times a 2048^3 product repeatedly for ~0.3 s after a warm-up and returns the rate of
+// the timed loop. Used by the trainer and benchmarks to report the fraction of peak. Not cached.
+double measure_matmul_peak_gflops(bool bf16);
+
+// Number of distinct oneDNN matmul primitives created so far (for tests of the cache).
+int64_t matmul_primitive_cache_size();
+
+}  // namespace loom::kernels
