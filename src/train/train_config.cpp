@@ -21,7 +21,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
       {"", {"model"}},
       {"data", {"source", "path", "seed"}},
       {"train", {"batch", "seq", "micro_batches", "steps", "seed", "precision", "recompute",
-                 "threads", "eval_every", "eval_batches"}},
+                 "threads", "eval_every", "eval_batches", "time_limit_s"}},
       {"optim", {"lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "clip",
                  "warmup_steps", "decay_steps"}},
       {"checkpoint", {"dir", "every"}},
@@ -171,6 +171,11 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   get_int("train", "threads", c.threads, 0);
   get_int("train", "eval_every", c.eval_every, 0);
   get_int("train", "eval_batches", c.eval_batches, 1);
+  if (auto node = tbl["train"]["time_limit_s"]) {
+    LOOM_CHECK(node.is_number() && *node.value<double>() >= 0,
+               "{} must be a number of seconds >= 0", where("train", "time_limit_s"));
+    c.time_limit_s = *node.value<double>();
+  }
   LOOM_CHECK(c.seq <= c.model.max_seq,
              "{}: train.seq = {} exceeds the model's max_seq = {}; use train.seq <= {}", path,
              c.seq, c.model.max_seq, c.model.max_seq);

@@ -4,7 +4,7 @@
 //   [data]   source = "synthetic" | "shards", path = "data/corpus", seed = 1234
 //   [train]  batch, seq, micro_batches, steps, seed, precision = "f32"|"bf16",
 //            recompute = "none"|"selective"|"full", threads (0 = automatic), eval_every,
-//            eval_batches
+//            eval_batches, time_limit_s (stop and checkpoint after this many seconds)
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
@@ -39,6 +39,7 @@ struct TrainConfig {
   int64_t threads = 0;
   int64_t eval_every = 0;
   int64_t eval_batches = 4;
+  double time_limit_s = 0;  // stop (and checkpoint) after this much training time; 0 = none
   optim::AdamWConfig optim;
   std::string checkpoint_dir = "runs/default/ckpt";
   int64_t checkpoint_every = 0;

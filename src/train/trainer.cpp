@@ -119,7 +119,14 @@ void Trainer::save(const std::string& dir) {
   opt.m = optimizer_->m();
   opt.v = optimizer_->v();
   opt.step = optimizer_->step_count();
-  checkpoint::save_checkpoint(dir, cfg_.model, model_->layout(), model_->weights(), opt, state);
+  // The tokenizer travels with the checkpoint so `loom generate` can decode without the data.
+  std::string tokenizer_dir = cfg_.data_path + "/tokenizer";
+  auto copy_tokenizer = [&](const std::string& tmp) {
+    if (cfg_.data_source == "shards" && fs::is_directory(tokenizer_dir))
+      fs::copy(tokenizer_dir, tmp + "/tokenizer", fs::copy_options::recursive);
+  };
+  checkpoint::save_checkpoint(dir, cfg_.model, model_->layout(), model_->weights(), opt, state,
+                              copy_tokenizer);
 }
 
 namespace {
@@ -151,7 +158,12 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
   StepStats last;
   auto t_start = std::chrono::steady_clock::now();
   const int64_t first = trainer.step();
-  while (trainer.step() < cfg.steps && !g_stop_signal) {
+  auto out_of_time = [&] {
+    return cfg.time_limit_s > 0 &&
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() >=
+               cfg.time_limit_s;
+  };
+  while (trainer.step() < cfg.steps && !g_stop_signal && !out_of_time()) {
     pool.reset_peaks();
     last = trainer.train_step();
     nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
@@ -162,8 +174,8 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
     for (size_t c = 0; c < kNumMemCategories; ++c)
       mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
     m["peak_bytes"] = mem;
-    bool eval_now = cfg.eval_every > 0 &&
-                    (last.step % cfg.eval_every == 0 || last.step == cfg.steps);
+    bool eval_now = cfg.eval_every > 0 && (last.step % cfg.eval_every == 0 ||
+                                           last.step == cfg.steps || out_of_time());
     if (eval_now) m["val_loss"] = trainer.eval_loss(cfg.eval_batches);
     metrics << m.dump() << "\n";
     metrics.flush();
@@ -182,6 +194,8 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
         last.step < cfg.steps)
       trainer.save(cfg.checkpoint_dir);
   }
+  if (out_of_time())
+    LOOM_LOG_INFO("time limit of {:.0f} s reached at step {}", cfg.time_limit_s, trainer.step());
   if (g_stop_signal)
     LOOM_LOG_WARN("signal {} received: saving a checkpoint at step {} and stopping",
                   int(g_stop_signal), trainer.step());

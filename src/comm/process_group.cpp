@@ -1,0 +1,740 @@
+// comm/process_group.cpp: ProcessGroup over MPI communicators; Work = polled non-blocking MPI.
+//
+// Glossary: w group size, r group rank, N elements, n per-rank block, seq collective sequence.
+//
+// Why polling: a blocking MPI call cannot time out, and a rank that never arrives would hang the
+// job forever. Every operation is started non-blocking and Work::wait polls it (MPI_Test drives
+// Open MPI's progress engine) against a deadline. Ranks share few cores, so the poll loop spins
+// briefly for latency, then yields, then sleeps.
+#include "comm/process_group.h"
+
+#include <sched.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+#include "comm/detail.h"
+#include "core/error.h"
+
+namespace loom::comm {
+
+using detail::GroupState;
+using detail::RequestWork;
+using detail::WorkState;
+
+// ---------------------------------------------------------------------------------------------
+// Names, counters, options
+
+std::string_view algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::mpi: return "mpi";
+    case Algorithm::ring: return "ring";
+    case Algorithm::auto_select: return "auto";
+  }
+  return "?";
+}
+
+Algorithm algorithm_from_name(std::string_view name) {
+  for (Algorithm a : {Algorithm::mpi, Algorithm::ring, Algorithm::auto_select})
+    if (algorithm_name(a) == name) return a;
+  LOOM_FAIL("unknown collective algorithm '{}'; choose mpi, ring or auto", name);
+}
+
+std::string_view comm_op_name(CommOp op) {
+  switch (op) {
+    case CommOp::all_reduce: return "all_reduce";
+    case CommOp::reduce_scatter: return "reduce_scatter";
+    case CommOp::all_gather: return "all_gather";
+    case CommOp::all_to_all: return "all_to_all";
+    case CommOp::all_to_all_v: return "all_to_all_v";
+    case CommOp::broadcast: return "broadcast";
+    case CommOp::send: return "send";
+    case CommOp::recv: return "recv";
+    case CommOp::barrier: return "barrier";
+  }
+  return "?";
+}
+
+int64_t CommCounters::total_calls() const {
+  int64_t t = 0;
+  for (const auto& c : by_op) t += c.calls;
+  return t;
+}
+
+int64_t CommCounters::total_bytes() const {
+  int64_t t = 0;
+  for (const auto& c : by_op) t += c.bytes;
+  return t;
+}
+
+std::string CommCounters::to_json() const {
+  std::string out = "{";
+  for (size_t i = 0; i < kNumCommOps; ++i)
+    out += fmt::format("{}\"{}\": {{\"calls\": {}, \"bytes\": {}}}", i ? ", " : "",
+                       comm_op_name(CommOp(i)), by_op[i].calls, by_op[i].bytes);
+  return out + "}";
+}
+
+double resolve_timeout(const GroupOptions& opts) {
+  if (opts.timeout_s > 0) return opts.timeout_s;
+  const char* v = std::getenv("LOOM_COMM_TIMEOUT");
+  if (!v || !*v) return 300.0;
+  char* end = nullptr;
+  double t = std::strtod(v, &end);
+  LOOM_CHECK(end && *end == '\0' && t > 0,
+             "LOOM_COMM_TIMEOUT='{}' must be a positive number of seconds (e.g. 300)", v);
+  return t;
+}
+
+Algorithm choose_algorithm(CommOp op, int64_t bytes, int w) {
+  // From bench/comm on the 2-core development machine (f32, best of 3, ring busbw / MPI busbw,
+  // measured while other builds loaded the machine, so conservative):
+  // - 2 ranks: the ring's all_reduce won 1.2-1.5x from 4 KiB up (one dip at 256 KiB) and its
+  //   reduce_scatter 1.0-2.4x everywhere: Open MPI 4.1 reduces through temporaries.
+  // - 4 and 8 ranks oversubscribe the 2 cores; each of the ring's 2(w-1) steps then waits for a
+  //   descheduled neighbour, and the ring only won from ~4 MiB (1.0-2.0x), losing up to 3x below.
+  // - all_gather: within noise of MPI's at every size, so MPI's (fewer steps) is kept.
+  const int64_t kib = 1024, mib = 1024 * kib;
+  switch (op) {
+    case CommOp::all_reduce:
+    case CommOp::reduce_scatter:
+      return bytes >= (w <= 2 ? 4 * kib : 4 * mib) ? Algorithm::ring : Algorithm::mpi;
+    default: return Algorithm::mpi;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupState / WorkState
+
+namespace detail {
+
+GroupState::~GroupState() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;  // MPI already gone: nothing can be freed any more
+  if (coll != MPI_COMM_NULL) MPI_Comm_free(&coll);
+  if (p2p != MPI_COMM_NULL) MPI_Comm_free(&p2p);
+}
+
+std::string GroupState::prefix() const {
+  return fmt::format("[rank {}/{} group={}]", world_rank, world_size, name);
+}
+
+Tensor GroupState::workspace(int64_t bytes) {
+  return Tensor::empty({bytes}, DType::u8, pool, MemCategory::comm);
+}
+
+void GroupState::progress_pending() {
+  // Index loop: advance() runs completion hooks only, never issues new work, so `pending` is
+  // not modified under us.
+  for (auto& w : pending) w->advance();
+  std::erase_if(pending, [](const std::shared_ptr<WorkState>& w) { return w->done; });
+}
+
+bool WorkState::advance() {
+  if (done) return true;
+  try {
+    if (!step()) return false;
+    for (auto& f : on_complete) f();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  on_complete.clear();
+  keep.clear();
+  done = true;
+  return true;
+}
+
+std::string WorkState::describe() const {
+  std::string peer_s = p2p ? fmt::format(" with group rank {}", peer) : "";
+  return fmt::format("{} of {} x {}{} ({}seq {}, algorithm {})", comm_op_name(op), count,
+                     dtype_name(dtype), peer_s, p2p ? "p2p " : "", seq, algorithm_name(algorithm));
+}
+
+bool RequestWork::step() {
+  if (reqs.empty()) return true;
+  int flag = 0;
+  std::vector<MPI_Status> st(reqs.size());
+  int rc = MPI_Testall(int(reqs.size()), reqs.data(), &flag, st.data());
+  mpi_check(rc, "MPI_Testall");
+  if (!flag) return false;
+  if (expect_recv_count >= 0) {
+    int got = 0;
+    mpi_check(MPI_Get_count(&st[0], recv_type, &got), "MPI_Get_count");
+    LOOM_CHECK(got == expect_recv_count,
+               "{} received {} elements from group rank {} but the buffer holds {}; sender and "
+               "receiver must agree on the message size",
+               group->prefix(), got, peer, expect_recv_count);
+  }
+  return true;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Work
+
+namespace {
+
+// Poll back-off: ~100 immediate re-polls (microseconds; best latency when every rank has a
+// core), then sched_yield for ~1000 polls (ranks oversubscribing cores let the peer run), then
+// 50 us sleeps so an idle waiter costs next to nothing while a slow peer finishes.
+void backoff(int64_t polls) {
+  if (polls < 100) return;
+  if (polls < 1100) {
+    sched_yield();
+    return;
+  }
+  timespec ts{0, 50'000};
+  nanosleep(&ts, nullptr);
+}
+
+}  // namespace
+
+bool Work::completed() const { return !state_ || state_->done; }
+
+bool Work::test() const {
+  if (!state_ || state_->done) return true;
+  state_->group->progress_pending();
+  if (state_->done && !state_->error.empty()) throw Error(state_->error);
+  return state_->done;
+}
+
+void Work::wait() const {
+  if (!state_) return;
+  wait(state_->group->timeout_s);
+}
+
+void Work::wait(double timeout_s) const {
+  if (!state_) return;
+  WorkState& w = *state_;
+  GroupState& g = *w.group;
+  auto start = std::chrono::steady_clock::now();
+  auto deadline = start + std::chrono::duration<double>(timeout_s);
+  for (int64_t polls = 0;; ++polls) {
+    if (!w.done) g.progress_pending();
+    if (w.done) {
+      if (!w.error.empty()) throw Error(fmt::format("{} {} failed: {}", g.prefix(), w.describe(), w.error));
+      return;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::string members;
+      for (size_t i = 0; i < g.world_ranks.size(); ++i)
+        members += fmt::format("{}{}", i ? "," : "", g.world_ranks[i]);
+      throw TimeoutError(fmt::format(
+          "{} {} timed out after {:.1f} s (group rank {}/{}, world ranks [{}]): a member did not "
+          "join this call, joined a different one, or died. If the wait is legitimate raise "
+          "LOOM_COMM_TIMEOUT or GroupOptions::timeout_s.",
+          g.prefix(), w.describe(), timeout_s, g.rank, g.size, members));
+    }
+    backoff(polls);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ProcessGroup: construction
+
+namespace {
+
+int mpi_count(int64_t n, const GroupState& g, CommOp op) {
+  LOOM_CHECK(n >= 0 && n <= INT_MAX,
+             "{} {} of {} elements exceeds MPI's int count limit {}; split the buffer", g.prefix(),
+             comm_op_name(op), n, INT_MAX);
+  return int(n);
+}
+
+void set_comm_basics(GroupState& s) {
+  LOOM_MPI(MPI_Comm_set_errhandler(s.coll, MPI_ERRORS_RETURN));
+  LOOM_MPI(MPI_Comm_set_errhandler(s.p2p, MPI_ERRORS_RETURN));
+  LOOM_MPI(MPI_Comm_rank(s.coll, &s.rank));
+  LOOM_MPI(MPI_Comm_size(s.coll, &s.size));
+  void* attr = nullptr;
+  int flag = 0;
+  LOOM_MPI(MPI_Comm_get_attr(s.coll, MPI_TAG_UB, &attr, &flag));
+  if (flag && attr) s.tag_ub = *static_cast<int*>(attr);
+}
+
+// Node index of every world rank: from shared-memory islands, or rank / ranks_per_node.
+std::vector<int> detect_world_nodes(int world_rank, int world_size, int ranks_per_node) {
+  std::vector<int> nodes(size_t(world_size), 0);
+  if (ranks_per_node > 0) {
+    for (int i = 0; i < world_size; ++i) nodes[size_t(i)] = i / ranks_per_node;
+    return nodes;
+  }
+  MPI_Comm local = MPI_COMM_NULL;
+  LOOM_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL,
+                               &local));
+  int leader = world_rank;  // lowest world rank on this node names the node
+  LOOM_MPI(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, local));
+  LOOM_MPI(MPI_Comm_free(&local));
+  std::vector<int> leaders(size_t(world_size), 0);
+  LOOM_MPI(MPI_Allgather(&leader, 1, MPI_INT, leaders.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  std::vector<int> distinct = leaders;
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  for (int i = 0; i < world_size; ++i)
+    nodes[size_t(i)] = int(std::lower_bound(distinct.begin(), distinct.end(), leaders[size_t(i)]) -
+                           distinct.begin());
+  return nodes;
+}
+
+}  // namespace
+
+ProcessGroup ProcessGroup::world(const GroupOptions& opts) {
+  int initialised = 0;
+  LOOM_MPI(MPI_Initialized(&initialised));
+  LOOM_CHECK(initialised, "ProcessGroup::world() needs MPI: create a loom::comm::MpiRuntime "
+                          "(init_mpi) at the top of main() first");
+  LOOM_CHECK(opts.ranks_per_node >= 0, "ranks_per_node={} must be >= 0 (0 = detect)",
+             opts.ranks_per_node);
+  auto s = std::make_shared<GroupState>();
+  s->name = "world";
+  s->opts = opts;
+  s->timeout_s = resolve_timeout(opts);
+  LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->coll));
+  LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->p2p));
+  set_comm_basics(*s);
+  s->world_rank = s->rank;
+  s->world_size = s->size;
+  s->world_ranks.resize(size_t(s->size));
+  std::iota(s->world_ranks.begin(), s->world_ranks.end(), 0);
+  s->world_nodes = std::make_shared<const std::vector<int>>(
+      detect_world_nodes(s->world_rank, s->world_size, opts.ranks_per_node));
+  s->member_nodes = *s->world_nodes;
+  return ProcessGroup(std::move(s));
+}
+
+ProcessGroup ProcessGroup::split(const std::vector<std::vector<int>>& partition,
+                                 const std::string& name) const {
+  GroupState& g = st();
+  std::vector<int> owner(size_t(g.size), -1);
+  int color = MPI_UNDEFINED, key = 0;
+  for (size_t set = 0; set < partition.size(); ++set) {
+    for (size_t i = 0; i < partition[set].size(); ++i) {
+      int r = partition[set][i];
+      LOOM_CHECK(r >= 0 && r < g.size,
+                 "{} split '{}': set {} lists rank {} but group '{}' has ranks 0..{}", g.prefix(),
+                 name, set, r, g.name, g.size - 1);
+      LOOM_CHECK(owner[size_t(r)] < 0, "{} split '{}': rank {} is listed in set {} and set {}",
+                 g.prefix(), name, r, owner[size_t(r)], set);
+      owner[size_t(r)] = int(set);
+      if (r == g.rank) {
+        color = int(set);
+        key = int(i);
+      }
+    }
+  }
+  MPI_Comm sub = MPI_COMM_NULL;
+  LOOM_MPI(MPI_Comm_split(g.coll, color, key, &sub));
+  if (color == MPI_UNDEFINED) return ProcessGroup();
+  auto s = std::make_shared<GroupState>();
+  s->coll = sub;
+  LOOM_MPI(MPI_Comm_dup(sub, &s->p2p));
+  s->name = name;
+  s->opts = g.opts;
+  s->timeout_s = g.timeout_s;
+  set_comm_basics(*s);
+  s->world_rank = g.world_rank;
+  s->world_size = g.world_size;
+  s->world_nodes = g.world_nodes;
+  for (int r : partition[size_t(color)]) {
+    int wr = g.world_ranks[size_t(r)];
+    s->world_ranks.push_back(wr);
+    s->member_nodes.push_back((*g.world_nodes)[size_t(wr)]);
+  }
+  LOOM_ASSERT(int(s->world_ranks.size()) == s->size, "split size {} vs MPI size {}",
+              s->world_ranks.size(), s->size);
+  return ProcessGroup(std::move(s));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ProcessGroup: accessors
+
+GroupState& ProcessGroup::st() const {
+  LOOM_CHECK(state_ != nullptr,
+             "operation on a null ProcessGroup (this rank is not a member of the group it was "
+             "given; check the split that produced it)");
+  return *state_;
+}
+
+int ProcessGroup::rank() const { return st().rank; }
+int ProcessGroup::size() const { return st().size; }
+const std::string& ProcessGroup::name() const { return st().name; }
+const std::vector<int>& ProcessGroup::world_ranks() const { return st().world_ranks; }
+int ProcessGroup::world_rank() const { return st().world_rank; }
+int ProcessGroup::world_size() const { return st().world_size; }
+const std::vector<int>& ProcessGroup::member_nodes() const { return st().member_nodes; }
+int ProcessGroup::node() const { return st().member_nodes[size_t(st().rank)]; }
+int ProcessGroup::num_nodes() const {
+  std::vector<int> n = st().member_nodes;
+  std::sort(n.begin(), n.end());
+  return int(std::unique(n.begin(), n.end()) - n.begin());
+}
+int ProcessGroup::local_rank() const {
+  const GroupState& g = st();
+  int me = g.member_nodes[size_t(g.rank)];
+  return int(std::count(g.member_nodes.begin(), g.member_nodes.begin() + g.rank, me));
+}
+int ProcessGroup::local_size() const {
+  const GroupState& g = st();
+  return int(std::count(g.member_nodes.begin(), g.member_nodes.end(), g.member_nodes[size_t(g.rank)]));
+}
+double ProcessGroup::timeout_s() const { return st().timeout_s; }
+void ProcessGroup::set_timeout(double seconds) const {
+  LOOM_CHECK(seconds > 0, "{} timeout {} s must be > 0", st().prefix(), seconds);
+  st().timeout_s = seconds;
+}
+Algorithm ProcessGroup::algorithm() const { return st().opts.algorithm; }
+void ProcessGroup::set_algorithm(Algorithm a) const { st().opts.algorithm = a; }
+int64_t ProcessGroup::sequence() const { return st().coll_seq; }
+const CommCounters& ProcessGroup::counters() const { return st().counters; }
+void ProcessGroup::reset_counters() const { st().counters = CommCounters{}; }
+std::string ProcessGroup::prefix() const { return st().prefix(); }
+
+// ---------------------------------------------------------------------------------------------
+// ProcessGroup: operations
+
+namespace {
+
+MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::sum ? MPI_SUM : MPI_MAX; }
+
+// Starts bookkeeping shared by every collective: sequence number, counters, algorithm.
+template <typename W>
+std::shared_ptr<W> new_work(const std::shared_ptr<GroupState>& g, CommOp op, const BufferRef& b,
+                            int64_t bytes_sent) {
+  auto w = std::make_shared<W>();
+  w->group = g;
+  w->op = op;
+  w->count = b.count;
+  w->dtype = b.dtype;
+  w->seq = ++g->coll_seq;
+  g->counters[op].calls += 1;
+  g->counters[op].bytes += bytes_sent;
+  return w;
+}
+
+Work launch(const std::shared_ptr<GroupState>& g, std::shared_ptr<WorkState> w) {
+  g->pending.push_back(w);
+  g->progress_pending();  // start right away (ring: post the first step)
+  return Work(std::move(w));
+}
+
+void check_buffer(const GroupState& g, CommOp op, const BufferRef& b, const char* what) {
+  LOOM_CHECK(b.count >= 0, "{} {}: {} has negative count {}", g.prefix(), comm_op_name(op), what,
+             b.count);
+  LOOM_CHECK(b.count == 0 || b.data != nullptr, "{} {}: {} of {} elements has a null pointer",
+             g.prefix(), comm_op_name(op), what, b.count);
+}
+
+Algorithm pick(const GroupState& g, CommOp op, int64_t bytes) {
+  Algorithm a = g.opts.algorithm;
+  return a == Algorithm::auto_select ? choose_algorithm(op, bytes, g.size) : a;
+}
+
+// Open MPI 4.1's AVX reduction component sums MPI_UINT8_T/MPI_INT8_T with saturating adds
+// (measured: 167 + 167 gives 255, not 78), while loom's contract is wrap-around. 8-bit sums
+// therefore always take the ring, whose kernel wraps.
+Algorithm pick_reduction(const GroupState& g, CommOp op, int64_t bytes, DType t, ReduceOp rop) {
+  if (rop == ReduceOp::sum && (t == DType::u8 || t == DType::i8)) return Algorithm::ring;
+  return pick(g, op, bytes);
+}
+
+// Moves bookkeeping from a prepared RequestWork to a ring work and launches it.
+Work launch_ring(const std::shared_ptr<GroupState>& g, const std::shared_ptr<RequestWork>& w,
+                 const detail::RingPlan& plan) {
+  auto ring = detail::make_ring_work(g, plan);
+  ring->group = w->group;
+  ring->op = w->op;
+  ring->count = w->count;
+  ring->dtype = w->dtype;
+  ring->seq = w->seq;
+  ring->algorithm = w->algorithm;
+  ring->keep.insert(ring->keep.end(), w->keep.begin(), w->keep.end());
+  ring->on_complete = std::move(w->on_complete);
+  return launch(g, ring);
+}
+
+// A completed work carrying a sequence number (w == 1 or empty buffers).
+Work finished(std::shared_ptr<WorkState> w) {
+  w->done = true;
+  w->keep.clear();
+  return Work(std::move(w));
+}
+
+}  // namespace
+
+Work ProcessGroup::all_reduce(BufferRef buf, ReduceOp op) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::all_reduce, buf, "buffer");
+  auto off = detail::balanced_offsets(buf.count, g.size);
+  int64_t es = int64_t(dtype_size(buf.dtype));
+  int64_t sent = g.size > 1 ? (2 * buf.count - (off[size_t(g.rank) + 1] - off[size_t(g.rank)]) -
+                               (off[size_t((g.rank + 1) % g.size) + 1] - off[size_t((g.rank + 1) % g.size)])) * es
+                            : 0;
+  auto w = new_work<RequestWork>(state_, CommOp::all_reduce, buf, sent);
+  if (g.size == 1 || buf.count == 0) return finished(w);
+  if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
+
+  // bf16: reduce an f32 copy and round once at the end.
+  void* data = buf.data;
+  DType dt = buf.dtype;
+  if (dt == DType::bf16) {
+    Tensor stage = g.workspace(buf.count * 4);  // (N) f32
+    convert_bf16_to_f32(static_cast<const bf16*>(buf.data), static_cast<float*>(stage.raw()),
+                        size_t(buf.count));
+    data = stage.raw();
+    dt = DType::f32;
+    void* out = buf.data;
+    int64_t n = buf.count;
+    w->on_complete.push_back([stage, out, n] {
+      convert_f32_to_bf16(static_cast<const float*>(stage.raw()), static_cast<bf16*>(out), size_t(n));
+    });
+    w->keep.push_back(stage);
+  }
+  w->algorithm = pick_reduction(g, CommOp::all_reduce, int64_t(buf.nbytes()), buf.dtype, op);
+  if (w->algorithm == Algorithm::ring) {
+    detail::RingPlan plan;
+    plan.rs_in = data;
+    plan.rs_out = static_cast<char*>(data) + off[size_t(g.rank)] * int64_t(dtype_size(dt));
+    plan.ag_buf = data;
+    plan.offsets = off;
+    plan.dtype = dt;
+    plan.op = op;
+    return launch_ring(state_, w, plan);
+  }
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Iallreduce(MPI_IN_PLACE, data, mpi_count(buf.count, g, CommOp::all_reduce),
+                          mpi_transport_type(dt), mpi_op(op), g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+
+Work ProcessGroup::reduce_scatter(BufferRef input, BufferRef output, ReduceOp op) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::reduce_scatter, input, "input");
+  check_buffer(g, CommOp::reduce_scatter, output, "output");
+  LOOM_CHECK(input.dtype == output.dtype, "{} reduce_scatter: input {} and output {} dtypes differ",
+             g.prefix(), dtype_name(input.dtype), dtype_name(output.dtype));
+  LOOM_CHECK(input.count == int64_t(g.size) * output.count,
+             "{} reduce_scatter: input has {} elements but must be group size {} x output {} = {}",
+             g.prefix(), input.count, g.size, output.count, int64_t(g.size) * output.count);
+  int64_t n = output.count;
+  int64_t es = int64_t(dtype_size(input.dtype));
+  auto w = new_work<RequestWork>(state_, CommOp::reduce_scatter, input, (g.size - 1) * n * es);
+  if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
+  if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
+  if (n == 0) return finished(w);
+
+  const void* in = input.data;
+  void* out = output.data;
+  DType dt = input.dtype;
+  if (dt == DType::bf16) {
+    Tensor stage_in = g.workspace(input.count * 4);  // (w*n) f32
+    Tensor stage_out = g.workspace(n * 4);           // (n) f32
+    convert_bf16_to_f32(static_cast<const bf16*>(input.data), static_cast<float*>(stage_in.raw()),
+                        size_t(input.count));
+    in = stage_in.raw();
+    out = stage_out.raw();
+    dt = DType::f32;
+    void* user_out = output.data;
+    w->on_complete.push_back([stage_out, user_out, n] {
+      convert_f32_to_bf16(static_cast<const float*>(stage_out.raw()), static_cast<bf16*>(user_out),
+                          size_t(n));
+    });
+    w->keep.push_back(stage_in);
+    w->keep.push_back(stage_out);
+  }
+  w->algorithm = g.size == 1 ? Algorithm::ring
+                              : pick_reduction(g, CommOp::reduce_scatter, int64_t(input.nbytes()),
+                                               input.dtype, op);
+  if (w->algorithm == Algorithm::ring) {
+    detail::RingPlan plan;
+    plan.rs_in = in;
+    plan.rs_out = out;
+    plan.offsets.resize(size_t(g.size) + 1);
+    for (int j = 0; j <= g.size; ++j) plan.offsets[size_t(j)] = j * n;
+    plan.dtype = dt;
+    plan.op = op;
+    return launch_ring(state_, w, plan);
+  }
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Ireduce_scatter_block(in, out, mpi_count(n, g, CommOp::reduce_scatter),
+                                     mpi_transport_type(dt), mpi_op(op), g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::all_gather(BufferRef input, BufferRef output) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::all_gather, input, "input");
+  check_buffer(g, CommOp::all_gather, output, "output");
+  LOOM_CHECK(input.dtype == output.dtype, "{} all_gather: input {} and output {} dtypes differ",
+             g.prefix(), dtype_name(input.dtype), dtype_name(output.dtype));
+  LOOM_CHECK(output.count == int64_t(g.size) * input.count,
+             "{} all_gather: output has {} elements but must be group size {} x input {} = {}",
+             g.prefix(), output.count, g.size, input.count, int64_t(g.size) * input.count);
+  int64_t n = input.count;
+  int64_t es = int64_t(dtype_size(input.dtype));
+  auto w = new_work<RequestWork>(state_, CommOp::all_gather, input, (g.size - 1) * n * es);
+  if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
+  if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
+  if (n == 0) return finished(w);
+  char* own_slot = static_cast<char*>(output.data) + g.rank * n * es;
+  bool in_place = input.data == own_slot;
+  w->algorithm = pick(g, CommOp::all_gather, int64_t(output.nbytes()));
+  if (w->algorithm == Algorithm::ring || g.size == 1) {
+    w->algorithm = Algorithm::ring;
+    if (!in_place) std::memmove(own_slot, input.data, size_t(n * es));
+    detail::RingPlan plan;
+    plan.ag_buf = output.data;
+    plan.offsets.resize(size_t(g.size) + 1);
+    for (int j = 0; j <= g.size; ++j) plan.offsets[size_t(j)] = j * n;
+    plan.dtype = input.dtype;
+    return launch_ring(state_, w, plan);
+  }
+  MPI_Datatype t = mpi_transport_type(input.dtype);
+  int c = mpi_count(n, g, CommOp::all_gather);
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Iallgather(in_place ? MPI_IN_PLACE : input.data, c, t, output.data, c, t, g.coll,
+                          &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::all_to_all(BufferRef input, BufferRef output) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::all_to_all, input, "input");
+  check_buffer(g, CommOp::all_to_all, output, "output");
+  LOOM_CHECK(input.dtype == output.dtype && input.count == output.count &&
+                 input.count % g.size == 0,
+             "{} all_to_all: input ({} x {}) and output ({} x {}) must have the same dtype and "
+             "the same count, a multiple of group size {}",
+             g.prefix(), input.count, dtype_name(input.dtype), output.count,
+             dtype_name(output.dtype), g.size);
+  int64_t n = input.count / g.size;
+  int64_t es = int64_t(dtype_size(input.dtype));
+  auto w = new_work<RequestWork>(state_, CommOp::all_to_all, input, (g.size - 1) * n * es);
+  if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
+  if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
+  if (n == 0) return finished(w);
+  MPI_Datatype t = mpi_transport_type(input.dtype);
+  int c = mpi_count(n, g, CommOp::all_to_all);
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Ialltoall(input.data, c, t, output.data, c, t, g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::all_to_all_v(BufferRef input, const std::vector<int64_t>& send_counts,
+                                BufferRef output, const std::vector<int64_t>& recv_counts) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::all_to_all_v, input, "input");
+  check_buffer(g, CommOp::all_to_all_v, output, "output");
+  LOOM_CHECK(input.dtype == output.dtype, "{} all_to_all_v: input {} and output {} dtypes differ",
+             g.prefix(), dtype_name(input.dtype), dtype_name(output.dtype));
+  LOOM_CHECK(send_counts.size() == size_t(g.size) && recv_counts.size() == size_t(g.size),
+             "{} all_to_all_v: send_counts ({}) and recv_counts ({}) need one entry per rank ({})",
+             g.prefix(), send_counts.size(), recv_counts.size(), g.size);
+  std::vector<int> sc(size_t(g.size)), rc(size_t(g.size)), sd(size_t(g.size)), rd(size_t(g.size));
+  int64_t s_total = 0, r_total = 0, sent = 0;
+  for (int j = 0; j < g.size; ++j) {
+    LOOM_CHECK(send_counts[size_t(j)] >= 0 && recv_counts[size_t(j)] >= 0,
+               "{} all_to_all_v: negative count for rank {}", g.prefix(), j);
+    sd[size_t(j)] = mpi_count(s_total, g, CommOp::all_to_all_v);
+    rd[size_t(j)] = mpi_count(r_total, g, CommOp::all_to_all_v);
+    sc[size_t(j)] = mpi_count(send_counts[size_t(j)], g, CommOp::all_to_all_v);
+    rc[size_t(j)] = mpi_count(recv_counts[size_t(j)], g, CommOp::all_to_all_v);
+    s_total += send_counts[size_t(j)];
+    r_total += recv_counts[size_t(j)];
+    if (j != g.rank) sent += send_counts[size_t(j)];
+  }
+  LOOM_CHECK(s_total == input.count && r_total == output.count,
+             "{} all_to_all_v: send_counts sum to {} but input has {}; recv_counts sum to {} but "
+             "output has {}",
+             g.prefix(), s_total, input.count, r_total, output.count);
+  auto w = new_work<RequestWork>(state_, CommOp::all_to_all_v, input,
+                                 sent * int64_t(dtype_size(input.dtype)));
+  if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
+  if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
+  MPI_Datatype t = mpi_transport_type(input.dtype);
+  // MPI reads the count/displacement arrays until completion: they live in the hook.
+  auto arrays = std::make_shared<std::array<std::vector<int>, 4>>(
+      std::array<std::vector<int>, 4>{std::move(sc), std::move(sd), std::move(rc), std::move(rd)});
+  w->on_complete.push_back([arrays] {});
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Ialltoallv(input.data, (*arrays)[0].data(), (*arrays)[1].data(), t, output.data,
+                          (*arrays)[2].data(), (*arrays)[3].data(), t, g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::broadcast(BufferRef buf, int root) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::broadcast, buf, "buffer");
+  LOOM_CHECK(root >= 0 && root < g.size, "{} broadcast root {} is not a rank of group '{}' (0..{})",
+             g.prefix(), root, g.name, g.size - 1);
+  int64_t sent = g.rank == root ? (g.size - 1) * int64_t(buf.nbytes()) : 0;
+  auto w = new_work<RequestWork>(state_, CommOp::broadcast, buf, sent);
+  if (g.size == 1 || buf.count == 0) return finished(w);
+  if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Ibcast(buf.data, mpi_count(buf.count, g, CommOp::broadcast),
+                      mpi_transport_type(buf.dtype), root, g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::barrier() const {
+  GroupState& g = st();
+  auto w = new_work<RequestWork>(state_, CommOp::barrier, BufferRef(nullptr, 0, DType::u8), 0);
+  if (g.size == 1) return finished(w);
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Ibarrier(g.coll, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+namespace {
+std::shared_ptr<RequestWork> new_p2p_work(const std::shared_ptr<GroupState>& g, CommOp op,
+                                          const BufferRef& b, int peer, int tag) {
+  GroupState& s = *g;
+  check_buffer(s, op, b, "buffer");
+  LOOM_CHECK(peer >= 0 && peer < s.size, "{} {}: peer {} is not a rank of group '{}' (0..{})",
+             s.prefix(), comm_op_name(op), peer, s.name, s.size - 1);
+  LOOM_CHECK(tag >= 0 && tag <= s.tag_ub, "{} {}: tag {} must be in 0..{}", s.prefix(),
+             comm_op_name(op), tag, s.tag_ub);
+  auto w = std::make_shared<RequestWork>();
+  w->group = g;
+  w->op = op;
+  w->count = b.count;
+  w->dtype = b.dtype;
+  w->p2p = true;
+  w->peer = peer;
+  w->seq = ++s.p2p_seq;  // per rank: the peers' own sequences need not match
+  s.counters[op].calls += 1;
+  if (op == CommOp::send) s.counters[op].bytes += int64_t(b.nbytes());
+  if (b.keep_alive.defined()) w->keep.push_back(b.keep_alive);
+  w->reqs.resize(1);
+  return w;
+}
+}  // namespace
+
+Work ProcessGroup::isend(BufferRef buf, int dst, int tag) const {
+  auto w = new_p2p_work(state_, CommOp::send, buf, dst, tag);
+  LOOM_MPI(MPI_Isend(buf.data, mpi_count(buf.count, *state_, CommOp::send),
+                     mpi_transport_type(buf.dtype), dst, tag, state_->p2p, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+Work ProcessGroup::irecv(BufferRef buf, int src, int tag) const {
+  auto w = new_p2p_work(state_, CommOp::recv, buf, src, tag);
+  w->expect_recv_count = buf.count;
+  w->recv_type = mpi_transport_type(buf.dtype);
+  LOOM_MPI(MPI_Irecv(buf.data, mpi_count(buf.count, *state_, CommOp::recv), w->recv_type, src, tag,
+                     state_->p2p, &w->reqs[0]));
+  return launch(state_, w);
+}
+
+void ProcessGroup::send(BufferRef buf, int dst, int tag) const { isend(std::move(buf), dst, tag).wait(); }
+void ProcessGroup::recv(BufferRef buf, int src, int tag) const { irecv(std::move(buf), src, tag).wait(); }
+
+}  // namespace loom::comm

@@ -1,0 +1,109 @@
+// tests/unit/parallel/test_topology.cpp: Topology against hand-written group lists.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+
+#include "core/error.h"
+#include "parallel/topology.h"
+
+namespace loom::parallel {
+namespace {
+
+using Groups = std::vector<std::vector<int>>;
+
+TEST(Topology, World8Tp2Dp2Pp2OrderTpDpPp) {
+  // order tp-dp-pp: rank = tp + 2*dp + 4*pp.
+  Topology t(8, {.dp = 2, .tp = 2, .pp = 2}, "tp-dp-pp");
+  EXPECT_EQ(t.all_groups({Axis::tp}), (Groups{{0, 1}, {2, 3}, {4, 5}, {6, 7}}));
+  EXPECT_EQ(t.all_groups({Axis::dp}), (Groups{{0, 2}, {1, 3}, {4, 6}, {5, 7}}));
+  EXPECT_EQ(t.all_groups({Axis::pp}), (Groups{{0, 4}, {1, 5}, {2, 6}, {3, 7}}));
+  EXPECT_EQ(t.all_groups({Axis::cp}), (Groups{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}}));
+  EXPECT_EQ(t.all_groups({Axis::dp, Axis::tp}), (Groups{{0, 1, 2, 3}, {4, 5, 6, 7}}));
+  EXPECT_EQ(t.group_ranks(5, Axis::dp), (std::vector<int>{5, 7}));
+  EXPECT_EQ(t.group_ranks(6, Axis::pp), (std::vector<int>{2, 6}));
+  // rank 6 = tp 0, dp 1, pp 1
+  EXPECT_EQ(t.coord(6, Axis::tp), 0);
+  EXPECT_EQ(t.coord(6, Axis::dp), 1);
+  EXPECT_EQ(t.coord(6, Axis::pp), 1);
+  EXPECT_EQ(t.coord(6, Axis::cp), 0);
+  EXPECT_EQ(t.order(), "tp-dp-pp-cp-ep");
+}
+
+TEST(Topology, MegatronDefaultOrderWithContextParallel) {
+  // world 16, tp2 cp2 dp2 pp2, order tp-cp-ep-dp-pp: rank = tp + 2 cp + 4 dp + 8 pp.
+  Topology t(16, {.dp = 2, .tp = 2, .pp = 2, .cp = 2});
+  EXPECT_EQ(t.group_ranks(0, Axis::cp), (std::vector<int>{0, 2}));
+  EXPECT_EQ(t.group_ranks(0, Axis::dp), (std::vector<int>{0, 4}));
+  EXPECT_EQ(t.group_ranks(0, Axis::pp), (std::vector<int>{0, 8}));
+  EXPECT_EQ(t.dp_cp_ranks(0), (std::vector<int>{0, 2, 4, 6}));
+  EXPECT_EQ(t.dp_cp_ranks(9), (std::vector<int>{9, 11, 13, 15}));
+  EXPECT_EQ(t.all_groups({Axis::dp, Axis::cp}),
+            (Groups{{0, 2, 4, 6}, {1, 3, 5, 7}, {8, 10, 12, 14}, {9, 11, 13, 15}}));
+}
+
+TEST(Topology, CoordinatesRoundTripAndGroupsPartition) {
+  for (const char* order : {"tp-cp-ep-dp-pp", "dp-pp-tp-ep-cp", "pp-ep-cp-tp-dp"}) {
+    Topology t(24, {.dp = 2, .tp = 3, .pp = 2, .cp = 1, .ep = 2}, order);
+    std::set<int> seen;
+    for (int r = 0; r < 24; ++r) {
+      EXPECT_EQ(t.rank_of(t.coords(r)), r);
+      seen.insert(r);
+      for (Axis a : {Axis::dp, Axis::tp, Axis::pp, Axis::cp, Axis::ep}) {
+        auto g = t.group_ranks(r, a);
+        EXPECT_EQ(int(g.size()), t.size(a));
+        EXPECT_TRUE(std::find(g.begin(), g.end(), r) != g.end());
+        // Members differ from r only on axis a, and their a-coordinates are 0..size-1 in order.
+        for (size_t i = 0; i < g.size(); ++i) {
+          EXPECT_EQ(t.coord(g[i], a), int(i));
+          for (Axis b : {Axis::dp, Axis::tp, Axis::pp, Axis::cp, Axis::ep})
+            if (b != a) {
+              EXPECT_EQ(t.coord(g[i], b), t.coord(r, b));
+            }
+        }
+      }
+    }
+    // all_groups is a partition of the world.
+    auto groups = t.all_groups({Axis::tp, Axis::ep});
+    std::vector<int> all;
+    for (auto& g : groups) all.insert(all.end(), g.begin(), g.end());
+    std::sort(all.begin(), all.end());
+    for (int r = 0; r < 24; ++r) EXPECT_EQ(all[size_t(r)], r);
+    EXPECT_EQ(groups.size(), 24u / 6u);
+  }
+}
+
+std::string error_of(auto&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Topology, ValidationErrorsListValidValues) {
+  std::string m = error_of([] { Topology(8, {.tp = 3}); });
+  EXPECT_NE(m.find("tp=3 does not divide world 8; valid tp for world 8: 1, 2, 4, 8"), std::string::npos) << m;
+  m = error_of([] { Topology(16, {.dp = 2, .tp = 2, .pp = 2}); });
+  EXPECT_NE(m.find("= 8 but the world has 16 ranks"), std::string::npos) << m;
+  EXPECT_NE(m.find("choose dp=4"), std::string::npos) << m;
+  m = error_of([] { Topology(8, {.dp = 2, .tp = 2, .pp = 2}, "tp-dp-xx"); });
+  EXPECT_NE(m.find("'xx' is not an axis"), std::string::npos) << m;
+  m = error_of([] { Topology(8, {.dp = 2, .tp = 2, .pp = 2}, "tp-dp-tp"); });
+  EXPECT_NE(m.find("names axis tp twice"), std::string::npos) << m;
+  m = error_of([] { Topology(8, {.dp = 2, .tp = 2, .pp = 2}, "tp-dp"); });
+  EXPECT_NE(m.find("omits axis pp but pp=2"), std::string::npos) << m;
+  m = error_of([] { Topology(8, {.dp = 0, .tp = 8}); });
+  EXPECT_NE(m.find("dp=0 must be >= 1"), std::string::npos) << m;
+  EXPECT_THROW(Topology(4, {.dp = 4}).coord(4, Axis::dp), Error);
+}
+
+TEST(Topology, SingleRank) {
+  Topology t(1, {});
+  EXPECT_EQ(t.group_ranks(0, Axis::tp), (std::vector<int>{0}));
+  EXPECT_EQ(t.describe(), "world 1 = dp1 x tp1 x pp1 x cp1 x ep1, order tp-cp-ep-dp-pp");
+}
+
+}  // namespace
+}  // namespace loom::parallel
