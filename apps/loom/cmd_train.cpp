@@ -1,5 +1,12 @@
-// `loom train --config T.toml [--steps N] [--out DIR] [--resume DIR] [--set key=value ...]`
+// `loom train --config T.toml [--steps N] [--out DIR] [--resume DIR] [--set key=value ...]
+//  [--dp N] [--zero 0|1] [--bucket-mb X]`. Under mpirun every rank runs this; loom detects the
+// launcher and trains data parallel over all ranks.
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
+
+#include "comm/mpi_runtime.h"
+#include "comm/process_group.h"
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
@@ -13,7 +20,15 @@ struct TrainOptions {
   std::string out;
   std::string resume;
   std::vector<std::string> sets;
+  int64_t dp = -1, zero = -1;
+  double bucket_mb = -1;
 };
+
+// True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
+bool launched_by_mpi() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
+         std::getenv("PMIX_RANK");
+}
 
 void add_train(CLI::App& root, loom::cli::Context& ctx) {
   auto opts = std::make_shared<TrainOptions>();
@@ -25,6 +40,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "checkpoint.dir)");
   sub->add_option("--resume", opts->resume, "continue from this checkpoint directory");
   sub->add_option("--set", opts->sets, "override a config key: section.key=value (repeatable)");
+  sub->add_option("--dp", opts->dp, "data-parallel size (must equal the number of ranks)");
+  sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
+  sub->add_option("--bucket-mb", opts->bucket_mb, "gradient all-reduce bucket size (MiB)");
   sub->callback([opts, &ctx] {
     std::vector<std::string> sets = opts->sets;
     if (opts->steps >= 0) sets.push_back("train.steps=" + std::to_string(opts->steps));
@@ -32,8 +50,22 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
       sets.push_back("log.dir=\"" + opts->out + "\"");
       sets.push_back("checkpoint.dir=\"" + opts->out + "/ckpt\"");
     }
+    if (opts->dp >= 0) sets.push_back("parallel.dp=" + std::to_string(opts->dp));
+    if (opts->zero >= 0) sets.push_back("parallel.zero=" + std::to_string(opts->zero));
+    if (opts->bucket_mb > 0) sets.push_back("parallel.bucket_mb=" + std::to_string(opts->bucket_mb));
     loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets);
-    loom::train::StepStats s = loom::train::run_training(cfg, opts->resume);
+    std::unique_ptr<loom::comm::MpiRuntime> mpi;
+    loom::comm::ProcessGroup world;
+    if (launched_by_mpi()) {
+      mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
+      world = loom::comm::ProcessGroup::world();
+    }
+    loom::train::StepStats s =
+        loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);
+    if (world.valid() && world.rank() != 0) {
+      ctx.exit_code = 0;
+      return;
+    }
     nlohmann::json out = {{"step", s.step},
                           {"loss", s.loss},
                           {"tokens_per_s", s.tokens_per_s},

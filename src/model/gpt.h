@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -27,6 +28,8 @@
 #include "model/params.h"
 
 namespace loom::model {
+
+struct BlockStash;  // model/block.h
 
 enum class Precision { f32, bf16 };
 enum class Recompute { none, selective, full };
@@ -74,7 +77,12 @@ class Gpt {
 
   MemoryPool& pool() const { return pool_; }
 
-  struct Stash;  // per-block saved activations (defined in gpt.cpp)
+  // Called during forward_backward each time a contiguous range [begin, end) of grads() has
+  // received this micro-batch's last contribution, in backward order (query layer, final norm,
+  // blocks L-1..0, embeddings), so data parallelism can start reducing it while backward goes
+  // on. The ranges tile [0, layout().total()).
+  using GradReadyHook = std::function<void(int64_t begin, int64_t end)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
 
  private:
   void check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_stride) const;
@@ -88,8 +96,9 @@ class Gpt {
   Precision precision_;
   Tensor weights_, grads_, weights_lp_;
   std::vector<Recompute> recompute_;
-  std::vector<std::unique_ptr<Stash>> stashes_;  // L blocks + query layer
+  std::vector<std::unique_ptr<BlockStash>> stashes_;  // L blocks + query layer
   Tensor final_in_, final_out_, final_mean_, final_rstd_;
+  GradReadyHook grad_ready_;
 };
 
 }  // namespace loom::model

@@ -26,6 +26,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
                  "warmup_steps", "decay_steps"}},
       {"checkpoint", {"dir", "every"}},
       {"log", {"dir", "every"}},
+      {"parallel", {"dp", "zero", "bucket_mb"}},
   };
   return s;
 }
@@ -198,6 +199,16 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
   get_str("checkpoint", "dir", c.checkpoint_dir);
   get_int("checkpoint", "every", c.checkpoint_every, 0);
+  get_int("parallel", "dp", c.dp, 0);
+  get_int("parallel", "zero", c.zero, 0);
+  LOOM_CHECK(c.zero <= 1,
+             "{}: parallel.zero = {} is not available yet; choose 0 (replicated optimizer) or 1 "
+             "(optimizer state sharded over dp)", path, c.zero);
+  if (auto node = tbl["parallel"]["bucket_mb"]) {
+    LOOM_CHECK(node.is_number() && *node.value<double>() > 0,
+               "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
+    c.bucket_mb = *node.value<double>();
+  }
   get_str("log", "dir", c.log_dir);
   get_int("log", "every", c.log_every, 1);
   return c;

@@ -8,6 +8,7 @@
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
+//   [parallel] dp, zero, bucket_mb   (train.batch is per data-parallel rank)
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
 // allowed ones.
 #pragma once
@@ -45,6 +46,11 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;
   std::string log_dir = "runs/default";
   int64_t log_every = 1;
+  // [parallel]: data parallel size (0 = the world size), ZeRO stage (0: replicated optimizer,
+  // 1: optimizer state sharded over dp, MindSpore's "optimizer parallel"), gradient bucket size.
+  int64_t dp = 0;
+  int64_t zero = 0;
+  double bucket_mb = 4.0;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value" or "model=path"), validates.

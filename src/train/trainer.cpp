@@ -13,27 +13,43 @@
 #include "data/token_stream.h"
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/matmul.h"
+#include "train/plot.h"
 
 namespace fs = std::filesystem;
 
 namespace loom::train {
 
-Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool) : cfg_(cfg), pool_(pool) {
+Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp)
+    : cfg_(cfg), pool_(pool), dp_(dp && dp->size() > 1 ? dp : nullptr) {
   model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision);
   model_->set_recompute(cfg_.recompute);
-  optimizer_ = std::make_unique<optim::AdamW>(model_->layout(), cfg_.optim, pool_);
+  const int64_t total = model_->layout().total();
+  int64_t begin = 0, end = total;
+  if (cfg_.zero >= 1 && dp_) {
+    // Equal shards of the flat buffer (the last may be shorter or empty).
+    const int64_t shard = (total + dp_size() - 1) / dp_size();
+    begin = std::min(total, shard * dp_rank());
+    end = std::min(total, begin + shard);
+  }
+  optimizer_ = std::make_unique<optim::AdamW>(model_->layout(), cfg_.optim, pool_, begin, end);
   tokens_.resize(size_t(cfg_.batch * (cfg_.seq + 1)));
 }
 
 Trainer::~Trainer() = default;
 
 std::unique_ptr<data::TokenStream> Trainer::make_stream(const std::string& split) const {
+  // Training windows: dp rank r takes windows k = r (mod dp) of the group's sequence, so the dp
+  // ranks together see exactly the windows a single rank would see with dp times the batch.
+  // Validation is the same on every rank.
   if (cfg_.data_source == "synthetic") {
-    // The held-out stream is the same Markov chain drawn from another position of the sequence
-    // space: a different dp "rank" far from any training rank.
-    int rank = split == "train" ? 0 : 1;
-    return data::make_synthetic_stream(cfg_.model.vocab, cfg_.data_seed, rank, 2);
+    // The synthetic sequence is interleaved 2 ways: even windows train, odd windows validate.
+    if (split == "train")
+      return data::make_synthetic_stream(cfg_.model.vocab, cfg_.data_seed, 2 * dp_rank(),
+                                         2 * dp_size());
+    return data::make_synthetic_stream(cfg_.model.vocab, cfg_.data_seed, 1, 2);
   }
+  if (split == "train")
+    return data::open_shard_stream(cfg_.data_path, split, cfg_.data_seed, dp_rank(), dp_size());
   return data::open_shard_stream(cfg_.data_path, split, cfg_.data_seed, 0, 1);
 }
 
@@ -53,7 +69,9 @@ void Trainer::resume(const std::string& dir) {
   r.load_weights(model_->layout(), model_->weights());
   model_->sync_low_precision_weights();
   if (r.has_optimizer()) {
-    int64_t s = r.load_optimizer(model_->layout(), optimizer_->m(), optimizer_->v());
+    // Each rank reads only its shard: a checkpoint from any dp/zero layout loads at any other.
+    int64_t s = r.load_optimizer(model_->layout(), optimizer_->m(), optimizer_->v(),
+                                 optimizer_->begin(), optimizer_->end());
     optimizer_->set_step_count(s);
   }
   train_stream_ = make_stream("train");
@@ -64,31 +82,85 @@ StepStats Trainer::train_step() {
   LOOM_CHECK(train_stream_ != nullptr, "train_step() before init_fresh() or resume()");
   auto t0 = std::chrono::steady_clock::now();
   const int64_t B = cfg_.batch, T = cfg_.seq, M = cfg_.micro_batches;
-  const float grad_scale = 1.0f / float(B * T * M);
+  const float grad_scale = 1.0f / float(B * T * M * dp_size());
   model_->zero_grads();
-  double loss_sum = 0;
-  int64_t count = 0;
+  double loss[2] = {0, 0};  // summed loss, counted tokens
   for (int64_t mb = 0; mb < M; ++mb) {
     train_stream_->next_batch(tokens_.data(), nullptr, B, T);
+    // Gradients are final only during the last micro-batch's backward: reduce them then.
+    if (dp_ && mb == M - 1)
+      model_->set_grad_ready_hook([this](int64_t b, int64_t e) { reduce_gradients_start(b, e); });
     model::LossSum l = model_->forward_backward(tokens_.data(), B, T, grad_scale);
-    loss_sum += l.sum;
-    count += l.count;
+    model_->set_grad_ready_hook(nullptr);
+    loss[0] += l.sum;
+    loss[1] += double(l.count);
+  }
+  if (dp_) {
+    if (bucket_lo_ >= 0) {
+      pending_.push_back(dp_->all_reduce(
+          comm::BufferRef(model_->grads() + bucket_lo_, bucket_hi_ - bucket_lo_, DType::f32)));
+      bucket_lo_ = bucket_hi_ = -1;
+    }
+    for (auto& w : pending_) w.wait();
+    pending_.clear();
+    dp_->all_reduce(comm::BufferRef(loss, 2, DType::f64)).wait();
   }
   const int64_t n = model_->layout().total();
+  // After the all-reduce every rank holds the same full gradient, hence the same norm.
   double norm = std::sqrt(kernels::sum_squares(model_->grads(), n));
   float factor = cfg_.optim.clip > 0 ? kernels::clip_factor(norm, cfg_.optim.clip) : 1.0f;
   StepStats s;
   s.lr = optim::lr_at(cfg_.optim, optimizer_->step_count() + 1);
   optimizer_->step(model_->weights(), model_->grads(), factor);
+  if (dp_ && cfg_.zero >= 1) broadcast_weight_shards();
   model_->sync_low_precision_weights();
   s.step = optimizer_->step_count();
-  s.loss = count ? loss_sum / double(count) : 0.0;
+  s.loss = loss[1] > 0 ? loss[0] / loss[1] : 0.0;
   s.grad_norm = norm;
   s.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  double tokens = double(B * T * M);
+  double tokens = double(B * T * M * dp_size());
   s.tokens_per_s = tokens / s.step_s;
   s.gflops = cfg_.model.train_flops_per_token(T) * tokens / s.step_s / 1e9;
   return s;
+}
+
+void Trainer::reduce_gradients_start(int64_t begin, int64_t end) {
+  // Ranges arrive back to front and tile the buffer, so a bucket grows downwards.
+  if (bucket_lo_ < 0) {
+    bucket_lo_ = begin;
+    bucket_hi_ = end;
+  } else {
+    LOOM_ASSERT(end == bucket_lo_, "gradient range [{}, {}) does not continue bucket [{}, {})",
+                begin, end, bucket_lo_, bucket_hi_);
+    bucket_lo_ = begin;
+  }
+  const int64_t bucket_elems = std::max<int64_t>(1, int64_t(cfg_.bucket_mb * (1 << 20) / 4));
+  if (bucket_hi_ - bucket_lo_ >= bucket_elems) {
+    pending_.push_back(dp_->all_reduce(
+        comm::BufferRef(model_->grads() + bucket_lo_, bucket_hi_ - bucket_lo_, DType::f32)));
+    bucket_lo_ = bucket_hi_ = -1;
+  }
+  // MPI progresses only inside MPI calls: poke the reductions in flight between layers.
+  for (auto& w : pending_) w.test();
+}
+
+void Trainer::broadcast_weight_shards() {
+  const int64_t total = model_->layout().total();
+  const int64_t shard = (total + dp_size() - 1) / dp_size();
+  std::vector<comm::Work> works;
+  for (int r = 0; r < dp_size(); ++r) {
+    int64_t lo = std::min(total, shard * r), hi = std::min(total, lo + shard);
+    if (hi > lo)
+      works.push_back(dp_->broadcast(comm::BufferRef(model_->weights() + lo, hi - lo, DType::f32), r));
+  }
+  for (auto& w : works) w.wait();
+}
+
+bool Trainer::any_rank(bool flag) const {
+  if (!dp_) return flag;
+  int32_t v = flag ? 1 : 0;
+  dp_->all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
+  return v != 0;
 }
 
 double Trainer::eval_loss(int64_t batches) {
@@ -115,18 +187,60 @@ void Trainer::save(const std::string& dir) {
                           {"precision", cfg_.precision == model::Precision::bf16 ? "bf16" : "f32"},
                           {"config_file", cfg_.source_path}};
   checkpoint::OptimizerState opt;
-  // The optimizer covers the whole flat buffer here, so m/v index like the weights.
-  opt.m = optimizer_->m();
-  opt.v = optimizer_->v();
   opt.step = optimizer_->step_count();
+  Tensor full_m, full_v;
+  if (dp_ && cfg_.zero >= 1) {
+    // Gather the optimizer shards on rank 0 (the checkpoint holds logical, unsharded tensors).
+    const int64_t total = model_->layout().total();
+    const int64_t shard = (total + dp_size() - 1) / dp_size();
+    if (dp_rank() == 0) {
+      full_m = Tensor::empty({total}, DType::f32, pool_, MemCategory::workspace);
+      full_v = Tensor::empty({total}, DType::f32, pool_, MemCategory::workspace);
+      for (int r = 0; r < dp_size(); ++r) {
+        int64_t lo = std::min(total, shard * r), hi = std::min(total, lo + shard);
+        if (hi <= lo) continue;
+        if (r == 0) {
+          std::copy(optimizer_->m(), optimizer_->m() + (hi - lo), full_m.data<float>() + lo);
+          std::copy(optimizer_->v(), optimizer_->v() + (hi - lo), full_v.data<float>() + lo);
+        } else {
+          dp_->recv(comm::BufferRef(full_m.data<float>() + lo, hi - lo, DType::f32), r, 11);
+          dp_->recv(comm::BufferRef(full_v.data<float>() + lo, hi - lo, DType::f32), r, 12);
+        }
+      }
+    } else if (optimizer_->end() > optimizer_->begin()) {
+      const int64_t len = optimizer_->end() - optimizer_->begin();
+      dp_->send(comm::BufferRef(optimizer_->m(), len, DType::f32), 0, 11);
+      dp_->send(comm::BufferRef(optimizer_->v(), len, DType::f32), 0, 12);
+    }
+    opt.m = full_m.defined() ? full_m.data<float>() : nullptr;
+    opt.v = full_v.defined() ? full_v.data<float>() : nullptr;
+  } else {
+    // The optimizer covers the whole flat buffer, so m/v index like the weights.
+    opt.m = optimizer_->m();
+    opt.v = optimizer_->v();
+  }
+  state["dp"] = dp_size();
+  state["zero"] = cfg_.zero;
   // The tokenizer travels with the checkpoint so `loom generate` can decode without the data.
   std::string tokenizer_dir = cfg_.data_path + "/tokenizer";
   auto copy_tokenizer = [&](const std::string& tmp) {
     if (cfg_.data_source == "shards" && fs::is_directory(tokenizer_dir))
       fs::copy(tokenizer_dir, tmp + "/tokenizer", fs::copy_options::recursive);
   };
-  checkpoint::save_checkpoint(dir, cfg_.model, model_->layout(), model_->weights(), opt, state,
-                              copy_tokenizer);
+  // One writer; the others wait so nobody reads a checkpoint before it exists.
+  std::string error;
+  if (dp_rank() == 0) {
+    try {
+      checkpoint::save_checkpoint(dir, cfg_.model, model_->layout(), model_->weights(), opt,
+                                  state, copy_tokenizer);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (any_rank(!error.empty())) {
+    LOOM_CHECK(error.empty(), "saving checkpoint '{}' failed: {}", dir, error);
+    LOOM_FAIL("saving checkpoint '{}' failed on dp rank 0 (see its log)", dir);
+  }
 }
 
 namespace {
@@ -134,23 +248,38 @@ volatile std::sig_atomic_t g_stop_signal = 0;
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 }  // namespace
 
-StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
-  if (cfg.threads > 0) set_num_threads(int(cfg.threads));
+StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
+                       const comm::ProcessGroup* world) {
+  const int world_size = world ? world->size() : 1;
+  LOOM_CHECK(cfg.dp == 0 || cfg.dp == world_size,
+             "parallel.dp = {} but {} ranks were launched; loom runs data parallel over every "
+             "rank here: use dp = {} (or 0), or launch dp ranks (mpirun -np {})",
+             cfg.dp, world_size, world_size, cfg.dp);
+  const bool leader = !world || world->rank() == 0;
+  if (world && world_size > 1) {
+    set_log_rank(world->rank(), world_size);
+    if (!leader) set_log_level(LogLevel::warn);
+  }
+  set_num_threads(cfg.threads > 0 ? int(cfg.threads)
+                                  : default_num_threads(world ? world->local_size() : 1));
   MemoryPool pool;
-  Trainer trainer(cfg, pool);
+  Trainer trainer(cfg, pool, world);
   if (resume_dir.empty()) {
     trainer.init_fresh();
   } else {
     trainer.resume(resume_dir);
     LOOM_LOG_INFO("resumed from {} at step {}", resume_dir, trainer.step());
   }
-  fs::create_directories(cfg.log_dir);
-  std::ofstream metrics(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc
-                                                                           : std::ios::app);
-  LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
+  std::ofstream metrics;
+  if (leader) {
+    fs::create_directories(cfg.log_dir);
+    metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
+    LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
+  }
   const double peak = kernels::measure_matmul_peak_gflops(cfg.precision == model::Precision::bf16);
-  LOOM_LOG_INFO("model {}: {} parameters, {} threads, matmul peak {:.0f} GFLOP/s ({})",
-                cfg.model.name, cfg.model.num_params(), num_threads(), peak,
+  LOOM_LOG_INFO("model {}: {} parameters, dp {} (zero {}), {} threads per rank, matmul peak "
+                "{:.0f} GFLOP/s per rank ({})",
+                cfg.model.name, cfg.model.num_params(), world_size, cfg.zero, num_threads(), peak,
                 cfg.precision == model::Precision::bf16 ? "bf16" : "f32");
 
   auto old_int = std::signal(SIGINT, on_stop_signal);
@@ -163,35 +292,43 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() >=
                cfg.time_limit_s;
   };
-  while (trainer.step() < cfg.steps && !g_stop_signal && !out_of_time()) {
+  // Every rank must stop at the same step (their collectives must match): they agree each step.
+  bool stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
+  while (trainer.step() < cfg.steps && !stop) {
     pool.reset_peaks();
+    if (world) world->reset_counters();
     last = trainer.train_step();
-    nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
-                        {"lr", last.lr},              {"grad_norm", last.grad_norm},
-                        {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
-                        {"gflops", last.gflops},      {"peak_fraction", last.gflops / peak}};
-    nlohmann::json mem;
-    for (size_t c = 0; c < kNumMemCategories; ++c)
-      mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
-    m["peak_bytes"] = mem;
-    bool eval_now = cfg.eval_every > 0 && (last.step % cfg.eval_every == 0 ||
-                                           last.step == cfg.steps || out_of_time());
-    if (eval_now) m["val_loss"] = trainer.eval_loss(cfg.eval_batches);
-    metrics << m.dump() << "\n";
-    metrics.flush();
-    if (last.step % cfg.log_every == 0 || last.step == cfg.steps) {
+    stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
+    bool eval_now = cfg.eval_every > 0 &&
+                    (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
+    double val = eval_now ? trainer.eval_loss(cfg.eval_batches) : 0.0;
+    if (leader) {
+      nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
+                          {"lr", last.lr},              {"grad_norm", last.grad_norm},
+                          {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
+                          {"gflops", last.gflops},      {"peak_fraction", last.gflops / peak / world_size}};
+      nlohmann::json mem;
+      for (size_t c = 0; c < kNumMemCategories; ++c)
+        mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
+      m["peak_bytes"] = mem;
+      if (world) m["comm_bytes"] = nlohmann::json::parse(world->counters().to_json());
+      if (eval_now) m["val_loss"] = val;
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
+    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || eval_now) {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
       double eta = elapsed / double(last.step - first) * double(cfg.steps - last.step);
+      if (cfg.time_limit_s > 0) eta = std::min(eta, std::max(0.0, cfg.time_limit_s - elapsed));
       LOOM_LOG_INFO("step {:>5}/{} loss {:.4f}{} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} "
                     "GFLOP/s ({:.0f}% of peak) act {:.1f} MiB eta {:.0f}s",
-                    last.step, cfg.steps, last.loss,
-                    eval_now ? fmt::format(" val {:.4f}", m["val_loss"].get<double>()) : "",
+                    last.step, cfg.steps, last.loss, eval_now ? fmt::format(" val {:.4f}", val) : "",
                     last.lr, last.grad_norm, last.tokens_per_s, last.gflops,
-                    100.0 * last.gflops / peak,
+                    100.0 * last.gflops / peak / world_size,
                     double(pool.peak(MemCategory::activations)) / (1 << 20), eta);
     }
     if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 &&
-        last.step < cfg.steps)
+        last.step < cfg.steps && !stop)
       trainer.save(cfg.checkpoint_dir);
   }
   if (out_of_time())
@@ -201,6 +338,11 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir) {
                   int(g_stop_signal), trainer.step());
   trainer.save(cfg.checkpoint_dir);
   LOOM_LOG_INFO("checkpoint written to {} (step {})", cfg.checkpoint_dir, trainer.step());
+  if (leader) {
+    metrics.close();
+    if (write_loss_plot(cfg.log_dir + "/metrics.jsonl", cfg.log_dir + "/loss.svg"))
+      LOOM_LOG_INFO("loss plot written to {}/loss.svg", cfg.log_dir);
+  }
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   g_stop_signal = 0;

@@ -1,0 +1,479 @@
+// eval/sandbox.cpp: process chain that contains one untrusted program.
+//
+// Glossary: A = first child (own process group; creates the namespaces and the read-only mount
+// view), B = A's child, pid 1 of the new pid namespace (mounts a fresh /proc, reaps, reports the
+// program's wait status), C = B's child, which sets rlimits, drops to the slot's uid and execs
+// the program. The harness (parent) reads C's stdout/stderr through pipes, enforces the wall
+// clock, and kills A's process group on timeout; A's death kills B (PR_SET_PDEATHSIG) and B's
+// death kills every process in the pid namespace, so nothing the program started survives.
+//
+// Between fork() and execve() the children only make system calls on data the parent prepared
+// (no allocation, no locks): the parent is multi-threaded, and another worker thread may hold
+// the malloc lock at the moment of the fork.
+#include "eval/sandbox.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace loom::eval {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// What the child chain reports on fd 3. Fixed size and under PIPE_BUF, so one write() is atomic.
+struct StatusRecord {
+  char kind = 0;  // 'E': a set-up step failed (value = errno); 'S': program wait status;
+                  // 'B': pid of the namespace's init (B) as seen by the parent
+  int32_t value = 0;
+  char what[96] = {};  // the step that failed
+};
+
+void write_record(int fd, char kind, int value, const char* what) {
+  StatusRecord r;
+  r.kind = kind;
+  r.value = value;
+  size_t i = 0;
+  for (; what != nullptr && what[i] != 0 && i + 1 < sizeof r.what; ++i) r.what[i] = what[i];
+  r.what[i] = 0;
+  ssize_t n = write(fd, &r, sizeof r);
+  (void)n;  // nothing more a dying child can do
+}
+
+constexpr int kStatusFd = 3;
+
+[[noreturn]] void child_fail(const char* what) {
+  write_record(kStatusFd, 'E', errno, what);
+  _exit(127);
+}
+
+// Everything the children need, prepared before fork() so they never allocate.
+struct Prepared {
+  std::vector<char*> argv;  // null-terminated
+  std::vector<char*> envp;  // null-terminated
+  const char* dir = nullptr;
+  std::vector<const char*> writable;     // sandbox dir + extra_writable
+  std::vector<const char*> mountpoints;  // every mount to remount read-only
+  SandboxLimits limits;
+  mode_t umask_bits = 022;
+  bool isolated = false;
+  uid_t uid = 0;
+};
+
+// /proc/self/mounts escapes blanks and backslashes as \ooo.
+std::string unescape_mount_path(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\\' && i + 3 < s.size()) {
+      int v = 0;
+      bool ok = true;
+      for (size_t j = 1; j <= 3; ++j) {
+        if (s[i + j] < '0' || s[i + j] > '7') ok = false;
+        else v = v * 8 + (s[i + j] - '0');
+      }
+      if (ok) {
+        out.push_back(char(v));
+        i += 3;
+        continue;
+      }
+    }
+    out.push_back(s[i]);
+  }
+  return out;
+}
+
+std::vector<std::string> read_mountpoints() {
+  std::ifstream in("/proc/self/mounts");
+  LOOM_CHECK(in.good(), "cannot read /proc/self/mounts: the sandbox needs /proc to list the mounts "
+                        "it makes read-only");
+  std::vector<std::string> points;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    std::string device, point;
+    ls >> device >> point;
+    if (!point.empty()) points.push_back(unescape_mount_path(point));
+  }
+  return points;
+}
+
+void set_limit(int resource, int64_t soft, int64_t hard, const char* what) {
+  struct rlimit rl;
+  rl.rlim_cur = rlim_t(soft);
+  rl.rlim_max = rlim_t(hard);
+  if (setrlimit(resource, &rl) != 0) child_fail(what);
+}
+
+// C: limits, identity, exec. Never returns.
+[[noreturn]] void run_program(const Prepared& p) {
+  const SandboxLimits& l = p.limits;
+  set_limit(RLIMIT_CPU, l.cpu_seconds, l.cpu_seconds + 1, "setrlimit(RLIMIT_CPU)");
+  set_limit(RLIMIT_AS, l.address_space_bytes, l.address_space_bytes, "setrlimit(RLIMIT_AS)");
+  set_limit(RLIMIT_NPROC, l.max_processes, l.max_processes, "setrlimit(RLIMIT_NPROC)");
+  set_limit(RLIMIT_FSIZE, l.max_file_bytes, l.max_file_bytes, "setrlimit(RLIMIT_FSIZE)");
+  set_limit(RLIMIT_NOFILE, l.max_open_files, l.max_open_files, "setrlimit(RLIMIT_NOFILE)");
+  set_limit(RLIMIT_CORE, 0, 0, "setrlimit(RLIMIT_CORE)");
+  umask(p.umask_bits);
+  if (chdir(p.dir) != 0) child_fail("chdir to the sandbox dir");
+  if (p.isolated) {
+    if (setgroups(0, nullptr) != 0) child_fail("setgroups");
+    if (setgid(p.uid) != 0) child_fail("setgid");
+    if (setuid(p.uid) != 0) child_fail("setuid");
+  }
+  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) child_fail("prctl(PR_SET_NO_NEW_PRIVS)");
+  // The status pipe must not be writable by the program (it could forge a passing status).
+  if (fcntl(kStatusFd, F_SETFD, FD_CLOEXEC) != 0) child_fail("fcntl(FD_CLOEXEC)");
+  execve(p.argv[0], p.argv.data(), p.envp.data());
+  child_fail("execve");
+}
+
+// B: pid 1 of the namespace when isolated. Reaps everything, reports C's status, exits; its
+// exit makes the kernel kill whatever C left behind.
+[[noreturn]] void run_init(const Prepared& p) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (p.isolated) {
+    // A /proc for this pid namespace: the program sees only its own processes.
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, nullptr) != 0)
+      child_fail("mount /proc for the new pid namespace");
+  }
+  const pid_t c = fork();
+  if (c < 0) child_fail("fork (program)");
+  if (c == 0) run_program(p);
+  int st = 0;
+  for (;;) {
+    const pid_t w = waitpid(-1, &st, 0);
+    if (w == c) break;
+    if (w < 0 && errno != EINTR) child_fail("waitpid (program)");
+  }
+  write_record(kStatusFd, 'S', st, "");
+  _exit(0);
+}
+
+unsigned long statvfs_to_mount_flags(unsigned long f) {
+  unsigned long m = 0;
+  if (f & ST_NOSUID) m |= MS_NOSUID;
+  if (f & ST_NODEV) m |= MS_NODEV;
+  if (f & ST_NOEXEC) m |= MS_NOEXEC;
+  if (f & ST_NOATIME) m |= MS_NOATIME;
+  if (f & ST_NODIRATIME) m |= MS_NODIRATIME;
+  if (f & ST_RELATIME) m |= MS_RELATIME;
+  return m;
+}
+
+// A: own process group, namespaces and the read-only view. Never returns.
+[[noreturn]] void run_child_a(const Prepared& p, int null_fd, int out_fd, int err_fd,
+                              int status_fd) {
+  setpgid(0, 0);
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (dup2(status_fd, kStatusFd) < 0) _exit(126);
+  if (dup2(null_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) child_fail("dup2");
+  // Other worker threads' pipes were inherited by fork(); holding them would delay their EOF.
+  if (close_range(kStatusFd + 1, ~0U, 0) != 0) child_fail("close_range");
+  if (p.isolated) {
+    if (unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID) != 0)
+      child_fail("unshare(CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID)");
+    // Private first, so nothing below propagates back to the host's mounts.
+    if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
+      child_fail("mount(/, MS_REC|MS_PRIVATE)");
+    // Bind mounts of the writable places come before the read-only remounts: a bind mount
+    // copies the flags of the mount it comes from, so binding later would give a read-only one.
+    for (const char* w : p.writable)
+      if (mount(w, w, nullptr, MS_BIND | MS_REC, nullptr) != 0)
+        child_fail("bind-mount of a writable sandbox path");
+    for (const char* m : p.mountpoints) {
+      struct statvfs sv;
+      if (statvfs(m, &sv) != 0) continue;  // a mount point hidden by a later mount
+      const unsigned long keep = statvfs_to_mount_flags(sv.f_flag);
+      if (mount(nullptr, m, nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, nullptr) != 0) {
+        if (errno == ENOENT || errno == EACCES) continue;  // vanished or not ours to change
+        child_fail("remount read-only");
+      }
+    }
+  }
+  const pid_t b = fork();
+  if (b < 0) child_fail("fork (init)");
+  if (b == 0) run_init(p);
+  // The parent kills B (not A) on timeout: A's waitpid below then returns only once the whole
+  // pid namespace is gone, so "A exited" means "nothing of the program is left".
+  write_record(kStatusFd, 'B', int32_t(b), "");
+  int st = 0;
+  while (waitpid(b, &st, 0) < 0 && errno == EINTR) {
+  }
+  _exit(0);
+}
+
+void append_capped(std::string& dst, const char* buf, size_t n, int64_t keep) {
+  if (int64_t(dst.size()) >= keep) return;
+  const size_t room = size_t(keep - int64_t(dst.size()));
+  dst.append(buf, std::min(room, n));
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+struct Fd {
+  int fd = -1;
+  Fd() = default;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+  void reset() {
+    if (fd >= 0) close(fd);
+    fd = -1;
+  }
+};
+
+}  // namespace
+
+Sandbox Sandbox::create(const Config& config) {
+  LOOM_CHECK(config.max_slots > 0 && config.uid_base > 1000,
+             "sandbox uid_base={} max_slots={}: need uid_base > 1000 and max_slots > 0",
+             config.uid_base, config.max_slots);
+  std::string why;
+  if (geteuid() != 0) {
+    why = fmt::format("not running as root (euid={}): network, mount and pid namespaces and the "
+                      "uid switch need root",
+                      geteuid());
+  } else {
+    // Probe the whole chain once with a trivial program.
+    Sandbox probe(config, true, "isolated");
+    std::error_code ec;
+    const fs::path parent = fs::temp_directory_path(ec);
+    LOOM_CHECK(!ec, "no temporary directory for the sandbox probe: {}", ec.message());
+    char tmpl_buf[4096];
+    std::snprintf(tmpl_buf, sizeof tmpl_buf, "%s/loom-sandbox-probe-XXXXXX", parent.c_str());
+    LOOM_CHECK(mkdtemp(tmpl_buf) != nullptr, "mkdtemp({}) failed: {}", tmpl_buf,
+               std::strerror(errno));
+    const fs::path root = tmpl_buf;
+    fs::permissions(root, fs::perms(0711));
+    SandboxResult r;
+    try {
+      SandboxSpec spec;
+      spec.argv = {"/bin/true"};
+      spec.env = {"PATH=/usr/bin:/bin"};
+      spec.dir = probe.make_dir(root, 0);
+      spec.limits.wall_seconds = 10;
+      r = probe.run(spec, 0);
+    } catch (const Error& e) {
+      r.setup_error = e.what();
+    }
+    fs::remove_all(root, ec);
+    if (r.setup_error.empty() && r.exit_code == 0 && !r.timed_out) return probe;
+    why = r.setup_error.empty() ? fmt::format("probe /bin/true exited with {}", r.exit_code)
+                                : r.setup_error;
+  }
+  LOOM_CHECK(config.allow_unisolated,
+             "cannot isolate generated programs here ({}). Run as root on a kernel that allows "
+             "unshare(CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID), or pass --allow-network to run "
+             "them WITHOUT network, filesystem and uid isolation",
+             why);
+  return Sandbox(config, false,
+                 "UNISOLATED (" + why + "): programs can use the network and write outside "
+                 "their directory; only rlimits, a process group and the timeout apply");
+}
+
+uid_t Sandbox::uid_for_slot(int slot) const {
+  LOOM_CHECK(slot >= 0 && slot < config_.max_slots, "sandbox slot {} out of range [0, {})", slot,
+             config_.max_slots);
+  return config_.uid_base + uid_t(slot);
+}
+
+fs::path Sandbox::make_dir(const fs::path& parent, int slot) const {
+  std::string tmpl = (parent / "sbXXXXXX").string();
+  LOOM_CHECK(mkdtemp(tmpl.data()) != nullptr, "mkdtemp({}) failed: {}", tmpl,
+             std::strerror(errno));
+  const fs::path dir = tmpl;
+  if (isolated_) {
+    const uid_t uid = uid_for_slot(slot);
+    LOOM_CHECK(chown(dir.c_str(), uid, uid) == 0, "chown({}, {}) failed: {}", dir.string(), uid,
+               std::strerror(errno));
+  }
+  return dir;
+}
+
+void Sandbox::give_to_slot(const fs::path& dir, int slot) const {
+  if (!isolated_) return;
+  const uid_t uid = uid_for_slot(slot);
+  auto give = [&](const fs::path& p) {
+    LOOM_CHECK(lchown(p.c_str(), uid, uid) == 0, "lchown({}, {}) failed: {}", p.string(), uid,
+               std::strerror(errno));
+  };
+  give(dir);
+  for (const auto& e : fs::recursive_directory_iterator(dir)) give(e.path());
+}
+
+SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
+  LOOM_CHECK(!spec.argv.empty() && !spec.argv[0].empty() && spec.argv[0][0] == '/',
+             "sandbox argv[0] must be an absolute path, got '{}'",
+             spec.argv.empty() ? std::string() : spec.argv[0]);
+  LOOM_CHECK(spec.dir.is_absolute() && fs::is_directory(spec.dir),
+             "sandbox dir '{}' must be an existing absolute directory", spec.dir.string());
+  const auto t0 = std::chrono::steady_clock::now();
+  SandboxResult res;
+
+  // Prepare every byte the children will touch.
+  std::vector<std::string> argv_store = spec.argv, env_store = spec.env;
+  const std::string dir_store = spec.dir.string();
+  std::vector<std::string> writable_store{dir_store};
+  for (const auto& w : spec.extra_writable) writable_store.push_back(w.string());
+  std::vector<std::string> mount_store;
+  if (isolated_) mount_store = read_mountpoints();
+  Prepared p;
+  for (auto& s : argv_store) p.argv.push_back(s.data());
+  p.argv.push_back(nullptr);
+  for (auto& s : env_store) p.envp.push_back(s.data());
+  p.envp.push_back(nullptr);
+  p.dir = dir_store.c_str();
+  for (auto& s : writable_store) p.writable.push_back(s.c_str());
+  for (auto& s : mount_store) p.mountpoints.push_back(s.c_str());
+  p.limits = spec.limits;
+  p.umask_bits = spec.umask;
+  p.isolated = isolated_;
+  p.uid = isolated_ ? uid_for_slot(slot) : 0;
+
+  int out_p[2], err_p[2], st_p[2];
+  LOOM_CHECK(pipe2(out_p, O_CLOEXEC) == 0, "pipe2 failed: {}", std::strerror(errno));
+  Fd out_r(out_p[0]), out_w(out_p[1]);
+  LOOM_CHECK(pipe2(err_p, O_CLOEXEC) == 0, "pipe2 failed: {}", std::strerror(errno));
+  Fd err_r(err_p[0]), err_w(err_p[1]);
+  LOOM_CHECK(pipe2(st_p, O_CLOEXEC) == 0, "pipe2 failed: {}", std::strerror(errno));
+  Fd st_r(st_p[0]), st_w(st_p[1]);
+  Fd null_fd(open("/dev/null", O_RDONLY | O_CLOEXEC));
+  LOOM_CHECK(null_fd.fd >= 0, "open(/dev/null) failed: {}", std::strerror(errno));
+
+  const pid_t pid = fork();
+  LOOM_CHECK(pid >= 0, "fork failed: {}", std::strerror(errno));
+  if (pid == 0) run_child_a(p, null_fd.fd, out_w.fd, err_w.fd, st_w.fd);
+  setpgid(pid, pid);  // also done by the child; whichever runs first wins the race
+  out_w.reset();
+  err_w.reset();
+  st_w.reset();
+  null_fd.reset();
+  fcntl(out_r.fd, F_SETFL, O_NONBLOCK);
+  fcntl(err_r.fd, F_SETFL, O_NONBLOCK);
+
+  const auto deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                 std::chrono::duration<double>(spec.limits.wall_seconds));
+  fcntl(st_r.fd, F_SETFL, O_NONBLOCK);
+  std::vector<StatusRecord> records;
+  pid_t init_pid = -1;
+  auto read_records = [&] {
+    StatusRecord rec;
+    while (read(st_r.fd, &rec, sizeof rec) == ssize_t(sizeof rec)) {
+      if (rec.kind == 'B') init_pid = pid_t(rec.value);
+      records.push_back(rec);
+    }
+  };
+  bool exited = false;
+  std::chrono::steady_clock::time_point exited_at;
+  char buf[65536];
+  auto drain = [&](Fd& fd, std::string& keep, int64_t& total) {
+    for (;;) {
+      const ssize_t n = read(fd.fd, buf, sizeof buf);
+      if (n > 0) {
+        append_capped(keep, buf, size_t(n), spec.limits.output_keep_bytes);
+        total += n;
+        if (res.out_bytes + res.err_bytes > spec.limits.output_kill_bytes) return;
+        continue;
+      }
+      if (n == 0) fd.reset();  // EOF
+      return;                  // EAGAIN or error: try again after poll
+    }
+  };
+  for (;;) {
+    if (!exited) {
+      // WNOWAIT: A stays a zombie, so its pid (= the group id) cannot be reused before killpg.
+      siginfo_t si{};
+      if (waitid(P_PID, id_t(pid), &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid) {
+        exited = true;
+        exited_at = std::chrono::steady_clock::now();
+      }
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (exited && out_r.fd < 0 && err_r.fd < 0) break;
+    // Unisolated, a daemon the program left may hold the pipes open: give it 200 ms, no more.
+    if (exited && now - exited_at > std::chrono::milliseconds(200)) break;
+    if (!exited && now >= deadline) {
+      res.timed_out = true;
+      break;
+    }
+    pollfd fds[2];
+    nfds_t nf = 0;
+    if (out_r.fd >= 0) fds[nf++] = {out_r.fd, POLLIN, 0};
+    if (err_r.fd >= 0) fds[nf++] = {err_r.fd, POLLIN, 0};
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+    const int wait_ms = int(std::clamp<int64_t>(left, 1, 20));
+    if (nf > 0) poll(fds, nf, wait_ms);
+    else usleep(useconds_t(wait_ms) * 1000);
+    if (out_r.fd >= 0) drain(out_r, res.out, res.out_bytes);
+    if (err_r.fd >= 0) drain(err_r, res.err, res.err_bytes);
+    read_records();
+    if (res.out_bytes + res.err_bytes > spec.limits.output_kill_bytes) {
+      res.output_limit = true;
+      break;
+    }
+  }
+  read_records();
+  if (!exited) {
+    if (isolated_ && init_pid > 0) {
+      // Killing init tears the namespace down; A reaps init and exits only after that.
+      kill(init_pid, SIGKILL);
+      siginfo_t si{};
+      while (waitid(P_PID, id_t(pid), &si, WEXITED | WNOWAIT) < 0 && errno == EINTR) {
+      }
+    }
+  }
+  // Kill the group (A and B, and C unless it left the group). A is still an unreaped zombie or
+  // alive, so the group id cannot have been reused.
+  kill(-pid, SIGKILL);
+  int a_status = 0;
+  while (waitpid(pid, &a_status, 0) < 0 && errno == EINTR) {
+  }
+  if (out_r.fd >= 0) drain(out_r, res.out, res.out_bytes);
+  if (err_r.fd >= 0) drain(err_r, res.err, res.err_bytes);
+  read_records();
+
+  // The child chain's verdict: a set-up error from any step wins over the program's status
+  // (a failed execve also makes the program "exit 127").
+  const StatusRecord* error = nullptr;
+  const StatusRecord* status = nullptr;
+  for (const StatusRecord& r : records) {
+    if (r.kind == 'E' && error == nullptr) error = &r;
+    if (r.kind == 'S') status = &r;
+  }
+  res.wall_seconds = seconds_since(t0);
+  if (error != nullptr) {
+    res.setup_error = fmt::format("sandbox set-up failed at {}: {} (argv[0]={})", error->what,
+                                  std::strerror(error->value), spec.argv[0]);
+  } else if (status != nullptr) {
+    const int st = status->value;
+    if (WIFEXITED(st)) res.exit_code = WEXITSTATUS(st);
+    else if (WIFSIGNALED(st)) res.term_signal = WTERMSIG(st);
+  } else if (!res.timed_out && !res.output_limit) {
+    res.setup_error = "sandbox init ended without reporting the program's status";
+  }
+  return res;
+}
+
+}  // namespace loom::eval

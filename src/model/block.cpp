@@ -1,0 +1,314 @@
+#include "model/block.h"
+
+#include <cmath>
+
+#include "attention/flash_attention.h"
+#include "core/error.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/matmul.h"
+
+namespace loom::model {
+
+namespace K = loom::kernels;
+
+
+
+static Tensor new_f32(const BlockCtx& c, const Shape& s, MemCategory cat) {
+  return Tensor::empty(s, DType::f32, c.pool, cat);
+}
+
+// The matmul input for an f32 activation: a bf16 copy in bf16 mode, else the tensor itself.
+static Tensor to_mm(const BlockCtx& c, const Tensor& t, MemCategory cat) {
+  if (!c.bf) return t;
+  Tensor out = Tensor::empty(t.shape(), DType::bf16, c.pool, cat);
+  convert_f32_to_bf16(t.data<float>(), out.data<bf16>(), size_t(t.numel()));
+  return out;
+}
+
+// y (M,N) = x (M,K) @ W^T, W = weights[w_off] stored (N,K).
+static void mm_xwT(const BlockCtx& c, float* y, const Tensor& x, int64_t w_off, int64_t M, int64_t N,
+            int64_t K) {
+  if (c.bf)
+    K::matmul_bf16(x.data<bf16>(), c.Wl + w_off, y, M, N, K, false, true, false);
+  else
+    K::matmul_f32(x.data<float>(), c.W + w_off, y, M, N, K, false, true, false);
+}
+
+// dx (M,K) = dy (M,N) @ W, W stored (N,K).
+static void mm_dyW(const BlockCtx& c, float* dx, const Tensor& dy, int64_t w_off, int64_t M, int64_t N,
+            int64_t K) {
+  if (c.bf)
+    K::matmul_bf16(dy.data<bf16>(), c.Wl + w_off, dx, M, K, N, false, false, false);
+  else
+    K::matmul_f32(dy.data<float>(), c.W + w_off, dx, M, K, N, false, false, false);
+}
+
+// dW (N,K) += dy^T @ x with dy (M,N), x (M,K).
+static void mm_dW(const BlockCtx& c, int64_t g_off, const Tensor& dy, const Tensor& x, int64_t M, int64_t N,
+           int64_t K) {
+  if (c.bf)
+    K::matmul_bf16(dy.data<bf16>(), x.data<bf16>(), c.G + g_off, N, K, M, true, false, true);
+  else
+    K::matmul_f32(dy.data<float>(), x.data<float>(), c.G + g_off, N, K, M, true, false, true);
+}
+
+static attention::AttentionShape attention_shape(const BlockCtx& c, int64_t q_stride, int64_t kv_stride) {
+  attention::AttentionShape s{};
+  s.B = c.B;
+  s.Tq = c.T;
+  s.Tk = c.T;
+  s.NH = c.cfg.n_heads;
+  s.NKV = c.cfg.n_kv_heads;
+  s.HD = c.cfg.head_dim();
+  s.q_stride = q_stride;
+  s.k_stride = kv_stride;
+  s.v_stride = kv_stride;
+  s.o_stride = c.cfg.d_model;
+  s.causal = true;
+  s.q_offset = 0;
+  s.k_offset = 0;
+  s.scale = 1.0f / std::sqrt(float(s.HD));
+  return s;
+}
+
+// Forward of one pre-LN block. `qin` (N,C) is the query input of the top query layer (its rows
+// are the query layer's position table) or null for an ordinary block. Fills `st` according to
+// `mode` and returns the block output (N,C).
+Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, const Tensor* qin,
+                     BlockStash& st, Recompute mode) {
+  const int64_t N = c.B * c.T, C = c.cfg.d_model, KV = c.cfg.kv_dim(), F = c.cfg.d_ff;
+  const float eps = c.cfg.norm_eps;
+  const bool keep_all = mode == Recompute::none;
+  const bool keep_some = mode != Recompute::full;
+  auto cat = [](bool kept) { return kept ? MemCategory::activations : MemCategory::workspace; };
+  st = BlockStash{};
+  st.mode = mode;
+  st.x = x;
+
+  // ln1 = LayerNorm1(x)                                                       (N,C)
+  // In f32 mode the norm outputs are themselves the matmul inputs (kept unless recomputed).
+  Tensor ln1 = new_f32(c, {N, C}, c.bf ? MemCategory::workspace : cat(keep_all));
+  Tensor mean1 = new_f32(c, {N}, cat(keep_some)), rstd1 = new_f32(c, {N}, cat(keep_some));
+  K::layernorm_forward(ln1.data<float>(), mean1.data<float>(), rstd1.data<float>(),
+                       x.data<float>(), c.W + o.norm1_w, c.W + o.norm1_b, N, C, eps);
+  Tensor ln1_mm = to_mm(c, ln1, cat(keep_all));
+
+  // q, k, v. Ordinary block: one (N, C+2KV) product. Query layer: q from the position rows,
+  // k and v from ln1 (the weight rows [C, C+2KV) of the fused q|k|v matrix).
+  const float *q, *k, *v;
+  int64_t q_stride, kv_stride;
+  if (!qin) {
+    st.qkv = new_f32(c, {N, C + 2 * KV}, cat(keep_some));  // (N, C+2KV)
+    float* qkv = st.qkv.data<float>();
+    mm_xwT(c, qkv, ln1_mm, o.w_qkv, N, C + 2 * KV, C);
+    K::bias_add_rows(qkv, c.W + o.b_qkv, N, C + 2 * KV);
+    q = qkv;
+    k = qkv + C;
+    v = qkv + C + KV;
+    q_stride = kv_stride = C + 2 * KV;
+  } else {
+    Tensor qin_mm = to_mm(c, *qin, MemCategory::workspace);
+    st.q = new_f32(c, {N, C}, cat(keep_some));        // (N,C)
+    st.kv = new_f32(c, {N, 2 * KV}, cat(keep_some));  // (N,2KV)
+    mm_xwT(c, st.q.data<float>(), qin_mm, o.w_qkv, N, C, C);
+    K::bias_add_rows(st.q.data<float>(), c.W + o.b_qkv, N, C);
+    mm_xwT(c, st.kv.data<float>(), ln1_mm, o.w_qkv + C * C, N, 2 * KV, C);
+    K::bias_add_rows(st.kv.data<float>(), c.W + o.b_qkv + C, N, 2 * KV);
+    q = st.q.data<float>();
+    k = st.kv.data<float>();
+    v = k + KV;
+    q_stride = C;
+    kv_stride = 2 * KV;
+  }
+
+  // att = causal softmax(q k^T / sqrt(HD)) v                                  (N,C), lse (B,NH,T)
+  st.att = new_f32(c, {N, C}, cat(keep_some));
+  st.lse = new_f32(c, {c.B, c.cfg.n_heads, c.T}, cat(keep_some));
+  attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
+                                     attention_shape(c, q_stride, kv_stride));
+  Tensor att_mm = to_mm(c, st.att, cat(keep_all));
+
+  // mid = x + att @ Wo^T + bo                                                 (N,C)
+  st.mid = new_f32(c, {N, C}, cat(keep_some));
+  float* mid = st.mid.data<float>();
+  mm_xwT(c, mid, att_mm, o.w_out, N, C, C);
+  K::bias_add_rows(mid, c.W + o.b_out, N, C);
+  K::add_inplace(mid, x.data<float>(), N * C);
+
+  // ln2 = LayerNorm2(mid); pre = ln2 @ Wup^T + bup; act = gelu(pre)          (N,F)
+  Tensor ln2 = new_f32(c, {N, C}, c.bf ? MemCategory::workspace : cat(keep_all));
+  Tensor mean2 = new_f32(c, {N}, cat(keep_some)), rstd2 = new_f32(c, {N}, cat(keep_some));
+  K::layernorm_forward(ln2.data<float>(), mean2.data<float>(), rstd2.data<float>(), mid,
+                       c.W + o.norm2_w, c.W + o.norm2_b, N, C, eps);
+  Tensor ln2_mm = to_mm(c, ln2, cat(keep_all));
+  st.pre = new_f32(c, {N, F}, cat(keep_some));
+  mm_xwT(c, st.pre.data<float>(), ln2_mm, o.w_up, N, F, C);
+  Tensor act = new_f32(c, {N, F}, c.bf ? MemCategory::workspace : cat(keep_all));
+  K::bias_gelu_forward(act.data<float>(), st.pre.data<float>(), c.W + o.b_up, N, F,
+                       c.cfg.activation == Activation::fast_gelu);
+  Tensor act_mm = to_mm(c, act, cat(keep_all));
+
+  // out = mid + act @ Wdown^T + bdown                                         (N,C)
+  Tensor out = new_f32(c, {N, C}, MemCategory::activations);
+  mm_xwT(c, out.data<float>(), act_mm, o.w_down, N, C, F);
+  K::bias_add_rows(out.data<float>(), c.W + o.b_down, N, C);
+  K::add_inplace(out.data<float>(), mid, N * C);
+
+  if (keep_all) {
+    st.ln1_mm = ln1_mm;
+    st.att_mm = att_mm;
+    st.ln2_mm = ln2_mm;
+    st.act_mm = act_mm;
+  }
+  if (keep_some) {
+    st.mean1 = mean1;
+    st.rstd1 = rstd1;
+    st.mean2 = mean2;
+    st.rstd2 = rstd2;
+  } else {
+    // full recompute keeps only the input
+    Tensor keep_x = st.x;
+    st = BlockStash{};
+    st.mode = mode;
+    st.x = keep_x;
+  }
+  return out;
+}
+
+// Backward of one block: from dout (N,C), ACCUMULATES parameter grads and returns dx (N,C).
+// Consumes (clears) the stash.
+Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, const Tensor* qin,
+                      BlockStash& st) {
+  const int64_t N = c.B * c.T, C = c.cfg.d_model, KV = c.cfg.kv_dim(), F = c.cfg.d_ff;
+  const float eps = c.cfg.norm_eps;
+  const MemCategory ws = MemCategory::workspace;
+
+  if (st.mode == Recompute::full) {
+    Tensor x = st.x;
+    block_forward(c, o, x, qin, st, Recompute::none);  // rebuilds every saved tensor
+  } else if (st.mode == Recompute::selective) {
+    // Rebuild what elementwise kernels make from the kept tensors (identical bits).
+    Tensor ln1 = new_f32(c, {N, C}, ws), ln2 = new_f32(c, {N, C}, ws);
+    Tensor m = new_f32(c, {N}, ws), r = new_f32(c, {N}, ws);
+    K::layernorm_forward(ln1.data<float>(), m.data<float>(), r.data<float>(), st.x.data<float>(),
+                         c.W + o.norm1_w, c.W + o.norm1_b, N, C, eps);
+    st.ln1_mm = to_mm(c, ln1, ws);
+    K::layernorm_forward(ln2.data<float>(), m.data<float>(), r.data<float>(),
+                         st.mid.data<float>(), c.W + o.norm2_w, c.W + o.norm2_b, N, C, eps);
+    st.ln2_mm = to_mm(c, ln2, ws);
+    Tensor act = new_f32(c, {N, F}, ws);
+    if (c.cfg.activation == Activation::fast_gelu)
+      K::fast_gelu_forward(act.data<float>(), st.pre.data<float>(), N * F);
+    else
+      K::gelu_forward(act.data<float>(), st.pre.data<float>(), N * F);
+    st.act_mm = to_mm(c, act, ws);
+    st.att_mm = to_mm(c, st.att, ws);
+  }
+
+  // FFN down: d_act = dout @ Wdown; dWdown += dout^T act; dbdown += colsum(dout)
+  Tensor dout_mm = to_mm(c, dout, ws);
+  Tensor d_act = new_f32(c, {N, F}, ws);  // (N,F), becomes d_pre in place
+  mm_dyW(c, d_act.data<float>(), dout_mm, o.w_down, N, C, F);
+  mm_dW(c, o.w_down, dout_mm, st.act_mm, N, C, F);
+  K::bias_backward(c.G + o.b_down, dout.data<float>(), N, C);
+  dout_mm = Tensor();
+  st.act_mm = Tensor();
+
+  // activation: d_pre = d_act * act'(pre)
+  if (c.cfg.activation == Activation::fast_gelu)
+    K::fast_gelu_backward(d_act.data<float>(), d_act.data<float>(), st.pre.data<float>(), N * F);
+  else
+    K::gelu_backward(d_act.data<float>(), d_act.data<float>(), st.pre.data<float>(), N * F);
+  st.pre = Tensor();
+
+  // FFN up: d_ln2 = d_pre @ Wup; dWup += d_pre^T ln2; dbup += colsum(d_pre)
+  Tensor d_pre_mm = to_mm(c, d_act, ws);
+  Tensor d_ln2 = new_f32(c, {N, C}, ws);
+  mm_dyW(c, d_ln2.data<float>(), d_pre_mm, o.w_up, N, F, C);
+  mm_dW(c, o.w_up, d_pre_mm, st.ln2_mm, N, F, C);
+  K::bias_backward(c.G + o.b_up, d_act.data<float>(), N, F);
+  d_pre_mm = Tensor();
+  d_act = Tensor();
+  st.ln2_mm = Tensor();
+
+  // norm2: d_mid = dout + LN2'(d_ln2)       (dout's buffer is reused for d_mid)
+  Tensor d_mid = dout;
+  K::layernorm_backward(d_mid.data<float>(), c.G + o.norm2_w, c.G + o.norm2_b,
+                        d_ln2.data<float>(), st.mid.data<float>(), c.W + o.norm2_w,
+                        st.mean2.data<float>(), st.rstd2.data<float>(), N, C);
+  d_ln2 = Tensor();
+  st.mid = Tensor();
+
+  // attention output projection: d_att = d_mid @ Wo; dWo += d_mid^T att
+  Tensor d_mid_mm = to_mm(c, d_mid, ws);
+  Tensor d_att = new_f32(c, {N, C}, ws);
+  mm_dyW(c, d_att.data<float>(), d_mid_mm, o.w_out, N, C, C);
+  mm_dW(c, o.w_out, d_mid_mm, st.att_mm, N, C, C);
+  K::bias_backward(c.G + o.b_out, d_mid.data<float>(), N, C);
+  d_mid_mm = Tensor();
+  st.att_mm = Tensor();
+
+  // attention core
+  Tensor D = new_f32(c, {c.B, c.cfg.n_heads, c.T}, ws);  // (B,NH,T)
+  Tensor d_ln1 = new_f32(c, {N, C}, ws);
+  if (!qin) {
+    const int64_t S = C + 2 * KV;
+    auto s = attention_shape(c, S, S);
+    attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                             st.att.data<float>(), s);
+    Tensor dqkv = Tensor::zeros({N, S}, DType::f32, c.pool, ws);  // (N, C+2KV)
+    const float* qkv = st.qkv.data<float>();
+    float* g = dqkv.data<float>();
+    attention::flash_attention_backward(g, g + C, g + C + KV, d_att.data<float>(), qkv, qkv + C,
+                                        qkv + C + KV, st.lse.data<float>(), D.data<float>(), s);
+    st.qkv = Tensor();
+    Tensor dqkv_mm = to_mm(c, dqkv, ws);
+    mm_dyW(c, d_ln1.data<float>(), dqkv_mm, o.w_qkv, N, S, C);
+    mm_dW(c, o.w_qkv, dqkv_mm, st.ln1_mm, N, S, C);
+    K::bias_backward(c.G + o.b_qkv, g, N, S);
+  } else {
+    auto s = attention_shape(c, C, 2 * KV);
+    attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                             st.att.data<float>(), s);
+    Tensor dq = Tensor::zeros({N, C}, DType::f32, c.pool, ws);
+    Tensor dkv = Tensor::zeros({N, 2 * KV}, DType::f32, c.pool, ws);
+    const float* kv = st.kv.data<float>();
+    attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
+                                        dkv.data<float>() + KV, d_att.data<float>(),
+                                        st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
+                                        D.data<float>(), s);
+    st.q = Tensor();
+    st.kv = Tensor();
+    // q came from the position rows: their grads go to the query position table.
+    Tensor dq_mm = to_mm(c, dq, ws);
+    Tensor qin_mm = to_mm(c, *qin, ws);
+    Tensor d_qin = new_f32(c, {N, C}, ws);
+    mm_dyW(c, d_qin.data<float>(), dq_mm, o.w_qkv, N, C, C);
+    mm_dW(c, o.w_qkv, dq_mm, qin_mm, N, C, C);
+    K::bias_backward(c.G + o.b_qkv, dq.data<float>(), N, C);
+    Tensor dkv_mm = to_mm(c, dkv, ws);
+    mm_dyW(c, d_ln1.data<float>(), dkv_mm, o.w_qkv + C * C, N, 2 * KV, C);
+    mm_dW(c, o.w_qkv + C * C, dkv_mm, st.ln1_mm, N, 2 * KV, C);
+    K::bias_backward(c.G + o.b_qkv + C, dkv.data<float>(), N, 2 * KV);
+    // Hand d_qin back through the stash so the caller can scatter it into the table.
+    st.q = d_qin;
+  }
+  st.att = Tensor();
+  st.lse = Tensor();
+  st.ln1_mm = Tensor();
+
+  // norm1: dx = d_mid + LN1'(d_ln1)        (d_mid's buffer becomes dx)
+  Tensor dx = d_mid;
+  K::layernorm_backward(dx.data<float>(), c.G + o.norm1_w, c.G + o.norm1_b, d_ln1.data<float>(),
+                        st.x.data<float>(), c.W + o.norm1_w, st.mean1.data<float>(),
+                        st.rstd1.data<float>(), N, C);
+  Tensor d_qin = st.q;
+  st = BlockStash{};
+  st.q = d_qin;
+  return dx;
+}
+
+
+}  // namespace loom::model
