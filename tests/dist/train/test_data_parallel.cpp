@@ -1,0 +1,171 @@
+// Data parallel training under mpirun: every (dp, zero) layout equals the serial run with dp
+// times the batch, two runs of a layout are bit-identical, ZeRO-1 divides the optimizer bytes,
+// the dp all-reduce moves the closed-form bytes, and checkpoints move between layouts.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "comm/process_group.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+using namespace loom;
+
+namespace {
+
+train::TrainConfig config(int64_t batch, int64_t zero, const std::string& dir, double bucket_mb) {
+  std::vector<std::string> sets = {
+      "train.batch=" + std::to_string(batch), "train.seq=32", "train.micro_batches=2",
+      "parallel.zero=" + std::to_string(zero), "parallel.bucket_mb=" + std::to_string(bucket_mb),
+      "checkpoint.dir=\"" + dir + "/ckpt\"", "log.dir=\"" + dir + "\"", "optim.warmup_steps=2"};
+  return train::load_train_config(std::string(LOOM_SOURCE_DIR) + "/configs/train/tiny.toml", sets);
+}
+
+// ||a-b|| / ||b|| over the whole parameter vector. (Not the max over elements: AdamW divides
+// each gradient by its own RMS, so an element whose gradient is near zero moves by about lr in
+// the direction of its rounding noise, and a few such elements differ by ~lr*1e-2 between
+// summation orders; measured max |a-b|/max|b| here ~1.4e-5.)
+double relative_l2(const float* a, const float* b, int64_t n) {
+  double e = 0, s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    e += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
+    s += double(b[i]) * double(b[i]);
+  }
+  return std::sqrt(e / s);
+}
+
+std::string shared_dir(const comm::ProcessGroup& world, const std::string& name) {
+  // One directory for all ranks (rank 0's pid), so a checkpoint written by rank 0 is found.
+  int64_t pid = world.rank() == 0 ? int64_t(::getpid()) : 0;
+  world.all_reduce(comm::BufferRef(&pid, 1, DType::i64)).wait();
+  return (fs::temp_directory_path() / ("loom_dp_" + name + "_" + std::to_string(pid))).string();
+}
+
+constexpr int kSteps = 6;
+constexpr int64_t kBatch = 2;  // per dp rank
+
+TEST(DataParallel, EqualsSerialForEveryZeroStage) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int dp = world.size();
+  std::string dir = shared_dir(world, "serial");
+  // The serial reference: one rank, dp times the batch (computed on every rank, identically).
+  MemoryPool serial_pool;
+  train::Trainer serial(config(kBatch * dp, 0, dir + "_s" + std::to_string(world.rank()), 4),
+                        serial_pool);
+  serial.init_fresh();
+  std::vector<double> serial_losses;
+  for (int i = 0; i < kSteps; ++i) serial_losses.push_back(serial.train_step().loss);
+
+  for (int64_t zero : {0, 1}) {
+    // Small buckets: several reductions overlap the backward.
+    MemoryPool pool;
+    train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
+    t.init_fresh();
+    for (int i = 0; i < kSteps; ++i) {
+      double loss = t.train_step().loss;
+      // Only the summation order differs (per-rank partial sums, then the all-reduce): f32
+      // rounding of ~1e-7 relative per sum, compounded over a few steps of training.
+      EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
+          << "zero " << zero << " step " << i + 1;
+    }
+    const int64_t n = t.model().layout().total();
+    EXPECT_LT(relative_l2(t.model().weights(), serial.model().weights(), n), 1e-5)
+        << "zero " << zero;
+    // Every rank holds the same weights bit for bit.
+    std::vector<float> mine(t.model().weights(), t.model().weights() + n), other(mine);
+    world.broadcast(comm::BufferRef(other.data(), n, DType::f32), 0).wait();
+    EXPECT_EQ(mine, other) << "zero " << zero << ": ranks diverged";
+  }
+}
+
+TEST(DataParallel, SameLayoutTwiceIsBitIdentical) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  std::string dir = shared_dir(world, "twice");
+  std::vector<double> runs[2];
+  for (auto& losses : runs) {
+    MemoryPool pool;
+    train::Trainer t(config(kBatch, 1, dir, 0.05), pool, &world);
+    t.init_fresh();
+    for (int i = 0; i < 3; ++i) losses.push_back(t.train_step().loss);
+  }
+  EXPECT_EQ(runs[0], runs[1]);
+}
+
+TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  std::string dir = shared_dir(world, "bytes");
+  int64_t opt_bytes[2];
+  for (int64_t zero : {0, 1}) {
+    MemoryPool pool;
+    // One bucket holding the whole gradient, so the closed form is a single all-reduce.
+    train::Trainer t(config(kBatch, zero, dir, 1024), pool, &world);
+    t.init_fresh();
+    opt_bytes[zero] = pool.current(MemCategory::optimizer);
+    world.reset_counters();
+    t.train_step();
+    const int64_t N = t.model().layout().total();
+    auto len = [&](int64_t total, int j) { return total / w + (j % w < total % w ? 1 : 0); };
+    auto ring_all_reduce = [&](int64_t total) {
+      int r = world.rank();
+      return (total - len(total, r)) + (total - len(total, (r + 1) % w));
+    };
+    const auto& c = world.counters();
+    // Gradients (f32) and the step's loss and token count (2 x f64).
+    EXPECT_EQ(c[comm::CommOp::all_reduce].bytes, 4 * ring_all_reduce(N) + 8 * ring_all_reduce(2));
+    EXPECT_EQ(c[comm::CommOp::all_reduce].calls, 2);
+    if (zero == 1) {
+      // ZeRO-1: each owner broadcasts its updated shard: (w-1) x shard bytes from the root.
+      const int64_t shard = (N + w - 1) / w;
+      int64_t mine = std::min(N, shard * (world.rank() + 1)) - std::min(N, shard * world.rank());
+      EXPECT_EQ(c[comm::CommOp::broadcast].bytes, 4 * (w - 1) * mine);
+    } else {
+      EXPECT_EQ(c[comm::CommOp::broadcast].calls, 0);
+    }
+  }
+  // m and v: the whole buffer replicated, or one ceil(N/w) shard.
+  MemoryPool pool;
+  model::Gpt probe(config(kBatch, 0, dir, 4).model, pool, model::Precision::f32);
+  const int64_t N = probe.layout().total();
+  const int64_t shard = (N + w - 1) / w;
+  EXPECT_EQ(opt_bytes[0], 8 * N);
+  int64_t mine = std::min(N, shard * (world.rank() + 1)) - std::min(N, shard * world.rank());
+  EXPECT_EQ(opt_bytes[1], 8 * mine);
+}
+
+TEST(DataParallel, CheckpointMovesBetweenLayouts) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int dp = world.size();
+  std::string dir = shared_dir(world, "ckpt");
+  // Train 3 steps at (dp, zero 1), save, 3 more steps: the uninterrupted reference.
+  std::vector<double> uninterrupted;
+  {
+    MemoryPool pool;
+    train::Trainer t(config(kBatch, 1, dir, 0.05), pool, &world);
+    t.init_fresh();
+    for (int i = 0; i < 3; ++i) t.train_step();
+    t.save(dir + "/ckpt");
+    for (int i = 0; i < 3; ++i) uninterrupted.push_back(t.train_step().loss);
+  }
+  // Resume at (dp, zero 0) and on a single rank with dp times the batch.
+  {
+    MemoryPool pool;
+    train::Trainer t(config(kBatch, 0, dir, 0.05), pool, &world);
+    t.resume(dir + "/ckpt");
+    for (int i = 0; i < 3; ++i)
+      EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)]);
+  }
+  {
+    MemoryPool pool;
+    train::Trainer t(config(kBatch * dp, 0, dir + "_single" + std::to_string(world.rank()), 4), pool);
+    t.resume(dir + "/ckpt");
+    for (int i = 0; i < 3; ++i)
+      EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)]);
+  }
+  world.barrier().wait();
+  if (world.rank() == 0) fs::remove_all(dir);
+  fs::remove_all(dir + "_single" + std::to_string(world.rank()));
+}
+
+}  // namespace
