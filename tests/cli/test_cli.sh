@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# End-to-end checks of the `loom` binary: the commands a user types, their JSON output, and the
+# errors bad input must give (clear message naming the problem, non-zero exit, nothing
+# overwritten). Usage: test_cli.sh LOOM_BINARY SOURCE_DIR
+set -uo pipefail
+LOOM=$1
+SRC=$2
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+fails=0
+pass() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+
+# expect_error NAME NEEDLE CMD...: CMD must exit non-zero and print NEEDLE on stderr.
+expect_error() {
+  local name=$1 needle=$2; shift 2
+  local out
+  if out=$("$@" 2>&1 >/dev/null); then fail "$name: exited 0"; return; fi
+  if grep -qF -- "$needle" <<<"$out"; then pass "$name"; else fail "$name: no '$needle' in: $out"; fi
+}
+
+# init + info
+"$LOOM" init --model "$SRC/configs/models/tiny.toml" --out "$WORK/ckpt" --seed 3 >"$WORK/init.json" \
+  && grep -q '"params": 186752' "$WORK/init.json" && pass "init" || fail "init: $(cat "$WORK/init.json")"
+"$LOOM" info --model "$SRC/configs/models/codegeex-13b.toml" --batch 1 --seq 2048 >"$WORK/info.json" \
+  && /usr/bin/python3 - "$WORK/info.json" <<'PY' && pass "info codegeex-13b" || fail "info"
+import json, sys
+j = json.load(open(sys.argv[1]))
+# CodeGeeX-13B: about 12.9B parameters (notes/codegeex.md 1.1)
+assert 12.8e9 < j["params"] < 13.0e9, j["params"]
+assert j["memory_bytes"]["optimizer"] == 8 * j["params"]
+assert j["flops_per_token_train"] > 6 * j["params"]
+PY
+
+# eval loss on a valid token file, then ids >= vocab
+/usr/bin/python3 -c "
+import struct,sys
+open('$WORK/ok.u32','wb').write(struct.pack('<100I', *[(i*7)%512 for i in range(100)]))
+open('$WORK/bad.u32','wb').write(struct.pack('<5I', 1, 2, 600, 3, 4))
+open('$WORK/odd.u32','wb').write(b'abc')"
+"$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK/ok.u32" >"$WORK/loss.json" \
+  && /usr/bin/python3 -c "
+import json,math; j=json.load(open('$WORK/loss.json'))
+assert j['tokens']==99 and abs(j['loss']-math.log(512))<0.5 and abs(j['ppl']-math.exp(j['loss']))<1e-6*j['ppl'], j" \
+  && pass "eval loss" || fail "eval loss: $(cat "$WORK/loss.json")"
+expect_error "eval loss: id >= vocab" "id 600 at index 2 is outside the model's vocabulary [0, 512)" \
+  "$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK/bad.u32"
+expect_error "eval loss: not uint32" "not a multiple of 4" \
+  "$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK/odd.u32"
+expect_error "eval loss: missing checkpoint" "does not exist" \
+  "$LOOM" eval loss --checkpoint "$WORK/nope" --tokens "$WORK/ok.u32"
+
+# train: bad overrides and configs, then a short real run with resume
+expect_error "train: unknown --set key" "unknown key 'train.stepz'" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --set train.stepz=3 --out "$WORK/run"
+printf 'vocab=64\nn_layers=1\nd_model=16\nn_heads=4\nn_kv_heads=3\nd_ff=32\nmax_seq=16\n' >"$WORK/m.toml"
+expect_error "train: n_kv_heads not dividing n_heads" "n_kv_heads = 3 must divide n_heads = 4" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --set model="\"$WORK/m.toml\""
+expect_error "train: missing data dir" "is not a directory" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --set data.source='"shards"' \
+  --set data.path='"/nonexistent/data"'
+"$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 4 >"$WORK/train.json" 2>"$WORK/train.log" \
+  && [ -s "$WORK/run/metrics.jsonl" ] && [ -s "$WORK/run/loss.svg" ] && [ -f "$WORK/run/ckpt/checksums.json" ] \
+  && pass "train writes metrics, plot, checkpoint" || fail "train: $(tail -3 "$WORK/train.log")"
+"$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 6 --resume "$WORK/run/ckpt" \
+  >"$WORK/train2.json" 2>"$WORK/train2.log" && grep -q '"step":6' "$WORK/train2.json" \
+  && pass "train --resume" || fail "train --resume: $(tail -3 "$WORK/train2.log")"
+# A corrupted checkpoint is refused and left as it is.
+cp -r "$WORK/run/ckpt" "$WORK/bad_ckpt"
+printf '\x00' | dd of="$WORK/bad_ckpt/model.safetensors" bs=1 seek=5000 conv=notrunc 2>/dev/null
+sum_before=$(sha256sum "$WORK/bad_ckpt/model.safetensors")
+expect_error "resume: corrupted checkpoint" "is corrupted: SHA-256" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run3" --resume "$WORK/bad_ckpt"
+[ "$(sha256sum "$WORK/bad_ckpt/model.safetensors")" = "$sum_before" ] && pass "corrupted checkpoint untouched" \
+  || fail "corrupted checkpoint was modified"
+
+# SIGTERM mid-run saves a checkpoint and exits cleanly.
+"$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 100000 \
+  --set train.eval_every=0 >"$WORK/sig.json" 2>"$WORK/sig.log" &
+pid=$!
+for _ in $(seq 100); do [ -s "$WORK/sig/metrics.jsonl" ] && break; sleep 0.1; done
+kill -TERM $pid
+if wait $pid && grep -q "signal 15 received" "$WORK/sig.log" && [ -f "$WORK/sig/ckpt/checksums.json" ]; then
+  pass "SIGTERM saves and exits 0"
+else
+  fail "SIGTERM: $(tail -3 "$WORK/sig.log")"
+fi
+
+# data: empty source directory and a directory without shards
+mkdir -p "$WORK/empty"
+expect_error "data build: empty source" "no usable source files in $WORK/empty" "$LOOM" data build --source "$WORK/empty" --out "$WORK/corpus"
+expect_error "train: data dir without shards" "no 'train_*.bin' shards in data directory" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run4" --set data.source='"shards"' \
+  --set data.path="\"$WORK/empty\""
+
+echo "$fails failure(s)"
+[ "$fails" -eq 0 ]
