@@ -4,6 +4,7 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <unistd.h>
 #include <fstream>
 
 #include "checkpoint/checkpoint.h"
@@ -284,6 +285,7 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
 
   auto old_int = std::signal(SIGINT, on_stop_signal);
   auto old_term = std::signal(SIGTERM, on_stop_signal);
+  const bool progress_bar = ::isatty(2) != 0;
   StepStats last;
   auto t_start = std::chrono::steady_clock::now();
   const int64_t first = trainer.step();
@@ -316,7 +318,21 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
       metrics << m.dump() << "\n";
       metrics.flush();
     }
+    // On a terminal, a progress bar redrawn every step between the log lines.
+    if (leader && progress_bar) {
+      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+      double frac_steps = double(last.step) / double(std::max<int64_t>(1, cfg.steps));
+      double frac_time = cfg.time_limit_s > 0 ? elapsed / cfg.time_limit_s : 0.0;
+      double frac = std::min(1.0, std::max(frac_steps, frac_time));
+      double eta = frac > 0 ? elapsed * (1 - frac) / frac : 0;
+      int filled = int(frac * 30);
+      std::fprintf(stderr, "\r[%s%s] %3.0f%% step %lld loss %.4f %.0f tok/s eta %.0fs   ",
+                   std::string(size_t(filled), '#').c_str(), std::string(size_t(30 - filled), '.').c_str(),
+                   100 * frac, (long long)last.step, last.loss, last.tokens_per_s, eta);
+      std::fflush(stderr);
+    }
     if (last.step % cfg.log_every == 0 || last.step == cfg.steps || eval_now) {
+      if (leader && progress_bar) std::fprintf(stderr, "\r%80s\r", "");
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
       double eta = elapsed / double(last.step - first) * double(cfg.steps - last.step);
       if (cfg.time_limit_s > 0) eta = std::min(eta, std::max(0.0, cfg.time_limit_s - elapsed));
@@ -331,6 +347,7 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
         last.step < cfg.steps && !stop)
       trainer.save(cfg.checkpoint_dir);
   }
+  if (leader && progress_bar) std::fprintf(stderr, "\n");
   if (out_of_time())
     LOOM_LOG_INFO("time limit of {:.0f} s reached at step {}", cfg.time_limit_s, trainer.step());
   if (g_stop_signal)
