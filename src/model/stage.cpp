@@ -1,0 +1,328 @@
+// model/stage.cpp: a pipeline stage of the GPT. The chain of kernels mirrors model/gpt.cpp
+// (forward_trunk, backward_trunk, forward_backward) exactly, split at block boundaries, so a
+// pipeline reproduces the serial model's numbers.
+//
+// Glossary: B batch, T sequence, N = B*T rows, C d_model, V vocab, L blocks.
+#include "model/stage.h"
+
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/embedding.h"
+#include "kernels/cpu/layernorm.h"
+#include "model/block.h"
+
+namespace loom::model {
+
+namespace K = loom::kernels;
+
+std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
+                                    const std::vector<int64_t>& stage_layers) {
+  const int64_t L = cfg.n_layers;
+  LOOM_CHECK(n_stages >= 1 && n_stages <= L,
+             "{} pipeline (virtual) stages for n_layers = {}: every stage needs at least one "
+             "block, so use 1 to {} stages",
+             n_stages, L, L);
+  std::vector<int64_t> counts = stage_layers;
+  if (counts.empty()) {
+    if (L % n_stages != 0) {
+      std::string valid;
+      for (int64_t d = 1; d <= L; ++d)
+        if (L % d == 0) valid += (valid.empty() ? "" : ", ") + std::to_string(d);
+      LOOM_FAIL(
+          "n_layers = {} does not split evenly into {} stages; use a stage count in {{{}}} "
+          "or give stage_layers (e.g. {} entries summing to {})",
+          L, n_stages, valid, n_stages, L);
+    }
+    counts.assign(size_t(n_stages), L / n_stages);
+  }
+  LOOM_CHECK(int64_t(counts.size()) == n_stages,
+             "stage_layers has {} entries but there are {} (virtual) stages (pp * virtual "
+             "stages); give exactly {} entries",
+             counts.size(), n_stages, n_stages);
+  int64_t sum = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    LOOM_CHECK(counts[i] >= 1, "stage_layers[{}] = {}: every stage needs at least one block", i,
+               counts[i]);
+    sum += counts[i];
+  }
+  LOOM_CHECK(sum == L, "stage_layers sum to {} but the model has n_layers = {}", sum, L);
+  std::vector<StageSpan> spans;
+  int64_t first = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    StageSpan s;
+    s.first_layer = first;
+    s.last_layer = first + counts[i];
+    s.has_embedding = i == 0;
+    s.has_head = i + 1 == counts.size();
+    spans.push_back(s);
+    first = s.last_layer;
+  }
+  return spans;
+}
+
+// What one micro-batch leaves for its backward.
+struct GptStage::MicroStash {
+  int64_t B = 0, T = 0;
+  std::vector<int32_t> inputs;                         // (B,T) embedding stage only
+  std::vector<std::unique_ptr<BlockStash>> blocks;     // one per held block
+  std::unique_ptr<BlockStash> query;                   // query layer (head stage)
+  Tensor final_in, final_mean, final_rstd, final_out;  // final norm (head stage)
+  Tensor dhead;                                        // (N,C) d(loss)/d(head input)
+};
+
+GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool,
+                   Precision precision)
+    : cfg_(cfg), global_(cfg), span_(span), pool_(pool), precision_(precision) {
+  const int64_t L = cfg_.n_layers, C = cfg_.d_model;
+  LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
+             "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
+             span.last_layer, L);
+  LOOM_CHECK(!span.has_embedding || span.first_layer == 0,
+             "the embedding stage must start at block 0, not {}", span.first_layer);
+  LOOM_CHECK(!span.has_head || span.last_layer == L,
+             "the head stage must end at block L = {}, not {}", L, span.last_layer);
+
+  // Global ranges held, ascending. The layout orders embed.token, embed.position, blocks,
+  // final norm, query layer, so each piece is one contiguous global range.
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  const int64_t tok_end = global_.token_embedding() + cfg_.vocab * C;
+  const int64_t blocks_begin = L > 0 ? global_.block(0).norm1_w : global_.final_norm_w();
+  if (span.has_embedding)
+    ranges.push_back({global_.token_embedding(), blocks_begin});  // token + position
+  else if (span.has_head)
+    ranges.push_back({global_.token_embedding(), tok_end});  // the tied head's copy
+  if (span.first_layer < span.last_layer)
+    ranges.push_back(
+        {global_.block(span.first_layer).norm1_w, global_.block(span.last_layer - 1).b_down + C});
+  if (span.has_head) ranges.push_back({global_.final_norm_w(), global_.total()});
+  for (auto [b, e] : ranges) {
+    segments_.push_back({b, e, total_});
+    total_ += e - b;
+  }
+  for (const ParamSpec& s : global_.specs()) {
+    for (const Segment& g : segments_) {
+      if (s.offset < g.global_begin || s.offset >= g.global_end) continue;
+      StageParam p;
+      p.global = s;
+      p.local_offset = g.local_begin + (s.offset - g.global_begin);
+      p.tied_copy = s.offset == global_.token_embedding() && !span.has_embedding;
+      params_.push_back(std::move(p));
+    }
+  }
+
+  if (span.has_embedding || span.has_head) tok_ = local(global_.token_embedding());
+  if (span.has_embedding) pos_ = local(global_.position_embedding());
+  for (int64_t l = span.first_layer; l < span.last_layer; ++l)
+    blocks_.push_back(local_block(global_.block(l)));
+  if (span.has_head) {
+    fnw_ = local(global_.final_norm_w());
+    fnb_ = local(global_.final_norm_b());
+    if (cfg_.query_layer) {
+      qpos_ = local(global_.query_position());
+      qblock_ = local_block(global_.query_block());
+    }
+  }
+
+  weights_ = Tensor::empty({total_}, DType::f32, pool_, MemCategory::weights);
+  grads_ = Tensor::zeros({total_}, DType::f32, pool_, MemCategory::grads);
+  if (precision_ == Precision::bf16)
+    weights_lp_ = Tensor::empty({total_}, DType::bf16, pool_, MemCategory::weights);
+}
+
+GptStage::~GptStage() = default;
+
+int64_t GptStage::local(int64_t global_offset) const {
+  for (const Segment& g : segments_)
+    if (global_offset >= g.global_begin && global_offset < g.global_end)
+      return g.local_begin + (global_offset - g.global_begin);
+  LOOM_ASSERT(false, "global offset {} is not held by stage blocks [{}, {})", global_offset,
+              span_.first_layer, span_.last_layer);
+  return -1;
+}
+
+BlockOffsets GptStage::local_block(const BlockOffsets& g) const {
+  BlockOffsets b;
+  b.norm1_w = local(g.norm1_w);
+  b.norm1_b = local(g.norm1_b);
+  b.w_qkv = local(g.w_qkv);
+  b.b_qkv = local(g.b_qkv);
+  b.w_out = local(g.w_out);
+  b.b_out = local(g.b_out);
+  b.norm2_w = local(g.norm2_w);
+  b.norm2_b = local(g.norm2_b);
+  b.w_up = local(g.w_up);
+  b.b_up = local(g.b_up);
+  b.w_down = local(g.w_down);
+  b.b_down = local(g.b_down);
+  return b;
+}
+
+const StageParam& GptStage::find(const std::string& name) const {
+  for (const StageParam& p : params_)
+    if (p.global.name == name) return p;
+  LOOM_FAIL("stage with blocks [{}, {}){}{} holds no parameter named '{}'", span_.first_layer,
+            span_.last_layer, span_.has_embedding ? " + embedding" : "",
+            span_.has_head ? " + head" : "", name);
+}
+
+void GptStage::zero_grads() { grads_.fill_zero(); }
+
+void GptStage::init_weights(uint64_t seed) {
+  // Initialising the whole model and keeping our part guarantees the identical logical weights
+  // of Gpt::init_weights without restating its rules; the buffer lives only for this call.
+  Tensor all = Tensor::empty({global_.total()}, DType::f32, pool_, MemCategory::workspace);
+  init_params(global_, cfg_, all.data<float>(), seed);
+  import_weights(all.data<float>());
+}
+
+void GptStage::import_weights(const float* global_weights) {
+  for (const Segment& g : segments_)
+    std::memcpy(weights() + g.local_begin, global_weights + g.global_begin,
+                size_t(g.global_end - g.global_begin) * sizeof(float));
+  sync_low_precision_weights();
+}
+
+void GptStage::export_weights(float* global_weights, bool include_tied_copy) const {
+  for (const StageParam& p : params_) {
+    if (p.tied_copy && !include_tied_copy) continue;
+    std::memcpy(global_weights + p.global.offset, weights() + p.local_offset,
+                size_t(p.global.numel) * sizeof(float));
+  }
+}
+
+void GptStage::sync_low_precision_weights() {
+  if (precision_ == Precision::bf16)
+    convert_f32_to_bf16(weights(), weights_lp_.data<bf16>(), size_t(total_));
+}
+
+Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
+                         int64_t B, int64_t T, float grad_scale, LossSum* loss) {
+  const int64_t N = B * T, C = cfg_.d_model;
+  LOOM_CHECK(B >= 1 && T >= 1 && T <= cfg_.max_seq,
+             "batch B={} and sequence T={} must be positive with T <= max_seq = {}", B, T,
+             cfg_.max_seq);
+  LOOM_CHECK(stash_.count(mb) == 0,
+             "micro-batch {} is already in flight on stage blocks [{}, {}); run its backward "
+             "first",
+             mb, span_.first_layer, span_.last_layer);
+  const bool bf = precision_ == Precision::bf16;
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+  const float* W = weights();
+  auto st = std::make_unique<MicroStash>();
+  st->B = B;
+  st->T = T;
+
+  Tensor h;
+  if (span_.has_embedding) {
+    LOOM_CHECK(inputs != nullptr, "the embedding stage needs the input tokens (B={}, T={})", B, T);
+    // h0 = wte[tokens] + wpe[0..T)                                          (N,C)
+    h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+    K::embedding_forward(h.data<float>(), inputs, W + tok_, W + pos_, B, T, C, cfg_.vocab, 0);
+    st->inputs.assign(inputs, inputs + N);
+  } else {
+    LOOM_CHECK(x.defined() && x.numel() == N * C && x.dtype() == DType::f32,
+               "stage blocks [{}, {}) needs an f32 input activation of N*C = {}*{} elements, got "
+               "{}",
+               span_.first_layer, span_.last_layer, N, C, x.defined() ? x.numel() : 0);
+    h = x;
+  }
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    st->blocks.push_back(std::make_unique<BlockStash>());
+    h = block_forward(c, blocks_[i], h, nullptr, *st->blocks.back(), recompute_);
+  }
+  if (!span_.has_head) {
+    stash_[mb] = std::move(st);
+    return h;  // (N,C)
+  }
+
+  LOOM_CHECK(targets != nullptr && loss != nullptr,
+             "the head stage needs targets and a loss output (B={}, T={})", B, T);
+  for (int64_t r = 0; r < N; ++r)
+    LOOM_CHECK(targets[r] < cfg_.vocab,
+               "target id {} at batch row {}, position {} is outside the vocabulary [0, {})",
+               targets[r], r / T, r % T, cfg_.vocab);
+  // final norm                                                               (N,C)
+  st->final_in = h;
+  st->final_out = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+  st->final_mean = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
+  st->final_rstd = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
+  K::layernorm_forward(st->final_out.data<float>(), st->final_mean.data<float>(),
+                       st->final_rstd.data<float>(), h.data<float>(), W + fnw_, W + fnb_, N, C,
+                       cfg_.norm_eps);
+  Tensor out = st->final_out;
+  if (cfg_.query_layer) {
+    // The query layer's query input: row t of its position table.                 (N,C)
+    Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
+    K::position_forward(qin.data<float>(), W + qpos_, B, T, C, 0);
+    st->query = std::make_unique<BlockStash>();
+    out = block_forward(c, qblock_, st->final_out, &qin, *st->query, recompute_);
+  }
+  // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).     (N,C)
+  st->dhead = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+  float* dwte = grads() + tok_;
+  if (bf) {
+    Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
+    convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
+    loss->sum = K::cross_entropy_head_bf16(st->dhead.data<float>(), dwte, &loss->count,
+                                           out_lp.data<bf16>(), weights_lp_.data<bf16>() + tok_,
+                                           targets, N, C, cfg_.vocab, grad_scale, pool_);
+  } else {
+    loss->sum =
+        K::cross_entropy_head(st->dhead.data<float>(), dwte, &loss->count, out.data<float>(),
+                              W + tok_, targets, N, C, cfg_.vocab, grad_scale, pool_);
+  }
+  stash_[mb] = std::move(st);
+  return Tensor();
+}
+
+Tensor GptStage::backward(int mb, Tensor& dy) {
+  auto it = stash_.find(mb);
+  LOOM_CHECK(it != stash_.end(),
+             "backward of micro-batch {} on stage blocks [{}, {}) without its forward", mb,
+             span_.first_layer, span_.last_layer);
+  MicroStash& st = *it->second;
+  const int64_t B = st.B, T = st.T, N = B * T, C = cfg_.d_model;
+  const bool bf = precision_ == Precision::bf16;
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+  const float* W = weights();
+  float* G = grads();
+
+  Tensor dh;
+  if (span_.has_head) {
+    Tensor d_fin = st.dhead;
+    if (cfg_.query_layer) {
+      Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
+      K::position_forward(qin.data<float>(), W + qpos_, B, T, C, 0);
+      d_fin = block_backward(c, qblock_, st.dhead, &qin, *st.query);
+      K::position_backward(G + qpos_, st.query->q.data<float>(), B, T, C, 0);
+      st.query.reset();
+    }
+    // final norm: dh = LNf'(d_fin), accumulated into zeros                       (N,C)
+    dh = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
+    K::layernorm_backward(dh.data<float>(), G + fnw_, G + fnb_, d_fin.data<float>(),
+                          st.final_in.data<float>(), W + fnw_, st.final_mean.data<float>(),
+                          st.final_rstd.data<float>(), N, C);
+    st.dhead = st.final_in = st.final_out = st.final_mean = st.final_rstd = Tensor();
+  } else {
+    LOOM_CHECK(dy.defined() && dy.numel() == N * C && dy.dtype() == DType::f32,
+               "stage blocks [{}, {}) needs an f32 output gradient of N*C = {}*{} elements, got "
+               "{}",
+               span_.first_layer, span_.last_layer, N, C, dy.defined() ? dy.numel() : 0);
+    dh = dy;
+  }
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    dh = block_backward(c, blocks_[i], dh, nullptr, *st.blocks[i]);
+    st.blocks[i].reset();
+  }
+  if (span_.has_embedding) {
+    K::embedding_backward(G + tok_, G + pos_, dh.data<float>(), st.inputs.data(), B, T, C,
+                          cfg_.vocab, 0);
+    dh = Tensor();
+  }
+  stash_.erase(it);
+  return dh;  // (N,C) or undefined on the embedding stage
+}
+
+}  // namespace loom::model

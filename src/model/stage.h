@@ -1,0 +1,135 @@
+// model/stage.h: one pipeline stage of the GPT (a contiguous range of blocks, plus the embedding
+// on the first stage and the final norm, query layer and tied head + loss on the last stage),
+// owning only its own parameters.
+//
+// Glossary: B batch, T sequence, N = B*T rows, C d_model, V vocab, L blocks, pp pipeline stages,
+// VS virtual stages per rank (interleaving; "chunks"), mb micro-batch index, layer group one
+// contiguous range of blocks held by one virtual stage.
+//
+// Parameters: the stage allocates ONE flat f32 buffer (and grads, and a bf16 copy in bf16 mode)
+// holding only the tensors it uses, in the global ParamLayout's order. Each tensor keeps its
+// global name, shape, global offset and init rule (StageParam), so checkpoints and tests can
+// move weights by name between layouts. The tied token embedding is the exception: both the
+// first stage (embedding) and the last stage (LM head) hold a copy; their gradients must be
+// summed across the two before the optimizer step (Megatron's embedding group), after which
+// the two copies stay bit-identical.
+//
+// Numerics: the same kernels in the same order as model::Gpt, so a pipeline's activations and
+// per-micro-batch gradients are bit-identical to the serial model's; only the order in which
+// micro-batch gradients of the tied embedding are summed differs.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/memory_pool.h"
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/gpt.h"
+#include "model/params.h"
+
+namespace loom::model {
+
+struct BlockStash;  // model/block.h
+
+// The part of the model one (virtual) stage holds.
+struct StageSpan {
+  int64_t first_layer = 0;  // blocks [first_layer, last_layer)
+  int64_t last_layer = 0;
+  bool has_embedding = false;  // token + position embedding (the first virtual stage)
+  bool has_head = false;       // final norm, query layer, tied head + loss (the last one)
+  bool operator==(const StageSpan&) const = default;
+};
+
+// Splits the L blocks into `n_stages` spans in order. `stage_layers` (size n_stages, each >= 1,
+// summing to L) gives uneven splits; empty means an even split, which needs n_stages | L.
+// Throws loom::Error naming the bad entry and the valid values.
+std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
+                                    const std::vector<int64_t>& stage_layers = {});
+
+// One parameter tensor of a stage: its global spec (name, shape, global offset, init, decay)
+// and where it lives in the stage's own flat buffer.
+struct StageParam {
+  ParamSpec global;
+  int64_t local_offset = 0;
+  // True for the last stage's copy of embed.token.weight when another stage holds the
+  // embedding: its gradient is summed across the two, and it is counted once in norms and
+  // checkpoints (the first stage's copy is the one that counts).
+  bool tied_copy = false;
+};
+
+class GptStage {
+ public:
+  // Allocates this span's weights (f32, plus bf16 in bf16 mode) and zeroed grads from `pool`.
+  // Weights are uninitialised until init_weights() or import_weights(). Throws loom::Error for
+  // a span outside [0, L) or an embedding / head on a span that does not start at 0 / end at L.
+  GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision);
+  ~GptStage();
+  GptStage(const GptStage&) = delete;
+  GptStage& operator=(const GptStage&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  const StageSpan& span() const { return span_; }
+  const ParamLayout& global_layout() const { return global_; }
+  const std::vector<StageParam>& params() const { return params_; }
+  const StageParam& find(const std::string& name) const;     // throws naming the stage's span
+  int64_t total() const { return total_; }                   // elements of the stage's flat buffer
+  float* weights() const { return weights_.data<float>(); }  // (total())
+  float* grads() const { return grads_.data<float>(); }      // (total())
+  // Local offset of embed.token.weight (V,C); -1 if the stage holds neither end.
+  int64_t token_embedding() const { return tok_; }
+
+  void zero_grads();
+  // Same logical initial weights as Gpt::init_weights(seed) (each tensor's Philox stream is
+  // named by its global name). Uses a temporary (layout().total()) f32 workspace buffer.
+  void init_weights(uint64_t seed);
+  // Copies this stage's tensors from / to a full flat buffer in the global layout. export skips
+  // tied copies unless `include_tied_copy`.
+  void import_weights(const float* global_weights);
+  void export_weights(float* global_weights, bool include_tied_copy = false) const;
+  void sync_low_precision_weights();
+  void set_recompute(Recompute mode) { recompute_ = mode; }
+
+  // Forward of micro-batch `mb`. inputs (B,T) int32 are read on the embedding stage (and kept
+  // for its backward); otherwise `x` (N,C) is the previous stage's output. On the head stage
+  // `targets` (B,T) (< 0 ignored) give the loss: the fused head + cross-entropy also runs its
+  // backward at once (as Gpt does), accumulating grad_scale * d(loss sum) into the tied
+  // embedding's grad and keeping d(head input) for backward(mb); it returns an undefined
+  // tensor and writes *loss. Otherwise returns the stage output (N,C). Stashes what backward
+  // needs under `mb`; a micro-batch id already in flight is an error.
+  Tensor forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
+                 int64_t T, float grad_scale, LossSum* loss);
+  // Backward of micro-batch `mb`: `dy` (N,C) is the gradient of the stage output (ignored on
+  // the head stage, which uses its stash; its buffer is reused). ACCUMULATES parameter grads,
+  // frees the stash and returns d(input) (N,C), or an undefined tensor on the embedding stage.
+  Tensor backward(int mb, Tensor& dy);
+  int in_flight() const { return int(stash_.size()); }
+
+ private:
+  struct MicroStash;
+  int64_t local(int64_t global_offset) const;  // LOOM_ASSERTs the offset is held
+  BlockOffsets local_block(const BlockOffsets& g) const;
+
+  ModelConfig cfg_;
+  ParamLayout global_;
+  StageSpan span_;
+  MemoryPool& pool_;
+  Precision precision_;
+  Recompute recompute_ = Recompute::none;
+  std::vector<StageParam> params_;
+  struct Segment {
+    int64_t global_begin, global_end, local_begin;
+  };
+  std::vector<Segment> segments_;  // ascending global ranges held, packed in order
+  int64_t total_ = 0;
+  int64_t tok_ = -1, pos_ = -1, fnw_ = -1, fnb_ = -1, qpos_ = -1;
+  std::vector<BlockOffsets> blocks_;  // local offsets, blocks first_layer..last_layer-1
+  BlockOffsets qblock_{};
+  Tensor weights_, grads_, weights_lp_;
+  std::map<int, std::unique_ptr<MicroStash>> stash_;
+};
+
+}  // namespace loom::model

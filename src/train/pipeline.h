@@ -1,0 +1,109 @@
+// train/pipeline.h: pipeline-parallel training step. Runs this rank's action list from
+// parallel/schedule.h (GPipe, 1F1B, interleaved 1F1B) over its model chunks (model::GptStage)
+// with non-blocking point-to-point transfers on the pp group, then synchronises the tied
+// embedding, clips by the global gradient norm and applies AdamW to the rank's own parameters.
+//
+// Glossary: pp pipeline ranks (the pp group), VS virtual stages (model chunks) per rank, M
+// micro-batches per step, B micro-batch size, T sequence, N = B*T rows, C d_model, mb
+// micro-batch index, g = chunk * pp + rank the virtual stage of a chunk (layer group g).
+//
+// Contract
+// - Every member of the pp group constructs the executor with the same model config and
+//   PipelineConfig (the constructor is collective over `pp`: it splits off the embedding group
+//   {first rank, last rank}), and calls train_step() in lockstep.
+// - Layer groups: stage_layers lists the blocks of each of the pp*VS virtual stages in virtual
+//   stage order (empty: even split, which needs pp*VS | n_layers); chunk c of rank r holds layer
+//   group c*pp + r. Group 0 also holds the embedding, group pp*VS-1 the final norm, query layer
+//   and tied head. Invalid lists throw loom::Error naming the valid values.
+// - Transfers: activations (N,C) f32 forward, their gradients (N,C) f32 backward, each on its own
+//   MPI tag derived from (micro-batch, sending virtual stage, kind), so a schedule that pairs a
+//   receive with the wrong message fails with a timeout naming the op instead of silently
+//   mixing micro-batches. Sends are isend, waited at the end of the step; receives are irecv,
+//   waited (with the group timeout) before the next compute action. Per step each boundary
+//   between consecutive virtual stages moves 2 * M * N * C * 4 bytes (counted as `send` on the
+//   pp group's counters by the sender).
+// - Numerics: gradient scale 1/(B*T*M) as train/trainer.cpp; the tied embedding's gradient is
+//   all-reduced (sum) between its two holders before the norm; the global grad norm sums each
+//   rank's squares (the tied embedding counted once) with an f64 all-reduce over pp. The result
+//   equals the serial Gpt + AdamW step up to summation order; two runs of one layout are
+//   bit-identical.
+// - Failure: a peer that never sends makes wait() throw loom::TimeoutError naming the group,
+//   op and sequence number; the executor's state is then undefined (discard it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/process_group.h"
+#include "core/memory_pool.h"
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/gpt.h"
+#include "model/stage.h"
+#include "optim/optimizer.h"
+#include "parallel/schedule.h"
+
+namespace loom::train {
+
+struct PipelineConfig {
+  parallel::ScheduleKind schedule = parallel::ScheduleKind::one_f_one_b;
+  int micro_batches = 1;              // M
+  int virtual_stages = 1;             // VS (interleaved only)
+  std::vector<int64_t> stage_layers;  // (pp*VS) blocks per layer group; empty = even
+  model::Precision precision = model::Precision::f32;
+  model::Recompute recompute = model::Recompute::none;
+  optim::AdamWConfig optim;
+};
+
+struct PipelineStepStats {
+  int64_t step = 0;      // optimizer steps taken, after this one
+  double loss = 0;       // mean cross-entropy per counted token (same on every pp rank)
+  double loss_sum = 0;   // summed over the step's micro-batches (the last stage's value)
+  int64_t tokens = 0;    // counted target tokens
+  double grad_norm = 0;  // global L2 norm before clipping
+  float lr = 0;
+};
+
+class PipelineExecutor {
+ public:
+  // Builds this rank's chunks (weights uninitialised) and optimizer state from `pool`, and the
+  // schedule. Collective over `pp`. Throws loom::Error for invalid layer splits or schedules.
+  PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
+                   const comm::ProcessGroup& pp, MemoryPool& pool);
+  ~PipelineExecutor();
+
+  // Same logical weights as model::Gpt::init_weights(seed).
+  void init_weights(uint64_t seed);
+  // One training step over M micro-batches. tokens (M, B, T+1) int32 windows, micro-batch
+  // major; read only on ranks holding the embedding or the head (others may pass null).
+  PipelineStepStats train_step(const int32_t* tokens, int64_t B, int64_t T);
+
+  int num_chunks() const { return int(chunks_.size()); }
+  model::GptStage& chunk(int c) const { return *chunks_.at(size_t(c)); }
+  const parallel::PipelineSchedule& schedule() const { return schedule_; }
+  const comm::ProcessGroup& pp_group() const { return pp_; }
+  int64_t step_count() const { return step_; }
+  // Writes this rank's parameters into a full flat buffer in the global layout (tied copies
+  // skipped unless asked), e.g. to gather or checkpoint by name.
+  void export_weights(float* global_weights, bool include_tied_copy = false) const;
+  void import_weights(const float* global_weights);
+  // AdamW state (m, v: each a full flat buffer in the global layout; tied copies skipped on
+  // export) and the step count, so a checkpoint can resume at any layout. import also refreshes
+  // the step count; m and v of the head's tied copy are taken from the embedding's entries.
+  void export_optimizer(float* global_m, float* global_v) const;
+  void import_optimizer(const float* global_m, const float* global_v, int64_t step);
+
+ private:
+  struct ChunkOptimizer;
+  model::ModelConfig cfg_;
+  PipelineConfig pc_;
+  comm::ProcessGroup pp_, embedding_;
+  MemoryPool& pool_;
+  parallel::PipelineSchedule schedule_;
+  std::vector<std::unique_ptr<model::GptStage>> chunks_;
+  std::vector<std::unique_ptr<ChunkOptimizer>> optimizers_;
+  int64_t step_ = 0;
+};
+
+}  // namespace loom::train
