@@ -16,7 +16,9 @@ for dtype in f32 bf16; do
   "$loom" bench train-step --model "$root/configs/models/gpt2-124m.toml" --batch 4 --seq 256 \
     --dtype "$dtype" --steps "$steps" --warmup 2 | tee -a "$out"
 done
-"$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 | tee -a "$out"
+# Both of torch's f32 routes: its own BLAS (OpenBLAS when installed) and the oneDNN route.
+"$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 --impl torch | tee -a "$out"
+"$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 --impl auto | tee -a "$out"
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
