@@ -7,6 +7,7 @@
 
 #include "comm/mpi_runtime.h"
 #include "comm/process_group.h"
+#include "core/error.h"
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
@@ -20,8 +21,9 @@ struct TrainOptions {
   std::string out;
   std::string resume;
   std::vector<std::string> sets;
-  int64_t dp = -1, zero = -1;
+  int64_t dp = -1, zero = -1, tp = 1, pp = -1, micro_batches = -1, virtual_stages = -1;
   double bucket_mb = -1;
+  std::string schedule, stage_layers;
 };
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
@@ -43,6 +45,12 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dp", opts->dp, "data-parallel size (must equal the number of ranks)");
   sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
   sub->add_option("--bucket-mb", opts->bucket_mb, "gradient all-reduce bucket size (MiB)");
+  sub->add_option("--tp", opts->tp, "tensor-parallel size (only 1 is available yet)");
+  sub->add_option("--pp", opts->pp, "pipeline stages (= the number of ranks; dp x pp not yet)");
+  sub->add_option("--schedule", opts->schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
+  sub->add_option("--virtual-stages", opts->virtual_stages, "model chunks per rank (interleaved)");
+  sub->add_option("--micro-batches", opts->micro_batches, "micro-batches per step");
+  sub->add_option("--stage-layers", opts->stage_layers, "blocks per stage, e.g. 5,6,6,5");
   sub->callback([opts, &ctx] {
     std::vector<std::string> sets = opts->sets;
     if (opts->steps >= 0) sets.push_back("train.steps=" + std::to_string(opts->steps));
@@ -53,6 +61,16 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
     if (opts->dp >= 0) sets.push_back("parallel.dp=" + std::to_string(opts->dp));
     if (opts->zero >= 0) sets.push_back("parallel.zero=" + std::to_string(opts->zero));
     if (opts->bucket_mb > 0) sets.push_back("parallel.bucket_mb=" + std::to_string(opts->bucket_mb));
+    LOOM_CHECK(opts->tp == 1, "--tp {}: tensor parallelism is not available yet; use --tp 1 with "
+               "--dp and/or --pp", opts->tp);
+    if (opts->pp > 0) sets.push_back("parallel.pp=" + std::to_string(opts->pp));
+    if (!opts->schedule.empty()) sets.push_back("parallel.schedule=\"" + opts->schedule + "\"");
+    if (opts->virtual_stages > 0)
+      sets.push_back("parallel.virtual_stages=" + std::to_string(opts->virtual_stages));
+    if (opts->micro_batches > 0)
+      sets.push_back("train.micro_batches=" + std::to_string(opts->micro_batches));
+    if (!opts->stage_layers.empty())
+      sets.push_back("parallel.stage_layers=\"" + opts->stage_layers + "\"");
     loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets);
     std::unique_ptr<loom::comm::MpiRuntime> mpi;
     loom::comm::ProcessGroup world;

@@ -1,5 +1,6 @@
 #include "train/train_config.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -26,7 +27,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
                  "warmup_steps", "decay_steps"}},
       {"checkpoint", {"dir", "every"}},
       {"log", {"dir", "every"}},
-      {"parallel", {"dp", "zero", "bucket_mb"}},
+      {"parallel", {"dp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers"}},
   };
   return s;
 }
@@ -209,6 +210,40 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
     c.bucket_mb = *node.value<double>();
   }
+  get_int("parallel", "pp", c.pp, 1);
+  get_str("parallel", "schedule", c.schedule);
+  LOOM_CHECK(c.schedule == "gpipe" || c.schedule == "1f1b" || c.schedule == "interleaved",
+             "{} = '{}': choose \"gpipe\", \"1f1b\" or \"interleaved\"",
+             where("parallel", "schedule"), c.schedule);
+  get_int("parallel", "virtual_stages", c.virtual_stages, 1);
+  if (auto node = tbl["parallel"]["stage_layers"]) {
+    if (node.is_string()) {  // "5,6,6,5" as the CLI gives it
+      std::string text = *node.value<std::string>();
+      size_t pos = 0;
+      while (pos <= text.size() && !text.empty()) {
+        size_t comma = text.find(',', pos);
+        std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        char* end = nullptr;
+        long long v = std::strtoll(item.c_str(), &end, 10);
+        LOOM_CHECK(!item.empty() && end && *end == '\0' && v > 0,
+                   "{} = '{}': give positive block counts separated by commas, e.g. \"2,2\"",
+                   where("parallel", "stage_layers"), text);
+        c.stage_layers.push_back(v);
+        if (comma == std::string::npos) break;
+        pos = comma + 1;
+      }
+    } else {
+      LOOM_CHECK(node.is_array(), "{} must be a list of block counts", where("parallel", "stage_layers"));
+      for (auto& e : *node.as_array()) {
+        LOOM_CHECK(e.is_integer() && *e.value<int64_t>() > 0, "{} entries must be positive integers",
+                   where("parallel", "stage_layers"));
+        c.stage_layers.push_back(*e.value<int64_t>());
+      }
+    }
+  }
+  LOOM_CHECK(c.pp == 1 || c.zero == 0,
+             "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero = 0 with "
+             "pipeline parallelism", path, c.zero, c.pp);
   get_str("log", "dir", c.log_dir);
   get_int("log", "every", c.log_every, 1);
   return c;

@@ -8,7 +8,8 @@
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
-//   [parallel] dp, zero, bucket_mb   (train.batch is per data-parallel rank)
+//   [parallel] dp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers
+//            (train.batch is per data-parallel rank and micro-batch)
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
 // allowed ones.
 #pragma once
@@ -51,6 +52,13 @@ struct TrainConfig {
   int64_t dp = 0;
   int64_t zero = 0;
   double bucket_mb = 4.0;
+  // Pipeline parallel: pp stages (pp = world size, dp = 1 for now), schedule "gpipe" | "1f1b" |
+  // "interleaved", virtual stages per rank (interleaved), blocks per layer group (empty = even).
+  // train.micro_batches is the number of micro-batches in the pipeline.
+  int64_t pp = 1;
+  std::string schedule = "1f1b";
+  int64_t virtual_stages = 1;
+  std::vector<int64_t> stage_layers;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value" or "model=path"), validates.

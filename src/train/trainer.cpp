@@ -14,6 +14,7 @@
 #include "data/token_stream.h"
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/matmul.h"
+#include "train/pipeline_run.h"
 #include "train/plot.h"
 
 namespace fs = std::filesystem;
@@ -252,6 +253,13 @@ extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                        const comm::ProcessGroup* world) {
   const int world_size = world ? world->size() : 1;
+  if (cfg.pp > 1) {
+    LOOM_CHECK(world != nullptr && (cfg.dp == 0 || cfg.dp == 1),
+               "parallel.pp = {} needs {} MPI ranks and dp = 1 (dp x pp is not available yet); "
+               "launch: mpirun -np {} loom train ... --pp {}",
+               cfg.pp, cfg.pp, cfg.pp, cfg.pp);
+    return run_pipeline_training(cfg, resume_dir, *world);
+  }
   LOOM_CHECK(cfg.dp == 0 || cfg.dp == world_size,
              "parallel.dp = {} but {} ranks were launched; loom runs data parallel over every "
              "rank here: use dp = {} (or 0), or launch dp ranks (mpirun -np {})",

@@ -1,0 +1,176 @@
+#include "train/pipeline_run.h"
+
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint/checkpoint.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/threads.h"
+#include "data/token_stream.h"
+#include "model/params.h"
+#include "train/pipeline.h"
+#include "train/plot.h"
+
+namespace fs = std::filesystem;
+
+namespace loom::train {
+
+namespace {
+
+volatile std::sig_atomic_t g_pipeline_stop = 0;
+extern "C" void on_pipeline_stop(int sig) { g_pipeline_stop = sig; }
+
+std::unique_ptr<data::TokenStream> make_stream(const TrainConfig& cfg, bool train) {
+  // Every pp rank reads the same windows (only the first and last stage use them). The
+  // synthetic and shard streams are the ones a single rank uses, so pp equals serial.
+  if (cfg.data_source == "synthetic")
+    return data::make_synthetic_stream(cfg.model.vocab, cfg.data_seed, train ? 0 : 1, 2);
+  return data::open_shard_stream(cfg.data_path, train ? "train" : "val", cfg.data_seed, 0, 1);
+}
+
+// Gathers the logical weights / moments on every rank: each rank exports its own tensors into a
+// zeroed full buffer and a sum all-reduce fills in the rest (every tensor has one owner).
+void gather_full(const comm::ProcessGroup& pp, float* full, int64_t n) {
+  pp.all_reduce(comm::BufferRef(full, n, DType::f32)).wait();
+}
+
+}  // namespace
+
+StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resume_dir,
+                                const comm::ProcessGroup& world) {
+  LOOM_CHECK(cfg.pp == world.size(),
+             "parallel.pp = {} but {} ranks were launched; pipeline runs use pp = the number of "
+             "ranks for now (dp x pp is not available yet): launch mpirun -np {}",
+             cfg.pp, world.size(), cfg.pp);
+  const bool leader = world.rank() == 0;
+  set_log_rank(world.rank(), world.size());
+  if (!leader) set_log_level(LogLevel::warn);
+  set_num_threads(cfg.threads > 0 ? int(cfg.threads) : default_num_threads(world.local_size()));
+
+  PipelineConfig pc;
+  pc.schedule = parallel::schedule_from_name(cfg.schedule);
+  pc.micro_batches = int(cfg.micro_batches);
+  pc.virtual_stages = int(cfg.virtual_stages);
+  pc.stage_layers = cfg.stage_layers;
+  pc.precision = cfg.precision;
+  pc.recompute = cfg.recompute;
+  pc.optim = cfg.optim;
+  MemoryPool pool;
+  PipelineExecutor exec(cfg.model, pc, world, pool);
+  const model::ParamLayout layout(cfg.model);
+  const int64_t n = layout.total();
+
+  auto train_stream = make_stream(cfg, true);
+  if (resume_dir.empty()) {
+    exec.init_weights(cfg.seed);
+  } else {
+    checkpoint::CheckpointReader r(resume_dir);
+    r.expect_config(cfg.model);
+    std::vector<float> full(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    r.load_weights(layout, full.data());
+    exec.import_weights(full.data());
+    if (r.has_optimizer()) {
+      int64_t step = r.load_optimizer(layout, m.data(), v.data());
+      exec.import_optimizer(m.data(), v.data(), step);
+    }
+    if (r.trainer_state().contains("data")) train_stream->restore(r.trainer_state()["data"]);
+    LOOM_LOG_INFO("resumed from {} at step {}", resume_dir, exec.step_count());
+  }
+
+  auto save = [&](const std::string& dir) {
+    std::vector<float> w(size_t(n), 0.f), m(size_t(n), 0.f), v(size_t(n), 0.f);
+    exec.export_weights(w.data());
+    exec.export_optimizer(m.data(), v.data());
+    gather_full(world, w.data(), n);
+    gather_full(world, m.data(), n);
+    gather_full(world, v.data(), n);
+    int32_t failed = 0;
+    std::string error;
+    if (leader) {
+      nlohmann::json state = {{"step", exec.step_count()}, {"data", train_stream->state()},
+                              {"seed", cfg.seed}, {"pp", cfg.pp}, {"schedule", cfg.schedule}};
+      try {
+        checkpoint::save_checkpoint(dir, cfg.model, layout, w.data(),
+                                    {m.data(), v.data(), exec.step_count()}, state);
+      } catch (const std::exception& e) {
+        error = e.what();
+        failed = 1;
+      }
+    }
+    world.all_reduce(comm::BufferRef(&failed, 1, DType::i32), comm::ReduceOp::max).wait();
+    LOOM_CHECK(!failed, "saving checkpoint '{}' failed{}{}", dir, error.empty() ? " on rank 0" : ": ",
+               error);
+  };
+
+  std::ofstream metrics;
+  if (leader) {
+    fs::create_directories(cfg.log_dir);
+    metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
+    LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
+  }
+  LOOM_LOG_INFO("model {}: {} parameters, pp {} ({} schedule, {} micro-batches, {} virtual "
+                "stages), {} threads per rank",
+                cfg.model.name, cfg.model.num_params(), cfg.pp, cfg.schedule, cfg.micro_batches,
+                cfg.virtual_stages, num_threads());
+  const int64_t B = cfg.batch, T = cfg.seq, M = cfg.micro_batches;
+  std::vector<int32_t> tokens(size_t(M * B * (T + 1)));
+  auto old_int = std::signal(SIGINT, on_pipeline_stop);
+  auto old_term = std::signal(SIGTERM, on_pipeline_stop);
+  auto t_start = std::chrono::steady_clock::now();
+  auto stop_agreed = [&] {
+    bool mine = g_pipeline_stop != 0 ||
+                (cfg.time_limit_s > 0 &&
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() >=
+                     cfg.time_limit_s);
+    int32_t v = mine ? 1 : 0;
+    world.all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
+    return v != 0;
+  };
+  StepStats last;
+  bool stop = stop_agreed();
+  while (exec.step_count() < cfg.steps && !stop) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t mb = 0; mb < M; ++mb)
+      train_stream->next_batch(tokens.data() + mb * B * (T + 1), nullptr, B, T);
+    world.reset_counters();
+    PipelineStepStats ps = exec.train_step(tokens.data(), B, T);
+    last.step = ps.step;
+    last.loss = ps.loss;
+    last.lr = ps.lr;
+    last.grad_norm = ps.grad_norm;
+    last.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    last.tokens_per_s = double(B * T * M) / last.step_s;
+    last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M) / last.step_s / 1e9;
+    stop = stop_agreed();
+    if (leader) {
+      nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
+                          {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
+                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops},
+                          {"comm_bytes", nlohmann::json::parse(world.counters().to_json())}};
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
+    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || stop)
+      LOOM_LOG_INFO("step {:>5}/{} loss {:.4f} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} GFLOP/s",
+                    last.step, cfg.steps, last.loss, last.lr, last.grad_norm, last.tokens_per_s,
+                    last.gflops);
+    if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 && last.step < cfg.steps &&
+        !stop)
+      save(cfg.checkpoint_dir);
+  }
+  save(cfg.checkpoint_dir);
+  LOOM_LOG_INFO("checkpoint written to {} (step {})", cfg.checkpoint_dir, exec.step_count());
+  if (leader) {
+    metrics.close();
+    write_loss_plot(cfg.log_dir + "/metrics.jsonl", cfg.log_dir + "/loss.svg");
+  }
+  std::signal(SIGINT, old_int);
+  std::signal(SIGTERM, old_term);
+  g_pipeline_stop = 0;
+  return last;
+}
+
+}  // namespace loom::train
