@@ -1,5 +1,6 @@
 // `loom data build`: source trees -> tokenizer + token shards (data/corpus_builder.h).
 // `loom data verify`: opens and checksums every shard of a data directory, prints a summary.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -88,8 +89,17 @@ void add_data(CLI::App& root, loom::cli::Context& ctx) {
                dir);
     std::sort(paths.begin(), paths.end());
     int64_t tokens = 0, documents = 0;
+    // Unigram statistics of the training shards: the entropy (nats per token) of a model that
+    // knows only token frequencies, the bar a trained model's validation loss must clear.
+    std::vector<int64_t> counts;
+    int64_t train_tokens = 0;
     for (const auto& p : paths) {
       loom::data::ShardReader r(p);
+      if (fs::path(p).filename().string().starts_with("train_")) {
+        if (int64_t(counts.size()) < r.vocab_size()) counts.resize(size_t(r.vocab_size()), 0);
+        for (int64_t i = 0; i < r.token_count(); ++i) ++counts[size_t(r.token(i))];
+        train_tokens += r.token_count();
+      }
       std::printf("%s: %lld tokens, %zu documents, %d-byte tokens, vocab %lld: ok\n", p.c_str(),
                   static_cast<long long>(r.token_count()), r.documents().size(), r.token_bytes(),
                   static_cast<long long>(r.vocab_size()));
@@ -103,6 +113,13 @@ void add_data(CLI::App& root, loom::cli::Context& ctx) {
     }
     std::printf("%zu shards, %lld tokens, %lld documents: ok\n", paths.size(),
                 static_cast<long long>(tokens), static_cast<long long>(documents));
+    double entropy = 0;
+    for (int64_t c : counts)
+      if (c > 0) {
+        double p = double(c) / double(train_tokens);
+        entropy -= p * std::log(p);
+      }
+    std::printf("unigram entropy of the training tokens: %.4f nats/token\n", entropy);
     ctx.exit_code = 0;
   });
 }
