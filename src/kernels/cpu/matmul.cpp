@@ -16,6 +16,12 @@
 // which reads the destination in the same pass.
 #include "kernels/cpu/matmul.h"
 
+#include <algorithm>
+
+#include <string>
+
+#include <cstdlib>
+
 #include <chrono>
 #include <map>
 #include <memory>
@@ -128,10 +134,66 @@ void matmul_f32(const float* A, const float* B, float* C, int64_t M, int64_t N, 
   matmul_impl(A, B, C, M, N, K, trans_a, trans_b, accumulate, false);
 }
 
+namespace {
+
+// Widens a bf16 operand into a per-thread f32 scratch buffer (exact: bf16 is a truncated f32).
+// The scratch lives outside the MemoryPool, like oneDNN's own scratchpad.
+const float* widen(const bf16* x, int64_t n, std::vector<float>& scratch) {
+  if (scratch.size() < size_t(n)) scratch.resize(size_t(n));
+  convert_bf16_to_f32(x, scratch.data(), size_t(n));
+  return scratch.data();
+}
+
+void matmul_bf16_widened(const bf16* A, const bf16* B, float* C, int64_t M, int64_t N, int64_t K,
+                         bool trans_a, bool trans_b, bool accumulate) {
+  thread_local std::vector<float> a_scratch, b_scratch;
+  const float* a = widen(A, M * K, a_scratch);
+  const float* b = widen(B, K * N, b_scratch);
+  matmul_impl(a, b, C, M, N, K, trans_a, trans_b, accumulate, false);
+}
+
+Bf16MatmulPath choose_bf16_path() {
+  const char* env = std::getenv("LOOM_BF16_MATMUL");
+  std::string v = env ? env : "auto";
+  if (v == "native") return Bf16MatmulPath::native;
+  if (v == "widen") return Bf16MatmulPath::widen;
+  LOOM_CHECK(v == "auto", "LOOM_BF16_MATMUL='{}': choose native, widen or auto", v);
+  // Time both on a GPT-sized product and keep the faster for this process.
+  const int64_t M = 512, N = 768, K = 768;
+  std::vector<bf16> a(size_t(M * K)), b(size_t(K * N));
+  for (size_t i = 0; i < a.size(); ++i) a[i] = f32_to_bf16(float(int64_t(i % 7) - 3) * 0.01f);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = f32_to_bf16(float(int64_t(i % 5) - 2) * 0.01f);
+  std::vector<float> c(size_t(M * N));
+  auto time_it = [&](bool native) {
+    double best = 1e30;
+    for (int rep = 0; rep < 4; ++rep) {
+      auto t0 = std::chrono::steady_clock::now();
+      if (native)
+        matmul_impl(a.data(), b.data(), c.data(), M, N, K, false, true, false, true);
+      else
+        matmul_bf16_widened(a.data(), b.data(), c.data(), M, N, K, false, true, false);
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  double native = time_it(true), widened = time_it(false);
+  return widened < native ? Bf16MatmulPath::widen : Bf16MatmulPath::native;
+}
+
+}  // namespace
+
+Bf16MatmulPath bf16_matmul_path() {
+  static const Bf16MatmulPath path = choose_bf16_path();
+  return path;
+}
+
 void matmul_bf16(const bf16* A, const bf16* B, float* C, int64_t M, int64_t N, int64_t K,
                  bool trans_a, bool trans_b, bool accumulate) {
   static_assert(sizeof(bf16) == 2, "bf16 must be 2 bytes to be passed to oneDNN");
-  matmul_impl(A, B, C, M, N, K, trans_a, trans_b, accumulate, true);
+  if (bf16_matmul_path() == Bf16MatmulPath::widen)
+    matmul_bf16_widened(A, B, C, M, N, K, trans_a, trans_b, accumulate);
+  else
+    matmul_impl(A, B, C, M, N, K, trans_a, trans_b, accumulate, true);
 }
 
 int64_t matmul_primitive_cache_size() {
