@@ -196,6 +196,32 @@ TEST(Model, RejectsBadTokensAndLengthsBeforeTouchingAnything) {
   EXPECT_THROW(m.forward_loss(longer.data(), 1, cfg.max_seq + 1), Error);
 }
 
+TEST(Model, GradReadyRangesTileTheBufferBackToFront) {
+  // Data parallelism starts reducing each range as soon as the hook reports it, so the ranges
+  // must cover every gradient exactly once, arrive back to front, and be final when reported.
+  for (bool ql : {true, false}) {
+    ModelConfig cfg = small_config(ql, Activation::gelu, 2);
+    MemoryPool pool;
+    Gpt m(cfg, pool, Precision::f32);
+    m.init_weights(1);
+    auto tokens = random_tokens(2, 8, cfg.vocab, 16);
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    std::vector<float> at_report(size_t(m.layout().total()));
+    m.set_grad_ready_hook([&](int64_t b, int64_t e) {
+      ranges.emplace_back(b, e);
+      std::copy(m.grads() + b, m.grads() + e, at_report.begin() + b);
+    });
+    m.zero_grads();
+    m.forward_backward(tokens.data(), 2, 8, 1.f / 16);
+    ASSERT_FALSE(ranges.empty());
+    EXPECT_EQ(ranges.front().second, m.layout().total());
+    EXPECT_EQ(ranges.back().first, 0);
+    for (size_t i = 1; i < ranges.size(); ++i) EXPECT_EQ(ranges[i].second, ranges[i - 1].first);
+    std::vector<float> final_grads(m.grads(), m.grads() + m.layout().total());
+    EXPECT_EQ(at_report, final_grads) << "a range changed after it was reported";
+  }
+}
+
 TEST(Config, StrictAndActionable) {
   EXPECT_THROW(model_config_from_toml("vocab=10\nn_layers=1\nd_model=8\nn_heads=2\nd_ff=8\n"
                                       "max_seq=4\nbogus=1\n", "x.toml"), Error);
