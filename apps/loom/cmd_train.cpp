@@ -45,7 +45,7 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dp", opts->dp, "data-parallel size (must equal the number of ranks)");
   sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
   sub->add_option("--bucket-mb", opts->bucket_mb, "gradient all-reduce bucket size (MiB)");
-  sub->add_option("--tp", opts->tp, "tensor-parallel size (only 1 is available yet)");
+  sub->add_option("--tp", opts->tp, "tensor-parallel size (Megatron-style with sequence parallelism; world = dp x tp)");
   sub->add_option("--pp", opts->pp, "pipeline stages (= the number of ranks; dp x pp not yet)");
   sub->add_option("--schedule", opts->schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
   sub->add_option("--virtual-stages", opts->virtual_stages, "model chunks per rank (interleaved)");
@@ -61,8 +61,7 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
     if (opts->dp >= 0) sets.push_back("parallel.dp=" + std::to_string(opts->dp));
     if (opts->zero >= 0) sets.push_back("parallel.zero=" + std::to_string(opts->zero));
     if (opts->bucket_mb > 0) sets.push_back("parallel.bucket_mb=" + std::to_string(opts->bucket_mb));
-    LOOM_CHECK(opts->tp == 1, "--tp {}: tensor parallelism is not available yet; use --tp 1 with "
-               "--dp and/or --pp", opts->tp);
+    if (opts->tp != 1) sets.push_back("parallel.tp=" + std::to_string(opts->tp));
     if (opts->pp > 0) sets.push_back("parallel.pp=" + std::to_string(opts->pp));
     if (!opts->schedule.empty()) sets.push_back("parallel.schedule=\"" + opts->schedule + "\"");
     if (opts->virtual_stages > 0)

@@ -94,6 +94,9 @@ void save_checkpoint(const std::string& dir_in, const model::ModelConfig& cfg,
   fs::remove_all(tmp);
   fs::create_directories(tmp);
 
+  LOOM_CHECK(layout.tp().size == 1,
+             "save_checkpoint takes the whole model's layout; gather tp shards first (tp = {})",
+             layout.tp().size);
   std::vector<TensorToWrite> tensors;
   for (const auto& s : layout.specs())
     tensors.push_back({s.name, DType::f32, s.shape, weights + s.offset});
@@ -205,10 +208,15 @@ void CheckpointReader::load_weights(const model::ParamLayout& layout, float* wei
     int64_t lo = std::max(s.offset, begin), hi = std::min(s.offset + s.numel, end);
     if (lo >= hi) continue;
     const TensorInfo& i = model_->info(s.name);
-    LOOM_CHECK(i.dtype == DType::f32 && i.shape == s.shape,
+    LOOM_CHECK(i.dtype == DType::f32 && i.shape == s.global_shape,
                "'{}': tensor '{}' is {} {} but the model expects F32 {}", model_->path(), s.name,
-               dtype_name(i.dtype), shape_str(i.shape), shape_str(s.shape));
-    model_->read_range(s.name, DType::f32, lo - s.offset, hi - lo, weights + lo);
+               dtype_name(i.dtype), shape_str(i.shape), shape_str(s.global_shape));
+    // A tp shard reads only its slice of the logical tensor (one range per contiguous run).
+    float* dst = weights + s.offset;
+    model::for_each_global_run(s, lo - s.offset, hi - s.offset,
+                               [&](int64_t local, int64_t global, int64_t len) {
+                                 model_->read_range(s.name, DType::f32, global, len, dst + local);
+                               });
   }
 }
 
@@ -222,10 +230,14 @@ int64_t CheckpointReader::load_optimizer(const model::ParamLayout& layout, float
     for (const char* which : {"m.", "v."}) {
       std::string name = which + s.name;
       const TensorInfo& i = optimizer_->info(name);
-      LOOM_CHECK(i.shape == s.shape, "'{}': tensor '{}' is {} but the model expects {}",
-                 optimizer_->path(), name, shape_str(i.shape), shape_str(s.shape));
-      optimizer_->read_range(name, DType::f32, lo - s.offset, hi - lo,
-                             (which[0] == 'm' ? m : v) + (lo - begin));
+      LOOM_CHECK(i.shape == s.global_shape, "'{}': tensor '{}' is {} but the model expects {}",
+                 optimizer_->path(), name, shape_str(i.shape), shape_str(s.global_shape));
+      float* dst = which[0] == 'm' ? m : v;  // holds [begin, end) of the flat buffer
+      model::for_each_global_run(s, lo - s.offset, hi - s.offset,
+                                 [&](int64_t local, int64_t global, int64_t len) {
+                                   optimizer_->read_range(name, DType::f32, global, len,
+                                                          dst + (s.offset + local - begin));
+                                 });
     }
   }
   auto it = optimizer_->metadata().find("step");

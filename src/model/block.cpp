@@ -1,6 +1,7 @@
 #include "model/block.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "attention/flash_attention.h"
 #include "core/error.h"
@@ -54,18 +55,50 @@ static void mm_dW(const BlockCtx& c, int64_t g_off, const Tensor& dy, const Tens
     K::matmul_f32(dy.data<float>(), x.data<float>(), c.G + g_off, N, K, M, true, false, true);
 }
 
+// Sequence parallel: this rank's rows (Nl, C) of the residual stream -> all N rows in the matmul
+// dtype. Without tp, just the matmul copy.
+Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCategory cat) {
+  const bool bf = as_mm && c.bf;
+  if (!c.tp) return bf ? to_mm(c, local, cat) : local;
+  const int64_t Nl = local.shape()[0], C = local.shape()[1], P = c.tp_size();
+  const DType dt = bf ? DType::bf16 : DType::f32;
+  Tensor full = Tensor::empty({Nl * P, C}, dt, c.pool, cat);
+  const size_t esz = dtype_size(dt);
+  char* mine = static_cast<char*>(full.raw()) + size_t(c.tp->rank() * Nl * C) * esz;
+  if (bf)
+    convert_f32_to_bf16(local.data<float>(), reinterpret_cast<bf16*>(mine), size_t(Nl * C));
+  else
+    std::memcpy(mine, local.data<float>(), size_t(Nl * C) * esz);
+  c.tp->all_gather(comm::BufferRef(mine, Nl * C, dt), comm::BufferRef(full)).wait();
+  return full;
+}
+
+static Tensor gather_rows_mm(const BlockCtx& c, const Tensor& local, MemCategory cat) {
+  return gather_rows(c, local, /*as_mm=*/true, cat);
+}
+
+// Sequence parallel: partial sums (N, C) of a row-parallel product -> this rank's rows (Nl, C) of
+// their sum over tp. Without tp, the input itself.
+Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory cat) {
+  if (!c.tp) return partial;
+  const int64_t C = partial.shape()[1];
+  Tensor out = Tensor::empty({c.local_rows(), C}, DType::f32, c.pool, cat);
+  c.tp->reduce_scatter(comm::BufferRef(partial), comm::BufferRef(out)).wait();
+  return out;
+}
+
 static attention::AttentionShape attention_shape(const BlockCtx& c, int64_t q_stride, int64_t kv_stride) {
   attention::AttentionShape s{};
   s.B = c.B;
   s.Tq = c.T;
   s.Tk = c.T;
-  s.NH = c.cfg.n_heads;
-  s.NKV = c.cfg.n_kv_heads;
+  s.NH = c.cfg.n_heads / c.tp_size();  // this rank's heads
+  s.NKV = c.cfg.n_kv_heads / c.tp_size();
   s.HD = c.cfg.head_dim();
   s.q_stride = q_stride;
   s.k_stride = kv_stride;
   s.v_stride = kv_stride;
-  s.o_stride = c.cfg.d_model;
+  s.o_stride = s.NH * s.HD;
   s.causal = true;
   s.q_offset = 0;
   s.k_offset = 0;
@@ -73,12 +106,22 @@ static attention::AttentionShape attention_shape(const BlockCtx& c, int64_t q_st
   return s;
 }
 
-// Forward of one pre-LN block. `qin` (N,C) is the query input of the top query layer (its rows
-// are the query layer's position table) or null for an ordinary block. Fills `st` according to
-// `mode` and returns the block output (N,C).
+// Local sizes. N all rows, Nl this rank's residual rows, C model width, Cq this rank's q (and
+// attention output) width, KV its k/v width, F its ffn width. Without tp: Nl = N, Cq = C.
+namespace {
+struct Dims {
+  int64_t N, Nl, C, Cq, KV, F;
+  explicit Dims(const BlockCtx& c)
+      : N(c.rows()), Nl(c.local_rows()), C(c.cfg.d_model), Cq(c.cfg.d_model / c.tp_size()),
+        KV(c.cfg.kv_dim() / c.tp_size()), F(c.cfg.d_ff / c.tp_size()) {}
+};
+}  // namespace
+
+// Forward of one pre-LN block (see block.h).
 Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, const Tensor* qin,
                      BlockStash& st, Recompute mode) {
-  const int64_t N = c.B * c.T, C = c.cfg.d_model, KV = c.cfg.kv_dim(), F = c.cfg.d_ff;
+  const Dims d(c);
+  const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
   const float eps = c.cfg.norm_eps;
   const bool keep_all = mode == Recompute::none;
   const bool keep_some = mode != Recompute::full;
@@ -87,62 +130,67 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   st.mode = mode;
   st.x = x;
 
-  // ln1 = LayerNorm1(x)                                                       (N,C)
-  // In f32 mode the norm outputs are themselves the matmul inputs (kept unless recomputed).
-  Tensor ln1 = new_f32(c, {N, C}, c.bf ? MemCategory::workspace : cat(keep_all));
-  Tensor mean1 = new_f32(c, {N}, cat(keep_some)), rstd1 = new_f32(c, {N}, cat(keep_some));
+  // ln1 = LayerNorm1(x)                                                       (Nl,C)
+  // In f32 mode without tp the norm output is itself the matmul input (kept unless recomputed).
+  Tensor ln1 = new_f32(c, {Nl, C}, c.bf || c.tp ? MemCategory::workspace : cat(keep_all));
+  Tensor mean1 = new_f32(c, {Nl}, cat(keep_some)), rstd1 = new_f32(c, {Nl}, cat(keep_some));
   K::layernorm_forward(ln1.data<float>(), mean1.data<float>(), rstd1.data<float>(),
-                       x.data<float>(), c.W + o.norm1_w, c.W + o.norm1_b, N, C, eps);
-  Tensor ln1_mm = to_mm(c, ln1, cat(keep_all));
+                       x.data<float>(), c.W + o.norm1_w, c.W + o.norm1_b, Nl, C, eps);
+  Tensor ln1_mm = gather_rows_mm(c, ln1, cat(keep_all));  // (N,C)
+  ln1 = Tensor();
 
-  // q, k, v. Ordinary block: one (N, C+2KV) product. Query layer: q from the position rows,
-  // k and v from ln1 (the weight rows [C, C+2KV) of the fused q|k|v matrix).
+  // q, k, v. Ordinary block: one (N, Cq+2KV) product. Query layer: q from the position rows,
+  // k and v from ln1 (the weight rows [Cq, Cq+2KV) of the fused q|k|v matrix).
   const float *q, *k, *v;
   int64_t q_stride, kv_stride;
   if (!qin) {
-    st.qkv = new_f32(c, {N, C + 2 * KV}, cat(keep_some));  // (N, C+2KV)
+    st.qkv = new_f32(c, {N, Cq + 2 * KV}, cat(keep_some));  // (N, Cq+2KV)
     float* qkv = st.qkv.data<float>();
-    mm_xwT(c, qkv, ln1_mm, o.w_qkv, N, C + 2 * KV, C);
-    K::bias_add_rows(qkv, c.W + o.b_qkv, N, C + 2 * KV);
+    mm_xwT(c, qkv, ln1_mm, o.w_qkv, N, Cq + 2 * KV, C);
+    K::bias_add_rows(qkv, c.W + o.b_qkv, N, Cq + 2 * KV);
     q = qkv;
-    k = qkv + C;
-    v = qkv + C + KV;
-    q_stride = kv_stride = C + 2 * KV;
+    k = qkv + Cq;
+    v = qkv + Cq + KV;
+    q_stride = kv_stride = Cq + 2 * KV;
   } else {
     Tensor qin_mm = to_mm(c, *qin, MemCategory::workspace);
-    st.q = new_f32(c, {N, C}, cat(keep_some));        // (N,C)
+    st.q = new_f32(c, {N, Cq}, cat(keep_some));       // (N,Cq)
     st.kv = new_f32(c, {N, 2 * KV}, cat(keep_some));  // (N,2KV)
-    mm_xwT(c, st.q.data<float>(), qin_mm, o.w_qkv, N, C, C);
-    K::bias_add_rows(st.q.data<float>(), c.W + o.b_qkv, N, C);
-    mm_xwT(c, st.kv.data<float>(), ln1_mm, o.w_qkv + C * C, N, 2 * KV, C);
-    K::bias_add_rows(st.kv.data<float>(), c.W + o.b_qkv + C, N, 2 * KV);
+    mm_xwT(c, st.q.data<float>(), qin_mm, o.w_qkv, N, Cq, C);
+    K::bias_add_rows(st.q.data<float>(), c.W + o.b_qkv, N, Cq);
+    mm_xwT(c, st.kv.data<float>(), ln1_mm, o.w_qkv + Cq * C, N, 2 * KV, C);
+    K::bias_add_rows(st.kv.data<float>(), c.W + o.b_qkv + Cq, N, 2 * KV);
     q = st.q.data<float>();
     k = st.kv.data<float>();
     v = k + KV;
-    q_stride = C;
+    q_stride = Cq;
     kv_stride = 2 * KV;
   }
 
-  // att = causal softmax(q k^T / sqrt(HD)) v                                  (N,C), lse (B,NH,T)
-  st.att = new_f32(c, {N, C}, cat(keep_some));
-  st.lse = new_f32(c, {c.B, c.cfg.n_heads, c.T}, cat(keep_some));
+  // att = causal softmax(q k^T / sqrt(HD)) v                               (N,Cq), lse (B,NH,T)
+  st.att = new_f32(c, {N, Cq}, cat(keep_some));
+  st.lse = new_f32(c, {c.B, c.cfg.n_heads / c.tp_size(), c.T}, cat(keep_some));
   attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
                                      attention_shape(c, q_stride, kv_stride));
   Tensor att_mm = to_mm(c, st.att, cat(keep_all));
 
-  // mid = x + att @ Wo^T + bo                                                 (N,C)
-  st.mid = new_f32(c, {N, C}, cat(keep_some));
+  // mid = x + att @ Wo^T + bo                                                 (Nl,C)
+  // (tp: each rank's heads give a partial (N,C) sum, reduce-scattered to its rows)
+  Tensor proj = new_f32(c, {N, C}, c.tp ? MemCategory::workspace : cat(keep_some));
+  mm_xwT(c, proj.data<float>(), att_mm, o.w_out, N, C, Cq);
+  st.mid = scatter_rows_sum(c, proj, cat(keep_some));
+  proj = Tensor();
   float* mid = st.mid.data<float>();
-  mm_xwT(c, mid, att_mm, o.w_out, N, C, C);
-  K::bias_add_rows(mid, c.W + o.b_out, N, C);
-  K::add_inplace(mid, x.data<float>(), N * C);
+  K::bias_add_rows(mid, c.W + o.b_out, Nl, C);
+  K::add_inplace(mid, x.data<float>(), Nl * C);
 
   // ln2 = LayerNorm2(mid); pre = ln2 @ Wup^T + bup; act = gelu(pre)          (N,F)
-  Tensor ln2 = new_f32(c, {N, C}, c.bf ? MemCategory::workspace : cat(keep_all));
-  Tensor mean2 = new_f32(c, {N}, cat(keep_some)), rstd2 = new_f32(c, {N}, cat(keep_some));
+  Tensor ln2 = new_f32(c, {Nl, C}, c.bf || c.tp ? MemCategory::workspace : cat(keep_all));
+  Tensor mean2 = new_f32(c, {Nl}, cat(keep_some)), rstd2 = new_f32(c, {Nl}, cat(keep_some));
   K::layernorm_forward(ln2.data<float>(), mean2.data<float>(), rstd2.data<float>(), mid,
-                       c.W + o.norm2_w, c.W + o.norm2_b, N, C, eps);
-  Tensor ln2_mm = to_mm(c, ln2, cat(keep_all));
+                       c.W + o.norm2_w, c.W + o.norm2_b, Nl, C, eps);
+  Tensor ln2_mm = gather_rows_mm(c, ln2, cat(keep_all));  // (N,C)
+  ln2 = Tensor();
   st.pre = new_f32(c, {N, F}, cat(keep_some));
   mm_xwT(c, st.pre.data<float>(), ln2_mm, o.w_up, N, F, C);
   Tensor act = new_f32(c, {N, F}, c.bf ? MemCategory::workspace : cat(keep_all));
@@ -150,11 +198,13 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
                        c.cfg.activation == Activation::fast_gelu);
   Tensor act_mm = to_mm(c, act, cat(keep_all));
 
-  // out = mid + act @ Wdown^T + bdown                                         (N,C)
-  Tensor out = new_f32(c, {N, C}, MemCategory::activations);
-  mm_xwT(c, out.data<float>(), act_mm, o.w_down, N, C, F);
-  K::bias_add_rows(out.data<float>(), c.W + o.b_down, N, C);
-  K::add_inplace(out.data<float>(), mid, N * C);
+  // out = mid + act @ Wdown^T + bdown                                         (Nl,C)
+  Tensor down = new_f32(c, {N, C}, c.tp ? MemCategory::workspace : MemCategory::activations);
+  mm_xwT(c, down.data<float>(), act_mm, o.w_down, N, C, F);
+  Tensor out = scatter_rows_sum(c, down, MemCategory::activations);
+  down = Tensor();
+  K::bias_add_rows(out.data<float>(), c.W + o.b_down, Nl, C);
+  K::add_inplace(out.data<float>(), mid, Nl * C);
 
   if (keep_all) {
     st.ln1_mm = ln1_mm;
@@ -177,11 +227,11 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   return out;
 }
 
-// Backward of one block: from dout (N,C), ACCUMULATES parameter grads and returns dx (N,C).
-// Consumes (clears) the stash.
+// Backward of one block (see block.h). Consumes (clears) the stash.
 Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, const Tensor* qin,
                       BlockStash& st) {
-  const int64_t N = c.B * c.T, C = c.cfg.d_model, KV = c.cfg.kv_dim(), F = c.cfg.d_ff;
+  const Dims d(c);
+  const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
   const float eps = c.cfg.norm_eps;
   const MemCategory ws = MemCategory::workspace;
 
@@ -189,15 +239,16 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     Tensor x = st.x;
     block_forward(c, o, x, qin, st, Recompute::none);  // rebuilds every saved tensor
   } else if (st.mode == Recompute::selective) {
-    // Rebuild what elementwise kernels make from the kept tensors (identical bits).
-    Tensor ln1 = new_f32(c, {N, C}, ws), ln2 = new_f32(c, {N, C}, ws);
-    Tensor m = new_f32(c, {N}, ws), r = new_f32(c, {N}, ws);
+    // Rebuild what elementwise kernels make from the kept tensors (identical bits; under tp the
+    // norm outputs are gathered again).
+    Tensor ln1 = new_f32(c, {Nl, C}, ws), ln2 = new_f32(c, {Nl, C}, ws);
+    Tensor m = new_f32(c, {Nl}, ws), r = new_f32(c, {Nl}, ws);
     K::layernorm_forward(ln1.data<float>(), m.data<float>(), r.data<float>(), st.x.data<float>(),
-                         c.W + o.norm1_w, c.W + o.norm1_b, N, C, eps);
-    st.ln1_mm = to_mm(c, ln1, ws);
+                         c.W + o.norm1_w, c.W + o.norm1_b, Nl, C, eps);
+    st.ln1_mm = gather_rows_mm(c, ln1, ws);
     K::layernorm_forward(ln2.data<float>(), m.data<float>(), r.data<float>(),
-                         st.mid.data<float>(), c.W + o.norm2_w, c.W + o.norm2_b, N, C, eps);
-    st.ln2_mm = to_mm(c, ln2, ws);
+                         st.mid.data<float>(), c.W + o.norm2_w, c.W + o.norm2_b, Nl, C, eps);
+    st.ln2_mm = gather_rows_mm(c, ln2, ws);
     Tensor act = new_f32(c, {N, F}, ws);
     if (c.cfg.activation == Activation::fast_gelu)
       K::fast_gelu_forward(act.data<float>(), st.pre.data<float>(), N * F);
@@ -208,11 +259,11 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
   }
 
   // FFN down: d_act = dout @ Wdown; dWdown += dout^T act; dbdown += colsum(dout)
-  Tensor dout_mm = to_mm(c, dout, ws);
+  Tensor dout_mm = gather_rows_mm(c, dout, ws);  // (N,C)
   Tensor d_act = new_f32(c, {N, F}, ws);  // (N,F), becomes d_pre in place
   mm_dyW(c, d_act.data<float>(), dout_mm, o.w_down, N, C, F);
   mm_dW(c, o.w_down, dout_mm, st.act_mm, N, C, F);
-  K::bias_backward(c.G + o.b_down, dout.data<float>(), N, C);
+  K::bias_backward(c.G + o.b_down, dout.data<float>(), Nl, C);
   dout_mm = Tensor();
   st.act_mm = Tensor();
 
@@ -225,54 +276,57 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
 
   // FFN up: d_ln2 = d_pre @ Wup; dWup += d_pre^T ln2; dbup += colsum(d_pre)
   Tensor d_pre_mm = to_mm(c, d_act, ws);
-  Tensor d_ln2 = new_f32(c, {N, C}, ws);
-  mm_dyW(c, d_ln2.data<float>(), d_pre_mm, o.w_up, N, F, C);
+  Tensor d_ln2_part = new_f32(c, {N, C}, ws);
+  mm_dyW(c, d_ln2_part.data<float>(), d_pre_mm, o.w_up, N, F, C);
   mm_dW(c, o.w_up, d_pre_mm, st.ln2_mm, N, F, C);
   K::bias_backward(c.G + o.b_up, d_act.data<float>(), N, F);
   d_pre_mm = Tensor();
   d_act = Tensor();
   st.ln2_mm = Tensor();
+  Tensor d_ln2 = scatter_rows_sum(c, d_ln2_part, ws);  // (Nl,C)
+  d_ln2_part = Tensor();
 
   // norm2: d_mid = dout + LN2'(d_ln2)       (dout's buffer is reused for d_mid)
   Tensor d_mid = dout;
   K::layernorm_backward(d_mid.data<float>(), c.G + o.norm2_w, c.G + o.norm2_b,
                         d_ln2.data<float>(), st.mid.data<float>(), c.W + o.norm2_w,
-                        st.mean2.data<float>(), st.rstd2.data<float>(), N, C);
+                        st.mean2.data<float>(), st.rstd2.data<float>(), Nl, C);
   d_ln2 = Tensor();
   st.mid = Tensor();
 
   // attention output projection: d_att = d_mid @ Wo; dWo += d_mid^T att
-  Tensor d_mid_mm = to_mm(c, d_mid, ws);
-  Tensor d_att = new_f32(c, {N, C}, ws);
-  mm_dyW(c, d_att.data<float>(), d_mid_mm, o.w_out, N, C, C);
-  mm_dW(c, o.w_out, d_mid_mm, st.att_mm, N, C, C);
-  K::bias_backward(c.G + o.b_out, d_mid.data<float>(), N, C);
+  Tensor d_mid_mm = gather_rows_mm(c, d_mid, ws);  // (N,C)
+  Tensor d_att = new_f32(c, {N, Cq}, ws);
+  mm_dyW(c, d_att.data<float>(), d_mid_mm, o.w_out, N, C, Cq);
+  mm_dW(c, o.w_out, d_mid_mm, st.att_mm, N, C, Cq);
+  K::bias_backward(c.G + o.b_out, d_mid.data<float>(), Nl, C);
   d_mid_mm = Tensor();
   st.att_mm = Tensor();
 
   // attention core
-  Tensor D = new_f32(c, {c.B, c.cfg.n_heads, c.T}, ws);  // (B,NH,T)
-  Tensor d_ln1 = new_f32(c, {N, C}, ws);
+  Tensor D = new_f32(c, {c.B, c.cfg.n_heads / c.tp_size(), c.T}, ws);  // (B,NH,T)
+  Tensor d_ln1_part = new_f32(c, {N, C}, ws);
   if (!qin) {
-    const int64_t S = C + 2 * KV;
+    const int64_t S = Cq + 2 * KV;
     auto s = attention_shape(c, S, S);
     attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
                                              st.att.data<float>(), s);
-    Tensor dqkv = Tensor::zeros({N, S}, DType::f32, c.pool, ws);  // (N, C+2KV)
+    Tensor dqkv = Tensor::zeros({N, S}, DType::f32, c.pool, ws);  // (N, Cq+2KV)
     const float* qkv = st.qkv.data<float>();
     float* g = dqkv.data<float>();
-    attention::flash_attention_backward(g, g + C, g + C + KV, d_att.data<float>(), qkv, qkv + C,
-                                        qkv + C + KV, st.lse.data<float>(), D.data<float>(), s);
+    attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
+                                        qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
+                                        D.data<float>(), s);
     st.qkv = Tensor();
     Tensor dqkv_mm = to_mm(c, dqkv, ws);
-    mm_dyW(c, d_ln1.data<float>(), dqkv_mm, o.w_qkv, N, S, C);
+    mm_dyW(c, d_ln1_part.data<float>(), dqkv_mm, o.w_qkv, N, S, C);
     mm_dW(c, o.w_qkv, dqkv_mm, st.ln1_mm, N, S, C);
     K::bias_backward(c.G + o.b_qkv, g, N, S);
   } else {
-    auto s = attention_shape(c, C, 2 * KV);
+    auto s = attention_shape(c, Cq, 2 * KV);
     attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
                                              st.att.data<float>(), s);
-    Tensor dq = Tensor::zeros({N, C}, DType::f32, c.pool, ws);
+    Tensor dq = Tensor::zeros({N, Cq}, DType::f32, c.pool, ws);
     Tensor dkv = Tensor::zeros({N, 2 * KV}, DType::f32, c.pool, ws);
     const float* kv = st.kv.data<float>();
     attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
@@ -285,25 +339,27 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     Tensor dq_mm = to_mm(c, dq, ws);
     Tensor qin_mm = to_mm(c, *qin, ws);
     Tensor d_qin = new_f32(c, {N, C}, ws);
-    mm_dyW(c, d_qin.data<float>(), dq_mm, o.w_qkv, N, C, C);
-    mm_dW(c, o.w_qkv, dq_mm, qin_mm, N, C, C);
-    K::bias_backward(c.G + o.b_qkv, dq.data<float>(), N, C);
+    mm_dyW(c, d_qin.data<float>(), dq_mm, o.w_qkv, N, Cq, C);
+    mm_dW(c, o.w_qkv, dq_mm, qin_mm, N, Cq, C);
+    K::bias_backward(c.G + o.b_qkv, dq.data<float>(), N, Cq);
     Tensor dkv_mm = to_mm(c, dkv, ws);
-    mm_dyW(c, d_ln1.data<float>(), dkv_mm, o.w_qkv + C * C, N, 2 * KV, C);
-    mm_dW(c, o.w_qkv + C * C, dkv_mm, st.ln1_mm, N, 2 * KV, C);
-    K::bias_backward(c.G + o.b_qkv + C, dkv.data<float>(), N, 2 * KV);
+    mm_dyW(c, d_ln1_part.data<float>(), dkv_mm, o.w_qkv + Cq * C, N, 2 * KV, C);
+    mm_dW(c, o.w_qkv + Cq * C, dkv_mm, st.ln1_mm, N, 2 * KV, C);
+    K::bias_backward(c.G + o.b_qkv + Cq, dkv.data<float>(), N, 2 * KV);
     // Hand d_qin back through the stash so the caller can scatter it into the table.
     st.q = d_qin;
   }
   st.att = Tensor();
   st.lse = Tensor();
   st.ln1_mm = Tensor();
+  Tensor d_ln1 = scatter_rows_sum(c, d_ln1_part, ws);  // (Nl,C)
+  d_ln1_part = Tensor();
 
   // norm1: dx = d_mid + LN1'(d_ln1)        (d_mid's buffer becomes dx)
   Tensor dx = d_mid;
   K::layernorm_backward(dx.data<float>(), c.G + o.norm1_w, c.G + o.norm1_b, d_ln1.data<float>(),
                         st.x.data<float>(), c.W + o.norm1_w, st.mean1.data<float>(),
-                        st.rstd1.data<float>(), N, C);
+                        st.rstd1.data<float>(), Nl, C);
   Tensor d_qin = st.q;
   st = BlockStash{};
   st.q = d_qin;

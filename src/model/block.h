@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
 #include "model/config.h"
@@ -17,6 +18,8 @@ namespace loom::model {
 
 // What a block keeps for its backward. Which fields are set depends on the recompute mode (see
 // gpt.h). Tensors named *_mm are matmul inputs: bf16 in bf16 mode, else the f32 tensor itself.
+// Under tp: x, mid, mean/rstd hold this rank's local rows; ln1_mm/ln2_mm are all rows
+// (gathered); q/k/v, att and act cover all rows but only this rank's heads / ffn columns.
 struct BlockStash {
   Recompute mode = Recompute::none;
   Tensor x;                          // (N,C) block input
@@ -35,6 +38,15 @@ struct BlockStash {
 
 
 // Everything a block needs to run.
+//
+// Tensor parallel (tp != null, size P): the weights are this rank's shards (ParamLayout with
+// TpShard), and the block runs Megatron's column/row split with sequence parallelism: the
+// residual stream, norms and biases of attn.out / ffn.down work on this rank's N/P rows (rows
+// [r*N/P, (r+1)*N/P) of the (B*T) rows); each norm output is all-gathered to all N rows before
+// the column-parallel q/k/v and ffn.up products (over this rank's NH/P heads and F/P columns), and
+// the row-parallel attn.out and ffn.down partial sums are reduce-scattered back to N/P rows. The
+// backward mirrors it (all-gather <-> reduce-scatter). Replicated parameters (norms, out/down
+// biases) get partial gradients from this rank's rows: the caller sums them over tp.
 struct BlockCtx {
   const ModelConfig& cfg;
   MemoryPool& pool;
@@ -43,15 +55,27 @@ struct BlockCtx {
   const bf16* Wl;   // bf16 weights (bf16 mode)
   float* G;         // grads (flat layout), accumulated into
   int64_t B, T;
+  const comm::ProcessGroup* tp = nullptr;  // tensor-parallel group, or null
+
+  int tp_size() const { return tp ? tp->size() : 1; }
+  int64_t rows() const { return B * T; }                     // N
+  int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here
 };
 
-// Forward of one block. `qin` (N,C) is the query input of the top query layer (its rows are the
+// Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
+// matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's
+// rows (Nl, C) of their sum over tp.
+Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCategory cat);
+Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory cat);
+
+// Forward of one block. `x` is (local_rows, C). `qin` (N,C), all rows, is the query input of the top query layer (its rows are the
 // query layer's position table) or null for an ordinary block. Fills `st` according to `mode`
-// and returns the block output (N,C).
+// and returns the block output (local_rows, C).
 Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, const Tensor* qin,
                      BlockStash& st, Recompute mode);
-// Backward: from dout (N,C) (whose buffer it reuses), ACCUMULATES parameter grads and returns
-// dx (N,C). Consumes the stash; for the query layer, leaves d(qin) in st.q.
+// Backward: from dout (local_rows,C) (whose buffer it reuses), ACCUMULATES parameter grads and
+// returns dx (local_rows,C). Consumes the stash; for the query layer, leaves d(qin) (N,C) in st.q
+// (under tp, this rank's partial sum: its heads' contribution).
 Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, const Tensor* qin,
                       BlockStash& st);
 

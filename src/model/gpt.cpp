@@ -3,7 +3,9 @@
 #include "model/block.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "attention/flash_attention.h"
 #include "core/error.h"
@@ -13,6 +15,8 @@
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/grad_norm.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace loom::model {
 
@@ -42,8 +46,19 @@ Recompute recompute_from_name(const std::string& s) {
 // What a block keeps for its backward. Which fields are set depends on the recompute mode; see
 // gpt.h. Tensors named *_mm are matmul inputs: bf16 in bf16 mode, else the f32 tensor itself.
 
-Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision)
-    : cfg_(cfg), layout_(cfg), pool_(pool), precision_(precision) {
+namespace {
+TpShard shard_of(const comm::ProcessGroup* tp) {
+  return tp && tp->size() > 1 ? TpShard{tp->rank(), tp->size()} : TpShard{};
+}
+}  // namespace
+
+Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
+         const comm::ProcessGroup* tp)
+    : cfg_(cfg),
+      tp_(tp && tp->size() > 1 ? tp : nullptr),
+      layout_(cfg, shard_of(tp)),
+      pool_(pool),
+      precision_(precision) {
   weights_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
   grads_ = Tensor::zeros({layout_.total()}, DType::f32, pool_, MemCategory::grads);
   if (precision_ == Precision::bf16)
@@ -94,13 +109,19 @@ void Gpt::check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_
 Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash) {
   const int64_t N = B * T, C = cfg_.d_model;
   BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, weights(),
-        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
   const float* W = weights();
 
-  // h0 = wte[tokens] + wpe[0..T)                                            (N,C)
-  Tensor h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-  K::embedding_forward(h.data<float>(), inputs, W + layout_.token_embedding(),
-                       W + layout_.position_embedding(), B, T, C, cfg_.vocab, 0);
+  // h0 = wte[tokens] + wpe[0..T)                                  (N,C); tp: this rank's rows
+  const int64_t Nl = c.local_rows();
+  Tensor h;
+  if (tp_) {
+    h = embed_tp(inputs, B, T);
+  } else {
+    h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+    K::embedding_forward(h.data<float>(), inputs, W + layout_.token_embedding(),
+                         W + layout_.position_embedding(), B, T, C, cfg_.vocab, 0);
+  }
 
   stashes_.clear();
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
@@ -113,12 +134,12 @@ Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep
 
   // final norm                                                               (N,C)
   final_in_ = h;
-  final_out_ = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-  final_mean_ = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
-  final_rstd_ = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
+  final_out_ = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
+  final_mean_ = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
+  final_rstd_ = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   K::layernorm_forward(final_out_.data<float>(), final_mean_.data<float>(),
                        final_rstd_.data<float>(), h.data<float>(), W + layout_.final_norm_w(),
-                       W + layout_.final_norm_b(), N, C, cfg_.norm_eps);
+                       W + layout_.final_norm_b(), Nl, C, cfg_.norm_eps);
   Tensor out = final_out_;
   if (cfg_.query_layer) {
     // The query layer's query input: row t of its position table for the input at position t.
@@ -141,7 +162,7 @@ Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep
 void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t T) {
   const int64_t N = B * T, C = cfg_.d_model;
   BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, weights(),
-        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
   float* G = grads();
   const float* W = weights();
 
@@ -156,10 +177,11 @@ void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t
     if (grad_ready_) grad_ready_(layout_.query_position(), layout_.total());
   }
   // final norm: dh = LNf'(d_fin)
-  Tensor dh = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
+  const int64_t Nl = c.local_rows();
+  Tensor dh = Tensor::zeros({Nl, C}, DType::f32, pool_, MemCategory::workspace);
   K::layernorm_backward(dh.data<float>(), G + layout_.final_norm_w(), G + layout_.final_norm_b(),
                         d_fin.data<float>(), final_in_.data<float>(), W + layout_.final_norm_w(),
-                        final_mean_.data<float>(), final_rstd_.data<float>(), N, C);
+                        final_mean_.data<float>(), final_rstd_.data<float>(), Nl, C);
   d_fin = Tensor();
   final_in_ = final_out_ = final_mean_ = final_rstd_ = Tensor();
   if (grad_ready_) grad_ready_(layout_.final_norm_w(), layout_.final_norm_b() + C);
@@ -168,8 +190,11 @@ void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t
     stashes_.pop_back();
     if (grad_ready_) grad_ready_(layout_.block(l).norm1_w, layout_.block(l).b_down + C);
   }
-  K::embedding_backward(G + layout_.token_embedding(), G + layout_.position_embedding(),
-                        dh.data<float>(), inputs, B, T, C, cfg_.vocab, 0);
+  if (tp_)
+    embed_tp_backward(dh, inputs, B, T);
+  else
+    K::embedding_backward(G + layout_.token_embedding(), G + layout_.position_embedding(),
+                          dh.data<float>(), inputs, B, T, C, cfg_.vocab, 0);
   if (grad_ready_) grad_ready_(layout_.token_embedding(), layout_.block(0).norm1_w);
 }
 
@@ -186,29 +211,222 @@ void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int3
 }
 }  // namespace
 
+namespace {
+
+// Vocabulary-parallel tied head + cross-entropy over all N rows h (N,C), with this rank's
+// vocabulary rows wte [v0, v0+Vl) (Vl,C). Per block of R rows: local logits (R,Vl); the row max
+// is all-reduced (max), then the sum of exp(l - max) and the target's logit (held by one rank)
+// are all-reduced (sum) together; loss_r = max + log(sum) - l[target]. Backward: dlogits =
+// grad_scale * (softmax - onehot) on this rank's columns; dh (N,C) is OVERWRITTEN with this
+// rank's partial sum dlogits @ wte (the caller sums over tp), dwte (Vl,C) ACCUMULATES.
+template <typename T>
+double vocab_parallel_ce(float* dh, float* dwte, int64_t* n_counted, const T* h, const T* wte,
+                         int64_t v0, const int32_t* targets, int64_t N, int64_t C, int64_t Vl,
+                         float grad_scale, MemoryPool& pool, int64_t rows_per_block,
+                         const comm::ProcessGroup& tp) {
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  const bool backward = dh != nullptr;
+  const int64_t R_max = std::min(rows_per_block, std::max<int64_t>(N, 1));
+  Tensor logits = Tensor::empty({R_max, Vl}, DType::f32, pool, MemCategory::workspace);
+  Tensor dl_lo;
+  if (kBf16 && backward) dl_lo = Tensor::empty({R_max, Vl}, DType::bf16, pool, MemCategory::workspace);
+  std::vector<float> mx(static_cast<size_t>(R_max)), st(static_cast<size_t>(2 * R_max));  // max; (sum, target logit)
+  float* lg = logits.data<float>();
+  double loss_sum = 0;
+  int64_t counted = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += R_max) {
+    const int64_t R = std::min(R_max, N - r0);
+    const T* h_blk = h + r0 * C;
+    if constexpr (kBf16) K::matmul_bf16(h_blk, wte, lg, R, Vl, C, false, true, false);
+    else K::matmul_f32(h_blk, wte, lg, R, Vl, C, false, true, false);
+    for (int64_t i = 0; i < R; ++i) {
+      const float* l = lg + i * Vl;
+      float m = l[0];
+      for (int64_t j = 1; j < Vl; ++j) m = std::max(m, l[j]);
+      mx[size_t(i)] = m;
+    }
+    tp.all_reduce(comm::BufferRef(mx.data(), R, DType::f32), comm::ReduceOp::max).wait();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < R; ++i) {
+      float* l = lg + i * Vl;
+      const int64_t t = int64_t(targets[r0 + i]) - v0;
+      const float m = mx[size_t(i)];
+      // The target's logit (held by exactly one rank; 0 elsewhere, summed below).
+      st[size_t(2 * i + 1)] = (t >= 0 && t < Vl) ? l[t] : 0.f;
+      float sum = 0;
+      for (int64_t j = 0; j < Vl; ++j) {
+        float e = K::vec::exp_f32(l[j] - m);
+        if (backward) l[j] = e;
+        sum += e;
+      }
+      st[size_t(2 * i)] = sum;
+    }
+    tp.all_reduce(comm::BufferRef(st.data(), 2 * R, DType::f32)).wait();
+    for (int64_t i = 0; i < R; ++i) {
+      if (targets[r0 + i] < 0) continue;
+      loss_sum += double(mx[size_t(i)]) + std::log(double(st[size_t(2 * i)])) -
+                  double(st[size_t(2 * i + 1)]);
+      ++counted;
+    }
+    if (!backward) continue;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < R; ++i) {
+      float* l = lg + i * Vl;
+      const int32_t tgt = targets[r0 + i];
+      if (tgt < 0) {
+        std::fill(l, l + Vl, 0.0f);
+        continue;
+      }
+      const float scale = grad_scale / st[size_t(2 * i)];
+      for (int64_t j = 0; j < Vl; ++j) l[j] *= scale;
+      const int64_t t = int64_t(tgt) - v0;
+      if (t >= 0 && t < Vl) l[t] -= grad_scale;
+    }
+    if constexpr (kBf16) {
+      bf16* dl = dl_lo.data<bf16>();
+      convert_f32_to_bf16(lg, dl, size_t(R * Vl));
+      K::matmul_bf16(dl, wte, dh + r0 * C, R, C, Vl, false, false, false);
+      K::matmul_bf16(dl, h_blk, dwte, Vl, C, R, true, false, true);
+    } else {
+      K::matmul_f32(lg, wte, dh + r0 * C, R, C, Vl, false, false, false);
+      K::matmul_f32(lg, h_blk, dwte, Vl, C, R, true, false, true);
+    }
+  }
+  if (n_counted) *n_counted = counted;
+  return loss_sum;
+}
+
+}  // namespace
+
+LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,
+                       float grad_scale, Tensor* dout) {
+  const int64_t N = B * T, C = cfg_.d_model;
+  LossSum r;
+  float* dwte = dout ? grads() + layout_.token_embedding() : nullptr;
+  const bool bf = precision_ == Precision::bf16;
+  if (!tp_) {
+    float* dh = dout ? dout->data<float>() : nullptr;
+    if (bf) {
+      Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
+      convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
+      r.sum = K::cross_entropy_head_bf16(dh, dwte, &r.count, out_lp.data<bf16>(),
+                                         weights_lp_.data<bf16>() + layout_.token_embedding(),
+                                         targets, N, C, cfg_.vocab, grad_scale, pool_,
+                                         kHeadRowsPerBlock);
+    } else {
+      r.sum = K::cross_entropy_head(dh, dwte, &r.count, out.data<float>(),
+                                    weights() + layout_.token_embedding(), targets, N, C,
+                                    cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
+    }
+    return r;
+  }
+  // tp: gather all rows, score this rank's vocabulary rows, reduce-scatter the partial dh.
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  const ParamSpec& tok = layout_.specs()[0];
+  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
+  Tensor all = gather_rows(c, out, /*as_mm=*/true, MemCategory::workspace);  // (N,C)
+  Tensor dh_part;
+  if (dout) dh_part = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
+  float* dh = dout ? dh_part.data<float>() : nullptr;
+  if (bf)
+    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<bf16>(),
+                              weights_lp_.data<bf16>() + layout_.token_embedding(), v0, targets,
+                              N, C, Vl, grad_scale, pool_, kHeadRowsPerBlock, *tp_);
+  else
+    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<float>(),
+                              weights() + layout_.token_embedding(), v0, targets, N, C, Vl,
+                              grad_scale, pool_, kHeadRowsPerBlock, *tp_);
+  all = Tensor();
+  if (dout) {
+    Tensor mine = scatter_rows_sum(c, dh_part, MemCategory::workspace);
+    std::memcpy(dout->data<float>(), mine.data<float>(), size_t(mine.numel()) * 4);
+  }
+  return r;
+}
+
+Tensor Gpt::embed_tp(const int32_t* inputs, int64_t B, int64_t T) {
+  const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
+  const ParamSpec& tok = layout_.specs()[0];
+  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
+  const float* wte = weights() + layout_.token_embedding();
+  const float* wpe = weights() + layout_.position_embedding();
+  // Partial (N,C): rows whose token this rank holds; the others are zero. Summed over tp.
+  Tensor part = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = int64_t(inputs[n]) - v0;
+    if (t >= 0 && t < Vl)
+      std::memcpy(part.data<float>() + n * C, wte + t * C, size_t(C) * 4);
+  }
+  BlockCtx c{cfg_, pool_, false, weights(), nullptr, grads(), B, T, tp_};
+  Tensor h = scatter_rows_sum(c, part, MemCategory::activations);  // (Nl,C)
+  for (int64_t i = 0; i < Nl; ++i) {
+    float* row = h.data<float>() + i * C;
+    const float* p = wpe + ((r0 + i) % T) * C;
+    for (int64_t j = 0; j < C; ++j) row[j] += p[j];
+  }
+  return h;
+}
+
+void Gpt::embed_tp_backward(const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T) {
+  const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
+  const ParamSpec& tok = layout_.specs()[0];
+  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
+  float* dwte = grads() + layout_.token_embedding();
+  float* dwpe = grads() + layout_.position_embedding();
+  for (int64_t i = 0; i < Nl; ++i) {
+    const float* g = dh.data<float>() + i * C;
+    float* p = dwpe + ((r0 + i) % T) * C;
+    for (int64_t j = 0; j < C; ++j) p[j] += g[j];
+  }
+  BlockCtx c{cfg_, pool_, false, weights(), nullptr, grads(), B, T, tp_};
+  Tensor all = gather_rows(c, dh, /*as_mm=*/false, MemCategory::workspace);  // (N,C)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = int64_t(inputs[n]) - v0;
+    if (t < 0 || t >= Vl) continue;
+    const float* g = all.data<float>() + n * C;
+    float* w = dwte + t * C;
+    for (int64_t j = 0; j < C; ++j) w[j] += g[j];
+  }
+}
+
+void Gpt::reduce_replicated_grads() {
+  if (!tp_) return;
+  int64_t n = 0;
+  for (const ParamSpec& s : layout_.specs())
+    if (s.replicated()) n += s.numel;
+  Tensor buf = Tensor::empty({n}, DType::f32, pool_, MemCategory::comm);
+  float* p = buf.data<float>();
+  for (const ParamSpec& s : layout_.specs())
+    if (s.replicated()) p = std::copy(grads() + s.offset, grads() + s.offset + s.numel, p);
+  tp_->all_reduce(comm::BufferRef(buf)).wait();
+  p = buf.data<float>();
+  for (const ParamSpec& s : layout_.specs())
+    if (s.replicated()) {
+      std::copy(p, p + s.numel, grads() + s.offset);
+      p += s.numel;
+    }
+}
+
+double Gpt::grad_sum_squares() const {
+  if (!tp_) return K::sum_squares(grads(), layout_.total());
+  // Shards are disjoint across tp; replicated tensors are counted on tp rank 0 only.
+  double ss = 0;
+  for (const ParamSpec& s : layout_.specs())
+    if (!s.replicated() || tp_->rank() == 0) ss += K::sum_squares(grads() + s.offset, s.numel);
+  tp_->all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
+  return ss;
+}
+
 LossSum Gpt::forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale) {
   check_inputs(tokens, B, T, T + 1);
+  check_tp_rows(B, T);
   std::vector<int32_t> inputs, targets;
   split_windows(tokens, B, T, inputs, targets);
-  const int64_t N = B * T, C = cfg_.d_model;
+  const int64_t C = cfg_.d_model;
   Tensor out = forward_trunk(inputs.data(), B, T, /*keep_stash=*/true);
-
-  // Tied head + cross-entropy, fused: dout (N,C), grads of embed.token accumulate.
-  Tensor dout = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-  LossSum r;
-  float* dwte = grads() + layout_.token_embedding();
-  if (precision_ == Precision::bf16) {
-    Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
-    convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
-    r.sum = K::cross_entropy_head_bf16(dout.data<float>(), dwte, &r.count, out_lp.data<bf16>(),
-                                       weights_lp_.data<bf16>() + layout_.token_embedding(),
-                                       targets.data(), N, C, cfg_.vocab, grad_scale, pool_,
-                                       kHeadRowsPerBlock);
-  } else {
-    r.sum = K::cross_entropy_head(dout.data<float>(), dwte, &r.count, out.data<float>(),
-                                  weights() + layout_.token_embedding(), targets.data(), N, C,
-                                  cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
-  }
+  // Tied head + cross-entropy, fused: dout (rows,C), grads of embed.token accumulate.
+  Tensor dout = Tensor::empty({out.shape()[0], C}, DType::f32, pool_, MemCategory::workspace);
+  LossSum r = head_loss(out, targets.data(), B, T, grad_scale, &dout);
   out = Tensor();
   backward_trunk(dout, inputs.data(), B, T);
   return r;
@@ -216,27 +434,24 @@ LossSum Gpt::forward_backward(const int32_t* tokens, int64_t B, int64_t T, float
 
 LossSum Gpt::forward_loss(const int32_t* tokens, int64_t B, int64_t T) {
   check_inputs(tokens, B, T, T + 1);
+  check_tp_rows(B, T);
   std::vector<int32_t> inputs, targets;
   split_windows(tokens, B, T, inputs, targets);
-  const int64_t N = B * T, C = cfg_.d_model;
   Tensor out = forward_trunk(inputs.data(), B, T, /*keep_stash=*/false);
-  LossSum r;
-  if (precision_ == Precision::bf16) {
-    Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
-    convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
-    r.sum = K::cross_entropy_head_bf16(nullptr, nullptr, &r.count, out_lp.data<bf16>(),
-                                       weights_lp_.data<bf16>() + layout_.token_embedding(),
-                                       targets.data(), N, C, cfg_.vocab, 1.f, pool_);
-  } else {
-    r.sum = K::cross_entropy_head(nullptr, nullptr, &r.count, out.data<float>(),
-                                  weights() + layout_.token_embedding(), targets.data(), N, C,
-                                  cfg_.vocab, 1.f, pool_);
-  }
+  LossSum r = head_loss(out, targets.data(), B, T, 1.f, nullptr);
   final_out_ = Tensor();
   return r;
 }
 
+void Gpt::check_tp_rows(int64_t B, int64_t T) const {
+  LOOM_CHECK(!tp_ || (B * T) % tp_->size() == 0,
+             "tensor parallel splits the B*T = {}*{} = {} token rows over tp = {} ranks "
+             "(sequence parallel): choose B*T divisible by {}",
+             B, T, B * T, tp_->size(), tp_->size());
+}
+
 void Gpt::all_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T) {
+  LOOM_CHECK(!tp_, "all_logits is not available under tensor parallelism (tp = {})", tp_size());
   check_inputs(inputs, B, T, T);
   Tensor out = forward_trunk(inputs, B, T, /*keep_stash=*/false);
   K::logits_forward(logits, out.data<float>(), weights() + layout_.token_embedding(), B * T,
@@ -245,6 +460,7 @@ void Gpt::all_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T)
 }
 
 void Gpt::last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T) {
+  LOOM_CHECK(!tp_, "last_logits is not available under tensor parallelism (tp = {})", tp_size());
   check_inputs(inputs, B, T, T);
   const int64_t C = cfg_.d_model;
   Tensor out = forward_trunk(inputs, B, T, /*keep_stash=*/false);
@@ -255,6 +471,33 @@ void Gpt::last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T
   K::logits_forward(logits, last.data<float>(), weights() + layout_.token_embedding(), B, C,
                     cfg_.vocab);
   final_out_ = Tensor();
+}
+
+// tp: the logical (tp = 1) flat buffer from every tp rank's shard buffer `local` (all ranks
+// receive it). Each rank's shard layout is known from its tp rank, so one all-gather of the
+// equal-size local buffers suffices.
+std::vector<float> gather_tp_buffer(const ModelConfig& cfg, const ParamLayout& mine,
+                                    const float* local, const comm::ProcessGroup& tp) {
+  const int P = tp.size();
+  const int64_t n = mine.total();
+  std::vector<float> all(size_t(n * P));
+  tp.all_gather(comm::BufferRef(const_cast<float*>(local), n, DType::f32),
+                comm::BufferRef(all.data(), n * P, DType::f32))
+      .wait();
+  ParamLayout full(cfg);
+  std::vector<float> out(size_t(full.total()));
+  for (int r = 0; r < P; ++r) {
+    ParamLayout lr(cfg, TpShard{r, P});
+    const float* src = all.data() + int64_t(r) * n;
+    for (const ParamSpec& s : lr.specs()) {
+      if (s.replicated() && r != 0) continue;
+      float* dst = out.data() + full.find(s.name).offset;
+      for_each_global_run(s, 0, s.numel, [&](int64_t l, int64_t g, int64_t len) {
+        std::copy(src + s.offset + l, src + s.offset + l + len, dst + g);
+      });
+    }
+  }
+  return out;
 }
 
 }  // namespace loom::model

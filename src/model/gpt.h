@@ -22,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
 #include "model/config.h"
@@ -45,7 +46,18 @@ class Gpt {
  public:
   // Allocates weights (f32 master, plus a bf16 copy in bf16 mode) and grads from `pool`.
   // Weights are uninitialised until init_weights() or a checkpoint load writes them.
-  Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision);
+  //
+  // `tp` (optional, size P > 1): tensor parallel over that group. This rank holds its shards
+  // (ParamLayout with TpShard, see params.h) and runs the blocks split Megatron-style with
+  // sequence parallelism (block.h); the embedding and the tied head are vocabulary-parallel:
+  // each rank looks up / scores only its V/P vocabulary rows, and the cross-entropy combines the
+  // per-rank row max, sum of exponentials and target logit by all-reduces of O(rows) floats, so
+  // logits are never gathered. Every member calls every method collectively with the same
+  // tokens. B*T must be divisible by P. Losses are the whole model's on every tp rank.
+  // Replicated parameters (norms, position tables, out/down biases) get per-rank partial
+  // gradients: call reduce_replicated_grads() once before using the gradients.
+  Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
+      const comm::ProcessGroup* tp = nullptr);
   ~Gpt();
 
   const ModelConfig& config() const { return cfg_; }
@@ -55,6 +67,14 @@ class Gpt {
   float* grads() const { return grads_.data<float>(); }      // (layout().total())
   void init_weights(uint64_t seed);
   void zero_grads();
+  const comm::ProcessGroup* tp() const { return tp_; }
+  int tp_size() const { return tp_ ? tp_->size() : 1; }
+  // tp: sums the replicated parameters' partial gradients over the tp group (one all-reduce of
+  // their packed grads). No-op without tp.
+  void reduce_replicated_grads();
+  // Sum of squares of the whole model's gradient (tp: every tensor counted once, summed over
+  // the group). Call after reduce_replicated_grads().
+  double grad_sum_squares() const;
   // Refreshes the bf16 copy from the f32 master weights (call after every weight update; no-op
   // in f32 mode).
   void sync_low_precision_weights();
@@ -70,7 +90,7 @@ class Gpt {
   LossSum forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale);
   // Forward only (evaluation): the summed loss. Allocates no gradient-sized buffers.
   LossSum forward_loss(const int32_t* tokens, int64_t B, int64_t T);
-  // Logits of the last position of each row: inputs (B, T) -> logits (B, V) f32.
+  // Logits of the last position of each row: inputs (B, T) -> logits (B, V) f32. (Not under tp.)
   void last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T);
   // Full logits for every position (tests): inputs (B,T) -> logits (B,T,V).
   void all_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T);
@@ -86,11 +106,21 @@ class Gpt {
 
  private:
   void check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_stride) const;
+  void check_tp_rows(int64_t B, int64_t T) const;
   // Runs embedding -> blocks -> final norm -> query layer; returns the (N,C) head input.
   Tensor forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash);
   void backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t T);
 
+  // Vocabulary-parallel embedding lookup (tp): this rank's rows (Nl,C) of token + position.
+  Tensor embed_tp(const int32_t* inputs, int64_t B, int64_t T);
+  void embed_tp_backward(const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T);
+  // The tied head + cross-entropy on the head input `out` (this rank's rows); with dout, writes
+  // the gradient of grad_scale * (loss sum) into dout (same rows) and accumulates dwte.
+  LossSum head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,
+                    float grad_scale, Tensor* dout);
+
   ModelConfig cfg_;
+  const comm::ProcessGroup* tp_ = nullptr;
   ParamLayout layout_;
   MemoryPool& pool_;
   Precision precision_;
@@ -100,5 +130,11 @@ class Gpt {
   Tensor final_in_, final_out_, final_mean_, final_rstd_;
   GradReadyHook grad_ready_;
 };
+
+// tp: the logical (tp = 1) flat buffer assembled from every tp rank's shard buffer `local`
+// (weights, grads or optimizer moments in `mine`'s layout). Collective over tp; every rank
+// receives it.
+std::vector<float> gather_tp_buffer(const ModelConfig& cfg, const ParamLayout& mine,
+                                    const float* local, const comm::ProcessGroup& tp);
 
 }  // namespace loom::model

@@ -5,11 +5,20 @@
 #include "core/error.h"
 #include "core/rng.h"
 
+#include <fmt/ranges.h>
+
 namespace loom::model {
 
-int64_t ParamLayout::add(const std::string& name, Shape shape, InitKind init) {
+int64_t ParamLayout::add(const std::string& name, Shape shape, InitKind init, int shard_dim) {
   ParamSpec s;
   s.name = name;
+  s.global_shape = shape;
+  if (tp_.size > 1 && shard_dim >= 0) {
+    const int64_t part = shape[size_t(shard_dim)] / tp_.size;
+    s.shard_dim = shard_dim;
+    s.shard_start = part * tp_.rank;
+    shape[size_t(shard_dim)] = part;
+  }
   s.numel = shape_numel(shape);
   s.weight_decay = shape.size() >= 2;
   s.shape = std::move(shape);
@@ -25,27 +34,47 @@ BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg
   BlockOffsets b;
   b.norm1_w = add(p + "norm1.weight", {C}, InitKind::ones);
   b.norm1_b = add(p + "norm1.bias", {C}, InitKind::zeros);
-  b.w_qkv = add(p + "attn.q.weight", {C, C}, InitKind::normal);
-  add(p + "attn.k.weight", {KV, C}, InitKind::normal);
-  add(p + "attn.v.weight", {KV, C}, InitKind::normal);
-  b.b_qkv = add(p + "attn.q.bias", {C}, InitKind::zeros);
-  add(p + "attn.k.bias", {KV}, InitKind::zeros);
-  add(p + "attn.v.bias", {KV}, InitKind::zeros);
-  b.w_out = add(p + "attn.out.weight", {C, C}, InitKind::normal_residual);
+  // Column-parallel q/k/v (this rank's heads) and ffn.up; row-parallel attn.out and ffn.down.
+  b.w_qkv = add(p + "attn.q.weight", {C, C}, InitKind::normal, 0);
+  add(p + "attn.k.weight", {KV, C}, InitKind::normal, 0);
+  add(p + "attn.v.weight", {KV, C}, InitKind::normal, 0);
+  b.b_qkv = add(p + "attn.q.bias", {C}, InitKind::zeros, 0);
+  add(p + "attn.k.bias", {KV}, InitKind::zeros, 0);
+  add(p + "attn.v.bias", {KV}, InitKind::zeros, 0);
+  b.w_out = add(p + "attn.out.weight", {C, C}, InitKind::normal_residual, 1);
   b.b_out = add(p + "attn.out.bias", {C}, InitKind::zeros);
   b.norm2_w = add(p + "norm2.weight", {C}, InitKind::ones);
   b.norm2_b = add(p + "norm2.bias", {C}, InitKind::zeros);
-  b.w_up = add(p + "ffn.up.weight", {F, C}, InitKind::normal);
-  b.b_up = add(p + "ffn.up.bias", {F}, InitKind::zeros);
-  b.w_down = add(p + "ffn.down.weight", {C, F}, InitKind::normal_residual);
+  b.w_up = add(p + "ffn.up.weight", {F, C}, InitKind::normal, 0);
+  b.b_up = add(p + "ffn.up.bias", {F}, InitKind::zeros, 0);
+  b.w_down = add(p + "ffn.down.weight", {C, F}, InitKind::normal_residual, 1);
   b.b_down = add(p + "ffn.down.bias", {C}, InitKind::zeros);
   return b;
 }
 
-ParamLayout::ParamLayout(const ModelConfig& cfg) {
+std::vector<int> valid_tp_sizes(const ModelConfig& cfg) {
+  std::vector<int> out;
+  for (int t = 1; t <= cfg.n_heads; ++t)
+    if (cfg.n_heads % t == 0 && cfg.n_kv_heads % t == 0 && cfg.d_ff % t == 0 && cfg.vocab % t == 0)
+      out.push_back(t);
+  return out;
+}
+
+ParamLayout::ParamLayout(const ModelConfig& cfg, TpShard tp) : tp_(tp) {
   cfg.validate();
+  LOOM_CHECK(tp.size >= 1 && tp.rank >= 0 && tp.rank < tp.size, "tp rank {} of size {} is invalid",
+             tp.rank, tp.size);
+  if (tp.size > 1) {
+    auto ok = valid_tp_sizes(cfg);
+    LOOM_CHECK(std::find(ok.begin(), ok.end(), tp.size) != ok.end(),
+               "tp = {} does not divide model '{}' (n_heads {}, n_kv_heads {}, d_ff {}, vocab {}); "
+               "tensor parallel sizes that work: {}",
+               tp.size, cfg.name, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab,
+               fmt::join(ok, ", "));
+  }
   const int64_t C = cfg.d_model;
-  tok_ = add("embed.token.weight", {cfg.vocab, C}, InitKind::normal);
+  // Vocabulary-parallel embedding (and, tied, the LM head): rows split over tp.
+  tok_ = add("embed.token.weight", {cfg.vocab, C}, InitKind::normal, 0);
   pos_ = add("embed.position.weight", {cfg.max_seq, C}, InitKind::normal);
   for (int64_t i = 0; i < cfg.n_layers; ++i)
     blocks_.push_back(add_block("blocks." + std::to_string(i) + ".", cfg));
@@ -56,7 +85,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
     qpos_ = add("query_layer.position.weight", {cfg.max_seq, C}, InitKind::normal);
     qblock_ = add_block("query_layer.", cfg);
   }
-  LOOM_ASSERT(total_ == cfg.num_params(), "layout has {} parameters, config formula {}", total_,
+  LOOM_ASSERT(tp.size > 1 || total_ == cfg.num_params(), "layout has {} parameters, config formula {}", total_,
               cfg.num_params());
 }
 
@@ -72,13 +101,17 @@ void init_params(const ParamLayout& layout, const ModelConfig& cfg, float* weigh
   const float residual_std = float(0.02 / std::sqrt(2.0 * layers));
   for (const ParamSpec& s : layout.specs()) {
     float* p = weights + s.offset;
+    const uint64_t stream = rng_stream_id(s.name.c_str());
     switch (s.init) {
       case InitKind::normal:
-        rng_fill_normal(p, s.numel, 0.f, 0.02f, seed, rng_stream_id(s.name.c_str()), 0);
+      case InitKind::normal_residual: {
+        const float std = s.init == InitKind::normal ? 0.02f : residual_std;
+        // Each element draws at its logical offset, so a tp shard holds exactly its slice.
+        for_each_global_run(s, 0, s.numel, [&](int64_t local, int64_t global, int64_t len) {
+          rng_fill_normal(p + local, len, 0.f, std, seed, stream, uint64_t(global));
+        });
         break;
-      case InitKind::normal_residual:
-        rng_fill_normal(p, s.numel, 0.f, residual_std, seed, rng_stream_id(s.name.c_str()), 0);
-        break;
+      }
       case InitKind::zeros:
         for (int64_t i = 0; i < s.numel; ++i) p[i] = 0.f;
         break;

@@ -7,6 +7,7 @@
 // likewise their biases.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -18,14 +19,48 @@ namespace loom::model {
 
 enum class InitKind { normal, normal_residual, zeros, ones };
 
+// Tensor parallelism (Megatron-style) splits some tensors over the tp ranks: this rank holds
+// the slice [shard_start, shard_start + shape[shard_dim]) of dimension shard_dim of the logical
+// tensor `global_shape`. shard_dim = -1: the tensor is replicated (whole on every tp rank).
+struct TpShard {
+  int rank = 0;
+  int size = 1;
+};
+
 struct ParamSpec {
   std::string name;
-  Shape shape;
+  Shape shape;         // this rank's (local) shape
   int64_t offset = 0;  // elements into the flat buffer
   int64_t numel = 0;
   InitKind init = InitKind::normal;
   bool weight_decay = false;  // AdamW decay only on matrices (ndim >= 2), never biases or norms
+  Shape global_shape;         // the logical tensor (the checkpoint's shape)
+  int shard_dim = -1;         // -1 replicated, 0 rows, 1 columns
+  int64_t shard_start = 0;    // first index along shard_dim held here
+  bool replicated() const { return shard_dim < 0; }
 };
+
+// Calls f(local, global, len) for the maximal runs of elements [lo, hi) (local element indices
+// within the spec) that are contiguous both here and in the logical tensor: one run for
+// replicated and row-sharded tensors, one per row for column-sharded ones.
+template <class F>
+void for_each_global_run(const ParamSpec& s, int64_t lo, int64_t hi, F&& f) {
+  if (s.shard_dim < 0) {
+    f(lo, lo, hi - lo);
+    return;
+  }
+  const int64_t gcols = s.global_shape.size() > 1 ? s.global_shape[1] : 1;
+  if (s.shard_dim == 0) {
+    f(lo, s.shard_start * gcols + lo, hi - lo);
+    return;
+  }
+  const int64_t lcols = s.shape[1];
+  for (int64_t i = lo; i < hi;) {
+    const int64_t row = i / lcols, col = i % lcols, len = std::min(hi - i, lcols - col);
+    f(i, row * gcols + s.shard_start + col, len);
+    i += len;
+  }
+}
 
 // Offsets (into the flat buffer) of one block's tensors, in the fixed order below.
 struct BlockOffsets {
@@ -40,10 +75,15 @@ struct BlockOffsets {
 
 class ParamLayout {
  public:
-  explicit ParamLayout(const ModelConfig& cfg);
+  // The whole model (tp.size = 1), or tp rank tp.rank's shards: q/k/v rows (its heads and kv
+  // heads), ffn.up rows and the token embedding's vocabulary rows (column-parallel), attn.out and
+  // ffn.down columns (row-parallel); norms, position tables and the out/down biases replicated.
+  // Throws naming the valid tp sizes unless tp.size divides n_heads, n_kv_heads, d_ff and vocab.
+  explicit ParamLayout(const ModelConfig& cfg, TpShard tp = {});
 
   const std::vector<ParamSpec>& specs() const { return specs_; }
   int64_t total() const { return total_; }
+  const TpShard& tp() const { return tp_; }
   // Throws loom::Error if no parameter has that name.
   const ParamSpec& find(const std::string& name) const;
 
@@ -57,10 +97,12 @@ class ParamLayout {
   const BlockOffsets& query_block() const { return qblock_; }
 
  private:
-  int64_t add(const std::string& name, Shape shape, InitKind init);
+  // Adds a tensor of logical shape `shape`, split on `shard_dim` over tp (or replicated: -1).
+  int64_t add(const std::string& name, Shape shape, InitKind init, int shard_dim = -1);
   BlockOffsets add_block(const std::string& prefix, const ModelConfig& cfg);
 
   std::vector<ParamSpec> specs_;
+  TpShard tp_;
   int64_t total_ = 0;
   int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
   bool has_ql_ = false;
@@ -71,8 +113,11 @@ class ParamLayout {
 // Fills `weights` (layout.total() floats) with loom's initialisation: normal(0, 0.02) for
 // matrices and embeddings, 0.02/sqrt(2*(L+query layer)) for attn.out and ffn.down (GPT-2 /
 // PanGu-α), zeros for biases, ones for norm weights. Each tensor draws from its own Philox stream
-// (named by the parameter) at its logical element offsets, so any layout initialises the same
-// logical weights.
+// (named by the parameter) at its logical element offsets, so any layout (tp shards included)
+// initialises the same logical weights.
 void init_params(const ParamLayout& layout, const ModelConfig& cfg, float* weights, uint64_t seed);
+
+// The tp sizes a config admits (divisors of n_heads that also divide n_kv_heads, d_ff, vocab).
+std::vector<int> valid_tp_sizes(const ModelConfig& cfg);
 
 }  // namespace loom::model

@@ -208,7 +208,7 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
              "first",
              mb, span_.first_layer, span_.last_layer);
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, nullptr};
   const float* W = weights();
   auto st = std::make_unique<MicroStash>();
   st->B = B;
@@ -285,7 +285,7 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
   MicroStash& st = *it->second;
   const int64_t B = st.B, T = st.T, N = B * T, C = cfg_.d_model;
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, nullptr};
   const float* W = weights();
   float* G = grads();
 

@@ -1,5 +1,6 @@
 #include "train/train_config.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -9,6 +10,9 @@
 #include <toml++/toml.h>
 
 #include "core/error.h"
+#include "model/params.h"
+
+#include <fmt/ranges.h>
 
 namespace fs = std::filesystem;
 
@@ -27,7 +31,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
                  "warmup_steps", "decay_steps"}},
       {"checkpoint", {"dir", "every"}},
       {"log", {"dir", "every"}},
-      {"parallel", {"dp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers"}},
+      {"parallel", {"dp", "tp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers"}},
   };
   return s;
 }
@@ -201,6 +205,20 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   get_str("checkpoint", "dir", c.checkpoint_dir);
   get_int("checkpoint", "every", c.checkpoint_every, 0);
   get_int("parallel", "dp", c.dp, 0);
+  get_int("parallel", "tp", c.tp, 1);
+  LOOM_CHECK(c.tp >= 1, "{} = {} must be >= 1", where("parallel", "tp"), c.tp);
+  if (c.tp > 1) {
+    auto ok = model::valid_tp_sizes(c.model);
+    LOOM_CHECK(std::find(ok.begin(), ok.end(), int(c.tp)) != ok.end(),
+               "{} = {} does not divide model '{}' (n_heads {}, n_kv_heads {}, d_ff {}, vocab {}); "
+               "tensor parallel sizes that work: {}",
+               where("parallel", "tp"), c.tp, c.model.name, c.model.n_heads, c.model.n_kv_heads,
+               c.model.d_ff, c.model.vocab, fmt::join(ok, ", "));
+    LOOM_CHECK((c.batch * c.seq) % c.tp == 0,
+               "{} = {}: sequence parallelism splits the batch x seq = {} x {} = {} token rows "
+               "over tp ranks; choose train.batch x train.seq divisible by {}",
+               where("parallel", "tp"), c.tp, c.batch, c.seq, c.batch * c.seq, c.tp);
+  }
   get_int("parallel", "zero", c.zero, 0);
   LOOM_CHECK(c.zero <= 1,
              "{}: parallel.zero = {} is not available yet; choose 0 (replicated optimizer) or 1 "
@@ -241,6 +259,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
       }
     }
   }
+  LOOM_CHECK(c.pp == 1 || c.tp == 1,
+             "{}: parallel.tp = {} with parallel.pp = {} is not available yet; use tp x dp, or "
+             "pp alone", path, c.tp, c.pp);
   LOOM_CHECK(c.pp == 1 || c.zero == 0,
              "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero = 0 with "
              "pipeline parallelism", path, c.zero, c.pp);

@@ -8,7 +8,7 @@
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
-//   [parallel] dp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers
+//   [parallel] dp, tp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers
 //            (train.batch is per data-parallel rank and micro-batch)
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
 // allowed ones.
@@ -50,6 +50,9 @@ struct TrainConfig {
   // [parallel]: data parallel size (0 = the world size), ZeRO stage (0: replicated optimizer,
   // 1: optimizer state sharded over dp, MindSpore's "optimizer parallel"), gradient bucket size.
   int64_t dp = 0;
+  // Tensor parallel size (Megatron-style with sequence parallelism; model/gpt.h). World size =
+  // dp x tp (x pp); tp ranks are adjacent (order tp-dp-pp).
+  int64_t tp = 1;
   int64_t zero = 0;
   double bucket_mb = 4.0;
   // Pipeline parallel: pp stages (pp = world size, dp = 1 for now), schedule "gpipe" | "1f1b" |

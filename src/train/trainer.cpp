@@ -16,14 +16,21 @@
 #include "kernels/cpu/matmul.h"
 #include "train/pipeline_run.h"
 #include "train/plot.h"
+#include "parallel/topology.h"
+
+#include <fmt/ranges.h>
 
 namespace fs = std::filesystem;
 
 namespace loom::train {
 
-Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp)
-    : cfg_(cfg), pool_(pool), dp_(dp && dp->size() > 1 ? dp : nullptr) {
-  model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision);
+Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp,
+                 const comm::ProcessGroup* tp)
+    : cfg_(cfg),
+      pool_(pool),
+      dp_(dp && dp->size() > 1 ? dp : nullptr),
+      tp_(tp && tp->size() > 1 ? tp : nullptr) {
+  model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, tp_);
   model_->set_recompute(cfg_.recompute);
   const int64_t total = model_->layout().total();
   int64_t begin = 0, end = total;
@@ -107,9 +114,10 @@ StepStats Trainer::train_step() {
     pending_.clear();
     dp_->all_reduce(comm::BufferRef(loss, 2, DType::f64)).wait();
   }
-  const int64_t n = model_->layout().total();
+  // tp: the replicated tensors' partial gradients (from each rank's rows) are summed.
+  model_->reduce_replicated_grads();
   // After the all-reduce every rank holds the same full gradient, hence the same norm.
-  double norm = std::sqrt(kernels::sum_squares(model_->grads(), n));
+  double norm = std::sqrt(model_->grad_sum_squares());
   float factor = cfg_.optim.clip > 0 ? kernels::clip_factor(norm, cfg_.optim.clip) : 1.0f;
   StepStats s;
   s.lr = optim::lr_at(cfg_.optim, optimizer_->step_count() + 1);
@@ -159,10 +167,17 @@ void Trainer::broadcast_weight_shards() {
 }
 
 bool Trainer::any_rank(bool flag) const {
-  if (!dp_) return flag;
   int32_t v = flag ? 1 : 0;
-  dp_->all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
+  for (const comm::ProcessGroup* g : {dp_, tp_})
+    if (g) g->all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
   return v != 0;
+}
+
+
+std::vector<float> Trainer::full_weights() const {
+  const float* w = model_->weights();
+  if (!tp_) return std::vector<float>(w, w + model_->layout().total());
+  return model::gather_tp_buffer(cfg_.model, model_->layout(), w, *tp_);
 }
 
 double Trainer::eval_loss(int64_t batches) {
@@ -222,7 +237,25 @@ void Trainer::save(const std::string& dir) {
     opt.v = optimizer_->v();
   }
   state["dp"] = dp_size();
+  state["tp"] = tp_size();
   state["zero"] = cfg_.zero;
+  // tp: the tp ranks of dp rank 0 gather their shards into the logical tensors.
+  const model::ParamLayout* layout = &model_->layout();
+  const float* weights = model_->weights();
+  std::unique_ptr<model::ParamLayout> full_layout;
+  std::vector<float> full_w, tp_m, tp_v;
+  if (tp_ && dp_rank() == 0) {
+    full_layout = std::make_unique<model::ParamLayout>(cfg_.model);
+    full_w = model::gather_tp_buffer(cfg_.model, model_->layout(), model_->weights(), *tp_);
+    if (opt.m) {
+      tp_m = model::gather_tp_buffer(cfg_.model, model_->layout(), opt.m, *tp_);
+      tp_v = model::gather_tp_buffer(cfg_.model, model_->layout(), opt.v, *tp_);
+      opt.m = tp_m.data();
+      opt.v = tp_v.data();
+    }
+    layout = full_layout.get();
+    weights = full_w.data();
+  }
   // The tokenizer travels with the checkpoint so `loom generate` can decode without the data.
   std::string tokenizer_dir = cfg_.data_path + "/tokenizer";
   auto copy_tokenizer = [&](const std::string& tmp) {
@@ -231,17 +264,16 @@ void Trainer::save(const std::string& dir) {
   };
   // One writer; the others wait so nobody reads a checkpoint before it exists.
   std::string error;
-  if (dp_rank() == 0) {
+  if (dp_rank() == 0 && tp_rank() == 0) {
     try {
-      checkpoint::save_checkpoint(dir, cfg_.model, model_->layout(), model_->weights(), opt,
-                                  state, copy_tokenizer);
+      checkpoint::save_checkpoint(dir, cfg_.model, *layout, weights, opt, state, copy_tokenizer);
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
   if (any_rank(!error.empty())) {
     LOOM_CHECK(error.empty(), "saving checkpoint '{}' failed: {}", dir, error);
-    LOOM_FAIL("saving checkpoint '{}' failed on dp rank 0 (see its log)", dir);
+    LOOM_FAIL("saving checkpoint '{}' failed on the writing rank (see its log)", dir);
   }
 }
 
@@ -260,10 +292,22 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                cfg.pp, cfg.pp, cfg.pp, cfg.pp);
     return run_pipeline_training(cfg, resume_dir, *world);
   }
-  LOOM_CHECK(cfg.dp == 0 || cfg.dp == world_size,
-             "parallel.dp = {} but {} ranks were launched; loom runs data parallel over every "
-             "rank here: use dp = {} (or 0), or launch dp ranks (mpirun -np {})",
-             cfg.dp, world_size, world_size, cfg.dp);
+  // Layout: world = dp x tp (tp ranks adjacent). Validated before anything is allocated.
+  LOOM_CHECK(world_size % cfg.tp == 0,
+             "parallel.tp = {} does not divide the {} launched ranks; tp sizes that divide it: {}",
+             cfg.tp, world_size, fmt::join(parallel::divisors(world_size), ", "));
+  const int64_t dp = world_size / cfg.tp;
+  LOOM_CHECK(cfg.dp == 0 || cfg.dp == dp,
+             "parallel.dp = {} x tp = {} is {} but {} ranks were launched; use dp = {} (or 0: all "
+             "ranks not used by tp), or launch dp x tp ranks (mpirun -np {})",
+             cfg.dp, cfg.tp, cfg.dp * cfg.tp, world_size, dp, cfg.dp * cfg.tp);
+  parallel::ProcessGroups groups;
+  if (world) {
+    parallel::ParallelSizes sizes;
+    sizes.dp = int(dp);
+    sizes.tp = int(cfg.tp);
+    groups = parallel::ProcessGroups::build(parallel::Topology(world_size, sizes, "tp-dp-pp"), *world);
+  }
   const bool leader = !world || world->rank() == 0;
   if (world && world_size > 1) {
     set_log_rank(world->rank(), world_size);
@@ -272,7 +316,7 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   set_num_threads(cfg.threads > 0 ? int(cfg.threads)
                                   : default_num_threads(world ? world->local_size() : 1));
   MemoryPool pool;
-  Trainer trainer(cfg, pool, world);
+  Trainer trainer(cfg, pool, world ? &groups.dp : nullptr, world ? &groups.tp : nullptr);
   if (resume_dir.empty()) {
     trainer.init_fresh();
   } else {
@@ -286,9 +330,9 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
     LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
   }
   const double peak = kernels::measure_matmul_peak_gflops(cfg.precision == model::Precision::bf16);
-  LOOM_LOG_INFO("model {}: {} parameters, dp {} (zero {}), {} threads per rank, matmul peak "
-                "{:.0f} GFLOP/s per rank ({})",
-                cfg.model.name, cfg.model.num_params(), world_size, cfg.zero, num_threads(), peak,
+  LOOM_LOG_INFO("model {}: {} parameters, dp {} (zero {}) x tp {}, {} threads per rank, matmul "
+                "peak {:.0f} GFLOP/s per rank ({})",
+                cfg.model.name, cfg.model.num_params(), dp, cfg.zero, cfg.tp, num_threads(), peak,
                 cfg.precision == model::Precision::bf16 ? "bf16" : "f32");
 
   auto old_int = std::signal(SIGINT, on_stop_signal);
@@ -306,7 +350,8 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   bool stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
   while (trainer.step() < cfg.steps && !stop) {
     pool.reset_peaks();
-    if (world) world->reset_counters();
+    if (world)
+      for (auto* g : {&groups.world, &groups.dp, &groups.tp}) g->reset_counters();
     last = trainer.train_step();
     stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
     bool eval_now = cfg.eval_every > 0 &&
@@ -321,7 +366,10 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
       for (size_t c = 0; c < kNumMemCategories; ++c)
         mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
       m["peak_bytes"] = mem;
-      if (world) m["comm_bytes"] = nlohmann::json::parse(world->counters().to_json());
+      // Calls and bytes this rank sent per group and op during the step (comm/process_group.h).
+      if (world)
+        for (auto* g : {&groups.dp, &groups.tp})
+          m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
       if (eval_now) m["val_loss"] = val;
       metrics << m.dump() << "\n";
       metrics.flush();

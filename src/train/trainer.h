@@ -41,8 +41,10 @@ struct StepStats {
 
 class Trainer {
  public:
-  // `dp` (optional) is the data-parallel group; null means a single rank.
-  Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp = nullptr);
+  // `dp` (optional) is the data-parallel group; null means a single rank. `tp` (optional) the
+  // tensor-parallel group (model/gpt.h): the tp ranks of one dp rank see the same data.
+  Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp = nullptr,
+          const comm::ProcessGroup* tp = nullptr);
   ~Trainer();
 
   // Fresh start: weights from cfg.seed, data from the beginning.
@@ -55,14 +57,20 @@ class Trainer {
   // so every evaluation sees the same tokens).
   double eval_loss(int64_t batches);
   // Writes a checkpoint directory atomically (see checkpoint/checkpoint.h). Collective over the
-  // dp group: rank 0 gathers sharded optimizer state and writes; everyone waits for it.
+  // dp and tp groups: dp rank 0 gathers sharded optimizer state, tp rank 0 of it gathers the tp
+  // shards into the logical tensors and writes; everyone waits for it.
   void save(const std::string& dir);
   int dp_rank() const { return dp_ ? dp_->rank() : 0; }
   int dp_size() const { return dp_ ? dp_->size() : 1; }
+  int tp_rank() const { return tp_ ? tp_->rank() : 0; }
+  int tp_size() const { return tp_ ? tp_->size() : 1; }
+  // The whole model's weights in the logical (tp = 1) layout, gathered over tp (collective over
+  // tp; every tp rank gets them).
+  std::vector<float> full_weights() const;
   // This rank's range [begin, end) of the flat buffer that its optimizer updates.
   int64_t shard_begin() const { return optimizer_->begin(); }
   int64_t shard_end() const { return optimizer_->end(); }
-  // Agrees across the dp group: true if any rank's flag is set (max all-reduce).
+  // Agrees across the dp and tp groups: true if any rank's flag is set (max all-reduce).
   bool any_rank(bool flag) const;
 
   int64_t step() const { return optimizer_->step_count(); }
@@ -79,6 +87,7 @@ class Trainer {
   TrainConfig cfg_;
   MemoryPool& pool_;
   const comm::ProcessGroup* dp_ = nullptr;
+  const comm::ProcessGroup* tp_ = nullptr;
   // Gradient buckets: [bucket_lo_, bucket_hi_) collects ready ranges until bucket_mb is reached.
   int64_t bucket_lo_ = -1, bucket_hi_ = -1;
   std::vector<comm::Work> pending_;

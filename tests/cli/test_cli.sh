@@ -93,7 +93,7 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run4" --set data.source='"shards"' \
   --set data.path="\"$WORK/empty\""
 
-# Layouts from the command line: dp=2 (ZeRO-1) and pp=2 (1F1B) against the serial run with the
+# Layouts from the command line: dp=2 (ZeRO-1), tp=2 and pp=2 (1F1B) against the serial run with the
 # same global batch; then the pp checkpoint resumes on one rank. (Parallel equals serial up to
 # summation order: 1e-5 relative, as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
@@ -101,9 +101,11 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_serial" --set train.batch=4 --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dp" --dp 2 --zero 1 --set train.batch=2 \
   --set train.micro_batches=2 >/dev/null 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_tp" --tp 2 --set train.batch=4 \
+  --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_pp" --pp 2 --schedule 1f1b --micro-batches 2 \
   --set train.batch=4 >/dev/null 2>&1
-for layout in dp pp; do
+for layout in dp tp pp; do
   /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_$layout/metrics.jsonl" <<'PY' \
     && pass "mpirun -np 2 loom train ($layout) equals serial" || fail "$layout differs from serial"
 import json, sys
@@ -118,8 +120,10 @@ done
   && pass "pp checkpoint resumes on one rank" || fail "pp checkpoint resume: $(tail -2 "$WORK/l_resume.json")"
 expect_error "bad layout: pp != ranks" "parallel.pp = 4 but 2 ranks were launched" \
   "$MPI" 2 "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --pp 4
-expect_error "bad layout: tp" "tensor parallelism is not available yet" \
+expect_error "bad layout: tp > ranks" "parallel.tp = 2 does not divide the 1 launched ranks" \
   "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --tp 2
+expect_error "bad layout: tp vs heads" "tensor parallel sizes that work: 1, 2" \
+  "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --tp 4
 
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]
