@@ -62,6 +62,15 @@ struct BlockCtx {
   int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here
 };
 
+// The same offsets relative to `base` (for weights and grads of a unit that starts at base).
+inline BlockOffsets rebased(const BlockOffsets& o, int64_t base) {
+  BlockOffsets r = o;
+  for (int64_t* f : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
+                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
+    *f -= base;
+  return r;
+}
+
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
 // matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's
 // rows (Nl, C) of their sum over tp.

@@ -53,30 +53,42 @@ TpShard shard_of(const comm::ProcessGroup* tp) {
 }  // namespace
 
 Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
-         const comm::ProcessGroup* tp)
+         const comm::ProcessGroup* tp, ParamStore* store)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
       layout_(cfg, shard_of(tp)),
+      store_(store),
       pool_(pool),
       precision_(precision) {
-  weights_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
-  grads_ = Tensor::zeros({layout_.total()}, DType::f32, pool_, MemCategory::grads);
-  if (precision_ == Precision::bf16)
-    weights_lp_ = Tensor::empty({layout_.total()}, DType::bf16, pool_, MemCategory::weights);
+  units_.push_back({layout_.token_embedding(), layout_.block(0).norm1_w});
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    units_.push_back({layout_.block(l).norm1_w, layout_.block(l).b_down + cfg_.d_model});
+  units_.push_back({layout_.final_norm_w(), layout_.total()});
+  LOOM_ASSERT(units_.front().begin == 0 && units_.back().end == layout_.total(),
+              "units do not tile the layout");
+  if (!store_) {
+    weights_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
+    grads_ = Tensor::zeros({layout_.total()}, DType::f32, pool_, MemCategory::grads);
+    if (precision_ == Precision::bf16)
+      weights_lp_ = Tensor::empty({layout_.total()}, DType::bf16, pool_, MemCategory::weights);
+  }
   recompute_.assign(size_t(cfg_.n_layers), Recompute::none);
 }
 
 Gpt::~Gpt() = default;
 
 void Gpt::init_weights(uint64_t seed) {
+  LOOM_CHECK(!store_, "init_weights: this model's parameters live in its ParamStore");
   init_params(layout_, cfg_, weights(), seed);
   sync_low_precision_weights();
 }
 
-void Gpt::zero_grads() { grads_.fill_zero(); }
+void Gpt::zero_grads() {
+  if (grads_.defined()) grads_.fill_zero();
+}
 
 void Gpt::sync_low_precision_weights() {
-  if (precision_ == Precision::bf16)
+  if (precision_ == Precision::bf16 && weights_lp_.defined())
     convert_f32_to_bf16(weights(), weights_lp_.data<bf16>(), size_t(layout_.total()));
 }
 
@@ -106,49 +118,83 @@ void Gpt::check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_
     }
 }
 
+const float* Gpt::unit_w(int u) {
+  return store_ ? store_->weights(u) : weights() + units_[size_t(u)].begin;
+}
+const bf16* Gpt::unit_wl(int u) {
+  if (precision_ != Precision::bf16) return nullptr;
+  return store_ ? store_->weights_lp(u) : weights_lp_.data<bf16>() + units_[size_t(u)].begin;
+}
+void Gpt::unit_release(int u) {
+  if (store_) store_->release(u);
+}
+float* Gpt::unit_g(int u) { return store_ ? store_->grads(u) : grads() + units_[size_t(u)].begin; }
+void Gpt::unit_grads_done(int u) {
+  if (store_)
+    store_->grads_done(u);
+  else if (grad_ready_)
+    grad_ready_(units_[size_t(u)].begin, units_[size_t(u)].end);
+}
+
+// A block context whose W/Wl/G point at unit u's first element (offsets rebased to match).
+BlockCtx Gpt::block_ctx(int u, bool with_grads, int64_t B, int64_t T) {
+  return BlockCtx{cfg_,       pool_, precision_ == Precision::bf16,    unit_w(u), unit_wl(u),
+                  with_grads ? unit_g(u) : nullptr, B, T, tp_};
+}
+
 Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash) {
   const int64_t N = B * T, C = cfg_.d_model;
-  BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, weights(),
-        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
-  const float* W = weights();
+  const int L = int(cfg_.n_layers), kHead = L + 1;
+  const int64_t H0 = units_[size_t(kHead)].begin;
 
   // h0 = wte[tokens] + wpe[0..T)                                  (N,C); tp: this rank's rows
-  const int64_t Nl = c.local_rows();
   Tensor h;
-  if (tp_) {
-    h = embed_tp(inputs, B, T);
-  } else {
-    h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-    K::embedding_forward(h.data<float>(), inputs, W + layout_.token_embedding(),
-                         W + layout_.position_embedding(), B, T, C, cfg_.vocab, 0);
+  {
+    const float* E = unit_w(0);
+    if (tp_) {
+      h = embed_tp(E, inputs, B, T);
+    } else {
+      h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+      K::embedding_forward(h.data<float>(), inputs, E + layout_.token_embedding(),
+                           E + layout_.position_embedding(), B, T, C, cfg_.vocab, 0);
+    }
+    unit_release(0);
   }
 
   stashes_.clear();
-  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+  for (int l = 0; l < L; ++l) {
     stashes_.push_back(std::make_unique<BlockStash>());
     // Evaluation keeps nothing but block inputs (and drops even those below).
     Recompute mode = keep_stash ? recompute_[size_t(l)] : Recompute::full;
-    h = block_forward(c, layout_.block(l), h, nullptr, *stashes_.back(), mode);
+    BlockCtx c = block_ctx(1 + l, false, B, T);
+    h = block_forward(c, rebased(layout_.block(l), units_[size_t(1 + l)].begin), h, nullptr,
+                      *stashes_.back(), mode);
+    unit_release(1 + l);
     if (!keep_stash) stashes_.back()->x = Tensor();
   }
 
-  // final norm                                                               (N,C)
+  // final norm                                                         (Nl,C), Nl local rows
+  BlockCtx c = block_ctx(kHead, false, B, T);
+  const float* W = c.W;
+  const int64_t Nl = c.local_rows();
   final_in_ = h;
   final_out_ = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
   final_mean_ = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   final_rstd_ = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   K::layernorm_forward(final_out_.data<float>(), final_mean_.data<float>(),
-                       final_rstd_.data<float>(), h.data<float>(), W + layout_.final_norm_w(),
-                       W + layout_.final_norm_b(), Nl, C, cfg_.norm_eps);
+                       final_rstd_.data<float>(), h.data<float>(), W + layout_.final_norm_w() - H0,
+                       W + layout_.final_norm_b() - H0, Nl, C, cfg_.norm_eps);
   Tensor out = final_out_;
   if (cfg_.query_layer) {
     // The query layer's query input: row t of its position table for the input at position t.
     Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-    K::position_forward(qin.data<float>(), W + layout_.query_position(), B, T, C, 0);
+    K::position_forward(qin.data<float>(), W + layout_.query_position() - H0, B, T, C, 0);
     stashes_.push_back(std::make_unique<BlockStash>());
     Recompute mode = keep_stash ? recompute_.back() : Recompute::full;
-    out = block_forward(c, layout_.query_block(), final_out_, &qin, *stashes_.back(), mode);
+    out = block_forward(c, rebased(layout_.query_block(), H0), final_out_, &qin, *stashes_.back(),
+                        mode);
   }
+  unit_release(kHead);
   if (!keep_stash) {
     stashes_.clear();
     final_in_ = Tensor();
@@ -161,41 +207,50 @@ Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep
 
 void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t T) {
   const int64_t N = B * T, C = cfg_.d_model;
-  BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, weights(),
-        precision_ == Precision::bf16 ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
-  float* G = grads();
-  const float* W = weights();
-
-  Tensor d_fin = dout;
-  if (cfg_.query_layer) {
-    Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-    K::position_forward(qin.data<float>(), W + layout_.query_position(), B, T, C, 0);
-    BlockStash& st = *stashes_.back();
-    d_fin = block_backward(c, layout_.query_block(), dout, &qin, st);
-    K::position_backward(G + layout_.query_position(), st.q.data<float>(), B, T, C, 0);
-    stashes_.pop_back();
-    if (grad_ready_) grad_ready_(layout_.query_position(), layout_.total());
+  const int L = int(cfg_.n_layers), kHead = L + 1;
+  const int64_t H0 = units_[size_t(kHead)].begin;
+  Tensor dh;
+  {
+    BlockCtx c = block_ctx(kHead, true, B, T);
+    const float* W = c.W;
+    float* G = c.G;
+    Tensor d_fin = dout;
+    if (cfg_.query_layer) {
+      Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
+      K::position_forward(qin.data<float>(), W + layout_.query_position() - H0, B, T, C, 0);
+      BlockStash& st = *stashes_.back();
+      d_fin = block_backward(c, rebased(layout_.query_block(), H0), dout, &qin, st);
+      K::position_backward(G + layout_.query_position() - H0, st.q.data<float>(), B, T, C, 0);
+      stashes_.pop_back();
+    }
+    // final norm: dh = LNf'(d_fin)
+    const int64_t Nl = c.local_rows();
+    dh = Tensor::zeros({Nl, C}, DType::f32, pool_, MemCategory::workspace);
+    K::layernorm_backward(dh.data<float>(), G + layout_.final_norm_w() - H0,
+                          G + layout_.final_norm_b() - H0, d_fin.data<float>(),
+                          final_in_.data<float>(), W + layout_.final_norm_w() - H0,
+                          final_mean_.data<float>(), final_rstd_.data<float>(), Nl, C);
+    d_fin = Tensor();
+    final_in_ = final_out_ = final_mean_ = final_rstd_ = Tensor();
+    unit_release(kHead);
+    unit_grads_done(kHead);
   }
-  // final norm: dh = LNf'(d_fin)
-  const int64_t Nl = c.local_rows();
-  Tensor dh = Tensor::zeros({Nl, C}, DType::f32, pool_, MemCategory::workspace);
-  K::layernorm_backward(dh.data<float>(), G + layout_.final_norm_w(), G + layout_.final_norm_b(),
-                        d_fin.data<float>(), final_in_.data<float>(), W + layout_.final_norm_w(),
-                        final_mean_.data<float>(), final_rstd_.data<float>(), Nl, C);
-  d_fin = Tensor();
-  final_in_ = final_out_ = final_mean_ = final_rstd_ = Tensor();
-  if (grad_ready_) grad_ready_(layout_.final_norm_w(), layout_.final_norm_b() + C);
-  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
-    dh = block_backward(c, layout_.block(l), dh, nullptr, *stashes_[size_t(l)]);
+  for (int l = L - 1; l >= 0; --l) {
+    BlockCtx c = block_ctx(1 + l, true, B, T);
+    dh = block_backward(c, rebased(layout_.block(l), units_[size_t(1 + l)].begin), dh, nullptr,
+                        *stashes_[size_t(l)]);
     stashes_.pop_back();
-    if (grad_ready_) grad_ready_(layout_.block(l).norm1_w, layout_.block(l).b_down + C);
+    unit_release(1 + l);
+    unit_grads_done(1 + l);
   }
+  // The embeddings' gradient buffer was opened by the head (tied weights).
+  float* GE = unit_g(0);
   if (tp_)
-    embed_tp_backward(dh, inputs, B, T);
+    embed_tp_backward(GE, dh, inputs, B, T);
   else
-    K::embedding_backward(G + layout_.token_embedding(), G + layout_.position_embedding(),
+    K::embedding_backward(GE + layout_.token_embedding(), GE + layout_.position_embedding(),
                           dh.data<float>(), inputs, B, T, C, cfg_.vocab, 0);
-  if (grad_ready_) grad_ready_(layout_.token_embedding(), layout_.block(0).norm1_w);
+  unit_grads_done(0);
 }
 
 namespace {
@@ -302,26 +357,30 @@ LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int
                        float grad_scale, Tensor* dout) {
   const int64_t N = B * T, C = cfg_.d_model;
   LossSum r;
-  float* dwte = dout ? grads() + layout_.token_embedding() : nullptr;
+  // The tied head reads the embeddings unit (token table first in it).
+  const float* wte = unit_w(0) + layout_.token_embedding();
+  const bf16* wte_lp = precision_ == Precision::bf16 ? unit_wl(0) + layout_.token_embedding() : nullptr;
+  float* dwte = dout ? unit_g(0) + layout_.token_embedding() : nullptr;
+  struct Release {
+    Gpt* g;
+    ~Release() { g->unit_release(0); }
+  } release{this};
   const bool bf = precision_ == Precision::bf16;
   if (!tp_) {
     float* dh = dout ? dout->data<float>() : nullptr;
     if (bf) {
       Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
       convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
-      r.sum = K::cross_entropy_head_bf16(dh, dwte, &r.count, out_lp.data<bf16>(),
-                                         weights_lp_.data<bf16>() + layout_.token_embedding(),
-                                         targets, N, C, cfg_.vocab, grad_scale, pool_,
-                                         kHeadRowsPerBlock);
+      r.sum = K::cross_entropy_head_bf16(dh, dwte, &r.count, out_lp.data<bf16>(), wte_lp, targets,
+                                         N, C, cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
     } else {
-      r.sum = K::cross_entropy_head(dh, dwte, &r.count, out.data<float>(),
-                                    weights() + layout_.token_embedding(), targets, N, C,
+      r.sum = K::cross_entropy_head(dh, dwte, &r.count, out.data<float>(), wte, targets, N, C,
                                     cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
     }
     return r;
   }
   // tp: gather all rows, score this rank's vocabulary rows, reduce-scatter the partial dh.
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  BlockCtx c{cfg_, pool_, bf, nullptr, nullptr, nullptr, B, T, tp_};  // for the row helpers
   const ParamSpec& tok = layout_.specs()[0];
   const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
   Tensor all = gather_rows(c, out, /*as_mm=*/true, MemCategory::workspace);  // (N,C)
@@ -329,12 +388,10 @@ LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int
   if (dout) dh_part = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
   float* dh = dout ? dh_part.data<float>() : nullptr;
   if (bf)
-    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<bf16>(),
-                              weights_lp_.data<bf16>() + layout_.token_embedding(), v0, targets,
-                              N, C, Vl, grad_scale, pool_, kHeadRowsPerBlock, *tp_);
+    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<bf16>(), wte_lp, v0, targets, N, C,
+                              Vl, grad_scale, pool_, kHeadRowsPerBlock, *tp_);
   else
-    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<float>(),
-                              weights() + layout_.token_embedding(), v0, targets, N, C, Vl,
+    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<float>(), wte, v0, targets, N, C, Vl,
                               grad_scale, pool_, kHeadRowsPerBlock, *tp_);
   all = Tensor();
   if (dout) {
@@ -344,12 +401,12 @@ LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int
   return r;
 }
 
-Tensor Gpt::embed_tp(const int32_t* inputs, int64_t B, int64_t T) {
+Tensor Gpt::embed_tp(const float* E, const int32_t* inputs, int64_t B, int64_t T) {
   const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
   const ParamSpec& tok = layout_.specs()[0];
   const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
-  const float* wte = weights() + layout_.token_embedding();
-  const float* wpe = weights() + layout_.position_embedding();
+  const float* wte = E + layout_.token_embedding();
+  const float* wpe = E + layout_.position_embedding();
   // Partial (N,C): rows whose token this rank holds; the others are zero. Summed over tp.
   Tensor part = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
   for (int64_t n = 0; n < N; ++n) {
@@ -357,7 +414,7 @@ Tensor Gpt::embed_tp(const int32_t* inputs, int64_t B, int64_t T) {
     if (t >= 0 && t < Vl)
       std::memcpy(part.data<float>() + n * C, wte + t * C, size_t(C) * 4);
   }
-  BlockCtx c{cfg_, pool_, false, weights(), nullptr, grads(), B, T, tp_};
+  BlockCtx c{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_};
   Tensor h = scatter_rows_sum(c, part, MemCategory::activations);  // (Nl,C)
   for (int64_t i = 0; i < Nl; ++i) {
     float* row = h.data<float>() + i * C;
@@ -367,18 +424,19 @@ Tensor Gpt::embed_tp(const int32_t* inputs, int64_t B, int64_t T) {
   return h;
 }
 
-void Gpt::embed_tp_backward(const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T) {
+void Gpt::embed_tp_backward(float* GE, const Tensor& dh, const int32_t* inputs, int64_t B,
+                            int64_t T) {
   const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
   const ParamSpec& tok = layout_.specs()[0];
   const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
-  float* dwte = grads() + layout_.token_embedding();
-  float* dwpe = grads() + layout_.position_embedding();
+  float* dwte = GE + layout_.token_embedding();
+  float* dwpe = GE + layout_.position_embedding();
   for (int64_t i = 0; i < Nl; ++i) {
     const float* g = dh.data<float>() + i * C;
     float* p = dwpe + ((r0 + i) % T) * C;
     for (int64_t j = 0; j < C; ++j) p[j] += g[j];
   }
-  BlockCtx c{cfg_, pool_, false, weights(), nullptr, grads(), B, T, tp_};
+  BlockCtx c{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_};
   Tensor all = gather_rows(c, dh, /*as_mm=*/false, MemCategory::workspace);  // (N,C)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t t = int64_t(inputs[n]) - v0;
@@ -391,6 +449,7 @@ void Gpt::embed_tp_backward(const Tensor& dh, const int32_t* inputs, int64_t B, 
 
 void Gpt::reduce_replicated_grads() {
   if (!tp_) return;
+  LOOM_CHECK(!store_, "tensor parallelism with a ParamStore (ZeRO-2/3) is not available yet");
   int64_t n = 0;
   for (const ParamSpec& s : layout_.specs())
     if (s.replicated()) n += s.numel;
@@ -408,6 +467,7 @@ void Gpt::reduce_replicated_grads() {
 }
 
 double Gpt::grad_sum_squares() const {
+  LOOM_CHECK(!store_, "grad_sum_squares: the gradients live in the ParamStore");
   if (!tp_) return K::sum_squares(grads(), layout_.total());
   // Shards are disjoint across tp; replicated tensors are counted on tp rank 0 only.
   double ss = 0;
@@ -454,8 +514,9 @@ void Gpt::all_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T)
   LOOM_CHECK(!tp_, "all_logits is not available under tensor parallelism (tp = {})", tp_size());
   check_inputs(inputs, B, T, T);
   Tensor out = forward_trunk(inputs, B, T, /*keep_stash=*/false);
-  K::logits_forward(logits, out.data<float>(), weights() + layout_.token_embedding(), B * T,
+  K::logits_forward(logits, out.data<float>(), unit_w(0) + layout_.token_embedding(), B * T,
                     cfg_.d_model, cfg_.vocab);
+  unit_release(0);
   final_out_ = Tensor();
 }
 
@@ -468,8 +529,9 @@ void Gpt::last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T
   for (int64_t b = 0; b < B; ++b)
     std::memcpy(last.data<float>() + b * C, out.data<float>() + ((b + 1) * T - 1) * C,
                 size_t(C) * 4);
-  K::logits_forward(logits, last.data<float>(), weights() + layout_.token_embedding(), B, C,
+  K::logits_forward(logits, last.data<float>(), unit_w(0) + layout_.token_embedding(), B, C,
                     cfg_.vocab);
+  unit_release(0);
   final_out_ = Tensor();
 }
 

@@ -31,11 +31,36 @@
 namespace loom::model {
 
 struct BlockStash;  // model/block.h
+struct BlockCtx;    // model/block.h
 
 enum class Precision { f32, bf16 };
 enum class Recompute { none, selective, full };
 const char* recompute_name(Recompute r);
 Recompute recompute_from_name(const std::string& s);  // throws naming the valid values
+
+// Where the model finds its parameters, unit by unit: the ZeRO-2/3 hook (train/zero.h).
+// Units tile the flat buffer in order: 0 the embeddings [token, position), 1..L the blocks,
+// L+1 the head (final norm and the query layer). The model acquires a unit's weights right
+// before using them and releases them right after (so a store can gather them just in time and
+// free them), and reports when a unit's gradient got this micro-batch's last contribution.
+class ParamStore {
+ public:
+  virtual ~ParamStore() = default;
+  // f32 weights of unit u (pointer to its first element), valid until release(u). Calls nest:
+  // each weights(u) is paired with one release(u).
+  virtual const float* weights(int u) = 0;
+  // The bf16 copy of unit u's weights (bf16 mode only), valid until release(u).
+  virtual const bf16* weights_lp(int u) = 0;
+  virtual void release(int u) = 0;
+  // Gradient buffer of unit u for this micro-batch (zeroed on first use, accumulated into),
+  // valid until grads_done(u), which the model calls after the unit's last contribution.
+  virtual float* grads(int u) = 0;
+  virtual void grads_done(int u) = 0;
+};
+
+struct UnitRange {
+  int64_t begin = 0, end = 0;  // [begin, end) of the flat buffer
+};
 
 struct LossSum {
   double sum = 0;     // summed cross-entropy (nats) over counted tokens
@@ -56,12 +81,17 @@ class Gpt {
   // tokens. B*T must be divisible by P. Losses are the whole model's on every tp rank.
   // Replicated parameters (norms, position tables, out/down biases) get per-rank partial
   // gradients: call reduce_replicated_grads() once before using the gradients.
+  //
+  // `store` (optional): the parameters live in the store (ZeRO-2/3), and the model allocates no
+  // weights or grads of its own: weights() and grads() are null, init_weights() throws.
   Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
-      const comm::ProcessGroup* tp = nullptr);
+      const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr);
   ~Gpt();
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
+  // The units (see ParamStore), in flat-buffer order.
+  const std::vector<UnitRange>& units() const { return units_; }
   Precision precision() const { return precision_; }
   float* weights() const { return weights_.data<float>(); }  // (layout().total())
   float* grads() const { return grads_.data<float>(); }      // (layout().total())
@@ -111,9 +141,18 @@ class Gpt {
   Tensor forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash);
   void backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t T);
 
+  // Unit access through the store, or the model's own buffers.
+  const float* unit_w(int u);
+  const bf16* unit_wl(int u);
+  void unit_release(int u);
+  float* unit_g(int u);
+  void unit_grads_done(int u);
+  BlockCtx block_ctx(int u, bool with_grads, int64_t B, int64_t T);
+
   // Vocabulary-parallel embedding lookup (tp): this rank's rows (Nl,C) of token + position.
-  Tensor embed_tp(const int32_t* inputs, int64_t B, int64_t T);
-  void embed_tp_backward(const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T);
+  // E: the embeddings unit's weights / grads (token table at its start).
+  Tensor embed_tp(const float* E, const int32_t* inputs, int64_t B, int64_t T);
+  void embed_tp_backward(float* GE, const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T);
   // The tied head + cross-entropy on the head input `out` (this rank's rows); with dout, writes
   // the gradient of grad_scale * (loss sum) into dout (same rows) and accumulates dwte.
   LossSum head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,
@@ -122,6 +161,8 @@ class Gpt {
   ModelConfig cfg_;
   const comm::ProcessGroup* tp_ = nullptr;
   ParamLayout layout_;
+  std::vector<UnitRange> units_;
+  ParamStore* store_ = nullptr;
   MemoryPool& pool_;
   Precision precision_;
   Tensor weights_, grads_, weights_lp_;
