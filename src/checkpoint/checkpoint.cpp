@@ -204,6 +204,11 @@ void CheckpointReader::expect_config(const model::ModelConfig& c) const {
 void CheckpointReader::load_weights(const model::ParamLayout& layout, float* weights,
                                     int64_t begin, int64_t end) const {
   end = range_end(end, layout);
+  load_weights_packed(layout, weights + begin, begin, end);
+}
+
+void CheckpointReader::load_weights_packed(const model::ParamLayout& layout, float* packed,
+                                           int64_t begin, int64_t end) const {
   for (const auto& s : layout.specs()) {
     int64_t lo = std::max(s.offset, begin), hi = std::min(s.offset + s.numel, end);
     if (lo >= hi) continue;
@@ -212,10 +217,10 @@ void CheckpointReader::load_weights(const model::ParamLayout& layout, float* wei
                "'{}': tensor '{}' is {} {} but the model expects F32 {}", model_->path(), s.name,
                dtype_name(i.dtype), shape_str(i.shape), shape_str(s.global_shape));
     // A tp shard reads only its slice of the logical tensor (one range per contiguous run).
-    float* dst = weights + s.offset;
     model::for_each_global_run(s, lo - s.offset, hi - s.offset,
                                [&](int64_t local, int64_t global, int64_t len) {
-                                 model_->read_range(s.name, DType::f32, global, len, dst + local);
+                                 model_->read_range(s.name, DType::f32, global, len,
+                                                    packed + (s.offset + local - begin));
                                });
   }
 }

@@ -52,6 +52,9 @@ class CheckpointReader {
   // Parameters [begin, end) of the flat buffer (default: all) into weights + begin.
   void load_weights(const model::ParamLayout& layout, float* weights, int64_t begin = 0,
                     int64_t end = -1) const;
+  // The same, packed: elements [begin, end) into dst (end-begin floats).
+  void load_weights_packed(const model::ParamLayout& layout, float* dst, int64_t begin,
+                           int64_t end) const;
   // Optimizer moments for [begin, end) into m, v (each end-begin floats); returns the step.
   int64_t load_optimizer(const model::ParamLayout& layout, float* m, float* v, int64_t begin = 0,
                          int64_t end = -1) const;

@@ -52,6 +52,18 @@ TpShard shard_of(const comm::ProcessGroup* tp) {
 }
 }  // namespace
 
+std::vector<UnitRange> param_units(const ModelConfig& cfg, const ParamLayout& layout) {
+  std::vector<UnitRange> u;
+  u.push_back({layout.token_embedding(), layout.block(0).norm1_w});
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    u.push_back({layout.block(l).norm1_w, layout.block(l).b_down + cfg.d_model});
+  u.push_back({layout.final_norm_w(), layout.total()});
+  LOOM_ASSERT(u.front().begin == 0 && u.back().end == layout.total(), "units do not tile the layout");
+  for (size_t i = 1; i < u.size(); ++i)
+    LOOM_ASSERT(u[i].begin == u[i - 1].end, "units do not tile the layout");
+  return u;
+}
+
 Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
          const comm::ProcessGroup* tp, ParamStore* store)
     : cfg_(cfg),
@@ -60,12 +72,7 @@ Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
       store_(store),
       pool_(pool),
       precision_(precision) {
-  units_.push_back({layout_.token_embedding(), layout_.block(0).norm1_w});
-  for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    units_.push_back({layout_.block(l).norm1_w, layout_.block(l).b_down + cfg_.d_model});
-  units_.push_back({layout_.final_norm_w(), layout_.total()});
-  LOOM_ASSERT(units_.front().begin == 0 && units_.back().end == layout_.total(),
-              "units do not tile the layout");
+  units_ = param_units(cfg_, layout_);
   if (!store_) {
     weights_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
     grads_ = Tensor::zeros({layout_.total()}, DType::f32, pool_, MemCategory::grads);

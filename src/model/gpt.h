@@ -62,6 +62,9 @@ struct UnitRange {
   int64_t begin = 0, end = 0;  // [begin, end) of the flat buffer
 };
 
+// The units of a layout, in flat-buffer order (see ParamStore).
+std::vector<UnitRange> param_units(const ModelConfig& cfg, const ParamLayout& layout);
+
 struct LossSum {
   double sum = 0;     // summed cross-entropy (nats) over counted tokens
   int64_t count = 0;  // counted (non-ignored) target tokens

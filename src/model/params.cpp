@@ -97,26 +97,35 @@ const ParamSpec& ParamLayout::find(const std::string& name) const {
 
 void init_params(const ParamLayout& layout, const ModelConfig& cfg, float* weights,
                  uint64_t seed) {
+  init_params_range(layout, cfg, weights, 0, layout.total(), seed);
+}
+
+void init_params_range(const ParamLayout& layout, const ModelConfig& cfg, float* dst,
+                       int64_t begin, int64_t end, uint64_t seed) {
   const double layers = double(cfg.n_layers + (cfg.query_layer ? 1 : 0));
   const float residual_std = float(0.02 / std::sqrt(2.0 * layers));
   for (const ParamSpec& s : layout.specs()) {
-    float* p = weights + s.offset;
+    const int64_t lo = std::max(s.offset, begin), hi = std::min(s.offset + s.numel, end);
+    if (lo >= hi) continue;
+    float* p = dst + (lo - begin);  // element lo of the flat buffer
     const uint64_t stream = rng_stream_id(s.name.c_str());
     switch (s.init) {
       case InitKind::normal:
       case InitKind::normal_residual: {
         const float std = s.init == InitKind::normal ? 0.02f : residual_std;
-        // Each element draws at its logical offset, so a tp shard holds exactly its slice.
-        for_each_global_run(s, 0, s.numel, [&](int64_t local, int64_t global, int64_t len) {
-          rng_fill_normal(p + local, len, 0.f, std, seed, stream, uint64_t(global));
-        });
+        // Each element draws at its logical offset, so any shard holds exactly its slice.
+        for_each_global_run(s, lo - s.offset, hi - s.offset,
+                            [&](int64_t local, int64_t global, int64_t len) {
+                              rng_fill_normal(p + (local - (lo - s.offset)), len, 0.f, std, seed,
+                                              stream, uint64_t(global));
+                            });
         break;
       }
       case InitKind::zeros:
-        for (int64_t i = 0; i < s.numel; ++i) p[i] = 0.f;
+        std::fill(p, p + (hi - lo), 0.f);
         break;
       case InitKind::ones:
-        for (int64_t i = 0; i < s.numel; ++i) p[i] = 1.f;
+        std::fill(p, p + (hi - lo), 1.f);
         break;
     }
   }

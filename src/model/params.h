@@ -116,6 +116,9 @@ class ParamLayout {
 // (named by the parameter) at its logical element offsets, so any layout (tp shards included)
 // initialises the same logical weights.
 void init_params(const ParamLayout& layout, const ModelConfig& cfg, float* weights, uint64_t seed);
+// The same values for elements [begin, end) of the flat buffer only, into dst (end-begin floats).
+void init_params_range(const ParamLayout& layout, const ModelConfig& cfg, float* dst,
+                       int64_t begin, int64_t end, uint64_t seed);
 
 // The tp sizes a config admits (divisors of n_heads that also divide n_kv_heads, d_ff, vocab).
 std::vector<int> valid_tp_sizes(const ModelConfig& cfg);

@@ -22,29 +22,65 @@ float lr_at(const AdamWConfig& c, int64_t step) {
 
 AdamW::AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
              int64_t begin, int64_t end)
-    : layout_(layout), cfg_(cfg), begin_(begin), end_(end) {
-  LOOM_CHECK(0 <= begin && begin <= end && end <= layout.total(),
-             "optimizer range [{}, {}) outside the {} parameters", begin, end, layout.total());
+    : AdamW(layout, cfg, pool, std::vector<Range>{{begin, end}}) {}
+
+AdamW::AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
+             std::vector<Range> ranges)
+    : layout_(layout), cfg_(cfg), ranges_(std::move(ranges)) {
+  LOOM_CHECK(!ranges_.empty(), "optimizer needs at least one range");
+  int64_t prev = 0;
+  for (const Range& r : ranges_) {
+    LOOM_CHECK(prev <= r.begin && r.begin <= r.end && r.end <= layout.total(),
+               "optimizer range [{}, {}) is outside the {} parameters or out of order", r.begin,
+               r.end, layout.total());
+    prev = r.end;
+    size_ += r.end - r.begin;
+  }
+  begin_ = ranges_.front().begin;
+  end_ = ranges_.back().end;
   LOOM_CHECK(cfg.lr > 0 && cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1 &&
                  cfg.eps > 0 && cfg.weight_decay >= 0,
              "invalid AdamW settings lr={} beta1={} beta2={} eps={} weight_decay={}: need lr > 0, "
              "0 <= beta < 1, eps > 0, weight_decay >= 0",
              cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
-  m_ = Tensor::zeros({end - begin}, DType::f32, pool, MemCategory::optimizer);
-  v_ = Tensor::zeros({end - begin}, DType::f32, pool, MemCategory::optimizer);
+  m_ = Tensor::zeros({size_}, DType::f32, pool, MemCategory::optimizer);
+  v_ = Tensor::zeros({size_}, DType::f32, pool, MemCategory::optimizer);
 }
+
+namespace {
+// Walks the parameter tensors overlapping each range (decay differs per tensor): f(lo, hi,
+// packed offset of lo, spec).
+template <class F>
+void for_each_piece(const model::ParamLayout& layout, const std::vector<Range>& ranges, F&& f) {
+  int64_t packed = 0;
+  for (const Range& r : ranges) {
+    for (const model::ParamSpec& s : layout.specs()) {
+      int64_t lo = std::max(s.offset, r.begin), hi = std::min(s.offset + s.numel, r.end);
+      if (lo < hi) f(lo, hi, packed + (lo - r.begin), s);
+    }
+    packed += r.end - r.begin;
+  }
+}
+}  // namespace
 
 void AdamW::step(float* weights, const float* grads, float grad_scale) {
   ++step_;
   const float lr = lr_at(cfg_, step_);
-  // Walk the parameter tensors overlapping [begin, end): decay differs per tensor.
-  for (const model::ParamSpec& s : layout_.specs()) {
-    int64_t lo = std::max(s.offset, begin_), hi = std::min(s.offset + s.numel, end_);
-    if (lo >= hi) continue;
-    kernels::adamw_step(weights + lo, grads + lo, m() + (lo - begin_), v() + (lo - begin_),
-                        hi - lo, lr, cfg_.beta1, cfg_.beta2, cfg_.eps,
-                        s.weight_decay ? cfg_.weight_decay : 0.f, step_, grad_scale);
-  }
+  for_each_piece(layout_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const model::ParamSpec& s) {
+    kernels::adamw_step(weights + lo, grads + lo, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
+                        cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,
+                        grad_scale);
+  });
+}
+
+void AdamW::step_compact(float* weights, const float* grads, float grad_scale) {
+  ++step_;
+  const float lr = lr_at(cfg_, step_);
+  for_each_piece(layout_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const model::ParamSpec& s) {
+    kernels::adamw_step(weights + p, grads + p, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
+                        cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,
+                        grad_scale);
+  });
 }
 
 double grad_norm(const float* grads, int64_t n) { return std::sqrt(kernels::sum_squares(grads, n)); }

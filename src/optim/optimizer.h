@@ -32,17 +32,27 @@ struct AdamWConfig {
 // min_lr at decay_steps, then min_lr. decay_steps = 0 keeps lr constant after warmup.
 float lr_at(const AdamWConfig& c, int64_t step);
 
+struct Range {
+  int64_t begin = 0, end = 0;
+};
+
 class AdamW {
  public:
   // Manages params [begin, end) of `layout`'s flat buffer.
   AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
         int64_t begin, int64_t end);
+  // Manages the union of disjoint ascending ranges (ZeRO-2/3: a rank's piece of every unit);
+  // m and v hold them packed in range order ("compact").
+  AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
+        std::vector<Range> ranges);
   AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool)
       : AdamW(layout, cfg, pool, 0, layout.total()) {}
 
   // One update of weights[begin,end) from grads[begin,end) (both indexed like the full flat
   // buffer). grad_scale multiplies every gradient (clipping factor). Increments step().
   void step(float* weights, const float* grads, float grad_scale);
+  // The same with weights and grads packed like m and v (size() floats each).
+  void step_compact(float* weights, const float* grads, float grad_scale);
 
   int64_t step_count() const { return step_; }
   void set_step_count(int64_t s) { step_ = s; }
@@ -50,13 +60,18 @@ class AdamW {
   const AdamWConfig& config() const { return cfg_; }
   float* m() const { return m_.data<float>(); }  // (end-begin)
   float* v() const { return v_.data<float>(); }
+  // Single range: its bounds. Several: the first begin and the last end.
   int64_t begin() const { return begin_; }
   int64_t end() const { return end_; }
+  const std::vector<Range>& ranges() const { return ranges_; }
+  int64_t size() const { return size_; }  // managed elements
 
  private:
   const model::ParamLayout& layout_;
   AdamWConfig cfg_;
   int64_t begin_, end_;
+  std::vector<Range> ranges_;
+  int64_t size_ = 0;
   Tensor m_, v_;
   int64_t step_ = 0;
 };

@@ -220,9 +220,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
                where("parallel", "tp"), c.tp, c.batch, c.seq, c.batch * c.seq, c.tp);
   }
   get_int("parallel", "zero", c.zero, 0);
-  LOOM_CHECK(c.zero <= 1,
-             "{}: parallel.zero = {} is not available yet; choose 0 (replicated optimizer) or 1 "
-             "(optimizer state sharded over dp)", path, c.zero);
+  LOOM_CHECK(c.zero >= 0 && c.zero <= 3,
+             "{}: parallel.zero = {}: choose 0 (replicated), 1 (optimizer state sharded over dp), "
+             "2 (also gradients) or 3 (also weights)", path, c.zero);
   if (auto node = tbl["parallel"]["bucket_mb"]) {
     LOOM_CHECK(node.is_number() && *node.value<double>() > 0,
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
@@ -259,6 +259,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
       }
     }
   }
+  LOOM_CHECK(c.zero < 2 || c.tp == 1,
+             "{}: parallel.zero = {} with parallel.tp = {} is not available yet; use zero 0 or 1 "
+             "with tensor parallelism", path, c.zero, c.tp);
   LOOM_CHECK(c.pp == 1 || c.tp == 1,
              "{}: parallel.tp = {} with parallel.pp = {} is not available yet; use tp x dp, or "
              "pp alone", path, c.tp, c.pp);

@@ -48,7 +48,8 @@ struct TrainConfig {
   std::string log_dir = "runs/default";
   int64_t log_every = 1;
   // [parallel]: data parallel size (0 = the world size), ZeRO stage (0: replicated optimizer,
-  // 1: optimizer state sharded over dp, MindSpore's "optimizer parallel"), gradient bucket size.
+  // 1: optimizer state sharded over dp, MindSpore's "optimizer parallel", 2: gradients too,
+  // 3: weights too; train/zero.h), gradient bucket size.
   int64_t dp = 0;
   // Tensor parallel size (Megatron-style with sequence parallelism; model/gpt.h). World size =
   // dp x tp (x pp); tp ranks are adjacent (order tp-dp-pp).

@@ -30,6 +30,16 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
       pool_(pool),
       dp_(dp && dp->size() > 1 ? dp : nullptr),
       tp_(tp && tp->size() > 1 ? tp : nullptr) {
+  if (cfg_.zero >= 2 && dp_) {
+    LOOM_CHECK(!tp_, "parallel.zero = {} with tp = {} is not available yet; use zero 0 or 1 with "
+               "tensor parallelism", cfg_.zero, tp_size());
+    zero_ = std::make_unique<ZeroStore>(int(cfg_.zero), cfg_.model, cfg_.precision, pool_, *dp_);
+    model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, nullptr, zero_.get());
+    model_->set_recompute(cfg_.recompute);
+    optimizer_ = std::make_unique<optim::AdamW>(model_->layout(), cfg_.optim, pool_, zero_->pieces());
+    tokens_.resize(size_t(cfg_.batch * (cfg_.seq + 1)));
+    return;
+  }
   model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, tp_);
   model_->set_recompute(cfg_.recompute);
   const int64_t total = model_->layout().total();
@@ -63,7 +73,10 @@ std::unique_ptr<data::TokenStream> Trainer::make_stream(const std::string& split
 }
 
 void Trainer::init_fresh() {
-  model_->init_weights(cfg_.seed);
+  if (zero_)
+    zero_->init(cfg_.seed);
+  else
+    model_->init_weights(cfg_.seed);
   train_stream_ = make_stream("train");
   LOOM_CHECK(train_stream_->vocab_size() <= cfg_.model.vocab,
              "the data's vocabulary ({} tokens) is larger than the model's vocab = {}; set the "
@@ -75,9 +88,23 @@ void Trainer::resume(const std::string& dir) {
   checkpoint::CheckpointReader r(dir);
   r.expect_config(cfg_.model);
   model_->zero_grads();
-  r.load_weights(model_->layout(), model_->weights());
-  model_->sync_low_precision_weights();
-  if (r.has_optimizer()) {
+  if (zero_) {
+    zero_->load(r);
+  } else {
+    r.load_weights(model_->layout(), model_->weights());
+    model_->sync_low_precision_weights();
+  }
+  if (r.has_optimizer() && zero_) {
+    // ZeRO-2/3: each rank reads the moments of its pieces only.
+    int64_t s = 0, off = 0;
+    for (const optim::Range& p : optimizer_->ranges()) {
+      if (p.end > p.begin)
+        s = r.load_optimizer(model_->layout(), optimizer_->m() + off, optimizer_->v() + off,
+                             p.begin, p.end);
+      off += p.end - p.begin;
+    }
+    optimizer_->set_step_count(s);
+  } else if (r.has_optimizer()) {
     // Each rank reads only its shard: a checkpoint from any dp/zero layout loads at any other.
     int64_t s = r.load_optimizer(model_->layout(), optimizer_->m(), optimizer_->v(),
                                  optimizer_->begin(), optimizer_->end());
@@ -93,9 +120,18 @@ StepStats Trainer::train_step() {
   const int64_t B = cfg_.batch, T = cfg_.seq, M = cfg_.micro_batches;
   const float grad_scale = 1.0f / float(B * T * M * dp_size());
   model_->zero_grads();
+  if (zero_) zero_->zero_grads();
   double loss[2] = {0, 0};  // summed loss, counted tokens
   for (int64_t mb = 0; mb < M; ++mb) {
     train_stream_->next_batch(tokens_.data(), nullptr, B, T);
+    if (zero_) {
+      // ZeRO-2/3: every micro-batch's unit gradients are reduce-scattered during its backward.
+      model::LossSum l = model_->forward_backward(tokens_.data(), B, T, grad_scale);
+      zero_->finish_micro_batch();
+      loss[0] += l.sum;
+      loss[1] += double(l.count);
+      continue;
+    }
     // Gradients are final only during the last micro-batch's backward: reduce them then.
     if (dp_ && mb == M - 1)
       model_->set_grad_ready_hook([this](int64_t b, int64_t e) { reduce_gradients_start(b, e); });
@@ -115,15 +151,20 @@ StepStats Trainer::train_step() {
     dp_->all_reduce(comm::BufferRef(loss, 2, DType::f64)).wait();
   }
   // tp: the replicated tensors' partial gradients (from each rank's rows) are summed.
-  model_->reduce_replicated_grads();
-  // After the all-reduce every rank holds the same full gradient, hence the same norm.
-  double norm = std::sqrt(model_->grad_sum_squares());
+  if (!zero_) model_->reduce_replicated_grads();
+  // After the all-reduce every rank holds the same full gradient, hence the same norm (ZeRO-2/3:
+  // the sum of the shards' squares over dp).
+  double norm = std::sqrt(zero_ ? zero_->grad_sum_squares() : model_->grad_sum_squares());
   float factor = cfg_.optim.clip > 0 ? kernels::clip_factor(norm, cfg_.optim.clip) : 1.0f;
   StepStats s;
   s.lr = optim::lr_at(cfg_.optim, optimizer_->step_count() + 1);
-  optimizer_->step(model_->weights(), model_->grads(), factor);
-  if (dp_ && cfg_.zero >= 1) broadcast_weight_shards();
-  model_->sync_low_precision_weights();
+  if (zero_) {
+    zero_->step(*optimizer_, factor);
+  } else {
+    optimizer_->step(model_->weights(), model_->grads(), factor);
+    if (dp_ && cfg_.zero >= 1) broadcast_weight_shards();
+    model_->sync_low_precision_weights();
+  }
   s.step = optimizer_->step_count();
   s.loss = loss[1] > 0 ? loss[0] / loss[1] : 0.0;
   s.grad_norm = norm;
@@ -175,6 +216,7 @@ bool Trainer::any_rank(bool flag) const {
 
 
 std::vector<float> Trainer::full_weights() const {
+  if (zero_) return zero_->full_weights();
   const float* w = model_->weights();
   if (!tp_) return std::vector<float>(w, w + model_->layout().total());
   return model::gather_tp_buffer(cfg_.model, model_->layout(), w, *tp_);
@@ -206,7 +248,15 @@ void Trainer::save(const std::string& dir) {
   checkpoint::OptimizerState opt;
   opt.step = optimizer_->step_count();
   Tensor full_m, full_v;
-  if (dp_ && cfg_.zero >= 1) {
+  std::vector<float> z_m, z_v, z_w;
+  if (zero_) {
+    // ZeRO-2/3: assemble the logical tensors from every rank's pieces (collective).
+    z_m = zero_->gather_packed(optimizer_->m());
+    z_v = zero_->gather_packed(optimizer_->v());
+    z_w = zero_->full_weights();
+    opt.m = z_m.data();
+    opt.v = z_v.data();
+  } else if (dp_ && cfg_.zero >= 1) {
     // Gather the optimizer shards on rank 0 (the checkpoint holds logical, unsharded tensors).
     const int64_t total = model_->layout().total();
     const int64_t shard = (total + dp_size() - 1) / dp_size();
@@ -241,7 +291,7 @@ void Trainer::save(const std::string& dir) {
   state["zero"] = cfg_.zero;
   // tp: the tp ranks of dp rank 0 gather their shards into the logical tensors.
   const model::ParamLayout* layout = &model_->layout();
-  const float* weights = model_->weights();
+  const float* weights = zero_ ? z_w.data() : model_->weights();
   std::unique_ptr<model::ParamLayout> full_layout;
   std::vector<float> full_w, tp_m, tp_v;
   if (tp_ && dp_rank() == 0) {

@@ -22,6 +22,7 @@
 #include "model/gpt.h"
 #include "optim/optimizer.h"
 #include "train/train_config.h"
+#include "train/zero.h"
 
 namespace loom::data {
 class TokenStream;
@@ -91,6 +92,7 @@ class Trainer {
   // Gradient buckets: [bucket_lo_, bucket_hi_) collects ready ranges until bucket_mb is reached.
   int64_t bucket_lo_ = -1, bucket_hi_ = -1;
   std::vector<comm::Work> pending_;
+  std::unique_ptr<ZeroStore> zero_;  // ZeRO-2/3 (declared first: the model points into it)
   std::unique_ptr<model::Gpt> model_;
   std::unique_ptr<optim::AdamW> optimizer_;
   std::unique_ptr<data::TokenStream> train_stream_;

@@ -57,7 +57,7 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
   std::vector<double> serial_losses;
   for (int i = 0; i < kSteps; ++i) serial_losses.push_back(serial.train_step().loss);
 
-  for (int64_t zero : {0, 1}) {
+  for (int64_t zero : {0, 1, 2, 3}) {
     // Small buckets: several reductions overlap the backward.
     MemoryPool pool;
     train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
@@ -70,10 +70,9 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
           << "zero " << zero << " step " << i + 1;
     }
     const int64_t n = t.model().layout().total();
-    EXPECT_LT(relative_l2(t.model().weights(), serial.model().weights(), n), 1e-5)
-        << "zero " << zero;
+    std::vector<float> mine = t.full_weights(), other(mine);
+    EXPECT_LT(relative_l2(mine.data(), serial.model().weights(), n), 1e-5) << "zero " << zero;
     // Every rank holds the same weights bit for bit.
-    std::vector<float> mine(t.model().weights(), t.model().weights() + n), other(mine);
     world.broadcast(comm::BufferRef(other.data(), n, DType::f32), 0).wait();
     EXPECT_EQ(mine, other) << "zero " << zero << ": ranks diverged";
   }
@@ -82,14 +81,19 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
 TEST(DataParallel, SameLayoutTwiceIsBitIdentical) {
   comm::ProcessGroup world = comm::ProcessGroup::world();
   std::string dir = shared_dir(world, "twice");
-  std::vector<double> runs[2];
-  for (auto& losses : runs) {
-    MemoryPool pool;
-    train::Trainer t(config(kBatch, 1, dir, 0.05), pool, &world);
-    t.init_fresh();
-    for (int i = 0; i < 3; ++i) losses.push_back(t.train_step().loss);
+  for (int64_t zero : {1, 3}) {
+    std::vector<double> runs[2];
+    std::vector<float> weights[2];
+    for (int k = 0; k < 2; ++k) {
+      MemoryPool pool;
+      train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
+      t.init_fresh();
+      for (int i = 0; i < 3; ++i) runs[k].push_back(t.train_step().loss);
+      weights[k] = t.full_weights();
+    }
+    EXPECT_EQ(runs[0], runs[1]) << "zero " << zero;
+    EXPECT_EQ(weights[0], weights[1]) << "zero " << zero;
   }
-  EXPECT_EQ(runs[0], runs[1]);
 }
 
 TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
@@ -134,27 +138,91 @@ TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
   EXPECT_EQ(opt_bytes[1], 8 * mine);
 }
 
+// ZeRO-2 shards gradients and ZeRO-3 weights too, by the factors the pool measures; the
+// reduce-scatters and all-gathers move the closed-form bytes; bf16 works through the store.
+TEST(DataParallel, ZeroTwoThreeShardGradientsAndWeights) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  std::string dir = shared_dir(world, "zero23");
+  for (int64_t zero : {2, 3}) {
+    MemoryPool pool;
+    train::Trainer t(config(kBatch, zero, dir, 4), pool, &world);
+    t.init_fresh();
+    const auto units = model::param_units(t.config().model, t.model().layout());
+    const int64_t N = t.model().layout().total();
+    int64_t shard = 0, padded = 0, biggest = 0;
+    for (const auto& u : units) {
+      const int64_t len = u.end - u.begin, n = (len + w - 1) / w;
+      shard += std::min(len, (world.rank() + 1) * n) - std::min(len, world.rank() * n);
+      padded += n;
+      biggest = std::max(biggest, n * w);
+    }
+    // Optimizer: m and v of this rank's pieces; gradients: one accumulator of the same size.
+    EXPECT_EQ(pool.current(MemCategory::optimizer), 8 * shard) << "zero " << zero;
+    EXPECT_EQ(pool.current(MemCategory::grads), 4 * shard) << "zero " << zero;
+    EXPECT_EQ(pool.current(MemCategory::weights), 4 * (zero == 3 ? shard : N)) << "zero " << zero;
+    EXPECT_LE(shard, N / w + int64_t(units.size()));
+    world.reset_counters();
+    pool.reset_peaks();
+    t.train_step();
+    // Between steps nothing gathered or in flight remains.
+    EXPECT_EQ(pool.current(MemCategory::grads), 4 * shard) << "zero " << zero;
+    EXPECT_EQ(pool.current(MemCategory::weights), 4 * (zero == 3 ? shard : N)) << "zero " << zero;
+    if (zero == 3) {
+      // Gathered units live one at a time, except the embeddings (tied head) beside the head.
+      EXPECT_LE(pool.peak(MemCategory::weights), 4 * (shard + 2 * biggest));
+      EXPECT_GT(pool.peak(MemCategory::weights), 4 * shard);
+    }
+    const auto& c = world.counters();
+    const int64_t M = t.config().micro_batches;
+    // Each micro-batch reduce-scatters every unit once: (w-1) x n_u floats sent per unit.
+    EXPECT_EQ(c[comm::CommOp::reduce_scatter].calls, M * int64_t(units.size()));
+    EXPECT_EQ(c[comm::CommOp::reduce_scatter].bytes, M * 4 * (w - 1) * padded);
+    // ZeRO-3 gathers every unit before its forward and again before its backward (the
+    // embeddings: lookup and tied head), per micro-batch; ZeRO-2 gathers the updated pieces
+    // once per step.
+    const int64_t gathers = zero == 3 ? 2 * M : 1;
+    EXPECT_EQ(c[comm::CommOp::all_gather].calls, gathers * int64_t(units.size()));
+    EXPECT_EQ(c[comm::CommOp::all_gather].bytes, gathers * 4 * (w - 1) * padded);
+    EXPECT_EQ(c[comm::CommOp::all_reduce].calls, 2);  // loss and the gradient norm
+  }
+  // bf16 through the store equals bf16 data parallel (ZeRO-1) up to summation order.
+  std::vector<double> ref, got;
+  for (int64_t zero : {1, 3}) {
+    MemoryPool pool;
+    train::TrainConfig cfg = config(kBatch, zero, dir, 4);
+    cfg.precision = model::Precision::bf16;
+    train::Trainer t(cfg, pool, &world);
+    t.init_fresh();
+    for (int i = 0; i < 3; ++i) (zero == 1 ? ref : got).push_back(t.train_step().loss);
+  }
+  for (size_t i = 0; i < ref.size(); ++i)
+    // Same bf16 roundings; f32 sums in another order (reduce-scatter vs all-reduce).
+    EXPECT_NEAR(got[i], ref[i], 1e-5 * ref[i]) << "bf16 step " << i + 1;
+}
+
 TEST(DataParallel, CheckpointMovesBetweenLayouts) {
   comm::ProcessGroup world = comm::ProcessGroup::world();
   const int dp = world.size();
   std::string dir = shared_dir(world, "ckpt");
-  // Train 3 steps at (dp, zero 1), save, 3 more steps: the uninterrupted reference.
+  // Train 3 steps at (dp, zero 3), save, 3 more steps: the uninterrupted reference.
   std::vector<double> uninterrupted;
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, 1, dir, 0.05), pool, &world);
+    train::Trainer t(config(kBatch, 3, dir, 0.05), pool, &world);
     t.init_fresh();
     for (int i = 0; i < 3; ++i) t.train_step();
     t.save(dir + "/ckpt");
     for (int i = 0; i < 3; ++i) uninterrupted.push_back(t.train_step().loss);
   }
-  // Resume at (dp, zero 0) and on a single rank with dp times the batch.
-  {
+  // Resume at (dp, zero 0, 1, 2) and on a single rank with dp times the batch.
+  for (int64_t zero : {0, 1, 2}) {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, 0, dir, 0.05), pool, &world);
+    train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
     t.resume(dir + "/ckpt");
     for (int i = 0; i < 3; ++i)
-      EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)]);
+      EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)])
+          << "zero " << zero;
   }
   {
     MemoryPool pool;

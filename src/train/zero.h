@@ -1,0 +1,105 @@
+// train/zero.h: ZeRO stages 2 and 3 over the data-parallel group, as a model::ParamStore.
+//
+// Glossary: P dp size, r this rank's dp index, unit u = [begin, end) of the flat buffer (the
+// embeddings, one block, the head; model/gpt.h), n_u = ceil(len_u / P), piece(u, r) = elements
+// [begin + r*n_u, begin + (r+1)*n_u) clipped to the unit. Each rank owns piece(u, r) of every
+// unit: its AdamW moments, its gradient accumulator and (stage 3) its master weights, packed in
+// unit order ("packed" buffers, shard_size() floats).
+//
+// Stage 2 (optimizer state and gradients sharded): full f32 weights on every rank. During each
+// micro-batch's backward, as soon as unit u's gradient is complete, a non-blocking
+// reduce-scatter of the (P*n_u, zero-padded) unit gradient starts; its result (the sum over dp of
+// this rank's piece) is added to the accumulator when the micro-batch ends, and the unit buffer
+// is freed. After the step each rank's updated pieces are all-gathered into the full weights.
+// Stage 3 (also weights): only the pieces persist; weights(u) all-gathers the unit just in time
+// (before its forward, again before its backward) and release(u) frees it.
+// Memory (measured by the pool): optimizer 8*shard bytes; grads 4*shard persistent plus the
+// unit buffers in flight; weights 4*total (stage 2) or 4*shard plus the gathered units live
+// (stage 3). bf16 mode adds a bf16 copy of the full weights (stage 2) or of each gathered unit.
+//
+// Determinism: fixed unit order and a deterministic reduce-scatter, so two runs are
+// bit-identical. Summation order differs from dp all-reduce (ZeRO-0/1) by rounding only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/process_group.h"
+#include "core/memory_pool.h"
+#include "model/gpt.h"
+#include "model/params.h"
+#include "optim/optimizer.h"
+
+namespace loom::checkpoint {
+class CheckpointReader;
+}
+
+namespace loom::train {
+
+class ZeroStore final : public model::ParamStore {
+ public:
+  ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision precision,
+            MemoryPool& pool, const comm::ProcessGroup& dp);
+
+  // ParamStore
+  const float* weights(int u) override;
+  const bf16* weights_lp(int u) override;
+  void release(int u) override;
+  float* grads(int u) override;
+  void grads_done(int u) override;
+
+  int stage() const { return stage_; }
+  const model::ParamLayout& layout() const { return layout_; }
+  // This rank's pieces, ascending (the optimizer's ranges), and their packed size.
+  const std::vector<optim::Range>& pieces() const { return pieces_; }
+  int64_t shard_size() const { return shard_; }
+
+  void init(uint64_t seed);
+  void load(const checkpoint::CheckpointReader& r);
+  // Step lifecycle: zero_grads() before the first micro-batch; finish_micro_batch() after each
+  // forward_backward (waits for its reduce-scatters and accumulates them); then
+  // grad_sum_squares() (collective) and step().
+  void zero_grads();
+  void finish_micro_batch();
+  double grad_sum_squares() const;
+  void step(optim::AdamW& opt, float grad_scale);
+  // The whole flat buffer from every rank's packed pieces (collective; everyone receives it).
+  std::vector<float> gather_packed(const float* packed) const;
+  std::vector<float> full_weights() const;
+
+ private:
+  struct Live {
+    Tensor w;       // stage 3: gathered unit (P*n_u) f32
+    Tensor wl;      // stage 3, bf16: its bf16 copy (len_u)
+    int refs = 0;
+    Tensor g;       // this micro-batch's unit gradient (P*n_u), until grads_done
+  };
+  struct Pending {
+    comm::Work work;
+    int unit;
+    Tensor out;  // (n_u) this rank's reduced piece
+  };
+  int64_t piece_len(size_t u) const { return pieces_[u].end - pieces_[u].begin; }
+  // All-gathers unit u from the packed pieces into `out` (P*n_u floats).
+  void gather_unit(size_t u, const float* packed, float* out) const;
+
+  int stage_;
+  model::ModelConfig cfg_;
+  model::ParamLayout layout_;
+  bool bf_;
+  MemoryPool& pool_;
+  comm::ProcessGroup dp_;
+  std::vector<model::UnitRange> units_;
+  std::vector<int64_t> n_;          // per unit: piece stride n_u
+  std::vector<optim::Range> pieces_;
+  std::vector<int64_t> packed_off_;  // per unit: offset of its piece in packed buffers
+  int64_t shard_ = 0;
+  Tensor wfull_, wfull_lp_;  // stage 2
+  Tensor wshard_;            // stage 3 (packed)
+  Tensor gshard_;            // packed gradient accumulator
+  std::vector<Live> live_;
+  std::vector<Pending> pending_;
+};
+
+}  // namespace loom::train
