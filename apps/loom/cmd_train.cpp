@@ -46,7 +46,7 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
   sub->add_option("--bucket-mb", opts->bucket_mb, "gradient all-reduce bucket size (MiB)");
   sub->add_option("--tp", opts->tp, "tensor-parallel size (Megatron-style with sequence parallelism; world = dp x tp)");
-  sub->add_option("--pp", opts->pp, "pipeline stages (= the number of ranks; dp x pp not yet)");
+  sub->add_option("--pp", opts->pp, "pipeline stages (world = dp x pp; dp = ranks / pp)");
   sub->add_option("--schedule", opts->schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
   sub->add_option("--virtual-stages", opts->virtual_stages, "model chunks per rank (interleaved)");
   sub->add_option("--micro-batches", opts->micro_batches, "micro-batches per step");

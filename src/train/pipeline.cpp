@@ -84,8 +84,10 @@ struct PipelineExecutor::ChunkOptimizer {
 };
 
 PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
-                                   const comm::ProcessGroup& pp, MemoryPool& pool)
+                                   const comm::ProcessGroup& pp, MemoryPool& pool,
+                                   const comm::ProcessGroup* dp)
     : cfg_(cfg), pc_(pc), pp_(pp), pool_(pool) {
+  if (dp && dp->valid() && dp->size() > 1) dp_ = *dp;
   LOOM_CHECK(pp.valid(), "PipelineExecutor needs a valid pp group");
   const int n_pp = pp.size(), rank = pp.rank();
   // Validate the schedule first: it names the valid micro-batch counts.
@@ -135,7 +137,8 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   const int n_pp = pp_.size(), rank = pp_.rank(), VS = pc_.virtual_stages;
   const int M = pc_.micro_batches, n_virtual = n_pp * VS;
   const int64_t N = B * T, C = cfg_.d_model;
-  const float grad_scale = 1.0f / float(B * T * M);
+  const int n_dp = dp_.valid() ? dp_.size() : 1;
+  const float grad_scale = 1.0f / float(B * T * M * n_dp);
   bool needs_tokens = false;
   for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
@@ -238,6 +241,14 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     LOOM_ASSERT(c->in_flight() == 0, "{} chunk left {} micro-batches without backward",
                 pp_.prefix(), c->in_flight());
 
+  // Data parallel: every chunk's gradient summed over dp.
+  if (dp_.valid()) {
+    std::vector<comm::Work> reduces;
+    for (auto& c : chunks_)
+      reduces.push_back(dp_.all_reduce(comm::BufferRef(c->grads(), c->total(), DType::f32)));
+    for (auto& w : reduces) w.wait();
+  }
+
   // Tied embedding: sum the embedding's and the head's gradient contributions.
   const int64_t VC = cfg_.vocab * C;
   if (embedding_.valid()) {
@@ -274,6 +285,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   // The loss lives on the rank of the last virtual stage (pp-1); every pp rank logs it.
   double loss_buf[2] = {loss_sum, double(count)};
   pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
+  if (dp_.valid()) dp_.all_reduce(comm::BufferRef(loss_buf, 2, DType::f64)).wait();
   s.step = step_;
   s.loss_sum = loss_buf[0];
   s.tokens = int64_t(loss_buf[1]);

@@ -22,6 +22,9 @@
 //   waited (with the group timeout) before the next compute action. Per step each boundary
 //   between consecutive virtual stages moves 2 * M * N * C * 4 bytes (counted as `send` on the
 //   pp group's counters by the sender).
+// - Data parallel (dp group of size D): gradient scale 1/(B*T*M*D); each chunk's gradient is
+//   all-reduced over dp (non-blocking, all chunks at once) after the pipeline drains, and the
+//   loss is summed over dp.
 // - Numerics: gradient scale 1/(B*T*M) as train/trainer.cpp; the tied embedding's gradient is
 //   all-reduced (sum) between its two holders before the norm; the global grad norm sums each
 //   rank's squares (the tied embedding counted once) with an f64 all-reduce over pp. The result
@@ -69,8 +72,11 @@ class PipelineExecutor {
  public:
   // Builds this rank's chunks (weights uninitialised) and optimizer state from `pool`, and the
   // schedule. Collective over `pp`. Throws loom::Error for invalid layer splits or schedules.
+  // `dp` (optional): data parallel over that group (each dp rank runs its own pipeline on its
+  // own micro-batches; after the backward every chunk's gradient is summed over dp).
   PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
-                   const comm::ProcessGroup& pp, MemoryPool& pool);
+                   const comm::ProcessGroup& pp, MemoryPool& pool,
+                   const comm::ProcessGroup* dp = nullptr);
   ~PipelineExecutor();
 
   // Same logical weights as model::Gpt::init_weights(seed).
@@ -98,7 +104,7 @@ class PipelineExecutor {
   struct ChunkOptimizer;
   model::ModelConfig cfg_;
   PipelineConfig pc_;
-  comm::ProcessGroup pp_, embedding_;
+  comm::ProcessGroup pp_, embedding_, dp_;
   MemoryPool& pool_;
   parallel::PipelineSchedule schedule_;
   std::vector<std::unique_ptr<model::GptStage>> chunks_;

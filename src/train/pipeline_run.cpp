@@ -13,6 +13,9 @@
 #include "model/params.h"
 #include "train/pipeline.h"
 #include "train/plot.h"
+#include "parallel/topology.h"
+
+#include <fmt/ranges.h>
 
 namespace fs = std::filesystem;
 
@@ -23,12 +26,19 @@ namespace {
 volatile std::sig_atomic_t g_pipeline_stop = 0;
 extern "C" void on_pipeline_stop(int sig) { g_pipeline_stop = sig; }
 
-std::unique_ptr<data::TokenStream> make_stream(const TrainConfig& cfg, bool train) {
-  // Every pp rank reads the same windows (only the first and last stage use them). The
-  // synthetic and shard streams are the ones a single rank uses, so pp equals serial.
+std::unique_ptr<data::TokenStream> make_stream(const TrainConfig& cfg, bool train, int dp_rank,
+                                               int dp_size) {
+  // Every pp rank of a dp rank reads the same windows (only the first and last stage use
+  // them); dp ranks take interleaved windows as in train/trainer.cpp, so dp x pp equals serial.
+  if (!train) {
+    dp_rank = 0;
+    dp_size = 1;
+  }
   if (cfg.data_source == "synthetic")
-    return data::make_synthetic_stream(cfg.model.vocab, cfg.data_seed, train ? 0 : 1, 2);
-  return data::open_shard_stream(cfg.data_path, train ? "train" : "val", cfg.data_seed, 0, 1);
+    return data::make_synthetic_stream(cfg.model.vocab, cfg.data_seed,
+                                       train ? 2 * dp_rank : 1, 2 * dp_size);
+  return data::open_shard_stream(cfg.data_path, train ? "train" : "val", cfg.data_seed, dp_rank,
+                                 dp_size);
 }
 
 // Gathers the logical weights / moments on every rank: each rank exports its own tensors into a
@@ -41,10 +51,21 @@ void gather_full(const comm::ProcessGroup& pp, float* full, int64_t n) {
 
 StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resume_dir,
                                 const comm::ProcessGroup& world) {
-  LOOM_CHECK(cfg.pp == world.size(),
-             "parallel.pp = {} but {} ranks were launched; pipeline runs use pp = the number of "
-             "ranks for now (dp x pp is not available yet): launch mpirun -np {}",
-             cfg.pp, world.size(), cfg.pp);
+  // Layout dp x pp (order tp-dp-pp: the dp ranks of one stage are adjacent).
+  LOOM_CHECK(world.size() % cfg.pp == 0,
+             "parallel.pp = {} but {} ranks were launched; pp must divide the ranks (dp = ranks / "
+             "pp): pp sizes that divide {}: {}",
+             cfg.pp, world.size(), world.size(), fmt::join(parallel::divisors(world.size()), ", "));
+  const int n_dp = world.size() / int(cfg.pp);
+  LOOM_CHECK(cfg.dp == 0 || cfg.dp == n_dp,
+             "parallel.dp = {} x pp = {} is {} but {} ranks were launched; use dp = {} (or 0)",
+             cfg.dp, cfg.pp, cfg.dp * cfg.pp, world.size(), n_dp);
+  parallel::ParallelSizes sizes;
+  sizes.dp = n_dp;
+  sizes.pp = int(cfg.pp);
+  parallel::ProcessGroups groups =
+      parallel::ProcessGroups::build(parallel::Topology(world.size(), sizes, "tp-dp-pp"), world);
+  const int dp_rank = groups.dp.rank();
   const bool leader = world.rank() == 0;
   set_log_rank(world.rank(), world.size());
   if (!leader) set_log_level(LogLevel::warn);
@@ -59,11 +80,11 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   pc.recompute = cfg.recompute;
   pc.optim = cfg.optim;
   MemoryPool pool;
-  PipelineExecutor exec(cfg.model, pc, world, pool);
+  PipelineExecutor exec(cfg.model, pc, groups.pp, pool, &groups.dp);
   const model::ParamLayout layout(cfg.model);
   const int64_t n = layout.total();
 
-  auto train_stream = make_stream(cfg, true);
+  auto train_stream = make_stream(cfg, true, dp_rank, n_dp);
   if (resume_dir.empty()) {
     exec.init_weights(cfg.seed);
   } else {
@@ -82,16 +103,20 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
 
   auto save = [&](const std::string& dir) {
     std::vector<float> w(size_t(n), 0.f), m(size_t(n), 0.f), v(size_t(n), 0.f);
-    exec.export_weights(w.data());
-    exec.export_optimizer(m.data(), v.data());
-    gather_full(world, w.data(), n);
-    gather_full(world, m.data(), n);
-    gather_full(world, v.data(), n);
+    // dp replicas hold identical weights: the pipeline of dp rank 0 gathers and writes.
+    if (dp_rank == 0) {
+      exec.export_weights(w.data());
+      exec.export_optimizer(m.data(), v.data());
+      gather_full(groups.pp, w.data(), n);
+      gather_full(groups.pp, m.data(), n);
+      gather_full(groups.pp, v.data(), n);
+    }
     int32_t failed = 0;
     std::string error;
     if (leader) {
       nlohmann::json state = {{"step", exec.step_count()}, {"data", train_stream->state()},
-                              {"seed", cfg.seed}, {"pp", cfg.pp}, {"schedule", cfg.schedule}};
+                              {"seed", cfg.seed}, {"dp", n_dp}, {"pp", cfg.pp},
+                              {"schedule", cfg.schedule}};
       try {
         checkpoint::save_checkpoint(dir, cfg.model, layout, w.data(),
                                     {m.data(), v.data(), exec.step_count()}, state);
@@ -111,9 +136,9 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
     LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
   }
-  LOOM_LOG_INFO("model {}: {} parameters, pp {} ({} schedule, {} micro-batches, {} virtual "
-                "stages), {} threads per rank",
-                cfg.model.name, cfg.model.num_params(), cfg.pp, cfg.schedule, cfg.micro_batches,
+  LOOM_LOG_INFO("model {}: {} parameters, dp {} x pp {} ({} schedule, {} micro-batches, {} "
+                "virtual stages), {} threads per rank",
+                cfg.model.name, cfg.model.num_params(), n_dp, cfg.pp, cfg.schedule, cfg.micro_batches,
                 cfg.virtual_stages, num_threads());
   const int64_t B = cfg.batch, T = cfg.seq, M = cfg.micro_batches;
   std::vector<int32_t> tokens(size_t(M * B * (T + 1)));
@@ -135,21 +160,22 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t mb = 0; mb < M; ++mb)
       train_stream->next_batch(tokens.data() + mb * B * (T + 1), nullptr, B, T);
-    world.reset_counters();
+    for (auto* g : {&groups.dp, &groups.pp}) g->reset_counters();
     PipelineStepStats ps = exec.train_step(tokens.data(), B, T);
     last.step = ps.step;
     last.loss = ps.loss;
     last.lr = ps.lr;
     last.grad_norm = ps.grad_norm;
     last.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    last.tokens_per_s = double(B * T * M) / last.step_s;
-    last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M) / last.step_s / 1e9;
+    last.tokens_per_s = double(B * T * M * n_dp) / last.step_s;
+    last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M * n_dp) / last.step_s / 1e9;
     stop = stop_agreed();
     if (leader) {
       nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
                           {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
-                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops},
-                          {"comm_bytes", nlohmann::json::parse(world.counters().to_json())}};
+                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops}};
+      for (auto* g : {&groups.dp, &groups.pp})
+        m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
       metrics << m.dump() << "\n";
       metrics.flush();
     }

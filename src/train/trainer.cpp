@@ -336,9 +336,9 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                        const comm::ProcessGroup* world) {
   const int world_size = world ? world->size() : 1;
   if (cfg.pp > 1) {
-    LOOM_CHECK(world != nullptr && (cfg.dp == 0 || cfg.dp == 1),
-               "parallel.pp = {} needs {} MPI ranks and dp = 1 (dp x pp is not available yet); "
-               "launch: mpirun -np {} loom train ... --pp {}",
+    LOOM_CHECK(world != nullptr,
+               "parallel.pp = {} needs at least {} MPI ranks (dp x pp); launch: mpirun -np {} "
+               "loom train ... --pp {}",
                cfg.pp, cfg.pp, cfg.pp, cfg.pp);
     return run_pipeline_training(cfg, resume_dir, *world);
   }

@@ -93,7 +93,8 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run4" --set data.source='"shards"' \
   --set data.path="\"$WORK/empty\""
 
-# Layouts from the command line: dp=2 (ZeRO-1), tp=2 and pp=2 (1F1B) against the serial run with the
+# Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 and
+# dp=2 with ZeRO-3 against the serial run with the
 # same global batch; then the pp checkpoint resumes on one rank. (Parallel equals serial up to
 # summation order: 1e-5 relative, as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
@@ -105,7 +106,13 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
   --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_pp" --pp 2 --schedule 1f1b --micro-batches 2 \
   --set train.batch=4 >/dev/null 2>&1
-for layout in dp tp pp; do
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 --micro-batches 2 \
+  --set train.batch=2 >/dev/null 2>&1
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 1 \
+  --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 \
+  --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
+for layout in dp tp pp dppp dptp zero3; do
   /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_$layout/metrics.jsonl" <<'PY' \
     && pass "mpirun -np 2 loom train ($layout) equals serial" || fail "$layout differs from serial"
 import json, sys
