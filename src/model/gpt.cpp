@@ -1,6 +1,7 @@
 #include "model/gpt.h"
 
 #include "model/block.h"
+#include "model/head.h"
 
 #include <cmath>
 #include <algorithm>
@@ -22,10 +23,6 @@ namespace loom::model {
 
 namespace K = loom::kernels;
 
-// Rows of the fused head + cross-entropy per block. Each block reads and accumulates the whole
-// (V,C) dwte once, so fewer, larger blocks cut that traffic (GPT-2: 154 MB per pass); the price
-// is a (rows, V) f32 logits workspace (256 x 50304 x 4 B = 51 MB).
-constexpr int64_t kHeadRowsPerBlock = 256;
 
 const char* recompute_name(Recompute r) {
   switch (r) {
@@ -159,7 +156,9 @@ Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep
   {
     const float* E = unit_w(0);
     if (tp_) {
-      h = embed_tp(E, inputs, B, T);
+      h = vocab_parallel_embedding(BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_},
+                                   layout_.specs()[0], E + layout_.token_embedding(),
+                                   E + layout_.position_embedding(), inputs);
     } else {
       h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
       K::embedding_forward(h.data<float>(), inputs, E + layout_.token_embedding(),
@@ -253,7 +252,9 @@ void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t
   // The embeddings' gradient buffer was opened by the head (tied weights).
   float* GE = unit_g(0);
   if (tp_)
-    embed_tp_backward(GE, dh, inputs, B, T);
+    vocab_parallel_embedding_backward(
+        BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_}, layout_.specs()[0],
+        GE + layout_.token_embedding(), GE + layout_.position_embedding(), dh, inputs);
   else
     K::embedding_backward(GE + layout_.token_embedding(), GE + layout_.position_embedding(),
                           dh.data<float>(), inputs, B, T, C, cfg_.vocab, 0);
@@ -273,185 +274,17 @@ void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int3
 }
 }  // namespace
 
-namespace {
-
-// Vocabulary-parallel tied head + cross-entropy over all N rows h (N,C), with this rank's
-// vocabulary rows wte [v0, v0+Vl) (Vl,C). Per block of R rows: local logits (R,Vl); the row max
-// is all-reduced (max), then the sum of exp(l - max) and the target's logit (held by one rank)
-// are all-reduced (sum) together; loss_r = max + log(sum) - l[target]. Backward: dlogits =
-// grad_scale * (softmax - onehot) on this rank's columns; dh (N,C) is OVERWRITTEN with this
-// rank's partial sum dlogits @ wte (the caller sums over tp), dwte (Vl,C) ACCUMULATES.
-template <typename T>
-double vocab_parallel_ce(float* dh, float* dwte, int64_t* n_counted, const T* h, const T* wte,
-                         int64_t v0, const int32_t* targets, int64_t N, int64_t C, int64_t Vl,
-                         float grad_scale, MemoryPool& pool, int64_t rows_per_block,
-                         const comm::ProcessGroup& tp) {
-  constexpr bool kBf16 = std::is_same_v<T, bf16>;
-  const bool backward = dh != nullptr;
-  const int64_t R_max = std::min(rows_per_block, std::max<int64_t>(N, 1));
-  Tensor logits = Tensor::empty({R_max, Vl}, DType::f32, pool, MemCategory::workspace);
-  Tensor dl_lo;
-  if (kBf16 && backward) dl_lo = Tensor::empty({R_max, Vl}, DType::bf16, pool, MemCategory::workspace);
-  std::vector<float> mx(static_cast<size_t>(R_max)), st(static_cast<size_t>(2 * R_max));  // max; (sum, target logit)
-  float* lg = logits.data<float>();
-  double loss_sum = 0;
-  int64_t counted = 0;
-  for (int64_t r0 = 0; r0 < N; r0 += R_max) {
-    const int64_t R = std::min(R_max, N - r0);
-    const T* h_blk = h + r0 * C;
-    if constexpr (kBf16) K::matmul_bf16(h_blk, wte, lg, R, Vl, C, false, true, false);
-    else K::matmul_f32(h_blk, wte, lg, R, Vl, C, false, true, false);
-    for (int64_t i = 0; i < R; ++i) {
-      const float* l = lg + i * Vl;
-      float m = l[0];
-      for (int64_t j = 1; j < Vl; ++j) m = std::max(m, l[j]);
-      mx[size_t(i)] = m;
-    }
-    tp.all_reduce(comm::BufferRef(mx.data(), R, DType::f32), comm::ReduceOp::max).wait();
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < R; ++i) {
-      float* l = lg + i * Vl;
-      const int64_t t = int64_t(targets[r0 + i]) - v0;
-      const float m = mx[size_t(i)];
-      // The target's logit (held by exactly one rank; 0 elsewhere, summed below).
-      st[size_t(2 * i + 1)] = (t >= 0 && t < Vl) ? l[t] : 0.f;
-      float sum = 0;
-      for (int64_t j = 0; j < Vl; ++j) {
-        float e = K::vec::exp_f32(l[j] - m);
-        if (backward) l[j] = e;
-        sum += e;
-      }
-      st[size_t(2 * i)] = sum;
-    }
-    tp.all_reduce(comm::BufferRef(st.data(), 2 * R, DType::f32)).wait();
-    for (int64_t i = 0; i < R; ++i) {
-      if (targets[r0 + i] < 0) continue;
-      loss_sum += double(mx[size_t(i)]) + std::log(double(st[size_t(2 * i)])) -
-                  double(st[size_t(2 * i + 1)]);
-      ++counted;
-    }
-    if (!backward) continue;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < R; ++i) {
-      float* l = lg + i * Vl;
-      const int32_t tgt = targets[r0 + i];
-      if (tgt < 0) {
-        std::fill(l, l + Vl, 0.0f);
-        continue;
-      }
-      const float scale = grad_scale / st[size_t(2 * i)];
-      for (int64_t j = 0; j < Vl; ++j) l[j] *= scale;
-      const int64_t t = int64_t(tgt) - v0;
-      if (t >= 0 && t < Vl) l[t] -= grad_scale;
-    }
-    if constexpr (kBf16) {
-      bf16* dl = dl_lo.data<bf16>();
-      convert_f32_to_bf16(lg, dl, size_t(R * Vl));
-      K::matmul_bf16(dl, wte, dh + r0 * C, R, C, Vl, false, false, false);
-      K::matmul_bf16(dl, h_blk, dwte, Vl, C, R, true, false, true);
-    } else {
-      K::matmul_f32(lg, wte, dh + r0 * C, R, C, Vl, false, false, false);
-      K::matmul_f32(lg, h_blk, dwte, Vl, C, R, true, false, true);
-    }
-  }
-  if (n_counted) *n_counted = counted;
-  return loss_sum;
-}
-
-}  // namespace
-
 LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,
                        float grad_scale, Tensor* dout) {
-  const int64_t N = B * T, C = cfg_.d_model;
-  LossSum r;
   // The tied head reads the embeddings unit (token table first in it).
-  const float* wte = unit_w(0) + layout_.token_embedding();
-  const bf16* wte_lp = precision_ == Precision::bf16 ? unit_wl(0) + layout_.token_embedding() : nullptr;
-  float* dwte = dout ? unit_g(0) + layout_.token_embedding() : nullptr;
-  struct Release {
-    Gpt* g;
-    ~Release() { g->unit_release(0); }
-  } release{this};
   const bool bf = precision_ == Precision::bf16;
-  if (!tp_) {
-    float* dh = dout ? dout->data<float>() : nullptr;
-    if (bf) {
-      Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
-      convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
-      r.sum = K::cross_entropy_head_bf16(dh, dwte, &r.count, out_lp.data<bf16>(), wte_lp, targets,
-                                         N, C, cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
-    } else {
-      r.sum = K::cross_entropy_head(dh, dwte, &r.count, out.data<float>(), wte, targets, N, C,
-                                    cfg_.vocab, grad_scale, pool_, kHeadRowsPerBlock);
-    }
-    return r;
-  }
-  // tp: gather all rows, score this rank's vocabulary rows, reduce-scatter the partial dh.
-  BlockCtx c{cfg_, pool_, bf, nullptr, nullptr, nullptr, B, T, tp_};  // for the row helpers
-  const ParamSpec& tok = layout_.specs()[0];
-  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
-  Tensor all = gather_rows(c, out, /*as_mm=*/true, MemCategory::workspace);  // (N,C)
-  Tensor dh_part;
-  if (dout) dh_part = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-  float* dh = dout ? dh_part.data<float>() : nullptr;
-  if (bf)
-    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<bf16>(), wte_lp, v0, targets, N, C,
-                              Vl, grad_scale, pool_, kHeadRowsPerBlock, *tp_);
-  else
-    r.sum = vocab_parallel_ce(dh, dwte, &r.count, all.data<float>(), wte, v0, targets, N, C, Vl,
-                              grad_scale, pool_, kHeadRowsPerBlock, *tp_);
-  all = Tensor();
-  if (dout) {
-    Tensor mine = scatter_rows_sum(c, dh_part, MemCategory::workspace);
-    std::memcpy(dout->data<float>(), mine.data<float>(), size_t(mine.numel()) * 4);
-  }
+  HeadWeights hw{&layout_.specs()[0], unit_w(0) + layout_.token_embedding(),
+                 bf ? unit_wl(0) + layout_.token_embedding() : nullptr,
+                 dout ? unit_g(0) + layout_.token_embedding() : nullptr};
+  LossSum r = tied_head_loss(BlockCtx{cfg_, pool_, bf, nullptr, nullptr, nullptr, B, T, tp_}, hw,
+                             out, targets, grad_scale, dout, kHeadRowsPerBlock);
+  unit_release(0);
   return r;
-}
-
-Tensor Gpt::embed_tp(const float* E, const int32_t* inputs, int64_t B, int64_t T) {
-  const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
-  const ParamSpec& tok = layout_.specs()[0];
-  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
-  const float* wte = E + layout_.token_embedding();
-  const float* wpe = E + layout_.position_embedding();
-  // Partial (N,C): rows whose token this rank holds; the others are zero. Summed over tp.
-  Tensor part = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t t = int64_t(inputs[n]) - v0;
-    if (t >= 0 && t < Vl)
-      std::memcpy(part.data<float>() + n * C, wte + t * C, size_t(C) * 4);
-  }
-  BlockCtx c{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_};
-  Tensor h = scatter_rows_sum(c, part, MemCategory::activations);  // (Nl,C)
-  for (int64_t i = 0; i < Nl; ++i) {
-    float* row = h.data<float>() + i * C;
-    const float* p = wpe + ((r0 + i) % T) * C;
-    for (int64_t j = 0; j < C; ++j) row[j] += p[j];
-  }
-  return h;
-}
-
-void Gpt::embed_tp_backward(float* GE, const Tensor& dh, const int32_t* inputs, int64_t B,
-                            int64_t T) {
-  const int64_t N = B * T, C = cfg_.d_model, P = tp_->size(), Nl = N / P, r0 = tp_->rank() * Nl;
-  const ParamSpec& tok = layout_.specs()[0];
-  const int64_t v0 = tok.shard_start, Vl = tok.shape[0];
-  float* dwte = GE + layout_.token_embedding();
-  float* dwpe = GE + layout_.position_embedding();
-  for (int64_t i = 0; i < Nl; ++i) {
-    const float* g = dh.data<float>() + i * C;
-    float* p = dwpe + ((r0 + i) % T) * C;
-    for (int64_t j = 0; j < C; ++j) p[j] += g[j];
-  }
-  BlockCtx c{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_};
-  Tensor all = gather_rows(c, dh, /*as_mm=*/false, MemCategory::workspace);  // (N,C)
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t t = int64_t(inputs[n]) - v0;
-    if (t < 0 || t >= Vl) continue;
-    const float* g = all.data<float>() + n * C;
-    float* w = dwte + t * C;
-    for (int64_t j = 0; j < C; ++j) w[j] += g[j];
-  }
 }
 
 void Gpt::reduce_replicated_grads() {

@@ -153,9 +153,6 @@ class Gpt {
   BlockCtx block_ctx(int u, bool with_grads, int64_t B, int64_t T);
 
   // Vocabulary-parallel embedding lookup (tp): this rank's rows (Nl,C) of token + position.
-  // E: the embeddings unit's weights / grads (token table at its start).
-  Tensor embed_tp(const float* E, const int32_t* inputs, int64_t B, int64_t T);
-  void embed_tp_backward(float* GE, const Tensor& dh, const int32_t* inputs, int64_t B, int64_t T);
   // The tied head + cross-entropy on the head input `out` (this rank's rows); with dout, writes
   // the gradient of grad_scale * (loss sum) into dout (same rows) and accumulates dwte.
   LossSum head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,

@@ -12,6 +12,7 @@
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/layernorm.h"
 #include "model/block.h"
+#include "model/head.h"
 
 namespace loom::model {
 
@@ -73,8 +74,13 @@ struct GptStage::MicroStash {
 };
 
 GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool,
-                   Precision precision)
-    : cfg_(cfg), global_(cfg), span_(span), pool_(pool), precision_(precision) {
+                   Precision precision, const comm::ProcessGroup* tp)
+    : cfg_(cfg),
+      tp_(tp && tp->size() > 1 ? tp : nullptr),
+      global_(cfg, tp_ ? TpShard{tp_->rank(), tp_->size()} : TpShard{}),
+      span_(span),
+      pool_(pool),
+      precision_(precision) {
   const int64_t L = cfg_.n_layers, C = cfg_.d_model;
   LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
              "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
@@ -87,7 +93,7 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
   // Global ranges held, ascending. The layout orders embed.token, embed.position, blocks,
   // final norm, query layer, so each piece is one contiguous global range.
   std::vector<std::pair<int64_t, int64_t>> ranges;
-  const int64_t tok_end = global_.token_embedding() + cfg_.vocab * C;
+  const int64_t tok_end = global_.token_embedding() + global_.specs()[0].numel;  // (V/tp, C)
   const int64_t blocks_begin = L > 0 ? global_.block(0).norm1_w : global_.final_norm_w();
   if (span.has_embedding)
     ranges.push_back({global_.token_embedding(), blocks_begin});  // token + position
@@ -208,7 +214,10 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
              "first",
              mb, span_.first_layer, span_.last_layer);
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, nullptr};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  LOOM_CHECK(N % c.tp_size() == 0, "tensor parallel needs B*T = {} divisible by tp = {}", N,
+             c.tp_size());
+  const int64_t Nl = c.local_rows();  // rows of the activations here (N without tp)
   const float* W = weights();
   auto st = std::make_unique<MicroStash>();
   st->B = B;
@@ -217,15 +226,19 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
   Tensor h;
   if (span_.has_embedding) {
     LOOM_CHECK(inputs != nullptr, "the embedding stage needs the input tokens (B={}, T={})", B, T);
-    // h0 = wte[tokens] + wpe[0..T)                                          (N,C)
-    h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-    K::embedding_forward(h.data<float>(), inputs, W + tok_, W + pos_, B, T, C, cfg_.vocab, 0);
+    // h0 = wte[tokens] + wpe[0..T)                                          (Nl,C)
+    if (tp_) {
+      h = vocab_parallel_embedding(c, global_.specs()[0], W + tok_, W + pos_, inputs);
+    } else {
+      h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
+      K::embedding_forward(h.data<float>(), inputs, W + tok_, W + pos_, B, T, C, cfg_.vocab, 0);
+    }
     st->inputs.assign(inputs, inputs + N);
   } else {
-    LOOM_CHECK(x.defined() && x.numel() == N * C && x.dtype() == DType::f32,
-               "stage blocks [{}, {}) needs an f32 input activation of N*C = {}*{} elements, got "
-               "{}",
-               span_.first_layer, span_.last_layer, N, C, x.defined() ? x.numel() : 0);
+    LOOM_CHECK(x.defined() && x.numel() == Nl * C && x.dtype() == DType::f32,
+               "stage blocks [{}, {}) needs an f32 input activation of rows*C = {}*{} elements, "
+               "got {}",
+               span_.first_layer, span_.last_layer, Nl, C, x.defined() ? x.numel() : 0);
     h = x;
   }
   for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -243,13 +256,13 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     LOOM_CHECK(targets[r] < cfg_.vocab,
                "target id {} at batch row {}, position {} is outside the vocabulary [0, {})",
                targets[r], r / T, r % T, cfg_.vocab);
-  // final norm                                                               (N,C)
+  // final norm                                                              (Nl,C)
   st->final_in = h;
-  st->final_out = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-  st->final_mean = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
-  st->final_rstd = Tensor::empty({N}, DType::f32, pool_, MemCategory::activations);
+  st->final_out = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
+  st->final_mean = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
+  st->final_rstd = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   K::layernorm_forward(st->final_out.data<float>(), st->final_mean.data<float>(),
-                       st->final_rstd.data<float>(), h.data<float>(), W + fnw_, W + fnb_, N, C,
+                       st->final_rstd.data<float>(), h.data<float>(), W + fnw_, W + fnb_, Nl, C,
                        cfg_.norm_eps);
   Tensor out = st->final_out;
   if (cfg_.query_layer) {
@@ -259,20 +272,11 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     st->query = std::make_unique<BlockStash>();
     out = block_forward(c, qblock_, st->final_out, &qin, *st->query, recompute_);
   }
-  // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).     (N,C)
-  st->dhead = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-  float* dwte = grads() + tok_;
-  if (bf) {
-    Tensor out_lp = Tensor::empty({N, C}, DType::bf16, pool_, MemCategory::workspace);
-    convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(N * C));
-    loss->sum = K::cross_entropy_head_bf16(st->dhead.data<float>(), dwte, &loss->count,
-                                           out_lp.data<bf16>(), weights_lp_.data<bf16>() + tok_,
-                                           targets, N, C, cfg_.vocab, grad_scale, pool_);
-  } else {
-    loss->sum =
-        K::cross_entropy_head(st->dhead.data<float>(), dwte, &loss->count, out.data<float>(),
-                              W + tok_, targets, N, C, cfg_.vocab, grad_scale, pool_);
-  }
+  // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).    (Nl,C)
+  st->dhead = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
+  HeadWeights hw{&global_.specs()[0], W + tok_, bf ? weights_lp_.data<bf16>() + tok_ : nullptr,
+                 grads() + tok_};
+  *loss = tied_head_loss(c, hw, out, targets, grad_scale, &st->dhead);
   stash_[mb] = std::move(st);
   return Tensor();
 }
@@ -285,7 +289,8 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
   MicroStash& st = *it->second;
   const int64_t B = st.B, T = st.T, N = B * T, C = cfg_.d_model;
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, nullptr};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  const int64_t Nl = c.local_rows();
   const float* W = weights();
   float* G = grads();
 
@@ -299,17 +304,17 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
       K::position_backward(G + qpos_, st.query->q.data<float>(), B, T, C, 0);
       st.query.reset();
     }
-    // final norm: dh = LNf'(d_fin), accumulated into zeros                       (N,C)
-    dh = Tensor::zeros({N, C}, DType::f32, pool_, MemCategory::workspace);
+    // final norm: dh = LNf'(d_fin), accumulated into zeros                      (Nl,C)
+    dh = Tensor::zeros({Nl, C}, DType::f32, pool_, MemCategory::workspace);
     K::layernorm_backward(dh.data<float>(), G + fnw_, G + fnb_, d_fin.data<float>(),
                           st.final_in.data<float>(), W + fnw_, st.final_mean.data<float>(),
-                          st.final_rstd.data<float>(), N, C);
+                          st.final_rstd.data<float>(), Nl, C);
     st.dhead = st.final_in = st.final_out = st.final_mean = st.final_rstd = Tensor();
   } else {
-    LOOM_CHECK(dy.defined() && dy.numel() == N * C && dy.dtype() == DType::f32,
-               "stage blocks [{}, {}) needs an f32 output gradient of N*C = {}*{} elements, got "
-               "{}",
-               span_.first_layer, span_.last_layer, N, C, dy.defined() ? dy.numel() : 0);
+    LOOM_CHECK(dy.defined() && dy.numel() == Nl * C && dy.dtype() == DType::f32,
+               "stage blocks [{}, {}) needs an f32 output gradient of rows*C = {}*{} elements, "
+               "got {}",
+               span_.first_layer, span_.last_layer, Nl, C, dy.defined() ? dy.numel() : 0);
     dh = dy;
   }
   for (size_t i = blocks_.size(); i-- > 0;) {
@@ -317,8 +322,12 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
     st.blocks[i].reset();
   }
   if (span_.has_embedding) {
-    K::embedding_backward(G + tok_, G + pos_, dh.data<float>(), st.inputs.data(), B, T, C,
-                          cfg_.vocab, 0);
+    if (tp_)
+      vocab_parallel_embedding_backward(c, global_.specs()[0], G + tok_, G + pos_, dh,
+                                        st.inputs.data());
+    else
+      K::embedding_backward(G + tok_, G + pos_, dh.data<float>(), st.inputs.data(), B, T, C,
+                            cfg_.vocab, 0);
     dh = Tensor();
   }
   stash_.erase(it);

@@ -66,7 +66,12 @@ class GptStage {
   // Allocates this span's weights (f32, plus bf16 in bf16 mode) and zeroed grads from `pool`.
   // Weights are uninitialised until init_weights() or import_weights(). Throws loom::Error for
   // a span outside [0, L) or an embedding / head on a span that does not start at 0 / end at L.
-  GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision);
+  //
+  // `tp` (optional): tensor parallel as model::Gpt (this rank's shards; the "global layout"
+  // below is then this tp rank's layout, ParamLayout(cfg, TpShard), and activations in and out
+  // are this rank's N/tp rows).
+  GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision,
+           const comm::ProcessGroup* tp = nullptr);
   ~GptStage();
   GptStage(const GptStage&) = delete;
   GptStage& operator=(const GptStage&) = delete;
@@ -74,6 +79,7 @@ class GptStage {
   const ModelConfig& config() const { return cfg_; }
   const StageSpan& span() const { return span_; }
   const ParamLayout& global_layout() const { return global_; }
+  const comm::ProcessGroup* tp() const { return tp_; }
   const std::vector<StageParam>& params() const { return params_; }
   const StageParam& find(const std::string& name) const;     // throws naming the stage's span
   int64_t total() const { return total_; }                   // elements of the stage's flat buffer
@@ -114,6 +120,7 @@ class GptStage {
   BlockOffsets local_block(const BlockOffsets& g) const;
 
   ModelConfig cfg_;
+  const comm::ProcessGroup* tp_ = nullptr;
   ParamLayout global_;
   StageSpan span_;
   MemoryPool& pool_;

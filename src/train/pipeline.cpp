@@ -85,9 +85,10 @@ struct PipelineExecutor::ChunkOptimizer {
 
 PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
                                    const comm::ProcessGroup& pp, MemoryPool& pool,
-                                   const comm::ProcessGroup* dp)
+                                   const comm::ProcessGroup* dp, const comm::ProcessGroup* tp)
     : cfg_(cfg), pc_(pc), pp_(pp), pool_(pool) {
   if (dp && dp->valid() && dp->size() > 1) dp_ = *dp;
+  if (tp && tp->valid() && tp->size() > 1) tp_ = *tp;
   LOOM_CHECK(pp.valid(), "PipelineExecutor needs a valid pp group");
   const int n_pp = pp.size(), rank = pp.rank();
   // Validate the schedule first: it names the valid micro-batch counts.
@@ -100,7 +101,8 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
   std::vector<model::StageSpan> spans = model::split_stages(cfg, n_virtual, pc.stage_layers);
   for (int c = 0; c < pc.virtual_stages; ++c) {
     chunks_.push_back(
-        std::make_unique<model::GptStage>(cfg, spans[size_t(c * n_pp + rank)], pool, pc.precision));
+        std::make_unique<model::GptStage>(cfg, spans[size_t(c * n_pp + rank)], pool, pc.precision,
+                                          tp_.valid() ? &tp_ : nullptr));
     chunks_.back()->set_recompute(pc.recompute);
     optimizers_.push_back(std::make_unique<ChunkOptimizer>(*chunks_.back(), pc.optim, pool));
   }
@@ -136,7 +138,10 @@ void PipelineExecutor::import_optimizer(const float* global_m, const float* glob
 PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   const int n_pp = pp_.size(), rank = pp_.rank(), VS = pc_.virtual_stages;
   const int M = pc_.micro_batches, n_virtual = n_pp * VS;
-  const int64_t N = B * T, C = cfg_.d_model;
+  const int n_tp = tp_.valid() ? tp_.size() : 1;
+  LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
+             n_tp);
+  const int64_t N = B * T / n_tp, C = cfg_.d_model;  // rows of the messages here
   const int n_dp = dp_.valid() ? dp_.size() : 1;
   const float grad_scale = 1.0f / float(B * T * M * n_dp);
   bool needs_tokens = false;
@@ -149,8 +154,8 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   std::vector<std::vector<int32_t>> inputs(static_cast<size_t>(M)), targets(static_cast<size_t>(M));
   if (needs_tokens)
     for (int mb = 0; mb < M; ++mb) {
-      inputs[size_t(mb)].resize(size_t(N));
-      targets[size_t(mb)].resize(size_t(N));
+      inputs[size_t(mb)].resize(size_t(B * T));
+      targets[size_t(mb)].resize(size_t(B * T));
       for (int64_t b = 0; b < B; ++b) {
         const int32_t* row = tokens + (int64_t(mb) * B + b) * (T + 1);
         std::memcpy(&inputs[size_t(mb)][size_t(b * T)], row, size_t(T) * 4);
@@ -250,7 +255,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   }
 
   // Tied embedding: sum the embedding's and the head's gradient contributions.
-  const int64_t VC = cfg_.vocab * C;
+  const int64_t VC = chunks_[0]->global_layout().specs()[0].numel;  // (V/tp) x C
   if (embedding_.valid()) {
     for (auto& c : chunks_)
       if (c->span().has_embedding || c->span().has_head)
@@ -258,10 +263,39 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
             .wait();
   }
 
+  // Tensor parallel: replicated tensors' partial gradients (from each rank's rows) summed.
+  if (tp_.valid()) {
+    for (auto& c : chunks_) {
+      int64_t n = 0;
+      for (const model::StageParam& p : c->params())
+        if (p.global.replicated()) n += p.global.numel;
+      if (n == 0) continue;
+      std::vector<float> buf(static_cast<size_t>(n));
+      float* q = buf.data();
+      for (const model::StageParam& p : c->params())
+        if (p.global.replicated())
+          q = std::copy(c->grads() + p.local_offset, c->grads() + p.local_offset + p.global.numel, q);
+      tp_.all_reduce(comm::BufferRef(buf.data(), n, DType::f32)).wait();
+      q = buf.data();
+      for (const model::StageParam& p : c->params())
+        if (p.global.replicated()) {
+          std::copy(q, q + p.global.numel, c->grads() + p.local_offset);
+          q += p.global.numel;
+        }
+    }
+  }
+
   // Global grad norm: this rank's squares in chunk order (the head's tied copy, which is the
-  // first VC elements of its buffer, skipped), then summed over pp.
+  // first VC elements of its buffer, skipped), then summed over pp (and tp: replicated tensors
+  // counted on tp rank 0 only).
   double squares = 0;
   for (auto& c : chunks_) {
+    if (tp_.valid()) {
+      for (const model::StageParam& p : c->params())
+        if (!p.tied_copy && (!p.global.replicated() || tp_.rank() == 0))
+          squares += kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
+      continue;
+    }
     int64_t skip = 0;
     if (c->span().has_head && !c->span().has_embedding) {
       LOOM_ASSERT(c->token_embedding() == 0, "tied copy expected at offset 0, got {}",
@@ -271,6 +305,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     squares += kernels::sum_squares(c->grads() + skip, c->total() - skip);
   }
   pp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
+  if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   const double norm = std::sqrt(squares);
   const float factor = pc_.optim.clip > 0 ? kernels::clip_factor(norm, pc_.optim.clip) : 1.0f;
 

@@ -72,11 +72,15 @@ class PipelineExecutor {
  public:
   // Builds this rank's chunks (weights uninitialised) and optimizer state from `pool`, and the
   // schedule. Collective over `pp`. Throws loom::Error for invalid layer splits or schedules.
+  // `tp` (optional): tensor parallel inside every stage (model::GptStage with tp): messages are
+  // this rank's N/tp rows, weights/optimizer export and import use this tp rank's layout,
+  // replicated parameters' gradients are summed over tp, and the grad norm counts them once.
   // `dp` (optional): data parallel over that group (each dp rank runs its own pipeline on its
   // own micro-batches; after the backward every chunk's gradient is summed over dp).
   PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
                    const comm::ProcessGroup& pp, MemoryPool& pool,
-                   const comm::ProcessGroup* dp = nullptr);
+                   const comm::ProcessGroup* dp = nullptr,
+                   const comm::ProcessGroup* tp = nullptr);
   ~PipelineExecutor();
 
   // Same logical weights as model::Gpt::init_weights(seed).
@@ -104,7 +108,7 @@ class PipelineExecutor {
   struct ChunkOptimizer;
   model::ModelConfig cfg_;
   PipelineConfig pc_;
-  comm::ProcessGroup pp_, embedding_, dp_;
+  comm::ProcessGroup pp_, embedding_, dp_, tp_;
   MemoryPool& pool_;
   parallel::PipelineSchedule schedule_;
   std::vector<std::unique_ptr<model::GptStage>> chunks_;

@@ -51,17 +51,20 @@ void gather_full(const comm::ProcessGroup& pp, float* full, int64_t n) {
 
 StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resume_dir,
                                 const comm::ProcessGroup& world) {
-  // Layout dp x pp (order tp-dp-pp: the dp ranks of one stage are adjacent).
-  LOOM_CHECK(world.size() % cfg.pp == 0,
-             "parallel.pp = {} but {} ranks were launched; pp must divide the ranks (dp = ranks / "
-             "pp): pp sizes that divide {}: {}",
-             cfg.pp, world.size(), world.size(), fmt::join(parallel::divisors(world.size()), ", "));
-  const int n_dp = world.size() / int(cfg.pp);
+  // Layout dp x tp x pp (order tp-dp-pp: tp ranks adjacent, then the dp ranks of a stage).
+  LOOM_CHECK(world.size() % (cfg.pp * cfg.tp) == 0,
+             "parallel.pp = {} x tp = {} = {} but {} ranks were launched; pp x tp must divide the "
+             "ranks (dp = ranks / (pp x tp)); sizes that divide {}: {}",
+             cfg.pp, cfg.tp, cfg.pp * cfg.tp, world.size(), world.size(),
+             fmt::join(parallel::divisors(world.size()), ", "));
+  const int n_dp = world.size() / int(cfg.pp * cfg.tp);
   LOOM_CHECK(cfg.dp == 0 || cfg.dp == n_dp,
-             "parallel.dp = {} x pp = {} is {} but {} ranks were launched; use dp = {} (or 0)",
-             cfg.dp, cfg.pp, cfg.dp * cfg.pp, world.size(), n_dp);
+             "parallel.dp = {} x tp = {} x pp = {} is {} but {} ranks were launched; use dp = {} "
+             "(or 0)",
+             cfg.dp, cfg.tp, cfg.pp, cfg.dp * cfg.tp * cfg.pp, world.size(), n_dp);
   parallel::ParallelSizes sizes;
   sizes.dp = n_dp;
+  sizes.tp = int(cfg.tp);
   sizes.pp = int(cfg.pp);
   parallel::ProcessGroups groups =
       parallel::ProcessGroups::build(parallel::Topology(world.size(), sizes, "tp-dp-pp"), world);
@@ -80,8 +83,10 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   pc.recompute = cfg.recompute;
   pc.optim = cfg.optim;
   MemoryPool pool;
-  PipelineExecutor exec(cfg.model, pc, groups.pp, pool, &groups.dp);
-  const model::ParamLayout layout(cfg.model);
+  PipelineExecutor exec(cfg.model, pc, groups.pp, pool, &groups.dp, &groups.tp);
+  // This tp rank's layout (the whole model when tp = 1): what the executor imports / exports.
+  const model::ParamLayout layout(cfg.model, cfg.tp > 1 ? model::TpShard{groups.tp.rank(), int(cfg.tp)}
+                                                        : model::TpShard{});
   const int64_t n = layout.total();
 
   auto train_stream = make_stream(cfg, true, dp_rank, n_dp);
@@ -110,15 +115,20 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
       gather_full(groups.pp, w.data(), n);
       gather_full(groups.pp, m.data(), n);
       gather_full(groups.pp, v.data(), n);
+      if (cfg.tp > 1) {  // tp shards -> the logical tensors
+        w = model::gather_tp_buffer(cfg.model, layout, w.data(), groups.tp);
+        m = model::gather_tp_buffer(cfg.model, layout, m.data(), groups.tp);
+        v = model::gather_tp_buffer(cfg.model, layout, v.data(), groups.tp);
+      }
     }
     int32_t failed = 0;
     std::string error;
     if (leader) {
       nlohmann::json state = {{"step", exec.step_count()}, {"data", train_stream->state()},
-                              {"seed", cfg.seed}, {"dp", n_dp}, {"pp", cfg.pp},
+                              {"seed", cfg.seed}, {"dp", n_dp}, {"tp", cfg.tp}, {"pp", cfg.pp},
                               {"schedule", cfg.schedule}};
       try {
-        checkpoint::save_checkpoint(dir, cfg.model, layout, w.data(),
+        checkpoint::save_checkpoint(dir, cfg.model, model::ParamLayout(cfg.model), w.data(),
                                     {m.data(), v.data(), exec.step_count()}, state);
       } catch (const std::exception& e) {
         error = e.what();
@@ -136,9 +146,9 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
     LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
   }
-  LOOM_LOG_INFO("model {}: {} parameters, dp {} x pp {} ({} schedule, {} micro-batches, {} "
-                "virtual stages), {} threads per rank",
-                cfg.model.name, cfg.model.num_params(), n_dp, cfg.pp, cfg.schedule, cfg.micro_batches,
+  LOOM_LOG_INFO("model {}: {} parameters, dp {} x tp {} x pp {} ({} schedule, {} micro-batches, "
+                "{} virtual stages), {} threads per rank",
+                cfg.model.name, cfg.model.num_params(), n_dp, cfg.tp, cfg.pp, cfg.schedule, cfg.micro_batches,
                 cfg.virtual_stages, num_threads());
   const int64_t B = cfg.batch, T = cfg.seq, M = cfg.micro_batches;
   std::vector<int32_t> tokens(size_t(M * B * (T + 1)));
@@ -160,7 +170,8 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t mb = 0; mb < M; ++mb)
       train_stream->next_batch(tokens.data() + mb * B * (T + 1), nullptr, B, T);
-    for (auto* g : {&groups.dp, &groups.pp}) g->reset_counters();
+    for (auto* g : {&groups.dp, &groups.tp, &groups.pp}) g->reset_counters();
+    pool.reset_peaks();
     PipelineStepStats ps = exec.train_step(tokens.data(), B, T);
     last.step = ps.step;
     last.loss = ps.loss;
@@ -174,8 +185,10 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
       nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
                           {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
                           {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops}};
-      for (auto* g : {&groups.dp, &groups.pp})
+      for (auto* g : {&groups.dp, &groups.tp, &groups.pp})
         m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
+      for (size_t c = 0; c < kNumMemCategories; ++c)
+        m["peak_bytes"][std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
       metrics << m.dump() << "\n";
       metrics.flush();
     }

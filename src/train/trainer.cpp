@@ -140,7 +140,8 @@ StepStats Trainer::train_step() {
     loss[0] += l.sum;
     loss[1] += double(l.count);
   }
-  if (dp_) {
+  const auto t_wait = std::chrono::steady_clock::now();
+  if (dp_ && !zero_) {
     if (bucket_lo_ >= 0) {
       pending_.push_back(dp_->all_reduce(
           comm::BufferRef(model_->grads() + bucket_lo_, bucket_hi_ - bucket_lo_, DType::f32)));
@@ -148,8 +149,10 @@ StepStats Trainer::train_step() {
     }
     for (auto& w : pending_) w.wait();
     pending_.clear();
-    dp_->all_reduce(comm::BufferRef(loss, 2, DType::f64)).wait();
   }
+  const double dp_wait_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_wait).count();
+  if (dp_) dp_->all_reduce(comm::BufferRef(loss, 2, DType::f64)).wait();
   // tp: the replicated tensors' partial gradients (from each rank's rows) are summed.
   if (!zero_) model_->reduce_replicated_grads();
   // After the all-reduce every rank holds the same full gradient, hence the same norm (ZeRO-2/3:
@@ -168,6 +171,7 @@ StepStats Trainer::train_step() {
   s.step = optimizer_->step_count();
   s.loss = loss[1] > 0 ? loss[0] / loss[1] : 0.0;
   s.grad_norm = norm;
+  s.dp_wait_s = dp_wait_s;
   s.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   double tokens = double(B * T * M * dp_size());
   s.tokens_per_s = tokens / s.step_s;
@@ -411,7 +415,8 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
       nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
                           {"lr", last.lr},              {"grad_norm", last.grad_norm},
                           {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
-                          {"gflops", last.gflops},      {"peak_fraction", last.gflops / peak / world_size}};
+                          {"gflops", last.gflops},      {"peak_fraction", last.gflops / peak / world_size},
+                          {"dp_wait_s", last.dp_wait_s}};
       nlohmann::json mem;
       for (size_t c = 0; c < kNumMemCategories; ++c)
         mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));

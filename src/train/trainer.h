@@ -36,6 +36,7 @@ struct StepStats {
   float lr = 0;
   double grad_norm = 0;  // before clipping
   double step_s = 0;
+  double dp_wait_s = 0;  // time blocked on the dp gradient reduction after backward (exposed comm)
   double tokens_per_s = 0;
   double gflops = 0;     // achieved model FLOP/s (train_flops_per_token * tokens / time)
 };

@@ -114,7 +114,7 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
 for layout in dp tp pp dppp dptp zero3; do
   /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_$layout/metrics.jsonl" <<'PY' \
-    && pass "mpirun -np 2 loom train ($layout) equals serial" || fail "$layout differs from serial"
+    && pass "mpirun loom train ($layout) equals serial" || fail "$layout differs from serial"
 import json, sys
 a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
 b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
@@ -122,10 +122,49 @@ assert len(a) == len(b) == 4, (a, b)
 assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 PY
 done
+# A checkpoint saved at (dp, tp, pp) = (2, 2, 2) resumes at (1, 4, 2), (8, 1, 1) and (1, 1, 1)
+# with the losses of the uninterrupted (2, 2, 2) run. The model has 4 kv heads so tp = 4 works;
+# every layout steps over the same 8 sequences (B x M per dp rank x dp).
+cat > "$WORK/tiny4.toml" <<'TOML'
+name = "tiny4"
+vocab = 512
+n_layers = 4
+d_model = 64
+n_heads = 4
+n_kv_heads = 4
+d_ff = 256
+max_seq = 128
+activation = "fast_gelu"
+norm_eps = 1e-5
+query_layer = true
+tied_head = true
+TOML
+m4=(--config "$SRC/configs/train/tiny.toml" --set model="\"$WORK/tiny4.toml\"" --set train.eval_every=0
+    --set train.seq=32)
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_ref" --dp 2 --tp 2 --pp 2 --micro-batches 2 \
+  --set train.batch=2 >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 2 --out "$WORK/c_222" --dp 2 --tp 2 --pp 2 --micro-batches 2 \
+  --set train.batch=2 >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_142" --resume "$WORK/c_222/ckpt" --tp 4 --pp 2 \
+  --micro-batches 4 --set train.batch=2 >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_811" --resume "$WORK/c_222/ckpt" --dp 8 \
+  --set train.batch=1 --set train.micro_batches=1 >/dev/null 2>&1
+"$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_111" --resume "$WORK/c_222/ckpt" \
+  --set train.batch=4 --set train.micro_batches=2 >/dev/null 2>&1
+for layout in 142 811 111; do
+  /usr/bin/python3 - "$WORK/c_ref/metrics.jsonl" "$WORK/c_$layout/metrics.jsonl" <<'PY' \
+    && pass "checkpoint (2,2,2) resumes at $layout" || fail "checkpoint (2,2,2) at $layout differs"
+import json, sys
+a = {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(sys.argv[1])}
+b = {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(sys.argv[2])}
+assert sorted(b) == [3, 4] and sorted(a) == [1, 2, 3, 4], (a, b)
+assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in (3, 4)), (a, b)
+PY
+done
 "$LOOM" train "${common[@]}" --out "$WORK/l_resume" --steps 5 --resume "$WORK/l_pp/ckpt" --set train.batch=4 \
   --set train.micro_batches=2 >"$WORK/l_resume.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume.json" \
   && pass "pp checkpoint resumes on one rank" || fail "pp checkpoint resume: $(tail -2 "$WORK/l_resume.json")"
-expect_error "bad layout: pp != ranks" "parallel.pp = 4 but 2 ranks were launched" \
+expect_error "bad layout: pp x tp > ranks" "parallel.pp = 4 x tp = 1 = 4 but 2 ranks were launched" \
   "$MPI" 2 "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --pp 4
 expect_error "bad layout: tp > ranks" "parallel.tp = 2 does not divide the 1 launched ranks" \
   "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --tp 2
