@@ -96,17 +96,33 @@ void ZeroStore::grads_done(int u) {
   // The Work keeps the unit buffer alive until the reduce-scatter completes.
   pending_.push_back({dp_.reduce_scatter(comm::BufferRef(l.g), comm::BufferRef(out)), u, out});
   l.g = Tensor();
-  // MPI progresses only inside MPI calls: poke the reductions in flight between layers.
-  for (auto& p : pending_) p.work.test();
+  // MPI progresses only inside MPI calls: poke the reductions in flight between layers, and
+  // retire the finished ones so their unit buffers are freed during the backward. At most
+  // kMaxInFlight stay pending (bounding gradient memory to the shard plus a few units); each
+  // unit's piece has its own accumulator, so retiring out of order changes no sum.
+  std::erase_if(pending_, [&](Pending& p) {
+    if (!p.work.test()) return false;
+    accumulate(p);
+    return true;
+  });
+  while (int(pending_.size()) > kMaxInFlight) {
+    pending_.front().work.wait();
+    accumulate(pending_.front());
+    pending_.erase(pending_.begin());
+  }
+}
+
+void ZeroStore::accumulate(const Pending& p) {
+  const size_t u = size_t(p.unit);
+  float* acc = gshard_.data<float>() + packed_off_[u];
+  const float* got = p.out.data<float>();
+  for (int64_t i = 0; i < piece_len(u); ++i) acc[i] += got[i];
 }
 
 void ZeroStore::finish_micro_batch() {
   for (auto& p : pending_) {
     p.work.wait();
-    const size_t u = size_t(p.unit);
-    float* acc = gshard_.data<float>() + packed_off_[u];
-    const float* got = p.out.data<float>();
-    for (int64_t i = 0; i < piece_len(u); ++i) acc[i] += got[i];
+    accumulate(p);
   }
   pending_.clear();
 }
