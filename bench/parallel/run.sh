@@ -7,7 +7,8 @@
 # much of the dp reduction the bucketed overlap hides: 1 - exposed_wait(overlap) /
 # exposed_wait(no overlap), exposed_wait being the time blocked on the reduction after backward.
 #   bench/parallel/run.sh [LOOM_BIN]      env: LOOM_BENCH_STEPS (default 3), LOOM_BENCH_RANKS
-#                                         ("4 8"), LOOM_BENCH_OUT (runs/bench-parallel)
+#                                         ("4 8"), LOOM_BENCH_OUT (runs/bench-parallel),
+#                                         LOOM_BENCH_ONLY (regex of layout names to run)
 # On 2 cores, 4 and 8 ranks oversubscribe the machine (1 thread per rank): the numbers show the
 # layouts' relative costs and traffic, not a cluster's speed.
 set -euo pipefail
@@ -22,6 +23,7 @@ cfg="$root/configs/train/gpt2-124m.toml"
 run() {  # run NAME NP ARGS...
   local name=$1 np=$2
   shift 2
+  [[ "$name" =~ ${LOOM_BENCH_ONLY:-.} ]] || return 0
   local dir="$out/$name"
   rm -rf "$dir"
   if OMP_NUM_THREADS=1 "$root/scripts/mpirun-local" "$np" "$loom" train --config "$cfg" --out "$dir" \
