@@ -53,5 +53,7 @@ inline bf16 f32_to_bf16(float f) {
 // Bulk conversions (vectorised where the compiler can).
 void convert_f32_to_bf16(const float* src, bf16* dst, size_t n);
 void convert_bf16_to_f32(const bf16* src, float* dst, size_t n);
+// dst[i] = src[i] rounded to the nearest bf16 value, kept as f32 (dst may equal src).
+void round_f32_to_bf16(const float* src, float* dst, size_t n);
 
 }  // namespace loom

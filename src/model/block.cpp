@@ -20,36 +20,48 @@ static Tensor new_f32(const BlockCtx& c, const Shape& s, MemCategory cat) {
   return Tensor::empty(s, DType::f32, c.pool, cat);
 }
 
-// The matmul input for an f32 activation: a bf16 copy in bf16 mode, else the tensor itself.
+// True when matmul inputs are bf16 tensors (bf16 mode, native path).
+static bool lowp(const BlockCtx& c) { return c.bf && c.Wr == nullptr; }
+
+// The matmul input for an f32 activation: in bf16 mode a bf16 copy (or, emulated, an f32 copy
+// rounded to bf16 values), else the tensor itself.
 static Tensor to_mm(const BlockCtx& c, const Tensor& t, MemCategory cat) {
   if (!c.bf) return t;
+  if (c.Wr) {
+    Tensor out = Tensor::empty(t.shape(), DType::f32, c.pool, cat);
+    round_f32_to_bf16(t.data<float>(), out.data<float>(), size_t(t.numel()));
+    return out;
+  }
   Tensor out = Tensor::empty(t.shape(), DType::bf16, c.pool, cat);
   convert_f32_to_bf16(t.data<float>(), out.data<bf16>(), size_t(t.numel()));
   return out;
 }
 
+// The f32 weights the f32 kernel multiplies: rounded in emulated bf16 mode, else the master.
+static const float* wf32(const BlockCtx& c) { return c.Wr ? c.Wr : c.W; }
+
 // y (M,N) = x (M,K) @ W^T, W = weights[w_off] stored (N,K).
 static void mm_xwT(const BlockCtx& c, float* y, const Tensor& x, int64_t w_off, int64_t M, int64_t N,
             int64_t K) {
-  if (c.bf)
+  if (lowp(c))
     K::matmul_bf16(x.data<bf16>(), c.Wl + w_off, y, M, N, K, false, true, false);
   else
-    K::matmul_f32(x.data<float>(), c.W + w_off, y, M, N, K, false, true, false);
+    K::matmul_f32(x.data<float>(), wf32(c) + w_off, y, M, N, K, false, true, false);
 }
 
 // dx (M,K) = dy (M,N) @ W, W stored (N,K).
 static void mm_dyW(const BlockCtx& c, float* dx, const Tensor& dy, int64_t w_off, int64_t M, int64_t N,
             int64_t K) {
-  if (c.bf)
+  if (lowp(c))
     K::matmul_bf16(dy.data<bf16>(), c.Wl + w_off, dx, M, K, N, false, false, false);
   else
-    K::matmul_f32(dy.data<float>(), c.W + w_off, dx, M, K, N, false, false, false);
+    K::matmul_f32(dy.data<float>(), wf32(c) + w_off, dx, M, K, N, false, false, false);
 }
 
 // dW (N,K) += dy^T @ x with dy (M,N), x (M,K).
 static void mm_dW(const BlockCtx& c, int64_t g_off, const Tensor& dy, const Tensor& x, int64_t M, int64_t N,
            int64_t K) {
-  if (c.bf)
+  if (lowp(c))
     K::matmul_bf16(dy.data<bf16>(), x.data<bf16>(), c.G + g_off, N, K, M, true, false, true);
   else
     K::matmul_f32(dy.data<float>(), x.data<float>(), c.G + g_off, N, K, M, true, false, true);
@@ -58,8 +70,8 @@ static void mm_dW(const BlockCtx& c, int64_t g_off, const Tensor& dy, const Tens
 // Sequence parallel: this rank's rows (Nl, C) of the residual stream -> all N rows in the matmul
 // dtype. Without tp, just the matmul copy.
 Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCategory cat) {
-  const bool bf = as_mm && c.bf;
-  if (!c.tp) return bf ? to_mm(c, local, cat) : local;
+  const bool bf = as_mm && lowp(c), rounded = as_mm && c.bf && c.Wr;
+  if (!c.tp) return as_mm ? to_mm(c, local, cat) : local;
   const int64_t Nl = local.shape()[0], C = local.shape()[1], P = c.tp_size();
   const DType dt = bf ? DType::bf16 : DType::f32;
   Tensor full = Tensor::empty({Nl * P, C}, dt, c.pool, cat);
@@ -67,6 +79,8 @@ Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCatego
   char* mine = static_cast<char*>(full.raw()) + size_t(c.tp->rank() * Nl * C) * esz;
   if (bf)
     convert_f32_to_bf16(local.data<float>(), reinterpret_cast<bf16*>(mine), size_t(Nl * C));
+  else if (rounded)
+    round_f32_to_bf16(local.data<float>(), reinterpret_cast<float*>(mine), size_t(Nl * C));
   else
     std::memcpy(mine, local.data<float>(), size_t(Nl * C) * esz);
   c.tp->all_gather(comm::BufferRef(mine, Nl * C, dt), comm::BufferRef(full)).wait();

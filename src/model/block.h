@@ -17,7 +17,8 @@
 namespace loom::model {
 
 // What a block keeps for its backward. Which fields are set depends on the recompute mode (see
-// gpt.h). Tensors named *_mm are matmul inputs: bf16 in bf16 mode, else the f32 tensor itself.
+// gpt.h). Tensors named *_mm are matmul inputs: bf16 in bf16 mode (f32 holding bf16 values on
+// the emulated path, see BlockCtx::Wr), else the f32 tensor itself.
 // Under tp: x, mid, mean/rstd hold this rank's local rows; ln1_mm/ln2_mm are all rows
 // (gathered); q/k/v, att and act cover all rows but only this rank's heads / ffn columns.
 struct BlockStash {
@@ -56,6 +57,11 @@ struct BlockCtx {
   float* G;         // grads (flat layout), accumulated into
   int64_t B, T;
   const comm::ProcessGroup* tp = nullptr;  // tensor-parallel group, or null
+  // bf16 mode on the widened path (kernels::bf16_matmul_path() == widen): instead of bf16
+  // copies, the matmul inputs are f32 tensors holding bf16 values (rounded), and Wr the weights
+  // rounded likewise, so the f32 kernel runs on them directly: the same numbers the widened
+  // bf16 matmul computes, without widening operands on every call. Null: bf16 tensors and Wl.
+  const float* Wr = nullptr;
 
   int tp_size() const { return tp ? tp->size() : 1; }
   int64_t rows() const { return B * T; }                     // N

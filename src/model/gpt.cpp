@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -49,6 +50,18 @@ TpShard shard_of(const comm::ProcessGroup* tp) {
 }
 }  // namespace
 
+namespace {
+std::atomic<int> g_emulation_override{-1};
+}  // namespace
+
+bool bf16_emulated() {
+  const int o = g_emulation_override.load();
+  if (o >= 0) return o != 0;
+  return kernels::bf16_matmul_path() == kernels::Bf16MatmulPath::widen;
+}
+
+void set_bf16_emulation_for_testing(int mode) { g_emulation_override.store(mode); }
+
 std::vector<UnitRange> param_units(const ModelConfig& cfg, const ParamLayout& layout) {
   std::vector<UnitRange> u;
   u.push_back({layout.token_embedding(), layout.block(0).norm1_w});
@@ -68,13 +81,22 @@ Gpt::Gpt(const ModelConfig& cfg, MemoryPool& pool, Precision precision,
       layout_(cfg, shard_of(tp)),
       store_(store),
       pool_(pool),
-      precision_(precision) {
+      precision_(precision),
+      emulated_(precision == Precision::bf16 && !store && bf16_emulated()) {
   units_ = param_units(cfg_, layout_);
+  if (tp_ && precision_ == Precision::bf16) {
+    // The tp ranks must agree (the gathered matmul inputs' dtype follows it), and the
+    // widen/native choice is timed per process: take rank 0's.
+    int32_t e = emulated_ ? 1 : 0;
+    tp_->broadcast(comm::BufferRef(&e, 1, DType::i32), 0).wait();
+    emulated_ = e != 0;
+  }
   if (!store_) {
     weights_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
     grads_ = Tensor::zeros({layout_.total()}, DType::f32, pool_, MemCategory::grads);
     if (precision_ == Precision::bf16)
-      weights_lp_ = Tensor::empty({layout_.total()}, DType::bf16, pool_, MemCategory::weights);
+      weights_lp_ = Tensor::empty({layout_.total()}, emulated_ ? DType::f32 : DType::bf16, pool_,
+                                  MemCategory::weights);
   }
   recompute_.assign(size_t(cfg_.n_layers), Recompute::none);
 }
@@ -92,7 +114,10 @@ void Gpt::zero_grads() {
 }
 
 void Gpt::sync_low_precision_weights() {
-  if (precision_ == Precision::bf16 && weights_lp_.defined())
+  if (precision_ != Precision::bf16 || !weights_lp_.defined()) return;
+  if (emulated_)
+    round_f32_to_bf16(weights(), weights_lp_.data<float>(), size_t(layout_.total()));
+  else
     convert_f32_to_bf16(weights(), weights_lp_.data<bf16>(), size_t(layout_.total()));
 }
 
@@ -125,8 +150,11 @@ void Gpt::check_inputs(const int32_t* tokens, int64_t B, int64_t T, int64_t row_
 const float* Gpt::unit_w(int u) {
   return store_ ? store_->weights(u) : weights() + units_[size_t(u)].begin;
 }
+const float* Gpt::unit_wr(int u) {
+  return emulated_ ? weights_lp_.data<float>() + units_[size_t(u)].begin : nullptr;
+}
 const bf16* Gpt::unit_wl(int u) {
-  if (precision_ != Precision::bf16) return nullptr;
+  if (precision_ != Precision::bf16 || emulated_) return nullptr;
   return store_ ? store_->weights_lp(u) : weights_lp_.data<bf16>() + units_[size_t(u)].begin;
 }
 void Gpt::unit_release(int u) {
@@ -142,8 +170,8 @@ void Gpt::unit_grads_done(int u) {
 
 // A block context whose W/Wl/G point at unit u's first element (offsets rebased to match).
 BlockCtx Gpt::block_ctx(int u, bool with_grads, int64_t B, int64_t T) {
-  return BlockCtx{cfg_,       pool_, precision_ == Precision::bf16,    unit_w(u), unit_wl(u),
-                  with_grads ? unit_g(u) : nullptr, B, T, tp_};
+  return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
+                  with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u)};
 }
 
 Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep_stash) {
@@ -156,7 +184,7 @@ Tensor Gpt::forward_trunk(const int32_t* inputs, int64_t B, int64_t T, bool keep
   {
     const float* E = unit_w(0);
     if (tp_) {
-      h = vocab_parallel_embedding(BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_},
+      h = vocab_parallel_embedding(BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_, nullptr},
                                    layout_.specs()[0], E + layout_.token_embedding(),
                                    E + layout_.position_embedding(), inputs);
     } else {
@@ -253,7 +281,7 @@ void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t
   float* GE = unit_g(0);
   if (tp_)
     vocab_parallel_embedding_backward(
-        BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_}, layout_.specs()[0],
+        BlockCtx{cfg_, pool_, false, nullptr, nullptr, nullptr, B, T, tp_, nullptr}, layout_.specs()[0],
         GE + layout_.token_embedding(), GE + layout_.position_embedding(), dh, inputs);
   else
     K::embedding_backward(GE + layout_.token_embedding(), GE + layout_.position_embedding(),
@@ -278,11 +306,16 @@ LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int
                        float grad_scale, Tensor* dout) {
   // The tied head reads the embeddings unit (token table first in it).
   const bool bf = precision_ == Precision::bf16;
-  HeadWeights hw{&layout_.specs()[0], unit_w(0) + layout_.token_embedding(),
-                 bf ? unit_wl(0) + layout_.token_embedding() : nullptr,
-                 dout ? unit_g(0) + layout_.token_embedding() : nullptr};
-  LossSum r = tied_head_loss(BlockCtx{cfg_, pool_, bf, nullptr, nullptr, nullptr, B, T, tp_}, hw,
-                             out, targets, grad_scale, dout, kHeadRowsPerBlock);
+  const float* w = unit_w(0);  // first: a store gathers the unit here
+  const float* wr = unit_wr(0);
+  const bf16* wl = unit_wl(0);
+  HeadWeights hw{&layout_.specs()[0], w + layout_.token_embedding(),
+                 wl ? wl + layout_.token_embedding() : nullptr,
+                 dout ? unit_g(0) + layout_.token_embedding() : nullptr,
+                 wr ? wr + layout_.token_embedding() : nullptr};
+  LossSum r = tied_head_loss(
+      BlockCtx{cfg_, pool_, bf, nullptr, nullptr, nullptr, B, T, tp_, hw.wte_r}, hw, out, targets,
+      grad_scale, dout, kHeadRowsPerBlock);
   unit_release(0);
   return r;
 }

@@ -62,6 +62,15 @@ struct UnitRange {
   int64_t begin = 0, end = 0;  // [begin, end) of the flat buffer
 };
 
+// bf16 mode runs "emulated" when kernels::bf16_matmul_path() is widen (oneDNN's f32 kernel is
+// the faster one here): the model keeps its low-precision weight copy and matmul inputs as f32
+// tensors holding bf16 values (rounded), and calls the f32 kernel on them: the identical numbers
+// the widened bf16 matmul gives, without widening both operands on every call. Otherwise the
+// copies are bf16 tensors. (ZeRO-2/3 stores and pipeline stages keep bf16 copies.)
+bool bf16_emulated();
+// Tests: 1 forces emulation on, 0 off, -1 back to the rule above. Affects models built after.
+void set_bf16_emulation_for_testing(int mode);
+
 // The units of a layout, in flat-buffer order (see ParamStore).
 std::vector<UnitRange> param_units(const ModelConfig& cfg, const ParamLayout& layout);
 
@@ -72,7 +81,8 @@ struct LossSum {
 
 class Gpt {
  public:
-  // Allocates weights (f32 master, plus a bf16 copy in bf16 mode) and grads from `pool`.
+  // Allocates weights (f32 master, plus a bf16 copy in bf16 mode: f32 rounded to bf16 values when
+  // bf16_emulated()) and grads from `pool`.
   // Weights are uninitialised until init_weights() or a checkpoint load writes them.
   //
   // `tp` (optional, size P > 1): tensor parallel over that group. This rank holds its shards
@@ -147,6 +157,7 @@ class Gpt {
   // Unit access through the store, or the model's own buffers.
   const float* unit_w(int u);
   const bf16* unit_wl(int u);
+  const float* unit_wr(int u);  // emulated bf16: the rounded f32 weights (else null)
   void unit_release(int u);
   float* unit_g(int u);
   void unit_grads_done(int u);
@@ -165,7 +176,8 @@ class Gpt {
   ParamStore* store_ = nullptr;
   MemoryPool& pool_;
   Precision precision_;
-  Tensor weights_, grads_, weights_lp_;
+  bool emulated_ = false;  // bf16 emulated on f32 (see bf16_emulated())
+  Tensor weights_, grads_, weights_lp_;  // weights_lp_: bf16, or f32 rounded when emulated
   std::vector<Recompute> recompute_;
   std::vector<std::unique_ptr<BlockStash>> stashes_;  // L blocks + query layer
   Tensor final_in_, final_out_, final_mean_, final_rstd_;

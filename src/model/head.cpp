@@ -27,7 +27,7 @@ template <typename T>
 double vocab_parallel_ce(float* dh, float* dwte, int64_t* n_counted, const T* h, const T* wte,
                          int64_t v0, const int32_t* targets, int64_t N, int64_t C, int64_t Vl,
                          float grad_scale, MemoryPool& pool, int64_t rows_per_block,
-                         const comm::ProcessGroup& tp) {
+                         const comm::ProcessGroup& tp, bool round_grad_to_bf16) {
   constexpr bool kBf16 = std::is_same_v<T, bf16>;
   const bool backward = dh != nullptr;
   const int64_t R_max = std::min(rows_per_block, std::max<int64_t>(N, 1));
@@ -92,6 +92,7 @@ double vocab_parallel_ce(float* dh, float* dwte, int64_t* n_counted, const T* h,
       K::matmul_bf16(dl, wte, dh + r0 * C, R, C, Vl, false, false, false);
       K::matmul_bf16(dl, h_blk, dwte, Vl, C, R, true, false, true);
     } else {
+      if (round_grad_to_bf16) round_f32_to_bf16(lg, lg, size_t(R * Vl));
       K::matmul_f32(lg, wte, dh + r0 * C, R, C, Vl, false, false, false);
       K::matmul_f32(lg, h_blk, dwte, Vl, C, R, true, false, true);
     }
@@ -107,9 +108,16 @@ LossSum tied_head_loss(const BlockCtx& c, const HeadWeights& hw, const Tensor& o
                        int64_t rows_per_block) {
   const int64_t C = c.cfg.d_model, rows = out.shape()[0];
   LossSum r;
+  const bool emulated = c.bf && hw.wte_r != nullptr;
   if (!c.tp) {
     float* dh = dout ? dout->data<float>() : nullptr;
-    if (c.bf) {
+    if (emulated) {
+      Tensor out_r = Tensor::empty({rows, C}, DType::f32, c.pool, MemCategory::workspace);
+      round_f32_to_bf16(out.data<float>(), out_r.data<float>(), size_t(rows * C));
+      r.sum = K::cross_entropy_head(dh, hw.dwte, &r.count, out_r.data<float>(), hw.wte_r, targets,
+                                    rows, C, c.cfg.vocab, grad_scale, c.pool, rows_per_block,
+                                    /*round_grad_to_bf16=*/true);
+    } else if (c.bf) {
       Tensor out_lp = Tensor::empty({rows, C}, DType::bf16, c.pool, MemCategory::workspace);
       convert_f32_to_bf16(out.data<float>(), out_lp.data<bf16>(), size_t(rows * C));
       r.sum = K::cross_entropy_head_bf16(dh, hw.dwte, &r.count, out_lp.data<bf16>(), hw.wte_lp,
@@ -127,12 +135,13 @@ LossSum tied_head_loss(const BlockCtx& c, const HeadWeights& hw, const Tensor& o
   Tensor dh_part;
   if (dout) dh_part = Tensor::empty({N, C}, DType::f32, c.pool, MemCategory::workspace);
   float* dh = dout ? dh_part.data<float>() : nullptr;
-  if (c.bf)
+  if (c.bf && !emulated)
     r.sum = vocab_parallel_ce(dh, hw.dwte, &r.count, all.data<bf16>(), hw.wte_lp, v0, targets, N,
-                              C, Vl, grad_scale, c.pool, rows_per_block, *c.tp);
-  else
-    r.sum = vocab_parallel_ce(dh, hw.dwte, &r.count, all.data<float>(), hw.wte, v0, targets, N,
-                              C, Vl, grad_scale, c.pool, rows_per_block, *c.tp);
+                              C, Vl, grad_scale, c.pool, rows_per_block, *c.tp, false);
+  else  // f32, or emulated bf16 (`all` then holds rounded values, see gather_rows)
+    r.sum = vocab_parallel_ce(dh, hw.dwte, &r.count, all.data<float>(),
+                              emulated ? hw.wte_r : hw.wte, v0, targets, N, C, Vl, grad_scale,
+                              c.pool, rows_per_block, *c.tp, emulated);
   all = Tensor();
   if (dout) {
     Tensor mine = scatter_rows_sum(c, dh_part, MemCategory::workspace);

@@ -31,6 +31,7 @@ struct HeadWeights {
   const float* wte = nullptr;      // (Vl,C) f32
   const bf16* wte_lp = nullptr;    // (Vl,C) bf16 (bf16 mode)
   float* dwte = nullptr;           // (Vl,C) gradient, accumulated; null: no backward
+  const float* wte_r = nullptr;    // (Vl,C) f32 rounded to bf16 values (emulated bf16 mode)
 };
 
 // Loss of the head input `out` (this rank's rows, C) against targets (B*T, < 0 ignored).

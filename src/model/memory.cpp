@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "model/gpt.h"
+
 namespace loom::model {
 
 namespace {
@@ -10,7 +12,8 @@ namespace {
 // next block keeps as its input. Mirrors block_forward in gpt.cpp.
 int64_t block_kept_bytes(const ModelConfig& cfg, int64_t B, int64_t T, bool bf, Recompute mode) {
   const int64_t N = B * T, C = cfg.d_model, KV = cfg.kv_dim(), F = cfg.d_ff, NH = cfg.n_heads;
-  const int64_t f = 4, h = 2;
+  // Matmul-input copies: bf16 (2 bytes), or f32 holding bf16 values when bf16 is emulated.
+  const int64_t f = 4, h = bf16_emulated() ? 4 : 2;
   int64_t out = N * C * f;
   if (mode == Recompute::full) return out;
   // selective: norm statistics, q|k|v, attention output and lse, mid residual, pre-activation
@@ -29,7 +32,7 @@ MemoryEstimate estimate_training_memory(const ModelConfig& cfg, int64_t B, int64
   const bool bf = precision == Precision::bf16;
   const int64_t P = cfg.num_params(), N = B * T, C = cfg.d_model;
   MemoryEstimate m;
-  m.weights = P * 4 + (bf ? P * 2 : 0);
+  m.weights = P * 4 + (bf ? P * (bf16_emulated() ? 4 : 2) : 0);
   m.grads = P * 4;
   m.optimizer = 2 * P * 4;
   // End of forward: embedding output, every block's stash, the final norm (output and

@@ -214,7 +214,7 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
              "first",
              mb, span_.first_layer, span_.last_layer);
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_, nullptr};
   LOOM_CHECK(N % c.tp_size() == 0, "tensor parallel needs B*T = {} divisible by tp = {}", N,
              c.tp_size());
   const int64_t Nl = c.local_rows();  // rows of the activations here (N without tp)
@@ -275,7 +275,7 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
   // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).    (Nl,C)
   st->dhead = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
   HeadWeights hw{&global_.specs()[0], W + tok_, bf ? weights_lp_.data<bf16>() + tok_ : nullptr,
-                 grads() + tok_};
+                 grads() + tok_, nullptr};
   *loss = tied_head_loss(c, hw, out, targets, grad_scale, &st->dhead);
   stash_[mb] = std::move(st);
   return Tensor();
@@ -289,7 +289,7 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
   MicroStash& st = *it->second;
   const int64_t B = st.B, T = st.T, N = B * T, C = cfg_.d_model;
   const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_};
+  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_, nullptr};
   const int64_t Nl = c.local_rows();
   const float* W = weights();
   float* G = grads();

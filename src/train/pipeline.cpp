@@ -4,6 +4,7 @@
 // V vocab, g virtual stage (layer group) = chunk * pp + rank.
 #include "train/pipeline.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -46,41 +47,56 @@ Tensor take(std::map<Key, Tensor>& m, Key k, const char* what) {
 // AdamW over one chunk's own flat buffer. optim::AdamW walks a model::ParamLayout, which can
 // only describe the whole model; this applies the same kernel with the same per-tensor decay
 // rule and learning-rate schedule to the chunk's tensors, so updates are bit-identical to the
-// serial optimizer's on the same gradients.
+// serial optimizer's on the same gradients. ZeRO-1 (dp size D > 1): this dp rank keeps m and v
+// for, and updates, only its equal share [lo, hi) of the chunk's flat buffer; the shares are
+// then broadcast over dp.
 struct PipelineExecutor::ChunkOptimizer {
-  ChunkOptimizer(const model::GptStage& stage, const optim::AdamWConfig& cfg, MemoryPool& pool)
+  ChunkOptimizer(const model::GptStage& stage, const optim::AdamWConfig& cfg, MemoryPool& pool,
+                 int dp_rank, int dp_size)
       : stage(stage), cfg(cfg) {
-    m = Tensor::zeros({stage.total()}, DType::f32, pool, MemCategory::optimizer);
-    v = Tensor::zeros({stage.total()}, DType::f32, pool, MemCategory::optimizer);
+    const int64_t n = stage.total(), share = (n + dp_size - 1) / dp_size;
+    lo = std::min(n, share * dp_rank);
+    hi = std::min(n, lo + share);
+    m = Tensor::zeros({hi - lo}, DType::f32, pool, MemCategory::optimizer);
+    v = Tensor::zeros({hi - lo}, DType::f32, pool, MemCategory::optimizer);
+  }
+  // f(local offset, count, offset into m/v, param) for each tensor's part inside [lo, hi).
+  template <class F>
+  void for_each_owned(F&& f) const {
+    for (const model::StageParam& p : stage.params()) {
+      const int64_t b = std::max(lo, p.local_offset), e = std::min(hi, p.local_offset + p.global.numel);
+      if (b < e) f(b, e - b, b - lo, p);
+    }
   }
   void step(int64_t step_index, float grad_scale) {
     const float lr = optim::lr_at(cfg, step_index);
-    for (const model::StageParam& p : stage.params()) {
-      const int64_t o = p.local_offset;
-      kernels::adamw_step(stage.weights() + o, stage.grads() + o, m.data<float>() + o,
-                          v.data<float>() + o, p.global.numel, lr, cfg.beta1, cfg.beta2, cfg.eps,
+    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
+      kernels::adamw_step(stage.weights() + o, stage.grads() + o, m.data<float>() + mo,
+                          v.data<float>() + mo, len, lr, cfg.beta1, cfg.beta2, cfg.eps,
                           p.global.weight_decay ? cfg.weight_decay : 0.f, step_index, grad_scale);
-    }
+    });
   }
-  // m and v to / from full global-layout buffers (by each tensor's global offset).
+  // m and v to / from full global-layout buffers (by each tensor's global offset); only this
+  // rank's share is written on export (zeros elsewhere stay for a sum over dp).
   void export_state(float* global_m, float* global_v) const {
-    for (const model::StageParam& p : stage.params()) {
-      if (p.tied_copy) continue;
-      const size_t bytes = size_t(p.global.numel) * sizeof(float);
-      std::memcpy(global_m + p.global.offset, m.data<float>() + p.local_offset, bytes);
-      std::memcpy(global_v + p.global.offset, v.data<float>() + p.local_offset, bytes);
-    }
+    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
+      if (p.tied_copy) return;
+      const int64_t g = p.global.offset + (o - p.local_offset);
+      std::memcpy(global_m + g, m.data<float>() + mo, size_t(len) * sizeof(float));
+      std::memcpy(global_v + g, v.data<float>() + mo, size_t(len) * sizeof(float));
+    });
   }
   void import_state(const float* global_m, const float* global_v) {
-    for (const model::StageParam& p : stage.params()) {
-      const size_t bytes = size_t(p.global.numel) * sizeof(float);
-      std::memcpy(m.data<float>() + p.local_offset, global_m + p.global.offset, bytes);
-      std::memcpy(v.data<float>() + p.local_offset, global_v + p.global.offset, bytes);
-    }
+    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
+      const int64_t g = p.global.offset + (o - p.local_offset);
+      std::memcpy(m.data<float>() + mo, global_m + g, size_t(len) * sizeof(float));
+      std::memcpy(v.data<float>() + mo, global_v + g, size_t(len) * sizeof(float));
+    });
   }
   const model::GptStage& stage;
   optim::AdamWConfig cfg;
-  Tensor m, v;  // (stage.total())
+  int64_t lo = 0, hi = 0;  // this dp rank's share of the chunk's flat buffer
+  Tensor m, v;             // (hi - lo)
 };
 
 PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
@@ -104,7 +120,9 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
         std::make_unique<model::GptStage>(cfg, spans[size_t(c * n_pp + rank)], pool, pc.precision,
                                           tp_.valid() ? &tp_ : nullptr));
     chunks_.back()->set_recompute(pc.recompute);
-    optimizers_.push_back(std::make_unique<ChunkOptimizer>(*chunks_.back(), pc.optim, pool));
+    const bool zero1 = pc.zero >= 1 && dp_.valid();
+    optimizers_.push_back(std::make_unique<ChunkOptimizer>(
+        *chunks_.back(), pc.optim, pool, zero1 ? dp_.rank() : 0, zero1 ? dp_.size() : 1));
   }
   // Megatron's embedding group: the first and last pp ranks both hold embed.token.weight.
   if (n_pp > 1) embedding_ = pp.split({{0, n_pp - 1}}, "pp_embedding");
@@ -314,6 +332,18 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   s.lr = optim::lr_at(pc_.optim, step_);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     optimizers_[i]->step(step_, factor);
+    if (pc_.zero >= 1 && dp_.valid()) {
+      // ZeRO-1: every dp rank's updated share to the others.
+      const int64_t n = chunks_[i]->total(), share = (n + dp_.size() - 1) / dp_.size();
+      std::vector<comm::Work> works;
+      for (int r = 0; r < dp_.size(); ++r) {
+        const int64_t lo = std::min(n, share * r), hi = std::min(n, lo + share);
+        if (hi > lo)
+          works.push_back(dp_.broadcast(
+              comm::BufferRef(chunks_[i]->weights() + lo, hi - lo, DType::f32), r));
+      }
+      for (auto& w : works) w.wait();
+    }
     chunks_[i]->sync_low_precision_weights();
   }
 

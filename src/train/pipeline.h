@@ -57,6 +57,9 @@ struct PipelineConfig {
   model::Precision precision = model::Precision::f32;
   model::Recompute recompute = model::Recompute::none;
   optim::AdamWConfig optim;
+  // ZeRO stage over the dp group: 0, or 1 (each dp rank keeps the AdamW state of, and updates,
+  // an equal share of every chunk, then the shares are broadcast). 2/3 are not available here.
+  int zero = 0;
 };
 
 struct PipelineStepStats {
@@ -99,7 +102,8 @@ class PipelineExecutor {
   void export_weights(float* global_weights, bool include_tied_copy = false) const;
   void import_weights(const float* global_weights);
   // AdamW state (m, v: each a full flat buffer in the global layout; tied copies skipped on
-  // export) and the step count, so a checkpoint can resume at any layout. import also refreshes
+  // export; under ZeRO-1 only this dp rank's share is written, so the caller sums over dp)
+  // and the step count, so a checkpoint can resume at any layout. import also refreshes
   // the step count; m and v of the head's tied copy are taken from the embedding's entries.
   void export_optimizer(float* global_m, float* global_v) const;
   void import_optimizer(const float* global_m, const float* global_v, int64_t step);

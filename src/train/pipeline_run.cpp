@@ -82,6 +82,7 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   pc.precision = cfg.precision;
   pc.recompute = cfg.recompute;
   pc.optim = cfg.optim;
+  pc.zero = int(cfg.zero);
   MemoryPool pool;
   PipelineExecutor exec(cfg.model, pc, groups.pp, pool, &groups.dp, &groups.tp);
   // This tp rank's layout (the whole model when tp = 1): what the executor imports / exports.
@@ -108,10 +109,16 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
 
   auto save = [&](const std::string& dir) {
     std::vector<float> w(size_t(n), 0.f), m(size_t(n), 0.f), v(size_t(n), 0.f);
-    // dp replicas hold identical weights: the pipeline of dp rank 0 gathers and writes.
+    // dp replicas hold identical weights: the pipeline of dp rank 0 gathers and writes. Under
+    // ZeRO-1 each dp rank holds a share of the moments: they are summed over dp first.
+    if (cfg.zero >= 1 && n_dp > 1) {
+      exec.export_optimizer(m.data(), v.data());
+      gather_full(groups.dp, m.data(), n);
+      gather_full(groups.dp, v.data(), n);
+    }
     if (dp_rank == 0) {
       exec.export_weights(w.data());
-      exec.export_optimizer(m.data(), v.data());
+      if (cfg.zero == 0 || n_dp == 1) exec.export_optimizer(m.data(), v.data());
       gather_full(groups.pp, w.data(), n);
       gather_full(groups.pp, m.data(), n);
       gather_full(groups.pp, v.data(), n);

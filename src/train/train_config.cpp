@@ -262,9 +262,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   LOOM_CHECK(c.zero < 2 || c.tp == 1,
              "{}: parallel.zero = {} with parallel.tp = {} is not available yet; use zero 0 or 1 "
              "with tensor parallelism", path, c.zero, c.tp);
-  LOOM_CHECK(c.pp == 1 || c.zero == 0,
-             "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero = 0 with "
-             "pipeline parallelism", path, c.zero, c.pp);
+  LOOM_CHECK(c.pp == 1 || c.zero <= 1,
+             "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero 0 or 1 "
+             "with pipeline parallelism", path, c.zero, c.pp);
   get_str("log", "dir", c.log_dir);
   get_int("log", "every", c.log_every, 1);
   return c;

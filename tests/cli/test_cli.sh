@@ -141,9 +141,9 @@ tied_head = true
 TOML
 m4=(--config "$SRC/configs/train/tiny.toml" --set model="\"$WORK/tiny4.toml\"" --set train.eval_every=0
     --set train.seq=32)
-"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_ref" --dp 2 --tp 2 --pp 2 --micro-batches 2 \
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_ref" --dp 2 --tp 2 --pp 2 --zero 1 --micro-batches 2 \
   --set train.batch=2 >/dev/null 2>&1
-"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 2 --out "$WORK/c_222" --dp 2 --tp 2 --pp 2 --micro-batches 2 \
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 2 --out "$WORK/c_222" --dp 2 --tp 2 --pp 2 --zero 1 --micro-batches 2 \
   --set train.batch=2 >/dev/null 2>&1
 "$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_142" --resume "$WORK/c_222/ckpt" --tp 4 --pp 2 \
   --micro-batches 4 --set train.batch=2 >/dev/null 2>&1

@@ -66,7 +66,8 @@ double softmax_row(float* l, int64_t V, int32_t target, bool grad, float grad_sc
 template <typename T>
 double cross_entropy_impl(float* dh, float* dwte, int64_t* n_counted, const T* h, const T* wte,
                           const int32_t* targets, int64_t N, int64_t C, int64_t V,
-                          float grad_scale, MemoryPool& pool, int64_t rows_per_block) {
+                          float grad_scale, MemoryPool& pool, int64_t rows_per_block,
+                          bool round_grad_to_bf16) {
   constexpr bool kBf16 = std::is_same_v<T, bf16>;
   check_args(targets, N, C, V, rows_per_block);
   const bool backward = dh != nullptr || dwte != nullptr;
@@ -110,6 +111,7 @@ double cross_entropy_impl(float* dh, float* dwte, int64_t* n_counted, const T* h
       if (dh) matmul_bf16(dl, wte, dh + r0 * C, R, C, V, false, false, false);
       if (dwte) matmul_bf16(dl, h_blk, dwte, V, C, R, true, false, true);
     } else {
+      if (round_grad_to_bf16) round_f32_to_bf16(lg, lg, size_t(R * V));
       if (dh) matmul_f32(lg, wte, dh + r0 * C, R, C, V, false, false, false);
       if (dwte) matmul_f32(lg, h_blk, dwte, V, C, R, true, false, true);
     }
@@ -122,9 +124,10 @@ double cross_entropy_impl(float* dh, float* dwte, int64_t* n_counted, const T* h
 
 double cross_entropy_head(float* dh, float* dwte, int64_t* n_counted, const float* h,
                           const float* wte, const int32_t* targets, int64_t N, int64_t C,
-                          int64_t V, float grad_scale, MemoryPool& pool, int64_t rows_per_block) {
+                          int64_t V, float grad_scale, MemoryPool& pool, int64_t rows_per_block,
+                          bool round_grad_to_bf16) {
   return cross_entropy_impl(dh, dwte, n_counted, h, wte, targets, N, C, V, grad_scale, pool,
-                            rows_per_block);
+                            rows_per_block, round_grad_to_bf16);
 }
 
 double cross_entropy_head_bf16(float* dh, float* dwte, int64_t* n_counted, const bf16* h,
@@ -132,7 +135,7 @@ double cross_entropy_head_bf16(float* dh, float* dwte, int64_t* n_counted, const
                                int64_t V, float grad_scale, MemoryPool& pool,
                                int64_t rows_per_block) {
   return cross_entropy_impl(dh, dwte, n_counted, h, wte, targets, N, C, V, grad_scale, pool,
-                            rows_per_block);
+                            rows_per_block, false);
 }
 
 void logits_forward(float* logits, const float* h, const float* wte, int64_t N, int64_t C, int64_t V) {

@@ -29,9 +29,13 @@
 
 namespace loom::kernels {
 
+// `round_grad_to_bf16`: round the logits gradient to bf16 values before the two backward
+// products. With h and wte holding bf16 values (f32 storage), this computes exactly what
+// cross_entropy_head_bf16 computes when its matmuls widen to f32 (the bf16 emulation path).
 double cross_entropy_head(float* dh, float* dwte, int64_t* n_counted, const float* h,
                           const float* wte, const int32_t* targets, int64_t N, int64_t C,
-                          int64_t V, float grad_scale, MemoryPool& pool, int64_t rows_per_block = 64);
+                          int64_t V, float grad_scale, MemoryPool& pool, int64_t rows_per_block = 64,
+                          bool round_grad_to_bf16 = false);
 
 // bf16 variant: h and wte in bf16 (the matmul inputs); the logits gradient is rounded to bf16 for
 // the two backward products (as autocast does); softmax, dh and dwte in f32.

@@ -320,9 +320,11 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
       if (w % (tp * pp) != 0) continue;
       const int dp = w / (tp * pp);
       if ((dp == 1 && tp == 1) || kM % dp != 0) continue;
+      for (int zero : {0, 1}) {
+      if (zero == 1 && dp == 1) continue;
       ++tested;
       const std::string what = "dp " + std::to_string(dp) + " x tp " + std::to_string(tp) +
-                               " x pp " + std::to_string(pp);
+                               " x pp " + std::to_string(pp) + " zero " + std::to_string(zero);
       parallel::ParallelSizes sizes;
       sizes.dp = dp;
       sizes.tp = tp;
@@ -331,6 +333,7 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
           parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-dp-pp"), world);
       PipelineConfig pc = pipeline_config(ScheduleKind::one_f_one_b, 1);
       pc.micro_batches = int(kM / dp);
+      pc.zero = zero;
       MemoryPool pool;
       PipelineExecutor ex(cfg, pc, g.pp, pool, &g.dp, &g.tp);
       ex.init_weights(kSeed);
@@ -363,6 +366,13 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
         else
           EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << what << " " << p.name;
       }
+      // ZeRO-1 keeps 1/dp of the optimizer state (equal shares of every chunk, rounded up).
+      if (zero == 1) {
+        int64_t owned = 0;
+        for (int c = 0; c < ex.num_chunks(); ++c) owned += (ex.chunk(c).total() + dp - 1) / dp;
+        EXPECT_LE(pool.current(MemCategory::optimizer), 8 * owned) << what;
+      }
+      }  // zero
     }
   }
   if (w > 1) {

@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
 
 #include "core/rng.h"
+#include "kernels/cpu/matmul.h"
 #include "model/gpt.h"
 #include "model/memory.h"
 #include "ref_model.h"
@@ -163,6 +167,41 @@ TEST(Model, Bf16LossCloseToF32) {
   // bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) on matmul inputs only; the loss,
   // an average of ~log(V) = 3.6 nats, moves by far less than 1%.
   EXPECT_NEAR(lb.sum / double(lb.count), la.sum / double(la.count), 0.01 * la.sum / double(la.count));
+}
+
+// Emulated bf16 (f32 tensors holding bf16 values, f32 kernel) computes exactly what the
+// widened bf16 matmul computes from bf16 tensors: losses and every gradient bit-identical, with
+// and without recompute, and for the query layer's head.
+TEST(Model, EmulatedBf16IsBitIdenticalToWidenedBf16) {
+  // `auto` times native against widened once per process, and a loaded machine can tip it to
+  // native: ask for the widened path unless the caller chose (no effect if already decided).
+  ::setenv("LOOM_BF16_MATMUL", "widen", 0);
+  if (kernels::bf16_matmul_path() != kernels::Bf16MatmulPath::widen) {
+    std::printf("SKIP: bf16 matmuls take oneDNN's native path here (LOOM_BF16_MATMUL), so "
+                "emulation is not used\n");
+    GTEST_SKIP();
+  }
+  ModelConfig cfg = small_config(true, Activation::fast_gelu, 2);
+  const int64_t B = 2, T = 16;
+  auto tokens = random_tokens(B, T, cfg.vocab, 21);
+  for (Recompute mode : {Recompute::none, Recompute::full}) {
+    MemoryPool pool;
+    set_bf16_emulation_for_testing(0);
+    Gpt widened(cfg, pool, Precision::bf16);
+    set_bf16_emulation_for_testing(1);
+    Gpt emulated(cfg, pool, Precision::bf16);
+    set_bf16_emulation_for_testing(-1);
+    for (Gpt* g : {&widened, &emulated}) {
+      g->set_recompute(mode);
+      g->init_weights(3);
+    }
+    LossSum a = widened.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+    LossSum b = emulated.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+    EXPECT_EQ(a.sum, b.sum) << recompute_name(mode);
+    const int64_t n = widened.layout().total();
+    EXPECT_EQ(std::memcmp(widened.grads(), emulated.grads(), size_t(n) * 4), 0)
+        << recompute_name(mode);
+  }
 }
 
 TEST(Model, ForwardLossEqualsForwardBackwardLoss) {
