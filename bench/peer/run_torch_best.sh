@@ -8,7 +8,9 @@
 # libgomp reads OMP_WAIT_POLICY once at start-up, which is why each setting is its own process.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-py=/usr/bin/python3   # Debian's python with python3-torch; the pyenv python on PATH has no torch
+# Debian's python with python3-torch (the pyenv python on PATH has no torch); LOOM_TORCH_PYTHON
+# picks another interpreter, e.g. a venv with a current PyTorch from PyPI.
+py=${LOOM_TORCH_PYTHON:-/usr/bin/python3}
 all="$(mktemp)"
 trap 'rm -f "$all"' EXIT
 

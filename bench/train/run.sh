@@ -16,9 +16,16 @@ for dtype in f32 bf16; do
   "$loom" bench train-step --model "$root/configs/models/gpt2-124m.toml" --batch 4 --seq 256 \
     --dtype "$dtype" --steps "$steps" --warmup 2 | tee -a "$out"
 done
-# Both of torch's f32 routes: its own BLAS (OpenBLAS when installed) and the oneDNN route.
-"$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 --impl torch | tee -a "$out"
-"$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 --impl auto | tee -a "$out"
+# Both of torch's f32 routes: its own BLAS (OpenBLAS when installed) and the oneDNN route, for
+# each interpreter in LOOM_TORCH_PYTHONS (default Debian's; add a venv with a current PyTorch
+# from PyPI, the stronger peer: LOOM_TORCH_PYTHONS="/usr/bin/python3 /path/venv/bin/python").
+# LOOM_TORCH_IMPLS (default "torch auto") picks the routes.
+for py in ${LOOM_TORCH_PYTHONS:-/usr/bin/python3}; do
+  for impl in ${LOOM_TORCH_IMPLS:-torch auto}; do
+    LOOM_TORCH_PYTHON="$py" "$root/bench/peer/run_torch_best.sh" --steps "$steps" --warmup 2 \
+      --impl "$impl" | tee -a "$out"
+  done
+done
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
