@@ -259,9 +259,6 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
       }
     }
   }
-  LOOM_CHECK(c.zero < 2 || c.tp == 1,
-             "{}: parallel.zero = {} with parallel.tp = {} is not available yet; use zero 0 or 1 "
-             "with tensor parallelism", path, c.zero, c.tp);
   LOOM_CHECK(c.pp == 1 || c.zero <= 1,
              "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero 0 or 1 "
              "with pipeline parallelism", path, c.zero, c.pp);

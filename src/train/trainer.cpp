@@ -31,10 +31,8 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
       dp_(dp && dp->size() > 1 ? dp : nullptr),
       tp_(tp && tp->size() > 1 ? tp : nullptr) {
   if (cfg_.zero >= 2 && dp_) {
-    LOOM_CHECK(!tp_, "parallel.zero = {} with tp = {} is not available yet; use zero 0 or 1 with "
-               "tensor parallelism", cfg_.zero, tp_size());
-    zero_ = std::make_unique<ZeroStore>(int(cfg_.zero), cfg_.model, cfg_.precision, pool_, *dp_);
-    model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, nullptr, zero_.get());
+    zero_ = std::make_unique<ZeroStore>(int(cfg_.zero), cfg_.model, cfg_.precision, pool_, *dp_, tp_);
+    model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, tp_, zero_.get());
     model_->set_recompute(cfg_.recompute);
     optimizer_ = std::make_unique<optim::AdamW>(model_->layout(), cfg_.optim, pool_, zero_->pieces());
     tokens_.resize(size_t(cfg_.batch * (cfg_.seq + 1)));
@@ -220,8 +218,12 @@ bool Trainer::any_rank(bool flag) const {
 
 
 std::vector<float> Trainer::full_weights() const {
-  if (zero_) return zero_->full_weights();
-  const float* w = model_->weights();
+  std::vector<float> z;
+  if (zero_) {
+    z = zero_->full_weights();
+    if (!tp_) return z;
+  }
+  const float* w = zero_ ? z.data() : model_->weights();
   if (!tp_) return std::vector<float>(w, w + model_->layout().total());
   return model::gather_tp_buffer(cfg_.model, model_->layout(), w, *tp_);
 }
@@ -300,7 +302,7 @@ void Trainer::save(const std::string& dir) {
   std::vector<float> full_w, tp_m, tp_v;
   if (tp_ && dp_rank() == 0) {
     full_layout = std::make_unique<model::ParamLayout>(cfg_.model);
-    full_w = model::gather_tp_buffer(cfg_.model, model_->layout(), model_->weights(), *tp_);
+    full_w = model::gather_tp_buffer(cfg_.model, model_->layout(), weights, *tp_);
     if (opt.m) {
       tp_m = model::gather_tp_buffer(cfg_.model, model_->layout(), opt.m, *tp_);
       tp_v = model::gather_tp_buffer(cfg_.model, model_->layout(), opt.v, *tp_);

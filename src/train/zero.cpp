@@ -10,13 +10,14 @@
 namespace loom::train {
 
 ZeroStore::ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision precision,
-                     MemoryPool& pool, const comm::ProcessGroup& dp)
+                     MemoryPool& pool, const comm::ProcessGroup& dp, const comm::ProcessGroup* tp)
     : stage_(stage),
       cfg_(cfg),
-      layout_(cfg),
+      layout_(cfg, tp && tp->size() > 1 ? model::TpShard{tp->rank(), tp->size()} : model::TpShard{}),
       bf_(precision == model::Precision::bf16),
       pool_(pool),
       dp_(dp) {
+  if (tp && tp->size() > 1) tp_ = *tp;
   LOOM_CHECK(stage == 2 || stage == 3, "ZeroStore handles ZeRO stages 2 and 3, not {}", stage);
   units_ = model::param_units(cfg_, layout_);
   const int64_t P = dp_.size(), r = dp_.rank();
@@ -92,6 +93,25 @@ float* ZeroStore::grads(int u) {
 void ZeroStore::grads_done(int u) {
   Live& l = live_[size_t(u)];
   LOOM_ASSERT(l.g.defined(), "grads_done({}) without grads({})", u, u);
+  if (tp_.valid()) {
+    // Replicated tensors (norms, position tables, out/down biases) got partial gradients from
+    // this rank's rows: sum them over tp before the dp reduction.
+    const auto& unit = units_[size_t(u)];
+    std::vector<float> buf;
+    for (const auto& s : layout_.specs())
+      if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end)
+        buf.insert(buf.end(), l.g.data<float>() + (s.offset - unit.begin),
+                   l.g.data<float>() + (s.offset - unit.begin) + s.numel);
+    if (!buf.empty()) {
+      tp_.all_reduce(comm::BufferRef(buf.data(), int64_t(buf.size()), DType::f32)).wait();
+      const float* q = buf.data();
+      for (const auto& s : layout_.specs())
+        if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end) {
+          std::copy(q, q + s.numel, l.g.data<float>() + (s.offset - unit.begin));
+          q += s.numel;
+        }
+    }
+  }
   Tensor out = Tensor::empty({n_[size_t(u)]}, DType::f32, pool_, MemCategory::grads);
   // The Work keeps the unit buffer alive until the reduce-scatter completes.
   pending_.push_back({dp_.reduce_scatter(comm::BufferRef(l.g), comm::BufferRef(out)), u, out});
@@ -130,8 +150,22 @@ void ZeroStore::finish_micro_batch() {
 void ZeroStore::zero_grads() { gshard_.fill_zero(); }
 
 double ZeroStore::grad_sum_squares() const {
-  double ss = kernels::sum_squares(gshard_.data<float>(), shard_);
+  double ss = 0;
+  if (!tp_.valid()) {
+    ss = kernels::sum_squares(gshard_.data<float>(), shard_);
+  } else {
+    // Shards are disjoint across tp; replicated tensors count on tp rank 0 only.
+    for (size_t u = 0; u < units_.size(); ++u)
+      for (const auto& s : layout_.specs()) {
+        const int64_t lo = std::max(s.offset, pieces_[u].begin);
+        const int64_t hi = std::min(s.offset + s.numel, pieces_[u].end);
+        if (lo < hi && (!s.replicated() || tp_.rank() == 0))
+          ss += kernels::sum_squares(gshard_.data<float>() + packed_off_[u] + (lo - pieces_[u].begin),
+                                     hi - lo);
+      }
+  }
   dp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
+  if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
   return ss;
 }
 

@@ -40,8 +40,12 @@ namespace loom::train {
 
 class ZeroStore final : public model::ParamStore {
  public:
+  // `tp` (optional): the model is tensor parallel; the store then holds this tp rank's shards
+  // (ParamLayout with TpShard), sums the replicated tensors' gradients over tp before each
+  // unit's reduce-scatter, and counts them once (on tp rank 0) in the gradient norm.
   ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision precision,
-            MemoryPool& pool, const comm::ProcessGroup& dp);
+            MemoryPool& pool, const comm::ProcessGroup& dp,
+            const comm::ProcessGroup* tp = nullptr);
 
   // ParamStore
   const float* weights(int u) override;
@@ -65,7 +69,8 @@ class ZeroStore final : public model::ParamStore {
   void finish_micro_batch();
   double grad_sum_squares() const;
   void step(optim::AdamW& opt, float grad_scale);
-  // The whole flat buffer from every rank's packed pieces (collective; everyone receives it).
+  // The whole flat buffer (this tp rank's layout) from every dp rank's packed pieces
+  // (collective over dp; everyone receives it).
   std::vector<float> gather_packed(const float* packed) const;
   std::vector<float> full_weights() const;
 
@@ -92,7 +97,7 @@ class ZeroStore final : public model::ParamStore {
   model::ParamLayout layout_;
   bool bf_;
   MemoryPool& pool_;
-  comm::ProcessGroup dp_;
+  comm::ProcessGroup dp_, tp_;
   std::vector<model::UnitRange> units_;
   std::vector<int64_t> n_;          // per unit: piece stride n_u
   std::vector<optim::Range> pieces_;

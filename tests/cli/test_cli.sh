@@ -93,8 +93,8 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run4" --set data.source='"shards"' \
   --set data.path="\"$WORK/empty\""
 
-# Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 and
-# dp=2 with ZeRO-3 against the serial run with the
+# Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 (ZeRO-3)
+# and dp=2 with ZeRO-3 against the serial run with the
 # same global batch; then the pp checkpoint resumes on one rank. (Parallel equals serial up to
 # summation order: 1e-5 relative, as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
@@ -108,7 +108,7 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
   --set train.batch=4 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 --micro-batches 2 \
   --set train.batch=2 >/dev/null 2>&1
-"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 1 \
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 3 \
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 \
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
@@ -161,6 +161,9 @@ assert sorted(b) == [3, 4] and sorted(a) == [1, 2, 3, 4], (a, b)
 assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in (3, 4)), (a, b)
 PY
 done
+"$LOOM" train "${common[@]}" --out "$WORK/l_resume3" --steps 5 --resume "$WORK/l_dptp/ckpt" --set train.batch=4 \
+  --set train.micro_batches=2 >"$WORK/l_resume3.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume3.json" \
+  && pass "dp x tp ZeRO-3 checkpoint resumes on one rank" || fail "dp x tp ZeRO-3 resume: $(tail -2 "$WORK/l_resume3.json")"
 "$LOOM" train "${common[@]}" --out "$WORK/l_resume" --steps 5 --resume "$WORK/l_pp/ckpt" --set train.batch=4 \
   --set train.micro_batches=2 >"$WORK/l_resume.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume.json" \
   && pass "pp checkpoint resumes on one rank" || fail "pp checkpoint resume: $(tail -2 "$WORK/l_resume.json")"
