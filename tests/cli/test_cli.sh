@@ -86,6 +86,29 @@ else
   fail "SIGTERM: $(tail -3 "$WORK/sig.log")"
 fi
 
+# SIGKILL of one rank mid-training (dp x tp on 4 ranks): the job ends non-zero within the
+# collective timeout (+ slack) with a message naming the failure, and leaves no half-written
+# checkpoint (the checkpoint directory is absent or complete).
+start=$(date +%s)
+LOOM_COMM_TIMEOUT=20 timeout -k 5 60 "$SRC/scripts/mpirun-local" 4 "$LOOM" train \
+  --config "$SRC/configs/train/tiny.toml" --out "$WORK/killed" --steps 100000 --dp 2 --tp 2 \
+  --set train.eval_every=0 --set checkpoint.every=20 >"$WORK/killed.log" 2>&1 &
+mpipid=$!
+for _ in $(seq 300); do [ -s "$WORK/killed/metrics.jsonl" ] && break; sleep 0.1; done
+victim=$(pgrep -f -- "--out $WORK/killed" | while read -r p; do
+  [ "$(ps -o comm= -p "$p")" = loom ] && echo "$p"; done | tail -1)
+[ -n "$victim" ] && kill -KILL "$victim"
+wait $mpipid
+rc=$?
+elapsed=$(( $(date +%s) - start ))
+if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 55 ] &&
+   grep -qE "exited on signal 9|timed out after" "$WORK/killed.log" &&
+   { [ ! -e "$WORK/killed/ckpt" ] || [ -f "$WORK/killed/ckpt/checksums.json" ]; }; then
+  pass "SIGKILL of a training rank ends the job (rc $rc after ${elapsed}s)"
+else
+  fail "SIGKILL of a training rank: victim '$victim' rc $rc after ${elapsed}s: $(tail -3 "$WORK/killed.log")"
+fi
+
 # data: empty source directory and a directory without shards
 mkdir -p "$WORK/empty"
 expect_error "data build: empty source" "no usable source files in $WORK/empty" "$LOOM" data build --source "$WORK/empty" --out "$WORK/corpus"
