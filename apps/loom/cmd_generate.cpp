@@ -55,6 +55,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     int64_t max_tokens = 64;
     float temperature = 0.8f, top_p = 0.95f;
     uint64_t seed = 1;
+    bool no_heal = false;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* sub = root.add_subcommand("generate", "sample a completion from a checkpoint");
@@ -65,6 +66,9 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--top-p", o->top_p, "nucleus sampling mass");
   sub->add_option("--seed", o->seed, "sampling seed");
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
+  sub->add_flag("--no-token-healing", o->no_heal,
+                "keep the prompt's last token as encoded (default: back it up and let the first "
+                "sampled token complete it)");
   sub->callback([o, &ctx] {
     using namespace loom;
     LOOM_CHECK(o->top_p > 0.f && o->top_p <= 1.f, "--top-p {} must be in (0, 1]", o->top_p);
@@ -80,6 +84,19 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     r.load_weights(m.layout(), m.weights());
     std::vector<int32_t> ids = tok->encode(o->prompt);
     LOOM_CHECK(!ids.empty(), "the prompt encodes to no tokens");
+    // Token healing: a prompt often ends inside what the training text makes one token (a
+    // trailing space: "def " is "def" + " name" in code, but encodes as "def" + " "). Back up
+    // the last token and require the first sampled token to start with its text, so the model
+    // continues from a boundary it has seen.
+    std::string healed;
+    std::vector<std::string> pieces;
+    if (!o->no_heal && ids.size() > 1) {
+      healed = tok->decode(std::span<const int32_t>(&ids.back(), 1));
+      ids.pop_back();
+      pieces.resize(size_t(tok->vocab_size()));
+      for (int32_t v = 0; v < int32_t(tok->vocab_size()); ++v)
+        pieces[size_t(v)] = tok->decode(std::span<const int32_t>(&v, 1));
+    }
     std::vector<int32_t> out;
     std::vector<float> logits(size_t(cfg.vocab));
     for (int64_t i = 0; i < o->max_tokens; ++i) {
@@ -88,13 +105,18 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
       m.last_logits(logits.data(), window.data(), 1, int64_t(window.size()));
       // Tokens the tokenizer cannot produce (vocab padding) are never sampled.
       for (int64_t v = tok->vocab_size(); v < cfg.vocab; ++v) logits[size_t(v)] = -INFINITY;
+      if (i == 0 && !healed.empty())
+        for (int64_t v = 0; v < tok->vocab_size(); ++v)
+          if (pieces[size_t(v)].compare(0, healed.size(), healed) != 0 || v == tok->eod_id())
+            logits[size_t(v)] = -INFINITY;
       int32_t next = sample(logits, o->temperature, o->top_p, rng_uniform(o->seed, 3, uint64_t(i)));
       if (next == tok->eod_id()) break;
       ids.push_back(next);
       out.push_back(next);
     }
     std::string text = tok->decode(out);
-    std::fwrite(o->prompt.data(), 1, o->prompt.size(), stdout);
+    // The healed text is re-emitted by the first sampled token.
+    std::fwrite(o->prompt.data(), 1, o->prompt.size() - healed.size(), stdout);
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::printf("\n");
     ctx.exit_code = 0;
