@@ -139,6 +139,12 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
 
 GptStage::~GptStage() = default;
 
+std::vector<std::pair<int64_t, int64_t>> GptStage::held_ranges() const {
+  std::vector<std::pair<int64_t, int64_t>> r;
+  for (const Segment& g : segments_) r.push_back({g.global_begin, g.global_end});
+  return r;
+}
+
 int64_t GptStage::local(int64_t global_offset) const {
   for (const Segment& g : segments_)
     if (global_offset >= g.global_begin && global_offset < g.global_end)

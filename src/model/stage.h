@@ -83,6 +83,8 @@ class GptStage {
   const std::vector<StageParam>& params() const { return params_; }
   const StageParam& find(const std::string& name) const;     // throws naming the stage's span
   int64_t total() const { return total_; }                   // elements of the stage's flat buffer
+  // The ascending ranges [begin, end) of the global flat buffer this stage holds.
+  std::vector<std::pair<int64_t, int64_t>> held_ranges() const;
   float* weights() const { return weights_.data<float>(); }  // (total())
   float* grads() const { return grads_.data<float>(); }      // (total())
   // Local offset of embed.token.weight (V,C); -1 if the stage holds neither end.

@@ -97,12 +97,15 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     checkpoint::CheckpointReader r(resume_dir);
     r.expect_config(cfg.model);
     std::vector<float> full(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
-    r.load_weights(layout, full.data());
+    // Each rank reads only the ranges its chunks hold (of its tp shard: slices of the tensors).
+    int64_t step = 0;
+    for (int c = 0; c < exec.num_chunks(); ++c)
+      for (auto [b, e] : exec.chunk(c).held_ranges()) {
+        r.load_weights(layout, full.data(), b, e);
+        if (r.has_optimizer()) step = r.load_optimizer(layout, m.data() + b, v.data() + b, b, e);
+      }
     exec.import_weights(full.data());
-    if (r.has_optimizer()) {
-      int64_t step = r.load_optimizer(layout, m.data(), v.data());
-      exec.import_optimizer(m.data(), v.data(), step);
-    }
+    if (r.has_optimizer()) exec.import_optimizer(m.data(), v.data(), step);
     if (r.trainer_state().contains("data")) train_stream->restore(r.trainer_state()["data"]);
     LOOM_LOG_INFO("resumed from {} at step {}", resume_dir, exec.step_count());
   }
