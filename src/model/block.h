@@ -68,13 +68,19 @@ struct BlockCtx {
   int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here
 };
 
+// Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
+template <class F>
+BlockOffsets map_offsets(const BlockOffsets& o, F&& f) {
+  BlockOffsets r = o;
+  for (int64_t* x : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
+                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
+    *x = f(*x);
+  return r;
+}
+
 // The same offsets relative to `base` (for weights and grads of a unit that starts at base).
 inline BlockOffsets rebased(const BlockOffsets& o, int64_t base) {
-  BlockOffsets r = o;
-  for (int64_t* f : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
-                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
-    *f -= base;
-  return r;
+  return map_offsets(o, [base](int64_t x) { return x - base; });
 }
 
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the

@@ -155,20 +155,7 @@ int64_t GptStage::local(int64_t global_offset) const {
 }
 
 BlockOffsets GptStage::local_block(const BlockOffsets& g) const {
-  BlockOffsets b;
-  b.norm1_w = local(g.norm1_w);
-  b.norm1_b = local(g.norm1_b);
-  b.w_qkv = local(g.w_qkv);
-  b.b_qkv = local(g.b_qkv);
-  b.w_out = local(g.w_out);
-  b.b_out = local(g.b_out);
-  b.norm2_w = local(g.norm2_w);
-  b.norm2_b = local(g.norm2_b);
-  b.w_up = local(g.w_up);
-  b.b_up = local(g.b_up);
-  b.w_down = local(g.w_down);
-  b.b_down = local(g.b_down);
-  return b;
+  return map_offsets(g, [this](int64_t x) { return local(x); });
 }
 
 const StageParam& GptStage::find(const std::string& name) const {

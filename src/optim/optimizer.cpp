@@ -64,20 +64,19 @@ void for_each_piece(const model::ParamLayout& layout, const std::vector<Range>& 
 }  // namespace
 
 void AdamW::step(float* weights, const float* grads, float grad_scale) {
-  ++step_;
-  const float lr = lr_at(cfg_, step_);
-  for_each_piece(layout_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const model::ParamSpec& s) {
-    kernels::adamw_step(weights + lo, grads + lo, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
-                        cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,
-                        grad_scale);
-  });
+  step_impl(weights, grads, grad_scale, /*packed=*/false);
 }
 
 void AdamW::step_compact(float* weights, const float* grads, float grad_scale) {
+  step_impl(weights, grads, grad_scale, /*packed=*/true);
+}
+
+void AdamW::step_impl(float* weights, const float* grads, float grad_scale, bool packed) {
   ++step_;
   const float lr = lr_at(cfg_, step_);
   for_each_piece(layout_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const model::ParamSpec& s) {
-    kernels::adamw_step(weights + p, grads + p, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
+    const int64_t at = packed ? p : lo;  // where weights/grads hold element lo
+    kernels::adamw_step(weights + at, grads + at, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
                         cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,
                         grad_scale);
   });

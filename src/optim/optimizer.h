@@ -67,6 +67,9 @@ class AdamW {
   int64_t size() const { return size_; }  // managed elements
 
  private:
+  // packed: weights/grads indexed like m and v; else like the full flat buffer.
+  void step_impl(float* weights, const float* grads, float grad_scale, bool packed);
+
   const model::ParamLayout& layout_;
   AdamWConfig cfg_;
   int64_t begin_, end_;

@@ -238,6 +238,25 @@ void check_layout(int64_t n_layers, ScheduleKind kind, int vs, std::vector<int64
   expect_owned_memory(cfg, got);
 }
 
+// Per tensor of the logical layout: relative L2 within 1e-5 of the serial weights. The key
+// bias's true gradient is 0 (softmax ignores it), so it holds Adam-amplified rounding noise:
+// an absolute RMS bound for it instead (see expect_matches_serial).
+void expect_tensors_match(const model::ParamLayout& layout, const std::vector<float>& got,
+                          const std::vector<float>& ref, const std::string& what) {
+  for (const model::ParamSpec& p : layout.specs()) {
+    double diff = 0, norm = 0;
+    for (int64_t i = 0; i < p.numel; ++i) {
+      double a = got[size_t(p.offset + i)], b = ref[size_t(p.offset + i)];
+      diff += (a - b) * (a - b);
+      norm += b * b;
+    }
+    if (p.name.find("attn.k.bias") != std::string::npos)
+      EXPECT_LE(std::sqrt(diff / double(p.numel)), 1e-5) << what << " " << p.name;
+    else
+      EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << what << " " << p.name;
+  }
+}
+
 // dp x pp: world = 2 x (w/2), dp ranks of a stage adjacent. dp rank d runs micro-batches
 // [d*M/2, (d+1)*M/2) of every step through its own pipeline; the chunks' gradients are summed
 // over dp. Must equal the serial run on all M micro-batches.
@@ -284,20 +303,7 @@ TEST(Pipeline, DataParallelTimesPipelineMatchesSerial) {
     std::vector<float> weights(size_t(layout.total()), 0.f);
     ex.export_weights(weights.data());
     g.pp.all_reduce(comm::BufferRef(weights.data(), layout.total(), DType::f32)).wait();
-    for (const model::ParamSpec& p : layout.specs()) {
-      double diff = 0, norm = 0;
-      for (int64_t i = 0; i < p.numel; ++i) {
-        double a = weights[size_t(p.offset + i)], b = ref.weights[size_t(p.offset + i)];
-        diff += (a - b) * (a - b);
-        norm += b * b;
-      }
-      // As expect_matches_serial: the key bias's true gradient is 0 (softmax ignores it), so
-      // it holds Adam-amplified rounding noise; absolute bound for it, relative L2 elsewhere.
-      if (p.name.find("attn.k.bias") != std::string::npos)
-        EXPECT_LE(std::sqrt(diff / double(p.numel)), 1e-5) << p.name;
-      else
-        EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << p.name;
-    }
+    expect_tensors_match(layout, weights, ref.weights, "dp x pp");
     // The dp replicas hold bit-identical weights.
     std::vector<float> other = weights;
     g.dp.broadcast(comm::BufferRef(other.data(), layout.total(), DType::f32), 0).wait();
@@ -353,19 +359,7 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
       g.pp.all_reduce(comm::BufferRef(local.data(), mine.total(), DType::f32)).wait();
       std::vector<float> weights =
           tp > 1 ? model::gather_tp_buffer(cfg, mine, local.data(), g.tp) : local;
-      for (const model::ParamSpec& p : full.specs()) {
-        double diff = 0, norm = 0;
-        for (int64_t i = 0; i < p.numel; ++i) {
-          double a = weights[size_t(p.offset + i)], b = ref.weights[size_t(p.offset + i)];
-          diff += (a - b) * (a - b);
-          norm += b * b;
-        }
-        // The key bias's true gradient is 0 (see expect_matches_serial): absolute bound.
-        if (p.name.find("attn.k.bias") != std::string::npos)
-          EXPECT_LE(std::sqrt(diff / double(p.numel)), 1e-5) << what << " " << p.name;
-        else
-          EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << what << " " << p.name;
-      }
+      expect_tensors_match(full, weights, ref.weights, what);
       // ZeRO-1 keeps 1/dp of the optimizer state (equal shares of every chunk, rounded up).
       if (zero == 1) {
         int64_t owned = 0;

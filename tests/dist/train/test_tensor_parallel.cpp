@@ -11,6 +11,7 @@
 
 #include "comm/process_group.h"
 #include "parallel/topology.h"
+#include "dist/train/train_helpers.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -32,21 +33,12 @@ train::TrainConfig config(int64_t batch, int64_t zero, const std::string& dir,
   return train::load_train_config(std::string(LOOM_SOURCE_DIR) + "/configs/train/tiny.toml", sets);
 }
 
-// ||a-b|| / ||b|| over the whole parameter vector (see test_data_parallel.cpp for why not the
-// element-wise maximum: AdamW amplifies rounding noise of near-zero gradients to ~lr*1e-2).
 double relative_l2(const std::vector<float>& a, const float* b) {
-  double e = 0, s = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    e += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
-    s += double(b[i]) * double(b[i]);
-  }
-  return std::sqrt(e / s);
+  return train_test::relative_l2(a.data(), b, int64_t(a.size()));
 }
 
 std::string shared_dir(const comm::ProcessGroup& world, const std::string& name) {
-  int64_t pid = world.rank() == 0 ? int64_t(::getpid()) : 0;
-  world.all_reduce(comm::BufferRef(&pid, 1, DType::i64)).wait();
-  return (fs::temp_directory_path() / ("loom_tp_" + name + "_" + std::to_string(pid))).string();
+  return train_test::shared_dir(world, "tp_" + name);
 }
 
 struct Groups {
