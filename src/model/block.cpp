@@ -131,6 +131,15 @@ struct Dims {
 };
 }  // namespace
 
+// The key bias adds q_i . b_k to every score of query row i: the same constant for all keys of
+// the row (causal mask or not), which softmax cancels. Its gradient is therefore identically zero;
+// computed, it is rounding noise (~1e-9) that AdamW, dividing by its own RMS, would turn into
+// steps of ~lr in random directions, so the bias would drift and differ between layouts. Keep it
+// exactly zero (PyTorch's noise is checked to be ~0 in tests/reference).
+static void zero_key_bias_grad(const BlockCtx& c, const BlockOffsets& o, int64_t Cq, int64_t KV) {
+  std::fill(c.G + o.b_qkv + Cq, c.G + o.b_qkv + Cq + KV, 0.0f);
+}
+
 // Forward of one pre-LN block (see block.h).
 Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, const Tensor* qin,
                      BlockStash& st, Recompute mode) {
@@ -336,6 +345,7 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     mm_dyW(c, d_ln1_part.data<float>(), dqkv_mm, o.w_qkv, N, S, C);
     mm_dW(c, o.w_qkv, dqkv_mm, st.ln1_mm, N, S, C);
     K::bias_backward(c.G + o.b_qkv, g, N, S);
+    zero_key_bias_grad(c, o, Cq, KV);
   } else {
     auto s = attention_shape(c, Cq, 2 * KV);
     attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
@@ -360,6 +370,7 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     mm_dyW(c, d_ln1_part.data<float>(), dkv_mm, o.w_qkv + Cq * C, N, 2 * KV, C);
     mm_dW(c, o.w_qkv + Cq * C, dkv_mm, st.ln1_mm, N, 2 * KV, C);
     K::bias_backward(c.G + o.b_qkv + Cq, dkv.data<float>(), N, 2 * KV);
+    zero_key_bias_grad(c, o, Cq, KV);
     // Hand d_qin back through the stash so the caller can scatter it into the table.
     st.q = d_qin;
   }

@@ -12,6 +12,8 @@
 #include "comm/process_group.h"
 #include "parallel/topology.h"
 #include "dist/train/train_helpers.h"
+#include "model/config.h"
+#include "model/params.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -94,10 +96,24 @@ void expect_close(const TrainRun& got, const TrainRun& want, const std::string& 
   ASSERT_EQ(got.weights.size(), want.weights.size());
   // Parameters after 10 AdamW steps: 2e-5, not 1e-5. The gradients agree to 3.5e-7 (test
   // GradientsAndLossEqualSerial), but AdamW divides each element by its own RMS, so rounding
-  // noise in near-zero gradients becomes steps of ~lr. Measured after 10 steps: the serial run
-  // against itself with the micro-batches regrouped (same math, other summation order) 3.0e-6;
-  // tp 2 against serial 1.1e-5 (tp reorders the sums inside every row-parallel product as well).
-  EXPECT_LT(relative_l2(got.weights, want.weights.data()), 2e-5) << what;
+  // noise in gradients near its eps (1e-8) becomes steps of ~lr. Measured after 10 steps: the
+  // serial run against itself with the micro-batches regrouped (same math, other summation
+  // order) 3.0e-6; dp 2 x tp 2 against serial 1.2e-6; dp 1 x tp 2 1.07e-5, of which one
+  // element (blocks.0.ffn.down.weight[13, 189], a unit whose FastGELU input is very negative
+  // for every token of that batch) carries 1.2e-4 of the 1.7e-4 absolute L2 difference.
+  // (The key bias, whose gradient is noise around zero, is kept exactly zero in the model.)
+  double rel = relative_l2(got.weights, want.weights.data());
+  if (rel >= 2e-5) {
+    // Name the tensors that differ most, so a failure points at its cause.
+    model::ParamLayout layout(model::load_model_config(std::string(LOOM_SOURCE_DIR) +
+                                                       "/configs/models/tiny.toml"));
+    for (const auto& s : layout.specs()) {
+      double r = train_test::relative_l2(got.weights.data() + s.offset,
+                                         want.weights.data() + s.offset, s.numel);
+      if (r > 1e-5) ADD_FAILURE() << what << ": " << s.name << " differs by " << r << " relative";
+    }
+  }
+  EXPECT_LT(rel, 2e-5) << what;
 }
 
 TEST(TensorParallel, EqualsSerialForEveryZeroStage) {
