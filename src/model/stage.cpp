@@ -5,6 +5,7 @@
 // Glossary: B batch, T sequence, N = B*T rows, C d_model, V vocab, L blocks.
 #include "model/stage.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
@@ -74,9 +75,10 @@ struct GptStage::MicroStash {
 };
 
 GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool,
-                   Precision precision, const comm::ProcessGroup* tp)
+                   Precision precision, const comm::ProcessGroup* tp, ParamStore* store)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
+      store_(store),
       global_(cfg, tp_ ? TpShard{tp_->rank(), tp_->size()} : TpShard{}),
       span_(span),
       pool_(pool),
@@ -131,10 +133,54 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
     }
   }
 
-  weights_ = Tensor::empty({total_}, DType::f32, pool_, MemCategory::weights);
-  grads_ = Tensor::zeros({total_}, DType::f32, pool_, MemCategory::grads);
-  if (precision_ == Precision::bf16)
-    weights_lp_ = Tensor::empty({total_}, DType::bf16, pool_, MemCategory::weights);
+  // Units: token embedding (or tied copy), position embedding, blocks, head; in buffer order.
+  auto add_unit = [&](int64_t b, int64_t e) {
+    units_.push_back({b, e});
+    return int(units_.size()) - 1;
+  };
+  if (tok_ >= 0) u_tok_ = add_unit(tok_, tok_ + global_.specs()[0].numel);
+  if (pos_ >= 0) u_pos_ = add_unit(pos_, pos_ + global_.find("embed.position.weight").numel);
+  u_block0_ = int(units_.size());
+  for (const BlockOffsets& o : blocks_) add_unit(o.norm1_w, o.b_down + C);
+  if (span.has_head) u_head_ = add_unit(fnw_, total_);
+  for (size_t i = 0; i < units_.size(); ++i)
+    LOOM_ASSERT(units_[i].begin == (i ? units_[i - 1].end : 0) && units_[i].end > units_[i].begin,
+                "stage units do not tile its buffer");
+  LOOM_ASSERT(units_.empty() ? total_ == 0 : units_.back().end == total_,
+              "stage units do not tile its buffer");
+
+  if (!store_) {
+    weights_ = Tensor::empty({total_}, DType::f32, pool_, MemCategory::weights);
+    grads_ = Tensor::zeros({total_}, DType::f32, pool_, MemCategory::grads);
+    if (precision_ == Precision::bf16)
+      weights_lp_ = Tensor::empty({total_}, DType::bf16, pool_, MemCategory::weights);
+  }
+}
+
+const float* GptStage::unit_w(int u) {
+  return store_ ? store_->weights(u) : weights() + units_[size_t(u)].begin;
+}
+const bf16* GptStage::unit_wl(int u) {
+  if (precision_ != Precision::bf16) return nullptr;
+  return store_ ? store_->weights_lp(u) : weights_lp_.data<bf16>() + units_[size_t(u)].begin;
+}
+void GptStage::unit_release(int u) {
+  if (store_) store_->release(u);
+}
+float* GptStage::unit_g(int u) {
+  return store_ ? store_->grads(u) : grads() + units_[size_t(u)].begin;
+}
+void GptStage::unit_grads_done(int u) {
+  if (store_) store_->grads_done(u);
+}
+// Braced initialisation evaluates in order: weights(u) before weights_lp(u), as a store needs.
+BlockCtx GptStage::ctx(int u, bool with_grads, int64_t B, int64_t T) {
+  return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
+                  with_grads ? unit_g(u) : nullptr, B, T, tp_, nullptr};
+}
+BlockCtx GptStage::plain_ctx(int64_t B, int64_t T) const {
+  return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, nullptr, nullptr, nullptr, B, T, tp_,
+                  nullptr};
 }
 
 GptStage::~GptStage() = default;
@@ -166,33 +212,56 @@ const StageParam& GptStage::find(const std::string& name) const {
             span_.has_head ? " + head" : "", name);
 }
 
-void GptStage::zero_grads() { grads_.fill_zero(); }
-
-void GptStage::init_weights(uint64_t seed) {
-  // Initialising the whole model and keeping our part guarantees the identical logical weights
-  // of Gpt::init_weights without restating its rules; the buffer lives only for this call.
-  Tensor all = Tensor::empty({global_.total()}, DType::f32, pool_, MemCategory::workspace);
-  init_params(global_, cfg_, all.data<float>(), seed);
-  import_weights(all.data<float>());
+void GptStage::zero_grads() {
+  if (grads_.defined()) grads_.fill_zero();
 }
 
-void GptStage::import_weights(const float* global_weights) {
-  for (const Segment& g : segments_)
-    std::memcpy(weights() + g.local_begin, global_weights + g.global_begin,
-                size_t(g.global_end - g.global_begin) * sizeof(float));
+void GptStage::init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const {
+  // Each held global range initialised by the global layout's rules at its global offsets:
+  // the identical logical weights of Gpt::init_weights.
+  for (const Segment& g : segments_) {
+    const int64_t len = g.global_end - g.global_begin;
+    const int64_t lo = std::max(begin, g.local_begin), hi = std::min(end, g.local_begin + len);
+    if (lo < hi)
+      init_params_range(global_, cfg_, dst + (lo - begin), g.global_begin + (lo - g.local_begin),
+                        g.global_begin + (hi - g.local_begin), seed);
+  }
+}
+
+void GptStage::init_weights(uint64_t seed) {
+  LOOM_CHECK(!store_, "init_weights: this stage's parameters live in its ParamStore");
+  init_range(weights(), 0, total_, seed);
   sync_low_precision_weights();
 }
 
-void GptStage::export_weights(float* global_weights, bool include_tied_copy) const {
+void GptStage::to_local(const float* global_buffer, float* local_buffer) const {
+  for (const Segment& g : segments_)
+    std::memcpy(local_buffer + g.local_begin, global_buffer + g.global_begin,
+                size_t(g.global_end - g.global_begin) * sizeof(float));
+}
+
+void GptStage::to_global(const float* local_buffer, float* global_buffer,
+                         bool include_tied_copy) const {
   for (const StageParam& p : params_) {
     if (p.tied_copy && !include_tied_copy) continue;
-    std::memcpy(global_weights + p.global.offset, weights() + p.local_offset,
+    std::memcpy(global_buffer + p.global.offset, local_buffer + p.local_offset,
                 size_t(p.global.numel) * sizeof(float));
   }
 }
 
+void GptStage::import_weights(const float* global_weights) {
+  LOOM_CHECK(!store_, "import_weights: this stage's parameters live in its ParamStore");
+  to_local(global_weights, weights());
+  sync_low_precision_weights();
+}
+
+void GptStage::export_weights(float* global_weights, bool include_tied_copy) const {
+  LOOM_CHECK(!store_, "export_weights: this stage's parameters live in its ParamStore");
+  to_global(weights(), global_weights, include_tied_copy);
+}
+
 void GptStage::sync_low_precision_weights() {
-  if (precision_ == Precision::bf16)
+  if (precision_ == Precision::bf16 && weights_lp_.defined())
     convert_f32_to_bf16(weights(), weights_lp_.data<bf16>(), size_t(total_));
 }
 
@@ -206,12 +275,10 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
              "micro-batch {} is already in flight on stage blocks [{}, {}); run its backward "
              "first",
              mb, span_.first_layer, span_.last_layer);
-  const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_, nullptr};
-  LOOM_CHECK(N % c.tp_size() == 0, "tensor parallel needs B*T = {} divisible by tp = {}", N,
-             c.tp_size());
-  const int64_t Nl = c.local_rows();  // rows of the activations here (N without tp)
-  const float* W = weights();
+  const BlockCtx pc = plain_ctx(B, T);
+  LOOM_CHECK(N % pc.tp_size() == 0, "tensor parallel needs B*T = {} divisible by tp = {}", N,
+             pc.tp_size());
+  const int64_t Nl = pc.local_rows();  // rows of the activations here (N without tp)
   auto st = std::make_unique<MicroStash>();
   st->B = B;
   st->T = T;
@@ -220,12 +287,16 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
   if (span_.has_embedding) {
     LOOM_CHECK(inputs != nullptr, "the embedding stage needs the input tokens (B={}, T={})", B, T);
     // h0 = wte[tokens] + wpe[0..T)                                          (Nl,C)
+    const float* wte = unit_w(u_tok_);
+    const float* wpe = unit_w(u_pos_);
     if (tp_) {
-      h = vocab_parallel_embedding(c, global_.specs()[0], W + tok_, W + pos_, inputs);
+      h = vocab_parallel_embedding(pc, global_.specs()[0], wte, wpe, inputs);
     } else {
       h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-      K::embedding_forward(h.data<float>(), inputs, W + tok_, W + pos_, B, T, C, cfg_.vocab, 0);
+      K::embedding_forward(h.data<float>(), inputs, wte, wpe, B, T, C, cfg_.vocab, 0);
     }
+    unit_release(u_pos_);
+    unit_release(u_tok_);
     st->inputs.assign(inputs, inputs + N);
   } else {
     LOOM_CHECK(x.defined() && x.numel() == Nl * C && x.dtype() == DType::f32,
@@ -235,8 +306,11 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     h = x;
   }
   for (size_t i = 0; i < blocks_.size(); ++i) {
+    const int u = u_block0_ + int(i);
     st->blocks.push_back(std::make_unique<BlockStash>());
-    h = block_forward(c, blocks_[i], h, nullptr, *st->blocks.back(), recompute_);
+    h = block_forward(ctx(u, false, B, T), rebased(blocks_[i], units_[size_t(u)].begin), h,
+                      nullptr, *st->blocks.back(), recompute_);
+    unit_release(u);
   }
   if (!span_.has_head) {
     stash_[mb] = std::move(st);
@@ -250,26 +324,32 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
                "target id {} at batch row {}, position {} is outside the vocabulary [0, {})",
                targets[r], r / T, r % T, cfg_.vocab);
   // final norm                                                              (Nl,C)
+  const int64_t H0 = units_[size_t(u_head_)].begin;
+  const BlockCtx hc = ctx(u_head_, false, B, T);
   st->final_in = h;
   st->final_out = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
   st->final_mean = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   st->final_rstd = Tensor::empty({Nl}, DType::f32, pool_, MemCategory::activations);
   K::layernorm_forward(st->final_out.data<float>(), st->final_mean.data<float>(),
-                       st->final_rstd.data<float>(), h.data<float>(), W + fnw_, W + fnb_, Nl, C,
-                       cfg_.norm_eps);
+                       st->final_rstd.data<float>(), h.data<float>(), hc.W + fnw_ - H0,
+                       hc.W + fnb_ - H0, Nl, C, cfg_.norm_eps);
   Tensor out = st->final_out;
   if (cfg_.query_layer) {
     // The query layer's query input: row t of its position table.                 (N,C)
     Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-    K::position_forward(qin.data<float>(), W + qpos_, B, T, C, 0);
+    K::position_forward(qin.data<float>(), hc.W + qpos_ - H0, B, T, C, 0);
     st->query = std::make_unique<BlockStash>();
-    out = block_forward(c, qblock_, st->final_out, &qin, *st->query, recompute_);
+    out = block_forward(hc, rebased(qblock_, H0), st->final_out, &qin, *st->query, recompute_);
   }
+  unit_release(u_head_);
   // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).    (Nl,C)
   st->dhead = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
-  HeadWeights hw{&global_.specs()[0], W + tok_, bf ? weights_lp_.data<bf16>() + tok_ : nullptr,
-                 grads() + tok_, nullptr};
-  *loss = tied_head_loss(c, hw, out, targets, grad_scale, &st->dhead);
+  const float* wte = unit_w(u_tok_);
+  const bf16* wte_l = unit_wl(u_tok_);
+  HeadWeights hw{&global_.specs()[0], wte, wte_l, unit_g(u_tok_), nullptr};
+  *loss = tied_head_loss(pc, hw, out, targets, grad_scale, &st->dhead);
+  unit_release(u_tok_);
+  unit_grads_done(u_tok_);  // the head's contribution (see stage.h: Units)
   stash_[mb] = std::move(st);
   return Tensor();
 }
@@ -281,28 +361,29 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
              span_.first_layer, span_.last_layer);
   MicroStash& st = *it->second;
   const int64_t B = st.B, T = st.T, N = B * T, C = cfg_.d_model;
-  const bool bf = precision_ == Precision::bf16;
-  BlockCtx c{cfg_, pool_, bf, weights(), bf ? weights_lp_.data<bf16>() : nullptr, grads(), B, T, tp_, nullptr};
-  const int64_t Nl = c.local_rows();
-  const float* W = weights();
-  float* G = grads();
+  const BlockCtx pc = plain_ctx(B, T);
+  const int64_t Nl = pc.local_rows();
 
   Tensor dh;
   if (span_.has_head) {
+    const int64_t H0 = units_[size_t(u_head_)].begin;
+    const BlockCtx hc = ctx(u_head_, true, B, T);
     Tensor d_fin = st.dhead;
     if (cfg_.query_layer) {
       Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-      K::position_forward(qin.data<float>(), W + qpos_, B, T, C, 0);
-      d_fin = block_backward(c, qblock_, st.dhead, &qin, *st.query);
-      K::position_backward(G + qpos_, st.query->q.data<float>(), B, T, C, 0);
+      K::position_forward(qin.data<float>(), hc.W + qpos_ - H0, B, T, C, 0);
+      d_fin = block_backward(hc, rebased(qblock_, H0), st.dhead, &qin, *st.query);
+      K::position_backward(hc.G + qpos_ - H0, st.query->q.data<float>(), B, T, C, 0);
       st.query.reset();
     }
     // final norm: dh = LNf'(d_fin), accumulated into zeros                      (Nl,C)
     dh = Tensor::zeros({Nl, C}, DType::f32, pool_, MemCategory::workspace);
-    K::layernorm_backward(dh.data<float>(), G + fnw_, G + fnb_, d_fin.data<float>(),
-                          st.final_in.data<float>(), W + fnw_, st.final_mean.data<float>(),
-                          st.final_rstd.data<float>(), Nl, C);
+    K::layernorm_backward(dh.data<float>(), hc.G + fnw_ - H0, hc.G + fnb_ - H0,
+                          d_fin.data<float>(), st.final_in.data<float>(), hc.W + fnw_ - H0,
+                          st.final_mean.data<float>(), st.final_rstd.data<float>(), Nl, C);
     st.dhead = st.final_in = st.final_out = st.final_mean = st.final_rstd = Tensor();
+    unit_release(u_head_);
+    unit_grads_done(u_head_);
   } else {
     LOOM_CHECK(dy.defined() && dy.numel() == Nl * C && dy.dtype() == DType::f32,
                "stage blocks [{}, {}) needs an f32 output gradient of rows*C = {}*{} elements, "
@@ -311,16 +392,24 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
     dh = dy;
   }
   for (size_t i = blocks_.size(); i-- > 0;) {
-    dh = block_backward(c, blocks_[i], dh, nullptr, *st.blocks[i]);
+    const int u = u_block0_ + int(i);
+    dh = block_backward(ctx(u, true, B, T), rebased(blocks_[i], units_[size_t(u)].begin), dh,
+                        nullptr, *st.blocks[i]);
     st.blocks[i].reset();
+    unit_release(u);
+    unit_grads_done(u);
   }
   if (span_.has_embedding) {
+    float* g_tok = unit_g(u_tok_);
+    float* g_pos = unit_g(u_pos_);
     if (tp_)
-      vocab_parallel_embedding_backward(c, global_.specs()[0], G + tok_, G + pos_, dh,
+      vocab_parallel_embedding_backward(pc, global_.specs()[0], g_tok, g_pos, dh,
                                         st.inputs.data());
     else
-      K::embedding_backward(G + tok_, G + pos_, dh.data<float>(), st.inputs.data(), B, T, C,
+      K::embedding_backward(g_tok, g_pos, dh.data<float>(), st.inputs.data(), B, T, C,
                             cfg_.vocab, 0);
+    unit_grads_done(u_tok_);
+    unit_grads_done(u_pos_);
     dh = Tensor();
   }
   stash_.erase(it);

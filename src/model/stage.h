@@ -14,6 +14,14 @@
 // summed across the two before the optimizer step (Megatron's embedding group), after which
 // the two copies stay bit-identical.
 //
+// Units (for a ParamStore, model/gpt.h): the stage's buffer is tiled by units in order: the
+// token embedding (on the embedding stage, or the head stage's tied copy), the position
+// embedding (embedding stage), one unit per block, and the head (final norm and query layer).
+// With a store (ZeRO-2/3, train/zero.h) the stage allocates no weights or grads: it acquires
+// each unit just before use and reports each unit's gradient complete. The tied token
+// embedding's gradient is reported complete after the head's contribution (in forward) and
+// again after the embedding's (in backward), so no unit stays open across micro-batches.
+//
 // Numerics: the same kernels in the same order as model::Gpt, so a pipeline's activations and
 // per-micro-batch gradients are bit-identical to the serial model's; only the order in which
 // micro-batch gradients of the tied embedding are summed differs.
@@ -34,6 +42,7 @@
 namespace loom::model {
 
 struct BlockStash;  // model/block.h
+struct BlockCtx;    // model/block.h
 
 // The part of the model one (virtual) stage holds.
 struct StageSpan {
@@ -70,8 +79,11 @@ class GptStage {
   // `tp` (optional): tensor parallel as model::Gpt (this rank's shards; the "global layout"
   // below is then this tp rank's layout, ParamLayout(cfg, TpShard), and activations in and out
   // are this rank's N/tp rows).
+  //
+  // `store` (optional): the parameters live there (units as above); weights() and grads() are
+  // then null and init/import/export/zero_grads are the store's owner's business.
   GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision,
-           const comm::ProcessGroup* tp = nullptr);
+           const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr);
   ~GptStage();
   GptStage(const GptStage&) = delete;
   GptStage& operator=(const GptStage&) = delete;
@@ -85,6 +97,10 @@ class GptStage {
   int64_t total() const { return total_; }                   // elements of the stage's flat buffer
   // The ascending ranges [begin, end) of the global flat buffer this stage holds.
   std::vector<std::pair<int64_t, int64_t>> held_ranges() const;
+  // The units tiling [0, total()) (see above), in order.
+  const std::vector<UnitRange>& units() const { return units_; }
+  // Unit index of the token embedding (or the head's tied copy); -1 if neither is held.
+  int token_unit() const { return u_tok_; }
   float* weights() const { return weights_.data<float>(); }  // (total())
   float* grads() const { return grads_.data<float>(); }      // (total())
   // Local offset of embed.token.weight (V,C); -1 if the stage holds neither end.
@@ -98,6 +114,11 @@ class GptStage {
   // tied copies unless `include_tied_copy`.
   void import_weights(const float* global_weights);
   void export_weights(float* global_weights, bool include_tied_copy = false) const;
+  // The same between a full global-layout buffer and a buffer in this stage's layout (total()).
+  void to_local(const float* global_buffer, float* local_buffer) const;
+  void to_global(const float* local_buffer, float* global_buffer, bool include_tied_copy) const;
+  // Initial values of elements [begin, end) of this stage's buffer (as init_weights) into dst.
+  void init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const;
   void sync_low_precision_weights();
   void set_recompute(Recompute mode) { recompute_ = mode; }
 
@@ -120,9 +141,18 @@ class GptStage {
   struct MicroStash;
   int64_t local(int64_t global_offset) const;  // LOOM_ASSERTs the offset is held
   BlockOffsets local_block(const BlockOffsets& g) const;
+  // Unit access, direct or through the store (as model::Gpt).
+  const float* unit_w(int u);
+  const bf16* unit_wl(int u);
+  void unit_release(int u);
+  float* unit_g(int u);
+  void unit_grads_done(int u);
+  BlockCtx ctx(int u, bool with_grads, int64_t B, int64_t T);
+  BlockCtx plain_ctx(int64_t B, int64_t T) const;  // no weights: tp, pool and sizes only
 
   ModelConfig cfg_;
   const comm::ProcessGroup* tp_ = nullptr;
+  ParamStore* store_ = nullptr;
   ParamLayout global_;
   StageSpan span_;
   MemoryPool& pool_;
@@ -137,6 +167,8 @@ class GptStage {
   int64_t tok_ = -1, pos_ = -1, fnw_ = -1, fnb_ = -1, qpos_ = -1;
   std::vector<BlockOffsets> blocks_;  // local offsets, blocks first_layer..last_layer-1
   BlockOffsets qblock_{};
+  std::vector<UnitRange> units_;
+  int u_tok_ = -1, u_pos_ = -1, u_block0_ = 0, u_head_ = -1;
   Tensor weights_, grads_, weights_lp_;
   std::map<int, std::unique_ptr<MicroStash>> stash_;
 };

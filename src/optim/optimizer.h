@@ -47,6 +47,10 @@ class AdamW {
         std::vector<Range> ranges);
   AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool)
       : AdamW(layout, cfg, pool, 0, layout.total()) {}
+  // Any flat buffer of `total` elements holding the tensors `specs` (ParamSpec::offset is the
+  // position in that buffer), e.g. one pipeline chunk's.
+  AdamW(std::vector<model::ParamSpec> specs, int64_t total, const AdamWConfig& cfg,
+        MemoryPool& pool, std::vector<Range> ranges);
 
   // One update of weights[begin,end) from grads[begin,end) (both indexed like the full flat
   // buffer). grad_scale multiplies every gradient (clipping factor). Increments step().
@@ -70,7 +74,7 @@ class AdamW {
   // packed: weights/grads indexed like m and v; else like the full flat buffer.
   void step_impl(float* weights, const float* grads, float grad_scale, bool packed);
 
-  const model::ParamLayout& layout_;
+  std::vector<model::ParamSpec> specs_;
   AdamWConfig cfg_;
   int64_t begin_, end_;
   std::vector<Range> ranges_;

@@ -31,7 +31,10 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
       dp_(dp && dp->size() > 1 ? dp : nullptr),
       tp_(tp && tp->size() > 1 ? tp : nullptr) {
   if (cfg_.zero >= 2 && dp_) {
-    zero_ = std::make_unique<ZeroStore>(int(cfg_.zero), cfg_.model, cfg_.precision, pool_, *dp_, tp_);
+    model::ParamLayout layout(cfg_.model, tp_ ? model::TpShard{tp_->rank(), tp_->size()}
+                                              : model::TpShard{});
+    zero_ = std::make_unique<ZeroStore>(int(cfg_.zero), model_zero_space(cfg_.model, layout),
+                                        cfg_.precision, pool_, *dp_, tp_);
     model_ = std::make_unique<model::Gpt>(cfg_.model, pool_, cfg_.precision, tp_, zero_.get());
     model_->set_recompute(cfg_.recompute);
     optimizer_ = std::make_unique<optim::AdamW>(model_->layout(), cfg_.optim, pool_, zero_->pieces());
@@ -87,7 +90,7 @@ void Trainer::resume(const std::string& dir) {
   r.expect_config(cfg_.model);
   model_->zero_grads();
   if (zero_) {
-    zero_->load(r);
+    zero_->load(r, model_->layout());
   } else {
     r.load_weights(model_->layout(), model_->weights());
     model_->sync_low_precision_weights();

@@ -9,19 +9,37 @@
 
 namespace loom::train {
 
-ZeroStore::ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision precision,
-                     MemoryPool& pool, const comm::ProcessGroup& dp, const comm::ProcessGroup* tp)
+ZeroSpace model_zero_space(const model::ModelConfig& cfg, const model::ParamLayout& layout) {
+  ZeroSpace s;
+  s.specs = layout.specs();
+  s.counted.assign(s.specs.size(), true);
+  s.units = model::param_units(cfg, layout);
+  s.total = layout.total();
+  s.init = [cfg, layout](float* dst, int64_t begin, int64_t end, uint64_t seed) {
+    model::init_params_range(layout, cfg, dst, begin, end, seed);
+  };
+  return s;
+}
+
+ZeroStore::ZeroStore(int stage, ZeroSpace space, model::Precision precision, MemoryPool& pool,
+                     const comm::ProcessGroup& dp, const comm::ProcessGroup* tp)
     : stage_(stage),
-      cfg_(cfg),
-      layout_(cfg, tp && tp->size() > 1 ? model::TpShard{tp->rank(), tp->size()} : model::TpShard{}),
+      space_(std::move(space)),
       bf_(precision == model::Precision::bf16),
       pool_(pool),
       dp_(dp) {
   if (tp && tp->size() > 1) tp_ = *tp;
   LOOM_CHECK(stage == 2 || stage == 3, "ZeroStore handles ZeRO stages 2 and 3, not {}", stage);
-  units_ = model::param_units(cfg_, layout_);
+  LOOM_ASSERT(space_.counted.size() == space_.specs.size() && space_.init,
+              "ZeroSpace needs a counted flag per tensor and an init function");
+  int64_t next = 0;
+  for (const auto& u : space_.units) {
+    LOOM_ASSERT(u.begin == next && u.end >= u.begin, "ZeroSpace units do not tile the buffer");
+    next = u.end;
+  }
+  LOOM_ASSERT(next == space_.total, "ZeroSpace units end at {}, not {}", next, space_.total);
   const int64_t P = dp_.size(), r = dp_.rank();
-  for (const auto& u : units_) {
+  for (const auto& u : space_.units) {
     const int64_t len = u.end - u.begin, n = (len + P - 1) / P;
     const int64_t lo = std::min(u.end, u.begin + r * n), hi = std::min(u.end, lo + n);
     n_.push_back(n);
@@ -29,11 +47,11 @@ ZeroStore::ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision 
     pieces_.push_back({lo, hi});
     shard_ += hi - lo;
   }
-  live_.resize(units_.size());
+  live_.resize(space_.units.size());
   gshard_ = Tensor::zeros({shard_}, DType::f32, pool_, MemCategory::grads);
   if (stage_ == 2) {
-    wfull_ = Tensor::empty({layout_.total()}, DType::f32, pool_, MemCategory::weights);
-    if (bf_) wfull_lp_ = Tensor::empty({layout_.total()}, DType::bf16, pool_, MemCategory::weights);
+    wfull_ = Tensor::empty({space_.total}, DType::f32, pool_, MemCategory::weights);
+    if (bf_) wfull_lp_ = Tensor::empty({space_.total}, DType::bf16, pool_, MemCategory::weights);
   } else {
     wshard_ = Tensor::empty({shard_}, DType::f32, pool_, MemCategory::weights);
   }
@@ -49,7 +67,7 @@ void ZeroStore::gather_unit(size_t u, const float* packed, float* out) const {
 }
 
 const float* ZeroStore::weights(int u) {
-  const auto& unit = units_[size_t(u)];
+  const auto& unit = space_.units[size_t(u)];
   if (stage_ == 2) return wfull_.data<float>() + unit.begin;
   Live& l = live_[size_t(u)];
   if (l.refs++ == 0) {
@@ -60,7 +78,7 @@ const float* ZeroStore::weights(int u) {
 }
 
 const bf16* ZeroStore::weights_lp(int u) {
-  const auto& unit = units_[size_t(u)];
+  const auto& unit = space_.units[size_t(u)];
   LOOM_ASSERT(bf_, "weights_lp in f32 mode");
   if (stage_ == 2) return wfull_lp_.data<bf16>() + unit.begin;
   Live& l = live_[size_t(u)];
@@ -96,16 +114,16 @@ void ZeroStore::grads_done(int u) {
   if (tp_.valid()) {
     // Replicated tensors (norms, position tables, out/down biases) got partial gradients from
     // this rank's rows: sum them over tp before the dp reduction.
-    const auto& unit = units_[size_t(u)];
+    const auto& unit = space_.units[size_t(u)];
     std::vector<float> buf;
-    for (const auto& s : layout_.specs())
+    for (const auto& s : space_.specs)
       if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end)
         buf.insert(buf.end(), l.g.data<float>() + (s.offset - unit.begin),
                    l.g.data<float>() + (s.offset - unit.begin) + s.numel);
     if (!buf.empty()) {
       tp_.all_reduce(comm::BufferRef(buf.data(), int64_t(buf.size()), DType::f32)).wait();
       const float* q = buf.data();
-      for (const auto& s : layout_.specs())
+      for (const auto& s : space_.specs)
         if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end) {
           std::copy(q, q + s.numel, l.g.data<float>() + (s.offset - unit.begin));
           q += s.numel;
@@ -149,21 +167,27 @@ void ZeroStore::finish_micro_batch() {
 
 void ZeroStore::zero_grads() { gshard_.fill_zero(); }
 
-double ZeroStore::grad_sum_squares() const {
+double ZeroStore::local_grad_sum_squares() const {
+  bool all = true;
+  for (size_t i = 0; i < space_.specs.size(); ++i)
+    all = all && space_.counted[i] && (!tp_.valid() || !space_.specs[i].replicated());
+  if (all) return kernels::sum_squares(gshard_.data<float>(), shard_);
+  // Shards are disjoint across tp; replicated tensors count on tp rank 0 only.
   double ss = 0;
-  if (!tp_.valid()) {
-    ss = kernels::sum_squares(gshard_.data<float>(), shard_);
-  } else {
-    // Shards are disjoint across tp; replicated tensors count on tp rank 0 only.
-    for (size_t u = 0; u < units_.size(); ++u)
-      for (const auto& s : layout_.specs()) {
-        const int64_t lo = std::max(s.offset, pieces_[u].begin);
-        const int64_t hi = std::min(s.offset + s.numel, pieces_[u].end);
-        if (lo < hi && (!s.replicated() || tp_.rank() == 0))
-          ss += kernels::sum_squares(gshard_.data<float>() + packed_off_[u] + (lo - pieces_[u].begin),
-                                     hi - lo);
-      }
-  }
+  for (size_t u = 0; u < space_.units.size(); ++u)
+    for (size_t i = 0; i < space_.specs.size(); ++i) {
+      const auto& s = space_.specs[i];
+      const int64_t lo = std::max(s.offset, pieces_[u].begin);
+      const int64_t hi = std::min(s.offset + s.numel, pieces_[u].end);
+      if (lo < hi && space_.counted[i] && (!tp_.valid() || !s.replicated() || tp_.rank() == 0))
+        ss += kernels::sum_squares(gshard_.data<float>() + packed_off_[u] + (lo - pieces_[u].begin),
+                                   hi - lo);
+    }
+  return ss;
+}
+
+double ZeroStore::grad_sum_squares() const {
+  double ss = local_grad_sum_squares();
   dp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
   if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
   return ss;
@@ -177,55 +201,69 @@ void ZeroStore::step(optim::AdamW& opt, float grad_scale) {
   // Stage 2: update this rank's pieces of the full weights, then all-gather every unit.
   Tensor packed = Tensor::empty({shard_}, DType::f32, pool_, MemCategory::workspace);
   float* w = wfull_.data<float>();
-  for (size_t u = 0; u < units_.size(); ++u)
+  for (size_t u = 0; u < space_.units.size(); ++u)
     std::memcpy(packed.data<float>() + packed_off_[u], w + pieces_[u].begin, size_t(piece_len(u)) * 4);
   opt.step_compact(packed.data<float>(), gshard_.data<float>(), grad_scale);
-  for (size_t u = 0; u < units_.size(); ++u) {
+  for (size_t u = 0; u < space_.units.size(); ++u) {
     Tensor buf = Tensor::empty({n_[u] * dp_.size()}, DType::f32, pool_, MemCategory::workspace);
     gather_unit(u, packed.data<float>(), buf.data<float>());
-    std::memcpy(w + units_[u].begin, buf.data<float>(),
-                size_t(units_[u].end - units_[u].begin) * 4);
+    std::memcpy(w + space_.units[u].begin, buf.data<float>(),
+                size_t(space_.units[u].end - space_.units[u].begin) * 4);
   }
-  if (bf_) convert_f32_to_bf16(w, wfull_lp_.data<bf16>(), size_t(layout_.total()));
+  if (bf_) convert_f32_to_bf16(w, wfull_lp_.data<bf16>(), size_t(space_.total));
 }
 
 void ZeroStore::init(uint64_t seed) {
   if (stage_ == 2) {
-    model::init_params(layout_, cfg_, wfull_.data<float>(), seed);
-    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(layout_.total()));
+    space_.init(wfull_.data<float>(), 0, space_.total, seed);
+    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(space_.total));
     return;
   }
-  for (size_t u = 0; u < units_.size(); ++u)
-    model::init_params_range(layout_, cfg_, wshard_.data<float>() + packed_off_[u],
-                             pieces_[u].begin, pieces_[u].end, seed);
+  for (size_t u = 0; u < space_.units.size(); ++u)
+    if (piece_len(u) > 0)
+      space_.init(wshard_.data<float>() + packed_off_[u], pieces_[u].begin, pieces_[u].end, seed);
 }
 
-void ZeroStore::load(const checkpoint::CheckpointReader& r) {
+void ZeroStore::import_full(const float* full) {
   if (stage_ == 2) {
-    r.load_weights(layout_, wfull_.data<float>());
-    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(layout_.total()));
+    std::memcpy(wfull_.data<float>(), full, size_t(space_.total) * 4);
+    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(space_.total));
+    return;
+  }
+  for (size_t u = 0; u < space_.units.size(); ++u)
+    std::memcpy(wshard_.data<float>() + packed_off_[u], full + pieces_[u].begin,
+                size_t(piece_len(u)) * 4);
+}
+
+void ZeroStore::load(const checkpoint::CheckpointReader& r, const model::ParamLayout& layout) {
+  LOOM_ASSERT(layout.total() == space_.total, "checkpoint layout has {} elements, the store {}",
+              layout.total(), space_.total);
+  if (stage_ == 2) {
+    r.load_weights(layout, wfull_.data<float>());
+    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(space_.total));
     return;
   }
   // Each rank reads only its pieces.
-  for (size_t u = 0; u < units_.size(); ++u)
+  for (size_t u = 0; u < space_.units.size(); ++u)
     if (piece_len(u) > 0)
-      r.load_weights_packed(layout_, wshard_.data<float>() + packed_off_[u], pieces_[u].begin,
+      r.load_weights_packed(layout, wshard_.data<float>() + packed_off_[u], pieces_[u].begin,
                             pieces_[u].end);
 }
 
 std::vector<float> ZeroStore::gather_packed(const float* packed) const {
-  std::vector<float> full(size_t(layout_.total()));
-  for (size_t u = 0; u < units_.size(); ++u) {
+  std::vector<float> full(size_t(space_.total));
+  for (size_t u = 0; u < space_.units.size(); ++u) {
     std::vector<float> buf(static_cast<size_t>(n_[u] * dp_.size()));
     gather_unit(u, packed, buf.data());
-    std::copy(buf.begin(), buf.begin() + (units_[u].end - units_[u].begin),
-              full.begin() + units_[u].begin);
+    std::copy(buf.begin(), buf.begin() + (space_.units[u].end - space_.units[u].begin),
+              full.begin() + space_.units[u].begin);
   }
   return full;
 }
 
 std::vector<float> ZeroStore::full_weights() const {
-  if (stage_ == 2) return std::vector<float>(wfull_.data<float>(), wfull_.data<float>() + layout_.total());
+  if (stage_ == 2)
+    return std::vector<float>(wfull_.data<float>(), wfull_.data<float>() + space_.total);
   return gather_packed(wshard_.data<float>());
 }
 

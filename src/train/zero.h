@@ -1,7 +1,8 @@
 // train/zero.h: ZeRO stages 2 and 3 over the data-parallel group, as a model::ParamStore.
 //
 // Glossary: P dp size, r this rank's dp index, unit u = [begin, end) of the flat buffer (the
-// embeddings, one block, the head; model/gpt.h), n_u = ceil(len_u / P), piece(u, r) = elements
+// whole model's: the embeddings, one block, the head (model/gpt.h); or one pipeline chunk's
+// (model/stage.h)), n_u = ceil(len_u / P), piece(u, r) = elements
 // [begin + r*n_u, begin + (r+1)*n_u) clipped to the unit. Each rank owns piece(u, r) of every
 // unit: its AdamW moments, its gradient accumulator and (stage 3) its master weights, packed in
 // unit order ("packed" buffers, shard_size() floats).
@@ -23,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -38,14 +40,26 @@ class CheckpointReader;
 
 namespace loom::train {
 
+// The flat parameter buffer a ZeroStore shards: its tensors and its units.
+struct ZeroSpace {
+  std::vector<model::ParamSpec> specs;  // ParamSpec::offset = position in this buffer
+  std::vector<bool> counted;            // per spec: counts in the gradient norm (a pipeline
+                                        // head's copy of the tied embedding does not)
+  std::vector<model::UnitRange> units;  // tile [0, total) in order
+  int64_t total = 0;
+  // Writes the initial values of elements [begin, end) of the buffer into dst.
+  std::function<void(float* dst, int64_t begin, int64_t end, uint64_t seed)> init;
+};
+// The whole model's buffer (this tp rank's layout), units as model::param_units.
+ZeroSpace model_zero_space(const model::ModelConfig& cfg, const model::ParamLayout& layout);
+
 class ZeroStore final : public model::ParamStore {
  public:
-  // `tp` (optional): the model is tensor parallel; the store then holds this tp rank's shards
-  // (ParamLayout with TpShard), sums the replicated tensors' gradients over tp before each
-  // unit's reduce-scatter, and counts them once (on tp rank 0) in the gradient norm.
-  ZeroStore(int stage, const model::ModelConfig& cfg, model::Precision precision,
-            MemoryPool& pool, const comm::ProcessGroup& dp,
-            const comm::ProcessGroup* tp = nullptr);
+  // `tp` (optional): the model is tensor parallel; the space then holds this tp rank's shards
+  // (ParamLayout with TpShard): the store sums the replicated tensors' gradients over tp before
+  // each unit's reduce-scatter, and counts them once (on tp rank 0) in the gradient norm.
+  ZeroStore(int stage, ZeroSpace space, model::Precision precision, MemoryPool& pool,
+            const comm::ProcessGroup& dp, const comm::ProcessGroup* tp = nullptr);
 
   // ParamStore
   const float* weights(int u) override;
@@ -55,19 +69,30 @@ class ZeroStore final : public model::ParamStore {
   void grads_done(int u) override;
 
   int stage() const { return stage_; }
-  const model::ParamLayout& layout() const { return layout_; }
+  const ZeroSpace& space() const { return space_; }
   // This rank's pieces, ascending (the optimizer's ranges), and their packed size.
   const std::vector<optim::Range>& pieces() const { return pieces_; }
   int64_t shard_size() const { return shard_; }
+  // Where unit u's piece starts in packed buffers.
+  int64_t packed_offset(int u) const { return packed_off_[size_t(u)]; }
 
   void init(uint64_t seed);
-  void load(const checkpoint::CheckpointReader& r);
+  // Weights from a checkpoint whose tensors `layout` describes (its flat buffer must be this
+  // space's); stage 3 reads only this rank's pieces.
+  void load(const checkpoint::CheckpointReader& r, const model::ParamLayout& layout);
+  // Weights from a full buffer of the space (stage 3 keeps its pieces).
+  void import_full(const float* full);
   // Step lifecycle: zero_grads() before the first micro-batch; finish_micro_batch() after each
-  // forward_backward (waits for its reduce-scatters and accumulates them); then
-  // grad_sum_squares() (collective) and step().
+  // forward_backward (waits for its reduce-scatters and accumulates them; a pipeline may call
+  // it once after all its micro-batches); then grad_sum_squares() (collective) and step().
   void zero_grads();
   void finish_micro_batch();
   double grad_sum_squares() const;
+  // This rank's part of it, without collectives: counted tensors of its pieces (replicated
+  // ones on tp rank 0 only). Summed over dp and tp it is the whole sum.
+  double local_grad_sum_squares() const;
+  // The packed gradient accumulator (shard_size()), e.g. to sum a tied tensor's pieces.
+  float* packed_grads() const { return gshard_.data<float>(); }
   void step(optim::AdamW& opt, float grad_scale);
   // The whole flat buffer (this tp rank's layout) from every dp rank's packed pieces
   // (collective over dp; everyone receives it).
@@ -93,12 +118,10 @@ class ZeroStore final : public model::ParamStore {
   void gather_unit(size_t u, const float* packed, float* out) const;
 
   int stage_;
-  model::ModelConfig cfg_;
-  model::ParamLayout layout_;
+  ZeroSpace space_;
   bool bf_;
   MemoryPool& pool_;
   comm::ProcessGroup dp_, tp_;
-  std::vector<model::UnitRange> units_;
   std::vector<int64_t> n_;          // per unit: piece stride n_u
   std::vector<optim::Range> pieces_;
   std::vector<int64_t> packed_off_;  // per unit: offset of its piece in packed buffers
