@@ -42,62 +42,66 @@ Tensor take(std::map<Key, Tensor>& m, Key k, const char* what) {
   return t;
 }
 
-}  // namespace
+// A chunk's tensors as specs of its own flat buffer (offset = local offset), which is what
+// optim::AdamW and ZeroStore walk.
+std::vector<model::ParamSpec> local_specs(const model::GptStage& stage) {
+  std::vector<model::ParamSpec> out;
+  for (const model::StageParam& p : stage.params()) {
+    out.push_back(p.global);
+    out.back().offset = p.local_offset;
+  }
+  return out;
+}
 
-// AdamW over one chunk's own flat buffer. optim::AdamW walks a model::ParamLayout, which can
-// only describe the whole model; this applies the same kernel with the same per-tensor decay
-// rule and learning-rate schedule to the chunk's tensors, so updates are bit-identical to the
-// serial optimizer's on the same gradients. ZeRO-1 (dp size D > 1): this dp rank keeps m and v
-// for, and updates, only its equal share [lo, hi) of the chunk's flat buffer; the shares are
-// then broadcast over dp.
-struct PipelineExecutor::ChunkOptimizer {
-  ChunkOptimizer(const model::GptStage& stage, const optim::AdamWConfig& cfg, MemoryPool& pool,
-                 int dp_rank, int dp_size)
-      : stage(stage), cfg(cfg) {
-    const int64_t n = stage.total(), share = (n + dp_size - 1) / dp_size;
-    lo = std::min(n, share * dp_rank);
-    hi = std::min(n, lo + share);
-    m = Tensor::zeros({hi - lo}, DType::f32, pool, MemCategory::optimizer);
-    v = Tensor::zeros({hi - lo}, DType::f32, pool, MemCategory::optimizer);
-  }
-  // f(local offset, count, offset into m/v, param) for each tensor's part inside [lo, hi).
-  template <class F>
-  void for_each_owned(F&& f) const {
+// f(local offset, count, packed offset, param) for each tensor's part inside the optimizer's
+// ranges of a chunk's buffer (m and v hold those ranges packed).
+template <class F>
+void for_each_owned(const model::GptStage& stage, const std::vector<optim::Range>& ranges, F&& f) {
+  int64_t packed = 0;
+  for (const optim::Range& r : ranges) {
     for (const model::StageParam& p : stage.params()) {
-      const int64_t b = std::max(lo, p.local_offset), e = std::min(hi, p.local_offset + p.global.numel);
-      if (b < e) f(b, e - b, b - lo, p);
+      const int64_t b = std::max(r.begin, p.local_offset);
+      const int64_t e = std::min(r.end, p.local_offset + p.global.numel);
+      if (b < e) f(b, e - b, packed + (b - r.begin), p);
     }
+    packed += r.end - r.begin;
   }
-  void step(int64_t step_index, float grad_scale) {
-    const float lr = optim::lr_at(cfg, step_index);
-    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
-      kernels::adamw_step(stage.weights() + o, stage.grads() + o, m.data<float>() + mo,
-                          v.data<float>() + mo, len, lr, cfg.beta1, cfg.beta2, cfg.eps,
-                          p.global.weight_decay ? cfg.weight_decay : 0.f, step_index, grad_scale);
-    });
+}
+
+// A ParamStore that is never called: a GptStage built on it describes a chunk's geometry
+// (tensors, units, init_range) without allocating parameters.
+struct GeometryOnly final : model::ParamStore {
+  const float* weights(int) override { return fail<const float*>(); }
+  const bf16* weights_lp(int) override { return fail<const bf16*>(); }
+  void release(int) override { fail<int>(); }
+  float* grads(int) override { return fail<float*>(); }
+  void grads_done(int) override { fail<int>(); }
+  template <class R>
+  static R fail() {
+    LOOM_ASSERT(false, "a geometry-only pipeline stage was asked for parameters");
+    return R{};
   }
-  // m and v to / from full global-layout buffers (by each tensor's global offset); only this
-  // rank's share is written on export (zeros elsewhere stay for a sum over dp).
-  void export_state(float* global_m, float* global_v) const {
-    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
-      if (p.tied_copy) return;
-      const int64_t g = p.global.offset + (o - p.local_offset);
-      std::memcpy(global_m + g, m.data<float>() + mo, size_t(len) * sizeof(float));
-      std::memcpy(global_v + g, v.data<float>() + mo, size_t(len) * sizeof(float));
-    });
-  }
-  void import_state(const float* global_m, const float* global_v) {
-    for_each_owned([&](int64_t o, int64_t len, int64_t mo, const model::StageParam& p) {
-      const int64_t g = p.global.offset + (o - p.local_offset);
-      std::memcpy(m.data<float>() + mo, global_m + g, size_t(len) * sizeof(float));
-      std::memcpy(v.data<float>() + mo, global_v + g, size_t(len) * sizeof(float));
-    });
-  }
-  const model::GptStage& stage;
-  optim::AdamWConfig cfg;
-  int64_t lo = 0, hi = 0;  // this dp rank's share of the chunk's flat buffer
-  Tensor m, v;             // (hi - lo)
 };
+
+// The ZeroStore space of a chunk: its buffer's tensors (the head's tied copy not counted in
+// norms) and units, initialised as GptStage::init_weights would.
+ZeroSpace chunk_zero_space(const model::ModelConfig& cfg, const model::StageSpan& span,
+                           MemoryPool& pool, model::Precision precision,
+                           const comm::ProcessGroup* tp) {
+  static GeometryOnly no_store;
+  auto geometry = std::make_shared<const model::GptStage>(cfg, span, pool, precision, tp, &no_store);
+  ZeroSpace z;
+  z.specs = local_specs(*geometry);
+  for (const model::StageParam& p : geometry->params()) z.counted.push_back(!p.tied_copy);
+  z.units = geometry->units();
+  z.total = geometry->total();
+  z.init = [geometry](float* dst, int64_t b, int64_t e, uint64_t seed) {
+    geometry->init_range(dst, b, e, seed);
+  };
+  return z;
+}
+
+}  // namespace
 
 PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
                                    const comm::ProcessGroup& pp, MemoryPool& pool,
@@ -115,14 +119,33 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
              "use at most {} micro-batches",
              pc.micro_batches, n_virtual, kMaxTag, (kMaxTag + 1) / (2 * n_virtual));
   std::vector<model::StageSpan> spans = model::split_stages(cfg, n_virtual, pc.stage_layers);
+  LOOM_CHECK(pc.zero >= 0 && pc.zero <= 3, "ZeRO stage {} does not exist; use 0, 1, 2 or 3",
+             pc.zero);
+  const comm::ProcessGroup* tpp = tp_.valid() ? &tp_ : nullptr;
   for (int c = 0; c < pc.virtual_stages; ++c) {
-    chunks_.push_back(
-        std::make_unique<model::GptStage>(cfg, spans[size_t(c * n_pp + rank)], pool, pc.precision,
-                                          tp_.valid() ? &tp_ : nullptr));
+    const model::StageSpan& span = spans[size_t(c * n_pp + rank)];
+    if (pc.zero >= 2 && dp_.valid()) {
+      // ZeRO-2/3: the chunk's parameters live in a ZeroStore over its own units.
+      stores_.push_back(std::make_unique<ZeroStore>(
+          pc.zero, chunk_zero_space(cfg, span, pool, pc.precision, tpp), pc.precision, pool, dp_,
+          tpp));
+      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, pc.precision, tpp,
+                                                          stores_.back().get()));
+      optimizers_.push_back(std::make_unique<optim::AdamW>(
+          local_specs(*chunks_.back()), chunks_.back()->total(), pc.optim, pool,
+          stores_.back()->pieces()));
+    } else {
+      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, pc.precision, tpp));
+      // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
+      // chunk's buffer; the shares are broadcast after the step.
+      const bool zero1 = pc.zero >= 1 && dp_.valid();
+      const int64_t n = chunks_.back()->total(), D = zero1 ? dp_.size() : 1;
+      const int64_t share = (n + D - 1) / D, lo = std::min(n, share * (zero1 ? dp_.rank() : 0));
+      optimizers_.push_back(std::make_unique<optim::AdamW>(
+          local_specs(*chunks_.back()), n, pc.optim, pool,
+          std::vector<optim::Range>{{lo, std::min(n, lo + share)}}));
+    }
     chunks_.back()->set_recompute(pc.recompute);
-    const bool zero1 = pc.zero >= 1 && dp_.valid();
-    optimizers_.push_back(std::make_unique<ChunkOptimizer>(
-        *chunks_.back(), pc.optim, pool, zero1 ? dp_.rank() : 0, zero1 ? dp_.size() : 1));
   }
   // Megatron's embedding group: the first and last pp ranks both hold embed.token.weight.
   if (n_pp > 1) embedding_ = pp.split({{0, n_pp - 1}}, "pp_embedding");
@@ -131,25 +154,63 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
 PipelineExecutor::~PipelineExecutor() = default;
 
 void PipelineExecutor::init_weights(uint64_t seed) {
+  if (!stores_.empty()) {
+    for (auto& z : stores_) z->init(seed);
+    return;
+  }
   for (auto& c : chunks_) c->init_weights(seed);
 }
 
 void PipelineExecutor::export_weights(float* global_weights, bool include_tied_copy) const {
-  for (auto& c : chunks_) c->export_weights(global_weights, include_tied_copy);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    if (stores_.empty()) {
+      chunks_[i]->export_weights(global_weights, include_tied_copy);
+      continue;
+    }
+    std::vector<float> local = stores_[i]->full_weights();  // collective over dp
+    chunks_[i]->to_global(local.data(), global_weights, include_tied_copy);
+  }
 }
 
 void PipelineExecutor::import_weights(const float* global_weights) {
-  for (auto& c : chunks_) c->import_weights(global_weights);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    if (stores_.empty()) {
+      chunks_[i]->import_weights(global_weights);
+      continue;
+    }
+    std::vector<float> local(static_cast<size_t>(chunks_[i]->total()));
+    chunks_[i]->to_local(global_weights, local.data());
+    stores_[i]->import_full(local.data());
+  }
 }
 
 void PipelineExecutor::export_optimizer(float* global_m, float* global_v) const {
-  for (auto& o : optimizers_) o->export_state(global_m, global_v);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const optim::AdamW& o = *optimizers_[i];
+    for_each_owned(*chunks_[i], o.ranges(),
+                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam& p) {
+                     if (p.tied_copy) return;
+                     const int64_t g = p.global.offset + (lo - p.local_offset);
+                     std::memcpy(global_m + g, o.m() + packed, size_t(len) * sizeof(float));
+                     std::memcpy(global_v + g, o.v() + packed, size_t(len) * sizeof(float));
+                   });
+  }
 }
 
 void PipelineExecutor::import_optimizer(const float* global_m, const float* global_v,
                                         int64_t step) {
   LOOM_CHECK(step >= 0, "optimizer step count {} must be >= 0", step);
-  for (auto& o : optimizers_) o->import_state(global_m, global_v);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    optim::AdamW& o = *optimizers_[i];
+    // The head's tied copy takes the embedding's entries (same global offsets).
+    for_each_owned(*chunks_[i], o.ranges(),
+                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam& p) {
+                     const int64_t g = p.global.offset + (lo - p.local_offset);
+                     std::memcpy(o.m() + packed, global_m + g, size_t(len) * sizeof(float));
+                     std::memcpy(o.v() + packed, global_v + g, size_t(len) * sizeof(float));
+                   });
+    o.set_step_count(step);
+  }
   step_ = step;
 }
 
@@ -182,6 +243,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     }
 
   for (auto& c : chunks_) c->zero_grads();
+  for (auto& z : stores_) z->zero_grads();
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
   // Before each compute action: its inputs must have arrived (the schedule's contract), and
@@ -264,64 +326,84 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     LOOM_ASSERT(c->in_flight() == 0, "{} chunk left {} micro-batches without backward",
                 pp_.prefix(), c->in_flight());
 
-  // Data parallel: every chunk's gradient summed over dp.
-  if (dp_.valid()) {
-    std::vector<comm::Work> reduces;
-    for (auto& c : chunks_)
-      reduces.push_back(dp_.all_reduce(comm::BufferRef(c->grads(), c->total(), DType::f32)));
-    for (auto& w : reduces) w.wait();
-  }
-
-  // Tied embedding: sum the embedding's and the head's gradient contributions.
   const int64_t VC = chunks_[0]->global_layout().specs()[0].numel;  // (V/tp) x C
-  if (embedding_.valid()) {
-    for (auto& c : chunks_)
-      if (c->span().has_embedding || c->span().has_head)
-        embedding_.all_reduce(comm::BufferRef(c->grads() + c->token_embedding(), VC, DType::f32))
-            .wait();
-  }
-
-  // Tensor parallel: replicated tensors' partial gradients (from each rank's rows) summed.
-  if (tp_.valid()) {
-    for (auto& c : chunks_) {
-      int64_t n = 0;
-      for (const model::StageParam& p : c->params())
-        if (p.global.replicated()) n += p.global.numel;
-      if (n == 0) continue;
-      std::vector<float> buf(static_cast<size_t>(n));
-      float* q = buf.data();
-      for (const model::StageParam& p : c->params())
-        if (p.global.replicated())
-          q = std::copy(c->grads() + p.local_offset, c->grads() + p.local_offset + p.global.numel, q);
-      tp_.all_reduce(comm::BufferRef(buf.data(), n, DType::f32)).wait();
-      q = buf.data();
-      for (const model::StageParam& p : c->params())
-        if (p.global.replicated()) {
-          std::copy(q, q + p.global.numel, c->grads() + p.local_offset);
-          q += p.global.numel;
-        }
-    }
-  }
-
-  // Global grad norm: this rank's squares in chunk order (the head's tied copy, which is the
-  // first VC elements of its buffer, skipped), then summed over pp (and tp: replicated tensors
-  // counted on tp rank 0 only).
   double squares = 0;
-  for (auto& c : chunks_) {
+  if (!stores_.empty()) {
+    // ZeRO-2/3: every unit's gradient was reduce-scattered over dp during the backward (tp's
+    // replicated tensors summed first); collect the last ones.
+    for (auto& z : stores_) z->finish_micro_batch();
+    // Tied embedding: the embedding's and the head's copies have identical units, so their
+    // pieces match element for element: sum them.
+    if (embedding_.valid())
+      for (size_t i = 0; i < chunks_.size(); ++i) {
+        const int u = chunks_[i]->token_unit();
+        if (u < 0) continue;
+        const optim::Range& piece = stores_[i]->pieces()[size_t(u)];
+        embedding_
+            .all_reduce(comm::BufferRef(stores_[i]->packed_grads() + stores_[i]->packed_offset(u),
+                                        piece.end - piece.begin, DType::f32))
+            .wait();
+      }
+    for (auto& z : stores_) squares += z->local_grad_sum_squares();
+    dp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
+  } else {
+    // Data parallel: every chunk's gradient summed over dp.
+    if (dp_.valid()) {
+      std::vector<comm::Work> reduces;
+      for (auto& c : chunks_)
+        reduces.push_back(dp_.all_reduce(comm::BufferRef(c->grads(), c->total(), DType::f32)));
+      for (auto& w : reduces) w.wait();
+    }
+
+    // Tied embedding: sum the embedding's and the head's gradient contributions.
+    if (embedding_.valid()) {
+      for (auto& c : chunks_)
+        if (c->span().has_embedding || c->span().has_head)
+          embedding_.all_reduce(comm::BufferRef(c->grads() + c->token_embedding(), VC, DType::f32))
+              .wait();
+    }
+
+    // Tensor parallel: replicated tensors' partial gradients (from each rank's rows) summed.
     if (tp_.valid()) {
-      for (const model::StageParam& p : c->params())
-        if (!p.tied_copy && (!p.global.replicated() || tp_.rank() == 0))
-          squares += kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
-      continue;
+      for (auto& c : chunks_) {
+        int64_t n = 0;
+        for (const model::StageParam& p : c->params())
+          if (p.global.replicated()) n += p.global.numel;
+        if (n == 0) continue;
+        std::vector<float> buf(static_cast<size_t>(n));
+        float* q = buf.data();
+        for (const model::StageParam& p : c->params())
+          if (p.global.replicated())
+            q = std::copy(c->grads() + p.local_offset, c->grads() + p.local_offset + p.global.numel, q);
+        tp_.all_reduce(comm::BufferRef(buf.data(), n, DType::f32)).wait();
+        q = buf.data();
+        for (const model::StageParam& p : c->params())
+          if (p.global.replicated()) {
+            std::copy(q, q + p.global.numel, c->grads() + p.local_offset);
+            q += p.global.numel;
+          }
+      }
     }
-    int64_t skip = 0;
-    if (c->span().has_head && !c->span().has_embedding) {
-      LOOM_ASSERT(c->token_embedding() == 0, "tied copy expected at offset 0, got {}",
-                  c->token_embedding());
-      skip = VC;
+
+    // This rank's squares in chunk order (the head's tied copy, which is the first VC elements
+    // of its buffer, skipped; under tp replicated tensors counted on tp rank 0 only).
+    for (auto& c : chunks_) {
+      if (tp_.valid()) {
+        for (const model::StageParam& p : c->params())
+          if (!p.tied_copy && (!p.global.replicated() || tp_.rank() == 0))
+            squares += kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
+        continue;
+      }
+      int64_t skip = 0;
+      if (c->span().has_head && !c->span().has_embedding) {
+        LOOM_ASSERT(c->token_embedding() == 0, "tied copy expected at offset 0, got {}",
+                    c->token_embedding());
+        skip = VC;
+      }
+      squares += kernels::sum_squares(c->grads() + skip, c->total() - skip);
     }
-    squares += kernels::sum_squares(c->grads() + skip, c->total() - skip);
   }
+  // Global grad norm: summed over pp (and tp; and dp above under ZeRO-2/3).
   pp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   const double norm = std::sqrt(squares);
@@ -331,7 +413,13 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   PipelineStepStats s;
   s.lr = optim::lr_at(pc_.optim, step_);
   for (size_t i = 0; i < chunks_.size(); ++i) {
-    optimizers_[i]->step(step_, factor);
+    LOOM_ASSERT(optimizers_[i]->step_count() + 1 == step_, "chunk optimizer at step {}, executor {}",
+                optimizers_[i]->step_count(), step_ - 1);
+    if (!stores_.empty()) {
+      stores_[i]->step(*optimizers_[i], factor);  // updates pieces (stage 2: re-gathers units)
+      continue;
+    }
+    optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
     if (pc_.zero >= 1 && dp_.valid()) {
       // ZeRO-1: every dp rank's updated share to the others.
       const int64_t n = chunks_[i]->total(), share = (n + dp_.size() - 1) / dp_.size();

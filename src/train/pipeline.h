@@ -23,10 +23,13 @@
 //   between consecutive virtual stages moves 2 * M * N * C * 4 bytes (counted as `send` on the
 //   pp group's counters by the sender).
 // - Data parallel (dp group of size D): gradient scale 1/(B*T*M*D); each chunk's gradient is
-//   all-reduced over dp (non-blocking, all chunks at once) after the pipeline drains, and the
-//   loss is summed over dp.
+//   all-reduced over dp (non-blocking, all chunks at once) after the pipeline drains (ZeRO-2/3:
+//   reduce-scattered unit by unit during the backward instead), and the loss is summed over dp.
+//   Every dp replica runs the same schedule, so the dp collectives of a chunk are issued in
+//   the same order on every member.
 // - Numerics: gradient scale 1/(B*T*M) as train/trainer.cpp; the tied embedding's gradient is
-//   all-reduced (sum) between its two holders before the norm; the global grad norm sums each
+//   all-reduced (sum) between its two holders before the norm (ZeRO-2/3: the two holders'
+//   pieces of their identical token-embedding units); the global grad norm sums each
 //   rank's squares (the tied embedding counted once) with an f64 all-reduce over pp. The result
 //   equals the serial Gpt + AdamW step up to summation order; two runs of one layout are
 //   bit-identical.
@@ -46,6 +49,7 @@
 #include "model/stage.h"
 #include "optim/optimizer.h"
 #include "parallel/schedule.h"
+#include "train/zero.h"
 
 namespace loom::train {
 
@@ -57,8 +61,11 @@ struct PipelineConfig {
   model::Precision precision = model::Precision::f32;
   model::Recompute recompute = model::Recompute::none;
   optim::AdamWConfig optim;
-  // ZeRO stage over the dp group: 0, or 1 (each dp rank keeps the AdamW state of, and updates,
-  // an equal share of every chunk, then the shares are broadcast). 2/3 are not available here.
+  // ZeRO stage over the dp group: 0; 1 (each dp rank keeps the AdamW state of, and updates,
+  // an equal share of every chunk, then the shares are broadcast); 2 and 3 (each chunk's
+  // parameters live in a train::ZeroStore over the chunk's units: gradients reduce-scattered
+  // per unit and micro-batch during the backward, stage 3 also gathering each unit's weights
+  // just in time for every forward and backward; see train/zero.h).
   int zero = 0;
 };
 
@@ -109,14 +116,14 @@ class PipelineExecutor {
   void import_optimizer(const float* global_m, const float* global_v, int64_t step);
 
  private:
-  struct ChunkOptimizer;
   model::ModelConfig cfg_;
   PipelineConfig pc_;
   comm::ProcessGroup pp_, embedding_, dp_, tp_;
   MemoryPool& pool_;
   parallel::PipelineSchedule schedule_;
+  std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty
   std::vector<std::unique_ptr<model::GptStage>> chunks_;
-  std::vector<std::unique_ptr<ChunkOptimizer>> optimizers_;
+  std::vector<std::unique_ptr<optim::AdamW>> optimizers_;  // one per chunk, over its buffer
   int64_t step_ = 0;
 };
 

@@ -119,8 +119,8 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
       gather_full(groups.dp, m.data(), n);
       gather_full(groups.dp, v.data(), n);
     }
+    exec.export_weights(w.data());  // collective over dp under ZeRO-3 (weights are gathered)
     if (dp_rank == 0) {
-      exec.export_weights(w.data());
       if (cfg.zero == 0 || n_dp == 1) exec.export_optimizer(m.data(), v.data());
       gather_full(groups.pp, w.data(), n);
       gather_full(groups.pp, m.data(), n);

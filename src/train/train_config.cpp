@@ -259,9 +259,6 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
       }
     }
   }
-  LOOM_CHECK(c.pp == 1 || c.zero <= 1,
-             "{}: parallel.zero = {} with parallel.pp = {} is not available yet; use zero 0 or 1 "
-             "with pipeline parallelism", path, c.zero, c.pp);
   get_str("log", "dir", c.log_dir);
   get_int("log", "every", c.log_every, 1);
   return c;

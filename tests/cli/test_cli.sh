@@ -128,8 +128,8 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run4" --set data.source='"shards"' \
   --set data.path="\"$WORK/empty\""
 
-# Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 (ZeRO-3)
-# and dp=2 with ZeRO-3 against the serial run with the
+# Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 (ZeRO-3),
+# dp=2 with ZeRO-3, and dp2 x pp2 with ZeRO-3 (GPipe) against the serial run with the
 # same global batch; then the pp checkpoint resumes on one rank. (Parallel equals serial up to
 # summation order: 1e-5 relative, as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
@@ -147,7 +147,9 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 \
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
-for layout in dp tp pp dppp dptp zero3; do
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dpppz3" --dp 2 --pp 2 --zero 3 \
+  --schedule gpipe --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+for layout in dp tp pp dppp dptp zero3 dpppz3; do
   /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_$layout/metrics.jsonl" <<'PY' \
     && pass "mpirun loom train ($layout) equals serial" || fail "$layout differs from serial"
 import json, sys
@@ -196,6 +198,19 @@ assert sorted(b) == [3, 4] and sorted(a) == [1, 2, 3, 4], (a, b)
 assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in (3, 4)), (a, b)
 PY
 done
+# dp2 x pp2 ZeRO-3: 2 steps, save, resume at the same layout for steps 3-4: the serial losses.
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 2 --out "$WORK/l_z3a" --dp 2 --pp 2 --zero 3 \
+  --schedule gpipe --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_z3b" --resume "$WORK/l_z3a/ckpt" --dp 2 \
+  --pp 2 --zero 3 --schedule 1f1b --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+/usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_z3b/metrics.jsonl" <<'PY' \
+  && pass "dp x pp ZeRO-3 checkpoint resumes with the serial losses" || fail "dp x pp ZeRO-3 resume differs"
+import json, sys
+a = {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(sys.argv[1])}
+b = {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(sys.argv[2])}
+assert sorted(b) == [3, 4], (a, b)
+assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in (3, 4)), (a, b)
+PY
 "$LOOM" train "${common[@]}" --out "$WORK/l_resume3" --steps 5 --resume "$WORK/l_dptp/ckpt" --set train.batch=4 \
   --set train.micro_batches=2 >"$WORK/l_resume3.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume3.json" \
   && pass "dp x tp ZeRO-3 checkpoint resumes on one rank" || fail "dp x tp ZeRO-3 resume: $(tail -2 "$WORK/l_resume3.json")"
