@@ -322,19 +322,28 @@ LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int
 
 void Gpt::reduce_replicated_grads() {
   if (!tp_) return;
-  LOOM_CHECK(!store_, "tensor parallelism with a ParamStore (ZeRO-2/3) is not available yet");
+  LOOM_CHECK(!store_, "reduce_replicated_grads: with a ParamStore the store sums them per unit");
+  sum_replicated_grads(layout_.specs(), grads(), 0, layout_.total(), *tp_);
+}
+
+void sum_replicated_grads(const std::vector<ParamSpec>& specs, float* grads, int64_t begin,
+                          int64_t end, const comm::ProcessGroup& tp) {
+  auto inside = [&](const ParamSpec& s) {
+    return s.replicated() && s.offset >= begin && s.offset + s.numel <= end;
+  };
   int64_t n = 0;
-  for (const ParamSpec& s : layout_.specs())
-    if (s.replicated()) n += s.numel;
-  Tensor buf = Tensor::empty({n}, DType::f32, pool_, MemCategory::comm);
-  float* p = buf.data<float>();
-  for (const ParamSpec& s : layout_.specs())
-    if (s.replicated()) p = std::copy(grads() + s.offset, grads() + s.offset + s.numel, p);
-  tp_->all_reduce(comm::BufferRef(buf)).wait();
-  p = buf.data<float>();
-  for (const ParamSpec& s : layout_.specs())
-    if (s.replicated()) {
-      std::copy(p, p + s.numel, grads() + s.offset);
+  for (const ParamSpec& s : specs)
+    if (inside(s)) n += s.numel;
+  if (n == 0) return;
+  std::vector<float> buf(static_cast<size_t>(n));
+  float* p = buf.data();
+  for (const ParamSpec& s : specs)
+    if (inside(s)) p = std::copy_n(grads + (s.offset - begin), s.numel, p);
+  tp.all_reduce(comm::BufferRef(buf.data(), n, DType::f32)).wait();
+  p = buf.data();
+  for (const ParamSpec& s : specs)
+    if (inside(s)) {
+      std::copy_n(p, s.numel, grads + (s.offset - begin));
       p += s.numel;
     }
 }

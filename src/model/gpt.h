@@ -190,4 +190,11 @@ class Gpt {
 std::vector<float> gather_tp_buffer(const ModelConfig& cfg, const ParamLayout& mine,
                                     const float* local, const comm::ProcessGroup& tp);
 
+// tp: replicated tensors (norms, position tables, out/down biases) get partial gradients from
+// each rank's rows. Sums, over tp, those among `specs` (offsets into a flat buffer) that lie in
+// [begin, end) of that buffer, whose element `begin` is at grads[0]: one all-reduce of their
+// packed values. Collective over tp (every member passes the same specs and range).
+void sum_replicated_grads(const std::vector<ParamSpec>& specs, float* grads, int64_t begin,
+                          int64_t end, const comm::ProcessGroup& tp);
+
 }  // namespace loom::model

@@ -364,26 +364,9 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     }
 
     // Tensor parallel: replicated tensors' partial gradients (from each rank's rows) summed.
-    if (tp_.valid()) {
-      for (auto& c : chunks_) {
-        int64_t n = 0;
-        for (const model::StageParam& p : c->params())
-          if (p.global.replicated()) n += p.global.numel;
-        if (n == 0) continue;
-        std::vector<float> buf(static_cast<size_t>(n));
-        float* q = buf.data();
-        for (const model::StageParam& p : c->params())
-          if (p.global.replicated())
-            q = std::copy(c->grads() + p.local_offset, c->grads() + p.local_offset + p.global.numel, q);
-        tp_.all_reduce(comm::BufferRef(buf.data(), n, DType::f32)).wait();
-        q = buf.data();
-        for (const model::StageParam& p : c->params())
-          if (p.global.replicated()) {
-            std::copy(q, q + p.global.numel, c->grads() + p.local_offset);
-            q += p.global.numel;
-          }
-      }
-    }
+    if (tp_.valid())
+      for (auto& c : chunks_)
+        model::sum_replicated_grads(local_specs(*c), c->grads(), 0, c->total(), tp_);
 
     // This rank's squares in chunk order (the head's tied copy, which is the first VC elements
     // of its buffer, skipped; under tp replicated tensors counted on tp rank 0 only).

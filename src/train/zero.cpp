@@ -112,23 +112,10 @@ void ZeroStore::grads_done(int u) {
   Live& l = live_[size_t(u)];
   LOOM_ASSERT(l.g.defined(), "grads_done({}) without grads({})", u, u);
   if (tp_.valid()) {
-    // Replicated tensors (norms, position tables, out/down biases) got partial gradients from
-    // this rank's rows: sum them over tp before the dp reduction.
+    // Replicated tensors got partial gradients from this rank's rows: sum them over tp before
+    // the dp reduction.
     const auto& unit = space_.units[size_t(u)];
-    std::vector<float> buf;
-    for (const auto& s : space_.specs)
-      if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end)
-        buf.insert(buf.end(), l.g.data<float>() + (s.offset - unit.begin),
-                   l.g.data<float>() + (s.offset - unit.begin) + s.numel);
-    if (!buf.empty()) {
-      tp_.all_reduce(comm::BufferRef(buf.data(), int64_t(buf.size()), DType::f32)).wait();
-      const float* q = buf.data();
-      for (const auto& s : space_.specs)
-        if (s.replicated() && s.offset >= unit.begin && s.offset < unit.end) {
-          std::copy(q, q + s.numel, l.g.data<float>() + (s.offset - unit.begin));
-          q += s.numel;
-        }
-    }
+    model::sum_replicated_grads(space_.specs, l.g.data<float>(), unit.begin, unit.end, tp_);
   }
   Tensor out = Tensor::empty({n_[size_t(u)]}, DType::f32, pool_, MemCategory::grads);
   // The Work keeps the unit buffer alive until the reduce-scatter completes.
