@@ -170,8 +170,11 @@ void GptStage::unit_release(int u) {
 float* GptStage::unit_g(int u) {
   return store_ ? store_->grads(u) : grads() + units_[size_t(u)].begin;
 }
-void GptStage::unit_grads_done(int u) {
-  if (store_) store_->grads_done(u);
+void GptStage::unit_grads_done(int u, bool final) {
+  if (store_)
+    store_->grads_done(u);  // a store reduces each contribution's buffer on its own
+  else if (grad_ready_ && final)
+    grad_ready_(units_[size_t(u)].begin, units_[size_t(u)].end);
 }
 // Braced initialisation evaluates in order: weights(u) before weights_lp(u), as a store needs.
 BlockCtx GptStage::ctx(int u, bool with_grads, int64_t B, int64_t T) {
@@ -349,7 +352,8 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
   HeadWeights hw{&global_.specs()[0], wte, wte_l, unit_g(u_tok_), nullptr};
   *loss = tied_head_loss(pc, hw, out, targets, grad_scale, &st->dhead);
   unit_release(u_tok_);
-  unit_grads_done(u_tok_);  // the head's contribution (see stage.h: Units)
+  // The head's contribution (see stage.h: Units); final unless this stage's embedding adds more.
+  unit_grads_done(u_tok_, /*final=*/!span_.has_embedding);
   stash_[mb] = std::move(st);
   return Tensor();
 }

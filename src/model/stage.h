@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -121,6 +122,11 @@ class GptStage {
   void init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const;
   void sync_low_precision_weights();
   void set_recompute(Recompute mode) { recompute_ = mode; }
+  // Without a store: called with [begin, end) of this stage's buffer each time a unit's gradient
+  // got its last contribution of the running forward (the head's tied copy) or backward, so a
+  // caller can start reducing it (null: none). Ranges of one micro-batch tile the buffer.
+  using GradReadyHook = std::function<void(int64_t begin, int64_t end)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
 
   // Forward of micro-batch `mb`. inputs (B,T) int32 are read on the embedding stage (and kept
   // for its backward); otherwise `x` (N,C) is the previous stage's output. On the head stage
@@ -146,7 +152,8 @@ class GptStage {
   const bf16* unit_wl(int u);
   void unit_release(int u);
   float* unit_g(int u);
-  void unit_grads_done(int u);
+  // A contribution to unit u's gradient is complete; `final`: the micro-batch adds no more.
+  void unit_grads_done(int u, bool final = true);
   BlockCtx ctx(int u, bool with_grads, int64_t B, int64_t T);
   BlockCtx plain_ctx(int64_t B, int64_t T) const;  // no weights: tp, pool and sizes only
 
@@ -171,6 +178,7 @@ class GptStage {
   int u_tok_ = -1, u_pos_ = -1, u_block0_ = 0, u_head_ = -1;
   Tensor weights_, grads_, weights_lp_;
   std::map<int, std::unique_ptr<MicroStash>> stash_;
+  GradReadyHook grad_ready_;
 };
 
 }  // namespace loom::model

@@ -5,6 +5,7 @@
 #include "train/pipeline.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -147,6 +148,8 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
     }
     chunks_.back()->set_recompute(pc.recompute);
   }
+  buckets_.resize(chunks_.size());
+  LOOM_CHECK(pc.bucket_mb > 0, "bucket_mb = {} must be positive", pc.bucket_mb);
   // Megatron's embedding group: the first and last pp ranks both hold embed.token.weight.
   if (n_pp > 1) embedding_ = pp.split({{0, n_pp - 1}}, "pp_embedding");
 }
@@ -214,6 +217,30 @@ void PipelineExecutor::import_optimizer(const float* global_m, const float* glob
   step_ = step;
 }
 
+void PipelineExecutor::flush_bucket(int c) {
+  Bucket& b = buckets_[size_t(c)];
+  if (b.lo < 0) return;
+  reductions_.push_back(dp_.all_reduce(
+      comm::BufferRef(chunks_[size_t(c)]->grads() + b.lo, b.hi - b.lo, DType::f32)));
+  b = Bucket{};
+}
+
+void PipelineExecutor::grad_ready(int c, int64_t begin, int64_t end) {
+  Bucket& b = buckets_[size_t(c)];
+  if (b.lo >= 0 && end != b.lo && begin != b.hi) flush_bucket(c);  // not adjacent
+  if (b.lo < 0) {
+    b.lo = begin;
+    b.hi = end;
+  } else {
+    b.lo = std::min(b.lo, begin);
+    b.hi = std::max(b.hi, end);
+  }
+  const int64_t bucket_elems = std::max<int64_t>(1, int64_t(pc_.bucket_mb * (1 << 20) / 4));
+  if (b.hi - b.lo >= bucket_elems) flush_bucket(c);
+  // MPI progresses only inside MPI calls: poke the reductions in flight between layers.
+  for (auto& w : reductions_) w.test();
+}
+
 PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   const int n_pp = pp_.size(), rank = pp_.rank(), VS = pc_.virtual_stages;
   const int M = pc_.micro_batches, n_virtual = n_pp * VS;
@@ -256,6 +283,14 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   };
   double loss_sum = 0;
   int64_t count = 0;
+  // dp (ZeRO 0/1): a chunk's gradients are final during its last micro-batch (every schedule
+  // runs a chunk's micro-batches in order): reduce them in buckets as they become ready.
+  const bool overlap = dp_.valid() && stores_.empty();
+  auto arm_hook = [&](model::GptStage& st, int c, int mb) {
+    if (overlap && mb == M - 1)
+      st.set_grad_ready_hook([this, c](int64_t b, int64_t e) { grad_ready(c, b, e); });
+  };
+  double dp_wait_s = 0;
 
   for (const Action& a : schedule_.stages[size_t(rank)]) {
     const int mb = a.micro_batch, c = a.chunk;
@@ -283,10 +318,12 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
       }
       case ActionKind::forward: {
         wait_recvs();
+        arm_hook(stage, c, mb);
         Tensor x = g > 0 ? take(act_in, key, "input activation") : Tensor();
         model::LossSum l;
         Tensor y = stage.forward(mb, inputs[size_t(mb)].data(), targets[size_t(mb)].data(), x, B, T,
                                  grad_scale, &l);
+        stage.set_grad_ready_hook(nullptr);
         if (g + 1 < n_virtual) {
           act_out[key] = y;
         } else {
@@ -299,8 +336,10 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
       }
       case ActionKind::backward: {
         wait_recvs();
+        arm_hook(stage, c, mb);
         Tensor dy = g + 1 < n_virtual ? take(grad_in, key, "output gradient") : Tensor();
         Tensor dx = stage.backward(mb, dy);
+        stage.set_grad_ready_hook(nullptr);
         if (g > 0) grad_out[key] = dx;
         break;
       }
@@ -347,13 +386,15 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     for (auto& z : stores_) squares += z->local_grad_sum_squares();
     dp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   } else {
-    // Data parallel: every chunk's gradient summed over dp.
+    // Data parallel: every chunk's gradient summed over dp; most buckets started during the
+    // last micro-batch, the rest start now.
+    const auto t_wait = std::chrono::steady_clock::now();
     if (dp_.valid()) {
-      std::vector<comm::Work> reduces;
-      for (auto& c : chunks_)
-        reduces.push_back(dp_.all_reduce(comm::BufferRef(c->grads(), c->total(), DType::f32)));
-      for (auto& w : reduces) w.wait();
+      for (size_t c = 0; c < chunks_.size(); ++c) flush_bucket(int(c));
+      for (auto& w : reductions_) w.wait();
+      reductions_.clear();
     }
+    dp_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_wait).count();
 
     // Tied embedding: sum the embedding's and the head's gradient contributions.
     if (embedding_.valid()) {
@@ -427,6 +468,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   s.tokens = int64_t(loss_buf[1]);
   s.loss = s.tokens ? s.loss_sum / double(s.tokens) : 0.0;
   s.grad_norm = norm;
+  s.dp_wait_s = dp_wait_s;
   return s;
 }
 

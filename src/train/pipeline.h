@@ -61,6 +61,11 @@ struct PipelineConfig {
   model::Precision precision = model::Precision::f32;
   model::Recompute recompute = model::Recompute::none;
   optim::AdamWConfig optim;
+  // Data parallel (ZeRO 0/1): gradient bucket size. During each chunk's last micro-batch
+  // (forward of the head's tied copy, backward of everything else) the units whose gradients
+  // are final collect into buckets; each bucket's dp all-reduce starts, non-blocking, once it
+  // holds bucket_mb or the next ready unit is not adjacent to it.
+  double bucket_mb = 4.0;
   // ZeRO stage over the dp group: 0; 1 (each dp rank keeps the AdamW state of, and updates,
   // an equal share of every chunk, then the shares are broadcast); 2 and 3 (each chunk's
   // parameters live in a train::ZeroStore over the chunk's units: gradients reduce-scattered
@@ -76,6 +81,7 @@ struct PipelineStepStats {
   int64_t tokens = 0;    // counted target tokens
   double grad_norm = 0;  // global L2 norm before clipping
   float lr = 0;
+  double dp_wait_s = 0;  // time blocked on the dp gradient reduction after the pipeline drained
 };
 
 class PipelineExecutor {
@@ -124,6 +130,14 @@ class PipelineExecutor {
   std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty
   std::vector<std::unique_ptr<model::GptStage>> chunks_;
   std::vector<std::unique_ptr<optim::AdamW>> optimizers_;  // one per chunk, over its buffer
+  // dp gradient buckets (ZeRO 0/1): per chunk the open bucket [lo, hi) (-1: none).
+  struct Bucket {
+    int64_t lo = -1, hi = -1;
+  };
+  std::vector<Bucket> buckets_;
+  std::vector<comm::Work> reductions_;  // dp all-reduces in flight this step
+  void grad_ready(int chunk, int64_t begin, int64_t end);
+  void flush_bucket(int chunk);
   int64_t step_ = 0;
 };
 

@@ -83,6 +83,7 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   pc.recompute = cfg.recompute;
   pc.optim = cfg.optim;
   pc.zero = int(cfg.zero);
+  pc.bucket_mb = cfg.bucket_mb;
   MemoryPool pool;
   PipelineExecutor exec(cfg.model, pc, groups.pp, pool, &groups.dp, &groups.tp);
   // This tp rank's layout (the whole model when tp = 1): what the executor imports / exports.
@@ -187,6 +188,7 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     last.loss = ps.loss;
     last.lr = ps.lr;
     last.grad_norm = ps.grad_norm;
+    last.dp_wait_s = ps.dp_wait_s;
     last.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     last.tokens_per_s = double(B * T * M * n_dp) / last.step_s;
     last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M * n_dp) / last.step_s / 1e9;
@@ -194,7 +196,8 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     if (leader) {
       nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
                           {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
-                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops}};
+                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops},
+                          {"dp_wait_s", last.dp_wait_s}};
       for (auto* g : {&groups.dp, &groups.tp, &groups.pp})
         m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
       for (size_t c = 0; c < kNumMemCategories; ++c)
