@@ -45,6 +45,8 @@ for np in ${LOOM_BENCH_RANKS:-4 8}; do
     run np4_dp2_tp2 4 --dp 2 --tp 2 --set train.batch=2
     run np4_tp4 4 --tp 4 --set train.batch=4
     run np4_dp2_pp2 4 --dp 2 --pp 2 --micro-batches 2
+    run np4_dp2_pp2_nooverlap 4 --dp 2 --pp 2 --micro-batches 2 --bucket-mb 100000
+    run np4_dp2_pp2_zero3 4 --dp 2 --pp 2 --micro-batches 2 --zero 3
     run np4_pp4 4 --pp 4 --micro-batches 4 --schedule 1f1b
   else
     run np8_dp8_zero1 8 --dp 8 --zero 1
@@ -90,7 +92,8 @@ for name, r in rows.items():
     print("%-26s %8.2f %8.1f %10.3f %12.1f %12.1f %9.1f %9.1f %9.1f %9.1f" % (
         name, r["step_s"], r["tok_s"], r["wait"], g.get("dp", 0) / 1e6, other / 1e6,
         p.get("weights", 0), p.get("grads", 0), p.get("optimizer", 0), p.get("activations", 0)))
-for a, b in (("np4_dp4", "np4_dp4_nooverlap"), ("np8_dp8_zero1", "np8_dp8_nooverlap_zero1")):
+for a, b in (("np4_dp4", "np4_dp4_nooverlap"), ("np8_dp8_zero1", "np8_dp8_nooverlap_zero1"),
+             ("np4_dp2_pp2", "np4_dp2_pp2_nooverlap")):
     if a in rows and b in rows and rows[b]["wait"] > 0:
         hidden = 1 - rows[a]["wait"] / rows[b]["wait"]
         print(json.dumps({"overlap": a, "exposed_wait_s": round(rows[a]["wait"], 3),

@@ -148,7 +148,7 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
     }
     chunks_.back()->set_recompute(pc.recompute);
   }
-  buckets_.resize(chunks_.size());
+  ready_.resize(chunks_.size());
   LOOM_CHECK(pc.bucket_mb > 0, "bucket_mb = {} must be positive", pc.bucket_mb);
   // Megatron's embedding group: the first and last pp ranks both hold embed.token.weight.
   if (n_pp > 1) embedding_ = pp.split({{0, n_pp - 1}}, "pp_embedding");
@@ -217,26 +217,33 @@ void PipelineExecutor::import_optimizer(const float* global_m, const float* glob
   step_ = step;
 }
 
-void PipelineExecutor::flush_bucket(int c) {
-  Bucket& b = buckets_[size_t(c)];
-  if (b.lo < 0) return;
+void PipelineExecutor::reduce_range(int c, int64_t begin, int64_t end) {
   reductions_.push_back(dp_.all_reduce(
-      comm::BufferRef(chunks_[size_t(c)]->grads() + b.lo, b.hi - b.lo, DType::f32)));
-  b = Bucket{};
+      comm::BufferRef(chunks_[size_t(c)]->grads() + begin, end - begin, DType::f32)));
 }
 
 void PipelineExecutor::grad_ready(int c, int64_t begin, int64_t end) {
-  Bucket& b = buckets_[size_t(c)];
-  if (b.lo >= 0 && end != b.lo && begin != b.hi) flush_bucket(c);  // not adjacent
-  if (b.lo < 0) {
-    b.lo = begin;
-    b.hi = end;
-  } else {
-    b.lo = std::min(b.lo, begin);
-    b.hi = std::max(b.hi, end);
+  // Merge [begin, end) with the ready ranges it touches (it overlaps none: each unit is
+  // reported once per step).
+  auto& ready = ready_[size_t(c)];
+  auto next = ready.lower_bound(begin);
+  if (next != ready.begin()) {
+    auto prev = std::prev(next);
+    LOOM_ASSERT(prev->second <= begin, "gradient range [{}, {}) reported twice", begin, end);
+    if (prev->second == begin) {
+      begin = prev->first;
+      ready.erase(prev);
+    }
+  }
+  if (next != ready.end() && next->first == end) {
+    end = next->second;
+    ready.erase(next);
   }
   const int64_t bucket_elems = std::max<int64_t>(1, int64_t(pc_.bucket_mb * (1 << 20) / 4));
-  if (b.hi - b.lo >= bucket_elems) flush_bucket(c);
+  if (end - begin >= bucket_elems)
+    reduce_range(c, begin, end);
+  else
+    ready[begin] = end;
   // MPI progresses only inside MPI calls: poke the reductions in flight between layers.
   for (auto& w : reductions_) w.test();
 }
@@ -390,7 +397,10 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     // last micro-batch, the rest start now.
     const auto t_wait = std::chrono::steady_clock::now();
     if (dp_.valid()) {
-      for (size_t c = 0; c < chunks_.size(); ++c) flush_bucket(int(c));
+      for (size_t c = 0; c < chunks_.size(); ++c) {
+        for (auto [b, e] : ready_[c]) reduce_range(int(c), b, e);
+        ready_[c].clear();
+      }
       for (auto& w : reductions_) w.wait();
       reductions_.clear();
     }

@@ -38,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -62,9 +63,9 @@ struct PipelineConfig {
   model::Recompute recompute = model::Recompute::none;
   optim::AdamWConfig optim;
   // Data parallel (ZeRO 0/1): gradient bucket size. During each chunk's last micro-batch
-  // (forward of the head's tied copy, backward of everything else) the units whose gradients
-  // are final collect into buckets; each bucket's dp all-reduce starts, non-blocking, once it
-  // holds bucket_mb or the next ready unit is not adjacent to it.
+  // (forward of the head's tied copy, backward of everything else) the ranges of units whose
+  // gradients are final merge with adjacent ready ranges; a merged range's dp all-reduce starts,
+  // non-blocking, once it holds bucket_mb (the rest after the pipeline drains).
   double bucket_mb = 4.0;
   // ZeRO stage over the dp group: 0; 1 (each dp rank keeps the AdamW state of, and updates,
   // an equal share of every chunk, then the shares are broadcast); 2 and 3 (each chunk's
@@ -130,14 +131,12 @@ class PipelineExecutor {
   std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty
   std::vector<std::unique_ptr<model::GptStage>> chunks_;
   std::vector<std::unique_ptr<optim::AdamW>> optimizers_;  // one per chunk, over its buffer
-  // dp gradient buckets (ZeRO 0/1): per chunk the open bucket [lo, hi) (-1: none).
-  struct Bucket {
-    int64_t lo = -1, hi = -1;
-  };
-  std::vector<Bucket> buckets_;
+  // dp gradient buckets (ZeRO 0/1): per chunk the ready, not yet reduced ranges of its buffer,
+  // merged when adjacent (begin -> end).
+  std::vector<std::map<int64_t, int64_t>> ready_;
   std::vector<comm::Work> reductions_;  // dp all-reduces in flight this step
   void grad_ready(int chunk, int64_t begin, int64_t end);
-  void flush_bucket(int chunk);
+  void reduce_range(int chunk, int64_t begin, int64_t end);
   int64_t step_ = 0;
 };
 
