@@ -2,6 +2,10 @@
 
 #include <cstdlib>
 
+#include <malloc.h>
+
+#include <mutex>
+
 #include "core/error.h"
 
 namespace loom {
@@ -18,7 +22,20 @@ std::string_view mem_category_name(MemCategory c) {
   return "?";
 }
 
+void keep_freed_memory_in_process() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* e = std::getenv("LOOM_MALLOC_TUNE");
+    if (e && e[0] == '0') return;
+    mallopt(M_MMAP_MAX, 0);              // no per-allocation mmap/munmap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);  // never trim a free heap top under 1 GiB
+  });
+}
+
+MemoryPool::MemoryPool() { keep_freed_memory_in_process(); }
+
 namespace {
+
 void raise_peak(std::atomic<int64_t>& peak, int64_t value) {
   int64_t p = peak.load();
   while (value > p && !peak.compare_exchange_weak(p, value)) {

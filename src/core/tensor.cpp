@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace loom {
@@ -59,7 +60,21 @@ Tensor Tensor::reshape(const Shape& shape) const {
 }
 
 void Tensor::fill_zero() {
-  if (numel_) std::memset(raw(), 0, nbytes());
+  // One thread's memset reaches ~9 GB/s on the development machine, both cores ~16 GB/s; the
+  // 0.5 GB gpt2-124m gradient buffer is zeroed every step. Large buffers: 4 MiB chunks per task.
+  constexpr size_t kChunk = size_t(1) << 22;  // 4 MiB per task
+  const size_t n = nbytes();
+  if (n < 4 * kChunk) {
+    if (n) std::memset(raw(), 0, n);
+    return;
+  }
+  char* p = static_cast<char*>(raw());
+  const int64_t chunks = int64_t((n + kChunk - 1) / kChunk);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const size_t lo = size_t(c) * kChunk;
+    std::memset(p + lo, 0, std::min(kChunk, n - lo));
+  }
 }
 
 Tensor Tensor::clone(MemoryPool& pool, MemCategory cat) const {

@@ -26,7 +26,9 @@ void adamw_step(float* param, const float* grad, float* m, float* v, int64_t n, 
     const float mi = m[i] * b1 + one_minus_b1 * g;
     const float vi = v[i] * b2 + one_minus_b2 * g * g;
     const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-    p = p + neg_step_size * (mi / denom);
+    // Explicit fma: the scalar loop contracted it this way (p*decay rounded first); left to
+    // -ffp-contract the vectorised loop fuses param*decay instead and the bits change.
+    p = std::fma(neg_step_size, mi / denom, p);
     m[i] = mi;
     v[i] = vi;
     param[i] = p;

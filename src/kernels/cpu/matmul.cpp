@@ -1,4 +1,5 @@
-// kernels/cpu/matmul.cpp: oneDNN matmul with a primitive cache.
+// kernels/cpu/matmul.cpp: oneDNN matmul with a primitive cache (and oneDNN's sgemm for f32
+// products whose B is not transposed; see matmul_impl for the measurement behind that choice).
 //
 // Glossary: M, N, K as in matmul.h; "key" = (M, N, K, trans_a, trans_b, accumulate, dtype).
 //
@@ -27,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -107,6 +109,26 @@ void matmul_impl(const T* A, const T* B, float* C, int64_t M, int64_t N, int64_t
              "matmul given a null pointer (A={}, B={}, C={}) for M={} N={} K={}",
              static_cast<const void*>(A), static_cast<const void*>(B), static_cast<void*>(C), M,
              N, K);
+  if constexpr (std::is_same_v<T, float>) {
+    // f32 with a plain (K,N) B goes to oneDNN's sgemm: its brgemm matmul with such a B and
+    // N = 3072 (gpt2's ffn.down input and weight gradients) runs at ~95-120 GFLOP/s on the
+    // development machine instead of ~220 (likely 4 KiB aliasing of the 12 KiB row stride it
+    // reads B with), while the jit sgemm packs B itself and measured as fast or faster for
+    // every non-transposed-B shape of a GPT-2 step (+21% f32 tokens/s). With B transposed the
+    // matmul primitive stays slightly ahead. Both are deterministic for a fixed thread count.
+    // LOOM_SGEMM_NT=0 keeps the matmul primitive for every shape (A/B timing).
+    static const bool use_sgemm = [] {
+      const char* e = std::getenv("LOOM_SGEMM_NT");
+      return !(e && e[0] == '0');
+    }();
+    if (use_sgemm && !trans_b) {
+      dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', 'N', M, N, K, 1.0f, A, trans_a ? M : K,
+                                    B, N, accumulate ? 1.0f : 0.0f, C, N);
+      LOOM_CHECK(st == dnnl_success, "dnnl_sgemm M={} N={} K={} failed (status {})", M, N, K,
+                 int(st));
+      return;
+    }
+  }
   Key key{M, N, K, trans_a, trans_b, accumulate, is_bf16};
   dnnl::matmul prim = get_primitive(key);
   MatmulCache& c = cache();
