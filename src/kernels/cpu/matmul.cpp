@@ -186,19 +186,23 @@ Bf16MatmulPath choose_bf16_path() {
   for (size_t i = 0; i < a.size(); ++i) a[i] = f32_to_bf16(float(int64_t(i % 7) - 3) * 0.01f);
   for (size_t i = 0; i < b.size(); ++i) b[i] = f32_to_bf16(float(int64_t(i % 5) - 2) * 0.01f);
   std::vector<float> c(size_t(M * N));
-  auto time_it = [&](bool native) {
-    double best = 1e30;
-    for (int rep = 0; rep < 4; ++rep) {
-      auto t0 = std::chrono::steady_clock::now();
-      if (native)
-        matmul_impl(a.data(), b.data(), c.data(), M, N, K, false, true, false, true);
-      else
-        matmul_bf16_widened(a.data(), b.data(), c.data(), M, N, K, false, true, false);
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return best;
+  auto time_once = [&](bool native) {
+    auto t0 = std::chrono::steady_clock::now();
+    if (native)
+      matmul_impl(a.data(), b.data(), c.data(), M, N, K, false, true, false, true);
+    else
+      matmul_bf16_widened(a.data(), b.data(), c.data(), M, N, K, false, true, false);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  double native = time_it(true), widened = time_it(false);
+  time_once(true);  // primitive creation and first touch are not part of the comparison
+  time_once(false);
+  // Alternating runs, best of each: a burst of load from other processes hits both paths
+  // rather than flipping the choice.
+  double native = 1e30, widened = 1e30;
+  for (int rep = 0; rep < 8; ++rep) {
+    native = std::min(native, time_once(true));
+    widened = std::min(widened, time_once(false));
+  }
   return widened < native ? Bf16MatmulPath::widen : Bf16MatmulPath::native;
 }
 
@@ -224,9 +228,11 @@ int64_t matmul_primitive_cache_size() {
   return int64_t(c.primitives.size());
 }
 
-double measure_matmul_peak_gflops(bool bf16) {
+double measure_matmul_peak_gflops(bool bf16_mode) {
+  // On the widened path bf16 mode runs the f32 kernel (on bf16-rounded values, model/gpt.h).
+  const bool bf16 = bf16_mode && bf16_matmul_path() == Bf16MatmulPath::native;
   constexpr int64_t kN = 2048;
-  constexpr double kSeconds = 0.3;
+  constexpr double kSeconds = 0.15;  // per window
   const size_t n2 = size_t(kN * kN);
   // Inputs are small deterministic values; their content does not change the timing.
   std::vector<float> c(n2);
@@ -248,16 +254,21 @@ double measure_matmul_peak_gflops(bool bf16) {
   };
   once();  // creates the primitive and warms caches / page tables
   once();
+  // The best of three windows: the peak, not an average disturbed by other processes.
   using clock = std::chrono::steady_clock;
-  auto start = clock::now();
-  int64_t reps = 0;
-  double elapsed = 0.0;
-  do {
-    once();
-    ++reps;
-    elapsed = std::chrono::duration<double>(clock::now() - start).count();
-  } while (elapsed < kSeconds);
-  return 2.0 * double(kN) * double(kN) * double(kN) * double(reps) / elapsed * 1e-9;
+  double best = 0;
+  for (int window = 0; window < 3; ++window) {
+    auto start = clock::now();
+    int64_t reps = 0;
+    double elapsed = 0.0;
+    do {
+      once();
+      ++reps;
+      elapsed = std::chrono::duration<double>(clock::now() - start).count();
+    } while (elapsed < kSeconds);
+    best = std::max(best, 2.0 * double(kN) * double(kN) * double(kN) * double(reps) / elapsed * 1e-9);
+  }
+  return best;
 }
 
 }  // namespace loom::kernels

@@ -38,10 +38,12 @@ Bf16MatmulPath bf16_matmul_path();
 void matmul_bf16(const bf16* A, const bf16* B, float* C, int64_t M, int64_t N, int64_t K,
                  bool trans_a, bool trans_b, bool accumulate);
 
-// Measured peak of matmul_f32 / matmul_bf16 on this machine in GFLOP/s (2*M*N*K flops per
-// product): times a 2048^3 product repeatedly for ~0.3 s after a warm-up and returns the rate of
-// the timed loop. Used by the trainer and benchmarks to report the fraction of peak. Not cached.
-double measure_matmul_peak_gflops(bool bf16);
+// Measured peak on this machine in GFLOP/s (2*M*N*K flops per product) of the matmul kernel
+// f32 mode (bf16_mode false) or bf16 mode runs: matmul_bf16 on the native path, the f32 kernel
+// on the widened one (bf16 mode then feeds it bf16-rounded f32 values). Times a 2048^3 product
+// in three windows of ~0.15 s after a warm-up and returns the best window's rate. Used by the
+// trainer and benchmarks to report the fraction of peak. Not cached.
+double measure_matmul_peak_gflops(bool bf16_mode);
 
 // Number of distinct oneDNN matmul primitives created so far (for tests of the cache).
 int64_t matmul_primitive_cache_size();
