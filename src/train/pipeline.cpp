@@ -69,6 +69,12 @@ void for_each_owned(const model::GptStage& stage, const std::vector<optim::Range
   }
 }
 
+// ZeRO-1: dp rank r's equal share of an n-element chunk buffer split over D ranks.
+optim::Range zero1_share(int64_t n, int D, int r) {
+  const int64_t share = (n + D - 1) / D, lo = std::min(n, share * r);
+  return {lo, std::min(n, lo + share)};
+}
+
 // A ParamStore that is never called: a GptStage built on it describes a chunk's geometry
 // (tensors, units, init_range) without allocating parameters.
 struct GeometryOnly final : model::ParamStore {
@@ -140,11 +146,11 @@ PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const Pipeline
       // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
       // chunk's buffer; the shares are broadcast after the step.
       const bool zero1 = pc.zero >= 1 && dp_.valid();
-      const int64_t n = chunks_.back()->total(), D = zero1 ? dp_.size() : 1;
-      const int64_t share = (n + D - 1) / D, lo = std::min(n, share * (zero1 ? dp_.rank() : 0));
+      const int64_t n = chunks_.back()->total();
       optimizers_.push_back(std::make_unique<optim::AdamW>(
           local_specs(*chunks_.back()), n, pc.optim, pool,
-          std::vector<optim::Range>{{lo, std::min(n, lo + share)}}));
+          std::vector<optim::Range>{zero1 ? zero1_share(n, dp_.size(), dp_.rank())
+                                          : optim::Range{0, n}}));
     }
     chunks_.back()->set_recompute(pc.recompute);
   }
@@ -456,13 +462,13 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
     if (pc_.zero >= 1 && dp_.valid()) {
       // ZeRO-1: every dp rank's updated share to the others.
-      const int64_t n = chunks_[i]->total(), share = (n + dp_.size() - 1) / dp_.size();
+      const int64_t n = chunks_[i]->total();
       std::vector<comm::Work> works;
       for (int r = 0; r < dp_.size(); ++r) {
-        const int64_t lo = std::min(n, share * r), hi = std::min(n, lo + share);
-        if (hi > lo)
+        const optim::Range sh = zero1_share(n, dp_.size(), r);
+        if (sh.end > sh.begin)
           works.push_back(dp_.broadcast(
-              comm::BufferRef(chunks_[i]->weights() + lo, hi - lo, DType::f32), r));
+              comm::BufferRef(chunks_[i]->weights() + sh.begin, sh.end - sh.begin, DType::f32), r));
       }
       for (auto& w : works) w.wait();
     }
