@@ -1,9 +1,10 @@
 // `loom train --config T.toml [--steps N] [--out DIR] [--resume DIR] [--set key=value ...]
-//  [--dp N] [--zero 0|1] [--bucket-mb X]`. Under mpirun every rank runs this; loom detects the
+//  [--dp N] [--tp N] [--pp N] [--zero 0..3] [--bucket-mb X] [--ranks-per-node K] ...`. Under mpirun every rank runs this; loom detects the
 // launcher and trains data parallel over all ranks.
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 
 #include "comm/mpi_runtime.h"
 #include "comm/process_group.h"
@@ -22,6 +23,7 @@ struct TrainOptions {
   std::string resume;
   std::vector<std::string> sets;
   int64_t dp = -1, zero = -1, tp = 1, pp = -1, micro_batches = -1, virtual_stages = -1;
+  std::optional<int64_t> ranks_per_node;
   double bucket_mb = -1;
   std::string schedule, stage_layers;
 };
@@ -51,6 +53,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--virtual-stages", opts->virtual_stages, "model chunks per rank (interleaved)");
   sub->add_option("--micro-batches", opts->micro_batches, "micro-batches per step");
   sub->add_option("--stage-layers", opts->stage_layers, "blocks per stage, e.g. 5,6,6,5");
+  sub->add_option("--ranks-per-node", opts->ranks_per_node,
+                  "treat every K consecutive ranks as one node (emulates several nodes; default: "
+                  "MPI's shared-memory islands)");
   sub->callback([opts, &ctx] {
     std::vector<std::string> sets = opts->sets;
     if (opts->steps >= 0) sets.push_back("train.steps=" + std::to_string(opts->steps));
@@ -70,12 +75,16 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
       sets.push_back("train.micro_batches=" + std::to_string(opts->micro_batches));
     if (!opts->stage_layers.empty())
       sets.push_back("parallel.stage_layers=\"" + opts->stage_layers + "\"");
+    if (opts->ranks_per_node)
+      sets.push_back("parallel.ranks_per_node=" + std::to_string(*opts->ranks_per_node));
     loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets);
     std::unique_ptr<loom::comm::MpiRuntime> mpi;
     loom::comm::ProcessGroup world;
     if (launched_by_mpi()) {
       mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
-      world = loom::comm::ProcessGroup::world();
+      loom::comm::GroupOptions go;
+      go.ranks_per_node = int(cfg.ranks_per_node);
+      world = loom::comm::ProcessGroup::world(go);
     }
     loom::train::StepStats s =
         loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);

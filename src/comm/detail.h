@@ -33,6 +33,7 @@ struct GroupState {
   std::vector<int> world_ranks;                         // (size) world rank per member
   std::vector<int> member_nodes;                        // (size) node index per member
   std::shared_ptr<const std::vector<int>> world_nodes;  // (world_size) node per world rank
+  int host_ranks = 1;  // world ranks on this rank's physical host (MPI shared-memory island)
   GroupOptions opts;
   double timeout_s = 300;
   int tag_ub = 32767;

@@ -259,17 +259,14 @@ void set_comm_basics(GroupState& s) {
   if (flag && attr) s.tag_ub = *static_cast<int*>(attr);
 }
 
-// Node index of every world rank: from shared-memory islands, or rank / ranks_per_node.
-std::vector<int> detect_world_nodes(int world_rank, int world_size, int ranks_per_node) {
-  std::vector<int> nodes(size_t(world_size), 0);
-  if (ranks_per_node > 0) {
-    for (int i = 0; i < world_size; ++i) nodes[size_t(i)] = i / ranks_per_node;
-    return nodes;
-  }
+// Host index of every world rank, from MPI's shared-memory islands (hosts numbered in order of
+// their lowest world rank).
+std::vector<int> detect_world_hosts(int world_rank, int world_size) {
+  std::vector<int> hosts(size_t(world_size), 0);
   MPI_Comm local = MPI_COMM_NULL;
   LOOM_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL,
                                &local));
-  int leader = world_rank;  // lowest world rank on this node names the node
+  int leader = world_rank;  // lowest world rank on this host names the host
   LOOM_MPI(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, local));
   LOOM_MPI(MPI_Comm_free(&local));
   std::vector<int> leaders(size_t(world_size), 0);
@@ -278,9 +275,9 @@ std::vector<int> detect_world_nodes(int world_rank, int world_size, int ranks_pe
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
   for (int i = 0; i < world_size; ++i)
-    nodes[size_t(i)] = int(std::lower_bound(distinct.begin(), distinct.end(), leaders[size_t(i)]) -
+    hosts[size_t(i)] = int(std::lower_bound(distinct.begin(), distinct.end(), leaders[size_t(i)]) -
                            distinct.begin());
-  return nodes;
+  return hosts;
 }
 
 }  // namespace
@@ -303,8 +300,13 @@ ProcessGroup ProcessGroup::world(const GroupOptions& opts) {
   s->world_size = s->size;
   s->world_ranks.resize(size_t(s->size));
   std::iota(s->world_ranks.begin(), s->world_ranks.end(), 0);
-  s->world_nodes = std::make_shared<const std::vector<int>>(
-      detect_world_nodes(s->world_rank, s->world_size, opts.ranks_per_node));
+  // Nodes are the hosts unless ranks_per_node emulates others; the hosts still set how many
+  // ranks share this machine's cores.
+  std::vector<int> hosts = detect_world_hosts(s->world_rank, s->world_size);
+  s->host_ranks = int(std::count(hosts.begin(), hosts.end(), hosts[size_t(s->world_rank)]));
+  if (opts.ranks_per_node > 0)
+    for (int i = 0; i < s->world_size; ++i) hosts[size_t(i)] = i / opts.ranks_per_node;
+  s->world_nodes = std::make_shared<const std::vector<int>>(std::move(hosts));
   s->member_nodes = *s->world_nodes;
   return ProcessGroup(std::move(s));
 }
@@ -342,6 +344,7 @@ ProcessGroup ProcessGroup::split(const std::vector<std::vector<int>>& partition,
   s->world_rank = g.world_rank;
   s->world_size = g.world_size;
   s->world_nodes = g.world_nodes;
+  s->host_ranks = g.host_ranks;
   for (int r : partition[size_t(color)]) {
     int wr = g.world_ranks[size_t(r)];
     s->world_ranks.push_back(wr);
@@ -384,6 +387,7 @@ int ProcessGroup::local_size() const {
   const GroupState& g = st();
   return int(std::count(g.member_nodes.begin(), g.member_nodes.end(), g.member_nodes[size_t(g.rank)]));
 }
+int ProcessGroup::host_ranks() const { return st().host_ranks; }
 double ProcessGroup::timeout_s() const { return st().timeout_s; }
 void ProcessGroup::set_timeout(double seconds) const {
   LOOM_CHECK(seconds > 0, "{} timeout {} s must be > 0", st().prefix(), seconds);

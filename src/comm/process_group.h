@@ -167,6 +167,9 @@ class ProcessGroup {
   int num_nodes() const;
   int local_rank() const;
   int local_size() const;
+  // World ranks on this rank's physical host (from MPI's shared-memory split, whatever
+  // ranks_per_node emulates): the ranks that share this machine's cores.
+  int host_ranks() const;
 
   double timeout_s() const;
   void set_timeout(double seconds) const;  // shared by all copies of this handle

@@ -7,6 +7,8 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "core/log.h"
+#include <fmt/format.h>
 
 namespace loom::parallel {
 
@@ -174,6 +176,78 @@ std::vector<std::vector<int>> Topology::all_groups(const std::vector<Axis>& axes
 std::string Topology::describe() const {
   return fmt::format("world {} = dp{} x tp{} x pp{} x cp{} x ep{}, order {}", world_size_,
                      sizes_.dp, sizes_.tp, sizes_.pp, sizes_.cp, sizes_.ep, order());
+}
+
+AxisPlacement axis_placement(const Topology& topo, Axis axis, const std::vector<int>& node_of) {
+  LOOM_CHECK(int64_t(node_of.size()) == topo.world_size(),
+             "node list has {} entries but the topology '{}' has {} ranks", node_of.size(),
+             topo.describe(), topo.world_size());
+  AxisPlacement p;
+  p.axis = axis;
+  for (const std::vector<int>& g : topo.all_groups({axis})) {
+    std::vector<int> nodes;
+    for (int r : g) nodes.push_back(node_of[size_t(r)]);
+    std::sort(nodes.begin(), nodes.end());
+    const int n = int(std::unique(nodes.begin(), nodes.end()) - nodes.begin());
+    ++p.groups;
+    if (n > 1) ++p.spanning;
+    p.max_nodes = std::max(p.max_nodes, n);
+  }
+  return p;
+}
+
+namespace {
+
+// Ranks on each node, as "4" when equal, else "3-4".
+std::string ranks_per_node_text(const std::vector<int>& node_of, int* num_nodes) {
+  std::vector<int> count;
+  for (int n : node_of) {
+    if (n >= int(count.size())) count.resize(size_t(n) + 1, 0);
+    ++count[size_t(n)];
+  }
+  count.erase(std::remove(count.begin(), count.end(), 0), count.end());
+  *num_nodes = int(count.size());
+  const auto [lo, hi] = std::minmax_element(count.begin(), count.end());
+  return *lo == *hi ? fmt::format("{}", *lo) : fmt::format("{}-{}", *lo, *hi);
+}
+
+}  // namespace
+
+std::string describe_placement(const Topology& topo, const std::vector<int>& node_of) {
+  int nodes = 0;
+  const std::string per_node = ranks_per_node_text(node_of, &nodes);
+  std::string out = fmt::format("{} node(s) x {} rank(s)", nodes, per_node);
+  for (Axis a : {Axis::tp, Axis::cp, Axis::ep, Axis::dp, Axis::pp}) {
+    if (topo.size(a) == 1) continue;
+    const AxisPlacement p = axis_placement(topo, a, node_of);
+    if (p.spanning == 0)
+      out += fmt::format("; {} within a node", axis_name(a));
+    else
+      out += fmt::format("; {} across up to {} nodes", axis_name(a), p.max_nodes);
+  }
+  return out;
+}
+
+std::vector<std::string> placement_warnings(const Topology& topo, const std::vector<int>& node_of) {
+  std::vector<std::string> out;
+  int nodes = 0;
+  const std::string per_node = ranks_per_node_text(node_of, &nodes);
+  for (Axis a : {Axis::tp, Axis::cp}) {
+    const AxisPlacement p = axis_placement(topo, a, node_of);
+    if (p.spanning == 0) continue;
+    out.push_back(fmt::format(
+        "{} = {}: {} of {} {} groups span nodes (up to {} nodes each; {} rank(s) per node), so "
+        "the collectives every layer runs cross the links between nodes; use a {} that divides "
+        "the ranks per node, with {} first in the rank order (it varies fastest)",
+        axis_name(a), topo.size(a), p.spanning, p.groups, axis_name(a), p.max_nodes, per_node,
+        axis_name(a), axis_name(a)));
+  }
+  return out;
+}
+
+void log_placement(const Topology& topo, const comm::ProcessGroup& world) {
+  LOOM_LOG_INFO("placement: {}", describe_placement(topo, world.member_nodes()));
+  for (const std::string& w : placement_warnings(topo, world.member_nodes())) LOOM_LOG_WARN("{}", w);
 }
 
 ProcessGroups ProcessGroups::build(const Topology& topo, const comm::ProcessGroup& world) {

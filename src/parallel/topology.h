@@ -80,6 +80,24 @@ class Topology {
   std::array<int, kNumAxes> stride_{};     // indexed by Axis
 };
 
+// How the groups of one axis lie on nodes, given the node of every world rank (node_of[r]).
+struct AxisPlacement {
+  Axis axis = Axis::dp;
+  int groups = 0;     // groups over this axis (they partition the world)
+  int spanning = 0;   // of which span more than one node
+  int max_nodes = 1;  // the most nodes one group spans
+};
+// Pure (no MPI). Throws loom::Error when node_of does not have one entry per world rank.
+AxisPlacement axis_placement(const Topology& topo, Axis axis, const std::vector<int>& node_of);
+// One line for the run log, e.g. "2 nodes x 4 ranks; tp within a node; dp across 2 nodes; pp
+// within a node" (axes of size 1 left out).
+std::string describe_placement(const Topology& topo, const std::vector<int>& node_of);
+// What a user should change: tp and cp groups that span nodes (their collectives run in every
+// layer, so they belong on the fast links inside a node), each with a fix.
+std::vector<std::string> placement_warnings(const Topology& topo, const std::vector<int>& node_of);
+// Logs describe_placement (info) and placement_warnings (warn) for `world`'s nodes.
+void log_placement(const Topology& topo, const comm::ProcessGroup& world);
+
 // One ProcessGroup per axis (and dp_cp) for this rank, built from a Topology by splitting
 // `world` (collective over world; every rank must call it with the same topology). Group names
 // are the axis names ("dp", "tp", "pp", "cp", "ep", "dp_cp").

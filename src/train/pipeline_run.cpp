@@ -66,13 +66,14 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   sizes.dp = n_dp;
   sizes.tp = int(cfg.tp);
   sizes.pp = int(cfg.pp);
-  parallel::ProcessGroups groups =
-      parallel::ProcessGroups::build(parallel::Topology(world.size(), sizes, "tp-dp-pp"), world);
+  const parallel::Topology topo(world.size(), sizes, "tp-dp-pp");
+  parallel::ProcessGroups groups = parallel::ProcessGroups::build(topo, world);
   const int dp_rank = groups.dp.rank();
   const bool leader = world.rank() == 0;
   set_log_rank(world.rank(), world.size());
   if (!leader) set_log_level(LogLevel::warn);
-  set_num_threads(cfg.threads > 0 ? int(cfg.threads) : default_num_threads(world.local_size()));
+  if (leader && world.size() > 1) parallel::log_placement(topo, world);
+  set_num_threads(cfg.threads > 0 ? int(cfg.threads) : default_num_threads(world.host_ranks()));
 
   PipelineConfig pc;
   pc.schedule = parallel::schedule_from_name(cfg.schedule);

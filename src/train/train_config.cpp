@@ -31,7 +31,9 @@ const std::map<std::string, std::set<std::string>>& schema() {
                  "warmup_steps", "decay_steps"}},
       {"checkpoint", {"dir", "every"}},
       {"log", {"dir", "every"}},
-      {"parallel", {"dp", "tp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers"}},
+      {"parallel",
+       {"dp", "tp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers",
+        "ranks_per_node"}},
   };
   return s;
 }
@@ -228,6 +230,7 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
     c.bucket_mb = *node.value<double>();
   }
+  get_int("parallel", "ranks_per_node", c.ranks_per_node, 0);  // 0: MPI's shared-memory islands
   get_int("parallel", "pp", c.pp, 1);
   get_str("parallel", "schedule", c.schedule);
   LOOM_CHECK(c.schedule == "gpipe" || c.schedule == "1f1b" || c.schedule == "interleaved",

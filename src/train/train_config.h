@@ -8,7 +8,8 @@
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
-//   [parallel] dp, tp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers
+//   [parallel] dp, tp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers,
+//            ranks_per_node
 //            (train.batch is per data-parallel rank and micro-batch)
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
 // allowed ones.
@@ -63,6 +64,10 @@ struct TrainConfig {
   std::string schedule = "1f1b";
   int64_t virtual_stages = 1;
   std::vector<int64_t> stage_layers;
+  // Node locality: 0 = MPI's shared-memory islands; K > 0 = every K consecutive ranks form a
+  // node (emulates several nodes on one machine). The run log says where each axis's groups
+  // lie and warns when tp groups span nodes.
+  int64_t ranks_per_node = 0;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value" or "model=path"), validates.

@@ -360,20 +360,20 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
              "parallel.dp = {} x tp = {} is {} but {} ranks were launched; use dp = {} (or 0: all "
              "ranks not used by tp), or launch dp x tp ranks (mpirun -np {})",
              cfg.dp, cfg.tp, cfg.dp * cfg.tp, world_size, dp, cfg.dp * cfg.tp);
+  parallel::ParallelSizes sizes;
+  sizes.dp = int(dp);
+  sizes.tp = int(cfg.tp);
+  const parallel::Topology topo(world_size, sizes, "tp-dp-pp");
   parallel::ProcessGroups groups;
-  if (world) {
-    parallel::ParallelSizes sizes;
-    sizes.dp = int(dp);
-    sizes.tp = int(cfg.tp);
-    groups = parallel::ProcessGroups::build(parallel::Topology(world_size, sizes, "tp-dp-pp"), *world);
-  }
+  if (world) groups = parallel::ProcessGroups::build(topo, *world);
   const bool leader = !world || world->rank() == 0;
   if (world && world_size > 1) {
     set_log_rank(world->rank(), world_size);
     if (!leader) set_log_level(LogLevel::warn);
   }
+  if (world && world_size > 1 && leader) parallel::log_placement(topo, *world);
   set_num_threads(cfg.threads > 0 ? int(cfg.threads)
-                                  : default_num_threads(world ? world->local_size() : 1));
+                                  : default_num_threads(world ? world->host_ranks() : 1));
   MemoryPool pool;
   Trainer trainer(cfg, pool, world ? &groups.dp : nullptr, world ? &groups.tp : nullptr);
   if (resume_dir.empty()) {

@@ -144,7 +144,7 @@ common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set t
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 --micro-batches 2 \
   --set train.batch=2 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 3 \
-  --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
+  --set train.batch=2 --set train.micro_batches=2 --ranks-per-node 2 >"$WORK/l_dptp.log" 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 \
   --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dpppz3" --dp 2 --pp 2 --zero 3 \
@@ -159,6 +159,20 @@ assert len(a) == len(b) == 4, (a, b)
 assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 PY
 done
+# Node locality: the dp2 x tp2 run above emulated 2 nodes of 2 ranks (tp pairs inside a node);
+# with 1 rank per node the tp pairs span nodes and the log says so, with the fix.
+grep -qF "placement: 2 node(s) x 2 rank(s); tp within a node; dp across up to 2 nodes" "$WORK/l_dptp.log" \
+  && ! grep -q "span nodes" "$WORK/l_dptp.log" && pass "--ranks-per-node 2: placement logged" \
+  || fail "--ranks-per-node 2: $(grep -E 'placement|span' "$WORK/l_dptp.log")"
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 1 --out "$WORK/l_rpn1" --dp 2 --tp 2 --ranks-per-node 1 \
+  --set train.batch=2 >"$WORK/l_rpn1.log" 2>&1 \
+  && grep -qF "tp = 2: 2 of 2 tp groups span nodes (up to 2 nodes each; 1 rank(s) per node)" "$WORK/l_rpn1.log" \
+  && grep -qF "use a tp that divides the ranks per node" "$WORK/l_rpn1.log" \
+  && pass "--ranks-per-node 1: tp spanning nodes warned" \
+  || fail "--ranks-per-node 1: $(grep -E 'placement|span|rror' "$WORK/l_rpn1.log")"
+expect_error "train: negative --ranks-per-node" "parallel.ranks_per_node = -1 must be at least 0" \
+  "$LOOM" train "${common[@]}" --steps 1 --out "$WORK/l_rpn_bad" --ranks-per-node -1
+
 # A checkpoint saved at (dp, tp, pp) = (2, 2, 2) resumes at (1, 4, 2), (8, 1, 1) and (1, 1, 1)
 # with the losses of the uninterrupted (2, 2, 2) run. The model has 4 kv heads so tp = 4 works;
 # every layout steps over the same 8 sequences (B x M per dp rank x dp).

@@ -380,9 +380,13 @@ TEST(Collectives, NodeLocalityOverride) {
   EXPECT_EQ(g.local_rank(), r % 2);
   EXPECT_EQ(g.num_nodes(), (w + 1) / 2);
   EXPECT_EQ(g.local_size(), (r / 2) * 2 + 1 < w ? 2 : 1);
+  // The emulated nodes do not change how many ranks share this machine's cores.
+  EXPECT_EQ(g.host_ranks(), w);
+  EXPECT_EQ(g.split({g.world_ranks()}, "copy").host_ranks(), w);
   // Detected: one machine, one node.
   EXPECT_EQ(world().num_nodes(), 1);
   EXPECT_EQ(world().local_size(), w);
+  EXPECT_EQ(world().host_ranks(), w);
   // A sub-group keeps the world's node map.
   std::vector<std::vector<int>> odd_even(2);
   for (int i = 0; i < w; ++i) odd_even[size_t(i % 2)].push_back(i);

@@ -105,5 +105,44 @@ TEST(Topology, SingleRank) {
   EXPECT_EQ(t.describe(), "world 1 = dp1 x tp1 x pp1 x cp1 x ep1, order tp-cp-ep-dp-pp");
 }
 
+// Node placement: 8 ranks, order tp-dp-pp, tp2 x dp2 x pp2 (rank = tp + 2 dp + 4 pp).
+TEST(Topology, PlacementOnNodes) {
+  Topology t(8, [] {
+    ParallelSizes s;
+    s.tp = 2;
+    s.dp = 2;
+    s.pp = 2;
+    return s;
+  }(), "tp-dp-pp");
+  // 4 ranks per node: tp pairs {0,1}.. and dp pairs {0,2}.. inside a node, pp pairs {0,4}
+  // across the two nodes.
+  const std::vector<int> four = {0, 0, 0, 0, 1, 1, 1, 1};
+  AxisPlacement tp = axis_placement(t, Axis::tp, four);
+  EXPECT_EQ(tp.groups, 4);
+  EXPECT_EQ(tp.spanning, 0);
+  EXPECT_EQ(tp.max_nodes, 1);
+  AxisPlacement pp = axis_placement(t, Axis::pp, four);
+  EXPECT_EQ(pp.groups, 4);
+  EXPECT_EQ(pp.spanning, 4);
+  EXPECT_EQ(pp.max_nodes, 2);
+  EXPECT_EQ(describe_placement(t, four), "2 node(s) x 4 rank(s); tp within a node; dp within a node; pp across up to 2 nodes");
+  EXPECT_TRUE(placement_warnings(t, four).empty());
+  // One rank per node: every group spans nodes, and tp gets a warning with its fix.
+  const std::vector<int> one = {0, 1, 2, 3, 4, 5, 6, 7};
+  EXPECT_EQ(axis_placement(t, Axis::tp, one).spanning, 4);
+  std::vector<std::string> w = placement_warnings(t, one);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("tp = 2: 4 of 4 tp groups span nodes (up to 2 nodes each; 1 rank(s) per node)"),
+            std::string::npos)
+      << w[0];
+  EXPECT_NE(w[0].find("use a tp that divides the ranks per node"), std::string::npos) << w[0];
+  // Uneven nodes (3 + 3 + 2): the tp pair {2,3} straddles nodes 0 and 1.
+  const std::vector<int> uneven = {0, 0, 0, 1, 1, 1, 2, 2};
+  EXPECT_EQ(axis_placement(t, Axis::tp, uneven).spanning, 1);
+  EXPECT_EQ(describe_placement(t, uneven).rfind("3 node(s) x 2-3 rank(s); tp across up to 2 nodes", 0), 0u)
+      << describe_placement(t, uneven);
+  EXPECT_THROW(axis_placement(t, Axis::tp, {0, 0}), Error);
+}
+
 }  // namespace
 }  // namespace loom::parallel
