@@ -86,8 +86,14 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
       go.ranks_per_node = int(cfg.ranks_per_node);
       world = loom::comm::ProcessGroup::world(go);
     }
-    loom::train::StepStats s =
-        loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);
+    loom::train::StepStats s;
+    try {
+      s = loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);
+    } catch (const std::exception& e) {
+      // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).
+      if (world.valid() && world.size() > 1) loom::comm::abort_world(e.what());
+      throw;
+    }
     if (world.valid() && world.rank() != 0) {
       ctx.exit_code = 0;
       return;

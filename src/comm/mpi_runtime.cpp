@@ -1,5 +1,8 @@
 #include "comm/mpi_runtime.h"
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "core/error.h"
 
 namespace loom::comm {
@@ -43,6 +46,21 @@ MpiRuntime::~MpiRuntime() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
+}
+
+void abort_world(const std::string& message) {
+  int rank = -1, size = 0, initialised = 0, finalized = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalized);
+  if (initialised && !finalized) {
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+  }
+  std::fprintf(stderr, "error: [rank %d/%d] %s\nloom: rank %d failed; aborting the other ranks\n",
+               rank, size, message.c_str(), rank);
+  std::fflush(stderr);
+  if (initialised && !finalized) MPI_Abort(MPI_COMM_WORLD, 1);
+  std::_Exit(1);
 }
 
 MPI_Datatype mpi_transport_type(DType t) {

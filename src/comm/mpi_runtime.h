@@ -49,6 +49,13 @@ inline MpiRuntime init_mpi(int* argc, char*** argv, ThreadLevel level = ThreadLe
 void mpi_check(int rc, const char* what);
 #define LOOM_MPI(call) ::loom::comm::mpi_check((call), #call)
 
+// For a rank that cannot go on (an exception reached the top of a multi-rank command): prints
+// "error: [rank r/w] <message>" to stderr and calls MPI_Abort on the world, so the launcher ends
+// every other rank now instead of leaving them blocked in a collective until its timeout (and
+// the launcher's report names this rank). Returning normally would run MPI_Finalize, which
+// waits for ranks that are themselves waiting for this one.
+[[noreturn]] void abort_world(const std::string& message);
+
 // The MPI datatype that carries `t` bit-exactly (bf16 travels as MPI_UINT16_T; reductions on bf16
 // are done in f32, see process_group.h).
 MPI_Datatype mpi_transport_type(DType t);

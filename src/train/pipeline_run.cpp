@@ -184,6 +184,7 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
       train_stream->next_batch(tokens.data() + mb * B * (T + 1), nullptr, B, T);
     for (auto* g : {&groups.dp, &groups.tp, &groups.pp}) g->reset_counters();
     pool.reset_peaks();
+    maybe_inject_failure(world.rank(), exec.step_count() + 1);
     PipelineStepStats ps = exec.train_step(tokens.data(), B, T);
     last.step = ps.step;
     last.loss = ps.loss;

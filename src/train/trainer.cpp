@@ -3,6 +3,8 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <utility>
 #include <filesystem>
 #include <unistd.h>
 #include <fstream>
@@ -341,6 +343,21 @@ volatile std::sig_atomic_t g_stop_signal = 0;
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 }  // namespace
 
+void maybe_inject_failure(int world_rank, int64_t step) {
+  static const std::pair<int, int64_t> at = [] {
+    const char* v = std::getenv("LOOM_FAIL_AT");
+    if (!v || !*v) return std::pair<int, int64_t>{-1, -1};
+    int r = -1;
+    long long st = -1;
+    char tail = 0;
+    LOOM_CHECK(std::sscanf(v, "%d:%lld%c", &r, &st, &tail) == 2 && r >= 0 && st >= 1,
+               "LOOM_FAIL_AT = '{}': expected RANK:STEP, e.g. 1:3 (fails rank 1 at step 3)", v);
+    return std::pair<int, int64_t>{r, int64_t(st)};
+  }();
+  LOOM_CHECK(!(world_rank == at.first && step == at.second),
+             "injected failure (LOOM_FAIL_AT) on rank {} at step {}", world_rank, step);
+}
+
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                        const comm::ProcessGroup* world) {
   const int world_size = world ? world->size() : 1;
@@ -411,6 +428,7 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
     pool.reset_peaks();
     if (world)
       for (auto* g : {&groups.world, &groups.dp, &groups.tp}) g->reset_counters();
+    maybe_inject_failure(world ? world->rank() : 0, trainer.step() + 1);
     last = trainer.train_step();
     stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
     bool eval_now = cfg.eval_every > 0 &&

@@ -121,6 +121,32 @@ else
   fail "SIGKILL of a training rank: victim '$victim' rc $rc after ${elapsed}s: $(tail -3 "$WORK/killed.log")"
 fi
 
+# One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
+# dp x pp run: the failed rank names itself and aborts the job, so the other ranks end at once
+# instead of waiting out the collective timeout (set to 100 s here: ending well before it shows
+# they did not wait for it).
+for spec in "1:3 --dp 2 --tp 2" "3:2 --dp 2 --pp 2 --micro-batches 2"; do
+  read -r at layout <<<"$spec"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  LOOM_COMM_TIMEOUT=100 LOOM_FAIL_AT=$at timeout -k 5 150 "$SRC/scripts/mpirun-local" 4 "$LOOM" train \
+    --config "$SRC/configs/train/tiny.toml" --out "$WORK/thrown" --steps 50 $layout \
+    --set train.eval_every=0 --set train.batch=2 >"$WORK/thrown.log" 2>&1
+  rc=$?
+  elapsed=$(( $(date +%s) - start ))
+  r=${at%%:*}
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 60 ] &&
+     grep -qF "error: [rank $r/4] injected failure (LOOM_FAIL_AT) on rank $r at step ${at##*:}" "$WORK/thrown.log" &&
+     grep -qF "loom: rank $r failed; aborting the other ranks" "$WORK/thrown.log"; then
+    pass "a rank that throws ($layout) ends the job, named (rc $rc after ${elapsed}s)"
+  else
+    fail "a rank that throws ($layout): rc $rc after ${elapsed}s: $(grep -v '^ ' "$WORK/thrown.log" | tail -5)"
+  fi
+  rm -rf "$WORK/thrown"
+done
+expect_error "LOOM_FAIL_AT malformed" "LOOM_FAIL_AT = 'x': expected RANK:STEP" \
+  env LOOM_FAIL_AT=x "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/thrown" --steps 1
+
 # data: empty source directory and a directory without shards
 mkdir -p "$WORK/empty"
 expect_error "data build: empty source" "no usable source files in $WORK/empty" "$LOOM" data build --source "$WORK/empty" --out "$WORK/corpus"
