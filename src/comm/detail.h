@@ -42,6 +42,9 @@ struct GroupState {
   CommCounters counters;
   MemoryPool pool;  // comm workspace: bf16 staging, ring receive buffers
   std::vector<std::shared_ptr<WorkState>> pending;
+  // Bumped whenever a pending work completes or a ring step finishes: waits back off (sleep)
+  // only while it stands still.
+  int64_t progress = 0;
 
   GroupState() = default;
   GroupState(const GroupState&) = delete;

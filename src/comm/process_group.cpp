@@ -92,13 +92,17 @@ double resolve_timeout(const GroupOptions& opts) {
 }
 
 Algorithm choose_algorithm(CommOp op, int64_t bytes, int w) {
-  // From bench/comm on the 2-core development machine (f32, best of 3, ring busbw / MPI busbw,
-  // measured while other builds loaded the machine, so conservative):
-  // - 2 ranks: the ring's all_reduce won 1.2-1.5x from 4 KiB up (one dip at 256 KiB) and its
-  //   reduce_scatter 1.0-2.4x everywhere: Open MPI 4.1 reduces through temporaries.
-  // - 4 and 8 ranks oversubscribe the 2 cores; each of the ring's 2(w-1) steps then waits for a
-  //   descheduled neighbour, and the ring only won from ~4 MiB (1.0-2.0x), losing up to 3x below.
-  // - all_gather: within noise of MPI's at every size, so MPI's (fewer steps) is kept.
+  // From bench/comm on the 2-core development machine (f32, best of 3; re-measured quiet in
+  // session 4 with single-copy transfers and the progress-aware wait; busbw GB/s MPI -> ring):
+  // - 2 ranks: the ring's all_reduce wins from 4 KiB (1.2-3.6x from 1 MiB: 64 MiB 1.13 -> 3.01)
+  //   but for one dip at 256 KiB; its reduce_scatter wins at every size (64 MiB 0.91 -> 1.85):
+  //   Open MPI 4.1 reduces through temporaries.
+  // - 4 and 8 ranks oversubscribe the 2 cores; each of the ring's 2(w-1) steps may wait for a
+  //   descheduled neighbour. The ring's all_reduce wins from 1 MiB at 4 ranks (64 MiB 0.98 ->
+  //   1.46) and from 4 MiB at 8 (0.46 -> 0.69), its reduce_scatter from 1-16 MiB; below that
+  //   MPI's wins by up to 3x. 4 MiB is the shared crossover.
+  // - all_gather: MPI's is as fast or faster at 2 and 8 ranks and at 64 MiB on 4 (1.51 vs 1.05;
+  //   the ring wins 1-16 MiB on 4 ranks by 10-20%), so MPI's (fewer steps) is kept.
   const int64_t kib = 1024, mib = 1024 * kib;
   switch (op) {
     case CommOp::all_reduce:
@@ -147,6 +151,7 @@ bool WorkState::advance() {
   on_complete.clear();
   keep.clear();
   done = true;
+  ++group->progress;
   return true;
 }
 
@@ -181,12 +186,18 @@ bool RequestWork::step() {
 
 namespace {
 
-// Poll back-off: ~100 immediate re-polls (microseconds; best latency when every rank has a
-// core), then sched_yield for ~1000 polls (ranks oversubscribing cores let the peer run), then
-// 50 us sleeps so an idle waiter costs next to nothing while a slow peer finishes.
-void backoff(int64_t polls) {
+// Poll back-off, reset whenever the group makes progress (a work completes, a ring step
+// finishes): ~100 immediate re-polls (microseconds; best latency when every rank has a core),
+// then sched_yield (ranks oversubscribing cores let the peer run) until nothing has progressed
+// for kYieldWindow, then 50 us sleeps so an idle waiter costs next to nothing while a slow peer
+// computes. The window must cover a whole large message: without single-copy transfers (CMA),
+// MPI moves one 32 KiB fragment per poll of both ranks, and sleeping between polls cut a 64 MiB
+// send from 5.7 to 0.7 GB/s (bench/comm, session 4).
+constexpr double kYieldWindow = 0.2;  // seconds
+
+void backoff(int64_t polls, double idle_s) {
   if (polls < 100) return;
-  if (polls < 1100) {
+  if (idle_s < kYieldWindow) {
     sched_yield();
     return;
   }
@@ -216,13 +227,20 @@ void Work::wait(double timeout_s) const {
   GroupState& g = *w.group;
   auto start = std::chrono::steady_clock::now();
   auto deadline = start + std::chrono::duration<double>(timeout_s);
+  auto idle_since = start;
+  int64_t seen = g.progress;
   for (int64_t polls = 0;; ++polls) {
     if (!w.done) g.progress_pending();
     if (w.done) {
       if (!w.error.empty()) throw Error(fmt::format("{} {} failed: {}", g.prefix(), w.describe(), w.error));
       return;
     }
-    if (std::chrono::steady_clock::now() >= deadline) {
+    const auto now = std::chrono::steady_clock::now();
+    if (g.progress != seen) {
+      seen = g.progress;
+      idle_since = now;
+    }
+    if (now >= deadline) {
       std::string members;
       for (size_t i = 0; i < g.world_ranks.size(); ++i)
         members += fmt::format("{}{}", i ? "," : "", g.world_ranks[i]);
@@ -232,7 +250,7 @@ void Work::wait(double timeout_s) const {
           "LOOM_COMM_TIMEOUT or GroupOptions::timeout_s.",
           g.prefix(), w.describe(), timeout_s, g.rank, g.size, members));
     }
-    backoff(polls);
+    backoff(polls, std::chrono::duration<double>(now - idle_since).count());
   }
 }
 

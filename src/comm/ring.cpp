@@ -68,6 +68,7 @@ class RingWork final : public WorkState {
         mpi_check(MPI_Testall(2, reqs_, &flag, MPI_STATUSES_IGNORE), "MPI_Testall (ring)");
         if (!flag) return false;
         active_ = false;
+        ++group->progress;
         finish_step();
       }
       if (phase_ == Phase::done) return true;
