@@ -1,6 +1,7 @@
 // `loom train --config T.toml [--steps N] [--out DIR] [--resume DIR] [--set key=value ...]
-//  [--dp N] [--tp N] [--pp N] [--zero 0..3] [--bucket-mb X] [--ranks-per-node K] ...`. Under mpirun every rank runs this; loom detects the
-// launcher and trains data parallel over all ranks.
+//  [--dp N] [--tp N] [--pp N] [--zero 0..3] [--bucket-mb X] [--ranks-per-node K] ...`. Under
+// mpirun every rank runs this; loom detects the launcher and trains over all ranks (data
+// parallel unless the layout flags say otherwise). A rank whose training throws aborts the job.
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
