@@ -270,14 +270,28 @@ void GptStage::sync_low_precision_weights() {
 
 Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
                          int64_t B, int64_t T, float grad_scale, LossSum* loss) {
-  const int64_t N = B * T, C = cfg_.d_model;
-  LOOM_CHECK(B >= 1 && T >= 1 && T <= cfg_.max_seq,
-             "batch B={} and sequence T={} must be positive with T <= max_seq = {}", B, T,
-             cfg_.max_seq);
   LOOM_CHECK(stash_.count(mb) == 0,
              "micro-batch {} is already in flight on stage blocks [{}, {}); run its backward "
              "first",
              mb, span_.first_layer, span_.last_layer);
+  return forward_impl(mb, inputs, targets, x, B, T, grad_scale, loss, /*train=*/true);
+}
+
+Tensor GptStage::forward_eval(const int32_t* inputs, const int32_t* targets, const Tensor& x,
+                              int64_t B, int64_t T, LossSum* loss) {
+  return forward_impl(-1, inputs, targets, x, B, T, 0.f, loss, /*train=*/false);
+}
+
+// train: stash what backward needs under `mb` and, on the head stage, run the fused head's
+// backward. Otherwise (evaluation) keep nothing and touch no gradient: each block's stash dies
+// with the block, and the head only scores.
+Tensor GptStage::forward_impl(int mb, const int32_t* inputs, const int32_t* targets,
+                              const Tensor& x, int64_t B, int64_t T, float grad_scale,
+                              LossSum* loss, bool train) {
+  const int64_t N = B * T, C = cfg_.d_model;
+  LOOM_CHECK(B >= 1 && T >= 1 && T <= cfg_.max_seq,
+             "batch B={} and sequence T={} must be positive with T <= max_seq = {}", B, T,
+             cfg_.max_seq);
   const BlockCtx pc = plain_ctx(B, T);
   LOOM_CHECK(N % pc.tp_size() == 0, "tensor parallel needs B*T = {} divisible by tp = {}", N,
              pc.tp_size());
@@ -300,7 +314,7 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     }
     unit_release(u_pos_);
     unit_release(u_tok_);
-    st->inputs.assign(inputs, inputs + N);
+    if (train) st->inputs.assign(inputs, inputs + N);
   } else {
     LOOM_CHECK(x.defined() && x.numel() == Nl * C && x.dtype() == DType::f32,
                "stage blocks [{}, {}) needs an f32 input activation of rows*C = {}*{} elements, "
@@ -313,10 +327,11 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     st->blocks.push_back(std::make_unique<BlockStash>());
     h = block_forward(ctx(u, false, B, T), rebased(blocks_[i], units_[size_t(u)].begin), h,
                       nullptr, *st->blocks.back(), recompute_);
+    if (!train) st->blocks.back().reset();
     unit_release(u);
   }
   if (!span_.has_head) {
-    stash_[mb] = std::move(st);
+    if (train) stash_[mb] = std::move(st);
     return h;  // (N,C)
   }
 
@@ -345,10 +360,16 @@ Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, 
     out = block_forward(hc, rebased(qblock_, H0), st->final_out, &qin, *st->query, recompute_);
   }
   unit_release(u_head_);
-  // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).    (Nl,C)
-  st->dhead = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
   const float* wte = unit_w(u_tok_);
   const bf16* wte_l = unit_wl(u_tok_);
+  if (!train) {
+    HeadWeights hw{&global_.specs()[0], wte, wte_l, nullptr, nullptr};
+    *loss = tied_head_loss(pc, hw, out, targets, 1.f, nullptr);
+    unit_release(u_tok_);
+    return Tensor();
+  }
+  // Tied head + cross-entropy, fused (forward and backward at once, as Gpt does).    (Nl,C)
+  st->dhead = Tensor::empty({Nl, C}, DType::f32, pool_, MemCategory::activations);
   HeadWeights hw{&global_.specs()[0], wte, wte_l, unit_g(u_tok_), nullptr};
   *loss = tied_head_loss(pc, hw, out, targets, grad_scale, &st->dhead);
   unit_release(u_tok_);

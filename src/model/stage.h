@@ -137,6 +137,10 @@ class GptStage {
   // needs under `mb`; a micro-batch id already in flight is an error.
   Tensor forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
                  int64_t T, float grad_scale, LossSum* loss);
+  // Evaluation: the same forward without a stash or any gradient (the head stage only scores
+  // the targets into *loss). Needs no backward; any micro-batch may be in flight meanwhile.
+  Tensor forward_eval(const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
+                      int64_t T, LossSum* loss);
   // Backward of micro-batch `mb`: `dy` (N,C) is the gradient of the stage output (ignored on
   // the head stage, which uses its stash; its buffer is reused). ACCUMULATES parameter grads,
   // frees the stash and returns d(input) (N,C), or an undefined tensor on the embedding stage.
@@ -145,6 +149,8 @@ class GptStage {
 
  private:
   struct MicroStash;
+  Tensor forward_impl(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
+                      int64_t B, int64_t T, float grad_scale, LossSum* loss, bool train);
   int64_t local(int64_t global_offset) const;  // LOOM_ASSERTs the offset is held
   BlockOffsets local_block(const BlockOffsets& g) const;
   // Unit access, direct or through the store (as model::Gpt).

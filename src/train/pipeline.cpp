@@ -488,4 +488,49 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   return s;
 }
 
+double PipelineExecutor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
+                                   int64_t T) {
+  const int n_pp = pp_.size(), rank = pp_.rank();
+  const int n_virtual = n_pp * pc_.virtual_stages;
+  const int n_tp = tp_.valid() ? tp_.size() : 1;
+  LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
+             n_tp);
+  const int64_t N = B * T / n_tp, C = cfg_.d_model;  // rows of the messages here
+  bool needs_tokens = false;
+  for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
+  LOOM_CHECK(!needs_tokens || tokens != nullptr,
+             "{} holds the embedding or the head and needs the evaluation tokens ({} x {} x {})",
+             pp_.prefix(), n_batches, B, T + 1);
+  std::vector<int32_t> inputs(size_t(B * T)), targets(size_t(B * T));
+  double loss_buf[2] = {0, 0};  // loss sum, tokens (on the last virtual stage's rank)
+  for (int64_t i = 0; i < n_batches; ++i) {
+    if (needs_tokens)
+      for (int64_t b = 0; b < B; ++b) {
+        const int32_t* row = tokens + (i * B + b) * (T + 1);
+        std::memcpy(&inputs[size_t(b * T)], row, size_t(T) * 4);
+        std::memcpy(&targets[size_t(b * T)], row + 1, size_t(T) * 4);
+      }
+    // Virtual stage g runs on pp rank g % n_pp as chunk g / n_pp; each window goes through
+    // them in order, so every send meets a receive that is already due (no cycle).
+    for (int c = 0; c < num_chunks(); ++c) {
+      const int g = schedule_.virtual_stage(rank, c);
+      Tensor x;
+      if (g > 0) {
+        x = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::comm);  // (N,C)
+        pp_.irecv(x, (g - 1) % n_pp, p2p_tag(Stream::activation, int(i), g - 1, n_virtual)).wait();
+      }
+      model::LossSum l;
+      Tensor y = chunks_[size_t(c)]->forward_eval(inputs.data(), targets.data(), x, B, T, &l);
+      if (g + 1 < n_virtual) {
+        pp_.isend(y, (g + 1) % n_pp, p2p_tag(Stream::activation, int(i), g, n_virtual)).wait();
+      } else {
+        loss_buf[0] += l.sum;
+        loss_buf[1] += double(l.count);
+      }
+    }
+  }
+  pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
+  return loss_buf[1] > 0 ? loss_buf[0] / loss_buf[1] : 0.0;
+}
+
 }  // namespace loom::train

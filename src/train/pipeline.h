@@ -106,6 +106,12 @@ class PipelineExecutor {
   // major; read only on ranks holding the embedding or the head (others may pass null).
   PipelineStepStats train_step(const int32_t* tokens, int64_t B, int64_t T);
 
+  // Mean loss per token of n_batches windows (n_batches, B, T+1) int32, forward only: each
+  // window runs through the stages in order (no schedule, no gradient, no optimizer step).
+  // tokens are read on the ranks holding the embedding or the head. Collective over pp (and
+  // tp; dp too under ZeRO-3, which gathers the weights): every rank returns the same value.
+  double eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T);
+
   int num_chunks() const { return int(chunks_.size()); }
   model::GptStage& chunk(int c) const { return *chunks_.at(size_t(c)); }
   const parallel::PipelineSchedule& schedule() const { return schedule_; }

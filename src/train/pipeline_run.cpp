@@ -113,16 +113,23 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
   }
 
   auto save = [&](const std::string& dir) {
-    std::vector<float> w(size_t(n), 0.f), m(size_t(n), 0.f), v(size_t(n), 0.f);
     // dp replicas hold identical weights: the pipeline of dp rank 0 gathers and writes. Under
-    // ZeRO-1 each dp rank holds a share of the moments: they are summed over dp first.
-    if (cfg.zero >= 1 && n_dp > 1) {
+    // ZeRO-1 each dp rank holds a share of the moments: they are summed over dp first. Other dp
+    // ranks allocate only what those collectives need: (n) buffers on every rank of an 8-rank
+    // gpt2 run (1.5 GB each) had the kernel kill a rank for memory.
+    const bool assembles = dp_rank == 0;
+    const bool shares_moments = cfg.zero >= 1 && n_dp > 1;
+    const size_t nw = assembles || cfg.zero == 3 ? size_t(n) : 0;
+    const size_t nm = assembles || shares_moments ? size_t(n) : 0;
+    std::vector<float> w(nw, 0.f), m(nm, 0.f), v(nm, 0.f);
+    if (shares_moments) {
       exec.export_optimizer(m.data(), v.data());
       gather_full(groups.dp, m.data(), n);
       gather_full(groups.dp, v.data(), n);
     }
-    exec.export_weights(w.data());  // collective over dp under ZeRO-3 (weights are gathered)
-    if (dp_rank == 0) {
+    // Collective over dp under ZeRO-3 (weights are gathered), so every dp rank calls it then.
+    if (nw > 0) exec.export_weights(w.data());
+    if (assembles) {
       if (cfg.zero == 0 || n_dp == 1) exec.export_optimizer(m.data(), v.data());
       gather_full(groups.pp, w.data(), n);
       gather_full(groups.pp, m.data(), n);
@@ -195,11 +202,23 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
     last.tokens_per_s = double(B * T * M * n_dp) / last.step_s;
     last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M * n_dp) / last.step_s / 1e9;
     stop = stop_agreed();
+    // Validation, as run_training: the same val windows on every dp replica, forward only.
+    const bool eval_now = cfg.eval_every > 0 &&
+                          (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
+    double val = 0;
+    if (eval_now) {
+      auto val_stream = make_stream(cfg, false, dp_rank, n_dp);
+      std::vector<int32_t> val_tokens(size_t(cfg.eval_batches * B * (T + 1)));
+      for (int64_t i = 0; i < cfg.eval_batches; ++i)
+        val_stream->next_batch(val_tokens.data() + i * B * (T + 1), nullptr, B, T);
+      val = exec.eval_loss(val_tokens.data(), cfg.eval_batches, B, T);
+    }
     if (leader) {
       nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
                           {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
                           {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops},
                           {"dp_wait_s", last.dp_wait_s}};
+      if (eval_now) m["val_loss"] = val;
       for (auto* g : {&groups.dp, &groups.tp, &groups.pp})
         m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
       for (size_t c = 0; c < kNumMemCategories; ++c)
@@ -207,10 +226,10 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
       metrics << m.dump() << "\n";
       metrics.flush();
     }
-    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || stop)
-      LOOM_LOG_INFO("step {:>5}/{} loss {:.4f} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} GFLOP/s",
-                    last.step, cfg.steps, last.loss, last.lr, last.grad_norm, last.tokens_per_s,
-                    last.gflops);
+    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || stop || eval_now)
+      LOOM_LOG_INFO("step {:>5}/{} loss {:.4f}{} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} GFLOP/s",
+                    last.step, cfg.steps, last.loss, eval_now ? fmt::format(" val {:.4f}", val) : "",
+                    last.lr, last.grad_norm, last.tokens_per_s, last.gflops);
     if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 && last.step < cfg.steps &&
         !stop)
       save(cfg.checkpoint_dir);

@@ -160,13 +160,14 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
 # summation order: 1e-5 relative, as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
 common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set train.seq=32)
-"$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_serial" --set train.batch=4 --set train.micro_batches=2 >/dev/null 2>&1
+"$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_serial" --set train.batch=4 --set train.micro_batches=2 \
+  --set train.eval_every=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dp" --dp 2 --zero 1 --set train.batch=2 \
   --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_tp" --tp 2 --set train.batch=4 \
   --set train.micro_batches=2 >/dev/null 2>&1
 "$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_pp" --pp 2 --schedule 1f1b --micro-batches 2 \
-  --set train.batch=4 >/dev/null 2>&1
+  --set train.batch=4 --set train.eval_every=2 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 --micro-batches 2 \
   --set train.batch=2 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 3 \
@@ -185,6 +186,15 @@ assert len(a) == len(b) == 4, (a, b)
 assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 PY
 done
+# Validation in a pipeline run (forward only through the stages) equals the serial run's.
+/usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_pp/metrics.jsonl" <<'PY' \
+  && pass "pipeline validation loss equals serial" || fail "pipeline validation loss differs"
+import json, sys
+a = {json.loads(l)["step"]: json.loads(l).get("val_loss") for l in open(sys.argv[1])}
+b = {json.loads(l)["step"]: json.loads(l).get("val_loss") for l in open(sys.argv[2])}
+assert a[2] is not None and a[4] is not None and a[1] is None, a
+assert all(abs(a[s] - b[s]) <= 1e-5 * a[s] for s in (2, 4)), (a, b)
+PY
 # Node locality: the dp2 x tp2 run above emulated 2 nodes of 2 ranks (tp pairs inside a node);
 # with 1 rank per node the tp pairs span nodes and the log says so, with the fix.
 grep -qF "placement: 2 node(s) x 2 rank(s); tp within a node; dp across up to 2 nodes" "$WORK/l_dptp.log" \

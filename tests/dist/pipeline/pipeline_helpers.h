@@ -62,7 +62,14 @@ struct SerialRun {
   std::vector<double> losses;      // (steps) mean loss per counted token
   std::vector<double> grad_norms;  // (steps) before clipping
   std::vector<float> weights;      // (layout.total()) after the steps
+  double eval_loss = 0;            // forward-only mean loss of eval_tokens(...) after the steps
 };
+
+// kEvalBatches windows (kEvalBatches, B, T+1) that no training step uses.
+constexpr int64_t kEvalBatches = 2;
+inline std::vector<int32_t> eval_tokens(int64_t B, int64_t T, int64_t V) {
+  return step_tokens(1000, kEvalBatches, B, T, V);
+}
 
 // The single-rank reference: Gpt + AdamW exactly as train/trainer.cpp runs a step.
 inline SerialRun run_serial(const model::ModelConfig& cfg, int steps, int64_t M, int64_t B,
@@ -91,6 +98,15 @@ inline SerialRun run_serial(const model::ModelConfig& cfg, int steps, int64_t M,
     r.grad_norms.push_back(norm);
   }
   r.weights.assign(gpt.weights(), gpt.weights() + gpt.layout().total());
+  std::vector<int32_t> ev = eval_tokens(B, T, cfg.vocab);
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < kEvalBatches; ++i) {
+    model::LossSum l = gpt.forward_loss(ev.data() + i * B * (T + 1), B, T);
+    sum += l.sum;
+    count += l.count;
+  }
+  r.eval_loss = sum / double(count);
   return r;
 }
 

@@ -127,6 +127,7 @@ pipeline_test::SerialRun serial_on_rank0(const model::ModelConfig& cfg) {
   s.weights.resize(size_t(model::ParamLayout(cfg).total()));
   world.broadcast(comm::BufferRef(s.losses.data(), kSteps, DType::f64), 0).wait();
   world.broadcast(comm::BufferRef(s.grad_norms.data(), kSteps, DType::f64), 0).wait();
+  world.broadcast(comm::BufferRef(&s.eval_loss, 1, DType::f64), 0).wait();
   world.broadcast(comm::BufferRef(s.weights.data(), int64_t(s.weights.size()), DType::f32), 0)
       .wait();
   return s;
@@ -382,6 +383,13 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
             << what << " step " << s + 1;
         EXPECT_NEAR(st.grad_norm, ref.grad_norms[size_t(s)], 1e-5 * ref.grad_norms[size_t(s)])
             << what << " step " << s + 1;
+      }
+      // Forward-only evaluation of windows no step used, at the final weights: every dp
+      // replica evaluates all of them with the micro-batch size B of the serial run.
+      {
+        std::vector<int32_t> ev = pipeline_test::eval_tokens(kB, kT, cfg.vocab);
+        const double got = ex.eval_loss(ev.data(), pipeline_test::kEvalBatches, kB, kT);
+        EXPECT_NEAR(got, ref.eval_loss, 1e-5 * ref.eval_loss) << what << " eval";
       }
       // This tp rank's tensors from every stage, then the tp shards into the logical tensors.
       const model::ParamLayout mine(cfg, tp > 1 ? model::TpShard{g.tp.rank(), tp} : model::TpShard{});
