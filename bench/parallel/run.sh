@@ -6,7 +6,7 @@
 # the gradient reduction forced after the backward (one bucket: no overlap), and reports how
 # much of the dp reduction the bucketed overlap hides: 1 - exposed_wait(overlap) /
 # exposed_wait(no overlap), exposed_wait being the time blocked on the reduction after backward.
-#   bench/parallel/run.sh [LOOM_BIN]      env: LOOM_BENCH_STEPS (default 3), LOOM_BENCH_RANKS
+#   bench/parallel/run.sh [LOOM_BIN]      env: LOOM_BENCH_STEPS (default 5), LOOM_BENCH_RANKS
 #                                         ("4 8"), LOOM_BENCH_OUT (runs/bench-parallel),
 #                                         LOOM_BENCH_ONLY (regex of layout names to run)
 # On 2 cores, 4 and 8 ranks oversubscribe the machine (1 thread per rank): the numbers show the
@@ -15,7 +15,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 loom=${1:-$root/build/bin/loom}
-steps=${LOOM_BENCH_STEPS:-3}
+steps=${LOOM_BENCH_STEPS:-5}
 out=${LOOM_BENCH_OUT:-$root/runs/bench-parallel}
 mkdir -p "$out"
 cfg="$root/configs/train/gpt2-124m.toml"
