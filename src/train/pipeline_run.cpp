@@ -1,9 +1,6 @@
 #include "train/pipeline_run.h"
 
 #include <chrono>
-#include <csignal>
-#include <filesystem>
-#include <fstream>
 
 #include "checkpoint/checkpoint.h"
 #include "core/error.h"
@@ -11,20 +8,15 @@
 #include "core/threads.h"
 #include "data/token_stream.h"
 #include "model/params.h"
+#include "train/loop.h"
 #include "train/pipeline.h"
-#include "train/plot.h"
 #include "parallel/topology.h"
 
 #include <fmt/ranges.h>
 
-namespace fs = std::filesystem;
-
 namespace loom::train {
 
 namespace {
-
-volatile std::sig_atomic_t g_pipeline_stop = 0;
-extern "C" void on_pipeline_stop(int sig) { g_pipeline_stop = sig; }
 
 std::unique_ptr<data::TokenStream> make_stream(const TrainConfig& cfg, bool train, int dp_rank,
                                                int dp_size) {
@@ -159,91 +151,51 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
                error);
   };
 
-  std::ofstream metrics;
-  if (leader) {
-    fs::create_directories(cfg.log_dir);
-    metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
-    LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
-  }
   LOOM_LOG_INFO("model {}: {} parameters, dp {} x tp {} x pp {} ({} schedule, {} micro-batches, "
                 "{} virtual stages), {} threads per rank",
                 cfg.model.name, cfg.model.num_params(), n_dp, cfg.tp, cfg.pp, cfg.schedule, cfg.micro_batches,
                 cfg.virtual_stages, num_threads());
   const int64_t B = cfg.batch, T = cfg.seq, M = cfg.micro_batches;
   std::vector<int32_t> tokens(size_t(M * B * (T + 1)));
-  auto old_int = std::signal(SIGINT, on_pipeline_stop);
-  auto old_term = std::signal(SIGTERM, on_pipeline_stop);
-  auto t_start = std::chrono::steady_clock::now();
-  auto stop_agreed = [&] {
-    bool mine = g_pipeline_stop != 0 ||
-                (cfg.time_limit_s > 0 &&
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() >=
-                     cfg.time_limit_s);
-    int32_t v = mine ? 1 : 0;
-    world.all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
-    return v != 0;
-  };
-  StepStats last;
-  bool stop = stop_agreed();
-  while (exec.step_count() < cfg.steps && !stop) {
+  LoopHooks hooks;
+  hooks.step = [&] { return exec.step_count(); };
+  hooks.train_step = [&] {
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t mb = 0; mb < M; ++mb)
       train_stream->next_batch(tokens.data() + mb * B * (T + 1), nullptr, B, T);
-    for (auto* g : {&groups.dp, &groups.tp, &groups.pp}) g->reset_counters();
-    pool.reset_peaks();
-    maybe_inject_failure(world.rank(), exec.step_count() + 1);
     PipelineStepStats ps = exec.train_step(tokens.data(), B, T);
-    last.step = ps.step;
-    last.loss = ps.loss;
-    last.lr = ps.lr;
-    last.grad_norm = ps.grad_norm;
-    last.dp_wait_s = ps.dp_wait_s;
-    last.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    last.tokens_per_s = double(B * T * M * n_dp) / last.step_s;
-    last.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M * n_dp) / last.step_s / 1e9;
-    stop = stop_agreed();
-    // Validation, as run_training: the same val windows on every dp replica, forward only.
-    const bool eval_now = cfg.eval_every > 0 &&
-                          (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
-    double val = 0;
-    if (eval_now) {
-      auto val_stream = make_stream(cfg, false, dp_rank, n_dp);
-      std::vector<int32_t> val_tokens(size_t(cfg.eval_batches * B * (T + 1)));
-      for (int64_t i = 0; i < cfg.eval_batches; ++i)
-        val_stream->next_batch(val_tokens.data() + i * B * (T + 1), nullptr, B, T);
-      val = exec.eval_loss(val_tokens.data(), cfg.eval_batches, B, T);
-    }
-    if (leader) {
-      nlohmann::json m = {{"step", last.step}, {"loss", last.loss}, {"lr", last.lr},
-                          {"grad_norm", last.grad_norm}, {"step_s", last.step_s},
-                          {"tokens_per_s", last.tokens_per_s}, {"gflops", last.gflops},
-                          {"dp_wait_s", last.dp_wait_s}};
-      if (eval_now) m["val_loss"] = val;
-      for (auto* g : {&groups.dp, &groups.tp, &groups.pp})
-        m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
-      for (size_t c = 0; c < kNumMemCategories; ++c)
-        m["peak_bytes"][std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
-      metrics << m.dump() << "\n";
-      metrics.flush();
-    }
-    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || stop || eval_now)
-      LOOM_LOG_INFO("step {:>5}/{} loss {:.4f}{} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} GFLOP/s",
-                    last.step, cfg.steps, last.loss, eval_now ? fmt::format(" val {:.4f}", val) : "",
-                    last.lr, last.grad_norm, last.tokens_per_s, last.gflops);
-    if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 && last.step < cfg.steps &&
-        !stop)
-      save(cfg.checkpoint_dir);
-  }
-  save(cfg.checkpoint_dir);
-  LOOM_LOG_INFO("checkpoint written to {} (step {})", cfg.checkpoint_dir, exec.step_count());
-  if (leader) {
-    metrics.close();
-    write_loss_plot(cfg.log_dir + "/metrics.jsonl", cfg.log_dir + "/loss.svg");
-  }
-  std::signal(SIGINT, old_int);
-  std::signal(SIGTERM, old_term);
-  g_pipeline_stop = 0;
-  return last;
+    StepStats st;
+    st.step = ps.step;
+    st.loss = ps.loss;
+    st.lr = ps.lr;
+    st.grad_norm = ps.grad_norm;
+    st.dp_wait_s = ps.dp_wait_s;
+    st.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    st.tokens_per_s = double(B * T * M * n_dp) / st.step_s;
+    st.gflops = cfg.model.train_flops_per_token(T) * double(B * T * M * n_dp) / st.step_s / 1e9;
+    return st;
+  };
+  // Validation, as run_training: the same val windows on every dp replica, forward only.
+  hooks.eval_loss = [&] {
+    auto val_stream = make_stream(cfg, false, dp_rank, n_dp);
+    std::vector<int32_t> val_tokens(size_t(cfg.eval_batches * B * (T + 1)));
+    for (int64_t i = 0; i < cfg.eval_batches; ++i)
+      val_stream->next_batch(val_tokens.data() + i * B * (T + 1), nullptr, B, T);
+    return exec.eval_loss(val_tokens.data(), cfg.eval_batches, B, T);
+  };
+  hooks.save = save;
+  hooks.any_rank = [&](bool flag) {
+    int32_t v = flag ? 1 : 0;
+    world.all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
+    return v != 0;
+  };
+  LoopContext ctx;
+  ctx.pool = &pool;
+  ctx.leader = leader;
+  ctx.world_rank = world.rank();
+  ctx.world_size = world.size();
+  ctx.groups = {&groups.dp, &groups.tp, &groups.pp};
+  return run_loop(cfg, hooks, ctx, !resume_dir.empty());
 }
 
 }  // namespace loom::train

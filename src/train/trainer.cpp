@@ -1,13 +1,10 @@
 #include "train/trainer.h"
 
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <utility>
 #include <filesystem>
-#include <unistd.h>
-#include <fstream>
 
 #include "checkpoint/checkpoint.h"
 #include "core/error.h"
@@ -16,8 +13,8 @@
 #include "data/token_stream.h"
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/matmul.h"
+#include "train/loop.h"
 #include "train/pipeline_run.h"
-#include "train/plot.h"
 #include "parallel/topology.h"
 
 #include <fmt/ranges.h>
@@ -338,11 +335,6 @@ void Trainer::save(const std::string& dir) {
   }
 }
 
-namespace {
-volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
-}  // namespace
-
 void maybe_inject_failure(int world_rank, int64_t step) {
   static const std::pair<int, int64_t> at = [] {
     const char* v = std::getenv("LOOM_FAIL_AT");
@@ -399,104 +391,25 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
     trainer.resume(resume_dir);
     LOOM_LOG_INFO("resumed from {} at step {}", resume_dir, trainer.step());
   }
-  std::ofstream metrics;
-  if (leader) {
-    fs::create_directories(cfg.log_dir);
-    metrics.open(cfg.log_dir + "/metrics.jsonl", resume_dir.empty() ? std::ios::trunc : std::ios::app);
-    LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
-  }
   const double peak = kernels::measure_matmul_peak_gflops(cfg.precision == model::Precision::bf16);
   LOOM_LOG_INFO("model {}: {} parameters, dp {} (zero {}) x tp {}, {} threads per rank, matmul "
                 "peak {:.0f} GFLOP/s per rank ({})",
                 cfg.model.name, cfg.model.num_params(), dp, cfg.zero, cfg.tp, num_threads(), peak,
                 cfg.precision == model::Precision::bf16 ? "bf16" : "f32");
-
-  auto old_int = std::signal(SIGINT, on_stop_signal);
-  auto old_term = std::signal(SIGTERM, on_stop_signal);
-  const bool progress_bar = ::isatty(2) != 0;
-  StepStats last;
-  auto t_start = std::chrono::steady_clock::now();
-  const int64_t first = trainer.step();
-  auto out_of_time = [&] {
-    return cfg.time_limit_s > 0 &&
-           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() >=
-               cfg.time_limit_s;
-  };
-  // Every rank must stop at the same step (their collectives must match): they agree each step.
-  bool stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
-  while (trainer.step() < cfg.steps && !stop) {
-    pool.reset_peaks();
-    if (world)
-      for (auto* g : {&groups.world, &groups.dp, &groups.tp}) g->reset_counters();
-    maybe_inject_failure(world ? world->rank() : 0, trainer.step() + 1);
-    last = trainer.train_step();
-    stop = trainer.any_rank(g_stop_signal != 0 || out_of_time());
-    bool eval_now = cfg.eval_every > 0 &&
-                    (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
-    double val = eval_now ? trainer.eval_loss(cfg.eval_batches) : 0.0;
-    if (leader) {
-      nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
-                          {"lr", last.lr},              {"grad_norm", last.grad_norm},
-                          {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
-                          {"gflops", last.gflops},      {"peak_fraction", last.gflops / peak / world_size},
-                          {"dp_wait_s", last.dp_wait_s}};
-      nlohmann::json mem;
-      for (size_t c = 0; c < kNumMemCategories; ++c)
-        mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));
-      m["peak_bytes"] = mem;
-      // Calls and bytes this rank sent per group and op during the step (comm/process_group.h).
-      if (world)
-        for (auto* g : {&groups.dp, &groups.tp})
-          m["comm_bytes"][g->name()] = nlohmann::json::parse(g->counters().to_json());
-      if (eval_now) m["val_loss"] = val;
-      metrics << m.dump() << "\n";
-      metrics.flush();
-    }
-    // On a terminal, a progress bar redrawn every step between the log lines.
-    if (leader && progress_bar) {
-      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-      double frac_steps = double(last.step) / double(std::max<int64_t>(1, cfg.steps));
-      double frac_time = cfg.time_limit_s > 0 ? elapsed / cfg.time_limit_s : 0.0;
-      double frac = std::min(1.0, std::max(frac_steps, frac_time));
-      double eta = frac > 0 ? elapsed * (1 - frac) / frac : 0;
-      int filled = int(frac * 30);
-      std::fprintf(stderr, "\r[%s%s] %3.0f%% step %lld loss %.4f %.0f tok/s eta %.0fs   ",
-                   std::string(size_t(filled), '#').c_str(), std::string(size_t(30 - filled), '.').c_str(),
-                   100 * frac, (long long)last.step, last.loss, last.tokens_per_s, eta);
-      std::fflush(stderr);
-    }
-    if (last.step % cfg.log_every == 0 || last.step == cfg.steps || eval_now) {
-      if (leader && progress_bar) std::fprintf(stderr, "\r%80s\r", "");
-      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-      double eta = elapsed / double(last.step - first) * double(cfg.steps - last.step);
-      if (cfg.time_limit_s > 0) eta = std::min(eta, std::max(0.0, cfg.time_limit_s - elapsed));
-      LOOM_LOG_INFO("step {:>5}/{} loss {:.4f}{} lr {:.2e} gnorm {:.3f} {:.0f} tok/s {:.1f} "
-                    "GFLOP/s ({:.0f}% of peak) act {:.1f} MiB eta {:.0f}s",
-                    last.step, cfg.steps, last.loss, eval_now ? fmt::format(" val {:.4f}", val) : "",
-                    last.lr, last.grad_norm, last.tokens_per_s, last.gflops,
-                    100.0 * last.gflops / peak / world_size,
-                    double(pool.peak(MemCategory::activations)) / (1 << 20), eta);
-    }
-    if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 &&
-        last.step < cfg.steps && !stop)
-      trainer.save(cfg.checkpoint_dir);
-  }
-  if (leader && progress_bar) std::fprintf(stderr, "\n");
-  if (out_of_time())
-    LOOM_LOG_INFO("time limit of {:.0f} s reached at step {}", cfg.time_limit_s, trainer.step());
-  if (g_stop_signal)
-    LOOM_LOG_WARN("signal {} received: saving a checkpoint at step {} and stopping",
-                  int(g_stop_signal), trainer.step());
-  trainer.save(cfg.checkpoint_dir);
-  LOOM_LOG_INFO("checkpoint written to {} (step {})", cfg.checkpoint_dir, trainer.step());
-  if (leader) {
-    metrics.close();
-    if (write_loss_plot(cfg.log_dir + "/metrics.jsonl", cfg.log_dir + "/loss.svg"))
-      LOOM_LOG_INFO("loss plot written to {}/loss.svg", cfg.log_dir);
-  }
-  std::signal(SIGINT, old_int);
-  std::signal(SIGTERM, old_term);
-  g_stop_signal = 0;
+  LoopHooks hooks;
+  hooks.step = [&] { return trainer.step(); };
+  hooks.train_step = [&] { return trainer.train_step(); };
+  hooks.eval_loss = [&] { return trainer.eval_loss(cfg.eval_batches); };
+  hooks.save = [&](const std::string& dir) { trainer.save(dir); };
+  hooks.any_rank = [&](bool flag) { return trainer.any_rank(flag); };
+  LoopContext ctx;
+  ctx.pool = &pool;
+  ctx.leader = leader;
+  ctx.world_rank = world ? world->rank() : 0;
+  ctx.world_size = world_size;
+  ctx.peak_gflops = peak;
+  if (world) ctx.groups = {&groups.dp, &groups.tp};
+  StepStats last = run_loop(cfg, hooks, ctx, !resume_dir.empty());
   return last;
 }
 
