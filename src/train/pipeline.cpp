@@ -206,6 +206,29 @@ void PipelineExecutor::export_optimizer(float* global_m, float* global_v) const 
   }
 }
 
+void PipelineExecutor::export_optimizer_dp_summed(float* global_m, float* global_v) const {
+  LOOM_CHECK((global_m == nullptr) == (global_v == nullptr),
+             "export_optimizer_dp_summed: pass both m and v, or neither");
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const model::GptStage& c = *chunks_[i];
+    const optim::AdamW& o = *optimizers_[i];
+    std::vector<float> m(size_t(c.total()), 0.f), v(size_t(c.total()), 0.f);  // chunk layout
+    for_each_owned(c, o.ranges(),
+                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam&) {
+                     std::memcpy(m.data() + lo, o.m() + packed, size_t(len) * sizeof(float));
+                     std::memcpy(v.data() + lo, o.v() + packed, size_t(len) * sizeof(float));
+                   });
+    if (dp_.valid()) {
+      dp_.all_reduce(comm::BufferRef(m.data(), c.total(), DType::f32)).wait();
+      dp_.all_reduce(comm::BufferRef(v.data(), c.total(), DType::f32)).wait();
+    }
+    if (global_m) {
+      c.to_global(m.data(), global_m, /*include_tied_copy=*/false);
+      c.to_global(v.data(), global_v, /*include_tied_copy=*/false);
+    }
+  }
+}
+
 void PipelineExecutor::import_optimizer(const float* global_m, const float* global_v,
                                         int64_t step) {
   LOOM_CHECK(step >= 0, "optimizer step count {} must be >= 0", step);

@@ -127,6 +127,10 @@ class PipelineExecutor {
   // the step count; m and v of the head's tied copy are taken from the embedding's entries.
   void export_optimizer(float* global_m, float* global_v) const;
   void import_optimizer(const float* global_m, const float* global_v, int64_t step);
+  // Sharded optimizer (ZeRO >= 1 over dp): every dp rank's shares summed, chunk by chunk, into
+  // global_m / global_v on the ranks that pass them (others pass null). Collective over dp;
+  // each rank holds two chunk-sized buffers at a time, not the whole model.
+  void export_optimizer_dp_summed(float* global_m, float* global_v) const;
 
  private:
   model::ModelConfig cfg_;

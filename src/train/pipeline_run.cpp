@@ -106,19 +106,16 @@ StepStats run_pipeline_training(const TrainConfig& cfg, const std::string& resum
 
   auto save = [&](const std::string& dir) {
     // dp replicas hold identical weights: the pipeline of dp rank 0 gathers and writes. Under
-    // ZeRO-1 each dp rank holds a share of the moments: they are summed over dp first. Other dp
-    // ranks allocate only what those collectives need: (n) buffers on every rank of an 8-rank
-    // gpt2 run (1.5 GB each) had the kernel kill a rank for memory.
+    // ZeRO each dp rank holds a share of the moments: they are summed over dp first, chunk by
+    // chunk. Only the assembling ranks hold whole-model buffers: (n) buffers on every rank of
+    // an 8-rank gpt2 run (1.5 GB each) had the kernel kill a rank for memory.
     const bool assembles = dp_rank == 0;
     const bool shares_moments = cfg.zero >= 1 && n_dp > 1;
     const size_t nw = assembles || cfg.zero == 3 ? size_t(n) : 0;
-    const size_t nm = assembles || shares_moments ? size_t(n) : 0;
+    const size_t nm = assembles ? size_t(n) : 0;
     std::vector<float> w(nw, 0.f), m(nm, 0.f), v(nm, 0.f);
-    if (shares_moments) {
-      exec.export_optimizer(m.data(), v.data());
-      gather_full(groups.dp, m.data(), n);
-      gather_full(groups.dp, v.data(), n);
-    }
+    if (shares_moments)
+      exec.export_optimizer_dp_summed(assembles ? m.data() : nullptr, assembles ? v.data() : nullptr);
     // Collective over dp under ZeRO-3 (weights are gathered), so every dp rank calls it then.
     if (nw > 0) exec.export_weights(w.data());
     if (assembles) {
