@@ -289,8 +289,6 @@ void Gpt::backward_trunk(Tensor& dout, const int32_t* inputs, int64_t B, int64_t
   unit_grads_done(0);
 }
 
-namespace {
-// Splits (B, T+1) windows into inputs (B,T) and targets (B,T).
 void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int32_t>& inputs,
                    std::vector<int32_t>& targets) {
   inputs.resize(size_t(B * T));
@@ -300,7 +298,6 @@ void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int3
     std::memcpy(&targets[size_t(b * T)], tokens + b * (T + 1) + 1, size_t(T) * 4);
   }
 }
-}  // namespace
 
 LossSum Gpt::head_loss(const Tensor& out, const int32_t* targets, int64_t B, int64_t T,
                        float grad_scale, Tensor* dout) {

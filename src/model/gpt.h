@@ -74,6 +74,10 @@ void set_bf16_emulation_for_testing(int mode);
 // The units of a layout, in flat-buffer order (see ParamStore).
 std::vector<UnitRange> param_units(const ModelConfig& cfg, const ParamLayout& layout);
 
+// Splits (B, T+1) token windows into inputs (B,T) and next-token targets (B,T) (resized).
+void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int32_t>& inputs,
+                   std::vector<int32_t>& targets);
+
 struct LossSum {
   double sum = 0;     // summed cross-entropy (nats) over counted tokens
   int64_t count = 0;  // counted (non-ignored) target tokens

@@ -295,15 +295,9 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   // Split (M, B, T+1) windows into per-micro-batch inputs (B,T) and targets (B,T).
   std::vector<std::vector<int32_t>> inputs(static_cast<size_t>(M)), targets(static_cast<size_t>(M));
   if (needs_tokens)
-    for (int mb = 0; mb < M; ++mb) {
-      inputs[size_t(mb)].resize(size_t(B * T));
-      targets[size_t(mb)].resize(size_t(B * T));
-      for (int64_t b = 0; b < B; ++b) {
-        const int32_t* row = tokens + (int64_t(mb) * B + b) * (T + 1);
-        std::memcpy(&inputs[size_t(mb)][size_t(b * T)], row, size_t(T) * 4);
-        std::memcpy(&targets[size_t(mb)][size_t(b * T)], row + 1, size_t(T) * 4);
-      }
-    }
+    for (int mb = 0; mb < M; ++mb)
+      model::split_windows(tokens + int64_t(mb) * B * (T + 1), B, T, inputs[size_t(mb)],
+                           targets[size_t(mb)]);
 
   for (auto& c : chunks_) c->zero_grads();
   for (auto& z : stores_) z->zero_grads();
@@ -524,15 +518,10 @@ double PipelineExecutor::eval_loss(const int32_t* tokens, int64_t n_batches, int
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
              "{} holds the embedding or the head and needs the evaluation tokens ({} x {} x {})",
              pp_.prefix(), n_batches, B, T + 1);
-  std::vector<int32_t> inputs(size_t(B * T)), targets(size_t(B * T));
+  std::vector<int32_t> inputs, targets;  // (B,T) each; empty (unread) without embedding or head
   double loss_buf[2] = {0, 0};  // loss sum, tokens (on the last virtual stage's rank)
   for (int64_t i = 0; i < n_batches; ++i) {
-    if (needs_tokens)
-      for (int64_t b = 0; b < B; ++b) {
-        const int32_t* row = tokens + (i * B + b) * (T + 1);
-        std::memcpy(&inputs[size_t(b * T)], row, size_t(T) * 4);
-        std::memcpy(&targets[size_t(b * T)], row + 1, size_t(T) * 4);
-      }
+    if (needs_tokens) model::split_windows(tokens + i * B * (T + 1), B, T, inputs, targets);
     // Virtual stage g runs on pp rank g % n_pp as chunk g / n_pp; each window goes through
     // them in order, so every send meets a receive that is already due (no cycle).
     for (int c = 0; c < num_chunks(); ++c) {
