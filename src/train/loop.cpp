@@ -6,8 +6,10 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -23,6 +25,21 @@ namespace {
 volatile std::sig_atomic_t g_stop_signal = 0;
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 }  // namespace
+
+void maybe_inject_failure(int world_rank, int64_t step) {
+  static const std::pair<int, int64_t> at = [] {
+    const char* v = std::getenv("LOOM_FAIL_AT");
+    if (!v || !*v) return std::pair<int, int64_t>{-1, -1};
+    int r = -1;
+    long long st = -1;
+    char tail = 0;
+    LOOM_CHECK(std::sscanf(v, "%d:%lld%c", &r, &st, &tail) == 2 && r >= 0 && st >= 1,
+               "LOOM_FAIL_AT = '{}': expected RANK:STEP, e.g. 1:3 (fails rank 1 at step 3)", v);
+    return std::pair<int, int64_t>{r, int64_t(st)};
+  }();
+  LOOM_CHECK(!(world_rank == at.first && step == at.second),
+             "injected failure (LOOM_FAIL_AT) on rank {} at step {}", world_rank, step);
+}
 
 StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopContext& ctx,
                    bool resumed) {

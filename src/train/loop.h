@@ -40,4 +40,9 @@ struct LoopContext {
 StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopContext& ctx,
                    bool resumed);
 
+// Fault injection for the failure tests: throws loom::Error at the start of step `step` (1-based)
+// on world rank `rank` when the environment sets LOOM_FAIL_AT=rank:step. Reads the variable
+// once; a malformed value is itself an error naming the expected form.
+void maybe_inject_failure(int world_rank, int64_t step);
+
 }  // namespace loom::train

@@ -2,8 +2,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
-#include <utility>
 #include <filesystem>
 
 #include "checkpoint/checkpoint.h"
@@ -333,21 +331,6 @@ void Trainer::save(const std::string& dir) {
     LOOM_CHECK(error.empty(), "saving checkpoint '{}' failed: {}", dir, error);
     LOOM_FAIL("saving checkpoint '{}' failed on the writing rank (see its log)", dir);
   }
-}
-
-void maybe_inject_failure(int world_rank, int64_t step) {
-  static const std::pair<int, int64_t> at = [] {
-    const char* v = std::getenv("LOOM_FAIL_AT");
-    if (!v || !*v) return std::pair<int, int64_t>{-1, -1};
-    int r = -1;
-    long long st = -1;
-    char tail = 0;
-    LOOM_CHECK(std::sscanf(v, "%d:%lld%c", &r, &st, &tail) == 2 && r >= 0 && st >= 1,
-               "LOOM_FAIL_AT = '{}': expected RANK:STEP, e.g. 1:3 (fails rank 1 at step 3)", v);
-    return std::pair<int, int64_t>{r, int64_t(st)};
-  }();
-  LOOM_CHECK(!(world_rank == at.first && step == at.second),
-             "injected failure (LOOM_FAIL_AT) on rank {} at step {}", world_rank, step);
 }
 
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,

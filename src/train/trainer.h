@@ -108,9 +108,4 @@ class Trainer {
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                        const comm::ProcessGroup* world = nullptr);
 
-// Fault injection for the failure tests: throws loom::Error at the start of step `step` (1-based)
-// on world rank `rank` when the environment sets LOOM_FAIL_AT=rank:step. Reads the variable
-// once; a malformed value is itself an error naming the expected form.
-void maybe_inject_failure(int world_rank, int64_t step);
-
 }  // namespace loom::train
