@@ -1,5 +1,5 @@
 // `loom train --config T.toml [--steps N] [--out DIR] [--resume DIR] [--set key=value ...]
-//  [--dp N] [--tp N] [--pp N] [--zero 0..3] [--bucket-mb X] [--ranks-per-node K] ...`. Under
+//  [--dp N] [--tp N] [--pp N] [--zero 0..3] [--micro-batches M] [--recompute R] ...`. Under
 // mpirun every rank runs this; loom detects the launcher and trains over all ranks (data
 // parallel unless the layout flags say otherwise). A rank whose training throws aborts the job.
 #include <cstdio>
@@ -19,14 +19,12 @@ namespace {
 
 struct TrainOptions {
   std::string config;
-  int64_t steps = -1;
+  std::optional<int64_t> steps;
   std::string out;
   std::string resume;
   std::vector<std::string> sets;
-  int64_t dp = -1, zero = -1, tp = 1, pp = -1, micro_batches = -1, virtual_stages = -1;
-  std::optional<int64_t> ranks_per_node;
-  double bucket_mb = -1;
-  std::string schedule, stage_layers;
+  // Layout flags: each overrides the config's [parallel] value when given (1 included).
+  loom::parallel::PlanSettings plan;
 };
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
@@ -45,46 +43,42 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "checkpoint.dir)");
   sub->add_option("--resume", opts->resume, "continue from this checkpoint directory");
   sub->add_option("--set", opts->sets, "override a config key: section.key=value (repeatable)");
-  sub->add_option("--dp", opts->dp, "data-parallel size (must equal the number of ranks)");
-  sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
-  sub->add_option("--bucket-mb", opts->bucket_mb, "gradient all-reduce bucket size (MiB)");
-  sub->add_option("--tp", opts->tp, "tensor-parallel size (Megatron-style with sequence parallelism; world = dp x tp)");
-  sub->add_option("--pp", opts->pp, "pipeline stages (world = dp x pp; dp = ranks / pp)");
-  sub->add_option("--schedule", opts->schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
-  sub->add_option("--virtual-stages", opts->virtual_stages, "model chunks per rank (interleaved)");
-  sub->add_option("--micro-batches", opts->micro_batches, "micro-batches per step");
-  sub->add_option("--stage-layers", opts->stage_layers, "blocks per stage, e.g. 5,6,6,5");
-  sub->add_option("--ranks-per-node", opts->ranks_per_node,
+  loom::parallel::PlanSettings& p = opts->plan;
+  sub->add_option("--dp", p.dp, "data-parallel size (0: every rank not used by tp, pp and cp)");
+  sub->add_option("--tp", p.tp, "tensor-parallel size (Megatron-style with sequence parallelism)");
+  sub->add_option("--pp", p.pp, "pipeline stages");
+  sub->add_option("--cp", p.cp, "context-parallel size (1 until context parallelism lands)");
+  sub->add_option("--ep", p.ep, "expert-parallel size, a divisor of dp (1 until experts land)");
+  sub->add_option("--zero", p.zero,
+                  "ZeRO stage over dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights");
+  sub->add_option("--bucket-mb", p.bucket_mb, "gradient all-reduce bucket size (MiB)");
+  sub->add_option("--schedule", p.schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
+  sub->add_option("--virtual-stages", p.virtual_stages, "model chunks per rank (interleaved)");
+  sub->add_option("--micro-batches", p.micro_batches,
+                  "micro-batches per step (each dp rank splits its batch/dp sequences into them)");
+  sub->add_option("--stage-layers", p.stage_layers, "blocks per stage, e.g. 5,6,6,5");
+  sub->add_option("--recompute", p.recompute,
+                  "none, selective, full, or per layer, e.g. full:0-11,selective:12-23");
+  sub->add_option("--ranks-per-node", p.ranks_per_node,
                   "treat every K consecutive ranks as one node (emulates several nodes; default: "
                   "MPI's shared-memory islands)");
   sub->callback([opts, &ctx] {
-    std::vector<std::string> sets = opts->sets;
-    if (opts->steps >= 0) sets.push_back("train.steps=" + std::to_string(opts->steps));
-    if (!opts->out.empty()) {
-      sets.push_back("log.dir=\"" + opts->out + "\"");
-      sets.push_back("checkpoint.dir=\"" + opts->out + "/ckpt\"");
+    loom::train::TrainConfig cfg =
+        loom::train::load_train_config(opts->config, opts->sets, opts->plan);
+    if (opts->steps) {
+      LOOM_CHECK(*opts->steps >= 0, "--steps {} must be >= 0", *opts->steps);
+      cfg.steps = *opts->steps;
     }
-    if (opts->dp >= 0) sets.push_back("parallel.dp=" + std::to_string(opts->dp));
-    if (opts->zero >= 0) sets.push_back("parallel.zero=" + std::to_string(opts->zero));
-    if (opts->bucket_mb > 0) sets.push_back("parallel.bucket_mb=" + std::to_string(opts->bucket_mb));
-    if (opts->tp != 1) sets.push_back("parallel.tp=" + std::to_string(opts->tp));
-    if (opts->pp > 0) sets.push_back("parallel.pp=" + std::to_string(opts->pp));
-    if (!opts->schedule.empty()) sets.push_back("parallel.schedule=\"" + opts->schedule + "\"");
-    if (opts->virtual_stages > 0)
-      sets.push_back("parallel.virtual_stages=" + std::to_string(opts->virtual_stages));
-    if (opts->micro_batches > 0)
-      sets.push_back("train.micro_batches=" + std::to_string(opts->micro_batches));
-    if (!opts->stage_layers.empty())
-      sets.push_back("parallel.stage_layers=\"" + opts->stage_layers + "\"");
-    if (opts->ranks_per_node)
-      sets.push_back("parallel.ranks_per_node=" + std::to_string(*opts->ranks_per_node));
-    loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets);
+    if (!opts->out.empty()) {
+      cfg.log_dir = opts->out;
+      cfg.checkpoint_dir = opts->out + "/ckpt";
+    }
     std::unique_ptr<loom::comm::MpiRuntime> mpi;
     loom::comm::ProcessGroup world;
     if (launched_by_mpi()) {
       mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
       loom::comm::GroupOptions go;
-      go.ranks_per_node = int(cfg.ranks_per_node);
+      go.ranks_per_node = cfg.parallel.ranks_per_node.value_or(0);
       world = loom::comm::ProcessGroup::world(go);
     }
     loom::train::StepStats s;

@@ -11,7 +11,7 @@
 #include "core/memory_pool.h"
 #include "core/tensor.h"
 #include "model/config.h"
-#include "model/gpt.h"
+#include "model/stage.h"
 #include "model/params.h"
 
 namespace loom::model {
@@ -67,21 +67,6 @@ struct BlockCtx {
   int64_t rows() const { return B * T; }                     // N
   int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here
 };
-
-// Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
-template <class F>
-BlockOffsets map_offsets(const BlockOffsets& o, F&& f) {
-  BlockOffsets r = o;
-  for (int64_t* x : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
-                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
-    *x = f(*x);
-  return r;
-}
-
-// The same offsets relative to `base` (for weights and grads of a unit that starts at base).
-inline BlockOffsets rebased(const BlockOffsets& o, int64_t base) {
-  return map_offsets(o, [base](int64_t x) { return x - base; });
-}
 
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
 // matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's

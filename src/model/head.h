@@ -16,7 +16,7 @@
 
 #include "core/tensor.h"
 #include "model/block.h"
-#include "model/gpt.h"
+#include "model/stage.h"
 #include "model/params.h"
 
 namespace loom::model {

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "model/gpt.h"
+#include "model/stage.h"
 
 namespace loom::model {
 
@@ -36,9 +36,10 @@ MemoryEstimate estimate_training_memory(const ModelConfig& cfg, int64_t B, int64
   m.grads = P * 4;
   m.optimizer = 2 * P * 4;
   // End of forward: embedding output, every block's stash, the final norm (output and
-  // statistics) and the query layer's stash.
+  // statistics), the query layer's stash, and d(head input) (N,C), which the fused head +
+  // cross-entropy computes in the forward and the backward consumes.
   int64_t forward_end = N * C * 4 + cfg.n_layers * block_kept_bytes(cfg, B, T, bf, recompute) +
-                        N * C * 4 + 2 * N * 4;
+                        N * C * 4 + 2 * N * 4 + N * C * 4;
   if (cfg.query_layer) forward_end += block_kept_bytes(cfg, B, T, bf, recompute);
   int64_t peak = forward_end;
   if (recompute == Recompute::full) {

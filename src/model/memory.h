@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "model/config.h"
-#include "model/gpt.h"
+#include "model/stage.h"
 
 namespace loom::model {
 

@@ -73,6 +73,21 @@ struct BlockOffsets {
   int64_t w_down, b_down;  // (C,F), (C)
 };
 
+// Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
+template <class F>
+BlockOffsets map_offsets(const BlockOffsets& o, F&& f) {
+  BlockOffsets r = o;
+  for (int64_t* x : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
+                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
+    *x = f(*x);
+  return r;
+}
+
+// The same offsets relative to `base` (for weights and grads of a unit that starts at base).
+inline BlockOffsets rebased(const BlockOffsets& o, int64_t base) {
+  return map_offsets(o, [base](int64_t x) { return x - base; });
+}
+
 class ParamLayout {
  public:
   // The whole model (tp.size = 1), or tp rank tp.rank's shards: q/k/v rows (its heads and kv

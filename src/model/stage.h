@@ -1,30 +1,34 @@
-// model/stage.h: one pipeline stage of the GPT (a contiguous range of blocks, plus the embedding
-// on the first stage and the final norm, query layer and tied head + loss on the last stage),
-// owning only its own parameters.
+// model/stage.h: THE model executor. A stage owns blocks [a, b) of the GPT (PanGu-α / CodeGeeX
+// family) and, where its span holds them, the embeddings (token + position), the final norm,
+// the top query layer and the tied LM head fused with the cross-entropy. The whole model is the
+// one-stage case (model/gpt.h wraps it for single-process use); a pipeline runs one stage per
+// virtual stage (train/executor.h). Forward and backward are explicit; every buffer comes from
+// the MemoryPool passed in.
 //
-// Glossary: B batch, T sequence, N = B*T rows, C d_model, V vocab, L blocks, pp pipeline stages,
-// VS virtual stages per rank (interleaving; "chunks"), mb micro-batch index, layer group one
-// contiguous range of blocks held by one virtual stage.
+// Glossary: B batch, T sequence, N = B*T rows, Nl = N/tp rows of the residual stream here, C
+// d_model, V vocab, L blocks, mb micro-batch id.
 //
-// Parameters: the stage allocates ONE flat f32 buffer (and grads, and a bf16 copy in bf16 mode)
-// holding only the tensors it uses, in the global ParamLayout's order. Each tensor keeps its
-// global name, shape, global offset and init rule (StageParam), so checkpoints and tests can
-// move weights by name between layouts. The tied token embedding is the exception: both the
-// first stage (embedding) and the last stage (LM head) hold a copy; their gradients must be
-// summed across the two before the optimizer step (Megatron's embedding group), after which
-// the two copies stay bit-identical.
+// Parameters: ONE flat f32 buffer (and grads, and a low-precision copy in bf16 mode) holding only
+// the stage's tensors, in the global ParamLayout's order (model/geometry.h gives every offset).
+// The tied token embedding: both the first stage (embedding) and the last stage (LM head) hold a
+// copy when they differ; their gradients are summed by the executor before the optimizer step.
 //
-// Units (for a ParamStore, model/gpt.h): the stage's buffer is tiled by units in order: the
-// token embedding (on the embedding stage, or the head stage's tied copy), the position
-// embedding (embedding stage), one unit per block, and the head (final norm and query layer).
-// With a store (ZeRO-2/3, train/zero.h) the stage allocates no weights or grads: it acquires
-// each unit just before use and reports each unit's gradient complete. The tied token
-// embedding's gradient is reported complete after the head's contribution (in forward) and
-// again after the embedding's (in backward), so no unit stays open across micro-batches.
+// Units (model/geometry.h) are the granularity of ZeRO and of gradient buckets. With a
+// ParamStore (ZeRO-2/3, train/zero.h) the stage allocates no weights or grads: it acquires each
+// unit just before use and reports each unit's gradient complete. The token embedding's gradient
+// is reported complete after the head's contribution (in forward) and again after the
+// embedding's (in backward), so no unit stays open across micro-batches.
 //
-// Numerics: the same kernels in the same order as model::Gpt, so a pipeline's activations and
-// per-micro-batch gradients are bit-identical to the serial model's; only the order in which
-// micro-batch gradients of the tied embedding are summed differs.
+// Recompute is chosen per block (parallel::Recompute); each block saves exactly what its
+// backward needs in a stash, by mode:
+//   none:      everything (inputs of every matmul, norm statistics, attention output and lse).
+//   selective: drops what elementwise ops rebuild cheaply (norm outputs, activation outputs).
+//   full:      keeps only the block input; the block's forward runs again during backward.
+// All three give bit-identical gradients (recompute runs the identical deterministic kernels).
+//
+// Precision: f32, or bf16 (bf16 matmul inputs with f32 accumulation; master weights, grads,
+// norms, softmax and the loss in f32). Same seed, same layout: bit-identical results; a pipeline's
+// activations and per-micro-batch gradients are bit-identical to the one-stage model's.
 #pragma once
 
 #include <cstdint>
@@ -34,94 +38,119 @@
 #include <string>
 #include <vector>
 
+#include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
 #include "model/config.h"
-#include "model/gpt.h"
+#include "model/geometry.h"
 #include "model/params.h"
+#include "parallel/plan.h"
 
 namespace loom::model {
 
 struct BlockStash;  // model/block.h
 struct BlockCtx;    // model/block.h
 
-// The part of the model one (virtual) stage holds.
-struct StageSpan {
-  int64_t first_layer = 0;  // blocks [first_layer, last_layer)
-  int64_t last_layer = 0;
-  bool has_embedding = false;  // token + position embedding (the first virtual stage)
-  bool has_head = false;       // final norm, query layer, tied head + loss (the last one)
-  bool operator==(const StageSpan&) const = default;
+enum class Precision { f32, bf16 };
+using parallel::Recompute;
+using parallel::recompute_from_name;
+using parallel::recompute_name;
+
+// Where a stage finds its parameters, unit by unit: the ZeRO-2/3 hook (train/zero.h). The stage
+// acquires a unit's weights right before using them and releases them right after (so a store
+// can gather them just in time and free them), and reports when a unit's gradient got a
+// contribution.
+class ParamStore {
+ public:
+  virtual ~ParamStore() = default;
+  // f32 weights of unit u (pointer to its first element), valid until release(u). Calls nest:
+  // each weights(u) is paired with one release(u).
+  virtual const float* weights(int u) = 0;
+  // The bf16 copy of unit u's weights (bf16 mode only), valid until release(u).
+  virtual const bf16* weights_lp(int u) = 0;
+  virtual void release(int u) = 0;
+  // Gradient buffer of unit u for this contribution (zeroed on first use, accumulated into),
+  // valid until grads_done(u).
+  virtual float* grads(int u) = 0;
+  virtual void grads_done(int u) = 0;
 };
 
-// Splits the L blocks into `n_stages` spans in order. `stage_layers` (size n_stages, each >= 1,
-// summing to L) gives uneven splits; empty means an even split, which needs n_stages | L.
-// Throws loom::Error naming the bad entry and the valid values.
-std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
-                                    const std::vector<int64_t>& stage_layers = {});
+// bf16 mode runs "emulated" when kernels::bf16_matmul_path() is widen (no AMX, see
+// kernels/cpu/matmul.h): a stage that owns its parameters keeps its low-precision weight copy and
+// matmul inputs as f32 tensors holding bf16 values (rounded), and calls the f32 kernel on them:
+// the identical numbers the widened bf16 matmul gives, without widening both operands on every
+// call. Otherwise (and under a ParamStore) the copies are bf16 tensors.
+bool bf16_emulated();
+// Tests: 1 forces emulation on, 0 off, -1 back to the rule above. Affects stages built after.
+void set_bf16_emulation_for_testing(int mode);
 
-// One parameter tensor of a stage: its global spec (name, shape, global offset, init, decay)
-// and where it lives in the stage's own flat buffer.
-struct StageParam {
-  ParamSpec global;
-  int64_t local_offset = 0;
-  // True for the last stage's copy of embed.token.weight when another stage holds the
-  // embedding: its gradient is summed across the two, and it is counted once in norms and
-  // checkpoints (the first stage's copy is the one that counts).
-  bool tied_copy = false;
+// Splits (B, T+1) token windows into inputs (B,T) and next-token targets (B,T) (resized).
+void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int32_t>& inputs,
+                   std::vector<int32_t>& targets);
+
+struct LossSum {
+  double sum = 0;     // summed cross-entropy (nats) over counted tokens
+  int64_t count = 0;  // counted (non-ignored) target tokens
 };
 
 class GptStage {
  public:
-  // Allocates this span's weights (f32, plus bf16 in bf16 mode) and zeroed grads from `pool`.
-  // Weights are uninitialised until init_weights() or import_weights(). Throws loom::Error for
-  // a span outside [0, L) or an embedding / head on a span that does not start at 0 / end at L.
+  // Allocates this span's weights (f32, plus the low-precision copy in bf16 mode) and zeroed
+  // grads from `pool`. Weights are uninitialised until init_weights() or import_weights().
+  // Throws loom::Error for a span outside [0, L) or an embedding / head on a span that does not
+  // start at 0 / end at L.
   //
-  // `tp` (optional): tensor parallel as model::Gpt (this rank's shards; the "global layout"
-  // below is then this tp rank's layout, ParamLayout(cfg, TpShard), and activations in and out
-  // are this rank's N/tp rows).
+  // `tp` (optional, size P > 1): tensor parallel over that group. This rank holds its shards
+  // (ParamLayout with TpShard) and runs the blocks split Megatron-style with sequence
+  // parallelism (block.h); the embedding and the tied head are vocabulary-parallel, and the
+  // cross-entropy combines per-rank statistics by all-reduces of O(rows) floats (head.h). Every
+  // member calls every method collectively with the same tokens. B*T must be divisible by P.
+  // Activations in and out are this rank's N/P rows. Replicated parameters (norms, position
+  // tables, out/down biases) get per-rank partial gradients: the executor sums them over tp.
   //
-  // `store` (optional): the parameters live there (units as above); weights() and grads() are
-  // then null and init/import/export/zero_grads are the store's owner's business.
+  // `store` (optional): the parameters live there; weights() and grads() are then null and
+  // init/import/export/zero_grads are the store's owner's business.
   GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision,
            const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr);
   ~GptStage();
   GptStage(const GptStage&) = delete;
   GptStage& operator=(const GptStage&) = delete;
 
+  const StageGeometry& geometry() const { return geo_; }
   const ModelConfig& config() const { return cfg_; }
-  const StageSpan& span() const { return span_; }
-  const ParamLayout& global_layout() const { return global_; }
+  const StageSpan& span() const { return geo_.span(); }
+  const ParamLayout& global_layout() const { return geo_.global(); }
   const comm::ProcessGroup* tp() const { return tp_; }
-  const std::vector<StageParam>& params() const { return params_; }
-  const StageParam& find(const std::string& name) const;     // throws naming the stage's span
-  int64_t total() const { return total_; }                   // elements of the stage's flat buffer
-  // The ascending ranges [begin, end) of the global flat buffer this stage holds.
-  std::vector<std::pair<int64_t, int64_t>> held_ranges() const;
-  // The units tiling [0, total()) (see above), in order.
-  const std::vector<UnitRange>& units() const { return units_; }
-  // Unit index of the token embedding (or the head's tied copy); -1 if neither is held.
-  int token_unit() const { return u_tok_; }
+  int tp_size() const { return tp_ ? tp_->size() : 1; }
+  Precision precision() const { return precision_; }
+  const std::vector<StageParam>& params() const { return geo_.params(); }
+  const StageParam& find(const std::string& name) const { return geo_.find(name); }
+  int64_t total() const { return geo_.total(); }  // elements of the stage's flat buffer
+  std::vector<std::pair<int64_t, int64_t>> held_ranges() const { return geo_.held_ranges(); }
+  const std::vector<UnitRange>& units() const { return geo_.units(); }
+  int token_unit() const { return geo_.token_unit(); }
   float* weights() const { return weights_.data<float>(); }  // (total())
   float* grads() const { return grads_.data<float>(); }      // (total())
   // Local offset of embed.token.weight (V,C); -1 if the stage holds neither end.
-  int64_t token_embedding() const { return tok_; }
+  int64_t token_embedding() const { return geo_.token_embedding(); }
 
   void zero_grads();
-  // Same logical initial weights as Gpt::init_weights(seed) (each tensor's Philox stream is
-  // named by its global name). Uses a temporary (layout().total()) f32 workspace buffer.
+  // Same logical initial weights at every layout (each tensor's Philox stream is named by its
+  // global name).
   void init_weights(uint64_t seed);
   // Copies this stage's tensors from / to a full flat buffer in the global layout. export skips
   // tied copies unless `include_tied_copy`.
   void import_weights(const float* global_weights);
   void export_weights(float* global_weights, bool include_tied_copy = false) const;
-  // The same between a full global-layout buffer and a buffer in this stage's layout (total()).
-  void to_local(const float* global_buffer, float* local_buffer) const;
-  void to_global(const float* local_buffer, float* global_buffer, bool include_tied_copy) const;
-  // Initial values of elements [begin, end) of this stage's buffer (as init_weights) into dst.
-  void init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const;
+  // Refreshes the low-precision copy from the f32 master weights (after every update; no-op in
+  // f32 mode or under a store).
   void sync_low_precision_weights();
-  void set_recompute(Recompute mode) { recompute_ = mode; }
+
+  // Recompute per block, indexed by the model's block number (size L); the query layer follows
+  // the last block's mode. One mode for all: set_recompute(mode).
+  void set_recompute(Recompute mode);
+  void set_recompute(const std::vector<Recompute>& per_layer);
+
   // Without a store: called with [begin, end) of this stage's buffer each time a unit's gradient
   // got its last contribution of the running forward (the head's tied copy) or backward, so a
   // caller can start reducing it (null: none). Ranges of one micro-batch tile the buffer.
@@ -129,33 +158,41 @@ class GptStage {
   void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
 
   // Forward of micro-batch `mb`. inputs (B,T) int32 are read on the embedding stage (and kept
-  // for its backward); otherwise `x` (N,C) is the previous stage's output. On the head stage
+  // for its backward); otherwise `x` (Nl,C) is the previous stage's output. On the head stage
   // `targets` (B,T) (< 0 ignored) give the loss: the fused head + cross-entropy also runs its
-  // backward at once (as Gpt does), accumulating grad_scale * d(loss sum) into the tied
-  // embedding's grad and keeping d(head input) for backward(mb); it returns an undefined
-  // tensor and writes *loss. Otherwise returns the stage output (N,C). Stashes what backward
-  // needs under `mb`; a micro-batch id already in flight is an error.
+  // backward at once, accumulating grad_scale * d(loss sum) into the tied embedding's grad and
+  // keeping d(head input) for backward(mb); it returns an undefined tensor and writes *loss.
+  // Otherwise returns the stage output (Nl,C). Stashes what backward needs under `mb`; a
+  // micro-batch id already in flight is an error. Throws loom::Error on T > max_seq or token ids
+  // outside [0, V) before anything is modified.
   Tensor forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
                  int64_t T, float grad_scale, LossSum* loss);
   // Evaluation: the same forward without a stash or any gradient (the head stage only scores
-  // the targets into *loss). Needs no backward; any micro-batch may be in flight meanwhile.
+  // the targets into *loss). Any micro-batch may be in flight meanwhile.
   Tensor forward_eval(const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
                       int64_t T, LossSum* loss);
-  // Backward of micro-batch `mb`: `dy` (N,C) is the gradient of the stage output (ignored on
-  // the head stage, which uses its stash; its buffer is reused). ACCUMULATES parameter grads,
-  // frees the stash and returns d(input) (N,C), or an undefined tensor on the embedding stage.
+  // Backward of micro-batch `mb`: `dy` (Nl,C) is the gradient of the stage output (ignored on
+  // the head stage, which uses its stash). ACCUMULATES parameter grads, frees the stash and
+  // returns d(input) (Nl,C), or an undefined tensor on the embedding stage.
   Tensor backward(int mb, Tensor& dy);
   int in_flight() const { return int(stash_.size()); }
 
+  // Inference on the whole model (one stage, no tp): logits (B,T,V) of every position, or (B,V)
+  // of each row's last position when `last_only`, for inputs (B,T).
+  void logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only);
+
  private:
   struct MicroStash;
+  // Embedding (or the input x) -> blocks -> [final norm -> query layer]: the stage output, or
+  // on the head stage the head input (Nl,C). `st` null: evaluation (nothing kept).
+  Tensor run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, int64_t T, MicroStash* st);
   Tensor forward_impl(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
                       int64_t B, int64_t T, float grad_scale, LossSum* loss, bool train);
-  int64_t local(int64_t global_offset) const;  // LOOM_ASSERTs the offset is held
-  BlockOffsets local_block(const BlockOffsets& g) const;
-  // Unit access, direct or through the store (as model::Gpt).
+  void check_tokens(const int32_t* ids, int64_t n, int64_t T, bool inputs) const;
+  // Unit access, direct or through the store.
   const float* unit_w(int u);
   const bf16* unit_wl(int u);
+  const float* unit_wr(int u);  // emulated bf16: the rounded f32 weights (else null)
   void unit_release(int u);
   float* unit_g(int u);
   // A contribution to unit u's gradient is complete; `final`: the micro-batch adds no more.
@@ -166,25 +203,27 @@ class GptStage {
   ModelConfig cfg_;
   const comm::ProcessGroup* tp_ = nullptr;
   ParamStore* store_ = nullptr;
-  ParamLayout global_;
-  StageSpan span_;
+  StageGeometry geo_;
   MemoryPool& pool_;
   Precision precision_;
-  Recompute recompute_ = Recompute::none;
-  std::vector<StageParam> params_;
-  struct Segment {
-    int64_t global_begin, global_end, local_begin;
-  };
-  std::vector<Segment> segments_;  // ascending global ranges held, packed in order
-  int64_t total_ = 0;
-  int64_t tok_ = -1, pos_ = -1, fnw_ = -1, fnb_ = -1, qpos_ = -1;
-  std::vector<BlockOffsets> blocks_;  // local offsets, blocks first_layer..last_layer-1
-  BlockOffsets qblock_{};
-  std::vector<UnitRange> units_;
-  int u_tok_ = -1, u_pos_ = -1, u_block0_ = 0, u_head_ = -1;
-  Tensor weights_, grads_, weights_lp_;
+  bool emulated_ = false;  // bf16 emulated on f32 (see bf16_emulated())
+  std::vector<Recompute> recompute_;  // (L)
+  Tensor weights_, grads_, weights_lp_;  // weights_lp_: bf16, or f32 rounded when emulated
   std::map<int, std::unique_ptr<MicroStash>> stash_;
   GradReadyHook grad_ready_;
 };
+
+// tp: the logical (tp = 1) flat buffer assembled from every tp rank's shard buffer `local`
+// (weights, grads or optimizer moments in `mine`'s layout). Collective over tp; every rank
+// receives it.
+std::vector<float> gather_tp_buffer(const ModelConfig& cfg, const ParamLayout& mine,
+                                    const float* local, const comm::ProcessGroup& tp);
+
+// tp: replicated tensors (norms, position tables, out/down biases) get partial gradients from
+// each rank's rows. Sums, over tp, those among `specs` (offsets into a flat buffer) that lie in
+// [begin, end) of that buffer, whose element `begin` is at grads[0]: one all-reduce of their
+// packed values. Collective over tp (every member passes the same specs and range).
+void sum_replicated_grads(const std::vector<ParamSpec>& specs, float* grads, int64_t begin,
+                          int64_t end, const comm::ProcessGroup& tp);
 
 }  // namespace loom::model

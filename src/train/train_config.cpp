@@ -11,6 +11,9 @@
 
 #include "core/error.h"
 #include "model/params.h"
+#include "parallel/plan.h"
+#include <optional>
+#include <type_traits>
 
 #include <fmt/ranges.h>
 
@@ -32,8 +35,8 @@ const std::map<std::string, std::set<std::string>>& schema() {
       {"checkpoint", {"dir", "every"}},
       {"log", {"dir", "every"}},
       {"parallel",
-       {"dp", "tp", "zero", "bucket_mb", "pp", "schedule", "virtual_stages", "stage_layers",
-        "ranks_per_node"}},
+       {"dp", "tp", "pp", "cp", "ep", "zero", "bucket_mb", "schedule", "virtual_stages",
+        "stage_layers", "ranks_per_node", "micro_batches", "recompute"}},
   };
   return s;
 }
@@ -72,7 +75,8 @@ toml::table parse_override_value(const std::string& value) {
 
 }  // namespace
 
-TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides,
+                              const parallel::PlanSettings& flags) {
   std::ifstream f(path);
   LOOM_CHECK(f.good(), "cannot open training config '{}': no such readable file", path);
   std::stringstream ss;
@@ -164,18 +168,15 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
   get_int("train", "batch", c.batch, 1);
   get_int("train", "seq", c.seq, 1);
-  get_int("train", "micro_batches", c.micro_batches, 1);
   get_int("train", "steps", c.steps, 0);
   seed = int64_t(c.seed);
   get_int("train", "seed", seed, 0);
   c.seed = uint64_t(seed);
-  std::string precision = "f32", recompute = "none";
+  std::string precision = "f32";
   get_str("train", "precision", precision);
   LOOM_CHECK(precision == "f32" || precision == "bf16", "{} = '{}': choose \"f32\" or \"bf16\"",
              where("train", "precision"), precision);
   c.precision = precision == "bf16" ? model::Precision::bf16 : model::Precision::f32;
-  get_str("train", "recompute", recompute);
-  c.recompute = model::recompute_from_name(recompute);
   get_int("train", "threads", c.threads, 0);
   get_int("train", "eval_every", c.eval_every, 0);
   get_int("train", "eval_batches", c.eval_batches, 1);
@@ -206,65 +207,92 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
   get_str("checkpoint", "dir", c.checkpoint_dir);
   get_int("checkpoint", "every", c.checkpoint_every, 0);
-  get_int("parallel", "dp", c.dp, 0);
-  get_int("parallel", "tp", c.tp, 1);
-  LOOM_CHECK(c.tp >= 1, "{} = {} must be >= 1", where("parallel", "tp"), c.tp);
-  if (c.tp > 1) {
-    auto ok = model::valid_tp_sizes(c.model);
-    LOOM_CHECK(std::find(ok.begin(), ok.end(), int(c.tp)) != ok.end(),
-               "{} = {} does not divide model '{}' (n_heads {}, n_kv_heads {}, d_ff {}, vocab {}); "
-               "tensor parallel sizes that work: {}",
-               where("parallel", "tp"), c.tp, c.model.name, c.model.n_heads, c.model.n_kv_heads,
-               c.model.d_ff, c.model.vocab, fmt::join(ok, ", "));
-    LOOM_CHECK((c.batch * c.seq) % c.tp == 0,
-               "{} = {}: sequence parallelism splits the batch x seq = {} x {} = {} token rows "
-               "over tp ranks; choose train.batch x train.seq divisible by {}",
-               where("parallel", "tp"), c.tp, c.batch, c.seq, c.batch * c.seq, c.tp);
-  }
-  get_int("parallel", "zero", c.zero, 0);
-  LOOM_CHECK(c.zero >= 0 && c.zero <= 3,
-             "{}: parallel.zero = {}: choose 0 (replicated), 1 (optimizer state sharded over dp), "
-             "2 (also gradients) or 3 (also weights)", path, c.zero);
+  // [parallel] (and the older train.micro_batches / train.recompute): the raw settings; the plan
+  // itself is made and validated by parallel::make_plan once the world size is known.
+  parallel::PlanSettings& ps = c.parallel;
+  auto opt_int = [&](const std::string& sec, const std::string& k, auto& out, int64_t min) {
+    int64_t v = 0;
+    if (!(sec.empty() ? tbl[k] : tbl[sec][k])) return;
+    get_int(sec, k, v, min);
+    LOOM_CHECK(v <= (int64_t(1) << 30), "{} = {} is too large (at most 2^30)", where(sec, k), v);
+    using T = typename std::decay_t<decltype(out)>::value_type;
+    out = T(v);
+  };
+  auto opt_str = [&](const std::string& sec, const std::string& k, std::optional<std::string>& out) {
+    std::string v;
+    if (!tbl[sec][k]) return;
+    get_str(sec, k, v);
+    out = v;
+  };
+  auto both = [&](const std::string& k) {
+    LOOM_CHECK(!(tbl["train"][k] && tbl["parallel"][k]),
+               "{}: train.{} and parallel.{} are the same setting; give only parallel.{}", path, k,
+               k, k);
+  };
+  both("micro_batches");
+  both("recompute");
+  opt_int("parallel", "dp", ps.dp, 0);
+  opt_int("parallel", "tp", ps.tp, 1);
+  opt_int("parallel", "pp", ps.pp, 1);
+  opt_int("parallel", "cp", ps.cp, 1);
+  opt_int("parallel", "ep", ps.ep, 1);
+  opt_int("parallel", "zero", ps.zero, 0);
+  opt_int("parallel", "virtual_stages", ps.virtual_stages, 1);
+  opt_int("parallel", "ranks_per_node", ps.ranks_per_node, 0);
+  opt_int("train", "micro_batches", ps.micro_batches, 1);
+  opt_int("parallel", "micro_batches", ps.micro_batches, 1);
+  opt_str("train", "recompute", ps.recompute);
+  opt_str("parallel", "recompute", ps.recompute);
+  opt_str("parallel", "schedule", ps.schedule);
   if (auto node = tbl["parallel"]["bucket_mb"]) {
     LOOM_CHECK(node.is_number() && *node.value<double>() > 0,
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
-    c.bucket_mb = *node.value<double>();
+    ps.bucket_mb = *node.value<double>();
   }
-  get_int("parallel", "ranks_per_node", c.ranks_per_node, 0);  // 0: MPI's shared-memory islands
-  get_int("parallel", "pp", c.pp, 1);
-  get_str("parallel", "schedule", c.schedule);
-  LOOM_CHECK(c.schedule == "gpipe" || c.schedule == "1f1b" || c.schedule == "interleaved",
-             "{} = '{}': choose \"gpipe\", \"1f1b\" or \"interleaved\"",
-             where("parallel", "schedule"), c.schedule);
-  get_int("parallel", "virtual_stages", c.virtual_stages, 1);
   if (auto node = tbl["parallel"]["stage_layers"]) {
-    if (node.is_string()) {  // "5,6,6,5" as the CLI gives it
-      std::string text = *node.value<std::string>();
-      size_t pos = 0;
-      while (pos <= text.size() && !text.empty()) {
-        size_t comma = text.find(',', pos);
-        std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-        char* end = nullptr;
-        long long v = std::strtoll(item.c_str(), &end, 10);
-        LOOM_CHECK(!item.empty() && end && *end == '\0' && v > 0,
-                   "{} = '{}': give positive block counts separated by commas, e.g. \"2,2\"",
-                   where("parallel", "stage_layers"), text);
-        c.stage_layers.push_back(v);
-        if (comma == std::string::npos) break;
-        pos = comma + 1;
-      }
+    if (node.is_string()) {  // "5,6,6,5"
+      ps.stage_layers = *node.value<std::string>();
     } else {
       LOOM_CHECK(node.is_array(), "{} must be a list of block counts", where("parallel", "stage_layers"));
+      std::string list;
       for (auto& e : *node.as_array()) {
         LOOM_CHECK(e.is_integer() && *e.value<int64_t>() > 0, "{} entries must be positive integers",
                    where("parallel", "stage_layers"));
-        c.stage_layers.push_back(*e.value<int64_t>());
+        if (!list.empty()) list += ',';
+        list += std::to_string(*e.value<int64_t>());
       }
+      ps.stage_layers = list;
     }
+  }
+  ps.override_with(flags);
+  // Everything about the layout that does not depend on the number of ranks or the batch split
+  // is checked now (make_train_plan checks the rest at launch).
+  try {
+    parallel::PlanSettings probe = ps;
+    if (!probe.dp || *probe.dp == 0) probe.dp = 1;
+    const int64_t divisible = int64_t(*probe.dp) * probe.micro_batches.value_or(1);
+    (void)parallel::make_plan(probe, plan_shape(c.model), divisible, 0);
+  } catch (const Error& e) {
+    LOOM_FAIL("{}: {}", path, e.what());
   }
   get_str("log", "dir", c.log_dir);
   get_int("log", "every", c.log_every, 1);
   return c;
+}
+
+parallel::ModelShape plan_shape(const model::ModelConfig& m) {
+  return {m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab};
+}
+
+parallel::ParallelPlan make_train_plan(const TrainConfig& cfg, int world_size) {
+  parallel::ParallelPlan p = parallel::make_plan(cfg.parallel, plan_shape(cfg.model), cfg.batch,
+                                                 world_size);
+  LOOM_CHECK((p.micro_batch_size * cfg.seq) % p.tp == 0,
+             "tp = {}: sequence parallelism splits a micro-batch's {} x {} = {} token rows over the "
+             "tp ranks; choose train.batch, train.seq and micro_batches so that (batch / (dp x "
+             "micro_batches)) x seq is divisible by {}",
+             p.tp, p.micro_batch_size, cfg.seq, p.micro_batch_size * cfg.seq, p.tp);
+  return p;
 }
 
 }  // namespace loom::train

@@ -8,9 +8,12 @@
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
 //   [checkpoint] dir, every (0 = only at the end)
 //   [log]    dir, every
-//   [parallel] dp, tp, zero, bucket_mb, pp, schedule, virtual_stages, stage_layers,
-//            ranks_per_node
-//            (train.batch is per data-parallel rank and micro-batch)
+//   [parallel] dp, tp, pp, cp, ep, zero, bucket_mb, schedule, virtual_stages, stage_layers,
+//            ranks_per_node, micro_batches, recompute (none|selective|full or a per-layer list
+//            such as "full:0-11,selective:12-23"); train.micro_batches and train.recompute are
+//            accepted as the same settings.
+//   train.batch is the GLOBAL batch: sequences per optimizer step, whatever the layout. Each dp
+//   rank takes batch/dp of them, split into micro_batches micro-batches.
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
 // allowed ones.
 #pragma once
@@ -20,7 +23,8 @@
 #include <vector>
 
 #include "model/config.h"
-#include "model/gpt.h"
+#include "model/stage.h"
+#include "parallel/plan.h"
 #include "optim/optimizer.h"
 
 namespace loom::train {
@@ -32,13 +36,11 @@ struct TrainConfig {
   std::string data_source = "synthetic";
   std::string data_path;
   uint64_t data_seed = 1234;
-  int64_t batch = 8;
+  int64_t batch = 8;  // global batch: sequences per optimizer step
   int64_t seq = 64;
-  int64_t micro_batches = 1;
   int64_t steps = 100;
   uint64_t seed = 1;
   model::Precision precision = model::Precision::f32;
-  model::Recompute recompute = model::Recompute::none;
   int64_t threads = 0;
   int64_t eval_every = 0;
   int64_t eval_batches = 4;
@@ -48,29 +50,19 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;
   std::string log_dir = "runs/default";
   int64_t log_every = 1;
-  // [parallel]: data parallel size (0 = the world size), ZeRO stage (0: replicated optimizer,
-  // 1: optimizer state sharded over dp, MindSpore's "optimizer parallel", 2: gradients too,
-  // 3: weights too; train/zero.h), gradient bucket size.
-  int64_t dp = 0;
-  // Tensor parallel size (Megatron-style with sequence parallelism; model/gpt.h). World size =
-  // dp x tp (x pp); tp ranks are adjacent (order tp-dp-pp).
-  int64_t tp = 1;
-  int64_t zero = 0;
-  double bucket_mb = 4.0;
-  // Pipeline parallel: pp stages (pp = world size, dp = 1 for now), schedule "gpipe" | "1f1b" |
-  // "interleaved", virtual stages per rank (interleaved), blocks per layer group (empty = even).
-  // train.micro_batches is the number of micro-batches in the pipeline.
-  int64_t pp = 1;
-  std::string schedule = "1f1b";
-  int64_t virtual_stages = 1;
-  std::vector<int64_t> stage_layers;
-  // Node locality: 0 = MPI's shared-memory islands; K > 0 = every K consecutive ranks form a
-  // node (emulates several nodes on one machine). The run log says where each axis's groups
-  // lie and warns when tp groups span nodes.
-  int64_t ranks_per_node = 0;
+  // [parallel] as written (unset values take the plan's defaults); CLI flags override them.
+  parallel::PlanSettings parallel;
 };
 
-// Loads `path`, applies `overrides` ("section.key=value" or "model=path"), validates.
-TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides);
+// Loads `path`, applies `overrides` ("section.key=value" or "model=path") and the layout `flags`
+// (each set value replaces the config's [parallel] one), validates.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides,
+                              const parallel::PlanSettings& flags = {});
+
+parallel::ModelShape plan_shape(const model::ModelConfig& m);
+// The run's plan on `world_size` ranks: parallel::make_plan over the config's settings, its
+// global batch and model, plus the checks that need the sequence length. Throws naming the bad
+// value and the values that work.
+parallel::ParallelPlan make_train_plan(const TrainConfig& cfg, int world_size);
 
 }  // namespace loom::train

@@ -1,14 +1,20 @@
-// train/trainer.h: the single-process training loop (one rank; the distributed issue adds
-// groups around the same steps).
+// train/trainer.h: a training run of any layout: its ParallelPlan, the one training executor
+// (train/executor.h), the data it reads, evaluation, checkpoints and the `loom train` loop.
 //
-// One step: zero grads -> for each of M micro-batches: next (B, T+1) windows from this rank's
-// data stream, forward+backward accumulating grad/(B*T*M*dp) -> (data parallel) gradients summed
-// over the dp group in buckets that start, non-blocking, while backward is still running on the
-// last micro-batch -> global grad norm -> clip factor -> AdamW (ZeRO-1: each dp rank updates its
-// shard of the flat buffer, then the shards are broadcast) -> refresh bf16 weights. Same seed,
-// data and layout give bit-identical losses; save() + resume() continue bit-identically
-// (weights, optimizer moments and step, data position all restored). A dp run equals the serial
-// run with dp times the batch, up to summation order.
+// Glossary: G global batch (train.batch: sequences per optimizer step), dp/tp/pp the layout, M
+// micro-batches per step, b = G/(dp*M) micro-batch size, T sequence.
+//
+// Data: every rank reads the same global sequence of windows (one stream, whatever the layout);
+// step s takes the next G windows, and dp rank r trains on windows [r*G/dp, (r+1)*G/dp) of them,
+// split into M micro-batches of b. So every layout sees the same windows in the same order,
+// epoch ends included, and a run resumed at another layout continues the same training. Losses
+// of every layout equal the one-rank run's up to summation order.
+//
+// One step: zero grads -> the executor runs the plan's schedule over this rank's micro-batches
+// (gradient scale 1/(G*T)) -> dp reduction in buckets during the backward (or ZeRO-2/3
+// reduce-scatters) -> global grad norm -> clip -> AdamW on this rank's shard -> bf16 refresh.
+// Same seed, data and layout give bit-identical losses; save() + resume() continue
+// bit-identically (weights, optimizer moments and step, data position all restored).
 #pragma once
 
 #include <cstdint>
@@ -19,10 +25,9 @@
 
 #include "comm/process_group.h"
 #include "core/memory_pool.h"
-#include "model/gpt.h"
-#include "optim/optimizer.h"
+#include "parallel/plan.h"
+#include "train/executor.h"
 #include "train/train_config.h"
-#include "train/zero.h"
 
 namespace loom::data {
 class TokenStream;
@@ -43,68 +48,62 @@ struct StepStats {
 
 class Trainer {
  public:
-  // `dp` (optional) is the data-parallel group; null means a single rank. `tp` (optional) the
-  // tensor-parallel group (model/gpt.h): the tp ranks of one dp rank see the same data.
+  // Groups (null or size 1: that axis has size 1): `dp` data parallel, `tp` tensor parallel (the
+  // tp ranks of a dp rank see the same data), `pp` pipeline. The plan is make_train_plan(cfg,
+  // dp*tp*pp) with the group sizes; a config that names other sizes is an error.
   Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp = nullptr,
-          const comm::ProcessGroup* tp = nullptr);
+          const comm::ProcessGroup* tp = nullptr, const comm::ProcessGroup* pp = nullptr);
   ~Trainer();
 
   // Fresh start: weights from cfg.seed, data from the beginning.
   void init_fresh();
-  // Continue from a checkpoint written by save(): weights, optimizer, step and data position.
-  // Throws naming the difference if the checkpoint is of another model.
+  // Continue from a checkpoint written by save() at any layout: weights, optimizer, step and
+  // data position. Throws naming the difference if the checkpoint is of another model.
   void resume(const std::string& checkpoint_dir);
   StepStats train_step();
-  // Mean validation loss over `batches` batches from the held-out stream (restarted each call,
-  // so every evaluation sees the same tokens).
+  // Mean validation loss over `batches` batches of b sequences from the held-out stream
+  // (restarted each call, so every evaluation sees the same tokens; the same on every rank).
   double eval_loss(int64_t batches);
-  // Writes a checkpoint directory atomically (see checkpoint/checkpoint.h). Collective over the
-  // dp and tp groups: dp rank 0 gathers sharded optimizer state, tp rank 0 of it gathers the tp
-  // shards into the logical tensors and writes; everyone waits for it.
+  // Writes a checkpoint directory atomically (see checkpoint/checkpoint.h). Collective over all
+  // the run's groups.
   void save(const std::string& dir);
-  int dp_rank() const { return dp_ ? dp_->rank() : 0; }
-  int dp_size() const { return dp_ ? dp_->size() : 1; }
-  int tp_rank() const { return tp_ ? tp_->rank() : 0; }
-  int tp_size() const { return tp_ ? tp_->size() : 1; }
-  // The whole model's weights in the logical (tp = 1) layout, gathered over tp (collective over
-  // tp; every tp rank gets them).
+  int dp_rank() const { return exec_->dp_rank(); }
+  int dp_size() const { return exec_->dp_size(); }
+  int tp_rank() const { return exec_->tp_rank(); }
+  int tp_size() const { return exec_->tp_size(); }
+  int pp_rank() const { return exec_->pp_rank(); }
+  int pp_size() const { return exec_->pp_size(); }
+  // The whole model's weights in the logical (tp = 1, unsharded) layout, on every rank
+  // (collective over every group).
   std::vector<float> full_weights() const;
-  // This rank's range [begin, end) of the flat buffer that its optimizer updates.
-  int64_t shard_begin() const { return optimizer_->begin(); }
-  int64_t shard_end() const { return optimizer_->end(); }
-  // Agrees across the dp and tp groups: true if any rank's flag is set (max all-reduce).
+  // Agrees across every group of the run: true if any rank's flag is set.
   bool any_rank(bool flag) const;
 
-  int64_t step() const { return optimizer_->step_count(); }
-  model::Gpt& model() { return *model_; }
+  int64_t step() const { return exec_->step_count(); }
+  Executor& executor() { return *exec_; }
+  const parallel::ParallelPlan& plan() const { return plan_; }
   const TrainConfig& config() const { return cfg_; }
   nlohmann::json data_state() const;
 
  private:
   std::unique_ptr<data::TokenStream> make_stream(const std::string& split) const;
-
-  void reduce_gradients_start(int64_t begin, int64_t end);
-  void broadcast_weight_shards();
+  // This rank's (M, b, T+1) windows of the next global batch from `stream`.
+  void next_windows(data::TokenStream& stream, std::vector<int32_t>& mine);
 
   TrainConfig cfg_;
+  parallel::ParallelPlan plan_;
   MemoryPool& pool_;
-  const comm::ProcessGroup* dp_ = nullptr;
-  const comm::ProcessGroup* tp_ = nullptr;
-  // Gradient buckets: [bucket_lo_, bucket_hi_) collects ready ranges until bucket_mb is reached.
-  int64_t bucket_lo_ = -1, bucket_hi_ = -1;
-  std::vector<comm::Work> pending_;
-  std::unique_ptr<ZeroStore> zero_;  // ZeRO-2/3 (declared first: the model points into it)
-  std::unique_ptr<model::Gpt> model_;
-  std::unique_ptr<optim::AdamW> optimizer_;
+  comm::ProcessGroup dp_, tp_, pp_;
+  std::unique_ptr<Executor> exec_;
   std::unique_ptr<data::TokenStream> train_stream_;
-  std::vector<int32_t> tokens_;  // (B, T+1)
+  std::vector<int32_t> global_, tokens_;  // (G, T+1) and this rank's (M, b, T+1)
 };
 
-// The full `loom train` loop: logs every cfg.log_every steps to stderr and metrics.jsonl in
-// cfg.log_dir, checkpoints every cfg.checkpoint_every steps and at the end (and on SIGINT /
-// SIGTERM, then returns early). `resume_dir` may be empty. Returns the final step's stats.
-// `world` (optional) is the MPI world when launched by mpirun: every rank is a dp rank
-// (cfg.dp must be 0 or the world size) and only rank 0 logs and writes files.
+// The full `loom train` loop on `world` (null: one process without MPI): makes the plan,
+// builds the groups (order tp-dp-pp), logs every cfg.log_every steps to stderr and
+// metrics.jsonl in cfg.log_dir, checkpoints every cfg.checkpoint_every steps and at the end (and
+// on SIGINT / SIGTERM, then returns early). `resume_dir` may be empty. Only world rank 0 logs
+// and writes files. Returns the final step's stats.
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                        const comm::ProcessGroup* world = nullptr);
 

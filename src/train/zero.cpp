@@ -3,22 +3,21 @@
 #include <algorithm>
 #include <cstring>
 
-#include "checkpoint/checkpoint.h"
 #include "core/error.h"
 #include "kernels/cpu/grad_norm.h"
 
 namespace loom::train {
 
-ZeroSpace model_zero_space(const model::ModelConfig& cfg, const model::ParamLayout& layout) {
-  ZeroSpace s;
-  s.specs = layout.specs();
-  s.counted.assign(s.specs.size(), true);
-  s.units = model::param_units(cfg, layout);
-  s.total = layout.total();
-  s.init = [cfg, layout](float* dst, int64_t begin, int64_t end, uint64_t seed) {
-    model::init_params_range(layout, cfg, dst, begin, end, seed);
+ZeroSpace stage_zero_space(std::shared_ptr<const model::StageGeometry> geometry) {
+  ZeroSpace z;
+  z.specs = geometry->local_specs();
+  for (const model::StageParam& p : geometry->params()) z.counted.push_back(!p.tied_copy);
+  z.units = geometry->units();
+  z.total = geometry->total();
+  z.init = [geometry](float* dst, int64_t b, int64_t e, uint64_t seed) {
+    geometry->init_range(dst, b, e, seed);
   };
-  return s;
+  return z;
 }
 
 ZeroStore::ZeroStore(int stage, ZeroSpace space, model::Precision precision, MemoryPool& pool,
@@ -220,21 +219,6 @@ void ZeroStore::import_full(const float* full) {
   for (size_t u = 0; u < space_.units.size(); ++u)
     std::memcpy(wshard_.data<float>() + packed_off_[u], full + pieces_[u].begin,
                 size_t(piece_len(u)) * 4);
-}
-
-void ZeroStore::load(const checkpoint::CheckpointReader& r, const model::ParamLayout& layout) {
-  LOOM_ASSERT(layout.total() == space_.total, "checkpoint layout has {} elements, the store {}",
-              layout.total(), space_.total);
-  if (stage_ == 2) {
-    r.load_weights(layout, wfull_.data<float>());
-    if (bf_) convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(space_.total));
-    return;
-  }
-  // Each rank reads only its pieces.
-  for (size_t u = 0; u < space_.units.size(); ++u)
-    if (piece_len(u) > 0)
-      r.load_weights_packed(layout, wshard_.data<float>() + packed_off_[u], pieces_[u].begin,
-                            pieces_[u].end);
 }
 
 std::vector<float> ZeroStore::gather_packed(const float* packed) const {

@@ -30,13 +30,10 @@
 
 #include "comm/process_group.h"
 #include "core/memory_pool.h"
-#include "model/gpt.h"
+#include "model/stage.h"
+#include "model/geometry.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
-
-namespace loom::checkpoint {
-class CheckpointReader;
-}
 
 namespace loom::train {
 
@@ -50,8 +47,9 @@ struct ZeroSpace {
   // Writes the initial values of elements [begin, end) of the buffer into dst.
   std::function<void(float* dst, int64_t begin, int64_t end, uint64_t seed)> init;
 };
-// The whole model's buffer (this tp rank's layout), units as model::param_units.
-ZeroSpace model_zero_space(const model::ModelConfig& cfg, const model::ParamLayout& layout);
+// The buffer of one stage (the whole model is the one-stage case): its tensors (the head's tied
+// copy not counted in norms) and units, initialised as the stage would be.
+ZeroSpace stage_zero_space(std::shared_ptr<const model::StageGeometry> geometry);
 
 class ZeroStore final : public model::ParamStore {
  public:
@@ -77,9 +75,6 @@ class ZeroStore final : public model::ParamStore {
   int64_t packed_offset(int u) const { return packed_off_[size_t(u)]; }
 
   void init(uint64_t seed);
-  // Weights from a checkpoint whose tensors `layout` describes (its flat buffer must be this
-  // space's); stage 3 reads only this rank's pieces.
-  void load(const checkpoint::CheckpointReader& r, const model::ParamLayout& layout);
   // Weights from a full buffer of the space (stage 3 keeps its pieces).
   void import_full(const float* full);
   // Step lifecycle: zero_grads() before the first micro-batch; finish_micro_batch() after each

@@ -28,9 +28,10 @@ void matmul_f32(const float* A, const float* B, float* C, int64_t M, int64_t N, 
 
 // How matmul_bf16 runs: oneDNN's native bf16 kernels, or the operands widened to f32 (exact) and
 // the f32 kernel. Both compute bf16 inputs with f32 accumulation (a product of two bf16 values is
-// exact in f32), so they differ only in summation order. LOOM_BF16_MATMUL=native|widen|auto picks
-// (default auto: both are timed once per process on a 512x768x768 product and the faster kept;
-// on CPUs where oneDNN 2.6's bf16 kernels are slower than its f32 ones, e.g. without AMX).
+// exact in f32), so they differ only in summation order. LOOM_BF16_MATMUL=native|widen|auto picks;
+// auto is a fixed rule (never a timing, so every process computes the same bits): native when
+// the CPU has AMX-BF16, widen otherwise (oneDNN 2.6's bf16 kernels without AMX are slower than
+// its f32 ones on the widened operands).
 enum class Bf16MatmulPath { native, widen };
 Bf16MatmulPath bf16_matmul_path();
 

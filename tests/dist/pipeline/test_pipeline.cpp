@@ -1,4 +1,4 @@
-// tests/dist/pipeline/test_pipeline.cpp: pipeline-parallel training (train::PipelineExecutor)
+// tests/dist/pipeline/test_pipeline.cpp: pipeline-parallel training (train::Executor)
 // under mpirun, pp = world size. Every schedule and split trains the tiny model 10 steps and
 // must match the single-rank Gpt + AdamW run on rank 0 (losses and every parameter, by name),
 // repeat bit for bit, and move exactly the closed-form bytes between stages.
@@ -16,7 +16,7 @@
 #include "core/error.h"
 #include "dist/pipeline/pipeline_helpers.h"
 #include "parallel/topology.h"
-#include "train/pipeline.h"
+#include "train/executor.h"
 
 namespace loom::train {
 namespace {
@@ -34,6 +34,15 @@ comm::ProcessGroup world_group() {
   comm::GroupOptions o;
   o.timeout_s = 60;  // a hang fails within a minute, naming the op
   return comm::ProcessGroup::world(o);
+}
+
+// The config with the plan's sizes set to those of the groups (null: size 1).
+ExecutorConfig sized(ExecutorConfig pc, const comm::ProcessGroup* dp, const comm::ProcessGroup* tp,
+                     const comm::ProcessGroup* pp) {
+  pc.plan.dp = dp ? dp->size() : 1;
+  pc.plan.tp = tp ? tp->size() : 1;
+  pc.plan.pp = pp ? pp->size() : 1;
+  return pc;
 }
 
 struct PipelineRun {
@@ -60,7 +69,7 @@ void gather_global(std::vector<float>& buf) {
 
 // Trains steps [first_step, first_step + n_steps) with pp = world size, from seed kSeed or from
 // `from`; gathers the final weights (and, if `to`, the whole state).
-PipelineRun run_pipeline(const model::ModelConfig& cfg, const PipelineConfig& pc,
+PipelineRun run_pipeline(const model::ModelConfig& cfg, const ExecutorConfig& pc,
                          int first_step = 0, int n_steps = kSteps, const TrainState* from = nullptr,
                          TrainState* to = nullptr) {
   comm::ProcessGroup world = world_group();
@@ -69,7 +78,7 @@ PipelineRun run_pipeline(const model::ModelConfig& cfg, const PipelineConfig& pc
   // Its own handle, so the counters see only the pipeline's traffic.
   comm::ProcessGroup pp = world.split({all}, "pp");
   MemoryPool pool;
-  PipelineExecutor ex(cfg, pc, pp, pool);
+  Executor ex(cfg, sized(pc, nullptr, nullptr, &pp), pool, nullptr, nullptr, &pp);
   if (from) {
     ex.import_weights(from->weights.data());
     ex.import_optimizer(from->m.data(), from->v.data(), from->step);
@@ -84,7 +93,7 @@ PipelineRun run_pipeline(const model::ModelConfig& cfg, const PipelineConfig& pc
   for (int s = first_step; s < first_step + n_steps; ++s) {
     std::vector<int32_t> tokens = step_tokens(s, kM, kB, kT, cfg.vocab);
     pp.reset_counters();
-    PipelineStepStats st = ex.train_step(tokens.data(), kB, kT);
+    StepResult st = ex.train_step(tokens.data(), kB, kT);
     r.pp_counters = pp.counters();
     EXPECT_EQ(st.step, s + 1);
     EXPECT_EQ(st.tokens, kM * kB * kT);
@@ -133,15 +142,16 @@ pipeline_test::SerialRun serial_on_rank0(const model::ModelConfig& cfg) {
   return s;
 }
 
-PipelineConfig pipeline_config(ScheduleKind kind, int vs, std::vector<int64_t> layers = {}) {
-  PipelineConfig pc;
-  pc.schedule = kind;
-  pc.micro_batches = int(kM);
-  pc.virtual_stages = vs;
-  pc.stage_layers = std::move(layers);
+ExecutorConfig pipeline_config(ScheduleKind kind, int vs, std::vector<int64_t> layers = {}) {
+  ExecutorConfig pc;
+  pc.plan.schedule = kind;
+  pc.plan.micro_batches = kM;
+  pc.plan.virtual_stages = vs;
+  pc.plan.stage_layers = std::move(layers);
   pc.optim = pipeline_test::test_adamw();
   return pc;
 }
+
 
 // `serial_order`: the run adds every gradient in the serial trainer's order (one stage running
 // F0 B0 F1 B1 ...: 1F1B on one rank), so everything must be bit-identical.
@@ -277,16 +287,16 @@ TEST(Pipeline, DataParallelTimesPipelineMatchesSerial) {
   pipeline_test::SerialRun ref = serial_on_rank0(cfg);
   model::ParamLayout layout(cfg);
   for (ScheduleKind kind : {ScheduleKind::gpipe, ScheduleKind::one_f_one_b}) {
-    PipelineConfig pc = pipeline_config(kind, 1);
-    pc.micro_batches = int(kM / 2);
+    ExecutorConfig pc = pipeline_config(kind, 1);
+    pc.plan.micro_batches = kM / 2;
     MemoryPool pool;
-    PipelineExecutor ex(cfg, pc, g.pp, pool, &g.dp);
+    Executor ex(cfg, sized(pc, &g.dp, nullptr, &g.pp), pool, &g.dp, nullptr, &g.pp);
     ex.init_weights(kSeed);
     std::vector<double> losses;
     for (int s = 0; s < kSteps; ++s) {
       std::vector<int32_t> tokens = step_tokens(s, kM, kB, kT, cfg.vocab);
       g.dp.reset_counters();
-      PipelineStepStats st =
+      StepResult st =
           ex.train_step(tokens.data() + g.dp.rank() * (kM / 2) * kB * (kT + 1), kB, kT);
       EXPECT_EQ(st.tokens, kM * kB * kT);
       EXPECT_NEAR(st.grad_norm, ref.grad_norms[size_t(s)], 1e-5 * ref.grad_norms[size_t(s)]);
@@ -369,15 +379,15 @@ TEST(Pipeline, ThreeDimLayoutsMatchSerial) {
       sizes.pp = pp;
       parallel::ProcessGroups g =
           parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-dp-pp"), world);
-      PipelineConfig pc = pipeline_config(kind, vs);
-      pc.micro_batches = int(m_local);
-      pc.zero = zero;
+      ExecutorConfig pc = pipeline_config(kind, vs);
+      pc.plan.micro_batches = m_local;
+      pc.plan.zero = int(zero);
       MemoryPool pool;
-      PipelineExecutor ex(cfg, pc, g.pp, pool, &g.dp, &g.tp);
+      Executor ex(cfg, sized(pc, &g.dp, &g.tp, &g.pp), pool, &g.dp, &g.tp, &g.pp);
       ex.init_weights(kSeed);
       for (int s = 0; s < kSteps; ++s) {
         std::vector<int32_t> tokens = step_tokens(s, kM, kB, kT, cfg.vocab);
-        PipelineStepStats st =
+        StepResult st =
             ex.train_step(tokens.data() + g.dp.rank() * seqs * (kT + 1), b_local, kT);
         EXPECT_NEAR(st.loss, ref.losses[size_t(s)], 1e-5 * ref.losses[size_t(s)])
             << what << " step " << s + 1;
@@ -496,7 +506,7 @@ TEST(Pipeline, OneFOneBHoldsFewerActivationsThanGPipe) {
 TEST(Pipeline, ResumeFromGatheredStateAtAnyLayout) {
   const int pp = world_group().size();
   model::ModelConfig cfg = tiny_config(2 * pp);
-  PipelineConfig even = pipeline_config(ScheduleKind::one_f_one_b, 1);
+  ExecutorConfig even = pipeline_config(ScheduleKind::one_f_one_b, 1);
   PipelineRun straight = run_pipeline(cfg, even);
   TrainState saved;
   run_pipeline(cfg, even, 0, 2, nullptr, &saved);
@@ -521,9 +531,9 @@ TEST(Pipeline, BadConfigsAreErrors) {
   model::ModelConfig cfg = tiny_config(4);
   comm::ProcessGroup world = world_group();
   MemoryPool pool;
-  auto message = [&](const PipelineConfig& pc) {
+  auto message = [&](const ExecutorConfig& pc) {
     try {
-      PipelineExecutor ex(cfg, pc, world, pool);
+      Executor ex(cfg, sized(pc, nullptr, nullptr, &world), pool, nullptr, nullptr, &world);
     } catch (const Error& e) {
       return std::string(e.what());
     }
@@ -533,8 +543,8 @@ TEST(Pipeline, BadConfigsAreErrors) {
   EXPECT_NE(m.find("give exactly"), std::string::npos) << m;
   m = message(pipeline_config(ScheduleKind::gpipe, 2));  // VS > 1 outside interleaved
   EXPECT_NE(m, "no error");
-  PipelineConfig odd = pipeline_config(ScheduleKind::interleaved, 2);
-  odd.micro_batches = 3;  // interleaved needs M % pp == 0
+  ExecutorConfig odd = pipeline_config(ScheduleKind::interleaved, 2);
+  odd.plan.micro_batches = 3;  // interleaved needs M % pp == 0
   m = message(odd);
   EXPECT_NE(m, "no error");
 }

@@ -1,5 +1,5 @@
-// Data parallel training under mpirun: every (dp, zero) layout equals the serial run with dp
-// times the batch, two runs of a layout are bit-identical, ZeRO-1 divides the optimizer bytes,
+// Data parallel training under mpirun: every (dp, zero) layout of one config (train.batch is the
+// global batch) equals the serial run, two runs of a layout are bit-identical, ZeRO-1 divides the optimizer bytes,
 // the dp all-reduce moves the closed-form bytes, and checkpoints move between layouts.
 #include <gtest/gtest.h>
 
@@ -30,7 +30,9 @@ std::string shared_dir(const comm::ProcessGroup& world, const std::string& name)
 }
 
 constexpr int kSteps = 6;
-constexpr int64_t kBatch = 2;  // per dp rank
+constexpr int64_t kBatch = 2;  // sequences per micro-batch and dp rank (2 micro-batches)
+// The global batch (train.batch) that gives every dp rank 2 micro-batches of kBatch.
+int64_t global_batch(int dp) { return kBatch * 2 * dp; }
 
 TEST(DataParallel, EqualsSerialForEveryZeroStage) {
   comm::ProcessGroup world = comm::ProcessGroup::world();
@@ -38,7 +40,7 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
   std::string dir = shared_dir(world, "serial");
   // The serial reference: one rank, dp times the batch (computed on every rank, identically).
   MemoryPool serial_pool;
-  train::Trainer serial(config(kBatch * dp, 0, dir + "_s" + std::to_string(world.rank()), 4),
+  train::Trainer serial(config(global_batch(dp), 0, dir + "_s" + std::to_string(world.rank()), 4),
                         serial_pool);
   serial.init_fresh();
   std::vector<double> serial_losses;
@@ -47,7 +49,7 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
   for (int64_t zero : {0, 1, 2, 3}) {
     // Small buckets: several reductions overlap the backward.
     MemoryPool pool;
-    train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
+    train::Trainer t(config(global_batch(world.size()), zero, dir, 0.05), pool, &world);
     t.init_fresh();
     for (int i = 0; i < kSteps; ++i) {
       double loss = t.train_step().loss;
@@ -56,9 +58,9 @@ TEST(DataParallel, EqualsSerialForEveryZeroStage) {
       EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
           << "zero " << zero << " step " << i + 1;
     }
-    const int64_t n = t.model().layout().total();
+    const int64_t n = t.executor().chunk(0).total();
     std::vector<float> mine = t.full_weights(), other(mine);
-    EXPECT_LT(relative_l2(mine.data(), serial.model().weights(), n), 1e-5) << "zero " << zero;
+    EXPECT_LT(relative_l2(mine.data(), serial.full_weights().data(), n), 1e-5) << "zero " << zero;
     // Every rank holds the same weights bit for bit.
     world.broadcast(comm::BufferRef(other.data(), n, DType::f32), 0).wait();
     EXPECT_EQ(mine, other) << "zero " << zero << ": ranks diverged";
@@ -73,7 +75,7 @@ TEST(DataParallel, SameLayoutTwiceIsBitIdentical) {
     std::vector<float> weights[2];
     for (int k = 0; k < 2; ++k) {
       MemoryPool pool;
-      train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
+      train::Trainer t(config(global_batch(world.size()), zero, dir, 0.05), pool, &world);
       t.init_fresh();
       for (int i = 0; i < 3; ++i) runs[k].push_back(t.train_step().loss);
       weights[k] = t.full_weights();
@@ -91,12 +93,12 @@ TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
   for (int64_t zero : {0, 1}) {
     MemoryPool pool;
     // One bucket holding the whole gradient, so the closed form is a single all-reduce.
-    train::Trainer t(config(kBatch, zero, dir, 1024), pool, &world);
+    train::Trainer t(config(global_batch(world.size()), zero, dir, 1024), pool, &world);
     t.init_fresh();
     opt_bytes[zero] = pool.current(MemCategory::optimizer);
     world.reset_counters();
     t.train_step();
-    const int64_t N = t.model().layout().total();
+    const int64_t N = t.executor().chunk(0).total();
     auto len = [&](int64_t total, int j) { return total / w + (j % w < total % w ? 1 : 0); };
     auto ring_all_reduce = [&](int64_t total) {
       int r = world.rank();
@@ -117,8 +119,7 @@ TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
   }
   // m and v: the whole buffer replicated, or one ceil(N/w) shard.
   MemoryPool pool;
-  model::Gpt probe(config(kBatch, 0, dir, 4).model, pool, model::Precision::f32);
-  const int64_t N = probe.layout().total();
+  const int64_t N = model::ParamLayout(config(global_batch(world.size()), 0, dir, 4).model).total();
   const int64_t shard = (N + w - 1) / w;
   EXPECT_EQ(opt_bytes[0], 8 * N);
   int64_t mine = std::min(N, shard * (world.rank() + 1)) - std::min(N, shard * world.rank());
@@ -134,15 +135,20 @@ TEST(DataParallel, ZeroTwoThreeShardGradientsAndWeights) {
   for (int64_t zero : {2, 3}) {
     MemoryPool pool;
     // 8 blocks, so one unit is small against the model and the memory bounds below bite.
-    train::TrainConfig cfg8 = config(kBatch, zero, dir, 4);
+    train::TrainConfig cfg8 = config(global_batch(world.size()), zero, dir, 4);
     cfg8.model.n_layers = 8;
     train::Trainer t(cfg8, pool, &world);
     t.init_fresh();
-    const auto units = model::param_units(t.config().model, t.model().layout());
-    const int64_t N = t.model().layout().total();
-    int64_t shard = 0, padded = 0, biggest = 0;
-    for (const auto& u : units) {
+    const auto& units = t.executor().chunk(0).units();
+    const int tok = t.executor().chunk(0).token_unit();
+    const int pos = t.executor().chunk(0).geometry().position_unit();
+    const int64_t N = t.executor().chunk(0).total();
+    int64_t shard = 0, padded = 0, biggest = 0, n_tok = 0, n_pos = 0;
+    for (size_t i = 0; i < units.size(); ++i) {
+      const auto& u = units[i];
       const int64_t len = u.end - u.begin, n = (len + w - 1) / w;
+      if (int(i) == tok) n_tok = n;
+      if (int(i) == pos) n_pos = n;
       shard += std::min(len, (world.rank() + 1) * n) - std::min(len, world.rank() * n);
       padded += n;
       biggest = std::max(biggest, n * w);
@@ -174,23 +180,30 @@ TEST(DataParallel, ZeroTwoThreeShardGradientsAndWeights) {
       EXPECT_LT(pool.peak(MemCategory::grads), 4 * N) << "zero " << zero << ": no saving";
     }
     const auto& c = world.counters();
-    const int64_t M = t.config().micro_batches;
-    // Each micro-batch reduce-scatters every unit once: (w-1) x n_u floats sent per unit.
-    EXPECT_EQ(c[comm::CommOp::reduce_scatter].calls, M * int64_t(units.size()));
-    EXPECT_EQ(c[comm::CommOp::reduce_scatter].bytes, M * 4 * (w - 1) * padded);
-    // ZeRO-3 gathers every unit before its forward and again before its backward (the
-    // embeddings: lookup and tied head), per micro-batch; ZeRO-2 gathers the updated pieces
-    // once per step.
-    const int64_t gathers = zero == 3 ? 2 * M : 1;
-    EXPECT_EQ(c[comm::CommOp::all_gather].calls, gathers * int64_t(units.size()));
-    EXPECT_EQ(c[comm::CommOp::all_gather].bytes, gathers * 4 * (w - 1) * padded);
+    const int64_t M = t.plan().micro_batches;
+    // Each micro-batch reduce-scatters every unit once, and the token embedding twice (the tied
+    // head's contribution in the forward, the lookup's in the backward): (w-1) x n_u floats
+    // sent per reduce-scatter.
+    const int64_t U = int64_t(units.size());
+    EXPECT_EQ(c[comm::CommOp::reduce_scatter].calls, M * (U + 1));
+    EXPECT_EQ(c[comm::CommOp::reduce_scatter].bytes, M * 4 * (w - 1) * (padded + n_tok));
+    // ZeRO-3 gathers every unit before its forward and again before its backward (the token
+    // embedding: lookup and tied head; the position table only for the lookup, its backward
+    // needs no weights), per micro-batch; ZeRO-2 gathers the updated pieces once per step.
+    if (zero == 3) {
+      EXPECT_EQ(c[comm::CommOp::all_gather].calls, M * (2 * U - 1));
+      EXPECT_EQ(c[comm::CommOp::all_gather].bytes, M * 4 * (w - 1) * (2 * padded - n_pos));
+    } else {
+      EXPECT_EQ(c[comm::CommOp::all_gather].calls, U);
+      EXPECT_EQ(c[comm::CommOp::all_gather].bytes, 4 * (w - 1) * padded);
+    }
     EXPECT_EQ(c[comm::CommOp::all_reduce].calls, 2);  // loss and the gradient norm
   }
   // bf16 through the store equals bf16 data parallel (ZeRO-1) up to summation order.
   std::vector<double> ref, got;
   for (int64_t zero : {1, 3}) {
     MemoryPool pool;
-    train::TrainConfig cfg = config(kBatch, zero, dir, 4);
+    train::TrainConfig cfg = config(global_batch(world.size()), zero, dir, 4);
     cfg.precision = model::Precision::bf16;
     train::Trainer t(cfg, pool, &world);
     t.init_fresh();
@@ -211,8 +224,8 @@ TEST(DataParallel, RecomputeComposesWithZeroThree) {
   int k = 0;
   for (const char* mode : {"none", "selective", "full"}) {
     MemoryPool pool;
-    train::TrainConfig cfg = config(kBatch, 3, dir, 0.05);
-    cfg.recompute = model::recompute_from_name(mode);
+    train::TrainConfig cfg = config(global_batch(world.size()), 3, dir, 0.05);
+    cfg.parallel.recompute = mode;
     train::Trainer t(cfg, pool, &world);
     t.init_fresh();
     for (int i = 0; i < 3; ++i) losses[k].push_back(t.train_step().loss);
@@ -232,16 +245,16 @@ TEST(DataParallel, CheckpointMovesBetweenLayouts) {
   std::vector<double> uninterrupted;
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, 3, dir, 0.05), pool, &world);
+    train::Trainer t(config(global_batch(world.size()), 3, dir, 0.05), pool, &world);
     t.init_fresh();
     for (int i = 0; i < 3; ++i) t.train_step();
     t.save(dir + "/ckpt");
     for (int i = 0; i < 3; ++i) uninterrupted.push_back(t.train_step().loss);
   }
-  // Resume at (dp, zero 0, 1, 2) and on a single rank with dp times the batch.
+  // Resume at (dp, zero 0, 1, 2) and on a single rank, with the same config.
   for (int64_t zero : {0, 1, 2}) {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, zero, dir, 0.05), pool, &world);
+    train::Trainer t(config(global_batch(world.size()), zero, dir, 0.05), pool, &world);
     t.resume(dir + "/ckpt");
     for (int i = 0; i < 3; ++i)
       EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)])
@@ -249,7 +262,7 @@ TEST(DataParallel, CheckpointMovesBetweenLayouts) {
   }
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch * dp, 0, dir + "_single" + std::to_string(world.rank()), 4), pool);
+    train::Trainer t(config(global_batch(dp), 0, dir + "_single" + std::to_string(world.rank()), 4), pool);
     t.resume(dir + "/ckpt");
     for (int i = 0; i < 3; ++i)
       EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)]);

@@ -15,6 +15,7 @@
 #include "dist/train/train_helpers.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "model/gpt.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -23,7 +24,9 @@ using namespace loom;
 namespace {
 
 constexpr int kTp = 2;
-constexpr int64_t kBatch = 2;  // per dp rank
+constexpr int64_t kBatch = 2;  // sequences per micro-batch and dp rank (2 micro-batches)
+// The global batch (train.batch) that gives every dp rank 2 micro-batches of kBatch.
+int64_t global_batch(int dp) { return kBatch * 2 * dp; }
 constexpr int kSteps = 10;
 
 train::TrainConfig config(int64_t batch, int64_t zero, const std::string& dir,
@@ -68,7 +71,7 @@ struct TrainRun {
 
 TrainRun run_serial(const Groups& G, const std::string& dir, const std::vector<std::string>& extra = {}) {
   MemoryPool pool;
-  train::Trainer t(config(kBatch * G.dp(), 0, dir + "_s" + std::to_string(G.world.rank()), extra),
+  train::Trainer t(config(global_batch(G.dp()), 0, dir + "_s" + std::to_string(G.world.rank()), extra),
                    pool);
   t.init_fresh();
   TrainRun r;
@@ -80,7 +83,7 @@ TrainRun run_serial(const Groups& G, const std::string& dir, const std::vector<s
 TrainRun run_tp(const Groups& G, int64_t zero, const std::string& dir,
            const std::vector<std::string>& extra = {}, int steps = kSteps) {
   MemoryPool pool;
-  train::Trainer t(config(kBatch, zero, dir, extra), pool, &G.g.dp, &G.g.tp);
+  train::Trainer t(config(global_batch(G.dp()), zero, dir, extra), pool, &G.g.dp, &G.g.tp);
   t.init_fresh();
   TrainRun r;
   for (int i = 0; i < steps; ++i) r.losses.push_back(t.train_step().loss);
@@ -139,7 +142,7 @@ TEST(TensorParallel, EqualsSerialForEveryZeroStage) {
 // tokens at tp = 2 and serially, in f32 and bf16, for every recompute mode.
 TEST(TensorParallel, GradientsAndLossEqualSerial) {
   Groups G = make_groups();
-  train::TrainConfig cfg = config(kBatch, 0, "/tmp/unused");
+  train::TrainConfig cfg = config(global_batch(1), 0, "/tmp/unused");
   const int64_t B = 2, T = 32;
   std::vector<int32_t> tokens(size_t(B * (T + 1)));
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t((i * 7919 + 13) % 512);
@@ -216,13 +219,13 @@ TEST(TensorParallel, ShardsWeightsAndCountsBytes) {
   Groups G = make_groups();
   std::string dir = shared_dir(G.world, "bytes");
   MemoryPool serial_pool, pool;
-  train::Trainer serial(config(kBatch, 0, dir + "_s" + std::to_string(G.world.rank())), serial_pool);
-  train::Trainer t(config(kBatch, 0, dir), pool, &G.g.dp, &G.g.tp);
+  train::Trainer serial(config(global_batch(1), 0, dir + "_s" + std::to_string(G.world.rank())), serial_pool);
+  train::Trainer t(config(global_batch(G.dp()), 0, dir), pool, &G.g.dp, &G.g.tp);
   t.init_fresh();
   const model::ModelConfig& m = t.config().model;
   // Weight bytes: sharded tensors halve, replicated ones (norms, position tables, out/down
   // biases) stay whole.
-  const model::ParamLayout& lay = t.model().layout();
+  const model::ParamLayout& lay = t.executor().chunk(0).global_layout();
   int64_t sharded = 0, replicated = 0;
   for (const auto& s : lay.specs()) (s.replicated() ? replicated : sharded) += s.numel;
   EXPECT_EQ(sharded * kTp + replicated, m.num_params());
@@ -241,7 +244,7 @@ TEST(TensorParallel, ShardsWeightsAndCountsBytes) {
   // each sending (tp-1)*n f32. all_reduce: 2 per head row block (max; sum and target logit) per
   // micro-batch, then once the replicated grads and once the grad norm per step.
   const int64_t Lp = m.n_layers + (m.query_layer ? 1 : 0);
-  const int64_t M = t.config().micro_batches, T = t.config().seq, N = kBatch * T;
+  const int64_t M = t.plan().micro_batches, T = t.config().seq, N = kBatch * T;
   const int64_t n = N / kTp * m.d_model;
   EXPECT_EQ(c[comm::CommOp::all_gather].calls, M * (4 * Lp + 2));
   EXPECT_EQ(c[comm::CommOp::all_gather].bytes, M * (4 * Lp + 2) * (kTp - 1) * n * 4);
@@ -266,7 +269,7 @@ TEST(TensorParallel, CheckpointMovesBetweenTpAndSerial) {
   std::vector<double> uninterrupted;
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, 1, dir), pool, &G.g.dp, &G.g.tp);
+    train::Trainer t(config(global_batch(G.dp()), 1, dir), pool, &G.g.dp, &G.g.tp);
     t.init_fresh();
     for (int i = 0; i < 3; ++i) t.train_step();
     t.save(dir + "/ckpt");
@@ -276,7 +279,7 @@ TEST(TensorParallel, CheckpointMovesBetweenTpAndSerial) {
   const std::string single = dir + "_single" + std::to_string(G.world.rank());
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch * dp, 0, single), pool);
+    train::Trainer t(config(global_batch(dp), 0, single), pool);
     t.resume(dir + "/ckpt");
     for (int i = 0; i < 3; ++i)
       EXPECT_NEAR(t.train_step().loss, uninterrupted[size_t(i)], 1e-5 * uninterrupted[size_t(i)]);
@@ -285,7 +288,7 @@ TEST(TensorParallel, CheckpointMovesBetweenTpAndSerial) {
   std::vector<double> serial_cont;
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch * dp, 0, single), pool);
+    train::Trainer t(config(global_batch(dp), 0, single), pool);
     t.init_fresh();
     for (int i = 0; i < 2; ++i) t.train_step();
     if (G.world.rank() == 0) t.save(dir + "/serial_ckpt");
@@ -294,7 +297,7 @@ TEST(TensorParallel, CheckpointMovesBetweenTpAndSerial) {
   G.world.barrier().wait();
   {
     MemoryPool pool;
-    train::Trainer t(config(kBatch, 0, dir), pool, &G.g.dp, &G.g.tp);
+    train::Trainer t(config(global_batch(G.dp()), 0, dir), pool, &G.g.dp, &G.g.tp);
     t.resume(dir + "/serial_ckpt");
     for (int i = 0; i < 3; ++i)
       EXPECT_NEAR(t.train_step().loss, serial_cont[size_t(i)], 1e-5 * serial_cont[size_t(i)]);
@@ -307,7 +310,7 @@ TEST(TensorParallel, CheckpointMovesBetweenTpAndSerial) {
 TEST(TensorParallel, LayoutErrorsNameWhatWorks) {
   // tp must divide the kv heads (2): tp 4 is refused with the sizes that work.
   try {
-    config(kBatch, 0, "/tmp/unused", {"parallel.tp=4"});
+    config(global_batch(1), 0, "/tmp/unused", {"parallel.tp=4"});
     FAIL() << "tp = 4 accepted for a model with 2 kv heads";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("sizes that work: 1, 2"), std::string::npos) << e.what();

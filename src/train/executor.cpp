@@ -1,8 +1,8 @@
-// train/pipeline.cpp: the pipeline executor (see pipeline.h for the contract).
+// train/executor.cpp: the training executor (see executor.h for the contract).
 //
 // Glossary: pp pipeline ranks, VS chunks per rank, M micro-batches, B, T, N = B*T, C d_model,
 // V vocab, g virtual stage (layer group) = chunk * pp + rank.
-#include "train/pipeline.h"
+#include "train/executor.h"
 
 #include <algorithm>
 #include <chrono>
@@ -43,17 +43,6 @@ Tensor take(std::map<Key, Tensor>& m, Key k, const char* what) {
   return t;
 }
 
-// A chunk's tensors as specs of its own flat buffer (offset = local offset), which is what
-// optim::AdamW and ZeroStore walk.
-std::vector<model::ParamSpec> local_specs(const model::GptStage& stage) {
-  std::vector<model::ParamSpec> out;
-  for (const model::StageParam& p : stage.params()) {
-    out.push_back(p.global);
-    out.back().offset = p.local_offset;
-  }
-  return out;
-}
-
 // f(local offset, count, packed offset, param) for each tensor's part inside the optimizer's
 // ranges of a chunk's buffer (m and v hold those ranges packed).
 template <class F>
@@ -75,94 +64,77 @@ optim::Range zero1_share(int64_t n, int D, int r) {
   return {lo, std::min(n, lo + share)};
 }
 
-// A ParamStore that is never called: a GptStage built on it describes a chunk's geometry
-// (tensors, units, init_range) without allocating parameters.
-struct GeometryOnly final : model::ParamStore {
-  const float* weights(int) override { return fail<const float*>(); }
-  const bf16* weights_lp(int) override { return fail<const bf16*>(); }
-  void release(int) override { fail<int>(); }
-  float* grads(int) override { return fail<float*>(); }
-  void grads_done(int) override { fail<int>(); }
-  template <class R>
-  static R fail() {
-    LOOM_ASSERT(false, "a geometry-only pipeline stage was asked for parameters");
-    return R{};
-  }
-};
-
-// The ZeroStore space of a chunk: its buffer's tensors (the head's tied copy not counted in
-// norms) and units, initialised as GptStage::init_weights would.
-ZeroSpace chunk_zero_space(const model::ModelConfig& cfg, const model::StageSpan& span,
-                           MemoryPool& pool, model::Precision precision,
-                           const comm::ProcessGroup* tp) {
-  static GeometryOnly no_store;
-  auto geometry = std::make_shared<const model::GptStage>(cfg, span, pool, precision, tp, &no_store);
-  ZeroSpace z;
-  z.specs = local_specs(*geometry);
-  for (const model::StageParam& p : geometry->params()) z.counted.push_back(!p.tied_copy);
-  z.units = geometry->units();
-  z.total = geometry->total();
-  z.init = [geometry](float* dst, int64_t b, int64_t e, uint64_t seed) {
-    geometry->init_range(dst, b, e, seed);
-  };
-  return z;
-}
-
 }  // namespace
 
-PipelineExecutor::PipelineExecutor(const model::ModelConfig& cfg, const PipelineConfig& pc,
-                                   const comm::ProcessGroup& pp, MemoryPool& pool,
-                                   const comm::ProcessGroup* dp, const comm::ProcessGroup* tp)
-    : cfg_(cfg), pc_(pc), pp_(pp), pool_(pool) {
+Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, MemoryPool& pool,
+                   const comm::ProcessGroup* dp, const comm::ProcessGroup* tp,
+                   const comm::ProcessGroup* pp)
+    : cfg_(cfg), ec_(ec), pool_(pool) {
   if (dp && dp->valid() && dp->size() > 1) dp_ = *dp;
   if (tp && tp->valid() && tp->size() > 1) tp_ = *tp;
-  LOOM_CHECK(pp.valid(), "PipelineExecutor needs a valid pp group");
-  const int n_pp = pp.size(), rank = pp.rank();
+  if (pp && pp->valid() && pp->size() > 1) pp_ = *pp;
+  const parallel::ParallelPlan& plan = ec_.plan;
+  LOOM_CHECK(plan.dp == dp_size() && plan.tp == tp_size() && plan.pp == pp_size(),
+             "the plan is dp {} x tp {} x pp {} but the groups given are dp {} x tp {} x pp {}",
+             plan.dp, plan.tp, plan.pp, dp_size(), tp_size(), pp_size());
+  const int n_pp = pp_size(), rank = pp_rank();
+  LOOM_CHECK(plan.micro_batches >= 1 && plan.micro_batches <= (1 << 20),
+             "micro_batches = {} must be in [1, {}]", plan.micro_batches, 1 << 20);
   // Validate the schedule first: it names the valid micro-batch counts.
-  schedule_ = parallel::make_schedule(pc.schedule, n_pp, pc.micro_batches, pc.virtual_stages);
-  const int n_virtual = n_pp * pc.virtual_stages;
-  LOOM_CHECK(2 * int64_t(pc.micro_batches) * n_virtual <= kMaxTag + 1,
+  schedule_ = parallel::make_schedule(plan.schedule, n_pp, int(plan.micro_batches),
+                                      plan.virtual_stages);
+  const int n_virtual = n_pp * plan.virtual_stages;
+  LOOM_CHECK(2 * plan.micro_batches * n_virtual <= kMaxTag + 1,
              "{} micro-batches x {} virtual stages need more MPI tags than the guaranteed {}; "
              "use at most {} micro-batches",
-             pc.micro_batches, n_virtual, kMaxTag, (kMaxTag + 1) / (2 * n_virtual));
-  std::vector<model::StageSpan> spans = model::split_stages(cfg, n_virtual, pc.stage_layers);
-  LOOM_CHECK(pc.zero >= 0 && pc.zero <= 3, "ZeRO stage {} does not exist; use 0, 1, 2 or 3",
-             pc.zero);
+             plan.micro_batches, n_virtual, kMaxTag, (kMaxTag + 1) / (2 * n_virtual));
+  std::vector<model::StageSpan> spans = model::split_stages(cfg, n_virtual, plan.stage_layers);
+  LOOM_CHECK(plan.zero >= 0 && plan.zero <= 3, "ZeRO stage {} does not exist; use 0, 1, 2 or 3",
+             plan.zero);
+  LOOM_CHECK(plan.recompute.empty() || int64_t(plan.recompute.size()) == cfg.n_layers,
+             "the plan's recompute list has {} entries but the model has n_layers = {}",
+             plan.recompute.size(), cfg.n_layers);
   const comm::ProcessGroup* tpp = tp_.valid() ? &tp_ : nullptr;
-  for (int c = 0; c < pc.virtual_stages; ++c) {
+  const model::TpShard shard = tpp ? model::TpShard{tp_.rank(), tp_.size()} : model::TpShard{};
+  for (int c = 0; c < plan.virtual_stages; ++c) {
     const model::StageSpan& span = spans[size_t(c * n_pp + rank)];
-    if (pc.zero >= 2 && dp_.valid()) {
+    if (plan.zero >= 2 && dp_.valid()) {
       // ZeRO-2/3: the chunk's parameters live in a ZeroStore over its own units.
-      stores_.push_back(std::make_unique<ZeroStore>(
-          pc.zero, chunk_zero_space(cfg, span, pool, pc.precision, tpp), pc.precision, pool, dp_,
-          tpp));
-      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, pc.precision, tpp,
+      auto geometry = std::make_shared<const model::StageGeometry>(cfg, span, shard);
+      stores_.push_back(std::make_unique<ZeroStore>(plan.zero, stage_zero_space(geometry),
+                                                    ec.precision, pool, dp_, tpp));
+      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp,
                                                           stores_.back().get()));
       optimizers_.push_back(std::make_unique<optim::AdamW>(
-          local_specs(*chunks_.back()), chunks_.back()->total(), pc.optim, pool,
-          stores_.back()->pieces()));
+          geometry->local_specs(), geometry->total(), ec.optim, pool, stores_.back()->pieces()));
     } else {
-      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, pc.precision, tpp));
+      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp));
       // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
       // chunk's buffer; the shares are broadcast after the step.
-      const bool zero1 = pc.zero >= 1 && dp_.valid();
+      const bool zero1 = plan.zero >= 1 && dp_.valid();
       const int64_t n = chunks_.back()->total();
       optimizers_.push_back(std::make_unique<optim::AdamW>(
-          local_specs(*chunks_.back()), n, pc.optim, pool,
+          chunks_.back()->geometry().local_specs(), n, ec.optim, pool,
           std::vector<optim::Range>{zero1 ? zero1_share(n, dp_.size(), dp_.rank())
                                           : optim::Range{0, n}}));
     }
-    chunks_.back()->set_recompute(pc.recompute);
+    if (!plan.recompute.empty()) chunks_.back()->set_recompute(plan.recompute);
   }
   ready_.resize(chunks_.size());
-  LOOM_CHECK(pc.bucket_mb > 0, "bucket_mb = {} must be positive", pc.bucket_mb);
+  LOOM_CHECK(plan.bucket_mb > 0, "bucket_mb = {} must be positive", plan.bucket_mb);
   // Megatron's embedding group: the first and last pp ranks both hold embed.token.weight.
-  if (n_pp > 1) embedding_ = pp.split({{0, n_pp - 1}}, "pp_embedding");
+  if (n_pp > 1) embedding_ = pp_.split({{0, n_pp - 1}}, "pp_embedding");
 }
 
-PipelineExecutor::~PipelineExecutor() = default;
+Executor::~Executor() = default;
 
-void PipelineExecutor::init_weights(uint64_t seed) {
+std::string Executor::where() const {
+  for (const comm::ProcessGroup* g : {&pp_, &dp_, &tp_})
+    if (g->valid()) return g->prefix();
+  return "[rank 0/1]";
+}
+
+void Executor::init_weights(uint64_t seed) {
   if (!stores_.empty()) {
     for (auto& z : stores_) z->init(seed);
     return;
@@ -170,30 +142,30 @@ void PipelineExecutor::init_weights(uint64_t seed) {
   for (auto& c : chunks_) c->init_weights(seed);
 }
 
-void PipelineExecutor::export_weights(float* global_weights, bool include_tied_copy) const {
+void Executor::export_weights(float* global_weights, bool include_tied_copy) const {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     if (stores_.empty()) {
       chunks_[i]->export_weights(global_weights, include_tied_copy);
       continue;
     }
     std::vector<float> local = stores_[i]->full_weights();  // collective over dp
-    chunks_[i]->to_global(local.data(), global_weights, include_tied_copy);
+    chunks_[i]->geometry().to_global(local.data(), global_weights, include_tied_copy);
   }
 }
 
-void PipelineExecutor::import_weights(const float* global_weights) {
+void Executor::import_weights(const float* global_weights) {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     if (stores_.empty()) {
       chunks_[i]->import_weights(global_weights);
       continue;
     }
     std::vector<float> local(static_cast<size_t>(chunks_[i]->total()));
-    chunks_[i]->to_local(global_weights, local.data());
+    chunks_[i]->geometry().to_local(global_weights, local.data());
     stores_[i]->import_full(local.data());
   }
 }
 
-void PipelineExecutor::export_optimizer(float* global_m, float* global_v) const {
+void Executor::export_optimizer(float* global_m, float* global_v) const {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const optim::AdamW& o = *optimizers_[i];
     for_each_owned(*chunks_[i], o.ranges(),
@@ -206,7 +178,7 @@ void PipelineExecutor::export_optimizer(float* global_m, float* global_v) const 
   }
 }
 
-void PipelineExecutor::export_optimizer_dp_summed(float* global_m, float* global_v) const {
+void Executor::export_optimizer_dp_summed(float* global_m, float* global_v) const {
   LOOM_CHECK((global_m == nullptr) == (global_v == nullptr),
              "export_optimizer_dp_summed: pass both m and v, or neither");
   for (size_t i = 0; i < chunks_.size(); ++i) {
@@ -223,13 +195,13 @@ void PipelineExecutor::export_optimizer_dp_summed(float* global_m, float* global
       dp_.all_reduce(comm::BufferRef(v.data(), c.total(), DType::f32)).wait();
     }
     if (global_m) {
-      c.to_global(m.data(), global_m, /*include_tied_copy=*/false);
-      c.to_global(v.data(), global_v, /*include_tied_copy=*/false);
+      c.geometry().to_global(m.data(), global_m, /*include_tied_copy=*/false);
+      c.geometry().to_global(v.data(), global_v, /*include_tied_copy=*/false);
     }
   }
 }
 
-void PipelineExecutor::import_optimizer(const float* global_m, const float* global_v,
+void Executor::import_optimizer(const float* global_m, const float* global_v,
                                         int64_t step) {
   LOOM_CHECK(step >= 0, "optimizer step count {} must be >= 0", step);
   for (size_t i = 0; i < chunks_.size(); ++i) {
@@ -246,12 +218,12 @@ void PipelineExecutor::import_optimizer(const float* global_m, const float* glob
   step_ = step;
 }
 
-void PipelineExecutor::reduce_range(int c, int64_t begin, int64_t end) {
+void Executor::reduce_range(int c, int64_t begin, int64_t end) {
   reductions_.push_back(dp_.all_reduce(
       comm::BufferRef(chunks_[size_t(c)]->grads() + begin, end - begin, DType::f32)));
 }
 
-void PipelineExecutor::grad_ready(int c, int64_t begin, int64_t end) {
+void Executor::grad_ready(int c, int64_t begin, int64_t end) {
   // Merge [begin, end) with the ready ranges it touches (it overlaps none: each unit is
   // reported once per step).
   auto& ready = ready_[size_t(c)];
@@ -268,7 +240,7 @@ void PipelineExecutor::grad_ready(int c, int64_t begin, int64_t end) {
     end = next->second;
     ready.erase(next);
   }
-  const int64_t bucket_elems = std::max<int64_t>(1, int64_t(pc_.bucket_mb * (1 << 20) / 4));
+  const int64_t bucket_elems = std::max<int64_t>(1, int64_t(ec_.plan.bucket_mb * (1 << 20) / 4));
   if (end - begin >= bucket_elems)
     reduce_range(c, begin, end);
   else
@@ -277,9 +249,9 @@ void PipelineExecutor::grad_ready(int c, int64_t begin, int64_t end) {
   for (auto& w : reductions_) w.test();
 }
 
-PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
-  const int n_pp = pp_.size(), rank = pp_.rank(), VS = pc_.virtual_stages;
-  const int M = pc_.micro_batches, n_virtual = n_pp * VS;
+StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
+  const int n_pp = pp_size(), rank = pp_rank(), VS = ec_.plan.virtual_stages;
+  const int M = ec_.plan.micro_batches, n_virtual = n_pp * VS;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
   LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
              n_tp);
@@ -290,7 +262,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
              "{} holds the embedding or the head and needs the step's tokens (M={}, B={}, T+1={})",
-             pp_.prefix(), M, B, T + 1);
+             where(), M, B, T + 1);
 
   // Split (M, B, T+1) windows into per-micro-batch inputs (B,T) and targets (B,T).
   std::vector<std::vector<int32_t>> inputs(static_cast<size_t>(M)), targets(static_cast<size_t>(M));
@@ -390,10 +362,10 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   wait_recvs();
   for (auto& w : sends) w.wait();
   LOOM_ASSERT(act_in.empty() && grad_in.empty() && act_out.empty() && grad_out.empty(),
-              "{} pipeline step left tensors unconsumed (schedule bug)", pp_.prefix());
+              "{} pipeline step left tensors unconsumed (schedule bug)", where());
   for (auto& c : chunks_)
     LOOM_ASSERT(c->in_flight() == 0, "{} chunk left {} micro-batches without backward",
-                pp_.prefix(), c->in_flight());
+                where(), c->in_flight());
 
   const int64_t VC = chunks_[0]->global_layout().specs()[0].numel;  // (V/tp) x C
   double squares = 0;
@@ -440,7 +412,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     // Tensor parallel: replicated tensors' partial gradients (from each rank's rows) summed.
     if (tp_.valid())
       for (auto& c : chunks_)
-        model::sum_replicated_grads(local_specs(*c), c->grads(), 0, c->total(), tp_);
+        model::sum_replicated_grads(c->geometry().local_specs(), c->grads(), 0, c->total(), tp_);
 
     // This rank's squares in chunk order (the head's tied copy, which is the first VC elements
     // of its buffer, skipped; under tp replicated tensors counted on tp rank 0 only).
@@ -461,14 +433,14 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
     }
   }
   // Global grad norm: summed over pp (and tp; and dp above under ZeRO-2/3).
-  pp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
+  if (pp_.valid()) pp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&squares, 1, DType::f64)).wait();
   const double norm = std::sqrt(squares);
-  const float factor = pc_.optim.clip > 0 ? kernels::clip_factor(norm, pc_.optim.clip) : 1.0f;
+  const float factor = ec_.optim.clip > 0 ? kernels::clip_factor(norm, ec_.optim.clip) : 1.0f;
 
   ++step_;
-  PipelineStepStats s;
-  s.lr = optim::lr_at(pc_.optim, step_);
+  StepResult s;
+  s.lr = optim::lr_at(ec_.optim, step_);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     LOOM_ASSERT(optimizers_[i]->step_count() + 1 == step_, "chunk optimizer at step {}, executor {}",
                 optimizers_[i]->step_count(), step_ - 1);
@@ -477,7 +449,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
       continue;
     }
     optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
-    if (pc_.zero >= 1 && dp_.valid()) {
+    if (ec_.plan.zero >= 1 && dp_.valid()) {
       // ZeRO-1: every dp rank's updated share to the others.
       const int64_t n = chunks_[i]->total();
       std::vector<comm::Work> works;
@@ -494,7 +466,7 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
 
   // The loss lives on the rank of the last virtual stage (pp-1); every pp rank logs it.
   double loss_buf[2] = {loss_sum, double(count)};
-  pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
+  if (pp_.valid()) pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
   if (dp_.valid()) dp_.all_reduce(comm::BufferRef(loss_buf, 2, DType::f64)).wait();
   s.step = step_;
   s.loss_sum = loss_buf[0];
@@ -505,10 +477,10 @@ PipelineStepStats PipelineExecutor::train_step(const int32_t* tokens, int64_t B,
   return s;
 }
 
-double PipelineExecutor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
+double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
                                    int64_t T) {
-  const int n_pp = pp_.size(), rank = pp_.rank();
-  const int n_virtual = n_pp * pc_.virtual_stages;
+  const int n_pp = pp_size(), rank = pp_rank();
+  const int n_virtual = n_pp * ec_.plan.virtual_stages;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
   LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
              n_tp);
@@ -517,7 +489,7 @@ double PipelineExecutor::eval_loss(const int32_t* tokens, int64_t n_batches, int
   for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
              "{} holds the embedding or the head and needs the evaluation tokens ({} x {} x {})",
-             pp_.prefix(), n_batches, B, T + 1);
+             where(), n_batches, B, T + 1);
   std::vector<int32_t> inputs, targets;  // (B,T) each; empty (unread) without embedding or head
   double loss_buf[2] = {0, 0};  // loss sum, tokens (on the last virtual stage's rank)
   for (int64_t i = 0; i < n_batches; ++i) {
@@ -541,7 +513,7 @@ double PipelineExecutor::eval_loss(const int32_t* tokens, int64_t n_batches, int
       }
     }
   }
-  pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
+  if (pp_.valid()) pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
   return loss_buf[1] > 0 ? loss_buf[0] / loss_buf[1] : 0.0;
 }
 

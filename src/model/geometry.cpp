@@ -1,0 +1,188 @@
+// model/geometry.cpp: see geometry.h.
+//
+// Glossary: L blocks, C d_model, V vocab, tp tensor-parallel size.
+#include "model/geometry.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+
+namespace loom::model {
+
+StageSpan whole_model_span(const ModelConfig& cfg) {
+  return StageSpan{0, cfg.n_layers, true, true};
+}
+
+std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
+                                    const std::vector<int64_t>& stage_layers) {
+  const int64_t L = cfg.n_layers;
+  LOOM_CHECK(n_stages >= 1 && n_stages <= L,
+             "{} pipeline (virtual) stages for n_layers = {}: every stage needs at least one "
+             "block, so use 1 to {} stages",
+             n_stages, L, L);
+  std::vector<int64_t> counts = stage_layers;
+  if (counts.empty()) {
+    if (L % n_stages != 0) {
+      std::string valid;
+      for (int64_t d = 1; d <= L; ++d)
+        if (L % d == 0) valid += (valid.empty() ? "" : ", ") + std::to_string(d);
+      LOOM_FAIL(
+          "n_layers = {} does not split evenly into {} stages; use a stage count in {{{}}} "
+          "or give stage_layers (e.g. {} entries summing to {})",
+          L, n_stages, valid, n_stages, L);
+    }
+    counts.assign(size_t(n_stages), L / n_stages);
+  }
+  LOOM_CHECK(int64_t(counts.size()) == n_stages,
+             "stage_layers has {} entries but there are {} (virtual) stages (pp * virtual "
+             "stages); give exactly {} entries",
+             counts.size(), n_stages, n_stages);
+  int64_t sum = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    LOOM_CHECK(counts[i] >= 1, "stage_layers[{}] = {}: every stage needs at least one block", i,
+               counts[i]);
+    sum += counts[i];
+  }
+  LOOM_CHECK(sum == L, "stage_layers sum to {} but the model has n_layers = {}", sum, L);
+  std::vector<StageSpan> spans;
+  int64_t first = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    StageSpan s;
+    s.first_layer = first;
+    s.last_layer = first + counts[i];
+    s.has_embedding = i == 0;
+    s.has_head = i + 1 == counts.size();
+    spans.push_back(s);
+    first = s.last_layer;
+  }
+  return spans;
+}
+
+StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp)
+    : cfg_(cfg), span_(span), global_(cfg, tp) {
+  const int64_t L = cfg_.n_layers, C = cfg_.d_model;
+  LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
+             "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
+             span.last_layer, L);
+  LOOM_CHECK(!span.has_embedding || span.first_layer == 0,
+             "the embedding stage must start at block 0, not {}", span.first_layer);
+  LOOM_CHECK(!span.has_head || span.last_layer == L,
+             "the head stage must end at block L = {}, not {}", L, span.last_layer);
+
+  // Global ranges held, ascending. The layout orders embed.token, embed.position, blocks,
+  // final norm, query layer, so each piece is one contiguous global range.
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  const int64_t tok_end = global_.token_embedding() + global_.specs()[0].numel;  // (V/tp, C)
+  const int64_t blocks_begin = L > 0 ? global_.block(0).norm1_w : global_.final_norm_w();
+  if (span.has_embedding)
+    ranges.push_back({global_.token_embedding(), blocks_begin});  // token + position
+  else if (span.has_head)
+    ranges.push_back({global_.token_embedding(), tok_end});  // the tied head's copy
+  if (span.first_layer < span.last_layer)
+    ranges.push_back(
+        {global_.block(span.first_layer).norm1_w, global_.block(span.last_layer - 1).b_down + C});
+  if (span.has_head) ranges.push_back({global_.final_norm_w(), global_.total()});
+  for (auto [b, e] : ranges) {
+    segments_.push_back({b, e, total_});
+    total_ += e - b;
+  }
+  for (const ParamSpec& s : global_.specs()) {
+    for (const Segment& g : segments_) {
+      if (s.offset < g.global_begin || s.offset >= g.global_end) continue;
+      StageParam p;
+      p.global = s;
+      p.local_offset = g.local_begin + (s.offset - g.global_begin);
+      p.tied_copy = s.offset == global_.token_embedding() && !span.has_embedding;
+      params_.push_back(std::move(p));
+    }
+  }
+
+  if (span.has_embedding || span.has_head) tok_ = local(global_.token_embedding());
+  if (span.has_embedding) pos_ = local(global_.position_embedding());
+  for (int64_t l = span.first_layer; l < span.last_layer; ++l)
+    blocks_.push_back(map_offsets(global_.block(l), [this](int64_t x) { return local(x); }));
+  if (span.has_head) {
+    fnw_ = local(global_.final_norm_w());
+    fnb_ = local(global_.final_norm_b());
+    if (cfg_.query_layer) {
+      qpos_ = local(global_.query_position());
+      qblock_ = map_offsets(global_.query_block(), [this](int64_t x) { return local(x); });
+    }
+  }
+
+  auto add_unit = [&](int64_t b, int64_t e) {
+    units_.push_back({b, e});
+    return int(units_.size()) - 1;
+  };
+  if (tok_ >= 0) u_tok_ = add_unit(tok_, tok_ + global_.specs()[0].numel);
+  if (pos_ >= 0) u_pos_ = add_unit(pos_, pos_ + global_.find("embed.position.weight").numel);
+  u_block0_ = int(units_.size());
+  for (const BlockOffsets& o : blocks_) add_unit(o.norm1_w, o.b_down + C);
+  if (span.has_head) u_head_ = add_unit(fnw_, total_);
+  for (size_t i = 0; i < units_.size(); ++i)
+    LOOM_ASSERT(units_[i].begin == (i ? units_[i - 1].end : 0) && units_[i].end > units_[i].begin,
+                "stage units do not tile its buffer");
+  LOOM_ASSERT(units_.empty() ? total_ == 0 : units_.back().end == total_,
+              "stage units do not tile its buffer");
+}
+
+std::vector<ParamSpec> StageGeometry::local_specs() const {
+  std::vector<ParamSpec> out;
+  for (const StageParam& p : params_) {
+    out.push_back(p.global);
+    out.back().offset = p.local_offset;
+  }
+  return out;
+}
+
+std::vector<std::pair<int64_t, int64_t>> StageGeometry::held_ranges() const {
+  std::vector<std::pair<int64_t, int64_t>> r;
+  for (const Segment& g : segments_) r.push_back({g.global_begin, g.global_end});
+  return r;
+}
+
+int64_t StageGeometry::local(int64_t global_offset) const {
+  for (const Segment& g : segments_)
+    if (global_offset >= g.global_begin && global_offset < g.global_end)
+      return g.local_begin + (global_offset - g.global_begin);
+  LOOM_ASSERT(false, "global offset {} is not held by stage blocks [{}, {})", global_offset,
+              span_.first_layer, span_.last_layer);
+  return -1;
+}
+
+const StageParam& StageGeometry::find(const std::string& name) const {
+  for (const StageParam& p : params_)
+    if (p.global.name == name) return p;
+  LOOM_FAIL("stage with blocks [{}, {}){}{} holds no parameter named '{}'", span_.first_layer,
+            span_.last_layer, span_.has_embedding ? " + embedding" : "",
+            span_.has_head ? " + head" : "", name);
+}
+
+void StageGeometry::init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const {
+  for (const Segment& g : segments_) {
+    const int64_t len = g.global_end - g.global_begin;
+    const int64_t lo = std::max(begin, g.local_begin), hi = std::min(end, g.local_begin + len);
+    if (lo < hi)
+      init_params_range(global_, cfg_, dst + (lo - begin), g.global_begin + (lo - g.local_begin),
+                        g.global_begin + (hi - g.local_begin), seed);
+  }
+}
+
+void StageGeometry::to_local(const float* global_buffer, float* local_buffer) const {
+  for (const Segment& g : segments_)
+    std::memcpy(local_buffer + g.local_begin, global_buffer + g.global_begin,
+                size_t(g.global_end - g.global_begin) * sizeof(float));
+}
+
+void StageGeometry::to_global(const float* local_buffer, float* global_buffer,
+                              bool include_tied_copy) const {
+  for (const StageParam& p : params_) {
+    if (p.tied_copy && !include_tied_copy) continue;
+    std::memcpy(global_buffer + p.global.offset, local_buffer + p.local_offset,
+                size_t(p.global.numel) * sizeof(float));
+  }
+}
+
+}  // namespace loom::model

@@ -1,0 +1,117 @@
+// model/geometry.h: the geometry of the part of the model one (virtual) pipeline stage holds, as
+// a value: its tensors, their shapes and tp slices, where each lives in the stage's own flat
+// buffer, and the units that tile that buffer. Computed from (ModelConfig, StageSpan, TpShard)
+// without allocating anything, so the executor (model/stage.h), ZeRO (train/zero.h), the memory
+// model and the planner all read the same numbers. The whole model is the one-stage case.
+//
+// Glossary: L blocks, C d_model, V vocab, pp pipeline stages, VS virtual stages per rank, unit a
+// contiguous range of the stage's flat buffer that ZeRO shards and gathers as one piece and that
+// data parallelism reduces as one bucket contribution.
+//
+// Units, in buffer order: the token embedding (on the embedding stage, or the head stage's tied
+// copy), the position embedding (embedding stage), one per block, and the head (final norm and
+// the query layer).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "model/config.h"
+#include "model/params.h"
+
+namespace loom::model {
+
+// The part of the model one (virtual) stage holds.
+struct StageSpan {
+  int64_t first_layer = 0;  // blocks [first_layer, last_layer)
+  int64_t last_layer = 0;
+  bool has_embedding = false;  // token + position embedding (the first virtual stage)
+  bool has_head = false;       // final norm, query layer, tied head + loss (the last one)
+  bool operator==(const StageSpan&) const = default;
+};
+
+// The whole model as one stage.
+StageSpan whole_model_span(const ModelConfig& cfg);
+
+// Splits the L blocks into `n_stages` spans in order. `stage_layers` (size n_stages, each >= 1,
+// summing to L) gives uneven splits; empty means an even split, which needs n_stages | L.
+// Throws loom::Error naming the bad entry and the valid values.
+std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
+                                    const std::vector<int64_t>& stage_layers = {});
+
+struct UnitRange {
+  int64_t begin = 0, end = 0;  // [begin, end) of the flat buffer
+};
+
+// One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
+// ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
+struct StageParam {
+  ParamSpec global;
+  int64_t local_offset = 0;
+  // True for the last stage's copy of embed.token.weight when another stage holds the
+  // embedding: its gradient is summed across the two, and it is counted once in norms and
+  // checkpoints (the first stage's copy is the one that counts).
+  bool tied_copy = false;
+};
+
+class StageGeometry {
+ public:
+  // Throws loom::Error for a span outside [0, L), or an embedding / head on a span that does not
+  // start at 0 / end at L; ParamLayout's errors for a tp size the model does not admit.
+  StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  const StageSpan& span() const { return span_; }
+  // This tp rank's layout of the whole model (the "global" offsets below).
+  const ParamLayout& global() const { return global_; }
+  const std::vector<StageParam>& params() const { return params_; }
+  // The tensors as specs of the stage's own buffer (offset = local offset).
+  std::vector<ParamSpec> local_specs() const;
+  const StageParam& find(const std::string& name) const;  // throws naming the span
+  int64_t total() const { return total_; }                // elements of the stage's buffer
+  // The ascending ranges [begin, end) of the global flat buffer this stage holds.
+  std::vector<std::pair<int64_t, int64_t>> held_ranges() const;
+  const std::vector<UnitRange>& units() const { return units_; }
+  // Unit indices (-1 where not held) and local offsets (-1 where not held).
+  int token_unit() const { return u_tok_; }
+  int position_unit() const { return u_pos_; }
+  int first_block_unit() const { return u_block0_; }
+  int head_unit() const { return u_head_; }
+  int64_t token_embedding() const { return tok_; }     // (V/tp, C)
+  int64_t position_embedding() const { return pos_; }  // (S, C)
+  int64_t final_norm_w() const { return fnw_; }
+  int64_t final_norm_b() const { return fnb_; }
+  int64_t query_position() const { return qpos_; }
+  const BlockOffsets& query_block() const { return qblock_; }
+  // Local offsets of block first_layer + i.
+  const std::vector<BlockOffsets>& blocks() const { return blocks_; }
+
+  // Local offset of a global offset the stage holds (LOOM_ASSERTs it is held).
+  int64_t local(int64_t global_offset) const;
+  // Initial values of elements [begin, end) of the stage's buffer into dst: each tensor by its
+  // global name and logical offsets, so every layout initialises the same logical weights.
+  void init_range(float* dst, int64_t begin, int64_t end, uint64_t seed) const;
+  // Between a full buffer in global() layout and a buffer in this stage's layout. to_global
+  // skips the tied copy unless `include_tied_copy`.
+  void to_local(const float* global_buffer, float* local_buffer) const;
+  void to_global(const float* local_buffer, float* global_buffer, bool include_tied_copy) const;
+
+ private:
+  struct Segment {
+    int64_t global_begin, global_end, local_begin;
+  };
+  ModelConfig cfg_;
+  StageSpan span_;
+  ParamLayout global_;
+  std::vector<Segment> segments_;  // ascending global ranges held, packed in order
+  std::vector<StageParam> params_;
+  int64_t total_ = 0;
+  int64_t tok_ = -1, pos_ = -1, fnw_ = -1, fnb_ = -1, qpos_ = -1;
+  std::vector<BlockOffsets> blocks_;
+  BlockOffsets qblock_{};
+  std::vector<UnitRange> units_;
+  int u_tok_ = -1, u_pos_ = -1, u_block0_ = 0, u_head_ = -1;
+};
+
+}  // namespace loom::model
