@@ -275,13 +275,21 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   for (auto& z : stores_) z->zero_grads();
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
-  // Before each compute action: its inputs must have arrived (the schedule's contract), and
-  // sends that have completed release their tensors now rather than at the end of the step,
-  // so 1F1B's bound on live activations also holds for the (N,C) outputs in flight.
+  // Before each compute action its inputs must have arrived (the schedule's contract).
   auto wait_recvs = [&] {
     for (auto& w : pending_recvs) w.wait();
     pending_recvs.clear();
-    std::erase_if(sends, [](const comm::Work& w) { return w.test(); });
+  };
+  // A message leaves from its own (N,C) comm buffer, held until the end of the step, and the
+  // tensor it copies is released at the send action. So every buffer's lifetime is fixed by the
+  // schedule, never by when MPI finished a transfer, and the pool's peaks per category are the
+  // same in every run (a finished send used to be released at the next compute action, which
+  // made the activation peak depend on timing).
+  auto send = [&](Tensor t, int peer, int tag) {
+    Tensor msg = Tensor::empty(t.shape(), DType::f32, pool_, MemCategory::comm);  // (N,C)
+    std::memcpy(msg.data<float>(), t.data<float>(), size_t(t.numel()) * sizeof(float));
+    t = Tensor();
+    sends.push_back(pp_.isend(msg, peer, tag));
   };
   double loss_sum = 0;
   int64_t count = 0;
@@ -347,14 +355,14 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
       }
       case ActionKind::send_activation: {
         LOOM_ASSERT(a.peer == (g + 1) % n_pp, "SendAct at {} to {}", g, a.peer);
-        sends.push_back(pp_.isend(take(act_out, key, "activation to send"), a.peer,
-                                  p2p_tag(Stream::activation, mb, g, n_virtual)));
+        send(take(act_out, key, "activation to send"), a.peer,
+             p2p_tag(Stream::activation, mb, g, n_virtual));
         break;
       }
       case ActionKind::send_grad: {
         LOOM_ASSERT(a.peer == (g - 1) % n_pp, "SendGrad at {} to {}", g, a.peer);
-        sends.push_back(pp_.isend(take(grad_out, key, "gradient to send"), a.peer,
-                                  p2p_tag(Stream::grad, mb, g, n_virtual)));
+        send(take(grad_out, key, "gradient to send"), a.peer,
+             p2p_tag(Stream::grad, mb, g, n_virtual));
         break;
       }
     }

@@ -131,7 +131,7 @@ for spec in "1:3 --dp 2 --tp 2" "3:2 --dp 2 --pp 2 --micro-batches 2"; do
   # shellcheck disable=SC2086
   LOOM_COMM_TIMEOUT=100 LOOM_FAIL_AT=$at timeout -k 5 150 "$SRC/scripts/mpirun-local" 4 "$LOOM" train \
     --config "$SRC/configs/train/tiny.toml" --out "$WORK/thrown" --steps 50 $layout \
-    --set train.eval_every=0 --set train.batch=2 >"$WORK/thrown.log" 2>&1
+    --set train.eval_every=0 >"$WORK/thrown.log" 2>&1
   rc=$?
   elapsed=$(( $(date +%s) - start ))
   r=${at%%:*}
@@ -155,27 +155,23 @@ expect_error "train: data dir without shards" "no 'train_*.bin' shards in data d
   --set data.path="\"$WORK/empty\""
 
 # Layouts from the command line: dp=2 (ZeRO-1), tp=2, pp=2 (1F1B), dp2 x pp2, dp2 x tp2 (ZeRO-3),
-# dp=2 with ZeRO-3, and dp2 x pp2 with ZeRO-3 (GPipe) against the serial run with the
-# same global batch; then the pp checkpoint resumes on one rank. (Parallel equals serial up to
-# summation order: 1e-5 relative, as tests/dist.)
+# dp=2 with ZeRO-3, and dp2 x pp2 with ZeRO-3 (GPipe) against the serial run, all from ONE config
+# (train.batch = 8 is the global batch, 2 micro-batches: no layout changes the training); then the
+# pp checkpoint resumes on one rank. (Parallel equals serial up to summation order: 1e-5 relative,
+# as tests/dist.)
 MPI="$SRC/scripts/mpirun-local"
 common=(--config "$SRC/configs/train/tiny.toml" --set train.eval_every=0 --set train.seq=32)
-"$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_serial" --set train.batch=4 --set train.micro_batches=2 \
+"$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_serial" --set train.eval_every=2 >/dev/null 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dp" --dp 2 --zero 1 >/dev/null 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_tp" --tp 2 >/dev/null 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_pp" --pp 2 --schedule 1f1b \
   --set train.eval_every=2 >/dev/null 2>&1
-"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dp" --dp 2 --zero 1 --set train.batch=2 \
-  --set train.micro_batches=2 >/dev/null 2>&1
-"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_tp" --tp 2 --set train.batch=4 \
-  --set train.micro_batches=2 >/dev/null 2>&1
-"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_pp" --pp 2 --schedule 1f1b --micro-batches 2 \
-  --set train.batch=4 --set train.eval_every=2 >/dev/null 2>&1
-"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 --micro-batches 2 \
-  --set train.batch=2 >/dev/null 2>&1
+"$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dppp" --dp 2 --pp 2 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dptp" --dp 2 --tp 2 --zero 3 \
-  --set train.batch=2 --set train.micro_batches=2 --ranks-per-node 2 >"$WORK/l_dptp.log" 2>&1
-"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 \
-  --set train.batch=2 --set train.micro_batches=2 >/dev/null 2>&1
+  --ranks-per-node 2 >"$WORK/l_dptp.log" 2>&1
+"$MPI" 2 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_zero3" --dp 2 --zero 3 >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_dpppz3" --dp 2 --pp 2 --zero 3 \
-  --schedule gpipe --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+  --schedule gpipe >/dev/null 2>&1
 for layout in dp tp pp dppp dptp zero3 dpppz3; do
   /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_$layout/metrics.jsonl" <<'PY' \
     && pass "mpirun loom train ($layout) equals serial" || fail "$layout differs from serial"
@@ -201,17 +197,18 @@ grep -qF "placement: 2 node(s) x 2 rank(s); tp within a node; dp across up to 2 
   && ! grep -q "span nodes" "$WORK/l_dptp.log" && pass "--ranks-per-node 2: placement logged" \
   || fail "--ranks-per-node 2: $(grep -E 'placement|span' "$WORK/l_dptp.log")"
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 1 --out "$WORK/l_rpn1" --dp 2 --tp 2 --ranks-per-node 1 \
-  --set train.batch=2 >"$WORK/l_rpn1.log" 2>&1 \
+  >"$WORK/l_rpn1.log" 2>&1 \
   && grep -qF "tp = 2: 2 of 2 tp groups span nodes (up to 2 nodes each; 1 rank(s) per node)" "$WORK/l_rpn1.log" \
   && grep -qF "use a tp that divides the ranks per node" "$WORK/l_rpn1.log" \
   && pass "--ranks-per-node 1: tp spanning nodes warned" \
   || fail "--ranks-per-node 1: $(grep -E 'placement|span|rror' "$WORK/l_rpn1.log")"
-expect_error "train: negative --ranks-per-node" "parallel.ranks_per_node = -1 must be at least 0" \
+expect_error "train: negative --ranks-per-node" "ranks_per_node = -1 must be >= 0" \
   "$LOOM" train "${common[@]}" --steps 1 --out "$WORK/l_rpn_bad" --ranks-per-node -1
 
 # A checkpoint saved at (dp, tp, pp) = (2, 2, 2) resumes at (1, 4, 2), (8, 1, 1) and (1, 1, 1)
 # with the losses of the uninterrupted (2, 2, 2) run. The model has 4 kv heads so tp = 4 works;
-# every layout steps over the same 8 sequences (B x M per dp rank x dp).
+# every layout steps over the same 8 sequences of one config (dp 8 needs --micro-batches 1: 8
+# sequences do not split into 8 ranks x 2 micro-batches).
 cat > "$WORK/tiny4.toml" <<'TOML'
 name = "tiny4"
 vocab = 512
@@ -228,16 +225,15 @@ tied_head = true
 TOML
 m4=(--config "$SRC/configs/train/tiny.toml" --set model="\"$WORK/tiny4.toml\"" --set train.eval_every=0
     --set train.seq=32)
-"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_ref" --dp 2 --tp 2 --pp 2 --zero 1 --micro-batches 2 \
-  --set train.batch=2 >/dev/null 2>&1
-"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 2 --out "$WORK/c_222" --dp 2 --tp 2 --pp 2 --zero 1 --micro-batches 2 \
-  --set train.batch=2 >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_ref" --dp 2 --tp 2 --pp 2 --zero 1 \
+  >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${m4[@]}" --steps 2 --out "$WORK/c_222" --dp 2 --tp 2 --pp 2 --zero 1 \
+  >/dev/null 2>&1
 "$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_142" --resume "$WORK/c_222/ckpt" --tp 4 --pp 2 \
-  --micro-batches 4 --set train.batch=2 >/dev/null 2>&1
+  >/dev/null 2>&1
 "$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_811" --resume "$WORK/c_222/ckpt" --dp 8 \
-  --set train.batch=1 --set train.micro_batches=1 >/dev/null 2>&1
-"$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_111" --resume "$WORK/c_222/ckpt" \
-  --set train.batch=4 --set train.micro_batches=2 >/dev/null 2>&1
+  --micro-batches 1 >/dev/null 2>&1
+"$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_111" --resume "$WORK/c_222/ckpt" >/dev/null 2>&1
 for layout in 142 811 111; do
   /usr/bin/python3 - "$WORK/c_ref/metrics.jsonl" "$WORK/c_$layout/metrics.jsonl" <<'PY' \
     && pass "checkpoint (2,2,2) resumes at $layout" || fail "checkpoint (2,2,2) at $layout differs"
@@ -250,9 +246,9 @@ PY
 done
 # dp2 x pp2 ZeRO-3: 2 steps, save, resume at the same layout for steps 3-4: the serial losses.
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 2 --out "$WORK/l_z3a" --dp 2 --pp 2 --zero 3 \
-  --schedule gpipe --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+  --schedule gpipe >/dev/null 2>&1
 "$MPI" 4 "$LOOM" train "${common[@]}" --steps 4 --out "$WORK/l_z3b" --resume "$WORK/l_z3a/ckpt" --dp 2 \
-  --pp 2 --zero 3 --schedule 1f1b --micro-batches 2 --set train.batch=2 >/dev/null 2>&1
+  --pp 2 --zero 3 --schedule 1f1b >/dev/null 2>&1
 /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_z3b/metrics.jsonl" <<'PY' \
   && pass "dp x pp ZeRO-3 checkpoint resumes with the serial losses" || fail "dp x pp ZeRO-3 resume differs"
 import json, sys
@@ -261,18 +257,28 @@ b = {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(sys.argv[2])}
 assert sorted(b) == [3, 4], (a, b)
 assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in (3, 4)), (a, b)
 PY
-"$LOOM" train "${common[@]}" --out "$WORK/l_resume3" --steps 5 --resume "$WORK/l_dptp/ckpt" --set train.batch=4 \
-  --set train.micro_batches=2 >"$WORK/l_resume3.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume3.json" \
+"$LOOM" train "${common[@]}" --out "$WORK/l_resume3" --steps 5 --resume "$WORK/l_dptp/ckpt" \
+  >"$WORK/l_resume3.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume3.json" \
   && pass "dp x tp ZeRO-3 checkpoint resumes on one rank" || fail "dp x tp ZeRO-3 resume: $(tail -2 "$WORK/l_resume3.json")"
-"$LOOM" train "${common[@]}" --out "$WORK/l_resume" --steps 5 --resume "$WORK/l_pp/ckpt" --set train.batch=4 \
-  --set train.micro_batches=2 >"$WORK/l_resume.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume.json" \
+"$LOOM" train "${common[@]}" --out "$WORK/l_resume" --steps 5 --resume "$WORK/l_pp/ckpt" \
+  >"$WORK/l_resume.json" 2>&1 && grep -q '"step":5' "$WORK/l_resume.json" \
   && pass "pp checkpoint resumes on one rank" || fail "pp checkpoint resume: $(tail -2 "$WORK/l_resume.json")"
-expect_error "bad layout: pp x tp > ranks" "parallel.pp = 4 x tp = 1 = 4 but 2 ranks were launched" \
+expect_error "bad layout: dp x pp > ranks" "dp = 2 x tp = 1 x pp = 2 x cp = 1 is 4 ranks, but 2 were launched" \
+  "$MPI" 2 "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --dp 2 --pp 2
+expect_error "bad layout: pp > blocks" "pp = 4 x virtual stages = 1 = 4 pipeline stages for n_layers = 2" \
   "$MPI" 2 "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --pp 4
-expect_error "bad layout: tp > ranks" "parallel.tp = 2 does not divide the 1 launched ranks" \
+expect_error "bad layout: tp > ranks" "tp = 2 x pp = 1 x cp = 1 = 2 does not divide the 1 launched ranks" \
   "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --tp 2
-expect_error "bad layout: tp vs heads" "tensor parallel sizes that work: 1, 2" \
+expect_error "bad layout: tp vs heads" "tp sizes that work: 1, 2" \
   "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --tp 4
+expect_error "bad batch: names the micro-batch counts that work" "use --micro-batches in {1}" \
+  "$MPI" 8 "$LOOM" train "${common[@]}" --out "$WORK/l_bad" --dp 8
+# A flag sets a value back to 1 over the config's [parallel] table (no TOML round trip).
+printf 'model = "%s"\n[train]\nbatch = 8\nseq = 32\nsteps = 1\neval_every = 0\n[parallel]\ntp = 2\n' \
+  "$SRC/configs/models/tiny.toml" > "$WORK/tp2.toml"
+"$LOOM" train --config "$WORK/tp2.toml" --out "$WORK/l_flag1" --tp 1 >"$WORK/l_flag1.log" 2>&1 \
+  && grep -qF "plan: dp 1 x tp 1 x pp 1" "$WORK/l_flag1.log" && pass "--tp 1 overrides parallel.tp = 2" \
+  || fail "--tp 1 over parallel.tp = 2: $(tail -3 "$WORK/l_flag1.log")"
 
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]
