@@ -173,8 +173,8 @@ TEST(Model, Bf16LossCloseToF32) {
 // widened bf16 matmul computes from bf16 tensors: losses and every gradient bit-identical, with
 // and without recompute, and for the query layer's head.
 TEST(Model, EmulatedBf16IsBitIdenticalToWidenedBf16) {
-  // `auto` times native against widened once per process, and a loaded machine can tip it to
-  // native: ask for the widened path unless the caller chose (no effect if already decided).
+  // `auto` takes native only on CPUs with AMX: ask for the widened path unless the caller chose
+  // (no effect if already decided).
   ::setenv("LOOM_BF16_MATMUL", "widen", 0);
   if (kernels::bf16_matmul_path() != kernels::Bf16MatmulPath::widen) {
     std::printf("SKIP: bf16 matmuls take oneDNN's native path here (LOOM_BF16_MATMUL), so "
