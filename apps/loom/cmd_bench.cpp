@@ -41,7 +41,7 @@ void add_bench(CLI::App& root, loom::cli::Context& ctx) {
     m.init_weights(1);
     m.set_recompute(model::recompute_from_name(o->recompute));
     optim::AdamWConfig oc;
-    optim::AdamW opt(m.layout(), oc, pool);
+    optim::AdamW opt(m.layout().specs(), m.layout().total(), oc, pool);
     const int64_t B = o->batch, T = o->seq;
     std::vector<int32_t> tokens(size_t(B * (T + 1)));
     for (size_t i = 0; i < tokens.size(); ++i)

@@ -20,15 +20,7 @@ float lr_at(const AdamWConfig& c, int64_t step) {
   return float(c.min_lr + (c.lr - c.min_lr) * cosine);
 }
 
-AdamW::AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
-             int64_t begin, int64_t end)
-    : AdamW(layout, cfg, pool, std::vector<Range>{{begin, end}}) {}
-
-AdamW::AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
-             std::vector<Range> ranges)
-    : AdamW(layout.specs(), layout.total(), cfg, pool, std::move(ranges)) {}
-
-AdamW::AdamW(std::vector<model::ParamSpec> specs, int64_t total, const AdamWConfig& cfg,
+AdamW::AdamW(std::vector<ParamSpec> specs, int64_t total, const AdamWConfig& cfg,
              MemoryPool& pool, std::vector<Range> ranges)
     : specs_(std::move(specs)), cfg_(cfg), ranges_(std::move(ranges)) {
   LOOM_CHECK(!ranges_.empty(), "optimizer needs at least one range");
@@ -55,11 +47,11 @@ namespace {
 // Walks the parameter tensors overlapping each range (decay differs per tensor): f(lo, hi,
 // packed offset of lo, spec).
 template <class F>
-void for_each_piece(const std::vector<model::ParamSpec>& specs, const std::vector<Range>& ranges,
+void for_each_piece(const std::vector<ParamSpec>& specs, const std::vector<Range>& ranges,
                     F&& f) {
   int64_t packed = 0;
   for (const Range& r : ranges) {
-    for (const model::ParamSpec& s : specs) {
+    for (const ParamSpec& s : specs) {
       int64_t lo = std::max(s.offset, r.begin), hi = std::min(s.offset + s.numel, r.end);
       if (lo < hi) f(lo, hi, packed + (lo - r.begin), s);
     }
@@ -79,7 +71,7 @@ void AdamW::step_compact(float* weights, const float* grads, float grad_scale) {
 void AdamW::step_impl(float* weights, const float* grads, float grad_scale, bool packed) {
   ++step_;
   const float lr = lr_at(cfg_, step_);
-  for_each_piece(specs_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const model::ParamSpec& s) {
+  for_each_piece(specs_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const ParamSpec& s) {
     const int64_t at = packed ? p : lo;  // where weights/grads hold element lo
     kernels::adamw_step(weights + at, grads + at, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
                         cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,

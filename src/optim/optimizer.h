@@ -8,11 +8,12 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/memory_pool.h"
 #include "core/tensor.h"
-#include "model/params.h"
+#include "core/param_spec.h"
 
 namespace loom::optim {
 
@@ -38,19 +39,15 @@ struct Range {
 
 class AdamW {
  public:
-  // Manages params [begin, end) of `layout`'s flat buffer.
-  AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
-        int64_t begin, int64_t end);
-  // Manages the union of disjoint ascending ranges (ZeRO-2/3: a rank's piece of every unit);
-  // m and v hold them packed in range order ("compact").
-  AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool,
+  // A flat buffer of `total` elements holding the tensors `specs` (ParamSpec::offset is the
+  // position in that buffer, e.g. a model's or one pipeline chunk's). Manages the union of
+  // disjoint ascending `ranges` of it (ZeRO: a rank's share or its piece of every unit); m and v
+  // hold them packed in range order ("compact").
+  AdamW(std::vector<ParamSpec> specs, int64_t total, const AdamWConfig& cfg, MemoryPool& pool,
         std::vector<Range> ranges);
-  AdamW(const model::ParamLayout& layout, const AdamWConfig& cfg, MemoryPool& pool)
-      : AdamW(layout, cfg, pool, 0, layout.total()) {}
-  // Any flat buffer of `total` elements holding the tensors `specs` (ParamSpec::offset is the
-  // position in that buffer), e.g. one pipeline chunk's.
-  AdamW(std::vector<model::ParamSpec> specs, int64_t total, const AdamWConfig& cfg,
-        MemoryPool& pool, std::vector<Range> ranges);
+  // The whole buffer.
+  AdamW(std::vector<ParamSpec> specs, int64_t total, const AdamWConfig& cfg, MemoryPool& pool)
+      : AdamW(std::move(specs), total, cfg, pool, std::vector<Range>{{0, total}}) {}
 
   // One update of weights[begin,end) from grads[begin,end) (both indexed like the full flat
   // buffer). grad_scale multiplies every gradient (clipping factor). Increments step().
@@ -74,7 +71,7 @@ class AdamW {
   // packed: weights/grads indexed like m and v; else like the full flat buffer.
   void step_impl(float* weights, const float* grads, float grad_scale, bool packed);
 
-  std::vector<model::ParamSpec> specs_;
+  std::vector<ParamSpec> specs_;
   AdamWConfig cfg_;
   int64_t begin_, end_;
   std::vector<Range> ranges_;

@@ -131,7 +131,7 @@ TEST_P(TorchParity, LogitsLossGradientsAndTenAdamWSteps) {
   oc.eps = 1e-8f;
   oc.weight_decay = 0.1f;
   oc.clip = 1.0f;
-  optim::AdamW opt(m.layout(), oc, pool);
+  optim::AdamW opt(m.layout().specs(), m.layout().total(), oc, pool);
   std::vector<float> before(m.weights(), m.weights() + m.layout().total());
   std::vector<double> ref_losses(steps);
   ref.read("losses", DType::f64, {steps}, ref_losses.data());

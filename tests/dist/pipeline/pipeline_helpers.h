@@ -77,7 +77,7 @@ inline SerialRun run_serial(const model::ModelConfig& cfg, int steps, int64_t M,
   MemoryPool pool;
   model::Gpt gpt(cfg, pool, model::Precision::f32);
   gpt.init_weights(seed);
-  optim::AdamW opt(gpt.layout(), oc, pool);
+  optim::AdamW opt(gpt.layout().specs(), gpt.layout().total(), oc, pool);
   SerialRun r;
   const float grad_scale = 1.0f / float(B * T * M);
   for (int s = 0; s < steps; ++s) {
