@@ -280,5 +280,20 @@ printf 'model = "%s"\n[train]\nbatch = 8\nseq = 32\nsteps = 1\neval_every = 0\n[
   && grep -qF "plan: dp 1 x tp 1 x pp 1" "$WORK/l_flag1.log" && pass "--tp 1 overrides parallel.tp = 2" \
   || fail "--tp 1 over parallel.tp = 2: $(tail -3 "$WORK/l_flag1.log")"
 
+# bf16 numerics never depend on timing: the matmul path is a fixed rule (kernels/cpu/matmul.h),
+# so a second process started while two busy loops hold the cores gives the same bits.
+"$LOOM" train "${common[@]}" --steps 3 --out "$WORK/bf_a" --set train.precision='"bf16"' >/dev/null 2>&1
+( while :; do :; done ) & busy1=$!
+( while :; do :; done ) & busy2=$!
+"$LOOM" train "${common[@]}" --steps 3 --out "$WORK/bf_b" --set train.precision='"bf16"' >/dev/null 2>&1
+kill "$busy1" "$busy2" 2>/dev/null; wait "$busy1" "$busy2" 2>/dev/null
+/usr/bin/python3 - "$WORK/bf_a/metrics.jsonl" "$WORK/bf_b/metrics.jsonl" <<'PY' \
+  && pass "bf16 losses bit-identical in a second process on a loaded machine" || fail "bf16 losses differ between processes"
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+assert len(a) == 3 and a == b, (a, b)
+PY
+
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]
