@@ -1,5 +1,6 @@
 // `loom bench train-step --model M.toml --batch B --seq T --dtype f32|bf16 [--steps N]`:
-// times full training steps (forward, backward, AdamW) on random tokens and prints JSON.
+// times full training steps (forward, backward, grad norm, AdamW) of the training executor
+// (train::Executor, one rank, one micro-batch of B) on random tokens and prints JSON.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -9,10 +10,8 @@
 #include "cli.h"
 #include "core/rng.h"
 #include "core/threads.h"
-#include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/matmul.h"
-#include "model/gpt.h"
-#include "optim/optimizer.h"
+#include "train/executor.h"
 
 namespace {
 
@@ -37,11 +36,12 @@ void add_bench(CLI::App& root, loom::cli::Context& ctx) {
     model::ModelConfig cfg = model::load_model_config(o->model);
     const bool bf = o->dtype == "bf16";
     MemoryPool pool;
-    model::Gpt m(cfg, pool, bf ? model::Precision::bf16 : model::Precision::f32);
-    m.init_weights(1);
-    m.set_recompute(model::recompute_from_name(o->recompute));
-    optim::AdamWConfig oc;
-    optim::AdamW opt(m.layout().specs(), m.layout().total(), oc, pool);
+    train::ExecutorConfig ec;
+    ec.plan.micro_batch_size = o->batch;
+    ec.plan.recompute = parallel::parse_recompute(o->recompute, cfg.n_layers);
+    ec.precision = bf ? model::Precision::bf16 : model::Precision::f32;
+    train::Executor exec(cfg, ec, pool);
+    exec.init_weights(1);
     const int64_t B = o->batch, T = o->seq;
     std::vector<int32_t> tokens(size_t(B * (T + 1)));
     for (size_t i = 0; i < tokens.size(); ++i)
@@ -50,14 +50,10 @@ void add_bench(CLI::App& root, loom::cli::Context& ctx) {
     double loss = 0;
     for (int64_t s = 0; s < o->warmup + o->steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
-      m.zero_grads();
-      model::LossSum l = m.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
-      double norm = std::sqrt(kernels::sum_squares(m.grads(), m.layout().total()));
-      opt.step(m.weights(), m.grads(), kernels::clip_factor(norm, 1.0f));
-      m.sync_low_precision_weights();
+      train::StepResult r = exec.train_step(tokens.data(), B, T);
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (s >= o->warmup) times.push_back(dt);
-      loss = l.sum / double(l.count);
+      loss = r.loss;
     }
     std::sort(times.begin(), times.end());
     double med = times[times.size() / 2];

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Parallel layouts of gpt2-124m at sequence 256 on this machine: for 4 and 8 MPI ranks, each
-# layout trains a few steps (synthetic tokens, the same global batch per world size) and the
+# layout trains a few steps (synthetic tokens, global batch = the number of ranks) and the
 # script prints, per layout, the step time, tokens/s, bytes this rank (rank 0) sent per group
 # and op, and its peak memory per category, from the run's metrics.jsonl. It also runs dp with
 # the gradient reduction forced after the backward (one bucket: no overlap), and reports how
@@ -27,7 +27,8 @@ run() {  # run NAME NP ARGS...
   local dir="$out/$name"
   rm -rf "$dir"
   if OMP_NUM_THREADS=1 "$root/scripts/mpirun-local" "$np" "$loom" train --config "$cfg" --out "$dir" \
-      --steps "$steps" --set train.threads=1 --set checkpoint.every=0 "$@" >"$dir.log" 2>&1; then
+      --steps "$steps" --set train.threads=1 --set checkpoint.every=0 --set train.batch="$np" "$@" \
+      >"$dir.log" 2>&1; then
     echo "$name $np ok"
     rm -rf "$dir/ckpt"  # the final checkpoint (1.5 GB for gpt2-124m) is not part of the benchmark
   else
@@ -42,8 +43,8 @@ for np in ${LOOM_BENCH_RANKS:-4 8}; do
     run np4_dp4_zero1 4 --dp 4 --zero 1
     run np4_dp4_zero2 4 --dp 4 --zero 2
     run np4_dp4_zero3 4 --dp 4 --zero 3
-    run np4_dp2_tp2 4 --dp 2 --tp 2 --set train.batch=2
-    run np4_tp4 4 --tp 4 --set train.batch=4
+    run np4_dp2_tp2 4 --dp 2 --tp 2
+    run np4_tp4 4 --tp 4
     run np4_dp2_pp2 4 --dp 2 --pp 2 --micro-batches 2
     run np4_dp2_pp2_nooverlap 4 --dp 2 --pp 2 --micro-batches 2 --bucket-mb 100000
     run np4_dp2_pp2_zero3 4 --dp 2 --pp 2 --micro-batches 2 --zero 3
@@ -52,8 +53,8 @@ for np in ${LOOM_BENCH_RANKS:-4 8}; do
     run np8_dp8_zero1 8 --dp 8 --zero 1
     run np8_dp8_nooverlap_zero1 8 --dp 8 --zero 1 --bucket-mb 100000
     run np8_dp8_zero3 8 --dp 8 --zero 3
-    run np8_dp4_tp2 8 --dp 4 --tp 2 --set train.batch=2
-    run np8_dp2_tp4 8 --dp 2 --tp 4 --set train.batch=4
+    run np8_dp4_tp2 8 --dp 4 --tp 2
+    run np8_dp2_tp4 8 --dp 2 --tp 4
     run np8_dp4_pp2 8 --dp 4 --pp 2 --micro-batches 2
     run np8_dp2_pp4 8 --dp 2 --pp 4 --micro-batches 4
   fi
