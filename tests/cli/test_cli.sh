@@ -205,7 +205,7 @@ grep -qF "placement: 2 node(s) x 2 rank(s); tp within a node; dp across up to 2 
 expect_error "train: negative --ranks-per-node" "ranks_per_node = -1 must be >= 0" \
   "$LOOM" train "${common[@]}" --steps 1 --out "$WORK/l_rpn_bad" --ranks-per-node -1
 
-# A checkpoint saved at (dp, tp, pp) = (2, 2, 2) resumes at (1, 4, 2), (8, 1, 1) and (1, 1, 1)
+# A checkpoint saved at (dp, tp, pp) = (2, 2, 2) resumes at (1, 4, 2), (8, 1, 1), (4, 1, 1) and (1, 1, 1)
 # with the losses of the uninterrupted (2, 2, 2) run. The model has 4 kv heads so tp = 4 works;
 # every layout steps over the same 8 sequences of one config (dp 8 needs --micro-batches 1: 8
 # sequences do not split into 8 ranks x 2 micro-batches).
@@ -233,8 +233,10 @@ m4=(--config "$SRC/configs/train/tiny.toml" --set model="\"$WORK/tiny4.toml\"" -
   >/dev/null 2>&1
 "$MPI" 8 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_811" --resume "$WORK/c_222/ckpt" --dp 8 \
   --micro-batches 1 >/dev/null 2>&1
+"$MPI" 4 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_411" --resume "$WORK/c_222/ckpt" --dp 4 \
+  >/dev/null 2>&1
 "$LOOM" train "${m4[@]}" --steps 4 --out "$WORK/c_111" --resume "$WORK/c_222/ckpt" >/dev/null 2>&1
-for layout in 142 811 111; do
+for layout in 142 811 411 111; do
   /usr/bin/python3 - "$WORK/c_ref/metrics.jsonl" "$WORK/c_$layout/metrics.jsonl" <<'PY' \
     && pass "checkpoint (2,2,2) resumes at $layout" || fail "checkpoint (2,2,2) at $layout differs"
 import json, sys
