@@ -99,7 +99,7 @@ float f16_to_f32(uint16_t h) {
 namespace {
 
 constexpr size_t kMaxStack = 1 << 20;
-constexpr size_t kMaxMemo = 1 << 24;
+constexpr size_t kMaxMemo = 1 << 20;  // a 13B state dict uses ~10^4 entries
 constexpr int kMaxDepth = 64;
 
 struct StorageKind {
@@ -449,6 +449,10 @@ class Unpickler {
       LOOM_CHECK(t->tensor.shape.size() == t->tensor.stride.size(),
                  "{}: tensor at byte {} has {} sizes but {} strides", src_, at,
                  t->tensor.shape.size(), t->tensor.stride.size());
+      int64_t numel = 1;
+      for (int64_t d : t->tensor.shape)
+        LOOM_CHECK(!__builtin_mul_overflow(numel, d, &numel) && numel < (int64_t(1) << 48),
+                   "{}: tensor at byte {} has an impossible size", src_, at);
       return t;
     }
     LOOM_FAIL("{}: refusing to load: REDUCE at byte {} calls '{}', which does not build a "
@@ -639,7 +643,10 @@ void TorchFile::read_f32(const TorchTensorRef& t, float* dst) const {
   bool contiguous = true;
   int64_t expect = 1;
   for (size_t d = t.shape.size(); d-- > 0;) {
-    last += (t.shape[d] - 1) * t.stride[d];
+    int64_t reach = 0;
+    LOOM_CHECK(!__builtin_mul_overflow(t.shape[d] - 1, t.stride[d], &reach) &&
+                   !__builtin_add_overflow(last, reach, &last),
+               "'{}': tensor of storage '{}' has impossible strides", path_, t.storage_key);
     if (t.shape[d] != 1 && t.stride[d] != expect) contiguous = false;
     expect *= t.shape[d];
   }
