@@ -18,11 +18,13 @@
 #include "checkpoint/safetensors.h"
 #include "checkpoint/torch_file.h"
 #include "core/error.h"
+#include "data/byte_bpe_tokenizer.h"
 #include "model/gpt.h"
 
 namespace fs = std::filesystem;
 using namespace loom;
 using namespace loom::checkpoint;
+using loom::model::Activation;
 
 namespace {
 
@@ -232,17 +234,16 @@ TEST(InteropCodeGeeX, PublishedShapesGiveTheShippedConfig) {
   EXPECT_NE(e.find("position_embeddings.weight' is missing"), std::string::npos) << e;
 }
 
-class InteropHf : public ::testing::TestWithParam<const char*> {};
-
-TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
-  REQUIRE_TORCH();
-  const std::string tag = GetParam();  // st: safetensors + gelu_new; bin: pytorch_model.bin + gelu
-  const fs::path hf = fixtures() / "hf";
-  const std::string out = (fixtures() / ("out_hf_" + tag)).string();
-  ConvertResult r = convert_hf_gpt2((hf / ("hf_" + tag)).string(), out, {});
+// Converts the HF GPT-2 directory `src` (fixture `tag` in the reference file `ref_path`), checks
+// logits and greedy tokens, then loom -> HF -> loom bit-identity and the exported model's logits
+// computed by `logits_cmd` (a python command taking DIR TOKENS.i32 T OUT).
+static void hf_case(const fs::path& src, const fs::path& ref_path, const std::string& tag,
+             const std::string& logits_cmd, Activation act) {
+  const std::string out = (fixtures() / ("out_" + src.filename().string())).string();
+  ConvertResult r = convert_hf_gpt2(src.string(), out, {});
   EXPECT_EQ(r.cfg.vocab, 384) << "291 padded to a multiple of 128";
   EXPECT_EQ(r.vocab_used, 291);
-  EXPECT_EQ(r.cfg.activation, tag == "st" ? model::Activation::gelu : model::Activation::gelu_erf);
+  EXPECT_EQ(r.cfg.activation, act);
   Loaded m = load(out);
   // Padding rows are zero.
   const model::ParamLayout layout(m.cfg);
@@ -251,30 +252,31 @@ TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
   EXPECT_TRUE(fs::exists(fs::path(out) / "tokenizer" / "vocab.json"));
   EXPECT_TRUE(fs::exists(fs::path(out) / "tokenizer" / "merges.txt"));
 
-  SafetensorsFile ref((hf / "hf_ref.safetensors").string());
+  SafetensorsFile ref(ref_path.string());
   auto tokens = read_i32(ref, tag + "_tokens");
   double err = check_logits_and_greedy(m, tokens, read_f32(ref, tag + "_logits"),
                                        read_i32(ref, "prompt"), read_i32(ref, tag + "_greedy"));
-  std::printf("hf-gpt2 %s: max rel logit error %.3g\n", tag.c_str(), err);
+  std::printf("%s: max rel logit error %.3g\n", src.filename().c_str(), err);
   EXPECT_LT(err, kLogitTol);
 
-  // loom -> HF -> loom: bit-identical weights; the export loads in the PyTorch GPT-2 reference.
-  const std::string exported = (fixtures() / ("export_" + tag)).string();
+  // loom -> HF -> loom: bit-identical weights; the export loads in the PyTorch reference.
+  const std::string exported = (fixtures() / ("export_" + src.filename().string())).string();
   export_hf_gpt2(out, exported);
-  const std::string back = (fixtures() / ("back_" + tag)).string();
+  const std::string back = (fixtures() / ("back_" + src.filename().string())).string();
   convert_hf_gpt2(exported, back, {});
   Loaded m2 = load(back);
   EXPECT_EQ(m2.cfg.to_toml().substr(m2.cfg.to_toml().find('\n')),
             m.cfg.to_toml().substr(m.cfg.to_toml().find('\n')));  // all but the name
   ASSERT_EQ(m2.w.size(), m.w.size());
   EXPECT_EQ(std::memcmp(m2.w.data(), m.w.data(), m.w.size() * sizeof(float)), 0);
+  const fs::path tok_file = fixtures() / ("tok_" + src.filename().string() + ".i32");
   {
-    std::ofstream f(fixtures() / ("tok_" + tag + ".i32"), std::ios::binary);
+    std::ofstream f(tok_file, std::ios::binary);
     f.write(reinterpret_cast<const char*>(tokens.data()), std::streamsize(tokens.size() * 4));
   }
-  const std::string logits_out = (fixtures() / ("export_logits_" + tag + ".safetensors")).string();
-  std::string cmd = "/usr/bin/python3 " + kScript + " hf-logits " + exported + " " +
-                    (fixtures() / ("tok_" + tag + ".i32")).string() + " " +
+  const std::string logits_out =
+      (fixtures() / ("export_logits_" + src.filename().string() + ".safetensors")).string();
+  std::string cmd = logits_cmd + " " + exported + " " + tok_file.string() + " " +
                     std::to_string(tokens.size()) + " " + logits_out;
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   SafetensorsFile ex(logits_out);
@@ -285,11 +287,116 @@ TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
     e2 = std::max(e2, std::abs(double(a[i]) - b[i]));
     sc = std::max(sc, std::abs(double(b[i])));
   }
+  std::printf("%s exported: max rel logit error %.3g\n", src.filename().c_str(), e2 / sc);
   // Both sides are float64 forwards of the same f32 weights, rounded to f32 at the end.
   EXPECT_LT(e2 / sc, 1e-6) << "exported model's logits in the PyTorch reference";
 }
 
+class InteropHf : public ::testing::TestWithParam<const char*> {};
+
+// st: model.safetensors, original gpt2 names, gelu_new; bin: pytorch_model.bin with
+// transformer.* names, mask buffers, tied lm_head, gelu (erf), tokenizer.json only.
+TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
+  REQUIRE_TORCH();
+  const std::string tag = GetParam();
+  hf_case(fixtures() / "hf" / ("hf_" + tag), fixtures() / "hf" / "hf_ref.safetensors", tag,
+          "/usr/bin/python3 " + kScript + " hf-logits",
+          tag == "st" ? Activation::gelu : Activation::gelu_erf);
+}
+
 INSTANTIATE_TEST_SUITE_P(Interop, InteropHf, ::testing::Values("st", "bin"));
+
+// ---- Hugging Face transformers / tokenizers as the oracle (venv from PyPI; SKIP if it cannot be
+// made here) ----
+namespace {
+const std::string kOracle = std::string(LOOM_SOURCE_DIR) + "/tests/reference/hf_oracle.py";
+
+// The venv python, or "" with the reason in `why`.
+std::string hf_python(std::string& why) {
+  const std::string venv = std::string(LOOM_BINARY_DIR) + "/hf-venv";
+  const std::string cmd = std::string(LOOM_SOURCE_DIR) + "/tests/reference/hf_venv.sh " + venv +
+                          " > " + venv + ".status 2>&1";
+  if (std::system(cmd.c_str()) != 0) {
+    std::ifstream f(venv + ".status");
+    std::getline(f, why);
+    if (why.empty()) why = "SKIP: tests/reference/hf_venv.sh failed";
+    return "";
+  }
+  return venv + "/bin/python";
+}
+
+const fs::path& transformers_fixtures(const std::string& py) {
+  static fs::path d = [&] {
+    fs::path p = fixtures() / "tf";
+    std::string cmd = py + " " + kOracle + " model " + p.string() + " 2>/dev/null";
+    if (std::system(cmd.c_str()) != 0) throw std::runtime_error("failed: " + cmd);
+    return p;
+  }();
+  return d;
+}
+}  // namespace
+
+class InteropTransformers : public ::testing::TestWithParam<const char*> {};
+
+// A random GPT2LMHeadModel saved by save_pretrained (safetensors / pytorch_model.bin), converted:
+// logits within 1e-5 of transformers' float64 forward, 64 equal greedy tokens; the loom export
+// loads with GPT2LMHeadModel.from_pretrained and gives the same logits; loom -> HF -> loom is
+// bit-identical.
+TEST_P(InteropTransformers, GPT2LMHeadModelConvertsAndExportLoadsInTransformers) {
+  REQUIRE_TORCH();
+  std::string why;
+  const std::string py = hf_python(why);
+  if (py.empty()) GTEST_SKIP() << why;
+  const std::string tag = GetParam();
+  const fs::path& d = transformers_fixtures(py);
+  hf_case(d / ("tf_" + tag), d / "tf_ref.safetensors", tag, py + " " + kOracle + " logits",
+          tag == "st" ? Activation::gelu : Activation::gelu_erf);
+}
+
+INSTANTIATE_TEST_SUITE_P(Interop, InteropTransformers, ::testing::Values("st", "bin"));
+
+// loom's byte-level BPE gives Hugging Face's ids (GPT2TokenizerFast, with CodeGeeX's whitespace
+// recipe where the folder has its extratokens) for code in several languages, Unicode text,
+// runs of 1..25 spaces, tabs, newlines and <|endoftext|>. (Invalid UTF-8, which the oracle
+// cannot take, round-trips in tests/unit/data/test_byte_bpe.cpp.)
+TEST(InteropTokenizer, IdsMatchHuggingFace) {
+  std::string why;
+  const std::string py = hf_python(why);
+  if (py.empty()) GTEST_SKIP() << why;
+  std::vector<std::string> texts = {
+      "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+      "#include <vector>\nint main() {\n\tstd::vector<int> v{1, 2, 3};\n  return 0;\n}\n",
+      "public class A {\n            void f() { System.out.println(\"hi\"); }\n}",
+      "func main() {\n\tfmt.Println(\"héllo wörld — ✓ 日本語 🙂\")\n}",
+      "x = 1  # it's ok, we'll see; they've done\r\n\n\n   \n",
+      "a<|endoftext|>b the end",
+      "1234567890 3.14159 0x1F  -42",
+  };
+  for (int n = 1; n <= 25; ++n) texts.push_back("a" + std::string(size_t(n), ' ') + "b");
+  const fs::path texts_path = fixtures() / "tok_texts.json";
+  std::ofstream(texts_path) << nlohmann::json(texts).dump();
+  // The CodeGeeX-format fixture folder (143 extratokens) and a plain GPT-2 one.
+  const fs::path& tf = transformers_fixtures(py);
+  for (const fs::path& dir : {fs::path(LOOM_SOURCE_DIR) / "tests/data/tokenizer", tf / "tf_st"}) {
+    SCOPED_TRACE(dir.string());
+    const fs::path out = fixtures() / "tok_ids.json";
+    std::string cmd = py + " " + kOracle + " tokenize " + dir.string() + " " +
+                      texts_path.string() + " " + out.string() + " 2>/dev/null";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    nlohmann::json want = nlohmann::json::parse(std::ifstream(out));
+    auto tok = data::ByteBpeTokenizer::from_dir(dir.string());
+    EXPECT_EQ(tok->has_whitespace_tokens(), want["whitespace_tokens"].get<bool>());
+    int64_t n_ids = 0;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      std::vector<int32_t> ids = tok->encode(texts[i]);
+      EXPECT_EQ(ids, want["ids"][i].get<std::vector<int32_t>>()) << "text " << i << ": " << texts[i];
+      n_ids += int64_t(ids.size());
+      EXPECT_EQ(tok->decode(ids), texts[i]);
+    }
+    std::printf("%s: %zu texts, %lld ids equal to Hugging Face's\n", dir.filename().c_str(),
+                texts.size(), (long long)n_ids);
+  }
+}
 
 TEST(InteropExport, RefusesWhatGpt2CannotExpress) {
   REQUIRE_TORCH();
