@@ -378,6 +378,8 @@ def write_hf(out):
                             "merges": [m.split(" ") for m in merges]}}  # tokenizers >= 0.20 pairs
             with open(os.path.join(d, "tokenizer.json"), "w") as f:
                 json.dump(tj, f, ensure_ascii=False)
+        if tag == "st":
+            write_sharded(out, cfg, sd, vocab, merges)
         fn = lambda t: gpt2_logits(sd, cfg_full, t)
         toks = prompt + greedy(fn, prompt, GREEDY_STEPS, GPT["V"])
         ref[tag + "_greedy"] = np.array(toks[len(prompt):], dtype=np.int32)
@@ -386,6 +388,30 @@ def write_hf(out):
         ref[tag + "_logits"] = lg.astype(np.float32)
         transformers_check(d, toks[:40], lg)
     save_safetensors(ref, os.path.join(out, "hf_ref.safetensors"))
+
+
+def write_sharded(out, cfg, sd, vocab, merges):
+    """hf_st's weights in two shards with an index, as save_pretrained(max_shard_size=...) writes
+    them: safetensors (hf_st_sharded) and pytorch_model.bin (hf_bin_sharded)."""
+    names = list(sd)
+    halves = (names[: len(names) // 2], names[len(names) // 2:])
+    for kind in ("st", "bin"):
+        d = os.path.join(out, "hf_%s_sharded" % kind)
+        os.makedirs(d, exist_ok=True)
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        write_tokenizer_files(d, vocab, merges)
+        weight_map = {}
+        for i, part in enumerate(halves):
+            if kind == "st":
+                fname = "model-%05d-of-00002.safetensors" % (i + 1)
+                save_safetensors({k: sd[k].numpy() for k in part}, os.path.join(d, fname))
+            else:
+                fname = "pytorch_model-%05d-of-00002.bin" % (i + 1)
+                torch.save(OrderedDict((k, sd[k]) for k in part), os.path.join(d, fname))
+            weight_map.update({k: fname for k in part})
+        index = "model.safetensors.index.json" if kind == "st" else "pytorch_model.bin.index.json"
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map},
+                  open(os.path.join(d, index), "w"))
 
 
 def hf_logits(d, tokens_path, T, out):

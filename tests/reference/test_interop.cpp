@@ -306,6 +306,23 @@ TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
 
 INSTANTIATE_TEST_SUITE_P(Interop, InteropHf, ::testing::Values("st", "bin"));
 
+// Sharded inputs (index JSON; safetensors and pytorch_model.bin shards) convert to exactly the
+// weights of the single-file hf_st.
+TEST(InteropHfSharded, ShardsGiveTheSameWeightsAsOneFile) {
+  REQUIRE_TORCH();
+  const fs::path hf = fixtures() / "hf";
+  convert_hf_gpt2((hf / "hf_st").string(), (fixtures() / "one").string(), {});
+  Loaded one = load((fixtures() / "one").string());
+  for (const char* d : {"hf_st_sharded", "hf_bin_sharded"}) {
+    SCOPED_TRACE(d);
+    const std::string out = (fixtures() / (std::string("sh_") + d)).string();
+    convert_hf_gpt2((hf / d).string(), out, {});
+    Loaded m = load(out);
+    ASSERT_EQ(m.w.size(), one.w.size());
+    EXPECT_EQ(std::memcmp(m.w.data(), one.w.data(), m.w.size() * sizeof(float)), 0);
+  }
+}
+
 // ---- Hugging Face transformers / tokenizers as the oracle (venv from PyPI; SKIP if it cannot be
 // made here) ----
 namespace {
