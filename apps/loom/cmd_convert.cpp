@@ -1,5 +1,5 @@
 // `loom convert`: checkpoints from and to the formats users already have.
-//   loom convert --from codegeex --in FILE.pt [--tokenizer DIR] [--n-heads N] --out DIR
+//   loom convert --from codegeex --in FILE.pt|SHARD_DIR [--tokenizer DIR] [--n-heads N] --out DIR
 //   loom convert --from hf-gpt2  --in DIR [--tokenizer DIR] --out DIR
 //   loom convert --to hf-gpt2    --in CKPT --out DIR
 // Prints one JSON line describing the result; warnings (skipped metadata, padding) on stderr.
@@ -22,7 +22,8 @@ void add_convert(CLI::App& root, loom::cli::Context& ctx) {
       "convert", "import a CodeGeeX or Hugging Face GPT-2 checkpoint, or export to Hugging Face");
   sub->add_option("--from", o->from, "source format: codegeex | hf-gpt2");
   sub->add_option("--to", o->to, "target format for a loom checkpoint: hf-gpt2");
-  sub->add_option("--in", o->in, "input file (codegeex .pt) or directory")->required();
+  sub->add_option("--in", o->in, "input: codegeex .pt file or directory of mp_rank_XX_model_states.pt shards; hf-gpt2 "
+                  "directory; --to: loom checkpoint")->required();
   sub->add_option("--out", o->out, "output directory")->required();
   sub->add_option("--tokenizer", o->tokenizer,
                   "tokenizer directory (vocab.json, merges.txt[, added_tokens.json])");

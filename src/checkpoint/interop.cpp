@@ -104,6 +104,78 @@ class TorchSource final : public TensorSource {
   PyRef args_;
 };
 
+// CodeGeeX tensor-parallel shards (mp_rank_XX_model_states.pt, written by CodeGeeX's
+// convert_ckpt_parallel.py with torch.chunk): the split dimension of each tensor by name. Rows
+// (0): word and top-query tables, q/k/v weights and biases, dense_h_to_4h weight and bias;
+// columns (1): attention.dense and dense_4h_to_h weights; replicated (-1): layernorms, the
+// position table, attention.dense and dense_4h_to_h biases.
+int codegeex_tp_split_dim(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("word_embeddings") || has("top_query_embeddings")) return 0;
+  if (!has(".transformer.") || has("layernorm")) return -1;
+  if (has(".weight")) {
+    if (has("attention.")) return has("attention.dense") ? 1 : 0;
+    return has("dense_h_to_4h") ? 0 : 1;
+  }
+  if (has("4h_to_h") || has("attention.dense")) return -1;
+  return 0;
+}
+
+// The shards of one tp-split CodeGeeX checkpoint seen as the whole model: shapes concatenated on
+// each tensor's split dimension, reads assembled shard by shard (one shard's slice in memory).
+class TpMergedSource final : public TensorSource {
+ public:
+  explicit TpMergedSource(std::vector<std::unique_ptr<TorchSource>> shards)
+      : shards_(std::move(shards)) {
+    for (auto& [name, s0] : shards_[0]->shapes()) {
+      const int d = codegeex_tp_split_dim(name);
+      Shape merged = s0;
+      for (size_t r = 1; r < shards_.size(); ++r) {
+        auto it = shards_[r]->shapes().find(name);
+        LOOM_CHECK(it != shards_[r]->shapes().end(), "tp shard {} lacks tensor '{}'", r, name);
+        const Shape& sr = it->second;
+        bool ok = sr.size() == s0.size() && (d < 0 || size_t(d) < sr.size());
+        for (size_t k = 0; ok && k < sr.size(); ++k)
+          if (int(k) != d && sr[k] != s0[k]) ok = false;
+        LOOM_CHECK(ok && (d >= 0 || sr == s0), "tp shard {}: tensor '{}' has shape {}, shard 0 "
+                   "has {} (split dim {})", r, name, shape_text(sr), shape_text(s0), d);
+        if (d >= 0) merged[size_t(d)] += sr[size_t(d)];
+      }
+      shapes_[name] = merged;
+    }
+    for (size_t r = 1; r < shards_.size(); ++r)
+      LOOM_CHECK(shards_[r]->shapes().size() == shards_[0]->shapes().size(),
+                 "tp shard {} has {} tensors, shard 0 has {}", r, shards_[r]->shapes().size(),
+                 shards_[0]->shapes().size());
+  }
+  void read_f32(const std::string& name, float* dst) const override {
+    const int d = codegeex_tp_split_dim(name);
+    if (d < 0) return shards_[0]->read_f32(name, dst);
+    const Shape& full = shapes_.at(name);
+    const int64_t cols = full.size() > 1 ? full[1] : 1;
+    int64_t at = 0;  // rows (d = 0) or columns (d = 1) placed so far
+    std::vector<float> tmp;
+    for (const auto& sh : shards_) {
+      const Shape& s = sh->shapes().at(name);
+      if (d == 0) {
+        sh->read_f32(name, dst + at * cols);
+        at += s[0];
+      } else {
+        tmp.resize(size_t(shape_numel(s)));
+        sh->read_f32(name, tmp.data());
+        for (int64_t r = 0; r < s[0]; ++r)
+          std::memcpy(dst + r * cols + at, tmp.data() + r * s[1], size_t(s[1]) * sizeof(float));
+        at += s[1];
+      }
+    }
+  }
+  std::string dtype_of(const std::string& name) const override { return shards_[0]->dtype_of(name); }
+  int64_t args_int(const std::string& key) const { return shards_[0]->args_int(key); }
+
+ private:
+  std::vector<std::unique_ptr<TorchSource>> shards_;
+};
+
 // Hugging Face safetensors (F32, F16, BF16, F64), validated as the safetensors spec says:
 // header at most 100 MB of JSON, tensors tiling the data section without gaps or overlaps, sizes
 // matching dtype x shape, and the file holding every byte the header claims.
@@ -382,8 +454,29 @@ model::ModelConfig codegeex_config(const std::map<std::string, Shape>& shapes, i
 ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_dir,
                                const ConvertOptions& opt) {
   ConvertResult res;
-  TorchSource src;
-  src.add_file(in_pt, res.warnings);
+  // One file, or a directory of tensor-parallel shards mp_rank_00_model_states.pt, ...
+  std::unique_ptr<TensorSource> src_owner;
+  int64_t args_heads = 0;
+  if (fs::is_directory(in_pt)) {
+    std::vector<std::unique_ptr<TorchSource>> shards;
+    for (int r = 0;; ++r) {
+      const fs::path f = fs::path(in_pt) / fmt::format("mp_rank_{:02d}_model_states.pt", r);
+      if (!fs::exists(f)) break;
+      shards.push_back(std::make_unique<TorchSource>());
+      shards.back()->add_file(f.string(), res.warnings);
+    }
+    LOOM_CHECK(!shards.empty(), "'{}' is a directory without mp_rank_00_model_states.pt (give a "
+               "CodeGeeX .pt file or a directory of its tensor-parallel shards)", in_pt);
+    auto merged = std::make_unique<TpMergedSource>(std::move(shards));
+    args_heads = merged->args_int("num_attention_heads");
+    src_owner = std::move(merged);
+  } else {
+    auto one = std::make_unique<TorchSource>();
+    one->add_file(in_pt, res.warnings);
+    args_heads = one->args_int("num_attention_heads");
+    src_owner = std::move(one);
+  }
+  const TensorSource& src = *src_owner;
   // A whole state dict, or one under "module" (what CodeGeeX's tools save): strip the prefix.
   std::map<std::string, Shape> shapes;
   std::string prefix;
@@ -391,7 +484,7 @@ ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_
     if (k.rfind("module.", 0) == 0) prefix = "module.";
   for (auto& [k, s] : src.shapes())
     if (k.rfind(prefix, 0) == 0) shapes[k.substr(prefix.size())] = s;
-  int64_t heads = opt.n_heads > 0 ? opt.n_heads : src.args_int("num_attention_heads");
+  int64_t heads = opt.n_heads > 0 ? opt.n_heads : args_heads;
   res.cfg = codegeex_config(shapes, heads, opt.name, res.warnings);
   const model::ModelConfig& cfg = res.cfg;
   const model::ParamLayout layout(cfg);

@@ -57,6 +57,8 @@ struct ConvertResult {
 model::ModelConfig codegeex_config(const std::map<std::string, Shape>& shapes, int64_t n_heads,
                                    const std::string& name, std::vector<std::string>& warnings);
 
+// `in_pt`: a CodeGeeX .pt file, or a directory of its tensor-parallel shards
+// mp_rank_00_model_states.pt ... (CodeGeeX's convert_ckpt_parallel.py layout), merged on read.
 ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_dir,
                                const ConvertOptions& opt);
 ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_dir,

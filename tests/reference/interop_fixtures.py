@@ -256,6 +256,39 @@ def flatten(d, prefix=""):
     return out
 
 
+def write_tp_shards(sd, d, tp):
+    """Tensor-parallel shards as CodeGeeX's megatron/convert_ckpt_parallel.py lays them out:
+    torch.chunk on dim 0 for the word and top-query tables, query/key/value weights and biases,
+    dense_h_to_4h weight and bias; on dim 1 for attention.dense and dense_4h_to_h weights; the rest
+    (layernorms, position table, attention.dense and dense_4h_to_h biases) whole in every shard.
+    Files mp_rank_{r:02d}_model_states.pt holding {'module': nested dict}. tp = 3 gives unequal
+    chunks (torch.chunk rounds up)."""
+    os.makedirs(d, exist_ok=True)
+    lm = sd["language_model"]
+
+    def dim_of(name):
+        if "layernorm" in name:
+            return None
+        if name.endswith(".weight"):
+            if "attention." in name:
+                return 1 if "attention.dense" in name else 0
+            return 0 if "dense_h_to_4h" in name else 1
+        return None if ("4h_to_h" in name or "attention.dense" in name) else 0
+
+    def part(t, dim, r):
+        return t if dim is None else torch.chunk(t, tp, dim=dim)[r].clone()
+
+    for r in range(tp):
+        shard = {"language_model": {
+            "embedding": {
+                "word_embeddings": {"weight": part(lm["embedding"]["word_embeddings"]["weight"], 0, r)},
+                "position_embeddings": {"weight": lm["embedding"]["position_embeddings"]["weight"]}},
+            "topQueryEmbedding": {"top_query_embeddings": {
+                "weight": part(lm["topQueryEmbedding"]["top_query_embeddings"]["weight"], 0, r)}},
+                  "transformer": OrderedDict((k, part(v, dim_of(k), r)) for k, v in lm["transformer"].items())}}
+        torch.save({"module": shard}, os.path.join(d, "mp_rank_%02d_model_states.pt" % r))
+
+
 def write_codegeex(out):
     os.makedirs(out, exist_ok=True)
     vocab, merges = make_tokenizer(14)
@@ -287,6 +320,7 @@ def write_codegeex(out):
     flat16 = flatten(sd16)
     ref["args_logits"] = codegeex_logits(flat16, CG["NH"], all_tokens[:40]).numpy().astype(np.float32)
 
+    write_tp_shards(sd32, os.path.join(out, "tp3"), 3)
     torch.save({"module": sd32}, os.path.join(out, "codegeex_legacy.pt"),
                _use_new_zipfile_serialization=False)
     save_safetensors(ref, os.path.join(out, "codegeex_ref.safetensors"))

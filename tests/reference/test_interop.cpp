@@ -195,6 +195,20 @@ TEST(InteropCodeGeeX, MegatronArgsSkippedWithWarningAndFp16Read) {
   EXPECT_LT(err / scale, kLogitTol);  // fp16 -> f32 is exact, so the same bound holds
 }
 
+// Tensor-parallel shards (mp_rank_00..02, CodeGeeX's split rules, unequal torch.chunk sizes)
+// merge to exactly the single file's weights.
+TEST(InteropCodeGeeX, TensorParallelShardsMergeToTheSameWeights) {
+  REQUIRE_TORCH();
+  const fs::path cg = fixtures() / "cg";
+  ConvertOptions opt;
+  opt.n_heads = 4;
+  convert_codegeex((cg / "codegeex_module.pt").string(), (fixtures() / "cg_one").string(), opt);
+  convert_codegeex((cg / "tp3").string(), (fixtures() / "cg_tp3").string(), opt);
+  Loaded a = load((fixtures() / "cg_one").string()), b = load((fixtures() / "cg_tp3").string());
+  ASSERT_EQ(a.w.size(), b.w.size());
+  EXPECT_EQ(std::memcmp(a.w.data(), b.w.data(), a.w.size() * sizeof(float)), 0);
+}
+
 TEST(InteropCodeGeeX, LegacyFileGetsResaveInstructions) {
   REQUIRE_TORCH();
   std::string e = error_of([] {
