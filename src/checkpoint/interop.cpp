@@ -1,4 +1,4 @@
-// checkpoint/interop.cpp: CodeGeeX / Hugging Face GPT-2 import and GPT-2 export.
+// checkpoint/interop.cpp: CodeGeeX / Hugging Face GPT-2 import (the export: export_hf.cpp).
 //
 // Each importer builds the loom config from the source's own description (tensor shapes, and
 // config.json or Megatron args), checks every source tensor's shape against it, and copies the
@@ -451,8 +451,34 @@ model::ModelConfig codegeex_config(const std::map<std::string, Shape>& shapes, i
   return c;
 }
 
+namespace {
+// JSON errors (a config.json or vocab.json of the wrong shape) become loom::Error naming `what`.
+template <class F>
+auto json_errors_named(const std::string& what, F&& f) {
+  try {
+    return f();
+  } catch (const nlohmann::json::exception& e) {
+    LOOM_FAIL("'{}': unexpected JSON content: {}", what, e.what());
+  }
+}
+ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string& out_dir,
+                                    const ConvertOptions& opt);
+ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string& out_dir,
+                                   const ConvertOptions& opt);
+}  // namespace
+
 ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_dir,
                                const ConvertOptions& opt) {
+  return json_errors_named(in_pt, [&] { return convert_codegeex_impl(in_pt, out_dir, opt); });
+}
+ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_dir,
+                              const ConvertOptions& opt) {
+  return json_errors_named(in_dir, [&] { return convert_hf_gpt2_impl(in_dir, out_dir, opt); });
+}
+
+namespace {
+ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string& out_dir,
+                                    const ConvertOptions& opt) {
   ConvertResult res;
   // One file, or a directory of tensor-parallel shards mp_rank_00_model_states.pt, ...
   std::unique_ptr<TensorSource> src_owner;
@@ -541,8 +567,8 @@ ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_
 // ---------------------------------------------------------------------------------------------
 // Hugging Face GPT-2
 
-ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_dir,
-                              const ConvertOptions& opt) {
+ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string& out_dir,
+                                   const ConvertOptions& opt) {
   ConvertResult res;
   const fs::path dir(in_dir);
   const std::string cfg_path = (dir / "config.json").string();
@@ -692,96 +718,6 @@ ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_
   return res;
 }
 
-void export_hf_gpt2(const std::string& ckpt_dir, const std::string& out_dir) {
-  CheckpointReader r(ckpt_dir);
-  const model::ModelConfig& c = r.config();
-  LOOM_CHECK(!c.query_layer, "'{}': model '{}' has the PanGu-α/CodeGeeX top query layer, which "
-             "GPT-2's architecture cannot express", ckpt_dir, c.name);
-  LOOM_CHECK(c.n_kv_heads == c.n_heads, "'{}': model '{}' uses grouped-query attention "
-             "(n_kv_heads = {} < n_heads = {}), which GPT-2 cannot express", ckpt_dir, c.name,
-             c.n_kv_heads, c.n_heads);
-  LOOM_CHECK(c.tied_head, "'{}': untied head cannot be expressed", ckpt_dir);
-  int64_t V0 = c.vocab;
-  const auto& st = r.trainer_state();
-  if (st.contains("interop") && st["interop"].contains("vocab_used"))
-    V0 = st["interop"]["vocab_used"].get<int64_t>();
-  LOOM_CHECK(V0 > 0 && V0 <= c.vocab, "'{}': recorded vocab_used {} is outside (0, {}]", ckpt_dir,
-             V0, c.vocab);
-  const model::ParamLayout layout(c);
-  std::vector<float> w(size_t(layout.total()));
-  r.load_weights(layout, w.data());
-  const int64_t C = c.d_model, F = c.d_ff;
-  std::vector<std::vector<float>> keep;  // transposed copies, alive until written
-  std::vector<TensorToWrite> out;
-  auto add = [&](const std::string& name, Shape shape, const float* data) {
-    out.push_back({name, DType::f32, std::move(shape), data});
-  };
-  auto at = [&](const std::string& n) { return w.data() + layout.find(n).offset; };
-  // loom (rows, in) matrices stacked along rows -> Conv1D (in, sum of rows).
-  auto conv1d = [&](const std::string& name, std::vector<std::pair<const float*, int64_t>> parts,
-                    int64_t in) {
-    int64_t out_cols = 0;
-    for (auto& pr : parts) out_cols += pr.second;
-    keep.emplace_back(size_t(in * out_cols));
-    float* d = keep.back().data();
-    int64_t c0 = 0;
-    for (auto& [p, rows] : parts) {
-      for (int64_t r2 = 0; r2 < rows; ++r2)
-        for (int64_t i = 0; i < in; ++i) d[i * out_cols + c0 + r2] = p[r2 * in + i];
-      c0 += rows;
-    }
-    add(name, {in, out_cols}, d);
-  };
-  add("transformer.wte.weight", {V0, C}, at("embed.token.weight"));
-  add("transformer.wpe.weight", {c.max_seq, C}, at("embed.position.weight"));
-  for (int64_t i = 0; i < c.n_layers; ++i) {
-    const std::string s = "transformer.h." + std::to_string(i) + ".", d = "blocks." + std::to_string(i) + ".";
-    add(s + "ln_1.weight", {C}, at(d + "norm1.weight"));
-    add(s + "ln_1.bias", {C}, at(d + "norm1.bias"));
-    conv1d(s + "attn.c_attn.weight",
-           {{at(d + "attn.q.weight"), C}, {at(d + "attn.k.weight"), C}, {at(d + "attn.v.weight"), C}}, C);
-    add(s + "attn.c_attn.bias", {3 * C}, at(d + "attn.q.bias"));  // q, k, v biases are adjacent
-    conv1d(s + "attn.c_proj.weight", {{at(d + "attn.out.weight"), C}}, C);
-    add(s + "attn.c_proj.bias", {C}, at(d + "attn.out.bias"));
-    add(s + "ln_2.weight", {C}, at(d + "norm2.weight"));
-    add(s + "ln_2.bias", {C}, at(d + "norm2.bias"));
-    conv1d(s + "mlp.c_fc.weight", {{at(d + "ffn.up.weight"), F}}, C);
-    add(s + "mlp.c_fc.bias", {F}, at(d + "ffn.up.bias"));
-    conv1d(s + "mlp.c_proj.weight", {{at(d + "ffn.down.weight"), C}}, F);
-    add(s + "mlp.c_proj.bias", {C}, at(d + "ffn.down.bias"));
-  }
-  add("transformer.ln_f.weight", {C}, at("final_norm.weight"));
-  add("transformer.ln_f.bias", {C}, at("final_norm.bias"));
-  fs::create_directories(out_dir);
-  write_safetensors((fs::path(out_dir) / "model.safetensors").string(), out, {{"format", "pt"}});
-  const char* act = c.activation == model::Activation::gelu       ? "gelu_new"
-                    : c.activation == model::Activation::gelu_erf ? "gelu"
-                                                                  : "quick_gelu";
-  nlohmann::json hc = {{"model_type", "gpt2"},
-                       {"architectures", {"GPT2LMHeadModel"}},
-                       {"vocab_size", V0},
-                       {"n_positions", c.max_seq},
-                       {"n_ctx", c.max_seq},
-                       {"n_embd", C},
-                       {"n_layer", c.n_layers},
-                       {"n_head", c.n_heads},
-                       {"n_inner", F},
-                       {"activation_function", act},
-                       {"layer_norm_epsilon", double(c.norm_eps)},
-                       {"resid_pdrop", 0.0},
-                       {"embd_pdrop", 0.0},
-                       {"attn_pdrop", 0.0},
-                       {"initializer_range", 0.02},
-                       {"scale_attn_weights", true},
-                       {"tie_word_embeddings", true},
-                       {"bos_token_id", V0 - 1},
-                       {"eos_token_id", V0 - 1},
-                       {"torch_dtype", "float32"}};
-  std::ofstream(fs::path(out_dir) / "config.json") << hc.dump(2) << "\n";
-  const fs::path tok = fs::path(ckpt_dir) / "tokenizer";
-  for (const char* f : {"vocab.json", "merges.txt", "added_tokens.json"})
-    if (fs::exists(tok / f))
-      fs::copy_file(tok / f, fs::path(out_dir) / f, fs::copy_options::overwrite_existing);
-}
+}  // namespace
 
 }  // namespace loom::checkpoint
