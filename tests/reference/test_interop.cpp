@@ -34,7 +34,8 @@ bool torch_available() {
   return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
 }
 
-// Fixtures are built once per test process and removed when it exits.
+// Fixtures are built once per test process, each kind on first use (cg, hf, bad: the modes of
+// interop_fixtures.py), and removed when the process exits.
 struct TempDir {
   fs::path path;
   ~TempDir() {
@@ -49,15 +50,21 @@ const fs::path& fixtures() {
     fs::path d = fs::temp_directory_path() / ("loom_interop_" + std::to_string(::getpid()));
     fs::remove_all(d);
     fs::create_directories(d);
-    for (const char* mode : {"codegeex", "hf", "hostile"}) {
-      std::string sub = std::string(mode) == "codegeex" ? "cg" : std::string(mode) == "hf" ? "hf" : "bad";
-      std::string cmd = "/usr/bin/python3 " + kScript + " " + mode + " " + (d / sub).string();
-      if (std::system(cmd.c_str()) != 0) throw std::runtime_error("fixture script failed: " + cmd);
-    }
     holder.path = d;
     return d;
   }();
   return dir;
+}
+
+// fixtures() / sub after generating it: sub is "cg" (codegeex), "hf" or "bad" (hostile).
+fs::path fixture(const std::string& sub) {
+  const fs::path d = fixtures() / sub;
+  if (!fs::exists(d)) {
+    const std::string mode = sub == "cg" ? "codegeex" : sub == "hf" ? "hf" : "hostile";
+    std::string cmd = "/usr/bin/python3 " + kScript + " " + mode + " " + d.string();
+    if (std::system(cmd.c_str()) != 0) throw std::runtime_error("fixture script failed: " + cmd);
+  }
+  return d;
 }
 
 #define REQUIRE_TORCH()                                                                      \
@@ -140,7 +147,7 @@ constexpr double kLogitTol = 1e-5;
 
 TEST(InteropCodeGeeX, ModuleNestedStateDictMatchesReference) {
   REQUIRE_TORCH();
-  const fs::path cg = fixtures() / "cg";
+  const fs::path cg = fixture("cg");
   ConvertOptions opt;
   opt.tokenizer_dir = (cg / "tokenizer").string();
   opt.n_heads = 4;
@@ -168,7 +175,7 @@ TEST(InteropCodeGeeX, ModuleNestedStateDictMatchesReference) {
 
 TEST(InteropCodeGeeX, MegatronArgsSkippedWithWarningAndFp16Read) {
   REQUIRE_TORCH();
-  const fs::path cg = fixtures() / "cg";
+  const fs::path cg = fixture("cg");
   const std::string out = (fixtures() / "out_cg_args").string();
   ConvertResult r = convert_codegeex((cg / "codegeex_args.pt").string(), out, {});
   EXPECT_EQ(r.cfg.n_heads, 4) << "heads come from args.num_attention_heads";
@@ -199,7 +206,7 @@ TEST(InteropCodeGeeX, MegatronArgsSkippedWithWarningAndFp16Read) {
 // merge to exactly the single file's weights.
 TEST(InteropCodeGeeX, TensorParallelShardsMergeToTheSameWeights) {
   REQUIRE_TORCH();
-  const fs::path cg = fixtures() / "cg";
+  const fs::path cg = fixture("cg");
   ConvertOptions opt;
   opt.n_heads = 4;
   convert_codegeex((cg / "codegeex_module.pt").string(), (fixtures() / "cg_one").string(), opt);
@@ -212,7 +219,7 @@ TEST(InteropCodeGeeX, TensorParallelShardsMergeToTheSameWeights) {
 TEST(InteropCodeGeeX, LegacyFileGetsResaveInstructions) {
   REQUIRE_TORCH();
   std::string e = error_of([] {
-    convert_codegeex((fixtures() / "cg" / "codegeex_legacy.pt").string(),
+    convert_codegeex((fixture("cg") / "codegeex_legacy.pt").string(),
                      (fixtures() / "out_legacy").string(), {});
   });
   EXPECT_NE(e.find("legacy (pre-1.6"), std::string::npos) << e;
@@ -313,7 +320,7 @@ class InteropHf : public ::testing::TestWithParam<const char*> {};
 TEST_P(InteropHf, ConvertedLogitsGreedyAndBitIdenticalRoundTrip) {
   REQUIRE_TORCH();
   const std::string tag = GetParam();
-  hf_case(fixtures() / "hf" / ("hf_" + tag), fixtures() / "hf" / "hf_ref.safetensors", tag,
+  hf_case(fixture("hf") / ("hf_" + tag), fixture("hf") / "hf_ref.safetensors", tag,
           "/usr/bin/python3 " + kScript + " hf-logits",
           tag == "st" ? Activation::gelu : Activation::gelu_erf);
 }
@@ -324,7 +331,7 @@ INSTANTIATE_TEST_SUITE_P(Interop, InteropHf, ::testing::Values("st", "bin"));
 // weights of the single-file hf_st.
 TEST(InteropHfSharded, ShardsGiveTheSameWeightsAsOneFile) {
   REQUIRE_TORCH();
-  const fs::path hf = fixtures() / "hf";
+  const fs::path hf = fixture("hf");
   convert_hf_gpt2((hf / "hf_st").string(), (fixtures() / "one").string(), {});
   Loaded one = load((fixtures() / "one").string());
   for (const char* d : {"hf_st_sharded", "hf_bin_sharded"}) {
@@ -435,7 +442,7 @@ TEST(InteropExport, RefusesWhatGpt2CannotExpress) {
   if (!fs::exists(ck)) {
     ConvertOptions opt;
     opt.n_heads = 4;
-    convert_codegeex((fixtures() / "cg" / "codegeex_module.pt").string(), ck, opt);
+    convert_codegeex((fixture("cg") / "codegeex_module.pt").string(), ck, opt);
   }
   std::string e = error_of([&] { export_hf_gpt2(ck, (fixtures() / "export_cg").string()); });
   EXPECT_NE(e.find("top query layer"), std::string::npos) << e;
@@ -443,7 +450,7 @@ TEST(InteropExport, RefusesWhatGpt2CannotExpress) {
 
 TEST(InteropHostile, RefusedNamingWhatWasFoundAndNothingRuns) {
   REQUIRE_TORCH();
-  const fs::path bad = fixtures() / "bad";
+  const fs::path bad = fixture("bad");
   const std::string out = (fixtures() / "out_bad").string();
   auto cg = [&](const char* f) {
     return error_of([&] { convert_codegeex((bad / f).string(), out, {}); });
