@@ -358,7 +358,10 @@ class Unpickler {
     auto g = make(PyValue::Kind::global);
     g->s = full;
     if (full == "collections.OrderedDict" || full == "torch._utils._rebuild_tensor_v2" ||
-        full == "torch._utils._rebuild_parameter" || full == "argparse.Namespace")
+        full == "torch._utils._rebuild_parameter" ||
+        full == "torch._utils._rebuild_parameter_with_state" ||
+        full == "torch._tensor._rebuild_from_type_v2" || full == "torch.Tensor" ||
+        full == "torch.nn.parameter.Parameter" || full == "argparse.Namespace")
       return g;
     if (mod == "torch") {
       for (const auto& sk : kStorages)
@@ -430,7 +433,19 @@ class Unpickler {
       o->s = fn->s;
       return o;
     }
-    if (fn->s == "torch._utils._rebuild_parameter") {
+    if (fn->s == "torch._tensor._rebuild_from_type_v2") {
+      // (func, new_type, args, state): a tensor subclass wrapper (newer torch writes Parameters
+      // this way). Only plain tensors and Parameters, built by an allowed rebuild function.
+      LOOM_CHECK(a.size() >= 3 && a[0]->kind == PyValue::Kind::global &&
+                     a[1]->kind == PyValue::Kind::global &&
+                     (a[1]->s == "torch.Tensor" || a[1]->s == "torch.nn.parameter.Parameter") &&
+                     a[0]->s.rfind("torch._utils._rebuild_", 0) == 0,
+                 "{}: refusing to load: _rebuild_from_type_v2 at byte {} wraps something other "
+                 "than a tensor or Parameter rebuild; nothing was executed", src_, at);
+      return reduce(a[0], a[2], at);
+    }
+    if (fn->s == "torch._utils._rebuild_parameter" ||
+        fn->s == "torch._utils._rebuild_parameter_with_state") {
       LOOM_CHECK(a.size() >= 1 && a[0]->kind == PyValue::Kind::tensor,
                  "{}: _rebuild_parameter at byte {} without a tensor", src_, at);
       return a[0];

@@ -7,8 +7,9 @@
 // allowlist of content (what a state dict needs):
 //   - dicts and collections.OrderedDict (their `_metadata` BUILD state is ignored), lists, tuples,
 //     strings, bytes, ints, floats, bools, None;
-//   - torch._utils._rebuild_tensor_v2 / _rebuild_parameter with persistent storage records
-//     ('storage', torch.<T>Storage, key, location, numel);
+//   - torch._utils._rebuild_tensor_v2 / _rebuild_parameter(_with_state) with persistent storage
+//     records ('storage', torch.<T>Storage, key, location, numel), also wrapped in
+//     torch._tensor._rebuild_from_type_v2 for torch.Tensor / Parameter;
 //   - torch dtypes as plain values;
 //   - argparse.Namespace (Megatron's `args`): kept as an inert object, so a caller can skip it
 //     with a warning that names it.

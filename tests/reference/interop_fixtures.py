@@ -499,6 +499,17 @@ def write_hostile(out):
     torch.save({"w": t, "x": Evil(marker)}, os.path.join(out, "reduce_os_system.pt"))
     torch.save({"w": t, "x": EvalCall()}, os.path.join(out, "reduce_eval.pt"))
     torch.save({"w": t}, os.path.join(out, "plain.pt"))
+    # Tensors as state dicts really hold them: a Parameter, a transposed (strided) view, a slice at
+    # a storage offset sharing its storage with another entry, fp16 and bf16.
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(6, 5, generator=g)
+    views = OrderedDict(p=torch.nn.Parameter(torch.randn(4, 3, generator=g)), t=base.t(),
+                        s=base.view(-1)[7:19].view(3, 4), whole=base,
+                        h=torch.randn(5, 7, generator=g).half(),
+                        b=torch.randn(3, 9, generator=g).bfloat16())
+    torch.save(views, os.path.join(out, "views.pt"))
+    save_safetensors({k: v.detach().float().contiguous().numpy() for k, v in views.items()},
+                     os.path.join(out, "views_ref.safetensors"))
     # Fuzz seeds: a small torch zip and the raw data.pkl of a CodeGeeX-style file with args.
     sd = flatten(codegeex_state_dict(7, torch.float16))
     obj = {"module": {k: v for k, v in list(sd.items())[:6]},

@@ -476,6 +476,28 @@ TEST(InteropHostile, RefusedNamingWhatWasFoundAndNothingRuns) {
   EXPECT_FALSE(fs::exists(out)) << "a failed conversion must not leave a checkpoint";
 }
 
+// Parameters, strided views, storage offsets, shared storages, fp16 and bf16 read exactly.
+TEST(InteropTorchFile, ParametersViewsAndHalfTypesReadExactly) {
+  REQUIRE_TORCH();
+  TorchFile f((fixture("bad") / "views.pt").string());
+  std::map<std::string, TorchTensorRef> tensors;
+  std::vector<std::string> skipped;
+  flatten_state_dict(f.root(), "", tensors, skipped);
+  EXPECT_TRUE(skipped.empty());
+  SafetensorsFile ref((fixture("bad") / "views_ref.safetensors").string());
+  ASSERT_EQ(tensors.size(), ref.tensors().size());
+  for (auto& [name, t] : tensors) {
+    SCOPED_TRACE(name);
+    auto want = read_f32(ref, name);
+    ASSERT_EQ(t.numel(), int64_t(want.size()));
+    std::vector<float> got(want.size());
+    f.read_f32(t, got.data());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0);
+  }
+  EXPECT_EQ(tensors.at("h").dtype, TorchDType::f16);
+  EXPECT_EQ(tensors.at("b").dtype, TorchDType::bf16);
+}
+
 TEST(InteropPickle, RefusesNonDataOpcodesAndCallables) {
   // Hand-assembled protocol-2 pickles.
   using namespace std::string_literals;  // ""s keeps embedded NUL bytes
@@ -497,6 +519,11 @@ TEST(InteropPickle, RefusesNonDataOpcodesAndCallables) {
   EXPECT_NE(err("\x80\x02h\x05."s).find("memo entry 5"), std::string::npos);
   EXPECT_NE(err("\x80\x02X\xff\x00\x00\x00" "ab"s).find("truncated"), std::string::npos);
   EXPECT_NE(err("\x80\x02}"s).find("without a STOP"), std::string::npos);
+  // _rebuild_from_type_v2 may only wrap tensor rebuilds for torch.Tensor / Parameter.
+  EXPECT_NE(err("\x80\x02" "ctorch._tensor\n_rebuild_from_type_v2\n" "cposix\nsystem\n"s)
+                .find("'posix.system'"), std::string::npos);
+  EXPECT_NE(err("\x80\x02" "ctorch._tensor\n_rebuild_from_type_v2\n(ccollections\nOrderedDict\n"
+                "ctorch\nTensor\n)}tR."s).find("wraps something other"), std::string::npos);
   // An OrderedDict with _metadata BUILD state and nested plain dicts is accepted.
   PyRef v = unpickle_restricted("\x80\x02" "ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00" "k}sb."s,
                                 "ok.pkl");
