@@ -4,6 +4,7 @@
 // Conv1D (in, 3C) c_attn, the other matrices are transposed to Conv1D (in, out), the vocabulary
 // keeps only its real rows (trainer_state's interop.vocab_used), and config.json describes the
 // same model, so importing the export gives the original weights bit for bit.
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -45,50 +46,60 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
   LOOM_CHECK(V0 > 0 && V0 <= c.vocab, "'{}': recorded vocab_used {} is outside (0, {}]", ckpt_dir,
              V0, c.vocab);
   const model::ParamLayout layout(c);
-  std::vector<float> w(size_t(layout.total()));
-  r.load_weights(layout, w.data());
   const int64_t C = c.d_model, F = c.d_ff;
-  std::vector<std::vector<float>> keep;  // transposed copies, alive until written
+  // Each output tensor gets its own buffer, loaded (and transposed) one tensor at a time, so the
+  // peak is the exported model plus one loom tensor (write_safetensors takes them all at once).
+  std::deque<std::vector<float>> keep;
   std::vector<TensorToWrite> out;
-  auto add = [&](const std::string& name, Shape shape, const float* data) {
-    out.push_back({name, DType::f32, std::move(shape), data});
+  // Elements [0, count) of loom tensor `name` (count < 0: all of it; the tensors adjacent to it
+  // in the flat buffer follow when count exceeds its size, as for the q, k, v biases).
+  auto load = [&](const std::string& name, int64_t count = -1) {
+    const model::ParamSpec& sp = layout.find(name);
+    std::vector<float> v(size_t(count < 0 ? sp.numel : count));
+    r.load_weights_packed(layout, v.data(), sp.offset, sp.offset + int64_t(v.size()));
+    return v;
   };
-  auto at = [&](const std::string& n) { return w.data() + layout.find(n).offset; };
+  auto add = [&](const std::string& hf_name, Shape shape, const std::string& loom_name,
+                 int64_t count = -1) {
+    keep.push_back(load(loom_name, count));
+    out.push_back({hf_name, DType::f32, std::move(shape), keep.back().data()});
+  };
   // loom (rows, in) matrices stacked along rows -> Conv1D (in, sum of rows).
-  auto conv1d = [&](const std::string& name, std::vector<std::pair<const float*, int64_t>> parts,
+  auto conv1d = [&](const std::string& hf_name, const std::vector<std::string>& parts,
                     int64_t in) {
     int64_t out_cols = 0;
-    for (auto& pr : parts) out_cols += pr.second;
+    for (auto& p : parts) out_cols += layout.find(p).shape[0];
     keep.emplace_back(size_t(in * out_cols));
     float* d = keep.back().data();
     int64_t c0 = 0;
-    for (auto& [p, rows] : parts) {
+    for (auto& p : parts) {
+      const std::vector<float> m = load(p);
+      const int64_t rows = layout.find(p).shape[0];
       for (int64_t r2 = 0; r2 < rows; ++r2)
-        for (int64_t i = 0; i < in; ++i) d[i * out_cols + c0 + r2] = p[r2 * in + i];
+        for (int64_t i = 0; i < in; ++i) d[i * out_cols + c0 + r2] = m[size_t(r2 * in + i)];
       c0 += rows;
     }
-    add(name, {in, out_cols}, d);
+    out.push_back({hf_name, DType::f32, {in, out_cols}, d});
   };
-  add("transformer.wte.weight", {V0, C}, at("embed.token.weight"));
-  add("transformer.wpe.weight", {c.max_seq, C}, at("embed.position.weight"));
+  add("transformer.wte.weight", {V0, C}, "embed.token.weight", V0 * C);  // real rows only
+  add("transformer.wpe.weight", {c.max_seq, C}, "embed.position.weight");
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string s = "transformer.h." + std::to_string(i) + ".", d = "blocks." + std::to_string(i) + ".";
-    add(s + "ln_1.weight", {C}, at(d + "norm1.weight"));
-    add(s + "ln_1.bias", {C}, at(d + "norm1.bias"));
-    conv1d(s + "attn.c_attn.weight",
-           {{at(d + "attn.q.weight"), C}, {at(d + "attn.k.weight"), C}, {at(d + "attn.v.weight"), C}}, C);
-    add(s + "attn.c_attn.bias", {3 * C}, at(d + "attn.q.bias"));  // q, k, v biases are adjacent
-    conv1d(s + "attn.c_proj.weight", {{at(d + "attn.out.weight"), C}}, C);
-    add(s + "attn.c_proj.bias", {C}, at(d + "attn.out.bias"));
-    add(s + "ln_2.weight", {C}, at(d + "norm2.weight"));
-    add(s + "ln_2.bias", {C}, at(d + "norm2.bias"));
-    conv1d(s + "mlp.c_fc.weight", {{at(d + "ffn.up.weight"), F}}, C);
-    add(s + "mlp.c_fc.bias", {F}, at(d + "ffn.up.bias"));
-    conv1d(s + "mlp.c_proj.weight", {{at(d + "ffn.down.weight"), C}}, F);
-    add(s + "mlp.c_proj.bias", {C}, at(d + "ffn.down.bias"));
+    add(s + "ln_1.weight", {C}, d + "norm1.weight");
+    add(s + "ln_1.bias", {C}, d + "norm1.bias");
+    conv1d(s + "attn.c_attn.weight", {d + "attn.q.weight", d + "attn.k.weight", d + "attn.v.weight"}, C);
+    add(s + "attn.c_attn.bias", {3 * C}, d + "attn.q.bias", 3 * C);  // q, k, v biases adjacent
+    conv1d(s + "attn.c_proj.weight", {d + "attn.out.weight"}, C);
+    add(s + "attn.c_proj.bias", {C}, d + "attn.out.bias");
+    add(s + "ln_2.weight", {C}, d + "norm2.weight");
+    add(s + "ln_2.bias", {C}, d + "norm2.bias");
+    conv1d(s + "mlp.c_fc.weight", {d + "ffn.up.weight"}, C);
+    add(s + "mlp.c_fc.bias", {F}, d + "ffn.up.bias");
+    conv1d(s + "mlp.c_proj.weight", {d + "ffn.down.weight"}, F);
+    add(s + "mlp.c_proj.bias", {C}, d + "ffn.down.bias");
   }
-  add("transformer.ln_f.weight", {C}, at("final_norm.weight"));
-  add("transformer.ln_f.bias", {C}, at("final_norm.bias"));
+  add("transformer.ln_f.weight", {C}, "final_norm.weight");
+  add("transformer.ln_f.bias", {C}, "final_norm.bias");
   fs::create_directories(out_dir);
   write_safetensors((fs::path(out_dir) / "model.safetensors").string(), out, {{"format", "pt"}});
   // <|endoftext|>'s id from the checkpoint's tokenizer (GPT-2: the last id, 50256).
