@@ -56,5 +56,52 @@ expect_error "missing input" "cannot open" \
 [ ! -e "$WORK/x1" ] && [ ! -e "$WORK/x2" ] && [ ! -e "$WORK/x3" ] && pass "failed conversions leave nothing" \
   || fail "a failed conversion left output"
 
+# Memory: the source is streamed tensor by tensor, never loaded whole. A GPT-2-shaped fp16
+# safetensors (~160 MB; the loom checkpoint is f32, ~320 MB) must convert with peak RSS at most
+# the f32 model + its largest tensor + 48 MiB (loading the whole source would add 160 MB).
+# (The issue's goal, largest tensor + 256 MiB, needs a streaming checkpoint writer: see
+# docs/interop.md.)
+/usr/bin/python3 - "$LOOM" "$WORK" <<'PY' && pass "convert peak RSS bounded by model + largest tensor" || fail "convert peak RSS"
+import json, os, resource, subprocess, sys
+import numpy as np
+loom, work = sys.argv[1], sys.argv[2]
+V, C, L, S = 8192, 512, 24, 1024
+d = os.path.join(work, "mem_src")
+os.makedirs(d)
+rng = np.random.default_rng(0)
+shapes = {"wte.weight": (V, C), "wpe.weight": (S, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+for i in range(L):
+    p = "h.%d." % i
+    shapes.update({p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "attn.c_attn.weight": (C, 3 * C),
+                   p + "attn.c_attn.bias": (3 * C,), p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+                   p + "ln_2.weight": (C,), p + "ln_2.bias": (C,), p + "mlp.c_fc.weight": (C, 4 * C),
+                   p + "mlp.c_fc.bias": (4 * C,), p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,)})
+header, off = {}, 0
+for k in sorted(shapes):
+    n = int(np.prod(shapes[k])) * 2
+    header[k] = {"dtype": "F16", "shape": list(shapes[k]), "data_offsets": [off, off + n]}
+    off += n
+h = json.dumps(header).encode()
+h += b" " * ((8 - len(h) % 8) % 8)
+with open(os.path.join(d, "model.safetensors"), "wb") as f:
+    f.write(len(h).to_bytes(8, "little"))
+    f.write(h)
+    for k in sorted(shapes):
+        f.write((rng.standard_normal(shapes[k], dtype=np.float32) * 0.02).astype(np.float16).tobytes())
+json.dump({"model_type": "gpt2", "vocab_size": V, "n_positions": S, "n_embd": C, "n_layer": L,
+           "n_head": 8, "activation_function": "gelu_new"}, open(os.path.join(d, "config.json"), "w"))
+r = subprocess.run([loom, "convert", "--from", "hf-gpt2", "--in", d, "--out", os.path.join(work, "mem_out")],
+                   capture_output=True, text=True)
+assert r.returncode == 0, r.stderr
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+model = json.loads(r.stdout)["params"] * 4
+largest = max(int(np.prod(s)) for s in shapes.values()) * 4
+src = os.path.getsize(os.path.join(d, "model.safetensors"))
+bound = model + largest + 48 * 2**20
+print("convert peak RSS %.1f MiB: f32 model %.1f MiB, largest tensor %.1f MiB, source %.1f MiB, bound %.1f MiB"
+      % (peak / 2**20, model / 2**20, largest / 2**20, src / 2**20, bound / 2**20))
+assert peak <= bound, (peak, bound)
+PY
+
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]
