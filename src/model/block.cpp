@@ -123,6 +123,12 @@ static attention::AttentionShape attention_shape(const BlockCtx& c, int64_t q_st
 // Local sizes. N all rows, Nl this rank's residual rows, C model width, Cq this rank's q (and
 // attention output) width, KV its k/v width, F its ffn width. Without tp: Nl = N, Cq = C.
 namespace {
+K::GeluKind gelu_kind(Activation a) {
+  return a == Activation::fast_gelu  ? K::GeluKind::fast
+         : a == Activation::gelu_erf ? K::GeluKind::erf
+                                     : K::GeluKind::tanh;
+}
+
 struct Dims {
   int64_t N, Nl, C, Cq, KV, F;
   explicit Dims(const BlockCtx& c)
@@ -218,7 +224,7 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   mm_xwT(c, st.pre.data<float>(), ln2_mm, o.w_up, N, F, C);
   Tensor act = new_f32(c, {N, F}, c.bf ? MemCategory::workspace : cat(keep_all));
   K::bias_gelu_forward(act.data<float>(), st.pre.data<float>(), c.W + o.b_up, N, F,
-                       c.cfg.activation == Activation::fast_gelu);
+                       gelu_kind(c.cfg.activation));
   Tensor act_mm = to_mm(c, act, cat(keep_all));
 
   // out = mid + act @ Wdown^T + bdown                                         (Nl,C)
@@ -273,10 +279,8 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
                          st.mid.data<float>(), c.W + o.norm2_w, c.W + o.norm2_b, Nl, C, eps);
     st.ln2_mm = gather_rows_mm(c, ln2, ws);
     Tensor act = new_f32(c, {N, F}, ws);
-    if (c.cfg.activation == Activation::fast_gelu)
-      K::fast_gelu_forward(act.data<float>(), st.pre.data<float>(), N * F);
-    else
-      K::gelu_forward(act.data<float>(), st.pre.data<float>(), N * F);
+    K::gelu_kind_forward(gelu_kind(c.cfg.activation), act.data<float>(), st.pre.data<float>(),
+                         N * F);
     st.act_mm = to_mm(c, act, ws);
     st.att_mm = to_mm(c, st.att, ws);
   }
@@ -291,10 +295,8 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
   st.act_mm = Tensor();
 
   // activation: d_pre = d_act * act'(pre)
-  if (c.cfg.activation == Activation::fast_gelu)
-    K::fast_gelu_backward(d_act.data<float>(), d_act.data<float>(), st.pre.data<float>(), N * F);
-  else
-    K::gelu_backward(d_act.data<float>(), d_act.data<float>(), st.pre.data<float>(), N * F);
+  K::gelu_kind_backward(gelu_kind(c.cfg.activation), d_act.data<float>(), d_act.data<float>(),
+                        st.pre.data<float>(), N * F);
   st.pre = Tensor();
 
   // FFN up: d_ln2 = d_pre @ Wup; dWup += d_pre^T ln2; dbup += colsum(d_pre)

@@ -9,7 +9,14 @@
 
 namespace loom::model {
 
-const char* activation_name(Activation a) { return a == Activation::gelu ? "gelu" : "fast_gelu"; }
+const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::gelu: return "gelu";
+    case Activation::fast_gelu: return "fast_gelu";
+    case Activation::gelu_erf: return "gelu_erf";
+  }
+  return "?";
+}
 
 void ModelConfig::validate() const {
   auto positive = [&](const char* key, int64_t v) {
@@ -120,9 +127,12 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
   get_int("max_seq", c.max_seq, true);
   if (auto a = (*t)["activation"]) {
     auto s = a.value<std::string>();
-    LOOM_CHECK(s && (*s == "gelu" || *s == "fast_gelu"),
-               "{}: activation must be \"gelu\" or \"fast_gelu\"", source);
-    c.activation = *s == "gelu" ? Activation::gelu : Activation::fast_gelu;
+    LOOM_CHECK(s && (*s == "gelu" || *s == "fast_gelu" || *s == "gelu_erf"),
+               "{}: activation must be \"gelu\" (tanh form), \"gelu_erf\" (exact) or "
+               "\"fast_gelu\"", source);
+    c.activation = *s == "gelu"        ? Activation::gelu
+                   : *s == "gelu_erf" ? Activation::gelu_erf
+                                      : Activation::fast_gelu;
   }
   if (auto e = (*t)["norm_eps"]) {
     auto v = e.value<double>();

@@ -11,7 +11,9 @@
 
 namespace loom::model {
 
-enum class Activation { gelu, fast_gelu };
+// gelu: tanh approximation (GPT-2); gelu_erf: exact erf GELU (Hugging Face "gelu");
+// fast_gelu: x * sigmoid(1.702 x) (MindSpore FastGelu, PanGu-α / CodeGeeX).
+enum class Activation { gelu, fast_gelu, gelu_erf };
 
 struct ModelConfig {
   std::string name = "unnamed";

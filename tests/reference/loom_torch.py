@@ -80,9 +80,9 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ReferenceError(
                 f"config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (GQA groups)")
-        if self.activation not in ("gelu", "fast_gelu"):
+        if self.activation not in ("gelu", "fast_gelu", "gelu_erf"):
             raise ReferenceError(
-                f"config: activation='{self.activation}'; allowed: 'gelu' (tanh approx), 'fast_gelu'")
+                f"config: activation='{self.activation}'; allowed: 'gelu' (tanh approx), 'gelu_erf', 'fast_gelu'")
         if not self.norm_eps > 0:
             raise ReferenceError(f"config: norm_eps={self.norm_eps} must be > 0")
         if not self.tied_head:
@@ -209,6 +209,8 @@ def check_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], where: st
 def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "gelu":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         return F.gelu(x, approximate="tanh")
+    if kind == "gelu_erf":  # 0.5 x (1 + erf(x / sqrt 2))
+        return F.gelu(x)
     return x * torch.sigmoid(1.702 * x)  # fast_gelu
 
 

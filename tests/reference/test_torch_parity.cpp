@@ -1,7 +1,7 @@
 // End-to-end parity with an independent PyTorch implementation (tests/reference/loom_torch.py,
 // run by Debian's /usr/bin/python3 with python3-torch): the same weights and batch give the same
 // logits, loss and every parameter gradient, then 10 AdamW steps give the same losses.
-// Covers: with and without the query layer, gelu and fast_gelu, GQA.
+// Covers: with and without the query layer, gelu, gelu_erf and fast_gelu, GQA.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -171,7 +171,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"ql_fastgelu_gqa", true, Activation::fast_gelu, 2},
                       Case{"gpt_gelu_mha", false, Activation::gelu, 4},
                       Case{"ql_gelu_mqa", true, Activation::gelu, 1},
-                      Case{"gpt_fastgelu_gqa", false, Activation::fast_gelu, 2}),
+                      Case{"gpt_fastgelu_gqa", false, Activation::fast_gelu, 2},
+                      Case{"gpt_geluerf_mha", false, Activation::gelu_erf, 4}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 }  // namespace

@@ -25,6 +25,18 @@ void gelu_backward(double* dx, const double* dout, const double* x, int64_t n) {
     dx[i] = dout[i] * (0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * dz);
   }
 }
+// Exact GELU written as x * Phi(x) with Phi via erfc (accurate for large negative x, where
+// 1 + erf cancels); the fast kernel uses 1 + erf in f32.
+void gelu_erf_forward(double* out, const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * 0.5 * std::erfc(-x[i] / std::sqrt(2.0));
+}
+void gelu_erf_backward(double* dx, const double* dout, const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    double cdf = 0.5 * std::erfc(-x[i] / std::sqrt(2.0));
+    double pdf = std::exp(-0.5 * x[i] * x[i]) / std::sqrt(2.0 * M_PI);
+    dx[i] = dout[i] * (cdf + x[i] * pdf);
+  }
+}
 void fast_gelu_forward(double* out, const double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fast_gelu(x[i]);
 }

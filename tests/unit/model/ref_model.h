@@ -49,6 +49,8 @@ inline double reference_loss(const model::ModelConfig& cfg, const model::ParamLa
   auto act = [&](double x) {
     if (cfg.activation == model::Activation::gelu)
       return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+    if (cfg.activation == model::Activation::gelu_erf)
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
     return x / (1.0 + std::exp(-1.702 * x));
   };
   // Attention of q (T,C) over k, v (T,KV), causal, GQA.

@@ -113,7 +113,8 @@ TEST_P(GradCheck, EveryParameterMatchesFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(Model, GradCheck,
                          ::testing::Values(GradCase{true, Activation::fast_gelu, 2},
                                            GradCase{false, Activation::gelu, 4},
-                                           GradCase{true, Activation::gelu, 1}));
+                                           GradCase{true, Activation::gelu, 1},
+                                           GradCase{false, Activation::gelu_erf, 2}));
 
 TEST(Recompute, ModesGiveIdenticalGradientsAndFallingActivationPeaks) {
   ModelConfig cfg = small_config(true, Activation::fast_gelu, 2);
