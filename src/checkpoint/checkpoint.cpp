@@ -41,11 +41,12 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
     if (write_extra) write_extra(save.staging);
     sync_new_files(steps, save.staging, sums);
     write_checksums(steps, save.staging, sums);
-  } catch (...) {
+    commit_flat(steps, save);  // removes the staging directory itself on failure
+  } catch (const std::exception& e) {
     remove_tree(save.staging);
-    throw;
+    LOOM_FAIL("checkpoint save to '{}' failed (the previous checkpoint is unchanged): {}", dir,
+              e.what());
   }
-  commit_flat(steps, save);
 }
 
 CheckpointReader::CheckpointReader(const std::string& dir) {

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/log.h"
 
 namespace fs = std::filesystem;
 
@@ -88,7 +89,7 @@ bool is_complete_dir(const fs::path& d) {
 [[noreturn]] void fail_errno(const std::string& call, const std::string& path, int err) {
   LOOM_FAIL("{} '{}' failed: {}{}", call, path, std::strerror(err),
             err == ENOSPC ? " (the disk is full: free space or choose another checkpoint "
-                            "directory; the previous checkpoint is unchanged)"
+                            "directory)"
                           : "");
 }
 
@@ -304,6 +305,20 @@ std::map<std::string, FileDigest> read_checksums(const std::string& dir) {
   return sums;
 }
 
+namespace {
+
+// After the switch the new checkpoint is what every reader sees; a failing fsync of its parent
+// only means a power loss could still bring back the old one. Not worth failing the save over.
+void fsync_after_commit(ProtocolSteps& steps, const std::string& dir) {
+  try {
+    fsync_dir(steps, dir);
+  } catch (const std::exception& e) {
+    LOOM_LOG_AT(LogLevel::warn, "checkpoint committed, but {}", e.what());
+  }
+}
+
+}  // namespace
+
 // --- versioned layout -----------------------------------------------------------------------
 
 std::string staging_dir(const std::string& root, int64_t step) {
@@ -425,7 +440,7 @@ void commit_versioned(ProtocolSteps& steps, const VersionedSave& s, int keep) {
     remove_tree(renamed ? final_dir : s.staging);
     throw;
   }
-  fsync_dir(steps, s.root);
+  fsync_after_commit(steps, s.root);
   // Pruned checkpoints are no longer listed: move each out of sight first, so that a kill
   // during the removal never leaves a half-deleted step-* directory that looks loadable.
   for (const std::string& n : dropped) {
@@ -462,6 +477,18 @@ FlatSave begin_flat(ProtocolSteps& steps, const std::string& dir_in) {
   return s;
 }
 
+namespace {
+
+// Once DIR is complete again, NAME.old-PID / NAME.tmp-PID of the old protocol are garbage.
+void remove_old_protocol_leftovers(const std::string& dir) {
+  const std::string parent = parent_of(dir), base = fs::path(dir).filename().string();
+  for (const std::string& n : list_names(parent))
+    if (n.rfind(base + ".old-", 0) == 0 || n.rfind(base + ".tmp-", 0) == 0)
+      remove_tree(parent + "/" + n);
+}
+
+}  // namespace
+
 void commit_flat(ProtocolSteps& steps, const FlatSave& s) {
   const std::string parent = parent_of(s.dir);
   std::error_code ec;
@@ -480,9 +507,15 @@ void commit_flat(ProtocolSteps& steps, const FlatSave& s) {
         // protocol used (find_checkpoint recovers DIR from it if we die in between).
         std::string aside = s.dir + ".old-" + std::to_string(::getpid());
         rename_path(steps, s.dir, aside);
-        rename_path(steps, s.staging, s.dir);
-        fsync_dir(steps, parent);
+        try {
+          rename_path(steps, s.staging, s.dir);
+        } catch (...) {
+          ::rename(aside.c_str(), s.dir.c_str());  // put the old one back
+          throw;
+        }
+        fsync_after_commit(steps, parent);
         remove_tree(aside);
+        remove_old_protocol_leftovers(s.dir);
         return;
       } else {
         fail_errno("renameat2(RENAME_EXCHANGE) with '" + s.dir + "' of", s.staging, errno);
@@ -492,8 +525,9 @@ void commit_flat(ProtocolSteps& steps, const FlatSave& s) {
     remove_tree(s.staging);
     throw;
   }
-  fsync_dir(steps, parent);
+  fsync_after_commit(steps, parent);
   if (exchanged) remove_tree(s.staging);
+  remove_old_protocol_leftovers(s.dir);
 }
 
 // --- finding a checkpoint -------------------------------------------------------------------

@@ -284,7 +284,8 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
     }
   }
   err = broadcast_string(group_, err);
-  LOOM_CHECK(err.empty(), "checkpoint save to '{}' failed: {}", dir_, err);
+  LOOM_CHECK(err.empty(), "checkpoint save to '{}' failed (the previous checkpoint is unchanged): {}",
+             dir_, err);
   const std::string staging = staging_dir(dir_, step);
 
   // 2. Every rank streams its pieces into its shard file.
