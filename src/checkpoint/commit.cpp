@@ -139,8 +139,54 @@ FileDigest digest_file(const std::string& path) {
   return d;
 }
 
-FileWriter::FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_bytes)
-    : steps_(steps), path_(std::move(path)), buf_(buffer_bytes) {
+namespace {
+
+std::string finish_hex(void* ctx) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx), md, &len);
+  std::string hex;
+  for (unsigned i = 0; i < len; ++i) hex += fmt::format("{:02x}", md[i]);
+  return hex;
+}
+
+}  // namespace
+
+std::string sha256_hex(const void* data, size_t n) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  EVP_DigestUpdate(ctx, data, n);
+  std::string hex = finish_hex(ctx);
+  EVP_MD_CTX_free(ctx);
+  return hex;
+}
+
+void FileWriter::hash(const char* p, size_t n) {
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(sha_), p, n);
+  if (block_bytes_ == 0) return;
+  auto* b = static_cast<EVP_MD_CTX*>(block_sha_);
+  while (n > 0) {
+    const size_t take = size_t(std::min<uint64_t>(n, block_bytes_ - in_block_));
+    EVP_DigestUpdate(b, p, take);
+    p += take;
+    n -= take;
+    in_block_ += take;
+    if (in_block_ == block_bytes_) {
+      blocks_.push_back(finish_hex(b));
+      EVP_DigestInit_ex(b, EVP_sha256(), nullptr);
+      in_block_ = 0;
+    }
+  }
+}
+
+FileWriter::FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_bytes,
+                       uint64_t block_bytes)
+    : steps_(steps), path_(std::move(path)), buf_(buffer_bytes), block_bytes_(block_bytes) {
+  if (block_bytes_ > 0) {
+    EVP_MD_CTX* b = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(b, EVP_sha256(), nullptr);
+    block_sha_ = b;
+  }
   int inj = steps_.next("create", path_);
   if (inj) fail_errno("creating", path_, inj);
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -153,6 +199,7 @@ FileWriter::FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_byt
 FileWriter::~FileWriter() {
   if (fd_ >= 0) ::close(fd_);
   if (sha_) EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(sha_));
+  if (block_sha_) EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(block_sha_));
 }
 
 void FileWriter::write_direct(const char* p, size_t n) {
@@ -177,7 +224,7 @@ void FileWriter::flush() {
 void FileWriter::write(const void* data, size_t n) {
   LOOM_ASSERT(fd_ >= 0, "FileWriter::write after finish() on '{}'", path_);
   const char* p = static_cast<const char*>(data);
-  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(sha_), p, n);
+  hash(p, n);
   bytes_ += n;
   if (used_ + n <= buf_.size()) {
     std::memcpy(buf_.data() + used_, p, n);
@@ -201,12 +248,15 @@ FileDigest FileWriter::finish() {
   int rc = ::close(fd_);
   fd_ = -1;
   if (rc != 0) fail_errno("closing", path_, errno);
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(sha_), md, &len);
   FileDigest d;
-  for (unsigned i = 0; i < len; ++i) d.sha256 += fmt::format("{:02x}", md[i]);
+  d.sha256 = finish_hex(sha_);
   d.bytes = bytes_;
+  if (block_bytes_ > 0) {
+    if (in_block_ > 0) blocks_.push_back(finish_hex(block_sha_));
+    in_block_ = 0;
+    d.block_bytes = block_bytes_;
+    d.block_sha256 = std::move(blocks_);
+  }
   return d;
 }
 
@@ -297,7 +347,10 @@ std::map<std::string, FileDigest> read_checksums(const std::string& dir) {
                  rel);
       LOOM_CHECK(!rel.empty() && rel[0] != '/' && rel.find("..") == std::string::npos,
                  "'{}': entry '{}' is not a relative path inside the checkpoint", path, rel);
-      sums[rel] = {v["sha256"].get<std::string>(), v["bytes"].get<uint64_t>()};
+      FileDigest d;
+      d.sha256 = v["sha256"].get<std::string>();
+      d.bytes = v["bytes"].get<uint64_t>();
+      sums[rel] = d;
     }
   } catch (const nlohmann::json::exception& e) {
     LOOM_FAIL("'{}' is not valid JSON ({})", path, e.what());

@@ -56,7 +56,14 @@ class ProtocolSteps {
 struct FileDigest {
   std::string sha256;  // lower-case hex
   uint64_t bytes = 0;
+  // With FileWriter's block_bytes > 0: the SHA-256 of each block_bytes-sized block (the last
+  // one shorter), so a reader can verify only the blocks it reads.
+  uint64_t block_bytes = 0;
+  std::vector<std::string> block_sha256;
 };
+
+// Lower-case hex of a SHA-256 digest of `n` bytes.
+std::string sha256_hex(const void* data, size_t n);
 
 // Hex SHA-256 and size of a file (streamed through a 1 MiB buffer). Throws naming the file.
 FileDigest digest_file(const std::string& path);
@@ -67,7 +74,9 @@ FileDigest digest_file(const std::string& path);
 // copies a tensor. Errors throw loom::Error naming the file, the call and the errno string.
 class FileWriter {
  public:
-  FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_bytes = size_t(4) << 20);
+  // block_bytes > 0: also hash every block of that many bytes (FileDigest::block_sha256).
+  FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_bytes = size_t(4) << 20,
+             uint64_t block_bytes = 0);
   ~FileWriter();  // closes an unfinished file (no fsync); the caller removes the staging dir
   FileWriter(const FileWriter&) = delete;
   FileWriter& operator=(const FileWriter&) = delete;
@@ -88,7 +97,11 @@ class FileWriter {
   std::vector<char> buf_;
   size_t used_ = 0;
   uint64_t bytes_ = 0;
-  void* sha_ = nullptr;  // EVP_MD_CTX
+  void* sha_ = nullptr;  // EVP_MD_CTX of the whole file
+  void* block_sha_ = nullptr;  // EVP_MD_CTX of the current block
+  uint64_t block_bytes_ = 0, in_block_ = 0;
+  std::vector<std::string> blocks_;
+  void hash(const char* p, size_t n);
 };
 
 // A whole small file (text) through FileWriter.

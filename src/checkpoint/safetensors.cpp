@@ -62,8 +62,9 @@ std::string safetensors_header(const std::vector<TensorToWrite>& tensors,
 
 FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
                              const std::vector<TensorToWrite>& tensors,
-                             const std::map<std::string, std::string>& metadata) {
-  FileWriter w(steps, path);
+                             const std::map<std::string, std::string>& metadata,
+                             uint64_t block_bytes) {
+  FileWriter w(steps, path, size_t(4) << 20, block_bytes);
   std::string h = safetensors_header(tensors, metadata);
   w.write(h.data(), h.size());
   for (const auto& t : tensors)

@@ -33,10 +33,12 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
 class ProtocolSteps;
 struct FileDigest;
 // The same through the checkpoint commit protocol (commit.h: each write a counted step),
-// streamed from the tensors' memory; returns the file's SHA-256 and size.
+// streamed from the tensors' memory; returns the file's SHA-256 and size (and, with
+// block_bytes > 0, the SHA-256 of each block).
 FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
                              const std::vector<TensorToWrite>& tensors,
-                             const std::map<std::string, std::string>& metadata = {});
+                             const std::map<std::string, std::string>& metadata = {},
+                             uint64_t block_bytes = 0);
 // The header (8-byte length + JSON, padded so the data section is 8-byte aligned) the writers
 // put before the tensors' data, with offsets in the order given.
 std::string safetensors_header(const std::vector<TensorToWrite>& tensors,

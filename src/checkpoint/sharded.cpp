@@ -1,6 +1,11 @@
 #include "checkpoint/sharded.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -16,6 +21,30 @@ namespace loom::checkpoint {
 namespace {
 
 constexpr const char* kFormat = "loom-sharded-1";
+// Shards carry a SHA-256 per block of this many bytes (in shard-*.blocks.json), so that a reader
+// verifies what it reads without hashing whole shards it needs only a part of.
+constexpr uint64_t kBlockBytes = uint64_t(1) << 20;
+
+std::string blocks_name(const std::string& shard) {
+  const std::string ext = ".safetensors";
+  std::string base = shard.size() > ext.size() && shard.ends_with(ext)
+                         ? shard.substr(0, shard.size() - ext.size())
+                         : shard;
+  return base + ".blocks.json";
+}
+
+void pread_exact(int fd, void* dst, size_t n, uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(dst);
+  while (n > 0) {
+    ssize_t r = ::pread(fd, p, n, off_t(offset));
+    if (r < 0 && errno == EINTR) continue;
+    LOOM_CHECK(r > 0, "reading '{}' at byte {} failed: {}", path, offset,
+               r == 0 ? "unexpected end of file (truncated?)" : std::strerror(errno));
+    p += r;
+    n -= size_t(r);
+    offset += uint64_t(r);
+  }
+}
 
 std::string shape_text(const std::vector<int64_t>& s) {
   std::string t = "[";
@@ -305,8 +334,12 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
                                                {"rank", std::to_string(rank_)},
                                                {"world_size", std::to_string(world_)}};
     const uint64_t data_start = safetensors_header(tensors, meta).size();
-    FileDigest d = write_safetensors(steps, staging + "/" + file, tensors, meta);
+    FileDigest d = write_safetensors(steps, staging + "/" + file, tensors, meta, kBlockBytes);
     result.shard_bytes = d.bytes;
+    const nlohmann::json blocks_json = {{"file", file}, {"bytes", d.bytes},
+                                        {"block_bytes", d.block_bytes},
+                                        {"sha256", d.block_sha256}};
+    FileDigest bd = write_file(steps, staging + "/" + blocks_name(file), blocks_json.dump() + "\n");
     nlohmann::json pieces = nlohmann::json::array();
     uint64_t offset = data_start;
     size_t k = 0;
@@ -321,7 +354,8 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
       offset += uint64_t(p.spec.hi - p.spec.lo) * sizeof(float);
       pieces.push_back(std::move(j));
     }
-    mine = {{"file", file}, {"sha256", d.sha256}, {"bytes", d.bytes}, {"pieces", pieces}};
+    mine = {{"file", file}, {"sha256", d.sha256}, {"bytes", d.bytes},
+            {"blocks_sha256", bd.sha256}, {"blocks_bytes", bd.bytes}, {"pieces", pieces}};
   } catch (const std::exception& e) {
     mine = {{"error", who + e.what()}};
   }
@@ -351,9 +385,16 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
       nlohmann::json files = nlohmann::json::array();
       for (size_t r = 0; r < results.size(); ++r) {
         const nlohmann::json& res = results[r];
-        files.push_back(res["file"]);
-        sums[res["file"].get<std::string>()] = {res["sha256"].get<std::string>(),
-                                                res["bytes"].get<uint64_t>()};
+        const std::string f = res["file"].get<std::string>();
+        files.push_back({{"shard", f}, {"blocks", blocks_name(f)}});
+        auto digest = [](const nlohmann::json& sha, const nlohmann::json& bytes) {
+          FileDigest d;
+          d.sha256 = sha.get<std::string>();
+          d.bytes = bytes.get<uint64_t>();
+          return d;
+        };
+        sums[f] = digest(res["sha256"], res["bytes"]);
+        sums[blocks_name(f)] = digest(res["blocks_sha256"], res["blocks_bytes"]);
         for (const nlohmann::json& j : res["pieces"]) {
           PieceSpec p;
           p.name = j["name"].get<std::string>();
@@ -423,8 +464,16 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
 struct ShardedReader::File {
   std::string rel, path;
   FileDigest expected;
-  bool verified = false;
+  bool verified = false;  // the whole file was hashed
   std::unique_ptr<SafetensorsFile> st;
+  int fd = -1;
+  std::string blocks_rel;  // the block checksums (sharded format), or empty: whole-file hash
+  uint64_t block_bytes = 0;
+  std::vector<std::string> block_sha256;
+  std::vector<bool> block_ok;
+  ~File() {
+    if (fd >= 0) ::close(fd);
+  }
 };
 
 namespace {
@@ -487,10 +536,71 @@ ShardedReader::~ShardedReader() = default;
 
 ShardedReader::File& ShardedReader::open_file(int i) const {
   File& f = *files_.at(size_t(i));
-  if (!f.verified && options_.verify_checksums) verify_file(f.path, f.expected);
-  f.verified = true;
-  if (!f.st) f.st = std::make_unique<SafetensorsFile>(f.path);
+  if (f.fd >= 0) return f;
+  if (options_.verify_checksums) {
+    if (f.blocks_rel.empty()) {
+      if (!f.verified) verify_file(f.path, f.expected);
+      f.verified = true;
+    } else {
+      const std::string bpath = dir_ + "/" + f.blocks_rel;
+      verify_file(bpath, checksums_.at(f.blocks_rel));
+      try {
+        nlohmann::json b = nlohmann::json::parse(read_text(bpath));
+        f.block_bytes = b.at("block_bytes").get<uint64_t>();
+        f.block_sha256 = b.at("sha256").get<std::vector<std::string>>();
+        LOOM_CHECK(b.at("bytes").get<uint64_t>() == f.expected.bytes && f.block_bytes > 0 &&
+                       f.block_sha256.size() ==
+                           (f.expected.bytes + f.block_bytes - 1) / f.block_bytes,
+                   "'{}' does not describe the {} bytes of '{}' (files from different saves?)",
+                   bpath, f.expected.bytes, f.path);
+      } catch (const nlohmann::json::exception& e) {
+        LOOM_FAIL("'{}' is not a valid block checksum file ({})", bpath, e.what());
+      }
+      f.block_ok.assign(f.block_sha256.size(), false);
+    }
+  }
+  f.fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+  LOOM_CHECK(f.fd >= 0, "cannot open '{}': {}", f.path, std::strerror(errno));
+  // The header is parsed from verified bytes only: verify its blocks first.
+  if (!f.block_sha256.empty()) {
+    unsigned char len[8];
+    read_bytes(f, 0, 8, len);
+    uint64_t n = 0;
+    for (int k = 0; k < 8; ++k) n |= uint64_t(len[k]) << (8 * k);
+    std::vector<char> header(size_t(std::min<uint64_t>(n, f.expected.bytes)));
+    read_bytes(f, 8, header.size(), header.data());
+  }
+  f.st = std::make_unique<SafetensorsFile>(f.path);
   return f;
+}
+
+void ShardedReader::read_bytes(File& f, uint64_t offset, size_t n, void* dst) const {
+  char* out = static_cast<char*>(dst);
+  if (f.block_sha256.empty() || n == 0) {
+    pread_exact(f.fd, out, n, offset, f.path);
+    return;
+  }
+  const uint64_t bb = f.block_bytes, end = offset + n;
+  for (uint64_t b = offset / bb; b * bb < end; ++b) {
+    const uint64_t b0 = b * bb, b1 = std::min(b0 + bb, f.expected.bytes);
+    const uint64_t a = std::max(offset, b0), e = std::min(end, b1);
+    LOOM_CHECK(b < f.block_sha256.size() && a < e,
+               "reading bytes [{}, {}) of '{}' beyond its {} bytes", offset, end, f.path,
+               f.expected.bytes);
+    if (f.block_ok[b]) {
+      pread_exact(f.fd, out + (a - offset), size_t(e - a), a, f.path);
+      continue;
+    }
+    block_buf_.resize(size_t(b1 - b0));
+    pread_exact(f.fd, block_buf_.data(), block_buf_.size(), b0, f.path);
+    const std::string got = sha256_hex(block_buf_.data(), block_buf_.size());
+    LOOM_CHECK(got == f.block_sha256[b],
+               "checkpoint file '{}' is corrupted: SHA-256 {} of bytes [{}, {}) does not match "
+               "the recorded {} (in '{}')", f.path, got, b0, b1, f.block_sha256[b],
+               dir_ + "/" + f.blocks_rel);
+    f.block_ok[b] = true;
+    std::memcpy(out + (a - offset), block_buf_.data() + (a - b0), size_t(e - a));
+  }
 }
 
 void ShardedReader::load_legacy() {
@@ -545,12 +655,15 @@ void ShardedReader::load_index() {
                "'{}' is not a loom checkpoint index (format '{}' expected)", path, kFormat);
     std::vector<int> file_ids;
     for (const nlohmann::json& f : j.at("files")) {
-      const std::string rel = f.get<std::string>();
+      const std::string rel = f.at("shard").get<std::string>();
+      const std::string blocks = f.at("blocks").get<std::string>();
       int id = -1;
       for (size_t i = 0; i < files_.size(); ++i)
         if (files_[i]->rel == rel) id = int(i);
-      LOOM_CHECK(id >= 0, "'{}' lists shard '{}' that checksums.json does not: the index and "
-                 "the checksums are from different saves", path, rel);
+      LOOM_CHECK(id >= 0 && checksums_.count(blocks),
+                 "'{}' lists shard '{}' (block checksums '{}') that checksums.json does not: "
+                 "the index and the checksums are from different saves", path, rel, blocks);
+      files_[size_t(id)]->blocks_rel = blocks;
       file_ids.push_back(id);
     }
     for (auto& [kind, names] : j.at("tensors").items())
@@ -666,7 +779,8 @@ void ShardedReader::read(const std::string& kind, const PieceSpec& want, float* 
                "the file's header {}, {} elements at byte {} (files from different saves?)",
                index, f.path, p.tensor, p.spec.hi - p.spec.lo, p.offset, dtype_name(info.dtype),
                shape_numel(info.shape), f.st->data_start() + info.begin);
-    f.st->read_range(p.tensor, DType::f32, c.src, c.len, dst + c.dst);
+    read_bytes(f, p.offset + uint64_t(c.src) * sizeof(float), size_t(c.len) * sizeof(float),
+               dst + c.dst);
   }
 }
 

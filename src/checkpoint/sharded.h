@@ -7,7 +7,10 @@
 // A checkpoint directory (see commit.h for how it is committed):
 //   shard-RRRRR-of-WWWWW.safetensors  rank r's pieces, one 1-D F32 tensor per piece, named
 //                                     "<kind>/<tensor>#<k>" (a valid safetensors file)
-//   index.json      {"format": "loom-sharded-1", "world_size": w, "files": [...],
+//   shard-RRRRR-of-WWWWW.blocks.json  {"file", "bytes", "block_bytes": 1048576, "sha256": [one
+//                                     per 1 MiB block of the shard]}
+//   index.json      {"format": "loom-sharded-1", "world_size": w,
+//                    "files": [{"shard": "shard-...safetensors", "blocks": "shard-...blocks.json"}],
 //                    "tensors": {kind: {tensor: {"shape": [...], "dtype": "F32", "pieces": [
 //                      {"file": i, "tensor": "<kind>/<tensor>#<k>", "offset": byte offset of
 //                       element lo in the file, "shard_dim", "shard_start", "shard_len", "lo",
@@ -97,8 +100,9 @@ class ShardedWriter {
 };
 
 struct ReaderOptions {
-  // Verify the SHA-256 of each file before the first read from it (the file is hashed once,
-  // streamed; only files actually read from are hashed). false: sizes are still checked.
+  // Verify checksums before using any byte: a shard block by block (1 MiB blocks, each hashed
+  // the first time a read touches it, so a rank reads little more than the ranges it needs),
+  // other files whole. false: sizes are still checked.
   bool verify_checksums = true;
 };
 
@@ -149,6 +153,9 @@ class ShardedReader {
     std::vector<StoredPiece> pieces;
   };
   File& open_file(int i) const;
+  // Bytes [offset, offset+n) of the file, each block verified against its checksum before its
+  // first use (files without block checksums: the whole file, once).
+  void read_bytes(File& f, uint64_t offset, size_t n, void* dst) const;
   void load_legacy();
   void load_index();
 
@@ -160,6 +167,7 @@ class ShardedReader {
   int64_t legacy_step_ = -1;
   std::map<std::string, FileDigest> checksums_;  // file (relative) -> SHA-256, size
   std::vector<std::unique_ptr<File>> files_;
+  mutable std::vector<char> block_buf_;  // one block (1 MiB) for verification
   std::map<std::string, std::map<std::string, Entry>> tensors_;  // kind -> name -> entry
 };
 

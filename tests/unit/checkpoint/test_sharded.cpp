@@ -366,3 +366,44 @@ TEST(Sharded, OldFormatLoadsAtAnyLayout) {
 
 }  // namespace
 }  // namespace loom::checkpoint::test
+
+namespace loom::checkpoint::test {
+namespace {
+
+// Shards carry per-block checksums: a read verifies the blocks it touches and no others, so a
+// rank loading a part of a big shard does not hash (or read) the rest.
+TEST(Sharded, ReadsVerifyOnlyTheBlocksTheyTouch) {
+  fs::path dir = temp_dir("blocks");
+  const TestTensor big{"big", {1024, 1024}};  // 4 MiB: four 1 MiB blocks of the shard
+  std::vector<float> g = logical_values(1, "weights", big);
+  {
+    ShardedWriter w(dir.string(), nullptr);
+    for (const PieceSpec& p : layout_pieces("rows:2:1", big))
+      w.add("weights", p, g.data() + p.shard_start * 1024);
+    w.commit("", {{"step", 1}});
+  }
+  fs::path ckpt = dir / "step-00000001";
+  const std::string shard = "shard-00000-of-00001.safetensors";
+  std::fstream f(ckpt / shard, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(std::streamoff(fs::file_size(ckpt / shard) - 100));
+  f.put('\x7f');
+  f.close();
+  ShardedReader r(dir.string());
+  PieceSpec top = whole_tensor("big", big.shape);
+  top.shard_dim = 0;
+  top.shard_len = 100;
+  top.hi = 100 * 1024;
+  std::vector<float> got(size_t(top.hi));
+  r.read("weights", top, got.data());  // the first block only: fine
+  EXPECT_TRUE(same_bits(got, reference_slice(top, g)));
+  PieceSpec bottom = top;
+  bottom.shard_start = 1000;
+  bottom.shard_len = 24;
+  bottom.hi = 24 * 1024;
+  EXPECT_ERROR_HAS(r.read("weights", bottom, got.data()),
+                   shard + "' is corrupted: SHA-256");
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace loom::checkpoint::test
