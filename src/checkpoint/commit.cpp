@@ -435,9 +435,8 @@ VersionedSave begin_versioned(ProtocolSteps& steps, const std::string& root_in, 
   LOOM_CHECK(!s.root.empty(), "the checkpoint directory name is empty");
   make_dirs(steps, s.root);
   std::error_code ec;
-  LOOM_CHECK(!fs::exists(s.root + "/checksums.json", ec),
-             "'{}' is a single (flat) checkpoint, not a directory of checkpoints; save into "
-             "another directory (e.g. '{}/ckpt')", s.root, parent_of(s.root));
+  // A flat checkpoint in root (a run saved before sharding, now resumed) stays as it is; once
+  // `latest` exists it is no longer what the root loads as.
   // Stale temporaries of interrupted saves. Step directories that `latest` does not list were
   // renamed into place but never committed: remove them too (only when `latest` exists, so
   // directories copied in by hand are adopted below instead).

@@ -13,7 +13,9 @@
 //   DIR/.staging-*/          a save in progress          } removed by the next save
 //   DIR/.trash-*/, latest.tmp  interrupted clean-up        }
 //   A step directory that `latest` does not list is an interrupted save (killed between its
-//   rename and the pointer's): it is never loaded and the next save removes it.
+//   rename and the pointer's): it is never loaded and the next save removes it. A flat
+//   checkpoint's files already in DIR (an old run resumed and saved again) are left alone; DIR
+//   loads as its `latest` from the first versioned save on.
 // Flat (save_checkpoint, the pre-sharding format): DIR itself is the checkpoint. It is staged in
 //   the sibling PARENT/.NAME.staging-PID/ and switched in by renameat2(RENAME_EXCHANGE) (a plain
 //   rename when DIR does not exist yet), so DIR always names a complete checkpoint; the old
