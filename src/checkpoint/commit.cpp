@@ -182,11 +182,6 @@ void FileWriter::hash(const char* p, size_t n) {
 FileWriter::FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_bytes,
                        uint64_t block_bytes)
     : steps_(steps), path_(std::move(path)), buf_(buffer_bytes), block_bytes_(block_bytes) {
-  if (block_bytes_ > 0) {
-    EVP_MD_CTX* b = EVP_MD_CTX_new();
-    EVP_DigestInit_ex(b, EVP_sha256(), nullptr);
-    block_sha_ = b;
-  }
   int inj = steps_.next("create", path_);
   if (inj) fail_errno("creating", path_, inj);
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -194,6 +189,11 @@ FileWriter::FileWriter(ProtocolSteps& steps, std::string path, size_t buffer_byt
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
   sha_ = ctx;
+  if (block_bytes_ > 0) {
+    EVP_MD_CTX* b = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(b, EVP_sha256(), nullptr);
+    block_sha_ = b;
+  }
 }
 
 FileWriter::~FileWriter() {
@@ -517,6 +517,11 @@ FlatSave begin_flat(ProtocolSteps& steps, const std::string& dir_in) {
              "'{}' is a directory of checkpoints (it has 'latest'); a flat checkpoint cannot "
              "replace it: save into another directory", s.dir);
   const bool dir_complete = is_complete_dir(s.dir);
+  // Replacing DIR deletes what it held: only ever do that to a checkpoint.
+  LOOM_CHECK(dir_complete || !fs::exists(s.dir, ec) ||
+                 (fs::is_directory(s.dir, ec) && fs::is_empty(s.dir, ec)),
+             "'{}' exists and is not a loom checkpoint (no checksums.json); a save would "
+             "replace it: choose another directory, or remove it if it is not needed", s.dir);
   for (const std::string& n : list_names(parent)) {
     bool stale = n.rfind("." + base + ".staging-", 0) == 0 || n.rfind(base + ".tmp-", 0) == 0;
     // The old protocol's NAME.old-PID may hold the only complete copy (killed between its two

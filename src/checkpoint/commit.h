@@ -22,7 +22,17 @@
 //   content, now under the staging name, is removed afterwards (or by the next save).
 //
 // Protocol steps and fault injection. Every mkdir, file create, write(2) call, fsync, rename and
-// exchange of a save is one numbered step, counted per process from 1 (ProtocolSteps). For tests:
+// exchange of a save is one numbered step, counted from 1 in each save on each rank
+// (ProtocolSteps; LOOM_CKPT_TRACE lists them). A versioned save of one rank-0 process, in order:
+//   [mkdir DIR and missing parents] mkdir staging | shard: create, write(s), fsync | block sums:
+//   create, write, fsync | index.json, config.toml, trainer_state.json: create, write, fsync each
+//   | per extra file: fsync; per extra subdirectory: fsync dir | checksums.json: create, write,
+//   fsync | fsync staging | rename staging -> step-N | fsync DIR | latest.tmp: create, write,
+//   fsync | rename latest.tmp -> latest (THE SWITCH) | fsync DIR
+// Other ranks count only their shard and block-sum steps. The flat save: [mkdir parents] mkdir
+// staging | model.safetensors, optimizer.safetensors, config.toml, trainer_state.json: create,
+// write(s), fsync each | extras | checksums.json | fsync staging | exchange (THE SWITCH) | fsync
+// parent. For tests:
 //   LOOM_CKPT_KILL_AT=K     raise SIGKILL just before step K
 //   LOOM_CKPT_FAIL_AT=K     make step K fail with ENOSPC (as a full disk would)
 //   either may be "R:K": only on the process whose rank (in the writer's group) is R

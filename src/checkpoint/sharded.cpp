@@ -131,9 +131,14 @@ void check_piece(const std::string& where, const std::string& kind, const PieceS
   const std::string what = fmt::format("{}: {} tensor '{}' (shape {})", where, kind, p.name,
                                         shape_text(p.global_shape));
   LOOM_CHECK(!p.name.empty(), "{}: a piece has an empty tensor name", where);
-  for (int64_t d : p.global_shape)
+  int64_t n_total = 1;
+  for (int64_t d : p.global_shape) {
     LOOM_CHECK(d >= 0 && d <= (int64_t(1) << 40), "{} has dimension {} outside [0, 2^40]", what,
                d);
+    LOOM_CHECK(d == 0 || n_total <= (int64_t(1) << 50) / d,
+               "{} has more than 2^50 elements", what);
+    n_total *= d;
+  }
   LOOM_CHECK(p.shard_dim >= -1 && p.shard_dim <= 1,
              "{}: shard_dim = {} must be -1 (whole), 0 (rows) or 1 (columns)", what, p.shard_dim);
   if (p.shard_dim == 0)
@@ -576,7 +581,7 @@ ShardedReader::File& ShardedReader::open_file(int i) const {
 
 void ShardedReader::read_bytes(File& f, uint64_t offset, size_t n, void* dst) const {
   char* out = static_cast<char*>(dst);
-  if (f.block_sha256.empty() || n == 0) {
+  if (f.block_sha256.empty() || f.verified || n == 0) {  // verified whole (or not at all)
     pread_exact(f.fd, out, n, offset, f.path);
     return;
   }

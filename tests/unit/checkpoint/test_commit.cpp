@@ -263,6 +263,20 @@ TEST(Commit, FlatSaveSurvivesAKillAtEveryStep) {
   fs::remove_all(run);
 }
 
+TEST(Commit, FlatSaveNeverReplacesADirectoryThatIsNotACheckpoint) {
+  fs::path run = temp_dir("notckpt");
+  std::ofstream(run / "notes.txt") << "precious";
+  try {
+    save_flat(run, 1);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("exists and is not a loom checkpoint"),
+              std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(fs::exists(run / "notes.txt"));
+  fs::remove_all(run);
+}
+
 TEST(Commit, OldProtocolLeftoverIsRecovered) {
   // The old save killed between its two renames left only ckpt.old-PID: it still loads, and the
   // next save replaces it.
