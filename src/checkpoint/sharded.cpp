@@ -364,7 +364,9 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
   } catch (const std::exception& e) {
     mine = {{"error", who + e.what()}};
   }
-  std::vector<std::string> all = gather_strings(group_, mine.dump());
+  // Invalid UTF-8 (a path in an error message) must not throw here: the other ranks wait for it.
+  std::vector<std::string> all = gather_strings(
+      group_, mine.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
 
   // 3. Rank 0 checks the pieces, writes the index and the small files, and commits.
   std::string status;
