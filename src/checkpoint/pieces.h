@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -165,7 +166,7 @@ inline void check_piece(const std::string& where, const std::string& kind, const
 // tensor, the elements (flat indices) and the owners ("rank 3", ...) otherwise.
 inline void check_coverage(const std::string& kind, const std::string& name,
                     const std::vector<int64_t>& shape, const std::vector<PieceSpec>& pieces,
-                    const std::vector<std::string>& owners, const std::string& fix) {
+                    const std::function<std::string(size_t)>& owner, const std::string& fix) {
   const Grid g(shape);
   struct Interval {
     int64_t a, b;
@@ -194,7 +195,7 @@ inline void check_coverage(const std::string& kind, const std::string& name,
     LOOM_CHECK(v.a >= cursor,
                "{} tensor '{}' (shape {}): elements [{}, {}) of the flattened tensor are saved "
                "twice, by {} and by {}; {}", kind, name, shape_text(shape), v.a,
-               std::min(v.b, cursor), owners[last], owners[v.owner], fix);
+               std::min(v.b, cursor), owner(last), owner(v.owner), fix);
     LOOM_CHECK(v.a == cursor,
                "{} tensor '{}' (shape {}): elements [{}, {}) of the flattened tensor are saved "
                "by no piece (a gap); {}", kind, name, shape_text(shape), cursor, v.a, fix);

@@ -173,38 +173,42 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
   std::string status;
   if (rank_ == 0) {
     try {
-      std::vector<nlohmann::json> results;
-      std::string errors;
-      for (const std::string& s : all) {
-        results.push_back(nlohmann::json::parse(s));
-        if (results.back().contains("error"))
-          errors += (errors.empty() ? "" : "; ") + results.back()["error"].get<std::string>();
-      }
-      LOOM_CHECK(errors.empty(), "{}", errors);
-      // kind -> name -> (shape, pieces, owners, json pieces)
+      // Each rank's report is parsed and reduced to compact pieces one at a time, and the index
+      // is written as text, so rank 0 holds one copy of the piece table, not several JSON trees.
+      struct Stored {
+        PieceSpec spec;
+        int rank;
+        std::string tensor;
+        uint64_t offset;
+      };
       struct Collected {
         std::vector<int64_t> shape;
-        std::vector<PieceSpec> specs;
-        std::vector<std::string> owners;
-        nlohmann::json pieces = nlohmann::json::array();
+        std::vector<Stored> pieces;
       };
       std::map<std::string, std::map<std::string, Collected>> by_kind;
       std::map<std::string, FileDigest> sums;
-      nlohmann::json files = nlohmann::json::array();
-      for (size_t r = 0; r < results.size(); ++r) {
-        const nlohmann::json& res = results[r];
+      std::vector<std::string> files;
+      std::string errors;
+      auto digest = [](const nlohmann::json& sha, const nlohmann::json& bytes) {
+        FileDigest d;
+        d.sha256 = sha.get<std::string>();
+        d.bytes = bytes.get<uint64_t>();
+        return d;
+      };
+      for (size_t r = 0; r < all.size(); ++r) {
+        nlohmann::json res = nlohmann::json::parse(all[r]);
+        std::string().swap(all[r]);
+        if (res.contains("error")) {
+          errors += (errors.empty() ? "" : "; ") + res["error"].get<std::string>();
+          continue;
+        }
         const std::string f = res["file"].get<std::string>();
-        files.push_back({{"shard", f}, {"blocks", blocks_name(f)}});
-        auto digest = [](const nlohmann::json& sha, const nlohmann::json& bytes) {
-          FileDigest d;
-          d.sha256 = sha.get<std::string>();
-          d.bytes = bytes.get<uint64_t>();
-          return d;
-        };
+        files.push_back(f);
         sums[f] = digest(res["sha256"], res["bytes"]);
         sums[blocks_name(f)] = digest(res["blocks_sha256"], res["blocks_bytes"]);
         for (const nlohmann::json& j : res["pieces"]) {
-          PieceSpec p;
+          Stored st;
+          PieceSpec& p = st.spec;
           p.name = j["name"].get<std::string>();
           p.global_shape = j["shape"].get<std::vector<int64_t>>();
           p.shard_dim = j["shard_dim"].get<int>();
@@ -212,33 +216,61 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
           p.shard_len = j["shard_len"].get<int64_t>();
           p.lo = j["lo"].get<int64_t>();
           p.hi = j["hi"].get<int64_t>();
+          st.rank = int(r);
+          st.tensor = j["tensor"].get<std::string>();
+          st.offset = j["offset"].get<uint64_t>();
           const std::string kind = j["kind"].get<std::string>();
           Collected& c = by_kind[kind][p.name];
-          if (c.specs.empty()) c.shape = p.global_shape;
+          if (c.pieces.empty()) c.shape = p.global_shape;
           LOOM_CHECK(c.shape == p.global_shape,
-                     "{} tensor '{}' is saved with shape {} by {} but {} by rank {}; every rank "
-                     "must describe the same logical tensor", kind, p.name, shape_text(c.shape),
-                     c.owners.front(), shape_text(p.global_shape), r);
-          nlohmann::json e = piece_json(p);
-          e["file"] = r;
-          e["tensor"] = j["tensor"];
-          e["offset"] = j["offset"];
-          c.pieces.push_back(std::move(e));
-          c.specs.push_back(std::move(p));
-          c.owners.push_back(fmt::format("rank {} ('{}')", r, res["file"].get<std::string>()));
+                     "{} tensor '{}' is saved with shape {} by rank {} but {} by rank {}; every "
+                     "rank must describe the same logical tensor", kind, p.name,
+                     shape_text(c.shape), c.pieces.front().rank, shape_text(p.global_shape), r);
+          c.pieces.push_back(std::move(st));
         }
       }
-      nlohmann::json tensors = nlohmann::json::object();
-      for (auto& [kind, names] : by_kind)
+      LOOM_CHECK(errors.empty(), "{}", errors);
+      auto quoted = [](const std::string& x) {
+        return nlohmann::json(x).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      };
+      std::string index = fmt::format("{{\"format\": \"{}\", \"world_size\": {},\n \"files\": [",
+                                      kFormat, world_);
+      for (size_t i = 0; i < files.size(); ++i)
+        index += fmt::format("{}\n  {{\"shard\": {}, \"blocks\": {}}}", i ? "," : "",
+                             quoted(files[i]), quoted(blocks_name(files[i])));
+      index += "],\n \"tensors\": {";
+      bool first_kind = true;
+      for (auto& [kind, names] : by_kind) {
+        index += fmt::format("{}\n  {}: {{", first_kind ? "" : ",", quoted(kind));
+        first_kind = false;
+        bool first_name = true;
         for (auto& [name, c] : names) {
-          check_coverage(kind, name, c.shape, c.specs, c.owners,
+          std::vector<PieceSpec> specs;
+          for (const Stored& st : c.pieces) specs.push_back(st.spec);
+          check_coverage(kind, name, c.shape, specs,
+                         [&](size_t i) {
+                           return fmt::format("rank {} ('{}')", c.pieces[i].rank,
+                                              files[size_t(c.pieces[i].rank)]);
+                         },
                          "every element of every tensor must be saved by exactly one rank "
                          "(check the tp slices and ZeRO ranges given to ShardedWriter::add)");
-          tensors[kind][name] = {{"shape", c.shape}, {"dtype", "F32"}, {"pieces", c.pieces}};
+          index += fmt::format("{}\n   {}: {{\"shape\": {}, \"dtype\": \"F32\", \"pieces\": [",
+                               first_name ? "" : ",", quoted(name), nlohmann::json(c.shape).dump());
+          first_name = false;
+          for (size_t i = 0; i < c.pieces.size(); ++i) {
+            const Stored& st = c.pieces[i];
+            index += fmt::format(
+                "{}\n    {{\"file\": {}, \"tensor\": {}, \"offset\": {}, \"shard_dim\": {}, "
+                "\"shard_start\": {}, \"shard_len\": {}, \"lo\": {}, \"hi\": {}}}",
+                i ? "," : "", st.rank, quoted(st.tensor), st.offset, st.spec.shard_dim,
+                st.spec.shard_start, st.spec.shard_len, st.spec.lo, st.spec.hi);
+          }
+          index += "]}";
         }
-      nlohmann::json index = {{"format", kFormat}, {"world_size", world_}, {"files", files},
-                              {"tensors", tensors}};
-      sums["index.json"] = write_file(steps, staging + "/index.json", index.dump(1) + "\n");
+        index += "}";
+      }
+      index += "}}\n";
+      sums["index.json"] = write_file(steps, staging + "/index.json", index);
       sums["config.toml"] = write_file(steps, staging + "/config.toml", config_toml);
       sums["trainer_state.json"] =
           write_file(steps, staging + "/trainer_state.json", trainer_state.dump(2) + "\n");

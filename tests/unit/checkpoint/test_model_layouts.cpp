@@ -120,14 +120,15 @@ TEST(ModelLayouts, AFlatCheckpointDirectoryBecomesADirectoryOfCheckpoints) {
   fs::remove_all(dir);
 }
 
-// Peak RSS of a child that saves 64 MiB of tensors grows by the writer's fixed buffer and
-// bookkeeping only, not by a copy of the data.
+// Peak RSS of a child that saves 128 MiB of tensors (four of 32 MiB, 2000 small ones) grows by
+// the writer's fixed buffer and bookkeeping only (about 11 MiB measured), not by a copy of any
+// tensor (>= 32 MiB).
 TEST(ModelLayouts, SavingCopiesNoTensor) {
   fs::path dir = temp_dir("rss");
   std::fflush(stdout);
   pid_t pid = ::fork();
   if (pid == 0) {
-    const int64_t n = int64_t(16) << 20;  // 64 MiB of f32
+    const int64_t n = int64_t(32) << 20;  // 128 MiB of f32
     std::vector<float> data(size_t(n), 1.5f);
     for (size_t i = 0; i < data.size(); i += 1024) data[i] = float(i);
     struct rusage before, after;
@@ -143,13 +144,13 @@ TEST(ModelLayouts, SavingCopiesNoTensor) {
     w.commit("", {{"step", 1}});
     ::getrusage(RUSAGE_SELF, &after);
     const long grew_kib = after.ru_maxrss - before.ru_maxrss;
-    std::fprintf(stderr, "save of 64 MiB grew peak RSS by %ld KiB\n", grew_kib);
-    ::_exit(grew_kib < 16 * 1024 ? 0 : 1);  // 4 MiB buffer + index JSON + slack
+    std::fprintf(stderr, "save of 128 MiB grew peak RSS by %ld KiB\n", grew_kib);
+    ::_exit(grew_kib < 24 * 1024 ? 0 : 1);  // 4 MiB buffer + index + OpenSSL + slack
   }
   int status = 0;
   ::waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-      << "peak RSS grew by more than 16 MiB while saving 64 MiB (status " << status << ")";
+      << "peak RSS grew by more than 24 MiB while saving 128 MiB (status " << status << ")";
   fs::remove_all(dir);
 }
 
