@@ -19,6 +19,14 @@
 //   checksums.json  SHA-256 and size of every other file (extra files included)
 //   ...             whatever the `extra` callback wrote (e.g. tokenizer/)
 // Nothing here knows about models: callers describe their tensors with PieceSpec.
+//
+// How a training executor uses it (any of dp, tp, pp, ZeRO 1/2/3): every rank makes a
+// ShardedWriter on the world group and adds, per kind, one piece for each tensor it holds: its tp
+// slice (model::ParamSpec shard_dim / shard_start, shard_len = local shape[shard_dim]) and,
+// under ZeRO, its dp share [lo, hi) of that slice. A tensor replicated over tp or dp is added by
+// one replica only (e.g. tp rank 0 and dp rank 0), otherwise coverage validation fails naming it;
+// each pipeline stage adds only its own tensors. To resume, every rank opens a ShardedReader on
+// the run or checkpoint directory and reads the slices it holds now, whatever layout wrote them.
 #pragma once
 
 #include <cstdint>
