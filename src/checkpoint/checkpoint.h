@@ -1,15 +1,19 @@
-// checkpoint/checkpoint.h: checkpoint directories, written atomically and verified on load.
+// checkpoint/checkpoint.h: whole-model checkpoints (the pre-sharding API), written atomically and
+// verified on load. New code should use sharded.h (ShardedWriter / ShardedReader), which does not
+// depend on model/ and writes each rank's pieces; this API is kept for its existing callers.
 //
-// A checkpoint is a directory holding
+// save_checkpoint writes a flat checkpoint: a directory holding
 //   model.safetensors      every parameter by its fixed name (f32)
 //   optimizer.safetensors  AdamW state: "m.<name>", "v.<name>" (f32), step in metadata
 //   config.toml            the ModelConfig
 //   trainer_state.json     step, data-loader position, run settings (whatever the trainer puts)
 //   checksums.json         SHA-256 and size of each file above (and any extra files)
-// It is written into "<dir>.tmp-<pid>", every file fsynced, then renamed over <dir> (the old
-// checkpoint is moved aside first and removed only after the rename), so a crash leaves either
-// the old or the new checkpoint, never a half-written one. Loading verifies checksums, names,
-// shapes and dtypes against the config and names the file and the problem on failure.
+// through the commit protocol of commit.h (flat layout): staged in PARENT/.NAME.staging-PID/,
+// every file and the directory fsynced, then switched in by one renameat2(RENAME_EXCHANGE), so a
+// crash at any point leaves either the old or the new checkpoint at <dir>, never a half one.
+// CheckpointReader loads flat checkpoints and the sharded ones of sharded.h (a checkpoint
+// directory, a directory of checkpoints or a run directory; see find_checkpoint), verifies every
+// checksum, and checks names and shapes against the layout, naming the file on failure.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +23,7 @@
 #include <string>
 
 #include "checkpoint/safetensors.h"
+#include "checkpoint/sharded.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -55,15 +60,19 @@ class CheckpointReader {
   // The same, packed: elements [begin, end) into dst (end-begin floats).
   void load_weights_packed(const model::ParamLayout& layout, float* dst, int64_t begin,
                            int64_t end) const;
-  // Optimizer moments for [begin, end) into m, v (each end-begin floats); returns the step.
+  // Optimizer moments for [begin, end) into m, v (each end-begin floats); returns the step (a
+  // sharded checkpoint's trainer_state "optimizer_step", else its "step").
   int64_t load_optimizer(const model::ParamLayout& layout, float* m, float* v, int64_t begin = 0,
                          int64_t end = -1) const;
 
  private:
+  void load(const char* kind, const model::ParamLayout& layout, float* dst, int64_t begin,
+            int64_t end) const;
+
   std::string dir_;
   model::ModelConfig cfg_;
   nlohmann::json state_;
-  std::unique_ptr<SafetensorsFile> model_, optimizer_;
+  std::unique_ptr<ShardedReader> reader_;
 };
 
 // Hex SHA-256 of a file's bytes.

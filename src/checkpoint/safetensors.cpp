@@ -8,6 +8,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/commit.h"
 #include "core/error.h"
 
 namespace loom::checkpoint {
@@ -39,6 +40,37 @@ void read_exact(int fd, void* dst, size_t n, uint64_t offset, const std::string&
 }
 
 }  // namespace
+
+std::string safetensors_header(const std::vector<TensorToWrite>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t bytes = uint64_t(shape_numel(t.shape)) * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8 != 0) h += ' ';  // keep the data section 8-byte aligned
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = char((uint64_t(h.size()) >> (8 * i)) & 0xff);
+  return out + h;
+}
+
+FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
+                             const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata,
+                             uint64_t block_bytes) {
+  FileWriter w(steps, path, size_t(4) << 20, block_bytes);
+  std::string h = safetensors_header(tensors, metadata);
+  w.write(h.data(), h.size());
+  for (const auto& t : tensors)
+    w.write(t.data, size_t(shape_numel(t.shape)) * dtype_size(t.dtype));
+  return w.finish();
+}
 
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata) {

@@ -30,6 +30,20 @@ struct TensorToWrite {
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
+class ProtocolSteps;
+struct FileDigest;
+// The same through the checkpoint commit protocol (commit.h: each write a counted step),
+// streamed from the tensors' memory; returns the file's SHA-256 and size (and, with
+// block_bytes > 0, the SHA-256 of each block).
+FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
+                             const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata = {},
+                             uint64_t block_bytes = 0);
+// The header (8-byte length + JSON, padded so the data section is 8-byte aligned) the writers
+// put before the tensors' data, with offsets in the order given.
+std::string safetensors_header(const std::vector<TensorToWrite>& tensors,
+                               const std::map<std::string, std::string>& metadata);
+
 struct TensorInfo {
   DType dtype;
   Shape shape;
@@ -49,6 +63,8 @@ class SafetensorsFile {
   const TensorInfo& info(const std::string& name) const;  // throws if absent
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  uint64_t file_size() const { return file_size_; }
+  uint64_t data_start() const { return data_start_; }  // byte offset of the data section
 
   // Reads the whole tensor into dst after checking its dtype and shape are the expected ones.
   void read(const std::string& name, DType dtype, const Shape& shape, void* dst) const;
