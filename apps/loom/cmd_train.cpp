@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace {
@@ -27,6 +28,7 @@ struct TrainOptions {
   std::optional<int64_t> ranks_per_node;
   double bucket_mb = -1;
   std::string schedule, stage_layers;
+  bool overwrite = false;
 };
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
@@ -44,6 +46,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "run directory: metrics, plot and checkpoint go here (overrides log.dir and "
                   "checkpoint.dir)");
   sub->add_option("--resume", opts->resume, "continue from this checkpoint directory");
+  sub->add_flag("--overwrite", opts->overwrite,
+                "start a fresh run even if --out already holds one (replaces its metrics and "
+                "checkpoint)");
   sub->add_option("--set", opts->sets, "override a config key: section.key=value (repeatable)");
   sub->add_option("--dp", opts->dp, "data-parallel size (must equal the number of ranks)");
   sub->add_option("--zero", opts->zero, "ZeRO stage: 0 replicated optimizer, 1 sharded over dp");
@@ -89,6 +94,8 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
     }
     loom::train::StepStats s;
     try {
+      auto run_lock = loom::train::claim_run_dir(cfg.log_dir, !opts->resume.empty(),
+                                                 opts->overwrite, !world.valid() || world.rank() == 0);
       s = loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);
     } catch (const std::exception& e) {
       // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "train/plot.h"
+#include "train/run_dir.h"
 
 namespace fs = std::filesystem;
 
@@ -48,6 +49,14 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
   std::ofstream metrics;
   if (leader) {
     fs::create_directories(cfg.log_dir);
+    // A resumed run restarts at the checkpoint's step: the lines the interrupted run wrote after
+    // it (and a line torn by a kill) would otherwise appear twice or break the plot.
+    if (resumed) {
+      const int64_t removed = truncate_metrics(cfg.log_dir + "/metrics.jsonl", hooks.step());
+      if (removed > 0)
+        LOOM_LOG_INFO("metrics.jsonl: removed {} line(s) after the resumed step {}", removed,
+                      hooks.step());
+    }
     metrics.open(cfg.log_dir + "/metrics.jsonl", resumed ? std::ios::app : std::ios::trunc);
     LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
   }
