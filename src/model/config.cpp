@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 
 #include "core/checked.h"
+#include "core/config_file.h"
 #include "core/error.h"
 
 namespace loom::model {
@@ -183,11 +184,7 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream f(path);
-  LOOM_CHECK(f.good(), "cannot open model config '{}': no such readable file", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return model_config_from_toml(ss.str(), path);
+  return model_config_from_toml(read_config_file(path, "model config"), path);
 }
 
 }  // namespace loom::model

@@ -310,4 +310,15 @@ TEST(Config, HugeSizesAreRejectedWithTheLimit) {
   EXPECT_GT(ok.num_params(), int64_t(12e9));  // CodeGeeX-13B: 12.9e9 with vocab 52224
 }
 
+TEST(Config, DirectoryOrMissingFileIsNamed) {
+  const std::string dir = ::testing::TempDir();
+  try {
+    load_model_config(dir);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is a directory"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_model_config(dir + "/no_such_model.toml"), Error);
+}
+
 }  // namespace
