@@ -157,6 +157,26 @@ else
   fail "SIGKILL of a training rank: victim '$victim' rc $rc after ${elapsed}s: $(tail -3 "$WORK/killed.log")"
 fi
 
+# A frozen rank (SIGSTOP) in a dp=2 run: the neighbour waiting on it names the group, the
+# operation, the peer and the step, then the job ends (the stopped rank is killed with it).
+LOOM_COMM_TIMEOUT=5 timeout -k 5 60 "$SRC/scripts/mpirun-local" 2 "$LOOM" train \
+  --config "$SRC/configs/train/tiny.toml" --out "$WORK/frozen" --steps 100000 \
+  --set train.eval_every=0 >"$WORK/frozen.log" 2>&1 &
+mpipid=$!
+for _ in $(seq 300); do [ -s "$WORK/frozen/metrics.jsonl" ] && break; sleep 0.1; done
+victim=$(pgrep -f -- "--out $WORK/frozen" | while read -r p; do
+  [ "$(ps -o comm= -p "$p")" = loom ] && echo "$p"; done | tail -1)
+[ -n "$victim" ] && kill -STOP "$victim"
+wait $mpipid
+rc=$?
+if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
+   grep -qE "group=dp\] all_reduce .* timed out .*waiting on world rank 1 \(group rank 1\), which did not answer a liveness probe.*\(during training step [0-9]+\)" "$WORK/frozen.log"; then
+  pass "a frozen rank is named by its neighbour (group, op, peer, step)"
+else
+  fail "frozen rank: victim '$victim' rc $rc: $(grep -E 'error|timed out' "$WORK/frozen.log" | head -3)"
+fi
+[ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null
+
 # One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
 # dp x pp run: the failed rank names itself and aborts the job, so the other ranks end at once
 # instead of waiting out the collective timeout (set to 100 s here: ending well before it shows
