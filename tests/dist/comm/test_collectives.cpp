@@ -500,12 +500,12 @@ TEST(Collectives, PointToPointTimeoutNamesThePeer) {
   std::vector<float> buf(16, float(g.rank()));
   if (g.rank() == 1) {
     // Alive and polling this group (a barrier rank 0 joins only later), but not sending yet.
+    // It polls (and so answers rank 0's probe, sent after 1 s) until its own 2.5 s run out.
     Work b = g.barrier();
     try {
-      b.wait(1.0);
+      b.wait(2.5);
     } catch (const TimeoutError&) {
     }
-    std::this_thread::sleep_for(std::chrono::duration<double>(1.5));
     g.send(BufferRef(buf.data(), 16, DType::f32), 0);
     b.wait(kTestTimeout);
   } else if (g.rank() == 0) {
