@@ -173,7 +173,7 @@ if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
    grep -qE "group=dp\] all_reduce .* timed out .*waiting on world rank [01] \(group rank [01]\), which did not answer a liveness probe.*\(during training step [0-9]+\)" "$WORK/frozen.log"; then
   pass "a frozen rank is named by its neighbour (group, op, peer, step)"
 else
-  fail "frozen rank: victim '$victim' rc $rc: $(grep -E 'error|timed out' "$WORK/frozen.log" | head -3)"
+  fail "frozen rank: victim '$victim' rc $rc: $(grep -vE '^ *$|^\[.*info\]' "$WORK/frozen.log" | head -8)"
 fi
 [ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null
 
