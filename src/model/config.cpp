@@ -138,10 +138,10 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
       LOOM_CHECK(!required, "{}: missing required model key '{}'", source, key);
       return;
     }
-    auto v = node.value<int64_t>();
-    LOOM_CHECK(v.has_value() && node.is_integer(), "{}: model key '{}' must be an integer", source,
-               key);
-    out = *v;
+    // is_integer first: value<int64_t>() converts a float such as 5e20 with undefined behaviour
+    // (found by fuzz_model_toml).
+    LOOM_CHECK(node.is_integer(), "{}: model key '{}' must be an integer", source, key);
+    out = *node.value<int64_t>();
   };
   if (auto n = (*t)["name"]) {
     LOOM_CHECK(n.is_string(), "{}: model key 'name' must be a string", source);
@@ -164,6 +164,8 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
   if (auto e = (*t)["norm_eps"]) {
     auto v = e.value<double>();
     LOOM_CHECK(v.has_value(), "{}: norm_eps must be a number", source);
+    // Range before the float conversion (out of float range it is undefined behaviour).
+    LOOM_CHECK(*v > 0 && *v < 1, "{}: norm_eps = {} must be in (0, 1)", source, *v);
     c.norm_eps = float(*v);
   }
   auto get_bool = [&](const char* key, bool& out) {

@@ -293,6 +293,9 @@ TEST(Config, HugeSizesAreRejectedWithTheLimit) {
   expect_rejected("d_model=8\nd_ff=8\nn_layers=1099511627776\nmax_seq=4\n",
                   "n_layers = 1099511627776 exceeds the limit 16384");
   expect_rejected("d_model=8\nn_layers=1\nmax_seq=4\nd_ff=9223372036854775807\n", "d_ff = ");
+  // A float where an integer belongs (fuzz_model_toml: 5E20 used to be converted with UB).
+  expect_rejected("d_model=5E20\nd_ff=8\nn_layers=1\nmax_seq=4\n",
+                  "model key 'd_model' must be an integer");
   // Each field within its limit, the product not: parameters.
   expect_rejected("n_layers=16384\nmax_seq=4\nd_model=1048576\nd_ff=8\n",
                   "parameters exceed the limit");
