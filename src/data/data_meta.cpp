@@ -35,7 +35,8 @@ void check_path_inside(const std::string& data_dir, const std::string& rel,
 
 DataMeta read_data_meta(const std::string& data_dir) {
   const std::string path = data_dir + "/meta.json";
-  LOOM_CHECK(fs::is_regular_file(path),
+  std::error_code ec;  // the error_code forms: a name too long or unreadable is "not there"
+  LOOM_CHECK(fs::is_regular_file(path, ec),
              "'{}' is missing; a data directory is written by `loom data build --out {}`", path,
              data_dir);
   nlohmann::json j;
@@ -95,15 +96,16 @@ std::vector<std::string> meta_shard_paths(const DataMeta& meta, const std::strin
                                           const std::string& split) {
   std::vector<std::string> listed;
   if (auto it = meta.shards.find(split); it != meta.shards.end()) listed = it->second;
+  std::error_code ec;
   for (const auto& name : listed)
-    LOOM_CHECK(fs::is_regular_file(fs::path(data_dir) / name),
+    LOOM_CHECK(fs::is_regular_file(fs::path(data_dir) / name, ec),
                "'{}/meta.json' lists {} shard '{}', but '{}/{}' does not exist; rebuild the data "
                "with `loom data build`",
                data_dir, split, name, data_dir, name);
   std::vector<std::string> sorted = listed;
   std::sort(sorted.begin(), sorted.end());
-  if (fs::is_directory(data_dir))
-    for (const auto& e : fs::directory_iterator(data_dir)) {
+  if (fs::is_directory(data_dir, ec))
+    for (const auto& e : fs::directory_iterator(data_dir, ec)) {
       const std::string name = e.path().filename().string();
       if (name.starts_with(split + "_") && name.ends_with(".bin"))
         LOOM_CHECK(std::binary_search(sorted.begin(), sorted.end(), name),

@@ -78,6 +78,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     throw Error(fmt::format("tokenizer '{}': {}", path, msg));
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("tokenizer '{}': {}", path, e.what()));
+  } catch (const std::filesystem::filesystem_error& e) {
+    throw Error(fmt::format("tokenizer '{}': {}", path, e.what()));
   }
 }
 
