@@ -1,14 +1,18 @@
 // `loom data build`: source trees -> tokenizer + token shards (data/corpus_builder.h).
 // `loom data verify`: opens and checksums every shard of a data directory, prints a summary.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cli.h"
+#include "core/checked.h"
 #include "core/error.h"
+#include "data/data_meta.h"
 #include "data/corpus_builder.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -78,41 +82,61 @@ void add_data(CLI::App& root, loom::cli::Context& ctx) {
     namespace fs = std::filesystem;
     const std::string& dir = verify_args->data_dir;
     LOOM_CHECK(fs::is_directory(dir), "data directory '{}' does not exist", dir);
+    // meta.json first: it names the files (inside the directory) that are checked below.
+    const loom::data::DataMeta meta = loom::data::read_data_meta(dir);
     std::vector<std::string> paths;
-    for (const auto& e : fs::directory_iterator(dir)) {
-      const std::string name = e.path().filename().string();
-      if ((name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin"))
-        paths.push_back(e.path().string());
-    }
+    for (const char* split : {"train", "val"})
+      for (auto& p : loom::data::meta_shard_paths(meta, dir, split)) paths.push_back(p);
     LOOM_CHECK(!paths.empty(),
                "no train_*.bin / val_*.bin shards in '{}'; build them with `loom data build`",
                dir);
-    std::sort(paths.begin(), paths.end());
     int64_t tokens = 0, documents = 0;
     // Unigram statistics of the training shards: the entropy (nats per token) of a model that
     // knows only token frequencies, the bar a trained model's validation loss must clear.
+    // Token ids are < the shard's vocab (ShardReader checks every one); counts are sized by the
+    // largest id seen, and kept in a map when that is too large for a table.
+    constexpr int64_t kMaxCountTable = int64_t(1) << 24;
     std::vector<int64_t> counts;
+    std::unordered_map<int32_t, int64_t> sparse_counts;
     int64_t train_tokens = 0;
     for (const auto& p : paths) {
       loom::data::ShardReader r(p);
+      LOOM_CHECK(r.vocab_size() == meta.vocab_size,
+                 "shard '{}' has vocab {} but '{}/meta.json' says vocab_size {}; rebuild the data",
+                 p, r.vocab_size(), dir, meta.vocab_size);
       if (fs::path(p).filename().string().starts_with("train_")) {
-        if (int64_t(counts.size()) < r.vocab_size()) counts.resize(size_t(r.vocab_size()), 0);
-        for (int64_t i = 0; i < r.token_count(); ++i) ++counts[size_t(r.token(i))];
-        train_tokens += r.token_count();
+        const int64_t table = std::min(r.max_token() + 1, kMaxCountTable);
+        if (int64_t(counts.size()) < table) counts.resize(size_t(table), 0);
+        for (int64_t i = 0; i < r.token_count(); ++i) {
+          const int32_t t = r.token(i);
+          if (t < kMaxCountTable) ++counts[size_t(t)];
+          else ++sparse_counts[t];
+        }
+        train_tokens = loom::checked_add(train_tokens, r.token_count(), "training token count");
       }
       std::printf("%s: %lld tokens, %zu documents, %d-byte tokens, vocab %lld: ok\n", p.c_str(),
                   static_cast<long long>(r.token_count()), r.documents().size(), r.token_bytes(),
                   static_cast<long long>(r.vocab_size()));
-      tokens += r.token_count();
-      documents += static_cast<int64_t>(r.documents().size());
+      tokens = loom::checked_add(tokens, r.token_count(), "total token count");
+      documents = loom::checked_add(documents, static_cast<int64_t>(r.documents().size()),
+                                    "total document count");
     }
-    if (fs::exists(dir + "/tokenizer")) {
-      auto tok = loom::data::load_tokenizer(dir + "/tokenizer");
+    const std::string tok_dir = dir + "/" + (meta.tokenizer_dir.empty() ? "tokenizer"
+                                                                        : meta.tokenizer_dir);
+    if (fs::exists(tok_dir)) {
+      auto tok = loom::data::load_tokenizer(tok_dir);
+      LOOM_CHECK(tok->vocab_size() == meta.vocab_size,
+                 "tokenizer '{}' has vocab {} but '{}/meta.json' says vocab_size {}", tok_dir,
+                 tok->vocab_size(), dir, meta.vocab_size);
       std::printf("tokenizer: %s, vocab %lld, eod %d\n", tok->kind().c_str(),
                   static_cast<long long>(tok->vocab_size()), tok->eod_id());
     }
     std::printf("%zu shards, %lld tokens, %lld documents: ok\n", paths.size(),
                 static_cast<long long>(tokens), static_cast<long long>(documents));
+    for (const auto& [t, c] : sparse_counts) {
+      (void)t;
+      counts.push_back(c);
+    }
     double entropy = 0;
     for (int64_t c : counts)
       if (c > 0) {

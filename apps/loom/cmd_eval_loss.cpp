@@ -2,6 +2,7 @@
 // a raw little-endian uint32 token file, in nats per predicted token.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -27,9 +28,19 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--batch", o->batch, "windows per forward pass");
   sub->callback([o, &ctx] {
     using namespace loom;
+    LOOM_CHECK(o->seq >= 0, "--seq {} must be positive (or omitted for the model's max_seq)",
+               o->seq);
+    LOOM_CHECK(o->batch >= 1, "--batch {} must be at least 1", o->batch);
+    // A directory opens as a stream whose size reads as 2^63 - 1: require a regular file.
+    std::error_code ec;
+    LOOM_CHECK(std::filesystem::is_regular_file(o->tokens, ec),
+               "--tokens '{}' is not a regular file (a raw little-endian uint32 token file is "
+               "expected)",
+               o->tokens);
     std::ifstream f(o->tokens, std::ios::binary | std::ios::ate);
     LOOM_CHECK(f.good(), "cannot open token file '{}'", o->tokens);
     const int64_t bytes = int64_t(f.tellg());
+    LOOM_CHECK(bytes >= 0, "cannot read the size of token file '{}'", o->tokens);
     LOOM_CHECK(bytes % 4 == 0, "token file '{}' has {} bytes, not a multiple of 4 (uint32 ids)",
                o->tokens, bytes);
     std::vector<uint32_t> ids(size_t(bytes / 4));

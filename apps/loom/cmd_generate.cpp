@@ -72,6 +72,12 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
   sub->callback([o, &ctx] {
     using namespace loom;
     LOOM_CHECK(o->top_p > 0.f && o->top_p <= 1.f, "--top-p {} must be in (0, 1]", o->top_p);
+    // NaN compares false with everything and inf divides every logit to 0: both would sample
+    // garbage without an error, so only finite temperatures >= 0 are accepted.
+    LOOM_CHECK(std::isfinite(o->temperature) && o->temperature >= 0.f,
+               "--temperature {} must be a finite number >= 0 (0 = greedy; 0.2-1.0 is usual)",
+               o->temperature);
+    LOOM_CHECK(o->max_tokens >= 0, "--max-tokens {} must be >= 0", o->max_tokens);
     checkpoint::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     std::string tok_path = o->tokenizer.empty() ? o->checkpoint + "/tokenizer" : o->tokenizer;

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace {
@@ -25,6 +26,7 @@ struct TrainOptions {
   std::vector<std::string> sets;
   // Layout flags: each overrides the config's [parallel] value when given (1 included).
   loom::parallel::PlanSettings plan;
+  bool overwrite = false;
 };
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
@@ -42,6 +44,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "run directory: metrics, plot and checkpoint go here (overrides log.dir and "
                   "checkpoint.dir)");
   sub->add_option("--resume", opts->resume, "continue from this checkpoint directory");
+  sub->add_flag("--overwrite", opts->overwrite,
+                "start a fresh run even if --out already holds one (replaces its metrics and "
+                "checkpoint)");
   sub->add_option("--set", opts->sets, "override a config key: section.key=value (repeatable)");
   loom::parallel::PlanSettings& p = opts->plan;
   sub->add_option("--dp", p.dp, "data-parallel size (0: every rank not used by tp, pp and cp)");
@@ -83,6 +88,8 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
     }
     loom::train::StepStats s;
     try {
+      auto run_lock = loom::train::claim_run_dir(cfg.log_dir, !opts->resume.empty(),
+                                                 opts->overwrite, !world.valid() || world.rank() == 0);
       s = loom::train::run_training(cfg, opts->resume, world.valid() ? &world : nullptr);
     } catch (const std::exception& e) {
       // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).

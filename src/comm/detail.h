@@ -9,6 +9,7 @@
 
 #include <mpi.h>
 
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -22,9 +23,16 @@ namespace loom::comm::detail {
 
 struct WorkState;
 
+// A liveness reply in flight (diagnose.cpp): its buffer must outlive the send.
+struct DiagSend {
+  std::array<int64_t, 5> buf{};  // nonce, coll_seq, p2p_seq, pending op (-1: none), its seq
+  MPI_Request req = MPI_REQUEST_NULL;
+};
+
 struct GroupState {
   MPI_Comm coll = MPI_COMM_NULL;  // collectives and loom's ring traffic
   MPI_Comm p2p = MPI_COMM_NULL;   // user send/recv (separate so tags can never collide)
+  MPI_Comm diag = MPI_COMM_NULL;  // timeout diagnosis: liveness probes and replies
   int rank = 0;
   int size = 1;
   std::string name;
@@ -42,6 +50,8 @@ struct GroupState {
   CommCounters counters;
   MemoryPool pool;  // comm workspace: bf16 staging, ring receive buffers
   std::vector<std::shared_ptr<WorkState>> pending;
+  int64_t diag_nonce = 0;                         // probes this rank sent
+  std::vector<std::unique_ptr<DiagSend>> diag_sends;  // replies and probes still in flight
   // Bumped whenever a pending work completes or a ring step finishes: waits back off (sleep)
   // only while it stands still.
   int64_t progress = 0;
@@ -56,6 +66,14 @@ struct GroupState {
   // MPI call fails is completed with its error recorded (its own wait() rethrows it).
   void progress_pending();
   Tensor workspace(int64_t bytes);  // u8 tensor from `pool`, category comm
+  // Answers other members' liveness probes on `diag` (never blocks). progress_pending calls it,
+  // so every rank waiting on this group answers.
+  void answer_probes();
+  // After `w` timed out: probes the members `w` waits on (its peer, or every other member of a
+  // collective) and waits up to grace_s for their replies while progressing this group. Returns
+  // a sentence naming each member that holds `w` up (did not answer: frozen, dead or busy
+  // elsewhere; or alive without having issued this call), or "" if `w` completed meanwhile.
+  std::string diagnose(const WorkState& w, double grace_s);
 };
 
 struct WorkState {

@@ -1,5 +1,7 @@
 #include "comm/mpi_runtime.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 
@@ -59,7 +61,13 @@ void abort_world(const std::string& message) {
   std::fprintf(stderr, "error: [rank %d/%d] %s\nloom: rank %d failed; aborting the other ranks\n",
                rank, size, message.c_str(), rank);
   std::fflush(stderr);
-  if (initialised && !finalized) MPI_Abort(MPI_COMM_WORLD, 1);
+  // Under mpirun our stderr is a pipe to the launcher, which forwards it asynchronously: give it
+  // a moment before MPI_Abort tears the job down, or the one line that names the failure can be
+  // lost (seen in the frozen-rank CLI test on a loaded machine).
+  if (initialised && !finalized) {
+    ::usleep(300 * 1000);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   std::_Exit(1);
 }
 

@@ -121,8 +121,11 @@ GroupState::~GroupState() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;  // MPI already gone: nothing can be freed any more
+  for (auto& d : diag_sends)
+    if (d->req != MPI_REQUEST_NULL) MPI_Request_free(&d->req);
   if (coll != MPI_COMM_NULL) MPI_Comm_free(&coll);
   if (p2p != MPI_COMM_NULL) MPI_Comm_free(&p2p);
+  if (diag != MPI_COMM_NULL) MPI_Comm_free(&diag);
 }
 
 std::string GroupState::prefix() const {
@@ -134,6 +137,7 @@ Tensor GroupState::workspace(int64_t bytes) {
 }
 
 void GroupState::progress_pending() {
+  answer_probes();
   // Index loop: advance() runs completion hooks only, never issues new work, so `pending` is
   // not modified under us.
   for (auto& w : pending) w->advance();
@@ -194,6 +198,8 @@ namespace {
 // MPI moves one 32 KiB fragment per poll of both ranks, and sleeping between polls cut a 64 MiB
 // send from 5.7 to 0.7 GB/s (bench/comm, session 4).
 constexpr double kYieldWindow = 0.2;  // seconds
+// Longest wait for liveness replies after a timeout (half the timeout when that is shorter).
+constexpr double kDiagnoseGraceMax = 2.0;  // seconds
 
 void backoff(int64_t polls, double idle_s) {
   if (polls < 100) return;
@@ -241,14 +247,18 @@ void Work::wait(double timeout_s) const {
       idle_since = now;
     }
     if (now >= deadline) {
+      // Name the member this wait is stuck on: a short liveness probe tells a frozen or dead
+      // peer (no answer) from a live one that never issued this call.
+      const double grace = std::min(kDiagnoseGraceMax, 0.5 * timeout_s);
+      const std::string why = g.diagnose(w, grace);
+      if (w.done) continue;  // completed during the probe: report as usual
       std::string members;
       for (size_t i = 0; i < g.world_ranks.size(); ++i)
         members += fmt::format("{}{}", i ? "," : "", g.world_ranks[i]);
       throw TimeoutError(fmt::format(
-          "{} {} timed out after {:.1f} s (group rank {}/{}, world ranks [{}]): a member did not "
-          "join this call, joined a different one, or died. If the wait is legitimate raise "
-          "LOOM_COMM_TIMEOUT or GroupOptions::timeout_s.",
-          g.prefix(), w.describe(), timeout_s, g.rank, g.size, members));
+          "{} {} timed out after {:.1f} s (group rank {}/{}, world ranks [{}]): {}. If the wait "
+          "is legitimate raise LOOM_COMM_TIMEOUT or GroupOptions::timeout_s.",
+          g.prefix(), w.describe(), timeout_s, g.rank, g.size, members, why));
     }
     backoff(polls, std::chrono::duration<double>(now - idle_since).count());
   }
@@ -269,6 +279,7 @@ int mpi_count(int64_t n, const GroupState& g, CommOp op) {
 void set_comm_basics(GroupState& s) {
   LOOM_MPI(MPI_Comm_set_errhandler(s.coll, MPI_ERRORS_RETURN));
   LOOM_MPI(MPI_Comm_set_errhandler(s.p2p, MPI_ERRORS_RETURN));
+  LOOM_MPI(MPI_Comm_set_errhandler(s.diag, MPI_ERRORS_RETURN));
   LOOM_MPI(MPI_Comm_rank(s.coll, &s.rank));
   LOOM_MPI(MPI_Comm_size(s.coll, &s.size));
   void* attr = nullptr;
@@ -313,6 +324,7 @@ ProcessGroup ProcessGroup::world(const GroupOptions& opts) {
   s->timeout_s = resolve_timeout(opts);
   LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->coll));
   LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->p2p));
+  LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->diag));
   set_comm_basics(*s);
   s->world_rank = s->rank;
   s->world_size = s->size;
@@ -355,6 +367,7 @@ ProcessGroup ProcessGroup::split(const std::vector<std::vector<int>>& partition,
   auto s = std::make_shared<GroupState>();
   s->coll = sub;
   LOOM_MPI(MPI_Comm_dup(sub, &s->p2p));
+  LOOM_MPI(MPI_Comm_dup(sub, &s->diag));
   s->name = name;
   s->opts = g.opts;
   s->timeout_s = g.timeout_s;

@@ -117,7 +117,26 @@ ShardReader::ShardReader(const std::string& path) : path_(path) {
                "shard '{}': header checksum mismatch (header corrupted)", path);
     LOOM_CHECK(h.token_bytes == 2 || h.token_bytes == 4, "shard '{}': bad token width {}", path,
                h.token_bytes);
+    // Every count in the header is bounded by the file size before it enters a product, so a
+    // corrupted or hostile header cannot wrap the expected size around to the real one.
+    LOOM_CHECK(h.vocab_size >= 1 && h.vocab_size <= uint64_t(kMaxShardVocab),
+               "shard '{}': header vocab size {} is outside [1, {}] (token ids are int32); the "
+               "file is corrupted, rebuild it with `loom data build`",
+               path, h.vocab_size, kMaxShardVocab);
+    LOOM_CHECK(h.token_bytes == 4 || h.vocab_size <= 65536,
+               "shard '{}': header vocab size {} does not fit its 2-byte tokens (at most 65536)",
+               path, h.vocab_size);
+    const uint64_t body = size - sizeof(Header);
+    LOOM_CHECK(h.token_count <= body / h.token_bytes,
+               "shard '{}': truncated: header says {} tokens of {} bytes, but only {} bytes follow "
+               "the header",
+               path, h.token_count, h.token_bytes, body);
     const uint64_t tok_bytes = padded_token_bytes(h.token_count, h.token_bytes);
+    const uint64_t index_room = body >= tok_bytes ? body - tok_bytes : 0;
+    LOOM_CHECK(h.doc_count <= index_room / sizeof(ShardDocument),
+               "shard '{}': truncated: header says {} documents ({} bytes each), but only {} "
+               "bytes follow the tokens",
+               path, h.doc_count, sizeof(ShardDocument), index_room);
     const uint64_t expect = sizeof(Header) + tok_bytes + h.doc_count * sizeof(ShardDocument);
     LOOM_CHECK(size >= expect, "shard '{}': truncated: {} bytes, header says {}", path, size,
                expect);
@@ -130,6 +149,20 @@ ShardReader::ShardReader(const std::string& path) : path_(path) {
     token_count_ = static_cast<int64_t>(h.token_count);
     vocab_size_ = static_cast<int64_t>(h.vocab_size);
     tokens_ = base + sizeof(Header);
+    // Token ids index embedding tables and counters downstream: one out-of-range id would be
+    // an out-of-bounds access there, so the whole file is checked here, once.
+    int64_t max_token = -1;
+    for (int64_t i = 0; i < token_count_; ++i) {
+      const int32_t t = token(i);  // u32 ids >= 2^31 read as negative
+      if (t < 0 || uint64_t(t) >= h.vocab_size)
+        LOOM_FAIL("shard '{}': token {} at position {} is outside the header's vocabulary [0, {}); "
+                  "the file is corrupted, rebuild it with `loom data build`",
+                  path, token_bytes_ == 4 ? uint64_t(static_cast<const uint32_t*>(tokens_)[i])
+                                          : uint64_t(t),
+                  i, h.vocab_size);
+      max_token = std::max<int64_t>(max_token, t);
+    }
+    max_token_ = max_token;
     docs_ = {reinterpret_cast<const ShardDocument*>(base + sizeof(Header) + tok_bytes),
              static_cast<size_t>(h.doc_count)};
     uint64_t at = 0;
@@ -165,6 +198,7 @@ ShardReader& ShardReader::operator=(ShardReader&& o) noexcept {
     token_count_ = o.token_count_;
     vocab_size_ = o.vocab_size_;
     token_bytes_ = o.token_bytes_;
+    max_token_ = o.max_token_;
     docs_ = o.docs_;
   }
   return *this;

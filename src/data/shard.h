@@ -17,7 +17,9 @@
 //   then D x 24 bytes                             {u64 begin, u64 end, i32 language, u32 zero}
 // Documents are contiguous and cover [0, N) in order. A reader rejects, naming the shard: a
 // file shorter than the header or than the header says ("truncated"), a wrong magic, another
-// version, a checksum mismatch, and an index that is not contiguous or exceeds N.
+// version, a checksum mismatch, an index that is not contiguous or exceeds N, a header vocab
+// outside [1, kMaxShardVocab] and any token >= the header's vocab. Header counts are bounded by
+// the file size before they are multiplied, so no size computation can wrap.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,8 @@ namespace loom::data {
 
 inline constexpr uint32_t kShardVersion = 1;
 inline constexpr int64_t kShardHeaderBytes = 64;
+// Token ids are int32 everywhere (loader, embedding): a header may not claim a larger vocabulary.
+inline constexpr int64_t kMaxShardVocab = int64_t(1) << 31;
 
 struct ShardDocument {
   uint64_t begin = 0;  // first token (inclusive)
@@ -74,6 +78,8 @@ class ShardReader {
   int64_t token_count() const { return token_count_; }
   int64_t vocab_size() const { return vocab_size_; }
   int token_bytes() const { return token_bytes_; }
+  // The largest token id in the shard (-1 when empty); always < vocab_size().
+  int64_t max_token() const { return max_token_; }
   std::span<const ShardDocument> documents() const { return docs_; }
   int32_t token(int64_t i) const {
     return token_bytes_ == 2 ? int32_t(static_cast<const uint16_t*>(tokens_)[i])
@@ -92,6 +98,7 @@ class ShardReader {
   int64_t token_count_ = 0;
   int64_t vocab_size_ = 0;
   int token_bytes_ = 0;
+  int64_t max_token_ = -1;
   std::span<const ShardDocument> docs_;
 };
 

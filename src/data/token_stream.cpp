@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "data/data_meta.h"
 #include "data/shard.h"
 
 namespace loom::data {
@@ -87,6 +88,22 @@ class SyntheticStream final : public TokenStream {
 // ---------------------------------------------------------------------------------------------
 // Shards.
 
+constexpr const char* kStateWhere = "data stream state (trainer_state.json key 'data')";
+// The window order mixes (epoch * 4 + round) << 32 into a 64-bit counter: epochs stay below 2^30.
+constexpr uint64_t kMaxEpoch = (uint64_t(1) << 30) - 1;
+
+// s[key] as a non-negative integer <= max, or loom::Error naming the key, the value and the range.
+uint64_t state_uint(const nlohmann::json& s, const char* key, uint64_t max) {
+  LOOM_CHECK(s.contains(key), "{}: key '{}' is missing", kStateWhere, key);
+  const auto& v = s.at(key);
+  LOOM_CHECK(v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0),
+             "{}: key '{}' must be a non-negative integer, found {}", kStateWhere, key, v.dump());
+  const auto u = v.get<uint64_t>();
+  LOOM_CHECK(u <= max, "{}: key '{}' is {}, outside [0, {}]; the checkpoint is corrupted or for "
+             "other data", kStateWhere, key, u, max);
+  return u;
+}
+
 class ShardStream final : public TokenStream {
  public:
   ShardStream(const std::string& data_dir, const std::string& split, uint64_t seed, int dp_rank,
@@ -106,6 +123,10 @@ class ShardStream final : public TokenStream {
                "no '{}_*.bin' shards in data directory '{}'; build them with `loom data build "
                "--source DIR --out {}`",
                split, data_dir, data_dir);
+    // meta.json is the manifest: its list (validated, inside the directory) is what is read.
+    const DataMeta meta = read_data_meta(data_dir);
+    paths = meta_shard_paths(meta, data_dir, split);
+    LOOM_CHECK(!paths.empty(), "'{}/meta.json' lists no {} shards", data_dir, split);
     std::sort(paths.begin(), paths.end());
     for (const auto& p : paths) {
       shards_.emplace_back(p);
@@ -116,6 +137,9 @@ class ShardStream final : public TokenStream {
       fingerprint_tokens_ += shards_.back().token_count();
     }
     vocab_ = shards_.front().vocab_size();
+    LOOM_CHECK(vocab_ == meta.vocab_size,
+               "'{}/meta.json' says vocab_size {} but its shards have vocab {}; rebuild the data",
+               data_dir, meta.vocab_size, vocab_);
   }
 
   void next_batch(int32_t* tokens, int32_t* langs, int64_t B, int64_t T) override {
@@ -152,22 +176,28 @@ class ShardStream final : public TokenStream {
   void restore(const nlohmann::json& s) override {
     LOOM_CHECK(s.is_object() && s.value("kind", "") == "shards",
                "cannot restore a shard stream from state {}", s.dump());
-    const auto shards = s.at("shards").get<size_t>();
-    const auto toks = s.at("tokens").get<int64_t>();
+    const auto shards = state_uint(s, "shards", UINT64_MAX);
+    const auto toks = state_uint(s, "tokens", UINT64_MAX);
+    LOOM_CHECK(s.contains("split") && s["split"].is_string(),
+               "{}: key 'split' must be a string, found {}", kStateWhere,
+               s.value("split", nlohmann::json()).dump());
     LOOM_CHECK(s.at("split").get<std::string>() == split_ && shards == shards_.size() &&
-                   toks == fingerprint_tokens_,
+                   toks == uint64_t(fingerprint_tokens_),
                "data stream state is for split '{}' with {} shards / {} tokens, but this stream "
                "reads split '{}' with {} shards / {} tokens; resume with the same data directory",
                s.at("split").get<std::string>(), shards, toks, split_, shards_.size(),
                fingerprint_tokens_);
-    LOOM_CHECK(s.at("seed").get<uint64_t>() == seed_,
-               "data stream state has seed {}, this stream seed {}", s.at("seed").get<uint64_t>(),
-               seed_);
-    const auto T = s.at("T").get<int64_t>();
+    const uint64_t seed = state_uint(s, "seed", UINT64_MAX);
+    LOOM_CHECK(seed == seed_, "data stream state has seed {}, this stream seed {}", seed, seed_);
+    // Every value is range-checked before it becomes state: a position past the epoch or a
+    // negative one (read as 2^64 - 5) would otherwise silently restart or skip the data.
+    const auto T = int64_t(state_uint(s, "T", uint64_t(INT32_MAX)));
+    const uint64_t epoch = state_uint(s, "epoch", kMaxEpoch);
     T_ = 0;
     if (T > 0) set_window(T);
-    epoch_ = s.at("epoch").get<uint64_t>();
-    position_ = s.at("position").get<uint64_t>();
+    const uint64_t position = state_uint(s, "position", T > 0 ? total_windows_ : 0);
+    epoch_ = epoch;
+    position_ = position;
   }
 
   int64_t vocab_size() const override { return vocab_; }

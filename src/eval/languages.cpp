@@ -286,11 +286,12 @@ StepSpec run_step(const Toolchain& tc, const Program& program, const fs::path& d
                   const StepTimes& times, const ToolchainPaths& paths) {
   StepSpec s;
   s.env = base_env(dir);
-  s.limits.wall_seconds = times.run_seconds;
-  // CPU may not exceed the wall limit by much; one second over lets the wall clock decide.
-  s.limits.cpu_seconds = int64_t(times.run_seconds) + 1;
+  // --timeout is CPU time of the whole sample (all its processes), with a wall-clock backstop
+  // at 3x for samples that sleep or deadlock; one core of CPU quota and 32 processes+threads
+  // (cgroup where available, RLIMIT_NPROC always), so a neighbour's fork bomb or busy loop
+  // cannot turn a correct sample into a timeout (docs/eval.md, "Isolation between samples").
+  s.limits = untrusted_run_limits(times.run_seconds);
   s.limits.address_space_bytes = 2 * kGiB;
-  s.limits.max_processes = 128;
   switch (program.language) {
     case Language::kPython:
       s.argv = {tc.tools[0], "-I", "-B", (dir / program.file_name).string()};
@@ -302,7 +303,10 @@ StepSpec run_step(const Toolchain& tc, const Program& program, const fs::path& d
       s.argv = {(dir / "a.out").string()};
       break;
     case Language::kJava:
-      s.argv = {tc.tools[1], "-Xmx1g", "-Xss8m", "-Djava.io.tmpdir=" + dir.string()};
+      // ActiveProcessorCount=2: the JVM sizes its compiler and GC thread pools from the CPU
+      // count; pinned, it stays near 15 threads, well inside the 32-thread limit.
+      s.argv = {tc.tools[1], "-Xmx1g", "-Xss8m", "-XX:ActiveProcessorCount=2",
+                "-Djava.io.tmpdir=" + dir.string()};
       for (const auto& f : kJvmFlags) s.argv.push_back(f);
       s.argv.insert(s.argv.end(), {"-cp", dir.string(), "Main"});
       s.limits.address_space_bytes = 4 * kGiB;
@@ -321,6 +325,8 @@ StepSpec run_step(const Toolchain& tc, const Program& program, const fs::path& d
     }
     case Language::kGo:
       s.argv = {(dir / "main.test").string()};
+      // Go starts a thread per P: bound them so the 32-thread limit holds on any machine.
+      s.env.push_back("GOMAXPROCS=2");
       s.limits.address_space_bytes = 4 * kGiB;
       break;
     case Language::kRust:
@@ -341,7 +347,13 @@ std::optional<Verdict> judge_compile(const SandboxResult& r) {
 
 Verdict judge_run(Language lang, const SandboxResult& r) {
   if (!r.setup_error.empty()) return {Outcome::kRuntimeError, excerpt_of(r.setup_error)};
-  if (r.timed_out) return {Outcome::kTimeout, "killed at the wall-clock limit"};
+  if (r.timed_out)
+    return {Outcome::kTimeout,
+            r.cpu_timeout ? fmt::format("CPU time limit reached ({:.1f} s over all its processes)",
+                                        r.cpu_seconds)
+                          : fmt::format("killed at the wall-clock backstop ({:.1f} s wall, {:.1f} s "
+                                        "CPU: sleeping or deadlocked)",
+                                        r.wall_seconds, r.cpu_seconds)};
   if (r.output_limit)
     return {Outcome::kSandboxViolation,
             fmt::format("output passed the limit ({} bytes seen); killed",

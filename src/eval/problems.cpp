@@ -47,7 +47,8 @@ json parse_line(const fs::path& file, int64_t number, std::string_view line) {
   json j;
   try {
     j = json::parse(line);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, and also out_of_range for a number such as 47E899 (found by fuzz_humaneval).
     LOOM_FAIL("{}:{}: malformed JSON ({}); every line must be one JSON object", file.string(),
               number, e.what());
   }

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -77,6 +78,7 @@ struct Prepared {
   mode_t umask_bits = 022;
   bool isolated = false;
   uid_t uid = 0;
+  int cgroup_fds[2] = {-1, -1};  // cgroup.procs of the run's cpu and pids cgroups (>= 10)
 };
 
 // /proc/self/mounts escapes blanks and backslashes as \ooo.
@@ -185,6 +187,9 @@ unsigned long statvfs_to_mount_flags(unsigned long f) {
   setpgid(0, 0);
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (dup2(status_fd, kStatusFd) < 0) _exit(126);
+  // Join the run's cgroups first ("0" = the writer): B, C and all they start inherit them.
+  for (int fd : p.cgroup_fds)
+    if (fd >= 0 && write(fd, "0", 1) != 1) child_fail("join the sample's cgroup");
   if (dup2(null_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) child_fail("dup2");
   // Other worker threads' pipes were inherited by fork(); holding them would delay their EOF.
   if (close_range(kStatusFd + 1, ~0U, 0) != 0) child_fail("close_range");
@@ -244,7 +249,130 @@ struct Fd {
   }
 };
 
+bool write_text(const std::string& path, const std::string& text) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = write(fd, text.data(), text.size()) == ssize_t(text.size());
+  close(fd);
+  return ok;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// This process's cgroup path in the hierarchy whose /proc/self/cgroup line matches: "0::" for
+// v2, or a v1 line whose controller list holds `controller`.
+std::string own_cgroup_path(const std::string& controller) {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(in, line)) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string list = line.substr(a + 1, b - a - 1);
+    const std::string path = line.substr(b + 1);
+    if (controller.empty() ? line.rfind("0::", 0) == 0
+                           : ("," + list + ",").find("," + controller + ",") != std::string::npos)
+      return path == "/" ? std::string() : path;
+  }
+  return {};
+}
+
+bool can_make_child(const std::string& root) {
+  const std::string probe = fmt::format("{}/loom-probe-{}", root, getpid());
+  if (mkdir(probe.c_str(), 0755) != 0) return false;
+  rmdir(probe.c_str());
+  return true;
+}
+
+// One run's cgroups: made before the fork, joined by child A, removed after the run.
+struct RunCgroups {
+  std::vector<std::string> dirs;
+  Fd procs[2];
+  ~RunCgroups() {
+    for (auto& f : procs) f.reset();
+    for (const auto& d : dirs)
+      for (int i = 0; i < 50 && rmdir(d.c_str()) != 0 && errno == EBUSY; ++i) usleep(2000);
+  }
+};
+
+// CPU seconds (user + system, including reaped children) of every live process of the run:
+// those in the pid namespace with inode `ns_inode` when isolated, else those in process group
+// `pgid`. A process's reaped children are in its cutime/cstime, so each CPU second is counted
+// once, by whoever holds it now.
+double run_cpu_seconds(ino_t ns_inode, pid_t pgid) {
+  static const double kTick = double(sysconf(_SC_CLK_TCK));
+  double ticks = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name[0] < '0' || name[0] > '9') continue;
+    if (ns_inode != 0) {
+      struct stat st;
+      if (stat((e.path() / "ns" / "pid").c_str(), &st) != 0 || st.st_ino != ns_inode) continue;
+    }
+    const std::string stat_text = read_text((e.path() / "stat").string());
+    const size_t close_paren = stat_text.rfind(')');
+    if (close_paren == std::string::npos) continue;
+    std::istringstream fields(stat_text.substr(close_paren + 2));
+    // Fields from 3 on: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    // cmajflt utime stime cutime cstime
+    std::string state;
+    long long ppid = 0, pgrp = 0, skip = 0, ut = 0, st_ = 0, cut = 0, cst = 0;
+    fields >> state >> ppid >> pgrp;
+    for (int i = 0; i < 8; ++i) fields >> skip;
+    fields >> ut >> st_ >> cut >> cst;
+    if (!fields) continue;
+    if (ns_inode == 0 && pgrp != pgid) continue;
+    ticks += double(ut + st_ + cut + cst);
+  }
+  return ticks / kTick;
+}
+
 }  // namespace
+
+SandboxLimits untrusted_run_limits(double seconds) {
+  SandboxLimits l;
+  l.cpu_timeout_seconds = seconds;
+  l.wall_seconds = 3 * seconds;
+  l.cpu_seconds = int64_t(std::ceil(seconds)) + 1;  // per process; the sample total decides
+  l.max_processes = 32;
+  l.max_pids = 32;
+  l.cpu_quota_cores = 1.0;
+  return l;
+}
+
+void Sandbox::detect_cgroups() {
+  cgroup_mode_.clear();
+  if (geteuid() != 0) return;
+  // v2: our cgroup must already delegate cpu and pids to its children.
+  if (fs::exists("/sys/fs/cgroup/cgroup.controllers")) {
+    const std::string base = "/sys/fs/cgroup" + own_cgroup_path("");
+    std::string sub = " " + read_text(base + "/cgroup.subtree_control") + " ";
+    std::replace(sub.begin(), sub.end(), '\n', ' ');
+    if (sub.find(" cpu ") != std::string::npos && sub.find(" pids ") != std::string::npos &&
+        can_make_child(base)) {
+      cgroup_mode_ = "v2";
+      cgroup_cpu_root_ = cgroup_pids_root_ = base;
+      return;
+    }
+  }
+  // v1: separate cpu and pids hierarchies.
+  for (const char* cpu_mount : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
+    const std::string cpu_root = cpu_mount + own_cgroup_path("cpu");
+    const std::string pids_root = "/sys/fs/cgroup/pids" + own_cgroup_path("pids");
+    if (fs::exists(cpu_root + "/cpu.cfs_quota_us") && fs::exists(pids_root + "/cgroup.procs") &&
+        can_make_child(cpu_root) && can_make_child(pids_root)) {
+      cgroup_mode_ = "v1";
+      cgroup_cpu_root_ = cpu_root;
+      cgroup_pids_root_ = pids_root;
+      return;
+    }
+  }
+}
 
 Sandbox Sandbox::create(const Config& config) {
   LOOM_CHECK(config.max_slots > 0 && config.uid_base > 1000,
@@ -279,7 +407,14 @@ Sandbox Sandbox::create(const Config& config) {
       r.setup_error = e.what();
     }
     fs::remove_all(root, ec);
-    if (r.setup_error.empty() && r.exit_code == 0 && !r.timed_out) return probe;
+    if (r.setup_error.empty() && r.exit_code == 0 && !r.timed_out) {
+      probe.detect_cgroups();
+      probe.description_ += probe.cgroup_mode_.empty()
+                                ? "; no writable cgroups: CPU-time timeout and rlimits only"
+                                : "; per-run cgroup " + probe.cgroup_mode_ +
+                                      " (CPU quota, pids limit)";
+      return probe;
+    }
     why = r.setup_error.empty() ? fmt::format("probe /bin/true exited with {}", r.exit_code)
                                 : r.setup_error;
   }
@@ -288,9 +423,11 @@ Sandbox Sandbox::create(const Config& config) {
              "unshare(CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID), or pass --allow-network to run "
              "them WITHOUT network, filesystem and uid isolation",
              why);
-  return Sandbox(config, false,
-                 "UNISOLATED (" + why + "): programs can use the network and write outside "
-                 "their directory; only rlimits, a process group and the timeout apply");
+  Sandbox unisolated(config, false,
+                     "UNISOLATED (" + why + "): programs can use the network and write outside "
+                     "their directory; only rlimits, a process group and the timeout apply");
+  unisolated.detect_cgroups();
+  return unisolated;
 }
 
 uid_t Sandbox::uid_for_slot(int slot) const {
@@ -352,6 +489,48 @@ SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
   p.isolated = isolated_;
   p.uid = isolated_ ? uid_for_slot(slot) : 0;
 
+  // The run's own cgroups (CPU quota, pids limit) where they can be made.
+  RunCgroups cg;
+  const SandboxLimits& lim = spec.limits;
+  if (!cgroup_mode_.empty() && (lim.cpu_quota_cores > 0 || lim.max_pids > 0)) {
+    const std::string name = fmt::format(
+        "loom-sb-{}-{}-{}", getpid(), slot,
+        std::chrono::steady_clock::now().time_since_epoch().count());
+    const bool v2 = cgroup_mode_ == "v2";
+    const std::string cpu_dir = cgroup_cpu_root_ + "/" + name;
+    const std::string pids_dir = v2 ? cpu_dir : cgroup_pids_root_ + "/" + name;
+    for (const std::string& d : v2 ? std::vector<std::string>{cpu_dir}
+                                   : std::vector<std::string>{cpu_dir, pids_dir}) {
+      LOOM_CHECK(mkdir(d.c_str(), 0755) == 0, "cannot create the sandbox cgroup '{}': {}", d,
+                 std::strerror(errno));
+      cg.dirs.push_back(d);
+    }
+    constexpr int64_t kPeriodUs = 100000;
+    if (lim.cpu_quota_cores > 0) {
+      const int64_t quota = std::max<int64_t>(1000, int64_t(lim.cpu_quota_cores * kPeriodUs));
+      const bool ok = v2 ? write_text(cpu_dir + "/cpu.max", fmt::format("{} {}", quota, kPeriodUs))
+                         : write_text(cpu_dir + "/cpu.cfs_period_us", std::to_string(kPeriodUs)) &&
+                               write_text(cpu_dir + "/cpu.cfs_quota_us", std::to_string(quota));
+      LOOM_CHECK(ok, "cannot set the CPU quota of sandbox cgroup '{}': {}", cpu_dir,
+                 std::strerror(errno));
+    }
+    if (lim.max_pids > 0)
+      LOOM_CHECK(write_text(pids_dir + "/pids.max", std::to_string(lim.max_pids)),
+                 "cannot set pids.max of sandbox cgroup '{}': {}", pids_dir, std::strerror(errno));
+    auto open_procs = [&](const std::string& dir, Fd& fd) {
+      const int raw = open((dir + "/cgroup.procs").c_str(), O_WRONLY | O_CLOEXEC);
+      LOOM_CHECK(raw >= 0, "cannot open '{}/cgroup.procs': {}", dir, std::strerror(errno));
+      // Above the fds child A rearranges (0-3), so its dup2 calls cannot clobber it.
+      fd.fd = fcntl(raw, F_DUPFD_CLOEXEC, 10);
+      close(raw);
+      LOOM_CHECK(fd.fd >= 0, "fcntl(F_DUPFD_CLOEXEC) failed: {}", std::strerror(errno));
+    };
+    open_procs(cpu_dir, cg.procs[0]);
+    if (!v2) open_procs(pids_dir, cg.procs[1]);
+    p.cgroup_fds[0] = cg.procs[0].fd;
+    p.cgroup_fds[1] = cg.procs[1].fd;
+  }
+
   int out_p[2], err_p[2], st_p[2];
   LOOM_CHECK(pipe2(out_p, O_CLOEXEC) == 0, "pipe2 failed: {}", std::strerror(errno));
   Fd out_r(out_p[0]), out_w(out_p[1]);
@@ -387,6 +566,8 @@ SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
   };
   bool exited = false;
   std::chrono::steady_clock::time_point exited_at;
+  auto next_cpu_check = t0;
+  ino_t ns_inode = 0;  // the run's pid namespace (isolated), once init has reported its pid
   char buf[65536];
   auto drain = [&](Fd& fd, std::string& keep, int64_t& total) {
     for (;;) {
@@ -418,6 +599,22 @@ SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
       res.timed_out = true;
       break;
     }
+    // The sample's CPU time, every 50 ms: the timeout that neighbours cannot cause.
+    if (!exited && lim.cpu_timeout_seconds > 0 && now >= next_cpu_check) {
+      next_cpu_check = now + std::chrono::milliseconds(50);
+      if (isolated_ && ns_inode == 0 && init_pid > 0) {
+        struct stat st;
+        if (stat(fmt::format("/proc/{}/ns/pid", init_pid).c_str(), &st) == 0) ns_inode = st.st_ino;
+      }
+      if (!isolated_ || ns_inode != 0) {
+        res.cpu_seconds = std::max(res.cpu_seconds, run_cpu_seconds(ns_inode, pid));
+        if (res.cpu_seconds >= lim.cpu_timeout_seconds) {
+          res.timed_out = true;
+          res.cpu_timeout = true;
+          break;
+        }
+      }
+    }
     pollfd fds[2];
     nfds_t nf = 0;
     if (out_r.fd >= 0) fds[nf++] = {out_r.fd, POLLIN, 0};
@@ -448,8 +645,13 @@ SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
   // alive, so the group id cannot have been reused.
   kill(-pid, SIGKILL);
   int a_status = 0;
-  while (waitpid(pid, &a_status, 0) < 0 && errno == EINTR) {
+  struct rusage ru {};
+  while (wait4(pid, &a_status, 0, &ru) < 0 && errno == EINTR) {
   }
+  // A's usage includes everything it reaped: init, which reaped the whole namespace.
+  const double a_cpu = double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                       1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  res.cpu_seconds = std::max(res.cpu_seconds, a_cpu);
   if (out_r.fd >= 0) drain(out_r, res.out, res.out_bytes);
   if (err_r.fd >= 0) drain(err_r, res.err, res.err_bytes);
   read_records();

@@ -5,6 +5,8 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "core/checked.h"
+#include "core/config_file.h"
 #include "core/error.h"
 
 namespace loom::model {
@@ -31,6 +33,27 @@ void ModelConfig::validate() const {
   positive("max_seq", max_seq);
   LOOM_CHECK(vocab < (int64_t(1) << 31), "model '{}': vocab = {} exceeds int32 token ids", name,
              vocab);
+  // Upper bounds, far above any real model, so that every product below stays exact and a typo
+  // (an extra digit, 2^40 layers) is an error here rather than an allocation that never ends.
+  auto at_most = [&](const char* key, int64_t v, int64_t limit, const char* why) {
+    LOOM_CHECK(v <= limit, "model '{}': {} = {} exceeds the limit {} ({}); use a smaller {}",
+               name, key, v, limit, why, key);
+  };
+  at_most("n_layers", n_layers, kMaxLayers, "deeper than any trained transformer by 100x");
+  at_most("d_model", d_model, kMaxWidth, "2^20");
+  at_most("d_ff", d_ff, kMaxWidth * 4, "4 * 2^20");
+  at_most("n_heads", n_heads, d_model, "d_model: a head has at least one channel");
+  at_most("max_seq", max_seq, kMaxSeq, "2^24 tokens");
+  const int64_t params = num_params();
+  LOOM_CHECK(params <= kMaxParams,
+             "model '{}': {} parameters exceed the limit {} (2^42); check n_layers = {}, d_model = "
+             "{}, d_ff = {}, vocab = {}, max_seq = {}",
+             name, params, kMaxParams, n_layers, d_model, d_ff, vocab, max_seq);
+  const int64_t act = sequence_activation_bytes();
+  LOOM_CHECK(act <= kMaxSequenceActivationBytes,
+             "model '{}': one sequence of max_seq = {} tokens needs at least {} bytes of "
+             "activations, over the limit {} (1 PiB); use a smaller max_seq, n_layers or vocab",
+             name, max_seq, act, kMaxSequenceActivationBytes);
   LOOM_CHECK(d_model % n_heads == 0,
              "model '{}': n_heads = {} must divide d_model = {} (head dim = d_model / n_heads)",
              name, n_heads, d_model);
@@ -48,13 +71,27 @@ void ModelConfig::validate() const {
 }
 
 int64_t ModelConfig::num_params() const {
-  const int64_t C = d_model, F = d_ff, KV = kv_dim();
-  const int64_t attn = C * C + C + 2 * (KV * C + KV) + C * C + C;
-  const int64_t ffn = F * C + F + C * F + C;
-  const int64_t block = 4 * C + attn + ffn;  // two norms
-  int64_t n = vocab * C + max_seq * C + n_layers * block + 2 * C;
-  if (query_layer) n += max_seq * C + block;
+  // Checked: validate() calls this on values straight from the file, before any other bound.
+  auto mul = [&](int64_t a, int64_t b) { return checked_mul(a, b, "model parameter count"); };
+  auto add = [&](int64_t a, int64_t b) { return checked_add(a, b, "model parameter count"); };
+  const int64_t C = d_model, F = d_ff, KV = mul(n_kv_heads, head_dim());
+  const int64_t attn = add(add(mul(C, C), C), add(mul(2, add(mul(KV, C), KV)), add(mul(C, C), C)));
+  const int64_t ffn = add(add(mul(F, C), F), add(mul(C, F), C));
+  const int64_t block = add(mul(4, C), add(attn, ffn));  // two norms
+  int64_t n = add(add(mul(vocab, C), mul(max_seq, C)), add(mul(n_layers, block), mul(2, C)));
+  if (query_layer) n = add(n, add(mul(max_seq, C), block));
   return n;
+}
+
+int64_t ModelConfig::sequence_activation_bytes() const {
+  // Per token: the logits row (V) and, per layer, the residual, norm, qkv and attention output
+  // (about 4C) and the FFN hidden (F), all f32. Real training stores more (see memory.h); this
+  // is the floor that must fit before anything else is worth computing.
+  auto mul = [&](int64_t a, int64_t b) { return checked_mul(a, b, "activation bytes"); };
+  auto add = [&](int64_t a, int64_t b) { return checked_add(a, b, "activation bytes"); };
+  const int64_t layers = add(n_layers, query_layer ? 1 : 0);
+  const int64_t per_token = add(vocab, mul(layers, add(mul(4, d_model), d_ff)));
+  return mul(mul(max_seq, per_token), 4);
 }
 
 double ModelConfig::train_flops_per_token(int64_t T) const {
@@ -108,10 +145,10 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
       LOOM_CHECK(!required, "{}: missing required model key '{}'", source, key);
       return;
     }
-    auto v = node.value<int64_t>();
-    LOOM_CHECK(v.has_value() && node.is_integer(), "{}: model key '{}' must be an integer", source,
-               key);
-    out = *v;
+    // is_integer first: value<int64_t>() converts a float such as 5e20 with undefined behaviour
+    // (found by fuzz_model_toml).
+    LOOM_CHECK(node.is_integer(), "{}: model key '{}' must be an integer", source, key);
+    out = *node.value<int64_t>();
   };
   if (auto n = (*t)["name"]) {
     LOOM_CHECK(n.is_string(), "{}: model key 'name' must be a string", source);
@@ -137,6 +174,8 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
   if (auto e = (*t)["norm_eps"]) {
     auto v = e.value<double>();
     LOOM_CHECK(v.has_value(), "{}: norm_eps must be a number", source);
+    // Range before the float conversion (out of float range it is undefined behaviour).
+    LOOM_CHECK(*v > 0 && *v < 1, "{}: norm_eps = {} must be in (0, 1)", source, *v);
     c.norm_eps = float(*v);
   }
   auto get_bool = [&](const char* key, bool& out) {
@@ -157,11 +196,7 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream f(path);
-  LOOM_CHECK(f.good(), "cannot open model config '{}': no such readable file", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return model_config_from_toml(ss.str(), path);
+  return model_config_from_toml(read_config_file(path, "model config"), path);
 }
 
 }  // namespace loom::model

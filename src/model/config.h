@@ -15,6 +15,13 @@ namespace loom::model {
 // fast_gelu: x * sigmoid(1.702 x) (MindSpore FastGelu, PanGu-α / CodeGeeX).
 enum class Activation { gelu, fast_gelu, gelu_erf };
 
+// Limits validate() enforces (each far above real models; they keep sizes exact in int64).
+inline constexpr int64_t kMaxLayers = int64_t(1) << 14;
+inline constexpr int64_t kMaxWidth = int64_t(1) << 20;
+inline constexpr int64_t kMaxSeq = int64_t(1) << 24;
+inline constexpr int64_t kMaxParams = int64_t(1) << 42;
+inline constexpr int64_t kMaxSequenceActivationBytes = int64_t(1) << 50;
+
 struct ModelConfig {
   std::string name = "unnamed";
   int64_t vocab = 0;
@@ -34,8 +41,10 @@ struct ModelConfig {
 
   // Throws loom::Error naming the offending key, its value and what would be valid.
   void validate() const;
-  // Total parameters (the tied head counted once).
+  // Total parameters (the tied head counted once). Throws loom::Error if it overflows int64.
   int64_t num_params() const;
+  // A floor on the f32 activation bytes of one max_seq sequence (logits + per-layer buffers).
+  int64_t sequence_activation_bytes() const;
   // Training FLOPs per token at sequence length T: 6 * (matmul weights incl. the head) plus
   // attention 6 * 2 * L' * T * C / 2 (causal halves the score and value products) where L'
   // counts the query layer. Forward only is a third of it.

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "train/plot.h"
+#include "train/run_dir.h"
 
 namespace fs = std::filesystem;
 
@@ -24,6 +25,21 @@ namespace loom::train {
 namespace {
 volatile std::sig_atomic_t g_stop_signal = 0;
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+// Runs fn(); a loom::Error it throws (a collective timeout naming its peer, a bad batch) is
+// rethrown, same type, with the step appended, so the log says which step was in progress.
+template <typename Fn>
+auto with_step_context(const char* what, int64_t step, const Fn& fn) {
+  try {
+    return fn();
+  } catch (const InternalError&) {
+    throw;
+  } catch (const TimeoutError& e) {
+    throw TimeoutError(fmt::format("{} (during {} {})", e.what(), what, step));
+  } catch (const Error& e) {
+    throw Error(fmt::format("{} (during {} {})", e.what(), what, step));
+  }
+}
+
 }  // namespace
 
 void maybe_inject_failure(int world_rank, int64_t step) {
@@ -48,6 +64,14 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
   std::ofstream metrics;
   if (leader) {
     fs::create_directories(cfg.log_dir);
+    // A resumed run restarts at the checkpoint's step: the lines the interrupted run wrote after
+    // it (and a line torn by a kill) would otherwise appear twice or break the plot.
+    if (resumed) {
+      const int64_t removed = truncate_metrics(cfg.log_dir + "/metrics.jsonl", hooks.step());
+      if (removed > 0)
+        LOOM_LOG_INFO("metrics.jsonl: removed {} line(s) after the resumed step {}", removed,
+                      hooks.step());
+    }
     metrics.open(cfg.log_dir + "/metrics.jsonl", resumed ? std::ios::app : std::ios::trunc);
     LOOM_CHECK(metrics.good(), "cannot write '{}/metrics.jsonl'", cfg.log_dir);
   }
@@ -73,11 +97,12 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
     pool.reset_peaks();
     for (const comm::ProcessGroup* g : ctx.groups) g->reset_counters();
     maybe_inject_failure(ctx.world_rank, hooks.step() + 1);
-    last = hooks.train_step();
+    last = with_step_context("training step", hooks.step() + 1, hooks.train_step);
     stop = hooks.any_rank(g_stop_signal != 0 || out_of_time());
     bool eval_now = cfg.eval_every > 0 &&
                     (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
-    double val = eval_now ? hooks.eval_loss() : 0.0;
+    double val = eval_now ? with_step_context("validation after step", last.step, hooks.eval_loss)
+                          : 0.0;
     if (leader) {
       nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
                           {"lr", last.lr},              {"grad_norm", last.grad_norm},

@@ -49,6 +49,21 @@ expect_error "eval loss: not uint32" "not a multiple of 4" \
   "$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK/odd.u32"
 expect_error "eval loss: missing checkpoint" "does not exist" \
   "$LOOM" eval loss --checkpoint "$WORK/nope" --tokens "$WORK/ok.u32"
+expect_error "eval loss: --seq -5" "--seq -5 must be positive" \
+  "$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK/ok.u32" --seq -5
+expect_error "eval loss: --tokens DIR" "--tokens '$WORK' is not a regular file" \
+  "$LOOM" eval loss --checkpoint "$WORK/ckpt" --tokens "$WORK"
+
+# init never replaces an existing checkpoint silently
+sum_before=$(sha256sum "$WORK/ckpt/model.safetensors")
+expect_error "init: --out over a checkpoint" "--out '$WORK/ckpt' already exists and is not empty" \
+  "$LOOM" init --model "$SRC/configs/models/tiny.toml" --out "$WORK/ckpt" --seed 9
+[ "$(sha256sum "$WORK/ckpt/model.safetensors")" = "$sum_before" ] && pass "init: checkpoint untouched" \
+  || fail "init replaced the checkpoint"
+cp -r "$WORK/ckpt" "$WORK/ckpt_over"
+"$LOOM" init --model "$SRC/configs/models/tiny.toml" --out "$WORK/ckpt_over" --seed 9 --overwrite >/dev/null \
+  && [ "$(sha256sum "$WORK/ckpt_over/model.safetensors" | cut -d' ' -f1)" != "${sum_before%% *}" ] \
+  && pass "init --overwrite replaces" || fail "init --overwrite"
 
 # train: bad overrides and configs, then a short real run with resume
 expect_error "train: unknown --set key" "unknown key 'train.stepz'" \
@@ -62,9 +77,24 @@ expect_error "train: missing data dir" "is not a directory" \
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 4 >"$WORK/train.json" 2>"$WORK/train.log" \
   && [ -s "$WORK/run/metrics.jsonl" ] && [ -s "$WORK/run/loss.svg" ] && [ -f "$WORK/run/ckpt/checksums.json" ] \
   && pass "train writes metrics, plot, checkpoint" || fail "train: $(tail -3 "$WORK/train.log")"
+metrics_before=$(sha256sum "$WORK/run/metrics.jsonl")
+expect_error "train: --out over an existing run" "run directory '$WORK/run' already holds a run" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 2
+[ "$(sha256sum "$WORK/run/metrics.jsonl")" = "$metrics_before" ] && pass "train: existing run untouched" \
+  || fail "train: existing run's metrics changed"
+# Lines an interrupted run wrote after its checkpoint (step 4), one torn by the kill: the resume
+# below must cut them, so metrics.jsonl lists steps 1..6 once each.
+printf '{"step":5,"loss":1}\n{"step":6,"lo' >>"$WORK/run/metrics.jsonl"
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 6 --resume "$WORK/run/ckpt" \
   >"$WORK/train2.json" 2>"$WORK/train2.log" && grep -q '"step":6' "$WORK/train2.json" \
   && pass "train --resume" || fail "train --resume: $(tail -3 "$WORK/train2.log")"
+/usr/bin/python3 -c "
+import json; steps=[json.loads(l)['step'] for l in open('$WORK/run/metrics.jsonl')]
+assert steps == [1, 2, 3, 4, 5, 6], steps" && pass "resume: metrics.jsonl cut to the resumed step" \
+  || fail "resume: metrics.jsonl: $(cut -c1-20 "$WORK/run/metrics.jsonl" | tr '\n' ' ')"
+"$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 1 --overwrite >/dev/null 2>&1 \
+  && [ "$(wc -l <"$WORK/run/metrics.jsonl")" -eq 1 ] && pass "train --overwrite starts afresh" \
+  || fail "train --overwrite"
 # A corrupted checkpoint is refused and left as it is.
 cp -r "$WORK/run/ckpt" "$WORK/bad_ckpt"
 printf '\x00' | dd of="$WORK/bad_ckpt/model.safetensors" bs=1 seek=5000 conv=notrunc 2>/dev/null
@@ -85,12 +115,18 @@ for heal in "" --no-token-healing; do
   [[ "$g1" == "def "* && "$g1" == "$g2" ]] || gen_ok=0
 done
 [ "$gen_ok" = 1 ] && pass "generate (token healing on and off)" || fail "generate: '$g1' / '$g2'"
+for t in nan inf -1; do
+  expect_error "generate: --temperature $t" "--temperature $t must be a finite number >= 0" \
+    "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" --prompt 'def ' --temperature $t
+done
 
 # SIGTERM mid-run saves a checkpoint and exits cleanly.
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 100000 \
   --set train.eval_every=0 >"$WORK/sig.json" 2>"$WORK/sig.log" &
 pid=$!
 for _ in $(seq 100); do [ -s "$WORK/sig/metrics.jsonl" ] && break; sleep 0.1; done
+expect_error "train: second run on a directory in use" "run directory '$WORK/sig' is in use by loom train pid $pid" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 2 --overwrite
 kill -TERM $pid
 if wait $pid && grep -q "signal 15 received" "$WORK/sig.log" && [ -f "$WORK/sig/ckpt/checksums.json" ]; then
   pass "SIGTERM saves and exits 0"
@@ -121,6 +157,26 @@ else
   fail "SIGKILL of a training rank: victim '$victim' rc $rc after ${elapsed}s: $(tail -3 "$WORK/killed.log")"
 fi
 
+# A frozen rank (SIGSTOP) in a dp=2 run: the neighbour waiting on it names the group, the
+# operation, the peer and the step, then the job ends (the stopped rank is killed with it).
+LOOM_COMM_TIMEOUT=5 timeout -k 5 60 "$SRC/scripts/mpirun-local" 2 "$LOOM" train \
+  --config "$SRC/configs/train/tiny.toml" --out "$WORK/frozen" --steps 100000 \
+  --set train.eval_every=0 >"$WORK/frozen.log" 2>&1 &
+mpipid=$!
+for _ in $(seq 300); do [ -s "$WORK/frozen/metrics.jsonl" ] && break; sleep 0.1; done
+victim=$(pgrep -f -- "--out $WORK/frozen" | while read -r p; do
+  [ "$(ps -o comm= -p "$p")" = loom ] && echo "$p"; done | tail -1)
+[ -n "$victim" ] && kill -STOP "$victim"
+wait $mpipid
+rc=$?
+if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
+   grep -qE "group=dp\] all_reduce .* timed out .*waiting on world rank [01] \(group rank [01]\), which did not answer a liveness probe.*\(during training step [0-9]+\)" "$WORK/frozen.log"; then
+  pass "a frozen rank is named by its neighbour (group, op, peer, step)"
+else
+  fail "frozen rank: victim '$victim' rc $rc: $(grep -vE '^ *$|^\[.*info\]' "$WORK/frozen.log" | head -8)"
+fi
+[ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null
+
 # One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
 # dp x pp run: the failed rank names itself and aborts the job, so the other ranks end at once
 # instead of waiting out the collective timeout (set to 100 s here: ending well before it shows
@@ -146,6 +202,26 @@ for spec in "1:3 --dp 2 --tp 2" "3:2 --dp 2 --pp 2 --micro-batches 2"; do
 done
 expect_error "LOOM_FAIL_AT malformed" "LOOM_FAIL_AT = 'x': expected RANK:STEP" \
   env LOOM_FAIL_AT=x "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/thrown" --steps 1
+
+# data verify: a good corpus, then meta.json missing, garbage or pointing outside the directory
+mkdir -p "$WORK/dsrc" && cp "$SRC"/src/data/*.cpp "$WORK/dsrc/"
+"$LOOM" data build --source "$WORK/dsrc" --out "$WORK/corpus" --vocab 400 >/dev/null 2>&1 \
+  && "$LOOM" data verify --data "$WORK/corpus" >/dev/null 2>&1 && pass "data build + verify" \
+  || fail "data build + verify"
+cp "$WORK/corpus/meta.json" "$WORK/meta.good"
+/usr/bin/python3 -c "
+import json; m=json.load(open('$WORK/meta.good')); m['shards']['train'][0]['file']='../../../../etc/passwd'
+json.dump(m, open('$WORK/corpus/meta.json','w'))"
+expect_error "data verify: meta.json path outside" "'../../../../etc/passwd' contains '..'" \
+  "$LOOM" data verify --data "$WORK/corpus"
+expect_error "train: meta.json path outside" "'../../../../etc/passwd' contains '..'" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run_meta" --set data.source='"shards"' \
+  --set data.path="\"$WORK/corpus\"" --steps 1
+echo 'garbage' >"$WORK/corpus/meta.json"
+expect_error "data verify: garbage meta.json" "meta.json' is not valid JSON" "$LOOM" data verify --data "$WORK/corpus"
+rm "$WORK/corpus/meta.json"
+expect_error "data verify: missing meta.json" "meta.json' is missing" "$LOOM" data verify --data "$WORK/corpus"
+cp "$WORK/meta.good" "$WORK/corpus/meta.json"
 
 # data: empty source directory and a directory without shards
 mkdir -p "$WORK/empty"

@@ -469,6 +469,16 @@ TEST(Collectives, TimeoutNamesGroupOpAndSeqThenRecovers) {
         EXPECT_NE(m.find("all_reduce of 65536 x F32"), std::string::npos) << m;
         EXPECT_NE(m.find("seq 2"), std::string::npos) << m;  // barrier was seq 1
         EXPECT_NE(m.find("timed out"), std::string::npos) << m;
+        // The frozen member is named by the ranks waiting on it (it sleeps without polling).
+        EXPECT_NE(m.find(fmt::format("waiting on world rank {} (group rank {}), which did not "
+                                     "answer a liveness probe", late, late)),
+                  std::string::npos) << m;
+        // Live members that did join are not blamed.
+        const int other = g.rank() == 0 ? 1 : 0;
+        if (other != late) {
+          EXPECT_EQ(m.find(fmt::format("world rank {} (group rank {}), which", other, other)),
+                    std::string::npos) << m;
+        }
       }
       EXPECT_FALSE(work.completed());
       work.wait(kTestTimeout);  // the late rank arrives: the same Work completes
@@ -476,6 +486,45 @@ TEST(Collectives, TimeoutNamesGroupOpAndSeqThenRecovers) {
     for (int64_t i = 0; i < n; i += 997) ASSERT_EQ(x.data<float>()[i], float(w * (w - 1) / 2));
     g.barrier().wait(kTestTimeout);
   }
+}
+
+// A receive whose sender is alive but busy in another call names the sender and what it is
+// doing; the late send then completes the same Work.
+TEST(Collectives, PointToPointTimeoutNamesThePeer) {
+  ProcessGroup wg = world();
+  if (wg.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  std::vector<std::vector<int>> all(1);
+  for (int i = 0; i < wg.size(); ++i) all[0].push_back(i);
+  ProcessGroup g = wg.split(all, "p2p-timeout");
+  g.set_timeout(1.0);
+  std::vector<float> buf(16, float(g.rank()));
+  if (g.rank() == 1) {
+    // Alive and polling this group (a barrier rank 0 joins only later), but not sending yet.
+    // It polls (and so answers rank 0's probe, sent after 1 s) until its own 2.5 s run out.
+    Work b = g.barrier();
+    try {
+      b.wait(2.5);
+    } catch (const TimeoutError&) {
+    }
+    g.send(BufferRef(buf.data(), 16, DType::f32), 0);
+    b.wait(kTestTimeout);
+  } else if (g.rank() == 0) {
+    Work r = g.irecv(BufferRef(buf.data(), 16, DType::f32), 1);
+    try {
+      r.wait();
+      FAIL() << "expected TimeoutError";
+    } catch (const TimeoutError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("waiting on world rank 1 (group rank 1), which is alive (waiting in "
+                       "barrier seq 1"), std::string::npos) << m;
+    }
+    r.wait(kTestTimeout);
+    EXPECT_EQ(buf[0], 1.0f);
+    g.barrier().wait(kTestTimeout);
+  } else {
+    g.barrier().wait(kTestTimeout);
+  }
+  g.barrier().wait(kTestTimeout);
 }
 
 TEST(Collectives, TimeoutFromEnvironment) {

@@ -5,7 +5,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -83,5 +85,27 @@ class ScratchDir {
  private:
   std::string path_;
 };
+
+// Writes DIR/meta.json listing every train_*.bin / val_*.bin in DIR, as `loom data build` does
+// (the loader and `loom data verify` read only the shards meta.json lists).
+inline void write_meta_for_shards(const std::string& dir, int64_t vocab) {
+  std::vector<std::string> train, val;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string n = e.path().filename().string();
+    if (n.ends_with(".bin") && n.starts_with("train_")) train.push_back(n);
+    if (n.ends_with(".bin") && n.starts_with("val_")) val.push_back(n);
+  }
+  std::sort(train.begin(), train.end());
+  std::sort(val.begin(), val.end());
+  auto list = [](const std::vector<std::string>& v) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += fmt::format("{}{{\"file\": \"{}\"}}", i ? ", " : "", v[i]);
+    return out + "]";
+  };
+  std::ofstream(dir + "/meta.json") << fmt::format(
+      "{{\"format\": \"loom-token-shards\", \"shard_version\": 1, \"tokenizer_dir\": "
+      "\"tokenizer\", \"vocab_size\": {}, \"shards\": {{\"train\": {}, \"val\": {}}}}}\n",
+      vocab, list(train), list(val));
+}
 
 }  // namespace loom::data::testing

@@ -126,6 +126,7 @@ TEST_F(ShardDamage, WrongVersion) {
 }
 
 TEST_F(ShardDamage, LoaderNamesTheBadShard) {
+  testing::write_meta_for_shards(dir_.path(), 1000);
   bytes_[kShardHeaderBytes] ^= 0x10;
   rewrite(bytes_);
   try {
@@ -134,6 +135,53 @@ TEST_F(ShardDamage, LoaderNamesTheBadShard) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("train_00000.bin"), std::string::npos) << e.what();
   }
+}
+
+// Hostile headers: well-formed (both checksums valid) but with counts that lie. Each used to
+// crash `loom data verify` or be accepted; now each is rejected naming the shard.
+class ShardHostileHeader : public ShardDamage {
+ protected:
+  // Overwrites the u64 header field at `offset` and fixes the header checksum.
+  void set_u64(size_t offset, uint64_t v) {
+    std::memcpy(bytes_.data() + offset, &v, 8);
+    const uint32_t crc = crc32c(0, bytes_.data(), 60);
+    std::memcpy(bytes_.data() + 60, &crc, 4);
+    rewrite(bytes_);
+  }
+};
+
+TEST_F(ShardHostileHeader, VocabZero) {
+  set_u64(32, 0);
+  expect_rejected(path_, "header vocab size 0 is outside");
+}
+
+TEST_F(ShardHostileHeader, TokenAtOrAboveVocab) {
+  set_u64(32, 5);  // the sample holds tokens up to 999
+  expect_rejected(path_, "outside the header's vocabulary [0, 5)");
+}
+
+TEST_F(ShardHostileHeader, HugeVocab) {
+  set_u64(32, uint64_t(1) << 40);
+  expect_rejected(path_, "is outside [1, 2147483648]");
+}
+
+TEST_F(ShardHostileHeader, DocumentIndexOverflow) {
+  // 3 + 2^61 documents of 24 bytes wrap to the real 72 bytes: the size check used to pass and
+  // the index check read past the end of the mapping.
+  set_u64(24, 3 + (uint64_t(1) << 61));
+  expect_rejected(path_, "truncated: header says 2305843009213693955 documents");
+}
+
+TEST_F(ShardHostileHeader, TokenCountOverflow) {
+  // 2^63 + 9 two-byte tokens wrap to the real 18 bytes; the count used to read as negative.
+  set_u64(16, (uint64_t(1) << 63) + 9);
+  expect_rejected(path_, "truncated: header says 9223372036854775817 tokens");
+}
+
+TEST(Shard, MaxTokenIsReported) {
+  testing::ScratchDir dir("shard_max");
+  ShardReader r(write_sample(dir.path(), 2, 1000));
+  EXPECT_EQ(r.max_token(), 999);
 }
 
 TEST(Shard, Crc32cKnownValue) {

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 
@@ -39,6 +41,7 @@ void write_shards(const std::string& dir, int64_t tokens_per_shard, int shards) 
     }
     w.write(fmt::format("{}/train_{:05d}.bin", dir, s));
   }
+  testing::write_meta_for_shards(dir, 5000);
 }
 
 TEST(PermuteIndex, IsABijection) {
@@ -169,6 +172,92 @@ TEST_F(ShardStreamTest, IncompatibleRestoreAndBadUseAreErrors) {
   EXPECT_THROW(a->restore(make_synthetic_stream(10, 1, 0, 1)->state()), Error);
   EXPECT_THROW(open_shard_stream(dir_.path(), "train", 1, 2, 2), Error);  // rank >= size
   EXPECT_THROW(open_shard_stream(dir_.path(), "test", 1, 0, 1), Error);
+}
+
+// Trainer state is a file a user can edit: every value is range-checked, named by its key.
+TEST_F(ShardStreamTest, RestoreRejectsOutOfRangeState) {
+  auto a = open_shard_stream(dir_.path(), "train", 1, 0, 1);
+  take(*a, 2, 16);
+  const auto good = a->state();
+  auto expect_bad = [&](const char* key, nlohmann::json value, const std::string& what) {
+    auto s = good;
+    s[key] = value;
+    auto b = open_shard_stream(dir_.path(), "train", 1, 0, 1);
+    try {
+      b->restore(s);
+      FAIL() << key << "=" << value.dump() << " accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(std::string("key '") + key + "'"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(what), std::string::npos) << msg;
+    }
+  };
+  expect_bad("position", -5, "must be a non-negative integer, found -5");
+  expect_bad("position", 1e18, "must be a non-negative integer");  // a float in JSON
+  expect_bad("position", uint64_t(1000000000000000000ull), "outside [0, ");
+  expect_bad("position", "3", "must be a non-negative integer, found \"3\"");
+  expect_bad("epoch", -1, "must be a non-negative integer");
+  expect_bad("T", -16, "must be a non-negative integer");
+  // The good state still restores.
+  auto c = open_shard_stream(dir_.path(), "train", 1, 0, 1);
+  c->restore(good);
+  EXPECT_EQ(take(*c, 2, 16), take(*a, 2, 16));
+}
+
+class DataMetaTest : public ShardStreamTest {
+ protected:
+  void write_meta(const std::string& text) {
+    std::ofstream(dir_.path() + "/meta.json") << text;
+  }
+  void expect_open_fails(const std::string& what) {
+    try {
+      open_shard_stream(dir_.path(), "train", 1, 0, 1);
+      FAIL() << "opened with bad meta.json, expected: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  }
+};
+
+TEST_F(DataMetaTest, MissingGarbageOrEscapingMetaIsRejected) {
+  const std::string meta_path = dir_.path() + "/meta.json";
+  std::filesystem::remove(meta_path);
+  expect_open_fails("meta.json' is missing");
+  write_meta("this is not json");
+  expect_open_fails("meta.json' is not valid JSON");
+  write_meta("[1, 2]");
+  expect_open_fails("must hold a JSON object");
+  write_meta(R"({"format": "loom-token-shards", "shard_version": 1, "vocab_size": 5000,
+                 "shards": {"train": [{"file": "../../../../etc/passwd"}]}})");
+  expect_open_fails("key 'shards.train[0].file': '../../../../etc/passwd' contains '..'");
+  write_meta(R"({"format": "loom-token-shards", "shard_version": 1, "vocab_size": 5000,
+                 "shards": {"train": [{"file": "/etc/passwd"}]}})");
+  expect_open_fails("must be a non-empty path relative to the data directory");
+  write_meta(R"({"format": "loom-token-shards", "shard_version": 1, "vocab_size": 5000,
+                 "tokenizer_dir": "../x", "shards": {}})");
+  expect_open_fails("key 'tokenizer_dir'");
+  write_meta(R"({"format": "loom-token-shards", "shard_version": "1", "vocab_size": 5000,
+                 "shards": {}})");
+  expect_open_fails("key 'shard_version' must be an integer, found \"1\"");
+  // A symlink inside the directory that leads out of it.
+  std::filesystem::create_directory_symlink("/etc", dir_.path() + "/link");
+  write_meta(R"({"format": "loom-token-shards", "shard_version": 1, "vocab_size": 5000,
+                 "shards": {"train": [{"file": "link/passwd"}]}})");
+  expect_open_fails("outside the data directory");
+}
+
+TEST_F(DataMetaTest, StrayOrMissingShardIsRejected) {
+  // Listed but absent.
+  testing::write_meta_for_shards(dir_.path(), 5000);
+  std::filesystem::rename(dir_.path() + "/train_00001.bin", dir_.path() + "/elsewhere.bin");
+  expect_open_fails("lists train shard 'train_00001.bin'");
+  // On disk but not listed.
+  testing::write_meta_for_shards(dir_.path(), 5000);
+  std::filesystem::rename(dir_.path() + "/elsewhere.bin", dir_.path() + "/train_00001.bin");
+  expect_open_fails("is not listed in");
+  // Wrong vocab in meta.
+  testing::write_meta_for_shards(dir_.path(), 4000);
+  expect_open_fails("says vocab_size 4000");
 }
 
 TEST(ShardStreamErrors, DirectoryWithoutShards) {

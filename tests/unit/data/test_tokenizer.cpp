@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "data/sp_tokenizer.h"
 #include "data/text_util.h"
+#include "data/tokenizer.h"
 #include "sample_corpus.h"
 
 namespace loom::data {
@@ -116,6 +117,32 @@ TEST(SentencePieceTokenizer, BadInputIsAClearError) {
   EXPECT_THROW(load_tokenizer(dir.path() + "/missing"), Error);  // no such path
   std::vector<std::string_view> none;
   EXPECT_THROW(train_sentencepiece(none, {}), Error);
+}
+
+// Loader errors name the file (and the key): a bare parser message says nothing of where.
+TEST(LoadTokenizer, ErrorsNameTheFileAndKey) {
+  testing::ScratchDir dir("tok_named");
+  auto expect = [](const std::string& path, const std::vector<std::string>& needles) {
+    try {
+      load_tokenizer(path);
+      FAIL() << "loaded " << path;
+    } catch (const Error& e) {
+      for (const auto& n : needles)
+        EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << e.what();
+    }
+  };
+  write_file_atomic(dir.path() + "/broken.model", "not a sentencepiece model");
+  expect(dir.path() + "/broken.model", {dir.path() + "/broken.model", "cannot parse"});
+  std::filesystem::create_directories(dir.path() + "/t");
+  write_file_atomic(dir.path() + "/t/tokenizer.json", R"({"kind": 7})");
+  expect(dir.path() + "/t", {"tokenizer.json", "key 'kind' must be a string, found 7"});
+  write_file_atomic(dir.path() + "/t/tokenizer.json",
+                    R"({"kind": "sentencepiece", "model_file": "../../../../etc/passwd"})");
+  expect(dir.path() + "/t", {"key 'model_file'", "contains '..'"});
+  std::filesystem::create_directories(dir.path() + "/bpe");
+  write_file_atomic(dir.path() + "/bpe/vocab.json", R"({"a": "1"})");
+  write_file_atomic(dir.path() + "/bpe/merges.txt", "#version: 0.2\n");
+  expect(dir.path() + "/bpe", {dir.path() + "/bpe", "vocab.json"});
 }
 
 }  // namespace

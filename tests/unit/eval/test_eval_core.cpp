@@ -138,6 +138,11 @@ TEST(Problems, BadInputNamesFileLineAndFix) {
   const fs::path bad_json = t.write("bad.jsonl", good + "\n{\"task_id\": \"Python/1\",\n");
   EXPECT_NE(error_of([&] { ProblemSet::load({bad_json}); }).find("bad.jsonl:2: malformed JSON"),
             std::string::npos);
+  // A number past double's range is not a parse_error but out_of_range (fuzz_humaneval): it
+  // must still name the file and line.
+  const fs::path huge = t.write("huge.jsonl", good + "\n47E899\n");
+  EXPECT_NE(error_of([&] { ProblemSet::load({huge}); }).find("huge.jsonl:2: malformed JSON"),
+            std::string::npos);
   const fs::path no_test = t.write(
       "notest.jsonl", R"({"task_id": "Python/0", "prompt": "x", "canonical_solution": "y"})");
   EXPECT_NE(error_of([&] { ProblemSet::load({no_test}); }).find("field 'test' is missing"),

@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "core/error.h"
 #include "eval/sandbox.h"
@@ -197,6 +199,80 @@ TEST_F(SandboxTest, SeesOnlyItsOwnProcesses) {
   const SandboxResult r = sh("ls /proc | grep -c '^[0-9]'");
   // sh, ls, grep and init: a handful, not the host's process table.
   EXPECT_LE(std::stoi(r.out), 6) << r.out;
+}
+
+// Timeout is by the sample's CPU time; the wall clock (3x) only catches sleepers.
+TEST_F(SandboxTest, CpuTimeoutAndWallBackstop) {
+  std::printf("sandbox: %s\n", sandbox_->describe().c_str());
+  SandboxSpec spin;
+  spin.argv = {"/bin/sh", "-c", "while :; do :; done"};
+  spin.env = {"PATH=/usr/bin:/bin"};
+  spin.dir = sandbox_->make_dir(root_, 0);
+  spin.limits = loom::eval::untrusted_run_limits(0.5);
+  const SandboxResult a = sandbox_->run(spin, 0);
+  EXPECT_TRUE(a.timed_out && a.cpu_timeout) << a.wall_seconds;
+  EXPECT_GE(a.cpu_seconds, 0.45);
+  EXPECT_LT(a.wall_seconds, 1.5 + 0.5);
+  SandboxSpec nap = spin;
+  nap.argv = {"/bin/sh", "-c", "sleep 100"};
+  nap.dir = sandbox_->make_dir(root_, 0);
+  const SandboxResult b = sandbox_->run(nap, 0);
+  EXPECT_TRUE(b.timed_out) << b.wall_seconds;
+  EXPECT_FALSE(b.cpu_timeout);
+  EXPECT_GE(b.wall_seconds, 1.5);  // the 3x backstop
+  EXPECT_LT(b.wall_seconds, 3.0);
+}
+
+// Issue "Reliability": a correct sample (0.2 s alone) beside a fork bomb, a memory hog and an
+// infinite loop, 4 workers at once, must pass every time: the attackers are bounded by their
+// own CPU time, quota and pids limit, never by the neighbour's wall clock.
+TEST_F(SandboxTest, CorrectSampleBesideAttackersPassesTenOfTen) {
+  if (!fs::exists("/usr/bin/python3")) GTEST_SKIP() << "SKIP: /usr/bin/python3 missing";
+  std::printf("sandbox: %s\n", sandbox_->describe().c_str());
+  const std::vector<std::string> programs = {
+      "s = 0\nfor i in range(1500000):\n    s += i\nprint(s)\n",  // the correct sample
+      "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+      "x = []\nwhile True:\n    x.append(bytearray(64 * 2**20))\n",
+      "while True:\n    pass\n",
+  };
+  const std::string expected = std::to_string(int64_t(1500000) * 1499999 / 2) + "\n";
+  int passed = 0;
+  for (int round = 0; round < 10; ++round) {
+    std::vector<SandboxResult> results(programs.size());
+    std::vector<std::thread> workers;
+    for (size_t k = 0; k < programs.size(); ++k)
+      workers.emplace_back([&, k] {
+        SandboxSpec spec;
+        spec.argv = {"/usr/bin/python3", "-I", "-B", "-c", programs[k]};
+        spec.env = {"PATH=/usr/bin:/bin", "OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1"};
+        spec.dir = sandbox_->make_dir(root_, int(k));
+        spec.limits = loom::eval::untrusted_run_limits(2.0);
+        spec.limits.address_space_bytes = int64_t(2) << 30;
+        results[k] = sandbox_->run(spec, int(k));
+      });
+    for (auto& w : workers) w.join();
+    const SandboxResult& ok = results[0];
+    const bool pass = !ok.timed_out && ok.exit_code == 0 && ok.term_signal == 0 && ok.out == expected;
+    passed += pass;
+    EXPECT_TRUE(pass) << "round " << round << ": timed_out=" << ok.timed_out << " exit="
+                      << ok.exit_code << " signal=" << ok.term_signal << " wall=" << ok.wall_seconds
+                      << " cpu=" << ok.cpu_seconds << " err=" << ok.err;
+    // The attackers were contained: the loop and the bomb timed out (by their CPU time, or by
+    // the 3x wall backstop when, on a loaded machine, their own quota share was smaller), the
+    // hog stopped at its address-space limit, and nothing of any sample is left.
+    for (size_t k = 1; k < results.size(); ++k)
+      std::printf("round %d attacker %zu: timed_out=%d cpu_timeout=%d exit=%d signal=%d wall=%.2f "
+                  "cpu=%.2f\n", round, k, results[k].timed_out, results[k].cpu_timeout,
+                  results[k].exit_code, results[k].term_signal, results[k].wall_seconds,
+                  results[k].cpu_seconds);
+    EXPECT_TRUE(results[1].timed_out || results[1].exit_code != 0);
+    EXPECT_NE(results[2].exit_code, 0);
+    EXPECT_TRUE(results[3].timed_out);
+    for (int k = 0; k < 4; ++k) EXPECT_EQ(processes_of_uid(sandbox_->uid_for_slot(k)), 0);
+  }
+  std::printf("correct sample beside fork bomb, memory hog, infinite loop: %d of 10 passed\n",
+              passed);
+  EXPECT_EQ(passed, 10);
 }
 
 TEST_F(SandboxTest, MissingBinaryIsASetupError) {

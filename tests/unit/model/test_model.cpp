@@ -277,4 +277,52 @@ TEST(Config, StrictAndActionable) {
   EXPECT_EQ(back.to_toml(), c.to_toml());
 }
 
+// Sizes from a file are range-checked in checked arithmetic: 2^62 positions or 2^40 layers used
+// to pass (a wrapped parameter count, 0-byte tensors, an allocation until the OOM killer).
+TEST(Config, HugeSizesAreRejectedWithTheLimit) {
+  auto expect_rejected = [](const std::string& extra, const std::string& what) {
+    std::string text = "vocab=10\nn_heads=2\n" + extra;
+    try {
+      model_config_from_toml(text, "huge.toml");
+      FAIL() << "accepted: " << extra;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_rejected("d_model=8\nd_ff=8\nn_layers=1\nmax_seq=4611686018427387904\n",
+                  "max_seq = 4611686018427387904 exceeds the limit 16777216");
+  expect_rejected("d_model=8\nd_ff=8\nn_layers=1099511627776\nmax_seq=4\n",
+                  "n_layers = 1099511627776 exceeds the limit 16384");
+  expect_rejected("d_model=8\nn_layers=1\nmax_seq=4\nd_ff=9223372036854775807\n", "d_ff = ");
+  // A float where an integer belongs (fuzz_model_toml: 5E20 used to be converted with UB).
+  expect_rejected("d_model=5E20\nd_ff=8\nn_layers=1\nmax_seq=4\n",
+                  "model key 'd_model' must be an integer");
+  // Each field within its limit, the product not: parameters.
+  expect_rejected("n_layers=16384\nmax_seq=4\nd_model=1048576\nd_ff=8\n",
+                  "parameters exceed the limit");
+  // Activations of one sequence: huge vocab times long sequences.
+  try {
+    model_config_from_toml("vocab=2000000000\nn_layers=1\nd_model=8\nn_heads=2\nd_ff=8\n"
+                           "max_seq=16777216\n", "act.toml");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bytes of activations"), std::string::npos) << e.what();
+  }
+  ModelConfig ok = model_config_from_toml(
+      "vocab=52224\nn_layers=39\nd_model=5120\nn_heads=40\nd_ff=20480\nmax_seq=2048\n"
+      "query_layer=true\n", "codegeex.toml");
+  EXPECT_GT(ok.num_params(), int64_t(12e9));  // CodeGeeX-13B: 12.9e9 with vocab 52224
+}
+
+TEST(Config, DirectoryOrMissingFileIsNamed) {
+  const std::string dir = ::testing::TempDir();
+  try {
+    load_model_config(dir);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is a directory"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_model_config(dir + "/no_such_model.toml"), Error);
+}
+
 }  // namespace
