@@ -140,12 +140,30 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       LOOM_CHECK(v.is_object() && v.contains("dtype") && v.contains("shape") &&
                      v.contains("data_offsets"),
                  "'{}': entry '{}' lacks dtype, shape or data_offsets", path, name);
+      LOOM_CHECK(v["dtype"].is_string(), "'{}': tensor '{}': key 'dtype' must be a string, found {}",
+                 path, name, v["dtype"].dump());
+      LOOM_CHECK(v["shape"].is_array(), "'{}': tensor '{}': key 'shape' must be an array, found {}",
+                 path, name, v["shape"].dump());
+      const auto& off = v["data_offsets"];
+      LOOM_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() &&
+                     off[1].is_number_unsigned(),
+                 "'{}': tensor '{}': key 'data_offsets' must be [begin, end], found {}", path, name,
+                 off.dump());
       TensorInfo info;
       info.dtype = dtype_from_name(v["dtype"].get<std::string>());
-      for (auto& d : v["shape"]) info.shape.push_back(d.get<int64_t>());
-      info.begin = v["data_offsets"][0].get<uint64_t>();
-      info.end = v["data_offsets"][1].get<uint64_t>();
-      uint64_t expect = uint64_t(shape_numel(info.shape)) * dtype_size(info.dtype);
+      uint64_t expect = dtype_size(info.dtype);
+      for (auto& d : v["shape"]) {
+        LOOM_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= (uint64_t(1) << 40),
+                   "'{}': tensor '{}': shape entry {} must be an integer in [0, 2^40]", path, name,
+                   d.dump());
+        info.shape.push_back(d.get<int64_t>());
+        LOOM_CHECK(d.get<uint64_t>() == 0 || expect <= data_size / d.get<uint64_t>() + 1,
+                   "'{}': tensor '{}': shape {} is larger than the file's {} data bytes", path,
+                   name, v["shape"].dump(), data_size);
+        expect *= d.get<uint64_t>();
+      }
+      info.begin = off[0].get<uint64_t>();
+      info.end = off[1].get<uint64_t>();
       LOOM_CHECK(info.begin <= info.end && info.end <= data_size,
                  "'{}': tensor '{}' spans bytes [{}, {}) but the data section has {} bytes "
                  "(truncated file?)", path, name, info.begin, info.end, data_size);

@@ -9,7 +9,10 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "core/config_file.h"
 #include "core/error.h"
+#include <cfloat>
+#include <cmath>
 #include "model/params.h"
 #include "parallel/plan.h"
 #include <optional>
@@ -77,13 +80,10 @@ toml::table parse_override_value(const std::string& value) {
 
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides,
                               const parallel::PlanSettings& flags) {
-  std::ifstream f(path);
-  LOOM_CHECK(f.good(), "cannot open training config '{}': no such readable file", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
+  const std::string text = read_config_file(path, "training config");
   toml::table tbl;
   try {
-    tbl = toml::parse(ss.str(), path);
+    tbl = toml::parse(text, path);
   } catch (const toml::parse_error& e) {
     LOOM_FAIL("{}: TOML syntax error at line {}: {}", path, e.source().begin.line,
               std::string(e.description()));
@@ -132,7 +132,10 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     auto node = tbl[s][k];
     if (!node) return;
     LOOM_CHECK(node.is_number(), "{} must be a number", where(s, k));
-    out = float(*node.value<double>());
+    const double v = *node.value<double>();
+    LOOM_CHECK(std::isfinite(v) && std::fabs(v) <= double(FLT_MAX),
+               "{} = {} is not a finite float", where(s, k), v);
+    out = float(v);
   };
   auto get_str = [&](const std::string& s, const std::string& k, std::string& out) {
     auto node = s.empty() ? tbl[k] : tbl[s][k];
@@ -146,9 +149,10 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   LOOM_CHECK(!model_path.empty(), "{}: missing 'model = \"path/to/model.toml\"'", path);
   // Relative model paths: next to the config first, else relative to the working directory.
   fs::path beside = fs::path(path).parent_path() / model_path;
-  if (fs::path(model_path).is_relative() && !fs::exists(model_path) && fs::exists(beside))
+  std::error_code ec;  // a path too long or unreadable is "does not exist", not an exception
+  if (fs::path(model_path).is_relative() && !fs::exists(model_path, ec) && fs::exists(beside, ec))
     model_path = beside.string();
-  LOOM_CHECK(fs::exists(model_path), "{}: model = '{}' does not exist", path, model_path);
+  LOOM_CHECK(fs::exists(model_path, ec), "{}: model = '{}' does not exist", path, model_path);
   c.model_path = model_path;
   c.model = model::load_model_config(model_path);
 
