@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
-#include "checkpoint/interop.h"
+#include "interop/convert.h"
 #include "cli.h"
 #include "core/error.h"
 
@@ -45,19 +45,19 @@ void add_convert(CLI::App& root, loom::cli::Context& ctx) {
     if (!o->to.empty()) {
       LOOM_CHECK(o->to == "hf-gpt2", "loom convert: --to '{}' is unknown; supported: hf-gpt2",
                  o->to);
-      loom::checkpoint::export_hf_gpt2(o->in, o->out);
+      loom::interop::export_hf_gpt2(o->in, o->out);
       std::printf("%s\n", nlohmann::json{{"exported", o->out}, {"format", "hf-gpt2"}}.dump().c_str());
       ctx.exit_code = 0;
       return;
     }
-    loom::checkpoint::ConvertOptions opt;
+    loom::interop::ConvertOptions opt;
     opt.tokenizer_dir = o->tokenizer;
     opt.name = o->name;
     opt.n_heads = o->n_heads;
     opt.vocab_multiple = o->vocab_multiple;
-    loom::checkpoint::ConvertResult r;
-    if (o->from == "codegeex") r = loom::checkpoint::convert_codegeex(o->in, o->out, opt);
-    else if (o->from == "hf-gpt2") r = loom::checkpoint::convert_hf_gpt2(o->in, o->out, opt);
+    loom::interop::ConvertResult r;
+    if (o->from == "codegeex") r = loom::interop::convert_codegeex(o->in, o->out, opt);
+    else if (o->from == "hf-gpt2") r = loom::interop::convert_hf_gpt2(o->in, o->out, opt);
     else LOOM_FAIL("loom convert: --from '{}' is unknown; supported: codegeex, hf-gpt2", o->from);
     for (const auto& w : r.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
     nlohmann::json j = {{"checkpoint", o->out},    {"from", o->from},

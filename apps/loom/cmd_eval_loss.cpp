@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "cli.h"
 #include "core/error.h"
 #include "model/gpt.h"
@@ -46,7 +46,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     std::vector<uint32_t> ids(size_t(bytes / 4));
     f.seekg(0);
     f.read(reinterpret_cast<char*>(ids.data()), bytes);
-    checkpoint::CheckpointReader r(o->checkpoint);
+    interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     for (size_t i = 0; i < ids.size(); ++i)
       LOOM_CHECK(ids[i] < uint64_t(cfg.vocab),

@@ -7,7 +7,7 @@
 #include <numeric>
 #include <vector>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "cli.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -78,7 +78,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
                "--temperature {} must be a finite number >= 0 (0 = greedy; 0.2-1.0 is usual)",
                o->temperature);
     LOOM_CHECK(o->max_tokens >= 0, "--max-tokens {} must be >= 0", o->max_tokens);
-    checkpoint::CheckpointReader r(o->checkpoint);
+    interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     std::string tok_path = o->tokenizer.empty() ? o->checkpoint + "/tokenizer" : o->tokenizer;
     auto tok = data::load_tokenizer(tok_path);

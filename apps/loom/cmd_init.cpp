@@ -2,7 +2,7 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "cli.h"
 #include "core/error.h"
 #include "model/gpt.h"
@@ -34,7 +34,7 @@ void add_init(CLI::App& root, loom::cli::Context& ctx) {
     loom::MemoryPool pool;
     loom::model::Gpt model(cfg, pool, loom::model::Precision::f32);
     model.init_weights(o->seed);
-    loom::checkpoint::save_checkpoint(o->out, cfg, model.layout(), model.weights(), {},
+    loom::interop::save_checkpoint(o->out, cfg, model.layout(), model.weights(), {},
                                       {{"step", 0}, {"seed", o->seed}});
     std::printf("{\"checkpoint\": \"%s\", \"params\": %lld}\n", o->out.c_str(),
                 (long long)cfg.num_params());

@@ -629,4 +629,6 @@ std::string find_checkpoint(const std::string& path_in) {
             "directory (no ckpt/); or a write was interrupted", path);
 }
 
+std::string sha256_file(const std::string& path) { return digest_file(path).sha256; }
+
 }  // namespace loom::checkpoint

@@ -76,6 +76,8 @@ struct FileDigest {
 
 // Lower-case hex of a SHA-256 digest of `n` bytes.
 std::string sha256_hex(const void* data, size_t n);
+// Hex SHA-256 of a file's bytes.
+std::string sha256_file(const std::string& path);
 
 // Hex SHA-256 and size of a file (streamed through a 1 MiB buffer). Throws naming the file.
 FileDigest digest_file(const std::string& path);

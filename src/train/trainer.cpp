@@ -8,7 +8,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/threads.h"
@@ -93,7 +93,7 @@ void Trainer::init_fresh() {
 }
 
 void Trainer::resume(const std::string& dir) {
-  checkpoint::CheckpointReader r(dir);
+  interop::CheckpointReader r(dir);
   r.expect_config(cfg_.model);
   // This tp rank's layout of the whole model: each rank reads only the ranges its chunks hold
   // (of its tp shard: slices of the logical tensors).
@@ -215,7 +215,7 @@ void Trainer::save(const std::string& dir) {
   std::string error;
   if (assembles && tp_rank() == 0 && pp_rank() == 0) {
     try {
-      checkpoint::save_checkpoint(dir, cfg_.model, model::ParamLayout(cfg_.model), w.data(),
+      interop::save_checkpoint(dir, cfg_.model, model::ParamLayout(cfg_.model), w.data(),
                                   {m.data(), v.data(), step()}, state, copy_tokenizer);
     } catch (const std::exception& e) {
       error = e.what();

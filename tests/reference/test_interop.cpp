@@ -13,8 +13,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "checkpoint/checkpoint.h"
-#include "checkpoint/interop.h"
+#include "interop/model_checkpoint.h"
+#include "interop/convert.h"
 #include "checkpoint/safetensors.h"
 #include "checkpoint/torch_file.h"
 #include "core/error.h"
@@ -24,6 +24,7 @@
 namespace fs = std::filesystem;
 using namespace loom;
 using namespace loom::checkpoint;
+using namespace loom::interop;
 using loom::model::Activation;
 
 namespace {

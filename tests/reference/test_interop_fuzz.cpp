@@ -15,13 +15,14 @@
 #include <random>
 #include <sstream>
 
-#include "checkpoint/interop.h"
+#include "interop/convert.h"
 #include "checkpoint/torch_file.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
 using namespace loom;
 using namespace loom::checkpoint;
+using namespace loom::interop;
 
 namespace {
 

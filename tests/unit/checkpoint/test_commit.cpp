@@ -12,7 +12,7 @@
 #include <functional>
 #include <set>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "checkpoint/commit.h"
 #include "checkpoint/sharded.h"
 #include "core/error.h"
@@ -21,6 +21,7 @@
 #include "unit/checkpoint/ck_helpers.h"
 
 namespace loom::checkpoint::test {
+using namespace loom::interop;  // the model-aware API moved to interop/
 namespace {
 
 const char* kKinds[] = {"weights", "m", "v"};

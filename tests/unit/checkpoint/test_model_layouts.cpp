@@ -9,7 +9,7 @@
 
 #include <deque>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "checkpoint/sharded.h"
 #include "core/error.h"
 #include "model/config.h"
@@ -17,6 +17,7 @@
 #include "unit/checkpoint/ck_helpers.h"
 
 namespace loom::checkpoint::test {
+using namespace loom::interop;  // the model-aware API moved to interop/
 namespace {
 
 model::ModelConfig tiny_model() {

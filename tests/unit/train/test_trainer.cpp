@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "core/error.h"
 #include "train/trainer.h"
 
@@ -131,7 +131,7 @@ fs::path make_checkpoint(const fs::path& run) {
 
 void expect_load_error(const fs::path& ckpt, const std::string& needle) {
   try {
-    checkpoint::CheckpointReader r(ckpt.string());
+    interop::CheckpointReader r(ckpt.string());
     ADD_FAILURE() << "no error, expected: " << needle;
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
@@ -142,7 +142,7 @@ TEST(Checkpoint, CorruptionIsDetectedAndNamed) {
   fs::path run = temp_dir("corrupt");
   fs::path ckpt = make_checkpoint(run);
   fs::path model = ckpt / "model.safetensors";
-  EXPECT_NO_THROW(checkpoint::CheckpointReader(ckpt.string()));
+  EXPECT_NO_THROW(interop::CheckpointReader(ckpt.string()));
   // Flip one byte in the middle of the weights.
   {
     std::fstream f(model, std::ios::in | std::ios::out | std::ios::binary);
@@ -187,7 +187,7 @@ TEST(Checkpoint, SaveIsAtomicAndReplacesTheOldOne) {
   // A leftover temporary directory from a "crashed" writer does not disturb loading.
   fs::create_directories(run / "ckpt.tmp-999999");
   std::ofstream(run / "ckpt.tmp-999999" / "model.safetensors") << "half";
-  checkpoint::CheckpointReader r(ckpt.string());
+  interop::CheckpointReader r(ckpt.string());
   EXPECT_EQ(r.trainer_state()["step"].get<int64_t>(), 1);
   make_checkpoint(run);  // overwrite with a new one
   for (auto& e : fs::directory_iterator(run))

@@ -27,7 +27,8 @@
 #include "model/config.h"
 #include "model/params.h"
 
-namespace loom::checkpoint {
+namespace loom::interop {
+
 
 struct OptimizerState {
   const float* m = nullptr;  // (layout.total()) or null: no optimizer file
@@ -72,10 +73,8 @@ class CheckpointReader {
   std::string dir_;
   model::ModelConfig cfg_;
   nlohmann::json state_;
-  std::unique_ptr<ShardedReader> reader_;
+  std::unique_ptr<checkpoint::ShardedReader> reader_;
 };
 
-// Hex SHA-256 of a file's bytes.
-std::string sha256_file(const std::string& path);
 
-}  // namespace loom::checkpoint
+}  // namespace loom::interop

@@ -1,13 +1,15 @@
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 
 #include <algorithm>
 
 #include "checkpoint/commit.h"
 #include "core/error.h"
 
-namespace loom::checkpoint {
+namespace loom::interop {
 
-std::string sha256_file(const std::string& path) { return digest_file(path).sha256; }
+using namespace loom::checkpoint;  // the model-free formats and commit protocol below
+
+
 
 void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
                      const model::ParamLayout& layout, const float* weights,
@@ -130,4 +132,4 @@ int64_t CheckpointReader::load_optimizer(const model::ParamLayout& layout, float
   LOOM_FAIL("'{}/trainer_state.json' has no integer \"optimizer_step\" or \"step\"", dir_);
 }
 
-}  // namespace loom::checkpoint
+}  // namespace loom::interop

@@ -4,7 +4,7 @@
 // config.json or Megatron args), checks every source tensor's shape against it, and copies the
 // tensors one at a time into loom's flat f32 buffer (so the peak is the loom model in f32 plus
 // one source tensor; the source file is never loaded whole).
-#include "checkpoint/interop.h"
+#include "interop/convert.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -18,7 +18,7 @@
 #include <set>
 #include <sstream>
 
-#include "checkpoint/checkpoint.h"
+#include "interop/model_checkpoint.h"
 #include "checkpoint/safetensors.h"
 #include "checkpoint/torch_file.h"
 #include "core/error.h"
@@ -27,7 +27,10 @@
 
 namespace fs = std::filesystem;
 
-namespace loom::checkpoint {
+namespace loom::interop {
+
+using namespace loom::checkpoint;  // the model-free formats and commit protocol below
+
 
 namespace {
 
@@ -720,4 +723,4 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
 
 }  // namespace
 
-}  // namespace loom::checkpoint
+}  // namespace loom::interop

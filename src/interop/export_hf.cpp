@@ -10,15 +10,18 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "checkpoint/checkpoint.h"
-#include "checkpoint/interop.h"
+#include "interop/model_checkpoint.h"
+#include "interop/convert.h"
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
 #include "model/params.h"
 
 namespace fs = std::filesystem;
 
-namespace loom::checkpoint {
+namespace loom::interop {
+
+using namespace loom::checkpoint;  // the model-free formats and commit protocol below
+
 
 namespace {
 
@@ -149,4 +152,4 @@ void export_hf_gpt2(const std::string& ckpt_dir, const std::string& out_dir) {
   }
 }
 
-}  // namespace loom::checkpoint
+}  // namespace loom::interop

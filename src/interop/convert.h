@@ -34,7 +34,8 @@
 #include "core/tensor.h"
 #include "model/config.h"
 
-namespace loom::checkpoint {
+namespace loom::interop {
+
 
 struct ConvertOptions {
   std::string tokenizer_dir;   // CodeGeeX: vocab.json + merges.txt [+ added_tokens.json]
@@ -68,4 +69,4 @@ ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_
 // feature that GPT-2 cannot express (query layer, GQA, untied head).
 void export_hf_gpt2(const std::string& ckpt_dir, const std::string& out_dir);
 
-}  // namespace loom::checkpoint
+}  // namespace loom::interop
