@@ -22,7 +22,7 @@ expect_error() {
 # init + info
 "$LOOM" init --model "$SRC/configs/models/tiny.toml" --out "$WORK/ckpt" --seed 3 >"$WORK/init.json" \
   && grep -q '"params": 186752' "$WORK/init.json" && pass "init" || fail "init: $(cat "$WORK/init.json")"
-"$LOOM" info --model "$SRC/configs/models/codegeex-13b.toml" --batch 1 --seq 2048 >"$WORK/info.json" \
+"$LOOM" info --model "$SRC/configs/models/codegeex-13b.toml" --batch 1 --seq 2048 --json >"$WORK/info.json" \
   && /usr/bin/python3 - "$WORK/info.json" <<'PY' && pass "info codegeex-13b" || fail "info"
 import json, sys
 j = json.load(open(sys.argv[1]))
