@@ -1,7 +1,8 @@
 // `loom info --model M.toml [--batch G --seq T --dtype f32|bf16 --dp --tp --pp --zero
-// --micro-batches --schedule --virtual-stages --stage-layers --recompute] [--json]`: parameters,
-// FLOPs per token and the memory of every rank of a layout (model/memory.h), as a table that
-// groups identical ranks, or as JSON with one `per_rank` entry per rank.
+// --micro-batches --schedule --virtual-stages --stage-layers --recompute --bf16-emulation]
+// [--json]`: parameters, FLOPs per token and the memory of every rank of a layout
+// (model/memory.h), as a table that groups identical ranks, or as JSON with one `per_rank` entry
+// per rank (rank, its dp/tp/pp coordinates, bytes per category) and the totals over ranks.
 //
 // --batch is the GLOBAL batch (sequences per optimizer step), split over dp and the
 // micro-batches as in `loom train`; the layout is validated by parallel::make_plan on
@@ -59,7 +60,7 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
     std::string model;
     int64_t batch = 1, seq = 0;
-    std::string precision = "f32";
+    std::string precision = "f32", emulation = "auto";
     bool json = false;
     loom::parallel::PlanSettings plan;
   };
@@ -70,6 +71,10 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--batch", o->batch, "global batch: sequences per optimizer step (default 1)");
   sub->add_option("--seq", o->seq, "sequence length T (default: max_seq)");
   sub->add_option("--dtype", o->precision, "f32 or bf16")->check(CLI::IsMember({"f32", "bf16"}));
+  sub->add_option("--bf16-emulation", o->emulation,
+                  "bf16 copies as f32 (on: emulated, as on CPUs without AMX) or as bf16 (off); "
+                  "auto: as this machine runs")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   loom::parallel::PlanSettings& p = o->plan;
   sub->add_option("--dp", p.dp, "data-parallel size (default 1)");
   sub->add_option("--tp", p.tp, "tensor-parallel size");
@@ -93,7 +98,10 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     const loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
                                            cfg.vocab};
     const loom::parallel::ParallelPlan plan = loom::parallel::make_plan(s, shape, o->batch, world);
-    const std::vector<RankMemory> ranks = memory_all_ranks(cfg, plan, T, precision);
+    MemoryOptions mo;
+    if (o->emulation != "auto") mo.bf16_emulated = o->emulation == "on";
+    const bool emulated = mo.bf16_emulated.value_or(bf16_emulated());
+    const std::vector<RankMemory> ranks = memory_all_ranks(cfg, plan, T, precision, mo);
 
     std::array<int64_t, loom::kNumMemCategories> sum{}, most{};
     for (const RankMemory& r : ranks)
@@ -113,6 +121,7 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
                           {"batch", o->batch},
                           {"seq", T},
                           {"dtype", o->precision},
+                          {"bf16_emulated", precision == Precision::bf16 && emulated},
                           {"flops_per_token_train", cfg.train_flops_per_token(T)},
                           {"flops_per_token_forward", cfg.train_flops_per_token(T) / 3.0},
                           {"plan", plan.to_json()},
@@ -128,8 +137,10 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     std::printf("model %s: %lld parameters, %.4g training FLOPs per token at T = %lld\n",
                 cfg.name.c_str(), (long long)cfg.num_params(), cfg.train_flops_per_token(T),
                 (long long)T);
-    std::printf("layout: %s on %d ranks, %s, T = %lld\n", plan.describe().c_str(),
-                plan.world_size(), o->precision.c_str(), (long long)T);
+    std::printf("layout: %s on %d ranks, %s%s, T = %lld\n", plan.describe().c_str(),
+                plan.world_size(), o->precision.c_str(),
+                precision == Precision::bf16 ? (emulated ? " (emulated: f32 copies)" : " (bf16 copies)") : "",
+                (long long)T);
     std::printf("peak bytes per rank by pool category (ranks with identical bytes grouped):\n");
     std::printf("%-14s %-8s %-8s %-8s %11s %11s %11s %11s %11s %11s %11s\n", "ranks", "dp", "tp",
                 "pp", "weights", "grads", "optimizer", "activations", "workspace", "comm", "total");

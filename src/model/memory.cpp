@@ -486,7 +486,7 @@ class StageTrace {
 }  // namespace
 
 RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
-                           int64_t T, Precision precision) {
+                           int64_t T, Precision precision, const MemoryOptions& options) {
   const int world = plan.world_size();
   LOOM_CHECK(rank >= 0 && rank < world, "rank {} is outside the plan's {} ranks ({})", rank, world,
              plan.describe());
@@ -527,7 +527,7 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   d.V = cfg.vocab;
   d.Vl = cfg.vocab / plan.tp;
   d.bf = bf;
-  d.emu = bf && !store && bf16_emulated();
+  d.emu = bf && !store && options.bf16_emulated.value_or(bf16_emulated());
 
   const int n_pp = plan.pp, VS = plan.virtual_stages, n_virtual = n_pp * VS;
   const int M = int(plan.micro_batches);
@@ -613,7 +613,8 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
 }
 
 std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel::ParallelPlan& plan,
-                                         int64_t T, Precision precision) {
+                                         int64_t T, Precision precision,
+                                         const MemoryOptions& options) {
   // tp ranks hold equal shards, so only the dp coordinate (under ZeRO) and the pp coordinate
   // change the bytes: compute each distinct one once.
   const bool sharded = plan.zero >= 1 && plan.dp > 1;
@@ -623,7 +624,7 @@ std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel:
     const int dp = (r / plan.tp) % plan.dp, pp = r / (plan.tp * plan.dp);
     const std::pair<int, int> key{sharded ? dp : 0, pp};
     auto it = done.find(key);
-    if (it == done.end()) it = done.emplace(key, memory_per_rank(cfg, plan, r, T, precision)).first;
+    if (it == done.end()) it = done.emplace(key, memory_per_rank(cfg, plan, r, T, precision, options)).first;
     RankMemory m = it->second;
     m.rank = r;
     m.tp = r % plan.tp;

@@ -19,14 +19,16 @@
 // running sum. A second step repeats the first (everything transient is freed at its end), so
 // this is the peak of any number of steps, construction included.
 //
-// What it depends on besides its arguments: model::bf16_emulated() (bf16 copies are f32 when
-// emulated, see model/stage.h), as the engine on this machine would run. What it leaves out:
+// What it depends on besides its arguments: whether bf16 is emulated (bf16 copies are then f32,
+// see model/stage.h): by default model::bf16_emulated(), as the engine on this machine runs;
+// MemoryOptions overrides it. What it leaves out:
 // buffers outside the executor's pool (the communication library's own staging, std::vector
 // scratch, the data loader) and evaluation (GptStage::forward_eval).
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "core/memory_pool.h"
@@ -59,15 +61,22 @@ struct RankMemory {
   bool same_bytes(const RankMemory& o) const { return bytes == o.bytes; }
 };
 
+struct MemoryOptions {
+  // bf16 copies stored as f32 (emulated bf16, see model/stage.h) or as bf16. Unset: as the
+  // engine runs on this machine (model::bf16_emulated()); set it to price another machine.
+  std::optional<bool> bf16_emulated;
+};
+
 // Peak bytes per category of world rank `rank` (0 <= rank < plan.world_size()) training `cfg`
 // with `plan` (as parallel::make_plan returns it: micro_batch_size, micro_batches, stage_layers,
 // recompute, ...) at sequence length T in `precision`. Throws loom::Error for a rank outside the
 // world, T outside [1, max_seq], or a plan the model does not admit (the engine's messages).
 RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
-                           int64_t T, Precision precision);
+                           int64_t T, Precision precision, const MemoryOptions& options = {});
 
 // Every rank's, in rank order.
 std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel::ParallelPlan& plan,
-                                         int64_t T, Precision precision);
+                                         int64_t T, Precision precision,
+                                         const MemoryOptions& options = {});
 
 }  // namespace loom::model

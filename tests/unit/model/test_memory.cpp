@@ -73,6 +73,13 @@ TEST(MemoryModel, PanGu200BTotalsAreParameterBytesTimesReplication) {
   EXPECT_EQ(grads, 16 * 4 * held);
   EXPECT_EQ(weights, 16 * (4 + lp) * held);
   EXPECT_EQ(optimizer, 8 * held);
+  // Priced for a machine with real bf16 copies (2 bytes each), the rest unchanged.
+  MemoryOptions native;
+  native.bf16_emulated = false;
+  int64_t weights_native = 0;
+  for (const RankMemory& m : memory_all_ranks(cfg, plan, 1024, Precision::bf16, native))
+    weights_native += m.weights();
+  EXPECT_EQ(weights_native, 16 * 6 * held);
   // 1F1B keeps pp - s micro-batches in flight on stage s: the first stage holds the most
   // activations, stage by stage fewer (the last adds the head's, so compare 0..14).
   for (int s = 1; s < 15; ++s)
