@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <tuple>
 
 #include "core/error.h"
 #include "model/geometry.h"
@@ -90,6 +91,14 @@ struct Stash {
   Buf x, ln1_mm, mean1, rstd1, qkv, q, kv, att, att_mm, lse, mid, ln2_mm, mean2, rstd2, pre, act_mm;
 };
 
+// Full recompute's stash: the block input alone.
+Stash keep_only_input(const Stash& st) {
+  Stash only;
+  only.mode = st.mode;
+  only.x = st.x;
+  return only;
+}
+
 // block.cpp: block_forward.
 Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash& st,
                   Recompute mode) {
@@ -126,23 +135,11 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   Buf down = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C)
   Buf out = scatter_rows_sum(tr, d, down, kAct);          // (Nl,C)
   down.reset();
-  if (keep_all) {
-    st.ln1_mm = ln1_mm;
-    st.att_mm = att_mm;
-    st.ln2_mm = ln2_mm;
-    st.act_mm = act_mm;
-  }
-  if (keep_some) {
-    st.mean1 = mean1;
-    st.rstd1 = rstd1;
-    st.mean2 = mean2;
-    st.rstd2 = rstd2;
-  } else {
-    Buf keep_x = st.x;
-    st = Stash{};
-    st.mode = mode;
-    st.x = keep_x;
-  }
+  // What the stash keeps (the rest is dropped when this returns); full keeps only the input.
+  if (keep_all) std::tie(st.ln1_mm, st.att_mm, st.ln2_mm, st.act_mm) = std::tie(ln1_mm, att_mm, ln2_mm, act_mm);
+  if (keep_some) std::tie(st.mean1, st.rstd1, st.mean2, st.rstd2) = std::tie(mean1, rstd1, mean2, rstd2);
+  else
+    st = keep_only_input(st);
   return out;
 }
 
