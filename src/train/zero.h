@@ -17,8 +17,10 @@
 // (before its forward, again before its backward) and release(u) frees it.
 // Memory (measured by the pool): optimizer 8*shard bytes; grads 4*shard persistent plus the
 // unit buffers being filled or pending (at most two pending between calls, three inside
-// grads_done), freed at points the step defines, never when MPI happens to finish; weights 4*total (stage 2) or 4*shard plus the gathered units live
-// (stage 3). bf16 mode adds a bf16 copy of the full weights (stage 2) or of each gathered unit.
+// grads_done), freed at points the step defines, never when MPI happens to finish; weights
+// 4*total (stage 2) or 4*shard plus the gathered units live (stage 3). bf16 mode adds a bf16
+// copy of the full weights (stage 2) or of each gathered unit. model/memory.h replays exactly
+// this.
 //
 // Determinism: fixed unit order and a deterministic reduce-scatter, so two runs are
 // bit-identical. Summation order differs from dp all-reduce (ZeRO-0/1) by rounding only.
