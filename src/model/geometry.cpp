@@ -11,6 +11,21 @@
 
 namespace loom::model {
 
+UnitRange zero1_share(int64_t n, int D, int r) {
+  const int64_t share = (n + D - 1) / D, lo = std::min(n, share * r);
+  return {lo, std::min(n, lo + share)};
+}
+
+int64_t zero_piece_stride(const UnitRange& unit, int D) {
+  return (unit.end - unit.begin + D - 1) / D;
+}
+
+UnitRange zero_piece(const UnitRange& unit, int D, int r) {
+  const int64_t n = zero_piece_stride(unit, D);
+  const int64_t lo = std::min(unit.end, unit.begin + r * n);
+  return {lo, std::min(unit.end, lo + n)};
+}
+
 StageSpan whole_model_span(const ModelConfig& cfg) {
   return StageSpan{0, cfg.n_layers, true, true};
 }

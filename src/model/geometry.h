@@ -44,6 +44,18 @@ struct UnitRange {
   int64_t begin = 0, end = 0;  // [begin, end) of the flat buffer
 };
 
+// ZeRO arithmetic over a data-parallel group of D ranks, in one place: the engine
+// (train/executor.cpp, train/zero.cpp) shards with it and the memory model (model/memory.h)
+// prices it.
+// ZeRO-1: dp rank r's equal share of an n-element buffer: ceil(n/D) elements from r*ceil(n/D),
+// clipped to n (the last shares may be short or empty).
+UnitRange zero1_share(int64_t n, int D, int r);
+// ZeRO-2/3: a unit is cut into D pieces of stride n_u = ceil(len/D) (the unit's reduce-scatter
+// and all-gather buffers hold D*n_u elements); rank r owns [begin + r*n_u, begin + (r+1)*n_u)
+// clipped to the unit.
+int64_t zero_piece_stride(const UnitRange& unit, int D);
+UnitRange zero_piece(const UnitRange& unit, int D, int r);
+
 // One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
 // ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
 struct StageParam {

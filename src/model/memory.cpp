@@ -1,56 +1,635 @@
+// model/memory.cpp: see memory.h. A replay of the engine's allocations, without allocating.
+//
+// Glossary: B micro-batch size, T sequence, N = B*T rows, Nl = N/tp local rows, C d_model, Cq =
+// C/tp this rank's q width, KV this rank's k/v width, F = d_ff/tp, NHl = n_heads/tp, V vocab,
+// Vl = V/tp, D dp size, n_u a unit's ZeRO piece stride, mb micro-batch.
+//
+// Each function below mirrors one engine function, statement by statement where a buffer is
+// allocated or dropped, and names it. When the engine changes how it allocates, change the
+// mirror with it: tests/dist/train/test_memory_model.cpp fails otherwise.
 #include "model/memory.h"
 
 #include <algorithm>
+#include <deque>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <tuple>
 
-#include "model/stage.h"
+#include "core/error.h"
+#include "model/geometry.h"
+#include "model/head.h"
+#include "parallel/schedule.h"
 
 namespace loom::model {
 
+int64_t RankMemory::total() const { return std::accumulate(bytes.begin(), bytes.end(), int64_t(0)); }
+
 namespace {
 
-// Bytes one block keeps after its forward in `mode`, including its output (N,C) f32, which the
-// next block keeps as its input. Mirrors block_forward in gpt.cpp.
-int64_t block_kept_bytes(const ModelConfig& cfg, int64_t B, int64_t T, bool bf, Recompute mode) {
-  const int64_t N = B * T, C = cfg.d_model, KV = cfg.kv_dim(), F = cfg.d_ff, NH = cfg.n_heads;
-  // Matmul-input copies: bf16 (2 bytes), or f32 holding bf16 values when bf16 is emulated.
-  const int64_t f = 4, h = bf16_emulated() ? 4 : 2;
-  int64_t out = N * C * f;
-  if (mode == Recompute::full) return out;
-  // selective: norm statistics, q|k|v, attention output and lse, mid residual, pre-activation
-  int64_t sel = 4 * N * f + N * (C + 2 * KV) * f + N * C * f + N * NH * f + N * C * f +
-                N * F * f + out;
-  if (mode == Recompute::selective) return sel;
-  // none: also the matmul inputs (norm outputs, attention output copy in bf16, activation)
-  if (bf) return sel + N * C * h + N * C * h + N * C * h + N * F * h;
-  return sel + N * C * f + N * C * f + N * F * f;
+using Cat = MemCategory;
+constexpr Cat kAct = MemCategory::activations, kWs = MemCategory::workspace;
+
+// Running and peak bytes per category; buffers are reference-counted like Tensor storage.
+class Tracer {
+ public:
+  struct Alloc {
+    Alloc(Tracer* t, int64_t b, Cat c) : tracer(t), bytes(b), cat(c) {}
+    Alloc(const Alloc&) = delete;
+    Alloc& operator=(const Alloc&) = delete;
+    ~Alloc() { tracer->cur_[size_t(cat)] -= bytes; }
+    Tracer* tracer;
+    int64_t bytes;
+    Cat cat;
+  };
+  using Buf = std::shared_ptr<Alloc>;
+
+  Buf alloc(int64_t bytes, Cat c) {
+    int64_t& cur = cur_[size_t(c)];
+    cur += bytes;
+    peak_[size_t(c)] = std::max(peak_[size_t(c)], cur);
+    return std::make_shared<Alloc>(this, bytes, c);
+  }
+  const std::array<int64_t, kNumMemCategories>& peaks() const { return peak_; }
+
+ private:
+  std::array<int64_t, kNumMemCategories> cur_{}, peak_{};
+};
+using Buf = Tracer::Buf;
+
+// Sizes of one micro-batch on one rank (BlockCtx and block.cpp's Dims).
+struct Dims {
+  int64_t B, T, N, Nl, C, Cq, KV, F, NHl, V, Vl;
+  int tp;
+  bool bf;   // bf16 matmul inputs
+  bool emu;  // emulated bf16: the copies are f32 (BlockCtx::Wr set)
+  int64_t mm_bytes() const { return emu ? 4 : 2; }  // element of a matmul copy (bf only)
+};
+
+// block.cpp's to_mm: the matmul copy of an f32 tensor of `elems` elements.
+Buf to_mm(Tracer& tr, const Dims& d, const Buf& t, int64_t elems, Cat cat) {
+  if (!d.bf) return t;
+  return tr.alloc(elems * d.mm_bytes(), cat);
 }
+// gather_rows: (Nl,C) local rows -> (N,C) all rows, as the matmul copy or f32.
+Buf gather_rows(Tracer& tr, const Dims& d, const Buf& local, bool as_mm, Cat cat) {
+  if (d.tp == 1) return as_mm ? to_mm(tr, d, local, d.Nl * d.C, cat) : local;
+  return tr.alloc(d.N * d.C * (as_mm && d.bf && !d.emu ? 2 : 4), cat);
+}
+Buf gather_rows_mm(Tracer& tr, const Dims& d, const Buf& local, Cat cat) {
+  return gather_rows(tr, d, local, true, cat);
+}
+// scatter_rows_sum: (N,C) partial sums -> (Nl,C).
+Buf scatter_rows_sum(Tracer& tr, const Dims& d, const Buf& partial, Cat cat) {
+  if (d.tp == 1) return partial;
+  return tr.alloc(d.Nl * d.C * 4, cat);
+}
+
+// block.h's BlockStash.
+struct Stash {
+  Recompute mode = Recompute::none;
+  Buf x, ln1_mm, mean1, rstd1, qkv, q, kv, att, att_mm, lse, mid, ln2_mm, mean2, rstd2, pre, act_mm;
+};
+
+// Full recompute's stash: the block input alone.
+Stash keep_only_input(const Stash& st) {
+  Stash only;
+  only.mode = st.mode;
+  only.x = st.x;
+  return only;
+}
+
+// block.cpp: block_forward.
+Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash& st,
+                  Recompute mode) {
+  const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
+  const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
+  auto cat = [](bool kept) { return kept ? kAct : kWs; };
+  st = Stash{};
+  st.mode = mode;
+  st.x = x;
+  Buf ln1 = tr.alloc(Nl * C * 4, d.bf || d.tp > 1 ? kWs : cat(keep_all));  // (Nl,C)
+  Buf mean1 = tr.alloc(Nl * 4, cat(keep_some)), rstd1 = tr.alloc(Nl * 4, cat(keep_some));
+  Buf ln1_mm = gather_rows_mm(tr, d, ln1, cat(keep_all));  // (N,C)
+  ln1.reset();
+  if (!qin) {
+    st.qkv = tr.alloc(N * (Cq + 2 * KV) * 4, cat(keep_some));  // (N, Cq+2KV)
+  } else {
+    Buf qin_mm = to_mm(tr, d, *qin, N * C, kWs);
+    st.q = tr.alloc(N * Cq * 4, cat(keep_some));       // (N,Cq)
+    st.kv = tr.alloc(N * 2 * KV * 4, cat(keep_some));  // (N,2KV)
+  }
+  st.att = tr.alloc(N * Cq * 4, cat(keep_some));             // (N,Cq)
+  st.lse = tr.alloc(d.B * d.NHl * d.T * 4, cat(keep_some));  // (B,NH,T)
+  Buf att_mm = to_mm(tr, d, st.att, N * Cq, cat(keep_all));
+  Buf proj = tr.alloc(N * C * 4, d.tp > 1 ? kWs : cat(keep_some));  // (N,C)
+  st.mid = scatter_rows_sum(tr, d, proj, cat(keep_some));          // (Nl,C)
+  proj.reset();
+  Buf ln2 = tr.alloc(Nl * C * 4, d.bf || d.tp > 1 ? kWs : cat(keep_all));
+  Buf mean2 = tr.alloc(Nl * 4, cat(keep_some)), rstd2 = tr.alloc(Nl * 4, cat(keep_some));
+  Buf ln2_mm = gather_rows_mm(tr, d, ln2, cat(keep_all));
+  ln2.reset();
+  st.pre = tr.alloc(N * F * 4, cat(keep_some));         // (N,F)
+  Buf act = tr.alloc(N * F * 4, d.bf ? kWs : cat(keep_all));  // (N,F)
+  Buf act_mm = to_mm(tr, d, act, N * F, cat(keep_all));
+  Buf down = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C)
+  Buf out = scatter_rows_sum(tr, d, down, kAct);          // (Nl,C)
+  down.reset();
+  // What the stash keeps (the rest is dropped when this returns); full keeps only the input.
+  if (keep_all) std::tie(st.ln1_mm, st.att_mm, st.ln2_mm, st.act_mm) = std::tie(ln1_mm, att_mm, ln2_mm, act_mm);
+  if (keep_some) std::tie(st.mean1, st.rstd1, st.mean2, st.rstd2) = std::tie(mean1, rstd1, mean2, rstd2);
+  else
+    st = keep_only_input(st);
+  return out;
+}
+
+// block.cpp: block_backward. Returns dx (dout's buffer).
+Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& st) {
+  const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
+  if (st.mode == Recompute::full) {
+    Buf x = st.x;
+    block_forward(tr, d, x, qin, st, Recompute::none);  // its output is dropped at once
+  } else if (st.mode == Recompute::selective) {
+    Buf ln1 = tr.alloc(Nl * C * 4, kWs), ln2 = tr.alloc(Nl * C * 4, kWs);
+    Buf m = tr.alloc(Nl * 4, kWs), r = tr.alloc(Nl * 4, kWs);
+    st.ln1_mm = gather_rows_mm(tr, d, ln1, kWs);
+    st.ln2_mm = gather_rows_mm(tr, d, ln2, kWs);
+    Buf act = tr.alloc(N * F * 4, kWs);
+    st.act_mm = to_mm(tr, d, act, N * F, kWs);
+    st.att_mm = to_mm(tr, d, st.att, N * Cq, kWs);
+  }
+  // FFN down
+  Buf dout_mm = gather_rows_mm(tr, d, dout, kWs);
+  Buf d_act = tr.alloc(N * F * 4, kWs);  // (N,F)
+  dout_mm.reset();
+  st.act_mm.reset();
+  st.pre.reset();
+  // FFN up
+  Buf d_pre_mm = to_mm(tr, d, d_act, N * F, kWs);
+  Buf d_ln2_part = tr.alloc(N * C * 4, kWs);
+  d_pre_mm.reset();
+  d_act.reset();
+  st.ln2_mm.reset();
+  Buf d_ln2 = scatter_rows_sum(tr, d, d_ln2_part, kWs);
+  d_ln2_part.reset();
+  // norm2 (dout's buffer becomes d_mid)
+  Buf d_mid = dout;
+  d_ln2.reset();
+  st.mid.reset();
+  // attention output projection
+  Buf d_mid_mm = gather_rows_mm(tr, d, d_mid, kWs);
+  Buf d_att = tr.alloc(N * Cq * 4, kWs);
+  d_mid_mm.reset();
+  st.att_mm.reset();
+  // attention core
+  Buf D = tr.alloc(d.B * d.NHl * d.T * 4, kWs);
+  Buf d_ln1_part = tr.alloc(N * C * 4, kWs);
+  if (!qin) {
+    const int64_t S = Cq + 2 * KV;
+    Buf dqkv = tr.alloc(N * S * 4, kWs);
+    st.qkv.reset();
+    Buf dqkv_mm = to_mm(tr, d, dqkv, N * S, kWs);
+  } else {
+    Buf dq = tr.alloc(N * Cq * 4, kWs), dkv = tr.alloc(N * 2 * KV * 4, kWs);
+    st.q.reset();
+    st.kv.reset();
+    Buf dq_mm = to_mm(tr, d, dq, N * Cq, kWs);
+    Buf qin_mm = to_mm(tr, d, *qin, N * C, kWs);
+    Buf d_qin = tr.alloc(N * C * 4, kWs);
+    Buf dkv_mm = to_mm(tr, d, dkv, N * 2 * KV, kWs);
+    st.q = d_qin;
+  }
+  st.att.reset();
+  st.lse.reset();
+  st.ln1_mm.reset();
+  Buf d_ln1 = scatter_rows_sum(tr, d, d_ln1_part, kWs);
+  d_ln1_part.reset();
+  Buf dx = d_mid;
+  Buf d_qin = st.q;
+  st = Stash{};
+  st.q = d_qin;
+  return dx;
+}
+
+// head.cpp: tied_head_loss in training (with dout); `out` is the head input (Nl,C).
+void tied_head_loss(Tracer& tr, const Dims& d) {
+  if (d.tp == 1) {
+    const int64_t R = std::min(kHeadRowsPerBlock, std::max<int64_t>(d.N, 1));
+    Buf copy;  // the head input rounded (emulated) or as bf16
+    if (d.bf) copy = tr.alloc(d.N * d.C * d.mm_bytes(), kWs);
+    // kernels::cross_entropy_head(_bf16): logits (R,V) f32, and their bf16 gradient (R,V)
+    Buf logits = tr.alloc(R * d.V * 4, kWs);
+    Buf dlogits_lo;
+    if (d.bf && !d.emu) dlogits_lo = tr.alloc(R * d.V * 2, kWs);
+    return;
+  }
+  Buf all = gather_rows(tr, d, nullptr, /*as_mm=*/true, kWs);  // (N,C)
+  Buf dh_part = tr.alloc(d.N * d.C * 4, kWs);                   // (N,C)
+  {
+    // vocab_parallel_ce: logits (R,Vl) f32 and their bf16 gradient
+    const int64_t R = std::min(kHeadRowsPerBlock, std::max<int64_t>(d.N, 1));
+    Buf logits = tr.alloc(R * d.Vl * 4, kWs);
+    Buf dl_lo;
+    if (d.bf && !d.emu) dl_lo = tr.alloc(R * d.Vl * 2, kWs);
+  }
+  all.reset();
+  Buf mine = scatter_rows_sum(tr, d, dh_part, kWs);
+}
+
+// train/zero.cpp: ZeroStore's allocations.
+class StoreTrace {
+ public:
+  StoreTrace(Tracer& tr, int stage, bool bf, int D, int r, const std::vector<UnitRange>& units,
+             int64_t total)
+      : tr_(tr), stage_(stage), bf_(bf), D_(D), units_(units), live_(units.size()) {
+    for (const UnitRange& u : units) {
+      const UnitRange p = zero_piece(u, D, r);
+      n_.push_back(zero_piece_stride(u, D));
+      shard_ += p.end - p.begin;
+    }
+    gshard_ = tr_.alloc(shard_ * 4, Cat::grads);
+    if (stage_ == 2) {
+      wfull_ = tr_.alloc(total * 4, Cat::weights);
+      if (bf_) wfull_lp_ = tr_.alloc(total * 2, Cat::weights);
+    } else {
+      wshard_ = tr_.alloc(shard_ * 4, Cat::weights);
+    }
+  }
+  int64_t shard() const { return shard_; }
+  void weights(int u) {
+    if (stage_ == 2) return;
+    Live& l = live_[size_t(u)];
+    if (l.refs++ == 0) l.w = tr_.alloc(n_[size_t(u)] * D_ * 4, Cat::weights);
+  }
+  void weights_lp(int u) {
+    if (stage_ == 2) return;
+    Live& l = live_[size_t(u)];
+    if (!l.wl) l.wl = tr_.alloc(len(u) * 2, Cat::weights);
+  }
+  void release(int u) {
+    if (stage_ == 2) return;
+    Live& l = live_[size_t(u)];
+    if (--l.refs == 0) l.w.reset(), l.wl.reset();
+  }
+  void grads(int u) {
+    Live& l = live_[size_t(u)];
+    if (!l.g) l.g = tr_.alloc(n_[size_t(u)] * D_ * 4, Cat::grads);
+  }
+  void grads_done(int u) {
+    Live& l = live_[size_t(u)];
+    Buf out = tr_.alloc(n_[size_t(u)] * 4, Cat::grads);
+    pending_.push_back({l.g, out});
+    l.g.reset();
+    while (pending_.size() > kMaxInFlight) pending_.pop_front();
+  }
+  void finish_micro_batch() { pending_.clear(); }
+  void step() {
+    if (stage_ != 2) return;
+    Buf packed = tr_.alloc(shard_ * 4, kWs);
+    for (size_t u = 0; u < units_.size(); ++u) Buf b = tr_.alloc(n_[u] * D_ * 4, kWs);
+  }
+
+ private:
+  static constexpr size_t kMaxInFlight = 2;  // ZeroStore::kMaxInFlight
+  struct Live {
+    Buf w, wl, g;
+    int refs = 0;
+  };
+  int64_t len(int u) const { return units_[size_t(u)].end - units_[size_t(u)].begin; }
+  Tracer& tr_;
+  int stage_;
+  bool bf_;
+  int D_;
+  std::vector<UnitRange> units_;
+  std::vector<int64_t> n_;
+  int64_t shard_ = 0;
+  Buf gshard_, wfull_, wfull_lp_, wshard_;
+  std::vector<Live> live_;
+  std::deque<std::pair<Buf, Buf>> pending_;
+};
+
+// stage.cpp: GptStage's allocations for one chunk.
+class StageTrace {
+ public:
+  StageTrace(Tracer& tr, const ModelConfig& cfg, const StageGeometry& geo, const Dims& d,
+             StoreTrace* store, const std::vector<Recompute>& recompute)
+      : tr_(tr), cfg_(cfg), geo_(geo), d_(d), store_(store), recompute_(recompute) {
+    if (!store_) {
+      const int64_t n = geo_.total();
+      weights_ = tr_.alloc(n * 4, Cat::weights);
+      grads_ = tr_.alloc(n * 4, Cat::grads);
+      if (d_.bf) weights_lp_ = tr_.alloc(n * (d_.emu ? 4 : 2), Cat::weights);
+    }
+  }
+
+  Buf forward(int mb, const Buf& x) {
+    auto st = std::make_unique<Micro>();
+    Buf out = run_trunk(x, *st);
+    const StageSpan& sp = geo_.span();
+    if (!sp.has_head) {
+      stash_[mb] = std::move(st);
+      return out;
+    }
+    const int ut = geo_.token_unit();
+    unit_w(ut);
+    unit_wl(ut);
+    st->dhead = tr_.alloc(d_.Nl * d_.C * 4, kAct);  // (Nl,C)
+    unit_g(ut);
+    tied_head_loss(tr_, d_);
+    unit_release(ut);
+    unit_grads_done(ut);
+    stash_[mb] = std::move(st);
+    return nullptr;  // the head input `out` is dropped here
+  }
+
+  Buf backward(int mb, Buf dy) {
+    auto it = stash_.find(mb);
+    LOOM_ASSERT(it != stash_.end(), "memory model: backward of micro-batch {} without forward", mb);
+    Micro& st = *it->second;
+    const StageSpan& sp = geo_.span();
+    Buf dh;
+    if (sp.has_head) {
+      const int uh = geo_.head_unit();
+      ctx(uh, true);
+      Buf d_fin = st.dhead;
+      if (cfg_.query_layer) {
+        Buf qin = tr_.alloc(d_.N * d_.C * 4, kWs);  // (N,C)
+        d_fin = block_backward(tr_, d_, st.dhead, &qin, *st.query);
+        st.query.reset();
+      }
+      dh = tr_.alloc(d_.Nl * d_.C * 4, kWs);  // (Nl,C)
+      d_fin.reset();
+      st.dhead.reset();
+      st.final_in.reset();
+      st.final_out.reset();
+      st.final_mean.reset();
+      st.final_rstd.reset();
+      unit_release(uh);
+      unit_grads_done(uh);
+    } else {
+      dh = dy;
+    }
+    for (size_t i = geo_.blocks().size(); i-- > 0;) {
+      const int u = geo_.first_block_unit() + int(i);
+      ctx(u, true);
+      dh = block_backward(tr_, d_, dh, nullptr, *st.blocks[i]);
+      st.blocks[i].reset();
+      unit_release(u);
+      unit_grads_done(u);
+    }
+    if (sp.has_embedding) {
+      unit_g(geo_.token_unit());
+      unit_g(geo_.position_unit());
+      if (d_.tp > 1) Buf all = gather_rows(tr_, d_, dh, /*as_mm=*/false, kWs);
+      unit_grads_done(geo_.position_unit());
+      unit_grads_done(geo_.token_unit());
+      dh.reset();
+    }
+    stash_.erase(it);
+    return dh;
+  }
+
+ private:
+  struct Micro {
+    std::vector<std::unique_ptr<Stash>> blocks;
+    std::unique_ptr<Stash> query;
+    Buf final_in, final_mean, final_rstd, final_out, dhead;
+  };
+
+  Buf run_trunk(const Buf& x, Micro& st) {
+    const StageSpan& sp = geo_.span();
+    Buf h;
+    if (sp.has_embedding) {
+      unit_w(geo_.token_unit());
+      unit_w(geo_.position_unit());
+      if (d_.tp > 1) {
+        Buf part = tr_.alloc(d_.N * d_.C * 4, kWs);  // vocab_parallel_embedding (N,C)
+        h = scatter_rows_sum(tr_, d_, part, kAct);
+      } else {
+        h = tr_.alloc(d_.N * d_.C * 4, kAct);
+      }
+      unit_release(geo_.position_unit());
+      unit_release(geo_.token_unit());
+    } else {
+      h = x;
+    }
+    for (size_t i = 0; i < geo_.blocks().size(); ++i) {
+      const int u = geo_.first_block_unit() + int(i);
+      auto bs = std::make_unique<Stash>();
+      ctx(u, false);
+      h = block_forward(tr_, d_, h, nullptr, *bs, mode_of(sp.first_layer + int64_t(i)));
+      unit_release(u);
+      st.blocks.push_back(std::move(bs));
+    }
+    if (!sp.has_head) return h;
+    const int uh = geo_.head_unit();
+    ctx(uh, false);
+    Buf final_out = tr_.alloc(d_.Nl * d_.C * 4, kAct);
+    Buf mean = tr_.alloc(d_.Nl * 4, kAct), rstd = tr_.alloc(d_.Nl * 4, kAct);
+    st.final_in = h;
+    st.final_mean = mean;
+    st.final_rstd = rstd;
+    st.final_out = final_out;
+    h.reset();
+    mean.reset();
+    rstd.reset();
+    Buf out = final_out;
+    if (cfg_.query_layer) {
+      Buf qin = tr_.alloc(d_.N * d_.C * 4, kWs);  // (N,C)
+      auto qs = std::make_unique<Stash>();
+      const Recompute mode = recompute_.empty() ? Recompute::none : recompute_.back();
+      out = block_forward(tr_, d_, final_out, &qin, *qs, mode);
+      st.query = std::move(qs);
+    }
+    unit_release(uh);
+    return out;
+  }
+
+  Recompute mode_of(int64_t layer) const {
+    return recompute_.empty() ? Recompute::none : recompute_.at(size_t(layer));
+  }
+  // GptStage's unit access: through the store, or the stage's own buffers (nothing to count).
+  void unit_w(int u) {
+    if (store_) store_->weights(u);
+  }
+  void unit_wl(int u) {
+    if (store_ && d_.bf) store_->weights_lp(u);  // under a store bf16 is never emulated
+  }
+  void unit_release(int u) {
+    if (store_) store_->release(u);
+  }
+  void unit_g(int u) {
+    if (store_) store_->grads(u);
+  }
+  void unit_grads_done(int u) {
+    if (store_) store_->grads_done(u);
+  }
+  void ctx(int u, bool with_grads) {
+    unit_w(u);
+    unit_wl(u);
+    if (with_grads) unit_g(u);
+  }
+
+  Tracer& tr_;
+  const ModelConfig& cfg_;
+  const StageGeometry& geo_;
+  Dims d_;
+  StoreTrace* store_;
+  const std::vector<Recompute>& recompute_;
+  Buf weights_, grads_, weights_lp_;
+  std::map<int, std::unique_ptr<Micro>> stash_;
+};
 
 }  // namespace
 
-MemoryEstimate estimate_training_memory(const ModelConfig& cfg, int64_t B, int64_t T,
-                                        Precision precision, Recompute recompute) {
+RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
+                           int64_t T, Precision precision, const MemoryOptions& options) {
+  const int world = plan.world_size();
+  LOOM_CHECK(rank >= 0 && rank < world, "rank {} is outside the plan's {} ranks ({})", rank, world,
+             plan.describe());
+  LOOM_CHECK(T >= 1 && T <= cfg.max_seq,
+             "sequence length T = {} must be in [1, max_seq = {}] for model '{}'", T, cfg.max_seq,
+             cfg.name);
+  LOOM_CHECK(plan.cp == 1 && plan.ep == 1, "the memory model covers cp = ep = 1 (got cp {}, ep {})",
+             plan.cp, plan.ep);
+  LOOM_CHECK(plan.recompute.empty() || int64_t(plan.recompute.size()) == cfg.n_layers,
+             "the plan's recompute list has {} entries but the model has n_layers = {}",
+             plan.recompute.size(), cfg.n_layers);
+  RankMemory out;
+  out.rank = rank;
+  out.tp = rank % plan.tp;
+  out.dp = (rank / plan.tp) % plan.dp;
+  out.pp = rank / (plan.tp * plan.dp);
+  const int64_t B = plan.micro_batch_size, N = B * T;
+  LOOM_CHECK(B >= 1, "micro_batch_size = {} must be >= 1", B);
+  LOOM_CHECK(N % plan.tp == 0,
+             "tensor parallel splits the B*T = {}*{} = {} rows over tp = {}: choose B*T divisible "
+             "by {}",
+             B, T, N, plan.tp, plan.tp);
+
   const bool bf = precision == Precision::bf16;
-  const int64_t P = cfg.num_params(), N = B * T, C = cfg.d_model;
-  MemoryEstimate m;
-  m.weights = P * 4 + (bf ? P * (bf16_emulated() ? 4 : 2) : 0);
-  m.grads = P * 4;
-  m.optimizer = 2 * P * 4;
-  // End of forward: embedding output, every block's stash, the final norm (output and
-  // statistics), the query layer's stash, and d(head input) (N,C), which the fused head +
-  // cross-entropy computes in the forward and the backward consumes.
-  int64_t forward_end = N * C * 4 + cfg.n_layers * block_kept_bytes(cfg, B, T, bf, recompute) +
-                        N * C * 4 + 2 * N * 4 + N * C * 4;
-  if (cfg.query_layer) forward_end += block_kept_bytes(cfg, B, T, bf, recompute);
-  int64_t peak = forward_end;
-  if (recompute == Recompute::full) {
-    // Backward of the top block re-runs its forward keeping everything. By then the head input
-    // has been freed; without a query layer so have the final norm's buffers and the last block's
-    // output (only the final norm held them).
-    int64_t freed = cfg.query_layer ? N * C * 4 : N * C * 4 + 2 * N * 4 + N * C * 4;
-    peak = std::max(peak, forward_end - freed + block_kept_bytes(cfg, B, T, bf, Recompute::none));
+  const bool store = plan.zero >= 2 && plan.dp > 1;  // as train::Executor decides
+  const bool zero1 = plan.zero >= 1 && plan.dp > 1;
+  Dims d{};
+  d.B = B;
+  d.T = T;
+  d.N = N;
+  d.tp = plan.tp;
+  d.Nl = N / plan.tp;
+  d.C = cfg.d_model;
+  d.Cq = cfg.d_model / plan.tp;
+  d.KV = cfg.kv_dim() / plan.tp;
+  d.F = cfg.d_ff / plan.tp;
+  d.NHl = cfg.n_heads / plan.tp;
+  d.V = cfg.vocab;
+  d.Vl = cfg.vocab / plan.tp;
+  d.bf = bf;
+  d.emu = bf && !store && options.bf16_emulated.value_or(bf16_emulated());
+
+  const int n_pp = plan.pp, VS = plan.virtual_stages, n_virtual = n_pp * VS;
+  const int M = int(plan.micro_batches);
+  const parallel::PipelineSchedule schedule =
+      parallel::make_schedule(plan.schedule, n_pp, M, VS);
+  const std::vector<StageSpan> spans = split_stages(cfg, n_virtual, plan.stage_layers);
+  const TpShard shard = plan.tp > 1 ? TpShard{out.tp, plan.tp} : TpShard{};
+
+  Tracer tr;  // declared before every buffer, so it outlives them
+  std::vector<std::unique_ptr<StageGeometry>> geos;
+  std::vector<std::unique_ptr<StoreTrace>> stores;
+  std::vector<std::unique_ptr<StageTrace>> chunks;
+  std::vector<Buf> optimizer;
+  for (int c = 0; c < VS; ++c) {
+    geos.push_back(std::make_unique<StageGeometry>(cfg, spans[size_t(c * n_pp + out.pp)], shard));
+    const StageGeometry& geo = *geos.back();
+    int64_t owned = geo.total();  // the optimizer's elements
+    StoreTrace* st = nullptr;
+    if (store) {
+      stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, plan.dp, out.dp,
+                                                    geo.units(), geo.total()));
+      st = stores.back().get();
+      owned = st->shard();
+    } else if (zero1) {
+      const UnitRange s = zero1_share(geo.total(), plan.dp, out.dp);
+      owned = s.end - s.begin;
+    }
+    chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
+    optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m
+    optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW v
   }
-  m.activations = peak;
-  return m;
+
+  // One training step (train::Executor::train_step): the rank's actions in order.
+  using Key = std::pair<int, int>;  // (micro-batch, chunk)
+  std::map<Key, Buf> act_in, grad_in, act_out, grad_out;
+  std::vector<Buf> send_buffers;
+  auto take = [](std::map<Key, Buf>& m, Key k) {
+    auto it = m.find(k);
+    LOOM_ASSERT(it != m.end(), "memory model: no buffer for micro-batch {} chunk {}", k.first,
+                k.second);
+    Buf b = std::move(it->second);
+    m.erase(it);
+    return b;
+  };
+  const int64_t msg_bytes = d.Nl * d.C * 4;  // (N/tp, C) f32
+  for (const parallel::Action& a : schedule.stages[size_t(out.pp)]) {
+    const int mb = a.micro_batch, c = a.chunk, g = schedule.virtual_stage(out.pp, c);
+    const Key key{mb, c};
+    StageTrace& stage = *chunks[size_t(c)];
+    switch (a.kind) {
+      case parallel::ActionKind::recv_activation:
+        act_in[key] = tr.alloc(msg_bytes, Cat::comm);
+        break;
+      case parallel::ActionKind::recv_grad:
+        grad_in[key] = tr.alloc(msg_bytes, Cat::comm);
+        break;
+      case parallel::ActionKind::forward: {
+        Buf x = g > 0 ? take(act_in, key) : nullptr;
+        Buf y = stage.forward(mb, x);
+        if (g + 1 < n_virtual) act_out[key] = y;
+        break;
+      }
+      case parallel::ActionKind::backward: {
+        Buf dy = g + 1 < n_virtual ? take(grad_in, key) : nullptr;
+        Buf dx = stage.backward(mb, dy);
+        if (g > 0) grad_out[key] = dx;
+        break;
+      }
+      case parallel::ActionKind::send_activation:
+      case parallel::ActionKind::send_grad: {
+        Buf t = take(a.kind == parallel::ActionKind::send_activation ? act_out : grad_out, key);
+        send_buffers.push_back(tr.alloc(msg_bytes, Cat::comm));
+        t.reset();
+        break;
+      }
+    }
+  }
+  send_buffers.clear();
+  for (auto& s : stores) s->finish_micro_batch();
+  for (auto& s : stores) s->step();
+  out.bytes = tr.peaks();
+  return out;
+}
+
+std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel::ParallelPlan& plan,
+                                         int64_t T, Precision precision,
+                                         const MemoryOptions& options) {
+  // tp ranks hold equal shards, so only the dp coordinate (under ZeRO) and the pp coordinate
+  // change the bytes: compute each distinct one once.
+  const bool sharded = plan.zero >= 1 && plan.dp > 1;
+  std::map<std::pair<int, int>, RankMemory> done;
+  std::vector<RankMemory> out;
+  for (int r = 0; r < plan.world_size(); ++r) {
+    const int dp = (r / plan.tp) % plan.dp, pp = r / (plan.tp * plan.dp);
+    const std::pair<int, int> key{sharded ? dp : 0, pp};
+    auto it = done.find(key);
+    if (it == done.end()) it = done.emplace(key, memory_per_rank(cfg, plan, r, T, precision, options)).first;
+    RankMemory m = it->second;
+    m.rank = r;
+    m.tp = r % plan.tp;
+    m.dp = dp;
+    m.pp = pp;
+    out.push_back(m);
+  }
+  return out;
 }
 
 }  // namespace loom::model

@@ -1,23 +1,82 @@
-// model/memory.h: bytes a training rank allocates, by category, as a function of the model and
-// the run settings. The engine (model/gpt.cpp) allocates exactly these buffers and the tests
-// compare this prediction with what the MemoryPool measures, so the planner can trust it.
+// model/memory.h: the bytes one training rank allocates, by MemoryPool category, as a function of
+// (ModelConfig, ParallelPlan, rank, sequence length, precision). This is what `loom info` prints
+// and what the planner prices; tests/dist/train/test_memory_model.cpp checks it against the
+// pool's measured peaks on every rank of many plans.
+//
+// Glossary: dp tp pp the plan's axes (ranks ordered tp fastest, then dp, then pp: "tp-dp-pp"),
+// VS virtual stages (chunks) per pp rank, M micro-batches per step, B micro-batch size, T
+// sequence, N = B*T rows of a micro-batch, Nl = N/tp rows of the residual stream on a rank, C
+// d_model, V vocab, D = dp, unit a ZeRO / bucket unit of a chunk (model/geometry.h).
+//
+// How it is computed (memory.cpp): nothing is allocated. The function builds the rank's chunks'
+// StageGeometry (model::split_stages), sizes their persistent buffers with the engine's own
+// arithmetic (model::zero1_share, model::zero_piece), then replays one training step: the rank's
+// action list from parallel::make_schedule, and for each action the sequence of buffers the
+// engine allocates and frees (train::Executor's messages, GptStage::forward/backward,
+// block_forward/block_backward, the tied head, ZeRO-2/3's gathered units and gradient
+// reduce-scatters), each with its byte size and category, in program order, with the same
+// lifetimes (reference-counted, as Tensors are). Each category's peak is the maximum of its
+// running sum. A second step repeats the first (everything transient is freed at its end), so
+// this is the peak of any number of steps, construction included.
+//
+// What it depends on besides its arguments: whether bf16 is emulated (bf16 copies are then f32,
+// see model/stage.h): by default model::bf16_emulated(), as the engine on this machine runs;
+// MemoryOptions overrides it. What it leaves out:
+// buffers outside the executor's pool (the communication library's own staging, std::vector
+// scratch, the data loader) and evaluation (GptStage::forward_eval).
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
+#include "core/memory_pool.h"
 #include "model/config.h"
 #include "model/stage.h"
+#include "parallel/plan.h"
 
 namespace loom::model {
 
-struct MemoryEstimate {
-  int64_t weights = 0;      // f32 master (+ bf16 copy in bf16 mode)
-  int64_t grads = 0;        // f32
-  int64_t optimizer = 0;    // AdamW m and v, f32
-  int64_t activations = 0;  // peak of saved activations over one micro-batch's forward+backward
+struct RankMemory {
+  int rank = 0;
+  int dp = 0, tp = 0, pp = 0;  // coordinates of the rank
+  // Peak bytes per category (MemCategory order: weights, grads, optimizer, activations,
+  // workspace, comm). weights/grads/optimizer are the persistent buffers, plus under ZeRO-3 the
+  // units gathered just in time (weights) and under ZeRO-2/3 the unit gradients being filled or
+  // reduce-scattered (grads).
+  std::array<int64_t, kNumMemCategories> bytes{};
+
+  int64_t operator[](MemCategory c) const { return bytes[size_t(c)]; }
+  int64_t weights() const { return (*this)[MemCategory::weights]; }
+  int64_t grads() const { return (*this)[MemCategory::grads]; }
+  int64_t optimizer() const { return (*this)[MemCategory::optimizer]; }
+  int64_t activations() const { return (*this)[MemCategory::activations]; }
+  int64_t workspace() const { return (*this)[MemCategory::workspace]; }
+  int64_t comm() const { return (*this)[MemCategory::comm]; }
+  // Sum of the category peaks: an upper bound of the pool's total peak (the categories need not
+  // peak at the same moment).
+  int64_t total() const;
+  // Same bytes in every category (coordinates aside): `loom info` groups such ranks.
+  bool same_bytes(const RankMemory& o) const { return bytes == o.bytes; }
 };
 
-MemoryEstimate estimate_training_memory(const ModelConfig& cfg, int64_t B, int64_t T,
-                                        Precision precision, Recompute recompute);
+struct MemoryOptions {
+  // bf16 copies stored as f32 (emulated bf16, see model/stage.h) or as bf16. Unset: as the
+  // engine runs on this machine (model::bf16_emulated()); set it to price another machine.
+  std::optional<bool> bf16_emulated;
+};
+
+// Peak bytes per category of world rank `rank` (0 <= rank < plan.world_size()) training `cfg`
+// with `plan` (as parallel::make_plan returns it: micro_batch_size, micro_batches, stage_layers,
+// recompute, ...) at sequence length T in `precision`. Throws loom::Error for a rank outside the
+// world, T outside [1, max_seq], or a plan the model does not admit (the engine's messages).
+RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
+                           int64_t T, Precision precision, const MemoryOptions& options = {});
+
+// Every rank's, in rank order.
+std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel::ParallelPlan& plan,
+                                         int64_t T, Precision precision,
+                                         const MemoryOptions& options = {});
 
 }  // namespace loom::model

@@ -60,8 +60,8 @@ void for_each_owned(const model::GptStage& stage, const std::vector<optim::Range
 
 // ZeRO-1: dp rank r's equal share of an n-element chunk buffer split over D ranks.
 optim::Range zero1_share(int64_t n, int D, int r) {
-  const int64_t share = (n + D - 1) / D, lo = std::min(n, share * r);
-  return {lo, std::min(n, lo + share)};
+  const model::UnitRange s = model::zero1_share(n, D, r);
+  return {s.begin, s.end};
 }
 
 }  // namespace
@@ -275,6 +275,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   for (auto& z : stores_) z->zero_grads();
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
+  std::vector<Tensor> send_buffers;  // every message sent this step, released after the last wait
   // Before each compute action its inputs must have arrived (the schedule's contract).
   auto wait_recvs = [&] {
     for (auto& w : pending_recvs) w.wait();
@@ -289,6 +290,9 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
     Tensor msg = Tensor::empty(t.shape(), DType::f32, pool_, MemCategory::comm);  // (N,C)
     std::memcpy(msg.data<float>(), t.data<float>(), size_t(t.numel()) * sizeof(float));
     t = Tensor();
+    // Held here, not only by the Work (which drops it when MPI reports completion, a moment that
+    // depends on timing).
+    send_buffers.push_back(msg);
     sends.push_back(pp_.isend(msg, peer, tag));
   };
   double loss_sum = 0;
@@ -369,6 +373,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   }
   wait_recvs();
   for (auto& w : sends) w.wait();
+  send_buffers.clear();
   LOOM_ASSERT(act_in.empty() && grad_in.empty() && act_out.empty() && grad_out.empty(),
               "{} pipeline step left tensors unconsumed (schedule bug)", where());
   for (auto& c : chunks_)

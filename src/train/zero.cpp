@@ -39,12 +39,11 @@ ZeroStore::ZeroStore(int stage, ZeroSpace space, model::Precision precision, Mem
   LOOM_ASSERT(next == space_.total, "ZeroSpace units end at {}, not {}", next, space_.total);
   const int64_t P = dp_.size(), r = dp_.rank();
   for (const auto& u : space_.units) {
-    const int64_t len = u.end - u.begin, n = (len + P - 1) / P;
-    const int64_t lo = std::min(u.end, u.begin + r * n), hi = std::min(u.end, lo + n);
-    n_.push_back(n);
+    const model::UnitRange piece = model::zero_piece(u, int(P), int(r));
+    n_.push_back(model::zero_piece_stride(u, int(P)));
     packed_off_.push_back(shard_);
-    pieces_.push_back({lo, hi});
-    shard_ += hi - lo;
+    pieces_.push_back({piece.begin, piece.end});
+    shard_ += piece.end - piece.begin;
   }
   live_.resize(space_.units.size());
   gshard_ = Tensor::zeros({shard_}, DType::f32, pool_, MemCategory::grads);
@@ -117,18 +116,14 @@ void ZeroStore::grads_done(int u) {
     model::sum_replicated_grads(space_.specs, l.g.data<float>(), unit.begin, unit.end, tp_);
   }
   Tensor out = Tensor::empty({n_[size_t(u)]}, DType::f32, pool_, MemCategory::grads);
-  // The Work keeps the unit buffer alive until the reduce-scatter completes.
-  pending_.push_back({dp_.reduce_scatter(comm::BufferRef(l.g), comm::BufferRef(out)), u, out});
+  // The entry holds the unit buffer and its result until it retires, in order, when more than
+  // kMaxInFlight are pending (or at finish_micro_batch): so gradient memory is the shard plus a
+  // few units at points the step defines, never at the moment MPI reports completion (the
+  // memory model, model/memory.h, counts exactly this).
+  pending_.push_back({dp_.reduce_scatter(comm::BufferRef(l.g), comm::BufferRef(out)), u, l.g, out});
   l.g = Tensor();
-  // MPI progresses only inside MPI calls: poke the reductions in flight between layers, and
-  // retire the finished ones so their unit buffers are freed during the backward. At most
-  // kMaxInFlight stay pending (bounding gradient memory to the shard plus a few units); each
-  // unit's piece has its own accumulator, so retiring out of order changes no sum.
-  std::erase_if(pending_, [&](Pending& p) {
-    if (!p.work.test()) return false;
-    accumulate(p);
-    return true;
-  });
+  // MPI progresses only inside MPI calls: poke the reductions in flight between layers.
+  for (auto& p : pending_) p.work.test();
   while (int(pending_.size()) > kMaxInFlight) {
     pending_.front().work.wait();
     accumulate(pending_.front());

@@ -9,15 +9,18 @@
 //
 // Stage 2 (optimizer state and gradients sharded): full f32 weights on every rank. During each
 // micro-batch's backward, as soon as unit u's gradient is complete, a non-blocking
-// reduce-scatter of the (P*n_u, zero-padded) unit gradient starts; when it completes (at most
-// two stay in flight) its result (the sum over dp of this rank's piece) is added to the
-// accumulator and the unit buffer is freed. After the step each rank's updated pieces are all-gathered into the full weights.
+// reduce-scatter of the (P*n_u, zero-padded) unit gradient starts; the oldest is retired (waited,
+// its result, the sum over dp of this rank's piece, added to the accumulator, and the unit buffer
+// freed) whenever more than two are pending, and the rest at finish_micro_batch(). After the step
+// each rank's updated pieces are all-gathered into the full weights.
 // Stage 3 (also weights): only the pieces persist; weights(u) all-gathers the unit just in time
 // (before its forward, again before its backward) and release(u) frees it.
 // Memory (measured by the pool): optimizer 8*shard bytes; grads 4*shard persistent plus the
-// unit buffers being filled or in flight (the embeddings' from the head to the end of the
-// backward, and up to three others); weights 4*total (stage 2) or 4*shard plus the gathered units live
-// (stage 3). bf16 mode adds a bf16 copy of the full weights (stage 2) or of each gathered unit.
+// unit buffers being filled or pending (at most two pending between calls, three inside
+// grads_done), freed at points the step defines, never when MPI happens to finish; weights
+// 4*total (stage 2) or 4*shard plus the gathered units live (stage 3). bf16 mode adds a bf16
+// copy of the full weights (stage 2) or of each gathered unit. model/memory.h replays exactly
+// this.
 //
 // Determinism: fixed unit order and a deterministic reduce-scatter, so two runs are
 // bit-identical. Summation order differs from dp all-reduce (ZeRO-0/1) by rounding only.
@@ -104,6 +107,7 @@ class ZeroStore final : public model::ParamStore {
   struct Pending {
     comm::Work work;
     int unit;
+    Tensor in;   // (P*n_u) the unit gradient being reduced, freed when this entry retires
     Tensor out;  // (n_u) this rank's reduced piece
   };
   static constexpr int kMaxInFlight = 2;  // unit reduce-scatters pending at once

@@ -22,7 +22,7 @@ expect_error() {
 # init + info
 "$LOOM" init --model "$SRC/configs/models/tiny.toml" --out "$WORK/ckpt" --seed 3 >"$WORK/init.json" \
   && grep -q '"params": 186752' "$WORK/init.json" && pass "init" || fail "init: $(cat "$WORK/init.json")"
-"$LOOM" info --model "$SRC/configs/models/codegeex-13b.toml" --batch 1 --seq 2048 >"$WORK/info.json" \
+"$LOOM" info --model "$SRC/configs/models/codegeex-13b.toml" --batch 1 --seq 2048 --json >"$WORK/info.json" \
   && /usr/bin/python3 - "$WORK/info.json" <<'PY' && pass "info codegeex-13b" || fail "info"
 import json, sys
 j = json.load(open(sys.argv[1]))
@@ -31,6 +31,37 @@ assert 12.8e9 < j["params"] < 13.0e9, j["params"]
 assert j["memory_bytes"]["optimizer"] == 8 * j["params"]
 assert j["flops_per_token_train"] > 6 * j["params"]
 PY
+# PanGu-α 200B at its own layout: pp 16 x tp 8 x dp 16, ZeRO-1, full recompute, 32 micro-batches,
+# global batch 512 x 1024, bf16 (63 blocks + the query layer: 15 stages of 4 blocks, then 3).
+"$LOOM" info --model "$SRC/configs/models/pangu-alpha-200b.toml" --batch 512 --seq 1024 --dtype bf16 \
+  --pp 16 --tp 8 --dp 16 --zero 1 --recompute full --micro-batches 32 \
+  --stage-layers 4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,3 --json >"$WORK/pangu.json" \
+  && /usr/bin/python3 - "$WORK/pangu.json" <<'PY' && pass "info pangu-alpha-200b per rank" || fail "info pangu-alpha-200b"
+import json, sys
+j = json.load(open(sys.argv[1]))
+ranks = j["per_rank"]
+assert len(ranks) == 2048 == j["world"], len(ranks)
+cats = ["weights", "grads", "optimizer", "activations", "workspace", "comm"]
+for i, r in enumerate(ranks):
+    assert (r["rank"], r["tp"], r["dp"], r["pp"]) == (i, i % 8, i // 8 % 16, i // 128), r
+    assert all(r[c] > 0 for c in cats), r
+for c in cats:
+    assert j["totals"][c] == sum(r[c] for r in ranks), c
+# Parameter bytes times replication: tp copies the replicated tensors (2 norms and 2 biases per
+# block, query layer included, the 2 position tables, the final norm) to its 8 ranks, the last
+# stage holds a second tied token embedding, dp copies weights and grads 16 times and splits
+# AdamW's m and v (ZeRO-1).
+P, C, S, V, L = j["params"], 16384, 1024, 40000, 63
+rep = (L + 1) * 6 * C + 2 * S * C + 2 * C
+held = P + 7 * rep + V * C
+t = j["totals"]
+assert t["grads"] == 16 * 4 * held, (t["grads"], held)
+assert t["optimizer"] == 8 * held, (t["optimizer"], held)
+assert t["weights"] in (16 * 6 * held, 16 * 8 * held), t["weights"]  # + bf16 copy (f32 if emulated)
+PY
+"$LOOM" info --model "$SRC/configs/models/tiny.toml" --batch 8 --seq 32 --dp 2 --tp 2 --pp 2 --zero 1 \
+  --micro-batches 2 >"$WORK/info.txt" && grep -q "^0-3 .* 0 " "$WORK/info.txt" && grep -q "^4-7 " "$WORK/info.txt" \
+  && pass "info table groups identical ranks" || fail "info table: $(cat "$WORK/info.txt")"
 
 # eval loss on a valid token file, then ids >= vocab
 /usr/bin/python3 -c "

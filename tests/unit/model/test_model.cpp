@@ -145,12 +145,15 @@ TEST(Recompute, ModesGiveIdenticalGradientsAndFallingActivationPeaks) {
         EXPECT_EQ(g, first) << "recompute " << recompute_name(r) << " changed the gradients";
       EXPECT_LT(peak, prev_peak) << "recompute " << recompute_name(r) << " did not lower the peak";
       prev_peak = peak;
-      MemoryEstimate est = estimate_training_memory(cfg, B, T, p, r);
-      EXPECT_EQ(peak, est.activations)
+      parallel::ParallelPlan plan;  // one rank, one micro-batch of B sequences
+      plan.micro_batch_size = B;
+      plan.recompute.assign(size_t(cfg.n_layers), r);
+      const RankMemory est = memory_per_rank(cfg, plan, 0, T, p);
+      EXPECT_EQ(peak, est.activations())
           << "memory model off for recompute " << recompute_name(r)
           << (p == Precision::bf16 ? " bf16" : " f32");
-      EXPECT_EQ(pool.current(MemCategory::weights), est.weights);
-      EXPECT_EQ(pool.current(MemCategory::grads), est.grads);
+      EXPECT_EQ(pool.current(MemCategory::weights), est.weights());
+      EXPECT_EQ(pool.current(MemCategory::grads), est.grads());
     }
   }
 }

@@ -1,0 +1,235 @@
+// tests/dist/train/test_memory_model.cpp: the memory model (model/memory.h) against the pool.
+//
+// For every plan of this world size (2, 4 or 8 ranks: every ZeRO stage, every schedule
+// interleaved included, recompute none / selective / full / a per-layer list, several
+// micro-batch counts, f32 and bf16 with and without bf16 emulation, tp and pp), each rank builds
+// a train::Executor on a fresh MemoryPool, runs two training steps, and compares the pool's
+// peak per category with model::memory_per_rank for its rank: equal for weights, grads and
+// optimizer (the engine allocates them from the model's geometry), within 2% for the
+// activation, workspace and comm peaks (the tolerance; the replay is in fact exact).
+//
+// Rank 0 prints one "MEMROW" line per plan (scripts/memory-table turns them into
+// docs/memory.md's table): for the rank with the largest predicted total, measured and
+// predicted bytes per category, and the worst relative error over all ranks.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "comm/process_group.h"
+#include "core/memory_pool.h"
+#include "model/config.h"
+#include "model/memory.h"
+#include "model/stage.h"
+#include "parallel/plan.h"
+#include "parallel/topology.h"
+#include "train/executor.h"
+
+namespace loom {
+namespace {
+
+comm::ProcessGroup world_group() {
+  comm::GroupOptions o;
+  o.timeout_s = 120;
+  return comm::ProcessGroup::world(o);
+}
+
+// Small enough for 8 ranks on 2 cores; 8 heads and 8 kv heads so tp can be 8; a query layer
+// and a vocabulary that every tp size divides.
+model::ModelConfig small_config() {
+  model::ModelConfig c;
+  c.name = "memory-tiny";
+  c.vocab = 96;
+  c.n_layers = 4;
+  c.d_model = 32;
+  c.n_heads = 8;
+  c.n_kv_heads = 8;
+  c.d_ff = 64;
+  c.max_seq = 16;
+  c.query_layer = true;
+  c.validate();
+  return c;
+}
+
+struct Case {
+  int dp = 1, tp = 1, pp = 1, zero = 0;
+  const char* schedule = "1f1b";
+  int virtual_stages = 1;
+  int64_t micro_batches = 1;
+  int64_t micro_batch_size = 2;
+  const char* recompute = "none";
+  const char* stage_layers = "";
+  model::Precision precision = model::Precision::f32;
+  int emulation = -1;  // bf16: -1 this machine's rule, 1 emulated (f32 copies), 0 bf16 copies
+};
+
+constexpr model::Precision kF32 = model::Precision::f32, kBf16 = model::Precision::bf16;
+
+std::vector<Case> cases_for(int w) {
+  auto c = [](int dp, int tp, int pp, int zero, const char* sched, int vs, int64_t m,
+              const char* rc, model::Precision p, int emu = -1, const char* layers = "") {
+    Case k;
+    k.dp = dp, k.tp = tp, k.pp = pp, k.zero = zero, k.schedule = sched, k.virtual_stages = vs;
+    k.micro_batches = m, k.recompute = rc, k.precision = p, k.emulation = emu;
+    k.stage_layers = layers;
+    return k;
+  };
+  if (w == 2)
+    return {
+        c(2, 1, 1, 0, "1f1b", 1, 2, "none", kF32),
+        c(2, 1, 1, 1, "1f1b", 1, 2, "selective", kBf16),
+        c(2, 1, 1, 2, "1f1b", 1, 1, "full", kF32),
+        c(2, 1, 1, 3, "1f1b", 1, 2, "none", kBf16, 0),
+        c(1, 2, 1, 0, "1f1b", 1, 1, "none", kF32),
+        c(1, 1, 2, 0, "1f1b", 1, 4, "none", kF32),
+        c(1, 1, 2, 0, "gpipe", 1, 4, "selective", kBf16),
+        c(1, 1, 2, 0, "interleaved", 2, 4, "full", kF32),
+        c(1, 1, 2, 0, "1f1b", 1, 2, "full:0-1,selective:2", kF32, -1, "1,3"),
+        c(2, 1, 1, 1, "1f1b", 1, 2, "selective:0,full:3", kBf16, 1),
+    };
+  if (w == 4)
+    return {
+        c(2, 2, 1, 1, "1f1b", 1, 2, "none", kF32),
+        c(2, 1, 2, 2, "1f1b", 1, 4, "selective", kBf16),
+        c(1, 2, 2, 0, "interleaved", 2, 4, "none", kF32),
+        c(4, 1, 1, 3, "1f1b", 1, 1, "full", kF32),
+        c(2, 2, 1, 3, "1f1b", 1, 2, "selective", kBf16, 0),
+        c(1, 1, 4, 0, "gpipe", 1, 4, "none", kF32),
+        c(1, 1, 4, 0, "1f1b", 1, 8, "full", kBf16),
+        c(1, 4, 1, 0, "1f1b", 1, 2, "full:0-1", kF32),
+        c(2, 1, 2, 0, "gpipe", 1, 2, "none", kBf16, 1),
+        c(2, 1, 2, 3, "interleaved", 2, 2, "none", kF32),
+    };
+  if (w == 8)
+    return {
+        c(2, 2, 2, 1, "1f1b", 1, 2, "none", kF32),
+        c(2, 2, 2, 3, "interleaved", 2, 2, "selective", kBf16, 0),
+        c(8, 1, 1, 2, "1f1b", 1, 1, "none", kF32),
+        c(1, 8, 1, 0, "1f1b", 1, 1, "none", kF32),
+        c(1, 2, 4, 0, "gpipe", 1, 4, "full", kF32),
+        c(4, 1, 2, 3, "1f1b", 1, 2, "full:0,selective:1-2", kBf16),
+        c(2, 4, 1, 2, "1f1b", 1, 2, "selective", kF32),
+        c(2, 2, 2, 0, "gpipe", 1, 4, "none", kBf16, 1),
+    };
+  return {};
+}
+
+// (M*b, T+1) windows: a fixed hash, so every rank builds the same tokens.
+std::vector<int32_t> tokens_for(int step, int64_t n, int64_t T, int64_t V) {
+  std::vector<int32_t> t(size_t(n * (T + 1)));
+  for (size_t i = 0; i < t.size(); ++i) {
+    uint64_t z = uint64_t(step + 1) * 0x9E3779B97F4A7C15ull + i * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    t[i] = int32_t((z >> 17) % uint64_t(V));
+  }
+  return t;
+}
+
+double rel_err(int64_t measured, int64_t predicted) {
+  if (measured == predicted) return 0;
+  return std::fabs(double(measured) - double(predicted)) / std::max<double>(1.0, double(measured));
+}
+
+TEST(MemoryModel, PredictionEqualsPoolPeakOnEveryRank) {
+  comm::ProcessGroup world = world_group();
+  const int w = world.size();
+  const std::vector<Case> cases = cases_for(w);
+  if (cases.empty()) GTEST_SKIP() << "plans are listed for 2, 4 and 8 ranks, not " << w;
+  const model::ModelConfig cfg = small_config();
+  const parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
+  const int64_t T = 16;
+  std::array<double, kNumMemCategories> worst{};
+  for (const Case& k : cases) {
+    parallel::PlanSettings s;
+    s.dp = k.dp, s.tp = k.tp, s.pp = k.pp, s.zero = k.zero;
+    s.schedule = k.schedule;
+    s.virtual_stages = k.virtual_stages;
+    s.micro_batches = k.micro_batches;
+    s.recompute = k.recompute;
+    if (*k.stage_layers) s.stage_layers = k.stage_layers;
+    const int64_t G = int64_t(k.dp) * k.micro_batches * k.micro_batch_size;
+    train::ExecutorConfig ec;
+    ec.plan = parallel::make_plan(s, shape, G, w);
+    ec.precision = k.precision;
+    const std::string what = ec.plan.describe() +
+                             (k.precision == kBf16 ? " bf16" : " f32") +
+                             (k.emulation == 0 ? " (bf16 copies)" : k.emulation == 1 ? " (emulated)" : "");
+    model::set_bf16_emulation_for_testing(k.emulation);
+    parallel::ParallelSizes sizes;
+    sizes.dp = k.dp, sizes.tp = k.tp, sizes.pp = k.pp;
+    parallel::ProcessGroups g =
+        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-dp-pp"), world);
+    const model::RankMemory predicted = model::memory_per_rank(cfg, ec.plan, world.rank(), T, k.precision);
+    std::array<int64_t, kNumMemCategories> measured{};
+    {
+      MemoryPool pool;
+      train::Executor ex(cfg, ec, pool, &g.dp, &g.tp, &g.pp);
+      ex.init_weights(5);
+      const int64_t b = ec.plan.micro_batch_size, per_dp = ec.plan.micro_batches * b;
+      for (int step = 0; step < 2; ++step) {
+        std::vector<int32_t> tok = tokens_for(step, G, T, cfg.vocab);
+        ex.train_step(tok.data() + int64_t(g.dp.rank()) * per_dp * (T + 1), b, T);
+      }
+      for (size_t c = 0; c < kNumMemCategories; ++c) measured[c] = pool.peak(MemCategory(c));
+    }
+    model::set_bf16_emulation_for_testing(-1);
+    for (size_t c = 0; c < kNumMemCategories; ++c) {
+      const MemCategory cat = MemCategory(c);
+      const std::string msg = what + ", rank " + std::to_string(world.rank()) + ", " +
+                              std::string(mem_category_name(cat));
+      if (c <= size_t(MemCategory::optimizer))
+        EXPECT_EQ(measured[c], predicted.bytes[c]) << msg;
+      else  // the tolerance for peaks
+        EXPECT_LE(rel_err(measured[c], predicted.bytes[c]), 0.02)
+            << msg << ": measured " << measured[c] << ", predicted " << predicted.bytes[c];
+    }
+    // Everyone's numbers to rank 0 for the table: (measured, predicted) per category.
+    std::vector<int64_t> mine(2 * kNumMemCategories), all(size_t(w) * 2 * kNumMemCategories);
+    for (size_t c = 0; c < kNumMemCategories; ++c) {
+      mine[c] = measured[c];
+      mine[kNumMemCategories + c] = predicted.bytes[c];
+    }
+    world.all_gather(comm::BufferRef(mine.data(), int64_t(mine.size()), DType::i64),
+                     comm::BufferRef(all.data(), int64_t(all.size()), DType::i64))
+        .wait();
+    if (world.rank() == 0) {
+      int top = 0;
+      int64_t top_total = -1;
+      std::array<double, kNumMemCategories> err{};
+      for (int r = 0; r < w; ++r) {
+        const int64_t* m = all.data() + size_t(r) * 2 * kNumMemCategories;
+        int64_t total = 0;
+        for (size_t c = 0; c < kNumMemCategories; ++c) {
+          total += m[kNumMemCategories + c];
+          err[c] = std::max(err[c], rel_err(m[c], m[kNumMemCategories + c]));
+          worst[c] = std::max(worst[c], err[c]);
+        }
+        if (total > top_total) top = r, top_total = total;
+      }
+      const int64_t* m = all.data() + size_t(top) * 2 * kNumMemCategories;
+      std::string row = "MEMROW | " + std::to_string(w) + " | " + what + " | " + std::to_string(top);
+      for (size_t c = 0; c < kNumMemCategories; ++c)
+        row += " | " + std::to_string(m[c]) + " / " + std::to_string(m[kNumMemCategories + c]);
+      double e = 0;
+      for (double x : err) e = std::max(e, x);
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.2g%%", 100 * e);
+      row += std::string(" | ") + buf + " |";
+      std::printf("%s\n", row.c_str());
+    }
+  }
+  if (world.rank() == 0) {
+    std::printf("%zu plans on %d ranks; worst relative error per category:", cases.size(), w);
+    for (size_t c = 0; c < kNumMemCategories; ++c)
+      std::printf(" %s %.3g%%", std::string(mem_category_name(MemCategory(c))).c_str(),
+                  100 * worst[c]);
+    std::printf("\n");
+  }
+}
+
+}  // namespace
+}  // namespace loom
