@@ -80,7 +80,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     LOOM_CHECK(o->max_tokens >= 0, "--max-tokens {} must be >= 0", o->max_tokens);
     interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
-    std::string tok_path = o->tokenizer.empty() ? o->checkpoint + "/tokenizer" : o->tokenizer;
+    std::string tok_path = o->tokenizer.empty() ? r.dir() + "/tokenizer" : o->tokenizer;
     auto tok = data::load_tokenizer(tok_path);
     LOOM_CHECK(tok->vocab_size() <= cfg.vocab,
                "tokenizer '{}' has {} tokens but the model's vocab is {}", tok_path,

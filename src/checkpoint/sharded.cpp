@@ -57,6 +57,18 @@ int64_t slice_numel(const PieceSpec& p) {
   return numel_of(p.global_shape);
 }
 
+PieceSpec piece_of(const ParamSpec& spec, int64_t lo, int64_t hi) {
+  PieceSpec p;
+  p.name = spec.name;
+  p.global_shape = spec.global_shape;
+  p.shard_dim = spec.shard_dim;
+  p.shard_start = spec.shard_start;
+  p.shard_len = spec.shard_dim >= 0 ? spec.shape.at(size_t(spec.shard_dim)) : 0;
+  p.lo = lo;
+  p.hi = hi;
+  return p;
+}
+
 PieceSpec whole_tensor(const std::string& name, const std::vector<int64_t>& shape) {
   PieceSpec p;
   p.name = name;

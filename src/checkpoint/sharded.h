@@ -39,6 +39,7 @@
 
 #include "checkpoint/commit.h"
 #include "comm/process_group.h"
+#include "core/param_spec.h"
 
 namespace loom::checkpoint {
 
@@ -60,6 +61,8 @@ struct PieceSpec {
 int64_t slice_numel(const PieceSpec& p);
 // A whole tensor as one piece.
 PieceSpec whole_tensor(const std::string& name, const std::vector<int64_t>& shape);
+// Elements [lo, hi) of the local slice a parameter spec (core/param_spec.h) describes.
+PieceSpec piece_of(const ParamSpec& spec, int64_t lo, int64_t hi);
 
 struct WriterOptions {
   int keep = 0;       // keep the newest `keep` checkpoints in the directory (0: all)

@@ -63,24 +63,29 @@ CheckpointReader::~CheckpointReader() = default;
 
 bool CheckpointReader::has_optimizer() const { return reader_->has("m") && reader_->has("v"); }
 
-void CheckpointReader::expect_config(const model::ModelConfig& c) const {
+void expect_same_model(const model::ModelConfig& saved, const model::ModelConfig& c,
+                       const std::string& where) {
   std::string diff;
   auto cmp = [&](const char* key, auto a, auto b) {
     if (a != b) diff += fmt::format("{}{} = {} (checkpoint) vs {} (expected)",
                                     diff.empty() ? "" : "; ", key, a, b);
   };
-  cmp("vocab", cfg_.vocab, c.vocab);
-  cmp("n_layers", cfg_.n_layers, c.n_layers);
-  cmp("d_model", cfg_.d_model, c.d_model);
-  cmp("n_heads", cfg_.n_heads, c.n_heads);
-  cmp("n_kv_heads", cfg_.n_kv_heads, c.n_kv_heads);
-  cmp("d_ff", cfg_.d_ff, c.d_ff);
-  cmp("max_seq", cfg_.max_seq, c.max_seq);
-  cmp("activation", std::string(model::activation_name(cfg_.activation)),
+  cmp("vocab", saved.vocab, c.vocab);
+  cmp("n_layers", saved.n_layers, c.n_layers);
+  cmp("d_model", saved.d_model, c.d_model);
+  cmp("n_heads", saved.n_heads, c.n_heads);
+  cmp("n_kv_heads", saved.n_kv_heads, c.n_kv_heads);
+  cmp("d_ff", saved.d_ff, c.d_ff);
+  cmp("max_seq", saved.max_seq, c.max_seq);
+  cmp("activation", std::string(model::activation_name(saved.activation)),
       std::string(model::activation_name(c.activation)));
-  cmp("query_layer", cfg_.query_layer, c.query_layer);
-  cmp("norm_eps", cfg_.norm_eps, c.norm_eps);
-  LOOM_CHECK(diff.empty(), "checkpoint '{}' is of a different model: {}", dir_, diff);
+  cmp("query_layer", saved.query_layer, c.query_layer);
+  cmp("norm_eps", saved.norm_eps, c.norm_eps);
+  LOOM_CHECK(diff.empty(), "checkpoint '{}' is of a different model: {}", where, diff);
+}
+
+void CheckpointReader::expect_config(const model::ModelConfig& c) const {
+  expect_same_model(cfg_, c, dir_);
 }
 
 // Elements [begin, end) of the layout's flat buffer, tensor by tensor, each as the local slice

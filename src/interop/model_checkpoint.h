@@ -42,6 +42,11 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
                      const OptimizerState& opt, const nlohmann::json& trainer_state,
                      const std::function<void(const std::string&)>& write_extra = {});
 
+// Throws loom::Error listing the differing keys unless `saved` (a checkpoint's config, read from
+// `where`) is the model `expected`.
+void expect_same_model(const model::ModelConfig& saved, const model::ModelConfig& expected,
+                       const std::string& where);
+
 class CheckpointReader {
  public:
   // Opens `dir`, verifies every checksum and parses config.toml and trainer_state.json.

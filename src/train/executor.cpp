@@ -201,6 +201,58 @@ void Executor::export_optimizer_dp_summed(float* global_m, float* global_v) cons
   }
 }
 
+void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
+  const bool share_replicas = ec_.plan.zero == 0 && dp_.valid();
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const model::GptStage& c = *chunks_[i];
+    const optim::AdamW& o = *optimizers_[i];
+    const ZeroStore* z = stores_.empty() ? nullptr : stores_[i].get();
+    // The ranges this rank writes are inside its optimizer's ranges, so a local element x sits
+    // at packed position x (ZeRO 0: the optimizer covers the whole chunk) or at the packed
+    // offset for_each_owned reports (ZeRO >= 1 writes exactly its optimizer's ranges).
+    const std::vector<optim::Range> mine =
+        share_replicas ? std::vector<optim::Range>{zero1_share(c.total(), dp_.size(), dp_.rank())}
+                       : o.ranges();
+    for_each_owned(c, mine, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
+      if (p.tied_copy || (p.global.replicated() && tp_rank() != 0)) return;
+      const int64_t lo = x - p.local_offset;
+      const int64_t opt = share_replicas ? x : packed;
+      const float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      f("weights", p.global, lo, lo + len, w);
+      f("m", p.global, lo, lo + len, o.m() + opt);
+      f("v", p.global, lo, lo + len, o.v() + opt);
+    });
+  }
+}
+
+void Executor::load_checkpoint(const ReadFn& read, bool moments, int64_t step) {
+  LOOM_CHECK(step >= 0, "optimizer step count {} must be >= 0", step);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    model::GptStage& c = *chunks_[i];
+    optim::AdamW& o = *optimizers_[i];
+    ZeroStore* z = stores_.empty() ? nullptr : stores_[i].get();
+    // Weights: every element of the chunk, or (ZeRO-3) this rank's pieces, packed. The head's
+    // tied copy reads the embedding's tensor (the same logical one).
+    const std::vector<optim::Range> held =
+        z && z->stage() == 3 ? z->pieces() : std::vector<optim::Range>{{0, c.total()}};
+    for_each_owned(c, held, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
+      float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      read("weights", p.global, x - p.local_offset, x - p.local_offset + len, w);
+    });
+    if (z)
+      z->weights_loaded();
+    else
+      c.sync_low_precision_weights();
+    if (!moments) continue;
+    for_each_owned(c, o.ranges(), [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
+      read("m", p.global, x - p.local_offset, x - p.local_offset + len, o.m() + packed);
+      read("v", p.global, x - p.local_offset, x - p.local_offset + len, o.v() + packed);
+    });
+    o.set_step_count(step);
+  }
+  if (moments) step_ = step;
+}
+
 void Executor::import_optimizer(const float* global_m, const float* global_v,
                                         int64_t step) {
   LOOM_CHECK(step >= 0, "optimizer step count {} must be >= 0", step);

@@ -44,6 +44,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <memory>
@@ -136,6 +137,23 @@ class Executor {
   // global_m / global_v on the ranks that pass them (others pass null). Collective over dp;
   // each rank holds two chunk-sized buffers at a time, not the whole model.
   void export_optimizer_dp_summed(float* global_m, float* global_v) const;
+
+  // Sharded checkpoints: kinds "weights", "m" and "v" of each logical tensor, addressed as
+  // elements [lo, hi) of this tp rank's local slice of it (`spec`, as ParamLayout gives it).
+  // for_each_checkpoint_piece calls f for every piece this rank writes, pointing into the
+  // executor's own buffers (no copies): over the whole run every element of every tensor is
+  // written exactly once: replicated-over-tp tensors by tp rank 0, the head's tied copy never,
+  // and among dp replicas each rank its share (ZeRO 0: an equal share of each chunk; ZeRO >= 1:
+  // what its optimizer owns). Pointers stay valid until the next train_step or load.
+  using PieceFn = std::function<void(const char* kind, const ParamSpec& spec, int64_t lo,
+                                     int64_t hi, const float* data)>;
+  void for_each_checkpoint_piece(const PieceFn& f) const;
+  // Fills this rank's weights (and, with `moments`, its optimizer state and step count) with
+  // read(kind, spec, lo, hi, dst): only what this rank holds is read (its chunks' tensors, the
+  // tied copy from the embedding's tensor, ZeRO-3 its pieces, ZeRO >= 1 its moments).
+  using ReadFn = std::function<void(const char* kind, const ParamSpec& spec, int64_t lo,
+                                    int64_t hi, float* dst)>;
+  void load_checkpoint(const ReadFn& read, bool moments, int64_t step);
 
  private:
   model::ModelConfig cfg_;

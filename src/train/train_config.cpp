@@ -35,7 +35,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
                  "threads", "eval_every", "eval_batches", "time_limit_s"}},
       {"optim", {"lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "clip",
                  "warmup_steps", "decay_steps"}},
-      {"checkpoint", {"dir", "every"}},
+      {"checkpoint", {"dir", "every", "keep"}},
       {"log", {"dir", "every"}},
       {"parallel",
        {"dp", "tp", "pp", "cp", "ep", "zero", "bucket_mb", "schedule", "virtual_stages",
@@ -211,6 +211,7 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
   get_str("checkpoint", "dir", c.checkpoint_dir);
   get_int("checkpoint", "every", c.checkpoint_every, 0);
+  get_int("checkpoint", "keep", c.checkpoint_keep, 0);
   // [parallel] (and the older train.micro_batches / train.recompute): the raw settings; the plan
   // itself is made and validated by parallel::make_plan once the world size is known.
   parallel::PlanSettings& ps = c.parallel;

@@ -6,7 +6,7 @@
 //            recompute = "none"|"selective"|"full", threads (0 = automatic), eval_every,
 //            eval_batches, time_limit_s (stop and checkpoint after this many seconds)
 //   [optim]  lr, min_lr, beta1, beta2, eps, weight_decay, clip, warmup_steps, decay_steps
-//   [checkpoint] dir, every (0 = only at the end)
+//   [checkpoint] dir, every (0 = only at the end), keep (newest N kept, default 2; 0 = all)
 //   [log]    dir, every
 //   [parallel] dp, tp, pp, cp, ep, zero, bucket_mb, schedule, virtual_stages, stage_layers,
 //            ranks_per_node, micro_batches, recompute (none|selective|full or a per-layer list
@@ -48,6 +48,7 @@ struct TrainConfig {
   optim::AdamWConfig optim;
   std::string checkpoint_dir = "runs/default/ckpt";
   int64_t checkpoint_every = 0;
+  int64_t checkpoint_keep = 2;  // keep the newest N checkpoints (0: all)
   std::string log_dir = "runs/default";
   int64_t log_every = 1;
   // [parallel] as written (unset values take the plan's defaults); CLI flags override them.

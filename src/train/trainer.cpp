@@ -8,11 +8,12 @@
 #include <cstring>
 #include <filesystem>
 
-#include "interop/model_checkpoint.h"
+#include "checkpoint/sharded.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/threads.h"
 #include "data/token_stream.h"
+#include "interop/model_checkpoint.h"
 #include "kernels/cpu/matmul.h"
 #include "parallel/topology.h"
 #include "train/loop.h"
@@ -93,34 +94,35 @@ void Trainer::init_fresh() {
 }
 
 void Trainer::resume(const std::string& dir) {
-  interop::CheckpointReader r(dir);
-  r.expect_config(cfg_.model);
-  // This tp rank's layout of the whole model: each rank reads only the ranges its chunks hold
-  // (of its tp shard: slices of the logical tensors).
-  const model::ParamLayout& layout = exec_->chunk(0).global_layout();
-  const int64_t n = layout.total();
-  std::vector<float> w(static_cast<size_t>(n)), m, v;
-  const bool opt = r.has_optimizer();
-  if (opt) {
-    m.resize(size_t(n));
-    v.resize(size_t(n));
-  }
-  int64_t step = 0;
-  for (int c = 0; c < exec_->num_chunks(); ++c)
-    for (auto [b, e] : exec_->chunk(c).held_ranges()) {
-      r.load_weights(layout, w.data(), b, e);
-      if (opt) step = r.load_optimizer(layout, m.data() + b, v.data() + b, b, e);
-    }
-  exec_->import_weights(w.data());
-  if (opt) exec_->import_optimizer(m.data(), v.data(), step);
-  train_stream_ = make_stream("train");
+  // Any layout's checkpoint (sharded, or the pre-sharding whole-model format): each rank reads
+  // only the byte ranges of the tensors it holds, straight into its own buffers.
+  checkpoint::ShardedReader r(dir);
+  interop::expect_same_model(
+      model::model_config_from_toml(r.config_toml(), r.dir() + "/config.toml"), cfg_.model,
+      r.dir());
   const nlohmann::json& st = r.trainer_state();
+  const bool moments = r.has("m") && r.has("v");
+  int64_t step = 0;
+  if (r.legacy_optimizer_step() >= 0) {
+    step = r.legacy_optimizer_step();
+  } else {
+    const char* key = st.contains("optimizer_step") ? "optimizer_step" : "step";
+    LOOM_CHECK(st.contains(key) && st[key].is_number_integer() && st[key].get<int64_t>() >= 0,
+               "'{}/trainer_state.json': key '{}' must be an integer >= 0", r.dir(), key);
+    step = st[key].get<int64_t>();
+  }
+  exec_->load_checkpoint(
+      [&](const char* kind, const ParamSpec& spec, int64_t lo, int64_t hi, float* dst) {
+        r.read(kind, checkpoint::piece_of(spec, lo, hi), dst);
+      },
+      moments, step);
+  train_stream_ = make_stream("train");
   if (st.contains("data")) train_stream_->restore(st["data"]);
   if (!st.contains("plan"))
     LOOM_LOG_WARN("checkpoint {} predates global batches: there train.batch was per dp rank and "
                   "micro-batch (dp = {}); this run reads train.batch = {} as the global batch "
                   "(sequences per optimizer step) from the saved data position",
-                  dir, st.value("dp", 1), cfg_.batch);
+                  r.dir(), st.value("dp", 1), cfg_.batch);
 }
 
 StepStats Trainer::train_step() {
@@ -173,32 +175,28 @@ std::vector<float> Trainer::full_weights() const {
 }
 
 void Trainer::save(const std::string& dir) {
-  // dp replicas hold identical weights: the ranks of dp rank 0 assemble the logical tensors
-  // and world rank 0 writes. Under ZeRO each dp rank holds a share of the moments: they are
-  // summed over dp first, chunk by chunk. Only the assembling ranks hold whole-model buffers.
-  const model::ParamLayout& layout = exec_->chunk(0).global_layout();
-  const int64_t n = layout.total();
-  const bool assembles = dp_rank() == 0;
-  const bool shares_moments = plan_.zero >= 1 && dp_size() > 1;
-  const size_t nw = assembles || plan_.zero == 3 ? size_t(n) : 0;
-  const size_t nm = assembles ? size_t(n) : 0;
-  std::vector<float> w(nw, 0.f), m(nm, 0.f), v(nm, 0.f);
-  if (shares_moments)
-    exec_->export_optimizer_dp_summed(assembles ? m.data() : nullptr, assembles ? v.data() : nullptr);
-  // Collective over dp under ZeRO-3 (weights are gathered), so every dp rank calls it then.
-  if (nw > 0) exec_->export_weights(w.data());
-  if (assembles) {
-    if (!shares_moments) exec_->export_optimizer(m.data(), v.data());
-    if (pp_.valid())
-      for (std::vector<float>* buf : {&w, &m, &v})
-        pp_.all_reduce(comm::BufferRef(buf->data(), n, DType::f32)).wait();
-    if (tp_.valid()) {  // tp shards -> the logical tensors
-      w = model::gather_tp_buffer(cfg_.model, layout, w.data(), tp_);
-      m = model::gather_tp_buffer(cfg_.model, layout, m.data(), tp_);
-      v = model::gather_tp_buffer(cfg_.model, layout, v.data(), tp_);
-    }
+  // Every rank writes its own pieces of the logical tensors straight from its buffers (no
+  // gather, no whole-model buffer anywhere); one rank writes the index and commits atomically
+  // (checkpoint/sharded.h, commit.h). The writer's group spans the run's ranks.
+  const int ranks = dp_size() * tp_size() * pp_size();
+  comm::ProcessGroup all;
+  if (ranks > 1) {
+    all = comm::ProcessGroup::world();
+    LOOM_CHECK(all.size() == ranks,
+               "saving needs every rank of MPI's world in this run: the run has {} ranks, the "
+               "world {}",
+               ranks, all.size());
   }
+  checkpoint::WriterOptions wo;
+  wo.keep = int(cfg_.checkpoint_keep);
+  wo.step = step();
+  checkpoint::ShardedWriter w(dir, all.valid() ? &all : nullptr, wo);
+  exec_->for_each_checkpoint_piece(
+      [&](const char* kind, const ParamSpec& spec, int64_t lo, int64_t hi, const float* data) {
+        w.add(kind, checkpoint::piece_of(spec, lo, hi), data);
+      });
   nlohmann::json state = {{"step", step()},
+                          {"optimizer_step", step()},
                           {"data", data_state()},
                           {"seed", cfg_.seed},
                           {"precision", cfg_.precision == model::Precision::bf16 ? "bf16" : "f32"},
@@ -208,23 +206,12 @@ void Trainer::save(const std::string& dir) {
                           {"plan", plan_.to_json()}};
   // The tokenizer travels with the checkpoint so `loom generate` can decode without the data.
   const std::string tokenizer_dir = cfg_.data_path + "/tokenizer";
-  auto copy_tokenizer = [&](const std::string& tmp) {
+  auto copy_tokenizer = [&](const std::string& staging) {
     if (cfg_.data_source == "shards" && fs::is_directory(tokenizer_dir))
-      fs::copy(tokenizer_dir, tmp + "/tokenizer", fs::copy_options::recursive);
+      fs::copy(tokenizer_dir, staging + "/tokenizer", fs::copy_options::recursive);
   };
-  std::string error;
-  if (assembles && tp_rank() == 0 && pp_rank() == 0) {
-    try {
-      interop::save_checkpoint(dir, cfg_.model, model::ParamLayout(cfg_.model), w.data(),
-                                  {m.data(), v.data(), step()}, state, copy_tokenizer);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  if (any_rank(!error.empty())) {
-    LOOM_CHECK(error.empty(), "saving checkpoint '{}' failed: {}", dir, error);
-    LOOM_FAIL("saving checkpoint '{}' failed on the writing rank (see its log)", dir);
-  }
+  const checkpoint::CommitResult done = w.commit(cfg_.model.to_toml(), state, copy_tokenizer);
+  LOOM_LOG_DEBUG("checkpoint {} committed ({} bytes from this rank)", done.dir, done.shard_bytes);
 }
 
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,

@@ -205,6 +205,11 @@ void ZeroStore::init(uint64_t seed) {
       space_.init(wshard_.data<float>() + packed_off_[u], pieces_[u].begin, pieces_[u].end, seed);
 }
 
+void ZeroStore::weights_loaded() {
+  if (stage_ == 2 && bf_)
+    convert_f32_to_bf16(wfull_.data<float>(), wfull_lp_.data<bf16>(), size_t(space_.total));
+}
+
 void ZeroStore::import_full(const float* full) {
   if (stage_ == 2) {
     std::memcpy(wfull_.data<float>(), full, size_t(space_.total) * 4);

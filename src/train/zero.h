@@ -96,6 +96,14 @@ class ZeroStore final : public model::ParamStore {
   // (collective over dp; everyone receives it).
   std::vector<float> gather_packed(const float* packed) const;
   std::vector<float> full_weights() const;
+  // The f32 weights this rank holds, for checkpoints: stage 2 the whole buffer (indexed like the
+  // space), stage 3 its pieces packed (indexed like pieces()). After writing them, call
+  // weights_loaded() (refreshes stage 2's bf16 copy).
+  float* weights_buffer() { return stage_ == 2 ? wfull_.data<float>() : wshard_.data<float>(); }
+  const float* weights_buffer() const {
+    return stage_ == 2 ? wfull_.data<float>() : wshard_.data<float>();
+  }
+  void weights_loaded();
 
  private:
   struct Live {

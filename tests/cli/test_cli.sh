@@ -106,7 +106,7 @@ expect_error "train: missing data dir" "is not a directory" \
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --set data.source='"shards"' \
   --set data.path='"/nonexistent/data"'
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 4 >"$WORK/train.json" 2>"$WORK/train.log" \
-  && [ -s "$WORK/run/metrics.jsonl" ] && [ -s "$WORK/run/loss.svg" ] && [ -f "$WORK/run/ckpt/checksums.json" ] \
+  && [ -s "$WORK/run/metrics.jsonl" ] && [ -s "$WORK/run/loss.svg" ] && [ -f "$WORK/run/ckpt/latest" ] \
   && pass "train writes metrics, plot, checkpoint" || fail "train: $(tail -3 "$WORK/train.log")"
 metrics_before=$(sha256sum "$WORK/run/metrics.jsonl")
 expect_error "train: --out over an existing run" "run directory '$WORK/run' already holds a run" \
@@ -128,11 +128,12 @@ assert steps == [1, 2, 3, 4, 5, 6], steps" && pass "resume: metrics.jsonl cut to
   || fail "train --overwrite"
 # A corrupted checkpoint is refused and left as it is.
 cp -r "$WORK/run/ckpt" "$WORK/bad_ckpt"
-printf '\x00' | dd of="$WORK/bad_ckpt/model.safetensors" bs=1 seek=5000 conv=notrunc 2>/dev/null
-sum_before=$(sha256sum "$WORK/bad_ckpt/model.safetensors")
+bad_shard="$WORK/bad_ckpt/$(tail -1 "$WORK/bad_ckpt/latest")/shard-00000-of-00001.safetensors"
+printf '\x00' | dd of="$bad_shard" bs=1 seek=5000 conv=notrunc 2>/dev/null
+sum_before=$(sha256sum "$bad_shard")
 expect_error "resume: corrupted checkpoint" "is corrupted: SHA-256" \
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run3" --resume "$WORK/bad_ckpt"
-[ "$(sha256sum "$WORK/bad_ckpt/model.safetensors")" = "$sum_before" ] && pass "corrupted checkpoint untouched" \
+[ "$(sha256sum "$bad_shard")" = "$sum_before" ] && pass "corrupted checkpoint untouched" \
   || fail "corrupted checkpoint was modified"
 
 # generate: with token healing (default) and without, the output starts with the prompt (the
@@ -159,7 +160,7 @@ for _ in $(seq 100); do [ -s "$WORK/sig/metrics.jsonl" ] && break; sleep 0.1; do
 expect_error "train: second run on a directory in use" "run directory '$WORK/sig' is in use by loom train pid $pid" \
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 2 --overwrite
 kill -TERM $pid
-if wait $pid && grep -q "signal 15 received" "$WORK/sig.log" && [ -f "$WORK/sig/ckpt/checksums.json" ]; then
+if wait $pid && grep -q "signal 15 received" "$WORK/sig.log" && [ -f "$WORK/sig/ckpt/latest" ]; then
   pass "SIGTERM saves and exits 0"
 else
   fail "SIGTERM: $(tail -3 "$WORK/sig.log")"
@@ -182,7 +183,7 @@ rc=$?
 elapsed=$(( $(date +%s) - start ))
 if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 55 ] &&
    grep -qE "exited on signal 9|timed out after" "$WORK/killed.log" &&
-   { [ ! -e "$WORK/killed/ckpt" ] || [ -f "$WORK/killed/ckpt/checksums.json" ]; }; then
+   { [ ! -e "$WORK/killed/ckpt" ] || [ -f "$WORK/killed/ckpt/latest" ]; }; then
   pass "SIGKILL of a training rank ends the job (rc $rc after ${elapsed}s)"
 else
   fail "SIGKILL of a training rank: victim '$victim' rc $rc after ${elapsed}s: $(tail -3 "$WORK/killed.log")"

@@ -6,8 +6,10 @@
 #include <filesystem>
 #include <fstream>
 
-#include "interop/model_checkpoint.h"
 #include "core/error.h"
+#include "checkpoint/commit.h"
+#include "checkpoint/sharded.h"
+#include "interop/model_checkpoint.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -138,34 +140,53 @@ void expect_load_error(const fs::path& ckpt, const std::string& needle) {
   }
 }
 
+// The shard file of a one-rank checkpoint saved into `ckpt` (ckpt/step-N/..., see
+// checkpoint/sharded.h).
+fs::path shard_of(const fs::path& ckpt) {
+  return fs::path(checkpoint::ShardedReader(ckpt.string()).dir()) / "shard-00000-of-00001.safetensors";
+}
+
 TEST(Checkpoint, CorruptionIsDetectedAndNamed) {
   fs::path run = temp_dir("corrupt");
   fs::path ckpt = make_checkpoint(run);
-  fs::path model = ckpt / "model.safetensors";
+  fs::path shard = shard_of(ckpt);
+  ASSERT_TRUE(fs::exists(shard)) << shard;
   EXPECT_NO_THROW(interop::CheckpointReader(ckpt.string()));
   // Flip one byte in the middle of the weights.
   {
-    std::fstream f(model, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(fs::file_size(model) / 2);
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(fs::file_size(shard) / 2);
     char c;
     f.get(c);
-    f.seekp(fs::file_size(model) / 2);
+    f.seekp(fs::file_size(shard) / 2);
     f.put(char(c ^ 0x10));
   }
-  expect_load_error(ckpt, "model.safetensors' is corrupted: SHA-256");
+  expect_load_error(ckpt, "shard-00000-of-00001.safetensors");
+  // A resume reads what it needs and verifies those blocks: it fails naming the file too.
+  {
+    auto cfg = tiny_config(run);
+    MemoryPool pool;
+    train::Trainer t(cfg, pool);
+    try {
+      t.resume(ckpt.string());
+      ADD_FAILURE() << "resume from a corrupted shard";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("shard-00000-of-00001"), std::string::npos) << e.what();
+    }
+  }
   // Truncate it.
-  fs::resize_file(model, fs::file_size(model) - 100);
-  expect_load_error(ckpt, "model.safetensors' has");
-  fs::remove(ckpt / "checksums.json");
-  expect_load_error(ckpt, "has no checksums.json");
-  expect_load_error(run / "nothing_here", "does not exist");
+  fs::resize_file(shard, fs::file_size(shard) - 100);
+  expect_load_error(ckpt, "shard-00000-of-00001.safetensors");
+  fs::remove(shard.parent_path() / "checksums.json");
+  expect_load_error(ckpt, "checksums.json");
+  expect_load_error(run / "nothing_here", "nothing_here");
   fs::remove_all(run);
 }
 
 TEST(Checkpoint, OtherModelIsRefusedAndNothingIsOverwritten) {
   fs::path run = temp_dir("othermodel");
   fs::path ckpt = make_checkpoint(run);
-  std::string before = checkpoint::sha256_file((ckpt / "model.safetensors").string());
+  std::string before = checkpoint::sha256_file(shard_of(ckpt).string());
   auto cfg = tiny_config(run, {"train.seq=16"});
   cfg.model.d_ff = 128;  // a different model
   MemoryPool pool;
@@ -177,7 +198,7 @@ TEST(Checkpoint, OtherModelIsRefusedAndNothingIsOverwritten) {
     EXPECT_NE(std::string(e.what()).find("d_ff = 256 (checkpoint) vs 128 (expected)"),
               std::string::npos) << e.what();
   }
-  EXPECT_EQ(checkpoint::sha256_file((ckpt / "model.safetensors").string()), before);
+  EXPECT_EQ(checkpoint::sha256_file(shard_of(ckpt).string()), before);
   fs::remove_all(run);
 }
 
