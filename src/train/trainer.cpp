@@ -6,7 +6,10 @@
 
 #include <chrono>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "checkpoint/sharded.h"
 #include "core/error.h"
@@ -23,6 +26,15 @@ namespace fs = std::filesystem;
 namespace loom::train {
 
 namespace {
+
+// The process's peak resident set (VmHWM) in KiB, or -1 where /proc does not say.
+int64_t peak_rss_kib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoll(line.c_str() + 6, nullptr, 10);
+  return -1;
+}
 
 const comm::ProcessGroup* real(const comm::ProcessGroup* g) {
   return g && g->valid() && g->size() > 1 ? g : nullptr;
@@ -178,6 +190,7 @@ void Trainer::save(const std::string& dir) {
   // Every rank writes its own pieces of the logical tensors straight from its buffers (no
   // gather, no whole-model buffer anywhere); one rank writes the index and commits atomically
   // (checkpoint/sharded.h, commit.h). The writer's group spans the run's ranks.
+  const int64_t rss_before = peak_rss_kib();
   const int ranks = dp_size() * tp_size() * pp_size();
   comm::ProcessGroup all;
   if (ranks > 1) {
@@ -212,6 +225,12 @@ void Trainer::save(const std::string& dir) {
   };
   const checkpoint::CommitResult done = w.commit(cfg_.model.to_toml(), state, copy_tokenizer);
   LOOM_LOG_DEBUG("checkpoint {} committed ({} bytes from this rank)", done.dir, done.shard_bytes);
+  // LOOM_SAVE_RSS=1: every rank reports how much the save raised its peak resident set (the
+  // measurement behind docs/status.md's save-memory figures).
+  if (std::getenv("LOOM_SAVE_RSS"))
+    std::fprintf(stderr, "save rss: rank %d/%d peak %lld KiB before the save, %lld KiB after\n",
+                 all.valid() ? all.rank() : 0, ranks, (long long)rss_before,
+                 (long long)peak_rss_kib());
 }
 
 StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,

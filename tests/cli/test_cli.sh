@@ -290,6 +290,22 @@ assert len(a) == len(b) == 4, (a, b)
 assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 PY
 done
+# configs/train/tiny.toml UNCHANGED (only --steps) trains to the serial losses at dp 4 with ZeRO-3
+# and at dp2 x tp2 x pp2: train.batch is the global batch, so no layout changes the training.
+tinyc=(--config "$SRC/configs/train/tiny.toml" --steps 4)
+"$LOOM" train "${tinyc[@]}" --out "$WORK/t_serial" >/dev/null 2>&1
+"$MPI" 4 "$LOOM" train "${tinyc[@]}" --out "$WORK/t_dp4z3" --dp 4 --zero 3 >/dev/null 2>&1
+"$MPI" 8 "$LOOM" train "${tinyc[@]}" --out "$WORK/t_222" --dp 2 --tp 2 --pp 2 >/dev/null 2>&1
+for layout in dp4z3 222; do
+  /usr/bin/python3 - "$WORK/t_serial/metrics.jsonl" "$WORK/t_$layout/metrics.jsonl" <<'PY' \
+    && pass "tiny.toml unchanged: $layout equals serial" || fail "tiny.toml unchanged: $layout differs"
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+assert len(a) == len(b) == 4, (a, b)
+assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
+PY
+done
 # Validation in a pipeline run (forward only through the stages) equals the serial run's.
 /usr/bin/python3 - "$WORK/l_serial/metrics.jsonl" "$WORK/l_pp/metrics.jsonl" <<'PY' \
   && pass "pipeline validation loss equals serial" || fail "pipeline validation loss differs"
