@@ -18,6 +18,7 @@
 #include "data/token_stream.h"
 #include "interop/model_checkpoint.h"
 #include "kernels/cpu/matmul.h"
+#include "model/memory.h"
 #include "parallel/topology.h"
 #include "train/loop.h"
 
@@ -33,6 +34,15 @@ int64_t peak_rss_kib() {
   std::string line;
   while (std::getline(f, line))
     if (line.rfind("VmHWM:", 0) == 0) return std::strtoll(line.c_str() + 6, nullptr, 10);
+  return -1;
+}
+
+// Bytes the kernel says can be allocated without swapping (MemAvailable), or -1 if unknown.
+int64_t available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("MemAvailable:", 0) == 0) return std::strtoll(line.c_str() + 13, nullptr, 10) * 1024;
   return -1;
 }
 
@@ -253,10 +263,37 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   if (world && world_size > 1 && leader) parallel::log_placement(topo, *world);
   set_num_threads(cfg.threads > 0 ? int(cfg.threads)
                                   : default_num_threads(world ? world->host_ranks() : 1));
+  // The per-rank memory model prices this rank before anything is allocated: a plan that cannot
+  // fit this machine's available memory (shared by the ranks on this host) is refused with both
+  // numbers, instead of being killed by the kernel's OOM killer part-way.
+  const int world_rank = world ? world->rank() : 0;
+  const model::RankMemory predicted =
+      model::memory_per_rank(cfg.model, plan, world_rank, cfg.seq, cfg.precision);
+  {
+    const int64_t avail = available_memory_bytes();
+    const int host_ranks = world ? world->host_ranks() : 1;
+    LOOM_CHECK(avail < 0 || predicted.total() <= avail / host_ranks,
+               "[rank {}] this plan needs {:.2f} GiB on this rank (weights {:.2f}, grads {:.2f}, "
+               "optimizer {:.2f}, activations {:.2f}, workspace {:.2f}, comm {:.2f}) but the "
+               "machine has {:.2f} GiB available for {} rank(s) here, {:.2f} GiB each; use more "
+               "ranks, ZeRO, recompute, a smaller micro-batch or a smaller model "
+               "(`loom info` prices any plan)",
+               world_rank, predicted.total() / 1073741824.0, predicted.weights() / 1073741824.0,
+               predicted.grads() / 1073741824.0, predicted.optimizer() / 1073741824.0,
+               predicted.activations() / 1073741824.0, predicted.workspace() / 1073741824.0,
+               predicted.comm() / 1073741824.0, avail / 1073741824.0, host_ranks,
+               avail / 1073741824.0 / host_ranks);
+  }
   MemoryPool pool;
   Trainer trainer(cfg, pool, world ? &groups.dp : nullptr, world ? &groups.tp : nullptr,
                   world ? &groups.pp : nullptr);
   LOOM_LOG_INFO("plan: {}", trainer.plan().describe());
+  LOOM_LOG_INFO("memory per rank (model/memory.h, rank 0): {:.1f} MiB (weights {:.1f}, grads "
+                "{:.1f}, optimizer {:.1f}, activations {:.1f}, workspace {:.1f}, comm {:.1f})",
+                predicted.total() / 1048576.0, predicted.weights() / 1048576.0,
+                predicted.grads() / 1048576.0, predicted.optimizer() / 1048576.0,
+                predicted.activations() / 1048576.0, predicted.workspace() / 1048576.0,
+                predicted.comm() / 1048576.0);
   if (resume_dir.empty()) {
     trainer.init_fresh();
   } else {
@@ -270,7 +307,23 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                 cfg.precision == model::Precision::bf16 ? "bf16" : "f32");
   LoopHooks hooks;
   hooks.step = [&] { return trainer.step(); };
-  hooks.train_step = [&] { return trainer.train_step(); };
+  // The memory model is checked against what the pool measures: a step whose peak exceeds the
+  // prediction in any category is a bug in the model (or an engine change it missed). The loop
+  // resets the peaks before every step, so only the step itself is measured here.
+  bool memory_warned = false;
+  hooks.train_step = [&] {
+    StepStats st = trainer.train_step();
+    for (size_t c = 0; c < kNumMemCategories && !memory_warned; ++c) {
+      const auto cat = MemCategory(c);
+      if (pool.peak(cat) > predicted[cat]) {
+        LOOM_LOG_WARN("memory model under-predicts {} on rank {}: measured peak {} bytes, "
+                      "predicted {} (internal error in model/memory.cpp, please report)",
+                      mem_category_name(cat), world_rank, pool.peak(cat), predicted[cat]);
+        memory_warned = true;
+      }
+    }
+    return st;
+  };
   hooks.eval_loss = [&] { return trainer.eval_loss(cfg.eval_batches); };
   hooks.save = [&](const std::string& dir) { trainer.save(dir); };
   hooks.any_rank = [&](bool flag) { return trainer.any_rank(flag); };

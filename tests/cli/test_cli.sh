@@ -290,6 +290,11 @@ assert len(a) == len(b) == 4, (a, b)
 assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 PY
 done
+# A plan that cannot fit the machine is refused before anything is allocated, with both numbers
+# (the per-rank memory model against MemAvailable), instead of the kernel's OOM killer.
+expect_error "train: plan larger than the machine" "GiB available for 1 rank(s) here" \
+  "$LOOM" train --config "$SRC/configs/train/gpt2-124m.toml" --out "$WORK/l_oom" --steps 1 \
+  --set train.batch=4096
 # configs/train/tiny.toml UNCHANGED (only --steps) trains to the serial losses at dp 4 with ZeRO-3
 # and at dp2 x tp2 x pp2: train.batch is the global batch, so no layout changes the training.
 tinyc=(--config "$SRC/configs/train/tiny.toml" --steps 4)
