@@ -74,25 +74,10 @@ FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
 
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  uint64_t offset = 0;
-  for (const auto& t : tensors) {
-    uint64_t bytes = uint64_t(shape_numel(t.shape)) * dtype_size(t.dtype);
-    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string h = header.dump();
-  while ((h.size() + 8) % 8 != 0) h += ' ';  // keep the data section 8-byte aligned
+  const std::string h = safetensors_header(tensors, metadata);  // length prefix + JSON
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   LOOM_CHECK(fd >= 0, "cannot create '{}': {}", path, std::strerror(errno));
   try {
-    uint64_t n = h.size();
-    unsigned char len[8];
-    for (int i = 0; i < 8; ++i) len[i] = (unsigned char)(n >> (8 * i));
-    write_all(fd, len, 8, path);
     write_all(fd, h.data(), h.size(), path);
     for (const auto& t : tensors)
       write_all(fd, t.data, size_t(shape_numel(t.shape)) * dtype_size(t.dtype), path);
