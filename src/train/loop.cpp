@@ -98,7 +98,9 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
     for (const comm::ProcessGroup* g : ctx.groups) g->reset_counters();
     maybe_inject_failure(ctx.world_rank, hooks.step() + 1);
     last = with_step_context("training step", hooks.step() + 1, hooks.train_step);
-    stop = hooks.any_rank(g_stop_signal != 0 || out_of_time());
+    stop = with_step_context("the stop agreement after training step", last.step, [&] {
+      return hooks.any_rank(g_stop_signal != 0 || out_of_time());
+    });
     bool eval_now = cfg.eval_every > 0 &&
                     (last.step % cfg.eval_every == 0 || last.step == cfg.steps || stop);
     double val = eval_now ? with_step_context("validation after step", last.step, hooks.eval_loss)
@@ -149,7 +151,10 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
     }
     if (cfg.checkpoint_every > 0 && last.step % cfg.checkpoint_every == 0 &&
         last.step < cfg.steps && !stop)
-      hooks.save(cfg.checkpoint_dir);
+      with_step_context("the checkpoint save after training step", last.step, [&] {
+        hooks.save(cfg.checkpoint_dir);
+        return 0;
+      });
   }
   if (leader && progress_bar) std::fprintf(stderr, "\n");
   if (out_of_time())
