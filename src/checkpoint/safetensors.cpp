@@ -1,5 +1,7 @@
 #include "checkpoint/safetensors.h"
 
+#include "checkpoint/pieces.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -26,18 +28,6 @@ void write_all(int fd, const void* data, size_t n, const std::string& path) {
   }
 }
 
-void read_exact(int fd, void* dst, size_t n, uint64_t offset, const std::string& path) {
-  char* p = static_cast<char*>(dst);
-  while (n > 0) {
-    ssize_t r = ::pread(fd, p, n, off_t(offset));
-    if (r < 0 && errno == EINTR) continue;
-    LOOM_CHECK(r > 0, "reading '{}' at byte {} failed: {}", path, offset,
-               r == 0 ? "unexpected end of file (truncated?)" : std::strerror(errno));
-    p += r;
-    n -= size_t(r);
-    offset += uint64_t(r);
-  }
-}
 
 }  // namespace
 
@@ -99,14 +89,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     LOOM_CHECK(file_size_ >= 8, "'{}' is not a safetensors file: {} bytes, shorter than the "
                "8-byte header length", path, file_size_);
     unsigned char len[8];
-    read_exact(fd_, len, 8, 0, path);
+    detail::pread_exact(fd_, len, 8, 0, path);
     uint64_t n = 0;
     for (int i = 0; i < 8; ++i) n |= uint64_t(len[i]) << (8 * i);
     LOOM_CHECK(n <= file_size_ - 8 && n <= (uint64_t(100) << 20),
                "'{}': header length {} does not fit the file of {} bytes (truncated or not a "
                "safetensors file)", path, n, file_size_);
     std::string h(size_t(n), '\0');
-    read_exact(fd_, h.data(), size_t(n), 8, path);
+    detail::pread_exact(fd_, h.data(), size_t(n), 8, path);
     data_start_ = 8 + n;
     nlohmann::json j;
     try {
@@ -179,7 +169,7 @@ void SafetensorsFile::read(const std::string& name, DType dtype, const Shape& sh
   LOOM_CHECK(i.dtype == dtype && i.shape == shape,
              "'{}': tensor '{}' is {} {} but this model expects {} {}", path_, name,
              dtype_name(i.dtype), shape_str(i.shape), dtype_name(dtype), shape_str(shape));
-  read_exact(fd_, dst, size_t(i.end - i.begin), data_start_ + i.begin, path_);
+  detail::pread_exact(fd_, dst, size_t(i.end - i.begin), data_start_ + i.begin, path_);
 }
 
 void SafetensorsFile::read_range(const std::string& name, DType dtype, int64_t first,
@@ -192,7 +182,7 @@ void SafetensorsFile::read_range(const std::string& name, DType dtype, int64_t f
              "'{}': range [{}, {}) outside tensor '{}' of {} elements", path_, first,
              first + count, name, n);
   size_t es = dtype_size(dtype);
-  read_exact(fd_, dst, size_t(count) * es, data_start_ + i.begin + uint64_t(first) * es, path_);
+  detail::pread_exact(fd_, dst, size_t(count) * es, data_start_ + i.begin + uint64_t(first) * es, path_);
 }
 
 }  // namespace loom::checkpoint

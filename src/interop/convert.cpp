@@ -21,6 +21,7 @@
 #include "interop/model_checkpoint.h"
 #include "checkpoint/safetensors.h"
 #include "checkpoint/torch_file.h"
+#include "core/config_file.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "model/params.h"
@@ -34,13 +35,8 @@ using namespace loom::checkpoint;  // the model-free formats and commit protocol
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  LOOM_CHECK(f.good(), "cannot open '{}'", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+// A JSON or text file the user named (errors say which file and why it cannot be read).
+std::string read_text(const std::string& path) { return read_config_file(path, "file"); }
 
 std::string shape_text(const Shape& s) {
   std::string r = "[";

@@ -13,6 +13,7 @@
 #include "interop/model_checkpoint.h"
 #include "interop/convert.h"
 #include "checkpoint/safetensors.h"
+#include "core/config_file.h"
 #include "core/error.h"
 #include "model/params.h"
 
@@ -25,13 +26,8 @@ using namespace loom::checkpoint;  // the model-free formats and commit protocol
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  LOOM_CHECK(f.good(), "cannot open '{}'", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+// A JSON or text file the user named (errors say which file and why it cannot be read).
+std::string read_text(const std::string& path) { return read_config_file(path, "file"); }
 
 void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir) {
   CheckpointReader r(ckpt_dir);
