@@ -1,0 +1,46 @@
+// kernels/cpu/weight_matmul.h: y = x @ W^T (+ bias) for inference, with W stored as f32, bf16 or
+// int8 per output row (weight-only quantization), read directly in its storage format.
+//
+// Glossary: M rows of x (batch of tokens), K = W's columns (input features), N = W's rows
+// (output features). W is stored (N, K) row-major, as loom stores every linear weight
+// (model/params.h: "attn.q.weight" is (C_out, C_in)) and as the tied LM head's embedding (V, C).
+//
+// Contract
+// - x (M, K) f32 row-major with row stride K; y (M, N) f32 with row stride ldy >= N (ldy 0 means
+//   N); bias (N) f32 or null. y is overwritten, never read.
+// - int8: W_q (N, K) int8 in [-127, 127] and scales (N) f32: W[n, k] = scales[n] * W_q[n, k].
+//   quantize_rows_int8 makes them (symmetric per row: scale = max|W[n,:]| / 127, q = round(W /
+//   scale), so |W - scale*q| <= scale/2 elementwise; an all-zero row gets scale 0 and q 0).
+// - bf16: W holds bf16 values; x is used as f32 (products accumulate in f32).
+// - Batch invariance: row m of y depends only on row m of x and on W (the K-order of every dot
+//   product is fixed and independent of M and of the thread count), so a row's bits are the same
+//   whatever other rows share the call. Deterministic.
+// - Parallel over N inside (OpenMP); do not call from inside a parallel region.
+// - Bad sizes (negative, ldy < N, null data with non-zero size) throw loom::Error.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace loom::kernels {
+
+enum class WeightFormat : uint8_t { f32, bf16, int8_row };
+
+// A read-only view of one (N, K) weight in its storage format. `data` points at float, bf16 or
+// int8_t elements according to `format`; `scales` (N) only for int8_row.
+struct WeightView {
+  WeightFormat format = WeightFormat::f32;
+  int64_t N = 0, K = 0;
+  const void* data = nullptr;
+  const float* scales = nullptr;
+};
+
+// y (M, N) = x (M, K) @ W^T + bias.
+void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                   const float* bias);
+
+// Quantizes W (N, K) f32 into q (N, K) and scales (N) as described above.
+void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K);
+
+}  // namespace loom::kernels
