@@ -57,8 +57,18 @@ FileDigest write_safetensors(ProtocolSteps& steps, const std::string& path,
   FileWriter w(steps, path, size_t(4) << 20, block_bytes);
   std::string h = safetensors_header(tensors, metadata);
   w.write(h.data(), h.size());
-  for (const auto& t : tensors)
-    w.write(t.data, size_t(shape_numel(t.shape)) * dtype_size(t.dtype));
+  std::vector<char> produced;
+  for (const auto& t : tensors) {
+    const size_t bytes = size_t(shape_numel(t.shape)) * dtype_size(t.dtype);
+    if (t.data == nullptr && t.produce && bytes > 0) {
+      produced.assign(bytes, 0);
+      t.produce(produced.data());
+      w.write(produced.data(), bytes);
+      std::vector<char>().swap(produced);  // hold one produced tensor at a time
+    } else {
+      w.write(t.data, bytes);
+    }
+  }
   return w.finish();
 }
 
@@ -69,8 +79,12 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   LOOM_CHECK(fd >= 0, "cannot create '{}': {}", path, std::strerror(errno));
   try {
     write_all(fd, h.data(), h.size(), path);
-    for (const auto& t : tensors)
+    for (const auto& t : tensors) {
+      LOOM_CHECK(t.data != nullptr || shape_numel(t.shape) == 0,
+                 "write_safetensors('{}'): tensor '{}' has no data (produced tensors need the "
+                 "ProtocolSteps overload)", path, t.name);
       write_all(fd, t.data, size_t(shape_numel(t.shape)) * dtype_size(t.dtype), path);
+    }
     LOOM_CHECK(::fsync(fd) == 0, "fsync of '{}' failed: {}", path, std::strerror(errno));
   } catch (...) {
     ::close(fd);

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -23,7 +24,11 @@ struct TensorToWrite {
   std::string name;
   DType dtype;
   Shape shape;
-  const void* data;  // numel(shape) * dtype_size(dtype) bytes
+  const void* data;  // numel(shape) * dtype_size(dtype) bytes, or null: see `produce`
+  // With data null: called once, when the tensor's turn to be written comes, to fill a buffer of
+  // numel(shape) * dtype_size(dtype) bytes that is freed right after. A file of such tensors is
+  // written holding one tensor in memory at a time (conversion of models larger than memory).
+  std::function<void(void* dst)> produce = {};
 };
 
 // Writes `path` (overwriting) and fsyncs it. Tensors are written in the order given.

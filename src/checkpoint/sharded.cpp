@@ -256,7 +256,8 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
         index += fmt::format("{}\n  {}: {{", first_kind ? "" : ",", quoted(kind));
         first_kind = false;
         bool first_name = true;
-        for (auto& [name, c] : names) {
+        for (auto& [name, covered] : names) {
+          const auto& c = covered;  // a plain reference: clang 14 cannot capture a binding
           std::vector<PieceSpec> specs;
           for (const Stored& st : c.pieces) specs.push_back(st.spec);
           check_coverage(kind, name, c.shape, specs,

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -293,14 +294,16 @@ class SafetensorsSource final : public TensorSource {
 
 int64_t round_up(int64_t v, int64_t m) { return m <= 1 ? v : (v + m - 1) / m * m; }
 
-// Copies source tensor `src` (expected shape `want`) into loom parameter `dst_name`, optionally
-// transposing a 2-D (in,out) Conv1D weight or taking a column range of it.
+// Maps source tensors to loom parameters. Nothing is read when a mapping is declared: each
+// declaration records how to fill one loom parameter, and the save runs it when that
+// parameter's turn to be written comes (save_checkpoint_streamed), so a conversion holds one
+// source tensor and one parameter in memory at a time, never the model.
 struct Writer {
+  using Fill = std::function<void(float* dst)>;  // fills a zeroed parameter buffer
   const TensorSource& src;
   const model::ParamLayout& layout;
-  float* w;
   std::set<std::string> used;
-  std::vector<float> tmp;
+  std::map<std::string, Fill> fills;  // loom parameter -> how to fill it
 
   const Shape& expect(const std::string& name, const Shape& want) {
     auto it = src.shapes().find(name);
@@ -310,31 +313,44 @@ struct Writer {
     used.insert(name);
     return it->second;
   }
-  float* param(const std::string& name) { return w + layout.find(name).offset; }
+  void declare(const std::string& dst, Fill fill) {
+    (void)layout.find(dst);  // throws naming it if the layout has no such parameter
+    LOOM_CHECK(fills.emplace(dst, std::move(fill)).second, "internal: '{}' mapped twice", dst);
+  }
   // Same layout: straight copy (rows beyond the source's, if any, stay zero).
   void copy(const std::string& name, const Shape& want, const std::string& dst) {
     expect(name, want);
-    const model::ParamSpec& s = layout.find(dst);
-    LOOM_CHECK(shape_numel(want) <= s.numel, "internal: '{}' larger than '{}'", name, dst);
-    src.read_f32(name, w + s.offset);
+    LOOM_CHECK(shape_numel(want) <= layout.find(dst).numel, "internal: '{}' larger than '{}'",
+               name, dst);
+    declare(dst, [this, name](float* d) { src.read_f32(name, d); });
   }
   // Conv1D (in, out) columns [c0, c0 + n) -> loom (n, in).
   void conv1d(const std::string& name, const Shape& want, int64_t c0, int64_t n,
               const std::string& dst) {
     expect(name, want);
     const int64_t in = want[0], out = want[1];
-    tmp.resize(size_t(in * out));
-    src.read_f32(name, tmp.data());
-    float* d = param(dst);
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t i = 0; i < in; ++i) d[r * in + i] = tmp[size_t(i * out + c0 + r)];
+    declare(dst, [this, name, in, out, c0, n](float* d) {
+      std::vector<float> tmp(size_t(in * out));  // (in, out)
+      src.read_f32(name, tmp.data());
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t i = 0; i < in; ++i) d[r * in + i] = tmp[size_t(i * out + c0 + r)];
+    });
   }
   void vec_slice(const std::string& name, int64_t len, int64_t c0, int64_t n,
                  const std::string& dst) {
     expect(name, {len});
-    tmp.resize(size_t(len));
-    src.read_f32(name, tmp.data());
-    std::memcpy(param(dst), tmp.data() + c0, size_t(n) * sizeof(float));
+    declare(dst, [this, name, len, c0, n](float* d) {
+      std::vector<float> tmp(static_cast<size_t>(len));  // (len)
+      src.read_f32(name, tmp.data());
+      std::memcpy(d, tmp.data() + c0, size_t(n) * sizeof(float));
+    });
+  }
+  // For save_checkpoint_streamed: every loom parameter must have been mapped.
+  void fill(const model::ParamSpec& s, float* dst) const {
+    auto it = fills.find(s.name);
+    LOOM_CHECK(it != fills.end(), "internal: no source tensor maps to loom parameter '{}'",
+               s.name);
+    it->second(dst);
   }
 };
 
@@ -388,10 +404,12 @@ int64_t tokenizer_size(const std::string& dir) {
   return n;
 }
 
-void save(const std::string& out_dir, const model::ModelConfig& cfg, const float* w,
+void save(const std::string& out_dir, const model::ModelConfig& cfg, const Writer& wr,
           const nlohmann::json& interop, const std::string& tok_src, bool tok_is_json) {
-  save_checkpoint(out_dir, cfg, model::ParamLayout(cfg), w, {},
-                  {{"step", 0}, {"interop", interop}}, [&](const std::string& tmp) {
+  save_checkpoint_streamed(
+      out_dir, cfg, wr.layout,
+      [&wr](const model::ParamSpec& s, float* dst) { wr.fill(s, dst); },
+      {{"step", 0}, {"interop", interop}}, [&](const std::string& tmp) {
                     if (tok_src.empty()) return;
                     if (tok_is_json) tokenizer_json_to_files(tok_src, tmp + "/tokenizer");
                     else copy_tokenizer_files(tok_src, tmp + "/tokenizer");
@@ -513,8 +531,7 @@ ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string&
   res.cfg = codegeex_config(shapes, heads, opt.name, res.warnings);
   const model::ModelConfig& cfg = res.cfg;
   const model::ParamLayout layout(cfg);
-  std::vector<float> w(size_t(layout.total()), 0.0f);  // (layout.total())
-  Writer wr{src, layout, w.data(), {}, {}};
+  Writer wr{src, layout, {}, {}};
   const int64_t C = cfg.d_model, F = cfg.d_ff, S = cfg.max_seq, V = cfg.vocab;
   const std::string lm = prefix + "language_model.";
   wr.copy(lm + "embedding.word_embeddings.weight", {V, C}, "embed.token.weight");
@@ -557,7 +574,7 @@ ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string&
                "(expected vocab.json + merges.txt [+ added_tokens.json])", opt.tokenizer_dir, n, V);
     res.vocab_used = n;
   }
-  save(out_dir, cfg, w.data(),
+  save(out_dir, cfg, wr,
        {{"from", "codegeex"}, {"source", in_pt}, {"vocab_used", res.vocab_used}},
        opt.tokenizer_dir, false);
   return res;
@@ -657,8 +674,7 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
   std::string p;
   if (src->shapes().count("transformer.wte.weight")) p = "transformer.";
   const model::ParamLayout layout(c);
-  std::vector<float> w(size_t(layout.total()), 0.0f);  // (layout.total())
-  Writer wr{*src, layout, w.data(), {}, {}};
+  Writer wr{*src, layout, {}, {}};
   const int64_t C = c.d_model, F = c.d_ff;
   wr.copy(p + "wte.weight", {V0, C}, "embed.token.weight");
   wr.copy(p + "wpe.weight", {c.max_seq, C}, "embed.position.weight");
@@ -686,11 +702,12 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
   wr.copy(p + "ln_f.bias", {C}, "final_norm.bias");
   if (src->shapes().count("lm_head.weight")) {
     // Tied in GPT-2; a file that stores it must hold the same values.
+    // Both are read whole for the check: twice the largest tensor, before the save streams.
     wr.expect("lm_head.weight", {V0, C});
-    std::vector<float> head(size_t(V0 * C));
+    std::vector<float> head(size_t(V0 * C)), wte(size_t(V0 * C));  // (V0, C) each
     src->read_f32("lm_head.weight", head.data());
-    LOOM_CHECK(std::memcmp(head.data(), w.data() + layout.token_embedding(),
-                           head.size() * sizeof(float)) == 0,
+    src->read_f32(p + "wte.weight", wte.data());
+    LOOM_CHECK(std::memcmp(head.data(), wte.data(), head.size() * sizeof(float)) == 0,
                "'{}': lm_head.weight differs from wte.weight: an untied head is not supported "
                "(loom ties the head to the token embedding)", in_dir);
   }
@@ -712,7 +729,7 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
       tok.clear();
     }
   }
-  save(out_dir, c, w.data(), {{"from", "hf-gpt2"}, {"source", in_dir}, {"vocab_used", V0}}, tok,
+  save(out_dir, c, wr, {{"from", "hf-gpt2"}, {"source", in_dir}, {"vocab_used", V0}}, tok,
        tok_json);
   return res;
 }

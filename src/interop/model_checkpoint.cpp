@@ -11,10 +11,13 @@ using namespace loom::checkpoint;  // the model-free formats and commit protocol
 
 
 
-void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
-                     const model::ParamLayout& layout, const float* weights,
-                     const OptimizerState& opt, const nlohmann::json& trainer_state,
-                     const std::function<void(const std::string&)>& write_extra) {
+namespace {
+
+// The flat format's one writer: `weights` are the model tensors (given or produced).
+void save_flat(const std::string& dir, const model::ModelConfig& cfg,
+               const model::ParamLayout& layout, const std::vector<TensorToWrite>& weights,
+               const OptimizerState& opt, const nlohmann::json& trainer_state,
+               const std::function<void(const std::string&)>& write_extra) {
   LOOM_CHECK(layout.tp().size == 1,
              "save_checkpoint takes the whole model's layout; gather tp shards first (tp = {}) "
              "or save with ShardedWriter (checkpoint/sharded.h)", layout.tp().size);
@@ -22,11 +25,8 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
   FlatSave save = begin_flat(steps, dir);
   try {
     std::map<std::string, FileDigest> sums;
-    std::vector<TensorToWrite> tensors;
-    for (const auto& s : layout.specs())
-      tensors.push_back({s.name, DType::f32, s.shape, weights + s.offset});
     sums["model.safetensors"] = write_safetensors(steps, save.staging + "/model.safetensors",
-                                                  tensors, {{"format", "loom"}});
+                                                  weights, {{"format", "loom"}});
     if (opt.m && opt.v) {
       std::vector<TensorToWrite> st;
       for (const auto& s : layout.specs()) {
@@ -49,6 +49,30 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
     LOOM_FAIL("checkpoint save to '{}' failed (the previous checkpoint is unchanged): {}", dir,
               e.what());
   }
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
+                     const model::ParamLayout& layout, const float* weights,
+                     const OptimizerState& opt, const nlohmann::json& trainer_state,
+                     const std::function<void(const std::string&)>& write_extra) {
+  std::vector<TensorToWrite> tensors;
+  for (const auto& s : layout.specs())
+    tensors.push_back({s.name, DType::f32, s.shape, weights + s.offset});
+  save_flat(dir, cfg, layout, tensors, opt, trainer_state, write_extra);
+}
+
+void save_checkpoint_streamed(
+    const std::string& dir, const model::ModelConfig& cfg, const model::ParamLayout& layout,
+    const std::function<void(const model::ParamSpec&, float*)>& produce,
+    const nlohmann::json& trainer_state,
+    const std::function<void(const std::string&)>& write_extra) {
+  std::vector<TensorToWrite> tensors;
+  for (const auto& s : layout.specs())
+    tensors.push_back({s.name, DType::f32, s.shape, nullptr,
+                       [&produce, &s](void* dst) { produce(s, static_cast<float*>(dst)); }});
+  save_flat(dir, cfg, layout, tensors, {}, trainer_state, write_extra);
 }
 
 CheckpointReader::CheckpointReader(const std::string& dir) {

@@ -42,6 +42,16 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
                      const OptimizerState& opt, const nlohmann::json& trainer_state,
                      const std::function<void(const std::string&)>& write_extra = {});
 
+// The same flat checkpoint without optimizer state, with each parameter produced when its turn
+// to be written comes: `produce(spec, dst)` fills spec.numel f32 values (the buffer is zeroed
+// first and freed after). Peak memory is the largest parameter, not the model: this is how
+// `loom convert` writes models larger than memory.
+void save_checkpoint_streamed(
+    const std::string& dir, const model::ModelConfig& cfg, const model::ParamLayout& layout,
+    const std::function<void(const model::ParamSpec&, float*)>& produce,
+    const nlohmann::json& trainer_state,
+    const std::function<void(const std::string&)>& write_extra = {});
+
 // Throws loom::Error listing the differing keys unless `saved` (a checkpoint's config, read from
 // `where`) is the model `expected`.
 void expect_same_model(const model::ModelConfig& saved, const model::ModelConfig& expected,
