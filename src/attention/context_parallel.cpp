@@ -93,6 +93,14 @@ int64_t cp_backward_bytes(CpBackward kind, int64_t B, int64_t T, int G, int64_t 
   return B * (T / G) * (G - 1) * per_token;
 }
 
+int64_t cp_ulysses_bytes(bool backward, int64_t B, int64_t T, int G, int64_t NH, int64_t NKV,
+                         int64_t HD, DType dtype) {
+  const int64_t b = int64_t(dtype_size(dtype)), Tl = T / G;
+  const int64_t per_token = backward ? (2 * NH + 2 * NKV) * HD * b + 8 * NH + 4 * (NH + 2 * NKV) * HD
+                                     : (NH + 2 * NKV) * HD * b + 4 * NH * HD + 4 * NH;
+  return B * Tl * (G - 1) * per_token / G;  // NH, NKV are multiples of G
+}
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

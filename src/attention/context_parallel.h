@@ -110,6 +110,13 @@ int64_t cp_forward_bytes(int64_t B, int64_t T, int G, int64_t NKV, int64_t HD, D
 int64_t cp_backward_bytes(CpBackward kind, int64_t B, int64_t T, int G, int64_t NH, int64_t NKV,
                           int64_t HD, DType dtype);
 
+// Ulysses: all_to_all of q, k, v (dtype) and back of out, lse (f32) in the forward; of q, k, v, dout
+// (dtype), D, lse (f32) and back of dq, dk, dv (f32) in the backward. Per rank:
+//   forward   B*Tl*(G-1)/G * ((NH + 2 NKV)*HD*b + 4*NH*HD + 4*NH)
+//   backward  B*Tl*(G-1)/G * ((2 NH + 2 NKV)*HD*b + 8*NH + 4*(NH + 2 NKV)*HD)
+int64_t cp_ulysses_bytes(bool backward, int64_t B, int64_t T, int G, int64_t NH, int64_t NKV,
+                         int64_t HD, DType dtype);
+
 // Throws loom::Error if `ctx` cannot run `local` (layout vs T, Ulysses degree vs NKV, ranks per
 // node vs G, strides). Called by the two functions above; cheap.
 void check_cp_attention(const AttentionShape& local, DType dtype, const CpContext& ctx);

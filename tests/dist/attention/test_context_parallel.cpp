@@ -415,6 +415,23 @@ TEST(ContextParallel, BytesMatchClosedForms) {
   EXPECT_EQ(res.stats.last_backward, CpBackward::ring);
   EXPECT_EQ(res.stats.backward_bytes_sent, cp_backward_bytes(CpBackward::ring, B, T, G, 8, 1, HD, DType::f32));
   EXPECT_EQ(choose_cp_backward(8, 1, HD, DType::bf16), CpBackward::ring);
+  // Baselines: all-gather moves the ring's bytes; Ulysses its all_to_all closed form.
+  Full base = make_full(B, T, Heads{2 * G, G}, HD, true, false);
+  for (CpScheme s : {CpScheme::allgather, CpScheme::ulysses})
+    for (DType dt : {DType::f32, DType::bf16}) {
+      Case cb;
+      cb.scheme = s, cb.dtype = dt;
+      SCOPED_TRACE(cb.name());
+      Local rb = run_cp(base, cb, world);
+      if (s == CpScheme::allgather) {
+        EXPECT_EQ(rb.stats.forward_bytes_sent, cp_forward_bytes(B, T, G, G, HD, dt));
+        EXPECT_EQ(rb.stats.backward_bytes_sent,
+                  cp_backward_bytes(CpBackward::ring, B, T, G, 2 * G, G, HD, dt));
+      } else {
+        EXPECT_EQ(rb.stats.forward_bytes_sent, cp_ulysses_bytes(false, B, T, G, 2 * G, G, HD, dt));
+        EXPECT_EQ(rb.stats.backward_bytes_sent, cp_ulysses_bytes(true, B, T, G, 2 * G, G, HD, dt));
+      }
+    }
   EXPECT_EQ(choose_cp_backward(32, 8, 128, DType::bf16), CpBackward::ring);
 }
 
