@@ -696,11 +696,16 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
   CallStats cs(ctx, false);
   const int64_t rows = g.B * g.Tl, qcols = g.NH * g.HD, kcols = g.NKV * g.HD;
 
-  // D = rowsum(dO * O)  (B, NH, Tl), from f32 dO.
-  std::vector<float> dout32 = cs.ws.make<float>(size_t(rows * local.o_stride));  // (B, Tl, o_stride)
-  widen_rows(dout32.data(), dout, dtype, rows, qcols, local.o_stride);
+  // D = rowsum(dO * O)  (B, NH, Tl), from f32 dO (widened once when dout is bf16).
+  std::vector<float> dout32;  // (B, Tl, o_stride)
+  const float* dout_f = static_cast<const float*>(dout);
+  if (dtype == DType::bf16) {
+    dout32 = cs.ws.make<float>(size_t(rows * local.o_stride));
+    widen_rows(dout32.data(), dout, dtype, rows, qcols, local.o_stride);
+    dout_f = dout32.data();
+  }
   std::vector<float> D = cs.ws.make<float>(size_t(g.B * g.NH * g.Tl));  // (B, NH, Tl)
-  attention_backward_preprocess(D.data(), dout32.data(), out, local);
+  attention_backward_preprocess(D.data(), dout_f, out, local);
 
   if (ctx.scheme == CpScheme::ulysses) {
     if (ctx.stats) ctx.stats->last_backward = CpBackward::auto_select;
@@ -777,7 +782,7 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
     widen_rows(q32.data(), q, dtype, rows, qcols, local.q_stride);
     qp = q32.data();
   }
-  const float* dop = dout32.data();  // o_stride
+  const float* dop = dout_f;  // o_stride
   const int64_t kvn = rows * kcols;
   std::vector<float> kv = pack_kv(g, k, v, local, cs.ws);  // (2, B, Tl, NKV, HD) in dtype
   const size_t block_bytes = size_t(2 * kvn) * g.es;
