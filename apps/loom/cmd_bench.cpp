@@ -154,7 +154,7 @@ void add_bench_context_parallel(CLI::App& root, loom::cli::Context& ctx) {
     const DType dt = o->dtype == "bf16" ? DType::bf16 : DType::f32;
     const int G = world.size(), r = world.rank();
     const int64_t B = o->batch, T = o->seq, NH = o->heads, NKV = o->kv_heads, HD = o->head_dim;
-    LOOM_CHECK(T % G == 0, "--cp {} must divide --seq {}", G, T);
+    check_cp_layout(cp_layout_from_name(o->layout), T, G);  // names T, cp and Ts that work
     const int64_t Tl = T / G;
     CpStats stats;
     CpContext cx;

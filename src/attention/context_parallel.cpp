@@ -328,8 +328,10 @@ void run_ring(const comm::ProcessGroup& g, const RingTopo& t, bool overlap, cons
             wait(in_part_recv_w);
             add(in_send.data(), in_recv.data(), contrib.data());
           }
+          // Never waited here, even without overlap: the successor posts the matching receive
+          // only at the start of its next step, so waiting now would deadlock the ring once
+          // messages go by rendezvous. It is waited before in_send is reused.
           in_part_send_w = g.isend(part_ref(in_send.data()), t.next_local(), kTagPartInner);
-          if (!overlap) wait(in_part_send_w);
         }
       } else {
         compute(cur, origin, nullptr);
@@ -359,8 +361,7 @@ void run_ring(const comm::ProcessGroup& g, const RingTopo& t, bool overlap, cons
           wait(out_part_recv_w);
           add(out_send.data(), out_recv.data(), node_total.data());
         }
-        out_part_send_w = g.isend(part_ref(out_send.data()), t.next_node(), kTagPartOuter);
-        if (!overlap) wait(out_part_send_w);
+        out_part_send_w = g.isend(part_ref(out_send.data()), t.next_node(), kTagPartOuter);  // as above
       }
     }
     if (o < t.N - 1) {
