@@ -52,7 +52,13 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dp", p.dp, "data-parallel size (0: every rank not used by tp, pp and cp)");
   sub->add_option("--tp", p.tp, "tensor-parallel size (Megatron-style with sequence parallelism)");
   sub->add_option("--pp", p.pp, "pipeline stages");
-  sub->add_option("--cp", p.cp, "context-parallel size (1 until context parallelism lands)");
+  sub->add_option("--cp", p.cp,
+                  "context-parallel size G: every sequence split over G ranks (zigzag: seq "
+                  "divisible by 2G)");
+  sub->add_option("--cp-scheme", p.cp_scheme,
+                  "context-parallel attention: burst (default; per-layer choice of backward), "
+                  "ring, allgather or ulysses");
+  sub->add_option("--cp-layout", p.cp_layout, "context-parallel token layout: zigzag or striped");
   sub->add_option("--ep", p.ep, "expert-parallel size, a divisor of dp (1 until experts land)");
   sub->add_option("--zero", p.zero,
                   "ZeRO stage over dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights");
