@@ -426,6 +426,7 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
 
 void GptStage::logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only) {
   LOOM_CHECK(!tp_, "logits are not available under tensor parallelism (tp = {})", tp_size());
+  LOOM_CHECK(!cp_, "logits are not available under context parallelism (cp = {})", cp_size());
   LOOM_CHECK(span().has_embedding && span().has_head,
              "logits need the whole model; this stage holds blocks [{}, {})", span().first_layer,
              span().last_layer);

@@ -115,7 +115,8 @@ class Executor {
 
   // Mean loss per token of n_batches windows (n_batches, B, T+1) int32, forward only: each
   // window runs through the stages in order (no schedule, no gradient, no optimizer step).
-  // tokens are read on the ranks holding the embedding or the head. Collective over pp (and
+  // tokens are read on the ranks holding the embedding or the head (under cp every cp rank
+  // scores its share of each window and the sums are added over cp). Collective over pp (and
   // tp; dp too under ZeRO-3, which gathers the weights): every rank returns the same value.
   double eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T);
 

@@ -56,6 +56,7 @@ struct Layout {
 struct TrainRun {
   std::vector<double> losses;
   std::vector<float> weights;  // logical layout
+  double val = 0;              // validation loss after training (forward_eval over cp)
 };
 
 TrainRun run_serial(const std::string& dir) {
@@ -65,6 +66,7 @@ TrainRun run_serial(const std::string& dir) {
   TrainRun r;
   for (int i = 0; i < kSteps; ++i) r.losses.push_back(t.train_step().loss);
   r.weights = t.full_weights();
+  r.val = t.eval_loss(2);
   return r;
 }
 
@@ -87,6 +89,7 @@ TrainRun run_layout(const comm::ProcessGroup& world, const Layout& l, const std:
   TrainRun r;
   for (int i = 0; i < kSteps; ++i) r.losses.push_back(t.train_step().loss);
   r.weights = t.full_weights();
+  r.val = t.eval_loss(2);
   return r;
 }
 
@@ -126,6 +129,11 @@ void run_cases(const std::vector<Case>& cases, const std::string& tag) {
     const std::string what = c.layout.name() + " " + c.label;
     TrainRun r = run_layout(world, c.layout, dir, c.extra);
     expect_close(r, serial, what);
+    // Evaluation reads batches of the micro-batch size (b = batch / (dp x M)): comparable with
+    // the serial run's when dp = 1.
+    if (c.layout.dp == 1) {
+      EXPECT_NEAR(r.val, serial.val, 1e-5 * serial.val) << what << " validation loss";
+    }
     // Every rank ends with the same logical weights bit for bit.
     std::vector<float> other = r.weights;
     world.broadcast(comm::BufferRef(other.data(), int64_t(other.size()), DType::f32), 0).wait();
