@@ -86,6 +86,7 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
     cp_ctx_->scheme = attention::cp_scheme_from_name(plan.cp_scheme);
     cp_ctx_->layout = attention::cp_layout_from_name(plan.cp_layout);
     cp_ctx_->ranks_per_node = plan.ranks_per_node;
+    cp_ctx_->stats = &cp_stats_;
   }
   const int n_pp = pp_size(), rank = pp_rank();
   LOOM_CHECK(plan.micro_batches >= 1 && plan.micro_batches <= (1 << 20),
@@ -351,6 +352,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
 
   for (auto& c : chunks_) c->zero_grads();
   for (auto& z : stores_) z->zero_grads();
+  cp_stats_ = attention::CpStats{};
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
   std::vector<Tensor> send_buffers;  // every message sent this step, released after the last wait
@@ -565,6 +567,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   s.loss = s.tokens ? s.loss_sum / double(s.tokens) : 0.0;
   s.grad_norm = norm;
   s.dp_wait_s = dp_wait_s;
+  s.cp_workspace_bytes = cp_stats_.peak_workspace_bytes;
+  s.cp_wait_s = cp_stats_.forward_wait_s + cp_stats_.backward_wait_s;
   return s;
 }
 

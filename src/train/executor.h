@@ -81,6 +81,10 @@ struct StepResult {
   double grad_norm = 0;  // global L2 norm before clipping
   float lr = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after the pipeline drained
+  // cp: the attention kernels' largest per-call workspace (std::vector scratch outside the pool,
+  // see attention/context_parallel.h) and the time blocked on cp transfers, this step.
+  int64_t cp_workspace_bytes = 0;
+  double cp_wait_s = 0;
 };
 
 class Executor {
@@ -132,9 +136,8 @@ class Executor {
   int tp_size() const { return tp_.valid() ? tp_.size() : 1; }
   int cp_rank() const { return cp_.valid() ? cp_.rank() : 0; }
   int cp_size() const { return cp_.valid() ? cp_.size() : 1; }
-  // cp: the context every chunk's attention runs with (null without cp); its stats pointer may
-  // be set by a caller that wants the attention counters.
-  attention::CpContext* cp_context() const { return cp_ctx_.get(); }
+  // cp: the context every chunk's attention runs with (null without cp).
+  const attention::CpContext* cp_context() const { return cp_ctx_.get(); }
   // Every chunk's optimizer: the ranges of its buffer it updates (m and v hold them packed).
   const optim::AdamW& optimizer(int c) const { return *optimizers_.at(size_t(c)); }
   // ZeRO-2/3: chunk c's store (null otherwise).
@@ -177,6 +180,7 @@ class Executor {
   ExecutorConfig ec_;
   comm::ProcessGroup pp_, embedding_, dp_, tp_, cp_;
   std::unique_ptr<attention::CpContext> cp_ctx_;  // cp > 1: shared by every chunk
+  attention::CpStats cp_stats_;                   // its counters (reset every step)
   // cp: this rank's inputs and targets (B, T/G) of window block `tokens` (B, T+1); else the
   // plain split. T is the global sequence length.
   void split_tokens(const int32_t* tokens, int64_t B, int64_t T, std::vector<int32_t>& inputs,

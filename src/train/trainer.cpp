@@ -168,6 +168,8 @@ StepStats Trainer::train_step() {
   s.lr = r.lr;
   s.grad_norm = r.grad_norm;
   s.dp_wait_s = r.dp_wait_s;
+  s.cp_workspace_bytes = r.cp_workspace_bytes;
+  s.cp_wait_s = r.cp_wait_s;
   s.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = double(cfg_.batch * cfg_.seq);
   s.tokens_per_s = tokens / s.step_s;

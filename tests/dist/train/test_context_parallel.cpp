@@ -89,7 +89,14 @@ TrainRun run_layout(const comm::ProcessGroup& world, const Layout& l, const std:
   EXPECT_EQ(t.cp_size(), l.cp);
   t.init_fresh();
   TrainRun r;
-  for (int i = 0; i < kSteps; ++i) r.losses.push_back(t.train_step().loss);
+  for (int i = 0; i < kSteps; ++i) {
+    const train::StepStats st = t.train_step();
+    r.losses.push_back(st.loss);
+    // The cp kernels' scratch (outside the pool) is reported every step.
+    if (i == 0) {
+      EXPECT_GT(st.cp_workspace_bytes, 0) << l.name();
+    }
+  }
   r.weights = t.full_weights();
   r.val = t.eval_loss(2);
   return r;
