@@ -127,6 +127,19 @@ bool constant_time_equal(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
+// cpp-httplib 0.11 listens with a backlog of 5 (compiled into Debian's library): 32 clients
+// connecting at once overflow it and some connections are reset. The listening socket is a
+// protected member, so a subclass can re-listen with the system's maximum backlog.
+class ListeningServer : public httplib::Server {
+ public:
+  void raise_backlog() {
+    const int fd = int(svr_sock_.load());
+    if (fd >= 0 && ::listen(fd, SOMAXCONN) != 0)
+      LOOM_LOG_WARN("listen(backlog={}) failed: {}; keeping the backlog of 5", SOMAXCONN,
+                    std::strerror(errno));
+  }
+};
+
 // Events of one HTTP request's service requests (its choices), filled by the service thread.
 struct Job {
   std::mutex mutex;
@@ -163,6 +176,9 @@ struct HttpServer::Impl {
   // Holds one of max_concurrent_requests slots for as long as a response is being produced; the
   // last owner (the handler or the stream provider) gives it back.
   struct Slot {
+    explicit Slot(HttpServer* s) : server(s) {}
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
     HttpServer* server;
     ~Slot() {
       std::lock_guard lock(server->drain_mutex_);
@@ -179,6 +195,10 @@ struct HttpServer::Impl {
                           std::vector<std::pair<size_t, TokenEvent>>& out) {
     out.clear();
     for (;;) {
+      // Checked before every wait, not only when idle: a steady stream of tokens must not hide
+      // a client that left or a deadline that passed.
+      if (client_gone(fd)) return Wait::disconnected;
+      if (Clock::now() >= deadline) return Wait::timed_out;
       {
         std::unique_lock lock(job.mutex);
         auto has_events = [&] {
@@ -196,8 +216,6 @@ struct HttpServer::Impl {
         if (!out.empty()) return Wait::events;
         if (job.finished == job.pending.size()) return Wait::done;
       }
-      if (client_gone(fd)) return Wait::disconnected;
-      if (Clock::now() >= deadline) return Wait::timed_out;
     }
   }
 
@@ -276,7 +294,7 @@ HttpServer::HttpServer(CompletionService& service, ServerOptions options)
              o.request_timeout_s);
   model_name_ = o.model_name.empty() ? service_.model_name() : o.model_name;
   created_ = int64_t(std::time(nullptr));
-  http_ = std::make_unique<httplib::Server>();
+  http_ = std::make_unique<ListeningServer>();
   install_routes();
 }
 
@@ -302,6 +320,7 @@ void HttpServer::start() {
              "cannot listen on {}:{}: {} (is the port taken by another process, or the address "
              "not one of this machine's? choose another with --port/--host)",
              options_.host, options_.port, std::strerror(errno));
+  static_cast<ListeningServer&>(*http_).raise_backlog();
   listen_thread_ = std::thread([this] { http_->listen_after_bind(); });
   // listen_after_bind() starts accepting at once; wait until the server says it runs so that a
   // caller may connect as soon as start() returns.
@@ -472,7 +491,7 @@ void HttpServer::install_routes() {
         return;
       }
     } while (!active_.compare_exchange_weak(active, active + 1));
-    auto slot = std::make_shared<Impl::Slot>(Impl::Slot{this});
+    auto slot = std::make_shared<Impl::Slot>(this);
 
     // Tokenize and fit every prompt into the context.
     const int64_t context = service_.context_length();

@@ -93,6 +93,15 @@ std::set<std::string> keys_of(const json& j) {
   return k;
 }
 
+bool wait_for(const std::function<bool()>& cond, double seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+    if (cond()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return cond();
+}
+
 TEST(InferHttp, NonStreamingShape) {
   Fixture f;
   auto r = f.post({{"model", "fake-model"}, {"prompt", "hello"}, {"max_tokens", 5},
@@ -435,6 +444,7 @@ TEST(InferHttp, QueueFullIs429WithRetryAfter) {
   EXPECT_EQ(e["type"], "rate_limit_error");
   EXPECT_EQ(r->get_header_value("Retry-After"), "1");
   EXPECT_EQ(f.service.cancelled().size(), 2u);
+  ASSERT_TRUE(wait_for([&] { return f.service.live() == 0; }, 2.0));
   expect_still_serving(f);
 }
 
@@ -478,17 +488,9 @@ std::string send_and_hang_up(int port, const std::string& body, size_t read_byte
   return got;
 }
 
-bool wait_for(const std::function<bool()>& cond, double seconds) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  while (std::chrono::steady_clock::now() < end) {
-    if (cond()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return cond();
-}
 
 TEST(InferHttp, DisconnectMidStreamCancels) {
-  Fixture f({.step_ms = 10});
+  Fixture f({.context = 4096, .step_ms = 10});
   const std::string got = send_and_hang_up(
       f.server->port(), R"({"prompt":"x","max_tokens":1000,"stream":true})", 300);
   EXPECT_NE(got.find("data: {"), std::string::npos) << got;
@@ -500,7 +502,7 @@ TEST(InferHttp, DisconnectMidStreamCancels) {
 }
 
 TEST(InferHttp, DisconnectWhileWaitingCancels) {
-  Fixture f({.step_ms = 10});
+  Fixture f({.context = 4096, .step_ms = 10});
   // Non-streaming: nothing is written before the end, so only the socket poll can notice.
   const std::string got =
       send_and_hang_up(f.server->port(), R"({"prompt":"x","max_tokens":1000})", 0);
@@ -513,7 +515,7 @@ TEST(InferHttp, DisconnectWhileWaitingCancels) {
 TEST(InferHttp, RequestTimeoutCancels) {
   ServerOptions so;
   so.request_timeout_s = 1;
-  Fixture f({.step_ms = 10}, so);
+  Fixture f({.context = 4096, .step_ms = 10}, so);
   json e = error_of(f.post({{"prompt", "x"}, {"max_tokens", 1000}}), 504);
   EXPECT_NE(e["message"].get<std::string>().find("1 s"), std::string::npos);
   EXPECT_EQ(f.service.cancelled().count(1), 1u);
@@ -543,7 +545,8 @@ TEST(InferHttp, ThirtyTwoConcurrentClients) {
     results.push_back(std::async(std::launch::async, [&f, i]() -> std::string {
       const bool stream = i % 2 == 1;
       auto r = f.post({{"prompt", "client"}, {"max_tokens", 8}, {"seed", i}, {"stream", stream}});
-      if (!r || r->status != 200) return "HTTP error";
+      if (!r) return "no response: " + httplib::to_string(r.error());
+      if (r->status != 200) return "HTTP " + std::to_string(r->status) + ": " + r->body;
       if (!stream) return json::parse(r->body)["choices"][0]["text"];
       std::string text;
       for (const auto& d : sse_data(r->body))
