@@ -99,8 +99,9 @@ class Client:
                      "tokens": tokens if tokens is not None else chunks}
 
 
-def run_phase(url, api_key, clients, requests, body, timeout, max_retries):
+def run_phase(url, api_key, clients, requests, body, timeout, max_retries, time_limit):
     lock = threading.Lock()
+    stop_at = time.perf_counter() + time_limit
     next_index = [0]
     results, statuses, retries = [], {}, [0]
 
@@ -108,7 +109,7 @@ def run_phase(url, api_key, clients, requests, body, timeout, max_retries):
         c = Client(url, api_key, timeout)
         while True:
             with lock:
-                if next_index[0] >= requests:
+                if next_index[0] >= requests or time.perf_counter() > stop_at:
                     return
                 next_index[0] += 1
             for attempt in range(max_retries + 1):
@@ -133,11 +134,13 @@ def run_phase(url, api_key, clients, requests, body, timeout, max_retries):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    not_started = requests - next_index[0]
     tokens = sum(r["tokens"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     ms = lambda x: None if x is None else round(x * 1000.0, 2)
     return {
         "clients": clients, "requests": requests, "ok": len(results), "statuses": statuses,
+        "not_started_time_limit": not_started,
         "retries_after_429": retries[0], "wall_s": round(wall, 3), "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "latency_ms_p50": ms(percentile([r["latency"] for r in results], 50)),
@@ -162,6 +165,11 @@ def main():
     ap.add_argument("--model", default=None, help="model field (default: the server's first)")
     ap.add_argument("--timeout", type=float, default=600.0, help="socket timeout per request, s")
     ap.add_argument("--max-retries", type=int, default=20, help="retries of a 429 per request")
+    ap.add_argument("--time-limit", type=float, default=900.0,
+                    help="seconds per phase; requests not started by then count as failures")
+    ap.add_argument("--min-speedup", type=float, default=0.0,
+                    help="fail unless aggregate tokens/s >= this x single-client tokens/s "
+                         "(the issue asks for 3)")
     args = ap.parse_args()
 
     proc = None
@@ -187,9 +195,9 @@ def main():
                 "temperature": args.temperature, "stream": True,
                 "stream_options": {"include_usage": True}}
         single = run_phase(args.url, args.api_key, 1, args.single_requests, body, args.timeout,
-                           args.max_retries)
+                           args.max_retries, args.time_limit)
         load = run_phase(args.url, args.api_key, args.clients, args.requests, body,
-                         args.timeout, args.max_retries)
+                         args.timeout, args.max_retries, args.time_limit)
     finally:
         if proc:
             proc.send_signal(signal.SIGTERM)
@@ -198,10 +206,18 @@ def main():
            "max_tokens": args.max_tokens, "prompt_chars": len(args.prompt),
            "aggregate_tokens_per_s": load["tokens_per_s"],
            "single_client_tokens_per_s": single["tokens_per_s"],
+           "speedup": (round(load["tokens_per_s"] / single["tokens_per_s"], 2)
+                       if load["tokens_per_s"] and single["tokens_per_s"] else None),
            "latency_ms_p50": load["latency_ms_p50"], "latency_ms_p99": load["latency_ms_p99"],
            "single": single, "load": load}
     print(json.dumps(out))
     failed = load["ok"] < load["requests"] or single["ok"] < single["requests"]
+    if failed:
+        print("FAIL: not every request succeeded (see statuses)", file=sys.stderr)
+    if args.min_speedup and (out["speedup"] or 0) < args.min_speedup:
+        print(f"FAIL: speedup {out['speedup']} < --min-speedup {args.min_speedup}",
+              file=sys.stderr)
+        failed = True
     sys.exit(1 if failed else 0)
 
 

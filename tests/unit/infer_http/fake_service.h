@@ -30,6 +30,7 @@ class FakeService : public CompletionService {
     int64_t context = 64;
     int step_ms = 1;
     int64_t capacity = 1000;  // queued + running; more -> queue_full
+    int64_t max_running = 1000;  // requests advanced per step (lowest ids); the rest wait
     int64_t stop_after = -1;  // >= 0: finish with stop after this many tokens
     bool fail = false;        // finish every request with an error at its first step
     std::string name = "fake-model";
@@ -138,8 +139,13 @@ class FakeService : public CompletionService {
       cv_.wait(lock, [&] { return exit_ || !live_.empty(); });
       if (exit_ && live_.empty()) return;
       std::vector<std::pair<std::function<void(const TokenEvent&)>, TokenEvent>> out;
+      int64_t running = 0;
       for (auto it = live_.begin(); it != live_.end();) {
         Live& l = it->second;
+        if (!l.cancel && running++ >= o_.max_running) {  // queued: no event this step
+          ++it;
+          continue;
+        }
         const auto& p = l.request.params;
         TokenEvent ev;
         ev.request_id = it->first;

@@ -512,6 +512,46 @@ TEST(InferHttp, DisconnectWhileWaitingCancels) {
   expect_still_serving(f);
 }
 
+TEST(InferHttp, StreamingEchoSendsPromptFirst) {
+  Fixture f;
+  auto r = f.post({{"prompt", "ab"}, {"max_tokens", 2}, {"seed", 0}, {"stream", true},
+                   {"echo", true}});
+  auto events = sse_data(r->body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(json::parse(events[0])["choices"][0]["text"], "ab");
+  std::string text;
+  for (size_t i = 0; i + 1 < events.size(); ++i)
+    text += json::parse(events[i])["choices"][0]["text"].get<std::string>();
+  EXPECT_EQ(text, "abab");
+}
+
+TEST(InferHttp, DisconnectWhileQueuedStreamCancels) {
+  // One running slot, taken by a long request: the stream's request waits in the queue and
+  // yields no event, so no write can fail; only the socket poll can notice the hang-up.
+  Fixture f({.context = 4096, .step_ms = 10, .max_running = 1});
+  auto blocker = std::async(std::launch::async, [&] {
+    return f.post({{"prompt", "x"}, {"max_tokens", 100}})->status;
+  });
+  ASSERT_TRUE(wait_for([&] { return f.service.live() == 1; }, 2.0));
+  send_and_hang_up(f.server->port(), R"({"prompt":"y","max_tokens":1000,"stream":true})", 0);
+  EXPECT_TRUE(wait_for([&] { return f.service.cancelled().count(2) == 1; }, 0.5));
+  EXPECT_TRUE(wait_for([&] { return f.service.live() == 1; }, 0.5))
+      << "the queued request was not removed";
+  EXPECT_EQ(blocker.get(), 200);
+  EXPECT_TRUE(wait_for([&] { return f.server->active_requests() == 0; }, 2.0));
+}
+
+TEST(InferHttp, ShutdownWithoutDrainCancels) {
+  Fixture f({.context = 4096, .step_ms = 10});
+  auto slow = std::async(std::launch::async, [&] {
+    return f.post({{"prompt", "x"}, {"max_tokens", 1000}});
+  });
+  ASSERT_TRUE(wait_for([&] { return f.service.live() == 1; }, 2.0));
+  f.server->shutdown(false);
+  json e = error_of(slow.get(), 503);
+  EXPECT_NE(e["message"].get<std::string>().find("shutting down"), std::string::npos);
+}
+
 TEST(InferHttp, RequestTimeoutCancels) {
   ServerOptions so;
   so.request_timeout_s = 1;
