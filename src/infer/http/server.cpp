@@ -300,9 +300,9 @@ HttpServer::HttpServer(CompletionService& service, ServerOptions options)
 
 HttpServer::~HttpServer() {
   try {
-    shutdown(true);
+    close(/*shutdown_service=*/false, /*drain=*/true);
   } catch (...) {
-    // A destructor must not throw; shutdown() logs what went wrong.
+    // A destructor must not throw; close() logs what went wrong.
   }
 }
 
@@ -330,12 +330,15 @@ void HttpServer::start() {
                 options_.host, bound_port_, service_.context_length(), options_.max_tokens_limit);
 }
 
-void HttpServer::shutdown(bool drain) {
+void HttpServer::shutdown(bool drain) { close(/*shutdown_service=*/true, drain); }
+
+void HttpServer::close(bool shutdown_service, bool drain) {
   std::lock_guard guard(shutdown_mutex_);
   if (stopped_.load()) return;
   shutting_down_.store(true);
-  // New completions now get 503; the service finishes (or cancels) what it has.
-  service_.shutdown(drain);
+  // New completions now get 503; the service finishes (or cancels) what it has. Without
+  // shutdown_service (the destructor) the responses in flight end when their requests do.
+  if (shutdown_service) service_.shutdown(drain);
   {
     std::unique_lock lock(drain_mutex_);
     const bool drained = drained_.wait_for(lock, std::chrono::seconds(options_.drain_timeout_s),

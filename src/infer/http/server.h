@@ -89,7 +89,10 @@ class HttpServer {
   // Validates the options (throws loom::Error naming the option, its value and the fix): a
   // host other than loopback needs an api_key. Nothing is bound until start().
   HttpServer(CompletionService& service, ServerOptions options);
-  ~HttpServer();  // shutdown(true) if still running
+  // If still running: refuses new completions, waits (at most drain_timeout_s) for the
+  // responses in flight and closes the socket. It does NOT shut the service down: the service
+  // is the caller's.
+  ~HttpServer();
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
@@ -112,6 +115,7 @@ class HttpServer {
 
  private:
   void install_routes();
+  void close(bool shutdown_service, bool drain);
 
   CompletionService& service_;
   ServerOptions options_;
