@@ -458,8 +458,41 @@ void HttpServer::install_routes() {
     res.set_content(openai::dump(model_json()), "application/json");
   });
 
+  // The body is read here, not by cpp-httplib: 0.11 enforces payload_max_length on bodies with
+  // a Content-Length only, and a chunked body would otherwise grow without bound.
   svr.Post("/v1/completions", [this, authorized](const httplib::Request& req,
-                                                 httplib::Response& res) {
+                                                 httplib::Response& res,
+                                                 const httplib::ContentReader& read_body) {
+    std::string body;
+    bool too_large = false;
+    const bool read_ok = read_body([&](const char* data, size_t len) {
+      if (body.size() + len > size_t(options_.max_body_bytes)) {
+        too_large = true;
+        return false;
+      }
+      body.append(data, len);
+      return true;
+    });
+    // cpp-httplib refuses a Content-Length above max_body_bytes itself, before any byte.
+    const std::string declared = req.get_header_value("Content-Length");
+    if (!read_ok && !too_large && !declared.empty() &&
+        std::strtoull(declared.c_str(), nullptr, 10) > uint64_t(options_.max_body_bytes))
+      too_large = true;
+    if (too_large) {
+      send_error(res, make_error(413, "invalid_request_error", "request_too_large",
+                                 fmt::format("the request body is larger than this server's "
+                                             "limit of {} bytes (max_body_bytes)",
+                                             options_.max_body_bytes)));
+      res.set_header("Connection", "close");  // the rest of the body is not read
+      return;
+    }
+    if (!read_ok) {
+      send_error(res, make_error(400, "invalid_request_error", "invalid_body",
+                                 "the request body could not be read (truncated, malformed "
+                                 "chunked encoding, or slower than the read timeout)"));
+      res.set_header("Connection", "close");
+      return;
+    }
     if (!authorized(req, res)) return;
     if (shutting_down_.load()) {
       send_error(res, make_error(503, "server_error", "shutting_down",
@@ -469,7 +502,7 @@ void HttpServer::install_routes() {
     openai::CompletionRequest r;
     try {
       r = openai::parse_completion_request(
-          req.body, openai::Limits{options_.max_tokens_limit, options_.max_n});
+          body, openai::Limits{options_.max_tokens_limit, options_.max_n});
     } catch (const ApiError& e) {
       send_error(res, e);
       return;

@@ -391,6 +391,75 @@ TEST(InferHttp, UnknownPathIsJson404) {
   expect_still_serving(f);
 }
 
+// Sends raw bytes on a fresh connection and returns everything read until the server closes it
+// (or 5 s pass).
+std::string raw_exchange(int port, const std::string& bytes) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(uint16_t(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  size_t sent = 0;
+  while (sent < bytes.size()) {
+    const ssize_t n = send(fd, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += size_t(n);
+  }
+  // One response: headers, then Content-Length bytes (the server may keep the connection open).
+  std::string got;
+  char buf[4096];
+  for (;;) {
+    const size_t head_end = got.find("\r\n\r\n");
+    if (head_end != std::string::npos) {
+      const size_t cl = got.find("Content-Length: ");
+      const size_t need = cl == std::string::npos || cl > head_end
+                              ? 0
+                              : std::stoul(got.substr(cl + 16));
+      if (got.size() >= head_end + 4 + need) break;
+    }
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    got.append(buf, size_t(n));
+  }
+  close(fd);
+  return got;
+}
+
+TEST(InferHttp, MalformedHttpIsContained) {
+  Fixture f;
+  auto t0 = std::chrono::steady_clock::now();
+  std::string got = raw_exchange(f.server->port(), "GARBAGE\r\n\r\n");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 4.0);
+  EXPECT_EQ(got.rfind("HTTP/1.1 400", 0), 0u) << got;
+  EXPECT_NE(got.find("\"error\""), std::string::npos) << got;
+  expect_still_serving(f);
+  // A chunked body past max_body_bytes (no Content-Length to check up front) is a 413 too.
+  std::string chunked = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                        "chunked\r\nConnection: close\r\n\r\n";
+  const std::string piece(64 * 1024, 'x');
+  for (int i = 0; i < 32; ++i) chunked += "10000\r\n" + piece + "\r\n";
+  chunked += "0\r\n\r\n";
+  t0 = std::chrono::steady_clock::now();
+  got = raw_exchange(f.server->port(), chunked);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 4.0);
+  EXPECT_EQ(got.rfind("HTTP/1.1 413", 0), 0u) << got.substr(0, 200);
+  expect_still_serving(f);
+  // Nothing at all: connect and close.
+  {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(uint16_t(f.server->port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    close(fd);
+  }
+  expect_still_serving(f);
+}
+
 TEST(InferHttp, ApiKey) {
   FakeService service({});
   ServerOptions so;
