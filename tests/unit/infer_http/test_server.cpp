@@ -12,10 +12,12 @@
 
 #include <chrono>
 #include <future>
+#include <random>
 #include <set>
 #include <thread>
 
 #include "core/error.h"
+#include "infer/http/openai.h"
 #include "infer/http/server.h"
 #include "unit/infer_http/fake_service.h"
 
@@ -362,6 +364,46 @@ TEST(InferHttp, BadRequestsGetOpenAIErrorsAndServerKeepsServing) {
     }
     expect_still_serving(f);
   }
+}
+
+// Mutated request bodies (byte flips, insertions, truncations of valid ones): the parser either
+// accepts or throws ApiError with a 400; nothing else escapes (no json exceptions, no crash).
+TEST(InferHttp, ParserSurvivesMutatedBodies) {
+  const std::vector<std::string> seeds = {
+      R"({"model":"m","prompt":"def f():","max_tokens":16,"temperature":0.2,"top_p":0.9,"n":2,)"
+      R"("stop":["\n","x"],"seed":5,"echo":false,"logprobs":2,"stream":true,)"
+      R"("stream_options":{"include_usage":true}})",
+      R"({"prompt":[[1,2,3],[4]],"top_k":40,"repetition_penalty":1.1,"stop_rule":"python"})",
+      R"({"prompt":["a","b"],"best_of":1,"logit_bias":{},"user":"u","suffix":""})"};
+  std::mt19937_64 rng(1234);
+  const char alphabet[] = "{}[]\",:0123456789-.eE truefalsnul\\u\x00\xff";
+  int accepted = 0, refused = 0;
+  for (int iter = 0; iter < 20000; ++iter) {
+    std::string body = seeds[rng() % seeds.size()];
+    const int edits = 1 + int(rng() % 4);
+    for (int e = 0; e < edits && !body.empty(); ++e) {
+      const size_t pos = rng() % body.size();
+      const char c = alphabet[rng() % (sizeof(alphabet) - 1)];
+      switch (rng() % 4) {
+        case 0: body[pos] = c; break;
+        case 1: body.insert(body.begin() + long(pos), c); break;
+        case 2: body.erase(pos, 1 + rng() % 8); break;
+        default: body.resize(pos); break;
+      }
+    }
+    try {
+      loom::infer::openai::parse_completion_request(body, {});
+      ++accepted;
+    } catch (const loom::infer::openai::ApiError& e) {
+      EXPECT_EQ(e.status, 400) << body;
+      EXPECT_FALSE(e.message.empty()) << body;
+      ++refused;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "unexpected exception " << e.what() << " for " << body;
+    }
+  }
+  EXPECT_GT(accepted, 0);
+  EXPECT_GT(refused, 0);
 }
 
 TEST(InferHttp, CutToContextEndsWithLength) {
