@@ -706,6 +706,12 @@ TEST(InferHttp, ThirtyTwoConcurrentClients) {
     }));
   for (int i = 0; i < kClients; ++i)
     EXPECT_EQ(results[i].get(), FakeService::expected_text(uint64_t(i), 8)) << "client " << i;
+  // A client has its whole response before the server's handler thread returns and releases its
+  // slot, so the count reaches 0 shortly after the last response, not at once (under load the
+  // gap was ~1 ms and the test failed 3 times in 15 when it read the count at once).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (f.server->active_requests() != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(f.server->active_requests(), 0);
 }
 
