@@ -1,0 +1,173 @@
+// infer/decoder.cpp: the KV-cached forward (see decoder.h). The order of operations inside a
+// block follows model/block.cpp's block_forward exactly (matmul, then bias, then residual), so
+// the cached decode differs from recomputation only by the kernels' own rounding.
+#include "infer/decoder.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/embedding.h"
+#include "kernels/cpu/layernorm.h"
+
+namespace loom::infer {
+
+namespace K = loom::kernels;
+
+float* Decoder::Buf::get(size_t want) {
+  if (want > n) {
+    std::free(p);
+    const size_t bytes = ((want * 4 + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    LOOM_CHECK(p, "decoder: cannot allocate {} bytes of scratch", bytes);
+    n = want;
+  }
+  return p;
+}
+
+Decoder::Buf::~Buf() { std::free(p); }
+
+Decoder::Decoder(const ModelWeights& weights) : w_(weights) {}
+
+KvCacheShape Decoder::cache_shape() const {
+  const model::ModelConfig& c = w_.config();
+  KvCacheShape s;
+  s.layers = c.n_layers + (c.query_layer ? 1 : 0);
+  s.kv_heads = c.n_kv_heads;
+  s.head_dim = c.head_dim();
+  return s;
+}
+
+static K::GeluKind gelu_kind(model::Activation a) {
+  return a == model::Activation::fast_gelu  ? K::GeluKind::fast
+         : a == model::Activation::gelu_erf ? K::GeluKind::erf
+                                            : K::GeluKind::tanh;
+}
+
+// One pre-LN block on x (N,C), in place. qin (N,C): the query layer's query input, or null.
+void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
+                    const model::BlockOffsets& o, const BlockLinears& lin, float* x,
+                    const float* qin) {
+  const model::ModelConfig& cfg = w_.config();
+  const int64_t N = int64_t(row_seq_.size()), C = cfg.d_model, KV = cfg.kv_dim(), F = cfg.d_ff;
+  const int64_t S = C + 2 * KV;
+  float* ln = ln_.get(size_t(N * C));     // (N,C)
+  float* qkv = qkv_.get(size_t(N * S));   // (N, C+2KV)
+  float* att = att_.get(size_t(N * C));   // (N,C)
+  float* mid = mid_.get(size_t(N * C));   // (N,C)
+  float* up = up_.get(size_t(N * F));     // (N,F)
+  float* act = act_.get(size_t(N * F));   // (N,F)
+
+  // ln1 = LayerNorm1(x); q|k|v = ln1 @ Wqkv^T + b (query layer: q from qin)     (N, C+2KV)
+  K::layernorm_forward(ln, nullptr, nullptr, x, w_.f32(o.norm1_w), w_.f32(o.norm1_b), N, C,
+                       cfg.norm_eps);
+  if (!qin) {
+    K::weight_matmul(qkv, S, ln, N, lin.qkv, w_.f32(o.b_qkv));
+  } else {
+    K::weight_matmul(qkv, S, qin, N, weight_rows(lin.qkv, 0, C), w_.f32(o.b_qkv));
+    K::weight_matmul(qkv + C, S, ln, N, weight_rows(lin.qkv, C, 2 * KV), w_.f32(o.b_qkv) + C);
+  }
+  // Append k, v of every new row to the cache, then attend: row r at position p sees p+1 keys.
+  for (int64_t r = 0; r < N; ++r) {
+    const SeqStep& sq = seqs[size_t(row_seq_[size_t(r)])];
+    const int64_t p = row_pos_[size_t(r)];
+    std::memcpy(cache.k_row(sq.kv_seq, cache_layer, p), qkv + r * S + C, size_t(KV) * 4);
+    std::memcpy(cache.v_row(sq.kv_seq, cache_layer, p), qkv + r * S + C + KV, size_t(KV) * 4);
+  }
+  attention::PagedShape ps;
+  ps.NH = cfg.n_heads;
+  ps.NKV = cfg.n_kv_heads;
+  ps.HD = cfg.head_dim();
+  ps.block_tokens = cache.shape().block_tokens;
+  ps.block_stride = cache.block_floats();
+  ps.q_stride = S;
+  ps.o_stride = C;
+  ps.scale = 1.0f / std::sqrt(float(ps.HD));  // as model/block.cpp
+  attention::paged_attention_forward(att, qkv, queries_.data(), N,
+                                     cache.pool() + cache.k_offset(cache_layer),
+                                     cache.pool() + cache.v_offset(cache_layer), ps);
+
+  // mid = (att @ Wo^T + bo) + x                                                   (N,C)
+  K::weight_matmul(mid, C, att, N, lin.out, w_.f32(o.b_out));
+  K::add_inplace(mid, x, N * C);
+  // act = gelu(ln2 @ Wup^T + bup)                                                 (N,F)
+  K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), N, C,
+                       cfg.norm_eps);
+  K::weight_matmul(up, F, ln, N, lin.up, nullptr);
+  K::bias_gelu_forward(act, up, w_.f32(o.b_up), N, F, gelu_kind(cfg.activation));
+  // x = (act @ Wdown^T + bdown) + mid                                             (N,C)
+  K::weight_matmul(x, C, act, N, lin.down, w_.f32(o.b_down));
+  K::add_inplace(x, mid, N * C);
+}
+
+void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits) {
+  const model::ModelConfig& cfg = w_.config();
+  const int64_t C = cfg.d_model, V = cfg.vocab, B = int64_t(seqs.size());
+  LOOM_CHECK(B >= 1, "decoder step with no sequences");
+  // Validate everything before the cache is touched.
+  int64_t N = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const SeqStep& sq = seqs[size_t(b)];
+    const int64_t n = int64_t(sq.tokens.size());
+    LOOM_CHECK(n >= 1, "decoder: sequence {} of the step has no new tokens", b);
+    LOOM_CHECK(sq.pos >= 0 && sq.pos + n <= cfg.max_seq,
+               "decoder: sequence {} would reach position {} but the model's context (max_seq) "
+               "is {} tokens",
+               b, sq.pos + n, cfg.max_seq);
+    LOOM_CHECK(cache.capacity(sq.kv_seq) >= sq.pos + n,
+               "decoder: KV sequence {} has room for {} tokens, the step needs {}", sq.kv_seq,
+               cache.capacity(sq.kv_seq), sq.pos + n);
+    K::check_token_ids(sq.tokens.data(), 1, n, V);
+    N += n;
+  }
+  row_seq_.resize(size_t(N));
+  row_pos_.resize(size_t(N));
+  queries_.resize(size_t(N));
+  for (int64_t b = 0, r = 0; b < B; ++b) {
+    const SeqStep& sq = seqs[size_t(b)];
+    const std::vector<int32_t>& table = cache.block_table(sq.kv_seq);
+    for (int64_t i = 0; i < int64_t(sq.tokens.size()); ++i, ++r) {
+      row_seq_[size_t(r)] = b;
+      row_pos_[size_t(r)] = sq.pos + i;
+      queries_[size_t(r)] = {table.data(), int64_t(table.size()), sq.pos + i + 1};
+    }
+  }
+
+  // h0 = wte[tokens] + wpe[pos .. pos+n)                                           (N,C)
+  float* x = x_.get(size_t(N * C));
+  for (int64_t b = 0, r = 0; b < B; ++b) {
+    const SeqStep& sq = seqs[size_t(b)];
+    const int64_t n = int64_t(sq.tokens.size());
+    K::embedding_forward(x + r * C, sq.tokens.data(), w_.token_embedding(),
+                         w_.position_embedding(), 1, n, C, V, sq.pos);
+    r += n;
+  }
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    layer(cache, seqs, l, w_.block(l), w_.block_linears(l), x, nullptr);
+
+  // final LayerNorm (into ln_, then copied back so the query layer can run in place)  (N,C)
+  float* fin = mid_.get(size_t(N * C));
+  K::layernorm_forward(fin, nullptr, nullptr, x, w_.final_norm_w(), w_.final_norm_b(), N, C,
+                       cfg.norm_eps);
+  std::memcpy(x, fin, size_t(N * C) * 4);
+  if (cfg.query_layer) {
+    // The query input of row r is row pos_r of the query layer's position table.     (N,C)
+    float* qin = qin_.get(size_t(N * C));
+    for (int64_t r = 0; r < N; ++r)
+      std::memcpy(qin + r * C, w_.query_position() + row_pos_[size_t(r)] * C, size_t(C) * 4);
+    layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), x, qin);
+  }
+
+  // logits of each sequence's last new row: h_last (B,C) @ wte^T                     (B,V)
+  float* last = last_.get(size_t(B * C));
+  for (int64_t b = 0, r = 0; b < B; ++b) {
+    r += int64_t(seqs[size_t(b)].tokens.size());
+    std::memcpy(last + b * C, x + (r - 1) * C, size_t(C) * 4);
+  }
+  K::weight_matmul(logits, V, last, B, w_.head(), nullptr);
+}
+
+}  // namespace loom::infer
