@@ -12,10 +12,11 @@
 //   Query i attends to keys [0, n_keys_i) of its sequence (causality is the caller's choice of
 //   n_keys: a token at position p sees n_keys = p + 1). Overwrites out.
 // - Per (query, head) one thread computes, in a fixed order: scores s_j = scale * q.k_j in
-//   ascending j, m = max s_j, sum of exp(s_j - m) in ascending j, out = sum_j p_j v_j in
-//   ascending j. So a row's result depends only on its own query and keys: independent of the
-//   other queries in the call, of the thread count, and of whether its keys were written by a
-//   prefill or one token at a time (batch invariant, deterministic).
+//   ascending j (each dot product in a fixed SIMD order that depends on HD only), m = max s_j,
+//   sum of exp(s_j - m) in ascending j, out = sum_j p_j v_j in ascending j. So a row's result
+//   depends only on its own query and keys: independent of the other queries in the call, of
+//   the thread count, and of whether its keys were written by a prefill or one token at a time
+//   (batch invariant, deterministic).
 // - Bad shapes (non-positive sizes, NKV not dividing NH, n_keys < 1, a table shorter than
 //   n_keys needs) throw loom::Error before anything is written.
 #pragma once
