@@ -78,8 +78,8 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     infer::Decoder dec(w);
     const infer::KvCacheShape ks = dec.cache_shape();
     infer::KvCache cache(ks, ks.block_bytes() * B * ((P + N + 15) / 16), P + N);
-    std::vector<std::vector<int32_t>> seqs(size_t(B));
-    std::vector<int64_t> ids(size_t(B));
+    std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
+    std::vector<int64_t> ids(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t t = 0; t < P; ++t)
         seqs[size_t(b)].push_back(int32_t(rng_u64(o->seed, 77, uint64_t(b * P + t)) % uint64_t(cfg.vocab)));
@@ -88,7 +88,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     }
     std::vector<float> logits(size_t(B * cfg.vocab));  // (B,V)
     auto run_step = [&](bool prefill) {
-      std::vector<infer::SeqStep> st(size_t(B));
+      std::vector<infer::SeqStep> st(static_cast<size_t>(B));
       for (int64_t b = 0; b < B; ++b) {
         const auto& s = seqs[size_t(b)];
         const int64_t pos = prefill ? 0 : int64_t(s.size()) - 1;
