@@ -30,13 +30,24 @@ float* Decoder::Buf::get(size_t want) {
 
 Decoder::Buf::~Buf() { std::free(p); }
 
-Decoder::Decoder(const ModelWeights& weights) : w_(weights) {}
+Decoder::Decoder(const ModelWeights& weights, const comm::ProcessGroup* tp)
+    : w_(weights), tp_(tp && tp->size() > 1 ? tp : nullptr) {
+  const int P = tp_ ? tp_->size() : 1, r = tp_ ? tp_->rank() : 0;
+  LOOM_CHECK(P == w_.tp().size && r == w_.tp().rank,
+             "decoder: the weights are tp shard {} of {} but the tp group is rank {} of {}; load "
+             "the weights with the group's TpShard",
+             w_.tp().rank, w_.tp().size, r, P);
+}
+
+void Decoder::all_reduce(float* buf, int64_t n) {
+  if (tp_) tp_->all_reduce(comm::BufferRef(buf, n, DType::f32)).wait();
+}
 
 KvCacheShape Decoder::cache_shape() const {
   const model::ModelConfig& c = w_.config();
   KvCacheShape s;
   s.layers = c.n_layers + (c.query_layer ? 1 : 0);
-  s.kv_heads = c.n_kv_heads;
+  s.kv_heads = c.n_kv_heads / w_.tp().size;
   s.head_dim = c.head_dim();
   return s;
 }
@@ -52,46 +63,56 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
                     const model::BlockOffsets& o, const BlockLinears& lin, float* x,
                     const float* qin) {
   const model::ModelConfig& cfg = w_.config();
-  const int64_t N = int64_t(row_seq_.size()), C = cfg.d_model, KV = cfg.kv_dim(), F = cfg.d_ff;
-  const int64_t S = C + 2 * KV;
+  // This rank's widths (tp P: Cq = C/P, KV = KV/P, F = F/P; all rows N on every rank).
+  const int64_t P = w_.tp().size;
+  const int64_t N = int64_t(row_seq_.size()), C = cfg.d_model, Cq = C / P,
+                KV = cfg.kv_dim() / P, F = cfg.d_ff / P;
+  const int64_t S = Cq + 2 * KV;
   float* ln = ln_.get(size_t(N * C));     // (N,C)
-  float* qkv = qkv_.get(size_t(N * S));   // (N, C+2KV)
-  float* att = att_.get(size_t(N * C));   // (N,C)
+  float* qkv = qkv_.get(size_t(N * S));   // (N, Cq+2KV)
+  float* att = att_.get(size_t(N * Cq));  // (N,Cq)
   float* mid = mid_.get(size_t(N * C));   // (N,C)
   float* up = up_.get(size_t(N * F));     // (N,F)
   float* act = act_.get(size_t(N * F));   // (N,F)
 
-  // ln1 = LayerNorm1(x); q|k|v = ln1 @ Wqkv^T + b (query layer: q from qin)     (N, C+2KV)
+  // ln1 = LayerNorm1(x); q|k|v = ln1 @ Wqkv^T + b (query layer: q from qin)    (N, Cq+2KV)
   K::layernorm_forward(ln, nullptr, nullptr, x, w_.f32(o.norm1_w), w_.f32(o.norm1_b), N, C,
                        cfg.norm_eps);
   if (!qin) {
     K::weight_matmul(qkv, S, ln, N, lin.qkv, w_.f32(o.b_qkv));
   } else {
-    K::weight_matmul(qkv, S, qin, N, weight_rows(lin.qkv, 0, C), w_.f32(o.b_qkv));
-    K::weight_matmul(qkv + C, S, ln, N, weight_rows(lin.qkv, C, 2 * KV), w_.f32(o.b_qkv) + C);
+    K::weight_matmul(qkv, S, qin, N, weight_rows(lin.qkv, 0, Cq), w_.f32(o.b_qkv));
+    K::weight_matmul(qkv + Cq, S, ln, N, weight_rows(lin.qkv, Cq, 2 * KV), w_.f32(o.b_qkv) + Cq);
   }
   // Append k, v of every new row to the cache, then attend: row r at position p sees p+1 keys.
   for (int64_t r = 0; r < N; ++r) {
     const SeqStep& sq = seqs[size_t(row_seq_[size_t(r)])];
     const int64_t p = row_pos_[size_t(r)];
-    std::memcpy(cache.k_row(sq.kv_seq, cache_layer, p), qkv + r * S + C, size_t(KV) * 4);
-    std::memcpy(cache.v_row(sq.kv_seq, cache_layer, p), qkv + r * S + C + KV, size_t(KV) * 4);
+    std::memcpy(cache.k_row(sq.kv_seq, cache_layer, p), qkv + r * S + Cq, size_t(KV) * 4);
+    std::memcpy(cache.v_row(sq.kv_seq, cache_layer, p), qkv + r * S + Cq + KV, size_t(KV) * 4);
   }
   attention::PagedShape ps;
-  ps.NH = cfg.n_heads;
-  ps.NKV = cfg.n_kv_heads;
+  ps.NH = cfg.n_heads / P;
+  ps.NKV = cfg.n_kv_heads / P;
   ps.HD = cfg.head_dim();
   ps.block_tokens = cache.shape().block_tokens;
   ps.block_stride = cache.block_floats();
   ps.q_stride = S;
-  ps.o_stride = C;
+  ps.o_stride = Cq;
   ps.scale = 1.0f / std::sqrt(float(ps.HD));  // as model/block.cpp
   attention::paged_attention_forward(att, qkv, queries_.data(), N,
                                      cache.pool() + cache.k_offset(cache_layer),
                                      cache.pool() + cache.v_offset(cache_layer), ps);
 
   // mid = (att @ Wo^T + bo) + x                                                   (N,C)
-  K::weight_matmul(mid, C, att, N, lin.out, w_.f32(o.b_out));
+  // (tp: this rank's heads give a partial sum; the replicated bias goes on after the sum)
+  if (!tp_) {
+    K::weight_matmul(mid, C, att, N, lin.out, w_.f32(o.b_out));
+  } else {
+    K::weight_matmul(mid, C, att, N, lin.out, nullptr);
+    all_reduce(mid, N * C);
+    K::bias_add_rows(mid, w_.f32(o.b_out), N, C);
+  }
   K::add_inplace(mid, x, N * C);
   // act = gelu(ln2 @ Wup^T + bup)                                                 (N,F)
   K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), N, C,
@@ -99,7 +120,13 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   K::weight_matmul(up, F, ln, N, lin.up, nullptr);
   K::bias_gelu_forward(act, up, w_.f32(o.b_up), N, F, gelu_kind(cfg.activation));
   // x = (act @ Wdown^T + bdown) + mid                                             (N,C)
-  K::weight_matmul(x, C, act, N, lin.down, w_.f32(o.b_down));
+  if (!tp_) {
+    K::weight_matmul(x, C, act, N, lin.down, w_.f32(o.b_down));
+  } else {
+    K::weight_matmul(x, C, act, N, lin.down, nullptr);
+    all_reduce(x, N * C);
+    K::bias_add_rows(x, w_.f32(o.b_down), N, C);
+  }
   K::add_inplace(x, mid, N * C);
 }
 
@@ -138,12 +165,33 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
 
   // h0 = wte[tokens] + wpe[pos .. pos+n)                                           (N,C)
   float* x = x_.get(size_t(N * C));
-  for (int64_t b = 0, r = 0; b < B; ++b) {
-    const SeqStep& sq = seqs[size_t(b)];
-    const int64_t n = int64_t(sq.tokens.size());
-    K::embedding_forward(x + r * C, sq.tokens.data(), w_.token_embedding(),
-                         w_.position_embedding(), 1, n, C, V, sq.pos);
-    r += n;
+  if (!tp_) {
+    for (int64_t b = 0, r = 0; b < B; ++b) {
+      const SeqStep& sq = seqs[size_t(b)];
+      const int64_t n = int64_t(sq.tokens.size());
+      K::embedding_forward(x + r * C, sq.tokens.data(), w_.token_embedding(),
+                           w_.position_embedding(), 1, n, C, V, sq.pos);
+      r += n;
+    }
+  } else {
+    // Vocabulary-parallel: the rank holding a token's row writes wte + wpe, the others zeros;
+    // the sum over tp is then exactly tp = 1's row.
+    const int64_t Vl = V / w_.tp().size, lo = Vl * w_.tp().rank;
+    for (int64_t b = 0, r = 0; b < B; ++b) {
+      const SeqStep& sq = seqs[size_t(b)];
+      for (int64_t i = 0; i < int64_t(sq.tokens.size()); ++i, ++r) {
+        const int64_t t = sq.tokens[size_t(i)] - lo;
+        float* xr = x + r * C;
+        const float* pe = w_.position_embedding() + (sq.pos + i) * C;
+        if (t >= 0 && t < Vl) {
+          const float* te = w_.token_embedding() + t * C;
+          for (int64_t c = 0; c < C; ++c) xr[c] = te[c] + pe[c];
+        } else {
+          std::fill(xr, xr + C, 0.f);
+        }
+      }
+    }
+    all_reduce(x, N * C);
   }
   for (int64_t l = 0; l < cfg.n_layers; ++l)
     layer(cache, seqs, l, w_.block(l), w_.block_linears(l), x, nullptr);
@@ -167,7 +215,20 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
     r += int64_t(seqs[size_t(b)].tokens.size());
     std::memcpy(last + b * C, x + (r - 1) * C, size_t(C) * 4);
   }
-  K::weight_matmul(logits, V, last, B, w_.head(), nullptr);
+  if (!tp_) {
+    K::weight_matmul(logits, V, last, B, w_.head(), nullptr);
+    return;
+  }
+  // tp: this rank's vocabulary rows (B, V/P), gathered as (P, B, V/P), then laid out (B, V).
+  const int64_t P = w_.tp().size, Vl = V / P;
+  float* mine = shard_logits_.get(size_t(B * Vl));
+  float* all = gathered_.get(size_t(P * B * Vl));
+  K::weight_matmul(mine, Vl, last, B, w_.head(), nullptr);
+  tp_->all_gather(comm::BufferRef(mine, B * Vl, DType::f32), comm::BufferRef(all, P * B * Vl, DType::f32))
+      .wait();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(logits + b * V + p * Vl, all + (p * B + b) * Vl, size_t(Vl) * 4);
 }
 
 }  // namespace loom::infer

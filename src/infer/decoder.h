@@ -17,6 +17,15 @@
 // are bitwise the same whether it runs alone or beside others, and whether a token was part of
 // a prefill or decoded on its own.
 //
+// Tensor parallel (a tp group of size P with the weights of ModelWeights' TpShard): Megatron's
+// split without sequence parallelism. Every rank holds all N rows; q|k|v and ffn.up run on its
+// heads / columns (and its KV cache holds only its NKV/P kv heads); the attn.out and ffn.down
+// partial sums are all-reduced before their (replicated) bias; the vocabulary-parallel
+// embedding is all-reduced (one rank contributes each row, the rest zeros: exact) and the head's
+// logits (B, V/P) all-gathered into (B, V), so every rank returns identical logits. Every member
+// calls forward() with the same steps (collective). Logits equal tp = 1 within f32 rounding (the
+// partial sums add in another order).
+//
 // Not thread-safe (scratch buffers are members); one Decoder per step thread.
 #pragma once
 
@@ -25,6 +34,7 @@
 #include <vector>
 
 #include "attention/paged_attention.h"
+#include "comm/process_group.h"
 #include "infer/kv_cache.h"
 #include "infer/weights.h"
 
@@ -39,10 +49,12 @@ struct SeqStep {
 
 class Decoder {
  public:
-  explicit Decoder(const ModelWeights& weights);  // keeps a reference: weights outlive it
+  // Keeps references: weights (and tp) outlive it. tp: null or a group whose size and rank
+  // match weights.tp() (throws otherwise).
+  explicit Decoder(const ModelWeights& weights, const comm::ProcessGroup* tp = nullptr);
 
   const ModelWeights& weights() const { return w_; }
-  // The cache geometry this model needs (L' layers, NKV, HD).
+  // The cache geometry this model needs (L' layers, NKV/P kv heads of this rank, HD).
   KvCacheShape cache_shape() const;
 
   // Runs every sequence's new tokens, appends their K and V to `cache`, and writes the logits
@@ -55,7 +67,10 @@ class Decoder {
   void layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
              const model::BlockOffsets& o, const BlockLinears& lin, float* x, const float* qin);
 
+  void all_reduce(float* buf, int64_t n);
+
   const ModelWeights& w_;
+  const comm::ProcessGroup* tp_ = nullptr;  // null: no tensor parallelism
   // Scratch, grown as needed (64-byte aligned so every row sees the same vector alignment).
   struct Buf {
     float* p = nullptr;
@@ -66,7 +81,7 @@ class Decoder {
     Buf& operator=(const Buf&) = delete;
     ~Buf();
   };
-  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, last_;
+  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, last_, shard_logits_, gathered_;
   std::vector<attention::PagedQuery> queries_;
   std::vector<int64_t> row_seq_, row_pos_;
 };

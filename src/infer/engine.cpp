@@ -54,7 +54,7 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
       tok_(std::move(tokenizer)),
       opts_(std::move(options)),
       texts_(require_tokenizer(tok_)),
-      decoder_(weights_),
+      decoder_(weights_, opts_.tp),
       cache_(decoder_.cache_shape(),
              opts_.kv_budget_bytes > 0
                  ? opts_.kv_budget_bytes
@@ -63,6 +63,10 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
              weights_.config().max_seq) {
   const model::ModelConfig& cfg = weights_.config();
   LOOM_CHECK(opts_.max_batch >= 1, "engine: max_batch={} must be >= 1", opts_.max_batch);
+  LOOM_CHECK(!opts_.tp || opts_.tp->size() == 1 || !opts_.start_thread,
+             "engine: under tensor parallelism (tp = {}) every rank must drive step() in "
+             "lockstep: set start_thread = false",
+             opts_.tp ? opts_.tp->size() : 1);
   LOOM_CHECK(opts_.max_queue >= 0, "engine: max_queue={} must be >= 0", opts_.max_queue);
   LOOM_CHECK(tok_->vocab_size() <= cfg.vocab,
              "tokenizer has {} tokens but the model's vocab is {}; use the model's tokenizer",
@@ -353,7 +357,9 @@ Engine::Stats Engine::stats() const {
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
                                     const std::string& tokenizer_path, WeightFormat linears,
                                     WeightFormat head, EngineOptions options) {
-  ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head);
+  model::TpShard shard;
+  if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
+  ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
   const std::string tp = tokenizer_path.empty() ? checkpoint_dir + "/tokenizer" : tokenizer_path;
   auto tok = data::load_tokenizer(tp);
   return std::make_unique<Engine>(std::move(w), std::move(tok), std::move(options));

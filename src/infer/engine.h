@@ -48,6 +48,11 @@ struct EngineOptions {
   int64_t max_queue = 64;       // requests waiting for admission (>= 0); more -> queue_full
   int64_t kv_budget_bytes = 0;  // KV pool size; 0 -> max_batch sequences of the full context
   bool start_thread = true;     // false: the caller drives step()
+  // Tensor parallel: the group the weights are sharded over (ModelWeights with its TpShard), or
+  // null. Under tp every rank runs its own Engine with start_thread = false, submits the same
+  // requests in the same order and calls step() in lockstep (the decoder's collectives keep the
+  // ranks together; logits, and so every sampled token, are identical on all ranks).
+  const comm::ProcessGroup* tp = nullptr;
 };
 
 class Engine : public CompletionService {
@@ -106,7 +111,8 @@ class Engine : public CompletionService {
 };
 
 // Loads a loom checkpoint and its tokenizer (tokenizer_path "" -> DIR/tokenizer) into an Engine:
-// linears in `linears` format, the tied head in `head` format.
+// linears in `linears` format, the tied head in `head` format; under options.tp only this rank's
+// shard of the weights.
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
                                     const std::string& tokenizer_path, WeightFormat linears,
                                     WeightFormat head, EngineOptions options = {});

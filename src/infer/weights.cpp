@@ -51,9 +51,9 @@ bool is_linear_weight(const std::string& name) {
 }  // namespace
 
 ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
-                           WeightFormat head)
-    : cfg_(cfg), linear_format_(linears) {
-  const model::ParamLayout layout(cfg);
+                           WeightFormat head, model::TpShard tp)
+    : cfg_(cfg), tp_(tp), linear_format_(linears) {
+  const model::ParamLayout layout(cfg, tp);  // throws naming the valid tp sizes
   // 1. Everything but the linear weights goes to small_, offsets remapped tensor by tensor.
   std::map<int64_t, int64_t> remap;  // flat offset of a tensor -> offset in small_
   int64_t small_total = 0;
@@ -84,7 +84,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
 
   // 2. The linears (and the head) in their formats: one buffer per format, views resolved after
   // every buffer has its final size.
-  const int64_t C = cfg.d_model, KV = cfg.kv_dim(), F = cfg.d_ff, V = cfg.vocab;
+  // This rank's sizes: q width Cq, kv width KV, ffn width F, vocab rows V (all / P).
+  const int64_t P = tp.size, C = cfg.d_model, Cq = C / P, KV = cfg.kv_dim() / P,
+                F = cfg.d_ff / P, V = cfg.vocab / P;
   struct Pending {
     WeightView* view;
     WeightFormat fmt;
@@ -93,8 +95,8 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   };
   std::vector<Pending> todo;
   auto add_block = [&](const model::BlockOffsets& o, BlockLinears& bl) {
-    todo.push_back({&bl.qkv, linears, o.w_qkv, C + 2 * KV, C});
-    todo.push_back({&bl.out, linears, o.w_out, C, C});
+    todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C});
+    todo.push_back({&bl.out, linears, o.w_out, C, Cq});
     todo.push_back({&bl.up, linears, o.w_up, F, C});
     todo.push_back({&bl.down, linears, o.w_down, C, F});
   };
@@ -144,12 +146,12 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
 }
 
 ModelWeights ModelWeights::load(const std::string& checkpoint_dir, WeightFormat linears,
-                                WeightFormat head) {
+                                WeightFormat head, model::TpShard tp) {
   interop::CheckpointReader r(checkpoint_dir);
-  const model::ParamLayout layout(r.config());
-  std::vector<float> flat(size_t(layout.total()));  // the whole model, f32, loaded once
+  const model::ParamLayout layout(r.config(), tp);
+  std::vector<float> flat(size_t(layout.total()));  // this rank's model, f32, loaded once
   r.load_weights(layout, flat.data());
-  return ModelWeights(r.config(), flat.data(), linears, head);
+  return ModelWeights(r.config(), flat.data(), linears, head, tp);
 }
 
 }  // namespace loom::infer

@@ -8,6 +8,12 @@
 // norms and biases stay f32 in one compact buffer; their offsets are the model's ParamLayout
 // offsets (model/params.h) remapped into that buffer, so no layout is derived here.
 //
+// Tensor parallel (TpShard of size P > 1): the weights of tp rank r only, as model/params.h
+// shards them (Megatron): q|k|v rows of its NH/P heads and NKV/P kv heads ((C+2KV)/P, C),
+// attn.out columns (C, C/P), ffn.up rows (F/P, C), ffn.down columns (C, F/P), the token
+// embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
+// attn.out / ffn.down biases are replicated.
+//
 // Ownership: ModelWeights owns every buffer; the views point into them (move-only).
 #pragma once
 
@@ -40,24 +46,26 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n);
 
 class ModelWeights {
  public:
-  // From the whole model's flat f32 buffer (ParamLayout(cfg) order, tp = 1).
+  // From the flat f32 buffer of ParamLayout(cfg, tp) (the whole model when tp.size == 1).
   ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
-               WeightFormat head);
+               WeightFormat head, model::TpShard tp = {});
   ModelWeights(ModelWeights&&) = default;
   ModelWeights& operator=(ModelWeights&&) = default;
   ModelWeights(const ModelWeights&) = delete;
 
   // Reads a loom checkpoint (interop::CheckpointReader: flat or sharded, checksums verified).
+  // Under tp, reads only this rank's shard of every tensor.
   static ModelWeights load(const std::string& checkpoint_dir, WeightFormat linears,
-                           WeightFormat head);
+                           WeightFormat head, model::TpShard tp = {});
 
   const model::ModelConfig& config() const { return cfg_; }
+  const model::TpShard& tp() const { return tp_; }
   WeightFormat linear_format() const { return linear_format_; }
   WeightFormat head_format() const { return head_.format; }
 
   // f32 tensors by their remapped offsets.
   const float* f32(int64_t offset) const { return small_.data() + offset; }
-  const float* token_embedding() const { return f32(tok_); }     // (V,C)
+  const float* token_embedding() const { return f32(tok_); }     // (V/P,C) rows from V/P*rank
   const float* position_embedding() const { return f32(pos_); }  // (S,C)
   const float* final_norm_w() const { return f32(fnw_); }        // (C)
   const float* final_norm_b() const { return f32(fnb_); }        // (C)
@@ -67,13 +75,14 @@ class ModelWeights {
   const BlockLinears& block_linears(int64_t i) const { return linears_.at(size_t(i)); }
   const model::BlockOffsets& query_block() const { return qblock_; }
   const BlockLinears& query_linears() const { return qlinears_; }
-  const WeightView& head() const { return head_; }  // (V,C)
+  const WeightView& head() const { return head_; }  // (V/P,C)
 
   // Bytes a decode step reads from the linears and the head (each weight once).
   int64_t matmul_weight_bytes() const { return matmul_bytes_; }
 
  private:
   model::ModelConfig cfg_;
+  model::TpShard tp_;
   WeightFormat linear_format_ = WeightFormat::f32;
   std::vector<float> small_;               // embeddings, norms, biases (f32)
   std::vector<float> lin_f32_;             // linears + head, f32 format
