@@ -1,13 +1,16 @@
 // `loom generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE.jsonl) [--max-tokens N]
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
-//  [--no-token-healing]`: sampling from a checkpoint through infer::Engine (KV cache, continuous
+//  [--no-token-healing] [--tp N]`: sampling from a checkpoint through infer::Engine (KV cache, continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
 // token_healing}); all prompts share the running batch, and one JSON line per prompt is printed,
 // in input order, as soon as it and every earlier prompt are done.
+// `--tp N` under `mpirun -np N`: the weights are sharded over the N ranks (tensor parallel);
+// every rank runs the same engine steps in lockstep and rank 0 prints.
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -17,12 +20,20 @@
 #include <vector>
 
 #include "cli.h"
+#include "comm/mpi_runtime.h"
+#include "comm/process_group.h"
 #include "core/error.h"
 #include "infer/engine.h"
 
 namespace {
 
 using loom::infer::SamplingParams;
+
+// True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
+bool launched_by_mpi() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
+         std::getenv("PMIX_RANK");
+}
 
 // Applies a prompts-file line's overrides to `p`; unknown keys and wrong types are errors naming
 // the line and the key.
@@ -78,17 +89,109 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
   }
 }
 
-void add_generate(CLI::App& root, loom::cli::Context& ctx) {
-  struct Opts {
-    std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule;
-    std::vector<std::string> stop;
-    int64_t max_tokens = 64, max_batch = 8;
-    float temperature = 0.8f, top_p = 0.95f, repetition_penalty = 1.f;
-    int32_t top_k = 0;
-    uint64_t seed = 1;
-    bool no_heal = false, int8 = false;
+struct GenerateOptions {
+  std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule;
+  std::vector<std::string> stop;
+  int64_t max_tokens = 64, max_batch = 8;
+  int tp = 1;
+  float temperature = 0.8f, top_p = 0.95f, repetition_penalty = 1.f;
+  int32_t top_k = 0;
+  uint64_t seed = 1;
+  bool no_heal = false, int8 = false;
+};
+
+// Loads the engine (this rank's shard under tp), submits every prompt and steps until all are
+// done; rank 0 streams (one prompt) or prints JSON lines (prompts file).
+void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::string>& prompts,
+                        const std::vector<SamplingParams>& params, const loom::comm::ProcessGroup* tp) {
+  using namespace loom;
+  const GenerateOptions* o = &opt;
+  const bool rank0 = !tp || tp->rank() == 0;
+  infer::EngineOptions eo;
+  eo.tp = tp;
+  eo.max_batch = o->max_batch;
+  eo.max_queue = int64_t(prompts.size());
+  eo.start_thread = false;  // this thread drives the steps and prints as events arrive
+  const infer::WeightFormat head = infer::weight_format_from_name(o->dtype);
+  const infer::WeightFormat lin = o->int8 ? infer::WeightFormat::int8_row : head;
+  auto engine = infer::load_engine(o->checkpoint, o->tokenizer, lin, head, eo);
+  const int64_t ctx_len = engine->context_length();
+
+  struct Result {
+    std::string text;
+    std::vector<int32_t> tokens;
+    std::string finish;
+    int64_t prompt_tokens = 0, completion_tokens = 0;
+    bool done = false;
   };
-  auto o = std::make_shared<Opts>();
+  std::vector<Result> results(prompts.size());
+  const bool stream = o->prompts_file.empty();
+  size_t next_to_print = 0;
+  auto print_ready = [&] {
+    while (next_to_print < results.size() && results[next_to_print].done) {
+      const Result& r = results[next_to_print];
+      nlohmann::json j = {{"index", next_to_print},
+                          {"prompt", prompts[next_to_print]},
+                          {"completion", r.text},
+                          {"finish_reason", r.finish},
+                          {"prompt_tokens", r.prompt_tokens},
+                          {"completion_tokens", r.completion_tokens},
+                          {"tokens", r.tokens}};
+      std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      std::fflush(stdout);
+      ++next_to_print;
+    }
+  };
+  std::string error;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    infer::Request req;
+    req.prompt = engine->encode(prompts[i]);
+    const std::string where =
+        stream ? std::string("the prompt") : fmt::format("prompt {} (line order)", i);
+    LOOM_CHECK(!req.prompt.empty(), "{} encodes to no tokens", where);
+    const int64_t P = int64_t(req.prompt.size());
+    LOOM_CHECK(P < ctx_len,
+               "{} is {} tokens but the model's context is {} tokens; shorten it to at most {}",
+               where, P, ctx_len, ctx_len - 1);
+    req.params = params[i];
+    if (P + req.params.max_tokens > ctx_len) {
+      if (rank0)
+      std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
+                   where.c_str(), (long long)req.params.max_tokens, (long long)(ctx_len - P),
+                   (long long)ctx_len);
+      req.params.max_tokens = ctx_len - P;
+    }
+    req.on_event = [&, i](const infer::TokenEvent& ev) {
+      Result& r = results[i];
+      r.text += ev.text;
+      if (ev.token >= 0) r.tokens.push_back(ev.token);
+      if (stream && rank0 && !ev.text.empty()) {
+        std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
+        std::fflush(stdout);
+      }
+      if (ev.finish != infer::FinishReason::none) {
+        r.done = true;
+        r.finish = infer::finish_reason_name(ev.finish);
+        r.prompt_tokens = ev.prompt_tokens;
+        r.completion_tokens = ev.completion_tokens;
+        if (ev.finish == infer::FinishReason::error && error.empty()) error = ev.error;
+      }
+    };
+    if (stream && rank0) {
+      std::fwrite(prompts[i].data(), 1, prompts[i].size(), stdout);
+      std::fflush(stdout);
+    }
+    const infer::SubmitResult s = engine->submit(std::move(req));
+    LOOM_CHECK(s.status == infer::SubmitResult::Status::ok, "{}: {}", where, s.message);
+    }
+  while (engine->step())
+    if (!stream && rank0) print_ready();
+  if (stream && rank0) std::printf("\n");
+  LOOM_CHECK(error.empty(), "generation failed: {}", error);
+}
+
+void add_generate(CLI::App& root, loom::cli::Context& ctx) {
+  auto o = std::make_shared<GenerateOptions>();
   CLI::App* sub = root.add_subcommand("generate", "sample completions from a checkpoint");
   sub->add_option("--checkpoint", o->checkpoint, "checkpoint directory")->required();
   auto* one = sub->add_option("--prompt", o->prompt, "prompt text");
@@ -110,6 +213,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_flag("--int8", o->int8, "quantize the linears to int8 per output row at load time");
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
+  sub->add_option("--tp", o->tp, "tensor-parallel size; run under mpirun -np N");
   sub->add_flag("--no-token-healing", o->no_heal,
                 "keep the prompt's last token as encoded (default: back it up and let the first "
                 "sampled token complete it)");
@@ -177,87 +281,25 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
       params.push_back(base);
     }
 
-    infer::EngineOptions eo;
-    eo.max_batch = o->max_batch;
-    eo.max_queue = int64_t(prompts.size());
-    eo.start_thread = false;  // this thread drives the steps and prints as events arrive
-    const infer::WeightFormat head = infer::weight_format_from_name(o->dtype);
-    const infer::WeightFormat lin = o->int8 ? infer::WeightFormat::int8_row : head;
-    auto engine = infer::load_engine(o->checkpoint, o->tokenizer, lin, head, eo);
-    const int64_t ctx_len = engine->context_length();
-
-    struct Result {
-      std::string text;
-      std::vector<int32_t> tokens;
-      std::string finish;
-      int64_t prompt_tokens = 0, completion_tokens = 0;
-      bool done = false;
-    };
-    std::vector<Result> results(prompts.size());
-    const bool stream = o->prompts_file.empty();
-    size_t next_to_print = 0;
-    auto print_ready = [&] {
-      while (next_to_print < results.size() && results[next_to_print].done) {
-        const Result& r = results[next_to_print];
-        nlohmann::json j = {{"index", next_to_print},
-                            {"prompt", prompts[next_to_print]},
-                            {"completion", r.text},
-                            {"finish_reason", r.finish},
-                            {"prompt_tokens", r.prompt_tokens},
-                            {"completion_tokens", r.completion_tokens},
-                            {"tokens", r.tokens}};
-        std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
-        std::fflush(stdout);
-        ++next_to_print;
-      }
-    };
-    std::map<int64_t, size_t> index_of;
-    std::string error;
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      infer::Request req;
-      req.prompt = engine->encode(prompts[i]);
-      const std::string where =
-          stream ? std::string("the prompt") : fmt::format("prompt {} (line order)", i);
-      LOOM_CHECK(!req.prompt.empty(), "{} encodes to no tokens", where);
-      const int64_t P = int64_t(req.prompt.size());
-      LOOM_CHECK(P < ctx_len,
-                 "{} is {} tokens but the model's context is {} tokens; shorten it to at most {}",
-                 where, P, ctx_len, ctx_len - 1);
-      req.params = params[i];
-      if (P + req.params.max_tokens > ctx_len) {
-        std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
-                     where.c_str(), (long long)req.params.max_tokens, (long long)(ctx_len - P),
-                     (long long)ctx_len);
-        req.params.max_tokens = ctx_len - P;
-      }
-      req.on_event = [&, i](const infer::TokenEvent& ev) {
-        Result& r = results[i];
-        r.text += ev.text;
-        if (ev.token >= 0) r.tokens.push_back(ev.token);
-        if (stream && !ev.text.empty()) {
-          std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
-          std::fflush(stdout);
-        }
-        if (ev.finish != infer::FinishReason::none) {
-          r.done = true;
-          r.finish = infer::finish_reason_name(ev.finish);
-          r.prompt_tokens = ev.prompt_tokens;
-          r.completion_tokens = ev.completion_tokens;
-          if (ev.finish == infer::FinishReason::error && error.empty()) error = ev.error;
-        }
-      };
-      if (stream) {
-        std::fwrite(prompts[i].data(), 1, prompts[i].size(), stdout);
-        std::fflush(stdout);
-      }
-      const infer::SubmitResult s = engine->submit(std::move(req));
-      LOOM_CHECK(s.status == infer::SubmitResult::Status::ok, "{}: {}", where, s.message);
-      index_of[s.request_id] = i;
+    LOOM_CHECK(o->tp >= 1, "--tp {} must be >= 1", o->tp);
+    std::unique_ptr<comm::MpiRuntime> mpi;
+    comm::ProcessGroup world;
+    if (o->tp > 1) {
+      LOOM_CHECK(launched_by_mpi(), "--tp {} needs {} processes: run `mpirun -np {} loom generate "
+                 "... --tp {}`", o->tp, o->tp, o->tp, o->tp);
+      mpi = std::make_unique<comm::MpiRuntime>(nullptr, nullptr);
+      world = comm::ProcessGroup::world();
+      LOOM_CHECK(world.size() == o->tp,
+                 "--tp {} but mpirun started {} ranks; use mpirun -np {} (one tp group)", o->tp,
+                 world.size(), o->tp);
     }
-    while (engine->step())
-      if (!stream) print_ready();
-    if (stream) std::printf("\n");
-    LOOM_CHECK(error.empty(), "generation failed: {}", error);
+    try {
+      run_generate_ranks(*o, prompts, params, o->tp > 1 ? &world : nullptr);
+    } catch (const std::exception& e) {
+      // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).
+      if (o->tp > 1) comm::abort_world(e.what());
+      throw;
+    }
     ctx.exit_code = 0;
   });
 }

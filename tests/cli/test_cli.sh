@@ -175,6 +175,17 @@ expect_error "generate: prompt longer than the context" "but the model's context
   "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
   --prompt "$(printf 'x%.0s ' $(seq 200))"
 
+# generate --tp 2 under mpirun: the greedy completion of one process, printed once (rank 0).
+g_tp1=$("$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+        --prompt 'def f(x):' --max-tokens 6 --temperature 0 2>&1)
+g_tp2=$(LOOM_COMM_TIMEOUT=20 timeout -k 5 60 "$SRC/scripts/mpirun-local" 2 "$LOOM" generate \
+        --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+        --prompt 'def f(x):' --max-tokens 6 --temperature 0 --tp 2 2>/dev/null)
+[[ -n "$g_tp1" && "$g_tp1" == "$g_tp2" ]] && pass "generate --tp 2 equals one process" \
+  || fail "generate --tp 2: '$g_tp2' vs '$g_tp1'"
+expect_error "generate: --tp without mpirun" "--tp 2 needs 2 processes" \
+  "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" --prompt x --tp 2
+
 # SIGTERM mid-run saves a checkpoint and exits cleanly.
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 100000 \
   --set train.eval_every=0 >"$WORK/sig.json" 2>"$WORK/sig.log" &
