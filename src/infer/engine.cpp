@@ -205,6 +205,7 @@ bool Engine::step() {
   }
   for (auto& q : finished_queued) finish(*q, FinishReason::cancelled, events);
 
+  int64_t generated_now = 0;
   // Who runs this step: everything admitted and not cancelled or already complete.
   std::vector<Active*> run;
   for (Active* a : batch) {
@@ -216,26 +217,50 @@ bool Engine::step() {
       run.push_back(a);
   }
   if (!run.empty()) {
-    std::vector<SeqStep> steps(run.size());
+    // Token budget of the step (chunked prefill): every decoding sequence feeds its one token
+    // first, then prefilling sequences, in admission order, feed prompt chunks while the budget
+    // lasts (at least one token per step so a prefill always advances). A token's arithmetic
+    // does not depend on the chunking (decoder.h), so neither do the sampled tokens.
+    int64_t budget = opts_.max_step_tokens > 0 ? opts_.max_step_tokens : INT64_MAX;
+    std::vector<int64_t> feed(run.size(), 0);
+    bool progressed = false;
+    for (size_t i = 0; i < run.size(); ++i)
+      if (int64_t(run[i]->context.size()) - run[i]->cached == 1) {
+        feed[i] = 1;
+        --budget;
+        progressed = true;
+      }
     for (size_t i = 0; i < run.size(); ++i) {
+      const int64_t rem = int64_t(run[i]->context.size()) - run[i]->cached;
+      if (rem <= 1) continue;
+      const int64_t take = std::min(rem, std::max<int64_t>(budget, progressed ? 0 : 1));
+      if (take <= 0) continue;
+      feed[i] = take;
+      budget -= take;
+      progressed = true;
+    }
+    std::vector<Active*> fed;
+    std::vector<SeqStep> steps;
+    for (size_t i = 0; i < run.size(); ++i) {
+      if (feed[i] == 0) continue;
       Active& a = *run[i];
-      steps[i].kv_seq = a.kv_seq;
-      steps[i].pos = a.cached;
-      steps[i].tokens = std::span<const int32_t>(a.context.data() + a.cached,
-                                                 a.context.size() - size_t(a.cached));
+      fed.push_back(&a);
+      steps.push_back({a.kv_seq, a.cached,
+                       std::span<const int32_t>(a.context.data() + a.cached, size_t(feed[i]))});
     }
     const int64_t V = weights_.config().vocab, TV = tok_->vocab_size();
-    std::vector<float> logits(run.size() * size_t(V));  // (B,V)
+    std::vector<float> logits(fed.size() * size_t(V));  // (B,V)
     try {
       decoder_.forward(cache_, steps, logits.data());
     } catch (const std::exception& e) {
-      for (Active* a : run) finish(*a, FinishReason::error, events, e.what());
-      run.clear();
+      for (Active* a : fed) finish(*a, FinishReason::error, events, e.what());
+      fed.clear();
     }
-    for (size_t i = 0; i < run.size(); ++i) {
-      Active& a = *run[i];
+    for (size_t i = 0; i < fed.size(); ++i) {
+      Active& a = *fed[i];
       const SamplingParams& p = a.req.params;
-      a.cached = int64_t(a.context.size());
+      a.cached += int64_t(steps[i].tokens.size());
+      if (a.cached < int64_t(a.context.size())) continue;  // prompt not all in the cache yet
       std::span<float> row(logits.data() + i * size_t(V), size_t(V));
       // Tokens the tokenizer cannot produce (vocab padding) are never sampled.
       for (int64_t v = TV; v < V; ++v) row[size_t(v)] = -INFINITY;
@@ -285,6 +310,7 @@ bool Engine::step() {
         a.done = true;
       }
       events.push_back(std::move(ev));
+      ++generated_now;
     }
   }
 
@@ -299,7 +325,7 @@ bool Engine::step() {
         retired.push_back(std::move(r));
       }
     std::erase_if(running_, [](const std::unique_ptr<Active>& r) { return r == nullptr; });
-    stats_.generated_tokens += int64_t(run.size());
+    stats_.generated_tokens += generated_now;
     stats_.running = int64_t(running_.size());
     stats_.kv_blocks_free = cache_.free_blocks();
     any = !batch.empty() || !finished_queued.empty();

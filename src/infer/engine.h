@@ -8,8 +8,10 @@
 //     run AND the KV pool has free blocks for its whole prompt + max_tokens (reserved up front,
 //     so a running sequence never waits or is preempted). FIFO: a request that does not fit
 //     blocks the ones behind it (no starvation of long prompts).
-//   - One step = one decoder forward over every running sequence: the whole prompt of newly
-//     admitted ones (prefill) and one token of the others (decode), then one sampled token each.
+//   - One step = one decoder forward over every running sequence: one token of each decoding
+//     sequence, then prompt chunks of prefilling ones up to max_step_tokens (chunked prefill, so
+//     a long prompt does not stall the others), then one sampled token for every sequence whose
+//     prompt is fully in the cache.
 //     Finished sequences leave and free their blocks; queued ones join at the next step.
 //   - Determinism: a request's tokens depend only on its prompt, parameters and seed, never on
 //     which requests share its steps (batch-invariant decoder, counter-based sampling).
@@ -47,6 +49,7 @@ struct EngineOptions {
   int64_t max_batch = 8;        // sequences in one step (>= 1)
   int64_t max_queue = 64;       // requests waiting for admission (>= 0); more -> queue_full
   int64_t kv_budget_bytes = 0;  // KV pool size; 0 -> max_batch sequences of the full context
+  int64_t max_step_tokens = 2048;  // tokens per step (decodes first, then prompt chunks); 0: no cap
   bool start_thread = true;     // false: the caller drives step()
   // Tensor parallel: the group the weights are sharded over (ModelWeights with its TpShard), or
   // null. Under tp every rank runs its own Engine with start_thread = false, submits the same
