@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "core/error.h"
 
@@ -98,11 +99,13 @@ SubmitResult Engine::submit(Request request) {
     return res;
   };
   const int64_t ctx = context_length(), P = int64_t(request.prompt.size());
-  const int64_t V = weights_.config().vocab;
+  // Prompt ids must be tokens the tokenizer knows (the model's vocabulary padding is not text).
+  const int64_t V = tok_->vocab_size();
   if (P == 0) return refuse(S::invalid, "the prompt has no tokens");
   for (int64_t i = 0; i < P; ++i)
     if (request.prompt[size_t(i)] < 0 || request.prompt[size_t(i)] >= V)
-      return refuse(S::invalid, fmt::format("prompt token {} at index {} is outside [0, {})",
+      return refuse(S::invalid, fmt::format("prompt token {} at index {} is outside the "
+                                            "tokenizer's vocabulary [0, {})",
                                             request.prompt[size_t(i)], i, V));
   StopRule rule = StopRule::none;
   try {
@@ -340,7 +343,17 @@ bool Engine::step() {
       if (a->id == ev.request_id) owner = a;
     for (auto& q : finished_queued)
       if (q->id == ev.request_id) owner = q.get();
-    if (owner && owner->req.on_event) owner->req.on_event(ev);
+    if (!owner || !owner->req.on_event) continue;
+    try {
+      owner->req.on_event(ev);
+    } catch (const std::exception& e) {
+      // A callback that throws must not take the step thread (and every other request) down.
+      std::fprintf(stderr, "loom infer: the event callback of request %lld threw: %s\n",
+                   (long long)ev.request_id, e.what());
+    } catch (...) {
+      std::fprintf(stderr, "loom infer: the event callback of request %lld threw\n",
+                   (long long)ev.request_id);
+    }
   }
   return any;
 }
@@ -352,7 +365,38 @@ void Engine::run_thread() {
       cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || !running_.empty(); });
       if (stopping_ && queue_.empty() && running_.empty()) return;
     }
-    step();
+    try {
+      step();
+    } catch (const std::exception& e) {
+      fail_all(e.what());
+    }
+  }
+}
+
+void Engine::fail_all(const std::string& why) {
+  // Something outside the per-request error paths failed (out of memory, a broken invariant):
+  // every request ends with `error` rather than the thread dying with them pending.
+  std::vector<std::unique_ptr<Active>> all;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& q : queue_) all.push_back(std::move(q));
+    for (auto& r : running_) all.push_back(std::move(r));
+    queue_.clear();
+    running_.clear();
+    for (auto& a : all)
+      if (a->kv_seq >= 0) cache_.release(a->kv_seq);
+    stats_.queued = stats_.running = 0;
+    stats_.kv_blocks_free = cache_.free_blocks();
+  }
+  std::fprintf(stderr, "loom infer: step failed, ending %zu requests: %s\n", all.size(), why.c_str());
+  for (auto& a : all) {
+    if (a->done) continue;
+    std::vector<TokenEvent> ev;
+    finish(*a, FinishReason::error, ev, why);
+    try {
+      if (a->req.on_event) a->req.on_event(ev[0]);
+    } catch (...) {
+    }
   }
 }
 

@@ -91,6 +91,7 @@ class Engine : public CompletionService {
  private:
   struct Active;
   void run_thread();
+  void fail_all(const std::string& why);
   void finish(Active& a, FinishReason why, std::vector<TokenEvent>& out, const std::string& error = {});
 
   ModelWeights weights_;

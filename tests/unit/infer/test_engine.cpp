@@ -224,6 +224,9 @@ TEST(Engine, RefusalsNameTheProblem) {
   EXPECT_EQ(r.status, SubmitResult::Status::invalid);
   r = e->submit(request({600}, 0.f, 0, 3, c));  // >= vocab 512
   EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  r = e->submit(request({1, 510}, 0.f, 0, 3, c));  // model vocab padding (tokenizer has 508)
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  EXPECT_NE(r.message.find("tokenizer's vocabulary"), std::string::npos) << r.message;
   Request bad = request(tokens(3, 1), NAN, 0, 3, c);
   r = e->submit(bad);
   EXPECT_EQ(r.status, SubmitResult::Status::invalid);
@@ -310,6 +313,18 @@ TEST(Engine, ShutdownWithoutDrainCancels) {
   int64_t cancelled = 0;
   for (auto& [id, out] : c.out) cancelled += out.finish == FinishReason::cancelled;
   std::printf("%lld of 3 cancelled\n", (long long)cancelled);
+}
+
+TEST(Engine, AThrowingCallbackDoesNotStopTheEngine) {
+  EngineOptions o;
+  auto e = make_engine(o);
+  Collector c;
+  Request bad = request(tokens(3, 1), 0.f, 0, 4, c);
+  bad.on_event = [](const TokenEvent&) { throw std::runtime_error("client gone"); };
+  e->submit(bad);
+  e->submit(request(tokens(3, 2), 0.f, 0, 4, c));
+  e->shutdown(true);
+  EXPECT_EQ(c.finished, 1);
 }
 
 TEST(Engine, MaxTokensZeroFinishesAtOnce) {
