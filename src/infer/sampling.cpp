@@ -55,33 +55,39 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
     return logits[size_t(a)] > logits[size_t(b)] ||
            (logits[size_t(a)] == logits[size_t(b)] && a < b);
   };
-  int64_t keep = int64_t(idx.size());
-  if (top_k > 0 && top_k < keep) {
-    std::partial_sort(idx.begin(), idx.begin() + top_k, idx.end(), better);
-    keep = top_k;
-    idx.resize(size_t(keep));
-  } else {
-    std::sort(idx.begin(), idx.end(), better);
+  if (top_k > 0 && top_k < int64_t(idx.size())) {
+    std::nth_element(idx.begin(), idx.begin() + (top_k - 1), idx.end(), better);
+    idx.resize(size_t(top_k));
   }
+  const int64_t keep = int64_t(idx.size());
   const double T = temperature > 0.f ? double(temperature) : 1.0;
-  const double mx = logits[size_t(idx[0])];
-  std::vector<double> p(static_cast<size_t>(keep));
+  double mx = -INFINITY;
+  for (int32_t v : idx) mx = std::max(mx, double(logits[size_t(v)]));
+  auto weight = [&](int32_t v) { return std::exp((double(logits[size_t(v)]) - mx) / T); };
   double z = 0;
-  for (int64_t i = 0; i < keep; ++i) z += (p[size_t(i)] = std::exp((logits[size_t(idx[size_t(i)])] - mx) / T));
+  for (int32_t v : idx) z += weight(v);
+  // The nucleus is the shortest best-first prefix reaching top_p: sort only as far as needed
+  // (growing partial sorts), not all V tokens: with top_p < 1 it is usually a few hundred.
+  int64_t sorted = 0, n = keep;
   double cum = 0;
-  int64_t n = keep;
-  for (int64_t i = 0; i < keep; ++i) {
-    cum += p[size_t(i)] / z;
-    if (cum >= double(top_p)) {
-      n = i + 1;
-      break;
+  for (int64_t k = std::min<int64_t>(keep, 64);; k = std::min(keep, 4 * k)) {
+    std::partial_sort(idx.begin() + sorted, idx.begin() + k, idx.end(), better);
+    bool reached = false;
+    for (int64_t i = sorted; i < k && !reached; ++i) {
+      cum += weight(idx[size_t(i)]) / z;
+      if (top_p < 1.f && cum >= double(top_p)) {  // top_p = 1 keeps everything, whatever
+        n = i + 1;                                   // the rounding of cum
+        reached = true;
+      }
     }
+    sorted = k;
+    if (reached || k == keep) break;
   }
   double total = 0;
-  for (int64_t i = 0; i < n; ++i) total += p[size_t(i)];
   c.tokens.assign(idx.begin(), idx.begin() + n);
   c.probs.resize(size_t(n));
-  for (int64_t i = 0; i < n; ++i) c.probs[size_t(i)] = p[size_t(i)] / total;
+  for (int64_t i = 0; i < n; ++i) total += (c.probs[size_t(i)] = weight(idx[size_t(i)]));
+  for (double& q : c.probs) q /= total;
   return c;
 }
 

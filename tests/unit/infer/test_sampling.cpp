@@ -5,6 +5,9 @@
 
 #include <cmath>
 #include <map>
+#include <numeric>
+
+#include "core/rng.h"
 
 #include "core/error.h"
 #include "infer/sampling.h"
@@ -48,6 +51,37 @@ TEST(Sampling, TopPKeepsTheFirstTokenThatReachesP) {
   std::vector<float> m = l;
   m[1] = -INFINITY;
   EXPECT_EQ(candidate_set(m, 1.f, 0, 1.f).tokens, (std::vector<int32_t>{3, 0, 2}));
+}
+
+// Over a large vocabulary (where the nucleus is found by growing partial sorts) the set equals a
+// full sort's, for several top_p and top_k.
+TEST(Sampling, NucleusOverALargeVocabularyEqualsFullSort) {
+  const int64_t V = 5003;
+  std::vector<float> l(static_cast<size_t>(V));
+  rng_fill_normal(l.data(), V, 0.f, 3.f, 8, 1, 0);
+  l[17] = l[4000] = 9.f;  // a tie: the lower id first
+  for (float T : {0.5f, 1.f})
+    for (int32_t k : {0, 7, 300})
+      for (float p : {0.3f, 0.9f, 0.999f, 1.f}) {
+        std::vector<int32_t> idx(static_cast<size_t>(V));
+        std::iota(idx.begin(), idx.end(), 0);
+        std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) {
+          return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
+        });
+        if (k > 0) idx.resize(size_t(k));
+        double z = 0, cum = 0;
+        for (int32_t v : idx) z += std::exp((double(l[size_t(v)]) - l[size_t(idx[0])]) / T);
+        size_t n = idx.size();
+        for (size_t i = 0; i < idx.size(); ++i) {
+          cum += std::exp((double(l[size_t(idx[i])]) - l[size_t(idx[0])]) / T) / z;
+          if (p < 1.f && cum >= p) {
+            n = i + 1;
+            break;
+          }
+        }
+        idx.resize(n);
+        EXPECT_EQ(candidate_set(l, T, k, p).tokens, idx) << "T " << T << " k " << k << " p " << p;
+      }
 }
 
 TEST(Sampling, RepetitionPenaltyIsCtrlOncePerDistinctToken) {
