@@ -323,6 +323,7 @@ bool Engine::step() {
     std::lock_guard<std::mutex> lk(mu_);
     for (auto& r : running_)
       if (r->done) {
+        cancel_.erase(r->id);  // a cancel that raced with the last token
         if (r->kv_seq >= 0) cache_.release(r->kv_seq);
         r->kv_seq = -1;
         retired.push_back(std::move(r));
