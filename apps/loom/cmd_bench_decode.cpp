@@ -55,21 +55,25 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--batch", o->batch, "sequences decoded together B");
   sub->add_option("--prompt-tokens", o->prompt_tokens, "prompt length P");
   sub->add_option("--new-tokens", o->new_tokens, "decode steps N");
-  sub->add_option("--dtype", o->dtype, "linear weight storage: f32, bf16 or int8 (head: bf16 "
-                                       "for int8)")
+  sub->add_option("--dtype", o->dtype,
+                  "linear weight storage: f32, bf16 or int8 (head: bf16 "
+                  "for int8)")
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--seed", o->seed, "init and prompt seed");
   sub->callback([o, &ctx] {
     using namespace loom;
     const model::ModelConfig cfg = model::load_model_config(o->model);
     const int64_t B = o->batch, P = o->prompt_tokens, N = o->new_tokens;
-    LOOM_CHECK(B >= 1 && P >= 1 && N >= 1, "--batch {}, --prompt-tokens {} and --new-tokens {} "
-               "must be >= 1", B, P, N);
+    LOOM_CHECK(B >= 1 && P >= 1 && N >= 1,
+               "--batch {}, --prompt-tokens {} and --new-tokens {} "
+               "must be >= 1",
+               B, P, N);
     LOOM_CHECK(P + N <= cfg.max_seq,
-               "--prompt-tokens {} + --new-tokens {} exceed the model's context of {} tokens", P,
-               N, cfg.max_seq);
+               "--prompt-tokens {} + --new-tokens {} exceed the model's context of {} tokens", P, N,
+               cfg.max_seq);
     const infer::WeightFormat lin = infer::weight_format_from_name(o->dtype);
-    const infer::WeightFormat head = lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16 : lin;
+    const infer::WeightFormat head =
+        lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16 : lin;
     const model::ParamLayout layout(cfg);
     std::vector<float> flat(size_t(layout.total()));  // f32 init, converted below
     model::init_params(layout, cfg, flat.data(), o->seed);
@@ -82,7 +86,8 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     std::vector<int64_t> ids(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t t = 0; t < P; ++t)
-        seqs[size_t(b)].push_back(int32_t(rng_u64(o->seed, 77, uint64_t(b * P + t)) % uint64_t(cfg.vocab)));
+        seqs[size_t(b)].push_back(
+            int32_t(rng_u64(o->seed, 77, uint64_t(b * P + t)) % uint64_t(cfg.vocab)));
       ids[size_t(b)] = cache.create();
       LOOM_ASSERT(cache.reserve(ids[size_t(b)], P + N), "bench KV pool too small");
     }
@@ -92,7 +97,8 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
       for (int64_t b = 0; b < B; ++b) {
         const auto& s = seqs[size_t(b)];
         const int64_t pos = prefill ? 0 : int64_t(s.size()) - 1;
-        st[size_t(b)] = {ids[size_t(b)], pos, std::span<const int32_t>(s.data() + pos, s.size() - size_t(pos))};
+        st[size_t(b)] = {ids[size_t(b)], pos,
+                         std::span<const int32_t>(s.data() + pos, s.size() - size_t(pos))};
       }
       dec.forward(cache, st, logits.data());
       for (int64_t b = 0; b < B; ++b) {
@@ -113,23 +119,24 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     // K and V of every cached layer for the average context of a decode step.
     const double kv_bytes_per_step =
         double(B) * (double(P) + double(N) / 2) * 2 * double(ks.layers * ks.kv_dim()) * 4;
-    nlohmann::json j = {{"impl", "loom"},
-                        {"model", cfg.name},
-                        {"dtype", o->dtype},
-                        {"batch", B},
-                        {"prompt_tokens", P},
-                        {"new_tokens", N},
-                        {"threads", num_threads()},
-                        {"prefill_s", prefill_s},
-                        {"prefill_tokens_per_s", double(B * P) / prefill_s},
-                        {"decode_s", decode_s},
-                        {"decode_step_ms", decode_s / steps * 1e3},
-                        {"decode_tokens_per_s", double(B) * steps / std::max(decode_s, 1e-9)},
-                        {"matmul_weight_bytes", w.matmul_weight_bytes()},
-                        {"weight_bytes_read_per_s", weight_rate},
-                        {"kv_bytes_read_per_s", kv_bytes_per_step * steps / std::max(decode_s, 1e-9)},
-                        {"probe_read_bytes_per_s", bw},
-                        {"weight_read_fraction_of_probe", weight_rate / bw}};
+    nlohmann::json j = {
+        {"impl", "loom"},
+        {"model", cfg.name},
+        {"dtype", o->dtype},
+        {"batch", B},
+        {"prompt_tokens", P},
+        {"new_tokens", N},
+        {"threads", num_threads()},
+        {"prefill_s", prefill_s},
+        {"prefill_tokens_per_s", double(B * P) / prefill_s},
+        {"decode_s", decode_s},
+        {"decode_step_ms", decode_s / steps * 1e3},
+        {"decode_tokens_per_s", double(B) * steps / std::max(decode_s, 1e-9)},
+        {"matmul_weight_bytes", w.matmul_weight_bytes()},
+        {"weight_bytes_read_per_s", weight_rate},
+        {"kv_bytes_read_per_s", kv_bytes_per_step * steps / std::max(decode_s, 1e-9)},
+        {"probe_read_bytes_per_s", bw},
+        {"weight_read_fraction_of_probe", weight_rate / bw}};
     std::printf("%s\n", j.dump().c_str());
     ctx.exit_code = 0;
   });

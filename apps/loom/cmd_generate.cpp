@@ -1,7 +1,8 @@
 // `loom generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE.jsonl) [--max-tokens N]
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
-//  [--no-token-healing] [--tp N]`: sampling from a checkpoint through infer::Engine (KV cache, continuous
+//  [--no-token-healing] [--tp N]`: sampling from a checkpoint through infer::Engine (KV cache,
+//  continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
@@ -10,8 +11,8 @@
 // `--tp N` under `mpirun -np N`: the weights are sharded over the N ranks (tensor parallel);
 // every rank runs the same engine steps in lockstep and rank 0 prints.
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -31,8 +32,7 @@ using loom::infer::SamplingParams;
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
 bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
-         std::getenv("PMIX_RANK");
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
 }
 
 // Applies a prompts-file line's overrides to `p`; unknown keys and wrong types are errors naming
@@ -82,9 +82,10 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
       need(v.is_boolean(), "true or false");
       p.token_healing = v.get<bool>();
     } else {
-      LOOM_FAIL("{}: unknown key \"{}\"; allowed: prompt, max_tokens, temperature, top_p, top_k, "
-                "repetition_penalty, seed, stop, stop_rule, token_healing",
-                where, k);
+      LOOM_FAIL(
+          "{}: unknown key \"{}\"; allowed: prompt, max_tokens, temperature, top_p, top_k, "
+          "repetition_penalty, seed, stop, stop_rule, token_healing",
+          where, k);
     }
   }
 }
@@ -103,7 +104,8 @@ struct GenerateOptions {
 // Loads the engine (this rank's shard under tp), submits every prompt and steps until all are
 // done; rank 0 streams (one prompt) or prints JSON lines (prompts file).
 void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::string>& prompts,
-                        const std::vector<SamplingParams>& params, const loom::comm::ProcessGroup* tp) {
+                        const std::vector<SamplingParams>& params,
+                        const loom::comm::ProcessGroup* tp) {
   using namespace loom;
   const GenerateOptions* o = &opt;
   const bool rank0 = !tp || tp->rank() == 0;
@@ -156,9 +158,9 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
     req.params = params[i];
     if (P + req.params.max_tokens > ctx_len) {
       if (rank0)
-      std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
-                   where.c_str(), (long long)req.params.max_tokens, (long long)(ctx_len - P),
-                   (long long)ctx_len);
+        std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
+                     where.c_str(), (long long)req.params.max_tokens, (long long)(ctx_len - P),
+                     (long long)ctx_len);
       req.params.max_tokens = ctx_len - P;
     }
     req.on_event = [&, i](const infer::TokenEvent& ev) {
@@ -183,7 +185,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
     }
     const infer::SubmitResult s = engine->submit(std::move(req));
     LOOM_CHECK(s.status == infer::SubmitResult::Status::ok, "{}: {}", where, s.message);
-    }
+  }
   while (engine->step())
     if (!stream && rank0) print_ready();
   if (stream && rank0) std::printf("\n");
@@ -285,8 +287,10 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     std::unique_ptr<comm::MpiRuntime> mpi;
     comm::ProcessGroup world;
     if (o->tp > 1) {
-      LOOM_CHECK(launched_by_mpi(), "--tp {} needs {} processes: run `mpirun -np {} loom generate "
-                 "... --tp {}`", o->tp, o->tp, o->tp, o->tp);
+      LOOM_CHECK(launched_by_mpi(),
+                 "--tp {} needs {} processes: run `mpirun -np {} loom generate "
+                 "... --tp {}`",
+                 o->tp, o->tp, o->tp, o->tp);
       mpi = std::make_unique<comm::MpiRuntime>(nullptr, nullptr);
       world = comm::ProcessGroup::world();
       LOOM_CHECK(world.size() == o->tp,

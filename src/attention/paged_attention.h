@@ -33,10 +33,10 @@ struct PagedQuery {
 
 struct PagedShape {
   int64_t NH = 0, NKV = 0, HD = 0;
-  int64_t block_tokens = 16;   // BT
-  int64_t block_stride = 0;    // floats between consecutive physical blocks
+  int64_t block_tokens = 16;           // BT
+  int64_t block_stride = 0;            // floats between consecutive physical blocks
   int64_t q_stride = 0, o_stride = 0;  // 0 means NH*HD
-  float scale = 0.f;           // usually 1/sqrt(HD)
+  float scale = 0.f;                   // usually 1/sqrt(HD)
 };
 
 void paged_attention_forward(float* out, const float* q, const PagedQuery* queries,

@@ -65,8 +65,8 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   const model::ModelConfig& cfg = w_.config();
   // This rank's widths (tp P: Cq = C/P, KV = KV/P, F = F/P; all rows N on every rank).
   const int64_t P = w_.tp().size;
-  const int64_t N = int64_t(row_seq_.size()), C = cfg.d_model, Cq = C / P,
-                KV = cfg.kv_dim() / P, F = cfg.d_ff / P;
+  const int64_t N = int64_t(row_seq_.size()), C = cfg.d_model, Cq = C / P, KV = cfg.kv_dim() / P,
+                F = cfg.d_ff / P;
   const int64_t S = Cq + 2 * KV;
   float* ln = ln_.get(size_t(N * C));     // (N,C)
   float* qkv = qkv_.get(size_t(N * S));   // (N, Cq+2KV)
@@ -224,7 +224,8 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
   float* mine = shard_logits_.get(size_t(B * Vl));
   float* all = gathered_.get(size_t(P * B * Vl));
   K::weight_matmul(mine, Vl, last, B, w_.head(), nullptr);
-  tp_->all_gather(comm::BufferRef(mine, B * Vl, DType::f32), comm::BufferRef(all, P * B * Vl, DType::f32))
+  tp_->all_gather(comm::BufferRef(mine, B * Vl, DType::f32),
+                  comm::BufferRef(all, P * B * Vl, DType::f32))
       .wait();
   for (int64_t p = 0; p < P; ++p)
     for (int64_t b = 0; b < B; ++b)

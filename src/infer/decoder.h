@@ -42,9 +42,9 @@ namespace loom::infer {
 
 // One sequence's part of a step.
 struct SeqStep {
-  int64_t kv_seq = -1;               // KvCache sequence id, with blocks for pos + tokens.size()
-  int64_t pos = 0;                   // tokens of this sequence already in the cache
-  std::span<const int32_t> tokens;   // new tokens (>= 1): a prompt, or the last sampled token
+  int64_t kv_seq = -1;              // KvCache sequence id, with blocks for pos + tokens.size()
+  int64_t pos = 0;                  // tokens of this sequence already in the cache
+  std::span<const int32_t> tokens;  // new tokens (>= 1): a prompt, or the last sampled token
 };
 
 class Decoder {

@@ -11,11 +11,16 @@ namespace loom::infer {
 
 const char* finish_reason_name(FinishReason r) {
   switch (r) {
-    case FinishReason::none: return "none";
-    case FinishReason::stop: return "stop";
-    case FinishReason::length: return "length";
-    case FinishReason::cancelled: return "cancelled";
-    case FinishReason::error: return "error";
+    case FinishReason::none:
+      return "none";
+    case FinishReason::stop:
+      return "stop";
+    case FinishReason::length:
+      return "length";
+    case FinishReason::cancelled:
+      return "cancelled";
+    case FinishReason::error:
+      return "error";
   }
   return "none";
 }
@@ -24,15 +29,15 @@ const char* finish_reason_name(FinishReason r) {
 struct Engine::Active {
   int64_t id = 0;
   Request req;
-  int64_t prompt_tokens = 0;      // as submitted (before token healing)
-  std::vector<int32_t> context;   // (prompt after healing + generated) token ids
+  int64_t prompt_tokens = 0;     // as submitted (before token healing)
+  std::vector<int32_t> context;  // (prompt after healing + generated) token ids
   Healing heal;
   TextStopper stopper;
   std::vector<int32_t> generated;  // sampled tokens (EOD excluded)
   std::string text;                // the completion so far (healed text removed)
   size_t emitted = 0;              // bytes of `text` already delivered
   int64_t kv_seq = -1;
-  int64_t cached = 0;              // tokens of `context` whose K/V are in the cache
+  int64_t cached = 0;  // tokens of `context` whose K/V are in the cache
   bool cancelled = false;
   bool done = false;
 };
@@ -88,7 +93,9 @@ std::string Engine::model_name() const {
   return opts_.model_name.empty() ? weights_.config().name : opts_.model_name;
 }
 std::vector<int32_t> Engine::encode(const std::string& text) const { return tok_->encode(text); }
-std::string Engine::decode(const std::vector<int32_t>& tokens) const { return tok_->decode(tokens); }
+std::string Engine::decode(const std::vector<int32_t>& tokens) const {
+  return tok_->decode(tokens);
+}
 
 SubmitResult Engine::submit(Request request) {
   using S = SubmitResult::Status;
@@ -127,8 +134,8 @@ SubmitResult Engine::submit(Request request) {
   a->context = a->req.prompt;
   if (a->req.params.token_healing) a->heal = heal_prompt(a->context, texts_);
   const std::string prompt_text = tok_->decode(a->req.prompt);
-  a->stopper = TextStopper(a->req.params.stop, rule,
-                           prompt_text.empty() || prompt_text.back() == '\n');
+  a->stopper =
+      TextStopper(a->req.params.stop, rule, prompt_text.empty() || prompt_text.back() == '\n');
   std::lock_guard<std::mutex> lk(mu_);
   if (stopping_) return refuse(S::shutting_down, "the service is shutting down");
   if (int64_t(queue_.size()) >= opts_.max_queue)
@@ -292,7 +299,8 @@ bool Engine::step() {
       ev.token = s.token;
       ev.logprob = s.logprob;
       if (p.logprobs >= 0)
-        for (auto& [t, lp] : s.top) ev.top.push_back({t, t < TV ? texts_.text(t) : std::string(), lp});
+        for (auto& [t, lp] : s.top)
+          ev.top.push_back({t, t < TV ? texts_.text(t) : std::string(), lp});
       const size_t upto = vd.end;
       if (upto > a.emitted) {
         ev.text = a.text.substr(a.emitted, upto - a.emitted);
@@ -389,7 +397,8 @@ void Engine::fail_all(const std::string& why) {
     stats_.queued = stats_.running = 0;
     stats_.kv_blocks_free = cache_.free_blocks();
   }
-  std::fprintf(stderr, "loom infer: step failed, ending %zu requests: %s\n", all.size(), why.c_str());
+  std::fprintf(stderr, "loom infer: step failed, ending %zu requests: %s\n", all.size(),
+               why.c_str());
   for (auto& a : all) {
     if (a->done) continue;
     std::vector<TokenEvent> ev;

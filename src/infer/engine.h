@@ -45,12 +45,12 @@
 namespace loom::infer {
 
 struct EngineOptions {
-  std::string model_name;       // "" -> the model config's name
-  int64_t max_batch = 8;        // sequences in one step (>= 1)
-  int64_t max_queue = 64;       // requests waiting for admission (>= 0); more -> queue_full
-  int64_t kv_budget_bytes = 0;  // KV pool size; 0 -> max_batch sequences of the full context
+  std::string model_name;          // "" -> the model config's name
+  int64_t max_batch = 8;           // sequences in one step (>= 1)
+  int64_t max_queue = 64;          // requests waiting for admission (>= 0); more -> queue_full
+  int64_t kv_budget_bytes = 0;     // KV pool size; 0 -> max_batch sequences of the full context
   int64_t max_step_tokens = 2048;  // tokens per step (decodes first, then prompt chunks); 0: no cap
-  bool start_thread = true;     // false: the caller drives step()
+  bool start_thread = true;        // false: the caller drives step()
   // Tensor parallel: the group the weights are sharded over (ModelWeights with its TpShard), or
   // null. Under tp every rank runs its own Engine with start_thread = false, submits the same
   // requests in the same order and calls step() in lockstep (the decoder's collectives keep the
@@ -92,7 +92,8 @@ class Engine : public CompletionService {
   struct Active;
   void run_thread();
   void fail_all(const std::string& why);
-  void finish(Active& a, FinishReason why, std::vector<TokenEvent>& out, const std::string& error = {});
+  void finish(Active& a, FinishReason why, std::vector<TokenEvent>& out,
+              const std::string& error = {});
 
   ModelWeights weights_;
   std::unique_ptr<data::Tokenizer> tok_;

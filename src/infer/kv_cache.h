@@ -23,9 +23,9 @@
 namespace loom::infer {
 
 struct KvCacheShape {
-  int64_t layers = 0;       // L' (cached layers, query layer included)
-  int64_t kv_heads = 0;     // NKV
-  int64_t head_dim = 0;     // HD
+  int64_t layers = 0;         // L' (cached layers, query layer included)
+  int64_t kv_heads = 0;       // NKV
+  int64_t head_dim = 0;       // HD
   int64_t block_tokens = 16;  // BT
   int64_t kv_dim() const { return kv_heads * head_dim; }
   // Bytes of one block: 2 (K and V) * L' * BT * KV * 4.
@@ -62,16 +62,20 @@ class KvCache {
   float* v_row(int64_t seq, int64_t layer, int64_t pos);
   // Base of the pool and the offsets the paged attention kernel needs.
   const float* pool() const { return pool_.data(); }
-  int64_t k_offset(int64_t layer) const { return layer * 2 * shape_.block_tokens * shape_.kv_dim(); }
-  int64_t v_offset(int64_t layer) const { return k_offset(layer) + shape_.block_tokens * shape_.kv_dim(); }
+  int64_t k_offset(int64_t layer) const {
+    return layer * 2 * shape_.block_tokens * shape_.kv_dim();
+  }
+  int64_t v_offset(int64_t layer) const {
+    return k_offset(layer) + shape_.block_tokens * shape_.kv_dim();
+  }
 
  private:
   float* row(int64_t seq, int64_t layer, int64_t pos, int kind);
 
   KvCacheShape shape_;
   int64_t num_blocks_ = 0;
-  std::vector<float> pool_;       // (P, L', 2, BT, NKV, HD)
-  std::vector<int32_t> free_;     // free physical blocks (a stack: the last freed is reused first)
+  std::vector<float> pool_;    // (P, L', 2, BT, NKV, HD)
+  std::vector<int32_t> free_;  // free physical blocks (a stack: the last freed is reused first)
   std::map<int64_t, std::vector<int32_t>> tables_;  // sequence id -> block table
   int64_t next_id_ = 0;
 };

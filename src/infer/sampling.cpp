@@ -22,13 +22,11 @@ void validate_sampling(const SamplingParams& p) {
              "top_p {} must be in (0, 1]", p.top_p);
   LOOM_CHECK(p.top_k >= 0, "top_k {} must be >= 0 (0 = off)", p.top_k);
   LOOM_CHECK(std::isfinite(p.repetition_penalty) && p.repetition_penalty > 0.f,
-             "repetition_penalty {} must be a finite number > 0 (1 = off)",
-             p.repetition_penalty);
+             "repetition_penalty {} must be a finite number > 0 (1 = off)", p.repetition_penalty);
   LOOM_CHECK(p.max_tokens >= 0, "max_tokens {} must be >= 0", p.max_tokens);
   LOOM_CHECK(p.logprobs >= -1 && p.logprobs <= 5, "logprobs {} must be in [0, 5] (-1 = none)",
              p.logprobs);
-  for (const std::string& s : p.stop)
-    LOOM_CHECK(!s.empty(), "stop strings must not be empty");
+  for (const std::string& s : p.stop) LOOM_CHECK(!s.empty(), "stop strings must not be empty");
 }
 
 void apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> context,
@@ -76,7 +74,7 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
     for (int64_t i = sorted; i < k && !reached; ++i) {
       cum += weight(idx[size_t(i)]) / z;
       if (top_p < 1.f && cum >= double(top_p)) {  // top_p = 1 keeps everything, whatever
-        n = i + 1;                                   // the rounding of cum
+        n = i + 1;                                // the rounding of cum
         reached = true;
       }
     }

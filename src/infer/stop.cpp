@@ -12,9 +12,10 @@ StopRule stop_rule_from_name(const std::string& name) {
   if (name == "python" || name == "py") return StopRule::python;
   for (const char* b : {"cpp", "c++", "java", "js", "javascript", "go", "golang", "rust"})
     if (name == b) return StopRule::braces;
-  LOOM_FAIL("unknown stop rule '{}'; choose one of python, cpp, java, js, go, rust (or \"\" for "
-            "none)",
-            name);
+  LOOM_FAIL(
+      "unknown stop rule '{}'; choose one of python, cpp, java, js, go, rust (or \"\" for "
+      "none)",
+      name);
 }
 
 TextStopper::TextStopper(std::vector<std::string> stop_strings, StopRule rule, bool at_line_start)
@@ -27,8 +28,11 @@ size_t complete_utf8_prefix(std::string_view t) {
   for (size_t back = 1; back <= 4 && back <= n; ++back) {
     const unsigned char c = static_cast<unsigned char>(t[n - back]);
     if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-    const size_t need = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
-                        : (c & 0xF8) == 0xF0 ? 4 : 1;
+    const size_t need = c < 0x80             ? 1
+                        : (c & 0xE0) == 0xC0 ? 2
+                        : (c & 0xF0) == 0xE0 ? 3
+                        : (c & 0xF8) == 0xF0 ? 4
+                                             : 1;
     return need > back ? n - back : n;
   }
   return n;
@@ -36,8 +40,9 @@ size_t complete_utf8_prefix(std::string_view t) {
 
 namespace {
 bool is_blank(std::string_view line) {
-  return std::all_of(line.begin(), line.end(),
-                     [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v'; });
+  return std::all_of(line.begin(), line.end(), [](char c) {
+    return c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v';
+  });
 }
 }  // namespace
 
@@ -60,7 +65,8 @@ TextStopper::Verdict TextStopper::check(std::string_view text) const {
     if (start != std::string_view::npos && !at_line_start_) ++start;
     while (start != std::string_view::npos && start < text.size() && start < stop_at) {
       const size_t nl = text.find('\n', start);
-      const std::string_view line = text.substr(start, nl == std::string_view::npos ? nl : nl - start);
+      const std::string_view line =
+          text.substr(start, nl == std::string_view::npos ? nl : nl - start);
       if (!line.empty() && line[0] != ' ' && line[0] != '\t' && !is_blank(line)) {
         stop_at = std::min(stop_at, start == 0 ? size_t(0) : start - 1);  // before its newline
         break;

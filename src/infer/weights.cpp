@@ -10,9 +10,12 @@ namespace loom::infer {
 
 const char* weight_format_name(WeightFormat f) {
   switch (f) {
-    case WeightFormat::f32: return "f32";
-    case WeightFormat::bf16: return "bf16";
-    case WeightFormat::int8_row: return "int8";
+    case WeightFormat::f32:
+      return "f32";
+    case WeightFormat::bf16:
+      return "bf16";
+    case WeightFormat::int8_row:
+      return "int8";
   }
   return "?";
 }
@@ -85,8 +88,8 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   // 2. The linears (and the head) in their formats: one buffer per format, views resolved after
   // every buffer has its final size.
   // This rank's sizes: q width Cq, kv width KV, ffn width F, vocab rows V (all / P).
-  const int64_t P = tp.size, C = cfg.d_model, Cq = C / P, KV = cfg.kv_dim() / P,
-                F = cfg.d_ff / P, V = cfg.vocab / P;
+  const int64_t P = tp.size, C = cfg.d_model, Cq = C / P, KV = cfg.kv_dim() / P, F = cfg.d_ff / P,
+                V = cfg.vocab / P;
   struct Pending {
     WeightView* view;
     WeightFormat fmt;
@@ -108,11 +111,23 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   for (Pending& p : todo) {
     const int64_t n = p.N * p.K;
     switch (p.fmt) {
-      case WeightFormat::f32: p.at = n32; n32 += n; break;
-      case WeightFormat::bf16: p.at = n16; n16 += n; break;
-      case WeightFormat::int8_row: p.at = n8; n8 += n; p.scale_at = nsc; nsc += p.N; break;
+      case WeightFormat::f32:
+        p.at = n32;
+        n32 += n;
+        break;
+      case WeightFormat::bf16:
+        p.at = n16;
+        n16 += n;
+        break;
+      case WeightFormat::int8_row:
+        p.at = n8;
+        n8 += n;
+        p.scale_at = nsc;
+        nsc += p.N;
+        break;
     }
-    matmul_bytes_ += n * int64_t(element_bytes(p.fmt)) + (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
+    matmul_bytes_ +=
+        n * int64_t(element_bytes(p.fmt)) + (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
   }
   lin_f32_.resize(size_t(n32));
   lin_bf16_.resize(size_t(n16));

@@ -84,11 +84,11 @@ class ModelWeights {
   model::ModelConfig cfg_;
   model::TpShard tp_;
   WeightFormat linear_format_ = WeightFormat::f32;
-  std::vector<float> small_;               // embeddings, norms, biases (f32)
-  std::vector<float> lin_f32_;             // linears + head, f32 format
-  std::vector<bf16> lin_bf16_;             // ... bf16 format
-  std::vector<int8_t> lin_i8_;             // ... int8 format
-  std::vector<float> lin_scales_;          // int8 row scales
+  std::vector<float> small_;       // embeddings, norms, biases (f32)
+  std::vector<float> lin_f32_;     // linears + head, f32 format
+  std::vector<bf16> lin_bf16_;     // ... bf16 format
+  std::vector<int8_t> lin_i8_;     // ... int8 format
+  std::vector<float> lin_scales_;  // int8 row scales
   int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
   std::vector<model::BlockOffsets> blocks_;
   std::vector<BlockLinears> linears_;

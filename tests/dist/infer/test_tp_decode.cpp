@@ -78,7 +78,8 @@ std::vector<std::vector<float>> run(Decoder& dec, const std::vector<std::vector<
     for (int64_t b = 0; b < B; ++b) {
       const auto& c = ctx[size_t(b)];
       st[size_t(b)] = {seq[size_t(b)], cached[size_t(b)],
-                       std::span<const int32_t>(c.data() + cached[size_t(b)], c.size() - size_t(cached[size_t(b)]))};
+                       std::span<const int32_t>(c.data() + cached[size_t(b)],
+                                                c.size() - size_t(cached[size_t(b)]))};
     }
     dec.forward(cache, st, logits.data());
     out.push_back(logits);
@@ -109,7 +110,8 @@ void check(const model::ModelConfig& cfg) {
   const int64_t lens[5] = {1, 5, 17, 9, 33};
   for (int i = 0; i < 5; ++i) {
     std::vector<int32_t> p;
-    for (int64_t t = 0; t < lens[i]; ++t) p.push_back(int32_t(rng_u64(40 + uint64_t(i), 1, uint64_t(t)) % 96));
+    for (int64_t t = 0; t < lens[i]; ++t)
+      p.push_back(int32_t(rng_u64(40 + uint64_t(i), 1, uint64_t(t)) % 96));
     prompts.push_back(p);
   }
   const int64_t G = 10, V = cfg.vocab;
@@ -143,9 +145,13 @@ void check(const model::ModelConfig& cfg) {
     }
 }
 
-TEST(TensorParallelDecode, QueryLayerGqaFastGelu) { check(config(true, model::Activation::fast_gelu, 2)); }
+TEST(TensorParallelDecode, QueryLayerGqaFastGelu) {
+  check(config(true, model::Activation::fast_gelu, 2));
+}
 TEST(TensorParallelDecode, QueryLayerMhaGelu) { check(config(true, model::Activation::gelu, 4)); }
-TEST(TensorParallelDecode, NoQueryLayerMhaGeluErf) { check(config(false, model::Activation::gelu_erf, 4)); }
+TEST(TensorParallelDecode, NoQueryLayerMhaGeluErf) {
+  check(config(false, model::Activation::gelu_erf, 4));
+}
 
 }  // namespace
 }  // namespace loom::infer

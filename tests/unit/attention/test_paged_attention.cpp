@@ -85,8 +85,8 @@ TEST_P(PagedVsReference, MatchesFloat64OnShuffledBlocks) {
       v[size_t(j * KV + e)] = pool.v()[base];
     }
   std::vector<double> want(static_cast<size_t>(C));
-  kernels::ref::AttentionRefShape rs{1, 1, c.n_keys, c.NH, c.NKV, c.HD, false, 0, 0,
-                                     1.0 / std::sqrt(double(c.HD))};
+  kernels::ref::AttentionRefShape rs{1,    1,     c.n_keys, c.NH, c.NKV,
+                                     c.HD, false, 0,        0,    1.0 / std::sqrt(double(c.HD))};
   kernels::ref::attention_forward_ref(want.data(), nullptr, qd.data(), k.data(), v.data(), rs);
   EXPECT_LT(nmse(out, want), 1e-10);
 }
@@ -101,7 +101,7 @@ TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
   Pool pool = make_pool(NKV, HD, BT, P, 5);
   std::vector<int32_t> t0 = {3, 7, 1}, t1 = {0, 2}, t2 = {11, 4, 5, 6};
   std::vector<PagedQuery> qs = {{t0.data(), 3, 40}, {t1.data(), 2, 17}, {t2.data(), 4, 64},
-                                {t0.data(), 3, 1}, {t2.data(), 4, 50}, {t1.data(), 2, 32},
+                                {t0.data(), 3, 1},  {t2.data(), 4, 50}, {t1.data(), 2, 32},
                                 {t0.data(), 3, 33}};
   const int64_t n = int64_t(qs.size());
   std::vector<float> q(size_t(n * C)), out(size_t(n * C)), one(static_cast<size_t>(C));
@@ -123,11 +123,13 @@ TEST(PagedAttention, BadShapesThrowBeforeWriting) {
   EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &too_many, 1, pool.k(), pool.v(), s),
                Error);
   PagedQuery none{t.data(), 1, 0};
-  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &none, 1, pool.k(), pool.v(), s), Error);
+  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &none, 1, pool.k(), pool.v(), s),
+               Error);
   PagedShape bad = s;
   bad.NKV = 3;  // does not divide NH = 4
   PagedQuery ok{t.data(), 1, 3};
-  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &ok, 1, pool.k(), pool.v(), bad), Error);
+  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &ok, 1, pool.k(), pool.v(), bad),
+               Error);
   EXPECT_EQ(out[0], 7.f);
 }
 

@@ -59,7 +59,8 @@ struct TestModel {
 
 std::vector<int32_t> prompt(int64_t n, int64_t V, uint64_t seed) {
   std::vector<int32_t> p(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = int32_t(rng_u64(seed, 8, uint64_t(i)) % uint64_t(V));
+  for (int64_t i = 0; i < n; ++i)
+    p[size_t(i)] = int32_t(rng_u64(seed, 8, uint64_t(i)) % uint64_t(V));
   return p;
 }
 
@@ -80,9 +81,9 @@ double max_abs(const std::vector<float>& a) {
 
 // Greedy generation of G tokens for each prompt at once through the cache: one prefill step of
 // every prompt, then G-1 decode steps of one token each. Returns each sequence's per-step logits.
-std::vector<std::vector<std::vector<float>>> cached_greedy(const ModelWeights& w,
-                                                           const std::vector<std::vector<int32_t>>& prompts,
-                                                           int64_t G, std::vector<std::vector<int32_t>>* tokens) {
+std::vector<std::vector<std::vector<float>>> cached_greedy(
+    const ModelWeights& w, const std::vector<std::vector<int32_t>>& prompts, int64_t G,
+    std::vector<std::vector<int32_t>>* tokens) {
   const ModelConfig& cfg = w.config();
   Decoder dec(w);
   const int64_t B = int64_t(prompts.size()), V = cfg.vocab;
@@ -114,7 +115,8 @@ std::vector<std::vector<std::vector<float>>> cached_greedy(const ModelWeights& w
   if (tokens) {
     tokens->clear();
     for (int64_t b = 0; b < B; ++b)
-      tokens->emplace_back(ctx[size_t(b)].begin() + int64_t(prompts[size_t(b)].size()), ctx[size_t(b)].end());
+      tokens->emplace_back(ctx[size_t(b)].begin() + int64_t(prompts[size_t(b)].size()),
+                           ctx[size_t(b)].end());
   }
   return out;
 }
@@ -145,14 +147,15 @@ void check_against_recompute(TestModel& m, const std::vector<std::vector<int32_t
       const std::vector<float> ref = m.recompute_logits(ctx);
       const std::vector<float>& got = logits[b][size_t(g)];
       double err = 0;
-      for (size_t v = 0; v < ref.size(); ++v) err = std::max(err, double(std::fabs(ref[v] - got[v])));
+      for (size_t v = 0; v < ref.size(); ++v)
+        err = std::max(err, double(std::fabs(ref[v] - got[v])));
       EXPECT_LE(err, 1e-5 * std::max(1.0, max_abs(ref))) << "sequence " << b << " step " << g;
       const int32_t want = argmax(ref.data(), m.cfg.vocab);
       if (margin(ref) > 1e-5 * std::max(1.0, max_abs(ref)))
         EXPECT_EQ(toks[b][size_t(g)], want) << "sequence " << b << " step " << g;
       else
-        std::printf("sequence %zu step %lld: top-2 margin %.3g below tolerance\n", b,
-                    (long long)g, margin(ref));
+        std::printf("sequence %zu step %lld: top-2 margin %.3g below tolerance\n", b, (long long)g,
+                    margin(ref));
       ctx.push_back(want);  // follow the reference path
       if (toks[b][size_t(g)] != want) break;
     }
@@ -217,7 +220,9 @@ TEST(Decoder, Bf16LogitsWithinTolerance) {
     const bool linear = n.find("attn.q.weight") != n.npos || n.find("attn.k.weight") != n.npos ||
                         n.find("attn.v.weight") != n.npos || n.find("attn.out.weight") != n.npos ||
                         n.find("ffn.up.weight") != n.npos || n.find("ffn.down.weight") != n.npos;
-    if (linear) round_f32_to_bf16(rounded.gpt.weights() + spec.offset, rounded.gpt.weights() + spec.offset, size_t(spec.numel));
+    if (linear)
+      round_f32_to_bf16(rounded.gpt.weights() + spec.offset, rounded.gpt.weights() + spec.offset,
+                        size_t(spec.numel));
   }
   int64_t compared = 0;
   double worst = 0, worst_plain = 0;
@@ -243,9 +248,10 @@ TEST(Decoder, Bf16LogitsWithinTolerance) {
       EXPECT_LE(err, tol) << "prompt " << seed << " step " << g;
       EXPECT_LE(err_same, 1e-5 * scale) << "prompt " << seed << " step " << g;
       if (margin(ref) < tol) {
-        std::printf("bf16 prompt %llu step %zu: top-2 margin %.3g below tolerance %.3g; tokens "
-                    "compared up to here\n",
-                    (unsigned long long)seed, g, margin(ref), tol);
+        std::printf(
+            "bf16 prompt %llu step %zu: top-2 margin %.3g below tolerance %.3g; tokens "
+            "compared up to here\n",
+            (unsigned long long)seed, g, margin(ref), tol);
         break;
       }
       EXPECT_EQ(toks[0][g], argmax(ref.data(), m.cfg.vocab)) << "prompt " << seed << " step " << g;
@@ -253,9 +259,10 @@ TEST(Decoder, Bf16LogitsWithinTolerance) {
       ctx.push_back(toks[0][g]);
     }
   }
-  std::printf("bf16: %lld tokens compared; worst logit error %.3g of the logits' scale (plain "
-              "bf16-rounded model: %.3g)\n",
-              (long long)compared, worst, worst_plain);
+  std::printf(
+      "bf16: %lld tokens compared; worst logit error %.3g of the logits' scale (plain "
+      "bf16-rounded model: %.3g)\n",
+      (long long)compared, worst, worst_plain);
   EXPECT_GE(compared, 10);
 }
 
@@ -266,7 +273,7 @@ TEST(Decoder, Int8PerRowErrorBound) {
   std::vector<float> W(size_t(N * K)), x(size_t(M * K)), scales(static_cast<size_t>(N));
   rng_fill_normal(W.data(), N * K, 0.f, 1.f, 4, 1, 0);
   for (int64_t k = 0; k < K; ++k) W[size_t(3 * K + k)] = 0.f;  // an all-zero row
-  W[size_t(5 * K + 7)] = 40.f;                                  // an outlier
+  W[size_t(5 * K + 7)] = 40.f;                                 // an outlier
   rng_fill_normal(x.data(), M * K, 0.f, 1.f, 4, 2, 0);
   std::vector<int8_t> q(size_t(N * K));
   kernels::quantize_rows_int8(q.data(), scales.data(), W.data(), N, K);
@@ -277,8 +284,10 @@ TEST(Decoder, Int8PerRowErrorBound) {
                 scales[size_t(n)] / 2 * (1 + 1e-6))
           << n << "," << k;
   std::vector<float> y8(size_t(M * N)), y32(size_t(M * N));
-  kernels::weight_matmul(y8.data(), 0, x.data(), M, {WeightFormat::int8_row, N, K, q.data(), scales.data()}, nullptr);
-  kernels::weight_matmul(y32.data(), 0, x.data(), M, {WeightFormat::f32, N, K, W.data(), nullptr}, nullptr);
+  kernels::weight_matmul(y8.data(), 0, x.data(), M,
+                         {WeightFormat::int8_row, N, K, q.data(), scales.data()}, nullptr);
+  kernels::weight_matmul(y32.data(), 0, x.data(), M, {WeightFormat::f32, N, K, W.data(), nullptr},
+                         nullptr);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       double l1 = 0;
@@ -296,7 +305,8 @@ TEST(Decoder, Int8ModelCloseToF32) {
   auto l8 = cached_greedy(w8, {p}, 1, nullptr);
   const std::vector<float> ref = m.recompute_logits(p);
   double err = 0;
-  for (size_t v = 0; v < ref.size(); ++v) err = std::max(err, double(std::fabs(ref[v] - l8[0][0][v])));
+  for (size_t v = 0; v < ref.size(); ++v)
+    err = std::max(err, double(std::fabs(ref[v] - l8[0][0][v])));
   std::printf("int8: max logit error %.3g, logits' scale %.3g\n", err, max_abs(ref));
   // int8 rounding is 1/254 of a row's max per weight: a few percent of the logits' scale at most.
   EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));

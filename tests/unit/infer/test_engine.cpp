@@ -43,9 +43,8 @@ ModelWeights weights() {
 }
 
 std::unique_ptr<Engine> make_engine(EngineOptions o) {
-  return std::make_unique<Engine>(weights(),
-                                  data::load_tokenizer(std::string(LOOM_TEST_DATA_DIR) + "/tokenizer"),
-                                  o);
+  return std::make_unique<Engine>(
+      weights(), data::load_tokenizer(std::string(LOOM_TEST_DATA_DIR) + "/tokenizer"), o);
 }
 
 struct Outcome {
@@ -118,10 +117,9 @@ Outcome alone(const Request& proto) {
 
 TEST(Engine, RequestsJoiningMidRunGiveTheTokensTheyGiveAlone) {
   Collector dummy;
-  std::vector<Request> reqs = {request(tokens(7, 1), 0.9f, 5, 12, dummy),
-                               request(tokens(3, 2), 0.f, 0, 9, dummy),
-                               request(tokens(20, 3), 1.f, 9, 15, dummy),
-                               request(tokens(1, 4), 0.7f, 11, 5, dummy)};
+  std::vector<Request> reqs = {
+      request(tokens(7, 1), 0.9f, 5, 12, dummy), request(tokens(3, 2), 0.f, 0, 9, dummy),
+      request(tokens(20, 3), 1.f, 9, 15, dummy), request(tokens(1, 4), 0.7f, 11, 5, dummy)};
   std::vector<Outcome> solo;
   for (const Request& r : reqs) solo.push_back(alone(r));
   EngineOptions o;

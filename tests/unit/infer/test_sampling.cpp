@@ -7,9 +7,8 @@
 #include <map>
 #include <numeric>
 
-#include "core/rng.h"
-
 #include "core/error.h"
+#include "core/rng.h"
 #include "infer/sampling.h"
 #include "infer/stop.h"
 
