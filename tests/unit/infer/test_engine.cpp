@@ -325,6 +325,36 @@ TEST(Engine, AThrowingCallbackDoesNotStopTheEngine) {
   EXPECT_EQ(c.finished, 1);
 }
 
+TEST(Engine, LogprobsCarryTheTopAlternativesWithTheirText) {
+  EngineOptions o;
+  o.start_thread = false;
+  auto e = make_engine(o);
+  std::vector<TokenEvent> events;
+  Request r;
+  r.prompt = tokens(4, 9);
+  r.params.max_tokens = 5;
+  r.params.logprobs = 3;
+  r.params.token_healing = false;
+  r.params.ignore_eod = true;
+  r.on_event = [&](const TokenEvent& ev) { events.push_back(ev); };
+  ASSERT_EQ(e->submit(r).status, SubmitResult::Status::ok);
+  while (e->step()) {
+  }
+  ASSERT_EQ(events.size(), 5u);
+  for (const TokenEvent& ev : events) {
+    ASSERT_EQ(ev.top.size(), 3u);
+    EXPECT_EQ(ev.top[0].token, ev.token);  // greedy: the chosen token is the best
+    EXPECT_EQ(ev.top[0].logprob, ev.logprob);
+    EXPECT_GE(ev.top[0].logprob, ev.top[1].logprob);
+    EXPECT_GE(ev.top[1].logprob, ev.top[2].logprob);
+    EXPECT_LE(ev.logprob, 0.f);
+    EXPECT_EQ(ev.top[1].text, e->decode({ev.top[1].token}));
+  }
+  EXPECT_EQ(events.back().finish, FinishReason::length);
+  EXPECT_EQ(events.back().prompt_tokens, 4);
+  EXPECT_EQ(events.back().completion_tokens, 5);
+}
+
 TEST(Engine, MaxTokensZeroFinishesAtOnce) {
   EngineOptions o;
   o.start_thread = false;
