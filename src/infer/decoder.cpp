@@ -61,7 +61,7 @@ static K::GeluKind gelu_kind(model::Activation a) {
 // One pre-LN block on x (N,C), in place. qin (N,C): the query layer's query input, or null.
 void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
                     const model::BlockOffsets& o, const BlockLinears& lin, float* x,
-                    const float* qin) {
+                    const float* qin, bool last_only) {
   const model::ModelConfig& cfg = w_.config();
   // This rank's widths (tp P: Cq = C/P, KV = KV/P, F = F/P; all rows N on every rank).
   const int64_t P = w_.tp().size;
@@ -100,34 +100,52 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   ps.q_stride = S;
   ps.o_stride = Cq;
   ps.scale = 1.0f / std::sqrt(float(ps.HD));  // as model/block.cpp
-  attention::paged_attention_forward(att, qkv, queries_.data(), N,
+  // The model's last layer: only each sequence's last row reaches the logits, so once every
+  // row's K and V are cached the rest runs on those rows alone, moved to rows [0, B) of x and
+  // of the q part of qkv (row b's source row r_b >= b: moving in order overwrites nothing
+  // still needed). Each row's arithmetic is unchanged.
+  int64_t M = N;  // rows from here on
+  const attention::PagedQuery* queries = queries_.data();
+  if (last_only) {
+    M = int64_t(seqs.size());
+    last_queries_.resize(size_t(M));
+    for (int64_t b = 0; b < M; ++b) {
+      const int64_t r = last_row_[size_t(b)];
+      last_queries_[size_t(b)] = queries_[size_t(r)];
+      if (r == b) continue;
+      std::memcpy(qkv + b * S, qkv + r * S, size_t(Cq) * 4);
+      std::memcpy(x + b * C, x + r * C, size_t(C) * 4);
+    }
+    queries = last_queries_.data();
+  }
+  attention::paged_attention_forward(att, qkv, queries, M,
                                      cache.pool() + cache.k_offset(cache_layer),
                                      cache.pool() + cache.v_offset(cache_layer), ps);
 
-  // mid = (att @ Wo^T + bo) + x                                                   (N,C)
+  // mid = (att @ Wo^T + bo) + x                                                   (M,C)
   // (tp: this rank's heads give a partial sum; the replicated bias goes on after the sum)
   if (!tp_) {
-    K::weight_matmul(mid, C, att, N, lin.out, w_.f32(o.b_out));
+    K::weight_matmul(mid, C, att, M, lin.out, w_.f32(o.b_out));
   } else {
-    K::weight_matmul(mid, C, att, N, lin.out, nullptr);
-    all_reduce(mid, N * C);
-    K::bias_add_rows(mid, w_.f32(o.b_out), N, C);
+    K::weight_matmul(mid, C, att, M, lin.out, nullptr);
+    all_reduce(mid, M * C);
+    K::bias_add_rows(mid, w_.f32(o.b_out), M, C);
   }
-  K::add_inplace(mid, x, N * C);
-  // act = gelu(ln2 @ Wup^T + bup)                                                 (N,F)
-  K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), N, C,
+  K::add_inplace(mid, x, M * C);
+  // act = gelu(ln2 @ Wup^T + bup)                                                 (M,F)
+  K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), M, C,
                        cfg.norm_eps);
-  K::weight_matmul(up, F, ln, N, lin.up, nullptr);
-  K::bias_gelu_forward(act, up, w_.f32(o.b_up), N, F, gelu_kind(cfg.activation));
-  // x = (act @ Wdown^T + bdown) + mid                                             (N,C)
+  K::weight_matmul(up, F, ln, M, lin.up, nullptr);
+  K::bias_gelu_forward(act, up, w_.f32(o.b_up), M, F, gelu_kind(cfg.activation));
+  // x = (act @ Wdown^T + bdown) + mid                                             (M,C)
   if (!tp_) {
-    K::weight_matmul(x, C, act, N, lin.down, w_.f32(o.b_down));
+    K::weight_matmul(x, C, act, M, lin.down, w_.f32(o.b_down));
   } else {
-    K::weight_matmul(x, C, act, N, lin.down, nullptr);
-    all_reduce(x, N * C);
-    K::bias_add_rows(x, w_.f32(o.b_down), N, C);
+    K::weight_matmul(x, C, act, M, lin.down, nullptr);
+    all_reduce(x, M * C);
+    K::bias_add_rows(x, w_.f32(o.b_down), M, C);
   }
-  K::add_inplace(x, mid, N * C);
+  K::add_inplace(x, mid, M * C);
 }
 
 void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits) {
@@ -153,8 +171,10 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
   row_seq_.resize(size_t(N));
   row_pos_.resize(size_t(N));
   queries_.resize(size_t(N));
+  last_row_.resize(size_t(B));
   for (int64_t b = 0, r = 0; b < B; ++b) {
     const SeqStep& sq = seqs[size_t(b)];
+    last_row_[size_t(b)] = r + int64_t(sq.tokens.size()) - 1;
     const std::vector<int32_t>& table = cache.block_table(sq.kv_seq);
     for (int64_t i = 0; i < int64_t(sq.tokens.size()); ++i, ++r) {
       row_seq_[size_t(r)] = b;
@@ -193,28 +213,29 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
     }
     all_reduce(x, N * C);
   }
+  // The last layer of the model (the query layer, else the last block) leaves only each
+  // sequence's last row, in rows [0, B) of x.
   for (int64_t l = 0; l < cfg.n_layers; ++l)
-    layer(cache, seqs, l, w_.block(l), w_.block_linears(l), x, nullptr);
+    layer(cache, seqs, l, w_.block(l), w_.block_linears(l), x, nullptr,
+          /*last_only=*/!cfg.query_layer && l == cfg.n_layers - 1);
+  const int64_t rows = cfg.query_layer ? N : B;
 
-  // final LayerNorm (into ln_, then copied back so the query layer can run in place)  (N,C)
-  float* fin = mid_.get(size_t(N * C));
-  K::layernorm_forward(fin, nullptr, nullptr, x, w_.final_norm_w(), w_.final_norm_b(), N, C,
+  // final LayerNorm (into mid_, then copied back so the query layer can run in place) (rows,C)
+  float* fin = mid_.get(size_t(rows * C));
+  K::layernorm_forward(fin, nullptr, nullptr, x, w_.final_norm_w(), w_.final_norm_b(), rows, C,
                        cfg.norm_eps);
-  std::memcpy(x, fin, size_t(N * C) * 4);
+  std::memcpy(x, fin, size_t(rows * C) * 4);
   if (cfg.query_layer) {
     // The query input of row r is row pos_r of the query layer's position table.     (N,C)
     float* qin = qin_.get(size_t(N * C));
     for (int64_t r = 0; r < N; ++r)
       std::memcpy(qin + r * C, w_.query_position() + row_pos_[size_t(r)] * C, size_t(C) * 4);
-    layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), x, qin);
+    layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), x, qin,
+          /*last_only=*/true);
   }
 
-  // logits of each sequence's last new row: h_last (B,C) @ wte^T                     (B,V)
-  float* last = last_.get(size_t(B * C));
-  for (int64_t b = 0, r = 0; b < B; ++b) {
-    r += int64_t(seqs[size_t(b)].tokens.size());
-    std::memcpy(last + b * C, x + (r - 1) * C, size_t(C) * 4);
-  }
+  // logits of each sequence's last new row (rows [0, B) of x): h (B,C) @ wte^T         (B,V)
+  const float* last = x;
   if (!tp_) {
     K::weight_matmul(logits, V, last, B, w_.head(), nullptr);
     return;

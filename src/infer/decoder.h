@@ -65,7 +65,8 @@ class Decoder {
  private:
   struct Scratch;
   void layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
-             const model::BlockOffsets& o, const BlockLinears& lin, float* x, const float* qin);
+             const model::BlockOffsets& o, const BlockLinears& lin, float* x, const float* qin,
+             bool last_only);
 
   void all_reduce(float* buf, int64_t n);
 
@@ -81,9 +82,9 @@ class Decoder {
     Buf& operator=(const Buf&) = delete;
     ~Buf();
   };
-  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, last_, shard_logits_, gathered_;
-  std::vector<attention::PagedQuery> queries_;
-  std::vector<int64_t> row_seq_, row_pos_;
+  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, shard_logits_, gathered_;
+  std::vector<attention::PagedQuery> queries_, last_queries_;
+  std::vector<int64_t> row_seq_, row_pos_, last_row_;  // last_row_ (B): each sequence's last row
 };
 
 }  // namespace loom::infer
