@@ -6,9 +6,8 @@
 // then exit 0. The signals are blocked in every thread and taken by sigwait() on the main
 // thread, so no handler runs inside the engine or the HTTP threads.
 //
-// The engine is reached through make_engine_for_serving() only, so this file builds before
-// infer/engine.h exists (the command then says so when run) and is the one place to change
-// should the engine's constructor change.
+// The engine is built in make_engine_for_serving() only, the one place to change should its
+// constructor change.
 #include <signal.h>
 
 #include <memory>
@@ -17,15 +16,9 @@
 #include "cli.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "infer/engine.h"
 #include "infer/http/server.h"
 #include "infer/service.h"
-
-#if __has_include("infer/engine.h")
-#include "infer/engine.h"
-#define LOOM_SERVE_HAS_ENGINE 1
-#else
-#define LOOM_SERVE_HAS_ENGINE 0
-#endif
 
 namespace {
 
@@ -40,7 +33,6 @@ struct ServeEngineOptions {
 
 std::unique_ptr<loom::infer::CompletionService> make_engine_for_serving(
     const ServeEngineOptions& o) {
-#if LOOM_SERVE_HAS_ENGINE
   using namespace loom::infer;
   EngineOptions eo;
   eo.model_name = o.model_name;
@@ -50,11 +42,6 @@ std::unique_ptr<loom::infer::CompletionService> make_engine_for_serving(
   // logits feed sampling and logprobs directly).
   const WeightFormat linears = o.int8 ? WeightFormat::int8_row : WeightFormat::f32;
   return load_engine(o.checkpoint, o.tokenizer, linears, WeightFormat::f32, eo);
-#else
-  LOOM_FAIL("this loom was built without infer::Engine (src/infer/engine.h), so `loom serve` "
-            "cannot load {}; build a loom that includes the inference engine",
-            o.checkpoint);
-#endif
 }
 
 void add_serve(CLI::App& root, loom::cli::Context& ctx) {
