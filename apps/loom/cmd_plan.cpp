@@ -199,6 +199,7 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
       nlohmann::json j = c.to_json();
       j["plan"] = plan_string(plan);
       j["describe"] = plan.describe();
+      j["rank0_bytes"] = oracle.rank_memory(plan, 0).total();
       std::printf("%s\n", j.dump(2).c_str());
     } else {
       std::printf("%s\n  %s\n  predicted step %s (%.0f tokens/s), critical stage %d\n",

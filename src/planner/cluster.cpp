@@ -188,7 +188,7 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   const toml::table& d = r.table(tbl, "", "device");
   r.only_keys(d, "device.", {"peak_tflops_f32", "peak_tflops_bf16", "memory_GiB",
                              "memory_bandwidth_GBps", "matmul_efficiency_f32",
-                             "matmul_efficiency_bf16", "bf16_emulated"});
+                             "matmul_efficiency_bf16", "bf16_emulated", "op_overhead_us"});
   c.peak_flops_f32 = r.number(d, "device.", "peak_tflops_f32", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
   c.peak_flops_bf16 = r.number(d, "device.", "peak_tflops_bf16", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
   c.memory_bytes = int64_t(r.number(d, "device.", "memory_GiB", "GiB = 2^30 bytes", 1e-6, 1e7) *
@@ -197,6 +197,8 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
       r.number(d, "device.", "memory_bandwidth_GBps", "GB/s = 1e9 bytes/s", 1e-6, 1e6) * 1e9;
   c.eff_f32 = r.efficiency(d, "device.", "matmul_efficiency_f32");
   c.eff_bf16 = r.efficiency(d, "device.", "matmul_efficiency_bf16");
+  c.op_overhead_s =
+      r.number(d, "device.", "op_overhead_us", "microseconds per kernel call", 0, 1e6, 0.0) * 1e-6;
   if (const toml::node* n = d.get("bf16_emulated")) {
     LOOM_CHECK(n->is_boolean(), "{}: key 'device.bf16_emulated' must be true or false", source);
     c.bf16_emulated = *n->value<bool>();
@@ -233,6 +235,7 @@ nlohmann::json Cluster::to_json() const {
           {"nodes", nodes},       {"devices_per_node", devices_per_node},
           {"peak_flops_f32", peak_flops_f32}, {"peak_flops_bf16", peak_flops_bf16},
           {"memory_bytes", memory_bytes},     {"memory_bandwidth_Bps", memory_bandwidth_Bps},
+          {"op_overhead_s", op_overhead_s},
           {"host_cores", host_cores},         {"cpu_model", cpu_model},
           {"calibrated", calibrated},         {"intra", link(intra)},
           {"inter", link(inter)}};
@@ -258,10 +261,10 @@ std::string Cluster::to_toml() const {
                               nodes, devices_per_node);
   s += fmt::format("peak_tflops_f32 = {:.6g}\npeak_tflops_bf16 = {:.6g}\nmemory_GiB = {:.6g}\n"
                    "memory_bandwidth_GBps = {:.6g}\nmatmul_efficiency_f32 = {}\n"
-                   "matmul_efficiency_bf16 = {}\nbf16_emulated = {}\n",
+                   "matmul_efficiency_bf16 = {}\nbf16_emulated = {}\nop_overhead_us = {:.4g}\n",
                    peak_flops_f32 / 1e12, peak_flops_bf16 / 1e12,
                    double(memory_bytes) / double(int64_t(1) << 30), memory_bandwidth_Bps / 1e9,
-                   table(eff_f32), table(eff_bf16), bf16_emulated ? "true" : "false");
+                   table(eff_f32), table(eff_bf16), bf16_emulated ? "true" : "false", op_overhead_s * 1e6);
   if (host_cores > 0)
     s += fmt::format("\n[host]\ncores = {}\ncpu_model = \"{}\"\ncalibrated = \"{}\"\n", host_cores,
                      cpu_model, calibrated);

@@ -16,6 +16,8 @@
 //                                        product of 2*M*N*K = gflop*1e9 FLOPs; interpolated linearly
 //                                        in log(gflop), clamped at both ends
 //   bf16_emulated = false                (optional) bf16 copies stored as f32 (CPUs without AMX)
+//   op_overhead_us = 0                   (optional) fixed time of one kernel call (dispatch, thread
+//                                        fork/join; a GPU's launch latency), microseconds
 //   [host]                               (optional) ranks of a node share its cores (CPU hosts):
 //   cores = 2                            the device figures above are then the whole host's, and
 //   cpu_model = "...", calibrated = "..." a rank running alone gets max(1, cores/ranks) cores' share
@@ -68,6 +70,7 @@ struct Cluster {
   int64_t memory_bytes = 0;       // per device (per host if host_cores)
   double memory_bandwidth_Bps = 0;
   bool bf16_emulated = false;
+  double op_overhead_s = 0;       // per kernel call
   int host_cores = 0;             // 0: devices do not share; >0: ranks share this many cores
   std::string cpu_model, calibrated;
   LinkLevel intra, inter;

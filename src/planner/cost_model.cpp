@@ -89,9 +89,9 @@ struct Rates {
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
 struct StageWork {
-  double fwd = 0, bwd = 0, recompute = 0, vector = 0, tp = 0, pp = 0, zero = 0;
+  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, pp = 0, zero = 0;
   double bwd_compute = 0;  // backward compute only (the window dp / ZeRO traffic overlaps)
-  double total() const { return fwd + bwd + recompute + vector + tp + pp + zero; }
+  double total() const { return fwd + bwd + recompute + vector + overhead + tp + pp + zero; }
 };
 
 // The link level a group crosses: intra when all its ranks sit in one node. Ranks are ordered
@@ -103,11 +103,12 @@ const LinkLevel& level(const Cluster& c, int64_t stride, int64_t size) {
 
 }  // namespace
 
-std::array<std::pair<const char*, double>, 11> TimeTerms::named() const {
+std::array<std::pair<const char*, double>, 12> TimeTerms::named() const {
   return {{{"forward", forward},
            {"backward", backward},
            {"recompute", recompute},
            {"vector", vector},
+           {"overhead", overhead},
            {"tp", tp},
            {"pp", pp},
            {"zero", zero},
@@ -172,6 +173,10 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   // Pipeline messages: (Nl, C) f32 per chunk boundary and direction.
   const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * plan.dp, plan.pp);
   const double pp_msg = plan.pp > 1 ? pp_link.time(Collective::send, Nl * C * f32, 2) : 0;
+  // Kernel-call overhead (cost_model.h's counts), stretched when ranks outnumber cores.
+  const double stretch = cl.host_cores > 0 ? std::max(1.0, share / cl.host_cores) : 1.0;
+  const double call = cl.op_overhead_s * stretch;
+  const double block_calls_fwd = 10, head_calls_fwd = 5;
 
   const int n_virtual = plan.pp * plan.virtual_stages;
   std::vector<int64_t> layers_of_virtual(static_cast<size_t>(n_virtual));
@@ -196,9 +201,10 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       w.bwd += block_bwd;
       w.vector += block_vec_fwd + block_vec_bwd;
       w.tp += block_tp_fwd + block_tp_bwd;
+      w.overhead += 3 * block_calls_fwd * call;
       switch (plan.recompute_of(l)) {
         case Recompute::full:
-          w.recompute += block_fwd + block_vec_fwd + block_tp_fwd;
+          w.recompute += block_fwd + block_vec_fwd + block_tp_fwd + block_calls_fwd * call;
           break;
         case Recompute::selective: w.recompute += selective_vec; break;
         case Recompute::none: break;
@@ -210,6 +216,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       w.bwd += 2 * head_fwd + double(ql) * block_bwd;
       w.vector += head_vec + double(ql) * (block_vec_fwd + block_vec_bwd);
       w.tp += head_tp + double(ql) * (block_tp_fwd + block_tp_bwd);
+      w.overhead += 3 * (head_calls_fwd + double(ql) * block_calls_fwd) * call;
     }
     if (g > 0) w.pp += pp_msg;               // receive the activation
     if (g < n_virtual - 1) w.pp += pp_msg;   // receive the gradient
@@ -241,6 +248,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   tt.backward = M * cw.bwd;
   tt.recompute = M * cw.recompute;
   tt.vector = M * cw.vector;
+  tt.overhead = M * cw.overhead;
   tt.tp = M * cw.tp;
   tt.pp = M * cw.pp;
   tt.zero = M * cw.zero;

@@ -32,6 +32,9 @@
 //   unit's forward and backward (3, blocking).
 // - sync: the tied embedding's gradient all-reduce between the first and last stage (pp > 1)
 //   and the grad-norm all-reduce (latency).
+// - overhead: kernel calls x Cluster::op_overhead_s (per block forward: 2 norms, 4 weight
+//   products, attention, 2 residual adds, the activation = 10 calls; backward twice that; head
+//   and loss 5 forward, 10 backward), stretched by ranks / cores when ranks outnumber cores.
 // - optimizer: AdamW reads w, g, m, v and writes w, m, v (f32), writes the bf16 copy, zeroes
 //   the gradients and reads them for the norm: bytes / memory bandwidth.
 // - Hosts whose ranks share cores (Cluster::host_cores > 0): the host's figures are divided
@@ -89,12 +92,13 @@ struct TimeTerms {
   double dp = 0;          // exposed dp gradient reduction (+ ZeRO weight gathers after the step)
   double dp_total = 0;    // the same reduction's full time (informational, not summed)
   double sync = 0, optimizer = 0;
+  double overhead = 0;    // kernel-call overhead, critical stage
   double total() const {
-    return forward + backward + recompute + vector + tp + pp + zero + bubble + dp + sync +
-           optimizer;
+    return forward + backward + recompute + vector + overhead + tp + pp + zero + bubble + dp +
+           sync + optimizer;
   }
   // (name, seconds) of every summed term, in a fixed order.
-  std::array<std::pair<const char*, double>, 11> named() const;
+  std::array<std::pair<const char*, double>, 12> named() const;
 };
 
 struct StepCost {
