@@ -259,7 +259,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   });
   // Sweep in time order: a candidate joins when its bucket is below every faster one's.
   int64_t best = std::numeric_limits<int64_t>::max();
-  std::map<std::string, int64_t> bound_cache;  // plan without recompute -> bound's bucket
+  std::map<std::string, int64_t> bound_cache;  // plan with full recompute -> bound's bucket
   for (Candidate& c : all) {
     if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max()) {
       ParallelPlan lb = c.plan;
@@ -268,10 +268,10 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
       auto it = bound_cache.find(k);
       if (it == bound_cache.end()) {
         if (res.memory_evaluated >= o.max_memory_evals) goto out_of_budget;
-        StepCost m;
-        add_memory(m, lb, oracle);
+        // Rank 0 (the first stage) alone: the plan's peak is at least that rank's.
+        const int64_t m = oracle.rank_memory(lb, 0).total();
         ++res.memory_evaluated;
-        it = bound_cache.emplace(k, memory_bucket(m.peak_bytes, o.bucket_fraction)).first;
+        it = bound_cache.emplace(k, memory_bucket(m, o.bucket_fraction)).first;
       }
       if (it->second >= best) {
         ++res.pruned_by_bound;
@@ -279,9 +279,16 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
       }
     }
     if (res.memory_evaluated >= o.max_memory_evals) goto out_of_budget;
+    ++res.memory_evaluated;
+    // Rank 0 first: when it alone is not below the best bucket, neither is the plan's peak, and
+    // the other stages need no replay.
+    if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max() &&
+        memory_bucket(oracle.rank_memory(c.plan, 0).total(), o.bucket_fraction) >= best) {
+      ++res.dominated;
+      continue;
+    }
     add_memory(c.cost, c.plan, oracle);
     c.has_memory = true;
-    ++res.memory_evaluated;
     {
       const int64_t bk = memory_bucket(c.cost.peak_bytes, o.bucket_fraction);
       if (bk < best) {

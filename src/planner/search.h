@@ -15,8 +15,9 @@
 // Algorithm: every candidate gets its time (closed form, cheap). Candidates are then visited in
 // order of (time, plan string); a candidate joins the frontier when its memory bucket is below
 // every faster one's. Memory (model::memory_per_rank, a replay of one step) is the expensive
-// part, so before it a lower bound is tried: the same plan with full recompute everywhere
-// (cached across the recompute variants); when that bound's bucket is not below the best so far,
+// part, so before it a lower bound is tried: rank 0's memory with full recompute everywhere
+// (cached across the recompute variants), then rank 0's own memory before the other stages';
+// when a bound's bucket is not below the best so far,
 // the candidate cannot join and its memory is never computed ("pruned by memory bound"). The
 // bound relies on full recompute never needing more memory than another mode at the same
 // layout; tests/unit/planner checks the pruned search against the unpruned one.
