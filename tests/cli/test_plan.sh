@@ -62,4 +62,18 @@ check "plan reads the calibrated file" "[ $rc = 0 ]"
 sed 's/^cpu_model = .*/cpu_model = "Some Other CPU"/' "$tmp/local.toml" > "$tmp/other.toml"
 out=$("$loom" plan --model "$model" --cluster "$tmp/other.toml" --devices 2 --batch 8 --seq 128 2>&1)
 check "a different CPU warns and says how to recalibrate" "grep -q 'Recalibrate with: loom calibrate' <<< \"\$out\""
+# loom train --auto on 2 ranks under a memory limit: trains, logs the chosen plan, and rank 0's
+# measured pool peak stays under the limit (every rank of a dp plan holds the same bytes).
+sed "s|^model = .*|model = \"$src/configs/models/tiny.toml\"|" "$src/configs/train/tiny.toml" > "$tmp/tiny.toml"
+out=$("$src/scripts/mpirun-local" 2 "$loom" train --config "$tmp/tiny.toml" --auto \
+      --cluster "$tmp/local.toml" --memory-limit 0.004 --steps 2 --out "$tmp/auto" \
+      --set train.eval_every=0 --set log.every=1 2>&1); rc=$?
+check "train --auto trains" "[ $rc = 0 ] && grep -q '^auto plan: dp=' <<< \"\$out\""
+check "train --auto stays under the limit" "python3 -c \"
+import json
+rows = [json.loads(l) for l in open('$tmp/auto/metrics.jsonl') if 'peak_bytes' in l]
+assert rows and all(sum(r['peak_bytes'].values()) <= int(0.004 * 2**30) for r in rows)
+\""
+out=$("$loom" train --config "$tmp/tiny.toml" --auto --cluster "$tmp/missing.toml" --steps 1 --out "$tmp/auto2" 2>&1); rc=$?
+check "train --auto without a cluster file says how to calibrate" "[ $rc = 1 ] && grep -q 'loom calibrate --out' <<< \"\$out\""
 exit $fail
