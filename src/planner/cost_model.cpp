@@ -230,8 +230,8 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       const double rs = dp_link.time(Collective::reduce_scatter, unit_bytes, plan.dp);
       w.zero += std::max(0.0, rs - w.bwd_compute);
       if (plan.zero == 3)  // weights gathered just in time before each forward and backward
-        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, plan.dp) *
-                  (w.recompute > 0 ? 1.5 : 1.0);
+        // (a recomputed forward runs inside the backward, on the weights gathered for it)
+        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, plan.dp);
     }
     stage_time[size_t(s)] = w.total();
   }

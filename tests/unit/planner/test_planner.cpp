@@ -144,6 +144,24 @@ TEST(CostModel, TensorParallelTermByHand) {
   EXPECT_NEAR(c.step_time, c.terms.total(), 1e-15);
 }
 
+TEST(CostModel, DataParallelOverlapByHand) {
+  // ZeRO-1 over dp = 2 (intra link): the gradient all-reduce hides behind the last micro-batch's
+  // backward (train/executor.h's buckets), the broadcast of the updated shares does not.
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(4);
+  const int64_t T = 32;
+  const ParallelPlan p = plan_of("dp=2,tp=1,pp=1,zero=1,micro_batches=1", cfg, 2, 2);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  const double P = double(oracle.rank_params(p)[0]), a = 10e-6, beta = 10e9 * 0.5;
+  const double all_reduce = 2 * 1 * a + 2 * 0.5 * P * 4 / beta;
+  const double all_gather = 1 * a + 0.5 * P * 4 / beta;
+  EXPECT_NEAR(c.terms.dp, std::max(0.0, all_reduce - c.terms.backward) + all_gather, 1e-12);
+  EXPECT_NEAR(c.terms.dp_total, all_reduce + all_gather, 1e-12);
+  // The optimizer updates half the parameters: 36 bytes each (cost_model.h) at 100 GB/s.
+  EXPECT_NEAR(c.terms.optimizer, P / 2 * 36 / 100e9, 1e-12);
+}
+
 TEST(CostModel, ComputeTermsByHand) {
   const Cluster cl = cluster_from_toml(kTestCluster, "test");
   const model::ModelConfig cfg = small_model(2);
