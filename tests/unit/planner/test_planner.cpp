@@ -6,6 +6,8 @@
 #include <cmath>
 #include <string>
 
+#include <fmt/format.h>
+
 #include "core/error.h"
 #include "model/config.h"
 #include "model/memory.h"
@@ -249,6 +251,54 @@ TEST(CostModel, PlanStringRoundTrips) {
   EXPECT_EQ(plan_of(plan_string(p), cfg, 8, 8), p);
   EXPECT_THROW(parse_plan_string("dp=2,bogus=3"), Error);
   EXPECT_THROW(parse_plan_string("2,dp=2"), Error);
+}
+
+// Time at scale: Megatron-LM's weak-scaling runs on Selene (Narayanan et al., SC'21, arXiv
+// 2104.04473, Table 1: GPT with s = 2048, V = 51200, full recompute, A100-80GB, 8 per node,
+// 8x 200 Gb/s HDR). Published: achieved TFLOP/s per GPU; the step time follows from the paper's
+// FLOP count with recompute, 96 B s L h^2 (1 + s/(6h) + V/(16 L h)), over n GPUs. The rows are
+// RECALLED ([R] in ../shared/notes terms), not re-read here: check them against the paper before
+// citing. Plans: dp = n/(tp pp), micro-batch 1, 1f1b (the table does not give b or the
+// schedule). The A100 preset is used as published; no per-run factor. Today the model is about
+// 20% optimistic on all ten (mean |error| 19%); the bound below guards that, and docs/planner.md
+// reports the table.
+TEST(CostModel, MegatronSelenePublishedStepTimes) {
+  struct Row { int64_t heads, hidden, layers, tp, pp, gpus, batch; double tflops_per_gpu; };
+  const Row rows[] = {{24, 2304, 24, 1, 1, 32, 512, 137},     {32, 3072, 30, 2, 1, 64, 512, 138},
+                      {32, 4096, 36, 4, 1, 128, 512, 142},    {48, 6144, 40, 8, 1, 256, 1024, 135},
+                      {64, 8192, 48, 8, 2, 512, 1536, 138},   {80, 10240, 60, 8, 4, 1024, 1792, 140},
+                      {96, 12288, 80, 8, 8, 1536, 2304, 148}, {128, 16384, 96, 8, 16, 1920, 2160, 155},
+                      {128, 20480, 105, 8, 35, 2520, 2520, 163},
+                      {160, 25600, 128, 8, 64, 3072, 3072, 163}};
+  const Cluster cl =
+      load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/a100-80gb-ib.toml");
+  const int64_t s = 2048, V = 51200;
+  double sum = 0;
+  for (const Row& r : rows) {
+    model::ModelConfig cfg;
+    cfg.name = "megatron";
+    cfg.vocab = V;
+    cfg.n_layers = r.layers;
+    cfg.d_model = r.hidden;
+    cfg.n_heads = cfg.n_kv_heads = r.heads;
+    cfg.d_ff = 4 * r.hidden;
+    cfg.max_seq = s;
+    const int64_t dp = r.gpus / (r.tp * r.pp);
+    const ParallelPlan p = plan_of(
+        fmt::format("dp={},tp={},pp={},micro_batches={},recompute=full", dp, r.tp, r.pp, r.batch / dp),
+        cfg, r.batch, int(r.gpus));
+    MemoryOracle oracle(cfg, s, model::Precision::bf16, false);
+    const StepCost c = estimate_time({cfg, cl, s, model::Precision::bf16}, p, oracle);
+    const double L = double(r.layers), h = double(r.hidden);
+    const double flops = 96.0 * double(r.batch) * s * L * h * h *
+                         (1 + double(s) / (6 * h) + double(V) / (16 * L * h));
+    const double published = flops / (double(r.gpus) * r.tflops_per_gpu * 1e12);
+    const double err = c.step_time / published - 1;
+    sum += std::abs(err);
+    EXPECT_LT(std::abs(err), 0.35) << r.hidden << ": predicted " << c.step_time << " s, published "
+                                   << published << " s";
+  }
+  EXPECT_LT(sum / 10, 0.25);  // the issue asks for 15%: not met yet (docs/planner.md)
 }
 
 SearchOptions small_search(int devices) {
