@@ -77,6 +77,21 @@ double matmul_rate(int64_t m, int64_t n, int64_t k, bool bf16_native, double bud
   return flops / t[t.size() / 2];
 }
 
+// Throughput (FLOP/s) of back-to-back 256^3 products over `budget_s` of wall time: unlike a
+// single call's time, this sees the time slices other processes take.
+double matmul_throughput(double budget_s) {
+  const int64_t n = 256;
+  std::vector<float> A(size_t(n * n), 0.5f), B(size_t(n * n), 0.25f), C(size_t(n * n));
+  loom::kernels::matmul_f32(A.data(), B.data(), C.data(), n, n, n, false, false, false);
+  const auto t0 = Clock::now();
+  int64_t reps = 0;
+  do {
+    loom::kernels::matmul_f32(A.data(), B.data(), C.data(), n, n, n, false, false, false);
+    ++reps;
+  } while (seconds_since(t0) < budget_s);
+  return 2.0 * double(n * n * n) * double(reps) / seconds_since(t0);
+}
+
 // Triad bandwidth in bytes/s (3 arrays of 4-byte floats per element): the median pass.
 double triad_bandwidth(double min_s) {
   const int64_t n = int64_t(1) << 23;  // 32 MiB per array: beyond any last-level cache here
@@ -146,6 +161,7 @@ void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) 
   c.devices_per_node = 64;
   c.bf16_emulated = loom::model::bf16_emulated();
   const double min_s = quick ? 0.05 : 0.25;  // seconds per measurement
+  double alone_256 = 0;                       // root: one-thread 256^3 rate alone
 
   if (root) {
     // Compute: one thread, as each rank runs when ranks fill the cores (core/threads.h), scaled
@@ -158,6 +174,7 @@ void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) 
     // Row-heavy products as the blocks run them (rows N = b*T, widths of a small model).
     for (int64_t w : {64, 256}) shapes.push_back({2048, w, w});
     std::vector<std::pair<double, double>> f32_pts, bf16_pts;  // (flops, rate)
+    alone_256 = matmul_throughput(min_s);  // one thread, the others asleep
     for (const Shape& s : shapes) {
       const double fl = 2.0 * double(s.m * s.n * s.k);
       double best = 0;
@@ -202,6 +219,32 @@ void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) 
     c.memory_bytes = int64_t(sysconf(_SC_PHYS_PAGES)) * int64_t(sysconf(_SC_PAGE_SIZE));
   }
   if (world.valid()) sleepy_barrier(world);  // the others slept through the compute timings
+
+  // Concurrency: p ranks (each with the engine's max(1, cores/p) threads) computing 256^3
+  // products at once; each one's throughput in cores' worth of the one-thread throughput alone.
+  // This sees oversubscription and whatever else loads the host now.
+  for (int p = 1; p <= W; ++p) {
+    std::vector<double> rates(static_cast<size_t>(W), 0.0);
+    const int me = world.valid() ? world.rank() : 0;
+    if (me < p) {
+      loom::set_num_threads(std::max(1, c.host_cores / p));
+      rates[size_t(me)] = matmul_throughput(2 * min_s);
+    }
+    if (world.valid()) {
+      // Ranks not computing wait asleep (MPI's own wait polls and would take a core).
+      const loom::comm::Work w =
+          world.all_reduce(loom::comm::BufferRef(rates.data(), W, loom::DType::f64));
+      while (!w.test()) usleep(2000);
+      w.wait();
+    }
+    if (root) {
+      double sum = 0;
+      for (int i = 0; i < p; ++i) sum += rates[size_t(i)];
+      c.concurrency.emplace_back(p, sum / p / alone_256);
+      progress(fmt::format("{} rank(s) computing at once: {:.2f} cores' worth each", p,
+                           c.concurrency.back().second));
+    }
+  }
 
   // Links: one shared-memory level; inter is the same (one node).
   loom::planner::LinkLevel link;

@@ -151,6 +151,27 @@ struct Reader {
     }
     return e;
   }
+  // [[ranks, cores' worth per rank], ...]: ranks integers >= 1 increasing, worth > 0.
+  EfficiencyTable efficiency_like(const toml::table& t, const std::string& where,
+                                  const std::string& key) const {
+    const toml::array* a = t.get(key)->as_array();
+    LOOM_CHECK(a && !a->empty(), "{}: key '{}{}' must be a list of [ranks, cores per rank]",
+               source, where, key);
+    EfficiencyTable e;
+    for (size_t i = 0; i < a->size(); ++i) {
+      const toml::array* p = (*a)[i].as_array();
+      LOOM_CHECK(p && p->size() == 2 && (*p)[0].is_integer() && (*p)[1].value<double>(),
+                 "{}: key '{}{}' entry {} must be [ranks (integer), cores per rank (number)]",
+                 source, where, key, i);
+      const double k = double(*(*p)[0].value<int64_t>()), v = *(*p)[1].value<double>();
+      LOOM_CHECK(k >= 1 && v > 0 && v < 1e6 && (e.points.empty() || k > e.points.back().first),
+                 "{}: key '{}{}' entry {} = [{}, {}]: ranks must be >= 1 and increasing, cores "
+                 "per rank > 0",
+                 source, where, key, i, k, v);
+      e.points.emplace_back(k, v);
+    }
+    return e;
+  }
   LinkLevel link(const toml::table& links, const std::string& level) const {
     const std::string where = "links." + level + ".";
     const toml::table& t = table(links, "links.", level);
@@ -206,10 +227,14 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   if (const toml::node* n = tbl.get("host")) {
     LOOM_CHECK(n->is_table(), "{}: 'host' must be a table", source);
     const toml::table& h = *n->as_table();
-    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated"});
+    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency"});
     c.host_cores = r.integer(h, "host.", "cores", "cores per host", 1, 1 << 16);
     c.cpu_model = r.string(h, "host.", "cpu_model", std::string());
     c.calibrated = r.string(h, "host.", "calibrated", std::string());
+    if (h.get("concurrency")) {
+      const EfficiencyTable t = r.efficiency_like(h, "host.", "concurrency");
+      for (auto [k, v] : t.points) c.concurrency.emplace_back(int(k), v);
+    }
   }
   const toml::table& links = r.table(tbl, "", "links");
   r.only_keys(links, "links.", {"intra", "inter"});
@@ -220,6 +245,16 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
 
 Cluster load_cluster(const std::string& path) {
   return cluster_from_toml(read_config_file(path, "cluster file"), path);
+}
+
+double Cluster::rank_share(int ranks) const {
+  LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
+  if (concurrency.empty()) return double(std::max(host_cores, 1)) / ranks;
+  const std::pair<int, double>* at = &concurrency.front();
+  for (const auto& e : concurrency)
+    if (e.first <= ranks) at = &e;
+  // Beyond the table (or below its first entry) the ranks split what that entry's ranks had.
+  return at->second * double(at->first) / double(ranks);
 }
 
 nlohmann::json Cluster::to_json() const {
@@ -265,9 +300,17 @@ std::string Cluster::to_toml() const {
                    peak_flops_f32 / 1e12, peak_flops_bf16 / 1e12,
                    double(memory_bytes) / double(int64_t(1) << 30), memory_bandwidth_Bps / 1e9,
                    table(eff_f32), table(eff_bf16), bf16_emulated ? "true" : "false", op_overhead_s * 1e6);
-  if (host_cores > 0)
+  if (host_cores > 0) {
     s += fmt::format("\n[host]\ncores = {}\ncpu_model = \"{}\"\ncalibrated = \"{}\"\n", host_cores,
                      cpu_model, calibrated);
+    if (!concurrency.empty()) {
+      s += "concurrency = [";
+      for (size_t i = 0; i < concurrency.size(); ++i)
+        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", concurrency[i].first,
+                         concurrency[i].second);
+      s += "]\n";
+    }
+  }
   s += '\n';
   s += link(intra, "intra");
   s += '\n';

@@ -21,6 +21,10 @@
 //   [host]                               (optional) ranks of a node share its cores (CPU hosts):
 //   cores = 2                            the device figures above are then the whole host's, and
 //   cpu_model = "...", calibrated = "..." a rank running alone gets max(1, cores/ranks) cores' share
+//   concurrency = [[1, 2.0], [4, 0.4]]  (optional) per-rank compute rate when that many ranks
+//                                        compute at once, in units of one core alone (measured by
+//                                        calibrate: other processes' load and oversubscription);
+//                                        without it a rank gets cores/ranks cores
 //   [links.intra], [links.inter]         within a node / across nodes:
 //   latency_us, bandwidth_GBps           alpha (per message step) and beta (per rank, one direction)
 //   efficiency                           fraction of bandwidth_GBps a collective reaches
@@ -72,6 +76,10 @@ struct Cluster {
   bool bf16_emulated = false;
   double op_overhead_s = 0;       // per kernel call
   int host_cores = 0;             // 0: devices do not share; >0: ranks share this many cores
+  std::vector<std::pair<int, double>> concurrency;  // (ranks, cores' worth per rank), by ranks
+  // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
+  // (nearest entry at or below, the last one beyond it scaled by last/ranks), else cores/ranks.
+  double rank_share(int ranks) const;
   std::string cpu_model, calibrated;
   LinkLevel intra, inter;
 

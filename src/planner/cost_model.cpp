@@ -126,9 +126,11 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
              "the plan needs {} ranks but cluster '{}' has {} nodes x {} devices = {}", world,
              cl.name, cl.nodes, cl.devices_per_node, cl.total_devices());
   const bool bf = in.precision == model::Precision::bf16;
-  // Ranks sharing one host's cores split its throughput (cluster.h).
+  // Ranks sharing one host's cores split its throughput (cluster.h): the host figures are for
+  // all its cores; a rank gets rank_share() cores' worth of them.
+  const int host_ranks = std::min(world, cl.devices_per_node);
   const double share =
-      cl.host_cores > 0 ? double(std::min(world, cl.devices_per_node)) : 1.0;
+      cl.host_cores > 0 ? double(cl.host_cores) / cl.rank_share(host_ranks) : 1.0;
   Rates r;
   r.flops = cl.peak_flops(in.precision) / share;
   r.bytes = cl.memory_bandwidth_Bps / share;
@@ -174,7 +176,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * plan.dp, plan.pp);
   const double pp_msg = plan.pp > 1 ? pp_link.time(Collective::send, Nl * C * f32, 2) : 0;
   // Kernel-call overhead (cost_model.h's counts), stretched when ranks outnumber cores.
-  const double stretch = cl.host_cores > 0 ? std::max(1.0, share / cl.host_cores) : 1.0;
+  const double stretch = cl.host_cores > 0 ? std::max(1.0, 1.0 / cl.rank_share(host_ranks)) : 1.0;
   const double call = cl.op_overhead_s * stretch;
   const double block_calls_fwd = 10, head_calls_fwd = 5;
 
