@@ -65,6 +65,8 @@ std::string with_line_replaced(std::string text, const std::string& from, const 
   return text.replace(p, from.size(), to);
 }
 
+ParallelPlan plan_of(const std::string& s, const model::ModelConfig& cfg, int64_t G, int world);
+
 TEST(Cluster, AlphaBetaOfCollectivesByHand) {
   const Cluster c = cluster_from_toml(kTestCluster, "test");
   // Ring all-gather of 1 MB over 4 ranks: 3 steps of 10 us + 3/4 of 1e6 bytes at 10 GB/s x 0.5.
@@ -78,6 +80,29 @@ TEST(Cluster, AlphaBetaOfCollectivesByHand) {
   EXPECT_DOUBLE_EQ(c.eff_bf16.at(1e3), 0.25);
   EXPECT_NEAR(c.eff_bf16.at(std::sqrt(1e6 * 1e9)), 0.375, 1e-12);  // halfway in log(size)
   EXPECT_DOUBLE_EQ(c.eff_bf16.at(1e12), 0.5);
+}
+
+TEST(Cluster, SharedHostConcurrency) {
+  std::string text = kTestCluster;
+  text = with_line_replaced(text, "[links.intra]", "[host]\ncores = 2\n[links.intra]");
+  Cluster c = cluster_from_toml(text, "test");
+  EXPECT_DOUBLE_EQ(c.rank_share(1), 2.0);  // no table: cores / ranks
+  EXPECT_DOUBLE_EQ(c.rank_share(4), 0.5);
+  text = with_line_replaced(text, "cores = 2\n", "cores = 2\nconcurrency = [[1, 1.5], [2, 0.8]]\n");
+  c = cluster_from_toml(text, "test");
+  EXPECT_DOUBLE_EQ(c.rank_share(1), 1.5);
+  EXPECT_DOUBLE_EQ(c.rank_share(2), 0.8);
+  EXPECT_DOUBLE_EQ(c.rank_share(4), 0.4);  // beyond the table: 2 ranks' worth split over 4
+  // A rank's compute time scales with 1 / its share.
+  const model::ModelConfig cfg = small_model(4);
+  MemoryOracle oracle(cfg, 32, model::Precision::f32, false);
+  const ParallelPlan p2 = plan_of("dp=2,micro_batches=1", cfg, 2, 2);
+  const StepCost t2 = estimate_time({cfg, c, 32, model::Precision::f32}, p2, oracle);
+  const ParallelPlan p1 = plan_of("dp=1,micro_batches=1", cfg, 1, 1);
+  const StepCost t1 = estimate_time({cfg, c, 32, model::Precision::f32}, p1, oracle);
+  EXPECT_NEAR(t2.terms.forward / t1.terms.forward, 1.5 / 0.8, 1e-9);
+  EXPECT_THROW(cluster_from_toml(with_line_replaced(text, "[[1, 1.5], [2, 0.8]]", "[[2, 1.5], [1, 0.8]]"), "t"),
+               Error);
 }
 
 TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
