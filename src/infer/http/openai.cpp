@@ -157,7 +157,7 @@ CompletionRequest parse_completion_request(const std::string& body, const Limits
   json j;
   try {
     j = json::parse(body);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1E400
     throw invalid_request(fmt::format("the request body is not valid JSON: {}", e.what()), "",
                           "invalid_json");
   }
