@@ -25,6 +25,12 @@ std::string make_checkpoint() {
   const std::string root = loom::fuzz::scratch_file("unused", nullptr, 0) + "-ckpt";
   std::filesystem::remove_all(root);
   std::filesystem::create_directories(root);
+  static const std::string to_remove = root;  // the checkpoint goes when the fuzzer exits
+  std::atexit([] {
+    std::error_code ec;
+    std::filesystem::remove_all(to_remove, ec);
+    std::filesystem::remove(loom::fuzz::scratch_file("unused", nullptr, 0), ec);
+  });
   static std::vector<float> a(12), b(5);  // (4, 3) and (5)
   for (size_t i = 0; i < a.size(); ++i) a[i] = float(i);
   for (size_t i = 0; i < b.size(); ++i) b[i] = -float(i);
