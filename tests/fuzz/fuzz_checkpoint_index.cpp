@@ -57,13 +57,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string dir = make_checkpoint();
   namespace ck = loom::checkpoint;
   {
-    std::ofstream f(dir + "/index.json", std::ios::binary | std::ios::trunc);
+    std::ofstream f(dir + "/index.json", std::ios::out | std::ios::binary | std::ios::trunc);
     f.write(reinterpret_cast<const char*>(data), std::streamsize(size));
   }
   {
     nlohmann::json sums = nlohmann::json::parse(std::ifstream(dir + "/checksums.json"));
     sums["index.json"] = {{"sha256", ck::sha256_hex(data, size)}, {"bytes", size}};
-    std::ofstream(dir + "/checksums.json", std::ios::trunc) << sums.dump();
+    std::ofstream(dir + "/checksums.json", std::ios::out | std::ios::trunc) << sums.dump();
   }
   try {
     ck::ShardedReader r(dir);
