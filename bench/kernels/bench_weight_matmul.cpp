@@ -11,12 +11,17 @@
 // Prints JSON lines:
 //   {"bench":"read_bandwidth", ...}         the probe (kernels::measure_read_bandwidth_gbs)
 //   {"bench":"weight_matmul", "format", "case", "M", "N", "K", "seconds" (median per call),
-//    "weight_gbs" (weight + scale bytes / seconds), "probe_gbs" (probe just before the case),
-//    "frac_probe", "gflops", "threads"}
+//    "best_seconds" (fastest call), "weight_gbs" / "best_gbs" (weight + scale bytes / seconds),
+//    "probe_gbs" (the probe just before the case), "frac_probe" = best_gbs / probe_gbs,
+//    "median_frac_probe", "gflops" (best), "cpu_share", "threads"}
 //   {"bench":"weight_matmul_model", ...}   one decode step's linears of GPT-2 124M (12 layers of
 //    qkv, proj, fc, fcproj, then the tied LM head (50304, 768)), each layer with its own weights:
 //    seconds per step, weight GB/s, and tokens/s = M / seconds (the linears' bound on decode).
+// The probe reports the best of 5 passes, so "frac_probe" compares best with best: on the shared
+// development machines other jobs take cores away at random moments, which the median shows and
+// cpu_share (how much of its cores the process got) explains.
 // Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128]
+//        [--arena-mib 512]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -89,12 +94,21 @@ double now_s() {
       .count();
 }
 
-// Median seconds per call of weight_matmul over copies of an (N, K) weight laid end to end in the
+struct Timing {
+  double median_s;   // median seconds per call (or per step)
+  double best_s;     // fastest call: the machine's rate when no other job got in the way
+  double cpu_share;  // process CPU seconds / (wall seconds * threads) over the timed calls: how
+                     // much of its cores the process got (OpenMP spin-waits count as CPU time)
+};
+
+Timing summarize(std::vector<double> times, double wall, double cpu) {
+  std::sort(times.begin(), times.end());
+  return {times[times.size() / 2], times.front(), cpu / (wall * omp_get_max_threads())};
+}
+
+// Seconds per call of weight_matmul over copies of an (N, K) weight laid end to end in the
 // arena, cycling through them so each call reads its weight from memory.
-// *cpu_share: process CPU seconds / (wall seconds * threads) over the timed calls: how much of its
-// cores the process got (below 1 when other jobs share the machine; OpenMP spin-waits count).
-double time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, double min_seconds,
-                  double* cpu_share) {
+Timing time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, double min_seconds) {
   const size_t wbytes = size_t(s.N * s.K) * elem_bytes(f);
   const size_t stride = (wbytes + 63) / 64 * 64;
   const size_t copies = std::max<size_t>(1, arena.bytes / stride);
@@ -116,15 +130,12 @@ double time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, doubl
     once();
     times.push_back(now_s() - t0);
   }
-  *cpu_share = (process_cpu_s() - cpu0) / ((now_s() - start) * omp_get_max_threads());
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return summarize(times, now_s() - start, process_cpu_s() - cpu0);
 }
 
 // One decode step's linears: the 48 layer weights and the LM head, each its own slice of the
-// arena (GPT-2 124M in f32 is 494 MB, inside the 512 MiB arena). Returns median seconds per step.
-double time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, size_t* bytes,
-                  double* cpu_share) {
+// arena (GPT-2 124M in f32 is 494 MB, inside the 512 MiB arena). Times per step.
+Timing time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, size_t* bytes) {
   const int64_t kLayers = 12, C = 768, V = 50304;
   struct Lin {
     int64_t N, K;
@@ -139,7 +150,7 @@ double time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, s
     offsets.push_back(total);
     total += (size_t(l.N * l.K) * elem_bytes(f) + 63) / 64 * 64;
   }
-  if (total > arena.bytes) {
+  if (total > arena.bytes) {  // not reached: main skips the model below 500 MiB
     std::fprintf(stderr, "bench_weight_matmul: model needs %zu bytes > arena %zu\n", total,
                  arena.bytes);
     std::exit(1);
@@ -162,9 +173,7 @@ double time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, s
     step();
     times.push_back(now_s() - t0);
   }
-  *cpu_share = (process_cpu_s() - cpu0) / ((now_s() - start) * omp_get_max_threads());
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return summarize(times, now_s() - start, process_cpu_s() - cpu0);
 }
 
 std::vector<std::string> split(const char* s) {
@@ -189,6 +198,7 @@ int main(int argc, char** argv) {
   std::vector<WeightFormat> formats = {WeightFormat::f32, WeightFormat::bf16,
                                        WeightFormat::int8_row};
   std::vector<int64_t> Ms = {1, 8, 128};
+  size_t arena_mib = 512;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
@@ -203,56 +213,64 @@ int main(int argc, char** argv) {
           return 2;
         }
       }
+    } else if (std::strcmp(argv[i], "--arena-mib") == 0 && i + 1 < argc) {
+      // A small arena (e.g. 4) keeps W in cache: the kernels' compute rate without DRAM.
+      arena_mib = size_t(std::max(1LL, std::atoll(argv[++i])));
     } else if (std::strcmp(argv[i], "--M") == 0 && i + 1 < argc) {
       Ms.clear();
       for (const std::string& m : split(argv[++i])) Ms.push_back(std::atoll(m.c_str()));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128]\n", argv[0]);
+                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 512]\n", argv[0]);
       return 2;
     }
   }
   const double min_s = quick ? 0.1 : 0.4;
   const int threads = omp_get_max_threads();
-  Arena arena(size_t(512) << 20);
-  auto probe = [&] {
-    const double gbs = kernels::measure_read_bandwidth_gbs(threads);
-    std::printf("{\"bench\":\"read_bandwidth\",\"gbs\":%.2f,\"threads\":%d}\n", gbs, threads);
-    return gbs;
-  };
+  size_t largest = 0;  // the arena holds at least one copy of every weight benchmarked
+  for (WeightFormat f : formats)
+    for (const Shape& s : kShapes)
+      largest = std::max(largest, (size_t(s.N * s.K) * elem_bytes(f) + 63) / 64 * 64);
+  Arena arena(std::max(arena_mib << 20, largest));
+  std::printf("{\"bench\":\"read_bandwidth\",\"gbs\":%.2f,\"threads\":%d}\n",
+              kernels::measure_read_bandwidth_gbs(threads), threads);
   for (WeightFormat f : formats) {
     for (int64_t M : Ms) {
       for (const Shape& s : kShapes) {
         const double probe_gbs = kernels::measure_read_bandwidth_gbs(threads);
-        double share = 0.0;
-        const double sec = time_shape(arena, f, M, s, min_s, &share);
+        const Timing t = time_shape(arena, f, M, s, min_s);
         const double bytes = double(s.N * s.K) * double(elem_bytes(f)) +
                              (f == WeightFormat::int8_row ? 4.0 * double(s.N) : 0.0);
-        const double gbs = bytes / sec * 1e-9;
+        const double gbs = bytes / t.median_s * 1e-9, best_gbs = bytes / t.best_s * 1e-9;
         std::printf("{\"bench\":\"weight_matmul\",\"format\":\"%s\",\"case\":\"%s\",\"M\":%ld,"
-                    "\"N\":%ld,\"K\":%ld,\"seconds\":%.4e,\"weight_gbs\":%.2f,"
-                    "\"probe_gbs\":%.2f,\"frac_probe\":%.3f,\"gflops\":%.1f,\"cpu_share\":%.2f,"
-                    "\"threads\":%d}\n",
-                    format_name(f), s.name, long(M), long(s.N), long(s.K), sec, gbs, probe_gbs,
-                    gbs / probe_gbs, 2.0 * double(M * s.N * s.K) / sec * 1e-9, share, threads);
+                    "\"N\":%ld,\"K\":%ld,\"seconds\":%.4e,\"best_seconds\":%.4e,"
+                    "\"weight_gbs\":%.2f,\"best_gbs\":%.2f,\"probe_gbs\":%.2f,"
+                    "\"frac_probe\":%.3f,\"median_frac_probe\":%.3f,\"gflops\":%.1f,"
+                    "\"cpu_share\":%.2f,\"threads\":%d}\n",
+                    format_name(f), s.name, long(M), long(s.N), long(s.K), t.median_s, t.best_s,
+                    gbs, best_gbs, probe_gbs, best_gbs / probe_gbs, gbs / probe_gbs,
+                    2.0 * double(M * s.N * s.K) / t.best_s * 1e-9, t.cpu_share, threads);
         std::fflush(stdout);
       }
     }
   }
   for (WeightFormat f : formats) {
     for (int64_t M : Ms) {
-      if (M > 8) continue;  // decode batch sizes only
-      const double probe_gbs = probe();
+      // Decode batch sizes only, and only when the arena holds the whole model.
+      if (M > 8 || arena.bytes < (size_t(500) << 20)) continue;
+      const double probe_gbs = kernels::measure_read_bandwidth_gbs(threads);
       size_t bytes = 0;
-      double share = 0.0;
-      const double sec = time_model(arena, f, M, min_s, &bytes, &share);
-      const double gbs = double(bytes) / sec * 1e-9;
+      const Timing t = time_model(arena, f, M, min_s, &bytes);
+      const double gbs = double(bytes) / t.median_s * 1e-9, best_gbs = double(bytes) / t.best_s * 1e-9;
       std::printf("{\"bench\":\"weight_matmul_model\",\"model\":\"gpt2-124m\",\"format\":\"%s\","
-                  "\"M\":%ld,\"seconds_per_step\":%.4e,\"weight_bytes\":%zu,\"weight_gbs\":%.2f,"
-                  "\"probe_gbs\":%.2f,\"frac_probe\":%.3f,\"tokens_per_s\":%.1f,\"cpu_share\":%.2f,"
+                  "\"M\":%ld,\"seconds_per_step\":%.4e,\"best_seconds_per_step\":%.4e,"
+                  "\"weight_bytes\":%zu,\"weight_gbs\":%.2f,\"best_gbs\":%.2f,"
+                  "\"probe_gbs\":%.2f,\"frac_probe\":%.3f,\"median_frac_probe\":%.3f,"
+                  "\"tokens_per_s\":%.1f,\"best_tokens_per_s\":%.1f,\"cpu_share\":%.2f,"
                   "\"threads\":%d}\n",
-                  format_name(f), long(M), sec, bytes, gbs, probe_gbs, gbs / probe_gbs,
-                  double(M) / sec, share, threads);
+                  format_name(f), long(M), t.median_s, t.best_s, bytes, gbs, best_gbs, probe_gbs,
+                  best_gbs / probe_gbs, gbs / probe_gbs, double(M) / t.median_s,
+                  double(M) / t.best_s, t.cpu_share, threads);
       std::fflush(stdout);
     }
   }

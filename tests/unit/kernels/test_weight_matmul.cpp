@@ -1,6 +1,6 @@
 // Tests for kernels/cpu/weight_matmul.h against kernels/ref/weight_matmul_ref.h: every weight
 // format on odd shapes (K not a multiple of the 16-lane vector, M not a multiple of the 8-row
-// tile, N not a multiple of the 4-row block), bias, ldy > N, batch invariance bit for bit (other
+// tile, N not a multiple of the 8-row block), bias, ldy > N, batch invariance bit for bit (other
 // rows, thread counts), NaN isolation, quantize_rows_int8's error bound, bad sizes.
 #include <gtest/gtest.h>
 
@@ -156,7 +156,8 @@ TEST(KernelsWeightMatmul, Bf16ErrorAtMostTwicePlainLoop) {
 }
 
 // Row m of y must be the same bits whatever other rows share the call: M = 7 and 17 (tiles of
-// 7 rows with 2 weight rows each, and 8 + 8 + 1) against M = 1 (1 row with 4 weight rows).
+// 7 rows with 2 weight rows each, and 8 + 8 + 1) against M = 1 (1 row with 8 weight rows), and
+// sub-batches of 3 (4 weight rows per tile) and 5 (2 per tile).
 TEST(KernelsWeightMatmul, BatchInvariantBitwise) {
   for (WeightFormat f : kFormats)
     for (int64_t K : {13, 769}) {
@@ -172,9 +173,13 @@ TEST(KernelsWeightMatmul, BatchInvariantBitwise) {
                                       bias.data());
           EXPECT_TRUE(bitwise_equal(y.data() + m * N, y1.data(), N)) << "M=" << M << " row " << m;
         }
-        // Any contiguous sub-batch, e.g. rows 2..6 as a call of 5.
-        std::vector<float> y5 = run(&kernels::weight_matmul, sw, x.data() + 2 * K, 5, bias.data());
-        EXPECT_TRUE(bitwise_equal(y.data() + 2 * N, y5.data(), 5 * N)) << "M=" << M;
+        // Contiguous sub-batches: rows 2..4 as a call of 3, rows 2..6 as a call of 5.
+        for (int64_t sub : {3, 5}) {
+          std::vector<float> ys = run(&kernels::weight_matmul, sw, x.data() + 2 * K, sub,
+                                      bias.data());
+          EXPECT_TRUE(bitwise_equal(y.data() + 2 * N, ys.data(), sub * N))
+              << "M=" << M << " sub-batch " << sub;
+        }
       }
     }
 }
