@@ -4,9 +4,10 @@
 //
 // At decode sizes (M = 1..8 rows of x) the kernel's cost is reading W, so the figure of merit is
 // the weight bytes read per second against what the machine can read at all. To read W from
-// memory rather than from cache (the development machines have a large shared L3), every call
-// uses the next of several copies of W that together fill a 512 MiB arena, as decode does when it
-// walks through the layers.
+// memory rather than from cache (the development machine has a 260 MiB shared L3, whose
+// replacement policy keeps part of a cyclically read set twice its size), every call uses the
+// next of several copies of W that together fill a 1 GiB arena, as decode does when it walks
+// through the layers; the probe streams 1 GiB too.
 //
 // Prints JSON lines:
 //   {"bench":"read_bandwidth", ...}         the probe (kernels::measure_read_bandwidth_gbs)
@@ -21,7 +22,7 @@
 // development machines other jobs take cores away at random moments, which the median shows and
 // cpu_share (how much of its cores the process got) explains.
 // Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128]
-//        [--arena-mib 512]
+//        [--arena-mib 1024]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,6 +55,8 @@ const Shape kShapes[] = {{"qkv", 2304, 768},
                          {"fc", 3072, 768},
                          {"fcproj", 768, 3072},
                          {"lm_head", 50304, 768}};
+
+constexpr size_t kProbeBytes = size_t(1) << 30;  // 1 GiB: 4x the L3
 
 const char* format_name(WeightFormat f) {
   return f == WeightFormat::f32 ? "f32" : f == WeightFormat::bf16 ? "bf16" : "int8";
@@ -134,7 +137,9 @@ Timing time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, doubl
 }
 
 // One decode step's linears: the 48 layer weights and the LM head, each its own slice of the
-// arena (GPT-2 124M in f32 is 494 MB, inside the 512 MiB arena). Times per step.
+// arena. Successive steps use successive copies of the whole model, as many as the arena holds
+// (GPT-2 124M is 494 MB in f32, 124 MB in int8: 2 and 8 copies in 1 GiB), so a step reads its
+// weights from memory even where one model copy would fit the L3. Times per step.
 Timing time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, size_t* bytes) {
   const int64_t kLayers = 12, C = 768, V = 50304;
   struct Lin {
@@ -156,11 +161,14 @@ Timing time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, s
     std::exit(1);
   }
   *bytes = total;
+  const size_t copies = arena.bytes / total;
+  size_t next = 0;
   std::vector<float> x(size_t(M * 4 * C), 0.5f);  // (M, 4C): the widest input
   std::vector<float> y(size_t(M * V));            // (M, V): the widest output
   auto step = [&] {
+    const char* model = arena.data.get() + (next++ % copies) * total;
     for (size_t i = 0; i < lins.size(); ++i) {
-      kernels::WeightView w{f, lins[i].N, lins[i].K, arena.data.get() + offsets[i],
+      kernels::WeightView w{f, lins[i].N, lins[i].K, model + offsets[i],
                             f == WeightFormat::int8_row ? arena.scales.data() : nullptr};
       kernels::weight_matmul(y.data(), 0, x.data(), M, w, nullptr);
     }
@@ -198,7 +206,7 @@ int main(int argc, char** argv) {
   std::vector<WeightFormat> formats = {WeightFormat::f32, WeightFormat::bf16,
                                        WeightFormat::int8_row};
   std::vector<int64_t> Ms = {1, 8, 128};
-  size_t arena_mib = 512;
+  size_t arena_mib = 1024;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
@@ -221,7 +229,7 @@ int main(int argc, char** argv) {
       for (const std::string& m : split(argv[++i])) Ms.push_back(std::atoll(m.c_str()));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 512]\n", argv[0]);
+                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 1024]\n", argv[0]);
       return 2;
     }
   }
@@ -233,11 +241,11 @@ int main(int argc, char** argv) {
       largest = std::max(largest, (size_t(s.N * s.K) * elem_bytes(f) + 63) / 64 * 64);
   Arena arena(std::max(arena_mib << 20, largest));
   std::printf("{\"bench\":\"read_bandwidth\",\"gbs\":%.2f,\"threads\":%d}\n",
-              kernels::measure_read_bandwidth_gbs(threads), threads);
+              kernels::measure_read_bandwidth_gbs(threads, kProbeBytes), threads);
   for (WeightFormat f : formats) {
     for (int64_t M : Ms) {
       for (const Shape& s : kShapes) {
-        const double probe_gbs = kernels::measure_read_bandwidth_gbs(threads);
+        const double probe_gbs = kernels::measure_read_bandwidth_gbs(threads, kProbeBytes);
         const Timing t = time_shape(arena, f, M, s, min_s);
         const double bytes = double(s.N * s.K) * double(elem_bytes(f)) +
                              (f == WeightFormat::int8_row ? 4.0 * double(s.N) : 0.0);
@@ -261,7 +269,7 @@ int main(int argc, char** argv) {
       // Best of 10 passes here: a step (49 calls) lasts about as long as a few probe passes, so
       // both get similar chances to run while the other jobs on the machine leave the cores free.
       const double probe_gbs =
-          kernels::measure_read_bandwidth_gbs(threads, size_t(512) << 20, /*repeats=*/10);
+          kernels::measure_read_bandwidth_gbs(threads, kProbeBytes, /*repeats=*/10);
       size_t bytes = 0;
       const Timing t = time_model(arena, f, M, min_s, &bytes);
       const double gbs = double(bytes) / t.median_s * 1e-9, best_gbs = double(bytes) / t.best_s * 1e-9;
