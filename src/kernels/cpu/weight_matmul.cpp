@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "core/error.h"
 
@@ -123,13 +124,16 @@ LOOM_AVX512 void tile(float* y, int64_t ldy, const float* x, int64_t K, const ch
                                                    : F == WeightFormat::bf16 ? 2
                                                                              : 1);
   constexpr int kLinesPerStep = kStepBytes < 64 ? 1 : int(kStepBytes / 64);
-  const char* next = w + size_t(NR) * row_bytes;
+  // The last tile's "next" lies past the end of W: an address only (integer arithmetic, never
+  // dereferenced); prefetches of unmapped addresses are dropped, they do not fault.
+  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + size_t(NR) * row_bytes;
   prefetch = prefetch && size_t(NR) * row_bytes <= kPrefetchMaxTileBytes;
   for (int64_t k = 0; k < k_full; k += 16) {
     if (prefetch) {
-      const char* p = next + size_t(k / 16) * kStepBytes;
+      const uintptr_t p = next + size_t(k / 16) * kStepBytes;
 #pragma GCC unroll 8
-      for (int l = 0; l < kLinesPerStep; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+      for (int l = 0; l < kLinesPerStep; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(p + 64 * size_t(l)), _MM_HINT_T0);
     }
     tile_step<F, MR, NR, false>(acc, x, K, w, row_bytes, k, 0xFFFF);
   }
