@@ -261,8 +261,7 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
   if (ldy == 0) ldy = N;
   check_args("weight_matmul", y, ldy, x, M, w);
   if (M == 0 || N == 0) return;
-  static const bool kAvx512 = cpu_has_avx512();  // a property of the CPU, fixed for the process
-  if (!kAvx512) return weight_matmul_reference(y, ldy, x, M, w, bias);
+  if (!weight_matmul_uses_avx512()) return weight_matmul_reference(y, ldy, x, M, w, bias);
   switch (w.format) {
     case WeightFormat::f32: return weight_matmul_avx512<WeightFormat::f32>(y, ldy, x, M, w, bias);
     case WeightFormat::bf16: return weight_matmul_avx512<WeightFormat::bf16>(y, ldy, x, M, w, bias);
@@ -270,6 +269,11 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
       return weight_matmul_avx512<WeightFormat::int8_row>(y, ldy, x, M, w, bias);
   }
   LOOM_ASSERT(false, "weight_matmul: unknown WeightFormat {}", int(w.format));
+}
+
+bool weight_matmul_uses_avx512() {
+  static const bool kAvx512 = cpu_has_avx512();  // a property of the CPU, fixed for the process
+  return kAvx512;
 }
 
 void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K) {

@@ -55,6 +55,10 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias);
 
+// True when weight_matmul takes the AVX-512 path on this CPU (F, BW and VL present), false when
+// it runs weight_matmul_reference.
+bool weight_matmul_uses_avx512();
+
 // Quantizes W (N, K) f32 into q (N, K) and scales (N) as described above.
 void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K);
 

@@ -111,6 +111,15 @@ bool bitwise_equal(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
+// Says which path the other tests exercised: without AVX-512, weight_matmul is the reference
+// loop and the fast kernel went untested here.
+TEST(KernelsWeightMatmul, FastPathAvailable) {
+  if (!kernels::weight_matmul_uses_avx512())
+    GTEST_SKIP() << "SKIP: this CPU lacks AVX-512 F/BW/VL; weight_matmul runs the reference loop, "
+                    "so the AVX-512 kernel is not tested on this machine";
+  SUCCEED();
+}
+
 TEST(KernelsWeightMatmul, AllFormatsMatchFloat64ReferenceOnOddShapes) {
   uint64_t seed = 1;
   int variant = 0;
