@@ -240,8 +240,9 @@ int main(int argc, char** argv) {
     for (const Shape& s : kShapes)
       largest = std::max(largest, (size_t(s.N * s.K) * elem_bytes(f) + 63) / 64 * 64);
   Arena arena(std::max(arena_mib << 20, largest));
-  std::printf("{\"bench\":\"read_bandwidth\",\"gbs\":%.2f,\"threads\":%d}\n",
-              kernels::measure_read_bandwidth_gbs(threads, kProbeBytes), threads);
+  std::printf("{\"bench\":\"read_bandwidth\",\"gbs\":%.2f,\"threads\":%d,\"avx512\":%s}\n",
+              kernels::measure_read_bandwidth_gbs(threads, kProbeBytes), threads,
+              kernels::weight_matmul_uses_avx512() ? "true" : "false");
   for (WeightFormat f : formats) {
     for (int64_t M : Ms) {
       for (const Shape& s : kShapes) {
