@@ -52,7 +52,9 @@ struct MoeConfig {
   Router router = Router::rre;
   // rre: domain names, e.g. ["python", "cpp", "other"]; languages (data/languages.h, compared
   // case-insensitively, "c++" also as "cpp") map to the domain of their name, every other
-  // language and unknown-language tokens to "other", which must be listed.
+  // language and unknown-language tokens to "other", which must be listed. Names that are no
+  // language are allowed (PanGu-Σ's natural-language domains): loom's code corpus sends them
+  // no tokens, but a caller passing domain indices can.
   std::vector<std::string> domains;
   int64_t experts_per_domain = 0;  // G (rre): experts = G * domains.size()
   RreTable rre_table = RreTable::uniform;

@@ -84,6 +84,7 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
   exec_ = std::make_unique<Executor>(cfg_.model, ec, pool_, real(dp), real(tp), real(pp));
   const int64_t M = plan_.micro_batches, b = plan_.micro_batch_size, T = cfg_.seq;
   global_.resize(size_t(cfg_.batch * (T + 1)));
+  language_domains_ = cfg_.model.language_domains();
   tokens_.resize(size_t(M * b * (T + 1)));
 }
 
@@ -99,10 +100,26 @@ std::unique_ptr<data::TokenStream> Trainer::make_stream(const std::string& split
   return data::open_shard_stream(cfg_.data_path, split, cfg_.data_seed, 0, 1);
 }
 
-void Trainer::next_windows(data::TokenStream& stream, std::vector<int32_t>& mine) {
+void Trainer::next_windows(data::TokenStream& stream, std::vector<int32_t>& mine,
+                           std::vector<int32_t>& domains) {
   const int64_t G = cfg_.batch, T = cfg_.seq, per_rank = G / dp_size();
-  stream.next_batch(global_.data(), nullptr, G, T);
-  const int32_t* first = global_.data() + int64_t(dp_rank()) * per_rank * (T + 1);
+  const int64_t first_row = int64_t(dp_rank()) * per_rank * (T + 1);
+  domains.clear();
+  if (language_domains_.empty()) {
+    stream.next_batch(global_.data(), nullptr, G, T);
+  } else {
+    // rre MoE: every token's domain from its document's language (unknown -> "other").
+    global_langs_.resize(global_.size());
+    stream.next_batch_token_languages(global_.data(), global_langs_.data(), G, T);
+    const int32_t other = int32_t(cfg_.model.moe.other_domain());
+    domains.resize(size_t(per_rank * (T + 1)));
+    for (size_t i = 0; i < domains.size(); ++i) {
+      const int32_t l = global_langs_[size_t(first_row) + i];
+      domains[i] = l >= 0 && size_t(l) < language_domains_.size() ? language_domains_[size_t(l)]
+                                                                  : other;
+    }
+  }
+  const int32_t* first = global_.data() + first_row;
   mine.assign(first, first + per_rank * (T + 1));  // (M, b, T+1): micro-batch major
 }
 
@@ -150,8 +167,9 @@ void Trainer::resume(const std::string& dir) {
 StepStats Trainer::train_step() {
   LOOM_CHECK(train_stream_ != nullptr, "train_step() before init_fresh() or resume()");
   auto t0 = std::chrono::steady_clock::now();
-  next_windows(*train_stream_, tokens_);
-  StepResult r = exec_->train_step(tokens_.data(), plan_.micro_batch_size, cfg_.seq);
+  next_windows(*train_stream_, tokens_, domains_);
+  StepResult r = exec_->train_step(tokens_.data(), plan_.micro_batch_size, cfg_.seq,
+                                   domains_.empty() ? nullptr : domains_.data());
   StepStats s;
   s.step = r.step;
   s.loss = r.loss;
@@ -169,9 +187,20 @@ double Trainer::eval_loss(int64_t batches) {
   auto stream = make_stream("val");
   const int64_t b = plan_.micro_batch_size, T = cfg_.seq;
   std::vector<int32_t> tokens(size_t(batches * b * (T + 1)));
-  for (int64_t i = 0; i < batches; ++i)
-    stream->next_batch(tokens.data() + i * b * (T + 1), nullptr, b, T);
-  return exec_->eval_loss(tokens.data(), batches, b, T);
+  std::vector<int32_t> domains;
+  if (language_domains_.empty()) {
+    for (int64_t i = 0; i < batches; ++i)
+      stream->next_batch(tokens.data() + i * b * (T + 1), nullptr, b, T);
+  } else {
+    domains.resize(tokens.size());
+    for (int64_t i = 0; i < batches; ++i)
+      stream->next_batch_token_languages(tokens.data() + i * b * (T + 1),
+                                         domains.data() + i * b * (T + 1), b, T);
+    const int32_t other = int32_t(cfg_.model.moe.other_domain());
+    for (int32_t& d : domains)
+      d = d >= 0 && size_t(d) < language_domains_.size() ? language_domains_[size_t(d)] : other;
+  }
+  return exec_->eval_loss(tokens.data(), batches, b, T, domains.empty() ? nullptr : domains.data());
 }
 
 nlohmann::json Trainer::data_state() const {

@@ -330,9 +330,11 @@ TEST(MoeConfig, BadInputIsNamed) {
             std::string::npos);
   EXPECT_NE(err("sparse_top = 1\ndomains = [\"python\"]\nexperts_per_domain = 2\n").find("\"other\""),
             std::string::npos);
-  EXPECT_NE(err("sparse_top = 1\ndomains = [\"cobol\", \"other\"]\nexperts_per_domain = 2\n")
-                .find("cobol"),
+  EXPECT_NE(err("sparse_top = 1\ndomains = [\"go\", \"go\", \"other\"]\nexperts_per_domain = 2\n")
+                .find("'go' is listed twice"),
             std::string::npos);
+  EXPECT_EQ(c.language_domains()[0], 0);  // python
+  EXPECT_EQ(c.language_domains()[2], 1);  // C++ -> other
   EXPECT_NE(err(ok + "experts = 5\n").find("set experts = 4"), std::string::npos);
   EXPECT_NE(err(ok + "top_k = 2\n").find("unknown moe key 'top_k'"), std::string::npos);
   EXPECT_NE(err("sparse_top = 1\nsparse_every = 1\nrouter = \"topk\"\nexperts = 4\n")
