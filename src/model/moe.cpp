@@ -86,19 +86,21 @@ std::vector<int32_t> balanced_rre_table(const std::vector<int64_t>& counts, int6
 
 double rre_table_max_over_mean(const std::vector<int32_t>& table,
                                const std::vector<int64_t>& counts, int64_t D, int64_t V, int64_t G) {
-  std::vector<int64_t> load;
+  // Within each domain's group (a domain's share of the batch is set by the data, not the
+  // table), the largest expected expert load over the group's mean; the worst domain.
+  double worst = 1.0;
   for (int64_t d = 0; d < D; ++d) {
-    std::vector<int64_t> l(size_t(G), 0);
+    std::vector<int64_t> l(static_cast<size_t>(G), 0);
     int64_t total = 0;
     for (int64_t t = 0; t < V; ++t) {
       l[size_t(table[size_t(d * V + t)])] += counts[size_t(d * V + t)];
       total += counts[size_t(d * V + t)];
     }
-    if (total > 0) load.insert(load.end(), l.begin(), l.end());
+    if (total == 0) continue;
+    const double mean = double(total) / double(G);
+    worst = std::max(worst, double(*std::max_element(l.begin(), l.end())) / mean);
   }
-  if (load.empty()) return 1.0;
-  const double mean = double(std::accumulate(load.begin(), load.end(), int64_t(0))) / double(load.size());
-  return mean > 0 ? double(*std::max_element(load.begin(), load.end())) / mean : 1.0;
+  return worst;
 }
 
 void set_rre_tables(const ModelConfig& cfg, const ParamLayout& layout, float* weights,

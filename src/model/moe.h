@@ -52,8 +52,9 @@ std::vector<int64_t> rre_dispatch_counts(const ModelConfig& cfg, const float* ta
 // mean + the largest single token count). counts (D, V) token counts per domain.
 std::vector<int32_t> balanced_rre_table(const std::vector<int64_t>& counts, int64_t D, int64_t V,
                                         int64_t G);
-// Max over experts of a table's expected load divided by the mean load, from counts (D, V),
-// over all D*G experts (domains with no tokens skipped): 1 is perfectly even.
+// A table's expected load imbalance from counts (D, V): per domain, the largest expected load of
+// an expert of its group over the group's mean load; the worst domain (domains without tokens
+// skipped). 1 is perfectly even.
 double rre_table_max_over_mean(const std::vector<int32_t>& table,
                                const std::vector<int64_t>& counts, int64_t D, int64_t V, int64_t G);
 // Writes `table` (D, V) into every sparse block's moe.rre_table of a full flat weight buffer in

@@ -10,15 +10,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 
 #include "checkpoint/sharded.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/threads.h"
+#include "core/rng.h"
+#include "data/data_meta.h"
 #include "data/token_stream.h"
 #include "interop/model_checkpoint.h"
 #include "kernels/cpu/matmul.h"
 #include "model/memory.h"
+#include "model/moe.h"
 #include "parallel/topology.h"
 #include "train/loop.h"
 
@@ -125,11 +129,50 @@ void Trainer::next_windows(data::TokenStream& stream, std::vector<int32_t>& mine
 
 void Trainer::init_fresh() {
   exec_->init_weights(cfg_.seed);
+  const model::MoeConfig& moe = cfg_.model.moe;
+  if (moe.enabled() && moe.router == model::Router::rre && moe.rre_table == model::RreTable::balanced)
+    init_balanced_rre_tables();
   train_stream_ = make_stream("train");
   LOOM_CHECK(train_stream_->vocab_size() <= cfg_.model.vocab,
              "the data's vocabulary ({} tokens) is larger than the model's vocab = {}; set the "
              "model's vocab to at least {}",
              train_stream_->vocab_size(), cfg_.model.vocab, train_stream_->vocab_size());
+}
+
+void Trainer::init_balanced_rre_tables() {
+  const model::ModelConfig& m = cfg_.model;
+  LOOM_CHECK(cfg_.data_source != "synthetic",
+             "model '{}' asks for rre_table = \"balanced\", which is built from the corpus's "
+             "per-language token counts, but the data source is synthetic; train on a corpus from "
+             "`loom data build` or set rre_table = \"uniform\"",
+             m.name);
+  int64_t V = 0;
+  const std::vector<int64_t> by_lang = data::read_token_counts(cfg_.data_path, &V);
+  LOOM_CHECK(V <= m.vocab, "the data's vocabulary ({}) exceeds the model's vocab = {}", V, m.vocab);
+  // Per-domain counts (D, model vocab): each language's counts go to its domain.
+  const int64_t D = m.moe.num_domains(), G = m.moe.experts_per_domain;
+  std::vector<int64_t> counts(size_t(D * m.vocab), 0);
+  for (size_t l = 0; l < language_domains_.size(); ++l)
+    for (int64_t t = 0; t < V; ++t)
+      counts[size_t(language_domains_[l] * m.vocab + t)] += by_lang[size_t(int64_t(l) * V + t)];
+  const std::vector<int32_t> table = model::balanced_rre_table(counts, D, m.vocab, G);
+  std::vector<int32_t> uniform(table.size());
+  for (size_t i = 0; i < uniform.size(); ++i)
+    uniform[i] = int32_t(rng_u64(cfg_.seed, rng_stream_id("blocks.moe.rre_table"), i) % uint64_t(G));
+  if (dp_rank() == 0 && tp_rank() == 0 && pp_rank() == 0)
+    LOOM_LOG_INFO("rre table: frequency-balanced from {} train tokens; expected max/mean expert load "
+            "{:.3f} (a uniform table: {:.3f})",
+            std::accumulate(counts.begin(), counts.end(), int64_t(0)),
+            model::rre_table_max_over_mean(table, counts, D, m.vocab, G),
+            model::rre_table_max_over_mean(uniform, counts, D, m.vocab, G));
+  // Into every held rre table, wherever the executor keeps it (ZeRO stores included).
+  exec_->load_checkpoint(
+      [&](const char* kind, const ParamSpec& spec, int64_t lo, int64_t hi, float* dst) {
+        if (std::string(kind) != "weights" || spec.name.find(".moe.rre_table") == std::string::npos)
+          return;
+        for (int64_t i = lo; i < hi; ++i) dst[i - lo] = float(table[size_t(i)]);
+      },
+      /*moments=*/false, 0);
 }
 
 void Trainer::resume(const std::string& dir) {

@@ -87,6 +87,10 @@ class Trainer {
 
  private:
   std::unique_ptr<data::TokenStream> make_stream(const std::string& split) const;
+  // rre_table = "balanced": builds the table from the corpus's per-language token counts
+  // (data/data_meta.h) mapped to domains, logs its expected max/mean expert load against a
+  // uniform table's, and writes it into every rre table this rank holds.
+  void init_balanced_rre_tables();
   // This rank's (M, b, T+1) windows of the next global batch from `stream`, and for an rre MoE
   // model each token's domain (M, b, T+1) in `domains` (cleared otherwise).
   void next_windows(data::TokenStream& stream, std::vector<int32_t>& mine,
