@@ -12,6 +12,7 @@
 #include "model/gpt.h"
 #include "model/memory.h"
 #include "model/moe.h"
+#include "parallel/plan.h"
 #include "optim/optimizer.h"
 #include "ref_model.h"
 
@@ -363,6 +364,25 @@ TEST(MoeConfig, BadInputIsNamed) {
   EXPECT_THROW(m.forward_loss(tokens.data(), 1, 8, domains.data()), Error);
   // tp with sparse blocks is not supported yet: named.
   EXPECT_THROW(ParamLayout(cfg, TpShard{0, 2}), Error);
+
+  // ep: must divide the experts (and dp); a dense model has nothing to split.
+  auto plan_err = [&](int ep, int64_t experts) {
+    parallel::PlanSettings s;
+    s.dp = 6;
+    s.ep = ep;
+    try {
+      parallel::make_plan(s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, experts},
+                          12, 6);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(plan_err(3, 4).find("must divide the 4 experts"), std::string::npos) << plan_err(3, 4);
+  EXPECT_NE(plan_err(3, 4).find("valid ep here (dividing experts and dp = 6): 1, 2"),
+            std::string::npos);
+  EXPECT_NE(plan_err(2, 0).find("has none"), std::string::npos);
+  EXPECT_NE(plan_err(2, 4).find("not available yet"), std::string::npos);
 }
 
 }  // namespace
