@@ -111,6 +111,21 @@ TEST(Trainer, MoeResumesBitIdenticallyAndLearns) {
   train::Trainer b(cfg, p2);
   b.resume((run / "ckpt").string());
   EXPECT_EQ(run_steps(b, k), uninterrupted);
+  {  // a checkpoint of other experts is refused, naming the difference
+    auto other = cfg;
+    other.model.moe.experts_per_domain = 1;
+    other.model.moe.experts = other.model.moe.num_domains();
+    other.model.validate();
+    MemoryPool p3;
+    train::Trainer c(other, p3);
+    try {
+      c.resume((run / "ckpt").string());
+      ADD_FAILURE() << "resumed a checkpoint with other experts";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("moe.experts = 8 (checkpoint) vs 4"), std::string::npos)
+          << e.what();
+    }
+  }
   for (int i = 0; i < 20; ++i) uninterrupted.push_back(a.train_step().loss);
   EXPECT_NEAR(first[0], std::log(512.0), 0.3);
   // 26 steps of 4 x 32 tokens (measured: 6.26 -> 5.68 nats; the dense test trains twice the
