@@ -95,8 +95,9 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     loom::parallel::PlanSettings s = o->plan;
     if (!s.dp || *s.dp == 0) s.dp = 1;
     const int world = *s.dp * s.tp.value_or(1) * s.pp.value_or(1);
-    const loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
-                                           cfg.vocab, cfg.moe.enabled() ? cfg.moe.experts : 0};
+    loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
+                                     cfg.vocab};
+    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;
     const loom::parallel::ParallelPlan plan = loom::parallel::make_plan(s, shape, o->batch, world);
     MemoryOptions mo;
     if (o->emulation != "auto") mo.bf16_emulated = o->emulation == "on";

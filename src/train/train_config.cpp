@@ -286,8 +286,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 }
 
 parallel::ModelShape plan_shape(const model::ModelConfig& m) {
-  return {m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab,
-          m.moe.enabled() ? m.moe.experts : 0};
+  parallel::ModelShape shape{m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab};
+  shape.experts = m.moe.enabled() ? m.moe.experts : 0;  // by name: ModelShape grows fields
+  return shape;
 }
 
 parallel::ParallelPlan make_train_plan(const TrainConfig& cfg, int world_size) {

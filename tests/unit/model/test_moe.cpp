@@ -424,9 +424,10 @@ TEST(MoeConfig, BadInputIsNamed) {
     parallel::PlanSettings s;
     s.dp = 6;
     s.ep = ep;
+    parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
+    shape.experts = experts;
     try {
-      parallel::make_plan(s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, experts},
-                          12, 6);
+      parallel::make_plan(s, shape, 12, 6);
     } catch (const Error& e) {
       return std::string(e.what());
     }
