@@ -79,7 +79,9 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dp", p.dp, "data-parallel size (default 1)");
   sub->add_option("--tp", p.tp, "tensor-parallel size");
   sub->add_option("--pp", p.pp, "pipeline stages");
-  sub->add_option("--zero", p.zero, "ZeRO stage over dp: 0, 1, 2 or 3");
+  sub->add_option("--cp", p.cp, "context-parallel size (every sequence split over cp ranks)");
+  sub->add_option("--cp-layout", p.cp_layout, "context-parallel token layout: zigzag or striped");
+  sub->add_option("--zero", p.zero, "ZeRO stage over dp (x cp): 0, 1, 2 or 3");
   sub->add_option("--micro-batches", p.micro_batches, "micro-batches per step and dp rank");
   sub->add_option("--schedule", p.schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
   sub->add_option("--virtual-stages", p.virtual_stages, "model chunks per rank (interleaved)");
@@ -94,11 +96,12 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     const Precision precision = o->precision == "bf16" ? Precision::bf16 : Precision::f32;
     loom::parallel::PlanSettings s = o->plan;
     if (!s.dp || *s.dp == 0) s.dp = 1;
-    const int world = *s.dp * s.tp.value_or(1) * s.pp.value_or(1);
+    const int world = *s.dp * s.tp.value_or(1) * s.pp.value_or(1) * s.cp.value_or(1);
     loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
-                                     cfg.vocab};
-    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;
+                                     cfg.vocab, T};
+    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;  // by name
     const loom::parallel::ParallelPlan plan = loom::parallel::make_plan(s, shape, o->batch, world);
+    cfg.check_context_parallel(plan.cp);
     MemoryOptions mo;
     if (o->emulation != "auto") mo.bf16_emulated = o->emulation == "on";
     const bool emulated = mo.bf16_emulated.value_or(bf16_emulated());
@@ -113,7 +116,8 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     if (o->json) {
       nlohmann::json per_rank = nlohmann::json::array();
       for (const RankMemory& r : ranks) {
-        nlohmann::json e = {{"rank", r.rank}, {"dp", r.dp}, {"tp", r.tp}, {"pp", r.pp}};
+        nlohmann::json e = {{"rank", r.rank}, {"dp", r.dp}, {"tp", r.tp}, {"pp", r.pp},
+                            {"cp", r.cp}};
         e.update(categories(r.bytes));
         per_rank.push_back(e);
       }

@@ -4,6 +4,9 @@
 // parallel unless the layout flags say otherwise). A rank whose training throws aborts the job.
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+
+#include <fmt/format.h>
 #include <memory>
 #include <optional>
 
@@ -13,6 +16,9 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
+#include "planner/cluster.h"
+#include "planner/cost_model.h"
+#include "planner/search.h"
 #include "train/run_dir.h"
 #include "train/trainer.h"
 
@@ -27,7 +33,66 @@ struct TrainOptions {
   // Layout flags: each overrides the config's [parallel] value when given (1 included).
   loom::parallel::PlanSettings plan;
   bool overwrite = false;
+  // --auto: the planner picks the layout (issue 13).
+  bool auto_plan = false;
+  std::string cluster = "configs/clusters/local.toml";
+  std::optional<double> memory_limit_gib;
 };
+
+// --auto: the fastest frontier plan under the memory limit for `world` ranks on the cluster
+// file, written into cfg.parallel as settings, so that the run validates and executes it through
+// parallel::make_plan exactly as if it had been given as flags. Every rank searches (the search
+// is deterministic, so all pick the same plan); rank 0 logs the choice and why.
+void choose_auto_plan(loom::train::TrainConfig& cfg, const TrainOptions& o, int world, bool log) {
+  using namespace loom::planner;
+  LOOM_CHECK(std::filesystem::exists(o.cluster),
+             "--auto needs the cluster file '{}', which does not exist; measure this machine "
+             "first: mpirun -np {} loom calibrate --out {} (or pass --cluster FILE)",
+             o.cluster, std::max(2, world), o.cluster);
+  const Cluster cluster = load_cluster(o.cluster);
+  if (!cluster.cpu_model.empty() && cluster.cpu_model != this_cpu_model() && log)
+    std::fprintf(stderr, "warning: '%s' was calibrated on '%s', this machine is '%s'; recalibrate "
+                         "with: loom calibrate --out %s\n",
+                 o.cluster.c_str(), cluster.cpu_model.c_str(), this_cpu_model().c_str(),
+                 o.cluster.c_str());
+  const int64_t limit =
+      o.memory_limit_gib
+          ? int64_t(*o.memory_limit_gib * 1024.0 * 1024.0 * 1024.0)
+          : (cluster.host_cores > 0 ? cluster.memory_bytes / std::max(1, world) : cluster.memory_bytes);
+  SearchOptions so;
+  so.devices = world;
+  so.global_batch = cfg.batch;
+  so.seq = cfg.seq;
+  so.precision = cfg.precision;
+  const SearchResult r = search(cfg.model, cluster, so);
+  const Candidate* c = fastest_under(r.frontier, limit);
+  if (!c) {
+    const Candidate* s = smallest_memory(r.frontier);
+    LOOM_FAIL("--auto: no plan for {} ranks fits {:.3f} GiB per rank; the smallest needs {:.3f} "
+              "GiB ({}); raise --memory-limit or use more ranks",
+              world, double(limit) / (1 << 30), double(s->cost.peak_bytes) / (1 << 30), s->key);
+  }
+  const std::optional<double> bucket = cfg.parallel.bucket_mb;
+  const std::optional<int> rpn = cfg.parallel.ranks_per_node;
+  cfg.parallel = parse_plan_string(c->key);
+  cfg.parallel.bucket_mb = bucket;
+  cfg.parallel.ranks_per_node = rpn;
+  if (log) {
+    std::string terms;
+    for (auto [n, v] : c->cost.terms.named())
+      if (v > 0) terms += fmt::format("{}{} {:.3g} s", terms.empty() ? "" : ", ", n, v);
+    std::fprintf(stderr,
+                 "auto plan: %s\n  %s\n  fastest of %zu frontier plans (%ld timed) under %.3f GiB "
+                 "per rank: predicted step %.4g s (%s), peak %.3f GiB\n",
+                 c->key.c_str(), c->plan.describe().c_str(), r.frontier.size(), long(r.timed),
+                 double(limit) / (1 << 30), c->cost.step_time, terms.c_str(),
+                 double(c->cost.peak_bytes) / (1 << 30));
+    if (c != &r.frontier.front())
+      std::fprintf(stderr, "  faster plans need more memory: %s (%.4g s, %.3f GiB)\n",
+                   r.frontier.front().key.c_str(), r.frontier.front().cost.step_time,
+                   double(r.frontier.front().cost.peak_bytes) / (1 << 30));
+  }
+}
 
 // True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
 bool launched_by_mpi() {
@@ -52,7 +117,13 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dp", p.dp, "data-parallel size (0: every rank not used by tp, pp and cp)");
   sub->add_option("--tp", p.tp, "tensor-parallel size (Megatron-style with sequence parallelism)");
   sub->add_option("--pp", p.pp, "pipeline stages");
-  sub->add_option("--cp", p.cp, "context-parallel size (1 until context parallelism lands)");
+  sub->add_option("--cp", p.cp,
+                  "context-parallel size G: every sequence split over G ranks (zigzag: seq "
+                  "divisible by 2G)");
+  sub->add_option("--cp-scheme", p.cp_scheme,
+                  "context-parallel attention: burst (default; per-layer choice of backward), "
+                  "ring, allgather or ulysses");
+  sub->add_option("--cp-layout", p.cp_layout, "context-parallel token layout: zigzag or striped");
   sub->add_option("--ep", p.ep, "expert-parallel size, a divisor of dp (1 until experts land)");
   sub->add_option("--zero", p.zero,
                   "ZeRO stage over dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights");
@@ -64,6 +135,13 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--stage-layers", p.stage_layers, "blocks per stage, e.g. 5,6,6,5");
   sub->add_option("--recompute", p.recompute,
                   "none, selective, full, or per layer, e.g. full:0-11,selective:12-23");
+  sub->add_flag("--auto", opts->auto_plan,
+                "let the planner choose the layout for the launched ranks (loom plan's fastest "
+                "plan under the memory limit; replaces the layout flags and [parallel])");
+  sub->add_option("--cluster", opts->cluster, "cluster file for --auto (default "
+                                              "configs/clusters/local.toml, from loom calibrate)");
+  sub->add_option("--memory-limit", opts->memory_limit_gib,
+                  "--auto: GiB per rank (default: the host memory divided among the ranks)");
   sub->add_option("--ranks-per-node", p.ranks_per_node,
                   "treat every K consecutive ranks as one node (emulates several nodes; default: "
                   "MPI's shared-memory islands)");
@@ -86,6 +164,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
       go.ranks_per_node = cfg.parallel.ranks_per_node.value_or(0);
       world = loom::comm::ProcessGroup::world(go);
     }
+    if (opts->auto_plan)
+      choose_auto_plan(cfg, *opts, world.valid() ? world.size() : 1,
+                       !world.valid() || world.rank() == 0);
     loom::train::StepStats s;
     try {
       auto run_lock = loom::train::claim_run_dir(cfg.log_dir, !opts->resume.empty(),

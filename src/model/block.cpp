@@ -199,8 +199,12 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   // att = causal softmax(q k^T / sqrt(HD)) v                               (N,Cq), lse (B,NH,T)
   st.att = new_f32(c, {N, Cq}, cat(keep_some));
   st.lse = new_f32(c, {c.B, c.cfg.n_heads / c.tp_size(), c.T}, cat(keep_some));
-  attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
-                                     attention_shape(c, q_stride, kv_stride));
+  if (c.cp)  // this rank's T rows against the whole sequence over the cp group
+    attention::cp_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
+                                    DType::f32, attention_shape(c, q_stride, kv_stride), *c.cp);
+  else
+    attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
+                                       attention_shape(c, q_stride, kv_stride));
   Tensor att_mm = to_mm(c, st.att, cat(keep_all));
 
   // mid = x + att @ Wo^T + bo                                                 (Nl,C)
@@ -351,14 +355,20 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
   if (!qin) {
     const int64_t S = Cq + 2 * KV;
     auto s = attention_shape(c, S, S);
-    attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                             st.att.data<float>(), s);
     Tensor dqkv = Tensor::zeros({N, S}, DType::f32, c.pool, ws);  // (N, Cq+2KV)
     const float* qkv = st.qkv.data<float>();
     float* g = dqkv.data<float>();
-    attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
-                                        qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
-                                        D.data<float>(), s);
+    if (c.cp) {  // computes D itself from out (the forward's att)
+      attention::cp_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
+                                       qkv + Cq, qkv + Cq + KV, st.att.data<float>(),
+                                       st.lse.data<float>(), DType::f32, s, *c.cp);
+    } else {
+      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                               st.att.data<float>(), s);
+      attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
+                                          qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
+                                          D.data<float>(), s);
+    }
     st.qkv = Tensor();
     Tensor dqkv_mm = to_mm(c, dqkv, ws);
     mm_dyW(c, d_ln1_part.data<float>(), dqkv_mm, o.w_qkv, N, S, C);
@@ -367,15 +377,22 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     zero_key_bias_grad(c, o, Cq, KV);
   } else {
     auto s = attention_shape(c, Cq, 2 * KV);
-    attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                             st.att.data<float>(), s);
     Tensor dq = Tensor::zeros({N, Cq}, DType::f32, c.pool, ws);
     Tensor dkv = Tensor::zeros({N, 2 * KV}, DType::f32, c.pool, ws);
     const float* kv = st.kv.data<float>();
-    attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
-                                        dkv.data<float>() + KV, d_att.data<float>(),
-                                        st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
-                                        D.data<float>(), s);
+    if (c.cp) {
+      attention::cp_attention_backward(dq.data<float>(), dkv.data<float>(),
+                                       dkv.data<float>() + KV, d_att.data<float>(),
+                                       st.q.data<float>(), kv, kv + KV, st.att.data<float>(),
+                                       st.lse.data<float>(), DType::f32, s, *c.cp);
+    } else {
+      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                               st.att.data<float>(), s);
+      attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
+                                          dkv.data<float>() + KV, d_att.data<float>(),
+                                          st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
+                                          D.data<float>(), s);
+    }
     st.q = Tensor();
     st.kv = Tensor();
     // q came from the position rows: their grads go to the query position table.

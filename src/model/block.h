@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "attention/context_parallel.h"
 #include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
@@ -73,6 +74,14 @@ struct BlockCtx {
   // rounded likewise, so the f32 kernel runs on them directly: the same numbers the widened
   // bf16 matmul computes, without widening operands on every call. Null: bf16 tensors and Wl.
   const float* Wr = nullptr;
+  // Context parallel over a cp group of G ranks (null: none). B and T are then this rank's
+  // share: T = T_global / G rows of every sequence, in the layout's order (cp_layout.h), and
+  // pos (T) holds their global positions (for the position tables). Attention runs over the cp
+  // group (cp_attention_forward/backward, causal over global positions) on this rank's heads;
+  // everything else in the block is per row and unchanged. Composes with tp: the sequence-
+  // parallel rows are this rank's N/P rows of the B*T local rows.
+  const attention::CpContext* cp = nullptr;
+  const int64_t* pos = nullptr;  // (T) global position of local row t; null: t
   // Sparse blocks (model/moe.h): the micro-batch's input token ids and domains (N) int32 (rre
   // routes by them; domains may be null for topk), the weight of the topk aux loss's gradient
   // (grad_scale * N, so it averages like the loss), and counters to add to (null: none).
@@ -81,6 +90,7 @@ struct BlockCtx {
   float moe_aux_scale = 0;
   MoeStats* moe_stats = nullptr;
 
+  int64_t position(int64_t t) const { return pos ? pos[t] : t; }
   int tp_size() const { return tp ? tp->size() : 1; }
   int64_t rows() const { return B * T; }                     // N
   int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here

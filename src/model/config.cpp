@@ -18,6 +18,16 @@ namespace loom::model {
 
 const char* router_name(Router r) { return r == Router::rre ? "rre" : "topk"; }
 
+void ModelConfig::check_context_parallel(int cp) const {
+  LOOM_CHECK(cp <= 1 || !moe.enabled() || moe.router != Router::topk,
+             "model '{}': cp = {} with moe.router = \"topk\" is not supported: the topk router's "
+             "expert capacity and aux (load-balancing) loss are computed over the rows a rank "
+             "holds, so under context parallelism they would be per cp shard and differ from the "
+             "unsplit model; use moe.router = \"rre\" (routes each token by itself, exact under "
+             "cp) or cp = 1",
+             name, cp);
+}
+
 bool MoeConfig::is_sparse(int64_t layer) const {
   return std::binary_search(sparse_layers.begin(), sparse_layers.end(), layer);
 }

@@ -111,6 +111,12 @@ struct ModelConfig {
   double train_flops_per_token(int64_t T) const;
 
   std::string to_toml() const;
+
+  // Context parallelism over cp ranks: sparse blocks with the topk router are refused (their
+  // expert capacity and load-balancing aux loss are computed over the rows a rank holds, so
+  // under cp they would become per cp shard and differ from the cp = 1 model). rre routes each
+  // token by itself and runs under any cp. Throws loom::Error naming the alternatives.
+  void check_context_parallel(int cp) const;
 };
 
 // Parses TOML text (source names the file in errors). Unknown keys, wrong types and impossible

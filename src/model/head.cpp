@@ -163,7 +163,7 @@ Tensor vocab_parallel_embedding(const BlockCtx& c, const ParamSpec& tok, const f
   Tensor h = scatter_rows_sum(c, part, MemCategory::activations);  // (Nl,C)
   for (int64_t i = 0; i < Nl; ++i) {
     float* row = h.data<float>() + i * C;
-    const float* p = wpe + ((r0 + i) % T) * C;
+    const float* p = wpe + c.position((r0 + i) % T) * C;
     for (int64_t j = 0; j < C; ++j) row[j] += p[j];
   }
   return h;
@@ -175,7 +175,7 @@ void vocab_parallel_embedding_backward(const BlockCtx& c, const ParamSpec& tok, 
   const int64_t r0 = c.tp->rank() * Nl, v0 = tok.shard_start, Vl = tok.shape[0];
   for (int64_t i = 0; i < Nl; ++i) {
     const float* g = dh.data<float>() + i * C;
-    float* p = dwpe + ((r0 + i) % T) * C;
+    float* p = dwpe + c.position((r0 + i) % T) * C;
     for (int64_t j = 0; j < C; ++j) p[j] += g[j];
   }
   Tensor all = gather_rows(c, dh, /*as_mm=*/false, MemCategory::workspace);  // (N,C)

@@ -568,16 +568,28 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   LOOM_CHECK(T >= 1 && T <= cfg.max_seq,
              "sequence length T = {} must be in [1, max_seq = {}] for model '{}'", T, cfg.max_seq,
              cfg.name);
-  LOOM_CHECK(plan.cp == 1 && plan.ep == 1, "the memory model covers cp = ep = 1 (got cp {}, ep {})",
-             plan.cp, plan.ep);
+  LOOM_CHECK(plan.ep == 1, "the memory model covers ep = 1 (got ep {})", plan.ep);
   LOOM_CHECK(plan.recompute.empty() || int64_t(plan.recompute.size()) == cfg.n_layers,
              "the plan's recompute list has {} entries but the model has n_layers = {}",
              plan.recompute.size(), cfg.n_layers);
   RankMemory out;
   out.rank = rank;
+  // Ranks are ordered tp-cp-dp-pp (train::run_training); cp = 1 gives the older tp-dp-pp.
   out.tp = rank % plan.tp;
-  out.dp = (rank / plan.tp) % plan.dp;
-  out.pp = rank / (plan.tp * plan.dp);
+  out.cp = (rank / plan.tp) % plan.cp;
+  out.dp = (rank / (plan.tp * plan.cp)) % plan.dp;
+  out.pp = rank / (plan.tp * plan.cp * plan.dp);
+  // cp: a rank holds T/cp rows of every sequence and the engine runs on them (model/stage.h);
+  // the cp attention kernels' travelling buffers are std::vector scratch outside the pool
+  // (attention/context_parallel.h reports their peak in CpStats), so they are not priced here.
+  LOOM_CHECK(plan.cp == 1 || T % (2 * int64_t(plan.cp)) == 0 ||
+                 (plan.cp_layout != "zigzag" && T % plan.cp == 0),
+             "cp = {} with the {} layout needs T divisible by {}, got T = {}", plan.cp,
+             plan.cp_layout, plan.cp_layout == "zigzag" ? 2 * plan.cp : plan.cp, T);
+  T /= plan.cp;
+  // Gradients reduce, and ZeRO shards, over the dp x cp ranks (train::Executor); this rank's
+  // index among them (ascending world ranks: cp varies faster than dp).
+  const int n_shard = plan.dp * plan.cp, shard_rank = out.cp + plan.cp * out.dp;
   const int64_t B = plan.micro_batch_size, N = B * T;
   LOOM_CHECK(B >= 1, "micro_batch_size = {} must be >= 1", B);
   LOOM_CHECK(N % plan.tp == 0,
@@ -586,8 +598,8 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
              B, T, N, plan.tp, plan.tp);
 
   const bool bf = precision == Precision::bf16;
-  const bool store = plan.zero >= 2 && plan.dp > 1;  // as train::Executor decides
-  const bool zero1 = plan.zero >= 1 && plan.dp > 1;
+  const bool store = plan.zero >= 2 && n_shard > 1;  // as train::Executor decides
+  const bool zero1 = plan.zero >= 1 && n_shard > 1;
   Dims d{};
   d.B = B;
   d.T = T;
@@ -628,12 +640,12 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
     int64_t owned = geo.total();  // the optimizer's elements
     StoreTrace* st = nullptr;
     if (store) {
-      stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, plan.dp, out.dp,
+      stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, n_shard, shard_rank,
                                                     geo.units(), geo.total()));
       st = stores.back().get();
       owned = st->shard();
     } else if (zero1) {
-      const UnitRange s = zero1_share(geo.total(), plan.dp, out.dp);
+      const UnitRange s = zero1_share(geo.total(), n_shard, shard_rank);
       owned = s.end - s.begin;
     }
     chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
@@ -698,17 +710,19 @@ std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel:
                                          const MemoryOptions& options) {
   // tp ranks hold equal shards, so only the dp coordinate (under ZeRO) and the pp coordinate
   // change the bytes: compute each distinct one once.
-  const bool sharded = plan.zero >= 1 && plan.dp > 1;
+  const bool sharded = plan.zero >= 1 && plan.dp * plan.cp > 1;
   std::map<std::pair<int, int>, RankMemory> done;
   std::vector<RankMemory> out;
   for (int r = 0; r < plan.world_size(); ++r) {
-    const int dp = (r / plan.tp) % plan.dp, pp = r / (plan.tp * plan.dp);
-    const std::pair<int, int> key{sharded ? dp : 0, pp};
+    const int cp = (r / plan.tp) % plan.cp, dp = (r / (plan.tp * plan.cp)) % plan.dp,
+              pp = r / (plan.tp * plan.cp * plan.dp);
+    const std::pair<int, int> key{sharded ? cp + plan.cp * dp : 0, pp};
     auto it = done.find(key);
     if (it == done.end()) it = done.emplace(key, memory_per_rank(cfg, plan, r, T, precision, options)).first;
     RankMemory m = it->second;
     m.rank = r;
     m.tp = r % plan.tp;
+    m.cp = cp;
     m.dp = dp;
     m.pp = pp;
     out.push_back(m);

@@ -3,7 +3,9 @@
 // and what the planner prices; tests/dist/train/test_memory_model.cpp checks it against the
 // pool's measured peaks on every rank of many plans.
 //
-// Glossary: dp tp pp the plan's axes (ranks ordered tp fastest, then dp, then pp: "tp-dp-pp"),
+// Glossary: dp tp pp cp the plan's axes (ranks ordered tp fastest, then cp, dp, pp:
+// "tp-cp-dp-pp"; cp = G splits every sequence, so a rank's rows are B*T/G and the ZeRO group is
+// dp x cp: activations and workspace per rank fall as 1/G at fixed T),
 // VS virtual stages (chunks) per pp rank, M micro-batches per step, B micro-batch size, T
 // sequence, N = B*T rows of a micro-batch, Nl = N/tp rows of the residual stream on a rank, C
 // d_model, V vocab, D = dp, unit a ZeRO / bucket unit of a chunk (model/geometry.h).
@@ -23,7 +25,8 @@
 // see model/stage.h): by default model::bf16_emulated(), as the engine on this machine runs;
 // MemoryOptions overrides it. What it leaves out:
 // buffers outside the executor's pool (the communication library's own staging, std::vector
-// scratch, the data loader) and evaluation (GptStage::forward_eval).
+// scratch such as the cp attention kernels' travelling K/V/Q/dQ blocks, the data loader) and
+// evaluation (GptStage::forward_eval).
 #pragma once
 
 #include <array>
@@ -40,7 +43,7 @@ namespace loom::model {
 
 struct RankMemory {
   int rank = 0;
-  int dp = 0, tp = 0, pp = 0;  // coordinates of the rank
+  int dp = 0, tp = 0, pp = 0, cp = 0;  // coordinates of the rank
   // Peak bytes per category (MemCategory order: weights, grads, optimizer, activations,
   // workspace, comm). weights/grads/optimizer are the persistent buffers, plus under ZeRO-3 the
   // units gathered just in time (weights) and under ZeRO-2/3 the unit gradients being filled or

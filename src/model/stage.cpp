@@ -105,12 +105,40 @@ void GptStage::unit_grads_done(int u, bool final) {
 // Braced initialisation evaluates in order: weights(u) before weights_lp(u), as a store needs.
 BlockCtx GptStage::ctx(int u, bool with_grads, int64_t B, int64_t T) {
   return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
-                  with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u)};
+                  with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u), cp_, positions(T)};
 }
 BlockCtx GptStage::plain_ctx(int64_t B, int64_t T) const {
   return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, nullptr, nullptr, nullptr, B, T, tp_,
-                  nullptr};
+                  nullptr, cp_, positions(T)};
 }
+
+const int64_t* GptStage::positions(int64_t T) const {
+  if (!cp_) return nullptr;
+  const int G = cp_->group.size();
+  if (int64_t(positions_.size()) != T)
+    positions_ = attention::cp_position_ids(cp_->layout, T * G, G, cp_->group.rank());
+  return positions_.data();
+}
+
+namespace {
+// cp: out[b,t] (+)= table[pos[t]] for (B,T) rows of C; the backward scatters them back.
+void add_position_rows(float* out, const float* table, const int64_t* pos, int64_t B, int64_t T,
+                       int64_t C) {
+  for (int64_t n = 0; n < B * T; ++n) {
+    const float* p = table + pos[n % T] * C;  // (C)
+    float* o = out + n * C;
+    for (int64_t j = 0; j < C; ++j) o[j] += p[j];
+  }
+}
+void position_rows_backward(float* dtable, const float* dout, const int64_t* pos, int64_t B,
+                            int64_t T, int64_t C) {
+  for (int64_t n = 0; n < B * T; ++n) {  // (b, t) order: deterministic
+    float* d = dtable + pos[n % T] * C;
+    const float* g = dout + n * C;
+    for (int64_t j = 0; j < C; ++j) d[j] += g[j];
+  }
+}
+}  // namespace
 
 void GptStage::zero_grads() {
   if (grads_.defined()) grads_.fill_zero();
@@ -196,7 +224,13 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const int32_t* domains, const 
       h = vocab_parallel_embedding(pc, global_layout().specs()[0], wte, wpe, inputs);
     } else {
       h = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::activations);
-      K::embedding_forward(h.data<float>(), inputs, wte, wpe, B, T, C, cfg_.vocab, 0);
+      if (cp_) {  // wte[tokens] + wpe[global position of each local row]
+        for (int64_t n = 0; n < N; ++n)
+          std::memcpy(h.data<float>() + n * C, wte + int64_t(inputs[n]) * C, size_t(C) * 4);
+        add_position_rows(h.data<float>(), wpe, pc.pos, B, T, C);
+      } else {
+        K::embedding_forward(h.data<float>(), inputs, wte, wpe, B, T, C, cfg_.vocab, 0);
+      }
     }
     unit_release(geo_.position_unit());
     unit_release(geo_.token_unit());
@@ -259,7 +293,12 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const int32_t* domains, const 
   if (cfg_.query_layer) {
     // The query layer's query input: row t of its position table.                 (N,C)
     Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-    K::position_forward(qin.data<float>(), hc.W + geo_.query_position() - H0, B, T, C, 0);
+    if (cp_) {
+      qin.fill_zero();
+      add_position_rows(qin.data<float>(), hc.W + geo_.query_position() - H0, hc.pos, B, T, C);
+    } else {
+      K::position_forward(qin.data<float>(), hc.W + geo_.query_position() - H0, B, T, C, 0);
+    }
     auto qs = std::make_unique<BlockStash>();
     const Recompute mode = st ? (recompute_.empty() ? Recompute::none : recompute_.back())
                               : Recompute::full;
@@ -277,10 +316,10 @@ Tensor GptStage::forward_impl(int mb, const int32_t* inputs, const int32_t* targ
                               LossSum* loss, bool train, const int32_t* domains) {
   const int64_t N = B * T;
   LOOM_CHECK(B >= 1 && T >= 1, "batch B={} and sequence T={} must be positive", B, T);
-  LOOM_CHECK(T <= cfg_.max_seq,
+  LOOM_CHECK(T * cp_size() <= cfg_.max_seq,
              "sequence length T={} exceeds the model's max_seq={}; use T <= {} or a model with a "
              "longer position table",
-             T, cfg_.max_seq, cfg_.max_seq);
+             T * cp_size(), cfg_.max_seq, cfg_.max_seq);
   LOOM_CHECK(N % tp_size() == 0,
              "tensor parallel splits the B*T = {}*{} = {} token rows over tp = {} ranks "
              "(sequence parallel): choose B*T divisible by {}",
@@ -355,10 +394,19 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
     Tensor d_fin = st.dhead;
     if (cfg_.query_layer) {
       Tensor qin = Tensor::empty({N, C}, DType::f32, pool_, MemCategory::workspace);
-      K::position_forward(qin.data<float>(), hc.W + geo_.query_position() - H0, B, T, C, 0);
+      if (cp_) {
+        qin.fill_zero();
+        add_position_rows(qin.data<float>(), hc.W + geo_.query_position() - H0, hc.pos, B, T, C);
+      } else {
+        K::position_forward(qin.data<float>(), hc.W + geo_.query_position() - H0, B, T, C, 0);
+      }
       d_fin = block_backward(hc, rebased(geo_.query_block(), H0), st.dhead, &qin, *st.query);
-      K::position_backward(hc.G + geo_.query_position() - H0, st.query->q.data<float>(), B, T, C,
-                           0);
+      if (cp_)
+        position_rows_backward(hc.G + geo_.query_position() - H0, st.query->q.data<float>(),
+                               hc.pos, B, T, C);
+      else
+        K::position_backward(hc.G + geo_.query_position() - H0, st.query->q.data<float>(), B, T,
+                             C, 0);
       st.query.reset();
     }
     // final norm: dh = LNf'(d_fin), accumulated into zeros                      (Nl,C)
@@ -399,7 +447,11 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
     if (tp_)
       vocab_parallel_embedding_backward(pc, global_layout().specs()[0], g_tok, g_pos, dh,
                                         st.inputs.data());
-    else
+    else if (cp_) {
+      K::embedding_backward(g_tok, nullptr, dh.data<float>(), st.inputs.data(), B, T, C,
+                            cfg_.vocab, 0);
+      position_rows_backward(g_pos, dh.data<float>(), pc.pos, B, T, C);
+    } else
       K::embedding_backward(g_tok, g_pos, dh.data<float>(), st.inputs.data(), B, T, C,
                             cfg_.vocab, 0);
     // Back to front (position table after the token table in the buffer), so reported ranges
@@ -415,6 +467,7 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
 void GptStage::logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only,
                       const int32_t* domains) {
   LOOM_CHECK(!tp_, "logits are not available under tensor parallelism (tp = {})", tp_size());
+  LOOM_CHECK(!cp_, "logits are not available under context parallelism (cp = {})", cp_size());
   LOOM_CHECK(span().has_embedding && span().has_head,
              "logits need the whole model; this stage holds blocks [{}, {})", span().first_layer,
              span().last_layer);

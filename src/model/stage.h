@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/context_parallel.h"
 #include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
@@ -123,6 +124,20 @@ class GptStage {
   const ParamLayout& global_layout() const { return geo_.global(); }
   const comm::ProcessGroup* tp() const { return tp_; }
   int tp_size() const { return tp_ ? tp_->size() : 1; }
+
+  // Context parallel (null: none; the executor owns the context, which must outlive the stage's
+  // use). With a cp group of G ranks, forward/backward/forward_eval take this rank's share of
+  // every sequence: T is T_global / G rows in the context's layout (inputs and targets from
+  // attention::cp_next_token_split), the position tables are read at the rows' global positions
+  // (cp_position_ids), attention runs over the group and the loss covers this rank's tokens
+  // (the executor sums it over dp x cp). Every cp member calls collectively. T_global must be
+  // <= max_seq.
+  void set_context_parallel(const attention::CpContext* cp) {
+    if (cp) cfg_.check_context_parallel(cp->group.size());  // topk refused under cp
+    cp_ = cp;
+  }
+  const attention::CpContext* context_parallel() const { return cp_; }
+  int cp_size() const { return cp_ ? cp_->group.size() : 1; }
   Precision precision() const { return precision_; }
   const std::vector<StageParam>& params() const { return geo_.params(); }
   const StageParam& find(const std::string& name) const { return geo_.find(name); }
@@ -215,8 +230,13 @@ class GptStage {
   BlockCtx ctx(int u, bool with_grads, int64_t B, int64_t T);
   BlockCtx plain_ctx(int64_t B, int64_t T) const;  // no weights: tp, pool and sizes only
 
+  // cp: the global positions (T) of this rank's T local rows (cached per T); null without cp.
+  const int64_t* positions(int64_t T) const;
+
   ModelConfig cfg_;
   const comm::ProcessGroup* tp_ = nullptr;
+  const attention::CpContext* cp_ = nullptr;
+  mutable std::vector<int64_t> positions_;  // (T) for the last T asked
   ParamStore* store_ = nullptr;
   StageGeometry geo_;
   MemoryPool& pool_;

@@ -112,7 +112,7 @@ std::string recompute_spec(const std::vector<Recompute>& per_layer) {
 
 std::string ParallelPlan::describe() const {
   std::string s = fmt::format("dp {} x tp {} x pp {}", dp, tp, pp);
-  if (cp > 1) s += fmt::format(" x cp {}", cp);
+  if (cp > 1) s += fmt::format(" x cp {} ({}, {})", cp, cp_scheme, cp_layout);
   if (ep > 1) s += fmt::format(" (ep {})", ep);
   s += fmt::format(" (zero {}, {} schedule", zero, schedule_name(schedule));
   if (virtual_stages > 1) s += fmt::format(" x {} virtual stages", virtual_stages);
@@ -138,7 +138,9 @@ nlohmann::json ParallelPlan::to_json() const {
           {"virtual_stages", virtual_stages},
           {"schedule", std::string(schedule_name(schedule))},
           {"ranks_per_node", ranks_per_node},
-          {"bucket_mb", bucket_mb}};
+          {"bucket_mb", bucket_mb},
+          {"cp_scheme", cp_scheme},
+          {"cp_layout", cp_layout}};
 }
 
 ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
@@ -170,6 +172,9 @@ ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
   p.schedule = schedule_from_name(sched);
   get("ranks_per_node", p.ranks_per_node);
   get("bucket_mb", p.bucket_mb);
+  // Written since cp training; older plans are cp = 1 and take the defaults.
+  if (j.contains("cp_scheme")) get("cp_scheme", p.cp_scheme);
+  if (j.contains("cp_layout")) get("cp_layout", p.cp_layout);
   return p;
 }
 
@@ -188,6 +193,8 @@ void PlanSettings::override_with(const PlanSettings& o) {
   take(micro_batches, o.micro_batches);
   take(schedule, o.schedule);
   take(recompute, o.recompute);
+  take(cp_scheme, o.cp_scheme);
+  take(cp_layout, o.cp_layout);
   take(stage_layers, o.stage_layers);
   take(bucket_mb, o.bucket_mb);
 }
@@ -211,9 +218,43 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
   // Sizes of the axes.
   for (auto [name, v] : {std::pair{"tp", p.tp}, {"pp", p.pp}, {"cp", p.cp}, {"ep", p.ep}})
     LOOM_CHECK(v >= 1, "{} = {} must be >= 1", name, v);
-  LOOM_CHECK(p.cp == 1,
-             "cp = {}: context parallelism is not available yet (issue 'BurstAttention'); use cp = 1",
-             p.cp);
+  p.cp_scheme = s.cp_scheme.value_or("burst");
+  p.cp_layout = s.cp_layout.value_or("zigzag");
+  LOOM_CHECK(p.cp_scheme == "burst" || p.cp_scheme == "ring" || p.cp_scheme == "allgather" ||
+                 p.cp_scheme == "ulysses",
+             "cp_scheme = '{}' is not a context-parallel scheme; use burst, ring, allgather or "
+             "ulysses",
+             p.cp_scheme);
+  LOOM_CHECK(p.cp_layout == "zigzag" || p.cp_layout == "striped",
+             "cp_layout = '{}' is not a context-parallel layout; use zigzag or striped",
+             p.cp_layout);
+  if (p.cp > 1 && m.seq > 0) {
+    // zigzag cuts every sequence into 2*cp chunks; striped deals positions round-robin.
+    const int64_t parts = p.cp_layout == "zigzag" ? 2 * int64_t(p.cp) : int64_t(p.cp);
+    if (m.seq % parts != 0) {
+      std::vector<int> ok;
+      for (int g = 2; g <= 64; ++g)
+        if (m.seq % (p.cp_layout == "zigzag" ? 2 * g : g) == 0) ok.push_back(g);
+      const int64_t lo = m.seq / parts * parts;
+      LOOM_FAIL("cp = {} with the {} layout splits every sequence into {} {}, but seq = {} is not "
+                "divisible by {}; use seq = {} or {}{}",
+                p.cp, p.cp_layout, parts, p.cp_layout == "zigzag" ? "chunks (2 x cp)" : "stripes",
+                m.seq, parts, lo > 0 ? lo : parts, lo + parts,
+                ok.empty() ? std::string()
+                           : fmt::format(", or cp in {{{}}}", fmt::join(ok, ", ")));
+    }
+  }
+  if (p.cp > 1 && p.cp_scheme == "ulysses") {
+    // Ulysses puts n_kv_heads / tp / cp kv heads of every tp shard on each cp rank.
+    const int64_t kv = m.n_kv_heads / std::max(1, p.tp);
+    std::vector<int> ok;
+    for (int d : divisors(int(std::max<int64_t>(1, kv)))) ok.push_back(d);
+    LOOM_CHECK(kv % p.cp == 0,
+               "cp = {} with the ulysses scheme must divide the kv heads of a tp shard "
+               "(n_kv_heads = {} / tp = {} = {}); use cp in {{{}}}, or cp_scheme burst, ring or "
+               "allgather",
+               p.cp, m.n_kv_heads, p.tp, kv, fmt::join(ok, ", "));
+  }
   LOOM_CHECK(p.zero >= 0 && p.zero <= 3, "zero = {}: ZeRO stages are 0, 1, 2 and 3", p.zero);
   {
     std::vector<int> ok;

@@ -9,7 +9,14 @@
 // (sequences per micro-batch on one dp rank), G = dp * M * b the global batch (sequences per
 // optimizer step), L model blocks, VS virtual stages (model chunks) per pp rank.
 //
-// World size = dp * tp * pp * cp. Ranks are ordered tp fastest, then dp, then pp ("tp-dp-pp").
+// World size = dp * tp * pp * cp. Ranks are ordered tp fastest, then cp, then dp, then pp
+// ("tp-cp-dp-pp"; with cp = 1 this is the older "tp-dp-pp").
+//
+// Context parallel (cp = G > 1): every sequence of T tokens is split over the G ranks of a cp
+// group (cp_layout: zigzag, 2G chunks of T/(2G), rank r holding chunks r and 2G-1-r; or striped,
+// positions t with t mod G = r), attention runs over the group (cp_scheme, see
+// attention/context_parallel.h), and the cp ranks are replicas of the weights like dp ranks:
+// gradients reduce, and ZeRO shards, over the dp x cp group (Megatron's "dp-cp" group).
 #pragma once
 
 #include <cstdint>
@@ -40,12 +47,13 @@ std::string recompute_spec(const std::vector<Recompute>& per_layer);
 // The model dimensions a plan must fit (a lower layer cannot see model::ModelConfig).
 struct ModelShape {
   int64_t n_layers = 0, n_heads = 0, n_kv_heads = 0, d_ff = 0, vocab = 0;
+  int64_t seq = 0;  // training sequence length T (0: not known; cp's split is then unchecked)
   int64_t experts = 0;  // per sparse (MoE) block; 0: a dense model
 };
 
 struct ParallelPlan {
   int dp = 1, tp = 1, pp = 1, cp = 1, ep = 1;
-  int zero = 0;                       // ZeRO stage over dp: 0, 1, 2, 3
+  int zero = 0;                       // ZeRO stage over dp (x cp): 0, 1, 2, 3
   std::vector<Recompute> recompute;   // per block (size L); empty = none everywhere
   int64_t micro_batch_size = 1;       // b: sequences per micro-batch on one dp rank
   int64_t micro_batches = 1;          // M
@@ -54,8 +62,12 @@ struct ParallelPlan {
   ScheduleKind schedule = ScheduleKind::one_f_one_b;
   int ranks_per_node = 0;             // 0: MPI's shared-memory islands; K: K consecutive ranks
   double bucket_mb = 4.0;             // dp gradient bucket (ZeRO 0/1)
+  std::string cp_scheme = "burst";    // burst | ring | allgather | ulysses (cp > 1)
+  std::string cp_layout = "zigzag";   // zigzag | striped (cp > 1)
 
   int world_size() const { return dp * tp * pp * cp; }
+  // The gradient-reduction (and ZeRO) group: dp x cp ranks hold the same weights.
+  int dp_cp() const { return dp * cp; }
   int64_t global_batch() const { return int64_t(dp) * micro_batches * micro_batch_size; }
   Recompute recompute_of(int64_t layer) const {
     return recompute.empty() ? Recompute::none : recompute.at(size_t(layer));
@@ -72,7 +84,7 @@ struct ParallelPlan {
 struct PlanSettings {
   std::optional<int> dp, tp, pp, cp, ep, zero, virtual_stages, ranks_per_node;
   std::optional<int64_t> micro_batches;
-  std::optional<std::string> schedule, recompute, stage_layers;
+  std::optional<std::string> schedule, recompute, stage_layers, cp_scheme, cp_layout;
   std::optional<double> bucket_mb;
   // Every value set in `over` replaces this one's (flags override the config).
   void override_with(const PlanSettings& over);

@@ -68,15 +68,27 @@ optim::Range zero1_share(int64_t n, int D, int r) {
 
 Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, MemoryPool& pool,
                    const comm::ProcessGroup* dp, const comm::ProcessGroup* tp,
-                   const comm::ProcessGroup* pp)
+                   const comm::ProcessGroup* pp, const comm::ProcessGroup* cp)
     : cfg_(cfg), ec_(ec), pool_(pool) {
   if (dp && dp->valid() && dp->size() > 1) dp_ = *dp;
   if (tp && tp->valid() && tp->size() > 1) tp_ = *tp;
   if (pp && pp->valid() && pp->size() > 1) pp_ = *pp;
+  if (cp && cp->valid() && cp->size() > 1) cp_ = *cp;
   const parallel::ParallelPlan& plan = ec_.plan;
-  LOOM_CHECK(plan.dp == dp_size() && plan.tp == tp_size() && plan.pp == pp_size(),
-             "the plan is dp {} x tp {} x pp {} but the groups given are dp {} x tp {} x pp {}",
-             plan.dp, plan.tp, plan.pp, dp_size(), tp_size(), pp_size());
+  LOOM_CHECK(plan.dp * plan.cp == dp_size() && plan.tp == tp_size() && plan.pp == pp_size() &&
+                 plan.cp == cp_size(),
+             "the plan is dp {} x tp {} x pp {} x cp {} but the groups given are (dp x cp) {} x "
+             "tp {} x pp {} x cp {}; under cp pass the dp x cp group (ProcessGroups::dp_cp) as dp",
+             plan.dp, plan.tp, plan.pp, plan.cp, dp_size(), tp_size(), pp_size(), cp_size());
+  cfg.check_context_parallel(plan.cp);
+  if (cp_.valid()) {
+    cp_ctx_ = std::make_unique<attention::CpContext>();
+    cp_ctx_->group = cp_;
+    cp_ctx_->scheme = attention::cp_scheme_from_name(plan.cp_scheme);
+    cp_ctx_->layout = attention::cp_layout_from_name(plan.cp_layout);
+    cp_ctx_->ranks_per_node = plan.ranks_per_node;
+    cp_ctx_->stats = &cp_stats_;
+  }
   const int n_pp = pp_size(), rank = pp_rank();
   LOOM_CHECK(plan.micro_batches >= 1 && plan.micro_batches <= (1 << 20),
              "micro_batches = {} must be in [1, {}]", plan.micro_batches, 1 << 20);
@@ -119,6 +131,7 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
                                           : optim::Range{0, n}}));
     }
     if (!plan.recompute.empty()) chunks_.back()->set_recompute(plan.recompute);
+    chunks_.back()->set_context_parallel(cp_ctx_.get());
   }
   ready_.resize(chunks_.size());
   LOOM_CHECK(plan.bucket_mb > 0, "bucket_mb = {} must be positive", plan.bucket_mb);
@@ -128,8 +141,21 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
 
 Executor::~Executor() = default;
 
+void Executor::split_tokens(const int32_t* tokens, int64_t B, int64_t T,
+                            std::vector<int32_t>& inputs, std::vector<int32_t>& targets) const {
+  if (!cp_ctx_) {
+    model::split_windows(tokens, B, T, inputs, targets);
+    return;
+  }
+  const int G = cp_.size();
+  inputs.resize(size_t(B * T / G));
+  targets.resize(size_t(B * T / G));
+  attention::cp_next_token_split(inputs.data(), targets.data(), tokens, B, cp_ctx_->layout, T, G,
+                                 cp_.rank());
+}
+
 std::string Executor::where() const {
-  for (const comm::ProcessGroup* g : {&pp_, &dp_, &tp_})
+  for (const comm::ProcessGroup* g : {&pp_, &dp_, &tp_, &cp_})
     if (g->valid()) return g->prefix();
   return "[rank 0/1]";
 }
@@ -306,11 +332,13 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
   const int n_pp = pp_size(), rank = pp_rank(), VS = ec_.plan.virtual_stages;
   const int M = ec_.plan.micro_batches, n_virtual = n_pp * VS;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
-  LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
-             n_tp);
-  const int64_t N = B * T / n_tp, C = cfg_.d_model;  // rows of the messages here
-  const int n_dp = dp_.valid() ? dp_.size() : 1;
-  const float grad_scale = 1.0f / float(B * T * M * n_dp);
+  if (cp_ctx_) attention::check_cp_layout(cp_ctx_->layout, T, cp_size());
+  const int64_t Tl = T / cp_size();  // this rank's rows of every sequence
+  LOOM_CHECK((B * Tl) % n_tp == 0, "tensor parallel needs B*T/cp = {} divisible by tp = {}",
+             B * Tl, n_tp);
+  const int64_t N = B * Tl / n_tp, C = cfg_.d_model;  // rows of the messages here
+  // 1 / (tokens of the global batch): dp_ is the dp x cp group under cp.
+  const float grad_scale = 1.0f / float(B * T * M * ec_.plan.dp);
   bool needs_tokens = false;
   for (auto& c : chunks_)
     needs_tokens |= c->span().has_embedding || c->span().has_head || c->has_sparse_blocks();
@@ -325,15 +353,17 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
   std::vector<std::vector<int32_t>> dom_in(static_cast<size_t>(M)), dom_unused(static_cast<size_t>(M));
   if (needs_tokens)
     for (int mb = 0; mb < M; ++mb) {
-      model::split_windows(tokens + int64_t(mb) * B * (T + 1), B, T, inputs[size_t(mb)],
-                           targets[size_t(mb)]);
+      split_tokens(tokens + int64_t(mb) * B * (T + 1), B, T, inputs[size_t(mb)],
+                   targets[size_t(mb)]);
+      // The domains go through the same cp-aware split, so they land on the inputs' local rows.
       if (domains)
-        model::split_windows(domains + int64_t(mb) * B * (T + 1), B, T, dom_in[size_t(mb)],
-                             dom_unused[size_t(mb)]);
+        split_tokens(domains + int64_t(mb) * B * (T + 1), B, T, dom_in[size_t(mb)],
+                     dom_unused[size_t(mb)]);
     }
 
   for (auto& c : chunks_) c->zero_grads();
   for (auto& z : stores_) z->zero_grads();
+  cp_stats_ = attention::CpStats{};
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
   std::vector<Tensor> send_buffers;  // every message sent this step, released after the last wait
@@ -396,8 +426,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
         arm_hook(stage, c, mb);
         Tensor x = g > 0 ? take(act_in, key, "input activation") : Tensor();
         model::LossSum l;
-        Tensor y = stage.forward(mb, inputs[size_t(mb)].data(), targets[size_t(mb)].data(), x, B, T,
-                                 grad_scale, &l,
+        Tensor y = stage.forward(mb, inputs[size_t(mb)].data(), targets[size_t(mb)].data(), x, B,
+                                 Tl, grad_scale, &l,
                                  dom_in[size_t(mb)].empty() ? nullptr : dom_in[size_t(mb)].data());
         stage.set_grad_ready_hook(nullptr);
         if (g + 1 < n_virtual) {
@@ -549,6 +579,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
   s.loss = s.tokens ? s.loss_sum / double(s.tokens) : 0.0;
   s.grad_norm = norm;
   s.dp_wait_s = dp_wait_s;
+  s.cp_workspace_bytes = cp_stats_.peak_workspace_bytes;
+  s.cp_wait_s = cp_stats_.forward_wait_s + cp_stats_.backward_wait_s;
   return s;
 }
 
@@ -557,9 +589,11 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, 
   const int n_pp = pp_size(), rank = pp_rank();
   const int n_virtual = n_pp * ec_.plan.virtual_stages;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
-  LOOM_CHECK((B * T) % n_tp == 0, "tensor parallel needs B*T = {} divisible by tp = {}", B * T,
-             n_tp);
-  const int64_t N = B * T / n_tp, C = cfg_.d_model;  // rows of the messages here
+  if (cp_ctx_) attention::check_cp_layout(cp_ctx_->layout, T, cp_size());
+  const int64_t Tl = T / cp_size();  // this rank's rows of every sequence
+  LOOM_CHECK((B * Tl) % n_tp == 0, "tensor parallel needs B*T/cp = {} divisible by tp = {}",
+             B * Tl, n_tp);
+  const int64_t N = B * Tl / n_tp, C = cfg_.d_model;  // rows of the messages here
   bool needs_tokens = false;
   for (auto& c : chunks_)
     needs_tokens |= c->span().has_embedding || c->span().has_head || c->has_sparse_blocks();
@@ -571,9 +605,8 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, 
   std::vector<int32_t> dom_in, dom_unused;  // (B,T) MoE domains of the inputs
   double loss_buf[2] = {0, 0};  // loss sum, tokens (on the last virtual stage's rank)
   for (int64_t i = 0; i < n_batches; ++i) {
-    if (needs_tokens) model::split_windows(tokens + i * B * (T + 1), B, T, inputs, targets);
-    if (needs_tokens && domains)
-      model::split_windows(domains + i * B * (T + 1), B, T, dom_in, dom_unused);
+    if (needs_tokens) split_tokens(tokens + i * B * (T + 1), B, T, inputs, targets);
+    if (needs_tokens && domains) split_tokens(domains + i * B * (T + 1), B, T, dom_in, dom_unused);
     // Virtual stage g runs on pp rank g % n_pp as chunk g / n_pp; each window goes through
     // them in order, so every send meets a receive that is already due (no cycle).
     for (int c = 0; c < num_chunks(); ++c) {
@@ -584,7 +617,7 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, 
         pp_.irecv(x, (g - 1) % n_pp, p2p_tag(Stream::activation, int(i), g - 1, n_virtual)).wait();
       }
       model::LossSum l;
-      Tensor y = chunks_[size_t(c)]->forward_eval(inputs.data(), targets.data(), x, B, T, &l,
+      Tensor y = chunks_[size_t(c)]->forward_eval(inputs.data(), targets.data(), x, B, Tl, &l,
                                                   dom_in.empty() ? nullptr : dom_in.data());
       if (g + 1 < n_virtual) {
         pp_.isend(y, (g + 1) % n_pp, p2p_tag(Stream::activation, int(i), g, n_virtual)).wait();
@@ -595,6 +628,8 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, 
     }
   }
   if (pp_.valid()) pp_.broadcast(comm::BufferRef(loss_buf, 2, DType::f64), n_pp - 1).wait();
+  // cp: each rank scored its share of every window's tokens.
+  if (cp_.valid()) cp_.all_reduce(comm::BufferRef(loss_buf, 2, DType::f64)).wait();
   return loss_buf[1] > 0 ? loss_buf[0] / loss_buf[1] : 0.0;
 }
 

@@ -25,7 +25,8 @@
 //   waited (with the group timeout) before the next compute action. Per step each boundary
 //   between consecutive virtual stages moves 2 * M * N * C * 4 bytes (counted as `send` on the
 //   pp group's counters by the sender).
-// - Data parallel (dp group of size D): gradient scale 1/(B*T*M*D); ZeRO 0/1: each chunk's
+// - Data parallel (dp group of size D, under cp the dp x cp group): gradient scale 1/(B*T*M*D)
+//   (T/G local rows under cp, so the scale is 1/(global tokens) either way); ZeRO 0/1: each chunk's
 //   gradient ranges are all-reduced over dp in buckets of plan.bucket_mb, started during the
 //   chunk's last micro-batch as units become final (the rest after the pipeline drains); ZeRO-1
 //   keeps the AdamW state of, and updates, an equal share of every chunk, then broadcasts the
@@ -50,6 +51,7 @@
 #include <memory>
 #include <vector>
 
+#include "attention/context_parallel.h"
 #include "comm/process_group.h"
 #include "core/memory_pool.h"
 #include "core/tensor.h"
@@ -79,6 +81,10 @@ struct StepResult {
   double grad_norm = 0;  // global L2 norm before clipping
   float lr = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after the pipeline drained
+  // cp: the attention kernels' largest per-call workspace (std::vector scratch outside the pool,
+  // see attention/context_parallel.h) and the time blocked on cp transfers, this step.
+  int64_t cp_workspace_bytes = 0;
+  double cp_wait_s = 0;
 };
 
 class Executor {
@@ -91,23 +97,33 @@ class Executor {
   // parameters' gradients are summed over tp, and the grad norm counts them once.
   // `dp`: data parallel over that group (each dp rank runs its own pipeline on its own
   // micro-batches).
+  // `cp` (plan.cp = G > 1): context parallel. Every sequence of the step's (M, B, T+1) windows
+  // is split over the cp group in plan.cp_layout (attention::cp_next_token_split: this rank's
+  // T/G inputs and their next-token targets, across chunk boundaries), attention runs over the
+  // group with plan.cp_scheme, and the cp ranks are weight replicas: `dp` must then be the
+  // gradient-reduction group of dp x cp ranks (parallel::ProcessGroups::dp_cp, size plan.dp *
+  // plan.cp), over which gradients are all-reduced, ZeRO shards, and the loss sum and token
+  // count are summed, so the loss is the mean over every token of the global batch. Everything
+  // called "dp" below (dp_size(), ZeRO shares, bucketed reduction) is this group.
   Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, MemoryPool& pool,
            const comm::ProcessGroup* dp = nullptr, const comm::ProcessGroup* tp = nullptr,
-           const comm::ProcessGroup* pp = nullptr);
+           const comm::ProcessGroup* pp = nullptr, const comm::ProcessGroup* cp = nullptr);
   ~Executor();
 
   // Same logical weights as model::Gpt::init_weights(seed).
   void init_weights(uint64_t seed);
   // One training step over M micro-batches. tokens (M, B, T+1) int32 windows, micro-batch
-  // major; read only on ranks holding the embedding, the head or sparse (MoE) blocks (others
-  // may pass null). domains (M, B, T+1) int32: each token's MoE domain (model::GptStage::
-  // forward; null: "other"), read with the tokens by stages with sparse blocks.
+  // major (T the global sequence length, also under cp); read only on ranks holding the
+  // embedding, the head or sparse (MoE) blocks (others may pass null). domains (M, B, T+1)
+  // int32: each token's MoE domain (model::GptStage::forward; null: "other"), read with the
+  // tokens by stages with sparse blocks (under cp split like the tokens, onto the same rows).
   StepResult train_step(const int32_t* tokens, int64_t B, int64_t T,
                         const int32_t* domains = nullptr);
 
   // Mean loss per token of n_batches windows (n_batches, B, T+1) int32, forward only: each
   // window runs through the stages in order (no schedule, no gradient, no optimizer step).
-  // tokens are read on the ranks holding the embedding or the head. Collective over pp (and
+  // tokens are read on the ranks holding the embedding or the head (under cp every cp rank
+  // scores its share of each window and the sums are added over cp). Collective over pp (and
   // tp; dp too under ZeRO-3, which gathers the weights): every rank returns the same value.
   double eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T,
                    const int32_t* domains = nullptr);
@@ -122,6 +138,10 @@ class Executor {
   int dp_size() const { return dp_.valid() ? dp_.size() : 1; }
   int tp_rank() const { return tp_.valid() ? tp_.rank() : 0; }
   int tp_size() const { return tp_.valid() ? tp_.size() : 1; }
+  int cp_rank() const { return cp_.valid() ? cp_.rank() : 0; }
+  int cp_size() const { return cp_.valid() ? cp_.size() : 1; }
+  // cp: the context every chunk's attention runs with (null without cp).
+  const attention::CpContext* cp_context() const { return cp_ctx_.get(); }
   // Every chunk's optimizer: the ranges of its buffer it updates (m and v hold them packed).
   const optim::AdamW& optimizer(int c) const { return *optimizers_.at(size_t(c)); }
   // ZeRO-2/3: chunk c's store (null otherwise).
@@ -162,7 +182,13 @@ class Executor {
  private:
   model::ModelConfig cfg_;
   ExecutorConfig ec_;
-  comm::ProcessGroup pp_, embedding_, dp_, tp_;
+  comm::ProcessGroup pp_, embedding_, dp_, tp_, cp_;
+  std::unique_ptr<attention::CpContext> cp_ctx_;  // cp > 1: shared by every chunk
+  attention::CpStats cp_stats_;                   // its counters (reset every step)
+  // cp: this rank's inputs and targets (B, T/G) of window block `tokens` (B, T+1); else the
+  // plain split. T is the global sequence length.
+  void split_tokens(const int32_t* tokens, int64_t B, int64_t T, std::vector<int32_t>& inputs,
+                    std::vector<int32_t>& targets) const;
   MemoryPool& pool_;
   parallel::PipelineSchedule schedule_;
   std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty

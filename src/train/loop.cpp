@@ -111,6 +111,10 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
                           {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
                           {"gflops", last.gflops},      {"dp_wait_s", last.dp_wait_s}};
       if (ctx.peak_gflops > 0) m["peak_fraction"] = peak_share(last.gflops);
+      if (last.cp_workspace_bytes > 0) {
+        m["cp_workspace_bytes"] = last.cp_workspace_bytes;
+        m["cp_wait_s"] = last.cp_wait_s;
+      }
       nlohmann::json mem;
       for (size_t c = 0; c < kNumMemCategories; ++c)
         mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));

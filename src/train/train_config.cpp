@@ -39,7 +39,8 @@ const std::map<std::string, std::set<std::string>>& schema() {
       {"log", {"dir", "every"}},
       {"parallel",
        {"dp", "tp", "pp", "cp", "ep", "zero", "bucket_mb", "schedule", "virtual_stages",
-        "stage_layers", "ranks_per_node", "micro_batches", "recompute"}},
+        "stage_layers", "ranks_per_node", "micro_batches", "recompute", "cp_scheme",
+        "cp_layout"}},
   };
   return s;
 }
@@ -249,6 +250,8 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   opt_str("train", "recompute", ps.recompute);
   opt_str("parallel", "recompute", ps.recompute);
   opt_str("parallel", "schedule", ps.schedule);
+  opt_str("parallel", "cp_scheme", ps.cp_scheme);
+  opt_str("parallel", "cp_layout", ps.cp_layout);
   if (auto node = tbl["parallel"]["bucket_mb"]) {
     LOOM_CHECK(node.is_number() && *node.value<double>() > 0,
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));
@@ -276,7 +279,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     parallel::PlanSettings probe = ps;
     if (!probe.dp || *probe.dp == 0) probe.dp = 1;
     const int64_t divisible = int64_t(*probe.dp) * probe.micro_batches.value_or(1);
-    (void)parallel::make_plan(probe, plan_shape(c.model), divisible, 0);
+    parallel::ModelShape shape = plan_shape(c.model);
+    shape.seq = c.seq;
+    c.model.check_context_parallel(parallel::make_plan(probe, shape, divisible, 0).cp);
   } catch (const Error& e) {
     LOOM_FAIL("{}: {}", path, e.what());
   }
@@ -286,14 +291,16 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 }
 
 parallel::ModelShape plan_shape(const model::ModelConfig& m) {
-  parallel::ModelShape shape{m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab};
+  parallel::ModelShape shape{m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab, 0};
   shape.experts = m.moe.enabled() ? m.moe.experts : 0;  // by name: ModelShape grows fields
   return shape;
 }
 
 parallel::ParallelPlan make_train_plan(const TrainConfig& cfg, int world_size) {
-  parallel::ParallelPlan p = parallel::make_plan(cfg.parallel, plan_shape(cfg.model), cfg.batch,
-                                                 world_size);
+  parallel::ModelShape shape = plan_shape(cfg.model);
+  shape.seq = cfg.seq;
+  parallel::ParallelPlan p = parallel::make_plan(cfg.parallel, shape, cfg.batch, world_size);
+  cfg.model.check_context_parallel(p.cp);
   LOOM_CHECK((p.micro_batch_size * cfg.seq) % p.tp == 0,
              "tp = {}: sequence parallelism splits a micro-batch's {} x {} = {} token rows over the "
              "tp ranks; choose train.batch, train.seq and micro_batches so that (batch / (dp x "

@@ -11,7 +11,9 @@
 //   [parallel] dp, tp, pp, cp, ep, zero, bucket_mb, schedule, virtual_stages, stage_layers,
 //            ranks_per_node, micro_batches, recompute (none|selective|full or a per-layer list
 //            such as "full:0-11,selective:12-23"); train.micro_batches and train.recompute are
-//            accepted as the same settings.
+//            accepted as the same settings; cp_scheme = "burst"|"ring"|"allgather"|"ulysses",
+//            cp_layout = "zigzag"|"striped" (cp > 1: seq divisible by 2*cp for zigzag, cp for
+//            striped).
 //   train.batch is the GLOBAL batch: sequences per optimizer step, whatever the layout. Each dp
 //   rank takes batch/dp of them, split into micro_batches micro-batches.
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the

@@ -56,7 +56,8 @@ const comm::ProcessGroup* real(const comm::ProcessGroup* g) {
 
 // The plan of a trainer built on these groups: the config's settings with the groups' sizes.
 parallel::ParallelPlan plan_for_groups(const TrainConfig& cfg, const comm::ProcessGroup* dp,
-                                       const comm::ProcessGroup* tp, const comm::ProcessGroup* pp) {
+                                       const comm::ProcessGroup* tp, const comm::ProcessGroup* pp,
+                                       const comm::ProcessGroup* cp) {
   TrainConfig c = cfg;
   parallel::PlanSettings& s = c.parallel;
   auto size = [](const comm::ProcessGroup* g) { return g ? g->size() : 1; };
@@ -70,22 +71,31 @@ parallel::ParallelPlan plan_for_groups(const TrainConfig& cfg, const comm::Proce
   agree(s.dp, size(dp), "dp");
   agree(s.tp, size(tp), "tp");
   agree(s.pp, size(pp), "pp");
-  return make_train_plan(c, size(dp) * size(tp) * size(pp));
+  agree(s.cp, size(cp), "cp");
+  return make_train_plan(c, size(dp) * size(tp) * size(pp) * size(cp));
 }
 
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp,
-                 const comm::ProcessGroup* tp, const comm::ProcessGroup* pp)
-    : cfg_(cfg), plan_(plan_for_groups(cfg, real(dp), real(tp), real(pp))), pool_(pool) {
+                 const comm::ProcessGroup* tp, const comm::ProcessGroup* pp,
+                 const comm::ProcessGroup* cp, const comm::ProcessGroup* dp_cp)
+    : cfg_(cfg), plan_(plan_for_groups(cfg, real(dp), real(tp), real(pp), real(cp))), pool_(pool) {
   if (real(dp)) dp_ = *dp;
   if (real(tp)) tp_ = *tp;
   if (real(pp)) pp_ = *pp;
+  if (real(cp)) cp_ = *cp;
+  LOOM_CHECK(!real(cp) || (dp_cp && dp_cp->valid() && dp_cp->size() == plan_.dp * plan_.cp),
+             "context parallel (cp = {}) needs the dp x cp gradient-reduction group of {} ranks "
+             "(parallel::ProcessGroups::dp_cp), got {}",
+             plan_.cp, plan_.dp * plan_.cp, dp_cp && dp_cp->valid() ? dp_cp->size() : 0);
+  // Gradients reduce over every replica of the weights: dp, and under cp dp x cp.
+  const comm::ProcessGroup* reduce = real(cp) ? dp_cp : real(dp);
   ExecutorConfig ec;
   ec.plan = plan_;
   ec.precision = cfg_.precision;
   ec.optim = cfg_.optim;
-  exec_ = std::make_unique<Executor>(cfg_.model, ec, pool_, real(dp), real(tp), real(pp));
+  exec_ = std::make_unique<Executor>(cfg_.model, ec, pool_, reduce, real(tp), real(pp), real(cp));
   const int64_t M = plan_.micro_batches, b = plan_.micro_batch_size, T = cfg_.seq;
   global_.resize(size_t(cfg_.batch * (T + 1)));
   language_domains_ = cfg_.model.language_domains();
@@ -219,6 +229,8 @@ StepStats Trainer::train_step() {
   s.lr = r.lr;
   s.grad_norm = r.grad_norm;
   s.dp_wait_s = r.dp_wait_s;
+  s.cp_workspace_bytes = r.cp_workspace_bytes;
+  s.cp_wait_s = r.cp_wait_s;
   s.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = double(cfg_.batch * cfg_.seq);
   s.tokens_per_s = tokens / s.step_s;
@@ -253,7 +265,7 @@ nlohmann::json Trainer::data_state() const {
 bool Trainer::any_rank(bool flag) const {
   // A max over each axis in turn is the max over the whole grid.
   int32_t v = flag ? 1 : 0;
-  for (const comm::ProcessGroup* g : {&tp_, &dp_, &pp_})
+  for (const comm::ProcessGroup* g : {&tp_, &dp_, &pp_, &cp_})
     if (g->valid()) g->all_reduce(comm::BufferRef(&v, 1, DType::i32), comm::ReduceOp::max).wait();
   return v != 0;
 }
@@ -273,7 +285,7 @@ void Trainer::save(const std::string& dir) {
   // gather, no whole-model buffer anywhere); one rank writes the index and commits atomically
   // (checkpoint/sharded.h, commit.h). The writer's group spans the run's ranks.
   const int64_t rss_before = peak_rss_kib();
-  const int ranks = dp_size() * tp_size() * pp_size();
+  const int ranks = dp_size() * tp_size() * pp_size() * cp_size();
   comm::ProcessGroup all;
   if (ranks > 1) {
     all = comm::ProcessGroup::world();
@@ -324,7 +336,9 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   sizes.dp = plan.dp;
   sizes.tp = plan.tp;
   sizes.pp = plan.pp;
-  const parallel::Topology topo(world_size, sizes, "tp-dp-pp");
+  sizes.cp = plan.cp;
+  // cp next to tp: both talk in every layer, so they get the closest ranks.
+  const parallel::Topology topo(world_size, sizes, "tp-cp-dp-pp");
   parallel::ProcessGroups groups;
   if (world) groups = parallel::ProcessGroups::build(topo, *world);
   const bool leader = !world || world->rank() == 0;
@@ -358,7 +372,8 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   }
   MemoryPool pool;
   Trainer trainer(cfg, pool, world ? &groups.dp : nullptr, world ? &groups.tp : nullptr,
-                  world ? &groups.pp : nullptr);
+                  world ? &groups.pp : nullptr, world ? &groups.cp : nullptr,
+                  world ? &groups.dp_cp : nullptr);
   LOOM_LOG_INFO("plan: {}", trainer.plan().describe());
   LOOM_LOG_INFO("memory per rank (model/memory.h, rank 0): {:.1f} MiB (weights {:.1f}, grads "
                 "{:.1f}, optimizer {:.1f}, activations {:.1f}, workspace {:.1f}, comm {:.1f})",
@@ -405,7 +420,7 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
   ctx.world_rank = world ? world->rank() : 0;
   ctx.world_size = world_size;
   ctx.peak_gflops = peak;
-  if (world) ctx.groups = {&groups.dp, &groups.tp, &groups.pp};
+  if (world) ctx.groups = {&groups.dp, &groups.tp, &groups.pp, &groups.cp, &groups.dp_cp};
   return run_loop(cfg, hooks, ctx, !resume_dir.empty());
 }
 

@@ -42,6 +42,8 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double step_s = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after backward (exposed comm)
+  int64_t cp_workspace_bytes = 0;  // cp attention scratch outside the pool (largest call)
+  double cp_wait_s = 0;            // time blocked on cp attention transfers (exposed comm)
   double tokens_per_s = 0;
   double gflops = 0;     // achieved model FLOP/s (train_flops_per_token * tokens / time)
 };
@@ -51,8 +53,12 @@ class Trainer {
   // Groups (null or size 1: that axis has size 1): `dp` data parallel, `tp` tensor parallel (the
   // tp ranks of a dp rank see the same data), `pp` pipeline. The plan is make_train_plan(cfg,
   // dp*tp*pp) with the group sizes; a config that names other sizes is an error.
+  // `cp` context parallel (every sequence split over its ranks, see Executor) needs `dp_cp`, the
+  // dp x cp gradient-reduction group (parallel::ProcessGroups::dp_cp); the cp ranks of a dp rank
+  // read the same windows.
   Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGroup* dp = nullptr,
-          const comm::ProcessGroup* tp = nullptr, const comm::ProcessGroup* pp = nullptr);
+          const comm::ProcessGroup* tp = nullptr, const comm::ProcessGroup* pp = nullptr,
+          const comm::ProcessGroup* cp = nullptr, const comm::ProcessGroup* dp_cp = nullptr);
   ~Trainer();
 
   // Fresh start: weights from cfg.seed, data from the beginning.
@@ -67,8 +73,10 @@ class Trainer {
   // Writes a checkpoint directory atomically (see checkpoint/checkpoint.h). Collective over all
   // the run's groups.
   void save(const std::string& dir);
-  int dp_rank() const { return exec_->dp_rank(); }
-  int dp_size() const { return exec_->dp_size(); }
+  int dp_rank() const { return dp_.valid() ? dp_.rank() : 0; }  // the data axis (not cp)
+  int dp_size() const { return dp_.valid() ? dp_.size() : 1; }
+  int cp_rank() const { return exec_->cp_rank(); }
+  int cp_size() const { return exec_->cp_size(); }
   int tp_rank() const { return exec_->tp_rank(); }
   int tp_size() const { return exec_->tp_size(); }
   int pp_rank() const { return exec_->pp_rank(); }
@@ -99,7 +107,7 @@ class Trainer {
   TrainConfig cfg_;
   parallel::ParallelPlan plan_;
   MemoryPool& pool_;
-  comm::ProcessGroup dp_, tp_, pp_;
+  comm::ProcessGroup dp_, tp_, pp_, cp_;
   std::unique_ptr<Executor> exec_;
   std::unique_ptr<data::TokenStream> train_stream_;
   std::vector<int32_t> global_, tokens_;  // (G, T+1) and this rank's (M, b, T+1)
@@ -108,7 +116,7 @@ class Trainer {
 };
 
 // The full `loom train` loop on `world` (null: one process without MPI): makes the plan,
-// builds the groups (order tp-dp-pp), logs every cfg.log_every steps to stderr and
+// builds the groups (order tp-cp-dp-pp), logs every cfg.log_every steps to stderr and
 // metrics.jsonl in cfg.log_dir, checkpoints every cfg.checkpoint_every steps and at the end (and
 // on SIGINT / SIGTERM, then returns early). `resume_dir` may be empty. Only world rank 0 logs
 // and writes files. Returns the final step's stats.

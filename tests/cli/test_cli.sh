@@ -152,6 +152,40 @@ for t in nan inf -1; do
     "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" --prompt 'def ' --temperature $t
 done
 
+# generate --prompts-file: one JSON line per prompt, in input order (blank lines skipped); int8 and
+# bf16 weights load; an unknown key is an error naming the line; a too-long prompt names the limit.
+printf '{"prompt":"def f(x):\\n","max_tokens":4,"temperature":0}\n\n{"prompt":"int main","max_tokens":3,"seed":5,"stop":["\\n"]}\n' >"$WORK/prompts.jsonl"
+gen_file_ok=1
+for w in --int8 "--dtype bf16"; do
+  "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+    --prompts-file "$WORK/prompts.jsonl" $w >"$WORK/gen.jsonl" && /usr/bin/python3 - "$WORK/gen.jsonl" <<'PY' || gen_file_ok=0
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+assert [l["index"] for l in lines] == [0, 1], lines
+assert lines[0]["completion_tokens"] <= 4 and lines[1]["completion_tokens"] <= 3, lines
+assert all(l["finish_reason"] in ("stop", "length") for l in lines), lines
+assert lines[1]["prompt"] == "int main", lines
+PY
+done
+[ "$gen_file_ok" = 1 ] && pass "generate --prompts-file (int8, bf16)" || fail "generate --prompts-file: $(cat "$WORK/gen.jsonl")"
+printf '{"prompt":"x","bogus":1}\n' >"$WORK/bad_prompts.jsonl"
+expect_error "generate: unknown key in --prompts-file" 'line 1: unknown key "bogus"' \
+  "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" --prompts-file "$WORK/bad_prompts.jsonl"
+expect_error "generate: prompt longer than the context" "but the model's context is 128 tokens" \
+  "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+  --prompt "$(printf 'x%.0s ' $(seq 200))"
+
+# generate --tp 2 under mpirun: the greedy completion of one process, printed once (rank 0).
+g_tp1=$("$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+        --prompt 'def f(x):' --max-tokens 6 --temperature 0 2>&1)
+g_tp2=$(LOOM_COMM_TIMEOUT=20 timeout -k 5 60 "$SRC/scripts/mpirun-local" 2 "$LOOM" generate \
+        --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" \
+        --prompt 'def f(x):' --max-tokens 6 --temperature 0 --tp 2 2>/dev/null)
+[[ -n "$g_tp1" && "$g_tp1" == "$g_tp2" ]] && pass "generate --tp 2 equals one process" \
+  || fail "generate --tp 2: '$g_tp2' vs '$g_tp1'"
+expect_error "generate: --tp without mpirun" "--tp 2 needs 2 processes" \
+  "$LOOM" generate --checkpoint "$WORK/ckpt" --tokenizer "$SRC/tests/data/tokenizer" --prompt x --tp 2
+
 # SIGTERM mid-run saves a checkpoint and exits cleanly.
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 100000 \
   --set train.eval_every=0 >"$WORK/sig.json" 2>"$WORK/sig.log" &

@@ -25,6 +25,12 @@ std::string make_checkpoint() {
   const std::string root = loom::fuzz::scratch_file("unused", nullptr, 0) + "-ckpt";
   std::filesystem::remove_all(root);
   std::filesystem::create_directories(root);
+  static const std::string to_remove = root;  // the checkpoint goes when the fuzzer exits
+  std::atexit([] {
+    std::error_code ec;
+    std::filesystem::remove_all(to_remove, ec);
+    std::filesystem::remove(loom::fuzz::scratch_file("unused", nullptr, 0), ec);
+  });
   static std::vector<float> a(12), b(5);  // (4, 3) and (5)
   for (size_t i = 0; i < a.size(); ++i) a[i] = float(i);
   for (size_t i = 0; i < b.size(); ++i) b[i] = -float(i);
@@ -51,13 +57,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string dir = make_checkpoint();
   namespace ck = loom::checkpoint;
   {
-    std::ofstream f(dir + "/index.json", std::ios::binary | std::ios::trunc);
+    std::ofstream f(dir + "/index.json", std::ios::out | std::ios::binary | std::ios::trunc);
     f.write(reinterpret_cast<const char*>(data), std::streamsize(size));
   }
   {
     nlohmann::json sums = nlohmann::json::parse(std::ifstream(dir + "/checksums.json"));
     sums["index.json"] = {{"sha256", ck::sha256_hex(data, size)}, {"bytes", size}};
-    std::ofstream(dir + "/checksums.json", std::ios::trunc) << sums.dump();
+    std::ofstream(dir + "/checksums.json", std::ios::out | std::ios::trunc) << sums.dump();
   }
   try {
     ck::ShardedReader r(dir);

@@ -17,6 +17,15 @@
 //   whatever other rows share the call. Deterministic.
 // - Parallel over N inside (OpenMP); do not call from inside a parallel region.
 // - Bad sizes (negative, ldy < N, null data with non-zero size) throw loom::Error.
+//
+// Speed: on CPUs with AVX-512 (F, BW, VL; checked at run time, so the build does not need
+// -march=native) each dot product accumulates k in 16-lane f32 vectors, in ascending blocks of
+// 16 (the last, partial block zero-padded), then sums the 16 lanes in one fixed tree. Up to 8 rows
+// of x share each weight load, so a call with M <= 8 reads W from memory once; decode at small M
+// runs at the machine's read bandwidth (bench/kernels/bench_weight_matmul.cpp). bf16 and int8
+// weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
+// AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
+// bits differ slightly; each is batch invariant on its own.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +48,16 @@ struct WeightView {
 // y (M, N) = x (M, K) @ W^T + bias.
 void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                    const float* bias);
+
+// The readable version of weight_matmul, same contract: one dot product per (m, n) summing k in
+// ascending order in f32. The fallback without AVX-512, and the plain implementation that tests
+// hold the fast one against.
+void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
+                             const WeightView& w, const float* bias);
+
+// True when weight_matmul takes the AVX-512 path on this CPU (F, BW and VL present), false when
+// it runs weight_matmul_reference.
+bool weight_matmul_uses_avx512();
 
 // Quantizes W (N, K) f32 into q (N, K) and scales (N) as described above.
 void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K);

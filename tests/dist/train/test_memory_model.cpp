@@ -56,7 +56,7 @@ model::ModelConfig small_config() {
 }
 
 struct Case {
-  int dp = 1, tp = 1, pp = 1, zero = 0;
+  int dp = 1, tp = 1, pp = 1, zero = 0, cp = 1;
   const char* schedule = "1f1b";
   int virtual_stages = 1;
   int64_t micro_batches = 1;
@@ -134,17 +134,33 @@ double rel_err(int64_t measured, int64_t predicted) {
   return std::fabs(double(measured) - double(predicted)) / std::max<double>(1.0, double(measured));
 }
 
-// Every case of `cases` on `world` (see the file comment). Sparse (MoE) models get per-token
-// domains with the tokens.
+// Context parallel (cp splits the sequence, ZeRO shards over dp x cp): one cp plan per world.
+std::vector<Case> cp_cases_for(int w) {
+  auto c = [](int dp, int tp, int pp, int cp, int zero, int64_t m, const char* rc) {
+    Case k;
+    k.dp = dp, k.tp = tp, k.pp = pp, k.cp = cp, k.zero = zero, k.micro_batches = m;
+    k.recompute = rc;
+    return k;
+  };
+  if (w == 2) return {c(1, 1, 1, 2, 0, 2, "none"), c(1, 1, 1, 2, 2, 1, "selective")};
+  if (w == 4)
+    return {c(1, 1, 1, 4, 0, 2, "none"), c(2, 1, 1, 2, 1, 2, "none"), c(1, 2, 1, 2, 3, 1, "full"),
+            c(1, 1, 2, 2, 0, 2, "none")};
+  return {};
+}
+
+// Every case of `cases` on `world` (see the file comment), with model `cfg` (T = 16). Sparse
+// (MoE) models get per-token domains with the tokens.
 void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
                  const std::vector<Case>& cases) {
   const int w = world.size();
-  const parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
+  parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, 16};
+  shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;  // by name
   const int64_t T = 16;
   std::array<double, kNumMemCategories> worst{};
   for (const Case& k : cases) {
     parallel::PlanSettings s;
-    s.dp = k.dp, s.tp = k.tp, s.pp = k.pp, s.zero = k.zero;
+    s.dp = k.dp, s.tp = k.tp, s.pp = k.pp, s.zero = k.zero, s.cp = k.cp;
     s.schedule = k.schedule;
     s.virtual_stages = k.virtual_stages;
     s.micro_batches = k.micro_batches;
@@ -159,14 +175,14 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
                              (k.emulation == 0 ? " (bf16 copies)" : k.emulation == 1 ? " (emulated)" : "");
     model::set_bf16_emulation_for_testing(k.emulation);
     parallel::ParallelSizes sizes;
-    sizes.dp = k.dp, sizes.tp = k.tp, sizes.pp = k.pp;
+    sizes.dp = k.dp, sizes.tp = k.tp, sizes.pp = k.pp, sizes.cp = k.cp;
     parallel::ProcessGroups g =
-        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-dp-pp"), world);
+        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
     const model::RankMemory predicted = model::memory_per_rank(cfg, ec.plan, world.rank(), T, k.precision);
     std::array<int64_t, kNumMemCategories> measured{};
     {
       MemoryPool pool;
-      train::Executor ex(cfg, ec, pool, &g.dp, &g.tp, &g.pp);
+      train::Executor ex(cfg, ec, pool, k.cp > 1 ? &g.dp_cp : &g.dp, &g.tp, &g.pp, &g.cp);
       ex.init_weights(5);
       const int64_t b = ec.plan.micro_batch_size, per_dp = ec.plan.micro_batches * b;
       for (int step = 0; step < 2; ++step) {
@@ -237,6 +253,26 @@ TEST(MemoryModel, PredictionEqualsPoolPeakOnEveryRank) {
   const std::vector<Case> cases = cases_for(world.size());
   if (cases.empty()) GTEST_SKIP() << "plans are listed for 2, 4 and 8 ranks, not " << world.size();
   check_plans(world, small_config(), cases);
+}
+
+TEST(MemoryModel, ContextParallelPredictionEqualsPoolPeak) {
+  comm::ProcessGroup world = world_group();
+  const int w = world.size();
+  const std::vector<Case> cases = cp_cases_for(w);
+  if (cases.empty()) GTEST_SKIP() << "SKIP: cp plans are listed for 2 and 4 ranks, not " << w;
+  check_plans(world, small_config(), cases);
+  // Activations per rank fall as 1/cp at fixed T (cp 2 against the cp = 1 plan of the same
+  // micro-batches, whole model on one rank).
+  const model::ModelConfig cfg = small_config();
+  const parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, 16};
+  parallel::PlanSettings s;
+  s.dp = 1, s.micro_batches = 1;
+  const parallel::ParallelPlan one = parallel::make_plan(s, shape, 2, 1);
+  s.cp = 2;
+  const parallel::ParallelPlan two = parallel::make_plan(s, shape, 2, 2);
+  const int64_t a1 = model::memory_per_rank(cfg, one, 0, 16, model::Precision::f32).activations();
+  const int64_t a2 = model::memory_per_rank(cfg, two, 0, 16, model::Precision::f32).activations();
+  EXPECT_EQ(a1, 2 * a2) << "activations at cp 1: " << a1 << ", at cp 2: " << a2;
 }
 
 // Sparse (MoE) blocks 1 and 3 (model/moe.h), rre and topk routers: the memory model prices the

@@ -1,0 +1,147 @@
+// `loom bench decode --model M.toml --batch B --prompt-tokens P --new-tokens N
+//  --dtype f32|bf16|int8 [--seed S]`: times the KV-cached decoder (infer::Decoder) on a model
+// with loom's random init: one prefill step of B prompts of P tokens, then N decode steps of one
+// token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
+// prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
+// it reads them at, beside a read-bandwidth probe run in the same invocation.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "cli.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/threads.h"
+#include "infer/decoder.h"
+#include "model/params.h"
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Read bandwidth a plain parallel sum over 256 MiB reaches (best of 3), bytes/s: the ceiling a
+// weight-bound decode step is measured against.
+double probe_read_bandwidth() {
+  const size_t n = size_t(64) << 20;  // 64 Mi floats = 256 MiB
+  std::vector<float> a(n, 1.f);
+  double best = 0;
+  volatile float sink = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    float total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (size_t i = 0; i < n; ++i) total += a[i];
+    const double dt = seconds_since(t0);
+    sink = sink + total;
+    best = std::max(best, double(n) * 4 / dt);
+  }
+  return best;
+}
+
+void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
+  struct Opts {
+    std::string model, dtype = "f32";
+    int64_t batch = 1, prompt_tokens = 128, new_tokens = 128;
+    uint64_t seed = 1;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* bench = loom::cli::subcommand_path(root, "bench", "benchmarks (JSON output)");
+  CLI::App* sub = bench->add_subcommand("decode", "time KV-cached prefill and decode");
+  sub->add_option("--model", o->model, "model config (TOML)")->required();
+  sub->add_option("--batch", o->batch, "sequences decoded together B");
+  sub->add_option("--prompt-tokens", o->prompt_tokens, "prompt length P");
+  sub->add_option("--new-tokens", o->new_tokens, "decode steps N");
+  sub->add_option("--dtype", o->dtype,
+                  "linear weight storage: f32, bf16 or int8 (head: bf16 "
+                  "for int8)")
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}));
+  sub->add_option("--seed", o->seed, "init and prompt seed");
+  sub->callback([o, &ctx] {
+    using namespace loom;
+    const model::ModelConfig cfg = model::load_model_config(o->model);
+    const int64_t B = o->batch, P = o->prompt_tokens, N = o->new_tokens;
+    LOOM_CHECK(B >= 1 && P >= 1 && N >= 1,
+               "--batch {}, --prompt-tokens {} and --new-tokens {} "
+               "must be >= 1",
+               B, P, N);
+    LOOM_CHECK(P + N <= cfg.max_seq,
+               "--prompt-tokens {} + --new-tokens {} exceed the model's context of {} tokens", P, N,
+               cfg.max_seq);
+    const infer::WeightFormat lin = infer::weight_format_from_name(o->dtype);
+    const infer::WeightFormat head =
+        lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16 : lin;
+    const model::ParamLayout layout(cfg);
+    std::vector<float> flat(size_t(layout.total()));  // f32 init, converted below
+    model::init_params(layout, cfg, flat.data(), o->seed);
+    const infer::ModelWeights w(cfg, flat.data(), lin, head);
+    flat = std::vector<float>();
+    infer::Decoder dec(w);
+    const infer::KvCacheShape ks = dec.cache_shape();
+    infer::KvCache cache(ks, ks.block_bytes() * B * ((P + N + 15) / 16), P + N);
+    std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
+    std::vector<int64_t> ids(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < P; ++t)
+        seqs[size_t(b)].push_back(
+            int32_t(rng_u64(o->seed, 77, uint64_t(b * P + t)) % uint64_t(cfg.vocab)));
+      ids[size_t(b)] = cache.create();
+      LOOM_ASSERT(cache.reserve(ids[size_t(b)], P + N), "bench KV pool too small");
+    }
+    std::vector<float> logits(size_t(B * cfg.vocab));  // (B,V)
+    auto run_step = [&](bool prefill) {
+      std::vector<infer::SeqStep> st(static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) {
+        const auto& s = seqs[size_t(b)];
+        const int64_t pos = prefill ? 0 : int64_t(s.size()) - 1;
+        st[size_t(b)] = {ids[size_t(b)], pos,
+                         std::span<const int32_t>(s.data() + pos, s.size() - size_t(pos))};
+      }
+      dec.forward(cache, st, logits.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* l = logits.data() + b * cfg.vocab;
+        seqs[size_t(b)].push_back(int32_t(std::max_element(l, l + cfg.vocab) - l));
+      }
+    };
+    auto t0 = std::chrono::steady_clock::now();
+    run_step(true);
+    const double prefill_s = seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i + 1 < N; ++i) run_step(false);
+    const double decode_s = seconds_since(t0);
+    const double steps = double(std::max<int64_t>(1, N - 1));
+    const double bw = probe_read_bandwidth();
+    const double wbytes = double(w.matmul_weight_bytes());
+    const double weight_rate = wbytes * steps / std::max(decode_s, 1e-9);
+    // K and V of every cached layer for the average context of a decode step.
+    const double kv_bytes_per_step =
+        double(B) * (double(P) + double(N) / 2) * 2 * double(ks.layers * ks.kv_dim()) * 4;
+    nlohmann::json j = {
+        {"impl", "loom"},
+        {"model", cfg.name},
+        {"dtype", o->dtype},
+        {"batch", B},
+        {"prompt_tokens", P},
+        {"new_tokens", N},
+        {"threads", num_threads()},
+        {"prefill_s", prefill_s},
+        {"prefill_tokens_per_s", double(B * P) / prefill_s},
+        {"decode_s", decode_s},
+        {"decode_step_ms", decode_s / steps * 1e3},
+        {"decode_tokens_per_s", double(B) * steps / std::max(decode_s, 1e-9)},
+        {"matmul_weight_bytes", w.matmul_weight_bytes()},
+        {"weight_bytes_read_per_s", weight_rate},
+        {"kv_bytes_read_per_s", kv_bytes_per_step * steps / std::max(decode_s, 1e-9)},
+        {"probe_read_bytes_per_s", bw},
+        {"weight_read_fraction_of_probe", weight_rate / bw}};
+    std::printf("%s\n", j.dump().c_str());
+    ctx.exit_code = 0;
+  });
+}
+
+}  // namespace
+
+LOOM_REGISTER_COMMAND(bench_decode, add_bench_decode);

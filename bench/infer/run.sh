@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# KV-cached decode speed of loom against a PyTorch greedy loop with a hand-written KV cache, on
+# the same model shape, in ONE invocation (absolute times on shared machines drift; ratios are
+# what we report). Issue 15's setting: gpt2-124m, prompt 128, 128 new tokens, batch 1 and 8.
+#   bench/infer/run.sh [LOOM_BIN]        (default build/bin/loom)
+# Env: LOOM_BENCH_MODEL (configs/models/gpt2-124m.toml), LOOM_BENCH_PROMPT (128),
+#      LOOM_BENCH_NEW (128), LOOM_BENCH_BATCHES ("1 8"), LOOM_TORCH_PYTHON (a python with torch;
+#      default /work/torch-venv/bin/python if present, else /usr/bin/python3).
+# Prints every run's JSON line, then {"compare": ...} lines and a table.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+loom=${1:-$root/build/bin/loom}
+model=${LOOM_BENCH_MODEL:-$root/configs/models/gpt2-124m.toml}
+P=${LOOM_BENCH_PROMPT:-128}
+N=${LOOM_BENCH_NEW:-128}
+py=${LOOM_TORCH_PYTHON:-}
+if [[ -z "$py" ]]; then
+  if [[ -x /work/torch-venv/bin/python ]]; then py=/work/torch-venv/bin/python; else py=/usr/bin/python3; fi
+fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for B in ${LOOM_BENCH_BATCHES:-1 8}; do
+  for dtype in f32 bf16 int8; do
+    "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
+      --dtype "$dtype" | tee -a "$out"
+  done
+  for dtype in f32 bf16; do
+    env -u OMP_WAIT_POLICY "$py" "$here/torch_decode.py" --model "$model" --batch "$B" \
+      --prompt-tokens "$P" --new-tokens "$N" --dtype "$dtype" | tee -a "$out"
+  done
+done
+/usr/bin/python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+loom = {(r["batch"], r["dtype"]): r for r in rows if r.get("impl") == "loom"}
+torch = {(r["batch"], r["dtype"]): r for r in rows if r.get("peer") == "torch"}
+def tps(d, k):
+    return d[k]["decode_tokens_per_s"] if k in d else float("nan")
+checks = []
+for B in sorted({k[0] for k in loom}):
+    if B > 1:
+        for d in ("f32", "bf16"):
+            checks.append(("batch %d %s: loom / torch same dtype >= 2" % (B, d),
+                           tps(loom, (B, d)) / tps(torch, (B, d)), 2.0))
+    else:
+        checks.append(("batch 1 bf16 loom / torch f32 >= 2", tps(loom, (1, "bf16")) / tps(torch, (1, "f32")), 2.0))
+        checks.append(("batch 1 int8 / loom bf16 >= 1.6", tps(loom, (1, "int8")) / tps(loom, (1, "bf16")), 1.6))
+        for d in ("f32", "bf16", "int8"):
+            if (1, d) in loom:
+                r = loom[(1, d)]
+                checks.append(("batch 1 %s weight read / probe >= 0.9" % d, r["weight_read_fraction_of_probe"], 0.9))
+for name, value, target in checks:
+    print(json.dumps({"compare": name, "value": round(value, 3), "target": target, "meets_target": value >= target}))
+print("| batch | dtype | loom decode tok/s | torch decode tok/s | loom prefill s | torch prefill s |")
+print("|---|---|---|---|---|---|")
+for (B, d) in sorted(loom):
+    t = torch.get((B, d))
+    print("| %d | %s | %.1f | %s | %.3f | %s |" % (B, d, loom[(B, d)]["decode_tokens_per_s"],
+          "%.1f" % t["decode_tokens_per_s"] if t else "-", loom[(B, d)]["prefill_s"],
+          "%.3f" % t["prefill_s"] if t else "-"))
+PY

@@ -1,0 +1,90 @@
+// infer/decoder.h: the KV-cached forward pass of the GPT / PanGu-α / CodeGeeX decoder.
+//
+// Glossary: N new token rows in a step (summed over sequences), B sequences in the step, C
+// d_model, KV kv width, F d_ff, V vocab, L blocks, L' cached layers (L, plus the query layer).
+//
+// It computes exactly what model/stage.cpp computes for the same tokens, one step at a time:
+// h0 = wte[token] + wpe[pos]; L pre-LN blocks (LayerNorm, q|k|v, causal attention, attn.out,
+// residual, LayerNorm, ffn.up, GELU kind of the config, ffn.down, residual); the final LayerNorm;
+// with a query layer, one more block on the final norm's output whose query input is row `pos`
+// of the query layer's position table (its keys and values come from that block's LayerNorm);
+// then the tied head: logits = h @ wte^T. Every linear goes through kernels::weight_matmul (in
+// the weights' storage format); attention over the cache through
+// attention::paged_attention_forward, the same kernel for prompt tokens and decoded tokens.
+//
+// Batch invariance: each row's arithmetic depends only on that row (weight_matmul, LayerNorm,
+// GELU and paged attention are all per row with fixed reduction orders), so a sequence's logits
+// are bitwise the same whether it runs alone or beside others, and whether a token was part of
+// a prefill or decoded on its own.
+//
+// Tensor parallel (a tp group of size P with the weights of ModelWeights' TpShard): Megatron's
+// split without sequence parallelism. Every rank holds all N rows; q|k|v and ffn.up run on its
+// heads / columns (and its KV cache holds only its NKV/P kv heads); the attn.out and ffn.down
+// partial sums are all-reduced before their (replicated) bias; the vocabulary-parallel
+// embedding is all-reduced (one rank contributes each row, the rest zeros: exact) and the head's
+// logits (B, V/P) all-gathered into (B, V), so every rank returns identical logits. Every member
+// calls forward() with the same steps (collective). Logits equal tp = 1 within f32 rounding (the
+// partial sums add in another order).
+//
+// Not thread-safe (scratch buffers are members); one Decoder per step thread.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "attention/paged_attention.h"
+#include "comm/process_group.h"
+#include "infer/kv_cache.h"
+#include "infer/weights.h"
+
+namespace loom::infer {
+
+// One sequence's part of a step.
+struct SeqStep {
+  int64_t kv_seq = -1;              // KvCache sequence id, with blocks for pos + tokens.size()
+  int64_t pos = 0;                  // tokens of this sequence already in the cache
+  std::span<const int32_t> tokens;  // new tokens (>= 1): a prompt, or the last sampled token
+};
+
+class Decoder {
+ public:
+  // Keeps references: weights (and tp) outlive it. tp: null or a group whose size and rank
+  // match weights.tp() (throws otherwise).
+  explicit Decoder(const ModelWeights& weights, const comm::ProcessGroup* tp = nullptr);
+
+  const ModelWeights& weights() const { return w_; }
+  // The cache geometry this model needs (L' layers, NKV/P kv heads of this rank, HD).
+  KvCacheShape cache_shape() const;
+
+  // Runs every sequence's new tokens, appends their K and V to `cache`, and writes the logits
+  // of each sequence's LAST new token into logits (B, V). Throws loom::Error (before touching
+  // the cache) on token ids outside [0, V), positions past max_seq or too few reserved blocks.
+  void forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits);
+
+ private:
+  struct Scratch;
+  void layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
+             const model::BlockOffsets& o, const BlockLinears& lin, float* x, const float* qin,
+             bool last_only);
+
+  void all_reduce(float* buf, int64_t n);
+
+  const ModelWeights& w_;
+  const comm::ProcessGroup* tp_ = nullptr;  // null: no tensor parallelism
+  // Scratch, grown as needed (64-byte aligned so every row sees the same vector alignment).
+  struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    float* get(size_t want);
+    Buf() = default;
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    ~Buf();
+  };
+  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, shard_logits_, gathered_;
+  std::vector<attention::PagedQuery> queries_, last_queries_;
+  std::vector<int64_t> row_seq_, row_pos_, last_row_;  // last_row_ (B): each sequence's last row
+};
+
+}  // namespace loom::infer

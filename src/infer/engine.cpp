@@ -1,0 +1,448 @@
+// infer/engine.cpp: continuous batching over the KV-cached decoder (see engine.h).
+#include "infer/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "core/error.h"
+
+namespace loom::infer {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::none:
+      return "none";
+    case FinishReason::stop:
+      return "stop";
+    case FinishReason::length:
+      return "length";
+    case FinishReason::cancelled:
+      return "cancelled";
+    case FinishReason::error:
+      return "error";
+  }
+  return "none";
+}
+
+// One request from submit() to its last event.
+struct Engine::Active {
+  int64_t id = 0;
+  Request req;
+  int64_t prompt_tokens = 0;     // as submitted (before token healing)
+  std::vector<int32_t> context;  // (prompt after healing + generated) token ids
+  Healing heal;
+  TextStopper stopper;
+  std::vector<int32_t> generated;  // sampled tokens (EOD excluded)
+  std::string text;                // the completion so far (healed text removed)
+  size_t emitted = 0;              // bytes of `text` already delivered
+  int64_t kv_seq = -1;
+  int64_t cached = 0;  // tokens of `context` whose K/V are in the cache
+  bool cancelled = false;
+  bool done = false;
+};
+
+namespace {
+const data::Tokenizer& require_tokenizer(const std::unique_ptr<data::Tokenizer>& t) {
+  LOOM_CHECK(t != nullptr, "engine: a tokenizer is required");
+  return *t;
+}
+
+int64_t default_budget(const KvCacheShape& s, int64_t max_batch, int64_t max_seq) {
+  const int64_t blocks = (max_seq + s.block_tokens - 1) / s.block_tokens;
+  return blocks * s.block_bytes() * max_batch;
+}
+}  // namespace
+
+Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
+               EngineOptions options)
+    : weights_(std::move(weights)),
+      tok_(std::move(tokenizer)),
+      opts_(std::move(options)),
+      texts_(require_tokenizer(tok_)),
+      decoder_(weights_, opts_.tp),
+      cache_(decoder_.cache_shape(),
+             opts_.kv_budget_bytes > 0
+                 ? opts_.kv_budget_bytes
+                 : default_budget(decoder_.cache_shape(), std::max<int64_t>(1, opts_.max_batch),
+                                  weights_.config().max_seq),
+             weights_.config().max_seq) {
+  const model::ModelConfig& cfg = weights_.config();
+  LOOM_CHECK(opts_.max_batch >= 1, "engine: max_batch={} must be >= 1", opts_.max_batch);
+  LOOM_CHECK(!opts_.tp || opts_.tp->size() == 1 || !opts_.start_thread,
+             "engine: under tensor parallelism (tp = {}) every rank must drive step() in "
+             "lockstep: set start_thread = false",
+             opts_.tp ? opts_.tp->size() : 1);
+  LOOM_CHECK(opts_.max_queue >= 0, "engine: max_queue={} must be >= 0", opts_.max_queue);
+  LOOM_CHECK(tok_->vocab_size() <= cfg.vocab,
+             "tokenizer has {} tokens but the model's vocab is {}; use the model's tokenizer",
+             tok_->vocab_size(), cfg.vocab);
+  stats_.kv_blocks_total = stats_.kv_blocks_free = cache_.num_blocks();
+  if (opts_.start_thread) thread_ = std::thread([this] { run_thread(); });
+}
+
+Engine::~Engine() {
+  try {
+    shutdown(false);
+  } catch (...) {
+  }
+}
+
+int64_t Engine::context_length() const { return weights_.config().max_seq; }
+std::string Engine::model_name() const {
+  return opts_.model_name.empty() ? weights_.config().name : opts_.model_name;
+}
+std::vector<int32_t> Engine::encode(const std::string& text) const { return tok_->encode(text); }
+std::string Engine::decode(const std::vector<int32_t>& tokens) const {
+  return tok_->decode(tokens);
+}
+
+SubmitResult Engine::submit(Request request) {
+  using S = SubmitResult::Status;
+  SubmitResult res;
+  auto refuse = [&](S s, std::string msg) {
+    res.status = s;
+    res.message = std::move(msg);
+    return res;
+  };
+  const int64_t ctx = context_length(), P = int64_t(request.prompt.size());
+  // Prompt ids must be tokens the tokenizer knows (the model's vocabulary padding is not text).
+  const int64_t V = tok_->vocab_size();
+  if (P == 0) return refuse(S::invalid, "the prompt has no tokens");
+  for (int64_t i = 0; i < P; ++i)
+    if (request.prompt[size_t(i)] < 0 || request.prompt[size_t(i)] >= V)
+      return refuse(S::invalid, fmt::format("prompt token {} at index {} is outside the "
+                                            "tokenizer's vocabulary [0, {})",
+                                            request.prompt[size_t(i)], i, V));
+  StopRule rule = StopRule::none;
+  try {
+    validate_sampling(request.params);
+    rule = stop_rule_from_name(request.params.stop_rule);
+  } catch (const Error& e) {
+    return refuse(S::invalid, e.what());
+  }
+  if (P + request.params.max_tokens > ctx)
+    return refuse(S::too_long,
+                  fmt::format("this model's maximum context length is {} tokens, but {} tokens "
+                              "were requested ({} in the prompt, {} for the completion); "
+                              "shorten the prompt or lower max_tokens to at most {}",
+                              ctx, P + request.params.max_tokens, P, request.params.max_tokens,
+                              std::max<int64_t>(0, ctx - P)));
+  auto a = std::make_unique<Active>();
+  a->req = std::move(request);
+  a->prompt_tokens = P;
+  a->context = a->req.prompt;
+  if (a->req.params.token_healing) a->heal = heal_prompt(a->context, texts_);
+  const std::string prompt_text = tok_->decode(a->req.prompt);
+  a->stopper =
+      TextStopper(a->req.params.stop, rule, prompt_text.empty() || prompt_text.back() == '\n');
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stopping_) return refuse(S::shutting_down, "the service is shutting down");
+  if (int64_t(queue_.size()) >= opts_.max_queue)
+    return refuse(S::queue_full,
+                  fmt::format("{} requests are already waiting (the queue holds {}); retry later",
+                              queue_.size(), opts_.max_queue));
+  a->id = next_id_++;
+  res.request_id = a->id;
+  queue_.push_back(std::move(a));
+  stats_.queued = int64_t(queue_.size());
+  cv_.notify_all();
+  return res;
+}
+
+void Engine::cancel(int64_t request_id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  // Only live ids are remembered (unknown or finished ones are ignored).
+  bool live = false;
+  for (auto& q : queue_) live |= q->id == request_id;
+  for (auto& r : running_) live |= r->id == request_id;
+  if (live) cancel_.insert(request_id);
+  cv_.notify_all();
+}
+
+void Engine::finish(Active& a, FinishReason why, std::vector<TokenEvent>& out,
+                    const std::string& error) {
+  TokenEvent ev;
+  ev.request_id = a.id;
+  if (why == FinishReason::length || (why == FinishReason::stop && a.emitted < a.text.size()))
+    ev.text = a.text.substr(a.emitted);  // nothing is pending any more: flush what was held
+  a.emitted = a.text.size();
+  ev.finish = why;
+  ev.error = error;
+  ev.prompt_tokens = a.prompt_tokens;
+  ev.completion_tokens = int64_t(a.generated.size());
+  out.push_back(std::move(ev));
+  a.done = true;
+}
+
+bool Engine::step() {
+  std::lock_guard<std::mutex> step_lock(step_mu_);
+  std::vector<TokenEvent> events;
+  std::vector<Active*> batch;
+  std::vector<std::unique_ptr<Active>> finished_queued;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    // Cancellations: queued requests leave at once; running ones finish below.
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (cancel_.count((*it)->id)) {
+        finished_queued.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto& r : running_)
+      if (cancel_.count(r->id)) r->cancelled = true;
+    for (auto& q : finished_queued) cancel_.erase(q->id);
+    for (auto& r : running_) cancel_.erase(r->id);
+    // Admission: FIFO while a batch slot and the KV blocks of prompt + max_tokens are free.
+    while (!queue_.empty() && int64_t(running_.size()) < opts_.max_batch) {
+      Active& a = *queue_.front();
+      if (a.req.params.max_tokens > 0) {
+        const int64_t need = int64_t(a.context.size()) + a.req.params.max_tokens;
+        const int64_t seq = cache_.create();
+        if (!cache_.reserve(seq, need)) {
+          cache_.release(seq);
+          break;
+        }
+        a.kv_seq = seq;
+      }
+      running_.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    for (auto& r : running_) batch.push_back(r.get());
+    stats_.queued = int64_t(queue_.size());
+  }
+  for (auto& q : finished_queued) finish(*q, FinishReason::cancelled, events);
+
+  int64_t generated_now = 0;
+  // Who runs this step: everything admitted and not cancelled or already complete.
+  std::vector<Active*> run;
+  for (Active* a : batch) {
+    if (a->cancelled)
+      finish(*a, FinishReason::cancelled, events);
+    else if (a->req.params.max_tokens == 0)
+      finish(*a, FinishReason::length, events);
+    else
+      run.push_back(a);
+  }
+  if (!run.empty()) {
+    // Token budget of the step (chunked prefill): every decoding sequence feeds its one token
+    // first, then prefilling sequences, in admission order, feed prompt chunks while the budget
+    // lasts (at least one token per step so a prefill always advances). A token's arithmetic
+    // does not depend on the chunking (decoder.h), so neither do the sampled tokens.
+    int64_t budget = opts_.max_step_tokens > 0 ? opts_.max_step_tokens : INT64_MAX;
+    std::vector<int64_t> feed(run.size(), 0);
+    bool progressed = false;
+    for (size_t i = 0; i < run.size(); ++i)
+      if (int64_t(run[i]->context.size()) - run[i]->cached == 1) {
+        feed[i] = 1;
+        --budget;
+        progressed = true;
+      }
+    for (size_t i = 0; i < run.size(); ++i) {
+      const int64_t rem = int64_t(run[i]->context.size()) - run[i]->cached;
+      if (rem <= 1) continue;
+      const int64_t take = std::min(rem, std::max<int64_t>(budget, progressed ? 0 : 1));
+      if (take <= 0) continue;
+      feed[i] = take;
+      budget -= take;
+      progressed = true;
+    }
+    std::vector<Active*> fed;
+    std::vector<SeqStep> steps;
+    for (size_t i = 0; i < run.size(); ++i) {
+      if (feed[i] == 0) continue;
+      Active& a = *run[i];
+      fed.push_back(&a);
+      steps.push_back({a.kv_seq, a.cached,
+                       std::span<const int32_t>(a.context.data() + a.cached, size_t(feed[i]))});
+    }
+    const int64_t V = weights_.config().vocab, TV = tok_->vocab_size();
+    std::vector<float> logits(fed.size() * size_t(V));  // (B,V)
+    try {
+      decoder_.forward(cache_, steps, logits.data());
+    } catch (const std::exception& e) {
+      for (Active* a : fed) finish(*a, FinishReason::error, events, e.what());
+      fed.clear();
+    }
+    for (size_t i = 0; i < fed.size(); ++i) {
+      Active& a = *fed[i];
+      const SamplingParams& p = a.req.params;
+      a.cached += int64_t(steps[i].tokens.size());
+      if (a.cached < int64_t(a.context.size())) continue;  // prompt not all in the cache yet
+      std::span<float> row(logits.data() + i * size_t(V), size_t(V));
+      // Tokens the tokenizer cannot produce (vocab padding) are never sampled.
+      for (int64_t v = TV; v < V; ++v) row[size_t(v)] = -INFINITY;
+      if (a.generated.empty()) mask_for_healing(row, a.heal, texts_, tok_->eod_id());
+      apply_repetition_penalty(row, a.context, p.repetition_penalty);
+      Sampled s;
+      try {
+        s = sample_token(row, p, uint64_t(a.generated.size()), std::max(0, p.logprobs));
+      } catch (const std::exception& e) {
+        finish(a, FinishReason::error, events, e.what());
+        continue;
+      }
+      if (s.token == tok_->eod_id() && !p.ignore_eod) {
+        finish(a, FinishReason::stop, events);
+        continue;
+      }
+      a.generated.push_back(s.token);
+      a.context.push_back(s.token);
+      std::string full = tok_->decode(a.generated);
+      const size_t strip =
+          full.compare(0, a.heal.healed.size(), a.heal.healed) == 0 ? a.heal.healed.size() : 0;
+      a.text = full.substr(strip);
+      const TextStopper::Verdict vd = a.stopper.check(a.text);
+      TokenEvent ev;
+      ev.request_id = a.id;
+      ev.token = s.token;
+      ev.logprob = s.logprob;
+      if (p.logprobs >= 0)
+        for (auto& [t, lp] : s.top)
+          ev.top.push_back({t, t < TV ? texts_.text(t) : std::string(), lp});
+      const size_t upto = vd.end;
+      if (upto > a.emitted) {
+        ev.text = a.text.substr(a.emitted, upto - a.emitted);
+        a.emitted = upto;
+      }
+      if (vd.stopped) {
+        a.text.resize(std::max(vd.end, a.emitted));
+        ev.finish = FinishReason::stop;
+      } else if (int64_t(a.generated.size()) >= p.max_tokens ||
+                 int64_t(a.context.size()) >= context_length()) {
+        ev.text += a.text.substr(a.emitted);
+        a.emitted = a.text.size();
+        ev.finish = FinishReason::length;
+      }
+      if (ev.finish != FinishReason::none) {
+        ev.prompt_tokens = a.prompt_tokens;
+        ev.completion_tokens = int64_t(a.generated.size());
+        a.done = true;
+      }
+      events.push_back(std::move(ev));
+      ++generated_now;
+    }
+  }
+
+  bool any;
+  std::vector<std::unique_ptr<Active>> retired;  // finished this step; destroyed after delivery
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& r : running_)
+      if (r->done) {
+        cancel_.erase(r->id);  // a cancel that raced with the last token
+        if (r->kv_seq >= 0) cache_.release(r->kv_seq);
+        r->kv_seq = -1;
+        retired.push_back(std::move(r));
+      }
+    std::erase_if(running_, [](const std::unique_ptr<Active>& r) { return r == nullptr; });
+    stats_.generated_tokens += generated_now;
+    stats_.running = int64_t(running_.size());
+    stats_.kv_blocks_free = cache_.free_blocks();
+    any = !batch.empty() || !finished_queued.empty();
+    if (any) ++stats_.steps;
+  }
+  // Deliver outside every lock (callbacks may call cancel() or submit()), in event order. The
+  // Active objects are alive: running ones in running_ (only this thread removes them), the
+  // others in `retired` and `finished_queued`.
+  for (const TokenEvent& ev : events) {
+    Active* owner = nullptr;
+    for (Active* a : batch)
+      if (a->id == ev.request_id) owner = a;
+    for (auto& q : finished_queued)
+      if (q->id == ev.request_id) owner = q.get();
+    if (!owner || !owner->req.on_event) continue;
+    try {
+      owner->req.on_event(ev);
+    } catch (const std::exception& e) {
+      // A callback that throws must not take the step thread (and every other request) down.
+      std::fprintf(stderr, "loom infer: the event callback of request %lld threw: %s\n",
+                   (long long)ev.request_id, e.what());
+    } catch (...) {
+      std::fprintf(stderr, "loom infer: the event callback of request %lld threw\n",
+                   (long long)ev.request_id);
+    }
+  }
+  return any;
+}
+
+void Engine::run_thread() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || !running_.empty(); });
+      if (stopping_ && queue_.empty() && running_.empty()) return;
+    }
+    try {
+      step();
+    } catch (const std::exception& e) {
+      fail_all(e.what());
+    }
+  }
+}
+
+void Engine::fail_all(const std::string& why) {
+  // Something outside the per-request error paths failed (out of memory, a broken invariant):
+  // every request ends with `error` rather than the thread dying with them pending.
+  std::vector<std::unique_ptr<Active>> all;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& q : queue_) all.push_back(std::move(q));
+    for (auto& r : running_) all.push_back(std::move(r));
+    queue_.clear();
+    running_.clear();
+    for (auto& a : all)
+      if (a->kv_seq >= 0) cache_.release(a->kv_seq);
+    stats_.queued = stats_.running = 0;
+    stats_.kv_blocks_free = cache_.free_blocks();
+  }
+  std::fprintf(stderr, "loom infer: step failed, ending %zu requests: %s\n", all.size(),
+               why.c_str());
+  for (auto& a : all) {
+    if (a->done) continue;
+    std::vector<TokenEvent> ev;
+    finish(*a, FinishReason::error, ev, why);
+    try {
+      if (a->req.on_event) a->req.on_event(ev[0]);
+    } catch (...) {
+    }
+  }
+}
+
+void Engine::shutdown(bool drain) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+    if (!drain) {
+      for (auto& q : queue_) cancel_.insert(q->id);
+      for (auto& r : running_) cancel_.insert(r->id);
+    }
+    cv_.notify_all();
+  }
+  std::lock_guard<std::mutex> jl(join_mu_);
+  if (thread_.joinable()) {
+    thread_.join();
+  } else if (!opts_.start_thread) {
+    while (step()) {
+    }
+  }
+}
+
+Engine::Stats Engine::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
+                                    const std::string& tokenizer_path, WeightFormat linears,
+                                    WeightFormat head, EngineOptions options) {
+  model::TpShard shard;
+  if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
+  ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
+  const std::string tp = tokenizer_path.empty() ? checkpoint_dir + "/tokenizer" : tokenizer_path;
+  auto tok = data::load_tokenizer(tp);
+  return std::make_unique<Engine>(std::move(w), std::move(tok), std::move(options));
+}
+
+}  // namespace loom::infer

@@ -1,0 +1,125 @@
+// infer/engine.h: infer::Engine, the CompletionService (service.h) that runs the KV-cached
+// decoder with continuous batching.
+//
+// Scheduling (Orca-style iteration-level batching, no preemption):
+//   - submit() validates a request and puts it in a bounded FIFO queue (max_queue), or refuses
+//     it at once (queue_full, too_long: prompt + max_tokens > context, invalid, shutting_down).
+//   - Before every step the head of the queue is admitted while fewer than max_batch sequences
+//     run AND the KV pool has free blocks for its whole prompt + max_tokens (reserved up front,
+//     so a running sequence never waits or is preempted). FIFO: a request that does not fit
+//     blocks the ones behind it (no starvation of long prompts).
+//   - One step = one decoder forward over every running sequence: one token of each decoding
+//     sequence, then prompt chunks of prefilling ones up to max_step_tokens (chunked prefill, so
+//     a long prompt does not stall the others), then one sampled token for every sequence whose
+//     prompt is fully in the cache.
+//     Finished sequences leave and free their blocks; queued ones join at the next step.
+//   - Determinism: a request's tokens depend only on its prompt, parameters and seed, never on
+//     which requests share its steps (batch-invariant decoder, counter-based sampling).
+// Events: delivered from the step thread, in order, without any engine lock held. A request's
+// text is the completion after the FULL prompt (token healing's re-emitted text is removed).
+// End-of-document finishes with `stop` and a last event without a token (unless ignore_eod).
+//
+// Threads: with start_thread (default) a background thread runs steps while there is work;
+// shutdown(drain) stops admission, then finishes (drain) or cancels everything and joins it.
+// With start_thread = false the caller drives step() (tests, single-threaded tools).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_set>
+#include <vector>
+
+#include "data/tokenizer.h"
+#include "infer/decoder.h"
+#include "infer/kv_cache.h"
+#include "infer/sampling.h"
+#include "infer/service.h"
+#include "infer/stop.h"
+#include "infer/weights.h"
+
+namespace loom::infer {
+
+struct EngineOptions {
+  std::string model_name;          // "" -> the model config's name
+  int64_t max_batch = 8;           // sequences in one step (>= 1)
+  int64_t max_queue = 64;          // requests waiting for admission (>= 0); more -> queue_full
+  int64_t kv_budget_bytes = 0;     // KV pool size; 0 -> max_batch sequences of the full context
+  int64_t max_step_tokens = 2048;  // tokens per step (decodes first, then prompt chunks); 0: no cap
+  bool start_thread = true;        // false: the caller drives step()
+  // Tensor parallel: the group the weights are sharded over (ModelWeights with its TpShard), or
+  // null. Under tp every rank runs its own Engine with start_thread = false, submits the same
+  // requests in the same order and calls step() in lockstep (the decoder's collectives keep the
+  // ranks together; logits, and so every sampled token, are identical on all ranks).
+  const comm::ProcessGroup* tp = nullptr;
+};
+
+class Engine : public CompletionService {
+ public:
+  // The tokenizer's vocabulary must not exceed the model's (tokens past it, the vocabulary
+  // padding, are never sampled). Throws loom::Error on bad options or a KV budget that cannot
+  // hold one full-context sequence.
+  Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
+         EngineOptions options = {});
+  ~Engine() override;  // shutdown(/*drain=*/false)
+
+  SubmitResult submit(Request request) override;
+  void cancel(int64_t request_id) override;
+  int64_t context_length() const override;
+  std::string model_name() const override;
+  std::vector<int32_t> encode(const std::string& text) const override;
+  std::string decode(const std::vector<int32_t>& tokens) const override;
+  void shutdown(bool drain) override;
+
+  // One scheduling step on the calling thread (start_thread = false only). Returns false when
+  // nothing was queued or running.
+  bool step();
+
+  struct Stats {
+    int64_t queued = 0, running = 0;
+    int64_t kv_blocks_free = 0, kv_blocks_total = 0;
+    int64_t steps = 0, generated_tokens = 0;
+  };
+  Stats stats() const;  // thread-safe snapshot
+  const ModelWeights& weights() const { return weights_; }
+  const data::Tokenizer& tokenizer() const { return *tok_; }
+
+ private:
+  struct Active;
+  void run_thread();
+  void fail_all(const std::string& why);
+  void finish(Active& a, FinishReason why, std::vector<TokenEvent>& out,
+              const std::string& error = {});
+
+  ModelWeights weights_;
+  std::unique_ptr<data::Tokenizer> tok_;
+  EngineOptions opts_;
+  TokenTexts texts_;
+  Decoder decoder_;
+  KvCache cache_;  // used by the step thread only (admission runs there too)
+
+  mutable std::mutex mu_;  // guards everything below
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Active>> queue_;
+  std::vector<std::unique_ptr<Active>> running_;
+  std::unordered_set<int64_t> cancel_;
+  bool stopping_ = false;
+  int64_t next_id_ = 1;
+  Stats stats_;
+  std::mutex step_mu_;  // one step at a time
+  std::mutex join_mu_;
+  std::thread thread_;
+};
+
+// Loads a loom checkpoint and its tokenizer (tokenizer_path "" -> DIR/tokenizer) into an Engine:
+// linears in `linears` format, the tied head in `head` format; under options.tp only this rank's
+// shard of the weights.
+std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
+                                    const std::string& tokenizer_path, WeightFormat linears,
+                                    WeightFormat head, EngineOptions options = {});
+
+}  // namespace loom::infer

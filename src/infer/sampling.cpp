@@ -1,0 +1,163 @@
+// infer/sampling.cpp: see sampling.h. Probabilities in double: the sums over V terms must not
+// depend on summation luck, and it costs nothing next to the forward pass.
+#include "infer/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace loom::infer {
+
+void validate_sampling(const SamplingParams& p) {
+  // NaN compares false with everything and inf divides every logit to 0: both would sample
+  // garbage without an error, so only finite temperatures >= 0 are accepted.
+  LOOM_CHECK(std::isfinite(p.temperature) && p.temperature >= 0.f,
+             "temperature {} must be a finite number >= 0 (0 = greedy; 0.2-1.0 is usual)",
+             p.temperature);
+  LOOM_CHECK(std::isfinite(p.top_p) && p.top_p > 0.f && p.top_p <= 1.f,
+             "top_p {} must be in (0, 1]", p.top_p);
+  LOOM_CHECK(p.top_k >= 0, "top_k {} must be >= 0 (0 = off)", p.top_k);
+  LOOM_CHECK(std::isfinite(p.repetition_penalty) && p.repetition_penalty > 0.f,
+             "repetition_penalty {} must be a finite number > 0 (1 = off)", p.repetition_penalty);
+  LOOM_CHECK(p.max_tokens >= 0, "max_tokens {} must be >= 0", p.max_tokens);
+  LOOM_CHECK(p.logprobs >= -1 && p.logprobs <= 5, "logprobs {} must be in [0, 5] (-1 = none)",
+             p.logprobs);
+  for (const std::string& s : p.stop) LOOM_CHECK(!s.empty(), "stop strings must not be empty");
+}
+
+void apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> context,
+                              float penalty) {
+  if (penalty == 1.f) return;
+  std::unordered_set<int32_t> seen;
+  for (int32_t t : context) {
+    if (t < 0 || size_t(t) >= logits.size() || !seen.insert(t).second) continue;
+    float& l = logits[size_t(t)];
+    l = l > 0.f ? l / penalty : l * penalty;
+  }
+}
+
+Candidates candidate_set(std::span<const float> logits, float temperature, int32_t top_k,
+                         float top_p) {
+  Candidates c;
+  const int64_t V = int64_t(logits.size());
+  std::vector<int32_t> idx;
+  idx.reserve(size_t(V));
+  for (int32_t v = 0; v < int32_t(V); ++v)
+    if (logits[size_t(v)] > -INFINITY) idx.push_back(v);
+  if (idx.empty()) return c;
+  auto better = [&](int32_t a, int32_t b) {
+    return logits[size_t(a)] > logits[size_t(b)] ||
+           (logits[size_t(a)] == logits[size_t(b)] && a < b);
+  };
+  if (top_k > 0 && top_k < int64_t(idx.size())) {
+    std::nth_element(idx.begin(), idx.begin() + (top_k - 1), idx.end(), better);
+    idx.resize(size_t(top_k));
+  }
+  const int64_t keep = int64_t(idx.size());
+  const double T = temperature > 0.f ? double(temperature) : 1.0;
+  double mx = -INFINITY;
+  for (int32_t v : idx) mx = std::max(mx, double(logits[size_t(v)]));
+  auto weight = [&](int32_t v) { return std::exp((double(logits[size_t(v)]) - mx) / T); };
+  double z = 0;
+  for (int32_t v : idx) z += weight(v);
+  // The nucleus is the shortest best-first prefix reaching top_p: sort only as far as needed
+  // (growing partial sorts), not all V tokens: with top_p < 1 it is usually a few hundred.
+  int64_t sorted = 0, n = keep;
+  double cum = 0;
+  for (int64_t k = std::min<int64_t>(keep, 64);; k = std::min(keep, 4 * k)) {
+    std::partial_sort(idx.begin() + sorted, idx.begin() + k, idx.end(), better);
+    bool reached = false;
+    for (int64_t i = sorted; i < k && !reached; ++i) {
+      cum += weight(idx[size_t(i)]) / z;
+      if (top_p < 1.f && cum >= double(top_p)) {  // top_p = 1 keeps everything, whatever
+        n = i + 1;                                // the rounding of cum
+        reached = true;
+      }
+    }
+    sorted = k;
+    if (reached || k == keep) break;
+  }
+  double total = 0;
+  c.tokens.assign(idx.begin(), idx.begin() + n);
+  c.probs.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) total += (c.probs[size_t(i)] = weight(idx[size_t(i)]));
+  for (double& q : c.probs) q /= total;
+  return c;
+}
+
+Sampled sample_token(std::span<const float> logits, const SamplingParams& p, uint64_t counter,
+                     int32_t top_n) {
+  const int64_t V = int64_t(logits.size());
+  Sampled s;
+  // log_softmax(logits / T), T = 1 when greedy.
+  const double T = p.temperature > 0.f ? double(p.temperature) : 1.0;
+  double mx = -INFINITY;
+  int32_t arg = -1;
+  for (int32_t v = 0; v < int32_t(V); ++v)
+    if (logits[size_t(v)] > mx) {
+      mx = logits[size_t(v)];
+      arg = v;
+    }
+  LOOM_CHECK(arg >= 0, "sampling: every one of the {} logits is -inf (all tokens masked)", V);
+  double z = 0;
+  for (int64_t v = 0; v < V; ++v) z += std::exp((double(logits[size_t(v)]) - mx) / T);
+  const double log_z = std::log(z);
+  auto logprob = [&](int32_t v) { return float((double(logits[size_t(v)]) - mx) / T - log_z); };
+
+  if (p.temperature <= 0.f) {
+    s.token = arg;
+  } else {
+    const Candidates c = candidate_set(logits, p.temperature, p.top_k, p.top_p);
+    double r = double(rng_uniform(p.seed, kSampleStream, counter));
+    s.token = c.tokens.back();
+    for (size_t i = 0; i < c.tokens.size(); ++i) {
+      r -= c.probs[i];
+      if (r < 0) {
+        s.token = c.tokens[i];
+        break;
+      }
+    }
+  }
+  s.logprob = logprob(s.token);
+  if (top_n > 0) {
+    std::vector<int32_t> idx(static_cast<size_t>(V));
+    std::iota(idx.begin(), idx.end(), 0);
+    const int64_t n = std::min<int64_t>(top_n, V);
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](int32_t a, int32_t b) {
+      return logits[size_t(a)] > logits[size_t(b)] ||
+             (logits[size_t(a)] == logits[size_t(b)] && a < b);
+    });
+    for (int64_t i = 0; i < n; ++i) s.top.emplace_back(idx[size_t(i)], logprob(idx[size_t(i)]));
+  }
+  return s;
+}
+
+TokenTexts::TokenTexts(const data::Tokenizer& tok) {
+  texts_.resize(size_t(tok.vocab_size()));
+  for (int32_t v = 0; v < int32_t(tok.vocab_size()); ++v)
+    texts_[size_t(v)] = tok.decode(std::span<const int32_t>(&v, 1));
+}
+
+Healing heal_prompt(std::vector<int32_t>& prompt, const TokenTexts& texts) {
+  Healing h;
+  if (prompt.size() < 2) return h;
+  h.token = prompt.back();
+  h.healed = texts.text(h.token);
+  prompt.pop_back();
+  return h;
+}
+
+void mask_for_healing(std::span<float> logits, const Healing& h, const TokenTexts& texts,
+                      int32_t eod) {
+  if (h.healed.empty()) return;
+  for (int64_t v = 0; v < int64_t(logits.size()); ++v)
+    if (v >= texts.size() || v == eod ||
+        texts.text(int32_t(v)).compare(0, h.healed.size(), h.healed) != 0)
+      logits[size_t(v)] = -INFINITY;
+}
+
+}  // namespace loom::infer

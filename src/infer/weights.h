@@ -1,0 +1,101 @@
+// infer/weights.h: a model's weights prepared for inference, each linear in its storage format.
+//
+// Glossary: V vocab, L blocks, C d_model, KV kv width, F d_ff, S max_seq.
+// Every linear of the decoder (q|k|v as one (C+2KV, C) matrix, attn.out (C,C), ffn.up (F,C),
+// ffn.down (C,F), of every block and of the query layer) is stored as f32, bf16 or int8 per
+// output row (kernels/cpu/weight_matmul.h), and so is the tied LM head (a second copy of the
+// (V,C) token embedding in the head's format unless that is f32). Embedding and position tables,
+// norms and biases stay f32 in one compact buffer; their offsets are the model's ParamLayout
+// offsets (model/params.h) remapped into that buffer, so no layout is derived here.
+//
+// Tensor parallel (TpShard of size P > 1): the weights of tp rank r only, as model/params.h
+// shards them (Megatron): q|k|v rows of its NH/P heads and NKV/P kv heads ((C+2KV)/P, C),
+// attn.out columns (C, C/P), ffn.up rows (F/P, C), ffn.down columns (C, F/P), the token
+// embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
+// attn.out / ffn.down biases are replicated.
+//
+// Ownership: ModelWeights owns every buffer; the views point into them (move-only).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/weight_matmul.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace loom::infer {
+
+using kernels::WeightFormat;
+using kernels::WeightView;
+
+// "f32", "bf16", "int8"; weight_format_from_name throws naming the accepted names.
+const char* weight_format_name(WeightFormat f);
+WeightFormat weight_format_from_name(const std::string& name);
+
+// The linears of one block: qkv (C+2KV, C) with q rows [0, C) and k, v rows after; out (C, C);
+// up (F, C); down (C, F).
+struct BlockLinears {
+  WeightView qkv, out, up, down;
+};
+
+// Rows [r0, r0+n) of an (N, K) view as an (n, K) view.
+WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n);
+
+class ModelWeights {
+ public:
+  // From the flat f32 buffer of ParamLayout(cfg, tp) (the whole model when tp.size == 1).
+  ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
+               WeightFormat head, model::TpShard tp = {});
+  ModelWeights(ModelWeights&&) = default;
+  ModelWeights& operator=(ModelWeights&&) = default;
+  ModelWeights(const ModelWeights&) = delete;
+
+  // Reads a loom checkpoint (interop::CheckpointReader: flat or sharded, checksums verified).
+  // Under tp, reads only this rank's shard of every tensor.
+  static ModelWeights load(const std::string& checkpoint_dir, WeightFormat linears,
+                           WeightFormat head, model::TpShard tp = {});
+
+  const model::ModelConfig& config() const { return cfg_; }
+  const model::TpShard& tp() const { return tp_; }
+  WeightFormat linear_format() const { return linear_format_; }
+  WeightFormat head_format() const { return head_.format; }
+
+  // f32 tensors by their remapped offsets.
+  const float* f32(int64_t offset) const { return small_.data() + offset; }
+  const float* token_embedding() const { return f32(tok_); }     // (V/P,C) rows from V/P*rank
+  const float* position_embedding() const { return f32(pos_); }  // (S,C)
+  const float* final_norm_w() const { return f32(fnw_); }        // (C)
+  const float* final_norm_b() const { return f32(fnb_); }        // (C)
+  const float* query_position() const { return f32(qpos_); }     // (S,C), query layer only
+  // Norm and bias offsets of block i into f32() (the w_* members are unused: -1).
+  const model::BlockOffsets& block(int64_t i) const { return blocks_.at(size_t(i)); }
+  const BlockLinears& block_linears(int64_t i) const { return linears_.at(size_t(i)); }
+  const model::BlockOffsets& query_block() const { return qblock_; }
+  const BlockLinears& query_linears() const { return qlinears_; }
+  const WeightView& head() const { return head_; }  // (V/P,C)
+
+  // Bytes a decode step reads from the linears and the head (each weight once).
+  int64_t matmul_weight_bytes() const { return matmul_bytes_; }
+
+ private:
+  model::ModelConfig cfg_;
+  model::TpShard tp_;
+  WeightFormat linear_format_ = WeightFormat::f32;
+  std::vector<float> small_;       // embeddings, norms, biases (f32)
+  std::vector<float> lin_f32_;     // linears + head, f32 format
+  std::vector<bf16> lin_bf16_;     // ... bf16 format
+  std::vector<int8_t> lin_i8_;     // ... int8 format
+  std::vector<float> lin_scales_;  // int8 row scales
+  int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
+  std::vector<model::BlockOffsets> blocks_;
+  std::vector<BlockLinears> linears_;
+  model::BlockOffsets qblock_{};
+  BlockLinears qlinears_{};
+  WeightView head_;
+  int64_t matmul_bytes_ = 0;
+};
+
+}  // namespace loom::infer

@@ -1,0 +1,18 @@
+// kernels/cpu/bandwidth.h: a memory read-bandwidth probe, the yardstick for memory-bound kernels
+// (weight_matmul at decode batch sizes reads each weight once per token, so its speed limit is
+// the rate at which the machine can stream bytes from DRAM).
+#pragma once
+
+#include <cstddef>
+
+namespace loom::kernels {
+
+// Streams a freshly allocated buffer of `bytes` (default 512 MiB, well above the last-level
+// cache of the development machines) with `threads` OpenMP threads, each summing its own
+// contiguous slice with vector loads, and returns the best rate over `repeats` passes in GB/s
+// (1e9 bytes per second of bytes read). The first pass (page faults) is not timed.
+// threads <= 0 means omp_get_max_threads(). Throws loom::Error if bytes < 1 MiB or repeats < 1.
+// Allocates and frees the buffer; no state is kept.
+double measure_read_bandwidth_gbs(int threads, size_t bytes = size_t(512) << 20, int repeats = 5);
+
+}  // namespace loom::kernels

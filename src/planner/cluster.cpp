@@ -1,0 +1,336 @@
+// planner/cluster.cpp: see cluster.h. Strict TOML reading: every key is checked against the
+// keys its table allows, and every number against its unit's valid range.
+#include "planner/cluster.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+#include "core/config_file.h"
+#include "core/error.h"
+
+namespace loom::planner {
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::all_reduce: return "all_reduce";
+    case Collective::all_gather: return "all_gather";
+    case Collective::reduce_scatter: return "reduce_scatter";
+    case Collective::send: return "send";
+  }
+  return "?";
+}
+
+double LinkLevel::time(Collective c, double bytes, int p) const {
+  if (p <= 1 && c != Collective::send) return 0;
+  const auto [a, b] = factors[size_t(c)];
+  const double beta = bandwidth_Bps * efficiency;  // bytes/s actually reached
+  if (c == Collective::send) return a * latency_s + b * bytes / beta;
+  const double steps = double(p - 1);
+  return a * steps * latency_s + b * (steps / double(p)) * bytes / beta;
+}
+
+double EfficiencyTable::at(double flops) const {
+  LOOM_ASSERT(!points.empty(), "efficiency table is empty");
+  const double g = std::max(flops / 1e9, 1e-12);
+  if (g <= points.front().first) return points.front().second;
+  if (g >= points.back().first) return points.back().second;
+  for (size_t i = 1; i < points.size(); ++i)
+    if (g <= points[i].first) {
+      // Linear in log(size): efficiency curves of GEMM libraries rise roughly logarithmically
+      // with problem size until they saturate (a modelling choice, stated in cluster.h).
+      const auto [x0, y0] = points[i - 1];
+      const auto [x1, y1] = points[i];
+      const double t = (std::log(g) - std::log(x0)) / (std::log(x1) - std::log(x0));
+      return y0 + t * (y1 - y0);
+    }
+  return points.back().second;
+}
+
+namespace {
+
+struct Reader {
+  std::string source;
+
+  void only_keys(const toml::table& t, const std::string& where,
+                 const std::set<std::string>& allowed) const {
+    for (auto&& [k, v] : t) {
+      const std::string key(k.str());
+      if (!allowed.count(key)) {
+        std::string list;
+        for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+        LOOM_FAIL("{}: unknown key '{}{}'; allowed keys here: {}", source, where, key, list);
+      }
+    }
+  }
+  double number(const toml::table& t, const std::string& where, const std::string& key,
+                const char* unit, double lo, double hi, std::optional<double> dflt = {}) const {
+    const toml::node* n = t.get(key);
+    if (!n) {
+      LOOM_CHECK(dflt.has_value(), "{}: missing key '{}{}' ({})", source, where, key, unit);
+      return *dflt;
+    }
+    std::optional<double> v = n->value<double>();
+    LOOM_CHECK(v.has_value() && (n->is_integer() || n->is_floating_point()),
+               "{}: key '{}{}' must be a number in {}", source, where, key, unit);
+    LOOM_CHECK(std::isfinite(*v) && *v >= lo && *v <= hi,
+               "{}: key '{}{}' = {} is outside [{}, {}] ({})", source, where, key, *v, lo, hi, unit);
+    return *v;
+  }
+  int integer(const toml::table& t, const std::string& where, const std::string& key,
+              const char* unit, int64_t lo, int64_t hi) const {
+    const toml::node* n = t.get(key);
+    LOOM_CHECK(n, "{}: missing key '{}{}' ({})", source, where, key, unit);
+    LOOM_CHECK(n->is_integer(), "{}: key '{}{}' must be an integer ({})", source, where, key, unit);
+    const int64_t v = *n->value<int64_t>();
+    LOOM_CHECK(v >= lo && v <= hi, "{}: key '{}{}' = {} is outside [{}, {}] ({})", source, where,
+               key, v, lo, hi, unit);
+    return int(v);
+  }
+  std::string string(const toml::table& t, const std::string& where, const std::string& key,
+                     std::optional<std::string> dflt = {}) const {
+    const toml::node* n = t.get(key);
+    if (!n) {
+      LOOM_CHECK(dflt.has_value(), "{}: missing key '{}{}' (a string)", source, where, key);
+      return *dflt;
+    }
+    LOOM_CHECK(n->is_string(), "{}: key '{}{}' must be a string", source, where, key);
+    return *n->value<std::string>();
+  }
+  const toml::table& table(const toml::table& t, const std::string& where,
+                           const std::string& key) const {
+    const toml::node* n = t.get(key);
+    LOOM_CHECK(n && n->is_table(), "{}: missing table [{}{}]", source, where, key);
+    return *n->as_table();
+  }
+  std::pair<double, double> pair(const toml::table& t, const std::string& where,
+                                 const std::string& key) const {
+    const toml::node* n = t.get(key);
+    LOOM_CHECK(n, "{}: missing key '{}{}' ([latency factor, bandwidth factor], dimensionless)",
+               source, where, key);
+    const toml::array* a = n->as_array();
+    LOOM_CHECK(a && a->size() == 2 && (*a)[0].value<double>() && (*a)[1].value<double>(),
+               "{}: key '{}{}' must be [latency factor, bandwidth factor] (two numbers, "
+               "dimensionless; a ring all-reduce is [2, 2])",
+               source, where, key);
+    const double x = *(*a)[0].value<double>(), y = *(*a)[1].value<double>();
+    LOOM_CHECK(x >= 0 && y > 0 && x < 1e6 && y < 1e6,
+               "{}: key '{}{}' = [{}, {}]: factors must be >= 0 (latency) and > 0 (bandwidth)",
+               source, where, key, x, y);
+    return {x, y};
+  }
+  EfficiencyTable efficiency(const toml::table& t, const std::string& where,
+                             const std::string& key) const {
+    const toml::node* n = t.get(key);
+    LOOM_CHECK(n, "{}: missing key '{}{}' ([[gflop, efficiency], ...]: a matmul of gflop*1e9 "
+                  "FLOPs reaches that fraction of peak)",
+               source, where, key);
+    const toml::array* a = n->as_array();
+    LOOM_CHECK(a && !a->empty(), "{}: key '{}{}' must be a non-empty list of [gflop, efficiency]",
+               source, where, key);
+    EfficiencyTable e;
+    for (size_t i = 0; i < a->size(); ++i) {
+      const toml::array* p = (*a)[i].as_array();
+      LOOM_CHECK(p && p->size() == 2 && (*p)[0].value<double>() && (*p)[1].value<double>(),
+                 "{}: key '{}{}' entry {} must be [gflop, efficiency] (two numbers)", source,
+                 where, key, i);
+      const double g = *(*p)[0].value<double>(), f = *(*p)[1].value<double>();
+      LOOM_CHECK(g > 0 && f > 0 && f <= 1,
+                 "{}: key '{}{}' entry {} = [{}, {}]: gflop must be > 0 (1e9 FLOPs per product) "
+                 "and efficiency in (0, 1] (fraction of peak)",
+                 source, where, key, i, g, f);
+      LOOM_CHECK(e.points.empty() || g > e.points.back().first,
+                 "{}: key '{}{}' entry {}: gflop = {} must be larger than the previous entry's {}",
+                 source, where, key, i, g, e.points.back().first);
+      e.points.emplace_back(g, f);
+    }
+    return e;
+  }
+  // [[ranks, cores' worth per rank], ...]: ranks integers >= 1 increasing, worth > 0.
+  EfficiencyTable efficiency_like(const toml::table& t, const std::string& where,
+                                  const std::string& key) const {
+    const toml::array* a = t.get(key)->as_array();
+    LOOM_CHECK(a && !a->empty(), "{}: key '{}{}' must be a list of [ranks, cores per rank]",
+               source, where, key);
+    EfficiencyTable e;
+    for (size_t i = 0; i < a->size(); ++i) {
+      const toml::array* p = (*a)[i].as_array();
+      LOOM_CHECK(p && p->size() == 2 && (*p)[0].is_integer() && (*p)[1].value<double>(),
+                 "{}: key '{}{}' entry {} must be [ranks (integer), cores per rank (number)]",
+                 source, where, key, i);
+      const double k = double(*(*p)[0].value<int64_t>()), v = *(*p)[1].value<double>();
+      LOOM_CHECK(k >= 1 && v > 0 && v < 1e6 && (e.points.empty() || k > e.points.back().first),
+                 "{}: key '{}{}' entry {} = [{}, {}]: ranks must be >= 1 and increasing, cores "
+                 "per rank > 0",
+                 source, where, key, i, k, v);
+      e.points.emplace_back(k, v);
+    }
+    return e;
+  }
+  LinkLevel link(const toml::table& links, const std::string& level) const {
+    const std::string where = "links." + level + ".";
+    const toml::table& t = table(links, "links.", level);
+    only_keys(t, where, {"latency_us", "bandwidth_GBps", "efficiency", "all_reduce", "all_gather",
+                         "reduce_scatter", "send"});
+    LinkLevel l;
+    l.latency_s = number(t, where, "latency_us", "microseconds", 0, 1e6) * 1e-6;
+    l.bandwidth_Bps = number(t, where, "bandwidth_GBps", "GB/s = 1e9 bytes/s per rank and "
+                                                         "direction", 1e-6, 1e6) * 1e9;
+    l.efficiency = number(t, where, "efficiency", "fraction of bandwidth_GBps, in (0, 1]", 1e-3, 1);
+    for (Collective c : {Collective::all_reduce, Collective::all_gather,
+                         Collective::reduce_scatter, Collective::send})
+      l.factors[size_t(c)] = pair(t, where, collective_name(c));
+    return l;
+  }
+};
+
+}  // namespace
+
+Cluster cluster_from_toml(const std::string& text, const std::string& source) {
+  toml::table tbl;
+  try {
+    tbl = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    LOOM_FAIL("{}: TOML syntax error at line {}: {}", source, e.source().begin.line,
+              std::string(e.description()));
+  }
+  Reader r{source};
+  r.only_keys(tbl, "", {"name", "nodes", "devices_per_node", "device", "host", "links"});
+  Cluster c;
+  c.source = source;
+  c.name = r.string(tbl, "", "name");
+  c.nodes = r.integer(tbl, "", "nodes", "a count of nodes", 1, 1 << 20);
+  c.devices_per_node = r.integer(tbl, "", "devices_per_node", "ranks per node", 1, 1 << 12);
+  const toml::table& d = r.table(tbl, "", "device");
+  r.only_keys(d, "device.", {"peak_tflops_f32", "peak_tflops_bf16", "memory_GiB",
+                             "memory_bandwidth_GBps", "matmul_efficiency_f32",
+                             "matmul_efficiency_bf16", "bf16_emulated", "op_overhead_us"});
+  c.peak_flops_f32 = r.number(d, "device.", "peak_tflops_f32", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
+  c.peak_flops_bf16 = r.number(d, "device.", "peak_tflops_bf16", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
+  c.memory_bytes = int64_t(r.number(d, "device.", "memory_GiB", "GiB = 2^30 bytes", 1e-6, 1e7) *
+                           double(int64_t(1) << 30));
+  c.memory_bandwidth_Bps =
+      r.number(d, "device.", "memory_bandwidth_GBps", "GB/s = 1e9 bytes/s", 1e-6, 1e6) * 1e9;
+  c.eff_f32 = r.efficiency(d, "device.", "matmul_efficiency_f32");
+  c.eff_bf16 = r.efficiency(d, "device.", "matmul_efficiency_bf16");
+  c.op_overhead_s =
+      r.number(d, "device.", "op_overhead_us", "microseconds per kernel call", 0, 1e6, 0.0) * 1e-6;
+  if (const toml::node* n = d.get("bf16_emulated")) {
+    LOOM_CHECK(n->is_boolean(), "{}: key 'device.bf16_emulated' must be true or false", source);
+    c.bf16_emulated = *n->value<bool>();
+  }
+  if (const toml::node* n = tbl.get("host")) {
+    LOOM_CHECK(n->is_table(), "{}: 'host' must be a table", source);
+    const toml::table& h = *n->as_table();
+    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency"});
+    c.host_cores = r.integer(h, "host.", "cores", "cores per host", 1, 1 << 16);
+    c.cpu_model = r.string(h, "host.", "cpu_model", std::string());
+    c.calibrated = r.string(h, "host.", "calibrated", std::string());
+    if (h.get("concurrency")) {
+      const EfficiencyTable t = r.efficiency_like(h, "host.", "concurrency");
+      for (auto [k, v] : t.points) c.concurrency.emplace_back(int(k), v);
+    }
+  }
+  const toml::table& links = r.table(tbl, "", "links");
+  r.only_keys(links, "links.", {"intra", "inter"});
+  c.intra = r.link(links, "intra");
+  c.inter = r.link(links, "inter");
+  return c;
+}
+
+Cluster load_cluster(const std::string& path) {
+  return cluster_from_toml(read_config_file(path, "cluster file"), path);
+}
+
+double Cluster::rank_share(int ranks) const {
+  LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
+  if (concurrency.empty()) return double(std::max(host_cores, 1)) / ranks;
+  const std::pair<int, double>* at = &concurrency.front();
+  for (const auto& e : concurrency)
+    if (e.first <= ranks) at = &e;
+  // Beyond the table (or below its first entry) the ranks split what that entry's ranks had.
+  return at->second * double(at->first) / double(ranks);
+}
+
+nlohmann::json Cluster::to_json() const {
+  auto link = [](const LinkLevel& l) {
+    nlohmann::json j = {{"latency_s", l.latency_s},
+                        {"bandwidth_Bps", l.bandwidth_Bps},
+                        {"efficiency", l.efficiency}};
+    for (int c = 0; c < 4; ++c)
+      j[collective_name(Collective(c))] = {l.factors[size_t(c)].first, l.factors[size_t(c)].second};
+    return j;
+  };
+  return {{"name", name},         {"source", source},
+          {"nodes", nodes},       {"devices_per_node", devices_per_node},
+          {"peak_flops_f32", peak_flops_f32}, {"peak_flops_bf16", peak_flops_bf16},
+          {"memory_bytes", memory_bytes},     {"memory_bandwidth_Bps", memory_bandwidth_Bps},
+          {"op_overhead_s", op_overhead_s},
+          {"host_cores", host_cores},         {"cpu_model", cpu_model},
+          {"calibrated", calibrated},         {"intra", link(intra)},
+          {"inter", link(inter)}};
+}
+
+std::string Cluster::to_toml() const {
+  auto table = [](const EfficiencyTable& e) {
+    std::string s = "[";
+    for (size_t i = 0; i < e.points.size(); ++i)
+      s += fmt::format("{}[{:.6g}, {:.4f}]", i ? ", " : "", e.points[i].first, e.points[i].second);
+    return s + "]";
+  };
+  auto link = [](const LinkLevel& l, const char* level) {
+    std::string s = fmt::format("[links.{}]\nlatency_us = {:.6g}\nbandwidth_GBps = {:.6g}\n"
+                                "efficiency = {:.4g}\n",
+                                level, l.latency_s * 1e6, l.bandwidth_Bps / 1e9, l.efficiency);
+    for (int c = 0; c < 4; ++c)
+      s += fmt::format("{} = [{:.4g}, {:.4g}]\n", collective_name(Collective(c)),
+                       l.factors[size_t(c)].first, l.factors[size_t(c)].second);
+    return s;
+  };
+  std::string s = fmt::format("name = \"{}\"\nnodes = {}\ndevices_per_node = {}\n\n[device]\n", name,
+                              nodes, devices_per_node);
+  s += fmt::format("peak_tflops_f32 = {:.6g}\npeak_tflops_bf16 = {:.6g}\nmemory_GiB = {:.6g}\n"
+                   "memory_bandwidth_GBps = {:.6g}\nmatmul_efficiency_f32 = {}\n"
+                   "matmul_efficiency_bf16 = {}\nbf16_emulated = {}\nop_overhead_us = {:.4g}\n",
+                   peak_flops_f32 / 1e12, peak_flops_bf16 / 1e12,
+                   double(memory_bytes) / double(int64_t(1) << 30), memory_bandwidth_Bps / 1e9,
+                   table(eff_f32), table(eff_bf16), bf16_emulated ? "true" : "false", op_overhead_s * 1e6);
+  if (host_cores > 0) {
+    s += fmt::format("\n[host]\ncores = {}\ncpu_model = \"{}\"\ncalibrated = \"{}\"\n", host_cores,
+                     cpu_model, calibrated);
+    if (!concurrency.empty()) {
+      s += "concurrency = [";
+      for (size_t i = 0; i < concurrency.size(); ++i)
+        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", concurrency[i].first,
+                         concurrency[i].second);
+      s += "]\n";
+    }
+  }
+  s += '\n';
+  s += link(intra, "intra");
+  s += '\n';
+  s += link(inter, "inter");
+  return s;
+}
+
+std::string this_cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) {
+        std::string m = line.substr(colon + 1);
+        m.erase(0, m.find_first_not_of(" \t"));
+        return m;
+      }
+    }
+  return "unknown";
+}
+
+}  // namespace loom::planner

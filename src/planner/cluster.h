@@ -1,0 +1,104 @@
+// planner/cluster.h: a cluster as the cost model sees it, read from configs/clusters/*.toml.
+//
+// Units (TOML key suffixes say them): seconds for time (latency_us in the file is microseconds),
+// bytes/s for bandwidth (bandwidth_GBps in the file is 1e9 bytes/s), FLOP/s for compute
+// (peak_tflops_* in the file is 1e12 FLOP/s), bytes for memory (memory_GiB in the file is 2^30).
+//
+// File layout (every key required unless marked optional; unknown keys are errors naming the key):
+//   name = "..."                         free text
+//   nodes = 256                          nodes in the cluster
+//   devices_per_node = 8                 ranks (devices) per node
+//   [device]
+//   peak_tflops_f32, peak_tflops_bf16    dense matmul peak per device, 1e12 FLOP/s
+//   memory_GiB                           memory per device
+//   memory_bandwidth_GBps                device memory bandwidth (vector ops, optimizer)
+//   matmul_efficiency_f32 / _bf16        [[gflop, efficiency], ...]: fraction of peak reached by a
+//                                        product of 2*M*N*K = gflop*1e9 FLOPs; interpolated linearly
+//                                        in log(gflop), clamped at both ends
+//   bf16_emulated = false                (optional) bf16 copies stored as f32 (CPUs without AMX)
+//   op_overhead_us = 0                   (optional) fixed time of one kernel call (dispatch, thread
+//                                        fork/join; a GPU's launch latency), microseconds
+//   [host]                               (optional) ranks of a node share its cores (CPU hosts):
+//   cores = 2                            the device figures above are then the whole host's, and
+//   cpu_model = "...", calibrated = "..." a rank running alone gets max(1, cores/ranks) cores' share
+//   concurrency = [[1, 2.0], [4, 0.4]]  (optional) per-rank compute rate when that many ranks
+//                                        compute at once, in units of one core alone (measured by
+//                                        calibrate: other processes' load and oversubscription);
+//                                        without it a rank gets cores/ranks cores
+//   [links.intra], [links.inter]         within a node / across nodes:
+//   latency_us, bandwidth_GBps           alpha (per message step) and beta (per rank, one direction)
+//   efficiency                           fraction of bandwidth_GBps a collective reaches
+//   all_reduce, all_gather, reduce_scatter, send  algorithm factors [latency, bandwidth]:
+//     time(collective of n bytes over p ranks) = a*(p-1)*alpha + b*(p-1)/p * n/(beta*efficiency)
+//     with n the full (gathered / reduced) buffer; a ring has all_reduce = [2, 2], all_gather =
+//     reduce_scatter = [1, 1]. send: time = a*alpha + b*n/(beta*efficiency).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "model/stage.h"
+
+namespace loom::planner {
+
+enum class Collective : uint8_t { all_reduce, all_gather, reduce_scatter, send };
+const char* collective_name(Collective c);
+
+struct LinkLevel {
+  double latency_s = 0;       // alpha
+  double bandwidth_Bps = 0;   // beta, per rank and direction
+  double efficiency = 1;      // achieved fraction of beta
+  // (latency factor, bandwidth factor) per Collective, in enum order.
+  std::array<std::pair<double, double>, 4> factors{{{2, 2}, {1, 1}, {1, 1}, {1, 1}}};
+
+  // Seconds for `c` moving `bytes` (the full buffer) over a group of `p` ranks on this level.
+  double time(Collective c, double bytes, int p) const;
+};
+
+// Fraction of peak by matmul size (FLOPs of one product).
+struct EfficiencyTable {
+  std::vector<std::pair<double, double>> points;  // (gflop, efficiency), sorted by gflop
+  double at(double flops) const;
+};
+
+struct Cluster {
+  std::string name, source;  // source: the file it came from
+  int nodes = 1, devices_per_node = 1;
+  double peak_flops_f32 = 0, peak_flops_bf16 = 0;  // FLOP/s per device (per host if host_cores)
+  EfficiencyTable eff_f32, eff_bf16;
+  int64_t memory_bytes = 0;       // per device (per host if host_cores)
+  double memory_bandwidth_Bps = 0;
+  bool bf16_emulated = false;
+  double op_overhead_s = 0;       // per kernel call
+  int host_cores = 0;             // 0: devices do not share; >0: ranks share this many cores
+  std::vector<std::pair<int, double>> concurrency;  // (ranks, cores' worth per rank), by ranks
+  // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
+  // (nearest entry at or below, the last one beyond it scaled by last/ranks), else cores/ranks.
+  double rank_share(int ranks) const;
+  std::string cpu_model, calibrated;
+  LinkLevel intra, inter;
+
+  int total_devices() const { return nodes * devices_per_node; }
+  double peak_flops(model::Precision p) const {
+    return p == model::Precision::bf16 ? peak_flops_bf16 : peak_flops_f32;
+  }
+  const EfficiencyTable& efficiency(model::Precision p) const {
+    return p == model::Precision::bf16 ? eff_bf16 : eff_f32;
+  }
+  nlohmann::json to_json() const;
+  std::string to_toml() const;  // the file form (what calibrate writes)
+};
+
+// Parses a cluster file. Errors name the file, the key and the expected unit.
+Cluster cluster_from_toml(const std::string& text, const std::string& source);
+Cluster load_cluster(const std::string& path);
+
+// The CPU model string of this machine (/proc/cpuinfo "model name"), or "unknown".
+std::string this_cpu_model();
+
+}  // namespace loom::planner

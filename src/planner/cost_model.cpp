@@ -1,0 +1,417 @@
+// planner/cost_model.cpp: see cost_model.h for the model; this file is its arithmetic.
+//
+// Glossary: as in cost_model.h. t tp size, Nl = N/t local rows (sequence parallel), NHl = NH/t.
+#include "planner/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+#include "model/geometry.h"
+
+namespace loom::planner {
+
+using parallel::ParallelPlan;
+using parallel::Recompute;
+using parallel::ScheduleKind;
+
+// ---------------------------------------------------------------------------------------------
+// Memory and geometry oracle.
+
+MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
+                           bool bf16_emulated)
+    : cfg_(cfg), T_(T), precision_(precision) {
+  options_.bf16_emulated = bf16_emulated;
+}
+
+const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank) {
+  ++calls_;
+  std::string key = plan.to_json().dump();
+  key += fmt::format("#{}", rank);
+  auto it = cache_.find(key);
+  if (it != cache_.end()) return it->second;
+  ++misses_;
+  return cache_.emplace(key, model::memory_per_rank(cfg_, plan, rank, T_, precision_, options_))
+      .first->second;
+}
+
+const std::vector<int64_t>& MemoryOracle::rank_params(const ParallelPlan& plan) {
+  std::string key = fmt::format("{}/{}/{}/", plan.tp, plan.pp, plan.virtual_stages);
+  for (int64_t n : plan.stage_layers) key += fmt::format("{},", n);
+  auto it = params_.find(key);
+  if (it != params_.end()) return it->second;
+  const int n_virtual = plan.pp * plan.virtual_stages;
+  const std::vector<model::StageSpan> spans = model::split_stages(cfg_, n_virtual, plan.stage_layers);
+  std::vector<int64_t> per_rank(size_t(plan.pp), 0);
+  for (int g = 0; g < n_virtual; ++g) {
+    const model::StageGeometry geo(cfg_, spans[size_t(g)], TpShard{0, plan.tp});
+    per_rank[size_t(g % plan.pp)] += geo.total();
+  }
+  return params_.emplace(key, std::move(per_rank)).first->second;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline.
+
+double pipeline_makespan(const std::vector<double>& t, int64_t M, ScheduleKind kind, int VS) {
+  LOOM_ASSERT(!t.empty() && M >= 1 && VS >= 1, "bad pipeline arguments");
+  double sum = 0, most = 0;
+  for (double x : t) {
+    sum += x;
+    most = std::max(most, x);
+  }
+  // Every micro-batch passes the slowest stage once (M * most); filling and draining the other
+  // stages adds their time once (1f1b / gpipe), or a 1/VS share of it when each stage's work is
+  // cut into VS chunks that flow through the pipeline separately (interleaved, Narayanan et al.
+  // SC'21 section 2.2.2: bubble (pp-1)/(VS*M) of the ideal time for equal stages).
+  const double fill = sum - most;
+  if (kind == ScheduleKind::interleaved) return fill / double(VS) + double(M) * most;
+  return fill + double(M) * most;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step time.
+
+namespace {
+
+struct Rates {
+  double flops = 0;                // FLOP/s of one rank
+  double bytes = 0;                // memory bytes/s of one rank
+  const EfficiencyTable* eff = nullptr;
+  // Seconds for `count` products of `flops_each` FLOPs.
+  double mm(double flops_each, double count = 1) const {
+    return count * flops_each / (flops * eff->at(flops_each));
+  }
+  double gemm(double m, double n, double k) const { return mm(2 * m * n * k); }
+};
+
+// Per micro-batch of one pp rank, seconds by term (before the pipeline model).
+struct StageWork {
+  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, pp = 0, zero = 0;
+  double bwd_compute = 0;  // backward compute only (the window dp / ZeRO traffic overlaps)
+  double total() const { return fwd + bwd + recompute + vector + overhead + tp + pp + zero; }
+};
+
+// The link level a group crosses: intra when all its ranks sit in one node. Ranks are ordered
+// tp fastest, then dp, then pp (parallel/plan.h), so a group of `size` ranks at `stride` spans
+// stride * size consecutive ranks.
+const LinkLevel& level(const Cluster& c, int64_t stride, int64_t size) {
+  return stride * size <= c.devices_per_node ? c.intra : c.inter;
+}
+
+}  // namespace
+
+std::array<std::pair<const char*, double>, 12> TimeTerms::named() const {
+  return {{{"forward", forward},
+           {"backward", backward},
+           {"recompute", recompute},
+           {"vector", vector},
+           {"overhead", overhead},
+           {"tp", tp},
+           {"pp", pp},
+           {"zero", zero},
+           {"bubble", bubble},
+           {"dp", dp},
+           {"sync", sync},
+           {"optimizer", optimizer}}};
+}
+
+StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOracle& oracle) {
+  const model::ModelConfig& cfg = in.cfg;
+  const Cluster& cl = in.cluster;
+  const int world = plan.world_size();
+  LOOM_CHECK(world <= cl.total_devices(),
+             "the plan needs {} ranks but cluster '{}' has {} nodes x {} devices = {}", world,
+             cl.name, cl.nodes, cl.devices_per_node, cl.total_devices());
+  const bool bf = in.precision == model::Precision::bf16;
+  // Ranks sharing one host's cores split its throughput (cluster.h): the host figures are for
+  // all its cores; a rank gets rank_share() cores' worth of them.
+  const int host_ranks = std::min(world, cl.devices_per_node);
+  const double share =
+      cl.host_cores > 0 ? double(cl.host_cores) / cl.rank_share(host_ranks) : 1.0;
+  Rates r;
+  r.flops = cl.peak_flops(in.precision) / share;
+  r.bytes = cl.memory_bandwidth_Bps / share;
+  r.eff = &cl.efficiency(in.precision);
+
+  const double t = plan.tp, b = double(plan.micro_batch_size), T = double(in.T);
+  const double N = b * T, C = double(cfg.d_model), KV = double(cfg.kv_dim()), F = double(cfg.d_ff),
+               V = double(cfg.vocab), NH = double(cfg.n_heads), HD = double(cfg.head_dim());
+  const double f32 = 4, mm_bytes = bf && !cl.bf16_emulated ? 2 : 4;  // bytes per element
+
+  // One block (or the query layer: the same products), one micro-batch, this rank's shard.
+  const double attn_each = T * T * HD;  // q.k or p.v of one head, causal half of 2*T*T*HD
+  const double attn_count = b * NH / t * 2;
+  const double block_weights_fwd =
+      r.gemm(N, (C + 2 * KV) / t, C) + r.gemm(N, C, C / t) + r.gemm(N, F / t, C) + r.gemm(N, C, F / t);
+  const double block_attn_fwd = r.mm(attn_each, attn_count);
+  const double block_fwd = block_weights_fwd + block_attn_fwd;
+  const double block_bwd = 2 * block_weights_fwd + 2.5 * block_attn_fwd;
+  // Elementwise f32 passes per block forward, counted per row from block.cpp's structure: two
+  // norms on the local rows (read C, write C and its matmul copy C), two residual adds (read 2C,
+  // write C), the activation over all rows (read F/t, write the pre-activation and its matmul
+  // copy). The backward passes over each about twice (read the saved input and the gradient,
+  // write the gradient).
+  const double Nl = N / t;
+  const double norm_bytes = 2 * 3 * C * Nl * f32, act_bytes = 3 * (F / t) * N * f32;
+  const double block_vec_fwd = (norm_bytes + 2 * 3 * C * Nl * f32 + act_bytes) / r.bytes;
+  const double block_vec_bwd = 2 * block_vec_fwd;
+  const double selective_vec = (norm_bytes + act_bytes) / r.bytes;
+  // Sequence-parallel tp collectives of one block forward: all-gather both norm outputs (as
+  // matmul inputs), reduce-scatter both row-parallel partial sums (f32). The backward mirrors.
+  const LinkLevel& tp_link = level(cl, 1, plan.tp);
+  const double block_tp_fwd =
+      plan.tp > 1 ? 2 * tp_link.time(Collective::all_gather, N * C * mm_bytes, plan.tp) +
+                        2 * tp_link.time(Collective::reduce_scatter, N * C * f32, plan.tp)
+                  : 0;
+  const double block_tp_bwd = block_tp_fwd;
+  // Head: tied vocab-parallel logits (N, V/t) forward, two products backward; cross-entropy
+  // reads and writes the logits about three times; two (N) all-reduces (max, sum of exp).
+  const double head_fwd = r.gemm(N, V / t, C);
+  const double head_vec = 3 * N * (V / t) * f32 / r.bytes;
+  const double head_tp = plan.tp > 1 ? 2 * tp_link.time(Collective::all_reduce, N * f32, plan.tp) : 0;
+  // Pipeline messages: (Nl, C) f32 per chunk boundary and direction.
+  const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * plan.dp, plan.pp);
+  const double pp_msg = plan.pp > 1 ? pp_link.time(Collective::send, Nl * C * f32, 2) : 0;
+  // Kernel-call overhead (cost_model.h's counts), stretched when ranks outnumber cores.
+  const double stretch = cl.host_cores > 0 ? std::max(1.0, 1.0 / cl.rank_share(host_ranks)) : 1.0;
+  const double call = cl.op_overhead_s * stretch;
+  const double block_calls_fwd = 10, head_calls_fwd = 5;
+
+  const int n_virtual = plan.pp * plan.virtual_stages;
+  std::vector<int64_t> layers_of_virtual(static_cast<size_t>(n_virtual));
+  for (int g = 0; g < n_virtual; ++g)
+    layers_of_virtual[size_t(g)] = plan.stage_layers.empty() ? cfg.n_layers / n_virtual
+                                                             : plan.stage_layers[size_t(g)];
+  const std::vector<int64_t>& params = oracle.rank_params(plan);
+  const LinkLevel& dp_link = level(cl, plan.tp, plan.dp);
+
+  std::vector<StageWork> work(size_t(plan.pp));
+  std::vector<double> stage_time(size_t(plan.pp));
+  int64_t first_layer = 0;
+  std::vector<int64_t> first_of_virtual(static_cast<size_t>(n_virtual));
+  for (int g = 0; g < n_virtual; ++g) {
+    first_of_virtual[size_t(g)] = first_layer;
+    first_layer += layers_of_virtual[size_t(g)];
+  }
+  for (int g = 0; g < n_virtual; ++g) {
+    StageWork& w = work[size_t(g % plan.pp)];
+    for (int64_t l = first_of_virtual[size_t(g)]; l < first_of_virtual[size_t(g)] + layers_of_virtual[size_t(g)]; ++l) {
+      w.fwd += block_fwd;
+      w.bwd += block_bwd;
+      w.vector += block_vec_fwd + block_vec_bwd;
+      w.tp += block_tp_fwd + block_tp_bwd;
+      w.overhead += 3 * block_calls_fwd * call;
+      switch (plan.recompute_of(l)) {
+        case Recompute::full:
+          w.recompute += block_fwd + block_vec_fwd + block_tp_fwd + block_calls_fwd * call;
+          break;
+        case Recompute::selective: w.recompute += selective_vec; break;
+        case Recompute::none: break;
+      }
+    }
+    if (g == n_virtual - 1) {  // final norm, query layer (a block's products), tied head
+      const int64_t ql = cfg.query_layer ? 1 : 0;
+      w.fwd += head_fwd + double(ql) * block_fwd;
+      w.bwd += 2 * head_fwd + double(ql) * block_bwd;
+      w.vector += head_vec + double(ql) * (block_vec_fwd + block_vec_bwd);
+      w.tp += head_tp + double(ql) * (block_tp_fwd + block_tp_bwd);
+      w.overhead += 3 * (head_calls_fwd + double(ql) * block_calls_fwd) * call;
+    }
+    if (g > 0) w.pp += pp_msg;               // receive the activation
+    if (g < n_virtual - 1) w.pp += pp_msg;   // receive the gradient
+  }
+  for (int s = 0; s < plan.pp; ++s) {
+    StageWork& w = work[size_t(s)];
+    w.bwd_compute = w.bwd + w.recompute;
+    const double unit_bytes = double(params[size_t(s)]) * f32;  // the rank's f32 gradients
+    if (plan.zero >= 2 && plan.dp > 1) {
+      // Each micro-batch reduce-scatters the rank's gradients while its backward runs.
+      const double rs = dp_link.time(Collective::reduce_scatter, unit_bytes, plan.dp);
+      w.zero += std::max(0.0, rs - w.bwd_compute);
+      if (plan.zero == 3)  // weights gathered just in time before each forward and backward
+        // (a recomputed forward runs inside the backward, on the weights gathered for it)
+        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, plan.dp);
+    }
+    stage_time[size_t(s)] = w.total();
+  }
+  const int crit = int(std::max_element(stage_time.begin(), stage_time.end()) - stage_time.begin());
+  const double makespan =
+      pipeline_makespan(stage_time, plan.micro_batches, plan.schedule, plan.virtual_stages);
+
+  StepCost out;
+  out.critical_stage = crit;
+  TimeTerms& tt = out.terms;
+  const double M = double(plan.micro_batches);
+  const StageWork& cw = work[size_t(crit)];
+  tt.forward = M * cw.fwd;
+  tt.backward = M * cw.bwd;
+  tt.recompute = M * cw.recompute;
+  tt.vector = M * cw.vector;
+  tt.overhead = M * cw.overhead;
+  tt.tp = M * cw.tp;
+  tt.pp = M * cw.pp;
+  tt.zero = M * cw.zero;
+  tt.bubble = makespan - M * stage_time[size_t(crit)];
+
+  // After the pipeline drains: dp reduction, sync, optimizer (the slowest rank's).
+  double dp_exposed = 0, dp_total = 0, opt = 0;
+  for (int s = 0; s < plan.pp; ++s) {
+    const double p = double(params[size_t(s)]);
+    double exposed = 0, total = 0;
+    if (plan.dp > 1) {
+      if (plan.zero <= 1) {
+        total = dp_link.time(Collective::all_reduce, p * f32, plan.dp);
+        // Buckets start during the chunk's last micro-batch backward (train/executor.h).
+        exposed = std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
+        if (plan.zero == 1) {  // updated shares broadcast to every dp rank
+          const double ag = dp_link.time(Collective::all_gather, p * f32, plan.dp);
+          total += ag;
+          exposed += ag;
+        }
+      } else if (plan.zero == 2) {
+        total = dp_link.time(Collective::all_gather, p * f32, plan.dp);
+        exposed = total;
+      }
+    }
+    dp_exposed = std::max(dp_exposed, exposed);
+    dp_total = std::max(dp_total, total);
+    const double owned = plan.zero >= 1 ? p / plan.dp : p;
+    // AdamW: read w g m v, write w m v (7 x 4 bytes), the matmul copy (bf16 or its f32
+    // emulation), zero the gradient and read it for the norm (2 x 4 bytes).
+    const double copy = bf ? mm_bytes : 0;
+    opt = std::max(opt, owned * (7 * f32 + copy + 2 * f32) / r.bytes);
+  }
+  tt.dp = dp_exposed;
+  tt.dp_total = dp_total;
+  tt.optimizer = opt;
+  if (plan.pp > 1)
+    tt.sync += pp_link.time(Collective::all_reduce, V / t * C * f32, 2);
+  tt.sync += level(cl, 1, world).time(Collective::all_reduce, 8, std::max(1, plan.tp * plan.pp));
+
+  out.step_time = tt.total();
+  const double tokens = double(plan.global_batch()) * T;
+  out.model_flops = tokens * cfg.train_flops_per_token(in.T);
+  out.tokens_per_s = out.step_time > 0 ? tokens / out.step_time : 0;
+  return out;
+}
+
+void add_memory(StepCost& cost, const ParallelPlan& plan, MemoryOracle& oracle) {
+  // Candidate stages for the peak (cost_model.h): the first, the last, and any holding more
+  // blocks than every stage before it.
+  const int n_virtual = plan.pp * plan.virtual_stages;
+  const int64_t L = oracle.config().n_layers;
+  std::vector<int64_t> layers(size_t(plan.pp), 0);
+  for (int g = 0; g < n_virtual; ++g)
+    layers[size_t(g % plan.pp)] +=
+        plan.stage_layers.empty() ? L / n_virtual : plan.stage_layers[size_t(g)];
+  std::vector<int> stages = {0};
+  int64_t most = layers[0];
+  for (int s = 1; s < plan.pp; ++s)
+    if (s == plan.pp - 1 || layers[size_t(s)] > most) {
+      stages.push_back(s);
+      most = std::max(most, layers[size_t(s)]);
+    }
+  cost.peak_bytes = -1;
+  for (int s : stages) {
+    const int rank = s * plan.tp * plan.dp;  // (dp 0, tp 0) of stage s: "tp-dp-pp" order
+    const model::RankMemory& m = oracle.rank_memory(plan, rank);
+    if (m.total() > cost.peak_bytes) {
+      cost.peak = m;
+      cost.peak_bytes = m.total();
+    }
+  }
+  cost.persistent_bytes = cost.peak.weights() + cost.peak.grads() + cost.peak.optimizer();
+  cost.transient_bytes = cost.peak.activations() + cost.peak.workspace() + cost.peak.comm();
+}
+
+StepCost estimate_step(const CostInputs& in, const ParallelPlan& plan, MemoryOracle& oracle) {
+  StepCost c = estimate_time(in, plan, oracle);
+  add_memory(c, plan, oracle);
+  return c;
+}
+
+nlohmann::json StepCost::to_json() const {
+  nlohmann::json terms_j = nlohmann::json::object();
+  for (auto [name, v] : terms.named()) terms_j[name] = v;
+  nlohmann::json mem = nlohmann::json::object();
+  for (size_t c = 0; c < kNumMemCategories; ++c)
+    mem[std::string(mem_category_name(MemCategory(c)))] = peak.bytes[c];
+  return {{"step_time_s", step_time},
+          {"terms", terms_j},
+          {"dp_reduction_total_s", terms.dp_total},
+          {"critical_stage", critical_stage},
+          {"tokens_per_s", tokens_per_s},
+          {"model_flops", model_flops},
+          {"peak_bytes", peak_bytes},
+          {"peak_rank", peak.rank},
+          {"persistent_bytes", persistent_bytes},
+          {"transient_bytes", transient_bytes},
+          {"peak_by_category", mem}};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plan strings.
+
+std::string plan_string(const ParallelPlan& p) {
+  std::string s = fmt::format("dp={},tp={},pp={},zero={},micro_batches={},schedule={}", p.dp, p.tp,
+                              p.pp, p.zero, p.micro_batches, parallel::schedule_name(p.schedule));
+  if (p.virtual_stages > 1) s += fmt::format(",virtual_stages={}", p.virtual_stages);
+  const std::string rc = parallel::recompute_spec(p.recompute);
+  s += ",recompute=" + (rc.empty() ? std::string("none") : rc);
+  if (!p.stage_layers.empty()) {
+    s += ",stage_layers=";
+    for (size_t i = 0; i < p.stage_layers.size(); ++i)
+      s += fmt::format("{}{}", i ? "," : "", p.stage_layers[i]);
+  }
+  return s;
+}
+
+parallel::PlanSettings parse_plan_string(const std::string& text) {
+  // key=value items separated by commas; an item without '=' continues the previous value
+  // (recompute lists and stage_layers contain commas themselves).
+  std::vector<std::pair<std::string, std::string>> items;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t end = text.find(',', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string item = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) {
+      LOOM_CHECK(!items.empty(), "plan '{}': item '{}' is not key=value", text, item);
+      items.back().second += "," + item;
+    } else {
+      items.emplace_back(item.substr(0, eq), item.substr(eq + 1));
+    }
+  }
+  parallel::PlanSettings s;
+  auto as_int = [&](const std::string& k, const std::string& v) {
+    const std::vector<int64_t> x = parallel::parse_int_list(v, k);
+    LOOM_CHECK(x.size() == 1, "plan '{}': {} = '{}' must be one integer", text, k, v);
+    return x[0];
+  };
+  for (const auto& [k, v] : items) {
+    if (k == "dp") s.dp = int(as_int(k, v));
+    else if (k == "tp") s.tp = int(as_int(k, v));
+    else if (k == "pp") s.pp = int(as_int(k, v));
+    else if (k == "cp") s.cp = int(as_int(k, v));
+    else if (k == "ep") s.ep = int(as_int(k, v));
+    else if (k == "zero") s.zero = int(as_int(k, v));
+    else if (k == "micro_batches") s.micro_batches = as_int(k, v);
+    else if (k == "virtual_stages") s.virtual_stages = int(as_int(k, v));
+    else if (k == "schedule") s.schedule = v;
+    else if (k == "recompute") s.recompute = v;
+    else if (k == "stage_layers") s.stage_layers = v;
+    else
+      LOOM_FAIL("plan '{}': unknown key '{}'; keys: dp, tp, pp, cp, ep, zero, micro_batches, "
+                "virtual_stages, schedule, recompute, stage_layers",
+                text, k);
+  }
+  return s;
+}
+
+}  // namespace loom::planner

@@ -1,0 +1,110 @@
+// planner/search.h: the (time, peak memory) frontier of every plan for a model on N devices
+// (TensorOpt's FT idea, arXiv 2004.10856: a set of strategies, not one), by bounded enumeration.
+//
+// Space: tp (divisors of N that divide heads, kv heads, d_ff and vocab), pp (divisors of N/tp,
+// at most L), dp = N/(tp*pp) (must divide the global batch), ZeRO 0-3 (0 only when dp = 1),
+// micro-batch count M (every divisor of G/dp; b = G/(dp*M)), schedule 1f1b and gpipe, and
+// interleaved with VS in 2..max_virtual_stages (M % pp == 0), stage boundaries even (when L
+// divides) and balanced (first and last stages lighter by the embedding and head work, see
+// search.cpp), recompute none / selective / full for every block, and full on the first k
+// blocks for k in {L/4, L/2, 3L/4} (the first blocks hold the most in-flight activations under
+// 1f1b). cp and ep: SearchSpace lists them; the engine supports only 1 today (make_plan rejects
+// other values), so the lists are {1}; when cp / ep land, add their values there and their
+// terms to the cost model.
+//
+// Algorithm: every candidate gets its time (closed form, cheap). Candidates are then visited in
+// order of (time, plan string); a candidate joins the frontier when its memory bucket is below
+// every faster one's. Memory (model::memory_per_rank, a replay of one step) is the expensive
+// part, so before it a lower bound is tried: rank 0's memory with full recompute everywhere
+// (cached across the recompute variants), then rank 0's own memory before the other stages';
+// when a bound's bucket is not below the best so far,
+// the candidate cannot join and its memory is never computed ("pruned by memory bound"). The
+// bound relies on full recompute never needing more memory than another mode at the same
+// layout; tests/unit/planner checks the pruned search against the unpruned one.
+// Memory is bucketed: bucket(m) = floor(log(m) / log(1 + bucket_fraction)), so points closer
+// than the fraction count as equal memory and the faster one wins; equal times are broken by
+// the plan string, so the result is deterministic.
+// Bounds: at most max_candidates time evaluations and max_memory_evals memory replays; when
+// either is reached the search stops and says so (truncated), never hangs.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "model/config.h"
+#include "parallel/plan.h"
+#include "planner/cluster.h"
+#include "planner/cost_model.h"
+
+namespace loom::planner {
+
+struct SearchSpace {
+  std::vector<int> zero_stages = {0, 1, 2, 3};
+  bool schedules = true;         // also gpipe and interleaved (else 1f1b only)
+  int max_virtual_stages = 4;
+  bool recompute_splits = true;  // full on the first k blocks
+  bool balanced_stages = true;   // non-uniform stage boundaries
+  std::vector<int> cp = {1};     // extension point: context parallel sizes (engine: 1 only)
+  std::vector<int> ep = {1};     // extension point: expert parallel sizes (engine: 1 only)
+};
+
+struct SearchOptions {
+  int devices = 1;
+  int64_t global_batch = 1;
+  int64_t seq = 0;
+  model::Precision precision = model::Precision::f32;
+  SearchSpace space;
+  double bucket_fraction = 0.01;
+  int64_t max_candidates = 2'000'000;
+  int64_t max_memory_evals = 20'000;
+  bool prune_with_bound = true;
+};
+
+struct Candidate {
+  parallel::ParallelPlan plan;
+  std::string key;       // plan_string(plan)
+  StepCost cost;         // memory fields set when has_memory
+  bool has_memory = false;
+};
+
+struct SearchResult {
+  std::vector<Candidate> frontier;   // by increasing time (and decreasing memory)
+  std::vector<Candidate> evaluated;  // every candidate timed, by (time, key); memory where computed
+  int64_t enumerated = 0;            // combinations of the axes looked at
+  int64_t timed = 0;                 // valid candidates whose time was computed
+  int64_t memory_evaluated = 0;      // candidates whose memory was computed
+  int64_t pruned_by_bound = 0;       // skipped: memory lower bound already dominated
+  int64_t dominated = 0;             // memory computed, not on the frontier
+  std::map<std::string, int64_t> rejected;  // reason -> count (divisibility, batch, ...)
+  bool truncated = false;
+  std::string truncated_why;
+  int64_t oracle_calls = 0, oracle_replays = 0;
+  double seconds = 0;
+  nlohmann::json to_json() const;    // counts and reasons (not the plans)
+};
+
+// Throws loom::Error when no plan exists, naming each failing constraint (heads, layers, batch)
+// and the nearest device counts that have a valid layout.
+SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const SearchOptions& o);
+
+int64_t memory_bucket(int64_t bytes, double fraction);
+
+// Queries on a frontier (null when none qualifies).
+const Candidate* fastest_under(const std::vector<Candidate>& frontier, int64_t memory_limit);
+const Candidate* smallest_memory(const std::vector<Candidate>& frontier);
+
+// Device counts with at least one valid layout near `devices` (for error messages).
+std::vector<int> nearest_valid_device_counts(const model::ModelConfig& cfg, int64_t global_batch,
+                                             int devices, int how_many);
+
+// Balanced stage boundaries for pp*VS virtual stages (see search.cpp); empty when the even split
+// is already balanced.
+std::vector<int64_t> balanced_stage_layers(const model::ModelConfig& cfg, int pp, int VS,
+                                           int64_t T);
+
+}  // namespace loom::planner

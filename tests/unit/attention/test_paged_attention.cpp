@@ -1,0 +1,137 @@
+// Tests for attention/paged_attention.h against the float64 reference (kernels/ref/attention_ref.h)
+// on the same keys gathered into a contiguous buffer.
+//
+// Glossary: NH query heads, NKV kv heads, HD head dim, BT tokens per block, n keys.
+//
+// Tolerance: each output sums at most n <= 131 softmax-weighted f32 terms of O(1) size, relative
+// error ~sqrt(n) * 6e-8; NMSE 1e-10 is loose for any correct f32 order and orders of magnitude
+// below an indexing bug (a wrong block or slot gives NMSE ~ 1e-2 .. 1).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "attention/paged_attention.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "kernels/ref/attention_ref.h"
+
+namespace loom::attention {
+namespace {
+
+struct Pool {
+  int64_t NKV, HD, BT, P;
+  std::vector<float> data;  // (P, 2, BT, NKV, HD): K then V per block
+  int64_t stride() const { return 2 * BT * NKV * HD; }
+  const float* k() const { return data.data(); }
+  const float* v() const { return data.data() + BT * NKV * HD; }
+};
+
+Pool make_pool(int64_t NKV, int64_t HD, int64_t BT, int64_t P, uint64_t seed) {
+  Pool p{NKV, HD, BT, P, {}};
+  p.data.resize(size_t(P * p.stride()));
+  rng_fill_uniform(p.data.data(), int64_t(p.data.size()), -1.f, 1.f, seed, 1, 0);
+  return p;
+}
+
+double nmse(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(std::isfinite(got[i])) << i;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return num / std::max(den, 1e-300);
+}
+
+struct Case {
+  int64_t NH, NKV, HD, n_keys;
+};
+
+class PagedVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PagedVsReference, MatchesFloat64OnShuffledBlocks) {
+  const Case c = GetParam();
+  const int64_t BT = 16, blocks = (c.n_keys + BT - 1) / BT, P = blocks + 5;
+  Pool pool = make_pool(c.NKV, c.HD, BT, P, 7 + uint64_t(c.n_keys));
+  // A shuffled block table: logical block i in physical block table[i].
+  std::vector<int32_t> table(static_cast<size_t>(P));
+  std::iota(table.begin(), table.end(), 0);
+  for (int64_t i = P - 1; i > 0; --i)
+    std::swap(table[size_t(i)], table[size_t(rng_u64(3, 2, uint64_t(i)) % uint64_t(i + 1))]);
+  table.resize(size_t(blocks));
+  const int64_t C = c.NH * c.HD, KV = c.NKV * c.HD;
+  std::vector<float> q(static_cast<size_t>(C)), out(static_cast<size_t>(C));
+  rng_fill_uniform(q.data(), C, -1.f, 1.f, 11, 4, 0);
+  PagedQuery pq{table.data(), int64_t(table.size()), c.n_keys};
+  PagedShape s;
+  s.NH = c.NH;
+  s.NKV = c.NKV;
+  s.HD = c.HD;
+  s.block_tokens = BT;
+  s.block_stride = pool.stride();
+  s.scale = 1.f / std::sqrt(float(c.HD));
+  paged_attention_forward(out.data(), q.data(), &pq, 1, pool.k(), pool.v(), s);
+
+  // Gather the keys the table names into (n, NKV, HD) and run the reference.
+  std::vector<double> k(size_t(c.n_keys * KV)), v(size_t(c.n_keys * KV)), qd(q.begin(), q.end());
+  for (int64_t j = 0; j < c.n_keys; ++j)
+    for (int64_t e = 0; e < KV; ++e) {
+      const int64_t base = table[size_t(j / BT)] * pool.stride() + (j % BT) * KV + e;
+      k[size_t(j * KV + e)] = pool.k()[base];
+      v[size_t(j * KV + e)] = pool.v()[base];
+    }
+  std::vector<double> want(static_cast<size_t>(C));
+  kernels::ref::AttentionRefShape rs{1,    1,     c.n_keys, c.NH, c.NKV,
+                                     c.HD, false, 0,        0,    1.0 / std::sqrt(double(c.HD))};
+  kernels::ref::attention_forward_ref(want.data(), nullptr, qd.data(), k.data(), v.data(), rs);
+  EXPECT_LT(nmse(out, want), 1e-10);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, PagedVsReference,
+                         ::testing::Values(Case{4, 4, 16, 1}, Case{4, 2, 16, 5}, Case{4, 1, 8, 16},
+                                           Case{2, 2, 13, 17}, Case{6, 3, 7, 33},
+                                           Case{4, 2, 64, 127}, Case{1, 1, 5, 131}));
+
+TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
+  const int64_t NH = 4, NKV = 2, HD = 16, BT = 16, P = 12, C = NH * HD;
+  Pool pool = make_pool(NKV, HD, BT, P, 5);
+  std::vector<int32_t> t0 = {3, 7, 1}, t1 = {0, 2}, t2 = {11, 4, 5, 6};
+  std::vector<PagedQuery> qs = {{t0.data(), 3, 40}, {t1.data(), 2, 17}, {t2.data(), 4, 64},
+                                {t0.data(), 3, 1},  {t2.data(), 4, 50}, {t1.data(), 2, 32},
+                                {t0.data(), 3, 33}};
+  const int64_t n = int64_t(qs.size());
+  std::vector<float> q(size_t(n * C)), out(size_t(n * C)), one(static_cast<size_t>(C));
+  rng_fill_uniform(q.data(), n * C, -2.f, 2.f, 9, 4, 0);
+  PagedShape s{NH, NKV, HD, BT, pool.stride(), 0, 0, 0.25f};
+  paged_attention_forward(out.data(), q.data(), qs.data(), n, pool.k(), pool.v(), s);
+  for (int64_t i = 0; i < n; ++i) {
+    paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, pool.k(), pool.v(), s);
+    EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "row " << i;
+  }
+}
+
+TEST(PagedAttention, BadShapesThrowBeforeWriting) {
+  Pool pool = make_pool(2, 8, 16, 2, 1);
+  std::vector<int32_t> t = {0};
+  std::vector<float> q(32, 1.f), out(32, 7.f);
+  PagedShape s{4, 2, 8, 16, pool.stride(), 0, 0, 0.5f};
+  PagedQuery too_many{t.data(), 1, 17};  // 17 keys but one block of 16
+  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &too_many, 1, pool.k(), pool.v(), s),
+               Error);
+  PagedQuery none{t.data(), 1, 0};
+  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &none, 1, pool.k(), pool.v(), s),
+               Error);
+  PagedShape bad = s;
+  bad.NKV = 3;  // does not divide NH = 4
+  PagedQuery ok{t.data(), 1, 3};
+  EXPECT_THROW(paged_attention_forward(out.data(), q.data(), &ok, 1, pool.k(), pool.v(), bad),
+               Error);
+  EXPECT_EQ(out[0], 7.f);
+}
+
+}  // namespace
+}  // namespace loom::attention

@@ -1,0 +1,335 @@
+// Tests for infer/decoder.h: the KV-cached forward against full recomputation
+// (model::Gpt::last_logits over the whole context), for every layout feature of the presets
+// (query layer on/off, GQA / MHA / MQA, gelu, fast_gelu, gelu_erf), at batch 1 and in a ragged
+// batch of 8; batch invariance; bf16 and int8 weights.
+//
+// Glossary: V vocab, C d_model, P prompt length, G generated tokens.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "core/memory_pool.h"
+#include "core/rng.h"
+#include "infer/decoder.h"
+#include "model/gpt.h"
+
+namespace loom::infer {
+namespace {
+
+using model::Activation;
+using model::ModelConfig;
+
+ModelConfig config(bool query_layer, Activation act, int64_t nkv) {
+  ModelConfig c;
+  c.name = "infer-test";
+  c.vocab = 96;
+  c.n_layers = 2;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_kv_heads = nkv;
+  c.d_ff = 64;
+  c.max_seq = 64;
+  c.activation = act;
+  c.query_layer = query_layer;
+  c.validate();
+  return c;
+}
+
+// A model with loom's init, perturbed so biases and norms are not at their special values (zero
+// biases would hide a bias applied to the wrong rows), and scaled up so logits spread out.
+struct TestModel {
+  ModelConfig cfg;
+  MemoryPool pool;
+  model::Gpt gpt;
+  explicit TestModel(const ModelConfig& c) : cfg(c), gpt(c, pool, model::Precision::f32) {
+    gpt.init_weights(3);
+    for (int64_t i = 0; i < gpt.layout().total(); ++i)
+      gpt.weights()[i] = 4.f * gpt.weights()[i] + 0.05f * rng_normal(17, 5, uint64_t(i));
+  }
+  std::vector<float> recompute_logits(const std::vector<int32_t>& ctx) {
+    std::vector<float> l(static_cast<size_t>(cfg.vocab));
+    gpt.last_logits(l.data(), ctx.data(), 1, int64_t(ctx.size()));
+    return l;
+  }
+};
+
+std::vector<int32_t> prompt(int64_t n, int64_t V, uint64_t seed) {
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    p[size_t(i)] = int32_t(rng_u64(seed, 8, uint64_t(i)) % uint64_t(V));
+  return p;
+}
+
+int32_t argmax(const float* l, int64_t V) { return int32_t(std::max_element(l, l + V) - l); }
+
+// Largest minus second largest logit.
+double margin(const std::vector<float>& l) {
+  std::vector<float> s = l;
+  std::partial_sort(s.begin(), s.begin() + 2, s.end(), std::greater<float>());
+  return double(s[0]) - double(s[1]);
+}
+
+double max_abs(const std::vector<float>& a) {
+  double m = 0;
+  for (float x : a) m = std::max(m, double(std::fabs(x)));
+  return m;
+}
+
+// Greedy generation of G tokens for each prompt at once through the cache: one prefill step of
+// every prompt, then G-1 decode steps of one token each. Returns each sequence's per-step logits.
+std::vector<std::vector<std::vector<float>>> cached_greedy(
+    const ModelWeights& w, const std::vector<std::vector<int32_t>>& prompts, int64_t G,
+    std::vector<std::vector<int32_t>>* tokens) {
+  const ModelConfig& cfg = w.config();
+  Decoder dec(w);
+  const int64_t B = int64_t(prompts.size()), V = cfg.vocab;
+  KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 4 * B * 2, cfg.max_seq);
+  std::vector<std::vector<int32_t>> ctx = prompts;
+  std::vector<int64_t> seq(static_cast<size_t>(B)), cached(static_cast<size_t>(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    seq[size_t(b)] = cache.create();
+    EXPECT_TRUE(cache.reserve(seq[size_t(b)], int64_t(prompts[size_t(b)].size()) + G));
+  }
+  std::vector<std::vector<std::vector<float>>> out(static_cast<size_t>(B));
+  std::vector<float> logits(size_t(B * V));
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<SeqStep> steps(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& c = ctx[size_t(b)];
+      steps[size_t(b)] = {seq[size_t(b)], cached[size_t(b)],
+                          std::span<const int32_t>(c.data() + cached[size_t(b)],
+                                                   c.size() - size_t(cached[size_t(b)]))};
+    }
+    dec.forward(cache, steps, logits.data());
+    for (int64_t b = 0; b < B; ++b) {
+      cached[size_t(b)] = int64_t(ctx[size_t(b)].size());
+      const float* l = logits.data() + b * V;
+      out[size_t(b)].emplace_back(l, l + V);
+      ctx[size_t(b)].push_back(argmax(l, V));
+    }
+  }
+  if (tokens) {
+    tokens->clear();
+    for (int64_t b = 0; b < B; ++b)
+      tokens->emplace_back(ctx[size_t(b)].begin() + int64_t(prompts[size_t(b)].size()),
+                           ctx[size_t(b)].end());
+  }
+  return out;
+}
+
+struct Layout {
+  bool query_layer;
+  Activation act;
+  int64_t nkv;
+};
+std::string layout_name(const ::testing::TestParamInfo<Layout>& i) {
+  return std::string(i.param.query_layer ? "ql_" : "noql_") + model::activation_name(i.param.act) +
+         "_nkv" + std::to_string(i.param.nkv);
+}
+
+class CachedVsRecompute : public ::testing::TestWithParam<Layout> {};
+
+// Greedy tokens of the cache equal those of recomputation, and every step's logits agree within
+// 1e-5 of the logits' scale: both are f32 with different summation orders (oneDNN matmul and
+// flash attention vs weight_matmul and paged attention), ~1e-6 relative after 3 layers.
+void check_against_recompute(TestModel& m, const std::vector<std::vector<int32_t>>& prompts,
+                             int64_t G) {
+  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+  std::vector<std::vector<int32_t>> toks;
+  auto logits = cached_greedy(w, prompts, G, &toks);
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    std::vector<int32_t> ctx = prompts[b];
+    for (int64_t g = 0; g < G; ++g) {
+      const std::vector<float> ref = m.recompute_logits(ctx);
+      const std::vector<float>& got = logits[b][size_t(g)];
+      double err = 0;
+      for (size_t v = 0; v < ref.size(); ++v)
+        err = std::max(err, double(std::fabs(ref[v] - got[v])));
+      EXPECT_LE(err, 1e-5 * std::max(1.0, max_abs(ref))) << "sequence " << b << " step " << g;
+      const int32_t want = argmax(ref.data(), m.cfg.vocab);
+      if (margin(ref) > 1e-5 * std::max(1.0, max_abs(ref)))
+        EXPECT_EQ(toks[b][size_t(g)], want) << "sequence " << b << " step " << g;
+      else
+        std::printf("sequence %zu step %lld: top-2 margin %.3g below tolerance\n", b, (long long)g,
+                    margin(ref));
+      ctx.push_back(want);  // follow the reference path
+      if (toks[b][size_t(g)] != want) break;
+    }
+  }
+}
+
+TEST_P(CachedVsRecompute, Batch1) {
+  TestModel m(config(GetParam().query_layer, GetParam().act, GetParam().nkv));
+  check_against_recompute(m, {prompt(5, m.cfg.vocab, 1)}, 20);
+}
+
+TEST_P(CachedVsRecompute, RaggedBatchOf8) {
+  TestModel m(config(GetParam().query_layer, GetParam().act, GetParam().nkv));
+  std::vector<std::vector<int32_t>> ps;
+  const int64_t lens[8] = {1, 3, 16, 7, 13, 2, 17, 33};  // across block boundaries
+  for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 100 + uint64_t(i)));
+  check_against_recompute(m, ps, 12);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CachedVsRecompute,
+                         ::testing::Values(Layout{true, Activation::fast_gelu, 2},
+                                           Layout{false, Activation::gelu, 4},
+                                           Layout{true, Activation::gelu, 4},
+                                           Layout{false, Activation::fast_gelu, 1},
+                                           Layout{true, Activation::gelu_erf, 2}),
+                         layout_name);
+
+// The same sequence gives bitwise the same logits alone or in a ragged batch of 8, f32 and bf16.
+TEST(Decoder, BatchInvariantBitwise) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row}) {
+    const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+    std::vector<std::vector<int32_t>> ps;
+    const int64_t lens[8] = {9, 1, 4, 17, 6, 2, 30, 11};
+    for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
+    std::vector<std::vector<int32_t>> tb;
+    auto batched = cached_greedy(w, ps, 10, &tb);
+    for (size_t b = 0; b < ps.size(); ++b) {
+      std::vector<std::vector<int32_t>> t1;
+      auto alone = cached_greedy(w, {ps[b]}, 10, &t1);
+      EXPECT_EQ(t1[0], tb[b]) << weight_format_name(f) << " sequence " << b;
+      for (size_t g = 0; g < alone[0].size(); ++g)
+        EXPECT_EQ(0, std::memcmp(alone[0][g].data(), batched[b][g].data(), alone[0][g].size() * 4))
+            << weight_format_name(f) << " sequence " << b << " step " << g;
+    }
+  }
+}
+
+// bf16 weights (linears) against f32 recomputation. The dtype's tolerance is what rounding the
+// weights to bf16 costs in a plain implementation: model::Gpt in f32 on the same weights rounded
+// to bf16 (conventions: error at most 2x a plain same-dtype implementation's, against the exact
+// f32 model). Separately, the bf16 path must equal that plain model within the f32 tolerance
+// (it multiplies exactly the rounded values). Tokens are compared up to the first step whose
+// top-2 margin is below the tolerance; such steps are printed.
+TEST(Decoder, Bf16LogitsWithinTolerance) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::bf16, WeightFormat::f32);
+  TestModel rounded(m.cfg);  // the plain bf16 implementation: linears rounded, f32 arithmetic
+  std::copy(m.gpt.weights(), m.gpt.weights() + m.gpt.layout().total(), rounded.gpt.weights());
+  for (const auto& spec : m.gpt.layout().specs()) {
+    const std::string& n = spec.name;
+    const bool linear = n.find("attn.q.weight") != n.npos || n.find("attn.k.weight") != n.npos ||
+                        n.find("attn.v.weight") != n.npos || n.find("attn.out.weight") != n.npos ||
+                        n.find("ffn.up.weight") != n.npos || n.find("ffn.down.weight") != n.npos;
+    if (linear)
+      round_f32_to_bf16(rounded.gpt.weights() + spec.offset, rounded.gpt.weights() + spec.offset,
+                        size_t(spec.numel));
+  }
+  int64_t compared = 0;
+  double worst = 0, worst_plain = 0;
+  for (uint64_t seed = 0; seed < 6; ++seed) {
+    const std::vector<int32_t> p = prompt(6 + int64_t(seed), m.cfg.vocab, 40 + seed);
+    std::vector<std::vector<int32_t>> toks;
+    const int64_t G = 16;
+    auto logits = cached_greedy(w, {p}, G, &toks);
+    std::vector<int32_t> ctx = p;
+    for (size_t g = 0; g < size_t(G); ++g) {
+      const std::vector<float> ref = m.recompute_logits(ctx);
+      const std::vector<float> plain = rounded.recompute_logits(ctx);
+      const double scale = std::max(1.0, max_abs(ref));
+      double err = 0, err_plain = 0, err_same = 0;
+      for (size_t v = 0; v < ref.size(); ++v) {
+        err = std::max(err, double(std::fabs(ref[v] - logits[0][g][v])));
+        err_plain = std::max(err_plain, double(std::fabs(ref[v] - plain[v])));
+        err_same = std::max(err_same, double(std::fabs(plain[v] - logits[0][g][v])));
+      }
+      worst = std::max(worst, err / scale);
+      worst_plain = std::max(worst_plain, err_plain / scale);
+      const double tol = 2 * err_plain + 1e-5 * scale;
+      EXPECT_LE(err, tol) << "prompt " << seed << " step " << g;
+      EXPECT_LE(err_same, 1e-5 * scale) << "prompt " << seed << " step " << g;
+      if (margin(ref) < tol) {
+        std::printf(
+            "bf16 prompt %llu step %zu: top-2 margin %.3g below tolerance %.3g; tokens "
+            "compared up to here\n",
+            (unsigned long long)seed, g, margin(ref), tol);
+        break;
+      }
+      EXPECT_EQ(toks[0][g], argmax(ref.data(), m.cfg.vocab)) << "prompt " << seed << " step " << g;
+      ++compared;
+      ctx.push_back(toks[0][g]);
+    }
+  }
+  std::printf(
+      "bf16: %lld tokens compared; worst logit error %.3g of the logits' scale (plain "
+      "bf16-rounded model: %.3g)\n",
+      (long long)compared, worst, worst_plain);
+  EXPECT_GE(compared, 10);
+}
+
+// int8 per-row weights: the quantisation bound |W - s q| <= s/2 per element, and hence every
+// matmul output within sum_k |x_k| * s_n / 2 (plus f32 rounding) of the f32 product.
+TEST(Decoder, Int8PerRowErrorBound) {
+  const int64_t N = 13, K = 127, M = 5;
+  std::vector<float> W(size_t(N * K)), x(size_t(M * K)), scales(static_cast<size_t>(N));
+  rng_fill_normal(W.data(), N * K, 0.f, 1.f, 4, 1, 0);
+  for (int64_t k = 0; k < K; ++k) W[size_t(3 * K + k)] = 0.f;  // an all-zero row
+  W[size_t(5 * K + 7)] = 40.f;                                 // an outlier
+  rng_fill_normal(x.data(), M * K, 0.f, 1.f, 4, 2, 0);
+  std::vector<int8_t> q(size_t(N * K));
+  kernels::quantize_rows_int8(q.data(), scales.data(), W.data(), N, K);
+  EXPECT_EQ(scales[3], 0.f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      EXPECT_LE(std::fabs(W[size_t(n * K + k)] - scales[size_t(n)] * q[size_t(n * K + k)]),
+                scales[size_t(n)] / 2 * (1 + 1e-6))
+          << n << "," << k;
+  std::vector<float> y8(size_t(M * N)), y32(size_t(M * N));
+  kernels::weight_matmul(y8.data(), 0, x.data(), M,
+                         {WeightFormat::int8_row, N, K, q.data(), scales.data()}, nullptr);
+  kernels::weight_matmul(y32.data(), 0, x.data(), M, {WeightFormat::f32, N, K, W.data(), nullptr},
+                         nullptr);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double l1 = 0;
+      for (int64_t k = 0; k < K; ++k) l1 += std::fabs(x[size_t(m * K + k)]);
+      const double bound = l1 * scales[size_t(n)] / 2 + 1e-4 * (1 + l1);
+      EXPECT_LE(std::fabs(y8[size_t(m * N + n)] - y32[size_t(m * N + n)]), bound) << m << "," << n;
+    }
+}
+
+// The whole int8 model stays close to f32: next-token distributions of the prompt, reported.
+TEST(Decoder, Int8ModelCloseToF32) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  const ModelWeights w8(m.cfg, m.gpt.weights(), WeightFormat::int8_row, WeightFormat::f32);
+  const std::vector<int32_t> p = prompt(12, m.cfg.vocab, 21);
+  auto l8 = cached_greedy(w8, {p}, 1, nullptr);
+  const std::vector<float> ref = m.recompute_logits(p);
+  double err = 0;
+  for (size_t v = 0; v < ref.size(); ++v)
+    err = std::max(err, double(std::fabs(ref[v] - l8[0][0][v])));
+  std::printf("int8: max logit error %.3g, logits' scale %.3g\n", err, max_abs(ref));
+  // int8 rounding is 1/254 of a row's max per weight: a few percent of the logits' scale at most.
+  EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));
+  EXPECT_GT(err, 0.0);  // it really ran quantised
+}
+
+TEST(Decoder, BadInputThrowsBeforeTouchingTheCache) {
+  TestModel m(config(false, Activation::gelu, 4));
+  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+  Decoder dec(w);
+  KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 8, m.cfg.max_seq);
+  const int64_t s = cache.create();
+  ASSERT_TRUE(cache.reserve(s, 16));
+  std::vector<float> logits(static_cast<size_t>(m.cfg.vocab));
+  std::vector<int32_t> bad = {1, 96};  // 96 >= V
+  std::vector<SeqStep> st = {{s, 0, bad}};
+  EXPECT_THROW(dec.forward(cache, st, logits.data()), Error);
+  std::vector<int32_t> ok(17, 1);  // 17 tokens, 16 reserved
+  st = {{s, 0, ok}};
+  EXPECT_THROW(dec.forward(cache, st, logits.data()), Error);
+  st = {{s, 60, std::span<const int32_t>(ok.data(), 5)}};  // past max_seq = 64
+  EXPECT_THROW(dec.forward(cache, st, logits.data()), Error);
+}
+
+}  // namespace
+}  // namespace loom::infer

@@ -1,0 +1,373 @@
+// Tests for infer/engine.h: continuous batching (requests joining and leaving mid-run give the
+// tokens they give alone), admission by KV blocks, max_batch, cancel, refusals, stop strings
+// through the engine, the background thread and shutdown.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+
+#include "core/memory_pool.h"
+#include "core/rng.h"
+#include "infer/engine.h"
+#include "model/gpt.h"
+
+namespace loom::infer {
+namespace {
+
+model::ModelConfig config() {
+  model::ModelConfig c;
+  c.name = "engine-test";
+  c.vocab = 512;
+  c.n_layers = 2;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.d_ff = 64;
+  c.max_seq = 64;
+  c.activation = model::Activation::fast_gelu;
+  c.query_layer = true;
+  c.validate();
+  return c;
+}
+
+ModelWeights weights() {
+  const model::ModelConfig cfg = config();
+  MemoryPool pool;
+  model::Gpt g(cfg, pool, model::Precision::f32);
+  g.init_weights(5);
+  for (int64_t i = 0; i < g.layout().total(); ++i) g.weights()[i] *= 6.f;  // spread the logits
+  return ModelWeights(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32);
+}
+
+std::unique_ptr<Engine> make_engine(EngineOptions o) {
+  return std::make_unique<Engine>(
+      weights(), data::load_tokenizer(std::string(LOOM_TEST_DATA_DIR) + "/tokenizer"), o);
+}
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  std::string text;
+  FinishReason finish = FinishReason::none;
+  int64_t events = 0, completion_tokens = -1;
+};
+
+struct Collector {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<int64_t, Outcome> out;
+  int64_t finished = 0;
+  std::function<void(const TokenEvent&)> sink() {
+    return [this](const TokenEvent& e) {
+      std::lock_guard<std::mutex> lk(mu);
+      Outcome& o = out[e.request_id];
+      ++o.events;
+      if (e.token >= 0) {
+        o.tokens.push_back(e.token);
+        o.logprobs.push_back(e.logprob);
+      }
+      o.text += e.text;
+      if (e.finish != FinishReason::none) {
+        EXPECT_EQ(o.finish, FinishReason::none) << "two final events";
+        o.finish = e.finish;
+        o.completion_tokens = e.completion_tokens;
+        ++finished;
+        cv.notify_all();
+      }
+    };
+  }
+};
+
+Request request(std::vector<int32_t> prompt, float temperature, uint64_t seed, int64_t max_tokens,
+                Collector& c) {
+  Request r;
+  r.prompt = std::move(prompt);
+  r.params.temperature = temperature;
+  r.params.top_k = temperature > 0 ? 50 : 0;
+  r.params.seed = seed;
+  r.params.max_tokens = max_tokens;
+  r.params.token_healing = false;
+  r.params.ignore_eod = true;
+  r.on_event = c.sink();
+  return r;
+}
+
+std::vector<int32_t> tokens(int64_t n, uint64_t seed) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) t[size_t(i)] = int32_t(rng_u64(seed, 1, uint64_t(i)) % 300);
+  return t;
+}
+
+Outcome alone(const Request& proto) {
+  EngineOptions o;
+  o.start_thread = false;
+  auto e = make_engine(o);
+  Collector c;
+  Request r = proto;
+  r.on_event = c.sink();
+  const SubmitResult s = e->submit(r);
+  EXPECT_EQ(s.status, SubmitResult::Status::ok) << s.message;
+  while (e->step()) {
+  }
+  return c.out[s.request_id];
+}
+
+TEST(Engine, RequestsJoiningMidRunGiveTheTokensTheyGiveAlone) {
+  Collector dummy;
+  std::vector<Request> reqs = {
+      request(tokens(7, 1), 0.9f, 5, 12, dummy), request(tokens(3, 2), 0.f, 0, 9, dummy),
+      request(tokens(20, 3), 1.f, 9, 15, dummy), request(tokens(1, 4), 0.7f, 11, 5, dummy)};
+  std::vector<Outcome> solo;
+  for (const Request& r : reqs) solo.push_back(alone(r));
+  EngineOptions o;
+  o.start_thread = false;
+  o.max_batch = 3;  // the fourth waits for a slot
+  auto e = make_engine(o);
+  Collector c;
+  std::vector<int64_t> ids;
+  auto submit = [&](size_t i) {
+    Request r = reqs[i];
+    r.on_event = c.sink();
+    const SubmitResult s = e->submit(r);
+    ASSERT_EQ(s.status, SubmitResult::Status::ok) << s.message;
+    ids.push_back(s.request_id);
+  };
+  submit(0);
+  e->step();
+  e->step();
+  e->step();
+  submit(1);
+  submit(2);
+  e->step();
+  submit(3);
+  EXPECT_EQ(e->stats().running, 3);
+  EXPECT_EQ(e->stats().queued, 1);
+  while (e->step()) {
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Outcome& got = c.out[ids[i]];
+    EXPECT_EQ(got.tokens, solo[i].tokens) << "request " << i;
+    EXPECT_EQ(got.logprobs, solo[i].logprobs) << "request " << i;  // bitwise
+    EXPECT_EQ(got.text, solo[i].text) << "request " << i;
+    EXPECT_EQ(got.finish, FinishReason::length);
+    EXPECT_EQ(int64_t(got.tokens.size()), reqs[i].params.max_tokens);
+    EXPECT_EQ(got.completion_tokens, reqs[i].params.max_tokens);
+  }
+  EXPECT_EQ(e->stats().kv_blocks_free, e->stats().kv_blocks_total);  // everything returned
+}
+
+// Chunked prefill (a 3-token step budget: prompts enter the cache a few tokens per step, beside
+// decoding sequences) gives bitwise the tokens and logprobs of whole-prompt prefill.
+TEST(Engine, ChunkedPrefillGivesTheSameTokens) {
+  Collector dummy;
+  std::vector<Request> reqs = {request(tokens(20, 31), 0.9f, 1, 8, dummy),
+                               request(tokens(2, 32), 0.f, 0, 10, dummy),
+                               request(tokens(13, 33), 1.f, 2, 6, dummy)};
+  EngineOptions o;
+  o.start_thread = false;
+  o.max_step_tokens = 3;
+  auto e = make_engine(o);
+  Collector c;
+  std::vector<int64_t> ids;
+  for (Request r : reqs) {
+    r.on_event = c.sink();
+    ids.push_back(e->submit(r).request_id);
+  }
+  int64_t steps = 0;
+  while (e->step()) ++steps;
+  EXPECT_GT(steps, 12);  // the prompts really were chunked (20 prompt tokens alone need 7 steps)
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Outcome solo = alone(reqs[i]);
+    EXPECT_EQ(c.out[ids[i]].tokens, solo.tokens) << i;
+    EXPECT_EQ(c.out[ids[i]].logprobs, solo.logprobs) << i;
+  }
+}
+
+TEST(Engine, AdmissionWaitsForKvBlocks) {
+  EngineOptions o;
+  o.start_thread = false;
+  o.max_batch = 4;
+  // Room for exactly one full-context sequence: 64 tokens = 4 blocks of 16.
+  const KvCacheShape s{3, 2, 8, 16};
+  o.kv_budget_bytes = 4 * s.block_bytes();
+  auto e = make_engine(o);
+  Collector c;
+  const SubmitResult a = e->submit(request(tokens(20, 7), 0.f, 0, 30, c));  // 50 tokens: 4 blocks
+  const SubmitResult b = e->submit(request(tokens(5, 8), 0.f, 0, 5, c));    // 10 tokens: 1 block
+  ASSERT_EQ(a.status, SubmitResult::Status::ok);
+  ASSERT_EQ(b.status, SubmitResult::Status::ok);
+  e->step();
+  EXPECT_EQ(e->stats().running, 1);
+  EXPECT_EQ(e->stats().queued, 1);
+  while (e->step()) {
+  }
+  EXPECT_EQ(c.out[a.request_id].tokens.size(), 30u);
+  EXPECT_EQ(c.out[b.request_id].tokens.size(), 5u);
+  EXPECT_EQ(c.out[b.request_id].tokens, alone(request(tokens(5, 8), 0.f, 0, 5, c)).tokens);
+}
+
+TEST(Engine, RefusalsNameTheProblem) {
+  EngineOptions o;
+  o.start_thread = false;
+  o.max_queue = 1;
+  auto e = make_engine(o);
+  Collector c;
+  SubmitResult r = e->submit(request(tokens(40, 1), 0.f, 0, 30, c));  // 70 > 64
+  EXPECT_EQ(r.status, SubmitResult::Status::too_long);
+  EXPECT_NE(r.message.find("maximum context length is 64"), std::string::npos) << r.message;
+  r = e->submit(request({}, 0.f, 0, 3, c));
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  r = e->submit(request({600}, 0.f, 0, 3, c));  // >= vocab 512
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  r = e->submit(request({1, 510}, 0.f, 0, 3, c));  // model vocab padding (tokenizer has 508)
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  EXPECT_NE(r.message.find("tokenizer's vocabulary"), std::string::npos) << r.message;
+  Request bad = request(tokens(3, 1), NAN, 0, 3, c);
+  r = e->submit(bad);
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  EXPECT_NE(r.message.find("temperature"), std::string::npos);
+  Request rule = request(tokens(3, 1), 0.f, 0, 3, c);
+  rule.params.stop_rule = "cobol";
+  EXPECT_EQ(e->submit(rule).status, SubmitResult::Status::invalid);
+  EXPECT_EQ(e->submit(request(tokens(3, 1), 0.f, 0, 3, c)).status, SubmitResult::Status::ok);
+  r = e->submit(request(tokens(3, 1), 0.f, 0, 3, c));
+  EXPECT_EQ(r.status, SubmitResult::Status::queue_full);
+  e->shutdown(true);
+  EXPECT_EQ(c.finished, 1);
+  EXPECT_EQ(e->submit(request(tokens(3, 1), 0.f, 0, 3, c)).status,
+            SubmitResult::Status::shutting_down);
+}
+
+TEST(Engine, CancelFinishesQueuedAndRunningRequests) {
+  EngineOptions o;
+  o.start_thread = false;
+  o.max_batch = 1;
+  auto e = make_engine(o);
+  Collector c;
+  const int64_t a = e->submit(request(tokens(4, 1), 0.f, 0, 20, c)).request_id;
+  const int64_t b = e->submit(request(tokens(4, 2), 0.f, 0, 20, c)).request_id;
+  e->step();
+  e->step();
+  e->cancel(a);
+  e->cancel(b);
+  e->cancel(12345);  // unknown: ignored
+  e->step();
+  EXPECT_EQ(c.out[a].finish, FinishReason::cancelled);
+  EXPECT_EQ(c.out[a].tokens.size(), 2u);
+  EXPECT_EQ(c.out[b].finish, FinishReason::cancelled);
+  EXPECT_TRUE(c.out[b].tokens.empty());
+  EXPECT_FALSE(e->step());
+  EXPECT_EQ(e->stats().kv_blocks_free, e->stats().kv_blocks_total);
+}
+
+TEST(Engine, StopStringEndsTheCompletionBeforeTheMatch) {
+  Collector c0;
+  Request base = request(tokens(5, 3), 0.f, 0, 24, c0);
+  const Outcome full = alone(base);
+  ASSERT_GE(full.text.size(), 6u);
+  // A stop string taken from the middle of the greedy text: the completion must be the text
+  // before its first occurrence.
+  const std::string stop = full.text.substr(full.text.size() / 2, 3);
+  Request r = base;
+  r.params.stop = {stop};
+  const Outcome cut = alone(r);
+  EXPECT_EQ(cut.finish, FinishReason::stop);
+  EXPECT_EQ(cut.text, full.text.substr(0, full.text.find(stop)));
+  EXPECT_LT(cut.tokens.size(), full.tokens.size());
+}
+
+TEST(Engine, BackgroundThreadServesConcurrentRequestsAndDrainsOnShutdown) {
+  Collector dummy;
+  std::vector<Request> reqs;
+  for (uint64_t i = 0; i < 6; ++i)
+    reqs.push_back(request(tokens(2 + int64_t(i) * 3, 20 + i), i % 2 ? 0.8f : 0.f, i, 8, dummy));
+  std::vector<Outcome> solo;
+  for (const Request& r : reqs) solo.push_back(alone(r));
+  EngineOptions o;
+  o.max_batch = 4;
+  auto e = make_engine(o);
+  Collector c;
+  std::vector<int64_t> ids;
+  for (Request r : reqs) {
+    r.on_event = c.sink();
+    ids.push_back(e->submit(r).request_id);
+  }
+  e->shutdown(/*drain=*/true);
+  ASSERT_EQ(c.finished, 6);
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ(c.out[ids[i]].tokens, solo[i].tokens) << i;
+  e->shutdown(true);  // idempotent
+}
+
+TEST(Engine, ShutdownWithoutDrainCancels) {
+  EngineOptions o;
+  auto e = make_engine(o);
+  Collector c;
+  for (uint64_t i = 0; i < 3; ++i) e->submit(request(tokens(30, i), 0.f, 0, 34, c));
+  e->shutdown(false);
+  EXPECT_EQ(c.finished, 3);
+  int64_t cancelled = 0;
+  for (auto& [id, out] : c.out) cancelled += out.finish == FinishReason::cancelled;
+  std::printf("%lld of 3 cancelled\n", (long long)cancelled);
+}
+
+TEST(Engine, AThrowingCallbackDoesNotStopTheEngine) {
+  EngineOptions o;
+  auto e = make_engine(o);
+  Collector c;
+  Request bad = request(tokens(3, 1), 0.f, 0, 4, c);
+  bad.on_event = [](const TokenEvent&) { throw std::runtime_error("client gone"); };
+  e->submit(bad);
+  e->submit(request(tokens(3, 2), 0.f, 0, 4, c));
+  e->shutdown(true);
+  EXPECT_EQ(c.finished, 1);
+}
+
+TEST(Engine, LogprobsCarryTheTopAlternativesWithTheirText) {
+  EngineOptions o;
+  o.start_thread = false;
+  auto e = make_engine(o);
+  std::vector<TokenEvent> events;
+  Request r;
+  r.prompt = tokens(4, 9);
+  r.params.max_tokens = 5;
+  r.params.logprobs = 3;
+  r.params.token_healing = false;
+  r.params.ignore_eod = true;
+  r.on_event = [&](const TokenEvent& ev) { events.push_back(ev); };
+  ASSERT_EQ(e->submit(r).status, SubmitResult::Status::ok);
+  while (e->step()) {
+  }
+  ASSERT_EQ(events.size(), 5u);
+  for (const TokenEvent& ev : events) {
+    ASSERT_EQ(ev.top.size(), 3u);
+    EXPECT_EQ(ev.top[0].token, ev.token);  // greedy: the chosen token is the best
+    EXPECT_EQ(ev.top[0].logprob, ev.logprob);
+    EXPECT_GE(ev.top[0].logprob, ev.top[1].logprob);
+    EXPECT_GE(ev.top[1].logprob, ev.top[2].logprob);
+    EXPECT_LE(ev.logprob, 0.f);
+    EXPECT_EQ(ev.top[1].text, e->decode({ev.top[1].token}));
+  }
+  EXPECT_EQ(events.back().finish, FinishReason::length);
+  EXPECT_EQ(events.back().prompt_tokens, 4);
+  EXPECT_EQ(events.back().completion_tokens, 5);
+}
+
+TEST(Engine, MaxTokensZeroFinishesAtOnce) {
+  EngineOptions o;
+  o.start_thread = false;
+  auto e = make_engine(o);
+  Collector c;
+  const int64_t id = e->submit(request(tokens(3, 1), 0.f, 0, 0, c)).request_id;
+  while (e->step()) {
+  }
+  EXPECT_EQ(c.out[id].finish, FinishReason::length);
+  EXPECT_TRUE(c.out[id].tokens.empty());
+  EXPECT_STREQ(finish_reason_name(FinishReason::length), "length");
+  EXPECT_STREQ(finish_reason_name(FinishReason::cancelled), "cancelled");
+}
+
+}  // namespace
+}  // namespace loom::infer

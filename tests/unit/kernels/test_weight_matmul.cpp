@@ -1,0 +1,325 @@
+// Tests for kernels/cpu/weight_matmul.h against kernels/ref/weight_matmul_ref.h: every weight
+// format on odd shapes (K not a multiple of the 16-lane vector, M not a multiple of the 8-row
+// tile, N not a multiple of the 8-row block), bias, ldy > N, batch invariance bit for bit (other
+// rows, thread counts), NaN isolation, quantize_rows_int8's error bound, bad sizes.
+#include <gtest/gtest.h>
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/op_check.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "kernels/cpu/weight_matmul.h"
+#include "kernels/ref/weight_matmul_ref.h"
+
+using namespace loom;
+using namespace loom::test;
+using kernels::WeightFormat;
+using kernels::WeightView;
+
+namespace {
+
+const WeightFormat kFormats[] = {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row};
+
+const char* name_of(WeightFormat f) {
+  return f == WeightFormat::f32 ? "f32" : f == WeightFormat::bf16 ? "bf16" : "int8_row";
+}
+
+// A random (N, K) weight held in one storage format.
+struct StoredWeight {
+  WeightFormat format;
+  int64_t N, K;
+  std::vector<float> f32;     // (N, K) for f32
+  std::vector<bf16> b16;      // (N, K) for bf16
+  std::vector<int8_t> q;      // (N, K) for int8_row
+  std::vector<float> scales;  // (N) for int8_row
+
+  StoredWeight(WeightFormat f, int64_t n, int64_t k, uint64_t seed) : format(f), N(n), K(k) {
+    std::vector<float> w = random_normal(N * K, seed);  // (N, K)
+    if (f == WeightFormat::f32) {
+      f32 = w;
+    } else if (f == WeightFormat::bf16) {
+      b16.resize(w.size());
+      convert_f32_to_bf16(w.data(), b16.data(), w.size());
+    } else {
+      q.resize(w.size());
+      scales.resize(size_t(N));
+      kernels::quantize_rows_int8(q.data(), scales.data(), w.data(), N, K);
+    }
+  }
+  WeightView view() const {
+    const void* d = format == WeightFormat::f32    ? static_cast<const void*>(f32.data())
+                    : format == WeightFormat::bf16 ? static_cast<const void*>(b16.data())
+                                                   : static_cast<const void*>(q.data());
+    return WeightView{format, N, K, d, format == WeightFormat::int8_row ? scales.data() : nullptr};
+  }
+};
+
+using Kernel = void (*)(float*, int64_t, const float*, int64_t, const WeightView&, const float*);
+
+// f32 dot products of length K <= 769 over N(0,1) values, against the exact product of the same
+// stored weights: the rounding error of each output is ~sqrt(K) * 2^-24 relative to its terms
+// (one more rounding for the int8 scale), so NMSE ~ K * 4e-15 < 4e-12. 1e-10 leaves a wide margin
+// while a wrong index, a dropped tail element or a missing bias gives NMSE >= 1e-4.
+constexpr double kNmse = 1e-10;
+
+// Runs `kernel` on y with row stride ldy inside a guarded buffer whose padding columns hold a
+// sentinel, and checks against the float64 reference: NMSE, finiteness, untouched padding.
+void check_against_reference(Kernel kernel, const StoredWeight& sw, int64_t M, int64_t ldy,
+                             bool with_bias, uint64_t seed, double* nmse_out = nullptr) {
+  const int64_t N = sw.N, K = sw.K;
+  std::vector<float> x = random_normal(M * K, seed);          // (M, K)
+  std::vector<float> bias = random_normal(N, seed + 1000);     // (N)
+  const float pad = 12345.f;
+  GuardedBuffer<float> y(M * ldy, pad);  // (M, ldy)
+  kernel(y.data(), ldy, x.data(), M, sw.view(), with_bias ? bias.data() : nullptr);
+
+  std::vector<double> W = kernels::ref::weight_to_f64(sw.view());  // (N, K)
+  std::vector<double> x64 = to_f64(x), b64 = to_f64(bias);
+  std::vector<double> yref(size_t(M * N));  // (M, N)
+  kernels::ref::weight_matmul(yref.data(), N, x64.data(), M, W.data(), N, K,
+                              with_bias ? b64.data() : nullptr);
+  std::vector<float> ydense(size_t(M * N));  // (M, N): y without its padding columns
+  bool pad_intact = true;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) ydense[size_t(m * N + n)] = y[m * ldy + n];
+    for (int64_t n = N; n < ldy; ++n) pad_intact = pad_intact && y[m * ldy + n] == pad;
+  }
+  EXPECT_TRUE(y.guards_intact());
+  EXPECT_TRUE(pad_intact) << "columns N..ldy-1 of y were written";
+  EXPECT_TRUE(all_finite(ydense));
+  const double e = nmse(ydense, yref);
+  EXPECT_LT(e, kNmse);
+  if (nmse_out) *nmse_out = e;
+}
+
+std::vector<float> run(Kernel kernel, const StoredWeight& sw, const float* x, int64_t M,
+                       const float* bias) {
+  std::vector<float> y(size_t(M * sw.N));  // (M, N)
+  kernel(y.data(), 0, x, M, sw.view(), bias);
+  return y;
+}
+
+bool bitwise_equal(const float* a, const float* b, int64_t n) {
+  return std::memcmp(a, b, size_t(n) * sizeof(float)) == 0;
+}
+
+}  // namespace
+
+// Says which path the other tests exercised: without AVX-512, weight_matmul is the reference
+// loop and the fast kernel went untested here.
+TEST(KernelsWeightMatmul, FastPathAvailable) {
+  if (!kernels::weight_matmul_uses_avx512())
+    GTEST_SKIP() << "SKIP: this CPU lacks AVX-512 F/BW/VL; weight_matmul runs the reference loop, "
+                    "so the AVX-512 kernel is not tested on this machine";
+  SUCCEED();
+}
+
+TEST(KernelsWeightMatmul, AllFormatsMatchFloat64ReferenceOnOddShapes) {
+  uint64_t seed = 1;
+  int variant = 0;
+  for (WeightFormat f : kFormats)
+    for (int64_t K : {1, 5, 7, 13, 16, 127, 769})
+      for (int64_t N : {1, 3, 13, 64})
+        for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17}) {
+          // Alternate bias / no bias and ldy = N / ldy > N over the sweep.
+          const bool with_bias = variant % 2 == 0;
+          const int64_t ldy = (variant / 2) % 2 == 0 ? N : N + 3;
+          ++variant;
+          SCOPED_TRACE(testing::Message() << name_of(f) << " M=" << M << " N=" << N << " K=" << K
+                                          << " bias=" << with_bias << " ldy=" << ldy);
+          StoredWeight sw(f, N, K, seed++);
+          check_against_reference(&kernels::weight_matmul, sw, M, ldy, with_bias, seed++);
+          check_against_reference(&kernels::weight_matmul_reference, sw, M, ldy, with_bias,
+                                  seed++);
+        }
+}
+
+// Prefill-sized calls (M up to a few hundred) take the same kernel; one such shape per format.
+TEST(KernelsWeightMatmul, LargeMMatchesReference) {
+  for (WeightFormat f : kFormats) {
+    SCOPED_TRACE(name_of(f));
+    StoredWeight sw(f, 70, 100, 7);
+    check_against_reference(&kernels::weight_matmul, sw, 133, 0 + 70, true, 8);
+  }
+}
+
+// flash-attention's rule for reduced precision: the fast bf16 path's error against float64 is at
+// most 2x that of the plain same-dtype loop (weight_matmul_reference). Both see the same bf16
+// weights, so both errors are f32 accumulation only; 1e-15 absolute slack covers the case where
+// the plain loop happens to be nearly exact.
+TEST(KernelsWeightMatmul, Bf16ErrorAtMostTwicePlainLoop) {
+  for (int64_t K : {127, 769, 3072}) {
+    SCOPED_TRACE(testing::Message() << "K=" << K);
+    StoredWeight sw(WeightFormat::bf16, 33, K, 100 + uint64_t(K));
+    double fast = 0, plain = 0;
+    check_against_reference(&kernels::weight_matmul, sw, 5, 33, true, 9, &fast);
+    check_against_reference(&kernels::weight_matmul_reference, sw, 5, 33, true, 9, &plain);
+    EXPECT_LE(fast, 2.0 * plain + 1e-15) << "fast " << fast << " plain " << plain;
+  }
+}
+
+// Row m of y must be the same bits whatever other rows share the call: M = 7 and 17 (tiles of
+// 7 rows with 2 weight rows each, and 8 + 8 + 1) against M = 1 (1 row with 8 weight rows), and
+// sub-batches of 3 (4 weight rows per tile) and 5 (2 per tile).
+TEST(KernelsWeightMatmul, BatchInvariantBitwise) {
+  for (WeightFormat f : kFormats)
+    for (int64_t K : {13, 769}) {
+      SCOPED_TRACE(testing::Message() << name_of(f) << " K=" << K);
+      const int64_t N = 67;
+      StoredWeight sw(f, N, K, 31);
+      std::vector<float> bias = random_normal(N, 32);
+      for (int64_t M : {7, 17}) {
+        std::vector<float> x = random_normal(M * K, 33 + uint64_t(M));  // (M, K)
+        std::vector<float> y = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+        for (int64_t m = 0; m < M; ++m) {
+          std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data() + m * K, 1,
+                                      bias.data());
+          EXPECT_TRUE(bitwise_equal(y.data() + m * N, y1.data(), N)) << "M=" << M << " row " << m;
+        }
+        // Contiguous sub-batches: rows 2..4 as a call of 3, rows 2..6 as a call of 5.
+        for (int64_t sub : {3, 5}) {
+          std::vector<float> ys = run(&kernels::weight_matmul, sw, x.data() + 2 * K, sub,
+                                      bias.data());
+          EXPECT_TRUE(bitwise_equal(y.data() + 2 * N, ys.data(), sub * N))
+              << "M=" << M << " sub-batch " << sub;
+        }
+      }
+    }
+}
+
+// Threads split N only, so 1 and 2 threads give the same bits (N spans several work chunks).
+TEST(KernelsWeightMatmul, ThreadCountInvariantBitwise) {
+  const int saved = omp_get_max_threads();
+  for (WeightFormat f : kFormats) {
+    SCOPED_TRACE(name_of(f));
+    const int64_t N = 300, K = 769, M = 9;
+    StoredWeight sw(f, N, K, 41);
+    std::vector<float> x = random_normal(M * K, 42), bias = random_normal(N, 43);
+    omp_set_num_threads(1);
+    std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+    omp_set_num_threads(2);
+    std::vector<float> y2 = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+    EXPECT_TRUE(bitwise_equal(y1.data(), y2.data(), M * N));
+  }
+  omp_set_num_threads(saved);
+}
+
+// A NaN in one row of x makes that row's outputs NaN and leaves the other rows' bits alone;
+// an Inf weight gives non-finite outputs in its column only.
+TEST(KernelsWeightMatmul, NonFiniteValuesStayInTheirRowAndColumn) {
+  const int64_t M = 6, N = 9, K = 37;
+  StoredWeight sw(WeightFormat::f32, N, K, 51);
+  std::vector<float> x = random_normal(M * K, 52);
+  std::vector<float> clean = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  x[size_t(3 * K + 20)] = std::numeric_limits<float>::quiet_NaN();  // row 3
+  std::vector<float> y = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = y[size_t(m * N + n)];
+      if (m == 3) EXPECT_TRUE(std::isnan(v)) << "n=" << n;
+      else EXPECT_EQ(std::memcmp(&v, &clean[size_t(m * N + n)], 4), 0) << "m=" << m << " n=" << n;
+    }
+  x[size_t(3 * K + 20)] = 0.5f;
+  sw.f32[size_t(4 * K + 36)] = std::numeric_limits<float>::infinity();  // weight row 4, tail lane
+  y = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      EXPECT_EQ(std::isfinite(y[size_t(m * N + n)]), n != 4) << "m=" << m << " n=" << n;
+}
+
+TEST(KernelsWeightMatmul, EmptySizes) {
+  StoredWeight sw(WeightFormat::f32, 3, 4, 61);
+  std::vector<float> x(8, 1.f), y(6, 7.f), bias = {1.f, 2.f, 3.f};
+  kernels::weight_matmul(y.data(), 0, x.data(), 0, sw.view(), nullptr);  // M = 0: nothing written
+  for (float v : y) EXPECT_EQ(v, 7.f);
+  WeightView k0{WeightFormat::f32, 3, 0, nullptr, nullptr};  // K = 0: y = bias
+  kernels::weight_matmul(y.data(), 0, nullptr, 2, k0, bias.data());
+  for (int64_t m = 0; m < 2; ++m)
+    for (int64_t n = 0; n < 3; ++n) EXPECT_EQ(y[size_t(m * 3 + n)], bias[size_t(n)]);
+  WeightView n0{WeightFormat::bf16, 0, 4, nullptr, nullptr};  // N = 0: nothing to do
+  kernels::weight_matmul(nullptr, 0, x.data(), 2, n0, nullptr);
+}
+
+TEST(KernelsWeightMatmul, BadArgumentsThrow) {
+  StoredWeight sw(WeightFormat::int8_row, 3, 4, 71);
+  std::vector<float> x(8), y(12);
+  WeightView w = sw.view();
+  for (Kernel kernel : {&kernels::weight_matmul, &kernels::weight_matmul_reference}) {
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), -1, w, nullptr), Error);       // M < 0
+    EXPECT_THROW(kernel(y.data(), 2, x.data(), 2, w, nullptr), Error);        // ldy < N
+    EXPECT_THROW(kernel(y.data(), 0, nullptr, 2, w, nullptr), Error);         // null x
+    EXPECT_THROW(kernel(nullptr, 0, x.data(), 2, w, nullptr), Error);         // null y
+    WeightView no_scales = w;
+    no_scales.scales = nullptr;
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, no_scales, nullptr), Error);
+    WeightView no_data = w;
+    no_data.data = nullptr;
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, no_data, nullptr), Error);
+    WeightView neg = w;
+    neg.K = -4;
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, neg, nullptr), Error);
+  }
+  try {
+    kernels::weight_matmul(y.data(), 2, x.data(), 2, w, nullptr);
+    FAIL() << "expected loom::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ldy=2"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("N=3"), std::string::npos) << e.what();
+  }
+}
+
+// |W - s*q| <= s/2 elementwise, with s = max|W_row| / 127, q in [-127, 127], the row's largest
+// magnitude mapped to +-127, and an all-zero row giving s = 0 and q = 0. The bound gets 127 * s *
+// 2^-24 of slack: q rounds the f32 quotient W/s, which carries one rounding of relative 2^-24.
+TEST(KernelsWeightMatmul, QuantizeRowsInt8ErrorBound) {
+  const int64_t N = 6, K = 131;
+  std::vector<float> W = random_normal(N * K, 81);  // (N, K)
+  for (int64_t k = 0; k < K; ++k) {
+    W[size_t(1 * K + k)] *= 1e-6f;  // a tiny row
+    W[size_t(2 * K + k)] *= 1e4f;   // a large row
+    W[size_t(3 * K + k)] = 0.f;     // a zero row
+  }
+  W[size_t(4 * K + 5)] = -50.f;  // an outlier dominating its row's scale
+  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  std::vector<float> s(static_cast<size_t>(N));
+  kernels::quantize_rows_int8(q.data(), s.data(), W.data(), N, K);
+  for (int64_t n = 0; n < N; ++n) {
+    SCOPED_TRACE(testing::Message() << "row " << n);
+    double amax = 0;
+    int qmax = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      amax = std::max(amax, std::fabs(double(W[size_t(n * K + k)])));
+      qmax = std::max(qmax, std::abs(int(q[size_t(n * K + k)])));
+    }
+    EXPECT_EQ(s[size_t(n)], float(amax) / 127.f);
+    const double bound = double(s[size_t(n)]) * (0.5 + 127.0 * std::ldexp(1.0, -24));
+    for (int64_t k = 0; k < K; ++k) {
+      const int qi = q[size_t(n * K + k)];
+      EXPECT_LE(std::abs(qi), 127);
+      EXPECT_LE(std::fabs(double(W[size_t(n * K + k)]) - double(s[size_t(n)]) * qi), bound)
+          << "k=" << k;
+    }
+    if (n == 3) {
+      EXPECT_EQ(s[size_t(n)], 0.f);
+      EXPECT_EQ(qmax, 0);
+    } else {
+      EXPECT_EQ(qmax, 127);
+    }
+  }
+}
+
+TEST(KernelsWeightMatmul, QuantizeRowsInt8BadInput) {
+  std::vector<float> W = {1.f, 2.f, std::numeric_limits<float>::infinity(), 4.f};
+  std::vector<int8_t> q(4);
+  std::vector<float> s(2);
+  EXPECT_THROW(kernels::quantize_rows_int8(q.data(), s.data(), W.data(), 2, 2), Error);
+  EXPECT_THROW(kernels::quantize_rows_int8(q.data(), s.data(), W.data(), -1, 2), Error);
+  EXPECT_THROW(kernels::quantize_rows_int8(q.data(), nullptr, W.data(), 2, 2), Error);
+  EXPECT_THROW(kernels::quantize_rows_int8(q.data(), s.data(), nullptr, 2, 2), Error);
+}

@@ -1,0 +1,434 @@
+// tests/unit/planner/test_planner.cpp: planner/cost_model.h terms against hand-computed values,
+// the pipeline bubble against parallel::simulate, the search's frontier (valid, undominated,
+// deterministic, bounded, equal to brute force), and cluster-file strictness.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+#include "model/config.h"
+#include "model/memory.h"
+#include "parallel/schedule.h"
+#include "planner/cluster.h"
+#include "planner/cost_model.h"
+#include "planner/search.h"
+
+namespace loom::planner {
+namespace {
+
+using parallel::ParallelPlan;
+using parallel::ScheduleKind;
+
+// A small cluster with round numbers, so hand computations are easy to check.
+const char* kTestCluster = R"(
+name = "test"
+nodes = 2
+devices_per_node = 4
+[device]
+peak_tflops_f32 = 1
+peak_tflops_bf16 = 2
+memory_GiB = 1
+memory_bandwidth_GBps = 100
+matmul_efficiency_f32 = [[1, 0.5]]
+matmul_efficiency_bf16 = [[0.001, 0.25], [1, 0.5]]
+[links.intra]
+latency_us = 10
+bandwidth_GBps = 10
+efficiency = 0.5
+all_reduce = [2, 2]
+all_gather = [1, 1]
+reduce_scatter = [1, 1]
+send = [1, 1]
+[links.inter]
+latency_us = 100
+bandwidth_GBps = 1
+efficiency = 1
+all_reduce = [2, 2]
+all_gather = [1, 1]
+reduce_scatter = [1, 1]
+send = [1, 1]
+)";
+
+model::ModelConfig small_model(int64_t layers = 8) {
+  model::ModelConfig c = model::load_model_config(std::string(LOOM_SOURCE_DIR) +
+                                                  "/configs/models/tiny.toml");
+  c.n_layers = layers;
+  return c;
+}
+
+std::string with_line_replaced(std::string text, const std::string& from, const std::string& to) {
+  const size_t p = text.find(from);
+  EXPECT_NE(p, std::string::npos) << from;
+  return text.replace(p, from.size(), to);
+}
+
+ParallelPlan plan_of(const std::string& s, const model::ModelConfig& cfg, int64_t G, int world);
+
+TEST(Cluster, AlphaBetaOfCollectivesByHand) {
+  const Cluster c = cluster_from_toml(kTestCluster, "test");
+  // Ring all-gather of 1 MB over 4 ranks: 3 steps of 10 us + 3/4 of 1e6 bytes at 10 GB/s x 0.5.
+  EXPECT_NEAR(c.intra.time(Collective::all_gather, 1e6, 4), 3 * 10e-6 + 0.75 * 1e6 / 5e9, 1e-15);
+  // All-reduce: twice that.
+  EXPECT_NEAR(c.intra.time(Collective::all_reduce, 1e6, 4), 2 * (3 * 10e-6 + 0.75 * 1e6 / 5e9),
+              1e-15);
+  EXPECT_NEAR(c.inter.time(Collective::send, 1e6, 2), 100e-6 + 1e6 / 1e9, 1e-15);
+  EXPECT_EQ(c.intra.time(Collective::all_reduce, 1e6, 1), 0);
+  // Efficiency: below the first point clamped, log-interpolated between points.
+  EXPECT_DOUBLE_EQ(c.eff_bf16.at(1e3), 0.25);
+  EXPECT_NEAR(c.eff_bf16.at(std::sqrt(1e6 * 1e9)), 0.375, 1e-12);  // halfway in log(size)
+  EXPECT_DOUBLE_EQ(c.eff_bf16.at(1e12), 0.5);
+}
+
+TEST(Cluster, SharedHostConcurrency) {
+  std::string text = kTestCluster;
+  text = with_line_replaced(text, "[links.intra]", "[host]\ncores = 2\n[links.intra]");
+  Cluster c = cluster_from_toml(text, "test");
+  EXPECT_DOUBLE_EQ(c.rank_share(1), 2.0);  // no table: cores / ranks
+  EXPECT_DOUBLE_EQ(c.rank_share(4), 0.5);
+  text = with_line_replaced(text, "cores = 2\n", "cores = 2\nconcurrency = [[1, 1.5], [2, 0.8]]\n");
+  c = cluster_from_toml(text, "test");
+  EXPECT_DOUBLE_EQ(c.rank_share(1), 1.5);
+  EXPECT_DOUBLE_EQ(c.rank_share(2), 0.8);
+  EXPECT_DOUBLE_EQ(c.rank_share(4), 0.4);  // beyond the table: 2 ranks' worth split over 4
+  // A rank's compute time scales with 1 / its share.
+  const model::ModelConfig cfg = small_model(4);
+  MemoryOracle oracle(cfg, 32, model::Precision::f32, false);
+  const ParallelPlan p2 = plan_of("dp=2,micro_batches=1", cfg, 2, 2);
+  const StepCost t2 = estimate_time({cfg, c, 32, model::Precision::f32}, p2, oracle);
+  const ParallelPlan p1 = plan_of("dp=1,micro_batches=1", cfg, 1, 1);
+  const StepCost t1 = estimate_time({cfg, c, 32, model::Precision::f32}, p1, oracle);
+  EXPECT_NEAR(t2.terms.forward / t1.terms.forward, 1.5 / 0.8, 1e-9);
+  EXPECT_THROW(cluster_from_toml(with_line_replaced(text, "[[1, 1.5], [2, 0.8]]", "[[2, 1.5], [1, 0.8]]"), "t"),
+               Error);
+}
+
+TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
+  for (const char* f : {"a100-80gb-ib.toml", "dgx-h100.toml", "pangu-ascend-2048.toml"}) {
+    const Cluster c = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/" + f);
+    EXPECT_GT(c.peak_flops_bf16, 1e14) << f;
+    EXPECT_EQ(c.devices_per_node, 8) << f;
+  }
+  const Cluster p = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/pangu-ascend-2048.toml");
+  EXPECT_EQ(p.total_devices(), 2048);
+  const Cluster a = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/a100-80gb-ib.toml");
+  EXPECT_EQ(a.total_devices(), 3072);
+  EXPECT_DOUBLE_EQ(a.inter.bandwidth_Bps, 25e9);
+}
+
+TEST(Cluster, StrictKeysAndUnits) {
+  auto fails_with = [](const std::string& text, const std::string& needle) {
+    try {
+      cluster_from_toml(text, "bad.toml");
+      ADD_FAILURE() << "no error, expected one naming " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  fails_with("bogus = 1\n" + std::string(kTestCluster), "unknown key 'bogus'");
+  fails_with(with_line_replaced(kTestCluster, "memory_GiB = 1", "memory_gb = 1"),
+             "unknown key 'device.memory_gb'");
+  fails_with(with_line_replaced(kTestCluster, "memory_GiB = 1\n", ""), "GiB");
+  fails_with(with_line_replaced(kTestCluster, "latency_us = 10", "latency_us = \"10us\""),
+             "'links.intra.latency_us' must be a number in microseconds");
+  fails_with(with_line_replaced(kTestCluster, "\nbandwidth_GBps = 10\n", "\nbandwidth_GBps = -1\n"),
+             "links.intra.bandwidth_GBps");
+  fails_with(with_line_replaced(kTestCluster, "[[0.001, 0.25], [1, 0.5]]", "[[1, 0.5], [0.1, 0.6]]"),
+             "must be larger than the previous");
+  fails_with(with_line_replaced(kTestCluster, "[[0.001, 0.25], [1, 0.5]]", "[[1, 1.5]]"),
+             "efficiency in (0, 1]");
+  fails_with(with_line_replaced(kTestCluster, "send = [1, 1]\n[links.inter]", "send = 1\n[links.inter]"),
+             "[latency factor, bandwidth factor]");
+  fails_with("name = ", "TOML syntax error");
+  EXPECT_THROW(load_cluster("/nonexistent/cluster.toml"), Error);
+}
+
+ParallelPlan plan_of(const std::string& s, const model::ModelConfig& cfg, int64_t G, int world) {
+  return parallel::make_plan(parse_plan_string(s),
+                             {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab}, G,
+                             world);
+}
+
+TEST(CostModel, TensorParallelTermByHand) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(4);
+  const int64_t T = 32, G = 2;
+  const ParallelPlan p = plan_of("dp=1,tp=2,pp=1,micro_batches=1", cfg, G, 2);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  // Per block (4 blocks + the query layer), forward and backward: 2 all-gathers and 2
+  // reduce-scatters of the (N, C) f32 rows, N = b*T = 64, over tp = 2 on the intra link; the
+  // head adds two (N) f32 all-reduces.
+  const double N = 2 * 32, C = 64, a = 10e-6, beta = 10e9 * 0.5;
+  const double ag = 1 * a + 0.5 * N * C * 4 / beta;  // (p-1) = 1 step, (p-1)/p = 1/2
+  const double per_block = 2 * (2 * ag + 2 * ag);    // reduce-scatter has the same cost
+  const double head = 2 * (2 * a + 2 * 0.5 * N * 4 / beta);
+  EXPECT_NEAR(c.terms.tp, 5 * per_block + head, 1e-12);
+  EXPECT_EQ(c.terms.bubble, 0);
+  EXPECT_EQ(c.terms.dp, 0);
+  EXPECT_NEAR(c.step_time, c.terms.total(), 1e-15);
+}
+
+TEST(CostModel, DataParallelOverlapByHand) {
+  // ZeRO-1 over dp = 2 (intra link): the gradient all-reduce hides behind the last micro-batch's
+  // backward (train/executor.h's buckets), the broadcast of the updated shares does not.
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(4);
+  const int64_t T = 32;
+  const ParallelPlan p = plan_of("dp=2,tp=1,pp=1,zero=1,micro_batches=1", cfg, 2, 2);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  const double P = double(oracle.rank_params(p)[0]), a = 10e-6, beta = 10e9 * 0.5;
+  const double all_reduce = 2 * 1 * a + 2 * 0.5 * P * 4 / beta;
+  const double all_gather = 1 * a + 0.5 * P * 4 / beta;
+  EXPECT_NEAR(c.terms.dp, std::max(0.0, all_reduce - c.terms.backward) + all_gather, 1e-12);
+  EXPECT_NEAR(c.terms.dp_total, all_reduce + all_gather, 1e-12);
+  // The optimizer updates half the parameters: 36 bytes each (cost_model.h) at 100 GB/s.
+  EXPECT_NEAR(c.terms.optimizer, P / 2 * 36 / 100e9, 1e-12);
+}
+
+TEST(CostModel, ComputeTermsByHand) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(2);
+  const int64_t T = 16, G = 1;
+  const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1,recompute=full", cfg, G, 1);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  // f32 efficiency is 0.5 for every size; peak 1 TFLOP/s.
+  const double N = 16, C = 64, KV = 32, F = 256, V = 512, HD = 16, NH = 4, rate = 0.5e12;
+  const double weights = 2 * N * (C * (C + 2 * KV) + C * C + C * F + F * C);
+  const double attn = 2 * NH * T * T * HD;  // q.k and p.v, causal half each
+  const double block = (weights + attn) / rate;
+  const double head = 2 * N * V * C / rate;
+  EXPECT_NEAR(c.terms.forward, 3 * block + head, 1e-12);  // 2 blocks + query layer
+  EXPECT_NEAR(c.terms.backward, 3 * (2 * weights + 2.5 * attn) / rate + 2 * head, 1e-12);
+  // Full recompute: the 2 blocks' forward again (the query layer is not a recomputed block).
+  EXPECT_GT(c.terms.recompute, 2 * block);
+  EXPECT_LT(c.terms.recompute, 2 * block * 1.5);
+}
+
+TEST(CostModel, OneFOneBBubbleIsPpMinusOneOverMPlusPpMinusOne) {
+  for (int pp : {2, 4, 8})
+    for (int64_t M : {1, 4, 16}) {
+      const std::vector<double> t(size_t(pp), 0.25);
+      const double span = pipeline_makespan(t, M, ScheduleKind::one_f_one_b, 1);
+      const double bubble = span - double(M) * 0.25;
+      EXPECT_NEAR(bubble / span, double(pp - 1) / double(M + pp - 1), 1e-12);
+      // The same makespan as the schedule simulator (forward 0.1, backward 0.15 per stage).
+      parallel::SimulationOptions so;
+      so.forward_time = 0.1;
+      so.backward_time = 0.15;
+      for (ScheduleKind k : {ScheduleKind::one_f_one_b, ScheduleKind::gpipe}) {
+        const auto sim = parallel::simulate(parallel::make_schedule(k, pp, int(M), 1), so);
+        ASSERT_TRUE(sim.completed) << sim.error;
+        EXPECT_NEAR(sim.makespan, pipeline_makespan(t, M, k, 1), 1e-9) << pp << " " << M;
+      }
+    }
+}
+
+TEST(CostModel, InterleavedBubbleShrinksByVirtualStages) {
+  const int pp = 4, VS = 2;
+  const int64_t M = 8;
+  const std::vector<double> t(size_t(pp), 1.0);
+  const double span = pipeline_makespan(t, M, ScheduleKind::interleaved, VS);
+  // Narayanan et al. SC'21: bubble time (pp-1)/VS stage-times against M stage-times of work.
+  EXPECT_NEAR(span - double(M), double(pp - 1) / VS, 1e-12);
+  parallel::SimulationOptions so;
+  so.forward_time = 0.5;
+  so.backward_time = 0.5;
+  const auto sim = parallel::simulate(parallel::make_schedule(ScheduleKind::interleaved, pp, int(M), VS), so);
+  ASSERT_TRUE(sim.completed);
+  // The simulator's interleaved makespan is at most the closed form (it may overlap more).
+  EXPECT_LE(sim.makespan, span + 1e-9);
+  EXPECT_GE(sim.makespan, double(M));
+}
+
+TEST(CostModel, PeakMemoryIsTheLargestRankOfTheEngineModel) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(8);
+  const int64_t T = 32;
+  for (const char* s : {"dp=2,tp=1,pp=4,zero=1,micro_batches=4,schedule=1f1b",
+                        "dp=1,tp=2,pp=4,micro_batches=4,schedule=1f1b,stage_layers=1,2,3,2",
+                        "dp=2,tp=2,pp=2,zero=2,micro_batches=2,schedule=gpipe,recompute=full:0-3",
+                        "dp=1,tp=1,pp=2,micro_batches=4,schedule=interleaved,virtual_stages=2"}) {
+    const ParallelPlan p = plan_of(s, cfg, 8, 0);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    StepCost c;
+    add_memory(c, p, oracle);
+    model::MemoryOptions mo;
+    mo.bf16_emulated = false;
+    int64_t most = 0;
+    for (const model::RankMemory& r : model::memory_all_ranks(cfg, p, T, model::Precision::f32, mo))
+      most = std::max(most, r.total());
+    EXPECT_EQ(c.peak_bytes, most) << s;
+    EXPECT_EQ(c.persistent_bytes + c.transient_bytes, c.peak_bytes);
+  }
+}
+
+TEST(CostModel, PlanStringRoundTrips) {
+  const model::ModelConfig cfg = small_model(8);
+  const ParallelPlan p = plan_of(
+      "dp=2,tp=1,pp=4,zero=1,micro_batches=4,schedule=1f1b,recompute=full:0-1,selective:4-5,"
+      "stage_layers=1,2,3,2",
+      cfg, 8, 8);
+  EXPECT_EQ(plan_of(plan_string(p), cfg, 8, 8), p);
+  EXPECT_THROW(parse_plan_string("dp=2,bogus=3"), Error);
+  EXPECT_THROW(parse_plan_string("2,dp=2"), Error);
+}
+
+// Time at scale: Megatron-LM's weak-scaling runs on Selene (Narayanan et al., SC'21, arXiv
+// 2104.04473, Table 1: GPT with s = 2048, V = 51200, full recompute, A100-80GB, 8 per node,
+// 8x 200 Gb/s HDR). Published: achieved TFLOP/s per GPU; the step time follows from the paper's
+// FLOP count with recompute, 96 B s L h^2 (1 + s/(6h) + V/(16 L h)), over n GPUs. The rows are
+// RECALLED ([R] in ../shared/notes terms), not re-read here: check them against the paper before
+// citing. Plans: dp = n/(tp pp), micro-batch 1, 1f1b (the table does not give b or the
+// schedule). The A100 preset is used as published; no per-run factor. Today the model is about
+// 20% optimistic on all ten (mean |error| 19%); the bound below guards that, and docs/planner.md
+// reports the table.
+TEST(CostModel, MegatronSelenePublishedStepTimes) {
+  struct Row { int64_t heads, hidden, layers, tp, pp, gpus, batch; double tflops_per_gpu; };
+  const Row rows[] = {{24, 2304, 24, 1, 1, 32, 512, 137},     {32, 3072, 30, 2, 1, 64, 512, 138},
+                      {32, 4096, 36, 4, 1, 128, 512, 142},    {48, 6144, 40, 8, 1, 256, 1024, 135},
+                      {64, 8192, 48, 8, 2, 512, 1536, 138},   {80, 10240, 60, 8, 4, 1024, 1792, 140},
+                      {96, 12288, 80, 8, 8, 1536, 2304, 148}, {128, 16384, 96, 8, 16, 1920, 2160, 155},
+                      {128, 20480, 105, 8, 35, 2520, 2520, 163},
+                      {160, 25600, 128, 8, 64, 3072, 3072, 163}};
+  const Cluster cl =
+      load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/a100-80gb-ib.toml");
+  const int64_t s = 2048, V = 51200;
+  double sum = 0;
+  for (const Row& r : rows) {
+    model::ModelConfig cfg;
+    cfg.name = "megatron";
+    cfg.vocab = V;
+    cfg.n_layers = r.layers;
+    cfg.d_model = r.hidden;
+    cfg.n_heads = cfg.n_kv_heads = r.heads;
+    cfg.d_ff = 4 * r.hidden;
+    cfg.max_seq = s;
+    const int64_t dp = r.gpus / (r.tp * r.pp);
+    const ParallelPlan p = plan_of(
+        fmt::format("dp={},tp={},pp={},micro_batches={},recompute=full", dp, r.tp, r.pp, r.batch / dp),
+        cfg, r.batch, int(r.gpus));
+    MemoryOracle oracle(cfg, s, model::Precision::bf16, false);
+    const StepCost c = estimate_time({cfg, cl, s, model::Precision::bf16}, p, oracle);
+    const double L = double(r.layers), h = double(r.hidden);
+    const double flops = 96.0 * double(r.batch) * s * L * h * h *
+                         (1 + double(s) / (6 * h) + double(V) / (16 * L * h));
+    const double published = flops / (double(r.gpus) * r.tflops_per_gpu * 1e12);
+    const double err = c.step_time / published - 1;
+    sum += std::abs(err);
+    EXPECT_LT(std::abs(err), 0.35) << r.hidden << ": predicted " << c.step_time << " s, published "
+                                   << published << " s";
+  }
+  EXPECT_LT(sum / 10, 0.25);  // the issue asks for 15%: not met yet (docs/planner.md)
+}
+
+SearchOptions small_search(int devices) {
+  SearchOptions o;
+  o.devices = devices;
+  o.global_batch = 8;
+  o.seq = 32;
+  return o;
+}
+
+TEST(Search, FrontierIsValidUndominatedAndSorted) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(8);
+  const SearchResult r = search(cfg, cl, small_search(8));
+  ASSERT_FALSE(r.frontier.empty());
+  for (size_t i = 0; i < r.frontier.size(); ++i) {
+    const Candidate& c = r.frontier[i];
+    EXPECT_NO_THROW(plan_of(c.key, cfg, 8, 8)) << c.key;
+    EXPECT_EQ(c.plan.world_size(), 8);
+    if (i > 0) {
+      EXPECT_GE(c.cost.step_time, r.frontier[i - 1].cost.step_time);
+      EXPECT_LT(memory_bucket(c.cost.peak_bytes, 0.01),
+                memory_bucket(r.frontier[i - 1].cost.peak_bytes, 0.01));
+    }
+  }
+  EXPECT_GT(r.timed, 100);
+  EXPECT_FALSE(r.truncated);
+}
+
+TEST(Search, PrunedSearchEqualsBruteForce) {
+  // Brute force: every candidate's memory computed. No plan may dominate a frontier point, and
+  // every plan off the frontier must be dominated by one on it; the pruned search must agree.
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(8);
+  for (int devices : {4, 8}) {
+    SearchOptions o = small_search(devices);
+    o.prune_with_bound = false;
+    o.max_memory_evals = 1'000'000;
+    const SearchResult brute = search(cfg, cl, o);
+    EXPECT_EQ(brute.memory_evaluated, brute.timed);
+    const SearchResult pruned = search(cfg, cl, small_search(devices));
+    ASSERT_EQ(pruned.frontier.size(), brute.frontier.size()) << devices;
+    for (size_t i = 0; i < brute.frontier.size(); ++i)
+      EXPECT_EQ(pruned.frontier[i].key, brute.frontier[i].key);
+    EXPECT_GT(pruned.pruned_by_bound, 0);
+    auto bucket = [](const Candidate& c) { return memory_bucket(c.cost.peak_bytes, 0.01); };
+    for (const Candidate& x : brute.evaluated) {
+      bool on = false, covered = false;
+      for (const Candidate& f : brute.frontier) {
+        on |= f.key == x.key;
+        covered |= f.cost.step_time <= x.cost.step_time && bucket(f) <= bucket(x);
+        // Nothing strictly dominates a frontier point.
+        EXPECT_FALSE(x.cost.step_time < f.cost.step_time && bucket(x) < bucket(f))
+            << x.key << " dominates " << f.key;
+      }
+      EXPECT_TRUE(on || covered) << x.key << " is missing from the frontier";
+    }
+  }
+}
+
+TEST(Search, DeterministicAndBounded) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(8);
+  const SearchResult a = search(cfg, cl, small_search(8)), b = search(cfg, cl, small_search(8));
+  ASSERT_EQ(a.frontier.size(), b.frontier.size());
+  for (size_t i = 0; i < a.frontier.size(); ++i) EXPECT_EQ(a.frontier[i].key, b.frontier[i].key);
+  SearchOptions o = small_search(8);
+  o.max_candidates = 10;
+  const SearchResult t = search(cfg, cl, o);
+  EXPECT_TRUE(t.truncated);
+  EXPECT_LE(t.timed, 10);
+  o = small_search(8);
+  o.max_memory_evals = 3;
+  const SearchResult m = search(cfg, cl, o);
+  EXPECT_TRUE(m.truncated);
+  EXPECT_LE(m.memory_evaluated, 3);
+  EXPECT_NE(m.truncated_why.find("max_memory_evals"), std::string::npos);
+}
+
+TEST(Search, NoValidLayoutNamesTheConstraintAndNearbyCounts) {
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  const model::ModelConfig cfg = small_model(4);
+  // 5 ranks: tp = 5 does not divide 4 heads, pp = 5 exceeds 4 layers, dp = 5 the batch 8.
+  SearchOptions o = small_search(5);
+  try {
+    search(cfg, cl, o);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("dp must divide the global batch 8"), std::string::npos) << m;
+    EXPECT_NE(m.find("tp must divide n_heads=4"), std::string::npos) << m;
+    EXPECT_NE(m.find("pp > n_layers=4"), std::string::npos) << m;
+    EXPECT_NE(m.find("nearby: 2, 3, 4, 6"), std::string::npos) << m;
+  }
+  o = small_search(16);  // more than the cluster has
+  EXPECT_THROW(search(cfg, cl, o), Error);
+}
+
+TEST(Search, BalancedStagesLightenTheLastStage) {
+  model::ModelConfig cfg = small_model(9);
+  const std::vector<int64_t> s = balanced_stage_layers(cfg, 3, 1, 32);
+  ASSERT_EQ(s.size(), 3u);
+  EXPECT_EQ(s[0] + s[1] + s[2], 9);
+  EXPECT_LT(s[2], s[1]);  // the last stage also runs the head and the query layer
+}
+
+}  // namespace
+}  // namespace loom::planner
