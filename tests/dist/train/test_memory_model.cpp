@@ -294,6 +294,11 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      c(2, 1, 3, "1f1b", 1, 1, "full", kF32), c(1, 2, 0, "interleaved", 2, 4, "none", kBf16, 0)}});
     runs.push_back({model::Router::topk,
                     {c(2, 1, 2, "1f1b", 1, 2, "selective", kF32), c(1, 2, 0, "gpipe", 1, 2, "full", kBf16, 1)}});
+    // rre under context parallelism: each rank routes its own rows (domains split like the
+    // tokens). Plain and ZeRO-2 over the dp x cp group.
+    Case cp2 = c(1, 1, 0, "1f1b", 1, 2, "none", kF32), cp2z = c(1, 1, 2, "1f1b", 1, 1, "selective", kF32);
+    cp2.cp = cp2z.cp = 2;
+    runs.push_back({model::Router::rre, {cp2, cp2z}});
   } else if (w == 4) {
     runs.push_back({model::Router::rre,
                     {c(2, 2, 1, "1f1b", 1, 2, "selective", kF32), c(4, 1, 3, "1f1b", 1, 1, "none", kBf16)}});
@@ -316,6 +321,18 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
       cfg.moe.capacity_factor = 1.0;  // some tokens dropped: buffers stay (N*k) rows
     }
     cfg.validate();
+    if (router == model::Router::topk) {  // topk's capacity and aux loss would be per cp shard
+      EXPECT_NO_THROW(cfg.check_context_parallel(1));
+      try {
+        cfg.check_context_parallel(2);
+        ADD_FAILURE() << "cp 2 with the topk router was accepted";
+      } catch (const Error& e) {
+        const std::string m = e.what();
+        EXPECT_NE(m.find("topk"), std::string::npos) << m;
+        EXPECT_NE(m.find("moe.router = \"rre\""), std::string::npos) << m;
+        EXPECT_NE(m.find("cp = 1"), std::string::npos) << m;
+      }
+    }
     check_plans(world, cfg, cases);
   }
 }

@@ -56,19 +56,35 @@ TEST_P(MoeLayouts, DpAndPpEqualSerial) {
   for (int i = 0; i < kSteps; ++i) serial_losses.push_back(serial.train_step().loss);
   const std::vector<float> serial_w = serial.full_weights();
 
-  struct Layout { int dp, pp, zero; };
+  struct Layout { int dp, pp, zero, cp = 1; };
   std::vector<Layout> layouts = {{w, 1, 0}, {w, 1, 1}, {w, 1, 3}};
   if (w == 2) layouts.push_back({1, 2, 0});
+  // Context parallel: rre routes each token by itself, so cp is exact; topk is refused (its
+  // capacity and aux loss would be per cp shard).
+  if (w == 2) layouts.push_back({1, 1, 0, 2});
   for (const Layout& l : layouts) {
     MemoryPool pool;
-    // pp layouts keep the serial global batch: dp = 1 there, so train.batch = 4 * w still.
+    // pp and cp layouts keep the serial global batch: dp = 1 there, so train.batch = 4 * w still.
     train::TrainConfig c = config(l.dp, l.pp, l.zero, dir, router);
     c.batch = 4 * w;
     c.parallel.dp = l.dp;
-    train::Trainer t(c, pool, l.pp == 1 ? &world : nullptr, nullptr, l.pp > 1 ? &world : nullptr);
-    t.init_fresh();
+    c.parallel.cp = l.cp;
     const std::string what = "dp " + std::to_string(l.dp) + " pp " + std::to_string(l.pp) +
-                             " zero " + std::to_string(l.zero);
+                             " zero " + std::to_string(l.zero) + " cp " + std::to_string(l.cp);
+    if (l.cp > 1 && router == model::Router::topk) {
+      try {
+        train::Trainer t(c, pool, nullptr, nullptr, nullptr, &world, &world);
+        ADD_FAILURE() << what << ": topk under cp was accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("moe.router = \"rre\""), std::string::npos)
+            << e.what();
+      }
+      continue;
+    }
+    train::Trainer t(c, pool, l.pp == 1 && l.cp == 1 ? &world : nullptr, nullptr,
+                     l.pp > 1 ? &world : nullptr, l.cp > 1 ? &world : nullptr,
+                     l.cp > 1 ? &world : nullptr);
+    t.init_fresh();
     for (int i = 0; i < kSteps; ++i) {
       const double loss = t.train_step().loss;
       EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
