@@ -97,9 +97,11 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
     loom::parallel::PlanSettings s = o->plan;
     if (!s.dp || *s.dp == 0) s.dp = 1;
     const int world = *s.dp * s.tp.value_or(1) * s.pp.value_or(1) * s.cp.value_or(1);
-    const loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
-                                           cfg.vocab, T};
+    loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
+                                     cfg.vocab, T};
+    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;  // by name
     const loom::parallel::ParallelPlan plan = loom::parallel::make_plan(s, shape, o->batch, world);
+    cfg.check_context_parallel(plan.cp);
     MemoryOptions mo;
     if (o->emulation != "auto") mo.bf16_emulated = o->emulation == "on";
     const bool emulated = mo.bf16_emulated.value_or(bf16_emulated());
@@ -121,6 +123,7 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
       }
       nlohmann::json j = {{"model", cfg.name},
                           {"params", cfg.num_params()},
+                          {"active_params_per_token", cfg.active_params()},
                           {"batch", o->batch},
                           {"seq", T},
                           {"dtype", o->precision},
@@ -137,9 +140,22 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
       ctx.exit_code = 0;
       return;
     }
-    std::printf("model %s: %lld parameters, %.4g training FLOPs per token at T = %lld\n",
-                cfg.name.c_str(), (long long)cfg.num_params(), cfg.train_flops_per_token(T),
-                (long long)T);
+    std::printf("model %s: %lld parameters (%.4g), %lld active per token (%.4g), %.4g training "
+                "FLOPs per token at T = %lld\n",
+                cfg.name.c_str(), (long long)cfg.num_params(), double(cfg.num_params()),
+                (long long)cfg.active_params(), double(cfg.active_params()),
+                cfg.train_flops_per_token(T), (long long)T);
+    if (cfg.moe.enabled())
+      std::printf("moe: %zu sparse blocks x %lld experts (expert d_ff %lld), router %s%s\n",
+                  cfg.moe.sparse_layers.size(), (long long)cfg.moe.experts,
+                  (long long)cfg.moe.expert_d_ff, loom::model::router_name(cfg.moe.router),
+                  cfg.moe.router == loom::model::Router::rre
+                      ? fmt::format(" ({} domains x {} experts)", cfg.moe.num_domains(),
+                                    cfg.moe.experts_per_domain)
+                            .c_str()
+                      : fmt::format(" (top-{}, capacity factor {}, aux {})", cfg.moe.top_k,
+                                    cfg.moe.capacity_factor, cfg.moe.aux_loss_coef)
+                            .c_str());
     std::printf("layout: %s on %d ranks, %s%s, T = %lld\n", plan.describe().c_str(),
                 plan.world_size(), o->precision.c_str(),
                 precision == Precision::bf16 ? (emulated ? " (emulated: f32 copies)" : " (bf16 copies)") : "",

@@ -14,7 +14,9 @@
 
 namespace loom {
 
-enum class InitKind { normal, normal_residual, zeros, ones };
+// rre_uniform: a frozen routing table (model/moe.h) of expert indices in [0, G), drawn uniformly
+// per element from the seed (G = the model's experts per domain).
+enum class InitKind { normal, normal_residual, zeros, ones, rre_uniform };
 
 // Tensor parallelism (Megatron-style) splits some tensors over the tp ranks: this rank holds
 // the slice [shard_start, shard_start + shape[shard_dim]) of dimension shard_dim of the logical
@@ -31,6 +33,10 @@ struct ParamSpec {
   int64_t numel = 0;
   InitKind init = InitKind::normal;
   bool weight_decay = false;  // AdamW decay only on matrices (ndim >= 2), never biases or norms
+  // False for buffers that live among the parameters but are not learned (the rre routing
+  // tables, model/moe.h): their gradient stays exactly 0, optimizers skip them, checkpoints
+  // save them like weights.
+  bool trainable = true;
   Shape global_shape;         // the logical tensor (the checkpoint's shape)
   int shard_dim = -1;         // -1 replicated, 0 rows, 1 columns
   int64_t shard_start = 0;    // first index along shard_dim held here

@@ -1,6 +1,8 @@
 // data/corpus_builder.cpp: see corpus_builder.h.
 #include "data/corpus_builder.h"
 
+#include "data/data_meta.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -367,6 +369,10 @@ CorpusReport build_corpus(const CorpusBuildOptions& o) {
   const int32_t eod = tok->eod_id();
   nlohmann::json shard_list = {{"train", nlohmann::json::array()},
                                {"val", nlohmann::json::array()}};
+  // Token counts of the train split per language (kNumLanguages, V): the frequency-balanced rre
+  // routing table is built from them (model/moe.h balanced_rre_table).
+  const int64_t V = tok->vocab_size();
+  std::vector<int64_t> counts(size_t(kNumLanguages * V), 0);
   for (const bool val : {false, true}) {
     const std::string split = val ? "val" : "train";
     ShardWriter writer(tok->vocab_size(), token_bytes);
@@ -389,6 +395,8 @@ CorpusReport build_corpus(const CorpusBuildOptions& o) {
       buf = d.tokens;
       buf.push_back(eod);
       writer.add_document(buf, static_cast<int32_t>(d.lang));
+      if (!val)
+        for (int32_t t : buf) ++counts[size_t(int64_t(d.lang) * V + t)];
       auto& ls = report.languages[std::string(language_name(d.lang))];
       ls.files += 1;
       ls.bytes += d.source_bytes;
@@ -421,6 +429,13 @@ CorpusReport build_corpus(const CorpusBuildOptions& o) {
   for (Language l : all_languages())
     lang_ids[std::string(language_name(l))] = static_cast<int32_t>(l);
   meta["language_ids"] = lang_ids;
+  write_file_atomic(o.out_dir + "/" + kTokenCountsFile,
+                    std::string_view(reinterpret_cast<const char*>(counts.data()),
+                                     counts.size() * sizeof(int64_t)));
+  meta["token_counts"] = nlohmann::json{{"file", std::string(kTokenCountsFile)},
+                                        {"dtype", "int64-le"},
+                                        {"shape", nlohmann::json::array({kNumLanguages, V})},
+                                        {"split", "train"}};
   write_file_atomic(o.out_dir + "/meta.json", meta.dump(2) + "\n");
   return report;
 }

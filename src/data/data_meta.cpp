@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "data/languages.h"
 #include "data/shard.h"
 #include "data/text_util.h"
 
@@ -90,6 +92,31 @@ DataMeta read_data_meta(const std::string& data_dir) {
     }
   }
   return m;
+}
+
+std::vector<int64_t> read_token_counts(const std::string& data_dir, int64_t* vocab) {
+  const DataMeta meta = read_data_meta(data_dir);
+  const std::string path = data_dir + "/" + kTokenCountsFile;
+  std::error_code ec;
+  const auto bytes = std::filesystem::file_size(path, ec);
+  LOOM_CHECK(!ec,
+             "'{}' is missing ({}): the data was built without per-language token counts; rebuild "
+             "it with `loom data build` or use rre_table = \"uniform\"",
+             path, ec.message());
+  const uint64_t want = uint64_t(kNumLanguages) * uint64_t(meta.vocab_size) * 8;
+  LOOM_CHECK(bytes == want,
+             "'{}' has {} bytes but {} languages x vocab {} x 8 = {} were expected; rebuild the "
+             "data",
+             path, bytes, kNumLanguages, meta.vocab_size, want);
+  std::vector<int64_t> counts(size_t(want / 8));
+  std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(counts.data()), std::streamsize(want));
+  LOOM_CHECK(f.good(), "cannot read '{}'", path);
+  for (int64_t c : counts)
+    LOOM_CHECK(c >= 0, "'{}' holds a negative count {}: the file is corrupted; rebuild the data",
+               path, c);
+  *vocab = meta.vocab_size;
+  return counts;
 }
 
 std::vector<std::string> meta_shard_paths(const DataMeta& meta, const std::string& data_dir,

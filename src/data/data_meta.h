@@ -24,6 +24,13 @@ struct DataMeta {
 
 DataMeta read_data_meta(const std::string& data_dir);
 
+// Per-language token counts of the train split, written by the corpus builder (`loom data
+// build`): DATA_DIR/token_counts.i64, int64 little-endian (kNumLanguages, V) row-major. Returns
+// the counts and sets *vocab. Throws loom::Error naming the file if it is missing (data built
+// before it existed: rebuild) or its size is not kNumLanguages * V * 8 for meta.json's V.
+inline constexpr const char* kTokenCountsFile = "token_counts.i64";
+std::vector<int64_t> read_token_counts(const std::string& data_dir, int64_t* vocab);
+
 // The shards of `split` ("train"/"val"), as paths DATA_DIR/<file> in name order. Throws
 // loom::Error naming the file if a file listed in meta.json does not exist, or a
 // DATA_DIR/<split>_*.bin on disk is not listed (a stray shard would silently change the data).

@@ -143,6 +143,15 @@ class ShardStream final : public TokenStream {
   }
 
   void next_batch(int32_t* tokens, int32_t* langs, int64_t B, int64_t T) override {
+    next_impl(tokens, langs, nullptr, B, T);
+  }
+  void next_batch_token_languages(int32_t* tokens, int32_t* token_langs, int64_t B,
+                                  int64_t T) override {
+    LOOM_CHECK(token_langs != nullptr, "next_batch_token_languages: token_langs is null");
+    next_impl(tokens, nullptr, token_langs, B, T);
+  }
+
+  void next_impl(int32_t* tokens, int32_t* langs, int32_t* token_langs, int64_t B, int64_t T) {
     check_batch(tokens, B, T);
     if (T_ == 0) set_window(T);
     LOOM_CHECK(T == T_,
@@ -163,6 +172,10 @@ class ShardStream final : public TokenStream {
       shards_[s].copy_tokens(start, T + 1, tokens + b * (T + 1));
       if (langs != nullptr)
         langs[b] = shards_[s].documents()[size_t(shards_[s].document_of(start))].language;
+      if (token_langs != nullptr)
+        for (int64_t i = 0; i <= T; ++i)
+          token_langs[b * (T + 1) + i] =
+              shards_[s].documents()[size_t(shards_[s].document_of(start + i))].language;
       position_ += uint64_t(dp_size_);
     }
   }
@@ -231,6 +244,13 @@ class ShardStream final : public TokenStream {
 };
 
 }  // namespace
+
+void TokenStream::next_batch_token_languages(int32_t* tokens, int32_t* token_langs, int64_t B,
+                                             int64_t T) {
+  next_batch(tokens, nullptr, B, T);
+  LOOM_CHECK(token_langs != nullptr, "next_batch_token_languages: token_langs is null");
+  std::fill(token_langs, token_langs + B * (T + 1), -1);
+}
 
 uint64_t permute_index(uint64_t i, uint64_t n, uint64_t seed, uint64_t epoch) {
   LOOM_ASSERT(i < n, "permute_index: {} >= {}", i, n);

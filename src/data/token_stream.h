@@ -25,6 +25,11 @@ class TokenStream {
  public:
   virtual ~TokenStream() = default;
   virtual void next_batch(int32_t* tokens, int32_t* langs, int64_t B, int64_t T) = 0;
+  // next_batch, and token_langs (B, T+1): the language id of every token's own document (windows
+  // span documents; -1 unknown). The sparse expert router reads these (model/moe.h). The default
+  // (streams without documents) fills -1.
+  virtual void next_batch_token_languages(int32_t* tokens, int32_t* token_langs, int64_t B,
+                                          int64_t T);
   virtual nlohmann::json state() const = 0;               // position, exactly restorable
   virtual void restore(const nlohmann::json& state) = 0;  // throws loom::Error if incompatible
   virtual int64_t vocab_size() const = 0;

@@ -56,6 +56,11 @@ bool is_linear_weight(const std::string& name) {
 ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
                            WeightFormat head, model::TpShard tp)
     : cfg_(cfg), tp_(tp), linear_format_(linears) {
+  LOOM_CHECK(!cfg.moe.enabled(),
+             "model '{}' has sparse (MoE) blocks ({} router, {} experts), which the inference "
+             "engine does not run yet (it decodes dense blocks only); use a dense model here (the "
+             "training engine still evaluates this one's loss)",
+             cfg.name, model::router_name(cfg.moe.router), cfg.moe.experts);
   const model::ParamLayout layout(cfg, tp);  // throws naming the valid tp sizes
   // 1. Everything but the linear weights goes to small_, offsets remapped tensor by tensor.
   std::map<int64_t, int64_t> remap;  // flat offset of a tensor -> offset in small_

@@ -38,6 +38,9 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
              "(n_kv_heads = {} < n_heads = {}), which GPT-2 cannot express", ckpt_dir, c.name,
              c.n_kv_heads, c.n_heads);
   LOOM_CHECK(c.tied_head, "'{}': untied head cannot be expressed", ckpt_dir);
+  LOOM_CHECK(!c.moe.enabled(), "'{}': model '{}' has sparse (MoE) blocks ({} router), which "
+             "GPT-2's architecture cannot express", ckpt_dir, c.name,
+             model::router_name(c.moe.router));
   int64_t V0 = c.vocab;
   const auto& st = r.trainer_state();
   if (st.contains("interop") && st["interop"].contains("vocab_used"))

@@ -1,5 +1,7 @@
 #include "interop/model_checkpoint.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 
 #include "checkpoint/commit.h"
@@ -105,6 +107,21 @@ void expect_same_model(const model::ModelConfig& saved, const model::ModelConfig
       std::string(model::activation_name(c.activation)));
   cmp("query_layer", saved.query_layer, c.query_layer);
   cmp("norm_eps", saved.norm_eps, c.norm_eps);
+  // Sparse blocks: what fixes the tensors and the routing (capacity_factor and aux_loss_coef
+  // are training settings and may change between runs).
+  const model::MoeConfig &sm = saved.moe, &cm = c.moe;
+  cmp("moe.sparse_layers", fmt::format("[{}]", fmt::join(sm.sparse_layers, ", ")),
+      fmt::format("[{}]", fmt::join(cm.sparse_layers, ", ")));
+  if (sm.enabled() && cm.enabled()) {
+    cmp("moe.router", std::string(model::router_name(sm.router)),
+        std::string(model::router_name(cm.router)));
+    cmp("moe.experts", sm.experts, cm.experts);
+    cmp("moe.expert_d_ff", sm.expert_d_ff, cm.expert_d_ff);
+    cmp("moe.domains", fmt::format("[{}]", fmt::join(sm.domains, ", ")),
+        fmt::format("[{}]", fmt::join(cm.domains, ", ")));
+    cmp("moe.experts_per_domain", sm.experts_per_domain, cm.experts_per_domain);
+    cmp("moe.top_k", sm.top_k, cm.top_k);
+  }
   LOOM_CHECK(diff.empty(), "checkpoint '{}' is of a different model: {}", where, diff);
 }
 

@@ -224,26 +224,33 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
                        c.W + o.norm2_w, c.W + o.norm2_b, Nl, C, eps);
   Tensor ln2_mm = gather_rows_mm(c, ln2, cat(keep_all));  // (N,C)
   ln2 = Tensor();
-  st.pre = new_f32(c, {N, F}, cat(keep_some));
-  mm_xwT(c, st.pre.data<float>(), ln2_mm, o.w_up, N, F, C);
-  Tensor act = new_f32(c, {N, F}, c.bf ? MemCategory::workspace : cat(keep_all));
-  K::bias_gelu_forward(act.data<float>(), st.pre.data<float>(), c.W + o.b_up, N, F,
-                       gelu_kind(c.cfg.activation));
-  Tensor act_mm = to_mm(c, act, cat(keep_all));
+  Tensor out, act_mm;
+  if (o.sparse()) {
+    // out = mid + MoE(ln2) (model/moe.h; tp = 1)                              (N,C)
+    out = moe_ffn_forward(c, o, ln2_mm, st, mode);
+    K::add_inplace(out.data<float>(), mid, Nl * C);
+  } else {
+    st.pre = new_f32(c, {N, F}, cat(keep_some));
+    mm_xwT(c, st.pre.data<float>(), ln2_mm, o.w_up, N, F, C);
+    Tensor act = new_f32(c, {N, F}, c.bf ? MemCategory::workspace : cat(keep_all));
+    K::bias_gelu_forward(act.data<float>(), st.pre.data<float>(), c.W + o.b_up, N, F,
+                         gelu_kind(c.cfg.activation));
+    act_mm = to_mm(c, act, cat(keep_all));
 
-  // out = mid + act @ Wdown^T + bdown                                         (Nl,C)
-  Tensor down = new_f32(c, {N, C}, c.tp ? MemCategory::workspace : MemCategory::activations);
-  mm_xwT(c, down.data<float>(), act_mm, o.w_down, N, C, F);
-  Tensor out = scatter_rows_sum(c, down, MemCategory::activations);
-  down = Tensor();
-  K::bias_add_rows(out.data<float>(), c.W + o.b_down, Nl, C);
-  K::add_inplace(out.data<float>(), mid, Nl * C);
+    // out = mid + act @ Wdown^T + bdown                                         (Nl,C)
+    Tensor down = new_f32(c, {N, C}, c.tp ? MemCategory::workspace : MemCategory::activations);
+    mm_xwT(c, down.data<float>(), act_mm, o.w_down, N, C, F);
+    out = scatter_rows_sum(c, down, MemCategory::activations);
+    down = Tensor();
+    K::bias_add_rows(out.data<float>(), c.W + o.b_down, Nl, C);
+    K::add_inplace(out.data<float>(), mid, Nl * C);
+  }
 
   if (keep_all) {
     st.ln1_mm = ln1_mm;
     st.att_mm = att_mm;
     st.ln2_mm = ln2_mm;
-    st.act_mm = act_mm;
+    if (!o.sparse()) st.act_mm = act_mm;  // a sparse block's FFN keeps its own
   }
   if (keep_some) {
     st.mean1 = mean1;
@@ -282,38 +289,48 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     K::layernorm_forward(ln2.data<float>(), m.data<float>(), r.data<float>(),
                          st.mid.data<float>(), c.W + o.norm2_w, c.W + o.norm2_b, Nl, C, eps);
     st.ln2_mm = gather_rows_mm(c, ln2, ws);
-    Tensor act = new_f32(c, {N, F}, ws);
-    K::gelu_kind_forward(gelu_kind(c.cfg.activation), act.data<float>(), st.pre.data<float>(),
-                         N * F);
-    st.act_mm = to_mm(c, act, ws);
+    if (o.sparse()) {
+      moe_ffn_recompute(c, o, st);
+    } else {
+      Tensor act = new_f32(c, {N, F}, ws);
+      K::gelu_kind_forward(gelu_kind(c.cfg.activation), act.data<float>(), st.pre.data<float>(),
+                           N * F);
+      st.act_mm = to_mm(c, act, ws);
+    }
     st.att_mm = to_mm(c, st.att, ws);
   }
 
-  // FFN down: d_act = dout @ Wdown; dWdown += dout^T act; dbdown += colsum(dout)
-  Tensor dout_mm = gather_rows_mm(c, dout, ws);  // (N,C)
-  Tensor d_act = new_f32(c, {N, F}, ws);  // (N,F), becomes d_pre in place
-  mm_dyW(c, d_act.data<float>(), dout_mm, o.w_down, N, C, F);
-  mm_dW(c, o.w_down, dout_mm, st.act_mm, N, C, F);
-  K::bias_backward(c.G + o.b_down, dout.data<float>(), Nl, C);
-  dout_mm = Tensor();
-  st.act_mm = Tensor();
+  Tensor d_ln2;  // (Nl,C)
+  if (o.sparse()) {
+    d_ln2 = moe_ffn_backward(c, o, dout, st);
+    st.ln2_mm = Tensor();
+  } else {
+    // FFN down: d_act = dout @ Wdown; dWdown += dout^T act; dbdown += colsum(dout)
+    Tensor dout_mm = gather_rows_mm(c, dout, ws);  // (N,C)
+    Tensor d_act = new_f32(c, {N, F}, ws);  // (N,F), becomes d_pre in place
+    mm_dyW(c, d_act.data<float>(), dout_mm, o.w_down, N, C, F);
+    mm_dW(c, o.w_down, dout_mm, st.act_mm, N, C, F);
+    K::bias_backward(c.G + o.b_down, dout.data<float>(), Nl, C);
+    dout_mm = Tensor();
+    st.act_mm = Tensor();
 
-  // activation: d_pre = d_act * act'(pre)
-  K::gelu_kind_backward(gelu_kind(c.cfg.activation), d_act.data<float>(), d_act.data<float>(),
-                        st.pre.data<float>(), N * F);
-  st.pre = Tensor();
+    // activation: d_pre = d_act * act'(pre)
+    K::gelu_kind_backward(gelu_kind(c.cfg.activation), d_act.data<float>(), d_act.data<float>(),
+                          st.pre.data<float>(), N * F);
+    st.pre = Tensor();
 
-  // FFN up: d_ln2 = d_pre @ Wup; dWup += d_pre^T ln2; dbup += colsum(d_pre)
-  Tensor d_pre_mm = to_mm(c, d_act, ws);
-  Tensor d_ln2_part = new_f32(c, {N, C}, ws);
-  mm_dyW(c, d_ln2_part.data<float>(), d_pre_mm, o.w_up, N, F, C);
-  mm_dW(c, o.w_up, d_pre_mm, st.ln2_mm, N, F, C);
-  K::bias_backward(c.G + o.b_up, d_act.data<float>(), N, F);
-  d_pre_mm = Tensor();
-  d_act = Tensor();
-  st.ln2_mm = Tensor();
-  Tensor d_ln2 = scatter_rows_sum(c, d_ln2_part, ws);  // (Nl,C)
-  d_ln2_part = Tensor();
+    // FFN up: d_ln2 = d_pre @ Wup; dWup += d_pre^T ln2; dbup += colsum(d_pre)
+    Tensor d_pre_mm = to_mm(c, d_act, ws);
+    Tensor d_ln2_part = new_f32(c, {N, C}, ws);
+    mm_dyW(c, d_ln2_part.data<float>(), d_pre_mm, o.w_up, N, F, C);
+    mm_dW(c, o.w_up, d_pre_mm, st.ln2_mm, N, F, C);
+    K::bias_backward(c.G + o.b_up, d_act.data<float>(), N, F);
+    d_pre_mm = Tensor();
+    d_act = Tensor();
+    st.ln2_mm = Tensor();
+    d_ln2 = scatter_rows_sum(c, d_ln2_part, ws);  // (Nl,C)
+    d_ln2_part = Tensor();
+  }
 
   // norm2: d_mid = dout + LN2'(d_ln2)       (dout's buffer is reused for d_mid)
   Tensor d_mid = dout;

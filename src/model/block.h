@@ -12,6 +12,7 @@
 #include "core/memory_pool.h"
 #include "core/tensor.h"
 #include "model/config.h"
+#include "model/moe.h"
 #include "model/stage.h"
 #include "model/params.h"
 
@@ -36,6 +37,16 @@ struct BlockStash {
   Tensor mean2, rstd2;               // (N)
   Tensor pre;                        // (N,F) up-projection + bias, before the activation
   Tensor act_mm;                     // (N,F)
+  // Sparse blocks (model/moe.h): pre and act_mm are the packed (S,Fe) with S = N*k slots.
+  Tensor moe_meta;                   // (3,S) int32: slot -> row, (row,j) -> slot or -1 if
+                                     // dropped, (row,j) -> expert
+  Tensor moe_w;                      // (N,k) f32 combine weights (rre: 1)
+  Tensor moe_probs;                  // topk: (N,E) gate softmax
+  Tensor moe_xs;                     // (S,C) the dispatched rows (matmul dtype)
+  Tensor moe_y;                      // topk: (S,C) expert outputs
+  std::vector<int64_t> moe_offsets;  // (E+1) expert e's slots [moe_offsets[e], moe_offsets[e+1])
+  std::vector<double> moe_frac;      // topk: (E) f_e, fraction of choices per expert
+  float moe_aux_scale = 0;           // topk: weight of the aux loss's gradient
 };
 
 
@@ -71,6 +82,13 @@ struct BlockCtx {
   // parallel rows are this rank's N/P rows of the B*T local rows.
   const attention::CpContext* cp = nullptr;
   const int64_t* pos = nullptr;  // (T) global position of local row t; null: t
+  // Sparse blocks (model/moe.h): the micro-batch's input token ids and domains (N) int32 (rre
+  // routes by them; domains may be null for topk), the weight of the topk aux loss's gradient
+  // (grad_scale * N, so it averages like the loss), and counters to add to (null: none).
+  const int32_t* tokens = nullptr;
+  const int32_t* domains = nullptr;
+  float moe_aux_scale = 0;
+  MoeStats* moe_stats = nullptr;
 
   int64_t position(int64_t t) const { return pos ? pos[t] : t; }
   int tp_size() const { return tp ? tp->size() : 1; }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace loom::model {
 
@@ -22,6 +23,54 @@ inline constexpr int64_t kMaxSeq = int64_t(1) << 24;
 inline constexpr int64_t kMaxParams = int64_t(1) << 42;
 inline constexpr int64_t kMaxSequenceActivationBytes = int64_t(1) << 50;
 
+// Sparse mixture-of-experts FFNs (PanGu-Σ; notes/pangu_moe.md). A sparse block replaces its
+// dense FFN by `experts` expert FFNs (each C -> expert_d_ff -> C with the model's activation and
+// biases) and a router:
+//   rre:  Random Routed Experts (PanGu-Σ, Ren et al. 2023, arXiv 2303.10845). No learned gate.
+//         Level 1: the token's domain d picks its group, experts [d*G, (d+1)*G) (G =
+//         experts_per_domain, experts = G * #domains). Level 2: a fixed table (D, V) maps the
+//         token id to an expert within the group. The table is a frozen (non-trainable) tensor
+//         of the model, `blocks.i.moe.rre_table`, stored in checkpoints; built "uniform" (Philox
+//         draws from the seed) or "balanced" (from per-domain token counts, longest-processing-
+//         time greedy so each expert's expected load is even; see model/moe.h). The expert's
+//         output is used as is (weight 1). Routing depends only on (domain, token id).
+//   topk: a learned gate (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Switch, Fedus et
+//         al. 2021): p = softmax(x Wg^T) over experts, each token goes to its top_k experts with
+//         combine weight p_e, each expert takes at most capacity = ceil(top_k * N *
+//         capacity_factor / experts) of a micro-batch's N tokens (later tokens are dropped: their
+//         FFN output is 0, the residual passes), and the auxiliary balance loss aux_loss_coef *
+//         E * sum_e f_e P_e (Switch eq. 4; f_e the fraction of the N*top_k choices that picked
+//         e before capacity, P_e the mean gate probability) is added per sparse block and
+//         micro-batch.
+enum class Router { rre, topk };
+enum class RreTable { uniform, balanced };
+
+struct MoeConfig {
+  std::vector<int64_t> sparse_layers;  // sorted block indices with an MoE FFN (empty: dense)
+  int64_t experts = 0;                 // E, per sparse block
+  int64_t expert_d_ff = 0;             // Fe (0 in a file means "= d_ff")
+  Router router = Router::rre;
+  // rre: domain names, e.g. ["python", "cpp", "other"]; languages (data/languages.h, compared
+  // case-insensitively, "c++" also as "cpp") map to the domain of their name, every other
+  // language and unknown-language tokens to "other", which must be listed. Names that are no
+  // language are allowed (PanGu-Σ's natural-language domains): loom's code corpus sends them
+  // no tokens, but a caller passing domain indices can.
+  std::vector<std::string> domains;
+  int64_t experts_per_domain = 0;  // G (rre): experts = G * domains.size()
+  RreTable rre_table = RreTable::uniform;
+  int64_t top_k = 1;               // topk
+  double capacity_factor = 1.25;   // topk
+  double aux_loss_coef = 0.01;     // topk
+
+  bool enabled() const { return !sparse_layers.empty(); }
+  bool is_sparse(int64_t layer) const;
+  int64_t num_domains() const { return int64_t(domains.size()); }
+  // Experts each token visits: top_k for topk, 1 for rre.
+  int64_t k() const { return router == Router::topk ? top_k : 1; }
+  // Domain index of "other".
+  int64_t other_domain() const;
+};
+
 struct ModelConfig {
   std::string name = "unnamed";
   int64_t vocab = 0;
@@ -35,14 +84,25 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   bool query_layer = false;
   bool tied_head = true;  // loom always ties the head to embed.token.weight
+  MoeConfig moe;          // [moe]; no sparse layers: a dense model
 
   int64_t head_dim() const { return d_model / n_heads; }
   int64_t kv_dim() const { return n_kv_heads * head_dim(); }
 
   // Throws loom::Error naming the offending key, its value and what would be valid.
   void validate() const;
-  // Total parameters (the tied head counted once). Throws loom::Error if it overflows int64.
+  // Total trainable parameters (the tied head counted once; MoE: every expert, not the frozen
+  // rre tables). Throws loom::Error if it overflows int64.
   int64_t num_params() const;
+  // Parameters one token uses (MoE: k experts per sparse block, plus the gate); = num_params()
+  // for a dense model.
+  int64_t active_params() const;
+  // Elements of the flat parameter buffer: num_params() plus the rre tables (sparse blocks x
+  // domains x vocab).
+  int64_t num_buffer_elements() const;
+  // Domain index (into moe.domains) of each language id of data/languages.h, in id order; the
+  // unknown language (-1) maps to other_domain(). Empty for a model without rre.
+  std::vector<int32_t> language_domains() const;
   // A floor on the f32 activation bytes of one max_seq sequence (logits + per-layer buffers).
   int64_t sequence_activation_bytes() const;
   // Training FLOPs per token at sequence length T: 6 * (matmul weights incl. the head) plus
@@ -51,6 +111,12 @@ struct ModelConfig {
   double train_flops_per_token(int64_t T) const;
 
   std::string to_toml() const;
+
+  // Context parallelism over cp ranks: sparse blocks with the topk router are refused (their
+  // expert capacity and load-balancing aux loss are computed over the rows a rank holds, so
+  // under cp they would become per cp shard and differ from the cp = 1 model). rre routes each
+  // token by itself and runs under any cp. Throws loom::Error naming the alternatives.
+  void check_context_parallel(int cp) const;
 };
 
 // Parses TOML text (source names the file in errors). Unknown keys, wrong types and impossible
@@ -59,5 +125,6 @@ ModelConfig model_config_from_toml(const std::string& text, const std::string& s
 ModelConfig load_model_config(const std::string& path);
 
 const char* activation_name(Activation a);
+const char* router_name(Router r);
 
 }  // namespace loom::model

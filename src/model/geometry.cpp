@@ -77,7 +77,7 @@ std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
 
 StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp)
     : cfg_(cfg), span_(span), global_(cfg, tp) {
-  const int64_t L = cfg_.n_layers, C = cfg_.d_model;
+  const int64_t L = cfg_.n_layers;
   LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
              "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
              span.last_layer, L);
@@ -97,7 +97,7 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     ranges.push_back({global_.token_embedding(), tok_end});  // the tied head's copy
   if (span.first_layer < span.last_layer)
     ranges.push_back(
-        {global_.block(span.first_layer).norm1_w, global_.block(span.last_layer - 1).b_down + C});
+        {global_.block(span.first_layer).norm1_w, block_end(global_.block(span.last_layer - 1), cfg_)});
   if (span.has_head) ranges.push_back({global_.final_norm_w(), global_.total()});
   for (auto [b, e] : ranges) {
     segments_.push_back({b, e, total_});
@@ -134,7 +134,7 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
   if (tok_ >= 0) u_tok_ = add_unit(tok_, tok_ + global_.specs()[0].numel);
   if (pos_ >= 0) u_pos_ = add_unit(pos_, pos_ + global_.find("embed.position.weight").numel);
   u_block0_ = int(units_.size());
-  for (const BlockOffsets& o : blocks_) add_unit(o.norm1_w, o.b_down + C);
+  for (const BlockOffsets& o : blocks_) add_unit(o.norm1_w, block_end(o, cfg_));
   if (span.has_head) u_head_ = add_unit(fnw_, total_);
   for (size_t i = 0; i < units_.size(); ++i)
     LOOM_ASSERT(units_[i].begin == (i ? units_[i - 1].end : 0) && units_[i].end > units_[i].begin,

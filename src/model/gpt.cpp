@@ -26,23 +26,24 @@ double Gpt::grad_sum_squares() const {
   return ss;
 }
 
-LossSum Gpt::forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale) {
+LossSum Gpt::forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale,
+                              const int32_t* domains) {
   LOOM_CHECK(B >= 1 && T >= 1, "batch B={} and sequence T={} must be positive", B, T);
   std::vector<int32_t> inputs, targets;
   split_windows(tokens, B, T, inputs, targets);
   LossSum l;
-  stage_.forward(0, inputs.data(), targets.data(), Tensor(), B, T, grad_scale, &l);
+  stage_.forward(0, inputs.data(), targets.data(), Tensor(), B, T, grad_scale, &l, domains);
   Tensor none;
   stage_.backward(0, none);
   return l;
 }
 
-LossSum Gpt::forward_loss(const int32_t* tokens, int64_t B, int64_t T) {
+LossSum Gpt::forward_loss(const int32_t* tokens, int64_t B, int64_t T, const int32_t* domains) {
   LOOM_CHECK(B >= 1 && T >= 1, "batch B={} and sequence T={} must be positive", B, T);
   std::vector<int32_t> inputs, targets;
   split_windows(tokens, B, T, inputs, targets);
   LossSum l;
-  stage_.forward_eval(inputs.data(), targets.data(), Tensor(), B, T, &l);
+  stage_.forward_eval(inputs.data(), targets.data(), Tensor(), B, T, &l, domains);
   return l;
 }
 

@@ -49,10 +49,13 @@ class Gpt {
   // One micro-batch: tokens (B, T+1) int32, inputs [:, :T], targets [:, 1:] (targets < 0 are
   // ignored). Runs forward and backward, ACCUMULATING into grads() the gradient of
   // grad_scale * (summed loss). Returns the summed loss and token count. Throws loom::Error on
-  // T > max_seq or token ids outside [0, V) (before anything is modified).
-  LossSum forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale);
+  // T > max_seq or token ids outside [0, V) (before anything is modified). MoE models: `domains`
+  // (B,T) the input tokens' domains (see GptStage::forward; null: "other").
+  LossSum forward_backward(const int32_t* tokens, int64_t B, int64_t T, float grad_scale,
+                           const int32_t* domains = nullptr);
   // Forward only (evaluation): the summed loss. Allocates no gradient-sized buffers.
-  LossSum forward_loss(const int32_t* tokens, int64_t B, int64_t T);
+  LossSum forward_loss(const int32_t* tokens, int64_t B, int64_t T,
+                       const int32_t* domains = nullptr);
   // Logits of the last position of each row: inputs (B, T) -> logits (B, V) f32. (Not under tp.)
   void last_logits(float* logits, const int32_t* inputs, int64_t B, int64_t T) {
     stage_.logits(logits, inputs, B, T, /*last_only=*/true);

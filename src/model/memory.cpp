@@ -63,7 +63,11 @@ struct Dims {
   int tp;
   bool bf;   // bf16 matmul inputs
   bool emu;  // emulated bf16: the copies are f32 (BlockCtx::Wr set)
+  // Sparse blocks (model/moe.h): experts, expert d_ff, choices per token, topk router.
+  int64_t E = 0, Fe = 0, k = 1;
+  bool topk = false;
   int64_t mm_bytes() const { return emu ? 4 : 2; }  // element of a matmul copy (bf only)
+  int64_t mm_elem() const { return bf ? mm_bytes() : 4; }  // element of any matmul input
 };
 
 // block.cpp's to_mm: the matmul copy of an f32 tensor of `elems` elements.
@@ -89,7 +93,63 @@ Buf scatter_rows_sum(Tracer& tr, const Dims& d, const Buf& partial, Cat cat) {
 struct Stash {
   Recompute mode = Recompute::none;
   Buf x, ln1_mm, mean1, rstd1, qkv, q, kv, att, att_mm, lse, mid, ln2_mm, mean2, rstd2, pre, act_mm;
+  Buf moe_meta, moe_w, moe_probs, moe_xs, moe_y;  // sparse blocks
 };
+
+// moe.cpp: moe_ffn_forward (S = N*k packed slots). Returns the FFN output (N,C).
+Buf moe_ffn_forward(Tracer& tr, const Dims& d, Stash& st, Recompute mode) {
+  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe;
+  const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
+  auto cat = [](bool kept) { return kept ? kAct : kWs; };
+  // route
+  st.moe_meta = tr.alloc(3 * S * 4, cat(keep_some));  // (3,S) int32
+  st.moe_w = tr.alloc(N * d.k * 4, cat(keep_some));   // (N,k)
+  if (d.topk) st.moe_probs = tr.alloc(N * d.E * 4, cat(keep_some));  // (N,E)
+  Buf xs = tr.alloc(S * C * d.mm_elem(), cat(keep_all));  // (S,C)
+  st.pre = tr.alloc(S * Fe * 4, cat(keep_some));          // (S,Fe)
+  Buf act = tr.alloc(S * Fe * 4, d.bf ? kWs : cat(keep_all));
+  Buf act_mm = to_mm(tr, d, act, S * Fe, cat(keep_all));
+  act.reset();
+  Buf y = tr.alloc(S * C * 4, d.topk ? cat(keep_some) : kWs);  // (S,C)
+  Buf out = tr.alloc(N * C * 4, kAct);                          // (N,C)
+  if (keep_all) st.moe_xs = xs, st.act_mm = act_mm;
+  if (d.topk && keep_some) st.moe_y = y;
+  return out;
+}
+// moe.cpp: moe_ffn_recompute (selective).
+void moe_ffn_recompute(Tracer& tr, const Dims& d, Stash& st) {
+  const int64_t S = d.N * d.k;
+  st.moe_xs = tr.alloc(S * d.C * d.mm_elem(), kWs);
+  Buf act = tr.alloc(S * d.Fe * 4, kWs);
+  st.act_mm = to_mm(tr, d, act, S * d.Fe, kWs);
+}
+// moe.cpp: moe_ffn_backward. Returns d(ln2) (N,C).
+Buf moe_ffn_backward(Tracer& tr, const Dims& d, Stash& st) {
+  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe;
+  Buf dys = tr.alloc(S * C * 4, kWs);
+  Buf d_logits;
+  if (d.topk) {
+    d_logits = tr.alloc(N * d.E * 4, kWs);
+    st.moe_y.reset();
+    st.moe_probs.reset();
+  }
+  Buf dys_mm = to_mm(tr, d, dys, S * C, kWs);
+  Buf d_act = tr.alloc(S * Fe * 4, kWs);
+  dys_mm.reset();
+  dys.reset();
+  st.act_mm.reset();
+  st.pre.reset();
+  Buf d_pre_mm = to_mm(tr, d, d_act, S * Fe, kWs);
+  Buf dxs = tr.alloc(S * C * 4, kWs);
+  d_pre_mm.reset();
+  d_act.reset();
+  st.moe_xs.reset();
+  Buf d_ln2 = tr.alloc(N * C * 4, kWs);
+  if (d.topk) Buf dl_mm = to_mm(tr, d, d_logits, N * d.E, kWs);
+  st.moe_meta.reset();
+  st.moe_w.reset();
+  return d_ln2;
+}
 
 // Full recompute's stash: the block input alone.
 Stash keep_only_input(const Stash& st) {
@@ -101,7 +161,7 @@ Stash keep_only_input(const Stash& st) {
 
 // block.cpp: block_forward.
 Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash& st,
-                  Recompute mode) {
+                  Recompute mode, bool sparse = false) {
   const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
   const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
   auto cat = [](bool kept) { return kept ? kAct : kWs; };
@@ -129,14 +189,20 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   Buf mean2 = tr.alloc(Nl * 4, cat(keep_some)), rstd2 = tr.alloc(Nl * 4, cat(keep_some));
   Buf ln2_mm = gather_rows_mm(tr, d, ln2, cat(keep_all));
   ln2.reset();
-  st.pre = tr.alloc(N * F * 4, cat(keep_some));         // (N,F)
-  Buf act = tr.alloc(N * F * 4, d.bf ? kWs : cat(keep_all));  // (N,F)
-  Buf act_mm = to_mm(tr, d, act, N * F, cat(keep_all));
-  Buf down = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C)
-  Buf out = scatter_rows_sum(tr, d, down, kAct);          // (Nl,C)
-  down.reset();
+  Buf out, act_mm;
+  if (sparse) {
+    out = moe_ffn_forward(tr, d, st, mode);
+  } else {
+    st.pre = tr.alloc(N * F * 4, cat(keep_some));         // (N,F)
+    Buf act = tr.alloc(N * F * 4, d.bf ? kWs : cat(keep_all));  // (N,F)
+    act_mm = to_mm(tr, d, act, N * F, cat(keep_all));
+    Buf down = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C)
+    out = scatter_rows_sum(tr, d, down, kAct);              // (Nl,C)
+    down.reset();
+  }
   // What the stash keeps (the rest is dropped when this returns); full keeps only the input.
-  if (keep_all) std::tie(st.ln1_mm, st.att_mm, st.ln2_mm, st.act_mm) = std::tie(ln1_mm, att_mm, ln2_mm, act_mm);
+  if (keep_all) std::tie(st.ln1_mm, st.att_mm, st.ln2_mm) = std::tie(ln1_mm, att_mm, ln2_mm);
+  if (keep_all && !sparse) st.act_mm = act_mm;
   if (keep_some) std::tie(st.mean1, st.rstd1, st.mean2, st.rstd2) = std::tie(mean1, rstd1, mean2, rstd2);
   else
     st = keep_only_input(st);
@@ -144,34 +210,45 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
 }
 
 // block.cpp: block_backward. Returns dx (dout's buffer).
-Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& st) {
+Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& st,
+                   bool sparse = false) {
   const int64_t N = d.N, Nl = d.Nl, C = d.C, Cq = d.Cq, KV = d.KV, F = d.F;
   if (st.mode == Recompute::full) {
     Buf x = st.x;
-    block_forward(tr, d, x, qin, st, Recompute::none);  // its output is dropped at once
+    block_forward(tr, d, x, qin, st, Recompute::none, sparse);  // its output is dropped at once
   } else if (st.mode == Recompute::selective) {
     Buf ln1 = tr.alloc(Nl * C * 4, kWs), ln2 = tr.alloc(Nl * C * 4, kWs);
     Buf m = tr.alloc(Nl * 4, kWs), r = tr.alloc(Nl * 4, kWs);
     st.ln1_mm = gather_rows_mm(tr, d, ln1, kWs);
     st.ln2_mm = gather_rows_mm(tr, d, ln2, kWs);
-    Buf act = tr.alloc(N * F * 4, kWs);
-    st.act_mm = to_mm(tr, d, act, N * F, kWs);
+    if (sparse) {
+      moe_ffn_recompute(tr, d, st);
+    } else {
+      Buf act = tr.alloc(N * F * 4, kWs);
+      st.act_mm = to_mm(tr, d, act, N * F, kWs);
+    }
     st.att_mm = to_mm(tr, d, st.att, N * Cq, kWs);
   }
-  // FFN down
-  Buf dout_mm = gather_rows_mm(tr, d, dout, kWs);
-  Buf d_act = tr.alloc(N * F * 4, kWs);  // (N,F)
-  dout_mm.reset();
-  st.act_mm.reset();
-  st.pre.reset();
-  // FFN up
-  Buf d_pre_mm = to_mm(tr, d, d_act, N * F, kWs);
-  Buf d_ln2_part = tr.alloc(N * C * 4, kWs);
-  d_pre_mm.reset();
-  d_act.reset();
-  st.ln2_mm.reset();
-  Buf d_ln2 = scatter_rows_sum(tr, d, d_ln2_part, kWs);
-  d_ln2_part.reset();
+  Buf d_ln2;
+  if (sparse) {
+    d_ln2 = moe_ffn_backward(tr, d, st);
+    st.ln2_mm.reset();
+  } else {
+    // FFN down
+    Buf dout_mm = gather_rows_mm(tr, d, dout, kWs);
+    Buf d_act = tr.alloc(N * F * 4, kWs);  // (N,F)
+    dout_mm.reset();
+    st.act_mm.reset();
+    st.pre.reset();
+    // FFN up
+    Buf d_pre_mm = to_mm(tr, d, d_act, N * F, kWs);
+    Buf d_ln2_part = tr.alloc(N * C * 4, kWs);
+    d_pre_mm.reset();
+    d_act.reset();
+    st.ln2_mm.reset();
+    d_ln2 = scatter_rows_sum(tr, d, d_ln2_part, kWs);
+    d_ln2_part.reset();
+  }
   // norm2 (dout's buffer becomes d_mid)
   Buf d_mid = dout;
   d_ln2.reset();
@@ -372,7 +449,7 @@ class StageTrace {
     for (size_t i = geo_.blocks().size(); i-- > 0;) {
       const int u = geo_.first_block_unit() + int(i);
       ctx(u, true);
-      dh = block_backward(tr_, d_, dh, nullptr, *st.blocks[i]);
+      dh = block_backward(tr_, d_, dh, nullptr, *st.blocks[i], geo_.blocks()[i].sparse());
       st.blocks[i].reset();
       unit_release(u);
       unit_grads_done(u);
@@ -417,7 +494,8 @@ class StageTrace {
       const int u = geo_.first_block_unit() + int(i);
       auto bs = std::make_unique<Stash>();
       ctx(u, false);
-      h = block_forward(tr_, d_, h, nullptr, *bs, mode_of(sp.first_layer + int64_t(i)));
+      h = block_forward(tr_, d_, h, nullptr, *bs, mode_of(sp.first_layer + int64_t(i)),
+                        geo_.blocks()[i].sparse());
       unit_release(u);
       st.blocks.push_back(std::move(bs));
     }
@@ -537,6 +615,12 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   d.Vl = cfg.vocab / plan.tp;
   d.bf = bf;
   d.emu = bf && !store && options.bf16_emulated.value_or(bf16_emulated());
+  if (cfg.moe.enabled()) {
+    d.E = cfg.moe.experts;
+    d.Fe = cfg.moe.expert_d_ff;
+    d.k = cfg.moe.k();
+    d.topk = cfg.moe.router == Router::topk;
+  }
 
   const int n_pp = plan.pp, VS = plan.virtual_stages, n_virtual = n_pp * VS;
   const int M = int(plan.micro_batches);

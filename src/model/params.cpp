@@ -29,7 +29,7 @@ int64_t ParamLayout::add(const std::string& name, Shape shape, InitKind init, in
   return specs_.back().offset;
 }
 
-BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg) {
+BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg, bool sparse) {
   const int64_t C = cfg.d_model, F = cfg.d_ff, KV = cfg.kv_dim();
   BlockOffsets b;
   b.norm1_w = add(p + "norm1.weight", {C}, InitKind::ones);
@@ -45,10 +45,31 @@ BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg
   b.b_out = add(p + "attn.out.bias", {C}, InitKind::zeros);
   b.norm2_w = add(p + "norm2.weight", {C}, InitKind::ones);
   b.norm2_b = add(p + "norm2.bias", {C}, InitKind::zeros);
-  b.w_up = add(p + "ffn.up.weight", {F, C}, InitKind::normal, 0);
-  b.b_up = add(p + "ffn.up.bias", {F}, InitKind::zeros, 0);
-  b.w_down = add(p + "ffn.down.weight", {C, F}, InitKind::normal_residual, 1);
-  b.b_down = add(p + "ffn.down.bias", {C}, InitKind::zeros);
+  if (!sparse) {
+    b.w_up = add(p + "ffn.up.weight", {F, C}, InitKind::normal, 0);
+    b.b_up = add(p + "ffn.up.bias", {F}, InitKind::zeros, 0);
+    b.w_down = add(p + "ffn.down.weight", {C, F}, InitKind::normal_residual, 1);
+    b.b_down = add(p + "ffn.down.bias", {C}, InitKind::zeros);
+    return b;
+  }
+  // MoE FFN (model/moe.h): [gate], the experts one after another, [rre table].
+  b.w_up = b.b_up = b.w_down = b.b_down = -1;
+  const MoeConfig& m = cfg.moe;
+  const int64_t Fe = m.expert_d_ff;
+  if (m.router == Router::topk) b.moe_gate = add(p + "moe.gate.weight", {m.experts, C}, InitKind::normal);
+  for (int64_t e = 0; e < m.experts; ++e) {
+    const std::string q = p + "moe.experts." + std::to_string(e) + ".";
+    const int64_t up = add(q + "up.weight", {Fe, C}, InitKind::normal);
+    if (e == 0) b.moe_experts = up;
+    add(q + "up.bias", {Fe}, InitKind::zeros);
+    add(q + "down.weight", {C, Fe}, InitKind::normal_residual);
+    add(q + "down.bias", {C}, InitKind::zeros);
+  }
+  if (m.router == Router::rre) {
+    b.moe_table = add(p + "moe.rre_table", {m.num_domains(), cfg.vocab}, InitKind::rre_uniform);
+    specs_.back().trainable = false;
+    specs_.back().weight_decay = false;
+  }
   return b;
 }
 
@@ -64,6 +85,10 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, TpShard tp) : tp_(tp) {
   cfg.validate();
   LOOM_CHECK(tp.size >= 1 && tp.rank >= 0 && tp.rank < tp.size, "tp rank {} of size {} is invalid",
              tp.rank, tp.size);
+  LOOM_CHECK(tp.size == 1 || !cfg.moe.enabled(),
+             "model '{}' has sparse (MoE) blocks, which do not run under tensor parallelism yet "
+             "(tp = {}); use tp = 1",
+             cfg.name, tp.size);
   if (tp.size > 1) {
     auto ok = valid_tp_sizes(cfg);
     LOOM_CHECK(std::find(ok.begin(), ok.end(), tp.size) != ok.end(),
@@ -77,16 +102,16 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, TpShard tp) : tp_(tp) {
   tok_ = add("embed.token.weight", {cfg.vocab, C}, InitKind::normal, 0);
   pos_ = add("embed.position.weight", {cfg.max_seq, C}, InitKind::normal);
   for (int64_t i = 0; i < cfg.n_layers; ++i)
-    blocks_.push_back(add_block("blocks." + std::to_string(i) + ".", cfg));
+    blocks_.push_back(add_block("blocks." + std::to_string(i) + ".", cfg, cfg.moe.is_sparse(i)));
   fnw_ = add("final_norm.weight", {C}, InitKind::ones);
   fnb_ = add("final_norm.bias", {C}, InitKind::zeros);
   has_ql_ = cfg.query_layer;
   if (has_ql_) {
     qpos_ = add("query_layer.position.weight", {cfg.max_seq, C}, InitKind::normal);
-    qblock_ = add_block("query_layer.", cfg);
+    qblock_ = add_block("query_layer.", cfg, /*sparse=*/false);
   }
-  LOOM_ASSERT(tp.size > 1 || total_ == cfg.num_params(), "layout has {} parameters, config formula {}", total_,
-              cfg.num_params());
+  LOOM_ASSERT(tp.size > 1 || total_ == cfg.num_buffer_elements(),
+              "layout has {} elements, config formula {}", total_, cfg.num_buffer_elements());
 }
 
 const ParamSpec& ParamLayout::find(const std::string& name) const {
@@ -127,6 +152,14 @@ void init_params_range(const ParamLayout& layout, const ModelConfig& cfg, float*
       case InitKind::ones:
         std::fill(p, p + (hi - lo), 1.f);
         break;
+      case InitKind::rre_uniform: {
+        // Expert index within the domain's group, uniform in [0, G), drawn at the element's
+        // logical offset (exact in f32: G <= 2^20).
+        const uint64_t G = uint64_t(cfg.moe.experts_per_domain);
+        for (int64_t i = lo; i < hi; ++i)
+          p[i - lo] = float(rng_u64(seed, stream, uint64_t(i - s.offset)) % G);
+        break;
+      }
     }
   }
 }

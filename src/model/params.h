@@ -34,15 +34,35 @@ struct BlockOffsets {
   int64_t norm2_w, norm2_b;
   int64_t w_up, b_up;      // (F,C), (F)
   int64_t w_down, b_down;  // (C,F), (C)
+  // Sparse (MoE) blocks (model/moe.h) have no dense FFN: w_up, b_up, w_down, b_down are -1 and
+  // the experts lie contiguous from moe_experts, expert e at moe_experts + e * stride with
+  // stride = moe_expert_stride(cfg): up.weight (Fe,C), up.bias (Fe), down.weight (C,Fe),
+  // down.bias (C). moe_gate: topk gate weight (E,C); moe_table: rre table (D,V), frozen.
+  // Absent ones are -1.
+  int64_t moe_experts = -1, moe_gate = -1, moe_table = -1;
+  bool sparse() const { return moe_experts >= 0; }
 };
+
+// Elements of one expert's tensors: 2*Fe*C + Fe + C.
+inline int64_t moe_expert_stride(const ModelConfig& cfg) {
+  return 2 * cfg.moe.expert_d_ff * cfg.d_model + cfg.moe.expert_d_ff + cfg.d_model;
+}
+
+// One past the block's last element (its tensors are contiguous from norm1_w).
+inline int64_t block_end(const BlockOffsets& o, const ModelConfig& cfg) {
+  if (!o.sparse()) return o.b_down + cfg.d_model;
+  if (o.moe_table >= 0) return o.moe_table + cfg.moe.num_domains() * cfg.vocab;
+  return o.moe_experts + cfg.moe.experts * moe_expert_stride(cfg);
+}
 
 // Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
 template <class F>
 BlockOffsets map_offsets(const BlockOffsets& o, F&& f) {
   BlockOffsets r = o;
   for (int64_t* x : {&r.norm1_w, &r.norm1_b, &r.w_qkv, &r.b_qkv, &r.w_out, &r.b_out, &r.norm2_w,
-                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down})
-    *x = f(*x);
+                     &r.norm2_b, &r.w_up, &r.b_up, &r.w_down, &r.b_down, &r.moe_experts,
+                     &r.moe_gate, &r.moe_table})
+    if (*x >= 0) *x = f(*x);  // -1: absent (dense FFN of a sparse block, MoE of a dense one)
   return r;
 }
 
@@ -77,7 +97,7 @@ class ParamLayout {
  private:
   // Adds a tensor of logical shape `shape`, split on `shard_dim` over tp (or replicated: -1).
   int64_t add(const std::string& name, Shape shape, InitKind init, int shard_dim = -1);
-  BlockOffsets add_block(const std::string& prefix, const ModelConfig& cfg);
+  BlockOffsets add_block(const std::string& prefix, const ModelConfig& cfg, bool sparse);
 
   std::vector<ParamSpec> specs_;
   TpShard tp_;

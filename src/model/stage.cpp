@@ -48,7 +48,9 @@ void split_windows(const int32_t* tokens, int64_t B, int64_t T, std::vector<int3
 // What one micro-batch leaves for its backward.
 struct GptStage::MicroStash {
   int64_t B = 0, T = 0;
-  std::vector<int32_t> inputs;                         // (B,T) embedding stage only
+  std::vector<int32_t> inputs;                         // (B,T) embedding or sparse stage
+  std::vector<int32_t> domains;                        // (B,T) sparse stage (rre)
+  float aux_scale = 0;                                 // topk aux gradient weight
   std::vector<std::unique_ptr<BlockStash>> blocks;     // one per held block
   std::unique_ptr<BlockStash> query;                   // query layer (head stage)
   Tensor final_in, final_mean, final_rstd, final_out;  // final norm (head stage)
@@ -63,7 +65,8 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
       geo_(cfg, span, shard_of(tp)),
       pool_(pool),
       precision_(precision),
-      emulated_(precision == Precision::bf16 && !store && bf16_emulated()) {
+      emulated_(precision == Precision::bf16 && !store && bf16_emulated()),
+      moe_stats_(std::make_unique<MoeStats>()) {
   recompute_.assign(size_t(cfg_.n_layers), Recompute::none);
   if (!store_) {
     const int64_t n = geo_.total();
@@ -183,22 +186,31 @@ void GptStage::check_tokens(const int32_t* ids, int64_t n, int64_t T, bool input
                inputs ? "token" : "target", ids[r], r / T, r % T, cfg_.vocab);
 }
 
+const MoeStats& GptStage::moe_stats() const { return *moe_stats_; }
+void GptStage::reset_moe_stats() { *moe_stats_ = MoeStats{}; }
+bool GptStage::has_sparse_blocks() const {
+  for (const BlockOffsets& o : geo_.blocks())
+    if (o.sparse()) return true;
+  return false;
+}
+
 Tensor GptStage::forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
-                         int64_t B, int64_t T, float grad_scale, LossSum* loss) {
+                         int64_t B, int64_t T, float grad_scale, LossSum* loss,
+                         const int32_t* domains) {
   LOOM_CHECK(stash_.count(mb) == 0,
              "micro-batch {} is already in flight on stage blocks [{}, {}); run its backward "
              "first",
              mb, span().first_layer, span().last_layer);
-  return forward_impl(mb, inputs, targets, x, B, T, grad_scale, loss, /*train=*/true);
+  return forward_impl(mb, inputs, targets, x, B, T, grad_scale, loss, /*train=*/true, domains);
 }
 
 Tensor GptStage::forward_eval(const int32_t* inputs, const int32_t* targets, const Tensor& x,
-                              int64_t B, int64_t T, LossSum* loss) {
-  return forward_impl(-1, inputs, targets, x, B, T, 0.f, loss, /*train=*/false);
+                              int64_t B, int64_t T, LossSum* loss, const int32_t* domains) {
+  return forward_impl(-1, inputs, targets, x, B, T, 0.f, loss, /*train=*/false, domains);
 }
 
-Tensor GptStage::run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, int64_t T,
-                           MicroStash* st) {
+Tensor GptStage::run_trunk(const int32_t* inputs, const int32_t* domains, const Tensor& x,
+                           int64_t B, int64_t T, float grad_scale, MicroStash* st) {
   const int64_t N = B * T, C = cfg_.d_model;
   const BlockCtx pc = plain_ctx(B, T);
   const int64_t Nl = pc.local_rows();  // rows of the activations here (N without tp)
@@ -222,7 +234,6 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, in
     }
     unit_release(geo_.position_unit());
     unit_release(geo_.token_unit());
-    if (st) st->inputs.assign(inputs, inputs + N);
   } else {
     LOOM_CHECK(x.defined() && x.numel() == Nl * C && x.dtype() == DType::f32,
                "stage blocks [{}, {}) needs an f32 input activation of rows*C = {}*{} elements, "
@@ -230,6 +241,16 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, in
                sp.first_layer, sp.last_layer, Nl, C, x.defined() ? x.numel() : 0);
     h = x;
   }
+  // Sparse blocks route by token id and domain (null domains: every token in "other").
+  std::vector<int32_t> other;
+  const bool sparse = has_sparse_blocks();
+  if (sparse && !domains && cfg_.moe.router == Router::rre) {
+    other.assign(size_t(N), int32_t(cfg_.moe.other_domain()));
+    domains = other.data();
+  }
+  if (st && (sp.has_embedding || sparse)) st->inputs.assign(inputs, inputs + N);
+  if (st && sparse && domains) st->domains.assign(domains, domains + N);
+  if (st) st->aux_scale = grad_scale * float(N);
   const std::vector<UnitRange>& us = units();
   for (size_t i = 0; i < geo_.blocks().size(); ++i) {
     const int u = geo_.first_block_unit() + int(i);
@@ -237,8 +258,14 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, in
     const Recompute mode =
         st ? recompute_[size_t(sp.first_layer) + i] : Recompute::full;
     auto bs = std::make_unique<BlockStash>();
-    h = block_forward(ctx(u, false, B, T), rebased(geo_.blocks()[i], us[size_t(u)].begin), h,
-                      nullptr, *bs, mode);
+    BlockCtx bc = ctx(u, false, B, T);
+    if (geo_.blocks()[i].sparse()) {
+      bc.tokens = inputs;
+      bc.domains = domains;
+      bc.moe_aux_scale = grad_scale * float(N);
+      bc.moe_stats = st ? moe_stats_.get() : nullptr;
+    }
+    h = block_forward(bc, rebased(geo_.blocks()[i], us[size_t(u)].begin), h, nullptr, *bs, mode);
     unit_release(u);
     if (st) st->blocks.push_back(std::move(bs));
   }
@@ -286,7 +313,7 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, in
 // backward. Otherwise (evaluation) keep nothing and touch no gradient.
 Tensor GptStage::forward_impl(int mb, const int32_t* inputs, const int32_t* targets,
                               const Tensor& x, int64_t B, int64_t T, float grad_scale,
-                              LossSum* loss, bool train) {
+                              LossSum* loss, bool train, const int32_t* domains) {
   const int64_t N = B * T;
   LOOM_CHECK(B >= 1 && T >= 1, "batch B={} and sequence T={} must be positive", B, T);
   LOOM_CHECK(T * cp_size() <= cfg_.max_seq,
@@ -298,10 +325,17 @@ Tensor GptStage::forward_impl(int mb, const int32_t* inputs, const int32_t* targ
              "(sequence parallel): choose B*T divisible by {}",
              B, T, N, tp_size(), tp_size());
   const StageSpan& sp = span();
-  if (sp.has_embedding) {
-    LOOM_CHECK(inputs != nullptr, "the embedding stage needs the input tokens (B={}, T={})", B, T);
+  if (sp.has_embedding || has_sparse_blocks()) {
+    LOOM_CHECK(inputs != nullptr,
+               "the {} needs the input tokens (B={}, T={})",
+               sp.has_embedding ? "embedding stage" : "stage with sparse (MoE) blocks", B, T);
     check_tokens(inputs, N, T, true);
   }
+  if (domains && has_sparse_blocks() && cfg_.moe.router == Router::rre)
+    for (int64_t r = 0; r < N; ++r)
+      LOOM_CHECK(domains[r] >= 0 && domains[r] < cfg_.moe.num_domains(),
+                 "domain {} at batch row {}, position {} is outside [0, {}) (domains: {})",
+                 domains[r], r / T, r % T, cfg_.moe.num_domains(), cfg_.moe.num_domains());
   if (sp.has_head) {
     LOOM_CHECK(targets != nullptr && loss != nullptr,
                "the head stage needs targets and a loss output (B={}, T={})", B, T);
@@ -312,7 +346,7 @@ Tensor GptStage::forward_impl(int mb, const int32_t* inputs, const int32_t* targ
     st->B = B;
     st->T = T;
   }
-  Tensor out = run_trunk(inputs, x, B, T, st.get());
+  Tensor out = run_trunk(inputs, domains, x, B, T, grad_scale, st.get());
   if (!sp.has_head) {
     if (train) stash_[mb] = std::move(st);
     return out;  // (Nl,C)
@@ -394,8 +428,14 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
   }
   for (size_t i = geo_.blocks().size(); i-- > 0;) {
     const int u = geo_.first_block_unit() + int(i);
-    dh = block_backward(ctx(u, true, B, T), rebased(geo_.blocks()[i], us[size_t(u)].begin), dh,
-                        nullptr, *st.blocks[i]);
+    BlockCtx bc = ctx(u, true, B, T);
+    if (geo_.blocks()[i].sparse()) {  // full recompute routes again
+      bc.tokens = st.inputs.data();
+      bc.domains = st.domains.empty() ? nullptr : st.domains.data();
+      bc.moe_aux_scale = st.aux_scale;
+    }
+    dh = block_backward(bc, rebased(geo_.blocks()[i], us[size_t(u)].begin), dh, nullptr,
+                        *st.blocks[i]);
     st.blocks[i].reset();
     unit_release(u);
     unit_grads_done(u);
@@ -424,7 +464,8 @@ Tensor GptStage::backward(int mb, Tensor& dy) {
   return dh;  // (Nl,C) or undefined on the embedding stage
 }
 
-void GptStage::logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only) {
+void GptStage::logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only,
+                      const int32_t* domains) {
   LOOM_CHECK(!tp_, "logits are not available under tensor parallelism (tp = {})", tp_size());
   LOOM_CHECK(!cp_, "logits are not available under context parallelism (cp = {})", cp_size());
   LOOM_CHECK(span().has_embedding && span().has_head,
@@ -435,7 +476,7 @@ void GptStage::logits(float* out, const int32_t* inputs, int64_t B, int64_t T, b
              cfg_.max_seq);
   check_tokens(inputs, B * T, T, true);
   const int64_t C = cfg_.d_model;
-  Tensor h = run_trunk(inputs, Tensor(), B, T, nullptr);  // (N,C)
+  Tensor h = run_trunk(inputs, domains, Tensor(), B, T, 0.f, nullptr);  // (N,C)
   const int ut = geo_.token_unit();
   const float* wte = unit_w(ut);
   if (last_only) {

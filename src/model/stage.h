@@ -50,6 +50,7 @@
 namespace loom::model {
 
 struct BlockStash;  // model/block.h
+struct MoeStats;    // model/moe.h
 struct BlockCtx;    // model/block.h
 
 enum class Precision { f32, bf16 };
@@ -131,7 +132,10 @@ class GptStage {
   // (cp_position_ids), attention runs over the group and the loss covers this rank's tokens
   // (the executor sums it over dp x cp). Every cp member calls collectively. T_global must be
   // <= max_seq.
-  void set_context_parallel(const attention::CpContext* cp) { cp_ = cp; }
+  void set_context_parallel(const attention::CpContext* cp) {
+    if (cp) cfg_.check_context_parallel(cp->group.size());  // topk refused under cp
+    cp_ = cp;
+  }
   const attention::CpContext* context_parallel() const { return cp_; }
   int cp_size() const { return cp_ ? cp_->group.size() : 1; }
   Precision precision() const { return precision_; }
@@ -177,12 +181,18 @@ class GptStage {
   // Otherwise returns the stage output (Nl,C). Stashes what backward needs under `mb`; a
   // micro-batch id already in flight is an error. Throws loom::Error on T > max_seq or token ids
   // outside [0, V) before anything is modified.
+  //
+  // Sparse (MoE) blocks (model/moe.h): a stage holding any reads `inputs` too (the rre router
+  // routes by token id) and `domains` (B,T) int32, each input token's domain index into
+  // cfg.moe.domains (ModelConfig::language_domains() maps languages); null domains put every
+  // token in the "other" domain. The topk aux loss's gradient is weighted grad_scale * B*T (it
+  // averages like the loss); its value and the routing counters go to moe_stats().
   Tensor forward(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
-                 int64_t T, float grad_scale, LossSum* loss);
+                 int64_t T, float grad_scale, LossSum* loss, const int32_t* domains = nullptr);
   // Evaluation: the same forward without a stash or any gradient (the head stage only scores
   // the targets into *loss). Any micro-batch may be in flight meanwhile.
   Tensor forward_eval(const int32_t* inputs, const int32_t* targets, const Tensor& x, int64_t B,
-                      int64_t T, LossSum* loss);
+                      int64_t T, LossSum* loss, const int32_t* domains = nullptr);
   // Backward of micro-batch `mb`: `dy` (Nl,C) is the gradient of the stage output (ignored on
   // the head stage, which uses its stash). ACCUMULATES parameter grads, frees the stash and
   // returns d(input) (Nl,C), or an undefined tensor on the embedding stage.
@@ -191,15 +201,23 @@ class GptStage {
 
   // Inference on the whole model (one stage, no tp): logits (B,T,V) of every position, or (B,V)
   // of each row's last position when `last_only`, for inputs (B,T).
-  void logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only);
+  void logits(float* out, const int32_t* inputs, int64_t B, int64_t T, bool last_only,
+              const int32_t* domains = nullptr);
+
+  // Routing counters of this stage's sparse blocks since the last reset (training forwards).
+  const MoeStats& moe_stats() const;
+  void reset_moe_stats();
+  bool has_sparse_blocks() const;
 
  private:
   struct MicroStash;
   // Embedding (or the input x) -> blocks -> [final norm -> query layer]: the stage output, or
   // on the head stage the head input (Nl,C). `st` null: evaluation (nothing kept).
-  Tensor run_trunk(const int32_t* inputs, const Tensor& x, int64_t B, int64_t T, MicroStash* st);
+  Tensor run_trunk(const int32_t* inputs, const int32_t* domains, const Tensor& x, int64_t B,
+                   int64_t T, float grad_scale, MicroStash* st);
   Tensor forward_impl(int mb, const int32_t* inputs, const int32_t* targets, const Tensor& x,
-                      int64_t B, int64_t T, float grad_scale, LossSum* loss, bool train);
+                      int64_t B, int64_t T, float grad_scale, LossSum* loss, bool train,
+                      const int32_t* domains);
   void check_tokens(const int32_t* ids, int64_t n, int64_t T, bool inputs) const;
   // Unit access, direct or through the store.
   const float* unit_w(int u);
@@ -228,6 +246,7 @@ class GptStage {
   Tensor weights_, grads_, weights_lp_;  // weights_lp_: bf16, or f32 rounded when emulated
   std::map<int, std::unique_ptr<MicroStash>> stash_;
   GradReadyHook grad_ready_;
+  std::unique_ptr<MoeStats> moe_stats_;
 };
 
 // tp: the logical (tp = 1) flat buffer assembled from every tp rank's shard buffer `local`

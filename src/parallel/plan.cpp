@@ -287,8 +287,21 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
   }
   LOOM_CHECK(p.ep == 1 || p.dp % p.ep == 0, "ep = {} must divide dp = {}; valid ep: {}", p.ep, p.dp,
              fmt::join(divisors(p.dp), ", "));
-  LOOM_CHECK(p.ep == 1, "ep = {}: expert parallelism is not available yet (issue 'PanGu-Σ'); use "
-                        "ep = 1",
+  if (p.ep > 1) {
+    LOOM_CHECK(m.experts > 0,
+               "ep = {}: expert parallelism splits the experts of sparse (MoE) blocks, and this model "
+               "has none; use ep = 1 (or add a [moe] table to the model)",
+               p.ep);
+    std::vector<int64_t> ok;
+    for (int64_t e = 1; e <= m.experts && e <= p.dp; ++e)
+      if (m.experts % e == 0 && p.dp % e == 0) ok.push_back(e);
+    LOOM_CHECK(m.experts % p.ep == 0,
+               "ep = {} must divide the {} experts of each sparse block (each ep rank holds "
+               "experts / ep of them); valid ep here (dividing experts and dp = {}): {}",
+               p.ep, m.experts, p.dp, fmt::join(ok, ", "));
+  }
+  LOOM_CHECK(p.ep == 1, "ep = {}: expert parallelism is not available yet (issue 14, phase 2: "
+                        "all-to-all dispatch); use ep = 1",
              p.ep);
 
   // Pipeline: stages, layer split and schedule.

@@ -48,6 +48,7 @@ std::string recompute_spec(const std::vector<Recompute>& per_layer);
 struct ModelShape {
   int64_t n_layers = 0, n_heads = 0, n_kv_heads = 0, d_ff = 0, vocab = 0;
   int64_t seq = 0;  // training sequence length T (0: not known; cp's split is then unchecked)
+  int64_t experts = 0;  // per sparse (MoE) block; 0: a dense model
 };
 
 struct ParallelPlan {

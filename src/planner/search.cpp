@@ -29,7 +29,9 @@ std::vector<int64_t> divisors(int64_t n) {
   return d;
 }
 
+// Sparse (MoE) blocks do not run under tp (model::ParamLayout refuses them).
 bool tp_fits(const model::ModelConfig& c, int64_t tp) {
+  if (tp > 1 && c.moe.enabled()) return false;
   return c.n_heads % tp == 0 && c.n_kv_heads % tp == 0 && c.d_ff % tp == 0 && c.vocab % tp == 0;
 }
 
@@ -151,7 +153,9 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
         if (stop) break;
         ++res.enumerated;
         if (!tp_fits(cfg, tp)) {
-          reject(fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}",
+          reject(tp > 1 && cfg.moe.enabled()
+                     ? std::string("tp > 1: sparse (MoE) blocks do not run under tp")
+                     : fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}",
                              cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab));
           continue;
         }
@@ -308,9 +312,11 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   }
   // Every frontier member is a plan the engine accepts (the same validation flags get).
   for (const Candidate& c : res.frontier) {
-    const parallel::ParallelPlan v = parallel::make_plan(
-        parse_plan_string(c.key), {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab},
-        G, o.devices);
+    parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
+    shape.seq = o.seq;  // by name: ModelShape grows fields
+    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;
+    const parallel::ParallelPlan v = parallel::make_plan(parse_plan_string(c.key), shape, G,
+                                                         o.devices);
     LOOM_ASSERT(v.micro_batch_size == c.plan.micro_batch_size && v.dp == c.plan.dp,
                 "planner built plan '{}' that make_plan reads differently", c.key);
   }

@@ -80,6 +80,7 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
              "the plan is dp {} x tp {} x pp {} x cp {} but the groups given are (dp x cp) {} x "
              "tp {} x pp {} x cp {}; under cp pass the dp x cp group (ProcessGroups::dp_cp) as dp",
              plan.dp, plan.tp, plan.pp, plan.cp, dp_size(), tp_size(), pp_size(), cp_size());
+  cfg.check_context_parallel(plan.cp);
   if (cp_.valid()) {
     cp_ctx_ = std::make_unique<attention::CpContext>();
     cp_ctx_->group = cp_;
@@ -326,7 +327,8 @@ void Executor::grad_ready(int c, int64_t begin, int64_t end) {
   for (auto& w : reductions_) w.test();
 }
 
-StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
+StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
+                                const int32_t* domains) {
   const int n_pp = pp_size(), rank = pp_rank(), VS = ec_.plan.virtual_stages;
   const int M = ec_.plan.micro_batches, n_virtual = n_pp * VS;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
@@ -338,17 +340,26 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   // 1 / (tokens of the global batch): dp_ is the dp x cp group under cp.
   const float grad_scale = 1.0f / float(B * T * M * ec_.plan.dp);
   bool needs_tokens = false;
-  for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
+  for (auto& c : chunks_)
+    needs_tokens |= c->span().has_embedding || c->span().has_head || c->has_sparse_blocks();
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
-             "{} holds the embedding or the head and needs the step's tokens (M={}, B={}, T+1={})",
+             "{} holds the embedding, the head or sparse blocks and needs the step's tokens (M={}, "
+             "B={}, T+1={})",
              where(), M, B, T + 1);
 
-  // Split (M, B, T+1) windows into per-micro-batch inputs (B,T) and targets (B,T).
+  // Split (M, B, T+1) windows into per-micro-batch inputs (B,T) and targets (B,T); domains
+  // likewise (their input part; the target part is dropped).
   std::vector<std::vector<int32_t>> inputs(static_cast<size_t>(M)), targets(static_cast<size_t>(M));
+  std::vector<std::vector<int32_t>> dom_in(static_cast<size_t>(M)), dom_unused(static_cast<size_t>(M));
   if (needs_tokens)
-    for (int mb = 0; mb < M; ++mb)
+    for (int mb = 0; mb < M; ++mb) {
       split_tokens(tokens + int64_t(mb) * B * (T + 1), B, T, inputs[size_t(mb)],
                    targets[size_t(mb)]);
+      // The domains go through the same cp-aware split, so they land on the inputs' local rows.
+      if (domains)
+        split_tokens(domains + int64_t(mb) * B * (T + 1), B, T, dom_in[size_t(mb)],
+                     dom_unused[size_t(mb)]);
+    }
 
   for (auto& c : chunks_) c->zero_grads();
   for (auto& z : stores_) z->zero_grads();
@@ -416,7 +427,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
         Tensor x = g > 0 ? take(act_in, key, "input activation") : Tensor();
         model::LossSum l;
         Tensor y = stage.forward(mb, inputs[size_t(mb)].data(), targets[size_t(mb)].data(), x, B,
-                                 Tl, grad_scale, &l);
+                                 Tl, grad_scale, &l,
+                                 dom_in[size_t(mb)].empty() ? nullptr : dom_in[size_t(mb)].data());
         stage.set_grad_ready_hook(nullptr);
         if (g + 1 < n_virtual) {
           act_out[key] = y;
@@ -572,8 +584,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T) {
   return s;
 }
 
-double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
-                                   int64_t T) {
+double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T,
+                           const int32_t* domains) {
   const int n_pp = pp_size(), rank = pp_rank();
   const int n_virtual = n_pp * ec_.plan.virtual_stages;
   const int n_tp = tp_.valid() ? tp_.size() : 1;
@@ -583,14 +595,18 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
              B * Tl, n_tp);
   const int64_t N = B * Tl / n_tp, C = cfg_.d_model;  // rows of the messages here
   bool needs_tokens = false;
-  for (auto& c : chunks_) needs_tokens |= c->span().has_embedding || c->span().has_head;
+  for (auto& c : chunks_)
+    needs_tokens |= c->span().has_embedding || c->span().has_head || c->has_sparse_blocks();
   LOOM_CHECK(!needs_tokens || tokens != nullptr,
-             "{} holds the embedding or the head and needs the evaluation tokens ({} x {} x {})",
+             "{} holds the embedding, the head or sparse blocks and needs the evaluation tokens "
+             "({} x {} x {})",
              where(), n_batches, B, T + 1);
   std::vector<int32_t> inputs, targets;  // (B,T) each; empty (unread) without embedding or head
+  std::vector<int32_t> dom_in, dom_unused;  // (B,T) MoE domains of the inputs
   double loss_buf[2] = {0, 0};  // loss sum, tokens (on the last virtual stage's rank)
   for (int64_t i = 0; i < n_batches; ++i) {
     if (needs_tokens) split_tokens(tokens + i * B * (T + 1), B, T, inputs, targets);
+    if (needs_tokens && domains) split_tokens(domains + i * B * (T + 1), B, T, dom_in, dom_unused);
     // Virtual stage g runs on pp rank g % n_pp as chunk g / n_pp; each window goes through
     // them in order, so every send meets a receive that is already due (no cycle).
     for (int c = 0; c < num_chunks(); ++c) {
@@ -601,7 +617,8 @@ double Executor::eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B,
         pp_.irecv(x, (g - 1) % n_pp, p2p_tag(Stream::activation, int(i), g - 1, n_virtual)).wait();
       }
       model::LossSum l;
-      Tensor y = chunks_[size_t(c)]->forward_eval(inputs.data(), targets.data(), x, B, Tl, &l);
+      Tensor y = chunks_[size_t(c)]->forward_eval(inputs.data(), targets.data(), x, B, Tl, &l,
+                                                  dom_in.empty() ? nullptr : dom_in.data());
       if (g + 1 < n_virtual) {
         pp_.isend(y, (g + 1) % n_pp, p2p_tag(Stream::activation, int(i), g, n_virtual)).wait();
       } else {

@@ -114,15 +114,19 @@ class Executor {
   void init_weights(uint64_t seed);
   // One training step over M micro-batches. tokens (M, B, T+1) int32 windows, micro-batch
   // major (T the global sequence length, also under cp); read only on ranks holding the
-  // embedding or the head (others may pass null).
-  StepResult train_step(const int32_t* tokens, int64_t B, int64_t T);
+  // embedding, the head or sparse (MoE) blocks (others may pass null). domains (M, B, T+1)
+  // int32: each token's MoE domain (model::GptStage::forward; null: "other"), read with the
+  // tokens by stages with sparse blocks (under cp split like the tokens, onto the same rows).
+  StepResult train_step(const int32_t* tokens, int64_t B, int64_t T,
+                        const int32_t* domains = nullptr);
 
   // Mean loss per token of n_batches windows (n_batches, B, T+1) int32, forward only: each
   // window runs through the stages in order (no schedule, no gradient, no optimizer step).
   // tokens are read on the ranks holding the embedding or the head (under cp every cp rank
   // scores its share of each window and the sums are added over cp). Collective over pp (and
   // tp; dp too under ZeRO-3, which gathers the weights): every rank returns the same value.
-  double eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T);
+  double eval_loss(const int32_t* tokens, int64_t n_batches, int64_t B, int64_t T,
+                   const int32_t* domains = nullptr);
 
   int num_chunks() const { return int(chunks_.size()); }
   model::GptStage& chunk(int c) const { return *chunks_.at(size_t(c)); }

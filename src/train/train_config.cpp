@@ -281,7 +281,7 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     const int64_t divisible = int64_t(*probe.dp) * probe.micro_batches.value_or(1);
     parallel::ModelShape shape = plan_shape(c.model);
     shape.seq = c.seq;
-    (void)parallel::make_plan(probe, shape, divisible, 0);
+    c.model.check_context_parallel(parallel::make_plan(probe, shape, divisible, 0).cp);
   } catch (const Error& e) {
     LOOM_FAIL("{}: {}", path, e.what());
   }
@@ -291,13 +291,16 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 }
 
 parallel::ModelShape plan_shape(const model::ModelConfig& m) {
-  return {m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab, 0};
+  parallel::ModelShape shape{m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab, 0};
+  shape.experts = m.moe.enabled() ? m.moe.experts : 0;  // by name: ModelShape grows fields
+  return shape;
 }
 
 parallel::ParallelPlan make_train_plan(const TrainConfig& cfg, int world_size) {
   parallel::ModelShape shape = plan_shape(cfg.model);
   shape.seq = cfg.seq;
   parallel::ParallelPlan p = parallel::make_plan(cfg.parallel, shape, cfg.batch, world_size);
+  cfg.model.check_context_parallel(p.cp);
   LOOM_CHECK((p.micro_batch_size * cfg.seq) % p.tp == 0,
              "tp = {}: sequence parallelism splits a micro-batch's {} x {} = {} token rows over the "
              "tp ranks; choose train.batch, train.seq and micro_batches so that (batch / (dp x "

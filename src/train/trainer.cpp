@@ -10,15 +10,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 
 #include "checkpoint/sharded.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/threads.h"
+#include "core/rng.h"
+#include "data/data_meta.h"
 #include "data/token_stream.h"
 #include "interop/model_checkpoint.h"
 #include "kernels/cpu/matmul.h"
 #include "model/memory.h"
+#include "model/moe.h"
 #include "parallel/topology.h"
 #include "train/loop.h"
 
@@ -94,6 +98,7 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
   exec_ = std::make_unique<Executor>(cfg_.model, ec, pool_, reduce, real(tp), real(pp), real(cp));
   const int64_t M = plan_.micro_batches, b = plan_.micro_batch_size, T = cfg_.seq;
   global_.resize(size_t(cfg_.batch * (T + 1)));
+  language_domains_ = cfg_.model.language_domains();
   tokens_.resize(size_t(M * b * (T + 1)));
 }
 
@@ -109,20 +114,75 @@ std::unique_ptr<data::TokenStream> Trainer::make_stream(const std::string& split
   return data::open_shard_stream(cfg_.data_path, split, cfg_.data_seed, 0, 1);
 }
 
-void Trainer::next_windows(data::TokenStream& stream, std::vector<int32_t>& mine) {
+void Trainer::next_windows(data::TokenStream& stream, std::vector<int32_t>& mine,
+                           std::vector<int32_t>& domains) {
   const int64_t G = cfg_.batch, T = cfg_.seq, per_rank = G / dp_size();
-  stream.next_batch(global_.data(), nullptr, G, T);
-  const int32_t* first = global_.data() + int64_t(dp_rank()) * per_rank * (T + 1);
+  const int64_t first_row = int64_t(dp_rank()) * per_rank * (T + 1);
+  domains.clear();
+  if (language_domains_.empty()) {
+    stream.next_batch(global_.data(), nullptr, G, T);
+  } else {
+    // rre MoE: every token's domain from its document's language (unknown -> "other").
+    global_langs_.resize(global_.size());
+    stream.next_batch_token_languages(global_.data(), global_langs_.data(), G, T);
+    const int32_t other = int32_t(cfg_.model.moe.other_domain());
+    domains.resize(size_t(per_rank * (T + 1)));
+    for (size_t i = 0; i < domains.size(); ++i) {
+      const int32_t l = global_langs_[size_t(first_row) + i];
+      domains[i] = l >= 0 && size_t(l) < language_domains_.size() ? language_domains_[size_t(l)]
+                                                                  : other;
+    }
+  }
+  const int32_t* first = global_.data() + first_row;
   mine.assign(first, first + per_rank * (T + 1));  // (M, b, T+1): micro-batch major
 }
 
 void Trainer::init_fresh() {
   exec_->init_weights(cfg_.seed);
+  const model::MoeConfig& moe = cfg_.model.moe;
+  if (moe.enabled() && moe.router == model::Router::rre && moe.rre_table == model::RreTable::balanced)
+    init_balanced_rre_tables();
   train_stream_ = make_stream("train");
   LOOM_CHECK(train_stream_->vocab_size() <= cfg_.model.vocab,
              "the data's vocabulary ({} tokens) is larger than the model's vocab = {}; set the "
              "model's vocab to at least {}",
              train_stream_->vocab_size(), cfg_.model.vocab, train_stream_->vocab_size());
+}
+
+void Trainer::init_balanced_rre_tables() {
+  const model::ModelConfig& m = cfg_.model;
+  LOOM_CHECK(cfg_.data_source != "synthetic",
+             "model '{}' asks for rre_table = \"balanced\", which is built from the corpus's "
+             "per-language token counts, but the data source is synthetic; train on a corpus from "
+             "`loom data build` or set rre_table = \"uniform\"",
+             m.name);
+  int64_t V = 0;
+  const std::vector<int64_t> by_lang = data::read_token_counts(cfg_.data_path, &V);
+  LOOM_CHECK(V <= m.vocab, "the data's vocabulary ({}) exceeds the model's vocab = {}", V, m.vocab);
+  // Per-domain counts (D, model vocab): each language's counts go to its domain.
+  const int64_t D = m.moe.num_domains(), G = m.moe.experts_per_domain;
+  std::vector<int64_t> counts(size_t(D * m.vocab), 0);
+  for (size_t l = 0; l < language_domains_.size(); ++l)
+    for (int64_t t = 0; t < V; ++t)
+      counts[size_t(language_domains_[l] * m.vocab + t)] += by_lang[size_t(int64_t(l) * V + t)];
+  const std::vector<int32_t> table = model::balanced_rre_table(counts, D, m.vocab, G);
+  std::vector<int32_t> uniform(table.size());
+  for (size_t i = 0; i < uniform.size(); ++i)
+    uniform[i] = int32_t(rng_u64(cfg_.seed, rng_stream_id("blocks.moe.rre_table"), i) % uint64_t(G));
+  if (dp_rank() == 0 && tp_rank() == 0 && pp_rank() == 0)
+    LOOM_LOG_INFO("rre table: frequency-balanced from {} train tokens; expected max/mean expert load "
+            "{:.3f} (a uniform table: {:.3f})",
+            std::accumulate(counts.begin(), counts.end(), int64_t(0)),
+            model::rre_table_max_over_mean(table, counts, D, m.vocab, G),
+            model::rre_table_max_over_mean(uniform, counts, D, m.vocab, G));
+  // Into every held rre table, wherever the executor keeps it (ZeRO stores included).
+  exec_->load_checkpoint(
+      [&](const char* kind, const ParamSpec& spec, int64_t lo, int64_t hi, float* dst) {
+        if (std::string(kind) != "weights" || spec.name.find(".moe.rre_table") == std::string::npos)
+          return;
+        for (int64_t i = lo; i < hi; ++i) dst[i - lo] = float(table[size_t(i)]);
+      },
+      /*moments=*/false, 0);
 }
 
 void Trainer::resume(const std::string& dir) {
@@ -160,8 +220,9 @@ void Trainer::resume(const std::string& dir) {
 StepStats Trainer::train_step() {
   LOOM_CHECK(train_stream_ != nullptr, "train_step() before init_fresh() or resume()");
   auto t0 = std::chrono::steady_clock::now();
-  next_windows(*train_stream_, tokens_);
-  StepResult r = exec_->train_step(tokens_.data(), plan_.micro_batch_size, cfg_.seq);
+  next_windows(*train_stream_, tokens_, domains_);
+  StepResult r = exec_->train_step(tokens_.data(), plan_.micro_batch_size, cfg_.seq,
+                                   domains_.empty() ? nullptr : domains_.data());
   StepStats s;
   s.step = r.step;
   s.loss = r.loss;
@@ -181,9 +242,20 @@ double Trainer::eval_loss(int64_t batches) {
   auto stream = make_stream("val");
   const int64_t b = plan_.micro_batch_size, T = cfg_.seq;
   std::vector<int32_t> tokens(size_t(batches * b * (T + 1)));
-  for (int64_t i = 0; i < batches; ++i)
-    stream->next_batch(tokens.data() + i * b * (T + 1), nullptr, b, T);
-  return exec_->eval_loss(tokens.data(), batches, b, T);
+  std::vector<int32_t> domains;
+  if (language_domains_.empty()) {
+    for (int64_t i = 0; i < batches; ++i)
+      stream->next_batch(tokens.data() + i * b * (T + 1), nullptr, b, T);
+  } else {
+    domains.resize(tokens.size());
+    for (int64_t i = 0; i < batches; ++i)
+      stream->next_batch_token_languages(tokens.data() + i * b * (T + 1),
+                                         domains.data() + i * b * (T + 1), b, T);
+    const int32_t other = int32_t(cfg_.model.moe.other_domain());
+    for (int32_t& d : domains)
+      d = d >= 0 && size_t(d) < language_domains_.size() ? language_domains_[size_t(d)] : other;
+  }
+  return exec_->eval_loss(tokens.data(), batches, b, T, domains.empty() ? nullptr : domains.data());
 }
 
 nlohmann::json Trainer::data_state() const {

@@ -95,8 +95,14 @@ class Trainer {
 
  private:
   std::unique_ptr<data::TokenStream> make_stream(const std::string& split) const;
-  // This rank's (M, b, T+1) windows of the next global batch from `stream`.
-  void next_windows(data::TokenStream& stream, std::vector<int32_t>& mine);
+  // rre_table = "balanced": builds the table from the corpus's per-language token counts
+  // (data/data_meta.h) mapped to domains, logs its expected max/mean expert load against a
+  // uniform table's, and writes it into every rre table this rank holds.
+  void init_balanced_rre_tables();
+  // This rank's (M, b, T+1) windows of the next global batch from `stream`, and for an rre MoE
+  // model each token's domain (M, b, T+1) in `domains` (cleared otherwise).
+  void next_windows(data::TokenStream& stream, std::vector<int32_t>& mine,
+                    std::vector<int32_t>& domains);
 
   TrainConfig cfg_;
   parallel::ParallelPlan plan_;
@@ -105,6 +111,8 @@ class Trainer {
   std::unique_ptr<Executor> exec_;
   std::unique_ptr<data::TokenStream> train_stream_;
   std::vector<int32_t> global_, tokens_;  // (G, T+1) and this rank's (M, b, T+1)
+  std::vector<int32_t> global_langs_, domains_;  // rre MoE: (G, T+1) languages, (M, b, T+1) domains
+  std::vector<int32_t> language_domains_;         // language id -> domain (rre MoE; else empty)
 };
 
 // The full `loom train` loop on `world` (null: one process without MPI): makes the plan,

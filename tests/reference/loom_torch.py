@@ -6,7 +6,17 @@ Run with Debian's python (the pyenv python on PATH has no torch):
   /usr/bin/python3 tests/reference/loom_torch.py --config M.toml --weights W.safetensors \
       --batch batch.i32 --B 2 --T 16 --out OUT.safetensors [--steps 10] [--lr 1e-3] \
       [--beta1 0.9] [--beta2 0.95] [--eps 1e-8] [--weight-decay 0.1] [--clip 1.0] \
-      [--dtype float32|float64] [--threads N]
+      [--dtype float32|float64] [--threads N] [--domains domains.i32]
+
+Sparse (MoE) blocks, the model TOML's [moe] table (loom's src/model/config.h MoeConfig):
+  rre:  token of domain d -> expert d*G + rre_table[d, token] (a frozen tensor: no gradient, no
+        AdamW update); --domains gives the (B,T) int32 domains (default: all "other").
+  topk: p = softmax(x Wg^T); out = sum over the top_k experts of p_e * FFN_e(x); the Switch aux
+        loss coef * E * sum_e f_e P_e (f_e the fraction of the B*T*k choices, P_e the mean of
+        p) is added to the loss that is differentiated (the reported loss stays the
+        cross-entropy). Errors if the capacity ceil(k*B*T*cf/E) would drop a token (the
+        reference has no dropping). Output `min_margin` (1,) F64: the smallest gap between the
+        k-th and (k+1)-th router scores (gate logits) over rows and steps.
 
 Glossary: B batch, T sequence, C d_model, NH heads, NKV kv heads, HD head dim = C/NH,
 KV = NKV*HD, F d_ff, V vocab, L layers, G = NH/NKV query heads per kv head.
@@ -25,13 +35,14 @@ every piece can be read against that definition; it is not tuned for speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,6 +72,7 @@ class ModelConfig:
     norm_eps: float
     query_layer: bool
     tied_head: bool
+    moe: Optional["MoeConfig"] = None  # [moe] table; not a flat key
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +101,50 @@ class ModelConfig:
             raise ReferenceError("config: tied_head=false is not supported; loom always ties the head")
 
 
-_CONFIG_TYPES = {f.name: f.type for f in fields(ModelConfig)}
+@dataclass(frozen=True)
+class MoeConfig:
+    sparse_layers: Tuple[int, ...]
+    experts: int
+    expert_d_ff: int
+    router: str
+    domains: Tuple[str, ...] = ()
+    experts_per_domain: int = 0
+    top_k: int = 1
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
+
+    def other_domain(self) -> int:
+        return self.domains.index("other")
+
+
+def moe_from_dict(d: Mapping[str, object], n_layers: int, d_ff: int, where: str) -> MoeConfig:
+    router = d.get("router", "rre")
+    if router not in ("rre", "topk"):
+        raise ReferenceError(f"{where}: moe.router={router!r}; allowed: 'rre', 'topk'")
+    common = {"sparse_layers", "sparse_every", "sparse_top", "experts", "expert_d_ff", "router"}
+    extra = {"domains", "experts_per_domain", "rre_table"} if router == "rre" else {
+        "top_k", "capacity_factor", "aux_loss_coef"}
+    unknown = sorted(set(d) - common - extra)
+    if unknown:
+        raise ReferenceError(f"{where}: unknown moe key(s) {unknown} for router {router}")
+    if "sparse_layers" in d:
+        layers = tuple(int(x) for x in d["sparse_layers"])
+    elif "sparse_every" in d:
+        k = int(d["sparse_every"])
+        layers = tuple(range(k - 1, n_layers, k))
+    else:
+        layers = tuple(range(n_layers - int(d["sparse_top"]), n_layers))
+    domains = tuple(d.get("domains", ()))
+    G = int(d.get("experts_per_domain", 0))
+    E = int(d.get("experts", G * len(domains)))
+    if router == "rre" and (G < 1 or E != G * len(domains) or "other" not in domains):
+        raise ReferenceError(f"{where}: rre needs experts = experts_per_domain * domains and an 'other' domain")
+    return MoeConfig(layers, E, int(d.get("expert_d_ff", 0)) or d_ff, router, domains, G,
+                     int(d.get("top_k", 1)), float(d.get("capacity_factor", 1.25)),
+                     float(d.get("aux_loss_coef", 0.01)))
+
+
+_CONFIG_TYPES = {f.name: f.type for f in fields(ModelConfig) if f.name != "moe"}
 # Same key rules as loom's model_config_from_toml (src/model/config.cpp): these may be omitted
 # (n_kv_heads = 0 also means "= n_heads"); "name" is allowed and ignored here.
 _CONFIG_DEFAULTS = {"n_kv_heads": 0, "activation": "gelu", "norm_eps": 1e-5, "query_layer": False,
@@ -135,16 +190,38 @@ def load_config(path: str) -> ModelConfig:
     """Reads the model TOML. The keys may sit at the top level or in one [model] table."""
     with open(path, "rb") as f:
         d = tomllib.load(f)
-    if set(d) == {"model"} and isinstance(d["model"], dict):
+    moe = d.get("moe")
+    if set(d) - {"moe"} == {"model"} and isinstance(d["model"], dict):
         d = d["model"]
-    return config_from_dict(d, where=path)
+    d = {k: v for k, v in d.items() if k != "moe"}
+    cfg = config_from_dict(d, where=path)
+    if isinstance(moe, dict):
+        cfg = dataclasses.replace(cfg, moe=moe_from_dict(moe, cfg.n_layers, cfg.d_ff, path))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------
-def _block_shapes(prefix: str, cfg: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
+def is_sparse(cfg: ModelConfig, layer: int) -> bool:
+    return cfg.moe is not None and layer in cfg.moe.sparse_layers
+
+
+def _block_shapes(prefix: str, cfg: ModelConfig, sparse: bool = False) -> List[Tuple[str, Tuple[int, ...]]]:
     C, KV, Fd = cfg.d_model, cfg.kv_dim, cfg.d_ff
+    if sparse:
+        m = cfg.moe
+        Fe = m.expert_d_ff
+        out = _block_shapes(prefix, cfg)[:12]  # norms and attention
+        if m.router == "topk":
+            out.append((f"{prefix}.moe.gate.weight", (m.experts, C)))
+        for e in range(m.experts):
+            q = f"{prefix}.moe.experts.{e}"
+            out += [(f"{q}.up.weight", (Fe, C)), (f"{q}.up.bias", (Fe,)),
+                    (f"{q}.down.weight", (C, Fe)), (f"{q}.down.bias", (C,))]
+        if m.router == "rre":
+            out.append((f"{prefix}.moe.rre_table", (len(m.domains), cfg.vocab)))
+        return out
     return [
         (f"{prefix}.norm1.weight", (C,)), (f"{prefix}.norm1.bias", (C,)),
         (f"{prefix}.attn.q.weight", (C, C)), (f"{prefix}.attn.q.bias", (C,)),
@@ -165,7 +242,7 @@ def param_shapes(cfg: ModelConfig) -> "OrderedDict[str, Tuple[int, ...]]":
         ("embed.position.weight", (cfg.max_seq, C)),
     ]
     for i in range(cfg.n_layers):
-        out += _block_shapes(f"blocks.{i}", cfg)
+        out += _block_shapes(f"blocks.{i}", cfg, is_sparse(cfg, i))
     out += [("final_norm.weight", (C,)), ("final_norm.bias", (C,))]
     if cfg.query_layer:
         out.append(("query_layer.position.weight", (cfg.max_seq, C)))
@@ -182,6 +259,8 @@ def random_params(cfg: ModelConfig, seed: int, std: float = 0.2) -> Dict[str, np
         x = rng.standard_normal(shape) * std
         if "norm" in name and name.endswith(".weight"):
             x = 1.0 + x
+        if name.endswith(".rre_table"):
+            x = rng.integers(0, cfg.moe.experts_per_domain, size=shape)
         out[name] = x.astype(np.float32)
     return out
 
@@ -248,9 +327,65 @@ def ffn(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, cfg: ModelC
     return F.linear(activation(u, cfg.activation), p[prefix + ".down.weight"], p[prefix + ".down.bias"])
 
 
-def forward(p: Mapping[str, torch.Tensor], tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """tokens (B,T) int64 -> logits (B,T,V) in the parameters' dtype."""
+def is_frozen(name: str) -> bool:
+    """Tensors stored with the parameters but not learned (rre routing tables)."""
+    return name.endswith(".rre_table")
+
+
+def moe_ffn(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, cfg: ModelConfig,
+            tokens: torch.Tensor, domains: Optional[torch.Tensor], stats: Dict[str, float]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (B,T,C) -> (MoE output (B,T,C), aux loss scalar)."""
+    m = cfg.moe
+    B, T, C = x.shape
+    N, E = B * T, m.experts
+    xf = x.reshape(N, C)
+
+    def expert(rows: torch.Tensor, e: int) -> torch.Tensor:
+        q = f"{prefix}.experts.{e}"
+        return ffn(rows, p, q, cfg)
+
+    out = torch.zeros_like(xf)
+    aux = torch.zeros((), dtype=x.dtype)
+    if m.router == "rre":
+        d = (domains.reshape(N) if domains is not None
+             else torch.full((N,), m.other_domain(), dtype=torch.int64))
+        t = tokens.reshape(N)
+        table = p[prefix + ".rre_table"].detach().to(torch.int64)            # (D,V)
+        e_of = d * m.experts_per_domain + table[d, t]                         # (N)
+        for e in range(E):
+            idx = (e_of == e).nonzero().squeeze(1)
+            if idx.numel():
+                out = out.index_add(0, idx, expert(xf[idx], e))
+    else:
+        scores = F.linear(xf, p[prefix + ".gate.weight"])                    # (N,E) logits
+        probs = torch.softmax(scores, dim=-1)                                 # (N,E)
+        top_p, top_i = probs.topk(m.top_k, dim=-1)                          # (N,k)
+        srt = scores.detach().sort(dim=-1, descending=True).values
+        gaps = srt[:, m.top_k - 1] - srt[:, m.top_k]  # k-th vs (k+1)-th: what decides the set
+        stats["min_margin"] = min(stats.get("min_margin", math.inf), float(gaps.min()))
+        cap = math.ceil(m.top_k * N * m.capacity_factor / E)
+        counts = torch.bincount(top_i.reshape(-1), minlength=E)
+        if int(counts.max()) > cap:
+            raise ReferenceError(f"topk: an expert gets {int(counts.max())} tokens over capacity {cap}; "
+                                 "the reference does not drop tokens: raise capacity_factor")
+        for j in range(m.top_k):
+            for e in range(E):
+                idx = (top_i[:, j] == e).nonzero().squeeze(1)
+                if idx.numel():
+                    out = out.index_add(0, idx, top_p[idx, j:j + 1] * expert(xf[idx], e))
+        frac = counts.to(x.dtype) / float(N * m.top_k)
+        aux = m.aux_loss_coef * E * (frac * probs.mean(dim=0)).sum()
+    return out.reshape(B, T, C), aux
+
+
+def forward(p: Mapping[str, torch.Tensor], tokens: torch.Tensor, cfg: ModelConfig,
+            domains: Optional[torch.Tensor] = None, aux_out: Optional[List[torch.Tensor]] = None,
+            stats: Optional[Dict[str, float]] = None) -> torch.Tensor:
+    """tokens (B,T) int64 -> logits (B,T,V) in the parameters' dtype. MoE: domains (B,T) int64
+    (rre), the aux losses appended to aux_out, gate statistics into stats."""
     B, T = tokens.shape
+    stats = {} if stats is None else stats
     eps = cfg.norm_eps
     pos = torch.arange(T, device=tokens.device)
     h = p["embed.token.weight"][tokens] + p["embed.position.weight"][pos]  # (B,T,C)
@@ -258,7 +393,14 @@ def forward(p: Mapping[str, torch.Tensor], tokens: torch.Tensor, cfg: ModelConfi
         b = f"blocks.{i}"
         a = layer_norm(h, p, b + ".norm1", eps)
         h = h + causal_attention(a, a, p, b + ".attn", cfg)
-        h = h + ffn(layer_norm(h, p, b + ".norm2", eps), p, b + ".ffn", cfg)
+        if is_sparse(cfg, i):
+            y, aux = moe_ffn(layer_norm(h, p, b + ".norm2", eps), p, b + ".moe", cfg, tokens,
+                             domains, stats)
+            h = h + y
+            if aux_out is not None:
+                aux_out.append(aux)
+        else:
+            h = h + ffn(layer_norm(h, p, b + ".norm2", eps), p, b + ".ffn", cfg)
     out = layer_norm(h, p, "final_norm", eps)                               # hN (B,T,C)
     if cfg.query_layer:
         # Top query layer: queries come from a separate position embedding (row t for the input
@@ -303,18 +445,21 @@ def read_batch(path: str, B: int, T: int, vocab: int) -> Tuple[np.ndarray, np.nd
 
 
 def run_reference(cfg: ModelConfig, weights: Mapping[str, np.ndarray], inputs: np.ndarray,
-                  targets: np.ndarray, opt: OptimConfig, dtype: torch.dtype = torch.float32
-                  ) -> Dict[str, np.ndarray]:
+                  targets: np.ndarray, opt: OptimConfig, dtype: torch.dtype = torch.float32,
+                  domains: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Returns the output dictionary described in the module docstring."""
     check_weights(cfg, weights, "weights")
     B, T = inputs.shape
     if T > cfg.max_seq:
         raise ReferenceError(f"T={T} exceeds max_seq={cfg.max_seq}")
-    names = list(param_shapes(cfg))
-    params = OrderedDict((n, torch.tensor(np.asarray(weights[n]), dtype=dtype).requires_grad_(True))
-                         for n in names)
+    all_names = list(param_shapes(cfg))
+    names = [n for n in all_names if not is_frozen(n)]  # what AdamW and clipping see
+    params = OrderedDict((n, torch.tensor(np.asarray(weights[n]), dtype=dtype).requires_grad_(not is_frozen(n)))
+                         for n in all_names)
     x = torch.from_numpy(np.asarray(inputs, dtype=np.int64))
     y = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+    dom = None if domains is None else torch.from_numpy(np.asarray(domains, dtype=np.int64))
+    stats: Dict[str, float] = {}
 
     # Weight decay only on matrices (ndim >= 2: embeddings and linear weights).
     decay = [params[n] for n in names if params[n].ndim >= 2]
@@ -328,9 +473,10 @@ def run_reference(cfg: ModelConfig, weights: Mapping[str, np.ndarray], inputs: n
     losses: List[float] = []
     for s in range(max(opt.steps, 1)):
         optim.zero_grad(set_to_none=True)
-        logits = forward(params, x, cfg)
+        aux: List[torch.Tensor] = []
+        logits = forward(params, x, cfg, dom, aux, stats)
         loss = compute_loss(logits, y)
-        loss.backward()
+        (loss + sum(aux)).backward() if aux else loss.backward()
         if s == 0:
             result["logits"] = logits.detach().to(torch.float32).numpy()
             result["loss"] = np.array([loss.item()], dtype=np.float64)
@@ -340,11 +486,13 @@ def run_reference(cfg: ModelConfig, weights: Mapping[str, np.ndarray], inputs: n
             break
         losses.append(loss.item())
         if opt.clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm=opt.clip)
+            torch.nn.utils.clip_grad_norm_([params[n] for n in names], max_norm=opt.clip)
         optim.step()
     result["losses"] = np.array(losses, dtype=np.float64)
-    for n in names:
+    for n in all_names:
         result["param." + n] = params[n].detach().to(torch.float32).numpy().copy()
+    if "min_margin" in stats:
+        result["min_margin"] = np.array([stats["min_margin"]], dtype=np.float64)
     return result
 
 
@@ -364,6 +512,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--domains", default=None,
+                    help="raw int32 (B,T): each input token's MoE domain (rre models)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0 = torch default); fix it for bit-reproducible runs")
     a = ap.parse_args(argv)
@@ -378,7 +528,13 @@ def main(argv=None) -> int:
         opt = OptimConfig(a.steps, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.clip)
         dtype = torch.float64 if a.dtype == "float64" else torch.float32
         check_weights(cfg, weights, a.weights)
-        result = run_reference(cfg, weights, inputs, targets, opt, dtype)
+        domains = None
+        if a.domains:
+            domains = np.fromfile(a.domains, dtype="<i4")
+            if domains.size != a.B * a.T:
+                raise ReferenceError(f"{a.domains}: {domains.size} int32 values, expected B*T = {a.B * a.T}")
+            domains = domains.reshape(a.B, a.T)
+        result = run_reference(cfg, weights, inputs, targets, opt, dtype, domains)
         safetensors_io.save_file(result, a.out, metadata={
             "generator": "tests/reference/loom_torch.py", "torch_version": torch.__version__,
             "dtype": a.dtype, "steps": str(a.steps), "B": str(a.B), "T": str(a.T)})

@@ -46,6 +46,8 @@ def tiny_config(query_layer: bool, act: str, n_kv_heads: int = 2, n_layers: int 
 def config_toml(cfg: LT.ModelConfig) -> str:
     lines = []
     for k, v in cfg.__dict__.items():
+        if v is None:  # moe: a dense model has no [moe] table
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, str):

@@ -107,6 +107,25 @@ TEST(CorpusBuilder, FiltersWithReasonsAndRoundTripsEveryDocument) {
   train->next_batch(buf.data(), langs.data(), 2, 16);
   for (int32_t l : langs) EXPECT_TRUE(l >= 0 && l < kNumLanguages);
   val->next_batch(buf.data(), nullptr, 1, 16);
+  // Per-token languages (the MoE router's domains): each token carries its own document's
+  // language, so a window that spans documents changes language right after an EOD token.
+  auto again = open_shard_stream(dir.path() + "/out", "train", 1, 0, 1);
+  const int64_t B = 8, T = 64;
+  std::vector<int32_t> toks(size_t(B * (T + 1))), tl(toks.size());
+  again->next_batch_token_languages(toks.data(), tl.data(), B, T);
+  const int32_t eod = load_tokenizer(dir.path() + "/out/tokenizer")->eod_id();
+  int changes = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t <= T; ++t) {
+      const size_t i = size_t(b * (T + 1) + t);
+      ASSERT_TRUE(tl[i] >= 0 && tl[i] < kNumLanguages);
+      if (t > 0 && tl[i] != tl[i - 1]) {
+        EXPECT_EQ(toks[i - 1], eod) << "language changed inside a document";
+        ++changes;
+      }
+    }
+  std::printf("token languages: %d changes at document boundaries in %lld windows\n", changes,
+              (long long)B);
 }
 
 TEST(CorpusBuilder, UsesAGivenByteBpeTokenizer) {

@@ -241,6 +241,27 @@ TEST(Engine, RefusalsNameTheProblem) {
             SubmitResult::Status::shutting_down);
 }
 
+// Sparse (MoE) blocks have no dense FFN to decode with: refused when the weights are built.
+TEST(Engine, MoeModelIsRefusedWithItsReason) {
+  model::ModelConfig cfg = config();
+  cfg.name = "engine-test-moe";
+  cfg.moe.sparse_layers = {1};
+  cfg.moe.router = model::Router::topk;
+  cfg.moe.experts = 4;
+  cfg.moe.top_k = 2;
+  cfg.moe.expert_d_ff = 16;
+  cfg.validate();
+  MemoryPool pool;
+  model::Gpt g(cfg, pool, model::Precision::f32);
+  g.init_weights(5);
+  try {
+    ModelWeights w(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32);
+    ADD_FAILURE() << "a MoE model was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sparse (MoE) blocks"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Engine, CancelFinishesQueuedAndRunningRequests) {
   EngineOptions o;
   o.start_thread = false;

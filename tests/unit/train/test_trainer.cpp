@@ -90,6 +90,50 @@ TEST(Trainer, LearnsTheSyntheticChain) {
   fs::remove_all(run);
 }
 
+// configs/train/tiny-moe.toml (a sparse top block, rre router): resume is bit-identical (the
+// frozen routing table travels in the checkpoint) and the loss falls like the dense model's.
+TEST(Trainer, MoeResumesBitIdenticallyAndLearns) {
+  fs::path run = temp_dir("moe");
+  std::vector<std::string> sets = {"log.dir=\"" + run.string() + "\"",
+                                   "checkpoint.dir=\"" + (run / "ckpt").string() + "\"",
+                                   "train.batch=4", "train.seq=32", "optim.decay_steps=0",
+                                   "optim.lr=0.01"};
+  auto cfg = train::load_train_config(source_dir() + "/configs/train/tiny-moe.toml", sets);
+  ASSERT_TRUE(cfg.model.moe.enabled());
+  const int k = 3;
+  MemoryPool p1;
+  train::Trainer a(cfg, p1);
+  a.init_fresh();
+  const std::vector<double> first = run_steps(a, k);
+  a.save((run / "ckpt").string());
+  std::vector<double> uninterrupted = run_steps(a, k);
+  MemoryPool p2;
+  train::Trainer b(cfg, p2);
+  b.resume((run / "ckpt").string());
+  EXPECT_EQ(run_steps(b, k), uninterrupted);
+  {  // a checkpoint of other experts is refused, naming the difference
+    auto other = cfg;
+    other.model.moe.experts_per_domain = 1;
+    other.model.moe.experts = other.model.moe.num_domains();
+    other.model.validate();
+    MemoryPool p3;
+    train::Trainer c(other, p3);
+    try {
+      c.resume((run / "ckpt").string());
+      ADD_FAILURE() << "resumed a checkpoint with other experts";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("moe.experts = 8 (checkpoint) vs 4"), std::string::npos)
+          << e.what();
+    }
+  }
+  for (int i = 0; i < 20; ++i) uninterrupted.push_back(a.train_step().loss);
+  EXPECT_NEAR(first[0], std::log(512.0), 0.3);
+  // 26 steps of 4 x 32 tokens (measured: 6.26 -> 5.68 nats; the dense test trains twice the
+  // tokens per step for longer).
+  EXPECT_LT(uninterrupted.back(), first[0] - 0.4) << "the MoE model did not learn";
+  fs::remove_all(run);
+}
+
 TEST(TrainConfig, BadInputGivesActionableErrors) {
   fs::path run = temp_dir("cfg");
   auto expect_error = [&](std::vector<std::string> sets, const std::string& needle) {

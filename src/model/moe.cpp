@@ -1,0 +1,502 @@
+// model/moe.cpp: the MoE FFN (see moe.h).
+//
+// Glossary: N rows, C d_model, E experts, Fe expert d_ff, k choices per row, S = N*k slots, D
+// domains, G experts per domain, V vocab.
+#include "model/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "core/error.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/matmul.h"
+#include "model/block.h"
+
+namespace loom::model {
+
+namespace K = loom::kernels;
+
+void MoeStats::add(const MoeStats& o) {
+  aux_loss_sum += o.aux_loss_sum;
+  routed += o.routed;
+  dropped += o.dropped;
+  blocks += o.blocks;
+  if (load.size() < o.load.size()) load.resize(o.load.size(), 0);
+  for (size_t e = 0; e < o.load.size(); ++e) load[e] += o.load[e];
+}
+
+// ---------------------------------------------------------------------------------------------
+// rre tables
+
+std::vector<int32_t> rre_experts(const ModelConfig& cfg, const float* table, const int32_t* tokens,
+                                 const int32_t* domains, int64_t N) {
+  const int64_t D = cfg.moe.num_domains(), V = cfg.vocab, G = cfg.moe.experts_per_domain;
+  LOOM_CHECK(tokens && domains,
+             "the rre router needs each token's id and domain (model '{}'); pass the domains "
+             "with the tokens (GptStage::forward's `domains`)",
+             cfg.name);
+  std::vector<int32_t> out(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t d = domains[n], t = tokens[n];
+    LOOM_CHECK(d >= 0 && d < D, "token row {}: domain {} is outside [0, {}) (domains {})", n, d, D,
+               D);
+    LOOM_CHECK(t >= 0 && t < V, "token row {}: id {} is outside the vocabulary [0, {})", n, t, V);
+    const float f = table[d * V + t];
+    LOOM_CHECK(f >= 0 && f < float(G) && f == std::floor(f),
+               "rre table entry [{}, {}] = {} is not an expert index in [0, {}): the table does "
+               "not match this model (experts_per_domain = {})",
+               d, t, f, G, G);
+    out[size_t(n)] = int32_t(d * G + int64_t(f));
+  }
+  return out;
+}
+
+std::vector<int64_t> rre_dispatch_counts(const ModelConfig& cfg, const float* table,
+                                         const int32_t* tokens, const int32_t* domains, int64_t N) {
+  std::vector<int64_t> counts(size_t(cfg.moe.experts), 0);
+  for (int32_t e : rre_experts(cfg, table, tokens, domains, N)) ++counts[size_t(e)];
+  return counts;
+}
+
+std::vector<int32_t> balanced_rre_table(const std::vector<int64_t>& counts, int64_t D, int64_t V,
+                                        int64_t G) {
+  LOOM_CHECK(int64_t(counts.size()) == D * V && G >= 1,
+             "balanced rre table: counts hold {} values, need domains x vocab = {} x {} = {}; G = "
+             "{} must be >= 1",
+             counts.size(), D, V, D * V, G);
+  std::vector<int32_t> table(size_t(D * V));
+  std::vector<int32_t> order(static_cast<size_t>(V));
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t* c = counts.data() + d * V;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return c[a] > c[b]; });
+    std::vector<int64_t> load(size_t(G), 0);
+    for (int32_t t : order) {
+      const size_t best = size_t(std::min_element(load.begin(), load.end()) - load.begin());
+      table[size_t(d * V + t)] = int32_t(best);
+      load[best] += c[t];
+    }
+  }
+  return table;
+}
+
+double rre_table_max_over_mean(const std::vector<int32_t>& table,
+                               const std::vector<int64_t>& counts, int64_t D, int64_t V, int64_t G) {
+  // Within each domain's group (a domain's share of the batch is set by the data, not the
+  // table), the largest expected expert load over the group's mean; the worst domain.
+  double worst = 1.0;
+  for (int64_t d = 0; d < D; ++d) {
+    std::vector<int64_t> l(static_cast<size_t>(G), 0);
+    int64_t total = 0;
+    for (int64_t t = 0; t < V; ++t) {
+      l[size_t(table[size_t(d * V + t)])] += counts[size_t(d * V + t)];
+      total += counts[size_t(d * V + t)];
+    }
+    if (total == 0) continue;
+    const double mean = double(total) / double(G);
+    worst = std::max(worst, double(*std::max_element(l.begin(), l.end())) / mean);
+  }
+  return worst;
+}
+
+void set_rre_tables(const ModelConfig& cfg, const ParamLayout& layout, float* weights,
+                    const std::vector<int32_t>& table) {
+  const int64_t D = cfg.moe.num_domains(), V = cfg.vocab, G = cfg.moe.experts_per_domain;
+  LOOM_CHECK(cfg.moe.enabled() && cfg.moe.router == Router::rre,
+             "model '{}' has no rre routing table (router {}, {} sparse blocks)", cfg.name,
+             router_name(cfg.moe.router), cfg.moe.sparse_layers.size());
+  LOOM_CHECK(int64_t(table.size()) == D * V,
+             "rre table has {} entries but model '{}' needs domains x vocab = {} x {} = {}",
+             table.size(), cfg.name, D, V, D * V);
+  for (size_t i = 0; i < table.size(); ++i)
+    LOOM_CHECK(table[i] >= 0 && table[i] < G,
+               "rre table entry {} = {} is outside [0, experts_per_domain = {})", i, table[i], G);
+  for (int64_t l : cfg.moe.sparse_layers) {
+    float* dst = weights + layout.block(l).moe_table;
+    for (size_t i = 0; i < table.size(); ++i) dst[i] = float(table[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The FFN
+
+namespace {
+
+bool lowp(const BlockCtx& c) { return c.bf && c.Wr == nullptr; }
+const float* wf32(const BlockCtx& c) { return c.Wr ? c.Wr : c.W; }
+size_t mm_size(const BlockCtx& c) { return lowp(c) ? 2 : 4; }
+
+// The matmul copy of an f32 tensor (block.cpp's to_mm).
+Tensor to_mm(const BlockCtx& c, const Tensor& t, MemCategory cat) {
+  if (!c.bf) return t;
+  if (c.Wr) {
+    Tensor out = Tensor::empty(t.shape(), DType::f32, c.pool, cat);
+    round_f32_to_bf16(t.data<float>(), out.data<float>(), size_t(t.numel()));
+    return out;
+  }
+  Tensor out = Tensor::empty(t.shape(), DType::bf16, c.pool, cat);
+  convert_f32_to_bf16(t.data<float>(), out.data<bf16>(), size_t(t.numel()));
+  return out;
+}
+
+// Row r of a matmul-dtype (rows, cols) tensor.
+const void* mm_row(const BlockCtx& c, const Tensor& t, int64_t r, int64_t cols) {
+  return static_cast<const char*>(t.raw()) + size_t(r * cols) * mm_size(c);
+}
+void* mm_row(const BlockCtx& c, Tensor& t, int64_t r, int64_t cols) {
+  return static_cast<char*>(t.raw()) + size_t(r * cols) * mm_size(c);
+}
+
+// y (M,N) = x (M,K) @ W^T, x rows from row x0 of a matmul-dtype tensor, W at w_off (N,K).
+void mm_xwT(const BlockCtx& c, float* y, const Tensor& x, int64_t x0, int64_t w_off, int64_t M,
+            int64_t N, int64_t Kd) {
+  if (M == 0) return;
+  if (lowp(c))
+    K::matmul_bf16(static_cast<const bf16*>(mm_row(c, x, x0, Kd)), c.Wl + w_off, y, M, N, Kd,
+                   false, true, false);
+  else
+    K::matmul_f32(static_cast<const float*>(mm_row(c, x, x0, Kd)), wf32(c) + w_off, y, M, N, Kd,
+                  false, true, false);
+}
+// dx (M,K) = dy (M,N) @ W, dy rows from row y0, W at w_off (N,K).
+void mm_dyW(const BlockCtx& c, float* dx, const Tensor& dy, int64_t y0, int64_t w_off, int64_t M,
+            int64_t N, int64_t Kd) {
+  if (M == 0) return;
+  if (lowp(c))
+    K::matmul_bf16(static_cast<const bf16*>(mm_row(c, dy, y0, N)), c.Wl + w_off, dx, M, Kd, N,
+                   false, false, false);
+  else
+    K::matmul_f32(static_cast<const float*>(mm_row(c, dy, y0, N)), wf32(c) + w_off, dx, M, Kd, N,
+                  false, false, false);
+}
+// dW (N,K) += dy^T @ x over rows [r0, r0+M) of dy (M,N) and x (M,K).
+void mm_dW(const BlockCtx& c, int64_t g_off, const Tensor& dy, const Tensor& x, int64_t r0,
+           int64_t M, int64_t N, int64_t Kd) {
+  if (M == 0) return;
+  if (lowp(c))
+    K::matmul_bf16(static_cast<const bf16*>(mm_row(c, dy, r0, N)),
+                   static_cast<const bf16*>(mm_row(c, x, r0, Kd)), c.G + g_off, N, Kd, M, true,
+                   false, true);
+  else
+    K::matmul_f32(static_cast<const float*>(mm_row(c, dy, r0, N)),
+                  static_cast<const float*>(mm_row(c, x, r0, Kd)), c.G + g_off, N, Kd, M, true,
+                  false, true);
+}
+
+K::GeluKind gelu_kind(Activation a) {
+  return a == Activation::fast_gelu  ? K::GeluKind::fast
+         : a == Activation::gelu_erf ? K::GeluKind::erf
+                                     : K::GeluKind::tanh;
+}
+
+// Expert e's tensors.
+struct Expert {
+  int64_t up_w, up_b, down_w, down_b;
+};
+Expert expert(const ModelConfig& cfg, const BlockOffsets& o, int64_t e) {
+  const int64_t C = cfg.d_model, Fe = cfg.moe.expert_d_ff;
+  const int64_t base = o.moe_experts + e * moe_expert_stride(cfg);
+  return {base, base + Fe * C, base + Fe * C + Fe, base + 2 * Fe * C + Fe};
+}
+
+// Fills st.moe_meta / moe_w / moe_offsets (and topk's moe_probs, moe_frac) for the rows of
+// ln2_mm; returns the number of dropped choices and the aux loss value.
+struct RouteResult {
+  int64_t dropped = 0;
+  double aux = 0;
+};
+RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm, BlockStash& st,
+                  MemCategory cat) {
+  const ModelConfig& cfg = c.cfg;
+  const MoeConfig& m = cfg.moe;
+  const int64_t N = c.rows(), E = m.experts, k = m.k(), S = N * k, C = cfg.d_model;
+  st.moe_meta = Tensor::empty({3, S}, DType::i32, c.pool, cat);  // (3,S)
+  st.moe_w = Tensor::empty({N, k}, DType::f32, c.pool, cat);     // (N,k)
+  int32_t* slot_row = st.moe_meta.data<int32_t>();
+  int32_t* row_slot = slot_row + S;
+  int32_t* row_expert = row_slot + S;
+  float* w = st.moe_w.data<float>();
+  RouteResult r;
+  std::vector<int64_t> count(size_t(E), 0);
+  if (m.router == Router::rre) {
+    std::vector<int32_t> ex = rre_experts(cfg, c.W + o.moe_table, c.tokens, c.domains, N);
+    for (int64_t n = 0; n < N; ++n) {
+      row_expert[n] = ex[size_t(n)];
+      w[n] = 1.0f;
+      ++count[size_t(ex[size_t(n)])];
+    }
+  } else {
+    // logits (N,E) = ln2 @ Wg^T; p = softmax(logits) (kept for backward)
+    st.moe_probs = Tensor::empty({N, E}, DType::f32, c.pool, cat);
+    float* p = st.moe_probs.data<float>();
+    mm_xwT(c, p, ln2_mm, 0, o.moe_gate, N, E, C);
+    std::vector<int32_t> idx(static_cast<size_t>(E));
+    for (int64_t n = 0; n < N; ++n) {
+      float* pr = p + n * E;
+      const float mx = *std::max_element(pr, pr + E);
+      double z = 0;
+      for (int64_t e = 0; e < E; ++e) z += double(pr[e] = std::exp(pr[e] - mx));
+      for (int64_t e = 0; e < E; ++e) pr[e] = float(double(pr[e]) / z);
+      // top-k by probability, ties to the lower index
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+        return pr[a] > pr[b] || (pr[a] == pr[b] && a < b);
+      });
+      for (int64_t j = 0; j < k; ++j) {
+        row_expert[n * k + j] = idx[size_t(j)];
+        w[n * k + j] = pr[idx[size_t(j)]];
+        ++count[size_t(idx[size_t(j)])];
+      }
+    }
+    // Switch aux loss: E * sum_e f_e P_e with f_e over the N*k choices (before capacity).
+    st.moe_frac.assign(size_t(E), 0.0);
+    for (int64_t e = 0; e < E; ++e) {
+      double P = 0;
+      for (int64_t n = 0; n < N; ++n) P += p[n * E + e];
+      st.moe_frac[size_t(e)] = double(count[size_t(e)]) / double(S);
+      r.aux += double(E) * st.moe_frac[size_t(e)] * (P / double(N));
+    }
+    r.aux *= m.aux_loss_coef;
+    st.moe_aux_scale = c.moe_aux_scale;
+    // Capacity (GShard / Switch): ceil(k * N * cf / E) choices per expert, in (row, j) order.
+    const int64_t cap = int64_t(std::ceil(double(k) * double(N) * m.capacity_factor / double(E)));
+    std::vector<int64_t> taken(size_t(E), 0);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t e = row_expert[s];
+      if (taken[size_t(e)] < cap) {
+        ++taken[size_t(e)];
+      } else {
+        row_expert[s] = int32_t(-1 - e);  // dropped; the expert kept as -1-e
+        ++r.dropped;
+      }
+    }
+    count = taken;
+  }
+  // Slots grouped by expert, (row, j) ascending inside one: a counting sort.
+  st.moe_offsets.assign(size_t(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) st.moe_offsets[size_t(e + 1)] = st.moe_offsets[size_t(e)] + count[size_t(e)];
+  std::vector<int64_t> next(st.moe_offsets.begin(), st.moe_offsets.end() - 1);
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t e = row_expert[s];
+    if (e < 0) {
+      row_slot[s] = -1;
+      continue;
+    }
+    const int64_t slot = next[size_t(e)]++;
+    row_slot[s] = int32_t(slot);
+    slot_row[slot] = int32_t(s / k);
+  }
+  for (int64_t slot = st.moe_offsets[size_t(E)]; slot < S; ++slot) slot_row[slot] = -1;
+  return r;
+}
+
+// xs (S,C) matmul dtype: the dispatched rows of ln2_mm (unused slots zero).
+Tensor dispatch_rows(const BlockCtx& c, const Tensor& ln2_mm, const BlockStash& st,
+                     MemCategory cat) {
+  const int64_t C = c.cfg.d_model, S = st.moe_meta.shape()[1];
+  const int32_t* slot_row = st.moe_meta.data<int32_t>();
+  Tensor xs = Tensor::zeros({S, C}, ln2_mm.dtype(), c.pool, cat);
+  const size_t bytes = size_t(C) * mm_size(c);
+  for (int64_t s = 0; s < S; ++s)
+    if (slot_row[s] >= 0) std::memcpy(mm_row(c, xs, s, C), mm_row(c, ln2_mm, slot_row[s], C), bytes);
+  return xs;
+}
+
+}  // namespace
+
+Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm,
+                       BlockStash& st, Recompute mode) {
+  const ModelConfig& cfg = c.cfg;
+  const MoeConfig& m = cfg.moe;
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
+  const int64_t S = N * k;
+  LOOM_ASSERT(!c.tp, "MoE under tp is rejected by ParamLayout");
+  const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
+  auto cat = [](bool kept) { return kept ? MemCategory::activations : MemCategory::workspace; };
+  const bool topk = m.router == Router::topk;
+
+  RouteResult rr = route(c, o, ln2_mm, st, cat(keep_some));
+  Tensor xs = dispatch_rows(c, ln2_mm, st, cat(keep_all));  // (S,C)
+
+  // pre = xs_e @ Wup_e^T + bup_e; act = gelu(pre), per expert on its slots          (S,Fe)
+  st.pre = Tensor::zeros({S, Fe}, DType::f32, c.pool, cat(keep_some));
+  Tensor act = Tensor::zeros({S, Fe}, DType::f32, c.pool, c.bf ? MemCategory::workspace : cat(keep_all));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
+    if (n == 0) continue;
+    const Expert x = expert(cfg, o, e);
+    mm_xwT(c, st.pre.data<float>() + a * Fe, xs, a, x.up_w, n, Fe, C);
+    K::bias_gelu_forward(act.data<float>() + a * Fe, st.pre.data<float>() + a * Fe, c.W + x.up_b,
+                         n, Fe, gelu_kind(cfg.activation));
+  }
+  Tensor act_mm = to_mm(c, act, cat(keep_all));
+  act = Tensor();
+
+  // y_e = act_e @ Wdown_e^T + bdown_e                                                (S,C)
+  Tensor y = Tensor::empty({S, C}, DType::f32, c.pool, topk ? cat(keep_some) : MemCategory::workspace);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
+    if (n == 0) continue;
+    const Expert x = expert(cfg, o, e);
+    mm_xwT(c, y.data<float>() + a * C, act_mm, a, x.down_w, n, C, Fe);
+    K::bias_add_rows(y.data<float>() + a * C, c.W + x.down_b, n, C);
+  }
+
+  // out[n] = sum_j w[n,j] * y[slot(n,j)] (dropped choices add nothing)              (N,C)
+  Tensor out = Tensor::zeros({N, C}, DType::f32, c.pool, MemCategory::activations);
+  const int32_t* row_slot = st.moe_meta.data<int32_t>() + S;
+  const float* w = st.moe_w.data<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = row_slot[n * k + j];
+      if (s < 0) continue;
+      float* dst = out.data<float>() + n * C;
+      const float* src = y.data<float>() + int64_t(s) * C;
+      const float wj = w[n * k + j];
+      for (int64_t i = 0; i < C; ++i) dst[i] += wj * src[i];
+    }
+
+  if (c.moe_stats) {
+    MoeStats& ms = *c.moe_stats;
+    ms.aux_loss_sum += rr.aux;
+    ms.dropped += rr.dropped;
+    ms.routed += S;
+    ms.blocks += 1;
+    if (ms.load.size() < size_t(E)) ms.load.resize(size_t(E), 0);
+    for (int64_t e = 0; e < E; ++e)
+      ms.load[size_t(e)] += st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];
+  }
+  if (keep_all) {
+    st.moe_xs = xs;
+    st.act_mm = act_mm;
+  }
+  if (topk && keep_some) st.moe_y = y;
+  return out;
+}
+
+void moe_ffn_recompute(const BlockCtx& c, const BlockOffsets& o, BlockStash& st) {
+  const ModelConfig& cfg = c.cfg;
+  const int64_t E = cfg.moe.experts, Fe = cfg.moe.expert_d_ff;
+  st.moe_xs = dispatch_rows(c, st.ln2_mm, st, MemCategory::workspace);
+  (void)o;
+  Tensor act = Tensor::zeros(st.pre.shape(), DType::f32, c.pool, MemCategory::workspace);
+  // pre already holds the biased pre-activation: act = gelu(pre) on the used slots.
+  const int64_t used = st.moe_offsets[size_t(E)];
+  K::gelu_kind_forward(gelu_kind(cfg.activation), act.data<float>(), st.pre.data<float>(),
+                       used * Fe);
+  st.act_mm = to_mm(c, act, MemCategory::workspace);
+}
+
+Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& dout,
+                        BlockStash& st) {
+  const ModelConfig& cfg = c.cfg;
+  const MoeConfig& m = cfg.moe;
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
+  const int64_t S = N * k;
+  const MemCategory ws = MemCategory::workspace;
+  const bool topk = m.router == Router::topk;
+  const int32_t* slot_row = st.moe_meta.data<int32_t>();
+  const int32_t* row_slot = slot_row + S;
+  const int32_t* row_expert = row_slot + S;
+  const float* w = st.moe_w.data<float>();
+  const float* g = dout.data<float>();
+
+  // dys[slot(n,j)] = w[n,j] * dout[n]                                                (S,C)
+  Tensor dys = Tensor::zeros({S, C}, DType::f32, c.pool, ws);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = row_slot[n * k + j];
+      if (s < 0) continue;
+      float* dst = dys.data<float>() + int64_t(s) * C;
+      for (int64_t i = 0; i < C; ++i) dst[i] = w[n * k + j] * g[n * C + i];
+    }
+
+  // topk gate: d_w[n,j] = dout[n] . y[slot]; d_p[n,e] = sum_j [e chosen] d_w + aux term;
+  // d_logits = p * (d_p - sum_e p d_p)                                               (N,E)
+  Tensor d_logits;
+  if (topk) {
+    d_logits = Tensor::empty({N, E}, DType::f32, c.pool, ws);
+    const float* p = st.moe_probs.data<float>();
+    const float* y = st.moe_y.data<float>();
+    float* dl = d_logits.data<float>();
+    // d(aux)/dp[n,e] = coef * E * f_e / N, weighted like the loss (moe_aux_scale = grad_scale*N).
+    const double aux_g = double(st.moe_aux_scale) * m.aux_loss_coef * double(E) / double(N);
+    std::vector<double> dp(static_cast<size_t>(E));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t e = 0; e < E; ++e) dp[size_t(e)] = aux_g * st.moe_frac[size_t(e)];
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t s = row_slot[n * k + j];
+        if (s < 0) continue;  // dropped: the output did not depend on p
+        double d = 0;
+        for (int64_t i = 0; i < C; ++i) d += double(g[n * C + i]) * double(y[int64_t(s) * C + i]);
+        dp[size_t(row_expert[n * k + j])] += d;
+      }
+      double dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += double(p[n * E + e]) * dp[size_t(e)];
+      for (int64_t e = 0; e < E; ++e)
+        dl[n * E + e] = float(double(p[n * E + e]) * (dp[size_t(e)] - dot));
+    }
+    st.moe_y = Tensor();
+    st.moe_probs = Tensor();
+  }
+
+  // experts' down projection: db_e += colsum(dys_e); dW_e += dys_e^T act_e; d_act = dys_e W_e
+  Tensor dys_mm = to_mm(c, dys, ws);
+  Tensor d_act = Tensor::zeros({S, Fe}, DType::f32, c.pool, ws);  // (S,Fe), becomes d_pre
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
+    if (n == 0) continue;
+    const Expert x = expert(cfg, o, e);
+    K::bias_backward(c.G + x.down_b, dys.data<float>() + a * C, n, C);
+    mm_dW(c, x.down_w, dys_mm, st.act_mm, a, n, C, Fe);
+    mm_dyW(c, d_act.data<float>() + a * Fe, dys_mm, a, x.down_w, n, C, Fe);
+  }
+  dys_mm = Tensor();
+  dys = Tensor();
+  st.act_mm = Tensor();
+  const int64_t used = st.moe_offsets[size_t(E)];
+  K::gelu_kind_backward(gelu_kind(cfg.activation), d_act.data<float>(), d_act.data<float>(),
+                        st.pre.data<float>(), used * Fe);
+  st.pre = Tensor();
+
+  // experts' up projection: db_e += colsum(d_pre_e); dW_e += d_pre_e^T xs_e; dxs = d_pre_e W_e
+  Tensor d_pre_mm = to_mm(c, d_act, ws);
+  Tensor dxs = Tensor::zeros({S, C}, DType::f32, c.pool, ws);  // (S,C)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
+    if (n == 0) continue;
+    const Expert x = expert(cfg, o, e);
+    K::bias_backward(c.G + x.up_b, d_act.data<float>() + a * Fe, n, Fe);
+    mm_dW(c, x.up_w, d_pre_mm, st.moe_xs, a, n, Fe, C);
+    mm_dyW(c, dxs.data<float>() + a * C, d_pre_mm, a, x.up_w, n, Fe, C);
+  }
+  d_pre_mm = Tensor();
+  d_act = Tensor();
+  st.moe_xs = Tensor();
+
+  // d_ln2[n] = sum_j dxs[slot(n,j)] (+ d_logits @ Wg for topk)                       (N,C)
+  Tensor d_ln2 = Tensor::zeros({N, C}, DType::f32, c.pool, ws);
+  if (topk) {
+    Tensor dl_mm = to_mm(c, d_logits, ws);
+    mm_dyW(c, d_ln2.data<float>(), dl_mm, 0, o.moe_gate, N, E, C);
+    mm_dW(c, o.moe_gate, dl_mm, st.ln2_mm, 0, N, E, C);
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = row_slot[n * k + j];
+      if (s < 0) continue;
+      float* dst = d_ln2.data<float>() + n * C;
+      const float* src = dxs.data<float>() + int64_t(s) * C;
+      for (int64_t i = 0; i < C; ++i) dst[i] += src[i];
+    }
+  st.moe_meta = st.moe_w = Tensor();
+  st.moe_offsets.clear();
+  st.moe_frac.clear();
+  return d_ln2;
+}
+
+}  // namespace loom::model
