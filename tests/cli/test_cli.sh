@@ -190,7 +190,7 @@ expect_error "generate: --tp without mpirun" "--tp 2 needs 2 processes" \
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 100000 \
   --set train.eval_every=0 >"$WORK/sig.json" 2>"$WORK/sig.log" &
 pid=$!
-for _ in $(seq 100); do [ -s "$WORK/sig/metrics.jsonl" ] && break; sleep 0.1; done
+for _ in $(seq 600); do [ -s "$WORK/sig/metrics.jsonl" ] && break; sleep 0.1; done
 expect_error "train: second run on a directory in use" "run directory '$WORK/sig' is in use by loom train pid $pid" \
   "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/sig" --steps 2 --overwrite
 kill -TERM $pid

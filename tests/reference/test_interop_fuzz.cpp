@@ -3,7 +3,7 @@
 // unboundedly, throw another exception type or run anything. Seeds come from
 // interop_fixtures.py (python3-torch); mutations are byte flips, interesting values, truncation,
 // insertion and chunk duplication, biased towards headers (the zip directory lives at the end of
-// the file, the safetensors JSON at the start). Runs LOOM_FUZZ_SECONDS (default 20) seconds,
+// the file, the safetensors JSON at the start). Runs LOOM_FUZZ_SECONDS (default 120) seconds,
 // split over the three targets; the random stream is fixed (LOOM_FUZZ_SEED, default 1) so a
 // failure reproduces, and the failing input is saved next to the fixtures and named.
 #include <gtest/gtest.h>
@@ -85,7 +85,7 @@ TEST(InteropFuzz, ReadersNeverCrashOnMutatedInputs) {
 
   const char* env_s = std::getenv("LOOM_FUZZ_SECONDS");
   const char* env_seed = std::getenv("LOOM_FUZZ_SEED");
-  const double seconds = env_s ? std::atof(env_s) : 20.0;  // CI: 20 s; longer runs set it
+  const double seconds = env_s ? std::atof(env_s) : 120.0;  // the issue asks for 2 minutes in a test
   std::mt19937_64 rng(env_seed ? std::strtoull(env_seed, nullptr, 10) : 1);
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] {
