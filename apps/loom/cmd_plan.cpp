@@ -394,7 +394,7 @@ void add_plan(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--max-memory-evals", o->max_memory_evals, "bound on memory replays");
   sub->add_option("--cp", o->cp,
                   "context-parallel sizes to search, e.g. 1,2,4 (default auto: 1 and every size "
-                  "leaving each rank >= 1024 tokens of a sequence)");
+                  "leaving each rank >= 4096 tokens of a sequence)");
   sub->add_flag("--json", o->json, "print one JSON object");
   sub->add_flag("--emit-config", o->emit_config, "print the chosen plan as a [parallel] table");
   sub->callback([o, &ctx] { run_plan(*o, ctx); });

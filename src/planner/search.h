@@ -98,11 +98,13 @@ int64_t memory_bucket(int64_t bytes, double fraction);
 
 // The cp sizes the search tries by default: 1, and every divisor g of `devices` that the zigzag
 // layout can cut seq by (seq % 2g == 0) while each rank keeps at least kMinCpTokens tokens of a
-// sequence. Below that the ring's Tl x Tl blocks are too small to hide their transfers on any
-// preset (on the A100 preset a 1024 x 1024 x 128 product is 0.27 GFLOP, at the bottom of its
-// efficiency table), and the search would grow by the number of cp sizes for nothing; pass the
-// sizes explicitly (loom plan --cp) to search them anyway.
-inline constexpr int64_t kMinCpTokens = 1024;
+// sequence. A bound on the search, not a claim about speed: every cp size multiplies the plans
+// to time and replay by about 3 (its schemes), and at a few thousand tokens per sequence tp with
+// sequence parallelism and recompute already bound the activations (context parallelism is
+// used from 8K-128K tokens in published runs). With 1024 the 1T / 2048-token search grew from
+// 48K to 199K plans and ran out of its memory-replay budget. Pass the sizes explicitly
+// (loom plan --cp 1,2,4) to search them at any length.
+inline constexpr int64_t kMinCpTokens = 4096;
 std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq);
 
 // Queries on a frontier (null when none qualifies).
