@@ -150,6 +150,7 @@ struct Opts {
   std::optional<double> time_target;
   bool json = false, emit_config = false;
   int64_t max_candidates = 2'000'000, max_memory_evals = 20'000;
+  std::string cp = "auto";  // context-parallel sizes to search: "auto" or "1,2,4"
 };
 
 void run_plan(const Opts& o, loom::cli::Context& ctx) {
@@ -192,7 +193,7 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     loom::parallel::PlanSettings s2 = s;
     if (!s2.dp) s2.dp = 0;
     const ParallelPlan plan = loom::parallel::make_plan(
-        s2, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab}, o.batch, world);
+        s2, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, o.batch, world);
     MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
     const StepCost c = estimate_step({cfg, cluster, T, precision}, plan, oracle);
     if (o.json) {
@@ -223,6 +224,8 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
   so.precision = precision;
   so.max_candidates = o.max_candidates;
   so.max_memory_evals = o.max_memory_evals;
+  if (o.cp != "auto")
+    for (int64_t g : loom::parallel::parse_int_list(o.cp, "--cp")) so.space.cp.push_back(int(g));
   const SearchResult r = search(cfg, cluster, so);
   const Candidate* chosen = limit ? fastest_under(r.frontier, *limit) : &r.frontier.front();
   const Candidate* small = smallest_memory(r.frontier);
@@ -261,7 +264,8 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
   MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
   if (chosen) {
     auto shape = [](const ParallelPlan& p) {
-      return fmt::format("{}/{}/{}/{}/{}", p.dp, p.tp, p.pp, p.zero, int(p.schedule));
+      return fmt::format("{}/{}/{}/{}/{}/{}/{}", p.dp, p.tp, p.pp, p.cp, p.cp_scheme, p.zero,
+                         int(p.schedule));
     };
     std::vector<std::string> seen = {shape(chosen->plan)};
     for (const Candidate& c : r.evaluated) {
@@ -312,15 +316,15 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     for (const auto& [why, n] : r.rejected) std::printf("  rejected %ld: %s\n", long(n), why.c_str());
     std::printf("\nfrontier (%zu plans, fastest first; memory buckets of %.0f%%):\n",
                 r.frontier.size(), 100 * so.bucket_fraction);
-    std::printf("  %-11s %-9s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %s\n", "step",
-                "peak GiB", "fwd", "bwd", "recomp", "vector", "tp", "pp", "bubble", "dp", "zero",
-                "optim", "plan");
+    std::printf("  %-11s %-9s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %-8s %s\n", "step",
+                "peak GiB", "fwd", "bwd", "recomp", "vector", "tp", "cp", "pp", "bubble", "dp",
+                "zero", "optim", "plan");
     for (const Candidate& c : r.frontier) {
       const TimeTerms& t = c.cost.terms;
       std::printf("  %-11s %-9s %-8.3g %-8.3g %-8.3g %-8.3g %-8.3g %-8.3g %-8.3g %-8.3g %-8.3g "
-                  "%-8.3g %s\n",
+                  "%-8.3g %-8.3g %s\n",
                   secs(c.cost.step_time).c_str(), gib(c.cost.peak_bytes).c_str(), t.forward,
-                  t.backward, t.recompute, t.vector, t.tp, t.pp, t.bubble, t.dp, t.zero,
+                  t.backward, t.recompute, t.vector, t.tp, t.cp, t.pp, t.bubble, t.dp, t.zero,
                   t.optimizer, c.plan.describe().c_str());
     }
     if (!chosen) {
@@ -362,6 +366,9 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
                     : loom::parallel::recompute_spec(p.recompute).c_str());
     if (!p.stage_layers.empty())
       std::printf("stage_layers = [%s]\n", fmt::format("{}", fmt::join(p.stage_layers, ", ")).c_str());
+    if (p.cp > 1)
+      std::printf("cp = %d\ncp_scheme = \"%s\"\ncp_layout = \"%s\"\n", p.cp, p.cp_scheme.c_str(),
+                  p.cp_layout.c_str());
   }
   if (!o.svg.empty()) write_svg(o.svg, r, chosen, limit);
   ctx.exit_code = 0;
@@ -385,6 +392,9 @@ void add_plan(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--svg", o->svg, "write the frontier plot here");
   sub->add_option("--max-candidates", o->max_candidates, "bound on plans timed");
   sub->add_option("--max-memory-evals", o->max_memory_evals, "bound on memory replays");
+  sub->add_option("--cp", o->cp,
+                  "context-parallel sizes to search, e.g. 1,2,4 (default auto: 1 and every size "
+                  "leaving each rank >= 4096 tokens of a sequence)");
   sub->add_flag("--json", o->json, "print one JSON object");
   sub->add_flag("--emit-config", o->emit_config, "print the chosen plan as a [parallel] table");
   sub->callback([o, &ctx] { run_plan(*o, ctx); });

@@ -22,6 +22,7 @@ const char* collective_name(Collective c) {
     case Collective::all_gather: return "all_gather";
     case Collective::reduce_scatter: return "reduce_scatter";
     case Collective::send: return "send";
+    case Collective::all_to_all: return "all_to_all";
   }
   return "?";
 }
@@ -176,7 +177,7 @@ struct Reader {
     const std::string where = "links." + level + ".";
     const toml::table& t = table(links, "links.", level);
     only_keys(t, where, {"latency_us", "bandwidth_GBps", "efficiency", "all_reduce", "all_gather",
-                         "reduce_scatter", "send"});
+                         "reduce_scatter", "send", "all_to_all"});
     LinkLevel l;
     l.latency_s = number(t, where, "latency_us", "microseconds", 0, 1e6) * 1e-6;
     l.bandwidth_Bps = number(t, where, "bandwidth_GBps", "GB/s = 1e9 bytes/s per rank and "
@@ -185,6 +186,8 @@ struct Reader {
     for (Collective c : {Collective::all_reduce, Collective::all_gather,
                          Collective::reduce_scatter, Collective::send})
       l.factors[size_t(c)] = pair(t, where, collective_name(c));
+    if (t.get("all_to_all"))  // optional: files written before cp / ep keep the default [1, 1]
+      l.factors[size_t(Collective::all_to_all)] = pair(t, where, "all_to_all");
     return l;
   }
 };
@@ -262,7 +265,7 @@ nlohmann::json Cluster::to_json() const {
     nlohmann::json j = {{"latency_s", l.latency_s},
                         {"bandwidth_Bps", l.bandwidth_Bps},
                         {"efficiency", l.efficiency}};
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < kNumCollectives; ++c)
       j[collective_name(Collective(c))] = {l.factors[size_t(c)].first, l.factors[size_t(c)].second};
     return j;
   };
@@ -287,7 +290,7 @@ std::string Cluster::to_toml() const {
     std::string s = fmt::format("[links.{}]\nlatency_us = {:.6g}\nbandwidth_GBps = {:.6g}\n"
                                 "efficiency = {:.4g}\n",
                                 level, l.latency_s * 1e6, l.bandwidth_Bps / 1e9, l.efficiency);
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < kNumCollectives; ++c)
       s += fmt::format("{} = [{:.4g}, {:.4g}]\n", collective_name(Collective(c)),
                        l.factors[size_t(c)].first, l.factors[size_t(c)].second);
     return s;

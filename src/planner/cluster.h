@@ -32,6 +32,9 @@
 //     time(collective of n bytes over p ranks) = a*(p-1)*alpha + b*(p-1)/p * n/(beta*efficiency)
 //     with n the full (gathered / reduced) buffer; a ring has all_reduce = [2, 2], all_gather =
 //     reduce_scatter = [1, 1]. send: time = a*alpha + b*n/(beta*efficiency).
+//   all_to_all                           (optional, default [1, 1]) pairwise exchange: n is one
+//                                        rank's buffer, of which it sends (p-1)/p; same formula
+//                                        (cp's Ulysses scheme, ep's token dispatch)
 #pragma once
 
 #include <array>
@@ -46,7 +49,8 @@
 
 namespace loom::planner {
 
-enum class Collective : uint8_t { all_reduce, all_gather, reduce_scatter, send };
+enum class Collective : uint8_t { all_reduce, all_gather, reduce_scatter, send, all_to_all };
+inline constexpr int kNumCollectives = 5;
 const char* collective_name(Collective c);
 
 struct LinkLevel {
@@ -54,7 +58,8 @@ struct LinkLevel {
   double bandwidth_Bps = 0;   // beta, per rank and direction
   double efficiency = 1;      // achieved fraction of beta
   // (latency factor, bandwidth factor) per Collective, in enum order.
-  std::array<std::pair<double, double>, 4> factors{{{2, 2}, {1, 1}, {1, 1}, {1, 1}}};
+  std::array<std::pair<double, double>, kNumCollectives> factors{
+      {{2, 2}, {1, 1}, {1, 1}, {1, 1}, {1, 1}}};
 
   // Seconds for `c` moving `bytes` (the full buffer) over a group of `p` ranks on this level.
   double time(Collective c, double bytes, int p) const;

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "attention/context_parallel.h"
 #include "model/geometry.h"
 
 namespace loom::planner {
@@ -89,27 +90,29 @@ struct Rates {
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
 struct StageWork {
-  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, pp = 0, zero = 0;
+  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, cp = 0, pp = 0,
+         zero = 0;
   double bwd_compute = 0;  // backward compute only (the window dp / ZeRO traffic overlaps)
-  double total() const { return fwd + bwd + recompute + vector + overhead + tp + pp + zero; }
+  double total() const { return fwd + bwd + recompute + vector + overhead + tp + cp + pp + zero; }
 };
 
 // The link level a group crosses: intra when all its ranks sit in one node. Ranks are ordered
-// tp fastest, then dp, then pp (parallel/plan.h), so a group of `size` ranks at `stride` spans
-// stride * size consecutive ranks.
+// tp fastest, then cp, then dp, then pp (parallel/plan.h), so a group of `size` ranks at
+// `stride` spans stride * size consecutive ranks.
 const LinkLevel& level(const Cluster& c, int64_t stride, int64_t size) {
   return stride * size <= c.devices_per_node ? c.intra : c.inter;
 }
 
 }  // namespace
 
-std::array<std::pair<const char*, double>, 12> TimeTerms::named() const {
+std::array<std::pair<const char*, double>, 13> TimeTerms::named() const {
   return {{{"forward", forward},
            {"backward", backward},
            {"recompute", recompute},
            {"vector", vector},
            {"overhead", overhead},
            {"tp", tp},
+           {"cp", cp},
            {"pp", pp},
            {"zero", zero},
            {"bubble", bubble},
@@ -137,13 +140,26 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   r.eff = &cl.efficiency(in.precision);
 
   const double t = plan.tp, b = double(plan.micro_batch_size), T = double(in.T);
-  const double N = b * T, C = double(cfg.d_model), KV = double(cfg.kv_dim()), F = double(cfg.d_ff),
+  const int G = plan.cp;
+  const double Tl = T / G;  // tokens of every sequence on this rank (cp)
+  const double N = b * Tl, C = double(cfg.d_model), KV = double(cfg.kv_dim()), F = double(cfg.d_ff),
                V = double(cfg.vocab), NH = double(cfg.n_heads), HD = double(cfg.head_dim());
   const double f32 = 4, mm_bytes = bf && !cl.bf16_emulated ? 2 : 4;  // bytes per element
 
   // One block (or the query layer: the same products), one micro-batch, this rank's shard.
-  const double attn_each = T * T * HD;  // q.k or p.v of one head, causal half of 2*T*T*HD
-  const double attn_count = b * NH / t * 2;
+  // Attention: q.k and p.v of each head, the causal half of 2*T*T*HD. Under cp a rank's Tl
+  // queries meet the T keys as G visiting Tl x Tl blocks (burst, ring; zigzag balances the causal
+  // work), one Tl x T product (allgather) or, with NH/G heads, the whole sequence (ulysses).
+  const bool ulysses = G > 1 && plan.cp_scheme == "ulysses";
+  const bool allgather = G > 1 && plan.cp_scheme == "allgather";
+  double attn_each = Tl * Tl * HD, attn_count = b * NH / t * 2 * G;
+  if (ulysses) {
+    attn_each = T * T * HD;
+    attn_count = b * NH / t / G * 2;
+  } else if (allgather) {
+    attn_each = Tl * T * HD;
+    attn_count = b * NH / t * 2;
+  }
   const double block_weights_fwd =
       r.gemm(N, (C + 2 * KV) / t, C) + r.gemm(N, C, C / t) + r.gemm(N, F / t, C) + r.gemm(N, C, F / t);
   const double block_attn_fwd = r.mm(attn_each, attn_count);
@@ -167,13 +183,47 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
                         2 * tp_link.time(Collective::reduce_scatter, N * C * f32, plan.tp)
                   : 0;
   const double block_tp_bwd = block_tp_fwd;
+  // Context-parallel transfers of one block (cost_model.h), exposed seconds forward / backward.
+  double block_cp_fwd = 0, block_cp_bwd = 0;
+  if (G > 1) {
+    const int64_t Bi = plan.micro_batch_size, Ti = in.T, NHl = cfg.n_heads / plan.tp,
+                  NKVl = cfg.n_kv_heads / plan.tp, HDi = cfg.head_dim();
+    const DType dt = mm_bytes == 2 ? DType::bf16 : DType::f32;
+    const LinkLevel& cp_link = level(cl, plan.tp, G);
+    const double steps = double(G - 1);
+    if (ulysses) {
+      // cp_ulysses_bytes is what one rank sends, (G-1)/G of its buffer.
+      auto a2a = [&](bool backward) {
+        const double sent = double(attention::cp_ulysses_bytes(backward, Bi, Ti, G, NHl, NKVl, HDi, dt));
+        return cp_link.time(Collective::all_to_all, sent * G / steps, G);
+      };
+      block_cp_fwd = a2a(false);
+      block_cp_bwd = a2a(true);
+    } else if (allgather) {
+      const double kv_bytes = 2 * b * T * double(NKVl * HDi);  // K and V of the whole sequence
+      const double gather = cp_link.time(Collective::all_gather, kv_bytes * mm_bytes, G);
+      block_cp_fwd = gather;
+      block_cp_bwd = gather + cp_link.time(Collective::reduce_scatter, kv_bytes * f32, G);
+    } else {
+      const attention::CpBackward kind =
+          plan.cp_scheme == "ring" ? attention::CpBackward::ring
+                                   : attention::choose_cp_backward(NHl, NKVl, HDi, dt);
+      const double fwd_bytes = double(attention::cp_forward_bytes(Bi, Ti, G, NKVl, HDi, dt));
+      const double bwd_bytes =
+          double(attention::cp_backward_bytes(kind, Bi, Ti, G, NHl, NKVl, HDi, dt));
+      const double fwd_comm = steps * cp_link.time(Collective::send, fwd_bytes / steps, 2);
+      const double bwd_comm = steps * cp_link.time(Collective::send, bwd_bytes / steps, 2);
+      block_cp_fwd = std::max(0.0, fwd_comm - block_attn_fwd * steps / G);
+      block_cp_bwd = std::max(0.0, bwd_comm - 2.5 * block_attn_fwd * steps / G);
+    }
+  }
   // Head: tied vocab-parallel logits (N, V/t) forward, two products backward; cross-entropy
   // reads and writes the logits about three times; two (N) all-reduces (max, sum of exp).
   const double head_fwd = r.gemm(N, V / t, C);
   const double head_vec = 3 * N * (V / t) * f32 / r.bytes;
   const double head_tp = plan.tp > 1 ? 2 * tp_link.time(Collective::all_reduce, N * f32, plan.tp) : 0;
   // Pipeline messages: (Nl, C) f32 per chunk boundary and direction.
-  const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * plan.dp, plan.pp);
+  const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * G * plan.dp, plan.pp);
   const double pp_msg = plan.pp > 1 ? pp_link.time(Collective::send, Nl * C * f32, 2) : 0;
   // Kernel-call overhead (cost_model.h's counts), stretched when ranks outnumber cores.
   const double stretch = cl.host_cores > 0 ? std::max(1.0, 1.0 / cl.rank_share(host_ranks)) : 1.0;
@@ -186,7 +236,9 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     layers_of_virtual[size_t(g)] = plan.stage_layers.empty() ? cfg.n_layers / n_virtual
                                                              : plan.stage_layers[size_t(g)];
   const std::vector<int64_t>& params = oracle.rank_params(plan);
-  const LinkLevel& dp_link = level(cl, plan.tp, plan.dp);
+  // Gradients reduce (and ZeRO shards) over the dp x cp ranks, which hold the same weights.
+  const int dpc = plan.dp_cp();
+  const LinkLevel& dp_link = level(cl, plan.tp, dpc);
 
   std::vector<StageWork> work(size_t(plan.pp));
   std::vector<double> stage_time(size_t(plan.pp));
@@ -203,10 +255,12 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       w.bwd += block_bwd;
       w.vector += block_vec_fwd + block_vec_bwd;
       w.tp += block_tp_fwd + block_tp_bwd;
+      w.cp += block_cp_fwd + block_cp_bwd;
       w.overhead += 3 * block_calls_fwd * call;
       switch (plan.recompute_of(l)) {
         case Recompute::full:
-          w.recompute += block_fwd + block_vec_fwd + block_tp_fwd + block_calls_fwd * call;
+          w.recompute +=
+              block_fwd + block_vec_fwd + block_tp_fwd + block_cp_fwd + block_calls_fwd * call;
           break;
         case Recompute::selective: w.recompute += selective_vec; break;
         case Recompute::none: break;
@@ -218,6 +272,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       w.bwd += 2 * head_fwd + double(ql) * block_bwd;
       w.vector += head_vec + double(ql) * (block_vec_fwd + block_vec_bwd);
       w.tp += head_tp + double(ql) * (block_tp_fwd + block_tp_bwd);
+      w.cp += double(ql) * (block_cp_fwd + block_cp_bwd);
       w.overhead += 3 * (head_calls_fwd + double(ql) * block_calls_fwd) * call;
     }
     if (g > 0) w.pp += pp_msg;               // receive the activation
@@ -227,13 +282,13 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     StageWork& w = work[size_t(s)];
     w.bwd_compute = w.bwd + w.recompute;
     const double unit_bytes = double(params[size_t(s)]) * f32;  // the rank's f32 gradients
-    if (plan.zero >= 2 && plan.dp > 1) {
+    if (plan.zero >= 2 && dpc > 1) {
       // Each micro-batch reduce-scatters the rank's gradients while its backward runs.
-      const double rs = dp_link.time(Collective::reduce_scatter, unit_bytes, plan.dp);
+      const double rs = dp_link.time(Collective::reduce_scatter, unit_bytes, dpc);
       w.zero += std::max(0.0, rs - w.bwd_compute);
       if (plan.zero == 3)  // weights gathered just in time before each forward and backward
         // (a recomputed forward runs inside the backward, on the weights gathered for it)
-        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, plan.dp);
+        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, dpc);
     }
     stage_time[size_t(s)] = w.total();
   }
@@ -252,6 +307,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   tt.vector = M * cw.vector;
   tt.overhead = M * cw.overhead;
   tt.tp = M * cw.tp;
+  tt.cp = M * cw.cp;
   tt.pp = M * cw.pp;
   tt.zero = M * cw.zero;
   tt.bubble = makespan - M * stage_time[size_t(crit)];
@@ -261,24 +317,24 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   for (int s = 0; s < plan.pp; ++s) {
     const double p = double(params[size_t(s)]);
     double exposed = 0, total = 0;
-    if (plan.dp > 1) {
+    if (dpc > 1) {
       if (plan.zero <= 1) {
-        total = dp_link.time(Collective::all_reduce, p * f32, plan.dp);
+        total = dp_link.time(Collective::all_reduce, p * f32, dpc);
         // Buckets start during the chunk's last micro-batch backward (train/executor.h).
         exposed = std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
         if (plan.zero == 1) {  // updated shares broadcast to every dp rank
-          const double ag = dp_link.time(Collective::all_gather, p * f32, plan.dp);
+          const double ag = dp_link.time(Collective::all_gather, p * f32, dpc);
           total += ag;
           exposed += ag;
         }
       } else if (plan.zero == 2) {
-        total = dp_link.time(Collective::all_gather, p * f32, plan.dp);
+        total = dp_link.time(Collective::all_gather, p * f32, dpc);
         exposed = total;
       }
     }
     dp_exposed = std::max(dp_exposed, exposed);
     dp_total = std::max(dp_total, total);
-    const double owned = plan.zero >= 1 ? p / plan.dp : p;
+    const double owned = plan.zero >= 1 ? p / dpc : p;
     // AdamW: read w g m v, write w m v (7 x 4 bytes), the matmul copy (bf16 or its f32
     // emulation), zero the gradient and read it for the norm (2 x 4 bytes).
     const double copy = bf ? mm_bytes : 0;
@@ -316,7 +372,7 @@ void add_memory(StepCost& cost, const ParallelPlan& plan, MemoryOracle& oracle) 
     }
   cost.peak_bytes = -1;
   for (int s : stages) {
-    const int rank = s * plan.tp * plan.dp;  // (dp 0, tp 0) of stage s: "tp-dp-pp" order
+    const int rank = s * plan.tp * plan.cp * plan.dp;  // (tp 0, cp 0, dp 0) of stage s
     const model::RankMemory& m = oracle.rank_memory(plan, rank);
     if (m.total() > cost.peak_bytes) {
       cost.peak = m;
@@ -356,8 +412,10 @@ nlohmann::json StepCost::to_json() const {
 // Plan strings.
 
 std::string plan_string(const ParallelPlan& p) {
-  std::string s = fmt::format("dp={},tp={},pp={},zero={},micro_batches={},schedule={}", p.dp, p.tp,
-                              p.pp, p.zero, p.micro_batches, parallel::schedule_name(p.schedule));
+  std::string s = fmt::format("dp={},tp={},pp={},", p.dp, p.tp, p.pp);
+  if (p.cp > 1) s += fmt::format("cp={},cp_scheme={},cp_layout={},", p.cp, p.cp_scheme, p.cp_layout);
+  s += fmt::format("zero={},micro_batches={},schedule={}", p.zero, p.micro_batches,
+                   parallel::schedule_name(p.schedule));
   if (p.virtual_stages > 1) s += fmt::format(",virtual_stages={}", p.virtual_stages);
   const std::string rc = parallel::recompute_spec(p.recompute);
   s += ",recompute=" + (rc.empty() ? std::string("none") : rc);
@@ -404,11 +462,13 @@ parallel::PlanSettings parse_plan_string(const std::string& text) {
     else if (k == "micro_batches") s.micro_batches = as_int(k, v);
     else if (k == "virtual_stages") s.virtual_stages = int(as_int(k, v));
     else if (k == "schedule") s.schedule = v;
+    else if (k == "cp_scheme") s.cp_scheme = v;
+    else if (k == "cp_layout") s.cp_layout = v;
     else if (k == "recompute") s.recompute = v;
     else if (k == "stage_layers") s.stage_layers = v;
     else
-      LOOM_FAIL("plan '{}': unknown key '{}'; keys: dp, tp, pp, cp, ep, zero, micro_batches, "
-                "virtual_stages, schedule, recompute, stage_layers",
+      LOOM_FAIL("plan '{}': unknown key '{}'; keys: dp, tp, pp, cp, cp_scheme, cp_layout, ep, "
+                "zero, micro_batches, virtual_stages, schedule, recompute, stage_layers",
                 text, k);
   }
   return s;

@@ -19,6 +19,17 @@
 // - tp: sequence-parallel blocks (model/block.h) all-gather the two norm outputs (N, C) and
 //   reduce-scatter the two row-parallel outputs per block forward, the mirror in the backward;
 //   blocking, not overlapped. The vocab-parallel loss adds two small all-reduces of (N) floats.
+// - cp (context parallel, cp = G > 1): a rank holds Tl = T/G tokens of every sequence, so every
+//   row count above is b*Tl and its attention is Tl queries against the T keys (causal, zigzag
+//   balanced: G visiting blocks of Tl x Tl each). The cp term is the exposed transfer time of the
+//   scheme, from attention/context_parallel.h's closed byte counts: burst / ring send G-1 blocks,
+//   each posted before the compute on the current block, so only max(0, transfer - (G-1)/G of
+//   the attention) shows (forward; backward likewise with burst's per-layer choice of backward);
+//   allgather (all-gather K, V; backward gathers again and reduce-scatters f32 dK, dV) and ulysses
+//   (all-to-all of q, k, v and back) block. Full recompute repeats the forward's transfers.
+//   Gradients reduce and ZeRO shards over the dp x cp group. A cp group that spans nodes is
+//   priced at the inter-node link for every step (conservative: the engine's double ring hides
+//   inter-node transfers behind L steps).
 // - pp: per micro-batch and chunk boundary one (N/tp, C) f32 activation forward and its gradient
 //   back, on the critical path (receives block the next compute action).
 // - bubble: 1f1b and gpipe: makespan = sum_s t_s + (M - 1) max_s t_s; interleaved:
@@ -87,18 +98,18 @@ class MemoryOracle {
 
 struct TimeTerms {
   double forward = 0, backward = 0, recompute = 0, vector = 0;  // compute, critical stage
-  double tp = 0, pp = 0, zero = 0;  // exposed per-micro-batch comm (zero: ZeRO-2/3 traffic)
+  double tp = 0, cp = 0, pp = 0, zero = 0;  // exposed per-micro-batch comm (zero: ZeRO-2/3)
   double bubble = 0;
   double dp = 0;          // exposed dp gradient reduction (+ ZeRO weight gathers after the step)
   double dp_total = 0;    // the same reduction's full time (informational, not summed)
   double sync = 0, optimizer = 0;
   double overhead = 0;    // kernel-call overhead, critical stage
   double total() const {
-    return forward + backward + recompute + vector + overhead + tp + pp + zero + bubble + dp +
-           sync + optimizer;
+    return forward + backward + recompute + vector + overhead + tp + cp + pp + zero + bubble +
+           dp + sync + optimizer;
   }
   // (name, seconds) of every summed term, in a fixed order.
-  std::array<std::pair<const char*, double>, 12> named() const;
+  std::array<std::pair<const char*, double>, 13> named() const;
 };
 
 struct StepCost {
@@ -137,7 +148,8 @@ double pipeline_makespan(const std::vector<double>& stage_time, int64_t micro_ba
                          parallel::ScheduleKind kind, int virtual_stages);
 
 // The plan's string form: "dp=2,tp=1,pp=2,zero=1,micro_batches=4,schedule=1f1b,recompute=full"
-// (+ virtual_stages, stage_layers when set), and its inverse into PlanSettings.
+// (+ cp, cp_scheme, cp_layout when cp > 1, virtual_stages, stage_layers when set), and its
+// inverse into PlanSettings.
 std::string plan_string(const parallel::ParallelPlan& p);
 parallel::PlanSettings parse_plan_string(const std::string& s);
 

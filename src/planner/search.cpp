@@ -46,6 +46,13 @@ std::pair<double, double> block_and_head_work(const model::ModelConfig& c, int64
 
 }  // namespace
 
+std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq) {
+  std::vector<int> out;
+  for (int64_t g : divisors(devices))
+    if (g == 1 || (seq % (2 * g) == 0 && seq / g >= kMinCpTokens)) out.push_back(int(g));
+  return out;
+}
+
 int64_t memory_bucket(int64_t bytes, double fraction) {
   if (bytes <= 1) return 0;
   return int64_t(std::floor(std::log(double(bytes)) / std::log1p(fraction)));
@@ -143,13 +150,31 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   auto reject = [&](const std::string& why, int64_t n = 1) { res.rejected[why] += n; };
   std::vector<Candidate> all;
   bool stop = false;
-  for (int cp : o.space.cp)
+  const std::vector<int> cps = o.space.cp.empty() ? auto_cp_sizes(N, o.seq) : o.space.cp;
+  for (int cp : cps)
     for (int ep : o.space.ep) {
-      if (cp != 1 || ep != 1) {  // extension point: make_plan rejects cp, ep > 1 today
-        reject("cp/ep > 1: not supported by the engine yet");
+      if (ep != 1) {  // extension point: make_plan rejects ep > 1 today
+        reject("ep > 1: not supported by the engine yet");
         continue;
       }
-      for (int64_t tp : divisors(N)) {
+      ++res.enumerated;
+      if (cp < 1 || N % cp != 0) {
+        reject(fmt::format("cp must divide the devices {}", N));
+        continue;
+      }
+      if (cp > 1 && o.seq % (2 * cp) != 0) {
+        reject(fmt::format("cp: the zigzag layout cuts seq = {} into 2 x cp chunks", o.seq));
+        continue;
+      }
+      if (cp > 1 && cfg.moe.enabled() && cfg.moe.router != model::Router::rre) {
+        reject("cp > 1: the topk router does not run under cp");
+        continue;
+      }
+      // Schemes: burst (its backward chosen per layer by bytes; ring is burst with the other
+      // backward and never sends fewer bytes) and the two baselines.
+      std::vector<std::string> schemes = {"burst"};
+      if (cp > 1) schemes = o.space.cp_schemes;
+      for (int64_t tp : divisors(N / cp)) {
         if (stop) break;
         ++res.enumerated;
         if (!tp_fits(cfg, tp)) {
@@ -159,14 +184,14 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
                              cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab));
           continue;
         }
-        for (int64_t pp : divisors(N / tp)) {
+        for (int64_t pp : divisors(N / cp / tp)) {
           if (stop) break;
           ++res.enumerated;
           if (pp > L) {
             reject(fmt::format("pp > n_layers={}", L));
             continue;
           }
-          const int64_t dp = N / tp / pp;
+          const int64_t dp = N / cp / tp / pp;
           if (G % dp != 0) {
             reject(fmt::format("dp must divide the global batch {}", G));
             continue;
@@ -203,7 +228,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
             if (dp == 1 && zero != 0) continue;  // ZeRO over one rank is ZeRO 0
             for (int64_t M : divisors(G / dp)) {
               if (stop) break;
-              if ((G / (dp * M)) * o.seq % tp != 0) {
+              if ((G / (dp * M)) * (o.seq / cp) % tp != 0) {
                 // train/train_config.cpp: sequence parallelism splits b*T rows over tp.
                 reject("tp must divide the micro-batch's rows b*T (sequence parallelism)",
                        int64_t(layouts.size() * recomputes.size()));
@@ -215,8 +240,13 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
                          int64_t(recomputes.size()));
                   continue;
                 }
-                for (const auto& rc : recomputes) {
+                for (const auto& rc : recomputes)
+                 for (const std::string& scheme : schemes) {
                   ++res.enumerated;
+                  if (scheme == "ulysses" && (cfg.n_kv_heads / tp) % cp != 0) {
+                    reject("cp_scheme ulysses: cp must divide the kv heads of a tp shard");
+                    continue;
+                  }
                   if (res.timed >= o.max_candidates) {
                     stop = true;
                     res.truncated = true;
@@ -229,6 +259,8 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
                   p.dp = int(dp);
                   p.tp = int(tp);
                   p.pp = int(pp);
+                  p.cp = cp;
+                  if (cp > 1) p.cp_scheme = scheme;
                   p.zero = zero;
                   p.recompute = rc;
                   p.micro_batches = M;
@@ -317,7 +349,8 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;
     const parallel::ParallelPlan v = parallel::make_plan(parse_plan_string(c.key), shape, G,
                                                          o.devices);
-    LOOM_ASSERT(v.micro_batch_size == c.plan.micro_batch_size && v.dp == c.plan.dp,
+    LOOM_ASSERT(v.micro_batch_size == c.plan.micro_batch_size && v.dp == c.plan.dp &&
+                    v.cp == c.plan.cp && v.cp_scheme == c.plan.cp_scheme,
                 "planner built plan '{}' that make_plan reads differently", c.key);
   }
   res.evaluated = std::move(all);

@@ -8,9 +8,9 @@
 // divides) and balanced (first and last stages lighter by the embedding and head work, see
 // search.cpp), recompute none / selective / full for every block, and full on the first k
 // blocks for k in {L/4, L/2, 3L/4} (the first blocks hold the most in-flight activations under
-// 1f1b). cp and ep: SearchSpace lists them; the engine supports only 1 today (make_plan rejects
-// other values), so the lists are {1}; when cp / ep land, add their values there and their
-// terms to the cost model.
+// 1f1b), cp (auto_cp_sizes or the given list; dp = N/(tp*pp*cp)) with the schemes burst,
+// allgather and ulysses (cp must divide a tp shard's kv heads), zigzag layout. ep: SearchSpace
+// lists it; the engine's ep is not in the search yet, so the list is {1}.
 //
 // Algorithm: every candidate gets its time (closed form, cheap). Candidates are then visited in
 // order of (time, plan string); a candidate joins the frontier when its memory bucket is below
@@ -49,7 +49,9 @@ struct SearchSpace {
   int max_virtual_stages = 4;
   bool recompute_splits = true;  // full on the first k blocks
   bool balanced_stages = true;   // non-uniform stage boundaries
-  std::vector<int> cp = {1};     // extension point: context parallel sizes (engine: 1 only)
+  // Context-parallel sizes; empty: auto_cp_sizes(devices, seq). Schemes tried for cp > 1.
+  std::vector<int> cp;
+  std::vector<std::string> cp_schemes = {"burst", "allgather", "ulysses"};
   std::vector<int> ep = {1};     // extension point: expert parallel sizes (engine: 1 only)
 };
 
@@ -93,6 +95,17 @@ struct SearchResult {
 SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const SearchOptions& o);
 
 int64_t memory_bucket(int64_t bytes, double fraction);
+
+// The cp sizes the search tries by default: 1, and every divisor g of `devices` that the zigzag
+// layout can cut seq by (seq % 2g == 0) while each rank keeps at least kMinCpTokens tokens of a
+// sequence. A bound on the search, not a claim about speed: every cp size multiplies the plans
+// to time and replay by about 3 (its schemes), and at a few thousand tokens per sequence tp with
+// sequence parallelism and recompute already bound the activations (context parallelism is
+// used from 8K-128K tokens in published runs). With 1024 the 1T / 2048-token search grew from
+// 48K to 199K plans and ran out of its memory-replay budget. Pass the sizes explicitly
+// (loom plan --cp 1,2,4) to search them at any length.
+inline constexpr int64_t kMinCpTokens = 4096;
+std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq);
 
 // Queries on a frontier (null when none qualifies).
 const Candidate* fastest_under(const std::vector<Candidate>& frontier, int64_t memory_limit);

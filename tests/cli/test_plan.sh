@@ -40,6 +40,29 @@ check "emit-config prints a [parallel] table" "grep -q '^\[parallel\]' <<< \"\$o
 out=$("$loom" plan --model "$model" --cluster "$a100" --devices 8 --batch 16 --seq 256 --time-target 1 2>&1)
 check "time target reports the fewest devices" "grep -q 'fewest devices meeting' <<< \"\$out\""
 
+# Context parallelism: a 32K-token model on 8 devices searches cp; the cp plans on the frontier
+# cost the same under --explain and emit a [parallel] table with cp.
+long=$src/configs/models/tiny-32k.toml
+"$loom" plan --model "$long" --cluster "$a100" --devices 8 --batch 8 --seq 32768 --cp 1,2,4,8 \
+    --json > "$tmp/cp.json" 2>&1; rc=$?
+check "cp: frontier holds cp plans with a cp term" "[ $rc = 0 ] && python3 -c \"
+import json; j = json.load(open('$tmp/cp.json'))
+cps = [p for p in j['frontier'] if ',cp=' in p['plan']]
+assert cps and all('cp' in p['terms'] for p in j['frontier']), j['frontier']
+\""
+cplan=$(python3 -c "import json; print([p for p in json.load(open('$tmp/cp.json'))['frontier'] if ',cp=' in p['plan']][0]['plan'])" 2>/dev/null)
+cstep=$(python3 -c "import json; print([p for p in json.load(open('$tmp/cp.json'))['frontier'] if ',cp=' in p['plan']][0]['step_time_s'])" 2>/dev/null)
+"$loom" plan --model "$long" --cluster "$a100" --devices 8 --batch 8 --seq 32768 \
+    --explain "$cplan" --json > "$tmp/ce.json" 2>&1; rc=$?
+check "cp: explain of a cp plan gives the same time" "[ $rc = 0 ] && python3 -c \"
+import json; e = json.load(open('$tmp/ce.json')); assert abs(e['step_time_s'] - $cstep) < 1e-12 * $cstep\""
+out=$("$loom" plan --model "$long" --cluster "$a100" --devices 8 --batch 8 --seq 32768 --cp 4 \
+      --emit-config 2>&1)
+check "cp: emit-config carries cp" "grep -q '^cp = 4' <<< \"\$out\""
+out=$("$loom" plan --model "$long" --cluster "$a100" --devices 8 --batch 8 --seq 32768 \
+      --explain "dp=1,tp=1,pp=1,cp=8,cp_scheme=ulysses,micro_batches=1" 2>&1); rc=$?
+check "cp: ulysses over more ranks than kv heads is refused" "[ $rc = 1 ] && grep -q 'ulysses scheme must divide the kv heads' <<< \"\$out\""
+
 # Bad input.
 out=$("$loom" plan --model "$model" --cluster "$a100" --devices 8 --batch 16 --seq 256 --memory-limit 0.0001 2>&1); rc=$?
 check "impossible memory limit names the smallest need" "[ $rc = 1 ] && grep -q 'smallest memory any plan needs is' <<< \"\$out\""

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "attention/context_parallel.h"
 #include "core/error.h"
 #include "model/config.h"
 #include "model/memory.h"
@@ -189,6 +190,67 @@ TEST(CostModel, DataParallelOverlapByHand) {
   EXPECT_NEAR(c.terms.optimizer, P / 2 * 36 / 100e9, 1e-12);
 }
 
+TEST(CostModel, ContextParallelTermByHand) {
+  // cp = 2 on the intra link, compute made negligible (1e6 TFLOP/s) so nothing overlaps: the cp
+  // term is the transfers of attention/context_parallel.h's closed byte counts. tiny has NH 4,
+  // NKV 2 (g = 2: burst's per-layer choice is the ring backward), HD 16; 2 blocks + the query
+  // layer run attention.
+  const Cluster cl = cluster_from_toml(
+      with_line_replaced(kTestCluster, "peak_tflops_f32 = 1\n", "peak_tflops_f32 = 1000000\n"),
+      "test");
+  const model::ModelConfig cfg = small_model(2);
+  const int64_t T = 64, B = 2;
+  const double a = 10e-6, beta = 10e9 * 0.5;
+  auto cost = [&](const std::string& scheme) {
+    parallel::PlanSettings s = parse_plan_string("dp=1,tp=1,pp=1,cp=2,micro_batches=1");
+    s.cp_scheme = scheme;
+    const ParallelPlan p = parallel::make_plan(
+        s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, B, 2);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    return estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  };
+  EXPECT_EQ(attention::choose_cp_backward(4, 2, 16, DType::f32), attention::CpBackward::ring);
+  // burst: one ring step each way (G - 1 = 1): forward K, V; backward K, V, dK, dV (f32).
+  const double fwd = 2.0 * B * T * 2 * 16 * 0.5 * 4, bwd = B * T * 0.5 * 2 * 16 * (2 * 4 + 8);
+  EXPECT_EQ(fwd, double(attention::cp_forward_bytes(B, T, 2, 2, 16, DType::f32)));
+  EXPECT_EQ(bwd, double(attention::cp_backward_bytes(attention::CpBackward::ring, B, T, 2, 4, 2,
+                                                     16, DType::f32)));
+  const StepCost burst = cost("burst");
+  EXPECT_NEAR(burst.terms.cp, 3 * ((a + fwd / beta) + (a + bwd / beta)), 1e-9);
+  // allgather: all-gather the whole K, V (n bytes over 2 ranks: 1 step, half of n), backward the
+  // same again plus a reduce-scatter of f32 dK, dV.
+  const double kv = 2.0 * B * T * 2 * 16 * 4, ag = a + 0.5 * kv / beta;
+  EXPECT_NEAR(cost("allgather").terms.cp, 3 * (ag + 2 * ag), 1e-9);
+  // ulysses: all-to-all; a rank sends (G-1)/G of its buffer.
+  const double uf = double(attention::cp_ulysses_bytes(false, B, T, 2, 4, 2, 16, DType::f32)),
+               ub = double(attention::cp_ulysses_bytes(true, B, T, 2, 4, 2, 16, DType::f32));
+  EXPECT_NEAR(cost("ulysses").terms.cp, 3 * ((a + uf / beta) + (a + ub / beta)), 1e-9);
+  // The cp ranks hold the same weights: gradients all-reduce over dp x cp = 2 ranks.
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const double P = double(oracle.rank_params(parallel::ParallelPlan{})[0]);
+  EXPECT_NEAR(burst.terms.dp_total, 2 * a + 2 * 0.5 * P * 4 / beta, 1e-12);
+}
+
+TEST(CostModel, ContextParallelHidesTransfersBehindAttention) {
+  // At the preset speeds (1 TFLOP/s) a long sequence's ring transfer per step is shorter than the
+  // attention of a visiting block, so burst's exposed cp time is 0; allgather, which blocks,
+  // is not.
+  const Cluster cl = cluster_from_toml(kTestCluster, "test");
+  model::ModelConfig cfg = small_model(2);
+  cfg.max_seq = 8192;
+  const int64_t T = 8192;
+  auto cost = [&](const std::string& scheme) {
+    parallel::PlanSettings s = parse_plan_string("dp=1,tp=1,pp=1,cp=4,micro_batches=1");
+    s.cp_scheme = scheme;
+    const ParallelPlan p = parallel::make_plan(
+        s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, 1, 4);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    return estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  };
+  EXPECT_EQ(cost("burst").terms.cp, 0);
+  EXPECT_GT(cost("allgather").terms.cp, 0);
+}
+
 TEST(CostModel, ComputeTermsByHand) {
   const Cluster cl = cluster_from_toml(kTestCluster, "test");
   const model::ModelConfig cfg = small_model(2);
@@ -274,6 +336,11 @@ TEST(CostModel, PlanStringRoundTrips) {
       "stage_layers=1,2,3,2",
       cfg, 8, 8);
   EXPECT_EQ(plan_of(plan_string(p), cfg, 8, 8), p);
+  const ParallelPlan q =
+      plan_of("dp=1,tp=2,pp=1,cp=2,cp_scheme=allgather,cp_layout=striped,micro_batches=2", cfg, 4, 4);
+  EXPECT_EQ(q.cp, 2);
+  EXPECT_EQ(q.cp_scheme, "allgather");
+  EXPECT_EQ(plan_of(plan_string(q), cfg, 4, 4), q);
   EXPECT_THROW(parse_plan_string("dp=2,bogus=3"), Error);
   EXPECT_THROW(parse_plan_string("2,dp=2"), Error);
 }
@@ -360,11 +427,17 @@ TEST(Search, PrunedSearchEqualsBruteForce) {
   const model::ModelConfig cfg = small_model(8);
   for (int devices : {4, 8}) {
     SearchOptions o = small_search(devices);
+    o.space.cp = {1, 2, 4};  // seq 32: zigzag chunks of 8 and 4 tokens
     o.prune_with_bound = false;
     o.max_memory_evals = 1'000'000;
     const SearchResult brute = search(cfg, cl, o);
     EXPECT_EQ(brute.memory_evaluated, brute.timed);
-    const SearchResult pruned = search(cfg, cl, small_search(devices));
+    SearchOptions op = small_search(devices);
+    op.space.cp = {1, 2, 4};
+    const SearchResult pruned = search(cfg, cl, op);
+    int64_t cp_plans = 0;
+    for (const Candidate& x : brute.evaluated) cp_plans += x.plan.cp > 1;
+    EXPECT_GT(cp_plans, 0);
     ASSERT_EQ(pruned.frontier.size(), brute.frontier.size()) << devices;
     for (size_t i = 0; i < brute.frontier.size(); ++i)
       EXPECT_EQ(pruned.frontier[i].key, brute.frontier[i].key);
