@@ -115,7 +115,9 @@ TEST(DType, F16RoundTripsAndRoundsToNearestEven) {
     if (std::isnan(f)) continue;
     const uint16_t h = f32_to_f16(f);
     const double v = double(f), got = double(f16_to_f32(h));
-    if (!std::isinf(got)) ASSERT_LT(std::fabs(v), 65520.0) << f << " should overflow to inf";
+    if (!std::isinf(got)) {
+      ASSERT_LT(std::fabs(v), 65520.0) << f << " should overflow to inf";
+    }
     // Neighbours of the result: no f16 value may be closer, and a tie must pick the even one.
     for (int d : {-1, 1}) {
       const uint16_t n = uint16_t(int(h & 0x7fff) + d) | (h & 0x8000);
@@ -127,7 +129,9 @@ TEST(DType, F16RoundTripsAndRoundsToNearestEven) {
         continue;
       }
       ASSERT_LE(std::fabs(got - v), std::fabs(other - v)) << f << " -> " << got;
-      if (std::fabs(got - v) == std::fabs(other - v)) ASSERT_EQ(h & 1, 0) << "tie to even " << f;
+      if (std::fabs(got - v) == std::fabs(other - v)) {
+        ASSERT_EQ(h & 1, 0) << "tie to even " << f;
+      }
     }
   }
   EXPECT_EQ(f32_to_f16(65504.f), 0x7bff);          // max f16

@@ -107,9 +107,10 @@ void expect_same_view(const WeightView& a, const WeightView& b, const char* what
   ASSERT_EQ(a.K, b.K) << what;
   const size_t es = a.format == WeightFormat::f32 ? 4 : a.format == WeightFormat::bf16 ? 2 : 1;
   EXPECT_EQ(std::memcmp(a.data, b.data, size_t(a.N * a.K) * es), 0) << what << ": data differ";
-  if (a.format == WeightFormat::int8_row)
+  if (a.format == WeightFormat::int8_row) {
     EXPECT_EQ(std::memcmp(a.scales, b.scales, size_t(a.N) * sizeof(float)), 0)
         << what << ": scales differ";
+  }
 }
 
 class Quantize : public ::testing::TestWithParam<bool> {};  // query layer on / off
