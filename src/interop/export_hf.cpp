@@ -33,6 +33,9 @@ std::string read_text(const std::string& path) { return read_config_file(path, "
 void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir) {
   CheckpointReader r(ckpt_dir);
   const model::ModelConfig& c = r.config();
+  LOOM_CHECK(!r.has_int8_weights(), "'{}' holds int8-quantized weights (`loom quantize`); "
+             "Hugging Face GPT-2 has no int8 layout: export the checkpoint it was quantized from",
+             ckpt_dir);
   LOOM_CHECK(!c.query_layer, "'{}': model '{}' has the PanGu-α/CodeGeeX top query layer, which "
              "GPT-2's architecture cannot express", ckpt_dir, c.name);
   LOOM_CHECK(c.n_kv_heads == c.n_heads, "'{}': model '{}' uses grouped-query attention "
@@ -48,9 +51,6 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
     V0 = st["interop"]["vocab_used"].get<int64_t>();
   LOOM_CHECK(V0 > 0 && V0 <= c.vocab, "'{}': recorded vocab_used {} is outside (0, {}]", ckpt_dir,
              V0, c.vocab);
-  LOOM_CHECK(!r.has_int8_weights(), "'{}' holds int8-quantized weights (`loom quantize`); "
-             "Hugging Face GPT-2 has no int8 layout: export the checkpoint it was quantized from",
-             ckpt_dir);
   const model::ParamLayout layout(c);
   const int64_t C = c.d_model, F = c.d_ff;
   // Each output tensor gets its own buffer, loaded (and transposed) one tensor at a time, so the
