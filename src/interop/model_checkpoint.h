@@ -3,7 +3,8 @@
 // depend on model/ and writes each rank's pieces; this API is kept for its existing callers.
 //
 // save_checkpoint writes a flat checkpoint: a directory holding
-//   model.safetensors      every parameter by its fixed name (f32)
+//   model.safetensors      every parameter by its fixed name (f32; save_checkpoint_streamed
+//                          may store BF16, F16 or I8 + "<name>:row_scales", see StorageDType)
 //   optimizer.safetensors  AdamW state: "m.<name>", "v.<name>" (f32), step in metadata
 //   config.toml            the ModelConfig
 //   trainer_state.json     step, data-loader position, run settings (whatever the trainer puts)
