@@ -2,6 +2,8 @@
 //   loom convert --from codegeex --in FILE.pt|SHARD_DIR [--tokenizer DIR] [--n-heads N] --out DIR
 //   loom convert --from hf-gpt2  --in DIR [--tokenizer DIR] --out DIR
 //   loom convert --to hf-gpt2    --in CKPT --out DIR
+// Imports keep each tensor's source dtype (F32, F16, BF16; F64 becomes F32) unless --dtype
+// f32|bf16|f16 is given; the export writes each tensor in the checkpoint's stored dtype.
 // Prints one JSON line describing the result; warnings (skipped metadata, padding) on stderr.
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -14,7 +16,7 @@ namespace {
 
 void add_convert(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
-    std::string from, to, in, out, tokenizer, name, dtype = "f32";
+    std::string from, to, in, out, tokenizer, name, dtype;
     int64_t n_heads = 0, vocab_multiple = 128;
   };
   auto o = std::make_shared<Opts>();
@@ -33,13 +35,18 @@ void add_convert(CLI::App& root, loom::cli::Context& ctx) {
                   "(default: d_model / 128)");
   sub->add_option("--pad-vocab-to-multiple", o->vocab_multiple,
                   "pad the vocabulary rows to a multiple of this (Megatron's default 128)");
-  sub->add_option("--dtype", o->dtype, "weight dtype of the loom checkpoint (f32)");
+  sub->add_option("--dtype", o->dtype,
+                  "storage dtype of the imported checkpoint: f32, bf16 or f16 (default: keep "
+                  "the source's; narrowing rounds to nearest even)");
   sub->callback([o, &ctx] {
     LOOM_CHECK(o->from.empty() != o->to.empty(),
                "loom convert: give exactly one of --from (codegeex | hf-gpt2) or --to hf-gpt2");
-    LOOM_CHECK(o->dtype == "f32",
-               "loom convert: --dtype {} is not available: loom checkpoints store f32 weights "
-               "(the running precision is chosen at run time)", o->dtype);
+    LOOM_CHECK(o->dtype.empty() || o->dtype == "f32" || o->dtype == "bf16" || o->dtype == "f16",
+               "loom convert: --dtype '{}' is unknown; choose f32, bf16 or f16 (or omit it to "
+               "keep the source's dtype; int8: `loom quantize`)", o->dtype);
+    LOOM_CHECK(o->dtype.empty() || o->to.empty(),
+               "loom convert --to {}: --dtype applies to imports; the export writes each tensor "
+               "in the dtype the checkpoint stores", o->to);
     LOOM_CHECK(o->vocab_multiple >= 1, "--pad-vocab-to-multiple must be >= 1, got {}",
                o->vocab_multiple);
     if (!o->to.empty()) {
@@ -55,6 +62,7 @@ void add_convert(CLI::App& root, loom::cli::Context& ctx) {
     opt.name = o->name;
     opt.n_heads = o->n_heads;
     opt.vocab_multiple = o->vocab_multiple;
+    opt.dtype = o->dtype;
     loom::interop::ConvertResult r;
     if (o->from == "codegeex") r = loom::interop::convert_codegeex(o->in, o->out, opt);
     else if (o->from == "hf-gpt2") r = loom::interop::convert_hf_gpt2(o->in, o->out, opt);
@@ -63,7 +71,8 @@ void add_convert(CLI::App& root, loom::cli::Context& ctx) {
     nlohmann::json j = {{"checkpoint", o->out},    {"from", o->from},
                         {"model", r.cfg.name},     {"params", r.cfg.num_params()},
                         {"vocab", r.cfg.vocab},    {"vocab_used", r.vocab_used},
-                        {"tensors", r.tensors},    {"warnings", r.warnings.size()}};
+                        {"tensors", r.tensors},    {"dtype", r.dtype},
+                        {"warnings", r.warnings.size()}};
     std::printf("%s\n", j.dump().c_str());
     ctx.exit_code = 0;
   });

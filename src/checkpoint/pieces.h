@@ -30,6 +30,11 @@ inline constexpr const char* kFormat = "loom-sharded-1";
 // verifies what it reads without hashing whole shards it needs only a part of.
 inline constexpr uint64_t kBlockBytes = uint64_t(1) << 20;
 
+// The dtypes a checkpoint tensor may be stored in (sharded.h).
+inline bool is_stored_dtype(DType t) {
+  return t == DType::f32 || t == DType::bf16 || t == DType::f16 || t == DType::i8;
+}
+
 inline std::string blocks_name(const std::string& shard) {
   const std::string ext = ".safetensors";
   std::string base = shard.size() > ext.size() && shard.ends_with(ext)

@@ -139,7 +139,11 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
                  "'{}': tensor '{}': key 'data_offsets' must be [begin, end], found {}", path, name,
                  off.dump());
       TensorInfo info;
-      info.dtype = dtype_from_name(v["dtype"].get<std::string>());
+      try {
+        info.dtype = dtype_from_name(v["dtype"].get<std::string>());
+      } catch (const Error& e) {
+        LOOM_FAIL("'{}': tensor '{}': {}", path, name, e.what());
+      }
       uint64_t expect = dtype_size(info.dtype);
       for (auto& d : v["shape"]) {
         LOOM_CHECK(d.is_number_unsigned() && d.get<uint64_t>() <= (uint64_t(1) << 40),

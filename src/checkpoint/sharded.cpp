@@ -92,6 +92,14 @@ ShardedWriter::ShardedWriter(std::string checkpoint_dir, const comm::ProcessGrou
 }
 
 void ShardedWriter::add(const std::string& kind, const PieceSpec& piece, const float* data) {
+  add(kind, piece, data, DType::f32);
+}
+
+void ShardedWriter::add(const std::string& kind, const PieceSpec& piece, const void* data,
+                        DType dtype) {
+  LOOM_CHECK(is_stored_dtype(dtype),
+             "ShardedWriter::add: {} tensor '{}' as {}: checkpoints store F32, BF16, F16 or I8",
+             kind, piece.name, dtype_name(dtype));
   LOOM_CHECK(!committed_, "ShardedWriter::add after commit(); make a new writer per save");
   LOOM_CHECK(!kind.empty() && kind.find('/') == std::string::npos &&
                  piece.name.find('#') == std::string::npos,
@@ -101,7 +109,7 @@ void ShardedWriter::add(const std::string& kind, const PieceSpec& piece, const f
   LOOM_CHECK(data != nullptr || piece.hi == piece.lo,
              "ShardedWriter::add: {} tensor '{}' has {} elements but a null data pointer", kind,
              piece.name, piece.hi - piece.lo);
-  pieces_.push_back({kind, piece, data});
+  pieces_.push_back({kind, piece, data, dtype});
 }
 
 CommitResult ShardedWriter::commit(const std::string& config_toml,
@@ -146,7 +154,7 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
       if (p.spec.hi == p.spec.lo) continue;
       std::string key = p.kind + "/" + p.spec.name;
       tensor_names.push_back(key + "#" + std::to_string(counter[key]++));
-      tensors.push_back({tensor_names.back(), DType::f32, Shape{p.spec.hi - p.spec.lo}, p.data});
+      tensors.push_back({tensor_names.back(), p.dtype, Shape{p.spec.hi - p.spec.lo}, p.data});
     }
     std::map<std::string, std::string> meta = {{"format", kFormat},
                                                {"rank", std::to_string(rank_)},
@@ -169,7 +177,8 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
       j["shape"] = p.spec.global_shape;
       j["tensor"] = tensor_names[k++];
       j["offset"] = offset;
-      offset += uint64_t(p.spec.hi - p.spec.lo) * sizeof(float);
+      j["dtype"] = std::string(dtype_name(p.dtype));
+      offset += uint64_t(p.spec.hi - p.spec.lo) * dtype_size(p.dtype);
       pieces.push_back(std::move(j));
     }
     mine = {{"file", file}, {"sha256", d.sha256}, {"bytes", d.bytes},
@@ -195,6 +204,7 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
       };
       struct Collected {
         std::vector<int64_t> shape;
+        std::string dtype;
         std::vector<Stored> pieces;
       };
       std::map<std::string, std::map<std::string, Collected>> by_kind;
@@ -232,12 +242,17 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
           st.tensor = j["tensor"].get<std::string>();
           st.offset = j["offset"].get<uint64_t>();
           const std::string kind = j["kind"].get<std::string>();
+          const std::string dtype = j.value("dtype", "F32");
           Collected& c = by_kind[kind][p.name];
-          if (c.pieces.empty()) c.shape = p.global_shape;
+          if (c.pieces.empty()) c.shape = p.global_shape, c.dtype = dtype;
           LOOM_CHECK(c.shape == p.global_shape,
                      "{} tensor '{}' is saved with shape {} by rank {} but {} by rank {}; every "
                      "rank must describe the same logical tensor", kind, p.name,
                      shape_text(c.shape), c.pieces.front().rank, shape_text(p.global_shape), r);
+          LOOM_CHECK(c.dtype == dtype,
+                     "{} tensor '{}' is saved as {} by rank {} but as {} by rank {}; every piece "
+                     "of a tensor must have its dtype", kind, p.name, c.dtype,
+                     c.pieces.front().rank, dtype, r);
           c.pieces.push_back(std::move(st));
         }
       }
@@ -267,8 +282,9 @@ CommitResult ShardedWriter::commit(const std::string& config_toml,
                          },
                          "every element of every tensor must be saved by exactly one rank "
                          "(check the tp slices and ZeRO ranges given to ShardedWriter::add)");
-          index += fmt::format("{}\n   {}: {{\"shape\": {}, \"dtype\": \"F32\", \"pieces\": [",
-                               first_name ? "" : ",", quoted(name), nlohmann::json(c.shape).dump());
+          index += fmt::format("{}\n   {}: {{\"shape\": {}, \"dtype\": {}, \"pieces\": [",
+                               first_name ? "" : ",", quoted(name), nlohmann::json(c.shape).dump(),
+                               quoted(c.dtype));
           first_name = false;
           for (size_t i = 0; i < c.pieces.size(); ++i) {
             const Stored& st = c.pieces[i];

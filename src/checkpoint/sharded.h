@@ -5,8 +5,9 @@
 // part of one logical tensor; w ranks in the writer's group, r this rank.
 //
 // A checkpoint directory (see commit.h for how it is committed):
-//   shard-RRRRR-of-WWWWW.safetensors  rank r's pieces, one 1-D F32 tensor per piece, named
-//                                     "<kind>/<tensor>#<k>" (a valid safetensors file)
+//   shard-RRRRR-of-WWWWW.safetensors  rank r's pieces, one 1-D tensor per piece in the tensor's
+//                                     dtype, named "<kind>/<tensor>#<k>" (a valid safetensors
+//                                     file)
 //   shard-RRRRR-of-WWWWW.blocks.json  {"file", "bytes", "block_bytes": 1048576, "sha256": [one
 //                                     per 1 MiB block of the shard]}
 //   index.json      {"format": "loom-sharded-1", "world_size": w,
@@ -19,6 +20,20 @@
 //   checksums.json  SHA-256 and size of every other file (extra files included)
 //   ...             whatever the `extra` callback wrote (e.g. tokenizer/)
 // Nothing here knows about models: callers describe their tensors with PieceSpec.
+//
+// Storage dtypes. A tensor is stored as F32, BF16, F16 (safetensors names) or I8; every piece
+// of a tensor has the tensor's dtype. An I8 tensor is 2-D, int8 per output row: W[n, k] =
+// scale[n] * q[n, k] (kernels/cpu/weight_matmul.h), with its scales in the F32 tensor
+// "<tensor>:row_scales" (shape [rows]) of the same kind, saved like any other tensor and
+// attached to it by the reader (names() does not list it). The trainer writes F32 only;
+// `loom convert` keeps a source's F16 / BF16, `loom quantize` writes I8. The format string
+// stays "loom-sharded-1": readers before dtypes refuse any tensor whose dtype is not F32 with
+// an error naming it (they check the index's and the flat file's dtype), so no old reader can
+// misread a new file, and every F32 checkpoint reads as before. The same holds for the
+// pre-sharding flat format's model.safetensors (tensors in these dtypes, scales beside them).
+// Readers convert: read() gives f32 (BF16 / F16 widened exactly, I8 dequantized as
+// scale * q in f32); read_int8_rows() gives an I8 tensor's bytes and scales as stored. A dtype
+// the reader does not know is an error naming it and the tensor.
 //
 // How a training executor uses it (any of dp, tp, pp, ZeRO 1/2/3): every rank makes a
 // ShardedWriter on the world group and adds, per kind, one piece for each tensor it holds: its tp
@@ -39,11 +54,15 @@
 
 #include "checkpoint/commit.h"
 #include "comm/process_group.h"
+#include "core/dtype.h"
 #include "core/param_spec.h"
 
 namespace loom::checkpoint {
 
-// One rank's piece of a logical tensor of shape `global_shape` (f32).
+// Suffix of the F32 row-scale tensor that accompanies an I8 tensor (see above).
+inline constexpr const char* kRowScalesSuffix = ":row_scales";
+
+// One rank's piece of a logical tensor of shape `global_shape`.
 // The tp slice it belongs to: shard_dim -1 the whole tensor, 0 rows [shard_start,
 // shard_start+shard_len) (dimension 0; the rest of the dimensions whole), 1 columns of a 2-D
 // tensor. The local slice is row-major; the piece is its elements [lo, hi) (a ZeRO share may be
@@ -85,6 +104,10 @@ class ShardedWriter {
   // until commit() returns. Throws naming the tensor if the spec is inconsistent (range outside
   // the slice, slice outside the tensor, shard_dim 1 of a tensor that is not 2-D).
   void add(const std::string& kind, const PieceSpec& piece, const float* data);
+  // The same for a piece stored as `dtype` (F32, BF16, F16 or I8; `data` holds hi - lo
+  // elements of it). Every piece of a tensor must have the same dtype (checked at commit); an
+  // I8 tensor needs its "<tensor>:row_scales" F32 tensor added too.
+  void add(const std::string& kind, const PieceSpec& piece, const void* data, DType dtype);
 
   // Every rank writes and fsyncs its shard, streamed from the recorded pointers (this adds at
   // most a fixed 4 MiB buffer to any rank); rank 0 then validates that every logical tensor of
@@ -100,7 +123,8 @@ class ShardedWriter {
   struct Piece {
     std::string kind;
     PieceSpec spec;
-    const float* data;
+    const void* data;
+    DType dtype;
   };
   std::string dir_;
   comm::ProcessGroup group_;
@@ -141,12 +165,21 @@ class ShardedReader {
   std::vector<std::string> names(const std::string& kind) const;
   // Throws naming the kind and tensor if absent.
   const std::vector<int64_t>& shape(const std::string& kind, const std::string& name) const;
+  // The stored dtype (F32, BF16, F16 or I8). Throws naming the kind and tensor if absent.
+  DType dtype(const std::string& kind, const std::string& name) const;
 
   // Fills dst (want.hi - want.lo floats) with elements [want.lo, want.hi) of the local slice
   // `want` describes, reading only the stored pieces' byte ranges that overlap it. Any layout
   // loads any other. Throws naming the tensor, the file and the first missing range if the
   // stored pieces do not cover it, or if want's global_shape differs from the stored one.
+  // BF16 and F16 are widened exactly; I8 is dequantized (scale[row] * q, in f32).
   void read(const std::string& kind, const PieceSpec& want, float* dst) const;
+  // An I8 tensor as stored: q (want.hi - want.lo int8) and the scales of the rows the elements
+  // are in (one per local row: want.lo and want.hi must be whole rows of the local slice; a
+  // column slice gets the scales of its whole rows). Throws naming the tensor and its dtype if
+  // it is not I8.
+  void read_int8_rows(const std::string& kind, const PieceSpec& want, int8_t* q,
+                      float* row_scales) const;
 
   // Hashes every file checksums.json lists (the pre-sharding CheckpointReader's behaviour).
   void verify_all() const;
@@ -161,7 +194,9 @@ class ShardedReader {
   };
   struct Entry {
     std::vector<int64_t> shape;
+    DType dtype = DType::f32;
     std::vector<StoredPiece> pieces;
+    const Entry* scales = nullptr;  // I8: its row scales (in scales_)
   };
   File& open_file(int i) const;
   // Bytes [offset, offset+n) of the file, each block verified against its checksum before its
@@ -169,6 +204,16 @@ class ShardedReader {
   void read_bytes(File& f, uint64_t offset, size_t n, void* dst) const;
   void load_legacy();
   void load_index();
+  // Moves every "<t>:row_scales" entry to scales_ and attaches it to its I8 tensor; checks
+  // that every I8 tensor is 2-D with F32 scales of its row count, and that no scales are
+  // left without their tensor.
+  void attach_row_scales();
+  const Entry& entry(const std::string& kind, const std::string& name) const;
+  // Elements [want.lo, want.hi) of the entry's local slice, as stored (dtype_size bytes each).
+  void read_raw(const std::string& kind, const Entry& e, const PieceSpec& want, void* dst) const;
+  // The row scales of the global rows [r0, r1) of I8 entry e.
+  void read_row_scales(const std::string& kind, const std::string& name, const Entry& e,
+                       int64_t r0, int64_t r1, float* dst) const;
 
   std::string dir_;
   ReaderOptions options_;
@@ -180,6 +225,7 @@ class ShardedReader {
   std::vector<std::unique_ptr<File>> files_;
   mutable std::vector<char> block_buf_;  // one block (1 MiB) for verification
   std::map<std::string, std::map<std::string, Entry>> tensors_;  // kind -> name -> entry
+  std::map<std::string, std::map<std::string, Entry>> scales_;   // kind -> I8 tensor -> scales
 };
 
 }  // namespace loom::checkpoint

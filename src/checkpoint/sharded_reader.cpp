@@ -181,10 +181,13 @@ void ShardedReader::load_legacy() {
         else continue;
         name = tname.substr(2);
       }
-      LOOM_CHECK(info.dtype == DType::f32, "'{}': tensor '{}' is {}, but checkpoints hold F32",
-                 st.path(), tname, dtype_name(info.dtype));
+      LOOM_CHECK(is_stored_dtype(info.dtype) && (kind == "weights" || info.dtype == DType::f32),
+                 "'{}': tensor '{}' is {}, but checkpoints hold {}", st.path(), tname,
+                 dtype_name(info.dtype),
+                 kind == "weights" ? "F32, BF16, F16 or I8 weights" : "F32 optimizer moments");
       Entry& e = tensors_[kind][name];
       e.shape = info.shape;
+      e.dtype = info.dtype;
       StoredPiece p;
       p.file = fi;
       p.tensor = tname;
@@ -204,6 +207,7 @@ void ShardedReader::load_legacy() {
       }
     }
   }
+  attach_row_scales();
 }
 
 void ShardedReader::load_index() {
@@ -229,8 +233,14 @@ void ShardedReader::load_index() {
       for (auto& [name, t] : names.items()) {
         Entry& e = tensors_[kind][name];
         e.shape = t.at("shape").get<std::vector<int64_t>>();
-        LOOM_CHECK(t.value("dtype", "F32") == "F32", "'{}': {} tensor '{}' has dtype {}, only "
-                   "F32 is supported", path, kind, name, t.value("dtype", ""));
+        const std::string dt = t.contains("dtype") ? t.at("dtype").get<std::string>() : "F32";
+        try {
+          e.dtype = dtype_from_name(dt);
+        } catch (const Error& err) {
+          LOOM_FAIL("'{}': {} tensor '{}': {}", path, kind, name, err.what());
+        }
+        LOOM_CHECK(is_stored_dtype(e.dtype), "'{}': {} tensor '{}' has dtype {}; checkpoints "
+                   "store F32, BF16, F16 or I8", path, kind, name, dt);
         for (const nlohmann::json& pj : t.at("pieces")) {
           StoredPiece p;
           const int64_t fi = pj.at("file").get<int64_t>();
@@ -254,6 +264,45 @@ void ShardedReader::load_index() {
   } catch (const nlohmann::json::exception& e) {
     LOOM_FAIL("'{}' is not a valid checkpoint index ({})", path, e.what());
   }
+  attach_row_scales();
+}
+
+void ShardedReader::attach_row_scales() {
+  const std::string where = legacy_ ? dir_ : dir_ + "/index.json";
+  const std::string suffix = kRowScalesSuffix;
+  for (auto& [kind, names] : tensors_) {
+    for (auto it = names.begin(); it != names.end();) {
+      const std::string& n = it->first;
+      if (n.size() > suffix.size() && n.ends_with(suffix)) {
+        const std::string base = n.substr(0, n.size() - suffix.size());
+        auto b = names.find(base);
+        LOOM_CHECK(b != names.end() && b->second.dtype == DType::i8,
+                   "'{}': {} tensor '{}' holds row scales but there is no I8 tensor '{}' for "
+                   "them", where, kind, n, base);
+        LOOM_CHECK(it->second.dtype == DType::f32 &&
+                       it->second.shape == std::vector<int64_t>{b->second.shape.empty()
+                                                                    ? -1
+                                                                    : b->second.shape[0]},
+                   "'{}': {} tensor '{}' is {} {}, but the row scales of I8 tensor '{}' (shape "
+                   "{}) must be F32 [{}]", where, kind, n, dtype_name(it->second.dtype),
+                   shape_text(it->second.shape), base, shape_text(b->second.shape),
+                   b->second.shape.empty() ? 0 : b->second.shape[0]);
+        scales_[kind][base] = std::move(it->second);
+        it = names.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto& [n, e] : names) {
+      if (e.dtype != DType::i8) continue;
+      LOOM_CHECK(e.shape.size() == 2, "'{}': {} tensor '{}' is I8 with shape {}; int8 tensors "
+                 "are 2-D (one scale per row)", where, kind, n, shape_text(e.shape));
+      auto sc = scales_[kind].find(n);
+      LOOM_CHECK(sc != scales_[kind].end(), "'{}': {} tensor '{}' is I8 but its row scales "
+                 "'{}{}' are missing", where, kind, n, n, suffix);
+      e.scales = &sc->second;
+    }
+  }
 }
 
 bool ShardedReader::has(const std::string& kind) const { return tensors_.count(kind) > 0; }
@@ -273,6 +322,15 @@ std::vector<std::string> ShardedReader::names(const std::string& kind) const {
 
 const std::vector<int64_t>& ShardedReader::shape(const std::string& kind,
                                                  const std::string& name) const {
+  return entry(kind, name).shape;
+}
+
+DType ShardedReader::dtype(const std::string& kind, const std::string& name) const {
+  return entry(kind, name).dtype;
+}
+
+const ShardedReader::Entry& ShardedReader::entry(const std::string& kind,
+                                                 const std::string& name) const {
   auto it = tensors_.find(kind);
   LOOM_CHECK(it != tensors_.end(), "checkpoint '{}' has no {} tensors (it has {})", dir_, kind,
              [&] {
@@ -283,18 +341,94 @@ const std::vector<int64_t>& ShardedReader::shape(const std::string& kind,
   auto e = it->second.find(name);
   LOOM_CHECK(e != it->second.end(), "checkpoint '{}' has no {} tensor named '{}'", dir_, kind,
              name);
-  return e->second.shape;
+  return e->second;
 }
 
 void ShardedReader::read(const std::string& kind, const PieceSpec& want, float* dst) const {
-  const std::vector<int64_t>& stored_shape = shape(kind, want.name);
+  const Entry& e = entry(kind, want.name);
+  switch (e.dtype) {
+    case DType::f32:
+      read_raw(kind, e, want, dst);
+      return;
+    case DType::bf16:
+    case DType::f16: {
+      // Through a bounded staging buffer (a quarter of dst's bytes would do, but a whole
+      // tensor need not be held twice): 2-byte elements, widened exactly.
+      const int64_t n = want.hi - want.lo, chunk = int64_t(1) << 20;
+      std::vector<uint16_t> raw(size_t(std::min(n, chunk)));
+      for (int64_t a = 0; a < n; a += chunk) {
+        PieceSpec part = want;
+        part.lo = want.lo + a;
+        part.hi = want.lo + std::min(n, a + chunk);
+        read_raw(kind, e, part, raw.data());
+        const size_t m = size_t(part.hi - part.lo);
+        if (e.dtype == DType::bf16)
+          convert_bf16_to_f32(reinterpret_cast<const bf16*>(raw.data()), dst + a, m);
+        else
+          convert_f16_to_f32(raw.data(), dst + a, m);
+      }
+      return;
+    }
+    case DType::i8: {
+      // Dequantize scale[row] * q: the rows of the local slice that [lo, hi) touches.
+      const int64_t n = want.hi - want.lo;
+      const Grid g(e.shape);
+      const int64_t local_cols = want.shard_dim == 1 ? want.shard_len : g.cols;
+      const int64_t row0 = want.shard_dim == 0 ? want.shard_start : 0;
+      std::vector<int8_t> q(static_cast<size_t>(n));
+      read_raw(kind, e, want, q.data());
+      if (n == 0 || local_cols == 0) return;
+      const int64_t r0 = want.lo / local_cols, r1 = (want.hi - 1) / local_cols + 1;
+      std::vector<float> sc(size_t(r1 - r0));
+      read_row_scales(kind, want.name, e, row0 + r0, row0 + r1, sc.data());
+      for (int64_t i = 0; i < n; ++i)
+        dst[i] = sc[size_t((want.lo + i) / local_cols - r0)] * float(q[size_t(i)]);
+      return;
+    }
+    default:
+      break;
+  }
+  LOOM_FAIL("checkpoint '{}': {} tensor '{}' is {}, which the reader cannot convert to f32",
+            dir_, kind, want.name, dtype_name(e.dtype));
+}
+
+void ShardedReader::read_row_scales(const std::string& kind, const std::string& name,
+                                    const Entry& e, int64_t r0, int64_t r1, float* dst) const {
+  LOOM_ASSERT(e.scales != nullptr, "I8 tensor '{}' without scales", name);
+  PieceSpec rows = whole_tensor(name + kRowScalesSuffix, e.scales->shape);
+  rows.lo = r0;
+  rows.hi = r1;
+  read_raw(kind, *e.scales, rows, dst);
+}
+
+void ShardedReader::read_int8_rows(const std::string& kind, const PieceSpec& want, int8_t* q,
+                                   float* row_scales) const {
+  const Entry& e = entry(kind, want.name);
+  LOOM_CHECK(e.dtype == DType::i8, "checkpoint '{}': {} tensor '{}' is {}, not int8 (I8)", dir_,
+             kind, want.name, dtype_name(e.dtype));
+  const Grid g(e.shape);
+  const int64_t local_cols = want.shard_dim == 1 ? want.shard_len : g.cols;
+  LOOM_CHECK(local_cols > 0 && want.lo % local_cols == 0 && want.hi % local_cols == 0,
+             "checkpoint '{}': {} tensor '{}': elements [{}, {}) are not whole rows of {} "
+             "elements", dir_, kind, want.name, want.lo, want.hi, local_cols);
+  read_raw(kind, e, want, q);
+  const int64_t row0 = want.shard_dim == 0 ? want.shard_start : 0;
+  if (want.hi > want.lo)
+    read_row_scales(kind, want.name, e, row0 + want.lo / local_cols, row0 + want.hi / local_cols,
+                    row_scales);
+}
+
+void ShardedReader::read_raw(const std::string& kind, const Entry& e, const PieceSpec& want,
+                             void* dst_raw) const {
+  const std::vector<int64_t>& stored_shape = e.shape;
   LOOM_CHECK(want.global_shape == stored_shape,
              "checkpoint '{}': {} tensor '{}' has shape {} but {} was asked for (a checkpoint "
              "of another model?)", dir_, kind, want.name, shape_text(stored_shape),
              shape_text(want.global_shape));
   check_piece("ShardedReader::read", kind, want);
   if (want.hi == want.lo) return;
-  const Entry& e = tensors_.at(kind).at(want.name);
+  char* dst = static_cast<char*>(dst_raw);
+  const uint64_t es = dtype_size(e.dtype);
   const Grid g(stored_shape);
   // Plan every copy first, so an incomplete checkpoint fails before any read.
   struct Copy {
@@ -332,14 +466,13 @@ void ShardedReader::read(const std::string& kind, const PieceSpec& want, float* 
     const StoredPiece& p = *c.piece;
     // The index must agree with the shard's own header.
     const TensorInfo& info = f.st->info(p.tensor);  // throws naming the file if absent
-    LOOM_CHECK(info.dtype == DType::f32 && shape_numel(info.shape) == p.spec.hi - p.spec.lo &&
+    LOOM_CHECK(info.dtype == e.dtype && shape_numel(info.shape) == p.spec.hi - p.spec.lo &&
                    f.st->data_start() + info.begin == p.offset,
-               "'{}' and '{}' disagree about '{}': the index says F32, {} elements at byte {}, "
+               "'{}' and '{}' disagree about '{}': the index says {}, {} elements at byte {}, "
                "the file's header {}, {} elements at byte {} (files from different saves?)",
-               index, f.path, p.tensor, p.spec.hi - p.spec.lo, p.offset, dtype_name(info.dtype),
-               shape_numel(info.shape), f.st->data_start() + info.begin);
-    read_bytes(f, p.offset + uint64_t(c.src) * sizeof(float), size_t(c.len) * sizeof(float),
-               dst + c.dst);
+               index, f.path, p.tensor, dtype_name(e.dtype), p.spec.hi - p.spec.lo, p.offset,
+               dtype_name(info.dtype), shape_numel(info.shape), f.st->data_start() + info.begin);
+    read_bytes(f, p.offset + uint64_t(c.src) * es, size_t(c.len) * es, dst + c.dst * es);
   }
 }
 

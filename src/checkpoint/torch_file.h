@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/dtype.h"  // f16_to_f32
+
 namespace loom::checkpoint {
 
 // Element types of torch storages loom reads (others are refused by name).
@@ -103,8 +105,5 @@ class TorchFile {
 void flatten_state_dict(const PyRef& dict, const std::string& prefix,
                         std::map<std::string, TorchTensorRef>& tensors,
                         std::vector<std::string>& skipped);
-
-// IEEE half -> float (exact).
-float f16_to_f32(uint16_t h);
 
 }  // namespace loom::checkpoint

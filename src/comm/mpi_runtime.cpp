@@ -75,6 +75,7 @@ MPI_Datatype mpi_transport_type(DType t) {
   switch (t) {
     case DType::f32: return MPI_FLOAT;
     case DType::bf16: return MPI_UINT16_T;
+    case DType::f16: return MPI_UINT16_T;
     case DType::i32: return MPI_INT32_T;
     case DType::i64: return MPI_INT64_T;
     case DType::u8: return MPI_UINT8_T;

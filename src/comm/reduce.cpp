@@ -62,6 +62,7 @@ void reduce_into(void* dst, const void* a, const void* b, int64_t n, DType dtype
     case DType::i8: return reduce_typed<int8_t>(dst, a, b, n, op);
     case DType::f64: return reduce_typed<double>(dst, a, b, n, op);
     case DType::bf16: break;
+    case DType::f16: break;
   }
   LOOM_FAIL("reduce_into does not take {}: reduce bf16 in f32 and round once", dtype_name(dtype));
 }

@@ -1,9 +1,12 @@
 // infer/weights.cpp: converting the flat f32 parameters into inference storage (see weights.h).
 #include "infer/weights.h"
 
+#include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "interop/model_checkpoint.h"
 
 namespace loom::infer {
@@ -41,7 +44,6 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
   return v;
 }
 
-namespace {
 bool is_linear_weight(const std::string& name) {
   for (const char* s : {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight",
                         "ffn.up.weight", "ffn.down.weight"}) {
@@ -51,11 +53,24 @@ bool is_linear_weight(const std::string& name) {
   }
   return false;
 }
-}  // namespace
 
 ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
                            WeightFormat head, model::TpShard tp)
-    : cfg_(cfg), tp_(tp), linear_format_(linears) {
+    : ModelWeights(cfg,
+                   Source{[flat](int64_t lo, int64_t hi, float* dst) {
+                            std::copy(flat + lo, flat + hi, dst);
+                          },
+                          {}},
+                   linears, head, tp) {}
+
+ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, WeightFormat linears,
+                           WeightFormat head, model::TpShard tp)
+    : cfg_(cfg), tp_(tp), linear_format_(src.int8 ? WeightFormat::int8_row : linears) {
+  if (src.int8 && linears != WeightFormat::int8_row)
+    LOOM_LOG_WARN("the checkpoint's linear weights are int8 (`loom quantize`): they run as int8, "
+                  "not {} as asked (the head keeps its format, {})", weight_format_name(linears),
+                  weight_format_name(head));
+  linears = linear_format_;
   LOOM_CHECK(!cfg.moe.enabled(),
              "model '{}' has sparse (MoE) blocks ({} router, {} experts), which the inference "
              "engine does not run yet (it decodes dense blocks only); use a dense model here (the "
@@ -71,7 +86,7 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   int64_t at = 0;
   for (const auto& s : layout.specs()) {
     if (is_linear_weight(s.name)) continue;
-    std::copy(flat + s.offset, flat + s.offset + s.numel, small_.begin() + at);
+    src.f32(s.offset, s.offset + s.numel, small_.data() + at);
     remap[s.offset] = at;
     at += s.numel;
   }
@@ -138,25 +153,53 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   lin_bf16_.resize(size_t(n16));
   lin_i8_.resize(size_t(n8));
   lin_scales_.resize(size_t(nsc));
+  std::vector<float> one;  // one linear in f32, (N, K)
   for (Pending& p : todo) {
-    const float* src = flat + p.flat_off;  // (N, K) f32
     const int64_t n = p.N * p.K;
     WeightView& v = *p.view;
     v.format = p.fmt;
     v.N = p.N;
     v.K = p.K;
     v.scales = nullptr;
+    const bool is_head = &v == &head_;
+    if (src.int8 && !is_head) {
+      // Stored int8 rows: the parameters covering [flat_off, flat_off + n) (q, k, v for qkv)
+      // go to their rows of the view as they are.
+      int64_t covered = 0;
+      for (const auto& s : layout.specs()) {
+        if (s.offset < p.flat_off || s.offset >= p.flat_off + n) continue;
+        LOOM_CHECK(s.shape.size() == 2 && s.shape[1] == p.K && s.offset + s.numel <= p.flat_off + n,
+                   "internal: parameter '{}' does not tile a linear of {} x {}", s.name, p.N, p.K);
+        const int64_t row = (s.offset - p.flat_off) / p.K;
+        src.int8(s, lin_i8_.data() + p.at + (s.offset - p.flat_off),
+                 lin_scales_.data() + p.scale_at + row);
+        covered += s.numel;
+      }
+      LOOM_CHECK(covered == n, "internal: a linear of {} x {} is covered by {} stored elements",
+                 p.N, p.K, covered);
+      v.data = lin_i8_.data() + p.at;
+      v.scales = lin_scales_.data() + p.scale_at;
+      continue;
+    }
+    const float* w;  // (N, K) f32
+    if (is_head) {
+      w = small_.data() + tok_;  // the tied head is the token embedding, already loaded
+    } else {
+      one.resize(size_t(n));
+      src.f32(p.flat_off, p.flat_off + n, one.data());
+      w = one.data();
+    }
     switch (p.fmt) {
       case WeightFormat::f32:
-        std::copy(src, src + n, lin_f32_.begin() + p.at);
+        std::copy(w, w + n, lin_f32_.begin() + p.at);
         v.data = lin_f32_.data() + p.at;
         break;
       case WeightFormat::bf16:
-        convert_f32_to_bf16(src, lin_bf16_.data() + p.at, size_t(n));
+        convert_f32_to_bf16(w, lin_bf16_.data() + p.at, size_t(n));
         v.data = lin_bf16_.data() + p.at;
         break;
       case WeightFormat::int8_row:
-        kernels::quantize_rows_int8(lin_i8_.data() + p.at, lin_scales_.data() + p.scale_at, src,
+        kernels::quantize_rows_int8(lin_i8_.data() + p.at, lin_scales_.data() + p.scale_at, w,
                                     p.N, p.K);
         v.data = lin_i8_.data() + p.at;
         v.scales = lin_scales_.data() + p.scale_at;
@@ -169,9 +212,76 @@ ModelWeights ModelWeights::load(const std::string& checkpoint_dir, WeightFormat 
                                 WeightFormat head, model::TpShard tp) {
   interop::CheckpointReader r(checkpoint_dir);
   const model::ParamLayout layout(r.config(), tp);
-  std::vector<float> flat(size_t(layout.total()));  // this rank's model, f32, loaded once
-  r.load_weights(layout, flat.data());
-  return ModelWeights(r.config(), flat.data(), linears, head, tp);
+  Source src;
+  src.f32 = [&](int64_t lo, int64_t hi, float* dst) {
+    r.load_weights_packed(layout, dst, lo, hi);
+  };
+  if (r.has_int8_weights()) {
+    for (const auto& s : layout.specs())
+      LOOM_CHECK(!is_linear_weight(s.name) || r.weight_dtype(s.name) == DType::i8,
+                 "checkpoint '{}': linear weight '{}' is {} while others are int8; a quantized "
+                 "checkpoint stores every linear as int8 (re-run `loom quantize` on the f32 "
+                 "checkpoint)", r.dir(), s.name, dtype_name(r.weight_dtype(s.name)));
+    src.int8 = [&](const model::ParamSpec& s, int8_t* q, float* scales) {
+      r.load_int8(s, q, scales);
+    };
+  }
+  return ModelWeights(r.config(), src, linears, head, tp);
+}
+
+QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,
+                                   WeightFormat linears) {
+  LOOM_CHECK(linears != WeightFormat::f32,
+             "loom quantize: --dtype f32 would copy the checkpoint; choose int8 or bf16");
+  interop::CheckpointReader r(checkpoint_dir);
+  const model::ModelConfig& cfg = r.config();
+  LOOM_CHECK(!cfg.moe.enabled(),
+             "model '{}' has sparse (MoE) blocks, which the inference engine does not run; "
+             "`loom quantize` writes checkpoints for it, so it takes dense models only",
+             cfg.name);
+  LOOM_CHECK(!r.has_int8_weights(), "checkpoint '{}' is already int8-quantized; quantize the "
+             "f32 checkpoint it came from", r.dir());
+  LOOM_CHECK(std::filesystem::absolute(out_dir).lexically_normal() !=
+                 std::filesystem::absolute(r.dir()).lexically_normal(),
+             "loom quantize: --out '{}' is the checkpoint being read; write to another directory",
+             out_dir);
+  const model::ParamLayout layout(cfg);
+  const DType target = linears == WeightFormat::int8_row ? DType::i8 : DType::bf16;
+  QuantizeResult res;
+  auto storage = [&](const model::ParamSpec& s) {
+    return is_linear_weight(s.name) ? target : r.weight_dtype(s.name);
+  };
+  for (const auto& s : layout.specs()) {
+    ++res.tensors;
+    if (!is_linear_weight(s.name)) continue;
+    ++res.quantized;
+    res.linear_bytes_in += s.numel * int64_t(dtype_size(r.weight_dtype(s.name)));
+    res.linear_bytes_out +=
+        s.numel * int64_t(dtype_size(target)) + (target == DType::i8 ? 4 * s.shape[0] : 0);
+  }
+  nlohmann::json state = r.trainer_state().is_object() ? r.trainer_state() : nlohmann::json::object();
+  state["quantized"] = {{"from", std::filesystem::absolute(r.dir()).lexically_normal().string()},
+                        {"linears", weight_format_name(linears)}};
+  const std::string tok = r.dir() + "/tokenizer";
+  interop::save_checkpoint_streamed(
+      out_dir, cfg, layout,
+      [&](const model::ParamSpec& s, float* dst) {
+        r.load_weights_packed(layout, dst, s.offset, s.offset + s.numel);
+      },
+      state,
+      [&](const std::string& staging) {
+        if (std::filesystem::is_directory(tok))
+          std::filesystem::copy(tok, staging + "/tokenizer",
+                                std::filesystem::copy_options::recursive);
+      },
+      storage);
+  res.file_bytes_out = std::filesystem::file_size(out_dir + "/model.safetensors");
+  for (const auto& s : layout.specs()) {
+    res.weight_bytes_in += s.numel * int64_t(dtype_size(r.weight_dtype(s.name)));
+    res.weight_bytes_out += s.numel * int64_t(dtype_size(storage(s))) +
+                            (storage(s) == DType::i8 ? 4 * s.shape[0] : 0);
+  }
+  return res;
 }
 
 }  // namespace loom::infer

@@ -14,10 +14,20 @@
 // embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
 // attn.out / ffn.down biases are replicated.
 //
+// Loading a checkpoint reads tensor by tensor (never the whole model in f32): the small tensors
+// into their buffer, each linear into a one-linear f32 buffer that is then converted. A checkpoint
+// written by `loom quantize` (checkpoint/sharded.h: I8 linears with F32 row scales) is loaded as
+// stored: the linears are int8 whatever format is asked for (a warning says so if another is),
+// with exactly the bytes and scales that quantizing its f32 source at load time gives, so its
+// logits are bit-identical to the f32 source's loaded with --int8 (tp 1; under tp a column shard
+// of attn.out / ffn.down keeps its whole rows' scales, where load-time quantization uses the
+// shard's). BF16 / F16 checkpoints widen exactly and are then stored in the asked format.
+//
 // Ownership: ModelWeights owns every buffer; the views point into them (move-only).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +40,26 @@ namespace loom::infer {
 
 using kernels::WeightFormat;
 using kernels::WeightView;
+
+// True for the linear weights of the decoder: the (out, in) matrices of attn.q/k/v/out and
+// ffn.up/down of every block and of the query layer (what --int8 and `loom quantize` quantize).
+bool is_linear_weight(const std::string& name);
+
+struct QuantizeResult {
+  int64_t tensors = 0, quantized = 0;     // parameters written, of which linears converted
+  int64_t linear_bytes_in = 0, linear_bytes_out = 0;  // the linears' stored bytes (+ scales)
+  int64_t weight_bytes_in = 0, weight_bytes_out = 0;  // all weights' stored bytes (+ scales)
+  uint64_t file_bytes_out = 0;                         // out_dir/model.safetensors
+};
+// `loom quantize`: writes the checkpoint at `checkpoint_dir` (flat or sharded, any layout) to
+// `out_dir` (a flat checkpoint, streamed one tensor at a time, atomic) with every linear weight
+// stored as `linears` (int8: I8 rows + F32 scales by kernels::quantize_rows_int8, the rule
+// ModelWeights applies at load time; bf16: BF16, rounded to nearest even) and everything else as
+// stored; config.toml and tokenizer/ copied, trainer_state.json records {"quantized": {"from",
+// "linears"}}, optimizer state dropped. Throws naming the problem (an already int8 source, f32
+// as the target, a MoE model).
+QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,
+                                   WeightFormat linears);
 
 // "f32", "bf16", "int8"; weight_format_from_name throws naming the accepted names.
 const char* weight_format_name(WeightFormat f);
@@ -81,6 +111,16 @@ class ModelWeights {
   int64_t matmul_weight_bytes() const { return matmul_bytes_; }
 
  private:
+  // Where the weights come from: `f32(lo, hi, dst)` fills elements [lo, hi) of the flat f32
+  // buffer of ParamLayout(cfg, tp); `int8(spec, q, scales)`, when set, gives a linear stored as
+  // int8 rows (every linear then is).
+  struct Source {
+    std::function<void(int64_t lo, int64_t hi, float* dst)> f32;
+    std::function<void(const model::ParamSpec&, int8_t*, float*)> int8;
+  };
+  ModelWeights(const model::ModelConfig& cfg, const Source& src, WeightFormat linears,
+               WeightFormat head, model::TpShard tp);
+
   model::ModelConfig cfg_;
   model::TpShard tp_;
   WeightFormat linear_format_ = WeightFormat::f32;

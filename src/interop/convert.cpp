@@ -1,9 +1,10 @@
 // checkpoint/interop.cpp: CodeGeeX / Hugging Face GPT-2 import (the export: export_hf.cpp).
 //
 // Each importer builds the loom config from the source's own description (tensor shapes, and
-// config.json or Megatron args), checks every source tensor's shape against it, and copies the
-// tensors one at a time into loom's flat f32 buffer (so the peak is the loom model in f32 plus
-// one source tensor; the source file is never loaded whole).
+// config.json or Megatron args), checks every source tensor's shape against it, and declares
+// how each loom parameter is filled; the save then produces the parameters one at a time (in
+// f32, stored in the source's dtype or the one asked for), so the peak is one parameter plus
+// one source tensor; the source file is never loaded whole.
 #include "interop/convert.h"
 
 #include <fcntl.h>
@@ -304,6 +305,7 @@ struct Writer {
   const model::ParamLayout& layout;
   std::set<std::string> used;
   std::map<std::string, Fill> fills;  // loom parameter -> how to fill it
+  std::map<std::string, std::string> source_of;  // loom parameter -> its source tensor
 
   const Shape& expect(const std::string& name, const Shape& want) {
     auto it = src.shapes().find(name);
@@ -313,23 +315,33 @@ struct Writer {
     used.insert(name);
     return it->second;
   }
-  void declare(const std::string& dst, Fill fill) {
+  void declare(const std::string& dst, const std::string& source, Fill fill) {
     (void)layout.find(dst);  // throws naming it if the layout has no such parameter
     LOOM_CHECK(fills.emplace(dst, std::move(fill)).second, "internal: '{}' mapped twice", dst);
+    source_of[dst] = source;
+  }
+  // The stored dtype of a loom parameter: `forced` if given, else its source's (F16 and BF16
+  // kept, anything else F32).
+  DType storage(const model::ParamSpec& s, const std::string& forced) const {
+    if (!forced.empty()) return storage_dtype_from_name(forced);
+    const std::string d = src.dtype_of(source_of.at(s.name));
+    if (d == "F16" || d == "float16") return DType::f16;
+    if (d == "BF16" || d == "bfloat16") return DType::bf16;
+    return DType::f32;
   }
   // Same layout: straight copy (rows beyond the source's, if any, stay zero).
   void copy(const std::string& name, const Shape& want, const std::string& dst) {
     expect(name, want);
     LOOM_CHECK(shape_numel(want) <= layout.find(dst).numel, "internal: '{}' larger than '{}'",
                name, dst);
-    declare(dst, [this, name](float* d) { src.read_f32(name, d); });
+    declare(dst, name, [this, name](float* d) { src.read_f32(name, d); });
   }
   // Conv1D (in, out) columns [c0, c0 + n) -> loom (n, in).
   void conv1d(const std::string& name, const Shape& want, int64_t c0, int64_t n,
               const std::string& dst) {
     expect(name, want);
     const int64_t in = want[0], out = want[1];
-    declare(dst, [this, name, in, out, c0, n](float* d) {
+    declare(dst, name, [this, name, in, out, c0, n](float* d) {
       std::vector<float> tmp(size_t(in * out));  // (in, out)
       src.read_f32(name, tmp.data());
       for (int64_t r = 0; r < n; ++r)
@@ -339,7 +351,7 @@ struct Writer {
   void vec_slice(const std::string& name, int64_t len, int64_t c0, int64_t n,
                  const std::string& dst) {
     expect(name, {len});
-    declare(dst, [this, name, len, c0, n](float* d) {
+    declare(dst, name, [this, name, len, c0, n](float* d) {
       std::vector<float> tmp(static_cast<size_t>(len));  // (len)
       src.read_f32(name, tmp.data());
       std::memcpy(d, tmp.data() + c0, size_t(n) * sizeof(float));
@@ -404,8 +416,12 @@ int64_t tokenizer_size(const std::string& dir) {
   return n;
 }
 
-void save(const std::string& out_dir, const model::ModelConfig& cfg, const Writer& wr,
-          const nlohmann::json& interop, const std::string& tok_src, bool tok_is_json) {
+// Saves the mapped model; returns the stored dtype's name ("mixed" if tensors differ).
+std::string save(const std::string& out_dir, const model::ModelConfig& cfg, const Writer& wr,
+                 const nlohmann::json& interop, const std::string& tok_src, bool tok_is_json,
+                 const std::string& dtype) {
+  std::set<std::string> stored;
+  for (const auto& s : wr.layout.specs()) stored.insert(storage_dtype_name(wr.storage(s, dtype)));
   save_checkpoint_streamed(
       out_dir, cfg, wr.layout,
       [&wr](const model::ParamSpec& s, float* dst) { wr.fill(s, dst); },
@@ -413,7 +429,9 @@ void save(const std::string& out_dir, const model::ModelConfig& cfg, const Write
                     if (tok_src.empty()) return;
                     if (tok_is_json) tokenizer_json_to_files(tok_src, tmp + "/tokenizer");
                     else copy_tokenizer_files(tok_src, tmp + "/tokenizer");
-                  });
+                  },
+      [&wr, &dtype](const model::ParamSpec& s) { return wr.storage(s, dtype); });
+  return stored.size() == 1 ? *stored.begin() : "mixed";
 }
 
 }  // namespace
@@ -484,12 +502,31 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
                                    const ConvertOptions& opt);
 }  // namespace
 
+DType storage_dtype_from_name(const std::string& name) {
+  if (name == "f32") return DType::f32;
+  if (name == "bf16") return DType::bf16;
+  if (name == "f16") return DType::f16;
+  LOOM_FAIL("storage dtype '{}' is unknown; choose f32, bf16 or f16", name);
+}
+
+const char* storage_dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "f32";
+    case DType::bf16: return "bf16";
+    case DType::f16: return "f16";
+    case DType::i8: return "int8";
+    default: return "?";
+  }
+}
+
 ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_dir,
                                const ConvertOptions& opt) {
+  if (!opt.dtype.empty()) (void)storage_dtype_from_name(opt.dtype);  // before any work
   return json_errors_named(in_pt, [&] { return convert_codegeex_impl(in_pt, out_dir, opt); });
 }
 ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_dir,
                               const ConvertOptions& opt) {
+  if (!opt.dtype.empty()) (void)storage_dtype_from_name(opt.dtype);
   return json_errors_named(in_dir, [&] { return convert_hf_gpt2_impl(in_dir, out_dir, opt); });
 }
 
@@ -531,7 +568,7 @@ ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string&
   res.cfg = codegeex_config(shapes, heads, opt.name, res.warnings);
   const model::ModelConfig& cfg = res.cfg;
   const model::ParamLayout layout(cfg);
-  Writer wr{src, layout, {}, {}};
+  Writer wr{src, layout, {}, {}, {}};
   const int64_t C = cfg.d_model, F = cfg.d_ff, S = cfg.max_seq, V = cfg.vocab;
   const std::string lm = prefix + "language_model.";
   wr.copy(lm + "embedding.word_embeddings.weight", {V, C}, "embed.token.weight");
@@ -574,9 +611,9 @@ ConvertResult convert_codegeex_impl(const std::string& in_pt, const std::string&
                "(expected vocab.json + merges.txt [+ added_tokens.json])", opt.tokenizer_dir, n, V);
     res.vocab_used = n;
   }
-  save(out_dir, cfg, wr,
-       {{"from", "codegeex"}, {"source", in_pt}, {"vocab_used", res.vocab_used}},
-       opt.tokenizer_dir, false);
+  res.dtype = save(out_dir, cfg, wr,
+                   {{"from", "codegeex"}, {"source", in_pt}, {"vocab_used", res.vocab_used}},
+                   opt.tokenizer_dir, false, opt.dtype);
   return res;
 }
 
@@ -674,7 +711,7 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
   std::string p;
   if (src->shapes().count("transformer.wte.weight")) p = "transformer.";
   const model::ParamLayout layout(c);
-  Writer wr{*src, layout, {}, {}};
+  Writer wr{*src, layout, {}, {}, {}};
   const int64_t C = c.d_model, F = c.d_ff;
   wr.copy(p + "wte.weight", {V0, C}, "embed.token.weight");
   wr.copy(p + "wpe.weight", {c.max_seq, C}, "embed.position.weight");
@@ -729,8 +766,8 @@ ConvertResult convert_hf_gpt2_impl(const std::string& in_dir, const std::string&
       tok.clear();
     }
   }
-  save(out_dir, c, wr, {{"from", "hf-gpt2"}, {"source", in_dir}, {"vocab_used", V0}}, tok,
-       tok_json);
+  res.dtype = save(out_dir, c, wr, {{"from", "hf-gpt2"}, {"source", in_dir}, {"vocab_used", V0}},
+                   tok, tok_json, opt.dtype);
   return res;
 }
 

@@ -5,8 +5,9 @@
 //                       sharded via *.index.json)                                 -> loom
 //   loom (GPT-2-expressible models)                                               -> Hugging Face GPT-2
 //
-// The loom side is an ordinary checkpoint directory written by save_checkpoint (f32 weights,
-// config.toml, tokenizer/ when a tokenizer is given or found). trainer_state.json records where
+// The loom side is an ordinary checkpoint directory written by save_checkpoint_streamed (weights
+// in the source's dtype or ConvertOptions::dtype, config.toml, tokenizer/ when a tokenizer is
+// given or found). trainer_state.json records where
 // it came from: {"step": 0, "interop": {"from": ..., "source": ..., "vocab_used": V0}} where
 // V0 is the number of real vocabulary rows (the rest is Megatron-style padding, zero rows, which
 // generation never samples and the export drops).
@@ -42,6 +43,10 @@ struct ConvertOptions {
   std::string name;            // model name in config.toml (default: see each importer)
   int64_t n_heads = 0;         // CodeGeeX: heads when the file has no Megatron args (0: auto)
   int64_t vocab_multiple = 128;  // pad vocab rows to a multiple of this (Megatron's default)
+  // Storage dtype of the loom checkpoint: "" keeps each tensor's source dtype (F16 and BF16 as
+  // they are, F32 and F64 as F32); "f32", "bf16" or "f16" stores every tensor so (rounded to
+  // nearest even when narrower than the source).
+  std::string dtype;
 };
 
 struct ConvertResult {
@@ -49,7 +54,12 @@ struct ConvertResult {
   int64_t vocab_used = 0;             // real vocabulary rows
   std::vector<std::string> warnings;  // skipped metadata, guesses
   int64_t tensors = 0;                // source tensors read
+  std::string dtype;                  // stored dtype: "f32", "bf16", "f16" or "mixed"
 };
+
+// "f32" | "bf16" | "f16" -> the dtype (throws naming the accepted names), and back.
+DType storage_dtype_from_name(const std::string& name);
+const char* storage_dtype_name(DType t);
 
 // The loom config for CodeGeeX tensors of the given (flattened, `module.` stripped) names and
 // shapes. n_heads: from Megatron args or the caller (0: d_model / 128, CodeGeeX's head dim, with
@@ -64,7 +74,8 @@ ConvertResult convert_codegeex(const std::string& in_pt, const std::string& out_
                                const ConvertOptions& opt);
 ConvertResult convert_hf_gpt2(const std::string& in_dir, const std::string& out_dir,
                               const ConvertOptions& opt);
-// Writes config.json, model.safetensors (F32, `transformer.` names, no lm_head: tied) and the
+// Writes config.json, model.safetensors (each tensor in the loom checkpoint's stored dtype: F32,
+// F16 or BF16; `transformer.` names, no lm_head: tied; an int8 checkpoint is refused) and the
 // tokenizer files (vocab.json, merges.txt) when the checkpoint has them. Throws naming the
 // feature that GPT-2 cannot express (query layer, GQA, untied head).
 void export_hf_gpt2(const std::string& ckpt_dir, const std::string& out_dir);

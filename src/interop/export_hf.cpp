@@ -4,6 +4,7 @@
 // Conv1D (in, 3C) c_attn, the other matrices are transposed to Conv1D (in, out), the vocabulary
 // keeps only its real rows (trainer_state's interop.vocab_used), and config.json describes the
 // same model, so importing the export gives the original weights bit for bit.
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -32,6 +33,9 @@ std::string read_text(const std::string& path) { return read_config_file(path, "
 void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir) {
   CheckpointReader r(ckpt_dir);
   const model::ModelConfig& c = r.config();
+  LOOM_CHECK(!r.has_int8_weights(), "'{}' holds int8-quantized weights (`loom quantize`); "
+             "Hugging Face GPT-2 has no int8 layout: export the checkpoint it was quantized from",
+             ckpt_dir);
   LOOM_CHECK(!c.query_layer, "'{}': model '{}' has the PanGu-α/CodeGeeX top query layer, which "
              "GPT-2's architecture cannot express", ckpt_dir, c.name);
   LOOM_CHECK(c.n_kv_heads == c.n_heads, "'{}': model '{}' uses grouped-query attention "
@@ -51,8 +55,25 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
   const int64_t C = c.d_model, F = c.d_ff;
   // Each output tensor gets its own buffer, loaded (and transposed) one tensor at a time, so the
   // peak is the exported model plus one loom tensor (write_safetensors takes them all at once).
-  std::deque<std::vector<float>> keep;
+  // Each keeps its loom tensor's stored dtype (F32, F16 or BF16; values narrowed back exactly,
+  // since they were widened from that dtype), so loom -> HF -> loom is bit-identical.
+  std::deque<std::vector<char>> keep;
   std::vector<TensorToWrite> out;
+  auto stored = [&](std::vector<float> v, DType dt) -> const void* {
+    keep.emplace_back(v.size() * dtype_size(dt));
+    void* d = keep.back().data();
+    if (dt == DType::f32) std::memcpy(d, v.data(), v.size() * sizeof(float));
+    else if (dt == DType::bf16) convert_f32_to_bf16(v.data(), static_cast<bf16*>(d), v.size());
+    else convert_f32_to_f16(v.data(), static_cast<uint16_t*>(d), v.size());
+    return d;
+  };
+  // The dtype of the HF tensor made from these loom tensors: theirs if they agree, else F32.
+  auto dtype_of = [&](const std::vector<std::string>& parts) {
+    DType dt = r.weight_dtype(parts.at(0));
+    for (const auto& p : parts)
+      if (r.weight_dtype(p) != dt) return DType::f32;
+    return dt;
+  };
   // Elements [0, count) of loom tensor `name` (count < 0: all of it; the tensors adjacent to it
   // in the flat buffer follow when count exceeds its size, as for the q, k, v biases).
   auto load = [&](const std::string& name, int64_t count = -1) {
@@ -62,17 +83,18 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
     return v;
   };
   auto add = [&](const std::string& hf_name, Shape shape, const std::string& loom_name,
-                 int64_t count = -1) {
-    keep.push_back(load(loom_name, count));
-    out.push_back({hf_name, DType::f32, std::move(shape), keep.back().data()});
+                 int64_t count = -1, std::vector<std::string> parts = {}) {
+    if (parts.empty()) parts = {loom_name};
+    const DType dt = dtype_of(parts);
+    out.push_back({hf_name, dt, std::move(shape), stored(load(loom_name, count), dt)});
   };
   // loom (rows, in) matrices stacked along rows -> Conv1D (in, sum of rows).
   auto conv1d = [&](const std::string& hf_name, const std::vector<std::string>& parts,
                     int64_t in) {
     int64_t out_cols = 0;
     for (auto& p : parts) out_cols += layout.find(p).shape[0];
-    keep.emplace_back(size_t(in * out_cols));
-    float* d = keep.back().data();
+    std::vector<float> t(size_t(in * out_cols));  // (in, out_cols)
+    float* d = t.data();
     int64_t c0 = 0;
     for (auto& p : parts) {
       const std::vector<float> m = load(p);
@@ -81,7 +103,8 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
         for (int64_t i = 0; i < in; ++i) d[i * out_cols + c0 + r2] = m[size_t(r2 * in + i)];
       c0 += rows;
     }
-    out.push_back({hf_name, DType::f32, {in, out_cols}, d});
+    const DType dt = dtype_of(parts);
+    out.push_back({hf_name, dt, {in, out_cols}, stored(std::move(t), dt)});
   };
   add("transformer.wte.weight", {V0, C}, "embed.token.weight", V0 * C);  // real rows only
   add("transformer.wpe.weight", {c.max_seq, C}, "embed.position.weight");
@@ -90,7 +113,8 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
     add(s + "ln_1.weight", {C}, d + "norm1.weight");
     add(s + "ln_1.bias", {C}, d + "norm1.bias");
     conv1d(s + "attn.c_attn.weight", {d + "attn.q.weight", d + "attn.k.weight", d + "attn.v.weight"}, C);
-    add(s + "attn.c_attn.bias", {3 * C}, d + "attn.q.bias", 3 * C);  // q, k, v biases adjacent
+    add(s + "attn.c_attn.bias", {3 * C}, d + "attn.q.bias", 3 * C,  // q, k, v biases adjacent
+        {d + "attn.q.bias", d + "attn.k.bias", d + "attn.v.bias"});
     conv1d(s + "attn.c_proj.weight", {d + "attn.out.weight"}, C);
     add(s + "attn.c_proj.bias", {C}, d + "attn.out.bias");
     add(s + "ln_2.weight", {C}, d + "norm2.weight");
@@ -111,6 +135,11 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
     auto v = nlohmann::json::parse(read_text(vocab_path.string()));
     if (v.contains("<|endoftext|>")) eos = v["<|endoftext|>"].get<int64_t>();
   }
+  // The model's dtype as transformers names it: the token embedding's.
+  const DType wte_dtype = r.weight_dtype("embed.token.weight");
+  const char* torch_dtype = wte_dtype == DType::f16    ? "float16"
+                            : wte_dtype == DType::bf16 ? "bfloat16"
+                                                       : "float32";
   const char* act = c.activation == model::Activation::gelu       ? "gelu_new"
                     : c.activation == model::Activation::gelu_erf ? "gelu"
                                                                   : "quick_gelu";
@@ -133,7 +162,7 @@ void export_hf_gpt2_impl(const std::string& ckpt_dir, const std::string& out_dir
                        {"tie_word_embeddings", true},
                        {"bos_token_id", eos},
                        {"eos_token_id", eos},
-                       {"torch_dtype", "float32"}};
+                       {"torch_dtype", torch_dtype}};
   std::ofstream(fs::path(out_dir) / "config.json") << hc.dump(2) << "\n";
   const fs::path tok = fs::path(ckpt_dir) / "tokenizer";
   for (const char* f : {"vocab.json", "merges.txt", "added_tokens.json"})

@@ -6,6 +6,7 @@
 
 #include "checkpoint/commit.h"
 #include "core/error.h"
+#include "kernels/cpu/weight_matmul.h"
 
 namespace loom::interop {
 
@@ -69,11 +70,53 @@ void save_checkpoint_streamed(
     const std::string& dir, const model::ModelConfig& cfg, const model::ParamLayout& layout,
     const std::function<void(const model::ParamSpec&, float*)>& produce,
     const nlohmann::json& trainer_state,
-    const std::function<void(const std::string&)>& write_extra) {
+    const std::function<void(const std::string&)>& write_extra, const StorageDType& storage) {
   std::vector<TensorToWrite> tensors;
-  for (const auto& s : layout.specs())
-    tensors.push_back({s.name, DType::f32, s.shape, nullptr,
-                       [&produce, &s](void* dst) { produce(s, static_cast<float*>(dst)); }});
+  for (const auto& s : layout.specs()) {
+    const DType dt = storage ? storage(s) : DType::f32;
+    switch (dt) {
+      case DType::f32:
+        tensors.push_back({s.name, dt, s.shape, nullptr,
+                           [&produce, &s](void* dst) { produce(s, static_cast<float*>(dst)); }});
+        break;
+      case DType::bf16:
+      case DType::f16:
+        tensors.push_back({s.name, dt, s.shape, nullptr, [&produce, &s, dt](void* dst) {
+                             std::vector<float> f(size_t(s.numel), 0.f);  // (numel) f32
+                             produce(s, f.data());
+                             if (dt == DType::bf16)
+                               convert_f32_to_bf16(f.data(), static_cast<bf16*>(dst), f.size());
+                             else
+                               convert_f32_to_f16(f.data(), static_cast<uint16_t*>(dst), f.size());
+                           }});
+        break;
+      case DType::i8: {
+        LOOM_CHECK(s.shape.size() == 2, "parameter '{}' (shape {}) cannot be stored as int8 "
+                   "rows: only 2-D weights can", s.name, shape_str(s.shape));
+        // The scales are computed with q and written right after it.
+        auto scales = std::make_shared<std::vector<float>>();
+        tensors.push_back({s.name, dt, s.shape, nullptr, [&produce, &s, scales](void* dst) {
+                             std::vector<float> f(size_t(s.numel), 0.f);  // (N, K) f32
+                             produce(s, f.data());
+                             scales->assign(size_t(s.shape[0]), 0.f);
+                             kernels::quantize_rows_int8(static_cast<int8_t*>(dst),
+                                                         scales->data(), f.data(), s.shape[0],
+                                                         s.shape[1]);
+                           }});
+        tensors.push_back({s.name + kRowScalesSuffix, DType::f32, {s.shape[0]}, nullptr,
+                           [scales, &s](void* dst) {
+                             LOOM_ASSERT(scales->size() == size_t(s.shape[0]),
+                                         "row scales of '{}' written before the tensor", s.name);
+                             std::memcpy(dst, scales->data(), scales->size() * sizeof(float));
+                             std::vector<float>().swap(*scales);
+                           }});
+        break;
+      }
+      default:
+        LOOM_FAIL("parameter '{}': a checkpoint cannot store {} (F32, BF16, F16 or I8)", s.name,
+                  dtype_name(dt));
+    }
+  }
   save_flat(dir, cfg, layout, tensors, {}, trainer_state, write_extra);
 }
 
@@ -141,17 +184,9 @@ void CheckpointReader::load(const char* kind, const model::ParamLayout& layout, 
                s.name);
     const Shape& stored = reader_->shape(kind, s.name);
     LOOM_CHECK(stored == s.global_shape,
-               "checkpoint '{}': {} tensor '{}' is F32 {} but the model expects F32 {}", dir_,
+               "checkpoint '{}': {} tensor '{}' has shape {} but the model expects {}", dir_,
                kind, s.name, shape_str(stored), shape_str(s.global_shape));
-    PieceSpec want;
-    want.name = s.name;
-    want.global_shape = s.global_shape;
-    want.shard_dim = s.shard_dim;
-    want.shard_start = s.shard_start;
-    want.shard_len = s.shard_dim >= 0 ? s.shape[size_t(s.shard_dim)] : 0;
-    want.lo = lo - s.offset;
-    want.hi = hi - s.offset;
-    reader_->read(kind, want, dst + (lo - begin));
+    reader_->read(kind, piece_of(s, lo - s.offset, hi - s.offset), dst + (lo - begin));
   }
 }
 
@@ -164,6 +199,23 @@ void CheckpointReader::load_weights(const model::ParamLayout& layout, float* wei
 void CheckpointReader::load_weights_packed(const model::ParamLayout& layout, float* packed,
                                            int64_t begin, int64_t end) const {
   load("weights", layout, packed, begin, end);
+}
+
+DType CheckpointReader::weight_dtype(const std::string& name) const {
+  return reader_->dtype("weights", name);
+}
+
+bool CheckpointReader::has_int8_weights() const {
+  for (const std::string& n : reader_->names("weights"))
+    if (reader_->dtype("weights", n) == DType::i8) return true;
+  return false;
+}
+
+void CheckpointReader::load_int8(const model::ParamSpec& spec, int8_t* q,
+                                 float* row_scales) const {
+  LOOM_CHECK(reader_->has("weights", spec.name), "checkpoint '{}' has no weights tensor '{}'",
+             dir_, spec.name);
+  reader_->read_int8_rows("weights", piece_of(spec, 0, spec.numel), q, row_scales);
 }
 
 int64_t CheckpointReader::load_optimizer(const model::ParamLayout& layout, float* m, float* v,

@@ -3,7 +3,8 @@
 // depend on model/ and writes each rank's pieces; this API is kept for its existing callers.
 //
 // save_checkpoint writes a flat checkpoint: a directory holding
-//   model.safetensors      every parameter by its fixed name (f32)
+//   model.safetensors      every parameter by its fixed name (f32; save_checkpoint_streamed
+//                          may store BF16, F16 or I8 + "<name>:row_scales", see StorageDType)
 //   optimizer.safetensors  AdamW state: "m.<name>", "v.<name>" (f32), step in metadata
 //   config.toml            the ModelConfig
 //   trainer_state.json     step, data-loader position, run settings (whatever the trainer puts)
@@ -42,15 +43,23 @@ void save_checkpoint(const std::string& dir, const model::ModelConfig& cfg,
                      const OptimizerState& opt, const nlohmann::json& trainer_state,
                      const std::function<void(const std::string&)>& write_extra = {});
 
+// How save_checkpoint_streamed stores a parameter (checkpoint/sharded.h, "Storage dtypes"):
+// F32; BF16 or F16, rounded to nearest even from the produced f32 (exact when the values came
+// from that dtype); I8, int8 per output row with F32 "<name>:row_scales" by
+// kernels::quantize_rows_int8 (the rule infer/ applies at load time; 2-D parameters only).
+using StorageDType = std::function<DType(const model::ParamSpec&)>;
+
 // The same flat checkpoint without optimizer state, with each parameter produced when its turn
 // to be written comes: `produce(spec, dst)` fills spec.numel f32 values (the buffer is zeroed
-// first and freed after). Peak memory is the largest parameter, not the model: this is how
-// `loom convert` writes models larger than memory.
+// first and freed after) and `storage` (default: F32 for all) picks how it is stored. Peak
+// memory is the largest parameter (in f32 plus its stored form), not the model: this is how
+// `loom convert` and `loom quantize` write models larger than memory.
 void save_checkpoint_streamed(
     const std::string& dir, const model::ModelConfig& cfg, const model::ParamLayout& layout,
     const std::function<void(const model::ParamSpec&, float*)>& produce,
     const nlohmann::json& trainer_state,
-    const std::function<void(const std::string&)>& write_extra = {});
+    const std::function<void(const std::string&)>& write_extra = {},
+    const StorageDType& storage = {});
 
 // Throws loom::Error listing the differing keys unless `saved` (a checkpoint's config, read from
 // `where`) is the model `expected`.
@@ -70,12 +79,20 @@ class CheckpointReader {
 
   // Throws loom::Error listing the differing keys unless the checkpoint's config equals `cfg`.
   void expect_config(const model::ModelConfig& cfg) const;
-  // Parameters [begin, end) of the flat buffer (default: all) into weights + begin.
+  // Parameters [begin, end) of the flat buffer (default: all) into weights + begin, as f32
+  // (BF16 / F16 widened exactly, I8 dequantized: ShardedReader::read).
   void load_weights(const model::ParamLayout& layout, float* weights, int64_t begin = 0,
                     int64_t end = -1) const;
   // The same, packed: elements [begin, end) into dst (end-begin floats).
   void load_weights_packed(const model::ParamLayout& layout, float* dst, int64_t begin,
                            int64_t end) const;
+  // How a weight tensor is stored (F32, BF16, F16 or I8); whether any is I8 (`loom quantize`).
+  DType weight_dtype(const std::string& name) const;
+  bool has_int8_weights() const;
+  // An I8 parameter's local slice (spec, as ParamLayout gives it; tp shards included) as stored:
+  // q (spec.numel) and one scale per local row (spec.shape[0]); a column shard gets the scales
+  // of its whole rows. Throws naming the tensor if it is not I8.
+  void load_int8(const model::ParamSpec& spec, int8_t* q, float* row_scales) const;
   // Optimizer moments for [begin, end) into m, v (each end-begin floats); returns the step (a
   // sharded checkpoint's trainer_state "optimizer_step", else its "step").
   int64_t load_optimizer(const model::ParamLayout& layout, float* m, float* v, int64_t begin = 0,

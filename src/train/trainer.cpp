@@ -189,6 +189,21 @@ void Trainer::resume(const std::string& dir) {
   // Any layout's checkpoint (sharded, or the pre-sharding whole-model format): each rank reads
   // only the byte ranges of the tensors it holds, straight into its own buffers.
   checkpoint::ShardedReader r(dir);
+  // BF16 / F16 weights widen exactly into the f32 masters; int8 rows (`loom quantize`) are an
+  // inference format whose rounding training would bake in: refuse them.
+  for (const std::string& n : r.names("weights")) {
+    if (r.dtype("weights", n) != DType::i8) continue;
+    const nlohmann::json& st = r.trainer_state();
+    const nlohmann::json q = st.is_object() && st.contains("quantized") && st["quantized"].is_object()
+                                 ? st["quantized"]
+                                 : nlohmann::json::object();
+    const std::string from = q.contains("from") && q["from"].is_string()
+                                 ? " ('" + q["from"].get<std::string>() + "')"
+                                 : std::string();
+    LOOM_FAIL("checkpoint '{}' holds int8-quantized weights (e.g. '{}', written by `loom "
+              "quantize`), an inference-only format: train from the f32 checkpoint it was "
+              "quantized from{}", r.dir(), n, from);
+  }
   interop::expect_same_model(
       model::model_config_from_toml(r.config_toml(), r.dir() + "/config.toml"), cfg_.model,
       r.dir());

@@ -49,8 +49,17 @@ expect_error "os.system payload refused" "'posix.system'" \
 [ ! -e "$WORK/bad/PWNED" ] && pass "payload never ran" || fail "payload ran"
 expect_error "no direction" "exactly one of --from" "$LOOM" convert --in x --out y
 expect_error "unknown source" "--from 'onnx' is unknown" "$LOOM" convert --from onnx --in x --out y
-expect_error "dtype other than f32" "--dtype bf16 is not available" \
-  "$LOOM" convert --from hf-gpt2 --in "$WORK/hf/hf_st" --out "$WORK/x4" --dtype bf16
+expect_error "unknown --dtype" "--dtype 'int8' is unknown; choose f32, bf16 or f16" \
+  "$LOOM" convert --from hf-gpt2 --in "$WORK/hf/hf_st" --out "$WORK/x4" --dtype int8
+"$LOOM" convert --from hf-gpt2 --in "$WORK/hf/hf_st" --out "$WORK/gpt2_bf16" --dtype bf16 >"$WORK/c3.json" 2>/dev/null \
+  && grep -q '"dtype":"bf16"' "$WORK/c3.json" \
+  && "$LOOM" generate --checkpoint "$WORK/gpt2_bf16" --prompt "the" --max-tokens 4 --temperature 0 >/dev/null 2>&1 \
+  && pass "convert --dtype bf16, generate from it" || fail "convert --dtype bf16: $(cat "$WORK/c3.json")"
+"$LOOM" convert --from codegeex --in "$WORK/cg/codegeex_args.pt" --out "$WORK/cg16" >"$WORK/c4.json" 2>/dev/null \
+  && grep -q '"dtype":"f16"' "$WORK/c4.json" && pass "codegeex fp16 source keeps f16" \
+  || fail "codegeex keeps f16: $(cat "$WORK/c4.json")"
+expect_error "export --dtype" "--dtype applies to imports" \
+  "$LOOM" convert --to hf-gpt2 --in "$WORK/gpt2" --out "$WORK/x6" --dtype f16
 expect_error "missing input" "cannot open" \
   "$LOOM" convert --from codegeex --in "$WORK/none.pt" --out "$WORK/x5"
 [ ! -e "$WORK/x1" ] && [ ! -e "$WORK/x2" ] && [ ! -e "$WORK/x3" ] && pass "failed conversions leave nothing" \

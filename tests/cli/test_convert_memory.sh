@@ -41,24 +41,32 @@ with open(os.path.join(out, "model.safetensors"), "wb") as f:
         f.write((rng.standard_normal(s, dtype=np.float32) * 0.02).tobytes())
 PY
 model_bytes=$(stat -c %s "$WORK/hf/model.safetensors")
-peak_kb=$(/usr/bin/python3 - "$LOOM" "$WORK" <<'PY'
+# Kept as F32 (the source's dtype), then narrowed to F16 on the way (--dtype f16: each tensor
+# produced in f32 and rounded while it is written, one tensor at a time too).
+for dt in "" f16; do
+peak_kb=$(/usr/bin/python3 - "$LOOM" "$WORK" "$dt" <<'PY'
 import resource, subprocess, sys
-loom, work = sys.argv[1], sys.argv[2]
-r = subprocess.run([loom, "convert", "--from", "hf-gpt2", "--in", work + "/hf", "--out",
-                    work + "/out"], capture_output=True, text=True)
+loom, work, dt = sys.argv[1], sys.argv[2], sys.argv[3]
+out = work + "/out" + ("_" + dt if dt else "")
+r = subprocess.run([loom, "convert", "--from", "hf-gpt2", "--in", work + "/hf", "--out", out]
+                   + (["--dtype", dt] if dt else []), capture_output=True, text=True)
 if r.returncode != 0:
     print("convert failed:", r.stderr, file=sys.stderr); sys.exit(1)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 PY
-) || { echo "FAIL convert"; exit 1; }
+) || { echo "FAIL convert ${dt:-f32}"; exit 1; }
 peak=$((peak_kb * 1024))
-echo "model file $((model_bytes >> 20)) MiB, largest tensor 4 MiB, convert peak RSS $((peak >> 20)) MiB"
+echo "model file $((model_bytes >> 20)) MiB, largest tensor 4 MiB, convert (${dt:-f32}) peak RSS $((peak >> 20)) MiB"
 # The bound: the process's own footprint (libraries, ~60 MiB here) plus a few tensors, far below
 # the model: a converter that held the model would peak above its 302 MB.
 if [ "$peak" -lt $((model_bytes / 3)) ]; then
-  echo "ok   convert peak RSS below a third of the model"
+  echo "ok   convert (${dt:-f32}) peak RSS below a third of the model"
 else
-  echo "FAIL convert peak RSS $peak bytes is not below a third of the model ($model_bytes bytes)"; exit 1
+  echo "FAIL convert (${dt:-f32}) peak RSS $peak bytes is not below a third of the model ($model_bytes bytes)"; exit 1
 fi
+done
+out16=$(stat -c %s "$WORK/out_f16/model.safetensors")
+[ "$out16" -lt $((model_bytes * 52 / 100)) ] && echo "ok   --dtype f16 checkpoint is half the f32 one ($((out16 >> 20)) MiB)" \
+  || { echo "FAIL --dtype f16 checkpoint is $out16 bytes (source $model_bytes)"; exit 1; }
 grep -q "n_layers = 24" "$WORK/out/config.toml" && echo "ok   converted config has the 24 layers" \
   || { echo "FAIL converted config: $(cat "$WORK/out/config.toml")"; exit 1; }

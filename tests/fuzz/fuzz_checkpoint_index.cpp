@@ -34,6 +34,11 @@ std::string make_checkpoint() {
   static std::vector<float> a(12), b(5);  // (4, 3) and (5)
   for (size_t i = 0; i < a.size(); ++i) a[i] = float(i);
   for (size_t i = 0; i < b.size(); ++i) b[i] = -float(i);
+  // Stored dtypes: h (2, 3) BF16 in two row pieces, e (5) F16, q (2, 3) I8 with its row scales.
+  static std::vector<uint16_t> h = {0x3f80, 0x4000, 0xbf80, 0x0000, 0x4040, 0x3f00},
+                               e = {0x3c00, 0x4000, 0xbc00, 0x0000, 0x3800};
+  static std::vector<int8_t> q = {127, -3, 0, 5, -127, 64};
+  static std::vector<float> qs = {0.5f, 0.25f};
   ck::ShardedWriter w(root, nullptr, ck::WriterOptions{0, 1});
   ck::PieceSpec top = ck::whole_tensor("a", {4, 3});
   top.shard_dim = 0, top.shard_start = 0, top.shard_len = 2, top.hi = 6;
@@ -43,6 +48,15 @@ std::string make_checkpoint() {
   w.add("weights", bottom, a.data() + 6);
   w.add("weights", ck::whole_tensor("b", {5}), b.data());
   w.add("m", ck::whole_tensor("b", {5}), b.data());
+  ck::PieceSpec h0 = ck::whole_tensor("h", {2, 3});
+  h0.shard_dim = 0, h0.shard_start = 0, h0.shard_len = 1, h0.hi = 3;
+  ck::PieceSpec h1 = h0;
+  h1.shard_start = 1;
+  w.add("weights", h0, h.data(), loom::DType::bf16);
+  w.add("weights", h1, h.data() + 3, loom::DType::bf16);
+  w.add("weights", ck::whole_tensor("e", {5}), e.data(), loom::DType::f16);
+  w.add("weights", ck::whole_tensor("q", {2, 3}), q.data(), loom::DType::i8);
+  w.add("weights", ck::whole_tensor(std::string("q") + ck::kRowScalesSuffix, {2}), qs.data());
   const std::string dir = w.commit("", nlohmann::json{{"step", 1}}).dir;
   // LOOM_FUZZ_SEED_OUT=FILE: keep the valid index as a seed (how corpus/checkpoint_index/ began).
   if (const char* out = std::getenv("LOOM_FUZZ_SEED_OUT"))
@@ -76,6 +90,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (n < 0 || n > (int64_t(1) << 20)) continue;
         std::vector<float> dst(size_t(n) + 1);
         r.read(kind, want, dst.data());
+        if (r.dtype(kind, name) == loom::DType::i8 && shape.size() == 2 && shape[0] >= 0 &&
+            shape[0] <= n) {
+          std::vector<int8_t> qd(size_t(n) + 1);
+          std::vector<float> sd(size_t(shape[0]) + 1);
+          r.read_int8_rows(kind, want, qd.data(), sd.data());
+        }
       }
     }
   } catch (const loom::Error&) {

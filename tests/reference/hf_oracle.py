@@ -7,6 +7,7 @@ transformers 4.40.2 from PyPI). Nothing is downloaded here: models are random, b
                                 (biases and norms too), saved with save_pretrained:
                                   OUT/tf_st   safetensors, activation gelu_new
                                   OUT/tf_bin  pytorch_model.bin (safe_serialization=False), gelu
+                                  OUT/tf_st_f16  tf_st's model .half(), save_pretrained
                                 plus vocab.json/merges.txt, and OUT/tf_ref.safetensors: float64
                                 logits of 40 tokens and 64 greedy tokens of each
   hf_oracle.py logits DIR TOKENS.i32 T OUT   GPT2LMHeadModel.from_pretrained(DIR) logits, f64
@@ -50,6 +51,11 @@ def model_fixtures(out):
         d = os.path.join(out, "tf_" + tag)
         m.save_pretrained(d, safe_serialization=safe)
         fx.write_tokenizer_files(d, vocab, merges)
+        if tag == "st":  # the same model saved in half precision by transformers itself
+            import copy
+            d16 = os.path.join(out, "tf_st_f16")
+            copy.deepcopy(m).half().save_pretrained(d16, safe_serialization=True)
+            fx.write_tokenizer_files(d16, vocab, merges)
         md = m.double()
 
         def logits(toks):

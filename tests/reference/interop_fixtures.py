@@ -18,6 +18,7 @@ checkpoint is built here, at small sizes, in the original project's exact on-dis
       hf_st/   config.json (gelu_new), model.safetensors (original gpt2 names), vocab/merges
       hf_bin/  config.json (gelu, erf), pytorch_model.bin (GPT2LMHeadModel names: transformer.*,
                attn.bias / attn.masked_bias buffers, tied lm_head), tokenizer.json only
+      hf_st_f16/, hf_st_bf16/  hf_st's weights rounded by torch to F16 / BF16
       hf_ref.safetensors   logits and greedy tokens of both
   interop_fixtures.py hf-logits DIR TOKENS.i32 T OUT   logits of an HF GPT-2 directory (an
       exported one) for the (1,T) tokens, from config.json + model.safetensors
@@ -56,9 +57,15 @@ GREEDY_STEPS = 64
 
 
 # ------------------------------------------------------------------------------------------------
-# safetensors writer (F32, F16, I32, F64)
+# safetensors writer (F32, F16, BF16, I32, F64). numpy has no bfloat16: BF16 tensors are passed
+# as uint16 arrays of their bit patterns (bf16_bits) and read back as float32.
 _ST = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i4"): "I32",
-       np.dtype("<f8"): "F64", np.dtype("<i8"): "I64"}
+       np.dtype("<f8"): "F64", np.dtype("<i8"): "I64", np.dtype("<u2"): "BF16"}
+
+
+def bf16_bits(t):
+    """A torch tensor rounded to bfloat16 by torch (nearest even), as uint16 bit patterns."""
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def save_safetensors(tensors, path, header_override=None):
@@ -414,6 +421,17 @@ def write_hf(out):
                 json.dump(tj, f, ensure_ascii=False)
         if tag == "st":
             write_sharded(out, cfg, sd, vocab, merges)
+            # The same weights as half-precision checkpoints, rounded by torch (nearest even):
+            # hf_st_f16 (F16, torch_dtype float16) and hf_st_bf16 (BF16, bfloat16).
+            for sub, conv, tdt in (("f16", lambda t: t.half().numpy(), "float16"),
+                                   ("bf16", bf16_bits, "bfloat16")):
+                dh = os.path.join(out, "hf_st_" + sub)
+                os.makedirs(dh, exist_ok=True)
+                with open(os.path.join(dh, "config.json"), "w") as f:
+                    json.dump(dict(cfg, torch_dtype=tdt), f, indent=2)
+                save_safetensors({k: conv(v) for k, v in sd.items()},
+                                 os.path.join(dh, "model.safetensors"))
+                write_tokenizer_files(dh, vocab, merges)
         fn = lambda t: gpt2_logits(sd, cfg_full, t)
         toks = prompt + greedy(fn, prompt, GREEDY_STEPS, GPT["V"])
         ref[tag + "_greedy"] = np.array(toks[len(prompt):], dtype=np.int32)
@@ -472,7 +490,10 @@ def load_safetensors(path):
         if k == "__metadata__":
             continue
         b, e = v["data_offsets"]
-        out[k] = np.frombuffer(data[8 + n + b:8 + n + e], dtype=inv[v["dtype"]]).reshape(v["shape"]).copy()
+        a = np.frombuffer(data[8 + n + b:8 + n + e], dtype=inv[v["dtype"]]).reshape(v["shape"]).copy()
+        if v["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[k] = a
     return out
 
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "interop/model_checkpoint.h"
 #include "interop/convert.h"
@@ -345,6 +346,123 @@ TEST(InteropHfSharded, ShardsGiveTheSameWeightsAsOneFile) {
   }
 }
 
+// ---- storage dtypes (loom convert --dtype; the default keeps the source's) ----
+namespace {
+
+// Every weight's stored dtype in a loom checkpoint, "mixed" if they differ.
+std::string stored_dtype(const std::string& dir) {
+  CheckpointReader r(dir);
+  model::ParamLayout layout(r.config());
+  std::set<std::string> seen;
+  for (const auto& s : layout.specs()) seen.insert(std::string(dtype_name(r.weight_dtype(s.name))));
+  return seen.size() == 1 ? *seen.begin() : "mixed";
+}
+
+bool same_weights(const Loaded& a, const Loaded& b) {
+  return a.w.size() == b.w.size() &&
+         std::memcmp(a.w.data(), b.w.data(), a.w.size() * sizeof(float)) == 0;
+}
+
+// loom's logits (T, V) of a checkpoint for `tokens`.
+std::vector<float> loom_logits(const Loaded& m, const std::vector<int32_t>& tokens) {
+  MemoryPool pool;
+  model::Gpt g(m.cfg, pool, model::Precision::f32);
+  std::memcpy(g.weights(), m.w.data(), m.w.size() * sizeof(float));
+  std::vector<float> logits(size_t(int64_t(tokens.size()) * m.cfg.vocab));
+  g.all_logits(logits.data(), tokens.data(), 1, int64_t(tokens.size()));
+  return logits;
+}
+
+double max_rel_diff(const std::vector<float>& a, const std::vector<float>& ref) {
+  double e = 0, sc = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e = std::max(e, std::abs(double(a[i]) - ref[i]));
+    sc = std::max(sc, std::abs(double(ref[i])));
+  }
+  return e / sc;
+}
+
+// Tolerance of logits computed from weights rounded to a half type, against the f32 weights'
+// logits, relative to the largest logit: each weight moves by at most u = 2^-11 (F16) or 2^-8
+// (BF16) of itself; through the embedding sum, 2 blocks' matmuls of C = 24..96 random-sign terms
+// and the tied head the relative logit change stays a small multiple of u (1.4-2.5 u observed);
+// 16 u leaves room without admitting an f32-vs-f16 mix-up of a whole tensor.
+double half_tolerance(const std::string& dt) { return 16.0 * std::ldexp(1.0, dt == "F16" ? -11 : -8); }
+
+// `src_half` holds `src_f32`'s weights rounded to `dt` by torch. The default conversion keeps dt;
+// it equals converting the f32 source with --dtype (loom rounds to nearest even, as torch does);
+// --dtype f32 widens exactly; its logits are within the half type's tolerance of the f32 model's;
+// loom -> HF -> loom keeps dt and is bit-identical (the export writes dt, torch_dtype named).
+void half_case(const fs::path& src_f32, const fs::path& src_half, const std::string& dt,
+               const std::vector<int32_t>& tokens, const std::string& tag) {
+  SCOPED_TRACE(tag + " " + dt);
+  const std::string lower = dt == "F16" ? "f16" : "bf16";
+  const std::string kept = (fixtures() / ("dt_kept_" + tag)).string();
+  ConvertResult r = convert_hf_gpt2(src_half.string(), kept, {});
+  EXPECT_EQ(r.dtype, lower);
+  EXPECT_EQ(stored_dtype(kept), dt);
+  ConvertOptions to_half;
+  to_half.dtype = lower;
+  const std::string rounded = (fixtures() / ("dt_rounded_" + tag)).string();
+  convert_hf_gpt2(src_f32.string(), rounded, to_half);
+  EXPECT_EQ(stored_dtype(rounded), dt);
+  const Loaded mk = load(kept), mr = load(rounded);
+  EXPECT_TRUE(same_weights(mk, mr)) << "loom's rounding differs from torch's";
+  ConvertOptions to_f32;
+  to_f32.dtype = "f32";
+  const std::string widened = (fixtures() / ("dt_widened_" + tag)).string();
+  convert_hf_gpt2(src_half.string(), widened, to_f32);
+  EXPECT_EQ(stored_dtype(widened), "F32");
+  EXPECT_TRUE(same_weights(mk, load(widened))) << "widening is exact";
+  // Size: half the f32 checkpoint's weights (plus the same header).
+  const std::string full = (fixtures() / ("dt_full_" + tag)).string();
+  convert_hf_gpt2(src_f32.string(), full, {});
+  const auto b16 = fs::file_size(fs::path(kept) / "model.safetensors"),
+             b32 = fs::file_size(fs::path(full) / "model.safetensors");
+  EXPECT_LT(double(b16), 0.52 * double(b32));
+  const Loaded m32 = load(full);
+  const double err = max_rel_diff(loom_logits(mk, tokens), loom_logits(m32, tokens));
+  std::printf("%s %s: logits vs the f32 model's: max rel %.3g (bound %.3g); model.safetensors "
+              "%llu vs %llu bytes\n", tag.c_str(), dt.c_str(), err, half_tolerance(dt),
+              (unsigned long long)b16, (unsigned long long)b32);
+  EXPECT_LT(err, half_tolerance(dt));
+  EXPECT_GT(err, 0.0);  // the weights really were rounded
+  // Round trip.
+  const std::string exported = (fixtures() / ("dt_export_" + tag)).string();
+  export_hf_gpt2(kept, exported);
+  SafetensorsFile ex((fs::path(exported) / "model.safetensors").string());
+  for (auto& [name, info] : ex.tensors()) EXPECT_EQ(std::string(dtype_name(info.dtype)), dt) << name;
+  nlohmann::json hc = nlohmann::json::parse(std::ifstream(fs::path(exported) / "config.json"));
+  EXPECT_EQ(hc["torch_dtype"], dt == "F16" ? "float16" : "bfloat16");
+  const std::string back = (fixtures() / ("dt_back_" + tag)).string();
+  convert_hf_gpt2(exported, back, {});
+  EXPECT_EQ(stored_dtype(back), dt);
+  EXPECT_TRUE(same_weights(mk, load(back))) << "loom -> HF -> loom";
+  EXPECT_EQ(fs::file_size(fs::path(back) / "model.safetensors"), b16);
+}
+
+}  // namespace
+
+TEST(InteropDtype, HalfSourcesKeepTheirDtypeAndRoundTrip) {
+  REQUIRE_TORCH();
+  const fs::path hf = fixture("hf");
+  SafetensorsFile ref((hf / "hf_ref.safetensors").string());
+  const auto tokens = read_i32(ref, "st_tokens");
+  half_case(hf / "hf_st", hf / "hf_st_f16", "F16", tokens, "st16");
+  half_case(hf / "hf_st", hf / "hf_st_bf16", "BF16", tokens, "stbf");
+  // The CodeGeeX release is fp16: its conversion keeps F16 and reads exactly as before.
+  const std::string cg = (fixtures() / "dt_cg").string();
+  ConvertResult r = convert_codegeex((fixture("cg") / "codegeex_args.pt").string(), cg, {});
+  EXPECT_EQ(r.dtype, "f16");
+  EXPECT_EQ(stored_dtype(cg), "F16");
+  std::string e = error_of([&] {
+    ConvertOptions o;
+    o.dtype = "int8";
+    convert_hf_gpt2((hf / "hf_st").string(), (fixtures() / "dt_bad").string(), o);
+  });
+  EXPECT_NE(e.find("storage dtype 'int8' is unknown; choose f32, bf16 or f16"), std::string::npos) << e;
+}
+
 // ---- Hugging Face transformers / tokenizers as the oracle (venv from PyPI; SKIP if it cannot be
 // made here) ----
 namespace {
@@ -394,6 +512,19 @@ TEST_P(InteropTransformers, GPT2LMHeadModelConvertsAndExportLoadsInTransformers)
 
 INSTANTIATE_TEST_SUITE_P(Interop, InteropTransformers, ::testing::Values("st", "bin"));
 
+// transformers' own half-precision save (GPT2LMHeadModel.half().save_pretrained): the conversion
+// keeps F16, equals loom's rounding of the f32 save, its logits are within F16's tolerance of the
+// f32 model's, and loom -> HF -> loom keeps it bit for bit.
+TEST(InteropTransformersDtype, Fp16SavePretrainedKeepsF16) {
+  REQUIRE_TORCH();
+  std::string why;
+  const std::string py = hf_python(why);
+  if (py.empty()) GTEST_SKIP() << why;
+  const fs::path& d = transformers_fixtures(py);
+  SafetensorsFile ref((d / "tf_ref.safetensors").string());
+  half_case(d / "tf_st", d / "tf_st_f16", "F16", read_i32(ref, "st_tokens"), "tf16");
+}
+
 // loom's byte-level BPE gives Hugging Face's ids (GPT2TokenizerFast, with CodeGeeX's whitespace
 // recipe where the folder has its extratokens) for code in several languages, Unicode text,
 // runs of 1..25 spaces, tabs, newlines and <|endoftext|>. (Invalid UTF-8, which the oracle
@@ -411,7 +542,11 @@ TEST(InteropTokenizer, IdsMatchHuggingFace) {
       "a<|endoftext|>b the end",
       "1234567890 3.14159 0x1F  -42",
   };
-  for (int n = 1; n <= 25; ++n) texts.push_back("a" + std::string(size_t(n), ' ') + "b");
+  for (int n = 1; n <= 25; ++n) {  // (built with append: GCC 12's -Wrestrict misfires on a + b + c)
+    std::string t = "a";
+    t.append(size_t(n), ' ');
+    texts.push_back(t + "b");
+  }
   const fs::path texts_path = fixtures() / "tok_texts.json";
   std::ofstream(texts_path) << nlohmann::json(texts).dump();
   // The CodeGeeX-format fixture folder (143 extratokens) and a plain GPT-2 one.

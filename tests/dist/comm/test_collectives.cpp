@@ -49,6 +49,7 @@ void set(const Tensor& x, int64_t i, double v) {
     case DType::u8: x.data<uint8_t>()[i] = uint8_t(v); break;
     case DType::i8: x.data<int8_t>()[i] = int8_t(v); break;
     case DType::f64: x.data<double>()[i] = v; break;
+    case DType::f16: x.data<uint16_t>()[i] = f32_to_f16(float(v)); break;
   }
 }
 
@@ -61,6 +62,7 @@ double get(const Tensor& x, int64_t i) {
     case DType::u8: return x.data<uint8_t>()[i];
     case DType::i8: return x.data<int8_t>()[i];
     case DType::f64: return x.data<double>()[i];
+    case DType::f16: return f16_to_f32(x.data<uint16_t>()[i]);
   }
   return 0;
 }

@@ -3,7 +3,9 @@
 // pre-sharding format loads.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <deque>
+#include <map>
 #include <fstream>
 #include <random>
 
@@ -475,6 +477,195 @@ TEST(Sharded, MutatedFilesGiveErrorsNotCrashes) {
     }
   }
   EXPECT_GT(errors, 50) << loads << " loads";
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace loom::checkpoint::test
+
+// ---- storage dtypes (sharded.h "Storage dtypes") ---------------------------------------------
+namespace loom::checkpoint::test {
+namespace {
+
+// The logical values narrowed to `dt` and widened back: what a BF16 / F16 checkpoint reads as.
+std::vector<float> narrowed(const std::vector<float>& v, DType dt) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i)
+    out[i] = dt == DType::bf16 ? bf16_to_f32(f32_to_bf16(v[i])) : f16_to_f32(f32_to_f16(v[i]));
+  return out;
+}
+
+// Per-row int8 of a (rows, cols) tensor: q and scales as kernels::quantize_rows_int8 defines
+// them (written out here, so the reader is checked against an independent statement).
+void int8_rows(const std::vector<float>& w, int64_t rows, int64_t cols, std::vector<int8_t>& q,
+               std::vector<float>& s) {
+  q.assign(w.size(), 0);
+  s.assign(size_t(rows), 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0.f;
+    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(w[size_t(r * cols + c)]));
+    s[size_t(r)] = amax / 127.f;
+    for (int64_t c = 0; c < cols; ++c)
+      q[size_t(r * cols + c)] =
+          amax == 0.f ? 0 : int8_t(std::lrint(w[size_t(r * cols + c)] / s[size_t(r)]));
+  }
+}
+
+// Weights stored as BF16, F16 and I8 (2-D tensors; row scales beside them) in every layout read
+// back in every other layout: BF16 / F16 widened exactly, I8 dequantized (scale[row] * q) and,
+// through read_int8_rows, as stored. m and v stay F32 beside them.
+TEST(ShardedDtypes, EveryDtypeEveryLayoutReadsEveryOther) {
+  fs::path root = temp_dir("dtypes");
+  int n = 0;
+  for (DType dt : {DType::bf16, DType::f16, DType::i8})
+    for (const std::string& wl : {std::string("whole"), std::string("rows:2:2"),
+                                  std::string("cols:2:3"), std::string("flat:5")}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " written as " + wl);
+      std::deque<std::vector<char>> bufs;
+      std::map<std::string, std::vector<float>> expect;  // what each weight reads as (f32)
+      ShardedWriter w((root / std::to_string(++n)).string(), nullptr);
+      for (const TestTensor& t : test_tensors()) {
+        const std::vector<float> g = logical_values(1, "weights", t);
+        const bool i8 = dt == DType::i8 && t.shape.size() == 2;
+        const DType stored = dt == DType::i8 ? (i8 ? DType::i8 : DType::f32) : dt;
+        std::vector<int8_t> q;
+        std::vector<float> s;
+        std::vector<char> all(g.size() * dtype_size(stored));  // the whole tensor, stored
+        if (i8) {
+          int8_rows(g, t.shape[0], t.shape[1], q, s);
+          std::memcpy(all.data(), q.data(), q.size());
+          std::vector<float>& e = expect[t.name];
+          for (size_t i = 0; i < g.size(); ++i)
+            e.push_back(s[i / size_t(t.shape[1])] * float(q[i]));
+          // The scales: one whole F32 tensor.
+          bufs.emplace_back(s.size() * 4);
+          std::memcpy(bufs.back().data(), s.data(), s.size() * 4);
+          w.add("weights", whole_tensor(t.name + kRowScalesSuffix, {t.shape[0]}),
+                bufs.back().data(), DType::f32);
+        } else if (stored == DType::f32) {
+          std::memcpy(all.data(), g.data(), all.size());
+          expect[t.name] = g;
+        } else {
+          expect[t.name] = narrowed(g, stored);
+          for (size_t i = 0; i < g.size(); ++i) {
+            const uint16_t b = stored == DType::bf16 ? f32_to_bf16(g[i]).bits : f32_to_f16(g[i]);
+            std::memcpy(all.data() + 2 * i, &b, 2);
+          }
+        }
+        // Each piece: the stored elements of its slice, gathered by flat index.
+        std::vector<float> index(g.size());
+        for (size_t i = 0; i < g.size(); ++i) index[i] = float(i);
+        for (const PieceSpec& p : layout_pieces(wl, t)) {
+          const std::vector<float> at = reference_slice(p, index);
+          const size_t es = dtype_size(stored);
+          bufs.emplace_back(at.size() * es);
+          for (size_t i = 0; i < at.size(); ++i)
+            std::memcpy(bufs.back().data() + i * es, all.data() + size_t(at[i]) * es, es);
+          w.add("weights", p, bufs.back().data(), stored);
+          bufs.emplace_back(at.size() * 4);
+          const std::vector<float> mv = reference_slice(p, logical_values(1, "m", t));
+          std::memcpy(bufs.back().data(), mv.data(), mv.size() * 4);
+          w.add("m", p, bufs.back().data(), DType::f32);
+        }
+      }
+      const std::string dir = w.commit("", {{"step", 1}}).dir;
+      ShardedReader r(dir);
+      EXPECT_EQ(r.names("weights").size(), test_tensors().size()) << "scales are not listed";
+      for (const TestTensor& t : test_tensors()) {
+        const bool i8 = dt == DType::i8 && t.shape.size() == 2;
+        EXPECT_EQ(r.dtype("weights", t.name), dt == DType::i8 ? (i8 ? DType::i8 : DType::f32) : dt);
+        EXPECT_EQ(r.dtype("m", t.name), DType::f32);
+        for (const std::string& rl : kLayouts)
+          for (const PieceSpec& p : layout_pieces(rl, t)) {
+            std::vector<float> got(size_t(p.hi - p.lo), -1.f);
+            r.read("weights", p, got.data());
+            ASSERT_TRUE(same_bits(got, reference_slice(p, expect[t.name])))
+                << t.name << " read as " << rl << " [" << p.lo << ", " << p.hi << ")";
+            r.read("m", p, got.data());
+            ASSERT_TRUE(same_bits(got, reference_slice(p, logical_values(1, "m", t))));
+          }
+        if (!i8) continue;
+        // As stored: a row slice and a column slice (whole local rows), with their rows' scales.
+        std::vector<int8_t> q;
+        std::vector<float> s;
+        int8_rows(logical_values(1, "weights", t), t.shape[0], t.shape[1], q, s);
+        for (const std::string& rl : {std::string("rows:2:1"), std::string("cols:2:1")})
+          for (const PieceSpec& p : layout_pieces(rl, t)) {
+            std::vector<int8_t> gq(size_t(p.hi - p.lo));
+            const int64_t local_cols = p.shard_dim == 1 ? p.shard_len : t.shape[1];
+            std::vector<float> gs(size_t((p.hi - p.lo) / local_cols));
+            r.read_int8_rows("weights", p, gq.data(), gs.data());
+            std::vector<float> idx(q.size());
+            for (size_t i = 0; i < q.size(); ++i) idx[i] = float(i);
+            const std::vector<float> at = reference_slice(p, idx);
+            for (size_t i = 0; i < at.size(); ++i) ASSERT_EQ(gq[i], q[size_t(at[i])]);
+            const int64_t row0 = p.shard_dim == 0 ? p.shard_start : 0;
+            for (size_t k = 0; k < gs.size(); ++k) ASSERT_EQ(gs[k], s[size_t(row0) + k]);
+          }
+        PieceSpec half = whole_tensor(t.name, t.shape);
+        half.hi = 3;  // not whole rows
+        std::vector<int8_t> gq(3);
+        std::vector<float> gs(1);
+        EXPECT_ERROR_HAS(r.read_int8_rows("weights", half, gq.data(), gs.data()), "whole rows");
+      }
+      if (dt != DType::i8)
+        EXPECT_ERROR_HAS(r.read_int8_rows("weights", whole_tensor("wte", {13, 6}), nullptr, nullptr),
+                         "not int8");
+    }
+  fs::remove_all(root);
+}
+
+// A dtype the reader does not know, a non-weight dtype, an I8 tensor without its scales, scales
+// of the wrong shape, and pieces of one tensor in two dtypes: each named.
+TEST(ShardedDtypes, BadDtypesAreNamed) {
+  fs::path root = temp_dir("baddtypes");
+  std::vector<float> a(12, 0.5f);
+  std::vector<int8_t> q(12, 3);
+  auto save = [&](const std::string& name, bool scales, std::vector<int64_t> scale_shape) {
+    ShardedWriter w((root / name).string(), nullptr);
+    w.add("weights", whole_tensor("a", {4, 3}), q.data(), DType::i8);
+    w.add("weights", whole_tensor("b", {5}), a.data());
+    if (scales) w.add("weights", whole_tensor(std::string("a") + kRowScalesSuffix, scale_shape), a.data());
+    return w.commit("", {{"step", 1}}).dir;
+  };
+  EXPECT_ERROR_HAS(ShardedReader(save("noscales", false, {})), "row scales 'a:row_scales' are missing");
+  EXPECT_ERROR_HAS(ShardedReader(save("badscales", true, {3})), "must be F32 [4]");
+  const std::string ok = save("ok", true, {4});
+  auto with_dtype = [&](const std::string& dt) {
+    std::ifstream f(fs::path(ok) / "index.json");
+    nlohmann::json j = nlohmann::json::parse(f);
+    f.close();
+    j["tensors"]["weights"]["b"]["dtype"] = dt;
+    std::ofstream(fs::path(ok) / "index.json") << j.dump(1);
+    reseal(ok, "index.json");
+  };
+  with_dtype("F8_E4M3");
+  EXPECT_ERROR_HAS(ShardedReader{ok}, "weights tensor 'b': unknown dtype 'F8_E4M3'");
+  with_dtype("I32");
+  EXPECT_ERROR_HAS(ShardedReader{ok}, "weights tensor 'b' has dtype I32; checkpoints store F32, "
+                                      "BF16, F16 or I8");
+  with_dtype("F16");  // the index says F16, the shard's header F32: caught at the read
+  {
+    ShardedReader r(ok);
+    std::vector<float> out(5);
+    EXPECT_ERROR_HAS(r.read("weights", whole_tensor("b", {5}), out.data()),
+                     "the index says F16");
+  }
+  {
+    ShardedWriter w((root / "mixed").string(), nullptr);
+    PieceSpec top = whole_tensor("a", {4, 3});
+    top.hi = 6;
+    PieceSpec bottom = top;
+    bottom.lo = 6, bottom.hi = 12;
+    w.add("weights", top, a.data());
+    w.add("weights", bottom, q.data(), DType::bf16);
+    EXPECT_ERROR_HAS(w.commit("", {{"step", 1}}), "every piece of a tensor must have its dtype");
+  }
+  {
+    ShardedWriter w((root / "f64").string(), nullptr);
+    EXPECT_ERROR_HAS(w.add("weights", whole_tensor("a", {4, 3}), a.data(), DType::f64),
+                     "checkpoints store F32, BF16, F16 or I8");
+  }
   fs::remove_all(root);
 }
 

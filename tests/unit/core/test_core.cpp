@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -79,7 +81,75 @@ TEST(DType, Bf16RoundsToNearestEven) {
   EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));
   EXPECT_EQ(bf16_to_f32(f32_to_bf16(-2.5f)), -2.5f);
   EXPECT_EQ(dtype_from_name("BF16"), DType::bf16);
-  EXPECT_THROW(dtype_from_name("F16"), Error);
+  EXPECT_EQ(dtype_from_name("F16"), DType::f16);
+  EXPECT_THROW(dtype_from_name("F8_E4M3"), Error);
+}
+
+// f16: every one of the 65536 bit patterns widens exactly and narrows back to itself (NaNs to a
+// NaN); f32 -> f16 is the nearest f16 (ties to even) for random f32 across the whole range,
+// checked against the two neighbouring f16 values computed in double; overflow, underflow and
+// subnormal edges.
+TEST(DType, F16RoundTripsAndRoundsToNearestEven) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = f16_to_f32(uint16_t(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(f)))) << h;
+      continue;
+    }
+    ASSERT_EQ(f32_to_f16(f), uint16_t(h)) << "pattern " << h;
+    // The exact value: sign * mantissa * 2^exp from the bit fields.
+    const int e = int(h >> 10 & 0x1f), m = int(h & 0x3ff);
+    const double mag = e == 0 ? std::ldexp(double(m), -24)
+                       : e == 31 ? INFINITY
+                                 : std::ldexp(double(m + 1024), e - 25);
+    ASSERT_EQ(double(f), (h & 0x8000) ? -mag : mag) << "pattern " << h;
+  }
+  uint64_t x = 88172645463325252ull;
+  for (int i = 0; i < 200000; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    uint32_t u = uint32_t(x);
+    // Exponents around f16's range (2^-27 .. 2^17) most of the time, anything otherwise.
+    if (i % 4) u = (u & 0x807fffffu) | (uint32_t(100 + (x >> 40) % 45) << 23);
+    float f;
+    std::memcpy(&f, &u, 4);
+    if (std::isnan(f)) continue;
+    const uint16_t h = f32_to_f16(f);
+    const double v = double(f), got = double(f16_to_f32(h));
+    if (!std::isinf(got)) {
+      ASSERT_LT(std::fabs(v), 65520.0) << f << " should overflow to inf";
+    }
+    // Neighbours of the result: no f16 value may be closer, and a tie must pick the even one.
+    for (int d : {-1, 1}) {
+      const uint16_t n = uint16_t(int(h & 0x7fff) + d) | (h & 0x8000);
+      if ((h & 0x7fff) == 0 && d < 0) continue;
+      if ((n & 0x7c00) == 0x7c00 && (n & 0x3ff)) continue;  // past inf
+      const double other = double(f16_to_f32(n));
+      if (std::isinf(got)) {
+        ASSERT_GE(std::fabs(v), 65520.0) << f;  // overflow only at or past the rounding midpoint
+        continue;
+      }
+      ASSERT_LE(std::fabs(got - v), std::fabs(other - v)) << f << " -> " << got;
+      if (std::fabs(got - v) == std::fabs(other - v)) {
+        ASSERT_EQ(h & 1, 0) << "tie to even " << f;
+      }
+    }
+  }
+  EXPECT_EQ(f32_to_f16(65504.f), 0x7bff);          // max f16
+  EXPECT_EQ(f32_to_f16(65519.996f), 0x7bff);       // below the midpoint to inf
+  EXPECT_EQ(f32_to_f16(65520.f), 0x7c00);          // the midpoint ties to even: inf
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -24)), 1);  // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -25)), 0);  // half of it: tie to even 0
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.5f, -25)), 1);
+  EXPECT_EQ(f32_to_f16(-0.f), 0x8000);
+  EXPECT_EQ(f32_to_f16(1.f + std::ldexp(1.f, -11)), 0x3c00);  // tie between 1 and 1+2^-10
+  EXPECT_EQ(f32_to_f16(1.f + 3 * std::ldexp(1.f, -11)), 0x3c02);
+  std::vector<float> a = {0.1f, -3.f, 7e4f}, b(3);
+  std::vector<uint16_t> hb(3);
+  convert_f32_to_f16(a.data(), hb.data(), 3);
+  convert_f16_to_f32(hb.data(), b.data(), 3);
+  EXPECT_EQ(b[1], -3.f);
+  EXPECT_TRUE(std::isinf(b[2]));
+  EXPECT_EQ(hb[0], f32_to_f16(0.1f));
 }
 
 TEST(Error, CheckNamesValues) {
