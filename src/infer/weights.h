@@ -14,6 +14,10 @@
 // embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
 // attn.out / ffn.down biases are replicated.
 //
+// Sparse (MoE) blocks with the rre router: every expert's up and down linear is stored like the
+// dense ones (BlockExperts); the routing table stays f32 with the norms. The topk router is
+// refused (see the constructor).
+//
 // Ownership: ModelWeights owns every buffer; the views point into them (move-only).
 #pragma once
 
@@ -39,6 +43,17 @@ WeightFormat weight_format_from_name(const std::string& name);
 // up (F, C); down (C, F).
 struct BlockLinears {
   WeightView qkv, out, up, down;
+};
+
+// The experts of a sparse (MoE, rre router) block: expert e's up (Fe, C) and down (C, Fe)
+// linears in the linears' format, its up (Fe) and down (C) biases as offsets into
+// ModelWeights::f32(), and the routing table (D, V) (f32 integers) at `table`. Empty for a dense
+// block.
+struct BlockExperts {
+  std::vector<WeightView> up, down;
+  std::vector<int64_t> up_b, down_b;
+  int64_t table = -1;
+  bool sparse() const { return !up.empty(); }
 };
 
 // Rows [r0, r0+n) of an (N, K) view as an (n, K) view.
@@ -73,6 +88,8 @@ class ModelWeights {
   // Norm and bias offsets of block i into f32() (the w_* members are unused: -1).
   const model::BlockOffsets& block(int64_t i) const { return blocks_.at(size_t(i)); }
   const BlockLinears& block_linears(int64_t i) const { return linears_.at(size_t(i)); }
+  // A sparse block's experts (MoE, rre only); BlockExperts::sparse() is false for dense blocks.
+  const BlockExperts& block_experts(int64_t i) const { return experts_.at(size_t(i)); }
   const model::BlockOffsets& query_block() const { return qblock_; }
   const BlockLinears& query_linears() const { return qlinears_; }
   const WeightView& head() const { return head_; }  // (V/P,C)
@@ -92,6 +109,7 @@ class ModelWeights {
   int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
   std::vector<model::BlockOffsets> blocks_;
   std::vector<BlockLinears> linears_;
+  std::vector<BlockExperts> experts_;  // (L), empty entries for dense blocks
   model::BlockOffsets qblock_{};
   BlockLinears qlinears_{};
   WeightView head_;

@@ -241,8 +241,10 @@ TEST(Engine, RefusalsNameTheProblem) {
             SubmitResult::Status::shutting_down);
 }
 
-// Sparse (MoE) blocks have no dense FFN to decode with: refused when the weights are built.
-TEST(Engine, MoeModelIsRefusedWithItsReason) {
+// topk sparse blocks cannot be decoded token by token (their capacity limit couples the tokens
+// of a micro-batch): refused when the weights are built, with the reason. (rre models decode:
+// infer_decoder_test MoeCachedVsRecompute.)
+TEST(Engine, TopkMoeModelIsRefusedWithItsReason) {
   model::ModelConfig cfg = config();
   cfg.name = "engine-test-moe";
   cfg.moe.sparse_layers = {1};
@@ -256,9 +258,10 @@ TEST(Engine, MoeModelIsRefusedWithItsReason) {
   g.init_weights(5);
   try {
     ModelWeights w(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32);
-    ADD_FAILURE() << "a MoE model was accepted";
+    ADD_FAILURE() << "a topk MoE model was accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("sparse (MoE) blocks"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("topk router"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("capacity"), std::string::npos) << e.what();
   }
 }
 
