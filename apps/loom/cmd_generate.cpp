@@ -1,13 +1,15 @@
 // `loom generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE.jsonl) [--max-tokens N]
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
-//  [--no-token-healing] [--tp N]`: sampling from a checkpoint through infer::Engine (KV cache,
+//  [--no-token-healing] [--tp N] [--domain NAME]`: sampling from a checkpoint through infer::Engine (KV cache,
 //  continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
 // token_healing}); all prompts share the running batch, and one JSON line per prompt is printed,
 // in input order, as soon as it and every earlier prompt are done.
+// `--domain NAME`: MoE (rre) models route every prompt's tokens by that domain (default: the
+// model's "other"); an unknown name is an error listing the model's domains.
 // `--tp N` under `mpirun -np N`: the weights are sharded over the N ranks (tensor parallel);
 // every rank runs the same engine steps in lockstep and rank 0 prints.
 #include <cmath>
@@ -91,7 +93,7 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
 }
 
 struct GenerateOptions {
-  std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule;
+  std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule, domain;
   std::vector<std::string> stop;
   int64_t max_tokens = 64, max_batch = 8;
   int tp = 1;
@@ -114,6 +116,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.max_batch = o->max_batch;
   eo.max_queue = int64_t(prompts.size());
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
+  eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
   const infer::WeightFormat head = infer::weight_format_from_name(o->dtype);
   const infer::WeightFormat lin = o->int8 ? infer::WeightFormat::int8_row : head;
   auto engine = infer::load_engine(o->checkpoint, o->tokenizer, lin, head, eo);
@@ -216,6 +219,9 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
   sub->add_option("--tp", o->tp, "tensor-parallel size; run under mpirun -np N");
+  sub->add_option("--domain", o->domain,
+                  "MoE (rre) models: the domain the prompts are routed by, e.g. python "
+                  "(default: the model's \"other\")");
   sub->add_flag("--no-token-healing", o->no_heal,
                 "keep the prompt's last token as encoded (default: back it up and let the first "
                 "sampled token complete it)");
