@@ -64,17 +64,18 @@ import json, os, struct, sys
 data, out = sys.argv[1], sys.argv[2]
 os.makedirs(out, exist_ok=True)
 meta = json.load(open(os.path.join(data, "meta.json")))
-names = ["python", "c", "cpp", "java", "javascript", "go", "rust", "shell", "typescript"]
+# language id -> the domain-style name ("C++" -> "cpp", others lower-cased)
+names = {i: ("cpp" if n == "C++" else n.lower()) for n, i in meta["language_ids"].items()}
 toks = {}
-for f in meta["shards"]["val"]:
-    b = open(os.path.join(data, f), "rb").read()
+for sh in meta["shards"]["val"]:
+    b = open(os.path.join(data, sh["file"]), "rb").read()
     bpt, n, d = struct.unpack_from("<I", b, 12)[0], *struct.unpack_from("<QQ", b, 16)
     idx = 64 + ((n * bpt + 7) // 8) * 8
     fmt = "<%d%s" % (n, "H" if bpt == 2 else "I")
     ids = struct.unpack_from(fmt, b, 64)
     for i in range(d):
         beg, end, lang = struct.unpack_from("<QQi", b, idx + 24 * i)
-        key = names[lang] if 0 <= lang < len(names) else "unknown"
+        key = names.get(lang, "unknown")
         toks.setdefault(key, []).extend(ids[beg:end])
 for k, v in sorted(toks.items()):
     open(os.path.join(out, k + ".u32"), "wb").write(struct.pack("<%dI" % len(v), *v))

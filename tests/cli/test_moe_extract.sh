@@ -84,4 +84,18 @@ expect_err "generate: topk refused (why)" "capacity limit" \
 expect_err "eval loss: --domain on a dense model" "dense" \
   "$LOOM" eval loss --checkpoint "$WORK/dense" --tokens "$WORK/toks.u32" --domain python
 
+# A routing table that does not match the config (8 domains claimed, the table holds 4 rows):
+# named by the checkpoint reader with both shapes.
+cp -r "$WORK/full" "$WORK/badtable"
+sed -i -e 's/^domains = .*/domains = ["python", "cpp", "java", "go", "rust", "c", "shell", "other"]/' \
+  -e 's/^experts_per_domain = 2/experts_per_domain = 1/' "$WORK/badtable/config.toml"
+python3 - "$WORK/badtable" <<'PY'
+import hashlib, json, sys
+d = sys.argv[1]; j = json.load(open(d + "/checksums.json")); b = open(d + "/config.toml", "rb").read()
+j["config.toml"] = {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+json.dump(j, open(d + "/checksums.json", "w"), indent=2)
+PY
+expect_err "a table that does not match the model is named" "rre_table' is F32 (4, 512) but the model expects F32 (8, 512)" \
+  "$LOOM" generate --checkpoint "$WORK/badtable" --tokenizer "$TOK" --prompt x --max-tokens 1
+
 [ "$fails" -eq 0 ] && echo "all passed" || { echo "$fails failed"; exit 1; }
