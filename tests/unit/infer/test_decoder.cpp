@@ -385,6 +385,19 @@ TEST(MoeCachedVsRecompute, RaggedBatchMixedDomains) {
   check_moe_against_recompute(m, ps, {0, 1, 2, 3, -1, 1}, 10);
 }
 
+// Without a query layer the sparse block is the last one, where only each sequence's last row
+// goes on after attention (the decoder's last_only path routes those rows' tokens and domains).
+TEST(MoeCachedVsRecompute, LastBlockSparseWithoutQueryLayer) {
+  ModelConfig c = tiny_moe();
+  c.query_layer = false;
+  c.validate();
+  MoeModel m(c);
+  std::vector<std::vector<int32_t>> ps;
+  const int64_t lens[4] = {2, 11, 1, 18};
+  for (int i = 0; i < 4; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 200 + uint64_t(i)));
+  check_moe_against_recompute(m, ps, {2, -1, 0, 1}, 8);
+}
+
 // The domain really routes: the same prompt in two domains gives different logits (different
 // expert groups), and a sequence's logits are bitwise the same alone or in a mixed batch.
 TEST(MoeCachedVsRecompute, DomainChangesLogitsAndBatchInvariance) {
