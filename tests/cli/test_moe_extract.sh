@@ -35,6 +35,30 @@ a=$(gen "$WORK/full" --domain python); b=$(gen "$WORK/py"); c=$(gen "$WORK/full"
 [ -n "$a" ] && [ "$a" = "$b" ] && pass "generate: full --domain python = extracted" || fail "generate: '$a' vs '$b'"
 [ "$a" != "$c" ] && pass "generate: --domain java routes differently" || fail "generate: java = python '$c'"
 
+# loom serve: --domain is the default of requests, a request's "domain" overrides it, an unknown
+# one is a 400 listing the domains. Greedy texts equal loom generate's for the same domain.
+if command -v curl >/dev/null; then
+  "$LOOM" serve --checkpoint "$WORK/full" --tokenizer "$TOK" --port 0 --domain python >"$WORK/serve.log" 2>&1 &
+  SP=$!
+  PORT=""
+  for _ in $(seq 100); do
+    PORT=$(grep -oE 'http://127\.0\.0\.1:[0-9]+' "$WORK/serve.log" | head -1 | grep -oE '[0-9]+$' || true)
+    [ -n "$PORT" ] && break
+    sleep 0.1
+  done
+  post() { curl -s --noproxy '*' "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "$1"; }
+  text() { python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])'; }
+  sd=$(post '{"prompt":"def add(a, b):","max_tokens":12,"temperature":0}' | text)
+  sj=$(post '{"prompt":"def add(a, b):","max_tokens":12,"temperature":0,"domain":"java"}' | text)
+  sb=$(post '{"prompt":"x","max_tokens":1,"domain":"cobol"}')
+  kill "$SP"; wait "$SP" 2>/dev/null
+  [ "def add(a, b):$sd" = "$a" ] && pass "serve: default --domain python = generate" || fail "serve default: '$sd' vs '$a'"
+  [ "def add(a, b):$sj" = "$c" ] && pass "serve: request domain java = generate --domain java" || fail "serve java: '$sj' vs '$c'"
+  grep -q "its domains are: python, cpp, java, other" <<<"$sb" && pass "serve: unknown domain is a 400 naming the domains" || fail "serve bad domain: $sb"
+else
+  echo "SKIP serve checks: curl not installed"
+fi
+
 # eval loss: the same loss on both.
 python3 -c "
 import struct, random
