@@ -6,7 +6,7 @@
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
-// token_healing}); all prompts share the running batch, and one JSON line per prompt is printed,
+// token_healing, and "domain" for MoE models}); all prompts share the running batch, and one JSON line per prompt is printed,
 // in input order, as soon as it and every earlier prompt are done.
 // `--domain NAME`: MoE (rre) models route every prompt's tokens by that domain (default: the
 // model's "other"); an unknown name is an error listing the model's domains.
@@ -48,6 +48,8 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
     };
     if (k == "prompt") {
       need(v.is_string(), "a string");
+    } else if (k == "domain") {  // read by the caller (a request field, not a sampling one)
+      need(v.is_string(), "a domain name (MoE models)");
     } else if (k == "max_tokens") {
       need(v.is_number_integer(), "an integer");
       p.max_tokens = v.get<int64_t>();
@@ -86,7 +88,7 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
     } else {
       LOOM_FAIL(
           "{}: unknown key \"{}\"; allowed: prompt, max_tokens, temperature, top_p, top_k, "
-          "repetition_penalty, seed, stop, stop_rule, token_healing",
+          "repetition_penalty, seed, stop, stop_rule, token_healing, domain",
           where, k);
     }
   }
@@ -107,6 +109,7 @@ struct GenerateOptions {
 // done; rank 0 streams (one prompt) or prints JSON lines (prompts file).
 void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::string>& prompts,
                         const std::vector<SamplingParams>& params,
+                        const std::vector<std::string>& domains,
                         const loom::comm::ProcessGroup* tp) {
   using namespace loom;
   const GenerateOptions* o = &opt;
@@ -159,6 +162,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
                "{} is {} tokens but the model's context is {} tokens; shorten it to at most {}",
                where, P, ctx_len, ctx_len - 1);
     req.params = params[i];
+    req.domain = domains[i];  // "" = --domain (the engine's default)
     if (P + req.params.max_tokens > ctx_len) {
       if (rank0)
         std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
@@ -257,6 +261,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     // Prompts and their parameters, all validated before the model loads.
     std::vector<std::string> prompts;
     std::vector<SamplingParams> params;
+    std::vector<std::string> domains;  // per prompt ("" = --domain)
     if (!o->prompts_file.empty()) {
       std::ifstream in(o->prompts_file);
       LOOM_CHECK(in.good(), "cannot open --prompts-file '{}'", o->prompts_file);
@@ -282,11 +287,13 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
         }
         prompts.push_back(j["prompt"].get<std::string>());
         params.push_back(p);
+        domains.push_back(j.value("domain", std::string()));
       }
       LOOM_CHECK(!prompts.empty(), "--prompts-file '{}' holds no prompts", o->prompts_file);
     } else {
       prompts.push_back(o->prompt);
       params.push_back(base);
+      domains.emplace_back();
     }
 
     LOOM_CHECK(o->tp >= 1, "--tp {} must be >= 1", o->tp);
@@ -304,7 +311,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
                  world.size(), o->tp);
     }
     try {
-      run_generate_ranks(*o, prompts, params, o->tp > 1 ? &world : nullptr);
+      run_generate_ranks(*o, prompts, params, domains, o->tp > 1 ? &world : nullptr);
     } catch (const std::exception& e) {
       // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).
       if (o->tp > 1) comm::abort_world(e.what());

@@ -35,6 +35,18 @@ a=$(gen "$WORK/full" --domain python); b=$(gen "$WORK/py"); c=$(gen "$WORK/full"
 [ -n "$a" ] && [ "$a" = "$b" ] && pass "generate: full --domain python = extracted" || fail "generate: '$a' vs '$b'"
 [ "$a" != "$c" ] && pass "generate: --domain java routes differently" || fail "generate: java = python '$c'"
 
+# A prompts file: a line's "domain" overrides --domain.
+printf '%s\n' '{"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0}' \
+  '{"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "domain": "java"}' >"$WORK/prompts.jsonl"
+"$LOOM" generate --checkpoint "$WORK/full" --tokenizer "$TOK" --prompts-file "$WORK/prompts.jsonl" \
+  --domain python >"$WORK/pf.jsonl" 2>&1
+python3 - "$WORK/pf.jsonl" "$a" "$c" <<'PY' && pass "prompts file: per-line domain" || fail "prompts file: $(cat "$WORK/pf.jsonl")"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert rows[0]["prompt"] + rows[0]["completion"] == sys.argv[2], rows[0]
+assert rows[1]["prompt"] + rows[1]["completion"] == sys.argv[3], rows[1]
+PY
+
 # loom serve: --domain is the default of requests, a request's "domain" overrides it, an unknown
 # one is a 400 listing the domains. Greedy texts equal loom generate's for the same domain.
 if command -v curl >/dev/null; then
