@@ -110,6 +110,7 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   auto add_block = [&](const model::BlockOffsets& o, BlockLinears& bl) {
     todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C});
     todo.push_back({&bl.out, linears, o.w_out, C, Cq});
+    if (o.sparse()) return;  // no dense FFN: the experts (below)
     todo.push_back({&bl.up, linears, o.w_up, F, C});
     todo.push_back({&bl.down, linears, o.w_down, C, F});
   };
@@ -117,14 +118,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, Wei
   experts_.resize(size_t(cfg.n_layers));
   for (int64_t i = 0; i < cfg.n_layers; ++i) {
     const model::BlockOffsets& o = layout.block(i);
-    if (!o.sparse()) {
-      add_block(o, linears_[size_t(i)]);
-      continue;
-    }
-    // Sparse: attention as a dense block; expert e at o.moe_experts + e * stride (params.h).
-    BlockLinears& bl = linears_[size_t(i)];
-    todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C});
-    todo.push_back({&bl.out, linears, o.w_out, C, Cq});
+    add_block(o, linears_[size_t(i)]);
+    if (!o.sparse()) continue;
+    // Sparse: expert e at o.moe_experts + e * stride (model/params.h).
     BlockExperts& be = experts_[size_t(i)];
     const int64_t E = cfg.moe.experts, Fe = cfg.moe.expert_d_ff;
     be.up.resize(size_t(E));

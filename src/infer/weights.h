@@ -94,7 +94,8 @@ class ModelWeights {
   const BlockLinears& query_linears() const { return qlinears_; }
   const WeightView& head() const { return head_; }  // (V/P,C)
 
-  // Bytes a decode step reads from the linears and the head (each weight once).
+  // Bytes a decode step reads from the linears and the head (each weight once; MoE: every
+  // expert counted, an upper bound, since a step reads only the experts its tokens reach).
   int64_t matmul_weight_bytes() const { return matmul_bytes_; }
 
  private:
