@@ -34,7 +34,7 @@ struct Args {
   std::string go_cache;
   bool no_progress = false;
   // --checkpoint: generate the samples with the model first.
-  std::string checkpoint, tokenizer, dtype = "f32";
+  std::string checkpoint, tokenizer, dtype = "f32", domain;
   bool int8 = false, resume = false, no_tag = false;
   int64_t max_batch = 8;
   loom::eval::GenerateOptions gen;
@@ -128,6 +128,9 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--tokenizer", args->tokenizer, "--checkpoint: tokenizer (default: DIR/tokenizer)");
   sub->add_option("--dtype", args->dtype, "--checkpoint: weights f32 or bf16")->capture_default_str();
   sub->add_flag("--int8", args->int8, "--checkpoint: int8 per-row weights for the block linears");
+  sub->add_option("--domain", args->domain,
+                  "--checkpoint, MoE (rre) models: route every prompt by this domain (default: "
+                  "each problem's language's domain, else \"other\")");
   sub->add_option("--max-batch", args->max_batch, "--checkpoint: sequences decoded together")
       ->capture_default_str();
   sub->add_option("-k", args->ks, "pass@k values, comma-separated")->capture_default_str();
@@ -175,6 +178,17 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
       loom::eval::ProblemSet problems = loom::eval::ProblemSet::load(o.problem_files);
       problems.keep_languages(o.languages);
       args->gen.resume = args->resume;
+      // MoE (rre): --domain, else each problem's language's domain (ModelConfig).
+      const loom::model::ModelConfig& mc = engine->weights().config();
+      if (!args->domain.empty()) {
+        mc.domain_index(args->domain);  // unknown: the error lists the model's domains
+        args->gen.domain = args->domain;
+      } else if (mc.moe.enabled() && mc.moe.router == loom::model::Router::rre) {
+        const std::vector<int32_t> ld = mc.language_domains();
+        for (loom::eval::Language l : loom::eval::kAllLanguages)
+          args->gen.language_domains[l] =
+              mc.moe.domains[size_t(ld[size_t(loom::eval::data_language(l))])];
+      }
       args->gen.language_tag = !args->no_tag;
       args->gen.in_flight = std::max<int64_t>(args->max_batch * 2, 1);
       int64_t gen_decile = -1;

@@ -1,5 +1,7 @@
-// `loom eval loss --checkpoint DIR --tokens FILE [--seq T] [--batch B]`: loss of a checkpoint on
-// a raw little-endian uint32 token file, in nats per predicted token.
+// `loom eval loss --checkpoint DIR --tokens FILE [--seq T] [--batch B] [--domain NAME]`: loss of
+// a checkpoint on a raw little-endian uint32 token file, in nats per predicted token. MoE (rre)
+// models route every token by --domain (default: the model's "other"; the file carries no
+// languages).
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -16,7 +18,7 @@ namespace {
 
 void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
-    std::string checkpoint, tokens;
+    std::string checkpoint, tokens, domain;
     int64_t seq = 0, batch = 4;
   };
   auto o = std::make_shared<Opts>();
@@ -26,6 +28,8 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--tokens", o->tokens, "raw little-endian uint32 token ids")->required();
   sub->add_option("--seq", o->seq, "window length T (default: the model's max_seq)");
   sub->add_option("--batch", o->batch, "windows per forward pass");
+  sub->add_option("--domain", o->domain,
+                  "MoE (rre) models: the domain of every token, e.g. python (default: \"other\")");
   sub->callback([o, &ctx] {
     using namespace loom;
     LOOM_CHECK(o->seq >= 0, "--seq {} must be positive (or omitted for the model's max_seq)",
@@ -52,6 +56,8 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
       LOOM_CHECK(ids[i] < uint64_t(cfg.vocab),
                  "token file '{}': id {} at index {} is outside the model's vocabulary [0, {})",
                  o->tokens, ids[i], i, cfg.vocab);
+    // MoE: every token in --domain (null domains: GptStage puts them in "other").
+    const int32_t domain = o->domain.empty() ? -1 : cfg.domain_index(o->domain);
     const int64_t T = o->seq > 0 ? o->seq : cfg.max_seq;
     LOOM_CHECK(T <= cfg.max_seq, "--seq {} exceeds the model's max_seq {}", T, cfg.max_seq);
     LOOM_CHECK(int64_t(ids.size()) >= 2, "token file '{}' holds {} tokens; need at least 2",
@@ -68,7 +74,8 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
       int64_t len = std::min(T, n - 1 - start);
       std::vector<int32_t> w(size_t(len + 1));
       for (int64_t i = 0; i <= len; ++i) w[size_t(i)] = int32_t(ids[size_t(start + i)]);
-      model::LossSum l = m.forward_loss(w.data(), 1, len);
+      const std::vector<int32_t> d(size_t(len), domain);
+      model::LossSum l = m.forward_loss(w.data(), 1, len, domain >= 0 ? d.data() : nullptr);
       sum += l.sum;
       count += l.count;
     }

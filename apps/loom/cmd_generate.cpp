@@ -1,13 +1,15 @@
 // `loom generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE.jsonl) [--max-tokens N]
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
-//  [--no-token-healing] [--tp N]`: sampling from a checkpoint through infer::Engine (KV cache,
+//  [--no-token-healing] [--tp N] [--domain NAME]`: sampling from a checkpoint through infer::Engine (KV cache,
 //  continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
-// token_healing}); all prompts share the running batch, and one JSON line per prompt is printed,
+// token_healing, and "domain" for MoE models}); all prompts share the running batch, and one JSON line per prompt is printed,
 // in input order, as soon as it and every earlier prompt are done.
+// `--domain NAME`: MoE (rre) models route every prompt's tokens by that domain (default: the
+// model's "other"); an unknown name is an error listing the model's domains.
 // `--tp N` under `mpirun -np N`: the weights are sharded over the N ranks (tensor parallel);
 // every rank runs the same engine steps in lockstep and rank 0 prints.
 #include <cmath>
@@ -46,6 +48,8 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
     };
     if (k == "prompt") {
       need(v.is_string(), "a string");
+    } else if (k == "domain") {  // read by the caller (a request field, not a sampling one)
+      need(v.is_string(), "a domain name (MoE models)");
     } else if (k == "max_tokens") {
       need(v.is_number_integer(), "an integer");
       p.max_tokens = v.get<int64_t>();
@@ -84,14 +88,14 @@ void apply_overrides(const nlohmann::json& j, SamplingParams& p, const std::stri
     } else {
       LOOM_FAIL(
           "{}: unknown key \"{}\"; allowed: prompt, max_tokens, temperature, top_p, top_k, "
-          "repetition_penalty, seed, stop, stop_rule, token_healing",
+          "repetition_penalty, seed, stop, stop_rule, token_healing, domain",
           where, k);
     }
   }
 }
 
 struct GenerateOptions {
-  std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule;
+  std::string checkpoint, prompt, prompts_file, tokenizer, dtype = "f32", stop_rule, domain;
   std::vector<std::string> stop;
   int64_t max_tokens = 64, max_batch = 8;
   int tp = 1;
@@ -105,6 +109,7 @@ struct GenerateOptions {
 // done; rank 0 streams (one prompt) or prints JSON lines (prompts file).
 void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::string>& prompts,
                         const std::vector<SamplingParams>& params,
+                        const std::vector<std::string>& domains,
                         const loom::comm::ProcessGroup* tp) {
   using namespace loom;
   const GenerateOptions* o = &opt;
@@ -114,6 +119,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.max_batch = o->max_batch;
   eo.max_queue = int64_t(prompts.size());
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
+  eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
   const infer::WeightFormat head = infer::weight_format_from_name(o->dtype);
   const infer::WeightFormat lin = o->int8 ? infer::WeightFormat::int8_row : head;
   auto engine = infer::load_engine(o->checkpoint, o->tokenizer, lin, head, eo);
@@ -156,6 +162,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
                "{} is {} tokens but the model's context is {} tokens; shorten it to at most {}",
                where, P, ctx_len, ctx_len - 1);
     req.params = params[i];
+    req.domain = domains[i];  // "" = --domain (the engine's default)
     if (P + req.params.max_tokens > ctx_len) {
       if (rank0)
         std::fprintf(stderr, "note: %s: max tokens %lld cut to %lld to fit the context of %lld\n",
@@ -216,6 +223,9 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
   sub->add_option("--tp", o->tp, "tensor-parallel size; run under mpirun -np N");
+  sub->add_option("--domain", o->domain,
+                  "MoE (rre) models: the domain the prompts are routed by, e.g. python "
+                  "(default: the model's \"other\")");
   sub->add_flag("--no-token-healing", o->no_heal,
                 "keep the prompt's last token as encoded (default: back it up and let the first "
                 "sampled token complete it)");
@@ -251,6 +261,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     // Prompts and their parameters, all validated before the model loads.
     std::vector<std::string> prompts;
     std::vector<SamplingParams> params;
+    std::vector<std::string> domains;  // per prompt ("" = --domain)
     if (!o->prompts_file.empty()) {
       std::ifstream in(o->prompts_file);
       LOOM_CHECK(in.good(), "cannot open --prompts-file '{}'", o->prompts_file);
@@ -276,11 +287,13 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
         }
         prompts.push_back(j["prompt"].get<std::string>());
         params.push_back(p);
+        domains.push_back(j.value("domain", std::string()));
       }
       LOOM_CHECK(!prompts.empty(), "--prompts-file '{}' holds no prompts", o->prompts_file);
     } else {
       prompts.push_back(o->prompt);
       params.push_back(base);
+      domains.emplace_back();
     }
 
     LOOM_CHECK(o->tp >= 1, "--tp {} must be >= 1", o->tp);
@@ -298,7 +311,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
                  world.size(), o->tp);
     }
     try {
-      run_generate_ranks(*o, prompts, params, o->tp > 1 ? &world : nullptr);
+      run_generate_ranks(*o, prompts, params, domains, o->tp > 1 ? &world : nullptr);
     } catch (const std::exception& e) {
       // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).
       if (o->tp > 1) comm::abort_world(e.what());

@@ -26,6 +26,7 @@ struct ServeEngineOptions {
   std::string checkpoint;
   std::string tokenizer;  // "" = DIR/tokenizer
   std::string model_name;
+  std::string domain;  // MoE (rre): requests without "domain" use this ("" = "other")
   bool int8 = false;
   int64_t max_batch = 8;
   int64_t max_queue = 64;
@@ -38,6 +39,7 @@ std::unique_ptr<loom::infer::CompletionService> make_engine_for_serving(
   eo.model_name = o.model_name;
   eo.max_batch = o.max_batch;
   eo.max_queue = o.max_queue;
+  eo.default_domain = o.domain;
   // int8: the block linears in int8 rows; the tied head stays f32 (it is one matrix, and the
   // logits feed sampling and logprobs directly).
   const WeightFormat linears = o.int8 ? WeightFormat::int8_row : WeightFormat::f32;
@@ -70,6 +72,9 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
                   "require 'Authorization: Bearer KEY' on /v1 (or set LOOM_API_KEY)")
       ->envname("LOOM_API_KEY");
   sub->add_option("--model-name", e.model_name, "model id clients send (default: the config's)");
+  sub->add_option("--domain", e.domain,
+                  "MoE (rre) models: the domain of requests that send no \"domain\" field "
+                  "(default: the model's \"other\")");
   sub->add_option("--max-body-bytes", s.max_body_bytes, "larger request bodies get 413")
       ->capture_default_str();
   sub->add_option("--max-tokens-limit", s.max_tokens_limit, "largest max_tokens a request may ask")

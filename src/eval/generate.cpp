@@ -24,30 +24,39 @@ namespace loom::eval {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+data::Language data_language(Language lang) {
+  switch (lang) {
+    case Language::kPython: return data::Language::kPython;
+    case Language::kCpp: return data::Language::kCpp;
+    case Language::kJava: return data::Language::kJava;
+    case Language::kJavaScript: return data::Language::kJavaScript;
+    case Language::kGo: return data::Language::kGo;
+    case Language::kRust: return data::Language::kRust;
+  }
+  return data::Language::kPython;
+}
+
 namespace {
 
 // The training corpus's tag line for a HumanEval-X language (data/languages.h).
-std::string tag_line(Language lang) {
-  data::Language d = data::Language::kPython;
-  switch (lang) {
-    case Language::kPython: d = data::Language::kPython; break;
-    case Language::kCpp: d = data::Language::kCpp; break;
-    case Language::kJava: d = data::Language::kJava; break;
-    case Language::kJavaScript: d = data::Language::kJavaScript; break;
-    case Language::kGo: d = data::Language::kGo; break;
-    case Language::kRust: d = data::Language::kRust; break;
-  }
-  return data::language_tag_line(d);
-}
+std::string tag_line(Language lang) { return data::language_tag_line(data_language(lang)); }
 
 json settings_json(const GenerateOptions& o) {
-  return {{"n", o.n},
+  json j = {{"n", o.n},
           {"temperature", double(o.temperature)},
           {"top_p", double(o.top_p)},
           {"top_k", o.top_k},
           {"max_tokens", o.max_tokens},
           {"seed", o.seed},
           {"language_tag", o.language_tag}};
+  // MoE domains only when set, so dense models' runs keep their settings file.
+  if (!o.domain.empty()) j["domain"] = o.domain;
+  if (o.domain.empty() && !o.language_domains.empty()) {
+    json m = json::object();
+    for (const auto& [l, d] : o.language_domains) m[std::string(language_name(l))] = d;
+    j["language_domains"] = m;
+  }
+  return j;
 }
 
 std::string read_all(const fs::path& p) {
@@ -263,6 +272,12 @@ GenerateReport generate_samples(infer::CompletionService& service, const Problem
         req.params.seed = sample_seed(o.seed, prob.task_id, i);
         req.params.max_tokens = std::min(o.max_tokens, room);
         req.params.stop_rule = std::string(language_name(prob.language));
+        if (!o.domain.empty()) {
+          req.domain = o.domain;
+        } else if (auto it = o.language_domains.find(prob.language);
+                   it != o.language_domains.end()) {
+          req.domain = it->second;
+        }
         auto acc = std::make_shared<std::string>();
         req.on_event = [shared, acc, p = p, i = i](const infer::TokenEvent& e) {
           *acc += e.text;

@@ -20,9 +20,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <string>
 
 #include "eval/harness.h"
 #include "eval/problems.h"
+#include "data/languages.h"
 #include "infer/service.h"
 
 namespace loom::eval {
@@ -37,6 +40,12 @@ struct GenerateOptions {
   bool language_tag = true;
   bool resume = false;         // continue generations.jsonl (else: refuse if it exists)
   int64_t in_flight = 16;      // requests submitted at once (>= 1)
+  // MoE (rre) models: every request's domain (infer::Request::domain). `domain` non-empty: that
+  // one for every problem; else the problem language's entry of `language_domains` (the CLI fills
+  // it from the model's ModelConfig::language_domains(); a missing entry: the service default).
+  // Recorded in generate.json when set, so a resumed run keeps them.
+  std::string domain;
+  std::map<Language, std::string> language_domains;
   std::function<void(const EvalProgress&)> progress;  // after each finished sample
 };
 
@@ -48,6 +57,9 @@ struct GenerateReport {
   int64_t torn_bytes_cut = 0;  // bytes of a torn last line removed on resume
   std::filesystem::path samples_file;
 };
+
+// The corpus language (data/languages.h) of a HumanEval-X language.
+data::Language data_language(Language lang);
 
 // The per-sample seed (exposed for tests).
 uint64_t sample_seed(uint64_t seed, const std::string& task_id, int64_t index);

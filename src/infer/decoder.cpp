@@ -12,6 +12,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/layernorm.h"
+#include "model/moe.h"
 
 namespace loom::infer {
 
@@ -60,8 +61,8 @@ static K::GeluKind gelu_kind(model::Activation a) {
 
 // One pre-LN block on x (N,C), in place. qin (N,C): the query layer's query input, or null.
 void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
-                    const model::BlockOffsets& o, const BlockLinears& lin, float* x,
-                    const float* qin, bool last_only) {
+                    const model::BlockOffsets& o, const BlockLinears& lin,
+                    const BlockExperts* experts, float* x, const float* qin, bool last_only) {
   const model::ModelConfig& cfg = w_.config();
   // This rank's widths (tp P: Cq = C/P, KV = KV/P, F = F/P; all rows N on every rank).
   const int64_t P = w_.tp().size;
@@ -72,8 +73,6 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   float* qkv = qkv_.get(size_t(N * S));   // (N, Cq+2KV)
   float* att = att_.get(size_t(N * Cq));  // (N,Cq)
   float* mid = mid_.get(size_t(N * C));   // (N,C)
-  float* up = up_.get(size_t(N * F));     // (N,F)
-  float* act = act_.get(size_t(N * F));   // (N,F)
 
   // ln1 = LayerNorm1(x); q|k|v = ln1 @ Wqkv^T + b (query layer: q from qin)    (N, Cq+2KV)
   K::layernorm_forward(ln, nullptr, nullptr, x, w_.f32(o.norm1_w), w_.f32(o.norm1_b), N, C,
@@ -132,9 +131,17 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
     K::bias_add_rows(mid, w_.f32(o.b_out), M, C);
   }
   K::add_inplace(mid, x, M * C);
-  // act = gelu(ln2 @ Wup^T + bup)                                                 (M,F)
   K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), M, C,
                        cfg.norm_eps);
+  if (experts && experts->sparse()) {
+    // x = MoE(ln2) + mid (tp = 1: ParamLayout refuses MoE under tp)                (M,C)
+    moe_ffn(*experts, ln, mid, last_only ? last_tok_.data() : row_tok_.data(),
+            last_only ? last_dom_.data() : row_dom_.data(), M, x);
+    return;
+  }
+  // act = gelu(ln2 @ Wup^T + bup)                                                 (M,F)
+  float* up = up_.get(size_t(N * F));    // (N,F)
+  float* act = act_.get(size_t(N * F));  // (N,F)
   K::weight_matmul(up, F, ln, M, lin.up, nullptr);
   K::bias_gelu_forward(act, up, w_.f32(o.b_up), M, F, gelu_kind(cfg.activation));
   // x = (act @ Wdown^T + bdown) + mid                                             (M,C)
@@ -148,11 +155,47 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   K::add_inplace(x, mid, M * C);
 }
 
+void Decoder::moe_ffn(const BlockExperts& ex, const float* ln, const float* mid,
+                      const int32_t* toks, const int32_t* doms, int64_t M, float* x) {
+  const model::ModelConfig& cfg = w_.config();
+  const int64_t C = cfg.d_model, Fe = cfg.moe.expert_d_ff, E = cfg.moe.experts;
+  // Routing and dispatch as the training forward (model/moe.h): one expert per row (rre).
+  const std::vector<int32_t> expert = model::rre_experts(cfg, w_.f32(ex.table), toks, doms, M);
+  slot_row_.resize(size_t(M));
+  row_slot_.resize(size_t(M));
+  model::moe_pack_slots(expert.data(), M, /*k=*/1, E, moe_offsets_, slot_row_.data(),
+                        row_slot_.data());
+  // xs = ln rows in slot order; per expert: ys = gelu(xs @ Wup_e^T + bup_e) @ Wdown_e^T + bdown_e
+  float* xs = xs_.get(size_t(M * C));    // (M,C)
+  float* ys = ys_.get(size_t(M * C));    // (M,C)
+  float* up = up_.get(size_t(M * Fe));   // (M,Fe)
+  float* act = act_.get(size_t(M * Fe));  // (M,Fe)
+  for (int64_t s = 0; s < M; ++s)
+    std::memcpy(xs + s * C, ln + int64_t(slot_row_[size_t(s)]) * C, size_t(C) * 4);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t a = moe_offsets_[size_t(e)], n = moe_offsets_[size_t(e + 1)] - a;
+    if (n == 0) continue;
+    K::weight_matmul(up + a * Fe, Fe, xs + a * C, n, ex.up[size_t(e)], nullptr);
+    K::bias_gelu_forward(act + a * Fe, up + a * Fe, w_.f32(ex.up_b[size_t(e)]), n, Fe,
+                         gelu_kind(cfg.activation));
+    K::weight_matmul(ys + a * C, C, act + a * Fe, n, ex.down[size_t(e)],
+                     w_.f32(ex.down_b[size_t(e)]));
+  }
+  // x[r] = ys[slot(r)] + mid[r] (the expert's weight is 1)
+  for (int64_t r = 0; r < M; ++r) {
+    const float* y = ys + int64_t(row_slot_[size_t(r)]) * C;
+    float* xr = x + r * C;
+    const float* mr = mid + r * C;
+    for (int64_t c = 0; c < C; ++c) xr[c] = y[c] + mr[c];
+  }
+}
+
 void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits) {
   const model::ModelConfig& cfg = w_.config();
   const int64_t C = cfg.d_model, V = cfg.vocab, B = int64_t(seqs.size());
   LOOM_CHECK(B >= 1, "decoder step with no sequences");
   // Validate everything before the cache is touched.
+  const bool moe = cfg.moe.enabled();
   int64_t N = 0;
   for (int64_t b = 0; b < B; ++b) {
     const SeqStep& sq = seqs[size_t(b)];
@@ -166,15 +209,33 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
                "decoder: KV sequence {} has room for {} tokens, the step needs {}", sq.kv_seq,
                cache.capacity(sq.kv_seq), sq.pos + n);
     K::check_token_ids(sq.tokens.data(), 1, n, V);
+    if (moe)
+      LOOM_CHECK(sq.domain >= -1 && sq.domain < cfg.moe.num_domains(),
+                 "decoder: sequence {} has domain {}, outside [0, {}) (domains {}; -1: the "
+                 "default)",
+                 b, sq.domain, cfg.moe.num_domains(), fmt::join(cfg.moe.domains, ", "));
     N += n;
   }
   row_seq_.resize(size_t(N));
   row_pos_.resize(size_t(N));
   queries_.resize(size_t(N));
   last_row_.resize(size_t(B));
+  if (moe) {
+    row_tok_.resize(size_t(N));
+    row_dom_.resize(size_t(N));
+    last_tok_.resize(size_t(B));
+    last_dom_.resize(size_t(B));
+  }
   for (int64_t b = 0, r = 0; b < B; ++b) {
     const SeqStep& sq = seqs[size_t(b)];
     last_row_[size_t(b)] = r + int64_t(sq.tokens.size()) - 1;
+    if (moe) {
+      const int32_t d = sq.domain >= 0 ? sq.domain : int32_t(cfg.moe.other_domain());
+      std::copy(sq.tokens.begin(), sq.tokens.end(), row_tok_.begin() + r);
+      std::fill_n(row_dom_.begin() + r, sq.tokens.size(), d);
+      last_tok_[size_t(b)] = sq.tokens.back();
+      last_dom_[size_t(b)] = d;
+    }
     const std::vector<int32_t>& table = cache.block_table(sq.kv_seq);
     for (int64_t i = 0; i < int64_t(sq.tokens.size()); ++i, ++r) {
       row_seq_[size_t(r)] = b;
@@ -216,7 +277,7 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
   // The last layer of the model (the query layer, else the last block) leaves only each
   // sequence's last row, in rows [0, B) of x.
   for (int64_t l = 0; l < cfg.n_layers; ++l)
-    layer(cache, seqs, l, w_.block(l), w_.block_linears(l), x, nullptr,
+    layer(cache, seqs, l, w_.block(l), w_.block_linears(l), &w_.block_experts(l), x, nullptr,
           /*last_only=*/!cfg.query_layer && l == cfg.n_layers - 1);
   const int64_t rows = cfg.query_layer ? N : B;
 
@@ -230,7 +291,7 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
     float* qin = qin_.get(size_t(N * C));
     for (int64_t r = 0; r < N; ++r)
       std::memcpy(qin + r * C, w_.query_position() + row_pos_[size_t(r)] * C, size_t(C) * 4);
-    layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), x, qin,
+    layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), nullptr, x, qin,
           /*last_only=*/true);
   }
 

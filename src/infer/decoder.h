@@ -26,6 +26,12 @@
 // calls forward() with the same steps (collective). Logits equal tp = 1 within f32 rounding (the
 // partial sums add in another order).
 //
+// Sparse (MoE, rre router) blocks: after LayerNorm2 each row goes to the expert
+// model::rre_experts picks from (its sequence's domain, its token id), the rows are grouped by
+// expert with model::moe_pack_slots (the training forward's dispatch), and each expert's FFN runs
+// on its rows through weight_matmul in the weights' format; the output is used with weight 1, as
+// in model/moe.cpp. Each row's arithmetic still depends only on that row (batch invariance holds).
+//
 // Not thread-safe (scratch buffers are members); one Decoder per step thread.
 #pragma once
 
@@ -45,6 +51,10 @@ struct SeqStep {
   int64_t kv_seq = -1;              // KvCache sequence id, with blocks for pos + tokens.size()
   int64_t pos = 0;                  // tokens of this sequence already in the cache
   std::span<const int32_t> tokens;  // new tokens (>= 1): a prompt, or the last sampled token
+  // MoE (rre) models: the domain index (into cfg.moe.domains, ModelConfig::domain_index) every
+  // token of this sequence is routed by; -1: the "other" domain (as GptStage's null domains).
+  // Ignored by dense models.
+  int32_t domain = -1;
 };
 
 class Decoder {
@@ -65,8 +75,11 @@ class Decoder {
  private:
   struct Scratch;
   void layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
-             const model::BlockOffsets& o, const BlockLinears& lin, float* x, const float* qin,
-             bool last_only);
+             const model::BlockOffsets& o, const BlockLinears& lin, const BlockExperts* experts,
+             float* x, const float* qin, bool last_only);
+  // The MoE FFN of a sparse block on M rows: x = experts(ln) + mid. toks, doms (M).
+  void moe_ffn(const BlockExperts& ex, const float* ln, const float* mid, const int32_t* toks,
+               const int32_t* doms, int64_t M, float* x);
 
   void all_reduce(float* buf, int64_t n);
 
@@ -82,9 +95,13 @@ class Decoder {
     Buf& operator=(const Buf&) = delete;
     ~Buf();
   };
-  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, shard_logits_, gathered_;
+  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, shard_logits_, gathered_, xs_, ys_;
   std::vector<attention::PagedQuery> queries_, last_queries_;
   std::vector<int64_t> row_seq_, row_pos_, last_row_;  // last_row_ (B): each sequence's last row
+  std::vector<int32_t> row_tok_, row_dom_;             // (N) MoE: each row's token and domain
+  std::vector<int32_t> last_tok_, last_dom_;           // (B) the same for the last rows
+  std::vector<int32_t> slot_row_, row_slot_;           // MoE dispatch (model::moe_pack_slots)
+  std::vector<int64_t> moe_offsets_;
 };
 
 }  // namespace loom::infer

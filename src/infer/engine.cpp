@@ -37,6 +37,7 @@ struct Engine::Active {
   std::string text;                // the completion so far (healed text removed)
   size_t emitted = 0;              // bytes of `text` already delivered
   int64_t kv_seq = -1;
+  int32_t domain = -1;  // MoE: domain index (-1: the model's "other")
   int64_t cached = 0;  // tokens of `context` whose K/V are in the cache
   bool cancelled = false;
   bool done = false;
@@ -77,6 +78,7 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
   LOOM_CHECK(tok_->vocab_size() <= cfg.vocab,
              "tokenizer has {} tokens but the model's vocab is {}; use the model's tokenizer",
              tok_->vocab_size(), cfg.vocab);
+  if (!opts_.default_domain.empty()) default_domain_ = cfg.domain_index(opts_.default_domain);
   stats_.kv_blocks_total = stats_.kv_blocks_free = cache_.num_blocks();
   if (opts_.start_thread) thread_ = std::thread([this] { run_thread(); });
 }
@@ -115,9 +117,11 @@ SubmitResult Engine::submit(Request request) {
                                             "tokenizer's vocabulary [0, {})",
                                             request.prompt[size_t(i)], i, V));
   StopRule rule = StopRule::none;
+  int32_t domain = default_domain_;
   try {
     validate_sampling(request.params);
     rule = stop_rule_from_name(request.params.stop_rule);
+    if (!request.domain.empty()) domain = weights_.config().domain_index(request.domain);
   } catch (const Error& e) {
     return refuse(S::invalid, e.what());
   }
@@ -131,6 +135,7 @@ SubmitResult Engine::submit(Request request) {
   auto a = std::make_unique<Active>();
   a->req = std::move(request);
   a->prompt_tokens = P;
+  a->domain = domain;
   a->context = a->req.prompt;
   if (a->req.params.token_healing) a->heal = heal_prompt(a->context, texts_);
   const std::string prompt_text = tok_->decode(a->req.prompt);
@@ -256,7 +261,8 @@ bool Engine::step() {
       Active& a = *run[i];
       fed.push_back(&a);
       steps.push_back({a.kv_seq, a.cached,
-                       std::span<const int32_t>(a.context.data() + a.cached, size_t(feed[i]))});
+                       std::span<const int32_t>(a.context.data() + a.cached, size_t(feed[i])),
+                       a.domain});
     }
     const int64_t V = weights_.config().vocab, TV = tok_->vocab_size();
     std::vector<float> logits(fed.size() * size_t(V));  // (B,V)

@@ -56,6 +56,9 @@ struct EngineOptions {
   // requests in the same order and calls step() in lockstep (the decoder's collectives keep the
   // ranks together; logits, and so every sampled token, are identical on all ranks).
   const comm::ProcessGroup* tp = nullptr;
+  // MoE (rre) models: the domain of requests that name none ("" = the model's "other" domain);
+  // checked at construction (ModelConfig::domain_index).
+  std::string default_domain;
 };
 
 class Engine : public CompletionService {
@@ -101,6 +104,7 @@ class Engine : public CompletionService {
   TokenTexts texts_;
   Decoder decoder_;
   KvCache cache_;  // used by the step thread only (admission runs there too)
+  int32_t default_domain_ = -1;  // opts_.default_domain's index (-1: "other")
 
   mutable std::mutex mu_;  // guards everything below
   std::condition_variable cv_;

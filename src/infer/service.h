@@ -60,6 +60,10 @@ struct TokenEvent {
 struct Request {
   std::vector<int32_t> prompt;  // token ids (non-empty)
   SamplingParams params;
+  // Sparse (MoE, rre) models: the domain every token of this request is routed by, by name
+  // (ModelConfig::domain_index: "python", "cpp", ...); "" = the service's default. An unknown
+  // name, or any name for a model without domains, is refused as invalid, listing the domains.
+  std::string domain;
   // Called for every event of this request, from the service's thread; must not block for long
   // and must not call back into the service except cancel().
   std::function<void(const TokenEvent&)> on_event;

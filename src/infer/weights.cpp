@@ -45,6 +45,9 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
 }
 
 bool is_linear_weight(const std::string& name) {
+  // MoE experts: blocks.i.moe.experts.e.{up,down}.weight
+  if (name.find(".moe.experts.") != name.npos)
+    return name.ends_with(".up.weight") || name.ends_with(".down.weight");
   for (const char* s : {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight",
                         "ffn.up.weight", "ffn.down.weight"}) {
     const std::string suf(s);
@@ -56,6 +59,7 @@ bool is_linear_weight(const std::string& name) {
 
 ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
                            WeightFormat head, model::TpShard tp)
+<<<<<<< HEAD
     : ModelWeights(cfg,
                    Source{[flat](int64_t lo, int64_t hi, float* dst) {
                             std::copy(flat + lo, flat + hi, dst);
@@ -76,6 +80,16 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
              "engine does not run yet (it decodes dense blocks only); use a dense model here (the "
              "training engine still evaluates this one's loss)",
              cfg.name, model::router_name(cfg.moe.router), cfg.moe.experts);
+=======
+    : cfg_(cfg), tp_(tp), linear_format_(linears) {
+  LOOM_CHECK(!cfg.moe.enabled() || cfg.moe.router == model::Router::rre,
+             "model '{}' has sparse blocks with the topk router ({} experts, top_k {}), which the "
+             "inference engine does not run: topk's capacity limit makes a token's expert output "
+             "depend on the other tokens of its micro-batch, so a KV-cached decode cannot "
+             "reproduce the trained model; decode rre models (moe.router = \"rre\"), or score "
+             "this one with `loom eval loss`",
+             cfg.name, cfg.moe.experts, cfg.moe.top_k);
+>>>>>>> extract
   const model::ParamLayout layout(cfg, tp);  // throws naming the valid tp sizes
   // 1. Everything but the linear weights goes to small_, offsets remapped tensor by tensor.
   std::map<int64_t, int64_t> remap;  // flat offset of a tensor -> offset in small_
@@ -120,11 +134,48 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
   auto add_block = [&](const model::BlockOffsets& o, BlockLinears& bl) {
     todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C});
     todo.push_back({&bl.out, linears, o.w_out, C, Cq});
+    if (o.sparse()) return;  // no dense FFN: the experts (below)
     todo.push_back({&bl.up, linears, o.w_up, F, C});
     todo.push_back({&bl.down, linears, o.w_down, C, F});
   };
   linears_.resize(size_t(cfg.n_layers));
-  for (int64_t i = 0; i < cfg.n_layers; ++i) add_block(layout.block(i), linears_[size_t(i)]);
+  experts_.resize(size_t(cfg.n_layers));
+  for (int64_t i = 0; i < cfg.n_layers; ++i) {
+    const model::BlockOffsets& o = layout.block(i);
+    add_block(o, linears_[size_t(i)]);
+    if (!o.sparse()) continue;
+    // Sparse: expert e at o.moe_experts + e * stride (model/params.h).
+    BlockExperts& be = experts_[size_t(i)];
+    const int64_t E = cfg.moe.experts, Fe = cfg.moe.expert_d_ff;
+    be.up.resize(size_t(E));
+    be.down.resize(size_t(E));
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t base = o.moe_experts + e * model::moe_expert_stride(cfg);
+      be.up_b.push_back(small_off(base + Fe * C));
+      be.down_b.push_back(small_off(base + 2 * Fe * C + Fe));
+      LOOM_ASSERT(be.up_b.back() >= 0 && be.down_b.back() >= 0, "expert {} biases of block {}",
+                  e, i);
+    }
+    // Views pushed after the vectors have their final size (todo keeps pointers into them).
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t base = o.moe_experts + e * model::moe_expert_stride(cfg);
+      todo.push_back({&be.up[size_t(e)], linears, base, Fe, C});
+      todo.push_back({&be.down[size_t(e)], linears, base + Fe * C + Fe, C, Fe});
+    }
+    be.table = small_off(o.moe_table);
+    LOOM_ASSERT(be.table >= 0, "rre table of block {}", i);
+    // Every entry must be an in-group expert index: a table from another model is named here,
+    // at load, rather than at the first token routed through the bad entry.
+    const float* t = small_.data() + be.table;
+    const int64_t G = cfg.moe.experts_per_domain, DV = cfg.moe.num_domains() * cfg.vocab;
+    for (int64_t j = 0; j < DV; ++j)
+      LOOM_CHECK(t[j] >= 0 && t[j] < float(G) && t[j] == float(int64_t(t[j])),
+                 "model '{}': blocks.{}.moe.rre_table[{}, {}] = {} is not an expert index in "
+                 "[0, experts_per_domain = {}): the routing table does not match this model's "
+                 "config (domains x vocab = {} x {})",
+                 cfg.name, i, j / cfg.vocab, j % cfg.vocab, t[j], G, cfg.moe.num_domains(),
+                 cfg.vocab);
+  }
   if (layout.has_query_layer()) add_block(layout.query_block(), qlinears_);
   todo.push_back({&head_, head, layout.token_embedding(), V, C});
   int64_t n32 = 0, n16 = 0, n8 = 0, nsc = 0;

@@ -14,6 +14,7 @@
 // embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
 // attn.out / ffn.down biases are replicated.
 //
+<<<<<<< HEAD
 // Loading a checkpoint reads tensor by tensor (never the whole model in f32): the small tensors
 // into their buffer, each linear into a one-linear f32 buffer that is then converted. A checkpoint
 // written by `loom quantize` (checkpoint/sharded.h: I8 linears with F32 row scales) is loaded as
@@ -22,6 +23,11 @@
 // logits are bit-identical to the f32 source's loaded with --int8 (tp 1; under tp a column shard
 // of attn.out / ffn.down keeps its whole rows' scales, where load-time quantization uses the
 // shard's). BF16 / F16 checkpoints widen exactly and are then stored in the asked format.
+=======
+// Sparse (MoE) blocks with the rre router: every expert's up and down linear is stored like the
+// dense ones (BlockExperts); the routing table stays f32 with the norms. The topk router is
+// refused (see the constructor).
+>>>>>>> extract
 //
 // Ownership: ModelWeights owns every buffer; the views point into them (move-only).
 #pragma once
@@ -71,6 +77,17 @@ struct BlockLinears {
   WeightView qkv, out, up, down;
 };
 
+// The experts of a sparse (MoE, rre router) block: expert e's up (Fe, C) and down (C, Fe)
+// linears in the linears' format, its up (Fe) and down (C) biases as offsets into
+// ModelWeights::f32(), and the routing table (D, V) (f32 integers) at `table`. Empty for a dense
+// block.
+struct BlockExperts {
+  std::vector<WeightView> up, down;
+  std::vector<int64_t> up_b, down_b;
+  int64_t table = -1;
+  bool sparse() const { return !up.empty(); }
+};
+
 // Rows [r0, r0+n) of an (N, K) view as an (n, K) view.
 WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n);
 
@@ -103,11 +120,14 @@ class ModelWeights {
   // Norm and bias offsets of block i into f32() (the w_* members are unused: -1).
   const model::BlockOffsets& block(int64_t i) const { return blocks_.at(size_t(i)); }
   const BlockLinears& block_linears(int64_t i) const { return linears_.at(size_t(i)); }
+  // A sparse block's experts (MoE, rre only); BlockExperts::sparse() is false for dense blocks.
+  const BlockExperts& block_experts(int64_t i) const { return experts_.at(size_t(i)); }
   const model::BlockOffsets& query_block() const { return qblock_; }
   const BlockLinears& query_linears() const { return qlinears_; }
   const WeightView& head() const { return head_; }  // (V/P,C)
 
-  // Bytes a decode step reads from the linears and the head (each weight once).
+  // Bytes a decode step reads from the linears and the head (each weight once; MoE: every
+  // expert counted, an upper bound, since a step reads only the experts its tokens reach).
   int64_t matmul_weight_bytes() const { return matmul_bytes_; }
 
  private:
@@ -132,6 +152,7 @@ class ModelWeights {
   int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
   std::vector<model::BlockOffsets> blocks_;
   std::vector<BlockLinears> linears_;
+  std::vector<BlockExperts> experts_;  // (L), empty entries for dense blocks
   model::BlockOffsets qblock_{};
   BlockLinears qlinears_{};
   WeightView head_;

@@ -33,6 +33,7 @@ bool MoeConfig::is_sparse(int64_t layer) const {
 }
 
 int64_t MoeConfig::other_domain() const {
+  if (domains.size() == 1) return 0;  // one domain (an extracted model) takes every token
   for (size_t i = 0; i < domains.size(); ++i)
     if (domains[i] == "other") return int64_t(i);
   return -1;
@@ -80,7 +81,7 @@ void validate_moe(const ModelConfig& m) {
       LOOM_CHECK(seen.insert(d).second, "model '{}': moe domain '{}' is listed twice", m.name, d);
       LOOM_CHECK(!d.empty(), "model '{}': moe domain names must not be empty", m.name);
     }
-    LOOM_CHECK(e.other_domain() >= 0,
+    LOOM_CHECK(e.num_domains() == 1 || e.other_domain() >= 0,
                "model '{}': moe.domains {} has no \"other\" domain; add \"other\" (it takes "
                "every language not listed and tokens of unknown language)",
                m.name, fmt::format("{}", fmt::join(e.domains, ", ")));
@@ -108,6 +109,27 @@ void validate_moe(const ModelConfig& m) {
   }
 }
 }  // namespace
+
+int32_t ModelConfig::domain_index(const std::string& name) const {
+  LOOM_CHECK(moe.enabled() && moe.router == Router::rre,
+             "model '{}' has no domains ({}), so a domain ('{}') does not apply; leave the "
+             "domain out",
+             this->name,
+             moe.enabled() ? fmt::format("its sparse blocks use the {} router",
+                                         router_name(moe.router))
+                           : std::string("it is dense"),
+             name);
+  const std::string want = lower(name);
+  for (size_t i = 0; i < moe.domains.size(); ++i)
+    if (lower(moe.domains[i]) == want) return int32_t(i);
+  // A language's display name ("C++", "Python") names the domain it maps to.
+  for (data::Language l : data::all_languages())
+    if (lower(data::language_name(l)) == want)
+      for (size_t i = 0; i < moe.domains.size(); ++i)
+        if (language_matches(l, moe.domains[i])) return int32_t(i);
+  LOOM_FAIL("unknown domain '{}' for model '{}'; its domains are: {}", name, this->name,
+            fmt::format("{}", fmt::join(moe.domains, ", ")));
+}
 
 std::vector<int32_t> ModelConfig::language_domains() const {
   if (!moe.enabled() || moe.router != Router::rre) return {};

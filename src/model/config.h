@@ -52,8 +52,9 @@ struct MoeConfig {
   Router router = Router::rre;
   // rre: domain names, e.g. ["python", "cpp", "other"]; languages (data/languages.h, compared
   // case-insensitively, "c++" also as "cpp") map to the domain of their name, every other
-  // language and unknown-language tokens to "other", which must be listed. Names that are no
-  // language are allowed (PanGu-Σ's natural-language domains): loom's code corpus sends them
+  // language and unknown-language tokens to "other", which must be listed when there are two or
+  // more domains (a single domain, as in an extracted sub-model, takes every token). Names that
+  // are no language are allowed (PanGu-Σ's natural-language domains): loom's code corpus sends them
   // no tokens, but a caller passing domain indices can.
   std::vector<std::string> domains;
   int64_t experts_per_domain = 0;  // G (rre): experts = G * domains.size()
@@ -67,7 +68,8 @@ struct MoeConfig {
   int64_t num_domains() const { return int64_t(domains.size()); }
   // Experts each token visits: top_k for topk, 1 for rre.
   int64_t k() const { return router == Router::topk ? top_k : 1; }
-  // Domain index of "other".
+  // Domain index of "other" (-1 if missing); a model with a single domain (an extracted sub-model,
+  // `loom extract`) sends every token to it, so "other" is required only with two or more.
   int64_t other_domain() const;
 };
 
@@ -103,6 +105,10 @@ struct ModelConfig {
   // Domain index (into moe.domains) of each language id of data/languages.h, in id order; the
   // unknown language (-1) maps to other_domain(). Empty for a model without rre.
   std::vector<int32_t> language_domains() const;
+  // Domain index of a domain given by name (`--domain`, a request's "domain"): a domain name or a
+  // language's display name mapping to one ("C++" -> "cpp"), case-insensitive. Throws loom::Error
+  // listing the model's domains for an unknown name, and for a model without rre domains.
+  int32_t domain_index(const std::string& name) const;
   // A floor on the f32 activation bytes of one max_seq sequence (logits + per-layer buffers).
   int64_t sequence_activation_bytes() const;
   // Training FLOPs per token at sequence length T: 6 * (matmul weights incl. the head) plus

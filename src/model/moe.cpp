@@ -61,6 +61,27 @@ std::vector<int64_t> rre_dispatch_counts(const ModelConfig& cfg, const float* ta
   return counts;
 }
 
+void moe_pack_slots(const int32_t* row_expert, int64_t N, int64_t k, int64_t E,
+                    std::vector<int64_t>& offsets, int32_t* slot_row, int32_t* row_slot) {
+  const int64_t S = N * k;
+  offsets.assign(size_t(E + 1), 0);
+  for (int64_t s = 0; s < S; ++s)
+    if (row_expert[s] >= 0) ++offsets[size_t(row_expert[s]) + 1];
+  for (int64_t e = 0; e < E; ++e) offsets[size_t(e + 1)] += offsets[size_t(e)];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t e = row_expert[s];
+    if (e < 0) {
+      row_slot[s] = -1;
+      continue;
+    }
+    const int64_t slot = next[size_t(e)]++;
+    row_slot[s] = int32_t(slot);
+    slot_row[slot] = int32_t(s / k);
+  }
+  for (int64_t slot = offsets[size_t(E)]; slot < S; ++slot) slot_row[slot] = -1;
+}
+
 std::vector<int32_t> balanced_rre_table(const std::vector<int64_t>& counts, int64_t D, int64_t V,
                                         int64_t G) {
   LOOM_CHECK(int64_t(counts.size()) == D * V && G >= 1,
@@ -221,13 +242,11 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
   int32_t* row_expert = row_slot + S;
   float* w = st.moe_w.data<float>();
   RouteResult r;
-  std::vector<int64_t> count(size_t(E), 0);
   if (m.router == Router::rre) {
     std::vector<int32_t> ex = rre_experts(cfg, c.W + o.moe_table, c.tokens, c.domains, N);
     for (int64_t n = 0; n < N; ++n) {
       row_expert[n] = ex[size_t(n)];
       w[n] = 1.0f;
-      ++count[size_t(ex[size_t(n)])];
     }
   } else {
     // logits (N,E) = ln2 @ Wg^T; p = softmax(logits) (kept for backward)
@@ -235,6 +254,7 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
     float* p = st.moe_probs.data<float>();
     mm_xwT(c, p, ln2_mm, 0, o.moe_gate, N, E, C);
     std::vector<int32_t> idx(static_cast<size_t>(E));
+    std::vector<int64_t> count(size_t(E), 0);
     for (int64_t n = 0; n < N; ++n) {
       float* pr = p + n * E;
       const float mx = *std::max_element(pr, pr + E);
@@ -274,23 +294,8 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
         ++r.dropped;
       }
     }
-    count = taken;
   }
-  // Slots grouped by expert, (row, j) ascending inside one: a counting sort.
-  st.moe_offsets.assign(size_t(E + 1), 0);
-  for (int64_t e = 0; e < E; ++e) st.moe_offsets[size_t(e + 1)] = st.moe_offsets[size_t(e)] + count[size_t(e)];
-  std::vector<int64_t> next(st.moe_offsets.begin(), st.moe_offsets.end() - 1);
-  for (int64_t s = 0; s < S; ++s) {
-    const int32_t e = row_expert[s];
-    if (e < 0) {
-      row_slot[s] = -1;
-      continue;
-    }
-    const int64_t slot = next[size_t(e)]++;
-    row_slot[s] = int32_t(slot);
-    slot_row[slot] = int32_t(s / k);
-  }
-  for (int64_t slot = st.moe_offsets[size_t(E)]; slot < S; ++slot) slot_row[slot] = -1;
+  moe_pack_slots(row_expert, N, k, E, st.moe_offsets, slot_row, row_slot);
   return r;
 }
 

@@ -46,6 +46,14 @@ std::vector<int32_t> rre_experts(const ModelConfig& cfg, const float* table, con
 std::vector<int64_t> rre_dispatch_counts(const ModelConfig& cfg, const float* table,
                                          const int32_t* tokens, const int32_t* domains, int64_t N);
 
+// The dispatch layout (see the top of this file) of N rows with k choices each: row_expert
+// (N*k) the expert of choice (n, j), or < 0 for a dropped choice. Fills offsets (E+1: expert e's
+// slots are [offsets[e], offsets[e+1])), slot_row (N*k: each slot's row, -1 for unused slots)
+// and row_slot (N*k: each choice's slot, -1 if dropped). A counting sort: slots of one expert in
+// ascending (row, j) order. Training (moe_ffn_forward) and the inference decoder both use it.
+void moe_pack_slots(const int32_t* row_expert, int64_t N, int64_t k, int64_t E,
+                    std::vector<int64_t>& offsets, int32_t* slot_row, int32_t* row_slot);
+
 // A frequency-balanced rre table (D, V) of in-group indices: per domain, tokens in descending
 // count order (ties by id) each go to the group's expert with the least expected load so far
 // (ties: lowest index): Graham's longest-processing-time greedy (max load <= 4/3 optimum and <=

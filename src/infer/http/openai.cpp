@@ -171,13 +171,14 @@ CompletionRequest parse_completion_request(const std::string& body, const Limits
       "top_k",        "n",              "seed",           "stop",             "echo",
       "logprobs",     "stream",         "stream_options", "suffix",           "user",
       "best_of",      "logit_bias",     "presence_penalty", "frequency_penalty",
-      "repetition_penalty", "stop_rule", "ignore_eos",    "token_healing",    "cut_to_context"};
+      "repetition_penalty", "stop_rule", "ignore_eos",    "token_healing",    "cut_to_context",
+      "domain"};
   for (const auto& [key, value] : j.items())
     if (!known.count(key))
       throw invalid_request(
           fmt::format("unrecognized request argument '{}'; this server accepts OpenAI's "
                       "completions fields and the extensions top_k, repetition_penalty, "
-                      "stop_rule, ignore_eos, token_healing and cut_to_context",
+                      "stop_rule, ignore_eos, token_healing, cut_to_context and domain",
                       key),
           key, "unknown_parameter");
 
@@ -269,6 +270,10 @@ CompletionRequest parse_completion_request(const std::string& body, const Limits
   if (has("stop_rule")) {
     if (!j["stop_rule"].is_string()) wrong_type("stop_rule", "a string", j["stop_rule"]);
     r.stop_rule = j["stop_rule"].get<std::string>();
+  }
+  if (has("domain")) {
+    if (!j["domain"].is_string()) wrong_type("domain", "a string", j["domain"]);
+    r.domain = j["domain"].get<std::string>();
   }
   if (has("echo")) r.echo = get_bool(j["echo"], "echo");
   if (has("logprobs")) r.logprobs = int32_t(get_int(j["logprobs"], "logprobs", 0, 5));

@@ -46,6 +46,7 @@ struct CompletionRequest {
   std::optional<int64_t> seed;
   std::vector<std::string> stop;
   std::string stop_rule;
+  std::string domain;  // extension: MoE (rre) models' domain ("" = the server's default)
   bool echo = false;
   int32_t logprobs = -1;  // -1 = none
   bool stream = false;

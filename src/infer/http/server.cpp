@@ -590,6 +590,7 @@ void HttpServer::install_routes() {
       }
       Request sr;
       sr.prompt = prompt.tokens;
+      sr.domain = r.domain;
       auto& sp = sr.params;
       sp.temperature = r.temperature;
       sp.top_p = r.top_p;

@@ -22,7 +22,9 @@
 //                  logprobs 0..5, stream, stream_options.include_usage, user (ignored)
 //   extensions     repetition_penalty > 0, stop_rule ("" or a HumanEval-X language),
 //                  ignore_eos, token_healing (default: on for text prompts, off for token ids),
-//                  cut_to_context (see "Context overflow")
+//                  cut_to_context (see "Context overflow"), domain (MoE models: the domain the
+//                  prompt is routed by, e.g. "python"; "" or absent = `loom serve --domain`'s
+//                  default; unknown names are a 400 listing the model's domains)
 //   refused (400)  suffix (the model cannot fill in the middle), echo together with logprobs
 //                  (the service does not score prompt tokens), best_of != n, logit_bias,
 //                  non-zero presence/frequency penalties, any unknown field (named in the error)

@@ -15,6 +15,7 @@
 #include "core/memory_pool.h"
 #include "core/rng.h"
 #include "infer/decoder.h"
+#include "model/config.h"
 #include "model/gpt.h"
 
 namespace loom::infer {
@@ -83,7 +84,7 @@ double max_abs(const std::vector<float>& a) {
 // every prompt, then G-1 decode steps of one token each. Returns each sequence's per-step logits.
 std::vector<std::vector<std::vector<float>>> cached_greedy(
     const ModelWeights& w, const std::vector<std::vector<int32_t>>& prompts, int64_t G,
-    std::vector<std::vector<int32_t>>* tokens) {
+    std::vector<std::vector<int32_t>>* tokens, const std::vector<int32_t>& domains = {}) {
   const ModelConfig& cfg = w.config();
   Decoder dec(w);
   const int64_t B = int64_t(prompts.size()), V = cfg.vocab;
@@ -103,6 +104,7 @@ std::vector<std::vector<std::vector<float>>> cached_greedy(
       steps[size_t(b)] = {seq[size_t(b)], cached[size_t(b)],
                           std::span<const int32_t>(c.data() + cached[size_t(b)],
                                                    c.size() - size_t(cached[size_t(b)]))};
+      if (!domains.empty()) steps[size_t(b)].domain = domains[size_t(b)];
     }
     dec.forward(cache, steps, logits.data());
     for (int64_t b = 0; b < B; ++b) {
@@ -311,6 +313,143 @@ TEST(Decoder, Int8ModelCloseToF32) {
   // int8 rounding is 1/254 of a row's max per weight: a few percent of the logits' scale at most.
   EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));
   EXPECT_GT(err, 0.0);  // it really ran quantised
+}
+
+// ---- Sparse (MoE, rre) blocks: configs/models/tiny-moe.toml (top block sparse, 4 domains x 2
+// experts, query layer). Weights perturbed like TestModel's except the frozen routing table.
+struct MoeModel {
+  ModelConfig cfg;
+  MemoryPool pool;
+  model::Gpt gpt;
+  explicit MoeModel(const ModelConfig& c) : cfg(c), gpt(c, pool, model::Precision::f32) {
+    gpt.init_weights(3);
+    for (const auto& s : gpt.layout().specs()) {
+      if (!s.trainable) continue;  // the rre table: integer expert indices
+      for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
+        gpt.weights()[i] = 4.f * gpt.weights()[i] + 0.05f * rng_normal(17, 5, uint64_t(i));
+    }
+  }
+  // GptStage's full forward with every token of the context in `domain` (-1: null = "other").
+  std::vector<float> recompute_logits(const std::vector<int32_t>& ctx, int32_t domain) {
+    std::vector<float> l(static_cast<size_t>(cfg.vocab));
+    std::vector<int32_t> d(ctx.size(), domain);
+    gpt.stage().logits(l.data(), ctx.data(), 1, int64_t(ctx.size()), /*last_only=*/true,
+                       domain >= 0 ? d.data() : nullptr);
+    return l;
+  }
+};
+
+ModelConfig tiny_moe() {
+  return model::load_model_config(std::string(LOOM_TEST_DATA_DIR) +
+                                  "/../../configs/models/tiny-moe.toml");
+}
+
+// Cached greedy decode of an rre model equals GptStage's full recomputation, per sequence with its
+// own domain, f32 logits within 1e-5 of their scale (the dense test's tolerance: the same kernels
+// with different summation orders), at batch 1 and in a ragged batch whose sequences use every
+// domain and the default (-1).
+void check_moe_against_recompute(MoeModel& m, const std::vector<std::vector<int32_t>>& prompts,
+                                 const std::vector<int32_t>& domains, int64_t G) {
+  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+  std::vector<std::vector<int32_t>> toks;
+  auto logits = cached_greedy(w, prompts, G, &toks, domains);
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    std::vector<int32_t> ctx = prompts[b];
+    for (int64_t g = 0; g < G; ++g) {
+      const std::vector<float> ref = m.recompute_logits(ctx, domains[b]);
+      const std::vector<float>& got = logits[b][size_t(g)];
+      double err = 0;
+      for (size_t v = 0; v < ref.size(); ++v)
+        err = std::max(err, double(std::fabs(ref[v] - got[v])));
+      EXPECT_LE(err, 1e-5 * std::max(1.0, max_abs(ref))) << "sequence " << b << " step " << g;
+      const int32_t want = argmax(ref.data(), m.cfg.vocab);
+      if (margin(ref) <= 1e-5 * std::max(1.0, max_abs(ref))) break;  // tie: stop comparing
+      EXPECT_EQ(toks[b][size_t(g)], want) << "sequence " << b << " step " << g;
+      ctx.push_back(want);
+      if (toks[b][size_t(g)] != want) break;
+    }
+  }
+}
+
+TEST(MoeCachedVsRecompute, Batch1) {
+  MoeModel m(tiny_moe());
+  ASSERT_TRUE(m.cfg.moe.enabled());
+  check_moe_against_recompute(m, {prompt(5, m.cfg.vocab, 1)}, {0}, 16);
+}
+
+TEST(MoeCachedVsRecompute, RaggedBatchMixedDomains) {
+  MoeModel m(tiny_moe());
+  std::vector<std::vector<int32_t>> ps;
+  const int64_t lens[6] = {1, 3, 17, 7, 33, 2};  // across block boundaries
+  for (int i = 0; i < 6; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 100 + uint64_t(i)));
+  check_moe_against_recompute(m, ps, {0, 1, 2, 3, -1, 1}, 10);
+}
+
+// Without a query layer the sparse block is the last one, where only each sequence's last row
+// goes on after attention (the decoder's last_only path routes those rows' tokens and domains).
+TEST(MoeCachedVsRecompute, LastBlockSparseWithoutQueryLayer) {
+  ModelConfig c = tiny_moe();
+  c.query_layer = false;
+  c.validate();
+  MoeModel m(c);
+  std::vector<std::vector<int32_t>> ps;
+  const int64_t lens[4] = {2, 11, 1, 18};
+  for (int i = 0; i < 4; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 200 + uint64_t(i)));
+  check_moe_against_recompute(m, ps, {2, -1, 0, 1}, 8);
+}
+
+// The domain really routes: the same prompt in two domains gives different logits (different
+// expert groups), and a sequence's logits are bitwise the same alone or in a mixed batch.
+TEST(MoeCachedVsRecompute, DomainChangesLogitsAndBatchInvariance) {
+  MoeModel m(tiny_moe());
+  for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row}) {
+    const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+    const std::vector<int32_t> p = prompt(9, m.cfg.vocab, 7);
+    auto a = cached_greedy(w, {p}, 1, nullptr, {0});
+    auto b = cached_greedy(w, {p}, 1, nullptr, {1});
+    EXPECT_NE(0, std::memcmp(a[0][0].data(), b[0][0].data(), a[0][0].size() * 4));
+    std::vector<std::vector<int32_t>> ps;
+    const int64_t lens[4] = {4, 9, 1, 20};
+    for (int i = 0; i < 4; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
+    const std::vector<int32_t> doms = {3, 0, 2, 1};
+    auto batched = cached_greedy(w, ps, 6, nullptr, doms);
+    for (size_t s = 0; s < ps.size(); ++s) {
+      auto alone = cached_greedy(w, {ps[s]}, 6, nullptr, {doms[s]});
+      for (size_t g = 0; g < alone[0].size(); ++g)
+        EXPECT_EQ(0, std::memcmp(alone[0][g].data(), batched[s][g].data(), alone[0][g].size() * 4))
+            << weight_format_name(f) << " sequence " << s << " step " << g;
+    }
+  }
+}
+
+// Bad MoE input is named: a domain outside the model's, a table entry outside the group.
+TEST(MoeCachedVsRecompute, BadDomainAndTableAreNamed) {
+  MoeModel m(tiny_moe());
+  {
+    const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+    Decoder dec(w);
+    KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 8, m.cfg.max_seq);
+    const int64_t s = cache.create();
+    ASSERT_TRUE(cache.reserve(s, 16));
+    std::vector<float> logits(static_cast<size_t>(m.cfg.vocab));
+    std::vector<int32_t> t = {1, 2};
+    std::vector<SeqStep> st = {{s, 0, t, 4}};  // 4 domains: [0, 4)
+    try {
+      dec.forward(cache, st, logits.data());
+      ADD_FAILURE() << "domain 4 accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("domain 4"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("python"), std::string::npos) << e.what();
+    }
+  }
+  const int64_t table = m.gpt.layout().block(m.cfg.moe.sparse_layers[0]).moe_table;
+  m.gpt.weights()[table + 5] = float(m.cfg.moe.experts_per_domain);  // out of the group
+  try {
+    const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+    ADD_FAILURE() << "a table entry outside [0, G) was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rre_table[0, 5] = 2"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Decoder, BadInputThrowsBeforeTouchingTheCache) {

@@ -241,8 +241,10 @@ TEST(Engine, RefusalsNameTheProblem) {
             SubmitResult::Status::shutting_down);
 }
 
-// Sparse (MoE) blocks have no dense FFN to decode with: refused when the weights are built.
-TEST(Engine, MoeModelIsRefusedWithItsReason) {
+// topk sparse blocks cannot be decoded token by token (their capacity limit couples the tokens
+// of a micro-batch): refused when the weights are built, with the reason. (rre models decode:
+// infer_decoder_test MoeCachedVsRecompute.)
+TEST(Engine, TopkMoeModelIsRefusedWithItsReason) {
   model::ModelConfig cfg = config();
   cfg.name = "engine-test-moe";
   cfg.moe.sparse_layers = {1};
@@ -256,10 +258,86 @@ TEST(Engine, MoeModelIsRefusedWithItsReason) {
   g.init_weights(5);
   try {
     ModelWeights w(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32);
-    ADD_FAILURE() << "a MoE model was accepted";
+    ADD_FAILURE() << "a topk MoE model was accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("sparse (MoE) blocks"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("topk router"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("capacity"), std::string::npos) << e.what();
   }
+}
+
+// rre MoE models: a request's domain routes its tokens. Greedy tokens of a request naming a domain
+// equal the decoder's with that domain index; requests without one use the engine default; an
+// unknown name is refused as invalid listing the domains (and so is a bad default, at load).
+TEST(Engine, RequestDomainsRouteMoeModels) {
+  model::ModelConfig cfg = config();
+  cfg.name = "engine-test-rre";
+  cfg.moe.sparse_layers = {1};
+  cfg.moe.router = model::Router::rre;
+  cfg.moe.domains = {"python", "cpp", "other"};
+  cfg.moe.experts_per_domain = 2;
+  cfg.moe.experts = 6;
+  cfg.moe.expert_d_ff = 16;
+  cfg.validate();
+  MemoryPool pool;
+  model::Gpt g(cfg, pool, model::Precision::f32);
+  g.init_weights(5);
+  for (const auto& sp : g.layout().specs())
+    if (sp.trainable)
+      for (int64_t i = sp.offset; i < sp.offset + sp.numel; ++i) g.weights()[i] *= 6.f;
+  auto engine = [&](const std::string& default_domain) {
+    EngineOptions o;
+    o.start_thread = false;
+    o.default_domain = default_domain;
+    return std::make_unique<Engine>(
+        ModelWeights(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32),
+        data::load_tokenizer(std::string(LOOM_TEST_DATA_DIR) + "/tokenizer"), o);
+  };
+  // Greedy tokens through the decoder alone, every token in domain d.
+  auto reference = [&](const std::vector<int32_t>& prompt, int32_t d, int64_t n) {
+    const ModelWeights w(cfg, g.weights(), WeightFormat::f32, WeightFormat::f32);
+    Decoder dec(w);
+    KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 8, cfg.max_seq);
+    const int64_t s = cache.create();
+    EXPECT_TRUE(cache.reserve(s, int64_t(prompt.size()) + n));
+    std::vector<int32_t> ctx = prompt, out;
+    std::vector<float> logits(size_t(cfg.vocab));
+    int64_t cached = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<SeqStep> st = {{s, cached,
+                                  std::span<const int32_t>(ctx.data() + cached,
+                                                           ctx.size() - size_t(cached)),
+                                  d}};
+      dec.forward(cache, st, logits.data());
+      cached = int64_t(ctx.size());
+      // the tokenizer's vocabulary (508) only, as the engine samples
+      const int32_t t = int32_t(std::max_element(logits.begin(), logits.begin() + 508) -
+                                logits.begin());
+      ctx.push_back(t);
+      out.push_back(t);
+    }
+    return out;
+  };
+  const std::vector<int32_t> p = tokens(9, 4);
+  auto e = engine("cpp");
+  Collector c;
+  Request named = request(p, 0.f, 0, 6, c);
+  named.domain = "Python";  // case-insensitive
+  const SubmitResult a = e->submit(std::move(named));
+  const SubmitResult b = e->submit(request(p, 0.f, 0, 6, c));  // the default: cpp
+  Request bad = request(p, 0.f, 0, 6, c);
+  bad.domain = "cobol";
+  const SubmitResult r = e->submit(std::move(bad));
+  ASSERT_EQ(a.status, SubmitResult::Status::ok);
+  ASSERT_EQ(b.status, SubmitResult::Status::ok);
+  EXPECT_EQ(r.status, SubmitResult::Status::invalid);
+  EXPECT_NE(r.message.find("unknown domain 'cobol'"), std::string::npos) << r.message;
+  EXPECT_NE(r.message.find("python, cpp, other"), std::string::npos) << r.message;
+  while (e->step()) {
+  }
+  EXPECT_EQ(c.out[a.request_id].tokens, reference(p, 0, 6));
+  EXPECT_EQ(c.out[b.request_id].tokens, reference(p, 1, 6));
+  EXPECT_NE(reference(p, 0, 6), reference(p, 1, 6)) << "domains should route differently here";
+  EXPECT_THROW(engine("java"), Error);
 }
 
 TEST(Engine, CancelFinishesQueuedAndRunningRequests) {

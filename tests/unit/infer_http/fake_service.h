@@ -67,6 +67,7 @@ class FakeService : public CompletionService {
     }
     r.request_id = next_id_++;
     submitted_.push_back(request.params);
+    domains_.push_back(request.domain);
     live_[r.request_id] = Live{std::move(request), 0, false};
     cv_.notify_all();
     return r;
@@ -112,6 +113,10 @@ class FakeService : public CompletionService {
   std::vector<SamplingParams> submitted() const {
     std::lock_guard lock(mu_);
     return submitted_;
+  }
+  std::vector<std::string> submitted_domains() const {  // Request::domain, in submit order
+    std::lock_guard lock(mu_);
+    return domains_;
   }
   std::set<int64_t> cancelled() const {
     std::lock_guard lock(mu_);
@@ -191,6 +196,7 @@ class FakeService : public CompletionService {
   std::condition_variable cv_, idle_;
   std::map<int64_t, Live> live_;
   std::vector<SamplingParams> submitted_;
+  std::vector<std::string> domains_;
   std::set<int64_t> cancelled_;
   int64_t next_id_ = 1;
   bool stopping_ = false;

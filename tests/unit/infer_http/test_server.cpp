@@ -159,6 +159,9 @@ TEST(InferHttp, StopFinishAndTokenPrompts) {
   f.post({{"prompt", "x"}, {"stop", "###"}, {"stop_rule", "python"}});
   EXPECT_EQ(f.service.submitted().back().stop, std::vector<std::string>{"###"});
   EXPECT_EQ(f.service.submitted().back().stop_rule, "python");
+  EXPECT_EQ(f.service.submitted_domains().back(), "");  // no "domain": the service default
+  f.post({{"prompt", "x"}, {"domain", "python"}});
+  EXPECT_EQ(f.service.submitted_domains().back(), "python");
 }
 
 TEST(InferHttp, NChoicesUseConsecutiveSeeds) {

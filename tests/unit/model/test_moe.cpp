@@ -380,11 +380,37 @@ TEST(MoeConfig, BadInputIsNamed) {
   EXPECT_EQ(back.to_toml(), c.to_toml());
   EXPECT_EQ(c.num_params() - c.active_params(), 3 * (2 * 24 * 16 + 24 + 16));
   EXPECT_NE(err("sparse_top = 1\nrouter = \"hash\"\n").find("\"rre\""), std::string::npos);
+  EXPECT_NE(err("sparse_top = 1\nrouter = \"hash\"\n").find("hash"), std::string::npos);
   EXPECT_NE(err("sparse_top = 1\ndomains = [\"python\", \"other\"]\nexperts_per_domain = 0\n")
                 .find("no experts"),
             std::string::npos);
-  EXPECT_NE(err("sparse_top = 1\ndomains = [\"python\"]\nexperts_per_domain = 2\n").find("\"other\""),
+  EXPECT_NE(err("sparse_top = 1\ndomains = [\"python\", \"go\"]\nexperts_per_domain = 2\n")
+                .find("\"other\""),
             std::string::npos);
+  // One domain (an extracted sub-model, `loom extract`) needs no "other": it takes every token.
+  const ModelConfig one = model_config_from_toml(
+      base + "[moe]\nsparse_top = 1\ndomains = [\"python\"]\nexperts_per_domain = 2\n", "m.toml");
+  EXPECT_EQ(one.moe.other_domain(), 0);
+  EXPECT_EQ(one.language_domains(), std::vector<int32_t>(one.language_domains().size(), 0));
+  // Domains by name (`--domain`): names, case-insensitive, and languages' display names.
+  EXPECT_EQ(c.domain_index("python"), 0);
+  EXPECT_EQ(c.domain_index("Python"), 0);
+  EXPECT_EQ(c.domain_index("other"), 1);
+  EXPECT_EQ(one.domain_index("python"), 0);
+  auto domain_err = [](const ModelConfig& m, const std::string& d) {
+    try {
+      m.domain_index(d);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(domain_err(c, "cobol").find("unknown domain 'cobol'"), std::string::npos);
+  EXPECT_NE(domain_err(c, "cobol").find("python, other"), std::string::npos);
+  EXPECT_NE(domain_err(one, "java").find("its domains are: python"), std::string::npos);
+  ModelConfig dense = c;
+  dense.moe = {};
+  EXPECT_NE(domain_err(dense, "python").find("dense"), std::string::npos);
   EXPECT_NE(err("sparse_top = 1\ndomains = [\"go\", \"go\", \"other\"]\nexperts_per_domain = 2\n")
                 .find("'go' is listed twice"),
             std::string::npos);
