@@ -59,7 +59,6 @@ bool is_linear_weight(const std::string& name) {
 
 ModelWeights::ModelWeights(const model::ModelConfig& cfg, const float* flat, WeightFormat linears,
                            WeightFormat head, model::TpShard tp)
-<<<<<<< HEAD
     : ModelWeights(cfg,
                    Source{[flat](int64_t lo, int64_t hi, float* dst) {
                             std::copy(flat + lo, flat + hi, dst);
@@ -75,13 +74,6 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
                   "not {} as asked (the head keeps its format, {})", weight_format_name(linears),
                   weight_format_name(head));
   linears = linear_format_;
-  LOOM_CHECK(!cfg.moe.enabled(),
-             "model '{}' has sparse (MoE) blocks ({} router, {} experts), which the inference "
-             "engine does not run yet (it decodes dense blocks only); use a dense model here (the "
-             "training engine still evaluates this one's loss)",
-             cfg.name, model::router_name(cfg.moe.router), cfg.moe.experts);
-=======
-    : cfg_(cfg), tp_(tp), linear_format_(linears) {
   LOOM_CHECK(!cfg.moe.enabled() || cfg.moe.router == model::Router::rre,
              "model '{}' has sparse blocks with the topk router ({} experts, top_k {}), which the "
              "inference engine does not run: topk's capacity limit makes a token's expert output "
@@ -89,7 +81,6 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
              "reproduce the trained model; decode rre models (moe.router = \"rre\"), or score "
              "this one with `loom eval loss`",
              cfg.name, cfg.moe.experts, cfg.moe.top_k);
->>>>>>> extract
   const model::ParamLayout layout(cfg, tp);  // throws naming the valid tp sizes
   // 1. Everything but the linear weights goes to small_, offsets remapped tensor by tensor.
   std::map<int64_t, int64_t> remap;  // flat offset of a tensor -> offset in small_

@@ -14,7 +14,6 @@
 // embedding's and the head's vocabulary rows (V/P, C); norms, position tables and the
 // attn.out / ffn.down biases are replicated.
 //
-<<<<<<< HEAD
 // Loading a checkpoint reads tensor by tensor (never the whole model in f32): the small tensors
 // into their buffer, each linear into a one-linear f32 buffer that is then converted. A checkpoint
 // written by `loom quantize` (checkpoint/sharded.h: I8 linears with F32 row scales) is loaded as
@@ -23,11 +22,10 @@
 // logits are bit-identical to the f32 source's loaded with --int8 (tp 1; under tp a column shard
 // of attn.out / ffn.down keeps its whole rows' scales, where load-time quantization uses the
 // shard's). BF16 / F16 checkpoints widen exactly and are then stored in the asked format.
-=======
+//
 // Sparse (MoE) blocks with the rre router: every expert's up and down linear is stored like the
 // dense ones (BlockExperts); the routing table stays f32 with the norms. The topk router is
 // refused (see the constructor).
->>>>>>> extract
 //
 // Ownership: ModelWeights owns every buffer; the views point into them (move-only).
 #pragma once
