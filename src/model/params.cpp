@@ -61,6 +61,7 @@ BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg
     const std::string q = p + "moe.experts." + std::to_string(e) + ".";
     const int64_t up = add(q + "up.weight", {Fe, C}, InitKind::normal);
     if (e == 0) b.moe_experts = up;
+    b.moe_n_experts = m.experts;
     add(q + "up.bias", {Fe}, InitKind::zeros);
     add(q + "down.weight", {C, Fe}, InitKind::normal_residual);
     add(q + "down.bias", {C}, InitKind::zeros);

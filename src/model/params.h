@@ -38,8 +38,12 @@ struct BlockOffsets {
   // the experts lie contiguous from moe_experts, expert e at moe_experts + e * stride with
   // stride = moe_expert_stride(cfg): up.weight (Fe,C), up.bias (Fe), down.weight (C,Fe),
   // down.bias (C). moe_gate: topk gate weight (E,C); moe_table: rre table (D,V), frozen.
-  // Absent ones are -1.
+  // Absent ones are -1. Under expert parallelism (StageGeometry with EpShard) a stage holds only
+  // experts [moe_expert0, moe_expert0 + moe_n_experts): moe_experts is then where expert
+  // moe_expert0 starts and expert e lies at moe_experts + (e - moe_expert0) * stride. The whole
+  // model's layout holds all: moe_expert0 = 0, moe_n_experts = E.
   int64_t moe_experts = -1, moe_gate = -1, moe_table = -1;
+  int64_t moe_expert0 = 0, moe_n_experts = 0;
   bool sparse() const { return moe_experts >= 0; }
 };
 
@@ -52,7 +56,12 @@ inline int64_t moe_expert_stride(const ModelConfig& cfg) {
 inline int64_t block_end(const BlockOffsets& o, const ModelConfig& cfg) {
   if (!o.sparse()) return o.b_down + cfg.d_model;
   if (o.moe_table >= 0) return o.moe_table + cfg.moe.num_domains() * cfg.vocab;
-  return o.moe_experts + cfg.moe.experts * moe_expert_stride(cfg);
+  return o.moe_experts + o.moe_n_experts * moe_expert_stride(cfg);
+}
+
+// Offset of expert e's first tensor (up.weight); e must be one of the held experts.
+inline int64_t moe_expert_offset(const BlockOffsets& o, const ModelConfig& cfg, int64_t e) {
+  return o.moe_experts + (e - o.moe_expert0) * moe_expert_stride(cfg);
 }
 
 // Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
