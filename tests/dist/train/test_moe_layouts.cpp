@@ -159,10 +159,13 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   const int w = world.size();
   const model::Router router = GetParam();
   const std::string dir = train_test::shared_dir(world, std::string("moe_ep_") + model::router_name(router));
-  struct Layout { int dp, ep, pp = 1; };
+  struct Layout { int dp, ep, pp = 1, cp = 1; };
   std::vector<Layout> layouts;
   if (w == 2) layouts = {{2, 2}};
   if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}};
+  // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
+  // under cp, see DpAndPpEqualSerial).
+  if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
   if (std::getenv("LOOM_EP_CONTROL")) layouts = {{w, 1}};
   if (layouts.empty()) GTEST_SKIP() << "SKIP: ep layouts are listed for 2 and 4 ranks, not " << w;
 
@@ -178,9 +181,9 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
 
   for (const Layout& l : layouts) {
     const std::string what = "dp " + std::to_string(l.dp) + " ep " + std::to_string(l.ep) +
-                             " pp " + std::to_string(l.pp);
+                             " pp " + std::to_string(l.pp) + " cp " + std::to_string(l.cp);
     parallel::ParallelSizes sizes;
-    sizes.dp = l.dp, sizes.pp = l.pp;
+    sizes.dp = l.dp, sizes.pp = l.pp, sizes.cp = l.cp;
     parallel::ProcessGroups g =
         parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
     MemoryPool pool;
@@ -189,7 +192,9 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
     c.parallel.dp = l.dp;
     c.parallel.pp = l.pp;
     c.parallel.ep = l.ep;
-    train::Trainer t(c, pool, &g.dp, nullptr, l.pp > 1 ? &g.pp : nullptr);
+    c.parallel.cp = l.cp;
+    train::Trainer t(c, pool, &g.dp, nullptr, l.pp > 1 ? &g.pp : nullptr,
+                     l.cp > 1 ? &g.cp : nullptr, l.cp > 1 ? &g.dp_cp : nullptr);
     if (l.ep > 1) {
       ASSERT_NE(t.executor().ep_group(), nullptr) << what;
       EXPECT_EQ(t.executor().ep_group()->size(), l.ep) << what;
