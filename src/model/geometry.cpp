@@ -251,4 +251,38 @@ void StageGeometry::to_global(const float* local_buffer, float* global_buffer,
   }
 }
 
+std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r) {
+  const UnitRange share = zero1_share(geo.total(), D, r);
+  std::vector<UnitRange> out;
+  int64_t x = share.begin;
+  for (const UnitRange& e : geo.expert_ranges()) {
+    if (geo.ep().size <= 1) break;
+    if (e.end <= x || e.begin >= share.end) continue;
+    if (e.begin > x) out.push_back({x, e.begin});
+    x = std::min(share.end, e.end);
+  }
+  if (x < share.end) out.push_back({x, share.end});
+  return out;
+}
+
+std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re) {
+  if (geo.ep().size <= 1) return {zero1_share(geo.total(), D, r)};
+  std::vector<UnitRange> out = zero1_dense_ranges(geo, D, r);
+  for (const UnitRange& e : geo.expert_ranges()) {
+    const UnitRange s = zero1_share(e.end - e.begin, De, re);
+    if (s.end > s.begin) out.push_back({e.begin + s.begin, e.begin + s.end});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const UnitRange& a, const UnitRange& b) { return a.begin < b.begin; });
+  // Merge touching ranges (a dense share may end where this rank's expert share begins).
+  std::vector<UnitRange> merged;
+  for (const UnitRange& u : out) {
+    if (!merged.empty() && merged.back().end == u.begin)
+      merged.back().end = u.end;
+    else
+      merged.push_back(u);
+  }
+  return merged;
+}
+
 }  // namespace loom::model

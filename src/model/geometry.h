@@ -56,6 +56,18 @@ UnitRange zero1_share(int64_t n, int D, int r);
 int64_t zero_piece_stride(const UnitRange& unit, int D);
 UnitRange zero_piece(const UnitRange& unit, int D, int r);
 
+// ZeRO-1 of one stage's buffer: the ranges [begin, end) (ascending) whose AdamW state dp rank r
+// of D keeps and updates. Without expert parallelism (geo.ep().size == 1) that is
+// zero1_share(total, D, r). Under ep the experts differ between ep ranks, so the dense elements
+// are still rank r's share of the buffer (minus the expert ranges), while each expert range is
+// split over the De ranks holding the same experts: rank re of them keeps zero1_share(len, De,
+// re) of it.
+class StageGeometry;
+std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re);
+// The dense part alone (zero1_share(total, D, r) minus the expert ranges), and one expert
+// range's share: what train::Executor broadcasts over dp and over the same-experts group.
+std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r);
+
 // One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
 // ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
 struct StageParam {

@@ -659,8 +659,13 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
       st = stores.back().get();
       owned = st->shard();
     } else if (zero1) {
-      const UnitRange s = zero1_share(geo.total(), n_shard, shard_rank);
-      owned = s.end - s.begin;
+      // Under ep the expert ranges are shared over the ranks holding the same experts:
+      // (dp/ep) x cp of them; this rank's index among them (ascending world ranks).
+      const int n_same = plan.dp / plan.ep * plan.cp;
+      const int same_rank = out.dp / plan.ep * plan.cp + out.cp;
+      owned = 0;
+      for (const UnitRange& u : zero1_ranges(geo, n_shard, shard_rank, n_same, same_rank))
+        owned += u.end - u.begin;
     }
     chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m

@@ -302,10 +302,10 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
                "experts / ep of them); valid ep here (dividing experts and dp = {}): {}",
                p.ep, m.experts, p.dp, fmt::join(ok, ", "));
   }
-  LOOM_CHECK(p.ep == 1 || p.zero == 0,
-             "ep = {} with zero = {}: expert parallelism runs with ZeRO stage 0 only so far (ZeRO "
-             "1-3 would shard the experts over the ranks holding the same experts; not built "
-             "yet); set zero = 0 or ep = 1",
+  LOOM_CHECK(p.ep == 1 || p.zero <= 1,
+             "ep = {} with zero = {}: expert parallelism runs with ZeRO stage 0 or 1 so far "
+             "(ZeRO 2/3 would shard each sparse block's experts as their own units over the ranks "
+             "holding the same experts; not built yet); set zero = 0 or 1, or ep = 1",
              p.ep, p.zero);
   LOOM_CHECK(p.ep == 1 || p.tp == 1,
              "ep = {} with tp = {}: sparse (MoE) blocks do not run under tensor parallelism yet; "

@@ -115,10 +115,11 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
                "ep = {} must divide dp = {} and the {} experts of each sparse block; choose ep "
                "among the common divisors",
                plan.ep, plan.dp, cfg.moe.enabled() ? cfg.moe.experts : 0);
-    LOOM_CHECK(plan.zero == 0,
+    LOOM_CHECK(plan.zero <= 1,
                "ep = {} with ZeRO stage {} is not available yet: expert parallelism runs with "
-               "parallel.zero = 0 (ZeRO 1-3 would shard over the ranks that hold the same experts, "
-               "issue 14); set parallel.zero = 0 or ep = 1",
+               "parallel.zero = 0 or 1 (ZeRO 2/3 would need the experts of a sparse block as "
+               "their own units, sharded over the ranks that hold the same experts); set "
+               "parallel.zero to 0 or 1, or ep = 1",
                plan.ep, plan.zero);
     const int G = plan.cp, P = plan.ep, D = plan.dp;
     std::vector<std::vector<int>> ep_groups, same_experts(static_cast<size_t>(P));
@@ -155,12 +156,20 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
           std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp, nullptr, epp));
       // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
       // chunk's buffer; the shares are broadcast after the step.
+      // Under ep the expert ranges are shared over the ranks holding the same experts instead
+      // (model::zero1_ranges).
       const bool zero1 = plan.zero >= 1 && dp_.valid();
       const int64_t n = chunks_.back()->total();
+      std::vector<optim::Range> owned{{0, n}};
+      if (zero1) {
+        owned.clear();
+        for (const model::UnitRange& u :
+             model::zero1_ranges(chunks_.back()->geometry(), dp_.size(), dp_.rank(),
+                                 edp_.valid() ? edp_.size() : 1, edp_.valid() ? edp_.rank() : 0))
+          owned.push_back({u.begin, u.end});
+      }
       optimizers_.push_back(std::make_unique<optim::AdamW>(
-          chunks_.back()->geometry().local_specs(), n, ec.optim, pool,
-          std::vector<optim::Range>{zero1 ? zero1_share(n, dp_.size(), dp_.rank())
-                                          : optim::Range{0, n}}));
+          chunks_.back()->geometry().local_specs(), n, ec.optim, pool, owned));
     }
     if (!plan.recompute.empty()) chunks_.back()->set_recompute(plan.recompute);
     chunks_.back()->set_context_parallel(cp_ctx_.get());
@@ -239,6 +248,10 @@ void Executor::export_optimizer(float* global_m, float* global_v) const {
 void Executor::export_optimizer_dp_summed(float* global_m, float* global_v) const {
   LOOM_CHECK((global_m == nullptr) == (global_v == nullptr),
              "export_optimizer_dp_summed: pass both m and v, or neither");
+  LOOM_CHECK(!ep_.valid(),
+             "export_optimizer_dp_summed: under expert parallelism (ep = {}) the ranks of dp hold "
+             "different experts; write a sharded checkpoint (for_each_checkpoint_piece) instead",
+             ec_.plan.ep);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const model::GptStage& c = *chunks_[i];
     const optim::AdamW& o = *optimizers_[i];
@@ -273,7 +286,7 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
                        : o.ranges();
     for_each_owned(c, mine, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
       if (p.tied_copy || (p.global.replicated() && tp_rank() != 0)) return;
-      if (p.expert && ep_.valid()) return;  // written below
+      if (share_replicas && p.expert && ep_.valid()) return;  // written below
       const int64_t lo = x - p.local_offset;
       const int64_t opt = share_replicas ? x : packed;
       const float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
@@ -283,7 +296,7 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
     });
     // Expert parallel (ZeRO 0): an expert's tensors are replicated over the ranks holding the
     // same experts only; each of them writes an equal share of each tensor.
-    if (!ep_.valid()) continue;
+    if (!share_replicas || !ep_.valid()) continue;
     for (const model::StageParam& p : c.params()) {
       if (!p.expert) continue;
       const model::UnitRange sh =
@@ -633,15 +646,23 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
     }
     optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
     if (ec_.plan.zero >= 1 && dp_.valid()) {
-      // ZeRO-1: every dp rank's updated share to the others.
-      const int64_t n = chunks_[i]->total();
+      // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
+      // each expert range's shares over the ranks holding the same experts).
+      float* weights = chunks_[i]->weights();
       std::vector<comm::Work> works;
-      for (int r = 0; r < dp_.size(); ++r) {
-        const optim::Range sh = zero1_share(n, dp_.size(), r);
-        if (sh.end > sh.begin)
-          works.push_back(dp_.broadcast(
-              comm::BufferRef(chunks_[i]->weights() + sh.begin, sh.end - sh.begin, DType::f32), r));
-      }
+      for (int r = 0; r < dp_.size(); ++r)
+        for (const model::UnitRange& u : model::zero1_dense_ranges(chunks_[i]->geometry(), dp_.size(), r))
+          if (u.end > u.begin)
+            works.push_back(dp_.broadcast(
+                comm::BufferRef(weights + u.begin, u.end - u.begin, DType::f32), r));
+      if (edp_.valid() && edp_.size() > 1)
+        for (const model::UnitRange& e : chunks_[i]->geometry().expert_ranges())
+          for (int r = 0; r < edp_.size(); ++r) {
+            const model::UnitRange sh = model::zero1_share(e.end - e.begin, edp_.size(), r);
+            if (sh.end > sh.begin)
+              works.push_back(edp_.broadcast(
+                  comm::BufferRef(weights + e.begin + sh.begin, sh.end - sh.begin, DType::f32), r));
+          }
       for (auto& w : works) w.wait();
     }
     chunks_[i]->sync_low_precision_weights();

@@ -314,13 +314,15 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
     runs.push_back({model::Router::rre,
                     {with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2),
                      with_ep(c(2, 1, 0, "1f1b", 1, 2, "selective", kBf16), 2)}});
-    runs.push_back({model::Router::topk, {with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2)}});
+    runs.push_back({model::Router::topk, {with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2),
+                                          with_ep(c(2, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
   } else if (w == 4) {
     Case ep_cp = with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2);
     ep_cp.cp = 2;  // ep 2 inside dp 2, at each of 2 cp ranks
     runs.push_back({model::Router::rre,
                     {with_ep(c(4, 1, 0, "1f1b", 1, 2, "selective", kF32), 2),
-                     with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kF32), 2), ep_cp}});
+                     with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kF32), 2), ep_cp,
+                     with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
     runs.push_back({model::Router::topk, {with_ep(c(4, 1, 0, "1f1b", 1, 1, "none", kBf16), 4)}});
   }
   if (runs.empty()) GTEST_SKIP() << "MoE plans are listed for 2 and 4 ranks, not " << w;

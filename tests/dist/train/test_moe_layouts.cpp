@@ -159,10 +159,11 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   const int w = world.size();
   const model::Router router = GetParam();
   const std::string dir = train_test::shared_dir(world, std::string("moe_ep_") + model::router_name(router));
-  struct Layout { int dp, ep, pp = 1, cp = 1; };
+  struct Layout { int dp, ep, pp = 1, cp = 1, zero = 0; };
   std::vector<Layout> layouts;
-  if (w == 2) layouts = {{2, 2}};
-  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}};
+  // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it.
+  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}};
+  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}};
   // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
   // under cp, see DpAndPpEqualSerial).
   if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
@@ -181,7 +182,8 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
 
   for (const Layout& l : layouts) {
     const std::string what = "dp " + std::to_string(l.dp) + " ep " + std::to_string(l.ep) +
-                             " pp " + std::to_string(l.pp) + " cp " + std::to_string(l.cp);
+                             " pp " + std::to_string(l.pp) + " cp " + std::to_string(l.cp) +
+                             " zero " + std::to_string(l.zero);
     parallel::ParallelSizes sizes;
     sizes.dp = l.dp, sizes.pp = l.pp, sizes.cp = l.cp;
     parallel::ProcessGroups g =
@@ -193,6 +195,7 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
     c.parallel.pp = l.pp;
     c.parallel.ep = l.ep;
     c.parallel.cp = l.cp;
+    c.parallel.zero = l.zero;
     train::Trainer t(c, pool, &g.dp, nullptr, l.pp > 1 ? &g.pp : nullptr,
                      l.cp > 1 ? &g.cp : nullptr, l.cp > 1 ? &g.dp_cp : nullptr);
     if (l.ep > 1) {
@@ -305,11 +308,12 @@ TEST(MoeExpertParallel, CheckpointsMoveBetweenEpAndOtherLayouts) {
   if (w != 2 && w != 4) GTEST_SKIP() << "SKIP: listed for 2 and 4 ranks, not " << w;
   const std::string dir = train_test::shared_dir(world, "moe_ep_ckpt");
   const std::string single = dir + "_s" + std::to_string(world.rank());
-  auto cfg = [&](const std::string& d, int dp, int ep) {
+  auto cfg = [&](const std::string& d, int dp, int ep, int zero = 0) {
     train::TrainConfig c = ep_config(dp, d, model::Router::rre);
     c.batch = 4 * w;
     c.parallel.dp = dp;
     c.parallel.ep = ep;
+    c.parallel.zero = zero;
     return c;
   };
   auto losses = [](train::Trainer& t, int n) {
@@ -362,6 +366,22 @@ TEST(MoeExpertParallel, CheckpointsMoveBetweenEpAndOtherLayouts) {
     train::Trainer t(cfg(dir, w, w / 2), pool, &world);
     t.resume(dir + "/ep_ckpt");
     expect_near(losses(t, 3), serial_tail, "ep " + std::to_string(w / 2) + " from ep " + std::to_string(w));
+  }
+  {
+    // ZeRO-1 under ep (moments sharded over dp and the same-experts group) from the ep
+    // checkpoint, saving again, and serial from that.
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w / 2, 1), pool, &world);
+    t.resume(dir + "/ep_ckpt");
+    const std::vector<double> l = losses(t, 1);
+    expect_near(l, {serial_tail[0]}, "ep " + std::to_string(w / 2) + " zero 1 from ep " + std::to_string(w));
+    t.save(dir + "/ep_zero1_ckpt");
+    std::vector<double> rest = losses(t, 2);
+    MemoryPool pool2;
+    train::Trainer s(cfg(single, 1, 1), pool2);
+    s.resume(dir + "/ep_zero1_ckpt");
+    expect_near(losses(s, 2), rest, "serial from ep zero 1");
+    expect_near(rest, {serial_tail[1], serial_tail[2]}, "ep zero 1");
   }
   world.barrier().wait();
   if (world.rank() == 0) fs::remove_all(dir);
