@@ -112,10 +112,10 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
                ep.size, E, cfg_.name);
     El = E / ep.size;
     e0 = El * ep.rank;
-    const int64_t stride = moe_expert_stride(cfg_);
     for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
       const BlockOffsets& o = global_.block(l);
       if (!o.sparse()) continue;
+      const int64_t stride = o.moe_stride;
       const std::pair<int64_t, int64_t> holes[2] = {
           {o.moe_experts, o.moe_experts + e0 * stride},
           {o.moe_experts + (e0 + El) * stride, o.moe_experts + E * stride}};
@@ -148,7 +148,7 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
       for (int64_t l = span.first_layer; l < span.last_layer && E > 0; ++l) {
         const BlockOffsets& o = global_.block(l);
         if (o.sparse() && s.offset >= o.moe_experts &&
-            s.offset < o.moe_experts + E * moe_expert_stride(cfg_))
+            s.offset < o.moe_experts + E * o.moe_stride)
           p.expert = true;
       }
       params_.push_back(std::move(p));
@@ -160,14 +160,14 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
   for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
     BlockOffsets o = global_.block(l);
     if (o.sparse()) {
-      o.moe_experts += e0 * moe_expert_stride(cfg_);  // the first expert held
+      o.moe_experts += e0 * o.moe_stride;  // the first expert held
       o.moe_expert0 = e0;
       o.moe_n_experts = El;
     }
     blocks_.push_back(map_offsets(o, [this](int64_t x) { return local(x); }));
     const BlockOffsets& b = blocks_.back();
     if (b.sparse())
-      expert_ranges_.push_back({b.moe_experts, b.moe_experts + El * moe_expert_stride(cfg_)});
+      expert_ranges_.push_back({b.moe_experts, b.moe_experts + El * b.moe_stride});
   }
   if (span.has_head) {
     fnw_ = local(global_.final_norm_w());

@@ -117,7 +117,7 @@ Buf moe_ffn_forward(Tracer& tr, const Dims& d, Stash& st, Recompute mode) {
   const Cat y_cat = d.topk ? cat(keep_some) : kWs;
   Buf y = tr.alloc(R * C * 4, ep ? kWs : y_cat);  // (R,C)
   if (ep) y = tr.alloc(S * C * 4, y_cat);         // (S,C) sent back
-  Buf out = tr.alloc(N * C * 4, kAct);            // (N,C)
+  Buf out = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C) (tp: partial sums)
   if (keep_all || (ep && keep_some)) st.moe_xs = xs;
   if (keep_all) st.act_mm = act_mm;
   if (d.topk && keep_some) st.moe_y = y;
@@ -201,7 +201,9 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   ln2.reset();
   Buf out, act_mm;
   if (sparse) {
-    out = moe_ffn_forward(tr, d, st, mode);
+    Buf part = moe_ffn_forward(tr, d, st, mode);  // (N,C)
+    out = scatter_rows_sum(tr, d, part, kAct);    // (Nl,C)
+    part.reset();
   } else {
     st.pre = tr.alloc(N * F * 4, cat(keep_some));         // (N,F)
     Buf act = tr.alloc(N * F * 4, d.bf ? kWs : cat(keep_all));  // (N,F)
@@ -241,8 +243,12 @@ Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& s
   }
   Buf d_ln2;
   if (sparse) {
-    d_ln2 = moe_ffn_backward(tr, d, st);
+    Buf dout_all = gather_rows(tr, d, dout, false, kWs);  // (N,C)
+    Buf part = moe_ffn_backward(tr, d, st);               // (N,C)
+    dout_all.reset();
     st.ln2_mm.reset();
+    d_ln2 = scatter_rows_sum(tr, d, part, kWs);  // (Nl,C)
+    part.reset();
   } else {
     // FFN down
     Buf dout_mm = gather_rows_mm(tr, d, dout, kWs);
@@ -626,7 +632,7 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   d.emu = bf && !store && options.bf16_emulated.value_or(bf16_emulated());
   if (cfg.moe.enabled()) {
     d.E = cfg.moe.experts;
-    d.Fe = cfg.moe.expert_d_ff;
+    d.Fe = cfg.moe.expert_d_ff / plan.tp;  // this tp rank's expert d_ff
     d.k = cfg.moe.k();
     d.topk = cfg.moe.router == Router::topk;
     d.ep = plan.ep;

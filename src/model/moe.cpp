@@ -197,11 +197,16 @@ K::GeluKind gelu_kind(Activation a) {
 struct Expert {
   int64_t up_w, up_b, down_w, down_b;
 };
-Expert expert(const ModelConfig& cfg, const BlockOffsets& o, int64_t e) {
-  const int64_t C = cfg.d_model, Fe = cfg.moe.expert_d_ff;
-  const int64_t base = moe_expert_offset(o, cfg, e);
-  return {base, base + Fe * C, base + Fe * C + Fe, base + 2 * Fe * C + Fe};
+// Expert e's tensors; under tp this rank's Fl = Fe/tp rows of up and columns of down.
+Expert expert(const BlockCtx& c, const BlockOffsets& o, int64_t e) {
+  const int64_t C = c.cfg.d_model, Fl = c.cfg.moe.expert_d_ff / c.tp_size();
+  const int64_t base = moe_expert_offset(o, e);
+  return {base, base + Fl * C, base + Fl * C + Fl, base + 2 * Fl * C + Fl};
 }
+// Under tp, the rank that adds (and differentiates) what every tp rank would otherwise count
+// once each: the experts' down biases, the gate's gradient and its d(ln2) term (their tp sum is
+// then the serial value).
+bool tp_lead(const BlockCtx& c) { return !c.tp || c.tp->rank() == 0; }
 
 // The rows one expert computes on, in the packed buffer the experts run over: without ep the
 // dispatched slots themselves (expert e's are [offsets[e], offsets[e+1])); under ep the rows this
@@ -394,9 +399,9 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
                        BlockStash& st, Recompute mode) {
   const ModelConfig& cfg = c.cfg;
   const MoeConfig& m = cfg.moe;
-  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
-  const int64_t S = N * k;
-  LOOM_ASSERT(!c.tp, "MoE under tp is rejected by ParamLayout");
+  // Fe: this tp rank's expert d_ff (Fe/tp); the experts' outputs are then partial sums over tp.
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff / c.tp_size(), E = m.experts;
+  const int64_t k = m.k(), S = N * k;
   const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
   auto cat = [](bool kept) { return kept ? MemCategory::activations : MemCategory::workspace; };
   const bool topk = m.router == Router::topk;
@@ -425,7 +430,7 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
   Tensor act = Tensor::zeros({R, Fe}, DType::f32, c.pool, c.bf ? MemCategory::workspace : cat(keep_all));
   for (const Segment& g : seg) {
     if (g.n == 0) continue;
-    const Expert x = expert(cfg, o, g.e);
+    const Expert x = expert(c, o, g.e);
     mm_xwT(c, st.pre.data<float>() + g.begin * Fe, xs, g.begin, x.up_w, g.n, Fe, C);
     K::bias_gelu_forward(act.data<float>() + g.begin * Fe, st.pre.data<float>() + g.begin * Fe,
                          c.W + x.up_b, g.n, Fe, gelu_kind(cfg.activation));
@@ -438,9 +443,9 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
   Tensor y = Tensor::empty({R, C}, DType::f32, c.pool, P > 1 ? MemCategory::workspace : y_cat);
   for (const Segment& g : seg) {
     if (g.n == 0) continue;
-    const Expert x = expert(cfg, o, g.e);
+    const Expert x = expert(c, o, g.e);
     mm_xwT(c, y.data<float>() + g.begin * C, act_mm, g.begin, x.down_w, g.n, C, Fe);
-    K::bias_add_rows(y.data<float>() + g.begin * C, c.W + x.down_b, g.n, C);
+    if (tp_lead(c)) K::bias_add_rows(y.data<float>() + g.begin * C, c.W + x.down_b, g.n, C);
   }
   if (P > 1) {  // the outputs back to the ranks that sent the rows: (S,C) in slot order
     Tensor ys = Tensor::empty({S, C}, DType::f32, c.pool, y_cat);
@@ -448,7 +453,9 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     y = ys;
   }
   // out[n] = sum_j w[n,j] * y[slot(n,j)] (dropped choices add nothing)              (N,C)
-  Tensor out = Tensor::zeros({N, C}, DType::f32, c.pool, MemCategory::activations);
+  // (tp: partial sums, which the block reduce-scatters to its rows)
+  Tensor out = Tensor::zeros({N, C}, DType::f32, c.pool,
+                             c.tp ? MemCategory::workspace : MemCategory::activations);
   const int32_t* row_slot = st.moe_meta.data<int32_t>() + S;
   const float* w = st.moe_w.data<float>();
   for (int64_t n = 0; n < N; ++n)
@@ -483,7 +490,7 @@ void moe_ffn_recompute(const BlockCtx& c, const BlockOffsets& o, BlockStash& st)
   if (!c.ep) st.moe_xs = dispatch_rows(c, st.ln2_mm, st, MemCategory::workspace);
   Tensor act = Tensor::zeros(st.pre.shape(), DType::f32, c.pool, MemCategory::workspace);
   // pre already holds the biased pre-activation: act = gelu(pre) on the used rows.
-  const int64_t used = used_rows(segments(c, o, st)), Fe = cfg.moe.expert_d_ff;
+  const int64_t used = used_rows(segments(c, o, st)), Fe = cfg.moe.expert_d_ff / c.tp_size();
   K::gelu_kind_forward(gelu_kind(cfg.activation), act.data<float>(), st.pre.data<float>(),
                        used * Fe);
   st.act_mm = to_mm(c, act, MemCategory::workspace);
@@ -493,8 +500,8 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
                         BlockStash& st) {
   const ModelConfig& cfg = c.cfg;
   const MoeConfig& m = cfg.moe;
-  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
-  const int64_t S = N * k;
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff / c.tp_size(), E = m.experts;
+  const int64_t k = m.k(), S = N * k;
   const int P = c.ep ? c.ep->size() : 1;
   const int64_t R = P * S;  // rows the experts ran on (see moe_ffn_forward)
   const MemCategory ws = MemCategory::workspace;
@@ -531,16 +538,22 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
     float* dl = d_logits.data<float>();
     // d(aux)/dp[n,e] = coef * E * f_e / N, weighted like the loss (moe_aux_scale = grad_scale*N).
     const double aux_g = double(st.moe_aux_scale) * m.aux_loss_coef * double(E) / double(N);
-    std::vector<double> dp(static_cast<size_t>(E));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t e = 0; e < E; ++e) dp[size_t(e)] = aux_g * st.moe_frac[size_t(e)];
+    // d_w[n,j] = dout[n] . y[slot]; under tp y holds partial sums: sum d_w over tp.
+    std::vector<double> dw(static_cast<size_t>(N * k), 0.0);
+    for (int64_t n = 0; n < N; ++n)
       for (int64_t j = 0; j < k; ++j) {
         const int32_t s = row_slot[n * k + j];
         if (s < 0) continue;  // dropped: the output did not depend on p
         double d = 0;
         for (int64_t i = 0; i < C; ++i) d += double(g[n * C + i]) * double(y[int64_t(s) * C + i]);
-        dp[size_t(row_expert[n * k + j])] += d;
+        dw[size_t(n * k + j)] = d;
       }
+    if (c.tp) c.tp->all_reduce(comm::BufferRef(dw.data(), N * k, DType::f64)).wait();
+    std::vector<double> dp(static_cast<size_t>(E));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t e = 0; e < E; ++e) dp[size_t(e)] = aux_g * st.moe_frac[size_t(e)];
+      for (int64_t j = 0; j < k; ++j)
+        if (row_slot[n * k + j] >= 0) dp[size_t(row_expert[n * k + j])] += dw[size_t(n * k + j)];
       double dot = 0;
       for (int64_t e = 0; e < E; ++e) dot += double(p[n * E + e]) * dp[size_t(e)];
       for (int64_t e = 0; e < E; ++e)
@@ -560,8 +573,8 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
   Tensor d_act = Tensor::zeros({R, Fe}, DType::f32, c.pool, ws);  // (R,Fe), becomes d_pre
   for (const Segment& sg : seg) {
     if (sg.n == 0) continue;
-    const Expert x = expert(cfg, o, sg.e);
-    K::bias_backward(c.G + x.down_b, dys.data<float>() + sg.begin * C, sg.n, C);
+    const Expert x = expert(c, o, sg.e);
+    if (tp_lead(c)) K::bias_backward(c.G + x.down_b, dys.data<float>() + sg.begin * C, sg.n, C);
     mm_dW(c, x.down_w, dys_mm, st.act_mm, sg.begin, sg.n, C, Fe);
     mm_dyW(c, d_act.data<float>() + sg.begin * Fe, dys_mm, sg.begin, x.down_w, sg.n, C, Fe);
   }
@@ -578,7 +591,7 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
   Tensor dxs = Tensor::zeros({R, C}, DType::f32, c.pool, ws);  // (R,C)
   for (const Segment& sg : seg) {
     if (sg.n == 0) continue;
-    const Expert x = expert(cfg, o, sg.e);
+    const Expert x = expert(c, o, sg.e);
     K::bias_backward(c.G + x.up_b, d_act.data<float>() + sg.begin * Fe, sg.n, Fe);
     mm_dW(c, x.up_w, d_pre_mm, st.moe_xs, sg.begin, sg.n, Fe, C);
     mm_dyW(c, dxs.data<float>() + sg.begin * C, d_pre_mm, sg.begin, x.up_w, sg.n, Fe, C);
@@ -595,9 +608,11 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
   // d_ln2[n] = sum_j dxs[slot(n,j)] (+ d_logits @ Wg for topk)                       (N,C)
   Tensor d_ln2 = Tensor::zeros({N, C}, DType::f32, c.pool, ws);
   if (topk) {
-    Tensor dl_mm = to_mm(c, d_logits, ws);
-    mm_dyW(c, d_ln2.data<float>(), dl_mm, 0, o.moe_gate, N, E, C);
-    mm_dW(c, o.moe_gate, dl_mm, st.ln2_mm, 0, N, E, C);
+    Tensor dl_mm = to_mm(c, d_logits, ws);  // on every tp rank: the same bytes everywhere
+    if (tp_lead(c)) {
+      mm_dyW(c, d_ln2.data<float>(), dl_mm, 0, o.moe_gate, N, E, C);
+      mm_dW(c, o.moe_gate, dl_mm, st.ln2_mm, 0, N, E, C);
+    }
   }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < k; ++j) {

@@ -307,10 +307,6 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
              "(ZeRO 2/3 would shard each sparse block's experts as their own units over the ranks "
              "holding the same experts; not built yet); set zero = 0 or 1, or ep = 1",
              p.ep, p.zero);
-  LOOM_CHECK(p.ep == 1 || p.tp == 1,
-             "ep = {} with tp = {}: sparse (MoE) blocks do not run under tensor parallelism yet; "
-             "set tp = 1 (or ep = 1 and a dense model)",
-             p.ep, p.tp);
 
   // Pipeline: stages, layer split and schedule.
   const int64_t n_virtual = int64_t(p.pp) * p.virtual_stages;

@@ -601,7 +601,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       if (tp_.valid()) {
         for (const model::StageParam& p : c->params())
           if (!p.tied_copy && (!p.global.replicated() || tp_.rank() == 0))
-            squares += kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
+            (p.expert && ep_.valid() ? expert_squares : squares) +=
+                kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
         continue;
       }
       int64_t skip = 0;

@@ -279,7 +279,7 @@ std::vector<float> Trainer::full_weights() const {
     for (int64_t l : cfg_.model.moe.sparse_layers) {
       const model::BlockOffsets& o = layout.block(l);
       ep->all_reduce(comm::BufferRef(w.data() + o.moe_experts,
-                                     o.moe_n_experts * model::moe_expert_stride(cfg_.model),
+                                     o.moe_n_experts * o.moe_stride,
                                      DType::f32))
           .wait();
     }

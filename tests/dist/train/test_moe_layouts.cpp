@@ -130,11 +130,14 @@ train::TrainConfig ep_config(int dp, const std::string& dir, model::Router route
   return c;
 }
 
-// Every tensor of `layout` within `tol` of the serial run's, element by element (absolute: the
-// weights are O(0.01-1)), and the whole buffer within `tol` relative L2. Per-tensor relative
-// L2 is not the measure: plain dp 4 (ep 1) already puts query_layer.attn.q.bias at 2.8e-5
-// relative (3e-6 absolute) after 10 steps, since its gradient is a near-cancelling sum whose
-// rounding AdamW's normalisation m/sqrt(v) amplifies. LOOM_EP_DEBUG=1 prints the worst tensors.
+// Every tensor of `layout` within `tol` of the serial run's, in one of two senses: relative L2
+// distance <= tol, or every element within tol (absolute; the weights are O(0.01-1)); and the
+// whole buffer within tol relative L2. Neither sense alone fits rounding noise, which AdamW's
+// normalisation m/sqrt(v) amplifies where a gradient nearly cancels: with ep = 1 plain dp 4
+// already puts query_layer.attn.q.bias at 2.8e-5 relative (3e-6 absolute), and dp 2 x tp 2 one
+// element of blocks.1.moe.experts.5.up.weight at 1.47e-5 absolute (its tensor 6.9e-6 relative),
+// after 10 steps. A real bug shows as 1e-4 and more (a gradient norm that missed the experts'
+// squares over ep gave 1e-4 on every tensor). LOOM_EP_DEBUG=1 prints the worst tensors.
 void expect_tensors_near(const model::ParamLayout& layout, const std::vector<float>& a,
                          const std::vector<float>& b, double tol, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
@@ -150,7 +153,9 @@ void expect_tensors_near(const model::ParamLayout& layout, const std::vector<flo
     if (std::getenv("LOOM_EP_DEBUG") && mx > 0.3 * tol)
       std::printf("TENSOR %s %s max|diff| %.3g rel %.3g\n", what.c_str(), s.name.c_str(), mx,
                   n > 0 ? std::sqrt(e / n) : 0.0);
-    EXPECT_LE(mx, tol) << what << ": " << s.name;
+    const double rel = n > 0 ? std::sqrt(e / n) : (e > 0 ? 1.0 : 0.0);
+    EXPECT_TRUE(rel <= tol || mx <= tol)
+        << what << ": " << s.name << " relative L2 " << rel << ", max |diff| " << mx;
   }
 }
 
@@ -159,15 +164,16 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   const int w = world.size();
   const model::Router router = GetParam();
   const std::string dir = train_test::shared_dir(world, std::string("moe_ep_") + model::router_name(router));
-  struct Layout { int dp, ep, pp = 1, cp = 1, zero = 0; };
+  struct Layout { int dp, ep, pp = 1, cp = 1, zero = 0, tp = 1; };
   std::vector<Layout> layouts;
-  // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it.
-  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}};
-  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}};
+  // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it. tp: the experts
+  // split like the dense FFN (alone at w = 2, with ep 2 at w = 4).
+  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}, {1, 1, 1, 1, 0, 2}};
+  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}};
   // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
   // under cp, see DpAndPpEqualSerial).
   if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
-  if (std::getenv("LOOM_EP_CONTROL")) layouts = {{w, 1}};
+  if (std::getenv("LOOM_EP_CONTROL")) layouts = {{w, 1}, {w / 2, 1, 1, 1, 0, 2}};
   if (layouts.empty()) GTEST_SKIP() << "SKIP: ep layouts are listed for 2 and 4 ranks, not " << w;
 
   MemoryPool serial_pool;
@@ -183,9 +189,9 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   for (const Layout& l : layouts) {
     const std::string what = "dp " + std::to_string(l.dp) + " ep " + std::to_string(l.ep) +
                              " pp " + std::to_string(l.pp) + " cp " + std::to_string(l.cp) +
-                             " zero " + std::to_string(l.zero);
+                             " zero " + std::to_string(l.zero) + " tp " + std::to_string(l.tp);
     parallel::ParallelSizes sizes;
-    sizes.dp = l.dp, sizes.pp = l.pp, sizes.cp = l.cp;
+    sizes.dp = l.dp, sizes.pp = l.pp, sizes.cp = l.cp, sizes.tp = l.tp;
     parallel::ProcessGroups g =
         parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
     MemoryPool pool;
@@ -196,7 +202,8 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
     c.parallel.ep = l.ep;
     c.parallel.cp = l.cp;
     c.parallel.zero = l.zero;
-    train::Trainer t(c, pool, &g.dp, nullptr, l.pp > 1 ? &g.pp : nullptr,
+    c.parallel.tp = l.tp;
+    train::Trainer t(c, pool, &g.dp, l.tp > 1 ? &g.tp : nullptr, l.pp > 1 ? &g.pp : nullptr,
                      l.cp > 1 ? &g.cp : nullptr, l.cp > 1 ? &g.dp_cp : nullptr);
     if (l.ep > 1) {
       ASSERT_NE(t.executor().ep_group(), nullptr) << what;

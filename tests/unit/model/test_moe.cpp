@@ -416,8 +416,21 @@ TEST(MoeConfig, BadInputIsNamed) {
   EXPECT_THROW(m.forward_loss(tokens.data(), 1, 8, domains.data()), Error);
   domains[0] = 3;  // 3 domains
   EXPECT_THROW(m.forward_loss(tokens.data(), 1, 8, domains.data()), Error);
-  // tp with sparse blocks is not supported yet: named.
-  EXPECT_THROW(ParamLayout(cfg, TpShard{0, 2}), Error);
+  // tp with sparse blocks: the experts split like the dense FFN, so tp must also divide
+  // expert_d_ff; the message names it and the sizes that work.
+  {
+    ModelConfig t = cfg;
+    t.vocab = 38;
+    EXPECT_NO_THROW(ParamLayout(t, TpShard{0, 2}));
+    t.moe.expert_d_ff = 13;
+    try {
+      ParamLayout bad(t, TpShard{0, 2});
+      ADD_FAILURE() << "tp 2 with expert_d_ff 13 was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("expert_d_ff 13"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("sizes that work: 1"), std::string::npos) << e.what();
+    }
+  }
 
   // ep: must divide the experts (and dp); a dense model has nothing to split.
   auto plan_err = [&](int ep, int64_t experts, int zero = 0) {
