@@ -310,6 +310,21 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
     k.ep = ep;
     return k;
   };
+  // Tensor parallel sparse blocks (the experts split like the dense FFN), with ep at 4 ranks.
+  auto with_tp = [](Case k, int tp) {
+    k.tp = tp;
+    return k;
+  };
+  if (w == 2) {
+    runs.push_back({model::Router::rre, {with_tp(c(1, 1, 0, "1f1b", 1, 2, "selective", kBf16), 2)}});
+    runs.push_back({model::Router::topk, {with_tp(c(1, 1, 0, "1f1b", 1, 2, "full", kF32), 2),
+                                          with_tp(c(1, 1, 0, "1f1b", 1, 2, "none", kBf16, 0), 2)}});
+  } else if (w == 4) {
+    runs.push_back({model::Router::rre,
+                    {with_tp(with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2), 2)}});
+    runs.push_back({model::Router::topk,
+                    {with_tp(with_ep(c(2, 1, 1, "1f1b", 1, 2, "selective", kBf16), 2), 2)}});
+  }
   if (w == 2) {
     runs.push_back({model::Router::rre,
                     {with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2),
