@@ -169,7 +169,8 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it. tp: the experts
   // split like the dense FFN (alone at w = 2, with ep 2 at w = 4).
   if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}, {1, 1, 1, 1, 0, 2}};
-  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}};
+  // (Also sparse blocks under tp with ZeRO-2 and ep 1: the ZeroStore's tp path.)
+  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}, {2, 1, 1, 1, 2, 2}};
   // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
   // under cp, see DpAndPpEqualSerial).
   if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
