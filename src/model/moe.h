@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "core/tensor.h"
@@ -33,6 +34,11 @@ struct MoeStats {
   int64_t dropped = 0;            // topk: choices dropped by the capacity limit
   int64_t blocks = 0;             // sparse block forwards counted
   std::vector<int64_t> load;      // (E) slots each expert processed, summed over blocks
+  // topk: the smallest gap at the selection boundary, p_(k) - p_(k+1) (a row's k-th and
+  // (k+1)-th largest router probabilities; E > k), over every row: tests check that no near-tie
+  // could change which experts a token goes to between layouts (the order among the chosen only
+  // changes a commutative two-term sum). +inf when nothing was routed by topk.
+  double min_top_gap = std::numeric_limits<double>::infinity();
   void add(const MoeStats& o);
 };
 
