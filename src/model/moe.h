@@ -11,6 +11,13 @@
 // dropped slots sit unused at the end), so allocation sizes do not depend on the data and the
 // memory model (model/memory.h) prices them exactly. Every sum runs in a fixed order (rows
 // ascending, then j): results are bit-identical for a given routing.
+//
+// Expert parallel (BlockCtx::ep, P ranks, El = E/P experts each): the slots of ep rank q's
+// experts are contiguous, so one all_to_all_v sends them there (after one all_to_all of the
+// per-expert counts); the experts run on the R = P*S rows a rank can receive at most (buffers
+// sized R whatever the routing), the outputs go back by the reverse exchange, and the backward
+// does the same with the gradients. Tensor parallel (BlockCtx::tp): each expert's d_ff is split
+// like the dense FFN's and the FFN returns partial sums (the block reduce-scatters them).
 #pragma once
 
 #include <cstdint>

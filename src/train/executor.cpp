@@ -298,7 +298,7 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
     // same experts only; each of them writes an equal share of each tensor.
     if (!share_replicas || !ep_.valid()) continue;
     for (const model::StageParam& p : c.params()) {
-      if (!p.expert) continue;
+      if (!p.expert || (p.global.replicated() && tp_rank() != 0)) continue;
       const model::UnitRange sh =
           edp_.size() > 1 ? model::zero1_share(p.global.numel, edp_.size(), edp_.rank())
                           : model::UnitRange{0, p.global.numel};

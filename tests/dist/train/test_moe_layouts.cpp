@@ -385,6 +385,29 @@ TEST(MoeExpertParallel, CheckpointsMoveBetweenEpAndOtherLayouts) {
     t.resume(dir + "/ep_ckpt");
     expect_near(losses(t, 3), serial_tail, "ep " + std::to_string(w / 2) + " from ep " + std::to_string(w));
   }
+  if (w == 4) {
+    // ep 2 x tp 2 writes its pieces (tp slices of each expert, the replicated down biases once)
+    // and the serial run continues from them.
+    parallel::ParallelSizes sizes;
+    sizes.dp = 2, sizes.tp = 2;
+    parallel::ProcessGroups g =
+        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
+    std::vector<double> tail;
+    {
+      MemoryPool pool;
+      train::TrainConfig c = cfg(dir, 2, 2);
+      c.parallel.tp = 2;
+      train::Trainer t(c, pool, &g.dp, &g.tp);
+      t.resume(single + "/serial_ckpt");
+      t.save(dir + "/ep_tp_ckpt");
+      tail = losses(t, 3);
+      expect_near(tail, serial_tail, "ep 2 x tp 2 from serial");
+    }
+    MemoryPool pool;
+    train::Trainer s(cfg(single, 1, 1), pool);
+    s.resume(dir + "/ep_tp_ckpt");
+    expect_near(losses(s, 3), tail, "serial from ep 2 x tp 2");
+  }
   {
     // ZeRO-1 under ep (moments sharded over dp and the same-experts group) from the ep
     // checkpoint, saving again, and serial from that.
