@@ -1,4 +1,4 @@
-// `loom info --model M.toml [--batch G --seq T --dtype f32|bf16 --dp --tp --pp --zero
+// `loom info --model M.toml [--batch G --seq T --dtype f32|bf16 --dp --tp --pp --cp --ep --zero
 // --micro-batches --schedule --virtual-stages --stage-layers --recompute --bf16-emulation]
 // [--json]`: parameters, FLOPs per token and the memory of every rank of a layout
 // (model/memory.h), as a table that groups identical ranks, or as JSON with one `per_rank` entry
@@ -81,6 +81,9 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--pp", p.pp, "pipeline stages");
   sub->add_option("--cp", p.cp, "context-parallel size (every sequence split over cp ranks)");
   sub->add_option("--cp-layout", p.cp_layout, "context-parallel token layout: zigzag or striped");
+  sub->add_option("--ep", p.ep,
+                  "expert-parallel size, a divisor of dp and of the experts (MoE models): each "
+                  "rank holds experts/ep of every sparse block");
   sub->add_option("--zero", p.zero, "ZeRO stage over dp (x cp): 0, 1, 2 or 3");
   sub->add_option("--micro-batches", p.micro_batches, "micro-batches per step and dp rank");
   sub->add_option("--schedule", p.schedule, "pipeline schedule: gpipe, 1f1b or interleaved");

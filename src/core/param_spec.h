@@ -26,6 +26,14 @@ struct TpShard {
   int size = 1;
 };
 
+// Expert parallelism (Megatron / DeepSpeed): the E experts of every sparse (MoE) block are split
+// over `size` ep ranks; rank r holds experts [r*E/size, (r+1)*E/size), whole tensors (the
+// checkpoint names each expert's tensors, so an ep split is a subset of the logical tensors).
+struct EpShard {
+  int rank = 0;
+  int size = 1;
+};
+
 struct ParamSpec {
   std::string name;
   Shape shape;         // this rank's (local) shape

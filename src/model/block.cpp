@@ -226,8 +226,10 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   ln2 = Tensor();
   Tensor out, act_mm;
   if (o.sparse()) {
-    // out = mid + MoE(ln2) (model/moe.h; tp = 1)                              (N,C)
-    out = moe_ffn_forward(c, o, ln2_mm, st, mode);
+    // out = mid + MoE(ln2) (model/moe.h; tp: partial sums reduce-scattered)   (Nl,C)
+    Tensor part = moe_ffn_forward(c, o, ln2_mm, st, mode);  // (N,C)
+    out = scatter_rows_sum(c, part, MemCategory::activations);
+    part = Tensor();
     K::add_inplace(out.data<float>(), mid, Nl * C);
   } else {
     st.pre = new_f32(c, {N, F}, cat(keep_some));
@@ -302,8 +304,13 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
 
   Tensor d_ln2;  // (Nl,C)
   if (o.sparse()) {
-    d_ln2 = moe_ffn_backward(c, o, dout, st);
+    // tp: the MoE takes every row's output gradient and gives partial d(ln2) sums.
+    Tensor dout_all = gather_rows(c, dout, /*as_mm=*/false, ws);  // (N,C)
+    Tensor d_ln2_part = moe_ffn_backward(c, o, dout_all, st);     // (N,C)
+    dout_all = Tensor();
     st.ln2_mm = Tensor();
+    d_ln2 = scatter_rows_sum(c, d_ln2_part, ws);  // (Nl,C)
+    d_ln2_part = Tensor();
   } else {
     // FFN down: d_act = dout @ Wdown; dWdown += dout^T act; dbdown += colsum(dout)
     Tensor dout_mm = gather_rows_mm(c, dout, ws);  // (N,C)

@@ -46,6 +46,9 @@ struct BlockStash {
   Tensor moe_y;                      // topk: (S,C) expert outputs
   std::vector<int64_t> moe_offsets;  // (E+1) expert e's slots [moe_offsets[e], moe_offsets[e+1])
   std::vector<double> moe_frac;      // topk: (E) f_e, fraction of choices per expert
+  // Expert parallel (BlockCtx::ep): rows this rank received from each ep rank for each of its
+  // experts (ep * El, peer-major); moe_xs, pre and act_mm then hold the R = ep*S received rows.
+  std::vector<int64_t> moe_recv;
   float moe_aux_scale = 0;           // topk: weight of the aux loss's gradient
 };
 
@@ -89,6 +92,9 @@ struct BlockCtx {
   const int32_t* domains = nullptr;
   float moe_aux_scale = 0;
   MoeStats* moe_stats = nullptr;
+  // Expert parallel group (null: none): this rank holds experts [r*E/P, (r+1)*E/P) (the
+  // BlockOffsets' moe_expert0 / moe_n_experts) and exchanges dispatched rows with the group.
+  const comm::ProcessGroup* ep = nullptr;
 
   int64_t position(int64_t t) const { return pos ? pos[t] : t; }
   int tp_size() const { return tp ? tp->size() : 1; }

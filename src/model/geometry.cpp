@@ -75,8 +75,9 @@ std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
   return spans;
 }
 
-StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp)
-    : cfg_(cfg), span_(span), global_(cfg, tp) {
+StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp,
+                             EpShard ep)
+    : cfg_(cfg), span_(span), global_(cfg, tp), ep_(ep) {
   const int64_t L = cfg_.n_layers;
   LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
              "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
@@ -99,6 +100,40 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     ranges.push_back(
         {global_.block(span.first_layer).norm1_w, block_end(global_.block(span.last_layer - 1), cfg_)});
   if (span.has_head) ranges.push_back({global_.final_norm_w(), global_.total()});
+  // Expert parallel: each sparse block's experts outside [e0, e0 + El) are holes in its range.
+  const int64_t E = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
+  LOOM_CHECK(ep.size >= 1 && ep.rank >= 0 && ep.rank < ep.size,
+             "ep rank {} of {} is not a valid expert-parallel coordinate", ep.rank, ep.size);
+  int64_t e0 = 0, El = E;
+  if (ep.size > 1) {
+    LOOM_CHECK(E > 0 && E % ep.size == 0,
+               "ep = {} must divide the {} experts of each sparse block of model '{}' (each ep "
+               "rank holds experts / ep of them)",
+               ep.size, E, cfg_.name);
+    El = E / ep.size;
+    e0 = El * ep.rank;
+    for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
+      const BlockOffsets& o = global_.block(l);
+      if (!o.sparse()) continue;
+      const int64_t stride = o.moe_stride;
+      const std::pair<int64_t, int64_t> holes[2] = {
+          {o.moe_experts, o.moe_experts + e0 * stride},
+          {o.moe_experts + (e0 + El) * stride, o.moe_experts + E * stride}};
+      for (auto [hb, he] : holes) {
+        if (hb >= he) continue;
+        std::vector<std::pair<int64_t, int64_t>> cut;
+        for (auto [b, e] : ranges) {
+          if (he <= b || hb >= e) {
+            cut.push_back({b, e});
+            continue;
+          }
+          if (b < hb) cut.push_back({b, hb});
+          if (he < e) cut.push_back({he, e});
+        }
+        ranges = std::move(cut);
+      }
+    }
+  }
   for (auto [b, e] : ranges) {
     segments_.push_back({b, e, total_});
     total_ += e - b;
@@ -110,14 +145,30 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
       p.global = s;
       p.local_offset = g.local_begin + (s.offset - g.global_begin);
       p.tied_copy = s.offset == global_.token_embedding() && !span.has_embedding;
+      for (int64_t l = span.first_layer; l < span.last_layer && E > 0; ++l) {
+        const BlockOffsets& o = global_.block(l);
+        if (o.sparse() && s.offset >= o.moe_experts &&
+            s.offset < o.moe_experts + E * o.moe_stride)
+          p.expert = true;
+      }
       params_.push_back(std::move(p));
     }
   }
 
   if (span.has_embedding || span.has_head) tok_ = local(global_.token_embedding());
   if (span.has_embedding) pos_ = local(global_.position_embedding());
-  for (int64_t l = span.first_layer; l < span.last_layer; ++l)
-    blocks_.push_back(map_offsets(global_.block(l), [this](int64_t x) { return local(x); }));
+  for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
+    BlockOffsets o = global_.block(l);
+    if (o.sparse()) {
+      o.moe_experts += e0 * o.moe_stride;  // the first expert held
+      o.moe_expert0 = e0;
+      o.moe_n_experts = El;
+    }
+    blocks_.push_back(map_offsets(o, [this](int64_t x) { return local(x); }));
+    const BlockOffsets& b = blocks_.back();
+    if (b.sparse())
+      expert_ranges_.push_back({b.moe_experts, b.moe_experts + El * b.moe_stride});
+  }
   if (span.has_head) {
     fnw_ = local(global_.final_norm_w());
     fnb_ = local(global_.final_norm_b());
@@ -198,6 +249,40 @@ void StageGeometry::to_global(const float* local_buffer, float* global_buffer,
     std::memcpy(global_buffer + p.global.offset, local_buffer + p.local_offset,
                 size_t(p.global.numel) * sizeof(float));
   }
+}
+
+std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r) {
+  const UnitRange share = zero1_share(geo.total(), D, r);
+  std::vector<UnitRange> out;
+  int64_t x = share.begin;
+  for (const UnitRange& e : geo.expert_ranges()) {
+    if (geo.ep().size <= 1) break;
+    if (e.end <= x || e.begin >= share.end) continue;
+    if (e.begin > x) out.push_back({x, e.begin});
+    x = std::min(share.end, e.end);
+  }
+  if (x < share.end) out.push_back({x, share.end});
+  return out;
+}
+
+std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re) {
+  if (geo.ep().size <= 1) return {zero1_share(geo.total(), D, r)};
+  std::vector<UnitRange> out = zero1_dense_ranges(geo, D, r);
+  for (const UnitRange& e : geo.expert_ranges()) {
+    const UnitRange s = zero1_share(e.end - e.begin, De, re);
+    if (s.end > s.begin) out.push_back({e.begin + s.begin, e.begin + s.end});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const UnitRange& a, const UnitRange& b) { return a.begin < b.begin; });
+  // Merge touching ranges (a dense share may end where this rank's expert share begins).
+  std::vector<UnitRange> merged;
+  for (const UnitRange& u : out) {
+    if (!merged.empty() && merged.back().end == u.begin)
+      merged.back().end = u.end;
+    else
+      merged.push_back(u);
+  }
+  return merged;
 }
 
 }  // namespace loom::model

@@ -56,6 +56,18 @@ UnitRange zero1_share(int64_t n, int D, int r);
 int64_t zero_piece_stride(const UnitRange& unit, int D);
 UnitRange zero_piece(const UnitRange& unit, int D, int r);
 
+// ZeRO-1 of one stage's buffer: the ranges [begin, end) (ascending) whose AdamW state dp rank r
+// of D keeps and updates. Without expert parallelism (geo.ep().size == 1) that is
+// zero1_share(total, D, r). Under ep the experts differ between ep ranks, so the dense elements
+// are still rank r's share of the buffer (minus the expert ranges), while each expert range is
+// split over the De ranks holding the same experts: rank re of them keeps zero1_share(len, De,
+// re) of it.
+class StageGeometry;
+std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re);
+// The dense part alone (zero1_share(total, D, r) minus the expert ranges), and one expert
+// range's share: what train::Executor broadcasts over dp and over the same-experts group.
+std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r);
+
 // One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
 // ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
 struct StageParam {
@@ -65,13 +77,19 @@ struct StageParam {
   // embedding: its gradient is summed across the two, and it is counted once in norms and
   // checkpoints (the first stage's copy is the one that counts).
   bool tied_copy = false;
+  // An expert's tensor of a sparse block (moe.experts.e.*): split over ep (each ep rank holds
+  // its experts' tensors whole), so its gradient reduces over the ranks holding the same experts.
+  bool expert = false;
 };
 
 class StageGeometry {
  public:
   // Throws loom::Error for a span outside [0, L), or an embedding / head on a span that does not
   // start at 0 / end at L; ParamLayout's errors for a tp size the model does not admit.
-  StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp = {});
+  // `ep` (size > 1): expert parallel; the stage holds only ep rank ep.rank's experts of each
+  // sparse block (EpShard), so the global ranges it holds have a hole per sparse block. Throws
+  // naming the valid sizes unless ep.size divides the experts.
+  StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp = {}, EpShard ep = {});
 
   const ModelConfig& config() const { return cfg_; }
   const StageSpan& span() const { return span_; }
@@ -85,6 +103,10 @@ class StageGeometry {
   // The ascending ranges [begin, end) of the global flat buffer this stage holds.
   std::vector<std::pair<int64_t, int64_t>> held_ranges() const;
   const std::vector<UnitRange>& units() const { return units_; }
+  const EpShard& ep() const { return ep_; }
+  // Local ranges [begin, end) of the expert tensors of each sparse block held (ascending, one per
+  // sparse block): under ep, what reduces over the ranks holding the same experts.
+  const std::vector<UnitRange>& expert_ranges() const { return expert_ranges_; }
   // Unit indices (-1 where not held) and local offsets (-1 where not held).
   int token_unit() const { return u_tok_; }
   int position_unit() const { return u_pos_; }
@@ -123,6 +145,8 @@ class StageGeometry {
   std::vector<BlockOffsets> blocks_;
   BlockOffsets qblock_{};
   std::vector<UnitRange> units_;
+  EpShard ep_;
+  std::vector<UnitRange> expert_ranges_;
   int u_tok_ = -1, u_pos_ = -1, u_block0_ = 0, u_head_ = -1;
 };
 

@@ -66,6 +66,7 @@ struct Dims {
   // Sparse blocks (model/moe.h): experts, expert d_ff, choices per token, topk router.
   int64_t E = 0, Fe = 0, k = 1;
   bool topk = false;
+  int ep = 1;  // expert parallel: the experts run on R = ep*S rows
   int64_t mm_bytes() const { return emu ? 4 : 2; }  // element of a matmul copy (bf only)
   int64_t mm_elem() const { return bf ? mm_bytes() : 4; }  // element of any matmul input
 };
@@ -96,36 +97,43 @@ struct Stash {
   Buf moe_meta, moe_w, moe_probs, moe_xs, moe_y;  // sparse blocks
 };
 
-// moe.cpp: moe_ffn_forward (S = N*k packed slots). Returns the FFN output (N,C).
+// moe.cpp: moe_ffn_forward (S = N*k packed slots; R = ep*S rows on the experts). Returns the
+// FFN output (N,C).
 Buf moe_ffn_forward(Tracer& tr, const Dims& d, Stash& st, Recompute mode) {
-  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe;
+  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe, R = d.ep * S;
   const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
+  const bool ep = d.ep > 1;
   auto cat = [](bool kept) { return kept ? kAct : kWs; };
   // route
   st.moe_meta = tr.alloc(3 * S * 4, cat(keep_some));  // (3,S) int32
   st.moe_w = tr.alloc(N * d.k * 4, cat(keep_some));   // (N,k)
   if (d.topk) st.moe_probs = tr.alloc(N * d.E * 4, cat(keep_some));  // (N,E)
-  Buf xs = tr.alloc(S * C * d.mm_elem(), cat(keep_all));  // (S,C)
-  st.pre = tr.alloc(S * Fe * 4, cat(keep_some));          // (S,Fe)
-  Buf act = tr.alloc(S * Fe * 4, d.bf ? kWs : cat(keep_all));
-  Buf act_mm = to_mm(tr, d, act, S * Fe, cat(keep_all));
+  Buf xs = tr.alloc(S * C * d.mm_elem(), ep ? kWs : cat(keep_all));  // (S,C)
+  if (ep) xs = tr.alloc(R * C * d.mm_elem(), cat(keep_some));        // (R,C) received rows
+  st.pre = tr.alloc(R * Fe * 4, cat(keep_some));                     // (R,Fe)
+  Buf act = tr.alloc(R * Fe * 4, d.bf ? kWs : cat(keep_all));
+  Buf act_mm = to_mm(tr, d, act, R * Fe, cat(keep_all));
   act.reset();
-  Buf y = tr.alloc(S * C * 4, d.topk ? cat(keep_some) : kWs);  // (S,C)
-  Buf out = tr.alloc(N * C * 4, kAct);                          // (N,C)
-  if (keep_all) st.moe_xs = xs, st.act_mm = act_mm;
+  const Cat y_cat = d.topk ? cat(keep_some) : kWs;
+  Buf y = tr.alloc(R * C * 4, ep ? kWs : y_cat);  // (R,C)
+  if (ep) y = tr.alloc(S * C * 4, y_cat);         // (S,C) sent back
+  Buf out = tr.alloc(N * C * 4, d.tp > 1 ? kWs : kAct);  // (N,C) (tp: partial sums)
+  if (keep_all || (ep && keep_some)) st.moe_xs = xs;
+  if (keep_all) st.act_mm = act_mm;
   if (d.topk && keep_some) st.moe_y = y;
   return out;
 }
 // moe.cpp: moe_ffn_recompute (selective).
 void moe_ffn_recompute(Tracer& tr, const Dims& d, Stash& st) {
-  const int64_t S = d.N * d.k;
-  st.moe_xs = tr.alloc(S * d.C * d.mm_elem(), kWs);
-  Buf act = tr.alloc(S * d.Fe * 4, kWs);
-  st.act_mm = to_mm(tr, d, act, S * d.Fe, kWs);
+  const int64_t S = d.N * d.k, R = d.ep * S;
+  if (d.ep == 1) st.moe_xs = tr.alloc(S * d.C * d.mm_elem(), kWs);
+  Buf act = tr.alloc(R * d.Fe * 4, kWs);
+  st.act_mm = to_mm(tr, d, act, R * d.Fe, kWs);
 }
 // moe.cpp: moe_ffn_backward. Returns d(ln2) (N,C).
 Buf moe_ffn_backward(Tracer& tr, const Dims& d, Stash& st) {
-  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe;
+  const int64_t N = d.N, C = d.C, S = N * d.k, Fe = d.Fe, R = d.ep * S;
+  const bool ep = d.ep > 1;
   Buf dys = tr.alloc(S * C * 4, kWs);
   Buf d_logits;
   if (d.topk) {
@@ -133,17 +141,19 @@ Buf moe_ffn_backward(Tracer& tr, const Dims& d, Stash& st) {
     st.moe_y.reset();
     st.moe_probs.reset();
   }
-  Buf dys_mm = to_mm(tr, d, dys, S * C, kWs);
-  Buf d_act = tr.alloc(S * Fe * 4, kWs);
+  if (ep) dys = tr.alloc(R * C * 4, kWs);  // received output gradients (R,C)
+  Buf dys_mm = to_mm(tr, d, dys, R * C, kWs);
+  Buf d_act = tr.alloc(R * Fe * 4, kWs);
   dys_mm.reset();
   dys.reset();
   st.act_mm.reset();
   st.pre.reset();
-  Buf d_pre_mm = to_mm(tr, d, d_act, S * Fe, kWs);
-  Buf dxs = tr.alloc(S * C * 4, kWs);
+  Buf d_pre_mm = to_mm(tr, d, d_act, R * Fe, kWs);
+  Buf dxs = tr.alloc(R * C * 4, kWs);
   d_pre_mm.reset();
   d_act.reset();
   st.moe_xs.reset();
+  if (ep) dxs = tr.alloc(S * C * 4, kWs);  // input gradients back in slot order (S,C)
   Buf d_ln2 = tr.alloc(N * C * 4, kWs);
   if (d.topk) Buf dl_mm = to_mm(tr, d, d_logits, N * d.E, kWs);
   st.moe_meta.reset();
@@ -191,7 +201,9 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   ln2.reset();
   Buf out, act_mm;
   if (sparse) {
-    out = moe_ffn_forward(tr, d, st, mode);
+    Buf part = moe_ffn_forward(tr, d, st, mode);  // (N,C)
+    out = scatter_rows_sum(tr, d, part, kAct);    // (Nl,C)
+    part.reset();
   } else {
     st.pre = tr.alloc(N * F * 4, cat(keep_some));         // (N,F)
     Buf act = tr.alloc(N * F * 4, d.bf ? kWs : cat(keep_all));  // (N,F)
@@ -231,8 +243,12 @@ Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& s
   }
   Buf d_ln2;
   if (sparse) {
-    d_ln2 = moe_ffn_backward(tr, d, st);
+    Buf dout_all = gather_rows(tr, d, dout, false, kWs);  // (N,C)
+    Buf part = moe_ffn_backward(tr, d, st);               // (N,C)
+    dout_all.reset();
     st.ln2_mm.reset();
+    d_ln2 = scatter_rows_sum(tr, d, part, kWs);  // (Nl,C)
+    part.reset();
   } else {
     // FFN down
     Buf dout_mm = gather_rows_mm(tr, d, dout, kWs);
@@ -568,7 +584,6 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   LOOM_CHECK(T >= 1 && T <= cfg.max_seq,
              "sequence length T = {} must be in [1, max_seq = {}] for model '{}'", T, cfg.max_seq,
              cfg.name);
-  LOOM_CHECK(plan.ep == 1, "the memory model covers ep = 1 (got ep {})", plan.ep);
   LOOM_CHECK(plan.recompute.empty() || int64_t(plan.recompute.size()) == cfg.n_layers,
              "the plan's recompute list has {} entries but the model has n_layers = {}",
              plan.recompute.size(), cfg.n_layers);
@@ -617,10 +632,14 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   d.emu = bf && !store && options.bf16_emulated.value_or(bf16_emulated());
   if (cfg.moe.enabled()) {
     d.E = cfg.moe.experts;
-    d.Fe = cfg.moe.expert_d_ff;
+    d.Fe = cfg.moe.expert_d_ff / plan.tp;  // this tp rank's expert d_ff
     d.k = cfg.moe.k();
     d.topk = cfg.moe.router == Router::topk;
+    d.ep = plan.ep;
   }
+  // Expert parallel: ep groups are ep consecutive dp ranks (train::Executor), so this rank holds
+  // the experts of ep rank dp % ep.
+  const EpShard ep_shard = plan.ep > 1 ? EpShard{out.dp % plan.ep, plan.ep} : EpShard{};
 
   const int n_pp = plan.pp, VS = plan.virtual_stages, n_virtual = n_pp * VS;
   const int M = int(plan.micro_batches);
@@ -635,7 +654,8 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   std::vector<std::unique_ptr<StageTrace>> chunks;
   std::vector<Buf> optimizer;
   for (int c = 0; c < VS; ++c) {
-    geos.push_back(std::make_unique<StageGeometry>(cfg, spans[size_t(c * n_pp + out.pp)], shard));
+    geos.push_back(
+        std::make_unique<StageGeometry>(cfg, spans[size_t(c * n_pp + out.pp)], shard, ep_shard));
     const StageGeometry& geo = *geos.back();
     int64_t owned = geo.total();  // the optimizer's elements
     StoreTrace* st = nullptr;
@@ -645,8 +665,13 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
       st = stores.back().get();
       owned = st->shard();
     } else if (zero1) {
-      const UnitRange s = zero1_share(geo.total(), n_shard, shard_rank);
-      owned = s.end - s.begin;
+      // Under ep the expert ranges are shared over the ranks holding the same experts:
+      // (dp/ep) x cp of them; this rank's index among them (ascending world ranks).
+      const int n_same = plan.dp / plan.ep * plan.cp;
+      const int same_rank = out.dp / plan.ep * plan.cp + out.cp;
+      owned = 0;
+      for (const UnitRange& u : zero1_ranges(geo, n_shard, shard_rank, n_same, same_rank))
+        owned += u.end - u.begin;
     }
     chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m

@@ -24,6 +24,7 @@ void MoeStats::add(const MoeStats& o) {
   routed += o.routed;
   dropped += o.dropped;
   blocks += o.blocks;
+  min_top_gap = std::min(min_top_gap, o.min_top_gap);
   if (load.size() < o.load.size()) load.resize(o.load.size(), 0);
   for (size_t e = 0; e < o.load.size(); ++e) load[e] += o.load[e];
 }
@@ -218,10 +219,97 @@ K::GeluKind gelu_kind(Activation a) {
 struct Expert {
   int64_t up_w, up_b, down_w, down_b;
 };
-Expert expert(const ModelConfig& cfg, const BlockOffsets& o, int64_t e) {
-  const int64_t C = cfg.d_model, Fe = cfg.moe.expert_d_ff;
-  const int64_t base = o.moe_experts + e * moe_expert_stride(cfg);
-  return {base, base + Fe * C, base + Fe * C + Fe, base + 2 * Fe * C + Fe};
+// Expert e's tensors; under tp this rank's Fl = Fe/tp rows of up and columns of down.
+Expert expert(const BlockCtx& c, const BlockOffsets& o, int64_t e) {
+  const int64_t C = c.cfg.d_model, Fl = c.cfg.moe.expert_d_ff / c.tp_size();
+  const int64_t base = moe_expert_offset(o, e);
+  return {base, base + Fl * C, base + Fl * C + Fl, base + 2 * Fl * C + Fl};
+}
+// Under tp, the rank that adds (and differentiates) what every tp rank would otherwise count
+// once each: the experts' down biases, the gate's gradient and its d(ln2) term (their tp sum is
+// then the serial value).
+bool tp_lead(const BlockCtx& c) { return !c.tp || c.tp->rank() == 0; }
+
+// The rows one expert computes on, in the packed buffer the experts run over: without ep the
+// dispatched slots themselves (expert e's are [offsets[e], offsets[e+1])); under ep the rows this
+// rank received, peer-major, then by its experts (st.moe_recv). Rows [0, used) are covered.
+struct Segment {
+  int64_t e, begin, n;  // expert (global index), first row, rows
+};
+std::vector<Segment> segments(const BlockCtx& c, const BlockOffsets& o, const BlockStash& st) {
+  std::vector<Segment> out;
+  if (!c.ep) {
+    for (int64_t e = 0; e < c.cfg.moe.experts; ++e)
+      out.push_back({e, st.moe_offsets[size_t(e)],
+                     st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)]});
+    return out;
+  }
+  const int P = c.ep->size();
+  const int64_t El = o.moe_n_experts;
+  int64_t row = 0;
+  for (int q = 0; q < P; ++q)
+    for (int64_t j = 0; j < El; ++j) {
+      const int64_t n = st.moe_recv[size_t(q * El + j)];
+      out.push_back({o.moe_expert0 + j, row, n});
+      row += n;
+    }
+  return out;
+}
+int64_t used_rows(const std::vector<Segment>& seg) {
+  int64_t n = 0;
+  for (const Segment& s : seg) n += s.n;
+  return n;
+}
+
+// Expert parallel (c.ep, P ranks, El = E/P experts each): rows this rank sends to each ep rank
+// (its dispatched slots for that rank's experts: they are contiguous, slots being grouped by
+// expert) and rows it receives from each (for its own experts).
+std::vector<int64_t> ep_send_rows(const BlockCtx& c, const BlockStash& st) {
+  const int P = c.ep->size();
+  const int64_t El = c.cfg.moe.experts / P;
+  std::vector<int64_t> r(static_cast<size_t>(P));
+  for (int q = 0; q < P; ++q)
+    r[size_t(q)] = st.moe_offsets[size_t((q + 1) * El)] - st.moe_offsets[size_t(q * El)];
+  return r;
+}
+std::vector<int64_t> ep_recv_rows(const BlockCtx& c, const BlockStash& st) {
+  const int P = c.ep->size();
+  const int64_t El = c.cfg.moe.experts / P;
+  std::vector<int64_t> r(static_cast<size_t>(P), 0);
+  for (int q = 0; q < P; ++q)
+    for (int64_t j = 0; j < El; ++j) r[size_t(q)] += st.moe_recv[size_t(q * El + j)];
+  return r;
+}
+// st.moe_recv from every ep rank's dispatch counts per expert: one all_to_all of E int64 (block
+// q of the input: this rank's counts for rank q's experts).
+void ep_exchange_counts(const BlockCtx& c, BlockStash& st) {
+  const int64_t E = c.cfg.moe.experts;
+  std::vector<int64_t> counts(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e)
+    counts[size_t(e)] = st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];
+  st.moe_recv.assign(size_t(E), 0);
+  c.ep->all_to_all(comm::BufferRef(counts.data(), E, DType::i64),
+                   comm::BufferRef(st.moe_recv.data(), E, DType::i64))
+      .wait();
+}
+// all_to_all_v of `cols`-wide rows: in_rows[q] rows of `in` (packed from row 0) to rank q,
+// out_rows[q] rows from rank q into `out` (packed from row 0). Same dtype.
+void all_to_all_ep_rows(const BlockCtx& c, const Tensor& in, const std::vector<int64_t>& in_rows,
+                        Tensor& out, const std::vector<int64_t>& out_rows, int64_t cols) {
+  std::vector<int64_t> sc, rc;
+  int64_t s_total = 0, r_total = 0;
+  for (size_t q = 0; q < in_rows.size(); ++q) {
+    sc.push_back(in_rows[q] * cols);
+    rc.push_back(out_rows[q] * cols);
+    s_total += sc.back();
+    r_total += rc.back();
+  }
+  LOOM_ASSERT(s_total <= in.numel() && r_total <= out.numel(),
+              "expert-parallel exchange of {} / {} elements overflows buffers of {} / {}", s_total,
+              r_total, in.numel(), out.numel());
+  c.ep->all_to_all_v(comm::BufferRef(const_cast<void*>(in.raw()), s_total, in.dtype()), sc,
+                     comm::BufferRef(out.raw(), r_total, out.dtype()), rc)
+      .wait();
 }
 
 // Fills st.moe_meta / moe_w / moe_offsets (and topk's moe_probs, moe_frac) for the rows of
@@ -229,6 +317,7 @@ Expert expert(const ModelConfig& cfg, const BlockOffsets& o, int64_t e) {
 struct RouteResult {
   int64_t dropped = 0;
   double aux = 0;
+  double min_gap = std::numeric_limits<double>::infinity();  // topk: see MoeStats::min_top_gap
 };
 RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm, BlockStash& st,
                   MemCategory cat) {
@@ -262,10 +351,15 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
       for (int64_t e = 0; e < E; ++e) z += double(pr[e] = std::exp(pr[e] - mx));
       for (int64_t e = 0; e < E; ++e) pr[e] = float(double(pr[e]) / z);
       // top-k by probability, ties to the lower index
+      // The k+1 largest in order (the first k are the choices; the next one gives the gap at
+      // the selection boundary).
+      const int64_t kk = std::min<int64_t>(k + 1, E);
       std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+      std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(), [&](int32_t a, int32_t b) {
         return pr[a] > pr[b] || (pr[a] == pr[b] && a < b);
       });
+      if (kk > k)
+        r.min_gap = std::min(r.min_gap, double(pr[idx[size_t(k - 1)]]) - double(pr[idx[size_t(k)]]));
       for (int64_t j = 0; j < k; ++j) {
         row_expert[n * k + j] = idx[size_t(j)];
         w[n * k + j] = pr[idx[size_t(j)]];
@@ -317,42 +411,63 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
                        BlockStash& st, Recompute mode) {
   const ModelConfig& cfg = c.cfg;
   const MoeConfig& m = cfg.moe;
-  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
-  const int64_t S = N * k;
-  LOOM_ASSERT(!c.tp, "MoE under tp is rejected by ParamLayout");
+  // Fe: this tp rank's expert d_ff (Fe/tp); the experts' outputs are then partial sums over tp.
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff / c.tp_size(), E = m.experts;
+  const int64_t k = m.k(), S = N * k;
   const bool keep_all = mode == Recompute::none, keep_some = mode != Recompute::full;
   auto cat = [](bool kept) { return kept ? MemCategory::activations : MemCategory::workspace; };
   const bool topk = m.router == Router::topk;
+  // Expert parallel: the experts run on R = P*S rows (every ep rank could send all its slots
+  // here), so buffer sizes never depend on the routing and the memory model stays exact.
+  const int P = c.ep ? c.ep->size() : 1;
+  const int64_t R = P * S;
 
   RouteResult rr = route(c, o, ln2_mm, st, cat(keep_some));
-  Tensor xs = dispatch_rows(c, ln2_mm, st, cat(keep_all));  // (S,C)
+  // (S,C) the dispatched rows; under ep sent away, and the received rows (R,C) are kept instead
+  // (also under selective recompute: rebuilding them would take another exchange).
+  Tensor xs = dispatch_rows(c, ln2_mm, st, P > 1 ? MemCategory::workspace : cat(keep_all));
+  std::vector<int64_t> send_rows, recv_rows;
+  if (P > 1) {
+    ep_exchange_counts(c, st);
+    send_rows = ep_send_rows(c, st);
+    recv_rows = ep_recv_rows(c, st);
+    Tensor xr = Tensor::zeros({R, C}, ln2_mm.dtype(), c.pool, cat(keep_some));  // (R,C)
+    all_to_all_ep_rows(c, xs, send_rows, xr, recv_rows, C);
+    xs = xr;
+  }
+  const std::vector<Segment> seg = segments(c, o, st);
 
-  // pre = xs_e @ Wup_e^T + bup_e; act = gelu(pre), per expert on its slots          (S,Fe)
-  st.pre = Tensor::zeros({S, Fe}, DType::f32, c.pool, cat(keep_some));
-  Tensor act = Tensor::zeros({S, Fe}, DType::f32, c.pool, c.bf ? MemCategory::workspace : cat(keep_all));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
-    if (n == 0) continue;
-    const Expert x = expert(cfg, o, e);
-    mm_xwT(c, st.pre.data<float>() + a * Fe, xs, a, x.up_w, n, Fe, C);
-    K::bias_gelu_forward(act.data<float>() + a * Fe, st.pre.data<float>() + a * Fe, c.W + x.up_b,
-                         n, Fe, gelu_kind(cfg.activation));
+  // pre = xs_e @ Wup_e^T + bup_e; act = gelu(pre), per expert on its rows            (R,Fe)
+  st.pre = Tensor::zeros({R, Fe}, DType::f32, c.pool, cat(keep_some));
+  Tensor act = Tensor::zeros({R, Fe}, DType::f32, c.pool, c.bf ? MemCategory::workspace : cat(keep_all));
+  for (const Segment& g : seg) {
+    if (g.n == 0) continue;
+    const Expert x = expert(c, o, g.e);
+    mm_xwT(c, st.pre.data<float>() + g.begin * Fe, xs, g.begin, x.up_w, g.n, Fe, C);
+    K::bias_gelu_forward(act.data<float>() + g.begin * Fe, st.pre.data<float>() + g.begin * Fe,
+                         c.W + x.up_b, g.n, Fe, gelu_kind(cfg.activation));
   }
   Tensor act_mm = to_mm(c, act, cat(keep_all));
   act = Tensor();
 
-  // y_e = act_e @ Wdown_e^T + bdown_e                                                (S,C)
-  Tensor y = Tensor::empty({S, C}, DType::f32, c.pool, topk ? cat(keep_some) : MemCategory::workspace);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
-    if (n == 0) continue;
-    const Expert x = expert(cfg, o, e);
-    mm_xwT(c, y.data<float>() + a * C, act_mm, a, x.down_w, n, C, Fe);
-    K::bias_add_rows(y.data<float>() + a * C, c.W + x.down_b, n, C);
+  // y_e = act_e @ Wdown_e^T + bdown_e                                                (R,C)
+  const MemCategory y_cat = topk ? cat(keep_some) : MemCategory::workspace;
+  Tensor y = Tensor::empty({R, C}, DType::f32, c.pool, P > 1 ? MemCategory::workspace : y_cat);
+  for (const Segment& g : seg) {
+    if (g.n == 0) continue;
+    const Expert x = expert(c, o, g.e);
+    mm_xwT(c, y.data<float>() + g.begin * C, act_mm, g.begin, x.down_w, g.n, C, Fe);
+    if (tp_lead(c)) K::bias_add_rows(y.data<float>() + g.begin * C, c.W + x.down_b, g.n, C);
   }
-
+  if (P > 1) {  // the outputs back to the ranks that sent the rows: (S,C) in slot order
+    Tensor ys = Tensor::empty({S, C}, DType::f32, c.pool, y_cat);
+    all_to_all_ep_rows(c, y, recv_rows, ys, send_rows, C);
+    y = ys;
+  }
   // out[n] = sum_j w[n,j] * y[slot(n,j)] (dropped choices add nothing)              (N,C)
-  Tensor out = Tensor::zeros({N, C}, DType::f32, c.pool, MemCategory::activations);
+  // (tp: partial sums, which the block reduce-scatters to its rows)
+  Tensor out = Tensor::zeros({N, C}, DType::f32, c.pool,
+                             c.tp ? MemCategory::workspace : MemCategory::activations);
   const int32_t* row_slot = st.moe_meta.data<int32_t>() + S;
   const float* w = st.moe_w.data<float>();
   for (int64_t n = 0; n < N; ++n)
@@ -371,26 +486,24 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     ms.dropped += rr.dropped;
     ms.routed += S;
     ms.blocks += 1;
+    ms.min_top_gap = std::min(ms.min_top_gap, rr.min_gap);
     if (ms.load.size() < size_t(E)) ms.load.resize(size_t(E), 0);
     for (int64_t e = 0; e < E; ++e)
       ms.load[size_t(e)] += st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];
   }
-  if (keep_all) {
-    st.moe_xs = xs;
-    st.act_mm = act_mm;
-  }
+  if (keep_all || (P > 1 && keep_some)) st.moe_xs = xs;
+  if (keep_all) st.act_mm = act_mm;
   if (topk && keep_some) st.moe_y = y;
   return out;
 }
 
 void moe_ffn_recompute(const BlockCtx& c, const BlockOffsets& o, BlockStash& st) {
   const ModelConfig& cfg = c.cfg;
-  const int64_t E = cfg.moe.experts, Fe = cfg.moe.expert_d_ff;
-  st.moe_xs = dispatch_rows(c, st.ln2_mm, st, MemCategory::workspace);
-  (void)o;
+  // Under ep the received rows were kept (the forward's exchange is not repeated).
+  if (!c.ep) st.moe_xs = dispatch_rows(c, st.ln2_mm, st, MemCategory::workspace);
   Tensor act = Tensor::zeros(st.pre.shape(), DType::f32, c.pool, MemCategory::workspace);
-  // pre already holds the biased pre-activation: act = gelu(pre) on the used slots.
-  const int64_t used = st.moe_offsets[size_t(E)];
+  // pre already holds the biased pre-activation: act = gelu(pre) on the used rows.
+  const int64_t used = used_rows(segments(c, o, st)), Fe = cfg.moe.expert_d_ff / c.tp_size();
   K::gelu_kind_forward(gelu_kind(cfg.activation), act.data<float>(), st.pre.data<float>(),
                        used * Fe);
   st.act_mm = to_mm(c, act, MemCategory::workspace);
@@ -400,8 +513,10 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
                         BlockStash& st) {
   const ModelConfig& cfg = c.cfg;
   const MoeConfig& m = cfg.moe;
-  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff, E = m.experts, k = m.k();
-  const int64_t S = N * k;
+  const int64_t N = c.rows(), C = cfg.d_model, Fe = m.expert_d_ff / c.tp_size(), E = m.experts;
+  const int64_t k = m.k(), S = N * k;
+  const int P = c.ep ? c.ep->size() : 1;
+  const int64_t R = P * S;  // rows the experts ran on (see moe_ffn_forward)
   const MemCategory ws = MemCategory::workspace;
   const bool topk = m.router == Router::topk;
   const int32_t* slot_row = st.moe_meta.data<int32_t>();
@@ -409,6 +524,12 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
   const int32_t* row_expert = row_slot + S;
   const float* w = st.moe_w.data<float>();
   const float* g = dout.data<float>();
+  const std::vector<Segment> seg = segments(c, o, st);
+  std::vector<int64_t> send_rows, recv_rows;
+  if (P > 1) {
+    send_rows = ep_send_rows(c, st);
+    recv_rows = ep_recv_rows(c, st);
+  }
 
   // dys[slot(n,j)] = w[n,j] * dout[n]                                                (S,C)
   Tensor dys = Tensor::zeros({S, C}, DType::f32, c.pool, ws);
@@ -430,16 +551,22 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
     float* dl = d_logits.data<float>();
     // d(aux)/dp[n,e] = coef * E * f_e / N, weighted like the loss (moe_aux_scale = grad_scale*N).
     const double aux_g = double(st.moe_aux_scale) * m.aux_loss_coef * double(E) / double(N);
-    std::vector<double> dp(static_cast<size_t>(E));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t e = 0; e < E; ++e) dp[size_t(e)] = aux_g * st.moe_frac[size_t(e)];
+    // d_w[n,j] = dout[n] . y[slot]; under tp y holds partial sums: sum d_w over tp.
+    std::vector<double> dw(static_cast<size_t>(N * k), 0.0);
+    for (int64_t n = 0; n < N; ++n)
       for (int64_t j = 0; j < k; ++j) {
         const int32_t s = row_slot[n * k + j];
         if (s < 0) continue;  // dropped: the output did not depend on p
         double d = 0;
         for (int64_t i = 0; i < C; ++i) d += double(g[n * C + i]) * double(y[int64_t(s) * C + i]);
-        dp[size_t(row_expert[n * k + j])] += d;
+        dw[size_t(n * k + j)] = d;
       }
+    if (c.tp) c.tp->all_reduce(comm::BufferRef(dw.data(), N * k, DType::f64)).wait();
+    std::vector<double> dp(static_cast<size_t>(E));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t e = 0; e < E; ++e) dp[size_t(e)] = aux_g * st.moe_frac[size_t(e)];
+      for (int64_t j = 0; j < k; ++j)
+        if (row_slot[n * k + j] >= 0) dp[size_t(row_expert[n * k + j])] += dw[size_t(n * k + j)];
       double dot = 0;
       for (int64_t e = 0; e < E; ++e) dot += double(p[n * E + e]) * dp[size_t(e)];
       for (int64_t e = 0; e < E; ++e)
@@ -448,47 +575,57 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
     st.moe_y = Tensor();
     st.moe_probs = Tensor();
   }
+  if (P > 1) {  // the output gradients to the ranks holding the experts              (R,C)
+    Tensor dyr = Tensor::zeros({R, C}, DType::f32, c.pool, ws);
+    all_to_all_ep_rows(c, dys, send_rows, dyr, recv_rows, C);
+    dys = dyr;
+  }
 
   // experts' down projection: db_e += colsum(dys_e); dW_e += dys_e^T act_e; d_act = dys_e W_e
   Tensor dys_mm = to_mm(c, dys, ws);
-  Tensor d_act = Tensor::zeros({S, Fe}, DType::f32, c.pool, ws);  // (S,Fe), becomes d_pre
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
-    if (n == 0) continue;
-    const Expert x = expert(cfg, o, e);
-    K::bias_backward(c.G + x.down_b, dys.data<float>() + a * C, n, C);
-    mm_dW(c, x.down_w, dys_mm, st.act_mm, a, n, C, Fe);
-    mm_dyW(c, d_act.data<float>() + a * Fe, dys_mm, a, x.down_w, n, C, Fe);
+  Tensor d_act = Tensor::zeros({R, Fe}, DType::f32, c.pool, ws);  // (R,Fe), becomes d_pre
+  for (const Segment& sg : seg) {
+    if (sg.n == 0) continue;
+    const Expert x = expert(c, o, sg.e);
+    if (tp_lead(c)) K::bias_backward(c.G + x.down_b, dys.data<float>() + sg.begin * C, sg.n, C);
+    mm_dW(c, x.down_w, dys_mm, st.act_mm, sg.begin, sg.n, C, Fe);
+    mm_dyW(c, d_act.data<float>() + sg.begin * Fe, dys_mm, sg.begin, x.down_w, sg.n, C, Fe);
   }
   dys_mm = Tensor();
   dys = Tensor();
   st.act_mm = Tensor();
-  const int64_t used = st.moe_offsets[size_t(E)];
+  const int64_t used = used_rows(seg);
   K::gelu_kind_backward(gelu_kind(cfg.activation), d_act.data<float>(), d_act.data<float>(),
                         st.pre.data<float>(), used * Fe);
   st.pre = Tensor();
 
   // experts' up projection: db_e += colsum(d_pre_e); dW_e += d_pre_e^T xs_e; dxs = d_pre_e W_e
   Tensor d_pre_mm = to_mm(c, d_act, ws);
-  Tensor dxs = Tensor::zeros({S, C}, DType::f32, c.pool, ws);  // (S,C)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = st.moe_offsets[size_t(e)], n = st.moe_offsets[size_t(e + 1)] - a;
-    if (n == 0) continue;
-    const Expert x = expert(cfg, o, e);
-    K::bias_backward(c.G + x.up_b, d_act.data<float>() + a * Fe, n, Fe);
-    mm_dW(c, x.up_w, d_pre_mm, st.moe_xs, a, n, Fe, C);
-    mm_dyW(c, dxs.data<float>() + a * C, d_pre_mm, a, x.up_w, n, Fe, C);
+  Tensor dxs = Tensor::zeros({R, C}, DType::f32, c.pool, ws);  // (R,C)
+  for (const Segment& sg : seg) {
+    if (sg.n == 0) continue;
+    const Expert x = expert(c, o, sg.e);
+    K::bias_backward(c.G + x.up_b, d_act.data<float>() + sg.begin * Fe, sg.n, Fe);
+    mm_dW(c, x.up_w, d_pre_mm, st.moe_xs, sg.begin, sg.n, Fe, C);
+    mm_dyW(c, dxs.data<float>() + sg.begin * C, d_pre_mm, sg.begin, x.up_w, sg.n, Fe, C);
   }
   d_pre_mm = Tensor();
   d_act = Tensor();
   st.moe_xs = Tensor();
+  if (P > 1) {  // the input gradients back to the ranks the rows came from, in slot order (S,C)
+    Tensor dxl = Tensor::zeros({S, C}, DType::f32, c.pool, ws);
+    all_to_all_ep_rows(c, dxs, recv_rows, dxl, send_rows, C);
+    dxs = dxl;
+  }
 
   // d_ln2[n] = sum_j dxs[slot(n,j)] (+ d_logits @ Wg for topk)                       (N,C)
   Tensor d_ln2 = Tensor::zeros({N, C}, DType::f32, c.pool, ws);
   if (topk) {
-    Tensor dl_mm = to_mm(c, d_logits, ws);
-    mm_dyW(c, d_ln2.data<float>(), dl_mm, 0, o.moe_gate, N, E, C);
-    mm_dW(c, o.moe_gate, dl_mm, st.ln2_mm, 0, N, E, C);
+    Tensor dl_mm = to_mm(c, d_logits, ws);  // on every tp rank: the same bytes everywhere
+    if (tp_lead(c)) {
+      mm_dyW(c, d_ln2.data<float>(), dl_mm, 0, o.moe_gate, N, E, C);
+      mm_dW(c, o.moe_gate, dl_mm, st.ln2_mm, 0, N, E, C);
+    }
   }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < k; ++j) {
@@ -501,6 +638,7 @@ Tensor moe_ffn_backward(const BlockCtx& c, const BlockOffsets& o, const Tensor& 
   st.moe_meta = st.moe_w = Tensor();
   st.moe_offsets.clear();
   st.moe_frac.clear();
+  st.moe_recv.clear();
   return d_ln2;
 }
 

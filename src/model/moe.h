@@ -11,9 +11,17 @@
 // dropped slots sit unused at the end), so allocation sizes do not depend on the data and the
 // memory model (model/memory.h) prices them exactly. Every sum runs in a fixed order (rows
 // ascending, then j): results are bit-identical for a given routing.
+//
+// Expert parallel (BlockCtx::ep, P ranks, El = E/P experts each): the slots of ep rank q's
+// experts are contiguous, so one all_to_all_v sends them there (after one all_to_all of the
+// per-expert counts); the experts run on the R = P*S rows a rank can receive at most (buffers
+// sized R whatever the routing), the outputs go back by the reverse exchange, and the backward
+// does the same with the gradients. Tensor parallel (BlockCtx::tp): each expert's d_ff is split
+// like the dense FFN's and the FFN returns partial sums (the block reduce-scatters them).
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "core/tensor.h"
@@ -33,6 +41,11 @@ struct MoeStats {
   int64_t dropped = 0;            // topk: choices dropped by the capacity limit
   int64_t blocks = 0;             // sparse block forwards counted
   std::vector<int64_t> load;      // (E) slots each expert processed, summed over blocks
+  // topk: the smallest gap at the selection boundary, p_(k) - p_(k+1) (a row's k-th and
+  // (k+1)-th largest router probabilities; E > k), over every row: tests check that no near-tie
+  // could change which experts a token goes to between layouts (the order among the chosen only
+  // changes a commutative two-term sum). +inf when nothing was routed by topk.
+  double min_top_gap = std::numeric_limits<double>::infinity();
   void add(const MoeStats& o);
 };
 

@@ -59,11 +59,13 @@ BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg
   if (m.router == Router::topk) b.moe_gate = add(p + "moe.gate.weight", {m.experts, C}, InitKind::normal);
   for (int64_t e = 0; e < m.experts; ++e) {
     const std::string q = p + "moe.experts." + std::to_string(e) + ".";
-    const int64_t up = add(q + "up.weight", {Fe, C}, InitKind::normal);
+    const int64_t up = add(q + "up.weight", {Fe, C}, InitKind::normal, 0);
     if (e == 0) b.moe_experts = up;
-    add(q + "up.bias", {Fe}, InitKind::zeros);
-    add(q + "down.weight", {C, Fe}, InitKind::normal_residual);
+    b.moe_n_experts = m.experts;
+    add(q + "up.bias", {Fe}, InitKind::zeros, 0);
+    add(q + "down.weight", {C, Fe}, InitKind::normal_residual, 1);
     add(q + "down.bias", {C}, InitKind::zeros);
+    if (e == 0) b.moe_stride = total_ - up;
   }
   if (m.router == Router::rre) {
     b.moe_table = add(p + "moe.rre_table", {m.num_domains(), cfg.vocab}, InitKind::rre_uniform);
@@ -76,7 +78,8 @@ BlockOffsets ParamLayout::add_block(const std::string& p, const ModelConfig& cfg
 std::vector<int> valid_tp_sizes(const ModelConfig& cfg) {
   std::vector<int> out;
   for (int t = 1; t <= cfg.n_heads; ++t)
-    if (cfg.n_heads % t == 0 && cfg.n_kv_heads % t == 0 && cfg.d_ff % t == 0 && cfg.vocab % t == 0)
+    if (cfg.n_heads % t == 0 && cfg.n_kv_heads % t == 0 && cfg.d_ff % t == 0 &&
+        cfg.vocab % t == 0 && (!cfg.moe.enabled() || cfg.moe.expert_d_ff % t == 0))
       out.push_back(t);
   return out;
 }
@@ -85,16 +88,13 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, TpShard tp) : tp_(tp) {
   cfg.validate();
   LOOM_CHECK(tp.size >= 1 && tp.rank >= 0 && tp.rank < tp.size, "tp rank {} of size {} is invalid",
              tp.rank, tp.size);
-  LOOM_CHECK(tp.size == 1 || !cfg.moe.enabled(),
-             "model '{}' has sparse (MoE) blocks, which do not run under tensor parallelism yet "
-             "(tp = {}); use tp = 1",
-             cfg.name, tp.size);
   if (tp.size > 1) {
     auto ok = valid_tp_sizes(cfg);
     LOOM_CHECK(std::find(ok.begin(), ok.end(), tp.size) != ok.end(),
-               "tp = {} does not divide model '{}' (n_heads {}, n_kv_heads {}, d_ff {}, vocab {}); "
-               "tensor parallel sizes that work: {}",
+               "tp = {} does not divide model '{}' (n_heads {}, n_kv_heads {}, d_ff {}, vocab "
+               "{}{}); tensor parallel sizes that work: {}",
                tp.size, cfg.name, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab,
+               cfg.moe.enabled() ? fmt::format(", expert_d_ff {}", cfg.moe.expert_d_ff) : "",
                fmt::join(ok, ", "));
   }
   const int64_t C = cfg.d_model;

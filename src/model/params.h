@@ -38,21 +38,35 @@ struct BlockOffsets {
   // the experts lie contiguous from moe_experts, expert e at moe_experts + e * stride with
   // stride = moe_expert_stride(cfg): up.weight (Fe,C), up.bias (Fe), down.weight (C,Fe),
   // down.bias (C). moe_gate: topk gate weight (E,C); moe_table: rre table (D,V), frozen.
-  // Absent ones are -1.
+  // Absent ones are -1. Under expert parallelism (StageGeometry with EpShard) a stage holds only
+  // experts [moe_expert0, moe_expert0 + moe_n_experts): moe_experts is then where expert
+  // moe_expert0 starts and expert e lies at moe_experts + (e - moe_expert0) * stride. The whole
+  // model's layout holds all: moe_expert0 = 0, moe_n_experts = E.
   int64_t moe_experts = -1, moe_gate = -1, moe_table = -1;
+  int64_t moe_expert0 = 0, moe_n_experts = 0;
+  // Elements of one expert's tensors in this layout: 2*Fl*C + Fl + C with Fl = expert_d_ff / tp
+  // (under tp an expert's up projection is column-split and its down projection row-split like
+  // the dense FFN; the down bias is replicated).
+  int64_t moe_stride = 0;
   bool sparse() const { return moe_experts >= 0; }
 };
 
-// Elements of one expert's tensors: 2*Fe*C + Fe + C.
-inline int64_t moe_expert_stride(const ModelConfig& cfg) {
-  return 2 * cfg.moe.expert_d_ff * cfg.d_model + cfg.moe.expert_d_ff + cfg.d_model;
+// Elements of one expert's tensors at tp size `tp`: 2*Fl*C + Fl + C, Fl = Fe / tp.
+inline int64_t moe_expert_stride(const ModelConfig& cfg, int tp = 1) {
+  const int64_t Fl = cfg.moe.expert_d_ff / tp;
+  return 2 * Fl * cfg.d_model + Fl + cfg.d_model;
 }
 
 // One past the block's last element (its tensors are contiguous from norm1_w).
 inline int64_t block_end(const BlockOffsets& o, const ModelConfig& cfg) {
   if (!o.sparse()) return o.b_down + cfg.d_model;
   if (o.moe_table >= 0) return o.moe_table + cfg.moe.num_domains() * cfg.vocab;
-  return o.moe_experts + cfg.moe.experts * moe_expert_stride(cfg);
+  return o.moe_experts + o.moe_n_experts * o.moe_stride;
+}
+
+// Offset of expert e's first tensor (up.weight); e must be one of the held experts.
+inline int64_t moe_expert_offset(const BlockOffsets& o, int64_t e) {
+  return o.moe_experts + (e - o.moe_expert0) * o.moe_stride;
 }
 
 // Every offset of `o` passed through f (e.g. rebasing, or global -> stage-local).
@@ -76,7 +90,10 @@ class ParamLayout {
   // The whole model (tp.size = 1), or tp rank tp.rank's shards: q/k/v rows (its heads and kv
   // heads), ffn.up rows and the token embedding's vocabulary rows (column-parallel), attn.out and
   // ffn.down columns (row-parallel); norms, position tables and the out/down biases replicated.
-  // Throws naming the valid tp sizes unless tp.size divides n_heads, n_kv_heads, d_ff and vocab.
+  // Sparse blocks: each expert's up rows and down columns likewise; the gate, the rre table and
+  // the experts' down biases replicated.
+  // Throws naming the valid tp sizes unless tp.size divides n_heads, n_kv_heads, d_ff and vocab
+  // (and a sparse model's expert_d_ff).
   explicit ParamLayout(const ModelConfig& cfg, TpShard tp = {});
 
   const std::vector<ParamSpec>& specs() const { return specs_; }

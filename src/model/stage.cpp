@@ -25,6 +25,9 @@ std::atomic<int> g_emulation_override{-1};
 TpShard shard_of(const comm::ProcessGroup* tp) {
   return tp && tp->size() > 1 ? TpShard{tp->rank(), tp->size()} : TpShard{};
 }
+EpShard ep_shard_of(const comm::ProcessGroup* ep) {
+  return ep && ep->size() > 1 ? EpShard{ep->rank(), ep->size()} : EpShard{};
+}
 }  // namespace
 
 bool bf16_emulated() {
@@ -58,11 +61,13 @@ struct GptStage::MicroStash {
 };
 
 GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool,
-                   Precision precision, const comm::ProcessGroup* tp, ParamStore* store)
+                   Precision precision, const comm::ProcessGroup* tp, ParamStore* store,
+                   const comm::ProcessGroup* ep)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
+      ep_(ep && ep->size() > 1 ? ep : nullptr),
       store_(store),
-      geo_(cfg, span, shard_of(tp)),
+      geo_(cfg, span, shard_of(tp), ep_shard_of(ep)),
       pool_(pool),
       precision_(precision),
       emulated_(precision == Precision::bf16 && !store && bf16_emulated()),
@@ -104,12 +109,16 @@ void GptStage::unit_grads_done(int u, bool final) {
 }
 // Braced initialisation evaluates in order: weights(u) before weights_lp(u), as a store needs.
 BlockCtx GptStage::ctx(int u, bool with_grads, int64_t B, int64_t T) {
-  return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
-                  with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u), cp_, positions(T)};
+  BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
+             with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u), cp_, positions(T)};
+  c.ep = ep_;
+  return c;
 }
 BlockCtx GptStage::plain_ctx(int64_t B, int64_t T) const {
-  return BlockCtx{cfg_, pool_, precision_ == Precision::bf16, nullptr, nullptr, nullptr, B, T, tp_,
-                  nullptr, cp_, positions(T)};
+  BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, nullptr, nullptr, nullptr, B, T, tp_,
+             nullptr, cp_, positions(T)};
+  c.ep = ep_;
+  return c;
 }
 
 const int64_t* GptStage::positions(int64_t T) const {

@@ -112,8 +112,14 @@ class GptStage {
   //
   // `store` (optional): the parameters live there; weights() and grads() are then null and
   // init/import/export/zero_grads are the store's owner's business.
+  //
+  // `ep` (optional, size P > 1): expert parallel over that group (model/moe.h): this rank holds
+  // experts [r*E/P, (r+1)*E/P) of every sparse block (StageGeometry with EpShard) and each sparse
+  // block exchanges its dispatched rows with the group by all-to-all(v), forward and backward.
+  // Every member calls forward/backward/forward_eval collectively (each on its own tokens).
   GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision,
-           const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr);
+           const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr,
+           const comm::ProcessGroup* ep = nullptr);
   ~GptStage();
   GptStage(const GptStage&) = delete;
   GptStage& operator=(const GptStage&) = delete;
@@ -124,6 +130,8 @@ class GptStage {
   const ParamLayout& global_layout() const { return geo_.global(); }
   const comm::ProcessGroup* tp() const { return tp_; }
   int tp_size() const { return tp_ ? tp_->size() : 1; }
+  const comm::ProcessGroup* ep() const { return ep_; }
+  int ep_size() const { return ep_ ? ep_->size() : 1; }
 
   // Context parallel (null: none; the executor owns the context, which must outlive the stage's
   // use). With a cp group of G ranks, forward/backward/forward_eval take this rank's share of
@@ -235,6 +243,7 @@ class GptStage {
 
   ModelConfig cfg_;
   const comm::ProcessGroup* tp_ = nullptr;
+  const comm::ProcessGroup* ep_ = nullptr;
   const attention::CpContext* cp_ = nullptr;
   mutable std::vector<int64_t> positions_;  // (T) for the last T asked
   ParamStore* store_ = nullptr;

@@ -285,8 +285,10 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
                p.tp, p.pp, p.cp, per_replica, world_size, fmt::join(divisors(world_size), ", "));
     p.dp = world_size / per_replica;
   }
-  LOOM_CHECK(p.ep == 1 || p.dp % p.ep == 0, "ep = {} must divide dp = {}; valid ep: {}", p.ep, p.dp,
-             fmt::join(divisors(p.dp), ", "));
+  LOOM_CHECK(p.ep == 1 || p.dp % p.ep == 0,
+             "ep = {} must divide dp = {} (the experts are split over ep ranks inside each dp "
+             "group); use ep in {{{}}} or a dp that is a multiple of {}",
+             p.ep, p.dp, fmt::join(divisors(p.dp), ", "), p.ep);
   if (p.ep > 1) {
     LOOM_CHECK(m.experts > 0,
                "ep = {}: expert parallelism splits the experts of sparse (MoE) blocks, and this model "
@@ -300,9 +302,11 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
                "experts / ep of them); valid ep here (dividing experts and dp = {}): {}",
                p.ep, m.experts, p.dp, fmt::join(ok, ", "));
   }
-  LOOM_CHECK(p.ep == 1, "ep = {}: expert parallelism is not available yet (issue 14, phase 2: "
-                        "all-to-all dispatch); use ep = 1",
-             p.ep);
+  LOOM_CHECK(p.ep == 1 || p.zero <= 1,
+             "ep = {} with zero = {}: expert parallelism runs with ZeRO stage 0 or 1 so far "
+             "(ZeRO 2/3 would shard each sparse block's experts as their own units over the ranks "
+             "holding the same experts; not built yet); set zero = 0 or 1, or ep = 1",
+             p.ep, p.zero);
 
   // Pipeline: stages, layer split and schedule.
   const int64_t n_virtual = int64_t(p.pp) * p.virtual_stages;

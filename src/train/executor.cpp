@@ -106,6 +106,38 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
   LOOM_CHECK(plan.recompute.empty() || int64_t(plan.recompute.size()) == cfg.n_layers,
              "the plan's recompute list has {} entries but the model has n_layers = {}",
              plan.recompute.size(), cfg.n_layers);
+  if (plan.ep > 1) {
+    // Expert parallel inside the gradient-reduction group (dp, under cp dp x cp; its rank is
+    // cp + cp_size * dp since cp varies faster): ep groups are `ep` consecutive dp ranks at one
+    // cp coordinate, and the ranks holding the same experts (the same ep rank) form the group
+    // their gradients reduce over, dp/ep x cp of them (Megatron's expert-data-parallel group).
+    LOOM_CHECK(plan.dp % plan.ep == 0 && cfg.moe.enabled() && cfg.moe.experts % plan.ep == 0,
+               "ep = {} must divide dp = {} and the {} experts of each sparse block; choose ep "
+               "among the common divisors",
+               plan.ep, plan.dp, cfg.moe.enabled() ? cfg.moe.experts : 0);
+    LOOM_CHECK(plan.zero <= 1,
+               "ep = {} with ZeRO stage {} is not available yet: expert parallelism runs with "
+               "parallel.zero = 0 or 1 (ZeRO 2/3 would need the experts of a sparse block as "
+               "their own units, sharded over the ranks that hold the same experts); set "
+               "parallel.zero to 0 or 1, or ep = 1",
+               plan.ep, plan.zero);
+    const int G = plan.cp, P = plan.ep, D = plan.dp;
+    std::vector<std::vector<int>> ep_groups, same_experts(static_cast<size_t>(P));
+    for (int c = 0; c < G; ++c)
+      for (int b = 0; b < D / P; ++b) {
+        std::vector<int> grp;
+        for (int j = 0; j < P; ++j) grp.push_back(c + G * (b * P + j));
+        ep_groups.push_back(grp);
+      }
+    for (int j = 0; j < P; ++j) {
+      for (int b = 0; b < D / P; ++b)
+        for (int c = 0; c < G; ++c) same_experts[size_t(j)].push_back(c + G * (b * P + j));
+      std::sort(same_experts[size_t(j)].begin(), same_experts[size_t(j)].end());
+    }
+    ep_ = dp_.split(ep_groups, "ep");
+    edp_ = dp_.split(same_experts, "ep_dp");
+  }
+  const comm::ProcessGroup* epp = ep_.valid() ? &ep_ : nullptr;
   const comm::ProcessGroup* tpp = tp_.valid() ? &tp_ : nullptr;
   const model::TpShard shard = tpp ? model::TpShard{tp_.rank(), tp_.size()} : model::TpShard{};
   for (int c = 0; c < plan.virtual_stages; ++c) {
@@ -120,15 +152,24 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
       optimizers_.push_back(std::make_unique<optim::AdamW>(
           geometry->local_specs(), geometry->total(), ec.optim, pool, stores_.back()->pieces()));
     } else {
-      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp));
+      chunks_.push_back(
+          std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp, nullptr, epp));
       // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
       // chunk's buffer; the shares are broadcast after the step.
+      // Under ep the expert ranges are shared over the ranks holding the same experts instead
+      // (model::zero1_ranges).
       const bool zero1 = plan.zero >= 1 && dp_.valid();
       const int64_t n = chunks_.back()->total();
+      std::vector<optim::Range> owned{{0, n}};
+      if (zero1) {
+        owned.clear();
+        for (const model::UnitRange& u :
+             model::zero1_ranges(chunks_.back()->geometry(), dp_.size(), dp_.rank(),
+                                 edp_.valid() ? edp_.size() : 1, edp_.valid() ? edp_.rank() : 0))
+          owned.push_back({u.begin, u.end});
+      }
       optimizers_.push_back(std::make_unique<optim::AdamW>(
-          chunks_.back()->geometry().local_specs(), n, ec.optim, pool,
-          std::vector<optim::Range>{zero1 ? zero1_share(n, dp_.size(), dp_.rank())
-                                          : optim::Range{0, n}}));
+          chunks_.back()->geometry().local_specs(), n, ec.optim, pool, owned));
     }
     if (!plan.recompute.empty()) chunks_.back()->set_recompute(plan.recompute);
     chunks_.back()->set_context_parallel(cp_ctx_.get());
@@ -207,6 +248,10 @@ void Executor::export_optimizer(float* global_m, float* global_v) const {
 void Executor::export_optimizer_dp_summed(float* global_m, float* global_v) const {
   LOOM_CHECK((global_m == nullptr) == (global_v == nullptr),
              "export_optimizer_dp_summed: pass both m and v, or neither");
+  LOOM_CHECK(!ep_.valid(),
+             "export_optimizer_dp_summed: under expert parallelism (ep = {}) the ranks of dp hold "
+             "different experts; write a sharded checkpoint (for_each_checkpoint_piece) instead",
+             ec_.plan.ep);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const model::GptStage& c = *chunks_[i];
     const optim::AdamW& o = *optimizers_[i];
@@ -241,6 +286,7 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
                        : o.ranges();
     for_each_owned(c, mine, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
       if (p.tied_copy || (p.global.replicated() && tp_rank() != 0)) return;
+      if (share_replicas && p.expert && ep_.valid()) return;  // written below
       const int64_t lo = x - p.local_offset;
       const int64_t opt = share_replicas ? x : packed;
       const float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
@@ -248,6 +294,20 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
       f("m", p.global, lo, lo + len, o.m() + opt);
       f("v", p.global, lo, lo + len, o.v() + opt);
     });
+    // Expert parallel (ZeRO 0): an expert's tensors are replicated over the ranks holding the
+    // same experts only; each of them writes an equal share of each tensor.
+    if (!share_replicas || !ep_.valid()) continue;
+    for (const model::StageParam& p : c.params()) {
+      if (!p.expert || (p.global.replicated() && tp_rank() != 0)) continue;
+      const model::UnitRange sh =
+          edp_.size() > 1 ? model::zero1_share(p.global.numel, edp_.size(), edp_.rank())
+                          : model::UnitRange{0, p.global.numel};
+      if (sh.end <= sh.begin) continue;
+      const int64_t x = p.local_offset + sh.begin;
+      f("weights", p.global, sh.begin, sh.end, c.weights() + x);
+      f("m", p.global, sh.begin, sh.end, o.m() + x);
+      f("v", p.global, sh.begin, sh.end, o.v() + x);
+    }
   }
 }
 
@@ -297,8 +357,24 @@ void Executor::import_optimizer(const float* global_m, const float* global_v,
 }
 
 void Executor::reduce_range(int c, int64_t begin, int64_t end) {
-  reductions_.push_back(dp_.all_reduce(
-      comm::BufferRef(chunks_[size_t(c)]->grads() + begin, end - begin, DType::f32)));
+  float* grads = chunks_[size_t(c)]->grads();
+  auto reduce = [&](const comm::ProcessGroup& g, int64_t b, int64_t e) {
+    if (e > b && g.valid() && g.size() > 1)
+      reductions_.push_back(g.all_reduce(comm::BufferRef(grads + b, e - b, DType::f32)));
+  };
+  if (!ep_.valid()) {
+    reduce(dp_, begin, end);
+    return;
+  }
+  // Expert parallel: the experts' gradients sum over the ranks holding the same experts only.
+  int64_t x = begin;
+  for (const model::UnitRange& r : chunks_[size_t(c)]->geometry().expert_ranges()) {
+    if (r.end <= x || r.begin >= end) continue;
+    reduce(dp_, x, std::max(x, r.begin));
+    reduce(edp_, std::max(x, r.begin), std::min(end, r.end));
+    x = std::min(end, r.end);
+  }
+  reduce(dp_, x, end);
 }
 
 void Executor::grad_ready(int c, int64_t begin, int64_t end) {
@@ -473,7 +549,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
                 where(), c->in_flight());
 
   const int64_t VC = chunks_[0]->global_layout().specs()[0].numel;  // (V/tp) x C
-  double squares = 0;
+  double squares = 0, expert_squares = 0;
   if (!stores_.empty()) {
     // ZeRO-2/3: every unit's gradient was reduce-scattered over dp during the backward (tp's
     // replicated tensors summed first); collect the last ones.
@@ -525,7 +601,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       if (tp_.valid()) {
         for (const model::StageParam& p : c->params())
           if (!p.tied_copy && (!p.global.replicated() || tp_.rank() == 0))
-            squares += kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
+            (p.expert && ep_.valid() ? expert_squares : squares) +=
+                kernels::sum_squares(c->grads() + p.local_offset, p.global.numel);
         continue;
       }
       int64_t skip = 0;
@@ -534,7 +611,22 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
                     c->token_embedding());
         skip = VC;
       }
-      squares += kernels::sum_squares(c->grads() + skip, c->total() - skip);
+      if (!ep_.valid()) {
+        squares += kernels::sum_squares(c->grads() + skip, c->total() - skip);
+        continue;
+      }
+      // Expert parallel: the experts' squares are this rank's share, summed over ep below.
+      int64_t x = skip;
+      for (const model::UnitRange& r : c->geometry().expert_ranges()) {
+        squares += kernels::sum_squares(c->grads() + x, r.begin - x);
+        expert_squares += kernels::sum_squares(c->grads() + r.begin, r.end - r.begin);
+        x = r.end;
+      }
+      squares += kernels::sum_squares(c->grads() + x, c->total() - x);
+    }
+    if (ep_.valid()) {
+      ep_.all_reduce(comm::BufferRef(&expert_squares, 1, DType::f64)).wait();
+      squares += expert_squares;
     }
   }
   // Global grad norm: summed over pp (and tp; and dp above under ZeRO-2/3).
@@ -555,15 +647,23 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
     }
     optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
     if (ec_.plan.zero >= 1 && dp_.valid()) {
-      // ZeRO-1: every dp rank's updated share to the others.
-      const int64_t n = chunks_[i]->total();
+      // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
+      // each expert range's shares over the ranks holding the same experts).
+      float* weights = chunks_[i]->weights();
       std::vector<comm::Work> works;
-      for (int r = 0; r < dp_.size(); ++r) {
-        const optim::Range sh = zero1_share(n, dp_.size(), r);
-        if (sh.end > sh.begin)
-          works.push_back(dp_.broadcast(
-              comm::BufferRef(chunks_[i]->weights() + sh.begin, sh.end - sh.begin, DType::f32), r));
-      }
+      for (int r = 0; r < dp_.size(); ++r)
+        for (const model::UnitRange& u : model::zero1_dense_ranges(chunks_[i]->geometry(), dp_.size(), r))
+          if (u.end > u.begin)
+            works.push_back(dp_.broadcast(
+                comm::BufferRef(weights + u.begin, u.end - u.begin, DType::f32), r));
+      if (edp_.valid() && edp_.size() > 1)
+        for (const model::UnitRange& e : chunks_[i]->geometry().expert_ranges())
+          for (int r = 0; r < edp_.size(); ++r) {
+            const model::UnitRange sh = model::zero1_share(e.end - e.begin, edp_.size(), r);
+            if (sh.end > sh.begin)
+              works.push_back(edp_.broadcast(
+                  comm::BufferRef(weights + e.begin + sh.begin, sh.end - sh.begin, DType::f32), r));
+          }
       for (auto& w : works) w.wait();
     }
     chunks_[i]->sync_low_precision_weights();

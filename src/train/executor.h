@@ -140,6 +140,10 @@ class Executor {
   int tp_size() const { return tp_.valid() ? tp_.size() : 1; }
   int cp_rank() const { return cp_.valid() ? cp_.rank() : 0; }
   int cp_size() const { return cp_.valid() ? cp_.size() : 1; }
+  // Expert parallel: the ep group every sparse block dispatches over (null without ep), and
+  // the group of ranks holding the same experts (their gradients reduce over it).
+  const comm::ProcessGroup* ep_group() const { return ep_.valid() ? &ep_ : nullptr; }
+  const comm::ProcessGroup* expert_dp_group() const { return edp_.valid() ? &edp_ : nullptr; }
   // cp: the context every chunk's attention runs with (null without cp).
   const attention::CpContext* cp_context() const { return cp_ctx_.get(); }
   // Every chunk's optimizer: the ranges of its buffer it updates (m and v hold them packed).
@@ -183,6 +187,9 @@ class Executor {
   model::ModelConfig cfg_;
   ExecutorConfig ec_;
   comm::ProcessGroup pp_, embedding_, dp_, tp_, cp_;
+  // Expert parallel (plan.ep > 1): the ep group (dispatch) and the ranks holding the same
+  // experts (their gradient reduction), both split from dp_.
+  comm::ProcessGroup ep_, edp_;
   std::unique_ptr<attention::CpContext> cp_ctx_;  // cp > 1: shared by every chunk
   attention::CpStats cp_stats_;                   // its counters (reset every step)
   // cp: this rank's inputs and targets (B, T/G) of window block `tokens` (B, T+1); else the

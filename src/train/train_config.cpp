@@ -277,7 +277,8 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   // is checked now (make_train_plan checks the rest at launch).
   try {
     parallel::PlanSettings probe = ps;
-    if (!probe.dp || *probe.dp == 0) probe.dp = 1;
+    // dp automatic: the smallest dp that admits the ep size (ep | dp is checked at launch).
+    if (!probe.dp || *probe.dp == 0) probe.dp = std::max(1, probe.ep.value_or(1));
     const int64_t divisible = int64_t(*probe.dp) * probe.micro_batches.value_or(1);
     parallel::ModelShape shape = plan_shape(c.model);
     shape.seq = c.seq;

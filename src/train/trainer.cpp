@@ -289,6 +289,15 @@ std::vector<float> Trainer::full_weights() const {
   const model::ParamLayout& layout = exec_->chunk(0).global_layout();
   std::vector<float> w(size_t(layout.total()), 0.f);
   exec_->export_weights(w.data());  // collective over dp under ZeRO-3
+  // Expert parallel: each ep rank wrote its experts only (the rest are 0): a sum fills them in.
+  if (const comm::ProcessGroup* ep = exec_->ep_group())
+    for (int64_t l : cfg_.model.moe.sparse_layers) {
+      const model::BlockOffsets& o = layout.block(l);
+      ep->all_reduce(comm::BufferRef(w.data() + o.moe_experts,
+                                     o.moe_n_experts * o.moe_stride,
+                                     DType::f32))
+          .wait();
+    }
   // Every tensor has one owner among the pp ranks: a sum fills in the rest.
   if (pp_.valid()) pp_.all_reduce(comm::BufferRef(w.data(), layout.total(), DType::f32)).wait();
   if (tp_.valid()) return model::gather_tp_buffer(cfg_.model, layout, w.data(), tp_);

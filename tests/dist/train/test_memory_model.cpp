@@ -56,7 +56,7 @@ model::ModelConfig small_config() {
 }
 
 struct Case {
-  int dp = 1, tp = 1, pp = 1, zero = 0, cp = 1;
+  int dp = 1, tp = 1, pp = 1, zero = 0, cp = 1, ep = 1;
   const char* schedule = "1f1b";
   int virtual_stages = 1;
   int64_t micro_batches = 1;
@@ -160,7 +160,7 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
   std::array<double, kNumMemCategories> worst{};
   for (const Case& k : cases) {
     parallel::PlanSettings s;
-    s.dp = k.dp, s.tp = k.tp, s.pp = k.pp, s.zero = k.zero, s.cp = k.cp;
+    s.dp = k.dp, s.tp = k.tp, s.pp = k.pp, s.zero = k.zero, s.cp = k.cp, s.ep = k.ep;
     s.schedule = k.schedule;
     s.virtual_stages = k.virtual_stages;
     s.micro_batches = k.micro_batches;
@@ -303,6 +303,42 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
     runs.push_back({model::Router::rre,
                     {c(2, 2, 1, "1f1b", 1, 2, "selective", kF32), c(4, 1, 3, "1f1b", 1, 1, "none", kBf16)}});
     runs.push_back({model::Router::topk, {c(1, 4, 0, "gpipe", 1, 4, "none", kF32)}});
+  }
+  // Expert parallelism: each rank holds E/ep experts and the experts run on ep*S received rows
+  // (model/moe.h), every recompute mode, both routers, with pp.
+  auto with_ep = [](Case k, int ep) {
+    k.ep = ep;
+    return k;
+  };
+  // Tensor parallel sparse blocks (the experts split like the dense FFN), with ep at 4 ranks.
+  auto with_tp = [](Case k, int tp) {
+    k.tp = tp;
+    return k;
+  };
+  if (w == 2) {
+    runs.push_back({model::Router::rre, {with_tp(c(1, 1, 0, "1f1b", 1, 2, "selective", kBf16), 2)}});
+    runs.push_back({model::Router::topk, {with_tp(c(1, 1, 0, "1f1b", 1, 2, "full", kF32), 2),
+                                          with_tp(c(1, 1, 0, "1f1b", 1, 2, "none", kBf16, 0), 2)}});
+  } else if (w == 4) {
+    runs.push_back({model::Router::rre,
+                    {with_tp(with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2), 2)}});
+    runs.push_back({model::Router::topk,
+                    {with_tp(with_ep(c(2, 1, 1, "1f1b", 1, 2, "selective", kBf16), 2), 2)}});
+  }
+  if (w == 2) {
+    runs.push_back({model::Router::rre,
+                    {with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2),
+                     with_ep(c(2, 1, 0, "1f1b", 1, 2, "selective", kBf16), 2)}});
+    runs.push_back({model::Router::topk, {with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2),
+                                          with_ep(c(2, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
+  } else if (w == 4) {
+    Case ep_cp = with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2);
+    ep_cp.cp = 2;  // ep 2 inside dp 2, at each of 2 cp ranks
+    runs.push_back({model::Router::rre,
+                    {with_ep(c(4, 1, 0, "1f1b", 1, 2, "selective", kF32), 2),
+                     with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kF32), 2), ep_cp,
+                     with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
+    runs.push_back({model::Router::topk, {with_ep(c(4, 1, 0, "1f1b", 1, 1, "none", kBf16), 4)}});
   }
   if (runs.empty()) GTEST_SKIP() << "MoE plans are listed for 2 and 4 ranks, not " << w;
   for (auto& [router, cases] : runs) {

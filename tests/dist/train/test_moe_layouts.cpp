@@ -4,9 +4,16 @@
 // drops nothing and without the aux loss (both act per micro-batch).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+
 #include "comm/process_group.h"
 #include "dist/train/train_helpers.h"
 #include "model/moe.h"
+#include "parallel/topology.h"
+#include "train/executor.h"
 #include "train/trainer.h"
 
 using namespace loom;
@@ -99,6 +106,327 @@ TEST_P(MoeLayouts, DpAndPpEqualSerial) {
       EXPECT_EQ(stats.dropped, 0) << what;
     }
   }
+}
+
+// Expert parallelism (ep inside dp, and with pp): 10 steps equal the serial run, losses within
+// 1e-5 and every parameter tensor within 1e-5 (relative L2; only summation orders differ: an
+// expert's weight gradient sums its rows in segments per sending rank, and over the ranks holding
+// the same experts instead of all of dp).
+constexpr int kEpSteps = 10;
+
+// rre over a single "other" domain of 8 experts, so the uniform table spreads the tokens over
+// every ep rank's experts (the preset's 4 domains would send synthetic data, which has no
+// languages, all to the "other" group, i.e. to one ep rank).
+train::TrainConfig ep_config(int dp, const std::string& dir, model::Router router) {
+  train::TrainConfig c = config(dp, 1, 0, dir, router);
+
+  if (router == model::Router::rre) {
+    model::MoeConfig& m = c.model.moe;
+    m.domains = {"other"};
+    m.experts_per_domain = 8;
+    m.experts = 8;
+    c.model.name = "tiny-moe-ep";
+    c.model.validate();
+  }
+  return c;
+}
+
+// Every tensor of `layout` within `tol` of the serial run's, in one of two senses: relative L2
+// distance <= tol, or every element within tol (absolute; the weights are O(0.01-1)); and the
+// whole buffer within tol relative L2. Neither sense alone fits rounding noise, which AdamW's
+// normalisation m/sqrt(v) amplifies where a gradient nearly cancels: with ep = 1 plain dp 4
+// already puts query_layer.attn.q.bias at 2.8e-5 relative (3e-6 absolute), and dp 2 x tp 2 one
+// element of blocks.1.moe.experts.5.up.weight at 1.47e-5 absolute (its tensor 6.9e-6 relative),
+// after 10 steps. A real bug shows as 1e-4 and more (a gradient norm that missed the experts'
+// squares over ep gave 1e-4 on every tensor). LOOM_EP_DEBUG=1 prints the worst tensors.
+void expect_tensors_near(const model::ParamLayout& layout, const std::vector<float>& a,
+                         const std::vector<float>& b, double tol, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_LT(train_test::relative_l2(a.data(), b.data(), int64_t(a.size())), tol) << what;
+  for (const model::ParamSpec& s : layout.specs()) {
+    double e = 0, n = 0, mx = 0;
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
+      const double d = double(a[size_t(i)]) - double(b[size_t(i)]);
+      e += d * d;
+      n += double(b[size_t(i)]) * double(b[size_t(i)]);
+      mx = std::max(mx, std::fabs(d));
+    }
+    if (std::getenv("LOOM_EP_DEBUG") && mx > 0.3 * tol)
+      std::printf("TENSOR %s %s max|diff| %.3g rel %.3g\n", what.c_str(), s.name.c_str(), mx,
+                  n > 0 ? std::sqrt(e / n) : 0.0);
+    const double rel = n > 0 ? std::sqrt(e / n) : (e > 0 ? 1.0 : 0.0);
+    EXPECT_TRUE(rel <= tol || mx <= tol)
+        << what << ": " << s.name << " relative L2 " << rel << ", max |diff| " << mx;
+  }
+}
+
+TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  const model::Router router = GetParam();
+  const std::string dir = train_test::shared_dir(world, std::string("moe_ep_") + model::router_name(router));
+  struct Layout { int dp, ep, pp = 1, cp = 1, zero = 0, tp = 1; };
+  std::vector<Layout> layouts;
+  // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it. tp: the experts
+  // split like the dense FFN (alone at w = 2, with ep 2 at w = 4).
+  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}, {1, 1, 1, 1, 0, 2}};
+  // (Also sparse blocks under tp with ZeRO-2 and ep 1: the ZeroStore's tp path.)
+  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}, {2, 1, 1, 1, 2, 2}};
+  // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
+  // under cp, see DpAndPpEqualSerial).
+  if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
+  if (std::getenv("LOOM_EP_CONTROL")) layouts = {{w, 1}, {w / 2, 1, 1, 1, 0, 2}};
+  if (layouts.empty()) GTEST_SKIP() << "SKIP: ep layouts are listed for 2 and 4 ranks, not " << w;
+
+  MemoryPool serial_pool;
+  train::TrainConfig sc = ep_config(w, dir + "_s" + std::to_string(world.rank()), router);
+  sc.batch = 4 * w;
+  train::Trainer serial(sc, serial_pool);
+  serial.init_fresh();
+  std::vector<double> serial_losses;
+  for (int i = 0; i < kEpSteps; ++i) serial_losses.push_back(serial.train_step().loss);
+  const std::vector<float> serial_w = serial.full_weights();
+  const model::ParamLayout& layout = serial.executor().chunk(0).global_layout();
+  // topk: the smallest gap between a row's k-th and (k+1)-th router probabilities over the
+  // serial run, printed, NOT checked against the 1e-4: on this random data it is ~1e-5
+  // at 2 ranks and ~4e-7 at 4 (thousands of rows always come that close; shorter sequences
+  // raise it to ~5e-5 but then plain dp's rounding exceeds the weight tolerance on a dense
+  // tensor). A data set meeting 1e-4 is still to be built. A flipped choice would show as a
+  // loss or weight mismatch below.
+  if (router == model::Router::topk)
+    std::printf("topk serial run: smallest gap p_(k) - p_(k+1) of the router probabilities %.3g\n",
+                serial.executor().chunk(0).moe_stats().min_top_gap);
+
+  for (const Layout& l : layouts) {
+    const std::string what = "dp " + std::to_string(l.dp) + " ep " + std::to_string(l.ep) +
+                             " pp " + std::to_string(l.pp) + " cp " + std::to_string(l.cp) +
+                             " zero " + std::to_string(l.zero) + " tp " + std::to_string(l.tp);
+    parallel::ParallelSizes sizes;
+    sizes.dp = l.dp, sizes.pp = l.pp, sizes.cp = l.cp, sizes.tp = l.tp;
+    parallel::ProcessGroups g =
+        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
+    MemoryPool pool;
+    train::TrainConfig c = ep_config(l.dp, dir, router);
+    c.batch = 4 * w;
+    c.parallel.dp = l.dp;
+    c.parallel.pp = l.pp;
+    c.parallel.ep = l.ep;
+    c.parallel.cp = l.cp;
+    c.parallel.zero = l.zero;
+    c.parallel.tp = l.tp;
+    train::Trainer t(c, pool, &g.dp, l.tp > 1 ? &g.tp : nullptr, l.pp > 1 ? &g.pp : nullptr,
+                     l.cp > 1 ? &g.cp : nullptr, l.cp > 1 ? &g.dp_cp : nullptr);
+    if (l.ep > 1) {
+      ASSERT_NE(t.executor().ep_group(), nullptr) << what;
+      EXPECT_EQ(t.executor().ep_group()->size(), l.ep) << what;
+    }
+    t.init_fresh();
+    for (int i = 0; i < kEpSteps; ++i) {
+      const double loss = t.train_step().loss;
+      EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
+          << what << " step " << i + 1;
+    }
+    expect_tensors_near(layout, t.full_weights(), serial_w, 1e-5, what);
+    for (int ci = 0; ci < t.executor().num_chunks(); ++ci) {
+      if (t.executor().chunk(ci).has_sparse_blocks()) {
+        EXPECT_EQ(t.executor().chunk(ci).moe_stats().dropped, 0) << what;
+        // The experts really were remote: rows went over the ep group.
+        if (l.ep > 1) {
+          EXPECT_GT(t.executor().ep_group()->counters()[comm::CommOp::all_to_all_v].bytes, 0)
+              << what;
+        }
+      }
+    }
+  }
+}
+
+// The ep all-to-all bytes of one step, read from the ep group's counters, equal the closed form
+// from the rre dispatch counts (known from the tokens before the forward): per sparse block and
+// micro-batch a rank sends the rows routed to experts on other ep ranks (forward: x; backward:
+// d(out)) and returns the rows it received from them (forward: y; backward: dx), each C floats.
+// f32 run, so every row is C x 4 bytes. The preset has one sparse block (sparse_top = 1).
+TEST(MoeExpertParallel, AllToAllBytesEqualClosedForm) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  const model::ModelConfig cfg = config(w, 1, 0, "/tmp/unused", model::Router::rre).model;
+  ASSERT_EQ(cfg.moe.sparse_layers.size(), 1u);
+  const int64_t b = 2, T = 32, M = 2, C = cfg.d_model, E = cfg.moe.experts;
+  const int64_t G = w * M * b, N = b * T;
+  // Deterministic tokens and domains (all 4 domains, so every group of experts gets rows).
+  std::vector<int32_t> tokens(size_t(G * (T + 1))), domains(tokens.size());
+  uint64_t x = 12345;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    tokens[i] = int32_t((x >> 33) % uint64_t(cfg.vocab));
+    domains[i] = int32_t((x >> 20) % uint64_t(cfg.moe.num_domains()));
+  }
+  std::vector<int> eps = w == 2 ? std::vector<int>{2} : w == 4 ? std::vector<int>{4, 2} : std::vector<int>{};
+  if (eps.empty()) GTEST_SKIP() << "SKIP: listed for 2 and 4 ranks, not " << w;
+  for (int ep : eps) {
+    parallel::PlanSettings s;
+    s.dp = w;
+    s.ep = ep;
+    s.micro_batches = M;
+    parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T};
+    shape.experts = E;
+    train::ExecutorConfig ec;
+    ec.plan = parallel::make_plan(s, shape, G, w);
+    MemoryPool pool;
+    train::Executor ex(cfg, ec, pool, &world);
+    ex.init_weights(3);
+    const comm::ProcessGroup& epg = *ex.ep_group();
+    const model::BlockOffsets& o = ex.chunk(0).geometry().blocks()[size_t(cfg.moe.sparse_layers[0])];
+    const float* table = ex.chunk(0).weights() + o.moe_table;  // (D,V), replicated
+    // Closed form: each member of this rank's ep group (dp ranks g0 .. g0+ep-1) routes its rows.
+    const int me = epg.rank(), g0 = world.rank() - me;
+    const int64_t El = E / ep;
+    int64_t sent = 0, received = 0, uniform_rows = 0;
+    for (int q = 0; q < ep; ++q)
+      for (int64_t mb = 0; mb < M; ++mb) {
+        const int64_t first = ((g0 + q) * M + mb) * b * (T + 1);
+        std::vector<int32_t> in, tgt, din, dtg;
+        model::split_windows(tokens.data() + first, b, T, in, tgt);
+        model::split_windows(domains.data() + first, b, T, din, dtg);
+        const std::vector<int64_t> cnt = model::rre_dispatch_counts(cfg, table, in.data(), din.data(), N);
+        for (int64_t e = 0; e < E; ++e) {
+          const bool mine = e / El == me;
+          if (q == me && !mine) sent += cnt[size_t(e)];
+          if (q != me && mine) received += cnt[size_t(e)];
+        }
+        if (q == me) uniform_rows += N;
+      }
+    const int64_t row_bytes = C * 4;
+    const int64_t expected = 2 * (sent + received) * row_bytes;  // forward and backward
+    epg.reset_counters();
+    ex.train_step(tokens.data() + int64_t(world.rank()) * M * b * (T + 1), b, T,
+                  domains.data() + int64_t(world.rank()) * M * b * (T + 1));
+    const int64_t measured = epg.counters()[comm::CommOp::all_to_all_v].bytes;
+    EXPECT_EQ(measured, expected) << "ep " << ep << " rank " << world.rank() << ": sent " << sent
+                                  << " rows, received " << received;
+    EXPECT_GT(sent + received, 0);
+    // Every rank's counts go to every other rank once per sparse block and micro-batch.
+    EXPECT_EQ(epg.counters()[comm::CommOp::all_to_all].bytes, M * (ep - 1) * El * 8);
+    std::printf("EPBYTES ep %d rank %d: all_to_all_v %lld bytes per sparse block per step = "
+                "closed form %lld (sent %lld + received %lld rows x C %lld x 4 B x 2); uniform "
+                "estimate 4 x %lld rows x C x 4 B x (ep-1)/ep = %.0f\n",
+                ep, world.rank(), (long long)measured, (long long)expected, (long long)sent,
+                (long long)received, (long long)C, (long long)uniform_rows,
+                4.0 * double(uniform_rows) * double(C) * 4.0 * double(ep - 1) / double(ep));
+  }
+}
+
+// Checkpoints: each ep rank writes its experts' pieces (an ep split is a subset of the logical
+// tensors), so an ep run's checkpoint resumes serially and at another ep, and an ep run resumes
+// from a serial one; all continue like the serial run (losses within 1e-5). The same ep layout
+// twice gives bit-identical losses.
+TEST(MoeExpertParallel, CheckpointsMoveBetweenEpAndOtherLayouts) {
+  namespace fs = std::filesystem;
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  if (w != 2 && w != 4) GTEST_SKIP() << "SKIP: listed for 2 and 4 ranks, not " << w;
+  const std::string dir = train_test::shared_dir(world, "moe_ep_ckpt");
+  const std::string single = dir + "_s" + std::to_string(world.rank());
+  auto cfg = [&](const std::string& d, int dp, int ep, int zero = 0) {
+    train::TrainConfig c = ep_config(dp, d, model::Router::rre);
+    c.batch = 4 * w;
+    c.parallel.dp = dp;
+    c.parallel.ep = ep;
+    c.parallel.zero = zero;
+    return c;
+  };
+  auto losses = [](train::Trainer& t, int n) {
+    std::vector<double> l;
+    for (int i = 0; i < n; ++i) l.push_back(t.train_step().loss);
+    return l;
+  };
+  auto expect_near = [](const std::vector<double>& a, const std::vector<double>& b,
+                        const std::string& what) {
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << what << " step " << i;
+  };
+  std::vector<double> first, serial_tail;
+  {
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w), pool, &world);
+    t.init_fresh();
+    first = losses(t, 3);
+    t.save(dir + "/ep_ckpt");
+  }
+  {
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w), pool, &world);
+    t.init_fresh();
+    EXPECT_EQ(losses(t, 3), first) << "ep " << w << " twice";
+  }
+  {
+    MemoryPool pool;
+    train::Trainer serial(cfg(single, 1, 1), pool);
+    serial.init_fresh();
+    (void)losses(serial, 3);
+    serial.save(single + "/serial_ckpt");
+    serial_tail = losses(serial, 3);
+  }
+  {
+    MemoryPool pool;
+    train::Trainer t(cfg(single, 1, 1), pool);
+    t.resume(dir + "/ep_ckpt");
+    expect_near(losses(t, 3), serial_tail, "serial from ep " + std::to_string(w));
+  }
+  {
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w), pool, &world);
+    t.resume(single + "/serial_ckpt");
+    expect_near(losses(t, 3), serial_tail, "ep " + std::to_string(w) + " from serial");
+  }
+  {
+    // Another ep over the same dp (w = 4: ep 2; w = 2: ep 1, plain dp) from the ep checkpoint.
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w / 2), pool, &world);
+    t.resume(dir + "/ep_ckpt");
+    expect_near(losses(t, 3), serial_tail, "ep " + std::to_string(w / 2) + " from ep " + std::to_string(w));
+  }
+  if (w == 4) {
+    // ep 2 x tp 2 writes its pieces (tp slices of each expert, the replicated down biases once)
+    // and the serial run continues from them.
+    parallel::ParallelSizes sizes;
+    sizes.dp = 2, sizes.tp = 2;
+    parallel::ProcessGroups g =
+        parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
+    std::vector<double> tail;
+    {
+      MemoryPool pool;
+      train::TrainConfig c = cfg(dir, 2, 2);
+      c.parallel.tp = 2;
+      train::Trainer t(c, pool, &g.dp, &g.tp);
+      t.resume(single + "/serial_ckpt");
+      t.save(dir + "/ep_tp_ckpt");
+      tail = losses(t, 3);
+      expect_near(tail, serial_tail, "ep 2 x tp 2 from serial");
+    }
+    MemoryPool pool;
+    train::Trainer s(cfg(single, 1, 1), pool);
+    s.resume(dir + "/ep_tp_ckpt");
+    expect_near(losses(s, 3), tail, "serial from ep 2 x tp 2");
+  }
+  {
+    // ZeRO-1 under ep (moments sharded over dp and the same-experts group) from the ep
+    // checkpoint, saving again, and serial from that.
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, w / 2, 1), pool, &world);
+    t.resume(dir + "/ep_ckpt");
+    const std::vector<double> l = losses(t, 1);
+    expect_near(l, {serial_tail[0]}, "ep " + std::to_string(w / 2) + " zero 1 from ep " + std::to_string(w));
+    t.save(dir + "/ep_zero1_ckpt");
+    std::vector<double> rest = losses(t, 2);
+    MemoryPool pool2;
+    train::Trainer s(cfg(single, 1, 1), pool2);
+    s.resume(dir + "/ep_zero1_ckpt");
+    expect_near(losses(s, 2), rest, "serial from ep zero 1");
+    expect_near(rest, {serial_tail[1], serial_tail[2]}, "ep zero 1");
+  }
+  world.barrier().wait();
+  if (world.rank() == 0) fs::remove_all(dir);
+  fs::remove_all(single);
 }
 
 INSTANTIATE_TEST_SUITE_P(Moe, MoeLayouts,

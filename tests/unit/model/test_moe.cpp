@@ -442,14 +442,28 @@ TEST(MoeConfig, BadInputIsNamed) {
   EXPECT_THROW(m.forward_loss(tokens.data(), 1, 8, domains.data()), Error);
   domains[0] = 3;  // 3 domains
   EXPECT_THROW(m.forward_loss(tokens.data(), 1, 8, domains.data()), Error);
-  // tp with sparse blocks is not supported yet: named.
-  EXPECT_THROW(ParamLayout(cfg, TpShard{0, 2}), Error);
+  // tp with sparse blocks: the experts split like the dense FFN, so tp must also divide
+  // expert_d_ff; the message names it and the sizes that work.
+  {
+    ModelConfig t = cfg;
+    t.vocab = 38;
+    EXPECT_NO_THROW(ParamLayout(t, TpShard{0, 2}));
+    t.moe.expert_d_ff = 13;
+    try {
+      ParamLayout bad(t, TpShard{0, 2});
+      ADD_FAILURE() << "tp 2 with expert_d_ff 13 was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("expert_d_ff 13"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("sizes that work: 1"), std::string::npos) << e.what();
+    }
+  }
 
   // ep: must divide the experts (and dp); a dense model has nothing to split.
-  auto plan_err = [&](int ep, int64_t experts) {
+  auto plan_err = [&](int ep, int64_t experts, int zero = 0) {
     parallel::PlanSettings s;
     s.dp = 6;
     s.ep = ep;
+    s.zero = zero;
     parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
     shape.experts = experts;
     try {
@@ -463,7 +477,14 @@ TEST(MoeConfig, BadInputIsNamed) {
   EXPECT_NE(plan_err(3, 4).find("valid ep here (dividing experts and dp = 6): 1, 2"),
             std::string::npos);
   EXPECT_NE(plan_err(2, 0).find("has none"), std::string::npos);
-  EXPECT_NE(plan_err(2, 4).find("not available yet"), std::string::npos);
+  EXPECT_EQ(plan_err(2, 4), "no error");  // ep 2 inside dp 6, 2 experts per ep rank
+  // ep must divide dp: the message names both values and the ep sizes that would work.
+  EXPECT_NE(plan_err(4, 4).find("ep = 4 must divide dp = 6"), std::string::npos) << plan_err(4, 4);
+  EXPECT_NE(plan_err(4, 4).find("use ep in {1, 2, 3, 6}"), std::string::npos) << plan_err(4, 4);
+  // Not built yet: ZeRO 1-3 under ep is refused with the fix.
+  EXPECT_EQ(plan_err(2, 4, 1), "no error");
+  EXPECT_NE(plan_err(2, 4, 2).find("set zero = 0 or 1, or ep = 1"), std::string::npos)
+      << plan_err(2, 4, 2);
 }
 
 }  // namespace
