@@ -81,6 +81,12 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
              "reproduce the trained model; decode rre models (moe.router = \"rre\"), or score "
              "this one with `loom eval loss`",
              cfg.name, cfg.moe.experts, cfg.moe.top_k);
+  // The training engine splits experts over tp (model/params.h); the decoder's expert FFN runs
+  // whole experts and has no tp reduction for them yet.
+  LOOM_CHECK(!cfg.moe.enabled() || tp.size == 1,
+             "model '{}' has sparse (MoE) blocks: tensor-parallel generation (tp = {}) runs dense "
+             "blocks only; generate with tp 1 (one process)",
+             cfg.name, tp.size);
   const model::ParamLayout layout(cfg, tp);  // throws naming the valid tp sizes
   // 1. Everything but the linear weights goes to small_, offsets remapped tensor by tensor.
   std::map<int64_t, int64_t> remap;  // flat offset of a tensor -> offset in small_
