@@ -6,7 +6,8 @@
 #     the same tokens; tp logits equal tp = 1 within f32 rounding (~1e-6), so a token may only
 #     differ at a step whose top-2 logprob margin is below 1e-4 (such steps are reported, and
 #     are not failures); token logprobs agree within 1e-4 up to there;
-#   - a streamed completion ends with [DONE];
+#   - a streamed completion ends with [DONE]; a client that disconnects mid-stream is cancelled
+#     on every rank and the next completion is still the same;
 #   - SIGTERM to rank 0 while a stream runs: the stream finishes, rank 1 is told to stop, every
 #     rank exits and mpirun exits 0;
 #   - SIGTERM to mpirun: Open MPI sends SIGTERM to every rank odls_base_sigkill_timeout (1 s)
@@ -125,6 +126,16 @@ echo "$compare"
 s=$(curl -sN --max-time 120 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
   -d '{"prompt": "def fib(n):", "max_tokens": 8, "temperature": 0, "stream": true}')
 echo "$s" | grep -q '^data: \[DONE\]' && pass "tp 2 streaming ends with [DONE]" || fail "tp 2 stream: $s"
+
+# A client that disconnects mid-stream: its request is cancelled on every rank (the cancellation
+# travels with the next step), and the server keeps answering identically.
+curl -sN --max-time 0.3 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt": "y", "max_tokens": 250, "temperature": 0, "stream": true, "ignore_eos": true}' >/dev/null 2>&1
+complete "$port" "${prompts[0]}" >"$WORK/after_cancel.json"
+/usr/bin/python3 -c 'import json,sys; a,b=(json.load(open(f))["choices"][0]["text"] for f in sys.argv[1:]); sys.exit(a!=b)' \
+  "$WORK/one.0.json" "$WORK/after_cancel.json" \
+  && pass "after a client disconnected mid-stream the tp server still answers the same" \
+  || fail "after a disconnect: $(head -c 300 "$WORK/after_cancel.json")"
 
 # SIGTERM to rank 0 while a stream runs: the stream finishes, every rank exits, mpirun exits 0.
 : >"$WORK/stream.out"
