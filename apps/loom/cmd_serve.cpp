@@ -1,4 +1,5 @@
-// `loom serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--int8] [--max-batch N]
+// `loom serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--int8] [--dtype f32|bf16]
+//  [--max-batch N] [--tp N]
 //  [--max-queue N] [--api-key K] ...`: the OpenAI-compatible HTTP server (infer/http/server.h)
 // over infer::Engine (continuous batching over the KV-cached decoder).
 //
@@ -40,6 +41,7 @@ struct ServeEngineOptions {
   std::string tokenizer;  // "" = DIR/tokenizer
   std::string model_name;
   bool int8 = false;
+  std::string dtype = "f32";  // the head's storage, and the linears' without --int8
   int64_t max_batch = 8;
   int64_t max_queue = 64;
   int tp = 1;
@@ -58,10 +60,14 @@ std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOp
     eo.tp_replicate = true;
     eo.start_thread = tp->rank() == 0;
   }
-  // int8: the block linears in int8 rows; the tied head stays f32 (it is one matrix, and the
+  // As `loom generate`: --dtype stores the linears and the tied head in f32 or bf16; --int8 puts
+  // the block linears in int8 rows and leaves the head in --dtype (it is one matrix, and the
   // logits feed sampling and logprobs directly).
-  const WeightFormat linears = o.int8 ? WeightFormat::int8_row : WeightFormat::f32;
-  return load_engine(o.checkpoint, o.tokenizer, linears, WeightFormat::f32, eo);
+  const WeightFormat head = weight_format_from_name(o.dtype);
+  LOOM_CHECK(head != WeightFormat::int8_row,
+             "--dtype {}: weights are stored as f32 or bf16; use --int8 for int8 linears", o.dtype);
+  const WeightFormat linears = o.int8 ? WeightFormat::int8_row : head;
+  return load_engine(o.checkpoint, o.tokenizer, linears, head, eo);
 }
 
 struct ServeOptions {
@@ -73,7 +79,8 @@ struct ServeOptions {
 void serve_rank0(ServeOptions& o, const loom::comm::ProcessGroup* tp,
                  const sigset_t& stop_signals) {
   using namespace loom;
-  LOOM_LOG_INFO("loading {}{}{}", o.engine.checkpoint, o.engine.int8 ? " (int8)" : "",
+  LOOM_LOG_INFO("loading {} ({}{}){}", o.engine.checkpoint, o.engine.dtype,
+                o.engine.int8 ? ", int8 linears" : "",
                 tp ? fmt::format(" (tp shard 0 of {})", tp->size()) : std::string());
   std::unique_ptr<infer::Engine> engine = make_engine_for_serving(o.engine, tp);
   infer::HttpServer server(*engine, o.server);
@@ -108,6 +115,8 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
       ->capture_default_str();
   sub->add_option("--port", s.port, "port (0 = any free port)")->capture_default_str();
   sub->add_flag("--int8", e.int8, "int8 per-row weights for the block linears");
+  sub->add_option("--dtype", e.dtype, "weight storage: f32 or bf16 (the head's with --int8)")
+      ->capture_default_str();
   sub->add_option("--tp", e.tp,
                   "tensor-parallel size; run under mpirun -np N (rank 0 serves HTTP)")
       ->capture_default_str();
