@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "checkpoint/commit.h"
 #include "comm/mpi_runtime.h"
 #include "core/error.h"
 
@@ -622,7 +623,11 @@ std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
   model::TpShard shard;
   if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
   ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
-  const std::string tp = tokenizer_path.empty() ? checkpoint_dir + "/tokenizer" : tokenizer_path;
+  // The tokenizer saved with the checkpoint: in the directory the weights come from (a run's
+  // ckpt/ holds versioned step directories and `latest`; find_checkpoint resolves it).
+  const std::string tp = tokenizer_path.empty()
+                             ? checkpoint::find_checkpoint(checkpoint_dir) + "/tokenizer"
+                             : tokenizer_path;
   auto tok = data::load_tokenizer(tp);
   return std::make_unique<Engine>(std::move(w), std::move(tok), std::move(options));
 }
