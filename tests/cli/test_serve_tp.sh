@@ -14,7 +14,8 @@
 #     later and SIGKILL as long after that; rank 0 drains, rank 1 ignores the signal and stops
 #     when rank 0 says, no rank is left within 30 s (mpirun's own status is Open MPI's, 1 for a
 #     job it terminated: reported, not checked);
-#   - rank 1 killed (SIGKILL): the job ends with a non-zero status within 60 s, never hangs.
+#   - rank 1 killed (SIGKILL): the job ends with a non-zero status within 60 s, never hangs;
+#   - rank 1 hung (SIGSTOP): rank 0's collective times out and it ends the job with the reason.
 # Exit 0 pass, 1 fail, 77 SKIP (no mpirun or curl). Usage: test_serve_tp.sh LOOM_BINARY SOURCE_DIR
 set -uo pipefail
 LOOM=$1
@@ -57,6 +58,7 @@ rank_pid() {
 # alive PID: the process exists and is not a zombie (an orphan here may wait long to be reaped).
 alive() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 start_tp() {  # start_tp NAME: mpirun pid in $mpid, port in $port
+  : >"$WORK/$1.log"
   "$SRC/scripts/mpirun-local" 2 "$LOOM" serve --checkpoint "$WORK/ckpt" --tokenizer "$TOK" \
     --tp 2 --port 0 --max-batch 8 >"$WORK/$1.log" 2>&1 &
   mpid=$!
@@ -64,6 +66,7 @@ start_tp() {  # start_tp NAME: mpirun pid in $mpid, port in $port
   port=$(wait_port "$WORK/$1.log")
 }
 
+: >"$WORK/one.log"
 "$LOOM" serve --checkpoint "$WORK/ckpt" --tokenizer "$TOK" --port 0 --max-batch 8 >"$WORK/one.log" 2>&1 &
 one=$!
 pids+=("$one")
@@ -199,6 +202,30 @@ if [ -n "$port" ]; then
   fi
 else
   fail "third serve --tp 2 did not start: $(tail -5 "$WORK/tp_kill.log")"
+fi
+
+# Rank 1 hangs (SIGSTOP): rank 0's next collective times out (LOOM_COMM_TIMEOUT=5 here) and it
+# ends the job naming the failure.
+LOOM_COMM_TIMEOUT=5 start_tp tp_hang
+if [ -n "$port" ]; then
+  r1=$(rank_pid "$mpid" 1)
+  t0=$(date +%s)
+  kill -STOP "$r1"
+  curl -s --max-time 60 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "x", "max_tokens": 8, "temperature": 0}' >/dev/null 2>&1
+  timeout 90 tail --pid="$mpid" -f /dev/null
+  if kill -0 "$mpid" 2>/dev/null; then
+    kill -CONT "$r1" 2>/dev/null
+    fail "rank 1 stopped: the job still runs after $(( $(date +%s) - t0 )) s"
+  else
+    wait "$mpid"
+    rc=$?
+    msg=$(grep -m1 -oE 'error: \[rank 0/2\].{0,150}' "$WORK/tp_hang.log")
+    [ $rc -ne 0 ] && [ -n "$msg" ] && pass "rank 1 hung: rank 0 ended the job in $(( $(date +%s) - t0 )) s: $msg" \
+      || fail "rank 1 hung: mpirun exit $rc: $(tail -5 "$WORK/tp_hang.log")"
+  fi
+else
+  fail "fourth serve --tp 2 did not start: $(tail -5 "$WORK/tp_hang.log")"
 fi
 
 kill -TERM "$one"; wait "$one"
