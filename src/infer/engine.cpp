@@ -206,10 +206,9 @@ SubmitResult Engine::submit(Request request) {
       return refuse(S::invalid, fmt::format("prompt token {} at index {} is outside the "
                                             "tokenizer's vocabulary [0, {})",
                                             request.prompt[size_t(i)], i, V));
-  StopRule rule = StopRule::none;
   try {
     validate_sampling(request.params);
-    rule = stop_rule_from_name(request.params.stop_rule);
+    stop_rule_from_name(request.params.stop_rule);  // throws on an unknown language
   } catch (const Error& e) {
     return refuse(S::invalid, e.what());
   }
@@ -220,7 +219,6 @@ SubmitResult Engine::submit(Request request) {
                               "shorten the prompt or lower max_tokens to at most {}",
                               ctx, P + request.params.max_tokens, P, request.params.max_tokens,
                               std::max<int64_t>(0, ctx - P)));
-  (void)rule;
   auto a = make_active(std::move(request));
   std::lock_guard<std::mutex> lk(mu_);
   if (tp_follower())
