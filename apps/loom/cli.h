@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdlib>
 #include <string>
 
 namespace loom::cli {
@@ -26,6 +27,11 @@ struct CommandRegistration {
 // Returns the subcommand `name` of `parent`, creating it (with `description`) if missing.
 CLI::App* subcommand_path(CLI::App& parent, const std::string& name,
                           const std::string& description);
+
+// True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
+inline bool launched_by_mpi() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
+}
 
 }  // namespace loom::cli
 

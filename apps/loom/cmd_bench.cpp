@@ -102,10 +102,6 @@ void add_bench(CLI::App& root, loom::cli::Context& ctx) {
   add_bench_context_parallel(root, ctx);
 }
 
-bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
-}
-
 void add_bench_context_parallel(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
     std::string scheme = "burst", dtype = "f32", layout = "zigzag", backward = "auto";
@@ -142,7 +138,7 @@ void add_bench_context_parallel(CLI::App& root, loom::cli::Context& ctx) {
     using namespace loom;
     using namespace loom::attention;
     using Clock = std::chrono::steady_clock;
-    LOOM_CHECK(o->cp == 1 || launched_by_mpi(),
+    LOOM_CHECK(o->cp == 1 || loom::cli::launched_by_mpi(),
                "--cp {} needs {} MPI ranks: run under `mpirun -np {} loom bench context-parallel ...`",
                o->cp, o->cp, o->cp);
     comm::MpiRuntime mpi(nullptr, nullptr);

@@ -32,10 +32,6 @@ namespace {
 
 using loom::infer::SamplingParams;
 
-// True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
-bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
-}
 
 // Applies a prompts-file line's overrides to `p`; unknown keys and wrong types are errors naming
 // the line and the key.
@@ -300,7 +296,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
     std::unique_ptr<comm::MpiRuntime> mpi;
     comm::ProcessGroup world;
     if (o->tp > 1) {
-      LOOM_CHECK(launched_by_mpi(),
+      LOOM_CHECK(loom::cli::launched_by_mpi(),
                  "--tp {} needs {} processes: run `mpirun -np {} loom generate "
                  "... --tp {}`",
                  o->tp, o->tp, o->tp, o->tp);

@@ -1,4 +1,5 @@
-// `loom serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--int8] [--max-batch N]
+// `loom serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--int8] [--dtype f32|bf16]
+//  [--max-batch N] [--tp N]
 //  [--max-queue N] [--api-key K] ...`: the OpenAI-compatible HTTP server (infer/http/server.h)
 // over infer::Engine (continuous batching over the KV-cached decoder).
 //
@@ -6,14 +7,27 @@
 // then exit 0. The signals are blocked in every thread and taken by sigwait() on the main
 // thread, so no handler runs inside the engine or the HTTP threads.
 //
+// `--tp N` under `mpirun -np N`: every rank loads its tensor-parallel shard of the weights; rank 0
+// runs the HTTP server and the engine's schedule, and the other ranks follow its steps
+// (EngineOptions::tp_replicate: rank 0 broadcasts each step's new requests and cancellations, all
+// ranks run the same decoder step together). Only rank 0 acts on SIGTERM / SIGINT (the others
+// keep them blocked and never wait for them, so a signal mpirun forwards to every rank still
+// drains): once rank 0 has drained it tells the others to stop and every rank exits 0. A failed
+// or timed-out collective (a rank died or hangs) ends the job naming the rank
+// (comm::abort_world); every collective waits at most the comm timeout (LOOM_COMM_TIMEOUT, 300 s
+// by default).
+//
 // The engine is built in make_engine_for_serving() only, the one place to change should its
 // constructor change.
 #include <signal.h>
+#include <unistd.h>
 
 #include <memory>
 #include <string>
 
 #include "cli.h"
+#include "comm/mpi_runtime.h"
+#include "comm/process_group.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "infer/engine.h"
@@ -28,30 +42,70 @@ struct ServeEngineOptions {
   std::string model_name;
   std::string domain;  // MoE (rre): requests without "domain" use this ("" = "other")
   bool int8 = false;
+  std::string dtype = "f32";  // the head's storage, and the linears' without --int8
   int64_t max_batch = 8;
   int64_t max_queue = 64;
+  int tp = 1;
 };
 
-std::unique_ptr<loom::infer::CompletionService> make_engine_for_serving(
-    const ServeEngineOptions& o) {
+// tp: the tensor-parallel group (null for one process); rank 0 leads, the others follow().
+std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOptions& o,
+                                                             const loom::comm::ProcessGroup* tp) {
   using namespace loom::infer;
   EngineOptions eo;
   eo.model_name = o.model_name;
   eo.max_batch = o.max_batch;
   eo.max_queue = o.max_queue;
   eo.default_domain = o.domain;
-  // int8: the block linears in int8 rows; the tied head stays f32 (it is one matrix, and the
+  if (tp && tp->size() > 1) {
+    eo.tp = tp;
+    eo.tp_replicate = true;
+    eo.start_thread = tp->rank() == 0;
+  }
+  // As `loom generate`: --dtype stores the linears and the tied head in f32 or bf16; --int8 puts
+  // the block linears in int8 rows and leaves the head in --dtype (it is one matrix, and the
   // logits feed sampling and logprobs directly).
-  const WeightFormat linears = o.int8 ? WeightFormat::int8_row : WeightFormat::f32;
-  return load_engine(o.checkpoint, o.tokenizer, linears, WeightFormat::f32, eo);
+  const WeightFormat head = weight_format_from_name(o.dtype);
+  LOOM_CHECK(head != WeightFormat::int8_row,
+             "--dtype {}: weights are stored as f32 or bf16; use --int8 for int8 linears", o.dtype);
+  const WeightFormat linears = o.int8 ? WeightFormat::int8_row : head;
+  return load_engine(o.checkpoint, o.tokenizer, linears, head, eo);
+}
+
+struct ServeOptions {
+  ServeEngineOptions engine;
+  loom::infer::ServerOptions server;
+};
+
+// Rank 0 (or the only process): the engine, the HTTP server, and the wait for SIGTERM / SIGINT.
+void serve_rank0(ServeOptions& o, const loom::comm::ProcessGroup* tp,
+                 const sigset_t& stop_signals) {
+  using namespace loom;
+  LOOM_LOG_INFO("loading {} ({}{}){}", o.engine.checkpoint, o.engine.dtype,
+                o.engine.int8 ? ", int8 linears" : "",
+                tp ? fmt::format(" (tp shard 0 of {})", tp->size()) : std::string());
+  std::unique_ptr<infer::Engine> engine = make_engine_for_serving(o.engine, tp);
+  infer::HttpServer server(*engine, o.server);
+  server.start();
+  if (tp)
+    LOOM_LOG_INFO("tp {}: rank 0 is pid {}; SIGTERM it to drain and stop every rank", tp->size(),
+                  int(::getpid()));
+  LOOM_LOG_INFO("ready: curl http://{}:{}/v1/completions -H 'Content-Type: application/json' "
+                "-d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 32}}'   (openai client: "
+                "base_url=\"http://{}:{}/v1\")",
+                o.server.host, server.port(), o.server.host, server.port());
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  LOOM_LOG_INFO("{}: finishing {} requests in flight, then exiting",
+                sig == SIGTERM ? "SIGTERM" : "SIGINT", server.active_requests());
+  server.shutdown(/*drain=*/true);
+  // Under tp the engine's step thread has told the other ranks to stop (shutdown joined it).
+  LOOM_LOG_INFO("drained{}; exiting", tp ? "; the other ranks were told to stop" : "");
 }
 
 void add_serve(CLI::App& root, loom::cli::Context& ctx) {
-  struct Opts {
-    ServeEngineOptions engine;
-    loom::infer::ServerOptions server;
-  };
-  auto o = std::make_shared<Opts>();
+  auto o = std::make_shared<ServeOptions>();
   auto& e = o->engine;
   auto& s = o->server;
   CLI::App* sub = root.add_subcommand(
@@ -63,6 +117,11 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
       ->capture_default_str();
   sub->add_option("--port", s.port, "port (0 = any free port)")->capture_default_str();
   sub->add_flag("--int8", e.int8, "int8 per-row weights for the block linears");
+  sub->add_option("--dtype", e.dtype, "weight storage: f32 or bf16 (the head's with --int8)")
+      ->capture_default_str();
+  sub->add_option("--tp", e.tp,
+                  "tensor-parallel size; run under mpirun -np N (rank 0 serves HTTP)")
+      ->capture_default_str();
   sub->add_option("--max-batch", e.max_batch, "sequences decoded together in one step")
       ->capture_default_str();
   sub->add_option("--max-queue", e.max_queue,
@@ -100,6 +159,11 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
                o->server.host);
     LOOM_CHECK(o->engine.max_batch >= 1, "--max-batch {} must be >= 1", o->engine.max_batch);
     LOOM_CHECK(o->engine.max_queue >= 0, "--max-queue {} must be >= 0", o->engine.max_queue);
+    LOOM_CHECK(o->engine.tp >= 1, "--tp {} must be >= 1", o->engine.tp);
+    LOOM_CHECK(o->engine.tp == 1 || cli::launched_by_mpi(),
+               "--tp {} needs {} processes: run `mpirun -np {} loom serve ... --tp {}` (or "
+               "scripts/mpirun-local {} loom serve ...)",
+               o->engine.tp, o->engine.tp, o->engine.tp, o->engine.tp, o->engine.tp);
 
     // Block the stop signals before any thread starts, so that every thread inherits the mask
     // and only sigwait() below receives them.
@@ -110,20 +174,32 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
     LOOM_CHECK(pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr) == 0,
                "pthread_sigmask(SIG_BLOCK, SIGTERM|SIGINT) failed");
 
-    LOOM_LOG_INFO("loading {}{}", o->engine.checkpoint, o->engine.int8 ? " (int8)" : "");
-    std::unique_ptr<infer::CompletionService> engine = make_engine_for_serving(o->engine);
-    infer::HttpServer server(*engine, o->server);
-    server.start();
-    LOOM_LOG_INFO("ready: curl http://{}:{}/v1/completions -H 'Content-Type: application/json' "
-                  "-d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 32}}'   (openai client: "
-                  "base_url=\"http://{}:{}/v1\")",
-                  o->server.host, server.port(), o->server.host, server.port());
-
-    int sig = 0;
-    sigwait(&stop_signals, &sig);
-    LOOM_LOG_INFO("{}: finishing {} requests in flight, then exiting",
-                  sig == SIGTERM ? "SIGTERM" : "SIGINT", server.active_requests());
-    server.shutdown(/*drain=*/true);
+    // Under --tp: MPI with SERIALIZED threading (rank 0's collectives run on the engine's step
+    // thread, not on the thread that initialised MPI). The group outlives the engine, MPI the
+    // group.
+    std::unique_ptr<comm::MpiRuntime> mpi;
+    comm::ProcessGroup world;
+    if (o->engine.tp > 1) {
+      mpi = std::make_unique<comm::MpiRuntime>(nullptr, nullptr, comm::ThreadLevel::serialized);
+      world = comm::ProcessGroup::world();
+      LOOM_CHECK(world.size() == o->engine.tp,
+                 "--tp {} but mpirun started {} ranks; use mpirun -np {} (one tp group)",
+                 o->engine.tp, world.size(), o->engine.tp);
+    }
+    const comm::ProcessGroup* tp = o->engine.tp > 1 ? &world : nullptr;
+    try {
+      if (tp && tp->rank() != 0) {
+        std::unique_ptr<infer::Engine> engine = make_engine_for_serving(o->engine, tp);
+        engine->follow();  // until rank 0 has drained and says stop
+        LOOM_LOG_INFO("rank {}: rank 0 has stopped serving; exiting", tp->rank());
+      } else {
+        serve_rank0(*o, tp, stop_signals);
+      }
+    } catch (const std::exception& e) {
+      // One rank's failure ends the whole job now, naming the rank (comm/mpi_runtime.h).
+      if (tp) comm::abort_world(e.what());
+      throw;
+    }
     ctx.exit_code = 0;
   });
 }

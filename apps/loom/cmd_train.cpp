@@ -94,11 +94,6 @@ void choose_auto_plan(loom::train::TrainConfig& cfg, const TrainOptions& o, int 
   }
 }
 
-// True when an MPI launcher (Open MPI's mpirun, or a PMI-based one such as srun) started us.
-bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
-         std::getenv("PMIX_RANK");
-}
 
 void add_train(CLI::App& root, loom::cli::Context& ctx) {
   auto opts = std::make_shared<TrainOptions>();
@@ -158,7 +153,7 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
     }
     std::unique_ptr<loom::comm::MpiRuntime> mpi;
     loom::comm::ProcessGroup world;
-    if (launched_by_mpi()) {
+    if (loom::cli::launched_by_mpi()) {
       mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
       loom::comm::GroupOptions go;
       go.ranks_per_node = cfg.parallel.ranks_per_node.value_or(0);

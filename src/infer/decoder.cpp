@@ -191,6 +191,14 @@ void Decoder::moe_ffn(const BlockExperts& ex, const float* ln, const float* mid,
 }
 
 void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits) {
+  run(cache, seqs, logits, /*every_row=*/false);
+}
+
+void Decoder::forward_all(KvCache& cache, std::span<const SeqStep> seqs, float* logits) {
+  run(cache, seqs, logits, /*every_row=*/true);
+}
+
+void Decoder::run(KvCache& cache, std::span<const SeqStep> seqs, float* logits, bool every_row) {
   const model::ModelConfig& cfg = w_.config();
   const int64_t C = cfg.d_model, V = cfg.vocab, B = int64_t(seqs.size());
   LOOM_CHECK(B >= 1, "decoder step with no sequences");
@@ -275,11 +283,12 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
     all_reduce(x, N * C);
   }
   // The last layer of the model (the query layer, else the last block) leaves only each
-  // sequence's last row, in rows [0, B) of x.
+  // sequence's last row, in rows [0, B) of x (every_row: all N rows stay).
   for (int64_t l = 0; l < cfg.n_layers; ++l)
     layer(cache, seqs, l, w_.block(l), w_.block_linears(l), &w_.block_experts(l), x, nullptr,
-          /*last_only=*/!cfg.query_layer && l == cfg.n_layers - 1);
-  const int64_t rows = cfg.query_layer ? N : B;
+          /*last_only=*/!every_row && !cfg.query_layer && l == cfg.n_layers - 1);
+  const int64_t rows = (cfg.query_layer || every_row) ? N : B;
+  const int64_t R = every_row ? N : B;  // logit rows
 
   // final LayerNorm (into mid_, then copied back so the query layer can run in place) (rows,C)
   float* fin = mid_.get(size_t(rows * C));
@@ -292,26 +301,27 @@ void Decoder::forward(KvCache& cache, std::span<const SeqStep> seqs, float* logi
     for (int64_t r = 0; r < N; ++r)
       std::memcpy(qin + r * C, w_.query_position() + row_pos_[size_t(r)] * C, size_t(C) * 4);
     layer(cache, seqs, cfg.n_layers, w_.query_block(), w_.query_linears(), nullptr, x, qin,
-          /*last_only=*/true);
+          /*last_only=*/!every_row);
   }
 
-  // logits of each sequence's last new row (rows [0, B) of x): h (B,C) @ wte^T         (B,V)
+  // logits of each sequence's last new row (rows [0, B) of x), or of every row: h (R,C) @ wte^T
+  //                                                                                    (R,V)
   const float* last = x;
   if (!tp_) {
-    K::weight_matmul(logits, V, last, B, w_.head(), nullptr);
+    K::weight_matmul(logits, V, last, R, w_.head(), nullptr);
     return;
   }
-  // tp: this rank's vocabulary rows (B, V/P), gathered as (P, B, V/P), then laid out (B, V).
+  // tp: this rank's vocabulary rows (R, V/P), gathered as (P, R, V/P), then laid out (R, V).
   const int64_t P = w_.tp().size, Vl = V / P;
-  float* mine = shard_logits_.get(size_t(B * Vl));
-  float* all = gathered_.get(size_t(P * B * Vl));
-  K::weight_matmul(mine, Vl, last, B, w_.head(), nullptr);
-  tp_->all_gather(comm::BufferRef(mine, B * Vl, DType::f32),
-                  comm::BufferRef(all, P * B * Vl, DType::f32))
+  float* mine = shard_logits_.get(size_t(R * Vl));
+  float* all = gathered_.get(size_t(P * R * Vl));
+  K::weight_matmul(mine, Vl, last, R, w_.head(), nullptr);
+  tp_->all_gather(comm::BufferRef(mine, R * Vl, DType::f32),
+                  comm::BufferRef(all, P * R * Vl, DType::f32))
       .wait();
   for (int64_t p = 0; p < P; ++p)
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(logits + b * V + p * Vl, all + (p * B + b) * Vl, size_t(Vl) * 4);
+    for (int64_t b = 0; b < R; ++b)
+      std::memcpy(logits + b * V + p * Vl, all + (p * R + b) * Vl, size_t(Vl) * 4);
 }
 
 }  // namespace loom::infer

@@ -72,8 +72,14 @@ class Decoder {
   // the cache) on token ids outside [0, V), positions past max_seq or too few reserved blocks.
   void forward(KvCache& cache, std::span<const SeqStep> seqs, float* logits);
 
+  // As forward(), but writes the logits of EVERY new token into logits (N, V), N the step's new
+  // tokens summed over sequences (sequence 0's tokens first, in order): scoring text (`loom eval
+  // loss` through the inference weights). Row r's logits equal what forward() returns when r is
+  // a sequence's last new token (same kernels, each row's arithmetic unchanged).
+  void forward_all(KvCache& cache, std::span<const SeqStep> seqs, float* logits);
+
  private:
-  struct Scratch;
+  void run(KvCache& cache, std::span<const SeqStep> seqs, float* logits, bool every_row);
   void layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
              const model::BlockOffsets& o, const BlockLinears& lin, const BlockExperts* experts,
              float* x, const float* qin, bool last_only);

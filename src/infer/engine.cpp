@@ -3,8 +3,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 
+#include "checkpoint/commit.h"
+#include "comm/mpi_runtime.h"
 #include "core/error.h"
 
 namespace loom::infer {
@@ -53,7 +57,94 @@ int64_t default_budget(const KvCacheShape& s, int64_t max_batch, int64_t max_seq
   const int64_t blocks = (max_seq + s.block_tokens - 1) / s.block_tokens;
   return blocks * s.block_bytes() * max_batch;
 }
+
+// tp_replicate: the changes rank 0 broadcasts before a step, as records
+//   'Q' id prompt params   a request queued     'C' id   a cancellation     'S'   stop
+// in native byte order (every rank of a tp group runs on one machine type).
+constexpr char kOpQueue = 'Q', kOpCancel = 'C', kOpStop = 'S';
+
+template <class T>
+void put(std::string& s, const T& v) {
+  s.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+void put_str(std::string& s, const std::string& v) {
+  put(s, uint64_t(v.size()));
+  s += v;
+}
+
+struct OpReader {
+  const std::string& s;
+  size_t pos = 0;
+  bool done() const { return pos >= s.size(); }
+  template <class T>
+  T get() {
+    LOOM_CHECK(pos + sizeof(T) <= s.size(), "tp serving: a truncated step record from rank 0");
+    T v;
+    std::memcpy(&v, s.data() + pos, sizeof(T));
+    pos += sizeof(T);
+    return v;
+  }
+  std::string get_str() {
+    const uint64_t n = get<uint64_t>();
+    LOOM_CHECK(n <= s.size() - pos, "tp serving: a truncated step record from rank 0");
+    std::string v = s.substr(pos, size_t(n));
+    pos += size_t(n);
+    return v;
+  }
+};
+
+void put_request(std::string& s, int64_t id, const Request& r) {
+  s += kOpQueue;
+  put(s, id);
+  put(s, uint64_t(r.prompt.size()));
+  s.append(reinterpret_cast<const char*>(r.prompt.data()), r.prompt.size() * sizeof(int32_t));
+  const SamplingParams& p = r.params;
+  put(s, p.temperature);
+  put(s, p.top_p);
+  put(s, p.top_k);
+  put(s, p.repetition_penalty);
+  put(s, p.seed);
+  put(s, p.max_tokens);
+  put(s, uint64_t(p.stop.size()));
+  for (const std::string& x : p.stop) put_str(s, x);
+  put_str(s, p.stop_rule);
+  put(s, uint8_t(p.token_healing));
+  put(s, p.logprobs);
+  put(s, uint8_t(p.ignore_eod));
+  put_str(s, r.domain);
+}
+
+Request get_request(OpReader& in) {
+  Request r;
+  const uint64_t n = in.get<uint64_t>();
+  LOOM_CHECK(n <= in.s.size(), "tp serving: a truncated step record from rank 0");
+  r.prompt.resize(size_t(n));
+  for (auto& t : r.prompt) t = in.get<int32_t>();
+  SamplingParams& p = r.params;
+  p.temperature = in.get<float>();
+  p.top_p = in.get<float>();
+  p.top_k = in.get<int32_t>();
+  p.repetition_penalty = in.get<float>();
+  p.seed = in.get<uint64_t>();
+  p.max_tokens = in.get<int64_t>();
+  const uint64_t ns = in.get<uint64_t>();
+  LOOM_CHECK(ns <= in.s.size(), "tp serving: a truncated step record from rank 0");
+  for (uint64_t i = 0; i < ns; ++i) p.stop.push_back(in.get_str());
+  p.stop_rule = in.get_str();
+  p.token_healing = in.get<uint8_t>() != 0;
+  p.logprobs = in.get<int32_t>();
+  p.ignore_eod = in.get<uint8_t>() != 0;
+  r.domain = in.get_str();
+  return r;
+}
 }  // namespace
+
+bool Engine::tp_leader() const {
+  return opts_.tp_replicate && opts_.tp && opts_.tp->size() > 1 && opts_.tp->rank() == 0;
+}
+bool Engine::tp_follower() const {
+  return opts_.tp_replicate && opts_.tp && opts_.tp->size() > 1 && opts_.tp->rank() != 0;
+}
 
 Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
                EngineOptions options)
@@ -70,10 +161,13 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
              weights_.config().max_seq) {
   const model::ModelConfig& cfg = weights_.config();
   LOOM_CHECK(opts_.max_batch >= 1, "engine: max_batch={} must be >= 1", opts_.max_batch);
-  LOOM_CHECK(!opts_.tp || opts_.tp->size() == 1 || !opts_.start_thread,
+  LOOM_CHECK(!opts_.tp || opts_.tp->size() == 1 || !opts_.start_thread || tp_leader(),
              "engine: under tensor parallelism (tp = {}) every rank must drive step() in "
-             "lockstep: set start_thread = false",
+             "lockstep (start_thread = false), or rank 0 leads (tp_replicate) and the others "
+             "follow()",
              opts_.tp ? opts_.tp->size() : 1);
+  LOOM_CHECK(!tp_leader() || opts_.idle_sync_s > 0, "engine: idle_sync_s={} must be > 0",
+             opts_.idle_sync_s);
   LOOM_CHECK(opts_.max_queue >= 0, "engine: max_queue={} must be >= 0", opts_.max_queue);
   LOOM_CHECK(tok_->vocab_size() <= cfg.vocab,
              "tokenizer has {} tokens but the model's vocab is {}; use the model's tokenizer",
@@ -116,12 +210,10 @@ SubmitResult Engine::submit(Request request) {
       return refuse(S::invalid, fmt::format("prompt token {} at index {} is outside the "
                                             "tokenizer's vocabulary [0, {})",
                                             request.prompt[size_t(i)], i, V));
-  StopRule rule = StopRule::none;
-  int32_t domain = default_domain_;
   try {
     validate_sampling(request.params);
-    rule = stop_rule_from_name(request.params.stop_rule);
-    if (!request.domain.empty()) domain = weights_.config().domain_index(request.domain);
+    stop_rule_from_name(request.params.stop_rule);  // throws on an unknown language
+    if (!request.domain.empty()) weights_.config().domain_index(request.domain);  // names them
   } catch (const Error& e) {
     return refuse(S::invalid, e.what());
   }
@@ -132,16 +224,10 @@ SubmitResult Engine::submit(Request request) {
                               "shorten the prompt or lower max_tokens to at most {}",
                               ctx, P + request.params.max_tokens, P, request.params.max_tokens,
                               std::max<int64_t>(0, ctx - P)));
-  auto a = std::make_unique<Active>();
-  a->req = std::move(request);
-  a->prompt_tokens = P;
-  a->domain = domain;
-  a->context = a->req.prompt;
-  if (a->req.params.token_healing) a->heal = heal_prompt(a->context, texts_);
-  const std::string prompt_text = tok_->decode(a->req.prompt);
-  a->stopper =
-      TextStopper(a->req.params.stop, rule, prompt_text.empty() || prompt_text.back() == '\n');
+  auto a = make_active(std::move(request));
   std::lock_guard<std::mutex> lk(mu_);
+  if (tp_follower())
+    return refuse(S::invalid, "under tp serving only rank 0 takes requests");
   if (stopping_) return refuse(S::shutting_down, "the service is shutting down");
   if (int64_t(queue_.size()) >= opts_.max_queue)
     return refuse(S::queue_full,
@@ -149,10 +235,25 @@ SubmitResult Engine::submit(Request request) {
                               queue_.size(), opts_.max_queue));
   a->id = next_id_++;
   res.request_id = a->id;
+  if (tp_leader()) put_request(ops_, a->id, a->req);
   queue_.push_back(std::move(a));
   stats_.queued = int64_t(queue_.size());
   cv_.notify_all();
   return res;
+}
+
+std::unique_ptr<Engine::Active> Engine::make_active(Request request) const {
+  auto a = std::make_unique<Active>();
+  const StopRule rule = stop_rule_from_name(request.params.stop_rule);
+  a->req = std::move(request);
+  a->prompt_tokens = int64_t(a->req.prompt.size());
+  a->domain = a->req.domain.empty() ? default_domain_ : weights_.config().domain_index(a->req.domain);
+  a->context = a->req.prompt;
+  if (a->req.params.token_healing) a->heal = heal_prompt(a->context, texts_);
+  const std::string prompt_text = tok_->decode(a->req.prompt);
+  a->stopper =
+      TextStopper(a->req.params.stop, rule, prompt_text.empty() || prompt_text.back() == '\n');
+  return a;
 }
 
 void Engine::cancel(int64_t request_id) {
@@ -161,8 +262,57 @@ void Engine::cancel(int64_t request_id) {
   bool live = false;
   for (auto& q : queue_) live |= q->id == request_id;
   for (auto& r : running_) live |= r->id == request_id;
-  if (live) cancel_.insert(request_id);
+  if (live && !tp_follower()) {
+    cancel_.insert(request_id);
+    if (tp_leader()) {
+      ops_ += kOpCancel;
+      put(ops_, request_id);
+    }
+  }
   cv_.notify_all();
+}
+
+void Engine::apply_ops(const std::string& ops) {
+  OpReader in{ops};
+  while (!in.done()) {
+    const char kind = in.get<char>();
+    if (kind == kOpQueue) {
+      const int64_t id = in.get<int64_t>();
+      auto a = make_active(get_request(in));
+      // Rank 0 numbers requests as it queues them; the same order here gives the same ids.
+      LOOM_CHECK(id == next_id_,
+                 "tp serving: rank 0 queued request {} but this rank expected id {}; the ranks' "
+                 "engines diverged",
+                 id, next_id_);
+      a->id = next_id_++;
+      queue_.push_back(std::move(a));
+    } else if (kind == kOpCancel) {
+      const int64_t id = in.get<int64_t>();
+      bool live = false;
+      for (auto& q : queue_) live |= q->id == id;
+      for (auto& r : running_) live |= r->id == id;
+      if (live) cancel_.insert(id);
+    } else if (kind == kOpStop) {
+      leader_stopped_ = true;
+      stopping_ = true;
+    } else {
+      LOOM_FAIL("tp serving: unknown step record {} from rank 0", int(kind));
+    }
+  }
+  stats_.queued = int64_t(queue_.size());
+}
+
+void Engine::broadcast_ops(std::string& ops) {
+  int64_t n = int64_t(ops.size());
+  opts_.tp->broadcast(comm::BufferRef(&n, 1, DType::i64), 0).wait();
+  if (n == 0) return;
+  ops.resize(size_t(n));
+  opts_.tp->broadcast(comm::BufferRef(ops.data(), n, DType::u8), 0).wait();
+}
+
+void Engine::follow() {
+  LOOM_CHECK(tp_follower(), "engine: follow() is for tp ranks other than 0 with tp_replicate");
+  while (!leader_stopped_) step();
 }
 
 void Engine::finish(Active& a, FinishReason why, std::vector<TokenEvent>& out,
@@ -185,8 +335,21 @@ bool Engine::step() {
   std::vector<TokenEvent> events;
   std::vector<Active*> batch;
   std::vector<std::unique_ptr<Active>> finished_queued;
+  // tp_replicate: rank 0's changes since its last step; the others receive them here and apply
+  // them below, at the point where rank 0 took them (before cancellations and admission).
+  std::string ops;
+  if (tp_follower()) broadcast_ops(ops);
   {
     std::lock_guard<std::mutex> lk(mu_);
+    if (tp_leader()) {
+      ops.swap(ops_);
+      if (stopping_ && queue_.empty() && running_.empty()) {
+        ops += kOpStop;
+        stop_sent_ = true;
+      }
+    } else if (tp_follower()) {
+      apply_ops(ops);
+    }
     // Cancellations: queued requests leave at once; running ones finish below.
     for (auto it = queue_.begin(); it != queue_.end();) {
       if (cancel_.count((*it)->id)) {
@@ -218,6 +381,7 @@ bool Engine::step() {
     for (auto& r : running_) batch.push_back(r.get());
     stats_.queued = int64_t(queue_.size());
   }
+  if (tp_leader()) broadcast_ops(ops);
   for (auto& q : finished_queued) finish(*q, FinishReason::cancelled, events);
 
   int64_t generated_now = 0;
@@ -269,6 +433,9 @@ bool Engine::step() {
     try {
       decoder_.forward(cache_, steps, logits.data());
     } catch (const std::exception& e) {
+      // Under tp_replicate a failed step (a collective timed out, a rank died) leaves the ranks
+      // out of step: fatal (run_thread ends the job; follow() throws).
+      if (tp_leader() || tp_follower()) throw;
       for (Active* a : fed) finish(*a, FinishReason::error, events, e.what());
       fed.clear();
     }
@@ -377,14 +544,24 @@ void Engine::run_thread() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || !running_.empty(); });
-      if (stopping_ && queue_.empty() && running_.empty()) return;
+      auto work = [&] { return stopping_ || !queue_.empty() || !running_.empty(); };
+      if (tp_leader()) {
+        // Steps (and so broadcasts to the followers) at least every idle_sync_s; the step that
+        // finds the engine stopping with nothing left sends the followers their stop.
+        cv_.wait_for(lk, std::chrono::duration<double>(opts_.idle_sync_s), work);
+      } else {
+        cv_.wait(lk, work);
+        if (stopping_ && queue_.empty() && running_.empty()) return;
+      }
     }
     try {
       step();
     } catch (const std::exception& e) {
+      if (tp_leader())
+        comm::abort_world(fmt::format("tp serving: a step failed, ending the job: {}", e.what()));
       fail_all(e.what());
     }
+    if (stop_sent_) return;
   }
 }
 
@@ -420,16 +597,21 @@ void Engine::shutdown(bool drain) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stopping_ = true;
-    if (!drain) {
+    if (!drain && !tp_follower()) {
       for (auto& q : queue_) cancel_.insert(q->id);
       for (auto& r : running_) cancel_.insert(r->id);
+      if (tp_leader())
+        for (int64_t id : cancel_) {
+          ops_ += kOpCancel;
+          put(ops_, id);
+        }
     }
     cv_.notify_all();
   }
   std::lock_guard<std::mutex> jl(join_mu_);
   if (thread_.joinable()) {
     thread_.join();
-  } else if (!opts_.start_thread) {
+  } else if (!opts_.start_thread && !tp_follower()) {  // followers step in follow() only
     while (step()) {
     }
   }
@@ -446,7 +628,11 @@ std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
   model::TpShard shard;
   if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
   ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
-  const std::string tp = tokenizer_path.empty() ? checkpoint_dir + "/tokenizer" : tokenizer_path;
+  // The tokenizer saved with the checkpoint: in the directory the weights come from (a run's
+  // ckpt/ holds versioned step directories and `latest`; find_checkpoint resolves it).
+  const std::string tp = tokenizer_path.empty()
+                             ? checkpoint::find_checkpoint(checkpoint_dir) + "/tokenizer"
+                             : tokenizer_path;
   auto tok = data::load_tokenizer(tp);
   return std::make_unique<Engine>(std::move(w), std::move(tok), std::move(options));
 }

@@ -59,6 +59,18 @@ struct EngineOptions {
   // MoE (rre) models: the domain of requests that name none ("" = the model's "other" domain);
   // checked at construction (ModelConfig::domain_index).
   std::string default_domain;
+  // Under tp, the leader/follower mode instead (loom serve --tp): tp rank 0's engine alone takes
+  // requests (submit, cancel, shutdown from any thread; start_thread = true) and, at every step,
+  // broadcasts over `tp` what changed since its last step: requests queued (prompt, parameters,
+  // id), cancellations, and a final stop once it is shutting down with nothing left. Every other
+  // rank calls follow(), which applies those changes to its own engine and runs the same step,
+  // so the queues, the admissions and the KV caches stay identical and the decoder's collectives
+  // line up. With nothing to do rank 0 still steps every idle_sync_s, so the others never wait
+  // in a broadcast longer than that (every wait is bounded by the group's comm timeout). A
+  // failed collective is fatal under tp: rank 0's step thread ends the job
+  // (comm::abort_world, naming the failure); follow() throws.
+  bool tp_replicate = false;
+  double idle_sync_s = 0.5;
 };
 
 class Engine : public CompletionService {
@@ -82,6 +94,10 @@ class Engine : public CompletionService {
   // nothing was queued or running.
   bool step();
 
+  // tp_replicate, tp ranks other than 0: runs the steps rank 0 broadcasts until rank 0 stops
+  // (after its shutdown). Throws on a failed or timed-out collective.
+  void follow();
+
   struct Stats {
     int64_t queued = 0, running = 0;
     int64_t kv_blocks_free = 0, kv_blocks_total = 0;
@@ -93,6 +109,14 @@ class Engine : public CompletionService {
 
  private:
   struct Active;
+  // tp_replicate roles (both false without it).
+  bool tp_leader() const;
+  bool tp_follower() const;
+  // The Active of a validated request (token healing, stop state); no id yet.
+  std::unique_ptr<Active> make_active(Request request) const;
+  // Followers: applies rank 0's serialized changes (under mu_).
+  void apply_ops(const std::string& ops);
+  void broadcast_ops(std::string& ops);  // rank 0 sends, the others receive
   void run_thread();
   void fail_all(const std::string& why);
   void finish(Active& a, FinishReason why, std::vector<TokenEvent>& out,
@@ -114,14 +138,18 @@ class Engine : public CompletionService {
   bool stopping_ = false;
   int64_t next_id_ = 1;
   Stats stats_;
+  std::string ops_;           // tp_replicate, rank 0: changes since its last step (serialized)
+  bool stop_sent_ = false;    // rank 0: the final stop went out (step thread only)
+  bool leader_stopped_ = false;  // followers: rank 0 sent its stop (follow()'s thread only)
   std::mutex step_mu_;  // one step at a time
   std::mutex join_mu_;
   std::thread thread_;
 };
 
-// Loads a loom checkpoint and its tokenizer (tokenizer_path "" -> DIR/tokenizer) into an Engine:
-// linears in `linears` format, the tied head in `head` format; under options.tp only this rank's
-// shard of the weights.
+// Loads a loom checkpoint and its tokenizer into an Engine: linears in `linears` format, the tied
+// head in `head` format; under options.tp only this rank's shard of the weights. tokenizer_path
+// "": the tokenizer/ of the directory DIR resolves to (DIR itself, or the newest committed step
+// of a versioned DIR or of RUN/ckpt; checkpoint::find_checkpoint).
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
                                     const std::string& tokenizer_path, WeightFormat linears,
                                     WeightFormat head, EngineOptions options = {});

@@ -32,7 +32,13 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef LOOM_DIST_MPI_SERIALIZED
+  // Tests that make their collectives from a thread other than main (the infer engine's step
+  // thread) need SERIALIZED.
+  loom::comm::MpiRuntime mpi(&argc, &argv, loom::comm::ThreadLevel::serialized);
+#else
   loom::comm::MpiRuntime mpi(&argc, &argv);
+#endif
   ::testing::InitGoogleTest(&argc, argv);
   auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
   if (mpi.world_rank() != 0) {

@@ -8,13 +8,20 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
+#include <map>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "comm/process_group.h"
 #include "core/rng.h"
+#include "data/tokenizer.h"
 #include "infer/decoder.h"
+#include "infer/engine.h"
 #include "model/params.h"
 
 namespace loom::infer {
@@ -151,6 +158,140 @@ TEST(TensorParallelDecode, QueryLayerGqaFastGelu) {
 TEST(TensorParallelDecode, QueryLayerMhaGelu) { check(config(true, model::Activation::gelu, 4)); }
 TEST(TensorParallelDecode, NoQueryLayerMhaGeluErf) {
   check(config(false, model::Activation::gelu_erf, 4));
+}
+
+// The engine in leader/follower mode (EngineOptions::tp_replicate, `loom serve --tp`): rank 0's
+// engine runs its own step thread and takes requests from this (another) thread, staggered so
+// they join a running batch of at most 3 (the rest queue), one cancelled from its event callback
+// after its 2nd token; the other ranks only follow(). Every finished request's greedy tokens
+// equal those of a tp = 1 engine running it alone (up to a step whose top-2 logprob margin is
+// below 1e-4, reported), the cancelled one ends `cancelled` with a prefix of them, and every rank
+// leaves follow() / shutdown() (rank 0's stop reached them).
+TEST(TensorParallelEngine, FollowersReplayRankZerosRequests) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int P = world.size();
+  model::ModelConfig cfg = config(true, model::Activation::fast_gelu, 4);
+  cfg.vocab = 512;  // the test tokenizer has 508 tokens
+  cfg.validate();
+  const auto ok = model::valid_tp_sizes(cfg);
+  if (std::find(ok.begin(), ok.end(), P) == ok.end()) {
+    if (world.rank() == 0) std::printf("SKIP: tp = %d does not divide this config\n", P);
+    return;
+  }
+  const std::string tok_dir = std::string(LOOM_TEST_DATA_DIR) + "/tokenizer";
+  const std::vector<float> full = full_weights(cfg);
+  const model::TpShard shard{world.rank(), P};
+  const std::vector<float> part = shard_of(cfg, full, shard);
+  EngineOptions o;
+  o.tp = &world;
+  o.tp_replicate = true;
+  o.max_batch = 3;
+  o.start_thread = world.rank() == 0;
+  Engine e(ModelWeights(cfg, part.data(), WeightFormat::f32, WeightFormat::f32, shard),
+           data::load_tokenizer(tok_dir), o);
+  if (world.rank() != 0) {
+    EXPECT_EQ(e.submit(Request{{1, 2}, {}, nullptr}).status, SubmitResult::Status::invalid)
+        << "followers take no requests";
+    e.follow();  // returns once rank 0 has drained and sent its stop
+    world.barrier().wait();
+    return;
+  }
+  EXPECT_THROW(e.follow(), Error);  // rank 0 leads
+
+  struct Out {
+    std::vector<int32_t> tokens;
+    std::vector<float> margin;  // top-2 logprob margin of each step
+    FinishReason finish = FinishReason::none;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<int64_t, Out> out;
+  int finished = 0;
+  const int kCancel = 3;
+  std::map<int64_t, int> index_of;  // request id -> prompt index
+  std::vector<Request> reqs;
+  for (int i = 0; i < 6; ++i) {
+    Request r;
+    for (int64_t t = 0; t < 3 + 4 * i; ++t)
+      r.prompt.push_back(int32_t(rng_u64(70 + uint64_t(i), 1, uint64_t(t)) % 500));
+    r.params.temperature = 0.f;
+    r.params.max_tokens = 12;
+    r.params.logprobs = 2;
+    r.params.token_healing = false;
+    r.params.ignore_eod = true;
+    reqs.push_back(r);
+  }
+  auto sink = [&](int i) {
+    return [&, i](const TokenEvent& ev) {
+      bool cancel = false;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        Out& x = out[i];
+        if (ev.token >= 0) {
+          x.tokens.push_back(ev.token);
+          x.margin.push_back(ev.top.size() >= 2 ? ev.top[0].logprob - ev.top[1].logprob : 1e30f);
+        }
+        if (ev.finish != FinishReason::none) {
+          x.finish = ev.finish;
+          ++finished;
+          cv.notify_all();
+        }
+        cancel = i == kCancel && x.tokens.size() == 2 && ev.finish == FinishReason::none;
+      }
+      if (cancel) e.cancel(ev.request_id);
+    };
+  };
+  for (int i = 0; i < 6; ++i) {
+    Request r = reqs[size_t(i)];
+    r.on_event = sink(i);
+    const SubmitResult res = e.submit(std::move(r));
+    ASSERT_EQ(res.status, SubmitResult::Status::ok) << res.message;
+    std::this_thread::sleep_for(std::chrono::milliseconds(3 * i));
+  }
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    ASSERT_TRUE(cv.wait_for(lk, std::chrono::seconds(120), [&] { return finished == 6; }))
+        << finished << " of 6 requests finished";
+  }
+  e.shutdown(/*drain=*/true);  // sends the followers their stop
+  world.barrier().wait();
+
+  // The tp = 1 reference, one request at a time.
+  EngineOptions o1;
+  o1.start_thread = false;
+  Engine ref(ModelWeights(cfg, full.data(), WeightFormat::f32, WeightFormat::f32),
+             data::load_tokenizer(tok_dir), o1);
+  for (int i = 0; i < 6; ++i) {
+    Out alone;
+    Request r = reqs[size_t(i)];
+    r.on_event = [&](const TokenEvent& ev) {
+      if (ev.token >= 0) alone.tokens.push_back(ev.token);
+      if (ev.finish != FinishReason::none) alone.finish = ev.finish;
+    };
+    ASSERT_EQ(ref.submit(std::move(r)).status, SubmitResult::Status::ok);
+    while (ref.step()) {
+    }
+    const Out& got = out[i];
+    if (i == kCancel) {
+      EXPECT_EQ(got.finish, FinishReason::cancelled);
+      EXPECT_LT(got.tokens.size(), alone.tokens.size());
+    } else {
+      EXPECT_EQ(got.finish, FinishReason::length) << "request " << i;
+      EXPECT_EQ(got.tokens.size(), alone.tokens.size()) << "request " << i;
+    }
+    for (size_t k = 0; k < std::min(got.tokens.size(), alone.tokens.size()); ++k) {
+      if (got.tokens[k] == alone.tokens[k]) continue;
+      if (got.margin[k] < 1e-4) {
+        std::printf("tp %d request %d step %zu: top-2 margin %.3g below tolerance\n", P, i, k,
+                    double(got.margin[k]));
+      } else {
+        ADD_FAILURE() << "tp " << P << " request " << i << " step " << k << ": token "
+                      << got.tokens[k] << " vs " << alone.tokens[k] << " (margin "
+                      << got.margin[k] << ")";
+      }
+      break;
+    }
+  }
 }
 
 }  // namespace

@@ -371,6 +371,56 @@ void check_moe_against_recompute(MoeModel& m, const std::vector<std::vector<int3
   }
 }
 
+// forward_all (every position's logits, for scoring text): in a ragged batch, row i of a
+// sequence is bitwise the logits forward() gives for the prefix ending at token i (a batch of its
+// own), and within 1e-5 of the full recomputation (model::Gpt::all_logits); for each layout with
+// and without the query layer (the last layer keeps all rows instead of the last one).
+TEST(Decoder, ForwardAllRowsEqualPrefixForwards) {
+  for (bool ql : {true, false}) {
+    TestModel m(config(ql, Activation::fast_gelu, 2));
+    for (WeightFormat f : {WeightFormat::f32, WeightFormat::int8_row}) {
+      const ModelWeights w(m.cfg, m.gpt.weights(), f, WeightFormat::f32);
+      Decoder dec(w);
+      const int64_t V = m.cfg.vocab;
+      const std::vector<std::vector<int32_t>> ps = {prompt(13, V, 41), prompt(1, V, 42),
+                                                    prompt(20, V, 43)};
+      KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 16, m.cfg.max_seq);
+      std::vector<SeqStep> steps;
+      int64_t N = 0;
+      for (const auto& p : ps) {
+        const int64_t s = cache.create();
+        ASSERT_TRUE(cache.reserve(s, int64_t(p.size())));
+        steps.push_back({s, 0, p});
+        N += int64_t(p.size());
+      }
+      std::vector<float> all(size_t(N * V));
+      dec.forward_all(cache, steps, all.data());
+      int64_t r = 0;
+      for (const auto& p : ps) {
+        std::vector<float> rec(p.size() * size_t(V));
+        m.gpt.all_logits(rec.data(), p.data(), 1, int64_t(p.size()));
+        for (size_t i = 0; i < p.size(); ++i, ++r) {
+          KvCache c1(dec.cache_shape(), dec.cache_shape().block_bytes() * 4, m.cfg.max_seq);
+          const int64_t s = c1.create();
+          ASSERT_TRUE(c1.reserve(s, int64_t(i + 1)));
+          std::vector<SeqStep> one = {{s, 0, std::span<const int32_t>(p.data(), i + 1)}};
+          std::vector<float> l(static_cast<size_t>(V));
+          dec.forward(c1, one, l.data());
+          EXPECT_EQ(0, std::memcmp(l.data(), all.data() + r * V, size_t(V) * 4))
+              << "query layer " << ql << " " << weight_format_name(f) << " row " << r;
+          if (f == WeightFormat::f32) {
+            double err = 0;
+            for (int64_t v = 0; v < V; ++v)
+              err = std::max(err, double(std::fabs(rec[i * size_t(V) + size_t(v)] -
+                                                   all[size_t(r * V + v)])));
+            EXPECT_LE(err, 1e-5 * std::max(1.0, max_abs(rec))) << "row " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(MoeCachedVsRecompute, Batch1) {
   MoeModel m(tiny_moe());
   ASSERT_TRUE(m.cfg.moe.enabled());
