@@ -190,7 +190,7 @@ TEST(TensorParallelEngine, FollowersReplayRankZerosRequests) {
   Engine e(ModelWeights(cfg, part.data(), WeightFormat::f32, WeightFormat::f32, shard),
            data::load_tokenizer(tok_dir), o);
   if (world.rank() != 0) {
-    EXPECT_EQ(e.submit(Request{{1, 2}, {}, nullptr}).status, SubmitResult::Status::invalid)
+    EXPECT_EQ(e.submit(Request{{1, 2}, {}, {}, nullptr}).status, SubmitResult::Status::invalid)
         << "followers take no requests";
     e.follow();  // returns once rank 0 has drained and sent its stop
     world.barrier().wait();
