@@ -131,7 +131,7 @@ d = sys.argv[1]; j = json.load(open(d + "/checksums.json")); b = open(d + "/conf
 j["config.toml"] = {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
 json.dump(j, open(d + "/checksums.json", "w"), indent=2)
 PY
-expect_err "a table that does not match the model is named" "rre_table' is F32 (4, 512) but the model expects F32 (8, 512)" \
+expect_err "a table that does not match the model is named" "rre_table' has shape (4, 512) but the model expects (8, 512)" \
   "$LOOM" generate --checkpoint "$WORK/badtable" --tokenizer "$TOK" --prompt x --max-tokens 1
 
 [ "$fails" -eq 0 ] && echo "all passed" || { echo "$fails failed"; exit 1; }
