@@ -12,6 +12,10 @@
 #include <cstdlib>
 #include <string>
 
+namespace loom::comm {
+class ProcessGroup;
+}
+
 namespace loom::cli {
 
 struct Context {
@@ -32,6 +36,11 @@ CLI::App* subcommand_path(CLI::App& parent, const std::string& name,
 inline bool launched_by_mpi() {
   return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
 }
+
+// `loom calibrate`'s measurement (cmd_calibrate.cpp): measures this host, and the collectives
+// over `world` when it is valid (a collective over it), and writes the cluster file `out` from
+// world rank 0. `loom train --auto` calls it when its cluster file is missing.
+void calibrate_to_file(const std::string& out, bool quick, const loom::comm::ProcessGroup& world);
 
 }  // namespace loom::cli
 

@@ -138,14 +138,11 @@ std::string today() {
   return buf;
 }
 
-void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) {
+}  // namespace
+
+void loom::cli::calibrate_to_file(const std::string& out, bool quick,
+                                  const loom::comm::ProcessGroup& world) {
   const auto start = Clock::now();
-  std::unique_ptr<loom::comm::MpiRuntime> mpi;
-  loom::comm::ProcessGroup world;
-  if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK")) {
-    mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
-    world = loom::comm::ProcessGroup::world();
-  }
   const int W = world.valid() ? world.size() : 1;
   const bool root = !world.valid() || world.rank() == 0;
   auto progress = [&](const std::string& s) {
@@ -344,6 +341,18 @@ void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) 
     f << text;
     progress(fmt::format("wrote {}", out));
   }
+}
+
+namespace {
+
+void run_calibrate(const std::string& out, bool quick, loom::cli::Context& ctx) {
+  std::unique_ptr<loom::comm::MpiRuntime> mpi;
+  loom::comm::ProcessGroup world;
+  if (loom::cli::launched_by_mpi()) {
+    mpi = std::make_unique<loom::comm::MpiRuntime>(nullptr, nullptr);
+    world = loom::comm::ProcessGroup::world();
+  }
+  loom::cli::calibrate_to_file(out, quick, world);
   ctx.exit_code = 0;
 }
 

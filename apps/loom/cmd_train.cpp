@@ -43,8 +43,34 @@ struct TrainOptions {
 // file, written into cfg.parallel as settings, so that the run validates and executes it through
 // parallel::make_plan exactly as if it had been given as flags. Every rank searches (the search
 // is deterministic, so all pick the same plan); rank 0 logs the choice and why.
-void choose_auto_plan(loom::train::TrainConfig& cfg, const TrainOptions& o, int world, bool log) {
+void choose_auto_plan(loom::train::TrainConfig& cfg, const TrainOptions& o,
+                      const loom::comm::ProcessGroup& group) {
   using namespace loom::planner;
+  const int world = group.valid() ? group.size() : 1;
+  const bool log = !group.valid() || group.rank() == 0;
+  // Without the cluster file, measure this machine first (issue 13: calibrate when missing), over
+  // the ranks this run was started with; LOOM_CALIBRATE_QUICK=1 shortens the timing windows as
+  // `loom calibrate --quick` does (tests).
+  bool missing = !std::filesystem::exists(o.cluster);
+  if (group.valid()) {
+    int any = missing ? 1 : 0;
+    group.all_reduce(loom::comm::BufferRef(&any, 1, loom::DType::i32), loom::comm::ReduceOp::max)
+        .wait();
+    missing = any != 0;
+  }
+  if (missing) {
+    if (log) {
+      std::fprintf(stderr,
+                   "--auto: cluster file '%s' does not exist: measuring this machine first over "
+                   "%d rank(s) (as `loom calibrate --out %s`; under 3 minutes)\n",
+                   o.cluster.c_str(), world, o.cluster.c_str());
+      const std::filesystem::path parent = std::filesystem::path(o.cluster).parent_path();
+      if (!parent.empty()) std::filesystem::create_directories(parent);
+    }
+    const char* quick = std::getenv("LOOM_CALIBRATE_QUICK");
+    loom::cli::calibrate_to_file(o.cluster, quick && std::string(quick) == "1", group);
+    if (group.valid()) group.barrier().wait();  // rank 0 wrote the file
+  }
   LOOM_CHECK(std::filesystem::exists(o.cluster),
              "--auto needs the cluster file '{}', which does not exist; measure this machine "
              "first: mpirun -np {} loom calibrate --out {} (or pass --cluster FILE)",
@@ -160,8 +186,7 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
       world = loom::comm::ProcessGroup::world(go);
     }
     if (opts->auto_plan)
-      choose_auto_plan(cfg, *opts, world.valid() ? world.size() : 1,
-                       !world.valid() || world.rank() == 0);
+      choose_auto_plan(cfg, *opts, world);
     loom::train::StepStats s;
     try {
       auto run_lock = loom::train::claim_run_dir(cfg.log_dir, !opts->resume.empty(),
