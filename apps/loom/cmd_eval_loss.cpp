@@ -147,14 +147,9 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     }
     if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(size_t(o->max_tokens));
     const bool infer_path = !o->dtype.empty() || o->int8;
-    infer::WeightFormat head = infer::WeightFormat::f32, lin = infer::WeightFormat::f32;
-    if (infer_path) {
-      head = infer::weight_format_from_name(o->dtype.empty() ? "f32" : o->dtype);
-      LOOM_CHECK(head != infer::WeightFormat::int8_row,
-                 "--dtype {}: the head's storage is f32 or bf16; use --int8 for int8 linears",
-                 o->dtype);
-      lin = o->int8 ? infer::WeightFormat::int8_row : head;
-    }
+    infer::WeightFormats wf;
+    if (infer_path) wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8);
+    const infer::WeightFormat head = wf.head, lin = wf.linears;
     interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     for (size_t i = 0; i < ids.size(); ++i)

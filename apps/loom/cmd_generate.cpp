@@ -116,9 +116,8 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.max_queue = int64_t(prompts.size());
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
   eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
-  const infer::WeightFormat head = infer::weight_format_from_name(o->dtype);
-  const infer::WeightFormat lin = o->int8 ? infer::WeightFormat::int8_row : head;
-  auto engine = infer::load_engine(o->checkpoint, o->tokenizer, lin, head, eo);
+  const infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8);
+  auto engine = infer::load_engine(o->checkpoint, o->tokenizer, wf.linears, wf.head, eo);
   const int64_t ctx_len = engine->context_length();
 
   struct Result {

@@ -62,14 +62,9 @@ std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOp
     eo.tp_replicate = true;
     eo.start_thread = tp->rank() == 0;
   }
-  // As `loom generate`: --dtype stores the linears and the tied head in f32 or bf16; --int8 puts
-  // the block linears in int8 rows and leaves the head in --dtype (it is one matrix, and the
-  // logits feed sampling and logprobs directly).
-  const WeightFormat head = weight_format_from_name(o.dtype);
-  LOOM_CHECK(head != WeightFormat::int8_row,
-             "--dtype {}: weights are stored as f32 or bf16; use --int8 for int8 linears", o.dtype);
-  const WeightFormat linears = o.int8 ? WeightFormat::int8_row : head;
-  return load_engine(o.checkpoint, o.tokenizer, linears, head, eo);
+  // As `loom generate` (infer/weights.h, weight_formats_from_flags).
+  const WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8);
+  return load_engine(o.checkpoint, o.tokenizer, wf.linears, wf.head, eo);
 }
 
 struct ServeOptions {

@@ -30,6 +30,17 @@ WeightFormat weight_format_from_name(const std::string& name) {
   LOOM_FAIL("unknown weight format '{}'; choose f32, bf16 or int8", name);
 }
 
+WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8) {
+  WeightFormats f;
+  f.head = weight_format_from_name(dtype);
+  LOOM_CHECK(f.head != WeightFormat::int8_row,
+             "--dtype {}: the head and the linears are stored as f32 or bf16; use --int8 for int8 "
+             "linears",
+             dtype);
+  f.linears = int8 ? WeightFormat::int8_row : f.head;
+  return f;
+}
+
 static size_t element_bytes(WeightFormat f) {
   return f == WeightFormat::f32 ? 4 : f == WeightFormat::bf16 ? 2 : 1;
 }

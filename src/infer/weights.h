@@ -69,6 +69,15 @@ QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std:
 const char* weight_format_name(WeightFormat f);
 WeightFormat weight_format_from_name(const std::string& name);
 
+// The storage flags `loom generate`, `loom serve` and `loom eval loss` share: --dtype f32|bf16
+// stores the linears and the tied head; --int8 puts the block linears in int8 rows and leaves the
+// head in --dtype (one matrix, whose logits feed sampling and logprobs directly). Throws naming
+// the flag for --dtype int8 (int8 is --int8).
+struct WeightFormats {
+  WeightFormat linears = WeightFormat::f32, head = WeightFormat::f32;
+};
+WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8);
+
 // The linears of one block: qkv (C+2KV, C) with q rows [0, C) and k, v rows after; out (C, C);
 // up (F, C); down (C, F).
 struct BlockLinears {
