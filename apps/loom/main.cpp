@@ -1,6 +1,11 @@
 // loom: trains, evaluates and serves decoder-only language models. One binary, every job.
+#include <execinfo.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -31,7 +36,53 @@ CLI::App* subcommand_path(CLI::App& parent, const std::string& name,
 
 }  // namespace loom::cli
 
+namespace {
+
+// A fatal signal (a crash, or glibc's abort on a corrupted heap) prints this process's stack to
+// stderr before the default action runs (same exit status, core dump if enabled), so a crash seen
+// once, on a host nobody can log into, leaves a trace to start from. Only write(2) and
+// backtrace_symbols_fd (no malloc) run in the handler; backtrace() is called once at start-up
+// so that its unwinder is loaded before any signal. Under mpirun, Open MPI's handlers replace
+// these (they print a stack too). Sanitizer builds keep the sanitizers' own reports.
+void write_str(const char* s) {
+  const ssize_t r = ::write(2, s, std::strlen(s));
+  (void)r;
+}
+
+extern "C" void on_fatal_signal(int sig) {
+  const char* name = sig == SIGSEGV   ? "SIGSEGV"
+                     : sig == SIGABRT ? "SIGABRT"
+                     : sig == SIGBUS  ? "SIGBUS"
+                     : sig == SIGFPE  ? "SIGFPE"
+                                      : "SIGILL";
+  write_str("\nloom: fatal signal ");
+  write_str(name);
+  write_str("; stack (resolve with: addr2line -C -f -e <loom binary> <offset>):\n");
+  void* frames[64];
+  const int n = ::backtrace(frames, 64);
+  ::backtrace_symbols_fd(frames, n, 2);
+  std::signal(sig, SIG_DFL);  // SA_RESETHAND already did; explicit for the raise below
+  std::raise(sig);
+}
+
+void install_fatal_signal_handlers() {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  return;
+#else
+  void* warm[1];
+  (void)::backtrace(warm, 1);
+  struct sigaction sa {};
+  sa.sa_handler = on_fatal_signal;
+  sa.sa_flags = SA_RESETHAND | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  for (int s : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) ::sigaction(s, &sa, nullptr);
+#endif
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  install_fatal_signal_handlers();
   CLI::App app{"loom: train, evaluate and serve large language models on many devices"};
   app.require_subcommand(1);
   loom::cli::Context ctx;
