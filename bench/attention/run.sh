@@ -21,6 +21,8 @@ if [[ ! -x "$bin" ]]; then
   echo "missing $bin: build it with cmake --build $build --target bench_attention" >&2
   exit 1
 fi
+sdpa_py="${LOOM_TORCH_PYTHON:-}"
+if [[ -z "$sdpa_py" && -x "$root/../torch-venv/bin/python" ]]; then sdpa_py="$root/../torch-venv/bin/python"; fi
 tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
 for T in ${T_LIST:-1024 4096 8192}; do
@@ -35,15 +37,30 @@ for T in ${T_LIST:-1024 4096 8192}; do
     --iters "$titers" --warmup "$twarm" --threads "$threads" \
     --max-seconds "${TORCH_MAX_S:-1800}" | tee -a "$tmp" \
     || echo "{\"bench\":\"attention\",\"impl\":\"torch_matmul_softmax\",\"T\":$T,\"skipped\":\"torch run failed (exit $?)\"}" | tee -a "$tmp"
+  # The stronger peer: a current PyTorch's fused SDPA (flash kernel on CPU), f32 and bf16, when a
+  # python with it exists (LOOM_TORCH_PYTHON, else ../torch-venv beside the repository).
+  if [[ -n "$sdpa_py" ]]; then
+    for dt in f32 bf16; do
+      env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE -u OMP_WAIT_POLICY OMP_NUM_THREADS=$threads \
+        "$sdpa_py" "$root/bench/attention/torch_attention.py" --impl sdpa --dtype "$dt" --T "$T" \
+        --heads 12 --hd 64 --iters "$iters" --warmup 1 --threads "$threads" | tee -a "$tmp" \
+        || echo "{\"bench\":\"attention\",\"impl\":\"torch_sdpa\",\"dtype\":\"$dt\",\"T\":$T,\"skipped\":\"sdpa run failed\"}" | tee -a "$tmp"
+    done
+  fi
 done
 /usr/bin/python3 - "$tmp" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 by = {}
 for r in rows:
-    by.setdefault(r["T"], {})[r["impl"]] = r
+    by.setdefault(r["T"], {})[r["impl"] + ("" if r.get("dtype", "f32") == "f32" else "_" + r["dtype"])] = r
 for T in sorted(by):
-    l, t = by[T].get("loom_flash"), by[T].get("torch_matmul_softmax")
+    l = by[T].get("loom_flash")
+    for r in rows:
+        if r["T"] == T and r["impl"] == "torch_sdpa" and l and "fwd_bwd_s" in r:
+            print(json.dumps({"bench": "attention", "compare": "loom_f32_vs_torch_sdpa_" + r["dtype"],
+                              "T": T, "speedup_fwd_bwd": round(r["fwd_bwd_s"] / l["fwd_bwd_s"], 3)}))
+    t = by[T].get("torch_matmul_softmax")
     out = {"bench": "attention", "compare": "loom_vs_torch", "T": T}
     if l and t and "fwd_bwd_s" in t:
         out["speedup_fwd_bwd"] = round(t["fwd_bwd_s"] / l["fwd_bwd_s"], 3)

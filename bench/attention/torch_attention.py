@@ -35,16 +35,22 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--noncausal", action="store_true")
+    ap.add_argument("--impl", choices=["matmul", "sdpa"], default="matmul",
+                    help="matmul: matmul + softmax (materialises scores); sdpa: "
+                         "torch.nn.functional.scaled_dot_product_attention (PyTorch's fused "
+                         "CPU flash kernel, linear memory; needs a current PyTorch)")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=1800.0,
                     help="skip (with a JSON reason) when the estimated run time is longer")
     a = ap.parse_args()
     causal = not a.noncausal
-    head = {"bench": "attention", "impl": "torch_matmul_softmax", "B": a.B, "T": a.T,
+    impl = "torch_matmul_softmax" if a.impl == "matmul" else "torch_sdpa"
+    head = {"bench": "attention", "impl": impl, "dtype": a.dtype, "B": a.B, "T": a.T,
             "heads": a.heads, "hd": a.hd, "causal": causal, "threads": a.threads}
     # Autograd keeps ~4 (B, NH, T, T) f32 tensors alive at the peak (scores, masked scores,
     # probabilities, their gradient); refuse rather than invite the OOM killer on a shared box.
-    need = 4 * 4 * a.B * a.heads * a.T * a.T
+    need = 4 * 4 * a.B * a.heads * a.T * a.T if a.impl == "matmul" else 0
     avail = mem_available_bytes()
     if need > 0.8 * avail:
         head["skipped"] = (f"needs ~{need / 2**30:.1f} GiB for (B,NH,T,T) scores, "
@@ -55,10 +61,11 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     shape = (a.B, a.heads, a.T, a.hd)
-    q = torch.randn(shape, requires_grad=True)
-    k = torch.randn(shape, requires_grad=True)
-    v = torch.randn(shape, requires_grad=True)
-    dout = torch.randn(shape)
+    dt = torch.float32 if a.dtype == "f32" else torch.bfloat16
+    q = torch.randn(shape, dtype=dt, requires_grad=True)
+    k = torch.randn(shape, dtype=dt, requires_grad=True)
+    v = torch.randn(shape, dtype=dt, requires_grad=True)
+    dout = torch.randn(shape, dtype=dt)
     # Estimate the run time from one (T, HD) x (HD, T) product: the peer is BLAS-bound, and
     # Debian's torch may sit on the reference BLAS (a few GFLOP/s).
     t0 = time.perf_counter()
@@ -68,7 +75,7 @@ def main():
     # Calibrated on this machine: a round takes ~6x the causal fwd+bwd FLOPs at the probe's rate
     # (the peer computes the masked half too, and softmax/masking are unfused passes).
     estimate = probe / (2.0 * a.T * a.T * a.hd) * 3.5 * fwd_flop * 6.0 * (a.warmup + a.iters)
-    if estimate > a.max_seconds:
+    if a.impl == "matmul" and estimate > a.max_seconds:
         head["skipped"] = (f"estimated {estimate:.0f} s (matmul probe "
                            f"{2.0 * a.T * a.T * a.hd / probe / 1e9:.1f} GFLOP/s) > --max-seconds "
                            f"{a.max_seconds:.0f}")
@@ -79,6 +86,8 @@ def main():
     rss_before = peak_rss_bytes()
 
     def forward():
+        if a.impl == "sdpa":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         if mask is not None:
             s = s.masked_fill(mask, float("-inf"))
