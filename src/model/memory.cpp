@@ -659,16 +659,18 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
     const StageGeometry& geo = *geos.back();
     int64_t owned = geo.total();  // the optimizer's elements
     StoreTrace* st = nullptr;
+    // Under ep the ZeRO store, like ZeRO-1's expert ranges, shards over the ranks holding the
+    // same experts: (dp/ep) x cp of them; this rank's index among them (ascending world ranks).
+    const int n_same = plan.dp / plan.ep * plan.cp;
+    const int same_rank = out.dp / plan.ep * plan.cp + out.cp;
     if (store) {
-      stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, n_shard, shard_rank,
+      stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, plan.ep > 1 ? n_same : n_shard,
+                                                    plan.ep > 1 ? same_rank : shard_rank,
                                                     geo.units(), geo.total()));
       st = stores.back().get();
       owned = st->shard();
     } else if (zero1) {
-      // Under ep the expert ranges are shared over the ranks holding the same experts:
-      // (dp/ep) x cp of them; this rank's index among them (ascending world ranks).
-      const int n_same = plan.dp / plan.ep * plan.cp;
-      const int same_rank = out.dp / plan.ep * plan.cp + out.cp;
+      // Under ep the expert ranges are shared over the ranks holding the same experts.
       owned = 0;
       for (const UnitRange& u : zero1_ranges(geo, n_shard, shard_rank, n_same, same_rank))
         owned += u.end - u.begin;

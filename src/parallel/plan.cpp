@@ -302,12 +302,6 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
                "experts / ep of them); valid ep here (dividing experts and dp = {}): {}",
                p.ep, m.experts, p.dp, fmt::join(ok, ", "));
   }
-  LOOM_CHECK(p.ep == 1 || p.zero <= 1,
-             "ep = {} with zero = {}: expert parallelism runs with ZeRO stage 0 or 1 so far "
-             "(ZeRO 2/3 would shard each sparse block's experts as their own units over the ranks "
-             "holding the same experts; not built yet); set zero = 0 or 1, or ep = 1",
-             p.ep, p.zero);
-
   // Pipeline: stages, layer split and schedule.
   const int64_t n_virtual = int64_t(p.pp) * p.virtual_stages;
   LOOM_CHECK(n_virtual <= m.n_layers,

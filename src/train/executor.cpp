@@ -115,12 +115,6 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
                "ep = {} must divide dp = {} and the {} experts of each sparse block; choose ep "
                "among the common divisors",
                plan.ep, plan.dp, cfg.moe.enabled() ? cfg.moe.experts : 0);
-    LOOM_CHECK(plan.zero <= 1,
-               "ep = {} with ZeRO stage {} is not available yet: expert parallelism runs with "
-               "parallel.zero = 0 or 1 (ZeRO 2/3 would need the experts of a sparse block as "
-               "their own units, sharded over the ranks that hold the same experts); set "
-               "parallel.zero to 0 or 1, or ep = 1",
-               plan.ep, plan.zero);
     const int G = plan.cp, P = plan.ep, D = plan.dp;
     std::vector<std::vector<int>> ep_groups, same_experts(static_cast<size_t>(P));
     for (int c = 0; c < G; ++c)
@@ -144,11 +138,15 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
     const model::StageSpan& span = spans[size_t(c * n_pp + rank)];
     if (plan.zero >= 2 && dp_.valid()) {
       // ZeRO-2/3: the chunk's parameters live in a ZeroStore over its own units.
-      auto geometry = std::make_shared<const model::StageGeometry>(cfg, span, shard);
+      // Under ep the store shards over the ranks holding the same experts and sums the dense
+      // gradients over ep first (train/zero.h).
+      const EpShard ep_shard = epp ? EpShard{ep_.rank(), ep_.size()} : EpShard{};
+      auto geometry = std::make_shared<const model::StageGeometry>(cfg, span, shard, ep_shard);
       stores_.push_back(std::make_unique<ZeroStore>(plan.zero, stage_zero_space(geometry),
-                                                    ec.precision, pool, dp_, tpp));
+                                                    ec.precision, pool, epp ? edp_ : dp_, tpp,
+                                                    epp));
       chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp,
-                                                          stores_.back().get()));
+                                                          stores_.back().get(), epp));
       optimizers_.push_back(std::make_unique<optim::AdamW>(
           geometry->local_specs(), geometry->total(), ec.optim, pool, stores_.back()->pieces()));
     } else {
@@ -287,6 +285,8 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
     for_each_owned(c, mine, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
       if (p.tied_copy || (p.global.replicated() && tp_rank() != 0)) return;
       if (share_replicas && p.expert && ep_.valid()) return;  // written below
+      // ZeRO-2/3 under ep: every ep rank holds the same dense pieces; ep rank 0 writes them.
+      if (z && ep_.valid() && !p.expert && ep_.rank() != 0) return;
       const int64_t lo = x - p.local_offset;
       const int64_t opt = share_replicas ? x : packed;
       const float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;

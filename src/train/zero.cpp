@@ -14,6 +14,7 @@ ZeroSpace stage_zero_space(std::shared_ptr<const model::StageGeometry> geometry)
   for (const model::StageParam& p : geometry->params()) z.counted.push_back(!p.tied_copy);
   z.units = geometry->units();
   z.total = geometry->total();
+  z.experts = geometry->expert_ranges();
   z.init = [geometry](float* dst, int64_t b, int64_t e, uint64_t seed) {
     geometry->init_range(dst, b, e, seed);
   };
@@ -21,13 +22,15 @@ ZeroSpace stage_zero_space(std::shared_ptr<const model::StageGeometry> geometry)
 }
 
 ZeroStore::ZeroStore(int stage, ZeroSpace space, model::Precision precision, MemoryPool& pool,
-                     const comm::ProcessGroup& dp, const comm::ProcessGroup* tp)
+                     const comm::ProcessGroup& dp, const comm::ProcessGroup* tp,
+                     const comm::ProcessGroup* ep)
     : stage_(stage),
       space_(std::move(space)),
       bf_(precision == model::Precision::bf16),
       pool_(pool),
       dp_(dp) {
   if (tp && tp->size() > 1) tp_ = *tp;
+  if (ep && ep->size() > 1) ep_ = *ep;
   LOOM_CHECK(stage == 2 || stage == 3, "ZeroStore handles ZeRO stages 2 and 3, not {}", stage);
   LOOM_ASSERT(space_.counted.size() == space_.specs.size() && space_.init,
               "ZeroSpace needs a counted flag per tensor and an init function");
@@ -115,6 +118,10 @@ void ZeroStore::grads_done(int u) {
     const auto& unit = space_.units[size_t(u)];
     model::sum_replicated_grads(space_.specs, l.g.data<float>(), unit.begin, unit.end, tp_);
   }
+  if (ep_.valid()) {
+    const auto& unit = space_.units[size_t(u)];
+    sum_dense_over_ep(l.g.data<float>(), unit.begin, unit.end);
+  }
   Tensor out = Tensor::empty({n_[size_t(u)]}, DType::f32, pool_, MemCategory::grads);
   // The entry holds the unit buffer and its result until it retires, in order, when more than
   // kMaxInFlight are pending (or at finish_micro_batch): so gradient memory is the shard plus a
@@ -129,6 +136,20 @@ void ZeroStore::grads_done(int u) {
     accumulate(pending_.front());
     pending_.erase(pending_.begin());
   }
+}
+
+void ZeroStore::sum_dense_over_ep(float* g, int64_t begin, int64_t end) const {
+  // g holds elements [begin, end) of the space; reduce its dense gaps between expert ranges.
+  int64_t at = begin;
+  auto reduce = [&](int64_t lo, int64_t hi) {
+    if (hi > lo) ep_.all_reduce(comm::BufferRef(g + (lo - begin), hi - lo, DType::f32)).wait();
+  };
+  for (const model::UnitRange& e : space_.experts) {
+    if (e.end <= at || e.begin >= end) continue;
+    reduce(at, std::max(at, e.begin));
+    at = std::min(end, std::max(at, e.end));
+  }
+  reduce(at, end);
 }
 
 void ZeroStore::accumulate(const Pending& p) {
@@ -149,18 +170,31 @@ void ZeroStore::finish_micro_batch() {
 void ZeroStore::zero_grads() { gshard_.fill_zero(); }
 
 double ZeroStore::local_grad_sum_squares() const {
+  // Under ep a spec is an expert's when it lies inside an expert range (ranges hold whole
+  // tensors).
+  auto expert = [&](const model::ParamSpec& s) {
+    for (const model::UnitRange& e : space_.experts)
+      if (s.offset >= e.begin && s.offset + s.numel <= e.end) return true;
+    return false;
+  };
+  auto counts = [&](size_t i) {
+    const auto& s = space_.specs[i];
+    return space_.counted[i] && (!tp_.valid() || !s.replicated() || tp_.rank() == 0) &&
+           (!ep_.valid() || ep_.rank() == 0 || expert(s));
+  };
   bool all = true;
   for (size_t i = 0; i < space_.specs.size(); ++i)
-    all = all && space_.counted[i] && (!tp_.valid() || !space_.specs[i].replicated());
+    all = all && counts(i) && (!tp_.valid() || !space_.specs[i].replicated()) && !ep_.valid();
   if (all) return kernels::sum_squares(gshard_.data<float>(), shard_);
-  // Shards are disjoint across tp; replicated tensors count on tp rank 0 only.
+  // Shards are disjoint across tp; replicated tensors count on tp rank 0 only, and under ep the
+  // dense ones (held by every ep rank) on ep rank 0 only.
   double ss = 0;
   for (size_t u = 0; u < space_.units.size(); ++u)
     for (size_t i = 0; i < space_.specs.size(); ++i) {
       const auto& s = space_.specs[i];
       const int64_t lo = std::max(s.offset, pieces_[u].begin);
       const int64_t hi = std::min(s.offset + s.numel, pieces_[u].end);
-      if (lo < hi && space_.counted[i] && (!tp_.valid() || !s.replicated() || tp_.rank() == 0))
+      if (lo < hi && counts(i))
         ss += kernels::sum_squares(gshard_.data<float>() + packed_off_[u] + (lo - pieces_[u].begin),
                                    hi - lo);
     }
@@ -170,6 +204,7 @@ double ZeroStore::local_grad_sum_squares() const {
 double ZeroStore::grad_sum_squares() const {
   double ss = local_grad_sum_squares();
   dp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
+  if (ep_.valid()) ep_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
   if (tp_.valid()) tp_.all_reduce(comm::BufferRef(&ss, 1, DType::f64)).wait();
   return ss;
 }

@@ -24,6 +24,17 @@
 //
 // Determinism: fixed unit order and a deterministic reduce-scatter, so two runs are
 // bit-identical. Summation order differs from dp all-reduce (ZeRO-0/1) by rounding only.
+//
+// Expert parallelism (`ep`, train::Executor): the ranks of dp hold different experts, so the
+// store shards over the ranks holding the same experts (`dp` is then the ep_dp group, dp/ep x
+// cp ranks) and every rank's space holds the dense tensors plus its own experts. A unit's dense
+// ranges (everything outside ZeroSpace::experts) are replicated over all of dp: their gradient is
+// first summed over the ep group (in place, blocking, before the unit's reduce-scatter), which
+// with the reduce-scatter over ep_dp sums it over dp x cp; the expert ranges reduce over ep_dp
+// only, as they must. Each ep rank then holds and updates the same dense pieces (replicated ep
+// times: ZeRO under ep shards dense state over dp/ep x cp ranks, not dp x cp, the price of one
+// uniform unit split; experts are sharded over all ranks that hold them). Dense elements count
+// in the gradient norm on ep rank 0 only.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +58,9 @@ struct ZeroSpace {
                                         // head's copy of the tied embedding does not)
   std::vector<model::UnitRange> units;  // tile [0, total) in order
   int64_t total = 0;
+  // Expert ranges (ascending, disjoint; model::StageGeometry::expert_ranges): under ep they are
+  // this rank's experts, everything else is dense (see "Expert parallelism" above).
+  std::vector<model::UnitRange> experts;
   // Writes the initial values of elements [begin, end) of the buffer into dst.
   std::function<void(float* dst, int64_t begin, int64_t end, uint64_t seed)> init;
 };
@@ -59,8 +73,11 @@ class ZeroStore final : public model::ParamStore {
   // `tp` (optional): the model is tensor parallel; the space then holds this tp rank's shards
   // (ParamLayout with TpShard): the store sums the replicated tensors' gradients over tp before
   // each unit's reduce-scatter, and counts them once (on tp rank 0) in the gradient norm.
+  // `ep` (optional, size > 1): expert parallel; `dp` must then be the group of ranks holding the
+  // same experts (ep_dp), see "Expert parallelism" above.
   ZeroStore(int stage, ZeroSpace space, model::Precision precision, MemoryPool& pool,
-            const comm::ProcessGroup& dp, const comm::ProcessGroup* tp = nullptr);
+            const comm::ProcessGroup& dp, const comm::ProcessGroup* tp = nullptr,
+            const comm::ProcessGroup* ep = nullptr);
 
   // ParamStore
   const float* weights(int u) override;
@@ -87,7 +104,8 @@ class ZeroStore final : public model::ParamStore {
   void finish_micro_batch();
   double grad_sum_squares() const;
   // This rank's part of it, without collectives: counted tensors of its pieces (replicated
-  // ones on tp rank 0 only). Summed over dp and tp it is the whole sum.
+  // ones on tp rank 0 only; under ep dense ones on ep rank 0 only). Summed over dp (all of it,
+  // not ep_dp) and tp it is the whole sum.
   double local_grad_sum_squares() const;
   // The packed gradient accumulator (shard_size()), e.g. to sum a tied tensor's pieces.
   float* packed_grads() const { return gshard_.data<float>(); }
@@ -128,7 +146,10 @@ class ZeroStore final : public model::ParamStore {
   ZeroSpace space_;
   bool bf_;
   MemoryPool& pool_;
-  comm::ProcessGroup dp_, tp_;
+  comm::ProcessGroup dp_, tp_, ep_;
+  // Under ep: the dense ranges of [begin, end) (complement of space_.experts), in place summed
+  // over ep.
+  void sum_dense_over_ep(float* g, int64_t begin, int64_t end) const;
   std::vector<int64_t> n_;          // per unit: piece stride n_u
   std::vector<optim::Range> pieces_;
   std::vector<int64_t> packed_off_;  // per unit: offset of its piece in packed buffers

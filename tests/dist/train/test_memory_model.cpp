@@ -331,6 +331,10 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      with_ep(c(2, 1, 0, "1f1b", 1, 2, "selective", kBf16), 2)}});
     runs.push_back({model::Router::topk, {with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2),
                                           with_ep(c(2, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
+    // ZeRO-2/3 under ep: the store over the ranks holding the same experts (train/zero.h).
+    runs.push_back({model::Router::rre,
+                    {with_ep(c(2, 1, 2, "1f1b", 1, 2, "none", kF32), 2),
+                     with_ep(c(2, 1, 3, "1f1b", 1, 2, "selective", kBf16), 2)}});
   } else if (w == 4) {
     Case ep_cp = with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), 2);
     ep_cp.cp = 2;  // ep 2 inside dp 2, at each of 2 cp ranks
@@ -339,6 +343,12 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kF32), 2), ep_cp,
                      with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2)}});
     runs.push_back({model::Router::topk, {with_ep(c(4, 1, 0, "1f1b", 1, 1, "none", kBf16), 4)}});
+    // ZeRO-2/3 under ep, sharded over 2 ranks holding the same experts, and with pp.
+    runs.push_back({model::Router::rre,
+                    {with_ep(c(4, 1, 2, "1f1b", 1, 2, "none", kBf16), 2),
+                     with_ep(c(4, 1, 3, "1f1b", 1, 2, "selective", kF32), 2),
+                     with_ep(c(2, 2, 3, "1f1b", 1, 2, "none", kF32), 2)}});
+    runs.push_back({model::Router::topk, {with_ep(c(4, 1, 2, "1f1b", 1, 2, "full", kF32), 2)}});
   }
   if (runs.empty()) GTEST_SKIP() << "MoE plans are listed for 2 and 4 ranks, not " << w;
   for (auto& [router, cases] : runs) {

@@ -169,9 +169,13 @@ TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
   std::vector<Layout> layouts;
   // ZeRO-1: dense state shared over dp, each expert's over the ranks holding it. tp: the experts
   // split like the dense FFN (alone at w = 2, with ep 2 at w = 4).
-  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}, {1, 1, 1, 1, 0, 2}};
+  // ZeRO-2/3 under ep: the store shards over the ranks holding the same experts after summing
+  // the dense gradients over ep (train/zero.h).
+  if (w == 2) layouts = {{2, 2}, {2, 2, 1, 1, 1}, {1, 1, 1, 1, 0, 2}, {2, 2, 1, 1, 2}, {2, 2, 1, 1, 3}};
   // (Also sparse blocks under tp with ZeRO-2 and ep 1: the ZeroStore's tp path.)
-  if (w == 4) layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}, {2, 1, 1, 1, 2, 2}};
+  if (w == 4)
+    layouts = {{4, 4}, {4, 2}, {2, 2, 2}, {4, 2, 1, 1, 1}, {2, 2, 1, 1, 0, 2}, {2, 1, 1, 1, 2, 2},
+               {4, 2, 1, 1, 2}, {4, 2, 1, 1, 3}, {2, 2, 2, 1, 3}, {2, 2, 1, 1, 2, 2}};
   // cp: each cp rank dispatches its own rows over its ep group (rre only: topk is refused
   // under cp, see DpAndPpEqualSerial).
   if (w == 4 && router == model::Router::rre) layouts.push_back({2, 2, 1, 2});
@@ -423,6 +427,24 @@ TEST(MoeExpertParallel, CheckpointsMoveBetweenEpAndOtherLayouts) {
     s.resume(dir + "/ep_zero1_ckpt");
     expect_near(losses(s, 2), rest, "serial from ep zero 1");
     expect_near(rest, {serial_tail[1], serial_tail[2]}, "ep zero 1");
+  }
+  for (int zero : {2, 3}) {
+    // ZeRO-2/3 under ep 2 (the store shards over the ranks holding the same experts; ep rank 0
+    // writes the dense pieces every ep rank holds) from the ep checkpoint, saving again, and
+    // serial from that.
+    const std::string z = "ep 2 zero " + std::to_string(zero);
+    const std::string out = dir + "/ep_zero" + std::to_string(zero) + "_ckpt";
+    MemoryPool pool;
+    train::Trainer t(cfg(dir, w, 2, zero), pool, &world);
+    t.resume(dir + "/ep_ckpt");
+    expect_near(losses(t, 1), {serial_tail[0]}, z + " from ep " + std::to_string(w));
+    t.save(out);
+    std::vector<double> rest = losses(t, 2);
+    expect_near(rest, {serial_tail[1], serial_tail[2]}, z);
+    MemoryPool pool2;
+    train::Trainer s(cfg(single, 1, 1), pool2);
+    s.resume(out);
+    expect_near(losses(s, 2), rest, "serial from " + z);
   }
   world.barrier().wait();
   if (world.rank() == 0) fs::remove_all(dir);
