@@ -36,9 +36,9 @@ double LinkLevel::time(Collective c, double bytes, int p) const {
   return a * steps * latency_s + b * (steps / double(p)) * bytes / beta;
 }
 
-double EfficiencyTable::at(double flops) const {
+double EfficiencyTable::at_units(double x) const {
   LOOM_ASSERT(!points.empty(), "efficiency table is empty");
-  const double g = std::max(flops / 1e9, 1e-12);
+  const double g = std::max(x, 1e-12);
   if (g <= points.front().first) return points.front().second;
   if (g >= points.back().first) return points.back().second;
   for (size_t i = 1; i < points.size(); ++i)
@@ -125,29 +125,32 @@ struct Reader {
                source, where, key, x, y);
     return {x, y};
   }
-  EfficiencyTable efficiency(const toml::table& t, const std::string& where,
-                             const std::string& key) const {
+  // [[size, efficiency], ...]: `unit` names the size (gflop: 1e9 FLOPs of one product; MB: 1e6
+  // bytes moved), `meaning` what an entry says.
+  EfficiencyTable efficiency(const toml::table& t, const std::string& where, const std::string& key,
+                             const char* unit = "gflop",
+                             const char* meaning = "a matmul of gflop*1e9 FLOPs reaches that "
+                                                   "fraction of peak") const {
     const toml::node* n = t.get(key);
-    LOOM_CHECK(n, "{}: missing key '{}{}' ([[gflop, efficiency], ...]: a matmul of gflop*1e9 "
-                  "FLOPs reaches that fraction of peak)",
-               source, where, key);
+    LOOM_CHECK(n, "{}: missing key '{}{}' ([[{}, efficiency], ...]: {})", source, where, key, unit,
+               meaning);
     const toml::array* a = n->as_array();
-    LOOM_CHECK(a && !a->empty(), "{}: key '{}{}' must be a non-empty list of [gflop, efficiency]",
-               source, where, key);
+    LOOM_CHECK(a && !a->empty(), "{}: key '{}{}' must be a non-empty list of [{}, efficiency]",
+               source, where, key, unit);
     EfficiencyTable e;
     for (size_t i = 0; i < a->size(); ++i) {
       const toml::array* p = (*a)[i].as_array();
       LOOM_CHECK(p && p->size() == 2 && (*p)[0].value<double>() && (*p)[1].value<double>(),
-                 "{}: key '{}{}' entry {} must be [gflop, efficiency] (two numbers)", source,
-                 where, key, i);
+                 "{}: key '{}{}' entry {} must be [{}, efficiency] (two numbers)", source, where,
+                 key, i, unit);
       const double g = *(*p)[0].value<double>(), f = *(*p)[1].value<double>();
       LOOM_CHECK(g > 0 && f > 0 && f <= 1,
-                 "{}: key '{}{}' entry {} = [{}, {}]: gflop must be > 0 (1e9 FLOPs per product) "
-                 "and efficiency in (0, 1] (fraction of peak)",
-                 source, where, key, i, g, f);
+                 "{}: key '{}{}' entry {} = [{}, {}]: {} must be > 0 and efficiency in (0, 1] "
+                 "({})",
+                 source, where, key, i, g, f, unit, meaning);
       LOOM_CHECK(e.points.empty() || g > e.points.back().first,
-                 "{}: key '{}{}' entry {}: gflop = {} must be larger than the previous entry's {}",
-                 source, where, key, i, g, e.points.back().first);
+                 "{}: key '{}{}' entry {}: {} = {} must be larger than the previous entry's {}",
+                 source, where, key, i, unit, g, e.points.back().first);
       e.points.emplace_back(g, f);
     }
     return e;
@@ -212,7 +215,8 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   const toml::table& d = r.table(tbl, "", "device");
   r.only_keys(d, "device.", {"peak_tflops_f32", "peak_tflops_bf16", "memory_GiB",
                              "memory_bandwidth_GBps", "matmul_efficiency_f32",
-                             "matmul_efficiency_bf16", "bf16_emulated", "op_overhead_us"});
+                             "matmul_efficiency_bf16", "bf16_emulated", "op_overhead_us",
+                             "matmul_memory_efficiency"});
   c.peak_flops_f32 = r.number(d, "device.", "peak_tflops_f32", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
   c.peak_flops_bf16 = r.number(d, "device.", "peak_tflops_bf16", "1e12 FLOP/s", 1e-9, 1e6) * 1e12;
   c.memory_bytes = int64_t(r.number(d, "device.", "memory_GiB", "GiB = 2^30 bytes", 1e-6, 1e7) *
@@ -223,6 +227,10 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   c.eff_bf16 = r.efficiency(d, "device.", "matmul_efficiency_bf16");
   c.op_overhead_s =
       r.number(d, "device.", "op_overhead_us", "microseconds per kernel call", 0, 1e6, 0.0) * 1e-6;
+  if (d.get("matmul_memory_efficiency"))
+    c.matmul_memory_eff =
+        r.efficiency(d, "device.", "matmul_memory_efficiency", "MB",
+                     "a product moving MB*1e6 bytes reaches that fraction of memory_bandwidth");
   if (const toml::node* n = d.get("bf16_emulated")) {
     LOOM_CHECK(n->is_boolean(), "{}: key 'device.bf16_emulated' must be true or false", source);
     c.bf16_emulated = *n->value<bool>();
@@ -303,6 +311,8 @@ std::string Cluster::to_toml() const {
                    peak_flops_f32 / 1e12, peak_flops_bf16 / 1e12,
                    double(memory_bytes) / double(int64_t(1) << 30), memory_bandwidth_Bps / 1e9,
                    table(eff_f32), table(eff_bf16), bf16_emulated ? "true" : "false", op_overhead_s * 1e6);
+  if (!matmul_memory_eff.points.empty())
+    s += fmt::format("matmul_memory_efficiency = {}\n", table(matmul_memory_eff));
   if (host_cores > 0) {
     s += fmt::format("\n[host]\ncores = {}\ncpu_model = \"{}\"\ncalibrated = \"{}\"\n", host_cores,
                      cpu_model, calibrated);

@@ -18,6 +18,13 @@
 //   bf16_emulated = false                (optional) bf16 copies stored as f32 (CPUs without AMX)
 //   op_overhead_us = 0                   (optional) fixed time of one kernel call (dispatch, thread
 //                                        fork/join; a GPU's launch latency), microseconds
+//   matmul_memory_efficiency             (optional) [[MB, efficiency], ...]: when present, a
+//                                        product's operand traffic ((M*K + K*N + M*N) elements)
+//                                        at memory_bandwidth x this efficiency (by the MB it moves,
+//                                        interpolated like the matmul table) adds to its compute
+//                                        time instead of hiding under it (Calculon's "no_overlap"
+//                                        processing mode); absent: hidden (measured tables, as
+//                                        loom calibrate writes, include it)
 //   [host]                               (optional) ranks of a node share its cores (CPU hosts):
 //   cores = 2                            the device figures above are then the whole host's, and
 //   cpu_model = "...", calibrated = "..." a rank running alone gets max(1, cores/ranks) cores' share
@@ -68,7 +75,9 @@ struct LinkLevel {
 // Fraction of peak by matmul size (FLOPs of one product).
 struct EfficiencyTable {
   std::vector<std::pair<double, double>> points;  // (gflop, efficiency), sorted by gflop
-  double at(double flops) const;
+  double at(double flops) const { return at_units(flops / 1e9); }
+  // The same lookup with the argument in the table's own unit (gflop, MB, ...).
+  double at_units(double x) const;
 };
 
 struct Cluster {
@@ -80,6 +89,7 @@ struct Cluster {
   double memory_bandwidth_Bps = 0;
   bool bf16_emulated = false;
   double op_overhead_s = 0;       // per kernel call
+  EfficiencyTable matmul_memory_eff;  // empty: products' operand traffic hidden under compute
   int host_cores = 0;             // 0: devices do not share; >0: ranks share this many cores
   std::vector<std::pair<int, double>> concurrency;  // (ranks, cores' worth per rank), by ranks
   // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table

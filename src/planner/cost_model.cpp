@@ -85,7 +85,19 @@ struct Rates {
   double mm(double flops_each, double count = 1) const {
     return count * flops_each / (flops * eff->at(flops_each));
   }
-  double gemm(double m, double n, double k) const { return mm(2 * m * n * k); }
+  // Seconds for one (m x k) @ (k x n) product: its FLOPs, plus, where the cluster says the
+  // operands' memory traffic is not hidden (cluster.h matmul_memory_efficiency), reading both
+  // operands and writing the result at the achieved bandwidth.
+  const EfficiencyTable* mem_eff = nullptr;  // null: traffic hidden
+  double elem_bytes = 4;                     // bytes per matmul operand element
+  double gemm(double m, double n, double k) const {
+    double s = mm(2 * m * n * k);
+    if (mem_eff) {
+      const double moved = (m * k + k * n + m * n) * elem_bytes;
+      s += moved / (bytes * mem_eff->at_units(moved / 1e6));
+    }
+    return s;
+  }
 };
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
@@ -138,6 +150,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   r.flops = cl.peak_flops(in.precision) / share;
   r.bytes = cl.memory_bandwidth_Bps / share;
   r.eff = &cl.efficiency(in.precision);
+  if (!cl.matmul_memory_eff.points.empty()) r.mem_eff = &cl.matmul_memory_eff;
 
   const double t = plan.tp, b = double(plan.micro_batch_size), T = double(in.T);
   const int G = plan.cp;
@@ -145,6 +158,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   const double N = b * Tl, C = double(cfg.d_model), KV = double(cfg.kv_dim()), F = double(cfg.d_ff),
                V = double(cfg.vocab), NH = double(cfg.n_heads), HD = double(cfg.head_dim());
   const double f32 = 4, mm_bytes = bf && !cl.bf16_emulated ? 2 : 4;  // bytes per element
+  r.elem_bytes = mm_bytes;
 
   // One block (or the query layer: the same products), one micro-batch, this rank's shard.
   // Attention: q.k and p.v of each head, the causal half of 2*T*T*HD. Under cp a rank's Tl
