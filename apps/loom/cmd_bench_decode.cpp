@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
-#include <omp.h>
 #include <vector>
 
 #include "cli.h"
@@ -16,42 +15,13 @@
 #include "core/rng.h"
 #include "core/threads.h"
 #include "infer/decoder.h"
+#include "kernels/cpu/bandwidth.h"
 #include "model/params.h"
 
 namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Read bandwidth a parallel sum over 256 MiB reaches (best of 5), bytes/s: the ceiling a
-// weight-bound decode step is measured against. Each thread sums its contiguous part into 64
-// independent lanes, which the compiler keeps in vector registers: a plain `total += a[i]` is one
-// dependent add per element, capped by the add latency (about 10 GB/s on two threads here, under
-// what the memory delivers; it made weight reads look faster than their "ceiling").
-double probe_read_bandwidth() {
-  constexpr size_t kLanes = 64;
-  const size_t n = size_t(64) << 20;  // 64 Mi floats = 256 MiB, a multiple of kLanes
-  std::vector<float> a(n, 1.f);
-  double best = 0;
-  volatile float sink = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    float total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-      const size_t T = size_t(omp_get_num_threads()), t = size_t(omp_get_thread_num());
-      const size_t blocks = n / kLanes, begin = blocks * t / T * kLanes, end = blocks * (t + 1) / T * kLanes;
-      float lane[kLanes] = {};
-      for (size_t i = begin; i < end; i += kLanes)
-        for (size_t j = 0; j < kLanes; ++j) lane[j] += a[i + j];
-      for (float v : lane) total += v;
-    }
-    const double dt = seconds_since(t0);
-    sink = sink + total;
-    best = std::max(best, double(n) * 4 / dt);
-  }
-  return best;
 }
 
 void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
@@ -125,7 +95,9 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     for (int64_t i = 0; i + 1 < N; ++i) run_step(false);
     const double decode_s = seconds_since(t0);
     const double steps = double(std::max<int64_t>(1, N - 1));
-    const double bw = probe_read_bandwidth();
+    // The ceiling a weight-bound decode step is measured against: the kernels' read-bandwidth
+    // probe (1 GiB, above the last-level cache), bytes/s.
+    const double bw = kernels::measure_read_bandwidth_gbs(0, size_t(1) << 30) * 1e9;
     const double wbytes = double(w.matmul_weight_bytes());
     const double weight_rate = wbytes * steps / std::max(decode_s, 1e-9);
     // K and V of every cached layer for the average context of a decode step.
