@@ -68,15 +68,15 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 struct Moments {
   std::vector<float> m, v;
 };
-Moments moments(const train::Trainer& t) {
+Moments moments(train::Trainer& t) {
   const int64_t n = t.executor().chunk(0).global_layout().total();
   Moments r{std::vector<float>(size_t(n), 0.f), std::vector<float>(size_t(n), 0.f)};
-  const_cast<train::Trainer&>(t).executor().export_optimizer(r.m.data(), r.v.data());
+  t.executor().export_optimizer(r.m.data(), r.v.data());
   return r;
 }
 
 // The one sparse block (tiny-moe: block 1).
-const model::BlockOffsets& sparse_block(const train::Trainer& t) {
+const model::BlockOffsets& sparse_block(train::Trainer& t) {
   return t.executor().chunk(0).global_layout().block(1);
 }
 
