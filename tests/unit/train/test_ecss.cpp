@@ -12,7 +12,9 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -312,6 +314,32 @@ TEST(Ecss, MappedStoreFileEqualsAnonymousMemory) {
     EXPECT_TRUE(same_bits(t.full_weights(), anon));
   }
   EXPECT_FALSE(fs::exists(file)) << "the store file outlived its run";
+  fs::remove_all(dir);
+}
+
+// `loom train`'s loop writes the transfers into metrics.jsonl: dense moves every expert each way.
+TEST(Ecss, MetricsJsonlCarriesTheTransfers) {
+  const std::string dir = temp_dir("metrics");
+  train::TrainConfig c = config("dense", dir);
+  c.steps = 2;
+  c.log_every = 1;
+  c.eval_every = 0;
+  train::run_training(c, "");
+  const model::ParamLayout layout(c.model);
+  const int64_t expert_bytes = 4 * layout.block(1).moe_n_experts * layout.block(1).moe_stride;
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::string line;
+  int lines = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (!j.contains("step")) continue;
+    ++lines;
+    ASSERT_TRUE(j.contains("ecss")) << line;
+    EXPECT_EQ(j["ecss"]["to_store_bytes"].get<int64_t>(), expert_bytes) << line;
+    EXPECT_EQ(j["ecss"]["to_pool_bytes"].get<int64_t>(), expert_bytes) << line;
+    EXPECT_EQ(j["ecss"]["pieces_updated"].get<int64_t>(), layout.block(1).moe_n_experts) << line;
+  }
+  EXPECT_EQ(lines, 2);
   fs::remove_all(dir);
 }
 
