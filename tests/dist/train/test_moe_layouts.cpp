@@ -527,6 +527,58 @@ TEST(MoeEcss, DenseEqualsOffUnderEpAndLazyEqualsSerial) {
       << "lazy: expert 6 got tokens but did not change";
 }
 
+// Lazy ECSS decides per step which experts got tokens from the load summed over the
+// gradient-reduction group. With 16 experts and 8 tokens per rank per step, each rank sees a
+// different subset, so a rank deciding from its own tokens would diverge from the serial run:
+// dp w, ep 2 in dp w and (2 ranks) cp 2 each equal serial lazy within 1e-5 over 10 steps.
+TEST(MoeEcss, LazyDecidesOnTheGlobalBatch) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  const std::string dir = train_test::shared_dir(world, "moe_ecss_lazy");
+  auto make = [&](int dp, int ep, int cp, const std::string& d) {
+    train::TrainConfig c = config(dp, 1, 0, d, model::Router::rre);
+    model::MoeConfig& m = c.model.moe;
+    m.domains = {"other"};
+    m.experts_per_domain = 16;
+    m.experts = 16;
+    m.expert_d_ff = 32;
+    c.model.name = "tiny-moe-lazy";
+    c.model.validate();
+    c.batch = w;  // one sequence of 8 tokens per rank
+    c.seq = 8;
+    c.parallel.micro_batches = 1;
+    c.parallel.dp = dp;
+    c.parallel.ep = ep;
+    c.parallel.cp = cp;
+    c.parallel.ecss = "lazy";
+    return c;
+  };
+  MemoryPool serial_pool;
+  train::Trainer serial(make(1, 1, 1, dir + "_s" + std::to_string(world.rank())), serial_pool);
+  serial.init_fresh();
+  int64_t skipped = 0;
+  for (int i = 0; i < kEpSteps; ++i)
+    skipped += 16 - serial.train_step().ecss.pieces_updated;
+  EXPECT_GT(skipped, 0) << "every expert got tokens in every step: the test proves nothing";
+  const std::vector<float> serial_w = serial.full_weights();
+  const model::ParamLayout& layout = serial.executor().chunk(0).global_layout();
+  struct Layout { int dp, ep, cp; };
+  std::vector<Layout> layouts = {{w, 1, 1}};
+  if (w % 2 == 0) layouts.push_back({w, 2, 1});
+  if (w == 2) layouts.push_back({1, 1, 2});
+  for (const Layout& l : layouts) {
+    const std::string what = "lazy ecss dp " + std::to_string(l.dp) + " ep " +
+                             std::to_string(l.ep) + " cp " + std::to_string(l.cp);
+    MemoryPool pool;
+    train::TrainConfig c = make(l.dp, l.ep, l.cp, dir);
+    train::Trainer t(c, pool, l.cp == 1 ? &world : nullptr, nullptr, nullptr,
+                     l.cp > 1 ? &world : nullptr, l.cp > 1 ? &world : nullptr);
+    t.init_fresh();
+    for (int i = 0; i < kEpSteps; ++i) t.train_step();
+    expect_tensors_near(layout, t.full_weights(), serial_w, 1e-5, what);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Moe, MoeLayouts,
                          ::testing::Values(model::Router::rre, model::Router::topk),
                          [](const auto& i) { return std::string(model::router_name(i.param)); });
