@@ -40,6 +40,11 @@
 //   global grad norm sums each rank's squares (the tied embedding counted once, tp's replicated
 //   tensors once) with an f64 all-reduce over pp and tp (and dp under ZeRO-2/3). Every layout
 //   equals the one-rank run up to summation order; two runs of one layout are bit-identical.
+// - ECSS (plan.ecss = "dense" | "lazy", ZeRO 0/1): the experts' f32 masters and AdamW moments
+//   of what this rank's optimizer owns live in one optim::ExpertStore per chunk, outside the
+//   pool; the chunk's AdamW covers the dense ranges only (model::ecss_split). Lazy mode sums the
+//   step's per-expert loads over dp (x cp) so every rank updates the same experts. Checkpoints
+//   and export/import read and write the store in the unchanged format.
 // - Failure: a peer that never sends makes wait() throw loom::TimeoutError naming the group,
 //   op and sequence number; the executor's state is then undefined (discard it).
 #pragma once
