@@ -85,6 +85,9 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
                   "expert-parallel size, a divisor of dp and of the experts (MoE models): each "
                   "rank holds experts/ep of every sparse block");
   sub->add_option("--zero", p.zero, "ZeRO stage over dp (x cp): 0, 1, 2 or 3");
+  sub->add_option("--ecss", p.ecss,
+                  "expert computation/storage separation (MoE, ZeRO 0 or 1): off, dense (every "
+                  "expert updated as AdamW) or lazy (only experts that got tokens)");
   sub->add_option("--micro-batches", p.micro_batches, "micro-batches per step and dp rank");
   sub->add_option("--schedule", p.schedule, "pipeline schedule: gpipe, 1f1b or interleaved");
   sub->add_option("--virtual-stages", p.virtual_stages, "model chunks per rank (interleaved)");

@@ -92,6 +92,7 @@ struct BlockCtx {
   const int32_t* domains = nullptr;
   float moe_aux_scale = 0;
   MoeStats* moe_stats = nullptr;
+  int64_t moe_layer = -1;  // the block's index in the model (MoeStats::layer_load)
   // Expert parallel group (null: none): this rank holds experts [r*E/P, (r+1)*E/P) (the
   // BlockOffsets' moe_expert0 / moe_n_experts) and exchanges dispatched rows with the group.
   const comm::ProcessGroup* ep = nullptr;

@@ -265,6 +265,32 @@ std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r
   return out;
 }
 
+EcssSplit ecss_split(const StageGeometry& geo, const std::vector<UnitRange>& owned) {
+  EcssSplit out;
+  // Every held expert's tensors, ascending: expert e of block i at moe_expert_offset(o, e).
+  std::vector<EcssSplit::Piece> experts;
+  for (size_t i = 0; i < geo.blocks().size(); ++i) {
+    const BlockOffsets& o = geo.blocks()[i];
+    if (!o.sparse()) continue;
+    for (int64_t e = o.moe_expert0; e < o.moe_expert0 + o.moe_n_experts; ++e) {
+      const int64_t b = moe_expert_offset(o, e);
+      experts.push_back({geo.span().first_layer + int64_t(i), e, b, b + o.moe_stride});
+    }
+  }
+  for (const UnitRange& r : owned) {
+    int64_t x = r.begin;
+    for (const EcssSplit::Piece& p : experts) {
+      if (p.end <= x || p.begin >= r.end) continue;
+      if (p.begin > x) out.dense.push_back({x, p.begin});
+      const int64_t lo = std::max(x, p.begin), hi = std::min(r.end, p.end);
+      out.experts.push_back({p.layer, p.expert, lo, hi});
+      x = hi;
+    }
+    if (x < r.end) out.dense.push_back({x, r.end});
+  }
+  return out;
+}
+
 std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re) {
   if (geo.ep().size <= 1) return {zero1_share(geo.total(), D, r)};
   std::vector<UnitRange> out = zero1_dense_ranges(geo, D, r);

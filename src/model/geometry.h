@@ -68,6 +68,20 @@ std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int 
 // range's share: what train::Executor broadcasts over dp and over the same-experts group.
 std::vector<UnitRange> zero1_dense_ranges(const StageGeometry& geo, int D, int r);
 
+// ECSS (optim/expert_store.h): `owned` (ascending ranges of a stage's buffer whose optimizer
+// state this rank keeps) split into what stays with AdamW in the pool (`dense`: owned minus
+// every expert's tensors) and one piece per held expert overlapping it (layer, global expert,
+// [begin, end) = owned intersected with that expert's tensors), ascending. The engine builds its
+// optimizer and store from it and the memory model prices the optimizer from it.
+struct EcssSplit {
+  struct Piece {
+    int64_t layer, expert, begin, end;
+  };
+  std::vector<UnitRange> dense;
+  std::vector<Piece> experts;
+};
+EcssSplit ecss_split(const StageGeometry& geo, const std::vector<UnitRange>& owned);
+
 // One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
 // ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
 struct StageParam {

@@ -663,6 +663,7 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
     // same experts: (dp/ep) x cp of them; this rank's index among them (ascending world ranks).
     const int n_same = plan.dp / plan.ep * plan.cp;
     const int same_rank = out.dp / plan.ep * plan.cp + out.cp;
+    std::vector<UnitRange> owned_ranges{{0, geo.total()}};
     if (store) {
       stores.push_back(std::make_unique<StoreTrace>(tr, plan.zero, bf, plan.ep > 1 ? n_same : n_shard,
                                                     plan.ep > 1 ? same_rank : shard_rank,
@@ -671,9 +672,16 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
       owned = st->shard();
     } else if (zero1) {
       // Under ep the expert ranges are shared over the ranks holding the same experts.
+      owned_ranges = zero1_ranges(geo, n_shard, shard_rank, n_same, same_rank);
       owned = 0;
-      for (const UnitRange& u : zero1_ranges(geo, n_shard, shard_rank, n_same, same_rank))
-        owned += u.end - u.begin;
+      for (const UnitRange& u : owned_ranges) owned += u.end - u.begin;
+    }
+    if (!store && plan.ecss != "off") {
+      // ECSS (optim/expert_store.h): the experts' moments (and f32 masters) live in a host store
+      // outside the pool; AdamW keeps m and v of the dense ranges only. The compute copies stay
+      // in the stage's weight buffers (priced by StageTrace as without ECSS).
+      owned = 0;
+      for (const UnitRange& u : ecss_split(geo, owned_ranges).dense) owned += u.end - u.begin;
     }
     chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m

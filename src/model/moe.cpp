@@ -27,6 +27,11 @@ void MoeStats::add(const MoeStats& o) {
   min_top_gap = std::min(min_top_gap, o.min_top_gap);
   if (load.size() < o.load.size()) load.resize(o.load.size(), 0);
   for (size_t e = 0; e < o.load.size(); ++e) load[e] += o.load[e];
+  for (const auto& [layer, l] : o.layer_load) {
+    std::vector<int64_t>& mine = layer_load[layer];
+    if (mine.size() < l.size()) mine.resize(l.size(), 0);
+    for (size_t e = 0; e < l.size(); ++e) mine[e] += l[e];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,6 +495,12 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     if (ms.load.size() < size_t(E)) ms.load.resize(size_t(E), 0);
     for (int64_t e = 0; e < E; ++e)
       ms.load[size_t(e)] += st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];
+    if (c.moe_layer >= 0) {
+      std::vector<int64_t>& ll = ms.layer_load[c.moe_layer];
+      if (ll.size() < size_t(E)) ll.resize(size_t(E), 0);
+      for (int64_t e = 0; e < E; ++e)
+        ll[size_t(e)] += st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];
+    }
   }
   if (keep_all || (P > 1 && keep_some)) st.moe_xs = xs;
   if (keep_all) st.act_mm = act_mm;

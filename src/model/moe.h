@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <vector>
 
 #include "core/tensor.h"
@@ -41,6 +42,9 @@ struct MoeStats {
   int64_t dropped = 0;            // topk: choices dropped by the capacity limit
   int64_t blocks = 0;             // sparse block forwards counted
   std::vector<int64_t> load;      // (E) slots each expert processed, summed over blocks
+  // The same per sparse block: model layer index -> (E) slots of each (global) expert. ECSS lazy
+  // mode (optim/expert_store.h) updates the experts whose summed load over the step is > 0.
+  std::map<int64_t, std::vector<int64_t>> layer_load;
   // topk: the smallest gap at the selection boundary, p_(k) - p_(k+1) (a row's k-th and
   // (k+1)-th largest router probabilities; E > k), over every row: tests check that no near-tie
   // could change which experts a token goes to between layouts (the order among the chosen only

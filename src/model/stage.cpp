@@ -273,6 +273,7 @@ Tensor GptStage::run_trunk(const int32_t* inputs, const int32_t* domains, const 
       bc.domains = domains;
       bc.moe_aux_scale = grad_scale * float(N);
       bc.moe_stats = st ? moe_stats_.get() : nullptr;
+      bc.moe_layer = sp.first_layer + int64_t(i);
     }
     h = block_forward(bc, rebased(geo_.blocks()[i], us[size_t(u)].begin), h, nullptr, *bs, mode);
     unit_release(u);

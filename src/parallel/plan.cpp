@@ -114,6 +114,7 @@ std::string ParallelPlan::describe() const {
   std::string s = fmt::format("dp {} x tp {} x pp {}", dp, tp, pp);
   if (cp > 1) s += fmt::format(" x cp {} ({}, {})", cp, cp_scheme, cp_layout);
   if (ep > 1) s += fmt::format(" (ep {})", ep);
+  if (ecss != "off") s += fmt::format(" (ecss {})", ecss);
   s += fmt::format(" (zero {}, {} schedule", zero, schedule_name(schedule));
   if (virtual_stages > 1) s += fmt::format(" x {} virtual stages", virtual_stages);
   s += fmt::format(", {} micro-batch(es) of {} sequence(s) per dp rank, global batch {}, "
@@ -140,7 +141,8 @@ nlohmann::json ParallelPlan::to_json() const {
           {"ranks_per_node", ranks_per_node},
           {"bucket_mb", bucket_mb},
           {"cp_scheme", cp_scheme},
-          {"cp_layout", cp_layout}};
+          {"cp_layout", cp_layout},
+          {"ecss", ecss}};
 }
 
 ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
@@ -175,6 +177,7 @@ ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
   // Written since cp training; older plans are cp = 1 and take the defaults.
   if (j.contains("cp_scheme")) get("cp_scheme", p.cp_scheme);
   if (j.contains("cp_layout")) get("cp_layout", p.cp_layout);
+  if (j.contains("ecss")) get("ecss", p.ecss);  // written since ECSS; older plans are "off"
   return p;
 }
 
@@ -195,6 +198,7 @@ void PlanSettings::override_with(const PlanSettings& o) {
   take(recompute, o.recompute);
   take(cp_scheme, o.cp_scheme);
   take(cp_layout, o.cp_layout);
+  take(ecss, o.ecss);
   take(stage_layers, o.stage_layers);
   take(bucket_mb, o.bucket_mb);
 }
@@ -302,6 +306,24 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
                "experts / ep of them); valid ep here (dividing experts and dp = {}): {}",
                p.ep, m.experts, p.dp, fmt::join(ok, ", "));
   }
+  p.ecss = s.ecss.value_or("off");
+  LOOM_CHECK(p.ecss == "off" || p.ecss == "dense" || p.ecss == "lazy",
+             "ecss = '{}' is not an ECSS mode; use off, dense (every expert updated as plain "
+             "AdamW) or lazy (only experts that received tokens)",
+             p.ecss);
+  if (p.ecss != "off") {
+    LOOM_CHECK(m.experts > 0,
+               "ecss = {}: expert storage separation keeps the experts of sparse (MoE) blocks in "
+               "a host store, and this model has none; use ecss = off (or add a [moe] table to "
+               "the model)",
+               p.ecss);
+    LOOM_CHECK(p.zero <= 1,
+               "ecss = {} with zero = {}: expert storage separation runs with ZeRO stage 0 or 1 "
+               "(under ZeRO 2/3 the experts' weights live in the sharded ZeRO store, which has "
+               "no host tier yet); set zero = 0 or 1, or ecss = off",
+               p.ecss, p.zero);
+  }
+
   // Pipeline: stages, layer split and schedule.
   const int64_t n_virtual = int64_t(p.pp) * p.virtual_stages;
   LOOM_CHECK(n_virtual <= m.n_layers,

@@ -64,6 +64,10 @@ struct ParallelPlan {
   double bucket_mb = 4.0;             // dp gradient bucket (ZeRO 0/1)
   std::string cp_scheme = "burst";    // burst | ring | allgather | ulysses (cp > 1)
   std::string cp_layout = "zigzag";   // zigzag | striped (cp > 1)
+  // Expert Computation and Storage Separation (PanGu-Σ; docs/moe.md): "off", "dense" (every
+  // expert updated as plain AdamW) or "lazy" (only experts that got tokens this step). When on,
+  // the experts' f32 masters and AdamW moments live in a host store outside the pool.
+  std::string ecss = "off";
 
   int world_size() const { return dp * tp * pp * cp; }
   // The gradient-reduction (and ZeRO) group: dp x cp ranks hold the same weights.
@@ -84,7 +88,7 @@ struct ParallelPlan {
 struct PlanSettings {
   std::optional<int> dp, tp, pp, cp, ep, zero, virtual_stages, ranks_per_node;
   std::optional<int64_t> micro_batches;
-  std::optional<std::string> schedule, recompute, stage_layers, cp_scheme, cp_layout;
+  std::optional<std::string> schedule, recompute, stage_layers, cp_scheme, cp_layout, ecss;
   std::optional<double> bucket_mb;
   // Every value set in `over` replaces this one's (flags override the config).
   void override_with(const PlanSettings& over);

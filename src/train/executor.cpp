@@ -11,9 +11,12 @@
 #include <map>
 #include <utility>
 
+#include <fmt/format.h>
+
 #include "core/error.h"
 #include "kernels/cpu/adamw.h"
 #include "kernels/cpu/grad_norm.h"
+#include "model/moe.h"
 
 namespace loom::train {
 
@@ -56,6 +59,32 @@ void for_each_owned(const model::GptStage& stage, const std::vector<optim::Range
     }
     packed += r.end - r.begin;
   }
+}
+
+// Position of local element x in the packed arrays of `ranges` (-1: not there).
+int64_t packed_index(const std::vector<optim::Range>& ranges, int64_t x) {
+  int64_t packed = 0;
+  for (const optim::Range& r : ranges) {
+    if (x >= r.begin && x < r.end) return packed + (x - r.begin);
+    packed += r.end - r.begin;
+  }
+  return -1;
+}
+
+// f(local offset, count, m, v, param) for every piece of a chunk's optimizer state: AdamW's
+// ranges (in the pool), then the ECSS store's expert pieces (if any).
+template <class F>
+void for_each_moment(const model::GptStage& stage, const optim::AdamW& o,
+                     const optim::ExpertStore* z, F&& f) {
+  for_each_owned(stage, o.ranges(),
+                 [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
+                   f(x, len, o.m() + packed, o.v() + packed, p);
+                 });
+  if (z)
+    for_each_owned(stage, z->ranges(),
+                   [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
+                     f(x, len, z->m() + packed, z->v() + packed, p);
+                   });
 }
 
 // ZeRO-1: dp rank r's equal share of an n-element chunk buffer split over D ranks.
@@ -131,6 +160,19 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
     ep_ = dp_.split(ep_groups, "ep");
     edp_ = dp_.split(same_experts, "ep_dp");
   }
+  // ECSS: validated like make_plan does, for executors built from a hand-made plan.
+  const optim::EcssMode ecss = optim::ecss_mode_from_name(plan.ecss);
+  if (ecss != optim::EcssMode::off) {
+    LOOM_CHECK(cfg.moe.enabled(),
+               "ecss = {}: expert storage separation keeps the experts of sparse (MoE) blocks in a "
+               "host store, and model '{}' has none; use ecss = off",
+               plan.ecss, cfg.name);
+    LOOM_CHECK(plan.zero <= 1,
+               "ecss = {} with ZeRO stage {}: expert storage separation runs with parallel.zero = "
+               "0 or 1 (under ZeRO 2/3 the experts live in the sharded ZeRO store); set zero to 0 "
+               "or 1, or ecss = off",
+               plan.ecss, plan.zero);
+  }
   const comm::ProcessGroup* epp = ep_.valid() ? &ep_ : nullptr;
   const comm::ProcessGroup* tpp = tp_.valid() ? &tp_ : nullptr;
   const model::TpShard shard = tpp ? model::TpShard{tp_.rank(), tp_.size()} : model::TpShard{};
@@ -166,8 +208,39 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
                                  edp_.valid() ? edp_.size() : 1, edp_.valid() ? edp_.rank() : 0))
           owned.push_back({u.begin, u.end});
       }
-      optimizers_.push_back(std::make_unique<optim::AdamW>(
-          chunks_.back()->geometry().local_specs(), n, ec.optim, pool, owned));
+      if (ecss == optim::EcssMode::off) {
+        optimizers_.push_back(std::make_unique<optim::AdamW>(
+            chunks_.back()->geometry().local_specs(), n, ec.optim, pool, owned));
+      } else {
+        // ECSS: the experts' masters and moments go to the host store; AdamW keeps the rest.
+        const model::StageGeometry& geo = chunks_.back()->geometry();
+        std::vector<model::UnitRange> own;
+        for (const optim::Range& r : owned) own.push_back({r.begin, r.end});
+        const model::EcssSplit split = model::ecss_split(geo, own);
+        std::vector<optim::Range> dense;
+        for (const model::UnitRange& u : split.dense) dense.push_back({u.begin, u.end});
+        if (dense.empty()) dense.push_back({0, 0});
+        optimizers_.push_back(
+            std::make_unique<optim::AdamW>(geo.local_specs(), n, ec.optim, pool, dense));
+        std::vector<int64_t> layers;
+        for (size_t b = 0; b < geo.blocks().size(); ++b)
+          if (geo.blocks()[b].sparse()) layers.push_back(span.first_layer + int64_t(b));
+        if (layers.empty()) {
+          ecss_.push_back(nullptr);
+        } else {
+          std::vector<optim::ExpertPiece> pieces;
+          for (const model::EcssSplit::Piece& p : split.experts)
+            pieces.push_back({p.layer, p.expert, p.begin, p.end});
+          const std::string path =
+              ec.ecss_store.empty()
+                  ? std::string()
+                  : fmt::format("{}.pp{}.dp{}.tp{}.c{}", ec.ecss_store, pp_rank(), dp_rank(),
+                                tp_rank(), c);
+          ecss_.push_back(std::make_unique<optim::ExpertStore>(
+              geo.local_specs(), std::move(pieces), std::move(layers), cfg.moe.experts, ec.optim,
+              ecss, path));
+        }
+      }
     }
     if (!plan.recompute.empty()) chunks_.back()->set_recompute(plan.recompute);
     chunks_.back()->set_context_parallel(cp_ctx_.get());
@@ -205,6 +278,31 @@ void Executor::init_weights(uint64_t seed) {
     return;
   }
   for (auto& c : chunks_) c->init_weights(seed);
+  for (size_t i = 0; i < ecss_.size(); ++i)
+    if (ecss_[i]) ecss_[i]->load_masters(chunks_[i]->weights());
+}
+
+std::map<int64_t, std::vector<int64_t>> Executor::ecss_expert_steps() const {
+  std::map<int64_t, std::vector<int64_t>> out;
+  for (const auto& z : ecss_)
+    if (z)
+      for (const auto& [l, v] : z->all_expert_steps()) out[l] = v;
+  return out;
+}
+
+void Executor::set_ecss_expert_steps(const std::map<int64_t, std::vector<int64_t>>& steps) {
+  for (auto& z : ecss_) {
+    if (!z) continue;
+    for (const auto& [l, v] : z->all_expert_steps()) {
+      auto it = steps.find(l);
+      if (it == steps.end()) continue;
+      LOOM_CHECK(it->second.size() == v.size(),
+                 "ECSS expert step counts of block {} have {} entries but the block has {} "
+                 "experts",
+                 l, it->second.size(), v.size());
+      for (size_t e = 0; e < v.size(); ++e) z->set_expert_steps(l, int64_t(e), it->second[e]);
+    }
+  }
 }
 
 void Executor::export_weights(float* global_weights, bool include_tied_copy) const {
@@ -222,6 +320,7 @@ void Executor::import_weights(const float* global_weights) {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     if (stores_.empty()) {
       chunks_[i]->import_weights(global_weights);
+      if (!ecss_.empty() && ecss_[i]) ecss_[i]->load_masters(chunks_[i]->weights());
       continue;
     }
     std::vector<float> local(static_cast<size_t>(chunks_[i]->total()));
@@ -233,13 +332,14 @@ void Executor::import_weights(const float* global_weights) {
 void Executor::export_optimizer(float* global_m, float* global_v) const {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const optim::AdamW& o = *optimizers_[i];
-    for_each_owned(*chunks_[i], o.ranges(),
-                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam& p) {
-                     if (p.tied_copy) return;
-                     const int64_t g = p.global.offset + (lo - p.local_offset);
-                     std::memcpy(global_m + g, o.m() + packed, size_t(len) * sizeof(float));
-                     std::memcpy(global_v + g, o.v() + packed, size_t(len) * sizeof(float));
-                   });
+    for_each_moment(*chunks_[i], o, expert_store(int(i)),
+                    [&](int64_t lo, int64_t len, float* m, float* v,
+                        const model::StageParam& p) {
+                      if (p.tied_copy) return;
+                      const int64_t g = p.global.offset + (lo - p.local_offset);
+                      std::memcpy(global_m + g, m, size_t(len) * sizeof(float));
+                      std::memcpy(global_v + g, v, size_t(len) * sizeof(float));
+                    });
   }
 }
 
@@ -254,11 +354,12 @@ void Executor::export_optimizer_dp_summed(float* global_m, float* global_v) cons
     const model::GptStage& c = *chunks_[i];
     const optim::AdamW& o = *optimizers_[i];
     std::vector<float> m(size_t(c.total()), 0.f), v(size_t(c.total()), 0.f);  // chunk layout
-    for_each_owned(c, o.ranges(),
-                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam&) {
-                     std::memcpy(m.data() + lo, o.m() + packed, size_t(len) * sizeof(float));
-                     std::memcpy(v.data() + lo, o.v() + packed, size_t(len) * sizeof(float));
-                   });
+    for_each_moment(c, o, expert_store(int(i)),
+                    [&](int64_t lo, int64_t len, float* mp, float* vp,
+                        const model::StageParam&) {
+                      std::memcpy(m.data() + lo, mp, size_t(len) * sizeof(float));
+                      std::memcpy(v.data() + lo, vp, size_t(len) * sizeof(float));
+                    });
     if (dp_.valid()) {
       dp_.all_reduce(comm::BufferRef(m.data(), c.total(), DType::f32)).wait();
       dp_.all_reduce(comm::BufferRef(v.data(), c.total(), DType::f32)).wait();
@@ -279,20 +380,43 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
     // The ranges this rank writes are inside its optimizer's ranges, so a local element x sits
     // at packed position x (ZeRO 0: the optimizer covers the whole chunk) or at the packed
     // offset for_each_owned reports (ZeRO >= 1 writes exactly its optimizer's ranges).
-    const std::vector<optim::Range> mine =
+    // ECSS: the experts' masters and moments come from the host store (same format).
+    const optim::ExpertStore* es = expert_store(int(i));
+    std::vector<optim::Range> mine =
         share_replicas ? std::vector<optim::Range>{zero1_share(c.total(), dp_.size(), dp_.rank())}
                        : o.ranges();
+    if (es && !share_replicas) {
+      mine.insert(mine.end(), es->ranges().begin(), es->ranges().end());
+      std::sort(mine.begin(), mine.end(),
+                [](const optim::Range& a, const optim::Range& b) { return a.begin < b.begin; });
+    }
+    // Where local element x's weight, m and v are.
+    auto state = [&](int64_t x, int64_t packed, const float*& w, const float*& m,
+                     const float*& v) {
+      const int64_t xs = es ? packed_index(es->ranges(), x) : -1;
+      if (xs >= 0) {
+        w = es->master() + xs;
+        m = es->m() + xs;
+        v = es->v() + xs;
+        return;
+      }
+      const int64_t opt = packed_index(o.ranges(), x);
+      LOOM_ASSERT(opt >= 0, "checkpoint piece at {} outside the optimizer's ranges", x);
+      w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      m = o.m() + opt;
+      v = o.v() + opt;
+    };
     for_each_owned(c, mine, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
       if (p.tied_copy || (p.global.replicated() && tp_rank() != 0)) return;
       if (share_replicas && p.expert && ep_.valid()) return;  // written below
       // ZeRO-2/3 under ep: every ep rank holds the same dense pieces; ep rank 0 writes them.
       if (z && ep_.valid() && !p.expert && ep_.rank() != 0) return;
       const int64_t lo = x - p.local_offset;
-      const int64_t opt = share_replicas ? x : packed;
-      const float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      const float *w, *m, *v;
+      state(x, packed, w, m, v);
       f("weights", p.global, lo, lo + len, w);
-      f("m", p.global, lo, lo + len, o.m() + opt);
-      f("v", p.global, lo, lo + len, o.v() + opt);
+      f("m", p.global, lo, lo + len, m);
+      f("v", p.global, lo, lo + len, v);
     });
     // Expert parallel (ZeRO 0): an expert's tensors are replicated over the ranks holding the
     // same experts only; each of them writes an equal share of each tensor.
@@ -304,9 +428,11 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
                           : model::UnitRange{0, p.global.numel};
       if (sh.end <= sh.begin) continue;
       const int64_t x = p.local_offset + sh.begin;
-      f("weights", p.global, sh.begin, sh.end, c.weights() + x);
-      f("m", p.global, sh.begin, sh.end, o.m() + x);
-      f("v", p.global, sh.begin, sh.end, o.v() + x);
+      const float *w, *m, *v;
+      state(x, x, w, m, v);
+      f("weights", p.global, sh.begin, sh.end, w);
+      f("m", p.global, sh.begin, sh.end, m);
+      f("v", p.global, sh.begin, sh.end, v);
     }
   }
 }
@@ -329,12 +455,21 @@ void Executor::load_checkpoint(const ReadFn& read, bool moments, int64_t step) {
       z->weights_loaded();
     else
       c.sync_low_precision_weights();
+    optim::ExpertStore* es = ecss_.empty() ? nullptr : ecss_[i].get();
+    if (es) es->load_masters(c.weights());
     if (!moments) continue;
-    for_each_owned(c, o.ranges(), [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
-      read("m", p.global, x - p.local_offset, x - p.local_offset + len, o.m() + packed);
-      read("v", p.global, x - p.local_offset, x - p.local_offset + len, o.v() + packed);
-    });
+    for_each_moment(c, o, es,
+                    [&](int64_t x, int64_t len, float* m, float* v,
+                        const model::StageParam& p) {
+                      read("m", p.global, x - p.local_offset, x - p.local_offset + len,
+                           m);
+                      read("v", p.global, x - p.local_offset, x - p.local_offset + len,
+                           v);
+                    });
     o.set_step_count(step);
+    // Per-expert counts default to the step (a checkpoint without them, or ECSS dense);
+    // Trainer::resume sets lazy runs' saved counts afterwards.
+    if (es) es->set_all_expert_steps(step);
   }
   if (moments) step_ = step;
 }
@@ -345,13 +480,15 @@ void Executor::import_optimizer(const float* global_m, const float* global_v,
   for (size_t i = 0; i < chunks_.size(); ++i) {
     optim::AdamW& o = *optimizers_[i];
     // The head's tied copy takes the embedding's entries (same global offsets).
-    for_each_owned(*chunks_[i], o.ranges(),
-                   [&](int64_t lo, int64_t len, int64_t packed, const model::StageParam& p) {
-                     const int64_t g = p.global.offset + (lo - p.local_offset);
-                     std::memcpy(o.m() + packed, global_m + g, size_t(len) * sizeof(float));
-                     std::memcpy(o.v() + packed, global_v + g, size_t(len) * sizeof(float));
-                   });
+    for_each_moment(*chunks_[i], o, expert_store(int(i)),
+                    [&](int64_t lo, int64_t len, float* m, float* v,
+                        const model::StageParam& p) {
+                      const int64_t g = p.global.offset + (lo - p.local_offset);
+                      std::memcpy(m, global_m + g, size_t(len) * sizeof(float));
+                      std::memcpy(v, global_v + g, size_t(len) * sizeof(float));
+                    });
     o.set_step_count(step);
+    if (!ecss_.empty() && ecss_[i]) ecss_[i]->set_all_expert_steps(step);
   }
   step_ = step;
 }
@@ -439,6 +576,12 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
 
   for (auto& c : chunks_) c->zero_grads();
   for (auto& z : stores_) z->zero_grads();
+  // ECSS lazy: each sparse block's per-expert loads before this step's forwards.
+  std::vector<std::map<int64_t, std::vector<int64_t>>> loads_before;
+  for (size_t i = 0; i < ecss_.size(); ++i)
+    loads_before.push_back(ecss_[i] && ecss_[i]->mode() == optim::EcssMode::lazy
+                               ? chunks_[i]->moe_stats().layer_load
+                               : std::map<int64_t, std::vector<int64_t>>{});
   cp_stats_ = attention::CpStats{};
   std::map<Key, Tensor> act_in, grad_in, act_out, grad_out;
   std::vector<comm::Work> pending_recvs, sends;
@@ -635,6 +778,36 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
   const double norm = std::sqrt(squares);
   const float factor = ec_.optim.clip > 0 ? kernels::clip_factor(norm, ec_.optim.clip) : 1.0f;
 
+  // ECSS lazy: which experts got tokens this step. Loads are counted where the tokens are
+  // routed (every expert, held or not), so their sum over the gradient-reduction group (dp, or
+  // dp x cp; it contains the ep group) is the global batch's load, the same on every rank.
+  std::vector<std::map<int64_t, std::vector<int64_t>>> step_loads(ecss_.size());
+  {
+    std::vector<int64_t> flat;
+    for (size_t i = 0; i < ecss_.size(); ++i) {
+      if (!ecss_[i] || ecss_[i]->mode() != optim::EcssMode::lazy) continue;
+      const auto& now = chunks_[i]->moe_stats().layer_load;
+      for (const auto& [l, counts] : ecss_[i]->all_expert_steps()) {
+        std::vector<int64_t>& d = step_loads[i][l];
+        d.assign(counts.size(), 0);
+        auto a = now.find(l);
+        auto b = loads_before[i].find(l);
+        for (size_t e = 0; e < d.size(); ++e) {
+          if (a != now.end() && e < a->second.size()) d[e] += a->second[e];
+          if (b != loads_before[i].end() && e < b->second.size()) d[e] -= b->second[e];
+        }
+        flat.insert(flat.end(), d.begin(), d.end());
+      }
+    }
+    if (!flat.empty() && dp_.valid()) {
+      dp_.all_reduce(comm::BufferRef(flat.data(), int64_t(flat.size()), DType::i64)).wait();
+      size_t at = 0;
+      for (auto& per_chunk : step_loads)
+        for (auto& [l, d] : per_chunk)
+          for (int64_t& x : d) x = flat[at++];
+    }
+  }
+
   ++step_;
   StepResult s;
   s.lr = optim::lr_at(ec_.optim, step_);
@@ -646,6 +819,16 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       continue;
     }
     optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
+    if (!ecss_.empty() && ecss_[i]) {
+      const auto& loads = step_loads[i];
+      ecss_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor, step_,
+                     [&](int64_t l, int64_t e) { return loads.at(l).at(size_t(e)) > 0; });
+      const optim::EcssTransfers& t = ecss_[i]->last_step();
+      s.ecss.to_store_bytes += t.to_store_bytes;
+      s.ecss.to_pool_bytes += t.to_pool_bytes;
+      s.ecss.pieces_updated += t.pieces_updated;
+      s.ecss.elements_updated += t.elements_updated;
+    }
     if (ec_.plan.zero >= 1 && dp_.valid()) {
       // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
       // each expert range's shares over the ranks holding the same experts).

@@ -40,6 +40,11 @@
 //   global grad norm sums each rank's squares (the tied embedding counted once, tp's replicated
 //   tensors once) with an f64 all-reduce over pp and tp (and dp under ZeRO-2/3). Every layout
 //   equals the one-rank run up to summation order; two runs of one layout are bit-identical.
+// - ECSS (plan.ecss = "dense" | "lazy", ZeRO 0/1): the experts' f32 masters and AdamW moments
+//   of what this rank's optimizer owns live in one optim::ExpertStore per chunk, outside the
+//   pool; the chunk's AdamW covers the dense ranges only (model::ecss_split). Lazy mode sums the
+//   step's per-expert loads over dp (x cp) so every rank updates the same experts. Checkpoints
+//   and export/import read and write the store in the unchanged format.
 // - Failure: a peer that never sends makes wait() throw loom::TimeoutError naming the group,
 //   op and sequence number; the executor's state is then undefined (discard it).
 #pragma once
@@ -57,6 +62,7 @@
 #include "core/tensor.h"
 #include "model/config.h"
 #include "model/stage.h"
+#include "optim/expert_store.h"
 #include "optim/optimizer.h"
 #include "parallel/plan.h"
 #include "parallel/schedule.h"
@@ -71,6 +77,10 @@ struct ExecutorConfig {
   parallel::ParallelPlan plan;
   model::Precision precision = model::Precision::f32;
   optim::AdamWConfig optim;
+  // plan.ecss != "off": the file backing each chunk's ECSS host store (optim/expert_store.h);
+  // every rank and chunk maps its own "<ecss_store>.pp<p>.dp<d>.tp<t>.c<chunk>". Empty:
+  // anonymous host memory.
+  std::string ecss_store;
 };
 
 struct StepResult {
@@ -85,6 +95,9 @@ struct StepResult {
   // see attention/context_parallel.h) and the time blocked on cp transfers, this step.
   int64_t cp_workspace_bytes = 0;
   double cp_wait_s = 0;
+  // ECSS (plan.ecss != "off"): this rank's transfers between its expert stores and the pool
+  // during the step (optim::EcssTransfers summed over chunks).
+  optim::EcssTransfers ecss;
 };
 
 class Executor {
@@ -150,6 +163,14 @@ class Executor {
   const optim::AdamW& optimizer(int c) const { return *optimizers_.at(size_t(c)); }
   // ZeRO-2/3: chunk c's store (null otherwise).
   const ZeroStore* store(int c) const { return stores_.empty() ? nullptr : stores_.at(size_t(c)).get(); }
+  // ECSS: chunk c's expert store (null with plan.ecss = "off").
+  const optim::ExpertStore* expert_store(int c) const {
+    return ecss_.empty() ? nullptr : ecss_.at(size_t(c)).get();
+  }
+  // ECSS lazy: every sparse block's per-expert update counts on this rank (layer -> (E)), and
+  // setting them (resume; blocks this rank does not hold are ignored).
+  std::map<int64_t, std::vector<int64_t>> ecss_expert_steps() const;
+  void set_ecss_expert_steps(const std::map<int64_t, std::vector<int64_t>>& steps);
   int64_t step_count() const { return step_; }
   // Writes this rank's parameters into a full flat buffer in the global layout (tied copies
   // skipped unless asked), e.g. to gather or checkpoint by name.
@@ -201,6 +222,9 @@ class Executor {
   std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty
   std::vector<std::unique_ptr<model::GptStage>> chunks_;
   std::vector<std::unique_ptr<optim::AdamW>> optimizers_;  // one per chunk, over its buffer
+  // ECSS (plan.ecss != "off"): one per chunk (null where the chunk holds no experts); the
+  // chunk's AdamW then covers its dense ranges only.
+  std::vector<std::unique_ptr<optim::ExpertStore>> ecss_;
   // dp gradient buckets (ZeRO 0/1): per chunk the ready, not yet reduced ranges of its buffer,
   // merged when adjacent (begin -> end).
   std::vector<std::map<int64_t, int64_t>> ready_;

@@ -115,6 +115,11 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
         m["cp_workspace_bytes"] = last.cp_workspace_bytes;
         m["cp_wait_s"] = last.cp_wait_s;
       }
+      if (cfg.parallel.ecss.value_or("off") != "off")
+        m["ecss"] = {{"to_store_bytes", last.ecss.to_store_bytes},
+                     {"to_pool_bytes", last.ecss.to_pool_bytes},
+                     {"pieces_updated", last.ecss.pieces_updated},
+                     {"elements_updated", last.ecss.elements_updated}};
       nlohmann::json mem;
       for (size_t c = 0; c < kNumMemCategories; ++c)
         mem[std::string(mem_category_name(MemCategory(c)))] = pool.peak(MemCategory(c));

@@ -13,7 +13,9 @@
 //            such as "full:0-11,selective:12-23"); train.micro_batches and train.recompute are
 //            accepted as the same settings; cp_scheme = "burst"|"ring"|"allgather"|"ulysses",
 //            cp_layout = "zigzag"|"striped" (cp > 1: seq divisible by 2*cp for zigzag, cp for
-//            striped).
+//            striped); ecss = "off"|"dense"|"lazy" (MoE models: experts' f32 masters and AdamW
+//            moments in a host store, docs/moe.md), ecss_store = "path" (back that store with
+//            a memory-mapped file; default: anonymous host memory).
 //   train.batch is the GLOBAL batch: sequences per optimizer step, whatever the layout. Each dp
 //   rank takes batch/dp of them, split into micro_batches micro-batches.
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
@@ -55,6 +57,8 @@ struct TrainConfig {
   int64_t log_every = 1;
   // [parallel] as written (unset values take the plan's defaults); CLI flags override them.
   parallel::PlanSettings parallel;
+  // parallel.ecss_store: the file backing the ECSS host store (empty: anonymous host memory).
+  std::string ecss_store;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value" or "model=path") and the layout `flags`

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <numeric>
 
 #include "checkpoint/sharded.h"
@@ -95,6 +96,7 @@ Trainer::Trainer(const TrainConfig& cfg, MemoryPool& pool, const comm::ProcessGr
   ec.plan = plan_;
   ec.precision = cfg_.precision;
   ec.optim = cfg_.optim;
+  ec.ecss_store = cfg_.ecss_store;
   exec_ = std::make_unique<Executor>(cfg_.model, ec, pool_, reduce, real(tp), real(pp), real(cp));
   const int64_t M = plan_.micro_batches, b = plan_.micro_batch_size, T = cfg_.seq;
   global_.resize(size_t(cfg_.batch * (T + 1)));
@@ -223,6 +225,21 @@ void Trainer::resume(const std::string& dir) {
         r.read(kind, checkpoint::piece_of(spec, lo, hi), dst);
       },
       moments, step);
+  if (moments && plan_.ecss == "lazy" && st.contains("ecss_expert_steps")) {
+    // ECSS lazy: the saved per-expert counts (a checkpoint without them: every expert at the
+    // optimizer step, set by load_checkpoint).
+    std::map<int64_t, std::vector<int64_t>> steps;
+    const nlohmann::json& j = st["ecss_expert_steps"];
+    LOOM_CHECK(j.is_object(), "'{}/trainer_state.json': ecss_expert_steps must be an object",
+               r.dir());
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      LOOM_CHECK(it.value().is_array(),
+                 "'{}/trainer_state.json': ecss_expert_steps['{}'] must be a list of counts",
+                 r.dir(), it.key());
+      steps[std::stoll(it.key())] = it.value().get<std::vector<int64_t>>();
+    }
+    exec_->set_ecss_expert_steps(steps);
+  }
   train_stream_ = make_stream("train");
   if (st.contains("data")) train_stream_->restore(st["data"]);
   if (!st.contains("plan"))
@@ -246,6 +263,7 @@ StepStats Trainer::train_step() {
   s.dp_wait_s = r.dp_wait_s;
   s.cp_workspace_bytes = r.cp_workspace_bytes;
   s.cp_wait_s = r.cp_wait_s;
+  s.ecss = r.ecss;
   s.step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = double(cfg_.batch * cfg_.seq);
   s.tokens_per_s = tokens / s.step_s;
@@ -335,6 +353,24 @@ void Trainer::save(const std::string& dir) {
                           {"global_batch", cfg_.batch},
                           {"seq", cfg_.seq},
                           {"plan", plan_.to_json()}};
+  if (plan_.ecss == "lazy") {
+    // ECSS lazy: every sparse block's per-expert update counts (optim/expert_store.h). Each
+    // rank knows its stages' blocks; a max over the world fills in the others.
+    const model::MoeConfig& moe = cfg_.model.moe;
+    const int64_t E = moe.experts;
+    std::vector<int64_t> all_steps(size_t(cfg_.model.n_layers * E), 0);
+    for (const auto& [l, v] : exec_->ecss_expert_steps())
+      for (size_t e = 0; e < v.size(); ++e) all_steps[size_t(l * E) + e] = v[e];
+    if (all.valid())
+      all.all_reduce(comm::BufferRef(all_steps.data(), int64_t(all_steps.size()), DType::i64),
+                     comm::ReduceOp::max)
+          .wait();
+    nlohmann::json j = nlohmann::json::object();
+    for (int64_t l : moe.sparse_layers)
+      j[std::to_string(l)] = std::vector<int64_t>(all_steps.begin() + l * E,
+                                                  all_steps.begin() + (l + 1) * E);
+    state["ecss_expert_steps"] = j;
+  }
   // The tokenizer travels with the checkpoint so `loom generate` can decode without the data.
   const std::string tokenizer_dir = cfg_.data_path + "/tokenizer";
   auto copy_tokenizer = [&](const std::string& staging) {

@@ -65,6 +65,7 @@ struct Case {
   const char* stage_layers = "";
   model::Precision precision = model::Precision::f32;
   int emulation = -1;  // bf16: -1 this machine's rule, 1 emulated (f32 copies), 0 bf16 copies
+  const char* ecss = "off";  // expert storage separation (optim/expert_store.h)
 };
 
 constexpr model::Precision kF32 = model::Precision::f32, kBf16 = model::Precision::bf16;
@@ -165,6 +166,7 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
     s.virtual_stages = k.virtual_stages;
     s.micro_batches = k.micro_batches;
     s.recompute = k.recompute;
+    s.ecss = k.ecss;
     if (*k.stage_layers) s.stage_layers = k.stage_layers;
     const int64_t G = int64_t(k.dp) * k.micro_batches * k.micro_batch_size;
     train::ExecutorConfig ec;
@@ -349,6 +351,25 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      with_ep(c(4, 1, 3, "1f1b", 1, 2, "selective", kF32), 2),
                      with_ep(c(2, 2, 3, "1f1b", 1, 2, "none", kF32), 2)}});
     runs.push_back({model::Router::topk, {with_ep(c(4, 1, 2, "1f1b", 1, 2, "full", kF32), 2)}});
+  }
+  // ECSS (optim/expert_store.h): the experts' moments leave the pool's optimizer category
+  // (dense and lazy allocate the same), with dp, ZeRO-1, ep and pp.
+  auto with_ecss = [](Case k, const char* mode) {
+    k.ecss = mode;
+    return k;
+  };
+  if (w == 2) {
+    runs.push_back({model::Router::rre,
+                    {with_ecss(c(2, 1, 0, "1f1b", 1, 2, "none", kF32), "dense"),
+                     with_ecss(c(2, 1, 1, "1f1b", 1, 2, "selective", kBf16), "lazy"),
+                     with_ecss(with_ep(c(2, 1, 1, "1f1b", 1, 2, "none", kF32), 2), "dense"),
+                     with_ecss(c(1, 2, 0, "1f1b", 1, 4, "none", kF32), "lazy")}});
+    runs.push_back({model::Router::topk,
+                    {with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2), "lazy")}});
+  } else if (w == 4) {
+    runs.push_back({model::Router::rre,
+                    {with_ecss(with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2), "lazy"),
+                     with_ecss(with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense")}});
   }
   if (runs.empty()) GTEST_SKIP() << "MoE plans are listed for 2 and 4 ranks, not " << w;
   for (auto& [router, cases] : runs) {
