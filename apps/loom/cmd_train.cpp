@@ -145,6 +145,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "context-parallel attention: burst (default; per-layer choice of backward), "
                   "ring, allgather or ulysses");
   sub->add_option("--cp-layout", p.cp_layout, "context-parallel token layout: zigzag or striped");
+  sub->add_option("--cp-overlap", p.cp_overlap,
+                  "context-parallel: post the next ring transfer before computing (true, "
+                  "default) or wait for each first (false)");
   sub->add_option("--ep", p.ep, "expert-parallel size, a divisor of dp and of the experts (MoE models; ZeRO 0 or 1)");
   sub->add_option("--zero", p.zero,
                   "ZeRO stage over dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights");

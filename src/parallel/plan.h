@@ -64,6 +64,7 @@ struct ParallelPlan {
   double bucket_mb = 4.0;             // dp gradient bucket (ZeRO 0/1)
   std::string cp_scheme = "burst";    // burst | ring | allgather | ulysses (cp > 1)
   std::string cp_layout = "zigzag";   // zigzag | striped (cp > 1)
+  bool cp_overlap = true;             // cp: post the next block's transfer before computing
 
   int world_size() const { return dp * tp * pp * cp; }
   // The gradient-reduction (and ZeRO) group: dp x cp ranks hold the same weights.
@@ -86,6 +87,7 @@ struct PlanSettings {
   std::optional<int64_t> micro_batches;
   std::optional<std::string> schedule, recompute, stage_layers, cp_scheme, cp_layout;
   std::optional<double> bucket_mb;
+  std::optional<bool> cp_overlap;
   // Every value set in `over` replaces this one's (flags override the config).
   void override_with(const PlanSettings& over);
 };

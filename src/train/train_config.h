@@ -13,7 +13,8 @@
 //            such as "full:0-11,selective:12-23"); train.micro_batches and train.recompute are
 //            accepted as the same settings; cp_scheme = "burst"|"ring"|"allgather"|"ulysses",
 //            cp_layout = "zigzag"|"striped" (cp > 1: seq divisible by 2*cp for zigzag, cp for
-//            striped).
+//            striped), cp_overlap = true|false (post each ring transfer before the compute it
+//            hides behind; false waits for it first).
 //   train.batch is the GLOBAL batch: sequences per optimizer step, whatever the layout. Each dp
 //   rank takes batch/dp of them, split into micro_batches micro-batches.
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the
