@@ -1,7 +1,8 @@
 // Sparse (MoE) models under mpirun: rre routing depends only on (domain, token), so every layout
 // (dp with each ZeRO stage, pp) trains the same model as the serial run: losses and parameters
 // within 1e-5 over 6 steps (only summation orders differ). topk likewise at a capacity that
-// drops nothing and without the aux loss (both act per micro-batch).
+// drops nothing and without the aux loss (both act per micro-batch), on test data whose router
+// scores stay at least 1e-4 apart (separate_router_scores; asserted on every rank and step).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -46,119 +47,6 @@ train::TrainConfig config(int dp, int pp, int zero, const std::string& dir, mode
     c.model.validate();
   }
   return c;
-}
-
-class MoeLayouts : public ::testing::TestWithParam<model::Router> {};
-
-TEST_P(MoeLayouts, DpAndPpEqualSerial) {
-  comm::ProcessGroup world = comm::ProcessGroup::world();
-  const int w = world.size();
-  const model::Router router = GetParam();
-  const std::string dir = train_test::shared_dir(world, std::string("moe_") + model::router_name(router));
-  MemoryPool serial_pool;
-  // Serial: one rank, the whole global batch of the dp layouts (4 * w sequences).
-  train::TrainConfig sc = config(w, 1, 0, dir + "_s" + std::to_string(world.rank()), router);
-  train::Trainer serial(sc, serial_pool);
-  serial.init_fresh();
-  std::vector<double> serial_losses;
-  for (int i = 0; i < kSteps; ++i) serial_losses.push_back(serial.train_step().loss);
-  const std::vector<float> serial_w = serial.full_weights();
-
-  struct Layout { int dp, pp, zero, cp = 1; };
-  std::vector<Layout> layouts = {{w, 1, 0}, {w, 1, 1}, {w, 1, 3}};
-  if (w == 2) layouts.push_back({1, 2, 0});
-  // Context parallel: rre routes each token by itself, so cp is exact; topk is refused (its
-  // capacity and aux loss would be per cp shard).
-  if (w == 2) layouts.push_back({1, 1, 0, 2});
-  for (const Layout& l : layouts) {
-    MemoryPool pool;
-    // pp and cp layouts keep the serial global batch: dp = 1 there, so train.batch = 4 * w still.
-    train::TrainConfig c = config(l.dp, l.pp, l.zero, dir, router);
-    c.batch = 4 * w;
-    c.parallel.dp = l.dp;
-    c.parallel.cp = l.cp;
-    const std::string what = "dp " + std::to_string(l.dp) + " pp " + std::to_string(l.pp) +
-                             " zero " + std::to_string(l.zero) + " cp " + std::to_string(l.cp);
-    if (l.cp > 1 && router == model::Router::topk) {
-      try {
-        train::Trainer t(c, pool, nullptr, nullptr, nullptr, &world, &world);
-        ADD_FAILURE() << what << ": topk under cp was accepted";
-      } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find("moe.router = \"rre\""), std::string::npos)
-            << e.what();
-      }
-      continue;
-    }
-    train::Trainer t(c, pool, l.pp == 1 && l.cp == 1 ? &world : nullptr, nullptr,
-                     l.pp > 1 ? &world : nullptr, l.cp > 1 ? &world : nullptr,
-                     l.cp > 1 ? &world : nullptr);
-    t.init_fresh();
-    for (int i = 0; i < kSteps; ++i) {
-      const double loss = t.train_step().loss;
-      EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
-          << what << " step " << i + 1;
-    }
-    const std::vector<float> mine = t.full_weights();
-    ASSERT_EQ(mine.size(), serial_w.size());
-    EXPECT_LT(train_test::relative_l2(mine.data(), serial_w.data(), int64_t(mine.size())), 1e-5)
-        << what;
-    const auto& stats = t.executor().chunk(0).moe_stats();
-    if (t.executor().chunk(0).has_sparse_blocks()) {
-      EXPECT_EQ(stats.dropped, 0) << what;
-    }
-  }
-}
-
-// Expert parallelism (ep inside dp, and with pp): 10 steps equal the serial run, losses within
-// 1e-5 and every parameter tensor within 1e-5 (relative L2; only summation orders differ: an
-// expert's weight gradient sums its rows in segments per sending rank, and over the ranks holding
-// the same experts instead of all of dp).
-constexpr int kEpSteps = 10;
-
-// rre over a single "other" domain of 8 experts, so the uniform table spreads the tokens over
-// every ep rank's experts (the preset's 4 domains would send synthetic data, which has no
-// languages, all to the "other" group, i.e. to one ep rank).
-train::TrainConfig ep_config(int dp, const std::string& dir, model::Router router) {
-  train::TrainConfig c = config(dp, 1, 0, dir, router);
-
-  if (router == model::Router::rre) {
-    model::MoeConfig& m = c.model.moe;
-    m.domains = {"other"};
-    m.experts_per_domain = 8;
-    m.experts = 8;
-    c.model.name = "tiny-moe-ep";
-    c.model.validate();
-  }
-  return c;
-}
-
-// Every tensor of `layout` within `tol` of the serial run's, in one of two senses: relative L2
-// distance <= tol, or every element within tol (absolute; the weights are O(0.01-1)); and the
-// whole buffer within tol relative L2. Neither sense alone fits rounding noise, which AdamW's
-// normalisation m/sqrt(v) amplifies where a gradient nearly cancels: with ep = 1 plain dp 4
-// already puts query_layer.attn.q.bias at 2.8e-5 relative (3e-6 absolute), and dp 2 x tp 2 one
-// element of blocks.1.moe.experts.5.up.weight at 1.47e-5 absolute (its tensor 6.9e-6 relative),
-// after 10 steps. A real bug shows as 1e-4 and more (a gradient norm that missed the experts'
-// squares over ep gave 1e-4 on every tensor). LOOM_EP_DEBUG=1 prints the worst tensors.
-void expect_tensors_near(const model::ParamLayout& layout, const std::vector<float>& a,
-                         const std::vector<float>& b, double tol, const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  EXPECT_LT(train_test::relative_l2(a.data(), b.data(), int64_t(a.size())), tol) << what;
-  for (const model::ParamSpec& s : layout.specs()) {
-    double e = 0, n = 0, mx = 0;
-    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
-      const double d = double(a[size_t(i)]) - double(b[size_t(i)]);
-      e += d * d;
-      n += double(b[size_t(i)]) * double(b[size_t(i)]);
-      mx = std::max(mx, std::fabs(d));
-    }
-    if (std::getenv("LOOM_EP_DEBUG") && mx > 0.3 * tol)
-      std::printf("TENSOR %s %s max|diff| %.3g rel %.3g\n", what.c_str(), s.name.c_str(), mx,
-                  n > 0 ? std::sqrt(e / n) : 0.0);
-    const double rel = n > 0 ? std::sqrt(e / n) : (e > 0 ? 1.0 : 0.0);
-    EXPECT_TRUE(rel <= tol || mx <= tol)
-        << what << ": " << s.name << " relative L2 " << rel << ", max |diff| " << mx;
-  }
 }
 
 // topk test data whose router scores are never within kRouterMargin of each other (the issue's
@@ -244,6 +132,138 @@ double router_margin(train::Trainer& t) {
     if (t.executor().chunk(ci).has_sparse_blocks())
       m = std::min(m, t.executor().chunk(ci).moe_stats().min_margin);
   return m;
+}
+
+class MoeLayouts : public ::testing::TestWithParam<model::Router> {};
+
+TEST_P(MoeLayouts, DpAndPpEqualSerial) {
+  comm::ProcessGroup world = comm::ProcessGroup::world();
+  const int w = world.size();
+  const model::Router router = GetParam();
+  const std::string dir = train_test::shared_dir(world, std::string("moe_") + model::router_name(router));
+  MemoryPool serial_pool;
+  // Serial: one rank, the whole global batch of the dp layouts (4 * w sequences).
+  train::TrainConfig sc = config(w, 1, 0, dir + "_s" + std::to_string(world.rank()), router);
+  train::Trainer serial(sc, serial_pool);
+  serial.init_fresh();
+  const bool topk = router == model::Router::topk;
+  const model::ParamLayout& layout = serial.executor().chunk(0).global_layout();
+  std::vector<float> start;  // topk: the initial weights every layout starts from
+  if (topk) {
+    start = serial.full_weights();
+    separate_router_scores(layout, sc.model, start);
+    serial.executor().import_weights(start.data());
+  }
+  std::vector<double> serial_losses;
+  for (int i = 0; i < kSteps; ++i) {
+    serial_losses.push_back(serial.train_step().loss);
+    if (topk) {
+      EXPECT_GE(router_margin(serial), kRouterMargin) << "serial run, step " << i + 1;
+    }
+  }
+  const std::vector<float> serial_w = serial.full_weights();
+
+  struct Layout { int dp, pp, zero, cp = 1; };
+  std::vector<Layout> layouts = {{w, 1, 0}, {w, 1, 1}, {w, 1, 3}};
+  if (w == 2) layouts.push_back({1, 2, 0});
+  // Context parallel: rre routes each token by itself, so cp is exact; topk is refused (its
+  // capacity and aux loss would be per cp shard).
+  if (w == 2) layouts.push_back({1, 1, 0, 2});
+  for (const Layout& l : layouts) {
+    MemoryPool pool;
+    // pp and cp layouts keep the serial global batch: dp = 1 there, so train.batch = 4 * w still.
+    train::TrainConfig c = config(l.dp, l.pp, l.zero, dir, router);
+    c.batch = 4 * w;
+    c.parallel.dp = l.dp;
+    c.parallel.cp = l.cp;
+    const std::string what = "dp " + std::to_string(l.dp) + " pp " + std::to_string(l.pp) +
+                             " zero " + std::to_string(l.zero) + " cp " + std::to_string(l.cp);
+    if (l.cp > 1 && router == model::Router::topk) {
+      try {
+        train::Trainer t(c, pool, nullptr, nullptr, nullptr, &world, &world);
+        ADD_FAILURE() << what << ": topk under cp was accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("moe.router = \"rre\""), std::string::npos)
+            << e.what();
+      }
+      continue;
+    }
+    train::Trainer t(c, pool, l.pp == 1 && l.cp == 1 ? &world : nullptr, nullptr,
+                     l.pp > 1 ? &world : nullptr, l.cp > 1 ? &world : nullptr,
+                     l.cp > 1 ? &world : nullptr);
+    t.init_fresh();
+    if (topk)
+      t.executor().import_weights(
+          in_layout_of(t.executor().chunk(0).global_layout(), layout, start).data());
+    for (int i = 0; i < kSteps; ++i) {
+      const double loss = t.train_step().loss;
+      EXPECT_NEAR(loss, serial_losses[size_t(i)], 1e-5 * serial_losses[size_t(i)])
+          << what << " step " << i + 1;
+      if (topk) {
+        EXPECT_GE(router_margin(t), kRouterMargin) << what << " step " << i + 1;
+      }
+    }
+    const std::vector<float> mine = t.full_weights();
+    ASSERT_EQ(mine.size(), serial_w.size());
+    EXPECT_LT(train_test::relative_l2(mine.data(), serial_w.data(), int64_t(mine.size())), 1e-5)
+        << what;
+    const auto& stats = t.executor().chunk(0).moe_stats();
+    if (t.executor().chunk(0).has_sparse_blocks()) {
+      EXPECT_EQ(stats.dropped, 0) << what;
+    }
+  }
+}
+
+// Expert parallelism (ep inside dp, and with pp): 10 steps equal the serial run, losses within
+// 1e-5 and every parameter tensor within 1e-5 (relative L2; only summation orders differ: an
+// expert's weight gradient sums its rows in segments per sending rank, and over the ranks holding
+// the same experts instead of all of dp).
+constexpr int kEpSteps = 10;
+
+// rre over a single "other" domain of 8 experts, so the uniform table spreads the tokens over
+// every ep rank's experts (the preset's 4 domains would send synthetic data, which has no
+// languages, all to the "other" group, i.e. to one ep rank).
+train::TrainConfig ep_config(int dp, const std::string& dir, model::Router router) {
+  train::TrainConfig c = config(dp, 1, 0, dir, router);
+
+  if (router == model::Router::rre) {
+    model::MoeConfig& m = c.model.moe;
+    m.domains = {"other"};
+    m.experts_per_domain = 8;
+    m.experts = 8;
+    c.model.name = "tiny-moe-ep";
+    c.model.validate();
+  }
+  return c;
+}
+
+// Every tensor of `layout` within `tol` of the serial run's, in one of two senses: relative L2
+// distance <= tol, or every element within tol (absolute; the weights are O(0.01-1)); and the
+// whole buffer within tol relative L2. Neither sense alone fits rounding noise, which AdamW's
+// normalisation m/sqrt(v) amplifies where a gradient nearly cancels: with ep = 1 plain dp 4
+// already puts query_layer.attn.q.bias at 2.8e-5 relative (3e-6 absolute), and dp 2 x tp 2 one
+// element of blocks.1.moe.experts.5.up.weight at 1.47e-5 absolute (its tensor 6.9e-6 relative),
+// after 10 steps. A real bug shows as 1e-4 and more (a gradient norm that missed the experts'
+// squares over ep gave 1e-4 on every tensor). LOOM_EP_DEBUG=1 prints the worst tensors.
+void expect_tensors_near(const model::ParamLayout& layout, const std::vector<float>& a,
+                         const std::vector<float>& b, double tol, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_LT(train_test::relative_l2(a.data(), b.data(), int64_t(a.size())), tol) << what;
+  for (const model::ParamSpec& s : layout.specs()) {
+    double e = 0, n = 0, mx = 0;
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
+      const double d = double(a[size_t(i)]) - double(b[size_t(i)]);
+      e += d * d;
+      n += double(b[size_t(i)]) * double(b[size_t(i)]);
+      mx = std::max(mx, std::fabs(d));
+    }
+    if (std::getenv("LOOM_EP_DEBUG") && mx > 0.3 * tol)
+      std::printf("TENSOR %s %s max|diff| %.3g rel %.3g\n", what.c_str(), s.name.c_str(), mx,
+                  n > 0 ? std::sqrt(e / n) : 0.0);
+    const double rel = n > 0 ? std::sqrt(e / n) : (e > 0 ? 1.0 : 0.0);
+    EXPECT_TRUE(rel <= tol || mx <= tol)
+        << what << ": " << s.name << " relative L2 " << rel << ", max |diff| " << mx;
+  }
 }
 
 TEST_P(MoeLayouts, ExpertParallelEqualsSerial) {
