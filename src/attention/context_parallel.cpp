@@ -139,7 +139,9 @@ class Workspace {
     return {static_cast<T*>(alloc(n * sizeof(T))), n};
   }
   // A byte buffer with float alignment (the pool's 64-byte blocks hold the last partial float).
-  Span<float> make_bytes(size_t nbytes) { return {static_cast<float*>(alloc(nbytes)), (nbytes + 3) / 4}; }
+  Span<float> make_bytes(size_t nbytes) {
+    return {static_cast<float*>(alloc(nbytes)), (nbytes + 3) / 4};
+  }
   int64_t bytes = 0;
 
  private:

@@ -195,7 +195,7 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   }
   st.att = tr.alloc(N * Cq * 4, cat(keep_some));             // (N,Cq)
   st.lse = tr.alloc(d.B * d.NHl * d.T * 4, cat(keep_some));  // (B,NH,T)
-  if (d.cp_fwd_ws[qin ? 1 : 0]) Buf cp_ws = tr.alloc(d.cp_fwd_ws[qin ? 1 : 0], kWs);  // cp_attention_forward
+  if (d.cp_fwd_ws[qin ? 1 : 0]) Buf cp_ws = tr.alloc(d.cp_fwd_ws[qin ? 1 : 0], kWs);  // cp forward
   Buf att_mm = to_mm(tr, d, st.att, N * Cq, cat(keep_all));
   Buf proj = tr.alloc(N * C * 4, d.tp > 1 ? kWs : cat(keep_some));  // (N,C)
   st.mid = scatter_rows_sum(tr, d, proj, cat(keep_some));          // (Nl,C)
@@ -655,13 +655,12 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
     const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();
     for (int ql = 0; ql < 2; ++ql) {
       const int64_t q_stride = ql ? d.Cq : d.Cq + 2 * d.KV, kv_stride = ql ? 2 * d.KV : q_stride;
-      const attention::AttentionShape s{B,         T,         T,         d.NHl,    NKVl, HD,
-                                        q_stride,  kv_stride, kv_stride, d.NHl * HD, true,
-                                        0,         0,         1.0f};
-      d.cp_fwd_ws[ql] = attention::cp_workspace_bytes(false, s, DType::f32, scheme,
-                                                      attention::CpBackward::auto_select, plan.cp, nodes);
-      d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme,
-                                                      attention::CpBackward::auto_select, plan.cp, nodes);
+      const attention::AttentionShape s{B,        T,         T,         d.NHl,      NKVl, HD,
+                                        q_stride, kv_stride, kv_stride, d.NHl * HD, true, 0,
+                                        0,        1.0f};
+      const attention::CpBackward bw = attention::CpBackward::auto_select;  // as the executor
+      d.cp_fwd_ws[ql] = attention::cp_workspace_bytes(false, s, DType::f32, scheme, bw, plan.cp, nodes);
+      d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme, bw, plan.cp, nodes);
     }
   }
   // Expert parallel: ep groups are ep consecutive dp ranks (train::Executor), so this rank holds

@@ -112,7 +112,9 @@ std::string recompute_spec(const std::vector<Recompute>& per_layer) {
 
 std::string ParallelPlan::describe() const {
   std::string s = fmt::format("dp {} x tp {} x pp {}", dp, tp, pp);
-  if (cp > 1) s += fmt::format(" x cp {} ({}, {}{})", cp, cp_scheme, cp_layout, cp_overlap ? "" : ", no overlap");
+  if (cp > 1)
+    s += fmt::format(" x cp {} ({}, {}{})", cp, cp_scheme, cp_layout,
+                     cp_overlap ? "" : ", no overlap");
   if (ep > 1) s += fmt::format(" (ep {})", ep);
   s += fmt::format(" (zero {}, {} schedule", zero, schedule_name(schedule));
   if (virtual_stages > 1) s += fmt::format(" x {} virtual stages", virtual_stages);
