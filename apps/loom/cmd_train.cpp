@@ -149,6 +149,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--ecss", p.ecss,
                   "expert computation/storage separation (MoE, ZeRO 0 or 1): off, dense (every "
                   "expert updated as AdamW) or lazy (only experts that got tokens)");
+  sub->add_option("--cp-overlap", p.cp_overlap,
+                  "context-parallel: post the next ring transfer before computing (true, "
+                  "default) or wait for each first (false)");
   sub->add_option("--zero", p.zero,
                   "ZeRO stage over dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights");
   sub->add_option("--bucket-mb", p.bucket_mb, "gradient all-reduce bucket size (MiB)");

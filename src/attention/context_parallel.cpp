@@ -110,17 +110,51 @@ constexpr int kTagBlockInner = 401, kTagBlockOuter = 402, kTagPartInner = 403, k
 
 using Clock = std::chrono::steady_clock;
 
-// Counts the bytes of every buffer a call allocates; they all live until the call returns, so the
-// sum is the call's peak workspace.
-struct Workspace {
-  int64_t bytes = 0;
-  template <typename T>
-  std::vector<T> make(size_t n) {
-    bytes += int64_t(n * sizeof(T));
-    return std::vector<T>(n);
+// A view of one workspace buffer (the Workspace owns the memory).
+template <typename T>
+struct Span {
+  T* p = nullptr;
+  size_t n = 0;
+  T* data() const { return p; }
+  size_t size() const { return n; }
+  T* begin() const { return p; }
+  T* end() const { return p + n; }
+  T& operator[](size_t i) const { return p[i]; }
+};
+
+// Every buffer a call allocates, from the caller's pool (CpContext::pool, category workspace)
+// or one of its own, zeroed, and released together when the call returns: the call's peak is
+// the sum of their sizes, `bytes` (cp_workspace_bytes predicts it).
+class Workspace {
+ public:
+  explicit Workspace(MemoryPool* pool) : pool_(pool ? *pool : own_) {}
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() {
+    for (auto it = allocs_.rbegin(); it != allocs_.rend(); ++it)
+      pool_.release(it->first, it->second, MemCategory::workspace);
   }
-  // A byte buffer with float alignment.
-  std::vector<float> make_bytes(size_t nbytes) { return make<float>((nbytes + 3) / 4); }
+  template <typename T>
+  Span<T> make(size_t n) {
+    return {static_cast<T*>(alloc(n * sizeof(T))), n};
+  }
+  // A byte buffer with float alignment (the pool's 64-byte blocks hold the last partial float).
+  Span<float> make_bytes(size_t nbytes) {
+    return {static_cast<float*>(alloc(nbytes)), (nbytes + 3) / 4};
+  }
+  int64_t bytes = 0;
+
+ private:
+  void* alloc(size_t nbytes) {
+    void* p = pool_.allocate(nbytes, MemCategory::workspace);
+    allocs_.emplace_back(p, nbytes);
+    bytes += int64_t(nbytes);
+    std::memset(p, 0, nbytes);
+    return p;
+  }
+  MemoryPool own_;
+  MemoryPool& pool_;
+  std::vector<std::pair<void*, size_t>> allocs_;
 };
 
 // Everything a call needs to know about shapes and where its rows sit.
@@ -270,13 +304,13 @@ void run_ring(const comm::ProcessGroup& g, const RingTopo& t, bool overlap, cons
   const size_t Pz = size_t(P);
 
   // Travelling blocks: two outer and two inner receive buffers, used alternately.
-  std::vector<float> outer_buf[2], inner_buf[2];
+  Span<float> outer_buf[2], inner_buf[2];
   if (t.N > 1)
     for (auto& b : outer_buf) b = ws.make_bytes(block_bytes);
   if (t.L > 1)
     for (auto& b : inner_buf) b = ws.make_bytes(block_bytes);
   // Partials: contribution, own-block sum, and send/receive buffers of both rings.
-  std::vector<float> contrib, self_part, node_total, in_send, in_recv, out_send, out_recv;
+  Span<float> contrib, self_part, node_total, in_send, in_recv, out_send, out_recv;
   if (partial) {
     contrib = ws.make<float>(Pz);
     self_part = ws.make<float>(Pz);
@@ -421,8 +455,8 @@ struct ForwardLocal {
   float* lse;
   const void* q;
   int64_t q_stride, o_stride;
-  std::vector<float>& o_blk;    // (Tl, NH, HD)
-  std::vector<float>& lse_blk;  // (NH, Tl)
+  Span<float> o_blk;      // (Tl, NH, HD)
+  Span<float> lse_blk;    // (NH, Tl)
 
   void operator()(const void* block, int origin, float*) const {
     const int64_t kv = g.B * g.Tl * g.NKV * g.HD;
@@ -455,10 +489,10 @@ struct ForwardLocal {
 };
 
 // K|V of this rank, packed contiguous in dtype: (B, Tl, NKV, HD) twice.
-std::vector<float> pack_kv(const Geo& g, const void* k, const void* v, const AttentionShape& s,
+Span<float> pack_kv(const Geo& g, const void* k, const void* v, const AttentionShape& s,
                            Workspace& ws) {
   const int64_t rows = g.B * g.Tl, cols = g.NKV * g.HD;
-  std::vector<float> blk = ws.make_bytes(size_t(2 * rows * cols) * g.es);
+  Span<float> blk = ws.make_bytes(size_t(2 * rows * cols) * g.es);
   char* p = reinterpret_cast<char*>(blk.data());
   pack_rows(p, k, g.es, rows, cols, s.k_stride);
   pack_rows(p + size_t(rows * cols) * g.es, v, g.es, rows, cols, s.v_stride);
@@ -472,7 +506,7 @@ struct CallStats {
   Workspace ws;
   double wait_s = 0;
   CallStats(const CpContext& c, bool fwd)
-      : ctx(c), forward(fwd), bytes0(c.group.counters().total_bytes()) {}
+      : ctx(c), forward(fwd), bytes0(c.group.counters().total_bytes()), ws(c.pool) {}
   ~CallStats() {
     if (!ctx.stats) return;
     const int64_t sent = ctx.group.counters().total_bytes() - bytes0;
@@ -492,11 +526,11 @@ void init_state(float* out, float* lse, const Geo& g, int64_t o_stride) {
 
 // src rows (B*Tl, stride) with `heads` heads -> this rank's heads/G heads of every position, in
 // global order: (B, T, heads/G, HD), elements of es bytes.
-std::vector<float> seq_to_heads(const comm::ProcessGroup& grp, const Geo& g, const void* src,
+Span<float> seq_to_heads(const comm::ProcessGroup& grp, const Geo& g, const void* src,
                                 int64_t stride, int64_t heads, size_t es, DType dt, Workspace& ws,
                                 double& wait_s) {
   const int64_t hl = heads / g.G, blk = g.B * g.Tl * hl * g.HD;  // elements per peer
-  std::vector<float> send = ws.make_bytes(size_t(g.G * blk) * es), recv = ws.make_bytes(size_t(g.G * blk) * es);
+  Span<float> send = ws.make_bytes(size_t(g.G * blk) * es), recv = ws.make_bytes(size_t(g.G * blk) * es);
   char* sp = reinterpret_cast<char*>(send.data());
   const char* s = static_cast<const char*>(src);
   const size_t run = size_t(hl * g.HD) * es;
@@ -507,7 +541,7 @@ std::vector<float> seq_to_heads(const comm::ProcessGroup& grp, const Geo& g, con
   auto t0 = Clock::now();
   grp.all_to_all(comm::BufferRef(send.data(), g.G * blk, dt), comm::BufferRef(recv.data(), g.G * blk, dt)).wait();
   wait_s += std::chrono::duration<double>(Clock::now() - t0).count();
-  std::vector<float> full = ws.make_bytes(size_t(g.G * blk) * es);  // (B, T, hl, HD)
+  Span<float> full = ws.make_bytes(size_t(g.G * blk) * es);  // (B, T, hl, HD)
   const char* rp = reinterpret_cast<const char*>(recv.data());
   for (int j = 0; j < g.G; ++j)
     cp_gather_rows(full.data(), rp + size_t(j) * size_t(blk) * es, g.B, hl * g.HD, es, g.layout,
@@ -520,7 +554,7 @@ std::vector<float> seq_to_heads(const comm::ProcessGroup& grp, const Geo& g, con
 void heads_to_seq(const comm::ProcessGroup& grp, const Geo& g, const float* full, float* dst,
                   int64_t stride, int64_t heads, bool accumulate, Workspace& ws, double& wait_s) {
   const int64_t hl = heads / g.G, blk = g.B * g.Tl * hl * g.HD;
-  std::vector<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
+  Span<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
   for (int j = 0; j < g.G; ++j)  // block j: rank j's rows
     cp_scatter_rows(send.data() + j * blk, full, g.B, hl * g.HD, 4, g.layout, g.T, g.G, j);
   auto t0 = Clock::now();
@@ -535,10 +569,10 @@ void heads_to_seq(const comm::ProcessGroup& grp, const Geo& g, const float* full
 }
 
 // Row vectors: (B, NH, Tl) local -> (B, NH/G, T) head-sharded, and back.
-std::vector<float> rows_to_heads(const comm::ProcessGroup& grp, const Geo& g, const float* src,
+Span<float> rows_to_heads(const comm::ProcessGroup& grp, const Geo& g, const float* src,
                                  Workspace& ws, double& wait_s) {
   const int64_t hl = g.NH / g.G, blk = g.B * hl * g.Tl;
-  std::vector<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
+  Span<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
   for (int p = 0; p < g.G; ++p)
     for (int64_t b = 0; b < g.B; ++b)
       std::memcpy(send.data() + p * blk + b * hl * g.Tl, src + (b * g.NH + p * hl) * g.Tl,
@@ -546,7 +580,7 @@ std::vector<float> rows_to_heads(const comm::ProcessGroup& grp, const Geo& g, co
   auto t0 = Clock::now();
   grp.all_to_all(comm::BufferRef(send.data(), g.G * blk, DType::f32), comm::BufferRef(recv.data(), g.G * blk, DType::f32)).wait();
   wait_s += std::chrono::duration<double>(Clock::now() - t0).count();
-  std::vector<float> full = ws.make<float>(size_t(g.G * blk));  // (B, hl, T)
+  Span<float> full = ws.make<float>(size_t(g.G * blk));  // (B, hl, T)
   for (int j = 0; j < g.G; ++j)
     cp_gather_rows(full.data(), recv.data() + j * blk, g.B * hl, 1, 4, g.layout, g.T, g.G, j);
   return full;
@@ -555,7 +589,7 @@ std::vector<float> rows_to_heads(const comm::ProcessGroup& grp, const Geo& g, co
 void heads_to_rows(const comm::ProcessGroup& grp, const Geo& g, const float* full, float* dst,
                    Workspace& ws, double& wait_s) {
   const int64_t hl = g.NH / g.G, blk = g.B * hl * g.Tl;
-  std::vector<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
+  Span<float> send = ws.make<float>(size_t(g.G * blk)), recv = ws.make<float>(size_t(g.G * blk));
   for (int j = 0; j < g.G; ++j)
     cp_scatter_rows(send.data() + j * blk, full, g.B * hl, 1, 4, g.layout, g.T, g.G, j);
   auto t0 = Clock::now();
@@ -576,12 +610,12 @@ AttentionShape ulysses_shape(const Geo& g) {
 void ulysses_forward(float* out, float* lse, const void* q, const void* k, const void* v,
                      const AttentionShape& s, const Geo& g, const comm::ProcessGroup& grp,
                      CallStats& cs) {
-  std::vector<float> qf = seq_to_heads(grp, g, q, s.q_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s);
-  std::vector<float> kf = seq_to_heads(grp, g, k, s.k_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s);
-  std::vector<float> vf = seq_to_heads(grp, g, v, s.v_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s);
+  Span<float> qf = seq_to_heads(grp, g, q, s.q_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s);
+  Span<float> kf = seq_to_heads(grp, g, k, s.k_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s);
+  Span<float> vf = seq_to_heads(grp, g, v, s.v_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s);
   const AttentionShape fs = ulysses_shape(g);
-  std::vector<float> of = cs.ws.make<float>(size_t(g.B * g.T * fs.NH * g.HD));  // (B, T, NH/G, HD)
-  std::vector<float> lf = cs.ws.make<float>(size_t(g.B * fs.NH * g.T));         // (B, NH/G, T)
+  Span<float> of = cs.ws.make<float>(size_t(g.B * g.T * fs.NH * g.HD));  // (B, T, NH/G, HD)
+  Span<float> lf = cs.ws.make<float>(size_t(g.B * fs.NH * g.T));         // (B, NH/G, T)
   if (g.dtype == DType::bf16)
     flash_attention_forward_bf16(of.data(), lf.data(), reinterpret_cast<const bf16*>(qf.data()),
                                  reinterpret_cast<const bf16*>(kf.data()),
@@ -597,20 +631,20 @@ void ulysses_backward(float* dq, float* dk, float* dv, const void* dout, const v
                       const AttentionShape& s, const Geo& g, const comm::ProcessGroup& grp,
                       CallStats& cs) {
   const AttentionShape fs = ulysses_shape(g);
-  auto to_f32 = [&](std::vector<float> x, int64_t heads) {
+  auto to_f32 = [&](Span<float> x, int64_t heads) {
     if (g.dtype == DType::f32) return x;
     const int64_t n = g.B * g.T * heads * g.HD;
-    std::vector<float> w = cs.ws.make<float>(size_t(n));
+    Span<float> w = cs.ws.make<float>(size_t(n));
     convert_bf16_to_f32(reinterpret_cast<const bf16*>(x.data()), w.data(), size_t(n));
     return w;
   };
-  std::vector<float> qf = to_f32(seq_to_heads(grp, g, q, s.q_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s), fs.NH);
-  std::vector<float> kf = to_f32(seq_to_heads(grp, g, k, s.k_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s), fs.NKV);
-  std::vector<float> vf = to_f32(seq_to_heads(grp, g, v, s.v_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s), fs.NKV);
-  std::vector<float> dof = to_f32(seq_to_heads(grp, g, dout, s.o_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s), fs.NH);
-  std::vector<float> Df = rows_to_heads(grp, g, D, cs.ws, cs.wait_s);
-  std::vector<float> lf = rows_to_heads(grp, g, lse, cs.ws, cs.wait_s);
-  std::vector<float> dqf = cs.ws.make<float>(qf.size()), dkf = cs.ws.make<float>(kf.size()),
+  Span<float> qf = to_f32(seq_to_heads(grp, g, q, s.q_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s), fs.NH);
+  Span<float> kf = to_f32(seq_to_heads(grp, g, k, s.k_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s), fs.NKV);
+  Span<float> vf = to_f32(seq_to_heads(grp, g, v, s.v_stride, g.NKV, g.es, g.dtype, cs.ws, cs.wait_s), fs.NKV);
+  Span<float> dof = to_f32(seq_to_heads(grp, g, dout, s.o_stride, g.NH, g.es, g.dtype, cs.ws, cs.wait_s), fs.NH);
+  Span<float> Df = rows_to_heads(grp, g, D, cs.ws, cs.wait_s);
+  Span<float> lf = rows_to_heads(grp, g, lse, cs.ws, cs.wait_s);
+  Span<float> dqf = cs.ws.make<float>(qf.size()), dkf = cs.ws.make<float>(kf.size()),
                      dvf = cs.ws.make<float>(vf.size());
   flash_attention_backward(dqf.data(), dkf.data(), dvf.data(), dof.data(), qf.data(), kf.data(),
                            vf.data(), lf.data(), Df.data(), fs);
@@ -659,23 +693,69 @@ void check_cp_attention(const AttentionShape& s, DType dtype, const CpContext& c
                "divisor of {} or double_ring=false", pre, ctx.ranks_per_node, G, G);
 }
 
-void cp_attention_forward(float* out, float* lse, const void* q, const void* k, const void* v,
-                          DType dtype, const AttentionShape& local, const CpContext& ctx) {
-  check_cp_attention(local, dtype, ctx);
-  const Geo g = make_geo(local, dtype, ctx);
-  CallStats cs(ctx, true);
+// The sum of the buffers forward_call / backward_call and the functions they call allocate from
+// their Workspace, statement by statement (keep the two in step: every call asserts equality).
+int64_t cp_workspace_bytes(bool backward, const AttentionShape& s, DType dtype, CpScheme scheme,
+                           CpBackward kind, int G, int nodes) {
+  LOOM_CHECK(G >= 1 && nodes >= 1 && G % nodes == 0,
+             "cp_workspace_bytes: nodes = {} must divide cp = {}", nodes, G);
+  const int64_t es = int64_t(dtype_size(dtype)), B = s.B, Tl = s.Tq, NH = s.NH, NKV = s.NKV,
+                HD = s.HD, rows = B * Tl, qcols = NH * HD, kcols = NKV * HD;
+  const bool bf = dtype == DType::bf16;
+  const int N = nodes, L = G / nodes;
+  const int64_t ring_bufs = 2 * (N > 1) + 2 * (L > 1);  // receive buffers of a travelling block
+  const int64_t ring_parts = 3 + 2 * (L > 1) + 2 * (N > 1);  // f32 partials (run_ring)
+  const int64_t rowvec = B * NH * Tl * 4;  // a (B, NH, Tl) f32 row vector (lse, D)
+  int64_t b = 0;
+  if (!backward) {
+    if (scheme == CpScheme::ulysses)  // q, k, v: send, recv, full; out: send, recv; lse likewise
+      return 3 * es * rows * (NH + 2 * NKV) * HD + 3 * 4 * rows * qcols + 3 * rowvec;
+    const int64_t block = 2 * rows * kcols * es;  // K|V
+    b = Tl * qcols * 4 + NH * Tl * 4 + block;     // o_blk, lse_blk, K|V
+    return b + block * (scheme == CpScheme::allgather ? G : ring_bufs);
+  }
+  b = (bf ? rows * s.o_stride * 4 : 0) + rowvec;  // widened dout, D
+  if (scheme == CpScheme::ulysses) {
+    const int64_t in = rows * (2 * NH + 2 * NKV) * HD;  // q, k, v, dout elements
+    return b + 3 * es * in + (bf ? 4 * in : 0) + 6 * rowvec + 3 * 4 * rows * (NH + 2 * NKV) * HD;
+  }
+  b += 2 * NH * Tl * 4;  // lse_seg, D_seg
+  if (scheme == CpScheme::burst && kind == CpBackward::auto_select)
+    kind = choose_cp_backward(NH, NKV, HD, dtype);
+  if (scheme == CpScheme::burst && kind == CpBackward::burst) {
+    const int64_t block = 2 * rows * qcols * es + 2 * rowvec;  // Q | dO | D | LSE
+    const int64_t P = rows * qcols;                           // dQ
+    if (bf) b += rows * (s.k_stride + s.v_stride) * 4 + 2 * P * 4;  // k32, v32, q32, do32
+    return b + block + P * 4 + block * ring_bufs + P * 4 * ring_parts;
+  }
+  const int64_t kvn = rows * kcols, block = 2 * kvn * es;  // K|V; P = dK|dV
+  if (bf) b += rows * s.q_stride * 4 + 2 * kvn * 4;         // q32, k32, v32
+  b += block + 2 * kvn * 4;                                 // K|V, dkv_own
+  if (scheme == CpScheme::allgather) return b + G * block + G * 2 * kvn * 4;
+  return b + block * ring_bufs + 2 * kvn * 4 * ring_parts;
+}
+
+int64_t cp_workspace_bytes(bool backward, const AttentionShape& local, DType dtype,
+                           const CpContext& ctx) {
+  return cp_workspace_bytes(backward, local, dtype, ctx.scheme, ctx.backward, ctx.group.size(),
+                            make_topo(ctx).N);
+}
+
+static void forward_call(float* out, float* lse, const void* q, const void* k, const void* v,
+                         const AttentionShape& local, const CpContext& ctx, const Geo& g,
+                         CallStats& cs) {
   if (ctx.scheme == CpScheme::ulysses) {
     ulysses_forward(out, lse, q, k, v, local, g, ctx.group, cs);
     return;
   }
   init_state(out, lse, g, local.o_stride);
-  std::vector<float> o_blk = cs.ws.make<float>(size_t(g.Tl * g.NH * g.HD));  // (Tl, NH, HD)
-  std::vector<float> lse_blk = cs.ws.make<float>(size_t(g.NH * g.Tl));       // (NH, Tl)
+  Span<float> o_blk = cs.ws.make<float>(size_t(g.Tl * g.NH * g.HD));  // (Tl, NH, HD)
+  Span<float> lse_blk = cs.ws.make<float>(size_t(g.NH * g.Tl));       // (NH, Tl)
   ForwardLocal fwd{g, out, lse, q, local.q_stride, local.o_stride, o_blk, lse_blk};
-  std::vector<float> kv = pack_kv(g, k, v, local, cs.ws);  // (2, B, Tl, NKV, HD) in dtype
+  Span<float> kv = pack_kv(g, k, v, local, cs.ws);  // (2, B, Tl, NKV, HD) in dtype
   const size_t block_bytes = size_t(2 * g.B * g.Tl * g.NKV * g.HD) * g.es;
   if (ctx.scheme == CpScheme::allgather) {
-    std::vector<float> all = cs.ws.make_bytes(block_bytes * size_t(g.G));  // (G, 2, B, Tl, NKV, HD)
+    Span<float> all = cs.ws.make_bytes(block_bytes * size_t(g.G));  // (G, 2, B, Tl, NKV, HD)
     auto t0 = Clock::now();
     ctx.group.all_gather(comm::BufferRef(kv.data(), int64_t(block_bytes), DType::u8),
                          comm::BufferRef(all.data(), int64_t(block_bytes) * g.G, DType::u8)).wait();
@@ -689,23 +769,21 @@ void cp_attention_forward(float* out, float* lse, const void* q, const void* k, 
            cs.wait_s);
 }
 
-void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, const void* q,
-                           const void* k, const void* v, const float* out, const float* lse,
-                           DType dtype, const AttentionShape& local, const CpContext& ctx) {
-  check_cp_attention(local, dtype, ctx);
-  const Geo g = make_geo(local, dtype, ctx);
-  CallStats cs(ctx, false);
+static void backward_call(float* dq, float* dk, float* dv, const void* dout, const void* q,
+                          const void* k, const void* v, const float* out, const float* lse,
+                          DType dtype, const AttentionShape& local, const CpContext& ctx,
+                          const Geo& g, CallStats& cs) {
   const int64_t rows = g.B * g.Tl, qcols = g.NH * g.HD, kcols = g.NKV * g.HD;
 
   // D = rowsum(dO * O)  (B, NH, Tl), from f32 dO (widened once when dout is bf16).
-  std::vector<float> dout32;  // (B, Tl, o_stride)
+  Span<float> dout32;  // (B, Tl, o_stride)
   const float* dout_f = static_cast<const float*>(dout);
   if (dtype == DType::bf16) {
     dout32 = cs.ws.make<float>(size_t(rows * local.o_stride));
     widen_rows(dout32.data(), dout, dtype, rows, qcols, local.o_stride);
     dout_f = dout32.data();
   }
-  std::vector<float> D = cs.ws.make<float>(size_t(g.B * g.NH * g.Tl));  // (B, NH, Tl)
+  Span<float> D = cs.ws.make<float>(size_t(g.B * g.NH * g.Tl));  // (B, NH, Tl)
   attention_backward_preprocess(D.data(), dout_f, out, local);
 
   if (ctx.scheme == CpScheme::ulysses) {
@@ -718,12 +796,12 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
     kind = ctx.backward != CpBackward::auto_select ? ctx.backward
                                                    : choose_cp_backward(g.NH, g.NKV, g.HD, dtype);
   if (ctx.stats) ctx.stats->last_backward = kind;
-  std::vector<float> lse_seg = cs.ws.make<float>(size_t(g.NH * g.Tl)),  // (NH, len)
+  Span<float> lse_seg = cs.ws.make<float>(size_t(g.NH * g.Tl)),  // (NH, len)
       D_seg = cs.ws.make<float>(size_t(g.NH * g.Tl));
 
   if (kind == CpBackward::burst) {
     // K, V stay (f32, caller strides so dk/dv line up); Q|dO|D|LSE travel, dQ partial comes home.
-    std::vector<float> k32, v32;
+    Span<float> k32, v32;
     const float *kp = static_cast<const float*>(k), *vp = static_cast<const float*>(v);
     if (dtype == DType::bf16) {
       k32 = cs.ws.make<float>(size_t(rows * local.k_stride));
@@ -734,13 +812,13 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
     }
     const size_t qbytes = size_t(rows * qcols) * g.es, rbytes = size_t(g.B * g.NH * g.Tl) * 4;
     const size_t block_bytes = 2 * qbytes + 2 * rbytes;
-    std::vector<float> blk = cs.ws.make_bytes(block_bytes);  // Q | dO | D | LSE
+    Span<float> blk = cs.ws.make_bytes(block_bytes);  // Q | dO | D | LSE
     char* bp = reinterpret_cast<char*>(blk.data());
     pack_rows(bp, q, g.es, rows, qcols, local.q_stride);
     pack_rows(bp + qbytes, dout, g.es, rows, qcols, local.o_stride);
     std::memcpy(bp + 2 * qbytes, D.data(), rbytes);
     std::memcpy(bp + 2 * qbytes + rbytes, lse, rbytes);
-    std::vector<float> q32, do32;
+    Span<float> q32, do32;
     if (dtype == DType::bf16) q32 = cs.ws.make<float>(size_t(rows * qcols)), do32 = cs.ws.make<float>(size_t(rows * qcols));
     auto compute = [&](const void* block, int origin, float* dq_part) {
       const char* b8 = static_cast<const char*>(block);
@@ -768,7 +846,7 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
                                      vp + ko * local.v_stride, lse_seg.data(), D_seg.data(), s);
           }
     };
-    std::vector<float> dq_own = cs.ws.make<float>(size_t(rows * qcols));  // (B, Tl, NH, HD)
+    Span<float> dq_own = cs.ws.make<float>(size_t(rows * qcols));  // (B, Tl, NH, HD)
     run_ring(ctx.group, make_topo(ctx), ctx.overlap, blk.data(), block_bytes, rows * qcols,
              compute, dq_own.data(), cs.ws, cs.wait_s);
     add_rows(dq, dq_own.data(), rows, qcols, local.q_stride);
@@ -776,7 +854,7 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
   }
 
   // Ring backward (and all-gather): Q, dO, LSE, D stay; K|V travel, dK|dV partials come home.
-  std::vector<float> q32, do_c;
+  Span<float> q32, do_c;
   const float* qp = static_cast<const float*>(q);
   if (dtype == DType::bf16) {
     q32 = cs.ws.make<float>(size_t(rows * local.q_stride));
@@ -785,9 +863,9 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
   }
   const float* dop = dout_f;  // o_stride
   const int64_t kvn = rows * kcols;
-  std::vector<float> kv = pack_kv(g, k, v, local, cs.ws);  // (2, B, Tl, NKV, HD) in dtype
+  Span<float> kv = pack_kv(g, k, v, local, cs.ws);  // (2, B, Tl, NKV, HD) in dtype
   const size_t block_bytes = size_t(2 * kvn) * g.es;
-  std::vector<float> k32, v32;
+  Span<float> k32, v32;
   if (dtype == DType::bf16) k32 = cs.ws.make<float>(size_t(kvn)), v32 = cs.ws.make<float>(size_t(kvn));
   auto compute = [&](const void* block, int origin, float* dkv_part) {
     const char* b8 = static_cast<const char*>(block);
@@ -813,11 +891,11 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
                                    Vb + ko, lse_seg.data(), D_seg.data(), s);
         }
   };
-  std::vector<float> dkv_own = cs.ws.make<float>(size_t(2 * kvn));  // (2, B, Tl, NKV, HD)
+  Span<float> dkv_own = cs.ws.make<float>(size_t(2 * kvn));  // (2, B, Tl, NKV, HD)
   if (ctx.scheme == CpScheme::allgather) {
     // Megatron-CP: gather K|V again, compute every block's dK|dV, reduce_scatter them home.
-    std::vector<float> all = cs.ws.make_bytes(block_bytes * size_t(g.G));
-    std::vector<float> parts = cs.ws.make<float>(size_t(2 * kvn * g.G));  // (G, 2, B, Tl, NKV, HD)
+    Span<float> all = cs.ws.make_bytes(block_bytes * size_t(g.G));
+    Span<float> parts = cs.ws.make<float>(size_t(2 * kvn * g.G));  // (G, 2, B, Tl, NKV, HD)
     auto t0 = Clock::now();
     ctx.group.all_gather(comm::BufferRef(kv.data(), int64_t(block_bytes), DType::u8),
                          comm::BufferRef(all.data(), int64_t(block_bytes) * g.G, DType::u8)).wait();
@@ -837,6 +915,31 @@ void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, co
   }
   add_rows(dk, dkv_own.data(), rows, kcols, local.k_stride);
   add_rows(dv, dkv_own.data() + kvn, rows, kcols, local.v_stride);
+}
+
+void cp_attention_forward(float* out, float* lse, const void* q, const void* k, const void* v,
+                          DType dtype, const AttentionShape& local, const CpContext& ctx) {
+  check_cp_attention(local, dtype, ctx);
+  const Geo g = make_geo(local, dtype, ctx);
+  CallStats cs(ctx, true);
+  forward_call(out, lse, q, k, v, local, ctx, g, cs);
+  const int64_t predicted = cp_workspace_bytes(false, local, dtype, ctx);
+  LOOM_ASSERT(cs.ws.bytes == predicted,
+              "cp attention forward ({}) allocated {} bytes of workspace, cp_workspace_bytes "
+              "says {}", cp_scheme_name(ctx.scheme), cs.ws.bytes, predicted);
+}
+
+void cp_attention_backward(float* dq, float* dk, float* dv, const void* dout, const void* q,
+                           const void* k, const void* v, const float* out, const float* lse,
+                           DType dtype, const AttentionShape& local, const CpContext& ctx) {
+  check_cp_attention(local, dtype, ctx);
+  const Geo g = make_geo(local, dtype, ctx);
+  CallStats cs(ctx, false);
+  backward_call(dq, dk, dv, dout, q, k, v, out, lse, dtype, local, ctx, g, cs);
+  const int64_t predicted = cp_workspace_bytes(true, local, dtype, ctx);
+  LOOM_ASSERT(cs.ws.bytes == predicted,
+              "cp attention backward ({}) allocated {} bytes of workspace, cp_workspace_bytes "
+              "says {}", cp_scheme_name(ctx.scheme), cs.ws.bytes, predicted);
 }
 
 }  // namespace loom::attention

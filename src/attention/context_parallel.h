@@ -43,7 +43,12 @@
 //   sequence: a transformer block keeps it for the backward, as with flash attention).
 // - Backward ACCUMULATES into dq, dk, dv (f32; layouts and strides of q, k, v), like
 //   flash_attention_backward, given this rank's out and lse from the forward.
-// - Workspace is allocated per call and freed before return (peak reported in CpStats).
+// - Workspace (travelling K/V or Q|dO|D|LSE blocks and their receive buffers, partial gradient
+//   sums, per-segment LSE/D slices, packed and widened copies) is allocated per call from
+//   ctx.pool (category workspace; a pool of the call's own when null) and freed before return.
+//   Every buffer lives until the call returns, so the call's peak is their sum, which
+//   cp_workspace_bytes() gives exactly (each call asserts it; CpStats reports it). The local
+//   flash kernel's own per-thread tiles (flash_attention.h) are not part of it.
 // - Bad shapes, a layout that does not split T, or a Ulysses degree that does not divide NKV
 //   throw loom::Error before any communication. Communication failures throw loom::Error /
 //   loom::TimeoutError (every wait has the group's timeout); the outputs are then undefined and
@@ -57,6 +62,7 @@
 #include "attention/flash_attention.h"
 #include "comm/process_group.h"
 #include "core/dtype.h"
+#include "core/memory_pool.h"
 
 namespace loom::attention {
 
@@ -72,7 +78,7 @@ CpBackward cp_backward_from_name(std::string_view name);
 struct CpStats {
   int64_t forward_bytes_sent = 0;   // from ctx.group's counters, all ops
   int64_t backward_bytes_sent = 0;
-  int64_t peak_workspace_bytes = 0;  // largest per-call workspace (travelling buffers, partials)
+  int64_t peak_workspace_bytes = 0;  // largest per-call workspace (= cp_workspace_bytes)
   double forward_wait_s = 0;         // time spent blocked in Work::wait (exposed communication)
   double backward_wait_s = 0;
   CpBackward last_backward = CpBackward::auto_select;  // what the last backward ran
@@ -90,6 +96,10 @@ struct CpContext {
   int ranks_per_node = 0;
   bool double_ring = true;
   CpStats* stats = nullptr;  // caller-owned, may be null
+  // Where each call's workspace comes from (caller-owned; null: a pool of the call's own). A
+  // training executor passes its working pool, so the scratch is in its peaks and the memory
+  // model (model/memory.h) prices it.
+  MemoryPool* pool = nullptr;
 };
 
 // out, lse <- attention of this rank's queries over the whole sequence. q, k, v in `dtype`
@@ -116,6 +126,18 @@ int64_t cp_backward_bytes(CpBackward kind, int64_t B, int64_t T, int G, int64_t 
 //   backward  B*Tl*(G-1)/G * ((2 NH + 2 NKV)*HD*b + 8*NH + 4*(NH + 2 NKV)*HD)
 int64_t cp_ulysses_bytes(bool backward, int64_t B, int64_t T, int G, int64_t NH, int64_t NKV,
                          int64_t HD, DType dtype);
+
+// Bytes of workspace one forward (backward = false) or backward call allocates, all live until it
+// returns: its exact peak. `nodes` N of the double ring (1: flat ring; G/N ranks per node); for
+// the burst scheme `kind` auto_select means choose_cp_backward's choice. Depends on the shapes,
+// the dtype (bf16 adds widened f32 copies), the scheme and the ring's levels (a double ring keeps
+// receive buffers on both), not on overlap (both modes keep two receive buffers per ring level:
+// a block is sent while the next one arrives) nor on the layout.
+int64_t cp_workspace_bytes(bool backward, const AttentionShape& local, DType dtype, CpScheme scheme,
+                           CpBackward kind, int G, int nodes = 1);
+// The same for the ring `ctx` runs (its group size, scheme, forced backward and nodes).
+int64_t cp_workspace_bytes(bool backward, const AttentionShape& local, DType dtype,
+                           const CpContext& ctx);
 
 // Throws loom::Error if `ctx` cannot run `local` (layout vs T, Ulysses degree vs NKV, ranks per
 // node vs G, strides). Called by the two functions above; cheap.

@@ -16,6 +16,7 @@
 #include <numeric>
 #include <tuple>
 
+#include "attention/context_parallel.h"
 #include "core/error.h"
 #include "model/geometry.h"
 #include "model/head.h"
@@ -67,6 +68,9 @@ struct Dims {
   int64_t E = 0, Fe = 0, k = 1;
   bool topk = false;
   int ep = 1;  // expert parallel: the experts run on R = ep*S rows
+  // Context parallel: the attention kernels' workspace per forward / backward call
+  // (attention::cp_workspace_bytes), [0] an ordinary block (fused qkv), [1] the query layer.
+  int64_t cp_fwd_ws[2] = {0, 0}, cp_bwd_ws[2] = {0, 0};
   int64_t mm_bytes() const { return emu ? 4 : 2; }  // element of a matmul copy (bf only)
   int64_t mm_elem() const { return bf ? mm_bytes() : 4; }  // element of any matmul input
 };
@@ -191,6 +195,7 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   }
   st.att = tr.alloc(N * Cq * 4, cat(keep_some));             // (N,Cq)
   st.lse = tr.alloc(d.B * d.NHl * d.T * 4, cat(keep_some));  // (B,NH,T)
+  if (d.cp_fwd_ws[qin ? 1 : 0]) Buf cp_ws = tr.alloc(d.cp_fwd_ws[qin ? 1 : 0], kWs);  // cp forward
   Buf att_mm = to_mm(tr, d, st.att, N * Cq, cat(keep_all));
   Buf proj = tr.alloc(N * C * 4, d.tp > 1 ? kWs : cat(keep_some));  // (N,C)
   st.mid = scatter_rows_sum(tr, d, proj, cat(keep_some));          // (Nl,C)
@@ -280,10 +285,12 @@ Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& s
   if (!qin) {
     const int64_t S = Cq + 2 * KV;
     Buf dqkv = tr.alloc(N * S * 4, kWs);
+    if (d.cp_bwd_ws[0]) Buf cp_ws = tr.alloc(d.cp_bwd_ws[0], kWs);  // cp_attention_backward
     st.qkv.reset();
     Buf dqkv_mm = to_mm(tr, d, dqkv, N * S, kWs);
   } else {
     Buf dq = tr.alloc(N * Cq * 4, kWs), dkv = tr.alloc(N * 2 * KV * 4, kWs);
+    if (d.cp_bwd_ws[1]) Buf cp_ws = tr.alloc(d.cp_bwd_ws[1], kWs);  // cp_attention_backward
     st.q.reset();
     st.kv.reset();
     Buf dq_mm = to_mm(tr, d, dq, N * Cq, kWs);
@@ -595,8 +602,8 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
   out.dp = (rank / (plan.tp * plan.cp)) % plan.dp;
   out.pp = rank / (plan.tp * plan.cp * plan.dp);
   // cp: a rank holds T/cp rows of every sequence and the engine runs on them (model/stage.h);
-  // the cp attention kernels' travelling buffers are std::vector scratch outside the pool
-  // (attention/context_parallel.h reports their peak in CpStats), so they are not priced here.
+  // the cp attention kernels' workspace (travelling blocks, receive buffers, partial sums) comes
+  // from the pool for the duration of each call (priced below, attention::cp_workspace_bytes).
   LOOM_CHECK(plan.cp == 1 || T % (2 * int64_t(plan.cp)) == 0 ||
                  (plan.cp_layout != "zigzag" && T % plan.cp == 0),
              "cp = {} with the {} layout needs T divisible by {}, got T = {}", plan.cp,
@@ -636,6 +643,25 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
     d.k = cfg.moe.k();
     d.topk = cfg.moe.router == Router::topk;
     d.ep = plan.ep;
+  }
+  if (plan.cp > 1) {
+    // block.cpp's attention_shape on this rank's heads and T/cp rows. The executor's CpContext
+    // takes the double ring's nodes from plan.ranks_per_node (L consecutive cp ranks per node),
+    // else from the group's hosts: assumed here to hold the whole cp group (cp sits next to tp
+    // in the rank order), i.e. a flat ring.
+    const int L = plan.ranks_per_node;
+    const int nodes = L > 0 && plan.cp % L == 0 ? plan.cp / L : 1;
+    const attention::CpScheme scheme = attention::cp_scheme_from_name(plan.cp_scheme);
+    const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();
+    for (int ql = 0; ql < 2; ++ql) {
+      const int64_t q_stride = ql ? d.Cq : d.Cq + 2 * d.KV, kv_stride = ql ? 2 * d.KV : q_stride;
+      const attention::AttentionShape s{B,        T,         T,         d.NHl,      NKVl, HD,
+                                        q_stride, kv_stride, kv_stride, d.NHl * HD, true, 0,
+                                        0,        1.0f};
+      const attention::CpBackward bw = attention::CpBackward::auto_select;  // as the executor
+      d.cp_fwd_ws[ql] = attention::cp_workspace_bytes(false, s, DType::f32, scheme, bw, plan.cp, nodes);
+      d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme, bw, plan.cp, nodes);
+    }
   }
   // Expert parallel: ep groups are ep consecutive dp ranks (train::Executor), so this rank holds
   // the experts of ep rank dp % ep.

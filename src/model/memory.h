@@ -24,9 +24,11 @@
 // What it depends on besides its arguments: whether bf16 is emulated (bf16 copies are then f32,
 // see model/stage.h): by default model::bf16_emulated(), as the engine on this machine runs;
 // MemoryOptions overrides it. What it leaves out:
-// buffers outside the executor's pool (the communication library's own staging, std::vector
-// scratch such as the cp attention kernels' travelling K/V/Q/dQ blocks, the data loader) and
-// evaluation (GptStage::forward_eval).
+// buffers outside the executor's pool (the communication library's own staging, the local
+// flash-attention kernel's per-thread tiles, the data loader) and evaluation
+// (GptStage::forward_eval). The cp attention kernels' workspace (travelling K/V or Q|dO|D|LSE
+// blocks, their receive buffers, f32 partial gradients) is in the pool and priced: with
+// plan.ranks_per_node = 0 the cp group is taken to sit on one node (a flat ring).
 #pragma once
 
 #include <array>

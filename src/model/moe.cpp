@@ -24,7 +24,7 @@ void MoeStats::add(const MoeStats& o) {
   routed += o.routed;
   dropped += o.dropped;
   blocks += o.blocks;
-  min_top_gap = std::min(min_top_gap, o.min_top_gap);
+  min_margin = std::min(min_margin, o.min_margin);
   if (load.size() < o.load.size()) load.resize(o.load.size(), 0);
   for (size_t e = 0; e < o.load.size(); ++e) load[e] += o.load[e];
   for (const auto& [layer, l] : o.layer_load) {
@@ -322,7 +322,7 @@ void all_to_all_ep_rows(const BlockCtx& c, const Tensor& in, const std::vector<i
 struct RouteResult {
   int64_t dropped = 0;
   double aux = 0;
-  double min_gap = std::numeric_limits<double>::infinity();  // topk: see MoeStats::min_top_gap
+  double min_margin = std::numeric_limits<double>::infinity();  // topk: see MoeStats::min_margin
 };
 RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm, BlockStash& st,
                   MemCategory cat) {
@@ -356,15 +356,15 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
       for (int64_t e = 0; e < E; ++e) z += double(pr[e] = std::exp(pr[e] - mx));
       for (int64_t e = 0; e < E; ++e) pr[e] = float(double(pr[e]) / z);
       // top-k by probability, ties to the lower index
-      // The k+1 largest in order (the first k are the choices; the next one gives the gap at
-      // the selection boundary).
+      // The k+1 largest in order (the first k are the choices; the next one gives the margin at
+      // the selection boundary; the ones between them the margins of the choices' order).
       const int64_t kk = std::min<int64_t>(k + 1, E);
       std::iota(idx.begin(), idx.end(), 0);
       std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(), [&](int32_t a, int32_t b) {
         return pr[a] > pr[b] || (pr[a] == pr[b] && a < b);
       });
-      if (kk > k)
-        r.min_gap = std::min(r.min_gap, double(pr[idx[size_t(k - 1)]]) - double(pr[idx[size_t(k)]]));
+      for (int64_t j = 0; j + 1 < kk; ++j)
+        r.min_margin = std::min(r.min_margin, double(pr[idx[size_t(j)]]) - double(pr[idx[size_t(j + 1)]]));
       for (int64_t j = 0; j < k; ++j) {
         row_expert[n * k + j] = idx[size_t(j)];
         w[n * k + j] = pr[idx[size_t(j)]];
@@ -491,7 +491,7 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     ms.dropped += rr.dropped;
     ms.routed += S;
     ms.blocks += 1;
-    ms.min_top_gap = std::min(ms.min_top_gap, rr.min_gap);
+    ms.min_margin = std::min(ms.min_margin, rr.min_margin);
     if (ms.load.size() < size_t(E)) ms.load.resize(size_t(E), 0);
     for (int64_t e = 0; e < E; ++e)
       ms.load[size_t(e)] += st.moe_offsets[size_t(e + 1)] - st.moe_offsets[size_t(e)];

@@ -45,11 +45,13 @@ struct MoeStats {
   // The same per sparse block: model layer index -> (E) slots of each (global) expert. ECSS lazy
   // mode (optim/expert_store.h) updates the experts whose summed load over the step is > 0.
   std::map<int64_t, std::vector<int64_t>> layer_load;
-  // topk: the smallest gap at the selection boundary, p_(k) - p_(k+1) (a row's k-th and
-  // (k+1)-th largest router probabilities; E > k), over every row: tests check that no near-tie
-  // could change which experts a token goes to between layouts (the order among the chosen only
-  // changes a commutative two-term sum). +inf when nothing was routed by topk.
-  double min_top_gap = std::numeric_limits<double>::infinity();
+  // topk: the router's smallest score margin, min over rows of p_(j) - p_(j+1) for j = 1..k
+  // (p_(j) a row's j-th largest router probability; j = k is the selection boundary, which
+  // only exists when E > k), computed in the forward. A margin well above rounding (1e-4; layouts
+  // differ by ~1e-7) means no layout can route a token to other experts, or in another order,
+  // than the serial run does; tests/dist/train/test_moe_layouts.cpp checks it. +inf when
+  // nothing was routed by topk.
+  double min_margin = std::numeric_limits<double>::infinity();
   void add(const MoeStats& o);
 };
 

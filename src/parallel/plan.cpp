@@ -112,7 +112,9 @@ std::string recompute_spec(const std::vector<Recompute>& per_layer) {
 
 std::string ParallelPlan::describe() const {
   std::string s = fmt::format("dp {} x tp {} x pp {}", dp, tp, pp);
-  if (cp > 1) s += fmt::format(" x cp {} ({}, {})", cp, cp_scheme, cp_layout);
+  if (cp > 1)
+    s += fmt::format(" x cp {} ({}, {}{})", cp, cp_scheme, cp_layout,
+                     cp_overlap ? "" : ", no overlap");
   if (ep > 1) s += fmt::format(" (ep {})", ep);
   if (ecss != "off") s += fmt::format(" (ecss {})", ecss);
   s += fmt::format(" (zero {}, {} schedule", zero, schedule_name(schedule));
@@ -142,7 +144,8 @@ nlohmann::json ParallelPlan::to_json() const {
           {"bucket_mb", bucket_mb},
           {"cp_scheme", cp_scheme},
           {"cp_layout", cp_layout},
-          {"ecss", ecss}};
+          {"ecss", ecss},
+          {"cp_overlap", cp_overlap}};
 }
 
 ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
@@ -178,6 +181,7 @@ ParallelPlan ParallelPlan::from_json(const nlohmann::json& j) {
   if (j.contains("cp_scheme")) get("cp_scheme", p.cp_scheme);
   if (j.contains("cp_layout")) get("cp_layout", p.cp_layout);
   if (j.contains("ecss")) get("ecss", p.ecss);  // written since ECSS; older plans are "off"
+  if (j.contains("cp_overlap")) get("cp_overlap", p.cp_overlap);
   return p;
 }
 
@@ -201,6 +205,7 @@ void PlanSettings::override_with(const PlanSettings& o) {
   take(ecss, o.ecss);
   take(stage_layers, o.stage_layers);
   take(bucket_mb, o.bucket_mb);
+  take(cp_overlap, o.cp_overlap);
 }
 
 ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t global_batch,
@@ -224,6 +229,7 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t globa
     LOOM_CHECK(v >= 1, "{} = {} must be >= 1", name, v);
   p.cp_scheme = s.cp_scheme.value_or("burst");
   p.cp_layout = s.cp_layout.value_or("zigzag");
+  p.cp_overlap = s.cp_overlap.value_or(true);
   LOOM_CHECK(p.cp_scheme == "burst" || p.cp_scheme == "ring" || p.cp_scheme == "allgather" ||
                  p.cp_scheme == "ulysses",
              "cp_scheme = '{}' is not a context-parallel scheme; use burst, ring, allgather or "

@@ -68,6 +68,7 @@ struct ParallelPlan {
   // expert updated as plain AdamW) or "lazy" (only experts that got tokens this step). When on,
   // the experts' f32 masters and AdamW moments live in a host store outside the pool.
   std::string ecss = "off";
+  bool cp_overlap = true;             // cp: post the next block's transfer before computing
 
   int world_size() const { return dp * tp * pp * cp; }
   // The gradient-reduction (and ZeRO) group: dp x cp ranks hold the same weights.
@@ -90,6 +91,7 @@ struct PlanSettings {
   std::optional<int64_t> micro_batches;
   std::optional<std::string> schedule, recompute, stage_layers, cp_scheme, cp_layout, ecss;
   std::optional<double> bucket_mb;
+  std::optional<bool> cp_overlap;
   // Every value set in `over` replaces this one's (flags override the config).
   void override_with(const PlanSettings& over);
 };

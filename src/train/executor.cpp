@@ -116,7 +116,9 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
     cp_ctx_->scheme = attention::cp_scheme_from_name(plan.cp_scheme);
     cp_ctx_->layout = attention::cp_layout_from_name(plan.cp_layout);
     cp_ctx_->ranks_per_node = plan.ranks_per_node;
+    cp_ctx_->overlap = plan.cp_overlap;
     cp_ctx_->stats = &cp_stats_;
+    cp_ctx_->pool = &pool_;  // the kernels' workspace counts in the pool (and the memory model)
   }
   const int n_pp = pp_size(), rank = pp_rank();
   LOOM_CHECK(plan.micro_batches >= 1 && plan.micro_batches <= (1 << 20),

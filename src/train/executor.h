@@ -91,8 +91,9 @@ struct StepResult {
   double grad_norm = 0;  // global L2 norm before clipping
   float lr = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after the pipeline drained
-  // cp: the attention kernels' largest per-call workspace (std::vector scratch outside the pool,
-  // see attention/context_parallel.h) and the time blocked on cp transfers, this step.
+  // cp: the attention kernels' largest per-call workspace (taken from the pool for the call,
+  // category workspace, see attention/context_parallel.h) and the time blocked on cp transfers,
+  // this step.
   int64_t cp_workspace_bytes = 0;
   double cp_wait_s = 0;
   // ECSS (plan.ecss != "off"): this rank's transfers between its expert stores and the pool

@@ -40,7 +40,7 @@ const std::map<std::string, std::set<std::string>>& schema() {
       {"parallel",
        {"dp", "tp", "pp", "cp", "ep", "zero", "bucket_mb", "schedule", "virtual_stages",
         "stage_layers", "ranks_per_node", "micro_batches", "recompute", "cp_scheme",
-        "cp_layout", "ecss", "ecss_store"}},
+        "cp_layout", "ecss", "ecss_store", "cp_overlap"}},
   };
   return s;
 }
@@ -254,6 +254,10 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   opt_str("parallel", "cp_layout", ps.cp_layout);
   opt_str("parallel", "ecss", ps.ecss);
   get_str("parallel", "ecss_store", c.ecss_store);
+  if (auto node = tbl["parallel"]["cp_overlap"]) {
+    LOOM_CHECK(node.is_boolean(), "{} must be true or false", where("parallel", "cp_overlap"));
+    ps.cp_overlap = *node.value<bool>();
+  }
   if (auto node = tbl["parallel"]["bucket_mb"]) {
     LOOM_CHECK(node.is_number() && *node.value<double>() > 0,
                "{} must be a positive number of MiB", where("parallel", "bucket_mb"));

@@ -15,7 +15,8 @@
 //            cp_layout = "zigzag"|"striped" (cp > 1: seq divisible by 2*cp for zigzag, cp for
 //            striped); ecss = "off"|"dense"|"lazy" (MoE models: experts' f32 masters and AdamW
 //            moments in a host store, docs/moe.md), ecss_store = "path" (back that store with
-//            a memory-mapped file; default: anonymous host memory).
+//            a memory-mapped file; default: anonymous host memory), cp_overlap = true|false (post each
+//            ring transfer before the compute it hides behind; false waits for it first).
 //   train.batch is the GLOBAL batch: sequences per optimizer step, whatever the layout. Each dp
 //   rank takes batch/dp of them, split into micro_batches micro-batches.
 // `--set section.key=value` overrides any key; unknown sections or keys are errors that list the

@@ -42,7 +42,7 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double step_s = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after backward (exposed comm)
-  int64_t cp_workspace_bytes = 0;  // cp attention scratch outside the pool (largest call)
+  int64_t cp_workspace_bytes = 0;  // cp attention workspace (in the pool; largest call)
   double cp_wait_s = 0;            // time blocked on cp attention transfers (exposed comm)
   // ECSS (parallel.ecss != "off"): this rank's expert-store transfers during the step.
   optim::EcssTransfers ecss;

@@ -163,13 +163,24 @@ Local run_cp(const Full& f, const Case& c, const comm::ProcessGroup& group) {
   ctx.ranks_per_node = c.ranks_per_node;
   ctx.double_ring = c.double_ring;
   ctx.stats = &res.stats;
+  // The workspace comes from the caller's pool: its peak is exactly cp_workspace_bytes (which
+  // the memory model uses), and all of it is released by the time the call returns.
+  MemoryPool pool;
+  ctx.pool = &pool;
   std::vector<float> out(size_t(B * Tl * OS), 7.0f), lse(size_t(B * NH * Tl));
   cp_attention_forward(out.data(), lse.data(), qp, kp, vp, c.dtype, s, ctx);
+  EXPECT_EQ(pool.current(MemCategory::workspace), 0) << c.name();
+  EXPECT_EQ(pool.peak(MemCategory::workspace), cp_workspace_bytes(false, s, c.dtype, ctx)) << c.name();
+  EXPECT_EQ(res.stats.peak_workspace_bytes, pool.peak(MemCategory::workspace)) << c.name();
+  pool.reset_peaks();
   // Backward accumulates: start the gradients at kPrior and subtract it again below.
   constexpr float kPrior = 0.5f;
   std::vector<float> dqkv(size_t(B * Tl * W), kPrior);
   cp_attention_backward(dqkv.data(), dqkv.data() + NH * HD, dqkv.data() + (NH + NKV) * HD, dop,
                         qp, kp, vp, out.data(), lse.data(), c.dtype, s, ctx);
+  EXPECT_EQ(pool.current(MemCategory::workspace), 0) << c.name();
+  EXPECT_EQ(pool.peak(MemCategory::workspace), cp_workspace_bytes(true, s, c.dtype, ctx)) << c.name();
+  EXPECT_GT(pool.peak(MemCategory::workspace), 0) << c.name();
   res.lse = lse;
   for (float& x : dqkv) x -= kPrior;
   for (int64_t i = 0; i < B * Tl; ++i) {

@@ -66,6 +66,12 @@ struct Case {
   model::Precision precision = model::Precision::f32;
   int emulation = -1;  // bf16: -1 this machine's rule, 1 emulated (f32 copies), 0 bf16 copies
   const char* ecss = "off";  // expert storage separation (optim/expert_store.h)
+  // cp > 1: attention scheme, token layout, ring overlap, ranks per node (> 0: a double ring of
+  // cp / ranks_per_node nodes)
+  const char* cp_scheme = "burst";
+  const char* cp_layout = "zigzag";
+  bool cp_overlap = true;
+  int ranks_per_node = 0;
 };
 
 constexpr model::Precision kF32 = model::Precision::f32, kBf16 = model::Precision::bf16;
@@ -135,18 +141,42 @@ double rel_err(int64_t measured, int64_t predicted) {
   return std::fabs(double(measured) - double(predicted)) / std::max<double>(1.0, double(measured));
 }
 
-// Context parallel (cp splits the sequence, ZeRO shards over dp x cp): one cp plan per world.
+// Context parallel (cp splits the sequence, ZeRO shards over dp x cp). The cp attention kernels'
+// workspace (ring receive buffers, the travelling K|V or Q|dO|D|LSE block, f32 dQ or dK|dV
+// partials) is allocated from the pool inside each call, so these plans cover it: cp 2 and 4,
+// Burst backward (the small model is MHA: burst picks it) and ring backward, zigzag and striped,
+// overlap on and off (the same two receive buffers either way), a double ring (2 x 2), the
+// all-gather and Ulysses baselines.
 std::vector<Case> cp_cases_for(int w) {
-  auto c = [](int dp, int tp, int pp, int cp, int zero, int64_t m, const char* rc) {
+  auto c = [](int dp, int tp, int pp, int cp, int zero, int64_t m, const char* rc,
+              const char* scheme = "burst", const char* layout = "zigzag", bool overlap = true,
+              int ranks_per_node = 0) {
     Case k;
     k.dp = dp, k.tp = tp, k.pp = pp, k.cp = cp, k.zero = zero, k.micro_batches = m;
     k.recompute = rc;
+    k.cp_scheme = scheme, k.cp_layout = layout, k.cp_overlap = overlap;
+    k.ranks_per_node = ranks_per_node;
     return k;
   };
-  if (w == 2) return {c(1, 1, 1, 2, 0, 2, "none"), c(1, 1, 1, 2, 2, 1, "selective")};
+  if (w == 2)
+    return {c(1, 1, 1, 2, 0, 2, "none"), c(1, 1, 1, 2, 2, 1, "selective"),
+            c(1, 1, 1, 2, 0, 2, "none", "burst", "zigzag", false),
+            c(1, 1, 1, 2, 0, 2, "none", "ring", "zigzag"),
+            c(1, 1, 1, 2, 0, 1, "full", "ring", "zigzag", false),
+            c(1, 1, 1, 2, 0, 2, "none", "burst", "striped"),
+            c(1, 1, 1, 2, 0, 2, "selective", "allgather"),
+            c(1, 1, 1, 2, 0, 2, "none", "ulysses")};
   if (w == 4)
     return {c(1, 1, 1, 4, 0, 2, "none"), c(2, 1, 1, 2, 1, 2, "none"), c(1, 2, 1, 2, 3, 1, "full"),
-            c(1, 1, 2, 2, 0, 2, "none")};
+            c(1, 1, 2, 2, 0, 2, "none"),
+            c(1, 1, 1, 4, 0, 2, "none", "burst", "zigzag", false),
+            c(1, 1, 1, 4, 0, 2, "none", "ring", "zigzag"),
+            c(1, 1, 1, 4, 1, 2, "selective", "ring", "striped", false),
+            c(1, 1, 1, 4, 0, 2, "none", "burst", "zigzag", true, 2),
+            c(1, 1, 1, 4, 0, 1, "none", "ring", "zigzag", false, 2),
+            c(1, 2, 1, 2, 0, 2, "none", "ring"),
+            c(2, 1, 1, 2, 0, 1, "none", "allgather", "striped"),
+            c(1, 1, 1, 4, 0, 2, "full", "ulysses")};
   return {};
 }
 
@@ -168,11 +198,16 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
     s.recompute = k.recompute;
     s.ecss = k.ecss;
     if (*k.stage_layers) s.stage_layers = k.stage_layers;
+    s.cp_scheme = k.cp_scheme;
+    s.cp_layout = k.cp_layout;
+    s.cp_overlap = k.cp_overlap;
+    s.ranks_per_node = k.ranks_per_node;
     const int64_t G = int64_t(k.dp) * k.micro_batches * k.micro_batch_size;
     train::ExecutorConfig ec;
     ec.plan = parallel::make_plan(s, shape, G, w);
     ec.precision = k.precision;
     const std::string what = ec.plan.describe() +
+                             (k.ranks_per_node ? " " + std::to_string(k.ranks_per_node) + " ranks/node" : "") +
                              (k.precision == kBf16 ? " bf16" : " f32") +
                              (k.emulation == 0 ? " (bf16 copies)" : k.emulation == 1 ? " (emulated)" : "");
     model::set_bf16_emulation_for_testing(k.emulation);
@@ -182,6 +217,7 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
         parallel::ProcessGroups::build(parallel::Topology(w, sizes, "tp-cp-dp-pp"), world);
     const model::RankMemory predicted = model::memory_per_rank(cfg, ec.plan, world.rank(), T, k.precision);
     std::array<int64_t, kNumMemCategories> measured{};
+    int64_t cp_call_bytes = 0;  // the largest cp attention call's workspace
     {
       MemoryPool pool;
       train::Executor ex(cfg, ec, pool, k.cp > 1 ? &g.dp_cp : &g.dp, &g.tp, &g.pp, &g.cp);
@@ -191,16 +227,22 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
         std::vector<int32_t> tok = tokens_for(step, G, T, cfg.vocab);
         std::vector<int32_t> dom = tokens_for(step + 7, G, T, std::max<int64_t>(1, cfg.moe.num_domains()));
         const int64_t first = int64_t(g.dp.rank()) * per_dp * (T + 1);
-        ex.train_step(tok.data() + first, b, T, cfg.moe.enabled() ? dom.data() + first : nullptr);
+        const train::StepResult r =
+            ex.train_step(tok.data() + first, b, T, cfg.moe.enabled() ? dom.data() + first : nullptr);
+        cp_call_bytes = std::max(cp_call_bytes, r.cp_workspace_bytes);
       }
       for (size_t c = 0; c < kNumMemCategories; ++c) measured[c] = pool.peak(MemCategory(c));
     }
     model::set_bf16_emulation_for_testing(-1);
+    if (k.cp > 1) {  // the kernels' workspace really was in the pool
+      EXPECT_GT(cp_call_bytes, 0) << what;
+      EXPECT_LE(cp_call_bytes, measured[size_t(MemCategory::workspace)]) << what;
+    }
     for (size_t c = 0; c < kNumMemCategories; ++c) {
       const MemCategory cat = MemCategory(c);
       const std::string msg = what + ", rank " + std::to_string(world.rank()) + ", " +
                               std::string(mem_category_name(cat));
-      if (c <= size_t(MemCategory::optimizer))
+      if (c <= size_t(MemCategory::optimizer) || k.cp > 1)  // cp plans: every category exact
         EXPECT_EQ(measured[c], predicted.bytes[c]) << msg;
       else  // the tolerance for peaks
         EXPECT_LE(rel_err(measured[c], predicted.bytes[c]), 0.02)

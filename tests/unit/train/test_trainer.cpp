@@ -164,6 +164,26 @@ TEST(TrainConfig, BadInputGivesActionableErrors) {
   fs::remove_all(run);
 }
 
+// [parallel] cp_overlap reaches the plan settings, survives the plan's JSON, and must be a bool.
+TEST(TrainConfig, CpOverlapKey) {
+  fs::path run = temp_dir("cfg_overlap");
+  EXPECT_FALSE(tiny_config(run).parallel.cp_overlap.has_value());
+  EXPECT_EQ(tiny_config(run, {"parallel.cp_overlap=false"}).parallel.cp_overlap, false);
+  try {
+    tiny_config(run, {"parallel.cp_overlap=1"});
+    ADD_FAILURE() << "parallel.cp_overlap=1 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cp_overlap must be true or false"), std::string::npos)
+        << e.what();
+  }
+  parallel::ParallelPlan p;
+  p.cp = 2;
+  p.cp_overlap = false;
+  EXPECT_EQ(parallel::ParallelPlan::from_json(p.to_json()), p);
+  EXPECT_NE(p.describe().find("no overlap"), std::string::npos) << p.describe();
+  fs::remove_all(run);
+}
+
 // Writes a checkpoint and returns its directory.
 fs::path make_checkpoint(const fs::path& run) {
   auto cfg = tiny_config(run);
