@@ -23,18 +23,22 @@ using parallel::ScheduleKind;
 
 MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
                            bool bf16_emulated)
-    : cfg_(cfg), T_(T), precision_(precision) {
+    : cfg_(cfg), T_(T), precision_(precision), replayer_(cfg) {
   options_.bf16_emulated = bf16_emulated;
 }
 
-const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank) {
+const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank,
+                                                   int bound_backwards) {
   ++calls_;
-  std::string key = plan.to_json().dump();
-  key += fmt::format("#{}", rank);
+  // Every field memory_per_rank reads: the plan string's and the micro-batch size.
+  std::string key = plan_string(plan);
+  key += fmt::format("#b{}#r{}#k{}", plan.micro_batch_size, rank, bound_backwards);
   auto it = cache_.find(key);
   if (it != cache_.end()) return it->second;
   ++misses_;
-  return cache_.emplace(key, model::memory_per_rank(cfg_, plan, rank, T_, precision_, options_))
+  model::MemoryOptions options = options_;
+  options.bound_backwards = bound_backwards;
+  return cache_.emplace(key, replayer_.rank_memory(plan, rank, T_, precision_, options))
       .first->second;
 }
 
@@ -47,8 +51,7 @@ const std::vector<int64_t>& MemoryOracle::rank_params(const ParallelPlan& plan) 
   const std::vector<model::StageSpan> spans = model::split_stages(cfg_, n_virtual, plan.stage_layers);
   std::vector<int64_t> per_rank(size_t(plan.pp), 0);
   for (int g = 0; g < n_virtual; ++g) {
-    const model::StageGeometry geo(cfg_, spans[size_t(g)], TpShard{0, plan.tp});
-    per_rank[size_t(g % plan.pp)] += geo.total();
+    per_rank[size_t(g % plan.pp)] += replayer_.geometry(spans[size_t(g)], TpShard{0, plan.tp}).total();
   }
   return params_.emplace(key, std::move(per_rank)).first->second;
 }
@@ -414,6 +417,7 @@ nlohmann::json StepCost::to_json() const {
 std::string plan_string(const ParallelPlan& p) {
   std::string s = fmt::format("dp={},tp={},pp={},", p.dp, p.tp, p.pp);
   if (p.cp > 1) s += fmt::format("cp={},cp_scheme={},cp_layout={},", p.cp, p.cp_scheme, p.cp_layout);
+  if (p.ep > 1) s += fmt::format("ep={},", p.ep);
   s += fmt::format("zero={},micro_batches={},schedule={}", p.zero, p.micro_batches,
                    parallel::schedule_name(p.schedule));
   if (p.virtual_stages > 1) s += fmt::format(",virtual_stages={}", p.virtual_stages);

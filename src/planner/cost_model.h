@@ -78,7 +78,10 @@ class MemoryOracle {
  public:
   MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
                bool bf16_emulated);
-  const model::RankMemory& rank_memory(const parallel::ParallelPlan& plan, int rank);
+  // `bound_backwards` as model::MemoryOptions::bound_backwards: -1 the whole step, else a
+  // lower bound from a prefix of it.
+  const model::RankMemory& rank_memory(const parallel::ParallelPlan& plan, int rank,
+                                       int bound_backwards = -1);
   // Parameter elements held by each pp rank (its chunks, tp rank 0's shard), from the engine's
   // geometry (model::StageGeometry), cached by (tp, pp, VS, stage_layers).
   const std::vector<int64_t>& rank_params(const parallel::ParallelPlan& plan);
@@ -91,6 +94,7 @@ class MemoryOracle {
   int64_t T_;
   model::Precision precision_;
   model::MemoryOptions options_;
+  model::MemoryReplayer replayer_;
   std::map<std::string, model::RankMemory> cache_;
   std::map<std::string, std::vector<int64_t>> params_;
   int64_t calls_ = 0, misses_ = 0;

@@ -108,6 +108,8 @@ nlohmann::json SearchResult::to_json() const {
           {"timed", timed},
           {"memory_evaluated", memory_evaluated},
           {"pruned_by_memory_bound", pruned_by_bound},
+          {"pruned_by_persistent_bound", pruned_by_persistent},
+          {"persistent_bounds", persistent_bounds},
           {"dominated", dominated},
           {"rejected", rejected},
           {"frontier_size", frontier.size()},
@@ -293,19 +295,42 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     if (a.cost.step_time != b.cost.step_time) return a.cost.step_time < b.cost.step_time;
     return a.key < b.key;
   });
-  // Sweep in time order: a candidate joins when its bucket is below every faster one's.
+  // Sweep in time order: a candidate joins when its bucket is below every faster one's. Before
+  // the whole replay, lower bounds from cheaper prefixes of the same replay (search.h), each
+  // cached by what it depends on.
   int64_t best = std::numeric_limits<int64_t>::max();
-  std::map<std::string, int64_t> bound_cache;  // plan with full recompute -> bound's bucket
+  std::map<std::string, int64_t> persistent_cache;  // layout (no M, b, recompute) -> bucket
+  std::map<std::string, int64_t> bound_cache;       // plan with full recompute -> bound's bucket
   for (Candidate& c : all) {
-    if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max()) {
+    const bool pruning = o.prune_with_bound && best != std::numeric_limits<int64_t>::max();
+    if (pruning) {
+      // 1. Rank 0's persistent buffers (weights, gradients, optimizer state): the same for every
+      //    micro-batch count, size, schedule of the same VS, and recompute.
+      ParallelPlan lp = c.plan;
+      lp.recompute.clear();
+      lp.micro_batches = 1;
+      lp.schedule = lp.virtual_stages > 1 ? ScheduleKind::interleaved : ScheduleKind::one_f_one_b;
+      const std::string pk = plan_string(lp);
+      auto pit = persistent_cache.find(pk);
+      if (pit == persistent_cache.end()) {
+        const int64_t m = oracle.rank_memory(c.plan, 0, /*bound_backwards=*/0).total();
+        ++res.persistent_bounds;
+        pit = persistent_cache.emplace(pk, memory_bucket(m, o.bucket_fraction)).first;
+      }
+      if (pit->second >= best) {
+        ++res.pruned_by_bound;
+        ++res.pruned_by_persistent;
+        continue;
+      }
+      // 2. Rank 0 with full recompute everywhere (cached across the recompute variants), over
+      //    a prefix of its step: through its kBoundBackwards-th backward.
       ParallelPlan lb = c.plan;
       lb.recompute = full;
       const std::string k = plan_string(lb);
       auto it = bound_cache.find(k);
       if (it == bound_cache.end()) {
         if (res.memory_evaluated >= o.max_memory_evals) goto out_of_budget;
-        // Rank 0 (the first stage) alone: the plan's peak is at least that rank's.
-        const int64_t m = oracle.rank_memory(lb, 0).total();
+        const int64_t m = oracle.rank_memory(lb, 0, kBoundBackwards).total();
         ++res.memory_evaluated;
         it = bound_cache.emplace(k, memory_bucket(m, o.bucket_fraction)).first;
       }
@@ -318,7 +343,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     ++res.memory_evaluated;
     // Rank 0 first: when it alone is not below the best bucket, neither is the plan's peak, and
     // the other stages need no replay.
-    if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max() &&
+    if (pruning &&
         memory_bucket(oracle.rank_memory(c.plan, 0).total(), o.bucket_fraction) >= best) {
       ++res.dominated;
       continue;

@@ -81,6 +81,8 @@ struct SearchResult {
   int64_t timed = 0;                 // valid candidates whose time was computed
   int64_t memory_evaluated = 0;      // candidates whose memory was computed
   int64_t pruned_by_bound = 0;       // skipped: memory lower bound already dominated
+  int64_t pruned_by_persistent = 0;  // of those, by the persistent-buffer bound alone
+  int64_t persistent_bounds = 0;     // persistent-buffer bounds computed (no step replayed)
   int64_t dominated = 0;             // memory computed, not on the frontier
   std::map<std::string, int64_t> rejected;  // reason -> count (divisibility, batch, ...)
   bool truncated = false;
@@ -105,6 +107,10 @@ int64_t memory_bucket(int64_t bytes, double fraction);
 // 48K to 199K plans and ran out of its memory-replay budget. Pass the sizes explicitly
 // (loom plan --cp 1,2,4) to search them at any length.
 inline constexpr int64_t kMinCpTokens = 4096;
+// The full-recompute bound replays rank 0's step through its kBoundBackwards-th backward
+// action (model::MemoryOptions::prefix_backwards): by then 1f1b, gpipe and interleaved have had
+// their most micro-batches in flight and run a backward; the rest of the step repeats.
+inline constexpr int kBoundBackwards = 2;
 std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq);
 
 // Queries on a frontier (null when none qualifies).
