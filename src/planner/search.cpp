@@ -29,10 +29,11 @@ std::vector<int64_t> divisors(int64_t n) {
   return d;
 }
 
-// Sparse (MoE) blocks do not run under tp (model::ParamLayout refuses them).
+// model::ParamLayout's condition: tp divides the heads, kv heads, d_ff, vocab and a sparse
+// model's expert d_ff.
 bool tp_fits(const model::ModelConfig& c, int64_t tp) {
-  if (tp > 1 && c.moe.enabled()) return false;
-  return c.n_heads % tp == 0 && c.n_kv_heads % tp == 0 && c.d_ff % tp == 0 && c.vocab % tp == 0;
+  return c.n_heads % tp == 0 && c.n_kv_heads % tp == 0 && c.d_ff % tp == 0 &&
+         c.vocab % tp == 0 && (!c.moe.enabled() || c.moe.expert_d_ff % tp == 0);
 }
 
 // Training FLOPs per token of one block and of the last stage's extra work (head and query
@@ -45,6 +46,13 @@ std::pair<double, double> block_and_head_work(const model::ModelConfig& c, int64
 }
 
 }  // namespace
+
+std::vector<int> auto_ep_sizes(const model::ModelConfig& cfg) {
+  if (!cfg.moe.enabled()) return {1};
+  std::vector<int> out;
+  for (int64_t e : divisors(cfg.moe.experts)) out.push_back(int(e));
+  return out;
+}
 
 std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq) {
   std::vector<int> out;
@@ -153,12 +161,11 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   std::vector<Candidate> all;
   bool stop = false;
   const std::vector<int> cps = o.space.cp.empty() ? auto_cp_sizes(N, o.seq) : o.space.cp;
-  for (int cp : cps)
-    for (int ep : o.space.ep) {
-      if (ep != 1) {  // extension point: make_plan rejects ep > 1 today
-        reject("ep > 1: not supported by the engine yet");
-        continue;
-      }
+  // ep sizes: given, or every divisor of the experts (a dense model: 1); each must also divide
+  // dp, checked per layout below.
+  std::vector<int> eps = o.space.ep;
+  if (eps.empty()) eps = auto_ep_sizes(cfg);
+  for (int cp : cps) {
       ++res.enumerated;
       if (cp < 1 || N % cp != 0) {
         reject(fmt::format("cp must divide the devices {}", N));
@@ -180,10 +187,11 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
         if (stop) break;
         ++res.enumerated;
         if (!tp_fits(cfg, tp)) {
-          reject(tp > 1 && cfg.moe.enabled()
-                     ? std::string("tp > 1: sparse (MoE) blocks do not run under tp")
-                     : fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}",
-                             cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab));
+          reject(fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}{}",
+                             cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab,
+                             cfg.moe.enabled()
+                                 ? fmt::format(", expert_d_ff={}", cfg.moe.expert_d_ff)
+                                 : std::string()));
           continue;
         }
         for (int64_t pp : divisors(N / cp / tp)) {
@@ -225,9 +233,27 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
             for (int VS = 2; VS <= o.space.max_virtual_stages; ++VS)
               add_layouts(ScheduleKind::interleaved, VS);
           }
+          for (int ep : eps)
           for (int zero : o.space.zero_stages) {
             if (stop) break;
+            if (zero == o.space.zero_stages.front()) {
+              ++res.enumerated;
+              if (ep < 1 || dp % ep != 0) {
+                reject(fmt::format("ep must divide dp (ep x (dp/ep) groups)"));
+                break;
+              }
+              if (ep > 1 && (!cfg.moe.enabled() || cfg.moe.experts % ep != 0)) {
+                reject(cfg.moe.enabled()
+                           ? fmt::format("ep must divide the experts {}", cfg.moe.experts)
+                           : std::string("ep > 1: the model has no sparse (MoE) blocks"));
+                break;
+              }
+            }
             if (dp == 1 && zero != 0) continue;  // ZeRO over one rank is ZeRO 0
+            if (ep > 1 && zero >= 2) {  // parallel::make_plan refuses it (docs/moe.md)
+              reject("ep > 1 runs with ZeRO 0 or 1");
+              continue;
+            }
             for (int64_t M : divisors(G / dp)) {
               if (stop) break;
               if ((G / (dp * M)) * (o.seq / cp) % tp != 0) {
@@ -262,6 +288,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
                   p.tp = int(tp);
                   p.pp = int(pp);
                   p.cp = cp;
+                  p.ep = ep;
                   if (cp > 1) p.cp_scheme = scheme;
                   p.zero = zero;
                   p.recompute = rc;
@@ -375,7 +402,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     const parallel::ParallelPlan v = parallel::make_plan(parse_plan_string(c.key), shape, G,
                                                          o.devices);
     LOOM_ASSERT(v.micro_batch_size == c.plan.micro_batch_size && v.dp == c.plan.dp &&
-                    v.cp == c.plan.cp && v.cp_scheme == c.plan.cp_scheme,
+                    v.cp == c.plan.cp && v.cp_scheme == c.plan.cp_scheme && v.ep == c.plan.ep,
                 "planner built plan '{}' that make_plan reads differently", c.key);
   }
   res.evaluated = std::move(all);
