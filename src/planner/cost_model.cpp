@@ -413,6 +413,25 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   return out;
 }
 
+std::vector<int> peak_ranks(const ParallelPlan& plan, int64_t n_layers) {
+  // Candidate stages for the peak (cost_model.h): the first, the last, and any holding more
+  // blocks than every stage before it; their (tp 0, cp 0, dp 0) rank.
+  const int n_virtual = plan.pp * plan.virtual_stages;
+  const int64_t L = n_layers;
+  std::vector<int64_t> layers(size_t(plan.pp), 0);
+  for (int g = 0; g < n_virtual; ++g)
+    layers[size_t(g % plan.pp)] +=
+        plan.stage_layers.empty() ? L / n_virtual : plan.stage_layers[size_t(g)];
+  std::vector<int> ranks = {0};
+  int64_t most = layers[0];
+  for (int s = 1; s < plan.pp; ++s)
+    if (s == plan.pp - 1 || layers[size_t(s)] > most) {
+      ranks.push_back(s * plan.tp * plan.cp * plan.dp);
+      most = std::max(most, layers[size_t(s)]);
+    }
+  return ranks;
+}
+
 void add_memory(StepCost& cost, const ParallelPlan& plan, MemoryOracle& oracle) {
   // Candidate stages for the peak (cost_model.h): the first, the last, and any holding more
   // blocks than every stage before it.

@@ -157,6 +157,9 @@ StepCost estimate_time(const CostInputs& in, const parallel::ParallelPlan& plan,
 // Time and memory.
 StepCost estimate_step(const CostInputs& in, const parallel::ParallelPlan& plan,
                        MemoryOracle& memory);
+// The ranks whose memory can be the plan's peak (the memory paragraph above): (dp 0, tp 0, cp 0)
+// of the first stage, the last, and any holding more blocks than every stage before it.
+std::vector<int> peak_ranks(const parallel::ParallelPlan& plan, int64_t n_layers);
 // Fills memory fields of `cost` for `plan`.
 void add_memory(StepCost& cost, const parallel::ParallelPlan& plan, MemoryOracle& memory);
 

@@ -340,7 +340,9 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
       const std::string pk = plan_string(lp);
       auto pit = persistent_cache.find(pk);
       if (pit == persistent_cache.end()) {
-        const int64_t m = oracle.rank_memory(c.plan, 0, /*bound_backwards=*/0).total();
+        int64_t m = 0;
+        for (int rank : peak_ranks(c.plan, L))
+          m = std::max(m, oracle.rank_memory(c.plan, rank, /*bound_backwards=*/0).total());
         ++res.persistent_bounds;
         pit = persistent_cache.emplace(pk, memory_bucket(m, o.bucket_fraction)).first;
       }
