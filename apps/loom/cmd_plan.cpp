@@ -312,11 +312,13 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     std::printf("model %s, cluster '%s', %d devices, global batch %ld x %ld tokens, %s\n",
                 cfg.name.c_str(), cluster.name.c_str(), o.devices, long(o.batch), long(T),
                 o.dtype.c_str());
-    std::printf("search: %ld plans timed, %ld memory replays (%ld by the oracle, %ld cached), "
-                "%ld pruned by the memory bound, %ld dominated, %.2f s%s\n",
-                long(r.timed), long(r.memory_evaluated), long(r.oracle_replays),
-                long(r.oracle_calls - r.oracle_replays), long(r.pruned_by_bound), long(r.dominated),
-                r.seconds, r.truncated ? (" (TRUNCATED: " + r.truncated_why + ")").c_str() : "");
+    std::printf("search: %ld plans timed (states visited), frontier %zu, %ld memory replays (%ld "
+                "by the oracle, %ld cached), %ld pruned by memory bounds (%ld by the persistent "
+                "bound), %ld dominated, %.2f s%s\n",
+                long(r.timed), r.frontier.size(), long(r.memory_evaluated), long(r.oracle_replays),
+                long(r.oracle_calls - r.oracle_replays), long(r.pruned_by_bound),
+                long(r.pruned_by_persistent), long(r.dominated), r.seconds,
+                r.truncated ? (" (TRUNCATED: " + r.truncated_why + ")").c_str() : "");
     for (const auto& [why, n] : r.rejected) std::printf("  rejected %ld: %s\n", long(n), why.c_str());
     std::printf("\nfrontier (%zu plans, fastest first; memory buckets of %.0f%%):\n",
                 r.frontier.size(), 100 * so.bucket_fraction);
