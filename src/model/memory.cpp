@@ -663,7 +663,8 @@ const StageGeometry& MemoryReplayer::geometry(const StageSpan& span, TpShard tp,
                         tp.rank, tp.size, ep.rank, ep.size};
   auto it = geometries_.find(key);
   if (it != geometries_.end()) return *it->second;
-  // Bounded: emptied when full (a call takes its references only after its last lookup).
+  // Bounded: emptied when full. rank_memory empties it before its lookups when they could
+  // overflow it, so the references a replay holds stay valid; other callers use each at once.
   if (max_geometries_ > 0 && geometries_.size() >= max_geometries_) geometries_.clear();
   std::shared_ptr<const ParamLayout>& layout = layouts_[{tp.rank, tp.size}];
   if (!layout) layout = std::make_shared<const ParamLayout>(cfg_, tp);
