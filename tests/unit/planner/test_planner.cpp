@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <ctime>
 #include <string>
 
 #include <fmt/format.h>
@@ -557,6 +559,36 @@ TEST(Search, PrunedSearchEqualsBruteForceWithExpertParallel) {
     std::printf("tiny-moe on %d: %ld plans (%ld with ep > 1), frontier %zu (%ld with ep > 1)\n",
                 devices, long(brute.timed), long(ep_plans), brute.frontier.size(),
                 long(ep_frontier));
+  }
+}
+
+TEST(Search, LargePresetsNeedFewWholeReplays) {
+  // The search targets (docs/planner.md "At scale"): PanGu-alpha 200B on the 2048-Ascend
+  // preset and Megatron's 1T on 3072 A100s. The memory bounds keep the replays counted against
+  // max_memory_evals in the hundreds / low thousands (the search before them: 2,146 and 8,409);
+  // CPU seconds are printed, not asserted (machines differ; docs/planner.md has the numbers).
+  struct Case { const char *model, *cluster; int devices; int64_t batch, seq; int64_t max_evals; };
+  const Case cases[] = {{"pangu-alpha-200b.toml", "pangu-ascend-2048.toml", 2048, 512, 1024, 1500},
+                        {"megatron-1t.toml", "a100-80gb-ib.toml", 3072, 3072, 2048, 6000}};
+  for (const Case& c : cases) {
+    const model::ModelConfig cfg =
+        model::load_model_config(std::string(LOOM_SOURCE_DIR) + "/configs/models/" + c.model);
+    const Cluster cl = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/" + c.cluster);
+    SearchOptions o;
+    o.devices = c.devices;
+    o.global_batch = c.batch;
+    o.seq = c.seq;
+    o.precision = model::Precision::bf16;
+    const std::clock_t t0 = std::clock();
+    const SearchResult r = search(cfg, cl, o);
+    const double cpu = double(std::clock() - t0) / CLOCKS_PER_SEC;
+    EXPECT_FALSE(r.truncated) << c.model;
+    EXPECT_LT(r.memory_evaluated, c.max_evals) << c.model;
+    EXPECT_GT(r.pruned_by_persistent, r.timed / 2) << c.model;
+    std::printf("%s: %ld plans timed, frontier %zu, %ld replays counted (%ld by the oracle), "
+                "%.2f s CPU\n",
+                c.model, long(r.timed), r.frontier.size(), long(r.memory_evaluated),
+                long(r.oracle_replays), cpu);
   }
 }
 
