@@ -151,6 +151,7 @@ struct Opts {
   bool json = false, emit_config = false;
   int64_t max_candidates = 2'000'000, max_memory_evals = 20'000;
   std::string cp = "auto";  // context-parallel sizes to search: "auto" or "1,2,4"
+  std::string ep = "auto";  // expert-parallel sizes to search: "auto" or "1,2,4"
 };
 
 void run_plan(const Opts& o, loom::cli::Context& ctx) {
@@ -192,8 +193,9 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     LOOM_CHECK(o.batch >= 1, "--explain needs --global-batch (the global batch, sequences)");
     loom::parallel::PlanSettings s2 = s;
     if (!s2.dp) s2.dp = 0;
-    const ParallelPlan plan = loom::parallel::make_plan(
-        s2, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, o.batch, world);
+    loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T};
+    shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;  // ep= is checked against them
+    const ParallelPlan plan = loom::parallel::make_plan(s2, shape, o.batch, world);
     MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
     const StepCost c = estimate_step({cfg, cluster, T, precision}, plan, oracle);
     if (o.json) {
@@ -226,6 +228,8 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
   so.max_memory_evals = o.max_memory_evals;
   if (o.cp != "auto")
     for (int64_t g : loom::parallel::parse_int_list(o.cp, "--cp")) so.space.cp.push_back(int(g));
+  if (o.ep != "auto")
+    for (int64_t e : loom::parallel::parse_int_list(o.ep, "--ep")) so.space.ep.push_back(int(e));
   const SearchResult r = search(cfg, cluster, so);
   const Candidate* chosen = limit ? fastest_under(r.frontier, *limit) : &r.frontier.front();
   const Candidate* small = smallest_memory(r.frontier);
@@ -264,8 +268,8 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
   MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
   if (chosen) {
     auto shape = [](const ParallelPlan& p) {
-      return fmt::format("{}/{}/{}/{}/{}/{}/{}", p.dp, p.tp, p.pp, p.cp, p.cp_scheme, p.zero,
-                         int(p.schedule));
+      return fmt::format("{}/{}/{}/{}/{}/{}/{}/{}", p.dp, p.tp, p.pp, p.cp, p.cp_scheme, p.ep,
+                         p.zero, int(p.schedule));
     };
     std::vector<std::string> seen = {shape(chosen->plan)};
     for (const Candidate& c : r.evaluated) {
@@ -308,11 +312,13 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     std::printf("model %s, cluster '%s', %d devices, global batch %ld x %ld tokens, %s\n",
                 cfg.name.c_str(), cluster.name.c_str(), o.devices, long(o.batch), long(T),
                 o.dtype.c_str());
-    std::printf("search: %ld plans timed, %ld memory replays (%ld by the oracle, %ld cached), "
-                "%ld pruned by the memory bound, %ld dominated, %.2f s%s\n",
-                long(r.timed), long(r.memory_evaluated), long(r.oracle_replays),
-                long(r.oracle_calls - r.oracle_replays), long(r.pruned_by_bound), long(r.dominated),
-                r.seconds, r.truncated ? (" (TRUNCATED: " + r.truncated_why + ")").c_str() : "");
+    std::printf("search: %ld plans timed (states visited), frontier %zu, %ld memory replays (%ld "
+                "by the oracle, %ld cached), %ld pruned by memory bounds (%ld by the persistent "
+                "bound), %ld dominated, %.2f s%s\n",
+                long(r.timed), r.frontier.size(), long(r.memory_evaluated), long(r.oracle_replays),
+                long(r.oracle_calls - r.oracle_replays), long(r.pruned_by_bound),
+                long(r.pruned_by_persistent), long(r.dominated), r.seconds,
+                r.truncated ? (" (TRUNCATED: " + r.truncated_why + ")").c_str() : "");
     for (const auto& [why, n] : r.rejected) std::printf("  rejected %ld: %s\n", long(n), why.c_str());
     std::printf("\nfrontier (%zu plans, fastest first; memory buckets of %.0f%%):\n",
                 r.frontier.size(), 100 * so.bucket_fraction);
@@ -369,6 +375,7 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     if (p.cp > 1)
       std::printf("cp = %d\ncp_scheme = \"%s\"\ncp_layout = \"%s\"\n", p.cp, p.cp_scheme.c_str(),
                   p.cp_layout.c_str());
+    if (p.ep > 1) std::printf("ep = %d\n", p.ep);
   }
   if (!o.svg.empty()) write_svg(o.svg, r, chosen, limit);
   ctx.exit_code = 0;
@@ -395,6 +402,9 @@ void add_plan(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--cp", o->cp,
                   "context-parallel sizes to search, e.g. 1,2,4 (default auto: 1 and every size "
                   "leaving each rank >= 4096 tokens of a sequence)");
+  sub->add_option("--ep", o->ep,
+                  "expert-parallel sizes to search for a sparse (MoE) model, e.g. 1,2,4 (default "
+                  "auto: every size dividing both dp and the experts)");
   sub->add_flag("--json", o->json, "print one JSON object");
   sub->add_flag("--emit-config", o->emit_config, "print the chosen plan as a [parallel] table");
   sub->callback([o, &ctx] { run_plan(*o, ctx); });

@@ -77,7 +77,12 @@ std::vector<StageSpan> split_stages(const ModelConfig& cfg, int64_t n_stages,
 
 StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp,
                              EpShard ep)
-    : cfg_(cfg), span_(span), global_(cfg, tp), ep_(ep) {
+    : StageGeometry(cfg, span, std::make_shared<const ParamLayout>(cfg, tp), ep) {}
+
+StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span,
+                             std::shared_ptr<const ParamLayout> layout, EpShard ep)
+    : cfg_(cfg), span_(span), global_(std::move(layout)), ep_(ep) {
+  LOOM_CHECK(global_ != nullptr, "StageGeometry: no parameter layout given");
   const int64_t L = cfg_.n_layers;
   LOOM_CHECK(0 <= span.first_layer && span.first_layer <= span.last_layer && span.last_layer <= L,
              "stage span blocks [{}, {}) is outside the model's blocks [0, {})", span.first_layer,
@@ -90,16 +95,16 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
   // Global ranges held, ascending. The layout orders embed.token, embed.position, blocks,
   // final norm, query layer, so each piece is one contiguous global range.
   std::vector<std::pair<int64_t, int64_t>> ranges;
-  const int64_t tok_end = global_.token_embedding() + global_.specs()[0].numel;  // (V/tp, C)
-  const int64_t blocks_begin = L > 0 ? global_.block(0).norm1_w : global_.final_norm_w();
+  const int64_t tok_end = global_->token_embedding() + global_->specs()[0].numel;  // (V/tp, C)
+  const int64_t blocks_begin = L > 0 ? global_->block(0).norm1_w : global_->final_norm_w();
   if (span.has_embedding)
-    ranges.push_back({global_.token_embedding(), blocks_begin});  // token + position
+    ranges.push_back({global_->token_embedding(), blocks_begin});  // token + position
   else if (span.has_head)
-    ranges.push_back({global_.token_embedding(), tok_end});  // the tied head's copy
+    ranges.push_back({global_->token_embedding(), tok_end});  // the tied head's copy
   if (span.first_layer < span.last_layer)
     ranges.push_back(
-        {global_.block(span.first_layer).norm1_w, block_end(global_.block(span.last_layer - 1), cfg_)});
-  if (span.has_head) ranges.push_back({global_.final_norm_w(), global_.total()});
+        {global_->block(span.first_layer).norm1_w, block_end(global_->block(span.last_layer - 1), cfg_)});
+  if (span.has_head) ranges.push_back({global_->final_norm_w(), global_->total()});
   // Expert parallel: each sparse block's experts outside [e0, e0 + El) are holes in its range.
   const int64_t E = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
   LOOM_CHECK(ep.size >= 1 && ep.rank >= 0 && ep.rank < ep.size,
@@ -113,7 +118,7 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     El = E / ep.size;
     e0 = El * ep.rank;
     for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
-      const BlockOffsets& o = global_.block(l);
+      const BlockOffsets& o = global_->block(l);
       if (!o.sparse()) continue;
       const int64_t stride = o.moe_stride;
       const std::pair<int64_t, int64_t> holes[2] = {
@@ -138,15 +143,15 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     segments_.push_back({b, e, total_});
     total_ += e - b;
   }
-  for (const ParamSpec& s : global_.specs()) {
+  for (const ParamSpec& s : global_->specs()) {
     for (const Segment& g : segments_) {
       if (s.offset < g.global_begin || s.offset >= g.global_end) continue;
       StageParam p;
       p.global = s;
       p.local_offset = g.local_begin + (s.offset - g.global_begin);
-      p.tied_copy = s.offset == global_.token_embedding() && !span.has_embedding;
+      p.tied_copy = s.offset == global_->token_embedding() && !span.has_embedding;
       for (int64_t l = span.first_layer; l < span.last_layer && E > 0; ++l) {
-        const BlockOffsets& o = global_.block(l);
+        const BlockOffsets& o = global_->block(l);
         if (o.sparse() && s.offset >= o.moe_experts &&
             s.offset < o.moe_experts + E * o.moe_stride)
           p.expert = true;
@@ -155,10 +160,10 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     }
   }
 
-  if (span.has_embedding || span.has_head) tok_ = local(global_.token_embedding());
-  if (span.has_embedding) pos_ = local(global_.position_embedding());
+  if (span.has_embedding || span.has_head) tok_ = local(global_->token_embedding());
+  if (span.has_embedding) pos_ = local(global_->position_embedding());
   for (int64_t l = span.first_layer; l < span.last_layer; ++l) {
-    BlockOffsets o = global_.block(l);
+    BlockOffsets o = global_->block(l);
     if (o.sparse()) {
       o.moe_experts += e0 * o.moe_stride;  // the first expert held
       o.moe_expert0 = e0;
@@ -170,11 +175,11 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
       expert_ranges_.push_back({b.moe_experts, b.moe_experts + El * b.moe_stride});
   }
   if (span.has_head) {
-    fnw_ = local(global_.final_norm_w());
-    fnb_ = local(global_.final_norm_b());
+    fnw_ = local(global_->final_norm_w());
+    fnb_ = local(global_->final_norm_b());
     if (cfg_.query_layer) {
-      qpos_ = local(global_.query_position());
-      qblock_ = map_offsets(global_.query_block(), [this](int64_t x) { return local(x); });
+      qpos_ = local(global_->query_position());
+      qblock_ = map_offsets(global_->query_block(), [this](int64_t x) { return local(x); });
     }
   }
 
@@ -182,8 +187,8 @@ StageGeometry::StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpSh
     units_.push_back({b, e});
     return int(units_.size()) - 1;
   };
-  if (tok_ >= 0) u_tok_ = add_unit(tok_, tok_ + global_.specs()[0].numel);
-  if (pos_ >= 0) u_pos_ = add_unit(pos_, pos_ + global_.find("embed.position.weight").numel);
+  if (tok_ >= 0) u_tok_ = add_unit(tok_, tok_ + global_->specs()[0].numel);
+  if (pos_ >= 0) u_pos_ = add_unit(pos_, pos_ + global_->find("embed.position.weight").numel);
   u_block0_ = int(units_.size());
   for (const BlockOffsets& o : blocks_) add_unit(o.norm1_w, block_end(o, cfg_));
   if (span.has_head) u_head_ = add_unit(fnw_, total_);
@@ -231,7 +236,7 @@ void StageGeometry::init_range(float* dst, int64_t begin, int64_t end, uint64_t 
     const int64_t len = g.global_end - g.global_begin;
     const int64_t lo = std::max(begin, g.local_begin), hi = std::min(end, g.local_begin + len);
     if (lo < hi)
-      init_params_range(global_, cfg_, dst + (lo - begin), g.global_begin + (lo - g.local_begin),
+      init_params_range(*global_, cfg_, dst + (lo - begin), g.global_begin + (lo - g.local_begin),
                         g.global_begin + (hi - g.local_begin), seed);
   }
 }

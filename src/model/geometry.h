@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -104,11 +105,15 @@ class StageGeometry {
   // sparse block (EpShard), so the global ranges it holds have a hole per sparse block. Throws
   // naming the valid sizes unless ep.size divides the experts.
   StageGeometry(const ModelConfig& cfg, const StageSpan& span, TpShard tp = {}, EpShard ep = {});
+  // The same on a given layout of the whole model, ParamLayout(cfg, its tp shard), which stages
+  // may share (laying out a large model is the costly part; the memory model builds thousands).
+  StageGeometry(const ModelConfig& cfg, const StageSpan& span,
+                std::shared_ptr<const ParamLayout> layout, EpShard ep = {});
 
   const ModelConfig& config() const { return cfg_; }
   const StageSpan& span() const { return span_; }
   // This tp rank's layout of the whole model (the "global" offsets below).
-  const ParamLayout& global() const { return global_; }
+  const ParamLayout& global() const { return *global_; }
   const std::vector<StageParam>& params() const { return params_; }
   // The tensors as specs of the stage's own buffer (offset = local offset).
   std::vector<ParamSpec> local_specs() const;
@@ -151,7 +156,7 @@ class StageGeometry {
   };
   ModelConfig cfg_;
   StageSpan span_;
-  ParamLayout global_;
+  std::shared_ptr<const ParamLayout> global_;
   std::vector<Segment> segments_;  // ascending global ranges held, packed in order
   std::vector<StageParam> params_;
   int64_t total_ = 0;

@@ -31,32 +31,97 @@ namespace {
 using Cat = MemCategory;
 constexpr Cat kAct = MemCategory::activations, kWs = MemCategory::workspace;
 
-// Running and peak bytes per category; buffers are reference-counted like Tensor storage.
+class Tracer;
+
+// A handle to a traced buffer, reference-counted like Tensor storage: its bytes are released when
+// the last handle goes. The nodes live in the Tracer (no heap allocation per buffer: a replay
+// makes hundreds of thousands of them).
+class Buf {
+ public:
+  Buf() = default;
+  Buf(std::nullptr_t) {}  // NOLINT: as a null shared pointer
+  Buf(const Buf& o) : t_(o.t_), i_(o.i_) { retain(); }
+  Buf(Buf&& o) noexcept : t_(o.t_), i_(o.i_) { o.t_ = nullptr; }
+  Buf& operator=(const Buf& o) {
+    if (this != &o) {
+      Buf keep(o);
+      std::swap(t_, keep.t_);
+      std::swap(i_, keep.i_);
+    }
+    return *this;
+  }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      reset();
+      t_ = o.t_;
+      i_ = o.i_;
+      o.t_ = nullptr;
+    }
+    return *this;
+  }
+  ~Buf() { reset(); }
+  inline void reset();
+  explicit operator bool() const { return t_ != nullptr; }
+
+ private:
+  friend class Tracer;
+  Buf(Tracer* t, int32_t i) : t_(t), i_(i) {}
+  inline void retain();
+  Tracer* t_ = nullptr;
+  int32_t i_ = 0;
+};
+
+// Running and peak bytes per category.
 class Tracer {
  public:
-  struct Alloc {
-    Alloc(Tracer* t, int64_t b, Cat c) : tracer(t), bytes(b), cat(c) {}
-    Alloc(const Alloc&) = delete;
-    Alloc& operator=(const Alloc&) = delete;
-    ~Alloc() { tracer->cur_[size_t(cat)] -= bytes; }
-    Tracer* tracer;
-    int64_t bytes;
-    Cat cat;
-  };
-  using Buf = std::shared_ptr<Alloc>;
+  Tracer() { nodes_.reserve(1024); }
+  Tracer(const Tracer&) = delete;
+  Tracer& operator=(const Tracer&) = delete;
 
   Buf alloc(int64_t bytes, Cat c) {
     int64_t& cur = cur_[size_t(c)];
     cur += bytes;
     peak_[size_t(c)] = std::max(peak_[size_t(c)], cur);
-    return std::make_shared<Alloc>(this, bytes, c);
+    int32_t i = free_;
+    if (i >= 0) {
+      free_ = nodes_[size_t(i)].next_free;
+    } else {
+      i = int32_t(nodes_.size());
+      nodes_.emplace_back();
+    }
+    nodes_[size_t(i)] = Node{bytes, c, 1, -1};
+    return Buf(this, i);
   }
   const std::array<int64_t, kNumMemCategories>& peaks() const { return peak_; }
 
  private:
+  friend class Buf;
+  struct Node {
+    int64_t bytes = 0;
+    Cat cat = Cat::weights;
+    int32_t refs = 0;
+    int32_t next_free = -1;
+  };
+  void retain(int32_t i) { ++nodes_[size_t(i)].refs; }
+  void release(int32_t i) {
+    Node& n = nodes_[size_t(i)];
+    if (--n.refs > 0) return;
+    cur_[size_t(n.cat)] -= n.bytes;
+    n.next_free = free_;
+    free_ = i;
+  }
   std::array<int64_t, kNumMemCategories> cur_{}, peak_{};
+  std::vector<Node> nodes_;
+  int32_t free_ = -1;
 };
-using Buf = Tracer::Buf;
+
+void Buf::reset() {
+  if (t_) t_->release(i_);
+  t_ = nullptr;
+}
+void Buf::retain() {
+  if (t_) t_->retain(i_);
+}
 
 // Sizes of one micro-batch on one rank (BlockCtx and block.cpp's Dims).
 struct Dims {
@@ -383,6 +448,11 @@ class StoreTrace {
     while (pending_.size() > kMaxInFlight) pending_.pop_front();
   }
   void finish_micro_batch() { pending_.clear(); }
+  // A bound stops the forward and backward work (memory.h): what it holds goes.
+  void drop_in_flight() {
+    for (Live& l : live_) l = Live{};
+    pending_.clear();
+  }
   void step() {
     if (stage_ != 2) return;
     Buf packed = tr_.alloc(shard_ * 4, kWs);
@@ -412,8 +482,9 @@ class StoreTrace {
 class StageTrace {
  public:
   StageTrace(Tracer& tr, const ModelConfig& cfg, const StageGeometry& geo, const Dims& d,
-             StoreTrace* store, const std::vector<Recompute>& recompute)
-      : tr_(tr), cfg_(cfg), geo_(geo), d_(d), store_(store), recompute_(recompute) {
+             StoreTrace* store, const std::vector<Recompute>& recompute, int micro_batches)
+      : tr_(tr), cfg_(cfg), geo_(geo), d_(d), store_(store), recompute_(recompute),
+        stash_(size_t(micro_batches)) {
     if (!store_) {
       const int64_t n = geo_.total();
       weights_ = tr_.alloc(n * 4, Cat::weights);
@@ -423,11 +494,13 @@ class StageTrace {
   }
 
   Buf forward(int mb, const Buf& x) {
+    LOOM_ASSERT(mb >= 0 && size_t(mb) < stash_.size() && !stash_[size_t(mb)],
+                "memory model: forward of micro-batch {} twice", mb);
     auto st = std::make_unique<Micro>();
     Buf out = run_trunk(x, *st);
     const StageSpan& sp = geo_.span();
     if (!sp.has_head) {
-      stash_[mb] = std::move(st);
+      stash_[size_t(mb)] = std::move(st);
       return out;
     }
     const int ut = geo_.token_unit();
@@ -438,14 +511,19 @@ class StageTrace {
     tied_head_loss(tr_, d_);
     unit_release(ut);
     unit_grads_done(ut);
-    stash_[mb] = std::move(st);
+    stash_[size_t(mb)] = std::move(st);
     return nullptr;  // the head input `out` is dropped here
   }
 
+  // A bound stops the forward and backward work (memory.h): the stashes go.
+  void drop_in_flight() {
+    for (auto& m : stash_) m.reset();
+  }
+
   Buf backward(int mb, Buf dy) {
-    auto it = stash_.find(mb);
-    LOOM_ASSERT(it != stash_.end(), "memory model: backward of micro-batch {} without forward", mb);
-    Micro& st = *it->second;
+    LOOM_ASSERT(mb >= 0 && size_t(mb) < stash_.size() && stash_[size_t(mb)],
+                "memory model: backward of micro-batch {} without forward", mb);
+    Micro& st = *stash_[size_t(mb)];
     const StageSpan& sp = geo_.span();
     Buf dh;
     if (sp.has_head) {
@@ -472,8 +550,8 @@ class StageTrace {
     for (size_t i = geo_.blocks().size(); i-- > 0;) {
       const int u = geo_.first_block_unit() + int(i);
       ctx(u, true);
-      dh = block_backward(tr_, d_, dh, nullptr, *st.blocks[i], geo_.blocks()[i].sparse());
-      st.blocks[i].reset();
+      dh = block_backward(tr_, d_, dh, nullptr, st.blocks[i], geo_.blocks()[i].sparse());
+      st.blocks[i] = Stash{};
       unit_release(u);
       unit_grads_done(u);
     }
@@ -485,13 +563,13 @@ class StageTrace {
       unit_grads_done(geo_.token_unit());
       dh.reset();
     }
-    stash_.erase(it);
+    stash_[size_t(mb)].reset();
     return dh;
   }
 
  private:
   struct Micro {
-    std::vector<std::unique_ptr<Stash>> blocks;
+    std::vector<Stash> blocks;
     std::unique_ptr<Stash> query;
     Buf final_in, final_mean, final_rstd, final_out, dhead;
   };
@@ -513,14 +591,13 @@ class StageTrace {
     } else {
       h = x;
     }
+    st.blocks.resize(geo_.blocks().size());
     for (size_t i = 0; i < geo_.blocks().size(); ++i) {
       const int u = geo_.first_block_unit() + int(i);
-      auto bs = std::make_unique<Stash>();
       ctx(u, false);
-      h = block_forward(tr_, d_, h, nullptr, *bs, mode_of(sp.first_layer + int64_t(i)),
+      h = block_forward(tr_, d_, h, nullptr, st.blocks[i], mode_of(sp.first_layer + int64_t(i)),
                         geo_.blocks()[i].sparse());
       unit_release(u);
-      st.blocks.push_back(std::move(bs));
     }
     if (!sp.has_head) return h;
     const int uh = geo_.head_unit();
@@ -578,13 +655,39 @@ class StageTrace {
   StoreTrace* store_;
   const std::vector<Recompute>& recompute_;
   Buf weights_, grads_, weights_lp_;
-  std::map<int, std::unique_ptr<Micro>> stash_;
+  std::vector<std::unique_ptr<Micro>> stash_;  // by micro-batch, while in flight
 };
 
 }  // namespace
 
+MemoryReplayer::MemoryReplayer(const ModelConfig& cfg, size_t max_geometries)
+    : cfg_(cfg), max_geometries_(max_geometries) {}
+
+MemoryReplayer::~MemoryReplayer() = default;
+
+const StageGeometry& MemoryReplayer::geometry(const StageSpan& span, TpShard tp, EpShard ep) {
+  const GeometryKey key{span.first_layer, span.last_layer, span.has_embedding, span.has_head,
+                        tp.rank, tp.size, ep.rank, ep.size};
+  auto it = geometries_.find(key);
+  if (it != geometries_.end()) return *it->second;
+  // Bounded: emptied when full. rank_memory empties it before its lookups when they could
+  // overflow it, so the references a replay holds stay valid; other callers use each at once.
+  if (max_geometries_ > 0 && geometries_.size() >= max_geometries_) geometries_.clear();
+  std::shared_ptr<const ParamLayout>& layout = layouts_[{tp.rank, tp.size}];
+  if (!layout) layout = std::make_shared<const ParamLayout>(cfg_, tp);
+  return *geometries_.emplace(key, std::make_unique<StageGeometry>(cfg_, span, layout, ep))
+              .first->second;
+}
+
 RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
                            int64_t T, Precision precision, const MemoryOptions& options) {
+  MemoryReplayer replayer(cfg, 0);
+  return replayer.rank_memory(plan, rank, T, precision, options);
+}
+
+RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int rank, int64_t T,
+                                       Precision precision, const MemoryOptions& options) {
+  const ModelConfig& cfg = cfg_;
   const int world = plan.world_size();
   LOOM_CHECK(rank >= 0 && rank < world, "rank {} is outside the plan's {} ranks ({})", rank, world,
              plan.describe());
@@ -669,20 +772,23 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
 
   const int n_pp = plan.pp, VS = plan.virtual_stages, n_virtual = n_pp * VS;
   const int M = int(plan.micro_batches);
-  const parallel::PipelineSchedule schedule =
-      parallel::make_schedule(plan.schedule, n_pp, M, VS);
+  // Only this rank's actions (the whole schedule when the full step is replayed; none for the
+  // persistent buffers alone), validated like make_schedule's.
+  const std::vector<parallel::Action> actions =
+      options.bound_backwards == 0
+          ? std::vector<parallel::Action>{}
+          : parallel::make_stage_actions(plan.schedule, n_pp, M, VS, out.pp);
   const std::vector<StageSpan> spans = split_stages(cfg, n_virtual, plan.stage_layers);
   const TpShard shard = plan.tp > 1 ? TpShard{out.tp, plan.tp} : TpShard{};
 
   Tracer tr;  // declared before every buffer, so it outlives them
-  std::vector<std::unique_ptr<StageGeometry>> geos;
   std::vector<std::unique_ptr<StoreTrace>> stores;
   std::vector<std::unique_ptr<StageTrace>> chunks;
   std::vector<Buf> optimizer;
+  // The VS lookups below must not empty the bounded cache while holding references into it.
+  if (max_geometries_ > 0 && geometries_.size() + size_t(VS) > max_geometries_) geometries_.clear();
   for (int c = 0; c < VS; ++c) {
-    geos.push_back(
-        std::make_unique<StageGeometry>(cfg, spans[size_t(c * n_pp + out.pp)], shard, ep_shard));
-    const StageGeometry& geo = *geos.back();
+    const StageGeometry& geo = geometry(spans[size_t(c * n_pp + out.pp)], shard, ep_shard);
     int64_t owned = geo.total();  // the optimizer's elements
     StoreTrace* st = nullptr;
     // Under ep the ZeRO store, like ZeRO-1's expert ranges, shards over the ranks holding the
@@ -709,27 +815,30 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
       owned = 0;
       for (const UnitRange& u : ecss_split(geo, owned_ranges).dense) owned += u.end - u.begin;
     }
-    chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute));
+    chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute, M));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW v
   }
 
   // One training step (train::Executor::train_step): the rank's actions in order.
-  using Key = std::pair<int, int>;  // (micro-batch, chunk)
-  std::map<Key, Buf> act_in, grad_in, act_out, grad_out;
+  // Messages by (micro-batch, chunk): index mb * VS + chunk.
+  const size_t n_keys = size_t(M) * size_t(VS);
+  std::vector<Buf> act_in(n_keys), grad_in(n_keys), act_out(n_keys), grad_out(n_keys);
   std::vector<Buf> send_buffers;
-  auto take = [](std::map<Key, Buf>& m, Key k) {
-    auto it = m.find(k);
-    LOOM_ASSERT(it != m.end(), "memory model: no buffer for micro-batch {} chunk {}", k.first,
-                k.second);
-    Buf b = std::move(it->second);
-    m.erase(it);
-    return b;
+  auto take = [](std::vector<Buf>& m, size_t k) {
+    LOOM_ASSERT(bool(m[k]), "memory model: no buffer for micro-batch/chunk key {}", k);
+    return std::move(m[k]);
   };
   const int64_t msg_bytes = d.Nl * d.C * 4;  // (N/tp, C) f32
-  for (const parallel::Action& a : schedule.stages[size_t(out.pp)]) {
-    const int mb = a.micro_batch, c = a.chunk, g = schedule.virtual_stage(out.pp, c);
-    const Key key{mb, c};
+  // A bound (options.bound_backwards = k > 0): after the rank's k-th backward the forward and
+  // backward work is skipped and what it holds is dropped; the messages and the step's end are
+  // still replayed (memory.h).
+  const int k_bound = options.bound_backwards;
+  int backwards = 0;
+  bool compute = k_bound != 0;
+  for (const parallel::Action& a : actions) {
+    const int mb = a.micro_batch, c = a.chunk, g = c * n_pp + out.pp;  // virtual stage
+    const size_t key = size_t(mb) * size_t(VS) + size_t(c);
     StageTrace& stage = *chunks[size_t(c)];
     switch (a.kind) {
       case parallel::ActionKind::recv_activation:
@@ -740,24 +849,36 @@ RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan&
         break;
       case parallel::ActionKind::forward: {
         Buf x = g > 0 ? take(act_in, key) : nullptr;
+        if (!compute) break;  // x dropped: freed no later than the whole step frees it
         Buf y = stage.forward(mb, x);
         if (g + 1 < n_virtual) act_out[key] = y;
         break;
       }
       case parallel::ActionKind::backward: {
         Buf dy = g + 1 < n_virtual ? take(grad_in, key) : nullptr;
+        if (!compute) break;
         Buf dx = stage.backward(mb, dy);
         if (g > 0) grad_out[key] = dx;
+        if (++backwards == k_bound) {
+          compute = false;
+          for (auto& ch : chunks) ch->drop_in_flight();
+          for (auto& st : stores) st->drop_in_flight();
+        }
         break;
       }
       case parallel::ActionKind::send_activation:
       case parallel::ActionKind::send_grad: {
-        Buf t = take(a.kind == parallel::ActionKind::send_activation ? act_out : grad_out, key);
+        std::vector<Buf>& produced = a.kind == parallel::ActionKind::send_activation ? act_out : grad_out;
+        Buf t = compute ? take(produced, key) : std::move(produced[key]);  // skipped: none
         send_buffers.push_back(tr.alloc(msg_bytes, Cat::comm));
         t.reset();
         break;
       }
     }
+  }
+  if (k_bound == 0) {  // the persistent buffers alone
+    out.bytes = tr.peaks();
+    return out;
   }
   send_buffers.clear();
   for (auto& s : stores) s->finish_micro_batch();
@@ -774,12 +895,13 @@ std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel:
   const bool sharded = plan.zero >= 1 && plan.dp * plan.cp > 1;
   std::map<std::pair<int, int>, RankMemory> done;
   std::vector<RankMemory> out;
+  MemoryReplayer replayer(cfg, 0);
   for (int r = 0; r < plan.world_size(); ++r) {
     const int cp = (r / plan.tp) % plan.cp, dp = (r / (plan.tp * plan.cp)) % plan.dp,
               pp = r / (plan.tp * plan.cp * plan.dp);
     const std::pair<int, int> key{sharded ? cp + plan.cp * dp : 0, pp};
     auto it = done.find(key);
-    if (it == done.end()) it = done.emplace(key, memory_per_rank(cfg, plan, r, T, precision, options)).first;
+    if (it == done.end()) it = done.emplace(key, replayer.rank_memory(plan, r, T, precision, options)).first;
     RankMemory m = it->second;
     m.rank = r;
     m.tp = r % plan.tp;

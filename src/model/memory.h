@@ -33,10 +33,14 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "core/memory_pool.h"
+#include "core/param_spec.h"
 #include "model/config.h"
 #include "model/stage.h"
 #include "parallel/plan.h"
@@ -70,6 +74,14 @@ struct MemoryOptions {
   // bf16 copies stored as f32 (emulated bf16, see model/stage.h) or as bf16. Unset: as the
   // engine runs on this machine (model::bf16_emulated()); set it to price another machine.
   std::optional<bool> bf16_emulated;
+  // A lower bound instead of the peak, from less work: -1 (default) the exact peaks; k > 0 the
+  // forward and backward work is replayed only through the rank's k-th backward action, then
+  // what it holds is dropped and only the pipeline messages and the step's end are replayed
+  // (the whole step when the rank has fewer); 0 none of the step: the persistent buffers alone.
+  // Every allocation of a bound is one the whole step makes, in the same order, freed no later,
+  // so at every point each category's running sum, and hence its peak, is at most the whole
+  // step's. The planner prunes with it (planner/search.h) before paying for a whole replay.
+  int bound_backwards = -1;
 };
 
 // Peak bytes per category of world rank `rank` (0 <= rank < plan.world_size()) training `cfg`
@@ -78,6 +90,33 @@ struct MemoryOptions {
 // world, T outside [1, max_seq], or a plan the model does not admit (the engine's messages).
 RankMemory memory_per_rank(const ModelConfig& cfg, const parallel::ParallelPlan& plan, int rank,
                            int64_t T, Precision precision, const MemoryOptions& options = {});
+
+class StageGeometry;
+class ParamLayout;
+struct StageSpan;
+
+// memory_per_rank for many plans of one model: repeated calls share the whole model's layout
+// per tp shard and the stages' geometry (at most `max_geometries` of them, 0: no bound), which
+// the planner needs to price thousands of plans. Not thread-safe; `cfg` must outlive it.
+// memory_per_rank is one call of a fresh one.
+class MemoryReplayer {
+ public:
+  explicit MemoryReplayer(const ModelConfig& cfg, size_t max_geometries = 4096);
+  ~MemoryReplayer();
+  MemoryReplayer(const MemoryReplayer&) = delete;
+  MemoryReplayer& operator=(const MemoryReplayer&) = delete;
+  RankMemory rank_memory(const parallel::ParallelPlan& plan, int rank, int64_t T,
+                         Precision precision, const MemoryOptions& options = {});
+  // StageGeometry(cfg, span, tp, ep), cached. The reference lives until the next call.
+  const StageGeometry& geometry(const StageSpan& span, TpShard tp, EpShard ep = {});
+
+ private:
+  using GeometryKey = std::tuple<int64_t, int64_t, bool, bool, int, int, int, int>;
+  const ModelConfig& cfg_;
+  size_t max_geometries_;
+  std::map<std::pair<int, int>, std::shared_ptr<const ParamLayout>> layouts_;  // by tp shard
+  std::map<GeometryKey, std::unique_ptr<StageGeometry>> geometries_;
+};
 
 // Every rank's, in rank order.
 std::vector<RankMemory> memory_all_ranks(const ModelConfig& cfg, const parallel::ParallelPlan& plan,

@@ -105,7 +105,9 @@ std::string near_multiples(int M, int pp) {
 
 }  // namespace
 
-PipelineSchedule make_schedule(ScheduleKind kind, int pp, int micro_batches, int virtual_stages) {
+namespace {
+
+void check_schedule_args(ScheduleKind kind, int pp, int micro_batches, int virtual_stages) {
   LOOM_CHECK(pp >= 1, "pipeline stages pp={} must be >= 1", pp);
   LOOM_CHECK(micro_batches >= 1, "micro-batches M={} must be >= 1", micro_batches);
   LOOM_CHECK(virtual_stages >= 1, "virtual stages V={} must be >= 1", virtual_stages);
@@ -120,30 +122,48 @@ PipelineSchedule make_schedule(ScheduleKind kind, int pp, int micro_batches, int
                "M={}",
                micro_batches, pp, near_multiples(micro_batches, pp));
   }
+}
+
+void append_stage_actions(ScheduleKind kind, int pp, int micro_batches, int virtual_stages, int s,
+                          std::vector<Action>& list) {
+  const int last_g = virtual_stages * pp - 1;
+  const int prev = (s + pp - 1) % pp, next = (s + 1) % pp;
+  for (const Compute& c : compute_order(kind, pp, micro_batches, virtual_stages, s)) {
+    const int g = c.chunk * pp + s;  // PipelineSchedule::virtual_stage
+    if (c.forward) {
+      if (g > 0) list.push_back({ActionKind::recv_activation, c.mb, c.chunk, prev});
+      list.push_back({ActionKind::forward, c.mb, c.chunk, -1});
+      if (g < last_g) list.push_back({ActionKind::send_activation, c.mb, c.chunk, next});
+    } else {
+      if (g < last_g) list.push_back({ActionKind::recv_grad, c.mb, c.chunk, next});
+      list.push_back({ActionKind::backward, c.mb, c.chunk, -1});
+      if (g > 0) list.push_back({ActionKind::send_grad, c.mb, c.chunk, prev});
+    }
+  }
+}
+
+}  // namespace
+
+PipelineSchedule make_schedule(ScheduleKind kind, int pp, int micro_batches, int virtual_stages) {
+  check_schedule_args(kind, pp, micro_batches, virtual_stages);
   PipelineSchedule sch;
   sch.kind = kind;
   sch.pp = pp;
   sch.micro_batches = micro_batches;
   sch.virtual_stages = virtual_stages;
   sch.stages.resize(size_t(pp));
-  const int last_g = virtual_stages * pp - 1;
-  for (int s = 0; s < pp; ++s) {
-    const int prev = (s + pp - 1) % pp, next = (s + 1) % pp;
-    auto& list = sch.stages[size_t(s)];
-    for (const Compute& c : compute_order(kind, pp, micro_batches, virtual_stages, s)) {
-      int g = sch.virtual_stage(s, c.chunk);
-      if (c.forward) {
-        if (g > 0) list.push_back({ActionKind::recv_activation, c.mb, c.chunk, prev});
-        list.push_back({ActionKind::forward, c.mb, c.chunk, -1});
-        if (g < last_g) list.push_back({ActionKind::send_activation, c.mb, c.chunk, next});
-      } else {
-        if (g < last_g) list.push_back({ActionKind::recv_grad, c.mb, c.chunk, next});
-        list.push_back({ActionKind::backward, c.mb, c.chunk, -1});
-        if (g > 0) list.push_back({ActionKind::send_grad, c.mb, c.chunk, prev});
-      }
-    }
-  }
+  for (int s = 0; s < pp; ++s)
+    append_stage_actions(kind, pp, micro_batches, virtual_stages, s, sch.stages[size_t(s)]);
   return sch;
+}
+
+std::vector<Action> make_stage_actions(ScheduleKind kind, int pp, int micro_batches,
+                                       int virtual_stages, int stage) {
+  check_schedule_args(kind, pp, micro_batches, virtual_stages);
+  LOOM_CHECK(stage >= 0 && stage < pp, "stage {} is outside the pipeline's {} stages", stage, pp);
+  std::vector<Action> list;
+  append_stage_actions(kind, pp, micro_batches, virtual_stages, stage, list);
+  return list;
 }
 
 // ---------------------------------------------------------------------------------------------

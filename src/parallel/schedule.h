@@ -64,6 +64,10 @@ struct PipelineSchedule {
 // Throws loom::Error for pp < 1, M < 1, V < 1, V != 1 outside interleaved, and for interleaved
 // with pp < 2 or M % pp != 0 (naming the valid micro-batch counts near M).
 PipelineSchedule make_schedule(ScheduleKind kind, int pp, int micro_batches, int virtual_stages = 1);
+// One stage's list, make_schedule(...).stages[stage] without building the others (the memory
+// model replays one rank).
+std::vector<Action> make_stage_actions(ScheduleKind kind, int pp, int micro_batches,
+                                       int virtual_stages, int stage);
 
 // Unit-time model: a full stage's forward takes forward_time and its backward backward_time;
 // one chunk of V takes 1/V of that. Sends cost nothing and arrive at once.

@@ -23,34 +23,43 @@ using parallel::ScheduleKind;
 
 MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
                            bool bf16_emulated)
-    : cfg_(cfg), T_(T), precision_(precision) {
+    : cfg_(cfg), T_(T), precision_(precision), replayer_(cfg) {
   options_.bf16_emulated = bf16_emulated;
 }
 
-const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank) {
+const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank,
+                                                   int bound_backwards) {
   ++calls_;
-  std::string key = plan.to_json().dump();
-  key += fmt::format("#{}", rank);
+  // Every field memory_per_rank reads: the plan string's and the micro-batch size.
+  std::string key = plan_string(plan);
+  key += fmt::format("#b{}#r{}#k{}", plan.micro_batch_size, rank, bound_backwards);
   auto it = cache_.find(key);
   if (it != cache_.end()) return it->second;
   ++misses_;
-  return cache_.emplace(key, model::memory_per_rank(cfg_, plan, rank, T_, precision_, options_))
+  model::MemoryOptions options = options_;
+  options.bound_backwards = bound_backwards;
+  return cache_.emplace(key, replayer_.rank_memory(plan, rank, T_, precision_, options))
       .first->second;
 }
 
-const std::vector<int64_t>& MemoryOracle::rank_params(const ParallelPlan& plan) {
-  std::string key = fmt::format("{}/{}/{}/", plan.tp, plan.pp, plan.virtual_stages);
+const MemoryOracle::Params& MemoryOracle::params(const ParallelPlan& plan) {
+  std::string key = fmt::format("{}/{}/{}/{}/", plan.tp, plan.ep, plan.pp, plan.virtual_stages);
   for (int64_t n : plan.stage_layers) key += fmt::format("{},", n);
   auto it = params_.find(key);
   if (it != params_.end()) return it->second;
   const int n_virtual = plan.pp * plan.virtual_stages;
   const std::vector<model::StageSpan> spans = model::split_stages(cfg_, n_virtual, plan.stage_layers);
-  std::vector<int64_t> per_rank(size_t(plan.pp), 0);
+  Params p;
+  p.total.assign(size_t(plan.pp), 0);
+  p.expert.assign(size_t(plan.pp), 0);
+  const EpShard ep = plan.ep > 1 ? EpShard{0, plan.ep} : EpShard{};
   for (int g = 0; g < n_virtual; ++g) {
-    const model::StageGeometry geo(cfg_, spans[size_t(g)], TpShard{0, plan.tp});
-    per_rank[size_t(g % plan.pp)] += geo.total();
+    const model::StageGeometry& geo = replayer_.geometry(spans[size_t(g)], TpShard{0, plan.tp}, ep);
+    p.total[size_t(g % plan.pp)] += geo.total();
+    for (const model::UnitRange& r : geo.expert_ranges())
+      p.expert[size_t(g % plan.pp)] += r.end - r.begin;
   }
-  return params_.emplace(key, std::move(per_rank)).first->second;
+  return params_.emplace(key, std::move(p)).first->second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -102,10 +111,12 @@ struct Rates {
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
 struct StageWork {
-  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, cp = 0, pp = 0,
-         zero = 0;
+  double fwd = 0, bwd = 0, recompute = 0, vector = 0, overhead = 0, tp = 0, cp = 0, ep = 0,
+         pp = 0, zero = 0;
   double bwd_compute = 0;  // backward compute only (the window dp / ZeRO traffic overlaps)
-  double total() const { return fwd + bwd + recompute + vector + overhead + tp + cp + pp + zero; }
+  double total() const {
+    return fwd + bwd + recompute + vector + overhead + tp + cp + ep + pp + zero;
+  }
 };
 
 // The link level a group crosses: intra when all its ranks sit in one node. Ranks are ordered
@@ -117,7 +128,7 @@ const LinkLevel& level(const Cluster& c, int64_t stride, int64_t size) {
 
 }  // namespace
 
-std::array<std::pair<const char*, double>, 13> TimeTerms::named() const {
+std::array<std::pair<const char*, double>, 14> TimeTerms::named() const {
   return {{{"forward", forward},
            {"backward", backward},
            {"recompute", recompute},
@@ -125,6 +136,7 @@ std::array<std::pair<const char*, double>, 13> TimeTerms::named() const {
            {"overhead", overhead},
            {"tp", tp},
            {"cp", cp},
+           {"ep", ep},
            {"pp", pp},
            {"zero", zero},
            {"bubble", bubble},
@@ -174,21 +186,40 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     attn_each = Tl * T * HD;
     attn_count = b * NH / t * 2;
   }
-  const double block_weights_fwd =
-      r.gemm(N, (C + 2 * KV) / t, C) + r.gemm(N, C, C / t) + r.gemm(N, F / t, C) + r.gemm(N, C, F / t);
+  // Sparse (MoE) blocks (docs/moe.md): the FFN runs on the N k routed rows (k choices per
+  // token) at the expert width Fe/t instead of the N rows at F/t; with uniform routing each ep
+  // rank's experts receive N k rows per micro-batch on average. topk adds its gate (N, E).
+  const bool moe = cfg.moe.enabled();
+  const double Nk = moe ? N * double(cfg.moe.k()) : N, Fe = moe ? double(cfg.moe.expert_d_ff) : F;
+  const double gate_fwd =
+      moe && cfg.moe.router == model::Router::topk ? r.gemm(N, double(cfg.moe.experts), C) : 0;
+  const double attn_proj_fwd = r.gemm(N, (C + 2 * KV) / t, C) + r.gemm(N, C, C / t);
   const double block_attn_fwd = r.mm(attn_each, attn_count);
-  const double block_fwd = block_weights_fwd + block_attn_fwd;
-  const double block_bwd = 2 * block_weights_fwd + 2.5 * block_attn_fwd;
   // Elementwise f32 passes per block forward, counted per row from block.cpp's structure: two
   // norms on the local rows (read C, write C and its matmul copy C), two residual adds (read 2C,
   // write C), the activation over all rows (read F/t, write the pre-activation and its matmul
   // copy). The backward passes over each about twice (read the saved input and the gradient,
   // write the gradient).
   const double Nl = N / t;
-  const double norm_bytes = 2 * 3 * C * Nl * f32, act_bytes = 3 * (F / t) * N * f32;
-  const double block_vec_fwd = (norm_bytes + 2 * 3 * C * Nl * f32 + act_bytes) / r.bytes;
-  const double block_vec_bwd = 2 * block_vec_fwd;
-  const double selective_vec = (norm_bytes + act_bytes) / r.bytes;
+  const double norm_bytes = 2 * 3 * C * Nl * f32;
+  struct BlockCost {
+    double fwd, bwd, vec_fwd, vec_bwd, selective_vec;
+  };
+  auto block_cost = [&](double rows, double width, double gate) {
+    const double weights_fwd = attn_proj_fwd + r.gemm(rows, width / t, C) + r.gemm(rows, C, width / t) + gate;
+    const double act_bytes = 3 * (width / t) * rows * f32;
+    BlockCost b;
+    b.fwd = weights_fwd + block_attn_fwd;
+    b.bwd = 2 * weights_fwd + 2.5 * block_attn_fwd;
+    b.vec_fwd = (norm_bytes + 2 * 3 * C * Nl * f32 + act_bytes) / r.bytes;
+    b.vec_bwd = 2 * b.vec_fwd;
+    b.selective_vec = (norm_bytes + act_bytes) / r.bytes;
+    return b;
+  };
+  const BlockCost dense_block = block_cost(N, F, 0);
+  const BlockCost sparse_block = moe ? block_cost(Nk, Fe, gate_fwd) : dense_block;
+  const double block_fwd = dense_block.fwd, block_bwd = dense_block.bwd;
+  const double block_vec_fwd = dense_block.vec_fwd, block_vec_bwd = dense_block.vec_bwd;
   // Sequence-parallel tp collectives of one block forward: all-gather both norm outputs (as
   // matmul inputs), reduce-scatter both row-parallel partial sums (f32). The backward mirrors.
   const LinkLevel& tp_link = level(cl, 1, plan.tp);
@@ -231,6 +262,21 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       block_cp_bwd = std::max(0.0, bwd_comm - 2.5 * block_attn_fwd * steps / G);
     }
   }
+  // Expert-parallel exchange of one sparse block (model/moe.cpp, docs/moe.md), blocking: the
+  // per-expert counts (E int64), the routed rows out (the matmul copy) and the expert outputs
+  // back (f32) forward; d(out) out and d(x) back (f32) backward. Each rank's buffer holds its
+  // N k rows of every row of the micro-batch (under tp every tp rank exchanges all N rows over
+  // its own ep group); with uniform routing (ep-1)/ep of it leaves the rank, which is
+  // all_to_all's (p-1)/p. The ep group is ep consecutive dp ranks.
+  double sparse_ep_fwd = 0, sparse_ep_bwd = 0;
+  if (moe && plan.ep > 1) {
+    const LinkLevel& ep_link = level(cl, int64_t(plan.tp) * G, plan.ep);
+    const double rows_bytes = Nk * C;
+    sparse_ep_fwd = ep_link.time(Collective::all_to_all, double(cfg.moe.experts) * 8, plan.ep) +
+                    ep_link.time(Collective::all_to_all, rows_bytes * mm_bytes, plan.ep) +
+                    ep_link.time(Collective::all_to_all, rows_bytes * f32, plan.ep);
+    sparse_ep_bwd = 2 * ep_link.time(Collective::all_to_all, rows_bytes * f32, plan.ep);
+  }
   // Head: tied vocab-parallel logits (N, V/t) forward, two products backward; cross-entropy
   // reads and writes the logits about three times; two (N) all-reduces (max, sum of exp).
   const double head_fwd = r.gemm(N, V / t, C);
@@ -249,7 +295,8 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   for (int g = 0; g < n_virtual; ++g)
     layers_of_virtual[size_t(g)] = plan.stage_layers.empty() ? cfg.n_layers / n_virtual
                                                              : plan.stage_layers[size_t(g)];
-  const std::vector<int64_t>& params = oracle.rank_params(plan);
+  const MemoryOracle::Params& held = oracle.params(plan);
+  const std::vector<int64_t>& params = held.total;
   // Gradients reduce (and ZeRO shards) over the dp x cp ranks, which hold the same weights.
   const int dpc = plan.dp_cp();
   const LinkLevel& dp_link = level(cl, plan.tp, dpc);
@@ -265,18 +312,22 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   for (int g = 0; g < n_virtual; ++g) {
     StageWork& w = work[size_t(g % plan.pp)];
     for (int64_t l = first_of_virtual[size_t(g)]; l < first_of_virtual[size_t(g)] + layers_of_virtual[size_t(g)]; ++l) {
-      w.fwd += block_fwd;
-      w.bwd += block_bwd;
-      w.vector += block_vec_fwd + block_vec_bwd;
+      const bool sparse = moe && cfg.moe.is_sparse(l);
+      const BlockCost& bc = sparse ? sparse_block : dense_block;
+      const double ep_fwd = sparse ? sparse_ep_fwd : 0, ep_bwd = sparse ? sparse_ep_bwd : 0;
+      w.fwd += bc.fwd;
+      w.bwd += bc.bwd;
+      w.vector += bc.vec_fwd + bc.vec_bwd;
       w.tp += block_tp_fwd + block_tp_bwd;
       w.cp += block_cp_fwd + block_cp_bwd;
+      w.ep += ep_fwd + ep_bwd;
       w.overhead += 3 * block_calls_fwd * call;
       switch (plan.recompute_of(l)) {
-        case Recompute::full:
-          w.recompute +=
-              block_fwd + block_vec_fwd + block_tp_fwd + block_cp_fwd + block_calls_fwd * call;
+        case Recompute::full:  // the forward again, its exchanges included
+          w.recompute += bc.fwd + bc.vec_fwd + block_tp_fwd + block_cp_fwd + block_calls_fwd * call;
+          w.ep += ep_fwd;
           break;
-        case Recompute::selective: w.recompute += selective_vec; break;
+        case Recompute::selective: w.recompute += bc.selective_vec; break;
         case Recompute::none: break;
       }
     }
@@ -322,22 +373,30 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   tt.overhead = M * cw.overhead;
   tt.tp = M * cw.tp;
   tt.cp = M * cw.cp;
+  tt.ep = M * cw.ep;
   tt.pp = M * cw.pp;
   tt.zero = M * cw.zero;
   tt.bubble = makespan - M * stage_time[size_t(crit)];
 
   // After the pipeline drains: dp reduction, sync, optimizer (the slowest rank's).
   double dp_exposed = 0, dp_total = 0, opt = 0;
+  // Under ep the expert tensors reduce (and ZeRO-1 shards them) over the ep_dp group, the
+  // (dp/ep) x cp ranks holding the same experts (train/executor.cpp), the rest over dp x cp.
+  const int ep_dp = dpc / plan.ep;
   for (int s = 0; s < plan.pp; ++s) {
     const double p = double(params[size_t(s)]);
+    const double pe = plan.ep > 1 ? double(held.expert[size_t(s)]) : 0, pd = p - pe;
+    auto both = [&](Collective k) {
+      return dp_link.time(k, pd * f32, dpc) + (pe > 0 ? dp_link.time(k, pe * f32, ep_dp) : 0);
+    };
     double exposed = 0, total = 0;
     if (dpc > 1) {
       if (plan.zero <= 1) {
-        total = dp_link.time(Collective::all_reduce, p * f32, dpc);
+        total = both(Collective::all_reduce);
         // Buckets start during the chunk's last micro-batch backward (train/executor.h).
         exposed = std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
         if (plan.zero == 1) {  // updated shares broadcast to every dp rank
-          const double ag = dp_link.time(Collective::all_gather, p * f32, dpc);
+          const double ag = both(Collective::all_gather);
           total += ag;
           exposed += ag;
         }
@@ -348,7 +407,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     }
     dp_exposed = std::max(dp_exposed, exposed);
     dp_total = std::max(dp_total, total);
-    const double owned = plan.zero >= 1 ? p / dpc : p;
+    const double owned = plan.zero >= 1 ? pd / dpc + pe / ep_dp : p;
     // AdamW: read w g m v, write w m v (7 x 4 bytes), the matmul copy (bf16 or its f32
     // emulation), zero the gradient and read it for the norm (2 x 4 bytes).
     const double copy = bf ? mm_bytes : 0;
@@ -366,6 +425,25 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   out.model_flops = tokens * cfg.train_flops_per_token(in.T);
   out.tokens_per_s = out.step_time > 0 ? tokens / out.step_time : 0;
   return out;
+}
+
+std::vector<int> peak_ranks(const ParallelPlan& plan, int64_t n_layers) {
+  // Candidate stages for the peak (cost_model.h): the first, the last, and any holding more
+  // blocks than every stage before it; their (tp 0, cp 0, dp 0) rank.
+  const int n_virtual = plan.pp * plan.virtual_stages;
+  const int64_t L = n_layers;
+  std::vector<int64_t> layers(size_t(plan.pp), 0);
+  for (int g = 0; g < n_virtual; ++g)
+    layers[size_t(g % plan.pp)] +=
+        plan.stage_layers.empty() ? L / n_virtual : plan.stage_layers[size_t(g)];
+  std::vector<int> ranks = {0};
+  int64_t most = layers[0];
+  for (int s = 1; s < plan.pp; ++s)
+    if (s == plan.pp - 1 || layers[size_t(s)] > most) {
+      ranks.push_back(s * plan.tp * plan.cp * plan.dp);
+      most = std::max(most, layers[size_t(s)]);
+    }
+  return ranks;
 }
 
 void add_memory(StepCost& cost, const ParallelPlan& plan, MemoryOracle& oracle) {
@@ -428,6 +506,7 @@ nlohmann::json StepCost::to_json() const {
 std::string plan_string(const ParallelPlan& p) {
   std::string s = fmt::format("dp={},tp={},pp={},", p.dp, p.tp, p.pp);
   if (p.cp > 1) s += fmt::format("cp={},cp_scheme={},cp_layout={},", p.cp, p.cp_scheme, p.cp_layout);
+  if (p.ep > 1) s += fmt::format("ep={},", p.ep);
   s += fmt::format("zero={},micro_batches={},schedule={}", p.zero, p.micro_batches,
                    parallel::schedule_name(p.schedule));
   if (p.virtual_stages > 1) s += fmt::format(",virtual_stages={}", p.virtual_stages);

@@ -30,6 +30,13 @@
 //   Gradients reduce and ZeRO shards over the dp x cp group. A cp group that spans nodes is
 //   priced at the inter-node link for every step (conservative: the engine's double ring hides
 //   inter-node transfers behind L steps).
+// - sparse (MoE) blocks and ep (expert parallel, docs/moe.md): a sparse block's FFN runs on the
+//   N k routed rows at the expert width (topk adds its gate). Under ep > 1 the ep term is the
+//   blocking all-to-all exchange per sparse block and micro-batch: the per-expert counts, the
+//   routed rows out and the expert outputs back forward, d(out) out and d(x) back backward (a
+//   rank's buffer is its N k rows, (ep-1)/ep of it leaving under uniform routing: RRE's closed
+//   form, 4 x rows x C x bytes x (ep-1)/ep), again in a full recompute. Expert gradients reduce,
+//   and ZeRO-1 shards them, over the ep_dp group (dp x cp / ep ranks holding the same experts).
 // - pp: per micro-batch and chunk boundary one (N/tp, C) f32 activation forward and its gradient
 //   back, on the critical path (receives block the next compute action).
 // - bubble: 1f1b and gpipe: makespan = sum_s t_s + (M - 1) max_s t_s; interleaved:
@@ -78,10 +85,20 @@ class MemoryOracle {
  public:
   MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
                bool bf16_emulated);
-  const model::RankMemory& rank_memory(const parallel::ParallelPlan& plan, int rank);
-  // Parameter elements held by each pp rank (its chunks, tp rank 0's shard), from the engine's
-  // geometry (model::StageGeometry), cached by (tp, pp, VS, stage_layers).
-  const std::vector<int64_t>& rank_params(const parallel::ParallelPlan& plan);
+  // `bound_backwards` as model::MemoryOptions::bound_backwards: -1 the whole step, else a
+  // lower bound from a prefix of it.
+  const model::RankMemory& rank_memory(const parallel::ParallelPlan& plan, int rank,
+                                       int bound_backwards = -1);
+  // Parameter elements held by each pp rank (its chunks, tp rank 0's shard, ep rank 0's
+  // experts), from the engine's geometry (model::StageGeometry), cached by (tp, ep, pp, VS,
+  // stage_layers); `expert` of them in expert tensors (reduced over the ep_dp group under ep).
+  struct Params {
+    std::vector<int64_t> total, expert;
+  };
+  const Params& params(const parallel::ParallelPlan& plan);
+  const std::vector<int64_t>& rank_params(const parallel::ParallelPlan& plan) {
+    return params(plan).total;
+  }
   const model::ModelConfig& config() const { return cfg_; }
   int64_t calls() const { return calls_; }
   int64_t misses() const { return misses_; }
@@ -91,25 +108,26 @@ class MemoryOracle {
   int64_t T_;
   model::Precision precision_;
   model::MemoryOptions options_;
+  model::MemoryReplayer replayer_;
   std::map<std::string, model::RankMemory> cache_;
-  std::map<std::string, std::vector<int64_t>> params_;
+  std::map<std::string, Params> params_;
   int64_t calls_ = 0, misses_ = 0;
 };
 
 struct TimeTerms {
   double forward = 0, backward = 0, recompute = 0, vector = 0;  // compute, critical stage
-  double tp = 0, cp = 0, pp = 0, zero = 0;  // exposed per-micro-batch comm (zero: ZeRO-2/3)
+  double tp = 0, cp = 0, ep = 0, pp = 0, zero = 0;  // per-micro-batch comm (zero: ZeRO-2/3)
   double bubble = 0;
   double dp = 0;          // exposed dp gradient reduction (+ ZeRO weight gathers after the step)
   double dp_total = 0;    // the same reduction's full time (informational, not summed)
   double sync = 0, optimizer = 0;
   double overhead = 0;    // kernel-call overhead, critical stage
   double total() const {
-    return forward + backward + recompute + vector + overhead + tp + cp + pp + zero + bubble +
+    return forward + backward + recompute + vector + overhead + tp + cp + ep + pp + zero + bubble +
            dp + sync + optimizer;
   }
   // (name, seconds) of every summed term, in a fixed order.
-  std::array<std::pair<const char*, double>, 13> named() const;
+  std::array<std::pair<const char*, double>, 14> named() const;
 };
 
 struct StepCost {
@@ -139,6 +157,9 @@ StepCost estimate_time(const CostInputs& in, const parallel::ParallelPlan& plan,
 // Time and memory.
 StepCost estimate_step(const CostInputs& in, const parallel::ParallelPlan& plan,
                        MemoryOracle& memory);
+// The ranks whose memory can be the plan's peak (the memory paragraph above): (dp 0, tp 0, cp 0)
+// of the first stage, the last, and any holding more blocks than every stage before it.
+std::vector<int> peak_ranks(const parallel::ParallelPlan& plan, int64_t n_layers);
 // Fills memory fields of `cost` for `plan`.
 void add_memory(StepCost& cost, const parallel::ParallelPlan& plan, MemoryOracle& memory);
 

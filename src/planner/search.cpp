@@ -29,10 +29,11 @@ std::vector<int64_t> divisors(int64_t n) {
   return d;
 }
 
-// Sparse (MoE) blocks do not run under tp (model::ParamLayout refuses them).
+// model::ParamLayout's condition: tp divides the heads, kv heads, d_ff, vocab and a sparse
+// model's expert d_ff.
 bool tp_fits(const model::ModelConfig& c, int64_t tp) {
-  if (tp > 1 && c.moe.enabled()) return false;
-  return c.n_heads % tp == 0 && c.n_kv_heads % tp == 0 && c.d_ff % tp == 0 && c.vocab % tp == 0;
+  return c.n_heads % tp == 0 && c.n_kv_heads % tp == 0 && c.d_ff % tp == 0 &&
+         c.vocab % tp == 0 && (!c.moe.enabled() || c.moe.expert_d_ff % tp == 0);
 }
 
 // Training FLOPs per token of one block and of the last stage's extra work (head and query
@@ -45,6 +46,13 @@ std::pair<double, double> block_and_head_work(const model::ModelConfig& c, int64
 }
 
 }  // namespace
+
+std::vector<int> auto_ep_sizes(const model::ModelConfig& cfg) {
+  if (!cfg.moe.enabled()) return {1};
+  std::vector<int> out;
+  for (int64_t e : divisors(cfg.moe.experts)) out.push_back(int(e));
+  return out;
+}
 
 std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq) {
   std::vector<int> out;
@@ -108,6 +116,8 @@ nlohmann::json SearchResult::to_json() const {
           {"timed", timed},
           {"memory_evaluated", memory_evaluated},
           {"pruned_by_memory_bound", pruned_by_bound},
+          {"pruned_by_persistent_bound", pruned_by_persistent},
+          {"persistent_bounds", persistent_bounds},
           {"dominated", dominated},
           {"rejected", rejected},
           {"frontier_size", frontier.size()},
@@ -151,12 +161,11 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   std::vector<Candidate> all;
   bool stop = false;
   const std::vector<int> cps = o.space.cp.empty() ? auto_cp_sizes(N, o.seq) : o.space.cp;
-  for (int cp : cps)
-    for (int ep : o.space.ep) {
-      if (ep != 1) {  // extension point: make_plan rejects ep > 1 today
-        reject("ep > 1: not supported by the engine yet");
-        continue;
-      }
+  // ep sizes: given, or every divisor of the experts (a dense model: 1); each must also divide
+  // dp, checked per layout below.
+  std::vector<int> eps = o.space.ep;
+  if (eps.empty()) eps = auto_ep_sizes(cfg);
+  for (int cp : cps) {
       ++res.enumerated;
       if (cp < 1 || N % cp != 0) {
         reject(fmt::format("cp must divide the devices {}", N));
@@ -178,10 +187,11 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
         if (stop) break;
         ++res.enumerated;
         if (!tp_fits(cfg, tp)) {
-          reject(tp > 1 && cfg.moe.enabled()
-                     ? std::string("tp > 1: sparse (MoE) blocks do not run under tp")
-                     : fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}",
-                             cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab));
+          reject(fmt::format("tp must divide n_heads={}, n_kv_heads={}, d_ff={}, vocab={}{}",
+                             cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab,
+                             cfg.moe.enabled()
+                                 ? fmt::format(", expert_d_ff={}", cfg.moe.expert_d_ff)
+                                 : std::string()));
           continue;
         }
         for (int64_t pp : divisors(N / cp / tp)) {
@@ -223,9 +233,27 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
             for (int VS = 2; VS <= o.space.max_virtual_stages; ++VS)
               add_layouts(ScheduleKind::interleaved, VS);
           }
+          for (int ep : eps)
           for (int zero : o.space.zero_stages) {
             if (stop) break;
+            if (zero == o.space.zero_stages.front()) {
+              ++res.enumerated;
+              if (ep < 1 || dp % ep != 0) {
+                reject(fmt::format("ep must divide dp (ep x (dp/ep) groups)"));
+                break;
+              }
+              if (ep > 1 && (!cfg.moe.enabled() || cfg.moe.experts % ep != 0)) {
+                reject(cfg.moe.enabled()
+                           ? fmt::format("ep must divide the experts {}", cfg.moe.experts)
+                           : std::string("ep > 1: the model has no sparse (MoE) blocks"));
+                break;
+              }
+            }
             if (dp == 1 && zero != 0) continue;  // ZeRO over one rank is ZeRO 0
+            if (ep > 1 && zero >= 2) {  // parallel::make_plan refuses it (docs/moe.md)
+              reject("ep > 1 runs with ZeRO 0 or 1");
+              continue;
+            }
             for (int64_t M : divisors(G / dp)) {
               if (stop) break;
               if ((G / (dp * M)) * (o.seq / cp) % tp != 0) {
@@ -260,6 +288,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
                   p.tp = int(tp);
                   p.pp = int(pp);
                   p.cp = cp;
+                  p.ep = ep;
                   if (cp > 1) p.cp_scheme = scheme;
                   p.zero = zero;
                   p.recompute = rc;
@@ -293,19 +322,44 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     if (a.cost.step_time != b.cost.step_time) return a.cost.step_time < b.cost.step_time;
     return a.key < b.key;
   });
-  // Sweep in time order: a candidate joins when its bucket is below every faster one's.
+  // Sweep in time order: a candidate joins when its bucket is below every faster one's. Before
+  // the whole replay, lower bounds from cheaper prefixes of the same replay (search.h), each
+  // cached by what it depends on.
   int64_t best = std::numeric_limits<int64_t>::max();
-  std::map<std::string, int64_t> bound_cache;  // plan with full recompute -> bound's bucket
+  std::map<std::string, int64_t> persistent_cache;  // layout (no M, b, recompute) -> bucket
+  std::map<std::string, int64_t> bound_cache;       // plan with full recompute -> bound's bucket
   for (Candidate& c : all) {
-    if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max()) {
+    const bool pruning = o.prune_with_bound && best != std::numeric_limits<int64_t>::max();
+    if (pruning) {
+      // 1. Rank 0's persistent buffers (weights, gradients, optimizer state): the same for every
+      //    micro-batch count, size, schedule of the same VS, and recompute.
+      ParallelPlan lp = c.plan;
+      lp.recompute.clear();
+      lp.micro_batches = 1;
+      lp.schedule = lp.virtual_stages > 1 ? ScheduleKind::interleaved : ScheduleKind::one_f_one_b;
+      const std::string pk = plan_string(lp);
+      auto pit = persistent_cache.find(pk);
+      if (pit == persistent_cache.end()) {
+        int64_t m = 0;
+        for (int rank : peak_ranks(c.plan, L))
+          m = std::max(m, oracle.rank_memory(c.plan, rank, /*bound_backwards=*/0).total());
+        ++res.persistent_bounds;
+        pit = persistent_cache.emplace(pk, memory_bucket(m, o.bucket_fraction)).first;
+      }
+      if (pit->second >= best) {
+        ++res.pruned_by_bound;
+        ++res.pruned_by_persistent;
+        continue;
+      }
+      // 2. Rank 0 with full recompute everywhere (cached across the recompute variants), over
+      //    a prefix of its step: through its kBoundBackwards-th backward.
       ParallelPlan lb = c.plan;
       lb.recompute = full;
       const std::string k = plan_string(lb);
       auto it = bound_cache.find(k);
       if (it == bound_cache.end()) {
         if (res.memory_evaluated >= o.max_memory_evals) goto out_of_budget;
-        // Rank 0 (the first stage) alone: the plan's peak is at least that rank's.
-        const int64_t m = oracle.rank_memory(lb, 0).total();
+        const int64_t m = oracle.rank_memory(lb, 0, kBoundBackwards).total();
         ++res.memory_evaluated;
         it = bound_cache.emplace(k, memory_bucket(m, o.bucket_fraction)).first;
       }
@@ -318,7 +372,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     ++res.memory_evaluated;
     // Rank 0 first: when it alone is not below the best bucket, neither is the plan's peak, and
     // the other stages need no replay.
-    if (o.prune_with_bound && best != std::numeric_limits<int64_t>::max() &&
+    if (pruning &&
         memory_bucket(oracle.rank_memory(c.plan, 0).total(), o.bucket_fraction) >= best) {
       ++res.dominated;
       continue;
@@ -350,7 +404,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
     const parallel::ParallelPlan v = parallel::make_plan(parse_plan_string(c.key), shape, G,
                                                          o.devices);
     LOOM_ASSERT(v.micro_batch_size == c.plan.micro_batch_size && v.dp == c.plan.dp &&
-                    v.cp == c.plan.cp && v.cp_scheme == c.plan.cp_scheme,
+                    v.cp == c.plan.cp && v.cp_scheme == c.plan.cp_scheme && v.ep == c.plan.ep,
                 "planner built plan '{}' that make_plan reads differently", c.key);
   }
   res.evaluated = std::move(all);

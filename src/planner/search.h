@@ -9,18 +9,24 @@
 // search.cpp), recompute none / selective / full for every block, and full on the first k
 // blocks for k in {L/4, L/2, 3L/4} (the first blocks hold the most in-flight activations under
 // 1f1b), cp (auto_cp_sizes or the given list; dp = N/(tp*pp*cp)) with the schemes burst,
-// allgather and ulysses (cp must divide a tp shard's kv heads), zigzag layout. ep: SearchSpace
-// lists it; the engine's ep is not in the search yet, so the list is {1}.
+// allgather and ulysses (cp must divide a tp shard's kv heads), zigzag layout, and for sparse
+// (MoE) models ep (auto_ep_sizes or the given list; ep divides dp and the experts, ZeRO 0/1).
 //
 // Algorithm: every candidate gets its time (closed form, cheap). Candidates are then visited in
 // order of (time, plan string); a candidate joins the frontier when its memory bucket is below
 // every faster one's. Memory (model::memory_per_rank, a replay of one step) is the expensive
-// part, so before it a lower bound is tried: rank 0's memory with full recompute everywhere
-// (cached across the recompute variants), then rank 0's own memory before the other stages';
-// when a bound's bucket is not below the best so far,
-// the candidate cannot join and its memory is never computed ("pruned by memory bound"). The
-// bound relies on full recompute never needing more memory than another mode at the same
-// layout; tests/unit/planner checks the pruned search against the unpruned one.
+// part, so before it lower bounds are tried, cheapest first, each from the same replay doing
+// less (model::MemoryOptions::bound_backwards, a lower bound in every category):
+//   1. rank 0's persistent buffers alone (no step replayed), cached by layout (the same for
+//      every micro-batch count, schedule of the same VS, and recompute);
+//   2. rank 0 with full recompute everywhere (cached across the recompute variants), replaying
+//      the forward and backward work only through its kBoundBackwards-th backward, then only the
+//      messages and the step's end;
+//   3. rank 0's own whole replay, before the other stages'.
+// When a bound's bucket is not below the best so far, the candidate cannot join and its memory
+// is never computed ("pruned by memory bound"). Bound 2 relies on full recompute never needing
+// more memory than another mode at the same layout; tests/unit/planner checks the pruned search
+// against the unpruned one (brute force), tests/unit/model that every bound is a lower bound.
 // Memory is bucketed: bucket(m) = floor(log(m) / log(1 + bucket_fraction)), so points closer
 // than the fraction count as equal memory and the faster one wins; equal times are broken by
 // the plan string, so the result is deterministic.
@@ -52,7 +58,9 @@ struct SearchSpace {
   // Context-parallel sizes; empty: auto_cp_sizes(devices, seq). Schemes tried for cp > 1.
   std::vector<int> cp;
   std::vector<std::string> cp_schemes = {"burst", "allgather", "ulysses"};
-  std::vector<int> ep = {1};     // extension point: expert parallel sizes (engine: 1 only)
+  // Expert-parallel sizes; empty: auto_ep_sizes(model). Each must divide dp and the experts;
+  // ep > 1 runs with ZeRO 0 or 1 (parallel::make_plan).
+  std::vector<int> ep;
 };
 
 struct SearchOptions {
@@ -81,6 +89,8 @@ struct SearchResult {
   int64_t timed = 0;                 // valid candidates whose time was computed
   int64_t memory_evaluated = 0;      // candidates whose memory was computed
   int64_t pruned_by_bound = 0;       // skipped: memory lower bound already dominated
+  int64_t pruned_by_persistent = 0;  // of those, by the persistent-buffer bound alone
+  int64_t persistent_bounds = 0;     // persistent-buffer bounds computed (no step replayed)
   int64_t dominated = 0;             // memory computed, not on the frontier
   std::map<std::string, int64_t> rejected;  // reason -> count (divisibility, batch, ...)
   bool truncated = false;
@@ -105,7 +115,16 @@ int64_t memory_bucket(int64_t bytes, double fraction);
 // 48K to 199K plans and ran out of its memory-replay budget. Pass the sizes explicitly
 // (loom plan --cp 1,2,4) to search them at any length.
 inline constexpr int64_t kMinCpTokens = 4096;
+// The full-recompute bound replays rank 0's forward and backward work through its
+// kBoundBackwards-th backward (model::MemoryOptions::bound_backwards). Valid for any value; the
+// value only sets how tight it is: by then 1f1b, gpipe and interleaved have had their most
+// micro-batches in flight and run a backward, so it is usually the exact peak (the unit test
+// counts how often) at a fraction of a 256-micro-batch replay.
+inline constexpr int kBoundBackwards = 2;
 std::vector<int> auto_cp_sizes(int64_t devices, int64_t seq);
+// The ep sizes the search tries by default: every divisor of a sparse model's experts (those
+// dividing dp are kept per layout); {1} for a dense model.
+std::vector<int> auto_ep_sizes(const model::ModelConfig& cfg);
 
 // Queries on a frontier (null when none qualifies).
 const Candidate* fastest_under(const std::vector<Candidate>& frontier, int64_t memory_limit);

@@ -63,6 +63,38 @@ out=$("$loom" plan --model "$long" --cluster "$a100" --devices 8 --batch 8 --seq
       --explain "dp=1,tp=1,pp=1,cp=8,cp_scheme=ulysses,micro_batches=1" 2>&1); rc=$?
 check "cp: ulysses over more ranks than kv heads is refused" "[ $rc = 1 ] && grep -q 'ulysses scheme must divide the kv heads' <<< \"\$out\""
 
+# Expert parallelism: a sparse (MoE) model searches ep (--ep like --cp); every frontier plan
+# of --ep 2 carries ep=2 and an ep (all-to-all) term, --explain accepts ep= and gives the same
+# time, --emit-config carries it, and an ep that does not divide dp is refused with the values
+# that work.
+moe=$src/configs/models/tiny-moe.toml
+"$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 --ep 2 --json \
+    > "$tmp/ep.json" 2>&1; rc=$?
+check "ep: --ep 2 frontier plans all carry ep=2 and an ep term" "[ $rc = 0 ] && python3 -c \"
+import json; f = json.load(open('$tmp/ep.json'))['frontier']
+assert f and all(',ep=2,' in p['plan'] and p['terms']['ep'] > 0 for p in f), f
+\""
+eplan=$(python3 -c "import json; print(json.load(open('$tmp/ep.json'))['frontier'][0]['plan'])" 2>/dev/null)
+estep=$(python3 -c "import json; print(json.load(open('$tmp/ep.json'))['frontier'][0]['step_time_s'])" 2>/dev/null)
+"$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 \
+    --explain "$eplan" --json > "$tmp/ee.json" 2>&1; rc=$?
+check "ep: explain of an ep plan gives the same time" "[ $rc = 0 ] && python3 -c \"
+import json; e = json.load(open('$tmp/ee.json')); assert abs(e['step_time_s'] - $estep) < 1e-12 * $estep and e['terms']['ep'] > 0\""
+"$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 --json \
+    > "$tmp/ea.json" 2>&1; rc=$?
+check "ep: the default (auto) search holds ep plans" "[ $rc = 0 ] && python3 -c \"
+import json; j = json.load(open('$tmp/ea.json'))
+assert j['search']['timed'] > 0 and any(',ep=' in p['plan'] for p in j['frontier']), j['frontier']
+\""
+out=$("$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 --ep 4 --emit-config 2>&1)
+check "ep: emit-config carries ep" "grep -q '^ep = 4' <<< \"\$out\""
+out=$("$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 \
+      --explain "dp=8,tp=1,pp=1,ep=3,micro_batches=1" 2>&1); rc=$?
+check "ep: an ep not dividing dp is refused with the valid sizes" "[ $rc = 1 ] && grep -q 'ep = 3 must divide dp = 8' <<< \"\$out\""
+out=$("$loom" plan --model "$moe" --cluster "$a100" --devices 8 --batch 16 --seq 64 \
+      --explain "dp=4,tp=2,pp=1,ep=4,micro_batches=2,recompute=full" 2>&1); rc=$?
+check "ep: explain of ep x tp prints the ep term" "[ $rc = 0 ] && grep -q '^    ep ' <<< \"\$out\""
+
 # Bad input.
 out=$("$loom" plan --model "$model" --cluster "$a100" --devices 8 --batch 16 --seq 256 --memory-limit 0.0001 2>&1); rc=$?
 check "impossible memory limit names the smallest need" "[ $rc = 1 ] && grep -q 'smallest memory any plan needs is' <<< \"\$out\""

@@ -3,6 +3,8 @@
 // tests/dist/train/test_memory_model.cpp.)
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #include <string>
 #include <vector>
 
@@ -102,6 +104,89 @@ TEST(MemoryModel, RanksAreOrderedTpDpPpAndBadArgumentsAreErrors) {
   EXPECT_EQ(m.pp, 1);
   EXPECT_THROW(memory_per_rank(cfg, plan, 8, 8, Precision::f32), Error);
   EXPECT_THROW(memory_per_rank(cfg, plan, 0, 9, Precision::f32), Error);
+}
+
+// MemoryOptions::bound_backwards: every bound is at most the exact peak in every category (the
+// planner prunes with them, planner/search.h), the persistent bound is the same for every
+// micro-batch count, size, schedule and recompute of a layout (the planner caches it by
+// layout), and a MemoryReplayer reusing its layouts gives what a fresh memory_per_rank gives.
+TEST(MemoryModel, BoundsAreLowerBoundsAndTheReplayerMatchesAFreshCall) {
+  for (const char* name : {"tiny.toml", "tiny-moe.toml"}) {
+    ModelConfig cfg = load_model_config(std::string(LOOM_SOURCE_DIR) + "/configs/models/" + name);
+    const bool moe = cfg.moe.enabled();
+    if (!moe) cfg.n_layers = 8;
+    const int64_t T = 32, G = 16;
+    MemoryReplayer replayer(cfg, 3);  // a small bound: exercises emptying the cache
+    parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab};
+    shape.seq = T;
+    shape.experts = moe ? cfg.moe.experts : 0;
+    int checked = 0, tight = 0;
+    struct Layout {
+      const char* axes;
+      int world;
+    };
+    const Layout layouts[] = {{"dp=2,tp=1,pp=1", 2},     {"dp=2,tp=1,pp=2", 4},
+                              {"dp=1,tp=2,pp=2", 4},     {"dp=2,tp=1,pp=1,ep=2", 2},
+                              {"dp=4,tp=1,pp=1,ep=2", 4}, {"dp=1,tp=1,pp=4", 4}};
+    for (const Layout& lay : layouts) {
+      const bool ep = std::string(lay.axes).find("ep=") != std::string::npos;
+      if (ep && !moe) continue;
+      if (std::string(lay.axes).find("pp=4") != std::string::npos && moe) continue;
+      for (const char* sched : {"1f1b", "gpipe", "interleaved"})
+        for (int zero : {0, 1, 2, 3})
+          for (const char* rc : {"none", "selective", "full"})
+            for (int64_t M : {1, 2, 8}) {
+              parallel::PlanSettings s;
+              const std::string axes = lay.axes;
+              for (size_t p = 0; p < axes.size();) {
+                const size_t e = axes.find(',', p), q = axes.find('=', p);
+                const int v = std::stoi(axes.substr(q + 1, e == std::string::npos ? e : e - q - 1));
+                const std::string k = axes.substr(p, q - p);
+                (k == "dp" ? s.dp : k == "tp" ? s.tp : k == "pp" ? s.pp : s.ep) = v;
+                p = e == std::string::npos ? axes.size() : e + 1;
+              }
+              s.zero = zero;
+              s.schedule = sched;
+              if (std::string(sched) == "interleaved") s.virtual_stages = 2;
+              s.recompute = rc;
+              s.micro_batches = M;
+              parallel::ParallelPlan plan;
+              try {
+                plan = parallel::make_plan(s, shape, G, lay.world);
+              } catch (const Error&) {
+                continue;  // not a valid plan (interleaved with pp 1, ZeRO 2 under ep, ...)
+              }
+              for (int rank : {0, lay.world - 1}) {
+                const RankMemory exact = memory_per_rank(cfg, plan, rank, T, Precision::bf16);
+                const RankMemory again = replayer.rank_memory(plan, rank, T, Precision::bf16);
+                EXPECT_EQ(again.bytes, exact.bytes) << lay.axes << " " << sched << " " << rc;
+                for (int k : {0, 1, 2, 3}) {
+                  MemoryOptions o;
+                  o.bound_backwards = k;
+                  const RankMemory b = replayer.rank_memory(plan, rank, T, Precision::bf16, o);
+                  for (size_t c = 0; c < kNumMemCategories; ++c)
+                    EXPECT_LE(b.bytes[c], exact.bytes[c])
+                        << name << " " << lay.axes << " zero " << zero << " " << sched << " " << rc
+                        << " M " << M << " rank " << rank << " k " << k << " category " << c;
+                  tight += k == 2 && b.total() == exact.total();
+                }
+                // The persistent bound does not depend on M, b, the schedule or recompute.
+                MemoryOptions p0;
+                p0.bound_backwards = 0;
+                parallel::ParallelPlan base = plan;
+                base.micro_batches = 1;
+                base.micro_batch_size = 1;
+                base.recompute.clear();
+                EXPECT_EQ(replayer.rank_memory(plan, rank, T, Precision::bf16, p0).bytes,
+                          replayer.rank_memory(base, rank, T, Precision::bf16, p0).bytes);
+                ++checked;
+              }
+            }
+    }
+    EXPECT_GT(checked, 100) << name;
+    EXPECT_GT(tight, 0) << name;  // the two-backward bound is often exact (not required)
+    std::printf("%s: %d plan-ranks checked, bound(2) exact on %d\n", name, checked, tight);
+  }
 }
 
 }  // namespace
