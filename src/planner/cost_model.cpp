@@ -348,12 +348,21 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     w.bwd_compute = w.bwd + w.recompute;
     const double unit_bytes = double(params[size_t(s)]) * f32;  // the rank's f32 gradients
     if (plan.zero >= 2 && dpc > 1) {
-      // Each micro-batch reduce-scatters the rank's gradients while its backward runs.
-      const double rs = dp_link.time(Collective::reduce_scatter, unit_bytes, dpc);
+      // Each micro-batch reduce-scatters the rank's gradients while its backward runs. Under ep
+      // the store shards over the ep_dp ranks holding the same experts, after a blocking
+      // all-reduce of the dense gradients over ep (train/zero.h).
+      const int shard = plan.ep > 1 ? dpc / plan.ep : dpc;
+      const double rs = shard > 1 ? dp_link.time(Collective::reduce_scatter, unit_bytes, shard) : 0;
       w.zero += std::max(0.0, rs - w.bwd_compute);
-      if (plan.zero == 3)  // weights gathered just in time before each forward and backward
-        // (a recomputed forward runs inside the backward, on the weights gathered for it)
-        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, dpc);
+      if (plan.ep > 1) {
+        const double dense = double(params[size_t(s)] - held.expert[size_t(s)]) * f32;
+        w.zero += level(cl, int64_t(plan.tp) * G, plan.ep)
+                      .time(Collective::all_reduce, dense, plan.ep);
+      }
+      if (plan.zero == 3 && shard > 1)  // weights gathered just in time before each forward
+        // and backward (a recomputed forward runs inside the backward, on the weights gathered
+        // for it)
+        w.zero += 2 * dp_link.time(Collective::all_gather, unit_bytes, shard);
     }
     stage_time[size_t(s)] = w.total();
   }
@@ -401,13 +410,19 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
           exposed += ag;
         }
       } else if (plan.zero == 2) {
-        total = dp_link.time(Collective::all_gather, p * f32, dpc);
+        // Updated pieces all-gathered over the store's group (ep_dp under ep).
+        total = plan.ep > 1 ? (ep_dp > 1 ? dp_link.time(Collective::all_gather, p * f32, ep_dp) : 0)
+                            : dp_link.time(Collective::all_gather, p * f32, dpc);
         exposed = total;
       }
     }
     dp_exposed = std::max(dp_exposed, exposed);
     dp_total = std::max(dp_total, total);
-    const double owned = plan.zero >= 1 ? pd / dpc + pe / ep_dp : p;
+    // ZeRO-2/3 under ep: each rank's store holds its share (over ep_dp) of the dense tensors and
+    // its experts.
+    const double owned = plan.zero >= 2 && plan.ep > 1 ? p / ep_dp
+                         : plan.zero >= 1               ? pd / dpc + pe / ep_dp
+                                                        : p;
     // AdamW: read w g m v, write w m v (7 x 4 bytes), the matmul copy (bf16 or its f32
     // emulation), zero the gradient and read it for the norm (2 x 4 bytes).
     const double copy = bf ? mm_bytes : 0;

@@ -250,10 +250,6 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
               }
             }
             if (dp == 1 && zero != 0) continue;  // ZeRO over one rank is ZeRO 0
-            if (ep > 1 && zero >= 2) {  // parallel::make_plan refuses it (docs/moe.md)
-              reject("ep > 1 runs with ZeRO 0 or 1");
-              continue;
-            }
             for (int64_t M : divisors(G / dp)) {
               if (stop) break;
               if ((G / (dp * M)) * (o.seq / cp) % tp != 0) {

@@ -59,7 +59,7 @@ struct SearchSpace {
   std::vector<int> cp;
   std::vector<std::string> cp_schemes = {"burst", "allgather", "ulysses"};
   // Expert-parallel sizes; empty: auto_ep_sizes(model). Each must divide dp and the experts;
-  // ep > 1 runs with ZeRO 0 or 1 (parallel::make_plan).
+  // Every ZeRO stage runs under ep (ZeRO-2/3 shard over ep_dp, train/zero.h).
   std::vector<int> ep;
 };
 
