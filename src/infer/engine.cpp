@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include <unistd.h>
+#include <unistd.h>  // sysconf: the machine's physical memory
 
 #include "checkpoint/commit.h"
 #include "checkpoint/sharded.h"
@@ -56,6 +56,13 @@ const data::Tokenizer& require_tokenizer(const std::unique_ptr<data::Tokenizer>&
   return *t;
 }
 
+std::string human_bytes(int64_t b) {
+  const double x = double(b);
+  if (x >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", x / (1024.0 * 1024 * 1024));
+  if (x >= 1024.0 * 1024) return fmt::format("{:.1f} MiB", x / (1024.0 * 1024));
+  if (x >= 1024.0) return fmt::format("{:.1f} KiB", x / 1024.0);
+  return fmt::format("{} bytes", b);
+}
 
 // tp_replicate: the changes rank 0 broadcasts before a step, as records
 //   'Q' id prompt params   a request queued     'C' id   a cancellation     'S'   stop
@@ -135,16 +142,6 @@ Request get_request(OpReader& in) {
   p.ignore_eod = in.get<uint8_t>() != 0;
   r.domain = in.get_str();
   return r;
-}
-}  // namespace
-
-namespace {
-std::string human_bytes(int64_t b) {
-  const double x = double(b);
-  if (x >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", x / (1024.0 * 1024 * 1024));
-  if (x >= 1024.0 * 1024) return fmt::format("{:.1f} MiB", x / (1024.0 * 1024));
-  if (x >= 1024.0) return fmt::format("{:.1f} KiB", x / 1024.0);
-  return fmt::format("{} bytes", b);
 }
 }  // namespace
 
