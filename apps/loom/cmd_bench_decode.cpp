@@ -1,9 +1,10 @@
 // `loom bench decode --model M.toml --batch B --prompt-tokens P --new-tokens N
-//  --dtype f32|bf16|int8 [--seed S]`: times the KV-cached decoder (infer::Decoder) on a model
+//  --dtype f32|bf16|int8 [--kv-dtype auto|f32|bf16] [--seed S]`: times the KV-cached decoder (infer::Decoder) on a model
 // with loom's random init: one prefill step of B prompts of P tokens, then N decode steps of one
 // token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
-// it reads them at, beside a read-bandwidth probe run in the same invocation.
+// it reads them at, beside a read-bandwidth probe run in the same invocation. --kv-dtype auto is
+// bf16 for --dtype bf16 and int8 (whose head is bf16 here), f32 for f32 (kv_flags.h).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "core/threads.h"
 #include "infer/decoder.h"
 #include "kernels/cpu/bandwidth.h"
+#include "kv_flags.h"
 #include "model/params.h"
 
 namespace {
@@ -29,6 +31,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     std::string model, dtype = "f32";
     int64_t batch = 1, prompt_tokens = 128, new_tokens = 128;
     uint64_t seed = 1;
+    loom::cli::KvFlags kv;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = loom::cli::subcommand_path(root, "bench", "benchmarks (JSON output)");
@@ -42,6 +45,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
                   "for int8)")
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--seed", o->seed, "init and prompt seed");
+  loom::cli::add_kv_dtype_flag(sub, o->kv);
   sub->callback([o, &ctx] {
     using namespace loom;
     const model::ModelConfig cfg = model::load_model_config(o->model);
@@ -62,7 +66,8 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     const infer::ModelWeights w(cfg, flat.data(), lin, head);
     flat = std::vector<float>();
     infer::Decoder dec(w);
-    const infer::KvCacheShape ks = dec.cache_shape();
+    const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, head);
+    const infer::KvCacheShape ks = dec.cache_shape(kv_dtype);
     infer::KvCache cache(ks, ks.block_bytes() * B * ((P + N + 15) / 16), P + N);
     std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
     std::vector<int64_t> ids(static_cast<size_t>(B));
@@ -102,11 +107,13 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     const double weight_rate = wbytes * steps / std::max(decode_s, 1e-9);
     // K and V of every cached layer for the average context of a decode step.
     const double kv_bytes_per_step =
-        double(B) * (double(P) + double(N) / 2) * 2 * double(ks.layers * ks.kv_dim()) * 4;
+        double(B) * (double(P) + double(N) / 2) * 2 * double(ks.layers * ks.kv_dim()) *
+        double(dtype_size(kv_dtype));
     nlohmann::json j = {
         {"impl", "loom"},
         {"model", cfg.name},
         {"dtype", o->dtype},
+        {"kv_dtype", infer::kv_dtype_name(kv_dtype)},
         {"batch", B},
         {"prompt_tokens", P},
         {"new_tokens", N},

@@ -17,6 +17,7 @@
 #include "eval/generate.h"
 #include "eval/harness.h"
 #include "infer/engine.h"
+#include "kv_flags.h"
 
 namespace {
 
@@ -37,6 +38,7 @@ struct Args {
   std::string checkpoint, tokenizer, dtype = "f32", domain;
   bool int8 = false, resume = false, no_tag = false;
   int64_t max_batch = 8;
+  loom::cli::KvFlags kv;
   loom::eval::GenerateOptions gen;
 };
 
@@ -133,6 +135,7 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
                   "each problem's language's domain, else \"other\")");
   sub->add_option("--max-batch", args->max_batch, "--checkpoint: sequences decoded together")
       ->capture_default_str();
+  loom::cli::add_kv_flags(sub, args->kv);
   sub->add_option("-k", args->ks, "pass@k values, comma-separated")->capture_default_str();
   sub->add_option("--workers", args->workers, "parallel programs (default: available cores)");
   sub->add_option("--timeout", args->timeout, "wall-clock seconds per run")
@@ -172,9 +175,10 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
       using namespace loom::infer;
       EngineOptions eo;
       eo.max_batch = args->max_batch;
-      const WeightFormat head = weight_format_from_name(args->dtype);
-      auto engine = load_engine(args->checkpoint, args->tokenizer,
-                                args->int8 ? WeightFormat::int8_row : head, head, eo);
+      // As `loom generate` (infer/weights.h, weight_formats_from_flags; kv_flags.h).
+      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8);
+      loom::cli::apply_kv_flags(args->kv, wf.head, eo);
+      auto engine = load_engine(args->checkpoint, args->tokenizer, wf.linears, wf.head, eo);
       loom::eval::ProblemSet problems = loom::eval::ProblemSet::load(o.problem_files);
       problems.keep_languages(o.languages);
       args->gen.resume = args->resume;

@@ -1,5 +1,6 @@
 // `loom eval loss --checkpoint DIR (--tokens FILE | --data DIR [--split val]) [--seq T]
-//  [--batch B] [--max-tokens N] [--dtype f32|bf16] [--int8] [--domain NAME]`: loss of a checkpoint on a raw
+//  [--batch B] [--max-tokens N] [--dtype f32|bf16] [--int8] [--kv-dtype auto|f32|bf16]
+//  [--domain NAME]`: loss of a checkpoint on a raw
 // little-endian uint32 token file or on a split of a `loom data build` corpus, in nats per
 // predicted token.
 //
@@ -7,7 +8,9 @@
 // With either, it goes through the inference weights (infer::ModelWeights in that storage format,
 // the same flags as `loom generate`: --int8 puts the linears in int8 per output row, the tied
 // head stays in --dtype) and the KV-cached decoder (infer::Decoder::forward_all), so it measures
-// what quantisation does to the model that `loom generate` / `loom serve` run.
+// what quantisation does to the model that `loom generate` / `loom serve` run; --kv-dtype (as
+// theirs: auto = bf16 with --dtype bf16) stores the KV cache's K and V in f32 or bf16, and alone
+// also selects this path.
 //
 // MoE (rre) models route every token by --domain (default: the model's "other"; the file
 // carries no languages), on either path.
@@ -27,6 +30,7 @@
 #include "infer/kv_cache.h"
 #include "infer/weights.h"
 #include "interop/model_checkpoint.h"
+#include "kv_flags.h"
 #include "model/gpt.h"
 
 namespace {
@@ -43,12 +47,13 @@ double row_loss(const float* logits, int64_t V, int32_t target) {
 // Loss sum over the windows through the inference weights: `batch` windows at a time, each a
 // sequence of the KV cache, prefilled with forward_all (every position's logits).
 void infer_loss(const std::string& checkpoint, loom::infer::WeightFormat linears,
-                loom::infer::WeightFormat head, const std::vector<uint32_t>& ids, int64_t T,
-                int64_t batch, int32_t domain, double* sum, int64_t* count) {
+                loom::infer::WeightFormat head, loom::DType kv_dtype,
+                const std::vector<uint32_t>& ids, int64_t T, int64_t batch, int32_t domain,
+                double* sum, int64_t* count) {
   using namespace loom;
   infer::ModelWeights w = infer::ModelWeights::load(checkpoint, linears, head);
   infer::Decoder dec(w);
-  const infer::KvCacheShape shape = dec.cache_shape();
+  const infer::KvCacheShape shape = dec.cache_shape(kv_dtype);
   const int64_t blocks = (T + shape.block_tokens - 1) / shape.block_tokens;
   infer::KvCache cache(shape, blocks * shape.block_bytes() * batch, T);
   const int64_t n = int64_t(ids.size()), V = w.config().vocab;
@@ -89,6 +94,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     std::string checkpoint, tokens, data, split = "val", dtype, domain;
     int64_t seq = 0, batch = 4, max_tokens = 0;
     bool int8 = false;
+    loom::cli::KvFlags kv;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* eval = loom::cli::subcommand_path(root, "eval", "evaluate models and samples");
@@ -108,6 +114,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_flag("--int8", o->int8,
                 "evaluate through the inference weights with the linears in int8 per output row "
                 "(the head in --dtype, default f32)");
+  loom::cli::add_kv_dtype_flag(sub, o->kv);
   sub->callback([o, &ctx] {
     using namespace loom;
     LOOM_CHECK(o->seq >= 0, "--seq {} must be positive (or omitted for the model's max_seq)",
@@ -146,10 +153,11 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
       LOOM_CHECK(!ids.empty(), "--data '{}' has no tokens in split '{}'", o->data, o->split);
     }
     if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(size_t(o->max_tokens));
-    const bool infer_path = !o->dtype.empty() || o->int8;
+    const bool infer_path = !o->dtype.empty() || o->int8 || o->kv.dtype != "auto";
     infer::WeightFormats wf;
     if (infer_path) wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8);
     const infer::WeightFormat head = wf.head, lin = wf.linears;
+    const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, head);
     interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     for (size_t i = 0; i < ids.size(); ++i)
@@ -168,7 +176,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     int64_t count = 0;
     const int64_t n = int64_t(ids.size());
     if (infer_path) {
-      infer_loss(o->checkpoint, lin, head, ids, T, o->batch, domain, &sum, &count);
+      infer_loss(o->checkpoint, lin, head, kv_dtype, ids, T, o->batch, domain, &sum, &count);
     } else {
       MemoryPool pool;
       model::Gpt m(cfg, pool, model::Precision::f32);
@@ -188,6 +196,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     if (infer_path) {
       j["weights"] = infer::weight_format_name(lin);
       j["head"] = infer::weight_format_name(head);
+      j["kv"] = infer::kv_dtype_name(kv_dtype);
     } else {
       j["weights"] = "f32 (training forward)";
     }

@@ -1,7 +1,8 @@
 // `loom generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE.jsonl) [--max-tokens N]
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
-//  [--no-token-healing] [--tp N] [--domain NAME]`: sampling from a checkpoint through infer::Engine (KV cache,
+//  [--no-token-healing] [--tp N] [--domain NAME] [--kv-dtype auto|f32|bf16]
+//  [--kv-memory SIZE | --kv-blocks N]`: sampling from a checkpoint through infer::Engine (KV cache,
 //  continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
@@ -27,6 +28,7 @@
 #include "comm/process_group.h"
 #include "core/error.h"
 #include "infer/engine.h"
+#include "kv_flags.h"
 
 namespace {
 
@@ -99,6 +101,7 @@ struct GenerateOptions {
   int32_t top_k = 0;
   uint64_t seed = 1;
   bool no_heal = false, int8 = false;
+  loom::cli::KvFlags kv;
 };
 
 // Loads the engine (this rank's shard under tp), submits every prompt and steps until all are
@@ -117,6 +120,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
   eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
   const infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8);
+  cli::apply_kv_flags(o->kv, wf.head, eo);
   auto engine = infer::load_engine(o->checkpoint, o->tokenizer, wf.linears, wf.head, eo);
   const int64_t ctx_len = engine->context_length();
 
@@ -216,6 +220,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
       ->check(CLI::IsMember({"f32", "bf16"}));
   sub->add_flag("--int8", o->int8, "quantize the linears to int8 per output row at load time");
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
+  loom::cli::add_kv_flags(sub, o->kv);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
   sub->add_option("--tp", o->tp, "tensor-parallel size; run under mpirun -np N");
   sub->add_option("--domain", o->domain,

@@ -1,5 +1,5 @@
 // `loom serve --checkpoint DIR [--host 127.0.0.1] [--port 8080] [--int8] [--dtype f32|bf16]
-//  [--max-batch N] [--tp N]
+//  [--max-batch N] [--tp N] [--kv-dtype auto|f32|bf16] [--kv-memory SIZE | --kv-blocks N]
 //  [--max-queue N] [--api-key K] ...`: the OpenAI-compatible HTTP server (infer/http/server.h)
 // over infer::Engine (continuous batching over the KV-cached decoder).
 //
@@ -33,6 +33,7 @@
 #include "infer/engine.h"
 #include "infer/http/server.h"
 #include "infer/service.h"
+#include "kv_flags.h"
 
 namespace {
 
@@ -46,6 +47,7 @@ struct ServeEngineOptions {
   int64_t max_batch = 8;
   int64_t max_queue = 64;
   int tp = 1;
+  loom::cli::KvFlags kv;
 };
 
 // tp: the tensor-parallel group (null for one process); rank 0 leads, the others follow().
@@ -64,6 +66,7 @@ std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOp
   }
   // As `loom generate` (infer/weights.h, weight_formats_from_flags).
   const WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8);
+  loom::cli::apply_kv_flags(o.kv, wf.head, eo);
   return load_engine(o.checkpoint, o.tokenizer, wf.linears, wf.head, eo);
 }
 
@@ -80,6 +83,15 @@ void serve_rank0(ServeOptions& o, const loom::comm::ProcessGroup* tp,
                 o.engine.int8 ? ", int8 linears" : "",
                 tp ? fmt::format(" (tp shard 0 of {})", tp->size()) : std::string());
   std::unique_ptr<infer::Engine> engine = make_engine_for_serving(o.engine, tp);
+  const infer::KvPoolSize& kv = engine->kv_pool();
+  LOOM_LOG_INFO("KV pool{}: {:.1f} MiB, {} blocks of {} tokens in {} ({} tokens): {} sequences "
+                "of the full context ({} tokens) at once; --max-batch {}{}",
+                tp ? " (each rank)" : "", double(kv.bytes) / (1024.0 * 1024), kv.blocks,
+                kv.shape.block_tokens, infer::kv_dtype_name(kv.shape.dtype), kv.blocks * kv.shape.block_tokens,
+                kv.full_sequences(), kv.max_seq_tokens, o.engine.max_batch,
+                kv.full_sequences() < o.engine.max_batch
+                    ? " (requests beyond that wait for blocks; raise --kv-memory to run them all)"
+                    : "");
   infer::HttpServer server(*engine, o.server);
   server.start();
   if (tp)
@@ -119,6 +131,7 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
       ->capture_default_str();
   sub->add_option("--max-batch", e.max_batch, "sequences decoded together in one step")
       ->capture_default_str();
+  loom::cli::add_kv_flags(sub, e.kv);
   sub->add_option("--max-queue", e.max_queue,
                   "requests waiting for a batch slot; more get 429 with Retry-After")
       ->capture_default_str();

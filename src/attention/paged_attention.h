@@ -4,8 +4,11 @@
 // Glossary: NH query heads, NKV kv heads (NKV divides NH; query head h reads kv head
 // h / (NH/NKV)), HD head dim, KV = NKV*HD, BT tokens per cache block.
 // Cache layout: token j of a query's sequence lives in physical block table[j / BT], slot j % BT;
-// its K row (NKV, HD) starts at k_base + table[j/BT] * block_stride + (j % BT) * KV, its V row
-// likewise from v_base. (infer/kv_cache.h lays out its pool this way.)
+// its K row (NKV, HD) starts at element k_base + table[j/BT] * block_stride + (j % BT) * KV, its V
+// row likewise from v_base. (infer/kv_cache.h lays out its pool this way.) K and V are stored as
+// f32 or bf16 (PagedShape::kv_dtype); bf16 elements are widened to f32 (exact) as they are read,
+// and every product, sum and the softmax run in f32, so a bf16 cache computes exactly what the
+// f32 kernel computes on the bf16-rounded K and V.
 //
 // Contract
 // - out (n_queries, NH*HD) row stride o_stride; q (n_queries, NH*HD) row stride q_stride.
@@ -23,6 +26,8 @@
 
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace loom::attention {
 
 struct PagedQuery {
@@ -34,13 +39,14 @@ struct PagedQuery {
 struct PagedShape {
   int64_t NH = 0, NKV = 0, HD = 0;
   int64_t block_tokens = 16;           // BT
-  int64_t block_stride = 0;            // floats between consecutive physical blocks
+  int64_t block_stride = 0;            // elements between consecutive physical blocks
   int64_t q_stride = 0, o_stride = 0;  // 0 means NH*HD
   float scale = 0.f;                   // usually 1/sqrt(HD)
+  DType kv_dtype = DType::f32;         // element type of k_base / v_base: f32 or bf16
 };
 
 void paged_attention_forward(float* out, const float* q, const PagedQuery* queries,
-                             int64_t n_queries, const float* k_base, const float* v_base,
+                             int64_t n_queries, const void* k_base, const void* v_base,
                              const PagedShape& s);
 
 }  // namespace loom::attention

@@ -44,13 +44,17 @@ void Decoder::all_reduce(float* buf, int64_t n) {
   if (tp_) tp_->all_reduce(comm::BufferRef(buf, n, DType::f32)).wait();
 }
 
-KvCacheShape Decoder::cache_shape() const {
-  const model::ModelConfig& c = w_.config();
+KvCacheShape kv_cache_shape(const model::ModelConfig& c, int64_t tp_size, DType kv_dtype) {
   KvCacheShape s;
   s.layers = c.n_layers + (c.query_layer ? 1 : 0);
-  s.kv_heads = c.n_kv_heads / w_.tp().size;
+  s.kv_heads = c.n_kv_heads / tp_size;
   s.head_dim = c.head_dim();
+  s.dtype = kv_dtype;
   return s;
+}
+
+KvCacheShape Decoder::cache_shape(DType kv_dtype) const {
+  return kv_cache_shape(w_.config(), w_.tp().size, kv_dtype);
 }
 
 static K::GeluKind gelu_kind(model::Activation a) {
@@ -87,15 +91,15 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   for (int64_t r = 0; r < N; ++r) {
     const SeqStep& sq = seqs[size_t(row_seq_[size_t(r)])];
     const int64_t p = row_pos_[size_t(r)];
-    std::memcpy(cache.k_row(sq.kv_seq, cache_layer, p), qkv + r * S + Cq, size_t(KV) * 4);
-    std::memcpy(cache.v_row(sq.kv_seq, cache_layer, p), qkv + r * S + Cq + KV, size_t(KV) * 4);
+    cache.write_row(sq.kv_seq, cache_layer, p, qkv + r * S + Cq, qkv + r * S + Cq + KV);
   }
   attention::PagedShape ps;
   ps.NH = cfg.n_heads / P;
   ps.NKV = cfg.n_kv_heads / P;
   ps.HD = cfg.head_dim();
   ps.block_tokens = cache.shape().block_tokens;
-  ps.block_stride = cache.block_floats();
+  ps.block_stride = cache.block_elems();
+  ps.kv_dtype = cache.shape().dtype;
   ps.q_stride = S;
   ps.o_stride = Cq;
   ps.scale = 1.0f / std::sqrt(float(ps.HD));  // as model/block.cpp
@@ -118,8 +122,7 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
     queries = last_queries_.data();
   }
   attention::paged_attention_forward(att, qkv, queries, M,
-                                     cache.pool() + cache.k_offset(cache_layer),
-                                     cache.pool() + cache.v_offset(cache_layer), ps);
+                                     cache.k_base(cache_layer), cache.v_base(cache_layer), ps);
 
   // mid = (att @ Wo^T + bo) + x                                                   (M,C)
   // (tp: this rank's heads give a partial sum; the replicated bias goes on after the sum)

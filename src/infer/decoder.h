@@ -57,6 +57,11 @@ struct SeqStep {
   int32_t domain = -1;
 };
 
+// The KV cache geometry of a model: L' = n_layers (+1 with a query layer) cached layers, the
+// kv heads of one of tp_size ranks, its head dim, K and V stored as kv_dtype. Needs no weights
+// (the engine sizes its pool from it before loading them).
+KvCacheShape kv_cache_shape(const model::ModelConfig& cfg, int64_t tp_size, DType kv_dtype);
+
 class Decoder {
  public:
   // Keeps references: weights (and tp) outlive it. tp: null or a group whose size and rank
@@ -64,8 +69,10 @@ class Decoder {
   explicit Decoder(const ModelWeights& weights, const comm::ProcessGroup* tp = nullptr);
 
   const ModelWeights& weights() const { return w_; }
-  // The cache geometry this model needs (L' layers, NKV/P kv heads of this rank, HD).
-  KvCacheShape cache_shape() const;
+  // The cache geometry this model needs (L' layers, NKV/P kv heads of this rank, HD), with K and
+  // V stored as kv_dtype (f32 or bf16; bf16: each K and V element rounded to bf16 once, as it is
+  // written; attention still accumulates in f32).
+  KvCacheShape cache_shape(DType kv_dtype = DType::f32) const;
 
   // Runs every sequence's new tokens, appends their K and V to `cache`, and writes the logits
   // of each sequence's LAST new token into logits (B, V). Throws loom::Error (before touching

@@ -7,7 +7,10 @@
 #include <cstdio>
 #include <cstring>
 
+#include <unistd.h>  // sysconf: the machine's physical memory
+
 #include "checkpoint/commit.h"
+#include "checkpoint/sharded.h"
 #include "comm/mpi_runtime.h"
 #include "core/error.h"
 
@@ -53,9 +56,12 @@ const data::Tokenizer& require_tokenizer(const std::unique_ptr<data::Tokenizer>&
   return *t;
 }
 
-int64_t default_budget(const KvCacheShape& s, int64_t max_batch, int64_t max_seq) {
-  const int64_t blocks = (max_seq + s.block_tokens - 1) / s.block_tokens;
-  return blocks * s.block_bytes() * max_batch;
+std::string human_bytes(int64_t b) {
+  const double x = double(b);
+  if (x >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", x / (1024.0 * 1024 * 1024));
+  if (x >= 1024.0 * 1024) return fmt::format("{:.1f} MiB", x / (1024.0 * 1024));
+  if (x >= 1024.0) return fmt::format("{:.1f} KiB", x / 1024.0);
+  return fmt::format("{} bytes", b);
 }
 
 // tp_replicate: the changes rank 0 broadcasts before a step, as records
@@ -139,6 +145,95 @@ Request get_request(OpReader& in) {
 }
 }  // namespace
 
+KvPoolSize kv_pool_size(const model::ModelConfig& cfg, const EngineOptions& o) {
+  LOOM_CHECK(o.kv_dtype == DType::f32 || o.kv_dtype == DType::bf16,
+             "KV cache dtype {} is not supported; choose f32 or bf16 (--kv-dtype)",
+             dtype_name(o.kv_dtype));
+  LOOM_CHECK(o.kv_budget_bytes >= 0 && o.kv_blocks >= 0,
+             "--kv-memory {} and --kv-blocks {} must be >= 0 (0: the default pool)",
+             o.kv_budget_bytes, o.kv_blocks);
+  LOOM_CHECK(o.kv_budget_bytes == 0 || o.kv_blocks == 0,
+             "--kv-memory {} and --kv-blocks {} both size the KV pool; give one of them",
+             o.kv_budget_bytes, o.kv_blocks);
+  const int64_t P = o.tp ? o.tp->size() : 1;
+  KvPoolSize k;
+  k.shape = kv_cache_shape(cfg, P, o.kv_dtype);
+  k.max_seq_tokens = cfg.max_seq;
+  const int64_t bb = k.shape.block_bytes(), BT = k.shape.block_tokens;
+  k.min_blocks = (cfg.max_seq + BT - 1) / BT;
+  k.min_bytes = k.min_blocks * bb;
+  const std::string each = fmt::format(
+      "a KV block holds {} tokens of K and V for {} layers x {} kv heads x {} dims in {} = {}",
+      BT, k.shape.layers, k.shape.kv_heads, k.shape.head_dim, kv_dtype_name(o.kv_dtype),
+      human_bytes(bb));
+  if (o.kv_budget_bytes > 0) {
+    k.blocks = o.kv_budget_bytes / bb;
+    LOOM_CHECK(k.blocks >= k.min_blocks,
+               "--kv-memory {} ({}) holds {} KV blocks, but one sequence of the model's context "
+               "({} tokens) needs {} blocks ({}); use --kv-memory {} ({}) or more. ({})",
+               o.kv_budget_bytes, human_bytes(o.kv_budget_bytes), k.blocks, cfg.max_seq,
+               k.min_blocks, human_bytes(k.min_bytes), k.min_bytes, human_bytes(k.min_bytes),
+               each);
+  } else if (o.kv_blocks > 0) {
+    k.blocks = o.kv_blocks;
+    LOOM_CHECK(k.blocks >= k.min_blocks,
+               "--kv-blocks {} is too few: one sequence of the model's context ({} tokens) needs "
+               "{} blocks of {} tokens; use --kv-blocks {} or more ({})",
+               o.kv_blocks, cfg.max_seq, k.min_blocks, BT, k.min_blocks, each);
+  } else {
+    k.blocks = k.min_blocks * std::max<int64_t>(1, o.max_batch);
+  }
+  LOOM_CHECK(k.blocks < (int64_t(1) << 31),
+             "the KV pool of {} blocks exceeds the 2^31 block ids; lower --kv-memory / "
+             "--kv-blocks", k.blocks);
+  k.bytes = k.blocks * bb;
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) {
+    const int64_t phys = int64_t(pages) * int64_t(page);
+    LOOM_CHECK(k.bytes <= phys,
+               "the KV pool would take {} ({} blocks) but this machine has {} of memory; lower "
+               "--kv-memory / --kv-blocks (or --max-batch, which sizes the default pool: {} "
+               "full-context sequences of {} each){}",
+               human_bytes(k.bytes), k.blocks, human_bytes(phys), std::max<int64_t>(1, o.max_batch),
+               human_bytes(k.min_bytes),
+               o.kv_dtype == DType::f32 ? ", or use --kv-dtype bf16 (half the bytes)" : "");
+  }
+  return k;
+}
+
+DType kv_dtype_from_flag(const std::string& flag, WeightFormat head) {
+  if (flag == "auto") return head == WeightFormat::bf16 ? DType::bf16 : DType::f32;
+  if (flag == "f32") return DType::f32;
+  if (flag == "bf16") return DType::bf16;
+  LOOM_FAIL("--kv-dtype '{}' is unknown; choose auto (bf16 with --dtype bf16, else f32), f32 or "
+            "bf16", flag);
+}
+
+int64_t parse_byte_size(const std::string& text, const std::string& flag) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string suffix = text.substr(used);
+  if (!suffix.empty() && (suffix.back() == 'B' || suffix.back() == 'b')) suffix.pop_back();
+  if (suffix.size() == 2 && (suffix[1] == 'i' || suffix[1] == 'I')) suffix.pop_back();  // GiB
+  double mul = 0;
+  if (suffix.empty()) mul = 1;
+  else if (suffix == "K" || suffix == "k") mul = 1024.0;
+  else if (suffix == "M" || suffix == "m") mul = 1024.0 * 1024;
+  else if (suffix == "G" || suffix == "g") mul = 1024.0 * 1024 * 1024;
+  else if (suffix == "T" || suffix == "t") mul = 1024.0 * 1024 * 1024 * 1024;
+  const double bytes = v * mul;
+  LOOM_CHECK(used > 0 && mul > 0 && std::isfinite(bytes) && bytes > 0 && bytes < 9.2e18,
+             "{} '{}' is not a size; give bytes, optionally with K, M, G or T (powers of 1024), "
+             "e.g. {} 512M or {} 2G",
+             flag, text, flag, flag);
+  return int64_t(bytes);
+}
+
 bool Engine::tp_leader() const {
   return opts_.tp_replicate && opts_.tp && opts_.tp->size() > 1 && opts_.tp->rank() == 0;
 }
@@ -153,12 +248,8 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
       opts_(std::move(options)),
       texts_(require_tokenizer(tok_)),
       decoder_(weights_, opts_.tp),
-      cache_(decoder_.cache_shape(),
-             opts_.kv_budget_bytes > 0
-                 ? opts_.kv_budget_bytes
-                 : default_budget(decoder_.cache_shape(), std::max<int64_t>(1, opts_.max_batch),
-                                  weights_.config().max_seq),
-             weights_.config().max_seq) {
+      kv_pool_(kv_pool_size(weights_.config(), opts_)),
+      cache_(kv_pool_.shape, kv_pool_.bytes, weights_.config().max_seq) {
   const model::ModelConfig& cfg = weights_.config();
   LOOM_CHECK(opts_.max_batch >= 1, "engine: max_batch={} must be >= 1", opts_.max_batch);
   LOOM_CHECK(!opts_.tp || opts_.tp->size() == 1 || !opts_.start_thread || tp_leader(),
@@ -627,6 +718,12 @@ std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
                                     WeightFormat head, EngineOptions options) {
   model::TpShard shard;
   if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
+  {
+    // The KV options are checked from the config before the (possibly minutes of) weights load.
+    const checkpoint::ShardedReader r(checkpoint_dir);
+    kv_pool_size(model::model_config_from_toml(r.config_toml(), r.dir() + "/config.toml"),
+                 options);
+  }
   ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
   // The tokenizer saved with the checkpoint: in the directory the weights come from (a run's
   // ckpt/ holds versioned step directories and `latest`; find_checkpoint resolves it).

@@ -48,7 +48,12 @@ struct EngineOptions {
   std::string model_name;          // "" -> the model config's name
   int64_t max_batch = 8;           // sequences in one step (>= 1)
   int64_t max_queue = 64;          // requests waiting for admission (>= 0); more -> queue_full
-  int64_t kv_budget_bytes = 0;     // KV pool size; 0 -> max_batch sequences of the full context
+  // The KV pool (kv_pool_size below): K and V stored as kv_dtype (f32 or bf16), sized
+  // kv_budget_bytes (`--kv-memory`), else kv_blocks blocks of 16 tokens (`--kv-blocks`), else
+  // (both 0) max_batch sequences of the full context.
+  DType kv_dtype = DType::f32;
+  int64_t kv_budget_bytes = 0;
+  int64_t kv_blocks = 0;
   int64_t max_step_tokens = 2048;  // tokens per step (decodes first, then prompt chunks); 0: no cap
   bool start_thread = true;        // false: the caller drives step()
   // Tensor parallel: the group the weights are sharded over (ModelWeights with its TpShard), or
@@ -72,6 +77,32 @@ struct EngineOptions {
   bool tp_replicate = false;
   double idle_sync_s = 0.5;
 };
+
+// The KV pool an Engine with `o` builds for `cfg` (this rank's shard under o.tp): its geometry,
+// blocks and bytes, and the least that works (one sequence of the model's context, max_seq
+// tokens). Throws loom::Error, naming the value asked for (as the flag `--kv-memory` /
+// `--kv-blocks` that sets it), the minimum in the same unit and the fix, when it cannot hold one
+// full-context sequence, when both sizes are given, when it exceeds this machine's physical
+// memory, or when kv_dtype is neither f32 nor bf16. Needs no weights: load_engine calls it
+// before loading them.
+struct KvPoolSize {
+  KvCacheShape shape;
+  int64_t blocks = 0, bytes = 0;
+  int64_t min_blocks = 0, min_bytes = 0;
+  int64_t max_seq_tokens = 0;  // the model's context
+  // Full-context sequences the pool holds at once: blocks / min_blocks.
+  int64_t full_sequences() const { return min_blocks ? blocks / min_blocks : 0; }
+};
+KvPoolSize kv_pool_size(const model::ModelConfig& cfg, const EngineOptions& o);
+
+// The KV flags `loom generate`, `serve`, `eval humaneval-x`, `eval loss` and `bench decode` share:
+// --kv-dtype auto|f32|bf16, where auto is bf16 when the weights' --dtype (the head's format,
+// `head`) is bf16 and f32 otherwise (f32 weights, or --int8 with the f32 default head), as vLLM's
+// kv_cache_dtype "auto" follows the model's dtype. Throws naming the accepted values.
+DType kv_dtype_from_flag(const std::string& flag, WeightFormat head);
+// A byte count as `--kv-memory` takes it: an integer, optionally with a binary suffix K, M, G or
+// T (KiB, MiB, GiB, TiB; "512M", "1.5G", "268435456"). Throws naming `flag` and the text.
+int64_t parse_byte_size(const std::string& text, const std::string& flag);
 
 class Engine : public CompletionService {
  public:
@@ -106,6 +137,7 @@ class Engine : public CompletionService {
   Stats stats() const;  // thread-safe snapshot
   const ModelWeights& weights() const { return weights_; }
   const data::Tokenizer& tokenizer() const { return *tok_; }
+  const KvPoolSize& kv_pool() const { return kv_pool_; }
 
  private:
   struct Active;
@@ -127,6 +159,7 @@ class Engine : public CompletionService {
   EngineOptions opts_;
   TokenTexts texts_;
   Decoder decoder_;
+  KvPoolSize kv_pool_;
   KvCache cache_;  // used by the step thread only (admission runs there too)
   int32_t default_domain_ = -1;  // opts_.default_domain's index (-1: "other")
 
@@ -147,9 +180,10 @@ class Engine : public CompletionService {
 };
 
 // Loads a loom checkpoint and its tokenizer into an Engine: linears in `linears` format, the tied
-// head in `head` format; under options.tp only this rank's shard of the weights. tokenizer_path
-// "": the tokenizer/ of the directory DIR resolves to (DIR itself, or the newest committed step
-// of a versioned DIR or of RUN/ckpt; checkpoint::find_checkpoint).
+// head in `head` format; under options.tp only this rank's shard of the weights. The KV pool
+// options are checked (kv_pool_size) from the checkpoint's config before the weights load.
+// tokenizer_path "": the tokenizer/ of the directory DIR resolves to (DIR itself, or the newest
+// committed step of a versioned DIR or of RUN/ckpt; checkpoint::find_checkpoint).
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
                                     const std::string& tokenizer_path, WeightFormat linears,
                                     WeightFormat head, EngineOptions options = {});

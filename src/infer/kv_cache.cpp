@@ -1,6 +1,8 @@
 // infer/kv_cache.cpp: the paged KV pool (see kv_cache.h).
 #include "infer/kv_cache.h"
 
+#include <cstring>
+
 #include "core/error.h"
 
 namespace loom::infer {
@@ -10,6 +12,8 @@ KvCache::KvCache(const KvCacheShape& shape, int64_t budget_bytes, int64_t max_se
   LOOM_CHECK(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0 && shape.block_tokens > 0,
              "KV cache shape must be positive: layers={} kv_heads={} head_dim={} block_tokens={}",
              shape.layers, shape.kv_heads, shape.head_dim, shape.block_tokens);
+  LOOM_CHECK(shape.dtype == DType::f32 || shape.dtype == DType::bf16,
+             "KV cache dtype {} is not supported; choose f32 or bf16", dtype_name(shape.dtype));
   LOOM_CHECK(max_seq_tokens > 0, "KV cache: max_seq_tokens={} must be > 0", max_seq_tokens);
   const int64_t bb = shape.block_bytes();
   const int64_t need = blocks_for(max_seq_tokens);
@@ -22,7 +26,7 @@ KvCache::KvCache(const KvCacheShape& shape, int64_t budget_bytes, int64_t max_se
              need * bb);
   LOOM_CHECK(num_blocks_ < (int64_t(1) << 31), "KV cache: {} blocks exceed the int32 block ids",
              num_blocks_);
-  pool_.assign(size_t(num_blocks_ * block_floats()), 0.f);
+  pool_.assign(size_t(num_blocks_ * bb), std::byte{0});
   free_.reserve(size_t(num_blocks_));
   for (int64_t p = num_blocks_ - 1; p >= 0; --p) free_.push_back(int32_t(p));
 }
@@ -63,18 +67,40 @@ const std::vector<int32_t>& KvCache::block_table(int64_t seq) const {
   return it->second;
 }
 
-float* KvCache::row(int64_t seq, int64_t layer, int64_t pos, int kind) {
+int64_t KvCache::row_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const {
   const std::vector<int32_t>& t = block_table(seq);
   const int64_t BT = shape_.block_tokens;
   LOOM_ASSERT(pos >= 0 && pos / BT < int64_t(t.size()) && layer >= 0 && layer < shape_.layers,
               "KV row pos={} layer={} outside the {} reserved tokens of sequence {}", pos, layer,
               int64_t(t.size()) * BT, seq);
-  const int64_t off = int64_t(t[size_t(pos / BT)]) * block_floats() +
-                      (kind ? v_offset(layer) : k_offset(layer)) + (pos % BT) * shape_.kv_dim();
-  return pool_.data() + off;
+  return int64_t(t[size_t(pos / BT)]) * block_elems() +
+         (kind ? v_offset(layer) : k_offset(layer)) + (pos % BT) * shape_.kv_dim();
 }
 
-float* KvCache::k_row(int64_t seq, int64_t layer, int64_t pos) { return row(seq, layer, pos, 0); }
-float* KvCache::v_row(int64_t seq, int64_t layer, int64_t pos) { return row(seq, layer, pos, 1); }
+void KvCache::write_row(int64_t seq, int64_t layer, int64_t pos, const float* k, const float* v) {
+  const size_t KV = size_t(shape_.kv_dim());
+  std::byte* kd = pool_.data() + row_offset(seq, layer, pos, 0) * elem_bytes();
+  std::byte* vd = pool_.data() + row_offset(seq, layer, pos, 1) * elem_bytes();
+  if (shape_.dtype == DType::f32) {
+    std::memcpy(kd, k, KV * 4);
+    std::memcpy(vd, v, KV * 4);
+  } else {
+    convert_f32_to_bf16(k, reinterpret_cast<bf16*>(kd), KV);
+    convert_f32_to_bf16(v, reinterpret_cast<bf16*>(vd), KV);
+  }
+}
+
+void KvCache::read_row(int64_t seq, int64_t layer, int64_t pos, float* k, float* v) const {
+  const size_t KV = size_t(shape_.kv_dim());
+  const std::byte* ks = pool_.data() + row_offset(seq, layer, pos, 0) * elem_bytes();
+  const std::byte* vs = pool_.data() + row_offset(seq, layer, pos, 1) * elem_bytes();
+  if (shape_.dtype == DType::f32) {
+    std::memcpy(k, ks, KV * 4);
+    std::memcpy(v, vs, KV * 4);
+  } else {
+    convert_bf16_to_f32(reinterpret_cast<const bf16*>(ks), k, KV);
+    convert_bf16_to_f32(reinterpret_cast<const bf16*>(vs), v, KV);
+  }
+}
 
 }  // namespace loom::infer

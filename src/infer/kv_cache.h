@@ -3,12 +3,17 @@
 // Glossary: L' cached layers (the L blocks plus the top query layer when the model has one),
 // NKV kv heads, HD head dim, KV = NKV*HD, BT tokens per block (16), P physical blocks.
 //
-// Layout: one f32 pool of P blocks. Block p holds, for every cached layer l, K then V:
+// Layout: one pool of P blocks, in the cache's element type (f32, or bf16: half the bytes per
+// token, so twice the tokens in the same memory). Block p holds, for every cached layer l, K then
+// V:
 //   pool[p][l][0] = K (BT, NKV, HD) and pool[p][l][1] = V (BT, NKV, HD),
-// so block p starts at p * block_floats() and layer l's K at + l * 2 * BT * KV.
+// so block p starts at element p * block_elems() and layer l's K at + l * 2 * BT * KV.
 // A sequence owns a block table: logical block i (its tokens [i*BT, (i+1)*BT)) lives in physical
 // block table[i]. Sequences of any length share the pool; nothing is ever copied or moved, and
 // the only waste is the unused tail of each sequence's last block.
+// Rows are written from f32 (write_row: bf16 rounds to nearest even, the only rounding a bf16
+// cache adds); attention/paged_attention reads them widened to f32 (exact) and accumulates in
+// f32.
 //
 // Ownership and failure: the cache owns the pool. reserve() either gives a sequence all the
 // blocks it asks for or changes nothing and returns false (the engine admits a request only when
@@ -16,35 +21,46 @@
 // thread-safe: the engine's step thread is its only user.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <vector>
 
+#include "core/dtype.h"
+
 namespace loom::infer {
+
+// "f32" / "bf16", as the --kv-dtype flag spells them.
+inline const char* kv_dtype_name(DType t) { return t == DType::bf16 ? "bf16" : "f32"; }
 
 struct KvCacheShape {
   int64_t layers = 0;         // L' (cached layers, query layer included)
   int64_t kv_heads = 0;       // NKV
   int64_t head_dim = 0;       // HD
   int64_t block_tokens = 16;  // BT
+  DType dtype = DType::f32;   // element type of K and V: f32 or bf16
   int64_t kv_dim() const { return kv_heads * head_dim; }
-  // Bytes of one block: 2 (K and V) * L' * BT * KV * 4.
-  int64_t block_bytes() const { return 2 * layers * block_tokens * kv_dim() * 4; }
+  // Elements of one block: 2 (K and V) * L' * BT * KV.
+  int64_t block_elems() const { return 2 * layers * block_tokens * kv_dim(); }
+  // Bytes of one block: block_elems() * (4 for f32, 2 for bf16).
+  int64_t block_bytes() const { return block_elems() * int64_t(dtype_size(dtype)); }
 };
 
 class KvCache {
  public:
   // Sizes the pool to floor(budget_bytes / block_bytes) blocks. Throws loom::Error naming the
-  // bytes needed and the fix if one sequence of max_seq_tokens tokens would not fit.
+  // bytes needed and the fix if one sequence of max_seq_tokens tokens would not fit, or if the
+  // dtype is neither f32 nor bf16.
   KvCache(const KvCacheShape& shape, int64_t budget_bytes, int64_t max_seq_tokens);
 
   const KvCacheShape& shape() const { return shape_; }
   int64_t num_blocks() const { return num_blocks_; }
+  int64_t pool_bytes() const { return num_blocks_ * shape_.block_bytes(); }
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t blocks_for(int64_t tokens) const {
     return (tokens + shape_.block_tokens - 1) / shape_.block_tokens;
   }
-  int64_t block_floats() const { return shape_.block_bytes() / 4; }
+  int64_t block_elems() const { return shape_.block_elems(); }
 
   // A new empty sequence; returns its id.
   int64_t create();
@@ -57,11 +73,16 @@ class KvCache {
   int64_t capacity(int64_t seq) const;
   const std::vector<int32_t>& block_table(int64_t seq) const;
 
-  // Row of K (resp. V) for token `pos` of `seq` in cached layer `layer`: KV floats.
-  float* k_row(int64_t seq, int64_t layer, int64_t pos);
-  float* v_row(int64_t seq, int64_t layer, int64_t pos);
-  // Base of the pool and the offsets the paged attention kernel needs.
-  const float* pool() const { return pool_.data(); }
+  // Stores K and V (KV floats each) of token `pos` of `seq` in cached layer `layer`, converted
+  // to the cache's dtype. read_row gives them back widened to f32 (tests).
+  void write_row(int64_t seq, int64_t layer, int64_t pos, const float* k, const float* v);
+  void read_row(int64_t seq, int64_t layer, int64_t pos, float* k, float* v) const;
+  // Element offset in the pool of that token's K (kind 0) or V (kind 1) row.
+  int64_t row_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const;
+  // Layer `layer`'s K (resp. V) of physical block 0, in the pool's dtype: the bases the paged
+  // attention kernel reads from, with block stride block_elems().
+  const void* k_base(int64_t layer) const { return pool_.data() + k_offset(layer) * elem_bytes(); }
+  const void* v_base(int64_t layer) const { return pool_.data() + v_offset(layer) * elem_bytes(); }
   int64_t k_offset(int64_t layer) const {
     return layer * 2 * shape_.block_tokens * shape_.kv_dim();
   }
@@ -70,11 +91,11 @@ class KvCache {
   }
 
  private:
-  float* row(int64_t seq, int64_t layer, int64_t pos, int kind);
+  int64_t elem_bytes() const { return int64_t(dtype_size(shape_.dtype)); }
 
   KvCacheShape shape_;
   int64_t num_blocks_ = 0;
-  std::vector<float> pool_;    // (P, L', 2, BT, NKV, HD)
+  std::vector<std::byte> pool_;  // (P, L', 2, BT, NKV, HD) elements of shape_.dtype
   std::vector<int32_t> free_;  // free physical blocks (a stack: the last freed is reused first)
   std::map<int64_t, std::vector<int32_t>> tables_;  // sequence id -> block table
   int64_t next_id_ = 0;

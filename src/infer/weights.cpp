@@ -294,10 +294,15 @@ QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std:
              "loom quantize: --dtype f32 would copy the checkpoint; choose int8 or bf16");
   interop::CheckpointReader r(checkpoint_dir);
   const model::ModelConfig& cfg = r.config();
-  LOOM_CHECK(!cfg.moe.enabled(),
-             "model '{}' has sparse (MoE) blocks, which the inference engine does not run; "
-             "`loom quantize` writes checkpoints for it, so it takes dense models only",
-             cfg.name);
+  // rre MoE: every expert's up and down linear is quantized per output row like a dense one
+  // (is_linear_weight); the routing table stays as stored. topk is refused: the engine cannot
+  // decode it (ModelWeights' constructor says why), and an int8 checkpoint serves the engine.
+  LOOM_CHECK(!cfg.moe.enabled() || cfg.moe.router == model::Router::rre,
+             "model '{}' has sparse blocks with the topk router ({} experts, top_k {}); `loom "
+             "quantize` writes checkpoints for the inference engine, which decodes rre MoE models "
+             "only (topk's capacity limit makes a token's output depend on the other tokens of "
+             "its batch); score this one in f32 with `loom eval loss`",
+             cfg.name, cfg.moe.experts, cfg.moe.top_k);
   LOOM_CHECK(!r.has_int8_weights(), "checkpoint '{}' is already int8-quantized; quantize the "
              "f32 checkpoint it came from", r.dir());
   LOOM_CHECK(std::filesystem::absolute(out_dir).lexically_normal() !=

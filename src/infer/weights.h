@@ -60,8 +60,9 @@ struct QuantizeResult {
 // stored as `linears` (int8: I8 rows + F32 scales by kernels::quantize_rows_int8, the rule
 // ModelWeights applies at load time; bf16: BF16, rounded to nearest even) and everything else as
 // stored; config.toml and tokenizer/ copied, trainer_state.json records {"quantized": {"from",
-// "linears"}}, optimizer state dropped. Throws naming the problem (an already int8 source, f32
-// as the target, a MoE model).
+// "linears"}}, optimizer state dropped. rre MoE models: every expert's up / down linear is
+// converted like a dense linear (per output row), the routing table kept. Throws naming the
+// problem (an already int8 source, f32 as the target, a topk MoE model).
 QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,
                                    WeightFormat linears);
 

@@ -9,7 +9,10 @@
 #   f32 inference loss == training forward's within 1e-5 relative (the same model, other kernels)
 #   int8 < 1.01 x f32, and int8 != f32 (the quantised weights really ran)
 #   bf16 < 1.01 x f32 (bf16 rounds each weight by at most 2^-9 relative, finer than int8's
-#   1/254 of a row's max, so it must meet the same budget)
+#   1/254 of a row's max, so it must meet the same budget; --dtype bf16 also stores the KV cache
+#   in bf16, --kv-dtype auto)
+#   f32 weights with a bf16 KV cache (--kv-dtype bf16: each K and V element rounded once by at
+#   most 2^-9 relative) < 1.01 x f32 too, and != f32
 # Usage: test_eval_quant.sh LOOM_BINARY SOURCE_DIR
 set -uo pipefail
 LOOM=$1
@@ -43,11 +46,12 @@ train=$(ev train)
 f32=$(ev f32 --dtype f32)
 bf16=$(ev bf16 --dtype bf16)
 int8=$(ev int8 --int8)
-echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8"
+kv16=$(ev kv16 --kv-dtype bf16)
+echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8, f32 with bf16 KV $kv16"
 
-check() {  # check NAME PYTHON_BOOLEAN_EXPR (f32, bf16, int8, train in scope)
-  if /usr/bin/python3 -c "import sys; f32,bf16,int8,train=map(float,sys.argv[1:5]); sys.exit(0 if ($2) else 1)" \
-    "$f32" "$bf16" "$int8" "$train"; then pass "$1"; else fail "$1"; fi
+check() {  # check NAME PYTHON_BOOLEAN_EXPR (f32, bf16, int8, train, kv16 in scope)
+  if /usr/bin/python3 -c "import sys; f32,bf16,int8,train,kv16=map(float,sys.argv[1:6]); sys.exit(0 if ($2) else 1)" \
+    "$f32" "$bf16" "$int8" "$train" "$kv16"; then pass "$1"; else fail "$1"; fi
 }
 check "the checkpoint learned (f32 val loss $f32 < 7.8; at init ~ ln 4096 = 8.3)" "f32 < 7.8"
 check "f32 inference weights give the training forward's loss (1e-5 relative)" \
@@ -57,6 +61,11 @@ check "int8 val loss $int8 < 1.01 x f32 $f32 (+$(/usr/bin/python3 -c "import sys
 check "int8 really quantised (its loss differs from f32's)" "int8 != f32"
 check "bf16 val loss $bf16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$bf16" "$f32"))" \
   "bf16 < 1.01 * f32 and bf16 != f32"
+check "bf16 KV cache val loss $kv16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$kv16" "$f32"))" \
+  "kv16 < 1.01 * f32 and kv16 != f32"
+grep -q '"kv":"bf16"' "$WORK/kv16.json" && grep -q '"kv":"bf16"' "$WORK/bf16.json" \
+  && grep -q '"kv":"f32"' "$WORK/f32.json" && pass "eval loss reports the KV dtype (auto: bf16 with --dtype bf16)" \
+  || fail "kv in eval loss JSON: $(cat "$WORK/kv16.json" "$WORK/bf16.json" "$WORK/f32.json")"
 
 [ $fails -eq 0 ] || { echo "$fails failed"; exit 1; }
 echo "all passed"

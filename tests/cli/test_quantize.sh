@@ -103,5 +103,43 @@ expect_error "export of an int8 checkpoint" "Hugging Face GPT-2 has no int8 layo
   "$LOOM" convert --to hf-gpt2 --in "$WORK/int8" --out "$WORK/x3"
 [ ! -e "$WORK/x1" ] && [ ! -e "$WORK/x2" ] && pass "failed quantize leaves nothing" || fail "failed quantize left output"
 
+# MoE (rre, configs/models/tiny-moe.toml): the experts' linears are quantized too; generate and
+# `eval loss --int8` (the inference weights) on the int8 checkpoint equal the f32 one with --int8
+# exactly (same text, same loss to the last digit), in two domains; eval loss's training forward
+# reads the experts dequantized. A topk model is refused, naming the router.
+"$LOOM" init --model "$SRC/configs/models/tiny-moe.toml" --out "$WORK/moe" --seed 3 >/dev/null 2>&1 \
+  || fail "init tiny-moe"
+"$LOOM" quantize --checkpoint "$WORK/moe" --out "$WORK/moe8" >"$WORK/mq.json" 2>"$WORK/mq.err" \
+  && /usr/bin/python3 - "$WORK/mq.json" <<'PY' && pass "quantize MoE: experts quantized, ~4x" \
+  || fail "quantize MoE: $(cat "$WORK/mq.json" "$WORK/mq.err")"
+import json, sys
+j = json.load(open(sys.argv[1]))
+# 2 blocks (block 1 sparse: q, k, v, out + 8 experts x up, down) + the query layer's 6.
+assert j["quantized"] == 6 + 4 + 16 + 6, j
+assert 3.5 < j["linear_bytes_in"] / j["linear_bytes_out"] < 4.0, j
+PY
+for dom in python java; do
+  a=$(gen "$WORK/moe" --int8 --domain $dom) b=$(gen "$WORK/moe8" --domain $dom)
+  [[ -n "$a" && "$a" == "$b" ]] && pass "generate MoE --domain $dom: int8 checkpoint = f32 --int8" \
+    || fail "generate MoE $dom: '$a' / '$b'"
+done
+/usr/bin/python3 -c "import struct,sys; sys.stdout.buffer.write(struct.pack('<300I', *[(i * 53) % 500 for i in range(300)]))" >"$WORK/m.u32"
+mloss() { "$LOOM" eval loss --checkpoint "$1" --tokens "$WORK/m.u32" --seq 64 --domain python "${@:2}" 2>/dev/null; }
+/usr/bin/python3 - "$(mloss "$WORK/moe")" "$(mloss "$WORK/moe" --int8)" "$(mloss "$WORK/moe8" --int8)" \
+  "$(mloss "$WORK/moe8")" <<'PY' && pass "eval loss MoE: int8 checkpoint = f32 --int8 exactly" \
+  || fail "eval loss MoE"
+import json, sys
+f32, a, b, deq = (json.loads(x)["loss"] for x in sys.argv[1:5])
+print("MoE eval loss: f32 %.9f, f32 --int8 %.9f, int8 checkpoint --int8 %.9f, dequantized %.9f"
+      % (f32, a, b, deq))
+assert a == b and a != f32 and abs(a - f32) < 0.01 * f32 and abs(deq - a) < 1e-4 * a
+PY
+sed -e 's/^router = "rre"/router = "topk"\nexperts = 4\ntop_k = 2/' -e '/^experts_per_domain/d' \
+  -e '/^domains/d' -e '/^rre_table/d' "$SRC/configs/models/tiny-moe.toml" >"$WORK/topk.toml"
+"$LOOM" init --model "$WORK/topk.toml" --out "$WORK/topk" >/dev/null 2>&1 || fail "init topk"
+expect_error "quantize topk MoE: refused, naming the router" "sparse blocks with the topk router" \
+  "$LOOM" quantize --checkpoint "$WORK/topk" --out "$WORK/topk8"
+[ ! -e "$WORK/topk8" ] && pass "refused topk quantize leaves nothing" || fail "topk quantize left output"
+
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]

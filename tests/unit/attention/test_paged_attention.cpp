@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention/paged_attention.h"
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "kernels/ref/attention_ref.h"
@@ -96,6 +97,63 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PagedVsReference,
                                            Case{2, 2, 13, 17}, Case{6, 3, 7, 33},
                                            Case{4, 2, 64, 127}, Case{1, 1, 5, 131}));
 
+// A bf16 cache: the kernel widens each element exactly and accumulates in f32, so it gives
+// bitwise what the f32 kernel gives on the same K/V rounded to bf16. Against the float64
+// reference on the unrounded K/V its error is at most 2x a plain bf16 implementation's (the
+// float64 reference on the rounded K/V; conventions rule 11), plus the f32 rounding allowance of
+// the test above.
+TEST_P(PagedVsReference, Bf16CacheEqualsF32KernelOnRoundedKv) {
+  const Case c = GetParam();
+  const int64_t BT = 16, blocks = (c.n_keys + BT - 1) / BT, P = blocks + 3;
+  Pool pool = make_pool(c.NKV, c.HD, BT, P, 19 + uint64_t(c.n_keys));
+  Pool rounded = pool;
+  round_f32_to_bf16(rounded.data.data(), rounded.data.data(), rounded.data.size());
+  std::vector<bf16> b16(pool.data.size());
+  convert_f32_to_bf16(pool.data.data(), b16.data(), b16.size());
+  std::vector<int32_t> table(static_cast<size_t>(blocks));
+  for (int64_t i = 0; i < blocks; ++i) table[size_t(i)] = int32_t((i * 5 + 2) % P);  // scattered
+  const int64_t n = 3, C = c.NH * c.HD, KV = c.NKV * c.HD;
+  std::vector<float> q(size_t(n * C)), o16(size_t(n * C)), o32(size_t(n * C));
+  rng_fill_uniform(q.data(), n * C, -1.f, 1.f, 13, 4, 0);
+  std::vector<PagedQuery> qs = {{table.data(), blocks, c.n_keys},
+                                {table.data(), blocks, (c.n_keys + 1) / 2},
+                                {table.data(), blocks, 1}};
+  PagedShape s;
+  s.NH = c.NH;
+  s.NKV = c.NKV;
+  s.HD = c.HD;
+  s.block_tokens = BT;
+  s.block_stride = pool.stride();
+  s.scale = 1.f / std::sqrt(float(c.HD));
+  paged_attention_forward(o32.data(), q.data(), qs.data(), n, rounded.k(), rounded.v(), s);
+  s.kv_dtype = DType::bf16;
+  paged_attention_forward(o16.data(), q.data(), qs.data(), n, b16.data(),
+                          b16.data() + BT * KV, s);
+  EXPECT_EQ(0, std::memcmp(o16.data(), o32.data(), o16.size() * 4));
+
+  // Query 0 against float64: exact K/V (want) and rounded K/V (the plain bf16 implementation).
+  std::vector<double> k(size_t(c.n_keys * KV)), v(size_t(c.n_keys * KV)), kr(k.size()),
+      vr(v.size()), qd(q.begin(), q.begin() + C);
+  for (int64_t j = 0; j < c.n_keys; ++j)
+    for (int64_t e = 0; e < KV; ++e) {
+      const int64_t base = table[size_t(j / BT)] * pool.stride() + (j % BT) * KV + e;
+      k[size_t(j * KV + e)] = pool.k()[base];
+      v[size_t(j * KV + e)] = pool.v()[base];
+      kr[size_t(j * KV + e)] = rounded.k()[base];
+      vr[size_t(j * KV + e)] = rounded.v()[base];
+    }
+  std::vector<double> want(static_cast<size_t>(C)), plain(static_cast<size_t>(C));
+  kernels::ref::AttentionRefShape rs{1,    1,     c.n_keys, c.NH, c.NKV,
+                                     c.HD, false, 0,        0,    1.0 / std::sqrt(double(c.HD))};
+  kernels::ref::attention_forward_ref(want.data(), nullptr, qd.data(), k.data(), v.data(), rs);
+  kernels::ref::attention_forward_ref(plain.data(), nullptr, qd.data(), kr.data(), vr.data(), rs);
+  const std::vector<float> got(o16.begin(), o16.begin() + C);
+  std::vector<float> plain_f(plain.begin(), plain.end());
+  const double err = nmse(got, want), err_plain = nmse(plain_f, want);
+  EXPECT_GT(err_plain, 0.0);  // the rounding is real
+  EXPECT_LE(err, 4 * err_plain + 1e-10) << "NMSE (2x in RMS = 4x in NMSE)";
+}
+
 TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
   const int64_t NH = 4, NKV = 2, HD = 16, BT = 16, P = 12, C = NH * HD;
   Pool pool = make_pool(NKV, HD, BT, P, 5);
@@ -111,6 +169,17 @@ TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
   for (int64_t i = 0; i < n; ++i) {
     paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, pool.k(), pool.v(), s);
     EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "row " << i;
+  }
+  // The same with a bf16 cache.
+  std::vector<bf16> b16(pool.data.size());
+  convert_f32_to_bf16(pool.data.data(), b16.data(), b16.size());
+  s.kv_dtype = DType::bf16;
+  const bf16* kb = b16.data();
+  const bf16* vb = b16.data() + BT * NKV * HD;
+  paged_attention_forward(out.data(), q.data(), qs.data(), n, kb, vb, s);
+  for (int64_t i = 0; i < n; ++i) {
+    paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, kb, vb, s);
+    EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "bf16 row " << i;
   }
 }
 

@@ -84,11 +84,12 @@ double max_abs(const std::vector<float>& a) {
 // every prompt, then G-1 decode steps of one token each. Returns each sequence's per-step logits.
 std::vector<std::vector<std::vector<float>>> cached_greedy(
     const ModelWeights& w, const std::vector<std::vector<int32_t>>& prompts, int64_t G,
-    std::vector<std::vector<int32_t>>* tokens, const std::vector<int32_t>& domains = {}) {
+    std::vector<std::vector<int32_t>>* tokens, const std::vector<int32_t>& domains = {},
+    DType kv = DType::f32) {
   const ModelConfig& cfg = w.config();
   Decoder dec(w);
   const int64_t B = int64_t(prompts.size()), V = cfg.vocab;
-  KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 4 * B * 2, cfg.max_seq);
+  KvCache cache(dec.cache_shape(kv), dec.cache_shape(kv).block_bytes() * 4 * B * 2, cfg.max_seq);
   std::vector<std::vector<int32_t>> ctx = prompts;
   std::vector<int64_t> seq(static_cast<size_t>(B)), cached(static_cast<size_t>(B), 0);
   for (int64_t b = 0; b < B; ++b) {
@@ -185,25 +186,30 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CachedVsRecompute,
                                            Layout{true, Activation::gelu_erf, 2}),
                          layout_name);
 
-// The same sequence gives bitwise the same logits alone or in a ragged batch of 8, f32 and bf16.
+// The same sequence gives bitwise the same logits alone or in a ragged batch of 8: f32, bf16 and
+// int8 weights, each with an f32 and a bf16 KV cache.
 TEST(Decoder, BatchInvariantBitwise) {
   TestModel m(config(true, Activation::fast_gelu, 2));
-  for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row}) {
-    const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
-    std::vector<std::vector<int32_t>> ps;
-    const int64_t lens[8] = {9, 1, 4, 17, 6, 2, 30, 11};
-    for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
-    std::vector<std::vector<int32_t>> tb;
-    auto batched = cached_greedy(w, ps, 10, &tb);
-    for (size_t b = 0; b < ps.size(); ++b) {
-      std::vector<std::vector<int32_t>> t1;
-      auto alone = cached_greedy(w, {ps[b]}, 10, &t1);
-      EXPECT_EQ(t1[0], tb[b]) << weight_format_name(f) << " sequence " << b;
-      for (size_t g = 0; g < alone[0].size(); ++g)
-        EXPECT_EQ(0, std::memcmp(alone[0][g].data(), batched[b][g].data(), alone[0][g].size() * 4))
-            << weight_format_name(f) << " sequence " << b << " step " << g;
+  for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row})
+    for (DType kv : {DType::f32, DType::bf16}) {
+      const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+      std::vector<std::vector<int32_t>> ps;
+      const int64_t lens[8] = {9, 1, 4, 17, 6, 2, 30, 11};
+      for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
+      std::vector<std::vector<int32_t>> tb;
+      auto batched = cached_greedy(w, ps, 10, &tb, {}, kv);
+      const std::string what =
+          std::string(weight_format_name(f)) + " weights, " + std::string(dtype_name(kv)) + " KV";
+      for (size_t b = 0; b < ps.size(); ++b) {
+        std::vector<std::vector<int32_t>> t1;
+        auto alone = cached_greedy(w, {ps[b]}, 10, &t1, {}, kv);
+        EXPECT_EQ(t1[0], tb[b]) << what << " sequence " << b;
+        for (size_t g = 0; g < alone[0].size(); ++g)
+          EXPECT_EQ(0,
+                    std::memcmp(alone[0][g].data(), batched[b][g].data(), alone[0][g].size() * 4))
+              << what << " sequence " << b << " step " << g;
+      }
     }
-  }
 }
 
 // bf16 weights (linears) against f32 recomputation. The dtype's tolerance is what rounding the
@@ -212,10 +218,8 @@ TEST(Decoder, BatchInvariantBitwise) {
 // f32 model). Separately, the bf16 path must equal that plain model within the f32 tolerance
 // (it multiplies exactly the rounded values). Tokens are compared up to the first step whose
 // top-2 margin is below the tolerance; such steps are printed.
-TEST(Decoder, Bf16LogitsWithinTolerance) {
-  TestModel m(config(true, Activation::fast_gelu, 2));
-  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::bf16, WeightFormat::f32);
-  TestModel rounded(m.cfg);  // the plain bf16 implementation: linears rounded, f32 arithmetic
+// m's weights with every linear rounded to bf16, computed in f32: the plain bf16 implementation.
+void round_linears_to_bf16(const TestModel& m, TestModel& rounded) {
   std::copy(m.gpt.weights(), m.gpt.weights() + m.gpt.layout().total(), rounded.gpt.weights());
   for (const auto& spec : m.gpt.layout().specs()) {
     const std::string& n = spec.name;
@@ -226,6 +230,13 @@ TEST(Decoder, Bf16LogitsWithinTolerance) {
       round_f32_to_bf16(rounded.gpt.weights() + spec.offset, rounded.gpt.weights() + spec.offset,
                         size_t(spec.numel));
   }
+}
+
+TEST(Decoder, Bf16LogitsWithinTolerance) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::bf16, WeightFormat::f32);
+  TestModel rounded(m.cfg);  // the plain bf16 implementation: linears rounded, f32 arithmetic
+  round_linears_to_bf16(m, rounded);
   int64_t compared = 0;
   double worst = 0, worst_plain = 0;
   for (uint64_t seed = 0; seed < 6; ++seed) {
@@ -266,6 +277,85 @@ TEST(Decoder, Bf16LogitsWithinTolerance) {
       "bf16-rounded model: %.3g)\n",
       (long long)compared, worst, worst_plain);
   EXPECT_GE(compared, 10);
+}
+
+// A bf16 KV cache (f32 weights) against the f32 cache. The numerics: every K and V element is
+// rounded to bf16 once, when it is written (relative error <= 2^-9); paged attention widens it
+// exactly and accumulates in f32 (attention_test_paged_attention checks it equals the f32 kernel
+// on the rounded K/V bitwise). So the only difference from the f32 cache is that rounding: an
+// activation rounding of the same relative size as rounding the linears' weights to bf16. A
+// rounded key moves a score by up to 2^-9 |q.k|, an absolute change that the softmax turns into
+// weight changes; this test model's scores are large (its weights are scaled 4x), so per step
+// the KV error is of the same order as the bf16-weight error, sometimes above it. The dtype's
+// tolerance is therefore taken over the whole run: 2x the worst logit error (relative to the
+// logits' scale) of the plain bf16 model (linears rounded, f32 arithmetic) against the exact one
+// on the same contexts (conventions: at most 2x a plain same-dtype implementation), plus the f32
+// tolerance 1e-5. Tokens are compared up to the first step whose top-2 margin is below it; such
+// steps are printed.
+TEST(Decoder, Bf16KvCacheWithinToleranceOfF32Kv) {
+  for (const Layout& lay :
+       {Layout{true, Activation::fast_gelu, 2}, Layout{false, Activation::gelu, 4}}) {
+    TestModel m(config(lay.query_layer, lay.act, lay.nkv));
+    const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::f32, WeightFormat::f32);
+    TestModel rounded(m.cfg);
+    round_linears_to_bf16(m, rounded);
+    const int64_t G = 16, n_prompts = 6;
+    std::vector<std::vector<int32_t>> ps;
+    for (int64_t i = 0; i < n_prompts; ++i)
+      ps.push_back(prompt(6 + 5 * i, m.cfg.vocab, 60 + uint64_t(i)));
+    // Pass 1: the f32 cache's greedy paths, and the plain bf16 model's error along them.
+    std::vector<std::vector<std::vector<float>>> l32(static_cast<size_t>(n_prompts));
+    std::vector<std::vector<int32_t>> t32(static_cast<size_t>(n_prompts));
+    double worst_plain = 0;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      std::vector<std::vector<int32_t>> t;
+      l32[i] = cached_greedy(w, {ps[i]}, G, &t, {}, DType::f32)[0];
+      t32[i] = t[0];
+      std::vector<int32_t> ctx = ps[i];
+      for (int64_t g = 0; g < G; ++g) {
+        const std::vector<float> exact = m.recompute_logits(ctx);
+        const std::vector<float> plain = rounded.recompute_logits(ctx);
+        double e = 0;
+        for (size_t v = 0; v < exact.size(); ++v)
+          e = std::max(e, double(std::fabs(exact[v] - plain[v])));
+        worst_plain = std::max(worst_plain, e / std::max(1.0, max_abs(exact)));
+        ctx.push_back(t32[i][size_t(g)]);
+      }
+    }
+    const double tol_rel = 2 * worst_plain + 1e-5;
+    // Pass 2: the bf16 cache along the same prompts.
+    int64_t compared = 0;
+    double worst = 0;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      std::vector<std::vector<int32_t>> t16;
+      auto l16 = cached_greedy(w, {ps[i]}, G, &t16, {}, DType::bf16)[0];
+      for (size_t g = 0; g < size_t(G); ++g) {
+        const std::vector<float>& ref = l32[i][g];
+        const double scale = std::max(1.0, max_abs(ref)), tol = tol_rel * scale;
+        double err = 0;
+        for (size_t v = 0; v < ref.size(); ++v)
+          err = std::max(err, double(std::fabs(ref[v] - l16[g][v])));
+        worst = std::max(worst, err / scale);
+        EXPECT_LE(err, tol) << "prompt " << i << " step " << g;
+        if (margin(ref) < tol) {
+          std::printf(
+              "bf16 KV prompt %zu step %zu: top-2 margin %.3g below tolerance %.3g; tokens "
+              "compared up to here\n",
+              i, g, margin(ref), tol);
+          break;
+        }
+        EXPECT_EQ(t16[0][g], t32[i][g]) << "prompt " << i << " step " << g;
+        ++compared;
+      }
+    }
+    std::printf(
+        "bf16 KV (%s): %lld tokens compared; worst logit error %.3g of the logits' scale; "
+        "tolerance %.3g (plain bf16-weight model's worst: %.3g)\n",
+        lay.query_layer ? "query layer, nkv 2" : "no query layer, nkv 4", (long long)compared,
+        worst, tol_rel, worst_plain);
+    EXPECT_GT(worst, 0.0);  // the cache really was bf16
+    EXPECT_GE(compared, 10);
+  }
 }
 
 // int8 per-row weights: the quantisation bound |W - s q| <= s/2 per element, and hence every

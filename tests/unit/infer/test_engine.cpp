@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <mutex>
 
@@ -207,6 +208,127 @@ TEST(Engine, AdmissionWaitsForKvBlocks) {
   EXPECT_EQ(c.out[a.request_id].tokens.size(), 30u);
   EXPECT_EQ(c.out[b.request_id].tokens.size(), 5u);
   EXPECT_EQ(c.out[b.request_id].tokens, alone(request(tokens(5, 8), 0.f, 0, 5, c)).tokens);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// The KV pool sizes (--kv-memory, --kv-blocks, the --max-batch default) in blocks, a bf16 pool
+// holding twice the blocks of an f32 one in the same bytes, and errors that name the value given,
+// the minimum (one full-context sequence) and the fix.
+TEST(Engine, KvPoolSizeFromOptionsAndItsErrors) {
+  const model::ModelConfig cfg = config();  // max_seq 64: 4 blocks of 16 tokens per sequence
+  const int64_t bb = KvCacheShape{3, 2, 8, 16}.block_bytes();  // L' 3, NKV 2, HD 8, f32
+  EngineOptions o;
+  o.max_batch = 3;
+  KvPoolSize k = kv_pool_size(cfg, o);
+  EXPECT_EQ(k.min_blocks, 4);
+  EXPECT_EQ(k.blocks, 12);  // max_batch full-context sequences
+  EXPECT_EQ(k.bytes, 12 * bb);
+  EXPECT_EQ(k.full_sequences(), 3);
+  o.kv_budget_bytes = 10 * bb + 7;
+  EXPECT_EQ(kv_pool_size(cfg, o).blocks, 10);
+  o.kv_dtype = DType::bf16;
+  k = kv_pool_size(cfg, o);
+  EXPECT_EQ(k.blocks, 20);  // half the bytes per block
+  EXPECT_EQ(k.full_sequences(), 5);
+  EXPECT_EQ(k.shape.dtype, DType::bf16);
+  o = {};
+  o.kv_blocks = 7;
+  EXPECT_EQ(kv_pool_size(cfg, o).blocks, 7);
+
+  o = {};
+  o.kv_budget_bytes = 3 * bb;
+  std::string m = error_of([&] { kv_pool_size(cfg, o); });
+  EXPECT_NE(m.find("--kv-memory " + std::to_string(3 * bb) + " "), std::string::npos) << m;
+  EXPECT_NE(m.find("use --kv-memory " + std::to_string(4 * bb) + " "), std::string::npos) << m;
+  EXPECT_NE(m.find("(64 tokens) needs 4 blocks"), std::string::npos) << m;
+  o = {};
+  o.kv_blocks = 3;
+  m = error_of([&] { kv_pool_size(cfg, o); });
+  EXPECT_NE(m.find("--kv-blocks 3 is too few"), std::string::npos) << m;
+  EXPECT_NE(m.find("use --kv-blocks 4 or more"), std::string::npos) << m;
+  o.kv_budget_bytes = 100 * bb;
+  m = error_of([&] { kv_pool_size(cfg, o); });
+  EXPECT_NE(m.find("give one of them"), std::string::npos) << m;
+  o = {};
+  o.kv_blocks = int64_t(1) << 30;  // 6 TiB in f32
+  m = error_of([&] { kv_pool_size(cfg, o); });
+  EXPECT_NE(m.find("of memory; lower --kv-memory"), std::string::npos) << m;
+  o = {};
+  o.kv_dtype = DType::i8;
+  m = error_of([&] { kv_pool_size(cfg, o); });
+  EXPECT_NE(m.find("choose f32 or bf16"), std::string::npos) << m;
+  // The engine builds exactly that pool, and the error is the same from its constructor.
+  o = {};
+  o.start_thread = false;
+  o.kv_dtype = DType::bf16;
+  o.kv_budget_bytes = 8 * bb;
+  auto e = make_engine(o);
+  EXPECT_EQ(e->stats().kv_blocks_total, 16);
+  EXPECT_EQ(e->kv_pool().shape.dtype, DType::bf16);
+  o.kv_budget_bytes = bb;
+  m = error_of([&] { make_engine(o); });
+  EXPECT_NE(m.find("use --kv-memory " + std::to_string(4 * bb / 2) + " "), std::string::npos) << m;
+}
+
+TEST(Engine, ByteSizesAndKvDtypeFlags) {
+  EXPECT_EQ(parse_byte_size("268435456", "--kv-memory"), 268435456);
+  EXPECT_EQ(parse_byte_size("512M", "--kv-memory"), int64_t(512) << 20);
+  EXPECT_EQ(parse_byte_size("2GiB", "--kv-memory"), int64_t(2) << 30);
+  EXPECT_EQ(parse_byte_size("1.5G", "--kv-memory"), int64_t(3) << 29);
+  EXPECT_EQ(parse_byte_size("64k", "--kv-memory"), 65536);
+  for (const char* bad : {"", "abc", "-5", "0", "12Q", "5 M", "1e30"}) {
+    const std::string m = error_of([&] { parse_byte_size(bad, "--kv-memory"); });
+    EXPECT_NE(m.find("--kv-memory '" + std::string(bad) + "' is not a size"), std::string::npos)
+        << m;
+  }
+  EXPECT_EQ(kv_dtype_from_flag("auto", WeightFormat::f32), DType::f32);
+  EXPECT_EQ(kv_dtype_from_flag("auto", WeightFormat::bf16), DType::bf16);
+  EXPECT_EQ(kv_dtype_from_flag("bf16", WeightFormat::f32), DType::bf16);
+  EXPECT_EQ(kv_dtype_from_flag("f32", WeightFormat::bf16), DType::f32);
+  EXPECT_THROW(kv_dtype_from_flag("fp8", WeightFormat::f32), Error);
+}
+
+// A bf16-KV engine: requests joining mid-run still give the tokens they give alone (the bf16
+// cache keeps batch invariance).
+TEST(Engine, Bf16KvRequestsGiveTheTokensTheyGiveAlone) {
+  auto run = [](const std::vector<Request>& reqs) {
+    EngineOptions o;
+    o.start_thread = false;
+    o.kv_dtype = DType::bf16;
+    auto e = make_engine(o);
+    Collector c;
+    std::vector<int64_t> ids;
+    for (const Request& r : reqs) {
+      Request x = r;
+      x.on_event = c.sink();
+      ids.push_back(e->submit(x).request_id);
+      e->step();  // each joins a running batch
+    }
+    while (e->step()) {
+    }
+    std::vector<Outcome> out;
+    for (int64_t id : ids) out.push_back(c.out[id]);
+    return out;
+  };
+  Collector unused;
+  std::vector<Request> reqs = {request(tokens(9, 1), 0.f, 0, 12, unused),
+                               request(tokens(3, 2), 0.9f, 5, 10, unused),
+                               request(tokens(20, 3), 0.f, 0, 8, unused)};
+  const std::vector<Outcome> together = run(reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const std::vector<Outcome> solo = run({reqs[i]});
+    EXPECT_EQ(together[i].tokens, solo[0].tokens) << i;
+    EXPECT_EQ(together[i].logprobs, solo[0].logprobs) << i;
+    EXPECT_FALSE(solo[0].tokens.empty()) << i;
+  }
 }
 
 TEST(Engine, RefusalsNameTheProblem) {

@@ -55,14 +55,20 @@ struct Dir {
 
 // An f32 checkpoint of a perturbed model (biases and norms off their init values, one all-zero
 // row in a linear: its scale is 0), with a tokenizer-like extra file.
-std::vector<float> write_f32_checkpoint(const model::ModelConfig& cfg, const std::string& dir) {
+// MoE (rre): the routing table (not trainable: integer expert indices) is left as initialised.
+std::vector<float> write_f32_checkpoint(const model::ModelConfig& cfg, const std::string& dir,
+                                        const std::string& zero_row = "blocks.1.ffn.up.weight") {
   MemoryPool pool;
   model::Gpt g(cfg, pool, model::Precision::f32);
   g.init_weights(5);
   const model::ParamLayout& layout = g.layout();
   std::vector<float> w(g.weights(), g.weights() + layout.total());
-  for (size_t i = 0; i < w.size(); ++i) w[i] = 4.f * w[i] + 0.05f * rng_normal(9, 2, i);
-  const model::ParamSpec& up = layout.find("blocks.1.ffn.up.weight");
+  for (const auto& s : layout.specs()) {
+    if (!s.trainable) continue;
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
+      w[size_t(i)] = 4.f * w[size_t(i)] + 0.05f * rng_normal(9, 2, uint64_t(i));
+  }
+  const model::ParamSpec& up = layout.find(zero_row);
   std::fill(w.begin() + up.offset + 3 * up.shape[1], w.begin() + up.offset + 4 * up.shape[1], 0.f);
   interop::save_checkpoint(dir, cfg, layout, w.data(), {}, {{"step", 7}},
                            [](const std::string& staging) {
@@ -72,9 +78,11 @@ std::vector<float> write_f32_checkpoint(const model::ModelConfig& cfg, const std
   return w;
 }
 
-// Last-token logits of each prompt through the KV-cached decoder (one prefill step each).
+// Last-token logits of each prompt through the KV-cached decoder (one prefill step each); MoE
+// models route every token by `domain` (-1: the model's "other").
 std::vector<std::vector<float>> logits_of(const ModelWeights& w,
-                                          const std::vector<std::vector<int32_t>>& prompts) {
+                                          const std::vector<std::vector<int32_t>>& prompts,
+                                          int32_t domain = -1) {
   Decoder dec(w);
   const int64_t V = w.config().vocab;
   KvCache cache(dec.cache_shape(), dec.cache_shape().block_bytes() * 64, w.config().max_seq);
@@ -83,7 +91,7 @@ std::vector<std::vector<float>> logits_of(const ModelWeights& w,
     const int64_t s = cache.create();
     EXPECT_TRUE(cache.reserve(s, int64_t(p.size())));
     std::vector<float> l(static_cast<size_t>(V));
-    std::vector<SeqStep> st = {{s, 0, p}};
+    std::vector<SeqStep> st = {{s, 0, p, domain}};
     dec.forward(cache, st, l.data());
     out.push_back(l);
     cache.release(s);
@@ -231,6 +239,94 @@ TEST(QuantizeLoad, StreamedLoadEqualsFlatConstructor) {
     for (size_t i = 0; i < ps.size(); ++i)
       EXPECT_EQ(std::memcmp(la[i].data(), lb[i].data(), la[i].size() * sizeof(float)), 0);
   }
+}
+
+model::ModelConfig tiny_moe() {
+  return model::load_model_config(std::string(LOOM_TEST_DATA_DIR) +
+                                  "/../../configs/models/tiny-moe.toml");
+}
+
+// An rre MoE checkpoint (configs/models/tiny-moe.toml: the top block sparse, 4 domains x 2
+// experts, query layer): `loom quantize` converts every expert's up and down linear per output
+// row too, and the int8 checkpoint gives bitwise the logits of its f32 source quantized at load
+// time, in every domain.
+TEST(QuantizeMoe, Int8CheckpointEqualsLoadTimeInt8Bitwise) {
+  const model::ModelConfig cfg = tiny_moe();
+  ASSERT_TRUE(cfg.moe.enabled() && cfg.moe.router == model::Router::rre);
+  Dir d("moe");
+  write_f32_checkpoint(cfg, d / "f32", "blocks.1.moe.experts.3.up.weight");
+  const QuantizeResult r = quantize_checkpoint(d / "f32", d / "int8", WeightFormat::int8_row);
+  // Dense blocks and the query layer: q, k, v, out, up, down; sparse: q, k, v, out + 2 per expert.
+  int64_t linears = cfg.query_layer ? 6 : 0;
+  for (int64_t i = 0; i < cfg.n_layers; ++i)
+    linears += cfg.moe.is_sparse(i) ? 4 + 2 * cfg.moe.experts : 6;
+  EXPECT_EQ(r.quantized, linears);
+  const double ratio = double(r.linear_bytes_in) / double(r.linear_bytes_out);
+  EXPECT_GT(ratio, 3.7);  // 4K / (K + 4) for K >= 64 columns
+  EXPECT_LT(ratio, 4.0);
+
+  interop::CheckpointReader q(d / "int8");
+  EXPECT_EQ(q.weight_dtype("blocks.1.moe.experts.0.up.weight"), DType::i8);
+  EXPECT_EQ(q.weight_dtype("blocks.1.moe.experts.7.down.weight"), DType::i8);
+  EXPECT_EQ(q.weight_dtype("blocks.1.moe.experts.0.up.bias"), DType::f32);
+  EXPECT_EQ(q.weight_dtype("blocks.1.moe.rre_table"), DType::f32);  // integer indices, kept
+  EXPECT_EQ(q.weight_dtype("blocks.0.ffn.up.weight"), DType::i8);
+
+  const ModelWeights a = ModelWeights::load(d / "f32", WeightFormat::int8_row, WeightFormat::f32);
+  const ModelWeights b = ModelWeights::load(d / "int8", WeightFormat::int8_row, WeightFormat::f32);
+  EXPECT_EQ(b.linear_format(), WeightFormat::int8_row);
+  int64_t sparse_blocks = 0;
+  for (int64_t i = 0; i < cfg.n_layers; ++i) {
+    expect_same_view(a.block_linears(i).qkv, b.block_linears(i).qkv, "qkv");
+    const BlockExperts& ea = a.block_experts(i);
+    const BlockExperts& eb = b.block_experts(i);
+    ASSERT_EQ(ea.sparse(), eb.sparse());
+    if (!ea.sparse()) continue;
+    ++sparse_blocks;
+    ASSERT_EQ(ea.up.size(), size_t(cfg.moe.experts));
+    for (size_t e = 0; e < ea.up.size(); ++e) {
+      expect_same_view(ea.up[e], eb.up[e], "expert up");
+      expect_same_view(ea.down[e], eb.down[e], "expert down");
+      EXPECT_EQ(eb.up[e].format, WeightFormat::int8_row);
+    }
+    // The zeroed row of expert 3's up: scale 0 (an all-zero row quantizes to zeros).
+    EXPECT_EQ(eb.up[3].scales[3], 0.f);
+  }
+  EXPECT_EQ(sparse_blocks, 1);
+  EXPECT_EQ(a.matmul_weight_bytes(), b.matmul_weight_bytes());
+  const auto ps = prompts(cfg.vocab);
+  for (int32_t dom = -1; dom < int32_t(cfg.moe.num_domains()); ++dom) {
+    const auto la = logits_of(a, ps, dom), lb = logits_of(b, ps, dom);
+    for (size_t i = 0; i < ps.size(); ++i)
+      EXPECT_EQ(std::memcmp(la[i].data(), lb[i].data(), la[i].size() * sizeof(float)), 0)
+          << "domain " << dom << " prompt " << i << ": logits differ";
+  }
+  // The int8 experts really run: the logits differ from the f32 model's (by a little).
+  const ModelWeights f = ModelWeights::load(d / "f32", WeightFormat::f32, WeightFormat::f32);
+  const auto lf = logits_of(f, ps, 0), l8 = logits_of(b, ps, 0);
+  EXPECT_NE(std::memcmp(lf[1].data(), l8[1].data(), lf[1].size() * sizeof(float)), 0);
+}
+
+// A topk MoE checkpoint is refused, naming the router and what to do instead; nothing written.
+TEST(QuantizeMoe, TopkRefusedWithReason) {
+  model::ModelConfig cfg = tiny_moe();
+  cfg.moe.router = model::Router::topk;
+  cfg.moe.domains.clear();
+  cfg.moe.experts_per_domain = 0;
+  cfg.moe.experts = 4;
+  cfg.moe.top_k = 2;
+  cfg.validate();
+  Dir d("topk");
+  write_f32_checkpoint(cfg, d / "f32", "blocks.0.ffn.up.weight");
+  try {
+    quantize_checkpoint(d / "f32", d / "int8", WeightFormat::int8_row);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("topk router"), std::string::npos) << m;
+    EXPECT_NE(m.find("rre MoE models only"), std::string::npos) << m;
+  }
+  EXPECT_FALSE(fs::exists(d / "int8"));
 }
 
 }  // namespace
