@@ -1,10 +1,12 @@
 // `loom bench decode --model M.toml --batch B --prompt-tokens P --new-tokens N
-//  --dtype f32|bf16|int8 [--kv-dtype auto|f32|bf16] [--seed S]`: times the KV-cached decoder (infer::Decoder) on a model
+//  --dtype f32|bf16|int8 [--head-dtype f32|bf16|int8] [--kv-dtype auto|f32|bf16] [--seed S]`:
+// times the KV-cached decoder (infer::Decoder) on a model
 // with loom's random init: one prefill step of B prompts of P tokens, then N decode steps of one
 // token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
 // it reads them at, beside a read-bandwidth probe run in the same invocation. --kv-dtype auto is
-// bf16 for --dtype bf16 and int8 (whose head is bf16 here), f32 for f32 (kv_flags.h).
+// bf16 for --dtype bf16 and int8 (whose head is bf16 here unless --head-dtype says otherwise),
+// f32 for f32 (kv_flags.h).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -28,7 +30,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
-    std::string model, dtype = "f32";
+    std::string model, dtype = "f32", head_dtype;
     int64_t batch = 1, prompt_tokens = 128, new_tokens = 128;
     uint64_t seed = 1;
     loom::cli::KvFlags kv;
@@ -43,6 +45,9 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dtype", o->dtype,
                   "linear weight storage: f32, bf16 or int8 (head: bf16 "
                   "for int8)")
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}));
+  sub->add_option("--head-dtype", o->head_dtype,
+                  "tied LM head storage: f32, bf16 or int8 (default: --dtype's, bf16 for int8)")
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--seed", o->seed, "init and prompt seed");
   loom::cli::add_kv_dtype_flag(sub, o->kv);
@@ -59,14 +64,18 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
                cfg.max_seq);
     const infer::WeightFormat lin = infer::weight_format_from_name(o->dtype);
     const infer::WeightFormat head =
-        lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16 : lin;
+        !o->head_dtype.empty()               ? infer::weight_format_from_name(o->head_dtype)
+        : lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16
+                                               : lin;
     const model::ParamLayout layout(cfg);
     std::vector<float> flat(size_t(layout.total()));  // f32 init, converted below
     model::init_params(layout, cfg, flat.data(), o->seed);
     const infer::ModelWeights w(cfg, flat.data(), lin, head);
     flat = std::vector<float>();
     infer::Decoder dec(w);
-    const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, head);
+    // --kv-dtype auto: bf16 for bf16 and int8 linears, f32 for f32 (whatever the head).
+    const DType kv_dtype = infer::kv_dtype_from_flag(
+        o->kv.dtype, lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16 : lin);
     const infer::KvCacheShape ks = dec.cache_shape(kv_dtype);
     infer::KvCache cache(ks, ks.block_bytes() * B * ((P + N + 15) / 16), P + N);
     std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
@@ -113,6 +122,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
         {"impl", "loom"},
         {"model", cfg.name},
         {"dtype", o->dtype},
+        {"head_dtype", infer::weight_format_name(head)},
         {"kv_dtype", infer::kv_dtype_name(kv_dtype)},
         {"batch", B},
         {"prompt_tokens", P},

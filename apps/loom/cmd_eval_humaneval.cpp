@@ -36,7 +36,7 @@ struct Args {
   bool no_progress = false;
   // --checkpoint: generate the samples with the model first.
   std::string checkpoint, tokenizer, dtype = "f32", domain;
-  bool int8 = false, resume = false, no_tag = false;
+  bool int8 = false, int8_head = false, resume = false, no_tag = false;
   int64_t max_batch = 8;
   loom::cli::KvFlags kv;
   loom::eval::GenerateOptions gen;
@@ -130,6 +130,7 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--tokenizer", args->tokenizer, "--checkpoint: tokenizer (default: DIR/tokenizer)");
   sub->add_option("--dtype", args->dtype, "--checkpoint: weights f32 or bf16")->capture_default_str();
   sub->add_flag("--int8", args->int8, "--checkpoint: int8 per-row weights for the block linears");
+  sub->add_flag("--int8-head", args->int8_head, "--checkpoint, with --int8: the tied LM head in int8 rows too");
   sub->add_option("--domain", args->domain,
                   "--checkpoint, MoE (rre) models: route every prompt by this domain (default: "
                   "each problem's language's domain, else \"other\")");
@@ -176,8 +177,8 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
       EngineOptions eo;
       eo.max_batch = args->max_batch;
       // As `loom generate` (infer/weights.h, weight_formats_from_flags; kv_flags.h).
-      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8);
-      loom::cli::apply_kv_flags(args->kv, wf.head, eo);
+      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8, args->int8_head);
+      loom::cli::apply_kv_flags(args->kv, wf.base, eo);
       auto engine = load_engine(args->checkpoint, args->tokenizer, wf.linears, wf.head, eo);
       loom::eval::ProblemSet problems = loom::eval::ProblemSet::load(o.problem_files);
       problems.keep_languages(o.languages);

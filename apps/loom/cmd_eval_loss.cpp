@@ -93,7 +93,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
     std::string checkpoint, tokens, data, split = "val", dtype, domain;
     int64_t seq = 0, batch = 4, max_tokens = 0;
-    bool int8 = false;
+    bool int8 = false, int8_head = false;
     loom::cli::KvFlags kv;
   };
   auto o = std::make_shared<Opts>();
@@ -114,6 +114,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_flag("--int8", o->int8,
                 "evaluate through the inference weights with the linears in int8 per output row "
                 "(the head in --dtype, default f32)");
+  sub->add_flag("--int8-head", o->int8_head, "with --int8: the tied LM head in int8 rows too");
   loom::cli::add_kv_dtype_flag(sub, o->kv);
   sub->callback([o, &ctx] {
     using namespace loom;
@@ -153,11 +154,12 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
       LOOM_CHECK(!ids.empty(), "--data '{}' has no tokens in split '{}'", o->data, o->split);
     }
     if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(size_t(o->max_tokens));
-    const bool infer_path = !o->dtype.empty() || o->int8 || o->kv.dtype != "auto";
+    const bool infer_path = !o->dtype.empty() || o->int8 || o->int8_head || o->kv.dtype != "auto";
     infer::WeightFormats wf;
-    if (infer_path) wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8);
+    if (infer_path)
+      wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8, o->int8_head);
     const infer::WeightFormat head = wf.head, lin = wf.linears;
-    const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, head);
+    const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, wf.base);
     interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
     for (size_t i = 0; i < ids.size(); ++i)

@@ -25,6 +25,9 @@ for B in ${LOOM_BENCH_BATCHES:-1 8}; do
     "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
       --dtype "$dtype" | tee -a "$out"
   done
+  # int8 with the tied head in int8 too (--int8 --int8-head in generate / serve / eval).
+  "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
+    --dtype int8 --head-dtype int8 | tee -a "$out"
   for dtype in f32 bf16; do
     env -u OMP_WAIT_POLICY "$py" "$here/torch_decode.py" --model "$model" --batch "$B" \
       --prompt-tokens "$P" --new-tokens "$N" --dtype "$dtype" | tee -a "$out"
@@ -33,7 +36,10 @@ done
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-loom = {(r["batch"], r["dtype"]): r for r in rows if r.get("impl") == "loom"}
+def key(r):  # "int8" has a bf16 head; "int8+head" quantizes the head too
+    d = r["dtype"]
+    return (r["batch"], d + "+head" if d == "int8" and r.get("head_dtype") == "int8" else d)
+loom = {key(r): r for r in rows if r.get("impl") == "loom"}
 torch = {(r["batch"], r["dtype"]): r for r in rows if r.get("peer") == "torch"}
 def tps(d, k):
     return d[k]["decode_tokens_per_s"] if k in d else float("nan")
@@ -46,7 +52,9 @@ for B in sorted({k[0] for k in loom}):
     else:
         checks.append(("batch 1 bf16 loom / torch f32 >= 2", tps(loom, (1, "bf16")) / tps(torch, (1, "f32")), 2.0))
         checks.append(("batch 1 int8 / loom bf16 >= 1.6", tps(loom, (1, "int8")) / tps(loom, (1, "bf16")), 1.6))
-        for d in ("f32", "bf16", "int8"):
+        checks.append(("batch 1 int8 (int8 head) / loom bf16 >= 1.6",
+                       tps(loom, (1, "int8+head")) / tps(loom, (1, "bf16")), 1.6))
+        for d in ("f32", "bf16", "int8", "int8+head"):
             if (1, d) in loom:
                 r = loom[(1, d)]
                 checks.append(("batch 1 %s weight read / probe >= 0.9" % d, r["weight_read_fraction_of_probe"], 0.9))

@@ -30,14 +30,19 @@ WeightFormat weight_format_from_name(const std::string& name) {
   LOOM_FAIL("unknown weight format '{}'; choose f32, bf16 or int8", name);
 }
 
-WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8) {
+WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8, bool int8_head) {
   WeightFormats f;
-  f.head = weight_format_from_name(dtype);
+  f.base = f.head = weight_format_from_name(dtype);
   LOOM_CHECK(f.head != WeightFormat::int8_row,
              "--dtype {}: the head and the linears are stored as f32 or bf16; use --int8 for int8 "
              "linears",
              dtype);
+  LOOM_CHECK(!int8_head || int8,
+             "--int8-head quantizes the tied head as well as the block linears: give it with "
+             "--int8 (alone it would leave the linears in {})",
+             dtype);
   f.linears = int8 ? WeightFormat::int8_row : f.head;
+  if (int8_head) f.head = WeightFormat::int8_row;
   return f;
 }
 

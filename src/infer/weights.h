@@ -70,14 +70,18 @@ QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std:
 const char* weight_format_name(WeightFormat f);
 WeightFormat weight_format_from_name(const std::string& name);
 
-// The storage flags `loom generate`, `loom serve` and `loom eval loss` share: --dtype f32|bf16
-// stores the linears and the tied head; --int8 puts the block linears in int8 rows and leaves the
-// head in --dtype (one matrix, whose logits feed sampling and logprobs directly). Throws naming
-// the flag for --dtype int8 (int8 is --int8).
+// The storage flags `loom generate`, `loom serve`, `loom eval loss` and `loom eval humaneval-x`
+// share: --dtype f32|bf16 stores the linears and the tied head; --int8 puts the block linears in
+// int8 rows and leaves the head in --dtype (one matrix, whose logits feed sampling and logprobs
+// directly); --int8-head (with --int8) quantizes the head's copy of the token embedding to int8
+// rows too (the embedding lookup keeps the f32 table), the largest single matrix of a small
+// model. `base` is --dtype's format (what --kv-dtype auto follows). Throws naming the flag for
+// --dtype int8 (int8 is --int8) and for --int8-head without --int8.
 struct WeightFormats {
-  WeightFormat linears = WeightFormat::f32, head = WeightFormat::f32;
+  WeightFormat linears = WeightFormat::f32, head = WeightFormat::f32, base = WeightFormat::f32;
 };
-WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8);
+WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8,
+                                        bool int8_head = false);
 
 // The linears of one block: qkv (C+2KV, C) with q rows [0, C) and k, v rows after; out (C, C);
 // up (F, C); down (C, F).

@@ -47,11 +47,12 @@ f32=$(ev f32 --dtype f32)
 bf16=$(ev bf16 --dtype bf16)
 int8=$(ev int8 --int8)
 kv16=$(ev kv16 --kv-dtype bf16)
-echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8, f32 with bf16 KV $kv16"
+int8h=$(ev int8h --int8 --int8-head)
+echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8, int8 + int8 head $int8h, f32 with bf16 KV $kv16"
 
-check() {  # check NAME PYTHON_BOOLEAN_EXPR (f32, bf16, int8, train, kv16 in scope)
-  if /usr/bin/python3 -c "import sys; f32,bf16,int8,train,kv16=map(float,sys.argv[1:6]); sys.exit(0 if ($2) else 1)" \
-    "$f32" "$bf16" "$int8" "$train" "$kv16"; then pass "$1"; else fail "$1"; fi
+check() {  # check NAME PYTHON_BOOLEAN_EXPR (f32, bf16, int8, train, kv16, int8h in scope)
+  if /usr/bin/python3 -c "import sys; f32,bf16,int8,train,kv16,int8h=map(float,sys.argv[1:7]); sys.exit(0 if ($2) else 1)" \
+    "$f32" "$bf16" "$int8" "$train" "$kv16" "$int8h"; then pass "$1"; else fail "$1"; fi
 }
 check "the checkpoint learned (f32 val loss $f32 < 7.8; at init ~ ln 4096 = 8.3)" "f32 < 7.8"
 check "f32 inference weights give the training forward's loss (1e-5 relative)" \
@@ -59,6 +60,8 @@ check "f32 inference weights give the training forward's loss (1e-5 relative)" \
 check "int8 val loss $int8 < 1.01 x f32 $f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$int8" "$f32"))" \
   "int8 < 1.01 * f32"
 check "int8 really quantised (its loss differs from f32's)" "int8 != f32"
+check "int8 linears + int8 head val loss $int8h < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$int8h" "$f32"))" \
+  "int8h < 1.01 * f32 and int8h != int8"
 check "bf16 val loss $bf16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$bf16" "$f32"))" \
   "bf16 < 1.01 * f32 and bf16 != f32"
 check "bf16 KV cache val loss $kv16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$kv16" "$f32"))" \

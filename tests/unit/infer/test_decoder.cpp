@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/error.h"
 #include "core/memory_pool.h"
 #include "core/rng.h"
 #include "infer/decoder.h"
@@ -403,6 +404,46 @@ TEST(Decoder, Int8ModelCloseToF32) {
   // int8 rounding is 1/254 of a row's max per weight: a few percent of the logits' scale at most.
   EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));
   EXPECT_GT(err, 0.0);  // it really ran quantised
+}
+
+// --int8-head: the tied head's copy of the token embedding in int8 rows as well. Its bytes and
+// scales are exactly quantize_rows_int8 of the embedding (the rule every int8 linear follows; the
+// embedding lookup keeps the f32 table), the bytes a decode step reads fall by the head's bf16 ->
+// int8 difference, and the logits stay within the int8 model's tolerance of the f32 ones (the
+// test above: int8 rounding is at most half a row's step per weight). The flag rules too.
+TEST(Decoder, Int8HeadIsTheQuantizedEmbedding) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  const ModelWeights w8(m.cfg, m.gpt.weights(), WeightFormat::int8_row, WeightFormat::bf16);
+  const ModelWeights w8h(m.cfg, m.gpt.weights(), WeightFormat::int8_row, WeightFormat::int8_row);
+  ASSERT_EQ(w8h.head().format, WeightFormat::int8_row);
+  const int64_t V = m.cfg.vocab, C = m.cfg.d_model;
+  const model::ParamSpec& emb = m.gpt.layout().find("embed.token.weight");
+  std::vector<int8_t> q(size_t(V * C));
+  std::vector<float> sc(static_cast<size_t>(V));
+  kernels::quantize_rows_int8(q.data(), sc.data(), m.gpt.weights() + emb.offset, V, C);
+  EXPECT_EQ(std::memcmp(q.data(), w8h.head().data, q.size()), 0);
+  EXPECT_EQ(std::memcmp(sc.data(), w8h.head().scales, sc.size() * sizeof(float)), 0);
+  // The matmul bytes fall by the head's bf16 -> int8 difference: V*C*(2 - 1) - 4*V (scales).
+  EXPECT_EQ(w8.matmul_weight_bytes() - w8h.matmul_weight_bytes(), V * C - 4 * V);
+  const std::vector<int32_t> p = prompt(12, V, 21);
+  auto l8 = cached_greedy(w8h, {p}, 1, nullptr);
+  const std::vector<float> ref = m.recompute_logits(p);
+  double err = 0;
+  for (size_t v = 0; v < ref.size(); ++v) err = std::max(err, double(std::fabs(ref[v] - l8[0][0][v])));
+  std::printf("int8 linears + int8 head: max logit error %.3g, logits' scale %.3g\n", err, max_abs(ref));
+  EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));
+  // Flags: --int8-head needs --int8; --kv-dtype auto keeps following --dtype.
+  const WeightFormats f = weight_formats_from_flags("bf16", true, true);
+  EXPECT_EQ(f.linears, WeightFormat::int8_row);
+  EXPECT_EQ(f.head, WeightFormat::int8_row);
+  EXPECT_EQ(f.base, WeightFormat::bf16);
+  EXPECT_EQ(weight_formats_from_flags("f32", true).head, WeightFormat::f32);
+  try {
+    (void)weight_formats_from_flags("f32", false, true);
+    ADD_FAILURE() << "--int8-head without --int8 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("give it with --int8"), std::string::npos) << e.what();
+  }
 }
 
 // ---- Sparse (MoE, rre) blocks: configs/models/tiny-moe.toml (top block sparse, 4 domains x 2
