@@ -171,7 +171,6 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     // Row-heavy products as the blocks run them (rows N = b*T, widths of a small model).
     for (int64_t w : {64, 256}) shapes.push_back({2048, w, w});
     std::vector<std::pair<double, double>> f32_pts, bf16_pts;  // (flops, rate)
-    alone_256 = matmul_throughput(min_s);  // one thread, the others asleep
     for (const Shape& s : shapes) {
       const double fl = 2.0 * double(s.m * s.n * s.k);
       double best = 0;
@@ -202,6 +201,11 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
       }
       return t;
     };
+    // The concurrency table's unit: one thread alone on 256^3 products, the best of three
+    // windows like every concurrency entry below, measured after the sweep has warmed the core
+    // (a single first window read ~1.6x low here and made every rank look 1.6x faster than it
+    // is: the cost model then predicted half the measured step times on a quiet host).
+    for (int w = 0; w < 3; ++w) alone_256 = std::max(alone_256, matmul_throughput(min_s));
     c.eff_f32 = table(f32_pts, c.peak_flops_f32);
     c.eff_bf16 = table(bf16_pts, c.peak_flops_bf16);
     c.peak_flops_f32 *= c.host_cores;

@@ -265,7 +265,11 @@ double Cluster::rank_share(int ranks) const {
   for (const auto& e : concurrency)
     if (e.first <= ranks) at = &e;
   // Beyond the table (or below its first entry) the ranks split what that entry's ranks had.
-  return at->second * double(at->first) / double(ranks);
+  // Ranks computing at once cannot together get more than the host's cores: an entry above
+  // cores/ranks (its one-core unit read low, or a turbo clock with fewer cores busy) is capped
+  // there (loom calibrate on a quiet 2-core host read 2 ranks at 1.14 cores' worth each).
+  const double measured = at->second * double(at->first) / double(ranks);
+  return std::min(measured, double(std::max(host_cores, 1)) / double(ranks));
 }
 
 nlohmann::json Cluster::to_json() const {

@@ -96,6 +96,16 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_DOUBLE_EQ(c.rank_share(1), 1.5);
   EXPECT_DOUBLE_EQ(c.rank_share(2), 0.8);
   EXPECT_DOUBLE_EQ(c.rank_share(4), 0.4);  // beyond the table: 2 ranks' worth split over 4
+  {
+    // An entry above cores/ranks (a measurement artefact: 2 ranks cannot get 2.4 cores) is
+    // capped at cores/ranks.
+    const Cluster hi = cluster_from_toml(
+        with_line_replaced(text, "concurrency = [[1, 1.5], [2, 0.8]]", "concurrency = [[1, 1.7], [2, 1.2]]"),
+        "test");
+    EXPECT_DOUBLE_EQ(hi.rank_share(1), 1.7);
+    EXPECT_DOUBLE_EQ(hi.rank_share(2), 1.0);
+    EXPECT_DOUBLE_EQ(hi.rank_share(4), 0.5);
+  }
   // A rank's compute time scales with 1 / its share.
   const model::ModelConfig cfg = small_model(4);
   MemoryOracle oracle(cfg, 32, model::Precision::f32, false);
