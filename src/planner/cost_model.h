@@ -117,7 +117,8 @@ class MemoryOracle {
 struct TimeTerms {
   double forward = 0, backward = 0, recompute = 0, vector = 0;  // compute, critical stage
   double tp = 0, cp = 0, ep = 0, pp = 0, zero = 0;  // per-micro-batch comm (zero: ZeRO-2/3)
-  double bubble = 0;
+  double bubble = 0;  // pipeline fill/drain; negative on an oversubscribed shared host, where
+                      // idle stages' cores are absorbed (cost_model.cpp)
   double dp = 0;          // exposed dp gradient reduction (+ ZeRO weight gathers after the step)
   double dp_total = 0;    // the same reduction's full time (informational, not summed)
   double sync = 0, optimizer = 0;

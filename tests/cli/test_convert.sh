@@ -7,15 +7,7 @@ LOOM=$1
 SRC=$2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
-expect_error() {
-  local name=$1 needle=$2; shift 2
-  local out
-  if out=$("$@" 2>&1 >/dev/null); then fail "$name: exited 0"; return; fi
-  if grep -qF -- "$needle" <<<"$out"; then pass "$name"; else fail "$name: no '$needle' in: $out"; fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 
 if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
   echo "SKIP: /usr/bin/python3 cannot import torch (install Debian's python3-torch): the fixtures are torch.save files"

@@ -19,9 +19,7 @@ LOOM=$1
 SRC=$2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 "$LOOM" data build --source "$SRC/src" --source "$SRC/apps" --out "$WORK/data" --vocab 1024 \

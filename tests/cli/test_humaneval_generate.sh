@@ -9,9 +9,7 @@ LOOM=$1
 SRC=$2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 P=("$SRC"/tests/data/humaneval/humaneval_{python,cpp,java,js,go}.jsonl)
 "$LOOM" init --model "$SRC/configs/models/codegeex-small.toml" --out "$WORK/ckpt" >/dev/null 2>&1 \
   || { echo "FAIL init"; exit 1; }

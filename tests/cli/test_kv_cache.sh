@@ -9,15 +9,7 @@ SRC=$2
 WORK=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
-expect_error() {
-  local name=$1 needle=$2; shift 2
-  local out
-  if out=$("$@" 2>&1 >/dev/null); then fail "$name: exited 0"; return; fi
-  if grep -qF -- "$needle" <<<"$out"; then pass "$name"; else fail "$name: no '$needle' in: $out"; fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 export OMP_NUM_THREADS=1
 TOK="$SRC/tests/data/tokenizer"
 # tiny: max_seq 128 = 8 blocks of 16 tokens; a block is 16 tokens x 3 cached layers (2 blocks +

@@ -8,9 +8,7 @@ LOOM=$1
 SRC=$2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 export OMP_NUM_THREADS=1
 TOK="$SRC/tests/data/tokenizer"
 "$LOOM" init --model "$SRC/configs/models/tiny-moe.toml" --out "$WORK/full" >/dev/null 2>&1 \

@@ -10,9 +10,7 @@ SRC=$2
 WORK=$(mktemp -d)
 pid=""
 trap '[ -n "$pid" ] && kill -9 $pid 2>/dev/null; rm -rf "$WORK"' EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 
 "$LOOM" init --model "$SRC/configs/models/codegeex-small.toml" --out "$WORK/ckpt" >/dev/null 2>&1 \
   || { echo "FAIL init"; exit 1; }

@@ -26,9 +26,7 @@ WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-fails=0
-pass() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fails, pass, fail, expect_error
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
 # A rank that waits on a dead or hung peer gives up after this many seconds (comm timeout).
 export LOOM_COMM_TIMEOUT=30

@@ -106,6 +106,26 @@ TEST(Cluster, SharedHostConcurrency) {
     EXPECT_DOUBLE_EQ(hi.rank_share(2), 1.0);
     EXPECT_DOUBLE_EQ(hi.rank_share(4), 0.5);
   }
+  {
+    // Oversubscribed shared host (4 ranks, 2 cores): idle pipeline stages' cores are absorbed,
+    // so the fill/drain costs nothing extra (bubble <= 0: the larger of total work over the
+    // ranks and the makespan at one core per busy rank); with as many cores as ranks the bubble
+    // is the schedule's as usual (> 0).
+    const model::ModelConfig cfg8 = small_model(8);
+    MemoryOracle o8(cfg8, 32, model::Precision::f32, false);
+    const ParallelPlan pp4 = plan_of("dp=1,tp=1,pp=4,micro_batches=4,schedule=1f1b", cfg8, 4, 4);
+    const Cluster two = cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]",
+                                                             "[host]\ncores = 2\n[links.intra]"),
+                                          "test");
+    const Cluster four = cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]",
+                                                              "[host]\ncores = 4\n[links.intra]"),
+                                           "test");
+    const StepCost shared = estimate_time({cfg8, two, 32, model::Precision::f32}, pp4, o8);
+    const StepCost own = estimate_time({cfg8, four, 32, model::Precision::f32}, pp4, o8);
+    EXPECT_LE(shared.terms.bubble, 0.0);
+    EXPECT_GT(own.terms.bubble, 0.0);
+    EXPECT_NEAR(shared.step_time, shared.terms.total(), 1e-12);
+  }
   // A rank's compute time scales with 1 / its share.
   const model::ModelConfig cfg = small_model(4);
   MemoryOracle oracle(cfg, 32, model::Precision::f32, false);
