@@ -16,8 +16,12 @@ for sig in SEGV ABRT; do
   kill -$sig $pid
   wait $pid; rc=$?
   want=$((128 + $(kill -l $sig)))
+  # Frames named from loom's binary: its functions, or at least the handler itself. A signal sent
+  # to the process lands on whichever thread runs; if that thread is inside a oneDNN JIT kernel
+  # (generated code without unwind info) the walk stops right after the handler (seen about 1
+  # in 5 runs on a loaded host), so the handler's own named frame is what is always there.
   if [ $rc = $want ] && grep -q "loom: fatal signal SIG$sig; stack" "$WORK/$sig.log" &&
-     grep -q "loom(_ZN4loom" "$WORK/$sig.log"; then
+     grep -qE "loom\((_ZN4loom|on_fatal_signal)" "$WORK/$sig.log"; then
     echo "ok   SIG$sig: stack printed, exit status $rc"
   else
     echo "FAIL SIG$sig: rc $rc (want $want); $(tail -5 "$WORK/$sig.log")"; fail=1
