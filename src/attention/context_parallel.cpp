@@ -854,7 +854,7 @@ static void backward_call(float* dq, float* dk, float* dv, const void* dout, con
   }
 
   // Ring backward (and all-gather): Q, dO, LSE, D stay; K|V travel, dK|dV partials come home.
-  Span<float> q32, do_c;
+  Span<float> q32;
   const float* qp = static_cast<const float*>(q);
   if (dtype == DType::bf16) {
     q32 = cs.ws.make<float>(size_t(rows * local.q_stride));
