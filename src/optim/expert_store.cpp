@@ -54,7 +54,14 @@ ExpertStore::ExpertStore(std::vector<ParamSpec> specs, std::vector<ExpertPiece> 
   map_bytes_ = size_t(std::max<int64_t>(1, 3 * size_)) * sizeof(float);
   int flags = MAP_SHARED;
   if (!path_.empty()) {
-    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    // O_EXCL: the store is scratch, unlinked at the end; an existing file at this name is a
+    // user's (or another run's) and is never truncated or removed.
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_EXCL, 0644);
+    LOOM_CHECK(fd_ >= 0 || errno != EEXIST,
+               "the ECSS store file '{}' already exists; loom creates (and removes) it and will "
+               "not overwrite a file: choose another parallel.ecss_store, or remove it if it is "
+               "left from a crashed run",
+               path_);
     LOOM_CHECK(fd_ >= 0,
                "cannot create the ECSS store file '{}' ({}): set parallel.ecss_store to a file in "
                "a writable directory with {} bytes free, or leave it unset for anonymous host "

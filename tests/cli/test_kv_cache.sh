@@ -45,12 +45,7 @@ expect_error "--kv-memory beyond the machine's memory" "of memory; lower --kv-me
 serve() {  # serve NAME [flags]: starts a server, sets $url
   "$LOOM" serve --checkpoint "$WORK/ck" --tokenizer "$TOK" --port 0 "${@:2}" >"$WORK/$1.log" 2>&1 &
   pids+=($!)
-  url=""
-  for _ in $(seq 300); do
-    url=$(grep -oE 'http://127\.0\.0\.1:[0-9]+' "$WORK/$1.log" | head -1 || true)
-    [ -n "$url" ] && break
-    sleep 0.05
-  done
+  url=$(server_url "$WORK/$1.log")
 }
 req='{"prompt": "int main() {", "max_tokens": 12, "temperature": 0}'
 serve s1 --kv-dtype bf16 --kv-memory 1M --max-batch 4

@@ -42,12 +42,7 @@ serve() {  # serve DIR NAME [flags]: starts a server, sets $url
   OMP_NUM_THREADS=1 "$LOOM" serve --checkpoint "$1" --tokenizer "$TOK" --port 0 "${@:3}" \
     >"$WORK/$2.log" 2>&1 &
   pids+=($!)
-  url=""
-  for _ in $(seq 300); do
-    url=$(grep -oE 'http://127\.0\.0\.1:[0-9]+' "$WORK/$2.log" | head -1 || true)
-    [ -n "$url" ] && break
-    sleep 0.05
-  done
+  url=$(server_url "$WORK/$2.log")
 }
 req='{"prompt": "int main() {", "max_tokens": 16, "temperature": 0, "logprobs": 3}'
 serve "$WORK/f32" s1 --int8; u1=$url

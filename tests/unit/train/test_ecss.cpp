@@ -8,6 +8,7 @@
 // - checkpoints: same format as without ECSS, resume equals the uninterrupted run;
 // - a memory-mapped store file; errors for bad values.
 #include <gtest/gtest.h>
+#include <iterator>
 
 #include <cmath>
 #include <cstring>
@@ -376,6 +377,23 @@ TEST(Ecss, BadInputIsNamed) {
       },
       {"cannot create the ECSS store file '/nonexistent-loom-dir/experts.pp0.dp0.tp0.c0'",
        "parallel.ecss_store"});
+  {
+    // A file already at the store's name is a user's: refused, and left as it was.
+    fs::create_directories(dir);
+    const std::string taken = dir + "/taken.pp0.dp0.tp0.c0";
+    std::ofstream(taken) << "user data";
+    expect_error(
+        [&] {
+          train::TrainConfig c = config("dense", dir);
+          c.ecss_store = dir + "/taken";
+          MemoryPool pool;
+          train::Trainer t(c, pool);
+        },
+        {"'" + taken + "' already exists", "will not overwrite"});
+    std::ifstream in(taken);
+    std::string got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(got, "user data");
+  }
   fs::remove_all(dir);
 }
 
