@@ -196,6 +196,15 @@ void add_info(CLI::App& root, loom::cli::Context& ctx) {
                 human(sum[0]).c_str(), human(sum[1]).c_str(), human(sum[2]).c_str(),
                 human(sum[3]).c_str(), human(sum[4]).c_str(), human(sum[5]).c_str(),
                 human(total).c_str());
+    int64_t host = 0, host_max = 0;
+    for (const RankMemory& r : ranks) {
+      host += r.host_store;
+      host_max = std::max(host_max, r.host_store);
+    }
+    if (host > 0)
+      std::printf("outside the pool: ECSS host expert store (f32 master, m, v; 12 B per stored "
+                  "expert element) %s on the largest rank, %s on all ranks\n",
+                  human(host_max).c_str(), human(host).c_str());
     ctx.exit_code = 0;
   });
 }

@@ -96,12 +96,23 @@ struct BlockCtx {
   // Expert parallel group (null: none): this rank holds experts [r*E/P, (r+1)*E/P) (the
   // BlockOffsets' moe_expert0 / moe_n_experts) and exchanges dispatched rows with the group.
   const comm::ProcessGroup* ep = nullptr;
+  // ECSS in bf16 (GptStage's expert_masters_outside): W is packed without the experts' weight
+  // matrices (HoleyLayout `wmap`; this unit starts at element w_begin of the stage's buffer), so
+  // what lies beyond the first hole (experts' biases, the rre table) is read with w_at().
+  const HoleyLayout* wmap = nullptr;
+  int64_t w_begin = 0;
 
   int64_t position(int64_t t) const { return pos ? pos[t] : t; }
   int tp_size() const { return tp ? tp->size() : 1; }
   int64_t rows() const { return B * T; }                     // N
   int64_t local_rows() const { return B * T / tp_size(); }   // rows of the residual stream here
 };
+
+// The f32 weight at offset `off` of the block's unit (the dense tensors before the experts are
+// at W + off either way).
+inline const float* w_at(const BlockCtx& c, int64_t off) {
+  return c.wmap ? c.W + (c.wmap->at(c.w_begin + off) - c.wmap->at(c.w_begin)) : c.W + off;
+}
 
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
 // matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's

@@ -296,6 +296,44 @@ EcssSplit ecss_split(const StageGeometry& geo, const std::vector<UnitRange>& own
   return out;
 }
 
+std::vector<UnitRange> ecss_master_holes(const StageGeometry& geo) {
+  std::vector<UnitRange> out;
+  for (const StageParam& p : geo.params())
+    if (p.expert && p.global.shape.size() == 2)
+      out.push_back({p.local_offset, p.local_offset + p.global.numel});
+  std::sort(out.begin(), out.end(),
+            [](const UnitRange& a, const UnitRange& b) { return a.begin < b.begin; });
+  return out;
+}
+
+HoleyLayout::HoleyLayout(int64_t total, std::vector<UnitRange> holes)
+    : total_(total), holes_(std::move(holes)) {
+  int64_t x = 0;
+  for (const UnitRange& h : holes_) {
+    LOOM_ASSERT(h.begin >= x && h.end >= h.begin && h.end <= total_,
+                "hole [{}, {}) out of order or outside [0, {})", h.begin, h.end, total_);
+    if (h.begin > x) kept_.push_back({x, h.begin, size_});
+    size_ += h.begin - x;
+    x = h.end;
+  }
+  if (x < total_) kept_.push_back({x, total_, size_});
+  size_ += total_ - x;
+}
+
+int64_t HoleyLayout::at(int64_t x) const {
+  auto it = std::upper_bound(kept_.begin(), kept_.end(), x,
+                             [](int64_t v, const Kept& k) { return v < k.begin; });
+  LOOM_ASSERT(it != kept_.begin() && x < std::prev(it)->end,
+              "element {} lies in a hole of the buffer (ECSS keeps it in the host store)", x);
+  return std::prev(it)->packed + (x - std::prev(it)->begin);
+}
+
+bool HoleyLayout::in_hole(int64_t x) const {
+  auto it = std::upper_bound(kept_.begin(), kept_.end(), x,
+                             [](int64_t v, const Kept& k) { return v < k.begin; });
+  return it == kept_.begin() || x >= std::prev(it)->end;
+}
+
 std::vector<UnitRange> zero1_ranges(const StageGeometry& geo, int D, int r, int De, int re) {
   if (geo.ep().size <= 1) return {zero1_share(geo.total(), D, r)};
   std::vector<UnitRange> out = zero1_dense_ranges(geo, D, r);

@@ -83,6 +83,35 @@ struct EcssSplit {
 };
 EcssSplit ecss_split(const StageGeometry& geo, const std::vector<UnitRange>& owned);
 
+// ECSS in bf16 (train/executor.h): the experts' f32 masters live in the host store only, so the
+// stage's f32 weight buffer has a hole at every held expert's weight matrix (up.weight,
+// down.weight). The experts' biases keep an f32 copy in the pool: the bias adds run in f32 from
+// the f32 values (as without ECSS), and they are (Fe + C) of the expert's 2 Fe C + Fe + C
+// elements. Ascending; empty for a stage without experts.
+std::vector<UnitRange> ecss_master_holes(const StageGeometry& geo);
+
+// A buffer of `total` elements stored without `holes` (ascending, disjoint): the elements
+// outside them, packed in order. Maps an element to its packed position.
+class HoleyLayout {
+ public:
+  struct Kept {
+    int64_t begin, end, packed;  // [begin, end) of the full buffer, stored from `packed`
+  };
+  HoleyLayout(int64_t total, std::vector<UnitRange> holes);
+  int64_t total() const { return total_; }
+  int64_t size() const { return size_; }  // packed elements
+  const std::vector<UnitRange>& holes() const { return holes_; }
+  const std::vector<Kept>& kept() const { return kept_; }
+  // Packed position of element x (LOOM_ASSERTs it is outside every hole).
+  int64_t at(int64_t x) const;
+  bool in_hole(int64_t x) const;
+
+ private:
+  int64_t total_, size_ = 0;
+  std::vector<UnitRange> holes_;
+  std::vector<Kept> kept_;
+};
+
 // One parameter tensor of a stage: its global spec (name, shape, offset in this tp rank's
 // ParamLayout, init, decay) and where it lives in the stage's own flat buffer.
 struct StageParam {

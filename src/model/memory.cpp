@@ -481,13 +481,16 @@ class StoreTrace {
 // stage.cpp: GptStage's allocations for one chunk.
 class StageTrace {
  public:
+  // hole_elements: elements without an f32 copy in the pool (ECSS in bf16 at ZeRO 0: the
+  // experts' weight matrices, model::ecss_master_holes).
   StageTrace(Tracer& tr, const ModelConfig& cfg, const StageGeometry& geo, const Dims& d,
-             StoreTrace* store, const std::vector<Recompute>& recompute, int micro_batches)
+             StoreTrace* store, const std::vector<Recompute>& recompute, int micro_batches,
+             int64_t hole_elements = 0)
       : tr_(tr), cfg_(cfg), geo_(geo), d_(d), store_(store), recompute_(recompute),
         stash_(size_t(micro_batches)) {
     if (!store_) {
       const int64_t n = geo_.total();
-      weights_ = tr_.alloc(n * 4, Cat::weights);
+      weights_ = tr_.alloc((n - hole_elements) * 4, Cat::weights);
       grads_ = tr_.alloc(n * 4, Cat::grads);
       if (d_.bf) weights_lp_ = tr_.alloc(n * (d_.emu ? 4 : 2), Cat::weights);
     }
@@ -808,14 +811,20 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
       owned = 0;
       for (const UnitRange& u : owned_ranges) owned += u.end - u.begin;
     }
+    int64_t holes = 0;
     if (!store && plan.ecss != "off") {
       // ECSS (optim/expert_store.h): the experts' moments (and f32 masters) live in a host store
       // outside the pool; AdamW keeps m and v of the dense ranges only. The compute copies stay
-      // in the stage's weight buffers (priced by StageTrace as without ECSS).
+      // in the stage's weight buffers; in bf16 at ZeRO 0 the experts' weight matrices have no
+      // f32 copy there (train::Executor, GptStage's expert_masters_outside).
       owned = 0;
-      for (const UnitRange& u : ecss_split(geo, owned_ranges).dense) owned += u.end - u.begin;
+      const EcssSplit split = ecss_split(geo, owned_ranges);
+      for (const UnitRange& u : split.dense) owned += u.end - u.begin;
+      for (const EcssSplit::Piece& p : split.experts) out.host_store += 12 * (p.end - p.begin);
+      if (bf && !zero1)
+        for (const UnitRange& h : ecss_master_holes(geo)) holes += h.end - h.begin;
     }
-    chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute, M));
+    chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute, M, holes));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW v
   }

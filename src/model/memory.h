@@ -55,6 +55,10 @@ struct RankMemory {
   // units gathered just in time (weights) and under ZeRO-2/3 the unit gradients being filled or
   // reduce-scattered (grads).
   std::array<int64_t, kNumMemCategories> bytes{};
+  // Outside the pool: ECSS's host expert stores (optim/expert_store.h: f32 master, m and v of
+  // every expert piece this rank's optimizer owns, 12 B per element; host memory or the
+  // ecss_store file). Not in total().
+  int64_t host_store = 0;
 
   int64_t operator[](MemCategory c) const { return bytes[size_t(c)]; }
   int64_t weights() const { return (*this)[MemCategory::weights]; }
@@ -67,7 +71,7 @@ struct RankMemory {
   // peak at the same moment).
   int64_t total() const;
   // Same bytes in every category (coordinates aside): `loom info` groups such ranks.
-  bool same_bytes(const RankMemory& o) const { return bytes == o.bytes; }
+  bool same_bytes(const RankMemory& o) const { return bytes == o.bytes && host_store == o.host_store; }
 };
 
 struct MemoryOptions {

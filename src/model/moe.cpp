@@ -337,7 +337,7 @@ RouteResult route(const BlockCtx& c, const BlockOffsets& o, const Tensor& ln2_mm
   float* w = st.moe_w.data<float>();
   RouteResult r;
   if (m.router == Router::rre) {
-    std::vector<int32_t> ex = rre_experts(cfg, c.W + o.moe_table, c.tokens, c.domains, N);
+    std::vector<int32_t> ex = rre_experts(cfg, w_at(c, o.moe_table), c.tokens, c.domains, N);
     for (int64_t n = 0; n < N; ++n) {
       row_expert[n] = ex[size_t(n)];
       w[n] = 1.0f;
@@ -450,7 +450,7 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     const Expert x = expert(c, o, g.e);
     mm_xwT(c, st.pre.data<float>() + g.begin * Fe, xs, g.begin, x.up_w, g.n, Fe, C);
     K::bias_gelu_forward(act.data<float>() + g.begin * Fe, st.pre.data<float>() + g.begin * Fe,
-                         c.W + x.up_b, g.n, Fe, gelu_kind(cfg.activation));
+                         w_at(c, x.up_b), g.n, Fe, gelu_kind(cfg.activation));
   }
   Tensor act_mm = to_mm(c, act, cat(keep_all));
   act = Tensor();
@@ -462,7 +462,7 @@ Tensor moe_ffn_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& l
     if (g.n == 0) continue;
     const Expert x = expert(c, o, g.e);
     mm_xwT(c, y.data<float>() + g.begin * C, act_mm, g.begin, x.down_w, g.n, C, Fe);
-    if (tp_lead(c)) K::bias_add_rows(y.data<float>() + g.begin * C, c.W + x.down_b, g.n, C);
+    if (tp_lead(c)) K::bias_add_rows(y.data<float>() + g.begin * C, w_at(c, x.down_b), g.n, C);
   }
   if (P > 1) {  // the outputs back to the ranks that sent the rows: (S,C) in slot order
     Tensor ys = Tensor::empty({S, C}, DType::f32, c.pool, y_cat);

@@ -62,7 +62,7 @@ struct GptStage::MicroStash {
 
 GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool,
                    Precision precision, const comm::ProcessGroup* tp, ParamStore* store,
-                   const comm::ProcessGroup* ep)
+                   const comm::ProcessGroup* ep, bool expert_masters_outside)
     : cfg_(cfg),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
       ep_(ep && ep->size() > 1 ? ep : nullptr),
@@ -73,9 +73,15 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
       emulated_(precision == Precision::bf16 && !store && bf16_emulated()),
       moe_stats_(std::make_unique<MoeStats>()) {
   recompute_.assign(size_t(cfg_.n_layers), Recompute::none);
+  if (expert_masters_outside) {
+    LOOM_CHECK(!store_ && precision_ == Precision::bf16,
+               "expert masters outside the pool need bf16 and no ParamStore (ECSS at ZeRO 0)");
+    std::vector<UnitRange> h = ecss_master_holes(geo_);
+    if (!h.empty()) holes_ = std::make_unique<HoleyLayout>(geo_.total(), std::move(h));
+  }
   if (!store_) {
     const int64_t n = geo_.total();
-    weights_ = Tensor::empty({n}, DType::f32, pool_, MemCategory::weights);
+    weights_ = Tensor::empty({holes_ ? holes_->size() : n}, DType::f32, pool_, MemCategory::weights);
     grads_ = Tensor::zeros({n}, DType::f32, pool_, MemCategory::grads);
     if (precision_ == Precision::bf16)
       weights_lp_ = Tensor::empty({n}, emulated_ ? DType::f32 : DType::bf16, pool_,
@@ -86,7 +92,7 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
 GptStage::~GptStage() = default;
 
 const float* GptStage::unit_w(int u) {
-  return store_ ? store_->weights(u) : weights() + units()[size_t(u)].begin;
+  return store_ ? store_->weights(u) : master_at(units()[size_t(u)].begin);
 }
 const float* GptStage::unit_wr(int u) {
   return emulated_ ? weights_lp_.data<float>() + units()[size_t(u)].begin : nullptr;
@@ -112,6 +118,8 @@ BlockCtx GptStage::ctx(int u, bool with_grads, int64_t B, int64_t T) {
   BlockCtx c{cfg_, pool_, precision_ == Precision::bf16, unit_w(u), unit_wl(u),
              with_grads ? unit_g(u) : nullptr, B, T, tp_, unit_wr(u), cp_, positions(T)};
   c.ep = ep_;
+  c.wmap = holes_.get();
+  c.w_begin = units()[size_t(u)].begin;
   return c;
 }
 BlockCtx GptStage::plain_ctx(int64_t B, int64_t T) const {
@@ -155,27 +163,122 @@ void GptStage::zero_grads() {
 
 void GptStage::init_weights(uint64_t seed) {
   LOOM_CHECK(!store_, "init_weights: this stage's parameters live in its ParamStore");
+  if (holes_) {
+    std::vector<float> full(static_cast<size_t>(total()));
+    geo_.init_range(full.data(), 0, total(), seed);
+    from_full(full.data());
+    return;
+  }
   geo_.init_range(weights(), 0, total(), seed);
   sync_low_precision_weights();
 }
 
 void GptStage::import_weights(const float* global_weights) {
   LOOM_CHECK(!store_, "import_weights: this stage's parameters live in its ParamStore");
+  if (holes_) {
+    std::vector<float> full(static_cast<size_t>(total()));
+    geo_.to_local(global_weights, full.data());
+    from_full(full.data());
+    return;
+  }
   geo_.to_local(global_weights, weights());
   sync_low_precision_weights();
 }
 
 void GptStage::export_weights(float* global_weights, bool include_tied_copy) const {
   LOOM_CHECK(!store_, "export_weights: this stage's parameters live in its ParamStore");
+  if (holes_) {
+    std::vector<float> full(static_cast<size_t>(total()));
+    to_full(full.data());
+    geo_.to_global(full.data(), global_weights, include_tied_copy);
+    return;
+  }
   geo_.to_global(weights(), global_weights, include_tied_copy);
+}
+
+void GptStage::to_low_precision(const float* src, int64_t x, int64_t n) {
+  if (emulated_)
+    round_f32_to_bf16(src, weights_lp_.data<float>() + x, size_t(n));
+  else
+    convert_f32_to_bf16(src, weights_lp_.data<bf16>() + x, size_t(n));
 }
 
 void GptStage::sync_low_precision_weights() {
   if (precision_ != Precision::bf16 || !weights_lp_.defined()) return;
-  if (emulated_)
-    round_f32_to_bf16(weights(), weights_lp_.data<float>(), size_t(total()));
-  else
-    convert_f32_to_bf16(weights(), weights_lp_.data<bf16>(), size_t(total()));
+  if (!holes_) {
+    to_low_precision(weights(), 0, total());
+    return;
+  }
+  const float* w = weights_.data<float>();
+  for (const HoleyLayout::Kept& k : holes_->kept()) to_low_precision(w + k.packed, k.begin, k.end - k.begin);
+}
+
+void GptStage::set_hole_masters(std::function<void(const float*)> load,
+                                std::function<void(float*)> save) {
+  load_hole_masters_ = std::move(load);
+  save_hole_masters_ = std::move(save);
+}
+
+float* GptStage::master_at(int64_t x) const {
+  LOOM_ASSERT(!store_, "master_at: this stage's parameters live in its ParamStore");
+  return weights_.data<float>() + (holes_ ? holes_->at(x) : x);
+}
+
+void GptStage::to_full(float* full) const {
+  LOOM_CHECK(!store_, "to_full: this stage's parameters live in its ParamStore");
+  const float* w = weights_.data<float>();
+  if (!holes_) {
+    std::memcpy(full, w, size_t(total()) * sizeof(float));
+    return;
+  }
+  LOOM_ASSERT(bool(save_hole_masters_), "stage with holes but no host masters");
+  for (const HoleyLayout::Kept& k : holes_->kept())
+    std::memcpy(full + k.begin, w + k.packed, size_t(k.end - k.begin) * sizeof(float));
+  save_hole_masters_(full);
+}
+
+void GptStage::from_full(const float* full) {
+  LOOM_CHECK(!store_, "from_full: this stage's parameters live in its ParamStore");
+  float* w = weights_.data<float>();
+  if (!holes_) {
+    std::memcpy(w, full, size_t(total()) * sizeof(float));
+    sync_low_precision_weights();
+    return;
+  }
+  LOOM_ASSERT(bool(load_hole_masters_), "stage with holes but no host masters");
+  for (const HoleyLayout::Kept& k : holes_->kept())
+    std::memcpy(w + k.packed, full + k.begin, size_t(k.end - k.begin) * sizeof(float));
+  load_hole_masters_(full);
+  to_low_precision(full, 0, total());
+}
+
+int64_t GptStage::write_compute(int64_t begin, int64_t end, const float* src) {
+  LOOM_CHECK(!store_, "write_compute: this stage's parameters live in its ParamStore");
+  if (!holes_) {
+    std::memcpy(weights_.data<float>() + begin, src, size_t(end - begin) * sizeof(float));
+    return (end - begin) * int64_t(sizeof(float));
+  }
+  // Kept elements to the f32 buffer, hole elements to their low-precision copy only.
+  const int64_t lp_size = emulated_ ? 4 : 2;
+  int64_t bytes = 0;
+  const auto& kept = holes_->kept();
+  for (auto k = std::lower_bound(kept.begin(), kept.end(), begin,
+                                 [](const HoleyLayout::Kept& r, int64_t v) { return r.end <= v; });
+       k != kept.end() && k->begin < end; ++k) {
+    const int64_t lo = std::max(begin, k->begin), hi = std::min(end, k->end);
+    std::memcpy(weights_.data<float>() + k->packed + (lo - k->begin), src + (lo - begin),
+                size_t(hi - lo) * sizeof(float));
+    bytes += (hi - lo) * int64_t(sizeof(float));
+  }
+  const auto& holes = holes_->holes();
+  for (auto h = std::lower_bound(holes.begin(), holes.end(), begin,
+                                 [](const UnitRange& r, int64_t v) { return r.end <= v; });
+       h != holes.end() && h->begin < end; ++h) {
+    const int64_t lo = std::max(begin, h->begin), hi = std::min(end, h->end);
+    to_low_precision(src + (lo - begin), lo, hi - lo);
+    bytes += (hi - lo) * lp_size;
+  }
+  return bytes;
 }
 
 void GptStage::set_recompute(Recompute mode) { recompute_.assign(size_t(cfg_.n_layers), mode); }

@@ -117,9 +117,14 @@ class GptStage {
   // experts [r*E/P, (r+1)*E/P) of every sparse block (StageGeometry with EpShard) and each sparse
   // block exchanges its dispatched rows with the group by all-to-all(v), forward and backward.
   // Every member calls forward/backward/forward_eval collectively (each on its own tokens).
+  //
+  // `expert_masters_outside` (bf16, no store; ECSS, train/executor.h): the f32 buffer omits
+  // ecss_master_holes() (the experts' weight matrices); their f32 masters live in the caller's
+  // host store, reached through set_hole_masters(), and only their bf16 compute copies are in
+  // the pool. weights() is then null: use master_at(), to_full() and from_full().
   GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& pool, Precision precision,
            const comm::ProcessGroup* tp = nullptr, ParamStore* store = nullptr,
-           const comm::ProcessGroup* ep = nullptr);
+           const comm::ProcessGroup* ep = nullptr, bool expert_masters_outside = false);
   ~GptStage();
   GptStage(const GptStage&) = delete;
   GptStage& operator=(const GptStage&) = delete;
@@ -153,7 +158,8 @@ class GptStage {
   std::vector<std::pair<int64_t, int64_t>> held_ranges() const { return geo_.held_ranges(); }
   const std::vector<UnitRange>& units() const { return geo_.units(); }
   int token_unit() const { return geo_.token_unit(); }
-  float* weights() const { return weights_.data<float>(); }  // (total())
+  // (total()); null when the buffer has holes (expert_masters_outside) or under a store.
+  float* weights() const { return holes_ ? nullptr : weights_.data<float>(); }
   float* grads() const { return grads_.data<float>(); }      // (total())
   // Local offset of embed.token.weight (V,C); -1 if the stage holds neither end.
   int64_t token_embedding() const { return geo_.token_embedding(); }
@@ -167,8 +173,25 @@ class GptStage {
   void import_weights(const float* global_weights);
   void export_weights(float* global_weights, bool include_tied_copy = false) const;
   // Refreshes the low-precision copy from the f32 master weights (after every update; no-op in
-  // f32 mode or under a store).
+  // f32 mode or under a store). With holes: the elements outside them (the holes' copies are
+  // written by write_compute).
   void sync_low_precision_weights();
+
+  // Holes (expert_masters_outside): null without. `load` takes the holes' f32 masters from a
+  // buffer in this stage's layout (total() elements), `save` writes them into one; both must be
+  // set before the weights are initialised, imported or exported.
+  const HoleyLayout* holes() const { return holes_.get(); }
+  void set_hole_masters(std::function<void(const float*)> load, std::function<void(float*)> save);
+  // The f32 weight of element x of the stage's buffer (outside the holes).
+  float* master_at(int64_t x) const;
+  // All total() f32 weights in the stage's layout (the holes' from their masters), and back
+  // (the holes' to their masters; every low-precision copy refreshed).
+  void to_full(float* full) const;
+  void from_full(const float* full);
+  // Elements [begin, end) were updated elsewhere (an expert store) to `src`: writes them where
+  // the stage keeps them (f32, and for hole elements their low-precision copy only); returns
+  // the bytes written. Without holes the f32 buffer (sync_low_precision_weights() follows).
+  int64_t write_compute(int64_t begin, int64_t end, const float* src);
 
   // Recompute per block, indexed by the model's block number (size L); the query layer follows
   // the last block's mode. One mode for all: set_recompute(mode).
@@ -253,6 +276,11 @@ class GptStage {
   bool emulated_ = false;  // bf16 emulated on f32 (see bf16_emulated())
   std::vector<Recompute> recompute_;  // (L)
   Tensor weights_, grads_, weights_lp_;  // weights_lp_: bf16, or f32 rounded when emulated
+  std::unique_ptr<HoleyLayout> holes_;    // weights_ packed without them (null: none)
+  std::function<void(const float*)> load_hole_masters_;
+  std::function<void(float*)> save_hole_masters_;
+  // Low-precision copy of f32 values src[0, n) into elements [x, x + n) of weights_lp_.
+  void to_low_precision(const float* src, int64_t x, int64_t n);
   std::map<int, std::unique_ptr<MicroStash>> stash_;
   GradReadyHook grad_ready_;
   std::unique_ptr<MoeStats> moe_stats_;

@@ -110,6 +110,14 @@ void ExpertStore::load_masters(const float* weights) {
   }
 }
 
+void ExpertStore::save_masters(float* weights) const {
+  int64_t packed = 0;
+  for (const ExpertPiece& p : pieces_) {
+    std::memcpy(weights + p.begin, master_ + packed, size_t(p.end - p.begin) * sizeof(float));
+    packed += p.end - p.begin;
+  }
+}
+
 int64_t ExpertStore::expert_steps(int64_t layer, int64_t expert) const {
   auto it = steps_.find(layer);
   LOOM_CHECK(it != steps_.end() && expert >= 0 && expert < int64_t(it->second.size()),
@@ -129,7 +137,7 @@ void ExpertStore::set_all_expert_steps(int64_t n) {
   for (auto& [l, v] : steps_) std::fill(v.begin(), v.end(), n);
 }
 
-void ExpertStore::step(float* weights, const float* grads, float grad_scale, int64_t step,
+void ExpertStore::step(const ToPool& to_pool, const float* grads, float grad_scale, int64_t step,
                        const std::function<bool(int64_t, int64_t)>& touched) {
   LOOM_CHECK(step >= 1, "ECSS store step {} must be >= 1", step);
   last_ = EcssTransfers{};
@@ -163,8 +171,7 @@ void ExpertStore::step(float* weights, const float* grads, float grad_scale, int
                           s.weight_decay ? cfg_.weight_decay : 0.f, k, grad_scale);
     }
     // store -> pool: the updated compute copy.
-    std::memcpy(weights + p.begin, master_ + at, size_t(n) * sizeof(float));
-    last_.to_pool_bytes += n * int64_t(sizeof(float));
+    last_.to_pool_bytes += to_pool(p.begin, p.end, master_ + at);
     last_.pieces_updated += 1;
     last_.elements_updated += n;
   }

@@ -9,7 +9,9 @@
 // One step (ExpertStore::step): for every expert piece to update, its gradient is copied from
 // the pool into the store (pool -> store bytes), the master and moments are updated there with
 // the same AdamW kernel plain AdamW uses, and the master is copied back to the pool's compute
-// copy (store -> pool bytes). Both byte counts are reported per step.
+// copy (store -> pool bytes). Both byte counts are reported per step. In f32 the compute copy is
+// the pool's f32 buffer; in bf16 at ZeRO 0 the pool holds no f32 copy of the experts' weight
+// matrices, only their bf16 copies (GptStage's expert_masters_outside).
 //
 // The update rule (exact; docs/moe.md "ECSS"):
 // - dense: every expert piece is updated every step exactly as optim::AdamW would (global step
@@ -51,7 +53,10 @@ struct ExpertPiece {
 // Bytes moved between the store and the working pool during the last step.
 struct EcssTransfers {
   int64_t to_store_bytes = 0;   // gradients pool -> store (4 B per element of updated pieces)
-  int64_t to_pool_bytes = 0;    // updated f32 masters store -> pool compute copy (4 B per element)
+  // updated masters store -> pool compute copy: 4 B per element, or with the experts' f32
+  // masters outside the pool (bf16) 2 B per element of their weight matrices' bf16 copies
+  // (4 B on the emulated path, whose copies are rounded f32)
+  int64_t to_pool_bytes = 0;
   int64_t pieces_updated = 0;   // expert pieces updated
   int64_t elements_updated = 0;
 };
@@ -70,12 +75,17 @@ class ExpertStore {
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // Copies the pool's weights of every piece into the masters (after init, import or load).
+  // Copies every piece of `weights` (a buffer in the chunk's layout) into the masters (after
+  // init, import or load), and back.
   void load_masters(const float* weights);
-  // One update at global step `step` (1-based; the executor's). grads and weights are the
-  // chunk's flat buffers; grad_scale the clipping factor. touched(layer, expert): whether that
+  void save_masters(float* weights) const;
+  // store -> pool: writes an updated piece [begin, end) (its f32 masters `master`) to the pool's
+  // compute copy and returns the bytes written (GptStage::write_compute).
+  using ToPool = std::function<int64_t(int64_t begin, int64_t end, const float* master)>;
+  // One update at global step `step` (1-based; the executor's). grads is the chunk's flat
+  // gradient buffer; grad_scale the clipping factor. touched(layer, expert): whether that
   // expert got tokens this step (read in lazy mode only).
-  void step(float* weights, const float* grads, float grad_scale, int64_t step,
+  void step(const ToPool& to_pool, const float* grads, float grad_scale, int64_t step,
             const std::function<bool(int64_t, int64_t)>& touched);
 
   EcssMode mode() const { return mode_; }

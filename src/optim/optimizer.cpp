@@ -68,13 +68,20 @@ void AdamW::step_compact(float* weights, const float* grads, float grad_scale) {
   step_impl(weights, grads, grad_scale, /*packed=*/true);
 }
 
-void AdamW::step_impl(float* weights, const float* grads, float grad_scale, bool packed) {
+void AdamW::step_at(const std::function<float*(int64_t)>& weight_at, const float* grads,
+                    float grad_scale) {
+  step_impl(nullptr, grads, grad_scale, /*packed=*/false, &weight_at);
+}
+
+void AdamW::step_impl(float* weights, const float* grads, float grad_scale, bool packed,
+                      const std::function<float*(int64_t)>* weight_at) {
   ++step_;
   const float lr = lr_at(cfg_, step_);
   for_each_piece(specs_, ranges_, [&](int64_t lo, int64_t hi, int64_t p, const ParamSpec& s) {
     if (!s.trainable) return;  // frozen buffers (rre tables) keep their values and zero moments
     const int64_t at = packed ? p : lo;  // where weights/grads hold element lo
-    kernels::adamw_step(weights + at, grads + at, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
+    float* w = weight_at ? (*weight_at)(lo) : weights + at;
+    kernels::adamw_step(w, grads + at, m() + p, v() + p, hi - lo, lr, cfg_.beta1,
                         cfg_.beta2, cfg_.eps, s.weight_decay ? cfg_.weight_decay : 0.f, step_,
                         grad_scale);
   });

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -54,6 +55,11 @@ class AdamW {
   void step(float* weights, const float* grads, float grad_scale);
   // The same with weights and grads packed like m and v (size() floats each).
   void step_compact(float* weights, const float* grads, float grad_scale);
+  // The same with grads indexed like the full buffer and the weights wherever weight_at(x) says
+  // element x is (contiguous within each managed range's part of one tensor): a buffer with
+  // holes (model::HoleyLayout).
+  void step_at(const std::function<float*(int64_t)>& weight_at, const float* grads,
+               float grad_scale);
 
   int64_t step_count() const { return step_; }
   void set_step_count(int64_t s) { step_ = s; }
@@ -69,7 +75,9 @@ class AdamW {
 
  private:
   // packed: weights/grads indexed like m and v; else like the full flat buffer.
-  void step_impl(float* weights, const float* grads, float grad_scale, bool packed);
+  // weight_at (non-null): where element lo's weight is, instead of weights.
+  void step_impl(float* weights, const float* grads, float grad_scale, bool packed,
+                 const std::function<float*(int64_t)>* weight_at = nullptr);
 
   std::vector<ParamSpec> specs_;
   AdamWConfig cfg_;

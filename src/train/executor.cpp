@@ -194,13 +194,18 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
       optimizers_.push_back(std::make_unique<optim::AdamW>(
           geometry->local_specs(), geometry->total(), ec.optim, pool, stores_.back()->pieces()));
     } else {
-      chunks_.push_back(
-          std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp, nullptr, epp));
       // ZeRO-1: this dp rank keeps m and v for, and updates, its equal share [lo, hi) of the
       // chunk's buffer; the shares are broadcast after the step.
       // Under ep the expert ranges are shared over the ranks holding the same experts instead
       // (model::zero1_ranges).
       const bool zero1 = plan.zero >= 1 && dp_.valid();
+      // ECSS in bf16 at ZeRO 0: the experts' weight matrices have no f32 copy in the pool (their
+      // masters are the store's). Under ZeRO-1 every rank still needs the f32 values of the
+      // shares it does not update (broadcast in f32), so the f32 buffer stays whole.
+      const bool masters_out =
+          ecss != optim::EcssMode::off && ec.precision == model::Precision::bf16 && !zero1;
+      chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp,
+                                                          nullptr, epp, masters_out));
       const int64_t n = chunks_.back()->total();
       std::vector<optim::Range> owned{{0, n}};
       if (zero1) {
@@ -241,6 +246,17 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
           ecss_.push_back(std::make_unique<optim::ExpertStore>(
               geo.local_specs(), std::move(pieces), std::move(layers), cfg.moe.experts, ec.optim,
               ecss, path));
+          if (chunks_.back()->holes()) {
+            // Every hole's master is in the store (at ZeRO 0 it holds every held expert whole).
+            const optim::ExpertStore* es = ecss_.back().get();
+            for (const model::UnitRange& h : chunks_.back()->holes()->holes())
+              LOOM_ASSERT(packed_index(es->ranges(), h.begin) >= 0 &&
+                              packed_index(es->ranges(), h.end - 1) >= 0,
+                          "ECSS hole [{}, {}) outside the expert store", h.begin, h.end);
+            optim::ExpertStore* store = ecss_.back().get();
+            chunks_.back()->set_hole_masters([store](const float* w) { store->load_masters(w); },
+                                             [store](float* w) { store->save_masters(w); });
+          }
         }
       }
     }
@@ -279,9 +295,9 @@ void Executor::init_weights(uint64_t seed) {
     for (auto& z : stores_) z->init(seed);
     return;
   }
-  for (auto& c : chunks_) c->init_weights(seed);
+  for (auto& c : chunks_) c->init_weights(seed);  // with holes: the store's masters too
   for (size_t i = 0; i < ecss_.size(); ++i)
-    if (ecss_[i]) ecss_[i]->load_masters(chunks_[i]->weights());
+    if (ecss_[i] && !chunks_[i]->holes()) ecss_[i]->load_masters(chunks_[i]->weights());
 }
 
 std::map<int64_t, std::vector<int64_t>> Executor::ecss_expert_steps() const {
@@ -321,8 +337,9 @@ void Executor::export_weights(float* global_weights, bool include_tied_copy) con
 void Executor::import_weights(const float* global_weights) {
   for (size_t i = 0; i < chunks_.size(); ++i) {
     if (stores_.empty()) {
-      chunks_[i]->import_weights(global_weights);
-      if (!ecss_.empty() && ecss_[i]) ecss_[i]->load_masters(chunks_[i]->weights());
+      chunks_[i]->import_weights(global_weights);  // with holes: the store's masters too
+      if (!ecss_.empty() && ecss_[i] && !chunks_[i]->holes())
+        ecss_[i]->load_masters(chunks_[i]->weights());
       continue;
     }
     std::vector<float> local(static_cast<size_t>(chunks_[i]->total()));
@@ -404,7 +421,7 @@ void Executor::for_each_checkpoint_piece(const PieceFn& f) const {
       }
       const int64_t opt = packed_index(o.ranges(), x);
       LOOM_ASSERT(opt >= 0, "checkpoint piece at {} outside the optimizer's ranges", x);
-      w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.master_at(x);
       m = o.m() + opt;
       v = o.v() + opt;
     };
@@ -449,16 +466,26 @@ void Executor::load_checkpoint(const ReadFn& read, bool moments, int64_t step) {
     // tied copy reads the embedding's tensor (the same logical one).
     const std::vector<optim::Range> held =
         z && z->stage() == 3 ? z->pieces() : std::vector<optim::Range>{{0, c.total()}};
+    // A buffer with holes (ECSS in bf16) reads into a whole copy (the current values: `read`
+    // may fill only some tensors), handed back with from_full.
+    std::vector<float> full;
+    if (c.holes()) {
+      full.resize(size_t(c.total()));
+      c.to_full(full.data());
+    }
     for_each_owned(c, held, [&](int64_t x, int64_t len, int64_t packed, const model::StageParam& p) {
-      float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x) : c.weights() + x;
+      float* w = z ? z->weights_buffer() + (z->stage() == 3 ? packed : x)
+                   : (c.holes() ? full.data() + x : c.weights() + x);
       read("weights", p.global, x - p.local_offset, x - p.local_offset + len, w);
     });
+    optim::ExpertStore* es = ecss_.empty() ? nullptr : ecss_[i].get();
     if (z)
       z->weights_loaded();
+    else if (c.holes())
+      c.from_full(full.data());  // the store's masters too
     else
       c.sync_low_precision_weights();
-    optim::ExpertStore* es = ecss_.empty() ? nullptr : ecss_[i].get();
-    if (es) es->load_masters(c.weights());
+    if (es && !c.holes()) es->load_masters(c.weights());
     if (!moments) continue;
     for_each_moment(c, o, es,
                     [&](int64_t x, int64_t len, float* m, float* v,
@@ -820,11 +847,17 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       stores_[i]->step(*optimizers_[i], factor);  // updates pieces (stage 2: re-gathers units)
       continue;
     }
-    optimizers_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor);
+    model::GptStage& chunk = *chunks_[i];
+    if (chunk.holes())
+      optimizers_[i]->step_at([&](int64_t x) { return chunk.master_at(x); }, chunk.grads(), factor);
+    else
+      optimizers_[i]->step(chunk.weights(), chunk.grads(), factor);
     if (!ecss_.empty() && ecss_[i]) {
       const auto& loads = step_loads[i];
-      ecss_[i]->step(chunks_[i]->weights(), chunks_[i]->grads(), factor, step_,
-                     [&](int64_t l, int64_t e) { return loads.at(l).at(size_t(e)) > 0; });
+      ecss_[i]->step(
+          [&](int64_t b, int64_t e, const float* w) { return chunk.write_compute(b, e, w); },
+          chunk.grads(), factor, step_,
+          [&](int64_t l, int64_t e) { return loads.at(l).at(size_t(e)) > 0; });
       const optim::EcssTransfers& t = ecss_[i]->last_step();
       s.ecss.to_store_bytes += t.to_store_bytes;
       s.ecss.to_pool_bytes += t.to_pool_bytes;
@@ -835,6 +868,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
       // each expert range's shares over the ranks holding the same experts).
       float* weights = chunks_[i]->weights();
+      LOOM_ASSERT(weights, "ZeRO-1 broadcast needs the whole f32 buffer");
       std::vector<comm::Work> works;
       for (int r = 0; r < dp_.size(); ++r)
         for (const model::UnitRange& u : model::zero1_dense_ranges(chunks_[i]->geometry(), dp_.size(), r))

@@ -441,6 +441,9 @@ StepStats run_training(const TrainConfig& cfg, const std::string& resume_dir,
                 predicted.grads() / 1048576.0, predicted.optimizer() / 1048576.0,
                 predicted.activations() / 1048576.0, predicted.workspace() / 1048576.0,
                 predicted.comm() / 1048576.0);
+  if (predicted.host_store > 0)
+    LOOM_LOG_INFO("outside the pool (rank 0): ECSS host expert store {:.1f} MiB",
+                  predicted.host_store / 1048576.0);
   if (resume_dir.empty()) {
     trainer.init_fresh();
   } else {

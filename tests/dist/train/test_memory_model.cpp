@@ -232,6 +232,11 @@ void check_plans(comm::ProcessGroup& world, const model::ModelConfig& cfg,
         cp_call_bytes = std::max(cp_call_bytes, r.cp_workspace_bytes);
       }
       for (size_t c = 0; c < kNumMemCategories; ++c) measured[c] = pool.peak(MemCategory(c));
+      // Outside the pool: the ECSS host stores (every chunk's).
+      int64_t host = 0;
+      for (int c = 0; c < ec.plan.virtual_stages; ++c)
+        if (const optim::ExpertStore* es = ex.expert_store(c)) host += es->host_bytes();
+      EXPECT_EQ(host, predicted.host_store) << what << ", rank " << world.rank() << ": host store";
     }
     model::set_bf16_emulation_for_testing(-1);
     if (k.cp > 1) {  // the kernels' workspace really was in the pool
@@ -395,7 +400,8 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
     runs.push_back({model::Router::topk, {with_ep(c(4, 1, 2, "1f1b", 1, 2, "full", kF32), 2)}});
   }
   // ECSS (optim/expert_store.h): the experts' moments leave the pool's optimizer category
-  // (dense and lazy allocate the same), with dp, ZeRO-1, ep and pp.
+  // (dense and lazy allocate the same), with dp, ZeRO-1, ep and pp; in bf16 at ZeRO 0 the
+  // experts' weight matrices leave the f32 weights too.
   auto with_ecss = [](Case k, const char* mode) {
     k.ecss = mode;
     return k;
@@ -407,7 +413,11 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      with_ecss(with_ep(c(2, 1, 1, "1f1b", 1, 2, "none", kF32), 2), "dense"),
                      with_ecss(c(1, 2, 0, "1f1b", 1, 4, "none", kF32), "lazy")}});
     runs.push_back({model::Router::topk,
-                    {with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2), "lazy")}});
+                    {with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2), "lazy"),
+                     with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense")}});
+    Case bf16_copies = with_ecss(c(1, 2, 0, "interleaved", 2, 4, "selective", kBf16), "lazy");
+    bf16_copies.emulation = 0;  // bf16 compute copies (2 B), not the emulated f32 ones
+    runs.push_back({model::Router::rre, {bf16_copies}});
   } else if (w == 4) {
     runs.push_back({model::Router::rre,
                     {with_ecss(with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2), "lazy"),

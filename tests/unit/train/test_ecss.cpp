@@ -94,12 +94,20 @@ TEST(Ecss, DenseEqualsOffBitIdentical) {
       t.init_fresh();
       const model::BlockOffsets& o = sparse_block(t);
       const int64_t expert_elems = o.moe_n_experts * o.moe_stride;
+      // In bf16 the experts' weight matrices have only a bf16 compute copy in the pool (2 B,
+      // or 4 B for the emulated path's rounded f32 copy); their biases keep an f32 one.
+      const model::ModelConfig& mc = t.config().model;
+      const int64_t matrices = o.moe_n_experts * 2 * mc.moe.expert_d_ff * mc.d_model;
+      const int64_t to_pool =
+          std::string(precision) == "f32"
+              ? 4 * expert_elems
+              : 4 * (expert_elems - matrices) + (model::bf16_emulated() ? 4 : 2) * matrices;
       for (int i = 0; i < kSteps; ++i) {
         const train::StepStats s = t.train_step();
         if (std::string(mode) == "dense") {
-          // Every expert, every step: its gradient in, its f32 compute copy out.
+          // Every expert, every step: its gradient in, its compute copy out.
           EXPECT_EQ(s.ecss.to_store_bytes, 4 * expert_elems) << what;
-          EXPECT_EQ(s.ecss.to_pool_bytes, 4 * expert_elems) << what;
+          EXPECT_EQ(s.ecss.to_pool_bytes, to_pool) << what;
           EXPECT_EQ(s.ecss.pieces_updated, o.moe_n_experts) << what;
         } else {
           EXPECT_EQ(s.ecss.to_store_bytes, 0) << what;
@@ -120,6 +128,14 @@ TEST(Ecss, DenseEqualsOffBitIdentical) {
       EXPECT_EQ(es->size(), expert_elems);
       EXPECT_EQ(t.executor().optimizer(0).size(),
                 t.executor().chunk(0).total() - expert_elems);
+      // bf16: the pool holds no f32 copy of the experts' weight matrices.
+      const model::HoleyLayout* holes = t.executor().chunk(0).holes();
+      if (std::string(precision) == "f32") {
+        EXPECT_EQ(holes, nullptr);
+      } else {
+        ASSERT_NE(holes, nullptr);
+        EXPECT_EQ(holes->total() - holes->size(), matrices);
+      }
     }
   }
 }
@@ -233,38 +249,51 @@ TEST(Ecss, MemoryModelEqualsPoolAndDropsTheExpertsMoments) {
       const std::string what = std::string(mode) + " " + precision;
       const train::TrainConfig cfg = config(mode, temp_dir(mode), precision);
       MemoryPool pool;
+      int64_t host_bytes = 0;
       {
         train::Trainer t(cfg, pool);
         t.init_fresh();
         for (int i = 0; i < 2; ++i) t.train_step();
+        if (const optim::ExpertStore* es = t.executor().expert_store(0)) host_bytes = es->host_bytes();
       }
       const model::Precision prec = cfg.precision;
       const model::RankMemory mem =
           model::memory_per_rank(cfg.model, train::make_train_plan(cfg, 1), 0, cfg.seq, prec);
       for (MemCategory c : {MemCategory::weights, MemCategory::grads, MemCategory::optimizer})
         EXPECT_EQ(pool.peak(c), mem[c]) << what << " " << mem_category_name(c);
+      EXPECT_EQ(mem.host_store, host_bytes) << what << ": the host store's bytes";
       predicted[mode] = mem;
     }
-    const model::ParamLayout layout(config("off", temp_dir("x")).model);
+    const model::ModelConfig layout_cfg = config("off", temp_dir("x")).model;
+    const model::ParamLayout layout(layout_cfg);
     const model::BlockOffsets& o = layout.block(1);
     const int64_t experts = o.moe_n_experts * o.moe_stride;
     EXPECT_EQ(predicted["off"].optimizer() - predicted["dense"].optimizer(), 2 * 4 * experts)
         << precision;
     EXPECT_EQ(predicted["lazy"].optimizer(), predicted["dense"].optimizer()) << precision;
-    EXPECT_EQ(predicted["off"].weights(), predicted["dense"].weights()) << precision;
+    // bf16: the experts' f32 masters leave the pool too (their weight matrices' 4 B per element;
+    // the biases keep an f32 compute copy, the bias adds being f32). f32: the compute copy is
+    // the f32 buffer, which stays.
+    const int64_t matrices = o.moe_n_experts * 2 * layout_cfg.moe.expert_d_ff * layout_cfg.d_model;
+    EXPECT_EQ(predicted["off"].weights() - predicted["dense"].weights(),
+              std::string(precision) == "f32" ? 0 : 4 * matrices)
+        << precision;
+    EXPECT_EQ(predicted["lazy"].weights(), predicted["dense"].weights()) << precision;
   }
 }
 
 // Save after 4 steps, continue 6; resuming the checkpoint and running 6 steps is bit-identical.
 // The checkpoint is the format without ECSS: an ECSS-off run resumes a dense one exactly.
+// In bf16 the dense run keeps no f32 copy of the experts' weight matrices in the pool; its
+// checkpoint and an ECSS-off run's are the same.
 TEST(Ecss, CheckpointResumeEqualsUninterrupted) {
-  for (const char* mode : {"lazy", "dense"}) {
-    const std::string dir = temp_dir(std::string("ckpt_") + mode);
+  for (auto [mode, precision] : {std::pair{"lazy", "f32"}, {"dense", "f32"}, {"dense", "bf16"}}) {
+    const std::string dir = temp_dir(std::string("ckpt_") + mode + precision);
     std::vector<float> straight;
     Moments straight_m;
     {
       MemoryPool pool;
-      train::Trainer t(config(mode, dir), pool);
+      train::Trainer t(config(mode, dir, precision), pool);
       t.init_fresh();
       for (int i = 0; i < 4; ++i) t.train_step();
       t.save(dir + "/step4");
@@ -276,7 +305,7 @@ TEST(Ecss, CheckpointResumeEqualsUninterrupted) {
     if (std::string(mode) == "dense") resume_modes.push_back("off");
     for (const std::string& rm : resume_modes) {
       MemoryPool pool;
-      train::Trainer t(config(rm, dir + "_r"), pool);
+      train::Trainer t(config(rm, dir + "_r", precision), pool);
       t.resume(dir + "/step4");
       EXPECT_EQ(t.step(), 4);
       for (int i = 0; i < 6; ++i) t.train_step();
