@@ -306,6 +306,22 @@ std::vector<UnitRange> ecss_master_holes(const StageGeometry& geo) {
   return out;
 }
 
+std::vector<UnitRange> zero1_expert_pieces(const StageGeometry& geo, int S, int q) {
+  std::vector<UnitRange> shares;
+  if (geo.ep().size > 1) {
+    for (const UnitRange& e : geo.expert_ranges()) {
+      const UnitRange s = zero1_share(e.end - e.begin, S, q);
+      if (s.end > s.begin) shares.push_back({e.begin + s.begin, e.begin + s.end});
+    }
+  } else {
+    shares.push_back(zero1_share(geo.total(), S, q));
+  }
+  std::vector<UnitRange> out;
+  for (const EcssSplit::Piece& p : ecss_split(geo, shares).experts)
+    if (p.end > p.begin) out.push_back({p.begin, p.end});
+  return out;
+}
+
 HoleyLayout::HoleyLayout(int64_t total, std::vector<UnitRange> holes)
     : total_(total), holes_(std::move(holes)) {
   int64_t x = 0;

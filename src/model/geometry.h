@@ -90,6 +90,11 @@ EcssSplit ecss_split(const StageGeometry& geo, const std::vector<UnitRange>& own
 // elements. Ascending; empty for a stage without experts.
 std::vector<UnitRange> ecss_master_holes(const StageGeometry& geo);
 
+// ZeRO-1 under ECSS: the expert pieces whose masters rank q of the S ranks sharing the stage's
+// experts keeps in its store, ascending (the expert part of zero1_ranges: under ep each expert
+// range's share, otherwise the experts within zero1_share(total, S, q)), cut per expert.
+std::vector<UnitRange> zero1_expert_pieces(const StageGeometry& geo, int S, int q);
+
 // A buffer of `total` elements stored without `holes` (ascending, disjoint): the elements
 // outside them, packed in order. Maps an element to its packed position.
 class HoleyLayout {

@@ -481,7 +481,7 @@ class StoreTrace {
 // stage.cpp: GptStage's allocations for one chunk.
 class StageTrace {
  public:
-  // hole_elements: elements without an f32 copy in the pool (ECSS in bf16 at ZeRO 0: the
+  // hole_elements: elements without an f32 copy in the pool (ECSS in bf16: the
   // experts' weight matrices, model::ecss_master_holes).
   StageTrace(Tracer& tr, const ModelConfig& cfg, const StageGeometry& geo, const Dims& d,
              StoreTrace* store, const std::vector<Recompute>& recompute, int micro_batches,
@@ -788,6 +788,7 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
   std::vector<std::unique_ptr<StoreTrace>> stores;
   std::vector<std::unique_ptr<StageTrace>> chunks;
   std::vector<Buf> optimizer;
+  std::vector<int64_t> expert_broadcast;  // bytes, per chunk that broadcasts expert masters
   // The VS lookups below must not empty the bounded cache while holding references into it.
   if (max_geometries_ > 0 && geometries_.size() + size_t(VS) > max_geometries_) geometries_.clear();
   for (int c = 0; c < VS; ++c) {
@@ -815,14 +816,27 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
     if (!store && plan.ecss != "off") {
       // ECSS (optim/expert_store.h): the experts' moments (and f32 masters) live in a host store
       // outside the pool; AdamW keeps m and v of the dense ranges only. The compute copies stay
-      // in the stage's weight buffers; in bf16 at ZeRO 0 the experts' weight matrices have no
+      // in the stage's weight buffers; in bf16 the experts' weight matrices have no
       // f32 copy there (train::Executor, GptStage's expert_masters_outside).
       owned = 0;
       const EcssSplit split = ecss_split(geo, owned_ranges);
       for (const UnitRange& u : split.dense) owned += u.end - u.begin;
       for (const EcssSplit::Piece& p : split.experts) out.host_store += 12 * (p.end - p.begin);
-      if (bf && !zero1)
+      if (bf) {
         for (const UnitRange& h : ecss_master_holes(geo)) holes += h.end - h.begin;
+        // ZeRO-1: the stores' updated masters are broadcast through a buffer of the largest
+        // share (train::Executor::broadcast_expert_masters).
+        const int S = plan.ep > 1 ? n_same : n_shard;
+        if (zero1 && holes > 0 && S > 1) {
+          int64_t most = 1;
+          for (int q = 0; q < S; ++q) {
+            int64_t n = 0;
+            for (const UnitRange& p : zero1_expert_pieces(geo, S, q)) n += p.end - p.begin;
+            most = std::max(most, n);
+          }
+          expert_broadcast.push_back(most * 4);
+        }
+      }
     }
     chunks.push_back(std::make_unique<StageTrace>(tr, cfg, geo, d, st, plan.recompute, M, holes));
     optimizer.push_back(tr.alloc(owned * 4, Cat::optimizer));  // AdamW m
@@ -892,6 +906,7 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
   send_buffers.clear();
   for (auto& s : stores) s->finish_micro_batch();
   for (auto& s : stores) s->step();
+  for (int64_t b : expert_broadcast) Buf t = tr.alloc(b, Cat::comm);  // one chunk at a time
   out.bytes = tr.peaks();
   return out;
 }

@@ -75,7 +75,7 @@ GptStage::GptStage(const ModelConfig& cfg, const StageSpan& span, MemoryPool& po
   recompute_.assign(size_t(cfg_.n_layers), Recompute::none);
   if (expert_masters_outside) {
     LOOM_CHECK(!store_ && precision_ == Precision::bf16,
-               "expert masters outside the pool need bf16 and no ParamStore (ECSS at ZeRO 0)");
+               "expert masters outside the pool need bf16 and no ParamStore (ECSS at ZeRO 0 or 1)");
     std::vector<UnitRange> h = ecss_master_holes(geo_);
     if (!h.empty()) holes_ = std::make_unique<HoleyLayout>(geo_.total(), std::move(h));
   }
@@ -234,6 +234,15 @@ void GptStage::to_full(float* full) const {
   LOOM_ASSERT(bool(save_hole_masters_), "stage with holes but no host masters");
   for (const HoleyLayout::Kept& k : holes_->kept())
     std::memcpy(full + k.begin, w + k.packed, size_t(k.end - k.begin) * sizeof(float));
+  // The holes: their compute copies widened first (under ZeRO-1 the store keeps the masters of
+  // this rank's share only; from_full rounds these back to the same copies), then the masters.
+  for (const UnitRange& h : holes_->holes()) {
+    if (emulated_)
+      std::memcpy(full + h.begin, weights_lp_.data<float>() + h.begin,
+                  size_t(h.end - h.begin) * sizeof(float));
+    else
+      convert_bf16_to_f32(weights_lp_.data<bf16>() + h.begin, full + h.begin, size_t(h.end - h.begin));
+  }
   save_hole_masters_(full);
 }
 

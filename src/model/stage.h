@@ -184,8 +184,9 @@ class GptStage {
   void set_hole_masters(std::function<void(const float*)> load, std::function<void(float*)> save);
   // The f32 weight of element x of the stage's buffer (outside the holes).
   float* master_at(int64_t x) const;
-  // All total() f32 weights in the stage's layout (the holes' from their masters), and back
-  // (the holes' to their masters; every low-precision copy refreshed).
+  // All total() f32 weights in the stage's layout (the holes' from their masters where the
+  // store has them, else their bf16 copies widened), and back (the holes' to their masters;
+  // every low-precision copy refreshed).
   void to_full(float* full) const;
   void from_full(const float* full);
   // Elements [begin, end) were updated elsewhere (an expert store) to `src`: writes them where

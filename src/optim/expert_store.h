@@ -10,7 +10,7 @@
 // the pool into the store (pool -> store bytes), the master and moments are updated there with
 // the same AdamW kernel plain AdamW uses, and the master is copied back to the pool's compute
 // copy (store -> pool bytes). Both byte counts are reported per step. In f32 the compute copy is
-// the pool's f32 buffer; in bf16 at ZeRO 0 the pool holds no f32 copy of the experts' weight
+// the pool's f32 buffer; in bf16 the pool holds no f32 copy of the experts' weight
 // matrices, only their bf16 copies (GptStage's expert_masters_outside).
 //
 // The update rule (exact; docs/moe.md "ECSS"):

@@ -199,11 +199,11 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
       // Under ep the expert ranges are shared over the ranks holding the same experts instead
       // (model::zero1_ranges).
       const bool zero1 = plan.zero >= 1 && dp_.valid();
-      // ECSS in bf16 at ZeRO 0: the experts' weight matrices have no f32 copy in the pool (their
-      // masters are the store's). Under ZeRO-1 every rank still needs the f32 values of the
-      // shares it does not update (broadcast in f32), so the f32 buffer stays whole.
+      // ECSS in bf16: the experts' weight matrices have no f32 copy in the pool (their masters
+      // are the store's; under ZeRO-1 each rank's store holds its share, broadcast after the
+      // update, see broadcast_expert_masters).
       const bool masters_out =
-          ecss != optim::EcssMode::off && ec.precision == model::Precision::bf16 && !zero1;
+          ecss != optim::EcssMode::off && ec.precision == model::Precision::bf16;
       chunks_.push_back(std::make_unique<model::GptStage>(cfg, span, pool, ec.precision, tpp,
                                                           nullptr, epp, masters_out));
       const int64_t n = chunks_.back()->total();
@@ -247,12 +247,13 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
               geo.local_specs(), std::move(pieces), std::move(layers), cfg.moe.experts, ec.optim,
               ecss, path));
           if (chunks_.back()->holes()) {
-            // Every hole's master is in the store (at ZeRO 0 it holds every held expert whole).
+            // At ZeRO 0 every hole's master is in the store (it holds every held expert whole).
             const optim::ExpertStore* es = ecss_.back().get();
-            for (const model::UnitRange& h : chunks_.back()->holes()->holes())
-              LOOM_ASSERT(packed_index(es->ranges(), h.begin) >= 0 &&
-                              packed_index(es->ranges(), h.end - 1) >= 0,
-                          "ECSS hole [{}, {}) outside the expert store", h.begin, h.end);
+            if (!zero1)
+              for (const model::UnitRange& h : chunks_.back()->holes()->holes())
+                LOOM_ASSERT(packed_index(es->ranges(), h.begin) >= 0 &&
+                                packed_index(es->ranges(), h.end - 1) >= 0,
+                            "ECSS hole [{}, {}) outside the expert store", h.begin, h.end);
             optim::ExpertStore* store = ecss_.back().get();
             chunks_.back()->set_hole_masters([store](const float* w) { store->load_masters(w); },
                                              [store](float* w) { store->save_masters(w); });
@@ -325,12 +326,54 @@ void Executor::set_ecss_expert_steps(const std::map<int64_t, std::vector<int64_t
 
 void Executor::export_weights(float* global_weights, bool include_tied_copy) const {
   for (size_t i = 0; i < chunks_.size(); ++i) {
+    if (stores_.empty() && chunks_[i]->holes() && ec_.plan.zero >= 1 && dp_.valid()) {
+      // ZeRO-1 with the experts' masters outside the pool: each store holds its share of them.
+      std::vector<float> local(static_cast<size_t>(chunks_[i]->total()));
+      chunks_[i]->to_full(local.data());
+      broadcast_expert_masters(int(i), [&](int64_t b, int64_t e, const float* w) {
+        std::memcpy(local.data() + b, w, size_t(e - b) * sizeof(float));
+      });
+      chunks_[i]->geometry().to_global(local.data(), global_weights, include_tied_copy);
+      continue;
+    }
     if (stores_.empty()) {
       chunks_[i]->export_weights(global_weights, include_tied_copy);
       continue;
     }
     std::vector<float> local = stores_[i]->full_weights();  // collective over dp
     chunks_[i]->geometry().to_global(local.data(), global_weights, include_tied_copy);
+  }
+}
+
+void Executor::broadcast_expert_masters(
+    int c, const std::function<void(int64_t, int64_t, const float*)>& take) const {
+  // The ranks sharing this rank's experts: under ep those holding the same experts, else dp.
+  const comm::ProcessGroup& g = ep_.valid() ? edp_ : dp_;
+  if (!g.valid() || g.size() <= 1) return;
+  const optim::ExpertStore* es = ecss_.at(size_t(c)).get();
+  LOOM_ASSERT(es, "chunk {} has holes but no expert store", c);
+  const model::StageGeometry& geo = chunks_[size_t(c)]->geometry();
+  std::vector<std::vector<model::UnitRange>> pieces(size_t(g.size()));
+  std::vector<int64_t> sizes(size_t(g.size()), 0);
+  for (int q = 0; q < g.size(); ++q) {
+    pieces[size_t(q)] = model::zero1_expert_pieces(geo, g.size(), q);
+    for (const model::UnitRange& p : pieces[size_t(q)]) sizes[size_t(q)] += p.end - p.begin;
+  }
+  LOOM_ASSERT(sizes[size_t(g.rank())] == es->size(), "expert store holds {} elements, its share {}",
+              es->size(), sizes[size_t(g.rank())]);
+  Tensor buf = Tensor::empty({std::max<int64_t>(1, *std::max_element(sizes.begin(), sizes.end()))},
+                             DType::f32, pool_, MemCategory::comm);
+  for (int q = 0; q < g.size(); ++q) {
+    if (sizes[size_t(q)] == 0) continue;
+    const bool mine = q == g.rank();
+    float* data = mine ? es->master() : buf.data<float>();
+    g.broadcast(comm::BufferRef(data, sizes[size_t(q)], DType::f32), q).wait();
+    if (mine) continue;
+    int64_t at = 0;
+    for (const model::UnitRange& p : pieces[size_t(q)]) {
+      take(p.begin, p.end, data + at);
+      at += p.end - p.begin;
+    }
   }
 }
 
@@ -864,7 +907,22 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       s.ecss.pieces_updated += t.pieces_updated;
       s.ecss.elements_updated += t.elements_updated;
     }
-    if (ec_.plan.zero >= 1 && dp_.valid()) {
+    if (ec_.plan.zero >= 1 && dp_.valid() && chunk.holes()) {
+      // ZeRO-1 with the experts' masters outside the pool: the dense shares in f32 over dp, and
+      // each store's updated masters to the ranks sharing its experts, into their compute copies.
+      std::vector<comm::Work> works;
+      for (int r = 0; r < dp_.size(); ++r)
+        for (const model::UnitRange& u :
+             model::ecss_split(chunk.geometry(),
+                               model::zero1_dense_ranges(chunk.geometry(), dp_.size(), r))
+                 .dense)
+          works.push_back(dp_.broadcast(
+              comm::BufferRef(chunk.master_at(u.begin), u.end - u.begin, DType::f32), r));
+      for (auto& w : works) w.wait();
+      broadcast_expert_masters(int(i), [&](int64_t b, int64_t e, const float* w) {
+        chunk.write_compute(b, e, w);
+      });
+    } else if (ec_.plan.zero >= 1 && dp_.valid()) {
       // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
       // each expert range's shares over the ranks holding the same experts).
       float* weights = chunks_[i]->weights();

@@ -42,7 +42,9 @@
 //   equals the one-rank run up to summation order; two runs of one layout are bit-identical.
 // - ECSS (plan.ecss = "dense" | "lazy", ZeRO 0/1): the experts' f32 masters and AdamW moments
 //   of what this rank's optimizer owns live in one optim::ExpertStore per chunk, outside the
-//   pool; the chunk's AdamW covers the dense ranges only (model::ecss_split). Lazy mode sums the
+//   pool; the chunk's AdamW covers the dense ranges only (model::ecss_split). In bf16 the
+//   experts' weight matrices have no f32 copy in the pool (GptStage's expert_masters_outside);
+//   under ZeRO-1 the stores' updated masters are then broadcast into the others' bf16 copies. Lazy mode sums the
 //   step's per-expert loads over dp (x cp) so every rank updates the same experts. Checkpoints
 //   and export/import read and write the store in the unchanged format.
 // - Failure: a peer that never sends makes wait() throw loom::TimeoutError naming the group,
@@ -223,6 +225,11 @@ class Executor {
   std::vector<std::unique_ptr<ZeroStore>> stores_;  // ZeRO-2/3 (one per chunk), else empty
   std::vector<std::unique_ptr<model::GptStage>> chunks_;
   std::vector<std::unique_ptr<optim::AdamW>> optimizers_;  // one per chunk, over its buffer
+  // ZeRO-1 with the experts' masters outside the pool (ECSS in bf16): every other store's
+  // masters of chunk c, broadcast over the ranks sharing the experts, each piece handed to
+  // take(begin, end, masters) (collective over that group; this rank's own pieces are not).
+  void broadcast_expert_masters(int c,
+                                const std::function<void(int64_t, int64_t, const float*)>& take) const;
   // ECSS (plan.ecss != "off"): one per chunk (null where the chunk holds no experts); the
   // chunk's AdamW then covers its dense ranges only.
   std::vector<std::unique_ptr<optim::ExpertStore>> ecss_;

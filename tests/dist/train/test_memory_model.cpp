@@ -414,14 +414,16 @@ TEST(MemoryModel, MoePredictionEqualsPoolPeakOnEveryRank) {
                      with_ecss(c(1, 2, 0, "1f1b", 1, 4, "none", kF32), "lazy")}});
     runs.push_back({model::Router::topk,
                     {with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "full", kF32), 2), "lazy"),
-                     with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense")}});
+                     with_ecss(with_ep(c(2, 1, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense"),
+                     with_ecss(c(2, 1, 1, "1f1b", 1, 2, "none", kBf16), "dense")}});
     Case bf16_copies = with_ecss(c(1, 2, 0, "interleaved", 2, 4, "selective", kBf16), "lazy");
     bf16_copies.emulation = 0;  // bf16 compute copies (2 B), not the emulated f32 ones
     runs.push_back({model::Router::rre, {bf16_copies}});
   } else if (w == 4) {
     runs.push_back({model::Router::rre,
                     {with_ecss(with_ep(c(4, 1, 1, "1f1b", 1, 2, "none", kF32), 2), "lazy"),
-                     with_ecss(with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense")}});
+                     with_ecss(with_ep(c(2, 2, 0, "1f1b", 1, 2, "none", kBf16), 2), "dense"),
+                     with_ecss(with_ep(c(4, 1, 1, "1f1b", 1, 2, "selective", kBf16), 2), "lazy")}});
   }
   if (runs.empty()) GTEST_SKIP() << "MoE plans are listed for 2 and 4 ranks, not " << w;
   for (auto& [router, cases] : runs) {
