@@ -479,12 +479,14 @@ TEST(CostModel, MatmulMemoryTrafficByHand) {
 
 // Time at scale: published step times of Megatron-LM GPT runs on Selene (A100-80GB SXM, 8 per
 // node on NVLink 3 / NVSwitch, 8x 200 Gb/s HDR InfiniBand per node: configs/clusters/
-// a100-80gb-ib.toml; both papers state this layout). GPT as both papers define it: s = 2048,
-// V = 51200, d_ff = 4h, tied embedding. The A100 preset is used as published (Calculon's figures,
+// a100-80gb-ib.toml; both Megatron papers state this layout) and of BLOOM-176B on Jean Zay (4x
+// 100 Gb/s Omni-Path per node: a100-80gb-opa-jeanzay.toml). GPT as the papers define it: s = 2048,
+// d_ff = 4h, tied embedding. The presets are used as published (Calculon's A100 figures,
 // including its HBM efficiency table and "no_overlap" mode: products' operand traffic adds to
 // their time); no per-run factor. Each row's plan is loom's nearest: loom's tp is always
 // Megatron tp with sequence parallelism, its attention is flash attention, its elementwise passes
-// are f32 (docs/planner.md "Published step times" has the tables and the errors).
+// are f32 (docs/planner.md "Published step times" has the tables, the errors and where each row
+// was read).
 struct PublishedRun {
   const char* source;
   int64_t heads, hidden, layers, tp, pp, gpus, batch;
