@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <ctime>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -476,17 +477,76 @@ TEST(CostModel, MatmulMemoryTrafficByHand) {
   }
 }
 
-// Time at scale: Megatron-LM's weak-scaling runs on Selene (Narayanan et al., SC'21, arXiv
-// 2104.04473, Table 1: GPT with s = 2048, V = 51200, full recompute, A100-80GB, 8 per node,
-// 8x 200 Gb/s HDR). Published: achieved TFLOP/s per GPU; the step time follows from the paper's
-// FLOP count with recompute, 96 B s L h^2 (1 + s/(6h) + V/(16 L h)), over n GPUs. The rows are
-// RECALLED ([R] in ../shared/notes terms), not re-read here: check them against the paper before
-// citing. Plans: dp = n/(tp pp), micro-batch 1, 1f1b (the table does not give b or the
-// schedule). The A100 preset is used as published (Calculon's figures, including its HBM
-// efficiency table and "no_overlap" mode: products' operand traffic adds to their time); no
-// per-run factor. Mean |error| 12.4%, every row within 22% (docs/planner.md has the table); the
-// 1T row is confirmed by the paper's abstract (502 PFLOP/s on 3072 GPUs = 163 TFLOP/s each).
-TEST(CostModel, MegatronSelenePublishedStepTimes) {
+// Time at scale: published step times of Megatron-LM GPT runs on Selene (A100-80GB SXM, 8 per
+// node on NVLink 3 / NVSwitch, 8x 200 Gb/s HDR InfiniBand per node: configs/clusters/
+// a100-80gb-ib.toml; both Megatron papers state this layout) and of BLOOM-176B on Jean Zay (4x
+// 100 Gb/s Omni-Path per node: a100-80gb-opa-jeanzay.toml). GPT as the papers define it: s = 2048,
+// d_ff = 4h, tied embedding. The presets are used as published (Calculon's A100 figures,
+// including its HBM efficiency table and "no_overlap" mode: products' operand traffic adds to
+// their time); no per-run factor. Each row's plan is loom's nearest: loom's tp is always
+// Megatron tp with sequence parallelism, its attention is flash attention, its elementwise passes
+// are f32 (docs/planner.md "Published step times" has the tables, the errors and where each row
+// was read).
+struct PublishedRun {
+  const char* source;
+  int64_t heads, hidden, layers, tp, pp, gpus, batch;
+  std::string plan;    // schedule and recompute; dp, tp, pp (and micro_batches) follow
+  double published_s;  // the publication's step time (or the one its figures give)
+  int64_t vocab = 51200;
+  const char* cluster = "a100-80gb-ib.toml";  // the run's own cluster (configs/clusters/)
+};
+
+model::ModelConfig megatron_gpt(int64_t heads, int64_t hidden, int64_t layers, int64_t vocab) {
+  model::ModelConfig cfg;
+  cfg.name = "megatron";
+  cfg.vocab = vocab;
+  cfg.n_layers = layers;
+  cfg.d_model = hidden;
+  cfg.n_heads = cfg.n_kv_heads = heads;
+  cfg.d_ff = 4 * hidden;
+  cfg.max_seq = 2048;
+  return cfg;
+}
+
+// Predicted / published - 1 for each run; micro-batch size = batch / (dp x micro_batches) where
+// the plan names micro_batches, else 1.
+std::vector<double> published_errors(const std::vector<PublishedRun>& runs, bool print = true) {
+  const int64_t s = 2048;
+  std::vector<double> errors;
+  for (const PublishedRun& r : runs) {
+    const Cluster cl = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/" + r.cluster);
+    const model::ModelConfig cfg = megatron_gpt(r.heads, r.hidden, r.layers, r.vocab);
+    const int64_t dp = r.gpus / (r.tp * r.pp);
+    std::string spec = fmt::format("dp={},tp={},pp={},{}", dp, r.tp, r.pp, r.plan);
+    if (spec.find("micro_batches") == std::string::npos)
+      spec += fmt::format(",micro_batches={}", r.batch / dp);
+    const ParallelPlan p = plan_of(spec, cfg, r.batch, int(r.gpus));
+    MemoryOracle oracle(cfg, s, model::Precision::bf16, false);
+    const StepCost c = estimate_time({cfg, cl, s, model::Precision::bf16}, p, oracle);
+    const double err = c.step_time / r.published_s - 1;
+    errors.push_back(err);
+    if (print)
+      std::printf("%-12s h %5lld L %3lld n %4lld B %4lld %-72s published %7.2f s "
+                  "predicted %7.2f s %+6.1f%%\n",
+                  r.source, (long long)r.hidden, (long long)r.layers, (long long)r.gpus,
+                  (long long)r.batch, spec.c_str(), r.published_s, c.step_time, 100 * err);
+  }
+  return errors;
+}
+
+double mean_abs(const std::vector<double>& e) {
+  double sum = 0;
+  for (double x : e) sum += std::abs(x);
+  return e.empty() ? 0 : sum / double(e.size());
+}
+
+// Narayanan et al., SC'21 (arXiv 2104.04473), Table 1 (weak scaling: heads, hidden, layers, tp,
+// pp, GPUs, batch, achieved TFLOP/s per GPU); every row re-read from the paper's text (a markdown
+// conversion of the arXiv paper in the stored GitHub corpus, docs/planner.md names it). The
+// published step time follows from the paper's FLOP count with recompute, its eq. (3),
+// 96 B s L h^2 (1 + s/(6h) + V/(16 L h)), over n GPUs x the TFLOP/s per GPU. Full recompute (eq.
+// (3) counts it); micro-batch 1 and 1f1b (the table gives neither).
+std::vector<PublishedRun> sc21_table1() {
   struct Row { int64_t heads, hidden, layers, tp, pp, gpus, batch; double tflops_per_gpu; };
   const Row rows[] = {{24, 2304, 24, 1, 1, 32, 512, 137},     {32, 3072, 30, 2, 1, 64, 512, 138},
                       {32, 4096, 36, 4, 1, 128, 512, 142},    {48, 6144, 40, 8, 1, 256, 1024, 135},
@@ -494,35 +554,93 @@ TEST(CostModel, MegatronSelenePublishedStepTimes) {
                       {96, 12288, 80, 8, 8, 1536, 2304, 148}, {128, 16384, 96, 8, 16, 1920, 2160, 155},
                       {128, 20480, 105, 8, 35, 2520, 2520, 163},
                       {160, 25600, 128, 8, 64, 3072, 3072, 163}};
-  const Cluster cl =
-      load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/a100-80gb-ib.toml");
-  const int64_t s = 2048, V = 51200;
-  double sum = 0;
+  std::vector<PublishedRun> runs;
   for (const Row& r : rows) {
-    model::ModelConfig cfg;
-    cfg.name = "megatron";
-    cfg.vocab = V;
-    cfg.n_layers = r.layers;
-    cfg.d_model = r.hidden;
-    cfg.n_heads = cfg.n_kv_heads = r.heads;
-    cfg.d_ff = 4 * r.hidden;
-    cfg.max_seq = s;
-    const int64_t dp = r.gpus / (r.tp * r.pp);
-    const ParallelPlan p = plan_of(
-        fmt::format("dp={},tp={},pp={},micro_batches={},recompute=full", dp, r.tp, r.pp, r.batch / dp),
-        cfg, r.batch, int(r.gpus));
-    MemoryOracle oracle(cfg, s, model::Precision::bf16, false);
-    const StepCost c = estimate_time({cfg, cl, s, model::Precision::bf16}, p, oracle);
-    const double L = double(r.layers), h = double(r.hidden);
-    const double flops = 96.0 * double(r.batch) * s * L * h * h *
-                         (1 + double(s) / (6 * h) + double(V) / (16 * L * h));
-    const double published = flops / (double(r.gpus) * r.tflops_per_gpu * 1e12);
-    const double err = c.step_time / published - 1;
-    sum += std::abs(err);
-    EXPECT_LT(std::abs(err), 0.25) << r.hidden << ": predicted " << c.step_time << " s, published "
-                                   << published << " s";
+    const double s = 2048, V = 51200, L = double(r.layers), h = double(r.hidden);
+    const double flops =
+        96.0 * double(r.batch) * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h));
+    runs.push_back({"SC'21 T1", r.heads, r.hidden, r.layers, r.tp, r.pp, r.gpus, r.batch,
+                    "schedule=1f1b,recompute=full",
+                    flops / (double(r.gpus) * r.tflops_per_gpu * 1e12)});
   }
-  EXPECT_LT(sum / 10, 0.15);  // the issue's bound: 15% on average
+  return runs;
+}
+
+// Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (arXiv
+// 2205.05198, MLSys'23), re-read from the paper's text (docs/planner.md names the copy): Table 3
+// (configurations: no data parallelism; 22B micro-batch 4, the others 1; "the interleaving
+// schedule with three interleaving stages" for 175B and 530B) and Table 5 (end-to-end iteration
+// seconds, "full recompute" vs "present work" = sequence parallelism + selective recompute), and
+// section 6.3's 530B at 8-way data parallelism (2240 GPUs, batch 8 x 280): 39.15 s, present work,
+// gradient all-reduce not overlapped. loom's plans: recompute=full vs recompute=selective (loom's
+// tp is always sequence parallel, so the full-recompute rows, which Megatron ran without
+// sequence parallelism, get it too; the paper's Table 4 puts that at 3% of a layer's time).
+std::vector<PublishedRun> korthikanti_table5() {
+  const std::string full = "recompute=full", sel = "recompute=selective";
+  const std::string mb1 = "schedule=1f1b,micro_batches=1,", f1b = "schedule=1f1b,",
+                    il = "schedule=interleaved,virtual_stages=3,";
+  const char* t5 = "MLSys'23 T5";
+  return {
+      {t5, 64, 6144, 48, 8, 1, 8, 4, mb1 + full, 1.42},
+      {t5, 64, 6144, 48, 8, 1, 8, 4, mb1 + sel, 1.10},
+      {t5, 96, 12288, 96, 8, 8, 64, 64, il + full, 18.13},
+      {t5, 96, 12288, 96, 8, 8, 64, 64, il + sel, 13.75},
+      {t5, 128, 20480, 105, 8, 35, 280, 280, il + full, 49.05},
+      {t5, 128, 20480, 105, 8, 35, 280, 280, il + sel, 37.83},
+      {t5, 160, 25600, 128, 8, 64, 512, 512, f1b + full, 94.42},
+      {t5, 160, 25600, 128, 8, 64, 512, 512, f1b + sel, 71.49},
+      {"MLSys'23 6.3", 128, 20480, 105, 8, 35, 2240, 2240, il + sel, 39.15},
+  };
+}
+
+// BLOOM-176B (BigScience, Megatron-DeepSpeed) on Jean Zay: its own cluster file,
+// a100-80gb-opa-jeanzay.toml (4x 100 Gb/s Omni-Path per node, a quarter of Selene's inter-node
+// bandwidth per GPU). Configuration and time from bigscience-workshop/bigscience
+// train/tr11-176B-ml/README.md: 70 layers, hidden 14336, 112 heads, s = 2048, embedding
+// 250880 x 14336 (the 250,680-token vocabulary padded), TP=4 PP=12 DP=8 MBS=2, GBS=2048 once
+// ramped up, activation checkpointing (full recompute), the BF16 optimizer's own ZeRO stage 1,
+// pipeline partition "embed | 5 blocks", 6 blocks x 10, "5 blocks | embed"; the first epoch's
+// last logged iteration (85376, GBS 2048): "elapsed time per iteration (s): 104.70", 149.77
+// TFLOP/s per GPU. ALiBi and the embedding layer norm are not in loom's model (both are small).
+std::vector<PublishedRun> bloom_tr11() {
+  PublishedRun r{"BLOOM tr11", 112, 14336, 70, 4, 12, 384, 2048,
+                 "zero=1,schedule=1f1b,recompute=full,micro_batches=128,"
+                 "stage_layers=5,6,6,6,6,6,6,6,6,6,6,5",
+                 104.70};
+  r.vocab = 250880;
+  r.cluster = "a100-80gb-opa-jeanzay.toml";
+  return {r};
+}
+
+TEST(CostModel, MegatronSelenePublishedStepTimes) {
+  const std::vector<double> e = published_errors(sc21_table1());
+  for (double x : e) EXPECT_LT(std::abs(x), 0.25);
+  std::printf("SC'21 Table 1: mean |error| %.1f%% over %zu runs\n", 100 * mean_abs(e), e.size());
+  EXPECT_LT(mean_abs(e), 0.15);  // the issue's bound: 15% on average
+}
+
+TEST(CostModel, MegatronSelectiveRecomputePublishedStepTimes) {
+  const std::vector<double> e = published_errors(korthikanti_table5());
+  for (double x : e) EXPECT_LT(std::abs(x), 0.25);
+  std::printf("Korthikanti Table 5 / 6.3: mean |error| %.1f%% over %zu runs\n", 100 * mean_abs(e),
+              e.size());
+  EXPECT_LT(mean_abs(e), 0.15);
+}
+
+TEST(CostModel, BloomJeanZayPublishedStepTime) {
+  const std::vector<double> e = published_errors(bloom_tr11());
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_LT(std::abs(e[0]), 0.25);
+}
+
+// All sources together: 20 runs, one preset per cluster, no per-run factor.
+TEST(CostModel, PublishedStepTimesAllSources) {
+  std::vector<double> e = published_errors(sc21_table1(), false);
+  for (double x : published_errors(korthikanti_table5(), false)) e.push_back(x);
+  for (double x : published_errors(bloom_tr11(), false)) e.push_back(x);
+  ASSERT_EQ(e.size(), 20u);
+  std::printf("all sources: mean |error| %.1f%% over %zu runs\n", 100 * mean_abs(e), e.size());
+  EXPECT_LT(mean_abs(e), 0.15);  // the issue's bound: 15% on average
 }
 
 SearchOptions small_search(int devices) {
