@@ -140,7 +140,8 @@ TEST(Cluster, SharedHostConcurrency) {
 }
 
 TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
-  for (const char* f : {"a100-80gb-ib.toml", "dgx-h100.toml", "pangu-ascend-2048.toml"}) {
+  for (const char* f : {"a100-80gb-ib.toml", "a100-80gb-opa-jeanzay.toml", "dgx-h100.toml",
+                        "pangu-ascend-2048.toml"}) {
     const Cluster c = load_cluster(std::string(LOOM_SOURCE_DIR) + "/configs/clusters/" + f);
     EXPECT_GT(c.peak_flops_bf16, 1e14) << f;
     EXPECT_EQ(c.devices_per_node, 8) << f;
