@@ -11,8 +11,118 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/vec_math.h"
+
+// The vector helpers live in an anonymous namespace and never cross an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace loom::attention {
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec splat(float x) { return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// Sum 16 vectors' lanes at once: after the four folds lane l holds the total of one input
+// vector (which one: Reduce16::key). Each fold adds two halves of lane groups, so every total
+// is one fixed tree over its 16 lanes, whatever the other inputs hold.
+inline Vec fold8(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
+}
+inline Vec fold4(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline Vec fold2(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Vec fold1(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline Vec reduce16(const Vec (&v)[kLanes]) {
+  Vec f[8], g[4], h[2];
+  for (int i = 0; i < 8; ++i) f[i] = fold8(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) g[i] = fold4(f[2 * i], f[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) h[i] = fold2(g[2 * i], g[2 * i + 1]);
+  return fold1(h[0], h[1]);
+}
+// Which input vector's total lands in lane l (found once by reducing vectors of known sums).
+struct Reduce16 {
+  int key[kLanes];
+  Reduce16() {
+    Vec v[kLanes];
+    for (int t = 0; t < kLanes; ++t) v[t] = splat(float(t));
+    const Vec r = reduce16(v);
+    for (int l = 0; l < kLanes; ++l) key[l] = int(r[l] / float(kLanes) + 0.5f);
+  }
+};
+
+// One (query, head) with HD = 16 * NV over keys in blocks of BT (<= 16) rows, the rows of each
+// block fetched by `rows` into blk (BT, HD). Scores: per key, the NV products q_c * k_c summed
+// in ascending c into one vector, then its lanes by the fixed reduce16 tree; the softmax as the
+// generic path; the output accumulated in registers in ascending key order.
+template <int NV, typename KRows, typename VRows>
+void head_vec(float* oh, const float* qh, const PagedQuery& pq, int64_t BT, float scale,
+              float* score, float* blk, const KRows& k_rows, const VRows& v_rows) {
+  static const Reduce16 kTree;
+  constexpr int64_t HD = int64_t(NV) * kLanes;
+  Vec q[NV];
+  for (int c = 0; c < NV; ++c) q[c] = load(qh + c * kLanes);
+  float m = -INFINITY;
+  for (int64_t j0 = 0; j0 < pq.n_keys; j0 += BT) {
+    const int64_t n = std::min(BT, pq.n_keys - j0);
+    k_rows(pq.block_table[j0 / BT], n, blk);
+    Vec acc[kLanes];
+    for (int t = 0; t < kLanes; ++t) {
+      acc[t] = splat(0.f);
+      if (t >= n) continue;
+      const float* kt = blk + t * HD;
+      Vec a = q[0] * load(kt);
+      for (int c = 1; c < NV; ++c) a += q[c] * load(kt + c * kLanes);
+      acc[t] = a;
+    }
+    const Vec r = reduce16(acc);
+    for (int l = 0; l < kLanes; ++l) {
+      const int t = kTree.key[l];
+      if (t >= n) continue;
+      const float sc = r[l] * scale;
+      score[j0 + t] = sc;
+      m = std::max(m, sc);
+    }
+  }
+  const int64_t nk = pq.n_keys;
+#pragma omp simd
+  for (int64_t j = 0; j < nk; ++j) score[j] = kernels::vec::exp_f32(score[j] - m);
+  float sum = 0.f;
+  for (int64_t j = 0; j < nk; ++j) sum += score[j];
+  const float inv = 1.f / sum;
+  Vec o[NV];
+  for (int c = 0; c < NV; ++c) o[c] = splat(0.f);
+  for (int64_t j0 = 0; j0 < nk; j0 += BT) {
+    const int64_t n = std::min(BT, nk - j0);
+    v_rows(pq.block_table[j0 / BT], n, blk);
+    for (int64_t t = 0; t < n; ++t) {
+      const Vec p = splat(score[j0 + t] * inv);
+      const float* vt = blk + t * HD;
+      for (int c = 0; c < NV; ++c) o[c] += p * load(vt + c * kLanes);
+    }
+  }
+  for (int c = 0; c < NV; ++c) store(oh + c * kLanes, o[c]);
+}
+
+}  // namespace
 
 void paged_attention_forward(float* out, const float* q, const PagedQuery* queries,
                              int64_t n_queries, const void* k_base, const void* v_base,
@@ -45,6 +155,9 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
     max_keys = std::max(max_keys, pq.n_keys);
   }
   const int64_t group = NH / NKV;
+  // The vector path: head dims of 16, 32, 64 or 128 and blocks of at most 16 tokens (the
+  // KV cache's); the plain loops below otherwise.
+  const bool vec_path = BT <= kLanes && (HD == 16 || HD == 32 || HD == 64 || HD == 128);
   const bool wide = s.kv_dtype == DType::f32;
   const std::byte* kb = static_cast<const std::byte*>(k_base);
   const std::byte* vb = static_cast<const std::byte*>(v_base);
@@ -80,6 +193,17 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
       const PagedQuery& pq = queries[i];
       const float* qh = q + i * qs + h * HD;  // (HD)
       float* oh = out + i * os + h * HD;      // (HD)
+      if (vec_path) {
+        auto k_rows = [&](int32_t block, int64_t n, float* buf) { rows(kb, block, kh, n, buf); };
+        auto v_rows = [&](int32_t block, int64_t n, float* buf) { rows(vb, block, kh, n, buf); };
+        switch (HD / kLanes) {
+          case 1: head_vec<1>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
+          case 2: head_vec<2>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
+          case 4: head_vec<4>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
+          case 8: head_vec<8>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
+        }
+        continue;
+      }
       float m = -INFINITY;
       for (int64_t j = 0; j < pq.n_keys; ++j) {
         if (j % BT == 0) rows(kb, pq.block_table[j / BT], kh, std::min(BT, pq.n_keys - j), blk);

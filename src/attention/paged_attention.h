@@ -14,9 +14,12 @@
 // - out (n_queries, NH*HD) row stride o_stride; q (n_queries, NH*HD) row stride q_stride.
 //   Query i attends to keys [0, n_keys_i) of its sequence (causality is the caller's choice of
 //   n_keys: a token at position p sees n_keys = p + 1). Overwrites out.
-// - Per (query, head) one thread computes, in a fixed order: scores s_j = scale * q.k_j in
-//   ascending j (each dot product in a fixed SIMD order that depends on HD only), m = max s_j,
-//   sum of exp(s_j - m) in ascending j, out = sum_j p_j v_j in ascending j. So a row's result
+// - Per (query, head) one thread computes, in a fixed order: scores s_j = scale * q.k_j (each
+//   dot product in a fixed SIMD order that depends on HD only: for HD = 16, 32, 64, 128 with
+//   blocks of <= 16 tokens, the 16-lane partial products summed over the vectors in ascending
+//   order, then the lanes by a fixed tree computed for 16 keys at once), m = max s_j, exp(s_j -
+//   m) (a polynomial, kernels/cpu/vec_math.h, on the vector path), their sum in ascending j,
+//   out = sum_j p_j v_j in ascending j. So a row's result
 //   depends only on its own query and keys: independent of the other queries in the call, of
 //   the thread count, and of whether its keys were written by a prefill or one token at a time
 //   (batch invariant, deterministic).

@@ -95,7 +95,9 @@ TEST_P(PagedVsReference, MatchesFloat64OnShuffledBlocks) {
 INSTANTIATE_TEST_SUITE_P(Shapes, PagedVsReference,
                          ::testing::Values(Case{4, 4, 16, 1}, Case{4, 2, 16, 5}, Case{4, 1, 8, 16},
                                            Case{2, 2, 13, 17}, Case{6, 3, 7, 33},
-                                           Case{4, 2, 64, 127}, Case{1, 1, 5, 131}));
+                                           Case{4, 2, 64, 127}, Case{1, 1, 5, 131},
+                                           Case{4, 4, 32, 47}, Case{2, 1, 128, 70},
+                                           Case{12, 12, 64, 200}));
 
 // A bf16 cache: the kernel widens each element exactly and accumulates in f32, so it gives
 // bitwise what the f32 kernel gives on the same K/V rounded to bf16. Against the float64
