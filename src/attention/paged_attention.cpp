@@ -69,28 +69,48 @@ struct Reduce16 {
   }
 };
 
-// One (query, head) with HD = 16 * NV over keys in blocks of BT (<= 16) rows, the rows of each
-// block fetched by `rows` into blk (BT, HD). Scores: per key, the NV products q_c * k_c summed
-// in ascending c into one vector, then its lanes by the fixed reduce16 tree; the softmax as the
-// generic path; the output accumulated in registers in ascending key order.
-template <int NV, typename KRows, typename VRows>
+// 16 consecutive K or V elements from `p` as f32: f32 as they are, bf16 widened exactly
+// (the bits shifted into the high half of a float).
+typedef uint16_t HVec __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+template <bool kBf16>
+inline Vec load_kv(const std::byte* p) {
+  if constexpr (!kBf16) {
+    return load(reinterpret_cast<const float*>(p));
+  } else {
+    HVec h;
+    std::memcpy(&h, p, sizeof h);
+    const UVec u = __builtin_convertvector(h, UVec) << 16;
+    Vec v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+}
+
+// One (query, head) with HD = 16 * NV, reading the cache in place: row(base, block, t) is the
+// byte address of token t's row for this head in a block of the K (kb) or V (vb) cache. Scores:
+// per key, the NV products q_c * k_c summed in ascending c into one vector, then its lanes by
+// the fixed reduce16 tree (16 keys of a block at once); m = max; exp by the polynomial of
+// kernels/cpu/vec_math.h; their sum in ascending j; the output accumulated in registers in
+// ascending key order.
+template <int NV, bool kBf16, typename Row>
 void head_vec(float* oh, const float* qh, const PagedQuery& pq, int64_t BT, float scale,
-              float* score, float* blk, const KRows& k_rows, const VRows& v_rows) {
+              float* score, const std::byte* kb, const std::byte* vb, const Row& row) {
   static const Reduce16 kTree;
-  constexpr int64_t HD = int64_t(NV) * kLanes;
+  constexpr size_t es = kBf16 ? 2 : 4;
   Vec q[NV];
   for (int c = 0; c < NV; ++c) q[c] = load(qh + c * kLanes);
   float m = -INFINITY;
   for (int64_t j0 = 0; j0 < pq.n_keys; j0 += BT) {
     const int64_t n = std::min(BT, pq.n_keys - j0);
-    k_rows(pq.block_table[j0 / BT], n, blk);
+    const int32_t block = pq.block_table[j0 / BT];
     Vec acc[kLanes];
     for (int t = 0; t < kLanes; ++t) {
       acc[t] = splat(0.f);
       if (t >= n) continue;
-      const float* kt = blk + t * HD;
-      Vec a = q[0] * load(kt);
-      for (int c = 1; c < NV; ++c) a += q[c] * load(kt + c * kLanes);
+      const std::byte* kt = row(kb, block, t);
+      Vec a = q[0] * load_kv<kBf16>(kt);
+      for (int c = 1; c < NV; ++c) a += q[c] * load_kv<kBf16>(kt + c * kLanes * es);
       acc[t] = a;
     }
     const Vec r = reduce16(acc);
@@ -112,11 +132,11 @@ void head_vec(float* oh, const float* qh, const PagedQuery& pq, int64_t BT, floa
   for (int c = 0; c < NV; ++c) o[c] = splat(0.f);
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
-    v_rows(pq.block_table[j0 / BT], n, blk);
+    const int32_t block = pq.block_table[j0 / BT];
     for (int64_t t = 0; t < n; ++t) {
       const Vec p = splat(score[j0 + t] * inv);
-      const float* vt = blk + t * HD;
-      for (int c = 0; c < NV; ++c) o[c] += p * load(vt + c * kLanes);
+      const std::byte* vt = row(vb, block, t);
+      for (int c = 0; c < NV; ++c) o[c] += p * load_kv<kBf16>(vt + c * kLanes * es);
     }
   }
   for (int c = 0; c < NV; ++c) store(oh + c * kLanes, o[c]);
@@ -194,13 +214,26 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
       const float* qh = q + i * qs + h * HD;  // (HD)
       float* oh = out + i * os + h * HD;      // (HD)
       if (vec_path) {
-        auto k_rows = [&](int32_t block, int64_t n, float* buf) { rows(kb, block, kh, n, buf); };
-        auto v_rows = [&](int32_t block, int64_t n, float* buf) { rows(vb, block, kh, n, buf); };
-        switch (HD / kLanes) {
-          case 1: head_vec<1>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
-          case 2: head_vec<2>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
-          case 4: head_vec<4>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
-          case 8: head_vec<8>(oh, qh, pq, BT, s.scale, score.data(), blk, k_rows, v_rows); break;
+        const int64_t head_off = kh * HD;
+        auto row = [&](const std::byte* base, int32_t block, int64_t t) {
+          return base + (int64_t(block) * s.block_stride + t * KV + head_off) * int64_t(es);
+        };
+        const float* qq = qh;
+        float* sc = score.data();
+        if (wide) {
+          switch (HD / kLanes) {
+            case 1: head_vec<1, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 2: head_vec<2, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 4: head_vec<4, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 8: head_vec<8, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+          }
+        } else {
+          switch (HD / kLanes) {
+            case 1: head_vec<1, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 2: head_vec<2, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 4: head_vec<4, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+            case 8: head_vec<8, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
+          }
         }
         continue;
       }
