@@ -752,10 +752,10 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
   }
   if (plan.cp > 1) {
     // block.cpp's attention_shape on this rank's heads and T/cp rows. The executor's CpContext
-    // takes the double ring's nodes from plan.ranks_per_node (L consecutive cp ranks per node),
-    // else from the group's hosts: assumed here to hold the whole cp group (cp sits next to tp
-    // in the rank order), i.e. a flat ring.
-    const int L = plan.ranks_per_node;
+    // takes the double ring's nodes from plan.ranks_per_node (parallel::cp_ranks_per_node: L
+    // consecutive cp ranks per node), else from the group's hosts: assumed here to hold the
+    // whole cp group (cp sits next to tp in the rank order), i.e. a flat ring.
+    const int L = parallel::cp_ranks_per_node(plan);
     const int nodes = L > 0 && plan.cp % L == 0 ? plan.cp / L : 1;
     const attention::CpScheme scheme = attention::cp_scheme_from_name(plan.cp_scheme);
     const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();

@@ -208,6 +208,14 @@ void PlanSettings::override_with(const PlanSettings& o) {
   take(cp_overlap, o.cp_overlap);
 }
 
+int cp_ranks_per_node(const ParallelPlan& p) {
+  const int K = p.ranks_per_node;
+  if (K <= 0 || p.cp <= 1) return 0;
+  if (K % (p.tp * p.cp) == 0) return p.cp;
+  if (K % p.tp == 0 && p.cp % (K / p.tp) == 0) return K / p.tp;
+  return 0;
+}
+
 ParallelPlan make_plan(const PlanSettings& s, const ModelShape& m, int64_t global_batch,
                        int world_size) {
   ParallelPlan p;

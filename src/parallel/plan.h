@@ -105,4 +105,12 @@ ParallelPlan make_plan(const PlanSettings& s, const ModelShape& model, int64_t g
 // Parses "5,6,6,5"; throws naming the entry.
 std::vector<int64_t> parse_int_list(std::string_view s, std::string_view what);
 
+// The double ring's node size inside one cp group (attention::CpContext::ranks_per_node: L
+// consecutive group ranks per node) for plan.ranks_per_node = K consecutive WORLD ranks per
+// node. A cp group's members are tp apart in the world (rank order tp-cp-dp-pp), so: cp when
+// tp x cp divides K (every group inside one node: a flat ring); K / tp when tp divides K and
+// K / tp divides cp (every group spread evenly over cp / (K / tp) nodes); otherwise 0, and the
+// group's own node information decides (GroupOptions::ranks_per_node emulates it). 0 when K is.
+int cp_ranks_per_node(const ParallelPlan& p);
+
 }  // namespace loom::parallel

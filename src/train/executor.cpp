@@ -115,7 +115,7 @@ Executor::Executor(const model::ModelConfig& cfg, const ExecutorConfig& ec, Memo
     cp_ctx_->group = cp_;
     cp_ctx_->scheme = attention::cp_scheme_from_name(plan.cp_scheme);
     cp_ctx_->layout = attention::cp_layout_from_name(plan.cp_layout);
-    cp_ctx_->ranks_per_node = plan.ranks_per_node;
+    cp_ctx_->ranks_per_node = parallel::cp_ranks_per_node(plan);  // K world ranks -> L of cp
     cp_ctx_->overlap = plan.cp_overlap;
     cp_ctx_->stats = &cp_stats_;
     cp_ctx_->pool = &pool_;  // the kernels' workspace counts in the pool (and the memory model)

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "parallel/plan.h"
 #include "parallel/topology.h"
 
 namespace loom::parallel {
@@ -142,6 +143,53 @@ TEST(Topology, PlacementOnNodes) {
   EXPECT_EQ(describe_placement(t, uneven).rfind("3 node(s) x 2-3 rank(s); tp across up to 2 nodes", 0), 0u)
       << describe_placement(t, uneven);
   EXPECT_THROW(axis_placement(t, Axis::tp, {0, 0}), Error);
+}
+
+}  // namespace
+}  // namespace loom::parallel
+
+namespace loom::parallel {
+namespace {
+
+// parallel::cp_ranks_per_node turns "K consecutive world ranks per node" into the cp groups'
+// "L consecutive group ranks per node": checked against every cp group's real members.
+TEST(Topology, CpRanksPerNodeMatchesTheGroupsMembers) {
+  int checked = 0, nonzero = 0;
+  for (int tp : {1, 2, 4})
+    for (int cp : {2, 4, 8})
+      for (int dp : {1, 2})
+        for (int K : {1, 2, 3, 4, 6, 8, 16, 32}) {
+          const int w = tp * cp * dp;
+          if (w > 64) continue;
+          ParallelPlan p;
+          p.tp = tp, p.cp = cp, p.dp = dp, p.ranks_per_node = K;
+          const int L = cp_ranks_per_node(p);
+          const Topology t(w, {.dp = dp, .tp = tp, .cp = cp}, "tp-cp-dp-pp");
+          for (const std::vector<int>& g : t.all_groups({Axis::cp})) {
+            ASSERT_EQ(int(g.size()), cp);
+            if (L == 0) continue;
+            ASSERT_EQ(cp % L, 0) << "tp " << tp << " cp " << cp << " K " << K;
+            // Members [i*L, (i+1)*L) share a node, and consecutive blocks do not.
+            for (int j = 0; j < cp; ++j) {
+              EXPECT_EQ(g[size_t(j)] / K, g[size_t(j / L * L)] / K)
+                  << "tp " << tp << " cp " << cp << " K " << K << " L " << L;
+              if (j % L == 0 && j > 0) {
+                EXPECT_NE(g[size_t(j)] / K, g[size_t(j - 1)] / K)
+                    << "tp " << tp << " cp " << cp << " K " << K << " L " << L;
+              }
+            }
+          }
+          ++checked;
+          nonzero += L > 0;
+        }
+  EXPECT_GT(nonzero, 20);
+  EXPECT_GT(checked, 100);
+  ParallelPlan none;
+  none.cp = 4;
+  EXPECT_EQ(cp_ranks_per_node(none), 0);  // no K: the group's own nodes
+  ParallelPlan cp2;  // the case that failed before: cp 2 on 4 ranks per node is one node
+  cp2.cp = 2, cp2.dp = 2, cp2.ranks_per_node = 4;
+  EXPECT_EQ(cp_ranks_per_node(cp2), 2);
 }
 
 }  // namespace
