@@ -42,6 +42,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention/vec16.h"
 #include "core/error.h"
 
 // The vector helpers below live in an anonymous namespace and never cross an ABI boundary; GCC
@@ -52,7 +53,7 @@ namespace loom::attention {
 
 namespace {
 
-constexpr int64_t kLanes = 16;    // floats per vector (one AVX-512 register)
+using namespace vec16;           // Vec, IVec, kLanes, load, store, splat
 constexpr int64_t kBlockQ = 64;   // query rows per tile
 constexpr int64_t kBlockK = 64;   // key rows per tile; the softmax code assumes 4 vectors
 static_assert(kBlockK == 4 * kLanes && kBlockQ == kBlockK);  // tiles share buffers
@@ -60,20 +61,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-// One broadcast instruction (Vec{} + x would add 0.0 first; a lane loop becomes 16 inserts).
-inline Vec splat(float x) {
-  static_assert(kLanes == 16);
-  return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 // Horizontal reductions in a fixed lane order (deterministic).
 inline float hsum(Vec v) {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention/vec16.h"
 #include "core/error.h"
 #include "kernels/cpu/vec_math.h"
 
@@ -20,16 +21,7 @@ namespace loom::attention {
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec splat(float x) { return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+using namespace vec16;  // Vec, kLanes, load, store, splat
 
 // Sum 16 vectors' lanes at once: after the four folds lane l holds the total of one input
 // vector (which one: Reduce16::key). Each fold adds two halves of lane groups, so every total
