@@ -62,17 +62,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
-// Horizontal reductions in a fixed lane order (deterministic).
-inline float hsum(Vec v) {
-  float s = v[0];
-  for (int i = 1; i < kLanes; ++i) s += v[i];
-  return s;
-}
-inline float hmax(Vec v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
 
 // 2^x for x <= 0 (x = -inf gives 0). x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by its
 // degree-7 Taylor polynomial in f*ln2 (truncation error (ln2/2)^8/8! ~ 5e-9, below f32 rounding)
