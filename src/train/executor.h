@@ -176,7 +176,8 @@ class Executor {
   void set_ecss_expert_steps(const std::map<int64_t, std::vector<int64_t>>& steps);
   int64_t step_count() const { return step_; }
   // Writes this rank's parameters into a full flat buffer in the global layout (tied copies
-  // skipped unless asked), e.g. to gather or checkpoint by name.
+  // skipped unless asked), e.g. to gather or checkpoint by name. Collective over dp under
+  // ZeRO-2/3, and over the ranks sharing the experts under ZeRO-1 with ECSS in bf16.
   void export_weights(float* global_weights, bool include_tied_copy = false) const;
   void import_weights(const float* global_weights);
   // AdamW state (m, v: each a full flat buffer in the global layout; tied copies skipped on

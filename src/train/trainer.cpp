@@ -306,7 +306,7 @@ bool Trainer::any_rank(bool flag) const {
 std::vector<float> Trainer::full_weights() const {
   const model::ParamLayout& layout = exec_->chunk(0).global_layout();
   std::vector<float> w(size_t(layout.total()), 0.f);
-  exec_->export_weights(w.data());  // collective over dp under ZeRO-3
+  exec_->export_weights(w.data());  // collective over dp under ZeRO-3 and bf16 ECSS ZeRO-1
   // Expert parallel: each ep rank wrote its experts only (the rest are 0): a sum fills them in.
   if (const comm::ProcessGroup* ep = exec_->ep_group())
     for (int64_t l : cfg_.model.moe.sparse_layers) {
