@@ -6,6 +6,10 @@
 // and as a fraction of a measured oneDNN sgemm peak, the bytes of the inputs/outputs (pool, by
 // category) and the peak resident memory growth during the kernels (workspace + page faults).
 // Usage: bench_attention --T 4096 [--B 1] [--heads 12] [--hd 64] [--iters 3] [--noncausal]
+//                        [--dtype f32|bf16]
+// --dtype bf16 runs the native bf16 kernels on AMX tiles (q, k, v, dout in bf16, rounded from
+// the same f32 inputs; impl "loom_flash_bf16_amx"), or prints a "skipped" line where this CPU or
+// OS cannot run them.
 #include <oneapi/dnnl/dnnl.h>
 #include <omp.h>
 #include <sys/resource.h>
@@ -65,6 +69,7 @@ struct Buffer {
 int main(int argc, char** argv) {
   int64_t B = 1, T = 1024, NH = 12, HD = 64, iters = 3;
   bool causal = true;
+  std::string dtype = "f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> int64_t {
@@ -80,11 +85,23 @@ int main(int argc, char** argv) {
     else if (a == "--hd") HD = next();
     else if (a == "--iters") iters = next();
     else if (a == "--noncausal") causal = false;
+    else if (a == "--dtype" && i + 1 < argc) dtype = argv[++i];
     else {
       std::fprintf(stderr, "unknown argument %s; see the usage line in bench_attention.cpp\n",
                    a.c_str());
       return 2;
     }
+  }
+  if (dtype != "f32" && dtype != "bf16") {
+    std::fprintf(stderr, "--dtype %s: use f32 or bf16\n", dtype.c_str());
+    return 2;
+  }
+  const bool bf16 = dtype == "bf16";
+  if (bf16 && !loom::attention::amx_bf16_usable()) {
+    std::printf("{\"bench\":\"attention\",\"impl\":\"loom_flash_bf16_amx\",\"dtype\":\"bf16\","
+                "\"T\":%lld,\"skipped\":\"this CPU or OS cannot run AMX-BF16 tiles\"}\n",
+                (long long)T);
+    return 0;
   }
   using loom::MemCategory;
   loom::MemoryPool pool;
@@ -105,6 +122,20 @@ int main(int argc, char** argv) {
   std::memset(dk.p, 0, size_t(n) * 4);
   std::memset(dv.p, 0, size_t(n) * 4);
 
+  // bf16 copies of the inputs (counted in the pool beside the f32 ones).
+  auto to_bf16 = [&](const Buffer& x) {
+    auto* p = static_cast<loom::bf16*>(pool.allocate(size_t(n) * 2, MemCategory::activations));
+    for (int64_t i = 0; i < n; ++i) p[i] = loom::f32_to_bf16(x.p[i]);
+    return p;
+  };
+  loom::bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr, *gb = nullptr;
+  if (bf16) {
+    qb = to_bf16(q);
+    kb = to_bf16(k);
+    vb = to_bf16(v);
+    gb = to_bf16(dout);
+  }
+
   const int64_t rss_before = peak_rss_bytes();  // inputs allocated and touched
 
   loom::attention::AttentionShape s{B, T, T, NH, NH, HD, NH * HD, NH * HD, NH * HD, NH * HD,
@@ -112,12 +143,21 @@ int main(int argc, char** argv) {
   double best_fwd = 1e30, best_bwd = 1e30, best_total = 1e30;
   for (int64_t it = 0; it < iters + 1; ++it) {  // the first round warms up
     auto t0 = Clock::now();
-    loom::attention::flash_attention_forward(out.p, lse.p, q.p, k.p, v.p, s);
+    if (bf16)
+      loom::attention::flash_attention_forward_bf16_amx(out.p, lse.p, qb, kb, vb, s);
+    else
+      loom::attention::flash_attention_forward(out.p, lse.p, q.p, k.p, v.p, s);
     const double tf = seconds_since(t0);
     auto t1 = Clock::now();
-    loom::attention::attention_backward_preprocess(D.p, dout.p, out.p, s);
-    loom::attention::flash_attention_backward(dq.p, dk.p, dv.p, dout.p, q.p, k.p, v.p, lse.p,
-                                              D.p, s);
+    if (bf16) {
+      loom::attention::attention_backward_preprocess(D.p, gb, out.p, s);
+      loom::attention::flash_attention_backward_bf16_amx(dq.p, dk.p, dv.p, gb, qb, kb, vb, lse.p,
+                                                         D.p, s);
+    } else {
+      loom::attention::attention_backward_preprocess(D.p, dout.p, out.p, s);
+      loom::attention::flash_attention_backward(dq.p, dk.p, dv.p, dout.p, q.p, k.p, v.p, lse.p,
+                                                D.p, s);
+    }
     const double tb = seconds_since(t1);
     if (it == 0) continue;
     best_fwd = std::min(best_fwd, tf);
@@ -129,15 +169,18 @@ int main(int argc, char** argv) {
   const int64_t extra = peak_rss_bytes() - rss_before;  // workspace, before the sgemm probe
   const double peak = sgemm_peak_gflops();
   std::printf(
-      "{\"bench\":\"attention\",\"impl\":\"loom_flash\",\"B\":%lld,\"T\":%lld,\"heads\":%lld,"
+      "{\"bench\":\"attention\",\"impl\":\"%s\",\"dtype\":\"%s\",\"B\":%lld,\"T\":%lld,\"heads\":%lld,"
       "\"hd\":%lld,\"causal\":%s,\"threads\":%d,\"fwd_s\":%.6f,\"bwd_s\":%.6f,\"fwd_bwd_s\":%.6f,"
       "\"fwd_gflops\":%.1f,\"fwd_bwd_gflops\":%.1f,\"sgemm_peak_gflops\":%.1f,"
       "\"fwd_bwd_frac_of_peak\":%.3f,\"tokens_per_s\":%.1f,\"tensor_bytes\":%lld,"
       "\"pool_peaks\":%s,\"extra_rss_bytes\":%lld,\"peak_rss_bytes\":%lld}\n",
-      (long long)B, (long long)T, (long long)NH, (long long)HD, causal ? "true" : "false",
+      bf16 ? "loom_flash_bf16_amx" : "loom_flash", dtype.c_str(), (long long)B, (long long)T,
+      (long long)NH, (long long)HD, causal ? "true" : "false",
       omp_get_max_threads(), best_fwd, best_bwd, best_total, fwd_flop / best_fwd / 1e9,
       total_flop / best_total / 1e9, peak, total_flop / best_total / 1e9 / peak,
       double(B * T) / best_total, (long long)pool.peak_total(), pool.peaks_json().c_str(),
       (long long)extra, (long long)peak_rss_bytes());
+  for (loom::bf16* b : {qb, kb, vb, gb})
+    if (b) pool.release(b, size_t(n) * 2, MemCategory::activations);
   return 0;
 }

@@ -42,7 +42,7 @@
 #include <limits>
 #include <vector>
 
-#include "attention/vec16.h"
+#include "attention/flash_tiles.h"
 #include "core/error.h"
 
 // The vector helpers below live in an anonymous namespace and never cross an ABI boundary; GCC
@@ -52,47 +52,6 @@
 namespace loom::attention {
 
 namespace {
-
-using namespace vec16;           // Vec, IVec, kLanes, load, store, splat
-constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 64;   // key rows per tile; the softmax code assumes 4 vectors
-static_assert(kBlockK == 4 * kLanes && kBlockQ == kBlockK);  // tiles share buffers
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
-
-// 2^x for x <= 0 (x = -inf gives 0). x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by its
-// degree-7 Taylor polynomial in f*ln2 (truncation error (ln2/2)^8/8! ~ 5e-9, below f32 rounding)
-// and 2^n by writing n + 127 into the exponent bits. Arguments below -127 flush to 0: they are
-// probabilities under 1e-38 of the row maximum.
-inline Vec exp2v(Vec x) {
-  const Vec lo = splat(-127.0f);
-  x = x < lo ? lo : x;
-  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const Vec n = (x + magic) - magic;
-  const Vec f = x - n;
-  Vec p = splat(1.525273380405984e-05f);
-  p = p * f + 1.5403530393381606e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  return p * std::bit_cast<Vec>(bits);
-}
-
-// Lane indices 0..63 of one tile row, as floats, for the causal/length mask.
-struct ColumnIndex {
-  Vec v[4];
-  ColumnIndex() {
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < kLanes; ++l) v[c][l] = float(c * kLanes + l);
-  }
-};
 
 // C (4 x 16*NV) += A (4 x K) B (K x 16*NV). A(r, kk) is A[r*lda + kk], or A[kk*lda + r] when
 // kTransA (used for P^T and dS^T, so those tiles are never transposed in memory).
@@ -133,7 +92,6 @@ void gemm_acc(float* C, int64_t ldc, const float* A, int64_t lda, const float* B
   }
 }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline float widen(float x) { return x; }
 inline float widen(bf16 x) { return bf16_to_f32(x); }
 
@@ -212,78 +170,6 @@ class Scratch {
   std::vector<float> buf_;
 };
 
-void check_shape(const AttentionShape& s, const char* fn) {
-  LOOM_CHECK(s.B >= 0 && s.Tq >= 0 && s.Tk >= 0, "{}: B={} Tq={} Tk={} must be >= 0", fn, s.B,
-             s.Tq, s.Tk);
-  LOOM_CHECK(s.NH > 0 && s.NKV > 0 && s.HD > 0, "{}: NH={} NKV={} HD={} must be > 0", fn, s.NH,
-             s.NKV, s.HD);
-  LOOM_CHECK(s.NH % s.NKV == 0,
-             "{}: NKV={} must divide NH={} (each kv head serves NH/NKV query heads)", fn, s.NKV,
-             s.NH);
-  LOOM_CHECK(s.q_stride >= s.NH * s.HD && s.o_stride >= s.NH * s.HD,
-             "{}: q_stride={} and o_stride={} must be >= NH*HD={}", fn, s.q_stride, s.o_stride,
-             s.NH * s.HD);
-  LOOM_CHECK(s.k_stride >= s.NKV * s.HD && s.v_stride >= s.NKV * s.HD,
-             "{}: k_stride={} and v_stride={} must be >= NKV*HD={}", fn, s.k_stride, s.v_stride,
-             s.NKV * s.HD);
-  LOOM_CHECK(std::isfinite(s.scale) && s.scale > 0.0f,
-             "{}: scale={} must be finite and > 0 (usually 1/sqrt(HD) = {})", fn, s.scale,
-             1.0 / std::sqrt(double(s.HD)));
-}
-
-// Geometry of one (query block, key block) tile: the last visible column of each row.
-struct TileGeometry {
-  int64_t i0, nq, j0, nk;
-  int64_t diag;  // row r may see columns c <= r + diag (causal), before the nk limit
-  bool causal;
-  int64_t last_column(int64_t r) const {
-    return causal ? std::min(nk - 1, r + diag) : nk - 1;
-  }
-};
-TileGeometry tile_geometry(const AttentionShape& s, int64_t i0, int64_t j0) {
-  TileGeometry g;
-  g.i0 = i0;
-  g.nq = std::min(kBlockQ, s.Tq - i0);
-  g.j0 = j0;
-  g.nk = std::min(kBlockK, s.Tk - j0);
-  g.diag = (s.q_offset + i0) - (s.k_offset + j0);
-  g.causal = s.causal;
-  return g;
-}
-
-// Number of key blocks visible to queries [i0, i0+nq): in the causal case the last query sees
-// keys up to q_offset+i0+nq-1-k_offset.
-int64_t visible_key_blocks(const AttentionShape& s, int64_t i0, int64_t nq) {
-  const int64_t nkb = (s.Tk + kBlockK - 1) / kBlockK;
-  if (!s.causal) return nkb;
-  const int64_t last_key = s.q_offset + i0 + nq - 1 - s.k_offset;
-  if (last_key < 0) return 0;
-  return std::min(nkb, last_key / kBlockK + 1);
-}
-
-// First query block that sees key j0 (and so any key of its block), or the number of query
-// blocks when none does. Exact, so the (query block, key block) tiles visited from the key side
-// are the tiles visible_key_blocks visits from the query side.
-int64_t first_visible_query_block(const AttentionShape& s, int64_t j0) {
-  if (!s.causal) return 0;
-  const int64_t first_query = s.k_offset + j0 - s.q_offset;
-  if (first_query >= s.Tq) return (s.Tq + kBlockQ - 1) / kBlockQ;
-  return first_query <= 0 ? 0 : first_query / kBlockQ;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-// Query lanes of key row j of a transposed tile that may see key j: i < nq and, when causal,
-// i >= j - diag (key j0+j is visible to query i0+i iff k_offset+j0+j <= q_offset+i0+i).
-struct QueryLaneMask {
-  IVec m[4];
-  QueryLaneMask(const ColumnIndex& col, const TileGeometry& g, int64_t j) {
-    const Vec nq = splat(float(g.nq));
-    const Vec lo = splat(g.causal ? float(j - g.diag) : -1.0f);
-    for (int c = 0; c < 4; ++c) m[c] = (col.v[c] < nq) & (col.v[c] >= lo);
-  }
-};
 
 // Transposed-score formulation, used where one query block meets many key blocks (forward and
 // the dQ pass): S^T (BK, BQ) = K (BK, HD) Q^T (HD, BQ). Q^T is transposed once per task; K and V
@@ -631,9 +517,6 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
   }
 }
 
-void check_pointers(bool ok, const char* fn, const AttentionShape& s) {
-  LOOM_CHECK(ok, "{}: a null buffer was passed for B={} Tq={} Tk={}", fn, s.B, s.Tq, s.Tk);
-}
 
 }  // namespace
 

@@ -67,4 +67,28 @@ void flash_attention_backward(float* dq, float* dk, float* dv, const float* dout
 void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const bf16* k,
                                   const bf16* v, const AttentionShape& s);
 
+// ---------------------------------------------------------------------------------------------
+// Native bf16 on Intel AMX tiles (flash_attention_amx.cpp): bf16 q/k/v (and dout) multiply as
+// bf16 with f32 accumulation; the softmax runs in f32; P and dS are rounded to bf16 before they
+// multiply V, dO, Q and K (as FlashAttention does on GPUs), so results differ from the f32
+// kernel's by bf16 rounding of those factors (documented bounds in tests/unit/attention). Same
+// shapes, strides, masks, lse convention, accumulation (dq/dk/dv +=) and determinism as the f32
+// functions; out, lse, D and the gradients are f32, the gradients in q's / k's / v's strides.
+// Extra memory: the operands repacked once per call (forward 2, backward 3 copies of K/V and 4 of
+// Q/dO, in bf16, padded to 64 rows and HD to 32) plus ~100 KiB per thread.
+// They throw loom::Error when amx_bf16_usable() is false.
+
+// True when the CPU has AMX-TILE, AMX-BF16, AVX-512 (F, BW, BF16), the OS saves the tile state,
+// and Linux granted this process the tile data (arch_prctl); checked once.
+bool amx_bf16_usable();
+
+void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
+                                      const bf16* v, const AttentionShape& s);
+void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
+                                       const bf16* q, const bf16* k, const bf16* v,
+                                       const float* lse, const float* D, const AttentionShape& s);
+// D = rowsum(dout * out) with bf16 dout (widened exactly).
+void attention_backward_preprocess(float* D, const bf16* dout, const float* out,
+                                   const AttentionShape& s);
+
 }  // namespace loom::attention
