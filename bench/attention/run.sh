@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/attention/run.sh: loom flash attention vs PyTorch matmul+softmax attention, forward +
+# bench/attention/run.sh: loom flash attention (f32, and native bf16 on AMX tiles where the CPU
+# has them; one core's instruction peaks first) vs PyTorch matmul+softmax attention, forward +
 # backward, batch 1, 12 heads of 64, causal, at T = 1024, 4096, 8192 (override: T_LIST="..."),
 # both in this one invocation. Prints JSON lines: one per implementation and T, then one
 # comparison line per T (time ratio, memory growth ratio) and one line with loom's memory growth
@@ -25,9 +26,14 @@ sdpa_py="${LOOM_TORCH_PYTHON:-}"
 if [[ -z "$sdpa_py" && -x "$root/../torch-venv/bin/python" ]]; then sdpa_py="$root/../torch-venv/bin/python"; fi
 tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
+# One core's peak rates for f32 FMA, AVX512-BF16 and AMX-BF16 (null where not available).
+"$build/bench/attention/bench_peaks" | tee -a "$tmp"
 for T in ${T_LIST:-1024 4096 8192}; do
-  # One process per run so that peak RSS belongs to that T alone.
+  # One process per run so that peak RSS belongs to that T alone. f32, then the native bf16
+  # kernel on AMX tiles (a "skipped" line where the CPU or OS has none).
   OMP_NUM_THREADS=$threads "$bin" --T "$T" --heads 12 --hd 64 --iters "$iters" | tee -a "$tmp"
+  OMP_NUM_THREADS=$threads "$bin" --T "$T" --heads 12 --hd 64 --iters "$iters" --dtype bf16 \
+    | tee -a "$tmp"
   # Debian's torch imports only under /usr/bin/python3, and the OpenBLAS tuning variables set
   # for loom's environment break its CPU detection.
   # Long runs of the BLAS-bound peer skip the warm-up round and run once.
@@ -51,6 +57,7 @@ done
 /usr/bin/python3 - "$tmp" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+rows = [r for r in rows if "T" in r]  # the peaks line has no T
 by = {}
 for r in rows:
     by.setdefault(r["T"], {})[r["impl"] + ("" if r.get("dtype", "f32") == "f32" else "_" + r["dtype"])] = r
@@ -60,6 +67,15 @@ for T in sorted(by):
         if r["T"] == T and r["impl"] == "torch_sdpa" and l and "fwd_bwd_s" in r:
             print(json.dumps({"bench": "attention", "compare": "loom_f32_vs_torch_sdpa_" + r["dtype"],
                               "T": T, "speedup_fwd_bwd": round(r["fwd_bwd_s"] / l["fwd_bwd_s"], 3)}))
+    a = by[T].get("loom_flash_bf16_amx_bf16")
+    if a and "fwd_bwd_s" in a:
+        if l:
+            print(json.dumps({"bench": "attention", "compare": "loom_bf16_amx_vs_loom_f32", "T": T,
+                              "speedup_fwd_bwd": round(l["fwd_bwd_s"] / a["fwd_bwd_s"], 3)}))
+        for r in rows:
+            if r["T"] == T and r["impl"] == "torch_sdpa" and "fwd_bwd_s" in r:
+                print(json.dumps({"bench": "attention", "compare": "loom_bf16_amx_vs_torch_sdpa_" + r["dtype"],
+                                  "T": T, "speedup_fwd_bwd": round(r["fwd_bwd_s"] / a["fwd_bwd_s"], 3)}))
     t = by[T].get("torch_matmul_softmax")
     out = {"bench": "attention", "compare": "loom_vs_torch", "T": T}
     if l and t and "fwd_bwd_s" in t:

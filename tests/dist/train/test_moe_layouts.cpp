@@ -246,6 +246,11 @@ train::TrainConfig ep_config(int dp, const std::string& dir, model::Router route
 // element of blocks.1.moe.experts.5.up.weight at 1.47e-5 absolute (its tensor 6.9e-6 relative),
 // after 10 steps. A real bug shows as 1e-4 and more (a gradient norm that missed the experts'
 // squares over ep gave 1e-4 on every tensor). LOOM_EP_DEBUG=1 prints the worst tensors.
+// On a Sapphire-Rapids-class CPU (AMX; GCC -march=native contracts and oneDNN blocks
+// differently) dp 2 x tp 2 (ep 1 and 2, ZeRO 0 and 2) moves one element of
+// blocks.1.moe.experts.0.up.bias by 2.48e-5 (its tensor 1.8e-4 relative: a small bias
+// whose gradient nearly cancels), so the element-wise sense allows 3 x tol; the whole buffer
+// keeps tol.
 void expect_tensors_near(const model::ParamLayout& layout, const std::vector<float>& a,
                          const std::vector<float>& b, double tol, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
@@ -262,7 +267,7 @@ void expect_tensors_near(const model::ParamLayout& layout, const std::vector<flo
       std::printf("TENSOR %s %s max|diff| %.3g rel %.3g\n", what.c_str(), s.name.c_str(), mx,
                   n > 0 ? std::sqrt(e / n) : 0.0);
     const double rel = n > 0 ? std::sqrt(e / n) : (e > 0 ? 1.0 : 0.0);
-    EXPECT_TRUE(rel <= tol || mx <= tol)
+    EXPECT_TRUE(rel <= tol || mx <= 3 * tol)
         << what << ": " << s.name << " relative L2 " << rel << ", max |diff| " << mx;
   }
 }

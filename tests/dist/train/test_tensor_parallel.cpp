@@ -106,6 +106,13 @@ void expect_close(const TrainRun& got, const TrainRun& want, const std::string& 
   // the dp 1 x tp 2 run to 1.07e-5 over all parameters; the sgemm and vectorised AdamW since
   // round differently and it no longer does. If this fails again, the message names the
   // tensors, and the first question is whether one element dominates.
+  // On a Sapphire-Rapids-class CPU (AMX, AVX512-BF16; GCC -march=native tunes and contracts
+  // differently, oneDNN blocks differently) it does: dp 1 x tp 2 gives blocks.0.ffn.down.weight
+  // 1.95e-5 (92% of it one element, [13, 189] again), blocks.0.ffn.up.weight 1.24e-5 (row 189:
+  // hidden unit 189 of block 0 is nearly dead, its gradients sit at f32 roundoff and AdamW moves
+  // them by ~lr in a direction rounding picks) and blocks.1.attn.q.bias 1.63e-5; over all
+  // parameters it stays below 1e-5. So per tensor the bound is 3e-5 and the whole model keeps
+  // 1e-5: a layout bug (a missed reduction, a wrong shard) moves every tensor by 1e-4 or more.
   // The key bias's gradient is identically zero (softmax cancels it) and the model keeps it
   // so: it must not move at all.
   model::ParamLayout layout(
@@ -117,7 +124,7 @@ void expect_close(const TrainRun& got, const TrainRun& want, const std::string& 
       EXPECT_EQ(std::memcmp(a, b, size_t(s.numel) * 4), 0) << what << ": " << s.name << " moved";
       continue;
     }
-    EXPECT_LT(train_test::relative_l2(a, b, s.numel), 1e-5) << what << ": " << s.name;
+    EXPECT_LT(train_test::relative_l2(a, b, s.numel), 3e-5) << what << ": " << s.name;
   }
   EXPECT_LT(relative_l2(got.weights, want.weights.data()), 1e-5) << what;
 }
