@@ -37,52 +37,72 @@ bool has_avx512bf16() {
   return (a >> 5) & 1;
 }
 
-// Runs `body` (which does `flops_per_call` FLOPs) until `seconds` have passed; best rate of 5
-// windows.
+// Best rate of 5 windows of `seconds`/5 each: `step(n)` runs n rounds of `flops_per_round`.
 template <typename F>
-double rate(F body, double flops_per_call, double seconds) {
+double rate(F step, double flops_per_round, double seconds) {
   double best = 0;
   for (int w = 0; w < 5; ++w) {
-    int64_t calls = 0;
+    int64_t rounds = 0;
     auto t0 = Clock::now();
     double dt = 0;
     do {
-      for (int i = 0; i < 64; ++i) body();
-      calls += 64;
+      step(4096);
+      rounds += 4096;
       dt = std::chrono::duration<double>(Clock::now() - t0).count();
     } while (dt < seconds / 5);
-    best = std::max(best, flops_per_call * double(calls) / dt / 1e9);
+    best = std::max(best, flops_per_round * double(rounds) / dt / 1e9);
   }
   return best;
 }
 
-double fma_f32(double seconds) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-9f);
+// 12 independent accumulator chains (enough to cover latency x ports), kept in registers: the
+// loop is local to a noinline function and the result is consumed at the end.
+__attribute__((noinline)) float fma_rounds(int64_t n) {
+  __m512 a0 = _mm512_set1_ps(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+         a8 = a0, a9 = a0, a10 = a0, a11 = a0;
   const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-9f);
-  double r = rate(
-      [&] {
-        for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
-        __asm__ volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]),
-                         "+v"(acc[4]), "+v"(acc[5]), "+v"(acc[6]), "+v"(acc[7]), "+v"(acc[8]),
-                         "+v"(acc[9]), "+v"(acc[10]), "+v"(acc[11]));
-      },
-      12.0 * 16 * 2, seconds);
-  return r;
+  for (int64_t i = 0; i < n; ++i) {
+    a0 = _mm512_fmadd_ps(a0, x, y); a1 = _mm512_fmadd_ps(a1, x, y);
+    a2 = _mm512_fmadd_ps(a2, x, y); a3 = _mm512_fmadd_ps(a3, x, y);
+    a4 = _mm512_fmadd_ps(a4, x, y); a5 = _mm512_fmadd_ps(a5, x, y);
+    a6 = _mm512_fmadd_ps(a6, x, y); a7 = _mm512_fmadd_ps(a7, x, y);
+    a8 = _mm512_fmadd_ps(a8, x, y); a9 = _mm512_fmadd_ps(a9, x, y);
+    a10 = _mm512_fmadd_ps(a10, x, y); a11 = _mm512_fmadd_ps(a11, x, y);
+    // Opaque to the compiler: the 12 identical chains must stay 12 chains.
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),
+                     "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
+  }
+  const __m512 s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+  return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((noinline)) float dpbf16_rounds(int64_t n) {
+  __m512 a0 = _mm512_set1_ps(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+         a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3000);
+  for (int64_t i = 0; i < n; ++i) {
+    a0 = _mm512_dpbf16_ps(a0, x, y); a1 = _mm512_dpbf16_ps(a1, x, y);
+    a2 = _mm512_dpbf16_ps(a2, x, y); a3 = _mm512_dpbf16_ps(a3, x, y);
+    a4 = _mm512_dpbf16_ps(a4, x, y); a5 = _mm512_dpbf16_ps(a5, x, y);
+    a6 = _mm512_dpbf16_ps(a6, x, y); a7 = _mm512_dpbf16_ps(a7, x, y);
+    a8 = _mm512_dpbf16_ps(a8, x, y); a9 = _mm512_dpbf16_ps(a9, x, y);
+    a10 = _mm512_dpbf16_ps(a10, x, y); a11 = _mm512_dpbf16_ps(a11, x, y);
+    // Opaque to the compiler: the 12 identical chains must stay 12 chains.
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),
+                     "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
+  }
+  const __m512 s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+  return _mm512_reduce_add_ps(s);
+}
+
+volatile float g_sink;  // keeps the chains' results alive
+
+double fma_f32(double seconds) {
+  return rate([](int64_t n) { g_sink = fma_rounds(n); }, 12.0 * 16 * 2, seconds);
 }
 
 double dpbf16(double seconds) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-9f);
-  const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3000);
-  return rate(
-      [&] {
-        for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
-        __asm__ volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]),
-                         "+v"(acc[4]), "+v"(acc[5]), "+v"(acc[6]), "+v"(acc[7]), "+v"(acc[8]),
-                         "+v"(acc[9]), "+v"(acc[10]), "+v"(acc[11]));
-      },
-      12.0 * 16 * 2 * 2, seconds);
+  return rate([](int64_t n) { g_sink = dpbf16_rounds(n); }, 12.0 * 16 * 2 * 2, seconds);
 }
 
 struct alignas(64) TileConfig {
@@ -110,11 +130,13 @@ double amx_bf16(double seconds) {
   _tile_loadd(6, a, 64);
   _tile_loadd(7, b, 64);
   const double r = rate(
-      [] {
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 6, 5);
-        _tile_dpbf16ps(3, 6, 7);
+      [](int64_t n) {
+        for (int64_t i = 0; i < n; ++i) {
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 6, 5);
+          _tile_dpbf16ps(3, 6, 7);
+        }
       },
       4.0 * 16 * 16 * 32 * 2, seconds);
   _tile_release();
