@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "kernels/cpu/amx.h"
 
 namespace loom::attention {
 
@@ -78,9 +79,8 @@ void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const b
 // Q/dO, in bf16, padded to 64 rows and HD to 32) plus ~100 KiB per thread.
 // They throw loom::Error when amx_bf16_usable() is false.
 
-// True when the CPU has AMX-TILE, AMX-BF16, AVX-512 (F, BW, BF16), the OS saves the tile state,
-// and Linux granted this process the tile data (arch_prctl); checked once.
-bool amx_bf16_usable();
+// True when this process can run them (kernels/cpu/amx.h; LOOM_AMX=0 says no).
+using kernels::amx_bf16_usable;
 
 void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
                                       const bf16* v, const AttentionShape& s);

@@ -31,16 +31,12 @@
 // the result does not depend on the thread count.
 //
 // Portability: the kernels are compiled for AMX and AVX-512 whatever the build's -march, and run
-// only after amx_bf16_usable() has checked the CPU (CPUID), the OS state (XCR0) and asked Linux
-// for the tile state (arch_prctl). Every header is included before the target region opens, and
-// the region holds only functions with internal linkage, so no code built for AMX is shared with
-// the rest of the program.
-#include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <cpuid.h>
+// only after amx_bf16_usable() (kernels/cpu/amx.h) has checked the CPU, the OS and Linux's
+// permission. Every header is included before the target region opens, and
+// the region holds only functions with internal linkage and no standard-library templates, so no
+// code built for AMX is shared with the rest of the program.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -52,32 +48,6 @@
 #include "core/error.h"
 
 namespace loom::attention {
-
-bool amx_bf16_usable() {
-  static const bool usable = [] {
-#if defined(__x86_64__)
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    __cpuid_count(7, 0, a, b, c, d);
-    const bool tile = (d >> 24) & 1, amx_bf16 = (d >> 22) & 1, avx512f = (b >> 16) & 1,
-               avx512bw = (b >> 30) & 1;
-    if (!(tile && amx_bf16 && avx512f && avx512bw)) return false;
-    __cpuid_count(7, 1, a, b, c, d);
-    if (!((a >> 5) & 1)) return false;  // AVX512-BF16 (the f32 -> bf16 conversions)
-    __cpuid(1, a, b, c, d);
-    if (!((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv is allowed
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    // XCR0: SSE/AVX (bits 1-2), AVX-512 state (5-7) and the tile config and data (17-18).
-    if ((lo & 0x600e6u) != 0x600e6u) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-    return false;
-#endif
-  }();
-  return usable;
-}
 
 namespace {
 
@@ -192,6 +162,8 @@ void query_stats(Vec lse2[4], Vec Dv[4], const float* lse, const float* D,
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
 
 namespace {
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -322,7 +294,7 @@ void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
-      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = std::min(kBlockQ, s.Tq - i0);
+      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
       const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV);
       const uint16_t* vt = pk.vt + pk.kv(b, kvh, s.NKV);
       pack_pairs_over_d(t.qt, HDp, kBlockQ, q + (b * s.Tq + i0) * s.q_stride + h * HD,
@@ -388,7 +360,7 @@ void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const 
           for (int64_t d = 0; d < HD; ++d) dst[d] = ot[d * kBlockQ + r] * inv;
           *lse_dst = (m_row[r] + std::log2(l_row[r])) * kLn2;
         } else {
-          std::fill(dst, dst + HD, 0.0f);
+          std::memset(dst, 0, size_t(HD) * 4);
           *lse_dst = kNegInf;
         }
       }
@@ -411,7 +383,7 @@ void backward_dkdv_amx(float* dk, float* dv, const float* lse, const float* D, c
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t kb = task % nkb, kvh = (task / nkb) % s.NKV, b = task / (nkb * s.NKV);
-      const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, s.Tk - j0);
+      const int64_t j0 = kb * kBlockK, nk = min64(kBlockK, s.Tk - j0);
       const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
       const uint16_t* vr = pk.vr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
       float* dK = t.acc0;  // (64, HDp)
@@ -461,7 +433,7 @@ void backward_dq_amx(float* dq, const float* lse, const float* D, const Packed& 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
-      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = std::min(kBlockQ, s.Tq - i0);
+      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
       const int64_t qo = pk.qh(b, h, s.NH), ko = pk.kv(b, kvh, s.NKV);
       Vec lse2[4], Dv[4];
       query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
@@ -500,7 +472,7 @@ namespace {
 void require_amx(const char* fn) {
   LOOM_CHECK(amx_bf16_usable(),
              "{}: this CPU or OS cannot run AMX-BF16 tiles (CPUID AMX-TILE/AMX-BF16, XCR0 tile "
-             "state and Linux's arch_prctl permission are all needed); use "
+             "state and Linux's arch_prctl permission are all needed, and LOOM_AMX must not be 0); use "
              "flash_attention_forward_bf16 (bf16 widened to f32), which runs everywhere",
              fn);
 }

@@ -19,7 +19,8 @@
 // the FMA, shared by up to 8 rows of x. With L1-resident data one core of the development machine
 // (one 512-bit FMA per cycle) widens and multiplies ~25 G int8 or bf16 weights per second, above
 // what it can read from DRAM. At M = 8 the kernel is FMA-bound instead (8 FMAs per 16 weights).
-// The development machine also lacks AVX512_BF16.
+// The development machine also lacked AVX512_BF16. Where AMX tiles exist, bf16 weights go to
+// weight_matmul_amx.cpp instead, which keeps x exact by splitting it into three bf16 parts.
 #include "kernels/cpu/weight_matmul.h"
 
 #include <immintrin.h>
@@ -261,6 +262,7 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
   if (ldy == 0) ldy = N;
   check_args("weight_matmul", y, ldy, x, M, w);
   if (M == 0 || N == 0) return;
+  if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
   if (!weight_matmul_uses_avx512()) return weight_matmul_reference(y, ldy, x, M, w, bias);
   switch (w.format) {
     case WeightFormat::f32: return weight_matmul_avx512<WeightFormat::f32>(y, ldy, x, M, w, bias);

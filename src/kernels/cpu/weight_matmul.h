@@ -26,6 +26,11 @@
 // weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
 // AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
 // bits differ slightly; each is batch invariant on its own.
+// AMX: bf16 weights with K a multiple of 32 run on AMX tiles where the CPU has them
+// (weight_matmul_uses_amx): x is split into three bf16 parts that together hold its 24 bits, so
+// x is still not rounded; products are exact and accumulate in f32 (weight_matmul_amx.cpp).
+// Batch invariant and thread-count invariant like the others, with its own summation order; it
+// flushes denormal parts of x to zero and turns an infinite x into NaN.
 #pragma once
 
 #include <cstdint>
@@ -58,6 +63,17 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
 // True when weight_matmul takes the AVX-512 path on this CPU (F, BW and VL present), false when
 // it runs weight_matmul_reference.
 bool weight_matmul_uses_avx512();
+
+// True when weight_matmul runs `w` on AMX tiles: bf16 weights, K a non-zero multiple of 32, and
+// amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns it off).
+bool weight_matmul_uses_amx(const WeightView& w);
+
+namespace detail {
+// weight_matmul's AMX path (weight_matmul_amx.cpp); false (nothing written) when
+// weight_matmul_uses_amx(w) is false.
+bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                       const float* bias);
+}  // namespace detail
 
 // Quantizes W (N, K) f32 into q (N, K) and scales (N) as described above.
 void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K);

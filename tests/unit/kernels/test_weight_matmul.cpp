@@ -323,3 +323,87 @@ TEST(KernelsWeightMatmul, QuantizeRowsInt8BadInput) {
   EXPECT_THROW(kernels::quantize_rows_int8(q.data(), nullptr, W.data(), 2, 2), Error);
   EXPECT_THROW(kernels::quantize_rows_int8(q.data(), s.data(), nullptr, 2, 2), Error);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The AMX path (bf16 weights, K a multiple of 32, where the CPU has AMX tiles). The tests above
+// reach it only at K = 3072; these sweep its blocking: N tails (partial 32-row blocks), M in one
+// and two 16-row column blocks and past them, and hold it to the same bounds.
+
+namespace {
+bool amx_or_skip() {
+  const kernels::WeightView probe{WeightFormat::bf16, 1, 32, nullptr, nullptr};
+  return kernels::weight_matmul_uses_amx(probe);
+}
+}  // namespace
+
+TEST(KernelsWeightMatmulAmx, MatchesFloat64ReferenceAcrossBlockings) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  uint64_t seed = 500;
+  for (int64_t K : {32, 96, 768})
+    for (int64_t N : {1, 31, 32, 67})
+      for (int64_t M : {1, 8, 15, 16, 17, 33, 40}) {
+        SCOPED_TRACE(testing::Message() << "M=" << M << " N=" << N << " K=" << K);
+        StoredWeight sw(WeightFormat::bf16, N, K, seed++);
+        ASSERT_TRUE(kernels::weight_matmul_uses_amx(sw.view()));
+        check_against_reference(&kernels::weight_matmul, sw, M, M % 2 ? N + 5 : N, M % 3 == 0,
+                                seed++);
+      }
+}
+
+// x is split into three bf16 parts so that no activation is rounded: the error stays that of an
+// f32 dot product (at most 2x the plain loop's, as for the AVX-512 path). Rounding x to bf16
+// would give NMSE ~1e-6, four orders above.
+TEST(KernelsWeightMatmulAmx, KeepsActivationsExact) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  for (int64_t K : {64, 768, 3072}) {
+    SCOPED_TRACE(testing::Message() << "K=" << K);
+    StoredWeight sw(WeightFormat::bf16, 45, K, 700 + uint64_t(K));
+    double fast = 0, plain = 0;
+    check_against_reference(&kernels::weight_matmul, sw, 9, 45, true, 9, &fast);
+    check_against_reference(&kernels::weight_matmul_reference, sw, 9, 45, true, 9, &plain);
+    EXPECT_LE(fast, 2.0 * plain + 1e-15) << "amx " << fast << " plain " << plain;
+  }
+}
+
+TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  const int64_t N = 99, K = 160, M = 37;
+  StoredWeight sw(WeightFormat::bf16, N, K, 801);
+  std::vector<float> x = random_normal(M * K, 802), bias = random_normal(N, 803);
+  std::vector<float> y = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data() + m * K, 1, bias.data());
+    EXPECT_TRUE(bitwise_equal(y.data() + m * N, y1.data(), N)) << "row " << m;
+  }
+  for (int64_t sub : {5, 16, 20}) {  // sub-batches starting at row 3: other column blocks
+    std::vector<float> ys = run(&kernels::weight_matmul, sw, x.data() + 3 * K, sub, bias.data());
+    EXPECT_TRUE(bitwise_equal(y.data() + 3 * N, ys.data(), sub * N)) << "sub-batch " << sub;
+  }
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  std::vector<float> y_one = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+  omp_set_num_threads(saved);
+  EXPECT_TRUE(bitwise_equal(y.data(), y_one.data(), M * N));
+}
+
+TEST(KernelsWeightMatmulAmx, NaNStaysInItsRowAndInfWeightInItsColumn) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  const int64_t M = 6, N = 40, K = 64;
+  StoredWeight sw(WeightFormat::bf16, N, K, 901);
+  std::vector<float> x = random_normal(M * K, 902);
+  std::vector<float> clean = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  x[size_t(3 * K + 20)] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> y = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = y[size_t(m * N + n)];
+      if (m == 3) EXPECT_TRUE(std::isnan(v)) << "n=" << n;
+      else EXPECT_EQ(std::memcmp(&v, &clean[size_t(m * N + n)], 4), 0) << "m=" << m << " n=" << n;
+    }
+  x[size_t(3 * K + 20)] = 0.5f;
+  sw.b16[size_t(35 * K + 63)] = f32_to_bf16(std::numeric_limits<float>::infinity());  // tail block
+  y = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      EXPECT_EQ(std::isfinite(y[size_t(m * N + n)]), n != 35) << "m=" << m << " n=" << n;
+}
