@@ -26,11 +26,14 @@
 // weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
 // AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
 // bits differ slightly; each is batch invariant on its own.
-// AMX: bf16 weights with K a multiple of 32 run on AMX tiles where the CPU has them
-// (weight_matmul_uses_amx): x is split into three bf16 parts that together hold its 24 bits, so
-// x is still not rounded; products are exact and accumulate in f32 (weight_matmul_amx.cpp).
-// Batch invariant and thread-count invariant like the others, with its own summation order; it
-// flushes denormal parts of x to zero and turns an infinite x into NaN.
+// AMX: calls with M >= 16 rows on bf16 weights with K a multiple of 32 run on AMX tiles where the
+// CPU has them (weight_matmul_uses_amx; prefill sizes, where it is faster): x is split into three
+// bf16 parts that together hold its 24 bits, so x is still not rounded; products are exact and
+// accumulate in f32 (weight_matmul_amx.cpp). Its summation order is its own, so for such bf16
+// weights batch invariance holds within each regime: a row's bits are the same in every call
+// with M < 16, and in every call with M >= 16, but differ in the last bits between the two.
+// f32 and int8 weights never take it (their batch invariance is unconditional). It flushes
+// denormal parts of x to zero and turns an infinite x into NaN.
 #pragma once
 
 #include <cstdint>
@@ -64,9 +67,11 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
 // it runs weight_matmul_reference.
 bool weight_matmul_uses_avx512();
 
-// True when weight_matmul runs `w` on AMX tiles: bf16 weights, K a non-zero multiple of 32, and
-// amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns it off).
-bool weight_matmul_uses_amx(const WeightView& w);
+// True when weight_matmul runs `w` with M rows of x on AMX tiles: bf16 weights, K a non-zero
+// multiple of 32, M >= kAmxMinRows, and amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns
+// it off).
+constexpr int64_t kAmxMinRows = 16;
+bool weight_matmul_uses_amx(const WeightView& w, int64_t M);
 
 namespace detail {
 // weight_matmul's AMX path (weight_matmul_amx.cpp); false (nothing written) when

@@ -22,9 +22,11 @@
 // of 32, in each chunk hi then mid then lo, whatever M, the tile's other rows and columns, or
 // the thread (threads split N). Bias is added last in f32.
 //
-// Speed: one 16 x 32 weight tile (1 KiB) costs three tile products, far below what reading it
-// from memory takes, so decode at any batch runs at read bandwidth and prefill is bound by the
-// tile units (bench/kernels/bench_weight_matmul, bench/infer).
+// Speed, and why only M >= 16 (kAmxMinRows in weight_matmul.h): loading a weight tile (16 rows,
+// each 64 bytes from a different row of W) stalls when W is not in L1/L2, and below 16 rows of x
+// a tile is used once. Measured on GPT-2 124M's fc layer (bench_kernels_weight_matmul, bf16,
+// 2 threads): M = 1 0.220 ms vs 0.201 ms for the AVX-512 path, M = 8 0.261 vs 0.234, M = 16
+// 0.288 vs 0.426, M = 32 0.425 vs 0.769. So decode sizes keep the AVX-512 path.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -169,7 +171,7 @@ namespace detail {
 // amx_bf16_usable(); returns false (nothing written) otherwise. Sizes are checked by the caller.
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias) {
-  if (!weight_matmul_uses_amx(w)) return false;
+  if (!weight_matmul_uses_amx(w, M)) return false;
   const int64_t mblocks = (M + 15) / 16;
   std::vector<uint32_t> xp(size_t(mblocks * kParts * (w.K / 2) * 16));
   pack_x(xp.data(), x, M, w.K);
@@ -181,8 +183,9 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
 
 }  // namespace detail
 
-bool weight_matmul_uses_amx(const WeightView& w) {
-  return w.format == WeightFormat::bf16 && w.K > 0 && w.K % kTileK == 0 && amx_bf16_usable();
+bool weight_matmul_uses_amx(const WeightView& w, int64_t M) {
+  return M >= kAmxMinRows && w.format == WeightFormat::bf16 && w.K > 0 && w.K % kTileK == 0 &&
+         amx_bf16_usable();
 }
 
 }  // namespace loom::kernels

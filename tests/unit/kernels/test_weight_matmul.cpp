@@ -325,14 +325,15 @@ TEST(KernelsWeightMatmul, QuantizeRowsInt8BadInput) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The AMX path (bf16 weights, K a multiple of 32, where the CPU has AMX tiles). The tests above
-// reach it only at K = 3072; these sweep its blocking: N tails (partial 32-row blocks), M in one
-// and two 16-row column blocks and past them, and hold it to the same bounds.
+// The AMX path (bf16 weights, K a multiple of 32, M >= 16, where the CPU has AMX tiles). The
+// tests above never reach it (their K or M are outside it); these sweep its blocking: N tails
+// (partial 32-row blocks), M in one and two 16-row column blocks and past them, and hold it to
+// the same bounds.
 
 namespace {
 bool amx_or_skip() {
   const kernels::WeightView probe{WeightFormat::bf16, 1, 32, nullptr, nullptr};
-  return kernels::weight_matmul_uses_amx(probe);
+  return kernels::weight_matmul_uses_amx(probe, kernels::kAmxMinRows);
 }
 }  // namespace
 
@@ -341,10 +342,10 @@ TEST(KernelsWeightMatmulAmx, MatchesFloat64ReferenceAcrossBlockings) {
   uint64_t seed = 500;
   for (int64_t K : {32, 96, 768})
     for (int64_t N : {1, 31, 32, 67})
-      for (int64_t M : {1, 8, 15, 16, 17, 33, 40}) {
+      for (int64_t M : {16, 17, 31, 32, 33, 40, 70}) {
         SCOPED_TRACE(testing::Message() << "M=" << M << " N=" << N << " K=" << K);
         StoredWeight sw(WeightFormat::bf16, N, K, seed++);
-        ASSERT_TRUE(kernels::weight_matmul_uses_amx(sw.view()));
+        ASSERT_TRUE(kernels::weight_matmul_uses_amx(sw.view(), M));
         check_against_reference(&kernels::weight_matmul, sw, M, M % 2 ? N + 5 : N, M % 3 == 0,
                                 seed++);
       }
@@ -359,23 +360,21 @@ TEST(KernelsWeightMatmulAmx, KeepsActivationsExact) {
     SCOPED_TRACE(testing::Message() << "K=" << K);
     StoredWeight sw(WeightFormat::bf16, 45, K, 700 + uint64_t(K));
     double fast = 0, plain = 0;
-    check_against_reference(&kernels::weight_matmul, sw, 9, 45, true, 9, &fast);
-    check_against_reference(&kernels::weight_matmul_reference, sw, 9, 45, true, 9, &plain);
+    check_against_reference(&kernels::weight_matmul, sw, 19, 45, true, 9, &fast);
+    check_against_reference(&kernels::weight_matmul_reference, sw, 19, 45, true, 9, &plain);
     EXPECT_LE(fast, 2.0 * plain + 1e-15) << "amx " << fast << " plain " << plain;
   }
 }
 
 TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
-  const int64_t N = 99, K = 160, M = 37;
+  const int64_t N = 99, K = 160, M = 70;
   StoredWeight sw(WeightFormat::bf16, N, K, 801);
   std::vector<float> x = random_normal(M * K, 802), bias = random_normal(N, 803);
   std::vector<float> y = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
-  for (int64_t m = 0; m < M; ++m) {
-    std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data() + m * K, 1, bias.data());
-    EXPECT_TRUE(bitwise_equal(y.data() + m * N, y1.data(), N)) << "row " << m;
-  }
-  for (int64_t sub : {5, 16, 20}) {  // sub-batches starting at row 3: other column blocks
+  // Every call of 16 rows or more takes the AMX path: rows 3.. as calls of 16, 20 and 40 (one
+  // and two column blocks, and several pairs of them) give the same bits as the call of 70.
+  for (int64_t sub : {16, 20, 40}) {
     std::vector<float> ys = run(&kernels::weight_matmul, sw, x.data() + 3 * K, sub, bias.data());
     EXPECT_TRUE(bitwise_equal(y.data() + 3 * N, ys.data(), sub * N)) << "sub-batch " << sub;
   }
@@ -388,7 +387,7 @@ TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
 
 TEST(KernelsWeightMatmulAmx, NaNStaysInItsRowAndInfWeightInItsColumn) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
-  const int64_t M = 6, N = 40, K = 64;
+  const int64_t M = 18, N = 40, K = 64;
   StoredWeight sw(WeightFormat::bf16, N, K, 901);
   std::vector<float> x = random_normal(M * K, 902);
   std::vector<float> clean = run(&kernels::weight_matmul, sw, x.data(), M, nullptr);
