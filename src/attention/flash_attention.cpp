@@ -536,8 +536,9 @@ void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const b
   forward_impl(out, lse, q, k, v, s);
 }
 
-void attention_backward_preprocess(float* D, const float* dout, const float* out,
-                                   const AttentionShape& s) {
+namespace {
+template <typename T>
+void backward_preprocess_impl(float* D, const T* dout, const float* out, const AttentionShape& s) {
   check_shape(s, "attention_backward_preprocess");
   if (s.B * s.Tq == 0) return;
   check_pointers(D && dout && out, "attention_backward_preprocess", s);
@@ -547,12 +548,23 @@ void attention_backward_preprocess(float* D, const float* dout, const float* out
     const int64_t b = row / s.Tq, i = row % s.Tq;
     for (int64_t h = 0; h < s.NH; ++h) {
       const float* o = out + row * s.o_stride + h * s.HD;
-      const float* g = dout + row * s.o_stride + h * s.HD;
+      const T* g = dout + row * s.o_stride + h * s.HD;
       float acc = 0.0f;
-      for (int64_t d = 0; d < s.HD; ++d) acc += g[d] * o[d];
+      for (int64_t d = 0; d < s.HD; ++d) acc += widen(g[d]) * o[d];
       D[(b * s.NH + h) * s.Tq + i] = acc;
     }
   }
+}
+}  // namespace
+
+void attention_backward_preprocess(float* D, const float* dout, const float* out,
+                                   const AttentionShape& s) {
+  backward_preprocess_impl(D, dout, out, s);
+}
+
+void attention_backward_preprocess(float* D, const bf16* dout, const float* out,
+                                   const AttentionShape& s) {
+  backward_preprocess_impl(D, dout, out, s);
 }
 
 void flash_attention_backward(float* dq, float* dk, float* dv, const float* dout,

@@ -46,6 +46,7 @@
 #include "attention/flash_attention.h"
 #include "attention/flash_tiles.h"
 #include "core/error.h"
+#include "kernels/cpu/amx.h"
 
 namespace loom::attention {
 
@@ -165,21 +166,10 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Every tile is 16 rows x 64 bytes: tmm0-3 the 2 x 2 block of C, tmm4-5 two A row blocks, tmm6-7
 // two B column blocks.
 void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
+  const kernels::AmxTileConfig cfg = kernels::amx_tiles_16x64();
   _tile_loadconfig(&cfg);
 }
 
@@ -554,25 +544,6 @@ void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf
   AmxScratch scratch(omp_get_max_threads(), HDp);
   backward_dkdv_amx(dk, dv, lse, D, pk, s, scratch);
   backward_dq_amx(dq, lse, D, pk, s, scratch);
-}
-
-void attention_backward_preprocess(float* D, const bf16* dout, const float* out,
-                                   const AttentionShape& s) {
-  check_shape(s, "attention_backward_preprocess");
-  if (s.B * s.Tq == 0) return;
-  check_pointers(D && dout && out, "attention_backward_preprocess", s);
-  const int64_t rows = s.B * s.Tq;
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t b = row / s.Tq, i = row % s.Tq;
-    for (int64_t h = 0; h < s.NH; ++h) {
-      const float* o = out + row * s.o_stride + h * s.HD;
-      const bf16* g = dout + row * s.o_stride + h * s.HD;
-      float acc = 0.0f;
-      for (int64_t d = 0; d < s.HD; ++d) acc += bf16_to_f32(g[d]) * o[d];
-      D[(b * s.NH + h) * s.Tq + i] = acc;
-    }
-  }
 }
 
 }  // namespace loom::attention

@@ -8,8 +8,29 @@
 // (LOOM_AMX=0 turns every AMX path off, to compare against the AVX-512 ones). Checked once.
 #pragma once
 
+#include <cstdint>
+
 namespace loom::kernels {
 
 bool amx_bf16_usable();
+
+// The 64-byte tile configuration LDTILECFG reads (palette 1).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-7 all 16 rows x 64 bytes (16 f32, 32 bf16 or 16 bf16 pairs per row): the shape every loom
+// AMX kernel uses. The caller loads it with _tile_loadconfig in each thread.
+inline AmxTileConfig amx_tiles_16x64() {
+  AmxTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  return cfg;
+}
 
 }  // namespace loom::kernels

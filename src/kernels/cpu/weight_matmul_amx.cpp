@@ -72,20 +72,9 @@ void pack_x(uint32_t* dst, const float* x, int64_t M, int64_t K) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles: tmm0-3 C (n block 0/1 x m block 0/1), tmm4-5 A (two 16-row blocks of W), tmm6-7 B.
 void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
+  const AmxTileConfig cfg = amx_tiles_16x64();
   _tile_loadconfig(&cfg);
 }
 
