@@ -135,41 +135,30 @@ int64_t tiles_floats(int64_t HDp) {
 }
 class Scratch {
  public:
-  Scratch(int threads, int64_t HDp)
-      : per_thread_(round_up(tiles_floats(HDp), kLanes)),
-        HDp_(HDp),
-        buf_(size_t(per_thread_ * threads + kLanes)) {}
+  Scratch(int threads, int64_t HDp) : HDp_(HDp), mem_(threads, tiles_floats(HDp)) {}
   Tiles tiles(int thread) {
-    // 64-byte align so tile rows (multiples of 16 floats) never straddle cache lines.
-    auto addr = reinterpret_cast<uintptr_t>(buf_.data());
-    float* p = buf_.data() + (round_up(int64_t(addr), 64) - int64_t(addr)) / 4 +
-               per_thread_ * thread;
-    auto take = [&p](int64_t n) {
-      float* r = p;
-      p += n;
-      return r;
-    };
+    // 64-byte aligned, so tile rows (multiples of 16 floats) never straddle cache lines.
+    ThreadScratch::Cursor c = mem_.block(thread);
     Tiles t;
     // Uses in the row-score formulation (dK/dV pass) / the transposed one (forward, dQ pass).
-    t.q = take(kBlockQ * HDp_);     // Q (BQ, HDp)  / Q^T (HD, BQ)
-    t.dout = take(kBlockQ * HDp_);  // dO (BQ, HDp) / dO^T (HD, BQ)
-    t.kt = take(HDp_ * kBlockK);    // K^T (HD, BK) / V (BK, HDp)
-    t.vt = take(HDp_ * kBlockK);    // V^T (HD, BK)
-    t.kv = take(kBlockK * HDp_);    // K (BK, HDp)
-    t.s = take(kBlockQ * kBlockK);  // S then P (BQ, BK) / S^T then P^T (BK, BQ)
-    t.dp = take(kBlockQ * kBlockK); // dP then dS (BQ, BK) / their transposes (BK, BQ)
-    t.acc0 = take(kBlockQ * HDp_);  // dK (BK, HDp) / O or dQ (BQ, HDp)
-    t.acc1 = take(kBlockQ * HDp_);  // dV (BK, HDp)
-    t.row0 = take(kBlockQ);         // lse in base 2 (BQ)
-    t.row1 = take(kBlockQ);         // D (BQ)
+    t.q = c.take(kBlockQ * HDp_);     // Q (BQ, HDp)  / Q^T (HD, BQ)
+    t.dout = c.take(kBlockQ * HDp_);  // dO (BQ, HDp) / dO^T (HD, BQ)
+    t.kt = c.take(HDp_ * kBlockK);    // K^T (HD, BK) / V (BK, HDp)
+    t.vt = c.take(HDp_ * kBlockK);    // V^T (HD, BK)
+    t.kv = c.take(kBlockK * HDp_);    // K (BK, HDp)
+    t.s = c.take(kBlockQ * kBlockK);  // S then P (BQ, BK) / S^T then P^T (BK, BQ)
+    t.dp = c.take(kBlockQ * kBlockK); // dP then dS (BQ, BK) / their transposes (BK, BQ)
+    t.acc0 = c.take(kBlockQ * HDp_);  // dK (BK, HDp) / O or dQ (BQ, HDp)
+    t.acc1 = c.take(kBlockQ * HDp_);  // dV (BK, HDp)
+    t.row0 = c.take(kBlockQ);         // lse in base 2 (BQ)
+    t.row1 = c.take(kBlockQ);         // D (BQ)
     return t;
   }
 
  private:
-  int64_t per_thread_, HDp_;
-  std::vector<float> buf_;
+  int64_t HDp_;
+  ThreadScratch mem_;
 };
-
 
 // Transposed-score formulation, used where one query block meets many key blocks (forward and
 // the dQ pass): S^T (BK, BQ) = K (BK, HD) Q^T (HD, BQ). Q^T is transposed once per task; K and V
@@ -516,7 +505,6 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
     }
   }
 }
-
 
 }  // namespace
 

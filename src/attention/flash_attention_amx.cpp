@@ -101,8 +101,7 @@ void pack_pairs_over_rows(uint32_t* dst, int64_t rows_total, int64_t HDp, const 
   }
 }
 
-// Per-thread scratch, 64-byte aligned pieces carved from one allocation made before the
-// parallel region.
+// Per-thread scratch (64-byte aligned pieces of one ThreadScratch block).
 struct AmxTiles {
   float *s, *dp, *acc0, *acc1;  // S^T / P^T, dP^T / dS^T (64 x 64); accumulators (64 x HDp)
   uint16_t *pb, *dsb;           // P^T, dS^T in bf16 rows (64 x 64)
@@ -111,33 +110,24 @@ struct AmxTiles {
 class AmxScratch {
  public:
   AmxScratch(int threads, int64_t HDp)
-      : per_thread_(round_up(2 * 4096 + 2 * 64 * HDp + 4096 + 2048 + 32 * HDp, 16)),
-        HDp_(HDp),
-        buf_(size_t(per_thread_ * threads + 16)) {}
+      : HDp_(HDp), mem_(threads, 2 * 4096 + 2 * 64 * HDp + 4096 + 2048 + 32 * HDp) {}
   AmxTiles tiles(int thread) {
-    auto addr = reinterpret_cast<uintptr_t>(buf_.data());
-    float* p = buf_.data() + (round_up(int64_t(addr), 64) - int64_t(addr)) / 4 +
-               per_thread_ * thread;
-    auto take = [&p](int64_t floats) {
-      float* r = p;
-      p += floats;
-      return r;
-    };
+    ThreadScratch::Cursor c = mem_.block(thread);
     AmxTiles t;
-    t.s = take(4096);
-    t.dp = take(4096);
-    t.acc0 = take(64 * HDp_);
-    t.acc1 = take(64 * HDp_);
-    t.pb = reinterpret_cast<uint16_t*>(take(2048));
-    t.dsb = reinterpret_cast<uint16_t*>(take(2048));
-    t.pairs = reinterpret_cast<uint32_t*>(take(2048));
-    t.qt = reinterpret_cast<uint32_t*>(take(32 * HDp_));
+    t.s = c.take(4096);
+    t.dp = c.take(4096);
+    t.acc0 = c.take(64 * HDp_);
+    t.acc1 = c.take(64 * HDp_);
+    t.pb = reinterpret_cast<uint16_t*>(c.take(2048));
+    t.dsb = reinterpret_cast<uint16_t*>(c.take(2048));
+    t.pairs = reinterpret_cast<uint32_t*>(c.take(2048));
+    t.qt = reinterpret_cast<uint32_t*>(c.take(32 * HDp_));
     return t;
   }
 
  private:
-  int64_t per_thread_, HDp_;
-  std::vector<float> buf_;
+  int64_t HDp_;
+  ThreadScratch mem_;
 };
 
 // Row r of (b, head)'s lse (in base 2; -inf past Tq: no gradient) and D, as 4 lane vectors for

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "attention/flash_attention.h"
 #include "attention/vec16.h"
@@ -60,6 +61,33 @@ struct ColumnIndex {
 };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch: one allocation made before the parallel region (so an allocation failure
+// throws in the calling thread, not inside OpenMP), carved into 64-byte aligned per-thread
+// blocks of `floats_per_thread` (rounded up to 16) and handed out piece by piece.
+class ThreadScratch {
+ public:
+  ThreadScratch(int threads, int64_t floats_per_thread)
+      : per_thread_(round_up(floats_per_thread, 16)), buf_(size_t(per_thread_ * threads + 16)) {}
+  // A cursor over `thread`'s block: take(n) returns the next n floats.
+  struct Cursor {
+    float* p;
+    float* take(int64_t n) {
+      float* r = p;
+      p += n;
+      return r;
+    }
+  };
+  Cursor block(int thread) {
+    auto addr = reinterpret_cast<uintptr_t>(buf_.data());
+    return Cursor{buf_.data() + (round_up(int64_t(addr), 64) - int64_t(addr)) / 4 +
+                  per_thread_ * thread};
+  }
+
+ private:
+  int64_t per_thread_;
+  std::vector<float> buf_;
+};
 
 inline void check_shape(const AttentionShape& s, const char* fn) {
   LOOM_CHECK(s.B >= 0 && s.Tq >= 0 && s.Tk >= 0, "{}: B={} Tq={} Tk={} must be >= 0", fn, s.B,
