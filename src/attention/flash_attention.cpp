@@ -191,11 +191,7 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
       float* o = t.acc0;  // O (mq, HDp), unnormalised
       load_transposed(qt, kBlockQ, q + (b * s.Tq + i0) * s.q_stride + h * HD, s.q_stride, nq, HD);
       std::fill(o, o + mq * HDp, 0.0f);
-      Vec m[4], l[4];  // per query: running max (base 2) and running sum of 2^(x - m)
-      for (int c = 0; c < 4; ++c) {
-        m[c] = splat(kNegInf);
-        l[c] = splat(0.0f);
-      }
+      OnlineSoftmax sm;
 
       const int64_t nkb = visible_key_blocks(s, i0, nq);
       for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -207,39 +203,10 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
         std::fill(st, st + mk * kBlockQ, 0.0f);
         gemm_acc<false>(st, kBlockQ, kc, HDp, qt, kBlockQ, mk, kBlockQ, HD);  // S^T (mk, BQ)
 
-        Vec mx[4];
-        for (int c = 0; c < 4; ++c) mx[c] = splat(kNegInf);
-        for (int64_t j = 0; j < g.nk; ++j) {
-          const QueryLaneMask vis(col, g, j);
-          float* row = st + j * kBlockQ;
-          for (int c = 0; c < 4; ++c) {
-            Vec x = load(row + c * kLanes) * cs;
-            x = vis.m[c] ? x : splat(kNegInf);
-            store(row + c * kLanes, x);
-            mx[c] = vmax(mx[c], x);
-          }
-        }
+        Vec alpha_v[4];
+        sm.step(st, g, col, cs, g.nk, alpha_v);
         float alpha[kBlockQ];
-        Vec m_use[4];
-        for (int c = 0; c < 4; ++c) {
-          const Vec m_new = vmax(m[c], mx[c]);
-          // A query with no visible key so far keeps m = -inf; subtracting 0 instead keeps
-          // 2^(-inf - m) at 0 rather than NaN.
-          m_use[c] = m_new == splat(kNegInf) ? splat(0.0f) : m_new;
-          store(alpha + c * kLanes, exp2v(m[c] - m_use[c]));  // 0 on the first visible tile
-          m[c] = m_new;
-        }
-        Vec sum[4];
-        for (int c = 0; c < 4; ++c) sum[c] = splat(0.0f);
-        for (int64_t j = 0; j < g.nk; ++j) {  // rows in order: deterministic column sums
-          float* row = st + j * kBlockQ;
-          for (int c = 0; c < 4; ++c) {
-            const Vec p = exp2v(load(row + c * kLanes) - m_use[c]);
-            store(row + c * kLanes, p);
-            sum[c] += p;
-          }
-        }
-        for (int c = 0; c < 4; ++c) l[c] = l[c] * load(alpha + c * kLanes) + sum[c];
+        for (int c = 0; c < 4; ++c) store(alpha + c * kLanes, alpha_v[c]);
         for (int64_t r = 0; r < nq; ++r) {
           if (alpha[r] == 1.0f) continue;
           float* orow = o + r * HDp;
@@ -248,24 +215,7 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
         gemm_acc<true>(o, HDp, st, kBlockQ, vc, HDp, mq, HDp, g.nk);  // O += P V
       }
 
-      float m_row[kBlockQ], l_row[kBlockQ];
-      for (int c = 0; c < 4; ++c) {
-        store(m_row + c * kLanes, m[c]);
-        store(l_row + c * kLanes, l[c]);
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        float* dst = out + (b * s.Tq + i0 + r) * s.o_stride + h * HD;
-        float* lse_dst = lse + (b * s.NH + h) * s.Tq + i0 + r;
-        if (l_row[r] > 0.0f) {
-          const float inv = 1.0f / l_row[r];
-          const float* orow = o + r * HDp;
-          for (int64_t d = 0; d < HD; ++d) dst[d] = orow[d] * inv;
-          *lse_dst = (m_row[r] + std::log2(l_row[r])) * kLn2;
-        } else {  // no visible key
-          std::fill(dst, dst + HD, 0.0f);
-          *lse_dst = kNegInf;
-        }
-      }
+      sm.finish(out, lse, s, b, h, i0, nq, o, HDp, 1);
     }
   }
 }

@@ -281,45 +281,14 @@ void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const 
                         s.q_stride, nq, HD);
       float* ot = t.acc0;  // O^T (HDp, 64), unnormalised
       std::memset(ot, 0, size_t(HDp * kBlockQ) * 4);
-      Vec m[4], l[4];
-      for (int c = 0; c < 4; ++c) {
-        m[c] = splat(kNegInf);
-        l[c] = splat(0.0f);
-      }
+      OnlineSoftmax sm;
       const int64_t nkb = visible_key_blocks(s, i0, nq);
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
         tile_gemm(t.s, kBlockQ, kr + g.j0 * HDp, HDp, t.qt, kBlockQ, kBlockK, kBlockQ, HDp,
                   false);  // S^T (64 keys, 64 queries)
-        Vec mx[4];
-        for (int c = 0; c < 4; ++c) mx[c] = splat(kNegInf);
-        for (int64_t j = 0; j < g.nk; ++j) {
-          const QueryLaneMask vis(col, g, j);
-          float* row = t.s + j * kBlockQ;
-          for (int c = 0; c < 4; ++c) {
-            Vec x = load(row + c * kLanes) * cs;
-            x = vis.m[c] ? x : splat(kNegInf);
-            store(row + c * kLanes, x);
-            mx[c] = vmax(mx[c], x);
-          }
-        }
-        Vec m_use[4], alpha[4], sum[4];
-        for (int c = 0; c < 4; ++c) {
-          const Vec m_new = vmax(m[c], mx[c]);
-          m_use[c] = m_new == splat(kNegInf) ? splat(0.0f) : m_new;
-          alpha[c] = exp2v(m[c] - m_use[c]);
-          m[c] = m_new;
-          sum[c] = splat(0.0f);
-        }
-        for (int64_t j = 0; j < kBlockK; ++j) {
-          float* row = t.s + j * kBlockQ;
-          for (int c = 0; c < 4; ++c) {
-            const Vec p = j < g.nk ? exp2v(load(row + c * kLanes) - m_use[c]) : splat(0.0f);
-            store(row + c * kLanes, p);
-            sum[c] += p;
-          }
-        }
-        for (int c = 0; c < 4; ++c) l[c] = l[c] * alpha[c] + sum[c];
+        Vec alpha[4];
+        sm.step(t.s, g, col, cs, kBlockK, alpha);
         for (int64_t d = 0; d < HDp; ++d)
           for (int c = 0; c < 4; ++c)
             store(ot + d * kBlockQ + c * kLanes, load(ot + d * kBlockQ + c * kLanes) * alpha[c]);
@@ -327,23 +296,7 @@ void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const 
         tile_gemm(ot, kBlockQ, vt + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
                   true);  // O^T += V^T P^T
       }
-      float m_row[kBlockQ], l_row[kBlockQ];
-      for (int c = 0; c < 4; ++c) {
-        store(m_row + c * kLanes, m[c]);
-        store(l_row + c * kLanes, l[c]);
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        float* dst = out + (b * s.Tq + i0 + r) * s.o_stride + h * HD;
-        float* lse_dst = lse + (b * s.NH + h) * s.Tq + i0 + r;
-        if (l_row[r] > 0.0f) {
-          const float inv = 1.0f / l_row[r];
-          for (int64_t d = 0; d < HD; ++d) dst[d] = ot[d * kBlockQ + r] * inv;
-          *lse_dst = (m_row[r] + std::log2(l_row[r])) * kLn2;
-        } else {
-          std::memset(dst, 0, size_t(HD) * 4);
-          *lse_dst = kNegInf;
-        }
-      }
+      sm.finish(out, lse, s, b, h, i0, nq, ot, 1, kBlockQ);
     }
     _tile_release();
   }

@@ -162,6 +162,82 @@ struct QueryLaneMask {
   }
 };
 
+// Online softmax over the key blocks of one task's 64 queries (the forward of both kernels),
+// statistics in base 2, one lane per query: m the running max, l the running sum of 2^(x - m).
+struct OnlineSoftmax {
+  Vec m[4], l[4];
+  OnlineSoftmax() {
+    for (int c = 0; c < 4; ++c) {
+      m[c] = splat(kNegInf);
+      l[c] = splat(0.0f);
+    }
+  }
+  // st: the tile's transposed scores S^T (one row of 64 queries per key). Rows [0, g.nk) are
+  // scaled by cs (to base 2), masked, and replaced by P^T = 2^(x - max); rows [g.nk, rows) are
+  // set to 0. alpha gets each query's rescale factor for what it accumulated so far (0 on its
+  // first visible tile). Rows are summed in order: deterministic.
+  void step(float* st, const TileGeometry& g, const ColumnIndex& col, float cs, int64_t rows,
+            Vec alpha[4]) {
+    Vec mx[4];
+    for (int c = 0; c < 4; ++c) mx[c] = splat(kNegInf);
+    for (int64_t j = 0; j < g.nk; ++j) {
+      const QueryLaneMask vis(col, g, j);
+      float* row = st + j * kBlockQ;
+      for (int c = 0; c < 4; ++c) {
+        Vec x = load(row + c * kLanes) * cs;
+        x = vis.m[c] ? x : splat(kNegInf);
+        store(row + c * kLanes, x);
+        mx[c] = vmax(mx[c], x);
+      }
+    }
+    Vec m_use[4];
+    for (int c = 0; c < 4; ++c) {
+      const Vec m_new = vmax(m[c], mx[c]);
+      // A query with no visible key so far keeps m = -inf; subtracting 0 instead keeps
+      // 2^(-inf - m) at 0 rather than NaN.
+      m_use[c] = m_new == splat(kNegInf) ? splat(0.0f) : m_new;
+      alpha[c] = exp2v(m[c] - m_use[c]);
+      m[c] = m_new;
+    }
+    Vec sum[4];
+    for (int c = 0; c < 4; ++c) sum[c] = splat(0.0f);
+    for (int64_t j = 0; j < g.nk; ++j) {
+      float* row = st + j * kBlockQ;
+      for (int c = 0; c < 4; ++c) {
+        const Vec p = exp2v(load(row + c * kLanes) - m_use[c]);
+        store(row + c * kLanes, p);
+        sum[c] += p;
+      }
+    }
+    for (int64_t j = g.nk; j < rows; ++j)
+      for (int c = 0; c < 4; ++c) store(st + j * kBlockQ + c * kLanes, splat(0.0f));
+    for (int c = 0; c < 4; ++c) l[c] = l[c] * alpha[c] + sum[c];
+  }
+  // out and lse of queries [i0, i0 + nq) of (b, h) from the unnormalised O, whose element
+  // (query r, d) is o[r * row_stride + d * col_stride]; a query with no visible key gets 0 and
+  // lse = -inf.
+  void finish(float* out, float* lse, const AttentionShape& s, int64_t b, int64_t h, int64_t i0,
+              int64_t nq, const float* o, int64_t row_stride, int64_t col_stride) const {
+    float m_row[kBlockQ], l_row[kBlockQ];
+    for (int c = 0; c < 4; ++c) {
+      store(m_row + c * kLanes, m[c]);
+      store(l_row + c * kLanes, l[c]);
+    }
+    for (int64_t r = 0; r < nq; ++r) {
+      float* dst = out + (b * s.Tq + i0 + r) * s.o_stride + h * s.HD;
+      float* lse_dst = lse + (b * s.NH + h) * s.Tq + i0 + r;
+      if (l_row[r] > 0.0f) {
+        const float inv = 1.0f / l_row[r];
+        for (int64_t d = 0; d < s.HD; ++d) dst[d] = o[r * row_stride + d * col_stride] * inv;
+        *lse_dst = (m_row[r] + std::log2(l_row[r])) * kLn2;
+      } else {  // no visible key
+        for (int64_t d = 0; d < s.HD; ++d) dst[d] = 0.0f;
+        *lse_dst = kNegInf;
+      }
+    }
+  }
+};
+
 inline void check_pointers(bool ok, const char* fn, const AttentionShape& s) {
   LOOM_CHECK(ok, "{}: a null buffer was passed for B={} Tq={} Tk={}", fn, s.B, s.Tq, s.Tk);
 }
