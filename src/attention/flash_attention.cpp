@@ -345,17 +345,7 @@ void backward_dq(float* dq, const float* dout, const float* q, const float* k, c
       load_transposed(dot, kBlockQ, dout + (b * s.Tq + i0) * s.o_stride + h * HD, s.o_stride, nq,
                       HD);
       Vec lse2[4], Dv[4];  // per query: lse in base 2 (-inf: no gradient) and D
-      {
-        float lrow[kBlockQ], drow[kBlockQ];
-        for (int64_t r = 0; r < kBlockQ; ++r) {
-          lrow[r] = r < nq ? lse[(b * s.NH + h) * s.Tq + i0 + r] * kLog2e : kNegInf;
-          drow[r] = r < nq ? D[(b * s.NH + h) * s.Tq + i0 + r] : 0.0f;
-        }
-        for (int c = 0; c < 4; ++c) {
-          lse2[c] = load(lrow + c * kLanes);
-          Dv[c] = load(drow + c * kLanes);
-        }
-      }
+      query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
       std::fill(dQ, dQ + mq * HDp, 0.0f);
       const int64_t nkb = visible_key_blocks(s, i0, nq);
       for (int64_t kb = 0; kb < nkb; ++kb) {

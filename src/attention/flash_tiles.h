@@ -238,6 +238,21 @@ struct OnlineSoftmax {
   }
 };
 
+// Row r of (b, head)'s lse (in base 2; -inf past Tq: no gradient) and D, as 4 lane vectors for
+// the 64 queries of block i0.
+inline void query_stats(Vec lse2[4], Vec Dv[4], const float* lse, const float* D,
+                 const AttentionShape& s, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+  float lrow[kBlockQ], drow[kBlockQ];
+  for (int64_t r = 0; r < kBlockQ; ++r) {
+    lrow[r] = r < nq ? lse[(b * s.NH + h) * s.Tq + i0 + r] * kLog2e : kNegInf;
+    drow[r] = r < nq ? D[(b * s.NH + h) * s.Tq + i0 + r] : 0.0f;
+  }
+  for (int c = 0; c < 4; ++c) {
+    lse2[c] = load(lrow + c * kLanes);
+    Dv[c] = load(drow + c * kLanes);
+  }
+}
+
 inline void check_pointers(bool ok, const char* fn, const AttentionShape& s) {
   LOOM_CHECK(ok, "{}: a null buffer was passed for B={} Tq={} Tk={}", fn, s.B, s.Tq, s.Tk);
 }
