@@ -262,7 +262,7 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
   if (ldy == 0) ldy = N;
   check_args("weight_matmul", y, ldy, x, M, w);
   if (M == 0 || N == 0) return;
-  if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
+  if (weight_matmul_uses_amx(w, M) && detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
   if (!weight_matmul_uses_avx512()) return weight_matmul_reference(y, ldy, x, M, w, bias);
   switch (w.format) {
     case WeightFormat::f32: return weight_matmul_avx512<WeightFormat::f32>(y, ldy, x, M, w, bias);

@@ -26,14 +26,13 @@
 // weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
 // AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
 // bits differ slightly; each is batch invariant on its own.
-// AMX: calls with M >= 16 rows on bf16 weights with K a multiple of 32 run on AMX tiles where the
-// CPU has them (weight_matmul_uses_amx; prefill sizes, where it is faster): x is split into three
-// bf16 parts that together hold its 24 bits, so x is still not rounded; products are exact and
-// accumulate in f32 (weight_matmul_amx.cpp). Its summation order is its own, so for such bf16
-// weights batch invariance holds within each regime: a row's bits are the same in every call
-// with M < 16, and in every call with M >= 16, but differ in the last bits between the two.
-// f32 and int8 weights never take it (their batch invariance is unconditional). It flushes
-// denormal parts of x to zero and turns an infinite x into NaN.
+// AMX (opt-in, LOOM_AMX_WEIGHTS=1): calls with M >= 16 rows on bf16 weights with K a multiple of
+// 32 run on AMX tiles where the CPU has them (weight_matmul_uses_amx; prefill sizes, where it is
+// faster): x is split into three bf16 parts that together hold its 24 bits, so x is still not
+// rounded; products are exact and accumulate in f32 (weight_matmul_amx.cpp). Its summation order
+// is its own, so with it on, bf16 batch invariance holds only within each regime (M < 16, M >=
+// 16): that is why it is off by default. f32 and int8 weights never take it. It flushes denormal
+// parts of x to zero and turns an infinite x into NaN.
 #pragma once
 
 #include <cstdint>
@@ -67,15 +66,16 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
 // it runs weight_matmul_reference.
 bool weight_matmul_uses_avx512();
 
-// True when weight_matmul runs `w` with M rows of x on AMX tiles: bf16 weights, K a non-zero
-// multiple of 32, M >= kAmxMinRows, and amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns
-// it off).
+// True when weight_matmul runs `w` with M rows of x on AMX tiles: LOOM_AMX_WEIGHTS=1 in the
+// environment (opt-in, see below), bf16 weights, K a non-zero multiple of 32, M >= kAmxMinRows,
+// and amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns every AMX path off).
 constexpr int64_t kAmxMinRows = 16;
 bool weight_matmul_uses_amx(const WeightView& w, int64_t M);
 
 namespace detail {
-// weight_matmul's AMX path (weight_matmul_amx.cpp); false (nothing written) when
-// weight_matmul_uses_amx(w) is false.
+// The AMX kernel itself (weight_matmul_amx.cpp), for any M: bf16 weights, K a non-zero multiple
+// of 32 and amx_bf16_usable(), else false (nothing written). Same contract as weight_matmul,
+// batch invariant on its own; tests and benchmarks call it directly.
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias);
 }  // namespace detail

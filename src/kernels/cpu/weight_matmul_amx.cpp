@@ -22,6 +22,12 @@
 // of 32, in each chunk hi then mid then lo, whatever M, the tile's other rows and columns, or
 // the thread (threads split N). Bias is added last in f32.
 //
+// Opt-in (LOOM_AMX_WEIGHTS=1), because its sums differ from the AVX-512 path's in the last bits
+// and weight_matmul uses it only for M >= 16: a bf16 row would then get different bits alone
+// (decode, M < 16) and in a large prefill, and loom's decoder promises bf16 batch invariance
+// (tests/unit/infer: Decoder.BatchInvariantBitwise). Using it for every M keeps invariance but
+// is slower at decode sizes, as measured below; weights packed in tile order at load would fix
+// that (not done).
 // Speed, and why only M >= 16 (kAmxMinRows in weight_matmul.h): loading a weight tile (16 rows,
 // each 64 bytes from a different row of W) stalls when W is not in L1/L2, and below 16 rows of x
 // a tile is used once. Measured on GPT-2 124M's fc layer (bench_kernels_weight_matmul, bf16,
@@ -31,6 +37,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -156,11 +163,12 @@ void run_amx(float* y, int64_t ldy, int64_t M, const WeightView& w, const float*
 
 namespace detail {
 
-// Runs y = x W^T + bias on AMX tiles when W is bf16, K is a non-zero multiple of 32 and
-// amx_bf16_usable(); returns false (nothing written) otherwise. Sizes are checked by the caller.
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias) {
-  if (!weight_matmul_uses_amx(w, M)) return false;
+  if (!(w.format == WeightFormat::bf16 && w.K > 0 && w.K % kTileK == 0 && amx_bf16_usable()))
+    return false;
+  if (ldy == 0) ldy = w.N;  // as weight_matmul
+  if (M == 0 || w.N == 0) return true;
   const int64_t mblocks = (M + 15) / 16;
   std::vector<uint32_t> xp(size_t(mblocks * kParts * (w.K / 2) * 16));
   pack_x(xp.data(), x, M, w.K);
@@ -173,8 +181,12 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
 }  // namespace detail
 
 bool weight_matmul_uses_amx(const WeightView& w, int64_t M) {
-  return M >= kAmxMinRows && w.format == WeightFormat::bf16 && w.K > 0 && w.K % kTileK == 0 &&
-         amx_bf16_usable();
+  static const bool opted_in = [] {
+    const char* env = std::getenv("LOOM_AMX_WEIGHTS");
+    return env && std::strcmp(env, "1") == 0;
+  }();
+  return opted_in && M >= kAmxMinRows && w.format == WeightFormat::bf16 && w.K > 0 &&
+         w.K % kTileK == 0 && amx_bf16_usable();
 }
 
 }  // namespace loom::kernels
