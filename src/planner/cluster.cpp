@@ -336,18 +336,41 @@ std::string Cluster::to_toml() const {
 }
 
 std::string this_cpu_model() {
+  // The model name alone does not identify a CPU: virtual machines often report a generic
+  // "Intel(R) Xeon(R) Processor" for different generations (sessions 8 and 10 of this project
+  // ran on two such CPUs with 2x different speeds and different vector units). So the string
+  // also carries the family/model numbers, the vector and matrix extensions that change the
+  // measured peaks, and the L3 size.
   std::ifstream f("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("model name", 0) == 0) {
-      const size_t colon = line.find(':');
-      if (colon != std::string::npos) {
-        std::string m = line.substr(colon + 1);
-        m.erase(0, m.find_first_not_of(" \t"));
-        return m;
-      }
+  std::string line, name = "unknown", family, model, flags;
+  auto value = [](const std::string& l) {
+    const size_t colon = l.find(':');
+    if (colon == std::string::npos) return std::string();
+    std::string v = l.substr(colon + 1);
+    v.erase(0, v.find_first_not_of(" \t"));
+    return v;
+  };
+  while (std::getline(f, line)) {
+    if (line.rfind("model name", 0) == 0 && name == "unknown") name = value(line);
+    else if (line.rfind("cpu family", 0) == 0 && family.empty()) family = value(line);
+    else if (line.rfind("model", 0) == 0 && line.rfind("model name", 0) != 0 && model.empty())
+      model = value(line);
+    else if (line.rfind("flags", 0) == 0 && flags.empty()) flags = fmt::format(" {} ", value(line));
+    if (!flags.empty() && !model.empty() && !family.empty() && name != "unknown") break;
+  }
+  std::string isa;
+  for (const char* fl : {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"})
+    if (flags.find(fmt::format(" {} ", fl)) != std::string::npos) {
+      if (!isa.empty()) isa += ' ';
+      isa += fl;
     }
-  return "unknown";
+  std::string l3;
+  std::ifstream c("/sys/devices/system/cpu/cpu0/cache/index3/size");
+  if (c && std::getline(c, l3)) l3 = "; L3 " + l3;
+  else l3.clear();
+  if (family.empty() && model.empty() && isa.empty()) return name;
+  return fmt::format("{} [family {} model {}; {}{}]", name, family, model,
+                     isa.empty() ? "no avx2" : isa, l3);
 }
 
 }  // namespace loom::planner

@@ -113,7 +113,11 @@ struct Cluster {
 Cluster cluster_from_toml(const std::string& text, const std::string& source);
 Cluster load_cluster(const std::string& path);
 
-// The CPU model string of this machine (/proc/cpuinfo "model name"), or "unknown".
+// This CPU, as calibration records it and plan/train compare it: /proc/cpuinfo's model name
+// plus family/model numbers, the AVX2/AVX-512/BF16/FP16/AMX extensions present and the L3 size
+// (a generic model name can hide different CPUs), e.g. "Intel(R) Xeon(R) Processor [family 6
+// model 143; avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16; L3 491520K]"; "unknown" without
+// /proc/cpuinfo.
 std::string this_cpu_model();
 
 }  // namespace loom::planner
