@@ -17,8 +17,12 @@
 
 #include "attention/flash_attention.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #include <immintrin.h>
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))), apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+#endif
 
 namespace {
 
@@ -170,3 +174,6 @@ int main(int argc, char** argv) {
       num(amx, amx ? amx_bf16(seconds) : 0).c_str());
   return 0;
 }
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif

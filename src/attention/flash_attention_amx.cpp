@@ -1,40 +1,48 @@
-// attention/flash_attention_amx.cpp: native bf16 flash attention on Intel AMX tiles, forward and
-// backward (flash_attention.h, "Native bf16").
+// attention/flash_attention_amx.cpp: native bf16 flash attention on Intel AMX
+// tiles, forward and backward (flash_attention.h, "Native bf16").
 //
-// Glossary as in flash_attention.cpp: B batch, Tq/Tk query/key length, NH/NKV query/kv heads,
-// group = NH/NKV, HD head dim, HDp = HD rounded up to 32 (one tile's reduction depth), Tqp/Tkp =
-// lengths rounded up to the 64-row blocks, S scores, P probabilities, dP = dO V^T, dS = P (dP - D),
-// lse log-sum-exp. A "pair" is two bf16 packed in one 32-bit word (the AMX "VNNI" operand form).
+// Glossary as in flash_attention.cpp: B batch, Tq/Tk query/key length, NH/NKV
+// query/kv heads, group = NH/NKV, HD head dim, HDp = HD rounded up to 32 (one
+// tile's reduction depth), Tqp/Tkp = lengths rounded up to the 64-row blocks, S
+// scores, P probabilities, dP = dO V^T, dS = P (dP - D), lse log-sum-exp. A
+// "pair" is two bf16 packed in one 32-bit word (the AMX "VNNI" operand form).
 //
-// The tile instruction. TDPBF16PS C += A B: C is 16 x 16 f32, A is 16 rows of 32 bf16 (row-major,
-// reduction along the row), B is 16 rows of 16 pairs, row kp holding (B[2kp][n], B[2kp+1][n]) for
-// the 16 columns n. Each product of two bf16 is exact in f32 and the sums accumulate in f32 (with
-// denormals flushed to zero). Measured here (a 2-core Xeon with AMX, one core): ~2 TFLOP/s, ~30x
-// the f32 FMA peak of the same core (bench/attention's microbenchmark, `--peak`).
+// The tile instruction. TDPBF16PS C += A B: C is 16 x 16 f32, A is 16 rows of
+// 32 bf16 (row-major, reduction along the row), B is 16 rows of 16 pairs, row
+// kp holding (B[2kp][n], B[2kp+1][n]) for the 16 columns n. Each product of two
+// bf16 is exact in f32 and the sums accumulate in f32 (with denormals flushed
+// to zero). Measured here (a 2-core Xeon with AMX, one core): ~2 TFLOP/s, ~30x
+// the f32 FMA peak of the same core (bench/attention's microbenchmark,
+// `--peak`).
 //
-// The algorithm is the f32 kernel's (flash_attention.cpp), in its transposed-score form
-// everywhere, so per-query softmax statistics are vector lanes and no tile is transposed per
-// step:
-//   forward, per (b, head, query block):  S^T = K Q^T;  online softmax;  O^T += V^T P^T
-//   backward pass 1, per (b, kv head, key block), over the group's heads and visible query blocks:
+// The algorithm is the f32 kernel's (flash_attention.cpp), in its
+// transposed-score form everywhere, so per-query softmax statistics are vector
+// lanes and no tile is transposed per step:
+//   forward, per (b, head, query block):  S^T = K Q^T;  online softmax;  O^T +=
+//   V^T P^T backward pass 1, per (b, kv head, key block), over the group's
+//   heads and visible query blocks:
 //       S^T = K Q^T, dP^T = V dO^T;  P^T, dS^T;  dV += P^T dO;  dK += dS^T Q
 //   backward pass 2, per (b, head, query block), over visible key blocks:
-//       S^T, dP^T as in pass 1 (same operands, same instructions: the same bits);  dQ^T += K^T dS^T
-// Every operand is packed once per call into the layout its tile loads want (K and V rows, K^T
-// and V^T, Q^T and dO^T as pairs over d, Q and dO as pairs over queries): O(T * heads * HD)
-// bf16 of workspace, read many times, and never a Tq x Tk matrix.
+//       S^T, dP^T as in pass 1 (same operands, same instructions: the same
+//       bits);  dQ^T += K^T dS^T
+// Every operand is packed once per call into the layout its tile loads want (K
+// and V rows, K^T and V^T, Q^T and dO^T as pairs over d, Q and dO as pairs over
+// queries): O(T * heads * HD) bf16 of workspace, read many times, and never a
+// Tq x Tk matrix.
 //
-// Numerics: S and dP are exact products summed in f32, the softmax runs in f32 (the same exp2
-// polynomial and masks as the f32 kernel), and P and dS * scale are rounded to bf16 (nearest
-// even) before they multiply V, dO, Q and K, as FlashAttention does on GPUs. Outputs, lse and
-// the gradients are f32. Deterministic: each output element has one writer and a fixed order, so
-// the result does not depend on the thread count.
+// Numerics: S and dP are exact products summed in f32, the softmax runs in f32
+// (the same exp2 polynomial and masks as the f32 kernel), and P and dS * scale
+// are rounded to bf16 (nearest even) before they multiply V, dO, Q and K, as
+// FlashAttention does on GPUs. Outputs, lse and the gradients are f32.
+// Deterministic: each output element has one writer and a fixed order, so the
+// result does not depend on the thread count.
 //
-// Portability: the kernels are compiled for AMX and AVX-512 whatever the build's -march, and run
-// only after amx_bf16_usable() (kernels/cpu/amx.h) has checked the CPU, the OS and Linux's
-// permission. Every header is included before the target region opens, and
-// the region holds only functions with internal linkage and no standard-library templates, so no
-// code built for AMX is shared with the rest of the program.
+// Portability: the kernels are compiled for AMX and AVX-512 whatever the
+// build's -march, and run only after amx_bf16_usable() (kernels/cpu/amx.h) has
+// checked the CPU, the OS and Linux's permission. Every header is included
+// before the target region opens, and the region holds only functions with
+// internal linkage and no standard-library templates, so no code built for AMX
+// is shared with the rest of the program.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -55,13 +63,13 @@ namespace {
 constexpr int64_t kPairK = 32;  // reduction depth of one tile product (32 bf16 per A row)
 
 inline uint16_t bits(bf16 x) { return x.bits; }
-inline int64_t half_up(int64_t x) { return (x + 1) / 2; }
 
 // ---------------------------------------------------------------------------------------------
-// Packing (plain code, run once per call). Every packed layout is zero-padded, so padded rows and
-// columns contribute exact zeros to the tile products.
+// Packing (plain code, run once per call). Every packed layout is zero-padded,
+// so padded rows and columns contribute exact zeros to the tile products.
 
-// dst (rows_total, HDp) bf16 rows: rows [0, n) of the strided src, zero elsewhere.
+// dst (rows_total, HDp) bf16 rows: rows [0, n) of the strided src, zero
+// elsewhere.
 void pack_rows(uint16_t* dst, int64_t rows_total, int64_t HDp, const bf16* src, int64_t stride,
                int64_t n, int64_t HD) {
   for (int64_t r = 0; r < rows_total; ++r) {
@@ -78,9 +86,10 @@ void pack_transposed(uint16_t* dst, int64_t HDp, int64_t width, const bf16* src,
     for (int64_t d = 0; d < HD; ++d) dst[d * width + r] = bits(src[r * stride + d]);
 }
 
-// dst (HDp/2, width) pairs over d: dst[dp][r] = (src[r][2dp], src[r][2dp+1]), zero past n / HD.
-void pack_pairs_over_d(uint32_t* dst, int64_t HDp, int64_t width, const bf16* src,
-                       int64_t stride, int64_t n, int64_t HD) {
+// dst (HDp/2, width) pairs over d: dst[dp][r] = (src[r][2dp], src[r][2dp+1]),
+// zero past n / HD.
+void pack_pairs_over_d(uint32_t* dst, int64_t HDp, int64_t width, const bf16* src, int64_t stride,
+                       int64_t n, int64_t HD) {
   std::memset(dst, 0, size_t(HDp / 2 * width) * 4);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t d = 0; d < HD; d += 2) {
@@ -90,7 +99,8 @@ void pack_pairs_over_d(uint32_t* dst, int64_t HDp, int64_t width, const bf16* sr
     }
 }
 
-// dst (rows_total/2, HDp) pairs over rows: dst[rp][d] = (src[2rp][d], src[2rp+1][d]).
+// dst (rows_total/2, HDp) pairs over rows: dst[rp][d] = (src[2rp][d],
+// src[2rp+1][d]).
 void pack_pairs_over_rows(uint32_t* dst, int64_t rows_total, int64_t HDp, const bf16* src,
                           int64_t stride, int64_t n, int64_t HD) {
   std::memset(dst, 0, size_t(rows_total / 2 * HDp) * 4);
@@ -103,9 +113,11 @@ void pack_pairs_over_rows(uint32_t* dst, int64_t rows_total, int64_t HDp, const 
 
 // Per-thread scratch (64-byte aligned pieces of one ThreadScratch block).
 struct AmxTiles {
-  float *s, *dp, *acc0, *acc1;  // S^T / P^T, dP^T / dS^T (64 x 64); accumulators (64 x HDp)
-  uint16_t *pb, *dsb;           // P^T, dS^T in bf16 rows (64 x 64)
-  uint32_t *pairs, *qt;         // P^T or dS^T as pairs over keys (32 x 64); Q^T pairs (HDp/2 x 64)
+  float *s, *dp, *acc0,
+      *acc1;           // S^T / P^T, dP^T / dS^T (64 x 64); accumulators (64 x HDp)
+  uint16_t *pb, *dsb;  // P^T, dS^T in bf16 rows (64 x 64)
+  uint32_t *pairs,
+      *qt;  // P^T or dS^T as pairs over keys (32 x 64); Q^T pairs (HDp/2 x 64)
 };
 class AmxScratch {
  public:
@@ -132,25 +144,49 @@ class AmxScratch {
 
 }  // namespace
 
+namespace {
+
+struct Packed {
+  const uint16_t *kr, *vr, *kt,
+      *vt;                              // per (b, kv head): rows (Tkp, HDp); transposes (HDp, Tkp)
+  const uint32_t *qt, *dot, *qr, *dor;  // per (b, head): pairs over d (HDp/2,
+                                        // Tqp); over queries (Tqp/2, HDp)
+  int64_t HDp, Tqp, Tkp;
+  int64_t kv(int64_t b, int64_t kvh, int64_t NKV) const { return (b * NKV + kvh) * Tkp * HDp; }
+  int64_t qh(int64_t b, int64_t h, int64_t NH) const { return (b * NH + h) * Tqp * HDp / 2; }
+};
+
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // Code built for AMX and AVX-512 (internal linkage only; see the file comment).
+// GCC: a target pragma; clang (the fuzz build) has no GCC target pragma but
+// applies the same attribute to every function in a region.
+#if LOOM_AMX_KERNELS
+#if defined(__clang__)
+#pragma clang attribute push(                                                                   \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
+    apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+#endif
 
 namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Every tile is 16 rows x 64 bytes: tmm0-3 the 2 x 2 block of C, tmm4-5 two A row blocks, tmm6-7
-// two B column blocks.
+// Every tile is 16 rows x 64 bytes: tmm0-3 the 2 x 2 block of C, tmm4-5 two A
+// row blocks, tmm6-7 two B column blocks.
 void configure_tiles() {
   const kernels::AmxTileConfig cfg = kernels::amx_tiles_16x64();
   _tile_loadconfig(&cfg);
 }
 
-// C (M x N f32, row stride ldc) = [C +] A (M x K bf16 rows, stride lda) B, where B is given as
-// pairs: B2 (K/2 x N words, stride ldb), B2[kp][n] = (B[2kp][n], B[2kp+1][n]). M, N and K are
-// multiples of 32. Each element of C sums its K products in the same order whatever M and N.
+// C (M x N f32, row stride ldc) = [C +] A (M x K bf16 rows, stride lda) B,
+// where B is given as pairs: B2 (K/2 x N words, stride ldb), B2[kp][n] =
+// (B[2kp][n], B[2kp+1][n]). M, N and K are multiples of 32. Each element of C
+// sums its K products in the same order whatever M and N.
 void tile_gemm(float* C, int64_t ldc, const uint16_t* A, int64_t lda, const uint32_t* B2,
                int64_t ldb, int64_t M, int64_t N, int64_t K, bool accumulate) {
   const int64_t cs = ldc * 4, as = lda * 2, bs = ldb * 4;
@@ -201,23 +237,27 @@ void rows_to_bf16(uint16_t* dst, const float* src) {
     }
 }
 
-// (64 x 64) f32 rows -> (32 x 64) pairs over rows: dst[rp][n] = (src[2rp][n], src[2rp+1][n]).
+// (64 x 64) f32 rows -> (32 x 64) pairs over rows: dst[rp][n] = (src[2rp][n],
+// src[2rp+1][n]).
 void rows_to_pairs(uint32_t* dst, const float* src) {
   for (int64_t rp = 0; rp < 32; ++rp)
     for (int c = 0; c < 4; ++c) {
       const __m512i lo = to_bf16_lanes(load(src + 2 * rp * 64 + c * kLanes));
       const __m512i hi = to_bf16_lanes(load(src + (2 * rp + 1) * 64 + c * kLanes));
-      _mm512_storeu_si512(dst + rp * 64 + c * kLanes, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      _mm512_storeu_si512(dst + rp * 64 + c * kLanes,
+                          _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
 }
 
-// P^T and scale * dS^T of one tile from S^T (t.s) and dP^T (t.dp), in place; key rows past nk,
-// masked entries and queries without a visible key are 0. Both backward passes call this with
-// the same tiles, so P and dS are bit-identical between them.
-// noinline: one compiled copy, so both passes run the very same instructions (no per-call-site
-// FMA contraction choices).
-__attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, const TileGeometry& g, const ColumnIndex& col,
-                                 const Vec lse2[4], const Vec Dv[4], float cs, float scale) {
+// P^T and scale * dS^T of one tile from S^T (t.s) and dP^T (t.dp), in place;
+// key rows past nk, masked entries and queries without a visible key are 0.
+// Both backward passes call this with the same tiles, so P and dS are
+// bit-identical between them. noinline: one compiled copy, so both passes run
+// the very same instructions (no per-call-site FMA contraction choices).
+__attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, const TileGeometry& g,
+                                                           const ColumnIndex& col,
+                                                           const Vec lse2[4], const Vec Dv[4],
+                                                           float cs, float scale) {
   for (int64_t j = 0; j < kBlockK; ++j) {
     float* srow = t.s + j * kBlockQ;
     float* drow = t.dp + j * kBlockQ;
@@ -237,150 +277,164 @@ __attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, co
   }
 }
 
-struct Packed {
-  const uint16_t *kr, *vr, *kt, *vt;  // per (b, kv head): rows (Tkp, HDp); transposes (HDp, Tkp)
-  const uint32_t *qt, *dot, *qr, *dor;  // per (b, head): pairs over d (HDp/2, Tqp); over queries
-                                        // (Tqp/2, HDp)
-  int64_t HDp, Tqp, Tkp;
-  int64_t kv(int64_t b, int64_t kvh, int64_t NKV) const { return (b * NKV + kvh) * Tkp * HDp; }
-  int64_t qh(int64_t b, int64_t h, int64_t NH) const { return (b * NH + h) * Tqp * HDp / 2; }
-};
 
-void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const AttentionShape& s,
-                 AmxScratch& scratch) {
+// One thread of forward_amx's parallel region (a function of its own so that
+// clang, whose OpenMP outlining drops target attributes, compiles the tile code
+// with them).
+void forward_amx_thread(float* out, float* lse, const bf16* q, const Packed& pk,
+                        const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, tasks = s.B * s.NH * nqb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-#pragma omp parallel
-  {
-    configure_tiles();
-    AmxTiles t = scratch.tiles(omp_get_thread_num());
+  configure_tiles();
+  AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
-      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
-      const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV);
-      const uint16_t* vt = pk.vt + pk.kv(b, kvh, s.NKV);
-      pack_pairs_over_d(t.qt, HDp, kBlockQ, q + (b * s.Tq + i0) * s.q_stride + h * HD,
-                        s.q_stride, nq, HD);
-      float* ot = t.acc0;  // O^T (HDp, 64), unnormalised
-      std::memset(ot, 0, size_t(HDp * kBlockQ) * 4);
-      OnlineSoftmax sm;
-      const int64_t nkb = visible_key_blocks(s, i0, nq);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
-        tile_gemm(t.s, kBlockQ, kr + g.j0 * HDp, HDp, t.qt, kBlockQ, kBlockK, kBlockQ, HDp,
-                  false);  // S^T (64 keys, 64 queries)
-        Vec alpha[4];
-        sm.step(t.s, g, col, cs, kBlockK, alpha);
-        for (int64_t d = 0; d < HDp; ++d)
-          for (int c = 0; c < 4; ++c)
-            store(ot + d * kBlockQ + c * kLanes, load(ot + d * kBlockQ + c * kLanes) * alpha[c]);
-        rows_to_pairs(t.pairs, t.s);  // P^T as pairs over keys
-        tile_gemm(ot, kBlockQ, vt + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
-                  true);  // O^T += V^T P^T
-      }
-      sm.finish(out, lse, s, b, h, i0, nq, ot, 1, kBlockQ);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
+    const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
+    const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV);
+    const uint16_t* vt = pk.vt + pk.kv(b, kvh, s.NKV);
+    pack_pairs_over_d(t.qt, HDp, kBlockQ, q + (b * s.Tq + i0) * s.q_stride + h * HD, s.q_stride, nq,
+                      HD);
+    float* ot = t.acc0;  // O^T (HDp, 64), unnormalised
+    std::memset(ot, 0, size_t(HDp * kBlockQ) * 4);
+    OnlineSoftmax sm;
+    const int64_t nkb = visible_key_blocks(s, i0, nq);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
+      tile_gemm(t.s, kBlockQ, kr + g.j0 * HDp, HDp, t.qt, kBlockQ, kBlockK, kBlockQ, HDp,
+                false);  // S^T (64 keys, 64 queries)
+      Vec alpha[4];
+      sm.step(t.s, g, col, cs, kBlockK, alpha);
+      for (int64_t d = 0; d < HDp; ++d)
+        for (int c = 0; c < 4; ++c)
+          store(ot + d * kBlockQ + c * kLanes, load(ot + d * kBlockQ + c * kLanes) * alpha[c]);
+      rows_to_pairs(t.pairs, t.s);  // P^T as pairs over keys
+      tile_gemm(ot, kBlockQ, vt + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
+                true);  // O^T += V^T P^T
     }
-    _tile_release();
+    sm.finish(out, lse, s, b, h, i0, nq, ot, 1, kBlockQ);
   }
+  _tile_release();
 }
 
-void backward_dkdv_amx(float* dk, float* dv, const float* lse, const float* D, const Packed& pk,
-                       const AttentionShape& s, AmxScratch& scratch) {
+void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const AttentionShape& s,
+                 AmxScratch& scratch) {
+#pragma omp parallel
+  forward_amx_thread(out, lse, q, pk, s, scratch);
+}
+
+// One thread of backward_dkdv_amx's parallel region (a function of its own so
+// that clang, whose OpenMP outlining drops target attributes, compiles the tile
+// code with them).
+void backward_dkdv_amx_thread(float* dk, float* dv, const float* lse, const float* D,
+                              const Packed& pk, const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nkb = (s.Tk + kBlockK - 1) / kBlockK;
   const int64_t tasks = s.B * s.NKV * nkb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-#pragma omp parallel
-  {
-    configure_tiles();
-    AmxTiles t = scratch.tiles(omp_get_thread_num());
+  configure_tiles();
+  AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t kb = task % nkb, kvh = (task / nkb) % s.NKV, b = task / (nkb * s.NKV);
-      const int64_t j0 = kb * kBlockK, nk = min64(kBlockK, s.Tk - j0);
-      const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
-      const uint16_t* vr = pk.vr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
-      float* dK = t.acc0;  // (64, HDp)
-      float* dV = t.acc1;
-      std::memset(dK, 0, size_t(kBlockK * HDp) * 4);
-      std::memset(dV, 0, size_t(kBlockK * HDp) * 4);
-      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-        const int64_t qo = pk.qh(b, h, s.NH);
-        for (int64_t qb = first_visible_query_block(s, j0); qb < nqb; ++qb) {
-          const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0);
-          Vec lse2[4], Dv[4];
-          query_stats(lse2, Dv, lse, D, s, b, h, g.i0, g.nq);
-          tile_gemm(t.s, kBlockQ, kr, HDp, pk.qt + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
-          tile_gemm(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp,
-                    false);
-          probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
-          rows_to_bf16(t.pb, t.s);
-          rows_to_bf16(t.dsb, t.dp);
-          const int64_t ro = qo + (g.i0 / 2) * HDp;
-          tile_gemm(dV, HDp, t.pb, kBlockQ, pk.dor + ro, HDp, kBlockK, HDp, kBlockQ, true);
-          tile_gemm(dK, HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ, true);
-        }
-      }
-      for (int64_t c = 0; c < nk; ++c) {
-        float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
-        float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
-        for (int64_t d = 0; d < HD; ++d) {
-          dk_dst[d] += dK[c * HDp + d];
-          dv_dst[d] += dV[c * HDp + d];
-        }
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t kb = task % nkb, kvh = (task / nkb) % s.NKV, b = task / (nkb * s.NKV);
+    const int64_t j0 = kb * kBlockK, nk = min64(kBlockK, s.Tk - j0);
+    const uint16_t* kr = pk.kr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
+    const uint16_t* vr = pk.vr + pk.kv(b, kvh, s.NKV) + j0 * HDp;
+    float* dK = t.acc0;  // (64, HDp)
+    float* dV = t.acc1;
+    std::memset(dK, 0, size_t(kBlockK * HDp) * 4);
+    std::memset(dV, 0, size_t(kBlockK * HDp) * 4);
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const int64_t qo = pk.qh(b, h, s.NH);
+      for (int64_t qb = first_visible_query_block(s, j0); qb < nqb; ++qb) {
+        const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0);
+        Vec lse2[4], Dv[4];
+        query_stats(lse2, Dv, lse, D, s, b, h, g.i0, g.nq);
+        tile_gemm(t.s, kBlockQ, kr, HDp, pk.qt + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
+        tile_gemm(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
+        probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
+        rows_to_bf16(t.pb, t.s);
+        rows_to_bf16(t.dsb, t.dp);
+        const int64_t ro = qo + (g.i0 / 2) * HDp;
+        tile_gemm(dV, HDp, t.pb, kBlockQ, pk.dor + ro, HDp, kBlockK, HDp, kBlockQ, true);
+        tile_gemm(dK, HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ, true);
       }
     }
-    _tile_release();
+    for (int64_t c = 0; c < nk; ++c) {
+      float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
+      float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
+      for (int64_t d = 0; d < HD; ++d) {
+        dk_dst[d] += dK[c * HDp + d];
+        dv_dst[d] += dV[c * HDp + d];
+      }
+    }
   }
+  _tile_release();
 }
 
-void backward_dq_amx(float* dq, const float* lse, const float* D, const Packed& pk,
-                     const AttentionShape& s, AmxScratch& scratch) {
+void backward_dkdv_amx(float* dk, float* dv, const float* lse, const float* D, const Packed& pk,
+                       const AttentionShape& s, AmxScratch& scratch) {
+#pragma omp parallel
+  backward_dkdv_amx_thread(dk, dv, lse, D, pk, s, scratch);
+}
+
+// One thread of backward_dq_amx's parallel region (a function of its own so
+// that clang, whose OpenMP outlining drops target attributes, compiles the tile
+// code with them).
+void backward_dq_amx_thread(float* dq, const float* lse, const float* D, const Packed& pk,
+                            const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, tasks = s.B * s.NH * nqb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-#pragma omp parallel
-  {
-    configure_tiles();
-    AmxTiles t = scratch.tiles(omp_get_thread_num());
+  configure_tiles();
+  AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
-      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
-      const int64_t qo = pk.qh(b, h, s.NH), ko = pk.kv(b, kvh, s.NKV);
-      Vec lse2[4], Dv[4];
-      query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
-      float* dqt = t.acc0;  // dQ^T (HDp, 64)
-      std::memset(dqt, 0, size_t(HDp * kBlockQ) * 4);
-      const int64_t nkb = visible_key_blocks(s, i0, nq);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
-        tile_gemm(t.s, kBlockQ, pk.kr + ko + g.j0 * HDp, HDp, pk.qt + qo + i0, pk.Tqp, kBlockK,
-                  kBlockQ, HDp, false);
-        tile_gemm(t.dp, kBlockQ, pk.vr + ko + g.j0 * HDp, HDp, pk.dot + qo + i0, pk.Tqp, kBlockK,
-                  kBlockQ, HDp, false);
-        probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
-        rows_to_pairs(t.pairs, t.dp);  // dS^T as pairs over keys
-        tile_gemm(dqt, kBlockQ, pk.kt + ko + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
-                  true);  // dQ^T += K^T dS^T
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * HD;
-        for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
-      }
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
+    const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
+    const int64_t qo = pk.qh(b, h, s.NH), ko = pk.kv(b, kvh, s.NKV);
+    Vec lse2[4], Dv[4];
+    query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
+    float* dqt = t.acc0;  // dQ^T (HDp, 64)
+    std::memset(dqt, 0, size_t(HDp * kBlockQ) * 4);
+    const int64_t nkb = visible_key_blocks(s, i0, nq);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
+      tile_gemm(t.s, kBlockQ, pk.kr + ko + g.j0 * HDp, HDp, pk.qt + qo + i0, pk.Tqp, kBlockK,
+                kBlockQ, HDp, false);
+      tile_gemm(t.dp, kBlockQ, pk.vr + ko + g.j0 * HDp, HDp, pk.dot + qo + i0, pk.Tqp, kBlockK,
+                kBlockQ, HDp, false);
+      probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
+      rows_to_pairs(t.pairs, t.dp);  // dS^T as pairs over keys
+      tile_gemm(dqt, kBlockQ, pk.kt + ko + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
+                true);  // dQ^T += K^T dS^T
     }
-    _tile_release();
+    for (int64_t r = 0; r < nq; ++r) {
+      float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * HD;
+      for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
+    }
   }
+  _tile_release();
+}
+
+void backward_dq_amx(float* dq, const float* lse, const float* D, const Packed& pk,
+                     const AttentionShape& s, AmxScratch& scratch) {
+#pragma omp parallel
+  backward_dq_amx_thread(dq, lse, D, pk, s, scratch);
 }
 
 }  // namespace
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
+#endif  // LOOM_AMX_KERNELS
 
 // ---------------------------------------------------------------------------------------------
 // Entry points (base target): checks, packing, dispatch.
@@ -389,13 +443,17 @@ namespace {
 
 void require_amx(const char* fn) {
   LOOM_CHECK(amx_bf16_usable(),
-             "{}: this CPU or OS cannot run AMX-BF16 tiles (CPUID AMX-TILE/AMX-BF16, XCR0 tile "
-             "state and Linux's arch_prctl permission are all needed, and LOOM_AMX must not be 0); use "
-             "flash_attention_forward_bf16 (bf16 widened to f32), which runs everywhere",
+             "{}: this CPU or OS cannot run AMX-BF16 tiles (CPUID "
+             "AMX-TILE/AMX-BF16, XCR0 tile "
+             "state and Linux's arch_prctl permission are all needed, and "
+             "LOOM_AMX must not be 0); use "
+             "flash_attention_forward_bf16 (bf16 widened to f32), which runs "
+             "everywhere",
              fn);
 }
 
-// Packs the kv side: rows of K and V (for S^T and dP^T) and the transposes the caller asks for.
+// Packs the kv side: rows of K and V (for S^T and dP^T) and the transposes the
+// caller asks for.
 void pack_kv(std::vector<uint16_t>& kr, std::vector<uint16_t>& vr, std::vector<uint16_t>& kt,
              std::vector<uint16_t>& vt, const bf16* k, const bf16* v, const AttentionShape& s,
              int64_t HDp, int64_t Tkp, bool want_vr, bool want_kt, bool want_vt) {
@@ -422,8 +480,7 @@ void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, con
                                       const bf16* v, const AttentionShape& s) {
   check_shape(s, "flash_attention_forward_bf16_amx");
   if (s.B * s.Tq == 0) return;
-  check_pointers(out && lse && q && (s.Tk == 0 || (k && v)), "flash_attention_forward_bf16_amx",
-                 s);
+  check_pointers(out && lse && q && (s.Tk == 0 || (k && v)), "flash_attention_forward_bf16_amx", s);
   require_amx("flash_attention_forward_bf16_amx");
   if (s.Tk == 0) {  // no key: every query row sees nothing
     for (int64_t row = 0; row < s.B * s.Tq; ++row)
@@ -435,16 +492,21 @@ void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, con
   const int64_t HDp = round_up(s.HD, kPairK), Tkp = round_up(s.Tk, kBlockK);
   std::vector<uint16_t> kr, vr, kt, vt;
   pack_kv(kr, vr, kt, vt, k, v, s, HDp, Tkp, false, false, true);
-  Packed pk{kr.data(), nullptr, nullptr, vt.data(), nullptr, nullptr, nullptr, nullptr,
-            HDp, round_up(s.Tq, kBlockQ), Tkp};
+  Packed pk{kr.data(), nullptr, nullptr, vt.data(), nullptr,
+            nullptr,   nullptr, nullptr, HDp,       round_up(s.Tq, kBlockQ),
+            Tkp};
   AmxScratch scratch(omp_get_max_threads(), HDp);
+#if LOOM_AMX_KERNELS  // else require_amx threw
   forward_amx(out, lse, q, pk, s, scratch);
+#else
+  (void)pk;
+  (void)scratch;
+#endif
 }
 
 void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
                                        const bf16* q, const bf16* k, const bf16* v,
-                                       const float* lse, const float* D,
-                                       const AttentionShape& s) {
+                                       const float* lse, const float* D, const AttentionShape& s) {
   check_shape(s, "flash_attention_backward_bf16_amx");
   if (s.B * s.Tq == 0 || s.Tk == 0) return;
   check_pointers(dq && dk && dv && dout && q && k && v && lse && D,
@@ -467,11 +529,16 @@ void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf
     pack_pairs_over_rows(qr.data() + i * per, Tqp, HDp, qs, s.q_stride, s.Tq, s.HD);
     pack_pairs_over_rows(dor.data() + i * per, Tqp, HDp, gs, s.o_stride, s.Tq, s.HD);
   }
-  Packed pk{kr.data(), vr.data(), kt.data(), nullptr, qt.data(), dot.data(), qr.data(),
-            dor.data(), HDp, Tqp, Tkp};
+  Packed pk{kr.data(), vr.data(),  kt.data(), nullptr, qt.data(), dot.data(),
+            qr.data(), dor.data(), HDp,       Tqp,     Tkp};
   AmxScratch scratch(omp_get_max_threads(), HDp);
+#if LOOM_AMX_KERNELS  // else require_amx threw
   backward_dkdv_amx(dk, dv, lse, D, pk, s, scratch);
   backward_dq_amx(dq, lse, D, pk, s, scratch);
+#else
+  (void)pk;
+  (void)scratch;
+#endif
 }
 
 }  // namespace loom::attention

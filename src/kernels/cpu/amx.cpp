@@ -15,6 +15,7 @@ namespace loom::kernels {
 
 bool amx_bf16_usable() {
   static const bool usable = [] {
+    if (!LOOM_AMX_KERNELS) return false;
     const char* env = std::getenv("LOOM_AMX");
     if (env && std::strcmp(env, "0") == 0) return false;
 #if defined(__x86_64__)

@@ -5,10 +5,21 @@
 // amx_bf16_usable() is true when the CPU has AMX-TILE, AMX-BF16 and AVX-512 (F, BW, BF16: the
 // kernels' f32 <-> bf16 conversions), the OS saves the tile state (XCR0 bits 17-18), Linux
 // granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), and LOOM_AMX is not "0"
-// (LOOM_AMX=0 turns every AMX path off, to compare against the AVX-512 ones). Checked once.
+// (LOOM_AMX=0 turns every AMX path off, to compare against the AVX-512 ones), and this build
+// compiled the kernels (LOOM_AMX_KERNELS). Checked once.
 #pragma once
 
 #include <cstdint>
+
+// Whether this build compiles the AMX kernels at all. Not under clang when the build's base target
+// lacks AVX-512F: clang rejects the 512-bit vector calls between the kernels (compiled for AMX
+// and AVX-512) and the base-target vector helpers they use, where GCC inlines them. Such builds
+// report AMX as unusable. (loom builds with -march=native: on CPUs with AMX the base has AVX-512.)
+#if defined(__clang__) && !defined(__AVX512F__)
+#define LOOM_AMX_KERNELS 0
+#else
+#define LOOM_AMX_KERNELS 1
+#endif
 
 namespace loom::kernels {
 
