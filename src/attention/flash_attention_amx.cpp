@@ -160,17 +160,8 @@ struct Packed {
 
 // ---------------------------------------------------------------------------------------------
 // Code built for AMX and AVX-512 (internal linkage only; see the file comment).
-// GCC: a target pragma; clang (the fuzz build) has no GCC target pragma but
-// applies the same attribute to every function in a region.
 #if LOOM_AMX_KERNELS
-#if defined(__clang__)
-#pragma clang attribute push(                                                                   \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"))), \
-    apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
-#endif
+LOOM_AMX_BEGIN
 
 namespace {
 
@@ -429,11 +420,7 @@ void backward_dq_amx(float* dq, const float* lse, const float* D, const Packed& 
 
 }  // namespace
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LOOM_AMX_END
 #endif  // LOOM_AMX_KERNELS
 
 // ---------------------------------------------------------------------------------------------

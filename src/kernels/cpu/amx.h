@@ -21,6 +21,22 @@
 #define LOOM_AMX_KERNELS 1
 #endif
 
+// LOOM_AMX_BEGIN ... LOOM_AMX_END: functions defined between them are compiled for AMX and
+// AVX-512 whatever the build's -march (GCC: a target pragma; clang, which has none, applies the
+// target attribute to every function in the region). Keep inside only functions with internal
+// linkage and no standard-library templates, include every header before LOOM_AMX_BEGIN, and
+// call them only after amx_bf16_usable(): then none of that code runs or is shared elsewhere.
+#if defined(__clang__)
+#define LOOM_AMX_BEGIN                                                                  \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16\"))), apply_to = function)")
+#define LOOM_AMX_END _Pragma("clang attribute pop")
+#else
+#define LOOM_AMX_BEGIN \
+  _Pragma("GCC push_options")                                                           \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16\")")
+#define LOOM_AMX_END _Pragma("GCC pop_options")
+#endif
+
 namespace loom::kernels {
 
 bool amx_bf16_usable();

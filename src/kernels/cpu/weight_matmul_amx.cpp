@@ -79,20 +79,9 @@ void pack_x(uint32_t* dst, const float* x, int64_t M, int64_t K) {
 
 }  // namespace
 
-// Code built for AMX and AVX-512 whatever the build's -march: only functions
-// with internal linkage and no standard-library templates, so none of it is
-// shared with code that runs on CPUs without them; it runs only after
-// amx_bf16_usable(). GCC: a target pragma; clang (the fuzz build) has no GCC
-// target pragma but applies the same attribute to every function in a region.
+// Code built for AMX and AVX-512 (kernels/cpu/amx.h, LOOM_AMX_BEGIN).
 #if LOOM_AMX_KERNELS
-#if defined(__clang__)
-#pragma clang attribute push(                                                          \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))), \
-    apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
-#endif
+LOOM_AMX_BEGIN
 namespace {
 
 // Tiles: tmm0-3 C (n block 0/1 x m block 0/1), tmm4-5 A (two 16-row blocks of
@@ -185,11 +174,7 @@ void run_amx(float* y, int64_t ldy, int64_t M, const WeightView& w, const float*
 }
 
 }  // namespace
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LOOM_AMX_END
 #endif  // LOOM_AMX_KERNELS
 
 namespace detail {
