@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,7 +32,16 @@
 #include "comm/process_group.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "attention/flash_attention.h"
+#include "core/memory_pool.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/adamw.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/grad_norm.h"
+#include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
+#include "model/head.h"
 #include "model/stage.h"
 #include "planner/cluster.h"
 
@@ -106,6 +116,194 @@ double triad_bandwidth(double min_s) {
   } while (seconds_since(t0) < min_s || t.size() < 3);
   std::sort(t.begin(), t.end());
   return 3.0 * 4.0 * double(n) / t[t.size() / 2];
+}
+
+// Median seconds of one call of `op` over at least `budget_s` (3 calls at least) after a warm-up.
+template <class F>
+double median_call(double budget_s, F op) {
+  op();
+  std::vector<double> t;
+  const auto t0 = Clock::now();
+  do {
+    const auto t1 = Clock::now();
+    op();
+    t.push_back(seconds_since(t1));
+  } while (seconds_since(t0) < budget_s || t.size() < 3);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// loom's own kernels on one thread (cluster.h [kernels]), at the engine's shapes: rows of a
+// micro-batch (2048 = 8 x 256 tokens), widths of a small model. `peak_core` is one core's f32
+// matmul peak (the attention table's unit).
+loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, bool bf16_native,
+                                           const std::function<void(const std::string&)>& progress) {
+  namespace K = loom::kernels;
+  loom::planner::KernelCosts k;
+  k.measured = true;
+  // Operand layouts: per (rows, out, in) weight product, x @ W^T (forward), dY @ W (input
+  // gradient, the table's plain product) and dY^T @ X accumulating (weight gradient): the same
+  // FLOPs; geometric mean of the rate ratios over three shapes.
+  auto layouts = [&](bool bf16) {
+    double lnt = 0, ltn = 0;
+    const int64_t shapes[3][3] = {{2048, 256, 256}, {2048, 1024, 256}, {2048, 256, 1024}};
+    for (const auto& sh : shapes) {
+      const int64_t R = sh[0], O = sh[1], I = sh[2];
+      std::vector<float> x(size_t(R * I), 0.5f), w(size_t(O * I), 0.25f), y(size_t(R * O), 0.1f),
+          dx(size_t(R * I)), g(size_t(O * I));
+      std::vector<loom::bf16> xb(bf16 ? x.size() : 0), wb(bf16 ? w.size() : 0),
+          yb(bf16 ? y.size() : 0);
+      auto mm = [&](const float* a, const loom::bf16* ab, const float* b, const loom::bf16* bb,
+                    float* c, int64_t m, int64_t n, int64_t kk, bool ta, bool tb, bool acc) {
+        if (bf16) K::matmul_bf16(ab, bb, c, m, n, kk, ta, tb, acc);
+        else K::matmul_f32(a, b, c, m, n, kk, ta, tb, acc);
+      };
+      const double nt = median_call(budget_s, [&] {
+        mm(x.data(), xb.data(), w.data(), wb.data(), y.data(), R, O, I, false, true, false);
+      });
+      const double nn = median_call(budget_s, [&] {
+        mm(y.data(), yb.data(), w.data(), wb.data(), dx.data(), R, I, O, false, false, false);
+      });
+      const double tn = median_call(budget_s, [&] {
+        mm(y.data(), yb.data(), x.data(), xb.data(), g.data(), O, I, R, true, false, true);
+      });
+      lnt += std::log(nn / nt) / 3;
+      ltn += std::log(nn / tn) / 3;
+    }
+    return std::make_pair(std::min(10.0, std::exp(lnt)), std::min(10.0, std::exp(ltn)));
+  };
+  k.layout_f32 = layouts(false);
+  k.layout_bf16 = bf16_native ? layouts(true) : k.layout_f32;
+  progress(fmt::format("matmul layouts over dY @ W: f32 x @ W^T {:.3f}, dY^T @ X {:.3f}; bf16 "
+                       "{:.3f}, {:.3f}",
+                       k.layout_f32.first, k.layout_f32.second, k.layout_bf16.first,
+                       k.layout_bf16.second));
+  // Flash attention, causal, 8 heads of 64, one sequence, forward and backward (with its
+  // preprocess), by sequence length.
+  for (int64_t T : {64, 128, 256, 512, 1024}) {
+    const int64_t NH = 8, HD = 64, W = NH * HD;
+    std::vector<float> q(size_t(T * W)), kk(size_t(T * W)), v(size_t(T * W)), o(size_t(T * W)),
+        lse(size_t(NH * T)), D(size_t(NH * T)), dq(size_t(T * W)), dk(size_t(T * W)),
+        dv(size_t(T * W)), dout(size_t(T * W));
+    for (size_t i = 0; i < q.size(); ++i) {  // varied values: exp() of real scores
+      q[i] = float((i * 7919) % 997) / 997.0f - 0.5f;
+      kk[i] = float((i * 104729) % 991) / 991.0f - 0.5f;
+      v[i] = float((i * 31) % 89) / 89.0f;
+      dout[i] = float((i * 17) % 83) / 83.0f - 0.5f;
+    }
+    loom::attention::AttentionShape s{};
+    s.B = 1;
+    s.Tq = s.Tk = T;
+    s.NH = s.NKV = NH;
+    s.HD = HD;
+    s.q_stride = s.k_stride = s.v_stride = s.o_stride = W;
+    s.causal = true;
+    s.scale = 1.0f / 8.0f;
+    const double fwd = median_call(budget_s / 2, [&] {
+      loom::attention::flash_attention_forward(o.data(), lse.data(), q.data(), kk.data(), v.data(), s);
+    });
+    const double bwd = median_call(budget_s / 2, [&] {
+      loom::attention::attention_backward_preprocess(D.data(), dout.data(), o.data(), s);
+      loom::attention::flash_attention_backward(dq.data(), dk.data(), dv.data(), dout.data(),
+                                                q.data(), kk.data(), v.data(), lse.data(),
+                                                D.data(), s);
+    });
+    const double each = double(T) * double(T) * double(HD), flops = each * double(NH) * 2;
+    const double ef = std::min(1.0, flops / (fwd * peak_core)),
+                 eb = std::min(1.0, 2.5 * flops / (bwd * peak_core));
+    k.attention_fwd.points.emplace_back(each / 1e9, ef);
+    k.attention_bwd.points.emplace_back(each / 1e9, eb);
+    progress(fmt::format("flash attention T {} (8 x 64, causal): forward {:.3f} ms ({:.2f} of "
+                         "peak), backward {:.3f} ms ({:.2f})",
+                         T, fwd * 1e3, ef, bwd * 1e3, eb));
+  }
+  // Elementwise kernels: nanoseconds per element on (2048, 256) rows, the activation on
+  // (2048, 1024), all resident in cache as a micro-batch's activations are.
+  const int64_t R = 2048, C = 256, F = 1024;
+  const size_t RF_n = static_cast<size_t>(R * F), R_n = static_cast<size_t>(R),
+               C_n = static_cast<size_t>(C), F_n = static_cast<size_t>(F);
+  std::vector<float> a(RF_n, 0.3f), b(RF_n, 0.2f), c(RF_n, 0.1f), bias(F_n, 0.01f), mean(R_n),
+      rstd(R_n), gw(C_n, 1.0f), gb(C_n, 0.0f), dgw(C_n), dgb(C_n);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = float(i % 101) / 50.0f - 1.0f;
+  auto per = [&](double n, auto op) { return median_call(budget_s / 4, op) / n; };
+  const double RC = double(R * C), RF = double(R * F);
+  k.layernorm_fwd = per(RC, [&] {
+    K::layernorm_forward(b.data(), mean.data(), rstd.data(), a.data(), gw.data(), gb.data(), R, C, 1e-5f);
+  });
+  k.layernorm_bwd = per(RC, [&] {
+    K::layernorm_backward(c.data(), dgw.data(), dgb.data(), b.data(), a.data(), gw.data(),
+                          mean.data(), rstd.data(), R, C);
+  });
+  k.bias_add = per(RC, [&] { K::bias_add_rows(b.data(), bias.data(), R, C); });
+  k.add = per(RC, [&] { K::add_inplace(b.data(), c.data(), R * C); });
+  k.bias_bwd = per(RC, [&] { K::bias_backward(bias.data(), b.data(), R, C); });
+  k.zero = per(RC, [&] { std::fill(c.begin(), c.begin() + R * C, 0.0f); });
+  // model::Activation order: gelu (tanh form), fast_gelu, gelu_erf.
+  const K::GeluKind kinds[3] = {K::GeluKind::tanh, K::GeluKind::fast, K::GeluKind::erf};
+  for (int i = 0; i < 3; ++i) {
+    k.act_fwd[size_t(i)] = per(RF, [&] {
+      K::bias_gelu_forward(b.data(), c.data(), bias.data(), R, F, kinds[i]);
+    });
+    k.act_bwd[size_t(i)] = per(RF, [&] {
+      K::gelu_kind_backward(kinds[i], b.data(), b.data(), a.data(), R * F);
+    });
+  }
+  // The fused head's own work per logit: its time less that of the products it runs (the head's
+  // row blocks, model/head.h), each timed alone.
+  {
+    const int64_t N = 1024, V = 4096, Rb = loom::model::kHeadRowsPerBlock;
+    std::vector<float> h(size_t(N * C), 0.01f), wte(size_t(V * C), 0.02f), dh(size_t(N * C)),
+        dwte(size_t(V * C)), lg(size_t(Rb * V));
+    for (size_t i = 0; i < h.size(); ++i) h[i] = float(i % 97) / 97.0f - 0.5f;
+    for (size_t i = 0; i < wte.size(); ++i) wte[i] = float(i % 89) / 89.0f - 0.5f;
+    std::vector<int32_t> targets(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) targets[size_t(i)] = int32_t((i * 37) % V);
+    loom::MemoryPool pool;
+    const double head = median_call(budget_s, [&] {
+      K::cross_entropy_head(dh.data(), dwte.data(), nullptr, h.data(), wte.data(), targets.data(),
+                            N, C, V, 1.0f / float(N), pool, Rb);
+    });
+    const double blocks = double(N / Rb);
+    const double mm =
+        blocks * (median_call(budget_s / 4, [&] {
+                    K::matmul_f32(h.data(), wte.data(), lg.data(), Rb, V, C, false, true, false);
+                  }) +
+                  median_call(budget_s / 4, [&] {
+                    K::matmul_f32(lg.data(), wte.data(), dh.data(), Rb, C, V, false, false, false);
+                  }) +
+                  median_call(budget_s / 4, [&] {
+                    K::matmul_f32(lg.data(), h.data(), dwte.data(), V, C, Rb, true, false, true);
+                  }));
+    k.cross_entropy = std::max(0.0, head - mm) / double(N * V);
+    progress(fmt::format("cross-entropy head {}x{}x{}: {:.2f} ms, its products {:.2f} ms", N, V,
+                         C, head * 1e3, mm * 1e3));
+  }
+  // Optimizer per parameter: AdamW, the gradient's sum of squares (the norm) and its zeroing,
+  // over 16M parameters (256 MB of weights, gradients and moments): the optimizer streams every
+  // parameter once per step, after the step's activations have passed through the caches, so
+  // its state comes from memory. (This CPU reports a 480 MiB L3 but AdamW on 64 MB already ran
+  // at 0.59 ns per parameter and on 256 MB at 1.04, the rate a 5M-parameter model's optimizer
+  // pass showed inside training: the cache a process gets is far smaller than the one reported.)
+  {
+    const size_t n = size_t(1) << 24;
+    std::vector<float> w(n, 0.1f), g(n, 0.01f), m(n, 0.0f), vv(n, 0.0f);
+    int64_t step = 0;
+    k.optimizer = per(double(n), [&] {
+      volatile double ss = K::sum_squares(g.data(), int64_t(n));
+      (void)ss;
+      K::adamw_step(w.data(), g.data(), m.data(), vv.data(), int64_t(n), 1e-4f, 0.9f, 0.95f,
+                    1e-8f, 0.1f, ++step, 1.0f);
+      std::fill(g.begin(), g.end(), 0.01f);  // zeroing the gradient (to a value: it is re-read)
+    });
+  }
+  progress(fmt::format("ns per element: layernorm {:.2f} / {:.2f}, bias add {:.2f}, add {:.2f}, "
+                       "bias grad {:.2f}, zero {:.2f}, gelu {:.2f} / {:.2f}, fast_gelu {:.2f} / "
+                       "{:.2f}, gelu_erf {:.2f} / {:.2f}, cross-entropy {:.2f}, optimizer {:.2f}",
+                       k.layernorm_fwd * 1e9, k.layernorm_bwd * 1e9, k.bias_add * 1e9, k.add * 1e9,
+                       k.bias_bwd * 1e9, k.zero * 1e9, k.act_fwd[0] * 1e9, k.act_bwd[0] * 1e9,
+                       k.act_fwd[1] * 1e9, k.act_bwd[1] * 1e9, k.act_fwd[2] * 1e9,
+                       k.act_bwd[2] * 1e9, k.cross_entropy * 1e9, k.optimizer * 1e9));
+  return k;
 }
 
 // Median seconds of `reps` calls of op on group g (every member calls).
@@ -218,6 +416,7 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     c.memory_bandwidth_Bps = triad_bandwidth(min_s / 3) * c.host_cores;  // one thread x cores
     progress(fmt::format("vector triad: {:.2f} GB/s", c.memory_bandwidth_Bps / 1e9));
     c.memory_bytes = int64_t(sysconf(_SC_PHYS_PAGES)) * int64_t(sysconf(_SC_PAGE_SIZE));
+    c.kernels = measure_kernels(min_s, c.peak_flops_f32 / c.host_cores, native, progress);
   }
   if (world.valid()) sleepy_barrier(world);  // the others slept through the compute timings
 

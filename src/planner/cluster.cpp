@@ -125,6 +125,18 @@ struct Reader {
                source, where, key, x, y);
     return {x, y};
   }
+  // [a, b]: two positive numbers in (0, 10], dimensionless ratios (what `meaning` says).
+  std::pair<double, double> ratios(const toml::table& t, const std::string& where,
+                                   const std::string& key, const char* meaning) const {
+    const toml::array* a = t.get(key) ? t.get(key)->as_array() : nullptr;
+    LOOM_CHECK(a && a->size() == 2 && (*a)[0].value<double>() && (*a)[1].value<double>(),
+               "{}: key '{}{}' must be two numbers ({})", source, where, key, meaning);
+    const double x = *(*a)[0].value<double>(), y = *(*a)[1].value<double>();
+    LOOM_CHECK(x > 0 && y > 0 && x <= 10 && y <= 10,
+               "{}: key '{}{}' = [{}, {}]: both must be in (0, 10] ({})", source, where, key, x,
+               y, meaning);
+    return {x, y};
+  }
   // [[size, efficiency], ...]: `unit` names the size (gflop: 1e9 FLOPs of one product; MB: 1e6
   // bytes moved), `meaning` what an entry says.
   EfficiencyTable efficiency(const toml::table& t, const std::string& where, const std::string& key,
@@ -206,7 +218,7 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
               std::string(e.description()));
   }
   Reader r{source};
-  r.only_keys(tbl, "", {"name", "nodes", "devices_per_node", "device", "host", "links"});
+  r.only_keys(tbl, "", {"name", "nodes", "devices_per_node", "device", "host", "kernels", "links"});
   Cluster c;
   c.source = source;
   c.name = r.string(tbl, "", "name");
@@ -245,6 +257,42 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
     if (h.get("concurrency")) {
       const EfficiencyTable t = r.efficiency_like(h, "host.", "concurrency");
       for (auto [k, v] : t.points) c.concurrency.emplace_back(int(k), v);
+    }
+  }
+  if (const toml::node* n = tbl.get("kernels")) {
+    LOOM_CHECK(n->is_table(), "{}: 'kernels' must be a table", source);
+    const toml::table& k = *n->as_table();
+    r.only_keys(k, "kernels.", {"matmul_layout_f32", "matmul_layout_bf16", "attention_fwd",
+                                "attention_bwd", "ns_per_element"});
+    KernelCosts& kc = c.kernels;
+    kc.measured = true;
+    const char* layout = "[nt, tn]: the rate of x @ W^T and of dY^T @ X over that of dY @ W";
+    kc.layout_f32 = r.ratios(k, "kernels.", "matmul_layout_f32", layout);
+    kc.layout_bf16 = r.ratios(k, "kernels.", "matmul_layout_bf16", layout);
+    const char* att = "the flash-attention kernel with products of gflop*1e9 FLOPs per (batch, "
+                      "head) reaches that fraction of one core's f32 peak";
+    kc.attention_fwd = r.efficiency(k, "kernels.", "attention_fwd", "gflop", att);
+    kc.attention_bwd = r.efficiency(k, "kernels.", "attention_bwd", "gflop", att);
+    const toml::table& e = r.table(k, "kernels.", "ns_per_element");
+    const std::string w = "kernels.ns_per_element.";
+    r.only_keys(e, w, {"layernorm_fwd", "layernorm_bwd", "bias_add", "add", "bias_bwd", "zero",
+                       "gelu_fwd", "gelu_bwd", "fast_gelu_fwd", "fast_gelu_bwd", "gelu_erf_fwd",
+                       "gelu_erf_bwd", "cross_entropy", "optimizer"});
+    auto ns = [&](const char* key) {
+      return r.number(e, w, key, "nanoseconds per element on one core", 0, 1e6) * 1e-9;
+    };
+    kc.layernorm_fwd = ns("layernorm_fwd");
+    kc.layernorm_bwd = ns("layernorm_bwd");
+    kc.bias_add = ns("bias_add");
+    kc.add = ns("add");
+    kc.bias_bwd = ns("bias_bwd");
+    kc.zero = ns("zero");
+    kc.cross_entropy = ns("cross_entropy");
+    kc.optimizer = ns("optimizer");
+    const char* acts[3] = {"gelu", "fast_gelu", "gelu_erf"};  // model::Activation order
+    for (int a = 0; a < 3; ++a) {
+      kc.act_fwd[size_t(a)] = ns(fmt::format("{}_fwd", acts[a]).c_str());
+      kc.act_bwd[size_t(a)] = ns(fmt::format("{}_bwd", acts[a]).c_str());
     }
   }
   const toml::table& links = r.table(tbl, "", "links");
@@ -327,6 +375,28 @@ std::string Cluster::to_toml() const {
                          concurrency[i].second);
       s += "]\n";
     }
+  }
+  if (kernels.measured) {
+    const KernelCosts& k = kernels;
+    s += fmt::format("\n[kernels]\nmatmul_layout_f32 = [{:.4f}, {:.4f}]\n"
+                     "matmul_layout_bf16 = [{:.4f}, {:.4f}]\nattention_fwd = {}\n"
+                     "attention_bwd = {}\n\n[kernels.ns_per_element]\n",
+                     k.layout_f32.first, k.layout_f32.second, k.layout_bf16.first,
+                     k.layout_bf16.second, table(k.attention_fwd), table(k.attention_bwd));
+    auto ns = [&](const char* key, double v) { s += fmt::format("{} = {:.4g}\n", key, v * 1e9); };
+    ns("layernorm_fwd", k.layernorm_fwd);
+    ns("layernorm_bwd", k.layernorm_bwd);
+    ns("bias_add", k.bias_add);
+    ns("add", k.add);
+    ns("bias_bwd", k.bias_bwd);
+    ns("zero", k.zero);
+    const char* acts[3] = {"gelu", "fast_gelu", "gelu_erf"};
+    for (int a = 0; a < 3; ++a) {
+      ns(fmt::format("{}_fwd", acts[a]).c_str(), k.act_fwd[size_t(a)]);
+      ns(fmt::format("{}_bwd", acts[a]).c_str(), k.act_bwd[size_t(a)]);
+    }
+    ns("cross_entropy", k.cross_entropy);
+    ns("optimizer", k.optimizer);
   }
   s += '\n';
   s += link(intra, "intra");

@@ -32,6 +32,28 @@
 //                                        compute at once, in units of one core alone (measured by
 //                                        calibrate: other processes' load and oversubscription);
 //                                        without it a rank gets cores/ranks cores
+//   [kernels]                            (optional; loom calibrate writes it on CPU hosts) loom's
+//                                        own kernels as measured on one core of the host, priced
+//                                        by these instead of peak x matmul table / bandwidth:
+//   matmul_layout_f32 / _bf16 = [nt, tn] rate of a product with B transposed (x @ W^T: every
+//                                        forward) and of one with A transposed accumulating
+//                                        (dY^T @ X: every weight gradient) over the plain product
+//                                        (dY @ W: every input gradient), which the matmul table
+//                                        measures; at the engine's row-heavy shapes
+//   attention_fwd / attention_bwd        [[gflop, efficiency], ...] of the flash-attention kernel:
+//                                        FLOPs of one product of one (batch, head) (the causal half
+//                                        of 2*T*T*HD; two products forward, 2.5x that backward
+//                                        incl. its preprocess) over one core's f32 peak
+//                                        (peak_tflops_f32 / cores)
+//   [kernels.ns_per_element]             one core's nanoseconds per element: layernorm_fwd,
+//                                        layernorm_bwd (per element of the normalised rows),
+//                                        bias_add, add, bias_bwd, zero (per element written),
+//                                        gelu_fwd / gelu_bwd, gelu_erf_fwd / _bwd, fast_gelu_fwd /
+//                                        _bwd (the bias-fused forward and the backward of each
+//                                        activation, per element), cross_entropy (per logit: the
+//                                        fused head's softmax and gradient, its products
+//                                        excluded), optimizer (per parameter: AdamW, the gradient
+//                                        norm and zeroing the gradient)
 //   [links.intra], [links.inter]         within a node / across nodes:
 //   latency_us, bandwidth_GBps           alpha (per message step) and beta (per rank, one direction)
 //   efficiency                           fraction of bandwidth_GBps a collective reaches
@@ -80,6 +102,20 @@ struct EfficiencyTable {
   double at_units(double x) const;
 };
 
+// Measured costs of loom's own kernels on one core of a CPU host (the [kernels] table).
+struct KernelCosts {
+  bool measured = false;  // false: the cost model prices by peak, matmul table and bandwidth
+  std::pair<double, double> layout_f32{1, 1}, layout_bf16{1, 1};  // (nt, tn) over nn
+  EfficiencyTable attention_fwd, attention_bwd;  // fraction of one core's f32 peak
+  // Seconds per element on one core.
+  double layernorm_fwd = 0, layernorm_bwd = 0, bias_add = 0, add = 0, bias_bwd = 0, zero = 0,
+         cross_entropy = 0, optimizer = 0;
+  std::array<double, 3> act_fwd{}, act_bwd{};  // by model::Activation: gelu, fast_gelu, gelu_erf
+  const std::pair<double, double>& layout(model::Precision p) const {
+    return p == model::Precision::bf16 ? layout_bf16 : layout_f32;
+  }
+};
+
 struct Cluster {
   std::string name, source;  // source: the file it came from
   int nodes = 1, devices_per_node = 1;
@@ -96,6 +132,7 @@ struct Cluster {
   // (nearest entry at or below, the last one beyond it scaled by last/ranks), else cores/ranks.
   double rank_share(int ranks) const;
   std::string cpu_model, calibrated;
+  KernelCosts kernels;
   LinkLevel intra, inter;
 
   int total_devices() const { return nodes * devices_per_node; }

@@ -107,6 +107,19 @@ struct Rates {
     }
     return s;
   }
+  // Measured kernels (cluster.h [kernels]) or null: then products are priced by the matmul table
+  // alone, attention as products and elementwise passes by bytes at the memory bandwidth.
+  const KernelCosts* k = nullptr;
+  double core_s = 1;        // seconds on this rank per second of one core's work
+  double core_peak = 0;     // one core's f32 peak, FLOP/s
+  std::pair<double, double> layout{1, 1};  // (nt, tn) rates over the table's plain products
+  // A weight product of a forward (x @ W^T) and its backward (dY @ W and dY^T @ X accumulating).
+  double weight_fwd(double m, double n, double kk) const { return gemm(m, n, kk) / layout.first; }
+  double weight_bwd(double m, double n, double kk) const {
+    return gemm(m, n, kk) * (1 + 1 / layout.second);
+  }
+  // Seconds for `n` elements of a kernel costing `ns` seconds each on one core.
+  double elems(double ns, double n) const { return ns * n * core_s; }
 };
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
@@ -163,6 +176,12 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   r.bytes = cl.memory_bandwidth_Bps / share;
   r.eff = &cl.efficiency(in.precision);
   if (!cl.matmul_memory_eff.points.empty()) r.mem_eff = &cl.matmul_memory_eff;
+  if (cl.kernels.measured && cl.host_cores > 0) {
+    r.k = &cl.kernels;
+    r.core_s = 1 / cl.rank_share(host_ranks);
+    r.core_peak = cl.peak_flops_f32 / cl.host_cores;
+    r.layout = cl.kernels.layout(in.precision);
+  }
 
   const double t = plan.tp, b = double(plan.micro_batch_size), T = double(in.T);
   const int G = plan.cp;
@@ -193,8 +212,17 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   const double Nk = moe ? N * double(cfg.moe.k()) : N, Fe = moe ? double(cfg.moe.expert_d_ff) : F;
   const double gate_fwd =
       moe && cfg.moe.router == model::Router::topk ? r.gemm(N, double(cfg.moe.experts), C) : 0;
-  const double attn_proj_fwd = r.gemm(N, (C + 2 * KV) / t, C) + r.gemm(N, C, C / t);
-  const double block_attn_fwd = r.mm(attn_each, attn_count);
+  const double attn_proj_fwd = r.weight_fwd(N, (C + 2 * KV) / t, C) + r.weight_fwd(N, C, C / t);
+  const double attn_proj_bwd = r.weight_bwd(N, (C + 2 * KV) / t, C) + r.weight_bwd(N, C, C / t);
+  // The attention kernel: priced as products (backward 2.5x the forward: S and dP again, dV,
+  // dQ, dK), or by its measured efficiency (which includes its softmax, masks and tiling).
+  const double block_attn_fwd =
+      r.k ? attn_each * attn_count * r.core_s / (r.core_peak * r.k->attention_fwd.at(attn_each))
+          : r.mm(attn_each, attn_count);
+  const double block_attn_bwd =
+      r.k ? 2.5 * attn_each * attn_count * r.core_s /
+                (r.core_peak * r.k->attention_bwd.at(attn_each))
+          : 2.5 * block_attn_fwd;
   // Elementwise f32 passes per block forward, counted per row from block.cpp's structure: two
   // norms on the local rows (read C, write C and its matmul copy C), two residual adds (read 2C,
   // write C), the activation over all rows (read F/t, write the pre-activation and its matmul
@@ -206,14 +234,33 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     double fwd, bwd, vec_fwd, vec_bwd, selective_vec;
   };
   auto block_cost = [&](double rows, double width, double gate) {
-    const double weights_fwd = attn_proj_fwd + r.gemm(rows, width / t, C) + r.gemm(rows, C, width / t) + gate;
+    const double weights_fwd = attn_proj_fwd + r.weight_fwd(rows, width / t, C) +
+                               r.weight_fwd(rows, C, width / t) + gate;
+    const double weights_bwd = attn_proj_bwd + r.weight_bwd(rows, width / t, C) +
+                               r.weight_bwd(rows, C, width / t) + 2 * gate;
     const double act_bytes = 3 * (width / t) * rows * f32;
     BlockCost b;
     b.fwd = weights_fwd + block_attn_fwd;
-    b.bwd = 2 * weights_fwd + 2.5 * block_attn_fwd;
-    b.vec_fwd = (norm_bytes + 2 * 3 * C * Nl * f32 + act_bytes) / r.bytes;
-    b.vec_bwd = 2 * b.vec_fwd;
-    b.selective_vec = (norm_bytes + act_bytes) / r.bytes;
+    b.bwd = weights_bwd + block_attn_bwd;
+    if (r.k) {
+      // block.cpp's passes, element by element: forward two norms (Nl rows), the qkv, output
+      // and down-projection biases, two residual adds, the bias-fused activation; backward two
+      // norms (their residual sums included), four bias gradients, the activation's
+      // gradient and the zeroed dqkv.
+      const KernelCosts& k = *r.k;
+      const size_t act = size_t(cfg.activation);  // KernelCosts::act_* order
+      const double qkv = N * (C + 2 * KV) / t, wide = rows * width / t;
+      b.vec_fwd = r.elems(k.layernorm_fwd, 2 * Nl * C) + r.elems(k.bias_add, qkv + 2 * Nl * C) +
+                  r.elems(k.add, 2 * Nl * C) + r.elems(k.act_fwd[act], wide);
+      b.vec_bwd = r.elems(k.layernorm_bwd, 2 * Nl * C) +
+                  r.elems(k.bias_bwd, qkv + 2 * Nl * C + wide) +
+                  r.elems(k.act_bwd[act], wide) + r.elems(k.zero, qkv);
+      b.selective_vec = r.elems(k.layernorm_fwd, 2 * Nl * C) + r.elems(k.act_fwd[act], wide);
+    } else {
+      b.vec_fwd = (norm_bytes + 2 * 3 * C * Nl * f32 + act_bytes) / r.bytes;
+      b.vec_bwd = 2 * b.vec_fwd;
+      b.selective_vec = (norm_bytes + act_bytes) / r.bytes;
+    }
     return b;
   };
   const BlockCost dense_block = block_cost(N, F, 0);
@@ -259,7 +306,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       const double fwd_comm = steps * cp_link.time(Collective::send, fwd_bytes / steps, 2);
       const double bwd_comm = steps * cp_link.time(Collective::send, bwd_bytes / steps, 2);
       block_cp_fwd = std::max(0.0, fwd_comm - block_attn_fwd * steps / G);
-      block_cp_bwd = std::max(0.0, bwd_comm - 2.5 * block_attn_fwd * steps / G);
+      block_cp_bwd = std::max(0.0, bwd_comm - block_attn_bwd * steps / G);
     }
   }
   // Expert-parallel exchange of one sparse block (model/moe.cpp, docs/moe.md), blocking: the
@@ -279,8 +326,10 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   }
   // Head: tied vocab-parallel logits (N, V/t) forward, two products backward; cross-entropy
   // reads and writes the logits about three times; two (N) all-reduces (max, sum of exp).
-  const double head_fwd = r.gemm(N, V / t, C);
-  const double head_vec = 3 * N * (V / t) * f32 / r.bytes;
+  const double head_fwd = r.weight_fwd(N, V / t, C), head_bwd = r.weight_bwd(N, V / t, C);
+  const double head_vec = r.k ? r.elems(r.k->cross_entropy, N * (V / t)) +
+                                    r.elems(r.k->layernorm_fwd + r.k->layernorm_bwd, Nl * C)
+                              : 3 * N * (V / t) * f32 / r.bytes;
   const double head_tp = plan.tp > 1 ? 2 * tp_link.time(Collective::all_reduce, N * f32, plan.tp) : 0;
   // Pipeline messages: (Nl, C) f32 per chunk boundary and direction.
   const LinkLevel& pp_link = level(cl, int64_t(plan.tp) * G * plan.dp, plan.pp);
@@ -334,7 +383,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     if (g == n_virtual - 1) {  // final norm, query layer (a block's products), tied head
       const int64_t ql = cfg.query_layer ? 1 : 0;
       w.fwd += head_fwd + double(ql) * block_fwd;
-      w.bwd += 2 * head_fwd + double(ql) * block_bwd;
+      w.bwd += head_bwd + double(ql) * block_bwd;
       w.vector += head_vec + double(ql) * (block_vec_fwd + block_vec_bwd);
       w.tp += head_tp + double(ql) * (block_tp_fwd + block_tp_bwd);
       w.cp += double(ql) * (block_cp_fwd + block_cp_bwd);
@@ -442,7 +491,10 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     // AdamW: read w g m v, write w m v (7 x 4 bytes), the matmul copy (bf16 or its f32
     // emulation), zero the gradient and read it for the norm (2 x 4 bytes).
     const double copy = bf ? mm_bytes : 0;
-    opt = std::max(opt, owned * (7 * f32 + copy + 2 * f32) / r.bytes);
+    // Measured: the optimizer pass per parameter, and in bf16 the matmul copy written (priced
+    // as one more write per parameter, like zeroing).
+    opt = std::max(opt, r.k ? r.elems(r.k->optimizer + (bf ? r.k->zero : 0), owned)
+                            : owned * (7 * f32 + copy + 2 * f32) / r.bytes);
   }
   tt.dp = dp_exposed;
   tt.dp_total = dp_total;

@@ -112,6 +112,7 @@ check "bad plan string names the key" "[ $rc = 1 ] && grep -q \"unknown key 'war
 # Calibrate (quick) writes a file plan can read; a different CPU model warns.
 "$loom" calibrate --quick --out "$tmp/local.toml" > /dev/null 2>&1; rc=$?
 check "calibrate writes a cluster file" "[ $rc = 0 ] && grep -q '^cpu_model' '$tmp/local.toml'"
+check "calibrate measures loom's own kernels" "grep -q '^matmul_layout_f32 = \\[' '$tmp/local.toml' && grep -q '^attention_bwd = \\[\\[' '$tmp/local.toml' && grep -q '^\\[kernels.ns_per_element\\]' '$tmp/local.toml' && grep -q '^optimizer = ' '$tmp/local.toml'"
 out=$("$loom" plan --model "$model" --cluster "$tmp/local.toml" --devices 2 --batch 8 --seq 128 2>&1); rc=$?
 check "plan reads the calibrated file" "[ $rc = 0 ]"
 sed 's/^cpu_model = .*/cpu_model = "Some Other CPU"/' "$tmp/local.toml" > "$tmp/other.toml"

@@ -366,6 +366,89 @@ TEST(CostModel, ComputeTermsByHand) {
   EXPECT_LT(c.terms.recompute, 2 * block * 1.5);
 }
 
+// Measured kernels ([kernels], as loom calibrate writes them on a CPU host) replace the table
+// pricing of products' layouts, the attention kernel and the elementwise passes; by hand.
+const char* kKernelsTable = R"([host]
+cores = 2
+concurrency = [[1, 2.0]]
+[kernels]
+matmul_layout_f32 = [0.5, 0.25]
+matmul_layout_bf16 = [1, 1]
+attention_fwd = [[1, 0.1]]
+attention_bwd = [[1, 0.05]]
+[kernels.ns_per_element]
+layernorm_fwd = 1
+layernorm_bwd = 2
+bias_add = 3
+add = 4
+bias_bwd = 5
+zero = 6
+gelu_fwd = 100
+gelu_bwd = 100
+fast_gelu_fwd = 7
+fast_gelu_bwd = 8
+gelu_erf_fwd = 100
+gelu_erf_bwd = 100
+cross_entropy = 9
+optimizer = 10
+[links.intra])";
+
+TEST(CostModel, MeasuredKernelTermsByHand) {
+  const Cluster cl =
+      cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]", kKernelsTable), "test");
+  ASSERT_TRUE(cl.kernels.measured);
+  const model::ModelConfig cfg = small_model(2);  // fast_gelu
+  const int64_t T = 16;
+  const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1", cfg, 1, 1);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
+  // One rank alone gets 2 cores' worth (concurrency), so one core's seconds count half, and the
+  // host's 1 TFLOP/s at the table's 0.5 is the plain products' rate.
+  const double N = 16, C = 64, KV = 32, F = 256, V = 512, HD = 16, NH = 4, rate = 0.5e12;
+  const double core_s = 0.5, core_peak = 0.5e12, ns = 1e-9;
+  const double weights = 2 * N * (C * (C + 2 * KV) + C * C + C * F + F * C);
+  const double attn = 2 * NH * T * T * HD;
+  const double head = 2 * N * V * C;
+  // Forward products at half the plain rate (nt 0.5); backward the plain dY @ W plus dY^T @ X at
+  // a quarter (tn 0.25); attention at its own efficiency of one core's peak.
+  const double attn_fwd = attn * core_s / (core_peak * 0.1);
+  const double attn_bwd = 2.5 * attn * core_s / (core_peak * 0.05);
+  EXPECT_NEAR(c.terms.forward, 3 * (weights / rate / 0.5 + attn_fwd) + head / rate / 0.5, 1e-12);
+  EXPECT_NEAR(c.terms.backward, 3 * (weights / rate * 5 + attn_bwd) + head / rate * 5, 1e-12);
+  const double qkv = N * (C + 2 * KV);
+  const double block_vec = core_s * ns *
+                           (1 * 2 * N * C + 3 * (qkv + 2 * N * C) + 4 * 2 * N * C + 7 * N * F +
+                            2 * 2 * N * C + 5 * (qkv + 2 * N * C + N * F) + 8 * N * F + 6 * qkv);
+  const double head_vec = core_s * ns * (9 * N * V + (1 + 2) * N * C);
+  EXPECT_NEAR(c.terms.vector, 3 * block_vec + head_vec, 1e-15);
+  const double params = double(oracle.params(p).total[0]);
+  EXPECT_NEAR(c.terms.optimizer, core_s * 10 * ns * params, 1e-15);
+  // Without [kernels] the same plan is priced as before (layouts 1, attention as products).
+  const StepCost plain =
+      estimate_time({cfg, cluster_from_toml(kTestCluster, "test"), T, model::Precision::f32}, p, oracle);
+  EXPECT_NEAR(plain.terms.forward, 3 * (weights + attn) / rate + head / rate, 1e-12);
+  // The file form round-trips.
+  const Cluster back = cluster_from_toml(cl.to_toml(), "round trip");
+  ASSERT_TRUE(back.kernels.measured);
+  EXPECT_DOUBLE_EQ(back.kernels.layout_f32.second, 0.25);
+  EXPECT_DOUBLE_EQ(back.kernels.act_bwd[size_t(model::Activation::fast_gelu)], 8e-9);
+  EXPECT_DOUBLE_EQ(back.kernels.optimizer, 10e-9);
+  EXPECT_NEAR(estimate_time({cfg, back, T, model::Precision::f32}, p, oracle).step_time, c.step_time,
+              1e-15);
+  // Strict: a missing per-element key and a layout outside (0, 10] are named.
+  try {
+    cluster_from_toml(with_line_replaced(cl.to_toml(), "optimizer = 10\n", ""), "bad.toml");
+    ADD_FAILURE() << "no error for a missing kernels.ns_per_element.optimizer";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kernels.ns_per_element.optimizer"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(cluster_from_toml(with_line_replaced(cl.to_toml(), "matmul_layout_f32 = [0.5000, 0.2500]",
+                                                    "matmul_layout_f32 = [0, 0.25]"),
+                                 "bad.toml"),
+               Error);
+}
+
 TEST(CostModel, OneFOneBBubbleIsPpMinusOneOverMPlusPpMinusOne) {
   for (int pp : {2, 4, 8})
     for (int64_t M : {1, 4, 16}) {
