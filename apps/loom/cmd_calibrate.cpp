@@ -102,6 +102,30 @@ double matmul_throughput(double budget_s) {
   return 2.0 * double(n * n * n) * double(reps) / seconds_since(t0);
 }
 
+// Bytes/s of back-to-back AdamW passes (kernels/cpu/adamw.h: 4 arrays read, 3 written) over 4M
+// parameters (64 MB, beyond what a process gets of the cache here), over `budget_s` of wall
+// time: the memory-bound side of a rank's step (the optimizer, and activations that come back
+// from memory), which ranks sharing a host's memory slow down more than they do products.
+double stream_throughput(double budget_s) {
+  const size_t n = size_t(1) << 22;
+  static std::vector<float> w, g, m, v;  // kept between windows: allocated once
+  if (w.size() != n) {
+    w.assign(n, 0.1f);
+    g.assign(n, 0.01f);
+    m.assign(n, 0.0f);
+    v.assign(n, 0.0f);
+  }
+  int64_t step = 0;
+  loom::kernels::adamw_step(w.data(), g.data(), m.data(), v.data(), int64_t(n), 1e-4f, 0.9f,
+                            0.95f, 1e-8f, 0.1f, ++step, 1.0f);
+  const auto t0 = Clock::now();
+  do {
+    loom::kernels::adamw_step(w.data(), g.data(), m.data(), v.data(), int64_t(n), 1e-4f, 0.9f,
+                              0.95f, 1e-8f, 0.1f, ++step, 1.0f);
+  } while (seconds_since(t0) < budget_s);
+  return 28.0 * double(n) * double(step - 1) / seconds_since(t0);
+}
+
 // Triad bandwidth in bytes/s (3 arrays of 4-byte floats per element): the median pass.
 double triad_bandwidth(double min_s) {
   const int64_t n = int64_t(1) << 23;  // 32 MiB per array: beyond any last-level cache here
@@ -422,9 +446,15 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
 
   // Concurrency: p ranks (each with the engine's max(1, cores/p) threads) computing 256^3
   // products at once; each one's throughput in cores' worth of the one-thread throughput alone.
-  // This sees oversubscription and whatever else loads the host now.
+  // This sees oversubscription and whatever else loads the host now. Then the same for a
+  // memory-bound pass (stream_throughput), in units of one thread's stream alone.
+  double alone_stream = 0;
+  if (root) {
+    loom::set_num_threads(1);
+    for (int w = 0; w < 3; ++w) alone_stream = std::max(alone_stream, stream_throughput(min_s));
+  }
   for (int p = 1; p <= W; ++p) {
-    std::vector<double> rates(static_cast<size_t>(W), 0.0);
+    std::vector<double> rates(static_cast<size_t>(2 * W), 0.0);  // products, then streams
     const int me = world.valid() ? world.rank() : 0;
     if (me < p) {
       loom::set_num_threads(std::max(1, c.host_cores / p));
@@ -432,19 +462,29 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
       for (int w = 0; w < 3; ++w)
         rates[size_t(me)] = std::max(rates[size_t(me)], matmul_throughput(min_s));
     }
+    if (world.valid()) sleepy_barrier(world);
+    if (me < p)
+      for (int w = 0; w < 3; ++w)
+        rates[size_t(W + me)] = std::max(rates[size_t(W + me)], stream_throughput(min_s));
     if (world.valid()) {
       // Ranks not computing wait asleep (MPI's own wait polls and would take a core).
       const loom::comm::Work w =
-          world.all_reduce(loom::comm::BufferRef(rates.data(), W, loom::DType::f64));
+          world.all_reduce(loom::comm::BufferRef(rates.data(), 2 * W, loom::DType::f64));
       while (!w.test()) usleep(2000);
       w.wait();
     }
     if (root) {
-      double sum = 0;
-      for (int i = 0; i < p; ++i) sum += rates[size_t(i)];
+      double sum = 0, sum_stream = 0;
+      for (int i = 0; i < p; ++i) {
+        sum += rates[size_t(i)];
+        sum_stream += rates[size_t(W + i)];
+      }
       c.concurrency.emplace_back(p, sum / p / alone_256);
-      progress(fmt::format("{} rank(s) computing at once: {:.2f} cores' worth each", p,
-                           c.concurrency.back().second));
+      c.memory_concurrency.emplace_back(p, sum_stream / p / alone_stream);
+      progress(fmt::format("{} rank(s) at once: {:.2f} cores' worth each computing, {:.2f} "
+                           "one-thread streams' worth each reading memory ({:.1f} GB/s alone)",
+                           p, c.concurrency.back().second, c.memory_concurrency.back().second,
+                           alone_stream / 1e9));
     }
   }
 

@@ -193,17 +193,33 @@ namespace {
 // Poll back-off, reset whenever the group makes progress (a work completes, a ring step
 // finishes): ~100 immediate re-polls (microseconds; best latency when every rank has a core),
 // then sched_yield (ranks oversubscribing cores let the peer run) until nothing has progressed
-// for kYieldWindow, then 50 us sleeps so an idle waiter costs next to nothing while a slow peer
+// for yield_window(), then 50 us sleeps so an idle waiter costs next to nothing while a slow peer
 // computes. The window must cover a whole large message: without single-copy transfers (CMA),
 // MPI moves one 32 KiB fragment per poll of both ranks, and sleeping between polls cut a 64 MiB
 // send from 5.7 to 0.7 GB/s (bench/comm, session 4).
 constexpr double kYieldWindow = 0.2;  // seconds
+// With single-copy transfers named (scripts/mpirun-local sets Open MPI's
+// btl_vader_single_copy_mechanism to cma where the kernel allows it) a large message moves in one
+// copy inside one poll, so nothing needs the long window, and there it costs the computing
+// ranks: a waiter yielding in a loop keeps taking half of a shared core's time (sched_yield
+// under CFS hardly gives it up). Measured on 2 cores (session 11, codegeex-small, 8 x 128
+// tokens): tp 2 x pp 2 on 4 ranks 167 -> 115 ms a step with a 1 ms window; dp 4, dp 8 and 2-rank
+// tp 2 unchanged. Unset (plain mpirun, whatever the transport picks) keeps the long window.
+constexpr double kYieldWindowSingleCopy = 0.001;  // seconds
+
+double yield_window() {
+  static const double w = [] {
+    const char* m = std::getenv("OMPI_MCA_btl_vader_single_copy_mechanism");
+    return m && *m && std::strcmp(m, "none") != 0 ? kYieldWindowSingleCopy : kYieldWindow;
+  }();
+  return w;
+}
 // Longest wait for liveness replies after a timeout (half the timeout when that is shorter).
 constexpr double kDiagnoseGraceMax = 2.0;  // seconds
 
 void backoff(int64_t polls, double idle_s) {
   if (polls < 100) return;
-  if (idle_s < kYieldWindow) {
+  if (idle_s < yield_window()) {
     sched_yield();
     return;
   }

@@ -250,13 +250,17 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   if (const toml::node* n = tbl.get("host")) {
     LOOM_CHECK(n->is_table(), "{}: 'host' must be a table", source);
     const toml::table& h = *n->as_table();
-    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency"});
+    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency", "memory_concurrency"});
     c.host_cores = r.integer(h, "host.", "cores", "cores per host", 1, 1 << 16);
     c.cpu_model = r.string(h, "host.", "cpu_model", std::string());
     c.calibrated = r.string(h, "host.", "calibrated", std::string());
     if (h.get("concurrency")) {
       const EfficiencyTable t = r.efficiency_like(h, "host.", "concurrency");
       for (auto [k, v] : t.points) c.concurrency.emplace_back(int(k), v);
+    }
+    if (h.get("memory_concurrency")) {
+      const EfficiencyTable t = r.efficiency_like(h, "host.", "memory_concurrency");
+      for (auto [k, v] : t.points) c.memory_concurrency.emplace_back(int(k), v);
     }
   }
   if (const toml::node* n = tbl.get("kernels")) {
@@ -320,6 +324,15 @@ double Cluster::rank_share(int ranks) const {
   return std::min(measured, double(std::max(host_cores, 1)) / double(ranks));
 }
 
+double Cluster::memory_share(int ranks) const {
+  LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
+  if (memory_concurrency.empty()) return rank_share(ranks);
+  const std::pair<int, double>* at = &memory_concurrency.front();
+  for (const auto& e : memory_concurrency)
+    if (e.first <= ranks) at = &e;
+  return at->second * double(at->first) / double(ranks);
+}
+
 nlohmann::json Cluster::to_json() const {
   auto link = [](const LinkLevel& l) {
     nlohmann::json j = {{"latency_s", l.latency_s},
@@ -373,6 +386,13 @@ std::string Cluster::to_toml() const {
       for (size_t i = 0; i < concurrency.size(); ++i)
         s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", concurrency[i].first,
                          concurrency[i].second);
+      s += "]\n";
+    }
+    if (!memory_concurrency.empty()) {
+      s += "memory_concurrency = [";
+      for (size_t i = 0; i < memory_concurrency.size(); ++i)
+        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", memory_concurrency[i].first,
+                         memory_concurrency[i].second);
       s += "]\n";
     }
   }

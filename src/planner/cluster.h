@@ -32,6 +32,10 @@
 //                                        compute at once, in units of one core alone (measured by
 //                                        calibrate: other processes' load and oversubscription);
 //                                        without it a rank gets cores/ranks cores
+//   memory_concurrency = [[1, 1.5], ...] (optional) the same for a memory-bound pass, in units of
+//                                        one thread's stream alone: prices [kernels]' elementwise
+//                                        and optimizer work (a host's ranks share its memory
+//                                        bandwidth and caches); without it, as concurrency
 //   [kernels]                            (optional; loom calibrate writes it on CPU hosts) loom's
 //                                        own kernels as measured on one core of the host, priced
 //                                        by these instead of peak x matmul table / bandwidth:
@@ -128,9 +132,14 @@ struct Cluster {
   EfficiencyTable matmul_memory_eff;  // empty: products' operand traffic hidden under compute
   int host_cores = 0;             // 0: devices do not share; >0: ranks share this many cores
   std::vector<std::pair<int, double>> concurrency;  // (ranks, cores' worth per rank), by ranks
+  // (ranks, one thread's memory stream alone per rank), by ranks; empty: as concurrency
+  std::vector<std::pair<int, double>> memory_concurrency;
   // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
   // (nearest entry at or below, the last one beyond it scaled by last/ranks), else cores/ranks.
   double rank_share(int ranks) const;
+  // One thread's memory streams' worth one of `ranks` ranks gets (memory_concurrency, looked up
+  // like rank_share; not capped at cores/ranks: memory is shared differently), else rank_share.
+  double memory_share(int ranks) const;
   std::string cpu_model, calibrated;
   KernelCosts kernels;
   LinkLevel intra, inter;

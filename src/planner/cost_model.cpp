@@ -111,6 +111,7 @@ struct Rates {
   // alone, attention as products and elementwise passes by bytes at the memory bandwidth.
   const KernelCosts* k = nullptr;
   double core_s = 1;        // seconds on this rank per second of one core's work
+  double mem_s = 1;         // the same for memory-bound work (Cluster::memory_share)
   double core_peak = 0;     // one core's f32 peak, FLOP/s
   std::pair<double, double> layout{1, 1};  // (nt, tn) rates over the table's plain products
   // A weight product of a forward (x @ W^T) and its backward (dY @ W and dY^T @ X accumulating).
@@ -118,8 +119,9 @@ struct Rates {
   double weight_bwd(double m, double n, double kk) const {
     return gemm(m, n, kk) * (1 + 1 / layout.second);
   }
-  // Seconds for `n` elements of a kernel costing `ns` seconds each on one core.
-  double elems(double ns, double n) const { return ns * n * core_s; }
+  // Seconds for `n` elements of an elementwise kernel costing `ns` seconds each on one core
+  // (memory-bound: the ranks of a host share its memory).
+  double elems(double ns, double n) const { return ns * n * mem_s; }
 };
 
 // Per micro-batch of one pp rank, seconds by term (before the pipeline model).
@@ -179,6 +181,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   if (cl.kernels.measured && cl.host_cores > 0) {
     r.k = &cl.kernels;
     r.core_s = 1 / cl.rank_share(host_ranks);
+    r.mem_s = 1 / cl.memory_share(host_ranks);
     r.core_peak = cl.peak_flops_f32 / cl.host_cores;
     r.layout = cl.kernels.layout(in.precision);
   }
@@ -346,6 +349,12 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
                                                              : plan.stage_layers[size_t(g)];
   const MemoryOracle::Params& held = oracle.params(plan);
   const std::vector<int64_t>& params = held.total;
+  // On a CPU host (cluster [host]) the ranks' own cores move the bytes of a collective, inside
+  // their MPI calls (Open MPI's shared-memory transport, no progress thread), and ranks fill
+  // the cores: the dp / ZeRO reductions that start during the backward cannot hide under it.
+  // Measured here (docs/planner.md, session 11): two 1-thread ranks training apart take 112 ms a
+  // step, as dp 2 127 ms, the 8.9 ms all-reduce of their gradients included.
+  const bool cpu_host = cl.host_cores > 0;
   // Gradients reduce (and ZeRO shards) over the dp x cp ranks, which hold the same weights.
   const int dpc = plan.dp_cp();
   const LinkLevel& dp_link = level(cl, plan.tp, dpc);
@@ -402,7 +411,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
       // all-reduce of the dense gradients over ep (train/zero.h).
       const int shard = plan.ep > 1 ? dpc / plan.ep : dpc;
       const double rs = shard > 1 ? dp_link.time(Collective::reduce_scatter, unit_bytes, shard) : 0;
-      w.zero += std::max(0.0, rs - w.bwd_compute);
+      w.zero += cpu_host ? rs : std::max(0.0, rs - w.bwd_compute);
       if (plan.ep > 1) {
         const double dense = double(params[size_t(s)] - held.expert[size_t(s)]) * f32;
         w.zero += level(cl, int64_t(plan.tp) * G, plan.ep)
@@ -467,8 +476,10 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
     if (dpc > 1) {
       if (plan.zero <= 1) {
         total = both(Collective::all_reduce);
-        // Buckets start during the chunk's last micro-batch backward (train/executor.h).
-        exposed = std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
+        // Buckets start during the chunk's last micro-batch backward (train/executor.h), and
+        // hide under it where something else moves the bytes (a NIC, a GPU's copy engines).
+        exposed = cpu_host ? total
+                           : std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
         if (plan.zero == 1) {  // updated shares broadcast to every dp rank
           const double ag = both(Collective::all_gather);
           total += ag;

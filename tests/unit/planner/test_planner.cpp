@@ -137,6 +137,18 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_NEAR(t2.terms.forward / t1.terms.forward, 1.5 / 0.8, 1e-9);
   EXPECT_THROW(cluster_from_toml(with_line_replaced(text, "[[1, 1.5], [2, 0.8]]", "[[2, 1.5], [1, 0.8]]"), "t"),
                Error);
+  // The memory table: looked up like the compute one, not capped at cores / ranks; absent, it
+  // is the compute one.
+  EXPECT_DOUBLE_EQ(c.memory_share(2), c.rank_share(2));
+  const Cluster mem = cluster_from_toml(
+      with_line_replaced(text, "concurrency = [[1, 1.5], [2, 0.8]]\n",
+                         "concurrency = [[1, 1.5], [2, 0.8]]\nmemory_concurrency = [[1, 1.9], [2, 0.6]]\n"),
+      "test");
+  EXPECT_DOUBLE_EQ(mem.memory_share(1), 1.9);
+  EXPECT_DOUBLE_EQ(mem.memory_share(2), 0.6);
+  EXPECT_DOUBLE_EQ(mem.memory_share(4), 0.3);
+  EXPECT_DOUBLE_EQ(mem.rank_share(2), 0.8);
+  EXPECT_NE(cluster_from_toml(mem.to_toml(), "round trip").memory_concurrency.size(), 0u);
 }
 
 TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
@@ -222,6 +234,13 @@ TEST(CostModel, DataParallelOverlapByHand) {
   EXPECT_NEAR(c.terms.dp_total, all_reduce + all_gather, 1e-12);
   // The optimizer updates half the parameters: 36 bytes each (cost_model.h) at 100 GB/s.
   EXPECT_NEAR(c.terms.optimizer, P / 2 * 36 / 100e9, 1e-12);
+  // On a CPU host ([host]: the ranks' cores move the bytes inside their MPI calls) nothing of
+  // the reduction hides under the backward.
+  const Cluster host = cluster_from_toml(
+      with_line_replaced(kTestCluster, "[links.intra]", "[host]\ncores = 8\n[links.intra]"), "test");
+  const StepCost h = estimate_time({cfg, host, T, model::Precision::f32}, p, oracle);
+  ASSERT_GT(all_reduce, 0.0);
+  EXPECT_NEAR(h.terms.dp, all_reduce + all_gather, 1e-12);
 }
 
 TEST(CostModel, ContextParallelTermByHand) {
@@ -371,6 +390,7 @@ TEST(CostModel, ComputeTermsByHand) {
 const char* kKernelsTable = R"([host]
 cores = 2
 concurrency = [[1, 2.0]]
+memory_concurrency = [[1, 1.25]]
 [kernels]
 matmul_layout_f32 = [0.5, 0.25]
 matmul_layout_bf16 = [1, 1]
@@ -405,7 +425,8 @@ TEST(CostModel, MeasuredKernelTermsByHand) {
   // One rank alone gets 2 cores' worth (concurrency), so one core's seconds count half, and the
   // host's 1 TFLOP/s at the table's 0.5 is the plain products' rate.
   const double N = 16, C = 64, KV = 32, F = 256, V = 512, HD = 16, NH = 4, rate = 0.5e12;
-  const double core_s = 0.5, core_peak = 0.5e12, ns = 1e-9;
+  // Elementwise and optimizer work is memory-bound: it runs at the memory table's 1.25.
+  const double core_s = 0.5, mem_s = 1 / 1.25, core_peak = 0.5e12, ns = 1e-9;
   const double weights = 2 * N * (C * (C + 2 * KV) + C * C + C * F + F * C);
   const double attn = 2 * NH * T * T * HD;
   const double head = 2 * N * V * C;
@@ -416,13 +437,13 @@ TEST(CostModel, MeasuredKernelTermsByHand) {
   EXPECT_NEAR(c.terms.forward, 3 * (weights / rate / 0.5 + attn_fwd) + head / rate / 0.5, 1e-12);
   EXPECT_NEAR(c.terms.backward, 3 * (weights / rate * 5 + attn_bwd) + head / rate * 5, 1e-12);
   const double qkv = N * (C + 2 * KV);
-  const double block_vec = core_s * ns *
+  const double block_vec = mem_s * ns *
                            (1 * 2 * N * C + 3 * (qkv + 2 * N * C) + 4 * 2 * N * C + 7 * N * F +
                             2 * 2 * N * C + 5 * (qkv + 2 * N * C + N * F) + 8 * N * F + 6 * qkv);
-  const double head_vec = core_s * ns * (9 * N * V + (1 + 2) * N * C);
+  const double head_vec = mem_s * ns * (9 * N * V + (1 + 2) * N * C);
   EXPECT_NEAR(c.terms.vector, 3 * block_vec + head_vec, 1e-15);
   const double params = double(oracle.params(p).total[0]);
-  EXPECT_NEAR(c.terms.optimizer, core_s * 10 * ns * params, 1e-15);
+  EXPECT_NEAR(c.terms.optimizer, mem_s * 10 * ns * params, 1e-15);
   // Without [kernels] the same plan is priced as before (layouts 1, attention as products).
   const StepCost plain =
       estimate_time({cfg, cluster_from_toml(kTestCluster, "test"), T, model::Precision::f32}, p, oracle);
