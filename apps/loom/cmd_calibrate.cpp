@@ -55,6 +55,29 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// The sorted seconds of calls of `op` over at least `budget_s` (3 calls at least), after one
+// warm-up call (which also creates oneDNN primitives).
+template <class F>
+std::vector<double> call_times(double budget_s, F op) {
+  op();
+  std::vector<double> t;
+  const auto t0 = Clock::now();
+  do {
+    const auto t1 = Clock::now();
+    op();
+    t.push_back(seconds_since(t1));
+  } while (seconds_since(t0) < budget_s || t.size() < 3);
+  std::sort(t.begin(), t.end());
+  return t;
+}
+
+// Median seconds of one call of `op` (call_times).
+template <class F>
+double median_call(double budget_s, F op) {
+  const std::vector<double> t = call_times(budget_s, op);
+  return t[t.size() / 2];
+}
+
 // Rate (FLOP/s) of an (m x k) @ (k x n) product on this thread count.
 double matmul_rate(int64_t m, int64_t n, int64_t k, bool bf16_native, double budget_s,
                    double* best_out = nullptr, double* median_call_s = nullptr) {
@@ -70,17 +93,9 @@ double matmul_rate(int64_t m, int64_t n, int64_t k, bool bf16_native, double bud
     else
       loom::kernels::matmul_f32(A.data(), B.data(), C.data(), m, n, k, false, false, false);
   };
-  once();  // creates the primitive
   // The median call within the budget: what a rank gets on this machine as it is loaded now
   // (on a shared machine the fastest call is what the kernel could do alone; both printed).
-  std::vector<double> t;
-  const auto t0 = Clock::now();
-  do {
-    const auto t1 = Clock::now();
-    once();
-    t.push_back(seconds_since(t1));
-  } while (seconds_since(t0) < budget_s || t.size() < 3);
-  std::sort(t.begin(), t.end());
+  const std::vector<double> t = call_times(budget_s, once);
   const double flops = 2.0 * double(m) * double(n) * double(k);
   if (best_out) *best_out = flops / t.front();
   if (median_call_s) *median_call_s = t[t.size() / 2];
@@ -140,21 +155,6 @@ double triad_bandwidth(double min_s) {
   } while (seconds_since(t0) < min_s || t.size() < 3);
   std::sort(t.begin(), t.end());
   return 3.0 * 4.0 * double(n) / t[t.size() / 2];
-}
-
-// Median seconds of one call of `op` over at least `budget_s` (3 calls at least) after a warm-up.
-template <class F>
-double median_call(double budget_s, F op) {
-  op();
-  std::vector<double> t;
-  const auto t0 = Clock::now();
-  do {
-    const auto t1 = Clock::now();
-    op();
-    t.push_back(seconds_since(t1));
-  } while (seconds_since(t0) < budget_s || t.size() < 3);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
 }
 
 // loom's own kernels on one thread (cluster.h [kernels]), at the engine's shapes: rows of a

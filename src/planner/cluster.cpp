@@ -381,20 +381,15 @@ std::string Cluster::to_toml() const {
   if (host_cores > 0) {
     s += fmt::format("\n[host]\ncores = {}\ncpu_model = \"{}\"\ncalibrated = \"{}\"\n", host_cores,
                      cpu_model, calibrated);
-    if (!concurrency.empty()) {
-      s += "concurrency = [";
-      for (size_t i = 0; i < concurrency.size(); ++i)
-        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", concurrency[i].first,
-                         concurrency[i].second);
+    auto per_ranks = [&s](const char* key, const std::vector<std::pair<int, double>>& t) {
+      if (t.empty()) return;
+      s += fmt::format("{} = [", key);
+      for (size_t i = 0; i < t.size(); ++i)
+        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", t[i].first, t[i].second);
       s += "]\n";
-    }
-    if (!memory_concurrency.empty()) {
-      s += "memory_concurrency = [";
-      for (size_t i = 0; i < memory_concurrency.size(); ++i)
-        s += fmt::format("{}[{}, {:.4f}]", i ? ", " : "", memory_concurrency[i].first,
-                         memory_concurrency[i].second);
-      s += "]\n";
-    }
+    };
+    per_ranks("concurrency", concurrency);
+    per_ranks("memory_concurrency", memory_concurrency);
   }
   if (kernels.measured) {
     const KernelCosts& k = kernels;
