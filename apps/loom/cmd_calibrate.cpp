@@ -41,6 +41,7 @@
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
+#include "model/gpt.h"
 #include "model/head.h"
 #include "model/stage.h"
 #include "planner/cluster.h"
@@ -140,6 +141,63 @@ double stream_throughput(double budget_s) {
   } while (seconds_since(t0) < budget_s);
   return 28.0 * double(n) * double(step - 1) / seconds_since(t0);
 }
+
+// Training steps per second of loom's own engine on a small built-in model (3 blocks + query
+// layer, d_model 192, 3 heads, d_ff 768, vocab 2048; micro-batch 2 x 96 tokens, f32), each step
+// a forward + backward and an AdamW update of every parameter, over `budget_s` of wall time.
+// Unlike the product and stream probes, it runs everything a rank runs (products, attention,
+// elementwise passes, the optimizer's memory traffic, allocation from the pool) with a rank's
+// working set, so p of them at once show what p ranks sharing the host lose (caches, memory,
+// time slices). The shape differs from the models the planner is validated on.
+class StepProbe {
+ public:
+  StepProbe() {
+    cfg_.name = "calibrate-step";
+    cfg_.vocab = 2048;
+    cfg_.n_layers = 3;
+    cfg_.d_model = 192;
+    cfg_.n_heads = 3;
+    cfg_.n_kv_heads = 3;
+    cfg_.d_ff = 768;
+    cfg_.max_seq = 96;
+    cfg_.activation = loom::model::Activation::fast_gelu;
+    cfg_.query_layer = true;
+    cfg_.validate();
+    gpt_ = std::make_unique<loom::model::Gpt>(cfg_, pool_, loom::model::Precision::f32);
+    gpt_->init_weights(7);
+    const size_t n = size_t(gpt_->layout().total());
+    m_.assign(n, 0.0f);
+    v_.assign(n, 0.0f);
+    tokens_.resize(size_t(kB * (kT + 1)));
+    for (size_t i = 0; i < tokens_.size(); ++i) tokens_[i] = int32_t((i * 7919 + 13) % 2048);
+  }
+  double steps_per_s(double budget_s) {
+    step();
+    const auto t0 = Clock::now();
+    int64_t steps = 0;
+    do {
+      step();
+      ++steps;
+    } while (seconds_since(t0) < budget_s);
+    return double(steps) / seconds_since(t0);
+  }
+
+ private:
+  static constexpr int64_t kB = 2, kT = 96;
+  void step() {
+    gpt_->zero_grads();
+    gpt_->forward_backward(tokens_.data(), kB, kT, 1.0f / float(kB * kT));
+    loom::kernels::adamw_step(gpt_->weights(), gpt_->grads(), m_.data(), v_.data(),
+                              gpt_->layout().total(), 1e-5f, 0.9f, 0.95f, 1e-8f, 0.1f, ++t_,
+                              1.0f);
+  }
+  loom::model::ModelConfig cfg_;
+  loom::MemoryPool pool_;
+  std::unique_ptr<loom::model::Gpt> gpt_;
+  std::vector<float> m_, v_;
+  std::vector<int32_t> tokens_;
+  int64_t t_ = 0;
+};
 
 // Triad bandwidth in bytes/s (3 arrays of 4-byte floats per element): the median pass.
 double triad_bandwidth(double min_s) {
@@ -448,13 +506,17 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
   // products at once; each one's throughput in cores' worth of the one-thread throughput alone.
   // This sees oversubscription and whatever else loads the host now. Then the same for a
   // memory-bound pass (stream_throughput), in units of one thread's stream alone.
-  double alone_stream = 0;
+  // And for loom's own training step (StepProbe), in units of one thread's steps alone.
+  double alone_stream = 0, alone_step = 0;
+  StepProbe probe;
   if (root) {
     loom::set_num_threads(1);
     for (int w = 0; w < 3; ++w) alone_stream = std::max(alone_stream, stream_throughput(min_s));
+    for (int w = 0; w < 3; ++w) alone_step = std::max(alone_step, probe.steps_per_s(min_s));
   }
   for (int p = 1; p <= W; ++p) {
-    std::vector<double> rates(static_cast<size_t>(2 * W), 0.0);  // products, then streams
+    // products, then streams, then steps
+    std::vector<double> rates(static_cast<size_t>(3 * W), 0.0);
     const int me = world.valid() ? world.rank() : 0;
     if (me < p) {
       loom::set_num_threads(std::max(1, c.host_cores / p));
@@ -466,25 +528,32 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     if (me < p)
       for (int w = 0; w < 3; ++w)
         rates[size_t(W + me)] = std::max(rates[size_t(W + me)], stream_throughput(min_s));
+    if (world.valid()) sleepy_barrier(world);
+    if (me < p)
+      for (int w = 0; w < 3; ++w)
+        rates[size_t(2 * W + me)] = std::max(rates[size_t(2 * W + me)], probe.steps_per_s(min_s));
     if (world.valid()) {
       // Ranks not computing wait asleep (MPI's own wait polls and would take a core).
       const loom::comm::Work w =
-          world.all_reduce(loom::comm::BufferRef(rates.data(), 2 * W, loom::DType::f64));
+          world.all_reduce(loom::comm::BufferRef(rates.data(), 3 * W, loom::DType::f64));
       while (!w.test()) usleep(2000);
       w.wait();
     }
     if (root) {
-      double sum = 0, sum_stream = 0;
+      double sum = 0, sum_stream = 0, sum_step = 0;
       for (int i = 0; i < p; ++i) {
         sum += rates[size_t(i)];
         sum_stream += rates[size_t(W + i)];
+        sum_step += rates[size_t(2 * W + i)];
       }
       c.concurrency.emplace_back(p, sum / p / alone_256);
       c.memory_concurrency.emplace_back(p, sum_stream / p / alone_stream);
-      progress(fmt::format("{} rank(s) at once: {:.2f} cores' worth each computing, {:.2f} "
-                           "one-thread streams' worth each reading memory ({:.1f} GB/s alone)",
+      c.step_concurrency.emplace_back(p, sum_step / p / alone_step);
+      progress(fmt::format("{} rank(s) at once, each: {:.2f} cores' worth computing, {:.2f} "
+                           "one-thread streams reading memory ({:.1f} GB/s alone), {:.2f} "
+                           "one-thread training steps ({:.1f} steps/s alone)",
                            p, c.concurrency.back().second, c.memory_concurrency.back().second,
-                           alone_stream / 1e9));
+                           alone_stream / 1e9, c.step_concurrency.back().second, alone_step));
     }
   }
 

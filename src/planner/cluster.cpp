@@ -250,7 +250,8 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
   if (const toml::node* n = tbl.get("host")) {
     LOOM_CHECK(n->is_table(), "{}: 'host' must be a table", source);
     const toml::table& h = *n->as_table();
-    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency", "memory_concurrency"});
+    r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency", "memory_concurrency",
+                             "step_concurrency"});
     c.host_cores = r.integer(h, "host.", "cores", "cores per host", 1, 1 << 16);
     c.cpu_model = r.string(h, "host.", "cpu_model", std::string());
     c.calibrated = r.string(h, "host.", "calibrated", std::string());
@@ -261,6 +262,10 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
     if (h.get("memory_concurrency")) {
       const EfficiencyTable t = r.efficiency_like(h, "host.", "memory_concurrency");
       for (auto [k, v] : t.points) c.memory_concurrency.emplace_back(int(k), v);
+    }
+    if (h.get("step_concurrency")) {
+      const EfficiencyTable t = r.efficiency_like(h, "host.", "step_concurrency");
+      for (auto [k, v] : t.points) c.step_concurrency.emplace_back(int(k), v);
     }
   }
   if (const toml::node* n = tbl.get("kernels")) {
@@ -312,9 +317,14 @@ Cluster load_cluster(const std::string& path) {
 
 double Cluster::rank_share(int ranks) const {
   LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
-  if (concurrency.empty()) return double(std::max(host_cores, 1)) / ranks;
-  const std::pair<int, double>* at = &concurrency.front();
-  for (const auto& e : concurrency)
+  // The training-step probe where each rank runs one thread (ranks >= cores), as it did when
+  // measured; with fewer ranks it also measured how its small model scales over threads, which
+  // is a property of that model, not of sharing the host.
+  const std::vector<std::pair<int, double>>& table =
+      use_step_table(ranks) ? step_concurrency : concurrency;
+  if (table.empty()) return double(std::max(host_cores, 1)) / ranks;
+  const std::pair<int, double>* at = &table.front();
+  for (const auto& e : table)
     if (e.first <= ranks) at = &e;
   // Beyond the table (or below its first entry) the ranks split what that entry's ranks had.
   // Ranks computing at once cannot together get more than the host's cores: an entry above
@@ -326,7 +336,7 @@ double Cluster::rank_share(int ranks) const {
 
 double Cluster::memory_share(int ranks) const {
   LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
-  if (memory_concurrency.empty()) return rank_share(ranks);
+  if (memory_concurrency.empty() || use_step_table(ranks)) return rank_share(ranks);
   const std::pair<int, double>* at = &memory_concurrency.front();
   for (const auto& e : memory_concurrency)
     if (e.first <= ranks) at = &e;
@@ -390,6 +400,7 @@ std::string Cluster::to_toml() const {
     };
     per_ranks("concurrency", concurrency);
     per_ranks("memory_concurrency", memory_concurrency);
+    per_ranks("step_concurrency", step_concurrency);
   }
   if (kernels.measured) {
     const KernelCosts& k = kernels;

@@ -36,6 +36,12 @@
 //                                        one thread's stream alone: prices [kernels]' elementwise
 //                                        and optimizer work (a host's ranks share its memory
 //                                        bandwidth and caches); without it, as concurrency
+//   step_concurrency = [[1, 1.7], ...]   (optional) the same for loom's own training step on a
+//                                        small model, in units of one thread's steps alone: where
+//                                        present it prices everything (products, kernels,
+//                                        memory) once ranks fill the cores (one thread each, as
+//                                        measured), since it sees what ranks sharing a host lose
+//                                        that neither probe above does (caches, time slices)
 //   [kernels]                            (optional; loom calibrate writes it on CPU hosts) loom's
 //                                        own kernels as measured on one core of the host, priced
 //                                        by these instead of peak x matmul table / bandwidth:
@@ -134,12 +140,19 @@ struct Cluster {
   std::vector<std::pair<int, double>> concurrency;  // (ranks, cores' worth per rank), by ranks
   // (ranks, one thread's memory stream alone per rank), by ranks; empty: as concurrency
   std::vector<std::pair<int, double>> memory_concurrency;
+  // (ranks, one thread's training steps alone per rank), by ranks: when present, what a rank
+  // gets for everything once ranks >= cores (rank_share and memory_share both read it)
+  std::vector<std::pair<int, double>> step_concurrency;
   // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
-  // (nearest entry at or below, the last one beyond it scaled by last/ranks), else cores/ranks.
+  // (step_concurrency where present, else concurrency; nearest entry at or below, the last one
+  // beyond it scaled by last/ranks; capped at cores/ranks), else cores/ranks.
   double rank_share(int ranks) const;
   // One thread's memory streams' worth one of `ranks` ranks gets (memory_concurrency, looked up
   // like rank_share; not capped at cores/ranks: memory is shared differently), else rank_share.
   double memory_share(int ranks) const;
+  bool use_step_table(int ranks) const {
+    return !step_concurrency.empty() && host_cores > 0 && ranks >= host_cores;
+  }
   std::string cpu_model, calibrated;
   KernelCosts kernels;
   LinkLevel intra, inter;

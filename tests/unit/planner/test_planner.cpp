@@ -149,6 +149,20 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_DOUBLE_EQ(mem.memory_share(4), 0.3);
   EXPECT_DOUBLE_EQ(mem.rank_share(2), 0.8);
   EXPECT_NE(cluster_from_toml(mem.to_toml(), "round trip").memory_concurrency.size(), 0u);
+  // The training-step table, where present, prices ranks that fill the cores (one thread each,
+  // as it was measured), compute and memory alike; fewer ranks keep the probes' tables.
+  const Cluster step = cluster_from_toml(
+      with_line_replaced(mem.to_toml(), "memory_concurrency = [",
+                         "step_concurrency = [[1, 1.2], [2, 0.9], [4, 0.4]]\nmemory_concurrency = ["),
+      "test");
+  EXPECT_DOUBLE_EQ(step.rank_share(1), 1.5);
+  EXPECT_DOUBLE_EQ(step.memory_share(1), 1.9);
+  EXPECT_DOUBLE_EQ(step.rank_share(2), 0.9);
+  EXPECT_DOUBLE_EQ(step.memory_share(2), 0.9);
+  EXPECT_DOUBLE_EQ(step.rank_share(4), 0.4);
+  EXPECT_DOUBLE_EQ(step.rank_share(8), 0.2);
+  EXPECT_DOUBLE_EQ(step.memory_share(8), 0.2);
+  EXPECT_EQ(cluster_from_toml(step.to_toml(), "round trip").step_concurrency.size(), 3u);
 }
 
 TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
