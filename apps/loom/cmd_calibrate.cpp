@@ -4,7 +4,11 @@
 //   over square products of 32..1024 and the engine's row-heavy shapes, as a fraction of the best
 //   rate measured (the host's peak with every core);
 // - vector-op bandwidth: a triad a = b + s*c over arrays far larger than the caches;
-// - the cores of the host (ranks share them: core/threads.h);
+// - loom's own kernels on one core ([kernels]: product layouts, flash attention by size,
+//   nanoseconds per element of the elementwise passes, cross-entropy and the optimizer);
+// - the cores of the host (ranks share them: core/threads.h), and what p ranks computing at once
+//   each get: of 256^3 products, of memory streams, of loom's own training step (under mpirun,
+//   p = 1..N; the concurrency tables of [host]);
 // - under mpirun with N >= 2 ranks: every collective (all-reduce, all-gather, reduce-scatter)
 //   and point-to-point send at group sizes 2..N with a small and a large message, fitted to the
 //   alpha-beta form of cluster.h: alpha and beta from the all-gather, per-collective factors
@@ -672,7 +676,9 @@ void add_calibrate(CLI::App& root, loom::cli::Context& ctx) {
   auto out = std::make_shared<std::string>("configs/clusters/local.toml");
   auto quick = std::make_shared<bool>(false);
   CLI::App* sub = root.add_subcommand(
-      "calibrate", "measure this machine (matmul, bandwidth, MPI collectives) into a cluster file");
+      "calibrate",
+      "measure this machine (matmul, loom's own kernels, bandwidth, ranks sharing the host, MPI "
+      "collectives) into a cluster file");
   sub->add_option("--out", *out, "cluster file to write (default configs/clusters/local.toml)");
   sub->add_flag("--quick", *quick, "shorter timing windows (tests)");
   sub->callback([out, quick, &ctx] { run_calibrate(*out, *quick, ctx); });
