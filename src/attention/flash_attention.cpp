@@ -160,6 +160,16 @@ class Scratch {
   ThreadScratch mem_;
 };
 
+// Query blocks per forward task. The blocks of a task share every K and V tile they load: at
+// long sequences a head's K and V (T x HD f32 each: 4 MiB at T = 16K) no longer fit a core's L2,
+// and loading them once per query block made the forward read them from L3 64 times over.
+// Each block's arithmetic is unchanged (same tiles, same order), so results are bit-identical
+// to one block per task.
+constexpr int64_t kGroupQ = 8;
+// Key blocks per group in the fused backward (backward_fused), for the same reason: they share
+// each query block's Q, dO, lse and D.
+constexpr int64_t kGroupK = 8;
+
 // Transposed-score formulation, used where one query block meets many key blocks (forward and
 // the dQ pass): S^T (BK, BQ) = K (BK, HD) Q^T (HD, BQ). Q^T is transposed once per task; K and V
 // tiles are plain row copies; the softmax statistics of the 64 queries sit in 4 vectors.
@@ -168,54 +178,73 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
                   const AttentionShape& s) {
   static_assert(kBlockQ == 4 * kLanes);
   const int64_t HD = s.HD, HDp = round_up(HD, kLanes), group = s.NH / s.NKV;
-  const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ;
-  const int64_t tasks = s.B * s.NH * nqb;
+  const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nqg = (nqb + kGroupQ - 1) / kGroupQ;
+  const int64_t tasks = s.B * s.NH * nqg;
   if (tasks == 0) return;
   const float cs = s.scale * kLog2e;  // scores in base 2
   Scratch scratch(omp_get_max_threads(), HDp);
+  // Per thread and member of a task: Q^T (HD, BQ) and the unnormalised O (BQ, HDp).
+  ThreadScratch members(omp_get_max_threads(), kGroupQ * 2 * kBlockQ * HDp);
   const ColumnIndex col;
 
 #pragma omp parallel
   {
     Tiles t = scratch.tiles(omp_get_thread_num());
-    // Causal work grows with the query block, so hand out the late (heavy) blocks first.
+    ThreadScratch::Cursor mc = members.block(omp_get_thread_num());
+    float* qts[kGroupQ];
+    float* os[kGroupQ];
+    for (int64_t j = 0; j < kGroupQ; ++j) {
+      qts[j] = mc.take(kBlockQ * HDp);
+      os[j] = mc.take(kBlockQ * HDp);
+    }
+    // Causal work grows with the query block, so hand out the late (heavy) groups first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % s.NH, b = task / (nqb * s.NH);
-      const int64_t kvh = h / group, i0 = qb * kBlockQ, nq = std::min(kBlockQ, s.Tq - i0);
-      const int64_t mq = round_up(nq, 4);
-      float* qt = t.q;    // Q^T (HD, BQ)
+      const int64_t gq = nqg - 1 - task % nqg, h = (task / nqg) % s.NH, b = task / (nqg * s.NH);
+      const int64_t kvh = h / group, qb0 = gq * kGroupQ;
+      const int64_t members_n = std::min(kGroupQ, nqb - qb0);
       float* kc = t.kv;   // K (mk, HDp)
       float* vc = t.kt;   // V (nk, HDp)
       float* st = t.s;    // S^T, then P^T (BK, BQ)
-      float* o = t.acc0;  // O (mq, HDp), unnormalised
-      load_transposed(qt, kBlockQ, q + (b * s.Tq + i0) * s.q_stride + h * HD, s.q_stride, nq, HD);
-      std::fill(o, o + mq * HDp, 0.0f);
-      OnlineSoftmax sm;
-
-      const int64_t nkb = visible_key_blocks(s, i0, nq);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
-        const int64_t mk = round_up(g.nk, 4);
-        load_rows(kc, HDp, mk, k + (b * s.Tk + g.j0) * s.k_stride + kvh * HD, s.k_stride, g.nk, HD);
-        load_rows(vc, HDp, g.nk, v + (b * s.Tk + g.j0) * s.v_stride + kvh * HD, s.v_stride, g.nk,
-                  HD);
-        std::fill(st, st + mk * kBlockQ, 0.0f);
-        gemm_acc<false>(st, kBlockQ, kc, HDp, qt, kBlockQ, mk, kBlockQ, HD);  // S^T (mk, BQ)
-
-        Vec alpha_v[4];
-        sm.step(st, g, col, cs, g.nk, alpha_v);
-        float alpha[kBlockQ];
-        for (int c = 0; c < 4; ++c) store(alpha + c * kLanes, alpha_v[c]);
-        for (int64_t r = 0; r < nq; ++r) {
-          if (alpha[r] == 1.0f) continue;
-          float* orow = o + r * HDp;
-          for (int64_t d = 0; d < HDp; d += kLanes) store(orow + d, load(orow + d) * alpha[r]);
-        }
-        gemm_acc<true>(o, HDp, st, kBlockQ, vc, HDp, mq, HDp, g.nk);  // O += P V
+      int64_t i0[kGroupQ], nq[kGroupQ], mq[kGroupQ], nkb[kGroupQ], nkb_max = 0;
+      OnlineSoftmax sm[kGroupQ];
+      for (int64_t j = 0; j < members_n; ++j) {
+        i0[j] = (qb0 + j) * kBlockQ;
+        nq[j] = std::min(kBlockQ, s.Tq - i0[j]);
+        mq[j] = round_up(nq[j], 4);
+        load_transposed(qts[j], kBlockQ, q + (b * s.Tq + i0[j]) * s.q_stride + h * HD, s.q_stride,
+                        nq[j], HD);  // Q^T (HD, BQ)
+        std::fill(os[j], os[j] + mq[j] * HDp, 0.0f);
+        nkb[j] = visible_key_blocks(s, i0[j], nq[j]);
+        nkb_max = std::max(nkb_max, nkb[j]);
       }
 
-      sm.finish(out, lse, s, b, h, i0, nq, o, HDp, 1);
+      for (int64_t kb = 0; kb < nkb_max; ++kb) {
+        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, s.Tk - j0), mk = round_up(nk, 4);
+        load_rows(kc, HDp, mk, k + (b * s.Tk + j0) * s.k_stride + kvh * HD, s.k_stride, nk, HD);
+        load_rows(vc, HDp, nk, v + (b * s.Tk + j0) * s.v_stride + kvh * HD, s.v_stride, nk, HD);
+        for (int64_t j = 0; j < members_n; ++j) {
+          if (kb >= nkb[j]) continue;  // causal: this block sees no key of kb
+          const TileGeometry g = tile_geometry(s, i0[j], j0);
+          float* o = os[j];
+          std::fill(st, st + mk * kBlockQ, 0.0f);
+          gemm_acc<false>(st, kBlockQ, kc, HDp, qts[j], kBlockQ, mk, kBlockQ, HD);  // S^T (mk, BQ)
+
+          Vec alpha_v[4];
+          sm[j].step(st, g, col, cs, g.nk, alpha_v);
+          float alpha[kBlockQ];
+          for (int c = 0; c < 4; ++c) store(alpha + c * kLanes, alpha_v[c]);
+          for (int64_t r = 0; r < nq[j]; ++r) {
+            if (alpha[r] == 1.0f) continue;
+            float* orow = o + r * HDp;
+            for (int64_t d = 0; d < HDp; d += kLanes) store(orow + d, load(orow + d) * alpha[r]);
+          }
+          gemm_acc<true>(o, HDp, st, kBlockQ, vc, HDp, mq[j], HDp, g.nk);  // O += P V
+        }
+      }
+
+      for (int64_t j = 0; j < members_n; ++j)
+        sm[j].finish(out, lse, s, b, h, i0[j], nq[j], os[j], HDp, 1);
     }
   }
 }
@@ -391,6 +420,8 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
   const int64_t tasks = s.B * s.NKV;
   const int threads = omp_get_max_threads();
   Scratch scratch(threads, HDp);
+  // Per thread and key block of a group (kGroupK below): K^T, V^T, K, dK, dV tiles.
+  ThreadScratch members(threads, kGroupK * 5 * kBlockK * HDp);
   const int64_t dq_floats = group * nqb * kBlockQ * HDp;  // (group, nqb*BQ, HDp) per thread
   std::vector<float> dq_acc(size_t(dq_floats * threads));
   const ColumnIndex col;
@@ -399,42 +430,72 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
   {
     const int thread = omp_get_thread_num();
     Tiles t = scratch.tiles(thread);
+    ThreadScratch::Cursor mc = members.block(thread);
+    float *kt[kGroupK], *vt[kGroupK], *kv[kGroupK], *dK[kGroupK], *dV[kGroupK];
+    for (int64_t m = 0; m < kGroupK; ++m) {
+      kt[m] = mc.take(HDp * kBlockK);  // K^T (HD, BK)
+      vt[m] = mc.take(HDp * kBlockK);  // V^T (HD, BK)
+      kv[m] = mc.take(kBlockK * HDp);  // K (nk, HDp) for dQ += dS K
+      dK[m] = mc.take(kBlockK * HDp);  // (mk, HDp)
+      dV[m] = mc.take(kBlockK * HDp);  // (mk, HDp)
+    }
     float* dQ = dq_acc.data() + dq_floats * thread;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t kvh = task % s.NKV, b = task / s.NKV;
       std::fill(dQ, dQ + dq_floats, 0.0f);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, s.Tk - j0), mk = round_up(nk, 4);
-        const float* ksrc = k + (b * s.Tk + j0) * s.k_stride + kvh * HD;
-        load_transposed(t.kt, kBlockK, ksrc, s.k_stride, nk, HD);
-        load_transposed(t.vt, kBlockK, v + (b * s.Tk + j0) * s.v_stride + kvh * HD, s.v_stride, nk,
-                        HD);
-        load_rows(t.kv, HDp, nk, ksrc, s.k_stride, nk, HD);  // K (nk, HDp) for dQ += dS K
-        float* dK = t.acc0;  // (mk, HDp)
-        float* dV = t.acc1;  // (mk, HDp)
-        std::fill(dK, dK + mk * HDp, 0.0f);
-        std::fill(dV, dV + mk * HDp, 0.0f);
-        for (int64_t hg = 0; hg < group; ++hg)
-          for (int64_t qb = first_visible_query_block(s, j0); qb < nqb; ++qb) {
-            const int64_t h = kvh * group + hg;
-            const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0);
-            const int64_t mq = round_up(g.nq, 4);
-            load_query_block(t, s, q, dout, lse, D, b, h, g.i0, g.nq, mq);
-            probabilities_and_dscores(t, g, s, col, mq);
-            gemm_acc<true>(dV, HDp, t.s, kBlockK, t.dout, HDp, mk, HDp, g.nq);  // dV += P^T dO
-            gemm_acc<true>(dK, HDp, t.dp, kBlockK, t.q, HDp, mk, HDp, g.nq);    // dK += dS^T Q
-            float* dQ_tile = dQ + (hg * nqb + qb) * kBlockQ * HDp;
-            gemm_acc<false>(dQ_tile, HDp, t.dp, kBlockK, t.kv, HDp, mq, HDp, nk);  // dQ += dS K
-          }
-        for (int64_t c = 0; c < nk; ++c) {
-          float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
-          float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
-          for (int64_t d = 0; d < HD; ++d) {
-            dk_dst[d] += dK[c * HDp + d];
-            dv_dst[d] += dV[c * HDp + d];
-          }
+      // Key blocks in groups of kGroupK: each query block's Q, dO, lse and D are loaded once for
+      // the group (at long sequences they come from L3 otherwise, once per key block). Every
+      // accumulation keeps its order: dK / dV of a key block over (head, query block) ascending,
+      // dQ of a query block over key blocks ascending.
+      for (int64_t kg = 0; kg < nkb; kg += kGroupK) {
+        const int64_t n_m = std::min(kGroupK, nkb - kg);
+        int64_t j0[kGroupK], nk[kGroupK], mk[kGroupK], qfirst[kGroupK], qmin = nqb;
+        for (int64_t m = 0; m < n_m; ++m) {
+          j0[m] = (kg + m) * kBlockK;
+          nk[m] = std::min(kBlockK, s.Tk - j0[m]);
+          mk[m] = round_up(nk[m], 4);
+          const float* ksrc = k + (b * s.Tk + j0[m]) * s.k_stride + kvh * HD;
+          load_transposed(kt[m], kBlockK, ksrc, s.k_stride, nk[m], HD);
+          load_transposed(vt[m], kBlockK, v + (b * s.Tk + j0[m]) * s.v_stride + kvh * HD,
+                          s.v_stride, nk[m], HD);
+          load_rows(kv[m], HDp, nk[m], ksrc, s.k_stride, nk[m], HD);
+          std::fill(dK[m], dK[m] + mk[m] * HDp, 0.0f);
+          std::fill(dV[m], dV[m] + mk[m] * HDp, 0.0f);
+          qfirst[m] = first_visible_query_block(s, j0[m]);
+          qmin = std::min(qmin, qfirst[m]);
         }
+        for (int64_t hg = 0; hg < group; ++hg)
+          for (int64_t qb = qmin; qb < nqb; ++qb) {
+            const int64_t h = kvh * group + hg;
+            bool loaded = false;
+            for (int64_t m = 0; m < n_m; ++m) {
+              if (qb < qfirst[m]) continue;
+              const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0[m]);
+              const int64_t mq = round_up(g.nq, 4);
+              if (!loaded) {
+                load_query_block(t, s, q, dout, lse, D, b, h, g.i0, g.nq, mq);
+                loaded = true;
+              }
+              Tiles tm = t;  // this key block's K^T and V^T
+              tm.kt = kt[m];
+              tm.vt = vt[m];
+              probabilities_and_dscores(tm, g, s, col, mq);
+              gemm_acc<true>(dV[m], HDp, t.s, kBlockK, t.dout, HDp, mk[m], HDp, g.nq);  // dV += P^T dO
+              gemm_acc<true>(dK[m], HDp, t.dp, kBlockK, t.q, HDp, mk[m], HDp, g.nq);    // dK += dS^T Q
+              float* dQ_tile = dQ + (hg * nqb + qb) * kBlockQ * HDp;
+              gemm_acc<false>(dQ_tile, HDp, t.dp, kBlockK, kv[m], HDp, mq, HDp, nk[m]);  // dQ += dS K
+            }
+          }
+        for (int64_t m = 0; m < n_m; ++m)
+          for (int64_t c = 0; c < nk[m]; ++c) {
+            float* dk_dst = dk + (b * s.Tk + j0[m] + c) * s.k_stride + kvh * HD;
+            float* dv_dst = dv + (b * s.Tk + j0[m] + c) * s.v_stride + kvh * HD;
+            for (int64_t d = 0; d < HD; ++d) {
+              dk_dst[d] += dK[m][c * HDp + d];
+              dv_dst[d] += dV[m][c * HDp + d];
+            }
+          }
       }
       for (int64_t hg = 0; hg < group; ++hg)
         for (int64_t i = 0; i < s.Tq; ++i) {

@@ -12,9 +12,11 @@
 //   gaps between heads*HD and the row stride are never touched, so q/k/v may be column slices of
 //   one fused (B, T, (NH + 2*NKV)*HD) buffer.
 // - No Tq x Tk score matrix is ever stored. Extra memory: the forward and the two-pass backward
-//   use O(threads * tile) (~150 KiB per thread at HD = 64); the fused backward (chosen when
+//   use O(threads * tile) (~150 KiB per thread at HD = 64, plus, for the 8 query blocks a
+//   forward task shares K/V tiles among, 256 KiB); the fused backward (chosen when
 //   B*NKV >= 2*threads) adds a (NH/NKV, Tq, HD rounded up to 16) f32 dQ accumulator per thread,
-//   linear in Tq. Both backward paths give bit-identical results.
+//   linear in Tq, and the tiles of the 8 key blocks a task handles at once (640 KiB per thread at
+//   HD = 64). Both backward paths give bit-identical results.
 // - Bad shapes (non-positive sizes, NKV not dividing NH, strides narrower than a row, non-finite
 //   or non-positive scale) throw loom::Error before anything is written.
 // - Deterministic: every output element is produced by one thread in a fixed order, so the result
