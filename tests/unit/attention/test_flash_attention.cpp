@@ -367,6 +367,53 @@ TEST(FlashAttention, BlockwiseQueryBackwardEqualsFull) {
   EXPECT_LT(test::nmse(dv, test::to_f64(full.dv)), kGradNmse);
 }
 
+// Forward tasks take 8 query blocks and the fused backward 8 key blocks at once, sharing the
+// loaded tiles; each block's arithmetic must stay what it is alone. A query block computed by
+// itself (Tq = its rows, q_offset = its start: the same key tiles in the same order) gives its
+// rows of the whole call's out, lse and dQ bit for bit, for blocks in the first, a middle and
+// the last, partial group of 19 query blocks, on the fused backward (B * NKV >= 2 threads) and
+// with 1 and 2 threads.
+TEST(FlashAttention, GroupedBlocksComputeEachBlockAsAloneBitwise) {
+  const Case c{2, 1200, 1200, 4, 2, 64, true};
+  Problem p(c, 21);
+  const AttentionShape s = p.shape();
+  const int64_t qw = c.NH * c.HD;
+  for (int threads : {1, 2}) {
+    SCOPED_TRACE(testing::Message() << threads << " thread(s)");
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    KernelResult full = run_kernel(p);
+    for (int64_t qb : {0, 5, 9, 16, 18}) {  // groups [0, 8), [8, 16), [16, 19)
+      SCOPED_TRACE(testing::Message() << "query block " << qb);
+      const int64_t i0 = qb * 64, n = std::min<int64_t>(64, c.Tq - i0);
+      AttentionShape sb = s;
+      sb.B = 1;
+      sb.Tq = n;
+      sb.q_offset = i0;
+      for (int64_t b = 0; b < c.B; ++b) {
+        const float* qb_ptr = p.q.data() + (b * c.Tq + i0) * qw;
+        const float* kb_ptr = p.k.data() + b * c.Tk * c.NKV * c.HD;
+        const float* vb_ptr = p.v.data() + b * c.Tk * c.NKV * c.HD;
+        std::vector<float> out(size_t(n * qw)), lse(size_t(c.NH * n)), D(size_t(c.NH * n)),
+            dq(size_t(n * qw), 0.0f), dk(size_t(c.Tk * c.NKV * c.HD), 0.0f), dv(dk.size(), 0.0f);
+        flash_attention_forward(out.data(), lse.data(), qb_ptr, kb_ptr, vb_ptr, sb);
+        EXPECT_EQ(std::memcmp(out.data(), full.out.data() + (b * c.Tq + i0) * qw, out.size() * 4), 0);
+        for (int64_t h = 0; h < c.NH; ++h)
+          EXPECT_EQ(std::memcmp(lse.data() + h * n, full.lse.data() + (b * c.NH + h) * c.Tq + i0,
+                                size_t(n) * 4),
+                    0)
+              << "lse of head " << h;
+        const float* db = p.dout.data() + (b * c.Tq + i0) * qw;
+        attention_backward_preprocess(D.data(), db, out.data(), sb);
+        flash_attention_backward(dq.data(), dk.data(), dv.data(), db, qb_ptr, kb_ptr, vb_ptr,
+                                 lse.data(), D.data(), sb);
+        EXPECT_EQ(std::memcmp(dq.data(), full.dq.data() + (b * c.Tq + i0) * qw, dq.size() * 4), 0);
+      }
+    }
+    omp_set_num_threads(saved);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bf16 forward
 
