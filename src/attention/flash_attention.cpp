@@ -58,18 +58,28 @@ namespace {
 template <bool kTransA, int NV>
 inline void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda, const float* B,
                      int64_t ldb, int64_t K) {
+  // Fully unrolled over the 4 x NV accumulators, so that they live in registers from the loads
+  // of C to the stores (rolled, GCC kept a copy of each on the stack: 48 extra moves per call,
+  // against 64 iterations of 16 FMAs).
   Vec acc[4][NV];
+#pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = load(C + r * ldc + c * kLanes);
   for (int64_t kk = 0; kk < K; ++kk) {
     Vec b[NV];
+#pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) b[c] = load(B + kk * ldb + c * kLanes);
+#pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const Vec a = splat(kTransA ? A[kk * lda + r] : A[r * lda + kk]);
+#pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) store(C + r * ldc + c * kLanes, acc[r][c]);
 }
 
