@@ -55,7 +55,7 @@ namespace {
 
 // C (4 x 16*NV) += A (4 x K) B (K x 16*NV). A(r, kk) is A[r*lda + kk], or A[kk*lda + r] when
 // kTransA (used for P^T and dS^T, so those tiles are never transposed in memory).
-template <bool kTransA, int NV>
+template <bool kTransA, int NV, bool kZero>
 inline void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda, const float* B,
                      int64_t ldb, int64_t K) {
   // Fully unrolled over the 4 x NV accumulators, so that they live in registers from the loads
@@ -65,7 +65,7 @@ inline void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda, const f
 #pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = load(C + r * ldc + c * kLanes);
+    for (int c = 0; c < NV; ++c) acc[r][c] = kZero ? splat(0.0f) : load(C + r * ldc + c * kLanes);
   for (int64_t kk = 0; kk < K; ++kk) {
     Vec b[NV];
 #pragma GCC unroll 4
@@ -83,20 +83,23 @@ inline void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda, const f
     for (int c = 0; c < NV; ++c) store(C + r * ldc + c * kLanes, acc[r][c]);
 }
 
-// C (M x N) += A (M x K) B (K x N); M a multiple of 4, N a multiple of 16. Every element of C is
-// a sum over kk = 0..K-1 in order, so the result does not depend on how tiles are scheduled.
-template <bool kTransA>
+// C (M x N) += A (M x K) B (K x N), or with kZero C = A B (the same sums: they start from 0
+// either way, without a pass that zero-fills C first); M a multiple of 4, N a multiple of 16.
+// Every element of C is a sum over kk = 0..K-1 in order, so the result does not depend on how
+// tiles are scheduled.
+template <bool kTransA, bool kZero = false>
 void gemm_acc(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
               int64_t M, int64_t N, int64_t K) {
   for (int64_t i = 0; i < M; i += 4) {
     const float* Ai = kTransA ? A + i : A + i * lda;
     float* Ci = C + i * ldc;
     int64_t n = 0;
-    for (; n + 4 * kLanes <= N; n += 4 * kLanes) gemm_4xn<kTransA, 4>(Ci + n, ldc, Ai, lda, B + n, ldb, K);
+    for (; n + 4 * kLanes <= N; n += 4 * kLanes)
+      gemm_4xn<kTransA, 4, kZero>(Ci + n, ldc, Ai, lda, B + n, ldb, K);
     switch ((N - n) / kLanes) {
-      case 3: gemm_4xn<kTransA, 3>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
-      case 2: gemm_4xn<kTransA, 2>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
-      case 1: gemm_4xn<kTransA, 1>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
+      case 3: gemm_4xn<kTransA, 3, kZero>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
+      case 2: gemm_4xn<kTransA, 2, kZero>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
+      case 1: gemm_4xn<kTransA, 1, kZero>(Ci + n, ldc, Ai, lda, B + n, ldb, K); break;
       default: break;
     }
   }
@@ -237,8 +240,7 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
           if (kb >= nkb[j]) continue;  // causal: this block sees no key of kb
           const TileGeometry g = tile_geometry(s, i0[j], j0);
           float* o = os[j];
-          std::fill(st, st + mk * kBlockQ, 0.0f);
-          gemm_acc<false>(st, kBlockQ, kc, HDp, qts[j], kBlockQ, mk, kBlockQ, HD);  // S^T (mk, BQ)
+          gemm_acc<false, true>(st, kBlockQ, kc, HDp, qts[j], kBlockQ, mk, kBlockQ, HD);  // S^T (mk, BQ)
 
           Vec alpha_v[4];
           sm[j].step(st, g, col, cs, g.nk, alpha_v);
@@ -283,10 +285,8 @@ void probabilities_and_dscores(Tiles& t, const TileGeometry& g, const AttentionS
                                const ColumnIndex& col, int64_t mq) {
   const int64_t HD = s.HD, HDp = round_up(HD, kLanes);
   const float cs = s.scale * kLog2e;
-  std::fill(t.s, t.s + mq * kBlockK, 0.0f);
-  std::fill(t.dp, t.dp + mq * kBlockK, 0.0f);
-  gemm_acc<false>(t.s, kBlockK, t.q, HDp, t.kt, kBlockK, mq, kBlockK, HD);      // S (mq, BK)
-  gemm_acc<false>(t.dp, kBlockK, t.dout, HDp, t.vt, kBlockK, mq, kBlockK, HD);  // dP (mq, BK)
+  gemm_acc<false, true>(t.s, kBlockK, t.q, HDp, t.kt, kBlockK, mq, kBlockK, HD);      // S (mq, BK)
+  gemm_acc<false, true>(t.dp, kBlockK, t.dout, HDp, t.vt, kBlockK, mq, kBlockK, HD);  // dP (mq, BK)
   for (int64_t r = 0; r < mq; ++r) {
     float* srow = t.s + r * kBlockK;
     float* dprow = t.dp + r * kBlockK;
@@ -392,10 +392,8 @@ void backward_dq(float* dq, const float* dout, const float* q, const float* k, c
         const int64_t mk = round_up(g.nk, 4);
         load_rows(kc, HDp, mk, k + (b * s.Tk + g.j0) * s.k_stride + kvh * HD, s.k_stride, g.nk, HD);
         load_rows(vc, HDp, mk, v + (b * s.Tk + g.j0) * s.v_stride + kvh * HD, s.v_stride, g.nk, HD);
-        std::fill(st, st + mk * kBlockQ, 0.0f);
-        std::fill(dpt, dpt + mk * kBlockQ, 0.0f);
-        gemm_acc<false>(st, kBlockQ, kc, HDp, qt, kBlockQ, mk, kBlockQ, HD);    // S^T (mk, BQ)
-        gemm_acc<false>(dpt, kBlockQ, vc, HDp, dot, kBlockQ, mk, kBlockQ, HD);  // dP^T (mk, BQ)
+        gemm_acc<false, true>(st, kBlockQ, kc, HDp, qt, kBlockQ, mk, kBlockQ, HD);    // S^T (mk, BQ)
+        gemm_acc<false, true>(dpt, kBlockQ, vc, HDp, dot, kBlockQ, mk, kBlockQ, HD);  // dP^T (mk, BQ)
         for (int64_t j = 0; j < g.nk; ++j) {
           const QueryLaneMask vis(col, g, j);
           float* srow = st + j * kBlockQ;
