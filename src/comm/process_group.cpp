@@ -14,9 +14,13 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <numeric>
+#include <thread>
 
 #include "comm/detail.h"
 #include "core/error.h"
@@ -243,10 +247,93 @@ void Work::wait() const {
   wait(state_->group->timeout_s);
 }
 
+namespace {
+
+// The last line of "nothing hangs": Work::wait checks its deadline between polls, but a poll is
+// an MPI call, and a peer stopped or killed in the middle of a shared-memory transfer can leave
+// Open MPI spinning inside it (its FIFO reader waits for a write the stopped writer never
+// finishes), so the deadline check is never reached. A watchdog thread, started with the first
+// wait, checks every half second whether the armed wait has outlived its timeout, the liveness
+// probe's grace and kWatchdogMargin; if so it names the wait and ends this rank (_Exit), and
+// mpirun ends the job. Arming is a mutex and a shared_ptr copy (no wake-up per wait). One wait
+// at a time per process: loom's ranks communicate from one thread.
+constexpr double kWatchdogMargin = 5.0;  // seconds past timeout + grace
+
+class Watchdog {
+ public:
+  static Watchdog& get() {
+    static Watchdog* w = new Watchdog();  // never destroyed: its detached thread may outlive exit
+    return *w;
+  }
+  void arm(const std::shared_ptr<WorkState>& w, double timeout_s, double grace_s) {
+    const std::lock_guard<std::mutex> lk(m_);
+    work_ = w;
+    timeout_s_ = timeout_s;
+    start_ = std::chrono::steady_clock::now();
+    fire_at_ = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_s + grace_s + kWatchdogMargin));
+  }
+  void disarm() {
+    const std::lock_guard<std::mutex> lk(m_);
+    work_.reset();
+  }
+
+ private:
+  Watchdog() { std::thread([this] { run(); }).detach(); }
+  void run() {
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      std::shared_ptr<WorkState> w;
+      double timeout_s = 0, elapsed = 0;
+      {
+        const std::lock_guard<std::mutex> lk(m_);
+        const auto now = std::chrono::steady_clock::now();
+        if (!work_ || now < fire_at_) continue;
+        w = work_;
+        timeout_s = timeout_s_;
+        elapsed = std::chrono::duration<double>(now - start_).count();
+      }
+      std::fprintf(stderr,
+                   "error: %s %s is still inside an MPI call %.1f s after it started, past its "
+                   "%.1f s timeout and the liveness probe: a peer stopped or killed in the middle "
+                   "of a shared-memory transfer can leave MPI spinning in a call that never "
+                   "returns. Ending this rank so that the job ends (raise LOOM_COMM_TIMEOUT if the "
+                   "wait is legitimate).\n",
+                   w->group->prefix().c_str(), w->describe().c_str(), elapsed, timeout_s);
+      std::fflush(stderr);
+      std::_Exit(1);
+    }
+  }
+  std::mutex m_;
+  std::shared_ptr<WorkState> work_;
+  double timeout_s_ = 0;
+  std::chrono::steady_clock::time_point start_, fire_at_;
+};
+
+// Fault injection for the watchdog's test: LOOM_TEST_STUCK_IN_MPI=RANK (or "all") makes that
+// world rank's waits block as a poll stuck inside MPI would (tests/cli/test_cli.sh).
+bool stuck_in_mpi_injected(const GroupState& g) {
+  static const int rank = [] {
+    const char* v = std::getenv("LOOM_TEST_STUCK_IN_MPI");
+    if (!v || !*v) return -1;
+    return std::strcmp(v, "all") == 0 ? INT_MAX : std::atoi(v);
+  }();
+  return rank == INT_MAX || (rank >= 0 && g.world_rank == rank);
+}
+
+}  // namespace
+
 void Work::wait(double timeout_s) const {
   if (!state_) return;
   WorkState& w = *state_;
   GroupState& g = *w.group;
+  const double grace = std::min(kDiagnoseGraceMax, 0.5 * timeout_s);
+  Watchdog::get().arm(state_, timeout_s, grace);
+  struct Disarm {
+    ~Disarm() { Watchdog::get().disarm(); }
+  } disarm;
+  if (stuck_in_mpi_injected(g))
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   auto start = std::chrono::steady_clock::now();
   auto deadline = start + std::chrono::duration<double>(timeout_s);
   auto idle_since = start;
@@ -265,7 +352,6 @@ void Work::wait(double timeout_s) const {
     if (now >= deadline) {
       // Name the member this wait is stuck on: a short liveness probe tells a frozen or dead
       // peer (no answer) from a live one that never issued this call.
-      const double grace = std::min(kDiagnoseGraceMax, 0.5 * timeout_s);
       const std::string why = g.diagnose(w, grace);
       if (w.done) continue;  // completed during the probe: report as usual
       std::string members;
