@@ -270,8 +270,10 @@ class Watchdog {
     work_ = w;
     timeout_s_ = timeout_s;
     start_ = std::chrono::steady_clock::now();
+    // Capped at 1e9 s (31 years): a larger LOOM_COMM_TIMEOUT would overflow the clock's ticks.
+    const double after_s = std::min(timeout_s + grace_s + kWatchdogMargin, 1e9);
     fire_at_ = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(timeout_s + grace_s + kWatchdogMargin));
+                            std::chrono::duration<double>(after_s));
   }
   void disarm() {
     const std::lock_guard<std::mutex> lk(m_);
