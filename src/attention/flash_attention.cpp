@@ -196,8 +196,10 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
   if (tasks == 0) return;
   const float cs = s.scale * kLog2e;  // scores in base 2
   Scratch scratch(omp_get_max_threads(), HDp);
-  // Per thread and member of a task: Q^T (HD, BQ) and the unnormalised O (BQ, HDp).
-  ThreadScratch members(omp_get_max_threads(), kGroupQ * 2 * kBlockQ * HDp);
+  // Per thread and member of a task: Q^T (HD, BQ) and the unnormalised O (BQ, HDp); no more
+  // members than there are query blocks (short calls, such as a cp ring step's, need few).
+  const int64_t member_cap = std::min(kGroupQ, nqb);
+  ThreadScratch members(omp_get_max_threads(), member_cap * 2 * kBlockQ * HDp);
   const ColumnIndex col;
 
 #pragma omp parallel
@@ -206,7 +208,7 @@ void forward_impl(float* out, float* lse, const T* q, const T* k, const T* v,
     ThreadScratch::Cursor mc = members.block(omp_get_thread_num());
     float* qts[kGroupQ];
     float* os[kGroupQ];
-    for (int64_t j = 0; j < kGroupQ; ++j) {
+    for (int64_t j = 0; j < member_cap; ++j) {
       qts[j] = mc.take(kBlockQ * HDp);
       os[j] = mc.take(kBlockQ * HDp);
     }
@@ -428,8 +430,10 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
   const int64_t tasks = s.B * s.NKV;
   const int threads = omp_get_max_threads();
   Scratch scratch(threads, HDp);
-  // Per thread and key block of a group (kGroupK below): K^T, V^T, K, dK, dV tiles.
-  ThreadScratch members(threads, kGroupK * 5 * kBlockK * HDp);
+  // Per thread and key block of a group (kGroupK; no more than there are key blocks): K^T, V^T,
+  // K, dK, dV tiles.
+  const int64_t member_cap = std::min(kGroupK, nkb);
+  ThreadScratch members(threads, member_cap * 5 * kBlockK * HDp);
   const int64_t dq_floats = group * nqb * kBlockQ * HDp;  // (group, nqb*BQ, HDp) per thread
   std::vector<float> dq_acc(size_t(dq_floats * threads));
   const ColumnIndex col;
@@ -440,7 +444,7 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
     Tiles t = scratch.tiles(thread);
     ThreadScratch::Cursor mc = members.block(thread);
     float *kt[kGroupK], *vt[kGroupK], *kv[kGroupK], *dK[kGroupK], *dV[kGroupK];
-    for (int64_t m = 0; m < kGroupK; ++m) {
+    for (int64_t m = 0; m < member_cap; ++m) {
       kt[m] = mc.take(HDp * kBlockK);  // K^T (HD, BK)
       vt[m] = mc.take(HDp * kBlockK);  // V^T (HD, BK)
       kv[m] = mc.take(kBlockK * HDp);  // K (nk, HDp) for dQ += dS K

@@ -318,7 +318,14 @@ bool stuck_in_mpi_injected(const GroupState& g) {
   static const int rank = [] {
     const char* v = std::getenv("LOOM_TEST_STUCK_IN_MPI");
     if (!v || !*v) return -1;
-    return std::strcmp(v, "all") == 0 ? INT_MAX : std::atoi(v);
+    if (std::strcmp(v, "all") == 0) return INT_MAX;
+    char* end = nullptr;
+    const long r = std::strtol(v, &end, 10);
+    LOOM_CHECK(end && *end == '\0' && r >= 0 && r < INT_MAX,
+               "LOOM_TEST_STUCK_IN_MPI='{}' must be a world rank (0, 1, ...) or 'all' (fault "
+               "injection for tests: that rank's waits never return)",
+               v);
+    return int(r);
   }();
   return rank == INT_MAX || (rank >= 0 && g.world_rank == rank);
 }
