@@ -301,9 +301,10 @@ void probabilities_and_dscores(Tiles& t, const TileGeometry& g, const AttentionS
     }
     const Vec lim = splat(float(last));
     const float lse2 = t.row0[r], Dr = t.row1[r];
+    const bool all_visible = g.all_visible();
     for (int c = 0; c < 4; ++c) {
-      Vec p = exp2v(load(srow + c * kLanes) * cs - lse2);
-      p = col.v[c] <= lim ? p : splat(0.0f);
+      Vec p = exp2v(fmav(load(srow + c * kLanes), splat(cs), splat(-lse2)));
+      if (!all_visible) p = col.v[c] <= lim ? p : splat(0.0f);
       store(srow + c * kLanes, p);
       store(dprow + c * kLanes, p * (load(dprow + c * kLanes) - Dr) * s.scale);
     }
@@ -387,6 +388,9 @@ void backward_dq(float* dq, const float* dout, const float* q, const float* k, c
                       HD);
       Vec lse2[4], Dv[4];  // per query: lse in base 2 (-inf: no gradient) and D
       query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
+      bool all_lse_finite = true;
+      for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < kLanes; ++l) all_lse_finite = all_lse_finite && lse2[c][l] != kNegInf;
       std::fill(dQ, dQ + mq * HDp, 0.0f);
       const int64_t nkb = visible_key_blocks(s, i0, nq);
       for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -396,13 +400,23 @@ void backward_dq(float* dq, const float* dout, const float* q, const float* k, c
         load_rows(vc, HDp, mk, v + (b * s.Tk + g.j0) * s.v_stride + kvh * HD, s.v_stride, g.nk, HD);
         gemm_acc<false, true>(st, kBlockQ, kc, HDp, qt, kBlockQ, mk, kBlockQ, HD);    // S^T (mk, BQ)
         gemm_acc<false, true>(dpt, kBlockQ, vc, HDp, dot, kBlockQ, mk, kBlockQ, HD);  // dP^T (mk, BQ)
+        // The same arithmetic as probabilities_and_dscores, element for element (bit-identical
+        // dS); tiles with every entry visible, for queries that all see some key, skip the mask.
+        const bool unmasked = g.all_visible() && all_lse_finite;
         for (int64_t j = 0; j < g.nk; ++j) {
-          const QueryLaneMask vis(col, g, j);
           float* srow = st + j * kBlockQ;
           float* drow = dpt + j * kBlockQ;
+          if (unmasked) {
+            for (int c = 0; c < 4; ++c) {
+              const Vec p = exp2v(fmav(load(srow + c * kLanes), splat(cs), -lse2[c]));
+              store(drow + c * kLanes, p * (load(drow + c * kLanes) - Dv[c]) * s.scale);
+            }
+            continue;
+          }
+          const QueryLaneMask vis(col, g, j);
           for (int c = 0; c < 4; ++c) {
             const IVec ok = vis.m[c] & (lse2[c] != splat(kNegInf));
-            Vec p = exp2v(load(srow + c * kLanes) * cs - lse2[c]);
+            Vec p = exp2v(fmav(load(srow + c * kLanes), splat(cs), -lse2[c]));
             p = ok ? p : splat(0.0f);
             store(drow + c * kLanes, p * (load(drow + c * kLanes) - Dv[c]) * s.scale);
           }
@@ -435,7 +449,9 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
   const int64_t member_cap = std::min(kGroupK, nkb);
   ThreadScratch members(threads, member_cap * 5 * kBlockK * HDp);
   const int64_t dq_floats = group * nqb * kBlockQ * HDp;  // (group, nqb*BQ, HDp) per thread
-  std::vector<float> dq_acc(size_t(dq_floats * threads));
+  // 64-byte aligned like every tile (a std::vector's large block starts 16 bytes into a page,
+  // and then every vector load and store of a dQ row straddles two cache lines).
+  ThreadScratch dq_acc(threads, dq_floats);
   const ColumnIndex col;
 
 #pragma omp parallel
@@ -451,7 +467,7 @@ void backward_fused(float* dq, float* dk, float* dv, const float* dout, const fl
       dK[m] = mc.take(kBlockK * HDp);  // (mk, HDp)
       dV[m] = mc.take(kBlockK * HDp);  // (mk, HDp)
     }
-    float* dQ = dq_acc.data() + dq_floats * thread;
+    float* dQ = dq_acc.block(thread).p;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t kvh = task % s.NKV, b = task / s.NKV;

@@ -249,6 +249,10 @@ __attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, co
                                                            const ColumnIndex& col,
                                                            const Vec lse2[4], const Vec Dv[4],
                                                            float cs, float scale) {
+  // Tiles with every entry visible, for queries that all see some key, skip the mask.
+  bool unmasked = g.all_visible();
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < kLanes; ++l) unmasked = unmasked && lse2[c][l] != kNegInf;
   for (int64_t j = 0; j < kBlockK; ++j) {
     float* srow = t.s + j * kBlockQ;
     float* drow = t.dp + j * kBlockQ;
@@ -257,10 +261,18 @@ __attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, co
       std::memset(drow, 0, kBlockQ * 4);
       continue;
     }
+    if (unmasked) {
+      for (int c = 0; c < 4; ++c) {
+        const Vec p = exp2v(fmav(load(srow + c * kLanes), splat(cs), -lse2[c]));
+        store(srow + c * kLanes, p);
+        store(drow + c * kLanes, p * (load(drow + c * kLanes) - Dv[c]) * scale);
+      }
+      continue;
+    }
     const QueryLaneMask vis(col, g, j);
     for (int c = 0; c < 4; ++c) {
       const IVec ok = vis.m[c] & (lse2[c] != splat(kNegInf));
-      Vec p = exp2v(load(srow + c * kLanes) * cs - lse2[c]);
+      Vec p = exp2v(fmav(load(srow + c * kLanes), splat(cs), -lse2[c]));
       p = ok ? p : splat(0.0f);
       store(srow + c * kLanes, p);
       store(drow + c * kLanes, p * (load(drow + c * kLanes) - Dv[c]) * scale);

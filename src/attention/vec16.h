@@ -30,4 +30,8 @@ inline Vec splat(float x) {
   return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
 }
 
+// a * b + c: GCC and Clang contract it into one FMA where the target has one (GCC's default
+// -ffp-contract=fast), else two roundings; either way the same in every caller of one build.
+inline Vec fmav(Vec a, Vec b, Vec c) { return a * b + c; }
+
 }  // namespace loom::attention::vec16
