@@ -343,25 +343,6 @@ double Cluster::memory_share(int ranks) const {
   return at->second * double(at->first) / double(ranks);
 }
 
-nlohmann::json Cluster::to_json() const {
-  auto link = [](const LinkLevel& l) {
-    nlohmann::json j = {{"latency_s", l.latency_s},
-                        {"bandwidth_Bps", l.bandwidth_Bps},
-                        {"efficiency", l.efficiency}};
-    for (int c = 0; c < kNumCollectives; ++c)
-      j[collective_name(Collective(c))] = {l.factors[size_t(c)].first, l.factors[size_t(c)].second};
-    return j;
-  };
-  return {{"name", name},         {"source", source},
-          {"nodes", nodes},       {"devices_per_node", devices_per_node},
-          {"peak_flops_f32", peak_flops_f32}, {"peak_flops_bf16", peak_flops_bf16},
-          {"memory_bytes", memory_bytes},     {"memory_bandwidth_Bps", memory_bandwidth_Bps},
-          {"op_overhead_s", op_overhead_s},
-          {"host_cores", host_cores},         {"cpu_model", cpu_model},
-          {"calibrated", calibrated},         {"intra", link(intra)},
-          {"inter", link(inter)}};
-}
-
 std::string Cluster::to_toml() const {
   auto table = [](const EfficiencyTable& e) {
     std::string s = "[";

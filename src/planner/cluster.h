@@ -164,8 +164,7 @@ struct Cluster {
   const EfficiencyTable& efficiency(model::Precision p) const {
     return p == model::Precision::bf16 ? eff_bf16 : eff_f32;
   }
-  nlohmann::json to_json() const;
-  std::string to_toml() const;  // the file form (what calibrate writes)
+  std::string to_toml() const;  // the file form (what calibrate writes; every table round-trips)
 };
 
 // Parses a cluster file. Errors name the file, the key and the expected unit.
