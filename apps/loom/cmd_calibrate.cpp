@@ -522,20 +522,26 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     // products, then streams, then steps
     std::vector<double> rates(static_cast<size_t>(3 * W), 0.0);
     const int me = world.valid() ? world.rank() : 0;
+    // The median of three windows per rank: robust to a burst of outside load in one window,
+    // and not biased up as the best window was. Ranks sharing cores get uneven slices from one
+    // window to the next, so the sum of each rank's best window counted time slices that the
+    // others had in theirs: with the best window, 4 and 8 ranks read 0.45-0.51 and 0.21-0.25 of
+    // a thread each, while 4 and 8 one-rank trainings of codegeex-small at once ran at 0.40 and
+    // 0.18 of their speed alone (docs/planner.md, session 12).
+    auto median3 = [](auto&& window) {
+      double r[3];
+      for (double& x : r) x = window();
+      std::sort(r, r + 3);
+      return r[1];
+    };
     if (me < p) {
       loom::set_num_threads(std::max(1, c.host_cores / p));
-      // The best of three windows: a burst of outside load in one window is not the host's state.
-      for (int w = 0; w < 3; ++w)
-        rates[size_t(me)] = std::max(rates[size_t(me)], matmul_throughput(min_s));
+      rates[size_t(me)] = median3([&] { return matmul_throughput(min_s); });
     }
     if (world.valid()) sleepy_barrier(world);
-    if (me < p)
-      for (int w = 0; w < 3; ++w)
-        rates[size_t(W + me)] = std::max(rates[size_t(W + me)], stream_throughput(min_s));
+    if (me < p) rates[size_t(W + me)] = median3([&] { return stream_throughput(min_s); });
     if (world.valid()) sleepy_barrier(world);
-    if (me < p)
-      for (int w = 0; w < 3; ++w)
-        rates[size_t(2 * W + me)] = std::max(rates[size_t(2 * W + me)], probe.steps_per_s(min_s));
+    if (me < p) rates[size_t(2 * W + me)] = median3([&] { return probe.steps_per_s(min_s); });
     if (world.valid()) {
       // Ranks not computing wait asleep (MPI's own wait polls and would take a core).
       const loom::comm::Work w =
