@@ -523,11 +523,12 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     std::vector<double> rates(static_cast<size_t>(3 * W), 0.0);
     const int me = world.valid() ? world.rank() : 0;
     // The median of three windows per rank: robust to a burst of outside load in one window,
-    // and not biased up as the best window was. Ranks sharing cores get uneven slices from one
-    // window to the next, so the sum of each rank's best window counted time slices that the
-    // others had in theirs: with the best window, 4 and 8 ranks read 0.45-0.51 and 0.21-0.25 of
-    // a thread each, while 4 and 8 one-rank trainings of codegeex-small at once ran at 0.40 and
-    // 0.18 of their speed alone (docs/planner.md, session 12).
+    // and not biased up as the best window is (ranks sharing cores get uneven slices from one
+    // window to the next, so summing each rank's best window counts slices the others had in
+    // theirs). On the quiet 2-core development host both read about the same (step table 0.45
+    // and 0.21 at 4 and 8 ranks; a run with the best window an hour earlier read 0.51 and 0.25),
+    // while 4 and 8 one-rank `loom train` runs of codegeex-small at once ran at 0.40 and 0.18 of
+    // their speed alone (docs/planner.md, session 12: not explained by the probe's size).
     auto median3 = [](auto&& window) {
       double r[3];
       for (double& x : r) x = window();
