@@ -23,12 +23,14 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -79,6 +81,11 @@ struct Prepared {
   bool isolated = false;
   uid_t uid = 0;
   int cgroup_fds[2] = {-1, -1};  // cgroup.procs of the run's cpu and pids cgroups (>= 10)
+  pid_t harness_pid = 0;         // the process that forks A (A checks it is still its parent)
+  // Fault injection for tests (LOOM_TEST_SANDBOX_PAUSE="a:MS" or "b:MS"): A or B sleeps MS
+  // milliseconds before its PR_SET_PDEATHSIG, so a test can kill the parent in that window.
+  char pause_in = 0;
+  timespec pause{0, 0};
 };
 
 // /proc/self/mounts escapes blanks and backslashes as \ooo.
@@ -149,9 +156,18 @@ void set_limit(int resource, int64_t soft, int64_t hard, const char* what) {
 }
 
 // B: pid 1 of the namespace when isolated. Reaps everything, reports C's status, exits; its
-// exit makes the kernel kill whatever C left behind.
-[[noreturn]] void run_init(const Prepared& p) {
+// exit makes the kernel kill whatever C left behind. `life_r`: the read end of a pipe whose only
+// write end A holds.
+[[noreturn]] void run_init(const Prepared& p, int life_r) {
+  if (p.pause_in == 'b') nanosleep(&p.pause, nullptr);
   prctl(PR_SET_PDEATHSIG, SIGKILL);
+  // A parent that died before the prctl above sends no signal: a sandbox whose harness was
+  // killed at that moment (loom eval under SIGKILL, then --resume) would run its program to the
+  // end with no wall clock, holding the slot's uid. B cannot ask getppid() (A is outside its pid
+  // namespace), so it looks at the pipe: A gone means end of file.
+  pollfd alive{life_r, POLLIN, 0};
+  if (poll(&alive, 1, 0) != 0) _exit(126);  // no data is ever written: any event is A's exit
+  close(life_r);
   if (p.isolated) {
     // A /proc for this pid namespace: the program sees only its own processes.
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, nullptr) != 0)
@@ -185,7 +201,9 @@ unsigned long statvfs_to_mount_flags(unsigned long f) {
 [[noreturn]] void run_child_a(const Prepared& p, int null_fd, int out_fd, int err_fd,
                               int status_fd) {
   setpgid(0, 0);
+  if (p.pause_in == 'a') nanosleep(&p.pause, nullptr);
   prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != p.harness_pid) _exit(126);  // the harness died before the prctl (see run_init)
   if (dup2(status_fd, kStatusFd) < 0) _exit(126);
   // Join the run's cgroups first ("0" = the writer): B, C and all they start inherit them.
   for (int fd : p.cgroup_fds)
@@ -214,9 +232,15 @@ unsigned long statvfs_to_mount_flags(unsigned long f) {
       }
     }
   }
+  int life[2];
+  if (pipe2(life, O_CLOEXEC) != 0) child_fail("pipe2 (life)");
   const pid_t b = fork();
   if (b < 0) child_fail("fork (init)");
-  if (b == 0) run_init(p);
+  if (b == 0) {
+    close(life[1]);
+    run_init(p, life[0]);
+  }
+  close(life[0]);  // A keeps life[1] open until it exits
   // The parent kills B (not A) on timeout: A's waitpid below then returns only once the whole
   // pid namespace is gone, so "A exited" means "nothing of the program is left".
   write_record(kStatusFd, 'B', int32_t(b), "");
@@ -541,6 +565,18 @@ SandboxResult Sandbox::run(const SandboxSpec& spec, int slot) const {
   Fd null_fd(open("/dev/null", O_RDONLY | O_CLOEXEC));
   LOOM_CHECK(null_fd.fd >= 0, "open(/dev/null) failed: {}", std::strerror(errno));
 
+  p.harness_pid = getpid();
+  if (const char* e = std::getenv("LOOM_TEST_SANDBOX_PAUSE")) {
+    const std::string v = e;
+    LOOM_CHECK(v.size() > 2 && (v[0] == 'a' || v[0] == 'b') && v[1] == ':' &&
+                   v.find_first_not_of("0123456789", 2) == std::string::npos && v.size() < 9,
+               "LOOM_TEST_SANDBOX_PAUSE='{}': expected a:MS or b:MS (milliseconds, a test "
+               "fault injection)",
+               v);
+    const long ms = std::stol(v.substr(2));
+    p.pause_in = v[0];
+    p.pause = {ms / 1000, (ms % 1000) * 1000000L};
+  }
   const pid_t pid = fork();
   LOOM_CHECK(pid >= 0, "fork failed: {}", std::strerror(errno));
   if (pid == 0) run_child_a(p, null_fd.fd, out_w.fd, err_w.fd, st_w.fd);

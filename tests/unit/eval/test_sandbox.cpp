@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -99,6 +100,64 @@ TEST_F(SandboxTest, WallTimeoutKillsTheWholeGroupAndNamespace) {
   // 1 s limit plus set-up and kill; 5 s leaves room for a loaded 2-core CI machine.
   EXPECT_LT(wall, 5.0);
   EXPECT_EQ(processes_of_uid(sandbox_->uid_for_slot(1)), 0);
+}
+
+// A harness killed at the moment a sandbox chain is being set up, before A (or B) has armed
+// PR_SET_PDEATHSIG, sends it no signal: without the chain's own check its program would run to
+// the end, unwatched, as the slot's uid (loom eval killed with SIGKILL and then --resumed did
+// this, and a following test found a process of the slot alive). The fault injection
+// LOOM_TEST_SANDBOX_PAUSE holds A or B for 1.5 s before its prctl; a child process of this test
+// plays the harness and is killed in that window. Nothing of the sample may run afterwards.
+TEST_F(SandboxTest, ChainWhoseParentDiedBeforeItArmedItsDeathSignalEnds) {
+  for (const char* where : {"a:1500", "b:1500"}) {
+    const int slot = 2;
+    const uid_t uid = sandbox_->uid_for_slot(slot);
+    ASSERT_EQ(processes_of_uid(uid), 0) << "a process of slot " << slot << " before the test";
+    const fs::path dir = sandbox_->make_dir(root_, slot);
+    const auto t_fork = std::chrono::steady_clock::now();
+    const pid_t harness = fork();
+    ASSERT_GE(harness, 0);
+    if (harness == 0) {
+      setenv("LOOM_TEST_SANDBOX_PAUSE", where, 1);
+      SandboxSpec spec;
+      spec.argv = {"/bin/sleep", "30"};
+      spec.env = {"PATH=/usr/bin:/bin"};
+      spec.dir = dir;
+      spec.limits.wall_seconds = 60;
+      sandbox_->run(spec, slot);
+      _exit(0);
+    }
+    // A (or B) is paused now: kill the harness, as kill -9 of loom eval would.
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    kill(harness, SIGKILL);
+    int st = 0;
+    waitpid(harness, &st, 0);
+    // The pause ends 1.5 s after the fork; the chain must then end instead of starting the
+    // sample (A and B run as root: until the sample starts, nothing runs as the slot's uid, so
+    // the check waits until well after the pause and then looks for a second).
+    std::this_thread::sleep_until(t_fork + std::chrono::milliseconds(3000));
+    int left = 0;
+    for (int i = 0; i < 10 && left == 0; ++i) {
+      left = processes_of_uid(uid);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_EQ(left, 0) << "pause in " << where << ": the sample runs on as uid " << uid;
+    if (left != 0) {  // leave nothing behind for the next test
+      for (const auto& e : fs::directory_iterator("/proc")) {
+        const std::string name = e.path().filename();
+        if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
+        std::ifstream in(e.path() / "status");
+        std::string line;
+        while (std::getline(in, line))
+          if (line.rfind("Uid:", 0) == 0) {
+            if (std::stoul(line.substr(4)) == uid) kill(std::stoi(name), SIGKILL);
+            break;
+          }
+      }
+      for (int i = 0; i < 50 && processes_of_uid(uid) != 0; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
 }
 
 TEST_F(SandboxTest, OutputFloodIsCutAndKept) {
