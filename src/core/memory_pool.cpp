@@ -1,8 +1,10 @@
 #include "core/memory_pool.h"
 
+#include <cstdint>
 #include <cstdlib>
 
 #include <malloc.h>
+#include <sys/mman.h>
 
 #include <mutex>
 
@@ -30,6 +32,18 @@ void keep_freed_memory_in_process() {
     mallopt(M_MMAP_MAX, 0);              // no per-allocation mmap/munmap
     mallopt(M_TRIM_THRESHOLD, 1 << 30);  // never trim a free heap top under 1 GiB
   });
+}
+
+void advise_huge_pages(void* p, size_t bytes) {
+  static const bool on = [] {
+    const char* e = std::getenv("LOOM_HUGE_PAGES");
+    return !(e && e[0] == '0');
+  }();
+  if (!on || p == nullptr) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
 MemoryPool::MemoryPool() { keep_freed_memory_in_process(); }

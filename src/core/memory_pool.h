@@ -27,6 +27,16 @@ std::string_view mem_category_name(MemCategory c);
 // its peak still bounds what is kept. Idempotent; LOOM_MALLOC_TUNE=0 leaves malloc alone.
 void keep_freed_memory_in_process();
 
+// Asks the kernel to back [p, p + bytes) with 2 MiB transparent huge pages where the host's
+// policy is "madvise" (Debian's default): the 2 MiB-aligned interior of the range gets
+// madvise(MADV_HUGEPAGE). Call it before the range is first written (pages already touched stay
+// 4 KiB until the kernel's background collapse). For large buffers read in full every step
+// (inference weights, the KV cache): one TLB entry covers 512 times as much, and streaming
+// reads stall less on page walks (measured on gpt2-124m decode, 8 paired runs, each faster with
+// it: 0-5% a step at batch 1 and 8, f32 and bf16). A hint: errors are ignored.
+// LOOM_HUGE_PAGES=0 turns it off.
+void advise_huge_pages(void* p, size_t bytes);
+
 class MemoryPool {
  public:
   static constexpr size_t kAlignment = 64;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/memory_pool.h"
 
 namespace loom::infer {
 
@@ -26,6 +27,8 @@ KvCache::KvCache(const KvCacheShape& shape, int64_t budget_bytes, int64_t max_se
              need * bb);
   LOOM_CHECK(num_blocks_ < (int64_t(1) << 31), "KV cache: {} blocks exceed the int32 block ids",
              num_blocks_);
+  pool_.reserve(size_t(num_blocks_ * bb));  // advised onto huge pages before it is written
+  advise_huge_pages(pool_.data(), size_t(num_blocks_ * bb));
   pool_.assign(size_t(num_blocks_ * bb), std::byte{0});
   free_.reserve(size_t(num_blocks_));
   for (int64_t p = num_blocks_ - 1; p >= 0; --p) free_.push_back(int32_t(p));

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/memory_pool.h"
 #include "core/log.h"
 #include "interop/model_checkpoint.h"
 
@@ -213,6 +214,13 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     matmul_bytes_ +=
         n * int64_t(element_bytes(p.fmt)) + (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
   }
+  // Reserved (not yet written), advised onto huge pages, then filled: every step reads them all.
+  lin_f32_.reserve(size_t(n32));
+  lin_bf16_.reserve(size_t(n16));
+  lin_i8_.reserve(size_t(n8));
+  advise_huge_pages(lin_f32_.data(), size_t(n32) * sizeof(float));
+  advise_huge_pages(lin_bf16_.data(), size_t(n16) * sizeof(bf16));
+  advise_huge_pages(lin_i8_.data(), size_t(n8));
   lin_f32_.resize(size_t(n32));
   lin_bf16_.resize(size_t(n16));
   lin_i8_.resize(size_t(n8));
