@@ -61,6 +61,9 @@ void* MemoryPool::allocate(size_t bytes, MemCategory cat) {
   size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   if (rounded == 0) rounded = kAlignment;
   void* p = std::aligned_alloc(kAlignment, rounded);
+  // Large buffers on huge pages (advise_huge_pages): gpt2-124m training at 2 x 256 ran 421-426
+  // -> 424-436 tokens/s in 2 paired runs of 4 steps.
+  if (rounded >= (size_t(4) << 20)) advise_huge_pages(p, rounded);
   LOOM_CHECK(p != nullptr, "out of memory allocating {} bytes for {} (current total {} bytes)",
              bytes, mem_category_name(cat), total_current_.load());
   Stat& s = stats_[size_t(cat)];
