@@ -388,9 +388,7 @@ void backward_dq(float* dq, const float* dout, const float* q, const float* k, c
                       HD);
       Vec lse2[4], Dv[4];  // per query: lse in base 2 (-inf: no gradient) and D
       query_stats(lse2, Dv, lse, D, s, b, h, i0, nq);
-      bool all_lse_finite = true;
-      for (int c = 0; c < 4; ++c)
-        for (int l = 0; l < kLanes; ++l) all_lse_finite = all_lse_finite && lse2[c][l] != kNegInf;
+      const bool all_lse_finite = all_lanes_finite(lse2);
       std::fill(dQ, dQ + mq * HDp, 0.0f);
       const int64_t nkb = visible_key_blocks(s, i0, nq);
       for (int64_t kb = 0; kb < nkb; ++kb) {

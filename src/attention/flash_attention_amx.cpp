@@ -250,9 +250,7 @@ __attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, co
                                                            const Vec lse2[4], const Vec Dv[4],
                                                            float cs, float scale) {
   // Tiles with every entry visible, for queries that all see some key, skip the mask.
-  bool unmasked = g.all_visible();
-  for (int c = 0; c < 4; ++c)
-    for (int l = 0; l < kLanes; ++l) unmasked = unmasked && lse2[c][l] != kNegInf;
+  const bool unmasked = g.all_visible() && all_lanes_finite(lse2);
   for (int64_t j = 0; j < kBlockK; ++j) {
     float* srow = t.s + j * kBlockQ;
     float* drow = t.dp + j * kBlockQ;

@@ -272,6 +272,14 @@ inline void query_stats(Vec lse2[4], Vec Dv[4], const float* lse, const float* D
   }
 }
 
+// Every query of the block sees some key (no lse is -inf): with all_visible(), no mask applies.
+inline bool all_lanes_finite(const Vec lse2[4]) {
+  bool ok = true;
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < kLanes; ++l) ok = ok && lse2[c][l] != kNegInf;
+  return ok;
+}
+
 inline void check_pointers(bool ok, const char* fn, const AttentionShape& s) {
   LOOM_CHECK(ok, "{}: a null buffer was passed for B={} Tq={} Tk={}", fn, s.B, s.Tq, s.Tk);
 }

@@ -109,7 +109,6 @@ void head_vec(float* oh, const float* qh, const PagedQuery& pq, int64_t BT, floa
               float* score, const std::byte* kb, const std::byte* vb, const Row& row) {
   static const Reduce16 kTree;
   constexpr size_t es = kBf16 ? 2 : 4;
-
   Vec q[NV];
   for (int c = 0; c < NV; ++c) q[c] = load(qh + c * kLanes);
   float m = -INFINITY;

@@ -32,10 +32,10 @@ void keep_freed_memory_in_process();
 // madvise(MADV_HUGEPAGE). Call it before the range is first written (pages already touched stay
 // 4 KiB until the kernel's background collapse). For large buffers read in full every step
 // (inference weights, the KV cache; MemoryPool::allocate does it for buffers of 4 MiB and more,
-// memory glibc then keeps in the process, see above): one TLB entry covers 512 times as much, and streaming
-// reads stall less on page walks (measured on gpt2-124m decode, 8 paired runs, each faster with
-// it: 0-5% a step at batch 1 and 8, f32 and bf16). A hint: errors are ignored.
-// LOOM_HUGE_PAGES=0 turns it off.
+// memory glibc then keeps in the process, see above): one TLB entry covers 512 times as much,
+// and streaming reads stall less on page walks (measured on gpt2-124m decode, 8 paired runs,
+// each faster with it: 0-5% a step at batch 1 and 8, f32 and bf16). A hint: errors are
+// ignored. LOOM_HUGE_PAGES=0 turns it off.
 void advise_huge_pages(void* p, size_t bytes);
 
 class MemoryPool {

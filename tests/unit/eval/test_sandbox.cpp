@@ -52,9 +52,9 @@ class SandboxTest : public ::testing::Test {
     return sandbox_->run(spec, slot);
   }
   // Processes (threads included) whose real uid is the slot's: what the kernel counts for
-  // RLIMIT_NPROC. After run() returns it must be zero.
-  int processes_of_uid(uid_t uid) {
-    int n = 0;
+  // RLIMIT_NPROC. After run() returns there must be none.
+  std::vector<pid_t> pids_of_uid(uid_t uid) {
+    std::vector<pid_t> pids;
     for (const auto& e : fs::directory_iterator("/proc")) {
       const std::string name = e.path().filename();
       if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
@@ -62,12 +62,13 @@ class SandboxTest : public ::testing::Test {
       std::string line;
       while (std::getline(st, line))
         if (line.rfind("Uid:", 0) == 0) {
-          if (std::stoul(line.substr(4)) == uid) ++n;
+          if (std::stoul(line.substr(4)) == uid) pids.push_back(pid_t(std::stoi(name)));
           break;
         }
     }
-    return n;
+    return pids;
   }
+  int processes_of_uid(uid_t uid) { return int(pids_of_uid(uid).size()); }
   std::optional<Sandbox> sandbox_;
   fs::path root_;
 };
@@ -104,8 +105,8 @@ TEST_F(SandboxTest, WallTimeoutKillsTheWholeGroupAndNamespace) {
 
 // A harness killed at the moment a sandbox chain is being set up, before A (or B) has armed
 // PR_SET_PDEATHSIG, sends it no signal: without the chain's own check its program would run to
-// the end, unwatched, as the slot's uid (loom eval killed with SIGKILL and then --resumed did
-// this, and a following test found a process of the slot alive). The fault injection
+// the end, unwatched, as the slot's uid (loom eval killed with SIGKILL, as before a --resume,
+// can hit that window). The fault injection
 // LOOM_TEST_SANDBOX_PAUSE holds A or B for 1.5 s before its prctl; a child process of this test
 // plays the harness and is killed in that window. Nothing of the sample may run afterwards.
 TEST_F(SandboxTest, ChainWhoseParentDiedBeforeItArmedItsDeathSignalEnds) {
@@ -124,7 +125,11 @@ TEST_F(SandboxTest, ChainWhoseParentDiedBeforeItArmedItsDeathSignalEnds) {
       spec.env = {"PATH=/usr/bin:/bin"};
       spec.dir = dir;
       spec.limits.wall_seconds = 60;
-      sandbox_->run(spec, slot);
+      try {
+        sandbox_->run(spec, slot);
+      } catch (...) {
+        _exit(1);  // never unwind into the test's own process image
+      }
       _exit(0);
     }
     // A (or B) is paused now: kill the harness, as kill -9 of loom eval would.
@@ -143,17 +148,7 @@ TEST_F(SandboxTest, ChainWhoseParentDiedBeforeItArmedItsDeathSignalEnds) {
     }
     EXPECT_EQ(left, 0) << "pause in " << where << ": the sample runs on as uid " << uid;
     if (left != 0) {  // leave nothing behind for the next test
-      for (const auto& e : fs::directory_iterator("/proc")) {
-        const std::string name = e.path().filename();
-        if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
-        std::ifstream in(e.path() / "status");
-        std::string line;
-        while (std::getline(in, line))
-          if (line.rfind("Uid:", 0) == 0) {
-            if (std::stoul(line.substr(4)) == uid) kill(std::stoi(name), SIGKILL);
-            break;
-          }
-      }
+      for (pid_t pid : pids_of_uid(uid)) kill(pid, SIGKILL);
       for (int i = 0; i < 50 && processes_of_uid(uid) != 0; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
