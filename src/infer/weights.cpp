@@ -56,6 +56,14 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
               r0 + n, w.N);
   WeightView v = w;
   v.N = n;
+  if (w.layout == kernels::WeightLayout::amx_tiles) {
+    // Tile order keeps 32-row blocks whole: a slice must start on one (ModelWeights stores a view
+    // it slices elsewhere in row order).
+    LOOM_ASSERT(r0 % 32 == 0, "rows [{}, {}) of a tile-order weight: start not a multiple of 32",
+                r0, r0 + n);
+    v.data = static_cast<const bf16*>(w.data) + kernels::amx_tiles_index(r0, 0, w.K);
+    return v;
+  }
   v.data = static_cast<const char*>(w.data) + size_t(r0 * w.K) * element_bytes(w.format);
   if (w.scales) v.scales = w.scales + r0;
   return v;
@@ -142,11 +150,14 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     WeightView* view;
     WeightFormat fmt;
     int64_t flat_off, N, K;
+    int64_t split = 0;  // weight_rows slices the view at this row (0: never sliced)
     int64_t at = 0, scale_at = 0;
+    bool tiles = false;  // bf16 in AMX tile order (kernels::amx_tiles_available)
   };
   std::vector<Pending> todo;
   auto add_block = [&](const model::BlockOffsets& o, BlockLinears& bl) {
-    todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C});
+    // The query layer's q comes from another input than k, v (decoder.cpp): sliced at Cq.
+    todo.push_back({&bl.qkv, linears, o.w_qkv, Cq + 2 * KV, C, &bl == &qlinears_ ? Cq : 0});
     todo.push_back({&bl.out, linears, o.w_out, C, Cq});
     if (o.sparse()) return;  // no dense FFN: the experts (below)
     todo.push_back({&bl.up, linears, o.w_up, F, C});
@@ -201,8 +212,11 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
         n32 += n;
         break;
       case WeightFormat::bf16:
+        // Tile order where AMX runs it (every M on one kernel: weight_matmul.h), unless a slice
+        // would cut a 32-row block.
+        p.tiles = kernels::amx_tiles_available(p.K) && p.split % 32 == 0;
         p.at = n16;
-        n16 += n;
+        n16 += p.tiles ? kernels::amx_tiles_elements(p.N, p.K) : n;
         break;
       case WeightFormat::int8_row:
         p.at = n8;
@@ -211,8 +225,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
         nsc += p.N;
         break;
     }
-    matmul_bytes_ +=
-        n * int64_t(element_bytes(p.fmt)) + (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
+    matmul_bytes_ += (p.tiles ? kernels::amx_tiles_elements(p.N, p.K) : n) *
+                         int64_t(element_bytes(p.fmt)) +
+                     (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
   }
   // Reserved (not yet written), advised onto huge pages, then filled: every step reads them all.
   lin_f32_.reserve(size_t(n32));
@@ -233,6 +248,7 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     v.N = p.N;
     v.K = p.K;
     v.scales = nullptr;
+    v.layout = kernels::WeightLayout::rows;
     const bool is_head = &v == &head_;
     if (src.int8 && !is_head) {
       // Stored int8 rows: the parameters covering [flat_off, flat_off + n) (q, k, v for qkv)
@@ -267,7 +283,14 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
         v.data = lin_f32_.data() + p.at;
         break;
       case WeightFormat::bf16:
-        convert_f32_to_bf16(w, lin_bf16_.data() + p.at, size_t(n));
+        if (p.tiles) {
+          std::vector<bf16> rows(static_cast<size_t>(n));
+          convert_f32_to_bf16(w, rows.data(), size_t(n));
+          kernels::pack_amx_tiles(lin_bf16_.data() + p.at, rows.data(), p.N, p.K);
+          v.layout = kernels::WeightLayout::amx_tiles;
+        } else {
+          convert_f32_to_bf16(w, lin_bf16_.data() + p.at, size_t(n));
+        }
         v.data = lin_bf16_.data() + p.at;
         break;
       case WeightFormat::int8_row:

@@ -26,22 +26,27 @@
 // weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
 // AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
 // bits differ slightly; each is batch invariant on its own.
-// AMX (opt-in, LOOM_AMX_WEIGHTS=1): calls with M >= 16 rows on bf16 weights with K a multiple of
-// 32 run on AMX tiles where the CPU has them (weight_matmul_uses_amx; prefill sizes, where it is
-// faster): x is split into three bf16 parts that together hold its 24 bits, so x is still not
-// rounded; products are exact and accumulate in f32 (weight_matmul_amx.cpp). Its summation order
-// is its own, so with it on, bf16 batch invariance holds only within each regime (M < 16, M >=
-// 16): that is why it is off by default. f32 and int8 weights never take it. It flushes denormal
-// parts of x to zero and turns an infinite x into NaN.
+// AMX: bf16 weights stored in tile order (WeightLayout::amx_tiles, made by pack_amx_tiles; the
+// inference weights do this at load where amx_tiles_available) run on AMX tiles at every M
+// (weight_matmul_amx.cpp): x is split into three bf16 parts that together hold its 24 bits, so x
+// is still not rounded; products are exact and accumulate in f32. One kernel for every M, so
+// batch invariance holds as above; its summation order is its own (bits differ from the AVX-512
+// path's). It flushes denormal parts of x to zero and turns an infinite x into NaN. On a CPU
+// without AMX a tile-order view runs weight_matmul_reference.
 #pragma once
 
 #include <cstdint>
 
-#include "core/dtype.h"
+#include "core/dtype.h"  // bf16
 
 namespace loom::kernels {
 
 enum class WeightFormat : uint8_t { f32, bf16, int8_row };
+
+// How the (N, K) elements lie in memory: `rows` row-major (row n at n * K); `amx_tiles` (bf16
+// only, K a multiple of 32) in AMX tile order, rows padded with zeros to a multiple of 32: see
+// amx_tiles_index.
+enum class WeightLayout : uint8_t { rows, amx_tiles };
 
 // A read-only view of one (N, K) weight in its storage format. `data` points at float, bf16 or
 // int8_t elements according to `format`; `scales` (N) only for int8_row.
@@ -50,6 +55,7 @@ struct WeightView {
   int64_t N = 0, K = 0;
   const void* data = nullptr;
   const float* scales = nullptr;
+  WeightLayout layout = WeightLayout::rows;
 };
 
 // y (M, N) = x (M, K) @ W^T + bias.
@@ -66,16 +72,27 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
 // it runs weight_matmul_reference.
 bool weight_matmul_uses_avx512();
 
-// True when weight_matmul runs `w` with M rows of x on AMX tiles: LOOM_AMX_WEIGHTS=1 in the
-// environment (opt-in, see below), bf16 weights, K a non-zero multiple of 32, M >= kAmxMinRows,
-// and amx_bf16_usable() (kernels/cpu/amx.h; LOOM_AMX=0 turns every AMX path off).
-constexpr int64_t kAmxMinRows = 16;
-bool weight_matmul_uses_amx(const WeightView& w, int64_t M);
+// True when weight_matmul runs `w` on AMX tiles: a tile-order bf16 view and amx_bf16_usable()
+// (kernels/cpu/amx.h; LOOM_AMX=0 turns every AMX path off).
+bool weight_matmul_uses_amx(const WeightView& w);
+
+// Whether a bf16 weight with K columns should be stored in tile order: K a non-zero multiple of
+// 32, amx_bf16_usable(), and LOOM_AMX_WEIGHTS is not "0" (which keeps bf16 weights row-major on
+// the AVX-512 path, to compare the two).
+bool amx_tiles_available(int64_t K);
+
+// Tile order: elements of the (N, K) weight in pack_amx_tiles' layout (N rounded up to 32, times
+// K), and where element (n, k) lies in it. 32-row block b = n / 32, chunk c = k / 32: two 16 x 16
+// tiles of k pairs, (b * K/32 + c) * 1024 + t * 512 + r * 32 + (n % 16) * 2 + k % 2 with t =
+// (n % 32) / 16 and r = (k % 32) / 2: each block's weights are one contiguous stream.
+int64_t amx_tiles_elements(int64_t N, int64_t K);
+int64_t amx_tiles_index(int64_t n, int64_t k, int64_t K);
+// W (N, K) bf16 row-major -> dst (amx_tiles_elements) in tile order; K a positive multiple of 32.
+void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K);
 
 namespace detail {
-// The AMX kernel itself (weight_matmul_amx.cpp), for any M: bf16 weights, K a non-zero multiple
-// of 32 and amx_bf16_usable(), else false (nothing written). Same contract as weight_matmul,
-// batch invariant on its own; tests and benchmarks call it directly.
+// The AMX kernel itself (weight_matmul_amx.cpp), for any M: false (nothing written) unless
+// weight_matmul_uses_amx(w). Same contract as weight_matmul.
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias);
 }  // namespace detail

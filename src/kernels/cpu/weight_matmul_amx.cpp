@@ -1,45 +1,36 @@
-// kernels/cpu/weight_matmul_amx.cpp: weight_matmul for bf16 weights on Intel
-// AMX tiles (weight_matmul.h, "AMX").
+// kernels/cpu/weight_matmul_amx.cpp: weight_matmul for bf16 weights stored in AMX tile order
+// (WeightLayout::amx_tiles, weight_matmul.h), on Intel AMX tiles.
 //
-// Glossary as in weight_matmul.h: x (M, K) f32, W (N, K) bf16 row-major, y (M,
-// N). A "pair" is two bf16 in one 32-bit word, the form of a tile product's
-// second operand.
+// Glossary as in weight_matmul.h: x (M, K) f32, W (N, K) bf16, y (M, N). A "pair" is two bf16
+// in one 32-bit word, the form of a tile product's second operand. KC = K / 32 chunks of k.
 //
-// The tile product TDPBF16PS C += A B (C 16 x 16 f32, A 16 rows of 32 bf16, B
-// 16 rows of 16 pairs) multiplies bf16 exactly and accumulates in f32. It runs
-// y^T = W x^T: A is 16 rows of W read in place (32 consecutive k of each row,
-// the row stride K), B is x^T as pairs over k, packed once per call, C holds 16
-// outputs n x 16 rows m.
+// The tile product TDPBF16PS C += A B (C R x 16 f32, A R rows of 32 bf16, B 16 rows of 16 pairs)
+// multiplies bf16 exactly and accumulates in f32. Here A is x (R = 16 rows of it, or all M < 16
+// rows), B is W^T as pairs over k, C holds R rows m x 16 outputs n: y = x W^T directly, each C
+// row a piece of a row of y.
 //
-// x stays f32 (the contract: a weight-only format does not round activations).
-// Each row of x is split into three bf16 parts, x = hi + mid + lo (hi =
-// bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid); the two subtractions
-// are exact), which together carry x's 24 significant bits, and C accumulates A
-// hi + A mid + A lo. Every product is exact, so the result is the dot product
-// of f32 x with the bf16 weights up to f32 accumulation rounding, as in the
-// AVX-512 path (their summation orders differ, so their bits do). Exceptions:
-// the tiles flush denormals, so a part below 2^-126 counts as 0 (an absolute
-// error under 1e-38 per product), and an infinite x gives NaN (inf - inf in the
-// split), where the AVX-512 path gives +-inf or NaN.
+// W's layout (pack_amx_tiles): rows padded with zeros to a multiple of 32; 32-row block b, chunk
+// c holds two B tiles t = 0, 1 (rows 32b + 16t .. + 15) of 16 pairs over k = 32c .. 32c + 31,
+// 1 KiB each, and the blocks and chunks follow each other in memory. A block's weights are one
+// contiguous stream (2 KiB a chunk), which the kernel prefetches two chunks ahead: tile loads
+// from rows K apart (W as stored) ran at ~22 GB/s where the vector loads of the AVX-512 path
+// read ~31 (docs/infer.md, "Session 13").
 //
-// Batch invariance: output (m, n) is accumulated in one C tile element, k in
-// ascending chunks of 32, in each chunk hi then mid then lo, whatever M, the
-// tile's other rows and columns, or the thread (threads split N). Bias is added
-// last in f32.
+// x stays f32 (the contract: a weight-only format does not round activations). Each row of x is
+// split into three bf16 parts, x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo =
+// bf16(x - hi - mid); the subtractions are exact), which together carry x's 24 significant bits,
+// and C accumulates hi W + mid W + lo W. Every product is exact, so the result is the dot product
+// of f32 x with the bf16 weights up to f32 accumulation rounding, as in the AVX-512 path (their
+// summation orders differ, so their bits do). Exceptions: the conversion and the tiles treat
+// denormals as zero, so a part below 2^-126 counts as 0 (an absolute error under 1e-38 per
+// product), and an infinite x gives NaN (inf - inf in the split), where the AVX-512 path gives
+// +-inf or NaN.
 //
-// Opt-in (LOOM_AMX_WEIGHTS=1), because its sums differ from the AVX-512 path's
-// in the last bits and weight_matmul uses it only for M >= 16: a bf16 row would
-// then get different bits alone (decode, M < 16) and in a large prefill, and
-// loom's decoder promises bf16 batch invariance (tests/unit/infer:
-// Decoder.BatchInvariantBitwise). Using it for every M keeps invariance but is
-// slower at decode sizes, as measured below; weights packed in tile order at
-// load would fix that (not done). Speed, and why only M >= 16 (kAmxMinRows in
-// weight_matmul.h): loading a weight tile (16 rows, each 64 bytes from a
-// different row of W) stalls when W is not in L1/L2, and below 16 rows of x a
-// tile is used once. Measured on GPT-2 124M's fc layer
-// (bench_kernels_weight_matmul, bf16, 2 threads): M = 1 0.220 ms vs 0.201 ms
-// for the AVX-512 path, M = 8 0.261 vs 0.234, M = 16 0.288 vs 0.426, M = 32
-// 0.425 vs 0.769. So decode sizes keep the AVX-512 path.
+// Batch invariance: output (m, n) is accumulated in one C tile element, k in ascending chunks of
+// 32, in each chunk hi then mid then lo, whatever M, the tile's other rows and columns, or the
+// thread (threads split the 32-row blocks of W). Bias is added last in f32. So every M, from
+// decode's 1 to a prefill of thousands, runs this one kernel and a row's bits never depend on
+// the batch.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -48,129 +39,171 @@
 #include <cstring>
 #include <vector>
 
+#include "core/error.h"
 #include "kernels/cpu/amx.h"
 #include "kernels/cpu/weight_matmul.h"
 
 namespace loom::kernels {
 namespace {
 
-constexpr int64_t kTileK = 32;  // k per tile product
-constexpr int64_t kParts = 3;   // hi, mid, lo
+constexpr int64_t kTileK = 32;     // k per tile product (a chunk)
+constexpr int64_t kBlockRows = 32; // weight rows per block: two B tiles of 16
+constexpr int64_t kParts = 3;      // hi, mid, lo
+constexpr int64_t kChunkElems = kBlockRows * kTileK;  // bf16 per (block, chunk): 2 KiB
+constexpr int64_t kPrefetchChunks = 2;  // measured: 1 slower at M = 1, 4 no better (session 13)
 
-// x (M, K) f32 -> parts (mblocks, 3, K/2, 16) pairs: part p of rows [16*mb,
-// 16*mb + 16) as x^T pairs over k; rows past M are zero.
-void pack_x(uint32_t* dst, const float* x, int64_t M, int64_t K) {
-  const int64_t mblocks = (M + 15) / 16, per_part = K / 2 * 16;
-  std::memset(dst, 0, size_t(mblocks * kParts * per_part) * 4);
-  for (int64_t m = 0; m < M; ++m) {
-    uint32_t* blk = dst + (m / 16) * kParts * per_part + (m % 16);
-    const float* xr = x + m * K;
-    for (int64_t k = 0; k < K; ++k) {
-      float r = xr[k];
-      const int shift = int(k & 1) * 16;
-      for (int64_t p = 0; p < kParts; ++p) {
-        const bf16 part = f32_to_bf16(r);
-        r -= bf16_to_f32(part);
-        blk[p * per_part + (k / 2) * 16] |= uint32_t(part.bits) << shift;
-      }
-    }
-  }
-}
+// Rows of x per A tile: all of them below 16, else 16 (the last block padded with zero rows).
+int64_t a_rows(int64_t M) { return M < 16 ? M : 16; }
+
+// (Not std::min / std::max: no standard-library templates inside LOOM_AMX_BEGIN, amx.h.)
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 }  // namespace
+
+int64_t amx_tiles_elements(int64_t N, int64_t K) {
+  return (N + kBlockRows - 1) / kBlockRows * kBlockRows * K;
+}
+
+int64_t amx_tiles_index(int64_t n, int64_t k, int64_t K) {
+  const int64_t b = n / kBlockRows, t = (n % kBlockRows) / 16, c = k / kTileK;
+  const int64_t r = (k % kTileK) / 2, e = k % 2;
+  return (b * (K / kTileK) + c) * kChunkElems + t * 512 + r * 32 + (n % 16) * 2 + e;
+}
+
+void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K) {
+  LOOM_CHECK(N >= 0 && K > 0 && K % kTileK == 0,
+             "pack_amx_tiles: K={} must be a positive multiple of {} (N={})", K, kTileK, N);
+  const int64_t total = amx_tiles_elements(N, K);
+  std::memset(static_cast<void*>(dst), 0, size_t(total) * sizeof(bf16));  // padding rows
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) dst[amx_tiles_index(n, k, K)] = W[n * K + k];
+}
 
 // Code built for AMX and AVX-512 (kernels/cpu/amx.h, LOOM_AMX_BEGIN).
 #if LOOM_AMX_KERNELS
 LOOM_AMX_BEGIN
 namespace {
 
-// Tiles: tmm0-3 C (n block 0/1 x m block 0/1), tmm4-5 A (two 16-row blocks of
-// W), tmm6-7 B.
-void configure_tiles() {
-  const AmxTileConfig cfg = amx_tiles_16x64();
+// Row m of x (K f32) into its three parts: for each chunk c, part p's 32 bf16 at
+// dst + (c * 3 + p) * R * 32 (R rows of the m block, this row's offset already in dst).
+void split_row(uint16_t* dst, const float* x, int64_t K, int64_t R) {
+  for (int64_t c = 0; c < K / kTileK; ++c)
+    for (int half = 0; half < 2; ++half) {
+      __m512 r = _mm512_loadu_ps(x + c * kTileK + 16 * half);
+      for (int64_t p = 0; p < kParts; ++p) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+        const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        r = _mm512_sub_ps(r, hf);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c * kParts + p) * R * 32 + 16 * half),
+                            h);
+      }
+    }
+}
+
+// Tiles: tmm0-1 C for m block 0 (n tiles 0, 1), tmm2-3 C for m block 1, tmm4-5 B (the chunk's
+// two weight tiles), tmm6-7 A (a part of m block 0, 1).
+void configure_tiles(int64_t R) {
+  AmxTileConfig cfg = amx_tiles_16x64();
+  for (int t : {0, 1, 2, 3, 6, 7}) cfg.rows[t] = uint8_t(R);
   _tile_loadconfig(&cfg);
 }
 
-// C for 32 weight rows (w, stride K bf16) x MB m blocks (1 or 2) starting at xp
-// (the m block's packed parts), stored into c (32 x 32 f32, row = n, column =
-// m).
+// C (R x 32 f32 per m block, MB = 1 or 2 blocks) for the 32-row weight block wb over all chunks.
+// xa: the first m block's parts; the second's follow at xa + a_stride.
 template <int MB>
-void tile_block(float* c, const uint16_t* w, int64_t K, const uint32_t* xp, int64_t per_part) {
+void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, int64_t a_stride,
+                int64_t R, bool prefetch) {
   _tile_zero(0);
-  _tile_zero(2);
+  _tile_zero(1);
   if constexpr (MB == 2) {
-    _tile_zero(1);
+    _tile_zero(2);
     _tile_zero(3);
   }
-  const int64_t ws = K * 2, mb_stride = kParts * per_part;
-  for (int64_t k = 0; k < K; k += kTileK) {
-    _tile_loadd(4, w + k, ws);
-    _tile_loadd(5, w + 16 * K + k, ws);
+  for (int64_t ch = 0; ch < KC; ++ch) {
+    const uint16_t* b = wb + ch * kChunkElems;
+    if (prefetch) {
+      // Two chunks ahead, running on into the next block (the thread's next, usually).
+      const char* p = reinterpret_cast<const char*>(b + kPrefetchChunks * kChunkElems);
+      for (int l = 0; l < int(kChunkElems * 2 / 64); ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+    }
+    _tile_loadd(4, b, 64);
+    _tile_loadd(5, b + 512, 64);
     for (int64_t p = 0; p < kParts; ++p) {
-      const uint32_t* b = xp + p * per_part + (k / 2) * 16;
-      _tile_loadd(6, b, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
+      const uint16_t* a = xa + (ch * kParts + p) * R * 32;
+      _tile_loadd(6, a, 64);
+      _tile_dpbf16ps(0, 6, 4);
+      _tile_dpbf16ps(1, 6, 5);
       if constexpr (MB == 2) {
-        _tile_loadd(7, b + mb_stride, 64);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(7, a + a_stride, 64);
+        _tile_dpbf16ps(2, 7, 4);
+        _tile_dpbf16ps(3, 7, 5);
       }
     }
   }
   _tile_stored(0, c, 128);
-  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(1, c + 16, 128);
   if constexpr (MB == 2) {
-    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
     _tile_stored(3, c + 16 * 32 + 16, 128);
   }
 }
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// tails: 32 * K bf16 per thread, for the last, partial block of weight rows.
-// One thread of run_amx's parallel region (a function of its own so that clang,
-// whose OpenMP outlining drops target attributes, compiles the tile code with
-// them).
-void run_amx_thread(float* y, int64_t ldy, int64_t M, const WeightView& w, const float* bias,
-                    const uint32_t* xp, uint16_t* tails) {
-  const int64_t N = w.N, K = w.K, per_part = K / 2 * 16;
-  const int64_t mblocks = (M + 15) / 16, nblocks = (N + 31) / 32;
-  const uint16_t* W = static_cast<const uint16_t*>(w.data);
-  configure_tiles();
-  alignas(64) float c[32 * 32];
-  uint16_t* tail = tails + omp_get_thread_num() * 32 * K;
-#pragma omp for schedule(dynamic, 4)
-  for (int64_t nb = 0; nb < nblocks; ++nb) {
-    const int64_t n0 = nb * 32, nn = min64(32, N - n0);
-    const uint16_t* wb = W + n0 * K;
-    if (nn < 32) {  // tile loads read 32 whole rows: never past W's end
-      std::memset(tail, 0, size_t(32 * K) * 2);
-      std::memcpy(tail, wb, size_t(nn * K) * 2);
-      wb = tail;
+// One thread of run_amx's parallel region (a function of its own so that clang, whose OpenMP
+// outlining drops target attributes, compiles the tile code with them). xp: the parts of x,
+// m block after m block, (KC, 3, R, 32) bf16 each.
+void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                    const float* bias, uint16_t* xp, int64_t chunk) {
+  const int64_t N = w.N, K = w.K, KC = K / kTileK, R = a_rows(M);
+  const int64_t mblocks = (M + R - 1) / R, a_stride = KC * kParts * R * 32;
+  // 1. Split x: each thread a share of the rows; padding rows of the last block are zero.
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < mblocks * R; ++m) {
+    uint16_t* dst = xp + (m / R) * a_stride + (m % R) * 32;
+    if (m < M) {
+      split_row(dst, x + m * K, K, R);
+    } else {
+      for (int64_t i = 0; i < KC * kParts; ++i) std::memset(dst + i * R * 32, 0, 64);
     }
+  }  // (implicit barrier: every part is written before any tile reads it)
+  // 2. The products, 32 weight rows at a time.
+  configure_tiles(R);
+  alignas(64) float c[32 * 32];  // (2 m blocks x 16 rows, 32 n), row stride 32
+  const uint16_t* W = static_cast<const uint16_t*>(w.data);
+  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+#pragma omp for schedule(dynamic, chunk)
+  for (int64_t nb = 0; nb < nblocks; ++nb) {
+    const uint16_t* wb = W + nb * KC * kChunkElems;
+    const int64_t n0 = nb * kBlockRows, nn = min64(kBlockRows, N - n0);
     for (int64_t mb = 0; mb < mblocks; mb += 2) {
-      const int pair = mb + 1 < mblocks ? 2 : 1;
-      const uint32_t* xb = xp + mb * kParts * per_part;
-      if (pair == 2)
-        tile_block<2>(c, wb, K, xb, per_part);
-      else
-        tile_block<1>(c, wb, K, xb, per_part);
-      const int64_t m_end = min64(M, (mb + pair) * 16);
-      for (int64_t m = mb * 16; m < m_end; ++m) {
+      const bool pair = mb + 1 < mblocks;
+      const uint16_t* xa = xp + mb * a_stride;
+      if (pair) tile_block<2>(c, wb, KC, xa, a_stride, R, mb == 0);
+      else tile_block<1>(c, wb, KC, xa, a_stride, R, mb == 0);
+      const int64_t m_end = min64(M, (mb + (pair ? 2 : 1)) * R);
+      for (int64_t m = mb * R; m < m_end; ++m) {
+        const float* cr = c + (m - mb * R) * 32;
         float* yr = y + m * ldy + n0;
-        const int64_t col = m - mb * 16;
-        for (int64_t n = 0; n < nn; ++n) yr[n] = c[n * 32 + col] + (bias ? bias[n0 + n] : 0.f);
+        if (bias) {
+          for (int64_t n = 0; n < nn; ++n) yr[n] = cr[n] + bias[n0 + n];
+        } else {
+          std::memcpy(yr, cr, size_t(nn) * sizeof(float));
+        }
       }
     }
   }
   _tile_release();
 }
 
-void run_amx(float* y, int64_t ldy, int64_t M, const WeightView& w, const float* bias,
-             const uint32_t* xp, uint16_t* tails) {
+void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+             const float* bias, uint16_t* xp) {
+  // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
+  // per thread still let one thread take over the other's when the machine deschedules it.
+  const int64_t nblocks = (w.N + kBlockRows - 1) / kBlockRows;
+  const int64_t chunk = max64(1, nblocks / (4 * int64_t(omp_get_max_threads())));
 #pragma omp parallel
-  run_amx_thread(y, ldy, M, w, bias, xp, tails);
+  run_amx_thread(y, ldy, x, M, w, bias, xp, chunk);
 }
 
 }  // namespace
@@ -181,19 +214,26 @@ namespace detail {
 
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias) {
-  if (!(w.format == WeightFormat::bf16 && w.K > 0 && w.K % kTileK == 0 && amx_bf16_usable()))
+  if (!(w.layout == WeightLayout::amx_tiles && w.format == WeightFormat::bf16 && w.K > 0 &&
+        w.K % kTileK == 0 && amx_bf16_usable()))
     return false;
   if (ldy == 0) ldy = w.N;  // as weight_matmul
   if (M == 0 || w.N == 0) return true;
-  const int64_t mblocks = (M + 15) / 16;
-  std::vector<uint32_t> xp(size_t(mblocks * kParts * (w.K / 2) * 16));
-  pack_x(xp.data(), x, M, w.K);
-  const bool partial = w.N % 32 != 0;
-  std::vector<uint16_t> tails(partial ? size_t(omp_get_max_threads() * 32 * w.K) : 0);
+  const int64_t R = a_rows(M), mblocks = (M + R - 1) / R;
+  // The parts of x: 6 bytes per element of the padded x. Decode-sized calls (~50 a step) reuse
+  // one small buffer per calling thread; larger ones (prefill) allocate their own, so that no
+  // buffer of a one-off long prompt stays behind.
+  constexpr size_t kKeptElems = size_t(1) << 16;  // 128 KiB: 8 rows of K = 2730
+  thread_local std::vector<uint16_t> kept;
+  std::vector<uint16_t> own;
+  const size_t need = size_t(mblocks * R * w.K * kParts);
+  std::vector<uint16_t>& xp = need <= kKeptElems ? kept : own;
+  if (xp.size() < need) xp.resize(need);
 #if LOOM_AMX_KERNELS  // else amx_bf16_usable() was false above
-  run_amx(y, ldy, M, w, bias, xp.data(), tails.data());
+  run_amx(y, ldy, x, M, w, bias, xp.data());
 #else
   (void)y;
+  (void)x;
   (void)bias;
 #endif
   return true;
@@ -201,13 +241,17 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
 
 }  // namespace detail
 
-bool weight_matmul_uses_amx(const WeightView& w, int64_t M) {
-  static const bool opted_in = [] {
-    const char* env = std::getenv("LOOM_AMX_WEIGHTS");
-    return env && std::strcmp(env, "1") == 0;
-  }();
-  return opted_in && M >= kAmxMinRows && w.format == WeightFormat::bf16 && w.K > 0 &&
+bool weight_matmul_uses_amx(const WeightView& w) {
+  return w.layout == WeightLayout::amx_tiles && w.format == WeightFormat::bf16 && w.K > 0 &&
          w.K % kTileK == 0 && amx_bf16_usable();
+}
+
+bool amx_tiles_available(int64_t K) {
+  static const bool allowed = [] {
+    const char* env = std::getenv("LOOM_AMX_WEIGHTS");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return allowed && K > 0 && K % kTileK == 0 && amx_bf16_usable();
 }
 
 }  // namespace loom::kernels

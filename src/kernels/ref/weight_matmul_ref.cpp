@@ -15,7 +15,8 @@ std::vector<double> weight_to_f64(const WeightView& w) {
       switch (w.format) {
         case WeightFormat::f32: out[size_t(i)] = static_cast<const float*>(w.data)[i]; break;
         case WeightFormat::bf16:
-          out[size_t(i)] = bf16_to_f32(static_cast<const bf16*>(w.data)[i]);
+          out[size_t(i)] = bf16_to_f32(static_cast<const bf16*>(
+              w.data)[w.layout == WeightLayout::amx_tiles ? amx_tiles_index(n, k, w.K) : i]);
           break;
         case WeightFormat::int8_row:
           out[size_t(i)] = double(w.scales[n]) * static_cast<const int8_t*>(w.data)[i];

@@ -328,20 +328,97 @@ TEST(KernelsWeightMatmul, QuantizeRowsInt8BadInput) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The AMX kernel (bf16 weights, K a multiple of 32, where the CPU has AMX tiles), called
-// directly: weight_matmul takes it only when LOOM_AMX_WEIGHTS=1 and M >= 16. These sweep its
-// blocking: N tails (partial 32-row blocks), M in one and two 16-row column blocks and past
-// them, and hold it to the same bounds as weight_matmul.
+// bf16 weights in AMX tile order (WeightLayout::amx_tiles): weight_matmul runs them on AMX tiles
+// at every M where the CPU has them, else the reference loop. These sweep the kernel's blocking
+// (N tails: partial 32-row blocks; M below 16 rows, one and two 16-row blocks and past them) and
+// hold it to the same bounds as the row-order paths.
 
 namespace {
 bool amx_or_skip() { return kernels::amx_bf16_usable(); }
 
-// kernels::detail::weight_matmul_amx with weight_matmul's signature (it must take the call).
-void amx_kernel(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                const float* bias) {
-  ASSERT_TRUE(kernels::detail::weight_matmul_amx(y, ldy, x, M, w, bias));
+// A StoredWeight's bf16 rows packed into tile order; view() describes the packed copy.
+struct TiledWeight {
+  StoredWeight rows;
+  std::vector<bf16> tiles;
+  TiledWeight(int64_t N, int64_t K, uint64_t seed) : rows(WeightFormat::bf16, N, K, seed) {
+    repack();
+  }
+  void repack() {
+    tiles.assign(size_t(kernels::amx_tiles_elements(rows.N, rows.K)), f32_to_bf16(7.f));
+    kernels::pack_amx_tiles(tiles.data(), rows.b16.data(), rows.N, rows.K);
+  }
+  WeightView view() const {
+    WeightView w = rows.view();
+    w.data = tiles.data();
+    w.layout = kernels::WeightLayout::amx_tiles;
+    return w;
+  }
+};
+
+// check_against_reference for a tiled weight: the stored rows are the reference's weights, the
+// kernel sees the tiled view.
+void check_tiled(Kernel kernel, const TiledWeight& tw, int64_t M, int64_t ldy, bool with_bias,
+                 uint64_t seed, double* nmse_out = nullptr) {
+  const int64_t N = tw.rows.N, K = tw.rows.K;
+  std::vector<float> x = random_normal(M * K, seed);       // (M, K)
+  std::vector<float> bias = random_normal(N, seed + 1000);  // (N)
+  const float pad = 12345.f;
+  GuardedBuffer<float> y(M * ldy, pad);  // (M, ldy)
+  kernel(y.data(), ldy, x.data(), M, tw.view(), with_bias ? bias.data() : nullptr);
+  std::vector<double> W = kernels::ref::weight_to_f64(tw.rows.view());  // (N, K)
+  std::vector<double> x64 = to_f64(x), b64 = to_f64(bias);
+  std::vector<double> yref(size_t(M * N));
+  kernels::ref::weight_matmul(yref.data(), N, x64.data(), M, W.data(), N, K,
+                              with_bias ? b64.data() : nullptr);
+  std::vector<float> ydense(size_t(M * N));
+  bool pad_intact = true;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) ydense[size_t(m * N + n)] = y[m * ldy + n];
+    for (int64_t n = N; n < ldy; ++n) pad_intact = pad_intact && y[m * ldy + n] == pad;
+  }
+  EXPECT_TRUE(y.guards_intact());
+  EXPECT_TRUE(pad_intact) << "columns N..ldy-1 of y were written";
+  EXPECT_TRUE(all_finite(ydense));
+  const double e = nmse(ydense, yref);
+  EXPECT_LT(e, kNmse);
+  if (nmse_out) *nmse_out = e;
+}
+
+std::vector<float> run_tiled(const TiledWeight& tw, const float* x, int64_t M, const float* bias) {
+  std::vector<float> y(size_t(M * tw.rows.N));  // (M, N)
+  kernels::weight_matmul(y.data(), 0, x, M, tw.view(), bias);
+  return y;
 }
 }  // namespace
+
+// The layout itself: every element lands where amx_tiles_index says, padding rows are zero, and
+// the float64 reader and the reference loop read a tiled view as the rows it was packed from.
+TEST(KernelsWeightMatmulAmx, TileOrderLayout) {
+  const int64_t N = 45, K = 96;
+  TiledWeight tw(N, K, 401);
+  ASSERT_EQ(kernels::amx_tiles_elements(N, K), 64 * K);
+  std::vector<bool> seen(tw.tiles.size(), false);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = kernels::amx_tiles_index(n, k, K);
+      ASSERT_TRUE(i >= 0 && i < int64_t(tw.tiles.size())) << n << "," << k;
+      EXPECT_FALSE(seen[size_t(i)]) << "two elements at " << i;
+      seen[size_t(i)] = true;
+      EXPECT_EQ(tw.tiles[size_t(i)].bits, tw.rows.b16[size_t(n * K + k)].bits);
+    }
+  for (size_t i = 0; i < seen.size(); ++i) {
+    if (!seen[i]) {
+      EXPECT_EQ(tw.tiles[i].bits, 0) << "padding at " << i;
+    }
+  }
+  EXPECT_EQ(kernels::ref::weight_to_f64(tw.view()), kernels::ref::weight_to_f64(tw.rows.view()));
+  check_tiled(&kernels::weight_matmul_reference, tw, 5, N + 2, true, 402);
+  EXPECT_THROW(kernels::pack_amx_tiles(tw.tiles.data(), tw.rows.b16.data(), N, 48), Error);
+  WeightView bad = tw.view();
+  bad.K = 48;  // a tile-order view needs K % 32 == 0
+  std::vector<float> x(48), y(static_cast<size_t>(N));
+  EXPECT_THROW(kernels::weight_matmul(y.data(), 0, x.data(), 1, bad, nullptr), Error);
+}
 
 TEST(KernelsWeightMatmulAmx, MatchesFloat64ReferenceAcrossBlockings) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
@@ -350,9 +427,9 @@ TEST(KernelsWeightMatmulAmx, MatchesFloat64ReferenceAcrossBlockings) {
     for (int64_t N : {1, 31, 32, 67})
       for (int64_t M : {1, 8, 15, 16, 17, 33, 40, 70}) {
         SCOPED_TRACE(testing::Message() << "M=" << M << " N=" << N << " K=" << K);
-        StoredWeight sw(WeightFormat::bf16, N, K, seed++);
-        check_against_reference(&amx_kernel, sw, M, M % 2 ? N + 5 : N, M % 3 == 0,
-                                seed++);
+        TiledWeight tw(N, K, seed++);
+        ASSERT_TRUE(kernels::weight_matmul_uses_amx(tw.view()));
+        check_tiled(&kernels::weight_matmul, tw, M, M % 2 ? N + 5 : N, M % 3 == 0, seed++);
       }
 }
 
@@ -361,62 +438,70 @@ TEST(KernelsWeightMatmulAmx, MatchesFloat64ReferenceAcrossBlockings) {
 // would give NMSE ~1e-6, four orders above.
 TEST(KernelsWeightMatmulAmx, KeepsActivationsExact) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
-  for (int64_t K : {64, 768, 3072}) {
-    SCOPED_TRACE(testing::Message() << "K=" << K);
-    StoredWeight sw(WeightFormat::bf16, 45, K, 700 + uint64_t(K));
-    double fast = 0, plain = 0;
-    check_against_reference(&amx_kernel, sw, 19, 45, true, 9, &fast);
-    check_against_reference(&kernels::weight_matmul_reference, sw, 19, 45, true, 9, &plain);
-    EXPECT_LE(fast, 2.0 * plain + 1e-15) << "amx " << fast << " plain " << plain;
-  }
+  for (int64_t K : {64, 768, 3072})
+    for (int64_t M : {3, 19}) {
+      SCOPED_TRACE(testing::Message() << "K=" << K << " M=" << M);
+      TiledWeight tw(45, K, 700 + uint64_t(K));
+      double fast = 0, plain = 0;
+      check_tiled(&kernels::weight_matmul, tw, M, 45, true, 9, &fast);
+      check_against_reference(&kernels::weight_matmul_reference, tw.rows, M, 45, true, 9,
+                              &plain);
+      EXPECT_LE(fast, 2.0 * plain + 1e-15) << "amx " << fast << " plain " << plain;
+    }
 }
 
+// One kernel at every M: a row's bits do not depend on the rows beside it (decode's 1, a ragged
+// batch, a prefill of several 16-row blocks) nor on the thread count.
 TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
   const int64_t N = 99, K = 160, M = 70;
-  StoredWeight sw(WeightFormat::bf16, N, K, 801);
+  TiledWeight tw(N, K, 801);
   std::vector<float> x = random_normal(M * K, 802), bias = random_normal(N, 803);
-  std::vector<float> y = run(&amx_kernel, sw, x.data(), M, bias.data());
-  // Rows 3.. as calls of 1, 5, 16, 20 and 40 (one and two column blocks, and several pairs of
-  // them) give the same bits as the call of 70.
-  for (int64_t sub : {1, 5, 16, 20, 40}) {
-    std::vector<float> ys = run(&amx_kernel, sw, x.data() + 3 * K, sub, bias.data());
+  std::vector<float> y = run_tiled(tw, x.data(), M, bias.data());
+  for (int64_t sub : {1, 2, 5, 8, 15, 16, 20, 33, 40}) {
+    std::vector<float> ys = run_tiled(tw, x.data() + 3 * K, sub, bias.data());
     EXPECT_TRUE(bitwise_equal(y.data() + 3 * N, ys.data(), sub * N)) << "sub-batch " << sub;
   }
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
-  std::vector<float> y_one = run(&amx_kernel, sw, x.data(), M, bias.data());
+  std::vector<float> y_one = run_tiled(tw, x.data(), M, bias.data());
   omp_set_num_threads(saved);
   EXPECT_TRUE(bitwise_equal(y.data(), y_one.data(), M * N));
 }
 
 TEST(KernelsWeightMatmulAmx, NaNStaysInItsRowAndInfWeightInItsColumn) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
-  const int64_t M = 18, N = 40, K = 64;
-  StoredWeight sw(WeightFormat::bf16, N, K, 901);
-  std::vector<float> x = random_normal(M * K, 902);
-  std::vector<float> clean = run(&amx_kernel, sw, x.data(), M, nullptr);
-  x[size_t(3 * K + 20)] = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> y = run(&amx_kernel, sw, x.data(), M, nullptr);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      const float v = y[size_t(m * N + n)];
-      if (m == 3) EXPECT_TRUE(std::isnan(v)) << "n=" << n;
-      else EXPECT_EQ(std::memcmp(&v, &clean[size_t(m * N + n)], 4), 0) << "m=" << m << " n=" << n;
-    }
-  x[size_t(3 * K + 20)] = 0.5f;
-  sw.b16[size_t(35 * K + 63)] = f32_to_bf16(std::numeric_limits<float>::infinity());  // tail block
-  y = run(&amx_kernel, sw, x.data(), M, nullptr);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n)
-      EXPECT_EQ(std::isfinite(y[size_t(m * N + n)]), n != 35) << "m=" << m << " n=" << n;
+  const int64_t N = 40, K = 64;
+  for (int64_t M : {5, 18}) {
+    SCOPED_TRACE(testing::Message() << "M=" << M);
+    TiledWeight tw(N, K, 901);
+    std::vector<float> x = random_normal(M * K, 902);
+    std::vector<float> clean = run_tiled(tw, x.data(), M, nullptr);
+    x[size_t(3 * K + 20)] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> y = run_tiled(tw, x.data(), M, nullptr);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = y[size_t(m * N + n)];
+        if (m == 3) EXPECT_TRUE(std::isnan(v)) << "n=" << n;
+        else EXPECT_EQ(std::memcmp(&v, &clean[size_t(m * N + n)], 4), 0) << "m=" << m << " n=" << n;
+      }
+    x[size_t(3 * K + 20)] = 0.5f;
+    tw.rows.b16[size_t(35 * K + 63)] = f32_to_bf16(std::numeric_limits<float>::infinity());
+    tw.repack();  // row 35: in the tail block
+    y = run_tiled(tw, x.data(), M, nullptr);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n)
+        EXPECT_EQ(std::isfinite(y[size_t(m * N + n)]), n != 35) << "m=" << m << " n=" << n;
+  }
 }
 
-// Off unless asked for: the decoder promises bf16 batch invariance, which the 16-row switch
-// between the two paths would break (see weight_matmul.h).
-TEST(KernelsWeightMatmulAmx, OffByDefault) {
-  const char* env = std::getenv("LOOM_AMX_WEIGHTS");
-  if (env && std::string(env) == "1") GTEST_SKIP() << "SKIP: LOOM_AMX_WEIGHTS=1 is set";
+// Row-order bf16 views never take the tiles (they run the AVX-512 path at every M).
+TEST(KernelsWeightMatmulAmx, RowOrderViewsStayOffTiles) {
   const kernels::WeightView w{WeightFormat::bf16, 64, 64, nullptr, nullptr};
-  EXPECT_FALSE(kernels::weight_matmul_uses_amx(w, 1024));
+  EXPECT_FALSE(kernels::weight_matmul_uses_amx(w));
+  EXPECT_FALSE(kernels::amx_tiles_available(48));  // K not a multiple of 32
+  if (amx_or_skip()) {
+    const char* env = std::getenv("LOOM_AMX_WEIGHTS");
+    EXPECT_EQ(kernels::amx_tiles_available(64), !(env && std::string(env) == "0"));
+  }
 }
