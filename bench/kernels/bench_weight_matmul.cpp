@@ -21,7 +21,7 @@
 // The probe reports the best of 5 passes, so "frac_probe" compares best with best: on the shared
 // development machines other jobs take cores away at random moments, which the median shows and
 // cpu_share (how much of its cores the process got) explains.
-// Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128]
+// Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--bf16-rows]
 //        [--arena-mib 1024]
 #include <algorithm>
 #include <chrono>
@@ -57,6 +57,19 @@ const Shape kShapes[] = {{"qkv", 2304, 768},
                          {"lm_head", 50304, 768}};
 
 constexpr size_t kProbeBytes = size_t(1) << 30;  // 1 GiB: 4x the L3
+
+// bf16 weights in AMX tile order where the CPU has it, as the inference weights store them
+// (--bf16-rows: row order on the AVX-512 path). The arena's bytes are all equal and every N here
+// is a multiple of 32, so the same bytes serve as either layout.
+bool g_bf16_tiles = true;
+kernels::WeightLayout layout_for(WeightFormat f, int64_t K) {
+  return f == WeightFormat::bf16 && g_bf16_tiles && kernels::amx_tiles_available(K)
+             ? kernels::WeightLayout::amx_tiles
+             : kernels::WeightLayout::rows;
+}
+const char* layout_name(WeightFormat f, int64_t K) {
+  return layout_for(f, K) == kernels::WeightLayout::amx_tiles ? "amx_tiles" : "rows";
+}
 
 const char* format_name(WeightFormat f) {
   return f == WeightFormat::f32 ? "f32" : f == WeightFormat::bf16 ? "bf16" : "int8";
@@ -122,7 +135,8 @@ Timing time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, doubl
   size_t next = 0;
   auto once = [&] {
     kernels::WeightView w{f, s.N, s.K, arena.data.get() + (next++ % copies) * stride,
-                          f == WeightFormat::int8_row ? scales.data() : nullptr};
+                          f == WeightFormat::int8_row ? scales.data() : nullptr,
+                          layout_for(f, s.K)};
     kernels::weight_matmul(y.data(), 0, x.data(), M, w, bias.data());
   };
   once();
@@ -169,7 +183,8 @@ Timing time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, s
     const char* model = arena.data.get() + (next++ % copies) * total;
     for (size_t i = 0; i < lins.size(); ++i) {
       kernels::WeightView w{f, lins[i].N, lins[i].K, model + offsets[i],
-                            f == WeightFormat::int8_row ? arena.scales.data() : nullptr};
+                            f == WeightFormat::int8_row ? arena.scales.data() : nullptr,
+                            layout_for(f, lins[i].K)};
       kernels::weight_matmul(y.data(), 0, x.data(), M, w, nullptr);
     }
   };
@@ -210,6 +225,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--bf16-rows") == 0) {
+      g_bf16_tiles = false;
     } else if (std::strcmp(argv[i], "--formats") == 0 && i + 1 < argc) {
       formats.clear();
       for (const std::string& f : split(argv[++i])) {
@@ -229,7 +246,7 @@ int main(int argc, char** argv) {
       for (const std::string& m : split(argv[++i])) Ms.push_back(std::atoll(m.c_str()));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 1024]\n", argv[0]);
+                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 1024] [--bf16-rows]\n", argv[0]);
       return 2;
     }
   }
@@ -251,12 +268,12 @@ int main(int argc, char** argv) {
         const double bytes = double(s.N * s.K) * double(elem_bytes(f)) +
                              (f == WeightFormat::int8_row ? 4.0 * double(s.N) : 0.0);
         const double gbs = bytes / t.median_s * 1e-9, best_gbs = bytes / t.best_s * 1e-9;
-        std::printf("{\"bench\":\"weight_matmul\",\"format\":\"%s\",\"case\":\"%s\",\"M\":%ld,"
+        std::printf("{\"bench\":\"weight_matmul\",\"format\":\"%s\",\"layout\":\"%s\",\"case\":\"%s\",\"M\":%ld,"
                     "\"N\":%ld,\"K\":%ld,\"seconds\":%.4e,\"best_seconds\":%.4e,"
                     "\"weight_gbs\":%.2f,\"best_gbs\":%.2f,\"probe_gbs\":%.2f,"
                     "\"frac_probe\":%.3f,\"median_frac_probe\":%.3f,\"gflops\":%.1f,"
                     "\"cpu_share\":%.2f,\"threads\":%d}\n",
-                    format_name(f), s.name, long(M), long(s.N), long(s.K), t.median_s, t.best_s,
+                    format_name(f), layout_name(f, s.K), s.name, long(M), long(s.N), long(s.K), t.median_s, t.best_s,
                     gbs, best_gbs, probe_gbs, best_gbs / probe_gbs, gbs / probe_gbs,
                     2.0 * double(M * s.N * s.K) / t.best_s * 1e-9, t.cpu_share, threads);
         std::fflush(stdout);
@@ -274,13 +291,13 @@ int main(int argc, char** argv) {
       size_t bytes = 0;
       const Timing t = time_model(arena, f, M, min_s, &bytes);
       const double gbs = double(bytes) / t.median_s * 1e-9, best_gbs = double(bytes) / t.best_s * 1e-9;
-      std::printf("{\"bench\":\"weight_matmul_model\",\"model\":\"gpt2-124m\",\"format\":\"%s\","
+      std::printf("{\"bench\":\"weight_matmul_model\",\"model\":\"gpt2-124m\",\"format\":\"%s\",\"layout\":\"%s\","
                   "\"M\":%ld,\"seconds_per_step\":%.4e,\"best_seconds_per_step\":%.4e,"
                   "\"weight_bytes\":%zu,\"weight_gbs\":%.2f,\"best_gbs\":%.2f,"
                   "\"probe_gbs\":%.2f,\"frac_probe\":%.3f,\"median_frac_probe\":%.3f,"
                   "\"tokens_per_s\":%.1f,\"best_tokens_per_s\":%.1f,\"cpu_share\":%.2f,"
                   "\"threads\":%d}\n",
-                  format_name(f), long(M), t.median_s, t.best_s, bytes, gbs, best_gbs, probe_gbs,
+                  format_name(f), layout_name(f, 768), long(M), t.median_s, t.best_s, bytes, gbs, best_gbs, probe_gbs,
                   best_gbs / probe_gbs, gbs / probe_gbs, double(M) / t.median_s,
                   double(M) / t.best_s, t.cpu_share, threads);
       std::fflush(stdout);

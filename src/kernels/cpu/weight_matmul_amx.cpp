@@ -50,7 +50,10 @@ constexpr int64_t kTileK = 32;     // k per tile product (a chunk)
 constexpr int64_t kBlockRows = 32; // weight rows per block: two B tiles of 16
 constexpr int64_t kParts = 3;      // hi, mid, lo
 constexpr int64_t kChunkElems = kBlockRows * kTileK;  // bf16 per (block, chunk): 2 KiB
-constexpr int64_t kPrefetchChunks = 2;  // measured: 1 slower at M = 1, 4 no better (session 13)
+// Measured (loom bench decode, gpt2-124m bf16): 1 chunk ahead slower at M = 1, 3 and 4 no better;
+// spreading the 32 prefetches over the three parts' products looked faster in
+// bench_kernels_weight_matmul but made batch 8 decode ~10% slower.
+constexpr int64_t kPrefetchChunks = 2;
 
 // Rows of x per A tile: all of them below 16, else 16 (the last block padded with zero rows).
 int64_t a_rows(int64_t M) { return M < 16 ? M : 16; }
@@ -100,6 +103,17 @@ void split_row(uint16_t* dst, const float* x, int64_t K, int64_t R) {
                             h);
       }
     }
+}
+
+// Row m of the padded x into its place in xp (m blocks of R rows, (KC, 3, R, 32) each): split,
+// or zero where m >= M.
+void split_or_zero(uint16_t* xp, const float* x, int64_t m, int64_t M, int64_t K, int64_t R) {
+  uint16_t* dst = xp + (m / R) * (K / kTileK * kParts * R * 32) + (m % R) * 32;
+  if (m < M) {
+    split_row(dst, x + m * K, K, R);
+  } else {
+    for (int64_t i = 0; i < K / kTileK * kParts; ++i) std::memset(dst + i * R * 32, 0, 64);
+  }
 }
 
 // Tiles: tmm0-1 C for m block 0 (n tiles 0, 1), tmm2-3 C for m block 1, tmm4-5 B (the chunk's
@@ -157,15 +171,15 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
                     const float* bias, uint16_t* xp, int64_t chunk) {
   const int64_t N = w.N, K = w.K, KC = K / kTileK, R = a_rows(M);
   const int64_t mblocks = (M + R - 1) / R, a_stride = KC * kParts * R * 32;
-  // 1. Split x: each thread a share of the rows; padding rows of the last block are zero.
+  // 1. Split x; padding rows of the last block are zero. Up to 16 rows (decode) every thread
+  // splits all of x into its own buffer, which costs less than the barrier that sharing one would
+  // need; more rows are split once, each thread a share, then a barrier.
+  if (mblocks == 1) {
+    xp += a_stride * omp_get_thread_num();
+    for (int64_t m = 0; m < R; ++m) split_or_zero(xp, x, m, M, K, R);
+  } else {
 #pragma omp for schedule(static)
-  for (int64_t m = 0; m < mblocks * R; ++m) {
-    uint16_t* dst = xp + (m / R) * a_stride + (m % R) * 32;
-    if (m < M) {
-      split_row(dst, x + m * K, K, R);
-    } else {
-      for (int64_t i = 0; i < KC * kParts; ++i) std::memset(dst + i * R * 32, 0, 64);
-    }
+    for (int64_t m = 0; m < mblocks * R; ++m) split_or_zero(xp, x, m, M, K, R);
   }  // (implicit barrier: every part is written before any tile reads it)
   // 2. The products, 32 weight rows at a time.
   configure_tiles(R);
@@ -220,13 +234,15 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   if (ldy == 0) ldy = w.N;  // as weight_matmul
   if (M == 0 || w.N == 0) return true;
   const int64_t R = a_rows(M), mblocks = (M + R - 1) / R;
+  // One m block: a private copy per thread (run_amx_thread).
+  const int64_t copies = mblocks == 1 ? int64_t(omp_get_max_threads()) : 1;
   // The parts of x: 6 bytes per element of the padded x. Decode-sized calls (~50 a step) reuse
   // one small buffer per calling thread; larger ones (prefill) allocate their own, so that no
   // buffer of a one-off long prompt stays behind.
-  constexpr size_t kKeptElems = size_t(1) << 16;  // 128 KiB: 8 rows of K = 2730
+  constexpr size_t kKeptElems = size_t(1) << 20;  // 2 MiB: 16 rows of K = 3072 for 7 threads
   thread_local std::vector<uint16_t> kept;
   std::vector<uint16_t> own;
-  const size_t need = size_t(mblocks * R * w.K * kParts);
+  const size_t need = size_t(copies * mblocks * R * w.K * kParts);
   std::vector<uint16_t>& xp = need <= kKeptElems ? kept : own;
   if (xp.size() < need) xp.resize(need);
 #if LOOM_AMX_KERNELS  // else amx_bf16_usable() was false above
