@@ -117,6 +117,137 @@ Algorithm choose_algorithm(CommOp op, int64_t bytes, int w) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The watchdog
+
+namespace {
+
+// Longest wait for liveness replies after a timeout (half the timeout when that is shorter).
+constexpr double kDiagnoseGraceMax = 2.0;  // seconds
+double diagnose_grace(double timeout_s) { return std::min(kDiagnoseGraceMax, 0.5 * timeout_s); }
+
+// The last line of "nothing hangs": Work::wait checks its deadline between polls, but a poll is
+// an MPI call, and a peer stopped or killed in the middle of a shared-memory transfer can leave
+// Open MPI spinning inside it (its FIFO reader waits for a write the stopped writer never
+// finishes), so the deadline check is never reached. A watchdog thread, started with the first
+// armed call, checks every half second whether the armed call has outlived its timeout, the
+// liveness probe's grace and kWatchdogMargin; if so it names the call and ends this rank (_Exit),
+// and mpirun ends the job. Every MPI call of a group runs armed (WatchdogScope): a wait, the
+// polls of Work::test and of launching a collective (progress_pending), and posting the
+// collective itself, since any of them can be the call that never returns (session 13: a frozen
+// peer once left its neighbour 140 s in an unarmed poll, which only the test's own timeout
+// ended). Arming is a mutex and a shared_ptr copy (no wake-up per call). One communicating
+// thread per process, as loom's ranks have.
+constexpr double kWatchdogMargin = 5.0;  // seconds past timeout + grace
+
+class Watchdog {
+ public:
+  static Watchdog& get() {
+    static Watchdog* w = new Watchdog();  // never destroyed: its detached thread may outlive exit
+    return *w;
+  }
+  void arm(const std::shared_ptr<WorkState>& w, double timeout_s, double grace_s) {
+    const std::lock_guard<std::mutex> lk(m_);
+    work_ = w;
+    timeout_s_ = timeout_s;
+    start_ = std::chrono::steady_clock::now();
+    // Capped at 1e9 s (31 years): a larger LOOM_COMM_TIMEOUT would overflow the clock's ticks.
+    const double after_s = std::min(timeout_s + grace_s + kWatchdogMargin, 1e9);
+    fire_at_ = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(after_s));
+  }
+  void disarm() {
+    const std::lock_guard<std::mutex> lk(m_);
+    work_.reset();
+  }
+
+ private:
+  Watchdog() { std::thread([this] { run(); }).detach(); }
+  void run() {
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      std::shared_ptr<WorkState> w;
+      double timeout_s = 0, elapsed = 0;
+      {
+        const std::lock_guard<std::mutex> lk(m_);
+        const auto now = std::chrono::steady_clock::now();
+        if (!work_ || now < fire_at_) continue;
+        w = work_;
+        timeout_s = timeout_s_;
+        elapsed = std::chrono::duration<double>(now - start_).count();
+      }
+      std::fprintf(stderr,
+                   "error: %s %s is still inside an MPI call %.1f s after it started, past its "
+                   "%.1f s timeout and the liveness probe: a peer stopped or killed in the middle "
+                   "of a shared-memory transfer can leave MPI spinning in a call that never "
+                   "returns. Ending this rank so that the job ends (raise LOOM_COMM_TIMEOUT if the "
+                   "wait is legitimate).\n",
+                   w->group->prefix().c_str(), w->describe().c_str(), elapsed, timeout_s);
+      std::fflush(stderr);
+      std::_Exit(1);
+    }
+  }
+  std::mutex m_;
+  std::shared_ptr<WorkState> work_;  // the armed call's work (null: disarmed)
+  double timeout_s_ = 0;
+  std::chrono::steady_clock::time_point start_, fire_at_;
+};
+
+// Arms the watchdog for the scope's lifetime unless an enclosing scope already has (a wait's
+// polls run inside the wait's arming, which keeps the wait's start and deadline).
+class WatchdogScope {
+ public:
+  WatchdogScope(const std::shared_ptr<WorkState>& w, double timeout_s) {
+    if (depth_ > 0 || !w) return;
+    Watchdog::get().arm(w, timeout_s, diagnose_grace(timeout_s));
+    armed_ = true;
+    ++depth_;
+  }
+  ~WatchdogScope() {
+    if (!armed_) return;
+    --depth_;
+    Watchdog::get().disarm();
+  }
+  WatchdogScope(const WatchdogScope&) = delete;
+  WatchdogScope& operator=(const WatchdogScope&) = delete;
+
+ private:
+  static thread_local int depth_;
+  bool armed_ = false;
+};
+thread_local int WatchdogScope::depth_ = 0;
+
+// Fault injection for the watchdog's tests (tests/cli/test_cli.sh): LOOM_TEST_STUCK_IN_MPI=RANK
+// (or "all") makes that world rank's waits block as a poll stuck inside MPI would;
+// "poll:RANK" (or "poll:all") makes its polls outside a wait block instead (launching a
+// collective, Work::test), which a wait's deadline cannot see.
+enum class StuckAt { wait, poll };
+bool stuck_in_mpi_injected(const detail::GroupState& g, StuckAt at) {
+  static const std::pair<StuckAt, int> where = [] {
+    const char* v = std::getenv("LOOM_TEST_STUCK_IN_MPI");
+    if (!v || !*v) return std::pair{StuckAt::wait, -1};
+    StuckAt a = StuckAt::wait;
+    if (std::strncmp(v, "poll:", 5) == 0) {
+      a = StuckAt::poll;
+      v += 5;
+    }
+    if (std::strcmp(v, "all") == 0) return std::pair{a, INT_MAX};
+    char* end = nullptr;
+    const long r = std::strtol(v, &end, 10);
+    LOOM_CHECK(end && *end == '\0' && r >= 0 && r < INT_MAX,
+               "LOOM_TEST_STUCK_IN_MPI='{}' must be a world rank (0, 1, ...) or 'all', optionally "
+               "after 'poll:' (fault injection for tests: that rank's waits, or its polls outside "
+               "a wait, never return)",
+               std::getenv("LOOM_TEST_STUCK_IN_MPI"));
+    return std::pair{a, int(r)};
+  }();
+  return where.first == at &&
+         (where.second == INT_MAX || (where.second >= 0 && g.world_rank == where.second));
+}
+thread_local bool t_in_wait = false;  // inside Work::wait (its polls are not "outside a wait")
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
 // GroupState / WorkState
 
 namespace detail {
@@ -141,6 +272,11 @@ Tensor GroupState::workspace(int64_t bytes) {
 }
 
 void GroupState::progress_pending() {
+  // Armed with the oldest pending work (the one a stuck poll most likely waits on); inside a
+  // wait, the wait's arming stands.
+  const WatchdogScope armed(pending.empty() ? nullptr : pending.front(), timeout_s);
+  if (!t_in_wait && !pending.empty() && stuck_in_mpi_injected(*this, StuckAt::poll))
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   answer_probes();
   // Index loop: advance() runs completion hooks only, never issues new work, so `pending` is
   // not modified under us.
@@ -218,9 +354,6 @@ double yield_window() {
   }();
   return w;
 }
-// Longest wait for liveness replies after a timeout (half the timeout when that is shorter).
-constexpr double kDiagnoseGraceMax = 2.0;  // seconds
-
 void backoff(int64_t polls, double idle_s) {
   if (polls < 100) return;
   if (idle_s < yield_window()) {
@@ -249,86 +382,7 @@ void Work::wait() const {
 
 namespace {
 
-// The last line of "nothing hangs": Work::wait checks its deadline between polls, but a poll is
-// an MPI call, and a peer stopped or killed in the middle of a shared-memory transfer can leave
-// Open MPI spinning inside it (its FIFO reader waits for a write the stopped writer never
-// finishes), so the deadline check is never reached. A watchdog thread, started with the first
-// wait, checks every half second whether the armed wait has outlived its timeout, the liveness
-// probe's grace and kWatchdogMargin; if so it names the wait and ends this rank (_Exit), and
-// mpirun ends the job. Arming is a mutex and a shared_ptr copy (no wake-up per wait). One wait
-// at a time per process: loom's ranks communicate from one thread.
-constexpr double kWatchdogMargin = 5.0;  // seconds past timeout + grace
 
-class Watchdog {
- public:
-  static Watchdog& get() {
-    static Watchdog* w = new Watchdog();  // never destroyed: its detached thread may outlive exit
-    return *w;
-  }
-  void arm(const std::shared_ptr<WorkState>& w, double timeout_s, double grace_s) {
-    const std::lock_guard<std::mutex> lk(m_);
-    work_ = w;
-    timeout_s_ = timeout_s;
-    start_ = std::chrono::steady_clock::now();
-    // Capped at 1e9 s (31 years): a larger LOOM_COMM_TIMEOUT would overflow the clock's ticks.
-    const double after_s = std::min(timeout_s + grace_s + kWatchdogMargin, 1e9);
-    fire_at_ = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(after_s));
-  }
-  void disarm() {
-    const std::lock_guard<std::mutex> lk(m_);
-    work_.reset();
-  }
-
- private:
-  Watchdog() { std::thread([this] { run(); }).detach(); }
-  void run() {
-    for (;;) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
-      std::shared_ptr<WorkState> w;
-      double timeout_s = 0, elapsed = 0;
-      {
-        const std::lock_guard<std::mutex> lk(m_);
-        const auto now = std::chrono::steady_clock::now();
-        if (!work_ || now < fire_at_) continue;
-        w = work_;
-        timeout_s = timeout_s_;
-        elapsed = std::chrono::duration<double>(now - start_).count();
-      }
-      std::fprintf(stderr,
-                   "error: %s %s is still inside an MPI call %.1f s after it started, past its "
-                   "%.1f s timeout and the liveness probe: a peer stopped or killed in the middle "
-                   "of a shared-memory transfer can leave MPI spinning in a call that never "
-                   "returns. Ending this rank so that the job ends (raise LOOM_COMM_TIMEOUT if the "
-                   "wait is legitimate).\n",
-                   w->group->prefix().c_str(), w->describe().c_str(), elapsed, timeout_s);
-      std::fflush(stderr);
-      std::_Exit(1);
-    }
-  }
-  std::mutex m_;
-  std::shared_ptr<WorkState> work_;
-  double timeout_s_ = 0;
-  std::chrono::steady_clock::time_point start_, fire_at_;
-};
-
-// Fault injection for the watchdog's test: LOOM_TEST_STUCK_IN_MPI=RANK (or "all") makes that
-// world rank's waits block as a poll stuck inside MPI would (tests/cli/test_cli.sh).
-bool stuck_in_mpi_injected(const GroupState& g) {
-  static const int rank = [] {
-    const char* v = std::getenv("LOOM_TEST_STUCK_IN_MPI");
-    if (!v || !*v) return -1;
-    if (std::strcmp(v, "all") == 0) return INT_MAX;
-    char* end = nullptr;
-    const long r = std::strtol(v, &end, 10);
-    LOOM_CHECK(end && *end == '\0' && r >= 0 && r < INT_MAX,
-               "LOOM_TEST_STUCK_IN_MPI='{}' must be a world rank (0, 1, ...) or 'all' (fault "
-               "injection for tests: that rank's waits never return)",
-               v);
-    return int(r);
-  }();
-  return rank == INT_MAX || (rank >= 0 && g.world_rank == rank);
-}
 
 }  // namespace
 
@@ -336,13 +390,14 @@ void Work::wait(double timeout_s) const {
   if (!state_) return;
   WorkState& w = *state_;
   GroupState& g = *w.group;
-  const double grace = std::min(kDiagnoseGraceMax, 0.5 * timeout_s);
-  Watchdog::get().arm(state_, timeout_s, grace);
-  struct Disarm {
-    ~Disarm() { Watchdog::get().disarm(); }
-  } disarm;
-  if (stuck_in_mpi_injected(g))
+  const double grace = diagnose_grace(timeout_s);
+  const WatchdogScope armed(state_, timeout_s);
+  if (stuck_in_mpi_injected(g, StuckAt::wait))
     for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+  struct InWait {
+    InWait() { t_in_wait = true; }
+    ~InWait() { t_in_wait = false; }
+  } in_wait;
   auto start = std::chrono::steady_clock::now();
   auto deadline = start + std::chrono::duration<double>(timeout_s);
   auto idle_since = start;
@@ -623,6 +678,7 @@ Work ProcessGroup::all_reduce(BufferRef buf, ReduceOp op) const {
                                (off[size_t((g.rank + 1) % g.size) + 1] - off[size_t((g.rank + 1) % g.size)])) * es
                             : 0;
   auto w = new_work<RequestWork>(state_, CommOp::all_reduce, buf, sent);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (g.size == 1 || buf.count == 0) return finished(w);
   if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
 
@@ -672,6 +728,7 @@ Work ProcessGroup::reduce_scatter(BufferRef input, BufferRef output, ReduceOp op
   int64_t n = output.count;
   int64_t es = int64_t(dtype_size(input.dtype));
   auto w = new_work<RequestWork>(state_, CommOp::reduce_scatter, input, (g.size - 1) * n * es);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
   if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
   if (n == 0) return finished(w);
@@ -726,6 +783,7 @@ Work ProcessGroup::all_gather(BufferRef input, BufferRef output) const {
   int64_t n = input.count;
   int64_t es = int64_t(dtype_size(input.dtype));
   auto w = new_work<RequestWork>(state_, CommOp::all_gather, input, (g.size - 1) * n * es);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
   if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
   if (n == 0) return finished(w);
@@ -763,6 +821,7 @@ Work ProcessGroup::all_to_all(BufferRef input, BufferRef output) const {
   int64_t n = input.count / g.size;
   int64_t es = int64_t(dtype_size(input.dtype));
   auto w = new_work<RequestWork>(state_, CommOp::all_to_all, input, (g.size - 1) * n * es);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
   if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
   if (n == 0) return finished(w);
@@ -802,6 +861,7 @@ Work ProcessGroup::all_to_all_v(BufferRef input, const std::vector<int64_t>& sen
              g.prefix(), s_total, input.count, r_total, output.count);
   auto w = new_work<RequestWork>(state_, CommOp::all_to_all_v, input,
                                  sent * int64_t(dtype_size(input.dtype)));
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (input.keep_alive.defined()) w->keep.push_back(input.keep_alive);
   if (output.keep_alive.defined()) w->keep.push_back(output.keep_alive);
   MPI_Datatype t = mpi_transport_type(input.dtype);
@@ -822,6 +882,7 @@ Work ProcessGroup::broadcast(BufferRef buf, int root) const {
              g.prefix(), root, g.name, g.size - 1);
   int64_t sent = g.rank == root ? (g.size - 1) * int64_t(buf.nbytes()) : 0;
   auto w = new_work<RequestWork>(state_, CommOp::broadcast, buf, sent);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (g.size == 1 || buf.count == 0) return finished(w);
   if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
   w->reqs.resize(1);
@@ -833,6 +894,7 @@ Work ProcessGroup::broadcast(BufferRef buf, int root) const {
 Work ProcessGroup::barrier() const {
   GroupState& g = st();
   auto w = new_work<RequestWork>(state_, CommOp::barrier, BufferRef(nullptr, 0, DType::u8), 0);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (g.size == 1) return finished(w);
   w->reqs.resize(1);
   LOOM_MPI(MPI_Ibarrier(g.coll, &w->reqs[0]));
@@ -866,6 +928,7 @@ std::shared_ptr<RequestWork> new_p2p_work(const std::shared_ptr<GroupState>& g, 
 
 Work ProcessGroup::isend(BufferRef buf, int dst, int tag) const {
   auto w = new_p2p_work(state_, CommOp::send, buf, dst, tag);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   LOOM_MPI(MPI_Isend(buf.data, mpi_count(buf.count, *state_, CommOp::send),
                      mpi_transport_type(buf.dtype), dst, tag, state_->p2p, &w->reqs[0]));
   return launch(state_, w);
@@ -873,6 +936,7 @@ Work ProcessGroup::isend(BufferRef buf, int dst, int tag) const {
 
 Work ProcessGroup::irecv(BufferRef buf, int src, int tag) const {
   auto w = new_p2p_work(state_, CommOp::recv, buf, src, tag);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   w->expect_recv_count = buf.count;
   w->recv_type = mpi_transport_type(buf.dtype);
   LOOM_MPI(MPI_Irecv(buf.data, mpi_count(buf.count, *state_, CommOp::recv), w->recv_type, src, tag,

@@ -256,6 +256,22 @@ else
   fail "stuck inside MPI: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stuck.log" | head -5)"
 fi
 
+# The same outside a wait: a poll stuck inside MPI while a collective is launched (fault
+# injection "poll:all"), where no wait's deadline runs. Unarmed, this hung until the test's own
+# timeout; every MPI call now runs under the watchdog.
+start=$(date +%s)
+LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=poll:all timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/stuckpoll" --steps 5 \
+  --set train.eval_every=0 >"$WORK/stuckpoll.log" 2>&1
+rc=$?
+elapsed=$(( $(date +%s) - start ))
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
+   grep -qE "group=dp\] all_reduce .* is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" "$WORK/stuckpoll.log"; then
+  pass "a poll stuck inside MPI outside a wait is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
+else
+  fail "stuck poll inside MPI: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stuckpoll.log" | head -5)"
+fi
+
 # One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
 # dp x pp run: the failed rank names itself and aborts the job, so the other ranks end at once
 # instead of waiting out the collective timeout (set to 300 s here: ending well before it shows
