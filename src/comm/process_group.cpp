@@ -197,7 +197,8 @@ class Watchdog {
 class WatchdogScope {
  public:
   WatchdogScope(const std::shared_ptr<WorkState>& w, double timeout_s) {
-    if (depth_ > 0 || !w) return;
+    // A group of one makes no MPI call to watch (and a serial run starts no watchdog thread).
+    if (depth_ > 0 || !w || w->group->size <= 1) return;
     Watchdog::get().arm(w, timeout_s, diagnose_grace(timeout_s));
     armed_ = true;
     ++depth_;
@@ -379,12 +380,6 @@ void Work::wait() const {
   if (!state_) return;
   wait(state_->group->timeout_s);
 }
-
-namespace {
-
-
-
-}  // namespace
 
 void Work::wait(double timeout_s) const {
   if (!state_) return;

@@ -71,16 +71,17 @@ using Kernel = void (*)(float*, int64_t, const float*, int64_t, const WeightView
 // while a wrong index, a dropped tail element or a missing bias gives NMSE >= 1e-4.
 constexpr double kNmse = 1e-10;
 
-// Runs `kernel` on y with row stride ldy inside a guarded buffer whose padding columns hold a
-// sentinel, and checks against the float64 reference: NMSE, finiteness, untouched padding.
-void check_against_reference(Kernel kernel, const StoredWeight& sw, int64_t M, int64_t ldy,
-                             bool with_bias, uint64_t seed, double* nmse_out = nullptr) {
+// `kernel` runs on `view` (the stored weight itself, or a repacked copy of it: the tile-order
+// tests below); the reference reads the stored rows.
+void check_view_against_reference(Kernel kernel, const StoredWeight& sw, const WeightView& view,
+                                  int64_t M, int64_t ldy, bool with_bias, uint64_t seed,
+                                  double* nmse_out) {
   const int64_t N = sw.N, K = sw.K;
   std::vector<float> x = random_normal(M * K, seed);          // (M, K)
   std::vector<float> bias = random_normal(N, seed + 1000);     // (N)
   const float pad = 12345.f;
   GuardedBuffer<float> y(M * ldy, pad);  // (M, ldy)
-  kernel(y.data(), ldy, x.data(), M, sw.view(), with_bias ? bias.data() : nullptr);
+  kernel(y.data(), ldy, x.data(), M, view, with_bias ? bias.data() : nullptr);
 
   std::vector<double> W = kernels::ref::weight_to_f64(sw.view());  // (N, K)
   std::vector<double> x64 = to_f64(x), b64 = to_f64(bias);
@@ -99,6 +100,13 @@ void check_against_reference(Kernel kernel, const StoredWeight& sw, int64_t M, i
   const double e = nmse(ydense, yref);
   EXPECT_LT(e, kNmse);
   if (nmse_out) *nmse_out = e;
+}
+
+// Runs `kernel` on y with row stride ldy inside a guarded buffer whose padding columns hold a
+// sentinel, and checks against the float64 reference: NMSE, finiteness, untouched padding.
+void check_against_reference(Kernel kernel, const StoredWeight& sw, int64_t M, int64_t ldy,
+                             bool with_bias, uint64_t seed, double* nmse_out = nullptr) {
+  check_view_against_reference(kernel, sw, sw.view(), M, ldy, with_bias, seed, nmse_out);
 }
 
 std::vector<float> run(Kernel kernel, const StoredWeight& sw, const float* x, int64_t M,
@@ -359,29 +367,7 @@ struct TiledWeight {
 // kernel sees the tiled view.
 void check_tiled(Kernel kernel, const TiledWeight& tw, int64_t M, int64_t ldy, bool with_bias,
                  uint64_t seed, double* nmse_out = nullptr) {
-  const int64_t N = tw.rows.N, K = tw.rows.K;
-  std::vector<float> x = random_normal(M * K, seed);       // (M, K)
-  std::vector<float> bias = random_normal(N, seed + 1000);  // (N)
-  const float pad = 12345.f;
-  GuardedBuffer<float> y(M * ldy, pad);  // (M, ldy)
-  kernel(y.data(), ldy, x.data(), M, tw.view(), with_bias ? bias.data() : nullptr);
-  std::vector<double> W = kernels::ref::weight_to_f64(tw.rows.view());  // (N, K)
-  std::vector<double> x64 = to_f64(x), b64 = to_f64(bias);
-  std::vector<double> yref(size_t(M * N));
-  kernels::ref::weight_matmul(yref.data(), N, x64.data(), M, W.data(), N, K,
-                              with_bias ? b64.data() : nullptr);
-  std::vector<float> ydense(size_t(M * N));
-  bool pad_intact = true;
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) ydense[size_t(m * N + n)] = y[m * ldy + n];
-    for (int64_t n = N; n < ldy; ++n) pad_intact = pad_intact && y[m * ldy + n] == pad;
-  }
-  EXPECT_TRUE(y.guards_intact());
-  EXPECT_TRUE(pad_intact) << "columns N..ldy-1 of y were written";
-  EXPECT_TRUE(all_finite(ydense));
-  const double e = nmse(ydense, yref);
-  EXPECT_LT(e, kNmse);
-  if (nmse_out) *nmse_out = e;
+  check_view_against_reference(kernel, tw.rows, tw.view(), M, ldy, with_bias, seed, nmse_out);
 }
 
 std::vector<float> run_tiled(const TiledWeight& tw, const float* x, int64_t M, const float* bias) {
