@@ -803,6 +803,52 @@ Work ProcessGroup::all_gather(BufferRef input, BufferRef output) const {
   return launch(state_, w);
 }
 
+Work ProcessGroup::all_gather_in_place(BufferRef buf, const std::vector<int64_t>& offsets) const {
+  GroupState& g = st();
+  check_buffer(g, CommOp::all_gather, buf, "buffer");
+  LOOM_CHECK(offsets.size() == size_t(g.size) + 1,
+             "{} all_gather_in_place: {} offsets given, need group size + 1 = {}", g.prefix(),
+             offsets.size(), g.size + 1);
+  for (int j = 0; j < g.size; ++j)
+    LOOM_CHECK(offsets[size_t(j)] >= 0 && offsets[size_t(j)] <= offsets[size_t(j) + 1],
+               "{} all_gather_in_place: offsets must be non-decreasing from 0; rank {}'s piece "
+               "is [{}, {})",
+               g.prefix(), j, offsets[size_t(j)], offsets[size_t(j) + 1]);
+  LOOM_CHECK(offsets.back() <= buf.count,
+             "{} all_gather_in_place: the pieces end at element {} but the buffer has {}",
+             g.prefix(), offsets.back(), buf.count);
+  const int64_t es = int64_t(dtype_size(buf.dtype));
+  const int64_t own = offsets[size_t(g.rank) + 1] - offsets[size_t(g.rank)];
+  auto w = new_work<RequestWork>(state_, CommOp::all_gather, buf, (g.size - 1) * own * es);
+  const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
+  if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
+  const int64_t total = offsets.back() - offsets.front();
+  if (g.size == 1 || total == 0) return finished(w);
+  w->algorithm = pick(g, CommOp::all_gather, total * es);
+  if (w->algorithm == Algorithm::ring) {
+    detail::RingPlan plan;
+    plan.ag_buf = buf.data;
+    plan.offsets = offsets;
+    plan.dtype = buf.dtype;
+    return launch_ring(state_, w, plan);
+  }
+  std::vector<int> counts(size_t(g.size)), displs(size_t(g.size));
+  for (int j = 0; j < g.size; ++j) {
+    counts[size_t(j)] =
+        mpi_count(offsets[size_t(j) + 1] - offsets[size_t(j)], g, CommOp::all_gather);
+    displs[size_t(j)] = mpi_count(offsets[size_t(j)], g, CommOp::all_gather);
+  }
+  // MPI reads the count/displacement arrays until completion: they live in the hook.
+  auto arrays = std::make_shared<std::array<std::vector<int>, 2>>(
+      std::array<std::vector<int>, 2>{std::move(counts), std::move(displs)});
+  w->on_complete.push_back([arrays] {});
+  w->reqs.resize(1);
+  LOOM_MPI(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf.data, (*arrays)[0].data(),
+                           (*arrays)[1].data(), mpi_transport_type(buf.dtype), g.coll,
+                           &w->reqs[0]));
+  return launch(state_, w);
+}
+
 Work ProcessGroup::all_to_all(BufferRef input, BufferRef output) const {
   GroupState& g = st();
   check_buffer(g, CommOp::all_to_all, input, "input");

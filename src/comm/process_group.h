@@ -183,6 +183,10 @@ class ProcessGroup {
   Work reduce_scatter(BufferRef input, BufferRef output, ReduceOp op = ReduceOp::sum) const;
   // input (n) -> output (w*n): output block j = input of rank j. input may be output block r.
   Work all_gather(BufferRef input, BufferRef output) const;
+  // In place, pieces of any length: buf elements [offsets[j], offsets[j+1]) of rank j reach
+  // every rank (offsets: size+1 non-decreasing values within buf; ZeRO-1's updated shares). One
+  // collective where a broadcast per rank would move each piece through a tree.
+  Work all_gather_in_place(BufferRef buf, const std::vector<int64_t>& offsets) const;
   // input (w*n) -> output (w*n): output block j = input block r of rank j.
   Work all_to_all(BufferRef input, BufferRef output) const;
   // input holds send_counts[j] elements for rank j, packed in rank order; output receives

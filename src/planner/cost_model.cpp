@@ -480,7 +480,7 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
         // hide under it where something else moves the bytes (a NIC, a GPU's copy engines).
         exposed = cpu_host ? total
                            : std::max(0.0, total - work[size_t(s)].bwd_compute / plan.virtual_stages);
-        if (plan.zero == 1) {  // updated shares broadcast to every dp rank
+        if (plan.zero == 1) {  // updated shares all-gathered to every dp rank (train/executor.cpp)
           const double ag = both(Collective::all_gather);
           total += ag;
           exposed += ag;

@@ -25,6 +25,10 @@ using parallel::ActionKind;
 
 namespace {
 
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // MPI guarantees tags up to 32767 on every implementation.
 constexpr int kMaxTag = 32767;
 enum class Stream : int { activation = 0, grad = 1 };
@@ -795,7 +799,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       for (auto& w : reductions_) w.wait();
       reductions_.clear();
     }
-    dp_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_wait).count();
+    dp_wait_s = seconds_since(t_wait);
 
     // Tied embedding: sum the embedding's and the head's gradient contributions.
     if (embedding_.valid()) {
@@ -886,8 +890,10 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
   for (size_t i = 0; i < chunks_.size(); ++i) {
     LOOM_ASSERT(optimizers_[i]->step_count() + 1 == step_, "chunk optimizer at step {}, executor {}",
                 optimizers_[i]->step_count(), step_ - 1);
+    const auto t_opt = std::chrono::steady_clock::now();
     if (!stores_.empty()) {
       stores_[i]->step(*optimizers_[i], factor);  // updates pieces (stage 2: re-gathers units)
+      s.optimizer_s += seconds_since(t_opt);
       continue;
     }
     model::GptStage& chunk = *chunks_[i];
@@ -895,6 +901,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       optimizers_[i]->step_at([&](int64_t x) { return chunk.master_at(x); }, chunk.grads(), factor);
     else
       optimizers_[i]->step(chunk.weights(), chunk.grads(), factor);
+    s.optimizer_s += seconds_since(t_opt);
+    const auto t_gather = std::chrono::steady_clock::now();
     if (!ecss_.empty() && ecss_[i]) {
       const auto& loads = step_loads[i];
       ecss_[i]->step(
@@ -926,7 +934,21 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       // ZeRO-1: every dp rank's updated share to the others (under ep the dense part over dp,
       // each expert range's shares over the ranks holding the same experts).
       float* weights = chunks_[i]->weights();
-      LOOM_ASSERT(weights, "ZeRO-1 broadcast needs the whole f32 buffer");
+      LOOM_ASSERT(weights, "ZeRO-1 gather needs the whole f32 buffer");
+      const model::StageGeometry& geo = chunks_[i]->geometry();
+      if (geo.ep().size <= 1) {
+        // Without ep the shares are adjacent pieces in rank order (zero1_share): one
+        // all-gather over the buffer, which moves each piece once per rank (a broadcast per
+        // rank took ~1.5x as long at dp 8 here, docs/planner.md "Session 14").
+        std::vector<int64_t> offsets(size_t(dp_.size()) + 1, geo.total());
+        for (int r = 0; r < dp_.size(); ++r)
+          offsets[size_t(r)] = model::zero1_share(geo.total(), dp_.size(), r).begin;
+        dp_.all_gather_in_place(comm::BufferRef(weights, geo.total(), DType::f32), offsets)
+            .wait();
+        s.zero_gather_s += seconds_since(t_gather);
+        chunks_[i]->sync_low_precision_weights();
+        continue;
+      }
       std::vector<comm::Work> works;
       for (int r = 0; r < dp_.size(); ++r)
         for (const model::UnitRange& u : model::zero1_dense_ranges(chunks_[i]->geometry(), dp_.size(), r))
@@ -943,6 +965,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
           }
       for (auto& w : works) w.wait();
     }
+    s.zero_gather_s += seconds_since(t_gather);
     chunks_[i]->sync_low_precision_weights();
   }
 

@@ -93,6 +93,10 @@ struct StepResult {
   double grad_norm = 0;  // global L2 norm before clipping
   float lr = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after the pipeline drained
+  // The optimizer update of this rank's parameters (or its ZeRO share), and under ZeRO-1 the
+  // time the updated shares take to reach every dp rank (the broadcasts after the update).
+  double optimizer_s = 0;
+  double zero_gather_s = 0;
   // cp: the attention kernels' largest per-call workspace (taken from the pool for the call,
   // category workspace, see attention/context_parallel.h) and the time blocked on cp transfers,
   // this step.

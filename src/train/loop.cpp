@@ -109,7 +109,9 @@ StepStats run_loop(const TrainConfig& cfg, const LoopHooks& hooks, const LoopCon
       nlohmann::json m = {{"step", last.step},          {"loss", last.loss},
                           {"lr", last.lr},              {"grad_norm", last.grad_norm},
                           {"step_s", last.step_s},      {"tokens_per_s", last.tokens_per_s},
-                          {"gflops", last.gflops},      {"dp_wait_s", last.dp_wait_s}};
+                          {"gflops", last.gflops},      {"dp_wait_s", last.dp_wait_s},
+                          {"optimizer_s", last.optimizer_s}};
+      if (last.zero_gather_s > 0) m["zero_gather_s"] = last.zero_gather_s;
       if (ctx.peak_gflops > 0) m["peak_fraction"] = peak_share(last.gflops);
       if (last.cp_workspace_bytes > 0) {
         m["cp_workspace_bytes"] = last.cp_workspace_bytes;

@@ -261,6 +261,8 @@ StepStats Trainer::train_step() {
   s.lr = r.lr;
   s.grad_norm = r.grad_norm;
   s.dp_wait_s = r.dp_wait_s;
+  s.optimizer_s = r.optimizer_s;
+  s.zero_gather_s = r.zero_gather_s;
   s.cp_workspace_bytes = r.cp_workspace_bytes;
   s.cp_wait_s = r.cp_wait_s;
   s.ecss = r.ecss;

@@ -42,6 +42,8 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double step_s = 0;
   double dp_wait_s = 0;  // time blocked on the dp gradient reduction after backward (exposed comm)
+  double optimizer_s = 0;    // the optimizer update (this rank's parameters or ZeRO share)
+  double zero_gather_s = 0;  // ZeRO-1: the updated shares sent to every dp rank
   int64_t cp_workspace_bytes = 0;  // cp attention workspace (in the pool; largest call)
   double cp_wait_s = 0;            // time blocked on cp attention transfers (exposed comm)
   // ECSS (parallel.ecss != "off"): this rank's expert-store transfers during the step.

@@ -239,6 +239,52 @@ TEST(Collectives, UnevenAndEmptyRingChunks) {
   }
 }
 
+TEST(Collectives, AllGatherInPlaceUnevenPieces) {
+  // Rank j's piece [off[j], off[j+1]) of one buffer reaches every rank; pieces of different
+  // lengths, an empty piece (rank 1) and untouched elements before the first and after the last
+  // piece, under both algorithms and on sub-groups.
+  SubGroups s = make_subgroups();
+  ProcessGroup wg = world();
+  for (Algorithm a : kAlgos)
+    for (const ProcessGroup* gp : {&wg, &s.half, &s.row}) {
+      const ProcessGroup& g = *gp;
+      AlgoScope scope(g, a);
+      const int w = g.size(), r = g.rank();
+      std::vector<int64_t> off(size_t(w) + 1);
+      off[0] = 2;  // elements 0, 1 belong to no piece
+      for (int j = 0; j < w; ++j) off[size_t(j) + 1] = off[size_t(j)] + (j == 1 ? 0 : j + 3);
+      const int64_t n = off.back() + 3;  // and 3 after the last
+      Tensor x = make(n, DType::f32);
+      for (int64_t i = 0; i < n; ++i) set(x, i, -1 - r);  // this rank's marker everywhere
+      for (int64_t i = off[size_t(r)]; i < off[size_t(r) + 1]; ++i) set(x, i, r * 100 + i);
+      g.reset_counters();
+      g.all_gather_in_place(x, off).wait();
+      for (int j = 0; j < w; ++j)
+        for (int64_t i = off[size_t(j)]; i < off[size_t(j) + 1]; ++i)
+          ASSERT_EQ(get(x, i), j * 100 + i) << "piece of rank " << j << " element " << i;
+      for (int64_t i : {int64_t(0), int64_t(1), n - 3, n - 2, n - 1})
+        ASSERT_EQ(get(x, i), -1 - r) << "element " << i << " is in no piece";
+      const int64_t own = off[size_t(r) + 1] - off[size_t(r)];
+      EXPECT_EQ(g.counters()[CommOp::all_gather].bytes, (w - 1) * own * 4);
+    }
+  ProcessGroup g = world();
+  Tensor x = make(10, DType::f32);
+  std::vector<int64_t> few(size_t(g.size()), 0), back(size_t(g.size()) + 1, 0), past = back;
+  back[1] = 5;  // rank 1's piece would be [5, 0)
+  past.back() = 11;
+  for (auto* bad : {&few, &past}) {
+    try {
+      g.all_gather_in_place(x, *bad);
+      FAIL();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("all_gather_in_place"), std::string::npos) << e.what();
+    }
+  }
+  if (g.size() >= 2) {
+    EXPECT_THROW(g.all_gather_in_place(x, back), Error);
+  }
+}
+
 TEST(Collectives, CountersMatchClosedForms) {
   ProcessGroup g = world();
   const int w = g.size(), r = g.rank();

@@ -109,13 +109,15 @@ TEST(DataParallel, ZeroOneShardsOptimizerStateAndCountsBytes) {
     EXPECT_EQ(c[comm::CommOp::all_reduce].bytes, 4 * ring_all_reduce(N) + 8 * ring_all_reduce(2));
     EXPECT_EQ(c[comm::CommOp::all_reduce].calls, 2);
     if (zero == 1) {
-      // ZeRO-1: each owner broadcasts its updated shard: (w-1) x shard bytes from the root.
+      // ZeRO-1: the updated shards all-gathered in one call: (w-1) x this rank's shard.
       const int64_t shard = (N + w - 1) / w;
       int64_t mine = std::min(N, shard * (world.rank() + 1)) - std::min(N, shard * world.rank());
-      EXPECT_EQ(c[comm::CommOp::broadcast].bytes, 4 * (w - 1) * mine);
+      EXPECT_EQ(c[comm::CommOp::all_gather].bytes, 4 * (w - 1) * mine);
+      EXPECT_EQ(c[comm::CommOp::all_gather].calls, 1);
     } else {
-      EXPECT_EQ(c[comm::CommOp::broadcast].calls, 0);
+      EXPECT_EQ(c[comm::CommOp::all_gather].calls, 0);
     }
+    EXPECT_EQ(c[comm::CommOp::broadcast].calls, 0);
   }
   // m and v: the whole buffer replicated, or one ceil(N/w) shard.
   MemoryPool pool;
