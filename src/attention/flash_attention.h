@@ -78,17 +78,22 @@ void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const b
 // shapes, strides, masks, lse convention, accumulation (dq/dk/dv +=) and determinism as the f32
 // functions; out, lse, D and the gradients are f32, the gradients in q's / k's / v's strides.
 // Extra memory: the operands repacked once per call (forward 2, backward 3 copies of K/V and 4 of
-// Q/dO, in bf16, padded to 64 rows and HD to 32) plus ~100 KiB per thread.
+// Q/dO, in bf16, padded to 64 rows and HD to 32: flash_attention_amx_workspace_bytes), taken from
+// `workspace` (64-byte aligned, at least that many bytes) or, when it is null, allocated by the
+// call; plus ~100 KiB per thread of tiles, allocated by the call.
 // They throw loom::Error when amx_bf16_usable() is false.
 
 // True when this process can run them (kernels/cpu/amx.h; LOOM_AMX=0 says no).
 using kernels::amx_bf16_usable;
 
+int64_t flash_attention_amx_workspace_bytes(bool backward, const AttentionShape& s);
 void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
-                                      const bf16* v, const AttentionShape& s);
+                                      const bf16* v, const AttentionShape& s,
+                                      void* workspace = nullptr);
 void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
                                        const bf16* q, const bf16* k, const bf16* v,
-                                       const float* lse, const float* D, const AttentionShape& s);
+                                       const float* lse, const float* D, const AttentionShape& s,
+                                       void* workspace = nullptr);
 // D = rowsum(dout * out) with bf16 dout (widened exactly).
 void attention_backward_preprocess(float* D, const bf16* dout, const float* out,
                                    const AttentionShape& s);

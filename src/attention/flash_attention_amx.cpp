@@ -449,32 +449,78 @@ void require_amx(const char* fn) {
              fn);
 }
 
-// Packs the kv side: rows of K and V (for S^T and dP^T) and the transposes the
-// caller asks for.
-void pack_kv(std::vector<uint16_t>& kr, std::vector<uint16_t>& vr, std::vector<uint16_t>& kt,
-             std::vector<uint16_t>& vt, const bf16* k, const bf16* v, const AttentionShape& s,
-             int64_t HDp, int64_t Tkp, bool want_vr, bool want_kt, bool want_vt) {
+// The packed operands of one call, carved from one workspace (flash_attention.h,
+// flash_attention_amx_workspace_bytes): forward K rows and V^T; backward K rows, V rows, K^T and
+// Q^T, dO^T, Q, dO as pairs. Each array starts on a 64-byte boundary.
+struct PackSizes {
+  int64_t HDp, Tkp, Tqp, kv_elems, q_words;  // uint16 per kv array, uint32 per q array
+  explicit PackSizes(const AttentionShape& s)
+      : HDp(round_up(s.HD, kPairK)),
+        Tkp(round_up(s.Tk, kBlockK)),
+        Tqp(round_up(s.Tq, kBlockQ)),
+        kv_elems(s.B * s.NKV * Tkp * HDp),
+        q_words(s.B * s.NH * Tqp * HDp / 2) {}
+  static int64_t aligned(int64_t bytes) { return round_up(bytes, 64); }
+  int64_t bytes(bool backward) const {
+    return backward ? 3 * aligned(kv_elems * 2) + 4 * aligned(q_words * 4)
+                    : 2 * aligned(kv_elems * 2);
+  }
+};
+
+// Bump allocation from the workspace (64-byte aligned pieces).
+struct Carve {
+  std::byte* at;
+  template <typename T>
+  T* take(int64_t n) {
+    T* p = reinterpret_cast<T*>(at);
+    at += PackSizes::aligned(n * int64_t(sizeof(T)));
+    return p;
+  }
+};
+
+// The caller's workspace, or (null) one of the call's own, 64-byte aligned.
+struct Workspace {
+  std::vector<std::byte> own;
+  std::byte* base;
+  Workspace(void* given, int64_t bytes) {
+    if (given) {
+      LOOM_CHECK(reinterpret_cast<uintptr_t>(given) % 64 == 0,
+                 "flash attention (AMX): the workspace must be 64-byte aligned");
+      base = static_cast<std::byte*>(given);
+    } else {
+      own.resize(size_t(bytes + 64));
+      base = reinterpret_cast<std::byte*>(
+          (reinterpret_cast<uintptr_t>(own.data()) + 63) & ~uintptr_t(63));
+    }
+  }
+};
+
+// Packs the kv side: rows of K (and V, for dP^T) and the transposes asked for (null: not).
+void pack_kv(uint16_t* kr, uint16_t* vr, uint16_t* kt, uint16_t* vt, const bf16* k, const bf16* v,
+             const AttentionShape& s, int64_t HDp, int64_t Tkp) {
   const int64_t per = Tkp * HDp, n = s.B * s.NKV;
-  kr.resize(size_t(n * per));
-  if (want_vr) vr.resize(size_t(n * per));
-  if (want_kt) kt.resize(size_t(n * per));
-  if (want_vt) vt.resize(size_t(n * per));
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = i / s.NKV, kvh = i % s.NKV;
     const bf16* ks = k + b * s.Tk * s.k_stride + kvh * s.HD;
     const bf16* vs = v + b * s.Tk * s.v_stride + kvh * s.HD;
-    pack_rows(kr.data() + i * per, Tkp, HDp, ks, s.k_stride, s.Tk, s.HD);
-    if (want_vr) pack_rows(vr.data() + i * per, Tkp, HDp, vs, s.v_stride, s.Tk, s.HD);
-    if (want_kt) pack_transposed(kt.data() + i * per, HDp, Tkp, ks, s.k_stride, s.Tk, s.HD);
-    if (want_vt) pack_transposed(vt.data() + i * per, HDp, Tkp, vs, s.v_stride, s.Tk, s.HD);
+    pack_rows(kr + i * per, Tkp, HDp, ks, s.k_stride, s.Tk, s.HD);
+    if (vr) pack_rows(vr + i * per, Tkp, HDp, vs, s.v_stride, s.Tk, s.HD);
+    if (kt) pack_transposed(kt + i * per, HDp, Tkp, ks, s.k_stride, s.Tk, s.HD);
+    if (vt) pack_transposed(vt + i * per, HDp, Tkp, vs, s.v_stride, s.Tk, s.HD);
   }
 }
 
 }  // namespace
 
+int64_t flash_attention_amx_workspace_bytes(bool backward, const AttentionShape& s) {
+  check_shape(s, "flash_attention_amx_workspace_bytes");
+  if (s.B * s.Tq == 0 || s.Tk == 0) return 0;
+  return PackSizes(s).bytes(backward);
+}
+
 void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
-                                      const bf16* v, const AttentionShape& s) {
+                                      const bf16* v, const AttentionShape& s, void* workspace) {
   check_shape(s, "flash_attention_forward_bf16_amx");
   if (s.B * s.Tq == 0) return;
   check_pointers(out && lse && q && (s.Tk == 0 || (k && v)), "flash_attention_forward_bf16_amx", s);
@@ -486,13 +532,14 @@ void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, con
     std::fill(lse, lse + s.B * s.NH * s.Tq, kNegInf);
     return;
   }
-  const int64_t HDp = round_up(s.HD, kPairK), Tkp = round_up(s.Tk, kBlockK);
-  std::vector<uint16_t> kr, vr, kt, vt;
-  pack_kv(kr, vr, kt, vt, k, v, s, HDp, Tkp, false, false, true);
-  Packed pk{kr.data(), nullptr, nullptr, vt.data(), nullptr,
-            nullptr,   nullptr, nullptr, HDp,       round_up(s.Tq, kBlockQ),
-            Tkp};
-  AmxScratch scratch(omp_get_max_threads(), HDp);
+  const PackSizes z(s);
+  Workspace ws(workspace, z.bytes(false));
+  Carve cut{ws.base};
+  uint16_t* kr = cut.take<uint16_t>(z.kv_elems);
+  uint16_t* vt = cut.take<uint16_t>(z.kv_elems);
+  pack_kv(kr, nullptr, nullptr, vt, k, v, s, z.HDp, z.Tkp);
+  Packed pk{kr, nullptr, nullptr, vt, nullptr, nullptr, nullptr, nullptr, z.HDp, z.Tqp, z.Tkp};
+  AmxScratch scratch(omp_get_max_threads(), z.HDp);
 #if LOOM_AMX_KERNELS  // else require_amx threw
   forward_amx(out, lse, q, pk, s, scratch);
 #else
@@ -503,31 +550,36 @@ void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, con
 
 void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
                                        const bf16* q, const bf16* k, const bf16* v,
-                                       const float* lse, const float* D, const AttentionShape& s) {
+                                       const float* lse, const float* D, const AttentionShape& s,
+                                       void* workspace) {
   check_shape(s, "flash_attention_backward_bf16_amx");
   if (s.B * s.Tq == 0 || s.Tk == 0) return;
   check_pointers(dq && dk && dv && dout && q && k && v && lse && D,
                  "flash_attention_backward_bf16_amx", s);
   require_amx("flash_attention_backward_bf16_amx");
-  const int64_t HDp = round_up(s.HD, kPairK), Tkp = round_up(s.Tk, kBlockK),
-                Tqp = round_up(s.Tq, kBlockQ);
-  std::vector<uint16_t> kr, vr, kt, vt;
-  pack_kv(kr, vr, kt, vt, k, v, s, HDp, Tkp, true, true, false);
-  const int64_t per = Tqp * HDp / 2, n = s.B * s.NH;
-  std::vector<uint32_t> qt(size_t(n * per)), dot(size_t(n * per)), qr(size_t(n * per)),
-      dor(size_t(n * per));
+  const PackSizes z(s);
+  Workspace ws(workspace, z.bytes(true));
+  Carve cut{ws.base};
+  uint16_t* kr = cut.take<uint16_t>(z.kv_elems);
+  uint16_t* vr = cut.take<uint16_t>(z.kv_elems);
+  uint16_t* kt = cut.take<uint16_t>(z.kv_elems);
+  uint32_t* qt = cut.take<uint32_t>(z.q_words);
+  uint32_t* dot = cut.take<uint32_t>(z.q_words);
+  uint32_t* qr = cut.take<uint32_t>(z.q_words);
+  uint32_t* dor = cut.take<uint32_t>(z.q_words);
+  pack_kv(kr, vr, kt, nullptr, k, v, s, z.HDp, z.Tkp);
+  const int64_t per = z.Tqp * z.HDp / 2, n = s.B * s.NH, HDp = z.HDp, Tqp = z.Tqp;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = i / s.NH, h = i % s.NH;
     const bf16* qs = q + b * s.Tq * s.q_stride + h * s.HD;
     const bf16* gs = dout + b * s.Tq * s.o_stride + h * s.HD;
-    pack_pairs_over_d(qt.data() + i * per, HDp, Tqp, qs, s.q_stride, s.Tq, s.HD);
-    pack_pairs_over_d(dot.data() + i * per, HDp, Tqp, gs, s.o_stride, s.Tq, s.HD);
-    pack_pairs_over_rows(qr.data() + i * per, Tqp, HDp, qs, s.q_stride, s.Tq, s.HD);
-    pack_pairs_over_rows(dor.data() + i * per, Tqp, HDp, gs, s.o_stride, s.Tq, s.HD);
+    pack_pairs_over_d(qt + i * per, HDp, Tqp, qs, s.q_stride, s.Tq, s.HD);
+    pack_pairs_over_d(dot + i * per, HDp, Tqp, gs, s.o_stride, s.Tq, s.HD);
+    pack_pairs_over_rows(qr + i * per, Tqp, HDp, qs, s.q_stride, s.Tq, s.HD);
+    pack_pairs_over_rows(dor + i * per, Tqp, HDp, gs, s.o_stride, s.Tq, s.HD);
   }
-  Packed pk{kr.data(), vr.data(),  kt.data(), nullptr, qt.data(), dot.data(),
-            qr.data(), dor.data(), HDp,       Tqp,     Tkp};
+  Packed pk{kr, vr, kt, nullptr, qt, dot, qr, dor, HDp, Tqp, z.Tkp};
   AmxScratch scratch(omp_get_max_threads(), HDp);
 #if LOOM_AMX_KERNELS  // else require_amx threw
   backward_dkdv_amx(dk, dv, lse, D, pk, s, scratch);

@@ -176,7 +176,9 @@ Grads bf16_model(const Problem& p) {
 struct AmxRun {
   std::vector<float> out, lse, dq, dk, dv;
 };
-AmxRun run_amx(const Problem& p) {
+// ws_fill: null, the calls allocate their packed operands; else they come from a caller's
+// workspace of exactly flash_attention_amx_workspace_bytes, filled with *ws_fill first.
+AmxRun run_amx(const Problem& p, const float* ws_fill = nullptr) {
   const AttentionShape s = p.shape();
   const Case& c = p.c;
   const int64_t qw = c.NH * c.HD, kw = c.NKV * c.HD;
@@ -185,10 +187,18 @@ AmxRun run_amx(const Problem& p) {
   const int64_t qn = c.B * c.Tq * (qw + c.pad), kn = c.B * c.Tk * (kw + c.pad);
   test::GuardedBuffer<float> out(qn, 0.0f), lse(p.nlse()), D(p.nlse()), dq(qn, 0.0f),
       dk(kn, 0.0f), dv(kn, 0.0f);
-  flash_attention_forward_bf16_amx(out.data(), lse.data(), q.data(), k.data(), v.data(), s);
+  auto workspace = [&](bool backward) -> void* {
+    if (!ws_fill) return nullptr;
+    const int64_t bytes = flash_attention_amx_workspace_bytes(backward, s);
+    static std::vector<float> ws;
+    ws.assign(size_t(bytes / 4 + 16), *ws_fill);
+    return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
+  };
+  flash_attention_forward_bf16_amx(out.data(), lse.data(), q.data(), k.data(), v.data(), s,
+                                   workspace(false));
   attention_backward_preprocess(D.data(), g.data(), out.data(), s);
   flash_attention_backward_bf16_amx(dq.data(), dk.data(), dv.data(), g.data(), q.data(), k.data(),
-                                    v.data(), lse.data(), D.data(), s);
+                                    v.data(), lse.data(), D.data(), s, workspace(true));
   EXPECT_TRUE(out.guards_intact() && lse.guards_intact() && D.guards_intact());
   EXPECT_TRUE(dq.guards_intact() && dk.guards_intact() && dv.guards_intact());
   return {unstride(out.vec(), qw, c.pad), lse.vec(), unstride(dq.vec(), qw, c.pad),
@@ -241,6 +251,18 @@ TEST_P(FlashAttentionAmx, SameBitsAtAnyThreadCount) {
   omp_set_num_threads(saved);
   for (auto [a, b] : {std::pair<const std::vector<float>*, const std::vector<float>*>{&one.out, &two.out}, {&one.lse, &two.lse}, {&one.dq, &two.dq},
                       {&one.dk, &two.dk}, {&one.dv, &two.dv}})
+    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->size() * 4), 0);
+}
+
+// The packed operands in a caller's workspace (as training takes them from its pool), filled
+// with NaN beforehand: every padding element is written by the packing, so the bits are those of
+// the call's own zero-initialised buffers.
+TEST_P(FlashAttentionAmx, CallersWorkspaceGivesTheSameBits) {
+  Problem p(GetParam(), 9);
+  const float nan = std::nanf("");
+  const AmxRun own = run_amx(p), given = run_amx(p, &nan);
+  for (auto [a, b] : {std::pair<const std::vector<float>*, const std::vector<float>*>{&own.out, &given.out}, {&own.lse, &given.lse}, {&own.dq, &given.dq},
+                      {&own.dk, &given.dk}, {&own.dv, &given.dv}})
     EXPECT_EQ(std::memcmp(a->data(), b->data(), a->size() * 4), 0);
 }
 
