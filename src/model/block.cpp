@@ -1,6 +1,7 @@
 #include "model/block.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "attention/flash_attention.h"
@@ -99,6 +100,60 @@ Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory ca
   Tensor out = Tensor::empty({c.local_rows(), C}, DType::f32, c.pool, cat);
   c.tp->reduce_scatter(comm::BufferRef(partial), comm::BufferRef(out)).wait();
   return out;
+}
+
+bool amx_attention_available() {
+  static const bool on = [] {
+    const char* env = std::getenv("LOOM_AMX_ATTENTION");
+    return !(env && std::strcmp(env, "0") == 0) && attention::amx_bf16_usable();
+  }();
+  return on;
+}
+
+static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
+                                      const attention::AttentionShape& s) {
+  return align64(N * (Cq + 2 * KV) * 2) + (backward ? align64(N * Cq * 2) : 0) +
+         attention::flash_attention_amx_workspace_bytes(backward, s);
+}
+
+static bool amx_attention(const BlockCtx& c) { return c.bf && !c.cp && amx_attention_available(); }
+
+// q, k, v of a block (fused: q|k|v rows of `qkv`; query layer: `q` rows and k|v rows of `kv`) as
+// bf16 in the same layout at `h` (N x (Cq + 2KV) elements), for the AMX kernel.
+struct Bf16Qkv {
+  const bf16 *q, *k, *v;
+};
+static Bf16Qkv round_qkv(bf16* h, const float* qkv, const float* q, const float* kv, int64_t N,
+                         int64_t Cq, int64_t KV) {
+  if (qkv) {
+    convert_f32_to_bf16(qkv, h, size_t(N * (Cq + 2 * KV)));
+    return {h, h + Cq, h + Cq + KV};
+  }
+  convert_f32_to_bf16(q, h, size_t(N * Cq));
+  convert_f32_to_bf16(kv, h + N * Cq, size_t(N * 2 * KV));
+  return {h, h + N * Cq, h + N * Cq + KV};
+}
+
+// The AMX backward of one block's attention (the fused q|k|v rows `qkv`, or the query layer's
+// `q` and `kv`): q, k, v and dout rounded to bf16 into a pool workspace, gradients accumulated
+// into the f32 dq / dk / dv (strides of s).
+static void amx_attention_backward(const BlockCtx& c, float* dq, float* dk, float* dv,
+                                   const Tensor& dout, const float* qkv, const float* q,
+                                   const float* kv, const Tensor& lse, const Tensor& D,
+                                   const attention::AttentionShape& s, int64_t N, int64_t Cq,
+                                   int64_t KV) {
+  Tensor ws = Tensor::empty({amx_attention_workspace_bytes(true, N, Cq, KV, s)}, DType::u8,
+                            c.pool, MemCategory::workspace);
+  std::byte* w = static_cast<std::byte*>(ws.raw());
+  const Bf16Qkv h = round_qkv(reinterpret_cast<bf16*>(w), qkv, q, kv, N, Cq, KV);
+  w += align64(N * (Cq + 2 * KV) * 2);
+  bf16* g = reinterpret_cast<bf16*>(w);
+  convert_f32_to_bf16(dout.data<float>(), g, size_t(N * Cq));
+  w += align64(N * Cq * 2);
+  attention::flash_attention_backward_bf16_amx(dq, dk, dv, g, h.q, h.k, h.v, lse.data<float>(),
+                                               D.data<float>(), s, w);
 }
 
 static attention::AttentionShape attention_shape(const BlockCtx& c, int64_t q_stride, int64_t kv_stride) {
@@ -202,9 +257,18 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   if (c.cp)  // this rank's T rows against the whole sequence over the cp group
     attention::cp_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
                                     DType::f32, attention_shape(c, q_stride, kv_stride), *c.cp);
-  else
+  else if (amx_attention(c)) {
+    const attention::AttentionShape s = attention_shape(c, q_stride, kv_stride);
+    Tensor ws = Tensor::empty({amx_attention_workspace_bytes(false, N, Cq, KV, s)}, DType::u8,
+                              c.pool, MemCategory::workspace);
+    std::byte* w = static_cast<std::byte*>(ws.raw());
+    const Bf16Qkv h = round_qkv(reinterpret_cast<bf16*>(w), qin ? nullptr : q, q, k, N, Cq, KV);
+    attention::flash_attention_forward_bf16_amx(st.att.data<float>(), st.lse.data<float>(), h.q,
+                                                h.k, h.v, s, w + align64(N * (Cq + 2 * KV) * 2));
+  } else {
     attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
                                        attention_shape(c, q_stride, kv_stride));
+  }
   Tensor att_mm = to_mm(c, st.att, cat(keep_all));
 
   // mid = x + att @ Wo^T + bo                                                 (Nl,C)
@@ -372,9 +436,13 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     } else {
       attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
                                                st.att.data<float>(), s);
-      attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
-                                          qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
-                                          D.data<float>(), s);
+      if (amx_attention(c))
+        amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, qkv, nullptr, nullptr, st.lse,
+                               D, s, N, Cq, KV);
+      else
+        attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
+                                            qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
+                                            D.data<float>(), s);
     }
     st.qkv = Tensor();
     Tensor dqkv_mm = to_mm(c, dqkv, ws);
@@ -395,10 +463,14 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
     } else {
       attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
                                                st.att.data<float>(), s);
-      attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
-                                          dkv.data<float>() + KV, d_att.data<float>(),
-                                          st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
-                                          D.data<float>(), s);
+      if (amx_attention(c))
+        amx_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
+                               d_att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N, Cq, KV);
+      else
+        attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
+                                            dkv.data<float>() + KV, d_att.data<float>(),
+                                            st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
+                                            D.data<float>(), s);
     }
     st.q = Tensor();
     st.kv = Tensor();

@@ -117,6 +117,20 @@ inline const float* w_at(const BlockCtx& c, int64_t off) {
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
 // matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's
 // rows (Nl, C) of their sum over tp.
+// Attention in bf16 training: where this process can run AMX tiles (attention::amx_bf16_usable)
+// and LOOM_AMX_ATTENTION is not 0, a bf16 block's local attention (not cp's ring, which runs
+// the f32 kernel) multiplies q, k, v rounded to bf16 on the tiles (flash_attention_forward /
+// backward_bf16_amx: bf16 products, f32 softmax and accumulation, P and dS rounded to bf16)
+// instead of the f32 kernel on f32 q, k, v: 1.7-1.9x faster (docs/context_parallel.md). f32
+// blocks are unchanged.
+bool amx_attention_available();
+// Bytes of the pool workspace such a call takes (category workspace, freed when it returns):
+// q|k|v as bf16 (N, S) with S = Cq + 2 KV (backward: and dout (N, Cq) as bf16), then the
+// kernel's packed operands (attention::flash_attention_amx_workspace_bytes). model/memory.cpp
+// prices the same bytes.
+int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
+                                      const attention::AttentionShape& s);
+
 Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCategory cat);
 Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory cat);
 
