@@ -1,5 +1,6 @@
 #include "model/block.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -102,12 +103,17 @@ Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory ca
   return out;
 }
 
+static std::atomic<int> g_amx_attention_override{-1};
+
+void set_amx_attention_for_testing(int mode) { g_amx_attention_override.store(mode); }
+
 bool amx_attention_available() {
   static const bool on = [] {
     const char* env = std::getenv("LOOM_AMX_ATTENTION");
     return !(env && std::strcmp(env, "0") == 0) && attention::amx_bf16_usable();
   }();
-  return on;
+  const int o = g_amx_attention_override.load();
+  return o < 0 ? on : o == 1 && attention::amx_bf16_usable();
 }
 
 static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }

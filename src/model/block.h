@@ -124,6 +124,8 @@ inline const float* w_at(const BlockCtx& c, int64_t off) {
 // instead of the f32 kernel on f32 q, k, v: 1.7-1.9x faster (docs/context_parallel.md). f32
 // blocks are unchanged.
 bool amx_attention_available();
+// Tests: 0 the f32 kernel, 1 AMX where usable, -1 (default) as the environment says.
+void set_amx_attention_for_testing(int mode);
 // Bytes of the pool workspace such a call takes (category workspace, freed when it returns):
 // q|k|v as bf16 (N, S) with S = Cq + 2 KV (backward: and dout (N, Cq) as bf16), then the
 // kernel's packed operands (attention::flash_attention_amx_workspace_bytes). model/memory.cpp

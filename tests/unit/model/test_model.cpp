@@ -9,6 +9,8 @@
 
 #include "core/rng.h"
 #include "kernels/cpu/matmul.h"
+#include "attention/flash_attention.h"
+#include "model/block.h"
 #include "model/gpt.h"
 #include "model/memory.h"
 #include "ref_model.h"
@@ -171,6 +173,63 @@ TEST(Model, Bf16LossCloseToF32) {
   // bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) on matmul inputs only; the loss,
   // an average of ~log(V) = 3.6 nats, moves by far less than 1%.
   EXPECT_NEAR(lb.sum / double(lb.count), la.sum / double(la.count), 0.01 * la.sum / double(la.count));
+}
+
+// ||a - b|| / ||b||.
+double relative_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+// bf16 blocks' attention on AMX tiles (model/block.h) against the f32 kernel on the same f32
+// q, k, v: the AMX path rounds q, k, v, dout, P and dS to bf16 (2^-9 relative each), the rest of
+// the model is the same bf16 computation. Both runs also check the pool's workspace against the
+// memory model, which prices the AMX call's workspace only when it is on.
+TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
+  if (!attention::amx_bf16_usable()) {
+    std::printf("SKIP: this CPU or OS cannot run AMX-BF16 tiles\n");
+    GTEST_SKIP();
+  }
+  ModelConfig cfg = small_config(true, Activation::gelu, 2);
+  cfg.max_seq = 96;
+  const int64_t B = 2, T = 96;
+  auto tokens = random_tokens(B, T, cfg.vocab, 31);
+  LossSum loss[2];
+  std::vector<float> grads[2];
+  for (int amx : {0, 1}) {
+    set_amx_attention_for_testing(amx);
+    MemoryPool pool;
+    Gpt m(cfg, pool, Precision::bf16);
+    m.init_weights(4);
+    m.zero_grads();
+    const int64_t base = pool.current(MemCategory::workspace);
+    pool.reset_peaks();
+    loss[amx] = m.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+    grads[amx].assign(m.grads(), m.grads() + m.layout().total());
+    parallel::ParallelPlan plan;
+    plan.micro_batch_size = B;
+    plan.recompute.assign(size_t(cfg.n_layers), Recompute::none);
+    const RankMemory est = memory_per_rank(cfg, plan, 0, T, Precision::bf16);
+    EXPECT_EQ(pool.peak(MemCategory::workspace) - base, est.bytes[size_t(MemCategory::workspace)])
+        << "AMX attention " << amx;
+  }
+  set_amx_attention_for_testing(-1);
+  const double l0 = loss[0].sum / double(loss[0].count), l1 = loss[1].sum / double(loss[1].count);
+  std::printf("loss f32 kernel %.8f, AMX %.8f; gradient relative L2 %.3g\n", l0, l1,
+              relative_l2(grads[1], grads[0]));
+  EXPECT_NE(l0, l1) << "the AMX path was not taken";
+  // The loss (~log V nats) moves through the attention output, whose error is a few bf16
+  // roundings (2^-9) scaled by how little the softmax of random weights depends on q and k:
+  // measured 1.8e-6 relative. A packing or layout bug moves it by O(1).
+  EXPECT_NEAR(l1, l0, 1e-4 * l0);
+  // Gradients: the attention path's gradients carry a few 2^-9 = 2e-3 roundings (q, k, v, dout,
+  // P, dS), the other tensors inherit a share of them: measured 4.1e-4 over the whole model;
+  // the bound is two roundings' worth.
+  EXPECT_LT(relative_l2(grads[1], grads[0]), 4e-3);
 }
 
 // Emulated bf16 (f32 tensors holding bf16 values, f32 kernel) computes exactly what the
