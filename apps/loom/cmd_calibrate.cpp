@@ -45,6 +45,7 @@
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
+#include "model/block.h"
 #include "model/gpt.h"
 #include "model/head.h"
 #include "model/stage.h"
@@ -221,8 +222,10 @@ double triad_bandwidth(double min_s) {
 
 // loom's own kernels on one thread (cluster.h [kernels]), at the engine's shapes: rows of a
 // micro-batch (2048 = 8 x 256 tokens), widths of a small model. `peak_core` is one core's f32
-// matmul peak (the attention table's unit).
-loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, bool bf16_native,
+// matmul peak (the attention table's unit), `peak_core_bf16` its bf16 peak (the unit of bf16
+// attention on AMX tiles, measured where model::amx_attention_available()).
+loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, double peak_core_bf16,
+                                           bool bf16_native,
                                            const std::function<void(const std::string&)>& progress) {
   namespace K = loom::kernels;
   loom::planner::KernelCosts k;
@@ -302,6 +305,39 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, bo
     progress(fmt::format("flash attention T {} (8 x 64, causal): forward {:.3f} ms ({:.2f} of "
                          "peak), backward {:.3f} ms ({:.2f})",
                          T, fwd * 1e3, ef, bwd * 1e3, eb));
+    if (!loom::model::amx_attention_available() || peak_core_bf16 <= 0) continue;
+    // bf16 training's attention (model/block.cpp): q, k, v (and dout) rounded to bf16, then the
+    // AMX kernel with its packed operands in a workspace.
+    std::vector<loom::bf16> q16(q.size()), k16(q.size()), v16(q.size()), g16(q.size());
+    std::vector<float> ws(size_t(std::max(loom::attention::flash_attention_amx_workspace_bytes(true, s),
+                                          loom::attention::flash_attention_amx_workspace_bytes(false, s)) /
+                                     4 + 16));
+    void* w = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
+    auto round_qkv = [&] {
+      loom::convert_f32_to_bf16(q.data(), q16.data(), q.size());
+      loom::convert_f32_to_bf16(kk.data(), k16.data(), q.size());
+      loom::convert_f32_to_bf16(v.data(), v16.data(), q.size());
+    };
+    const double fwd16 = median_call(budget_s / 2, [&] {
+      round_qkv();
+      loom::attention::flash_attention_forward_bf16_amx(o.data(), lse.data(), q16.data(),
+                                                        k16.data(), v16.data(), s, w);
+    });
+    const double bwd16 = median_call(budget_s / 2, [&] {
+      round_qkv();
+      loom::convert_f32_to_bf16(dout.data(), g16.data(), q.size());
+      loom::attention::attention_backward_preprocess(D.data(), dout.data(), o.data(), s);
+      loom::attention::flash_attention_backward_bf16_amx(dq.data(), dk.data(), dv.data(),
+                                                         g16.data(), q16.data(), k16.data(),
+                                                         v16.data(), lse.data(), D.data(), s, w);
+    });
+    const double ef16 = std::min(1.0, flops / (fwd16 * peak_core_bf16)),
+                 eb16 = std::min(1.0, 2.5 * flops / (bwd16 * peak_core_bf16));
+    k.attention_fwd_bf16.points.emplace_back(each / 1e9, ef16);
+    k.attention_bwd_bf16.points.emplace_back(each / 1e9, eb16);
+    progress(fmt::format("bf16 attention on AMX T {}: forward {:.3f} ms ({:.3f} of the bf16 "
+                         "peak), backward {:.3f} ms ({:.3f})",
+                         T, fwd16 * 1e3, ef16, bwd16 * 1e3, eb16));
   }
   // Elementwise kernels: nanoseconds per element on (2048, 256) rows, the activation on
   // (2048, 1024), all resident in cache as a micro-batch's activations are.
@@ -502,7 +538,8 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     c.memory_bandwidth_Bps = triad_bandwidth(min_s / 3) * c.host_cores;  // one thread x cores
     progress(fmt::format("vector triad: {:.2f} GB/s", c.memory_bandwidth_Bps / 1e9));
     c.memory_bytes = int64_t(sysconf(_SC_PHYS_PAGES)) * int64_t(sysconf(_SC_PAGE_SIZE));
-    c.kernels = measure_kernels(min_s, c.peak_flops_f32 / c.host_cores, native, progress);
+    c.kernels = measure_kernels(min_s, c.peak_flops_f32 / c.host_cores,
+                                c.peak_flops_bf16 / c.host_cores, native, progress);
   }
   if (world.valid()) sleepy_barrier(world);  // the others slept through the compute timings
 

@@ -196,7 +196,7 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
     loom::parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T};
     shape.experts = cfg.moe.enabled() ? cfg.moe.experts : 0;  // ep= is checked against them
     const ParallelPlan plan = loom::parallel::make_plan(s2, shape, o.batch, world);
-    MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
+    MemoryOracle oracle(cfg, T, precision, cluster);
     const StepCost c = estimate_step({cfg, cluster, T, precision}, plan, oracle);
     if (o.json) {
       nlohmann::json j = c.to_json();
@@ -265,7 +265,7 @@ void run_plan(const Opts& o, loom::cli::Context& ctx) {
 
   // Nearest rivals: the fastest plan of each of the three nearest other shapes.
   std::vector<const Candidate*> rivals;
-  MemoryOracle oracle(cfg, T, precision, cluster.bf16_emulated);
+  MemoryOracle oracle(cfg, T, precision, cluster);
   if (chosen) {
     auto shape = [](const ParallelPlan& p) {
       return fmt::format("{}/{}/{}/{}/{}/{}/{}/{}", p.dp, p.tp, p.pp, p.cp, p.cp_scheme, p.ep,

@@ -124,7 +124,7 @@ int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int6
          attention::flash_attention_amx_workspace_bytes(backward, s);
 }
 
-static bool amx_attention(const BlockCtx& c) { return c.bf && !c.cp && amx_attention_available(); }
+static bool amx_attention(const BlockCtx& c) { return amx_attention_used(c.bf, c.cp ? 2 : 1, c.T); }
 
 // q, k, v of a block (fused: q|k|v rows of `qkv`; query layer: `q` rows and k|v rows of `kv`) as
 // bf16 in the same layout at `h` (N x (Cq + 2KV) elements), for the AMX kernel.

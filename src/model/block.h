@@ -124,6 +124,14 @@ inline const float* w_at(const BlockCtx& c, int64_t off) {
 // instead of the f32 kernel on f32 q, k, v: 1.7-1.9x faster (docs/context_parallel.md). f32
 // blocks are unchanged.
 bool amx_attention_available();
+// Below this sequence length the f32 kernel is as fast or faster (loom calibrate, one core: T 128
+// forward 0.31 ms on AMX against 0.24 ms f32, backward equal; from T 256 AMX 1.4-1.6x faster).
+constexpr int64_t kAmxAttentionMinSeq = 256;
+// Whether a block of this precision, cp degree and (local) sequence length T runs it: the one
+// predicate of block.cpp, the memory model and the planner.
+inline bool amx_attention_used(bool bf16, int cp, int64_t T) {
+  return bf16 && cp <= 1 && T >= kAmxAttentionMinSeq && amx_attention_available();
+}
 // Tests: 0 the f32 kernel, 1 AMX where usable, -1 (default) as the environment says.
 void set_amx_attention_for_testing(int mode);
 // Bytes of the pool workspace such a call takes (category workspace, freed when it returns):

@@ -776,7 +776,8 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
       d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme, bw, plan.cp, nodes);
     }
   }
-  if (bf && plan.cp == 1 && options.amx_attention.value_or(amx_attention_available())) {
+  if (bf && plan.cp == 1 && T >= kAmxAttentionMinSeq &&
+      options.amx_attention.value_or(amx_attention_available())) {  // amx_attention_used
     // block.cpp's attention_shape on this rank's heads (fused q|k|v, or the query layer's q and
     // k|v): what amx_attention_workspace_bytes gives block.cpp.
     const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();

@@ -272,7 +272,8 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
     LOOM_CHECK(n->is_table(), "{}: 'kernels' must be a table", source);
     const toml::table& k = *n->as_table();
     r.only_keys(k, "kernels.", {"matmul_layout_f32", "matmul_layout_bf16", "attention_fwd",
-                                "attention_bwd", "ns_per_element"});
+                                "attention_bwd", "attention_fwd_bf16", "attention_bwd_bf16",
+                                "ns_per_element"});
     KernelCosts& kc = c.kernels;
     kc.measured = true;
     const char* layout = "[nt, tn]: the rate of x @ W^T and of dY^T @ X over that of dY @ W";
@@ -282,6 +283,16 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
                       "head) reaches that fraction of one core's f32 peak";
     kc.attention_fwd = r.efficiency(k, "kernels.", "attention_fwd", "gflop", att);
     kc.attention_bwd = r.efficiency(k, "kernels.", "attention_bwd", "gflop", att);
+    const char* att16 = "bf16 attention on AMX tiles with products of gflop*1e9 FLOPs per (batch, "
+                        "head) reaches that fraction of one core's bf16 peak";
+    LOOM_CHECK(!k.get("attention_fwd_bf16") == !k.get("attention_bwd_bf16"),
+               "{}: keys 'kernels.attention_fwd_bf16' and 'kernels.attention_bwd_bf16' come "
+               "together (give both or neither)",
+               source);
+    if (k.get("attention_fwd_bf16")) {
+      kc.attention_fwd_bf16 = r.efficiency(k, "kernels.", "attention_fwd_bf16", "gflop", att16);
+      kc.attention_bwd_bf16 = r.efficiency(k, "kernels.", "attention_bwd_bf16", "gflop", att16);
+    }
     const toml::table& e = r.table(k, "kernels.", "ns_per_element");
     const std::string w = "kernels.ns_per_element.";
     r.only_keys(e, w, {"layernorm_fwd", "layernorm_bwd", "bias_add", "add", "bias_bwd", "zero",
@@ -387,9 +398,13 @@ std::string Cluster::to_toml() const {
     const KernelCosts& k = kernels;
     s += fmt::format("\n[kernels]\nmatmul_layout_f32 = [{:.4f}, {:.4f}]\n"
                      "matmul_layout_bf16 = [{:.4f}, {:.4f}]\nattention_fwd = {}\n"
-                     "attention_bwd = {}\n\n[kernels.ns_per_element]\n",
+                     "attention_bwd = {}\n",
                      k.layout_f32.first, k.layout_f32.second, k.layout_bf16.first,
                      k.layout_bf16.second, table(k.attention_fwd), table(k.attention_bwd));
+    if (!k.attention_fwd_bf16.points.empty())
+      s += fmt::format("attention_fwd_bf16 = {}\nattention_bwd_bf16 = {}\n",
+                       table(k.attention_fwd_bf16), table(k.attention_bwd_bf16));
+    s += "\n[kernels.ns_per_element]\n";
     auto ns = [&](const char* key, double v) { s += fmt::format("{} = {:.4g}\n", key, v * 1e9); };
     ns("layernorm_fwd", k.layernorm_fwd);
     ns("layernorm_bwd", k.layernorm_bwd);

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "attention/context_parallel.h"
+#include "model/block.h"
 #include "model/geometry.h"
 
 namespace loom::planner {
@@ -22,9 +23,11 @@ using parallel::ScheduleKind;
 // Memory and geometry oracle.
 
 MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
-                           bool bf16_emulated)
+                           const Cluster& cluster)
     : cfg_(cfg), T_(T), precision_(precision), replayer_(cfg) {
-  options_.bf16_emulated = bf16_emulated;
+  options_.bf16_emulated = cluster.bf16_emulated;
+  // bf16 attention on AMX tiles, with its pool workspace, where the cluster was measured with it.
+  options_.amx_attention = !cluster.kernels.attention_fwd_bf16.points.empty();
 }
 
 const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank,
@@ -219,12 +222,20 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   const double attn_proj_bwd = r.weight_bwd(N, (C + 2 * KV) / t, C) + r.weight_bwd(N, C, C / t);
   // The attention kernel: priced as products (backward 2.5x the forward: S and dP again, dV,
   // dQ, dK), or by its measured efficiency (which includes its softmax, masks and tiling).
+  // bf16 blocks without cp run it on AMX tiles where the host has them (model/block.h), priced
+  // by their own table over one core's bf16 peak.
+  const bool amx_attn = r.k && bf && G == 1 && in.T >= model::kAmxAttentionMinSeq &&
+                        !r.k->attention_fwd_bf16.points.empty();
+  const double attn_peak = amx_attn ? cl.peak_flops_bf16 / cl.host_cores : r.core_peak;
+  const EfficiencyTable* attn_fwd_eff =
+      r.k ? (amx_attn ? &r.k->attention_fwd_bf16 : &r.k->attention_fwd) : nullptr;
+  const EfficiencyTable* attn_bwd_eff =
+      r.k ? (amx_attn ? &r.k->attention_bwd_bf16 : &r.k->attention_bwd) : nullptr;
   const double block_attn_fwd =
-      r.k ? attn_each * attn_count * r.core_s / (r.core_peak * r.k->attention_fwd.at(attn_each))
+      r.k ? attn_each * attn_count * r.core_s / (attn_peak * attn_fwd_eff->at(attn_each))
           : r.mm(attn_each, attn_count);
   const double block_attn_bwd =
-      r.k ? 2.5 * attn_each * attn_count * r.core_s /
-                (r.core_peak * r.k->attention_bwd.at(attn_each))
+      r.k ? 2.5 * attn_each * attn_count * r.core_s / (attn_peak * attn_bwd_eff->at(attn_each))
           : 2.5 * block_attn_fwd;
   // Elementwise f32 passes per block forward, counted per row from block.cpp's structure: two
   // norms on the local rows (read C, write C and its matmul copy C), two residual adds (read 2C,

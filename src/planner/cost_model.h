@@ -83,8 +83,10 @@ namespace loom::planner {
 // memory-relevant parts repeat. Not thread-safe.
 class MemoryOracle {
  public:
+  // The engine's memory as it runs on `cluster`'s hosts (bf16 emulated or not, bf16 attention
+  // on AMX tiles or not).
   MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Precision precision,
-               bool bf16_emulated);
+               const Cluster& cluster);
   // `bound_backwards` as model::MemoryOptions::bound_backwards: -1 the whole step, else a
   // lower bound from a prefix of it.
   const model::RankMemory& rank_memory(const parallel::ParallelPlan& plan, int rank,

@@ -141,7 +141,7 @@ SearchResult search(const model::ModelConfig& cfg, const Cluster& cluster, const
   LOOM_CHECK(o.bucket_fraction > 0 && o.bucket_fraction < 1,
              "bucket fraction = {} must be in (0, 1)", o.bucket_fraction);
   SearchResult res;
-  MemoryOracle oracle(cfg, o.seq, o.precision, cluster.bf16_emulated);
+  MemoryOracle oracle(cfg, o.seq, o.precision, cluster);
   const CostInputs in{cfg, cluster, o.seq, o.precision};
   const int64_t L = cfg.n_layers, G = o.global_batch, N = o.devices;
 

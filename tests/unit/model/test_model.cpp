@@ -195,8 +195,8 @@ TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
     GTEST_SKIP();
   }
   ModelConfig cfg = small_config(true, Activation::gelu, 2);
-  cfg.max_seq = 96;
-  const int64_t B = 2, T = 96;
+  cfg.max_seq = kAmxAttentionMinSeq;  // the shortest sequence that runs on AMX
+  const int64_t B = 2, T = kAmxAttentionMinSeq;
   auto tokens = random_tokens(B, T, cfg.vocab, 31);
   LossSum loss[2];
   std::vector<float> grads[2];
@@ -224,12 +224,24 @@ TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
   EXPECT_NE(l0, l1) << "the AMX path was not taken";
   // The loss (~log V nats) moves through the attention output, whose error is a few bf16
   // roundings (2^-9) scaled by how little the softmax of random weights depends on q and k:
-  // measured 1.8e-6 relative. A packing or layout bug moves it by O(1).
+  // measured 0.7-1.8e-6 relative (T 96 and 256). A packing or layout bug moves it by O(1).
   EXPECT_NEAR(l1, l0, 1e-4 * l0);
   // Gradients: the attention path's gradients carry a few 2^-9 = 2e-3 roundings (q, k, v, dout,
-  // P, dS), the other tensors inherit a share of them: measured 4.1e-4 over the whole model;
+  // P, dS), the other tensors inherit a share of them: measured 3.2-4.1e-4 over the whole model;
   // the bound is two roundings' worth.
   EXPECT_LT(relative_l2(grads[1], grads[0]), 4e-3);
+  // Shorter sequences stay on the f32 kernel (kAmxAttentionMinSeq): the same bits either way.
+  const int64_t Ts = kAmxAttentionMinSeq / 2;
+  double short_loss[2];
+  for (int amx : {0, 1}) {
+    set_amx_attention_for_testing(amx);
+    MemoryPool pool;
+    Gpt m(cfg, pool, Precision::bf16);
+    m.init_weights(4);
+    short_loss[amx] = m.forward_loss(tokens.data(), 1, Ts).sum;
+  }
+  set_amx_attention_for_testing(-1);
+  EXPECT_EQ(short_loss[0], short_loss[1]);
 }
 
 // Emulated bf16 (f32 tensors holding bf16 values, f32 kernel) computes exactly what the

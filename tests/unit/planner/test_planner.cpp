@@ -16,6 +16,7 @@
 #include "model/config.h"
 #include "model/memory.h"
 #include "parallel/schedule.h"
+#include "model/block.h"
 #include "planner/cluster.h"
 #include "planner/cost_model.h"
 #include "planner/search.h"
@@ -113,7 +114,7 @@ TEST(Cluster, SharedHostConcurrency) {
     // ranks and the makespan at one core per busy rank); with as many cores as ranks the bubble
     // is the schedule's as usual (> 0).
     const model::ModelConfig cfg8 = small_model(8);
-    MemoryOracle o8(cfg8, 32, model::Precision::f32, false);
+    MemoryOracle o8(cfg8, 32, model::Precision::f32, Cluster{});
     const ParallelPlan pp4 = plan_of("dp=1,tp=1,pp=4,micro_batches=4,schedule=1f1b", cfg8, 4, 4);
     const Cluster two = cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]",
                                                              "[host]\ncores = 2\n[links.intra]"),
@@ -129,7 +130,7 @@ TEST(Cluster, SharedHostConcurrency) {
   }
   // A rank's compute time scales with 1 / its share.
   const model::ModelConfig cfg = small_model(4);
-  MemoryOracle oracle(cfg, 32, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, 32, model::Precision::f32, Cluster{});
   const ParallelPlan p2 = plan_of("dp=2,micro_batches=1", cfg, 2, 2);
   const StepCost t2 = estimate_time({cfg, c, 32, model::Precision::f32}, p2, oracle);
   const ParallelPlan p1 = plan_of("dp=1,micro_batches=1", cfg, 1, 1);
@@ -217,7 +218,7 @@ TEST(CostModel, TensorParallelTermByHand) {
   const model::ModelConfig cfg = small_model(4);
   const int64_t T = 32, G = 2;
   const ParallelPlan p = plan_of("dp=1,tp=2,pp=1,micro_batches=1", cfg, G, 2);
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   // Per block (4 blocks + the query layer), forward and backward: 2 all-gathers and 2
   // reduce-scatters of the (N, C) f32 rows, N = b*T = 64, over tp = 2 on the intra link; the
@@ -239,7 +240,7 @@ TEST(CostModel, DataParallelOverlapByHand) {
   const model::ModelConfig cfg = small_model(4);
   const int64_t T = 32;
   const ParallelPlan p = plan_of("dp=2,tp=1,pp=1,zero=1,micro_batches=1", cfg, 2, 2);
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   const double P = double(oracle.rank_params(p)[0]), a = 10e-6, beta = 10e9 * 0.5;
   const double all_reduce = 2 * 1 * a + 2 * 0.5 * P * 4 / beta;
@@ -273,7 +274,7 @@ TEST(CostModel, ContextParallelTermByHand) {
     s.cp_scheme = scheme;
     const ParallelPlan p = parallel::make_plan(
         s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, B, 2);
-    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
     return estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   };
   EXPECT_EQ(attention::choose_cp_backward(4, 2, 16, DType::f32), attention::CpBackward::ring);
@@ -293,7 +294,7 @@ TEST(CostModel, ContextParallelTermByHand) {
                ub = double(attention::cp_ulysses_bytes(true, B, T, 2, 4, 2, 16, DType::f32));
   EXPECT_NEAR(cost("ulysses").terms.cp, 3 * ((a + uf / beta) + (a + ub / beta)), 1e-9);
   // The cp ranks hold the same weights: gradients all-reduce over dp x cp = 2 ranks.
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const double P = double(oracle.rank_params(parallel::ParallelPlan{})[0]);
   EXPECT_NEAR(burst.terms.dp_total, 2 * a + 2 * 0.5 * P * 4 / beta, 1e-12);
 }
@@ -322,7 +323,7 @@ TEST(CostModel, ExpertParallelTermByHand) {
   const int64_t T = 32, G = 4;
   const double a = 10e-6, beta = 10e9 * 0.5, N = 64, C = 64, Fe = 128, E = 8;
   auto a2a = [&](double n) { return a + 0.5 * n / beta; };
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   auto cost = [&](const std::string& s) {
     return estimate_time({cfg, cl, T, model::Precision::f32}, moe_plan_of(s, cfg, G, 2, T), oracle);
   };
@@ -352,7 +353,7 @@ TEST(CostModel, ExpertParallelTermByHand) {
   const double rate = 0.5e12, F = 256;
   model::ModelConfig dense_cfg = cfg;
   dense_cfg.moe = model::MoeConfig{};
-  MemoryOracle dense_oracle(dense_cfg, T, model::Precision::f32, false);
+  MemoryOracle dense_oracle(dense_cfg, T, model::Precision::f32, Cluster{});
   const StepCost d = estimate_time({dense_cfg, cl, T, model::Precision::f32},
                                    plan_of("dp=2,micro_batches=1", dense_cfg, G, 2), dense_oracle);
   EXPECT_NEAR(d.terms.forward - cost("dp=2,micro_batches=1").terms.forward,
@@ -372,7 +373,7 @@ TEST(CostModel, ContextParallelHidesTransfersBehindAttention) {
     s.cp_scheme = scheme;
     const ParallelPlan p = parallel::make_plan(
         s, {cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T}, 1, 4);
-    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
     return estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   };
   EXPECT_EQ(cost("burst").terms.cp, 0);
@@ -384,7 +385,7 @@ TEST(CostModel, ComputeTermsByHand) {
   const model::ModelConfig cfg = small_model(2);
   const int64_t T = 16, G = 1;
   const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1,recompute=full", cfg, G, 1);
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   // f32 efficiency is 0.5 for every size; peak 1 TFLOP/s.
   const double N = 16, C = 64, KV = 32, F = 256, V = 512, HD = 16, NH = 4, rate = 0.5e12;
@@ -427,6 +428,48 @@ cross_entropy = 9
 optimizer = 10
 [links.intra])";
 
+// bf16 attention on AMX tiles ([kernels] attention_fwd_bf16 / _bwd_bf16, over one core's bf16
+// peak) prices bf16 plans' attention from kAmxAttentionMinSeq tokens; f32 plans, shorter
+// sequences and files without the tables keep the f32 tables. Both keys or neither.
+TEST(CostModel, Bf16AttentionOnAmxTablesByHand) {
+  const std::string with16 = with_line_replaced(
+      kKernelsTable, "attention_bwd = [[1, 0.05]]\n",
+      "attention_bwd = [[1, 0.05]]\nattention_fwd_bf16 = [[1, 0.2]]\nattention_bwd_bf16 = [[1, 0.08]]\n");
+  const Cluster amx = cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]", with16), "amx");
+  const Cluster f32 =
+      cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]", kKernelsTable), "f32");
+  ASSERT_EQ(amx.kernels.attention_fwd_bf16.points.size(), 1u);
+  model::ModelConfig cfg = small_model(2);
+  cfg.max_seq = 2 * model::kAmxAttentionMinSeq;
+  const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1", cfg, 1, 1);
+  // One rank gets 2 cores' worth (concurrency [[1, 2.0]]): one core's seconds count half. One
+  // core's peaks: f32 0.5, bf16 1 TFLOP/s. 3 attention layers (2 blocks + the query layer).
+  const double core_s = 0.5, NH = 4, HD = 16;
+  for (int64_t T : {model::kAmxAttentionMinSeq / 2, model::kAmxAttentionMinSeq}) {
+    const double attn = 2 * NH * double(T) * double(T) * HD;
+    for (auto prec : {model::Precision::f32, model::Precision::bf16}) {
+      MemoryOracle oa(cfg, T, prec, amx), of(cfg, T, prec, f32);
+      const StepCost a = estimate_time({cfg, amx, T, prec}, p, oa);
+      const StepCost b = estimate_time({cfg, f32, T, prec}, p, of);
+      const bool used = prec == model::Precision::bf16 && T >= model::kAmxAttentionMinSeq;
+      const double dfwd = used ? 3 * attn * core_s * (1 / (1e12 * 0.2) - 1 / (0.5e12 * 0.1)) : 0;
+      const double dbwd =
+          used ? 3 * 2.5 * attn * core_s * (1 / (1e12 * 0.08) - 1 / (0.5e12 * 0.05)) : 0;
+      EXPECT_NEAR(a.terms.forward - b.terms.forward, dfwd, 1e-12) << T;
+      EXPECT_NEAR(a.terms.backward - b.terms.backward, dbwd, 1e-12) << T;
+    }
+  }
+  const Cluster back = cluster_from_toml(amx.to_toml(), "round trip");
+  ASSERT_EQ(back.kernels.attention_bwd_bf16.points.size(), 1u);
+  EXPECT_DOUBLE_EQ(back.kernels.attention_bwd_bf16.points[0].second, 0.08);
+  try {
+    cluster_from_toml(with_line_replaced(amx.to_toml(), "attention_bwd_bf16", "# "), "half.toml");
+    FAIL() << "one of the two bf16 attention keys was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_bwd_bf16"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CostModel, MeasuredKernelTermsByHand) {
   const Cluster cl =
       cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]", kKernelsTable), "test");
@@ -434,7 +477,7 @@ TEST(CostModel, MeasuredKernelTermsByHand) {
   const model::ModelConfig cfg = small_model(2);  // fast_gelu
   const int64_t T = 16;
   const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1", cfg, 1, 1);
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const StepCost c = estimate_time({cfg, cl, T, model::Precision::f32}, p, oracle);
   // One rank alone gets 2 cores' worth (concurrency), so one core's seconds count half, and the
   // host's 1 TFLOP/s at the table's 0.5 is the plain products' rate.
@@ -529,7 +572,7 @@ TEST(CostModel, PeakMemoryIsTheLargestRankOfTheEngineModel) {
                         "dp=2,tp=2,pp=2,zero=2,micro_batches=2,schedule=gpipe,recompute=full:0-3",
                         "dp=1,tp=1,pp=2,micro_batches=4,schedule=interleaved,virtual_stages=2"}) {
     const ParallelPlan p = plan_of(s, cfg, 8, 0);
-    MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+    MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
     StepCost c;
     add_memory(c, p, oracle);
     model::MemoryOptions mo;
@@ -571,7 +614,7 @@ TEST(CostModel, MatmulMemoryTrafficByHand) {
   ASSERT_EQ(shown.matmul_memory_eff.points.size(), 1u);
   const int64_t T = 32;
   const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=2", cfg, 4, 1);
-  MemoryOracle oracle(cfg, T, model::Precision::f32, false);
+  MemoryOracle oracle(cfg, T, model::Precision::f32, Cluster{});
   const StepCost a = estimate_time({cfg, hidden, T, model::Precision::f32}, p, oracle);
   const StepCost b = estimate_time({cfg, shown, T, model::Precision::f32}, p, oracle);
   const double N = double(p.micro_batch_size * T), C = double(cfg.d_model),
@@ -640,7 +683,7 @@ std::vector<double> published_errors(const std::vector<PublishedRun>& runs, bool
     if (spec.find("micro_batches") == std::string::npos)
       spec += fmt::format(",micro_batches={}", r.batch / dp);
     const ParallelPlan p = plan_of(spec, cfg, r.batch, int(r.gpus));
-    MemoryOracle oracle(cfg, s, model::Precision::bf16, false);
+    MemoryOracle oracle(cfg, s, model::Precision::bf16, Cluster{});
     const StepCost c = estimate_time({cfg, cl, s, model::Precision::bf16}, p, oracle);
     const double err = c.step_time / r.published_s - 1;
     errors.push_back(err);
