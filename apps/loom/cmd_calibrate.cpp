@@ -326,7 +326,7 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, do
     const double bwd16 = median_call(budget_s / 2, [&] {
       round_qkv();
       loom::convert_f32_to_bf16(dout.data(), g16.data(), q.size());
-      loom::attention::attention_backward_preprocess(D.data(), dout.data(), o.data(), s);
+      loom::attention::attention_backward_preprocess(D.data(), g16.data(), o.data(), s);
       loom::attention::flash_attention_backward_bf16_amx(dq.data(), dk.data(), dv.data(),
                                                          g16.data(), q16.data(), k16.data(),
                                                          v16.data(), lse.data(), D.data(), s, w);

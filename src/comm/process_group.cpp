@@ -819,24 +819,31 @@ Work ProcessGroup::all_gather_in_place(BufferRef buf, const std::vector<int64_t>
              g.prefix(), offsets.back(), buf.count);
   const int64_t es = int64_t(dtype_size(buf.dtype));
   const int64_t own = offsets[size_t(g.rank) + 1] - offsets[size_t(g.rank)];
+  const int64_t total = offsets.back() - offsets.front();
+  Algorithm algo = pick(g, CommOp::all_gather, total * es);
+  // MPI_Iallgatherv's displacements are ints; the ring's offsets are not (its pieces must be).
+  if (offsets.back() > INT_MAX) algo = Algorithm::ring;
+  std::vector<int> counts, displs;
+  if (algo != Algorithm::ring && g.size > 1 && total > 0) {
+    counts.resize(size_t(g.size));
+    displs.resize(size_t(g.size));
+    for (int j = 0; j < g.size; ++j) {
+      counts[size_t(j)] =
+          mpi_count(offsets[size_t(j) + 1] - offsets[size_t(j)], g, CommOp::all_gather);
+      displs[size_t(j)] = mpi_count(offsets[size_t(j)], g, CommOp::all_gather);
+    }
+  }
   auto w = new_work<RequestWork>(state_, CommOp::all_gather, buf, (g.size - 1) * own * es);
   const WatchdogScope posting(w, state_->timeout_s);  // the MPI call below runs armed
   if (buf.keep_alive.defined()) w->keep.push_back(buf.keep_alive);
-  const int64_t total = offsets.back() - offsets.front();
   if (g.size == 1 || total == 0) return finished(w);
-  w->algorithm = pick(g, CommOp::all_gather, total * es);
+  w->algorithm = algo;
   if (w->algorithm == Algorithm::ring) {
     detail::RingPlan plan;
     plan.ag_buf = buf.data;
     plan.offsets = offsets;
     plan.dtype = buf.dtype;
     return launch_ring(state_, w, plan);
-  }
-  std::vector<int> counts(size_t(g.size)), displs(size_t(g.size));
-  for (int j = 0; j < g.size; ++j) {
-    counts[size_t(j)] =
-        mpi_count(offsets[size_t(j) + 1] - offsets[size_t(j)], g, CommOp::all_gather);
-    displs[size_t(j)] = mpi_count(offsets[size_t(j)], g, CommOp::all_gather);
   }
   // MPI reads the count/displacement arrays until completion: they live in the hook.
   auto arrays = std::make_shared<std::array<std::vector<int>, 2>>(

@@ -32,6 +32,7 @@
 //                     over w  (= 2N(w-1)/w when w divides N)
 //     reduce_scatter  (w-1)*n      all_gather  (w-1)*n      all_to_all  (w-1)*n
 //     all_to_all_v    sum of send_counts except the block to itself
+//     all_gather_in_place  (w-1)*len(r), len(r) this rank's piece (counted as all_gather)
 //     broadcast       (w-1)*N on the root, 0 elsewhere     send  N     recv, barrier  0
 //   times dtype_size. Only calls made through this API are counted.
 // - Timeout: GroupOptions::timeout_s if > 0, else env LOOM_COMM_TIMEOUT (seconds), else 300.

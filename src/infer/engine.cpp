@@ -530,23 +530,42 @@ bool Engine::step() {
       for (Active* a : fed) finish(*a, FinishReason::error, events, e.what());
       fed.clear();
     }
+    // Each row that completes its context this step samples a token. The rows are independent
+    // (a row's draw depends only on its logits, seed and counter), so they are sampled in
+    // parallel: a row's softmax over V takes ~0.3 ms (greedy, V 50k), which serially was a
+    // sixth of a batch-8 decode step.
+    std::vector<Sampled> sampled(fed.size());
+    std::vector<std::string> failed(fed.size());
+    std::vector<char> due(fed.size(), 0);
+    for (size_t i = 0; i < fed.size(); ++i)
+      due[i] = fed[i]->cached + int64_t(steps[i].tokens.size()) >= int64_t(fed[i]->context.size());
+#pragma omp parallel for schedule(dynamic, 1) if (fed.size() > 1)
+    for (size_t i = 0; i < fed.size(); ++i) {
+      if (!due[i]) continue;
+      const Active& a = *fed[i];
+      const SamplingParams& p = a.req.params;
+      std::span<float> row(logits.data() + i * size_t(V), size_t(V));
+      try {
+        // Tokens the tokenizer cannot produce (vocab padding) are never sampled.
+        for (int64_t v = TV; v < V; ++v) row[size_t(v)] = -INFINITY;
+        if (a.generated.empty()) mask_for_healing(row, a.heal, texts_, tok_->eod_id());
+        apply_repetition_penalty(row, a.context, p.repetition_penalty);
+        sampled[i] = sample_token(row, p, uint64_t(a.generated.size()), std::max(0, p.logprobs));
+      } catch (const std::exception& e) {
+        failed[i] = e.what();
+        if (failed[i].empty()) failed[i] = "sampling failed";
+      }
+    }
     for (size_t i = 0; i < fed.size(); ++i) {
       Active& a = *fed[i];
       const SamplingParams& p = a.req.params;
       a.cached += int64_t(steps[i].tokens.size());
-      if (a.cached < int64_t(a.context.size())) continue;  // prompt not all in the cache yet
-      std::span<float> row(logits.data() + i * size_t(V), size_t(V));
-      // Tokens the tokenizer cannot produce (vocab padding) are never sampled.
-      for (int64_t v = TV; v < V; ++v) row[size_t(v)] = -INFINITY;
-      if (a.generated.empty()) mask_for_healing(row, a.heal, texts_, tok_->eod_id());
-      apply_repetition_penalty(row, a.context, p.repetition_penalty);
-      Sampled s;
-      try {
-        s = sample_token(row, p, uint64_t(a.generated.size()), std::max(0, p.logprobs));
-      } catch (const std::exception& e) {
-        finish(a, FinishReason::error, events, e.what());
+      if (!due[i]) continue;  // prompt not all in the cache yet
+      if (!failed[i].empty()) {
+        finish(a, FinishReason::error, events, failed[i]);
         continue;
       }
+      const Sampled& s = sampled[i];
       if (s.token == tok_->eod_id() && !p.ignore_eod) {
         finish(a, FinishReason::stop, events);
         continue;

@@ -143,13 +143,14 @@ static Bf16Qkv round_qkv(bf16* h, const float* qkv, const float* q, const float*
 }
 
 // The AMX backward of one block's attention (the fused q|k|v rows `qkv`, or the query layer's
-// `q` and `kv`): q, k, v and dout rounded to bf16 into a pool workspace, gradients accumulated
-// into the f32 dq / dk / dv (strides of s).
+// `q` and `kv`): q, k, v and dout rounded to bf16 into a pool workspace, D = rowsum(dout * out)
+// from that bf16 dout (the kernel's contract: each row of dS then sums to zero as exactly as the
+// f32 path's), gradients accumulated into the f32 dq / dk / dv (strides of s).
 static void amx_attention_backward(const BlockCtx& c, float* dq, float* dk, float* dv,
-                                   const Tensor& dout, const float* qkv, const float* q,
-                                   const float* kv, const Tensor& lse, const Tensor& D,
-                                   const attention::AttentionShape& s, int64_t N, int64_t Cq,
-                                   int64_t KV) {
+                                   const Tensor& dout, const Tensor& out, const float* qkv,
+                                   const float* q, const float* kv, const Tensor& lse,
+                                   Tensor& D, const attention::AttentionShape& s, int64_t N,
+                                   int64_t Cq, int64_t KV) {
   Tensor ws = Tensor::empty({amx_attention_workspace_bytes(true, N, Cq, KV, s)}, DType::u8,
                             c.pool, MemCategory::workspace);
   std::byte* w = static_cast<std::byte*>(ws.raw());
@@ -157,6 +158,7 @@ static void amx_attention_backward(const BlockCtx& c, float* dq, float* dk, floa
   w += align64(N * (Cq + 2 * KV) * 2);
   bf16* g = reinterpret_cast<bf16*>(w);
   convert_f32_to_bf16(dout.data<float>(), g, size_t(N * Cq));
+  attention::attention_backward_preprocess(D.data<float>(), g, out.data<float>(), s);
   w += align64(N * Cq * 2);
   attention::flash_attention_backward_bf16_amx(dq, dk, dv, g, h.q, h.k, h.v, lse.data<float>(),
                                                D.data<float>(), s, w);
@@ -440,15 +442,16 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
                                        qkv + Cq, qkv + Cq + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
     } else {
-      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                               st.att.data<float>(), s);
-      if (amx_attention(c))
-        amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, qkv, nullptr, nullptr, st.lse,
-                               D, s, N, Cq, KV);
-      else
+      if (amx_attention(c)) {
+        amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, st.att, qkv, nullptr, nullptr,
+                               st.lse, D, s, N, Cq, KV);
+      } else {
+        attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                                 st.att.data<float>(), s);
         attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
                                             qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
                                             D.data<float>(), s);
+      }
     }
     st.qkv = Tensor();
     Tensor dqkv_mm = to_mm(c, dqkv, ws);
@@ -467,16 +470,18 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
                                        st.q.data<float>(), kv, kv + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
     } else {
-      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                               st.att.data<float>(), s);
-      if (amx_attention(c))
+      if (amx_attention(c)) {
         amx_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
-                               d_att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N, Cq, KV);
-      else
+                               d_att, st.att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N,
+                               Cq, KV);
+      } else {
+        attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                                 st.att.data<float>(), s);
         attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
                                             dkv.data<float>() + KV, d_att.data<float>(),
                                             st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
                                             D.data<float>(), s);
+      }
     }
     st.q = Tensor();
     st.kv = Tensor();

@@ -114,9 +114,6 @@ inline const float* w_at(const BlockCtx& c, int64_t off) {
   return c.wmap ? c.W + (c.wmap->at(c.w_begin + off) - c.wmap->at(c.w_begin)) : c.W + off;
 }
 
-// Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
-// matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's
-// rows (Nl, C) of their sum over tp.
 // Attention in bf16 training: where this process can run AMX tiles (attention::amx_bf16_usable)
 // and LOOM_AMX_ATTENTION is not 0, a bf16 block's local attention (not cp's ring, which runs
 // the f32 kernel) multiplies q, k, v rounded to bf16 on the tiles (flash_attention_forward /
@@ -141,6 +138,9 @@ void set_amx_attention_for_testing(int mode);
 int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
                                       const attention::AttentionShape& s);
 
+// Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
+// matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's
+// rows (Nl, C) of their sum over tp.
 Tensor gather_rows(const BlockCtx& c, const Tensor& local, bool as_mm, MemCategory cat);
 Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory cat);
 

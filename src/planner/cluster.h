@@ -60,6 +60,7 @@
 //                                        bf16, then the AMX kernel) over one core's bf16 peak
 //                                        (peak_tflops_bf16 / cores); absent where the host has
 //                                        no AMX: bf16 plans then price attention by the f32 tables
+//                                        (a run with LOOM_AMX_ATTENTION=0 is not what they price)
 //   [kernels.ns_per_element]             one core's nanoseconds per element: layernorm_fwd,
 //                                        layernorm_bwd (per element of the normalised rows),
 //                                        bias_add, add, bias_bwd, zero (per element written),

@@ -26,8 +26,11 @@ MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Prec
                            const Cluster& cluster)
     : cfg_(cfg), T_(T), precision_(precision), replayer_(cfg) {
   options_.bf16_emulated = cluster.bf16_emulated;
-  // bf16 attention on AMX tiles, with its pool workspace, where the cluster was measured with it.
-  options_.amx_attention = !cluster.kernels.attention_fwd_bf16.points.empty();
+  // bf16 attention on AMX tiles, with its pool workspace, where the cluster's kernels were
+  // measured with it; a file without [kernels] (a preset, or written before these tables
+  // existed) says nothing about it: then as this machine runs.
+  if (cluster.kernels.measured)
+    options_.amx_attention = !cluster.kernels.attention_fwd_bf16.points.empty();
 }
 
 const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank,

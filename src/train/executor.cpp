@@ -901,8 +901,6 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       optimizers_[i]->step_at([&](int64_t x) { return chunk.master_at(x); }, chunk.grads(), factor);
     else
       optimizers_[i]->step(chunk.weights(), chunk.grads(), factor);
-    s.optimizer_s += seconds_since(t_opt);
-    const auto t_gather = std::chrono::steady_clock::now();
     if (!ecss_.empty() && ecss_[i]) {
       const auto& loads = step_loads[i];
       ecss_[i]->step(
@@ -915,6 +913,8 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
       s.ecss.pieces_updated += t.pieces_updated;
       s.ecss.elements_updated += t.elements_updated;
     }
+    s.optimizer_s += seconds_since(t_opt);
+    const auto t_gather = std::chrono::steady_clock::now();
     if (ec_.plan.zero >= 1 && dp_.valid() && chunk.holes()) {
       // ZeRO-1 with the experts' masters outside the pool: the dense shares in f32 over dp, and
       // each store's updated masters to the ranks sharing its experts, into their compute copies.
@@ -965,7 +965,7 @@ StepResult Executor::train_step(const int32_t* tokens, int64_t B, int64_t T,
           }
       for (auto& w : works) w.wait();
     }
-    s.zero_gather_s += seconds_since(t_gather);
+    if (ec_.plan.zero >= 1 && dp_.valid()) s.zero_gather_s += seconds_since(t_gather);
     chunks_[i]->sync_low_precision_weights();
   }
 
