@@ -19,6 +19,7 @@
 #include "core/threads.h"
 #include "infer/decoder.h"
 #include "kernels/cpu/bandwidth.h"
+#include "kernels/cpu/elementwise.h"
 #include "kv_flags.h"
 #include "model/params.h"
 
@@ -97,10 +98,13 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
                          std::span<const int32_t>(s.data() + pos, s.size() - size_t(pos))};
       }
       dec.forward(cache, st, logits.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const float* l = logits.data() + b * cfg.vocab;
-        seqs[size_t(b)].push_back(int32_t(std::max_element(l, l + cfg.vocab) - l));
-      }
+      // Greedy: each row's first largest logit (as the engine's sampler picks it), rows in
+      // parallel as PyTorch's argmax over the batch runs.
+      std::vector<int32_t> next(static_cast<size_t>(B));
+#pragma omp parallel for schedule(static)
+      for (int64_t b = 0; b < B; ++b)
+        next[size_t(b)] = int32_t(kernels::argmax_first(logits.data() + b * cfg.vocab, cfg.vocab));
+      for (int64_t b = 0; b < B; ++b) seqs[size_t(b)].push_back(next[size_t(b)]);
     };
     auto t0 = std::chrono::steady_clock::now();
     run_step(true);

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "kernels/cpu/elementwise.h"
 
 namespace loom::infer {
 
@@ -95,14 +96,10 @@ Sampled sample_token(std::span<const float> logits, const SamplingParams& p, uin
   Sampled s;
   // log_softmax(logits / T), T = 1 when greedy.
   const double T = p.temperature > 0.f ? double(p.temperature) : 1.0;
-  double mx = -INFINITY;
-  int32_t arg = -1;
-  for (int32_t v = 0; v < int32_t(V); ++v)
-    if (logits[size_t(v)] > mx) {
-      mx = logits[size_t(v)];
-      arg = v;
-    }
+  // The first largest logit (NaN never wins).
+  const int32_t arg = int32_t(kernels::argmax_first(logits.data(), V));
   LOOM_CHECK(arg >= 0, "sampling: every one of the {} logits is -inf (all tokens masked)", V);
+  const double mx = logits[size_t(arg)];
   double z = 0;
   for (int64_t v = 0; v < V; ++v) z += std::exp((double(logits[size_t(v)]) - mx) / T);
   const double log_z = std::log(z);

@@ -14,5 +14,9 @@ void bias_add_rows(float* y, const float* bias, int64_t rows, int64_t n);    // 
 void bias_backward(float* dbias, const float* dy, int64_t rows, int64_t n);  // dbias(n) += colsum(dy)
 void add_inplace(float* y, const float* x, int64_t n);                       // y += x
 void scale_inplace(float* y, float s, int64_t n);                            // y *= s
+// The index of the first largest element of x (n) that is above -inf, NaN ignored; -1 when
+// there is none. What `for i: if (x[i] > best) best = x[i], arg = i` from best = -inf gives
+// (greedy decoding's choice), vectorised. One thread; n < 2^31.
+int64_t argmax_first(const float* x, int64_t n);
 
 }  // namespace loom::kernels

@@ -1,7 +1,13 @@
 // Tests for kernels/cpu/elementwise.h against kernels/ref/elementwise_ref.h.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "common/op_check.h"
+#include "core/error.h"
+#include "core/rng.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/ref/elementwise_ref.h"
 
@@ -63,4 +69,50 @@ TEST(KernelsElementwise, BiasBackwardIsBitReproducible) {
   kernels::bias_backward(a.data(), dy.data(), rows, n);
   kernels::bias_backward(b.data(), dy.data(), rows, n);
   EXPECT_EQ(a, b);
+}
+
+namespace {
+// The definition argmax_first vectorises: the first strictly larger element from -inf.
+int64_t scalar_argmax(const std::vector<float>& x) {
+  int64_t arg = -1;
+  float best = -INFINITY;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (x[i] > best) {
+      best = x[i];
+      arg = int64_t(i);
+    }
+  return arg;
+}
+}  // namespace
+
+TEST(KernelsElementwise, ArgmaxFirstEqualsTheScalarLoop) {
+  const float nan = std::nanf(""), inf = INFINITY;
+  uint64_t seed = 5;
+  for (int64_t n : {0, 1, 15, 16, 17, 31, 33, 255, 50304}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& v : x) v = float(int(rng_u64(seed++, 0, 0) % 1000)) / 10.f;  // many ties
+    auto check = [&](const char* what) {
+      EXPECT_EQ(kernels::argmax_first(x.data(), n), scalar_argmax(x)) << what << " n=" << n;
+    };
+    check("random with ties");
+    if (n == 0) continue;
+    // The largest value at several places: in two lanes, later in the same lane, in the tail.
+    const float top = 1000.f;
+    for (int64_t at : {n - 1, n / 2, n / 3, int64_t(0)}) {
+      x[size_t(at)] = top;
+      check("repeated maximum");
+    }
+    for (int64_t i = 0; i < n; i += 7) x[size_t(i)] = nan;
+    check("NaN sprinkled");
+    std::fill(x.begin(), x.end(), -inf);
+    check("all -inf");
+    EXPECT_EQ(kernels::argmax_first(x.data(), n), -1);
+    x[size_t(n - 1)] = -3.f;
+    check("only the last above -inf");
+    std::fill(x.begin(), x.end(), nan);
+    EXPECT_EQ(kernels::argmax_first(x.data(), n), -1) << "all NaN, n=" << n;
+    x[size_t(n / 2)] = inf;
+    check("+inf among NaN");
+  }
+  EXPECT_THROW(kernels::argmax_first(nullptr, -1), Error);
 }
