@@ -298,10 +298,17 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, do
                                                 D.data(), s);
     });
     const double each = double(T) * double(T) * double(HD), flops = each * double(NH) * 2;
-    const double ef = std::min(1.0, flops / (fwd * peak_core)),
-                 eb = std::min(1.0, 2.5 * flops / (bwd * peak_core));
-    k.attention_fwd.points.emplace_back(each / 1e9, ef);
-    k.attention_bwd.points.emplace_back(each / 1e9, eb);
+    // One table point per direction: the fraction of `peak` the forward's two products (and the
+    // backward's 2.5x that) reached.
+    auto record = [&](double fwd_s, double bwd_s, double peak, loom::planner::EfficiencyTable& tf,
+                      loom::planner::EfficiencyTable& tb) {
+      const double ef = std::min(1.0, flops / (fwd_s * peak)),
+                   eb = std::min(1.0, 2.5 * flops / (bwd_s * peak));
+      tf.points.emplace_back(each / 1e9, ef);
+      tb.points.emplace_back(each / 1e9, eb);
+      return std::pair{ef, eb};
+    };
+    const auto [ef, eb] = record(fwd, bwd, peak_core, k.attention_fwd, k.attention_bwd);
     progress(fmt::format("flash attention T {} (8 x 64, causal): forward {:.3f} ms ({:.2f} of "
                          "peak), backward {:.3f} ms ({:.2f})",
                          T, fwd * 1e3, ef, bwd * 1e3, eb));
@@ -331,10 +338,8 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, do
                                                          g16.data(), q16.data(), k16.data(),
                                                          v16.data(), lse.data(), D.data(), s, w);
     });
-    const double ef16 = std::min(1.0, flops / (fwd16 * peak_core_bf16)),
-                 eb16 = std::min(1.0, 2.5 * flops / (bwd16 * peak_core_bf16));
-    k.attention_fwd_bf16.points.emplace_back(each / 1e9, ef16);
-    k.attention_bwd_bf16.points.emplace_back(each / 1e9, eb16);
+    const auto [ef16, eb16] =
+        record(fwd16, bwd16, peak_core_bf16, k.attention_fwd_bf16, k.attention_bwd_bf16);
     progress(fmt::format("bf16 attention on AMX T {}: forward {:.3f} ms ({:.3f} of the bf16 "
                          "peak), backward {:.3f} ms ({:.3f})",
                          T, fwd16 * 1e3, ef16, bwd16 * 1e3, eb16));

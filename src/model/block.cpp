@@ -124,7 +124,7 @@ int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int6
          attention::flash_attention_amx_workspace_bytes(backward, s);
 }
 
-static bool amx_attention(const BlockCtx& c) { return amx_attention_used(c.bf, c.cp ? 2 : 1, c.T); }
+static bool amx_attention(const BlockCtx& c) { return amx_attention_used(c.bf, c.cp, c.T); }
 
 // q, k, v of a block (fused: q|k|v rows of `qkv`; query layer: `q` rows and k|v rows of `kv`) as
 // bf16 in the same layout at `h` (N x (Cq + 2KV) elements), for the AMX kernel.
@@ -441,17 +441,15 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
       attention::cp_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
                                        qkv + Cq, qkv + Cq + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
+    } else if (amx_attention(c)) {
+      amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, st.att, qkv, nullptr, nullptr,
+                             st.lse, D, s, N, Cq, KV);
     } else {
-      if (amx_attention(c)) {
-        amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, st.att, qkv, nullptr, nullptr,
-                               st.lse, D, s, N, Cq, KV);
-      } else {
-        attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                                 st.att.data<float>(), s);
-        attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
-                                            qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
-                                            D.data<float>(), s);
-      }
+      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                               st.att.data<float>(), s);
+      attention::flash_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
+                                          qkv + Cq, qkv + Cq + KV, st.lse.data<float>(),
+                                          D.data<float>(), s);
     }
     st.qkv = Tensor();
     Tensor dqkv_mm = to_mm(c, dqkv, ws);
@@ -469,19 +467,17 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
                                        dkv.data<float>() + KV, d_att.data<float>(),
                                        st.q.data<float>(), kv, kv + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
+    } else if (amx_attention(c)) {
+      amx_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
+                             d_att, st.att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N, Cq,
+                             KV);
     } else {
-      if (amx_attention(c)) {
-        amx_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
-                               d_att, st.att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N,
-                               Cq, KV);
-      } else {
-        attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
-                                                 st.att.data<float>(), s);
-        attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
-                                            dkv.data<float>() + KV, d_att.data<float>(),
-                                            st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
-                                            D.data<float>(), s);
-      }
+      attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
+                                               st.att.data<float>(), s);
+      attention::flash_attention_backward(dq.data<float>(), dkv.data<float>(),
+                                          dkv.data<float>() + KV, d_att.data<float>(),
+                                          st.q.data<float>(), kv, kv + KV, st.lse.data<float>(),
+                                          D.data<float>(), s);
     }
     st.q = Tensor();
     st.kv = Tensor();

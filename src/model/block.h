@@ -124,10 +124,12 @@ bool amx_attention_available();
 // Below this sequence length the f32 kernel is as fast or faster (loom calibrate, one core: T 128
 // forward 0.31 ms on AMX against 0.24 ms f32, backward equal; from T 256 AMX 1.4-1.6x faster).
 constexpr int64_t kAmxAttentionMinSeq = 256;
-// Whether a block of this precision, cp degree and (local) sequence length T runs it: the one
+// Whether a block of this precision, under cp or not, with sequence length T runs it, where the
+// host can (`available`: this process, or what a cluster file or MemoryOptions says): the one
 // predicate of block.cpp, the memory model and the planner.
-inline bool amx_attention_used(bool bf16, int cp, int64_t T) {
-  return bf16 && cp <= 1 && T >= kAmxAttentionMinSeq && amx_attention_available();
+inline bool amx_attention_used(bool bf16, bool cp, int64_t T,
+                               bool available = amx_attention_available()) {
+  return bf16 && !cp && T >= kAmxAttentionMinSeq && available;
 }
 // Tests: 0 the f32 kernel, 1 AMX where usable, -1 (default) as the environment says.
 void set_amx_attention_for_testing(int mode);

@@ -757,37 +757,34 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
     d.topk = cfg.moe.router == Router::topk;
     d.ep = plan.ep;
   }
+  // block.cpp's attention_shape on this rank's heads and T (T/cp) rows: [0] an ordinary block
+  // (fused q|k|v), [1] the query layer (q, and k|v).
+  auto attention_shape = [&](int ql) {
+    const int64_t q_stride = ql ? d.Cq : d.Cq + 2 * d.KV, kv_stride = ql ? 2 * d.KV : q_stride;
+    const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();
+    return attention::AttentionShape{B,        T,         T,         d.NHl,      NKVl, HD,
+                                     q_stride, kv_stride, kv_stride, d.NHl * HD, true, 0,
+                                     0,        1.0f};
+  };
   if (plan.cp > 1) {
-    // block.cpp's attention_shape on this rank's heads and T/cp rows. The executor's CpContext
-    // takes the double ring's nodes from plan.ranks_per_node (parallel::cp_ranks_per_node: L
+    // The executor's CpContext takes the double ring's nodes from plan.ranks_per_node (parallel::cp_ranks_per_node: L
     // consecutive cp ranks per node), else from the group's hosts: assumed here to hold the
     // whole cp group (cp sits next to tp in the rank order), i.e. a flat ring.
     const int L = parallel::cp_ranks_per_node(plan);
     const int nodes = L > 0 && plan.cp % L == 0 ? plan.cp / L : 1;
     const attention::CpScheme scheme = attention::cp_scheme_from_name(plan.cp_scheme);
-    const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();
     for (int ql = 0; ql < 2; ++ql) {
-      const int64_t q_stride = ql ? d.Cq : d.Cq + 2 * d.KV, kv_stride = ql ? 2 * d.KV : q_stride;
-      const attention::AttentionShape s{B,        T,         T,         d.NHl,      NKVl, HD,
-                                        q_stride, kv_stride, kv_stride, d.NHl * HD, true, 0,
-                                        0,        1.0f};
+      const attention::AttentionShape s = attention_shape(ql);
       const attention::CpBackward bw = attention::CpBackward::auto_select;  // as the executor
       d.cp_fwd_ws[ql] = attention::cp_workspace_bytes(false, s, DType::f32, scheme, bw, plan.cp, nodes);
       d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme, bw, plan.cp, nodes);
     }
   }
-  if (bf && plan.cp == 1 && T >= kAmxAttentionMinSeq &&
-      options.amx_attention.value_or(amx_attention_available())) {  // amx_attention_used
-    // block.cpp's attention_shape on this rank's heads (fused q|k|v, or the query layer's q and
-    // k|v): what amx_attention_workspace_bytes gives block.cpp.
-    const int64_t NKVl = cfg.n_kv_heads / plan.tp, HD = cfg.head_dim();
-    for (int ql = 0; ql < 2; ++ql) {
-      const int64_t q_stride = ql ? d.Cq : d.Cq + 2 * d.KV, kv_stride = ql ? 2 * d.KV : q_stride;
-      const attention::AttentionShape s{B,        T,         T,         d.NHl,      NKVl, HD,
-                                        q_stride, kv_stride, kv_stride, d.NHl * HD, true, 0,
-                                        0,        1.0f};
-      d.amx_fwd_ws[ql] = amx_attention_workspace_bytes(false, d.N, d.Cq, d.KV, s);
-      d.amx_bwd_ws[ql] = amx_attention_workspace_bytes(true, d.N, d.Cq, d.KV, s);
+  if (amx_attention_used(bf, plan.cp > 1, T,
+                         options.amx_attention.value_or(amx_attention_available()))) {
+    for (int ql = 0; ql < 2; ++ql) {  // what amx_attention_workspace_bytes gives block.cpp
+      d.amx_fwd_ws[ql] = amx_attention_workspace_bytes(false, d.N, d.Cq, d.KV, attention_shape(ql));
+      d.amx_bwd_ws[ql] = amx_attention_workspace_bytes(true, d.N, d.Cq, d.KV, attention_shape(ql));
     }
   }
   // Expert parallel: ep groups are ep consecutive dp ranks (train::Executor), so this rank holds

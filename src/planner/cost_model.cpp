@@ -227,8 +227,8 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   // dQ, dK), or by its measured efficiency (which includes its softmax, masks and tiling).
   // bf16 blocks without cp run it on AMX tiles where the host has them (model/block.h), priced
   // by their own table over one core's bf16 peak.
-  const bool amx_attn = r.k && bf && G == 1 && in.T >= model::kAmxAttentionMinSeq &&
-                        !r.k->attention_fwd_bf16.points.empty();
+  const bool amx_attn =
+      r.k && model::amx_attention_used(bf, G > 1, in.T, !r.k->attention_fwd_bf16.points.empty());
   const double attn_peak = amx_attn ? cl.peak_flops_bf16 / cl.host_cores : r.core_peak;
   const EfficiencyTable* attn_fwd_eff =
       r.k ? (amx_attn ? &r.k->attention_fwd_bf16 : &r.k->attention_fwd) : nullptr;
