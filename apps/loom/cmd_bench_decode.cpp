@@ -4,7 +4,8 @@
 // with loom's random init: one prefill step of B prompts of P tokens, then N decode steps of one
 // token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
-// it reads them at, beside a read-bandwidth probe run in the same invocation. --kv-dtype auto is
+// it reads them at, beside a read-bandwidth probe run in the same invocation (the median of five
+// readings taken before, between quarters of and after the decode steps). --kv-dtype auto is
 // bf16 for --dtype bf16 and int8 (whose head is bf16 here unless --head-dtype says otherwise),
 // f32 for f32 (kv_flags.h).
 #include <algorithm>
@@ -106,16 +107,30 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
         next[size_t(b)] = int32_t(kernels::argmax_first(logits.data() + b * cfg.vocab, cfg.vocab));
       for (int64_t b = 0; b < B; ++b) seqs[size_t(b)].push_back(next[size_t(b)]);
     };
+    // The ceiling a weight-bound decode step is measured against: the kernels' read-bandwidth
+    // probe (1 GiB, above the last-level cache). The machine's bandwidth drifts within seconds
+    // (other tenants), so the probe runs before the decode steps, between quarters of them and
+    // after them (each the best of 5 passes, as measure_read_bandwidth_gbs), and the median of
+    // those five readings is the ceiling. The probes are not in decode_s.
+    kernels::ReadBandwidthProbe probe(0, size_t(1) << 30);
+    std::vector<double> probes;  // bytes/s
     auto t0 = std::chrono::steady_clock::now();
     run_step(true);
     const double prefill_s = seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i + 1 < N; ++i) run_step(false);
-    const double decode_s = seconds_since(t0);
+    constexpr int64_t kSegments = 4;
+    double decode_s = 0;
+    for (int64_t seg = 0, done = 0; seg < kSegments; ++seg) {
+      probes.push_back(probe.measure(5) * 1e9);
+      const int64_t until = (N - 1) * (seg + 1) / kSegments;
+      t0 = std::chrono::steady_clock::now();
+      for (; done < until; ++done) run_step(false);
+      decode_s += seconds_since(t0);
+    }
+    probes.push_back(probe.measure(5) * 1e9);
     const double steps = double(std::max<int64_t>(1, N - 1));
-    // The ceiling a weight-bound decode step is measured against: the kernels' read-bandwidth
-    // probe (1 GiB, above the last-level cache), bytes/s.
-    const double bw = kernels::measure_read_bandwidth_gbs(0, size_t(1) << 30) * 1e9;
+    std::vector<double> sorted = probes;
+    std::sort(sorted.begin(), sorted.end());
+    const double bw = sorted[sorted.size() / 2];
     const double wbytes = double(w.matmul_weight_bytes());
     const double weight_rate = wbytes * steps / std::max(decode_s, 1e-9);
     // K and V of every cached layer for the average context of a decode step.
@@ -141,6 +156,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
         {"weight_bytes_read_per_s", weight_rate},
         {"kv_bytes_read_per_s", kv_bytes_per_step * steps / std::max(decode_s, 1e-9)},
         {"probe_read_bytes_per_s", bw},
+        {"probe_readings_bytes_per_s", probes},
         {"weight_read_fraction_of_probe", weight_rate / bw}};
     std::printf("%s\n", j.dump().c_str());
     ctx.exit_code = 0;

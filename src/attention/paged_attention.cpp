@@ -10,6 +10,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // GCC 12's AVX-512 headers leave the pass-through operand of unmasked conversions undefined on
@@ -31,6 +33,8 @@ namespace loom::attention {
 namespace {
 
 using namespace vec16;  // Vec, kLanes, load, store, splat
+
+constexpr int64_t kMaxGroup = 32;  // heads one task of the vector path computes, at most
 
 // Sum 16 vectors' lanes at once: after the four folds lane l holds the total of one input
 // vector (which one: Reduce16::key). Each fold adds two halves of lane groups, so every total
@@ -98,88 +102,114 @@ inline Vec load_kv(const std::byte* p) {
   }
 }
 
-// Software prefetch of the first n token rows (kRowBytes each) of one head in
-// `block`: a block's rows lie KV elements apart, further than the hardware prefetchers follow
-// within a page, so without it every block starts with a row of cache misses. Fetching the next
-// block while the current one is computed halved batch-8 decode attention (12 heads of 64,
-// context 192, bf16: 7.2 -> 3.4 ms for 12 layers in a scratch timing of this kernel).
-template <size_t kRowBytes, typename Row>
-inline void prefetch_rows(const std::byte* base, int32_t block, int64_t n, const Row& row) {
+// Software prefetch, into L2, of bytes [lo, hi) of each of the first n token rows of `block`
+// (row(base, block, t) + lo: the slice of the kv heads a task computes). A block's rows lie KV
+// elements apart, beyond what the hardware prefetchers follow, and DRAM latency times the core's
+// miss buffers capped the demand loads (and L1 prefetches) of batch-8 decode at ~12 GB/s: 12
+// layers of 12 heads x 64 at context 192 in bf16 took 4.8 ms of an 18.5 ms step. The next
+// block's rows are requested in ascending order while the current one is computed.
+template <typename Row>
+inline void prefetch_block(const std::byte* base, int32_t block, int64_t n, int64_t lo,
+                           int64_t hi, const Row& row) {
   for (int64_t t = 0; t < n; ++t) {
     const char* p = reinterpret_cast<const char*>(row(base, block, t));
-    for (size_t l = 0; l < (kRowBytes + 63) / 64; ++l) {
+    for (int64_t off = lo & ~int64_t(63); off < hi; off += 64) {
 #if defined(__x86_64__)
       // (GCC 12 deletes __builtin_prefetch from a loop nest like this one, whose body does
       // nothing else; the asm stays.)
-      __asm__ volatile("prefetcht0 %0" : : "m"(*(p + 64 * l)));
+      __asm__ volatile("prefetcht2 %0" : : "m"(*(p + off)));
 #else
-      __builtin_prefetch(p + 64 * l, 0, 3);
+      __builtin_prefetch(p + off, 0, 1);
 #endif
     }
   }
 }
 
-// One (query, head) with HD = 16 * NV, reading the cache in place: row(base, block, t) is the
-// byte address of token t's row for this head in a block of the K (kb) or V (vb) cache. Scores:
-// per key, the NV products q_c * k_c summed in ascending c into one vector, then its lanes by
-// the fixed reduce16 tree (16 keys of a block at once); m = max; exp by the polynomial of
-// kernels/cpu/vec_math.h; their sum in ascending j; the output accumulated in registers in
-// ascending key order.
+// Heads [h0, h0 + G) of one query (q and o: the query's rows), HD = 16 * NV, reading the cache
+// in place: row(base, block, t) is the byte address of token t's row (all kv heads) in a block of
+// the K (kb) or V (vb) cache. The task's heads share each pass over a block, so the block's rows
+// are fetched as one stream; each head's arithmetic is the same whatever G or h0: scores, per
+// key, the NV products q_c * k_c summed in ascending c into one vector, then its lanes by the
+// fixed reduce16 tree (16 keys of a block at once); m = max; exp by the polynomial of
+// kernels/cpu/vec_math.h; their sum in ascending j; the output accumulated in ascending key
+// order (in registers within a block, in o between blocks: f32 either way).
+// score: (G, max_keys) scratch.
 template <int NV, bool kBf16, typename Row>
-void head_vec(float* oh, const float* qh, const PagedQuery& pq, int64_t BT, float scale,
-              float* score, const std::byte* kb, const std::byte* vb, const Row& row) {
+void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
+               const PagedQuery& pq, int64_t BT, float scale, float* score, int64_t max_keys,
+               const std::byte* kb, const std::byte* vb, const Row& row) {
   static const Reduce16 kTree;
-  constexpr size_t es = kBf16 ? 2 : 4;
-  Vec q[NV];
-  for (int c = 0; c < NV; ++c) q[c] = load(qh + c * kLanes);
-  float m = -INFINITY;
-  // The first block's V rows are fetched while the keys are scored.
-  prefetch_rows<NV * kLanes * es>(vb, pq.block_table[0], std::min(BT, pq.n_keys), row);
-  for (int64_t j0 = 0; j0 < pq.n_keys; j0 += BT) {
-    const int64_t n = std::min(BT, pq.n_keys - j0);
+  constexpr int64_t HD = NV * kLanes;
+  constexpr int64_t es = kBf16 ? 2 : 4;
+  const int64_t nk = pq.n_keys;
+  // The bytes of a token row that the task's kv heads occupy.
+  const int64_t lo = h0 / group * HD * es, hi = ((h0 + G - 1) / group + 1) * HD * es;
+  float m[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY;
+  prefetch_block(kb, pq.block_table[0], std::min(BT, nk), lo, hi, row);
+  for (int64_t j0 = 0; j0 < nk; j0 += BT) {
+    const int64_t n = std::min(BT, nk - j0);
     const int32_t block = pq.block_table[j0 / BT];
-    if (j0 + BT < pq.n_keys)
-      prefetch_rows<NV * kLanes * es>(kb, pq.block_table[j0 / BT + 1],
-                                      std::min(BT, pq.n_keys - j0 - BT), row);
-    Vec acc[kLanes];
-    for (int t = 0; t < kLanes; ++t) {
-      acc[t] = splat(0.f);
-      if (t >= n) continue;
-      const std::byte* kt = row(kb, block, t);
-      Vec a = q[0] * load_kv<kBf16>(kt);
-      for (int c = 1; c < NV; ++c) a += q[c] * load_kv<kBf16>(kt + c * kLanes * es);
-      acc[t] = a;
-    }
-    const Vec r = reduce16(acc);
-    for (int l = 0; l < kLanes; ++l) {
-      const int t = kTree.key[l];
-      if (t >= n) continue;
-      const float sc = r[l] * scale;
-      score[j0 + t] = sc;
-      m = std::max(m, sc);
+    // The next block's keys, or during the last one the first block's values.
+    if (j0 + BT < nk)
+      prefetch_block(kb, pq.block_table[j0 / BT + 1], std::min(BT, nk - j0 - BT), lo, hi, row);
+    else
+      prefetch_block(vb, pq.block_table[0], std::min(BT, nk), lo, hi, row);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = h0 + g, koff = h / group * HD * es;
+      Vec qv[NV];
+      for (int c = 0; c < NV; ++c) qv[c] = load(q + h * HD + c * kLanes);
+      Vec acc[kLanes];
+      for (int t = 0; t < kLanes; ++t) {
+        acc[t] = splat(0.f);
+        if (t >= n) continue;
+        const std::byte* kt = row(kb, block, t) + koff;
+        Vec a = qv[0] * load_kv<kBf16>(kt);
+        for (int c = 1; c < NV; ++c) a += qv[c] * load_kv<kBf16>(kt + c * kLanes * es);
+        acc[t] = a;
+      }
+      const Vec r = reduce16(acc);
+      float* sg = score + g * max_keys;
+      float mg = m[g];
+      for (int l = 0; l < kLanes; ++l) {
+        const int t = kTree.key[l];
+        if (t >= n) continue;
+        const float sc = r[l] * scale;
+        sg[j0 + t] = sc;
+        mg = std::max(mg, sc);
+      }
+      m[g] = mg;
     }
   }
-  const int64_t nk = pq.n_keys;
+  float inv[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = score + g * max_keys;
+    const float mg = m[g];
 #pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) score[j] = kernels::vec::exp_f32(score[j] - m);
-  float sum = 0.f;
-  for (int64_t j = 0; j < nk; ++j) sum += score[j];
-  const float inv = 1.f / sum;
-  Vec o[NV];
-  for (int c = 0; c < NV; ++c) o[c] = splat(0.f);
+    for (int64_t j = 0; j < nk; ++j) sg[j] = kernels::vec::exp_f32(sg[j] - mg);
+    float sum = 0.f;
+    for (int64_t j = 0; j < nk; ++j) sum += sg[j];
+    inv[g] = 1.f / sum;
+  }
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
     const int32_t block = pq.block_table[j0 / BT];
     if (j0 + BT < nk)
-      prefetch_rows<NV * kLanes * es>(vb, pq.block_table[j0 / BT + 1], std::min(BT, nk - j0 - BT),
-                                      row);
-    for (int64_t t = 0; t < n; ++t) {
-      const Vec p = splat(score[j0 + t] * inv);
-      const std::byte* vt = row(vb, block, t);
-      for (int c = 0; c < NV; ++c) o[c] += p * load_kv<kBf16>(vt + c * kLanes * es);
+      prefetch_block(vb, pq.block_table[j0 / BT + 1], std::min(BT, nk - j0 - BT), lo, hi, row);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = h0 + g, voff = h / group * HD * es;
+      const float* sg = score + g * max_keys;
+      float* oh = o + h * HD;
+      Vec ov[NV];
+      for (int c = 0; c < NV; ++c) ov[c] = j0 == 0 ? splat(0.f) : load(oh + c * kLanes);
+      for (int64_t t = 0; t < n; ++t) {
+        const Vec p = splat(sg[j0 + t] * inv[g]);
+        const std::byte* vt = row(vb, block, t) + voff;
+        for (int c = 0; c < NV; ++c) ov[c] += p * load_kv<kBf16>(vt + c * kLanes * es);
+      }
+      for (int c = 0; c < NV; ++c) store(oh + c * kLanes, ov[c]);
     }
   }
-  for (int c = 0; c < NV; ++c) store(oh + c * kLanes, o[c]);
 }
 
 }  // namespace
@@ -239,44 +269,56 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
         for (int64_t d = 0; d < HD; ++d) buf[t * HD + d] = bf16_to_f32(h[t * KV + d]);
     }
   };
+  // Heads per task on the vector path: the largest divisor of NH (up to kMaxGroup) that still
+  // leaves two tasks per thread, so that a batch's tasks stream whole rows of a block and a
+  // single query still spreads over the threads. (A head's arithmetic does not depend on it.)
+  int64_t G = 1;
+  if (vec_path) {
+    const int64_t want = 2 * int64_t(omp_get_max_threads());
+    for (int64_t g = std::min<int64_t>(NH, kMaxGroup); g > 1; --g)
+      if (NH % g == 0 && n_queries * (NH / g) >= want) {
+        G = g;
+        break;
+      }
+  }
+  const int64_t groups = NH / G;
 #pragma omp parallel
   {
-    std::vector<float> score(
-        static_cast<size_t>(max_keys));  // (n_keys) scaled scores, then weights
+    // (G, max_keys) scaled scores, then weights
+    std::vector<float> score(static_cast<size_t>(G * max_keys));
     // (BT, HD) one head's rows of a block, from a 64-byte boundary of wbuf
     std::vector<float> wbuf(static_cast<size_t>(BT * HD + 16));
     float* blk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wbuf.data()) + 63) &
                                           ~uintptr_t(63));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_queries * NH; ++task) {
-      const int64_t i = task / NH, h = task % NH, kh = h / group;
+    for (int64_t task = 0; task < n_queries * groups; ++task) {
+      const int64_t i = task / groups, h0 = task % groups * G;
       const PagedQuery& pq = queries[i];
-      const float* qh = q + i * qs + h * HD;  // (HD)
-      float* oh = out + i * os + h * HD;      // (HD)
       if (vec_path) {
-        const int64_t head_off = kh * HD;
         auto row = [&](const std::byte* base, int32_t block, int64_t t) {
-          return base + (int64_t(block) * s.block_stride + t * KV + head_off) * int64_t(es);
+          return base + (int64_t(block) * s.block_stride + t * KV) * int64_t(es);
         };
-        const float* qq = qh;
+        const float* qi = q + i * qs;
+        float* oi = out + i * os;
         float* sc = score.data();
-        if (wide) {
-          switch (HD / kLanes) {
-            case 1: head_vec<1, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 2: head_vec<2, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 4: head_vec<4, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 8: head_vec<8, false>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-          }
-        } else {
-          switch (HD / kLanes) {
-            case 1: head_vec<1, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 2: head_vec<2, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 4: head_vec<4, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-            case 8: head_vec<8, true>(oh, qq, pq, BT, s.scale, sc, kb, vb, row); break;
-          }
+#define LOOM_HEADS(NV, BF) \
+  heads_vec<NV, BF>(oi, qi, h0, G, group, pq, BT, s.scale, sc, max_keys, kb, vb, row)
+        switch ((wide ? 0 : 16) + HD / kLanes) {
+          case 1: LOOM_HEADS(1, false); break;
+          case 2: LOOM_HEADS(2, false); break;
+          case 4: LOOM_HEADS(4, false); break;
+          case 8: LOOM_HEADS(8, false); break;
+          case 17: LOOM_HEADS(1, true); break;
+          case 18: LOOM_HEADS(2, true); break;
+          case 20: LOOM_HEADS(4, true); break;
+          case 24: LOOM_HEADS(8, true); break;
         }
+#undef LOOM_HEADS
         continue;
       }
+      const int64_t h = h0, kh = h / group;  // G = 1 off the vector path
+      const float* qh = q + i * qs + h * HD;  // (HD)
+      float* oh = out + i * os + h * HD;      // (HD)
       float m = -INFINITY;
       for (int64_t j = 0; j < pq.n_keys; ++j) {
         if (j % BT == 0) rows(kb, pq.block_table[j / BT], kh, std::min(BT, pq.n_keys - j), blk);

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <memory>
 #include <vector>
 
 #include "core/error.h"
@@ -44,48 +43,57 @@ float sum_plain(const float* p, size_t n) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
 }  // namespace
 
-double measure_read_bandwidth_gbs(int threads, size_t bytes, int repeats) {
-  LOOM_CHECK(bytes >= (size_t(1) << 20), "measure_read_bandwidth_gbs: bytes={} must be >= 1 MiB",
-             bytes);
-  LOOM_CHECK(repeats >= 1, "measure_read_bandwidth_gbs: repeats={} must be >= 1", repeats);
-  if (threads <= 0) threads = omp_get_max_threads();
+ReadBandwidthProbe::ReadBandwidthProbe(int threads, size_t bytes) {
+  LOOM_CHECK(bytes >= (size_t(1) << 20), "read-bandwidth probe: bytes={} must be >= 1 MiB", bytes);
+  threads_ = threads <= 0 ? omp_get_max_threads() : threads;
   const size_t kChunk = 128;  // floats per inner step (eight 64-byte vectors)
   // Every thread gets a whole number of chunks; the few bytes left over are not read.
-  const size_t per_thread = bytes / sizeof(float) / size_t(threads) / kChunk * kChunk;
-  LOOM_CHECK(per_thread > 0, "measure_read_bandwidth_gbs: bytes={} too small for threads={}",
-             bytes, threads);
-  const size_t n = per_thread * size_t(threads);  // floats read per pass
-  std::unique_ptr<float, FreeDeleter> buf(
-      static_cast<float*>(std::aligned_alloc(64, n * sizeof(float))));
-  LOOM_CHECK(buf != nullptr, "measure_read_bandwidth_gbs: cannot allocate {} bytes",
-             n * sizeof(float));
+  per_thread_ = bytes / sizeof(float) / size_t(threads_) / kChunk * kChunk;
+  LOOM_CHECK(per_thread_ > 0, "read-bandwidth probe: bytes={} too small for threads={}", bytes,
+             threads_);
+  const size_t n = per_thread_ * size_t(threads_);
+  buf_ = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+  LOOM_CHECK(buf_ != nullptr, "read-bandwidth probe: cannot allocate {} bytes", n * sizeof(float));
+  // Each thread writes the slice it later reads (first touch places the pages on that thread's
+  // NUMA node) and takes the page faults here, outside the timed passes.
+#pragma omp parallel num_threads(threads_)
+  {
+    float* p = buf_ + size_t(omp_get_thread_num()) * per_thread_;
+    std::fill(p, p + per_thread_, 1.0f);
+  }
+}
+
+ReadBandwidthProbe::~ReadBandwidthProbe() { std::free(buf_); }
+
+double ReadBandwidthProbe::measure(int repeats) {
+  LOOM_CHECK(repeats >= 1, "read-bandwidth probe: repeats={} must be >= 1", repeats);
   const bool avx512 = __builtin_cpu_supports("avx512f");
-  std::vector<float> sums(size_t(threads), 0.f);
+  const size_t n = per_thread_ * size_t(threads_);  // floats read per pass
+  std::vector<float> sums(size_t(threads_), 0.f);
   volatile float sink = 0.f;
   double best = 0.0;
-  for (int r = 0; r <= repeats; ++r) {
+  for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads_)
     {
       const size_t t = size_t(omp_get_thread_num());
-      float* p = buf.get() + t * per_thread;
-      // Pass 0 writes the buffer from the thread that later reads it (first touch places the
-      // pages on that thread's NUMA node) and takes the page faults outside the timed passes.
-      if (r == 0) std::fill(p, p + per_thread, 1.0f);
-      sums[t] = avx512 ? sum_avx512(p, per_thread) : sum_plain(p, per_thread);
+      const float* p = buf_ + t * per_thread_;
+      sums[t] = avx512 ? sum_avx512(p, per_thread_) : sum_plain(p, per_thread_);
     }
     for (float s : sums) sink = sink + s;
     const double sec =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (r > 0) best = std::max(best, double(n * sizeof(float)) / sec * 1e-9);
+    best = std::max(best, double(n * sizeof(float)) / sec * 1e-9);
   }
   return best;
+}
+
+double measure_read_bandwidth_gbs(int threads, size_t bytes, int repeats) {
+  LOOM_CHECK(repeats >= 1, "measure_read_bandwidth_gbs: repeats={} must be >= 1", repeats);
+  ReadBandwidthProbe probe(threads, bytes);
+  return probe.measure(repeats);
 }
 
 }  // namespace loom::kernels

@@ -156,8 +156,13 @@ TEST_P(PagedVsReference, Bf16CacheEqualsF32KernelOnRoundedKv) {
   EXPECT_LE(err, 4 * err_plain + 1e-10) << "NMSE (2x in RMS = 4x in NMSE)";
 }
 
-TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
-  const int64_t NH = 4, NKV = 2, HD = 16, BT = 16, P = 12, C = NH * HD;
+// A query's row is the same bits alone and in a batch, where the kernel gives each task more heads
+// (heads_vec's G grows with the number of queries), for several head layouts.
+class PagedBatchInvariance : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PagedBatchInvariance, RowIsBitwiseIndependentOfTheBatch) {
+  const Case c = GetParam();
+  const int64_t NH = c.NH, NKV = c.NKV, HD = c.HD, BT = 16, P = 12, C = NH * HD;
   Pool pool = make_pool(NKV, HD, BT, P, 5);
   std::vector<int32_t> t0 = {3, 7, 1}, t1 = {0, 2}, t2 = {11, 4, 5, 6};
   std::vector<PagedQuery> qs = {{t0.data(), 3, 40}, {t1.data(), 2, 17}, {t2.data(), 4, 64},
@@ -184,6 +189,10 @@ TEST(PagedAttention, RowIsBitwiseIndependentOfTheBatch) {
     EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "bf16 row " << i;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Heads, PagedBatchInvariance,
+                         ::testing::Values(Case{4, 2, 16, 0}, Case{12, 12, 64, 0},
+                                           Case{8, 2, 32, 0}, Case{6, 3, 13, 0}));
 
 TEST(PagedAttention, BadShapesThrowBeforeWriting) {
   Pool pool = make_pool(2, 8, 16, 2, 1);
