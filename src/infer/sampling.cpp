@@ -45,14 +45,20 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
                          float top_p) {
   Candidates c;
   const int64_t V = int64_t(logits.size());
-  std::vector<int32_t> idx;
+  // (logit, token) pairs, so that sorting reads one array rather than indexing the logits.
+  struct Cand {
+    float logit;
+    int32_t v;
+  };
+  std::vector<Cand> idx;
   idx.reserve(size_t(V));
   for (int32_t v = 0; v < int32_t(V); ++v)
-    if (logits[size_t(v)] > -INFINITY) idx.push_back(v);
+    if (logits[size_t(v)] > -INFINITY) idx.push_back({logits[size_t(v)], v});
   if (idx.empty()) return c;
-  auto better = [&](int32_t a, int32_t b) {
-    return logits[size_t(a)] > logits[size_t(b)] ||
-           (logits[size_t(a)] == logits[size_t(b)] && a < b);
+  // Best first: larger logit, then smaller token id (a total order: the sorted prefix is unique,
+  // whatever algorithm produced it).
+  auto better = [](const Cand& a, const Cand& b) {
+    return a.logit > b.logit || (a.logit == b.logit && a.v < b.v);
   };
   if (top_k > 0 && top_k < int64_t(idx.size())) {
     std::nth_element(idx.begin(), idx.begin() + (top_k - 1), idx.end(), better);
@@ -61,16 +67,23 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   const int64_t keep = int64_t(idx.size());
   const double T = temperature > 0.f ? double(temperature) : 1.0;
   double mx = -INFINITY;
-  for (int32_t v : idx) mx = std::max(mx, double(logits[size_t(v)]));
-  auto weight = [&](int32_t v) { return std::exp((double(logits[size_t(v)]) - mx) / T); };
+  for (const Cand& e : idx) mx = std::max(mx, double(e.logit));
+  auto weight = [&](const Cand& e) { return std::exp((double(e.logit) - mx) / T); };
   double z = 0;
-  for (int32_t v : idx) z += weight(v);
-  // The nucleus is the shortest best-first prefix reaching top_p: sort only as far as needed
-  // (growing partial sorts), not all V tokens: with top_p < 1 it is usually a few hundred.
+  for (const Cand& e : idx) z += weight(e);
+  // The nucleus is the shortest best-first prefix reaching top_p: sort only as far as needed,
+  // the 64 then the 1024 best by partial sorts (with top_p < 1 the nucleus is usually a few
+  // hundred), then the rest by one full sort: on a flat distribution the nucleus is most of V,
+  // where partial sorts growing 4x a round took 10.7 ms a row and this takes 5.2 (scratch
+  // timing, V = 50,304 logits ~ N(0, 0.05), temperature 0.8, top_p 0.95; logits ~ N(0, 3), a
+  // nucleus of 741: 1.34 -> 1.12 ms). The tokens drawn are the same.
   int64_t sorted = 0, n = keep;
   double cum = 0;
-  for (int64_t k = std::min<int64_t>(keep, 64);; k = std::min(keep, 4 * k)) {
-    std::partial_sort(idx.begin() + sorted, idx.begin() + k, idx.end(), better);
+  for (int64_t k = std::min<int64_t>(keep, 64);; k = k < 1024 ? std::min<int64_t>(keep, 1024) : keep) {
+    if (k < keep)
+      std::partial_sort(idx.begin() + sorted, idx.begin() + k, idx.end(), better);
+    else
+      std::sort(idx.begin() + sorted, idx.end(), better);
     bool reached = false;
     for (int64_t i = sorted; i < k && !reached; ++i) {
       cum += weight(idx[size_t(i)]) / z;
@@ -83,9 +96,12 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
     if (reached || k == keep) break;
   }
   double total = 0;
-  c.tokens.assign(idx.begin(), idx.begin() + n);
+  c.tokens.resize(size_t(n));
   c.probs.resize(size_t(n));
-  for (int64_t i = 0; i < n; ++i) total += (c.probs[size_t(i)] = weight(idx[size_t(i)]));
+  for (int64_t i = 0; i < n; ++i) {
+    c.tokens[size_t(i)] = idx[size_t(i)].v;
+    total += (c.probs[size_t(i)] = weight(idx[size_t(i)]));
+  }
   for (double& q : c.probs) q /= total;
   return c;
 }

@@ -52,35 +52,45 @@ TEST(Sampling, TopPKeepsTheFirstTokenThatReachesP) {
   EXPECT_EQ(candidate_set(m, 1.f, 0, 1.f).tokens, (std::vector<int32_t>{3, 0, 2}));
 }
 
-// Over a large vocabulary (where the nucleus is found by growing partial sorts) the set equals a
-// full sort's, for several top_p and top_k.
+// Over a large vocabulary (where the nucleus is found by partial sorts of the 64 and the 1024
+// best, then one sort of the rest) the set equals a full sort's, for several top_p and top_k, on
+// peaked logits and on flat ones (a nucleus of most of V: the last stage).
 TEST(Sampling, NucleusOverALargeVocabularyEqualsFullSort) {
   const int64_t V = 5003;
   std::vector<float> l(static_cast<size_t>(V));
-  rng_fill_normal(l.data(), V, 0.f, 3.f, 8, 1, 0);
-  l[17] = l[4000] = 9.f;  // a tie: the lower id first
-  for (float T : {0.5f, 1.f})
-    for (int32_t k : {0, 7, 300})
-      for (float p : {0.3f, 0.9f, 0.999f, 1.f}) {
-        std::vector<int32_t> idx(static_cast<size_t>(V));
-        std::iota(idx.begin(), idx.end(), 0);
-        std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) {
-          return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
-        });
-        if (k > 0) idx.resize(size_t(k));
-        double z = 0, cum = 0;
-        for (int32_t v : idx) z += std::exp((double(l[size_t(v)]) - l[size_t(idx[0])]) / T);
-        size_t n = idx.size();
-        for (size_t i = 0; i < idx.size(); ++i) {
-          cum += std::exp((double(l[size_t(idx[i])]) - l[size_t(idx[0])]) / T) / z;
-          if (p < 1.f && cum >= p) {
-            n = i + 1;
-            break;
+  for (float sigma : {3.f, 0.05f}) {
+    SCOPED_TRACE(testing::Message() << "logits ~ N(0, " << sigma << ")");
+    rng_fill_normal(l.data(), V, 0.f, sigma, 8, 1, 0);
+    l[17] = l[4000] = 9.f * sigma / 3.f;  // a tie: the lower id first
+    if (sigma < 1.f) {
+      l[100] = l[2000] = l[3000] = 0.01f;  // ties inside a large nucleus
+    }
+    for (float T : {0.5f, 1.f})
+      for (int32_t k : {0, 7, 300})
+        for (float p : {0.3f, 0.9f, 0.999f, 1.f}) {
+          std::vector<int32_t> idx(static_cast<size_t>(V));
+          std::iota(idx.begin(), idx.end(), 0);
+          std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) {
+            return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
+          });
+          if (k > 0) idx.resize(size_t(k));
+          double z = 0, cum = 0;
+          for (int32_t v : idx) z += std::exp((double(l[size_t(v)]) - l[size_t(idx[0])]) / T);
+          size_t n = idx.size();
+          for (size_t i = 0; i < idx.size(); ++i) {
+            cum += std::exp((double(l[size_t(idx[i])]) - l[size_t(idx[0])]) / T) / z;
+            if (p < 1.f && cum >= p) {
+              n = i + 1;
+              break;
+            }
+          }
+          idx.resize(n);
+          EXPECT_EQ(candidate_set(l, T, k, p).tokens, idx) << "T " << T << " k " << k << " p " << p;
+          if (sigma < 1.f && k == 0 && p == 0.9f) {
+            EXPECT_GT(n, 1024u);  // the full-sort stage ran
           }
         }
-        idx.resize(n);
-        EXPECT_EQ(candidate_set(l, T, k, p).tokens, idx) << "T " << T << " k " << k << " p " << p;
-      }
+  }
 }
 
 TEST(Sampling, RepetitionPenaltyIsCtrlOncePerDistinctToken) {
