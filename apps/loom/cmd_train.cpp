@@ -27,6 +27,7 @@ namespace {
 struct TrainOptions {
   std::string config;
   std::optional<int64_t> steps;
+  std::optional<int64_t> batch, seq;  // --batch / --seq: train.batch / train.seq
   std::string out;
   std::string resume;
   std::vector<std::string> sets;
@@ -126,6 +127,9 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
   CLI::App* sub = root.add_subcommand("train", "train a model (configs/train/*.toml)");
   sub->add_option("--config", opts->config, "training config (TOML)")->required();
   sub->add_option("--steps", opts->steps, "total steps (overrides train.steps)");
+  sub->add_option("--batch", opts->batch,
+                  "global batch: sequences per optimizer step (overrides train.batch)");
+  sub->add_option("--seq", opts->seq, "tokens per sequence (overrides train.seq)");
   sub->add_option("--out", opts->out,
                   "run directory: metrics, plot and checkpoint go here (overrides log.dir and "
                   "checkpoint.dir)");
@@ -173,8 +177,14 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "treat every K consecutive ranks as one node (emulates several nodes; default: "
                   "MPI's shared-memory islands)");
   sub->callback([opts, &ctx] {
-    loom::train::TrainConfig cfg =
-        loom::train::load_train_config(opts->config, opts->sets, opts->plan);
+    // --batch and --seq go in as --set overrides, ahead of the user's own --set (which win), so
+    // that the config loader checks them with everything else (divisibility by dp and the
+    // micro-batches, the model's context).
+    std::vector<std::string> sets;
+    if (opts->batch) sets.push_back(fmt::format("train.batch={}", *opts->batch));
+    if (opts->seq) sets.push_back(fmt::format("train.seq={}", *opts->seq));
+    sets.insert(sets.end(), opts->sets.begin(), opts->sets.end());
+    loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets, opts->plan);
     if (opts->steps) {
       LOOM_CHECK(*opts->steps >= 0, "--steps {} must be >= 0", *opts->steps);
       cfg.steps = *opts->steps;

@@ -116,6 +116,16 @@ assert steps == [1, 2, 3, 4, 5, 6], steps" && pass "resume: metrics.jsonl cut to
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 1 --overwrite >/dev/null 2>&1 \
   && [ "$(wc -l <"$WORK/run/metrics.jsonl")" -eq 1 ] && pass "train --overwrite starts afresh" \
   || fail "train --overwrite"
+# --batch / --seq override train.batch / train.seq (checked as the config's own values are).
+"$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run_bs" --steps 1 --batch 4 --seq 32 \
+  >"$WORK/train_bs.json" 2>"$WORK/train_bs.log" && /usr/bin/python3 -c "
+import json; m=json.loads(open('$WORK/run_bs/metrics.jsonl').readline())
+assert abs(m['tokens_per_s'] * m['step_s'] - 4 * 32) < 1e-6 * 128, m" \
+  && pass "train --batch 4 --seq 32: 128 tokens a step" || fail "train --batch/--seq: $(tail -3 "$WORK/train_bs.log")"
+expect_error "train: --batch 0" "train.batch = 0 must be at least 1" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run_b0" --batch 0
+expect_error "train: --seq past the context" "exceeds the model's max_seq" \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run_s0" --seq 999999
 # A corrupted checkpoint is refused and left as it is.
 cp -r "$WORK/run/ckpt" "$WORK/bad_ckpt"
 bad_shard="$WORK/bad_ckpt/$(tail -1 "$WORK/bad_ckpt/latest")/shard-00000-of-00001.safetensors"
