@@ -57,9 +57,9 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     using namespace loom;
     const model::ModelConfig cfg = model::load_model_config(o->model);
     const int64_t B = o->batch, P = o->prompt_tokens, N = o->new_tokens;
-    LOOM_CHECK(B >= 1 && P >= 1 && N >= 1,
-               "--batch {}, --prompt-tokens {} and --new-tokens {} "
-               "must be >= 1",
+    LOOM_CHECK(B >= 1 && P >= 1 && N >= 2,
+               "--batch {} and --prompt-tokens {} must be >= 1 and --new-tokens {} >= 2 (the "
+               "first new token comes from the prefill; the decode steps make the others)",
                B, P, N);
     LOOM_CHECK(P + N <= cfg.max_seq,
                "--prompt-tokens {} + --new-tokens {} exceed the model's context of {} tokens", P, N,

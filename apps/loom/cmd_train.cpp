@@ -177,13 +177,12 @@ void add_train(CLI::App& root, loom::cli::Context& ctx) {
                   "treat every K consecutive ranks as one node (emulates several nodes; default: "
                   "MPI's shared-memory islands)");
   sub->callback([opts, &ctx] {
-    // --batch and --seq go in as --set overrides, ahead of the user's own --set (which win), so
-    // that the config loader checks them with everything else (divisibility by dp and the
-    // micro-batches, the model's context).
-    std::vector<std::string> sets;
+    // --batch and --seq go in as --set overrides after the user's own --set (so they win, as
+    // --steps does), and the config loader checks them with everything else (divisibility by dp
+    // and the micro-batches, the model's context).
+    std::vector<std::string> sets = opts->sets;
     if (opts->batch) sets.push_back(fmt::format("train.batch={}", *opts->batch));
     if (opts->seq) sets.push_back(fmt::format("train.seq={}", *opts->seq));
-    sets.insert(sets.end(), opts->sets.begin(), opts->sets.end());
     loom::train::TrainConfig cfg = loom::train::load_train_config(opts->config, sets, opts->plan);
     if (opts->steps) {
       LOOM_CHECK(*opts->steps >= 0, "--steps {} must be >= 0", *opts->steps);

@@ -112,14 +112,15 @@ template <typename Row>
 inline void prefetch_block(const std::byte* base, int32_t block, int64_t n, int64_t lo,
                            int64_t hi, const Row& row) {
   for (int64_t t = 0; t < n; ++t) {
-    const char* p = reinterpret_cast<const char*>(row(base, block, t));
-    for (int64_t off = lo & ~int64_t(63); off < hi; off += 64) {
+    // The cache lines holding [row + lo, row + hi), by address (rows need not start on a line).
+    const uintptr_t p = reinterpret_cast<uintptr_t>(row(base, block, t));
+    for (uintptr_t a = (p + uintptr_t(lo)) & ~uintptr_t(63); a < p + uintptr_t(hi); a += 64) {
 #if defined(__x86_64__)
       // (GCC 12 deletes __builtin_prefetch from a loop nest like this one, whose body does
       // nothing else; the asm stays.)
-      __asm__ volatile("prefetcht2 %0" : : "m"(*(p + off)));
+      __asm__ volatile("prefetcht2 (%0)" : : "r"(a));
 #else
-      __builtin_prefetch(p + off, 0, 1);
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
 #endif
     }
   }

@@ -116,8 +116,10 @@ assert steps == [1, 2, 3, 4, 5, 6], steps" && pass "resume: metrics.jsonl cut to
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run" --steps 1 --overwrite >/dev/null 2>&1 \
   && [ "$(wc -l <"$WORK/run/metrics.jsonl")" -eq 1 ] && pass "train --overwrite starts afresh" \
   || fail "train --overwrite"
-# --batch / --seq override train.batch / train.seq (checked as the config's own values are).
+# --batch / --seq override train.batch / train.seq, a --set of them too (as --steps does), and
+# are checked as the config's own values are.
 "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/run_bs" --steps 1 --batch 4 --seq 32 \
+  --set train.batch=2 \
   >"$WORK/train_bs.json" 2>"$WORK/train_bs.log" && /usr/bin/python3 -c "
 import json; m=json.loads(open('$WORK/run_bs/metrics.jsonl').readline())
 assert abs(m['tokens_per_s'] * m['step_s'] - 4 * 32) < 1e-6 * 128, m" \

@@ -58,9 +58,10 @@ ReadBandwidthProbe::ReadBandwidthProbe(int threads, size_t bytes) {
   LOOM_CHECK(buf_ != nullptr, "read-bandwidth probe: cannot allocate {} bytes", n * sizeof(float));
   // Each thread writes the slice it later reads (first touch places the pages on that thread's
   // NUMA node) and takes the page faults here, outside the timed passes.
+  // (Slices in turn over the threads OpenMP gives, which may be fewer than asked.)
 #pragma omp parallel num_threads(threads_)
-  {
-    float* p = buf_ + size_t(omp_get_thread_num()) * per_thread_;
+  for (int t = omp_get_thread_num(); t < threads_; t += omp_get_num_threads()) {
+    float* p = buf_ + size_t(t) * per_thread_;
     std::fill(p, p + per_thread_, 1.0f);
   }
 }
@@ -77,10 +78,9 @@ double ReadBandwidthProbe::measure(int repeats) {
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads_)
-    {
-      const size_t t = size_t(omp_get_thread_num());
-      const float* p = buf_ + t * per_thread_;
-      sums[t] = avx512 ? sum_avx512(p, per_thread_) : sum_plain(p, per_thread_);
+    for (int t = omp_get_thread_num(); t < threads_; t += omp_get_num_threads()) {
+      const float* p = buf_ + size_t(t) * per_thread_;
+      sums[size_t(t)] = avx512 ? sum_avx512(p, per_thread_) : sum_plain(p, per_thread_);
     }
     for (float s : sums) sink = sink + s;
     const double sec =

@@ -7,6 +7,7 @@
 // error ~sqrt(n) * 6e-8; NMSE 1e-10 is loose for any correct f32 order and orders of magnitude
 // below an indexing bug (a wrong block or slot gives NMSE ~ 1e-2 .. 1).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -156,8 +157,9 @@ TEST_P(PagedVsReference, Bf16CacheEqualsF32KernelOnRoundedKv) {
   EXPECT_LE(err, 4 * err_plain + 1e-10) << "NMSE (2x in RMS = 4x in NMSE)";
 }
 
-// A query's row is the same bits alone and in a batch, where the kernel gives each task more heads
-// (heads_vec's G grows with the number of queries), for several head layouts.
+// A query's row is the same bits alone and in a batch, at 1, 2 and 3 threads: the kernel gives a
+// task a group of heads whose size follows the number of queries and of threads (heads_vec's G:
+// here from 1 up to NH), for several head layouts, GQA groups that a task's heads cut included.
 class PagedBatchInvariance : public ::testing::TestWithParam<Case> {};
 
 TEST_P(PagedBatchInvariance, RowIsBitwiseIndependentOfTheBatch) {
@@ -171,28 +173,38 @@ TEST_P(PagedBatchInvariance, RowIsBitwiseIndependentOfTheBatch) {
   const int64_t n = int64_t(qs.size());
   std::vector<float> q(size_t(n * C)), out(size_t(n * C)), one(static_cast<size_t>(C));
   rng_fill_uniform(q.data(), n * C, -2.f, 2.f, 9, 4, 0);
-  PagedShape s{NH, NKV, HD, BT, pool.stride(), 0, 0, 0.25f};
-  paged_attention_forward(out.data(), q.data(), qs.data(), n, pool.k(), pool.v(), s);
-  for (int64_t i = 0; i < n; ++i) {
-    paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, pool.k(), pool.v(), s);
-    EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "row " << i;
-  }
-  // The same with a bf16 cache.
   std::vector<bf16> b16(pool.data.size());
   convert_f32_to_bf16(pool.data.data(), b16.data(), b16.size());
-  s.kv_dtype = DType::bf16;
-  const bf16* kb = b16.data();
-  const bf16* vb = b16.data() + BT * NKV * HD;
-  paged_attention_forward(out.data(), q.data(), qs.data(), n, kb, vb, s);
-  for (int64_t i = 0; i < n; ++i) {
-    paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, kb, vb, s);
-    EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4)) << "bf16 row " << i;
+  const int saved = omp_get_max_threads();
+  for (DType dt : {DType::f32, DType::bf16}) {
+    PagedShape s{NH, NKV, HD, BT, pool.stride(), 0, 0, 0.25f};
+    s.kv_dtype = dt;
+    const void* kb = dt == DType::f32 ? static_cast<const void*>(pool.k())
+                                      : static_cast<const void*>(b16.data());
+    const void* vb = dt == DType::f32 ? static_cast<const void*>(pool.v())
+                                      : static_cast<const void*>(b16.data() + BT * NKV * HD);
+    omp_set_num_threads(1);
+    paged_attention_forward(out.data(), q.data(), qs.data(), n, kb, vb, s);
+    for (int threads : {1, 2, 3}) {
+      omp_set_num_threads(threads);
+      std::vector<float> again(out.size());
+      paged_attention_forward(again.data(), q.data(), qs.data(), n, kb, vb, s);
+      EXPECT_EQ(0, std::memcmp(again.data(), out.data(), out.size() * 4))
+          << dtype_name(dt) << " batch at " << threads << " threads";
+      for (int64_t i = 0; i < n; ++i) {
+        paged_attention_forward(one.data(), q.data() + i * C, &qs[size_t(i)], 1, kb, vb, s);
+        EXPECT_EQ(0, std::memcmp(one.data(), out.data() + i * C, size_t(C) * 4))
+            << dtype_name(dt) << " row " << i << " alone at " << threads << " threads";
+      }
+    }
   }
+  omp_set_num_threads(saved);
 }
 
 INSTANTIATE_TEST_SUITE_P(Heads, PagedBatchInvariance,
                          ::testing::Values(Case{4, 2, 16, 0}, Case{12, 12, 64, 0},
-                                           Case{8, 2, 32, 0}, Case{6, 3, 13, 0}));
+                                           Case{8, 2, 32, 0}, Case{6, 3, 16, 0},
+                                           Case{6, 3, 13, 0}));
 
 TEST(PagedAttention, BadShapesThrowBeforeWriting) {
   Pool pool = make_pool(2, 8, 16, 2, 1);

@@ -66,7 +66,7 @@ TEST(Sampling, NucleusOverALargeVocabularyEqualsFullSort) {
       l[100] = l[2000] = l[3000] = 0.01f;  // ties inside a large nucleus
     }
     for (float T : {0.5f, 1.f})
-      for (int32_t k : {0, 7, 300})
+      for (int32_t k : {0, 7, 300, 2000})
         for (float p : {0.3f, 0.9f, 0.999f, 1.f}) {
           std::vector<int32_t> idx(static_cast<size_t>(V));
           std::iota(idx.begin(), idx.end(), 0);
@@ -85,7 +85,17 @@ TEST(Sampling, NucleusOverALargeVocabularyEqualsFullSort) {
             }
           }
           idx.resize(n);
-          EXPECT_EQ(candidate_set(l, T, k, p).tokens, idx) << "T " << T << " k " << k << " p " << p;
+          const Candidates got = candidate_set(l, T, k, p);
+          EXPECT_EQ(got.tokens, idx) << "T " << T << " k " << k << " p " << p;
+          // The probabilities: the weights renormalised over the nucleus.
+          double zn = 0;
+          for (int32_t v : idx) zn += std::exp((double(l[size_t(v)]) - l[size_t(idx[0])]) / T);
+          ASSERT_EQ(got.probs.size(), idx.size());
+          for (size_t i = 0; i < idx.size(); ++i)
+            EXPECT_NEAR(got.probs[i],
+                        std::exp((double(l[size_t(idx[i])]) - l[size_t(idx[0])]) / T) / zn,
+                        1e-12)
+                << "T " << T << " k " << k << " p " << p << " rank " << i;
           if (sigma < 1.f && k == 0 && p == 0.9f) {
             EXPECT_GT(n, 1024u);  // the full-sort stage ran
           }
