@@ -127,7 +127,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
       decode_s += seconds_since(t0);
     }
     probes.push_back(probe.measure(5) * 1e9);
-    const double steps = double(std::max<int64_t>(1, N - 1));
+    const double steps = double(N - 1);  // >= 1: checked above
     std::vector<double> sorted = probes;
     std::sort(sorted.begin(), sorted.end());
     const double bw = sorted[sorted.size() / 2];
