@@ -223,7 +223,7 @@ double triad_bandwidth(double min_s) {
 // loom's own kernels on one thread (cluster.h [kernels]), at the engine's shapes: rows of a
 // micro-batch (2048 = 8 x 256 tokens), widths of a small model. `peak_core` is one core's f32
 // matmul peak (the attention table's unit), `peak_core_bf16` its bf16 peak (the unit of bf16
-// attention on AMX tiles, measured where model::amx_attention_available()).
+// attention on the native bf16 kernel, measured where model::native_attention_available()).
 loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, double peak_core_bf16,
                                            bool bf16_native,
                                            const std::function<void(const std::string&)>& progress) {
@@ -312,12 +312,12 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, do
     progress(fmt::format("flash attention T {} (8 x 64, causal): forward {:.3f} ms ({:.2f} of "
                          "peak), backward {:.3f} ms ({:.2f})",
                          T, fwd * 1e3, ef, bwd * 1e3, eb));
-    if (!loom::model::amx_attention_available() || peak_core_bf16 <= 0) continue;
+    if (!loom::model::native_attention_available() || peak_core_bf16 <= 0) continue;
     // bf16 training's attention (model/block.cpp): q, k, v (and dout) rounded to bf16, then the
-    // AMX kernel with its packed operands in a workspace.
+    // native bf16 kernel (AMX or AVX512-BF16) with its packed operands in a workspace.
     std::vector<loom::bf16> q16(q.size()), k16(q.size()), v16(q.size()), g16(q.size());
-    std::vector<float> ws(size_t(std::max(loom::attention::flash_attention_amx_workspace_bytes(true, s),
-                                          loom::attention::flash_attention_amx_workspace_bytes(false, s)) /
+    std::vector<float> ws(size_t(std::max(loom::attention::flash_attention_native_workspace_bytes(true, s),
+                                          loom::attention::flash_attention_native_workspace_bytes(false, s)) /
                                      4 + 16));
     void* w = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
     auto round_qkv = [&] {
@@ -327,22 +327,23 @@ loom::planner::KernelCosts measure_kernels(double budget_s, double peak_core, do
     };
     const double fwd16 = median_call(budget_s / 2, [&] {
       round_qkv();
-      loom::attention::flash_attention_forward_bf16_amx(o.data(), lse.data(), q16.data(),
+      loom::attention::flash_attention_forward_bf16_native(o.data(), lse.data(), q16.data(),
                                                         k16.data(), v16.data(), s, w);
     });
     const double bwd16 = median_call(budget_s / 2, [&] {
       round_qkv();
       loom::convert_f32_to_bf16(dout.data(), g16.data(), q.size());
       loom::attention::attention_backward_preprocess(D.data(), g16.data(), o.data(), s);
-      loom::attention::flash_attention_backward_bf16_amx(dq.data(), dk.data(), dv.data(),
+      loom::attention::flash_attention_backward_bf16_native(dq.data(), dk.data(), dv.data(),
                                                          g16.data(), q16.data(), k16.data(),
                                                          v16.data(), lse.data(), D.data(), s, w);
     });
     const auto [ef16, eb16] =
         record(fwd16, bwd16, peak_core_bf16, k.attention_fwd_bf16, k.attention_bwd_bf16);
-    progress(fmt::format("bf16 attention on AMX T {}: forward {:.3f} ms ({:.3f} of the bf16 "
+    progress(fmt::format("bf16 attention ({}) T {}: forward {:.3f} ms ({:.3f} of the bf16 "
                          "peak), backward {:.3f} ms ({:.3f})",
-                         T, fwd16 * 1e3, ef16, bwd16 * 1e3, eb16));
+                         loom::attention::native_bf16_attention_backend(), T, fwd16 * 1e3, ef16,
+                         bwd16 * 1e3, eb16));
   }
   // Elementwise kernels: nanoseconds per element on (2048, 256) rows, the activation on
   // (2048, 1024), all resident in cache as a micro-batch's activations are.

@@ -6,10 +6,12 @@
 // and as a fraction of a measured oneDNN sgemm peak, the bytes of the inputs/outputs (pool, by
 // category) and the peak resident memory growth during the kernels (workspace + page faults).
 // Usage: bench_attention --T 4096 [--B 1] [--heads 12] [--hd 64] [--iters 3] [--noncausal]
-//                        [--dtype f32|bf16]
-// --dtype bf16 runs the native bf16 kernels on AMX tiles (q, k, v, dout in bf16, rounded from
-// the same f32 inputs; impl "loom_flash_bf16_amx"), or prints a "skipped" line where this CPU or
-// OS cannot run them.
+//                        [--dtype f32|bf16] [--two-pass]
+// --dtype bf16 runs the native bf16 kernels (q, k, v, dout in bf16, rounded from the same f32
+// inputs; impl "loom_flash_bf16_native", "backend" amx or avx512_bf16), or prints a "skipped" line
+// where this CPU or OS has neither AMX-BF16 nor AVX512-BF16. --two-pass forces the native
+// kernel's two-pass backward (the same bits as its one-pass one, the default where B * heads
+// gives every thread two tasks).
 #include <oneapi/dnnl/dnnl.h>
 #include <omp.h>
 #include <sys/resource.h>
@@ -68,7 +70,7 @@ struct Buffer {
 
 int main(int argc, char** argv) {
   int64_t B = 1, T = 1024, NH = 12, HD = 64, iters = 3;
-  bool causal = true;
+  bool causal = true, two_pass = false;
   std::string dtype = "f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -85,6 +87,7 @@ int main(int argc, char** argv) {
     else if (a == "--hd") HD = next();
     else if (a == "--iters") iters = next();
     else if (a == "--noncausal") causal = false;
+    else if (a == "--two-pass") two_pass = true;
     else if (a == "--dtype" && i + 1 < argc) dtype = argv[++i];
     else {
       std::fprintf(stderr, "unknown argument %s; see the usage line in bench_attention.cpp\n",
@@ -97,9 +100,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   const bool bf16 = dtype == "bf16";
-  if (bf16 && !loom::attention::amx_bf16_usable()) {
-    std::printf("{\"bench\":\"attention\",\"impl\":\"loom_flash_bf16_amx\",\"dtype\":\"bf16\","
-                "\"T\":%lld,\"skipped\":\"this CPU or OS cannot run AMX-BF16 tiles\"}\n",
+  if (bf16 && !loom::attention::native_bf16_attention_usable()) {
+    std::printf("{\"bench\":\"attention\",\"impl\":\"loom_flash_bf16_native\",\"dtype\":\"bf16\","
+                "\"T\":%lld,\"skipped\":\"this CPU or OS has neither AMX-BF16 tiles nor "
+                "AVX512-BF16\"}\n",
                 (long long)T);
     return 0;
   }
@@ -144,15 +148,16 @@ int main(int argc, char** argv) {
   for (int64_t it = 0; it < iters + 1; ++it) {  // the first round warms up
     auto t0 = Clock::now();
     if (bf16)
-      loom::attention::flash_attention_forward_bf16_amx(out.p, lse.p, qb, kb, vb, s);
+      loom::attention::flash_attention_forward_bf16_native(out.p, lse.p, qb, kb, vb, s);
     else
       loom::attention::flash_attention_forward(out.p, lse.p, q.p, k.p, v.p, s);
     const double tf = seconds_since(t0);
     auto t1 = Clock::now();
     if (bf16) {
       loom::attention::attention_backward_preprocess(D.p, gb, out.p, s);
-      loom::attention::flash_attention_backward_bf16_amx(dq.p, dk.p, dv.p, gb, qb, kb, vb, lse.p,
-                                                         D.p, s);
+      loom::attention::flash_attention_backward_bf16_native(
+          dq.p, dk.p, dv.p, gb, qb, kb, vb, lse.p, D.p, s, nullptr,
+          loom::attention::Bf16Backend::best, /*fused=*/!two_pass);
     } else {
       loom::attention::attention_backward_preprocess(D.p, dout.p, out.p, s);
       loom::attention::flash_attention_backward(dq.p, dk.p, dv.p, dout.p, q.p, k.p, v.p, lse.p,
@@ -173,13 +178,16 @@ int main(int argc, char** argv) {
       "\"hd\":%lld,\"causal\":%s,\"threads\":%d,\"fwd_s\":%.6f,\"bwd_s\":%.6f,\"fwd_bwd_s\":%.6f,"
       "\"fwd_gflops\":%.1f,\"fwd_bwd_gflops\":%.1f,\"sgemm_peak_gflops\":%.1f,"
       "\"fwd_bwd_frac_of_peak\":%.3f,\"tokens_per_s\":%.1f,\"tensor_bytes\":%lld,"
-      "\"pool_peaks\":%s,\"extra_rss_bytes\":%lld,\"peak_rss_bytes\":%lld}\n",
-      bf16 ? "loom_flash_bf16_amx" : "loom_flash", dtype.c_str(), (long long)B, (long long)T,
+      "\"pool_peaks\":%s,\"extra_rss_bytes\":%lld,\"peak_rss_bytes\":%lld,\"backend\":\"%s\","
+      "\"backward\":\"%s\"}\n",
+      bf16 ? "loom_flash_bf16_native" : "loom_flash", dtype.c_str(), (long long)B, (long long)T,
       (long long)NH, (long long)HD, causal ? "true" : "false",
       omp_get_max_threads(), best_fwd, best_bwd, best_total, fwd_flop / best_fwd / 1e9,
       total_flop / best_total / 1e9, peak, total_flop / best_total / 1e9 / peak,
       double(B * T) / best_total, (long long)pool.peak_total(), pool.peaks_json().c_str(),
-      (long long)extra, (long long)peak_rss_bytes());
+      (long long)extra, (long long)peak_rss_bytes(),
+      bf16 ? loom::attention::native_bf16_attention_backend() : "f32",
+      bf16 && two_pass ? "two_pass" : "default");
   for (loom::bf16* b : {qb, kb, vb, gb})
     if (b) pool.release(b, size_t(n) * 2, MemCategory::activations);
   return 0;

@@ -71,29 +71,44 @@ void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const b
                                   const bf16* v, const AttentionShape& s);
 
 // ---------------------------------------------------------------------------------------------
-// Native bf16 on Intel AMX tiles (flash_attention_amx.cpp): bf16 q/k/v (and dout) multiply as
-// bf16 with f32 accumulation; the softmax runs in f32; P and dS are rounded to bf16 before they
-// multiply V, dO, Q and K (as FlashAttention does on GPUs), so results differ from the f32
-// kernel's by bf16 rounding of those factors (documented bounds in tests/unit/attention). Same
-// shapes, strides, masks, lse convention, accumulation (dq/dk/dv +=) and determinism as the f32
-// functions; out, lse, D and the gradients are f32, the gradients in q's / k's / v's strides.
+// Native bf16 (flash_attention_bf16.cpp): bf16 q/k/v (and dout) multiply as bf16 with f32
+// accumulation; the softmax runs in f32; P and dS are rounded to bf16 before they multiply V, dO,
+// Q and K (as FlashAttention does on GPUs), so results differ from the f32 kernel's by bf16
+// rounding of those factors (documented bounds in tests/unit/attention). Same shapes, strides,
+// masks, lse convention, accumulation (dq/dk/dv +=) and determinism as the f32 functions; out,
+// lse, D and the gradients are f32, the gradients in q's / k's / v's strides.
+// Two backends share everything but the products: Intel AMX tiles (TDPBF16PS), and AVX512-BF16
+// instructions (VDPBF16PS: twice the f32 FMA rate on CPUs that run it at full width, such as AMD
+// Zen 4; on Intel Sapphire Rapids it runs at half the f32 rate and AMX is used). Their f32 sums of
+// the same products differ only in order (last bits). `best` picks AMX where this process can run
+// it, else AVX512-BF16; a backend that cannot run throws loom::Error naming what is missing.
+// The backward runs in one pass (5 tile products per tile; per thread a dQ^T buffer of
+// (NH/NKV) x Tq x HD f32) when B * NKV gives every thread two tasks, else in two passes (7
+// products; `fused` false forces them); both give the same bits.
 // Extra memory: the operands repacked once per call (forward 2, backward 3 copies of K/V and 4 of
-// Q/dO, in bf16, padded to 64 rows and HD to 32: flash_attention_amx_workspace_bytes), taken from
-// `workspace` (64-byte aligned, at least that many bytes) or, when it is null, allocated by the
-// call; plus ~100 KiB per thread of tiles, allocated by the call.
-// They throw loom::Error when amx_bf16_usable() is false.
+// Q/dO, in bf16, padded to 64 rows and HD to 32: flash_attention_native_workspace_bytes), taken
+// from `workspace` (64-byte aligned, at least that many bytes) or, when it is null, allocated by
+// the call; plus ~100 KiB per thread of tiles, allocated by the call.
 
-// True when this process can run them (kernels/cpu/amx.h; LOOM_AMX=0 says no).
+// True when this process can run AMX tiles (kernels/cpu/amx.h; LOOM_AMX=0 says no).
 using kernels::amx_bf16_usable;
+enum class Bf16Backend { best, amx, avx512 };
+// Whether the native bf16 kernels can run on `backend` (best: on either).
+bool native_bf16_attention_usable(Bf16Backend backend = Bf16Backend::best);
+// "amx", "avx512_bf16" or "none": what `best` runs on in this process.
+const char* native_bf16_attention_backend();
 
-int64_t flash_attention_amx_workspace_bytes(bool backward, const AttentionShape& s);
-void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
-                                      const bf16* v, const AttentionShape& s,
-                                      void* workspace = nullptr);
-void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
-                                       const bf16* q, const bf16* k, const bf16* v,
-                                       const float* lse, const float* D, const AttentionShape& s,
-                                       void* workspace = nullptr);
+int64_t flash_attention_native_workspace_bytes(bool backward, const AttentionShape& s);
+void flash_attention_forward_bf16_native(float* out, float* lse, const bf16* q, const bf16* k,
+                                         const bf16* v, const AttentionShape& s,
+                                         void* workspace = nullptr,
+                                         Bf16Backend backend = Bf16Backend::best);
+void flash_attention_backward_bf16_native(float* dq, float* dk, float* dv, const bf16* dout,
+                                          const bf16* q, const bf16* k, const bf16* v,
+                                          const float* lse, const float* D,
+                                          const AttentionShape& s, void* workspace = nullptr,
+                                          Bf16Backend backend = Bf16Backend::best,
+                                          bool fused = true);
 // D = rowsum(dout * out) with bf16 dout (widened exactly).
 void attention_backward_preprocess(float* D, const bf16* dout, const float* out,
                                    const AttentionShape& s);

@@ -103,31 +103,31 @@ Tensor scatter_rows_sum(const BlockCtx& c, const Tensor& partial, MemCategory ca
   return out;
 }
 
-static std::atomic<int> g_amx_attention_override{-1};
+static std::atomic<int> g_native_attention_override{-1};
 
-void set_amx_attention_for_testing(int mode) { g_amx_attention_override.store(mode); }
+void set_native_attention_for_testing(int mode) { g_native_attention_override.store(mode); }
 
-bool amx_attention_available() {
+bool native_attention_available() {
   static const bool on = [] {
-    const char* env = std::getenv("LOOM_AMX_ATTENTION");
-    return !(env && std::strcmp(env, "0") == 0) && attention::amx_bf16_usable();
+    const char* env = std::getenv("LOOM_NATIVE_ATTENTION");
+    return !(env && std::strcmp(env, "0") == 0) && attention::native_bf16_attention_usable();
   }();
-  const int o = g_amx_attention_override.load();
-  return o < 0 ? on : o == 1 && attention::amx_bf16_usable();
+  const int o = g_native_attention_override.load();
+  return o < 0 ? on : o == 1 && attention::native_bf16_attention_usable();
 }
 
 static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
+int64_t native_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
                                       const attention::AttentionShape& s) {
   return align64(N * (Cq + 2 * KV) * 2) + (backward ? align64(N * Cq * 2) : 0) +
-         attention::flash_attention_amx_workspace_bytes(backward, s);
+         attention::flash_attention_native_workspace_bytes(backward, s);
 }
 
-static bool amx_attention(const BlockCtx& c) { return amx_attention_used(c.bf, c.cp, c.T); }
+static bool native_attention(const BlockCtx& c) { return native_attention_used(c.bf, c.cp, c.T); }
 
 // q, k, v of a block (fused: q|k|v rows of `qkv`; query layer: `q` rows and k|v rows of `kv`) as
-// bf16 in the same layout at `h` (N x (Cq + 2KV) elements), for the AMX kernel.
+// bf16 in the same layout at `h` (N x (Cq + 2KV) elements), for the native bf16 kernel.
 struct Bf16Qkv {
   const bf16 *q, *k, *v;
 };
@@ -142,16 +142,16 @@ static Bf16Qkv round_qkv(bf16* h, const float* qkv, const float* q, const float*
   return {h, h + N * Cq, h + N * Cq + KV};
 }
 
-// The AMX backward of one block's attention (the fused q|k|v rows `qkv`, or the query layer's
+// The native bf16 backward of one block's attention (the fused q|k|v rows `qkv`, or the query layer's
 // `q` and `kv`): q, k, v and dout rounded to bf16 into a pool workspace, D = rowsum(dout * out)
 // from that bf16 dout (the kernel's contract: each row of dS then sums to zero as exactly as the
 // f32 path's), gradients accumulated into the f32 dq / dk / dv (strides of s).
-static void amx_attention_backward(const BlockCtx& c, float* dq, float* dk, float* dv,
+static void native_attention_backward(const BlockCtx& c, float* dq, float* dk, float* dv,
                                    const Tensor& dout, const Tensor& out, const float* qkv,
                                    const float* q, const float* kv, const Tensor& lse,
                                    Tensor& D, const attention::AttentionShape& s, int64_t N,
                                    int64_t Cq, int64_t KV) {
-  Tensor ws = Tensor::empty({amx_attention_workspace_bytes(true, N, Cq, KV, s)}, DType::u8,
+  Tensor ws = Tensor::empty({native_attention_workspace_bytes(true, N, Cq, KV, s)}, DType::u8,
                             c.pool, MemCategory::workspace);
   std::byte* w = static_cast<std::byte*>(ws.raw());
   const Bf16Qkv h = round_qkv(reinterpret_cast<bf16*>(w), qkv, q, kv, N, Cq, KV);
@@ -160,7 +160,7 @@ static void amx_attention_backward(const BlockCtx& c, float* dq, float* dk, floa
   convert_f32_to_bf16(dout.data<float>(), g, size_t(N * Cq));
   attention::attention_backward_preprocess(D.data<float>(), g, out.data<float>(), s);
   w += align64(N * Cq * 2);
-  attention::flash_attention_backward_bf16_amx(dq, dk, dv, g, h.q, h.k, h.v, lse.data<float>(),
+  attention::flash_attention_backward_bf16_native(dq, dk, dv, g, h.q, h.k, h.v, lse.data<float>(),
                                                D.data<float>(), s, w);
 }
 
@@ -265,13 +265,13 @@ Tensor block_forward(const BlockCtx& c, const BlockOffsets& o, const Tensor& x, 
   if (c.cp)  // this rank's T rows against the whole sequence over the cp group
     attention::cp_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
                                     DType::f32, attention_shape(c, q_stride, kv_stride), *c.cp);
-  else if (amx_attention(c)) {
+  else if (native_attention(c)) {
     const attention::AttentionShape s = attention_shape(c, q_stride, kv_stride);
-    Tensor ws = Tensor::empty({amx_attention_workspace_bytes(false, N, Cq, KV, s)}, DType::u8,
+    Tensor ws = Tensor::empty({native_attention_workspace_bytes(false, N, Cq, KV, s)}, DType::u8,
                               c.pool, MemCategory::workspace);
     std::byte* w = static_cast<std::byte*>(ws.raw());
     const Bf16Qkv h = round_qkv(reinterpret_cast<bf16*>(w), qin ? nullptr : q, q, k, N, Cq, KV);
-    attention::flash_attention_forward_bf16_amx(st.att.data<float>(), st.lse.data<float>(), h.q,
+    attention::flash_attention_forward_bf16_native(st.att.data<float>(), st.lse.data<float>(), h.q,
                                                 h.k, h.v, s, w + align64(N * (Cq + 2 * KV) * 2));
   } else {
     attention::flash_attention_forward(st.att.data<float>(), st.lse.data<float>(), q, k, v,
@@ -441,8 +441,8 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
       attention::cp_attention_backward(g, g + Cq, g + Cq + KV, d_att.data<float>(), qkv,
                                        qkv + Cq, qkv + Cq + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
-    } else if (amx_attention(c)) {
-      amx_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, st.att, qkv, nullptr, nullptr,
+    } else if (native_attention(c)) {
+      native_attention_backward(c, g, g + Cq, g + Cq + KV, d_att, st.att, qkv, nullptr, nullptr,
                              st.lse, D, s, N, Cq, KV);
     } else {
       attention::attention_backward_preprocess(D.data<float>(), d_att.data<float>(),
@@ -467,8 +467,8 @@ Tensor block_backward(const BlockCtx& c, const BlockOffsets& o, Tensor& dout, co
                                        dkv.data<float>() + KV, d_att.data<float>(),
                                        st.q.data<float>(), kv, kv + KV, st.att.data<float>(),
                                        st.lse.data<float>(), DType::f32, s, *c.cp);
-    } else if (amx_attention(c)) {
-      amx_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
+    } else if (native_attention(c)) {
+      native_attention_backward(c, dq.data<float>(), dkv.data<float>(), dkv.data<float>() + KV,
                              d_att, st.att, nullptr, st.q.data<float>(), kv, st.lse, D, s, N, Cq,
                              KV);
     } else {

@@ -114,31 +114,34 @@ inline const float* w_at(const BlockCtx& c, int64_t off) {
   return c.wmap ? c.W + (c.wmap->at(c.w_begin + off) - c.wmap->at(c.w_begin)) : c.W + off;
 }
 
-// Attention in bf16 training: where this process can run AMX tiles (attention::amx_bf16_usable)
-// and LOOM_AMX_ATTENTION is not 0, a bf16 block's local attention (not cp's ring, which runs
-// the f32 kernel) multiplies q, k, v rounded to bf16 on the tiles (flash_attention_forward /
-// backward_bf16_amx: bf16 products, f32 softmax and accumulation, P and dS rounded to bf16)
+// Attention in bf16 training: where this process can run the native bf16 attention kernel
+// (attention::native_bf16_attention_usable: AMX tiles, or AVX512-BF16 instructions) and
+// LOOM_NATIVE_ATTENTION is not 0, a bf16 block's local attention (not cp's ring, which runs the
+// f32 kernel) multiplies q, k, v rounded to bf16 (flash_attention_forward /
+// backward_bf16_native: bf16 products, f32 softmax and accumulation, P and dS rounded to bf16)
 // instead of the f32 kernel on f32 q, k, v: 1.7-1.9x faster (docs/context_parallel.md). f32
 // blocks are unchanged.
-bool amx_attention_available();
-// Below this sequence length the f32 kernel is as fast or faster (loom calibrate, one core: T 128
-// forward 0.31 ms on AMX against 0.24 ms f32, backward equal; from T 256 AMX 1.4-1.6x faster).
-constexpr int64_t kAmxAttentionMinSeq = 256;
+bool native_attention_available();
+// Below this sequence length the f32 kernel is as fast or faster on AMX (loom calibrate, one core:
+// T 128 forward 0.31 ms on AMX against 0.24 ms f32, backward equal; from T 256 AMX 1.4-1.6x
+// faster). On AVX512-BF16 (AMD Zen 4) the native kernel is faster from T 128 (1.4x, forward and
+// backward); one threshold serves both.
+constexpr int64_t kNativeAttentionMinSeq = 256;
 // Whether a block of this precision, under cp or not, with sequence length T runs it, where the
 // host can (`available`: this process, or what a cluster file or MemoryOptions says): the one
 // predicate of block.cpp, the memory model and the planner.
-inline bool amx_attention_used(bool bf16, bool cp, int64_t T,
-                               bool available = amx_attention_available()) {
-  return bf16 && !cp && T >= kAmxAttentionMinSeq && available;
+inline bool native_attention_used(bool bf16, bool cp, int64_t T,
+                                  bool available = native_attention_available()) {
+  return bf16 && !cp && T >= kNativeAttentionMinSeq && available;
 }
-// Tests: 0 the f32 kernel, 1 AMX where usable, -1 (default) as the environment says.
-void set_amx_attention_for_testing(int mode);
+// Tests: 0 the f32 kernel, 1 the native kernel where usable, -1 (default) as the environment says.
+void set_native_attention_for_testing(int mode);
 // Bytes of the pool workspace such a call takes (category workspace, freed when it returns):
 // q|k|v as bf16 (N, S) with S = Cq + 2 KV (backward: and dout (N, Cq) as bf16), then the
-// kernel's packed operands (attention::flash_attention_amx_workspace_bytes). model/memory.cpp
+// kernel's packed operands (attention::flash_attention_native_workspace_bytes). model/memory.cpp
 // prices the same bytes.
-int64_t amx_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
-                                      const attention::AttentionShape& s);
+int64_t native_attention_workspace_bytes(bool backward, int64_t N, int64_t Cq, int64_t KV,
+                                         const attention::AttentionShape& s);
 
 // Sequence parallel helpers (identity without tp): this rank's rows (Nl, C) -> all N rows, as the
 // matmul input (bf16 in bf16 mode) when `as_mm`, else f32; and partial sums (N, C) -> this rank's

@@ -137,8 +137,8 @@ struct Dims {
   // Context parallel: the attention kernels' workspace per forward / backward call
   // (attention::cp_workspace_bytes), [0] an ordinary block (fused qkv), [1] the query layer.
   int64_t cp_fwd_ws[2] = {0, 0}, cp_bwd_ws[2] = {0, 0};
-  // bf16 on AMX tiles without cp: the local attention's workspace per forward / backward call
-  // (model::amx_attention_workspace_bytes), [0] an ordinary block, [1] the query layer.
+  // bf16 on the native bf16 kernel (AMX or AVX512-BF16) without cp: the local attention's workspace per forward / backward call
+  // (model::native_attention_workspace_bytes), [0] an ordinary block, [1] the query layer.
   int64_t amx_fwd_ws[2] = {0, 0}, amx_bwd_ws[2] = {0, 0};
   int64_t mm_bytes() const { return emu ? 4 : 2; }  // element of a matmul copy (bf only)
   int64_t mm_elem() const { return bf ? mm_bytes() : 4; }  // element of any matmul input
@@ -265,7 +265,7 @@ Buf block_forward(Tracer& tr, const Dims& d, const Buf& x, const Buf* qin, Stash
   st.att = tr.alloc(N * Cq * 4, cat(keep_some));             // (N,Cq)
   st.lse = tr.alloc(d.B * d.NHl * d.T * 4, cat(keep_some));  // (B,NH,T)
   if (d.cp_fwd_ws[qin ? 1 : 0]) Buf cp_ws = tr.alloc(d.cp_fwd_ws[qin ? 1 : 0], kWs);  // cp forward
-  if (d.amx_fwd_ws[qin ? 1 : 0]) Buf amx_ws = tr.alloc(d.amx_fwd_ws[qin ? 1 : 0], kWs);  // AMX
+  if (d.amx_fwd_ws[qin ? 1 : 0]) Buf amx_ws = tr.alloc(d.amx_fwd_ws[qin ? 1 : 0], kWs);  // native bf16
   Buf att_mm = to_mm(tr, d, st.att, N * Cq, cat(keep_all));
   Buf proj = tr.alloc(N * C * 4, d.tp > 1 ? kWs : cat(keep_some));  // (N,C)
   st.mid = scatter_rows_sum(tr, d, proj, cat(keep_some));          // (Nl,C)
@@ -356,13 +356,13 @@ Buf block_backward(Tracer& tr, const Dims& d, Buf dout, const Buf* qin, Stash& s
     const int64_t S = Cq + 2 * KV;
     Buf dqkv = tr.alloc(N * S * 4, kWs);
     if (d.cp_bwd_ws[0]) Buf cp_ws = tr.alloc(d.cp_bwd_ws[0], kWs);  // cp_attention_backward
-    if (d.amx_bwd_ws[0]) Buf amx_ws = tr.alloc(d.amx_bwd_ws[0], kWs);  // AMX backward
+    if (d.amx_bwd_ws[0]) Buf amx_ws = tr.alloc(d.amx_bwd_ws[0], kWs);  // native bf16 backward
     st.qkv.reset();
     Buf dqkv_mm = to_mm(tr, d, dqkv, N * S, kWs);
   } else {
     Buf dq = tr.alloc(N * Cq * 4, kWs), dkv = tr.alloc(N * 2 * KV * 4, kWs);
     if (d.cp_bwd_ws[1]) Buf cp_ws = tr.alloc(d.cp_bwd_ws[1], kWs);  // cp_attention_backward
-    if (d.amx_bwd_ws[1]) Buf amx_ws = tr.alloc(d.amx_bwd_ws[1], kWs);  // AMX backward
+    if (d.amx_bwd_ws[1]) Buf amx_ws = tr.alloc(d.amx_bwd_ws[1], kWs);  // native bf16 backward
     st.q.reset();
     st.kv.reset();
     Buf dq_mm = to_mm(tr, d, dq, N * Cq, kWs);
@@ -780,11 +780,11 @@ RankMemory MemoryReplayer::rank_memory(const parallel::ParallelPlan& plan, int r
       d.cp_bwd_ws[ql] = attention::cp_workspace_bytes(true, s, DType::f32, scheme, bw, plan.cp, nodes);
     }
   }
-  if (amx_attention_used(bf, plan.cp > 1, T,
-                         options.amx_attention.value_or(amx_attention_available()))) {
-    for (int ql = 0; ql < 2; ++ql) {  // what amx_attention_workspace_bytes gives block.cpp
-      d.amx_fwd_ws[ql] = amx_attention_workspace_bytes(false, d.N, d.Cq, d.KV, attention_shape(ql));
-      d.amx_bwd_ws[ql] = amx_attention_workspace_bytes(true, d.N, d.Cq, d.KV, attention_shape(ql));
+  if (native_attention_used(bf, plan.cp > 1, T,
+                         options.native_attention.value_or(native_attention_available()))) {
+    for (int ql = 0; ql < 2; ++ql) {  // what native_attention_workspace_bytes gives block.cpp
+      d.amx_fwd_ws[ql] = native_attention_workspace_bytes(false, d.N, d.Cq, d.KV, attention_shape(ql));
+      d.amx_bwd_ws[ql] = native_attention_workspace_bytes(true, d.N, d.Cq, d.KV, attention_shape(ql));
     }
   }
   // Expert parallel: ep groups are ep consecutive dp ranks (train::Executor), so this rank holds

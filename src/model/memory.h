@@ -78,9 +78,9 @@ struct MemoryOptions {
   // bf16 copies stored as f32 (emulated bf16, see model/stage.h) or as bf16. Unset: as the
   // engine runs on this machine (model::bf16_emulated()); set it to price another machine.
   std::optional<bool> bf16_emulated;
-  // bf16 blocks' attention on AMX tiles (model/block.h, amx_attention_available), whose packed
+  // bf16 blocks' attention on the native bf16 kernel (model/block.h, native_attention_available), whose packed
   // operands take pool workspace. Unset: as the engine runs on this machine.
-  std::optional<bool> amx_attention;
+  std::optional<bool> native_attention;
   // A lower bound instead of the peak, from less work: -1 (default) the exact peaks; k > 0 the
   // forward and backward work is replayed only through the rank's k-th backward action, then
   // what it holds is dropped and only the pipeline messages and the step's end are replayed

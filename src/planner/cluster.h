@@ -56,11 +56,12 @@
 //                                        incl. its preprocess) over one core's f32 peak
 //                                        (peak_tflops_f32 / cores)
 //   attention_fwd_bf16 / _bwd_bf16       (optional) the same for bf16 training's attention on
-//                                        AMX tiles (model/block.h: q, k, v and dout rounded to
-//                                        bf16, then the AMX kernel) over one core's bf16 peak
-//                                        (peak_tflops_bf16 / cores); absent where the host has
-//                                        no AMX: bf16 plans then price attention by the f32 tables
-//                                        (a run with LOOM_AMX_ATTENTION=0 is not what they price)
+//                                        the native bf16 kernel (model/block.h: q, k, v and dout
+//                                        rounded to bf16, then AMX tiles or AVX512-BF16) over one
+//                                        core's bf16 peak (peak_tflops_bf16 / cores); absent where
+//                                        the host has neither: bf16 plans then price attention by
+//                                        the f32 tables
+//                                        (a run with LOOM_NATIVE_ATTENTION=0 is not what they price)
 //   [kernels.ns_per_element]             one core's nanoseconds per element: layernorm_fwd,
 //                                        layernorm_bwd (per element of the normalised rows),
 //                                        bias_add, add, bias_bwd, zero (per element written),
@@ -123,7 +124,7 @@ struct KernelCosts {
   bool measured = false;  // false: the cost model prices by peak, matmul table and bandwidth
   std::pair<double, double> layout_f32{1, 1}, layout_bf16{1, 1};  // (nt, tn) over nn
   EfficiencyTable attention_fwd, attention_bwd;  // fraction of one core's f32 peak
-  // bf16 attention on AMX tiles, fraction of one core's bf16 peak; empty: none on this host.
+  // bf16 attention on the native bf16 kernel, fraction of one core's bf16 peak; empty: none here.
   EfficiencyTable attention_fwd_bf16, attention_bwd_bf16;
   // Seconds per element on one core.
   double layernorm_fwd = 0, layernorm_bwd = 0, bias_add = 0, add = 0, bias_bwd = 0, zero = 0,

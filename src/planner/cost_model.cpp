@@ -26,11 +26,11 @@ MemoryOracle::MemoryOracle(const model::ModelConfig& cfg, int64_t T, model::Prec
                            const Cluster& cluster)
     : cfg_(cfg), T_(T), precision_(precision), replayer_(cfg) {
   options_.bf16_emulated = cluster.bf16_emulated;
-  // bf16 attention on AMX tiles, with its pool workspace, where the cluster's kernels were
+  // bf16 attention on the native bf16 kernel, with its pool workspace, where the cluster's kernels were
   // measured with it; a file without [kernels] (a preset, or written before these tables
   // existed) says nothing about it: then as this machine runs.
   if (cluster.kernels.measured)
-    options_.amx_attention = !cluster.kernels.attention_fwd_bf16.points.empty();
+    options_.native_attention = !cluster.kernels.attention_fwd_bf16.points.empty();
 }
 
 const model::RankMemory& MemoryOracle::rank_memory(const ParallelPlan& plan, int rank,
@@ -225,15 +225,15 @@ StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOra
   const double attn_proj_bwd = r.weight_bwd(N, (C + 2 * KV) / t, C) + r.weight_bwd(N, C, C / t);
   // The attention kernel: priced as products (backward 2.5x the forward: S and dP again, dV,
   // dQ, dK), or by its measured efficiency (which includes its softmax, masks and tiling).
-  // bf16 blocks without cp run it on AMX tiles where the host has them (model/block.h), priced
-  // by their own table over one core's bf16 peak.
-  const bool amx_attn =
-      r.k && model::amx_attention_used(bf, G > 1, in.T, !r.k->attention_fwd_bf16.points.empty());
-  const double attn_peak = amx_attn ? cl.peak_flops_bf16 / cl.host_cores : r.core_peak;
+  // bf16 blocks without cp run the native bf16 kernel where the host has it (AMX tiles or
+  // AVX512-BF16: model/block.h), priced by its own table over one core's bf16 peak.
+  const bool native_attn =
+      r.k && model::native_attention_used(bf, G > 1, in.T, !r.k->attention_fwd_bf16.points.empty());
+  const double attn_peak = native_attn ? cl.peak_flops_bf16 / cl.host_cores : r.core_peak;
   const EfficiencyTable* attn_fwd_eff =
-      r.k ? (amx_attn ? &r.k->attention_fwd_bf16 : &r.k->attention_fwd) : nullptr;
+      r.k ? (native_attn ? &r.k->attention_fwd_bf16 : &r.k->attention_fwd) : nullptr;
   const EfficiencyTable* attn_bwd_eff =
-      r.k ? (amx_attn ? &r.k->attention_bwd_bf16 : &r.k->attention_bwd) : nullptr;
+      r.k ? (native_attn ? &r.k->attention_bwd_bf16 : &r.k->attention_bwd) : nullptr;
   const double block_attn_fwd =
       r.k ? attn_each * attn_count * r.core_s / (attn_peak * attn_fwd_eff->at(attn_each))
           : r.mm(attn_each, attn_count);

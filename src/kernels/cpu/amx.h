@@ -41,6 +41,13 @@ namespace loom::kernels {
 
 bool amx_bf16_usable();
 
+// True when the CPU has AVX-512 F, BW, VL, DQ and BF16 (VDPBF16PS: 32 bf16 products summed
+// pairwise into 16 f32 lanes per instruction), the OS saves the AVX-512 state (XCR0 bits 5-7),
+// this build compiled the kernels (LOOM_AMX_KERNELS, whose target region also enables these), and
+// LOOM_AVX512_BF16 is not "0". Checked once. Code built in the LOOM_AMX_BEGIN region that uses
+// no tile instruction may run when this alone is true.
+bool avx512_bf16_usable();
+
 // The 64-byte tile configuration LDTILECFG reads (palette 1).
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1, start_row = 0;

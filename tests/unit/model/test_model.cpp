@@ -185,23 +185,25 @@ double relative_l2(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / den);
 }
 
-// bf16 blocks' attention on AMX tiles (model/block.h) against the f32 kernel on the same f32
-// q, k, v: the AMX path rounds q, k, v, dout, P and dS to bf16 (2^-9 relative each), the rest of
-// the model is the same bf16 computation. Both runs also check the pool's workspace against the
-// memory model, which prices the AMX call's workspace only when it is on.
-TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
-  if (!attention::amx_bf16_usable()) {
-    std::printf("SKIP: this CPU or OS cannot run AMX-BF16 tiles\n");
+// bf16 blocks' attention on the native bf16 kernel (model/block.h; AMX tiles or AVX512-BF16,
+// whichever this CPU runs) against the f32 kernel on the same f32 q, k, v: the native path rounds
+// q, k, v, dout, P and dS to bf16 (2^-9 relative each), the rest of the model is the same bf16
+// computation. Both runs also check the pool's workspace against the memory model, which prices
+// the native call's workspace only when it is on.
+TEST(Model, Bf16AttentionOnNativeKernelTracksTheF32Kernel) {
+  if (!attention::native_bf16_attention_usable()) {
+    std::printf("SKIP: this CPU or OS has neither AMX-BF16 tiles nor AVX512-BF16\n");
     GTEST_SKIP();
   }
+  std::printf("native bf16 attention backend: %s\n", attention::native_bf16_attention_backend());
   ModelConfig cfg = small_config(true, Activation::gelu, 2);
-  cfg.max_seq = kAmxAttentionMinSeq;  // the shortest sequence that runs on AMX
-  const int64_t B = 2, T = kAmxAttentionMinSeq;
+  cfg.max_seq = kNativeAttentionMinSeq;  // the shortest sequence that runs natively
+  const int64_t B = 2, T = kNativeAttentionMinSeq;
   auto tokens = random_tokens(B, T, cfg.vocab, 31);
   LossSum loss[2];
   std::vector<float> grads[2];
   for (int amx : {0, 1}) {
-    set_amx_attention_for_testing(amx);
+    set_native_attention_for_testing(amx);
     MemoryPool pool;
     Gpt m(cfg, pool, Precision::bf16);
     m.init_weights(4);
@@ -215,13 +217,13 @@ TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
     plan.recompute.assign(size_t(cfg.n_layers), Recompute::none);
     const RankMemory est = memory_per_rank(cfg, plan, 0, T, Precision::bf16);
     EXPECT_EQ(pool.peak(MemCategory::workspace) - base, est.bytes[size_t(MemCategory::workspace)])
-        << "AMX attention " << amx;
+        << "native attention " << amx;
   }
-  set_amx_attention_for_testing(-1);
+  set_native_attention_for_testing(-1);
   const double l0 = loss[0].sum / double(loss[0].count), l1 = loss[1].sum / double(loss[1].count);
-  std::printf("loss f32 kernel %.8f, AMX %.8f; gradient relative L2 %.3g\n", l0, l1,
+  std::printf("loss f32 kernel %.8f, native %.8f; gradient relative L2 %.3g\n", l0, l1,
               relative_l2(grads[1], grads[0]));
-  EXPECT_NE(l0, l1) << "the AMX path was not taken";
+  EXPECT_NE(l0, l1) << "the native path was not taken";
   // The loss (~log V nats) moves through the attention output, whose error is a few bf16
   // roundings (2^-9) scaled by how little the softmax of random weights depends on q and k:
   // measured 0.7-1.8e-6 relative (T 96 and 256). A packing or layout bug moves it by O(1).
@@ -230,17 +232,17 @@ TEST(Model, Bf16AttentionOnAmxTracksTheF32Kernel) {
   // P, dS), the other tensors inherit a share of them: measured 3.2-4.1e-4 over the whole model;
   // the bound is two roundings' worth.
   EXPECT_LT(relative_l2(grads[1], grads[0]), 4e-3);
-  // Shorter sequences stay on the f32 kernel (kAmxAttentionMinSeq): the same bits either way.
-  const int64_t Ts = kAmxAttentionMinSeq / 2;
+  // Shorter sequences stay on the f32 kernel (kNativeAttentionMinSeq): the same bits either way.
+  const int64_t Ts = kNativeAttentionMinSeq / 2;
   double short_loss[2];
   for (int amx : {0, 1}) {
-    set_amx_attention_for_testing(amx);
+    set_native_attention_for_testing(amx);
     MemoryPool pool;
     Gpt m(cfg, pool, Precision::bf16);
     m.init_weights(4);
     short_loss[amx] = m.forward_loss(tokens.data(), 1, Ts).sum;
   }
-  set_amx_attention_for_testing(-1);
+  set_native_attention_for_testing(-1);
   EXPECT_EQ(short_loss[0], short_loss[1]);
 }
 

@@ -429,7 +429,7 @@ optimizer = 10
 [links.intra])";
 
 // bf16 attention on AMX tiles ([kernels] attention_fwd_bf16 / _bwd_bf16, over one core's bf16
-// peak) prices bf16 plans' attention from kAmxAttentionMinSeq tokens; f32 plans, shorter
+// peak) prices bf16 plans' attention from kNativeAttentionMinSeq tokens; f32 plans, shorter
 // sequences and files without the tables keep the f32 tables. Both keys or neither.
 TEST(CostModel, Bf16AttentionOnAmxTablesByHand) {
   const std::string with16 = with_line_replaced(
@@ -440,18 +440,18 @@ TEST(CostModel, Bf16AttentionOnAmxTablesByHand) {
       cluster_from_toml(with_line_replaced(kTestCluster, "[links.intra]", kKernelsTable), "f32");
   ASSERT_EQ(amx.kernels.attention_fwd_bf16.points.size(), 1u);
   model::ModelConfig cfg = small_model(2);
-  cfg.max_seq = 2 * model::kAmxAttentionMinSeq;
+  cfg.max_seq = 2 * model::kNativeAttentionMinSeq;
   const ParallelPlan p = plan_of("dp=1,tp=1,pp=1,micro_batches=1", cfg, 1, 1);
   // One rank gets 2 cores' worth (concurrency [[1, 2.0]]): one core's seconds count half. One
   // core's peaks: f32 0.5, bf16 1 TFLOP/s. 3 attention layers (2 blocks + the query layer).
   const double core_s = 0.5, NH = 4, HD = 16;
-  for (int64_t T : {model::kAmxAttentionMinSeq / 2, model::kAmxAttentionMinSeq}) {
+  for (int64_t T : {model::kNativeAttentionMinSeq / 2, model::kNativeAttentionMinSeq}) {
     const double attn = 2 * NH * double(T) * double(T) * HD;
     for (auto prec : {model::Precision::f32, model::Precision::bf16}) {
       MemoryOracle oa(cfg, T, prec, amx), of(cfg, T, prec, f32);
       const StepCost a = estimate_time({cfg, amx, T, prec}, p, oa);
       const StepCost b = estimate_time({cfg, f32, T, prec}, p, of);
-      const bool used = prec == model::Precision::bf16 && T >= model::kAmxAttentionMinSeq;
+      const bool used = prec == model::Precision::bf16 && T >= model::kNativeAttentionMinSeq;
       const double dfwd = used ? 3 * attn * core_s * (1 / (1e12 * 0.2) - 1 / (0.5e12 * 0.1)) : 0;
       const double dbwd =
           used ? 3 * 2.5 * attn * core_s * (1 / (1e12 * 0.08) - 1 / (0.5e12 * 0.05)) : 0;

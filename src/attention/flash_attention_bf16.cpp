@@ -1,5 +1,8 @@
-// attention/flash_attention_amx.cpp: native bf16 flash attention on Intel AMX
-// tiles, forward and backward (flash_attention.h, "Native bf16").
+// attention/flash_attention_bf16.cpp: native bf16 flash attention, forward and
+// backward (flash_attention.h, "Native bf16"), on Intel AMX tiles or, on CPUs
+// without them, on AVX512-BF16 instructions (VDPBF16PS) that take the same
+// packed operands (dp_gemm; the backend is a template parameter of every
+// thread function, so the rest of the code is shared).
 //
 // Glossary as in flash_attention.cpp: B batch, Tq/Tk query/key length, NH/NKV
 // query/kv heads, group = NH/NKV, HD head dim, HDp = HD rounded up to 32 (one
@@ -18,13 +21,16 @@
 // The algorithm is the f32 kernel's (flash_attention.cpp), in its
 // transposed-score form everywhere, so per-query softmax statistics are vector
 // lanes and no tile is transposed per step:
-//   forward, per (b, head, query block):  S^T = K Q^T;  online softmax;  O^T +=
-//   V^T P^T backward pass 1, per (b, kv head, key block), over the group's
+//   forward, per (b, head, query block):  S^T = K Q^T;  online softmax;
+//   O^T += V^T P^T
+//   backward pass 1, per (b, kv head, key block), over the group's
 //   heads and visible query blocks:
 //       S^T = K Q^T, dP^T = V dO^T;  P^T, dS^T;  dV += P^T dO;  dK += dS^T Q
 //   backward pass 2, per (b, head, query block), over visible key blocks:
 //       S^T, dP^T as in pass 1 (same operands, same instructions: the same
 //       bits);  dQ^T += K^T dS^T
+//   or both passes in one (backward_fused, per (b, kv head)): 5 products per
+//   tile instead of 7, the same bits.
 // Every operand is packed once per call into the layout its tile loads want (K
 // and V rows, K^T and V^T, Q^T and dO^T as pairs over d, Q and dO as pairs over
 // queries): O(T * heads * HD) bf16 of workspace, read many times, and never a
@@ -38,8 +44,10 @@
 // result does not depend on the thread count.
 //
 // Portability: the kernels are compiled for AMX and AVX-512 whatever the
-// build's -march, and run only after amx_bf16_usable() (kernels/cpu/amx.h) has
-// checked the CPU, the OS and Linux's permission. Every header is included
+// build's -march, and run only after amx_bf16_usable() (tile backend) or
+// avx512_bf16_usable() (kernels/cpu/amx.h) has checked the CPU, the OS and
+// (tiles) Linux's permission; the AVX512-BF16 backend executes no tile
+// instruction. Every header is included
 // before the target region opens, and the region holds only functions with
 // internal linkage and no standard-library templates, so no code built for AMX
 // is shared with the rest of the program.
@@ -212,6 +220,72 @@ void tile_gemm(float* C, int64_t ldc, const uint16_t* A, int64_t lda, const uint
     }
 }
 
+// C (4 x 16*NV) [+]= A (4 x K) B for the AVX512-BF16 path: VDPBF16PS adds to each f32 lane
+// a[2kp+1] b[2kp+1] + a[2kp] b[2kp] (products exact, each sum rounded to f32; denormals flushed,
+// as on the tiles), with the pair (A[r][2kp], A[r][2kp+1]) broadcast to every lane. The 4 x NV
+// accumulators stay in registers for the whole reduction.
+template <int NV>
+inline void dp_block(float* c, int64_t ldc, const uint16_t* a, int64_t lda, const uint32_t* b2,
+                     int64_t ldb, int64_t K, bool accumulate) {
+  __m512 acc[4][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    __m512i b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(b2 + kp * ldb + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, 4);
+      const __m512i av = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)b[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+// tile_gemm's contract (M, N, K multiples of 32) on AVX512-BF16 instructions: the same products
+// and f32 sums, in pairs along K in ascending order, so each element of C is the same chain
+// whatever M and N (the bits differ from the tiles', whose order within 32 is their own).
+void dp_gemm(float* C, int64_t ldc, const uint16_t* A, int64_t lda, const uint32_t* B2,
+             int64_t ldb, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  for (int64_t i = 0; i < M; i += 4) {
+    int64_t j = 0;
+    for (; j + 64 <= N; j += 64)
+      dp_block<4>(C + i * ldc + j, ldc, A + i * lda, lda, B2 + j, ldb, K, accumulate);
+    if (j < N)  // N is a multiple of 32
+      dp_block<2>(C + i * ldc + j, ldc, A + i * lda, lda, B2 + j, ldb, K, accumulate);
+  }
+}
+
+// The product of the backend kAmx names (tiles, or AVX512-BF16 instructions).
+template <bool kAmx>
+inline void gemm(float* C, int64_t ldc, const uint16_t* A, int64_t lda, const uint32_t* B2,
+                 int64_t ldb, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  if constexpr (kAmx)
+    tile_gemm(C, ldc, A, lda, B2, ldb, M, N, K, accumulate);
+  else
+    dp_gemm(C, ldc, A, lda, B2, ldb, M, N, K, accumulate);
+}
+
+template <bool kAmx>
+struct TileState {  // the tile configuration of a thread on the AMX backend, released at exit
+  TileState() {
+    if constexpr (kAmx) configure_tiles();
+  }
+  ~TileState() {
+    if constexpr (kAmx) _tile_release();
+  }
+};
+
 inline __m512i to_bf16_lanes(Vec v) {  // 16 floats -> 16 bf16 (nearest even) in 32-bit lanes
   __m512 x;
   std::memcpy(&x, &v, sizeof x);
@@ -279,16 +353,17 @@ __attribute__((noinline)) void probabilities_and_dscores_t(const AmxTiles& t, co
 }
 
 
-// One thread of forward_amx's parallel region (a function of its own so that
+// One thread of forward's parallel region (a function of its own so that
 // clang, whose OpenMP outlining drops target attributes, compiles the tile code
 // with them).
-void forward_amx_thread(float* out, float* lse, const bf16* q, const Packed& pk,
+template <bool kAmx>
+void forward_thread(float* out, float* lse, const bf16* q, const Packed& pk,
                         const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, tasks = s.B * s.NH * nqb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-  configure_tiles();
+  TileState<kAmx> tile_state;
   AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
@@ -304,7 +379,7 @@ void forward_amx_thread(float* out, float* lse, const bf16* q, const Packed& pk,
     const int64_t nkb = visible_key_blocks(s, i0, nq);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
-      tile_gemm(t.s, kBlockQ, kr + g.j0 * HDp, HDp, t.qt, kBlockQ, kBlockK, kBlockQ, HDp,
+      gemm<kAmx>(t.s, kBlockQ, kr + g.j0 * HDp, HDp, t.qt, kBlockQ, kBlockK, kBlockQ, HDp,
                 false);  // S^T (64 keys, 64 queries)
       Vec alpha[4];
       sm.step(t.s, g, col, cs, kBlockK, alpha);
@@ -312,31 +387,32 @@ void forward_amx_thread(float* out, float* lse, const bf16* q, const Packed& pk,
         for (int c = 0; c < 4; ++c)
           store(ot + d * kBlockQ + c * kLanes, load(ot + d * kBlockQ + c * kLanes) * alpha[c]);
       rows_to_pairs(t.pairs, t.s);  // P^T as pairs over keys
-      tile_gemm(ot, kBlockQ, vt + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
+      gemm<kAmx>(ot, kBlockQ, vt + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
                 true);  // O^T += V^T P^T
     }
     sm.finish(out, lse, s, b, h, i0, nq, ot, 1, kBlockQ);
   }
-  _tile_release();
 }
 
-void forward_amx(float* out, float* lse, const bf16* q, const Packed& pk, const AttentionShape& s,
+template <bool kAmx>
+void forward(float* out, float* lse, const bf16* q, const Packed& pk, const AttentionShape& s,
                  AmxScratch& scratch) {
 #pragma omp parallel
-  forward_amx_thread(out, lse, q, pk, s, scratch);
+  forward_thread<kAmx>(out, lse, q, pk, s, scratch);
 }
 
-// One thread of backward_dkdv_amx's parallel region (a function of its own so
+// One thread of backward_dkdv's parallel region (a function of its own so
 // that clang, whose OpenMP outlining drops target attributes, compiles the tile
 // code with them).
-void backward_dkdv_amx_thread(float* dk, float* dv, const float* lse, const float* D,
+template <bool kAmx>
+void backward_dkdv_thread(float* dk, float* dv, const float* lse, const float* D,
                               const Packed& pk, const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nkb = (s.Tk + kBlockK - 1) / kBlockK;
   const int64_t tasks = s.B * s.NKV * nkb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-  configure_tiles();
+  TileState<kAmx> tile_state;
   AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
@@ -354,14 +430,14 @@ void backward_dkdv_amx_thread(float* dk, float* dv, const float* lse, const floa
         const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0);
         Vec lse2[4], Dv[4];
         query_stats(lse2, Dv, lse, D, s, b, h, g.i0, g.nq);
-        tile_gemm(t.s, kBlockQ, kr, HDp, pk.qt + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
-        tile_gemm(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
+        gemm<kAmx>(t.s, kBlockQ, kr, HDp, pk.qt + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
+        gemm<kAmx>(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
         probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
         rows_to_bf16(t.pb, t.s);
         rows_to_bf16(t.dsb, t.dp);
         const int64_t ro = qo + (g.i0 / 2) * HDp;
-        tile_gemm(dV, HDp, t.pb, kBlockQ, pk.dor + ro, HDp, kBlockK, HDp, kBlockQ, true);
-        tile_gemm(dK, HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ, true);
+        gemm<kAmx>(dV, HDp, t.pb, kBlockQ, pk.dor + ro, HDp, kBlockK, HDp, kBlockQ, true);
+        gemm<kAmx>(dK, HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ, true);
       }
     }
     for (int64_t c = 0; c < nk; ++c) {
@@ -373,25 +449,26 @@ void backward_dkdv_amx_thread(float* dk, float* dv, const float* lse, const floa
       }
     }
   }
-  _tile_release();
 }
 
-void backward_dkdv_amx(float* dk, float* dv, const float* lse, const float* D, const Packed& pk,
+template <bool kAmx>
+void backward_dkdv(float* dk, float* dv, const float* lse, const float* D, const Packed& pk,
                        const AttentionShape& s, AmxScratch& scratch) {
 #pragma omp parallel
-  backward_dkdv_amx_thread(dk, dv, lse, D, pk, s, scratch);
+  backward_dkdv_thread<kAmx>(dk, dv, lse, D, pk, s, scratch);
 }
 
-// One thread of backward_dq_amx's parallel region (a function of its own so
+// One thread of backward_dq's parallel region (a function of its own so
 // that clang, whose OpenMP outlining drops target attributes, compiles the tile
 // code with them).
-void backward_dq_amx_thread(float* dq, const float* lse, const float* D, const Packed& pk,
+template <bool kAmx>
+void backward_dq_thread(float* dq, const float* lse, const float* D, const Packed& pk,
                             const AttentionShape& s, AmxScratch& scratch) {
   const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, tasks = s.B * s.NH * nqb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
-  configure_tiles();
+  TileState<kAmx> tile_state;
   AmxTiles t = scratch.tiles(omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
@@ -405,13 +482,13 @@ void backward_dq_amx_thread(float* dq, const float* lse, const float* D, const P
     const int64_t nkb = visible_key_blocks(s, i0, nq);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const TileGeometry g = tile_geometry(s, i0, kb * kBlockK);
-      tile_gemm(t.s, kBlockQ, pk.kr + ko + g.j0 * HDp, HDp, pk.qt + qo + i0, pk.Tqp, kBlockK,
+      gemm<kAmx>(t.s, kBlockQ, pk.kr + ko + g.j0 * HDp, HDp, pk.qt + qo + i0, pk.Tqp, kBlockK,
                 kBlockQ, HDp, false);
-      tile_gemm(t.dp, kBlockQ, pk.vr + ko + g.j0 * HDp, HDp, pk.dot + qo + i0, pk.Tqp, kBlockK,
+      gemm<kAmx>(t.dp, kBlockQ, pk.vr + ko + g.j0 * HDp, HDp, pk.dot + qo + i0, pk.Tqp, kBlockK,
                 kBlockQ, HDp, false);
       probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
       rows_to_pairs(t.pairs, t.dp);  // dS^T as pairs over keys
-      tile_gemm(dqt, kBlockQ, pk.kt + ko + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
+      gemm<kAmx>(dqt, kBlockQ, pk.kt + ko + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
                 true);  // dQ^T += K^T dS^T
     }
     for (int64_t r = 0; r < nq; ++r) {
@@ -419,13 +496,123 @@ void backward_dq_amx_thread(float* dq, const float* lse, const float* D, const P
       for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
     }
   }
-  _tile_release();
 }
 
-void backward_dq_amx(float* dq, const float* lse, const float* D, const Packed& pk,
+template <bool kAmx>
+void backward_dq(float* dq, const float* lse, const float* D, const Packed& pk,
                      const AttentionShape& s, AmxScratch& scratch) {
 #pragma omp parallel
-  backward_dq_amx_thread(dq, lse, D, pk, s, scratch);
+  backward_dq_thread<kAmx>(dq, lse, D, pk, s, scratch);
+}
+
+// Key blocks per group in the fused backward, as flash_attention.cpp's kGroupK: the query side's
+// packed operands and dQ^T tile of a (head, query block) are used by every key block of a group
+// in turn while they are in cache.
+constexpr int64_t kGroupKB = 8;
+
+// The backward in one pass, one task per (b, kv head): key blocks in groups of kGroupKB and, for
+// each group, the heads and visible query blocks in order. dK and dV of a key block accumulate
+// over (head, query block) ascending, as in backward_dkdv; dQ^T of a query block over key blocks
+// ascending, as in backward_dq, in a per-thread (group, nqb, HDp x 64) buffer; S^T and dP^T are
+// the same products of the same operands. So the result is bit-identical to the two passes, with
+// 5 products per tile instead of 7. Used when B * NKV gives every thread two tasks.
+template <bool kAmx>
+void backward_fused_thread(float* dq, float* dk, float* dv, const float* lse, const float* D,
+                           const Packed& pk, const AttentionShape& s, AmxScratch& scratch,
+                           ThreadScratch& members, ThreadScratch& dq_acc) {
+  const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
+  const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nkb = (s.Tk + kBlockK - 1) / kBlockK;
+  const int64_t tasks = s.B * s.NKV, tile = HDp * kBlockQ;
+  const float cs = s.scale * kLog2e;
+  const ColumnIndex col;
+  TileState<kAmx> tile_state;
+  const int thread = omp_get_thread_num();
+  AmxTiles t = scratch.tiles(thread);
+  ThreadScratch::Cursor mc = members.block(thread);
+  const int64_t member_cap = min64(kGroupKB, nkb);
+  float* dKm[kGroupKB];
+  float* dVm[kGroupKB];
+  for (int64_t m = 0; m < member_cap; ++m) {
+    dKm[m] = mc.take(kBlockK * HDp);
+    dVm[m] = mc.take(kBlockK * HDp);
+  }
+  float* dQ = dq_acc.block(thread).p;  // dQ^T tiles (group, nqb, HDp, 64)
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t kvh = task % s.NKV, b = task / s.NKV, ko = pk.kv(b, kvh, s.NKV);
+    std::memset(dQ, 0, size_t(group * nqb * tile) * 4);
+    for (int64_t kg = 0; kg < nkb; kg += kGroupKB) {
+      const int64_t n_m = min64(kGroupKB, nkb - kg);
+      int64_t qfirst[kGroupKB], qmin = nqb;
+      for (int64_t m = 0; m < n_m; ++m) {
+        std::memset(dKm[m], 0, size_t(kBlockK * HDp) * 4);
+        std::memset(dVm[m], 0, size_t(kBlockK * HDp) * 4);
+        qfirst[m] = first_visible_query_block(s, (kg + m) * kBlockK);
+        qmin = min64(qmin, qfirst[m]);
+      }
+      for (int64_t hg = 0; hg < group; ++hg) {
+        const int64_t h = kvh * group + hg, qo = pk.qh(b, h, s.NH);
+        for (int64_t qb = qmin; qb < nqb; ++qb) {
+          Vec lse2[4], Dv[4];
+          bool stats = false;
+          for (int64_t m = 0; m < n_m; ++m) {
+            if (qb < qfirst[m]) continue;
+            const int64_t j0 = (kg + m) * kBlockK;
+            const TileGeometry g = tile_geometry(s, qb * kBlockQ, j0);
+            if (!stats) {
+              query_stats(lse2, Dv, lse, D, s, b, h, g.i0, g.nq);
+              stats = true;
+            }
+            gemm<kAmx>(t.s, kBlockQ, pk.kr + ko + j0 * HDp, HDp, pk.qt + qo + g.i0, pk.Tqp,
+                       kBlockK, kBlockQ, HDp, false);  // S^T
+            gemm<kAmx>(t.dp, kBlockQ, pk.vr + ko + j0 * HDp, HDp, pk.dot + qo + g.i0, pk.Tqp,
+                       kBlockK, kBlockQ, HDp, false);  // dP^T
+            probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
+            rows_to_bf16(t.pb, t.s);
+            rows_to_bf16(t.dsb, t.dp);
+            const int64_t ro = qo + (g.i0 / 2) * HDp;
+            gemm<kAmx>(dVm[m], HDp, t.pb, kBlockQ, pk.dor + ro, HDp, kBlockK, HDp, kBlockQ,
+                       true);  // dV += P^T dO
+            gemm<kAmx>(dKm[m], HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ,
+                       true);  // dK += dS^T Q
+            rows_to_pairs(t.pairs, t.dp);  // dS^T as pairs over keys
+            gemm<kAmx>(dQ + (hg * nqb + qb) * tile, kBlockQ, pk.kt + ko + j0, pk.Tkp, t.pairs,
+                       kBlockQ, HDp, kBlockQ, kBlockK, true);  // dQ^T += K^T dS^T
+          }
+        }
+      }
+      for (int64_t m = 0; m < n_m; ++m) {
+        const int64_t j0 = (kg + m) * kBlockK, nk = min64(kBlockK, s.Tk - j0);
+        for (int64_t c = 0; c < nk; ++c) {
+          float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
+          float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
+          for (int64_t d = 0; d < HD; ++d) {
+            dk_dst[d] += dKm[m][c * HDp + d];
+            dv_dst[d] += dVm[m][c * HDp + d];
+          }
+        }
+      }
+    }
+    for (int64_t hg = 0; hg < group; ++hg) {
+      const int64_t h = kvh * group + hg;
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const float* dqt = dQ + (hg * nqb + qb) * tile;
+        const int64_t i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
+        for (int64_t r = 0; r < nq; ++r) {
+          float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * HD;
+          for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
+        }
+      }
+    }
+  }
+}
+
+template <bool kAmx>
+void backward_fused(float* dq, float* dk, float* dv, const float* lse, const float* D,
+                    const Packed& pk, const AttentionShape& s, AmxScratch& scratch,
+                    ThreadScratch& members, ThreadScratch& dq_acc) {
+#pragma omp parallel
+  backward_fused_thread<kAmx>(dq, dk, dv, lse, D, pk, s, scratch, members, dq_acc);
 }
 
 }  // namespace
@@ -438,15 +625,33 @@ LOOM_AMX_END
 
 namespace {
 
-void require_amx(const char* fn) {
-  LOOM_CHECK(amx_bf16_usable(),
-             "{}: this CPU or OS cannot run AMX-BF16 tiles (CPUID "
-             "AMX-TILE/AMX-BF16, XCR0 tile "
-             "state and Linux's arch_prctl permission are all needed, and "
-             "LOOM_AMX must not be 0); use "
-             "flash_attention_forward_bf16 (bf16 widened to f32), which runs "
-             "everywhere",
+// The backend a call runs on (throws, naming what is missing, when it cannot run).
+bool use_amx(Bf16Backend want, const char* fn) {
+  const bool amx = amx_bf16_usable(), avx = kernels::avx512_bf16_usable();
+  switch (want) {
+    case Bf16Backend::amx:
+      LOOM_CHECK(amx,
+                 "{}: backend amx asked for, but this CPU or OS cannot run AMX-BF16 tiles (CPUID "
+                 "AMX-TILE/AMX-BF16, XCR0 tile state and Linux's arch_prctl permission are all "
+                 "needed, and LOOM_AMX must not be 0); use Bf16Backend::best",
+                 fn);
+      return true;
+    case Bf16Backend::avx512:
+      LOOM_CHECK(avx,
+                 "{}: backend avx512 asked for, but this CPU or OS has no AVX512-BF16 (CPUID "
+                 "AVX-512 F/BW/VL/DQ/BF16 and XCR0's AVX-512 state are needed, and "
+                 "LOOM_AVX512_BF16 must not be 0); use Bf16Backend::best",
+                 fn);
+      return false;
+    case Bf16Backend::best:
+      break;
+  }
+  LOOM_CHECK(amx || avx,
+             "{}: this CPU or OS has neither AMX-BF16 tiles nor AVX512-BF16 instructions (or "
+             "LOOM_AMX / LOOM_AVX512_BF16 turned them off); use flash_attention_forward_bf16 "
+             "(bf16 widened to f32), which runs everywhere",
              fn);
+  return amx;
 }
 
 // The packed operands of one call, carved from one workspace (flash_attention.h,
@@ -485,7 +690,7 @@ struct Workspace {
   Workspace(void* given, int64_t bytes) {
     if (given) {
       LOOM_CHECK(reinterpret_cast<uintptr_t>(given) % 64 == 0,
-                 "flash attention (AMX): the workspace must be 64-byte aligned");
+                 "flash attention (native bf16): the workspace must be 64-byte aligned");
       base = static_cast<std::byte*>(given);
     } else {
       own.resize(size_t(bytes + 64));
@@ -513,18 +718,33 @@ void pack_kv(uint16_t* kr, uint16_t* vr, uint16_t* kt, uint16_t* vt, const bf16*
 
 }  // namespace
 
-int64_t flash_attention_amx_workspace_bytes(bool backward, const AttentionShape& s) {
-  check_shape(s, "flash_attention_amx_workspace_bytes");
+bool native_bf16_attention_usable(Bf16Backend backend) {
+  switch (backend) {
+    case Bf16Backend::amx: return amx_bf16_usable();
+    case Bf16Backend::avx512: return kernels::avx512_bf16_usable();
+    case Bf16Backend::best: break;
+  }
+  return amx_bf16_usable() || kernels::avx512_bf16_usable();
+}
+
+const char* native_bf16_attention_backend() {
+  return amx_bf16_usable() ? "amx" : kernels::avx512_bf16_usable() ? "avx512_bf16" : "none";
+}
+
+int64_t flash_attention_native_workspace_bytes(bool backward, const AttentionShape& s) {
+  check_shape(s, "flash_attention_native_workspace_bytes");
   if (s.B * s.Tq == 0 || s.Tk == 0) return 0;
   return PackSizes(s).bytes(backward);
 }
 
-void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, const bf16* k,
-                                      const bf16* v, const AttentionShape& s, void* workspace) {
-  check_shape(s, "flash_attention_forward_bf16_amx");
+void flash_attention_forward_bf16_native(float* out, float* lse, const bf16* q, const bf16* k,
+                                         const bf16* v, const AttentionShape& s, void* workspace,
+                                         Bf16Backend backend) {
+  const char* fn = "flash_attention_forward_bf16_native";
+  check_shape(s, fn);
   if (s.B * s.Tq == 0) return;
-  check_pointers(out && lse && q && (s.Tk == 0 || (k && v)), "flash_attention_forward_bf16_amx", s);
-  require_amx("flash_attention_forward_bf16_amx");
+  check_pointers(out && lse && q && (s.Tk == 0 || (k && v)), fn, s);
+  const bool amx = use_amx(backend, fn);
   if (s.Tk == 0) {  // no key: every query row sees nothing
     for (int64_t row = 0; row < s.B * s.Tq; ++row)
       for (int64_t h = 0; h < s.NH; ++h)
@@ -540,23 +760,28 @@ void flash_attention_forward_bf16_amx(float* out, float* lse, const bf16* q, con
   pack_kv(kr, nullptr, nullptr, vt, k, v, s, z.HDp, z.Tkp);
   Packed pk{kr, nullptr, nullptr, vt, nullptr, nullptr, nullptr, nullptr, z.HDp, z.Tqp, z.Tkp};
   AmxScratch scratch(omp_get_max_threads(), z.HDp);
-#if LOOM_AMX_KERNELS  // else require_amx threw
-  forward_amx(out, lse, q, pk, s, scratch);
+#if LOOM_AMX_KERNELS  // else use_amx threw
+  if (amx)
+    forward<true>(out, lse, q, pk, s, scratch);
+  else
+    forward<false>(out, lse, q, pk, s, scratch);
 #else
+  (void)amx;
   (void)pk;
   (void)scratch;
 #endif
 }
 
-void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf16* dout,
-                                       const bf16* q, const bf16* k, const bf16* v,
-                                       const float* lse, const float* D, const AttentionShape& s,
-                                       void* workspace) {
-  check_shape(s, "flash_attention_backward_bf16_amx");
+void flash_attention_backward_bf16_native(float* dq, float* dk, float* dv, const bf16* dout,
+                                          const bf16* q, const bf16* k, const bf16* v,
+                                          const float* lse, const float* D,
+                                          const AttentionShape& s, void* workspace,
+                                          Bf16Backend backend, bool fused) {
+  const char* fn = "flash_attention_backward_bf16_native";
+  check_shape(s, fn);
   if (s.B * s.Tq == 0 || s.Tk == 0) return;
-  check_pointers(dq && dk && dv && dout && q && k && v && lse && D,
-                 "flash_attention_backward_bf16_amx", s);
-  require_amx("flash_attention_backward_bf16_amx");
+  check_pointers(dq && dk && dv && dout && q && k && v && lse && D, fn, s);
+  const bool amx = use_amx(backend, fn);
   const PackSizes z(s);
   Workspace ws(workspace, z.bytes(true));
   Carve cut{ws.base};
@@ -581,10 +806,27 @@ void flash_attention_backward_bf16_amx(float* dq, float* dk, float* dv, const bf
   }
   Packed pk{kr, vr, kt, nullptr, qt, dot, qr, dor, HDp, Tqp, z.Tkp};
   AmxScratch scratch(omp_get_max_threads(), HDp);
-#if LOOM_AMX_KERNELS  // else require_amx threw
-  backward_dkdv_amx(dk, dv, lse, D, pk, s, scratch);
-  backward_dq_amx(dq, lse, D, pk, s, scratch);
+#if LOOM_AMX_KERNELS  // else use_amx threw
+  const int threads = omp_get_max_threads();
+  if (fused && s.B * s.NKV >= 2 * int64_t(threads)) {
+    // Per thread: dK and dV of a group's key blocks, and dQ^T of every query block of a task.
+    const int64_t nkb = (s.Tk + kBlockK - 1) / kBlockK, nqb = (s.Tq + kBlockQ - 1) / kBlockQ;
+    ThreadScratch members(threads, std::min(kGroupKB, nkb) * 2 * kBlockK * HDp);
+    ThreadScratch dq_acc(threads, (s.NH / s.NKV) * nqb * HDp * kBlockQ);
+    if (amx)
+      backward_fused<true>(dq, dk, dv, lse, D, pk, s, scratch, members, dq_acc);
+    else
+      backward_fused<false>(dq, dk, dv, lse, D, pk, s, scratch, members, dq_acc);
+  } else if (amx) {
+    backward_dkdv<true>(dk, dv, lse, D, pk, s, scratch);
+    backward_dq<true>(dq, lse, D, pk, s, scratch);
+  } else {
+    backward_dkdv<false>(dk, dv, lse, D, pk, s, scratch);
+    backward_dq<false>(dq, lse, D, pk, s, scratch);
+  }
 #else
+  (void)amx;
+  (void)fused;
   (void)pk;
   (void)scratch;
 #endif

@@ -1,7 +1,7 @@
-// Tests for the native bf16 flash attention on AMX tiles (flash_attention.h, "Native bf16")
-// against float64 references on the same bf16 inputs. Prints SKIP when this CPU or OS cannot run
-// AMX-BF16 tiles (amx_bf16_usable() says why nothing can run; the f32 and widened-bf16 kernels
-// are tested in test_flash_attention.cpp everywhere).
+// Tests for the native bf16 flash attention (flash_attention.h, "Native bf16") on each of its
+// backends (AMX tiles, AVX512-BF16 instructions) against float64 references on the same bf16
+// inputs. A backend this CPU or OS cannot run prints SKIP (native_bf16_attention_usable() says
+// which; the f32 and widened-bf16 kernels are tested in test_flash_attention.cpp everywhere).
 //
 // What the bounds mean. The kernel rounds P and dS * scale to bf16 (unit roundoff 2^-9) before
 // they multiply V, dO, Q and K; every other step is f32. So it cannot be as close to the exact
@@ -20,6 +20,7 @@
 #include <limits>
 #include <ostream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attention/flash_attention.h"
@@ -173,12 +174,14 @@ Grads bf16_model(const Problem& p) {
   return g;
 }
 
-struct AmxRun {
+struct NativeRun {
   std::vector<float> out, lse, dq, dk, dv;
 };
 // ws_fill: null, the calls allocate their packed operands; else they come from a caller's
-// workspace of exactly flash_attention_amx_workspace_bytes, filled with *ws_fill first.
-AmxRun run_amx(const Problem& p, const float* ws_fill = nullptr) {
+// workspace of exactly flash_attention_native_workspace_bytes, filled with *ws_fill first.
+// fused false: the two-pass backward whatever the shape.
+NativeRun run_native(const Problem& p, Bf16Backend backend, const float* ws_fill = nullptr,
+                     bool fused = true) {
   const AttentionShape s = p.shape();
   const Case& c = p.c;
   const int64_t qw = c.NH * c.HD, kw = c.NKV * c.HD;
@@ -189,40 +192,46 @@ AmxRun run_amx(const Problem& p, const float* ws_fill = nullptr) {
       dk(kn, 0.0f), dv(kn, 0.0f);
   auto workspace = [&](bool backward) -> void* {
     if (!ws_fill) return nullptr;
-    const int64_t bytes = flash_attention_amx_workspace_bytes(backward, s);
+    const int64_t bytes = flash_attention_native_workspace_bytes(backward, s);
     static std::vector<float> ws;
     ws.assign(size_t(bytes / 4 + 16), *ws_fill);
     return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
   };
-  flash_attention_forward_bf16_amx(out.data(), lse.data(), q.data(), k.data(), v.data(), s,
-                                   workspace(false));
+  flash_attention_forward_bf16_native(out.data(), lse.data(), q.data(), k.data(), v.data(), s,
+                                      workspace(false), backend);
   attention_backward_preprocess(D.data(), g.data(), out.data(), s);
-  flash_attention_backward_bf16_amx(dq.data(), dk.data(), dv.data(), g.data(), q.data(), k.data(),
-                                    v.data(), lse.data(), D.data(), s, workspace(true));
+  flash_attention_backward_bf16_native(dq.data(), dk.data(), dv.data(), g.data(), q.data(),
+                                       k.data(), v.data(), lse.data(), D.data(), s,
+                                       workspace(true), backend, fused);
   EXPECT_TRUE(out.guards_intact() && lse.guards_intact() && D.guards_intact());
   EXPECT_TRUE(dq.guards_intact() && dk.guards_intact() && dv.guards_intact());
   return {unstride(out.vec(), qw, c.pad), lse.vec(), unstride(dq.vec(), qw, c.pad),
           unstride(dk.vec(), kw, c.pad), unstride(dv.vec(), kw, c.pad)};
 }
 
-class FlashAttentionAmx : public ::testing::TestWithParam<Case> {
+const char* backend_name(Bf16Backend b) { return b == Bf16Backend::amx ? "amx" : "avx512_bf16"; }
+
+class FlashAttentionNative : public ::testing::TestWithParam<std::tuple<Bf16Backend, Case>> {
  protected:
+  Bf16Backend backend() const { return std::get<0>(GetParam()); }
+  const Case& cs() const { return std::get<1>(GetParam()); }
   void SetUp() override {
-    if (!amx_bf16_usable())
-      GTEST_SKIP() << "SKIP: this CPU or OS cannot run AMX-BF16 tiles (CPUID, XCR0 or arch_prctl)";
+    if (!native_bf16_attention_usable(backend()))
+      GTEST_SKIP() << "SKIP: this CPU or OS cannot run the " << backend_name(backend())
+                   << " backend (CPUID, XCR0, arch_prctl, or LOOM_AMX / LOOM_AVX512_BF16 = 0)";
   }
 };
 
-TEST_P(FlashAttentionAmx, WithinTwiceTheBf16ModelErrorOfExactAttention) {
-  const Case c = GetParam();
+TEST_P(FlashAttentionNative, WithinTwiceTheBf16ModelErrorOfExactAttention) {
+  const Case c = cs();
   Problem p(c, 23);
   const Grads ex = exact(p), model = bf16_model(p);
-  const AmxRun r = run_amx(p);
+  const NativeRun r = run_native(p, backend());
   auto check = [&](const char* what, const std::vector<float>& got, const std::vector<double>& ref,
                    const std::vector<double>& mod) {
     const double err = test::nmse(got, ref), model_err = test::nmse(mod, ref);
-    std::printf("%s %s: NMSE kernel %.3g, bf16 model %.3g\n", c.name().c_str(), what, err,
-                model_err);
+    std::printf("%s %s %s: NMSE kernel %.3g, bf16 model %.3g\n", backend_name(backend()),
+                c.name().c_str(), what, err, model_err);
     // A floor of 1e-12 for outputs the model gets exactly (e.g. all-masked rows).
     EXPECT_LE(err, 2.0 * model_err + 1e-12)
         << what << ": kernel NMSE " << err << ", bf16 model NMSE " << model_err;
@@ -241,13 +250,13 @@ TEST_P(FlashAttentionAmx, WithinTwiceTheBf16ModelErrorOfExactAttention) {
   }
 }
 
-TEST_P(FlashAttentionAmx, SameBitsAtAnyThreadCount) {
-  Problem p(GetParam(), 5);
+TEST_P(FlashAttentionNative, SameBitsAtAnyThreadCount) {
+  Problem p(cs(), 5);
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
-  const AmxRun one = run_amx(p);
+  const NativeRun one = run_native(p, backend());
   omp_set_num_threads(2);
-  const AmxRun two = run_amx(p);
+  const NativeRun two = run_native(p, backend());
   omp_set_num_threads(saved);
   for (auto [a, b] : {std::pair<const std::vector<float>*, const std::vector<float>*>{&one.out, &two.out}, {&one.lse, &two.lse}, {&one.dq, &two.dq},
                       {&one.dk, &two.dk}, {&one.dv, &two.dv}})
@@ -257,33 +266,57 @@ TEST_P(FlashAttentionAmx, SameBitsAtAnyThreadCount) {
 // The packed operands in a caller's workspace (as training takes them from its pool), filled
 // with NaN beforehand: every padding element is written by the packing, so the bits are those of
 // the call's own zero-initialised buffers.
-TEST_P(FlashAttentionAmx, CallersWorkspaceGivesTheSameBits) {
-  Problem p(GetParam(), 9);
+TEST_P(FlashAttentionNative, CallersWorkspaceGivesTheSameBits) {
+  Problem p(cs(), 9);
   const float nan = std::nanf("");
-  const AmxRun own = run_amx(p), given = run_amx(p, &nan);
+  const NativeRun own = run_native(p, backend()), given = run_native(p, backend(), &nan);
   for (auto [a, b] : {std::pair<const std::vector<float>*, const std::vector<float>*>{&own.out, &given.out}, {&own.lse, &given.lse}, {&own.dq, &given.dq},
                       {&own.dk, &given.dk}, {&own.dv, &given.dv}})
     EXPECT_EQ(std::memcmp(a->data(), b->data(), a->size() * 4), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, FlashAttentionAmx,
-    ::testing::Values(Case{1, 127, 127, 4, 2, 64, true},         // GQA, ragged last block
-                      Case{2, 13, 29, 6, 1, 80, false},          // HD not a multiple of 32
-                      Case{1, 200, 200, 2, 2, 128, true, 0, 0, 24},  // strided, HD 128
-                      Case{1, 64, 130, 4, 1, 16, true, 66, 0},   // causal block with offsets
-                      Case{1, 70, 70, 2, 1, 33, true, 0, 40},    // odd HD; first rows see nothing
-                      Case{1, 256, 256, 8, 2, 64, false}),
-    [](const auto& info) { return info.param.name(); });
+// The one-pass backward (one task per (b, kv head), used where B * NKV gives each thread two
+// tasks) against the two passes: the same products and accumulation orders, so the same bits.
+// Run on one thread, where every case with B * NKV >= 2 takes the one-pass path.
+TEST_P(FlashAttentionNative, OnePassBackwardEqualsTwoPassesBitwise) {
+  const Case c = cs();
+  if (c.B * c.NKV < 2)
+    GTEST_SKIP() << "SKIP: B * NKV = " << c.B * c.NKV << " < 2 tasks: always two passes";
+  Problem p(c, 11);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const NativeRun one = run_native(p, backend(), nullptr, true);
+  const NativeRun two = run_native(p, backend(), nullptr, false);
+  omp_set_num_threads(saved);
+  for (auto [a, b] : {std::pair<const std::vector<float>*, const std::vector<float>*>{&one.dq, &two.dq},
+                      {&one.dk, &two.dk}, {&one.dv, &two.dv}})
+    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->size() * 4), 0);
+}
 
-TEST(FlashAttentionAmxErrors, RefusesBadShapes) {
-  if (!amx_bf16_usable()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here";
+INSTANTIATE_TEST_SUITE_P(
+    Cases, FlashAttentionNative,
+    ::testing::Combine(
+        ::testing::Values(Bf16Backend::amx, Bf16Backend::avx512),
+        ::testing::Values(Case{1, 127, 127, 4, 2, 64, true},         // GQA, ragged last block
+                          Case{2, 13, 29, 6, 1, 80, false},          // HD not a multiple of 32
+                          Case{1, 200, 200, 2, 2, 128, true, 0, 0, 24},  // strided, HD 128
+                          Case{1, 64, 130, 4, 1, 16, true, 66, 0},   // causal block with offsets
+                          Case{1, 70, 70, 2, 1, 33, true, 0, 40},    // odd HD; first rows see nothing
+                          Case{1, 256, 256, 8, 2, 64, false},
+                          Case{2, 600, 600, 4, 2, 64, true})),       // key groups of 8 blocks, 2 batches
+    [](const auto& info) {
+      return std::string(backend_name(std::get<0>(info.param))) + "_" +
+             std::get<1>(info.param).name();
+    });
+
+TEST(FlashAttentionNativeErrors, RefusesBadShapes) {
+  if (!native_bf16_attention_usable()) GTEST_SKIP() << "SKIP: neither AMX-BF16 nor AVX512-BF16 here";
   Problem p(Case{1, 4, 4, 4, 2, 8, true}, 1);
   AttentionShape s = p.shape();
   s.NKV = 3;
   std::vector<float> out(64), lse(16);
   std::vector<bf16> q(64), k(32), v(32);
-  EXPECT_THROW(flash_attention_forward_bf16_amx(out.data(), lse.data(), q.data(), k.data(),
+  EXPECT_THROW(flash_attention_forward_bf16_native(out.data(), lse.data(), q.data(), k.data(),
                                                 v.data(), s),
                loom::Error);
 }
