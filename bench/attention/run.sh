@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench/attention/run.sh: loom flash attention (f32, and native bf16 on AMX tiles where the CPU
-# has them; one core's instruction peaks first) vs PyTorch matmul+softmax attention, forward +
+# bench/attention/run.sh: loom flash attention (f32, and native bf16 on AMX tiles or AVX512-BF16
+# where the CPU has them; one core's instruction peaks first) vs PyTorch matmul+softmax attention, forward +
 # backward, batch 1, 12 heads of 64, causal, at T = 1024, 4096, 8192 (override: T_LIST="..."),
 # both in this one invocation. Prints JSON lines: one per implementation and T, then one
 # comparison line per T (time ratio, memory growth ratio) and one line with loom's memory growth
@@ -30,7 +30,7 @@ trap 'rm -f "$tmp"' EXIT
 "$build/bench/attention/bench_peaks" | tee -a "$tmp"
 for T in ${T_LIST:-1024 4096 8192}; do
   # One process per run so that peak RSS belongs to that T alone. f32, then the native bf16
-  # kernel on AMX tiles (a "skipped" line where the CPU or OS has none).
+  # kernel (AMX tiles or AVX512-BF16; a "skipped" line where the CPU or OS has neither).
   OMP_NUM_THREADS=$threads "$bin" --T "$T" --heads 12 --hd 64 --iters "$iters" | tee -a "$tmp"
   OMP_NUM_THREADS=$threads "$bin" --T "$T" --heads 12 --hd 64 --iters "$iters" --dtype bf16 \
     | tee -a "$tmp"
@@ -67,14 +67,14 @@ for T in sorted(by):
         if r["T"] == T and r["impl"] == "torch_sdpa" and l and "fwd_bwd_s" in r:
             print(json.dumps({"bench": "attention", "compare": "loom_f32_vs_torch_sdpa_" + r["dtype"],
                               "T": T, "speedup_fwd_bwd": round(r["fwd_bwd_s"] / l["fwd_bwd_s"], 3)}))
-    a = by[T].get("loom_flash_bf16_amx_bf16")
+    a = by[T].get("loom_flash_bf16_native_bf16")
     if a and "fwd_bwd_s" in a:
         if l:
-            print(json.dumps({"bench": "attention", "compare": "loom_bf16_amx_vs_loom_f32", "T": T,
+            print(json.dumps({"bench": "attention", "compare": "loom_bf16_native_vs_loom_f32", "T": T,
                               "speedup_fwd_bwd": round(l["fwd_bwd_s"] / a["fwd_bwd_s"], 3)}))
         for r in rows:
             if r["T"] == T and r["impl"] == "torch_sdpa" and "fwd_bwd_s" in r:
-                print(json.dumps({"bench": "attention", "compare": "loom_bf16_amx_vs_torch_sdpa_" + r["dtype"],
+                print(json.dumps({"bench": "attention", "compare": "loom_bf16_native_vs_torch_sdpa_" + r["dtype"],
                                   "T": T, "speedup_fwd_bwd": round(r["fwd_bwd_s"] / a["fwd_bwd_s"], 3)}))
     t = by[T].get("torch_matmul_softmax")
     out = {"bench": "attention", "compare": "loom_vs_torch", "T": T}
