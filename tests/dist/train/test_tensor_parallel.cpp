@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -15,6 +16,7 @@
 #include "dist/train/train_helpers.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "model/block.h"
 #include "model/gpt.h"
 #include "train/trainer.h"
 
@@ -182,6 +184,50 @@ TEST(TensorParallel, GradientsAndLossEqualSerial) {
       EXPECT_THROW(m.last_logits(nullptr, tokens.data(), 1, 1), Error);
     }
   }
+}
+
+// bf16 blocks from kNativeAttentionMinSeq tokens run the native bf16 attention kernel (AMX tiles or
+// AVX512-BF16: model/block.h) on each rank's heads. At tp = 2 each rank runs it on its NH / 2
+// heads (and NKV / 2 kv heads): per head the same arithmetic as serially, so the gradients differ
+// from the serial run's only by the bf16 roundings tp moves (as in GradientsAndLossEqualSerial).
+// The f32 kernel on the same run moves the loss by the native path's bf16 roundings of q, k, v:
+// the check that the native path was taken.
+TEST(TensorParallel, NativeBf16AttentionEqualsSerial) {
+  if (!model::native_attention_available()) {
+    std::printf("SKIP: no native bf16 attention here (neither AMX-BF16 nor AVX512-BF16)\n");
+    GTEST_SKIP();
+  }
+  Groups G = make_groups();
+  train::TrainConfig cfg = config(global_batch(1), 0, "/tmp/unused");
+  const int64_t B = 1, T = model::kNativeAttentionMinSeq;
+  cfg.model.max_seq = T;
+  ASSERT_TRUE(model::native_attention_used(true, false, T));
+  std::vector<int32_t> tokens(size_t(B * (T + 1)));
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t((i * 7919 + 13) % 512);
+  const auto prec = model::Precision::bf16;
+  auto run = [&](comm::ProcessGroup* tp, int native, double* loss) {
+    model::set_native_attention_for_testing(native);
+    MemoryPool pool;
+    model::Gpt m(cfg.model, pool, prec, tp);
+    m.init_weights(5);
+    model::LossSum l = m.forward_backward(tokens.data(), B, T, 1.0f / float(B * T));
+    m.reduce_replicated_grads();
+    model::set_native_attention_for_testing(-1);
+    *loss = l.sum;
+    return tp ? model::gather_tp_buffer(cfg.model, m.layout(), m.grads(), *tp)
+              : std::vector<float>(m.grads(), m.grads() + m.layout().total());
+  };
+  double ls = 0, lt = 0, lf = 0;
+  const std::vector<float> serial = run(nullptr, 1, &ls);
+  const std::vector<float> tp = run(&G.g.tp, 1, &lt);
+  (void)run(&G.g.tp, 0, &lf);
+  std::printf("loss: serial native %.8f, tp 2 native %.8f, tp 2 f32 kernel %.8f; gradient "
+              "relative L2 tp vs serial %.3g\n",
+              ls, lt, lf, relative_l2(tp, serial.data()));
+  EXPECT_NE(lt, lf) << "the native path was not taken at tp 2";
+  // Bounds of GradientsAndLossEqualSerial's bf16 case (the same roundings tp moves).
+  EXPECT_NEAR(lt, ls, 1e-3 * ls);
+  EXPECT_LT(relative_l2(tp, serial.data()), 1e-3);
 }
 
 TEST(TensorParallel, RecomputeComposes) {
