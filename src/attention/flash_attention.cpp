@@ -55,9 +55,12 @@ namespace {
 
 // C (4 x 16*NV) += A (4 x K) B (K x 16*NV). A(r, kk) is A[r*lda + kk], or A[kk*lda + r] when
 // kTransA (used for P^T and dS^T, so those tiles are never transposed in memory).
+// noinline: each instance is compiled once, on its own. Inlined into backward_fused, GCC spilled
+// two of the B vectors to the stack and reloaded them every iteration (14% of that function's
+// time at T = 4096).
 template <bool kTransA, int NV, bool kZero>
-inline void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda, const float* B,
-                     int64_t ldb, int64_t K) {
+__attribute__((noinline)) void gemm_4xn(float* C, int64_t ldc, const float* A, int64_t lda,
+                                        const float* B, int64_t ldb, int64_t K) {
   // Fully unrolled over the 4 x NV accumulators, so that they live in registers from the loads
   // of C to the stores (rolled, GCC kept a copy of each on the stack: 48 extra moves per call,
   // against 64 iterations of 16 FMAs).
