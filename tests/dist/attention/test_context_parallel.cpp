@@ -395,6 +395,110 @@ TEST(ContextParallel, Bf16WithinTwiceSingleRankError) {
   }
 }
 
+// The long-sequence check: at T = 32768 the bf16 error of cp attention against float64
+// does not grow with G. A full float64 reference is O(T^2) per tensor (~1e11 operations here),
+// so the check is made on two blocks of 64 query rows, the middle and the last of the sequence
+// (the last sees every key), whose out, lse and dq depend only on their own rows: float64 on
+// the unrounded inputs, single-rank bf16 attention (the widened kernel on the rounded inputs,
+// called on those rows against every key they see) and the cp result (zigzag, Burst, f32 state),
+// gathered from the ranks that hold the rows. One head of 64, causal. dk and dv need every query
+// row and are not checked here (BytesMatchClosedForms and the smaller cases check the backward
+// at every G). The cp error must stay within 1.1x the single-rank error: they differ by the f32
+// merges of the ring (~1e-7 relative), far below the bf16 roundings (~1e-3).
+TEST(ContextParallel, Bf16ErrorDoesNotGrowWithGAt32K) {
+  comm::ProcessGroup world = make_world();
+  const int G = world.size(), r = world.rank();
+  const int64_t T = 32768, B = 1, HD = 64, kRows = 64;
+  if (T % (2 * G) != 0) GTEST_SKIP() << "SKIP: zigzag needs 2G = " << 2 * G << " to divide T";
+  const int64_t blocks[2] = {T / 2, T - kRows};  // first global row of each sampled block
+  Full f{B, T, 1, 1, HD, true, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+  const std::vector<float> q = test::random_normal(T * HD, 77, 1.0f, 0.0f, 1),
+                           k = test::random_normal(T * HD, 77, 1.0f, 0.0f, 2),
+                           v = test::random_normal(T * HD, 77, 1.0f, 0.0f, 3),
+                           dout = test::random_normal(T * HD, 77, 1.0f, 0.0f, 4);
+  f.q = test::bf16_round(q), f.k = test::bf16_round(k), f.v = test::bf16_round(v);
+  f.dout = test::bf16_round(dout);
+  Case c;
+  c.dtype = DType::bf16;
+  const Local L = run_cp(f, c, world);
+  // The sampled rows' cp values, (2 x 64) rows of out | dq | lse, summed over the ranks (each
+  // row comes from the one rank that holds it).
+  const int64_t W = 2 * HD + 1, Tl = T / G;
+  std::vector<double> got(size_t(2 * kRows * W), 0.0);
+  for (int64_t i = 0; i < Tl; ++i) {
+    const int64_t p = cp_global_position(c.layout, T, G, r, i);
+    for (int blk = 0; blk < 2; ++blk) {
+      if (p < blocks[blk] || p >= blocks[blk] + kRows) continue;
+      double* row = got.data() + (blk * kRows + p - blocks[blk]) * W;
+      for (int64_t d = 0; d < HD; ++d) {
+        row[d] = L.out[size_t(i * HD + d)];
+        row[HD + d] = L.dq[size_t(i * HD + d)];
+      }
+      row[2 * HD] = L.lse[size_t(i)];
+    }
+  }
+  world.all_reduce(comm::BufferRef(got.data(), int64_t(got.size()), DType::f64)).wait();
+  if (r != 0) return;
+  const float scale = f.scale();
+  std::vector<double> exact(got.size()), single(got.size());
+  for (int blk = 0; blk < 2; ++blk) {
+    const int64_t i0 = blocks[blk], Tk = i0 + kRows;  // the keys these rows see
+    // float64 on the unrounded inputs.
+    kernels::ref::AttentionRefShape rs{B, kRows, Tk, 1, 1, HD, true, i0, 0, double(scale)};
+    auto q64 = test::to_f64(std::vector<float>(q.begin() + i0 * HD, q.begin() + Tk * HD));
+    auto do64 = test::to_f64(std::vector<float>(dout.begin() + i0 * HD, dout.begin() + Tk * HD));
+    auto k64 = test::to_f64(std::vector<float>(k.begin(), k.begin() + Tk * HD));
+    auto v64 = test::to_f64(std::vector<float>(v.begin(), v.begin() + Tk * HD));
+    std::vector<double> o64(size_t(kRows * HD)), l64(static_cast<size_t>(kRows)), dq64(o64.size()),
+        dk64(size_t(Tk * HD)), dv64(dk64.size());
+    kernels::ref::attention_forward_ref(o64.data(), l64.data(), q64.data(), k64.data(),
+                                        v64.data(), rs);
+    kernels::ref::attention_backward_ref(dq64.data(), dk64.data(), dv64.data(), do64.data(),
+                                         q64.data(), k64.data(), v64.data(), rs);
+    // Single-rank bf16: the widened kernel on the rounded inputs (as make_full's references).
+    AttentionShape s{B, kRows, Tk, 1, 1, HD, HD, HD, HD, HD, true, i0, 0, scale};
+    auto qb = test::to_bf16(std::vector<float>(f.q.begin() + i0 * HD, f.q.begin() + Tk * HD));
+    auto kb = test::to_bf16(std::vector<float>(f.k.begin(), f.k.begin() + Tk * HD));
+    auto vb = test::to_bf16(std::vector<float>(f.v.begin(), f.v.begin() + Tk * HD));
+    std::vector<float> o(size_t(kRows * HD)), l(static_cast<size_t>(kRows)), D(static_cast<size_t>(kRows)),
+        dq(o.size(), 0.0f), dk(size_t(Tk * HD), 0.0f), dv(dk.size(), 0.0f);
+    flash_attention_forward_bf16(o.data(), l.data(), qb.data(), kb.data(), vb.data(), s);
+    const float* go = f.dout.data() + i0 * HD;
+    attention_backward_preprocess(D.data(), go, o.data(), s);
+    flash_attention_backward(dq.data(), dk.data(), dv.data(), go, f.q.data() + i0 * HD,
+                             f.k.data(), f.v.data(), l.data(), D.data(), s);
+    for (int64_t i = 0; i < kRows; ++i) {
+      double* e = exact.data() + (blk * kRows + i) * W;
+      double* g = single.data() + (blk * kRows + i) * W;
+      for (int64_t d = 0; d < HD; ++d) {
+        e[d] = o64[size_t(i * HD + d)], e[HD + d] = dq64[size_t(i * HD + d)];
+        g[d] = o[size_t(i * HD + d)], g[HD + d] = dq[size_t(i * HD + d)];
+      }
+      e[2 * HD] = l64[size_t(i)], g[2 * HD] = l[size_t(i)];
+    }
+  }
+  // Relative errors per quantity (out: columns [0, HD), dq: [HD, 2HD), lse: column 2HD).
+  auto err = [&](const std::vector<double>& a, int64_t c0, int64_t c1) {
+    double num = 0, den = 0;
+    for (int64_t row = 0; row < 2 * kRows; ++row)
+      for (int64_t col = c0; col < c1; ++col) {
+        const double x = a[size_t(row * W + col)], y = exact[size_t(row * W + col)];
+        num = std::isnan(x) ? INFINITY : std::max(num, std::abs(x - y));
+        den = std::max(den, std::abs(y));
+      }
+    return num / den;
+  };
+  const char* names[3] = {"out", "dq", "lse"};
+  const int64_t cols[4] = {0, HD, 2 * HD, 2 * HD + 1};
+  for (int i = 0; i < 3; ++i) {
+    const double e_cp = err(got, cols[i], cols[i + 1]), e_one = err(single, cols[i], cols[i + 1]);
+    std::printf("[cp] T=%lld G=%d bf16 %s: rel err vs float64 cp %.3e, single-rank %.3e\n",
+                (long long)T, G, names[i], e_cp, e_one);
+    EXPECT_LE(e_cp, 1.1 * e_one + 1e-7) << names[i];
+    EXPECT_GT(e_one, 1e-5) << names[i] << ": bf16 rounding should show (inputs not rounded?)";
+  }
+}
+
 // Bytes by the group counters against the closed forms of context_parallel.h.
 TEST(ContextParallel, BytesMatchClosedForms) {
   comm::ProcessGroup world = make_world();
