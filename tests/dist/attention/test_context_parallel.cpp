@@ -401,10 +401,11 @@ TEST(ContextParallel, Bf16WithinTwiceSingleRankError) {
 // (the last sees every key), whose out, lse and dq depend only on their own rows: float64 on
 // the unrounded inputs, single-rank bf16 attention (the widened kernel on the rounded inputs,
 // called on those rows against every key they see) and the cp result (zigzag, Burst, f32 state),
-// gathered from the ranks that hold the rows. One head of 64, causal. dk and dv need every query
-// row and are not checked here (BytesMatchClosedForms and the smaller cases check the backward
-// at every G). The cp error must stay within 1.1x the single-rank error: they differ by the f32
-// merges of the ring (~1e-7 relative), far below the bf16 roundings (~1e-3).
+// gathered from the ranks that hold the rows. One head of 64, causal. dk and dv of a key row need
+// every query row that sees it; for the last 64 key rows those are exactly the last block's 64
+// query rows, so dk and dv are checked on those key rows. The cp error must stay within 1.1x the
+// single-rank error: they differ by the f32 merges of the ring (~1e-7 relative), far below the
+// bf16 roundings (~1e-3).
 TEST(ContextParallel, Bf16ErrorDoesNotGrowWithGAt32K) {
   comm::ProcessGroup world = make_world();
   const int G = world.size(), r = world.rank();
@@ -424,7 +425,7 @@ TEST(ContextParallel, Bf16ErrorDoesNotGrowWithGAt32K) {
   // The sampled rows' cp values, (2 x 64) rows of out | dq | lse, summed over the ranks (each
   // row comes from the one rank that holds it).
   const int64_t W = 2 * HD + 1, Tl = T / G;
-  std::vector<double> got(size_t(2 * kRows * W), 0.0);
+  std::vector<double> got(size_t(2 * kRows * W), 0.0), got_kv(size_t(kRows * 2 * HD), 0.0);
   for (int64_t i = 0; i < Tl; ++i) {
     const int64_t p = cp_global_position(c.layout, T, G, r, i);
     for (int blk = 0; blk < 2; ++blk) {
@@ -436,11 +437,20 @@ TEST(ContextParallel, Bf16ErrorDoesNotGrowWithGAt32K) {
       }
       row[2 * HD] = L.lse[size_t(i)];
     }
+    if (p >= T - kRows) {  // dk | dv of the last key rows
+      double* row = got_kv.data() + (p - (T - kRows)) * 2 * HD;
+      for (int64_t d = 0; d < HD; ++d) {
+        row[d] = L.dk[size_t(i * HD + d)];
+        row[HD + d] = L.dv[size_t(i * HD + d)];
+      }
+    }
   }
   world.all_reduce(comm::BufferRef(got.data(), int64_t(got.size()), DType::f64)).wait();
+  world.all_reduce(comm::BufferRef(got_kv.data(), int64_t(got_kv.size()), DType::f64)).wait();
   if (r != 0) return;
   const float scale = f.scale();
-  std::vector<double> exact(got.size()), single(got.size());
+  std::vector<double> exact(got.size()), single(got.size()), exact_kv(got_kv.size()),
+      single_kv(got_kv.size());
   for (int blk = 0; blk < 2; ++blk) {
     const int64_t i0 = blocks[blk], Tk = i0 + kRows;  // the keys these rows see
     // float64 on the unrounded inputs.
@@ -476,22 +486,35 @@ TEST(ContextParallel, Bf16ErrorDoesNotGrowWithGAt32K) {
       }
       e[2 * HD] = l64[size_t(i)], g[2 * HD] = l[size_t(i)];
     }
+    if (blk == 1)  // keys [T - 64, T): only these 64 query rows see them
+      for (int64_t j = 0; j < kRows; ++j)
+        for (int64_t d = 0; d < HD; ++d) {
+          const size_t src = size_t((T - kRows + j) * HD + d), dst = size_t(j * 2 * HD + d);
+          exact_kv[dst] = dk64[src], exact_kv[dst + HD] = dv64[src];
+          single_kv[dst] = dk[src], single_kv[dst + HD] = dv[src];
+        }
   }
   // Relative errors per quantity (out: columns [0, HD), dq: [HD, 2HD), lse: column 2HD).
-  auto err = [&](const std::vector<double>& a, int64_t c0, int64_t c1) {
+  // (dk: columns [0, HD) of the kv rows, dv: [HD, 2HD).)
+  auto err = [&](const std::vector<double>& a, const std::vector<double>& ref, int64_t width,
+                 int64_t c0, int64_t c1) {
     double num = 0, den = 0;
-    for (int64_t row = 0; row < 2 * kRows; ++row)
+    for (int64_t row = 0; row < int64_t(ref.size()) / width; ++row)
       for (int64_t col = c0; col < c1; ++col) {
-        const double x = a[size_t(row * W + col)], y = exact[size_t(row * W + col)];
+        const double x = a[size_t(row * width + col)], y = ref[size_t(row * width + col)];
         num = std::isnan(x) ? INFINITY : std::max(num, std::abs(x - y));
         den = std::max(den, std::abs(y));
       }
     return num / den;
   };
-  const char* names[3] = {"out", "dq", "lse"};
+  const char* names[5] = {"out", "dq", "lse", "dk", "dv"};
   const int64_t cols[4] = {0, HD, 2 * HD, 2 * HD + 1};
-  for (int i = 0; i < 3; ++i) {
-    const double e_cp = err(got, cols[i], cols[i + 1]), e_one = err(single, cols[i], cols[i + 1]);
+  for (int i = 0; i < 5; ++i) {
+    const bool kv = i >= 3;
+    const int64_t c0 = kv ? (i == 3 ? 0 : HD) : cols[i], c1 = kv ? c0 + HD : cols[i + 1];
+    const double e_cp = kv ? err(got_kv, exact_kv, 2 * HD, c0, c1) : err(got, exact, W, c0, c1);
+    const double e_one =
+        kv ? err(single_kv, exact_kv, 2 * HD, c0, c1) : err(single, exact, W, c0, c1);
     std::printf("[cp] T=%lld G=%d bf16 %s: rel err vs float64 cp %.3e, single-rank %.3e\n",
                 (long long)T, G, names[i], e_cp, e_one);
     EXPECT_LE(e_cp, 1.1 * e_one + 1e-7) << names[i];
