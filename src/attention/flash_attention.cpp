@@ -53,6 +53,16 @@ namespace loom::attention {
 
 namespace {
 
+// An empty asm statement that takes a vector in a register and gives it back: the compiler can
+// no longer see where the value came from, so it keeps it in the register instead of folding
+// its load into each use. Only where a Vec is one AVX-512 register (elsewhere it is split over
+// narrower ones, which the "v" constraint cannot name): there it does nothing.
+#if defined(__AVX512F__)
+#define LOOM_IN_REGISTER(x) asm("" : "+v"(x))
+#else
+#define LOOM_IN_REGISTER(x) ((void)0)
+#endif
+
 // C (4 x 16*NV) += A (4 x K) B (K x 16*NV). A(r, kk) is A[r*lda + kk], or A[kk*lda + r] when
 // kTransA (used for P^T and dS^T, so those tiles are never transposed in memory).
 // noinline: each instance is compiled once, on its own. Inlined into backward_fused, GCC spilled
@@ -79,12 +89,12 @@ __attribute__((noinline)) void gemm_4xn(float* C, int64_t ldc, const float* A, i
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) {
       b[c] = load(B + kk * ldb + c * kLanes);
-      asm("" : "+v"(b[c]));
+      LOOM_IN_REGISTER(b[c]);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       Vec a = splat(kTransA ? A[kk * lda + r] : A[r * lda + kk]);
-      asm("" : "+v"(a));
+      LOOM_IN_REGISTER(a);
 #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
     }

@@ -83,8 +83,8 @@ void flash_attention_forward_bf16(float* out, float* lse, const bf16* q, const b
 // the same products differ only in order (last bits). `best` picks AMX where this process can run
 // it, else AVX512-BF16; a backend that cannot run throws loom::Error naming what is missing.
 // The backward runs in one pass (5 tile products per tile; per thread a dQ^T buffer of
-// (NH/NKV) x Tq x HD f32) when B * NKV gives every thread two tasks, else in two passes (7
-// products; `fused` false forces them); both give the same bits.
+// (NH/NKV) x Tq x HD f32, Tq padded to 64 and HD to 32) when B * NKV gives every thread two
+// tasks, else in two passes (7 products; `fused` false forces them); both give the same bits.
 // Extra memory: the operands repacked once per call (forward 2, backward 3 copies of K/V and 4 of
 // Q/dO, in bf16, padded to 64 rows and HD to 32: flash_attention_native_workspace_bytes), taken
 // from `workspace` (64-byte aligned, at least that many bytes) or, when it is null, allocated by

@@ -655,7 +655,7 @@ bool use_amx(Bf16Backend want, const char* fn) {
 }
 
 // The packed operands of one call, carved from one workspace (flash_attention.h,
-// flash_attention_amx_workspace_bytes): forward K rows and V^T; backward K rows, V rows, K^T and
+// flash_attention_native_workspace_bytes): forward K rows and V^T; backward K rows, V rows, K^T and
 // Q^T, dO^T, Q, dO as pairs. Each array starts on a 64-byte boundary.
 struct PackSizes {
   int64_t HDp, Tkp, Tqp, kv_elems, q_words;  // uint16 per kv array, uint32 per q array

@@ -1,8 +1,8 @@
 // attention/flash_tiles.h: the tile geometry, masks, softmax exponential and shape checks shared
 // by the CPU flash-attention kernels (flash_attention.cpp: f32 and widened bf16;
-// flash_attention_amx.cpp: native bf16 on AMX tiles). Internal to those .cpp files: everything
-// here has internal linkage (an anonymous namespace), so a file compiled for a wider instruction
-// set gets its own copy and never lends it to code built for the base target.
+// flash_attention_bf16.cpp: native bf16 on AMX tiles or AVX512-BF16). Internal to those .cpp
+// files: everything here has internal linkage (an anonymous namespace), so a file compiled for a
+// wider instruction set gets its own copy and never lends it to code built for the base target.
 #pragma once
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // kernels/cpu/amx.h: whether this process can run Intel AMX-BF16 tile instructions, and the tile
-// configuration loom's AMX kernels share (attention/flash_attention_amx.cpp,
+// configuration loom's AMX kernels share (attention/flash_attention_bf16.cpp,
 // kernels/cpu/weight_matmul_amx.cpp).
 //
 // amx_bf16_usable() is true when the CPU has AMX-TILE, AMX-BF16 and AVX-512 (F, BW, BF16: the

@@ -303,7 +303,11 @@ INSTANTIATE_TEST_SUITE_P(
                           Case{1, 64, 130, 4, 1, 16, true, 66, 0},   // causal block with offsets
                           Case{1, 70, 70, 2, 1, 33, true, 0, 40},    // odd HD; first rows see nothing
                           Case{1, 256, 256, 8, 2, 64, false},
-                          Case{2, 600, 600, 4, 2, 64, true})),       // key groups of 8 blocks, 2 batches
+                          Case{2, 600, 600, 4, 2, 64, true},         // key groups of 8 blocks, 2 batches
+                          // the offset cases with 2 batches, so that the one-pass backward
+                          // (B * NKV >= 2 tasks on one thread) sees offsets and empty rows
+                          Case{2, 64, 130, 4, 1, 16, true, 66, 0},
+                          Case{2, 70, 70, 2, 1, 33, true, 0, 40})),
     [](const auto& info) {
       return std::string(backend_name(std::get<0>(info.param))) + "_" +
              std::get<1>(info.param).name();
