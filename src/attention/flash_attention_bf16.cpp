@@ -175,6 +175,28 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// dk and dv rows [j0, j0 + nk) of (b, kv head) += the dK and dV tiles (64 x HDp).
+void add_kv_tiles(float* dk, float* dv, const float* dK, const float* dV, const AttentionShape& s,
+                  int64_t b, int64_t kvh, int64_t j0, int64_t nk, int64_t HDp) {
+  for (int64_t c = 0; c < nk; ++c) {
+    float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * s.HD;
+    float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * s.HD;
+    for (int64_t d = 0; d < s.HD; ++d) {
+      dk_dst[d] += dK[c * HDp + d];
+      dv_dst[d] += dV[c * HDp + d];
+    }
+  }
+}
+
+// dq rows [i0, i0 + nq) of (b, head h) += the transposed dQ^T tile (HDp x 64).
+void add_dq_tile(float* dq, const float* dqt, const AttentionShape& s, int64_t b, int64_t h,
+                 int64_t i0, int64_t nq) {
+  for (int64_t r = 0; r < nq; ++r) {
+    float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * s.HD;
+    for (int64_t d = 0; d < s.HD; ++d) dst[d] += dqt[d * kBlockQ + r];
+  }
+}
+
 // Every tile is 16 rows x 64 bytes: tmm0-3 the 2 x 2 block of C, tmm4-5 two A
 // row blocks, tmm6-7 two B column blocks.
 void configure_tiles() {
@@ -243,7 +265,8 @@ inline void dp_block(float* c, int64_t ldc, const uint16_t* a, int64_t lda, cons
       std::memcpy(&pair, a + r * lda + 2 * kp, 4);
       const __m512i av = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)b[v]);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)b[v]);
     }
   }
 #pragma GCC unroll 4
@@ -407,7 +430,7 @@ void forward(float* out, float* lse, const bf16* q, const Packed& pk, const Atte
 template <bool kAmx>
 void backward_dkdv_thread(float* dk, float* dv, const float* lse, const float* D,
                               const Packed& pk, const AttentionShape& s, AmxScratch& scratch) {
-  const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
+  const int64_t HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nkb = (s.Tk + kBlockK - 1) / kBlockK;
   const int64_t tasks = s.B * s.NKV * nkb;
   const float cs = s.scale * kLog2e;
@@ -431,7 +454,8 @@ void backward_dkdv_thread(float* dk, float* dv, const float* lse, const float* D
         Vec lse2[4], Dv[4];
         query_stats(lse2, Dv, lse, D, s, b, h, g.i0, g.nq);
         gemm<kAmx>(t.s, kBlockQ, kr, HDp, pk.qt + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
-        gemm<kAmx>(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp, false);
+        gemm<kAmx>(t.dp, kBlockQ, vr, HDp, pk.dot + qo + g.i0, pk.Tqp, kBlockK, kBlockQ, HDp,
+                   false);
         probabilities_and_dscores_t(t, g, col, lse2, Dv, cs, s.scale);
         rows_to_bf16(t.pb, t.s);
         rows_to_bf16(t.dsb, t.dp);
@@ -440,14 +464,7 @@ void backward_dkdv_thread(float* dk, float* dv, const float* lse, const float* D
         gemm<kAmx>(dK, HDp, t.dsb, kBlockQ, pk.qr + ro, HDp, kBlockK, HDp, kBlockQ, true);
       }
     }
-    for (int64_t c = 0; c < nk; ++c) {
-      float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
-      float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
-      for (int64_t d = 0; d < HD; ++d) {
-        dk_dst[d] += dK[c * HDp + d];
-        dv_dst[d] += dV[c * HDp + d];
-      }
-    }
+    add_kv_tiles(dk, dv, dK, dV, s, b, kvh, j0, nk, HDp);
   }
 }
 
@@ -464,7 +481,7 @@ void backward_dkdv(float* dk, float* dv, const float* lse, const float* D, const
 template <bool kAmx>
 void backward_dq_thread(float* dq, const float* lse, const float* D, const Packed& pk,
                             const AttentionShape& s, AmxScratch& scratch) {
-  const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
+  const int64_t HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, tasks = s.B * s.NH * nqb;
   const float cs = s.scale * kLog2e;
   const ColumnIndex col;
@@ -491,10 +508,7 @@ void backward_dq_thread(float* dq, const float* lse, const float* D, const Packe
       gemm<kAmx>(dqt, kBlockQ, pk.kt + ko + g.j0, pk.Tkp, t.pairs, kBlockQ, HDp, kBlockQ, kBlockK,
                 true);  // dQ^T += K^T dS^T
     }
-    for (int64_t r = 0; r < nq; ++r) {
-      float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * HD;
-      for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
-    }
+    add_dq_tile(dq, dqt, s, b, h, i0, nq);
   }
 }
 
@@ -520,7 +534,7 @@ template <bool kAmx>
 void backward_fused_thread(float* dq, float* dk, float* dv, const float* lse, const float* D,
                            const Packed& pk, const AttentionShape& s, AmxScratch& scratch,
                            ThreadScratch& members, ThreadScratch& dq_acc) {
-  const int64_t HD = s.HD, HDp = pk.HDp, group = s.NH / s.NKV;
+  const int64_t HDp = pk.HDp, group = s.NH / s.NKV;
   const int64_t nqb = (s.Tq + kBlockQ - 1) / kBlockQ, nkb = (s.Tk + kBlockK - 1) / kBlockK;
   const int64_t tasks = s.B * s.NKV, tile = HDp * kBlockQ;
   const float cs = s.scale * kLog2e;
@@ -582,26 +596,15 @@ void backward_fused_thread(float* dq, float* dk, float* dv, const float* lse, co
         }
       }
       for (int64_t m = 0; m < n_m; ++m) {
-        const int64_t j0 = (kg + m) * kBlockK, nk = min64(kBlockK, s.Tk - j0);
-        for (int64_t c = 0; c < nk; ++c) {
-          float* dk_dst = dk + (b * s.Tk + j0 + c) * s.k_stride + kvh * HD;
-          float* dv_dst = dv + (b * s.Tk + j0 + c) * s.v_stride + kvh * HD;
-          for (int64_t d = 0; d < HD; ++d) {
-            dk_dst[d] += dKm[m][c * HDp + d];
-            dv_dst[d] += dVm[m][c * HDp + d];
-          }
-        }
+        const int64_t j0 = (kg + m) * kBlockK;
+        add_kv_tiles(dk, dv, dKm[m], dVm[m], s, b, kvh, j0, min64(kBlockK, s.Tk - j0), HDp);
       }
     }
     for (int64_t hg = 0; hg < group; ++hg) {
       const int64_t h = kvh * group + hg;
       for (int64_t qb = 0; qb < nqb; ++qb) {
-        const float* dqt = dQ + (hg * nqb + qb) * tile;
-        const int64_t i0 = qb * kBlockQ, nq = min64(kBlockQ, s.Tq - i0);
-        for (int64_t r = 0; r < nq; ++r) {
-          float* dst = dq + (b * s.Tq + i0 + r) * s.q_stride + h * HD;
-          for (int64_t d = 0; d < HD; ++d) dst[d] += dqt[d * kBlockQ + r];
-        }
+        const int64_t i0 = qb * kBlockQ;
+        add_dq_tile(dq, dQ + (hg * nqb + qb) * tile, s, b, h, i0, min64(kBlockQ, s.Tq - i0));
       }
     }
   }

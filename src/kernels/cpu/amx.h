@@ -2,10 +2,10 @@
 // configuration loom's AMX kernels share (attention/flash_attention_bf16.cpp,
 // kernels/cpu/weight_matmul_amx.cpp).
 //
-// amx_bf16_usable() is true when the CPU has AMX-TILE, AMX-BF16 and AVX-512 (F, BW, BF16: the
-// kernels' f32 <-> bf16 conversions), the OS saves the tile state (XCR0 bits 17-18), Linux
-// granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), and LOOM_AMX is not "0"
-// (LOOM_AMX=0 turns every AMX path off, to compare against the AVX-512 ones), and this build
+// amx_bf16_usable() is true when the CPU has AMX-TILE, AMX-BF16 and AVX-512 (F, DQ, BW, VL,
+// BF16: the kernels' f32 <-> bf16 conversions), the OS saves the tile state (XCR0 bits 17-18),
+// Linux granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), and LOOM_AMX is not
+// "0" (LOOM_AMX=0 turns every AMX path off, to compare against the AVX-512 ones), and this build
 // compiled the kernels (LOOM_AMX_KERNELS). Checked once.
 #pragma once
 
