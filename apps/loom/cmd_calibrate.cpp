@@ -50,6 +50,7 @@
 #include "model/head.h"
 #include "model/stage.h"
 #include "planner/cluster.h"
+#include "planner/cost_model.h"
 
 namespace {
 
@@ -186,9 +187,10 @@ class StepProbe {
     } while (seconds_since(t0) < budget_s);
     return double(steps) / seconds_since(t0);
   }
+  const loom::model::ModelConfig& config() const { return cfg_; }
+  static constexpr int64_t kB = 2, kT = 96;
 
  private:
-  static constexpr int64_t kB = 2, kT = 96;
   void step() {
     gpt_->zero_grads();
     gpt_->forward_backward(tokens_.data(), kB, kT, 1.0f / float(kB * kT));
@@ -560,6 +562,14 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     loom::set_num_threads(1);
     for (int w = 0; w < 3; ++w) alone_stream = std::max(alone_stream, stream_throughput(min_s));
     for (int w = 0; w < 3; ++w) alone_step = std::max(alone_step, probe.steps_per_s(min_s));
+    // The step table's unit (one thread's steps alone) in cores of the cost model's price: the
+    // probe's one-core price by the figures above over its measured time (cluster.h step_unit).
+    const double price = loom::planner::one_core_step_price(
+        probe.config(), c, StepProbe::kB, StepProbe::kT, loom::model::Precision::f32);
+    c.step_unit = std::clamp(price * alone_step, 0.1, 10.0);
+    progress(fmt::format("training step probe alone: {:.2f} ms measured, {:.2f} ms priced by the "
+                         "figures above (step_unit {:.3f})",
+                         1e3 / alone_step, price * 1e3, c.step_unit));
   }
   for (int p = 1; p <= W; ++p) {
     // products, then streams, then steps

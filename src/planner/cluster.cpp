@@ -251,7 +251,7 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
     LOOM_CHECK(n->is_table(), "{}: 'host' must be a table", source);
     const toml::table& h = *n->as_table();
     r.only_keys(h, "host.", {"cores", "cpu_model", "calibrated", "concurrency", "memory_concurrency",
-                             "step_concurrency"});
+                             "step_concurrency", "step_unit"});
     c.host_cores = r.integer(h, "host.", "cores", "cores per host", 1, 1 << 16);
     c.cpu_model = r.string(h, "host.", "cpu_model", std::string());
     c.calibrated = r.string(h, "host.", "calibrated", std::string());
@@ -267,6 +267,10 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
       const EfficiencyTable t = r.efficiency_like(h, "host.", "step_concurrency");
       for (auto [k, v] : t.points) c.step_concurrency.emplace_back(int(k), v);
     }
+    c.step_unit = r.number(h, "host.", "step_unit",
+                           "cores' worth of the cost model's price that one thread's training "
+                           "step alone runs at (a ratio, 0.1 to 10)",
+                           0.1, 10, 1.0);
   }
   if (const toml::node* n = tbl.get("kernels")) {
     LOOM_CHECK(n->is_table(), "{}: 'kernels' must be a table", source);
@@ -342,7 +346,12 @@ double Cluster::rank_share(int ranks) const {
   // cores/ranks (its one-core unit read low, or a turbo clock with fewer cores busy) is capped
   // there (loom calibrate on a quiet 2-core host read 2 ranks at 1.14 cores' worth each).
   const double measured = at->second * double(at->first) / double(ranks);
-  return std::min(measured, double(std::max(host_cores, 1)) / double(ranks));
+  const double capped = std::min(measured, double(std::max(host_cores, 1)) / double(ranks));
+  // The step table counts in one thread's steps alone; the cost model prices in cores. Their
+  // ratio (step_unit: the probe step's one-core price over its measured time alone) converts,
+  // after the cap, which is a bound in the table's own unit (ranks at once cannot together run
+  // more steps than the cores run alone).
+  return &table == &step_concurrency ? capped * step_unit : capped;
 }
 
 double Cluster::memory_share(int ranks) const {
@@ -393,6 +402,7 @@ std::string Cluster::to_toml() const {
     per_ranks("concurrency", concurrency);
     per_ranks("memory_concurrency", memory_concurrency);
     per_ranks("step_concurrency", step_concurrency);
+    if (step_unit != 1) s += fmt::format("step_unit = {:.4f}\n", step_unit);
   }
   if (kernels.measured) {
     const KernelCosts& k = kernels;

@@ -42,6 +42,13 @@
 //                                        memory) once ranks fill the cores (one thread each, as
 //                                        measured), since it sees what ranks sharing a host lose
 //                                        that neither probe above does (caches, time slices)
+//   step_unit = 0.88                     (optional, default 1) the step probe's price by this
+//                                        file's figures (one rank, one core) over its measured
+//                                        time on one thread alone: converts step_concurrency's
+//                                        unit (one thread's steps alone) into cores of the cost
+//                                        model's price; below 1 where the model prices loom's
+//                                        own step low (what the per-op tables miss: caches
+//                                        between ops, allocation, the step's glue)
 //   [kernels]                            (optional; loom calibrate writes it on CPU hosts) loom's
 //                                        own kernels as measured on one core of the host, priced
 //                                        by these instead of peak x matmul table / bandwidth:
@@ -152,6 +159,7 @@ struct Cluster {
   // (ranks, one thread's training steps alone per rank), by ranks: when present, what a rank
   // gets for everything once ranks >= cores (rank_share and memory_share both read it)
   std::vector<std::pair<int, double>> step_concurrency;
+  double step_unit = 1;  // step_concurrency's unit in priced cores (see the file layout above)
   // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
   // (step_concurrency where present, else concurrency; nearest entry at or below, the last one
   // beyond it scaled by last/ranks; capped at cores/ranks), else cores/ranks.

@@ -166,6 +166,26 @@ std::array<std::pair<const char*, double>, 14> TimeTerms::named() const {
            {"optimizer", optimizer}}};
 }
 
+double one_core_step_price(const model::ModelConfig& cfg, const Cluster& cluster, int64_t batch,
+                           int64_t T, model::Precision precision) {
+  LOOM_CHECK(cluster.host_cores > 0, "cluster '{}' has no [host] cores: a one-core price needs a "
+             "CPU host", cluster.name);
+  Cluster one = cluster;
+  one.concurrency = {{1, 1.0}};  // rank_share(1) = 1 core; memory_share falls back to it
+  one.memory_concurrency.clear();
+  one.step_concurrency.clear();
+  one.step_unit = 1;
+  parallel::PlanSettings s;
+  s.dp = 1;
+  s.tp = 1;
+  s.pp = 1;
+  s.micro_batches = 1;
+  parallel::ModelShape shape{cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab, T};
+  const ParallelPlan plan = parallel::make_plan(s, shape, batch, 1);
+  MemoryOracle oracle(cfg, T, precision, one);
+  return estimate_time({cfg, one, T, precision}, plan, oracle).step_time;
+}
+
 StepCost estimate_time(const CostInputs& in, const ParallelPlan& plan, MemoryOracle& oracle) {
   const model::ModelConfig& cfg = in.cfg;
   const Cluster& cl = in.cluster;

@@ -166,6 +166,13 @@ std::vector<int> peak_ranks(const parallel::ParallelPlan& plan, int64_t n_layers
 // Fills memory fields of `cost` for `plan`.
 void add_memory(StepCost& cost, const parallel::ParallelPlan& plan, MemoryOracle& memory);
 
+// Seconds of one training step of `cfg` (one rank, micro-batch `batch` x `T`, dp 1) on exactly
+// one core of `cluster`'s host by its per-op figures, none of its concurrency tables: what loom
+// calibrate sets beside its step probe's measured one-thread time (Cluster::step_unit). Needs a
+// CPU host (cluster.host_cores > 0).
+double one_core_step_price(const model::ModelConfig& cfg, const Cluster& cluster, int64_t batch,
+                           int64_t T, model::Precision precision);
+
 // Pipeline makespan in units of the per-micro-batch stage times `stage_time` (s), for the plan's
 // schedule, M and VS (see the bubble term above).
 double pipeline_makespan(const std::vector<double>& stage_time, int64_t micro_batches,

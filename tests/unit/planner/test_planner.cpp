@@ -164,6 +164,49 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_DOUBLE_EQ(step.rank_share(8), 0.2);
   EXPECT_DOUBLE_EQ(step.memory_share(8), 0.2);
   EXPECT_EQ(cluster_from_toml(step.to_toml(), "round trip").step_concurrency.size(), 3u);
+  // step_unit converts the step table's unit (one thread's steps alone) into priced cores, after
+  // the cap at cores / ranks (a bound in the table's own unit); the other tables keep theirs.
+  const Cluster unit = cluster_from_toml(
+      with_line_replaced(step.to_toml(), "step_concurrency = [",
+                         "step_unit = 0.8\nstep_concurrency = ["),
+      "test");
+  EXPECT_DOUBLE_EQ(unit.rank_share(1), 1.5);
+  EXPECT_DOUBLE_EQ(unit.rank_share(2), 0.9 * 0.8);
+  EXPECT_DOUBLE_EQ(unit.memory_share(2), 0.9 * 0.8);
+  EXPECT_DOUBLE_EQ(unit.rank_share(4), 0.4 * 0.8);
+  const Cluster over = cluster_from_toml(
+      with_line_replaced(unit.to_toml(), "[4, 0.4000]", "[4, 0.6000]"), "test");
+  EXPECT_DOUBLE_EQ(over.rank_share(4), 0.5 * 0.8);  // 0.6 capped at 2 cores / 4 ranks first
+  EXPECT_DOUBLE_EQ(cluster_from_toml(unit.to_toml(), "round trip").step_unit, 0.8);
+  EXPECT_THROW(cluster_from_toml(with_line_replaced(unit.to_toml(), "step_unit = 0.8000",
+                                                    "step_unit = 0"), "t"),
+               Error);
+}
+
+// loom calibrate's step_unit: the one-core price of a step is the cost model's price of a dp 1
+// plan on a host whose one rank gets exactly one core, whatever the host's concurrency tables.
+TEST(Cluster, OneCoreStepPriceIgnoresConcurrencyTables) {
+  const Cluster c = cluster_from_toml(
+      with_line_replaced(kTestCluster, "[device]",
+                         "[host]\ncores = 2\nconcurrency = [[1, 1.7], [2, 0.9]]\n"
+                         "step_concurrency = [[1, 1.3], [2, 0.6]]\n\n[device]"),
+      "test");
+  const model::ModelConfig cfg = small_model(4);
+  const double price = one_core_step_price(cfg, c, 2, 32, model::Precision::f32);
+  Cluster one = c;
+  one.concurrency = {{1, 1.0}};
+  one.step_concurrency.clear();
+  MemoryOracle oracle(cfg, 32, model::Precision::f32, one);
+  const ParallelPlan p1 = plan_of("dp=1,micro_batches=1", cfg, 2, 1);
+  EXPECT_DOUBLE_EQ(price, estimate_time({cfg, one, 32, model::Precision::f32}, p1, oracle).step_time);
+  // Two cores' worth alone (the table's 1.7 would be capped at 2): the same plan is cheaper.
+  Cluster two = c;
+  two.step_concurrency.clear();
+  two.concurrency = {{1, 2.0}};
+  EXPECT_LT(estimate_time({cfg, two, 32, model::Precision::f32}, p1, oracle).step_time, price);
+  Cluster gpu = c;
+  gpu.host_cores = 0;
+  EXPECT_THROW(one_core_step_price(cfg, gpu, 2, 32, model::Precision::f32), Error);
 }
 
 TEST(Cluster, PresetsLoadAndTheirNumbersAreThere) {
