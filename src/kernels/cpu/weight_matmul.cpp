@@ -25,8 +25,10 @@
 #include "kernels/cpu/weight_matmul.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -201,6 +203,43 @@ struct TileTable {
   }
 };
 
+// Runs fn(b) for every b in [0, n) on the OpenMP threads. Each thread owns one contiguous
+// range (its 1/T of [0, n)) and claims it front to back in chunks of kChunk; a thread done with
+// its own range then claims the remaining chunks of the others' (on a shared machine one thread
+// is often descheduled, and the other takes over its work). Why not schedule(dynamic): its
+// chunks interleave the threads through the whole matrix, and on the Zen 4 host two threads
+// reading that way got ~30 GB/s whatever the machine's state, where one contiguous stream each
+// reaches the read probe's 45-55 GB/s when the machine gives it (bench_kernels_weight_matmul
+// --M 1, session 17: int8 44-47 against 28-31 GB/s with the probe at 50-55). The schedule decides
+// only who computes a block, never how, so the results do not depend on it.
+template <typename Fn>
+void for_blocks_owned_first(int64_t n, const Fn& fn) {
+  constexpr int64_t kChunk = 4;
+  constexpr int kMaxOwners = 64;
+  struct alignas(64) Next {
+    std::atomic<int64_t> v{0};
+  };
+  const int threads = std::min(omp_get_max_threads(), kMaxOwners);
+  if (threads <= 1 || n <= kChunk) {
+    for (int64_t b = 0; b < n; ++b) fn(b);
+    return;
+  }
+  Next next[kMaxOwners];
+#pragma omp parallel num_threads(threads)
+  {
+    const int T = omp_get_num_threads(), me = omp_get_thread_num();
+    for (int v = 0; v < T; ++v) {
+      const int r = (me + v) % T;  // own range first, then the others' in turn
+      const int64_t lo = n * r / T, hi = n * (r + 1) / T;
+      for (;;) {
+        const int64_t b0 = lo + next[r].v.fetch_add(kChunk, std::memory_order_relaxed);
+        if (b0 >= hi) break;
+        for (int64_t b = b0; b < std::min(hi, b0 + kChunk); ++b) fn(b);
+      }
+    }
+  }
+}
+
 template <WeightFormat F>
 LOOM_AVX512 void weight_matmul_avx512(float* y, int64_t ldy, const float* x, int64_t M,
                                       const WeightView& w, const float* bias) {
@@ -210,14 +249,9 @@ LOOM_AVX512 void weight_matmul_avx512(float* y, int64_t ldy, const float* x, int
   const size_t row_bytes = size_t(K) * elem;
   const char* wdata = static_cast<const char*>(w.data);
   const int64_t n_blocks = (N + kRowsW - 1) / kRowsW;
-  // Each thread takes chunks of N blocks and, within a block of kRowsW weight rows,
-  // walks every row of x, so W is read from memory once per call whatever M (for M > 8 the
-  // later tiles find the block's rows in L1/L2). Dynamic chunks of 8 blocks (64 rows) rather
-  // than one static half each: on a shared machine one thread is often descheduled, and the
-  // other then takes over its remaining chunks. The schedule decides only who computes a tile,
-  // never how, so the results do not depend on it.
-#pragma omp parallel for schedule(dynamic, 8)
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  // Within a block of kRowsW weight rows a thread walks every row of x, so W is read from memory
+  // once per call whatever M (for M > 8 the later tiles find the block's rows in L1/L2).
+  auto block = [&](int64_t b) {
     const int64_t n_begin = b * kRowsW, n_end = std::min(N, n_begin + kRowsW);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX) {
       const int mr = int(std::min<int64_t>(kMaxRowsX, M - m0));
@@ -231,7 +265,8 @@ LOOM_AVX512 void weight_matmul_avx512(float* y, int64_t ldy, const float* x, int
         n0 += int64_t(1) << l;
       }
     }
-  }
+  };
+  for_blocks_owned_first(n_blocks, block);
 }
 
 bool cpu_has_avx512() {

@@ -111,7 +111,8 @@ void check_against_reference(Kernel kernel, const StoredWeight& sw, int64_t M, i
 
 std::vector<float> run(Kernel kernel, const StoredWeight& sw, const float* x, int64_t M,
                        const float* bias) {
-  std::vector<float> y(size_t(M * sw.N));  // (M, N)
+  // (M, N), NaN until written: an output no thread computed cannot pass as a result
+  std::vector<float> y(size_t(M * sw.N), std::numeric_limits<float>::quiet_NaN());
   kernel(y.data(), 0, x, M, sw.view(), bias);
   return y;
 }
@@ -209,14 +210,21 @@ TEST(KernelsWeightMatmul, ThreadCountInvariantBitwise) {
   const int saved = omp_get_max_threads();
   for (WeightFormat f : kFormats) {
     SCOPED_TRACE(name_of(f));
-    const int64_t N = 300, K = 769, M = 9;
-    StoredWeight sw(f, N, K, 41);
-    std::vector<float> x = random_normal(M * K, 42), bias = random_normal(N, 43);
-    omp_set_num_threads(1);
-    std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
-    omp_set_num_threads(2);
-    std::vector<float> y2 = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
-    EXPECT_TRUE(bitwise_equal(y1.data(), y2.data(), M * N));
+    // Threads own contiguous ranges of 8-row blocks and then take over each other's remaining
+    // chunks (weight_matmul.cpp): 3 and 7 threads give uneven ranges and, oversubscribing the
+    // cores, threads that finish others' work; N = 20 has fewer blocks than threads.
+    for (int64_t N : {300, 20}) {
+      const int64_t K = 769, M = 9;
+      StoredWeight sw(f, N, K, 41);
+      std::vector<float> x = random_normal(M * K, 42), bias = random_normal(N, 43);
+      omp_set_num_threads(1);
+      std::vector<float> y1 = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+      for (int t : {2, 3, 7}) {
+        omp_set_num_threads(t);
+        std::vector<float> yt = run(&kernels::weight_matmul, sw, x.data(), M, bias.data());
+        EXPECT_TRUE(bitwise_equal(y1.data(), yt.data(), M * N)) << "N=" << N << " threads=" << t;
+      }
+    }
   }
   omp_set_num_threads(saved);
 }
