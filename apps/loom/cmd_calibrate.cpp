@@ -189,6 +189,21 @@ class StepProbe {
   }
   const loom::model::ModelConfig& config() const { return cfg_; }
   static constexpr int64_t kB = 2, kT = 96;
+  // Steps per second of `steps` steps, each followed by a one-float all-reduce over `g`, as
+  // the ranks of a training job meet at least once a step (the gradient reduction); every
+  // member runs the same count. One step and one reduction warm up first.
+  double coupled_steps_per_s(const loom::comm::ProcessGroup& g, int64_t steps) {
+    float one = 1;
+    auto sync = [&] { g.all_reduce(loom::comm::BufferRef(&one, 1, loom::DType::f32)).wait(); };
+    step();
+    sync();
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) {
+      step();
+      sync();
+    }
+    return double(steps) / seconds_since(t0);
+  }
 
  private:
   void step() {
@@ -555,7 +570,20 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
   // products at once; each one's throughput in cores' worth of the one-thread throughput alone.
   // This sees oversubscription and whatever else loads the host now. Then the same for a
   // memory-bound pass (stream_throughput), in units of one thread's stream alone.
-  // And for loom's own training step (StepProbe), in units of one thread's steps alone.
+  // And for loom's own training step (StepProbe), in units of one thread's steps alone, the
+  // ranks meeting once a step.
+  // The step probe's groups: ranks 0..p-1 for p >= 2, split by every rank before the root
+  // measures alone (a blocking split spins in MPI and would take the cores it measures). A
+  // window there runs a count of steps every member agrees on: from the root's one-thread rate
+  // alone (broadcast below) and p's fair share of the cores.
+  std::vector<loom::comm::ProcessGroup> step_groups(size_t(W + 1));
+  if (world.valid()) {
+    for (int p = 2; p <= W; ++p) {
+      std::vector<int> members(static_cast<size_t>(p));
+      for (int i = 0; i < p; ++i) members[size_t(i)] = i;
+      step_groups[size_t(p)] = world.split({members}, fmt::format("calib-step{}", p));
+    }
+  }
   double alone_stream = 0, alone_step = 0;
   StepProbe probe;
   if (root) {
@@ -570,6 +598,14 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     progress(fmt::format("training step probe alone: {:.2f} ms measured, {:.2f} ms priced by the "
                          "figures above (step_unit {:.3f})",
                          1e3 / alone_step, price * 1e3, c.step_unit));
+  }
+  double alone_step_all = alone_step;  // the root's, broadcast: every member runs one count
+  if (world.valid()) {
+    // The others wait asleep while the root measures alone.
+    const loom::comm::Work w =
+        world.all_reduce(loom::comm::BufferRef(&alone_step_all, 1, loom::DType::f64));
+    while (!w.test()) usleep(2000);
+    w.wait();
   }
   for (int p = 1; p <= W; ++p) {
     // products, then streams, then steps
@@ -595,7 +631,17 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     if (world.valid()) sleepy_barrier(world);
     if (me < p) rates[size_t(W + me)] = median3([&] { return stream_throughput(min_s); });
     if (world.valid()) sleepy_barrier(world);
-    if (me < p) rates[size_t(2 * W + me)] = median3([&] { return probe.steps_per_s(min_s); });
+    // p >= 2 probes meet once a step (StepProbe::coupled_steps_per_s): on the 2-core Zen 4 host
+    // that read 4% less at 8 ranks than 8 independent ones (0.235 against 0.245 of a step alone;
+    // docs/planner.md, session 17), which the validated plans showed as compute priced low.
+    if (me < p) {
+      const int64_t n = std::max<int64_t>(
+          3, int64_t(alone_step_all * min_s * std::min(1.0, double(c.host_cores) / p)));
+      rates[size_t(2 * W + me)] = median3([&] {
+        return p >= 2 ? probe.coupled_steps_per_s(step_groups[size_t(p)], n)
+                      : probe.steps_per_s(min_s);
+      });
+    }
     if (world.valid()) {
       // Ranks not computing wait asleep (MPI's own wait polls and would take a core).
       const loom::comm::Work w =

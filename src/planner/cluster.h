@@ -37,7 +37,8 @@
 //                                        and optimizer work (a host's ranks share its memory
 //                                        bandwidth and caches); without it, as concurrency
 //   step_concurrency = [[1, 1.7], ...]   (optional) the same for loom's own training step on a
-//                                        small model, in units of one thread's steps alone: where
+//                                        small model (2+ ranks meeting once a step, as a job's
+//                                        ranks do), in units of one thread's steps alone: where
 //                                        present it prices everything (products, kernels,
 //                                        memory) once ranks fill the cores (one thread each, as
 //                                        measured), since it sees what ranks sharing a host lose

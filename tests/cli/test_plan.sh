@@ -113,6 +113,7 @@ check "bad plan string names the key" "[ $rc = 1 ] && grep -q \"unknown key 'war
 "$loom" calibrate --quick --out "$tmp/local.toml" > /dev/null 2>&1; rc=$?
 check "calibrate writes a cluster file" "[ $rc = 0 ] && grep -q '^cpu_model' '$tmp/local.toml'"
 check "calibrate measures loom's own kernels" "grep -q '^matmul_layout_f32 = \\[' '$tmp/local.toml' && grep -q '^attention_bwd = \\[\\[' '$tmp/local.toml' && grep -q '^\\[kernels.ns_per_element\\]' '$tmp/local.toml' && grep -q '^optimizer = ' '$tmp/local.toml'"
+check "calibrate prices its step probe (step_unit)" "grep -Eq '^step_unit = [0-9]' '$tmp/local.toml'"
 out=$("$loom" plan --model "$model" --cluster "$tmp/local.toml" --devices 2 --batch 8 --seq 128 2>&1); rc=$?
 check "plan reads the calibrated file" "[ $rc = 0 ]"
 sed 's/^cpu_model = .*/cpu_model = "Some Other CPU"/' "$tmp/local.toml" > "$tmp/other.toml"
@@ -135,4 +136,5 @@ assert rows and all(sum(r['peak_bytes'].values()) <= int(0.004 * 2**30) for r in
 out=$(LOOM_CALIBRATE_QUICK=1 LOOM_COMM_TIMEOUT=120 "$src/scripts/mpirun-local" 2 "$loom" train \
       --config "$tmp/tiny.toml" --auto --cluster "$tmp/new/local.toml" --steps 1 --out "$tmp/auto2" 2>&1); rc=$?
 check "train --auto without a cluster file calibrates first, then trains" "[ $rc = 0 ] && grep -q 'measuring this machine first over 2 rank' <<< \"\$out\" && grep -q '^cpu_model' '$tmp/new/local.toml' && grep -q '^auto plan: dp=' <<< \"\$out\" && [ -f '$tmp/auto2/ckpt/latest' ]"
+check "the 2-rank calibration ran the coupled step probe at 2 ranks" "grep -Eq '^step_concurrency = \\[\\[1, [0-9.]+\\], \\[2, 0*[.0-9]*[1-9]' '$tmp/new/local.toml'"
 exit $fail
