@@ -624,12 +624,29 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
       std::sort(r, r + 3);
       return r[1];
     };
+    // One rank alone (p = 1: the root, all the cores' threads) is timed in pairs, each window
+    // of its threads right after one of a single thread, and the entry is the median pair's
+    // ratio (scaled by the unit, which the division below takes out again): the host's memory
+    // reads switch rate from one minute to the next (Zen 4 host, session 17), and a unit
+    // measured a minute before read 28-45 GB/s for one thread's stream, so the one-rank memory
+    // entry read 2.05-2.89 streams (two threads) across calibrations.
+    const int threads = std::max(1, c.host_cores / p);
+    auto entry = [&](auto&& window, double unit) {
+      if (p >= 2 || threads == 1) return median3(window);
+      return unit * median3([&] {
+        loom::set_num_threads(1);
+        const double one = window();
+        loom::set_num_threads(threads);
+        return window() / one;
+      });
+    };
     if (me < p) {
-      loom::set_num_threads(std::max(1, c.host_cores / p));
-      rates[size_t(me)] = median3([&] { return matmul_throughput(min_s); });
+      loom::set_num_threads(threads);
+      rates[size_t(me)] = entry([&] { return matmul_throughput(min_s); }, alone_256);
     }
     if (world.valid()) sleepy_barrier(world);
-    if (me < p) rates[size_t(W + me)] = median3([&] { return stream_throughput(min_s); });
+    if (me < p)
+      rates[size_t(W + me)] = entry([&] { return stream_throughput(min_s); }, alone_stream);
     if (world.valid()) sleepy_barrier(world);
     // p >= 2 probes meet once a step (StepProbe::coupled_steps_per_s): on the 2-core Zen 4 host
     // that read 4% less at 8 ranks than 8 independent ones (0.235 against 0.245 of a step alone;
@@ -637,10 +654,9 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     if (me < p) {
       const int64_t n = std::max<int64_t>(
           3, int64_t(alone_step_all * min_s * std::min(1.0, double(c.host_cores) / p)));
-      rates[size_t(2 * W + me)] = median3([&] {
-        return p >= 2 ? probe.coupled_steps_per_s(step_groups[size_t(p)], n)
-                      : probe.steps_per_s(min_s);
-      });
+      rates[size_t(2 * W + me)] =
+          p >= 2 ? median3([&] { return probe.coupled_steps_per_s(step_groups[size_t(p)], n); })
+                 : entry([&] { return probe.steps_per_s(min_s); }, alone_step);
     }
     if (world.valid()) {
       // Ranks not computing wait asleep (MPI's own wait polls and would take a core).

@@ -1,13 +1,18 @@
 // kernels/cpu/matmul.cpp: oneDNN matmul with a primitive cache (and oneDNN's sgemm for f32
 // products whose B is not transposed; see matmul_impl for the measurement behind that choice).
 //
-// Glossary: M, N, K as in matmul.h; "key" = (M, N, K, trans_a, trans_b, accumulate, dtype).
+// Glossary: M, N, K as in matmul.h; "key" = (M, N, K, trans_a, trans_b, accumulate, dtype,
+// threads).
 //
 // Why a cache: building a oneDNN primitive descriptor and primitive (kernel selection, JIT code
 // generation) costs far more than a small product, and a train step issues the same few shapes
 // thousands of times. The cache maps key -> primitive; it is process-wide because the signatures
 // in matmul.h take no context, but it holds no state that affects results: a cached primitive
-// computes exactly what a freshly created one would.
+// computes exactly what a freshly created one would. The OpenMP thread count is part of the key:
+// oneDNN fixes a primitive's thread decomposition when it is created, so one built while the
+// process ran one thread (loom calibrate's one-thread windows, before `loom train --auto` trains
+// in the same process) ran later calls on one thread: calibrate's step probe read 1.06-1.42x on
+// two threads for its one-thread steps, the same products alone 1.9x (session 17).
 //
 // Transposes: oneDNN's matmul takes arbitrary strides in its memory descriptors, so A^T stored as
 // (K,M) row-major is the (M,K) matrix with strides {1, M}. oneDNN picks kernels for both layouts
@@ -32,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <omp.h>
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "core/error.h"
@@ -40,7 +46,7 @@ namespace loom::kernels {
 
 namespace {
 
-using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool, bool>;
+using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool, bool, int>;
 
 struct MatmulCache {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
@@ -70,7 +76,8 @@ dnnl::matmul get_primitive(const Key& key) {
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.primitives.find(key);
   if (it != c.primitives.end()) return it->second;
-  auto [M, N, K, trans_a, trans_b, accumulate, is_bf16] = key;
+  auto [M, N, K, trans_a, trans_b, accumulate, is_bf16, threads] = key;
+  (void)threads;  // oneDNN reads the current count itself; the key keeps one primitive per count
   auto in_dt = is_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
   auto a_md = matrix_desc(M, K, trans_a, in_dt);  // op(A) (M,K)
   auto b_md = matrix_desc(K, N, trans_b, in_dt);  // op(B) (K,N)
@@ -130,7 +137,7 @@ void matmul_impl(const T* A, const T* B, float* C, int64_t M, int64_t N, int64_t
       return;
     }
   }
-  Key key{M, N, K, trans_a, trans_b, accumulate, is_bf16};
+  Key key{M, N, K, trans_a, trans_b, accumulate, is_bf16, omp_get_max_threads()};
   dnnl::matmul prim = get_primitive(key);
   MatmulCache& c = cache();
   auto in_dt = is_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;

@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include <omp.h>
+
 #include "common/op_check.h"
 #include "core/error.h"
 #include "kernels/cpu/matmul.h"
@@ -172,4 +174,15 @@ TEST(KernelsMatmul, PrimitivesAreCachedAndResultsBitReproducible) {
   EXPECT_EQ(C1, C2);
   kernels::matmul_f32(A.data(), B.data(), C2.data(), M, N, K, false, true, true);
   EXPECT_EQ(kernels::matmul_primitive_cache_size(), cached + 1);  // accumulate is part of the key
+  // So is the thread count: oneDNN fixes a primitive's thread decomposition when it is built, so
+  // one built for a one-thread process must not serve a two-thread one (matmul.cpp).
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(saved == 1 ? 2 : 1);
+  std::vector<float> C3(static_cast<size_t>(M * N));
+  kernels::matmul_f32(A.data(), B.data(), C3.data(), M, N, K, false, true, false);
+  EXPECT_EQ(kernels::matmul_primitive_cache_size(), cached + 2);
+  omp_set_num_threads(saved);
+  kernels::matmul_f32(A.data(), B.data(), C3.data(), M, N, K, false, true, false);
+  EXPECT_EQ(kernels::matmul_primitive_cache_size(), cached + 2);
+  EXPECT_EQ(C1, C3);
 }
