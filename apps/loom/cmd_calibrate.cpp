@@ -573,9 +573,7 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
   // And for loom's own training step (StepProbe), in units of one thread's steps alone, the
   // ranks meeting once a step.
   // The step probe's groups: ranks 0..p-1 for p >= 2, split by every rank before the root
-  // measures alone (a blocking split spins in MPI and would take the cores it measures). A
-  // window there runs a count of steps every member agrees on: from the root's one-thread rate
-  // alone (broadcast below) and p's fair share of the cores.
+  // measures alone (a blocking split spins in MPI and would take the cores it measures).
   std::vector<loom::comm::ProcessGroup> step_groups(size_t(W + 1));
   if (world.valid()) {
     for (int p = 2; p <= W; ++p) {
@@ -595,15 +593,24 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     const double price = loom::planner::one_core_step_price(
         probe.config(), c, StepProbe::kB, StepProbe::kT, loom::model::Precision::f32);
     c.step_unit = std::clamp(price * alone_step, 0.1, 10.0);
+    c.step_unit_read = true;  // the step table then prices every rank count
     progress(fmt::format("training step probe alone: {:.2f} ms measured, {:.2f} ms priced by the "
                          "figures above (step_unit {:.3f})",
                          1e3 / alone_step, price * 1e3, c.step_unit));
   }
-  double alone_step_all = alone_step;  // the root's, broadcast: every member runs one count
+  // The steps a coupled window runs at each p, the root's count for every member (each rank's
+  // own cores and quick flag could differ, and a count that differs between members would leave
+  // them making different numbers of collectives): its one-thread rate alone times p's share of
+  // the cores (cores / p threads each below p = cores, a time slice above), over min_s.
+  std::vector<double> step_counts(static_cast<size_t>(W + 1), 0.0);
+  if (root)
+    for (int p = 2; p <= W; ++p)
+      step_counts[size_t(p)] =
+          std::max(3.0, std::floor(alone_step * min_s * double(c.host_cores) / double(p)));
   if (world.valid()) {
     // The others wait asleep while the root measures alone.
     const loom::comm::Work w =
-        world.all_reduce(loom::comm::BufferRef(&alone_step_all, 1, loom::DType::f64));
+        world.all_reduce(loom::comm::BufferRef(step_counts.data(), W + 1, loom::DType::f64));
     while (!w.test()) usleep(2000);
     w.wait();
   }
@@ -652,8 +659,7 @@ void loom::cli::calibrate_to_file(const std::string& out, bool quick,
     // that read 4% less at 8 ranks than 8 independent ones (0.235 against 0.245 of a step alone;
     // docs/planner.md, session 17), which the validated plans showed as compute priced low.
     if (me < p) {
-      const int64_t n = std::max<int64_t>(
-          3, int64_t(alone_step_all * min_s * std::min(1.0, double(c.host_cores) / p)));
+      const int64_t n = int64_t(step_counts[size_t(p)]);
       rates[size_t(2 * W + me)] =
           p >= 2 ? median3([&] { return probe.coupled_steps_per_s(step_groups[size_t(p)], n); })
                  : entry([&] { return probe.steps_per_s(min_s); }, alone_step);

@@ -267,6 +267,12 @@ Cluster cluster_from_toml(const std::string& text, const std::string& source) {
       const EfficiencyTable t = r.efficiency_like(h, "host.", "step_concurrency");
       for (auto [k, v] : t.points) c.step_concurrency.emplace_back(int(k), v);
     }
+    if (h.get("step_unit")) {
+      LOOM_CHECK(!c.step_concurrency.empty(), "{}: key 'host.step_unit' converts "
+                 "'host.step_concurrency', which the file does not have: add the table or drop "
+                 "the key (loom calibrate writes both)", source);
+      c.step_unit_read = true;
+    }
     c.step_unit = r.number(h, "host.", "step_unit",
                            "cores' worth of the cost model's price that one thread's training "
                            "step alone runs at (a ratio, 0.1 to 10)",
@@ -332,9 +338,13 @@ Cluster load_cluster(const std::string& path) {
 
 double Cluster::rank_share(int ranks) const {
   LOOM_ASSERT(ranks >= 1, "ranks = {}", ranks);
-  // The training-step probe where each rank runs one thread (ranks >= cores), as it did when
-  // measured; with fewer ranks it also measured how its small model scales over threads, which
-  // is a property of that model, not of sharing the host.
+  // The training-step probe where present (cluster.h use_step_table): at every rank count in
+  // files calibrated since session 17. Before, it priced only ranks >= cores, because its
+  // one-rank entry (two threads here) read 1.06-1.42 steps alone where the products read 1.9,
+  // which looked like a property of its small model; it was oneDNN primitives built in the
+  // one-thread windows running the two-thread ones on one thread (kernels/cpu/matmul.cpp).
+  // Measured right it reads 1.75, as codegeex-small's step does on two threads (1.745),
+  // against the products' 1.85-1.93.
   const std::vector<std::pair<int, double>>& table =
       use_step_table(ranks) ? step_concurrency : concurrency;
   if (table.empty()) return double(std::max(host_cores, 1)) / ranks;
@@ -402,7 +412,7 @@ std::string Cluster::to_toml() const {
     per_ranks("concurrency", concurrency);
     per_ranks("memory_concurrency", memory_concurrency);
     per_ranks("step_concurrency", step_concurrency);
-    if (step_unit != 1) s += fmt::format("step_unit = {:.4f}\n", step_unit);
+    if (step_unit_read || step_unit != 1) s += fmt::format("step_unit = {:.4f}\n", step_unit);
   }
   if (kernels.measured) {
     const KernelCosts& k = kernels;

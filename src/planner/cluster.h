@@ -40,9 +40,11 @@
 //                                        small model (2+ ranks meeting once a step, as a job's
 //                                        ranks do), in units of one thread's steps alone: where
 //                                        present it prices everything (products, kernels,
-//                                        memory) once ranks fill the cores (one thread each, as
-//                                        measured), since it sees what ranks sharing a host lose
-//                                        that neither probe above does (caches, time slices)
+//                                        memory) at every rank count, since it sees what ranks
+//                                        sharing a host lose that neither probe above does
+//                                        (caches, time slices) and, for fewer ranks than cores,
+//                                        what a step loses on several threads (cold operands
+//                                        sharing memory, short kernels' barriers)
 //   step_unit = 0.88                     (optional, default 1) the step probe's price by this
 //                                        file's figures (one rank, one core) over its measured
 //                                        time on one thread alone: converts step_concurrency's
@@ -158,19 +160,24 @@ struct Cluster {
   // (ranks, one thread's memory stream alone per rank), by ranks; empty: as concurrency
   std::vector<std::pair<int, double>> memory_concurrency;
   // (ranks, one thread's training steps alone per rank), by ranks: when present, what a rank
-  // gets for everything once ranks >= cores (rank_share and memory_share both read it)
+  // gets for everything (rank_share and memory_share both read it)
   std::vector<std::pair<int, double>> step_concurrency;
   double step_unit = 1;  // step_concurrency's unit in priced cores (see the file layout above)
   // Cores' worth of compute one of `ranks` ranks gets on a shared host: the measured table
-  // (step_concurrency where present, else concurrency; nearest entry at or below, the last one
-  // beyond it scaled by last/ranks; capped at cores/ranks), else cores/ranks.
+  // (step_concurrency where use_step_table, else concurrency; nearest entry at or below, the
+  // last one beyond it scaled by last/ranks; capped at cores/ranks in the table's unit, then,
+  // for the step table, times step_unit), else cores/ranks.
   double rank_share(int ranks) const;
   // One thread's memory streams' worth one of `ranks` ranks gets (memory_concurrency, looked up
   // like rank_share; not capped at cores/ranks: memory is shared differently), else rank_share.
   double memory_share(int ranks) const;
+  // The step table prices ranks that fill the cores; fewer ranks only in files that carry a
+  // step_unit (calibrated since session 17: before, the one-rank entry was measured with
+  // oneDNN primitives stuck at one thread, kernels/cpu/matmul.cpp, and read 1.06-1.42).
   bool use_step_table(int ranks) const {
-    return !step_concurrency.empty() && host_cores > 0 && ranks >= host_cores;
+    return !step_concurrency.empty() && host_cores > 0 && (ranks >= host_cores || step_unit_read);
   }
+  bool step_unit_read = false;  // the file had [host] step_unit
   std::string cpu_model, calibrated;
   KernelCosts kernels;
   LinkLevel intra, inter;

@@ -136,5 +136,5 @@ assert rows and all(sum(r['peak_bytes'].values()) <= int(0.004 * 2**30) for r in
 out=$(LOOM_CALIBRATE_QUICK=1 LOOM_COMM_TIMEOUT=120 "$src/scripts/mpirun-local" 2 "$loom" train \
       --config "$tmp/tiny.toml" --auto --cluster "$tmp/new/local.toml" --steps 1 --out "$tmp/auto2" 2>&1); rc=$?
 check "train --auto without a cluster file calibrates first, then trains" "[ $rc = 0 ] && grep -q 'measuring this machine first over 2 rank' <<< \"\$out\" && grep -q '^cpu_model' '$tmp/new/local.toml' && grep -q '^auto plan: dp=' <<< \"\$out\" && [ -f '$tmp/auto2/ckpt/latest' ]"
-check "the 2-rank calibration ran the coupled step probe at 2 ranks" "grep -Eq '^step_concurrency = \\[\\[1, [0-9.]+\\], \\[2, 0*[.0-9]*[1-9]' '$tmp/new/local.toml'"
+check "the 2-rank calibration measured the step probe at 2 ranks and wrote its unit" "grep -Eq '^step_concurrency = \\[\\[1, [0-9.]+\\], \\[2, 0*[.0-9]*[1-9]' '$tmp/new/local.toml' && grep -Eq '^step_unit = [0-9]' '$tmp/new/local.toml'"
 exit $fail

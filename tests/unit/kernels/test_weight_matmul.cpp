@@ -212,8 +212,9 @@ TEST(KernelsWeightMatmul, ThreadCountInvariantBitwise) {
     SCOPED_TRACE(name_of(f));
     // Threads own contiguous ranges of 8-row blocks and then take over each other's remaining
     // chunks (weight_matmul.cpp): 3 and 7 threads give uneven ranges and, oversubscribing the
-    // cores, threads that finish others' work; N = 20 has fewer blocks than threads.
-    for (int64_t N : {300, 20}) {
+    // cores, threads that finish others' work; N = 44 (6 blocks, the last partial) has more
+    // blocks than one chunk but fewer than 7 threads.
+    for (int64_t N : {300, 44}) {
       const int64_t K = 769, M = 9;
       StoredWeight sw(f, N, K, 41);
       std::vector<float> x = random_normal(M * K, 42), bias = random_normal(N, 43);

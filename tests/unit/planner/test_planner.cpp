@@ -150,8 +150,9 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_DOUBLE_EQ(mem.memory_share(4), 0.3);
   EXPECT_DOUBLE_EQ(mem.rank_share(2), 0.8);
   EXPECT_NE(cluster_from_toml(mem.to_toml(), "round trip").memory_concurrency.size(), 0u);
-  // The training-step table, where present, prices ranks that fill the cores (one thread each,
-  // as it was measured), compute and memory alike; fewer ranks keep the probes' tables.
+  // The training-step table, where present, prices ranks that fill the cores (one thread each),
+  // compute and memory alike; fewer ranks keep the probes' tables unless the file carries a
+  // step_unit (calibrated with the one-rank entry measured right; see below).
   const Cluster step = cluster_from_toml(
       with_line_replaced(mem.to_toml(), "memory_concurrency = [",
                          "step_concurrency = [[1, 1.2], [2, 0.9], [4, 0.4]]\nmemory_concurrency = ["),
@@ -165,12 +166,13 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_DOUBLE_EQ(step.memory_share(8), 0.2);
   EXPECT_EQ(cluster_from_toml(step.to_toml(), "round trip").step_concurrency.size(), 3u);
   // step_unit converts the step table's unit (one thread's steps alone) into priced cores, after
-  // the cap at cores / ranks (a bound in the table's own unit); the other tables keep theirs.
+  // the cap at cores / ranks (a bound in the table's own unit), and with it the step table
+  // prices fewer ranks than cores too.
   const Cluster unit = cluster_from_toml(
       with_line_replaced(step.to_toml(), "step_concurrency = [",
                          "step_unit = 0.8\nstep_concurrency = ["),
       "test");
-  EXPECT_DOUBLE_EQ(unit.rank_share(1), 1.5);
+  EXPECT_DOUBLE_EQ(unit.rank_share(1), 1.2 * 0.8);
   EXPECT_DOUBLE_EQ(unit.rank_share(2), 0.9 * 0.8);
   EXPECT_DOUBLE_EQ(unit.memory_share(2), 0.9 * 0.8);
   EXPECT_DOUBLE_EQ(unit.rank_share(4), 0.4 * 0.8);
@@ -181,6 +183,16 @@ TEST(Cluster, SharedHostConcurrency) {
   EXPECT_THROW(cluster_from_toml(with_line_replaced(unit.to_toml(), "step_unit = 0.8000",
                                                     "step_unit = 0"), "t"),
                Error);
+  // A unit with no table to convert is a mistake in the file, not something to ignore.
+  EXPECT_THROW(cluster_from_toml(with_line_replaced(mem.to_toml(), "memory_concurrency = [",
+                                                    "step_unit = 0.8\nmemory_concurrency = ["),
+                                 "t"),
+               Error);
+  // step_unit = 1 exactly still round-trips as read (it switches the one-rank pricing).
+  const Cluster one = cluster_from_toml(
+      with_line_replaced(unit.to_toml(), "step_unit = 0.8000", "step_unit = 1"), "test");
+  EXPECT_DOUBLE_EQ(one.rank_share(1), 1.2);
+  EXPECT_DOUBLE_EQ(cluster_from_toml(one.to_toml(), "round trip").rank_share(1), 1.2);
 }
 
 // loom calibrate's step_unit: the one-core price of a step is the cost model's price of a dp 1
