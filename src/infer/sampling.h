@@ -34,8 +34,10 @@ void validate_sampling(const SamplingParams& p);
 void apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> context,
                               float penalty);
 
-// The candidate set of steps 3: token ids best first (ties: lower id first) and their
-// probabilities renormalised over the set. Empty when every logit is -inf.
+// The candidate set of steps 3: token ids best first (ties: lower id first) for the first 64
+// of them, the rest of the set in a deterministic selection order (sampling.cpp: a nucleus of
+// most of a large vocabulary is found without sorting it), and their probabilities
+// renormalised over the set. Empty when every logit is -inf.
 struct Candidates {
   std::vector<int32_t> tokens;
   std::vector<double> probs;
