@@ -73,7 +73,6 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   for (const Cand& e : idx) mx = std::max(mx, double(e.logit));
   double z = 0;
   for (Cand& e : idx) z += (e.w = std::exp((double(e.logit) - mx) / T));
-  auto weight = [](const Cand& e) { return e.w; };
   // The nucleus is the shortest best-first prefix reaching top_p. The 64 best are put in order
   // (a selection, then a sort of 64; with a peaked distribution the nucleus is within them);
   // beyond them the boundary is found by selection, halving the range that holds it
@@ -85,33 +84,30 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   // on. A selected half's mass is summed in its own order, so where top_p falls within rounding
   // (~1e-15) of a prefix's mass the boundary may differ by one from a full sort's. top_p = 1
   // keeps everything, unsorted past the 64 best.
-  int64_t sorted = 0, n = keep;
+  int64_t n = keep;
   double cum = 0;
   bool reached = false;
   auto walk = [&](int64_t from, int64_t to) {  // sequential prefix sums over sorted [from, to)
     for (int64_t i = from; i < to && !reached; ++i) {
-      cum += weight(idx[size_t(i)]) / z;
+      cum += idx[size_t(i)].w / z;
       if (top_p < 1.f && cum >= double(top_p)) {  // top_p = 1 keeps everything, whatever
         n = i + 1;                                // the rounding of cum
         reached = true;
       }
     }
   };
-  {
-    const int64_t k = std::min<int64_t>(64, keep);  // the k best, in order
-    if (k < keep) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), better);
-    std::sort(idx.begin(), idx.begin() + k, better);
-    walk(0, k);
-    sorted = k;
-  }
-  if (!reached && sorted < keep && top_p < 1.f) {
-    int64_t lo = sorted, hi = keep;  // the boundary lies in [lo, hi); [sorted, lo) is all in
+  const int64_t first = std::min<int64_t>(64, keep);  // the `first` best, in order
+  if (first < keep) std::nth_element(idx.begin(), idx.begin() + first, idx.end(), better);
+  std::sort(idx.begin(), idx.begin() + first, better);
+  walk(0, first);
+  if (!reached && first < keep && top_p < 1.f) {
+    int64_t lo = first, hi = keep;  // the boundary lies in [lo, hi); [first, lo) is all in
     constexpr int64_t kSortBelow = 64;
     while (hi - lo > kSortBelow) {
       const int64_t mid = lo + (hi - lo) / 2;
       std::nth_element(idx.begin() + lo, idx.begin() + mid, idx.begin() + hi, better);
       double half = 0;
-      for (int64_t i = lo; i < mid; ++i) half += weight(idx[size_t(i)]) / z;
+      for (int64_t i = lo; i < mid; ++i) half += idx[size_t(i)].w / z;
       if (cum + half >= double(top_p)) {
         hi = mid;
       } else {
@@ -128,7 +124,7 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   c.probs.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) {
     c.tokens[size_t(i)] = idx[size_t(i)].v;
-    total += (c.probs[size_t(i)] = weight(idx[size_t(i)]));
+    total += (c.probs[size_t(i)] = idx[size_t(i)].w);
   }
   for (double& q : c.probs) q /= total;
   return c;
