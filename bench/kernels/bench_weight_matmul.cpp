@@ -21,7 +21,7 @@
 // The probe reports the best of 5 passes, so "frac_probe" compares best with best: on the shared
 // development machines other jobs take cores away at random moments, which the median shows and
 // cpu_share (how much of its cores the process got) explains.
-// Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--bf16-rows]
+// Usage: bench_kernels_weight_matmul [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--bf16-panels]
 //        [--arena-mib 1024]
 #include <algorithm>
 #include <chrono>
@@ -58,17 +58,18 @@ const Shape kShapes[] = {{"qkv", 2304, 768},
 
 constexpr size_t kProbeBytes = size_t(1) << 30;  // 1 GiB: 4x the L3
 
-// bf16 weights in AMX tile order where the CPU has it, as the inference weights store them
-// (--bf16-rows: row order on the AVX-512 path). The arena's bytes are all equal and every N here
-// is a multiple of 32, so the same bytes serve as either layout.
+// Weights in the layout the inference weights store them in: bf16 in AMX tile order where the
+// CPU has it (--bf16-panels: in panels on the AVX-512 path instead), everything else in 16-column
+// panels. The arena's bytes are all equal and every N here is a multiple of 32, so the same
+// bytes serve as any layout.
 bool g_bf16_tiles = true;
 kernels::WeightLayout layout_for(WeightFormat f, int64_t K) {
   return f == WeightFormat::bf16 && g_bf16_tiles && kernels::amx_tiles_available(K)
              ? kernels::WeightLayout::amx_tiles
-             : kernels::WeightLayout::rows;
+             : kernels::WeightLayout::panels;
 }
 const char* layout_name(WeightFormat f, int64_t K) {
-  return layout_for(f, K) == kernels::WeightLayout::amx_tiles ? "amx_tiles" : "rows";
+  return layout_for(f, K) == kernels::WeightLayout::amx_tiles ? "amx_tiles" : "panels";
 }
 
 const char* format_name(WeightFormat f) {
@@ -225,7 +226,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
-    } else if (std::strcmp(argv[i], "--bf16-rows") == 0) {
+    } else if (std::strcmp(argv[i], "--bf16-panels") == 0) {
       g_bf16_tiles = false;
     } else if (std::strcmp(argv[i], "--formats") == 0 && i + 1 < argc) {
       formats.clear();
@@ -246,7 +247,7 @@ int main(int argc, char** argv) {
       for (const std::string& m : split(argv[++i])) Ms.push_back(std::atoll(m.c_str()));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 1024] [--bf16-rows]\n", argv[0]);
+                   "usage: %s [--quick] [--formats f32,bf16,int8] [--M 1,8,128] [--arena-mib 1024] [--bf16-panels]\n", argv[0]);
       return 2;
     }
   }

@@ -64,7 +64,16 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
     v.data = static_cast<const bf16*>(w.data) + kernels::amx_tiles_index(r0, 0, w.K);
     return v;
   }
-  v.data = static_cast<const char*>(w.data) + size_t(r0 * w.K) * element_bytes(w.format);
+  if (w.layout == kernels::WeightLayout::panels) {
+    // Panels keep 16 columns whole: a slice must start on one (its last panel may hold the next
+    // rows' weights, which the kernel reads but never writes out: it stops at the view's N).
+    LOOM_ASSERT(r0 % 16 == 0, "rows [{}, {}) of a panel-order weight: start not a multiple of 16",
+                r0, r0 + n);
+    v.data = static_cast<const char*>(w.data) +
+             size_t(kernels::panels_index(r0, 0, w.K)) * element_bytes(w.format);
+  } else {
+    v.data = static_cast<const char*>(w.data) + size_t(r0 * w.K) * element_bytes(w.format);
+  }
   if (w.scales) v.scales = w.scales + r0;
   return v;
 }
@@ -153,6 +162,11 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     int64_t split = 0;  // weight_rows slices the view at this row (0: never sliced)
     int64_t at = 0, scale_at = 0;
     bool tiles = false;  // bf16 in AMX tile order (kernels::amx_tiles_available)
+    bool panels = false;  // in 16-column panels (the AVX-512 kernel's layout)
+    int64_t elements() const {
+      return tiles ? kernels::amx_tiles_elements(N, K)
+                   : panels ? kernels::panels_elements(N, K) : N * K;
+    }
   };
   std::vector<Pending> todo;
   auto add_block = [&](const model::BlockOffsets& o, BlockLinears& bl) {
@@ -205,18 +219,23 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
   todo.push_back({&head_, head, layout.token_embedding(), V, C});
   int64_t n32 = 0, n16 = 0, n8 = 0, nsc = 0;
   for (Pending& p : todo) {
-    const int64_t n = p.N * p.K;
+    // Tile order for bf16 where AMX runs it (every M on one kernel: weight_matmul.h), else panel
+    // order where the AVX-512 kernel runs, unless a slice (weight_rows) would cut a 32-row block
+    // or a 16-column panel: such a weight stays in rows and runs the reference loop.
+    p.tiles = p.fmt == WeightFormat::bf16 && kernels::amx_tiles_available(p.K) && p.split % 32 == 0;
+    p.panels = !p.tiles && kernels::weight_matmul_uses_avx512() && p.split % 16 == 0;
+    if (!p.tiles && !p.panels && kernels::weight_matmul_uses_avx512())
+      LOOM_LOG_WARN("a {} x {} weight sliced at row {} cannot be stored in 16-column panels; it "
+                    "runs on the slow reference kernel", p.N, p.K, p.split);
+    const int64_t n = p.elements();
     switch (p.fmt) {
       case WeightFormat::f32:
         p.at = n32;
         n32 += n;
         break;
       case WeightFormat::bf16:
-        // Tile order where AMX runs it (every M on one kernel: weight_matmul.h), unless a slice
-        // would cut a 32-row block.
-        p.tiles = kernels::amx_tiles_available(p.K) && p.split % 32 == 0;
         p.at = n16;
-        n16 += p.tiles ? kernels::amx_tiles_elements(p.N, p.K) : n;
+        n16 += n;
         break;
       case WeightFormat::int8_row:
         p.at = n8;
@@ -225,8 +244,7 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
         nsc += p.N;
         break;
     }
-    matmul_bytes_ += (p.tiles ? kernels::amx_tiles_elements(p.N, p.K) : n) *
-                         int64_t(element_bytes(p.fmt)) +
+    matmul_bytes_ += n * int64_t(element_bytes(p.fmt)) +
                      (p.fmt == WeightFormat::int8_row ? 4 * p.N : 0);
   }
   // Reserved (not yet written), advised onto huge pages, then filled: every step reads them all.
@@ -240,7 +258,8 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
   lin_bf16_.resize(size_t(n16));
   lin_i8_.resize(size_t(n8));
   lin_scales_.resize(size_t(nsc));
-  std::vector<float> one;  // one linear in f32, (N, K)
+  std::vector<float> one;      // one linear in f32, (N, K)
+  std::vector<char> rows_buf;  // one linear in its format, row-major, before packing
   for (Pending& p : todo) {
     const int64_t n = p.N * p.K;
     WeightView& v = *p.view;
@@ -248,7 +267,21 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     v.N = p.N;
     v.K = p.K;
     v.scales = nullptr;
-    v.layout = kernels::WeightLayout::rows;
+    v.layout = p.tiles    ? kernels::WeightLayout::amx_tiles
+               : p.panels ? kernels::WeightLayout::panels
+                          : kernels::WeightLayout::rows;
+    char* dst = p.fmt == WeightFormat::f32    ? reinterpret_cast<char*>(lin_f32_.data() + p.at)
+                : p.fmt == WeightFormat::bf16 ? reinterpret_cast<char*>(lin_bf16_.data() + p.at)
+                                              : reinterpret_cast<char*>(lin_i8_.data() + p.at);
+    v.data = dst;
+    if (p.fmt == WeightFormat::int8_row) v.scales = lin_scales_.data() + p.scale_at;
+    // The weight in its format, row-major: written in place when it stays in rows, else into
+    // rows_buf and then packed.
+    char* rows = dst;
+    if (v.layout != kernels::WeightLayout::rows) {
+      rows_buf.resize(size_t(n) * element_bytes(p.fmt));
+      rows = rows_buf.data();
+    }
     const bool is_head = &v == &head_;
     if (src.int8 && !is_head) {
       // Stored int8 rows: the parameters covering [flat_off, flat_off + n) (q, k, v for qkv)
@@ -259,47 +292,39 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
         LOOM_CHECK(s.shape.size() == 2 && s.shape[1] == p.K && s.offset + s.numel <= p.flat_off + n,
                    "internal: parameter '{}' does not tile a linear of {} x {}", s.name, p.N, p.K);
         const int64_t row = (s.offset - p.flat_off) / p.K;
-        src.int8(s, lin_i8_.data() + p.at + (s.offset - p.flat_off),
+        src.int8(s, reinterpret_cast<int8_t*>(rows) + (s.offset - p.flat_off),
                  lin_scales_.data() + p.scale_at + row);
         covered += s.numel;
       }
       LOOM_CHECK(covered == n, "internal: a linear of {} x {} is covered by {} stored elements",
                  p.N, p.K, covered);
-      v.data = lin_i8_.data() + p.at;
-      v.scales = lin_scales_.data() + p.scale_at;
-      continue;
-    }
-    const float* w;  // (N, K) f32
-    if (is_head) {
-      w = small_.data() + tok_;  // the tied head is the token embedding, already loaded
     } else {
-      one.resize(size_t(n));
-      src.f32(p.flat_off, p.flat_off + n, one.data());
-      w = one.data();
+      const float* w;  // (N, K) f32
+      if (is_head) {
+        w = small_.data() + tok_;  // the tied head is the token embedding, already loaded
+      } else {
+        one.resize(size_t(n));
+        src.f32(p.flat_off, p.flat_off + n, one.data());
+        w = one.data();
+      }
+      switch (p.fmt) {
+        case WeightFormat::f32:
+          std::copy(w, w + n, reinterpret_cast<float*>(rows));
+          break;
+        case WeightFormat::bf16:
+          convert_f32_to_bf16(w, reinterpret_cast<bf16*>(rows), size_t(n));
+          break;
+        case WeightFormat::int8_row:
+          kernels::quantize_rows_int8(reinterpret_cast<int8_t*>(rows),
+                                      lin_scales_.data() + p.scale_at, w, p.N, p.K);
+          break;
+      }
     }
-    switch (p.fmt) {
-      case WeightFormat::f32:
-        std::copy(w, w + n, lin_f32_.begin() + p.at);
-        v.data = lin_f32_.data() + p.at;
-        break;
-      case WeightFormat::bf16:
-        if (p.tiles) {
-          std::vector<bf16> rows(static_cast<size_t>(n));
-          convert_f32_to_bf16(w, rows.data(), size_t(n));
-          kernels::pack_amx_tiles(lin_bf16_.data() + p.at, rows.data(), p.N, p.K);
-          v.layout = kernels::WeightLayout::amx_tiles;
-        } else {
-          convert_f32_to_bf16(w, lin_bf16_.data() + p.at, size_t(n));
-        }
-        v.data = lin_bf16_.data() + p.at;
-        break;
-      case WeightFormat::int8_row:
-        kernels::quantize_rows_int8(lin_i8_.data() + p.at, lin_scales_.data() + p.scale_at, w,
-                                    p.N, p.K);
-        v.data = lin_i8_.data() + p.at;
-        v.scales = lin_scales_.data() + p.scale_at;
-        break;
-    }
+    if (p.tiles)
+      kernels::pack_amx_tiles(reinterpret_cast<bf16*>(dst), reinterpret_cast<const bf16*>(rows),
+                              p.N, p.K);
+    else if (p.panels)
+      kernels::pack_panels(dst, rows, p.fmt, p.N, p.K);
   }
 }
 

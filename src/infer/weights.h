@@ -4,10 +4,12 @@
 // Every linear of the decoder (q|k|v as one (C+2KV, C) matrix, attn.out (C,C), ffn.up (F,C),
 // ffn.down (C,F), of every block and of the query layer) is stored as f32, bf16 or int8 per
 // output row (kernels/cpu/weight_matmul.h), and so is the tied LM head (a second copy of the
-// (V,C) token embedding in the head's format unless that is f32). bf16 weights are stored in AMX
-// tile order (WeightLayout::amx_tiles) where kernels::amx_tiles_available says so, except a view
-// that weight_rows would slice off a 32-row boundary (the query layer's q|k|v at C/P); the
-// others in row order. Embedding and position tables,
+// (V,C) token embedding in the head's format). Each is stored in the layout its kernel reads: bf16
+// in AMX tile order (WeightLayout::amx_tiles) where kernels::amx_tiles_available says so, else in
+// 16-column panels (WeightLayout::panels) where the AVX-512 kernel runs, except a view that
+// weight_rows would slice off a 32-row (tiles) or 16-row (panels) boundary (the query layer's
+// q|k|v at C/P), which stays in row order (the reference loop; a warning says so). Embedding and
+// position tables,
 // norms and biases stay f32 in one compact buffer; their offsets are the model's ParamLayout
 // offsets (model/params.h) remapped into that buffer, so no layout is derived here.
 //

@@ -1,27 +1,17 @@
 // kernels/cpu/weight_matmul.cpp: y (M, N) = x (M, K) @ W^T + bias with W (N, K) in f32, bf16 or
-// int8 rows. Two implementations of the contract in weight_matmul.h:
-// - weight_matmul_reference: one dot product per (m, n) in ascending k. Plain and obviously right;
-//   the fallback on CPUs without AVX-512.
-// - the AVX-512 kernel below, for decode: at M = 1..8 the cost is reading W once, so the kernel
-//   streams each weight row once, widens it to f32 in registers and multiplies it into up to 8
-//   rows of x (register blocking over M), with several weight rows in flight to give the
-//   prefetchers independent streams.
-//
-// Batch invariance (the contract): every (m, n) dot product is computed by the same instruction
-// sequence whatever M, the tile it lands in, or the thread that runs it: one 16-lane accumulator,
-// k in ascending 16-blocks, the K % 16 tail as a final zero-padded block, then one fixed
-// horizontal-sum tree, then * scale (int8), then + bias. Tiles only decide which dot products
-// share a weight load, never the order inside one. Threads split N only.
+// int8 rows. Two implementations of the contract in weight_matmul.h, with the same bits:
+// - weight_matmul_reference: one fma chain per (m, n) over ascending k, any layout. Plain and
+//   obviously right; the fallback on CPUs without AVX-512 and for row-order views.
+// - the AVX-512 kernel below, on the panel layout, for every M: decode (M = 1..8) streams W once
+//   and widens it in registers; batches and prefill share each widened weight vector among up to
+//   8 rows of x and run near the FMA peak.
 //
 // Why f32 x with widened weights rather than vdpbf16ps for bf16: vdpbf16ps would round x to bf16,
 // changing the numerics for a weight-only format, and decode sizes are memory-bound anyway: the
-// widening costs one ALU op per 16 weights (shift for bf16, int->float convert for int8) beside
-// the FMA, shared by up to 8 rows of x. With L1-resident data one core of the development machine
-// (one 512-bit FMA per cycle) widens and multiplies ~25 G int8 or bf16 weights per second, above
-// what it can read from DRAM. At M = 8 the kernel is FMA-bound instead (8 FMAs per 16 weights).
-// The development machine also lacked AVX512_BF16. Where AMX tiles exist, the inference weights
-// store bf16 linears in tile order at load and weight_matmul_amx.cpp runs them at every M (x kept
-// exact by splitting it into three bf16 parts): at M = 8 it is ~1.4x this path, at M = 1 equal.
+// widening costs one or two ALU ops per 16 weights (shift for bf16, int->float convert for int8)
+// beside the FMA, shared by every row of x in the tile. Where AMX tiles exist, the inference
+// weights store bf16 linears in tile order at load and weight_matmul_amx.cpp runs them at every M
+// (x kept exact by splitting it into three bf16 parts).
 #include "kernels/cpu/weight_matmul.h"
 
 #include <immintrin.h>
@@ -31,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -48,203 +39,124 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
              static_cast<const void*>(y), static_cast<const void*>(x), w.data, M, N, K);
   LOOM_CHECK(w.format != WeightFormat::int8_row || w.scales,
              "{}: int8_row weight (N={}, K={}) needs scales (N)", fn, N, K);
-  LOOM_CHECK(w.layout == WeightLayout::rows ||
+  LOOM_CHECK(w.layout != WeightLayout::amx_tiles ||
                  (w.format == WeightFormat::bf16 && K > 0 && K % 32 == 0),
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 kernel.
+// AVX-512 kernel, on the panel layout (weight_matmul.h): W^T in panels of 16 output columns, each
+// panel k-major, so that one 64-byte f32 vector (32 bytes bf16, 16 bytes int8) holds the weights
+// of 16 outputs at one k. A tile of MR rows of x and NR panels keeps MR x NR accumulators; per k
+// it loads (and widens) NR weight vectors once and, for each row, broadcasts x[m][k] and does NR
+// FMAs: acc[m][n] = fma(x[m][k], W[n][k], acc[m][n]) for k ascending from 0, the reference's
+// arithmetic exactly. No horizontal sums, no K tail: nothing in a dot product depends on the
+// tile, so the bits are the reference's whatever M, the tile shape or the thread.
+//
+// Why this layout (session 18, replacing row-major weights read as dot products of 16-lane
+// vectors): at M = 8 and above the dot-product tiles loaded x twice per FMA pair and ended each
+// tile with a 16-vector horizontal sum, and ran at ~45% of the core's FMA peak (53 of 117 GFLOP/s
+// on the Zen 4 host, M = 32, N = 4096, K = 256, one thread); this tile reaches 97% (113) in the
+// prototype, in every format (the widening is shared by MR rows). At M = 1 it streams NR panels,
+// each one contiguous run of K vectors, at least as fast as the row tiles with their software
+// prefetches (docs/infer.md, "Session 18").
 
-#define LOOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define LOOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
-constexpr int kMaxRowsX = 8;  // MR: rows of x per tile (M blocking)
-constexpr int kRowsW = 8;     // weight rows per N block (NR of the widest tile)
-constexpr size_t kPrefetchMaxTileBytes = 32 << 10;  // see tile()
+constexpr int64_t kPanel = 16;       // output columns per panel: one f32 vector
+constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads share out
 
-// 16 consecutive weights of one row from column k, widened to f32. With kTail, only the lanes in
-// `mask` are loaded and the others are zero (masked loads do not touch memory past the row).
-template <WeightFormat F, bool kTail>
-LOOM_AVX512 inline __m512 load_w16(const void* row, int64_t k, __mmask16 mask) {
+template <WeightFormat F>
+constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : F == WeightFormat::bf16 ? 2 : 1;
+
+// The 16 weights of one panel at one k, widened to f32 (exact for bf16 and int8).
+template <WeightFormat F>
+LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
   if constexpr (F == WeightFormat::f32) {
-    const float* p = static_cast<const float*>(row) + k;
-    return kTail ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
+    return _mm512_loadu_ps(p);
   } else if constexpr (F == WeightFormat::bf16) {
-    // bf16 is the top half of an f32: zero-extend to 32 bits and shift left by 16 (exact).
-    const uint16_t* p = static_cast<const uint16_t*>(row) + k;
-    __m256i h = kTail ? _mm256_maskz_loadu_epi16(mask, p)
-                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    // bf16 is the top half of an f32: zero-extend to 32 bits and shift left by 16.
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   } else {
-    const int8_t* p = static_cast<const int8_t*>(row) + k;
-    __m128i b = kTail ? _mm_maskz_loadu_epi8(mask, p)
-                      : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));  // int8 -> f32 is exact
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
   }
 }
 
-// The sum of the 16 lanes in a fixed tree: lanes i and i+8, then i and i+4, i+2, i+1. (Written
-// out so that the order is visible here rather than in a compiler header.)
-LOOM_AVX512 inline float sum_lanes(__m512 v) {
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // swap 256-bit halves
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // swap 128-bit pairs
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));        // swap 64-bit pairs
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));        // swap neighbours
-  return _mm512_cvtss_f32(v);
-}
-
-// sum_lanes of each of `n` (<= 16) vectors at once: out[a] = sum_lanes(v[a]), bit for bit. The
-// same butterfly as sum_lanes (lanes i and i+8, then i+4, i+2, i+1, each add with the same
-// operands), but each level's shuffles bring two vectors' halves together, so one add serves
-// both: 15 adds and 30 shuffles for 16 sums instead of 64 and 64. Every output lane depends on
-// one input vector only, so the missing vectors of n < 16 are zeros that reach no result.
-template <int n>
-LOOM_AVX512 inline void sum_lanes16(const __m512* v, float* out) {
-  static_assert(n >= 1 && n <= 16);
-  __m512 x[16];
-#pragma GCC unroll 16
-  for (int a = 0; a < 16; ++a) x[a] = a < n ? v[a] : _mm512_setzero_ps();
-  __m512 c[8], e[4], g[2];
-#pragma GCC unroll 8
-  for (int p = 0; p < 8; ++p)  // lanes 0-7: x[2p]'s i + (i+8); lanes 8-15: x[2p+1]'s
-    c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0x44),
-                         _mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0xEE));
-#pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q)  // 128-bit block b: x[4q + b]'s i + (i+4), i < 4
-    e[q] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88),
-                         _mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
-#pragma GCC unroll 2
-  for (int r = 0; r < 2; ++r)  // block b, lanes 0-1: x[8r + b]'s i + (i+2); lanes 2-3: x[8r+4+b]'s
-    g[r] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * r], e[2 * r + 1], 0x44),
-                         _mm512_shuffle_ps(e[2 * r], e[2 * r + 1], 0xEE));
-  // Block b, lane j: the sum of x[4j + b].
-  const __m512 h = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88),
-                                 _mm512_shuffle_ps(g[0], g[1], 0xDD));
-  alignas(64) float t[16];
-  _mm512_store_ps(t, h);
-#pragma GCC unroll 16
-  for (int a = 0; a < n; ++a) out[a] = t[4 * (a % 4) + a / 4];
-}
-
-// One k-block of 16 for an (MR x NR) tile: NR weight vectors, each used by MR rows of x.
-template <WeightFormat F, int MR, int NR, bool kTail>
-LOOM_AVX512 inline void tile_step(__m512 (&acc)[MR][NR], const float* x, int64_t K,
-                                  const char* w, size_t row_bytes, int64_t k, __mmask16 mask) {
-  __m512 wv[NR];
-#pragma GCC unroll 8
-  for (int j = 0; j < NR; ++j) wv[j] = load_w16<F, kTail>(w + size_t(j) * row_bytes, k, mask);
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    const float* xp = x + i * K + k;
-    __m512 xv = kTail ? _mm512_maskz_loadu_ps(mask, xp) : _mm512_loadu_ps(xp);
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-  }
-}
-
-// y[0..MR) x [n0..n0+NR) of the output. x points at the tile's first row (rows K apart), w at
-// weight row n0 (rows row_bytes apart), y at (row 0, column n0). With `prefetch`, the tile also
-// prefetches the NR rows that follow its own (the next tile's weights, contiguous in memory) at
-// the rate it consumes its own, so the next tile finds them in cache. The tile reads NR short
-// interleaved streams (a row of K = 768 int8 is 12 cache lines), which the hardware prefetchers
-// follow poorly; one linear stream a tile ahead raised one core's int8 rate from DRAM by ~60%.
-// Tiles over 32 KiB (long rows: f32 or bf16 with K = 3072) skip it: their rows are streams the
-// hardware follows well, and a whole tile ahead no longer fits L1 (measured: 10-15% slower).
+// y[0..MR) x [0..16 NR) of the output (columns at or past `cols` are not written: the last
+// panel's padding). x: the tile's first row (rows K apart); w: its first panel (panels
+// panel_bytes apart); scales and bias point at the tile's first column (or are null).
 template <WeightFormat F, int MR, int NR>
-LOOM_AVX512 void tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
-                      size_t row_bytes, const float* scales, const float* bias, bool prefetch) {
+LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
+                            size_t panel_bytes, const float* scales, const float* bias,
+                            int64_t cols) {
+  constexpr size_t kStep = kPanel * kElemBytes<F>;  // bytes of one panel per k
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t k_full = K / 16 * 16;
-  // Bytes of the tile consumed per k-step, and the cache lines ahead to prefetch per step.
-  constexpr size_t kStepBytes = size_t(NR) * 16 * (F == WeightFormat::f32    ? 4
-                                                   : F == WeightFormat::bf16 ? 2
-                                                                             : 1);
-  constexpr int kLinesPerStep = kStepBytes < 64 ? 1 : int(kStepBytes / 64);
-  // The last tile's "next" lies past the end of W: an address only (integer arithmetic, never
-  // dereferenced); prefetches of unmapped addresses are dropped, they do not fault.
-  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + size_t(NR) * row_bytes;
-  // Besides the next tile into L1, the one after it into L2 (kFarTiles tiles ahead), where the
-  // tile holds few weight rows (NR = 2 at MR = 8: two streams in flight) or narrow ones (bf16,
-  // int8). Measured with bench_kernels_weight_matmul (GPT-2 124M's linears from a 1 GiB arena, 2
-  // threads, 3 runs each): f32 M = 8 23.6-25.1 -> 20.0-21.3 ms a step; bf16 and int8 M = 1 about
-  // 6% faster, their M = 8 unchanged (compute-bound); f32 M = 1 slightly slower, so not there.
-  // Further ahead was slower (4 tiles 21.0, 8 22.3, 16 25.9 ms at f32 M = 8), and so were extra
-  // prefetches into L1.
-  constexpr int kFarTiles = (MR > 4 || F != WeightFormat::f32) ? 2 : 0;
-  const uintptr_t far = reinterpret_cast<uintptr_t>(w) + size_t(kFarTiles) * size_t(NR) * row_bytes;
-  prefetch = prefetch && size_t(NR) * row_bytes <= kPrefetchMaxTileBytes;
-  for (int64_t k = 0; k < k_full; k += 16) {
-    if (prefetch) {
-      const uintptr_t p = next + size_t(k / 16) * kStepBytes;
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NR];
 #pragma GCC unroll 8
-      for (int l = 0; l < kLinesPerStep; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(p + 64 * size_t(l)), _MM_HINT_T0);
-      if constexpr (kFarTiles > 0) {
-        const uintptr_t q = far + size_t(k / 16) * kStepBytes;
+    for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(j) * panel_bytes + size_t(k) * kStep);
 #pragma GCC unroll 8
-        for (int l = 0; l < kLinesPerStep; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(q + 64 * size_t(l)), _MM_HINT_T1);
-      }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * K + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
     }
-    tile_step<F, MR, NR, false>(acc, x, K, w, row_bytes, k, 0xFFFF);
-  }
-  if (k_full < K)
-    tile_step<F, MR, NR, true>(acc, x, K, w, row_bytes, k_full,
-                               __mmask16((1u << (K - k_full)) - 1u));
-  float sums[MR * NR];
-  if constexpr (MR * NR >= 8) {
-    sum_lanes16<MR * NR>(&acc[0][0], sums);
-  } else {
-#pragma GCC unroll 8
-    for (int a = 0; a < MR * NR; ++a) sums[a] = sum_lanes((&acc[0][0])[a]);
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
+  for (int j = 0; j < NR; ++j) {
+    const int64_t left = cols - kPanel * j;
+    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    __m512 s = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    if constexpr (F == WeightFormat::int8_row) s = _mm512_maskz_loadu_ps(mask, scales + kPanel * j);
+    if (bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      float s = sums[i * NR + j];
-      if constexpr (F == WeightFormat::int8_row) s *= scales[j];
-      y[i * ldy + j] = bias ? s + bias[j] : s;
+    for (int i = 0; i < MR; ++i) {
+      __m512 v = acc[i][j];
+      if constexpr (F == WeightFormat::int8_row) v = _mm512_mul_ps(v, s);
+      if (bias) v = _mm512_add_ps(v, b);
+      _mm512_mask_storeu_ps(y + i * ldy + kPanel * j, mask, v);
     }
+  }
 }
 
-using TileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
-                        const float*, const float*, bool);
+using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
+                             const float*, const float*, int64_t);
 
-// Tile functions by [MR - 1][log2 NR]. MR * NR accumulators plus NR weight vectors and one x
-// vector must fit the 32 vector registers: NR = 8 for MR <= 2, 4 for MR <= 4, else 2. At M = 1
-// eight weight rows in flight beat four by ~12% on int8 (more independent FMA chains and
-// streams, half the tiles' fixed cost).
-template <WeightFormat F, int MR>
-constexpr TileFn tile_for(int nr_log2) {
-  if (nr_log2 == 0) return &tile<F, MR, 1>;
-  if (nr_log2 == 1) return &tile<F, MR, 2>;
-  if constexpr (MR <= 4) {
-    if (nr_log2 == 2) return &tile<F, MR, 4>;
-  }
-  if constexpr (MR <= 2) return &tile<F, MR, 8>;
-  return nullptr;  // never chosen: weight_matmul_avx512 caps NR at 2 for MR > 4
-}
+// Tile shapes: MR in {1, 2, 4, 8} (other M are split into these), NR panels up to kMaxNr(MR):
+// MR x NR accumulators + NR weight vectors + one broadcast x fit the 32 vector registers, and NR
+// below the maximum serves a block's last panels. At M = 1 eight panels in flight (eight
+// independent FMA chains, eight streams) keep the FMA latency hidden.
+constexpr int kMrSizes[] = {1, 2, 4, 8};
+constexpr int kMaxNr(int mr) { return mr <= 2 ? 8 : mr == 4 ? 4 : 3; }
 
 template <WeightFormat F>
-struct TileTable {
-  TileFn fn[kMaxRowsX][4];
-  constexpr TileTable() : fn{} {
-    fill<1>();
+struct PanelTiles {
+  PanelTileFn fn[4][8];  // [index of MR in kMrSizes][NR - 1]
+  constexpr PanelTiles() : fn{} {
+    fill<0, 1>();
   }
-  template <int MR>
+  template <int mi, int nr>
   constexpr void fill() {
-    for (int l = 0; l < 4; ++l) fn[MR - 1][l] = tile_for<F, MR>(l);
-    if constexpr (MR < kMaxRowsX) fill<MR + 1>();
+    constexpr int mr = kMrSizes[mi];
+    fn[mi][nr - 1] = &panel_tile<F, mr, nr>;
+    if constexpr (nr < kMaxNr(mr)) {
+      fill<mi, nr + 1>();
+    } else if constexpr (mi + 1 < 4) {
+      fill<mi + 1, 1>();
+    }
   }
 };
 
 // Runs fn(b) for every b in [0, n) on the OpenMP threads. Each thread owns one contiguous
-// range (its 1/T of [0, n)) and claims it front to back in chunks of kChunk; a thread done with
+// range (its 1/T of [0, n)) and claims it front to back in chunks (of kChunk blocks, fewer when
+// n is small, so that every thread owns some); a thread done with
 // its own range then claims the remaining chunks of the others' (on a shared machine one thread
 // is often descheduled, and the other takes over its work). Why not schedule(dynamic): its
 // chunks interleave the threads through the whole matrix, and on the Zen 4 host two threads
@@ -260,10 +172,11 @@ void for_blocks_owned_first(int64_t n, const Fn& fn) {
     std::atomic<int64_t> v{0};
   };
   const int threads = std::min(omp_get_max_threads(), kMaxOwners);
-  if (threads <= 1 || n <= kChunk) {
+  if (threads <= 1 || n <= 1) {
     for (int64_t b = 0; b < n; ++b) fn(b);
     return;
   }
+  const int64_t chunk = std::clamp<int64_t>(n / (4 * int64_t(threads)), 1, kChunk);
   Next next[kMaxOwners];
 #pragma omp parallel num_threads(threads)
   {
@@ -272,38 +185,42 @@ void for_blocks_owned_first(int64_t n, const Fn& fn) {
       const int r = (me + v) % T;  // own range first, then the others' in turn
       const int64_t lo = n * r / T, hi = n * (r + 1) / T;
       for (;;) {
-        const int64_t b0 = lo + next[r].v.fetch_add(kChunk, std::memory_order_relaxed);
+        const int64_t b0 = lo + next[r].v.fetch_add(chunk, std::memory_order_relaxed);
         if (b0 >= hi) break;
-        for (int64_t b = b0; b < std::min(hi, b0 + kChunk); ++b) fn(b);
+        for (int64_t b = b0; b < std::min(hi, b0 + chunk); ++b) fn(b);
       }
     }
   }
 }
 
 template <WeightFormat F>
-LOOM_AVX512 void weight_matmul_avx512(float* y, int64_t ldy, const float* x, int64_t M,
+LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int64_t M,
                                       const WeightView& w, const float* bias) {
-  static constexpr TileTable<F> kTiles;
+  static constexpr PanelTiles<F> kTiles;
   const int64_t N = w.N, K = w.K;
-  const size_t elem = F == WeightFormat::f32 ? 4 : F == WeightFormat::bf16 ? 2 : 1;
-  const size_t row_bytes = size_t(K) * elem;
+  const int64_t P = (N + kPanel - 1) / kPanel;  // panels
+  const size_t panel_bytes = size_t(kPanel * K) * kElemBytes<F>;
   const char* wdata = static_cast<const char*>(w.data);
-  const int64_t n_blocks = (N + kRowsW - 1) / kRowsW;
-  // Within a block of kRowsW weight rows a thread walks every row of x, so W is read from memory
-  // once per call whatever M (for M > 8 the later tiles find the block's rows in L1/L2).
+  // Blocks of up to 8 panels, fewer when that leaves a thread without one (small N).
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  const int64_t per_block = std::clamp<int64_t>((P + threads - 1) / threads, 1, kBlockPanels);
+  const int64_t n_blocks = (P + per_block - 1) / per_block;
+  // Within a block a thread walks every row of x, so W is read from memory once per call
+  // whatever M (the later row tiles find the block's panels in L1/L2).
   auto block = [&](int64_t b) {
-    const int64_t n_begin = b * kRowsW, n_end = std::min(N, n_begin + kRowsW);
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX) {
-      const int mr = int(std::min<int64_t>(kMaxRowsX, M - m0));
-      const int nr_max_log2 = mr <= 2 ? 3 : mr <= 4 ? 2 : 1;
-      for (int64_t n0 = n_begin; n0 < n_end;) {
-        int l = nr_max_log2;
-        while ((int64_t(1) << l) > n_end - n0) --l;
-        kTiles.fn[mr - 1][l](y + m0 * ldy + n0, ldy, x + m0 * K, K, wdata + size_t(n0) * row_bytes,
-                             row_bytes, w.scales ? w.scales + n0 : nullptr,
-                             bias ? bias + n0 : nullptr, /*prefetch=*/m0 == 0);
-        n0 += int64_t(1) << l;
+    const int64_t p_begin = b * per_block, p_end = std::min(P, p_begin + per_block);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
+      const int mr = kMrSizes[mi];
+      for (int64_t p = p_begin; p < p_end;) {
+        const int nr = int(std::min<int64_t>(kMaxNr(mr), p_end - p));
+        kTiles.fn[mi][nr - 1](y + m0 * ldy + p * kPanel, ldy, x + m0 * K, K,
+                              wdata + size_t(p) * panel_bytes, panel_bytes,
+                              w.scales ? w.scales + p * kPanel : nullptr,
+                              bias ? bias + p * kPanel : nullptr, N - p * kPanel);
+        p += nr;
       }
+      m0 += mr;
     }
   };
   for_blocks_owned_first(n_blocks, block);
@@ -316,42 +233,57 @@ bool cpu_has_avx512() {
 
 }  // namespace
 
+int64_t panels_elements(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+
+int64_t panels_index(int64_t n, int64_t k, int64_t K) {
+  return n / kPanel * kPanel * K + k * kPanel + n % kPanel;
+}
+
+int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
+  switch (w.layout) {
+    case WeightLayout::rows: return n * w.K + k;
+    case WeightLayout::amx_tiles: return amx_tiles_index(n, k, w.K);
+    case WeightLayout::panels: return panels_index(n, k, w.K);
+  }
+  LOOM_ASSERT(false, "unknown WeightLayout {}", int(w.layout));
+}
+
+void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64_t K) {
+  LOOM_CHECK(N >= 0 && K >= 0, "pack_panels: sizes N={} K={} must be >= 0", N, K);
+  const size_t e = format == WeightFormat::f32 ? 4 : format == WeightFormat::bf16 ? 2 : 1;
+  char* d = static_cast<char*>(dst);
+  const char* src = static_cast<const char*>(W);
+  const int64_t total = panels_elements(N, K);
+  std::memset(d, 0, size_t(total) * e);  // the last panel's padding columns are zeros
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(d + size_t(panels_index(n, k, K)) * e, src + size_t(n * K + k) * e, e);
+}
+
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias) {
   const int64_t N = w.N, K = w.K;
   if (ldy == 0) ldy = N;
   check_args("weight_matmul_reference", y, ldy, x, M, w);
   if (M == 0 || N == 0) return;
+  // The weight at (n, k) as f32, in any layout (exact: bf16 and int8 widen without rounding).
+  auto weight = [&w](int64_t n, int64_t k) -> float {
+    const int64_t i = weight_element_index(w, n, k);
+    switch (w.format) {
+      case WeightFormat::f32: return static_cast<const float*>(w.data)[i];
+      case WeightFormat::bf16: return bf16_to_f32(static_cast<const bf16*>(w.data)[i]);
+      case WeightFormat::int8_row: return float(static_cast<const int8_t*>(w.data)[i]);
+    }
+    return 0.f;
+  };
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;  // (K)
       float acc = 0.f;
-      switch (w.format) {
-        case WeightFormat::f32: {
-          const float* wr = static_cast<const float*>(w.data) + n * K;  // (K)
-          for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
-          break;
-        }
-        case WeightFormat::bf16: {
-          const bf16* wd = static_cast<const bf16*>(w.data);
-          if (w.layout == WeightLayout::amx_tiles) {
-            for (int64_t k = 0; k < K; ++k)
-              acc += xr[k] * bf16_to_f32(wd[amx_tiles_index(n, k, K)]);
-          } else {
-            const bf16* wr = wd + n * K;  // (K)
-            for (int64_t k = 0; k < K; ++k) acc += xr[k] * bf16_to_f32(wr[k]);
-          }
-          break;
-        }
-        case WeightFormat::int8_row: {
-          const int8_t* wr = static_cast<const int8_t*>(w.data) + n * K;  // (K)
-          for (int64_t k = 0; k < K; ++k) acc += xr[k] * float(wr[k]);
-          acc *= w.scales[n];
-          break;
-        }
-      }
-      y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(xr[k], weight(n, k), acc);
+      if (w.format == WeightFormat::int8_row) acc *= w.scales[n];
+      y[m * ldy + n] = bias ? acc + bias[n] : acc;
     }
   }
 }
@@ -366,12 +298,13 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
     if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
     return weight_matmul_reference(y, ldy, x, M, w, bias);
   }
-  if (!weight_matmul_uses_avx512()) return weight_matmul_reference(y, ldy, x, M, w, bias);
+  if (w.layout != WeightLayout::panels || !weight_matmul_uses_avx512())
+    return weight_matmul_reference(y, ldy, x, M, w, bias);
   switch (w.format) {
-    case WeightFormat::f32: return weight_matmul_avx512<WeightFormat::f32>(y, ldy, x, M, w, bias);
-    case WeightFormat::bf16: return weight_matmul_avx512<WeightFormat::bf16>(y, ldy, x, M, w, bias);
+    case WeightFormat::f32: return weight_matmul_panels<WeightFormat::f32>(y, ldy, x, M, w, bias);
+    case WeightFormat::bf16: return weight_matmul_panels<WeightFormat::bf16>(y, ldy, x, M, w, bias);
     case WeightFormat::int8_row:
-      return weight_matmul_avx512<WeightFormat::int8_row>(y, ldy, x, M, w, bias);
+      return weight_matmul_panels<WeightFormat::int8_row>(y, ldy, x, M, w, bias);
   }
   LOOM_ASSERT(false, "weight_matmul: unknown WeightFormat {}", int(w.format));
 }

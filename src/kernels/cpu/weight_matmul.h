@@ -12,27 +12,30 @@
 //   quantize_rows_int8 makes them (symmetric per row: scale = max|W[n,:]| / 127, q = round(W /
 //   scale), so |W - scale*q| <= scale/2 elementwise; an all-zero row gets scale 0 and q 0).
 // - bf16: W holds bf16 values; x is used as f32 (products accumulate in f32).
-// - Batch invariance: row m of y depends only on row m of x and on W (the K-order of every dot
-//   product is fixed and independent of M and of the thread count), so a row's bits are the same
-//   whatever other rows share the call. Deterministic.
+// - Arithmetic: every output is acc = fma(x[m][k], W[n][k], acc) for k ascending from acc = 0
+//   (f32, with W widened exactly), then acc * scales[n] (int8), then + bias[n]. The reference
+//   loop defines it and the AVX-512 kernel computes it bit for bit.
+// - Batch invariance: so row m of y depends only on row m of x and on W, whatever M, the other
+//   rows of the call and the thread count. Deterministic.
 // - Parallel over N inside (OpenMP); do not call from inside a parallel region.
 // - Bad sizes (negative, ldy < N, null data with non-zero size) throw loom::Error.
 //
-// Speed: on CPUs with AVX-512 (F, BW, VL; checked at run time, so the build does not need
-// -march=native) each dot product accumulates k in 16-lane f32 vectors, in ascending blocks of
-// 16 (the last, partial block zero-padded), then sums the 16 lanes in one fixed tree. Up to 8 rows
-// of x share each weight load, so a call with M <= 8 reads W from memory once; decode at small M
-// runs at the machine's read bandwidth (bench/kernels/bench_weight_matmul.cpp). bf16 and int8
-// weights are widened to f32 in registers; x stays f32 (no rounding of activations). Without
-// AVX-512 the call runs weight_matmul_reference. The two paths sum in different orders, so their
-// bits differ slightly; each is batch invariant on its own.
+// Layouts (WeightLayout): the weights' order in memory. `rows` is W as loom stores it; the fast
+// CPU kernel reads `panels` (pack_panels; the inference weights are stored so at load): W^T in
+// panels of 16 output columns, each panel k-major, so one vector load holds 16 outputs' weights
+// at one k. On CPUs with AVX-512 (F, BW, VL; checked at run time, so the build does not need
+// -march=native), a panel view runs tiles of up to 8 rows of x by up to 8 panels: each weight
+// vector is loaded and widened once per tile and multiplied into every row of it (x broadcast),
+// so decode at small M reads W once at the machine's read bandwidth and batches of 8 or more run
+// near the FMA peak (bench/kernels/bench_weight_matmul.cpp). Any other view (a `rows` view, or a
+// CPU without AVX-512) runs weight_matmul_reference: the same bits, slower.
 // AMX: bf16 weights stored in tile order (WeightLayout::amx_tiles, made by pack_amx_tiles; the
 // inference weights do this at load where amx_tiles_available) run on AMX tiles at every M
 // (weight_matmul_amx.cpp): x is split into three bf16 parts that together hold its 24 bits, so x
 // is still not rounded; products are exact and accumulate in f32. One kernel for every M, so
-// batch invariance holds as above; its summation order is its own (bits differ from the AVX-512
-// path's). It flushes denormal parts of x to zero and turns an infinite x into NaN. On a CPU
-// without AMX a tile-order view runs weight_matmul_reference.
+// batch invariance holds as above, but its summation order is its own (bits differ from the
+// reference's). It flushes denormal parts of x to zero and turns an infinite x into NaN. On a
+// CPU without AMX a tile-order view runs weight_matmul_reference.
 #pragma once
 
 #include <cstdint>
@@ -45,8 +48,8 @@ enum class WeightFormat : uint8_t { f32, bf16, int8_row };
 
 // How the (N, K) elements lie in memory: `rows` row-major (row n at n * K); `amx_tiles` (bf16
 // only, K a multiple of 32) in AMX tile order, rows padded with zeros to a multiple of 32: see
-// amx_tiles_index.
-enum class WeightLayout : uint8_t { rows, amx_tiles };
+// amx_tiles_index; `panels` (any format) in 16-column panels: see panels_index.
+enum class WeightLayout : uint8_t { rows, amx_tiles, panels };
 
 // A read-only view of one (N, K) weight in its storage format. `data` points at float, bf16 or
 // int8_t elements according to `format`; `scales` (N) only for int8_row.
@@ -62,14 +65,14 @@ struct WeightView {
 void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                    const float* bias);
 
-// The readable version of weight_matmul, same contract: one dot product per (m, n) summing k in
-// ascending order in f32. The fallback without AVX-512, and the plain implementation that tests
-// hold the fast one against.
+// The readable version of weight_matmul, same contract, any layout: one fma chain per (m, n) over
+// k ascending. The fallback without AVX-512 or for a view not in panels, and the plain
+// implementation that the tests hold the fast kernel against bit for bit.
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias);
 
-// True when weight_matmul takes the AVX-512 path on this CPU (F, BW and VL present), false when
-// it runs weight_matmul_reference.
+// True when weight_matmul runs panel-layout views on the AVX-512 kernel on this CPU (F, BW and VL
+// present), false when it runs weight_matmul_reference for them.
 bool weight_matmul_uses_avx512();
 
 // True when weight_matmul runs `w` on AMX tiles: a tile-order bf16 view and amx_bf16_usable()
@@ -89,6 +92,17 @@ int64_t amx_tiles_elements(int64_t N, int64_t K);
 int64_t amx_tiles_index(int64_t n, int64_t k, int64_t K);
 // W (N, K) bf16 row-major -> dst (amx_tiles_elements) in tile order; K a positive multiple of 32.
 void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K);
+
+// Panel order: elements of the (N, K) weight in pack_panels' layout (N rounded up to 16, times K)
+// and where element (n, k) lies in it: (n / 16) * 16 * K + k * 16 + n % 16. A view of rows
+// [r0, r0 + n) of a panel-order weight starts at panels_index(r0, 0, K) when r0 % 16 == 0.
+int64_t panels_elements(int64_t N, int64_t K);
+int64_t panels_index(int64_t n, int64_t k, int64_t K);
+// W (N, K) row-major, elements of `format` (float, bf16 or int8_t) -> dst (panels_elements of
+// them) in panel order, the padding columns zero. int8 scales stay per row (N), as they are.
+void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64_t K);
+// Where element (n, k) of `w` lies in w.data, in w's layout.
+int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k);
 
 namespace detail {
 // The AMX kernel itself (weight_matmul_amx.cpp), for any M: false (nothing written) unless

@@ -11,15 +11,13 @@ std::vector<double> weight_to_f64(const WeightView& w) {
   std::vector<double> out(size_t(w.N * w.K));  // (N, K)
   for (int64_t n = 0; n < w.N; ++n)
     for (int64_t k = 0; k < w.K; ++k) {
-      const int64_t i = n * w.K + k;
+      const int64_t i = weight_element_index(w, n, k);  // in w's layout
+      double& o = out[size_t(n * w.K + k)];
       switch (w.format) {
-        case WeightFormat::f32: out[size_t(i)] = static_cast<const float*>(w.data)[i]; break;
-        case WeightFormat::bf16:
-          out[size_t(i)] = bf16_to_f32(static_cast<const bf16*>(
-              w.data)[w.layout == WeightLayout::amx_tiles ? amx_tiles_index(n, k, w.K) : i]);
-          break;
+        case WeightFormat::f32: o = static_cast<const float*>(w.data)[i]; break;
+        case WeightFormat::bf16: o = bf16_to_f32(static_cast<const bf16*>(w.data)[i]); break;
         case WeightFormat::int8_row:
-          out[size_t(i)] = double(w.scales[n]) * static_cast<const int8_t*>(w.data)[i];
+          o = double(w.scales[n]) * static_cast<const int8_t*>(w.data)[i];
           break;
       }
     }
