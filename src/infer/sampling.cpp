@@ -10,8 +10,29 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace loom::infer {
+
+namespace {
+
+// w[v] = exp((logits[v] - mx) / T) for every v, in double (kernels/cpu/vec_math.h: a few ulp of
+// glibc's exp; -inf logits weigh exactly 0). One vectorised pass: at V = 4096 and 32 rows a step,
+// glibc's scalar exp, called twice per token (the log-partition and the candidates), took about a
+// fifth of a loaded server's decode step.
+void softmax_weights(std::span<const float> logits, double mx, double T, double* w) {
+  const float* l = logits.data();
+  const int64_t V = int64_t(logits.size());
+  const double inv_t = 1.0 / T;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) w[v] = kernels::vec::exp_f64((double(l[v]) - mx) * inv_t);
+}
+
+// candidate_set on weights computed by softmax_weights (mx: the largest logit).
+Candidates candidates_from_weights(std::span<const float> logits, const double* weights,
+                                   int32_t top_k, float top_p);
+
+}  // namespace
 
 void validate_sampling(const SamplingParams& p) {
   // NaN compares false with everything and inf divides every logit to 0: both would sample
@@ -43,11 +64,23 @@ void apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> 
 
 Candidates candidate_set(std::span<const float> logits, float temperature, int32_t top_k,
                          float top_p) {
+  float mx = -INFINITY;
+  for (float l : logits) mx = std::max(mx, l);  // (NaN never wins)
+  if (!(mx > -INFINITY)) return {};
+  std::vector<double> w(logits.size());
+  softmax_weights(logits, mx, temperature > 0.f ? double(temperature) : 1.0, w.data());
+  return candidates_from_weights(logits, w.data(), top_k, top_p);
+}
+
+namespace {
+
+Candidates candidates_from_weights(std::span<const float> logits, const double* weights,
+                                   int32_t top_k, float top_p) {
   Candidates c;
   const int64_t V = int64_t(logits.size());
   // (logit, token) pairs, so that sorting reads one array rather than indexing the logits.
-  // w: its weight exp((logit - max) / T), computed once below (the walks and the selection
-  // read it several times).
+  // w: its weight exp((logit - max) / T), from softmax_weights (the walks and the selection read
+  // it several times).
   struct Cand {
     float logit;
     int32_t v;
@@ -56,7 +89,7 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   std::vector<Cand> idx;
   idx.reserve(size_t(V));
   for (int32_t v = 0; v < int32_t(V); ++v)
-    if (logits[size_t(v)] > -INFINITY) idx.push_back({logits[size_t(v)], v, 0.0});
+    if (logits[size_t(v)] > -INFINITY) idx.push_back({logits[size_t(v)], v, weights[v]});
   if (idx.empty()) return c;
   // Best first: larger logit, then smaller token id (a total order: the sorted prefix is unique,
   // whatever algorithm produced it).
@@ -68,11 +101,8 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
     idx.resize(size_t(top_k));
   }
   const int64_t keep = int64_t(idx.size());
-  const double T = temperature > 0.f ? double(temperature) : 1.0;
-  double mx = -INFINITY;
-  for (const Cand& e : idx) mx = std::max(mx, double(e.logit));
-  double z = 0;
-  for (Cand& e : idx) z += (e.w = std::exp((double(e.logit) - mx) / T));
+  double z = 0;  // over the kept candidates (the largest logit is always among them)
+  for (const Cand& e : idx) z += e.w;
   // The nucleus is the shortest best-first prefix reaching top_p. The 64 best are put in order
   // (a selection, then a sort of 64; with a peaked distribution the nucleus is within them);
   // beyond them the boundary is found by selection, halving the range that holds it
@@ -130,6 +160,8 @@ Candidates candidate_set(std::span<const float> logits, float temperature, int32
   return c;
 }
 
+}  // namespace
+
 Sampled sample_token(std::span<const float> logits, const SamplingParams& p, uint64_t counter,
                      int32_t top_n) {
   const int64_t V = int64_t(logits.size());
@@ -140,15 +172,34 @@ Sampled sample_token(std::span<const float> logits, const SamplingParams& p, uin
   const int32_t arg = int32_t(kernels::argmax_first(logits.data(), V));
   LOOM_CHECK(arg >= 0, "sampling: every one of the {} logits is -inf (all tokens masked)", V);
   const double mx = logits[size_t(arg)];
+  // exp((logit - mx) / T), shared with the candidates; per thread, reused (a fresh vector of a
+  // 50k vocabulary's doubles is an mmap and its page faults at every token).
+  thread_local std::vector<double> w;
+  w.resize(static_cast<size_t>(V));
+  softmax_weights(logits, mx, T, w.data());
   double z = 0;
-  for (int64_t v = 0; v < V; ++v) z += std::exp((double(logits[size_t(v)]) - mx) / T);
+  for (int64_t v = 0; v < V; ++v) z += w[size_t(v)];
   const double log_z = std::log(z);
   auto logprob = [&](int32_t v) { return float((double(logits[size_t(v)]) - mx) / T - log_z); };
 
   if (p.temperature <= 0.f) {
     s.token = arg;
+  } else if ((p.top_k <= 0 || p.top_k >= V) && p.top_p >= 1.f) {
+    // No truncation: the candidate set would be the whole vocabulary, so the draw walks it in
+    // token order (a fixed order, like the candidate set's; which token a given draw maps to
+    // depends on the order, the distribution does not). Zero-weight (masked) tokens are never
+    // reached: r z stays >= 0 across them.
+    double r = double(rng_uniform(p.seed, kSampleStream, counter)) * z;
+    s.token = arg;  // if rounding leaves r >= 0 past the end (r < z: never by more than ulps)
+    for (int64_t v = 0; v < V; ++v) {
+      r -= w[size_t(v)];
+      if (r < 0) {
+        s.token = int32_t(v);
+        break;
+      }
+    }
   } else {
-    const Candidates c = candidate_set(logits, p.temperature, p.top_k, p.top_p);
+    const Candidates c = candidates_from_weights(logits, w.data(), p.top_k, p.top_p);
     double r = double(rng_uniform(p.seed, kSampleStream, counter));
     s.token = c.tokens.back();
     for (size_t i = 0; i < c.tokens.size(); ++i) {

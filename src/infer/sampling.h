@@ -9,7 +9,9 @@
 //   3. greedy (T = 0): the first index of the largest logit; otherwise
 //      softmax(logits / T) -> top-k (k = 0: off) -> top-p over the renormalised top-k set,
 //      keeping the first token at which the cumulative probability reaches p -> one draw
-//      u = rng_uniform(seed, kSampleStream, counter) over that set.
+//      u = rng_uniform(seed, kSampleStream, counter) over that set (walked best first for its
+//      64 best, then in selection order; with top-k off and top-p = 1, the whole vocabulary in
+//      token order).
 // Masked tokens (vocabulary padding, token healing) carry -inf and are never chosen.
 // The draw depends only on (seed, counter) and the row's logits, never on other requests.
 #pragma once

@@ -44,6 +44,46 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
+// exp(x) for double, relative error within a few ulp (~1e-15) over [-708, 709]. x below -708
+// (and -inf) gives 0: the result would be below the smallest normal double (2^-1022 ~ 2.2e-308),
+// and such results are flushed rather than made denormal. x above 709 is clamped (exp(709) ~
+// 8.2e307: finite, where std::exp overflows to inf past ~709.78). NaN gives NaN.
+// Method as exp_f32: x = n ln2 + r, |r| <= ln2/2 (ln2 in two parts, fdlibm's split: n * kLn2Hi is
+// exact for |n| < 2^21), exp(r) by a degree-13 Taylor polynomial (truncation < 5e-18 relative on
+// that interval), times 2^n built in the exponent bits. For sampling's softmax over a vocabulary
+// (infer/sampling.cpp), where glibc's exp was a scalar call per token.
+inline double exp_f64(double x) {
+  const bool under = x < -708.0;
+  x = x < -708.0 ? -708.0 : x;
+  x = x > 709.0 ? 709.0 : x;
+  const double kLog2e = 1.4426950408889634074;
+  const double kLn2Hi = 6.93147180369123816490e-01;
+  const double kLn2Lo = 1.90821492927058770002e-10;
+  const double kRound = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer, see exp_f32
+  const double t = x * kLog2e + kRound;
+  const double n = t - kRound;
+  double r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  // 1 + r + r^2/2! + ... + r^13/13!  (Horner)
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t n_int = std::bit_cast<int64_t>(t) - std::bit_cast<int64_t>(kRound);
+  const double scale = std::bit_cast<double>(uint64_t(n_int + 1023) << 52);  // 2^n
+  return under ? 0.0 : p * scale;
+}
+
 // 1 / (1 + exp(-x)), accurate to a few ulp, saturating cleanly (0 for x < -87, 1 for x > 88).
 inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 

@@ -128,6 +128,25 @@ TEST(Sampling, GreedyTakesTheFirstMaximum) {
   EXPECT_THROW(sample_token(std::vector<float>(3, -INFINITY), p, 0, 0), Error);
 }
 
+// With top-k off and top-p = 1 the draw walks the whole vocabulary in token order (no candidate
+// set): the frequencies still follow the distribution when it is not sorted by token id, and a
+// masked (-inf) token between others is never drawn.
+TEST(Sampling, UntruncatedDrawFollowsAnUnsortedDistributionAndSkipsMaskedTokens) {
+  std::vector<float> l = log_probs({0.2, 0.2, 0.4, 0.2});
+  l[1] = -INFINITY;  // masked: the others renormalise to 0.25, 0.5, 0.25
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = 7;
+  std::map<int32_t, int> count;
+  const int n = 6000;
+  for (int i = 0; i < n; ++i) ++count[sample_token(l, p, uint64_t(i), 0).token];
+  EXPECT_EQ(count[1], 0);
+  // Binomial standard deviation <= sqrt(0.25/6000) ~ 0.0065: 0.03 is > 4 sigma.
+  EXPECT_NEAR(count[0] / double(n), 0.25, 0.03);
+  EXPECT_NEAR(count[2] / double(n), 0.5, 0.03);
+  EXPECT_NEAR(count[3] / double(n), 0.25, 0.03);
+}
+
 TEST(Sampling, SeedAndCounterDetermineTheDrawAndItFollowsTheDistribution) {
   const std::vector<float> l = log_probs({0.5, 0.3, 0.2});
   SamplingParams p;
