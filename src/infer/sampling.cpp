@@ -17,7 +17,8 @@ namespace loom::infer {
 namespace {
 
 // w[v] = exp((logits[v] - mx) / T) for every v, in double (kernels/cpu/vec_math.h: a few ulp of
-// glibc's exp; -inf logits weigh exactly 0). One vectorised pass: at V = 4096 and 32 rows a step,
+// glibc's exp), and 0 for -inf and NaN logits: they are never candidates, so they carry no
+// mass in the draw or the log-partition either. One vectorised pass: at V = 4096 and 32 rows a step,
 // glibc's scalar exp, called twice per token (the log-partition and the candidates), took about a
 // fifth of a loaded server's decode step.
 void softmax_weights(std::span<const float> logits, double mx, double T, double* w) {
@@ -25,7 +26,8 @@ void softmax_weights(std::span<const float> logits, double mx, double T, double*
   const int64_t V = int64_t(logits.size());
   const double inv_t = 1.0 / T;
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) w[v] = kernels::vec::exp_f64((double(l[v]) - mx) * inv_t);
+  for (int64_t v = 0; v < V; ++v)
+    w[v] = l[v] > -INFINITY ? kernels::vec::exp_f64((double(l[v]) - mx) * inv_t) : 0.0;
 }
 
 // candidate_set on weights computed by softmax_weights (mx: the largest logit).

@@ -58,7 +58,7 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
   v.N = n;
   if (w.layout == kernels::WeightLayout::amx_tiles) {
     // Tile order keeps 32-row blocks whole: a slice must start on one (ModelWeights stores a view
-    // it slices elsewhere in row order).
+    // it slices elsewhere in panels or rows).
     LOOM_ASSERT(r0 % 32 == 0, "rows [{}, {}) of a tile-order weight: start not a multiple of 32",
                 r0, r0 + n);
     v.data = static_cast<const bf16*>(w.data) + kernels::amx_tiles_index(r0, 0, w.K);

@@ -1,4 +1,5 @@
-// kernels/cpu/vec_math.h: inlineable float math that GCC vectorises inside `omp simd` loops.
+// kernels/cpu/vec_math.h: inlineable float and double math that GCC vectorises inside `omp simd`
+// loops.
 //
 // glibc's expf/tanhf are scalar calls unless -ffast-math is on (which loom does not use, for
 // reproducibility), so GELU and softmax over millions of elements would run at one element per
@@ -45,11 +46,11 @@ inline float exp_f32(float x) {
 }
 
 // exp(x) for double, relative error within a few ulp (~1e-15) over [-708, 709]. x below -708
-// (and -inf) gives 0: the result would be below the smallest normal double (2^-1022 ~ 2.2e-308),
-// and such results are flushed rather than made denormal. x above 709 is clamped (exp(709) ~
+// (and -inf) gives 0: the result would be within a factor 1.5 of the smallest normal double
+// (2^-1022 ~ 2.2e-308, at x ~ -708.4) or below it, and such results are flushed. x above 709 is clamped (exp(709) ~
 // 8.2e307: finite, where std::exp overflows to inf past ~709.78). NaN gives NaN.
 // Method as exp_f32: x = n ln2 + r, |r| <= ln2/2 (ln2 in two parts, fdlibm's split: n * kLn2Hi is
-// exact for |n| < 2^21), exp(r) by a degree-13 Taylor polynomial (truncation < 5e-18 relative on
+// exact for |n| < 2^21), exp(r) by a degree-13 Taylor polynomial (truncation < 6e-18 relative on
 // that interval), times 2^n built in the exponent bits. For sampling's softmax over a vocabulary
 // (infer/sampling.cpp), where glibc's exp was a scalar call per token.
 inline double exp_f64(double x) {

@@ -56,10 +56,15 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
 // Why this layout (session 18, replacing row-major weights read as dot products of 16-lane
 // vectors): at M = 8 and above the dot-product tiles loaded x twice per FMA pair and ended each
 // tile with a 16-vector horizontal sum, and ran at ~45% of the core's FMA peak (53 of 117 GFLOP/s
-// on the Zen 4 host, M = 32, N = 4096, K = 256, one thread); this tile reaches 97% (113) in the
-// prototype, in every format (the widening is shared by MR rows). At M = 1 it streams NR panels,
+// on the Zen 4 host, M = 32, N = 4096, K = 256, one thread); this tile reaches 98% (114-117 at
+// M = 8 and 32, N 256-4096, K 256-1024; f32, and bf16 and int8 alike in a prototype: the
+// widening is shared by MR rows). At M = 1 it streams NR panels,
 // each one contiguous run of K vectors, at least as fast as the row tiles with their software
-// prefetches (docs/infer.md, "Session 18").
+// prefetches (docs/infer.md, "Session 18"). Software prefetches of the next block (into L1, and
+// 2 blocks ahead into L2, as the row tiles did) made M = 1 slower in every format (a harness
+// alternating with and without them, gpt2-124m's linears laid end to end, six rounds each: int8
+// medians 19-28 against 27-35 GB/s, bf16 20-21 against 32-34, f32 24-29 against 32-39), so the
+// panel tiles issue none.
 
 #define LOOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
@@ -156,7 +161,7 @@ struct PanelTiles {
 
 // Runs fn(b) for every b in [0, n) on the OpenMP threads. Each thread owns one contiguous
 // range (its 1/T of [0, n)) and claims it front to back in chunks (of kChunk blocks, fewer when
-// n is small, so that every thread owns some); a thread done with
+// n is small, so that the others can still take over part of a range); a thread done with
 // its own range then claims the remaining chunks of the others' (on a shared machine one thread
 // is often descheduled, and the other takes over its work). Why not schedule(dynamic): its
 // chunks interleave the threads through the whole matrix, and on the Zen 4 host two threads
@@ -248,16 +253,30 @@ int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
   LOOM_ASSERT(false, "unknown WeightLayout {}", int(w.layout));
 }
 
+namespace {
+template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(n, k, K)
+void pack_panels_as(T* dst, const T* W, int64_t N, int64_t K) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < P; ++p) {
+    T* d = dst + p * kPanel * K;  // (K, 16): this panel
+    std::memset(static_cast<void*>(d), 0, size_t(kPanel * K) * sizeof(T));  // padding: zeros
+    for (int64_t n = p * kPanel; n < std::min(N, (p + 1) * kPanel); ++n)
+      for (int64_t k = 0; k < K; ++k) d[k * kPanel + n % kPanel] = W[n * K + k];
+  }
+}
+}  // namespace
+
 void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64_t K) {
   LOOM_CHECK(N >= 0 && K >= 0, "pack_panels: sizes N={} K={} must be >= 0", N, K);
-  const size_t e = format == WeightFormat::f32 ? 4 : format == WeightFormat::bf16 ? 2 : 1;
-  char* d = static_cast<char*>(dst);
-  const char* src = static_cast<const char*>(W);
-  const int64_t total = panels_elements(N, K);
-  std::memset(d, 0, size_t(total) * e);  // the last panel's padding columns are zeros
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k)
-      std::memcpy(d + size_t(panels_index(n, k, K)) * e, src + size_t(n * K + k) * e, e);
+  switch (format) {
+    case WeightFormat::f32:
+      return pack_panels_as(static_cast<float*>(dst), static_cast<const float*>(W), N, K);
+    case WeightFormat::bf16:
+      return pack_panels_as(static_cast<bf16*>(dst), static_cast<const bf16*>(W), N, K);
+    case WeightFormat::int8_row:
+      return pack_panels_as(static_cast<int8_t*>(dst), static_cast<const int8_t*>(W), N, K);
+  }
 }
 
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,

@@ -80,7 +80,7 @@ bool weight_matmul_uses_avx512();
 bool weight_matmul_uses_amx(const WeightView& w);
 
 // Whether a bf16 weight with K columns should be stored in tile order: K a non-zero multiple of
-// 32, amx_bf16_usable(), and LOOM_AMX_WEIGHTS is not "0" (which keeps bf16 weights row-major on
+// 32, amx_bf16_usable(), and LOOM_AMX_WEIGHTS is not "0" (which keeps bf16 weights in panels on
 // the AVX-512 path, to compare the two).
 bool amx_tiles_available(int64_t K);
 

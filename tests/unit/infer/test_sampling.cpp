@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <numeric>
 
@@ -145,6 +146,25 @@ TEST(Sampling, UntruncatedDrawFollowsAnUnsortedDistributionAndSkipsMaskedTokens)
   EXPECT_NEAR(count[0] / double(n), 0.25, 0.03);
   EXPECT_NEAR(count[2] / double(n), 0.5, 0.03);
   EXPECT_NEAR(count[3] / double(n), 0.25, 0.03);
+  // A NaN logit is never a candidate either: it weighs nothing, the draw and the logprobs of
+  // the others stay as they were (the truncated path drops it the same way).
+  std::vector<float> with_nan = l;
+  with_nan[3] = std::numeric_limits<float>::quiet_NaN();
+  std::map<int32_t, int> c2;
+  for (int i = 0; i < n; ++i) {
+    const Sampled s = sample_token(with_nan, p, uint64_t(i), 0);
+    ++c2[s.token];
+    ASSERT_TRUE(std::isfinite(s.logprob));
+  }
+  EXPECT_EQ(c2[1] + c2[3], 0);
+  EXPECT_NEAR(c2[0] / double(n), 1.0 / 3, 0.03);
+  EXPECT_NEAR(c2[2] / double(n), 2.0 / 3, 0.03);
+  SamplingParams k = p;
+  k.top_k = 3;  // the three unmasked tokens: the same distribution through the candidate set
+  std::map<int32_t, int> c3;
+  for (int i = 0; i < n; ++i) ++c3[sample_token(l, k, uint64_t(i), 0).token];
+  EXPECT_EQ(c3[1], 0);
+  EXPECT_NEAR(c3[2] / double(n), 0.5, 0.03);
 }
 
 TEST(Sampling, SeedAndCounterDetermineTheDrawAndItFollowsTheDistribution) {
