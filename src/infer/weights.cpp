@@ -276,11 +276,13 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     v.data = dst;
     if (p.fmt == WeightFormat::int8_row) v.scales = lin_scales_.data() + p.scale_at;
     // The weight in its format, row-major: written in place when it stays in rows, else into
-    // rows_buf and then packed.
+    // rows_buf and then packed (f32 is packed straight from its f32 source).
     char* rows = dst;
-    if (v.layout != kernels::WeightLayout::rows) {
+    const char* pack_from = rows;
+    if (v.layout != kernels::WeightLayout::rows && p.fmt != WeightFormat::f32) {
       rows_buf.resize(size_t(n) * element_bytes(p.fmt));
       rows = rows_buf.data();
+      pack_from = rows;
     }
     const bool is_head = &v == &head_;
     if (src.int8 && !is_head) {
@@ -309,7 +311,10 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
       }
       switch (p.fmt) {
         case WeightFormat::f32:
-          std::copy(w, w + n, reinterpret_cast<float*>(rows));
+          if (v.layout == kernels::WeightLayout::rows)
+            std::copy(w, w + n, reinterpret_cast<float*>(rows));
+          else
+            pack_from = reinterpret_cast<const char*>(w);
           break;
         case WeightFormat::bf16:
           convert_f32_to_bf16(w, reinterpret_cast<bf16*>(rows), size_t(n));
@@ -321,10 +326,10 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
       }
     }
     if (p.tiles)
-      kernels::pack_amx_tiles(reinterpret_cast<bf16*>(dst), reinterpret_cast<const bf16*>(rows),
-                              p.N, p.K);
+      kernels::pack_amx_tiles(reinterpret_cast<bf16*>(dst),
+                              reinterpret_cast<const bf16*>(pack_from), p.N, p.K);
     else if (p.panels)
-      kernels::pack_panels(dst, rows, p.fmt, p.N, p.K);
+      kernels::pack_panels(dst, pack_from, p.fmt, p.N, p.K);
   }
 }
 
