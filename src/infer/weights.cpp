@@ -67,10 +67,7 @@ WeightView weight_rows(const WeightView& w, int64_t r0, int64_t n) {
   if (w.layout == kernels::WeightLayout::panels) {
     // Panels keep 16 columns whole: a slice must start on one (its last panel may hold the next
     // rows' weights, which the kernel reads but never writes out: it stops at the view's N).
-    LOOM_ASSERT(r0 % 16 == 0, "rows [{}, {}) of a panel-order weight: start not a multiple of 16",
-                r0, r0 + n);
-    v.data = static_cast<const char*>(w.data) +
-             size_t(kernels::panels_index(r0, 0, w.K)) * element_bytes(w.format);
+    return kernels::panels_view_rows(w, r0, n);
   } else {
     v.data = static_cast<const char*>(w.data) + size_t(r0 * w.K) * element_bytes(w.format);
   }
@@ -165,7 +162,7 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     bool panels = false;  // in 16-column panels (the AVX-512 kernel's layout)
     int64_t elements() const {
       return tiles ? kernels::amx_tiles_elements(N, K)
-                   : panels ? kernels::panels_elements(N, K) : N * K;
+                   : panels ? kernels::panels_elements(fmt, N, K) : N * K;
     }
   };
   std::vector<Pending> todo;
@@ -223,8 +220,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     // order where the AVX-512 kernel runs, unless a slice (weight_rows) would cut a 32-row block
     // or a 16-column panel: such a weight stays in rows and runs the reference loop.
     p.tiles = p.fmt == WeightFormat::bf16 && kernels::amx_tiles_available(p.K) && p.split % 32 == 0;
-    p.panels = !p.tiles && kernels::weight_matmul_uses_avx512() && p.split % 16 == 0;
-    if (!p.tiles && !p.panels && kernels::weight_matmul_uses_avx512())
+    const bool fast = kernels::weight_matmul_panels_fast(p.fmt);
+    p.panels = !p.tiles && fast && p.split % 16 == 0;
+    if (!p.tiles && !p.panels && fast)
       LOOM_LOG_WARN("a {} x {} weight sliced at row {} cannot be stored in 16-column panels; it "
                     "runs on the slow reference kernel", p.N, p.K, p.split);
     const int64_t n = p.elements();

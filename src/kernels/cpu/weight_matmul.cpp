@@ -1,17 +1,20 @@
 // kernels/cpu/weight_matmul.cpp: y (M, N) = x (M, K) @ W^T + bias with W (N, K) in f32, bf16 or
-// int8 rows. Two implementations of the contract in weight_matmul.h, with the same bits:
-// - weight_matmul_reference: one fma chain per (m, n) over ascending k, any layout. Plain and
-//   obviously right; the fallback on CPUs without AVX-512 and for row-order views.
-// - the AVX-512 kernel below, on the panel layout, for every M: decode (M = 1..8) streams W once
-//   and widens it in registers; batches and prefill share each widened weight vector among up to
-//   8 rows of x and run near the FMA peak.
+// int8 rows. Implementations of the contract in weight_matmul.h, each with the reference's bits:
+// - weight_matmul_reference: one fma chain (int8: one exact integer sum) per (m, n) over
+//   ascending k, any layout. Plain and obviously right; the fallback on CPUs without AVX-512
+//   and for row-order views.
+// - the AVX-512 kernel below for f32 and bf16, on the panel layout, for every M: decode (M =
+//   1..8) streams W once and widens it in registers; batches and prefill share each widened
+//   weight vector among up to 8 rows of x and run near the FMA peak.
+// - the AVX-512 VNNI kernel for int8 (further below): x in its integer form, vpdpbusd on the
+//   weight bytes as they are stored, no widening.
 //
 // Why f32 x with widened weights rather than vdpbf16ps for bf16: vdpbf16ps would round x to bf16,
 // changing the numerics for a weight-only format, and decode sizes are memory-bound anyway: the
-// widening costs one or two ALU ops per 16 weights (shift for bf16, int->float convert for int8)
-// beside the FMA, shared by every row of x in the tile. Where AMX tiles exist, the inference
-// weights store bf16 linears in tile order at load and weight_matmul_amx.cpp runs them at every M
-// (x kept exact by splitting it into three bf16 parts).
+// widening costs one ALU op per 16 weights (a shift) beside the FMA, shared by every row of x in
+// the tile. Where AMX tiles exist, the inference weights store bf16 linears in tile order at load
+// and weight_matmul_amx.cpp runs them at every M (x kept exact by splitting it into three bf16
+// parts).
 #include "kernels/cpu/weight_matmul.h"
 
 #include <immintrin.h>
@@ -22,6 +25,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "core/error.h"
 
@@ -42,6 +47,22 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
   LOOM_CHECK(w.layout != WeightLayout::amx_tiles ||
                  (w.format == WeightFormat::bf16 && K > 0 && K % 32 == 0),
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
+}
+
+// int8 arithmetic (weight_matmul.h): the exponent q of a finite row of x whose largest magnitude
+// is amax, so that |x * 2^q| < 2^30 (0 for a zero row).
+int int8_row_exponent(float amax) { return amax > 0.f ? 29 - std::ilogb(amax) : 0; }
+
+// A row of x holding a NaN or an infinity: the f32 formula, acc = fma(x[k], q[n][k], acc) over k
+// ascending, then * scales[n], then + bias[n] (so NaN and Inf propagate as IEEE arithmetic says).
+void int8_float_row(float* y, const float* x, const WeightView& w, const float* bias) {
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  for (int64_t n = 0; n < w.N; ++n) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < w.K; ++k) acc = std::fma(x[k], float(q[weight_element_index(w, n, k)]), acc);
+    acc *= w.scales[n];
+    y[n] = bias ? acc + bias[n] : acc;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -72,9 +93,10 @@ constexpr int64_t kPanel = 16;       // output columns per panel: one f32 vector
 constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads share out
 
 template <WeightFormat F>
-constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : F == WeightFormat::bf16 ? 2 : 1;
+constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : 2;  // f32 or bf16
 
-// The 16 weights of one panel at one k, widened to f32 (exact for bf16 and int8).
+// The 16 weights of one panel at one k, widened to f32 (exact for bf16). int8 has its own
+// kernel below.
 template <WeightFormat F>
 LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
   if constexpr (F == WeightFormat::f32) {
@@ -83,19 +105,15 @@ LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
     // bf16 is the top half of an f32: zero-extend to 32 bits and shift left by 16.
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
   }
 }
 
 // y[0..MR) x [0..16 NR) of the output (columns at or past `cols` are not written: the last
 // panel's padding). x: the tile's first row (rows K apart); w: its first panel (panels
-// panel_bytes apart); scales and bias point at the tile's first column (or are null).
+// panel_bytes apart); bias points at the tile's first column (or is null).
 template <WeightFormat F, int MR, int NR>
 LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
-                            size_t panel_bytes, const float* scales, const float* bias,
-                            int64_t cols) {
+                            size_t panel_bytes, const float* bias, int64_t cols) {
   constexpr size_t kStep = kPanel * kElemBytes<F>;  // bytes of one panel per k
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
@@ -118,13 +136,11 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, co
   for (int j = 0; j < NR; ++j) {
     const int64_t left = cols - kPanel * j;
     const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    __m512 s = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-    if constexpr (F == WeightFormat::int8_row) s = _mm512_maskz_loadu_ps(mask, scales + kPanel * j);
+    __m512 b = _mm512_setzero_ps();
     if (bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       __m512 v = acc[i][j];
-      if constexpr (F == WeightFormat::int8_row) v = _mm512_mul_ps(v, s);
       if (bias) v = _mm512_add_ps(v, b);
       _mm512_mask_storeu_ps(y + i * ldy + kPanel * j, mask, v);
     }
@@ -132,7 +148,7 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, co
 }
 
 using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
-                             const float*, const float*, int64_t);
+                             const float*, int64_t);
 
 // Tile shapes: MR in {1, 2, 4, 8} (other M are split into these), NR panels up to kMaxNr(MR):
 // MR x NR accumulators + NR weight vectors + one broadcast x fit the 32 vector registers, and NR
@@ -221,7 +237,6 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
         const int nr = int(std::min<int64_t>(kMaxNr(mr), p_end - p));
         kTiles.fn[mi][nr - 1](y + m0 * ldy + p * kPanel, ldy, x + m0 * K, K,
                               wdata + size_t(p) * panel_bytes, panel_bytes,
-                              w.scales ? w.scales + p * kPanel : nullptr,
                               bias ? bias + p * kPanel : nullptr, N - p * kPanel);
         p += nr;
       }
@@ -231,38 +246,269 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
   for_blocks_owned_first(n_blocks, block);
 }
 
+// ---------------------------------------------------------------------------------------------
+// int8 on AVX-512 VNNI. Widening int8 to f32 (sign-extend, int -> float) costs two vector ops per
+// 16 weights beside the FMA: on the Zen 4 host that capped batch-1 decode at ~29 GB/s of int8 a
+// core with the weights in L1 (1.8 G weight vectors a second, the same rate as bf16's one
+// widening op, i.e. half of bf16's bytes), below the machine's read bandwidth. Here the row of x
+// is held as integers instead (weight_matmul.h, "int8 arithmetic": X = x * 2^q rounded, |X| <
+// 2^30) and split into four signed base-256 digits, so that vpdpbusd multiplies 64 weights by
+// one digit plane in one instruction: 4 instructions per 64 weights, 3x fewer than widening,
+// and the integer sums are exact, so the order of accumulation (tiles, threads, K) cannot change
+// a bit. vpdpbusd takes unsigned bytes on one side: the kernel flips the weights' sign bit in
+// registers (u = q + 128) and subtracts 128 * sum_k X[k] at the end. Per (row, column) the four
+// digit planes accumulate in int32: |digit| <= 128 and u <= 255, so K <= 65536 keeps them exact
+// (a larger K runs the reference loop).
+//
+// Layout (panels_index, int8): spans of 64 columns (4 panels), k in groups of 4, each group 256
+// bytes: column c's weights at k = 4g..4g+3 in bytes 4c..4c+3, so that 64 bytes are one panel's
+// vpdpbusd operand. A tile of 4 panels reads one contiguous stream (48 KiB at K = 768), where 16-
+// column panels made four streams of a quarter of that: at batch 1, short streams read at 0.6-0.7
+// of the read probe (the hardware prefetchers ramp up per stream).
+
+constexpr int64_t kInt8Group = 4;           // k per 32-bit lane
+constexpr int64_t kInt8Span = 64;           // columns a span: 4 panels, interleaved by group
+constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // int32 digit sums exact up to here
+
+#define LOOM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// The integer form of rows of x (weight_matmul.h): per row, q, 2^-q, sum_k X[k], and the four
+// digit planes as dwords: plane j, group g holds digit j of X[4g..4g+3] (one byte each).
+struct Int8Rows {
+  int64_t groups = 0;  // dwords per plane (K rounded up to 16, / 4: whole vectors)
+  std::vector<int32_t> planes;  // (M, 4, groups)
+  std::vector<int64_t> sum;     // (M)
+  std::vector<double> unscale;  // (M): 2^-q
+  std::vector<uint8_t> finite;  // (M): 0 where the row holds a NaN or an infinity
+};
+
+LOOM_AVX512_VNNI void int8_prepare_row(const float* x, int64_t K, int64_t groups, int32_t* planes,
+                                       int64_t* sum, double* unscale, uint8_t* finite) {
+  // Pass 1: the largest magnitude, and whether every value is finite.
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1u);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k));
+    bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or > max: not finite
+    amax = _mm512_max_ps(amax, a);
+  }
+  std::memset(planes, 0, size_t(4 * groups) * sizeof(int32_t));
+  if (bad) {  // this row runs the f32 formula (int8_float_row)
+    *finite = 0, *sum = 0, *unscale = 1.0;
+    return;
+  }
+  *finite = 1;
+  const float top = _mm512_reduce_max_ps(amax);
+  const int q = int8_row_exponent(top);
+  *unscale = std::ldexp(1.0, -q);
+  const __m512 qv = _mm512_set1_ps(float(q));
+  __m512i s64 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1u);
+    // x * 2^q is exact (scalef), then rounded to the nearest integer, ties to even (MXCSR's
+    // default mode, as std::nearbyint in the reference).
+    __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m, x + k), qv));
+    s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
+    s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
+    const int64_t g = k / kInt8Group;  // this vector's first group
+    for (int j = 0; j < 4; ++j) {
+      // Balanced base-256 digits: d = the low byte as a signed value, X = (X - d) / 256 exactly.
+      const __m512i d = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + j * groups + g), _mm512_cvtepi32_epi8(d));
+      X = _mm512_srai_epi32(_mm512_sub_epi32(X, d), 8);
+    }
+  }
+  *sum = _mm512_reduce_add_epi64(s64);
+}
+
+// acc += the 4-byte dot products of a (unsigned bytes) and b (signed bytes) per 32-bit lane. In
+// inline assembly because GCC 12 copies the accumulator of the intrinsic through other registers
+// (and spills them) when it holds 16 of them: the tile below ran at ~60% of the instruction's
+// rate that way.
+LOOM_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+}
+
+// y[0..16 NR) of one row from its digit planes and NR panels. One row a tile: GCC 12 keeps the
+// 16 accumulators of a one-row tile in registers, but spilled them to the stack (half the rate)
+// in every two- to six-row shape tried; the rows of a batch each walk the block's panels again
+// instead, from L2 (a block of 8 panels is 8 * 16 * K bytes: 96 KiB at K = 768).
+template <int NR>
+LOOM_AVX512_VNNI void int8_tile(float* y, const int32_t* planes, int64_t groups, int64_t sum,
+                                double unscale, const char* w, int64_t G,
+                                const float* scales, const float* bias, int64_t cols) {
+  __m512i acc[NR][4];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) acc[j][p] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));  // q -> q + 128, as unsigned bytes
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i wv[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j)
+      wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + size_t(g) * kInt8Span * kInt8Group + j * 64), flip);
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512i xb = _mm512_set1_epi32(planes[p * groups + g]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) dpbusd(acc[j][p], wv[j], xb);
+    }
+  }
+  // I = sum_p acc_p * 256^p - 128 * sum_k X (int64, exact); y = f32(f64(I) * (s * 2^-e)) + bias.
+  const __m512d u = _mm512_set1_pd(unscale);
+  const __m512i offset = _mm512_set1_epi64(-128 * sum);
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) {
+    const int64_t left = cols - kPanel * j;
+    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scales + kPanel * j);
+    const __m512d s_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(s));
+    const __m512d s_hi =
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    __m512i lo = offset, hi = offset;
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      lo = _mm512_add_epi64(
+          lo, _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j][p])), 8 * p));
+      hi = _mm512_add_epi64(
+          hi, _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j][p], 1)),
+                                8 * p));
+    }
+    const __m256 y_lo =
+        _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi64_pd(lo), _mm512_mul_pd(s_lo, u)));
+    const __m256 y_hi =
+        _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi64_pd(hi), _mm512_mul_pd(s_hi, u)));
+    __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(y_lo), y_hi, 1);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + kPanel * j));
+    _mm512_mask_storeu_ps(y + kPanel * j, mask, v);
+  }
+}
+
+using Int8TileFn = void (*)(float*, const int32_t*, int64_t, int64_t, double, const char*,
+                            int64_t, const float*, const float*, int64_t);
+
+// One span (up to four panels) a tile: 16 int32 accumulators (16 independent chains), 4 weight
+// vectors, one broadcast.
+constexpr int kInt8MaxNr = 4;
+constexpr Int8TileFn kInt8Tiles[kInt8MaxNr] = {&int8_tile<1>, &int8_tile<2>, &int8_tile<3>,
+                                               &int8_tile<4>};
+
+LOOM_AVX512_VNNI void weight_matmul_int8_vnni(float* y, int64_t ldy, const float* x, int64_t M,
+                                              const WeightView& w, const float* bias) {
+  const int64_t N = w.N, K = w.K;
+  const int64_t G = (K + kInt8Group - 1) / kInt8Group;  // groups
+  const int64_t col0 = w.col0;  // the view's first column within its first span
+  const int64_t S = (col0 + N + kInt8Span - 1) / kInt8Span;  // spans
+  const size_t span_bytes = size_t(kInt8Span * G * kInt8Group);
+  thread_local Int8Rows rows;  // reused across calls: decode calls this per linear per token
+  rows.groups = (K + 15) / 16 * 4;
+  const int64_t groups = rows.groups, stride = 4 * groups;
+  rows.planes.resize(size_t(M * stride));
+  rows.sum.resize(size_t(M));
+  rows.unscale.resize(size_t(M));
+  rows.finite.resize(size_t(M));
+  int32_t* planes = rows.planes.data();  // this thread's buffers, for the workers below
+  int64_t* sums = rows.sum.data();
+  double* unscales = rows.unscale.data();
+  uint8_t* finite = rows.finite.data();
+#pragma omp parallel for schedule(static) if (M >= 16)
+  for (int64_t m = 0; m < M; ++m)
+    int8_prepare_row(x + m * K, K, groups, planes + m * stride, sums + m, unscales + m,
+                     finite + m);
+  const char* wdata = static_cast<const char*>(w.data);
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  // Blocks of up to 2 spans (8 panels, as the f32 and bf16 kernel's), fewer when that leaves a
+  // thread without one.
+  const int64_t per_block = std::clamp<int64_t>((S + threads - 1) / threads, 1, 2);
+  const int64_t n_blocks = (S + per_block - 1) / per_block;
+  auto block = [&](int64_t b) {
+    const int64_t s_begin = b * per_block, s_end = std::min(S, s_begin + per_block);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t sp = s_begin; sp < s_end; ++sp) {
+        const int64_t j0 = sp == 0 ? col0 / kPanel : 0;      // the span's first panel in the view
+        const int64_t c0 = sp * kInt8Span + j0 * kPanel - col0;  // its first column in the view
+        const int nr = int(std::min<int64_t>(kInt8MaxNr - j0, (N - c0 + kPanel - 1) / kPanel));
+        kInt8Tiles[nr - 1](y + m * ldy + c0, planes + m * stride, groups, sums[m], unscales[m],
+                           wdata + size_t(sp) * span_bytes + size_t(j0) * 64, G, w.scales + c0,
+                           bias ? bias + c0 : nullptr, N - c0);
+      }
+  };
+  for_blocks_owned_first(n_blocks, block);
+  for (int64_t m = 0; m < M; ++m)  // rows holding NaN or Inf: the f32 formula
+    if (!finite[m]) int8_float_row(y + m * ldy, x + m * K, w, bias);
+}
+
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 }
 
+bool cpu_has_avx512_vnni() {
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 }  // namespace
 
-int64_t panels_elements(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+namespace {
+size_t kElemBytesOf(WeightFormat f) { return f == WeightFormat::f32 ? 4 : f == WeightFormat::bf16 ? 2 : 1; }
+}  // namespace
 
-int64_t panels_index(int64_t n, int64_t k, int64_t K) {
+int64_t panels_elements(WeightFormat format, int64_t N, int64_t K) {
+  if (format == WeightFormat::int8_row)
+    return (N + kInt8Span - 1) / kInt8Span * kInt8Span * ((K + kInt8Group - 1) / kInt8Group * kInt8Group);
+  return (N + kPanel - 1) / kPanel * kPanel * K;
+}
+
+int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K) {
+  if (format == WeightFormat::int8_row) {
+    const int64_t K4 = (K + kInt8Group - 1) / kInt8Group * kInt8Group;
+    return n / kInt8Span * kInt8Span * K4 + k / kInt8Group * (kInt8Span * kInt8Group) +
+           n % kInt8Span * kInt8Group + k % kInt8Group;
+  }
   return n / kPanel * kPanel * K + k * kPanel + n % kPanel;
+}
+
+WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n) {
+  LOOM_CHECK(w.layout == WeightLayout::panels && r0 >= 0 && n >= 0 && r0 + n <= w.N &&
+                 r0 % kPanel == 0,
+             "panels_view_rows: rows [{}, {}) of a panel-order weight with {} rows: need whole "
+             "16-column panels", r0, r0 + n, w.N);
+  WeightView v = w;
+  v.N = n;
+  const int64_t first = w.col0 + r0;  // in the layout w.data starts
+  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : kPanel;
+  v.col0 = w.format == WeightFormat::int8_row ? first % unit : 0;
+  v.data = static_cast<const char*>(w.data) +
+           size_t(panels_index(w.format, first - v.col0, 0, w.K)) * kElemBytesOf(w.format);
+  if (w.scales) v.scales = w.scales + r0;
+  return v;
 }
 
 int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
   switch (w.layout) {
     case WeightLayout::rows: return n * w.K + k;
     case WeightLayout::amx_tiles: return amx_tiles_index(n, k, w.K);
-    case WeightLayout::panels: return panels_index(n, k, w.K);
+    case WeightLayout::panels: return panels_index(w.format, n + w.col0, k, w.K);
   }
   LOOM_ASSERT(false, "unknown WeightLayout {}", int(w.layout));
 }
 
 namespace {
-template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(n, k, K)
-void pack_panels_as(T* dst, const T* W, int64_t N, int64_t K) {
-  const int64_t P = (N + kPanel - 1) / kPanel;
+template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(format, n, k, K)
+void pack_panels_as(T* dst, const T* W, WeightFormat format, int64_t N, int64_t K) {
+  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : kPanel;  // a unit's columns
+  const int64_t units = (N + R - 1) / R;
+  const int64_t unit = panels_elements(format, R, K);  // elements of one unit
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < P; ++p) {
-    T* d = dst + p * kPanel * K;  // (K, 16): this panel
-    std::memset(static_cast<void*>(d), 0, size_t(kPanel * K) * sizeof(T));  // padding: zeros
-    for (int64_t n = p * kPanel; n < std::min(N, (p + 1) * kPanel); ++n)
-      for (int64_t k = 0; k < K; ++k) d[k * kPanel + n % kPanel] = W[n * K + k];
+  for (int64_t p = 0; p < units; ++p) {
+    T* d = dst + p * unit;  // this unit
+    std::memset(static_cast<void*>(d), 0, size_t(unit) * sizeof(T));  // padding: zeros
+    for (int64_t n = p * R; n < std::min(N, (p + 1) * R); ++n)
+      for (int64_t k = 0; k < K; ++k) d[panels_index(format, n % R, k, K)] = W[n * K + k];
   }
 }
 }  // namespace
@@ -271,13 +517,51 @@ void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64
   LOOM_CHECK(N >= 0 && K >= 0, "pack_panels: sizes N={} K={} must be >= 0", N, K);
   switch (format) {
     case WeightFormat::f32:
-      return pack_panels_as(static_cast<float*>(dst), static_cast<const float*>(W), N, K);
+      return pack_panels_as(static_cast<float*>(dst), static_cast<const float*>(W), format, N, K);
     case WeightFormat::bf16:
-      return pack_panels_as(static_cast<bf16*>(dst), static_cast<const bf16*>(W), N, K);
+      return pack_panels_as(static_cast<bf16*>(dst), static_cast<const bf16*>(W), format, N, K);
     case WeightFormat::int8_row:
-      return pack_panels_as(static_cast<int8_t*>(dst), static_cast<const int8_t*>(W), N, K);
+      return pack_panels_as(static_cast<int8_t*>(dst), static_cast<const int8_t*>(W), format, N,
+                            K);
   }
 }
+
+namespace {
+// weight_matmul_reference for int8: the integer arithmetic of weight_matmul.h written out.
+void int8_reference(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                    const float* bias) {
+  const int64_t N = w.N, K = w.K;
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  std::vector<int32_t> X(size_t(M * K));  // (M, K): x as integers
+  std::vector<int> e(static_cast<size_t>(M));  // (M): the exponent e of each row
+  std::vector<uint8_t> finite(size_t(M), 1);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!std::isfinite(xr[k])) finite[size_t(m)] = 0;
+      amax = std::fmax(amax, std::fabs(xr[k]));
+    }
+    if (!finite[size_t(m)]) {
+      int8_float_row(y + m * ldy, xr, w, bias);
+      continue;
+    }
+    e[size_t(m)] = int8_row_exponent(amax);
+    for (int64_t k = 0; k < K; ++k)
+      X[size_t(m * K + k)] = int32_t(std::nearbyint(std::ldexp(xr[k], e[size_t(m)])));
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      if (!finite[size_t(m)]) continue;
+      int64_t acc = 0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += int64_t(X[size_t(m * K + k)]) * q[weight_element_index(w, n, k)];
+      const float v = float(double(acc) * std::ldexp(double(w.scales[n]), -e[size_t(m)]));
+      y[m * ldy + n] = bias ? v + bias[n] : v;
+    }
+}
+}  // namespace
 
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias) {
@@ -285,15 +569,12 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
   if (ldy == 0) ldy = N;
   check_args("weight_matmul_reference", y, ldy, x, M, w);
   if (M == 0 || N == 0) return;
-  // The weight at (n, k) as f32, in any layout (exact: bf16 and int8 widen without rounding).
+  if (w.format == WeightFormat::int8_row) return int8_reference(y, ldy, x, M, w, bias);
+  // The weight at (n, k) as f32, in any layout (exact: bf16 widens without rounding).
   auto weight = [&w](int64_t n, int64_t k) -> float {
     const int64_t i = weight_element_index(w, n, k);
-    switch (w.format) {
-      case WeightFormat::f32: return static_cast<const float*>(w.data)[i];
-      case WeightFormat::bf16: return bf16_to_f32(static_cast<const bf16*>(w.data)[i]);
-      case WeightFormat::int8_row: return float(static_cast<const int8_t*>(w.data)[i]);
-    }
-    return 0.f;
+    return w.format == WeightFormat::f32 ? static_cast<const float*>(w.data)[i]
+                                         : bf16_to_f32(static_cast<const bf16*>(w.data)[i]);
   };
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
@@ -301,7 +582,6 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
       const float* xr = x + m * K;  // (K)
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) acc = std::fma(xr[k], weight(n, k), acc);
-      if (w.format == WeightFormat::int8_row) acc *= w.scales[n];
       y[m * ldy + n] = bias ? acc + bias[n] : acc;
     }
   }
@@ -317,13 +597,13 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
     if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
     return weight_matmul_reference(y, ldy, x, M, w, bias);
   }
-  if (w.layout != WeightLayout::panels || !weight_matmul_uses_avx512())
+  if (w.layout != WeightLayout::panels || !weight_matmul_panels_fast(w.format) ||
+      (w.format == WeightFormat::int8_row && w.K > kInt8MaxK))
     return weight_matmul_reference(y, ldy, x, M, w, bias);
   switch (w.format) {
     case WeightFormat::f32: return weight_matmul_panels<WeightFormat::f32>(y, ldy, x, M, w, bias);
     case WeightFormat::bf16: return weight_matmul_panels<WeightFormat::bf16>(y, ldy, x, M, w, bias);
-    case WeightFormat::int8_row:
-      return weight_matmul_panels<WeightFormat::int8_row>(y, ldy, x, M, w, bias);
+    case WeightFormat::int8_row: return weight_matmul_int8_vnni(y, ldy, x, M, w, bias);
   }
   LOOM_ASSERT(false, "weight_matmul: unknown WeightFormat {}", int(w.format));
 }
@@ -331,6 +611,11 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
 bool weight_matmul_uses_avx512() {
   static const bool kAvx512 = cpu_has_avx512();  // a property of the CPU, fixed for the process
   return kAvx512;
+}
+
+bool weight_matmul_panels_fast(WeightFormat format) {
+  static const bool kVnni = cpu_has_avx512_vnni();
+  return format == WeightFormat::int8_row ? kVnni : weight_matmul_uses_avx512();
 }
 
 void quantize_rows_int8(int8_t* q, float* scales, const float* W, int64_t N, int64_t K) {

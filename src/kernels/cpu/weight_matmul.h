@@ -12,23 +12,35 @@
 //   quantize_rows_int8 makes them (symmetric per row: scale = max|W[n,:]| / 127, q = round(W /
 //   scale), so |W - scale*q| <= scale/2 elementwise; an all-zero row gets scale 0 and q 0).
 // - bf16: W holds bf16 values; x is used as f32 (products accumulate in f32).
-// - Arithmetic: every output is acc = fma(x[m][k], W[n][k], acc) for k ascending from acc = 0
-//   (f32, with W widened exactly), then acc * scales[n] (int8), then + bias[n]. The reference
-//   loop defines it and the AVX-512 kernel computes it bit for bit.
+// - Arithmetic, f32 and bf16: every output is acc = fma(x[m][k], W[n][k], acc) for k ascending
+//   from acc = 0 (f32, with W widened exactly), then + bias[n]. The reference loop defines it and
+//   the AVX-512 kernel computes it bit for bit.
+// - Arithmetic, int8 (the integer form of x): a row of x whose values are all finite is held as
+//   integers X[k] = round(x[m][k] * 2^e), ties to even, with e = 29 - floor(log2(max_k
+//   |x[m][k]|)) (e = 0 for a zero row), so |X| < 2^30: each x within 2^-31 of its row's largest
+//   magnitude (f32 rounding of the largest element is 2^-24 of it). Then acc = sum_k X[k] *
+//   q[n][k] exactly (int64), and y = f32(f64(acc) * (f64(scales[n]) * 2^-e)), then + bias[n] in
+//   f32. The sum is exact, so nothing in it depends on order, tile or thread. A row holding a NaN
+//   or an infinity takes the f32 formula instead (fma chain of x with q, then * scales[n], then
+//   + bias[n]), so NaN and Inf propagate. The reference loop defines this too; the VNNI kernel
+//   computes it bit for bit (K <= 65536; a larger K runs the reference loop).
 // - Batch invariance: so row m of y depends only on row m of x and on W, whatever M, the other
 //   rows of the call and the thread count. Deterministic.
 // - Parallel over N inside (OpenMP); do not call from inside a parallel region.
 // - Bad sizes (negative, ldy < N, null data with non-zero size) throw loom::Error.
 //
 // Layouts (WeightLayout): the weights' order in memory. `rows` is W as loom stores it; the fast
-// CPU kernel reads `panels` (pack_panels; the inference weights are stored so at load): W^T in
+// CPU kernels read `panels` (pack_panels; the inference weights are stored so at load): W^T in
 // panels of 16 output columns, each panel k-major, so one vector load holds 16 outputs' weights
-// at one k. On CPUs with AVX-512 (F, BW, VL; checked at run time, so the build does not need
-// -march=native), a panel view runs tiles of up to 8 rows of x by up to 8 panels: each weight
-// vector is loaded and widened once per tile and multiplied into every row of it (x broadcast),
-// so decode at small M reads W once at the machine's read bandwidth and batches of 8 or more run
-// near the FMA peak (bench/kernels/bench_weight_matmul.cpp). Any other view (a `rows` view, or a
-// CPU without AVX-512) runs weight_matmul_reference: the same bits, slower.
+// at one k (int8: at four consecutive k, 4 bytes per column, see panels_index). On CPUs with
+// AVX-512 (F, BW, VL; checked at run time, so the build does not need -march=native), an f32 or
+// bf16 panel view runs tiles of up to 8 rows of x by up to 8 panels: each weight vector is loaded
+// and widened once per tile and multiplied into every row of it (x broadcast), so decode at
+// small M reads W once at the machine's read bandwidth and batches of 8 or more run near the FMA
+// peak (bench/kernels/bench_weight_matmul.cpp). An int8 panel view runs on AVX-512 VNNI (and DQ):
+// vpdpbusd multiplies 64 weights by a byte plane of the integer form of x per instruction.
+// weight_matmul_panels_fast says which. Any other view (a `rows` view, or a CPU without them)
+// runs weight_matmul_reference: the same bits, slower.
 // AMX: bf16 weights stored in tile order (WeightLayout::amx_tiles, made by pack_amx_tiles; the
 // inference weights do this at load where amx_tiles_available) run on AMX tiles at every M
 // (weight_matmul_amx.cpp): x is split into three bf16 parts that together hold its 24 bits, so x
@@ -59,21 +71,27 @@ struct WeightView {
   const void* data = nullptr;
   const float* scales = nullptr;
   WeightLayout layout = WeightLayout::rows;
+  // int8 panels only: the view's first column within the 64-column span that `data` points at
+  // (0, 16, 32 or 48): a view of rows [r0, r0 + N) of a larger weight (panels_view_rows).
+  int64_t col0 = 0;
 };
 
 // y (M, N) = x (M, K) @ W^T + bias.
 void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                    const float* bias);
 
-// The readable version of weight_matmul, same contract, any layout: one fma chain per (m, n) over
-// k ascending. The fallback without AVX-512 or for a view not in panels, and the plain
-// implementation that the tests hold the fast kernel against bit for bit.
+// The readable version of weight_matmul, same contract, any layout: one fma chain (int8: one
+// integer sum) per (m, n) over k ascending. The fallback without AVX-512 or for a view not in
+// panels, and the plain implementation that the tests hold the fast kernels against bit for bit.
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias);
 
-// True when weight_matmul runs panel-layout views on the AVX-512 kernel on this CPU (F, BW and VL
-// present), false when it runs weight_matmul_reference for them.
+// True when weight_matmul runs f32 and bf16 panel-layout views on the AVX-512 kernel on this CPU
+// (F, BW and VL present), false when it runs weight_matmul_reference for them.
 bool weight_matmul_uses_avx512();
+// True when weight_matmul runs panel-layout views of `format` on a fast kernel on this CPU:
+// weight_matmul_uses_avx512() for f32 and bf16; AVX-512 with DQ and VNNI for int8.
+bool weight_matmul_panels_fast(WeightFormat format);
 
 // True when weight_matmul runs `w` on AMX tiles: a tile-order bf16 view and amx_bf16_usable()
 // (kernels/cpu/amx.h; LOOM_AMX=0 turns every AMX path off).
@@ -93,11 +111,16 @@ int64_t amx_tiles_index(int64_t n, int64_t k, int64_t K);
 // W (N, K) bf16 row-major -> dst (amx_tiles_elements) in tile order; K a positive multiple of 32.
 void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K);
 
-// Panel order: elements of the (N, K) weight in pack_panels' layout (N rounded up to 16, times K)
-// and where element (n, k) lies in it: (n / 16) * 16 * K + k * 16 + n % 16. A view of rows
-// [r0, r0 + n) of a panel-order weight starts at panels_index(r0, 0, K) when r0 % 16 == 0.
-int64_t panels_elements(int64_t N, int64_t K);
-int64_t panels_index(int64_t n, int64_t k, int64_t K);
+// Panel order: elements of the (N, K) weight in pack_panels' layout and where element (n, k)
+// lies in it. f32 and bf16: N rounded up to 16, times K; (n / 16) * 16 * K + k * 16 + n % 16.
+// int8: spans of 64 columns (4 panels): N rounded up to 64, times K rounded up to 4 (K4);
+// (n / 64) * 64 * K4 + (k / 4) * 256 + (n % 64) * 4 + k % 4: each 64 bytes hold one panel's 16
+// columns at 4 consecutive k, one 32-bit lane a column, and a span's 4 panels follow each other.
+// Element (n, k) of a view lies at panels_index(format, n + col0, k, K) from its data.
+int64_t panels_elements(WeightFormat format, int64_t N, int64_t K);
+int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K);
+// Rows [r0, r0 + n) of a panel-order view, as a view (r0 a multiple of 16: whole panels).
+WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n);
 // W (N, K) row-major, elements of `format` (float, bf16 or int8_t) -> dst (panels_elements of
 // them) in panel order, the padding columns zero. int8 scales stay per row (N), as they are.
 void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64_t K);

@@ -430,8 +430,19 @@ TEST(Decoder, Int8HeadIsTheQuantizedEmbedding) {
                 q[size_t(v * C + c)];
   EXPECT_EQ(differ, 0);
   EXPECT_EQ(std::memcmp(sc.data(), w8h.head().scales, sc.size() * sizeof(float)), 0);
-  // The matmul bytes fall by the head's bf16 -> int8 difference: V*C*(2 - 1) - 4*V (scales).
-  EXPECT_EQ(w8.matmul_weight_bytes() - w8h.matmul_weight_bytes(), V * C - 4 * V);
+  // The matmul bytes fall by the head's bf16 -> int8 difference: V*C*(2 - 1) - 4*V (scales),
+  // with each layout's padding (panels round V up to 16 columns, int8 spans to 64; tile order
+  // to 32).
+  auto stored = [&](const kernels::WeightView& v) {
+    switch (v.layout) {
+      case kernels::WeightLayout::rows: return V * C;
+      case kernels::WeightLayout::panels: return kernels::panels_elements(v.format, V, C);
+      case kernels::WeightLayout::amx_tiles: return kernels::amx_tiles_elements(V, C);
+    }
+    return int64_t(0);
+  };
+  EXPECT_EQ(w8.matmul_weight_bytes() - w8h.matmul_weight_bytes(),
+            2 * stored(w8.head()) - (stored(w8h.head()) + 4 * V));
   const std::vector<int32_t> p = prompt(12, V, 21);
   auto l8 = cached_greedy(w8h, {p}, 1, nullptr);
   const std::vector<float> ref = m.recompute_logits(p);

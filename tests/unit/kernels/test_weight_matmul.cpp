@@ -62,7 +62,7 @@ struct StoredWeight {
   // After changing the rows: packs them again (the padding filled with a sentinel first, which
   // pack_panels must overwrite with zeros).
   void repack() {
-    panels.assign(size_t(kernels::panels_elements(N, K)) * elem(), char(0x5A));
+    panels.assign(size_t(kernels::panels_elements(format, N, K)) * elem(), char(0x5A));
     kernels::pack_panels(panels.data(), rows_view().data, format, N, K);
   }
   WeightView rows_view() const {
@@ -212,12 +212,12 @@ TEST(KernelsWeightMatmul, PanelKernelEqualsReferenceBitwise) {
 TEST(KernelsWeightMatmul, PanelLayout) {
   const int64_t N = 45, K = 9;
   StoredWeight sw(WeightFormat::bf16, N, K, 3100);
-  ASSERT_EQ(kernels::panels_elements(N, K), 48 * K);
+  ASSERT_EQ(kernels::panels_elements(WeightFormat::bf16, N, K), 48 * K);
   const bf16* p = reinterpret_cast<const bf16*>(sw.panels.data());
   std::vector<bool> seen(size_t(48 * K), false);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t i = kernels::panels_index(n, k, K);
+      const int64_t i = kernels::panels_index(WeightFormat::bf16, n, k, K);
       ASSERT_TRUE(i >= 0 && i < 48 * K) << n << "," << k;
       EXPECT_FALSE(seen[size_t(i)]) << "two elements at " << i;
       seen[size_t(i)] = true;
@@ -233,12 +233,15 @@ TEST(KernelsWeightMatmul, PanelLayout) {
                                3101, nullptr);
   for (WeightFormat f : kFormats) {
     SCOPED_TRACE(name_of(f));
-    const int64_t R = 40, r0 = 16, n = 21, KK = 33;
+    for (int64_t r0 : {16, 48, 64, 80}) {
+    SCOPED_TRACE(testing::Message() << "r0=" << r0);
+    const int64_t R = r0 + 24, n = 21, KK = 33;
     StoredWeight whole(f, R, KK, 3200);
-    WeightView slice = whole.view();
-    slice.N = n;
-    slice.data = whole.panels.data() + size_t(kernels::panels_index(r0, 0, KK)) * whole.elem();
-    if (slice.scales) slice.scales += r0;
+    const WeightView slice = kernels::panels_view_rows(whole.view(), r0, n);
+    // int8 spans hold 64 columns: a slice inside one keeps its offset there.
+    EXPECT_EQ(slice.col0, f == WeightFormat::int8_row ? r0 % 64 : 0);
+    EXPECT_EQ(static_cast<const char*>(slice.data) - whole.panels.data(),
+              kernels::panels_index(f, r0 - slice.col0, 0, KK) * int64_t(whole.elem()));
     const int64_t M = 9;
     std::vector<float> x = random_normal(M * KK, 3201);
     std::vector<float> all(size_t(M * R)), part(size_t(M * (n + 4)), 777.f);
@@ -248,7 +251,21 @@ TEST(KernelsWeightMatmul, PanelLayout) {
       EXPECT_TRUE(bitwise_equal(all.data() + m * R + r0, part.data() + m * (n + 4), n)) << m;
       for (int64_t c = n; c < n + 4; ++c) EXPECT_EQ(part[size_t(m * (n + 4) + c)], 777.f);
     }
+    // The reference loop reads the slice where weight_element_index says (col0 included), and
+    // a slice of the slice (rows [16, 16 + 5) of it) is rows r0 + 16.. of the whole.
+    std::vector<float> plain(size_t(M * n));
+    kernels::weight_matmul_reference(plain.data(), 0, x.data(), M, slice, nullptr);
+    for (int64_t m = 0; m < M; ++m)
+      EXPECT_TRUE(bitwise_equal(all.data() + m * R + r0, plain.data() + m * n, n)) << m;
+    const WeightView inner = kernels::panels_view_rows(slice, 16, 5);
+    std::vector<float> in5(size_t(M * 5));
+    kernels::weight_matmul(in5.data(), 0, x.data(), M, inner, nullptr);
+    for (int64_t m = 0; m < M; ++m)
+      EXPECT_TRUE(bitwise_equal(all.data() + m * R + r0 + 16, in5.data() + m * 5, 5)) << m;
+    }
   }
+  EXPECT_THROW(kernels::panels_view_rows(StoredWeight(WeightFormat::f32, 40, 8, 1).view(), 8, 4),
+               Error);  // not on a panel
 }
 
 // Row m of y must be the same bits whatever other rows share the call: M = 7 and 17 (tiles of
@@ -327,6 +344,118 @@ TEST(KernelsWeightMatmul, NonFiniteValuesStayInTheirRowAndColumn) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n)
       EXPECT_EQ(std::isfinite(y[size_t(m * N + n)]), n != 4) << "m=" << m << " n=" << n;
+}
+
+namespace {
+// weight_matmul.h's int8 arithmetic written out independently of the kernels: e from frexp, X
+// rounded in double (exact: |x * 2^e| < 2^30), the sum in 128-bit integers.
+std::vector<float> int8_by_definition(const std::vector<float>& x, int64_t M,
+                                      const StoredWeight& sw, const float* bias) {
+  const int64_t N = sw.N, K = sw.K;
+  std::vector<float> y(size_t(M * N));
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[size_t(m * K + k)]));
+    int ex = 0;
+    std::frexp(amax, &ex);  // amax = f * 2^ex, f in [0.5, 1): floor(log2 amax) = ex - 1
+    const int e = amax > 0.f ? 29 - (ex - 1) : 0;
+    for (int64_t n = 0; n < N; ++n) {
+      __int128 acc = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double X = std::nearbyint(std::ldexp(double(x[size_t(m * K + k)]), e));
+        EXPECT_LT(std::fabs(X), 1073741824.0);  // 2^30
+        acc += __int128(int64_t(X)) * sw.q[size_t(n * K + k)];
+      }
+      const float v = float(double(int64_t(acc)) * std::ldexp(double(sw.scales[size_t(n)]), -e));
+      y[size_t(m * N + n)] = bias ? v + bias[n] : v;
+    }
+  }
+  return y;
+}
+}  // namespace
+
+// int8 computes the integer form of x (weight_matmul.h) exactly: the kernel and the reference
+// loop equal a 128-bit-integer transcription of the definition bit for bit, on rows that stress
+// it: ordinary values, a zero row, a row whose largest magnitude is subnormal, one near FLT_MAX,
+// one mixing 1e30 with 1e-30 (the small values round to 0 in X), values at exact halves of an
+// integer step (ties to even), and K not a multiple of 4 or 16.
+TEST(KernelsWeightMatmul, Int8IntegerFormMatchesDefinition) {
+  for (int64_t K : {1, 3, 4, 17, 64, 771}) {
+    SCOPED_TRACE(testing::Message() << "K=" << K);
+    const int64_t N = 37, M = 6;
+    StoredWeight sw(WeightFormat::int8_row, N, K, 4000 + uint64_t(K));
+    std::vector<float> x = random_normal(M * K, 4100 + uint64_t(K)), bias = random_normal(N, 7);
+    for (int64_t k = 0; k < K; ++k) {
+      x[size_t(1 * K + k)] = 0.f;                                        // zero row
+      x[size_t(2 * K + k)] *= std::numeric_limits<float>::denorm_min() * 1000.f;  // subnormal
+      x[size_t(3 * K + k)] *= 1e37f;                                     // near FLT_MAX
+      x[size_t(4 * K + k)] = k % 2 ? 1e30f : -1e-30f;                   // 60 orders apart
+      // Row 5: max 1.0 (e = 29), others at k + 0.5 steps of 2^-29: exact ties.
+      x[size_t(5 * K + k)] = k == 0 ? 1.f : std::ldexp(float(k % 7) + 0.5f, -29) * (k % 2 ? 1 : -1);
+    }
+    x[size_t(3 * K)] = std::numeric_limits<float>::max();
+    const std::vector<float> want = int8_by_definition(x, M, sw, bias.data());
+    std::vector<float> fast(size_t(M * N)), plain(size_t(M * N));
+    kernels::weight_matmul(fast.data(), 0, x.data(), M, sw.view(), bias.data());
+    kernels::weight_matmul_reference(plain.data(), 0, x.data(), M, sw.rows_view(), bias.data());
+    EXPECT_TRUE(bitwise_equal(fast.data(), want.data(), M * N));
+    EXPECT_TRUE(bitwise_equal(plain.data(), want.data(), M * N));
+    for (int64_t m = 0; m < M; ++m) {  // row 3 overflows f32 (its values reach FLT_MAX): inf
+      if (m == 3) continue;
+      for (int64_t n = 0; n < N; ++n) EXPECT_TRUE(std::isfinite(fast[size_t(m * N + n)]));
+    }
+  }
+}
+
+// The largest K the VNNI kernel takes (65536) with every weight +-127 and x chosen so that every
+// base-256 digit of X is -128 or near it: the int32 digit sums reach 2.1e9 without wrapping
+// (a wrap would differ from the reference's int64 sum). K = 65537 runs the reference loop.
+TEST(KernelsWeightMatmul, Int8LargestKStaysExact) {
+  for (int64_t K : {65536, 65537}) {
+    SCOPED_TRACE(testing::Message() << "K=" << K);
+    const int64_t N = 20, M = 2;
+    StoredWeight sw(WeightFormat::int8_row, N, K, 4200);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) sw.q[size_t(n * K + k)] = int8_t(n % 2 ? 127 : -127);
+    sw.q[size_t(2 * K + 5)] = 3;  // one column not uniform
+    sw.repack();
+    std::vector<float> x(size_t(M * K));
+    // X = 0x3F808080 has digits (-128, -127, -127, 64): x = X * 2^-29 gives e = 29 (x < 2).
+    const float big = std::ldexp(float(0x3F808080), -29);
+    for (int64_t k = 0; k < K; ++k) {
+      x[size_t(k)] = big;
+      x[size_t(K + k)] = k % 3 ? big : -big;
+    }
+    std::vector<float> fast(size_t(M * N)), plain(size_t(M * N));
+    kernels::weight_matmul(fast.data(), 0, x.data(), M, sw.view(), nullptr);
+    kernels::weight_matmul_reference(plain.data(), 0, x.data(), M, sw.rows_view(), nullptr);
+    EXPECT_TRUE(bitwise_equal(fast.data(), plain.data(), M * N));
+    // And the value: row 0, column 1 is sum_k X * 127 * s * 2^-29 = K * big * 127 * s.
+    const double want = double(K) * big * 127.0 * sw.scales[1];
+    EXPECT_NEAR(fast[1], want, std::fabs(want) * 1e-6);
+  }
+}
+
+// A row of x holding a NaN or an infinity takes the f32 formula (the integer form has no NaN):
+// its outputs are non-finite, the reference loop's bits, and the other rows keep theirs.
+TEST(KernelsWeightMatmul, Int8NonFiniteRowsTakeTheFloatFormula) {
+  const int64_t M = 5, N = 40, K = 70;
+  StoredWeight sw(WeightFormat::int8_row, N, K, 4300);
+  std::vector<float> x = random_normal(M * K, 4301);
+  std::vector<float> clean(size_t(M * N));
+  kernels::weight_matmul(clean.data(), 0, x.data(), M, sw.view(), nullptr);
+  x[size_t(1 * K + 9)] = std::numeric_limits<float>::quiet_NaN();
+  x[size_t(3 * K + 69)] = -std::numeric_limits<float>::infinity();
+  std::vector<float> fast(size_t(M * N)), plain(size_t(M * N));
+  kernels::weight_matmul(fast.data(), 0, x.data(), M, sw.view(), nullptr);
+  kernels::weight_matmul_reference(plain.data(), 0, x.data(), M, sw.rows_view(), nullptr);
+  EXPECT_TRUE(bitwise_equal(fast.data(), plain.data(), M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = fast[size_t(m * N + n)];
+      if (m == 1 || m == 3) EXPECT_FALSE(std::isfinite(v)) << m << "," << n;
+      else EXPECT_EQ(std::memcmp(&v, &clean[size_t(m * N + n)], 4), 0) << m << "," << n;
+    }
 }
 
 TEST(KernelsWeightMatmul, EmptySizes) {
