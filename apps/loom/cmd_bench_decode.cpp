@@ -6,8 +6,8 @@
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
 // it reads them at, beside a read-bandwidth probe run in the same invocation (the median of five
 // readings taken before, between quarters of and after the decode steps). --kv-dtype auto is
-// bf16 for --dtype bf16 and int8 (whose head is bf16 here unless --head-dtype says otherwise),
-// f32 for f32 (kv_flags.h).
+// bf16 for --dtype bf16 and int8 (whose head is int8 too unless --head-dtype says otherwise,
+// as under --int8 elsewhere), f32 for f32 (kv_flags.h).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -45,11 +45,11 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--prompt-tokens", o->prompt_tokens, "prompt length P");
   sub->add_option("--new-tokens", o->new_tokens, "decode steps N");
   sub->add_option("--dtype", o->dtype,
-                  "linear weight storage: f32, bf16 or int8 (head: bf16 "
-                  "for int8)")
+                  "linear weight storage: f32, bf16 or int8 (head: int8 for int8, as --int8 "
+                  "stores it)")
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--head-dtype", o->head_dtype,
-                  "tied LM head storage: f32, bf16 or int8 (default: --dtype's, bf16 for int8)")
+                  "tied LM head storage: f32, bf16 or int8 (default: --dtype's)")
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--seed", o->seed, "init and prompt seed");
   loom::cli::add_kv_dtype_flag(sub, o->kv);
@@ -66,9 +66,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
                cfg.max_seq);
     const infer::WeightFormat lin = infer::weight_format_from_name(o->dtype);
     const infer::WeightFormat head =
-        !o->head_dtype.empty()               ? infer::weight_format_from_name(o->head_dtype)
-        : lin == infer::WeightFormat::int8_row ? infer::WeightFormat::bf16
-                                               : lin;
+        o->head_dtype.empty() ? lin : infer::weight_format_from_name(o->head_dtype);
     const model::ParamLayout layout(cfg);
     std::vector<float> flat(size_t(layout.total()));  // f32 init, converted below
     model::init_params(layout, cfg, flat.data(), o->seed);

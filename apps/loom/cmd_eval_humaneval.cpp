@@ -36,6 +36,7 @@ struct Args {
   bool no_progress = false;
   // --checkpoint: generate the samples with the model first.
   std::string checkpoint, tokenizer, dtype = "f32", domain;
+  std::string head_dtype = "auto";
   bool int8 = false, int8_head = false, resume = false, no_tag = false;
   int64_t max_batch = 8;
   loom::cli::KvFlags kv;
@@ -131,6 +132,9 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--dtype", args->dtype, "--checkpoint: weights f32 or bf16")->capture_default_str();
   sub->add_flag("--int8", args->int8, "--checkpoint: int8 per-row weights for the block linears");
   sub->add_flag("--int8-head", args->int8_head, "--checkpoint, with --int8: the tied LM head in int8 rows too");
+  sub->add_option("--head-dtype", args->head_dtype,
+                  "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
   sub->add_option("--domain", args->domain,
                   "--checkpoint, MoE (rre) models: route every prompt by this domain (default: "
                   "each problem's language's domain, else \"other\")");
@@ -177,9 +181,10 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
       EngineOptions eo;
       eo.max_batch = args->max_batch;
       // As `loom generate` (infer/weights.h, weight_formats_from_flags; kv_flags.h).
-      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8, args->int8_head);
+      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8, args->int8_head,
+      args->head_dtype);
       loom::cli::apply_kv_flags(args->kv, wf.base, eo);
-      auto engine = load_engine(args->checkpoint, args->tokenizer, wf.linears, wf.head, eo);
+      auto engine = load_engine(args->checkpoint, args->tokenizer, wf, eo);
       loom::eval::ProblemSet problems = loom::eval::ProblemSet::load(o.problem_files);
       problems.keep_languages(o.languages);
       args->gen.resume = args->resume;

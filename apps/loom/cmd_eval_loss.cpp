@@ -46,12 +46,15 @@ double row_loss(const float* logits, int64_t V, int32_t target) {
 
 // Loss sum over the windows through the inference weights: `batch` windows at a time, each a
 // sequence of the KV cache, prefilled with forward_all (every position's logits).
-void infer_loss(const std::string& checkpoint, loom::infer::WeightFormat linears,
-                loom::infer::WeightFormat head, loom::DType kv_dtype,
+void infer_loss(const std::string& checkpoint, const loom::infer::WeightFormats& formats,
+                loom::infer::WeightFormat* linears, loom::infer::WeightFormat* head,
+                loom::DType kv_dtype,
                 const std::vector<uint32_t>& ids, int64_t T, int64_t batch, int32_t domain,
                 double* sum, int64_t* count) {
   using namespace loom;
-  infer::ModelWeights w = infer::ModelWeights::load(checkpoint, linears, head);
+  infer::ModelWeights w = infer::ModelWeights::load(checkpoint, formats);
+  *linears = w.linear_format();  // what ran (an int8 checkpoint's linears are int8 whatever asked)
+  *head = w.head().format;
   infer::Decoder dec(w);
   const infer::KvCacheShape shape = dec.cache_shape(kv_dtype);
   const int64_t blocks = (T + shape.block_tokens - 1) / shape.block_tokens;
@@ -93,6 +96,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
   struct Opts {
     std::string checkpoint, tokens, data, split = "val", dtype, domain;
     int64_t seq = 0, batch = 4, max_tokens = 0;
+    std::string head_dtype = "auto";
     bool int8 = false, int8_head = false;
     loom::cli::KvFlags kv;
   };
@@ -115,6 +119,9 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
                 "evaluate through the inference weights with the linears in int8 per output row "
                 "(the head in --dtype, default f32)");
   sub->add_flag("--int8-head", o->int8_head, "with --int8: the tied LM head in int8 rows too");
+  sub->add_option("--head-dtype", o->head_dtype,
+                  "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
   loom::cli::add_kv_dtype_flag(sub, o->kv);
   sub->callback([o, &ctx] {
     using namespace loom;
@@ -154,11 +161,13 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
       LOOM_CHECK(!ids.empty(), "--data '{}' has no tokens in split '{}'", o->data, o->split);
     }
     if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(size_t(o->max_tokens));
-    const bool infer_path = !o->dtype.empty() || o->int8 || o->int8_head || o->kv.dtype != "auto";
+    const bool infer_path = !o->dtype.empty() || o->int8 || o->int8_head ||
+                            o->head_dtype != "auto" || o->kv.dtype != "auto";
     infer::WeightFormats wf;
     if (infer_path)
-      wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8, o->int8_head);
-    const infer::WeightFormat head = wf.head, lin = wf.linears;
+      wf = infer::weight_formats_from_flags(o->dtype.empty() ? "f32" : o->dtype, o->int8, o->int8_head,
+      o->head_dtype);
+    infer::WeightFormat head = wf.head, lin = wf.linears;
     const DType kv_dtype = infer::kv_dtype_from_flag(o->kv.dtype, wf.base);
     interop::CheckpointReader r(o->checkpoint);
     const model::ModelConfig& cfg = r.config();
@@ -178,7 +187,7 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
     int64_t count = 0;
     const int64_t n = int64_t(ids.size());
     if (infer_path) {
-      infer_loss(o->checkpoint, lin, head, kv_dtype, ids, T, o->batch, domain, &sum, &count);
+      infer_loss(o->checkpoint, wf, &lin, &head, kv_dtype, ids, T, o->batch, domain, &sum, &count);
     } else {
       MemoryPool pool;
       model::Gpt m(cfg, pool, model::Precision::f32);

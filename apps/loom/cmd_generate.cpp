@@ -100,6 +100,7 @@ struct GenerateOptions {
   float temperature = 0.8f, top_p = 0.95f, repetition_penalty = 1.f;
   int32_t top_k = 0;
   uint64_t seed = 1;
+  std::string head_dtype = "auto";
   bool no_heal = false, int8 = false, int8_head = false;
   loom::cli::KvFlags kv;
 };
@@ -119,9 +120,10 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.max_queue = int64_t(prompts.size());
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
   eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
-  const infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8, o->int8_head);
+  const infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8, o->int8_head,
+      o->head_dtype);
   cli::apply_kv_flags(o->kv, wf.base, eo);
-  auto engine = infer::load_engine(o->checkpoint, o->tokenizer, wf.linears, wf.head, eo);
+  auto engine = infer::load_engine(o->checkpoint, o->tokenizer, wf, eo);
   const int64_t ctx_len = engine->context_length();
 
   struct Result {
@@ -220,6 +222,9 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
       ->check(CLI::IsMember({"f32", "bf16"}));
   sub->add_flag("--int8", o->int8, "quantize the linears to int8 per output row at load time");
   sub->add_flag("--int8-head", o->int8_head, "with --int8: the tied LM head in int8 rows too");
+  sub->add_option("--head-dtype", o->head_dtype,
+                  "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
   loom::cli::add_kv_flags(sub, o->kv);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");

@@ -42,6 +42,7 @@ struct ServeEngineOptions {
   std::string tokenizer;  // "" = DIR/tokenizer
   std::string model_name;
   std::string domain;  // MoE (rre): requests without "domain" use this ("" = "other")
+  std::string head_dtype = "auto";
   bool int8 = false, int8_head = false;
   std::string dtype = "f32";  // the head's storage, and the linears' without --int8
   int64_t max_batch = 8;
@@ -65,9 +66,10 @@ std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOp
     eo.start_thread = tp->rank() == 0;
   }
   // As `loom generate` (infer/weights.h, weight_formats_from_flags).
-  const WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8, o.int8_head);
+  const WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8, o.int8_head,
+      o.head_dtype);
   loom::cli::apply_kv_flags(o.kv, wf.base, eo);
-  return load_engine(o.checkpoint, o.tokenizer, wf.linears, wf.head, eo);
+  return load_engine(o.checkpoint, o.tokenizer, wf, eo);
 }
 
 struct ServeOptions {
@@ -125,6 +127,9 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--port", s.port, "port (0 = any free port)")->capture_default_str();
   sub->add_flag("--int8", e.int8, "int8 per-row weights for the block linears");
   sub->add_flag("--int8-head", e.int8_head, "with --int8: the tied LM head in int8 rows too");
+  sub->add_option("--head-dtype", e.head_dtype,
+                  "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
   sub->add_option("--dtype", e.dtype, "weight storage: f32 or bf16 (the head's with --int8)")
       ->capture_default_str();
   sub->add_option("--tp", e.tp,

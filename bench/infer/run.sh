@@ -25,9 +25,10 @@ for B in ${LOOM_BENCH_BATCHES:-1 8}; do
     "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
       --dtype "$dtype" | tee -a "$out"
   done
-  # int8 with the tied head in int8 too (--int8 --int8-head in generate / serve / eval).
+  # int8 linears with the tied head left in bf16 (--int8 --head-dtype bf16 in generate / serve /
+  # eval; plain --int8, as --dtype int8 here, quantizes the head too).
   "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
-    --dtype int8 --head-dtype int8 | tee -a "$out"
+    --dtype int8 --head-dtype bf16 | tee -a "$out"
   for dtype in f32 bf16; do
     env -u OMP_WAIT_POLICY "$py" "$here/torch_decode.py" --model "$model" --batch "$B" \
       --prompt-tokens "$P" --new-tokens "$N" --dtype "$dtype" | tee -a "$out"
@@ -36,9 +37,9 @@ done
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-def key(r):  # "int8" has a bf16 head; "int8+head" quantizes the head too
+def key(r):  # "int8" quantizes the head too (as --int8 does); "int8/bf16-head" keeps it in bf16
     d = r["dtype"]
-    return (r["batch"], d + "+head" if d == "int8" and r.get("head_dtype") == "int8" else d)
+    return (r["batch"], d + "/bf16-head" if d == "int8" and r.get("head_dtype") == "bf16" else d)
 loom = {key(r): r for r in rows if r.get("impl") == "loom"}
 torch = {(r["batch"], r["dtype"]): r for r in rows if r.get("peer") == "torch"}
 def tps(d, k):
@@ -52,14 +53,18 @@ for B in sorted({k[0] for k in loom}):
     else:
         checks.append(("batch 1 bf16 loom / torch f32 >= 2", tps(loom, (1, "bf16")) / tps(torch, (1, "f32")), 2.0))
         checks.append(("batch 1 int8 / loom bf16 >= 1.6", tps(loom, (1, "int8")) / tps(loom, (1, "bf16")), 1.6))
-        checks.append(("batch 1 int8 (int8 head) / loom bf16 >= 1.6",
-                       tps(loom, (1, "int8+head")) / tps(loom, (1, "bf16")), 1.6))
-        for d in ("f32", "bf16", "int8", "int8+head"):
+        # Not a target: its bytes (162 against 247 MB for gpt2-124m) bound it at 1.52.
+        checks.append(("batch 1 int8 with a bf16 head / loom bf16 (bytes bound it at 1.52)",
+                       tps(loom, (1, "int8/bf16-head")) / tps(loom, (1, "bf16")), None))
+        for d in ("f32", "bf16", "int8", "int8/bf16-head"):
             if (1, d) in loom:
                 r = loom[(1, d)]
                 checks.append(("batch 1 %s weight read / probe >= 0.9" % d, r["weight_read_fraction_of_probe"], 0.9))
 for name, value, target in checks:
-    print(json.dumps({"compare": name, "value": round(value, 3), "target": target, "meets_target": value >= target}))
+    if target is None:  # reported, not a target
+        print(json.dumps({"compare": name, "value": round(value, 3)}))
+    else:
+        print(json.dumps({"compare": name, "value": round(value, 3), "target": target, "meets_target": value >= target}))
 print("| batch | dtype | loom decode tok/s | torch decode tok/s | loom prefill s | torch prefill s |")
 print("|---|---|---|---|---|---|")
 for (B, d) in sorted(loom):

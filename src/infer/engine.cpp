@@ -733,8 +733,8 @@ Engine::Stats Engine::stats() const {
 }
 
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
-                                    const std::string& tokenizer_path, WeightFormat linears,
-                                    WeightFormat head, EngineOptions options) {
+                                    const std::string& tokenizer_path,
+                                    const WeightFormats& formats, EngineOptions options) {
   model::TpShard shard;
   if (options.tp && options.tp->size() > 1) shard = {options.tp->rank(), options.tp->size()};
   {
@@ -743,7 +743,7 @@ std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
     kv_pool_size(model::model_config_from_toml(r.config_toml(), r.dir() + "/config.toml"),
                  options);
   }
-  ModelWeights w = ModelWeights::load(checkpoint_dir, linears, head, shard);
+  ModelWeights w = ModelWeights::load(checkpoint_dir, formats, shard);
   // The tokenizer saved with the checkpoint: in the directory the weights come from (a run's
   // ckpt/ holds versioned step directories and `latest`; find_checkpoint resolves it).
   const std::string tp = tokenizer_path.empty()

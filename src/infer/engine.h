@@ -179,13 +179,13 @@ class Engine : public CompletionService {
   std::thread thread_;
 };
 
-// Loads a loom checkpoint and its tokenizer into an Engine: linears in `linears` format, the tied
-// head in `head` format; under options.tp only this rank's shard of the weights. The KV pool
+// Loads a loom checkpoint and its tokenizer into an Engine: weights in `formats`
+// (ModelWeights::load); under options.tp only this rank's shard of the weights. The KV pool
 // options are checked (kv_pool_size) from the checkpoint's config before the weights load.
 // tokenizer_path "": the tokenizer/ of the directory DIR resolves to (DIR itself, or the newest
 // committed step of a versioned DIR or of RUN/ckpt; checkpoint::find_checkpoint).
 std::unique_ptr<Engine> load_engine(const std::string& checkpoint_dir,
-                                    const std::string& tokenizer_path, WeightFormat linears,
-                                    WeightFormat head, EngineOptions options = {});
+                                    const std::string& tokenizer_path,
+                                    const WeightFormats& formats, EngineOptions options = {});
 
 }  // namespace loom::infer

@@ -31,10 +31,11 @@ WeightFormat weight_format_from_name(const std::string& name) {
   LOOM_FAIL("unknown weight format '{}'; choose f32, bf16 or int8", name);
 }
 
-WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8, bool int8_head) {
+WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8, bool int8_head,
+                                        const std::string& head_dtype) {
   WeightFormats f;
-  f.base = f.head = weight_format_from_name(dtype);
-  LOOM_CHECK(f.head != WeightFormat::int8_row,
+  f.base = weight_format_from_name(dtype);
+  LOOM_CHECK(f.base != WeightFormat::int8_row,
              "--dtype {}: the head and the linears are stored as f32 or bf16; use --int8 for int8 "
              "linears",
              dtype);
@@ -42,8 +43,14 @@ WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8, boo
              "--int8-head quantizes the tied head as well as the block linears: give it with "
              "--int8 (alone it would leave the linears in {})",
              dtype);
-  f.linears = int8 ? WeightFormat::int8_row : f.head;
-  if (int8_head) f.head = WeightFormat::int8_row;
+  const bool head_auto = head_dtype.empty() || head_dtype == "auto";
+  LOOM_CHECK(!int8_head || head_auto || head_dtype == "int8",
+             "--int8-head and --head-dtype {} disagree: give one of them", head_dtype);
+  f.linears = int8 ? WeightFormat::int8_row : f.base;
+  f.head = !head_auto ? weight_format_from_name(head_dtype)
+           : int8     ? WeightFormat::int8_row
+                      : f.base;
+  f.head_auto = head_auto && !int8_head;
   return f;
 }
 
@@ -350,6 +357,14 @@ ModelWeights ModelWeights::load(const std::string& checkpoint_dir, WeightFormat 
     };
   }
   return ModelWeights(r.config(), src, linears, head, tp);
+}
+
+ModelWeights ModelWeights::load(const std::string& checkpoint_dir, const WeightFormats& formats,
+                                model::TpShard tp) {
+  WeightFormat head = formats.head;
+  if (formats.head_auto && interop::CheckpointReader(checkpoint_dir).has_int8_weights())
+    head = WeightFormat::int8_row;
+  return load(checkpoint_dir, formats.linears, head, tp);
 }
 
 QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,

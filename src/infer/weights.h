@@ -76,17 +76,22 @@ const char* weight_format_name(WeightFormat f);
 WeightFormat weight_format_from_name(const std::string& name);
 
 // The storage flags `loom generate`, `loom serve`, `loom eval loss` and `loom eval humaneval-x`
-// share: --dtype f32|bf16 stores the linears and the tied head; --int8 puts the block linears in
-// int8 rows and leaves the head in --dtype (one matrix, whose logits feed sampling and logprobs
-// directly); --int8-head (with --int8) quantizes the head's copy of the token embedding to int8
-// rows too (the embedding lookup keeps the f32 table), the largest single matrix of a small
-// model. `base` is --dtype's format (what --kv-dtype auto follows). Throws naming the flag for
-// --dtype int8 (int8 is --int8) and for --int8-head without --int8.
+// share: --dtype f32|bf16 stores the linears and the tied head; --int8 puts the block linears and
+// the head's copy of the token embedding in int8 rows (the embedding lookup keeps the f32 table);
+// --head-dtype f32|bf16|int8 stores the head otherwise (auto: int8 with --int8, else --dtype's).
+// --int8-head (kept from session 17, when the head stayed in --dtype under --int8) is
+// --head-dtype int8 and needs --int8. `base` is --dtype's format (what --kv-dtype auto follows).
+// Throws naming the flag for --dtype int8 (int8 is --int8), for --int8-head without --int8 and
+// for --int8-head with another --head-dtype.
 struct WeightFormats {
   WeightFormat linears = WeightFormat::f32, head = WeightFormat::f32, base = WeightFormat::f32;
+  // --head-dtype auto: the head goes to int8 with the linears, also when they are int8 because
+  // the checkpoint is (`loom quantize`), so that an int8 checkpoint runs as --int8 does.
+  bool head_auto = false;
 };
 WeightFormats weight_formats_from_flags(const std::string& dtype, bool int8,
-                                        bool int8_head = false);
+                                        bool int8_head = false,
+                                        const std::string& head_dtype = "auto");
 
 // The linears of one block: qkv (C+2KV, C) with q rows [0, C) and k, v rows after; out (C, C);
 // up (F, C); down (C, F).
@@ -121,6 +126,10 @@ class ModelWeights {
   // Under tp, reads only this rank's shard of every tensor.
   static ModelWeights load(const std::string& checkpoint_dir, WeightFormat linears,
                            WeightFormat head, model::TpShard tp = {});
+  // The same with the flags' formats (weight_formats_from_flags): an int8 checkpoint under
+  // head_auto stores the head in int8 too.
+  static ModelWeights load(const std::string& checkpoint_dir, const WeightFormats& formats,
+                           model::TpShard tp = {});
 
   const model::ModelConfig& config() const { return cfg_; }
   const model::TpShard& tp() const { return tp_; }

@@ -7,7 +7,9 @@
 # from loom's own sources. `loom eval loss` scores the val split through the inference weights
 # (--dtype f32, --dtype bf16, --int8) and through the training forward; asserts:
 #   f32 inference loss == training forward's within 1e-5 relative (the same model, other kernels)
-#   int8 < 1.01 x f32, and int8 != f32 (the quantised weights really ran)
+#   int8 < 1.01 x f32, and int8 != f32 (the quantised weights really ran; --int8 quantizes the
+#   tied head too), and --int8 --head-dtype f32 (the head left in f32) < 1.01 x f32, != int8;
+#   the JSON names the head's format
 #   bf16 < 1.01 x f32 (bf16 rounds each weight by at most 2^-9 relative, finer than int8's
 #   1/254 of a row's max, so it must meet the same budget; --dtype bf16 also stores the KV cache
 #   in bf16, --kv-dtype auto)
@@ -45,8 +47,8 @@ f32=$(ev f32 --dtype f32)
 bf16=$(ev bf16 --dtype bf16)
 int8=$(ev int8 --int8)
 kv16=$(ev kv16 --kv-dtype bf16)
-int8h=$(ev int8h --int8 --int8-head)
-echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8, int8 + int8 head $int8h, f32 with bf16 KV $kv16"
+int8h=$(ev int8h --int8 --head-dtype f32)
+echo "val loss (nats/token): training forward $train, f32 $f32, bf16 $bf16, int8 $int8, int8 linears + f32 head $int8h, f32 with bf16 KV $kv16"
 
 check() {  # check NAME PYTHON_BOOLEAN_EXPR (f32, bf16, int8, train, kv16, int8h in scope)
   if /usr/bin/python3 -c "import sys; f32,bf16,int8,train,kv16,int8h=map(float,sys.argv[1:7]); sys.exit(0 if ($2) else 1)" \
@@ -58,12 +60,15 @@ check "f32 inference weights give the training forward's loss (1e-5 relative)" \
 check "int8 val loss $int8 < 1.01 x f32 $f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$int8" "$f32"))" \
   "int8 < 1.01 * f32"
 check "int8 really quantised (its loss differs from f32's)" "int8 != f32"
-check "int8 linears + int8 head val loss $int8h < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$int8h" "$f32"))" \
+check "int8 linears + f32 head (--head-dtype f32) val loss $int8h < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$int8h" "$f32"))" \
   "int8h < 1.01 * f32 and int8h != int8"
 check "bf16 val loss $bf16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$bf16" "$f32"))" \
   "bf16 < 1.01 * f32 and bf16 != f32"
 check "bf16 KV cache val loss $kv16 < 1.01 x f32 (+$(/usr/bin/python3 -c "import sys; print('%.4f%%' % (100*(float(sys.argv[1])/float(sys.argv[2])-1)))" "$kv16" "$f32"))" \
   "kv16 < 1.01 * f32 and kv16 != f32"
+grep -q '"head":"int8"' "$WORK/int8.json" && grep -q '"head":"f32"' "$WORK/int8h.json" \
+  && pass "eval loss reports the head's format (int8 under --int8, f32 with --head-dtype f32)" \
+  || fail "head in eval loss JSON: $(cat "$WORK/int8.json" "$WORK/int8h.json")"
 grep -q '"kv":"bf16"' "$WORK/kv16.json" && grep -q '"kv":"bf16"' "$WORK/bf16.json" \
   && grep -q '"kv":"f32"' "$WORK/f32.json" && pass "eval loss reports the KV dtype (auto: bf16 with --dtype bf16)" \
   || fail "kv in eval loss JSON: $(cat "$WORK/kv16.json" "$WORK/bf16.json" "$WORK/f32.json")"

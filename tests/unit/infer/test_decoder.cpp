@@ -450,18 +450,25 @@ TEST(Decoder, Int8HeadIsTheQuantizedEmbedding) {
   for (size_t v = 0; v < ref.size(); ++v) err = std::max(err, double(std::fabs(ref[v] - l8[0][0][v])));
   std::printf("int8 linears + int8 head: max logit error %.3g, logits' scale %.3g\n", err, max_abs(ref));
   EXPECT_LE(err, 5e-2 * std::max(1.0, max_abs(ref)));
-  // Flags: --int8-head needs --int8; --kv-dtype auto keeps following --dtype.
+  // Flags: --int8 stores the head in int8 too unless --head-dtype says otherwise; --int8-head
+  // (the older spelling) needs --int8; --kv-dtype auto keeps following --dtype.
   const WeightFormats f = weight_formats_from_flags("bf16", true, true);
   EXPECT_EQ(f.linears, WeightFormat::int8_row);
   EXPECT_EQ(f.head, WeightFormat::int8_row);
   EXPECT_EQ(f.base, WeightFormat::bf16);
-  EXPECT_EQ(weight_formats_from_flags("f32", true).head, WeightFormat::f32);
+  EXPECT_EQ(weight_formats_from_flags("f32", true).head, WeightFormat::int8_row);
+  EXPECT_EQ(weight_formats_from_flags("f32", true, false, "bf16").head, WeightFormat::bf16);
+  EXPECT_EQ(weight_formats_from_flags("bf16", false).head, WeightFormat::bf16);
+  EXPECT_EQ(weight_formats_from_flags("bf16", false, false, "int8").head, WeightFormat::int8_row);
+  EXPECT_EQ(weight_formats_from_flags("bf16", false, false, "int8").linears, WeightFormat::bf16);
   try {
     (void)weight_formats_from_flags("f32", false, true);
     ADD_FAILURE() << "--int8-head without --int8 accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("give it with --int8"), std::string::npos) << e.what();
   }
+  EXPECT_THROW((void)weight_formats_from_flags("f32", true, true, "bf16"), Error);
+  EXPECT_THROW((void)weight_formats_from_flags("f32", true, false, "fp8"), Error);
 }
 
 // ---- Sparse (MoE, rre) blocks: configs/models/tiny-moe.toml (top block sparse, 4 domains x 2
