@@ -49,8 +49,8 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
 }
 
-// int8 arithmetic (weight_matmul.h): the exponent q of a finite row of x whose largest magnitude
-// is amax, so that |x * 2^q| < 2^30 (0 for a zero row).
+// int8 arithmetic (weight_matmul.h): the exponent e of a finite row of x whose largest magnitude
+// is amax, so that |x * 2^e| < 2^30 (0 for a zero row).
 int int8_row_exponent(float amax) { return amax > 0.f ? 29 - std::ilogb(amax) : 0; }
 
 // A row of x holding a NaN or an infinity: the f32 formula, acc = fma(x[k], q[n][k], acc) over k
@@ -251,7 +251,7 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
 // 16 weights beside the FMA: on the Zen 4 host that capped batch-1 decode at ~29 GB/s of int8 a
 // core with the weights in L1 (1.8 G weight vectors a second, the same rate as bf16's one
 // widening op, i.e. half of bf16's bytes), below the machine's read bandwidth. Here the row of x
-// is held as integers instead (weight_matmul.h, "int8 arithmetic": X = x * 2^q rounded, |X| <
+// is held as integers instead (weight_matmul.h, "int8 arithmetic": X = x * 2^e rounded, |X| <
 // 2^30) and split into four signed base-256 digits, so that vpdpbusd multiplies 64 weights by
 // one digit plane in one instruction: 4 instructions per 64 weights, 3x fewer than widening,
 // and the integer sums are exact, so the order of accumulation (tiles, threads, K) cannot change
@@ -272,13 +272,13 @@ constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // int32 digit sums exact up to
 
 #define LOOM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
-// The integer form of rows of x (weight_matmul.h): per row, q, 2^-q, sum_k X[k], and the four
+// The integer form of rows of x (weight_matmul.h): per row, 2^-e, sum_k X[k], and the four
 // digit planes as dwords: plane j, group g holds digit j of X[4g..4g+3] (one byte each).
 struct Int8Rows {
   int64_t groups = 0;  // dwords per plane (K rounded up to 16, / 4: whole vectors)
   std::vector<int32_t> planes;  // (M, 4, groups)
   std::vector<int64_t> sum;     // (M)
-  std::vector<double> unscale;  // (M): 2^-q
+  std::vector<double> unscale;  // (M): 2^-e
   std::vector<uint8_t> finite;  // (M): 0 where the row holds a NaN or an infinity
 };
 
@@ -301,15 +301,15 @@ LOOM_AVX512_VNNI void int8_prepare_row(const float* x, int64_t K, int64_t groups
   }
   *finite = 1;
   const float top = _mm512_reduce_max_ps(amax);
-  const int q = int8_row_exponent(top);
-  *unscale = std::ldexp(1.0, -q);
-  const __m512 qv = _mm512_set1_ps(float(q));
+  const int e = int8_row_exponent(top);
+  *unscale = std::ldexp(1.0, -e);
+  const __m512 ev = _mm512_set1_ps(float(e));
   __m512i s64 = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1u);
-    // x * 2^q is exact (scalef), then rounded to the nearest integer, ties to even (MXCSR's
+    // x * 2^e is exact (scalef), then rounded to the nearest integer, ties to even (MXCSR's
     // default mode, as std::nearbyint in the reference).
-    __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m, x + k), qv));
+    __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m, x + k), ev));
     s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
     s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
     const int64_t g = k / kInt8Group;  // this vector's first group
