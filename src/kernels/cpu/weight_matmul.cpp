@@ -91,6 +91,11 @@ void int8_float_row(float* y, const float* x, const WeightView& w, const float* 
 
 constexpr int64_t kPanel = 16;       // output columns per panel: one f32 vector
 constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads share out
+// f32 and bf16 panels lie in spans of 8 (128 columns), interleaved by k: a span's row at one k
+// holds its 8 panels' 16 weights each, so the 8-panel tile of batch-1 decode reads one
+// contiguous stream instead of 8 (panels_index). Session 19: the int8 layout's move from four
+// streams to one raised its batch-1 read from 0.6-0.7 to ~1.0 of the read probe (slow state).
+constexpr int64_t kSpanPanels = 8;
 
 template <WeightFormat F>
 constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : 2;  // f32 or bf16
@@ -109,12 +114,13 @@ LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
 }
 
 // y[0..MR) x [0..16 NR) of the output (columns at or past `cols` are not written: the last
-// panel's padding). x: the tile's first row (rows K apart); w: its first panel (panels
-// panel_bytes apart); bias points at the tile's first column (or is null).
+// panel's padding). x: the tile's first row (rows K apart); w: its first panel's weights at k = 0
+// (the next panels follow at once; one k to the next is k_bytes: a span's whole row, see
+// kSpanPanels); bias points at the tile's first column (or is null).
 template <WeightFormat F, int MR, int NR>
 LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
-                            size_t panel_bytes, const float* bias, int64_t cols) {
-  constexpr size_t kStep = kPanel * kElemBytes<F>;  // bytes of one panel per k
+                            size_t k_bytes, const float* bias, int64_t cols) {
+  constexpr size_t kPanelBytes = kPanel * kElemBytes<F>;  // one panel's weights at one k
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -124,7 +130,7 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, co
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[NR];
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(j) * panel_bytes + size_t(k) * kStep);
+    for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(k) * k_bytes + j * kPanelBytes);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xb = _mm512_set1_ps(x[i * K + k]);
@@ -219,26 +225,33 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
                                       const WeightView& w, const float* bias) {
   static constexpr PanelTiles<F> kTiles;
   const int64_t N = w.N, K = w.K;
-  const int64_t P = (N + kPanel - 1) / kPanel;  // panels
-  const size_t panel_bytes = size_t(kPanel * K) * kElemBytes<F>;
+  // Panels counted from the first of the span w.data points at (the view starts at panel a0).
+  const int64_t a0 = w.col0 / kPanel, A = a0 + (N + kPanel - 1) / kPanel;
+  const size_t k_bytes = size_t(kSpanPanels * kPanel) * kElemBytes<F>;  // a span's row
+  const size_t span_bytes = k_bytes * size_t(K);
   const char* wdata = static_cast<const char*>(w.data);
-  // Blocks of up to 8 panels, fewer when that leaves a thread without one (small N).
+  // Blocks of 8, 4, 2 or 1 panels (so that none crosses a span), fewer than 8 when that leaves a
+  // thread without one (small N).
   const int64_t threads = std::max(1, omp_get_max_threads());
-  const int64_t per_block = std::clamp<int64_t>((P + threads - 1) / threads, 1, kBlockPanels);
-  const int64_t n_blocks = (P + per_block - 1) / per_block;
+  int64_t per_block = kBlockPanels;
+  while (per_block > 1 && per_block * threads > A - a0) per_block /= 2;
+  const int64_t n_blocks = (A + per_block - 1) / per_block - a0 / per_block;
   // Within a block a thread walks every row of x, so W is read from memory once per call
   // whatever M (the later row tiles find the block's panels in L1/L2).
   auto block = [&](int64_t b) {
-    const int64_t p_begin = b * per_block, p_end = std::min(P, p_begin + per_block);
+    const int64_t first = a0 / per_block + b;  // in blocks from the span's start
+    const int64_t a_begin = std::max(a0, first * per_block), a_end = std::min(A, (first + 1) * per_block);
     for (int64_t m0 = 0; m0 < M;) {
       const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
       const int mr = kMrSizes[mi];
-      for (int64_t p = p_begin; p < p_end;) {
-        const int nr = int(std::min<int64_t>(kMaxNr(mr), p_end - p));
-        kTiles.fn[mi][nr - 1](y + m0 * ldy + p * kPanel, ldy, x + m0 * K, K,
-                              wdata + size_t(p) * panel_bytes, panel_bytes,
-                              bias ? bias + p * kPanel : nullptr, N - p * kPanel);
-        p += nr;
+      for (int64_t a = a_begin; a < a_end;) {
+        const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
+        const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
+        kTiles.fn[mi][nr - 1](
+            y + m0 * ldy + c, ldy, x + m0 * K, K,
+            wdata + size_t(a / kSpanPanels) * span_bytes + size_t(a % kSpanPanels * kPanel) * kElemBytes<F>,
+            k_bytes, bias ? bias + c : nullptr, N - c);
+        a += nr;
       }
       m0 += mr;
     }
@@ -460,7 +473,8 @@ size_t kElemBytesOf(WeightFormat f) { return f == WeightFormat::f32 ? 4 : f == W
 int64_t panels_elements(WeightFormat format, int64_t N, int64_t K) {
   if (format == WeightFormat::int8_row)
     return (N + kInt8Span - 1) / kInt8Span * kInt8Span * ((K + kInt8Group - 1) / kInt8Group * kInt8Group);
-  return (N + kPanel - 1) / kPanel * kPanel * K;
+  const int64_t span = kSpanPanels * kPanel;
+  return (N + span - 1) / span * span * K;
 }
 
 int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K) {
@@ -469,7 +483,8 @@ int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K) {
     return n / kInt8Span * kInt8Span * K4 + k / kInt8Group * (kInt8Span * kInt8Group) +
            n % kInt8Span * kInt8Group + k % kInt8Group;
   }
-  return n / kPanel * kPanel * K + k * kPanel + n % kPanel;
+  const int64_t span = kSpanPanels * kPanel;
+  return n / span * span * K + k * span + n % span;
 }
 
 WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n) {
@@ -480,8 +495,8 @@ WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n) {
   WeightView v = w;
   v.N = n;
   const int64_t first = w.col0 + r0;  // in the layout w.data starts
-  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : kPanel;
-  v.col0 = w.format == WeightFormat::int8_row ? first % unit : 0;
+  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : kSpanPanels * kPanel;
+  v.col0 = first % unit;
   v.data = static_cast<const char*>(w.data) +
            size_t(panels_index(w.format, first - v.col0, 0, w.K)) * kElemBytesOf(w.format);
   if (w.scales) v.scales = w.scales + r0;
@@ -500,7 +515,7 @@ int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
 namespace {
 template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(format, n, k, K)
 void pack_panels_as(T* dst, const T* W, WeightFormat format, int64_t N, int64_t K) {
-  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : kPanel;  // a unit's columns
+  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : kSpanPanels * kPanel;  // span
   const int64_t units = (N + R - 1) / R;
   const int64_t unit = panels_elements(format, R, K);  // elements of one unit
 #pragma omp parallel for schedule(static)

@@ -32,7 +32,8 @@
 // Layouts (WeightLayout): the weights' order in memory. `rows` is W as loom stores it; the fast
 // CPU kernels read `panels` (pack_panels; the inference weights are stored so at load): W^T in
 // panels of 16 output columns, each panel k-major, so one vector load holds 16 outputs' weights
-// at one k (int8: at four consecutive k, 4 bytes per column, see panels_index). On CPUs with
+// at one k (int8: at four consecutive k, 4 bytes per column), panels grouped in spans that a
+// tile reads as one stream (see panels_index). On CPUs with
 // AVX-512 (F, BW, VL; checked at run time, so the build does not need -march=native), an f32 or
 // bf16 panel view runs tiles of up to 8 rows of x by up to 8 panels: each weight vector is loaded
 // and widened once per tile and multiplied into every row of it (x broadcast), so decode at
@@ -71,8 +72,8 @@ struct WeightView {
   const void* data = nullptr;
   const float* scales = nullptr;
   WeightLayout layout = WeightLayout::rows;
-  // int8 panels only: the view's first column within the 64-column span that `data` points at
-  // (0, 16, 32 or 48): a view of rows [r0, r0 + N) of a larger weight (panels_view_rows).
+  // Panels only: the view's first column within the span that `data` points at (a multiple of
+  // 16): a view of rows [r0, r0 + N) of a larger weight (panels_view_rows).
   int64_t col0 = 0;
 };
 
@@ -112,10 +113,12 @@ int64_t amx_tiles_index(int64_t n, int64_t k, int64_t K);
 void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K);
 
 // Panel order: elements of the (N, K) weight in pack_panels' layout and where element (n, k)
-// lies in it. f32 and bf16: N rounded up to 16, times K; (n / 16) * 16 * K + k * 16 + n % 16.
-// int8: spans of 64 columns (4 panels): N rounded up to 64, times K rounded up to 4 (K4);
-// (n / 64) * 64 * K4 + (k / 4) * 256 + (n % 64) * 4 + k % 4: each 64 bytes hold one panel's 16
-// columns at 4 consecutive k, one 32-bit lane a column, and a span's 4 panels follow each other.
+// lies in it. Panels of 16 columns are grouped in spans, interleaved so that a span is one
+// contiguous stream for a tile that reads all its panels. f32 and bf16: spans of 8 panels (128
+// columns), N rounded up to 128, times K; (n / 128) * 128 * K + k * 128 + n % 128 (a span's row
+// at one k: its 8 panels' 16 weights each). int8: spans of 4 panels (64 columns), N rounded up
+// to 64, times K rounded up to 4 (K4); (n / 64) * 64 * K4 + (k / 4) * 256 + (n % 64) * 4 + k % 4
+// (64 bytes hold one panel's 16 columns at 4 consecutive k, one 32-bit lane a column).
 // Element (n, k) of a view lies at panels_index(format, n + col0, k, K) from its data.
 int64_t panels_elements(WeightFormat format, int64_t N, int64_t K);
 int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K);

@@ -212,13 +212,13 @@ TEST(KernelsWeightMatmul, PanelKernelEqualsReferenceBitwise) {
 TEST(KernelsWeightMatmul, PanelLayout) {
   const int64_t N = 45, K = 9;
   StoredWeight sw(WeightFormat::bf16, N, K, 3100);
-  ASSERT_EQ(kernels::panels_elements(WeightFormat::bf16, N, K), 48 * K);
+  ASSERT_EQ(kernels::panels_elements(WeightFormat::bf16, N, K), 128 * K);  // one 128-column span
   const bf16* p = reinterpret_cast<const bf16*>(sw.panels.data());
-  std::vector<bool> seen(size_t(48 * K), false);
+  std::vector<bool> seen(size_t(128 * K), false);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = kernels::panels_index(WeightFormat::bf16, n, k, K);
-      ASSERT_TRUE(i >= 0 && i < 48 * K) << n << "," << k;
+      ASSERT_TRUE(i >= 0 && i < 128 * K) << n << "," << k;
       EXPECT_FALSE(seen[size_t(i)]) << "two elements at " << i;
       seen[size_t(i)] = true;
       EXPECT_EQ(p[i].bits, sw.b16[size_t(n * K + k)].bits);
@@ -233,13 +233,13 @@ TEST(KernelsWeightMatmul, PanelLayout) {
                                3101, nullptr);
   for (WeightFormat f : kFormats) {
     SCOPED_TRACE(name_of(f));
-    for (int64_t r0 : {16, 48, 64, 80}) {
+    for (int64_t r0 : {16, 48, 64, 80, 128, 144}) {
     SCOPED_TRACE(testing::Message() << "r0=" << r0);
     const int64_t R = r0 + 24, n = 21, KK = 33;
     StoredWeight whole(f, R, KK, 3200);
     const WeightView slice = kernels::panels_view_rows(whole.view(), r0, n);
-    // int8 spans hold 64 columns: a slice inside one keeps its offset there.
-    EXPECT_EQ(slice.col0, f == WeightFormat::int8_row ? r0 % 64 : 0);
+    // Spans hold 128 columns (int8: 64): a slice inside one keeps its offset there.
+    EXPECT_EQ(slice.col0, r0 % (f == WeightFormat::int8_row ? 64 : 128));
     EXPECT_EQ(static_cast<const char*>(slice.data) - whole.panels.data(),
               kernels::panels_index(f, r0 - slice.col0, 0, KK) * int64_t(whole.elem()));
     const int64_t M = 9;
