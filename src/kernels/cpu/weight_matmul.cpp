@@ -91,11 +91,18 @@ void int8_float_row(float* y, const float* x, const WeightView& w, const float* 
 
 constexpr int64_t kPanel = 16;       // output columns per panel: one f32 vector
 constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads share out
-// f32 and bf16 panels lie in spans of 8 (128 columns), interleaved by k: a span's row at one k
-// holds its 8 panels' 16 weights each, so the 8-panel tile of batch-1 decode reads one
-// contiguous stream instead of 8 (panels_index). Session 19: the int8 layout's move from four
-// streams to one raised its batch-1 read from 0.6-0.7 to ~1.0 of the read probe (slow state).
-constexpr int64_t kSpanPanels = 8;
+// bf16 panels lie in spans of 8 (128 columns), interleaved by k: a span's row at one k holds its
+// 8 panels' 16 weights each, so the 8-panel tile of batch-1 decode reads one contiguous stream
+// instead of 8 (panels_index). Session 19, gpt2-124m's linears and head at batch 1
+// (bench_kernels_weight_matmul): bf16 4.1 ms a step in spans against 4.7-6.9 in separate panels
+// with the probe at 53-55 GB/s; the int8 layout's move from four streams to one had raised its
+// batch-1 read from 0.6-0.7 to ~1.0 of the probe. f32 keeps one panel a span (the panel-major
+// layout): its batch-8 tiles (3 of a span's 8 panels each) read a span's rows in three strided
+// passes, and batch-8 decode fell from 11-14 to 23-26 ms a step; bf16's stayed at 10.5-11.5.
+template <WeightFormat F>
+constexpr int64_t kSpanPanels = F == WeightFormat::bf16 ? 8 : 1;
+constexpr int64_t span_panels(WeightFormat f) { return f == WeightFormat::bf16 ? 8 : 1; }
+constexpr int64_t kKChunk = 256;  // k per chunk where tiles are narrower than a span
 
 template <WeightFormat F>
 constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : 2;  // f32 or bf16
@@ -114,23 +121,33 @@ LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
 }
 
 // y[0..MR) x [0..16 NR) of the output (columns at or past `cols` are not written: the last
-// panel's padding). x: the tile's first row (rows K apart); w: its first panel's weights at k = 0
-// (the next panels follow at once; one k to the next is k_bytes: a span's whole row, see
-// kSpanPanels); bias points at the tile's first column (or is null).
+// panel's padding), over k in [0, kc) of a chunk of the K: x: the tile's first row at the chunk's
+// first k (rows K apart); w: its first panel's weights there (one k to the next is k_bytes: a
+// span's whole row, see kSpanPanels); bias points at the tile's
+// first column (or is null). `resume`: the accumulators start from what an earlier chunk left in
+// y (f32 either way, so the fma chain is the one the whole K in one call gives); `finish`: the
+// chunk ends the K, and the bias is added.
 template <WeightFormat F, int MR, int NR>
-LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
-                            size_t k_bytes, const float* bias, int64_t cols) {
+LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, int64_t kc,
+                            const char* w, size_t k_bytes, const float* bias, int64_t cols,
+                            bool resume, bool finish) {
+  // The next panel: at once in a span of several (bf16), a whole panel on with one a span (f32).
   constexpr size_t kPanelBytes = kPanel * kElemBytes<F>;  // one panel's weights at one k
+  const size_t panel_stride = kSpanPanels<F> > 1 ? kPanelBytes : k_bytes * size_t(K);
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
+  for (int j = 0; j < NR; ++j) {
+    const int64_t left = cols - kPanel * j;
+    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i)
+      acc[i][j] = resume ? _mm512_maskz_loadu_ps(mask, y + i * ldy + kPanel * j) : _mm512_setzero_ps();
+  }
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     __m512 wv[NR];
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(k) * k_bytes + j * kPanelBytes);
+    for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(k) * k_bytes + j * panel_stride);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xb = _mm512_set1_ps(x[i * K + k]);
@@ -143,18 +160,18 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, co
     const int64_t left = cols - kPanel * j;
     const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
     __m512 b = _mm512_setzero_ps();
-    if (bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
+    if (finish && bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       __m512 v = acc[i][j];
-      if (bias) v = _mm512_add_ps(v, b);
+      if (finish && bias) v = _mm512_add_ps(v, b);
       _mm512_mask_storeu_ps(y + i * ldy + kPanel * j, mask, v);
     }
   }
 }
 
-using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
-                             const float*, int64_t);
+using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, int64_t, const char*,
+                             size_t, const float*, int64_t, bool, bool);
 
 // Tile shapes: MR in {1, 2, 4, 8} (other M are split into these), NR panels up to kMaxNr(MR):
 // MR x NR accumulators + NR weight vectors + one broadcast x fit the 32 vector registers, and NR
@@ -227,7 +244,7 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
   const int64_t N = w.N, K = w.K;
   // Panels counted from the first of the span w.data points at (the view starts at panel a0).
   const int64_t a0 = w.col0 / kPanel, A = a0 + (N + kPanel - 1) / kPanel;
-  const size_t k_bytes = size_t(kSpanPanels * kPanel) * kElemBytes<F>;  // a span's row
+  const size_t k_bytes = size_t(kSpanPanels<F> * kPanel) * kElemBytes<F>;  // a span's row
   const size_t span_bytes = k_bytes * size_t(K);
   const char* wdata = static_cast<const char*>(w.data);
   // Blocks of 8, 4, 2 or 1 panels (so that none crosses a span), fewer than 8 when that leaves a
@@ -237,23 +254,31 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
   while (per_block > 1 && per_block * threads > A - a0) per_block /= 2;
   const int64_t n_blocks = (A + per_block - 1) / per_block - a0 / per_block;
   // Within a block a thread walks every row of x, so W is read from memory once per call
-  // whatever M (the later row tiles find the block's panels in L1/L2).
+  // whatever M. Tiles narrower than a bf16 span (M >= 4: 4 or 3 panels a tile) go through the K
+  // in chunks, every tile of the block per chunk, so that the later tiles find the chunk's span
+  // rows in L1/L2 (the first tile reads only part of each row).
+  const int64_t kc = M >= 4 && kSpanPanels<F> > 1 ? kKChunk : std::max<int64_t>(K, 1);
   auto block = [&](int64_t b) {
     const int64_t first = a0 / per_block + b;  // in blocks from the span's start
     const int64_t a_begin = std::max(a0, first * per_block), a_end = std::min(A, (first + 1) * per_block);
-    for (int64_t m0 = 0; m0 < M;) {
-      const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
-      const int mr = kMrSizes[mi];
-      for (int64_t a = a_begin; a < a_end;) {
-        const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
-        const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
-        kTiles.fn[mi][nr - 1](
-            y + m0 * ldy + c, ldy, x + m0 * K, K,
-            wdata + size_t(a / kSpanPanels) * span_bytes + size_t(a % kSpanPanels * kPanel) * kElemBytes<F>,
-            k_bytes, bias ? bias + c : nullptr, N - c);
-        a += nr;
+    for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kc) {
+      const int64_t n = std::min(kc, K - k0);
+      const bool resume = k0 > 0, finish = k0 + kc >= K;
+      for (int64_t m0 = 0; m0 < M;) {
+        const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
+        const int mr = kMrSizes[mi];
+        for (int64_t a = a_begin; a < a_end;) {
+          const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
+          const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
+          kTiles.fn[mi][nr - 1](y + m0 * ldy + c, ldy, x + m0 * K + k0, K, n,
+                                wdata + size_t(a / kSpanPanels<F>) * span_bytes +
+                                    size_t(k0) * k_bytes +
+                                    size_t(a % kSpanPanels<F> * kPanel) * kElemBytes<F>,
+                                k_bytes, bias ? bias + c : nullptr, N - c, resume, finish);
+          a += nr;
+        }
+        m0 += mr;
       }
-      m0 += mr;
     }
   };
   for_blocks_owned_first(n_blocks, block);
@@ -473,7 +498,7 @@ size_t kElemBytesOf(WeightFormat f) { return f == WeightFormat::f32 ? 4 : f == W
 int64_t panels_elements(WeightFormat format, int64_t N, int64_t K) {
   if (format == WeightFormat::int8_row)
     return (N + kInt8Span - 1) / kInt8Span * kInt8Span * ((K + kInt8Group - 1) / kInt8Group * kInt8Group);
-  const int64_t span = kSpanPanels * kPanel;
+  const int64_t span = span_panels(format) * kPanel;
   return (N + span - 1) / span * span * K;
 }
 
@@ -483,7 +508,7 @@ int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K) {
     return n / kInt8Span * kInt8Span * K4 + k / kInt8Group * (kInt8Span * kInt8Group) +
            n % kInt8Span * kInt8Group + k % kInt8Group;
   }
-  const int64_t span = kSpanPanels * kPanel;
+  const int64_t span = span_panels(format) * kPanel;
   return n / span * span * K + k * span + n % span;
 }
 
@@ -495,7 +520,7 @@ WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n) {
   WeightView v = w;
   v.N = n;
   const int64_t first = w.col0 + r0;  // in the layout w.data starts
-  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : kSpanPanels * kPanel;
+  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : span_panels(w.format) * kPanel;
   v.col0 = first % unit;
   v.data = static_cast<const char*>(w.data) +
            size_t(panels_index(w.format, first - v.col0, 0, w.K)) * kElemBytesOf(w.format);
@@ -515,7 +540,7 @@ int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
 namespace {
 template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(format, n, k, K)
 void pack_panels_as(T* dst, const T* W, WeightFormat format, int64_t N, int64_t K) {
-  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : kSpanPanels * kPanel;  // span
+  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : span_panels(format) * kPanel;
   const int64_t units = (N + R - 1) / R;
   const int64_t unit = panels_elements(format, R, K);  // elements of one unit
 #pragma omp parallel for schedule(static)

@@ -114,9 +114,10 @@ void pack_amx_tiles(bf16* dst, const bf16* W, int64_t N, int64_t K);
 
 // Panel order: elements of the (N, K) weight in pack_panels' layout and where element (n, k)
 // lies in it. Panels of 16 columns are grouped in spans, interleaved so that a span is one
-// contiguous stream for a tile that reads all its panels. f32 and bf16: spans of 8 panels (128
-// columns), N rounded up to 128, times K; (n / 128) * 128 * K + k * 128 + n % 128 (a span's row
-// at one k: its 8 panels' 16 weights each). int8: spans of 4 panels (64 columns), N rounded up
+// contiguous stream for a tile that reads all its panels. f32: one panel a span, N rounded up
+// to 16, times K; (n / 16) * 16 * K + k * 16 + n % 16. bf16: spans of 8 panels (128 columns),
+// N rounded up to 128, times K; (n / 128) * 128 * K + k * 128 + n % 128 (a span's row at one k:
+// its 8 panels' 16 weights each). int8: spans of 4 panels (64 columns), N rounded up
 // to 64, times K rounded up to 4 (K4); (n / 64) * 64 * K4 + (k / 4) * 256 + (n % 64) * 4 + k % 4
 // (64 bytes hold one panel's 16 columns at 4 consecutive k, one 32-bit lane a column).
 // Element (n, k) of a view lies at panels_index(format, n + col0, k, K) from its data.

@@ -238,8 +238,9 @@ TEST(KernelsWeightMatmul, PanelLayout) {
     const int64_t R = r0 + 24, n = 21, KK = 33;
     StoredWeight whole(f, R, KK, 3200);
     const WeightView slice = kernels::panels_view_rows(whole.view(), r0, n);
-    // Spans hold 128 columns (int8: 64): a slice inside one keeps its offset there.
-    EXPECT_EQ(slice.col0, r0 % (f == WeightFormat::int8_row ? 64 : 128));
+    // Spans hold 16 columns in f32, 128 in bf16, 64 in int8: a slice inside one keeps its
+    // offset there.
+    EXPECT_EQ(slice.col0, r0 % (f == WeightFormat::int8_row ? 64 : f == WeightFormat::bf16 ? 128 : 16));
     EXPECT_EQ(static_cast<const char*>(slice.data) - whole.panels.data(),
               kernels::panels_index(f, r0 - slice.col0, 0, KK) * int64_t(whole.elem()));
     const int64_t M = 9;
