@@ -594,9 +594,18 @@ void int8_reference(float* y, int64_t ldy, const float* x, int64_t M, const Weig
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) {
       if (!finite[size_t(m)]) continue;
+      const int32_t* xr = X.data() + m * K;
       int64_t acc = 0;
-      for (int64_t k = 0; k < K; ++k)
-        acc += int64_t(X[size_t(m * K + k)]) * q[weight_element_index(w, n, k)];
+      if (w.layout == WeightLayout::rows) {
+        // Where the int8 rows are not in panels (no AVX-512 VNNI: they stay in rows, and this
+        // loop is the kernel): contiguous, and an exact sum, so any order (the compiler's
+        // vectors) gives the same integer.
+        const int8_t* qr = q + n * K;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < K; ++k) acc += int64_t(xr[k]) * qr[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) acc += int64_t(xr[k]) * q[weight_element_index(w, n, k)];
+      }
       const float v = float(double(acc) * std::ldexp(double(w.scales[n]), -e[size_t(m)]));
       y[m * ldy + n] = bias ? v + bias[n] : v;
     }
