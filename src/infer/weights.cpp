@@ -222,6 +222,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
   if (layout.has_query_layer()) add_block(layout.query_block(), qlinears_);
   todo.push_back({&head_, head, layout.token_embedding(), V, C});
   int64_t n32 = 0, n16 = 0, n8 = 0, nsc = 0;
+  if (linear_format_ == WeightFormat::int8_row && !kernels::weight_matmul_panels_fast(linear_format_))
+    LOOM_LOG_WARN("this CPU lacks AVX-512 VNNI (or DQ): int8 weights run the portable integer "
+                  "loop, several times slower than the VNNI kernel; --dtype bf16 may be faster");
   for (Pending& p : todo) {
     // Tile order for bf16 where AMX runs it (every M on one kernel: weight_matmul.h), else panel
     // order where the AVX-512 kernel runs, unless a slice (weight_rows) would cut a 32-row block
