@@ -130,8 +130,8 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
                 "--checkpoint: give the prompt alone, without the corpus's '# language: ...' line");
   sub->add_option("--tokenizer", args->tokenizer, "--checkpoint: tokenizer (default: DIR/tokenizer)");
   sub->add_option("--dtype", args->dtype, "--checkpoint: weights f32 or bf16")->capture_default_str();
-  sub->add_flag("--int8", args->int8, "--checkpoint: int8 per-row weights for the block linears");
-  sub->add_flag("--int8-head", args->int8_head, "--checkpoint, with --int8: the tied LM head in int8 rows too");
+  sub->add_flag("--int8", args->int8, "--checkpoint: int8 per-row weights for the block linears and the tied head");
+  sub->add_flag("--int8-head", args->int8_head, "--checkpoint, with --int8: --head-dtype int8 (the default)");
   sub->add_option("--head-dtype", args->head_dtype,
                   "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));

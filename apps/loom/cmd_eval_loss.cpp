@@ -117,8 +117,8 @@ void add_eval_loss(CLI::App& root, loom::cli::Context& ctx) {
                   "generate); default: the training forward in f32");
   sub->add_flag("--int8", o->int8,
                 "evaluate through the inference weights with the linears in int8 per output row "
-                "(the head in --dtype, default f32)");
-  sub->add_flag("--int8-head", o->int8_head, "with --int8: the tied LM head in int8 rows too");
+                "and the tied head (--head-dtype to store the head otherwise)");
+  sub->add_flag("--int8-head", o->int8_head, "with --int8: --head-dtype int8 (the default since --int8 quantizes the head)");
   sub->add_option("--head-dtype", o->head_dtype,
                   "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));

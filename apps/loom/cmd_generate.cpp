@@ -220,8 +220,8 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
                   "HumanEval-X stop rule of a language: python, cpp, java, js, go, rust");
   sub->add_option("--dtype", o->dtype, "weight storage: f32 or bf16")
       ->check(CLI::IsMember({"f32", "bf16"}));
-  sub->add_flag("--int8", o->int8, "quantize the linears to int8 per output row at load time");
-  sub->add_flag("--int8-head", o->int8_head, "with --int8: the tied LM head in int8 rows too");
+  sub->add_flag("--int8", o->int8, "quantize the linears and the tied head to int8 per output row at load time");
+  sub->add_flag("--int8-head", o->int8_head, "with --int8: --head-dtype int8 (the default since --int8 quantizes the head)");
   sub->add_option("--head-dtype", o->head_dtype,
                   "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));

@@ -44,7 +44,7 @@ struct ServeEngineOptions {
   std::string domain;  // MoE (rre): requests without "domain" use this ("" = "other")
   std::string head_dtype = "auto";
   bool int8 = false, int8_head = false;
-  std::string dtype = "f32";  // the head's storage, and the linears' without --int8
+  std::string dtype = "f32";  // the linears' and head's storage without --int8 / --head-dtype
   int64_t max_batch = 8;
   int64_t max_queue = 64;
   int tp = 1;
@@ -82,7 +82,7 @@ void serve_rank0(ServeOptions& o, const loom::comm::ProcessGroup* tp,
                  const sigset_t& stop_signals) {
   using namespace loom;
   LOOM_LOG_INFO("loading {} ({}{}){}", o.engine.checkpoint, o.engine.dtype,
-                o.engine.int8 ? ", int8 linears" : "",
+                o.engine.int8 ? ", --int8: int8 linears and head" : "",
                 tp ? fmt::format(" (tp shard 0 of {})", tp->size()) : std::string());
   std::unique_ptr<infer::Engine> engine = make_engine_for_serving(o.engine, tp);
   const infer::KvPoolSize& kv = engine->kv_pool();
@@ -125,12 +125,12 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
                   "address to listen on (default 127.0.0.1; any other needs --api-key)")
       ->capture_default_str();
   sub->add_option("--port", s.port, "port (0 = any free port)")->capture_default_str();
-  sub->add_flag("--int8", e.int8, "int8 per-row weights for the block linears");
-  sub->add_flag("--int8-head", e.int8_head, "with --int8: the tied LM head in int8 rows too");
+  sub->add_flag("--int8", e.int8, "int8 per-row weights for the block linears and the tied head");
+  sub->add_flag("--int8-head", e.int8_head, "with --int8: --head-dtype int8 (the default since --int8 quantizes the head)");
   sub->add_option("--head-dtype", e.head_dtype,
                   "tied LM head storage: auto (int8 with --int8, else --dtype), f32, bf16 or int8")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
-  sub->add_option("--dtype", e.dtype, "weight storage: f32 or bf16 (the head's with --int8)")
+  sub->add_option("--dtype", e.dtype, "weight storage: f32 or bf16 (with --int8: --kv-dtype auto follows it)")
       ->capture_default_str();
   sub->add_option("--tp", e.tp,
                   "tensor-parallel size; run under mpirun -np N (rank 0 serves HTTP)")

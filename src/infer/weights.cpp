@@ -230,7 +230,9 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
     // order where the AVX-512 kernel runs, unless a slice (weight_rows) would cut a 32-row block
     // or a 16-column panel: such a weight stays in rows and runs the reference loop.
     p.tiles = p.fmt == WeightFormat::bf16 && kernels::amx_tiles_available(p.K) && p.split % 32 == 0;
-    const bool fast = kernels::weight_matmul_panels_fast(p.fmt);
+    // (int8 with K > 65536 runs the reference loop, fastest on rows: weight_matmul.h.)
+    const bool fast = kernels::weight_matmul_panels_fast(p.fmt) &&
+                      (p.fmt != WeightFormat::int8_row || p.K <= 65536);
     p.panels = !p.tiles && fast && p.split % 16 == 0;
     if (!p.tiles && !p.panels && fast)
       LOOM_LOG_WARN("a {} x {} weight sliced at row {} cannot be stored in 16-column panels; it "
@@ -343,12 +345,21 @@ ModelWeights::ModelWeights(const model::ModelConfig& cfg, const Source& src, Wei
 
 ModelWeights ModelWeights::load(const std::string& checkpoint_dir, WeightFormat linears,
                                 WeightFormat head, model::TpShard tp) {
-  interop::CheckpointReader r(checkpoint_dir);
+  WeightFormats f;
+  f.linears = linears;
+  f.head = head;
+  return load(checkpoint_dir, f, tp);
+}
+
+ModelWeights ModelWeights::load(const std::string& checkpoint_dir, const WeightFormats& formats,
+                                model::TpShard tp) {
+  interop::CheckpointReader r(checkpoint_dir);  // one reader: the files are verified once
   const model::ParamLayout layout(r.config(), tp);
   Source src;
   src.f32 = [&](int64_t lo, int64_t hi, float* dst) {
     r.load_weights_packed(layout, dst, lo, hi);
   };
+  WeightFormat head = formats.head;
   if (r.has_int8_weights()) {
     for (const auto& s : layout.specs())
       LOOM_CHECK(!is_linear_weight(s.name) || r.weight_dtype(s.name) == DType::i8,
@@ -358,16 +369,9 @@ ModelWeights ModelWeights::load(const std::string& checkpoint_dir, WeightFormat 
     src.int8 = [&](const model::ParamSpec& s, int8_t* q, float* scales) {
       r.load_int8(s, q, scales);
     };
+    if (formats.head_auto) head = WeightFormat::int8_row;  // as --int8 on the f32 checkpoint
   }
-  return ModelWeights(r.config(), src, linears, head, tp);
-}
-
-ModelWeights ModelWeights::load(const std::string& checkpoint_dir, const WeightFormats& formats,
-                                model::TpShard tp) {
-  WeightFormat head = formats.head;
-  if (formats.head_auto && interop::CheckpointReader(checkpoint_dir).has_int8_weights())
-    head = WeightFormat::int8_row;
-  return load(checkpoint_dir, formats.linears, head, tp);
+  return ModelWeights(r.config(), src, formats.linears, head, tp);
 }
 
 QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,

@@ -33,6 +33,11 @@
 namespace loom::kernels {
 namespace {
 
+// Columns of a span of panels (panels_index): 16 (f32: one panel), 128 (bf16), 64 (int8).
+constexpr int64_t span_columns(WeightFormat f) {
+  return f == WeightFormat::int8_row ? 64 : f == WeightFormat::bf16 ? 128 : 16;
+}
+
 void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M,
                 const WeightView& w) {
   const int64_t N = w.N, K = w.K;
@@ -44,6 +49,11 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
              static_cast<const void*>(y), static_cast<const void*>(x), w.data, M, N, K);
   LOOM_CHECK(w.format != WeightFormat::int8_row || w.scales,
              "{}: int8_row weight (N={}, K={}) needs scales (N)", fn, N, K);
+  const int64_t span = span_columns(w.format);
+  LOOM_CHECK(w.layout != WeightLayout::panels ? w.col0 == 0
+                                              : w.col0 % 16 == 0 && w.col0 >= 0 && w.col0 < span,
+             "{}: a view's column offset col0={} must be a multiple of 16 below its span's {} "
+             "columns (0 outside panel order)", fn, w.col0, span);
   LOOM_CHECK(w.layout != WeightLayout::amx_tiles ||
                  (w.format == WeightFormat::bf16 && K > 0 && K % 32 == 0),
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
@@ -101,7 +111,9 @@ constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads s
 // passes, and batch-8 decode fell from 11-14 to 23-26 ms a step; bf16's stayed at 10.5-11.5.
 template <WeightFormat F>
 constexpr int64_t kSpanPanels = F == WeightFormat::bf16 ? 8 : 1;
-constexpr int64_t span_panels(WeightFormat f) { return f == WeightFormat::bf16 ? 8 : 1; }
+constexpr int64_t span_panels(WeightFormat f) { return span_columns(f) / kPanel; }
+static_assert(kSpanPanels<WeightFormat::bf16> * kPanel == span_columns(WeightFormat::bf16) &&
+              kSpanPanels<WeightFormat::f32> * kPanel == span_columns(WeightFormat::f32));
 constexpr int64_t kKChunk = 256;  // k per chunk where tiles are narrower than a span
 
 template <WeightFormat F>
@@ -305,7 +317,7 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
 // of the read probe (the hardware prefetchers ramp up per stream).
 
 constexpr int64_t kInt8Group = 4;           // k per 32-bit lane
-constexpr int64_t kInt8Span = 64;           // columns a span: 4 panels, interleaved by group
+constexpr int64_t kInt8Span = span_columns(WeightFormat::int8_row);  // 4 panels, by group
 constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // int32 digit sums exact up to here
 
 #define LOOM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -332,7 +344,7 @@ LOOM_AVX512_VNNI void int8_prepare_row(const float* x, int64_t K, int64_t groups
     bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or > max: not finite
     amax = _mm512_max_ps(amax, a);
   }
-  std::memset(planes, 0, size_t(4 * groups) * sizeof(int32_t));
+  if (groups > 0) std::memset(planes, 0, size_t(4 * groups) * sizeof(int32_t));
   if (bad) {  // this row runs the f32 formula (int8_float_row)
     *finite = 0, *sum = 0, *unscale = 1.0;
     return;

@@ -148,6 +148,15 @@ TEST(KernelsWeightMatmul, FastPathAvailable) {
   SUCCEED();
 }
 
+// The same for int8: its panel kernel needs AVX-512 VNNI and DQ; without them every int8 test
+// below compares the reference loop with itself.
+TEST(KernelsWeightMatmul, Int8FastPathAvailable) {
+  if (!kernels::weight_matmul_panels_fast(WeightFormat::int8_row))
+    GTEST_SKIP() << "SKIP: this CPU lacks AVX-512 VNNI or DQ; int8 weight_matmul runs the "
+                    "reference loop, so the VNNI kernel is not tested on this machine";
+  SUCCEED();
+}
+
 TEST(KernelsWeightMatmul, AllFormatsMatchFloat64ReferenceOnOddShapes) {
   uint64_t seed = 1;
   int variant = 0;
@@ -474,6 +483,15 @@ TEST(KernelsWeightMatmul, EmptySizes) {
   kernels::weight_matmul(y.data(), 0, nullptr, 2, k0p, bias.data());
   for (int64_t m = 0; m < 2; ++m)
     for (int64_t n = 0; n < 3; ++n) EXPECT_EQ(y[size_t(m * 3 + n)], bias[size_t(n)]);
+  for (WeightFormat f : {WeightFormat::bf16, WeightFormat::int8_row}) {  // K = 0 in panels
+    const std::vector<float> ones(3, 1.f);
+    WeightView kp{f, 3, 0, nullptr, f == WeightFormat::int8_row ? ones.data() : nullptr};
+    kp.layout = kernels::WeightLayout::panels;
+    std::fill(y.begin(), y.end(), 7.f);
+    kernels::weight_matmul(y.data(), 0, nullptr, 2, kp, bias.data());
+    for (int64_t m = 0; m < 2; ++m)
+      for (int64_t n = 0; n < 3; ++n) EXPECT_EQ(y[size_t(m * 3 + n)], bias[size_t(n)]) << int(f);
+  }
   WeightView n0{WeightFormat::bf16, 0, 4, nullptr, nullptr};  // N = 0: nothing to do
   kernels::weight_matmul(nullptr, 0, x.data(), 2, n0, nullptr);
 }
@@ -496,6 +514,11 @@ TEST(KernelsWeightMatmul, BadArgumentsThrow) {
     WeightView neg = w;
     neg.K = -4;
     EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, neg, nullptr), Error);
+    WeightView off = w;  // a column offset inside a span: a multiple of 16 below 64 (int8)
+    off.col0 = 64;
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, off, nullptr), Error);
+    off.col0 = 8;
+    EXPECT_THROW(kernel(y.data(), 0, x.data(), 2, off, nullptr), Error);
   }
   try {
     kernels::weight_matmul(y.data(), 2, x.data(), 2, w, nullptr);
