@@ -114,7 +114,6 @@ constexpr int64_t kSpanPanels = F == WeightFormat::bf16 ? 8 : 1;
 constexpr int64_t span_panels(WeightFormat f) { return span_columns(f) / kPanel; }
 static_assert(kSpanPanels<WeightFormat::bf16> * kPanel == span_columns(WeightFormat::bf16) &&
               kSpanPanels<WeightFormat::f32> * kPanel == span_columns(WeightFormat::f32));
-constexpr int64_t kKChunk = 256;  // k per chunk where tiles are narrower than a span
 
 template <WeightFormat F>
 constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : 2;  // f32 or bf16
@@ -133,30 +132,22 @@ LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
 }
 
 // y[0..MR) x [0..16 NR) of the output (columns at or past `cols` are not written: the last
-// panel's padding), over k in [0, kc) of a chunk of the K: x: the tile's first row at the chunk's
-// first k (rows K apart); w: its first panel's weights there (one k to the next is k_bytes: a
-// span's whole row, see kSpanPanels); bias points at the tile's
-// first column (or is null). `resume`: the accumulators start from what an earlier chunk left in
-// y (f32 either way, so the fma chain is the one the whole K in one call gives); `finish`: the
-// chunk ends the K, and the bias is added.
+// panel's padding). x: the tile's first row (rows K apart); w: its first panel's weights at k = 0
+// (one k to the next is k_bytes: a span's whole row, see kSpanPanels); bias points at the tile's
+// first column (or is null).
 template <WeightFormat F, int MR, int NR>
-LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, int64_t kc,
-                            const char* w, size_t k_bytes, const float* bias, int64_t cols,
-                            bool resume, bool finish) {
+LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
+                            size_t k_bytes, const float* bias, int64_t cols) {
   // The next panel: at once in a span of several (bf16), a whole panel on with one a span (f32).
   constexpr size_t kPanelBytes = kPanel * kElemBytes<F>;  // one panel's weights at one k
   const size_t panel_stride = kSpanPanels<F> > 1 ? kPanelBytes : k_bytes * size_t(K);
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
-  for (int j = 0; j < NR; ++j) {
-    const int64_t left = cols - kPanel * j;
-    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+  for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-      acc[i][j] = resume ? _mm512_maskz_loadu_ps(mask, y + i * ldy + kPanel * j) : _mm512_setzero_ps();
-  }
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     __m512 wv[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) wv[j] = load_panel_k<F>(w + size_t(k) * k_bytes + j * panel_stride);
@@ -172,18 +163,18 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, in
     const int64_t left = cols - kPanel * j;
     const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
     __m512 b = _mm512_setzero_ps();
-    if (finish && bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
+    if (bias) b = _mm512_maskz_loadu_ps(mask, bias + kPanel * j);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       __m512 v = acc[i][j];
-      if (finish && bias) v = _mm512_add_ps(v, b);
+      if (bias) v = _mm512_add_ps(v, b);
       _mm512_mask_storeu_ps(y + i * ldy + kPanel * j, mask, v);
     }
   }
 }
 
-using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, int64_t, const char*,
-                             size_t, const float*, int64_t, bool, bool);
+using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
+                             const float*, int64_t);
 
 // Tile shapes: MR in {1, 2, 4, 8} (other M are split into these), NR panels up to kMaxNr(MR):
 // MR x NR accumulators + NR weight vectors + one broadcast x fit the 32 vector registers, and NR
@@ -266,31 +257,26 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
   while (per_block > 1 && per_block * threads > A - a0) per_block /= 2;
   const int64_t n_blocks = (A + per_block - 1) / per_block - a0 / per_block;
   // Within a block a thread walks every row of x, so W is read from memory once per call
-  // whatever M. Tiles narrower than a bf16 span (M >= 4: 4 or 3 panels a tile) go through the K
-  // in chunks, every tile of the block per chunk, so that the later tiles find the chunk's span
-  // rows in L1/L2 (the first tile reads only part of each row).
-  const int64_t kc = M >= 4 && kSpanPanels<F> > 1 ? kKChunk : std::max<int64_t>(K, 1);
+  // whatever M (the later row tiles find the block's panels in L1/L2). (Walking the K in chunks
+  // of 256, every tile of a bf16 span per chunk, was ~5% slower at batch 8: 10.9-11.2 against
+  // 10.4-10.5 ms a step of gpt2-124m's linears, session 19.)
   auto block = [&](int64_t b) {
     const int64_t first = a0 / per_block + b;  // in blocks from the span's start
-    const int64_t a_begin = std::max(a0, first * per_block), a_end = std::min(A, (first + 1) * per_block);
-    for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kc) {
-      const int64_t n = std::min(kc, K - k0);
-      const bool resume = k0 > 0, finish = k0 + kc >= K;
-      for (int64_t m0 = 0; m0 < M;) {
-        const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
-        const int mr = kMrSizes[mi];
-        for (int64_t a = a_begin; a < a_end;) {
-          const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
-          const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
-          kTiles.fn[mi][nr - 1](y + m0 * ldy + c, ldy, x + m0 * K + k0, K, n,
-                                wdata + size_t(a / kSpanPanels<F>) * span_bytes +
-                                    size_t(k0) * k_bytes +
-                                    size_t(a % kSpanPanels<F> * kPanel) * kElemBytes<F>,
-                                k_bytes, bias ? bias + c : nullptr, N - c, resume, finish);
-          a += nr;
-        }
-        m0 += mr;
+    const int64_t a_begin = std::max(a0, first * per_block),
+                  a_end = std::min(A, (first + 1) * per_block);
+    for (int64_t m0 = 0; m0 < M;) {
+      const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
+      const int mr = kMrSizes[mi];
+      for (int64_t a = a_begin; a < a_end;) {
+        const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
+        const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
+        kTiles.fn[mi][nr - 1](y + m0 * ldy + c, ldy, x + m0 * K, K,
+                              wdata + size_t(a / kSpanPanels<F>) * span_bytes +
+                                  size_t(a % kSpanPanels<F> * kPanel) * kElemBytes<F>,
+                              k_bytes, bias ? bias + c : nullptr, N - c);
+        a += nr;
       }
+      m0 += mr;
     }
   };
   for_blocks_owned_first(n_blocks, block);
