@@ -110,10 +110,7 @@ constexpr int64_t kBlockPanels = 8;  // panels per block: the unit the threads s
 // layout): its batch-8 tiles (3 of a span's 8 panels each) read a span's rows in three strided
 // passes, and batch-8 decode fell from 11-14 to 23-26 ms a step; bf16's stayed at 10.5-11.5.
 template <WeightFormat F>
-constexpr int64_t kSpanPanels = F == WeightFormat::bf16 ? 8 : 1;
-constexpr int64_t span_panels(WeightFormat f) { return span_columns(f) / kPanel; }
-static_assert(kSpanPanels<WeightFormat::bf16> * kPanel == span_columns(WeightFormat::bf16) &&
-              kSpanPanels<WeightFormat::f32> * kPanel == span_columns(WeightFormat::f32));
+constexpr int64_t kSpanPanels = span_columns(F) / kPanel;  // bf16 8, f32 1
 
 template <WeightFormat F>
 constexpr size_t kElemBytes = F == WeightFormat::f32 ? 4 : 2;  // f32 or bf16
@@ -496,7 +493,7 @@ size_t kElemBytesOf(WeightFormat f) { return f == WeightFormat::f32 ? 4 : f == W
 int64_t panels_elements(WeightFormat format, int64_t N, int64_t K) {
   if (format == WeightFormat::int8_row)
     return (N + kInt8Span - 1) / kInt8Span * kInt8Span * ((K + kInt8Group - 1) / kInt8Group * kInt8Group);
-  const int64_t span = span_panels(format) * kPanel;
+  const int64_t span = span_columns(format);
   return (N + span - 1) / span * span * K;
 }
 
@@ -506,7 +503,7 @@ int64_t panels_index(WeightFormat format, int64_t n, int64_t k, int64_t K) {
     return n / kInt8Span * kInt8Span * K4 + k / kInt8Group * (kInt8Span * kInt8Group) +
            n % kInt8Span * kInt8Group + k % kInt8Group;
   }
-  const int64_t span = span_panels(format) * kPanel;
+  const int64_t span = span_columns(format);
   return n / span * span * K + k * span + n % span;
 }
 
@@ -518,7 +515,7 @@ WeightView panels_view_rows(const WeightView& w, int64_t r0, int64_t n) {
   WeightView v = w;
   v.N = n;
   const int64_t first = w.col0 + r0;  // in the layout w.data starts
-  const int64_t unit = w.format == WeightFormat::int8_row ? kInt8Span : span_panels(w.format) * kPanel;
+  const int64_t unit = span_columns(w.format);
   v.col0 = first % unit;
   v.data = static_cast<const char*>(w.data) +
            size_t(panels_index(w.format, first - v.col0, 0, w.K)) * kElemBytesOf(w.format);
@@ -538,7 +535,7 @@ int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k) {
 namespace {
 template <typename T>  // float, bf16 or int8_t: element (n, k) to panels_index(format, n, k, K)
 void pack_panels_as(T* dst, const T* W, WeightFormat format, int64_t N, int64_t K) {
-  const int64_t R = format == WeightFormat::int8_row ? kInt8Span : span_panels(format) * kPanel;
+  const int64_t R = span_columns(format);  // a span's columns
   const int64_t units = (N + R - 1) / R;
   const int64_t unit = panels_elements(format, R, K);  // elements of one unit
 #pragma omp parallel for schedule(static)
