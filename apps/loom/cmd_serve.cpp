@@ -158,6 +158,11 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--request-timeout", s.request_timeout_s,
                   "seconds one request may generate before it is cancelled (0 = no limit)")
       ->capture_default_str();
+  sub->add_option("--stream-interval-ms", s.stream_interval_ms,
+                  "a streaming request's tokens are written at most once per this many ms "
+                  "(the first and last at once; 0 = every token as it comes)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   sub->add_flag("--cut-to-context", s.cut_to_context,
                 "cut max_tokens to fit the context (finish_reason length) instead of answering "
                 "400 context_length_exceeded");

@@ -45,4 +45,10 @@ void set_num_threads(int n) {
 
 int num_threads() { return omp_get_max_threads(); }
 
+void release_thread_pool() {
+  // OpenMP 5.0; libgomp frees the calling thread's pool (a no-op inside a parallel region,
+  // where it returns non-zero, and harmless to call twice).
+  (void)omp_pause_resource_all(omp_pause_soft);
+}
+
 }  // namespace loom

@@ -13,6 +13,7 @@
 #include "checkpoint/sharded.h"
 #include "comm/mpi_runtime.h"
 #include "core/error.h"
+#include "core/threads.h"
 
 namespace loom::infer {
 
@@ -265,7 +266,13 @@ Engine::Engine(ModelWeights weights, std::unique_ptr<data::Tokenizer> tokenizer,
              tok_->vocab_size(), cfg.vocab);
   if (!opts_.default_domain.empty()) default_domain_ = cfg.domain_index(opts_.default_domain);
   stats_.kv_blocks_total = stats_.kv_blocks_free = cache_.num_blocks();
-  if (opts_.start_thread) thread_ = std::thread([this] { run_thread(); });
+  if (opts_.start_thread) {
+    // The step thread becomes an OpenMP master of its own; the workers the constructing thread
+    // (which loaded the weights) started would otherwise count against the cores and make the
+    // step thread's team sleep at every barrier (see core/threads.h).
+    release_thread_pool();
+    thread_ = std::thread([this] { run_thread(); });
+  }
 }
 
 Engine::~Engine() {

@@ -147,6 +147,11 @@ struct Job {
   std::vector<std::deque<TokenEvent>> pending;  // per choice, not yet consumed
   std::vector<int64_t> request_ids;             // per choice; -1 until submitted
   size_t finished = 0;                          // choices whose last event arrived
+  // Coalesced wake-ups (ServerOptions::stream_interval_ms): the producer notifies only when a
+  // choice finishes or when next_wake has passed; events held back in between are taken by the
+  // next notify or by the consumer's poll (at most poll_interval_ms later).
+  Clock::duration wake_interval{};
+  Clock::time_point next_wake{};  // epoch: the first event notifies
 };
 
 // What the HTTP thread has made of one choice so far.
@@ -287,6 +292,8 @@ HttpServer::HttpServer(CompletionService& service, ServerOptions options)
   LOOM_CHECK(o.max_concurrent_requests >= 1, "max_concurrent_requests={} must be >= 1",
              o.max_concurrent_requests);
   LOOM_CHECK(o.poll_interval_ms >= 1, "poll_interval_ms={} must be >= 1", o.poll_interval_ms);
+  LOOM_CHECK(o.stream_interval_ms >= 0, "stream_interval_ms={} must be >= 0 (0 = every token)",
+             o.stream_interval_ms);
   LOOM_CHECK(o.read_timeout_s >= 1 && o.write_timeout_s >= 1,
              "read_timeout_s={} and write_timeout_s={} must be >= 1", o.read_timeout_s,
              o.write_timeout_s);
@@ -579,6 +586,10 @@ void HttpServer::install_routes() {
     auto job = std::make_shared<Job>();
     job->pending.resize(num_choices);
     job->request_ids.assign(num_choices, -1);
+    // A non-streaming response needs nothing before the end: its thread wakes for the last
+    // events (and polls the client).
+    job->wake_interval = r.stream ? std::chrono::milliseconds(options_.stream_interval_ms)
+                                  : Clock::duration::max() / 2;
     std::vector<ChoiceState> choices(num_choices);
     for (size_t c = 0; c < num_choices; ++c) {
       const size_t p = c / size_t(r.n);
@@ -606,8 +617,13 @@ void HttpServer::install_routes() {
       sr.on_event = [job, c](const TokenEvent& ev) {
         std::lock_guard lock(job->mutex);
         job->pending[c].push_back(ev);
-        if (ev.finish != FinishReason::none) ++job->finished;
-        job->cv.notify_all();
+        const bool last = ev.finish != FinishReason::none;
+        if (last) ++job->finished;
+        const auto now = Clock::now();
+        if (last || now >= job->next_wake) {
+          job->next_wake = now + job->wake_interval;
+          job->cv.notify_all();
+        }
       };
       const SubmitResult sub = service_.submit(std::move(sr));
       if (sub.status != SubmitResult::Status::ok) {

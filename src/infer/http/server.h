@@ -83,6 +83,11 @@ struct ServerOptions {
   int32_t write_timeout_s = 30;            // socket write timeout (clients that stop reading)
   int32_t request_timeout_s = 600;         // generation time of one HTTP request; 0 = none
   int32_t poll_interval_ms = 50;           // how often a waiting request checks its client
+  // A streaming request's HTTP thread is woken at most once per stream_interval_ms while tokens
+  // come (the first token and the last are passed on at once); the tokens of the interval go
+  // out together, each still its own server-sent event. 0 = wake for every token. Under load
+  // the per-token wake-ups of every stream compete with the decoder for the cores.
+  int32_t stream_interval_ms = 10;
   int32_t drain_timeout_s = 600;           // shutdown(): longest wait for responses in flight
 };
 

@@ -262,6 +262,87 @@ TEST(InferHttp, StreamingEventsDoneAndUsage) {
   EXPECT_EQ(per_choice[1], "bcd");
 }
 
+// stream_interval_ms coalesces wake-ups, not events: every token is still its own event, in
+// order; tokens held back within an interval go out with the next wake-up or, when none comes,
+// at the request's next poll (poll_interval_ms), never at the end of the interval.
+TEST(InferHttp, StreamIntervalKeepsEveryEventAndReleasesHeldTokens) {
+  for (const int step_ms : {1, 40}) {
+    ServerOptions so;
+    so.stream_interval_ms = 60000;  // no time-based wake within this test
+    so.poll_interval_ms = 20;
+    Fixture f({.step_ms = step_ms}, so);
+    const int64_t n = 8;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = f.post({{"prompt", "hello"}, {"max_tokens", n}, {"seed", 3}, {"stream", true}});
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    const auto events = sse_data(r->body);
+    ASSERT_EQ(events.size(), size_t(n) + 1) << r->body;  // one event per token, then [DONE]
+    EXPECT_EQ(events.back(), "[DONE]");
+    std::string text;
+    for (size_t i = 0; i + 1 < events.size(); ++i) {
+      const json c = json::parse(events[i]);
+      text += c["choices"][0]["text"].get<std::string>();
+      EXPECT_EQ(c["choices"][0]["finish_reason"].is_null(), i + 2 < events.size());
+    }
+    EXPECT_EQ(text, FakeService::expected_text(3, n));
+    // n steps of step_ms plus at most a poll interval per held token: far below the 60 s
+    // interval (generous for a loaded machine).
+    EXPECT_LT(s, 10.0) << "held tokens waited for the stream interval (step_ms " << step_ms << ")";
+  }
+  // Held tokens are released by the poll, not kept until the last: with 40 ms steps, the
+  // second token's event arrives long before the finishing one (~0.7 s later).
+  {
+    ServerOptions so;
+    so.stream_interval_ms = 60000;
+    so.poll_interval_ms = 20;
+    Fixture f({.step_ms = 40}, so);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.set_header("Content-Type", "application/json");
+    req.body = json{{"prompt", "x"}, {"max_tokens", 20}, {"stream", true}}.dump();
+    std::string got;
+    std::vector<double> arrival;  // seconds, per complete event
+    const auto t0 = std::chrono::steady_clock::now();
+    req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+      got.append(data, len);
+      const double t =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      size_t events = 0;
+      for (size_t p = got.find("\n\n"); p != std::string::npos; p = got.find("\n\n", p + 2))
+        ++events;
+      while (arrival.size() < events) arrival.push_back(t);
+      return true;
+    };
+    auto c = f.client();
+    auto r = c.send(req);
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200);
+    ASSERT_EQ(arrival.size(), 21u) << got;  // 20 tokens and [DONE]
+    EXPECT_LT(arrival[1], arrival[19] - 0.2)
+        << "the second token waited for the last (" << arrival[1] << " s against "
+        << arrival[19] << " s)";
+  }
+  // A negative interval is refused with the option's name.
+  loom::infer::testing::FakeService svc({});
+  ServerOptions bad;
+  bad.stream_interval_ms = -1;
+  EXPECT_THROW(
+      {
+        try {
+          HttpServer s(svc, bad);
+        } catch (const loom::Error& e) {
+          EXPECT_NE(std::string(e.what()).find("stream_interval_ms=-1"), std::string::npos)
+              << e.what();
+          throw;
+        }
+      },
+      loom::Error);
+}
+
 TEST(InferHttp, ModelsAndHealth) {
   Fixture f;
   auto r = f.client().Get("/v1/models");
