@@ -63,16 +63,31 @@ inline Vec reduce16(const Vec (&v)[kLanes]) {
   for (int i = 0; i < 2; ++i) h[i] = fold2(g[2 * i], g[2 * i + 1]);
   return fold1(h[0], h[1]);
 }
-// Which input vector's total lands in lane l (found once by reducing vectors of known sums).
+// Which input vector's total lands in lane l (found once by reducing vectors of known sums), and
+// the inverse: in which lane input vector t's total lands.
 struct Reduce16 {
   int key[kLanes];
+  IVec lane_of;  // lane_of[t]: the lane holding vector t's total
   Reduce16() {
     Vec v[kLanes];
     for (int t = 0; t < kLanes; ++t) v[t] = splat(float(t));
     const Vec r = reduce16(v);
     for (int l = 0; l < kLanes; ++l) key[l] = int(r[l] / float(kLanes) + 0.5f);
+    for (int l = 0; l < kLanes; ++l) lane_of[key[l]] = l;
   }
 };
+
+// The 16 lanes of v added by a fixed tree: lane l + lane l+8, then +4, +2, +1 (each a pairwise
+// f32 add), so the total depends only on v.
+inline float sum_lanes(Vec v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 
 // 16 consecutive K or V elements from `p` as f32: f32 as they are, bf16 widened exactly
 // (the bits shifted into the high half of a float).
@@ -145,8 +160,8 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
   const int64_t nk = pq.n_keys;
   // The bytes of a token row that the task's kv heads occupy.
   const int64_t lo = h0 / group * HD * es, hi = ((h0 + G - 1) / group + 1) * HD * es;
-  float m[kMaxGroup];
-  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY;
+  Vec m[kMaxGroup];  // per head, lane-wise running maxima of the scores
+  for (int64_t g = 0; g < G; ++g) m[g] = splat(-INFINITY);
   prefetch_block(kb, pq.block_table[0], std::min(BT, nk), lo, hi, row);
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
@@ -169,28 +184,43 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
         for (int c = 1; c < NV; ++c) a += qv[c] * load_kv<kBf16>(kt + c * kLanes * es);
         acc[t] = a;
       }
-      const Vec r = reduce16(acc);
+      // Lane l of r holds key kTree.key[l]'s dot product: put key t in lane t, scale, store
+      // the n valid ones in key order and fold them into the running maximum (max is exact in
+      // any order; the lanes past n are -inf there).
+      const Vec r = __builtin_shuffle(reduce16(acc), kTree.lane_of);
+      const Vec sc = r * splat(scale);
       float* sg = score + g * max_keys;
-      float mg = m[g];
-      for (int l = 0; l < kLanes; ++l) {
-        const int t = kTree.key[l];
-        if (t >= n) continue;
-        const float sc = r[l] * scale;
-        sg[j0 + t] = sc;
-        mg = std::max(mg, sc);
+      if (n == kLanes) {
+        store(sg + j0, sc);
+        m[g] = vmax(m[g], sc);
+      } else {
+        Vec sm = splat(-INFINITY);
+        for (int t = 0; t < n; ++t) {
+          sg[j0 + t] = sc[t];
+          sm[t] = sc[t];
+        }
+        m[g] = vmax(m[g], sm);
       }
-      m[g] = mg;
     }
   }
   float inv[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
     float* sg = score + g * max_keys;
-    const float mg = m[g];
+    float mg = -INFINITY;
+    for (int l = 0; l < kLanes; ++l) mg = std::max(mg, m[g][l]);
 #pragma omp simd
     for (int64_t j = 0; j < nk; ++j) sg[j] = kernels::vec::exp_f32(sg[j] - mg);
-    float sum = 0.f;
-    for (int64_t j = 0; j < nk; ++j) sum += sg[j];
-    inv[g] = 1.f / sum;
+    // Their sum: key j into lane j % 16 in ascending j, then the lanes by sum_lanes' tree (a
+    // serial sum in ascending j was a latency-bound chain of nk adds: ~30% of the kernel).
+    Vec acc = splat(0.f);
+    int64_t j = 0;
+    for (; j + kLanes <= nk; j += kLanes) acc += load(sg + j);
+    if (j < nk) {
+      Vec t = splat(0.f);
+      for (int64_t l = 0; j + l < nk; ++l) t[l] = sg[j + l];
+      acc += t;
+    }
+    inv[g] = 1.f / sum_lanes(acc);
   }
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);

@@ -18,8 +18,9 @@
 //   dot product in a fixed SIMD order that depends on HD only: for HD = 16, 32, 64, 128 with
 //   blocks of <= 16 tokens, the 16-lane partial products summed over the vectors in ascending
 //   order, then the lanes by a fixed tree computed for 16 keys at once), m = max s_j, exp(s_j -
-//   m) (a polynomial, kernels/cpu/vec_math.h, on the vector path), their sum in ascending j,
-//   out = sum_j p_j v_j in ascending j. So a row's result
+//   m) (a polynomial, kernels/cpu/vec_math.h, on the vector path), their sum (vector path: key
+//   j into lane j % 16 in ascending j, then the 16 lanes by a fixed pairwise tree; plain
+//   loops: ascending j), out = sum_j p_j v_j in ascending j. So a row's result
 //   depends only on its own query and keys: independent of the other queries in the call, of
 //   the thread count, and of whether its keys were written by a prefill or one token at a time
 //   (batch invariant, deterministic).
