@@ -147,11 +147,13 @@ struct Job {
   std::vector<std::deque<TokenEvent>> pending;  // per choice, not yet consumed
   std::vector<int64_t> request_ids;             // per choice; -1 until submitted
   size_t finished = 0;                          // choices whose last event arrived
-  // Coalesced wake-ups (ServerOptions::stream_interval_ms): the producer notifies only when a
-  // choice finishes or when next_wake has passed; events held back in between are taken by the
-  // next notify or by the consumer's poll (at most poll_interval_ms later).
+  // Coalesced wake-ups (ServerOptions::stream_interval_ms): the producer notifies when a
+  // choice's first visible event (text, or a token with logprobs asked for) or its last one
+  // arrives, and otherwise only once next_wake has passed; events held back in between are
+  // taken by the next notify or by the consumer's poll (at most poll_interval_ms later).
   Clock::duration wake_interval{};
-  Clock::time_point next_wake{};  // epoch: the first event notifies
+  Clock::time_point next_wake{};
+  std::vector<char> shown;  // per choice: a visible event was passed on
 };
 
 // What the HTTP thread has made of one choice so far.
@@ -586,6 +588,7 @@ void HttpServer::install_routes() {
     auto job = std::make_shared<Job>();
     job->pending.resize(num_choices);
     job->request_ids.assign(num_choices, -1);
+    job->shown.assign(num_choices, 0);
     // A non-streaming response needs nothing before the end: its thread wakes for the last
     // events (and polls the client).
     job->wake_interval = r.stream ? std::chrono::milliseconds(options_.stream_interval_ms)
@@ -614,13 +617,20 @@ void HttpServer::install_routes() {
       sp.token_healing = r.token_healing.value_or(prompt.is_text);
       sp.logprobs = r.logprobs;
       sp.ignore_eod = r.ignore_eos;
-      sr.on_event = [job, c](const TokenEvent& ev) {
+      const bool with_logprobs = r.logprobs >= 0;
+      sr.on_event = [job, c, with_logprobs](const TokenEvent& ev) {
         std::lock_guard lock(job->mutex);
         job->pending[c].push_back(ev);
         const bool last = ev.finish != FinishReason::none;
         if (last) ++job->finished;
+        // The first visible event goes out at once (time to first token), whatever the
+        // interval: a first event with no text (a partial character, text held back for a
+        // stop string) must not start the interval's clock.
+        const bool first_shown =
+            !job->shown[c] && (!ev.text.empty() || (with_logprobs && ev.token >= 0));
+        if (first_shown) job->shown[c] = 1;
         const auto now = Clock::now();
-        if (last || now >= job->next_wake) {
+        if (last || first_shown || now >= job->next_wake) {
           job->next_wake = now + job->wake_interval;
           job->cv.notify_all();
         }

@@ -33,6 +33,8 @@ class FakeService : public CompletionService {
     int64_t max_running = 1000;  // requests advanced per step (lowest ids); the rest wait
     int64_t stop_after = -1;  // >= 0: finish with stop after this many tokens
     bool fail = false;        // finish every request with an error at its first step
+    bool hold_first = false;  // the first token's text comes with the second token's event (as
+                              // the engine holds back text that could start a stop string)
     std::string name = "fake-model";
   };
 
@@ -165,6 +167,11 @@ class FakeService : public CompletionService {
         } else {
           ev.token = int32_t('a' + (p.seed + uint64_t(i)) % 26);
           ev.text = std::string(1, char(ev.token));
+          if (o_.hold_first && i == 0 && p.max_tokens > 1) {
+            ev.text.clear();
+          } else if (o_.hold_first && i == 1) {
+            ev.text = std::string(1, char('a' + p.seed % 26)) + ev.text;
+          }
           ev.logprob = -0.5f - 0.1f * float(i);
           for (int32_t k = 0; k < std::max(p.logprobs, 0); ++k)
             ev.top.push_back(k == 0 ? TopLogprob{ev.token, ev.text, ev.logprob}

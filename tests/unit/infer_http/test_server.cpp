@@ -326,6 +326,43 @@ TEST(InferHttp, StreamIntervalKeepsEveryEventAndReleasesHeldTokens) {
         << "the second token waited for the last (" << arrival[1] << " s against "
         << arrival[19] << " s)";
   }
+  // The first visible token goes out at once even when the first event carries no text (held
+  // back for a stop string): with a 60 s interval and a 5 s poll, only that rule delivers it
+  // before the end.
+  {
+    ServerOptions so;
+    so.stream_interval_ms = 60000;
+    so.poll_interval_ms = 5000;
+    Fixture f({.step_ms = 40, .hold_first = true}, so);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.set_header("Content-Type", "application/json");
+    req.body = json{{"prompt", "x"}, {"max_tokens", 20}, {"seed", 0}, {"stream", true}}.dump();
+    std::string got;
+    std::vector<double> arrival;
+    const auto t0 = std::chrono::steady_clock::now();
+    req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+      got.append(data, len);
+      const double t =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      size_t events = 0;
+      for (size_t p = got.find("\n\n"); p != std::string::npos; p = got.find("\n\n", p + 2))
+        ++events;
+      while (arrival.size() < events) arrival.push_back(t);
+      return true;
+    };
+    auto c = f.client();
+    auto r = c.send(req);
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200);
+    const auto events = sse_data(got);
+    ASSERT_EQ(events.size(), 20u) << got;  // 19 visible events ("ab" first), then [DONE]
+    EXPECT_EQ(json::parse(events[0])["choices"][0]["text"], "ab");
+    EXPECT_LT(arrival[0], arrival[18] - 0.2)
+        << "the first visible token waited (" << arrival[0] << " s against " << arrival[18]
+        << " s for the last)";
+  }
   // A negative interval is refused with the option's name.
   loom::infer::testing::FakeService svc({});
   ServerOptions bad;
