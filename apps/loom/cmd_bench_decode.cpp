@@ -5,7 +5,8 @@
 // token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
 // it reads them at, beside a read-bandwidth probe run in the same invocation (the median of five
-// readings taken before, between quarters of and after the decode steps). --kv-dtype auto is
+// readings taken before, between quarters of and after the decode steps), and each quarter's
+// rate against the two probes beside it (weight_read_fraction_of_adjacent_probes: their median). --kv-dtype auto is
 // bf16 for --dtype bf16 and int8 (whose head is int8 too unless --head-dtype says otherwise,
 // as under --int8 elsewhere), f32 for f32 (kv_flags.h).
 #include <algorithm>
@@ -117,12 +118,15 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     const double prefill_s = seconds_since(t0);
     constexpr int64_t kSegments = 4;
     double decode_s = 0;
+    std::vector<double> seg_s, seg_steps;  // per quarter: seconds and steps
     for (int64_t seg = 0, done = 0; seg < kSegments; ++seg) {
       probes.push_back(probe.measure(5) * 1e9);
       const int64_t until = (N - 1) * (seg + 1) / kSegments;
+      seg_steps.push_back(double(until - done));
       t0 = std::chrono::steady_clock::now();
       for (; done < until; ++done) run_step(false);
-      decode_s += seconds_since(t0);
+      seg_s.push_back(seconds_since(t0));
+      decode_s += seg_s.back();
     }
     probes.push_back(probe.measure(5) * 1e9);
     const double steps = double(N - 1);  // >= 1: checked above
@@ -131,6 +135,22 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     const double bw = sorted[sorted.size() / 2];
     const double wbytes = double(w.matmul_weight_bytes());
     const double weight_rate = wbytes * steps / std::max(decode_s, 1e-9);
+    // The machine's bandwidth can change state between the probes (on the development host it
+    // flips between ~31-36 and ~45-57 GB/s from one second to the next), so the whole run's rate
+    // against the median probe can compare a slow decode with fast probes or the reverse. Each
+    // quarter is also compared with the two probes taken right before and after it, and the
+    // median of those four fractions is reported beside the whole-run one.
+    std::vector<double> seg_frac;
+    for (size_t i = 0; i < seg_s.size(); ++i)
+      if (seg_steps[i] > 0)
+        seg_frac.push_back(wbytes * seg_steps[i] / std::max(seg_s[i], 1e-9) /
+                           (0.5 * (probes[i] + probes[i + 1])));
+    std::vector<double> sorted_frac = seg_frac;
+    std::sort(sorted_frac.begin(), sorted_frac.end());
+    const double adjacent_frac =
+        sorted_frac.empty() ? weight_rate / bw
+                            : 0.5 * (sorted_frac[(sorted_frac.size() - 1) / 2] +
+                                     sorted_frac[sorted_frac.size() / 2]);
     // K and V of every cached layer for the average context of a decode step.
     const double kv_bytes_per_step =
         double(B) * (double(P) + double(N) / 2) * 2 * double(ks.layers * ks.kv_dim()) *
@@ -155,7 +175,9 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
         {"kv_bytes_read_per_s", kv_bytes_per_step * steps / std::max(decode_s, 1e-9)},
         {"probe_read_bytes_per_s", bw},
         {"probe_readings_bytes_per_s", probes},
-        {"weight_read_fraction_of_probe", weight_rate / bw}};
+        {"weight_read_fraction_of_probe", weight_rate / bw},
+        {"weight_read_fraction_by_quarter", seg_frac},
+        {"weight_read_fraction_of_adjacent_probes", adjacent_frac}};
     std::printf("%s\n", j.dump().c_str());
     ctx.exit_code = 0;
   });
