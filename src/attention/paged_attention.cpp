@@ -87,7 +87,9 @@ inline float sum_lanes(Vec v) {
   return v[0];
 }
 
-inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
+// std::max per lane ((a < b) ? b : a): a NaN in b never replaces a, as the scalar running
+// maximum the vector one replaced.
+inline Vec vmax(Vec a, Vec b) { return a < b ? b : a; }
 
 // 16 consecutive K or V elements from `p` as f32: f32 as they are, bf16 widened exactly
 // (the bits shifted into the high half of a float).
