@@ -6,9 +6,9 @@
 // prefill_s, decode_tokens_per_s, the bytes of matmul weights a decode step reads and the rate
 // it reads them at, beside a read-bandwidth probe run in the same invocation (the median of five
 // readings taken before, between quarters of and after the decode steps), and each quarter's
-// rate against the two probes beside it (weight_read_fraction_of_adjacent_probes: their median). --kv-dtype auto is
-// bf16 for --dtype bf16 and int8 (whose head is int8 too unless --head-dtype says otherwise,
-// as under --int8 elsewhere), f32 for f32 (kv_flags.h).
+// rate against the two probes beside it (weight_read_fraction_of_adjacent_probes: their
+// median). --kv-dtype auto is bf16 for --dtype bf16 and int8 (whose head is int8 too unless
+// --head-dtype says otherwise, as under --int8 elsewhere), f32 for f32 (kv_flags.h).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

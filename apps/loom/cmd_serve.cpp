@@ -160,7 +160,8 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
       ->capture_default_str();
   sub->add_option("--stream-interval-ms", s.stream_interval_ms,
                   "a streaming request's tokens are written at most once per this many ms "
-                  "(the first and last at once; 0 = every token as it comes)")
+                  "(the first and last at once; a token held when no more come goes out within "
+                  "50 ms; 0 = every token as it comes)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   sub->add_flag("--cut-to-context", s.cut_to_context,

@@ -63,19 +63,27 @@ inline Vec reduce16(const Vec (&v)[kLanes]) {
   for (int i = 0; i < 2; ++i) h[i] = fold2(g[2 * i], g[2 * i + 1]);
   return fold1(h[0], h[1]);
 }
-// Which input vector's total lands in lane l (found once by reducing vectors of known sums), and
-// the inverse: in which lane input vector t's total lands.
+// Which input vector's total lands in lane l (found once by reducing vectors of known sums).
 struct Reduce16 {
   int key[kLanes];
-  IVec lane_of;  // lane_of[t]: the lane holding vector t's total
   Reduce16() {
     Vec v[kLanes];
     for (int t = 0; t < kLanes; ++t) v[t] = splat(float(t));
     const Vec r = reduce16(v);
     for (int l = 0; l < kLanes; ++l) key[l] = int(r[l] / float(kLanes) + 0.5f);
-    for (int l = 0; l < kLanes; ++l) lane_of[key[l]] = l;
+    // in_key_order below hard-codes this permutation (lane l holds l's 4 bits reversed).
+    for (int l = 0; l < kLanes; ++l)
+      LOOM_ASSERT(key[l] == ((l & 1) << 3 | (l & 2) << 1 | (l & 4) >> 1 | (l & 8) >> 3),
+                  "paged attention: reduce16's lane order changed");
   }
 };
+
+// reduce16's totals put in input order: the folds leave vector t's total in the lane whose
+// index is t's 4 bits reversed, a permutation that is its own inverse (checked when
+// Reduce16 is built).
+inline Vec in_key_order(Vec r) {
+  return __builtin_shufflevector(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
 
 // The 16 lanes of v added by a fixed tree: lane l + lane l+8, then +4, +2, +1 (each a pairwise
 // f32 add), so the total depends only on v.
@@ -149,8 +157,8 @@ inline void prefetch_block(const std::byte* base, int32_t block, int64_t n, int6
 // are fetched as one stream; each head's arithmetic is the same whatever G or h0: scores, per
 // key, the NV products q_c * k_c summed in ascending c into one vector, then its lanes by the
 // fixed reduce16 tree (16 keys of a block at once); m = max; exp by the polynomial of
-// kernels/cpu/vec_math.h; their sum in ascending j; the output accumulated in ascending key
-// order (in registers within a block, in o between blocks: f32 either way).
+// kernels/cpu/vec_math.h; their sum by lanes then a fixed tree; the output accumulated in
+// ascending key order (in registers within a block, in o between blocks: f32 either way).
 // score: (G, max_keys) scratch.
 template <int NV, bool kBf16, typename Row>
 void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
@@ -189,7 +197,7 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
       // Lane l of r holds key kTree.key[l]'s dot product: put key t in lane t, scale, store
       // the n valid ones in key order and fold them into the running maximum (max is exact in
       // any order; the lanes past n are -inf there).
-      const Vec r = __builtin_shuffle(reduce16(acc), kTree.lane_of);
+      const Vec r = in_key_order(reduce16(acc));
       const Vec sc = r * splat(scale);
       float* sg = score + g * max_keys;
       if (n == kLanes) {

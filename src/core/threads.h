@@ -21,7 +21,9 @@ int num_threads();
 // starts). Why: GCC's libgomp counts every pool's workers, and once they exceed the cores it
 // spins only ~1000 times at a barrier before sleeping in the kernel, so the step thread's team
 // would sleep and wake at every parallel region (measured: 20000 small regions 0.38 s
-// against 1.2 s, and 2 against 40,000 voluntary context switches).
+// against 1.2 s, and 2 against 40,000 voluntary context switches). The call is OpenMP 5.0's
+// omp_pause_resource_all(omp_pause_soft); what it frees is the runtime's choice: libgomp (GCC,
+// loom's build) frees only the calling thread's pool, LLVM's libomp pauses the whole runtime.
 void release_thread_pool();
 
 }  // namespace loom

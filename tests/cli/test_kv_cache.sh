@@ -84,7 +84,7 @@ PY
 out=$("$LOOM" bench decode --model "$SRC/configs/models/tiny.toml" --batch 2 --prompt-tokens 8 --new-tokens 4 --dtype int8 2>&1)
 grep -q '"kv_dtype":"bf16"' <<<"$out" && pass "bench decode --dtype int8: kv_dtype bf16 (auto)" || fail "bench decode: $out"
 # Each quarter's weight rate against the probes beside it: 3 decode steps fill 3 quarters.
-python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); q=d["weight_read_fraction_by_quarter"]; assert len(q)==3 and all(x>0 for x in q), q; assert d["weight_read_fraction_of_adjacent_probes"]>0' <<<"$out" \
+grep '^{' <<<"$out" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); q=d["weight_read_fraction_by_quarter"]; assert len(q)==3 and all(x>0 for x in q), q; assert d["weight_read_fraction_of_adjacent_probes"]>0' \
   && pass "bench decode: per-quarter read fractions" || fail "bench decode fractions: $out"
 out=$("$LOOM" bench decode --model "$SRC/configs/models/tiny.toml" --batch 2 --prompt-tokens 8 --new-tokens 4 --dtype bf16 --kv-dtype f32 2>&1)
 grep -q '"kv_dtype":"f32"' <<<"$out" && pass "bench decode --kv-dtype f32" || fail "bench decode kv f32: $out"

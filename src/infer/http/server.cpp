@@ -152,7 +152,9 @@ struct Job {
   // arrives, and otherwise only once next_wake has passed; events held back in between are
   // taken by the next notify or by the consumer's poll (at most poll_interval_ms later).
   Clock::duration wake_interval{};
-  Clock::time_point next_wake{};
+  // Per choice, so that the choices of one step (delivered one after another) each wake the
+  // consumer rather than the first taking the interval for all.
+  std::vector<Clock::time_point> next_wake;
   std::vector<char> shown;  // per choice: a visible event was passed on
 };
 
@@ -589,6 +591,7 @@ void HttpServer::install_routes() {
     job->pending.resize(num_choices);
     job->request_ids.assign(num_choices, -1);
     job->shown.assign(num_choices, 0);
+    job->next_wake.assign(num_choices, Clock::time_point{});
     // A non-streaming response needs nothing before the end: its thread wakes for the last
     // events (and polls the client).
     job->wake_interval = r.stream ? std::chrono::milliseconds(options_.stream_interval_ms)
@@ -630,8 +633,8 @@ void HttpServer::install_routes() {
             !job->shown[c] && (!ev.text.empty() || (with_logprobs && ev.token >= 0));
         if (first_shown) job->shown[c] = 1;
         const auto now = Clock::now();
-        if (last || first_shown || now >= job->next_wake) {
-          job->next_wake = now + job->wake_interval;
+        if (last || first_shown || now >= job->next_wake[c]) {
+          job->next_wake[c] = now + job->wake_interval;
           job->cv.notify_all();
         }
       };
