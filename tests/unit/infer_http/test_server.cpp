@@ -262,6 +262,38 @@ TEST(InferHttp, StreamingEventsDoneAndUsage) {
   EXPECT_EQ(per_choice[1], "bcd");
 }
 
+// A streaming POST whose events are timed as they arrive: arrival[i] is when event i (its
+// terminating blank line) had come, in seconds from the request.
+struct TimedStream {
+  int status = 0;
+  std::string body;
+  std::vector<double> arrival;
+};
+TimedStream stream_timed(const Fixture& f, const json& body) {
+  TimedStream out;
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.set_header("Content-Type", "application/json");
+  req.body = body.dump();
+  const auto t0 = std::chrono::steady_clock::now();
+  req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
+    out.body.append(data, len);
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    size_t events = 0;
+    for (size_t p = out.body.find("\n\n"); p != std::string::npos;
+         p = out.body.find("\n\n", p + 2))
+      ++events;
+    while (out.arrival.size() < events) out.arrival.push_back(t);
+    return true;
+  };
+  auto c = f.client();
+  auto r = c.send(req);
+  EXPECT_TRUE(r) << "no response";
+  out.status = r ? r->status : 0;
+  return out;
+}
+
 // stream_interval_ms coalesces wake-ups, not events: every token is still its own event, in
 // order; tokens held back within an interval go out with the next wake-up or, when none comes,
 // at the request's next poll (poll_interval_ms), never at the end of the interval.
@@ -299,29 +331,10 @@ TEST(InferHttp, StreamIntervalKeepsEveryEventAndReleasesHeldTokens) {
     so.stream_interval_ms = 60000;
     so.poll_interval_ms = 20;
     Fixture f({.step_ms = 40}, so);
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.set_header("Content-Type", "application/json");
-    req.body = json{{"prompt", "x"}, {"max_tokens", 20}, {"stream", true}}.dump();
-    std::string got;
-    std::vector<double> arrival;  // seconds, per complete event
-    const auto t0 = std::chrono::steady_clock::now();
-    req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
-      got.append(data, len);
-      const double t =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      size_t events = 0;
-      for (size_t p = got.find("\n\n"); p != std::string::npos; p = got.find("\n\n", p + 2))
-        ++events;
-      while (arrival.size() < events) arrival.push_back(t);
-      return true;
-    };
-    auto c = f.client();
-    auto r = c.send(req);
-    ASSERT_TRUE(r);
-    ASSERT_EQ(r->status, 200);
-    ASSERT_EQ(arrival.size(), 21u) << got;  // 20 tokens and [DONE]
+    const TimedStream ts = stream_timed(f, {{"prompt", "x"}, {"max_tokens", 20}, {"stream", true}});
+    ASSERT_EQ(ts.status, 200);
+    const std::vector<double>& arrival = ts.arrival;
+    ASSERT_EQ(arrival.size(), 21u) << ts.body;  // 20 tokens and [DONE]
     EXPECT_LT(arrival[1], arrival[19] - 0.2)
         << "the second token waited for the last (" << arrival[1] << " s against "
         << arrival[19] << " s)";
@@ -334,30 +347,13 @@ TEST(InferHttp, StreamIntervalKeepsEveryEventAndReleasesHeldTokens) {
     so.stream_interval_ms = 60000;
     so.poll_interval_ms = 5000;
     Fixture f({.step_ms = 40, .hold_first = true}, so);
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.set_header("Content-Type", "application/json");
-    req.body = json{{"prompt", "x"}, {"max_tokens", 20}, {"seed", 0}, {"stream", true}}.dump();
-    std::string got;
-    std::vector<double> arrival;
-    const auto t0 = std::chrono::steady_clock::now();
-    req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
-      got.append(data, len);
-      const double t =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      size_t events = 0;
-      for (size_t p = got.find("\n\n"); p != std::string::npos; p = got.find("\n\n", p + 2))
-        ++events;
-      while (arrival.size() < events) arrival.push_back(t);
-      return true;
-    };
-    auto c = f.client();
-    auto r = c.send(req);
-    ASSERT_TRUE(r);
-    ASSERT_EQ(r->status, 200);
-    const auto events = sse_data(got);
-    ASSERT_EQ(events.size(), 20u) << got;  // 19 visible events ("ab" first), then [DONE]
+    const TimedStream ts =
+        stream_timed(f, {{"prompt", "x"}, {"max_tokens", 20}, {"seed", 0}, {"stream", true}});
+    ASSERT_EQ(ts.status, 200);
+    const std::vector<double>& arrival = ts.arrival;
+    const auto events = sse_data(ts.body);
+    ASSERT_EQ(events.size(), 20u) << ts.body;  // 19 visible events ("ab" first), then [DONE]
+    ASSERT_EQ(arrival.size(), 20u);
     EXPECT_EQ(json::parse(events[0])["choices"][0]["text"], "ab");
     EXPECT_LT(arrival[0], arrival[18] - 0.2)
         << "the first visible token waited (" << arrival[0] << " s against " << arrival[18]
