@@ -110,6 +110,9 @@ void serve_rank0(ServeOptions& o, const loom::comm::ProcessGroup* tp,
                 sig == SIGTERM ? "SIGTERM" : "SIGINT", server.active_requests());
   server.shutdown(/*drain=*/true);
   // Under tp the engine's step thread has told the other ranks to stop (shutdown joined it).
+  const infer::Engine::Stats st = engine->stats();
+  LOOM_LOG_INFO("served {} tokens in {} decoder steps ({:.1f} tokens a step)", st.generated_tokens,
+                st.steps, st.steps ? double(st.generated_tokens) / double(st.steps) : 0.0);
   LOOM_LOG_INFO("drained{}; exiting", tp ? "; the other ranks were told to stop" : "");
 }
 

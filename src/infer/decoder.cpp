@@ -63,6 +63,13 @@ static K::GeluKind gelu_kind(model::Activation a) {
                                             : K::GeluKind::tanh;
 }
 
+static K::MatmulEpilogue gelu_epilogue(model::Activation a) {
+  K::MatmulEpilogue e;
+  e.gelu = true;
+  e.gelu_kind = gelu_kind(a);
+  return e;
+}
+
 // One pre-LN block on x (N,C), in place. qin (N,C): the query layer's query input, or null.
 void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache_layer,
                     const model::BlockOffsets& o, const BlockLinears& lin,
@@ -127,13 +134,15 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
   // mid = (att @ Wo^T + bo) + x                                                   (M,C)
   // (tp: this rank's heads give a partial sum; the replicated bias goes on after the sum)
   if (!tp_) {
-    K::weight_matmul(mid, C, att, M, lin.out, w_.f32(o.b_out));
+    K::MatmulEpilogue plus_x;  // the residual added in the matmul's tiles (the same add)
+    plus_x.residual = x;
+    K::weight_matmul(mid, C, att, M, lin.out, w_.f32(o.b_out), plus_x);
   } else {
     K::weight_matmul(mid, C, att, M, lin.out, nullptr);
     all_reduce(mid, M * C);
     K::bias_add_rows(mid, w_.f32(o.b_out), M, C);
+    K::add_inplace(mid, x, M * C);
   }
-  K::add_inplace(mid, x, M * C);
   K::layernorm_forward(ln, nullptr, nullptr, mid, w_.f32(o.norm2_w), w_.f32(o.norm2_b), M, C,
                        cfg.norm_eps);
   if (experts && experts->sparse()) {
@@ -142,20 +151,21 @@ void Decoder::layer(KvCache& cache, std::span<const SeqStep> seqs, int64_t cache
             last_only ? last_dom_.data() : row_dom_.data(), M, x);
     return;
   }
-  // act = gelu(ln2 @ Wup^T + bup)                                                 (M,F)
-  float* up = up_.get(size_t(N * F));    // (N,F)
+  // act = gelu(ln2 @ Wup^T + bup), the GELU applied in the matmul's tiles (bitwise
+  // bias_gelu_forward's; the up projection's columns are this rank's under tp)   (M,F)
   float* act = act_.get(size_t(N * F));  // (N,F)
-  K::weight_matmul(up, F, ln, M, lin.up, nullptr);
-  K::bias_gelu_forward(act, up, w_.f32(o.b_up), M, F, gelu_kind(cfg.activation));
+  K::weight_matmul(act, F, ln, M, lin.up, w_.f32(o.b_up), gelu_epilogue(cfg.activation));
   // x = (act @ Wdown^T + bdown) + mid                                             (M,C)
   if (!tp_) {
-    K::weight_matmul(x, C, act, M, lin.down, w_.f32(o.b_down));
+    K::MatmulEpilogue plus_mid;
+    plus_mid.residual = mid;
+    K::weight_matmul(x, C, act, M, lin.down, w_.f32(o.b_down), plus_mid);
   } else {
     K::weight_matmul(x, C, act, M, lin.down, nullptr);
     all_reduce(x, M * C);
     K::bias_add_rows(x, w_.f32(o.b_down), M, C);
+    K::add_inplace(x, mid, M * C);
   }
-  K::add_inplace(x, mid, M * C);
 }
 
 void Decoder::moe_ffn(const BlockExperts& ex, const float* ln, const float* mid,
@@ -171,16 +181,14 @@ void Decoder::moe_ffn(const BlockExperts& ex, const float* ln, const float* mid,
   // xs = ln rows in slot order; per expert: ys = gelu(xs @ Wup_e^T + bup_e) @ Wdown_e^T + bdown_e
   float* xs = xs_.get(size_t(M * C));    // (M,C)
   float* ys = ys_.get(size_t(M * C));    // (M,C)
-  float* up = up_.get(size_t(M * Fe));   // (M,Fe)
   float* act = act_.get(size_t(M * Fe));  // (M,Fe)
   for (int64_t s = 0; s < M; ++s)
     std::memcpy(xs + s * C, ln + int64_t(slot_row_[size_t(s)]) * C, size_t(C) * 4);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t a = moe_offsets_[size_t(e)], n = moe_offsets_[size_t(e + 1)] - a;
     if (n == 0) continue;
-    K::weight_matmul(up + a * Fe, Fe, xs + a * C, n, ex.up[size_t(e)], nullptr);
-    K::bias_gelu_forward(act + a * Fe, up + a * Fe, w_.f32(ex.up_b[size_t(e)]), n, Fe,
-                         gelu_kind(cfg.activation));
+    K::weight_matmul(act + a * Fe, Fe, xs + a * C, n, ex.up[size_t(e)],
+                     w_.f32(ex.up_b[size_t(e)]), gelu_epilogue(cfg.activation));
     K::weight_matmul(ys + a * C, C, act + a * Fe, n, ex.down[size_t(e)],
                      w_.f32(ex.down_b[size_t(e)]));
   }

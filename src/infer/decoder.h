@@ -108,7 +108,7 @@ class Decoder {
     Buf& operator=(const Buf&) = delete;
     ~Buf();
   };
-  Buf x_, ln_, qkv_, att_, mid_, up_, act_, qin_, shard_logits_, gathered_, xs_, ys_;
+  Buf x_, ln_, qkv_, att_, mid_, act_, qin_, shard_logits_, gathered_, xs_, ys_;
   std::vector<attention::PagedQuery> queries_, last_queries_;
   std::vector<int64_t> row_seq_, row_pos_, last_row_;  // last_row_ (B): each sequence's last row
   std::vector<int32_t> row_tok_, row_dom_;             // (N) MoE: each row's token and domain

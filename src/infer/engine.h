@@ -161,6 +161,7 @@ class Engine : public CompletionService {
   Decoder decoder_;
   KvPoolSize kv_pool_;
   KvCache cache_;  // used by the step thread only (admission runs there too)
+  std::vector<float> logits_;  // (B,V) a step's logits (step thread); grown, not cleared per step
   int32_t default_domain_ = -1;  // opts_.default_domain's index (-1: "other")
 
   mutable std::mutex mu_;  // guards everything below

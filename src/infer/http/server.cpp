@@ -228,6 +228,15 @@ struct HttpServer::Impl {
     }
   }
 
+  // Every choice has delivered its last event and wait_events has taken them all.
+  static bool all_taken(Job& job) {
+    std::lock_guard lock(job.mutex);
+    if (job.finished != job.pending.size()) return false;
+    for (const auto& q : job.pending)
+      if (!q.empty()) return false;
+    return true;
+  }
+
   static void cancel_all(CompletionService& service, Job& job) {
     std::vector<int64_t> ids;
     {
@@ -746,9 +755,23 @@ void HttpServer::install_routes() {
             if (r.include_usage) c["usage"] = nullptr;
             return c;
           };
+          // Events are gathered into `out` and written together (flush): the tokens of one
+          // wake-up go out in one write, each still its own server-sent event.
+          std::string out;
+          auto flush = [&] {
+            if (out.empty()) return true;
+            const bool ok = sink.write(out.data(), out.size());
+            out.clear();
+            return ok;
+          };
+          auto add = [&](const json& j) {
+            out += "data: ";
+            out += openai::dump(j);
+            out += "\n\n";
+          };
           auto send = [&](const json& j) {
-            const std::string line = "data: " + openai::dump(j) + "\n\n";
-            return sink.write(line.data(), line.size());
+            add(j);
+            return flush();
           };
           auto fail = [&](const char* why) {
             Impl::cancel_all(service_, *job);
@@ -756,8 +779,8 @@ void HttpServer::install_routes() {
             return false;
           };
           auto finish_stream = [&] {
-            const std::string done = "data: [DONE]\n\n";
-            sink.write(done.data(), done.size());
+            out += "data: [DONE]\n\n";
+            flush();
             sink.done();
             return true;
           };
@@ -776,7 +799,7 @@ void HttpServer::install_routes() {
             if (w == Impl::Wait::disconnected) return fail("client went away");
             if (w == Impl::Wait::timed_out) {
               Impl::cancel_all(service_, *job);
-              send(openai::error_body(timeout_error()));
+              add(openai::error_body(timeout_error()));
               return finish_stream();
             }
             for (auto& [c, ev] : events) {
@@ -788,7 +811,7 @@ void HttpServer::install_routes() {
                 // OpenAI streams have no error chunk; vLLM and llama.cpp send an error object
                 // as an event, which the openai client raises as an APIError.
                 Impl::cancel_all(service_, *job);
-                send(openai::error_body(
+                add(openai::error_body(
                     f == FinishReason::cancelled
                         ? make_error(503, "server_error", "shutting_down",
                                      "the request was cancelled: the server is shutting down")
@@ -802,13 +825,16 @@ void HttpServer::install_routes() {
                        {"logprobs", r.logprobs >= 0 ? lp.to_json() : json(nullptr)},
                        {"finish_reason",
                         f == FinishReason::none ? json(nullptr) : json(finish_name(f))}};
-              if (!send(chunk(json::array({std::move(one)})))) return fail("client went away");
+              add(chunk(json::array({std::move(one)})));
             }
+            // The last events, the usage chunk and [DONE] go out in one write.
+            if (Impl::all_taken(*job)) break;
+            if (!flush()) return fail("client went away");
           }
           if (r.include_usage) {
             json u = chunk(json::array());
             u["usage"] = Impl::usage_json(choices, r.n);
-            if (!send(u)) return fail("client went away");
+            add(u);
           }
           return finish_stream();
         },

@@ -32,6 +32,22 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 inline float gelu_erf_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2)); }
 }  // namespace
 
+void gelu_row(GeluKind kind, float* out, const float* x, int64_t n) {
+  switch (kind) {
+    case GeluKind::fast:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = fast_gelu_scalar(x[j]);
+      return;
+    case GeluKind::tanh:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = gelu_scalar(x[j]);
+      return;
+    case GeluKind::erf:
+      for (int64_t j = 0; j < n; ++j) out[j] = gelu_erf_scalar(x[j]);
+      return;
+  }
+}
+
 void gelu_erf_forward(float* out, const float* x, int64_t n) {
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) out[i] = gelu_erf_scalar(x[i]);

@@ -27,6 +27,10 @@ void gelu_erf_backward(float* dx, const float* dout, const float* x, int64_t n);
 void bias_gelu_forward(float* out, float* y, const float* bias, int64_t rows, int64_t n, bool fast);
 void bias_gelu_forward(float* out, float* y, const float* bias, int64_t rows, int64_t n,
                        GeluKind kind);
+// out[j] = act(x[j]) for j < n on the calling thread (no OpenMP); out may equal x. Per element
+// the arithmetic of bias_gelu_forward's `out` (given its y + bias): weight_matmul's fused
+// GELU epilogue (weight_matmul.h) calls it on each tile's rows.
+void gelu_row(GeluKind kind, float* out, const float* x, int64_t n);
 // Dispatch by kind (same contracts as the functions above).
 void gelu_kind_forward(GeluKind kind, float* out, const float* x, int64_t n);
 void gelu_kind_backward(GeluKind kind, float* dx, const float* dout, const float* x, int64_t n);

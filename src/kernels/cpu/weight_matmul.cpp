@@ -59,6 +59,26 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
 }
 
+void check_epilogue(const char* fn, const MatmulEpilogue& ep, int64_t N) {
+  LOOM_CHECK(ep.ld_residual == 0 || ep.ld_residual >= N,
+             "{}: epilogue ld_residual={} must be >= N={} (or 0 for N)", fn, ep.ld_residual, N);
+}
+
+// The epilogue on y as computed (the paths without a fused one): + residual, then GELU, row by
+// row with the functions the fused tiles use.
+void apply_epilogue(float* y, int64_t ldy, int64_t M, int64_t N, const MatmulEpilogue& ep) {
+  if (!ep.residual && !ep.gelu) return;
+  const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;
+  for (int64_t m = 0; m < M; ++m) {
+    float* yr = y + m * ldy;
+    if (ep.residual) {
+      const float* r = ep.residual + m * ldr;
+      for (int64_t n = 0; n < N; ++n) yr[n] = yr[n] + r[n];
+    }
+    if (ep.gelu) gelu_row(ep.gelu_kind, yr, yr, N);
+  }
+}
+
 // int8 arithmetic (weight_matmul.h): the exponent e of a finite row of x whose largest magnitude
 // is amax, so that |x * 2^e| < 2^30 (0 for a zero row).
 int int8_row_exponent(float amax) { return amax > 0.f ? 29 - std::ilogb(amax) : 0; }
@@ -132,9 +152,12 @@ LOOM_AVX512 inline __m512 load_panel_k(const char* p) {
 // panel's padding). x: the tile's first row (rows K apart); w: its first panel's weights at k = 0
 // (one k to the next is k_bytes: a span's whole row, see kSpanPanels); bias points at the tile's
 // first column (or is null).
+// The epilogue of a tile (MatmulEpilogue): res points at the tile's first residual element
+// (rows ldr apart) or is null; gelu is 0 or 1 + the GeluKind.
 template <WeightFormat F, int MR, int NR>
 LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, const char* w,
-                            size_t k_bytes, const float* bias, int64_t cols) {
+                            size_t k_bytes, const float* bias, int64_t cols, const float* res,
+                            int64_t ldr, int gelu) {
   // The next panel: at once in a span of several (bf16), a whole panel on with one a span (f32).
   constexpr size_t kPanelBytes = kPanel * kElemBytes<F>;  // one panel's weights at one k
   const size_t panel_stride = kSpanPanels<F> > 1 ? kPanelBytes : k_bytes * size_t(K);
@@ -165,38 +188,57 @@ LOOM_AVX512 void panel_tile(float* y, int64_t ldy, const float* x, int64_t K, co
     for (int i = 0; i < MR; ++i) {
       __m512 v = acc[i][j];
       if (bias) v = _mm512_add_ps(v, b);
+      if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res + i * ldr + kPanel * j));
       _mm512_mask_storeu_ps(y + i * ldy + kPanel * j, mask, v);
     }
+  }
+  if (gelu) {
+    const int64_t width = std::min<int64_t>(cols, kPanel * NR);
+    for (int i = 0; i < MR; ++i)
+      gelu_row(GeluKind(gelu - 1), y + i * ldy, y + i * ldy, width);
   }
 }
 
 using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*, size_t,
-                             const float*, int64_t);
+                             const float*, int64_t, const float*, int64_t, int);
 
-// Tile shapes: MR in {1, 2, 4, 8} (other M are split into these), NR panels up to kMaxNr(MR):
-// MR x NR accumulators + NR weight vectors + one broadcast x fit the 32 vector registers, and NR
-// below the maximum serves a block's last panels. At M = 1 eight panels in flight (eight
-// independent FMA chains, eight streams) keep the FMA latency hidden.
-constexpr int kMrSizes[] = {1, 2, 4, 8};
-constexpr int kMaxNr(int mr) { return mr <= 2 ? 8 : mr == 4 ? 4 : 3; }
+// Tile shapes: MR = 1..8 rows, NR panels up to kMaxNr(MR): MR x NR accumulators + NR weight
+// vectors + one broadcast x fit the 32 vector registers, and NR below the maximum serves a
+// block's last panels. At M = 1 eight panels in flight (eight independent FMA chains, eight
+// streams) keep the FMA latency hidden. The M rows of a call are cut into ceil(M / 8) row
+// tiles of as equal heights as possible (31 rows: 8, 8, 8, 7), so that every row tile is one
+// pass over the block's weights: tiles of 8, 4, 2 and 1 rows made 31 rows five passes (8, 8,
+// 8, 4, 2, 1: the 1-row tile reads the weights for a single row, as batch-1 decode does), and
+// in a loaded server, whose steps rarely have a multiple of 8 rows, the 1-row tile took 21% of
+// the decoder threads' time beside 32% for the 8-row tiles. Each output's arithmetic is the
+// same fma chain whatever the tile (weight_matmul.h), so the cut changes no bit.
+constexpr int kMaxMr = 8;
+constexpr int kMaxNr(int mr) {
+  return mr <= 2 ? 8 : mr == 3 ? 7 : mr == 4 ? 4 : mr == 5 ? 5 : mr == 6 ? 4 : 3;
+}
 
 template <WeightFormat F>
 struct PanelTiles {
-  PanelTileFn fn[4][8];  // [index of MR in kMrSizes][NR - 1]
+  PanelTileFn fn[kMaxMr][8];  // [MR - 1][NR - 1]
   constexpr PanelTiles() : fn{} {
-    fill<0, 1>();
+    fill<1, 1>();
   }
-  template <int mi, int nr>
+  template <int mr, int nr>
   constexpr void fill() {
-    constexpr int mr = kMrSizes[mi];
-    fn[mi][nr - 1] = &panel_tile<F, mr, nr>;
+    fn[mr - 1][nr - 1] = &panel_tile<F, mr, nr>;
     if constexpr (nr < kMaxNr(mr)) {
-      fill<mi, nr + 1>();
-    } else if constexpr (mi + 1 < 4) {
-      fill<mi + 1, 1>();
+      fill<mr, nr + 1>();
+    } else if constexpr (mr < kMaxMr) {
+      fill<mr + 1, 1>();
     }
   }
 };
+
+// The height of row tile t of M rows cut into tiles = ceil(M / kMaxMr) (the first M % tiles
+// tiles are one row taller).
+inline int row_tile_height(int64_t M, int64_t tiles, int64_t t) {
+  return int(M / tiles + (t < M % tiles ? 1 : 0));
+}
 
 // Runs fn(b) for every b in [0, n) on the OpenMP threads. Each thread owns one contiguous
 // range (its 1/T of [0, n)) and claims it front to back in chunks (of kChunk blocks, fewer when
@@ -239,7 +281,8 @@ void for_blocks_owned_first(int64_t n, const Fn& fn) {
 
 template <WeightFormat F>
 LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int64_t M,
-                                      const WeightView& w, const float* bias) {
+                                      const WeightView& w, const float* bias,
+                                      const MatmulEpilogue& ep) {
   static constexpr PanelTiles<F> kTiles;
   const int64_t N = w.N, K = w.K;
   // Panels counted from the first of the span w.data points at (the view starts at panel a0).
@@ -257,20 +300,24 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
   // whatever M (the later row tiles find the block's panels in L1/L2). (Walking the K in chunks
   // of 256, every tile of a bf16 span per chunk, was ~5% slower at batch 8: 10.9-11.2 against
   // 10.4-10.5 ms a step of gpt2-124m's linears, session 19.)
+  const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;
+  const int gelu = ep.gelu ? 1 + int(ep.gelu_kind) : 0;
   auto block = [&](int64_t b) {
     const int64_t first = a0 / per_block + b;  // in blocks from the span's start
     const int64_t a_begin = std::max(a0, first * per_block),
                   a_end = std::min(A, (first + 1) * per_block);
-    for (int64_t m0 = 0; m0 < M;) {
-      const int mi = M - m0 >= 8 ? 3 : M - m0 >= 4 ? 2 : M - m0 >= 2 ? 1 : 0;
-      const int mr = kMrSizes[mi];
+    const int64_t row_tiles = (M + kMaxMr - 1) / kMaxMr;
+    for (int64_t t = 0, m0 = 0; t < row_tiles; ++t) {
+      const int mr = row_tile_height(M, row_tiles, t);
       for (int64_t a = a_begin; a < a_end;) {
         const int nr = int(std::min<int64_t>(kMaxNr(mr), a_end - a));
         const int64_t c = a * kPanel - w.col0;  // the tile's first column in the view
-        kTiles.fn[mi][nr - 1](y + m0 * ldy + c, ldy, x + m0 * K, K,
-                              wdata + size_t(a / kSpanPanels<F>) * span_bytes +
-                                  size_t(a % kSpanPanels<F> * kPanel) * kElemBytes<F>,
-                              k_bytes, bias ? bias + c : nullptr, N - c);
+        kTiles.fn[mr - 1][nr - 1](y + m0 * ldy + c, ldy, x + m0 * K, K,
+                                  wdata + size_t(a / kSpanPanels<F>) * span_bytes +
+                                      size_t(a % kSpanPanels<F> * kPanel) * kElemBytes<F>,
+                                  k_bytes, bias ? bias + c : nullptr, N - c,
+                                  ep.residual ? ep.residual + m0 * ldr + c : nullptr, ldr,
+                                  gelu);
         a += nr;
       }
       m0 += mr;
@@ -608,6 +655,13 @@ void int8_reference(float* y, int64_t ldy, const float* x, int64_t M, const Weig
 }  // namespace
 
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
+                             const WeightView& w, const float* bias, const MatmulEpilogue& ep) {
+  weight_matmul_reference(y, ldy, x, M, w, bias);
+  check_epilogue("weight_matmul_reference", ep, w.N);
+  apply_epilogue(y, ldy ? ldy : w.N, M, w.N, ep);
+}
+
+void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias) {
   const int64_t N = w.N, K = w.K;
   if (ldy == 0) ldy = N;
@@ -633,21 +687,31 @@ void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
 
 void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                    const float* bias) {
+  weight_matmul(y, ldy, x, M, w, bias, MatmulEpilogue{});
+}
+
+void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                   const float* bias, const MatmulEpilogue& ep) {
   const int64_t N = w.N;
   if (ldy == 0) ldy = N;
   check_args("weight_matmul", y, ldy, x, M, w);
+  check_epilogue("weight_matmul", ep, N);
   if (M == 0 || N == 0) return;
   if (w.layout == WeightLayout::amx_tiles) {  // only the AMX kernel reads tile order fast
-    if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return;
-    return weight_matmul_reference(y, ldy, x, M, w, bias);
+    if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return apply_epilogue(y, ldy, M, N, ep);
+    return weight_matmul_reference(y, ldy, x, M, w, bias, ep);
   }
   if (w.layout != WeightLayout::panels || !weight_matmul_panels_fast(w.format) ||
       (w.format == WeightFormat::int8_row && w.K > kInt8MaxK))
-    return weight_matmul_reference(y, ldy, x, M, w, bias);
+    return weight_matmul_reference(y, ldy, x, M, w, bias, ep);
   switch (w.format) {
-    case WeightFormat::f32: return weight_matmul_panels<WeightFormat::f32>(y, ldy, x, M, w, bias);
-    case WeightFormat::bf16: return weight_matmul_panels<WeightFormat::bf16>(y, ldy, x, M, w, bias);
-    case WeightFormat::int8_row: return weight_matmul_int8_vnni(y, ldy, x, M, w, bias);
+    case WeightFormat::f32:
+      return weight_matmul_panels<WeightFormat::f32>(y, ldy, x, M, w, bias, ep);
+    case WeightFormat::bf16:
+      return weight_matmul_panels<WeightFormat::bf16>(y, ldy, x, M, w, bias, ep);
+    case WeightFormat::int8_row:
+      weight_matmul_int8_vnni(y, ldy, x, M, w, bias);
+      return apply_epilogue(y, ldy, M, N, ep);
   }
   LOOM_ASSERT(false, "weight_matmul: unknown WeightFormat {}", int(w.format));
 }

@@ -53,7 +53,8 @@
 
 #include <cstdint>
 
-#include "core/dtype.h"  // bf16
+#include "core/dtype.h"                // bf16
+#include "kernels/cpu/activation.h"  // GeluKind
 
 namespace loom::kernels {
 
@@ -81,11 +82,32 @@ struct WeightView {
 void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                    const float* bias);
 
+// What weight_matmul does to each output after acc + bias, in this order (each optional):
+// + residual[m * ld_residual + n], one f32 add (bitwise what add_inplace(y, residual) after the
+// call gives), then the GELU of `gelu_kind` (bitwise bias_gelu_forward's `out` for the same acc
+// and bias; activation.h gelu_row). The fast panel kernels apply it to each tile while its
+// outputs are in registers and L1 (the inference decoder's attn.out + residual, ffn.up + GELU
+// and ffn.down + residual: no separate pass over y, no parallel region of its own); the other
+// paths apply it after the product.
+struct MatmulEpilogue {
+  const float* residual = nullptr;  // (M, N) f32; must not overlap y
+  int64_t ld_residual = 0;          // residual's row stride; 0 means N
+  bool gelu = false;
+  GeluKind gelu_kind = GeluKind::tanh;
+};
+
+// y (M, N) = epilogue(x (M, K) @ W^T + bias).
+void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
+                   const float* bias, const MatmulEpilogue& epilogue);
+
 // The readable version of weight_matmul, same contract, any layout: one fma chain (int8: one
 // integer sum) per (m, n) over k ascending. The fallback without AVX-512 or for a view not in
 // panels, and the plain implementation that the tests hold the fast kernels against bit for bit.
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias);
+void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
+                             const WeightView& w, const float* bias,
+                             const MatmulEpilogue& epilogue);
 
 // True when weight_matmul runs f32 and bf16 panel-layout views on the AVX-512 kernel on this CPU
 // (F, BW and VL present), false when it runs weight_matmul_reference for them.

@@ -16,7 +16,9 @@
 #include "common/op_check.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "kernels/cpu/activation.h"
 #include "kernels/cpu/amx.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/weight_matmul.h"
 #include "kernels/ref/weight_matmul_ref.h"
 
@@ -200,7 +202,9 @@ TEST(KernelsWeightMatmul, PanelKernelEqualsReferenceBitwise) {
   for (WeightFormat f : kFormats)
     for (int64_t K : {1, 17, 769})
       for (int64_t N : {5, 16, 67, 300})
-        for (int64_t M : {1, 2, 3, 4, 7, 8, 9, 13, 17, 40}) {
+        // Every row-tile height 1..8 (M = 31: tiles of 8, 8, 8, 7; 36: 8, 7, 7, 7, 7; 12: 6, 6;
+        // 10: 5, 5; 3 and 5 alone) and the widths each takes.
+        for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 17, 31, 36, 40}) {
           SCOPED_TRACE(testing::Message() << name_of(f) << " M=" << M << " N=" << N << " K=" << K);
           StoredWeight sw(f, N, K, seed++);
           std::vector<float> x = random_normal(M * K, seed++), bias = random_normal(N, seed++);
@@ -212,6 +216,67 @@ TEST(KernelsWeightMatmul, PanelKernelEqualsReferenceBitwise) {
         }
   }
   omp_set_num_threads(saved);
+}
+
+// The fused epilogue (MatmulEpilogue) equals the separate passes it replaces, bit for bit, on
+// the fast kernels and the reference loop: y + residual as add_inplace adds it after the
+// product, and act(y + bias) as bias_gelu_forward computes it, for every GELU kind, row tile
+// height and partial last panel (N = 5, 67, 300); the residual with a row stride of its own.
+TEST(KernelsWeightMatmul, EpilogueEqualsSeparatePassesBitwise) {
+  uint64_t seed = 7000;
+  using kernels::GeluKind;
+  using kernels::MatmulEpilogue;
+  for (WeightFormat f : kFormats)
+    for (int64_t K : {17, 256})
+      for (int64_t N : {5, 16, 67, 300})
+        for (int64_t M : {1, 3, 7, 8, 13, 31}) {
+          SCOPED_TRACE(testing::Message() << name_of(f) << " M=" << M << " N=" << N << " K=" << K);
+          StoredWeight sw(f, N, K, seed++);
+          // x scaled so that the GELUs see both tails and the middle.
+          std::vector<float> x = random_normal(M * K, seed++), bias = random_normal(N, seed++);
+          for (float& v : x) v *= 0.5f;
+          const int64_t ldr = N + 3;
+          std::vector<float> res = random_normal(M * ldr, seed++);  // (M, ldr)
+          for (bool fast : {true, false}) {
+            auto mm = [&](float* y, const float* b, const MatmulEpilogue& ep) {
+              if (fast)
+                kernels::weight_matmul(y, 0, x.data(), M, sw.view(), b, ep);
+              else
+                kernels::weight_matmul_reference(y, 0, x.data(), M, sw.view(), b, ep);
+            };
+            // Residual.
+            std::vector<float> sep(size_t(M * N)), fused(size_t(M * N));
+            mm(sep.data(), bias.data(), {});
+            for (int64_t m = 0; m < M; ++m)
+              kernels::add_inplace(sep.data() + m * N, res.data() + m * ldr, N);
+            MatmulEpilogue ep;
+            ep.residual = res.data();
+            ep.ld_residual = ldr;
+            mm(fused.data(), bias.data(), ep);
+            EXPECT_TRUE(bitwise_equal(sep.data(), fused.data(), M * N))
+                << "residual, " << (fast ? "weight_matmul" : "reference");
+            // GELU of each kind.
+            for (GeluKind kind : {GeluKind::tanh, GeluKind::fast, GeluKind::erf}) {
+              std::vector<float> up(size_t(M * N)), act(size_t(M * N));
+              mm(up.data(), nullptr, {});
+              kernels::bias_gelu_forward(act.data(), up.data(), bias.data(), M, N, kind);
+              MatmulEpilogue g;
+              g.gelu = true;
+              g.gelu_kind = kind;
+              std::fill(fused.begin(), fused.end(), 0.f);
+              mm(fused.data(), bias.data(), g);
+              EXPECT_TRUE(bitwise_equal(act.data(), fused.data(), M * N))
+                  << "gelu kind " << int(kind) << ", " << (fast ? "weight_matmul" : "reference");
+            }
+          }
+        }
+  // A residual row stride below N is refused with its value.
+  StoredWeight sw(WeightFormat::f32, 8, 4, 1);
+  std::vector<float> x(8), y(16), r(16);
+  kernels::MatmulEpilogue bad;
+  bad.residual = r.data();
+  bad.ld_residual = 7;
+  EXPECT_THROW(kernels::weight_matmul(y.data(), 0, x.data(), 2, sw.view(), nullptr, bad), Error);
 }
 
 // The layout itself: every element lands where panels_index says, the padding columns are zero,
@@ -500,7 +565,7 @@ TEST(KernelsWeightMatmul, BadArgumentsThrow) {
   StoredWeight sw(WeightFormat::int8_row, 3, 4, 71);
   std::vector<float> x(8), y(12);
   WeightView w = sw.view();
-  for (Kernel kernel : {&kernels::weight_matmul, &kernels::weight_matmul_reference}) {
+  for (Kernel kernel : {Kernel(&kernels::weight_matmul), Kernel(&kernels::weight_matmul_reference)}) {
     EXPECT_THROW(kernel(y.data(), 0, x.data(), -1, w, nullptr), Error);       // M < 0
     EXPECT_THROW(kernel(y.data(), 2, x.data(), 2, w, nullptr), Error);        // ldy < N
     EXPECT_THROW(kernel(y.data(), 0, nullptr, 2, w, nullptr), Error);         // null x
