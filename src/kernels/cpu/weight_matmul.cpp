@@ -59,16 +59,30 @@ void check_args(const char* fn, float* y, int64_t ldy, const float* x, int64_t M
              "{}: a tile-order weight (N={}, K={}) must be bf16 with K a multiple of 32", fn, N, K);
 }
 
-void check_epilogue(const char* fn, const MatmulEpilogue& ep, int64_t N) {
+// ldy: y's row stride as given (0: N).
+void check_epilogue(const char* fn, const MatmulEpilogue& ep, const float* y, int64_t ldy,
+                    int64_t M, int64_t N) {
   LOOM_CHECK(ep.ld_residual == 0 || ep.ld_residual >= N,
              "{}: epilogue ld_residual={} must be >= N={} (or 0 for N)", fn, ep.ld_residual, N);
+  if (!ep.residual || M == 0 || N == 0) return;
+  // The fused tiles read each residual element before storing its output and the other paths
+  // add it after the whole product: with an overlap they would disagree.
+  const int64_t ldr = ep.ld_residual ? ep.ld_residual : N, ly = ldy ? ldy : N;
+  const float *r0 = ep.residual, *r1 = ep.residual + (M - 1) * ldr + N;
+  const float *y0 = y, *y1 = y + (M - 1) * ly + N;
+  LOOM_CHECK(r1 <= y0 || y1 <= r0,
+             "{}: the epilogue's residual ({} rows of {} floats, stride {}) overlaps y (stride {}); "
+             "pass a separate buffer",
+             fn, M, N, ldr, ly);
 }
 
 // The epilogue on y as computed (the paths without a fused one): + residual, then GELU, row by
-// row with the functions the fused tiles use.
+// row with the functions the fused tiles use (rows in parallel: each element is computed alone,
+// so the threads change no bit).
 void apply_epilogue(float* y, int64_t ldy, int64_t M, int64_t N, const MatmulEpilogue& ep) {
   if (!ep.residual && !ep.gelu) return;
   const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;
+#pragma omp parallel for schedule(static) if (M > 1 && M * N > (int64_t(1) << 14))
   for (int64_t m = 0; m < M; ++m) {
     float* yr = y + m * ldy;
     if (ep.residual) {
@@ -207,7 +221,7 @@ using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*
 // block's last panels. At M = 1 eight panels in flight (eight independent FMA chains, eight
 // streams) keep the FMA latency hidden. The M rows of a call are cut into ceil(M / 8) row
 // tiles of as equal heights as possible (31 rows: 8, 8, 8, 7), so that every row tile is one
-// pass over the block's weights: tiles of 8, 4, 2 and 1 rows made 31 rows five passes (8, 8,
+// pass over the block's weights: tiles of 8, 4, 2 and 1 rows made 31 rows six passes (8, 8,
 // 8, 4, 2, 1: the 1-row tile reads the weights for a single row, as batch-1 decode does), and
 // in a loaded server, whose steps rarely have a multiple of 8 rows, the 1-row tile took 21% of
 // the decoder threads' time beside 32% for the 8-row tiles. Each output's arithmetic is the
@@ -656,8 +670,8 @@ void int8_reference(float* y, int64_t ldy, const float* x, int64_t M, const Weig
 
 void weight_matmul_reference(float* y, int64_t ldy, const float* x, int64_t M,
                              const WeightView& w, const float* bias, const MatmulEpilogue& ep) {
+  check_epilogue("weight_matmul_reference", ep, y, ldy, M, w.N);
   weight_matmul_reference(y, ldy, x, M, w, bias);
-  check_epilogue("weight_matmul_reference", ep, w.N);
   apply_epilogue(y, ldy ? ldy : w.N, M, w.N, ep);
 }
 
@@ -695,7 +709,7 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
   const int64_t N = w.N;
   if (ldy == 0) ldy = N;
   check_args("weight_matmul", y, ldy, x, M, w);
-  check_epilogue("weight_matmul", ep, N);
+  check_epilogue("weight_matmul", ep, y, ldy, M, N);
   if (M == 0 || N == 0) return;
   if (w.layout == WeightLayout::amx_tiles) {  // only the AMX kernel reads tile order fast
     if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return apply_epilogue(y, ldy, M, N, ep);

@@ -270,13 +270,53 @@ TEST(KernelsWeightMatmul, EpilogueEqualsSeparatePassesBitwise) {
             }
           }
         }
-  // A residual row stride below N is refused with its value.
+  // A view of rows [r0, r0 + n) of a larger weight (col0 != 0 in its span, the query layer's
+  // slices), y with a row stride above N, both parts: the fused result equals the whole
+  // weight's columns with the epilogue applied afterwards; and a row computed alone equals the
+  // same row inside a batch of 31 (the GELU of a tile of 1 row against one of 8).
+  for (WeightFormat f : kFormats) {
+    SCOPED_TRACE(name_of(f));
+    const int64_t r0 = 48, n = 37, R = r0 + n + 11, KK = 40, M = 31, ldy = n + 5;
+    StoredWeight whole(f, R, KK, seed++);
+    const WeightView slice = kernels::panels_view_rows(whole.view(), r0, n);
+    std::vector<float> x = random_normal(M * KK, seed++), bias = random_normal(n, seed++);
+    std::vector<float> res = random_normal(M * n, seed++);
+    std::vector<float> all(size_t(M * R));
+    kernels::weight_matmul(all.data(), 0, x.data(), M, whole.view(), nullptr);
+    MatmulEpilogue both;
+    both.residual = res.data();
+    both.gelu = true;
+    both.gelu_kind = GeluKind::tanh;
+    std::vector<float> fused(size_t(M * ldy), 777.f);
+    kernels::weight_matmul(fused.data(), ldy, x.data(), M, slice, bias.data(), both);
+    for (int64_t m = 0; m < M; ++m) {
+      std::vector<float> want(all.begin() + m * R + r0, all.begin() + m * R + r0 + n);
+      for (int64_t c = 0; c < n; ++c) want[size_t(c)] = want[size_t(c)] + bias[size_t(c)];
+      kernels::add_inplace(want.data(), res.data() + m * n, n);
+      kernels::gelu_row(GeluKind::tanh, want.data(), want.data(), n);
+      EXPECT_TRUE(bitwise_equal(want.data(), fused.data() + m * ldy, n)) << "row " << m;
+      for (int64_t c = n; c < ldy; ++c) EXPECT_EQ(fused[size_t(m * ldy + c)], 777.f);
+    }
+    for (int64_t m : {0, 17, 30}) {
+      MatmulEpilogue one = both;
+      one.residual = res.data() + m * n;
+      std::vector<float> alone(static_cast<size_t>(n));
+      kernels::weight_matmul(alone.data(), 0, x.data() + m * KK, 1, slice, bias.data(), one);
+      EXPECT_TRUE(bitwise_equal(alone.data(), fused.data() + m * ldy, n)) << "row " << m;
+    }
+  }
+  // A residual row stride below N, and a residual overlapping y, are refused.
   StoredWeight sw(WeightFormat::f32, 8, 4, 1);
   std::vector<float> x(8), y(16), r(16);
-  kernels::MatmulEpilogue bad;
+  MatmulEpilogue bad;
   bad.residual = r.data();
   bad.ld_residual = 7;
   EXPECT_THROW(kernels::weight_matmul(y.data(), 0, x.data(), 2, sw.view(), nullptr, bad), Error);
+  bad.residual = y.data() + 4;
+  bad.ld_residual = 0;
+  EXPECT_THROW(kernels::weight_matmul(y.data(), 0, x.data(), 2, sw.view(), nullptr, bad), Error);
+  EXPECT_THROW(
+      kernels::weight_matmul_reference(y.data(), 0, x.data(), 2, sw.view(), nullptr, bad), Error);
 }
 
 // The layout itself: every element lands where panels_index says, the padding columns are zero,
