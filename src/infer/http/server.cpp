@@ -120,6 +120,15 @@ bool client_gone(int fd) {
   return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
 }
 
+// Unpredictable 64-bit values (request seeds without a `seed`, completion ids): a generator per
+// HTTP thread seeded once from the system's entropy (a std::random_device per request opened it
+// twice a request).
+uint64_t random_u64() {
+  thread_local std::mt19937_64 gen{(uint64_t(std::random_device{}()) << 32) ^
+                                   std::random_device{}()};
+  return gen();
+}
+
 bool constant_time_equal(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
   unsigned char diff = 0;
@@ -594,7 +603,7 @@ void HttpServer::install_routes() {
     }
 
     // One service request per choice, seeds seed, seed+1, ... within each prompt.
-    const uint64_t seed = r.seed ? uint64_t(*r.seed) : std::random_device{}();
+    const uint64_t seed = r.seed ? uint64_t(*r.seed) : random_u64();
     const size_t num_choices = r.prompts.size() * size_t(r.n);
     auto job = std::make_shared<Job>();
     job->pending.resize(num_choices);
@@ -677,8 +686,8 @@ void HttpServer::install_routes() {
       job->request_ids[c] = sub.request_id;
     }
 
-    const std::string id = fmt::format("cmpl-{:x}{:08x}", next_id_.fetch_add(1),
-                                       uint32_t(std::random_device{}()));
+    const std::string id =
+        fmt::format("cmpl-{:x}{:08x}", next_id_.fetch_add(1), uint32_t(random_u64()));
     const int64_t created = int64_t(std::time(nullptr));
     const int fd = find_connection_fd(req);
     const auto deadline = options_.request_timeout_s > 0
