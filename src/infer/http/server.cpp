@@ -466,8 +466,8 @@ void HttpServer::install_routes() {
                 {"owned_by", "loom"},
                 {"max_model_len", service_.context_length()}};
   };
-  svr.Get("/v1/models", [this, authorized, model_json](const httplib::Request& req,
-                                                       httplib::Response& res) {
+  svr.Get("/v1/models", [authorized, model_json](const httplib::Request& req,
+                                                 httplib::Response& res) {
     if (!authorized(req, res)) return;
     res.set_content(openai::dump(json{{"object", "list"}, {"data", json::array({model_json()})}}),
                     "application/json");
