@@ -81,16 +81,14 @@ void gelu_kind_backward(GeluKind kind, float* dx, const float* dout, const float
 
 void bias_gelu_forward(float* out, float* y, const float* bias, int64_t rows, int64_t n,
                        GeluKind kind) {
-  if (kind != GeluKind::erf) return bias_gelu_forward(out, y, bias, rows, n, kind == GeluKind::fast);
+  // y += bias, then the activation through gelu_row: the one per-element loop weight_matmul's
+  // fused GELU runs too.
 #pragma omp parallel for schedule(static) if (rows * n > kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * n;      // (n)
-    float* outr = out + r * n;  // (n)
-    for (int64_t j = 0; j < n; ++j) {
-      float v = yr[j] + bias[j];
-      yr[j] = v;
-      outr[j] = gelu_erf_scalar(v);
-    }
+    float* yr = y + r * n;  // (n)
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = yr[j] + bias[j];
+    gelu_row(kind, out + r * n, yr, n);
   }
 }
 
@@ -125,26 +123,7 @@ void fast_gelu_backward(float* dx, const float* dout, const float* x, int64_t n)
 }
 
 void bias_gelu_forward(float* out, float* y, const float* bias, int64_t rows, int64_t n, bool fast) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * n;      // (n)
-    float* outr = out + r * n;  // (n)
-    if (fast) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        float v = yr[j] + bias[j];
-        yr[j] = v;
-        outr[j] = fast_gelu_scalar(v);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        float v = yr[j] + bias[j];
-        yr[j] = v;
-        outr[j] = gelu_scalar(v);
-      }
-    }
-  }
+  bias_gelu_forward(out, y, bias, rows, n, fast ? GeluKind::fast : GeluKind::tanh);
 }
 
 }  // namespace loom::kernels

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/elementwise.h"
 
 namespace loom::kernels {
 namespace {
@@ -85,10 +86,7 @@ void apply_epilogue(float* y, int64_t ldy, int64_t M, int64_t N, const MatmulEpi
 #pragma omp parallel for schedule(static) if (M > 1 && M * N > (int64_t(1) << 14))
   for (int64_t m = 0; m < M; ++m) {
     float* yr = y + m * ldy;
-    if (ep.residual) {
-      const float* r = ep.residual + m * ldr;
-      for (int64_t n = 0; n < N; ++n) yr[n] = yr[n] + r[n];
-    }
+    if (ep.residual) add_inplace(yr, ep.residual + m * ldr, N);
     if (ep.gelu) gelu_row(ep.gelu_kind, yr, yr, N);
   }
 }
@@ -222,10 +220,10 @@ using PanelTileFn = void (*)(float*, int64_t, const float*, int64_t, const char*
 // streams) keep the FMA latency hidden. The M rows of a call are cut into ceil(M / 8) row
 // tiles of as equal heights as possible (31 rows: 8, 8, 8, 7), so that every row tile is one
 // pass over the block's weights: tiles of 8, 4, 2 and 1 rows made 31 rows six passes (8, 8,
-// 8, 4, 2, 1: the 1-row tile reads the weights for a single row, as batch-1 decode does), and
-// in a loaded server, whose steps rarely have a multiple of 8 rows, the 1-row tile took 21% of
-// the decoder threads' time beside 32% for the 8-row tiles. Each output's arithmetic is the
-// same fma chain whatever the tile (weight_matmul.h), so the cut changes no bit.
+// 8, 4, 2, 1: the 1-row tile reads the weights for a single row, as batch-1 decode does); a
+// loaded server's steps rarely have a multiple of 8 rows (session 21, codegeex-small `bench
+// decode`: batch 7 0.82 -> 0.71-0.75 ms a step, batch 31 2.60 -> 2.53). Each output's arithmetic
+// is the same fma chain whatever the tile (weight_matmul.h), so the cut changes no bit.
 constexpr int kMaxMr = 8;
 constexpr int kMaxNr(int mr) {
   return mr <= 2 ? 8 : mr == 3 ? 7 : mr == 4 ? 4 : mr == 5 ? 5 : mr == 6 ? 4 : 3;
