@@ -361,8 +361,20 @@ LOOM_AVX512 void weight_matmul_panels(float* y, int64_t ldy, const float* x, int
 constexpr int64_t kInt8Group = 4;           // k per 32-bit lane
 constexpr int64_t kInt8Span = span_columns(WeightFormat::int8_row);  // 4 panels, by group
 constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // int32 digit sums exact up to here
+// Streams and prefetch (session 22, the 2-core Intel Xeon with AMX, THP-backed weights): a
+// tile reads its span's K as four quarters side by side, and prefetches each 2 KiB ahead into
+// L2. One stream a thread read gpt2-124m's int8 weights at ~0.55-0.6 of the read probe in
+// `loom bench decode --batch 1` (123-125 tokens/s): a single sequential stream per core does
+// not keep enough lines in flight on that host (the f32 tiles, eight panels = eight streams,
+// read at 1.05-1.1 of it). Four streams: 195-213 tokens/s; four with the prefetch: 210-242
+// (0.90-1.05 of the probe); one with a 4-8 KiB prefetch: 200-227 (three alternating rounds
+// each, docs/infer.md "Session 22").
+constexpr int64_t kInt8Streams = 4;
+constexpr int64_t kInt8PrefetchBytes = 2048;
 
 #define LOOM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define LOOM_AVX512_VNNI_LAMBDA \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"), always_inline))
 
 // The integer form of rows of x (weight_matmul.h): per row, 2^-e, sum_k X[k], and the four
 // digit planes as dwords: plane j, group g holds digit j of X[4g..4g+3] (one byte each).
@@ -437,17 +449,30 @@ LOOM_AVX512_VNNI void int8_tile(float* y, const int32_t* planes, int64_t groups,
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) acc[j][p] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(char(0x80));  // q -> q + 128, as unsigned bytes
-  for (int64_t g = 0; g < G; ++g) {
+  // Group g: NR weight vectors (one 256-byte row of the span: each panel's 16 columns at 4 k),
+  // each into the four planes' accumulators; and a prefetch kInt8PrefetchBytes further on in
+  // the same stream.
+  auto group = [&](int64_t g) LOOM_AVX512_VNNI_LAMBDA {
+    const char* wg = w + size_t(g) * kInt8Span * kInt8Group;
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) _mm_prefetch(wg + kInt8PrefetchBytes + j * 64, _MM_HINT_T1);
     __m512i wv[NR];
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j)
-      wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + size_t(g) * kInt8Span * kInt8Group + j * 64), flip);
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(wg + j * 64), flip);
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       const __m512i xb = _mm512_set1_epi32(planes[p * groups + g]);
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) dpbusd(acc[j][p], wv[j], xb);
     }
+  };
+  // The span's K in kInt8Streams quarters read side by side: the sums are exact, so their order
+  // changes no bit.
+  const int64_t Gq = (G + kInt8Streams - 1) / kInt8Streams;
+  for (int64_t g = 0; g < Gq; ++g) {
+#pragma GCC unroll 4
+    for (int64_t q = 0; q < kInt8Streams; ++q)
+      if (q == 0 || g + q * Gq < G) group(g + q * Gq);
   }
   // I = sum_p acc_p * 256^p - 128 * sum_k X (int64, exact); y = f32(f64(I) * (s * 2^-e)) + bias.
   const __m512d u = _mm512_set1_pd(unscale);
