@@ -26,6 +26,7 @@
 #include <map>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/dtype.h"
 
 namespace loom::infer {
@@ -95,7 +96,7 @@ class KvCache {
 
   KvCacheShape shape_;
   int64_t num_blocks_ = 0;
-  std::vector<std::byte> pool_;  // (P, L', 2, BT, NKV, HD) elements of shape_.dtype
+  AlignedVector<std::byte> pool_;  // (P, L', 2, BT, NKV, HD) elements of shape_.dtype (aligned: core/aligned.h)
   std::vector<int32_t> free_;  // free physical blocks (a stack: the last freed is reused first)
   std::map<int64_t, std::vector<int32_t>> tables_;  // sequence id -> block table
   int64_t next_id_ = 0;

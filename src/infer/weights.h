@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "core/aligned.h"
 #include "kernels/cpu/weight_matmul.h"
 #include "model/config.h"
 #include "model/params.h"
@@ -171,10 +172,12 @@ class ModelWeights {
   model::TpShard tp_;
   WeightFormat linear_format_ = WeightFormat::f32;
   std::vector<float> small_;       // embeddings, norms, biases (f32)
-  std::vector<float> lin_f32_;     // linears + head, f32 format
-  std::vector<bf16> lin_bf16_;     // ... bf16 format
-  std::vector<int8_t> lin_i8_;     // ... int8 format
-  std::vector<float> lin_scales_;  // int8 row scales
+  // The linears stream through the kernels every step: 64-byte (cache-line) aligned, 2 MiB
+  // aligned when large (core/aligned.h).
+  AlignedVector<float> lin_f32_;     // linears + head, f32 format
+  AlignedVector<bf16> lin_bf16_;     // ... bf16 format
+  AlignedVector<int8_t> lin_i8_;     // ... int8 format
+  AlignedVector<float> lin_scales_;  // int8 row scales
   int64_t tok_ = 0, pos_ = 0, fnw_ = 0, fnb_ = 0, qpos_ = 0;
   std::vector<model::BlockOffsets> blocks_;
   std::vector<BlockLinears> linears_;

@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/memory_pool.h"
@@ -55,6 +56,30 @@ TEST(Rng, ShardsDrawTheSameLogicalValues) {
   EXPECT_LT(std::abs(s / n), 5.0 / std::sqrt(double(n)));
   EXPECT_NEAR(s2 / n, 1.0, 0.02);
   EXPECT_NE(rng_u64(1, 2, 3), rng_u64(1, 3, 3));
+}
+
+// AlignedVector: data() on a cache line (glibc's malloc returns page + 16 for large blocks), on a
+// 2 MiB boundary from 4 MiB up, across growth and for odd element sizes.
+TEST(AlignedVector, DataIsLineAlignedAndHugePageAlignedWhenLarge) {
+  for (size_t n : {size_t(1), size_t(3), size_t(1000), size_t(1) << 20, size_t(5) << 20}) {
+    AlignedVector<char> c(n, 'x');
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(c.data()) % 64, 0u) << n;
+    if (n >= (size_t(4) << 20)) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(c.data()) % (2 << 20), 0u) << n;
+    }
+    EXPECT_EQ(c[n - 1], 'x');
+  }
+  AlignedVector<float> f;
+  for (int i = 0; i < 100000; ++i) {
+    f.push_back(float(i));
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(f.data()) % 64, 0u) << i;
+  }
+  EXPECT_EQ(f[99999], 99999.f);
+  struct Odd {
+    char b[3];
+  };
+  AlignedVector<Odd> o(7);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(o.data()) % 64, 0u);
 }
 
 TEST(MemoryPool, CountsCurrentAndPeakPerCategory) {
