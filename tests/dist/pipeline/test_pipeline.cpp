@@ -249,9 +249,18 @@ void check_layout(int64_t n_layers, ScheduleKind kind, int vs, std::vector<int64
   expect_owned_memory(cfg, got);
 }
 
-// Per tensor of the logical layout: relative L2 within 1e-5 of the serial weights. The key
+// Per tensor of the logical layout: relative L2 within 3e-5 of the serial weights. The key
 // bias's gradient is identically 0 (softmax ignores it) and the model keeps it so: it must
 // not move at all.
+// Why 3e-5 (it was 1e-5, which held on the Zen 4 host): on the 2-core Xeon with AMX (session
+// 22), dp 1 x tp 8 gives 1.09e-5 to 1.17e-5 on the query layer's norm2.bias (32 elements) and
+// ffn.up.bias (64), every schedule, the code of b636ac8 alike; the other tensors stay under 6e-6.
+// Their elements are 1e-4..1e-2 after the AdamW steps (lr 3e-3) and differ from the serial run
+// by up to 2e-7: a bias gradient is a sum over all tokens whose terms nearly cancel, so the tp 8
+// split (each rank's partial products summed in another order, then all-reduced) changes it by
+// f32 rounding of the terms (~6e-8 times their magnitudes, not the sum's), and AdamW divides
+// each element's step by its own gradient scale, so a small gradient's rounding shows in the
+// step at full size. A wrong shard or a missing reduction moves a tensor by 1e-2 or more.
 void expect_tensors_match(const model::ParamLayout& layout, const std::vector<float>& got,
                           const std::vector<float>& ref, const std::string& what) {
   for (const model::ParamSpec& p : layout.specs()) {
@@ -264,7 +273,7 @@ void expect_tensors_match(const model::ParamLayout& layout, const std::vector<fl
     if (p.name.find("attn.k.bias") != std::string::npos)
       EXPECT_EQ(diff, 0.0) << what << " " << p.name << " moved";
     else
-      EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << what << " " << p.name;
+      EXPECT_LE(std::sqrt(diff), 3e-5 * std::sqrt(norm)) << what << " " << p.name;
   }
 }
 
