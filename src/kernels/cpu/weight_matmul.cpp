@@ -735,7 +735,7 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
   check_epilogue("weight_matmul", ep, y, ldy, M, N);
   if (M == 0 || N == 0) return;
   if (w.layout == WeightLayout::amx_tiles) {  // only the AMX kernel reads tile order fast
-    if (detail::weight_matmul_amx(y, ldy, x, M, w, bias)) return apply_epilogue(y, ldy, M, N, ep);
+    if (detail::weight_matmul_amx(y, ldy, x, M, w, bias, ep)) return;
     return weight_matmul_reference(y, ldy, x, M, w, bias, ep);
   }
   if (w.layout != WeightLayout::panels || !weight_matmul_panels_fast(w.format) ||

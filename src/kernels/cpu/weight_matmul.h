@@ -86,9 +86,10 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
 // + residual[m * ld_residual + n], one f32 add (bitwise what add_inplace(y, residual) after the
 // call gives), then the GELU of `gelu_kind` (bitwise bias_gelu_forward's `out` for the same acc
 // and bias; activation.h gelu_row). The fast panel kernels apply it to each tile while its
-// outputs are in registers and L1 (the inference decoder's attn.out + residual, ffn.up + GELU
-// and ffn.down + residual: no separate pass over y, no parallel region of its own); the other
-// paths apply it after the product.
+// outputs are in registers and L1, the AMX kernel to each row's 32 outputs of a weight block as
+// it writes them (the inference decoder's attn.out + residual, ffn.up + GELU and ffn.down +
+// residual: no separate pass over y, no parallel region of its own); the other paths (int8,
+// the reference) apply it after the product.
 struct MatmulEpilogue {
   const float* residual = nullptr;  // (M, N) f32; must not overlap y
   int64_t ld_residual = 0;          // residual's row stride; 0 means N
@@ -155,9 +156,10 @@ int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k);
 
 namespace detail {
 // The AMX kernel itself (weight_matmul_amx.cpp), for any M: false (nothing written) unless
-// weight_matmul_uses_amx(w). Same contract as weight_matmul.
+// weight_matmul_uses_amx(w). Same contract as weight_matmul; the epilogue is applied to each
+// 32-column block of a row as it is written (checked by the caller).
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                       const float* bias);
+                       const float* bias, const MatmulEpilogue& epilogue);
 }  // namespace detail
 
 // Quantizes W (N, K) f32 into q (N, K) and scales (N) as described above.

@@ -169,7 +169,7 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
 // outlining drops target attributes, compiles the tile code with them). xp: the parts of x,
 // m block after m block, (KC, 3, R, 32) bf16 each.
 void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                    const float* bias, uint16_t* xp, int64_t chunk) {
+                    const float* bias, const MatmulEpilogue& ep, uint16_t* xp, int64_t chunk) {
   const int64_t N = w.N, K = w.K, KC = K / kTileK, R = a_rows(M);
   const int64_t mblocks = (M + R - 1) / R, a_stride = KC * kParts * R * 32;
   // 1. Split x; padding rows of the last block are zero. Up to 16 rows (decode) every thread
@@ -197,6 +197,10 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
       if (pair) tile_block<2>(c, wb, KC, xa, a_stride, R, mb == 0);
       else tile_block<1>(c, wb, KC, xa, a_stride, R, mb == 0);
       const int64_t m_end = min64(M, (mb + (pair ? 2 : 1)) * R);
+      // Each row's 32 outputs of the block, + bias, then the epilogue (MatmulEpilogue) while
+      // they are in L1: the same per-element operations as the separate passes (add_inplace,
+      // then gelu_row on the segment), so the same bits, without a pass over y of its own.
+      const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;
       for (int64_t m = mb * R; m < m_end; ++m) {
         const float* cr = c + (m - mb * R) * 32;
         float* yr = y + m * ldy + n0;
@@ -205,6 +209,11 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
         } else {
           std::memcpy(yr, cr, size_t(nn) * sizeof(float));
         }
+        if (ep.residual) {
+          const float* r = ep.residual + m * ldr + n0;
+          for (int64_t n = 0; n < nn; ++n) yr[n] += r[n];
+        }
+        if (ep.gelu) gelu_row(ep.gelu_kind, yr, yr, nn);
       }
     }
   }
@@ -212,13 +221,13 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
 }
 
 void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-             const float* bias, uint16_t* xp) {
+             const float* bias, const MatmulEpilogue& ep, uint16_t* xp) {
   // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
   // per thread still let one thread take over the other's when the machine deschedules it.
   const int64_t nblocks = (w.N + kBlockRows - 1) / kBlockRows;
   const int64_t chunk = max64(1, nblocks / (4 * int64_t(omp_get_max_threads())));
 #pragma omp parallel
-  run_amx_thread(y, ldy, x, M, w, bias, xp, chunk);
+  run_amx_thread(y, ldy, x, M, w, bias, ep, xp, chunk);
 }
 
 }  // namespace
@@ -228,7 +237,7 @@ LOOM_AMX_END
 namespace detail {
 
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                       const float* bias) {
+                       const float* bias, const MatmulEpilogue& ep) {
   if (!(w.layout == WeightLayout::amx_tiles && w.format == WeightFormat::bf16 && w.K > 0 &&
         w.K % kTileK == 0 && amx_bf16_usable()))
     return false;
@@ -249,7 +258,7 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   AlignedVector<uint16_t>& xp = need <= kKeptElems ? kept : own;
   if (xp.size() < need) xp.resize(need);
 #if LOOM_AMX_KERNELS  // else amx_bf16_usable() was false above
-  run_amx(y, ldy, x, M, w, bias, xp.data());
+  run_amx(y, ldy, x, M, w, bias, ep, xp.data());
 #else
   (void)y;
   (void)x;

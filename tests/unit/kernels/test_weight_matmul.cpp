@@ -805,6 +805,66 @@ TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
   EXPECT_TRUE(bitwise_equal(y.data(), y_one.data(), M * N));
 }
 
+// The epilogue on AMX tiles (applied per 32-column block as the kernel writes it) equals the
+// separate passes on the same product, bit for bit: + residual (a row stride of its own), each
+// GELU kind, partial last blocks (N = 99), one and two 16-row m blocks and more (M 1, 8, 16, 40),
+// y with ldy > N.
+TEST(KernelsWeightMatmulAmx, EpilogueEqualsSeparatePassesBitwise) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  using kernels::GeluKind;
+  using kernels::MatmulEpilogue;
+  const int64_t N = 99, K = 96;
+  TiledWeight tw(N, K, 901);
+  uint64_t seed = 902;
+  for (int64_t M : {1, 8, 16, 40}) {
+    SCOPED_TRACE(testing::Message() << "M=" << M);
+    std::vector<float> x = random_normal(M * K, seed++), bias = random_normal(N, seed++);
+    for (float& v : x) v *= 0.5f;
+    const int64_t ldr = N + 3, ldy = N + 5;
+    std::vector<float> res = random_normal(M * ldr, seed++);
+    std::vector<float> plain(size_t(M * N)), up(size_t(M * N));
+    kernels::weight_matmul(plain.data(), 0, x.data(), M, tw.view(), bias.data());
+    kernels::weight_matmul(up.data(), 0, x.data(), M, tw.view(), nullptr);
+    for (GeluKind kind : {GeluKind::tanh, GeluKind::fast, GeluKind::erf}) {
+      for (bool with_res : {false, true}) {
+        MatmulEpilogue ep;
+        ep.gelu = true;
+        ep.gelu_kind = kind;
+        if (with_res) {
+          ep.residual = res.data();
+          ep.ld_residual = ldr;
+        }
+        std::vector<float> want(size_t(M * N));
+        if (with_res) {
+          want = plain;
+          for (int64_t m = 0; m < M; ++m) {
+            kernels::add_inplace(want.data() + m * N, res.data() + m * ldr, N);
+            kernels::gelu_row(kind, want.data() + m * N, want.data() + m * N, N);
+          }
+        } else {
+          std::vector<float> pre = up;  // bias_gelu_forward adds the bias in place
+          kernels::bias_gelu_forward(want.data(), pre.data(), bias.data(), M, N, kind);
+        }
+        std::vector<float> fused(size_t(M * ldy), 777.f);
+        kernels::weight_matmul(fused.data(), ldy, x.data(), M, tw.view(), bias.data(), ep);
+        for (int64_t m = 0; m < M; ++m) {
+          EXPECT_TRUE(bitwise_equal(want.data() + m * N, fused.data() + m * ldy, N))
+              << "row " << m << " gelu " << int(kind) << " residual " << with_res;
+          for (int64_t c = N; c < ldy; ++c) ASSERT_EQ(fused[size_t(m * ldy + c)], 777.f);
+        }
+      }
+    }
+    MatmulEpilogue r;  // residual alone
+    r.residual = res.data();
+    r.ld_residual = ldr;
+    std::vector<float> want = plain, fused(size_t(M * N));
+    for (int64_t m = 0; m < M; ++m)
+      kernels::add_inplace(want.data() + m * N, res.data() + m * ldr, N);
+    kernels::weight_matmul(fused.data(), 0, x.data(), M, tw.view(), bias.data(), r);
+    EXPECT_TRUE(bitwise_equal(want.data(), fused.data(), M * N)) << "residual";
+  }
+}
+
 TEST(KernelsWeightMatmulAmx, NaNStaysInItsRowAndInfWeightInItsColumn) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
   const int64_t N = 40, K = 64;
