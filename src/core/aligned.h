@@ -3,9 +3,9 @@
 // glibc's malloc serves large blocks with mmap and returns the page start + 16 bytes, so a plain
 // std::vector of inference weights or KV cache starts 16 bytes past a cache line: every 64-byte
 // vector load and every 64-byte row of an AMX tile load then spans two lines. Measured on the
-// 2-core Xeon with AMX (session 22): the bf16 tile kernel at M = 8 ran 14% faster on its x parts
-// once they were 64-byte aligned (M = 16: 32%), and gpt2-124m batch-8 bf16 decode with aligned
-// weights and KV cache: see docs/infer.md "Session 22".
+// 2-core Xeon with AMX (session 22), one thread, an L2-resident 1024 x 768 bf16 weight: the tile
+// kernel with its x parts 16 bytes off a line against aligned, M = 1 34-35 -> 32 us, M = 8 51 ->
+// 43 us, M = 16 80-82 -> 63-64 us (docs/infer.md "Session 22").
 //
 // AlignedVector<T> is a std::vector whose data() is 64-byte aligned, and 2 MiB aligned from
 // 4 MiB up (whole transparent huge pages: advise_huge_pages covers all of it, not only its

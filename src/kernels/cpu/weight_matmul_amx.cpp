@@ -251,7 +251,7 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   // buffer of a one-off long prompt stays behind.
   constexpr size_t kKeptElems = size_t(1) << 20;  // 2 MiB: 16 rows of K = 3072 for 7 threads
   // 64-byte aligned: each 64-byte row of an A tile in one cache line (a row across two made M = 8
-  // 14% and M = 16 32% slower, session 22).
+  // ~19% and M = 16 ~27% slower, session 22).
   thread_local AlignedVector<uint16_t> kept;
   AlignedVector<uint16_t> own;
   const size_t need = size_t(copies * mblocks * R * w.K * kParts);
