@@ -367,8 +367,8 @@ constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // int32 digit sums exact up to
 // `loom bench decode --batch 1` (123-125 tokens/s): a single sequential stream per core does
 // not keep enough lines in flight on that host (the f32 tiles, eight panels = eight streams,
 // read at 1.05-1.1 of it). Four streams: 195-213 tokens/s; four with the prefetch: 210-242
-// (0.90-1.05 of the probe); one with a 4-8 KiB prefetch: 200-227 (three alternating rounds
-// each, docs/infer.md "Session 22").
+// (0.90-1.05 of the probe); one with a 4-8 KiB prefetch: 180-227 (two or three alternating
+// rounds each, docs/infer.md "Session 22"). Not measured on the Zen 4 host of sessions 16-21.
 constexpr int64_t kInt8Streams = 4;
 constexpr int64_t kInt8PrefetchBytes = 2048;
 
