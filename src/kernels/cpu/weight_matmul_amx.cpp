@@ -187,6 +187,7 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
   alignas(64) float c[32 * 32];  // (2 m blocks x 16 rows, 32 n), row stride 32
   const uint16_t* W = static_cast<const uint16_t*>(w.data);
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+  const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;  // the epilogue's residual stride
 #pragma omp for schedule(dynamic, chunk)
   for (int64_t nb = 0; nb < nblocks; ++nb) {
     const uint16_t* wb = W + nb * KC * kChunkElems;
@@ -200,7 +201,6 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
       // Each row's 32 outputs of the block, + bias, then the epilogue (MatmulEpilogue) while
       // they are in L1: the same per-element operations as the separate passes (add_inplace,
       // then gelu_row on the segment), so the same bits, without a pass over y of its own.
-      const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;
       for (int64_t m = mb * R; m < m_end; ++m) {
         const float* cr = c + (m - mb * R) * 32;
         float* yr = y + m * ldy + n0;
