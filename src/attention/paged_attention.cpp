@@ -127,16 +127,19 @@ inline Vec load_kv(const std::byte* p) {
   }
 }
 
-// Software prefetch, into L2, of bytes [lo, hi) of each of the first n token rows of `block`
+// Software prefetch, into L2, of bytes [lo, hi) of token rows [t0, t1) of `block`
 // (row(base, block, t) + lo: the slice of the kv heads a task computes). A block's rows lie KV
 // elements apart, beyond what the hardware prefetchers follow, and DRAM latency times the core's
 // miss buffers capped the demand loads (and L1 prefetches) of batch-8 decode at ~12 GB/s: 12
 // layers of 12 heads x 64 at context 192 in bf16 took 4.8 ms of an 18.5 ms step. The next
-// block's rows are requested in ascending order while the current one is computed.
+// block's rows are requested in ascending order while the current one is computed, a share of
+// them before each head's work on the current block (heads_vec): requested all at once, the
+// block's ~400 lines queued ahead of the current block's own loads (bench_paged_attention,
+// batch 8, context 192, bf16: 1-4% slower, session 23).
 template <typename Row>
-inline void prefetch_block(const std::byte* base, int32_t block, int64_t n, int64_t lo,
-                           int64_t hi, const Row& row) {
-  for (int64_t t = 0; t < n; ++t) {
+inline void prefetch_rows(const std::byte* base, int32_t block, int64_t t0, int64_t t1,
+                          int64_t lo, int64_t hi, const Row& row) {
+  for (int64_t t = t0; t < t1; ++t) {
     // The cache lines holding [row + lo, row + hi), by address (rows need not start on a line).
     const uintptr_t p = reinterpret_cast<uintptr_t>(row(base, block, t));
     for (uintptr_t a = (p + uintptr_t(lo)) & ~uintptr_t(63); a < p + uintptr_t(hi); a += 64) {
@@ -172,16 +175,18 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
   const int64_t lo = h0 / group * HD * es, hi = ((h0 + G - 1) / group + 1) * HD * es;
   Vec m[kMaxGroup];  // per head, lane-wise running maxima of the scores
   for (int64_t g = 0; g < G; ++g) m[g] = splat(-INFINITY);
-  prefetch_block(kb, pq.block_table[0], std::min(BT, nk), lo, hi, row);
+  prefetch_rows(kb, pq.block_table[0], 0, std::min(BT, nk), lo, hi, row);
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
     const int32_t block = pq.block_table[j0 / BT];
-    // The next block's keys, or during the last one the first block's values.
-    if (j0 + BT < nk)
-      prefetch_block(kb, pq.block_table[j0 / BT + 1], std::min(BT, nk - j0 - BT), lo, hi, row);
-    else
-      prefetch_block(vb, pq.block_table[0], std::min(BT, nk), lo, hi, row);
+    // The next block's keys, or during the last one the first block's values: rows
+    // [g pn / G, (g+1) pn / G) of them before head g.
+    const bool more = j0 + BT < nk;
+    const std::byte* pbase = more ? kb : vb;
+    const int32_t pblock = pq.block_table[more ? j0 / BT + 1 : 0];
+    const int64_t pn = more ? std::min(BT, nk - j0 - BT) : std::min(BT, nk);
     for (int64_t g = 0; g < G; ++g) {
+      prefetch_rows(pbase, pblock, g * pn / G, (g + 1) * pn / G, lo, hi, row);
       const int64_t h = h0 + g, koff = h / group * HD * es;
       Vec qv[NV];
       for (int c = 0; c < NV; ++c) qv[c] = load(q + h * HD + c * kLanes);
@@ -235,9 +240,10 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
     const int32_t block = pq.block_table[j0 / BT];
-    if (j0 + BT < nk)
-      prefetch_block(vb, pq.block_table[j0 / BT + 1], std::min(BT, nk - j0 - BT), lo, hi, row);
+    const int64_t pn = j0 + BT < nk ? std::min(BT, nk - j0 - BT) : 0;  // the next values
+    const int32_t pblock = pn ? pq.block_table[j0 / BT + 1] : 0;
     for (int64_t g = 0; g < G; ++g) {
+      prefetch_rows(vb, pblock, g * pn / G, (g + 1) * pn / G, lo, hi, row);
       const int64_t h = h0 + g, voff = h / group * HD * es;
       const float* sg = score + g * max_keys;
       float* oh = o + h * HD;
