@@ -1,11 +1,14 @@
 // bench/attention/bench_paged_attention.cpp: attention::paged_attention_forward as the KV-cached
 // decoder calls it, one layer at a time: B single-query rows, each over T cached tokens, 12 heads
 // of 64 (GPT-2 124M), blocks of 16 tokens scattered over the pool as a running batch leaves them.
-// Each of the 12 layers reads its own region of the pool, and a 64 MiB buffer is read between
-// calls so that every call finds its keys and values in memory, not in cache (decode reads the
-// weights between two layers' attention). Prints one JSON line: the best and the median time of
-// the 12 layers (of --reps passes) and the K/V bytes read per second at the best.
+// Each of the 12 layers reads its own region of the pool (on huge pages, as the decoder's), and a
+// 64 MiB buffer is read between calls so that every call finds its keys and values in memory, not
+// in cache (decode reads the weights between two layers' attention). Prints one JSON line: the
+// best and the median time of the 12 layers (of --reps passes) and the K/V bytes read per second
+// at the best.
 // Usage: bench_paged_attention [--batch 8] [--context 192] [--dtype bf16|f32] [--reps 20]
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,11 +19,10 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
-
 #include "attention/paged_attention.h"
 #include "core/aligned.h"
 #include "core/dtype.h"
+#include "core/memory_pool.h"
 
 using namespace loom;
 
@@ -29,10 +31,14 @@ int main(int argc, char** argv) {
   DType dt = DType::bf16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
-    if (a == "--batch") B = std::atoll(v.c_str());
-    else if (a == "--context") T = std::atoll(v.c_str());
-    else if (a == "--reps") reps = std::atoll(v.c_str());
-    else if (a == "--dtype" && (v == "bf16" || v == "f32")) dt = v == "bf16" ? DType::bf16 : DType::f32;
+    if (a == "--batch")
+      B = std::atoll(v.c_str());
+    else if (a == "--context")
+      T = std::atoll(v.c_str());
+    else if (a == "--reps")
+      reps = std::atoll(v.c_str());
+    else if (a == "--dtype" && (v == "bf16" || v == "f32"))
+      dt = v == "bf16" ? DType::bf16 : DType::f32;
     else {
       std::fprintf(stderr, "usage: %s [--batch B] [--context T] [--dtype bf16|f32] [--reps R]\n",
                    argv[0]);
@@ -46,7 +52,11 @@ int main(int argc, char** argv) {
   constexpr int64_t L = 12, NH = 12, HD = 64, BT = 16, KV = NH * HD;
   const int64_t nb = (T + BT - 1) / BT, es = int64_t(dtype_size(dt));
   const int64_t block_elems = BT * KV, per_layer = 2 * B * nb;  // K blocks, then V blocks
-  AlignedVector<std::byte> pool(size_t(L * per_layer * block_elems * es));
+  // On transparent huge pages, as infer::KvCache's pool: advised before anything is written.
+  AlignedVector<std::byte> pool;
+  pool.reserve(size_t(L * per_layer * block_elems * es));
+  advise_huge_pages(pool.data(), pool.capacity());
+  pool.resize(pool.capacity());
   std::mt19937 rng(1);
   for (size_t i = 0; i < pool.size(); i += 2) {  // finite values in either dtype
     const float f = float(rng() % 2001) / 1000.f - 1.f;
@@ -86,8 +96,7 @@ int main(int argc, char** argv) {
       sink = sink + acc;
       const std::byte* kb = pool.data() + l * per_layer * block_elems * es;
       const std::byte* vb = kb + B * nb * block_elems * es;
-      for (int64_t b = 0; b < B; ++b)
-        qs[size_t(b)] = {tables.data() + (l * B + b) * nb, nb, T};
+      for (int64_t b = 0; b < B; ++b) qs[size_t(b)] = {tables.data() + (l * B + b) * nb, nb, T};
       const auto t0 = std::chrono::steady_clock::now();
       attention::paged_attention_forward(out.data(), q.data(), qs.data(), B, kb, vb, s);
       t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -97,9 +106,10 @@ int main(int argc, char** argv) {
   std::sort(passes.begin(), passes.end());
   const double bytes = double(L * B * T * KV * 2 * es);
   std::printf(
-      "{\"bench\":\"paged_attention\",\"batch\":%ld,\"context\":%ld,\"dtype\":\"%s\",\"layers\":%ld,"
+      "{\"bench\":\"paged_attention\",\"batch\":%ld,\"context\":%ld,\"dtype\":\"%s\",\"layers\":%"
+      "ld,"
       "\"best_s\":%.6f,\"median_s\":%.6f,\"kv_gbs_best\":%.2f,\"threads\":%d}\n",
-      long(B), long(T), std::string(dtype_name(dt)).c_str(), long(L), passes.front(), passes[passes.size() / 2],
-      bytes / passes.front() / 1e9, omp_get_max_threads());
+      long(B), long(T), std::string(dtype_name(dt)).c_str(), long(L), passes.front(),
+      passes[passes.size() / 2], bytes / passes.front() / 1e9, omp_get_max_threads());
   return 0;
 }
