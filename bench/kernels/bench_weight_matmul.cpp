@@ -35,6 +35,7 @@
 #include <omp.h>
 #include <time.h>
 
+#include "core/memory_pool.h"
 #include "kernels/cpu/bandwidth.h"
 #include "kernels/cpu/weight_matmul.h"
 
@@ -83,19 +84,24 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// The weight arena: one 64-byte aligned buffer filled with the byte 0x3C, which reads as a small
+// The weight arena: one buffer on 2 MiB (transparent huge) pages, as the decoder's weights
+// (infer/weights.cpp) and the probe's buffer, filled with the byte 0x3C, which reads as a small
 // finite value in every format (f32 0x3C3C3C3C ~ 0.0115, bf16 0x3C3C ~ 0.0115, int8 60), so no
 // NaN or denormal slows any path. Scales are a separate small array of 1/127.
 struct Arena {
+  static constexpr size_t kHuge = size_t(2) << 20;
   size_t bytes;
   std::unique_ptr<char, FreeDeleter> data;
   std::vector<float> scales;
   explicit Arena(size_t b)
-      : bytes(b), data(static_cast<char*>(std::aligned_alloc(64, b))), scales(64 << 10, 1.f / 127) {
+      : bytes(b),
+        data(static_cast<char*>(std::aligned_alloc(kHuge, (b + kHuge - 1) / kHuge * kHuge))),
+        scales(64 << 10, 1.f / 127) {
     if (!data) {
       std::fprintf(stderr, "bench_weight_matmul: cannot allocate %zu bytes\n", b);
       std::exit(1);
     }
+    loom::advise_huge_pages(data.get(), (b + kHuge - 1) / kHuge * kHuge);  // before first touch
     std::memset(data.get(), 0x3C, b);
   }
 };
