@@ -5,7 +5,10 @@
 #   bench/infer/run.sh [LOOM_BIN]        (default build/bin/loom)
 # Env: LOOM_BENCH_MODEL (configs/models/gpt2-124m.toml), LOOM_BENCH_PROMPT (128),
 #      LOOM_BENCH_NEW (128), LOOM_BENCH_BATCHES ("1 8"), LOOM_TORCH_PYTHON (a python with torch;
-#      default /work/torch-venv/bin/python if present, else /usr/bin/python3).
+#      default /work/torch-venv/bin/python if present, else /usr/bin/python3),
+#      LOOM_BENCH_ROUNDS (1): rounds of the whole set, loom and PyTorch alternating within each;
+#      the comparisons and the table take each figure's median over the rounds (the machines
+#      are shared, and one run of each can land loom and the peer in different machine states).
 # Prints every run's JSON line, then {"compare": ...} lines and a table.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +23,7 @@ if [[ -z "$py" ]]; then
 fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+for round in $(seq "${LOOM_BENCH_ROUNDS:-1}"); do
 for B in ${LOOM_BENCH_BATCHES:-1 8}; do
   for dtype in f32 bf16 int8; do
     "$loom" bench decode --model "$model" --batch "$B" --prompt-tokens "$P" --new-tokens "$N" \
@@ -34,14 +38,35 @@ for B in ${LOOM_BENCH_BATCHES:-1 8}; do
       --prompt-tokens "$P" --new-tokens "$N" --dtype "$dtype" | tee -a "$out"
   done
 done
+done
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 def key(r):  # "int8" quantizes the head too (as --int8 does); "int8/bf16-head" keeps it in bf16
     d = r["dtype"]
     return (r["batch"], d + "/bf16-head" if d == "int8" and r.get("head_dtype") == "bf16" else d)
-loom = {key(r): r for r in rows if r.get("impl") == "loom"}
-torch = {(r["batch"], r["dtype"]): r for r in rows if r.get("peer") == "torch"}
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+def by_median(runs):  # one row per key: each numeric field the median over the rounds
+    out = {}
+    for k, rs in runs.items():
+        r = dict(rs[0])
+        for f in ("decode_tokens_per_s", "prefill_s", "weight_read_fraction_of_adjacent_probes",
+                  "weight_read_fraction_of_probe"):
+            if f in r:
+                r[f] = median([x[f] for x in rs])
+        r["rounds"] = len(rs)
+        out[k] = r
+    return out
+loom_runs, torch_runs = {}, {}
+for r in rows:
+    if r.get("impl") == "loom":
+        loom_runs.setdefault(key(r), []).append(r)
+    elif r.get("peer") == "torch":
+        torch_runs.setdefault((r["batch"], r["dtype"]), []).append(r)
+loom, torch = by_median(loom_runs), by_median(torch_runs)
+print(json.dumps({"rounds": max([r["rounds"] for r in loom.values()] or [0])}))
 def tps(d, k):
     return d[k]["decode_tokens_per_s"] if k in d else float("nan")
 checks = []
