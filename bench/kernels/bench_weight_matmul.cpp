@@ -28,13 +28,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include <omp.h>
 #include <time.h>
 
+#include "core/aligned.h"
 #include "core/memory_pool.h"
 #include "kernels/cpu/bandwidth.h"
 #include "kernels/cpu/weight_matmul.h"
@@ -80,29 +80,18 @@ size_t elem_bytes(WeightFormat f) {
   return f == WeightFormat::f32 ? 4 : f == WeightFormat::bf16 ? 2 : 1;
 }
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
 // The weight arena: one buffer on 2 MiB (transparent huge) pages, as the decoder's weights
 // (infer/weights.cpp) and the probe's buffer, filled with the byte 0x3C, which reads as a small
 // finite value in every format (f32 0x3C3C3C3C ~ 0.0115, bf16 0x3C3C ~ 0.0115, int8 60), so no
 // NaN or denormal slows any path. Scales are a separate small array of 1/127.
 struct Arena {
-  static constexpr size_t kHuge = size_t(2) << 20;
   size_t bytes;
-  std::unique_ptr<char, FreeDeleter> data;
+  loom::AlignedVector<char> data;  // 2 MiB-aligned (core/aligned.h), advised before first touch
   std::vector<float> scales;
-  explicit Arena(size_t b)
-      : bytes(b),
-        data(static_cast<char*>(std::aligned_alloc(kHuge, (b + kHuge - 1) / kHuge * kHuge))),
-        scales(64 << 10, 1.f / 127) {
-    if (!data) {
-      std::fprintf(stderr, "bench_weight_matmul: cannot allocate %zu bytes\n", b);
-      std::exit(1);
-    }
-    loom::advise_huge_pages(data.get(), (b + kHuge - 1) / kHuge * kHuge);  // before first touch
-    std::memset(data.get(), 0x3C, b);
+  explicit Arena(size_t b) : bytes(b), scales(64 << 10, 1.f / 127) {
+    data.reserve(b);
+    loom::advise_huge_pages(data.data(), b);
+    data.resize(b, char(0x3C));
   }
 };
 
@@ -141,7 +130,7 @@ Timing time_shape(Arena& arena, WeightFormat f, int64_t M, const Shape& s, doubl
   std::vector<float> scales(size_t(s.N), 1.f / 127);
   size_t next = 0;
   auto once = [&] {
-    kernels::WeightView w{f, s.N, s.K, arena.data.get() + (next++ % copies) * stride,
+    kernels::WeightView w{f, s.N, s.K, arena.data.data() + (next++ % copies) * stride,
                           f == WeightFormat::int8_row ? scales.data() : nullptr,
                           layout_for(f, s.K)};
     kernels::weight_matmul(y.data(), 0, x.data(), M, w, bias.data());
@@ -187,7 +176,7 @@ Timing time_model(Arena& arena, WeightFormat f, int64_t M, double min_seconds, s
   std::vector<float> x(size_t(M * 4 * C), 0.5f);  // (M, 4C): the widest input
   std::vector<float> y(size_t(M * V));            // (M, V): the widest output
   auto step = [&] {
-    const char* model = arena.data.get() + (next++ % copies) * total;
+    const char* model = arena.data.data() + (next++ % copies) * total;
     for (size_t i = 0; i < lins.size(); ++i) {
       kernels::WeightView w{f, lins[i].N, lins[i].K, model + offsets[i],
                             f == WeightFormat::int8_row ? arena.scales.data() : nullptr,

@@ -13,9 +13,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 #include <cstdlib>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/error.h"
 #include "core/memory_pool.h"
 
@@ -58,11 +60,14 @@ ReadBandwidthProbe::ReadBandwidthProbe(int threads, size_t bytes) {
   LOOM_CHECK(per_thread_ > 0, "read-bandwidth probe: bytes={} too small for threads={}", bytes,
              threads_);
   const size_t n = per_thread_ * size_t(threads_);
-  constexpr size_t kHuge = size_t(2) << 20;  // aligned_alloc wants a multiple of the alignment
-  const size_t alloc = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-  buf_ = static_cast<float*>(std::aligned_alloc(kHuge, alloc));
-  LOOM_CHECK(buf_ != nullptr, "read-bandwidth probe: cannot allocate {} bytes", alloc);
-  advise_huge_pages(buf_, alloc);
+  // AlignedAllocator (core/aligned.h): 2 MiB-aligned from 4 MiB up, so the advice covers it all.
+  try {
+    buf_ = AlignedAllocator<float>().allocate(n);
+  } catch (const std::bad_alloc&) {
+    buf_ = nullptr;
+  }
+  LOOM_CHECK(buf_ != nullptr, "read-bandwidth probe: cannot allocate {} bytes", n * sizeof(float));
+  advise_huge_pages(buf_, n * sizeof(float));
   // Each thread writes the slice it later reads (first touch places the pages on that thread's
   // NUMA node) and takes the page faults here, outside the timed passes.
   // (Slices in turn over the threads OpenMP gives, which may be fewer than asked.)
@@ -73,7 +78,9 @@ ReadBandwidthProbe::ReadBandwidthProbe(int threads, size_t bytes) {
   }
 }
 
-ReadBandwidthProbe::~ReadBandwidthProbe() { std::free(buf_); }
+ReadBandwidthProbe::~ReadBandwidthProbe() {
+  AlignedAllocator<float>().deallocate(buf_, per_thread_ * size_t(threads_));
+}
 
 double ReadBandwidthProbe::measure(int repeats) {
   LOOM_CHECK(repeats >= 1, "read-bandwidth probe: repeats={} must be >= 1", repeats);
