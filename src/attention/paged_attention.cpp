@@ -127,30 +127,44 @@ inline Vec load_kv(const std::byte* p) {
   }
 }
 
-// Software prefetch, into L2, of bytes [lo, hi) of token rows [t0, t1) of `block`
-// (row(base, block, t) + lo: the slice of the kv heads a task computes). A block's rows lie KV
-// elements apart, beyond what the hardware prefetchers follow, and DRAM latency times the core's
-// miss buffers capped the demand loads (and L1 prefetches) of batch-8 decode at ~12 GB/s: 12
-// layers of 12 heads x 64 at context 192 in bf16 took 4.8 ms of an 18.5 ms step. The next
-// block's rows are requested in ascending order while the current one is computed, a share of
-// them before each head's work on the current block (heads_vec): requested all at once, the
-// block's ~400 lines queued ahead of the current block's own loads (bench_paged_attention,
-// batch 8, context 192, bf16: 1-4% slower, session 23).
-template <typename Row>
-inline void prefetch_rows(const std::byte* base, int32_t block, int64_t t0, int64_t t1,
-                          int64_t lo, int64_t hi, const Row& row) {
-  for (int64_t t = t0; t < t1; ++t) {
-    // The cache lines holding [row + lo, row + hi), by address (rows need not start on a line).
-    const uintptr_t p = reinterpret_cast<uintptr_t>(row(base, block, t));
-    for (uintptr_t a = (p + uintptr_t(lo)) & ~uintptr_t(63); a < p + uintptr_t(hi); a += 64) {
+// Two vectors of a paired bf16 row (see the header) from one 64-byte load at p: the elements at
+// even positions (the low halves of the 32-bit words, shifted up) into lo, those at odd positions
+// (the high halves, masked) into hi: model elements 32g + l and 32g + 16 + l, widened exactly.
+inline void load_kv_pair(const std::byte* p, Vec& lo, Vec& hi) {
+  UVec u;
+  std::memcpy(&u, p, sizeof u);
+  const UVec a = u << 16, b = u & 0xFFFF0000u;
+  std::memcpy(&lo, &a, sizeof lo);
+  std::memcpy(&hi, &b, sizeof hi);
+}
+
+// One head's NV vectors (HD = 16 * NV model elements, in model order) of a K or V row at p.
+template <int NV, bool kBf16>
+inline void load_head(const std::byte* p, Vec (&v)[NV]) {
+  if constexpr (kBf16 && NV % 2 == 0) {  // paired (kv_bf16_paired: HD a multiple of 32)
+    for (int c = 0; c < NV; c += 2) load_kv_pair(p + c * kLanes * 2, v[c], v[c + 1]);
+  } else {
+    constexpr int64_t es = kBf16 ? 2 : 4;
+    for (int c = 0; c < NV; ++c) v[c] = load_kv<kBf16>(p + c * kLanes * es);
+  }
+}
+
+// Software prefetch, into L2, of the cache lines holding bytes [p, p + bytes). The cache's blocks
+// are scattered over the pool, and DRAM latency times the core's miss buffers capped the demand
+// loads (and L1 prefetches) of batch-8 decode at ~12 GB/s (session 22). heads_vec requests the
+// next block's lines while it computes the current one, one kv head's slice before each head's
+// work: requested all at once, the block's ~400 lines queued ahead of the current block's own
+// loads (bench_paged_attention, batch 8, context 192, bf16: 1-4% slower, session 23).
+inline void prefetch_span(const std::byte* p, int64_t bytes) {
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p), a1 = a0 + uintptr_t(bytes);
+  for (uintptr_t a = a0 & ~uintptr_t(63); a < a1; a += 64) {
 #if defined(__x86_64__)
-      // (GCC 12 deletes __builtin_prefetch from a loop nest like this one, whose body does
-      // nothing else; the asm stays.)
-      __asm__ volatile("prefetcht2 (%0)" : : "r"(a));
+    // (GCC 12 deletes __builtin_prefetch from a loop nest like this one, whose body does
+    // nothing else; the asm stays.)
+    __asm__ volatile("prefetcht2 (%0)" : : "r"(a));
 #else
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
 #endif
-    }
   }
 }
 
@@ -171,32 +185,41 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
   constexpr int64_t HD = NV * kLanes;
   constexpr int64_t es = kBf16 ? 2 : 4;
   const int64_t nk = pq.n_keys;
-  // The bytes of a token row that the task's kv heads occupy.
-  const int64_t lo = h0 / group * HD * es, hi = ((h0 + G - 1) / group + 1) * HD * es;
+  // A kv head's slice of a block: BT rows of HD elements (the first n of them in use).
+  const int64_t head_bytes = BT * HD * es;
+  // Before head g's work on a block: the next block's rows of kv head (h0 + g) / group, if g
+  // is the task's first head of that kv head.
+  auto prefetch_next = [&](int64_t g, const std::byte* base, int32_t block, int64_t n) {
+    const int64_t h = h0 + g;
+    if (n > 0 && (g == 0 || h % group == 0))
+      prefetch_span(row(base, block, 0) + h / group * head_bytes, n * HD * es);
+  };
   Vec m[kMaxGroup];  // per head, lane-wise running maxima of the scores
-  for (int64_t g = 0; g < G; ++g) m[g] = splat(-INFINITY);
-  prefetch_rows(kb, pq.block_table[0], 0, std::min(BT, nk), lo, hi, row);
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = splat(-INFINITY);
+    prefetch_next(g, kb, pq.block_table[0], std::min(BT, nk));
+  }
   for (int64_t j0 = 0; j0 < nk; j0 += BT) {
     const int64_t n = std::min(BT, nk - j0);
     const int32_t block = pq.block_table[j0 / BT];
-    // The next block's keys, or during the last one the first block's values: rows
-    // [g pn / G, (g+1) pn / G) of them before head g.
+    // The next block's keys, or during the last one the first block's values.
     const bool more = j0 + BT < nk;
     const std::byte* pbase = more ? kb : vb;
     const int32_t pblock = pq.block_table[more ? j0 / BT + 1 : 0];
     const int64_t pn = more ? std::min(BT, nk - j0 - BT) : std::min(BT, nk);
     for (int64_t g = 0; g < G; ++g) {
-      prefetch_rows(pbase, pblock, g * pn / G, (g + 1) * pn / G, lo, hi, row);
-      const int64_t h = h0 + g, koff = h / group * HD * es;
+      prefetch_next(g, pbase, pblock, pn);
+      const int64_t h = h0 + g, koff = h / group * head_bytes;
       Vec qv[NV];
       for (int c = 0; c < NV; ++c) qv[c] = load(q + h * HD + c * kLanes);
       Vec acc[kLanes];
       for (int t = 0; t < kLanes; ++t) {
         acc[t] = splat(0.f);
         if (t >= n) continue;
-        const std::byte* kt = row(kb, block, t) + koff;
-        Vec a = qv[0] * load_kv<kBf16>(kt);
-        for (int c = 1; c < NV; ++c) a += qv[c] * load_kv<kBf16>(kt + c * kLanes * es);
+        Vec kv[NV];
+        load_head<NV, kBf16>(row(kb, block, t) + koff, kv);
+        Vec a = qv[0] * kv[0];
+        for (int c = 1; c < NV; ++c) a += qv[c] * kv[c];
         acc[t] = a;
       }
       // Lane l of r holds key kTree.key[l]'s dot product: put key t in lane t, scale, store
@@ -243,23 +266,81 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
     const int64_t pn = j0 + BT < nk ? std::min(BT, nk - j0 - BT) : 0;  // the next values
     const int32_t pblock = pn ? pq.block_table[j0 / BT + 1] : 0;
     for (int64_t g = 0; g < G; ++g) {
-      prefetch_rows(vb, pblock, g * pn / G, (g + 1) * pn / G, lo, hi, row);
-      const int64_t h = h0 + g, voff = h / group * HD * es;
+      prefetch_next(g, vb, pblock, pn);
+      const int64_t h = h0 + g, voff = h / group * head_bytes;
       const float* sg = score + g * max_keys;
       float* oh = o + h * HD;
       Vec ov[NV];
       for (int c = 0; c < NV; ++c) ov[c] = j0 == 0 ? splat(0.f) : load(oh + c * kLanes);
       for (int64_t t = 0; t < n; ++t) {
         const Vec p = splat(sg[j0 + t] * inv[g]);
-        const std::byte* vt = row(vb, block, t) + voff;
-        for (int c = 0; c < NV; ++c) ov[c] += p * load_kv<kBf16>(vt + c * kLanes * es);
+        Vec vv[NV];
+        load_head<NV, kBf16>(row(vb, block, t) + voff, vv);
+        for (int c = 0; c < NV; ++c) ov[c] += p * vv[c];
       }
       for (int c = 0; c < NV; ++c) store(oh + c * kLanes, ov[c]);
     }
   }
 }
 
+// Where model element d of a head sits in a paired bf16 row (the header's order).
+inline int64_t paired_pos(int64_t d) { return (d & ~int64_t(31)) + 2 * (d & 15) + ((d >> 4) & 1); }
+
 }  // namespace
+
+void kv_row_store(const float* src, void* dst, int64_t NKV, int64_t HD, int64_t head_stride,
+                  DType dtype) {
+  LOOM_CHECK(NKV > 0 && HD > 0 && head_stride >= HD,
+             "kv_row_store: NKV={} HD={} head_stride={} must be positive, head_stride >= HD", NKV,
+             HD, head_stride);
+  LOOM_CHECK(dtype == DType::f32 || dtype == DType::bf16,
+             "kv_row_store: K/V dtype {} is not supported; f32 or bf16", dtype_name(dtype));
+  for (int64_t kh = 0; kh < NKV; ++kh) {
+    const float* x = src + kh * HD;
+    if (dtype == DType::f32) {
+      std::memcpy(static_cast<float*>(dst) + kh * head_stride, x, size_t(HD) * 4);
+      continue;
+    }
+    bf16* d = static_cast<bf16*>(dst) + kh * head_stride;
+    if (!kv_bf16_paired(HD)) {
+      convert_f32_to_bf16(x, d, size_t(HD));
+      continue;
+    }
+    // Each group of 32: word l = bf16(x[32g + l]) | bf16(x[32g + 16 + l]) << 16, rounded as
+    // f32_to_bf16 rounds (nearest even; a NaN stays a quiet NaN), 16 words a vector.
+    for (int64_t g = 0; g < HD; g += 32) {
+      UVec u[2];
+      std::memcpy(&u[0], x + g, sizeof(UVec));
+      std::memcpy(&u[1], x + g + 16, sizeof(UVec));
+      for (UVec& v : u) {
+        const UVec nan = (UVec)((v & 0x7fffffffu) > 0x7f800000u);  // all ones in NaN lanes
+        const UVec rounded = (v + 0x7fffu + ((v >> 16) & 1u)) >> 16;
+        v = (nan & ((v >> 16) | 0x40u)) | (~nan & rounded);
+      }
+      const UVec w = u[0] | (u[1] << 16);
+      std::memcpy(static_cast<void*>(d + g), &w, sizeof w);
+    }
+  }
+}
+
+void kv_row_load(const void* src, float* dst, int64_t NKV, int64_t HD, int64_t head_stride,
+                 DType dtype) {
+  LOOM_CHECK(NKV > 0 && HD > 0 && head_stride >= HD,
+             "kv_row_load: NKV={} HD={} head_stride={} must be positive, head_stride >= HD", NKV,
+             HD, head_stride);
+  LOOM_CHECK(dtype == DType::f32 || dtype == DType::bf16,
+             "kv_row_load: K/V dtype {} is not supported; f32 or bf16", dtype_name(dtype));
+  for (int64_t kh = 0; kh < NKV; ++kh) {
+    float* x = dst + kh * HD;
+    if (dtype == DType::f32) {
+      std::memcpy(x, static_cast<const float*>(src) + kh * head_stride, size_t(HD) * 4);
+      continue;
+    }
+    const bf16* h = static_cast<const bf16*>(src) + kh * head_stride;
+    for (int64_t d = 0; d < HD; ++d)
+      x[d] = bf16_to_f32(h[kv_bf16_paired(HD) ? paired_pos(d) : d]);
+  }
+}
 
 void paged_attention_forward(float* out, const float* q, const PagedQuery* queries,
                              int64_t n_queries, const void* k_base, const void* v_base,
@@ -306,14 +387,15 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
   // block's 16 rows are fetched as independent loads before the dependent per-key dot products
   // (measured ~10% faster than reading the pool in place at context 192, 12 heads of 64).
   auto rows = [&](const std::byte* base, int32_t block, int64_t kh, int64_t n, float* buf) {
-    const std::byte* p = base + (int64_t(block) * s.block_stride + kh * HD) * int64_t(es);
+    const std::byte* p = base + (int64_t(block) * s.block_stride + kh * BT * HD) * int64_t(es);
     if (wide) {
-      const float* f = reinterpret_cast<const float*>(p);
-      for (int64_t t = 0; t < n; ++t) std::memcpy(buf + t * HD, f + t * KV, size_t(HD) * 4);
+      std::memcpy(buf, p, size_t(n * HD) * 4);
     } else {
       const bf16* h = reinterpret_cast<const bf16*>(p);
+      const bool paired = kv_bf16_paired(HD);
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t d = 0; d < HD; ++d) buf[t * HD + d] = bf16_to_f32(h[t * KV + d]);
+        for (int64_t d = 0; d < HD; ++d)
+          buf[t * HD + d] = bf16_to_f32(h[t * HD + (paired ? paired_pos(d) : d)]);
     }
   };
   // Heads per task on the vector path: the largest divisor of NH (up to kMaxGroup) that still
@@ -343,7 +425,7 @@ void paged_attention_forward(float* out, const float* q, const PagedQuery* queri
       const PagedQuery& pq = queries[i];
       if (vec_path) {
         auto row = [&](const std::byte* base, int32_t block, int64_t t) {
-          return base + (int64_t(block) * s.block_stride + t * KV) * int64_t(es);
+          return base + (int64_t(block) * s.block_stride + t * HD) * int64_t(es);
         };
         const float* qi = q + i * qs;
         float* oi = out + i * os;

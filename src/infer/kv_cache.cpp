@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "attention/paged_attention.h"
 #include "core/error.h"
 #include "core/memory_pool.h"
 
@@ -70,40 +71,28 @@ const std::vector<int32_t>& KvCache::block_table(int64_t seq) const {
   return it->second;
 }
 
-int64_t KvCache::row_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const {
+int64_t KvCache::slot_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const {
   const std::vector<int32_t>& t = block_table(seq);
   const int64_t BT = shape_.block_tokens;
   LOOM_ASSERT(pos >= 0 && pos / BT < int64_t(t.size()) && layer >= 0 && layer < shape_.layers,
               "KV row pos={} layer={} outside the {} reserved tokens of sequence {}", pos, layer,
               int64_t(t.size()) * BT, seq);
   return int64_t(t[size_t(pos / BT)]) * block_elems() +
-         (kind ? v_offset(layer) : k_offset(layer)) + (pos % BT) * shape_.kv_dim();
+         (kind ? v_offset(layer) : k_offset(layer)) + (pos % BT) * shape_.head_dim;
 }
 
 void KvCache::write_row(int64_t seq, int64_t layer, int64_t pos, const float* k, const float* v) {
-  const size_t KV = size_t(shape_.kv_dim());
-  std::byte* kd = pool_.data() + row_offset(seq, layer, pos, 0) * elem_bytes();
-  std::byte* vd = pool_.data() + row_offset(seq, layer, pos, 1) * elem_bytes();
-  if (shape_.dtype == DType::f32) {
-    std::memcpy(kd, k, KV * 4);
-    std::memcpy(vd, v, KV * 4);
-  } else {
-    convert_f32_to_bf16(k, reinterpret_cast<bf16*>(kd), KV);
-    convert_f32_to_bf16(v, reinterpret_cast<bf16*>(vd), KV);
-  }
+  std::byte* kd = pool_.data() + slot_offset(seq, layer, pos, 0) * elem_bytes();
+  std::byte* vd = pool_.data() + slot_offset(seq, layer, pos, 1) * elem_bytes();
+  attention::kv_row_store(k, kd, shape_.kv_heads, shape_.head_dim, head_stride(), shape_.dtype);
+  attention::kv_row_store(v, vd, shape_.kv_heads, shape_.head_dim, head_stride(), shape_.dtype);
 }
 
 void KvCache::read_row(int64_t seq, int64_t layer, int64_t pos, float* k, float* v) const {
-  const size_t KV = size_t(shape_.kv_dim());
-  const std::byte* ks = pool_.data() + row_offset(seq, layer, pos, 0) * elem_bytes();
-  const std::byte* vs = pool_.data() + row_offset(seq, layer, pos, 1) * elem_bytes();
-  if (shape_.dtype == DType::f32) {
-    std::memcpy(k, ks, KV * 4);
-    std::memcpy(v, vs, KV * 4);
-  } else {
-    convert_bf16_to_f32(reinterpret_cast<const bf16*>(ks), k, KV);
-    convert_bf16_to_f32(reinterpret_cast<const bf16*>(vs), v, KV);
-  }
+  const std::byte* ks = pool_.data() + slot_offset(seq, layer, pos, 0) * elem_bytes();
+  const std::byte* vs = pool_.data() + slot_offset(seq, layer, pos, 1) * elem_bytes();
+  attention::kv_row_load(ks, k, shape_.kv_heads, shape_.head_dim, head_stride(), shape_.dtype);
+  attention::kv_row_load(vs, v, shape_.kv_heads, shape_.head_dim, head_stride(), shape_.dtype);
 }
 
 }  // namespace loom::infer

@@ -5,15 +5,16 @@
 //
 // Layout: one pool of P blocks, in the cache's element type (f32, or bf16: half the bytes per
 // token, so twice the tokens in the same memory). Block p holds, for every cached layer l, K then
-// V:
-//   pool[p][l][0] = K (BT, NKV, HD) and pool[p][l][1] = V (BT, NKV, HD),
+// V, each head-major (attention/paged_attention.h: one kv head's BT tokens are contiguous):
+//   pool[p][l][0] = K (NKV, BT, HD) and pool[p][l][1] = V (NKV, BT, HD),
 // so block p starts at element p * block_elems() and layer l's K at + l * 2 * BT * KV.
 // A sequence owns a block table: logical block i (its tokens [i*BT, (i+1)*BT)) lives in physical
 // block table[i]. Sequences of any length share the pool; nothing is ever copied or moved, and
 // the only waste is the unused tail of each sequence's last block.
-// Rows are written from f32 (write_row: bf16 rounds to nearest even, the only rounding a bf16
-// cache adds); attention/paged_attention reads them widened to f32 (exact) and accumulates in
-// f32.
+// Rows are written from f32 by attention::kv_row_store (bf16 rounds to nearest even, the only
+// rounding a bf16 cache adds, and stores each head in the kernel's paired order where its head
+// dim is a multiple of 32: attention/paged_attention.h); the kernel reads them widened to f32
+// (exact) and accumulates in f32.
 //
 // Ownership and failure: the cache owns the pool. reserve() either gives a sequence all the
 // blocks it asks for or changes nothing and returns false (the engine admits a request only when
@@ -78,8 +79,10 @@ class KvCache {
   // to the cache's dtype. read_row gives them back widened to f32 (tests).
   void write_row(int64_t seq, int64_t layer, int64_t pos, const float* k, const float* v);
   void read_row(int64_t seq, int64_t layer, int64_t pos, float* k, float* v) const;
-  // Element offset in the pool of that token's K (kind 0) or V (kind 1) row.
-  int64_t row_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const;
+  // Element offset in the pool of that token's K (kind 0) or V (kind 1) of kv head 0; kv head
+  // kh's follows at + kh * head_stride().
+  int64_t slot_offset(int64_t seq, int64_t layer, int64_t pos, int kind) const;
+  int64_t head_stride() const { return shape_.block_tokens * shape_.head_dim; }
   // Layer `layer`'s K (resp. V) of physical block 0, in the pool's dtype: the bases the paged
   // attention kernel reads from, with block stride block_elems().
   const void* k_base(int64_t layer) const { return pool_.data() + k_offset(layer) * elem_bytes(); }

@@ -26,7 +26,7 @@ namespace {
 
 struct Pool {
   int64_t NKV, HD, BT, P;
-  std::vector<float> data;  // (P, 2, BT, NKV, HD): K then V per block
+  std::vector<float> data;  // (P, 2, NKV, BT, HD): K then V per block, each head-major
   int64_t stride() const { return 2 * BT * NKV * HD; }
   const float* k() const { return data.data(); }
   const float* v() const { return data.data() + BT * NKV * HD; }
@@ -37,6 +37,21 @@ Pool make_pool(int64_t NKV, int64_t HD, int64_t BT, int64_t P, uint64_t seed) {
   p.data.resize(size_t(P * p.stride()));
   rng_fill_uniform(p.data.data(), int64_t(p.data.size()), -1.f, 1.f, seed, 1, 0);
   return p;
+}
+
+// The pool in a bf16 cache's storage: every head's HD elements through kv_row_store (rounded,
+// and paired where the head dim is a multiple of 32), as infer::KvCache writes them.
+std::vector<bf16> to_bf16_cache(const Pool& p) {
+  std::vector<bf16> b16(p.data.size());
+  for (size_t r = 0; r < p.data.size(); r += size_t(p.HD))
+    kv_row_store(p.data.data() + r, b16.data() + r, 1, p.HD, p.HD, DType::bf16);
+  return b16;
+}
+
+// Element e = kh * HD + d of key j's K or V row in the pool (k() / v() base) under `table`.
+int64_t at(const Pool& p, const std::vector<int32_t>& table, int64_t j, int64_t e) {
+  return table[size_t(j / p.BT)] * p.stride() + (e / p.HD) * p.BT * p.HD + (j % p.BT) * p.HD +
+         e % p.HD;
 }
 
 double nmse(const std::vector<float>& got, const std::vector<double>& want) {
@@ -82,7 +97,7 @@ TEST_P(PagedVsReference, MatchesFloat64OnShuffledBlocks) {
   std::vector<double> k(size_t(c.n_keys * KV)), v(size_t(c.n_keys * KV)), qd(q.begin(), q.end());
   for (int64_t j = 0; j < c.n_keys; ++j)
     for (int64_t e = 0; e < KV; ++e) {
-      const int64_t base = table[size_t(j / BT)] * pool.stride() + (j % BT) * KV + e;
+      const int64_t base = at(pool, table, j, e);
       k[size_t(j * KV + e)] = pool.k()[base];
       v[size_t(j * KV + e)] = pool.v()[base];
     }
@@ -111,8 +126,7 @@ TEST_P(PagedVsReference, Bf16CacheEqualsF32KernelOnRoundedKv) {
   Pool pool = make_pool(c.NKV, c.HD, BT, P, 19 + uint64_t(c.n_keys));
   Pool rounded = pool;
   round_f32_to_bf16(rounded.data.data(), rounded.data.data(), rounded.data.size());
-  std::vector<bf16> b16(pool.data.size());
-  convert_f32_to_bf16(pool.data.data(), b16.data(), b16.size());
+  const std::vector<bf16> b16 = to_bf16_cache(pool);
   std::vector<int32_t> table(static_cast<size_t>(blocks));
   for (int64_t i = 0; i < blocks; ++i) table[size_t(i)] = int32_t((i * 5 + 2) % P);  // scattered
   const int64_t n = 3, C = c.NH * c.HD, KV = c.NKV * c.HD;
@@ -139,7 +153,7 @@ TEST_P(PagedVsReference, Bf16CacheEqualsF32KernelOnRoundedKv) {
       vr(v.size()), qd(q.begin(), q.begin() + C);
   for (int64_t j = 0; j < c.n_keys; ++j)
     for (int64_t e = 0; e < KV; ++e) {
-      const int64_t base = table[size_t(j / BT)] * pool.stride() + (j % BT) * KV + e;
+      const int64_t base = at(pool, table, j, e);
       k[size_t(j * KV + e)] = pool.k()[base];
       v[size_t(j * KV + e)] = pool.v()[base];
       kr[size_t(j * KV + e)] = rounded.k()[base];
@@ -173,8 +187,7 @@ TEST_P(PagedBatchInvariance, RowIsBitwiseIndependentOfTheBatch) {
   const int64_t n = int64_t(qs.size());
   std::vector<float> q(size_t(n * C)), out(size_t(n * C)), one(static_cast<size_t>(C));
   rng_fill_uniform(q.data(), n * C, -2.f, 2.f, 9, 4, 0);
-  std::vector<bf16> b16(pool.data.size());
-  convert_f32_to_bf16(pool.data.data(), b16.data(), b16.size());
+  const std::vector<bf16> b16 = to_bf16_cache(pool);
   const int saved = omp_get_max_threads();
   for (DType dt : {DType::f32, DType::bf16}) {
     PagedShape s{NH, NKV, HD, BT, pool.stride(), 0, 0, 0.25f};
@@ -205,6 +218,41 @@ INSTANTIATE_TEST_SUITE_P(Heads, PagedBatchInvariance,
                          ::testing::Values(Case{4, 2, 16, 0}, Case{12, 12, 64, 0},
                                            Case{8, 2, 32, 0}, Case{6, 3, 16, 0},
                                            Case{6, 3, 13, 0}));
+
+// kv_row_store / kv_row_load: a bf16 row comes back as the f32 row rounded to bf16 (every head
+// dim, paired or not), and a paired row has model elements 32g + l and 32g + 16 + l side by side.
+TEST(PagedAttention, KvRowStoreAndLoadRoundTrip) {
+  for (int64_t HD : {5, 16, 32, 64, 96, 128}) {
+    const int64_t NKV = 3, KV = NKV * HD;
+    std::vector<float> row(static_cast<size_t>(KV)), back(row.size()), rounded(row.size());
+    rng_fill_uniform(row.data(), KV, -3.f, 3.f, 21, uint64_t(HD), 0);
+    row[1] = NAN;  // a NaN stays NaN, as f32_to_bf16 keeps it
+    row[2] = INFINITY;
+    row[3] = 3.3895314e38f;  // rounds up to infinity in bf16
+    round_f32_to_bf16(row.data(), rounded.data(), row.size());
+    const int64_t stride = HD + 7;  // heads HD + 7 elements apart, as a block's are BT * HD apart
+    std::vector<bf16> stored(size_t(NKV * stride), f32_to_bf16(-5.f));
+    kv_row_store(row.data(), stored.data(), NKV, HD, stride, DType::bf16);
+    kv_row_load(stored.data(), back.data(), NKV, HD, stride, DType::bf16);
+    EXPECT_EQ(0, std::memcmp(back.data(), rounded.data(), back.size() * 4)) << "HD " << HD;
+    EXPECT_EQ(bf16_to_f32(stored[size_t(HD)]), -5.f) << "the gap between heads is untouched";
+    EXPECT_EQ(kv_bf16_paired(HD), HD % 32 == 0);
+    if (kv_bf16_paired(HD)) {
+      // head 1, group 1 (HD >= 64) or 0: element 32g + 16 + 3 sits at position 32g + 7
+      const int64_t g = HD >= 64 ? 1 : 0, e = HD + 32 * g + 16 + 3, pos = stride + 32 * g + 7;
+      EXPECT_EQ(bf16_to_f32(stored[size_t(pos)]), rounded[size_t(e)]) << "HD " << HD;
+    } else {
+      EXPECT_EQ(bf16_to_f32(stored[size_t(stride + HD - 1)]), rounded[size_t(2 * HD - 1)]);
+    }
+    std::vector<float> f32(size_t(NKV * stride));
+    kv_row_store(row.data(), f32.data(), NKV, HD, stride, DType::f32);
+    kv_row_load(f32.data(), back.data(), NKV, HD, stride, DType::f32);
+    EXPECT_EQ(0, std::memcmp(back.data(), row.data(), row.size() * 4));
+  }
+  float x = 1.f, y = 0.f;
+  EXPECT_THROW(kv_row_store(&x, &y, 1, 1, 1, DType::f16), Error);
+  EXPECT_THROW(kv_row_store(&x, &y, 1, 2, 1, DType::f32), Error);  // head_stride < HD
+}
 
 TEST(PagedAttention, BadShapesThrowBeforeWriting) {
   Pool pool = make_pool(2, 8, 16, 2, 1);

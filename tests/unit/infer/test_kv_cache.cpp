@@ -62,14 +62,15 @@ TEST(KvCache, RowsLiveInTheirBlockAtTheDocumentedOffsets) {
   const int64_t a = c.create(), b = c.create();
   ASSERT_TRUE(c.reserve(a, 20));
   ASSERT_TRUE(c.reserve(b, 5));
-  const int64_t KV = 8, BT = 16;
+  const int64_t KV = 8, HD = 4, BT = 16;
+  EXPECT_EQ(c.head_stride(), BT * HD);  // head-major blocks (NKV, BT, HD)
   for (int64_t layer = 0; layer < 3; ++layer)
     for (int64_t pos : {0, 15, 16, 19}) {
       const int64_t block = c.block_table(a)[size_t(pos / BT)];
-      EXPECT_EQ(c.row_offset(a, layer, pos, 0),
-                block * c.block_elems() + c.k_offset(layer) + (pos % BT) * KV);
-      EXPECT_EQ(c.row_offset(a, layer, pos, 1),
-                block * c.block_elems() + c.v_offset(layer) + (pos % BT) * KV);
+      EXPECT_EQ(c.slot_offset(a, layer, pos, 0),
+                block * c.block_elems() + c.k_offset(layer) + (pos % BT) * HD);
+      EXPECT_EQ(c.slot_offset(a, layer, pos, 1),
+                block * c.block_elems() + c.v_offset(layer) + (pos % BT) * HD);
     }
   // Writing one sequence's rows never touches the other's; rows read back as written.
   std::vector<float> k(size_t(KV), 1.f), v(size_t(KV), 2.f), rk(static_cast<size_t>(KV)), rv(static_cast<size_t>(KV));
