@@ -113,7 +113,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PagedVsReference,
                                            Case{2, 2, 13, 17}, Case{6, 3, 7, 33},
                                            Case{4, 2, 64, 127}, Case{1, 1, 5, 131},
                                            Case{4, 4, 32, 47}, Case{2, 1, 128, 70},
-                                           Case{12, 12, 64, 200}));
+                                           Case{12, 12, 64, 200},
+                                           // paired bf16 heads off the vector path
+                                           Case{2, 1, 96, 40}));
 
 // A bf16 cache: the kernel widens each element exactly and accumulates in f32, so it gives
 // bitwise what the f32 kernel gives on the same K/V rounded to bf16. Against the float64
