@@ -99,7 +99,7 @@ class KvCache {
 
   KvCacheShape shape_;
   int64_t num_blocks_ = 0;
-  // (P, L', 2, BT, NKV, HD) elements of shape_.dtype, cache-line aligned (core/aligned.h)
+  // (P, L', 2, NKV, BT, HD) elements of shape_.dtype, cache-line aligned (core/aligned.h)
   AlignedVector<std::byte> pool_;
   std::vector<int32_t> free_;  // free physical blocks (a stack: the last freed is reused first)
   std::map<int64_t, std::vector<int32_t>> tables_;  // sequence id -> block table
