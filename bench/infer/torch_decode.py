@@ -7,7 +7,9 @@ greedy argmax. Random weights (std 0.02), the shape of the loom model config giv
 pre-LN, tied head; the query layer and GQA are not modelled: gpt2-124m has neither).
 Prints one JSON line: {"peer": "torch", "dtype", "batch", "prompt_tokens", "new_tokens",
 "threads", "prefill_s", "decode_tokens_per_s", "decode_step_ms", "weight_bytes",
-"weight_bytes_read_per_s", "torch_version"}.
+"weight_bytes_read_per_s", "torch_version", "thp_mem_alloc"} (thp_mem_alloc: the
+THP_MEM_ALLOC_ENABLE the process ran with, "1" putting PyTorch's large CPU buffers on huge
+pages; bench/infer/run.sh sets it).
 
   torch_decode.py --model configs/models/gpt2-124m.toml --batch 8 --prompt-tokens 128
                   --new-tokens 128 --dtype f32|bf16
@@ -15,6 +17,7 @@ Prints one JSON line: {"peer": "torch", "dtype", "batch", "prompt_tokens", "new_
 import argparse
 import json
 import math
+import os
 import time
 
 try:
@@ -125,7 +128,8 @@ def main():
                       "decode_tokens_per_s": B * steps / decode,
                       "weight_bytes": m.weight_bytes,
                       "weight_bytes_read_per_s": m.weight_bytes * steps / decode,
-                      "torch_version": torch.__version__}))
+                      "torch_version": torch.__version__,
+                      "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}))
 
 
 if __name__ == "__main__":
