@@ -169,9 +169,10 @@ inline void prefetch_span(const std::byte* p, int64_t bytes) {
 }
 
 // Heads [h0, h0 + G) of one query (q and o: the query's rows), HD = 16 * NV, reading the cache
-// in place: row(base, block, t) is the byte address of token t's row (all kv heads) in a block of
-// the K (kb) or V (vb) cache. The task's heads share each pass over a block, so the block's rows
-// are fetched as one stream; each head's arithmetic is the same whatever G or h0: scores, per
+// in place: row(base, block, t) is the byte address of token t's kv head 0 in a block of the K
+// (kb) or V (vb) cache, kv head kh's at + kh * BT * HD elements (head-major blocks). The task's
+// heads take their slices of a block one after the other, so the block is read as one ascending
+// stream; each head's arithmetic is the same whatever G or h0: scores, per
 // key, the NV products q_c * k_c summed in ascending c into one vector, then its lanes by the
 // fixed reduce16 tree (16 keys of a block at once); m = max; exp by the polynomial of
 // kernels/cpu/vec_math.h; their sum by lanes then a fixed tree; the output accumulated in
