@@ -287,15 +287,20 @@ void heads_vec(float* o, const float* q, int64_t h0, int64_t G, int64_t group,
 // Where model element d of a head sits in a paired bf16 row (the header's order).
 inline int64_t paired_pos(int64_t d) { return (d & ~int64_t(31)) + 2 * (d & 15) + ((d >> 4) & 1); }
 
+// kv_row_store / kv_row_load's arguments (the header's contract).
+void check_kv_row(const char* fn, int64_t NKV, int64_t HD, int64_t head_stride, DType dtype) {
+  LOOM_CHECK(NKV > 0 && HD > 0 && head_stride >= HD,
+             "{}: NKV={} HD={} head_stride={} must be positive, head_stride >= HD", fn, NKV, HD,
+             head_stride);
+  LOOM_CHECK(dtype == DType::f32 || dtype == DType::bf16,
+             "{}: K/V dtype {} is not supported; f32 or bf16", fn, dtype_name(dtype));
+}
+
 }  // namespace
 
 void kv_row_store(const float* src, void* dst, int64_t NKV, int64_t HD, int64_t head_stride,
                   DType dtype) {
-  LOOM_CHECK(NKV > 0 && HD > 0 && head_stride >= HD,
-             "kv_row_store: NKV={} HD={} head_stride={} must be positive, head_stride >= HD", NKV,
-             HD, head_stride);
-  LOOM_CHECK(dtype == DType::f32 || dtype == DType::bf16,
-             "kv_row_store: K/V dtype {} is not supported; f32 or bf16", dtype_name(dtype));
+  check_kv_row("kv_row_store", NKV, HD, head_stride, dtype);
   for (int64_t kh = 0; kh < NKV; ++kh) {
     const float* x = src + kh * HD;
     if (dtype == DType::f32) {
@@ -326,11 +331,7 @@ void kv_row_store(const float* src, void* dst, int64_t NKV, int64_t HD, int64_t 
 
 void kv_row_load(const void* src, float* dst, int64_t NKV, int64_t HD, int64_t head_stride,
                  DType dtype) {
-  LOOM_CHECK(NKV > 0 && HD > 0 && head_stride >= HD,
-             "kv_row_load: NKV={} HD={} head_stride={} must be positive, head_stride >= HD", NKV,
-             HD, head_stride);
-  LOOM_CHECK(dtype == DType::f32 || dtype == DType::bf16,
-             "kv_row_load: K/V dtype {} is not supported; f32 or bf16", dtype_name(dtype));
+  check_kv_row("kv_row_load", NKV, HD, head_stride, dtype);
   for (int64_t kh = 0; kh < NKV; ++kh) {
     float* x = dst + kh * HD;
     if (dtype == DType::f32) {
