@@ -1,5 +1,6 @@
 // `loom bench decode --model M.toml --batch B --prompt-tokens P --new-tokens N
-//  --dtype f32|bf16|int8 [--head-dtype f32|bf16|int8] [--kv-dtype auto|f32|bf16] [--seed S]`:
+//  --dtype f32|bf16|int8 [--head-dtype f32|bf16|int8] [--kv-dtype auto|f32|bf16] [--seed S]
+//  [--batch-invariant]`:
 // times the KV-cached decoder (infer::Decoder) on a model
 // with loom's random init: one prefill step of B prompts of P tokens, then N decode steps of one
 // token per sequence (greedy argmax; sampling is not timed). Prints one JSON line with
@@ -36,6 +37,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     std::string model, dtype = "f32", head_dtype;
     int64_t batch = 1, prompt_tokens = 128, new_tokens = 128;
     uint64_t seed = 1;
+    bool batch_invariant = false;
     loom::cli::KvFlags kv;
   };
   auto o = std::make_shared<Opts>();
@@ -54,6 +56,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
       ->check(CLI::IsMember({"f32", "bf16", "int8"}));
   sub->add_option("--seed", o->seed, "init and prompt seed");
   loom::cli::add_kv_dtype_flag(sub, o->kv);
+  loom::cli::add_batch_invariant_flag(sub, o->batch_invariant);
   sub->callback([o, &ctx] {
     using namespace loom;
     const model::ModelConfig cfg = model::load_model_config(o->model);
@@ -71,7 +74,8 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
     const model::ParamLayout layout(cfg);
     std::vector<float> flat(size_t(layout.total()));  // f32 init, converted below
     model::init_params(layout, cfg, flat.data(), o->seed);
-    const infer::ModelWeights w(cfg, flat.data(), lin, head);
+    infer::ModelWeights w(cfg, flat.data(), lin, head);
+    w.set_batch_invariant(o->batch_invariant);
     flat = std::vector<float>();
     infer::Decoder dec(w);
     // --kv-dtype auto: bf16 for bf16 and int8 linears, f32 for f32 (whatever the head).
@@ -161,6 +165,7 @@ void add_bench_decode(CLI::App& root, loom::cli::Context& ctx) {
         {"dtype", o->dtype},
         {"head_dtype", infer::weight_format_name(head)},
         {"kv_dtype", infer::kv_dtype_name(kv_dtype)},
+        {"batch_invariant", o->batch_invariant},
         {"batch", B},
         {"prompt_tokens", P},
         {"new_tokens", N},

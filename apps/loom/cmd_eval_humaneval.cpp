@@ -37,7 +37,7 @@ struct Args {
   // --checkpoint: generate the samples with the model first.
   std::string checkpoint, tokenizer, dtype = "f32", domain;
   std::string head_dtype = "auto";
-  bool int8 = false, int8_head = false, resume = false, no_tag = false;
+  bool int8 = false, int8_head = false, resume = false, no_tag = false, batch_invariant = false;
   int64_t max_batch = 8;
   loom::cli::KvFlags kv;
   loom::eval::GenerateOptions gen;
@@ -141,6 +141,7 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--max-batch", args->max_batch, "--checkpoint: sequences decoded together")
       ->capture_default_str();
   loom::cli::add_kv_flags(sub, args->kv);
+  loom::cli::add_batch_invariant_flag(sub, args->batch_invariant);
   sub->add_option("-k", args->ks, "pass@k values, comma-separated")->capture_default_str();
   sub->add_option("--workers", args->workers, "parallel programs (default: available cores)");
   sub->add_option("--timeout", args->timeout, "wall-clock seconds per run")
@@ -181,8 +182,9 @@ void add_eval_humaneval(CLI::App& root, loom::cli::Context& ctx) {
       EngineOptions eo;
       eo.max_batch = args->max_batch;
       // As `loom generate` (infer/weights.h, weight_formats_from_flags; kv_flags.h).
-      const WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8, args->int8_head,
-      args->head_dtype);
+      WeightFormats wf = weight_formats_from_flags(args->dtype, args->int8, args->int8_head,
+                                                   args->head_dtype);
+      wf.batch_invariant = args->batch_invariant;
       loom::cli::apply_kv_flags(args->kv, wf.base, eo);
       auto engine = load_engine(args->checkpoint, args->tokenizer, wf, eo);
       loom::eval::ProblemSet problems = loom::eval::ProblemSet::load(o.problem_files);

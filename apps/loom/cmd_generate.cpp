@@ -2,13 +2,15 @@
 //  [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop STR]...
 //  [--stop-rule LANG] [--dtype f32|bf16] [--int8] [--max-batch B] [--tokenizer PATH]
 //  [--no-token-healing] [--tp N] [--domain NAME] [--kv-dtype auto|f32|bf16]
-//  [--kv-memory SIZE | --kv-blocks N]`: sampling from a checkpoint through infer::Engine (KV cache,
+//  [--kv-memory SIZE | --kv-blocks N] [--batch-invariant]`: sampling from a checkpoint through infer::Engine (KV cache,
 //  continuous
 // batching). One prompt: the prompt, then the completion streamed to stdout token by token.
 // A prompts file: one JSON object per line ({"prompt": ..., optional per-line overrides of
 // max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_rule,
 // token_healing, and "domain" for MoE models}); all prompts share the running batch, and one JSON line per prompt is printed,
-// in input order, as soon as it and every earlier prompt are done.
+// in input order, as soon as it and every earlier prompt are done: index, prompt, completion,
+// finish_reason, prompt_tokens, completion_tokens, tokens and logprobs (each token's
+// log-probability after temperature, as serve's logprobs report it).
 // `--domain NAME`: MoE (rre) models route every prompt's tokens by that domain (default: the
 // model's "other"); an unknown name is an error listing the model's domains.
 // `--tp N` under `mpirun -np N`: the weights are sharded over the N ranks (tensor parallel);
@@ -101,7 +103,7 @@ struct GenerateOptions {
   int32_t top_k = 0;
   uint64_t seed = 1;
   std::string head_dtype = "auto";
-  bool no_heal = false, int8 = false, int8_head = false;
+  bool no_heal = false, int8 = false, int8_head = false, batch_invariant = false;
   loom::cli::KvFlags kv;
 };
 
@@ -120,8 +122,9 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   eo.max_queue = int64_t(prompts.size());
   eo.start_thread = false;  // this thread drives the steps and prints as events arrive
   eo.default_domain = o->domain;  // checked against the model's domains when the engine loads
-  const infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8, o->int8_head,
+  infer::WeightFormats wf = infer::weight_formats_from_flags(o->dtype, o->int8, o->int8_head,
       o->head_dtype);
+  wf.batch_invariant = o->batch_invariant;
   cli::apply_kv_flags(o->kv, wf.base, eo);
   auto engine = infer::load_engine(o->checkpoint, o->tokenizer, wf, eo);
   const int64_t ctx_len = engine->context_length();
@@ -129,6 +132,7 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
   struct Result {
     std::string text;
     std::vector<int32_t> tokens;
+    std::vector<float> logprobs;  // each token's (TokenEvent::logprob)
     std::string finish;
     int64_t prompt_tokens = 0, completion_tokens = 0;
     bool done = false;
@@ -145,7 +149,8 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
                           {"finish_reason", r.finish},
                           {"prompt_tokens", r.prompt_tokens},
                           {"completion_tokens", r.completion_tokens},
-                          {"tokens", r.tokens}};
+                          {"tokens", r.tokens},
+                          {"logprobs", r.logprobs}};
       std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
       std::fflush(stdout);
       ++next_to_print;
@@ -174,7 +179,10 @@ void run_generate_ranks(const GenerateOptions& opt, const std::vector<std::strin
     req.on_event = [&, i](const infer::TokenEvent& ev) {
       Result& r = results[i];
       r.text += ev.text;
-      if (ev.token >= 0) r.tokens.push_back(ev.token);
+      if (ev.token >= 0) {
+        r.tokens.push_back(ev.token);
+        r.logprobs.push_back(ev.logprob);
+      }
       if (stream && rank0 && !ev.text.empty()) {
         std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
         std::fflush(stdout);
@@ -227,6 +235,7 @@ void add_generate(CLI::App& root, loom::cli::Context& ctx) {
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}));
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together (prompts file)");
   loom::cli::add_kv_flags(sub, o->kv);
+  loom::cli::add_batch_invariant_flag(sub, o->batch_invariant);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer (default: DIR/tokenizer)");
   sub->add_option("--tp", o->tp, "tensor-parallel size; run under mpirun -np N");
   sub->add_option("--domain", o->domain,

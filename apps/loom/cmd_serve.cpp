@@ -43,7 +43,7 @@ struct ServeEngineOptions {
   std::string model_name;
   std::string domain;  // MoE (rre): requests without "domain" use this ("" = "other")
   std::string head_dtype = "auto";
-  bool int8 = false, int8_head = false;
+  bool int8 = false, int8_head = false, batch_invariant = false;
   std::string dtype = "f32";  // the linears' and head's storage without --int8 / --head-dtype
   int64_t max_batch = 8;
   int64_t max_queue = 64;
@@ -66,8 +66,8 @@ std::unique_ptr<loom::infer::Engine> make_engine_for_serving(const ServeEngineOp
     eo.start_thread = tp->rank() == 0;
   }
   // As `loom generate` (infer/weights.h, weight_formats_from_flags).
-  const WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8, o.int8_head,
-      o.head_dtype);
+  WeightFormats wf = weight_formats_from_flags(o.dtype, o.int8, o.int8_head, o.head_dtype);
+  wf.batch_invariant = o.batch_invariant;
   loom::cli::apply_kv_flags(o.kv, wf.base, eo);
   return load_engine(o.checkpoint, o.tokenizer, wf, eo);
 }
@@ -141,6 +141,7 @@ void add_serve(CLI::App& root, loom::cli::Context& ctx) {
   sub->add_option("--max-batch", e.max_batch, "sequences decoded together in one step")
       ->capture_default_str();
   loom::cli::add_kv_flags(sub, e.kv);
+  loom::cli::add_batch_invariant_flag(sub, e.batch_invariant);
   sub->add_option("--max-queue", e.max_queue,
                   "requests waiting for a batch slot; more get 429 with Retry-After")
       ->capture_default_str();

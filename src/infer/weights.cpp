@@ -371,7 +371,23 @@ ModelWeights ModelWeights::load(const std::string& checkpoint_dir, const WeightF
     };
     if (formats.head_auto) head = WeightFormat::int8_row;  // as --int8 on the f32 checkpoint
   }
-  return ModelWeights(r.config(), src, formats.linears, head, tp);
+  ModelWeights w(r.config(), src, formats.linears, head, tp);
+  w.set_batch_invariant(formats.batch_invariant);
+  return w;
+}
+
+void ModelWeights::set_batch_invariant(bool on) {
+  auto set = [on](WeightView& v) { v.batch_invariant = on; };
+  auto set_block = [&](BlockLinears& l) {
+    for (WeightView* v : {&l.qkv, &l.out, &l.up, &l.down}) set(*v);
+  };
+  for (BlockLinears& l : linears_) set_block(l);
+  set_block(qlinears_);
+  for (BlockExperts& e : experts_) {
+    for (WeightView& v : e.up) set(v);
+    for (WeightView& v : e.down) set(v);
+  }
+  set(head_);
 }
 
 QuantizeResult quantize_checkpoint(const std::string& checkpoint_dir, const std::string& out_dir,

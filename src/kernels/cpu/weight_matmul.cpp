@@ -13,8 +13,8 @@
 // changing the numerics for a weight-only format, and decode sizes are memory-bound anyway: the
 // widening costs one ALU op per 16 weights (a shift) beside the FMA, shared by every row of x in
 // the tile. Where AMX tiles exist, the inference weights store bf16 linears in tile order at load
-// and weight_matmul_amx.cpp runs them at every M (x kept exact by splitting it into three bf16
-// parts).
+// and weight_matmul_amx.cpp runs them on tiles at every M >= 2 (x kept exact by splitting it into
+// three bf16 parts) and with vector loads at M = 1 (the reference's bits).
 #include "kernels/cpu/weight_matmul.h"
 
 #include <immintrin.h>

@@ -25,7 +25,9 @@
 //   + bias[n]), so NaN and Inf propagate. The reference loop defines this too; the VNNI kernel
 //   computes it bit for bit (K <= 65536; a larger K runs the reference loop).
 // - Batch invariance: so row m of y depends only on row m of x and on W, whatever M, the other
-//   rows of the call and the thread count. Deterministic.
+//   rows of the call and the thread count. Deterministic. (bf16 in AMX tile order: one row
+//   alone differs in its last bits from the same row among others, unless the view sets
+//   batch_invariant; see AMX below.)
 // - Parallel over N inside (OpenMP); do not call from inside a parallel region.
 // - Bad sizes (negative, ldy < N, null data with non-zero size) throw loom::Error.
 //
@@ -43,12 +45,17 @@
 // weight_matmul_panels_fast says which. Any other view (a `rows` view, or a CPU without them)
 // runs weight_matmul_reference: the same bits, slower.
 // AMX: bf16 weights stored in tile order (WeightLayout::amx_tiles, made by pack_amx_tiles; the
-// inference weights do this at load where amx_tiles_available) run on AMX tiles at every M
+// inference weights do this at load where amx_tiles_available) run on AMX tiles at every M >= 2
 // (weight_matmul_amx.cpp): x is split into three bf16 parts that together hold its 24 bits, so x
-// is still not rounded; products are exact and accumulate in f32. One kernel for every M, so
-// batch invariance holds as above, but its summation order is its own (bits differ from the
-// reference's). It flushes denormal parts of x to zero and turns an infinite x into NaN. On a
-// CPU without AMX a tile-order view runs weight_matmul_reference.
+// is still not rounded; products are exact and accumulate in f32. One kernel for every M >= 2, so
+// batch invariance holds among them, but its summation order is its own (bits differ from the
+// reference's). It flushes denormal parts of x to zero and turns an infinite x into NaN. One row
+// (M = 1: batch-1 decode) reads the tile-order weights with AVX-512 vector loads instead, which
+// read them faster than tile loads (~0.93 of the read bandwidth against ~0.87), and computes the
+// reference's bits; so a row computed alone and among others differ in their last bits (both are
+// the f32-accumulated product of f32 x with the bf16 weights). WeightView::batch_invariant = true
+// keeps M = 1 on the tiles too: every row's bits then are independent of M. On a CPU without AMX
+// a tile-order view runs weight_matmul_reference.
 #pragma once
 
 #include <cstdint>
@@ -76,6 +83,10 @@ struct WeightView {
   // Panels only: the view's first column within the span that `data` points at (a multiple of
   // 16): a view of rows [r0, r0 + N) of a larger weight (panels_view_rows).
   int64_t col0 = 0;
+  // AMX tile order only: run M = 1 on the tiles as every other M, so that a row's bits never
+  // depend on M (batch-invariant bf16), at the tiles' slower batch-1 read (see AMX above). The
+  // other layouts are batch invariant whatever this says.
+  bool batch_invariant = false;
 };
 
 // y (M, N) = x (M, K) @ W^T + bias.
@@ -117,7 +128,8 @@ bool weight_matmul_uses_avx512();
 // weight_matmul_uses_avx512() for f32 and bf16; AVX-512 with DQ and VNNI for int8.
 bool weight_matmul_panels_fast(WeightFormat format);
 
-// True when weight_matmul runs `w` on AMX tiles: a tile-order bf16 view and amx_bf16_usable()
+// True when weight_matmul runs `w` on the AMX kernel (weight_matmul_amx.cpp: AMX tiles, and at
+// M = 1 vector loads, unless w.batch_invariant): a tile-order bf16 view and amx_bf16_usable()
 // (kernels/cpu/amx.h; LOOM_AMX=0 turns every AMX path off).
 bool weight_matmul_uses_amx(const WeightView& w);
 
@@ -155,7 +167,8 @@ void pack_panels(void* dst, const void* W, WeightFormat format, int64_t N, int64
 int64_t weight_element_index(const WeightView& w, int64_t n, int64_t k);
 
 namespace detail {
-// The AMX kernel itself (weight_matmul_amx.cpp), for any M: false (nothing written) unless
+// The AMX kernel itself (weight_matmul_amx.cpp; M = 1 on vector loads unless w.batch_invariant),
+// for any M: false (nothing written) unless
 // weight_matmul_uses_amx(w). Same contract as weight_matmul; the epilogue is applied to each
 // 32-column block of a row as it is written (checked by the caller).
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,

@@ -28,9 +28,23 @@
 //
 // Batch invariance: output (m, n) is accumulated in one C tile element, k in ascending chunks of
 // 32, in each chunk hi then mid then lo, whatever M, the tile's other rows and columns, or the
-// thread (threads split the 32-row blocks of W). Bias is added last in f32. So every M, from
-// decode's 1 to a prefill of thousands, runs this one kernel and a row's bits never depend on
-// the batch.
+// thread (threads split the 32-row blocks of W). Bias is added last in f32. So every M >= 2, from
+// a batch of two to a prefill of thousands, runs this one kernel and a row's bits do not depend
+// on the batch.
+//
+// One row (M = 1, batch-1 decode) reads the same tile-order weights with vector loads instead
+// (row_block), unless the view asks for batch invariance (WeightView::batch_invariant), which
+// keeps it on the tiles. A 64-byte row of a B tile is 16 outputs' pairs (w[2r], w[2r + 1]); shifted
+// left by 16 bits and masked to the high half, it gives the 16 outputs' weights at k = 2r and at
+// k = 2r + 1 as f32 (exact), and each output's sum is the fma chain over k ascending from 0, then
+// + bias: the bits of weight_matmul_reference. Why: the tile loads read at most ~0.86-0.88 of the
+// probe's bandwidth at M = 1 whatever their prefetch (software prefetch T0 two chunks ahead is
+// the best of T0 / T1 / T2 at 2-8 chunks; none gives 0.73), where vector loads with no software
+// prefetch (the L2 streamer follows one contiguous run) read 0.92-0.94: batch-1 bf16 decode of
+// gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"). No vector order reproduces
+// TDPBF16PS's bits (session 24), so a row alone and the same row in a batch differ in the last
+// bits (both are the f32-accumulated product of f32 x and the bf16 weights). Vector loads at
+// M >= 2 were slower than the tiles (M = 2: 0.71 of the probe, M = 8: 0.39).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -174,17 +188,42 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
   }
 }
 
+// One row of x (M = 1) against the 32-row weight block wb: c[n] = the fma chain of x[k] * W[n][k]
+// over k ascending from 0 (weight_matmul_reference's order). No software prefetch: the hardware
+// prefetchers follow the block's one contiguous stream (see the top of the file).
+void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // outputs 0-15, 16-31
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t ch = 0; ch < KC; ++ch) {
+    const uint16_t* b = wb + ch * kChunkElems;
+    const float* xc = x + ch * kTileK;
+    for (int r = 0; r < 16; ++r) {  // k = 32 ch + 2r, then 2r + 1
+      const __m512i w0 = _mm512_load_si512(b + r * 32), w1 = _mm512_load_si512(b + 512 + r * 32);
+      const __m512 xe = _mm512_set1_ps(xc[2 * r]), xo = _mm512_set1_ps(xc[2 * r + 1]);
+      a0 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
+      a1 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), a1);
+      a0 = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(w0, high)), a0);
+      a1 = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(w1, high)), a1);
+    }
+  }
+  _mm512_store_ps(c, a0);
+  _mm512_store_ps(c + 16, a1);
+}
+
 // One thread of run_amx's parallel region (a function of its own so that clang, whose OpenMP
 // outlining drops target attributes, compiles the tile code with them). xp: the parts of x,
-// m block after m block, (KC, 3, R, 32) bf16 each.
+// m block after m block, (KC, 3, R, 32) bf16 each; unused (null) when `vec` (one row, row_block).
 void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                    const float* bias, const MatmulEpilogue& ep, uint16_t* xp, int64_t chunk) {
+                    const float* bias, const MatmulEpilogue& ep, uint16_t* xp, int64_t chunk,
+                    bool vec) {
   const int64_t N = w.N, K = w.K, KC = K / kTileK, R = a_rows(M);
   const int64_t mblocks = (M + R - 1) / R, a_stride = KC * kParts * R * 32;
   // 1. Split x; padding rows of the last block are zero. Up to 16 rows (decode) every thread
   // splits all of x into its own buffer, which costs less than the barrier that sharing one would
   // need; more rows are split once, each thread a share, then a barrier.
-  if (mblocks == 1) {
+  if (vec) {
+    // one row, read by row_block straight from x
+  } else if (mblocks == 1) {
     xp += a_stride * omp_get_thread_num();
     for (int64_t m = 0; m < R; ++m) split_or_zero(xp, x, m, M, K, R);
   } else {
@@ -192,7 +231,7 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
     for (int64_t m = 0; m < mblocks * R; ++m) split_or_zero(xp, x, m, M, K, R);
   }  // (implicit barrier: every part is written before any tile reads it)
   // 2. The products, 32 weight rows at a time.
-  configure_tiles(R);
+  if (!vec) configure_tiles(R);
   alignas(64) float c[32 * 32];  // (2 m blocks x 16 rows, 32 n), row stride 32
   const uint16_t* W = static_cast<const uint16_t*>(w.data);
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
@@ -204,7 +243,8 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
     for (int64_t mb = 0; mb < mblocks; mb += 2) {
       const bool pair = mb + 1 < mblocks;
       const uint16_t* xa = xp + mb * a_stride;
-      if (pair) tile_block<2>(c, wb, KC, xa, a_stride, R, mb == 0);
+      if (vec) row_block(c, wb, KC, x);
+      else if (pair) tile_block<2>(c, wb, KC, xa, a_stride, R, mb == 0);
       else tile_block<1>(c, wb, KC, xa, a_stride, R, mb == 0);
       const int64_t m_end = min64(M, (mb + (pair ? 2 : 1)) * R);
       // Each row's 32 outputs of the block, + bias, then the epilogue (MatmulEpilogue) while
@@ -226,17 +266,17 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
       }
     }
   }
-  _tile_release();
+  if (!vec) _tile_release();
 }
 
 void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-             const float* bias, const MatmulEpilogue& ep, uint16_t* xp) {
+             const float* bias, const MatmulEpilogue& ep, uint16_t* xp, bool vec) {
   // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
   // per thread still let one thread take over the other's when the machine deschedules it.
   const int64_t nblocks = (w.N + kBlockRows - 1) / kBlockRows;
   const int64_t chunk = max64(1, nblocks / (4 * int64_t(omp_get_max_threads())));
 #pragma omp parallel
-  run_amx_thread(y, ldy, x, M, w, bias, ep, xp, chunk);
+  run_amx_thread(y, ldy, x, M, w, bias, ep, xp, chunk, vec);
 }
 
 }  // namespace
@@ -252,6 +292,12 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
     return false;
   if (ldy == 0) ldy = w.N;  // as weight_matmul
   if (M == 0 || w.N == 0) return true;
+  if (M == 1 && !w.batch_invariant) {  // one row: vector loads (row_block), no parts of x
+#if LOOM_AMX_KERNELS
+    run_amx(y, ldy, x, M, w, bias, ep, nullptr, true);
+#endif
+    return true;
+  }
   const int64_t R = a_rows(M), mblocks = (M + R - 1) / R;
   // One m block: a private copy per thread (run_amx_thread).
   const int64_t copies = mblocks == 1 ? int64_t(omp_get_max_threads()) : 1;
@@ -267,7 +313,7 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   AlignedVector<uint16_t>& xp = need <= kKeptElems ? kept : own;
   if (xp.size() < need) xp.resize(need);
 #if LOOM_AMX_KERNELS  // else amx_bf16_usable() was false above
-  run_amx(y, ldy, x, M, w, bias, ep, xp.data());
+  run_amx(y, ldy, x, M, w, bias, ep, xp.data(), false);
 #else
   (void)y;
   (void)x;

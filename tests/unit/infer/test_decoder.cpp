@@ -188,12 +188,16 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CachedVsRecompute,
                          layout_name);
 
 // The same sequence gives bitwise the same logits alone or in a ragged batch of 8: f32, bf16 and
-// int8 weights, each with an f32 and a bf16 KV cache.
+// int8 weights, each with an f32 and a bf16 KV cache. bf16 with set_batch_invariant(true) (on
+// AMX, a batch of one row otherwise reads its weights with vector loads: next test).
 TEST(Decoder, BatchInvariantBitwise) {
   TestModel m(config(true, Activation::fast_gelu, 2));
   for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row})
     for (DType kv : {DType::f32, DType::bf16}) {
-      const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+      ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+      w.set_batch_invariant(true);
+      ASSERT_TRUE(w.batch_invariant());
+      EXPECT_TRUE(w.block_linears(1).down.batch_invariant && w.query_linears().qkv.batch_invariant);
       std::vector<std::vector<int32_t>> ps;
       const int64_t lens[8] = {9, 1, 4, 17, 6, 2, 30, 11};
       for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
@@ -211,6 +215,32 @@ TEST(Decoder, BatchInvariantBitwise) {
               << what << " sequence " << b << " step " << g;
       }
     }
+}
+
+// bf16 by default (no set_batch_invariant): every batch of two or more rows runs one kernel (AMX
+// tiles where the CPU has them), so a sequence's logits are bitwise the same in any batch of two
+// or more sequences: each sequence of the ragged batch of 8 again beside one other (prefill rows
+// >= 2, decode rows 2). Alone (one row a decode step) it gets the reference summation order:
+// within bf16's tolerance (Bf16LogitsWithinTolerance), not bitwise.
+TEST(Decoder, Bf16BatchesOfTwoOrMoreInvariantByDefault) {
+  TestModel m(config(true, Activation::fast_gelu, 2));
+  for (DType kv : {DType::f32, DType::bf16}) {
+    const ModelWeights w(m.cfg, m.gpt.weights(), WeightFormat::bf16, WeightFormat::bf16);
+    ASSERT_FALSE(w.batch_invariant());
+    std::vector<std::vector<int32_t>> ps;
+    const int64_t lens[8] = {9, 1, 4, 17, 6, 2, 30, 11};
+    for (int i = 0; i < 8; ++i) ps.push_back(prompt(lens[i], m.cfg.vocab, 300 + uint64_t(i)));
+    std::vector<std::vector<int32_t>> tb;
+    auto batched = cached_greedy(w, ps, 10, &tb, {}, kv);
+    for (size_t b = 0; b < ps.size(); ++b) {
+      std::vector<std::vector<int32_t>> t2;
+      auto pair = cached_greedy(w, {ps[b], ps[(b + 3) % ps.size()]}, 10, &t2, {}, kv);
+      EXPECT_EQ(t2[0], tb[b]) << dtype_name(kv) << " KV, sequence " << b;
+      for (size_t g = 0; g < pair[0].size(); ++g)
+        EXPECT_EQ(0, std::memcmp(pair[0][g].data(), batched[b][g].data(), pair[0][g].size() * 4))
+            << dtype_name(kv) << " KV, sequence " << b << " step " << g;
+    }
+  }
 }
 
 // bf16 weights (linears) against f32 recomputation. The dtype's tolerance is what rounding the
@@ -605,11 +635,13 @@ TEST(MoeCachedVsRecompute, LastBlockSparseWithoutQueryLayer) {
 }
 
 // The domain really routes: the same prompt in two domains gives different logits (different
-// expert groups), and a sequence's logits are bitwise the same alone or in a mixed batch.
+// expert groups), and a sequence's logits are bitwise the same alone or in a mixed batch (bf16:
+// with set_batch_invariant, since an expert's rows in a step can be one whatever the batch).
 TEST(MoeCachedVsRecompute, DomainChangesLogitsAndBatchInvariance) {
   MoeModel m(tiny_moe());
   for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::int8_row}) {
-    const ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+    ModelWeights w(m.cfg, m.gpt.weights(), f, f);
+    w.set_batch_invariant(true);
     const std::vector<int32_t> p = prompt(9, m.cfg.vocab, 7);
     auto a = cached_greedy(w, {p}, 1, nullptr, {0});
     auto b = cached_greedy(w, {p}, 1, nullptr, {1});

@@ -686,7 +686,8 @@ TEST(KernelsWeightMatmul, QuantizeRowsInt8BadInput) {
 
 // ---------------------------------------------------------------------------------------------
 // bf16 weights in AMX tile order (WeightLayout::amx_tiles): weight_matmul runs them on AMX tiles
-// at every M where the CPU has them, else the reference loop. These sweep the kernel's blocking
+// at every M >= 2 where the CPU has them (M = 1 on vector loads with the reference's bits, unless
+// the view sets batch_invariant), else the reference loop. These sweep the kernel's blocking
 // (N tails: partial 32-row blocks; M below 16 rows, one and two 16-row blocks and past them) and
 // hold it to the same bounds as the row-order paths.
 
@@ -704,10 +705,11 @@ struct TiledWeight {
     tiles.assign(size_t(kernels::amx_tiles_elements(rows.N, rows.K)), f32_to_bf16(7.f));
     kernels::pack_amx_tiles(tiles.data(), rows.b16.data(), rows.N, rows.K);
   }
-  WeightView view() const {
+  WeightView view(bool batch_invariant = false) const {
     WeightView w = rows.view();
     w.data = tiles.data();
     w.layout = kernels::WeightLayout::amx_tiles;
+    w.batch_invariant = batch_invariant;
     return w;
   }
 };
@@ -719,9 +721,10 @@ void check_tiled(Kernel kernel, const TiledWeight& tw, int64_t M, int64_t ldy, b
   check_view_against_reference(kernel, tw.rows, tw.view(), M, ldy, with_bias, seed, nmse_out);
 }
 
-std::vector<float> run_tiled(const TiledWeight& tw, const float* x, int64_t M, const float* bias) {
+std::vector<float> run_tiled(const TiledWeight& tw, const float* x, int64_t M, const float* bias,
+                             bool batch_invariant = false) {
   std::vector<float> y(size_t(M * tw.rows.N));  // (M, N)
-  kernels::weight_matmul(y.data(), 0, x, M, tw.view(), bias);
+  kernels::weight_matmul(y.data(), 0, x, M, tw.view(batch_invariant), bias);
   return y;
 }
 }  // namespace
@@ -786,23 +789,81 @@ TEST(KernelsWeightMatmulAmx, KeepsActivationsExact) {
     }
 }
 
-// One kernel at every M: a row's bits do not depend on the rows beside it (decode's 1, a ragged
-// batch, a prefill of several 16-row blocks) nor on the thread count.
+// One kernel at every M >= 2: a row's bits do not depend on the rows beside it (a ragged batch, a
+// prefill of several 16-row blocks) nor on the thread count; with batch_invariant also decode's
+// one row.
 TEST(KernelsWeightMatmulAmx, BatchAndThreadInvariantBitwise) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
   const int64_t N = 99, K = 160, M = 70;
   TiledWeight tw(N, K, 801);
   std::vector<float> x = random_normal(M * K, 802), bias = random_normal(N, 803);
-  std::vector<float> y = run_tiled(tw, x.data(), M, bias.data());
-  for (int64_t sub : {1, 2, 5, 8, 15, 16, 20, 33, 40}) {
-    std::vector<float> ys = run_tiled(tw, x.data() + 3 * K, sub, bias.data());
-    EXPECT_TRUE(bitwise_equal(y.data() + 3 * N, ys.data(), sub * N)) << "sub-batch " << sub;
+  for (bool inv : {false, true}) {
+    SCOPED_TRACE(testing::Message() << "batch_invariant " << inv);
+    std::vector<float> y = run_tiled(tw, x.data(), M, bias.data(), inv);
+    for (int64_t sub : {1, 2, 5, 8, 15, 16, 20, 33, 40}) {
+      if (sub == 1 && !inv) continue;  // the vector path: OneRowEqualsReferenceBitwise
+      std::vector<float> ys = run_tiled(tw, x.data() + 3 * K, sub, bias.data(), inv);
+      EXPECT_TRUE(bitwise_equal(y.data() + 3 * N, ys.data(), sub * N)) << "sub-batch " << sub;
+    }
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    std::vector<float> y_one = run_tiled(tw, x.data(), M, bias.data(), inv);
+    std::vector<float> r_one = run_tiled(tw, x.data() + 5 * K, 1, bias.data(), inv);
+    omp_set_num_threads(saved);
+    EXPECT_TRUE(bitwise_equal(y.data(), y_one.data(), M * N));
+    std::vector<float> r = run_tiled(tw, x.data() + 5 * K, 1, bias.data(), inv);
+    EXPECT_TRUE(bitwise_equal(r.data(), r_one.data(), N)) << "one row, 1 thread against all";
   }
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  std::vector<float> y_one = run_tiled(tw, x.data(), M, bias.data());
-  omp_set_num_threads(saved);
-  EXPECT_TRUE(bitwise_equal(y.data(), y_one.data(), M * N));
+}
+
+// One row (batch-1 decode) without batch_invariant reads the tile-order weights with vector
+// loads and computes weight_matmul_reference's fma chain over k ascending: the same bits as the
+// reference on the rows the tiles were packed from, for partial 32-row blocks (N 1, 31, 67, 99),
+// one chunk of k to K = 3072, with and without bias, y with a row stride; and the epilogue
+// (EpilogueEqualsSeparatePassesBitwise covers M = 1 too). Non-finite inputs give non-finite
+// outputs where the reference's are (NaN bits are not compared: their payloads follow operand
+// order, which the compiler picks).
+TEST(KernelsWeightMatmulAmx, OneRowEqualsReferenceBitwise) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  uint64_t seed = 1100;
+  for (int64_t K : {32, 96, 768, 3072})
+    for (int64_t N : {1, 31, 32, 67, 99}) {
+      SCOPED_TRACE(testing::Message() << "N=" << N << " K=" << K);
+      TiledWeight tw(N, K, seed++);
+      std::vector<float> x = random_normal(K, seed++), bias = random_normal(N, seed++);
+      for (bool with_bias : {false, true}) {
+        const float* b = with_bias ? bias.data() : nullptr;
+        std::vector<float> want(static_cast<size_t>(N)), got(static_cast<size_t>(N + 3), 555.f);
+        kernels::weight_matmul_reference(want.data(), 0, x.data(), 1, tw.rows.rows_view(), b);
+        kernels::weight_matmul(got.data(), N + 3, x.data(), 1, tw.view(), b);
+        EXPECT_TRUE(bitwise_equal(want.data(), got.data(), N)) << "bias " << with_bias;
+        for (int64_t c = N; c < N + 3; ++c) EXPECT_EQ(got[size_t(c)], 555.f);
+      }
+    }
+  // Non-finite x and weights (k = 0 and the last k, a chunk's odd k: both halves of a pair).
+  const int64_t N = 40, K = 96;
+  TiledWeight tw(N, K, 1190);
+  tw.rows.b16[size_t(7 * K + 95)] = f32_to_bf16(std::numeric_limits<float>::infinity());
+  tw.rows.b16[size_t(9 * K + 0)] = f32_to_bf16(-std::numeric_limits<float>::infinity());
+  tw.repack();
+  std::vector<float> x = random_normal(K, 1191);
+  for (int trial = 0; trial < 3; ++trial) {
+    if (trial == 1) x[33] = std::numeric_limits<float>::quiet_NaN();
+    if (trial == 2) {
+      x[33] = 1.f;
+      x[95] = 0.f;  // 0 * inf: NaN in column 7
+    }
+    std::vector<float> want(static_cast<size_t>(N)), got(static_cast<size_t>(N));
+    kernels::weight_matmul_reference(want.data(), 0, x.data(), 1, tw.rows.rows_view(), nullptr);
+    kernels::weight_matmul(got.data(), 0, x.data(), 1, tw.view(), nullptr);
+    for (int64_t n = 0; n < N; ++n) {
+      const float a = want[size_t(n)], g = got[size_t(n)];
+      if (std::isnan(a)) EXPECT_TRUE(std::isnan(g)) << "trial " << trial << " n=" << n;
+      else EXPECT_EQ(std::memcmp(&a, &g, 4), 0) << "trial " << trial << " n=" << n << ": " << a << " vs " << g;
+    }
+    EXPECT_FALSE(std::isfinite(want[7]));
+    EXPECT_FALSE(std::isfinite(want[9]));
+  }
 }
 
 // The epilogue on AMX tiles (applied per 32-column block as the kernel writes it) equals the
