@@ -190,7 +190,8 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
 
 // One row of x (M = 1) against the 32-row weight block wb: c[n] = the fma chain of x[k] * W[n][k]
 // over k ascending from 0 (weight_matmul_reference's order). No software prefetch: the hardware
-// prefetchers follow the block's one contiguous stream (see the top of the file).
+// prefetchers follow the block's one contiguous stream (see the top of the file). Unaligned
+// loads: a view's data need not be 64-byte aligned (the inference weights are).
 void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // outputs 0-15, 16-31
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
@@ -198,7 +199,7 @@ void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
     const uint16_t* b = wb + ch * kChunkElems;
     const float* xc = x + ch * kTileK;
     for (int r = 0; r < 16; ++r) {  // k = 32 ch + 2r, then 2r + 1
-      const __m512i w0 = _mm512_load_si512(b + r * 32), w1 = _mm512_load_si512(b + 512 + r * 32);
+      const __m512i w0 = _mm512_loadu_si512(b + r * 32), w1 = _mm512_loadu_si512(b + 512 + r * 32);
       const __m512 xe = _mm512_set1_ps(xc[2 * r]), xo = _mm512_set1_ps(xc[2 * r + 1]);
       a0 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
       a1 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), a1);

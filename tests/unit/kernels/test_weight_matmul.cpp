@@ -840,6 +840,19 @@ TEST(KernelsWeightMatmulAmx, OneRowEqualsReferenceBitwise) {
         for (int64_t c = N; c < N + 3; ++c) EXPECT_EQ(got[size_t(c)], 555.f);
       }
     }
+  // A view whose data is not 64-byte aligned (the kernel's loads take any address).
+  {
+    TiledWeight tw(67, 96, 1180);
+    std::vector<bf16> shifted(tw.tiles.size() + 1);
+    std::copy(tw.tiles.begin(), tw.tiles.end(), shifted.begin() + 1);
+    WeightView v = tw.view();
+    v.data = shifted.data() + 1;  // 2 bytes past an allocation's alignment
+    std::vector<float> x = random_normal(96, 1181);
+    std::vector<float> want(static_cast<size_t>(67)), got(static_cast<size_t>(67));
+    kernels::weight_matmul_reference(want.data(), 0, x.data(), 1, tw.rows.rows_view(), nullptr);
+    kernels::weight_matmul(got.data(), 0, x.data(), 1, v, nullptr);
+    EXPECT_TRUE(bitwise_equal(want.data(), got.data(), 67)) << "unaligned view";
+  }
   // Non-finite x and weights (k = 0 and the last k, a chunk's odd k: both halves of a pair).
   const int64_t N = 40, K = 96;
   TiledWeight tw(N, K, 1190);
