@@ -95,8 +95,10 @@ struct WorkState {
   virtual bool step() = 0;
   // step() plus completion hooks; records errors instead of throwing. Returns done.
   bool advance();
-  // "all_reduce of 1024 x F32 (seq 7, algorithm ring)"
+  // "all_reduce of 1024 x F32 (seq 7, algorithm ring)", or `label` where it is set (a group's
+  // construction: ProcessGroup::world / split).
   std::string describe() const;
+  std::string label;
 };
 
 // Plain MPI non-blocking requests.

@@ -220,8 +220,9 @@ thread_local int WatchdogScope::depth_ = 0;
 // Fault injection for the watchdog's tests (tests/cli/test_cli.sh): LOOM_TEST_STUCK_IN_MPI=RANK
 // (or "all") makes that world rank's waits block as a poll stuck inside MPI would;
 // "poll:RANK" (or "poll:all") makes its polls outside a wait block instead (launching a
-// collective, Work::test), which a wait's deadline cannot see.
-enum class StuckAt { wait, poll };
+// collective, Work::test), which a wait's deadline cannot see; "setup:RANK" (or "setup:all")
+// makes its construction of the world group block (SetupWork below).
+enum class StuckAt { wait, poll, setup };
 bool stuck_in_mpi_injected(const detail::GroupState& g, StuckAt at) {
   static const std::pair<StuckAt, int> where = [] {
     const char* v = std::getenv("LOOM_TEST_STUCK_IN_MPI");
@@ -230,14 +231,17 @@ bool stuck_in_mpi_injected(const detail::GroupState& g, StuckAt at) {
     if (std::strncmp(v, "poll:", 5) == 0) {
       a = StuckAt::poll;
       v += 5;
+    } else if (std::strncmp(v, "setup:", 6) == 0) {
+      a = StuckAt::setup;
+      v += 6;
     }
     if (std::strcmp(v, "all") == 0) return std::pair{a, INT_MAX};
     char* end = nullptr;
     const long r = std::strtol(v, &end, 10);
     LOOM_CHECK(end && *end == '\0' && r >= 0 && r < INT_MAX,
                "LOOM_TEST_STUCK_IN_MPI='{}' must be a world rank (0, 1, ...) or 'all', optionally "
-               "after 'poll:' (fault injection for tests: that rank's waits, or its polls outside "
-               "a wait, never return)",
+               "after 'poll:' or 'setup:' (fault injection for tests: that rank's waits, its polls "
+               "outside a wait, or its making of the world group never return)",
                std::getenv("LOOM_TEST_STUCK_IN_MPI"));
     return std::pair{a, int(r)};
   }();
@@ -301,6 +305,7 @@ bool WorkState::advance() {
 }
 
 std::string WorkState::describe() const {
+  if (!label.empty()) return label;
   std::string peer_s = p2p ? fmt::format(" with group rank {}", peer) : "";
   return fmt::format("{} of {} x {}{} ({}seq {}, algorithm {})", comm_op_name(op), count,
                      dtype_name(dtype), peer_s, p2p ? "p2p " : "", seq, algorithm_name(algorithm));
@@ -449,6 +454,21 @@ void set_comm_basics(GroupState& s) {
   if (flag && attr) s.tag_ub = *static_cast<int*>(attr);
 }
 
+// Making a group runs blocking MPI collectives (MPI_Comm_dup, MPI_Comm_split, the host
+// detection's all-reduce and all-gather), which a peer frozen or killed meanwhile leaves
+// unfinished for good; so they run armed like every other call (the watchdog names the group
+// being made and ends the rank). Session 25: a checkpoint save makes a world group, and a rank
+// frozen just before it left its neighbour inside MPI_Comm_dup until the test's 150 s limit.
+struct SetupWork : WorkState {
+  bool step() override { return true; }
+};
+std::shared_ptr<WorkState> setup_work(const std::shared_ptr<GroupState>& g, std::string label) {
+  auto w = std::make_shared<SetupWork>();
+  w->group = g;
+  w->label = std::move(label);
+  return w;
+}
+
 // Host index of every world rank, from MPI's shared-memory islands (hosts numbered in order of
 // their lowest world rank).
 std::vector<int> detect_world_hosts(int world_rank, int world_size) {
@@ -483,6 +503,14 @@ ProcessGroup ProcessGroup::world(const GroupOptions& opts) {
   s->name = "world";
   s->opts = opts;
   s->timeout_s = resolve_timeout(opts);
+  // Rank and size first (local calls), so that the armed setup below can name this rank.
+  LOOM_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &s->world_rank));
+  LOOM_MPI(MPI_Comm_size(MPI_COMM_WORLD, &s->world_size));
+  s->size = s->world_size;
+  const WatchdogScope armed(
+      setup_work(s, "making the world group (MPI_Comm_dup, host detection)"), s->timeout_s);
+  if (stuck_in_mpi_injected(*s, StuckAt::setup))
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->coll));
   LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->p2p));
   LOOM_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &s->diag));
@@ -523,6 +551,9 @@ ProcessGroup ProcessGroup::split(const std::vector<std::vector<int>>& partition,
     }
   }
   MPI_Comm sub = MPI_COMM_NULL;
+  const WatchdogScope armed(
+      setup_work(state_, fmt::format("making group '{}' (MPI_Comm_split, MPI_Comm_dup)", name)),
+      g.timeout_s);
   LOOM_MPI(MPI_Comm_split(g.coll, color, key, &sub));
   if (color == MPI_UNDEFINED) return ProcessGroup();
   auto s = std::make_shared<GroupState>();

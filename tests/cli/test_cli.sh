@@ -242,10 +242,12 @@ wait $mpipid
 rc=$?
 # (Or, when the freeze caught the victim in the middle of a shared-memory transfer and left the
 # neighbour spinning inside MPI, the neighbour's watchdog names the wait and ends the rank: seen
-# once in about ten runs under a loaded ctest.)
+# once in about ten runs under a loaded ctest. Or the neighbour had gone on into a checkpoint
+# save, which makes a world group: its MPI_Comm_dup never returns, and the watchdog names that;
+# unarmed, it hung to the test's limit in about one run in five, session 25.)
 if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
    { grep -qE "group=dp\] all_reduce .* timed out .*waiting on world rank [01] \(group rank [01]\), which did not answer a liveness probe.*\(during (training step|the stop agreement after training step) [0-9]+\)" "$WORK/frozen.log" ||
-     grep -qE "group=dp\] all_reduce .* is still inside an MPI call .* past its 5.0 s timeout" "$WORK/frozen.log"; }; then
+     grep -qE "group=(dp\] all_reduce|world\] making the world group) .* is still inside an MPI call .* past its 5.0 s timeout" "$WORK/frozen.log"; }; then
   pass "a frozen rank is named by its neighbour (group, op, peer, step)"
 else
   fail "frozen rank: victim '$victim' rc $rc: $(grep -vE '^ *$|^\[.*info\]' "$WORK/frozen.log" | head -8)"
@@ -282,6 +284,22 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
   pass "a poll stuck inside MPI outside a wait is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
 else
   fail "stuck poll inside MPI: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stuckpoll.log" | head -5)"
+fi
+
+# Making a group is armed too: rank 1 stuck while it makes the world group at start-up (fault
+# injection "setup:1"; rank 0 then waits inside MPI_Comm_dup or the host detection for it). The
+# watchdog names the group being made and the job ends; unarmed, this hung to the test's limit.
+start=$(date +%s)
+LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=setup:1 timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 \
+  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/stucksetup" --steps 5 \
+  --set train.eval_every=0 >"$WORK/stucksetup.log" 2>&1
+rc=$?
+elapsed=$(( $(date +%s) - start ))
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
+   grep -qE "group=world\] making the world group \(MPI_Comm_dup, host detection\) is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" "$WORK/stucksetup.log"; then
+  pass "a rank stuck making a group is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
+else
+  fail "stuck making a group: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stucksetup.log" | head -5)"
 fi
 
 # One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
