@@ -40,11 +40,12 @@
 // + bias: the bits of weight_matmul_reference. Why: the tile loads read at most ~0.86-0.88 of the
 // probe's bandwidth at M = 1 whatever their prefetch (software prefetch T0 two chunks ahead is
 // the best of T0 / T1 / T2 at 2-8 chunks; none gives 0.73), where vector loads with no software
-// prefetch (the L2 streamer follows one contiguous run a thread) read 0.92-0.96: batch-1 bf16 decode of
-// gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"). No vector order reproduces
-// TDPBF16PS's bits (session 24), so a row alone and the same row in a batch differ in the last
-// bits (both are the f32-accumulated product of f32 x and the bf16 weights). Vector loads at
-// M >= 2 were slower than the tiles (M = 2: 0.71 of the probe, M = 8: 0.39).
+// prefetch (the L2 streamer follows one contiguous run a thread) read 0.92-0.96: batch-1 bf16
+// decode of gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"). No vector
+// order reproduces TDPBF16PS's bits (session 24), so a row alone and the same row in a batch
+// differ in the last bits (both are the f32-accumulated product of f32 x and the bf16
+// weights). Vector loads at M >= 2 were slower than the tiles (M = 2: 0.71 of the probe, M = 8:
+// 0.39).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -275,7 +276,7 @@ void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView&
   // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
   // per thread still let one thread take over the other's when the machine deschedules it. One
   // row (vector loads, no software prefetch) takes one run per thread: each run starts the L2
-  // streamer afresh, and whole-model linears at M = 1 read 0.96 of the probe so against 0.92 in
+  // streamer afresh, and whole-model linears at M = 1 read 0.96 of the probe so, 0.92 in
   // four (bench_kernels_weight_matmul, three alternating runs; batch-1 decode 0.92 against 0.91,
   // session 25). The tiles read the same in one, two or four (M = 8).
   const int64_t nblocks = (w.N + kBlockRows - 1) / kBlockRows;

@@ -872,7 +872,9 @@ TEST(KernelsWeightMatmulAmx, OneRowEqualsReferenceBitwise) {
     for (int64_t n = 0; n < N; ++n) {
       const float a = want[size_t(n)], g = got[size_t(n)];
       if (std::isnan(a)) EXPECT_TRUE(std::isnan(g)) << "trial " << trial << " n=" << n;
-      else EXPECT_EQ(std::memcmp(&a, &g, 4), 0) << "trial " << trial << " n=" << n << ": " << a << " vs " << g;
+      else
+        EXPECT_EQ(std::memcmp(&a, &g, 4), 0)
+            << "trial " << trial << " n=" << n << ": " << a << " vs " << g;
     }
     EXPECT_FALSE(std::isfinite(want[7]));
     EXPECT_FALSE(std::isfinite(want[9]));
