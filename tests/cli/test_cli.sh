@@ -243,10 +243,11 @@ rc=$?
 # (Or, when the freeze caught the victim in the middle of a shared-memory transfer and left the
 # neighbour spinning inside MPI, the neighbour's watchdog names the wait and ends the rank: seen
 # once in about ten runs under a loaded ctest. Or the neighbour had gone on into a checkpoint
-# save, which makes a world group: its MPI_Comm_dup never returns, and the watchdog names that;
-# unarmed, it hung to the test's limit in about one run in five, session 25.)
+# save, which makes a world group: its MPI_Comm_dup never returns, and the watchdog names that
+# (unarmed, it hung to the test's limit in about one run in five, session 25); or the group was
+# made and the save's first exchange on it times out, named as a step's would be.)
 if [ -n "$victim" ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] &&
-   { grep -qE "group=dp\] all_reduce .* timed out .*waiting on world rank [01] \(group rank [01]\), which did not answer a liveness probe.*\(during (training step|the stop agreement after training step) [0-9]+\)" "$WORK/frozen.log" ||
+   { grep -qE "group=(dp\] all_reduce|world\] (send|recv|all_reduce|all_gather|broadcast)) .* timed out .*waiting on world rank [01] \(group rank [01]\), which did not answer a liveness probe.*\(during (training step|the stop agreement after training step|the checkpoint save after training step) [0-9]+\)" "$WORK/frozen.log" ||
      grep -qE "group=(dp\] all_reduce|world\] making the world group) .* is still inside an MPI call .* past its 5.0 s timeout" "$WORK/frozen.log"; }; then
   pass "a frozen rank is named by its neighbour (group, op, peer, step)"
 else
