@@ -255,53 +255,45 @@ else
 fi
 [ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null
 
+# The watchdog checks: `stuck_check INJECTION NAME REGEX WHAT` trains 5 steps on 2 ranks with
+# LOOM_COMM_TIMEOUT=2 and LOOM_TEST_STUCK_IN_MPI=INJECTION; the job must end (not by the test's
+# own 120 s limit) within 100 s with the stuck call named as REGEX says.
+stuck_check() {
+  local inject=$1 name=$2 regex=$3 what=$4 start rc elapsed
+  start=$(date +%s)
+  LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=$inject timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 \
+    "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/$name" --steps 5 \
+    --set train.eval_every=0 >"$WORK/$name.log" 2>&1
+  rc=$?
+  elapsed=$(( $(date +%s) - start ))
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
+     grep -qE "$regex" "$WORK/$name.log"; then
+    pass "$what is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
+  else
+    fail "$what: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/$name.log" | head -5)"
+  fi
+}
+
 # A wait stuck inside an MPI call (fault injection: every rank's wait blocks as a poll that never
 # returns) never reaches its own deadline check: the watchdog names it and ends the rank, and
 # the job ends, a few seconds past the timeout (2 s + 1 s probe grace + 5 s margin).
-start=$(date +%s)
-LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=all timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 "$LOOM" \
-  train --config "$SRC/configs/train/tiny.toml" --out "$WORK/stuck" --steps 5 \
-  --set train.eval_every=0 >"$WORK/stuck.log" 2>&1
-rc=$?
-elapsed=$(( $(date +%s) - start ))
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
-   grep -qE "group=dp\] all_reduce .* is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" "$WORK/stuck.log"; then
-  pass "a wait stuck inside MPI is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
-else
-  fail "stuck inside MPI: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stuck.log" | head -5)"
-fi
+stuck_check all stuck \
+  "group=dp\] all_reduce .* is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" \
+  "a wait stuck inside MPI"
 
 # The same outside a wait: a poll stuck inside MPI while a collective is launched (fault
 # injection "poll:all"), where no wait's deadline runs. Unarmed, this hung until the test's own
 # timeout; every MPI call now runs under the watchdog.
-start=$(date +%s)
-LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=poll:all timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 \
-  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/stuckpoll" --steps 5 \
-  --set train.eval_every=0 >"$WORK/stuckpoll.log" 2>&1
-rc=$?
-elapsed=$(( $(date +%s) - start ))
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
-   grep -qE "group=dp\] all_reduce .* is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" "$WORK/stuckpoll.log"; then
-  pass "a poll stuck inside MPI outside a wait is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
-else
-  fail "stuck poll inside MPI: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stuckpoll.log" | head -5)"
-fi
+stuck_check poll:all stuckpoll \
+  "group=dp\] all_reduce .* is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" \
+  "a poll stuck inside MPI outside a wait"
 
 # Making a group is armed too: rank 1 stuck while it makes the world group at start-up (fault
 # injection "setup:1"; rank 0 then waits inside MPI_Comm_dup or the host detection for it). The
 # watchdog names the group being made and the job ends; unarmed, this hung to the test's limit.
-start=$(date +%s)
-LOOM_COMM_TIMEOUT=2 LOOM_TEST_STUCK_IN_MPI=setup:1 timeout -k 5 120 "$SRC/scripts/mpirun-local" 2 \
-  "$LOOM" train --config "$SRC/configs/train/tiny.toml" --out "$WORK/stucksetup" --steps 5 \
-  --set train.eval_every=0 >"$WORK/stucksetup.log" 2>&1
-rc=$?
-elapsed=$(( $(date +%s) - start ))
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$elapsed" -lt 100 ] &&
-   grep -qE "group=world\] making the world group \(MPI_Comm_dup, host detection\) is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" "$WORK/stucksetup.log"; then
-  pass "a rank stuck making a group is named by the watchdog and ends the job (rc $rc after ${elapsed}s)"
-else
-  fail "stuck making a group: rc $rc after ${elapsed}s: $(grep -vE '^ *$|^\[.*info\]' "$WORK/stucksetup.log" | head -5)"
-fi
+stuck_check setup:1 stucksetup \
+  "group=world\] making the world group \(MPI_Comm_dup, host detection\) is still inside an MPI call [0-9.]+ s after it started, past its 2.0 s timeout" \
+  "a rank stuck making a group"
 
 # One rank throws mid-step (fault injection, LOOM_FAIL_AT=rank:step), in a dp x tp run and in a
 # dp x pp run: the failed rank names itself and aborts the job, so the other ranks end at once
