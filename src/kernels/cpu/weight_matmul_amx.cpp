@@ -66,10 +66,19 @@ constexpr int64_t kTileK = 32;     // k per tile product (a chunk)
 constexpr int64_t kBlockRows = 32; // weight rows per block: two B tiles of 16
 constexpr int64_t kParts = 3;      // hi, mid, lo
 constexpr int64_t kChunkElems = kBlockRows * kTileK;  // bf16 per (block, chunk): 2 KiB
-// Measured (loom bench decode, gpt2-124m bf16): 1 chunk ahead slower at M = 1, 3 and 4 no better;
-// spreading the 32 prefetches over the three parts' products looked faster in
-// bench_kernels_weight_matmul but made batch 8 decode ~10% slower.
-constexpr int64_t kPrefetchChunks = 2;
+// The weights' software prefetch (T0): kPrefetchBytes ahead of the chunk being multiplied, spread
+// over the chunk's work in four groups of 8 lines (before its B tile loads, then before each
+// part's products) rather than 32 at once. Every prefetch that misses L1 holds one of the core's
+// ~16 L1 fill buffers until its line arrives (~95 ns from memory here), and perf showed the tile
+// kernel waiting on them: 32 requested in one burst left none for the x parts' loads and the tile
+// loads behind them. Measured (session 26, loom bench decode gpt2-124m bf16 batch 8, five
+// alternating runs each): 32 at once 2 chunks (4096 B) ahead 578-610 tokens/s (median); spread,
+// 2048 B 611-631, 2304-2816 B 622-654, 3072 B 581-615.
+constexpr int64_t kPrefetchBytes = 2560;
+constexpr int kPrefetchGroup = 8;  // lines per group: 4 groups of a chunk's 32
+// Weight blocks whose outputs a thread stages before copying them into y (run_amx_thread): at
+// most 16 rows x 32 outputs each, 128 KiB a thread. Flushing every 16 or 64 blocks read the same.
+constexpr int64_t kStageBlocks = 64;
 
 // Rows of x per A tile: all of them below 16, else 16 (the last block padded with zero rows).
 int64_t a_rows(int64_t M) { return M < 16 ? M : 16; }
@@ -151,13 +160,18 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
     _tile_zero(2);
     _tile_zero(3);
   }
+  // Group g (0..3) of the lines kPrefetchBytes ahead of chunk b, running on into the next block
+  // (the thread's next, usually).
+  // (asm: GCC 12 deleted this loop written with _mm_prefetch, the whole loop, silently.)
+  auto prefetch_group = [&](const uint16_t* b, int g) {
+    if (!prefetch) return;
+    const char* p = reinterpret_cast<const char*>(b) + kPrefetchBytes + 64 * kPrefetchGroup * g;
+    for (int l = 0; l < kPrefetchGroup; ++l) __asm__ volatile("prefetcht0 %0" : : "m"(p[64 * l]));
+  };
+  static_assert(kPrefetchGroup * (1 + kParts) * 64 == kChunkElems * 2, "4 groups cover a chunk");
   for (int64_t ch = 0; ch < KC; ++ch) {
     const uint16_t* b = wb + ch * kChunkElems;
-    if (prefetch) {
-      // Two chunks ahead, running on into the next block (the thread's next, usually).
-      const char* p = reinterpret_cast<const char*>(b + kPrefetchChunks * kChunkElems);
-      for (int l = 0; l < int(kChunkElems * 2 / 64); ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-    }
+    prefetch_group(b, 0);
     // The next chunk's parts of x into L1 (from L2 where x's parts outgrow L1, e.g. 8 rows of
     // K = 3072 take 144 KiB): a tile load waiting on L2 stalls the products after it (M = 8,
     // K = 3072: ~3% faster in a microbenchmark; K = 768 unchanged, session 23).
@@ -170,6 +184,7 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
     _tile_loadd(4, b, 64);
     _tile_loadd(5, b + 512, 64);
     for (int64_t p = 0; p < kParts; ++p) {
+      prefetch_group(b, 1 + int(p));
       const uint16_t* a = xa + (ch * kParts + p) * R * 32;
       _tile_loadd(6, a, 64);
       _tile_dpbf16ps(0, 6, 4);
@@ -212,12 +227,23 @@ void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
   _mm512_store_ps(c + 16, a1);
 }
 
+// The staged blocks (ids[i]'s M x 32 outputs at stage + i * M * 32) into y: row after row, each
+// row's blocks in the order taken (runs of consecutive n), so that each row is written in runs.
+void flush_stage(float* y, int64_t ldy, int64_t M, int64_t N, const float* stage,
+                 const int64_t* ids, int64_t n) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t n0 = ids[i] * kBlockRows, nn = min64(kBlockRows, N - n0);
+      std::memcpy(y + m * ldy + n0, stage + (i * M + m) * kBlockRows, size_t(nn) * sizeof(float));
+    }
+}
+
 // One thread of run_amx's parallel region (a function of its own so that clang, whose OpenMP
 // outlining drops target attributes, compiles the tile code with them). xp: the parts of x,
 // m block after m block, (KC, 3, R, 32) bf16 each; unused (null) when `vec` (one row, row_block).
 void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-                    const float* bias, const MatmulEpilogue& ep, uint16_t* xp, int64_t chunk,
-                    bool vec) {
+                    const float* bias, const MatmulEpilogue& ep, uint16_t* xp, float* stage,
+                    int64_t chunk, bool vec) {
   const int64_t N = w.N, K = w.K, KC = K / kTileK, R = a_rows(M);
   const int64_t mblocks = (M + R - 1) / R, a_stride = KC * kParts * R * 32;
   // 1. Split x; padding rows of the last block are zero. Up to 16 rows (decode) every thread
@@ -238,10 +264,30 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
   const uint16_t* W = static_cast<const uint16_t*>(w.data);
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
   const int64_t ldr = ep.ld_residual ? ep.ld_residual : N;  // the epilogue's residual stride
-#pragma omp for schedule(dynamic, chunk)
+  // Decode-sized calls on the tiles (one m block) write each block's finished outputs to this
+  // thread's staging buffer, block after block (M rows of 32, contiguous), and copy them into y
+  // after the thread's last block. Written straight into y, 32 outputs of each of M rows ldy
+  // apart, the stores cost the weight stream 10-20% (session 26: the same kernel without them
+  // read 8-18% faster; with staging, whole-model linears at M = 8 read 3-9% faster); stores to
+  // consecutive lines do not. Each output gets the same operations either way (then a copy).
+  // (stage: kStageBlocks blocks of this thread, flushed to y when full and at the end.)
+  const bool staged = stage != nullptr;
+  if (staged) stage += int64_t(omp_get_thread_num()) * kStageBlocks * M * kBlockRows;
+  int64_t staged_ids[kStageBlocks];
+  int64_t n_staged = 0;
+#pragma omp for schedule(dynamic, chunk) nowait
   for (int64_t nb = 0; nb < nblocks; ++nb) {
     const uint16_t* wb = W + nb * KC * kChunkElems;
     const int64_t n0 = nb * kBlockRows, nn = min64(kBlockRows, N - n0);
+    float* slot = nullptr;  // this block's M x 32 outputs in the staging buffer
+    if (staged) {
+      if (n_staged == kStageBlocks) {
+        flush_stage(y, ldy, M, N, stage, staged_ids, n_staged);
+        n_staged = 0;
+      }
+      slot = stage + n_staged * M * kBlockRows;
+      staged_ids[n_staged++] = nb;
+    }
     for (int64_t mb = 0; mb < mblocks; mb += 2) {
       const bool pair = mb + 1 < mblocks;
       const uint16_t* xa = xp + mb * a_stride;
@@ -254,7 +300,7 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
       // then gelu_row on the segment), so the same bits, without a pass over y of its own.
       for (int64_t m = mb * R; m < m_end; ++m) {
         const float* cr = c + (m - mb * R) * 32;
-        float* yr = y + m * ldy + n0;
+        float* yr = staged ? slot + m * kBlockRows : y + m * ldy + n0;
         if (bias) {
           for (int64_t n = 0; n < nn; ++n) yr[n] = cr[n] + bias[n0 + n];
         } else {
@@ -268,11 +314,12 @@ void run_amx_thread(float* y, int64_t ldy, const float* x, int64_t M, const Weig
       }
     }
   }
+  if (staged) flush_stage(y, ldy, M, N, stage, staged_ids, n_staged);
   if (!vec) _tile_release();
 }
 
 void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
-             const float* bias, const MatmulEpilogue& ep, uint16_t* xp, bool vec) {
+             const float* bias, const MatmulEpilogue& ep, uint16_t* xp, float* stage, bool vec) {
   // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
   // per thread still let one thread take over the other's when the machine deschedules it. One
   // row (vector loads, no software prefetch) takes one run per thread: each run starts the L2
@@ -284,7 +331,7 @@ void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView&
   const int64_t chunk =
       vec ? (nblocks + threads - 1) / threads : max64(1, nblocks / (4 * threads));
 #pragma omp parallel
-  run_amx_thread(y, ldy, x, M, w, bias, ep, xp, chunk, vec);
+  run_amx_thread(y, ldy, x, M, w, bias, ep, xp, stage, chunk, vec);
 }
 
 }  // namespace
@@ -302,7 +349,7 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   if (M == 0 || w.N == 0) return true;
   if (M == 1 && !w.batch_invariant) {  // one row: vector loads (row_block), no parts of x
 #if LOOM_AMX_KERNELS
-    run_amx(y, ldy, x, M, w, bias, ep, nullptr, true);
+    run_amx(y, ldy, x, M, w, bias, ep, nullptr, nullptr, true);
 #endif
     return true;
   }
@@ -320,8 +367,14 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   const size_t need = size_t(copies * mblocks * R * w.K * kParts);
   AlignedVector<uint16_t>& xp = need <= kKeptElems ? kept : own;
   if (xp.size() < need) xp.resize(need);
+  // One m block: each thread's staging buffer for its finished outputs (run_amx_thread).
+  thread_local AlignedVector<float> stage;
+  if (mblocks == 1) {
+    const size_t stage_need = size_t(copies * kStageBlocks * M * kBlockRows);
+    if (stage.size() < stage_need) stage.resize(stage_need);
+  }
 #if LOOM_AMX_KERNELS  // else amx_bf16_usable() was false above
-  run_amx(y, ldy, x, M, w, bias, ep, xp.data(), false);
+  run_amx(y, ldy, x, M, w, bias, ep, xp.data(), mblocks == 1 ? stage.data() : nullptr, false);
 #else
   (void)y;
   (void)x;

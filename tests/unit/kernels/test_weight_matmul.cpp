@@ -941,6 +941,43 @@ TEST(KernelsWeightMatmulAmx, EpilogueEqualsSeparatePassesBitwise) {
   }
 }
 
+// Calls of up to 16 rows stage each thread's finished outputs (64 weight blocks of 32 at a time)
+// and copy them into y afterwards; larger calls write y as they go. A row's outputs must be the
+// same bits either way: rows of an 8-row call (staged) against the same rows in a 40-row call,
+// with the whole epilogue (bias, residual, GELU), y with a row stride whose padding stays
+// untouched, over N = 4141 (130 blocks, the last partial), so that one thread flushes its staging
+// buffer twice before the end; on 1 thread and on all.
+TEST(KernelsWeightMatmulAmx, StagedOutputsEqualUnstagedBitwise) {
+  if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
+  const int64_t N = 4141, K = 64, M = 40, sub = 8, first = 5;
+  TiledWeight tw(N, K, 1001);
+  std::vector<float> x = random_normal(M * K, 1002), bias = random_normal(N, 1003);
+  const int64_t ldr = N + 3, ldy = N + 5;
+  std::vector<float> res = random_normal(M * ldr, 1004);
+  kernels::MatmulEpilogue ep;
+  ep.residual = res.data();
+  ep.ld_residual = ldr;
+  ep.gelu = true;
+  std::vector<float> all(size_t(M * ldy), 777.f);
+  kernels::weight_matmul(all.data(), ldy, x.data(), M, tw.view(), bias.data(), ep);
+  kernels::MatmulEpilogue ep_sub = ep;
+  ep_sub.residual = res.data() + first * ldr;
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, saved}) {
+    SCOPED_TRACE(testing::Message() << "threads " << threads);
+    omp_set_num_threads(threads);
+    std::vector<float> part(size_t(sub * ldy), 777.f);
+    kernels::weight_matmul(part.data(), ldy, x.data() + first * K, sub, tw.view(), bias.data(),
+                           ep_sub);
+    omp_set_num_threads(saved);
+    for (int64_t m = 0; m < sub; ++m) {
+      EXPECT_TRUE(bitwise_equal(all.data() + (first + m) * ldy, part.data() + m * ldy, N))
+          << "row " << m;
+      for (int64_t c = N; c < ldy; ++c) ASSERT_EQ(part[size_t(m * ldy + c)], 777.f);
+    }
+  }
+}
+
 TEST(KernelsWeightMatmulAmx, NaNStaysInItsRowAndInfWeightInItsColumn) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
   const int64_t N = 40, K = 64;
