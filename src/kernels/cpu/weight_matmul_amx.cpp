@@ -234,7 +234,12 @@ void flush_stage(float* y, int64_t ldy, int64_t M, int64_t N, const float* stage
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t n0 = ids[i] * kBlockRows, nn = min64(kBlockRows, N - n0);
-      std::memcpy(y + m * ldy + n0, stage + (i * M + m) * kBlockRows, size_t(nn) * sizeof(float));
+      float* dst = y + m * ldy + n0;
+      const float* src = stage + (i * M + m) * kBlockRows;
+      if (nn == kBlockRows)  // a fixed size: copied inline, not by a library call per block
+        std::memcpy(dst, src, kBlockRows * sizeof(float));
+      else
+        std::memcpy(dst, src, size_t(nn) * sizeof(float));
     }
 }
 
