@@ -41,7 +41,8 @@
 // probe's bandwidth at M = 1 whatever their prefetch (software prefetch T0 two chunks ahead is
 // the best of T0 / T1 / T2 at 2-8 chunks; none gives 0.73), where vector loads with no software
 // prefetch (the L2 streamer follows one contiguous run a thread) read 0.92-0.96: batch-1 bf16
-// decode of gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"). No vector
+// decode of gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"); with a T2
+// prefetch one line a line read, 3072 B ahead, batch-1 decode reads ~9% faster (session 26). No vector
 // order reproduces TDPBF16PS's bits (session 24), so a row alone and the same row in a batch
 // differ in the last bits (both are the f32-accumulated product of f32 x and the bf16
 // weights). Vector loads at M >= 2 were slower than the tiles (M = 2: 0.71 of the probe, M = 8:
@@ -76,6 +77,12 @@ constexpr int64_t kChunkElems = kBlockRows * kTileK;  // bf16 per (block, chunk)
 // 2048 B 611-631, 2304-2816 B 622-654, 3072 B 581-615.
 constexpr int64_t kPrefetchBytes = 2560;
 constexpr int kPrefetchGroup = 8;  // lines per group: 4 groups of a chunk's 32
+// One row's vector loads (row_block): T2 prefetch this far ahead, one line for each line read.
+// Measured (session 26, loom bench decode gpt2-124m bf16 batch 1, weight read / adjacent probes,
+// medians of five alternating runs): none (as in session 25) 0.862; T0 2048 B 0.899, 2560 0.922,
+// 2816 0.933, 3072 0.938-0.94, 3328 0.927, 3584 0.914, 4096 0.882, 6144 0.882; T2 3072 0.945 (T0
+// 0.924 beside it). Session 25's T2 two chunks ahead was issued 32 lines at once, at 4096 B.
+constexpr int64_t kRowPrefetchBytes = 3072;
 // Weight blocks whose outputs a thread stages before copying them into y (run_amx_thread): at
 // most 16 rows x 32 outputs each, 128 KiB a thread. Flushing every 16 or 64 blocks read the same.
 constexpr int64_t kStageBlocks = 64;
@@ -205,16 +212,20 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
 }
 
 // One row of x (M = 1) against the 32-row weight block wb: c[n] = the fma chain of x[k] * W[n][k]
-// over k ascending from 0 (weight_matmul_reference's order). No software prefetch: the hardware
-// prefetchers follow the block's one contiguous stream (see the top of the file). Unaligned
-// loads: a view's data need not be 64-byte aligned (the inference weights are).
+// over k ascending from 0 (weight_matmul_reference's order). Software prefetch T2 of two lines
+// kRowPrefetchBytes ahead with each 128 bytes read (one line of each B tile), running on into
+// the next block. Unaligned loads: a view's data need not be 64-byte aligned (the inference
+// weights are).
 void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // outputs 0-15, 16-31
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   for (int64_t ch = 0; ch < KC; ++ch) {
     const uint16_t* b = wb + ch * kChunkElems;
     const float* xc = x + ch * kTileK;
+    const char* pf = reinterpret_cast<const char*>(b) + kRowPrefetchBytes;
     for (int r = 0; r < 16; ++r) {  // k = 32 ch + 2r, then 2r + 1
+      __asm__ volatile("prefetcht2 %0" : : "m"(pf[128 * r]));
+      __asm__ volatile("prefetcht2 %0" : : "m"(pf[128 * r + 64]));
       const __m512i w0 = _mm512_loadu_si512(b + r * 32), w1 = _mm512_loadu_si512(b + 512 + r * 32);
       const __m512 xe = _mm512_set1_ps(xc[2 * r]), xo = _mm512_set1_ps(xc[2 * r + 1]);
       a0 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
