@@ -12,9 +12,9 @@
 // W's layout (pack_amx_tiles): rows padded with zeros to a multiple of 32; 32-row block b, chunk
 // c holds two B tiles t = 0, 1 (rows 32b + 16t .. + 15) of 16 pairs over k = 32c .. 32c + 31,
 // 1 KiB each, and the blocks and chunks follow each other in memory. A block's weights are one
-// contiguous stream (2 KiB a chunk), which the kernel prefetches two chunks ahead: tile loads
-// from rows K apart (W as stored) ran at ~22 GB/s where the vector loads of the AVX-512 path
-// read ~31 (docs/infer.md, "Session 13").
+// contiguous stream (2 KiB a chunk), which the kernel prefetches 2.5 KiB ahead, spread over each
+// chunk's work (kPrefetchBytes): tile loads from rows K apart (W as stored) ran at ~22 GB/s where
+// the vector loads of the AVX-512 path read ~31 (docs/infer.md, "Session 13").
 //
 // x stays f32 (the contract: a weight-only format does not round activations). Each row of x is
 // split into three bf16 parts, x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo =
