@@ -338,10 +338,11 @@ void run_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView&
              const float* bias, const MatmulEpilogue& ep, uint16_t* xp, float* stage, bool vec) {
   // Contiguous runs of blocks keep each thread's weights one prefetched stream; about four runs
   // per thread still let one thread take over the other's when the machine deschedules it. One
-  // row (vector loads, no software prefetch) takes one run per thread: each run starts the L2
-  // streamer afresh, and whole-model linears at M = 1 read 0.96 of the probe so, 0.92 in
-  // four (bench_kernels_weight_matmul, three alternating runs; batch-1 decode 0.92 against 0.91,
-  // session 25). The tiles read the same in one, two or four (M = 8).
+  // row (vector loads; no software prefetch when this was measured) takes one run per thread:
+  // each run starts the L2 streamer afresh, and whole-model linears at M = 1 read 0.96 of the
+  // probe so, 0.92 in four (bench_kernels_weight_matmul, three alternating runs; batch-1 decode
+  // 0.92 against 0.91, session 25). The tiles read the same in one, two or four (M = 8; session
+  // 26, with the spread prefetch and staged outputs: one run +1% in decode, within the noise).
   const int64_t nblocks = (w.N + kBlockRows - 1) / kBlockRows;
   const int64_t threads = int64_t(omp_get_max_threads());
   const int64_t chunk =
