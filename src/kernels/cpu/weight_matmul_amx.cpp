@@ -43,8 +43,8 @@
 // prefetch (the L2 streamer follows one contiguous run a thread) read 0.92-0.96: batch-1 bf16
 // decode of gpt2-124m 114-119 -> 118-124 tokens/s (docs/infer.md, "Session 25"); with a T2
 // prefetch one line a line read, 3072 B ahead, batch-1 decode reads ~9% faster (session 26).
-// No vector order reproduces TDPBF16PS's bits (session 24), so a row alone and the same row in a batch
-// differ in the last bits (both are the f32-accumulated product of f32 x and the bf16
+// No vector order reproduces TDPBF16PS's bits (session 24), so a row alone and the same row in a
+// batch differ in the last bits (both are the f32-accumulated product of f32 x and the bf16
 // weights). Vector loads at M >= 2 were slower than the tiles (M = 2: 0.71 of the probe, M = 8:
 // 0.39).
 #include <immintrin.h>
