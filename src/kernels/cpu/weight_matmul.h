@@ -98,7 +98,8 @@ void weight_matmul(float* y, int64_t ldy, const float* x, int64_t M, const Weigh
 // call gives), then the GELU of `gelu_kind` (bitwise bias_gelu_forward's `out` for the same acc
 // and bias; activation.h gelu_row). The fast panel kernels apply it to each tile while its
 // outputs are in registers and L1, the AMX kernel to each row's 32 outputs of a weight block as
-// it writes them (the inference decoder's attn.out + residual, ffn.up + GELU and ffn.down +
+// it finishes them (calls of up to 16 rows: into a per-thread staging buffer that is then copied
+// into y, session 26) (the inference decoder's attn.out + residual, ffn.up + GELU and ffn.down +
 // residual: no separate pass over y, no parallel region of its own); the other paths (int8,
 // the reference) apply it after the product.
 struct MatmulEpilogue {
@@ -170,7 +171,7 @@ namespace detail {
 // The AMX kernel itself (weight_matmul_amx.cpp; M = 1 on vector loads unless w.batch_invariant),
 // for any M: false (nothing written) unless
 // weight_matmul_uses_amx(w). Same contract as weight_matmul; the epilogue is applied to each
-// 32-column block of a row as it is written (checked by the caller).
+// 32-column block of a row as it is finished (checked by the caller).
 bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const WeightView& w,
                        const float* bias, const MatmulEpilogue& epilogue);
 }  // namespace detail

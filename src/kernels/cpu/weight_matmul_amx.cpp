@@ -168,12 +168,14 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
     _tile_zero(3);
   }
   // Group g (0..3) of the lines kPrefetchBytes ahead of chunk b, running on into the next block
-  // (the thread's next, usually).
+  // (the thread's next, usually; past the last block, addresses outside W, which a prefetch
+  // never faults on: computed as integers, not pointers).
   // (asm: GCC 12 deleted this loop written with _mm_prefetch, the whole loop, silently.)
   auto prefetch_group = [&](const uint16_t* b, int g) {
     if (!prefetch) return;
-    const char* p = reinterpret_cast<const char*>(b) + kPrefetchBytes + 64 * kPrefetchGroup * g;
-    for (int l = 0; l < kPrefetchGroup; ++l) __asm__ volatile("prefetcht0 %0" : : "m"(p[64 * l]));
+    const uintptr_t p = reinterpret_cast<uintptr_t>(b) + kPrefetchBytes + 64 * kPrefetchGroup * g;
+    for (int l = 0; l < kPrefetchGroup; ++l)
+      __asm__ volatile("prefetcht0 (%0)" : : "r"(p + 64 * uintptr_t(l)));
   };
   static_assert(kPrefetchGroup * (1 + kParts) * 64 == kChunkElems * 2, "4 groups cover a chunk");
   for (int64_t ch = 0; ch < KC; ++ch) {
@@ -212,20 +214,21 @@ void tile_block(float* c, const uint16_t* wb, int64_t KC, const uint16_t* xa, in
 }
 
 // One row of x (M = 1) against the 32-row weight block wb: c[n] = the fma chain of x[k] * W[n][k]
-// over k ascending from 0 (weight_matmul_reference's order). Software prefetch T2 of two lines
-// kRowPrefetchBytes ahead with each 128 bytes read (one line of each B tile), running on into
-// the next block. Unaligned loads: a view's data need not be 64-byte aligned (the inference
-// weights are).
+// over k ascending from 0 (weight_matmul_reference's order). Software prefetch T2: for each 128
+// bytes read, two consecutive lines of the stream kRowPrefetchBytes past the chunk's start plus
+// 128 r, running on into the next block (past the last block, addresses outside W, computed as
+// integers: a prefetch never faults). Unaligned loads: a view's data need not be 64-byte aligned
+// (the inference weights are).
 void row_block(float* c, const uint16_t* wb, int64_t KC, const float* x) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // outputs 0-15, 16-31
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   for (int64_t ch = 0; ch < KC; ++ch) {
     const uint16_t* b = wb + ch * kChunkElems;
     const float* xc = x + ch * kTileK;
-    const char* pf = reinterpret_cast<const char*>(b) + kRowPrefetchBytes;
+    const uintptr_t pf = reinterpret_cast<uintptr_t>(b) + kRowPrefetchBytes;
     for (int r = 0; r < 16; ++r) {  // k = 32 ch + 2r, then 2r + 1
-      __asm__ volatile("prefetcht2 %0" : : "m"(pf[128 * r]));
-      __asm__ volatile("prefetcht2 %0" : : "m"(pf[128 * r + 64]));
+      __asm__ volatile("prefetcht2 (%0)" : : "r"(pf + 128 * uintptr_t(r)));
+      __asm__ volatile("prefetcht2 (%0)" : : "r"(pf + 128 * uintptr_t(r) + 64));
       const __m512i w0 = _mm512_loadu_si512(b + r * 32), w1 = _mm512_loadu_si512(b + 512 + r * 32);
       const __m512 xe = _mm512_set1_ps(xc[2 * r]), xo = _mm512_set1_ps(xc[2 * r + 1]);
       a0 = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
@@ -384,7 +387,8 @@ bool weight_matmul_amx(float* y, int64_t ldy, const float* x, int64_t M, const W
   const size_t need = size_t(copies * mblocks * R * w.K * kParts);
   AlignedVector<uint16_t>& xp = need <= kKeptElems ? kept : own;
   if (xp.size() < need) xp.resize(need);
-  // One m block: each thread's staging buffer for its finished outputs (run_amx_thread).
+  // One m block: each thread's staging buffer for its finished outputs (run_amx_thread). Kept
+  // per calling thread like `kept`; at most threads x 128 KiB (M <= 16), so never freed.
   thread_local AlignedVector<float> stage;
   if (mblocks == 1) {
     const size_t stage_need = size_t(copies * kStageBlocks * M * kBlockRows);

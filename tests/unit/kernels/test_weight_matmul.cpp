@@ -943,13 +943,13 @@ TEST(KernelsWeightMatmulAmx, EpilogueEqualsSeparatePassesBitwise) {
 
 // Calls of up to 16 rows stage each thread's finished outputs (64 weight blocks of 32 at a time)
 // and copy them into y afterwards; larger calls write y as they go. A row's outputs must be the
-// same bits either way: rows of an 8-row call (staged) against the same rows in a 40-row call,
-// with the whole epilogue (bias, residual, GELU), y with a row stride whose padding stays
-// untouched, over N = 4141 (130 blocks, the last partial), so that one thread flushes its staging
-// buffer twice before the end; on 1 thread and on all.
+// same bits either way: rows of a 2-, 8- and 16-row call (staged) against the same rows in a
+// 40-row call, with the whole epilogue (bias, residual, GELU), y with a row stride whose padding
+// stays untouched, over N = 4141 (130 blocks, the last partial), so that one thread flushes its
+// staging buffer twice before the end; on 1 thread and on all.
 TEST(KernelsWeightMatmulAmx, StagedOutputsEqualUnstagedBitwise) {
   if (!amx_or_skip()) GTEST_SKIP() << "SKIP: no AMX-BF16 tiles here (or LOOM_AMX=0)";
-  const int64_t N = 4141, K = 64, M = 40, sub = 8, first = 5;
+  const int64_t N = 4141, K = 64, M = 40, first = 5;
   TiledWeight tw(N, K, 1001);
   std::vector<float> x = random_normal(M * K, 1002), bias = random_normal(N, 1003);
   const int64_t ldr = N + 3, ldy = N + 5;
@@ -963,8 +963,9 @@ TEST(KernelsWeightMatmulAmx, StagedOutputsEqualUnstagedBitwise) {
   kernels::MatmulEpilogue ep_sub = ep;
   ep_sub.residual = res.data() + first * ldr;
   const int saved = omp_get_max_threads();
+  for (int64_t sub : {2, 8, 16})
   for (int threads : {1, saved}) {
-    SCOPED_TRACE(testing::Message() << "threads " << threads);
+    SCOPED_TRACE(testing::Message() << "rows " << sub << " threads " << threads);
     omp_set_num_threads(threads);
     std::vector<float> part(size_t(sub * ldy), 777.f);
     kernels::weight_matmul(part.data(), ldy, x.data() + first * K, sub, tw.view(), bias.data(),
